@@ -1,0 +1,1057 @@
+//! The layered configuration.
+//!
+//! Layers, later wins: the compiled defaults ([`Config::default`]), then every `*.toml` file of
+//! the configuration directories sorted by file name across all directories (Grocker's
+//! convention: `10_low.toml` < `50_default.toml` < `90_override.toml`, so a user's mounted
+//! `/config/90_x.toml` overrides one key of the image's `/etc/regobox/50_default.toml`), then
+//! environment variables `REGOBOX_<SECTION>__<KEY>`.
+//!
+//! Loading never stops at the first problem: every unknown key, wrong type and impossible value
+//! is collected, each named with the file or variable that set it, and reported together as one
+//! [`ConfigError`] (exit code 78). The merged [`figment::Figment`] is kept so that
+//! `regobox config --origin` can say which layer set every key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider, Source};
+use serde::{Deserialize, Serialize};
+
+/// The prefix of configuration environment variables.
+pub const ENV_PREFIX: &str = "REGOBOX_";
+/// Separator between key levels in an environment variable name.
+pub const ENV_SEPARATOR: &str = "__";
+/// `REGOBOX_*` variables that are not configuration keys (they configure the command line).
+pub const ENV_RESERVED: &[&str] = &["REGOBOX_CONFIG_DIR", "REGOBOX_LOG", "REGOBOX_LOG_FORMAT"];
+/// Configuration directories used when none is given: the image's defaults, then the user's.
+pub const DEFAULT_CONFIG_DIRS: &[&str] = &["/etc/regobox", "/config"];
+/// What replaces a secret when the configuration is printed.
+pub const REDACTED: &str = "<redacted>";
+
+/// The whole configuration, as validated. Every field has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory for sockets and files that live only as long as the container (not on a volume).
+    pub runtime_dir: PathBuf,
+    pub volumes: VolumesConfig,
+    pub postgres: PostgresConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            runtime_dir: PathBuf::from("/run/regobox"),
+            volumes: VolumesConfig::default(),
+            postgres: PostgresConfig::default(),
+        }
+    }
+}
+
+/// `[volumes]`: where the persistent data lives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VolumesConfig {
+    /// The root of the data volume(s): `db/`, `secrets/`, `logs/`, `files/`, `backups/`.
+    pub root: PathBuf,
+}
+
+impl Default for VolumesConfig {
+    fn default() -> Self {
+        VolumesConfig {
+            root: PathBuf::from("/volumes"),
+        }
+    }
+}
+
+/// Whether regobox runs the PostgreSQL server itself or the app uses an external one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PostgresMode {
+    Embedded,
+    External,
+}
+
+/// One server setting (`postgresql.conf` parameter) value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SettingValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl fmt::Display for SettingValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SettingValue::Bool(b) => write!(f, "{}", if *b { "on" } else { "off" }),
+            SettingValue::Int(i) => write!(f, "{i}"),
+            SettingValue::Float(x) => write!(f, "{x}"),
+            SettingValue::Text(s) => f.write_str(s),
+        }
+    }
+}
+
+/// `[postgres]`: the database server and the application's role and database.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    pub mode: PostgresMode,
+    /// Directory of the server binaries; empty means auto-detect.
+    pub bin_dir: PathBuf,
+    /// The cluster's data directory; empty means `<volumes.root>/db/pgdata`.
+    pub data_dir: PathBuf,
+    /// `listen_addresses`: comma-separated addresses, `*` for all, empty for the Unix socket only.
+    pub listen: String,
+    pub port: u16,
+    /// The application's database.
+    pub database: String,
+    /// The application's role, owner of the database.
+    pub user: String,
+    /// The application role's password; empty means generated once and kept on the volume.
+    pub password: String,
+    /// External mode: the URL of the server the application uses.
+    pub url: String,
+    /// Extensions created in the application database (e.g. `uuid-ossp`).
+    pub extensions: Vec<String>,
+    /// Server settings, passed to `postgres` as `-c key=value`.
+    pub settings: BTreeMap<String, SettingValue>,
+    /// The unprivileged OS account the server runs as when regobox runs as root.
+    pub os_user: String,
+    /// The cluster's bootstrap superuser role.
+    pub superuser: String,
+    /// Locale given to `initdb` for a new cluster.
+    pub locale: String,
+    /// How long the server may take to accept connections (crash recovery included).
+    #[serde(with = "humantime_serde")]
+    pub start_timeout: Duration,
+    /// How long a fast shutdown (SIGINT) may take before regobox escalates.
+    #[serde(with = "humantime_serde")]
+    pub stop_timeout: Duration,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            mode: PostgresMode::Embedded,
+            bin_dir: PathBuf::new(),
+            data_dir: PathBuf::new(),
+            listen: "127.0.0.1".into(),
+            port: 5432,
+            database: "app".into(),
+            user: "app".into(),
+            password: String::new(),
+            url: String::new(),
+            extensions: Vec::new(),
+            settings: BTreeMap::new(),
+            os_user: "postgres".into(),
+            superuser: "postgres".into(),
+            locale: "C.UTF-8".into(),
+            start_timeout: Duration::from_secs(300),
+            stop_timeout: Duration::from_secs(8),
+        }
+    }
+}
+
+/// Keys whose default is computed from another key.
+const DERIVED: &[(&str, &str)] = &[("postgres.data_dir", "volumes.root")];
+
+/// Server settings regobox sets itself, with the key that controls each.
+const RESERVED_SETTINGS: &[(&str, &str)] = &[
+    ("port", "postgres.port"),
+    ("listen_addresses", "postgres.listen"),
+    ("unix_socket_directories", "runtime_dir"),
+    ("data_directory", "postgres.data_dir"),
+    ("config_file", "postgres.data_dir"),
+    ("hba_file", "runtime_dir"),
+    ("ident_file", "postgres.data_dir"),
+    ("external_pid_file", "postgres.data_dir"),
+];
+
+/// Where a key's value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The compiled default.
+    Default,
+    /// The compiled default, computed from another key.
+    Derived(&'static str),
+    /// A configuration file.
+    File(PathBuf),
+    /// An environment variable (its full name).
+    Env(String),
+    /// The command line (`--config-dir`) or `REGOBOX_CONFIG_DIR`.
+    CommandLine,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Default => f.write_str("default"),
+            Origin::Derived(from) => write!(f, "default (derived from {from})"),
+            Origin::File(path) => write!(f, "file {}", path.display()),
+            Origin::Env(var) => write!(f, "environment variable {var}"),
+            Origin::CommandLine => f.write_str("--config-dir / REGOBOX_CONFIG_DIR"),
+        }
+    }
+}
+
+/// One configuration problem: where, which key, what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub origin: Origin,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.origin, self.message)
+        } else {
+            write!(f, "{}: key `{}`: {}", self.origin, self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found while loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl ConfigError {
+    fn one(origin: Origin, key: &str, message: impl Into<String>) -> Self {
+        ConfigError {
+            problems: vec![Problem {
+                origin,
+                key: key.into(),
+                message: message.into(),
+            }],
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "invalid configuration ({n} problem{}):",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A loaded, validated configuration and what is needed to explain it.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    /// The configuration directories that were read, in order.
+    pub dirs: Vec<PathBuf>,
+    /// The files that were merged, in merge order.
+    pub files: Vec<PathBuf>,
+    figment: Figment,
+}
+
+impl Loaded {
+    /// Which layer set `key` (dotted path).
+    pub fn origin(&self, key: &str) -> Origin {
+        origin_in(&self.figment, key)
+    }
+
+    /// The effective configuration as TOML, secrets redacted; with `origins`, every key is
+    /// followed by a comment naming the layer that set it.
+    pub fn to_toml(&self, origins: bool) -> String {
+        let redacted = self.config.redacted();
+        let value = match toml::Value::try_from(&redacted) {
+            Ok(v) => v,
+            Err(e) => return format!("# cannot render configuration: {e}\n"),
+        };
+        let mut out = String::new();
+        if let toml::Value::Table(table) = value {
+            let origin = |key: &str| origins.then(|| self.origin(key).to_string());
+            write_table(&mut out, &[], &table, &origin);
+        }
+        out
+    }
+}
+
+/// Where the configuration comes from.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// Directories given explicitly; when empty, [`DEFAULT_CONFIG_DIRS`] that exist are used.
+    pub dirs: Vec<PathBuf>,
+    /// The process environment (all of it; only `REGOBOX_*` is looked at).
+    pub env: Vec<(String, String)>,
+}
+
+impl Sources {
+    /// The given directories (or the defaults) and the process environment.
+    pub fn from_process(dirs: Vec<PathBuf>) -> Self {
+        Sources {
+            dirs,
+            env: std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+                .collect(),
+        }
+    }
+}
+
+/// Load, merge and validate the configuration; every problem is reported at once.
+pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
+    let mut problems = Vec::new();
+
+    // The configuration directories.
+    let dirs: Vec<PathBuf> = if sources.dirs.is_empty() {
+        DEFAULT_CONFIG_DIRS
+            .iter()
+            .map(PathBuf::from)
+            .filter(|d| d.is_dir())
+            .collect()
+    } else {
+        for dir in &sources.dirs {
+            if !dir.is_dir() {
+                problems.push(Problem {
+                    origin: Origin::CommandLine,
+                    key: String::new(),
+                    message: format!(
+                        "configuration directory {} does not exist or is not a directory",
+                        dir.display()
+                    ),
+                });
+            }
+        }
+        sources.dirs.clone()
+    };
+
+    // Every `*.toml` file, sorted by file name across directories (later directory wins a tie).
+    let mut files: Vec<(std::ffi::OsString, usize, PathBuf)> = Vec::new();
+    for (index, dir) in dirs.iter().enumerate() {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "toml") && path.is_file() {
+                files.push((entry.file_name(), index, path));
+            }
+        }
+    }
+    files.sort();
+    let files: Vec<PathBuf> = files.into_iter().map(|(_, _, p)| p).collect();
+
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    for file in &files {
+        // Parse once here so that a syntax error is reported with the others, not instead.
+        match std::fs::read_to_string(file) {
+            Ok(text) => match text.parse::<toml::Table>() {
+                Ok(_) => figment = figment.merge(Toml::file_exact(file)),
+                Err(e) => {
+                    let line = e
+                        .span()
+                        .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+                    problems.push(Problem {
+                        origin: Origin::File(file.clone()),
+                        key: String::new(),
+                        message: format!(
+                            "not valid TOML{}: {}",
+                            line.map(|l| format!(" (line {l})")).unwrap_or_default(),
+                            e.message().trim_end()
+                        ),
+                    })
+                }
+            },
+            Err(e) => problems.push(Problem {
+                origin: Origin::File(file.clone()),
+                key: String::new(),
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    let (env, env_problems) = EnvLayer::from_vars(&sources.env);
+    problems.extend(env_problems);
+    figment = figment.merge(env);
+
+    let mut config = extract_all(&figment, &mut problems);
+    for (key, message) in config.validate() {
+        problems.push(Problem {
+            origin: origin_in(&figment, &key),
+            key,
+            message,
+        });
+    }
+    if !problems.is_empty() {
+        return Err(ConfigError { problems });
+    }
+    config.resolve();
+    Ok(Loaded {
+        config,
+        dirs,
+        files,
+        figment,
+    })
+}
+
+/// Extract the configuration, collecting every deserialisation error: each failing key is
+/// recorded, dropped (its default then applies) and the extraction tried again.
+fn extract_all(figment: &Figment, problems: &mut Vec<Problem>) -> Config {
+    let mut dict: Dict = match figment.extract::<Dict>() {
+        Ok(dict) => dict,
+        Err(e) => {
+            problems.push(Problem {
+                origin: Origin::Default,
+                key: String::new(),
+                message: e.to_string(),
+            });
+            return Config::default();
+        }
+    };
+    // Each round removes at least one key, so this ends; the bound is a safety net.
+    for _ in 0..256 {
+        match Figment::from(Serialized::globals(&dict)).extract::<Config>() {
+            Ok(config) => return config,
+            Err(errors) => {
+                let mut removed_any = false;
+                for error in errors {
+                    let mut path = error.path.clone();
+                    let message = match &error.kind {
+                        figment::error::Kind::UnknownField(field, expected) => {
+                            if path.last() != Some(field) {
+                                path.push(field.clone());
+                            }
+                            format!("unknown key (expected one of: {})", expected.join(", "))
+                        }
+                        figment::error::Kind::InvalidType(actual, expected) => {
+                            format!("wrong type: expected {expected}, found {actual}")
+                        }
+                        figment::error::Kind::UnknownVariant(actual, expected) => {
+                            format!(
+                                "unknown value `{actual}` (expected one of: {})",
+                                expected.join(", ")
+                            )
+                        }
+                        other => other.to_string(),
+                    };
+                    let key = path.join(".");
+                    problems.push(Problem {
+                        origin: origin_in(figment, &key),
+                        key,
+                        message,
+                    });
+                    removed_any |= remove_path(&mut dict, &path);
+                }
+                if !removed_any {
+                    break;
+                }
+            }
+        }
+    }
+    Config::default()
+}
+
+/// Remove the value at `path` from `dict`; true if something was removed.
+fn remove_path(dict: &mut Dict, path: &[String]) -> bool {
+    match path {
+        [] => false,
+        [last] => dict.remove(last).is_some(),
+        [first, rest @ ..] => match dict.get_mut(first) {
+            Some(Value::Dict(_, inner)) => remove_path(inner, rest),
+            Some(_) => dict.remove(first).is_some(),
+            None => false,
+        },
+    }
+}
+
+/// The origin of `key` in `figment`.
+fn origin_in(figment: &Figment, key: &str) -> Origin {
+    let origin = match figment.find_metadata(key) {
+        Some(md) => match &md.source {
+            Some(Source::File(path)) => Origin::File(path.clone()),
+            Some(Source::Custom(var)) if var == ENV_SOURCE => {
+                let parts: Vec<&str> = key.split('.').collect();
+                Origin::Env(md.interpolate(&Profile::Global, &parts))
+            }
+            _ => Origin::Default,
+        },
+        None => Origin::Default,
+    };
+    match origin {
+        Origin::Default => DERIVED
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map_or(Origin::Default, |(_, from)| Origin::Derived(from)),
+        other => other,
+    }
+}
+
+const ENV_SOURCE: &str = "environment";
+
+/// The environment layer: `REGOBOX_POSTGRES__PORT=5433` sets `postgres.port`. Values are parsed
+/// as figment parses them (numbers, booleans, `[arrays]`, else strings).
+struct EnvLayer {
+    dict: Dict,
+    /// (dotted key, variable name) of every variable taken, to name the one that set a key.
+    names: std::sync::Arc<Vec<(String, String)>>,
+}
+
+impl EnvLayer {
+    fn from_vars(vars: &[(String, String)]) -> (Self, Vec<Problem>) {
+        let mut dict = Dict::new();
+        let mut names = Vec::new();
+        let mut problems = Vec::new();
+        let mut vars: Vec<&(String, String)> = vars
+            .iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !ENV_RESERVED.contains(&k.as_str()))
+            .collect();
+        vars.sort();
+        for (name, value) in vars {
+            let rest = &name[ENV_PREFIX.len()..];
+            let parts: Vec<String> = rest
+                .split(ENV_SEPARATOR)
+                .map(|p| p.to_ascii_lowercase())
+                .collect();
+            let valid = parts.iter().all(|p| {
+                !p.is_empty()
+                    && p.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            });
+            if !valid {
+                problems.push(Problem {
+                    origin: Origin::Env(name.clone()),
+                    key: String::new(),
+                    message: format!(
+                        "not a configuration variable (expected {ENV_PREFIX}<SECTION>{ENV_SEPARATOR}<KEY>)"
+                    ),
+                });
+                continue;
+            }
+            let parsed: Value = value.parse().unwrap_or_else(|_| Value::from(value.clone()));
+            names.push((parts.join("."), name.clone()));
+            let nested = figment::util::nest(&parts.join("."), parsed);
+            if let Value::Dict(_, d) = nested {
+                dict = merge_dicts(dict, d);
+            }
+        }
+        (
+            EnvLayer {
+                dict,
+                names: std::sync::Arc::new(names),
+            },
+            problems,
+        )
+    }
+}
+
+fn merge_dicts(mut base: Dict, other: Dict) -> Dict {
+    for (k, v) in other {
+        match (base.remove(&k), v) {
+            (Some(Value::Dict(t, a)), Value::Dict(_, b)) => {
+                base.insert(k, Value::Dict(t, merge_dicts(a, b)));
+            }
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+    base
+}
+
+impl Provider for EnvLayer {
+    fn metadata(&self) -> Metadata {
+        let names = self.names.clone();
+        Metadata::from("environment variable", Source::Custom(ENV_SOURCE.into())).interpolater(
+            move |_: &Profile, keys: &[&str]| {
+                let key = keys.join(".");
+                let below = format!("{key}.");
+                names
+                    .iter()
+                    .find(|(k, _)| *k == key || k.starts_with(&below))
+                    .map(|(_, var)| var.clone())
+                    .unwrap_or_else(|| {
+                        let upper: Vec<String> =
+                            keys.iter().map(|k| k.to_ascii_uppercase()).collect();
+                        format!("{ENV_PREFIX}{}", upper.join(ENV_SEPARATOR))
+                    })
+            },
+        )
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Global.collect(self.dict.clone()))
+    }
+}
+
+impl Config {
+    /// Semantic checks that types alone cannot express: (key, message) for each problem.
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = Vec::new();
+        let mut bad = |key: &str, msg: String| out.push((key.to_string(), msg));
+
+        if self.runtime_dir.as_os_str().is_empty() {
+            bad("runtime_dir", "must not be empty".into());
+        }
+        if self.volumes.root.as_os_str().is_empty() {
+            bad("volumes.root", "must not be empty".into());
+        }
+        let pg = &self.postgres;
+        if pg.port == 0 {
+            bad(
+                "postgres.port",
+                "must be between 1 and 65535 (0 is not a port)".into(),
+            );
+        }
+        for item in pg.listen.split(',').map(str::trim) {
+            if pg.listen.trim().is_empty() {
+                break;
+            }
+            if item != "*" && item != "localhost" && item.parse::<IpAddr>().is_err() {
+                bad(
+                    "postgres.listen",
+                    format!(
+                        "`{item}` is not an IP address, `*` or `localhost` (use commas between addresses; empty for the Unix socket only)"
+                    ),
+                );
+            }
+        }
+        for (key, value) in [
+            ("postgres.database", &pg.database),
+            ("postgres.user", &pg.user),
+            ("postgres.superuser", &pg.superuser),
+        ] {
+            if let Err(msg) = check_identifier(value) {
+                bad(key, msg);
+            }
+        }
+        if pg.password.contains('\0') {
+            bad("postgres.password", "must not contain a NUL byte".into());
+        }
+        if pg.os_user.trim().is_empty() {
+            bad("postgres.os_user", "must not be empty".into());
+        }
+        if pg.locale.trim().is_empty() {
+            bad("postgres.locale", "must not be empty".into());
+        }
+        if pg.start_timeout.is_zero() {
+            bad("postgres.start_timeout", "must be longer than 0s".into());
+        }
+        if pg.stop_timeout.is_zero() {
+            bad("postgres.stop_timeout", "must be longer than 0s".into());
+        }
+        match pg.mode {
+            PostgresMode::External => {
+                if pg.url.trim().is_empty() {
+                    bad(
+                        "postgres.url",
+                        "must be set when postgres.mode = \"external\" (e.g. postgresql://user:password@db.example:5432/app)".into(),
+                    );
+                } else if !(pg.url.starts_with("postgres://")
+                    || pg.url.starts_with("postgresql://"))
+                {
+                    bad(
+                        "postgres.url",
+                        "must be a postgresql:// or postgres:// URL".into(),
+                    );
+                } else if let Err(e) = pg.url.parse::<tokio_postgres::Config>() {
+                    bad("postgres.url", format!("not a valid connection URL: {e}"));
+                }
+            }
+            PostgresMode::Embedded => {}
+        }
+        for ext in &pg.extensions {
+            let ok = !ext.is_empty()
+                && ext
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !ok {
+                bad(
+                    "postgres.extensions",
+                    format!("`{ext}` is not an extension name"),
+                );
+            }
+        }
+        for (name, value) in &pg.settings {
+            let key = format!("postgres.settings.{name}");
+            let name_ok = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.');
+            if !name_ok {
+                bad(&key, "not a PostgreSQL setting name".into());
+                continue;
+            }
+            if let Some((_, owner)) = RESERVED_SETTINGS.iter().find(|(s, _)| s == name) {
+                bad(&key, format!("regobox sets `{name}` itself: use `{owner}`"));
+            }
+            if (name == "fsync" || name == "full_page_writes") && setting_is_off(value) {
+                bad(
+                    &key,
+                    format!(
+                        "turning {name} off risks losing or corrupting committed data after a crash; it is refused"
+                    ),
+                );
+            }
+        }
+        out
+    }
+
+    /// Fill in derived defaults and make paths absolute (relative to the working directory).
+    fn resolve(&mut self) {
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+        let abs = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                cwd.join(p)
+            }
+        };
+        self.runtime_dir = abs(&self.runtime_dir);
+        self.volumes.root = abs(&self.volumes.root);
+        if self.postgres.data_dir.as_os_str().is_empty() {
+            self.postgres.data_dir = self.volumes.root.join("db").join("pgdata");
+        } else {
+            self.postgres.data_dir = abs(&self.postgres.data_dir);
+        }
+        if !self.postgres.bin_dir.as_os_str().is_empty() {
+            self.postgres.bin_dir = abs(&self.postgres.bin_dir);
+        }
+    }
+
+    /// A copy fit for printing: secrets replaced by [`REDACTED`].
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        if !c.postgres.password.is_empty() {
+            c.postgres.password = REDACTED.into();
+        }
+        c.postgres.url = redact_url(&c.postgres.url);
+        c
+    }
+}
+
+fn setting_is_off(value: &SettingValue) -> bool {
+    match value {
+        SettingValue::Bool(b) => !b,
+        SettingValue::Int(i) => *i == 0,
+        SettingValue::Float(x) => *x == 0.0,
+        SettingValue::Text(s) => {
+            matches!(
+                s.trim().to_ascii_lowercase().as_str(),
+                "off" | "false" | "no" | "0" | "f" | "n"
+            )
+        }
+    }
+}
+
+/// A role or database name: 1 to 63 bytes, no NUL, no surrounding spaces.
+fn check_identifier(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > 63 {
+        return Err(format!(
+            "`{name}` is {} bytes long; PostgreSQL names are at most 63",
+            name.len()
+        ));
+    }
+    if name.contains('\0') || name.trim() != name {
+        return Err(format!(
+            "`{name}` contains a NUL byte or surrounding spaces"
+        ));
+    }
+    Ok(())
+}
+
+/// Replace the password of a `scheme://user:password@host/...` URL.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &authority[..at];
+    let Some(colon) = userinfo.find(':') else {
+        return url.to_string();
+    };
+    format!(
+        "{}{}:{REDACTED}{}",
+        &url[..scheme_end + 3],
+        &userinfo[..colon],
+        &rest[at..]
+    )
+}
+
+/// Print a TOML table: scalars first, then sub-tables under `[a.b]` headers.
+fn write_table(
+    out: &mut String,
+    path: &[String],
+    table: &toml::Table,
+    origin: &dyn Fn(&str) -> Option<String>,
+) {
+    use std::fmt::Write as _;
+    let key_of = |k: &str| {
+        let mut p = path.to_vec();
+        p.push(k.to_string());
+        p.join(".")
+    };
+    let is_table = |v: &toml::Value| matches!(v, toml::Value::Table(_));
+    let mut wrote_scalar = false;
+    for (k, v) in table.iter().filter(|(_, v)| !is_table(v)) {
+        let _ = write!(out, "{} = {}", toml_key(k), v);
+        if let Some(o) = origin(&key_of(k)) {
+            let _ = write!(out, "  # {o}");
+        }
+        out.push('\n');
+        wrote_scalar = true;
+    }
+    for (k, v) in table.iter() {
+        if let toml::Value::Table(sub) = v {
+            let mut p = path.to_vec();
+            p.push(k.to_string());
+            if wrote_scalar || !out.is_empty() {
+                out.push('\n');
+            }
+            let header: Vec<String> = p.iter().map(|s| toml_key(s)).collect();
+            let _ = writeln!(out, "[{}]", header.join("."));
+            if sub.is_empty() {
+                if let Some(o) = origin(&p.join(".")) {
+                    let _ = writeln!(out, "# (empty)  # {o}");
+                }
+            }
+            write_table(out, &p, sub, origin);
+            wrote_scalar = false;
+        }
+    }
+}
+
+/// A key as TOML writes it: bare when possible, quoted otherwise.
+fn toml_key(k: &str) -> String {
+    if !k.is_empty()
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        k.to_string()
+    } else {
+        toml::Value::String(k.to_string()).to_string()
+    }
+}
+
+/// A single problem as a [`ConfigError`], for checks made outside [`load`].
+pub fn error(origin: Origin, key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::one(origin, key, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> Sources {
+        Sources {
+            dirs: vec![],
+            env: vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    fn with_dir(files: &[(&str, &str)], vars: &[(&str, &str)]) -> (tempfile::TempDir, Sources) {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, body) in files {
+            std::fs::write(dir.path().join(name), body).unwrap();
+        }
+        let mut s = env(vars);
+        s.dirs = vec![dir.path().to_path_buf()];
+        (dir, s)
+    }
+
+    #[test]
+    fn defaults_are_valid_and_derive_the_data_dir() {
+        let (_d, s) = with_dir(&[], &[]);
+        let loaded = load(&s).unwrap();
+        assert_eq!(loaded.config.postgres.port, 5432);
+        assert_eq!(
+            loaded.config.postgres.data_dir,
+            PathBuf::from("/volumes/db/pgdata")
+        );
+        assert_eq!(
+            loaded.origin("postgres.data_dir"),
+            Origin::Derived("volumes.root")
+        );
+        assert_eq!(loaded.origin("postgres.port"), Origin::Default);
+    }
+
+    #[test]
+    fn files_merge_in_name_order_across_directories_then_env_wins() {
+        let image = tempfile::tempdir().unwrap();
+        let user = tempfile::tempdir().unwrap();
+        std::fs::write(
+            image.path().join("50_default.toml"),
+            "[postgres]\nport = 5000\ndatabase = \"img\"\nuser = \"img\"\n",
+        )
+        .unwrap();
+        std::fs::write(user.path().join("10_low.toml"), "[postgres]\nport = 4000\n").unwrap();
+        std::fs::write(
+            user.path().join("90_x.toml"),
+            "[postgres]\ndatabase = \"mine\"\n",
+        )
+        .unwrap();
+        let s = Sources {
+            dirs: vec![image.path().into(), user.path().into()],
+            env: vec![("REGOBOX_POSTGRES__USER".into(), "fromenv".into())],
+        };
+        let loaded = load(&s).unwrap();
+        let pg = &loaded.config.postgres;
+        assert_eq!(pg.port, 5000, "50_default beats 10_low");
+        assert_eq!(pg.database, "mine", "90_x beats 50_default");
+        assert_eq!(pg.user, "fromenv", "environment beats files");
+        assert_eq!(
+            loaded.origin("postgres.port"),
+            Origin::File(image.path().join("50_default.toml"))
+        );
+        assert_eq!(
+            loaded.origin("postgres.user"),
+            Origin::Env("REGOBOX_POSTGRES__USER".into())
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_origin() {
+        let (dir, s) = with_dir(
+            &[
+                (
+                    "50_a.toml",
+                    "[postgres]\nportt = 1\nport = \"high\"\nmode = \"sideways\"\n",
+                ),
+                ("60_b.toml", "[nosuch]\nx = 1\n"),
+                ("70_c.toml", "this is = = not toml"),
+            ],
+            &[
+                ("REGOBOX_POSTGRES__START_TIMEOUT", "soon"),
+                ("REGOBOX_POSTGRES__EXTENSIONS", "[\"bad name\"]"),
+                ("REGOBOX_CONFIG_DIR", "/ignored"),
+                ("REGOBOX_WEIRD___", "1"),
+            ],
+        );
+        let err = load(&s).unwrap_err();
+        let a = Origin::File(dir.path().join("50_a.toml"));
+        let find = |key: &str| err.problems.iter().find(|p| p.key == key);
+        assert_eq!(find("postgres.portt").unwrap().origin, a);
+        assert!(
+            find("postgres.portt")
+                .unwrap()
+                .message
+                .contains("unknown key")
+        );
+        assert_eq!(find("postgres.port").unwrap().origin, a);
+        assert_eq!(find("postgres.mode").unwrap().origin, a);
+        assert_eq!(
+            find("nosuch").unwrap().origin,
+            Origin::File(dir.path().join("60_b.toml"))
+        );
+        assert_eq!(
+            find("postgres.start_timeout").unwrap().origin,
+            Origin::Env("REGOBOX_POSTGRES__START_TIMEOUT".into())
+        );
+        assert_eq!(
+            find("postgres.extensions").unwrap().origin,
+            Origin::Env("REGOBOX_POSTGRES__EXTENSIONS".into())
+        );
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.origin == Origin::File(dir.path().join("70_c.toml"))
+                    && p.message.contains("not valid TOML"))
+        );
+        assert!(
+            err.problems
+                .iter()
+                .any(|p| p.origin == Origin::Env("REGOBOX_WEIRD___".into()))
+        );
+        assert_eq!(err.problems.len(), 8, "{err}");
+    }
+
+    #[test]
+    fn impossible_values_are_refused() {
+        let (_d, s) = with_dir(
+            &[(
+                "50.toml",
+                "[postgres]\nport = 0\nmode = \"external\"\nlisten = \"1.2.3.4, nowhere\"\n[postgres.settings]\nfsync = false\nport = 1\n",
+            )],
+            &[],
+        );
+        let err = load(&s).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "postgres.port",
+            "postgres.url",
+            "postgres.listen",
+            "postgres.settings.fsync",
+            "postgres.settings.port",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {err}");
+        }
+    }
+
+    #[test]
+    fn a_missing_explicit_directory_is_an_error() {
+        let s = Sources {
+            dirs: vec![PathBuf::from("/nonexistent/regobox-config")],
+            env: vec![],
+        };
+        let err = load(&s).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/regobox-config"));
+    }
+
+    #[test]
+    fn secrets_are_redacted_and_origins_printed() {
+        let (_d, s) = with_dir(
+            &[(
+                "50.toml",
+                "[postgres]\npassword = \"hunter2\"\n[postgres.settings]\nwork_mem = \"64MB\"\n",
+            )],
+            &[(
+                "REGOBOX_POSTGRES__URL",
+                "postgresql://u:topsecret@db:5432/x",
+            )],
+        );
+        let loaded = load(&s).unwrap();
+        let text = loaded.to_toml(true);
+        assert!(
+            !text.contains("hunter2") && !text.contains("topsecret"),
+            "{text}"
+        );
+        assert!(text.contains("password = \"<redacted>\""), "{text}");
+        assert!(
+            text.contains("url = \"postgresql://u:<redacted>@db:5432/x\"  # environment variable REGOBOX_POSTGRES__URL"),
+            "{text}"
+        );
+        assert!(text.contains("work_mem = \"64MB\"  # file "), "{text}");
+        // The plain rendering is valid TOML that loads back to the same configuration.
+        let plain = loaded.to_toml(false);
+        let back: Config = toml::from_str(&plain).unwrap();
+        assert_eq!(back.postgres.settings, loaded.config.postgres.settings);
+    }
+
+    #[test]
+    fn url_redaction() {
+        assert_eq!(
+            redact_url("postgres://a:b@h/d"),
+            "postgres://a:<redacted>@h/d"
+        );
+        assert_eq!(redact_url("postgres://a@h/d"), "postgres://a@h/d");
+        assert_eq!(redact_url("postgres://h/d?x=@"), "postgres://h/d?x=@");
+    }
+}

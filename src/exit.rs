@@ -1,0 +1,31 @@
+//! Named exit codes, in the spirit of sysexits(3), and the one place that maps an error to one.
+//!
+//! Commands return `anyhow::Result`; [`code_for`] walks the error chain and picks the code of the
+//! first error type it knows, so a configuration problem always ends in 78 wherever it surfaced.
+
+use crate::config::ConfigError;
+use crate::postgres::PostgresError;
+
+/// Everything went well.
+pub const OK: u8 = 0;
+/// A failure with no more specific code.
+pub const FAILURE: u8 = 1;
+/// The volume holds data regobox refuses to touch (foreign content, another major version).
+pub const DATA: u8 = 65;
+/// Something regobox needs is missing from the system (PostgreSQL binaries, an OS tool).
+pub const UNAVAILABLE: u8 = 69;
+/// The configuration is invalid (sysexits' EX_CONFIG).
+pub const CONFIG: u8 = 78;
+
+/// The exit code for an error that ended a command.
+pub fn code_for(error: &anyhow::Error) -> u8 {
+    for cause in error.chain() {
+        if cause.downcast_ref::<ConfigError>().is_some() {
+            return CONFIG;
+        }
+        if let Some(pg) = cause.downcast_ref::<PostgresError>() {
+            return pg.exit_code();
+        }
+    }
+    FAILURE
+}

@@ -1,0 +1,33 @@
+//! regobox: the PID 1 of an all-in-one server image.
+//!
+//! One binary brings up, inside one container, everything an application such as Regovar needs:
+//! a PostgreSQL server on a volume shared with the host, the supervision of the application's
+//! processes, and (in later components) a TLS reverse proxy, a policy-enforcing Docker socket
+//! and verifiable backups.
+//!
+//! A map of the modules, in the order data flows through them at start-up:
+//!
+//! - [`cli`]: the command line (clap). Parses arguments, loads the configuration and hands it to
+//!   a command; turns the outcome into an exit code and nothing else.
+//! - [`config`]: the layered configuration (figment): compiled defaults, then every `*.toml` file
+//!   of the configuration directories in file-name order, then `REGOBOX_*` environment variables.
+//!   Validates everything at once and remembers where each key came from.
+//! - [`volumes`]: the layout of the data volume (database, secrets, logs, files, backups) and the
+//!   creation of its directories.
+//! - [`secrets`]: values generated once on first boot and kept in 0600 files on the volume.
+//! - [`users`]: the unprivileged OS accounts children run as, and dropping privileges in a child.
+//! - [`postgres`]: the embedded PostgreSQL server: finding binaries, classifying and initialising
+//!   the data directory, running the server in the foreground, readiness and bootstrap.
+//! - [`logs`]: forwarding a child's output to regobox's own output, line by line.
+//! - [`run`]: `regobox run`, which brings everything up and stops it in order on a signal.
+//! - [`exit`]: the named exit codes.
+
+pub mod cli;
+pub mod config;
+pub mod exit;
+pub mod logs;
+pub mod postgres;
+pub mod run;
+pub mod secrets;
+pub mod users;
+pub mod volumes;

@@ -1,0 +1,257 @@
+//! Idempotent bootstrap of a ready server: the application's role (with its password), its
+//! database, the configured extensions, and the init scripts, each run once.
+//!
+//! Init scripts are the `initdb.d/*.sql` files of the configuration directories, in file-name
+//! order. Each runs in one transaction as the application role, together with the row that
+//! records it in `regobox.init_scripts`, so a script is applied exactly once even if regobox
+//! dies half-way. A script changed after it was applied is reported, not run again.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tokio_postgres::Client;
+
+use super::PostgresError;
+use super::binaries::Major;
+
+/// The SQL identifier `name`, quoted.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The SQL string literal `value`, quoted whatever `standard_conforming_strings` is.
+pub fn quote_literal(value: &str) -> String {
+    let doubled = value.replace('\'', "''");
+    if doubled.contains('\\') {
+        format!("E'{}'", doubled.replace('\\', "\\\\"))
+    } else {
+        format!("'{doubled}'")
+    }
+}
+
+fn db_err(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> PostgresError {
+    let what = what.into();
+    move |source| PostgresError::Sql { what, source }
+}
+
+/// Create or update the application role (its password is set every time, so a password
+/// changed in the configuration applies) and database, as the superuser connected to the
+/// `postgres` database.
+pub async fn role_and_database(
+    su: &Client,
+    major: Major,
+    user: &str,
+    password: &str,
+    database: &str,
+) -> Result<(), PostgresError> {
+    let encryption = if major.0 >= 10 {
+        "scram-sha-256"
+    } else {
+        "md5"
+    };
+    su.batch_execute(&format!("SET password_encryption = '{encryption}'"))
+        .await
+        .map_err(db_err("setting password_encryption"))?;
+    let exists = su
+        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&user])
+        .await
+        .map_err(db_err("looking up the application role"))?
+        .is_some();
+    let verb = if exists { "ALTER" } else { "CREATE" };
+    su.batch_execute(&format!(
+        "{verb} ROLE {} WITH LOGIN PASSWORD {}",
+        quote_ident(user),
+        quote_literal(password)
+    ))
+    .await
+    .map_err(db_err(format!("setting up role `{user}` (postgres.user)")))?;
+    if !exists {
+        tracing::info!(role = user, "application role created");
+    }
+    let owner: Option<String> = su
+        .query_opt(
+            "SELECT pg_get_userbyid(datdba)::text FROM pg_database WHERE datname = $1",
+            &[&database],
+        )
+        .await
+        .map_err(db_err("looking up the application database"))?
+        .map(|row| row.get(0));
+    match owner {
+        None => {
+            su.batch_execute(&format!(
+                "CREATE DATABASE {} OWNER {} ENCODING 'UTF8' TEMPLATE template0",
+                quote_ident(database),
+                quote_ident(user)
+            ))
+            .await
+            .map_err(db_err(format!(
+                "creating database `{database}` (postgres.database)"
+            )))?;
+            tracing::info!(database, owner = user, "application database created");
+        }
+        Some(o) if o != user => {
+            su.batch_execute(&format!(
+                "ALTER DATABASE {} OWNER TO {}",
+                quote_ident(database),
+                quote_ident(user)
+            ))
+            .await
+            .map_err(db_err(format!("giving database `{database}` to `{user}`")))?;
+            tracing::info!(database, from = %o, to = user, "application database owner changed");
+        }
+        Some(_) => {}
+    }
+    Ok(())
+}
+
+/// Create the configured extensions in the database `client` is connected to.
+pub async fn extensions(client: &Client, names: &[String]) -> Result<(), PostgresError> {
+    for name in names {
+        client
+            .batch_execute(&format!("CREATE EXTENSION IF NOT EXISTS {}", quote_ident(name)))
+            .await
+            .map_err(|source| PostgresError::Sql {
+                what: format!(
+                    "creating extension `{name}` (postgres.extensions; is the package that provides it installed, e.g. postgresql-contrib?)"
+                ),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// The init scripts of the configuration directories, in file-name order; for the same name in
+/// two directories, the later directory's file wins.
+pub fn init_scripts(config_dirs: &[PathBuf]) -> Vec<PathBuf> {
+    let mut by_name: std::collections::BTreeMap<String, PathBuf> = Default::default();
+    for dir in config_dirs {
+        let Ok(entries) = std::fs::read_dir(dir.join("initdb.d")) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "sql") && path.is_file() {
+                by_name.insert(entry.file_name().to_string_lossy().into_owned(), path);
+            }
+        }
+    }
+    by_name.into_values().collect()
+}
+
+/// Run every script not yet recorded, each in one transaction with its record. `role`, when
+/// given, is the role the scripts run as (the client being a superuser); the name recorded is the
+/// file name.
+pub async fn run_init_scripts(
+    client: &mut Client,
+    scripts: &[PathBuf],
+    role: Option<&str>,
+) -> Result<usize, PostgresError> {
+    if scripts.is_empty() {
+        return Ok(0);
+    }
+    client
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS regobox;
+             CREATE TABLE IF NOT EXISTS regobox.init_scripts (
+                 name text PRIMARY KEY,
+                 sha256 text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now()
+             );",
+        )
+        .await
+        .map_err(db_err("creating regobox.init_scripts"))?;
+    let mut applied = 0;
+    for path in scripts {
+        let name = file_name(path);
+        let sql = std::fs::read_to_string(path).map_err(|source| PostgresError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let digest = format!("{:x}", Sha256::digest(sql.as_bytes()));
+        let recorded: Option<String> = client
+            .query_opt(
+                "SELECT sha256 FROM regobox.init_scripts WHERE name = $1",
+                &[&name],
+            )
+            .await
+            .map_err(db_err("reading regobox.init_scripts"))?
+            .map(|r| r.get(0));
+        match recorded {
+            Some(d) if d == digest => continue,
+            Some(_) => {
+                tracing::warn!(script = %path.display(), "init script changed since it was applied; it is not run again");
+                continue;
+            }
+            None => {}
+        }
+        let tx = client
+            .transaction()
+            .await
+            .map_err(db_err("starting a transaction"))?;
+        let failed = |source| PostgresError::InitScript {
+            path: path.clone(),
+            source,
+        };
+        if let Some(role) = role {
+            tx.batch_execute(&format!("SET LOCAL ROLE {}", quote_ident(role)))
+                .await
+                .map_err(failed)?;
+        }
+        tx.batch_execute(&sql).await.map_err(failed)?;
+        if role.is_some() {
+            tx.batch_execute("RESET ROLE").await.map_err(failed)?;
+        }
+        tx.execute(
+            "INSERT INTO regobox.init_scripts (name, sha256) VALUES ($1, $2)",
+            &[&name, &digest],
+        )
+        .await
+        .map_err(failed)?;
+        tx.commit().await.map_err(failed)?;
+        tracing::info!(script = %path.display(), "init script applied");
+        applied += 1;
+    }
+    Ok(applied)
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("app"), "\"app\"");
+        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal("a\\b'c"), "E'a\\\\b''c'");
+    }
+
+    #[test]
+    fn scripts_are_ordered_by_name_and_later_directories_win() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        for (dir, name) in [
+            (&a, "20_b.sql"),
+            (&a, "10_a.sql"),
+            (&b, "10_a.sql"),
+            (&b, "readme.txt"),
+        ] {
+            std::fs::create_dir_all(dir.path().join("initdb.d")).unwrap();
+            std::fs::write(dir.path().join("initdb.d").join(name), "select 1").unwrap();
+        }
+        let scripts = init_scripts(&[a.path().into(), b.path().into()]);
+        assert_eq!(
+            scripts,
+            vec![
+                b.path().join("initdb.d/10_a.sql"),
+                a.path().join("initdb.d/20_b.sql")
+            ]
+        );
+    }
+}

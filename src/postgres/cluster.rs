@@ -1,0 +1,438 @@
+//! The data directory: what it holds, who may use it, and creating a cluster in it.
+//!
+//! - [`inspect`] classifies the directory without changing anything: missing or empty (a lone
+//!   `lost+found` counts as empty), a cluster of some major, an initialisation that was
+//!   interrupted, or foreign content that regobox must not touch.
+//! - [`DataDirLock`] is an exclusive `flock` on a file in the data directory, held for as long as
+//!   a server regobox started runs on it. It works across containers sharing the volume (same
+//!   kernel), which the server's own `postmaster.pid` check does not, and it tells `regobox psql`
+//!   whether `regobox run` is up.
+//! - [`clear_stale_pid`] removes a `postmaster.pid` left by a crash, only after proving the PID
+//!   it records is not a live postgres on this data directory.
+//! - [`initdb`] creates a cluster in a subdirectory as the unprivileged user, then moves it into
+//!   place with `PG_VERSION` last, so an interrupted initialisation is recognisable.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use nix::fcntl::{Flock, FlockArg};
+
+use super::PostgresError;
+use super::binaries::{Binaries, Major};
+use crate::users::Account;
+use crate::volumes::sync_dir;
+
+/// The lock file regobox keeps in the data directory.
+pub const LOCK_FILE: &str = ".regobox.lock";
+/// Where `initdb` writes before the cluster is moved into place.
+pub const INITDB_DIR: &str = ".regobox-initdb";
+/// Entries that do not make a directory non-empty.
+const IGNORED: &[&str] = &["lost+found", LOCK_FILE];
+
+/// What a data directory holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataDirState {
+    /// Does not exist.
+    Missing,
+    /// Exists and holds nothing that matters.
+    Empty,
+    /// A cluster created by this major.
+    Cluster(Major),
+    /// regobox's own initialisation was interrupted before completing.
+    InterruptedInit,
+    /// Something else: the first few entries, for the error message.
+    Foreign(Vec<String>),
+}
+
+/// Classify `dir` without modifying it.
+pub fn inspect(dir: &Path) -> Result<DataDirState, PostgresError> {
+    let io_err = |source| PostgresError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let meta = match std::fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(DataDirState::Missing),
+        Err(e) => return Err(io_err(e)),
+    };
+    if !meta.is_dir() {
+        return Err(PostgresError::NotADirectory {
+            path: dir.to_path_buf(),
+        });
+    }
+    let version_file = dir.join("PG_VERSION");
+    if version_file.is_file() {
+        let text = std::fs::read_to_string(&version_file).map_err(io_err)?;
+        return match Major::parse(&text) {
+            Some(m) => Ok(DataDirState::Cluster(m)),
+            None => Ok(DataDirState::Foreign(vec![format!(
+                "PG_VERSION containing {:?}",
+                text.trim()
+            )])),
+        };
+    }
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(io_err)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !IGNORED.contains(&n.as_str()))
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        Ok(DataDirState::Empty)
+    } else if names.iter().any(|n| n == INITDB_DIR) {
+        Ok(DataDirState::InterruptedInit)
+    } else {
+        names.truncate(5);
+        Ok(DataDirState::Foreign(names))
+    }
+}
+
+/// An exclusive lock on a data directory, released when dropped (or when the process dies).
+#[derive(Debug)]
+pub struct DataDirLock {
+    _lock: Flock<File>,
+}
+
+impl DataDirLock {
+    /// Take the lock, or `None` if another process holds it. The file belongs to `account`, so
+    /// that the server can read every file of its data directory (`pg_basebackup` does).
+    pub fn try_acquire(
+        dir: &Path,
+        account: &Account,
+    ) -> Result<Option<DataDirLock>, PostgresError> {
+        let path = dir.join(LOCK_FILE);
+        let io_err = |source| PostgresError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err)?;
+        chown(&path, account)?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(mut lock) => {
+                lock.set_len(0).map_err(io_err)?;
+                writeln!(lock, "{}", std::process::id()).map_err(io_err)?;
+                Ok(Some(DataDirLock { _lock: lock }))
+            }
+            Err((_, nix::Error::EWOULDBLOCK)) => Ok(None),
+            Err((_, e)) => Err(io_err(e.into())),
+        }
+    }
+}
+
+/// Remove a `postmaster.pid` left by a crash. Refuses if the recorded PID is, or may be, a live
+/// postgres serving this data directory.
+pub fn clear_stale_pid(dir: &Path) -> Result<(), PostgresError> {
+    let path = dir.join("postmaster.pid");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(PostgresError::Io { path, source }),
+    };
+    let pid: Option<i32> = text.lines().next().and_then(|l| l.trim().parse().ok());
+    if let Some(pid) = pid.filter(|p| *p > 0) {
+        match live_postgres_on(pid, dir) {
+            Liveness::NotPostgres(why) => {
+                tracing::info!(pid, "removing stale postmaster.pid: pid {pid} {why}");
+            }
+            Liveness::Serving | Liveness::Unknown => {
+                return Err(PostgresError::AlreadyRunning {
+                    pid,
+                    data_dir: dir.to_path_buf(),
+                });
+            }
+        }
+    } else {
+        tracing::info!("removing unreadable postmaster.pid");
+    }
+    std::fs::remove_file(&path).map_err(|source| PostgresError::Io { path, source })
+}
+
+enum Liveness {
+    NotPostgres(&'static str),
+    Serving,
+    Unknown,
+}
+
+/// Whether `pid` is a postgres whose working directory is `data_dir` (postgres chdirs there).
+fn live_postgres_on(pid: i32, data_dir: &Path) -> Liveness {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    if !proc_dir.exists() {
+        return Liveness::NotPostgres("is not running");
+    }
+    let want = data_dir
+        .canonicalize()
+        .unwrap_or_else(|_| data_dir.to_path_buf());
+    match std::fs::read_link(proc_dir.join("cwd")) {
+        Ok(cwd) if cwd == want => Liveness::Serving,
+        Ok(_) => Liveness::NotPostgres("is a process that does not serve this data directory"),
+        Err(_) => {
+            // Not allowed to look (another user's process): only its name can be read.
+            let comm = std::fs::read_to_string(proc_dir.join("comm")).unwrap_or_default();
+            if comm.trim().starts_with("postgres") || comm.trim().starts_with("postmaster") {
+                Liveness::Unknown
+            } else {
+                Liveness::NotPostgres("is not a postgres process")
+            }
+        }
+    }
+}
+
+/// Remove what an interrupted initialisation left, keeping `lost+found` and the lock file.
+pub fn clear_interrupted_init(dir: &Path) -> Result<(), PostgresError> {
+    tracing::warn!(data_dir = %dir.display(), "a previous initialisation was interrupted; starting it again");
+    for entry in std::fs::read_dir(dir).map_err(|source| PostgresError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })? {
+        let entry = entry.map_err(|source| PostgresError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let name = entry.file_name();
+        if IGNORED.iter().any(|i| name == *i) {
+            continue;
+        }
+        let path = entry.path();
+        let res = if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        res.map_err(|source| PostgresError::Io { path, source })?;
+    }
+    Ok(())
+}
+
+/// What `initdb` needs.
+pub struct InitSpec<'a> {
+    pub binaries: &'a Binaries,
+    pub data_dir: &'a Path,
+    pub account: &'a Account,
+    pub superuser: &'a str,
+    pub superuser_password: &'a str,
+    pub locale: &'a str,
+}
+
+/// Create a cluster in `data_dir` (which exists, is owned by the account and holds nothing that
+/// matters): UTF-8, data checksums, password authentication, as the unprivileged account.
+pub fn initdb(spec: &InitSpec<'_>) -> Result<(), PostgresError> {
+    let dir = spec.data_dir;
+    let work = dir.join(INITDB_DIR);
+    let pwfile = dir.join(".regobox-initdb-password");
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PostgresError::Io { path, source }
+    };
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&pwfile)
+            .map_err(io_err(&pwfile))?;
+        f.write_all(spec.superuser_password.as_bytes())
+            .map_err(io_err(&pwfile))?;
+    }
+    chown(&pwfile, spec.account)?;
+    let auth = spec.binaries.major.password_auth();
+    let mut cmd = postgresql_commands::initdb::InitDbBuilder::new()
+        .program_dir(&spec.binaries.dir)
+        .pgdata(&work)
+        .username(spec.superuser)
+        .auth(auth)
+        .pwfile(&pwfile)
+        .encoding("UTF8")
+        .locale(spec.locale)
+        .data_checksums();
+    // Dropping privileges needs the std command; the builder's env is empty.
+    cmd = postgresql_commands::CommandBuilder::env(cmd, "LC_ALL", spec.locale);
+    let mut command = postgresql_commands::CommandBuilder::build(cmd);
+    command
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    spec.account.apply(&mut command);
+    tracing::info!(data_dir = %dir.display(), version = %spec.binaries.version, auth, "initialising a new PostgreSQL cluster");
+    let output = command.output();
+    let _ = std::fs::remove_file(&pwfile);
+    let output = output.map_err(io_err(&spec.binaries.path("initdb")))?;
+    if !output.status.success() {
+        let _ = std::fs::remove_dir_all(&work);
+        return Err(PostgresError::Initdb {
+            data_dir: dir.to_path_buf(),
+            detail: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
+    }
+    // Move the cluster up, PG_VERSION last: until it lands the directory reads as interrupted.
+    let mut entries: Vec<_> = std::fs::read_dir(&work)
+        .map_err(io_err(&work))?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    entries.sort_by_key(|n| n == "PG_VERSION");
+    for name in entries {
+        let from = work.join(&name);
+        std::fs::rename(&from, dir.join(&name)).map_err(io_err(&from))?;
+    }
+    sync_dir(dir).map_err(io_err(dir))?;
+    std::fs::remove_dir(&work).map_err(io_err(&work))?;
+    sync_dir(dir).map_err(io_err(dir))?;
+    Ok(())
+}
+
+/// Make `path` owned by `account` (a no-op unless regobox runs as root).
+pub fn chown(path: &Path, account: &Account) -> Result<(), PostgresError> {
+    if !crate::users::is_root() {
+        return Ok(());
+    }
+    nix::unistd::chown(path, Some(account.uid), Some(account.gid)).map_err(|e| PostgresError::Io {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })
+}
+
+/// Make sure the data directory belongs to `account` with mode 0700 (PostgreSQL requires it).
+/// A cluster owned by another uid (e.g. created by another image) is handed over recursively.
+pub fn ensure_ownership(dir: &Path, account: &Account) -> Result<(), PostgresError> {
+    use std::os::unix::fs::MetadataExt;
+    let io_err = |source| PostgresError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(dir).map_err(io_err)?;
+    if crate::users::is_root()
+        && (meta.uid() != account.uid.as_raw() || meta.gid() != account.gid.as_raw())
+    {
+        tracing::warn!(
+            data_dir = %dir.display(),
+            from_uid = meta.uid(),
+            to = %account.name,
+            "data directory is owned by another user; handing it over to the PostgreSQL account"
+        );
+        chown_recursive(dir, account)?;
+    }
+    if meta.permissions().mode() & 0o777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err)?;
+    }
+    Ok(())
+}
+
+fn chown_recursive(path: &Path, account: &Account) -> Result<(), PostgresError> {
+    nix::unistd::fchownat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        Some(account.uid),
+        Some(account.gid),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| PostgresError::Io {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })?;
+    let meta = std::fs::symlink_metadata(path).map_err(|source| PostgresError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path).map_err(|source| PostgresError::Io {
+            path: path.to_path_buf(),
+            source,
+        })? {
+            let entry = entry.map_err(|source| PostgresError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            chown_recursive(&entry.path(), account)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification() {
+        let root = tempfile::tempdir().unwrap();
+        let d = root.path().join("pgdata");
+        assert_eq!(inspect(&d).unwrap(), DataDirState::Missing);
+        std::fs::create_dir(&d).unwrap();
+        assert_eq!(inspect(&d).unwrap(), DataDirState::Empty);
+        std::fs::create_dir(d.join("lost+found")).unwrap();
+        std::fs::write(d.join(LOCK_FILE), "1").unwrap();
+        assert_eq!(inspect(&d).unwrap(), DataDirState::Empty);
+        std::fs::create_dir(d.join(INITDB_DIR)).unwrap();
+        std::fs::create_dir(d.join("base")).unwrap();
+        assert_eq!(inspect(&d).unwrap(), DataDirState::InterruptedInit);
+        clear_interrupted_init(&d).unwrap();
+        assert_eq!(inspect(&d).unwrap(), DataDirState::Empty);
+        assert!(d.join("lost+found").is_dir(), "lost+found is kept");
+        std::fs::write(d.join("notes.txt"), "x").unwrap();
+        assert_eq!(
+            inspect(&d).unwrap(),
+            DataDirState::Foreign(vec!["notes.txt".into()])
+        );
+        std::fs::write(d.join("PG_VERSION"), "9.6\n").unwrap();
+        assert_eq!(inspect(&d).unwrap(), DataDirState::Cluster(Major(9, 6)));
+        let f = root.path().join("file");
+        std::fs::write(&f, "").unwrap();
+        assert!(matches!(
+            inspect(&f),
+            Err(PostgresError::NotADirectory { .. })
+        ));
+    }
+
+    #[test]
+    fn the_lock_is_exclusive_and_released_on_drop() {
+        let d = tempfile::tempdir().unwrap();
+        let me = Account::current().unwrap();
+        let a = DataDirLock::try_acquire(d.path(), &me).unwrap();
+        assert!(a.is_some());
+        assert!(DataDirLock::try_acquire(d.path(), &me).unwrap().is_none());
+        drop(a);
+        assert!(DataDirLock::try_acquire(d.path(), &me).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_pid_file_of_a_dead_or_foreign_process_is_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let pid_file = d.path().join("postmaster.pid");
+        // This test process is alive, but it is not a postgres serving the directory.
+        std::fs::write(
+            &pid_file,
+            format!("{}\n{}\n", std::process::id(), d.path().display()),
+        )
+        .unwrap();
+        clear_stale_pid(d.path()).unwrap();
+        assert!(!pid_file.exists());
+        // A process whose working directory is the data directory is taken as a live server.
+        let child = std::process::Command::new("sleep")
+            .arg("30")
+            .current_dir(d.path())
+            .spawn()
+            .unwrap();
+        std::fs::write(&pid_file, format!("{}\n", child.id())).unwrap();
+        let err = clear_stale_pid(d.path()).unwrap_err();
+        assert!(matches!(err, PostgresError::AlreadyRunning { .. }), "{err}");
+        assert!(pid_file.exists(), "never removed while it may be live");
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
+        clear_stale_pid(d.path()).unwrap();
+        assert!(!pid_file.exists());
+    }
+}

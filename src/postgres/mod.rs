@@ -1,0 +1,640 @@
+//! The PostgreSQL server on the data volume (or an external one).
+//!
+//! [`Embedded::open`] prepares a data directory for use: it classifies it (refusing foreign
+//! content or another major, touching nothing), finds binaries of the right major, hands the
+//! directory to the unprivileged account, takes the volume lock, finishes or starts `initdb`, and
+//! clears a stale `postmaster.pid`. [`Embedded::start`] then runs the server; [`wait_ready`]
+//! waits for a real connection; [`bootstrap`] creates the application's role, database,
+//! extensions and init scripts. [`Session`] gives `init` and `psql` a server whichever way it is
+//! available: the one `regobox run` keeps up, a temporary one, or the external one.
+
+pub mod binaries;
+pub mod bootstrap;
+pub mod cluster;
+pub mod server;
+
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::config::Host;
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::{Config, PostgresMode};
+use crate::logs::Sink;
+use crate::secrets::{SecretError, SecretStore};
+use crate::users::{Account, UserError};
+use crate::volumes::{VolumeError, ensure_dir};
+use binaries::{Binaries, Major};
+use cluster::{DataDirLock, DataDirState};
+pub use server::Server;
+
+/// The secret holding the application role's password (unless `postgres.password` is set).
+pub const APP_PASSWORD_SECRET: &str = "postgres-password";
+/// The secret holding the bootstrap superuser's password.
+pub const SUPERUSER_PASSWORD_SECRET: &str = "postgres-superuser-password";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PostgresError {
+    #[error(
+        "no PostgreSQL server binaries found (looked in: {}). Install them (Debian/Ubuntu: `apt-get install postgresql`), or set `postgres.bin_dir` to the directory holding `postgres` and `initdb`",
+        .looked.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    NoBinaries { looked: Vec<PathBuf> },
+    #[error("postgres.bin_dir = {dir}: {reason}")]
+    BadBinDir { dir: PathBuf, reason: String },
+    #[error(
+        "the PostgreSQL data directory {path} exists but is not a directory (postgres.data_dir); nothing was changed"
+    )]
+    NotADirectory { path: PathBuf },
+    #[error(
+        "the PostgreSQL data directory {data_dir} is not empty and holds no PostgreSQL cluster (found: {}); refusing to use it, nothing was changed. Point postgres.data_dir (or volumes.root) at an empty directory or an existing cluster",
+        .entries.join(", ")
+    )]
+    Foreign {
+        data_dir: PathBuf,
+        entries: Vec<String>,
+    },
+    #[error(
+        "the cluster in {data_dir} was created by PostgreSQL {cluster}, but the server binaries are PostgreSQL {binaries} ({bin_dir}); refusing to start, nothing was changed. Run regobox with PostgreSQL {cluster} binaries (e.g. an image built with PG_MAJOR={cluster}, or postgres.bin_dir), or upgrade the cluster: back it up with PostgreSQL {cluster} and restore it with {binaries}, or use pg_upgrade"
+    )]
+    WrongMajor {
+        data_dir: PathBuf,
+        cluster: Major,
+        binaries: Major,
+        bin_dir: PathBuf,
+    },
+    #[error(
+        "a postgres process (pid {pid}) is running on {data_dir}; refusing to start a second server on it"
+    )]
+    AlreadyRunning { pid: i32, data_dir: PathBuf },
+    #[error("another regobox is running PostgreSQL on {data_dir} (its lock file is held)")]
+    Busy { data_dir: PathBuf },
+    #[error("initdb failed in {data_dir}: {detail}")]
+    Initdb { data_dir: PathBuf, detail: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("PostgreSQL exited during start-up ({status}); its log is above")]
+    ExitedDuringStart { status: ExitStatus },
+    #[error("PostgreSQL exited unexpectedly ({status}); its log is above")]
+    Exited { status: ExitStatus },
+    #[error(
+        "PostgreSQL did not accept connections within {timeout:?} (postgres.start_timeout); last error: {last}"
+    )]
+    StartTimeout { timeout: Duration, last: String },
+    #[error("{what}: {source}")]
+    Sql {
+        what: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("init script {path} failed, nothing of it was applied: {source}")]
+    InitScript {
+        path: PathBuf,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    #[error(transparent)]
+    User(#[from] UserError),
+}
+
+impl PostgresError {
+    pub fn exit_code(&self) -> u8 {
+        use crate::exit;
+        match self {
+            PostgresError::NoBinaries { .. } | PostgresError::BadBinDir { .. } => exit::UNAVAILABLE,
+            PostgresError::NotADirectory { .. }
+            | PostgresError::Foreign { .. }
+            | PostgresError::WrongMajor { .. } => exit::DATA,
+            _ => exit::FAILURE,
+        }
+    }
+}
+
+/// How to reach a server: as the superuser (embedded only) and as the application's role.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub superuser: Option<tokio_postgres::Config>,
+    pub app: tokio_postgres::Config,
+    /// The binaries, when regobox runs the server (for `psql` and friends).
+    pub binaries: Option<Binaries>,
+}
+
+impl Endpoint {
+    /// The external server of `postgres.url`.
+    pub fn external(config: &Config) -> Result<Endpoint, PostgresError> {
+        let app: tokio_postgres::Config =
+            config
+                .postgres
+                .url
+                .parse()
+                .map_err(|source| PostgresError::Sql {
+                    what: "parsing postgres.url".into(),
+                    source,
+                })?;
+        Ok(Endpoint {
+            superuser: None,
+            app,
+            binaries: None,
+        })
+    }
+
+    /// Variables that make libpq tools (`psql`, `pg_dump`) connect as the application role,
+    /// without putting the password on a command line.
+    pub fn libpq_env(&self) -> Vec<(String, String)> {
+        libpq_env(&self.app)
+    }
+
+    /// The path of a client program: from the server's binaries if it is there, else `PATH`.
+    pub fn client_program(&self, name: &str) -> PathBuf {
+        let local = self.binaries.as_ref().map(|b| b.path(name));
+        match local {
+            Some(p) if p.is_file() => p,
+            _ => Binaries::find(Path::new(""), None)
+                .ok()
+                .map(|b| b.path(name))
+                .filter(|p| p.is_file())
+                .unwrap_or_else(|| PathBuf::from(name)),
+        }
+    }
+}
+
+/// libpq environment variables equivalent to `config`.
+pub fn libpq_env(config: &tokio_postgres::Config) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            Host::Tcp(s) => s.clone(),
+            Host::Unix(p) => p.display().to_string(),
+        })
+        .collect();
+    if !hosts.is_empty() {
+        env.push(("PGHOST".into(), hosts.join(",")));
+    }
+    let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
+    if !ports.is_empty() {
+        env.push(("PGPORT".into(), ports.join(",")));
+    }
+    if let Some(u) = config.get_user() {
+        env.push(("PGUSER".into(), u.to_string()));
+    }
+    if let Some(p) = config.get_password() {
+        env.push(("PGPASSWORD".into(), String::from_utf8_lossy(p).into_owned()));
+    }
+    if let Some(d) = config.get_dbname() {
+        env.push(("PGDATABASE".into(), d.to_string()));
+    }
+    let ssl = match config.get_ssl_mode() {
+        tokio_postgres::config::SslMode::Disable => "disable",
+        tokio_postgres::config::SslMode::Require => "require",
+        _ => "prefer",
+    };
+    env.push(("PGSSLMODE".into(), ssl.into()));
+    env
+}
+
+/// Connect, driving the connection on a task of its own.
+pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// The result of opening the embedded data directory.
+// Returned once per command: boxing to even out the variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Opened {
+    /// regobox holds the directory and may run a server on it.
+    Owned(Embedded),
+    /// A running regobox holds it: its server is reachable at this endpoint.
+    Busy(Endpoint),
+}
+
+/// A data directory regobox holds (its lock is taken), ready to run a server on.
+#[derive(Debug)]
+pub struct Embedded {
+    pub binaries: Binaries,
+    pub account: Account,
+    pub data_dir: PathBuf,
+    pub socket_dir: PathBuf,
+    pub port: u16,
+    endpoint: Endpoint,
+    settings: Vec<(String, String)>,
+    _lock: DataDirLock,
+}
+
+impl Embedded {
+    /// Prepare `postgres.data_dir` for a server; see the module documentation.
+    pub fn open(config: &Config, secrets: &SecretStore) -> Result<Opened, PostgresError> {
+        let pg = &config.postgres;
+        let data_dir = pg.data_dir.clone();
+        let home = data_dir.parent().unwrap_or(&data_dir).to_path_buf();
+        let account = crate::users::service_account(&pg.os_user, &home, "postgres.os_user")?;
+
+        // Read-only checks first: a refused directory is never written to.
+        let state = cluster::inspect(&data_dir)?;
+        if let DataDirState::Foreign(entries) = &state {
+            return Err(PostgresError::Foreign {
+                data_dir,
+                entries: entries.clone(),
+            });
+        }
+        let cluster_major = match state {
+            DataDirState::Cluster(m) => Some(m),
+            _ => None,
+        };
+        let binaries = Binaries::find(&pg.bin_dir, cluster_major)?;
+        if let Some(m) = cluster_major {
+            if m != binaries.major {
+                return Err(PostgresError::WrongMajor {
+                    data_dir,
+                    cluster: m,
+                    binaries: binaries.major,
+                    bin_dir: binaries.dir,
+                });
+            }
+        }
+
+        if state == DataDirState::Missing {
+            if let Some(parent) = data_dir.parent() {
+                ensure_dir(parent, 0o755, "postgres.data_dir")?;
+            }
+            ensure_dir(&data_dir, 0o700, "postgres.data_dir")?;
+            cluster::chown(&data_dir, &account)?;
+        }
+        cluster::ensure_ownership(&data_dir, &account)?;
+
+        let socket_dir = config.runtime_dir.join("postgresql");
+        let superuser_password = secrets.get_or_generate(SUPERUSER_PASSWORD_SECRET)?;
+        let app_password = if pg.password.is_empty() {
+            secrets.get_or_generate(APP_PASSWORD_SECRET)?
+        } else {
+            pg.password.clone()
+        };
+        let endpoint = local_endpoint(
+            config,
+            &socket_dir,
+            &superuser_password,
+            &app_password,
+            &binaries,
+        );
+
+        let Some(lock) = DataDirLock::try_acquire(&data_dir, &account)? else {
+            return Ok(Opened::Busy(endpoint));
+        };
+        match state {
+            DataDirState::InterruptedInit => {
+                cluster::clear_interrupted_init(&data_dir)?;
+                initdb(config, &binaries, &account, &superuser_password)?;
+            }
+            DataDirState::Missing | DataDirState::Empty => {
+                initdb(config, &binaries, &account, &superuser_password)?;
+            }
+            DataDirState::Cluster(_) | DataDirState::Foreign(_) => {}
+        }
+        cluster::clear_stale_pid(&data_dir)?;
+
+        ensure_dir(&config.runtime_dir, 0o755, "runtime_dir")?;
+        ensure_dir(&socket_dir, 0o700, "runtime_dir")?;
+        cluster::chown(&socket_dir, &account)?;
+
+        let settings = pg
+            .settings
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect();
+        Ok(Opened::Owned(Embedded {
+            binaries,
+            account,
+            data_dir,
+            socket_dir,
+            port: pg.port,
+            endpoint,
+            settings,
+            _lock: lock,
+        }))
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Start the server listening on `listen` (empty: the Unix socket only), its log going to
+    /// `sink`.
+    pub fn start(&self, listen: &str, sink: Sink) -> Result<Server, PostgresError> {
+        let hba = self.write_hba(listen)?;
+        // A socket lock file left by a killed server would make the new one refuse to start;
+        // the data directory lock proves no server of this instance is running.
+        for name in [
+            format!(".s.PGSQL.{}", self.port),
+            format!(".s.PGSQL.{}.lock", self.port),
+        ] {
+            let _ = std::fs::remove_file(self.socket_dir.join(name));
+        }
+        let mut params: Vec<(String, String)> = vec![
+            ("listen_addresses".into(), listen.into()),
+            ("port".into(), self.port.to_string()),
+            (
+                "unix_socket_directories".into(),
+                self.socket_dir.display().to_string(),
+            ),
+            ("hba_file".into(), hba.display().to_string()),
+            // Whatever postgresql.conf says: a crash must never lose a committed row.
+            ("fsync".into(), "on".into()),
+            ("full_page_writes".into(), "on".into()),
+        ];
+        params.extend(self.settings.iter().cloned());
+        tracing::info!(
+            version = %self.binaries.version,
+            data_dir = %self.data_dir.display(),
+            listen,
+            port = self.port,
+            user = %self.account.name,
+            "starting PostgreSQL"
+        );
+        Server::spawn(&self.binaries, &self.data_dir, &self.account, &params, sink).map_err(
+            |source| PostgresError::Io {
+                path: self.binaries.path("postgres"),
+                source,
+            },
+        )
+    }
+
+    /// Write the client authentication rules: password authentication everywhere; remote
+    /// addresses only when the server listens beyond loopback.
+    fn write_hba(&self, listen: &str) -> Result<PathBuf, PostgresError> {
+        let auth = self.binaries.major.password_auth();
+        let mut text = format!(
+            "# Written by regobox at every start of PostgreSQL; edits are lost.\n\
+             local all all {auth}\n\
+             host  all all 127.0.0.1/32 {auth}\n\
+             host  all all ::1/128 {auth}\n"
+        );
+        let loopback_only = listen
+            .split(',')
+            .map(str::trim)
+            .all(|a| a.is_empty() || a == "localhost" || a == "127.0.0.1" || a == "::1");
+        if !loopback_only {
+            text.push_str(&format!(
+                "host  all all 0.0.0.0/0 {auth}\nhost  all all ::/0 {auth}\n"
+            ));
+        }
+        let path = self.socket_dir.join("pg_hba.conf");
+        let io_err = |source| PostgresError::Io {
+            path: path.clone(),
+            source,
+        };
+        let tmp = self.socket_dir.join(".pg_hba.conf.tmp");
+        {
+            use std::io::Write;
+            let _ = std::fs::remove_file(&tmp);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io_err)?;
+            f.write_all(text.as_bytes()).map_err(io_err)?;
+        }
+        cluster::chown(&tmp, &self.account)?;
+        std::fs::rename(&tmp, &path).map_err(io_err)?;
+        Ok(path)
+    }
+}
+
+fn initdb(
+    config: &Config,
+    binaries: &Binaries,
+    account: &Account,
+    superuser_password: &str,
+) -> Result<(), PostgresError> {
+    cluster::initdb(&cluster::InitSpec {
+        binaries,
+        data_dir: &config.postgres.data_dir,
+        account,
+        superuser: &config.postgres.superuser,
+        superuser_password,
+        locale: &config.postgres.locale,
+    })
+}
+
+fn local_endpoint(
+    config: &Config,
+    socket_dir: &Path,
+    superuser_password: &str,
+    app_password: &str,
+    binaries: &Binaries,
+) -> Endpoint {
+    let pg = &config.postgres;
+    let base = |user: &str, password: &str, db: &str| {
+        let mut c = tokio_postgres::Config::new();
+        c.host_path(socket_dir)
+            .port(pg.port)
+            .user(user)
+            .password(password)
+            .dbname(db)
+            .application_name("regobox")
+            .connect_timeout(Duration::from_secs(5));
+        c
+    };
+    Endpoint {
+        superuser: Some(base(&pg.superuser, superuser_password, "postgres")),
+        app: base(&pg.user, app_password, &pg.database),
+        binaries: Some(binaries.clone()),
+    }
+}
+
+/// Wait until a real connection succeeds (as the superuser when known, else the application's
+/// role), or the server exits, or `timeout` passes.
+pub async fn wait_ready(
+    server: Option<&mut Server>,
+    endpoint: &Endpoint,
+    timeout: Duration,
+) -> Result<(), PostgresError> {
+    let target = endpoint.superuser.as_ref().unwrap_or(&endpoint.app);
+    let deadline = Instant::now() + timeout;
+    let mut last;
+    let mut server = server;
+    loop {
+        match connect(target).await {
+            Ok(client) => match client.simple_query("SELECT 1").await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            },
+            Err(e) => last = e.to_string(),
+        }
+        if Instant::now() >= deadline {
+            return Err(PostgresError::StartTimeout { timeout, last });
+        }
+        let pause = tokio::time::sleep(Duration::from_millis(100));
+        match server.as_deref_mut() {
+            Some(s) => {
+                tokio::select! {
+                    status = s.wait() => {
+                        let status = status.map_err(|source| PostgresError::Io { path: "postgres".into(), source })?;
+                        return Err(PostgresError::ExitedDuringStart { status });
+                    }
+                    _ = pause => {}
+                }
+            }
+            None => pause.await,
+        }
+    }
+}
+
+/// Bring the application's role, database, extensions and init scripts up to date.
+pub async fn bootstrap(
+    config: &Config,
+    endpoint: &Endpoint,
+    config_dirs: &[PathBuf],
+) -> Result<(), PostgresError> {
+    let pg = &config.postgres;
+    let scripts = bootstrap::init_scripts(config_dirs);
+    match &endpoint.superuser {
+        Some(su_config) => {
+            let su = connect(su_config)
+                .await
+                .map_err(|source| PostgresError::Sql {
+                    what: "connecting as the superuser".into(),
+                    source,
+                })?;
+            let major = server_major(&su).await?;
+            let password = endpoint
+                .app
+                .get_password()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .unwrap_or_default();
+            bootstrap::role_and_database(&su, major, &pg.user, &password, &pg.database).await?;
+            let mut in_app_db = su_config.clone();
+            in_app_db.dbname(&pg.database);
+            let mut su_app = connect(&in_app_db)
+                .await
+                .map_err(|source| PostgresError::Sql {
+                    what: format!("connecting to database `{}` as the superuser", pg.database),
+                    source,
+                })?;
+            bootstrap::extensions(&su_app, &pg.extensions).await?;
+            bootstrap::run_init_scripts(&mut su_app, &scripts, Some(&pg.user)).await?;
+        }
+        None => {
+            let mut client = connect(&endpoint.app)
+                .await
+                .map_err(|source| PostgresError::Sql {
+                    what: format!("connecting to {}", crate::config::redact_url(&pg.url)),
+                    source,
+                })?;
+            bootstrap::extensions(&client, &pg.extensions).await?;
+            bootstrap::run_init_scripts(&mut client, &scripts, None).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The major version of the server `client` is connected to.
+pub async fn server_major(client: &Client) -> Result<Major, PostgresError> {
+    let row = client
+        .query_one("SHOW server_version", &[])
+        .await
+        .map_err(|source| PostgresError::Sql {
+            what: "reading server_version".into(),
+            source,
+        })?;
+    let text: String = row.get(0);
+    Ok(Major::parse(&text).unwrap_or(Major(0, 0)))
+}
+
+/// A server to talk to for one command (`init`, `psql`): the one a running regobox keeps up,
+/// the external one, or a temporary one regobox starts (Unix socket only) and stops at the end.
+pub struct Session {
+    pub endpoint: Endpoint,
+    temporary: Option<(Embedded, Server)>,
+    stop_timeout: Duration,
+}
+
+impl Session {
+    /// Open a session; `bootstrap` brings the role, database and scripts up to date first (it is
+    /// always done for a temporary server, whose cluster may be brand new).
+    pub async fn open(
+        config: &Config,
+        secrets: &SecretStore,
+        config_dirs: &[PathBuf],
+        bootstrap: bool,
+    ) -> Result<Session, PostgresError> {
+        let pg = &config.postgres;
+        let (endpoint, temporary) = match pg.mode {
+            PostgresMode::External => {
+                let endpoint = Endpoint::external(config)?;
+                wait_ready(None, &endpoint, pg.start_timeout).await?;
+                if bootstrap {
+                    self::bootstrap(config, &endpoint, config_dirs).await?;
+                }
+                (endpoint, None)
+            }
+            PostgresMode::Embedded => match Embedded::open(config, secrets)? {
+                Opened::Busy(endpoint) => {
+                    tracing::debug!("using the PostgreSQL server of the running regobox");
+                    wait_ready(None, &endpoint, pg.start_timeout).await?;
+                    if bootstrap {
+                        self::bootstrap(config, &endpoint, config_dirs).await?;
+                    }
+                    (endpoint, None)
+                }
+                Opened::Owned(embedded) => {
+                    let mut server = embedded.start("", Sink::Stderr)?;
+                    let endpoint = embedded.endpoint().clone();
+                    let ready = async {
+                        wait_ready(Some(&mut server), &endpoint, pg.start_timeout).await?;
+                        self::bootstrap(config, &endpoint, config_dirs).await
+                    }
+                    .await;
+                    if let Err(e) = ready {
+                        let _ = server.stop(pg.stop_timeout, std::future::pending()).await;
+                        return Err(e);
+                    }
+                    (endpoint, Some((embedded, server)))
+                }
+            },
+        };
+        Ok(Session {
+            endpoint,
+            temporary,
+            stop_timeout: pg.stop_timeout,
+        })
+    }
+
+    /// Whether this session started its own server.
+    pub fn is_temporary(&self) -> bool {
+        self.temporary.is_some()
+    }
+
+    /// Stop the temporary server, if any.
+    pub async fn close(self) -> Result<(), PostgresError> {
+        if let Some((_embedded, mut server)) = self.temporary {
+            let status = server
+                .stop(self.stop_timeout, std::future::pending())
+                .await
+                .map_err(|source| PostgresError::Io {
+                    path: "postgres".into(),
+                    source,
+                })?;
+            if !status.success() {
+                return Err(PostgresError::Exited { status });
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,128 @@
+//! The `postgres` server process: started in the foreground as a child of regobox, in its own
+//! process group, as the unprivileged account, with fsync on; its output forwarded line by line.
+//!
+//! Stopping sends SIGINT (fast shutdown: active transactions are rolled back, a checkpoint is
+//! written) and waits for the grace period; past it, or on a second request, SIGQUIT
+//! (immediate shutdown, recovered by WAL replay at the next start), and finally SIGKILL.
+
+use std::future::Future;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use super::binaries::Binaries;
+use crate::logs::Sink;
+use crate::users::Account;
+
+/// How long an immediate shutdown (SIGQUIT) may take before SIGKILL.
+const QUIT_GRACE: Duration = Duration::from_secs(5);
+
+/// A running `postgres`.
+#[derive(Debug)]
+pub struct Server {
+    child: Child,
+    pid: i32,
+}
+
+impl Server {
+    /// Start `postgres -D data_dir -c k=v ...` as `account`.
+    pub fn spawn(
+        binaries: &Binaries,
+        data_dir: &Path,
+        account: &Account,
+        params: &[(String, String)],
+        sink: Sink,
+    ) -> std::io::Result<Server> {
+        let mut builder = postgresql_commands::postgres::PostgresBuilder::new()
+            .program_dir(&binaries.dir)
+            .data_dir(data_dir);
+        for (k, v) in params {
+            builder = builder.runtime_param(k.as_str(), v.as_str());
+        }
+        let mut command = postgresql_commands::CommandBuilder::build(builder);
+        command.env_clear();
+        for var in ["PATH", "TZ", "LANG", "LC_ALL"] {
+            if let Some(v) = std::env::var_os(var) {
+                command.env(var, v);
+            }
+        }
+        command
+            .current_dir(data_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group: a terminal's Ctrl-C reaches regobox, which decides.
+            .process_group(0);
+        account.apply(&mut command);
+        let mut child = Command::from(command).spawn()?;
+        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(crate::logs::forward("postgres".into(), out, sink));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(crate::logs::forward("postgres".into(), err, sink));
+        }
+        Ok(Server { child, pid })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Wait for the server to exit by itself (cancel-safe).
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        self.child.wait().await
+    }
+
+    /// Stop the server: SIGINT, then after `grace` (or as soon as `force` completes) SIGQUIT,
+    /// then SIGKILL to the whole process group.
+    pub async fn stop(
+        &mut self,
+        grace: Duration,
+        force: impl Future<Output = ()>,
+    ) -> std::io::Result<ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Ok(status);
+        }
+        tracing::info!(pid = self.pid, "stopping PostgreSQL (fast shutdown)");
+        self.signal(Signal::SIGINT);
+        tokio::pin!(force);
+        tokio::select! {
+            status = self.child.wait() => return status,
+            _ = tokio::time::sleep(grace) => {
+                tracing::warn!(grace = ?grace, "PostgreSQL did not stop within its grace period; immediate shutdown");
+            }
+            _ = &mut force => {
+                tracing::warn!("second stop request; immediate shutdown of PostgreSQL");
+            }
+        }
+        self.signal(Signal::SIGQUIT);
+        if let Ok(status) = tokio::time::timeout(QUIT_GRACE, self.child.wait()).await {
+            return status;
+        }
+        tracing::warn!("PostgreSQL ignored SIGQUIT; killing its process group");
+        let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+        self.child.wait().await
+    }
+
+    fn signal(&self, signal: Signal) {
+        if self.pid > 0 {
+            let _ = kill(Pid::from_raw(self.pid), signal);
+        }
+    }
+}
+
+impl Drop for Server {
+    /// A server still running when its handle goes away (an error path, a cancelled start) is
+    /// asked for a fast shutdown rather than left behind in its own process group.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(Signal::SIGINT);
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Values generated once on first boot and kept on the volume.
+//!
+//! A secret is a file `<volumes.root>/secrets/<name>`, mode 0600, in a 0700 directory. It is
+//! written to a temporary file, synced, then hard-linked into place, so a crash never leaves a
+//! half-written secret and two processes racing to create it agree on one value. Secrets are
+//! never logged or printed.
+
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rand::Rng;
+use rand::distr::Alphanumeric;
+
+use crate::volumes::sync_dir;
+
+/// Length of generated secrets (alphanumeric: about 190 bits).
+const GENERATED_LEN: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("secret file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "secret file {path} is empty; it was generated on first boot and its value is needed (restore it from a backup)"
+    )]
+    Empty { path: PathBuf },
+}
+
+/// The directory of generated secrets.
+#[derive(Debug, Clone)]
+pub struct SecretStore {
+    dir: PathBuf,
+}
+
+impl SecretStore {
+    /// A store in `dir`, which must exist (see [`crate::volumes::Layout::prepare`]).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        SecretStore { dir: dir.into() }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The secret `name`, generated and stored if it does not exist yet.
+    pub fn get_or_generate(&self, name: &str) -> Result<String, SecretError> {
+        let path = self.path(name);
+        if let Some(value) = self.read(&path)? {
+            return Ok(value);
+        }
+        let value: String = rand::rng()
+            .sample_iter(&Alphanumeric)
+            .take(GENERATED_LEN)
+            .map(char::from)
+            .collect();
+        let io_err = |source| SecretError::Io {
+            path: path.clone(),
+            source,
+        };
+        let tmp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err)?;
+        file.write_all(value.as_bytes()).map_err(io_err)?;
+        file.sync_all().map_err(io_err)?;
+        drop(file);
+        let linked = std::fs::hard_link(&tmp, &path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {
+                sync_dir(&self.dir).map_err(io_err)?;
+                Ok(value)
+            }
+            // Somebody else created it first: theirs is the value.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                self.read(&path)?.ok_or(SecretError::Empty { path })
+            }
+            Err(e) => Err(io_err(e)),
+        }
+    }
+
+    /// The secret at `path` if it exists; its mode is tightened to 0600 if it was looser.
+    fn read(&self, path: &Path) -> Result<Option<String>, SecretError> {
+        let io_err = |source| SecretError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(e)),
+        };
+        let mode = std::fs::metadata(path)
+            .map_err(io_err)?
+            .permissions()
+            .mode()
+            & 0o777;
+        if mode != 0o600 {
+            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "secret file had loose permissions; set to 0600");
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(io_err)?;
+        }
+        let value = text.trim_end_matches(['\n', '\r']).to_string();
+        if value.is_empty() {
+            return Err(SecretError::Empty {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(Some(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_once_then_stable_and_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SecretStore::new(dir.path());
+        let a = store.get_or_generate("pw").unwrap();
+        let b = store.get_or_generate("pw").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.len(), GENERATED_LEN);
+        let mode = std::fs::metadata(store.path("pw"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_ne!(a, store.get_or_generate("other").unwrap());
+        // No temporary file is left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn an_empty_secret_is_an_error_not_a_new_value() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "").unwrap();
+        let err = SecretStore::new(dir.path())
+            .get_or_generate("pw")
+            .unwrap_err();
+        assert!(matches!(err, SecretError::Empty { .. }));
+        assert_eq!(std::fs::read(dir.path().join("pw")).unwrap(), b"");
+    }
+}

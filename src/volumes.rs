@@ -1,0 +1,113 @@
+//! The layout of the data volume and the creation of its directories.
+//!
+//! Everything persistent lives under `volumes.root` (default `/volumes`), which the user mounts
+//! from the host:
+//!
+//! | path        | what                                             | owner, mode          |
+//! |-------------|--------------------------------------------------|----------------------|
+//! | `db/pgdata` | the PostgreSQL cluster (`postgres.data_dir`)     | PostgreSQL OS user, 0700 |
+//! | `secrets/`  | values generated once on first boot              | root, 0700 (files 0600) |
+//! | `logs/`     | service logs                                     | root, 0755           |
+//! | `files/`    | the application's files                          | root, 0755           |
+//! | `backups/`  | backup archives                                  | root, 0700           |
+//!
+//! A path that exists but is not a directory is an error that names it; nothing is replaced.
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+
+/// A volume path that is not what it should be.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("{path} exists but is not a directory; regobox needs a directory there (key `{key}`)")]
+    NotADirectory { path: PathBuf, key: &'static str },
+    #[error("cannot create or open {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The directories of the data volume.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub root: PathBuf,
+    pub secrets: PathBuf,
+    pub logs: PathBuf,
+    pub files: PathBuf,
+    pub backups: PathBuf,
+}
+
+impl Layout {
+    pub fn new(config: &Config) -> Self {
+        let root = config.volumes.root.clone();
+        Layout {
+            secrets: root.join("secrets"),
+            logs: root.join("logs"),
+            files: root.join("files"),
+            backups: root.join("backups"),
+            root,
+        }
+    }
+
+    /// Create the directories that are missing (never changing the mode of existing ones, but
+    /// the secrets directory, which is always made 0700).
+    pub fn prepare(&self) -> Result<(), VolumeError> {
+        ensure_dir(&self.root, 0o755, "volumes.root")?;
+        ensure_dir(&self.secrets, 0o700, "volumes.root")?;
+        set_mode(&self.secrets, 0o700)?;
+        ensure_dir(&self.logs, 0o755, "volumes.root")?;
+        ensure_dir(&self.files, 0o755, "volumes.root")?;
+        ensure_dir(&self.backups, 0o700, "volumes.root")?;
+        Ok(())
+    }
+}
+
+/// Create `path` (and missing parents, 0755) with `mode` if it does not exist.
+pub fn ensure_dir(path: &Path, mode: u32, key: &'static str) -> Result<(), VolumeError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(VolumeError::NotADirectory {
+            path: path.to_path_buf(),
+            key,
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = path.parent() {
+                if !parent.as_os_str().is_empty() && !parent.exists() {
+                    ensure_dir(parent, 0o755, key)?;
+                }
+            }
+            match std::fs::DirBuilder::new().mode(mode).create(path) {
+                Ok(()) => set_mode(path, mode),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+                Err(source) => Err(VolumeError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                }),
+            }
+        }
+        Err(source) => Err(VolumeError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Set the permission bits of `path` (the umask does not apply).
+pub fn set_mode(path: &Path, mode: u32) -> Result<(), VolumeError> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        VolumeError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
+}
+
+/// fsync a directory, so that a rename or link inside it survives a crash.
+pub fn sync_dir(path: &Path) -> io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
+}
