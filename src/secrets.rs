@@ -19,7 +19,7 @@ const GENERATED_LEN: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
-    #[error("secret file {path}: {source}")]
+    #[error("secret file {path}")]
     Io {
         path: PathBuf,
         #[source]

@@ -13,7 +13,7 @@ use nix::unistd::{Gid, Uid, User};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UserError {
-    #[error("cannot look up OS user `{name}`: {source}")]
+    #[error("cannot look up OS user `{name}`")]
     Lookup {
         name: String,
         #[source]

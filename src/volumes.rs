@@ -24,7 +24,7 @@ use crate::config::Config;
 pub enum VolumeError {
     #[error("{path} exists but is not a directory; regobox needs a directory there (key `{key}`)")]
     NotADirectory { path: PathBuf, key: &'static str },
-    #[error("cannot create or open {path}: {source}")]
+    #[error("cannot create or open {path}")]
     Io {
         path: PathBuf,
         #[source]

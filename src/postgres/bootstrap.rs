@@ -160,6 +160,16 @@ pub async fn run_init_scripts(
         )
         .await
         .map_err(db_err("creating regobox.init_scripts"))?;
+    if let Some(role) = role {
+        // The application may read which scripts ran; only regobox writes there.
+        client
+            .batch_execute(&format!(
+                "GRANT USAGE ON SCHEMA regobox TO {r}; GRANT SELECT ON regobox.init_scripts TO {r};",
+                r = quote_ident(role)
+            ))
+            .await
+            .map_err(db_err("granting read access to regobox.init_scripts"))?;
+    }
     let mut applied = 0;
     for path in scripts {
         let name = file_name(path);

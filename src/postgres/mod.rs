@@ -70,11 +70,20 @@ pub enum PostgresError {
         "a postgres process (pid {pid}) is running on {data_dir}; refusing to start a second server on it"
     )]
     AlreadyRunning { pid: i32, data_dir: PathBuf },
+    #[error(
+        "the PostgreSQL account `{account}` cannot reach {path} (mode {mode:o}, owner uid {owner}), which leads to postgres.data_dir; make it traversable (e.g. chmod o+x) or move the data directory"
+    )]
+    Unreachable {
+        account: String,
+        path: PathBuf,
+        mode: u32,
+        owner: u32,
+    },
     #[error("another regobox is running PostgreSQL on {data_dir} (its lock file is held)")]
     Busy { data_dir: PathBuf },
     #[error("initdb failed in {data_dir}: {detail}")]
     Initdb { data_dir: PathBuf, detail: String },
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -88,13 +97,13 @@ pub enum PostgresError {
         "PostgreSQL did not accept connections within {timeout:?} (postgres.start_timeout); last error: {last}"
     )]
     StartTimeout { timeout: Duration, last: String },
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Sql {
         what: String,
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("init script {path} failed, nothing of it was applied: {source}")]
+    #[error("init script {path} failed, nothing of it was applied")]
     InitScript {
         path: PathBuf,
         #[source]
@@ -114,6 +123,7 @@ impl PostgresError {
         match self {
             PostgresError::NoBinaries { .. } | PostgresError::BadBinDir { .. } => exit::UNAVAILABLE,
             PostgresError::NotADirectory { .. }
+            | PostgresError::Unreachable { .. }
             | PostgresError::Foreign { .. }
             | PostgresError::WrongMajor { .. } => exit::DATA,
             _ => exit::FAILURE,
@@ -269,6 +279,7 @@ impl Embedded {
             }
         }
 
+        check_reachable(&data_dir, &account)?;
         if state == DataDirState::Missing {
             if let Some(parent) = data_dir.parent() {
                 ensure_dir(parent, 0o755, "postgres.data_dir")?;
@@ -416,6 +427,36 @@ impl Embedded {
     }
 }
 
+/// When regobox runs as root, every existing ancestor of `dir` must let `account` through.
+fn check_reachable(dir: &Path, account: &Account) -> Result<(), PostgresError> {
+    use std::os::unix::fs::MetadataExt;
+    if !crate::users::is_root() {
+        return Ok(());
+    }
+    for ancestor in dir.ancestors().skip(1) {
+        let Ok(meta) = std::fs::metadata(ancestor) else {
+            continue; // created later, 0755
+        };
+        let mode = meta.mode() & 0o7777;
+        let through = if meta.uid() == account.uid.as_raw() {
+            mode & 0o100 != 0
+        } else if account.groups.iter().any(|g| g.as_raw() == meta.gid()) {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
+        };
+        if !through {
+            return Err(PostgresError::Unreachable {
+                account: account.name.clone(),
+                path: ancestor.to_path_buf(),
+                mode,
+                owner: meta.uid(),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn initdb(
     config: &Config,
     binaries: &Binaries,
@@ -475,6 +516,18 @@ pub async fn wait_ready(
                 Ok(_) => return Ok(()),
                 Err(e) => last = e.to_string(),
             },
+            // The server answered with an error that waiting will not cure (a wrong password, a
+            // missing database): report it now. "Starting up" and "shutting down" are waited out.
+            Err(e)
+                if e.as_db_error().is_some_and(|db| {
+                    *db.code() != tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW
+                }) =>
+            {
+                return Err(PostgresError::Sql {
+                    what: "connecting to PostgreSQL".into(),
+                    source: e,
+                });
+            }
             Err(e) => last = e.to_string(),
         }
         if Instant::now() >= deadline {
@@ -496,11 +549,29 @@ pub async fn wait_ready(
     }
 }
 
+/// How much of the bootstrap to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// Only what a client needs to log in: the application's role and database.
+    Login,
+    /// Everything: role, database, extensions and init scripts.
+    Full,
+}
+
 /// Bring the application's role, database, extensions and init scripts up to date.
 pub async fn bootstrap(
     config: &Config,
     endpoint: &Endpoint,
     config_dirs: &[PathBuf],
+) -> Result<(), PostgresError> {
+    bootstrap_part(config, endpoint, config_dirs, Bootstrap::Full).await
+}
+
+async fn bootstrap_part(
+    config: &Config,
+    endpoint: &Endpoint,
+    config_dirs: &[PathBuf],
+    part: Bootstrap,
 ) -> Result<(), PostgresError> {
     let pg = &config.postgres;
     let scripts = bootstrap::init_scripts(config_dirs);
@@ -519,6 +590,9 @@ pub async fn bootstrap(
                 .map(|p| String::from_utf8_lossy(p).into_owned())
                 .unwrap_or_default();
             bootstrap::role_and_database(&su, major, &pg.user, &password, &pg.database).await?;
+            if part == Bootstrap::Login {
+                return Ok(());
+            }
             let mut in_app_db = su_config.clone();
             in_app_db.dbname(&pg.database);
             let mut su_app = connect(&in_app_db)
@@ -530,6 +604,7 @@ pub async fn bootstrap(
             bootstrap::extensions(&su_app, &pg.extensions).await?;
             bootstrap::run_init_scripts(&mut su_app, &scripts, Some(&pg.user)).await?;
         }
+        None if part == Bootstrap::Login => {}
         None => {
             let mut client = connect(&endpoint.app)
                 .await
@@ -566,8 +641,9 @@ pub struct Session {
 }
 
 impl Session {
-    /// Open a session; `bootstrap` brings the role, database and scripts up to date first (it is
-    /// always done for a temporary server, whose cluster may be brand new).
+    /// Open a session; `bootstrap` brings the role, database, extensions and scripts up to date
+    /// first. Without it, a temporary server still gets the role and database (its cluster may
+    /// be brand new), but nothing that could fail and lock the user out of `psql`.
     pub async fn open(
         config: &Config,
         secrets: &SecretStore,
@@ -598,7 +674,12 @@ impl Session {
                     let endpoint = embedded.endpoint().clone();
                     let ready = async {
                         wait_ready(Some(&mut server), &endpoint, pg.start_timeout).await?;
-                        self::bootstrap(config, &endpoint, config_dirs).await
+                        let part = if bootstrap {
+                            Bootstrap::Full
+                        } else {
+                            Bootstrap::Login
+                        };
+                        bootstrap_part(config, &endpoint, config_dirs, part).await
                     }
                     .await;
                     if let Err(e) = ready {

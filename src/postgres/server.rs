@@ -27,7 +27,13 @@ const QUIT_GRACE: Duration = Duration::from_secs(5);
 pub struct Server {
     child: Child,
     pid: i32,
+    /// The tasks forwarding its output; drained after it exits so no last line is lost.
+    logs: Vec<tokio::task::JoinHandle<()>>,
 }
+
+/// How long to wait for the output of an exited server to be forwarded (a process it left
+/// behind could keep the pipe open).
+const DRAIN_LOGS: Duration = Duration::from_secs(2);
 
 impl Server {
     /// Start `postgres -D data_dir -c k=v ...` as `account`.
@@ -61,22 +67,38 @@ impl Server {
         account.apply(&mut command);
         let mut child = Command::from(command).spawn()?;
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        let mut logs = Vec::new();
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(crate::logs::forward("postgres".into(), out, sink));
+            logs.push(tokio::spawn(crate::logs::forward(
+                "postgres".into(),
+                out,
+                sink,
+            )));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(crate::logs::forward("postgres".into(), err, sink));
+            logs.push(tokio::spawn(crate::logs::forward(
+                "postgres".into(),
+                err,
+                sink,
+            )));
         }
-        Ok(Server { child, pid })
+        Ok(Server { child, pid, logs })
     }
 
     pub fn pid(&self) -> i32 {
         self.pid
     }
 
-    /// Wait for the server to exit by itself (cancel-safe).
+    /// Wait for the server to exit by itself (cancel-safe), then for its last lines of output.
     pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
-        self.child.wait().await
+        let status = self.child.wait().await?;
+        self.drain_logs().await;
+        Ok(status)
+    }
+
+    async fn drain_logs(&mut self) {
+        let all = futures_join_all(std::mem::take(&mut self.logs));
+        let _ = tokio::time::timeout(DRAIN_LOGS, all).await;
     }
 
     /// Stop the server: SIGINT, then after `grace` (or as soon as `force` completes) SIGQUIT,
@@ -93,7 +115,7 @@ impl Server {
         self.signal(Signal::SIGINT);
         tokio::pin!(force);
         tokio::select! {
-            status = self.child.wait() => return status,
+            status = self.wait() => return status,
             _ = tokio::time::sleep(grace) => {
                 tracing::warn!(grace = ?grace, "PostgreSQL did not stop within its grace period; immediate shutdown");
             }
@@ -102,18 +124,25 @@ impl Server {
             }
         }
         self.signal(Signal::SIGQUIT);
-        if let Ok(status) = tokio::time::timeout(QUIT_GRACE, self.child.wait()).await {
+        if let Ok(status) = tokio::time::timeout(QUIT_GRACE, self.wait()).await {
             return status;
         }
         tracing::warn!("PostgreSQL ignored SIGQUIT; killing its process group");
         let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
-        self.child.wait().await
+        self.wait().await
     }
 
     fn signal(&self, signal: Signal) {
         if self.pid > 0 {
             let _ = kill(Pid::from_raw(self.pid), signal);
         }
+    }
+}
+
+/// Await every handle (their results do not matter).
+async fn futures_join_all(handles: Vec<tokio::task::JoinHandle<()>>) {
+    for h in handles {
+        let _ = h.await;
     }
 }
 

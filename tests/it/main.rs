@@ -1,0 +1,8 @@
+//! Integration tests: the built `regobox` binary against a real PostgreSQL server, receiving
+//! real signals. All of them compile into this one test binary with shared helpers.
+
+mod support;
+
+mod config_cli;
+mod postgres_embedded;
+mod postgres_external;

@@ -1,0 +1,326 @@
+//! The embedded PostgreSQL server on the data volume, through the real binary.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+use crate::support::*;
+
+#[test]
+fn fresh_init_then_restarts_keep_every_row_and_the_same_password() {
+    let inst = Instance::new();
+    let out = inst.ok(&["init"]);
+    assert!(
+        stderr(&out).contains("initialising a new PostgreSQL cluster"),
+        "{}",
+        stderr(&out)
+    );
+
+    // The data directory belongs to the PostgreSQL account, 0700.
+    let meta = std::fs::metadata(inst.data_dir()).unwrap();
+    assert_eq!(meta.uid(), pg_owner_uid());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+    // Secrets: generated, 0600, never printed.
+    let password = std::fs::read_to_string(inst.secret("postgres-password")).unwrap();
+    assert_eq!(password.len(), 32);
+    for name in ["postgres-password", "postgres-superuser-password"] {
+        let mode = std::fs::metadata(inst.secret(name))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}");
+    }
+    assert!(!stdout(&out).contains(&password) && !stderr(&out).contains(&password));
+
+    // psql with no server running starts a temporary one; only the query result is on stdout.
+    assert_eq!(
+        inst.sql(
+            "CREATE TABLE t(id int PRIMARY KEY, v text);
+             INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 1000) g;
+             SELECT count(*) FROM t"
+        ),
+        "1000"
+    );
+
+    let run = inst.start();
+    // One server per data directory: a second `run` is refused while the first is up.
+    let second = inst.output(&["run"]);
+    assert!(!second.status.success());
+    assert!(
+        stderr(&second).contains("another regobox is running PostgreSQL"),
+        "{}",
+        stderr(&second)
+    );
+    // psql goes to the running server, as the application's role.
+    assert_eq!(inst.sql("SELECT count(*) FROM t"), "1000");
+    let who = inst.sql(
+        "INSERT INTO t VALUES (1001, 'while running'); SELECT current_user || '@' || current_database()",
+    );
+    assert_eq!(who, "app@app");
+    // The application role logs in over TCP with its generated password.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut cfg = inst.app_config();
+        cfg.host("127.0.0.1");
+        let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1001);
+    });
+    let log = run.stop();
+    assert!(log.contains("database system is shut down"), "{log}");
+
+    // Restart: the data and the password are the same.
+    let run = inst.start();
+    assert_eq!(inst.sql("SELECT count(*), max(id) FROM t"), "1001|1001");
+    run.stop();
+    assert_eq!(
+        std::fs::read_to_string(inst.secret("postgres-password")).unwrap(),
+        password
+    );
+}
+
+#[test]
+fn second_init_is_a_noop_and_init_scripts_run_exactly_once() {
+    let inst = Instance::new();
+    inst.config_file(
+        "initdb.d/10_schema.sql",
+        "CREATE TABLE seeded(id serial PRIMARY KEY, note text);
+         INSERT INTO seeded(note) VALUES ('from 10');",
+    );
+    inst.config_file(
+        "initdb.d/20_data.sql",
+        "INSERT INTO seeded(note) VALUES ('from 20');",
+    );
+    inst.ok(&["init"]);
+    let secrets = snapshot(&inst.root.join("secrets"));
+    let version = snapshot(&inst.data_dir().join("PG_VERSION"));
+
+    let out = inst.ok(&["init"]);
+    let err = stderr(&out);
+    assert!(
+        !err.contains("initialising a new PostgreSQL cluster"),
+        "{err}"
+    );
+    assert!(!err.contains("init script applied"), "{err}");
+    assert_eq!(snapshot(&inst.root.join("secrets")), secrets);
+    assert_eq!(snapshot(&inst.data_dir().join("PG_VERSION")), version);
+    assert_eq!(
+        inst.sql("SELECT string_agg(note, ',' ORDER BY id) FROM seeded"),
+        "from 10,from 20"
+    );
+    // The scripts ran as the application role, which owns what they created.
+    assert_eq!(
+        inst.sql("SELECT tableowner FROM pg_tables WHERE tablename = 'seeded'"),
+        "app"
+    );
+
+    // A script changed after it was applied is reported, not run again.
+    inst.config_file(
+        "initdb.d/20_data.sql",
+        "INSERT INTO seeded(note) VALUES ('changed');",
+    );
+    let out = inst.ok(&["init"]);
+    assert!(
+        stderr(&out).contains("changed since it was applied"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(inst.sql("SELECT count(*) FROM seeded"), "2");
+
+    // A failing script applies nothing of itself and is not recorded; fixed, it runs once.
+    inst.config_file(
+        "initdb.d/30_more.sql",
+        "INSERT INTO seeded(note) VALUES ('partial'); SELECT no_such_column FROM seeded;",
+    );
+    let out = inst.output(&["init"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("30_more.sql failed, nothing of it was applied"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(inst.sql("SELECT count(*) FROM seeded"), "2");
+    inst.config_file(
+        "initdb.d/30_more.sql",
+        "INSERT INTO seeded(note) VALUES ('from 30');",
+    );
+    inst.ok(&["init"]);
+    inst.ok(&["init"]);
+    assert_eq!(inst.sql("SELECT count(*) FROM seeded"), "3");
+    assert_eq!(inst.sql("SELECT count(*) FROM regobox.init_scripts"), "3");
+}
+
+#[test]
+fn kill_9_during_inserts_then_restart_loses_no_committed_row() {
+    let inst = Instance::new();
+    inst.ok(&["init"]);
+    inst.sql("CREATE TABLE w(id bigint PRIMARY KEY, at timestamptz DEFAULT now())");
+    let run = inst.start();
+
+    // A writer commits one row per transaction and remembers the last acknowledged id.
+    let acked = Arc::new(AtomicI64::new(0));
+    let writer = {
+        let acked = acked.clone();
+        let cfg = inst.app_config();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+                tokio::spawn(conn);
+                let insert = client
+                    .prepare("INSERT INTO w(id) VALUES ($1)")
+                    .await
+                    .unwrap();
+                let mut id: i64 = 1;
+                while client.execute(&insert, &[&id]).await.is_ok() {
+                    acked.store(id, Ordering::SeqCst);
+                    id += 1;
+                }
+            });
+        })
+    };
+    let start = Instant::now();
+    while acked.load(Ordering::SeqCst) < 50 && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Kill everything at once, as `docker kill` does: regobox, and the server's process group.
+    let pid_file = inst.data_dir().join("postmaster.pid");
+    let postmaster: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    kill(Pid::from_raw(run.pid()), Signal::SIGKILL).unwrap();
+    killpg(Pid::from_raw(postmaster), Signal::SIGKILL).unwrap();
+    writer.join().unwrap();
+    let committed = acked.load(Ordering::SeqCst);
+    assert!(
+        committed >= 50,
+        "the writer committed only {committed} rows"
+    );
+    drop(run);
+
+    // As after re-creating the container, the recorded PID now belongs to a live process that is
+    // not a postgres: the next boot must prove that and remove the stale file.
+    assert!(pid_file.exists(), "kill -9 leaves postmaster.pid behind");
+    let mut impostor = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let text = std::fs::read_to_string(&pid_file).unwrap();
+    let rest: Vec<&str> = text.lines().skip(1).collect();
+    std::fs::write(
+        &pid_file,
+        format!("{}\n{}\n", impostor.id(), rest.join("\n")),
+    )
+    .unwrap();
+
+    let run = inst.start();
+    assert!(
+        run.log_text().contains("removing stale postmaster.pid"),
+        "{}",
+        run.log_text()
+    );
+    let counted = inst.sql(&format!("SELECT count(*) FROM w WHERE id <= {committed}"));
+    assert_eq!(counted, committed.to_string(), "committed rows were lost");
+    run.stop();
+    let _ = impostor.kill();
+    let _ = impostor.wait();
+}
+
+#[test]
+fn a_cluster_of_another_major_is_refused_and_left_untouched() {
+    let inst = Instance::new();
+    let d = inst.data_dir();
+    std::fs::create_dir_all(d.join("base/1")).unwrap();
+    std::fs::write(d.join("PG_VERSION"), "9.6\n").unwrap();
+    std::fs::write(d.join("base/1/1259"), vec![7u8; 8192]).unwrap();
+    std::fs::write(d.join("postgresql.conf"), "# 9.6 settings\n").unwrap();
+    std::fs::write(d.join("postmaster.pid"), "12\n").unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let before = snapshot(&d);
+    for args in [&["init"][..], &["run"], &["psql", "-c", "SELECT 1"]] {
+        let out = inst.output(args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(65), "{args:?}: {err}");
+        assert!(err.contains("created by PostgreSQL 9.6"), "{err}");
+        assert!(err.contains("the server binaries are PostgreSQL"), "{err}");
+        assert!(err.contains(&d.display().to_string()), "{err}");
+        assert!(err.contains("PG_MAJOR=9.6"), "the remedy is named: {err}");
+        assert_eq!(snapshot(&d), before, "{args:?} modified the data directory");
+    }
+}
+
+#[test]
+fn foreign_content_is_refused_and_left_untouched() {
+    let inst = Instance::new();
+    let d = inst.data_dir();
+    std::fs::create_dir_all(d.join("photos")).unwrap();
+    std::fs::write(d.join("hello.txt"), "my data").unwrap();
+    let before = snapshot(&d);
+    for args in [&["init"][..], &["run"]] {
+        let out = inst.output(args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(65), "{args:?}: {err}");
+        assert!(err.contains("holds no PostgreSQL cluster"), "{err}");
+        assert!(err.contains("hello.txt") && err.contains("photos"), "{err}");
+        assert_eq!(snapshot(&d), before, "{args:?} modified the data directory");
+    }
+}
+
+#[test]
+fn a_mount_point_with_lost_found_or_an_interrupted_init_is_initialised() {
+    let inst = Instance::new();
+    let d = inst.data_dir();
+    std::fs::create_dir_all(d.join("lost+found")).unwrap();
+    inst.ok(&["init"]);
+    assert!(d.join("lost+found").is_dir(), "lost+found is kept");
+    assert!(d.join("PG_VERSION").is_file());
+
+    // initdb killed half-way: its work directory and some moved entries, no PG_VERSION.
+    let other = Instance::new();
+    let d = other.data_dir();
+    std::fs::create_dir_all(d.join(".regobox-initdb/base")).unwrap();
+    std::fs::create_dir_all(d.join("global")).unwrap();
+    let out = other.ok(&["init"]);
+    assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
+    assert_eq!(other.sql("SELECT 40 + 2"), "42");
+}
+
+#[test]
+fn missing_binaries_are_a_clear_error() {
+    let inst = Instance::new();
+    let empty = inst.dir.path().join("no-binaries");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = inst
+        .command(&["init"])
+        .env("REGOBOX_POSTGRES__BIN_DIR", &empty)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("postgres.bin_dir"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!inst.data_dir().exists(), "nothing was created");
+}

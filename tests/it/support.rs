@@ -1,0 +1,280 @@
+//! Shared helpers: an isolated regobox instance (its own volume, runtime directory, config
+//! directory and port) and ways to drive the binary.
+
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_regobox");
+
+/// A free TCP port on loopback (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether the tests run as root (then PostgreSQL runs as the `postgres` account).
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// The uid PostgreSQL's files should belong to.
+pub fn pg_owner_uid() -> u32 {
+    if is_root() {
+        nix::unistd::User::from_name("postgres")
+            .unwrap()
+            .expect("a `postgres` OS user (installed with the postgresql package)")
+            .uid
+            .as_raw()
+    } else {
+        nix::unistd::Uid::effective().as_raw()
+    }
+}
+
+/// A temporary directory the PostgreSQL account can traverse.
+pub fn tempdir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix("rbx").tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// One isolated regobox: volume root, runtime dir, config dir and port of its own.
+pub struct Instance {
+    pub dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub runtime: PathBuf,
+    pub config_dir: PathBuf,
+    pub port: u16,
+    /// Extra environment for every command.
+    pub env: Vec<(String, String)>,
+}
+
+impl Instance {
+    pub fn new() -> Self {
+        let dir = tempdir();
+        let root = dir.path().join("volumes");
+        let runtime = dir.path().join("run");
+        let config_dir = dir.path().join("config");
+        std::fs::create_dir_all(&config_dir).unwrap();
+        Instance {
+            root,
+            runtime,
+            config_dir,
+            port: free_port(),
+            env: Vec::new(),
+            dir,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.join("db").join("pgdata")
+    }
+
+    pub fn secret(&self, name: &str) -> PathBuf {
+        self.root.join("secrets").join(name)
+    }
+
+    /// Write a file in the config directory.
+    pub fn config_file(&self, name: &str, body: &str) {
+        let path = self.config_dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, body).unwrap();
+    }
+
+    /// The binary with this instance's configuration, and nothing of the caller's REGOBOX_*.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("REGOBOX_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.arg("--config-dir")
+            .arg(&self.config_dir)
+            .args(args)
+            .env("REGOBOX_VOLUMES__ROOT", &self.root)
+            .env("REGOBOX_RUNTIME_DIR", &self.runtime)
+            .env("REGOBOX_POSTGRES__PORT", self.port.to_string())
+            .stdin(Stdio::null());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Run to completion.
+    pub fn output(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// Run to completion, which must succeed.
+    pub fn ok(&self, args: &[&str]) -> Output {
+        let out = self.output(args);
+        assert!(
+            out.status.success(),
+            "regobox {args:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// `regobox psql -XtAq -c SQL`: the trimmed output, which must succeed.
+    pub fn sql(&self, sql: &str) -> String {
+        let out = self.ok(&["psql", "-XtAq", "-v", "ON_ERROR_STOP=1", "-c", sql]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Start `regobox run` in the background, its output in files, and wait until it is ready.
+    pub fn start(&self) -> Running {
+        let running = self.spawn_run();
+        running.wait_for_log("regobox is ready", Duration::from_secs(60));
+        running
+    }
+
+    /// Start `regobox run` in the background without waiting.
+    pub fn spawn_run(&self) -> Running {
+        let n = std::fs::read_dir(self.dir.path()).unwrap().count();
+        let log = self.dir.path().join(format!("run-{n}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = self
+            .command(&["run"])
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Running { child, log }
+    }
+
+    /// The tokio-postgres configuration of the application role, over the Unix socket.
+    pub fn app_config(&self) -> tokio_postgres::Config {
+        let password = std::fs::read_to_string(self.secret("postgres-password")).unwrap();
+        let mut c = tokio_postgres::Config::new();
+        c.host_path(self.runtime.join("postgresql"))
+            .port(self.port)
+            .user("app")
+            .password(password.trim())
+            .dbname("app");
+        c
+    }
+}
+
+/// A `regobox run` in the background; killed if still running when dropped.
+pub struct Running {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Running {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log_text().contains(needle) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the log within {timeout:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).unwrap();
+    }
+
+    /// Wait for exit (at most `timeout`); the exit status.
+    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "regobox did not exit within {timeout:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then the exit status, which must be 0.
+    pub fn stop(mut self) -> String {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = self.wait(Duration::from_secs(30));
+        let log = self.log_text();
+        assert!(status.success(), "run exited with {status}:\n{log}");
+        log
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Every entry under `dir` with its type, size, mode, owner, modification time and, for files,
+/// content: two snapshots are equal only if nothing was changed.
+pub fn snapshot(dir: &Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        let content = if m.is_file() {
+            format!("{:?}", std::fs::read(&p).unwrap())
+        } else {
+            String::new()
+        };
+        out.push(format!(
+            "{} {:o} {} {} {} {}.{} {}",
+            p.display(),
+            m.mode(),
+            m.uid(),
+            m.gid(),
+            m.len(),
+            m.mtime(),
+            m.mtime_nsec(),
+            content
+        ));
+        if m.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
