@@ -3,7 +3,6 @@
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::process::ExitStatus;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -89,7 +88,10 @@ pub fn main() -> u8 {
             return exit::FAILURE;
         }
     };
-    let outcome = runtime.block_on(dispatch(cli.command, &loaded));
+    let outcome = runtime.block_on(async {
+        crate::process::install().context("starting the reaper")?;
+        dispatch(cli.command, &loaded).await
+    });
     // Do not wait for tasks still blocked on a child's output.
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     match outcome {
@@ -160,10 +162,10 @@ async fn psql(loaded: &Loaded, args: Vec<OsString>) -> anyhow::Result<u8> {
     }
     let secrets = SecretStore::new(&layout.secrets);
     let session = Session::open(config, &secrets, &loaded.dirs, false).await?;
-    let program = session.endpoint.client_program("psql");
-    let mut command = tokio::process::Command::new(&program);
+    let program = session.endpoint.client_program("psql").await;
+    let mut command = std::process::Command::new(&program);
     command.args(&args).envs(session.endpoint.libpq_env());
-    let spawned = command.spawn();
+    let spawned = crate::process::spawn(&mut command);
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
@@ -173,29 +175,14 @@ async fn psql(loaded: &Loaded, args: Vec<OsString>) -> anyhow::Result<u8> {
     };
     let status = loop {
         tokio::select! {
-            status = child.wait() => break status.context("waiting for psql")?,
+            status = child.wait() => break status,
             s = signals.recv() => {
                 if s == "SIGTERM" {
-                    if let Some(pid) = child.id() {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid as i32),
-                            nix::sys::signal::Signal::SIGTERM,
-                        );
-                    }
+                    child.signal(nix::sys::signal::Signal::SIGTERM);
                 }
             }
         }
     };
     session.close().await?;
-    Ok(status_code(status))
-}
-
-/// A child's exit status as an exit code: its own code, or 128 + the signal that killed it.
-pub fn status_code(status: ExitStatus) -> u8 {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => code.clamp(0, 255) as u8,
-        (None, Some(sig)) => (128 + sig).clamp(0, 255) as u8,
-        _ => exit::FAILURE,
-    }
+    Ok(crate::process::exit_code(status))
 }

@@ -16,6 +16,7 @@
 //!   creation of its directories.
 //! - [`secrets`]: values generated once on first boot and kept in 0600 files on the volume.
 //! - [`users`]: the unprivileged OS accounts children run as, and dropping privileges in a child.
+//! - [`process`]: every child process regobox starts, and the one reaper (`waitpid(-1)`).
 //! - [`postgres`]: the embedded PostgreSQL server: finding binaries, classifying and initialising
 //!   the data directory, running the server in the foreground, readiness and bootstrap.
 //! - [`logs`]: forwarding a child's output to regobox's own output, line by line.
@@ -27,6 +28,7 @@ pub mod config;
 pub mod exit;
 pub mod logs;
 pub mod postgres;
+pub mod process;
 pub mod run;
 pub mod secrets;
 pub mod users;

@@ -74,7 +74,7 @@ pub async fn run(loaded: &Loaded) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
         PostgresMode::Embedded => {
-            let embedded = match Embedded::open(config, &secrets)? {
+            let embedded = match Embedded::open(config, &secrets).await? {
                 Opened::Owned(e) => e,
                 Opened::Busy(_) => {
                     return Err(PostgresError::Busy {

@@ -104,7 +104,11 @@ pub fn lookup(name: &str) -> Result<Option<Account>, UserError> {
 
 /// The account children run as: when root, the configured `name` (created as a system user
 /// with `useradd` if missing); otherwise regobox's own account.
-pub fn service_account(name: &str, home: &Path, key: &'static str) -> Result<Account, UserError> {
+pub async fn service_account(
+    name: &str,
+    home: &Path,
+    key: &'static str,
+) -> Result<Account, UserError> {
     if !is_root() {
         return Account::current().ok_or_else(|| UserError::Lookup {
             name: format!("uid {}", Uid::current()),
@@ -115,13 +119,15 @@ pub fn service_account(name: &str, home: &Path, key: &'static str) -> Result<Acc
         return Ok(account);
     }
     tracing::info!(user = name, "creating system user");
-    let output = std::process::Command::new("useradd")
-        .args(["--system", "--user-group", "--no-create-home", "--shell"])
-        .arg("/usr/sbin/nologin")
-        .arg("--home-dir")
-        .arg(home)
-        .arg(name)
-        .output();
+    let output = crate::process::output(
+        std::process::Command::new("useradd")
+            .args(["--system", "--user-group", "--no-create-home", "--shell"])
+            .arg("/usr/sbin/nologin")
+            .arg("--home-dir")
+            .arg(home)
+            .arg(name),
+    )
+    .await;
     let detail = match output {
         Ok(o) if o.status.success() => None,
         Ok(o) => Some(String::from_utf8_lossy(&o.stderr).trim().to_string()),

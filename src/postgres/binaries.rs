@@ -59,15 +59,14 @@ pub struct Binaries {
 
 impl Binaries {
     /// The binaries in `dir`, if it holds a working `postgres` and `initdb`.
-    pub fn probe(dir: &Path) -> Result<Binaries, String> {
+    pub async fn probe(dir: &Path) -> Result<Binaries, String> {
         for prog in ["postgres", "initdb"] {
             if !dir.join(prog).is_file() {
                 return Err(format!("no `{prog}` in {}", dir.display()));
             }
         }
-        let out = Command::new(dir.join("postgres"))
-            .arg("--version")
-            .output()
+        let out = crate::process::output(Command::new(dir.join("postgres")).arg("--version"))
+            .await
             .map_err(|e| format!("cannot run {}/postgres: {e}", dir.display()))?;
         let text = String::from_utf8_lossy(&out.stdout);
         // "postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
@@ -95,17 +94,19 @@ impl Binaries {
 
     /// Find the binaries to use. `configured` is `postgres.bin_dir` (empty: auto-detect);
     /// `prefer` the major of an existing cluster.
-    pub fn find(configured: &Path, prefer: Option<Major>) -> Result<Binaries, PostgresError> {
+    pub async fn find(configured: &Path, prefer: Option<Major>) -> Result<Binaries, PostgresError> {
         if !configured.as_os_str().is_empty() {
-            return Binaries::probe(configured).map_err(|reason| PostgresError::BadBinDir {
-                dir: configured.to_path_buf(),
-                reason,
-            });
+            return Binaries::probe(configured)
+                .await
+                .map_err(|reason| PostgresError::BadBinDir {
+                    dir: configured.to_path_buf(),
+                    reason,
+                });
         }
-        let candidates = candidate_dirs();
+        let candidates = candidate_dirs().await;
         let mut found: Vec<Binaries> = Vec::new();
         for dir in &candidates {
-            if let Ok(b) = Binaries::probe(dir) {
+            if let Ok(b) = Binaries::probe(dir).await {
                 if !found.iter().any(|f| same_dir(&f.dir, &b.dir)) {
                     found.push(b);
                 }
@@ -133,9 +134,9 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 }
 
 /// Every directory that may hold server binaries, in order of preference.
-fn candidate_dirs() -> Vec<PathBuf> {
+async fn candidate_dirs() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+    if let Ok(out) = crate::process::output(Command::new("pg_config").arg("--bindir")).await {
         if out.status.success() {
             let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
             if !dir.is_empty() {
@@ -204,10 +205,10 @@ mod tests {
         assert_eq!(Major(15, 0).password_auth(), "scram-sha-256");
     }
 
-    #[test]
-    fn a_configured_directory_without_binaries_is_named() {
+    #[tokio::test]
+    async fn a_configured_directory_without_binaries_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let err = Binaries::find(dir.path(), None).unwrap_err();
+        let err = Binaries::find(dir.path(), None).await.unwrap_err();
         let text = err.to_string();
         assert!(text.contains(&dir.path().display().to_string()), "{text}");
         assert!(text.contains("postgres.bin_dir"), "{text}");

@@ -16,7 +16,6 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use nix::fcntl::{Flock, FlockArg};
 
@@ -226,7 +225,7 @@ pub struct InitSpec<'a> {
 
 /// Create a cluster in `data_dir` (which exists, is owned by the account and holds nothing that
 /// matters): UTF-8, data checksums, password authentication, as the unprivileged account.
-pub fn initdb(spec: &InitSpec<'_>) -> Result<(), PostgresError> {
+pub async fn initdb(spec: &InitSpec<'_>) -> Result<(), PostgresError> {
     let dir = spec.data_dir;
     let work = dir.join(INITDB_DIR);
     let pwfile = dir.join(".regobox-initdb-password");
@@ -259,14 +258,10 @@ pub fn initdb(spec: &InitSpec<'_>) -> Result<(), PostgresError> {
     // Dropping privileges needs the std command; the builder's env is empty.
     cmd = postgresql_commands::CommandBuilder::env(cmd, "LC_ALL", spec.locale);
     let mut command = postgresql_commands::CommandBuilder::build(cmd);
-    command
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    command.current_dir(dir);
     spec.account.apply(&mut command);
     tracing::info!(data_dir = %dir.display(), version = %spec.binaries.version, auth, "initialising a new PostgreSQL cluster");
-    let output = command.output();
+    let output = crate::process::output(&mut command).await;
     let _ = std::fs::remove_file(&pwfile);
     let output = output.map_err(io_err(&spec.binaries.path("initdb")))?;
     if !output.status.success() {

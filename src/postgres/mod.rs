@@ -166,11 +166,12 @@ impl Endpoint {
     }
 
     /// The path of a client program: from the server's binaries if it is there, else `PATH`.
-    pub fn client_program(&self, name: &str) -> PathBuf {
+    pub async fn client_program(&self, name: &str) -> PathBuf {
         let local = self.binaries.as_ref().map(|b| b.path(name));
         match local {
             Some(p) if p.is_file() => p,
             _ => Binaries::find(Path::new(""), None)
+                .await
                 .ok()
                 .map(|b| b.path(name))
                 .filter(|p| p.is_file())
@@ -249,11 +250,11 @@ pub struct Embedded {
 
 impl Embedded {
     /// Prepare `postgres.data_dir` for a server; see the module documentation.
-    pub fn open(config: &Config, secrets: &SecretStore) -> Result<Opened, PostgresError> {
+    pub async fn open(config: &Config, secrets: &SecretStore) -> Result<Opened, PostgresError> {
         let pg = &config.postgres;
         let data_dir = pg.data_dir.clone();
         let home = data_dir.parent().unwrap_or(&data_dir).to_path_buf();
-        let account = crate::users::service_account(&pg.os_user, &home, "postgres.os_user")?;
+        let account = crate::users::service_account(&pg.os_user, &home, "postgres.os_user").await?;
 
         // Read-only checks first: a refused directory is never written to.
         let state = cluster::inspect(&data_dir)?;
@@ -267,7 +268,7 @@ impl Embedded {
             DataDirState::Cluster(m) => Some(m),
             _ => None,
         };
-        let binaries = Binaries::find(&pg.bin_dir, cluster_major)?;
+        let binaries = Binaries::find(&pg.bin_dir, cluster_major).await?;
         if let Some(m) = cluster_major {
             if m != binaries.major {
                 return Err(PostgresError::WrongMajor {
@@ -310,10 +311,10 @@ impl Embedded {
         match state {
             DataDirState::InterruptedInit => {
                 cluster::clear_interrupted_init(&data_dir)?;
-                initdb(config, &binaries, &account, &superuser_password)?;
+                initdb(config, &binaries, &account, &superuser_password).await?;
             }
             DataDirState::Missing | DataDirState::Empty => {
-                initdb(config, &binaries, &account, &superuser_password)?;
+                initdb(config, &binaries, &account, &superuser_password).await?;
             }
             DataDirState::Cluster(_) | DataDirState::Foreign(_) => {}
         }
@@ -457,7 +458,7 @@ fn check_reachable(dir: &Path, account: &Account) -> Result<(), PostgresError> {
     Ok(())
 }
 
-fn initdb(
+async fn initdb(
     config: &Config,
     binaries: &Binaries,
     account: &Account,
@@ -471,6 +472,7 @@ fn initdb(
         superuser_password,
         locale: &config.postgres.locale,
     })
+    .await
 }
 
 fn local_endpoint(
@@ -660,7 +662,7 @@ impl Session {
                 }
                 (endpoint, None)
             }
-            PostgresMode::Embedded => match Embedded::open(config, secrets)? {
+            PostgresMode::Embedded => match Embedded::open(config, secrets).await? {
                 Opened::Busy(endpoint) => {
                     tracing::debug!("using the PostgreSQL server of the running regobox");
                     wait_ready(None, &endpoint, pg.start_timeout).await?;

@@ -11,9 +11,10 @@ use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::process::{Child, Command};
+
+use crate::process::{self, Child};
 
 use super::binaries::Binaries;
 use crate::logs::Sink;
@@ -65,10 +66,11 @@ impl Server {
             // Its own process group: a terminal's Ctrl-C reaches regobox, which decides.
             .process_group(0);
         account.apply(&mut command);
-        let mut child = Command::from(command).spawn()?;
-        let pid = child.id().map(|p| p as i32).unwrap_or(0);
+        let mut child = process::spawn(&mut command)?;
+        let pid = child.pid();
         let mut logs = Vec::new();
         if let Some(out) = child.stdout.take() {
+            let out = process::async_pipe(out)?;
             logs.push(tokio::spawn(crate::logs::forward(
                 "postgres".into(),
                 out,
@@ -76,6 +78,7 @@ impl Server {
             )));
         }
         if let Some(err) = child.stderr.take() {
+            let err = process::async_pipe(err)?;
             logs.push(tokio::spawn(crate::logs::forward(
                 "postgres".into(),
                 err,
@@ -91,7 +94,7 @@ impl Server {
 
     /// Wait for the server to exit by itself (cancel-safe), then for its last lines of output.
     pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
-        let status = self.child.wait().await?;
+        let status = self.child.wait().await;
         self.drain_logs().await;
         Ok(status)
     }
@@ -108,7 +111,7 @@ impl Server {
         grace: Duration,
         force: impl Future<Output = ()>,
     ) -> std::io::Result<ExitStatus> {
-        if let Ok(Some(status)) = self.child.try_wait() {
+        if let Some(status) = self.child.try_status() {
             return Ok(status);
         }
         tracing::info!(pid = self.pid, "stopping PostgreSQL (fast shutdown)");
@@ -132,10 +135,8 @@ impl Server {
         self.wait().await
     }
 
-    fn signal(&self, signal: Signal) {
-        if self.pid > 0 {
-            let _ = kill(Pid::from_raw(self.pid), signal);
-        }
+    fn signal(&mut self, signal: Signal) {
+        self.child.signal(signal);
     }
 }
 
@@ -150,7 +151,7 @@ impl Drop for Server {
     /// A server still running when its handle goes away (an error path, a cancelled start) is
     /// asked for a fast shutdown rather than left behind in its own process group.
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
+        if self.child.try_status().is_none() {
             self.signal(Signal::SIGINT);
         }
     }

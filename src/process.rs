@@ -1,0 +1,234 @@
+//! Every child process regobox starts, and the one reaper.
+//!
+//! regobox is PID 1 (or a child subreaper under `docker run --init`), so orphaned grandchildren
+//! are re-parented to it and must be reaped. Exactly one task calls `waitpid(-1)`: on every
+//! SIGCHLD it collects every exited child and hands the status of a child started through
+//! [`spawn`] to that child's owner; any other pid is an orphan, reaped and counted. Nothing else
+//! in regobox may wait for a process (no `tokio::process`, no `Command::output`), or it would
+//! race the reaper for statuses.
+//!
+//! [`spawn`] registers the child under the same lock the reaper takes, so a child that exits at
+//! once is never mistaken for an orphan.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ChildStderr, ChildStdin, ChildStdout, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use tokio::io::AsyncReadExt;
+use tokio::sync::oneshot;
+
+struct Registry {
+    waiters: HashMap<i32, oneshot::Sender<ExitStatus>>,
+}
+
+static REGISTRY: Mutex<Option<Registry>> = Mutex::new(None);
+static ORPHANS: AtomicU64 = AtomicU64::new(0);
+static INSTALLED: OnceLock<()> = OnceLock::new();
+
+/// Start the reaper (once per process; later calls do nothing). Must be called from within the
+/// tokio runtime, before any child is spawned. When regobox is not PID 1, it becomes a child
+/// subreaper so that orphans of its children still come to it.
+pub fn install() -> io::Result<()> {
+    if INSTALLED.get().is_some() {
+        return Ok(());
+    }
+    if std::process::id() != 1 {
+        // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes plain integer arguments.
+        let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        if rc != 0 {
+            tracing::warn!(error = %io::Error::last_os_error(), "cannot become a child subreaper; orphans of children will not be reaped by regobox");
+        }
+    }
+    let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
+    *lock() = Some(Registry {
+        waiters: HashMap::new(),
+    });
+    let _ = INSTALLED.set(());
+    tokio::spawn(async move {
+        loop {
+            reap_all();
+            if sigchld.recv().await.is_none() {
+                return;
+            }
+        }
+    });
+    Ok(())
+}
+
+fn lock() -> std::sync::MutexGuard<'static, Option<Registry>> {
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Collect every exited child.
+fn reap_all() {
+    let mut guard = lock();
+    loop {
+        let mut raw: libc::c_int = 0;
+        // SAFETY: waitpid writes the status into `raw`, a valid c_int.
+        let pid = unsafe { libc::waitpid(-1, &mut raw, libc::WNOHANG) };
+        if pid == 0 {
+            return; // children remain, none has exited
+        }
+        if pid < 0 {
+            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return; // ECHILD: no children at all
+        }
+        let status = ExitStatus::from_raw(raw);
+        match guard.as_mut().and_then(|r| r.waiters.remove(&pid)) {
+            Some(tx) => {
+                let _ = tx.send(status);
+            }
+            None => {
+                ORPHANS.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(pid, %status, "reaped an orphaned process");
+            }
+        }
+    }
+}
+
+/// How many orphaned processes the reaper has collected.
+pub fn orphans_reaped() -> u64 {
+    ORPHANS.load(Ordering::Relaxed)
+}
+
+/// A child started through [`spawn`]; only the reaper waits for it.
+#[derive(Debug)]
+pub struct Child {
+    pid: i32,
+    status: Option<ExitStatus>,
+    rx: Option<oneshot::Receiver<ExitStatus>>,
+    pub stdin: Option<ChildStdin>,
+    pub stdout: Option<ChildStdout>,
+    pub stderr: Option<ChildStderr>,
+}
+
+/// Start `command` and register it with the reaper.
+pub fn spawn(command: &mut std::process::Command) -> io::Result<Child> {
+    let mut guard = lock();
+    let Some(registry) = guard.as_mut() else {
+        return Err(io::Error::other(
+            "the reaper is not running (process::install was not called)",
+        ));
+    };
+    let mut child = command.spawn()?;
+    let pid = child.id() as i32;
+    let (tx, rx) = oneshot::channel();
+    registry.waiters.insert(pid, tx);
+    drop(guard);
+    Ok(Child {
+        pid,
+        status: None,
+        rx: Some(rx),
+        stdin: child.stdin.take(),
+        stdout: child.stdout.take(),
+        stderr: child.stderr.take(),
+    })
+}
+
+impl Child {
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The exit status (cancel-safe: once known, it is kept).
+    pub async fn wait(&mut self) -> ExitStatus {
+        if let Some(s) = self.status {
+            return s;
+        }
+        let status = match self.rx.as_mut() {
+            Some(rx) => rx.await.unwrap_or_else(|_| ExitStatus::from_raw(0xff << 8)),
+            None => ExitStatus::from_raw(0xff << 8),
+        };
+        self.rx = None;
+        self.status = Some(status);
+        status
+    }
+
+    /// The exit status if the child has exited.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            if let Some(rx) = self.rx.as_mut() {
+                if let Ok(s) = rx.try_recv() {
+                    self.status = Some(s);
+                    self.rx = None;
+                }
+            }
+        }
+        self.status
+    }
+
+    /// Send `signal` to the child (if it has not been reaped yet).
+    pub fn signal(&mut self, signal: Signal) {
+        if self.try_status().is_none() {
+            let _ = kill(Pid::from_raw(self.pid), signal);
+        }
+    }
+
+    /// Send `signal` to the child's process group (it must lead one: `process_group(0)`).
+    pub fn signal_group(&mut self, signal: Signal) {
+        let _ = killpg(Pid::from_raw(self.pid), signal);
+    }
+}
+
+/// What a finished command printed, and how it ended.
+#[derive(Debug)]
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Run `command` to completion, capturing its output (stdin is null).
+pub async fn output(command: &mut std::process::Command) -> io::Result<Output> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = spawn(command)?;
+    let out = child.stdout.take().map(read_all);
+    let err = child.stderr.take().map(read_all);
+    let stdout = match out {
+        Some(f) => f.await?,
+        None => Vec::new(),
+    };
+    let stderr = match err {
+        Some(f) => f.await?,
+        None => Vec::new(),
+    };
+    let status = child.wait().await;
+    Ok(Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
+
+async fn read_all(pipe: impl Into<std::os::fd::OwnedFd>) -> io::Result<Vec<u8>> {
+    let mut reader = async_pipe(pipe)?;
+    let mut buf = Vec::new();
+    reader.read_to_end(&mut buf).await?;
+    Ok(buf)
+}
+
+/// A child's pipe as an async reader.
+pub fn async_pipe(
+    pipe: impl Into<std::os::fd::OwnedFd>,
+) -> io::Result<tokio::net::unix::pipe::Receiver> {
+    tokio::net::unix::pipe::Receiver::from_owned_fd(pipe.into())
+}
+
+/// The exit code a status stands for: its code, or 128 + the signal that killed it.
+pub fn exit_code(status: ExitStatus) -> u8 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code.clamp(0, 255) as u8,
+        (None, Some(sig)) => (128 + sig).clamp(0, 255) as u8,
+        _ => 1,
+    }
+}
