@@ -5,13 +5,14 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::{self, Loaded, PostgresMode};
 use crate::exit;
 use crate::postgres::Session;
-use crate::run::StopSignals;
 use crate::secrets::SecretStore;
+use crate::supervisor::{self, Plan, StopSignals};
 use crate::volumes::Layout;
 
 #[derive(Debug, Parser)]
@@ -40,16 +41,30 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use crate::logs::Format as LogFormat;
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Bring everything up and supervise it; stop cleanly on SIGTERM or SIGINT.
     Run,
+    /// Run one service in the foreground, with what it depends on (e.g. PostgreSQL); exit with
+    /// its exit code when it ends.
+    Start { service: String },
+    /// Run only the cron scheduler (with PostgreSQL).
+    Cron,
+    /// An interactive shell with the application environment.
+    Shell,
+    /// Run `<scripts_dir>/CMD` if it is an executable file, else CMD from PATH, with the
+    /// application environment; exit with its exit code.
+    Exec {
+        command: OsString,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Print the state of every service (from the supervision port).
+    Status,
+    /// Exit 0 if every essential service is ready, else 1 (for a Docker HEALTHCHECK).
+    Health,
     /// Prepare the volumes, secrets and database, then stop PostgreSQL and exit (idempotent).
     Init,
     /// Print the effective configuration as TOML, secrets redacted.
@@ -69,6 +84,7 @@ pub enum Command {
 pub fn main() -> u8 {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    crate::logs::set_format(cli.log_format);
     let sources = config::Sources::from_process(cli.config_dir.clone());
     let loaded = match config::load(&sources) {
         Ok(l) => l,
@@ -120,7 +136,33 @@ fn init_logging(format: LogFormat) {
 
 async fn dispatch(command: Command, loaded: &Loaded) -> anyhow::Result<u8> {
     match command {
-        Command::Run => crate::run::run(loaded).await,
+        Command::Run => {
+            let plan = Plan::everything(&loaded.config)?;
+            supervisor::run(loaded, plan).await
+        }
+        Command::Start { service } => {
+            let plan = Plan::one(&loaded.config, &service)?;
+            supervisor::run(loaded, plan).await
+        }
+        Command::Cron => supervisor::run(loaded, Plan::cron_only()).await,
+        Command::Shell => {
+            let shell = ["/bin/bash", "/bin/sh"]
+                .iter()
+                .find(|p| std::path::Path::new(p).is_file())
+                .copied()
+                .unwrap_or("/bin/sh");
+            one_off(loaded, shell.into(), Vec::new()).await
+        }
+        Command::Exec { command, args } => {
+            let program = command
+                .to_str()
+                .and_then(|name| supervisor::script_path(&loaded.config, name))
+                .map(OsString::from)
+                .unwrap_or(command);
+            one_off(loaded, program, args).await
+        }
+        Command::Status => status(loaded).await,
+        Command::Health => health(loaded).await,
         Command::Init => init(loaded).await,
         Command::Config { origin } => {
             print!("{}", loaded.to_toml(origin));
@@ -137,7 +179,7 @@ async fn init(loaded: &Loaded) -> anyhow::Result<u8> {
     layout.prepare()?;
     let secrets = SecretStore::new(&layout.secrets);
     tokio::select! {
-        session = Session::open(config, &secrets, &loaded.dirs, true) => {
+        session = Session::open(config, &secrets, &loaded.dirs, true, "") => {
             session?.close().await?;
         }
         s = signals.recv() => {
@@ -161,7 +203,7 @@ async fn psql(loaded: &Loaded, args: Vec<OsString>) -> anyhow::Result<u8> {
         layout.prepare()?;
     }
     let secrets = SecretStore::new(&layout.secrets);
-    let session = Session::open(config, &secrets, &loaded.dirs, false).await?;
+    let session = Session::open(config, &secrets, &loaded.dirs, false, "").await?;
     let program = session.endpoint.client_program("psql").await;
     let mut command = std::process::Command::new(&program);
     command.args(&args).envs(session.endpoint.libpq_env());
@@ -185,4 +227,151 @@ async fn psql(loaded: &Loaded, args: Vec<OsString>) -> anyhow::Result<u8> {
     };
     session.close().await?;
     Ok(crate::process::exit_code(status))
+}
+
+/// `exec` and `shell`: one command with the application environment, stdio inherited, its exit
+/// code returned exactly. The database is the running regobox's, the external one, or a
+/// temporary server stopped afterwards.
+async fn one_off(loaded: &Loaded, program: OsString, args: Vec<OsString>) -> anyhow::Result<u8> {
+    use nix::sys::signal::Signal;
+    let config = &loaded.config;
+    let mut signals = StopSignals::install().context("installing signal handlers")?;
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let mut quit = signal(SignalKind::quit()).ok();
+    let mut usr1 = signal(SignalKind::user_defined1()).ok();
+    let mut usr2 = signal(SignalKind::user_defined2()).ok();
+    let layout = Layout::new(config);
+    layout.prepare()?;
+    let secrets = SecretStore::new(&layout.secrets);
+    let session = Session::open(
+        config,
+        &secrets,
+        &loaded.dirs,
+        true,
+        &config.postgres.listen,
+    )
+    .await?;
+    let env = supervisor::environment::build(config, &layout, &secrets, Some(&session.endpoint))?;
+    let account = match config.app.user.as_str() {
+        "" => None,
+        user if crate::users::is_root() => Some(crate::users::lookup(user)?.ok_or_else(|| {
+            crate::config::error(
+                crate::config::Origin::Default,
+                "app.user",
+                format!("OS user `{user}` does not exist"),
+            )
+        })?),
+        _ => None,
+    };
+    let mut command = std::process::Command::new(&program);
+    command.args(&args).env_clear().envs(&env);
+    if let Some(acct) = &account {
+        acct.apply(&mut command);
+    }
+    let mut child = match crate::process::spawn(&mut command) {
+        Ok(c) => c,
+        Err(e) => {
+            session.close().await?;
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
+            eprintln!("regobox: cannot run {}: {e}", program.to_string_lossy());
+            return Ok(code);
+        }
+    };
+    // A terminal's Ctrl-C reaches the child directly (same process group); a SIGINT sent to
+    // regobox alone is forwarded only when there is no terminal.
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            s = signals.recv() => {
+                if s == "SIGTERM" {
+                    child.signal(Signal::SIGTERM);
+                } else if !interactive {
+                    child.signal(Signal::SIGINT);
+                }
+            }
+            _ = recv(&mut hup) => child.signal(Signal::SIGHUP),
+            _ = recv(&mut quit) => child.signal(Signal::SIGQUIT),
+            _ = recv(&mut usr1) => child.signal(Signal::SIGUSR1),
+            _ = recv(&mut usr2) => child.signal(Signal::SIGUSR2),
+        }
+    };
+    session.close().await?;
+    Ok(crate::process::exit_code(status))
+}
+
+/// The next delivery of a signal that could be installed; never for one that could not.
+async fn recv(stream: &mut Option<tokio::signal::unix::Signal>) {
+    match stream {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// `regobox status`: the supervision port's `/status`, for a person.
+async fn status(loaded: &Loaded) -> anyhow::Result<u8> {
+    let sup = &loaded.config.supervision;
+    anyhow::ensure!(
+        sup.port != 0,
+        "the supervision port is disabled (supervision.port = 0)"
+    );
+    let url = crate::health::local_url(&sup.listen, sup.port, "/status");
+    let (code, body) = crate::health::get(&url)
+        .await
+        .map_err(|e| anyhow::anyhow!("regobox does not answer on {url}: {e}"))?;
+    anyhow::ensure!(code == 200, "{url} answered {code}");
+    let snap: crate::supervisor::status::Snapshot = serde_json::from_slice(&body)?;
+    println!(
+        "{} (up {:.0}s, {} orphans reaped)",
+        if snap.ready { "READY" } else { "NOT READY" },
+        snap.uptime_seconds,
+        snap.orphans_reaped
+    );
+    println!(
+        "{:<20} {:<9} {:<9} {:>8} {:>8} {:>10}  {:<16} DETAIL",
+        "NAME", "KIND", "STATE", "PID", "RESTARTS", "UPTIME", "LAST EXIT"
+    );
+    let now = crate::supervisor::status::now_epoch();
+    for s in &snap.services {
+        let st = &s.status;
+        let uptime = match (st.pid, st.started_at) {
+            (Some(_), Some(t)) => format!("{:.0}s", now - t),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<20} {:<9} {:<9} {:>8} {:>8} {:>10}  {:<16} {}",
+            s.name,
+            s.kind,
+            format!("{:?}", st.state).to_lowercase(),
+            st.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            st.restarts,
+            uptime,
+            st.last_exit.clone().unwrap_or_else(|| "-".into()),
+            st.detail.clone().unwrap_or_default()
+        );
+    }
+    Ok(exit::OK)
+}
+
+/// `regobox health`: 0 when `/readyz` says ready, 1 otherwise.
+async fn health(loaded: &Loaded) -> anyhow::Result<u8> {
+    let sup = &loaded.config.supervision;
+    let url = crate::health::local_url(&sup.listen, sup.port, "/readyz");
+    match crate::health::get(&url).await {
+        Ok((200, _)) => Ok(exit::OK),
+        Ok((code, body)) => {
+            eprintln!("regobox: {code} {}", String::from_utf8_lossy(&body).trim());
+            Ok(exit::FAILURE)
+        }
+        Err(e) => {
+            eprintln!("regobox: no answer on {url}: {e}");
+            Ok(exit::FAILURE)
+        }
+    }
 }

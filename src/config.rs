@@ -27,7 +27,18 @@ pub const ENV_PREFIX: &str = "REGOBOX_";
 /// Separator between key levels in an environment variable name.
 pub const ENV_SEPARATOR: &str = "__";
 /// `REGOBOX_*` variables that are not configuration keys (they configure the command line).
-pub const ENV_RESERVED: &[&str] = &["REGOBOX_CONFIG_DIR", "REGOBOX_LOG", "REGOBOX_LOG_FORMAT"];
+/// The last five are exported to services (see the supervisor), so a `regobox` run from a service
+/// must not take them for configuration.
+pub const ENV_RESERVED: &[&str] = &[
+    "REGOBOX_CONFIG_DIR",
+    "REGOBOX_LOG",
+    "REGOBOX_LOG_FORMAT",
+    "REGOBOX_SERVICE",
+    "REGOBOX_VOLUMES_ROOT",
+    "REGOBOX_FILES_DIR",
+    "REGOBOX_LOGS_DIR",
+    "REGOBOX_BACKUPS_DIR",
+];
 /// Configuration directories used when none is given: the image's defaults, then the user's.
 pub const DEFAULT_CONFIG_DIRS: &[&str] = &["/etc/regobox", "/config"];
 /// What replaces a secret when the configuration is printed.
@@ -39,18 +50,310 @@ pub const REDACTED: &str = "<redacted>";
 pub struct Config {
     /// Directory for sockets and files that live only as long as the container (not on a volume).
     pub runtime_dir: PathBuf,
+    /// Grocker's scripts mount: `regobox exec NAME` runs `<scripts_dir>/NAME` when it exists.
+    pub scripts_dir: PathBuf,
     pub volumes: VolumesConfig,
     pub postgres: PostgresConfig,
+    pub app: AppConfig,
+    pub services: BTreeMap<String, ServiceConfig>,
+    pub cron: BTreeMap<String, CronConfig>,
+    pub logs: LogsConfig,
+    pub supervision: SupervisionConfig,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             runtime_dir: PathBuf::from("/run/regobox"),
+            scripts_dir: PathBuf::from("/scripts"),
             volumes: VolumesConfig::default(),
             postgres: PostgresConfig::default(),
+            app: AppConfig::default(),
+            services: BTreeMap::new(),
+            cron: BTreeMap::new(),
+            logs: LogsConfig::default(),
+            supervision: SupervisionConfig::default(),
         }
     }
+}
+
+/// `[app]`: what every service, cron job and one-off command shares.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppConfig {
+    /// The OS user services run as unless they name one (empty: regobox's own user).
+    pub user: String,
+    /// Environment variables given to every service, cron job and command.
+    pub env: BTreeMap<String, String>,
+    /// Names of environment variables whose values are generated once on first boot and kept
+    /// in `<volumes.root>/secrets/app-<NAME>` (0600), e.g. `["SECRET_KEY"]`.
+    pub secrets: Vec<String>,
+    /// Files rendered (minijinja) from config values and secrets before services start.
+    pub templates: Vec<TemplateConfig>,
+}
+
+/// One `[[app.templates]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateConfig {
+    pub source: PathBuf,
+    pub destination: PathBuf,
+    /// Octal permission bits of the rendered file.
+    #[serde(default = "default_template_mode")]
+    pub mode: String,
+}
+
+fn default_template_mode() -> String {
+    "0640".into()
+}
+
+/// Whether a service runs for good or runs once to completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceKind {
+    Longrun,
+    Oneshot,
+}
+
+/// When a service that exited is started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartMode {
+    Always,
+    OnFailure,
+    Never,
+}
+
+/// How readiness of a service is established: exactly one of `tcp`, `http`, `command`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReadyConfig {
+    /// `host:port` (or a port on 127.0.0.1) that accepts a TCP connection.
+    pub tcp: String,
+    /// An `http://` URL answering with a 2xx or 3xx status.
+    pub http: String,
+    /// A command (argv) exiting with 0, run with the service's environment and user.
+    pub command: Vec<String>,
+    /// Time between attempts.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Not ready by then: the start failed (the child is stopped and the restart policy applies).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for ReadyConfig {
+    fn default() -> Self {
+        ReadyConfig {
+            tcp: String::new(),
+            http: String::new(),
+            command: Vec::new(),
+            interval: Duration::from_millis(250),
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One `[services.<name>]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// The program and its arguments (no shell).
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Working directory (empty: regobox's).
+    pub workdir: PathBuf,
+    /// OS user (empty: `app.user`).
+    pub user: String,
+    /// Services, or `postgres`, that must be ready before this one starts.
+    pub depends_on: Vec<String>,
+    pub kind: ServiceKind,
+    pub ready: Option<ReadyConfig>,
+    /// Default: `always` for a longrun, `never` for a oneshot.
+    pub restart: Option<RestartMode>,
+    /// When it fails for good, regobox stops everything. Default: true for a longrun.
+    pub essential: Option<bool>,
+    pub stop_signal: String,
+    #[serde(with = "humantime_serde")]
+    pub stop_timeout: Duration,
+    /// First restart delay, doubled at each consecutive failure up to `backoff_max`.
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// More than `restart_limit` failures within `restart_window`: the service is FATAL.
+    pub restart_limit: u32,
+    #[serde(with = "humantime_serde")]
+    pub restart_window: Duration,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            command: Vec::new(),
+            env: BTreeMap::new(),
+            workdir: PathBuf::new(),
+            user: String::new(),
+            depends_on: Vec::new(),
+            kind: ServiceKind::Longrun,
+            ready: None,
+            restart: None,
+            essential: None,
+            stop_signal: "SIGTERM".into(),
+            stop_timeout: Duration::from_secs(10),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(30),
+            restart_limit: 5,
+            restart_window: Duration::from_secs(60),
+        }
+    }
+}
+
+impl ServiceConfig {
+    pub fn restart_mode(&self) -> RestartMode {
+        self.restart.unwrap_or(match self.kind {
+            ServiceKind::Longrun => RestartMode::Always,
+            ServiceKind::Oneshot => RestartMode::Never,
+        })
+    }
+
+    pub fn is_essential(&self) -> bool {
+        self.essential.unwrap_or(self.kind == ServiceKind::Longrun)
+    }
+}
+
+/// One `[cron.<name>]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CronConfig {
+    /// Five fields (minute hour day-of-month month day-of-week); a sixth, leading field for
+    /// seconds is accepted.
+    pub schedule: String,
+    /// IANA time zone the schedule is read in (empty: UTC).
+    pub timezone: String,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: PathBuf,
+    /// OS user (empty: `app.user`).
+    pub user: String,
+    /// A run still going after this long is stopped (SIGTERM, then SIGKILL 10 s later).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for CronConfig {
+    fn default() -> Self {
+        CronConfig {
+            schedule: String::new(),
+            timezone: String::new(),
+            command: Vec::new(),
+            env: BTreeMap::new(),
+            workdir: PathBuf::new(),
+            user: String::new(),
+            timeout: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// `[logs]`: the copies of every child's output kept under `<volumes.root>/logs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogsConfig {
+    /// A log file is rotated when it reaches this many bytes.
+    pub max_bytes: u64,
+    /// Rotated files kept (`name.log.1` ... `name.log.<keep>`).
+    pub keep: u32,
+}
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        LogsConfig {
+            max_bytes: 10 * 1024 * 1024,
+            keep: 5,
+        }
+    }
+}
+
+/// `[supervision]`: the health port (Grocker's 8081) and the final stop deadline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisionConfig {
+    pub listen: String,
+    /// 0 disables the port.
+    pub port: u16,
+    /// After a stop request, everything left is killed by then.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for SupervisionConfig {
+    fn default() -> Self {
+        SupervisionConfig {
+            listen: "0.0.0.0".into(),
+            port: 8081,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The signal named `name` (`SIGTERM`, `TERM`, `term`...).
+pub fn parse_signal(name: &str) -> Option<nix::sys::signal::Signal> {
+    let upper = name.trim().to_ascii_uppercase();
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    full.parse().ok()
+}
+
+/// The pseudo-service every service may depend on.
+pub const POSTGRES_SERVICE: &str = "postgres";
+
+/// Service names in an order where every service comes after its dependencies, or the cycle.
+pub fn start_order(services: &BTreeMap<String, ServiceConfig>) -> Result<Vec<String>, Vec<String>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Active,
+        Done,
+    }
+    fn visit(
+        name: &str,
+        services: &BTreeMap<String, ServiceConfig>,
+        marks: &mut BTreeMap<String, Mark>,
+        path: &mut Vec<String>,
+        out: &mut Vec<String>,
+    ) -> Result<(), Vec<String>> {
+        match marks.get(name).copied() {
+            Some(Mark::Done) | None => return Ok(()),
+            Some(Mark::Active) => {
+                let start = path.iter().position(|p| p == name).unwrap_or(0);
+                let mut cycle = path[start..].to_vec();
+                cycle.push(name.to_string());
+                return Err(cycle);
+            }
+            Some(Mark::New) => {}
+        }
+        marks.insert(name.to_string(), Mark::Active);
+        path.push(name.to_string());
+        if let Some(svc) = services.get(name) {
+            for dep in &svc.depends_on {
+                visit(dep, services, marks, path, out)?;
+            }
+        }
+        path.pop();
+        marks.insert(name.to_string(), Mark::Done);
+        out.push(name.to_string());
+        Ok(())
+    }
+    let mut marks: BTreeMap<String, Mark> =
+        services.keys().map(|k| (k.clone(), Mark::New)).collect();
+    let mut out = Vec::new();
+    for name in services.keys() {
+        visit(name, services, &mut marks, &mut Vec::new(), &mut out)?;
+    }
+    Ok(out)
 }
 
 /// `[volumes]`: where the persistent data lives.
@@ -596,6 +899,7 @@ impl Config {
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut out: Vec<(String, String)> = Vec::new();
         let mut bad = |key: &str, msg: String| out.push((key.to_string(), msg));
+        let bad = &mut bad;
 
         if self.runtime_dir.as_os_str().is_empty() {
             bad("runtime_dir", "must not be empty".into());
@@ -679,6 +983,7 @@ impl Config {
                 );
             }
         }
+        self.validate_supervision(bad);
         for (name, value) in &pg.settings {
             let key = format!("postgres.settings.{name}");
             let name_ok = !name.is_empty()
@@ -704,6 +1009,196 @@ impl Config {
         out
     }
 
+    fn validate_supervision(&self, bad: &mut dyn FnMut(&str, String)) {
+        let env_name_ok = |n: &str| {
+            !n.is_empty()
+                && !n.starts_with(|c: char| c.is_ascii_digit())
+                && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        };
+        for name in self.app.env.keys() {
+            if !env_name_ok(name) {
+                bad(
+                    &format!("app.env.{name}"),
+                    "not an environment variable name".into(),
+                );
+            }
+        }
+        for name in &self.app.secrets {
+            if !env_name_ok(name) {
+                bad(
+                    "app.secrets",
+                    format!("`{name}` is not an environment variable name"),
+                );
+            }
+        }
+        for (i, t) in self.app.templates.iter().enumerate() {
+            if u32::from_str_radix(t.mode.trim_start_matches("0o"), 8).is_err() {
+                bad(
+                    &format!("app.templates[{i}].mode"),
+                    format!("`{}` is not an octal mode such as \"0640\"", t.mode),
+                );
+            }
+            if !t.destination.is_absolute() {
+                bad(
+                    &format!("app.templates[{i}].destination"),
+                    "must be an absolute path".into(),
+                );
+            }
+        }
+        for (name, svc) in &self.services {
+            let key = |k: &str| format!("services.{name}.{k}");
+            let name_ok = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !name_ok {
+                bad(
+                    &format!("services.{name}"),
+                    "a service name is made of letters, digits, `_` and `-`".into(),
+                );
+            }
+            if name == POSTGRES_SERVICE {
+                bad(
+                    &format!("services.{name}"),
+                    "`postgres` is the name of the database server; choose another".into(),
+                );
+            }
+            if svc.command.is_empty() || svc.command[0].is_empty() {
+                bad(
+                    &key("command"),
+                    "must name a program, e.g. [\"python\", \"app.py\"]".into(),
+                );
+            }
+            for dep in &svc.depends_on {
+                if dep != POSTGRES_SERVICE && !self.services.contains_key(dep) {
+                    bad(
+                        &key("depends_on"),
+                        format!(
+                            "unknown service `{dep}` (known: postgres, {})",
+                            self.services.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    );
+                }
+                if dep == POSTGRES_SERVICE && self.postgres.mode == PostgresMode::External {
+                    // The external server is checked at start like the embedded one: allowed.
+                }
+            }
+            if parse_signal(&svc.stop_signal).is_none() {
+                bad(
+                    &key("stop_signal"),
+                    format!("`{}` is not a signal name", svc.stop_signal),
+                );
+            }
+            if svc.stop_timeout.is_zero() {
+                bad(&key("stop_timeout"), "must be longer than 0s".into());
+            }
+            if svc.backoff_initial.is_zero() || svc.backoff_max < svc.backoff_initial {
+                bad(
+                    &key("backoff_max"),
+                    "backoff_initial must be > 0 and backoff_max >= backoff_initial".into(),
+                );
+            }
+            if svc.restart_window.is_zero() {
+                bad(&key("restart_window"), "must be longer than 0s".into());
+            }
+            for var in svc.env.keys() {
+                if !env_name_ok(var) {
+                    bad(
+                        &format!("services.{name}.env.{var}"),
+                        "not an environment variable name".into(),
+                    );
+                }
+            }
+            if let Some(ready) = &svc.ready {
+                let set = [
+                    !ready.tcp.is_empty(),
+                    !ready.http.is_empty(),
+                    !ready.command.is_empty(),
+                ]
+                .iter()
+                .filter(|b| **b)
+                .count();
+                if set != 1 {
+                    bad(
+                        &key("ready"),
+                        "set exactly one of tcp, http or command".into(),
+                    );
+                }
+                if !ready.tcp.is_empty() && parse_tcp_target(&ready.tcp).is_none() {
+                    bad(
+                        &key("ready.tcp"),
+                        format!("`{}` is not host:port or a port", ready.tcp),
+                    );
+                }
+                if !ready.http.is_empty() && !ready.http.starts_with("http://") {
+                    bad(&key("ready.http"), "must be an http:// URL".into());
+                }
+                if ready.interval.is_zero() || ready.timeout.is_zero() {
+                    bad(
+                        &key("ready"),
+                        "interval and timeout must be longer than 0s".into(),
+                    );
+                }
+                if svc.kind == ServiceKind::Oneshot {
+                    bad(
+                        &key("ready"),
+                        "a oneshot is ready when it exits with 0; it takes no ready probe".into(),
+                    );
+                }
+            }
+        }
+        if let Err(cycle) = start_order(&self.services) {
+            bad(
+                &format!("services.{}.depends_on", cycle[0]),
+                format!("dependency cycle: {}", cycle.join(" -> ")),
+            );
+        }
+        for (name, job) in &self.cron {
+            let key = |k: &str| format!("cron.{name}.{k}");
+            if job.command.is_empty() || job.command[0].is_empty() {
+                bad(&key("command"), "must name a program".into());
+            }
+            if let Err(e) = job.schedule.parse::<croner::Cron>() {
+                bad(
+                    &key("schedule"),
+                    format!("`{}` is not a cron schedule: {e}", job.schedule),
+                );
+            } else if job.schedule.split_whitespace().count() > 6 {
+                bad(
+                    &key("schedule"),
+                    "use 5 fields (or 6 with leading seconds)".into(),
+                );
+            }
+            if !job.timezone.is_empty() && job.timezone.parse::<chrono_tz::Tz>().is_err() {
+                bad(
+                    &key("timezone"),
+                    format!(
+                        "`{}` is not an IANA time zone such as Europe/Paris",
+                        job.timezone
+                    ),
+                );
+            }
+            if job.timeout.is_zero() {
+                bad(&key("timeout"), "must be longer than 0s".into());
+            }
+        }
+        if self.logs.max_bytes < 1024 {
+            bad("logs.max_bytes", "must be at least 1024".into());
+        }
+        if self.supervision.port != 0 && self.supervision.listen.parse::<IpAddr>().is_err() {
+            bad(
+                "supervision.listen",
+                format!("`{}` is not an IP address", self.supervision.listen),
+            );
+        }
+        if self.supervision.shutdown_timeout.is_zero() {
+            bad(
+                "supervision.shutdown_timeout",
+                "must be longer than 0s".into(),
+            );
+        }
+    }
+
     /// Fill in derived defaults and make paths absolute (relative to the working directory).
     fn resolve(&mut self) {
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
@@ -716,6 +1211,7 @@ impl Config {
         };
         self.runtime_dir = abs(&self.runtime_dir);
         self.volumes.root = abs(&self.volumes.root);
+        self.scripts_dir = abs(&self.scripts_dir);
         if self.postgres.data_dir.as_os_str().is_empty() {
             self.postgres.data_dir = self.volumes.root.join("db").join("pgdata");
         } else {
@@ -733,8 +1229,26 @@ impl Config {
             c.postgres.password = REDACTED.into();
         }
         c.postgres.url = redact_url(&c.postgres.url);
+        let redact_env = |env: &mut BTreeMap<String, String>| {
+            for (k, v) in env.iter_mut() {
+                if looks_secret(k) && !v.is_empty() {
+                    *v = REDACTED.into();
+                }
+            }
+        };
+        redact_env(&mut c.app.env);
+        c.services.values_mut().for_each(|s| redact_env(&mut s.env));
+        c.cron.values_mut().for_each(|j| redact_env(&mut j.env));
         c
     }
+}
+
+/// Whether an environment variable name suggests a secret value (printed redacted).
+fn looks_secret(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    ["PASSWORD", "PASSWD", "SECRET", "TOKEN", "KEY", "CREDENTIAL"]
+        .iter()
+        .any(|w| upper.contains(w))
 }
 
 fn setting_is_off(value: &SettingValue) -> bool {
@@ -749,6 +1263,18 @@ fn setting_is_off(value: &SettingValue) -> bool {
             )
         }
     }
+}
+
+/// `host:port`, or a bare port meaning 127.0.0.1.
+pub fn parse_tcp_target(text: &str) -> Option<(String, u16)> {
+    let text = text.trim();
+    if let Ok(port) = text.parse::<u16>() {
+        return (port != 0).then(|| ("127.0.0.1".to_string(), port));
+    }
+    let (host, port) = text.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then(|| (host.to_string(), port))
 }
 
 /// A role or database name: 1 to 63 bytes, no NUL, no surrounding spaces.
@@ -1043,6 +1569,66 @@ mod tests {
         let plain = loaded.to_toml(false);
         let back: Config = toml::from_str(&plain).unwrap();
         assert_eq!(back.postgres.settings, loaded.config.postgres.settings);
+    }
+
+    #[test]
+    fn services_dependency_errors_name_the_key() {
+        let (_d, s) = with_dir(
+            &[(
+                "50.toml",
+                "[services.web]\ncommand = [\"web\"]\ndepends_on = [\"migrate\", \"nosuch\"]\n\
+                 [services.migrate]\ncommand = [\"m\"]\nkind = \"oneshot\"\ndepends_on = [\"postgres\", \"web\"]\n\
+                 [services.bad]\ncommand = []\nstop_signal = \"SIGNOPE\"\nready = { tcp = \"x\", http = \"http://a\" }\n\
+                 [cron.nightly]\nschedule = \"61 * * * *\"\ncommand = [\"x\"]\ntimezone = \"Mars/Base\"\n",
+            )],
+            &[],
+        );
+        let err = load(&s).unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            "key `services.web.depends_on`: unknown service `nosuch`",
+            "dependency cycle: migrate -> web -> migrate",
+            "key `services.bad.command`",
+            "key `services.bad.stop_signal`",
+            "key `services.bad.ready`: set exactly one",
+            "key `services.bad.ready.tcp`",
+            "key `cron.nightly.schedule`",
+            "key `cron.nightly.timezone`",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn start_order_puts_dependencies_first() {
+        let mut services = BTreeMap::new();
+        for (name, deps) in [
+            ("a", vec!["c"]),
+            ("b", vec![]),
+            ("c", vec!["b", "postgres"]),
+        ] {
+            services.insert(
+                name.to_string(),
+                ServiceConfig {
+                    command: vec!["x".into()],
+                    depends_on: deps.into_iter().map(String::from).collect(),
+                    ..Default::default()
+                },
+            );
+        }
+        assert_eq!(start_order(&services).unwrap(), vec!["b", "c", "a"]);
+        assert_eq!(parse_tcp_target("8500"), Some(("127.0.0.1".into(), 8500)));
+        assert_eq!(parse_tcp_target("[::1]:80"), Some(("::1".into(), 80)));
+        assert_eq!(parse_tcp_target("db:0"), None);
+        assert_eq!(
+            parse_signal("term"),
+            Some(nix::sys::signal::Signal::SIGTERM)
+        );
+        assert_eq!(
+            parse_signal("SIGQUIT"),
+            Some(nix::sys::signal::Signal::SIGQUIT)
+        );
+        assert_eq!(parse_signal("nope"), None);
     }
 
     #[test]

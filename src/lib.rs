@@ -19,17 +19,23 @@
 //! - [`process`]: every child process regobox starts, and the one reaper (`waitpid(-1)`).
 //! - [`postgres`]: the embedded PostgreSQL server: finding binaries, classifying and initialising
 //!   the data directory, running the server in the foreground, readiness and bootstrap.
-//! - [`logs`]: forwarding a child's output to regobox's own output, line by line.
-//! - [`run`]: `regobox run`, which brings everything up and stops it in order on a signal.
+//! - [`logs`]: forwarding a child's output to regobox's stdout (text or JSON) and to rotated
+//!   files, line by line.
+//! - [`supervisor`]: `regobox run`/`start`: PostgreSQL, then the services in dependency order
+//!   with readiness, restarts and budgets; stopped in reverse order on a signal.
+//! - [`cron`]: the in-process scheduler of `[cron.*]` jobs.
+//! - [`health`]: the supervision port (`/healthz`, `/readyz`, `/status`, `/metrics`).
 //! - [`exit`]: the named exit codes.
 
 pub mod cli;
 pub mod config;
+pub mod cron;
 pub mod exit;
+pub mod health;
 pub mod logs;
 pub mod postgres;
 pub mod process;
-pub mod run;
 pub mod secrets;
+pub mod supervisor;
 pub mod users;
 pub mod volumes;

@@ -1,17 +1,40 @@
-//! Forwarding a child's output to regobox's own output, line by line.
+//! Forwarding a child's output to regobox's own output, line by line, and to rotated files.
 //!
-//! Each line a child writes is printed on regobox's stdout prefixed with the child's name. Lines
-//! are read with a bounded buffer: a line longer than [`MAX_LINE`] is cut into several, and
-//! invalid UTF-8 is replaced, so a misbehaving child cannot exhaust memory or break the output.
+//! Each line a child writes is printed on regobox's stdout prefixed with the child's name
+//! (`web | ...`), or as one JSON object per line with `--log-format json`, and appended to
+//! `<volumes.root>/logs/<name>.log`, which is rotated by size. Lines are read with a bounded
+//! buffer: a line longer than [`MAX_LINE`] is cut into several, and invalid UTF-8 is replaced, so a
+//! misbehaving child can neither exhaust memory nor break the output.
 
-use std::io::Write;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 
 /// The longest line forwarded as one; longer ones are split.
 pub const MAX_LINE: usize = 64 * 1024;
 
-/// Where forwarded lines go.
+/// How regobox writes log lines (its own on stderr, its children's on stdout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+static FORMAT: OnceLock<Format> = OnceLock::new();
+
+/// Choose the format of forwarded lines (once, at start).
+pub fn set_format(format: Format) {
+    let _ = FORMAT.set(format);
+}
+
+fn format() -> Format {
+    FORMAT.get().copied().unwrap_or(Format::Text)
+}
+
+/// Where forwarded lines go on the console.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sink {
     Stdout,
@@ -20,24 +43,101 @@ pub enum Sink {
     Stderr,
 }
 
-/// Forward every line of `reader` as `<name> | <line>` until end of file.
-pub async fn forward(name: String, reader: impl AsyncRead + Unpin, sink: Sink) {
+/// A log file rotated by size: `name.log`, then `name.log.1` ... `name.log.<keep>`.
+#[derive(Debug)]
+pub struct LogFile {
+    path: PathBuf,
+    max_bytes: u64,
+    keep: u32,
+    file: Option<File>,
+    size: u64,
+}
+
+/// A log file shared by the forwarders of one child's stdout and stderr.
+pub type SharedLogFile = Arc<Mutex<LogFile>>;
+
+impl LogFile {
+    /// Open (append) `<dir>/<name>.log`.
+    pub fn open(dir: &Path, name: &str, max_bytes: u64, keep: u32) -> io::Result<SharedLogFile> {
+        let path = dir.join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        let size = file.metadata()?.len();
+        Ok(Arc::new(Mutex::new(LogFile {
+            path,
+            max_bytes,
+            keep,
+            file: Some(file),
+            size,
+        })))
+    }
+
+    fn write_line(&mut self, line: &str) {
+        let needed = line.len() as u64 + 1;
+        if self.size > 0 && self.size + needed > self.max_bytes {
+            self.rotate();
+        }
+        if let Some(f) = self.file.as_mut() {
+            if f.write_all(line.as_bytes())
+                .and_then(|_| f.write_all(b"\n"))
+                .is_ok()
+            {
+                self.size += needed;
+            }
+        }
+    }
+
+    fn rotate(&mut self) {
+        self.file = None;
+        let numbered = |n: u32| PathBuf::from(format!("{}.{n}", self.path.display()));
+        if self.keep == 0 {
+            let _ = std::fs::remove_file(&self.path);
+        } else {
+            let _ = std::fs::remove_file(numbered(self.keep));
+            for n in (1..self.keep).rev() {
+                let _ = std::fs::rename(numbered(n), numbered(n + 1));
+            }
+            let _ = std::fs::rename(&self.path, numbered(1));
+        }
+        self.file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .ok();
+        self.size = 0;
+    }
+}
+
+/// Where one stream of one child goes.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    /// `stdout` or `stderr`.
+    pub stream: &'static str,
+    pub sink: Sink,
+    pub file: Option<SharedLogFile>,
+}
+
+/// Forward every line of `reader` until end of file.
+pub async fn forward(target: Target, reader: impl AsyncRead + Unpin) {
     let mut reader = BufReader::with_capacity(MAX_LINE, reader);
     let mut line: Vec<u8> = Vec::with_capacity(1024);
     loop {
         let (consumed, done_line) = match reader.fill_buf().await {
             Ok([]) => {
                 if !line.is_empty() {
-                    emit(&name, &line, sink);
+                    emit(&target, &line);
                 }
                 return;
             }
             Ok(buf) => match buf.iter().position(|b| *b == b'\n') {
-                Some(i) => {
+                Some(i) if line.len() + i <= MAX_LINE => {
                     line.extend_from_slice(&buf[..i]);
                     (i + 1, true)
                 }
-                None => {
+                _ => {
                     let take = buf.len().min(MAX_LINE - line.len());
                     line.extend_from_slice(&buf[..take]);
                     (take, line.len() >= MAX_LINE)
@@ -47,17 +147,85 @@ pub async fn forward(name: String, reader: impl AsyncRead + Unpin, sink: Sink) {
         };
         reader.consume(consumed);
         if done_line {
-            emit(&name, &line, sink);
+            emit(&target, &line);
             line.clear();
         }
     }
 }
 
-fn emit(name: &str, line: &[u8], sink: Sink) {
+fn emit(target: &Target, line: &[u8]) {
     let text = String::from_utf8_lossy(line);
     let text = text.trim_end_matches('\r');
-    let _ = match sink {
-        Sink::Stdout => writeln!(std::io::stdout().lock(), "{name} | {text}"),
-        Sink::Stderr => writeln!(std::io::stderr().lock(), "{name} | {text}"),
+    let now = chrono::Utc::now();
+    let console = match format() {
+        Format::Text => format!("{} | {text}", target.name),
+        Format::Json => serde_json::json!({
+            "time": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            "service": target.name,
+            "stream": target.stream,
+            "message": text,
+        })
+        .to_string(),
     };
+    let _ = match target.sink {
+        Sink::Stdout => writeln!(io::stdout().lock(), "{console}"),
+        Sink::Stderr => writeln!(io::stderr().lock(), "{console}"),
+    };
+    if let Some(file) = &target.file {
+        let stamped = format!(
+            "{} {} | {text}",
+            now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            target.stream
+        );
+        file.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write_line(&stamped);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn long_lines_are_split_and_invalid_utf8_replaced_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = LogFile::open(dir.path(), "svc", 10 * MAX_LINE as u64, 2).unwrap();
+        let mut input = vec![b'a'; MAX_LINE * 2 + 10];
+        input.extend_from_slice(b"\nok \xff\xfe end\nno newline at end");
+        let target = Target {
+            name: "svc".into(),
+            stream: "stdout",
+            sink: Sink::Stderr,
+            file: Some(file),
+        };
+        forward(target, &input[..]).await;
+        let text = std::fs::read_to_string(dir.path().join("svc.log")).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "3 pieces of the long line, then 2 lines");
+        assert!(lines[0].ends_with(&"a".repeat(MAX_LINE)));
+        assert!(lines[2].ends_with(" | aaaaaaaaaa"));
+        assert!(lines[3].ends_with("ok \u{fffd}\u{fffd} end"));
+        assert!(lines[4].ends_with("no newline at end"));
+    }
+
+    #[test]
+    fn files_rotate_by_size_and_keep_at_most_n() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = LogFile::open(dir.path(), "svc", 1000, 2).unwrap();
+        for i in 0..100 {
+            file.lock().unwrap().write_line(&format!("{i:040}"));
+        }
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["svc.log", "svc.log.1", "svc.log.2"]);
+        for n in &names {
+            assert!(std::fs::metadata(dir.path().join(n)).unwrap().len() <= 1000);
+        }
+        let last = std::fs::read_to_string(dir.path().join("svc.log")).unwrap();
+        assert!(last.ends_with(&format!("{:040}\n", 99)));
+    }
 }

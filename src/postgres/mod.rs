@@ -23,7 +23,7 @@ use tokio_postgres::config::Host;
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::{Config, PostgresMode};
-use crate::logs::Sink;
+use crate::logs::{SharedLogFile, Sink};
 use crate::secrets::{SecretError, SecretStore};
 use crate::users::{Account, UserError};
 use crate::volumes::{VolumeError, ensure_dir};
@@ -346,8 +346,13 @@ impl Embedded {
     }
 
     /// Start the server listening on `listen` (empty: the Unix socket only), its log going to
-    /// `sink`.
-    pub fn start(&self, listen: &str, sink: Sink) -> Result<Server, PostgresError> {
+    /// `sink` and, if given, to a log file.
+    pub fn start(
+        &self,
+        listen: &str,
+        sink: Sink,
+        file: Option<SharedLogFile>,
+    ) -> Result<Server, PostgresError> {
         let hba = self.write_hba(listen)?;
         // A socket lock file left by a killed server would make the new one refuse to start;
         // the data directory lock proves no server of this instance is running.
@@ -378,12 +383,18 @@ impl Embedded {
             user = %self.account.name,
             "starting PostgreSQL"
         );
-        Server::spawn(&self.binaries, &self.data_dir, &self.account, &params, sink).map_err(
-            |source| PostgresError::Io {
-                path: self.binaries.path("postgres"),
-                source,
-            },
+        Server::spawn(
+            &self.binaries,
+            &self.data_dir,
+            &self.account,
+            &params,
+            sink,
+            file,
         )
+        .map_err(|source| PostgresError::Io {
+            path: self.binaries.path("postgres"),
+            source,
+        })
     }
 
     /// Write the client authentication rules: password authentication everywhere; remote
@@ -634,8 +645,9 @@ pub async fn server_major(client: &Client) -> Result<Major, PostgresError> {
     Ok(Major::parse(&text).unwrap_or(Major(0, 0)))
 }
 
-/// A server to talk to for one command (`init`, `psql`): the one a running regobox keeps up,
-/// the external one, or a temporary one regobox starts (Unix socket only) and stops at the end.
+/// A server to talk to for one command (`init`, `psql`, `exec`, `shell`): the one a running
+/// regobox keeps up, the external one, or a temporary one regobox starts (listening on `listen`;
+/// the Unix socket only when empty) and stops at the end.
 pub struct Session {
     pub endpoint: Endpoint,
     temporary: Option<(Embedded, Server)>,
@@ -651,6 +663,7 @@ impl Session {
         secrets: &SecretStore,
         config_dirs: &[PathBuf],
         bootstrap: bool,
+        listen: &str,
     ) -> Result<Session, PostgresError> {
         let pg = &config.postgres;
         let (endpoint, temporary) = match pg.mode {
@@ -672,7 +685,7 @@ impl Session {
                     (endpoint, None)
                 }
                 Opened::Owned(embedded) => {
-                    let mut server = embedded.start("", Sink::Stderr)?;
+                    let mut server = embedded.start(listen, Sink::Stderr, None)?;
                     let endpoint = embedded.endpoint().clone();
                     let ready = async {
                         wait_ready(Some(&mut server), &endpoint, pg.start_timeout).await?;

@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 use crate::process::{self, Child};
 
 use super::binaries::Binaries;
-use crate::logs::Sink;
+use crate::logs::{SharedLogFile, Sink, Target};
 use crate::users::Account;
 
 /// How long an immediate shutdown (SIGQUIT) may take before SIGKILL.
@@ -44,6 +44,7 @@ impl Server {
         account: &Account,
         params: &[(String, String)],
         sink: Sink,
+        file: Option<SharedLogFile>,
     ) -> std::io::Result<Server> {
         let mut builder = postgresql_commands::postgres::PostgresBuilder::new()
             .program_dir(&binaries.dir)
@@ -69,21 +70,26 @@ impl Server {
         let mut child = process::spawn(&mut command)?;
         let pid = child.pid();
         let mut logs = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            let out = process::async_pipe(out)?;
-            logs.push(tokio::spawn(crate::logs::forward(
-                "postgres".into(),
-                out,
-                sink,
-            )));
-        }
-        if let Some(err) = child.stderr.take() {
-            let err = process::async_pipe(err)?;
-            logs.push(tokio::spawn(crate::logs::forward(
-                "postgres".into(),
-                err,
-                sink,
-            )));
+        for (stream, pipe) in [
+            (
+                "stdout",
+                child.stdout.take().map(std::os::fd::OwnedFd::from),
+            ),
+            (
+                "stderr",
+                child.stderr.take().map(std::os::fd::OwnedFd::from),
+            ),
+        ] {
+            if let Some(pipe) = pipe {
+                let target = Target {
+                    name: "postgres".into(),
+                    stream,
+                    sink,
+                    file: file.clone(),
+                };
+                let reader = process::async_pipe(pipe)?;
+                logs.push(tokio::spawn(crate::logs::forward(target, reader)));
+            }
         }
         Ok(Server { child, pid, logs })
     }

@@ -30,10 +30,13 @@ fn layers_merge_in_file_name_order_across_directories_and_env_wins() {
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
+    // The line of `key` in the [postgres] section.
     let line = |key: &str| {
         text.lines()
+            .skip_while(|l| *l != "[postgres]")
+            .take_while(|l| !l.is_empty())
             .find(|l| l.starts_with(&format!("{key} = ")))
-            .unwrap_or_else(|| panic!("no {key} in:\n{text}"))
+            .unwrap_or_else(|| panic!("no postgres.{key} in:\n{text}"))
             .to_string()
     };
     let default_file = image.join("50_default.toml").display().to_string();

@@ -142,7 +142,11 @@ fn external_mode_uses_the_given_server_and_creates_no_cluster() {
     );
 
     let run = inst.start();
-    assert!(run.log_text().contains("external PostgreSQL"));
+    assert!(
+        run.log_text().contains("using the external PostgreSQL"),
+        "{}",
+        run.log_text()
+    );
     assert_eq!(inst.sql("SELECT count(*) FROM ext_seed"), "1");
     run.stop();
     assert!(

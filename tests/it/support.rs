@@ -51,6 +51,8 @@ pub struct Instance {
     pub runtime: PathBuf,
     pub config_dir: PathBuf,
     pub port: u16,
+    /// The supervision (health) port.
+    pub health_port: u16,
     /// Extra environment for every command.
     pub env: Vec<(String, String)>,
 }
@@ -67,6 +69,7 @@ impl Instance {
             runtime,
             config_dir,
             port: free_port(),
+            health_port: free_port(),
             env: Vec::new(),
             dir,
         }
@@ -101,6 +104,8 @@ impl Instance {
             .env("REGOBOX_VOLUMES__ROOT", &self.root)
             .env("REGOBOX_RUNTIME_DIR", &self.runtime)
             .env("REGOBOX_POSTGRES__PORT", self.port.to_string())
+            .env("REGOBOX_SUPERVISION__LISTEN", "127.0.0.1")
+            .env("REGOBOX_SUPERVISION__PORT", self.health_port.to_string())
             .stdin(Stdio::null());
         for (k, v) in &self.env {
             cmd.env(k, v);

@@ -1,0 +1,187 @@
+//! The application environment every service, cron job and command gets, and the templates
+//! rendered from it.
+//!
+//! Built from regobox's own environment, then `app.env`, the generated secrets (`app.secrets`,
+//! kept 0600 in `<volumes.root>/secrets/app-<NAME>`), the database (`DATABASE_URL` and the libpq
+//! `PG*` variables of the application role) and the volume paths (`REGOBOX_VOLUMES_ROOT`,
+//! `REGOBOX_FILES_DIR`, `REGOBOX_LOGS_DIR`, `REGOBOX_BACKUPS_DIR`).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use anyhow::Context as _;
+
+use crate::config::{Config, PostgresMode};
+use crate::postgres::{Endpoint, libpq_env};
+use crate::secrets::SecretStore;
+use crate::users::Account;
+use crate::volumes::Layout;
+
+/// Variables of the application environment.
+pub type Env = BTreeMap<String, String>;
+
+/// The environment shared by everything the app runs.
+pub fn build(
+    config: &Config,
+    layout: &Layout,
+    secrets: &SecretStore,
+    database: Option<&Endpoint>,
+) -> anyhow::Result<Env> {
+    let mut env: Env = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .collect();
+    for (k, v) in &config.app.env {
+        env.insert(k.clone(), v.clone());
+    }
+    for name in &config.app.secrets {
+        let value = secrets
+            .get_or_generate(&format!("app-{name}"))
+            .with_context(|| format!("generating secret {name} (app.secrets)"))?;
+        env.insert(name.clone(), value);
+    }
+    if let Some(endpoint) = database {
+        let tcp = tcp_config(config, endpoint);
+        env.insert("DATABASE_URL".into(), database_url(config, &tcp));
+        for (k, v) in libpq_env(&tcp) {
+            env.insert(k, v);
+        }
+    }
+    for (k, v) in [
+        ("REGOBOX_VOLUMES_ROOT", &layout.root),
+        ("REGOBOX_FILES_DIR", &layout.files),
+        ("REGOBOX_LOGS_DIR", &layout.logs),
+        ("REGOBOX_BACKUPS_DIR", &layout.backups),
+    ] {
+        env.insert(k.into(), v.display().to_string());
+    }
+    Ok(env)
+}
+
+/// How the application reaches the database over TCP: the external URL, or the embedded
+/// server on its first listen address (loopback when it listens everywhere).
+fn tcp_config(config: &Config, endpoint: &Endpoint) -> tokio_postgres::Config {
+    let pg = &config.postgres;
+    if pg.mode == PostgresMode::External {
+        return endpoint.app.clone();
+    }
+    let first = pg.listen.split(',').map(str::trim).next().unwrap_or("");
+    let host = match first {
+        "" | "*" | "0.0.0.0" | "::" => "127.0.0.1",
+        other => other,
+    };
+    let mut c = tokio_postgres::Config::new();
+    c.host(host)
+        .port(pg.port)
+        .user(&pg.user)
+        .dbname(&pg.database);
+    if let Some(p) = endpoint.app.get_password() {
+        c.password(p);
+    }
+    c
+}
+
+fn database_url(config: &Config, tcp: &tokio_postgres::Config) -> String {
+    if config.postgres.mode == PostgresMode::External {
+        return config.postgres.url.clone();
+    }
+    let host = match tcp.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) if h.contains(':') => format!("[{h}]"),
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "127.0.0.1".into(),
+    };
+    let password = tcp
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    format!(
+        "postgresql://{}:{}@{}:{}/{}",
+        encode(&config.postgres.user),
+        encode(&password),
+        host,
+        config.postgres.port,
+        encode(&config.postgres.database)
+    )
+}
+
+/// Percent-encode everything but RFC 3986 unreserved characters.
+fn encode(text: &str) -> String {
+    let mut out = String::new();
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Render every `[[app.templates]]` into its destination (atomically), owned by `owner`.
+/// Templates see `env` (the application environment) and `config` (the whole configuration).
+pub fn render_templates(config: &Config, env: &Env, owner: Option<&Account>) -> anyhow::Result<()> {
+    for (i, t) in config.app.templates.iter().enumerate() {
+        let key = format!("app.templates[{i}]");
+        let source = std::fs::read_to_string(&t.source)
+            .with_context(|| format!("{key}: reading template {}", t.source.display()))?;
+        let mut jinja = minijinja::Environment::new();
+        jinja.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+        jinja
+            .add_template("t", &source)
+            .with_context(|| format!("{key}: template {} does not parse", t.source.display()))?;
+        let ctx = minijinja::context! { env => env, config => config };
+        let text = jinja
+            .get_template("t")
+            .and_then(|tpl| tpl.render(ctx))
+            .with_context(|| format!("{key}: rendering {}", t.source.display()))?;
+        let mode = u32::from_str_radix(t.mode.trim_start_matches("0o"), 8).unwrap_or(0o640);
+        write_atomically(&t.destination, text.as_bytes(), mode, owner)
+            .with_context(|| format!("{key}: writing {}", t.destination.display()))?;
+        tracing::info!(destination = %t.destination.display(), "template rendered");
+    }
+    Ok(())
+}
+
+fn write_atomically(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    owner: Option<&Account>,
+) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+    if let Some(acct) = owner.filter(|_| crate::users::is_root()) {
+        nix::unistd::chown(&tmp, Some(acct.uid), Some(acct.gid)).map_err(std::io::Error::from)?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_encoding() {
+        assert_eq!(encode("a b/c@d:é"), "a%20b%2Fc%40d%3A%C3%A9");
+        assert_eq!(encode("Abc-1._~"), "Abc-1._~");
+    }
+}

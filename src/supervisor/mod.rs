@@ -1,0 +1,593 @@
+//! The supervisor: brings up PostgreSQL, then the services in dependency order and the cron
+//! scheduler, keeps them up, and stops everything in reverse order.
+//!
+//! Start: the health port first (so `/healthz` answers during start-up), PostgreSQL (embedded,
+//! the running one, or external) until a real connection succeeds and the bootstrap is done, the
+//! application environment and templates, then one task per service ([`service::run`]), each
+//! starting once its dependencies are ready.
+//!
+//! Stop: on the first SIGTERM/SIGINT, an essential service failing for good, PostgreSQL dying,
+//! or (for `regobox start`) the target service ending. Cron stops first; each service stops once
+//! every service depending on it has stopped; PostgreSQL last (fast shutdown). A second signal
+//! makes the stop immediate (SIGKILL, PostgreSQL immediate shutdown). Then every process left
+//! (orphans re-parented to regobox) gets SIGTERM, and SIGKILL at `supervision.shutdown_timeout`.
+//! regobox exits only when no child is left or that deadline passed.
+
+pub mod environment;
+pub mod ready;
+pub mod restart;
+pub mod service;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Loaded, POSTGRES_SERVICE, PostgresMode, start_order};
+use crate::exit;
+use crate::logs::{LogFile, SharedLogFile, Sink};
+use crate::postgres::{self, Embedded, Endpoint, Opened, PostgresError, Server};
+use crate::secrets::SecretStore;
+use crate::users::Account;
+use crate::volumes::Layout;
+use service::{Outcome, ServiceCtx};
+use status::{Board, Entry, ServiceStatus, State, now_epoch};
+
+/// SIGTERM and SIGINT, as one stream of stop requests.
+pub struct StopSignals {
+    term: Signal,
+    int: Signal,
+}
+
+impl StopSignals {
+    /// Install the handlers (from then on these signals no longer kill regobox by default).
+    pub fn install() -> std::io::Result<Self> {
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The next stop request; returns the signal's name.
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// What to bring up.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Services to run (they are started in dependency order).
+    pub services: Vec<String>,
+    /// Run the cron scheduler.
+    pub cron: bool,
+    /// `regobox start`: stop everything when this service ends, with its exit code.
+    pub target: Option<String>,
+    /// Use the PostgreSQL of a `regobox run` already up on the volume instead of refusing.
+    pub reuse_running_postgres: bool,
+}
+
+impl Plan {
+    /// `regobox run`: every service and the scheduler.
+    pub fn everything(config: &Config) -> anyhow::Result<Plan> {
+        Ok(Plan {
+            services: order(config)?,
+            cron: true,
+            target: None,
+            reuse_running_postgres: false,
+        })
+    }
+
+    /// `regobox start NAME`: that service and what it depends on, transitively.
+    pub fn one(config: &Config, name: &str) -> anyhow::Result<Plan> {
+        if !config.services.contains_key(name) {
+            let known: Vec<&String> = config.services.keys().collect();
+            return Err(crate::config::error(
+                crate::config::Origin::CommandLine,
+                "",
+                format!("no service named `{name}` (configured: {known:?})"),
+            )
+            .into());
+        }
+        let mut wanted = std::collections::BTreeSet::new();
+        let mut stack = vec![name.to_string()];
+        while let Some(n) = stack.pop() {
+            if n == POSTGRES_SERVICE || !wanted.insert(n.clone()) {
+                continue;
+            }
+            stack.extend(config.services[&n].depends_on.iter().cloned());
+        }
+        let services = order(config)?
+            .into_iter()
+            .filter(|s| wanted.contains(s))
+            .collect();
+        Ok(Plan {
+            services,
+            cron: false,
+            target: Some(name.to_string()),
+            reuse_running_postgres: true,
+        })
+    }
+
+    /// `regobox cron`: the scheduler alone.
+    pub fn cron_only() -> Plan {
+        Plan {
+            services: Vec::new(),
+            cron: true,
+            target: None,
+            reuse_running_postgres: true,
+        }
+    }
+}
+
+fn order(config: &Config) -> anyhow::Result<Vec<String>> {
+    start_order(&config.services)
+        .map_err(|cycle| anyhow::anyhow!("dependency cycle: {}", cycle.join(" -> ")))
+}
+
+/// Why the supervisor stopped.
+enum Reason {
+    Signal(&'static str),
+    Essential(String, Option<ExitStatus>),
+    Target(String, Option<ExitStatus>),
+    PostgresExited(ExitStatus),
+}
+
+/// The database as the supervisor holds it.
+enum Database {
+    /// regobox runs the server.
+    Owned {
+        _embedded: Box<Embedded>,
+        server: Server,
+    },
+    /// Another regobox's server, or the external one.
+    Remote,
+}
+
+/// Bring everything in `plan` up, keep it up, stop it; the exit code.
+pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
+    let config = &loaded.config;
+    let mut signals = StopSignals::install().context("installing signal handlers")?;
+    let layout = Layout::new(config);
+    layout.prepare()?;
+    let secrets = SecretStore::new(&layout.secrets);
+    let started = Instant::now();
+    let shutdown = CancellationToken::new();
+    let force = CancellationToken::new();
+
+    // Accounts first: an unknown user is a configuration error found before anything starts.
+    let mut accounts: BTreeMap<String, Option<Account>> = BTreeMap::new();
+    for name in &plan.services {
+        let svc = &config.services[name];
+        let user = if svc.user.is_empty() {
+            &config.app.user
+        } else {
+            &svc.user
+        };
+        let key = if svc.user.is_empty() {
+            "app.user".to_string()
+        } else {
+            format!("services.{name}.user")
+        };
+        accounts.insert(name.clone(), resolve_account(user, &key).await?);
+    }
+    let app_account = resolve_account(&config.app.user, "app.user").await?;
+
+    // The board: PostgreSQL, then the services.
+    let (pg_tx, pg_rx) = watch::channel(ServiceStatus::default());
+    let mut entries = vec![Entry {
+        name: POSTGRES_SERVICE.into(),
+        kind: "database",
+        essential: true,
+        rx: pg_rx.clone(),
+    }];
+    let mut senders = BTreeMap::new();
+    let mut receivers: BTreeMap<String, watch::Receiver<ServiceStatus>> = BTreeMap::new();
+    receivers.insert(POSTGRES_SERVICE.into(), pg_rx);
+    for name in &plan.services {
+        let svc = &config.services[name];
+        let (tx, rx) = watch::channel(ServiceStatus::default());
+        entries.push(Entry {
+            name: name.clone(),
+            kind: match svc.kind {
+                crate::config::ServiceKind::Longrun => "longrun",
+                crate::config::ServiceKind::Oneshot => "oneshot",
+            },
+            essential: svc.is_essential(),
+            rx: rx.clone(),
+        });
+        senders.insert(name.clone(), tx);
+        receivers.insert(name.clone(), rx);
+    }
+    let board = Arc::new(Board {
+        entries,
+        started_at: now_epoch(),
+    });
+    // The volume lock before the port: a second regobox on the volume is the clearer error.
+    let opened = open_database(config, &secrets, &plan).await?;
+    let health_stop = CancellationToken::new();
+    if config.supervision.port != 0 {
+        let listener =
+            crate::health::bind(&config.supervision.listen, config.supervision.port).await?;
+        tokio::spawn(crate::health::serve(
+            listener,
+            board.clone(),
+            health_stop.clone(),
+        ));
+    }
+
+    // PostgreSQL.
+    let pg_log = open_log(config, &layout, POSTGRES_SERVICE);
+    let up = bring_up_database(loaded, opened, &pg_tx, pg_log);
+    let (mut database, endpoint) = tokio::select! {
+        r = up => r?,
+        s = signals.recv() => {
+            tracing::info!(signal = s, "stop requested during start-up");
+            finish(config, &force).await;
+            return Ok(exit::OK);
+        }
+    };
+
+    // The application environment.
+    let env = Arc::new(environment::build(
+        config,
+        &layout,
+        &secrets,
+        Some(&endpoint),
+    )?);
+    environment::render_templates(config, &env, app_account.as_ref())?;
+
+    // Services.
+    let mut tasks = tokio::task::JoinSet::new();
+    for name in &plan.services {
+        let svc = config.services[name].clone();
+        let deps = svc
+            .depends_on
+            .iter()
+            .map(|d| (d.clone(), receivers[d].clone()))
+            .collect();
+        let dependents = plan
+            .services
+            .iter()
+            .filter(|other| config.services[*other].depends_on.contains(name))
+            .map(|other| receivers[other].clone())
+            .collect();
+        let ctx = ServiceCtx {
+            name: name.clone(),
+            spec: svc,
+            env: env.clone(),
+            account: accounts[name].clone(),
+            status: senders[name].clone(),
+            deps,
+            dependents,
+            shutdown: shutdown.clone(),
+            force: force.clone(),
+            log_file: open_log(config, &layout, name),
+        };
+        let name = name.clone();
+        tasks.spawn(async move { (name, service::run(ctx).await) });
+    }
+    let cron_task = (plan.cron && !config.cron.is_empty()).then(|| {
+        let jobs = config
+            .cron
+            .iter()
+            .map(|(name, job)| crate::cron::Job {
+                name: name.clone(),
+                config: job.clone(),
+                account: app_account.clone().filter(|_| job.user.is_empty()),
+            })
+            .collect();
+        tokio::spawn(crate::cron::run(
+            jobs,
+            env.clone(),
+            shutdown.clone(),
+            force.clone(),
+        ))
+    });
+    {
+        let board = board.clone();
+        tokio::spawn(async move {
+            for e in board.entries.iter().filter(|e| e.essential) {
+                let mut rx = e.rx.clone();
+                if rx.wait_for(|s| s.state.is_ready()).await.is_err() {
+                    return;
+                }
+            }
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "regobox is ready"
+            );
+        });
+    }
+
+    // Supervise until a reason to stop.
+    let essential: BTreeMap<&String, bool> = plan
+        .services
+        .iter()
+        .map(|n| (n, config.services[n].is_essential()))
+        .collect();
+    let reason = loop {
+        let postgres_exit = async {
+            match &mut database {
+                Database::Owned { server, .. } => server.wait().await,
+                Database::Remote => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            s = signals.recv() => break Reason::Signal(s),
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                let Ok((name, outcome)) = joined else { continue };
+                let is_target = plan.target.as_deref() == Some(name.as_str());
+                match outcome {
+                    Outcome::Done if is_target => break Reason::Target(name, None),
+                    Outcome::Exited(st) if is_target => break Reason::Target(name, Some(st)),
+                    Outcome::Fatal(st, _) if is_target || essential[&name] => break Reason::Essential(name, st),
+                    Outcome::Exited(st) if essential[&name] => break Reason::Essential(name, Some(st)),
+                    _ => {}
+                }
+            }
+            st = postgres_exit => break Reason::PostgresExited(st.unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(1 << 8))),
+        }
+    };
+
+    // Stop, in order.
+    let code = match &reason {
+        Reason::Signal(s) => {
+            tracing::info!(signal = s, "stopping (a second signal forces)");
+            exit::OK
+        }
+        Reason::Essential(name, st) => {
+            let code = st
+                .map(crate::process::exit_code)
+                .filter(|c| *c != 0)
+                .unwrap_or(exit::FAILURE);
+            tracing::error!(service = %name, exit_code = code, "an essential service failed for good; stopping everything");
+            code
+        }
+        Reason::Target(name, st) => {
+            let code = st.map(crate::process::exit_code).unwrap_or(exit::OK);
+            tracing::info!(service = %name, exit_code = code, "service ended; stopping");
+            code
+        }
+        Reason::PostgresExited(st) => {
+            tracing::error!(status = %st, "PostgreSQL exited unexpectedly; stopping everything");
+            exit::FAILURE
+        }
+    };
+    shutdown.cancel();
+    let deadline = Instant::now() + config.supervision.shutdown_timeout;
+    {
+        let force = force.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                s = signals.recv() => tracing::warn!(signal = s, "second stop request: stopping now"),
+                _ = tokio::time::sleep_until(deadline) => tracing::warn!("shutdown deadline reached: stopping now"),
+            }
+            force.cancel();
+        });
+    }
+    if let Some(cron) = cron_task {
+        let _ = cron.await;
+    }
+    while tasks.join_next().await.is_some() {}
+    pg_tx.send_modify(|s| s.state = State::Stopping);
+    let mut code = code;
+    if let Database::Owned { server, .. } = &mut database {
+        let grace = config.postgres.stop_timeout;
+        let force = force.clone();
+        match server
+            .stop(grace, async move { force.cancelled().await })
+            .await
+        {
+            Ok(st) if st.success() => tracing::info!("PostgreSQL stopped cleanly"),
+            Ok(st) => {
+                tracing::warn!(status = %st, "PostgreSQL did not stop cleanly");
+                if code == exit::OK && !matches!(reason, Reason::Target(..)) {
+                    code = exit::FAILURE;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "waiting for PostgreSQL"),
+        }
+    }
+    pg_tx.send_modify(|s| {
+        s.state = State::Stopped;
+        s.pid = None;
+    });
+    drop(database);
+    finish(config, &force).await;
+    health_stop.cancel();
+    Ok(code)
+}
+
+/// Stop whatever is left (orphans re-parented to regobox): SIGTERM, then SIGKILL when the
+/// shutdown is forced or its deadline passes; return once no child is left (or 2 s after that).
+async fn finish(config: &Config, force: &CancellationToken) {
+    let left = direct_children();
+    if left.is_empty() {
+        return;
+    }
+    tracing::info!(count = left.len(), "stopping processes left behind");
+    for pid in &left {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let limit = Instant::now() + config.supervision.shutdown_timeout;
+    let mut killed = false;
+    loop {
+        if direct_children().is_empty() {
+            return;
+        }
+        if !killed && (force.is_cancelled() || Instant::now() >= limit) {
+            for pid in direct_children() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            killed = true;
+        }
+        if killed && Instant::now() >= limit + Duration::from_secs(2) {
+            tracing::warn!("processes still present after SIGKILL; exiting anyway");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The pids whose parent is regobox, read from /proc.
+pub fn direct_children() -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| parent_of(*pid) == Some(me))
+        .collect()
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces: read after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+async fn resolve_account(user: &str, key: &str) -> anyhow::Result<Option<Account>> {
+    if user.is_empty() {
+        return Ok(None);
+    }
+    if !crate::users::is_root() {
+        let me = Account::current();
+        if me.as_ref().is_some_and(|a| a.name == user) {
+            return Ok(None);
+        }
+        tracing::warn!(
+            user,
+            key,
+            "regobox does not run as root and cannot switch users; running as itself"
+        );
+        return Ok(None);
+    }
+    match crate::users::lookup(user)? {
+        Some(a) => Ok(Some(a)),
+        None => Err(crate::config::error(
+            crate::config::Origin::Default,
+            key,
+            format!("OS user `{user}` does not exist (create it in the image)"),
+        )
+        .into()),
+    }
+}
+
+fn open_log(config: &Config, layout: &Layout, name: &str) -> Option<SharedLogFile> {
+    match LogFile::open(&layout.logs, name, config.logs.max_bytes, config.logs.keep) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!(dir = %layout.logs.display(), error = %e, "cannot open a log file; logging to stdout only");
+            None
+        }
+    }
+}
+
+/// The database before it is started.
+enum Opening {
+    External(Endpoint),
+    Running(Endpoint),
+    Owned(Box<Embedded>),
+}
+
+/// Prepare the data directory and take its lock (embedded), or find the server to use.
+async fn open_database(
+    config: &Config,
+    secrets: &SecretStore,
+    plan: &Plan,
+) -> anyhow::Result<Opening> {
+    if config.postgres.mode == PostgresMode::External {
+        return Ok(Opening::External(Endpoint::external(config)?));
+    }
+    match Embedded::open(config, secrets).await? {
+        Opened::Owned(e) => Ok(Opening::Owned(Box::new(e))),
+        Opened::Busy(endpoint) if plan.reuse_running_postgres => Ok(Opening::Running(endpoint)),
+        Opened::Busy(_) => Err(PostgresError::Busy {
+            data_dir: config.postgres.data_dir.clone(),
+        }
+        .into()),
+    }
+}
+
+/// Start (or reach) the database and bootstrap it; the board's `postgres` entry follows along.
+async fn bring_up_database(
+    loaded: &Loaded,
+    opening: Opening,
+    pg_tx: &watch::Sender<ServiceStatus>,
+    log: Option<SharedLogFile>,
+) -> anyhow::Result<(Database, Endpoint)> {
+    let config = &loaded.config;
+    let pg = &config.postgres;
+    let ready = |pid: Option<i32>| {
+        pg_tx.send_modify(|s| {
+            s.state = State::Ready;
+            s.pid = pid;
+            s.started_at = Some(now_epoch());
+        })
+    };
+    pg_tx.send_modify(|s| s.state = State::Starting);
+    match opening {
+        Opening::External(endpoint) => {
+            tracing::info!(url = %crate::config::redact_url(&pg.url), "using the external PostgreSQL");
+            postgres::wait_ready(None, &endpoint, pg.start_timeout).await?;
+            postgres::bootstrap(config, &endpoint, &loaded.dirs).await?;
+            ready(None);
+            Ok((Database::Remote, endpoint))
+        }
+        Opening::Running(endpoint) => {
+            tracing::info!(
+                "using the PostgreSQL server of the regobox already running on this volume"
+            );
+            postgres::wait_ready(None, &endpoint, pg.start_timeout).await?;
+            ready(None);
+            Ok((Database::Remote, endpoint))
+        }
+        Opening::Owned(embedded) => {
+            let mut server = embedded.start(&pg.listen, Sink::Stdout, log)?;
+            pg_tx.send_modify(|s| s.pid = Some(server.pid()));
+            let endpoint = embedded.endpoint().clone();
+            postgres::wait_ready(Some(&mut server), &endpoint, pg.start_timeout).await?;
+            postgres::bootstrap(config, &endpoint, &loaded.dirs).await?;
+            ready(Some(server.pid()));
+            Ok((
+                Database::Owned {
+                    _embedded: embedded,
+                    server,
+                },
+                endpoint,
+            ))
+        }
+    }
+}
+
+/// The directory of scripts for `regobox exec`.
+pub fn script_path(config: &Config, name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if name.contains('/') {
+        return None;
+    }
+    let path = config.scripts_dir.join(name);
+    let meta = std::fs::metadata(&path).ok()?;
+    (meta.is_file() && meta.permissions().mode() & 0o111 != 0).then_some(path)
+}

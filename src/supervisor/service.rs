@@ -1,0 +1,361 @@
+//! One supervised service, from waiting for its dependencies to its final state.
+//!
+//! The task waits until every dependency is ready, starts the process (as its OS user, in its
+//! own process group, with the application environment), establishes readiness (a probe for a
+//! longrun; a zero exit for a oneshot), and on exit asks the restart [`Tracker`] what to do. On a
+//! stop request it first waits for every service that depends on it to be stopped, then sends
+//! its stop signal to the process group, and SIGKILL past `stop_timeout` (or at once on a forced
+//! stop).
+
+use std::os::fd::OwnedFd;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::environment::Env;
+use super::restart::{Decision, Tracker};
+use super::status::{ServiceStatus, State, now_epoch};
+use crate::config::{ServiceConfig, ServiceKind, parse_signal};
+use crate::logs::{SharedLogFile, Sink, Target};
+use crate::process::{self, Child};
+use crate::users::Account;
+
+/// How long to wait for the output of an exited process to be forwarded.
+const DRAIN_LOGS: Duration = Duration::from_secs(2);
+
+/// Everything a service task needs.
+pub struct ServiceCtx {
+    pub name: String,
+    pub spec: ServiceConfig,
+    pub env: Arc<Env>,
+    /// The account to run as; `None`: regobox's own.
+    pub account: Option<Account>,
+    pub status: watch::Sender<ServiceStatus>,
+    /// (name, state) of each dependency.
+    pub deps: Vec<(String, watch::Receiver<ServiceStatus>)>,
+    /// States of the services that depend on this one.
+    pub dependents: Vec<watch::Receiver<ServiceStatus>>,
+    pub shutdown: CancellationToken,
+    pub force: CancellationToken,
+    pub log_file: Option<SharedLogFile>,
+}
+
+/// How a service task ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Stopped by a stop request.
+    Stopped,
+    /// A oneshot that succeeded.
+    Done,
+    /// Ended and not restarted (by its policy).
+    Exited(ExitStatus),
+    /// Out of restart budget, or impossible to start.
+    Fatal(Option<ExitStatus>, String),
+}
+
+impl ServiceCtx {
+    fn set(&self, f: impl FnOnce(&mut ServiceStatus)) {
+        self.status.send_modify(f);
+    }
+
+    /// The command for `argv` with this service's environment, directory and user.
+    pub fn command(&self, argv: &[String]) -> std::process::Command {
+        command_for(
+            argv,
+            &self.env,
+            &self.spec,
+            &self.name,
+            self.account.as_ref(),
+        )
+    }
+
+    /// Resolves when the service must stop: after a stop request, once every dependent has
+    /// stopped (at once on a forced stop).
+    async fn stop_requested(&self) {
+        self.shutdown.cancelled().await;
+        let dependents = async {
+            for rx in &self.dependents {
+                let mut rx = rx.clone();
+                let _ = rx.wait_for(|s| s.state.is_final()).await;
+            }
+        };
+        tokio::select! {
+            _ = dependents => {}
+            _ = self.force.cancelled() => {}
+        }
+    }
+}
+
+/// The command for `argv` run with `env` plus the service's own, as `account`.
+pub fn command_for(
+    argv: &[String],
+    env: &Env,
+    spec: &ServiceConfig,
+    name: &str,
+    account: Option<&Account>,
+) -> std::process::Command {
+    let mut cmd = std::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env_clear()
+        .envs(env)
+        .envs(&spec.env)
+        .env("REGOBOX_SERVICE", name);
+    if !spec.workdir.as_os_str().is_empty() {
+        cmd.current_dir(&spec.workdir);
+    }
+    if let Some(acct) = account {
+        acct.apply(&mut cmd);
+    }
+    cmd
+}
+
+/// Run the service until its final state.
+pub async fn run(ctx: ServiceCtx) -> Outcome {
+    // Dependencies first.
+    for (dep, rx) in &ctx.deps {
+        if rx.borrow().state.is_ready() {
+            continue;
+        }
+        ctx.set(|s| s.detail = Some(format!("waiting for {dep}")));
+        let mut rx = rx.clone();
+        tokio::select! {
+            _ = rx.wait_for(|s| s.state.is_ready()) => {}
+            _ = ctx.shutdown.cancelled() => {
+                ctx.set(|s| { s.state = State::Stopped; s.detail = None; });
+                return Outcome::Stopped;
+            }
+        }
+    }
+    ctx.set(|s| s.detail = None);
+
+    let mut tracker = Tracker::new(&ctx.spec);
+    loop {
+        let started = Instant::now();
+        let (status, why) = match start(&ctx) {
+            Ok((child, logs)) => match supervise(&ctx, child, logs).await {
+                Lived::Stopped => {
+                    ctx.set(|s| {
+                        s.state = State::Stopped;
+                        s.pid = None;
+                    });
+                    return Outcome::Stopped;
+                }
+                Lived::Exited(status, why) => (Some(status), why),
+            },
+            Err(e) => {
+                let why = format!("cannot start {:?}: {e}", ctx.spec.command[0]);
+                tracing::error!(service = %ctx.name, "{why}");
+                (None, Some(why))
+            }
+        };
+        let success = status.is_some_and(|s| s.success()) && why.is_none();
+        let exit_text = status.map(describe).unwrap_or_else(|| "not started".into());
+        ctx.set(|s| {
+            s.pid = None;
+            s.last_exit = Some(exit_text.clone());
+            s.detail = why.clone();
+        });
+        if ctx.spec.kind == ServiceKind::Oneshot && success {
+            tracing::info!(service = %ctx.name, "oneshot completed");
+            ctx.set(|s| s.state = State::Done);
+            return Outcome::Done;
+        }
+        match tracker.on_exit(success, started.elapsed(), Instant::now()) {
+            Decision::Restart(delay) => {
+                tracing::warn!(service = %ctx.name, exit = %exit_text, restart_in = ?delay, "service exited; restarting");
+                ctx.set(|s| {
+                    s.state = State::Backoff;
+                    s.restarts = tracker.restarts;
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = ctx.shutdown.cancelled() => {
+                        ctx.set(|s| s.state = State::Stopped);
+                        return Outcome::Stopped;
+                    }
+                }
+            }
+            Decision::Done => {
+                tracing::info!(service = %ctx.name, exit = %exit_text, "service exited; not restarted (restart policy)");
+                ctx.set(|s| s.state = State::Exited);
+                return match status {
+                    Some(st) => Outcome::Exited(st),
+                    None => Outcome::Fatal(None, why.unwrap_or_default()),
+                };
+            }
+            Decision::GiveUp => {
+                let msg = format!(
+                    "FATAL: {} failures within {:?} (restart_limit {}); giving up",
+                    ctx.spec.restart_limit + 1,
+                    ctx.spec.restart_window,
+                    ctx.spec.restart_limit
+                );
+                tracing::error!(service = %ctx.name, exit = %exit_text, "{msg}");
+                ctx.set(|s| {
+                    s.state = State::Fatal;
+                    s.detail = Some(msg.clone());
+                });
+                return Outcome::Fatal(status, msg);
+            }
+        }
+    }
+}
+
+enum Lived {
+    Stopped,
+    /// The status, and why the run counts as failed even if it exited with 0.
+    Exited(ExitStatus, Option<String>),
+}
+
+type LogTasks = Vec<tokio::task::JoinHandle<()>>;
+
+fn start(ctx: &ServiceCtx) -> std::io::Result<(Child, LogTasks)> {
+    let mut cmd = ctx.command(&ctx.spec.command);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = process::spawn(&mut cmd)?;
+    let mut logs = Vec::new();
+    for (stream, pipe) in [
+        ("stdout", child.stdout.take().map(OwnedFd::from)),
+        ("stderr", child.stderr.take().map(OwnedFd::from)),
+    ] {
+        if let Some(pipe) = pipe {
+            let target = Target {
+                name: ctx.name.clone(),
+                stream,
+                sink: Sink::Stdout,
+                file: ctx.log_file.clone(),
+            };
+            logs.push(tokio::spawn(crate::logs::forward(
+                target,
+                process::async_pipe(pipe)?,
+            )));
+        }
+    }
+    let pid = child.pid();
+    tracing::info!(service = %ctx.name, pid, "service started");
+    ctx.set(|s| {
+        s.state = State::Starting;
+        s.pid = Some(pid);
+        s.started_at = Some(now_epoch());
+    });
+    Ok((child, logs))
+}
+
+async fn supervise(ctx: &ServiceCtx, mut child: Child, logs: LogTasks) -> Lived {
+    let mut not_ready: Option<String> = None;
+    if ctx.spec.kind == ServiceKind::Longrun {
+        tokio::select! {
+            r = wait_ready(ctx) => match r {
+                Ok(()) => {
+                    tracing::info!(service = %ctx.name, "service ready");
+                    ctx.set(|s| s.state = State::Ready);
+                }
+                Err(why) => {
+                    tracing::error!(service = %ctx.name, "{why}");
+                    not_ready = Some(why);
+                    stop_child(ctx, &mut child).await;
+                }
+            },
+            status = child.wait() => {
+                drain(logs).await;
+                return Lived::Exited(status, None);
+            }
+            _ = ctx.stop_requested() => {
+                stop_child(ctx, &mut child).await;
+                drain(logs).await;
+                return Lived::Stopped;
+            }
+        }
+    }
+    if let Some(why) = not_ready {
+        let status = child.wait().await;
+        drain(logs).await;
+        return Lived::Exited(status, Some(why));
+    }
+    tokio::select! {
+        status = child.wait() => {
+            drain(logs).await;
+            Lived::Exited(status, None)
+        }
+        _ = ctx.stop_requested() => {
+            stop_child(ctx, &mut child).await;
+            drain(logs).await;
+            Lived::Stopped
+        }
+    }
+}
+
+async fn wait_ready(ctx: &ServiceCtx) -> Result<(), String> {
+    let Some(ready) = &ctx.spec.ready else {
+        return Ok(());
+    };
+    let deadline = Instant::now() + ready.timeout;
+    loop {
+        let last = match super::ready::probe(ready, || ctx.command(&ready.command)).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "not ready within {:?} (ready.timeout): {last}",
+                ready.timeout
+            ));
+        }
+        tokio::time::sleep(ready.interval).await;
+    }
+}
+
+/// The stop signal to the process group, then SIGKILL past the timeout or on a forced stop.
+async fn stop_child(ctx: &ServiceCtx, child: &mut Child) {
+    if child.try_status().is_some() {
+        return;
+    }
+    let signal = parse_signal(&ctx.spec.stop_signal).unwrap_or(Signal::SIGTERM);
+    tracing::info!(service = %ctx.name, pid = child.pid(), %signal, "stopping service");
+    ctx.set(|s| s.state = State::Stopping);
+    child.signal_group(signal);
+    tokio::select! {
+        status = child.wait() => {
+            tracing::info!(service = %ctx.name, exit = %describe(status), "service stopped");
+            return;
+        }
+        _ = tokio::time::sleep(ctx.spec.stop_timeout) => {
+            tracing::warn!(service = %ctx.name, timeout = ?ctx.spec.stop_timeout, "service did not stop in time; SIGKILL");
+        }
+        _ = ctx.force.cancelled() => {
+            tracing::warn!(service = %ctx.name, "forced stop; SIGKILL");
+        }
+    }
+    child.signal_group(Signal::SIGKILL);
+    child.wait().await;
+}
+
+async fn drain(logs: LogTasks) {
+    let _ = tokio::time::timeout(DRAIN_LOGS, async {
+        for h in logs {
+            let _ = h.await;
+        }
+    })
+    .await;
+}
+
+/// `exit N` or `signal N (NAME)`.
+pub fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit {c}"),
+        (None, Some(sig)) => match Signal::try_from(sig) {
+            Ok(s) => format!("signal {sig} ({s})"),
+            Err(_) => format!("signal {sig}"),
+        },
+        _ => status.to_string(),
+    }
+}

@@ -1,0 +1,146 @@
+//! The state of every supervised thing, shared between the supervisor, which writes it, and the
+//! health port and `regobox status`, which read it.
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// Where a service is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Waiting for its dependencies.
+    Waiting,
+    /// Started, not ready yet.
+    Starting,
+    /// Running and ready.
+    Ready,
+    /// A oneshot that completed successfully.
+    Done,
+    /// Exited; waiting before the next start.
+    Backoff,
+    /// Exited and will not be started again (its policy).
+    Exited,
+    /// Exhausted its restart budget (or cannot be started at all).
+    Fatal,
+    /// Being stopped.
+    Stopping,
+    /// Stopped by a stop request.
+    Stopped,
+}
+
+impl State {
+    /// Dependents may start.
+    pub fn is_ready(self) -> bool {
+        matches!(self, State::Ready | State::Done)
+    }
+
+    /// Nothing of it runs any more, nor will.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            State::Done | State::Exited | State::Fatal | State::Stopped
+        )
+    }
+}
+
+/// What the board says of one service (or of PostgreSQL).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub state: State,
+    pub pid: Option<i32>,
+    pub restarts: u32,
+    /// When the current process started (seconds since the epoch).
+    pub started_at: Option<f64>,
+    /// How the last process ended, e.g. `exit 1` or `signal 9`.
+    pub last_exit: Option<String>,
+    /// Why it is in this state, when that is not obvious.
+    pub detail: Option<String>,
+}
+
+impl Default for ServiceStatus {
+    fn default() -> Self {
+        ServiceStatus {
+            state: State::Waiting,
+            pid: None,
+            restarts: 0,
+            started_at: None,
+            last_exit: None,
+            detail: None,
+        }
+    }
+}
+
+/// Seconds since the epoch, now.
+pub fn now_epoch() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// One line of the board.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub name: String,
+    pub kind: &'static str,
+    pub essential: bool,
+    pub rx: watch::Receiver<ServiceStatus>,
+}
+
+/// Everything the health port reports.
+#[derive(Debug, Clone, Default)]
+pub struct Board {
+    pub entries: Vec<Entry>,
+    /// Extra facts shown in `/status` (e.g. certificates, the Docker engine), by later components.
+    pub started_at: f64,
+}
+
+/// The JSON of `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub ready: bool,
+    pub uptime_seconds: f64,
+    pub orphans_reaped: u64,
+    pub services: Vec<NamedStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NamedStatus {
+    pub name: String,
+    pub kind: String,
+    pub essential: bool,
+    #[serde(flatten)]
+    pub status: ServiceStatus,
+}
+
+impl Board {
+    /// Every essential entry is ready.
+    pub fn ready(&self) -> bool {
+        !self.entries.is_empty()
+            && self
+                .entries
+                .iter()
+                .filter(|e| e.essential)
+                .all(|e| e.rx.borrow().state.is_ready())
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            ready: self.ready(),
+            uptime_seconds: (now_epoch() - self.started_at).max(0.0),
+            orphans_reaped: crate::process::orphans_reaped(),
+            services: self
+                .entries
+                .iter()
+                .map(|e| NamedStatus {
+                    name: e.name.clone(),
+                    kind: e.kind.to_string(),
+                    essential: e.essential,
+                    status: e.rx.borrow().clone(),
+                })
+                .collect(),
+        }
+    }
+}
