@@ -6,3 +6,4 @@ mod support;
 mod config_cli;
 mod postgres_embedded;
 mod postgres_external;
+mod supervisor;

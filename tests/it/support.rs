@@ -113,6 +113,78 @@ impl Instance {
         cmd
     }
 
+    /// The binary with this instance's configuration, started through `wrapper` (e.g.
+    /// `unshare --pid --fork --mount-proc`).
+    pub fn wrapped(&self, wrapper: &[&str], args: &[&str]) -> Command {
+        let inner = self.command(args);
+        let mut cmd = Command::new(wrapper[0]);
+        cmd.args(&wrapper[1..])
+            .arg(inner.get_program())
+            .args(inner.get_args());
+        for (k, v) in inner.get_envs() {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        cmd.stdin(Stdio::null());
+        cmd
+    }
+
+    /// Start `regobox run` through `wrapper` in the background without waiting.
+    pub fn spawn_wrapped(&self, wrapper: &[&str]) -> Running {
+        let n = std::fs::read_dir(self.dir.path()).unwrap().count();
+        let log = self.dir.path().join(format!("run-{n}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = self
+            .wrapped(wrapper, &["run"])
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Running { child, log }
+    }
+
+    /// `GET path` on the supervision port: status and body.
+    pub fn health_get(&self, path: &str) -> (u16, String) {
+        let url = format!("http://127.0.0.1:{}{path}", self.health_port);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        match rt.block_on(regobox::health::get(&url)) {
+            Ok((code, body)) => (code, String::from_utf8_lossy(&body).into_owned()),
+            Err(e) => (0, e),
+        }
+    }
+
+    /// The `/status` JSON.
+    pub fn status(&self) -> serde_json::Value {
+        let (code, body) = self.health_get("/status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// The `/status` entry of `service`.
+    pub fn service(&self, service: &str) -> serde_json::Value {
+        self.status()["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == service)
+            .unwrap_or_else(|| panic!("no {service} in /status"))
+            .clone()
+    }
+
+    /// Wait until `check` holds (polling), or panic with `what`.
+    pub fn wait_until(&self, what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !check() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Run to completion.
     pub fn output(&self, args: &[&str]) -> Output {
         self.command(args).output().unwrap()
@@ -139,7 +211,7 @@ impl Instance {
 
     /// Start `regobox run` in the background, its output in files, and wait until it is ready.
     pub fn start(&self) -> Running {
-        let running = self.spawn_run();
+        let mut running = self.spawn_run();
         running.wait_for_log("regobox is ready", Duration::from_secs(60));
         running
     }
@@ -186,11 +258,17 @@ impl Running {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             if self.log_text().contains(needle) {
                 return;
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "regobox exited ({status}) before {needle:?}:\n{}",
+                    self.log_text()
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -282,4 +360,47 @@ pub fn stderr(out: &Output) -> String {
 
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether a process is alive (and not a zombie).
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat[stat.rfind(')').unwrap() + 2..].chars().next();
+            state != Some('Z') && state != Some('X')
+        }
+        Err(_) => false,
+    }
+}
+
+/// Every process under `root` (its descendants), with its state letter, from /proc.
+pub fn descendants(root: i32) -> Vec<(i32, char)> {
+    let mut parent = std::collections::HashMap::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            let mut it = rest.split_whitespace();
+            let state = it.next().and_then(|s| s.chars().next()).unwrap_or('?');
+            let ppid: i32 = it.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            parent.insert(pid, (ppid, state));
+        }
+    }
+    let mut out = Vec::new();
+    for (&pid, &(_, state)) in &parent {
+        let mut p = pid;
+        while let Some(&(pp, _)) = parent.get(&p) {
+            if pp == root {
+                out.push((pid, state));
+                break;
+            }
+            if pp <= 1 {
+                break;
+            }
+            p = pp;
+        }
+    }
+    out
 }
