@@ -43,6 +43,39 @@ pub struct Cli {
 
 pub use crate::logs::Format as LogFormat;
 
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    pub command: Option<BackupCommand>,
+    /// Where to write the archive: a path, or `-` for stdout. Default: a new file in the
+    /// backups directory (backup.dir), where backup.keep applies.
+    #[arg(long, short)]
+    pub output: Option<String>,
+    /// Same as --output (so `regobox backup -` streams to stdout).
+    #[arg(value_name = "OUTPUT", conflicts_with = "output")]
+    pub target: Option<String>,
+    /// Leave the generated secrets out.
+    #[arg(long)]
+    pub no_secrets: bool,
+    /// Leave the configuration files out.
+    #[arg(long)]
+    pub no_config: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// The archives of the backups directory: size, date, PostgreSQL major, whether they verify.
+    List,
+    /// Check an archive's structure and every checksum.
+    Verify {
+        archive: PathBuf,
+        /// Also restore its database into a throwaway server and check that it starts.
+        #[arg(long)]
+        restore_test: bool,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Bring everything up and supervise it; stop cleanly on SIGTERM or SIGINT.
@@ -60,6 +93,16 @@ pub enum Command {
         command: OsString,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
+    },
+    /// Write an archive of the database and the volumes (see `backup list` and `backup verify`).
+    Backup(BackupArgs),
+    /// Restore an archive into this volume: verified first; refuses to replace existing data
+    /// without --force; the previous data stays until the restore has succeeded.
+    Restore {
+        archive: PathBuf,
+        /// Replace the data the volume holds.
+        #[arg(long)]
+        force: bool,
     },
     /// Print the state of every service (from the supervision port).
     Status,
@@ -135,6 +178,13 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn dispatch(command: Command, loaded: &Loaded) -> anyhow::Result<u8> {
+    let touches_volume = !matches!(
+        command,
+        Command::Config { .. } | Command::Status | Command::Health
+    );
+    if touches_volume {
+        crate::backup::recover(&loaded.config)?;
+    }
     match command {
         Command::Run => {
             let plan = Plan::everything(&loaded.config)?;
@@ -160,6 +210,14 @@ async fn dispatch(command: Command, loaded: &Loaded) -> anyhow::Result<u8> {
                 .map(OsString::from)
                 .unwrap_or(command);
             one_off(loaded, program, args).await
+        }
+        Command::Backup(args) => backup(loaded, args).await,
+        Command::Restore { archive, force } => {
+            let layout = Layout::new(&loaded.config);
+            layout.prepare()?;
+            let opts = crate::backup::RestoreOptions { archive, force };
+            crate::backup::restore(&loaded.config, &layout, &opts).await?;
+            Ok(exit::OK)
         }
         Command::Status => status(loaded).await,
         Command::Health => health(loaded).await,
@@ -372,6 +430,93 @@ async fn health(loaded: &Loaded) -> anyhow::Result<u8> {
         Err(e) => {
             eprintln!("regobox: no answer on {url}: {e}");
             Ok(exit::FAILURE)
+        }
+    }
+}
+
+async fn backup(loaded: &Loaded, args: BackupArgs) -> anyhow::Result<u8> {
+    let config = &loaded.config;
+    let layout = Layout::new(config);
+    match args.command {
+        Some(BackupCommand::List) => {
+            let listed = crate::backup::list(&layout).await;
+            println!(
+                "{:<44} {:>12}  {:<20}  {:<6}  VERIFIES",
+                "ARCHIVE", "SIZE", "CREATED", "PG"
+            );
+            for l in &listed {
+                let name = l
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let (created, major, ok) = match &l.manifest {
+                    Ok(m) => (
+                        m.created_at.clone(),
+                        m.postgres
+                            .as_ref()
+                            .map(|p| p.major.clone())
+                            .unwrap_or_else(|| "-".into()),
+                        "yes".to_string(),
+                    ),
+                    Err(e) => ("-".into(), "-".into(), format!("NO: {e}")),
+                };
+                println!("{name:<44} {:>12}  {created:<20}  {major:<6}  {ok}", l.size);
+            }
+            Ok(if listed.iter().all(|l| l.manifest.is_ok()) {
+                exit::OK
+            } else {
+                exit::DATA
+            })
+        }
+        Some(BackupCommand::Verify {
+            archive,
+            restore_test,
+        }) => {
+            let manifest = crate::backup::verify(&archive).await?;
+            println!(
+                "{}: OK, {} members, created {}, PostgreSQL {}",
+                archive.display(),
+                manifest.members.len(),
+                manifest.created_at,
+                manifest
+                    .postgres
+                    .as_ref()
+                    .map(|p| p.server_version.as_str())
+                    .unwrap_or("-")
+            );
+            if restore_test {
+                layout.prepare()?;
+                crate::backup::restore_test(config, &layout, &archive).await?;
+                println!(
+                    "{}: restore test OK (the database restores and the server starts)",
+                    archive.display()
+                );
+            }
+            Ok(exit::OK)
+        }
+        None => {
+            layout.prepare()?;
+            let output = match args.output.or(args.target).as_deref() {
+                None => crate::backup::Output::Default,
+                Some("-") => crate::backup::Output::Stdout,
+                Some(p) => crate::backup::Output::Path(PathBuf::from(p)),
+            };
+            let opts = crate::backup::CreateOptions {
+                output,
+                secrets: !args.no_secrets,
+                config: !args.no_config,
+            };
+            let secrets = SecretStore::new(&layout.secrets);
+            let session = Session::open(config, &secrets, &loaded.dirs, false, "").await?;
+            let result =
+                crate::backup::create(config, &layout, &loaded.dirs, &session.endpoint, &opts)
+                    .await;
+            session.close().await?;
+            if let Some(path) = result? {
+                println!("{}", path.display());
+            }
+            Ok(exit::OK)
         }
     }
 }

@@ -38,6 +38,7 @@ pub const ENV_RESERVED: &[&str] = &[
     "REGOBOX_FILES_DIR",
     "REGOBOX_LOGS_DIR",
     "REGOBOX_BACKUPS_DIR",
+    "REGOBOX_FAULT_INJECT",
 ];
 /// Configuration directories used when none is given: the image's defaults, then the user's.
 pub const DEFAULT_CONFIG_DIRS: &[&str] = &["/etc/regobox", "/config"];
@@ -59,6 +60,7 @@ pub struct Config {
     pub cron: BTreeMap<String, CronConfig>,
     pub logs: LogsConfig,
     pub supervision: SupervisionConfig,
+    pub backup: BackupConfig,
 }
 
 impl Default for Config {
@@ -73,6 +75,36 @@ impl Default for Config {
             cron: BTreeMap::new(),
             logs: LogsConfig::default(),
             supervision: SupervisionConfig::default(),
+            backup: BackupConfig::default(),
+        }
+    }
+}
+
+/// `[backup]`: archives of the database and the file volumes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupConfig {
+    /// Directories under `volumes.root` to include; empty: all of them but the database and the
+    /// backups themselves.
+    pub include: Vec<String>,
+    /// Where archives are written and listed; empty: `<volumes.root>/backups`.
+    pub dir: PathBuf,
+    /// After each backup into `dir`, keep only the newest `keep` archives (0: keep all).
+    pub keep: u32,
+    /// Automatic backups inside `regobox run`, in cron syntax (empty: none).
+    pub schedule: String,
+    /// zstd compression level, 1 (fastest) to 19.
+    pub level: i32,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            include: Vec::new(),
+            dir: PathBuf::new(),
+            keep: 0,
+            schedule: String::new(),
+            level: 3,
         }
     }
 }
@@ -463,7 +495,10 @@ impl Default for PostgresConfig {
 }
 
 /// Keys whose default is computed from another key.
-const DERIVED: &[(&str, &str)] = &[("postgres.data_dir", "volumes.root")];
+const DERIVED: &[(&str, &str)] = &[
+    ("postgres.data_dir", "volumes.root"),
+    ("backup.dir", "volumes.root"),
+];
 
 /// Server settings regobox sets itself, with the key that controls each.
 const RESERVED_SETTINGS: &[(&str, &str)] = &[
@@ -1191,6 +1226,30 @@ impl Config {
                 format!("`{}` is not an IP address", self.supervision.listen),
             );
         }
+        for inc in &self.backup.include {
+            let p = Path::new(inc);
+            if inc.is_empty()
+                || p.is_absolute()
+                || p.components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                bad(
+                    "backup.include",
+                    format!("`{inc}` must be a directory name under volumes.root"),
+                );
+            }
+        }
+        if !(1..=19).contains(&self.backup.level) {
+            bad("backup.level", "must be between 1 and 19".into());
+        }
+        if !self.backup.schedule.is_empty() {
+            if let Err(e) = self.backup.schedule.parse::<croner::Cron>() {
+                bad(
+                    "backup.schedule",
+                    format!("`{}` is not a cron schedule: {e}", self.backup.schedule),
+                );
+            }
+        }
         if self.supervision.shutdown_timeout.is_zero() {
             bad(
                 "supervision.shutdown_timeout",
@@ -1212,6 +1271,11 @@ impl Config {
         self.runtime_dir = abs(&self.runtime_dir);
         self.volumes.root = abs(&self.volumes.root);
         self.scripts_dir = abs(&self.scripts_dir);
+        if self.backup.dir.as_os_str().is_empty() {
+            self.backup.dir = self.volumes.root.join("backups");
+        } else {
+            self.backup.dir = abs(&self.backup.dir);
+        }
         if self.postgres.data_dir.as_os_str().is_empty() {
             self.postgres.data_dir = self.volumes.root.join("db").join("pgdata");
         } else {

@@ -10,7 +10,8 @@ use crate::postgres::PostgresError;
 pub const OK: u8 = 0;
 /// A failure with no more specific code.
 pub const FAILURE: u8 = 1;
-/// The volume holds data regobox refuses to touch (foreign content, another major version).
+/// The volume holds data regobox refuses to touch (foreign content, another major version), or
+/// an archive is refused (damaged, too new, would replace data without --force).
 pub const DATA: u8 = 65;
 /// Something regobox needs is missing from the system (PostgreSQL binaries, an OS tool).
 pub const UNAVAILABLE: u8 = 69;
@@ -25,6 +26,15 @@ pub fn code_for(error: &anyhow::Error) -> u8 {
         }
         if let Some(pg) = cause.downcast_ref::<PostgresError>() {
             return pg.exit_code();
+        }
+        if cause
+            .downcast_ref::<crate::backup::RestoreRefused>()
+            .is_some()
+            || cause
+                .downcast_ref::<crate::backup::archive::ArchiveError>()
+                .is_some()
+        {
+            return DATA;
         }
     }
     FAILURE

@@ -25,8 +25,10 @@
 //!   with readiness, restarts and budgets; stopped in reverse order on a signal.
 //! - [`cron`]: the in-process scheduler of `[cron.*]` jobs.
 //! - [`health`]: the supervision port (`/healthz`, `/readyz`, `/status`, `/metrics`).
+//! - [`backup`]: one verifiable archive of the database and the volumes; restore with a journal.
 //! - [`exit`]: the named exit codes.
 
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod cron;

@@ -49,7 +49,7 @@ impl Layout {
             secrets: root.join("secrets"),
             logs: root.join("logs"),
             files: root.join("files"),
-            backups: root.join("backups"),
+            backups: config.backup.dir.clone(),
             root,
         }
     }

@@ -397,45 +397,8 @@ impl Embedded {
         })
     }
 
-    /// Write the client authentication rules: password authentication everywhere; remote
-    /// addresses only when the server listens beyond loopback.
     fn write_hba(&self, listen: &str) -> Result<PathBuf, PostgresError> {
-        let auth = self.binaries.major.password_auth();
-        let mut text = format!(
-            "# Written by regobox at every start of PostgreSQL; edits are lost.\n\
-             local all all {auth}\n\
-             host  all all 127.0.0.1/32 {auth}\n\
-             host  all all ::1/128 {auth}\n"
-        );
-        let loopback_only = listen
-            .split(',')
-            .map(str::trim)
-            .all(|a| a.is_empty() || a == "localhost" || a == "127.0.0.1" || a == "::1");
-        if !loopback_only {
-            text.push_str(&format!(
-                "host  all all 0.0.0.0/0 {auth}\nhost  all all ::/0 {auth}\n"
-            ));
-        }
-        let path = self.socket_dir.join("pg_hba.conf");
-        let io_err = |source| PostgresError::Io {
-            path: path.clone(),
-            source,
-        };
-        let tmp = self.socket_dir.join(".pg_hba.conf.tmp");
-        {
-            use std::io::Write;
-            let _ = std::fs::remove_file(&tmp);
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io_err)?;
-            f.write_all(text.as_bytes()).map_err(io_err)?;
-        }
-        cluster::chown(&tmp, &self.account)?;
-        std::fs::rename(&tmp, &path).map_err(io_err)?;
-        Ok(path)
+        write_hba(&self.socket_dir, &self.account, self.binaries.major, listen)
     }
 }
 
@@ -467,6 +430,52 @@ fn check_reachable(dir: &Path, account: &Account) -> Result<(), PostgresError> {
         }
     }
     Ok(())
+}
+
+/// Write the client authentication rules into `dir` (owned by `account`): password
+/// authentication everywhere; remote addresses only when the server listens beyond loopback.
+pub fn write_hba(
+    dir: &Path,
+    account: &Account,
+    major: Major,
+    listen: &str,
+) -> Result<PathBuf, PostgresError> {
+    let auth = major.password_auth();
+    let mut text = format!(
+        "# Written by regobox at every start of PostgreSQL; edits are lost.\n\
+         local all all {auth}\n\
+         host  all all 127.0.0.1/32 {auth}\n\
+         host  all all ::1/128 {auth}\n"
+    );
+    let loopback_only = listen
+        .split(',')
+        .map(str::trim)
+        .all(|a| a.is_empty() || a == "localhost" || a == "127.0.0.1" || a == "::1");
+    if !loopback_only {
+        text.push_str(&format!(
+            "host  all all 0.0.0.0/0 {auth}\nhost  all all ::/0 {auth}\n"
+        ));
+    }
+    let path = dir.join("pg_hba.conf");
+    let io_err = |source| PostgresError::Io {
+        path: path.clone(),
+        source,
+    };
+    let tmp = dir.join(".pg_hba.conf.tmp");
+    {
+        use std::io::Write;
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err)?;
+        f.write_all(text.as_bytes()).map_err(io_err)?;
+    }
+    cluster::chown(&tmp, account)?;
+    std::fs::rename(&tmp, &path).map_err(io_err)?;
+    Ok(path)
 }
 
 async fn initdb(

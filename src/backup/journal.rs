@@ -1,0 +1,256 @@
+//! Swapping restored directories into place so that a crash never leaves a mix.
+//!
+//! Before the first rename, a journal listing every (live, staged, old) triple is written and
+//! synced. Each live directory is renamed to its `old` name, then the staged one to the live
+//! name. Once all are swapped the journal is marked committed, then the old directories are
+//! removed. At the next start, [`recover`] rolls back a journal still swapping (the previous data
+//! is what the boot finds) and finishes the clean-up of a committed one.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::volumes::sync_dir;
+
+const JOURNAL: &str = ".regobox-restore.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum State {
+    Swapping,
+    Committed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Swap {
+    live: PathBuf,
+    staged: PathBuf,
+    old: PathBuf,
+    had_live: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Journal {
+    id: String,
+    state: State,
+    swaps: Vec<Swap>,
+}
+
+fn journal_path(root: &Path) -> PathBuf {
+    root.join(JOURNAL)
+}
+
+fn write_journal(root: &Path, journal: &Journal) -> io::Result<()> {
+    let path = journal_path(root);
+    let tmp = root.join(format!("{JOURNAL}.tmp"));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec_pretty(journal).map_err(io::Error::other)?)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    sync_dir(root)
+}
+
+fn sync_parent(p: &Path) -> io::Result<()> {
+    sync_dir(p.parent().unwrap_or(Path::new("/")))
+}
+
+/// Swap every `(live, staged)` pair, journaled in `root`. `fault` is called between steps (fault
+/// injection for tests).
+pub fn swap(
+    root: &Path,
+    id: &str,
+    pairs: &[(PathBuf, PathBuf)],
+    fault: &dyn Fn(&str),
+) -> io::Result<()> {
+    let swaps: Vec<Swap> = pairs
+        .iter()
+        .map(|(live, staged)| {
+            let name = live
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Swap {
+                old: live.with_file_name(format!(".{name}.old-{id}")),
+                had_live: live.exists(),
+                live: live.clone(),
+                staged: staged.clone(),
+            }
+        })
+        .collect();
+    let mut journal = Journal {
+        id: id.into(),
+        state: State::Swapping,
+        swaps,
+    };
+    write_journal(root, &journal)?;
+    for (i, s) in journal.swaps.iter().enumerate() {
+        if s.had_live {
+            std::fs::rename(&s.live, &s.old)?;
+            sync_parent(&s.live)?;
+        }
+        fault(&format!("restore:swap-{i}"));
+        std::fs::rename(&s.staged, &s.live)?;
+        sync_parent(&s.live)?;
+    }
+    fault("restore:swapped");
+    journal.state = State::Committed;
+    write_journal(root, &journal)?;
+    fault("restore:committed");
+    finish(root, &journal);
+    Ok(())
+}
+
+fn finish(root: &Path, journal: &Journal) {
+    for s in &journal.swaps {
+        if s.old.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&s.old) {
+                tracing::warn!(path = %s.old.display(), error = %e, "cannot remove the previous data");
+            }
+        }
+    }
+    let _ = std::fs::remove_file(journal_path(root));
+    let _ = sync_dir(root);
+}
+
+/// Complete or undo a restore that was interrupted; what was done, if anything.
+pub fn recover(root: &Path) -> io::Result<Option<&'static str>> {
+    let text = match std::fs::read(journal_path(root)) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let journal: Journal = match serde_json::from_slice(&text) {
+        Ok(j) => j,
+        Err(e) => {
+            // Only written by rename of a synced file: unreadable means damaged; keep it for a person.
+            return Err(io::Error::other(format!(
+                "{} is unreadable ({e}); a restore was interrupted: check the volume by hand",
+                journal_path(root).display()
+            )));
+        }
+    };
+    match journal.state {
+        State::Committed => {
+            finish(root, &journal);
+            Ok(Some("finished the clean-up of a completed restore"))
+        }
+        State::Swapping => {
+            for s in journal.swaps.iter().rev() {
+                let swapped = if s.had_live {
+                    s.old.exists()
+                } else {
+                    s.live.exists() && !s.staged.exists()
+                };
+                if !swapped {
+                    continue;
+                }
+                if s.live.exists() {
+                    std::fs::rename(&s.live, &s.staged)?;
+                }
+                if s.had_live {
+                    std::fs::rename(&s.old, &s.live)?;
+                }
+                sync_parent(&s.live)?;
+            }
+            for s in &journal.swaps {
+                if s.staged.exists() {
+                    let _ = std::fs::remove_dir_all(&s.staged);
+                }
+            }
+            let _ = std::fs::remove_file(journal_path(root));
+            sync_dir(root)?;
+            Ok(Some(
+                "rolled back an interrupted restore: the previous data is in place",
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(root: &Path) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+        let a = root.join("a");
+        let b = root.join("b");
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::write(a.join("v"), "old-a").unwrap();
+        let sa = root.join(".stage/a");
+        let sb = root.join(".stage/b");
+        std::fs::create_dir_all(&sa).unwrap();
+        std::fs::create_dir_all(&sb).unwrap();
+        std::fs::write(sa.join("v"), "new-a").unwrap();
+        std::fs::write(sb.join("v"), "new-b").unwrap();
+        (a, b, sa, sb)
+    }
+
+    #[test]
+    fn a_complete_swap_replaces_everything() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b, sa, sb) = tree(d.path());
+        swap(d.path(), "1", &[(a.clone(), sa), (b.clone(), sb)], &|_| {}).unwrap();
+        assert_eq!(std::fs::read_to_string(a.join("v")).unwrap(), "new-a");
+        assert_eq!(std::fs::read_to_string(b.join("v")).unwrap(), "new-b");
+        assert!(!journal_path(d.path()).exists());
+        assert!(!d.path().join(".a.old-1").exists());
+    }
+
+    #[test]
+    fn an_interrupted_swap_is_rolled_back_at_every_point() {
+        for point in ["restore:swap-0", "restore:swap-1", "restore:swapped"] {
+            let d = tempfile::tempdir().unwrap();
+            let (a, b, sa, sb) = tree(d.path());
+            // Simulate a crash at `point` by stopping there.
+            let r = std::panic::catch_unwind(|| {
+                swap(
+                    d.path(),
+                    "1",
+                    &[(a.clone(), sa.clone()), (b.clone(), sb.clone())],
+                    &|p| {
+                        if p == point {
+                            panic!("crash");
+                        }
+                    },
+                )
+            });
+            assert!(r.is_err());
+            assert!(
+                recover(d.path()).unwrap().unwrap().contains("rolled back"),
+                "{point}"
+            );
+            assert_eq!(
+                std::fs::read_to_string(a.join("v")).unwrap(),
+                "old-a",
+                "{point}"
+            );
+            assert!(!b.exists(), "{point}: b did not exist before");
+            assert!(!journal_path(d.path()).exists());
+        }
+    }
+
+    #[test]
+    fn a_committed_swap_is_finished() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b, sa, sb) = tree(d.path());
+        let r = std::panic::catch_unwind(|| {
+            swap(
+                d.path(),
+                "1",
+                &[(a.clone(), sa.clone()), (b.clone(), sb.clone())],
+                &|p| {
+                    if p == "restore:committed" {
+                        panic!("crash");
+                    }
+                },
+            )
+        });
+        assert!(r.is_err());
+        assert!(recover(d.path()).unwrap().unwrap().contains("completed"));
+        assert_eq!(std::fs::read_to_string(a.join("v")).unwrap(), "new-a");
+        assert!(!d.path().join(".a.old-1").exists());
+        assert_eq!(recover(d.path()).unwrap(), None);
+    }
+}

@@ -1,0 +1,773 @@
+//! Backup and restore of the database and the file volumes as one verifiable archive.
+//!
+//! [`create`] dumps the database with `pg_dump` (custom format, uncompressed: the archive's zstd
+//! compresses everything once), then writes the archive ([`archive`]) to a temporary name in the
+//! backups directory, syncs it and renames it into place (or streams it to stdout).
+//! [`verify`] reads an archive once and checks every member against its manifest.
+//! [`restore`] verifies first, refuses what these binaries cannot restore or existing data
+//! without `force`, unpacks into a staging directory, restores the dump into a new cluster beside
+//! the live one, and swaps the new directories in under a [`journal`]: until the swap is
+//! committed, the previous data is what the next boot finds.
+
+pub mod archive;
+pub mod journal;
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::config::Config;
+use crate::logs::Sink;
+use crate::postgres::binaries::{Binaries, Major};
+use crate::postgres::cluster::{self, DataDirLock, DataDirState};
+use crate::postgres::{
+    self, APP_PASSWORD_SECRET, Endpoint, PostgresError, SUPERUSER_PASSWORD_SECRET, Server,
+    bootstrap, libpq_env,
+};
+use crate::secrets::SecretStore;
+use crate::volumes::{Layout, sync_dir};
+use archive::{Manifest, PostgresInfo};
+
+/// The prefix of staging directories (removed when left by an interrupted restore).
+const STAGING: &str = ".restore-";
+
+/// A refusal that leaves everything as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreRefused {
+    #[error(
+        "the archive holds a PostgreSQL {archive} database; these binaries are PostgreSQL {binaries}, which cannot restore a dump of a newer major. Use an image with PostgreSQL {archive} or newer"
+    )]
+    NewerMajor { archive: String, binaries: Major },
+    #[error(
+        "the volume already holds data ({what}); restoring would replace it. Run again with --force to replace it (the previous data is kept until the restore has succeeded)"
+    )]
+    ExistingData { what: String },
+}
+
+/// Call `point` a fault-injection point: with `REGOBOX_FAULT_INJECT=<point>`, regobox kills
+/// itself there with SIGKILL. Used by the tests to prove a kill at that step loses nothing.
+pub fn fault(point: &str) {
+    if std::env::var("REGOBOX_FAULT_INJECT").is_ok_and(|v| v == point) {
+        tracing::warn!(point, "fault injection: SIGKILL");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
+        std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
+/// Where `regobox backup` writes.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// A new file in the backups directory (retention applies).
+    Default,
+    Path(PathBuf),
+    Stdout,
+}
+
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub output: Output,
+    pub secrets: bool,
+    pub config: bool,
+}
+
+fn progress_bar(total: Option<u64>, what: &str) -> ProgressBar {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return ProgressBar::hidden();
+    }
+    let pb = match total {
+        Some(t) => ProgressBar::new(t),
+        None => ProgressBar::new_spinner(),
+    };
+    let template = if total.is_some() {
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
+    } else {
+        "{spinner} {msg} {bytes} {bytes_per_sec}"
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_string());
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}
+
+/// A reader that advances a progress bar.
+struct Progress<R> {
+    inner: R,
+    pb: ProgressBar,
+}
+
+impl<R: Read> Read for Progress<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pb.inc(n as u64);
+        Ok(n)
+    }
+}
+
+/// The volume directories a backup holds: `backup.include`, or everything under the root but
+/// the database, the backups and regobox's own bookkeeping.
+fn included_dirs(config: &Config, layout: &Layout, secrets: bool) -> Vec<PathBuf> {
+    let root = &layout.root;
+    let names: Vec<String> = if config.backup.include.is_empty() {
+        let mut names: Vec<String> = std::fs::read_dir(root)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    } else {
+        config.backup.include.clone()
+    };
+    names
+        .into_iter()
+        .map(|n| root.join(n))
+        .filter(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let holds_db = config.postgres.data_dir.starts_with(p);
+            let is_backups = layout.backups.starts_with(p);
+            !(holds_db
+                || is_backups
+                || name.starts_with('.')
+                || name == "lost+found"
+                || (!secrets && *p == layout.secrets))
+                && p.is_dir()
+        })
+        .collect()
+}
+
+/// Take a backup through `endpoint` (the running server, a temporary one, or the external one).
+/// The path written, unless streamed to stdout.
+pub async fn create(
+    config: &Config,
+    layout: &Layout,
+    config_dirs: &[PathBuf],
+    endpoint: &Endpoint,
+    opts: &CreateOptions,
+) -> anyhow::Result<Option<PathBuf>> {
+    let started = std::time::Instant::now();
+    crate::volumes::ensure_dir(&layout.backups, 0o700, "backup.dir")?;
+    let id = format!(
+        "{}-{}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
+        std::process::id()
+    );
+    let work = layout.backups.join(format!(".work-{id}"));
+    crate::volumes::ensure_dir(&work, 0o700, "backup.dir")?;
+    let result = create_in(config, layout, config_dirs, endpoint, opts, &work, &id).await;
+    let _ = std::fs::remove_dir_all(&work);
+    let written = result?;
+    tracing::info!(
+        path = %written.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "stdout".into()),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "backup complete"
+    );
+    if matches!(opts.output, Output::Default) && config.backup.keep > 0 {
+        prune(&layout.backups, config.backup.keep as usize)?;
+    }
+    Ok(written)
+}
+
+async fn create_in(
+    config: &Config,
+    layout: &Layout,
+    config_dirs: &[PathBuf],
+    endpoint: &Endpoint,
+    opts: &CreateOptions,
+    work: &Path,
+    id: &str,
+) -> anyhow::Result<Option<PathBuf>> {
+    // The database: a consistent snapshot, as the superuser when regobox runs the server.
+    let dump_as = match &endpoint.superuser {
+        Some(su) => {
+            let mut c = su.clone();
+            c.dbname(&config.postgres.database);
+            c
+        }
+        None => endpoint.app.clone(),
+    };
+    let client = postgres::connect(&dump_as)
+        .await
+        .context("connecting to the database to back it up")?;
+    let server_version: String = client
+        .query_one("SHOW server_version", &[])
+        .await
+        .context("reading the server version")?
+        .get(0);
+    drop(client);
+    let major = Major::parse(&server_version)
+        .map(|m| m.to_string())
+        .unwrap_or_default();
+    let dump = work.join(archive::DATABASE);
+    tracing::info!(database = %config.postgres.database, "dumping the database");
+    let pg_dump = endpoint.client_program("pg_dump").await;
+    let mut cmd = std::process::Command::new(&pg_dump);
+    cmd.args(["--format=custom", "--compress=0", "--no-password", "--file"])
+        .arg(&dump)
+        .env_clear()
+        .envs(libpq_env(&dump_as));
+    if let Some(path) = std::env::var_os("PATH") {
+        cmd.env("PATH", path);
+    }
+    let out = crate::process::output(&mut cmd)
+        .await
+        .with_context(|| format!("running {}", pg_dump.display()))?;
+    if !out.status.success() {
+        bail!(
+            "pg_dump failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+
+    let manifest = Manifest {
+        format: archive::FORMAT,
+        regobox_version: env!("CARGO_PKG_VERSION").into(),
+        created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        postgres: Some(PostgresInfo {
+            major,
+            server_version,
+            database: config.postgres.database.clone(),
+            user: config.postgres.user.clone(),
+        }),
+        secrets_included: opts.secrets,
+        config_included: opts.config,
+        members: Vec::new(),
+    };
+    let dirs = included_dirs(config, layout, opts.secrets);
+    let level = config.backup.level;
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let config_dirs = if opts.config {
+        config_dirs.to_vec()
+    } else {
+        Vec::new()
+    };
+    let root = layout.root.clone();
+    let (final_path, tmp_path) = match &opts.output {
+        Output::Stdout => (None, None),
+        Output::Path(p) => (Some(p.clone()), Some(tmp_name(p))),
+        Output::Default => {
+            let p = layout.backups.join(format!("regobox-{id}.tar.zst"));
+            (Some(p.clone()), Some(tmp_name(&p)))
+        }
+    };
+    let tmp_for_task = tmp_path.clone();
+    let dump_for_task = dump.clone();
+    let task = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let pb = progress_bar(None, "backup");
+        let add_all = |w: &mut archive::Writer<Box<dyn Write>>| -> io::Result<()> {
+            let meta = std::fs::metadata(&dump_for_task)?;
+            w.add_file(archive::DATABASE, &dump_for_task, &meta)?;
+            pb.set_position(w.content_bytes);
+            let skip = |p: &Path| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(STAGING))
+            };
+            for dir in &dirs {
+                let rel = dir.strip_prefix(&root).unwrap_or(dir);
+                tracing::info!(dir = %dir.display(), "archiving");
+                w.add_tree(&format!("volumes/{}", rel.display()), dir, &skip, &|n| {
+                    pb.set_position(n)
+                })?;
+            }
+            for (i, dir) in config_dirs.iter().enumerate() {
+                let name = dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "config".into());
+                w.add_tree(&format!("config/{i}-{name}"), dir, &|_| false, &|_| {})?;
+            }
+            Ok(())
+        };
+        let sink: Box<dyn Write> = match &tmp_for_task {
+            Some(p) => Box::new(io::BufWriter::with_capacity(
+                1 << 20,
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(p)
+                    .with_context(|| format!("creating {}", p.display()))?,
+            )),
+            None => Box::new(io::BufWriter::with_capacity(1 << 20, io::stdout())),
+        };
+        let mut writer = archive::Writer::new(sink, level, threads)?;
+        add_all(&mut writer)?;
+        let (mut out, manifest) = writer.finish(manifest)?;
+        out.flush()?;
+        drop(out);
+        if let Some(p) = &tmp_for_task {
+            File::open(p)?.sync_all()?;
+        }
+        pb.finish_and_clear();
+        tracing::info!(members = manifest.members.len(), "archive written");
+        Ok(())
+    });
+    let written = task.await.context("the archive task")?;
+    if let Err(e) = written {
+        if let Some(t) = &tmp_path {
+            let _ = std::fs::remove_file(t);
+        }
+        return Err(e);
+    }
+    match (final_path, tmp_path) {
+        (Some(final_path), Some(tmp)) => {
+            if final_path.exists() {
+                let _ = std::fs::remove_file(&tmp);
+                bail!(
+                    "{} already exists; nothing was overwritten",
+                    final_path.display()
+                );
+            }
+            std::fs::rename(&tmp, &final_path)?;
+            sync_dir(final_path.parent().unwrap_or(Path::new("/")))?;
+            Ok(Some(final_path))
+        }
+        _ => Ok(None),
+    }
+}
+
+fn tmp_name(p: &Path) -> PathBuf {
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    p.with_file_name(format!(".{name}.partial"))
+}
+
+/// The archives of `dir`, oldest first (their names sort by creation time).
+pub fn archives(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name().is_some_and(|n| {
+                        let n = n.to_string_lossy();
+                        n.starts_with("regobox-") && n.ends_with(".tar.zst")
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+/// Keep the newest `keep` archives of `dir`.
+pub fn prune(dir: &Path, keep: usize) -> anyhow::Result<()> {
+    let all = archives(dir);
+    if all.len() > keep {
+        for old in &all[..all.len() - keep] {
+            tracing::info!(path = %old.display(), "removing an old backup (backup.keep)");
+            std::fs::remove_file(old).with_context(|| format!("removing {}", old.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Verify the archive at `path` (one full read); its manifest.
+pub async fn verify(path: &Path) -> anyhow::Result<Manifest> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Manifest> {
+        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let total = file.metadata().map(|m| m.len()).ok();
+        let pb = progress_bar(total, "verify");
+        let reader = io::BufReader::with_capacity(
+            1 << 20,
+            Progress {
+                inner: file,
+                pb: pb.clone(),
+            },
+        );
+        let manifest = archive::verify(reader)
+            .with_context(|| format!("{} does not verify", path.display()))?;
+        pb.finish_and_clear();
+        Ok(manifest)
+    })
+    .await
+    .context("the verification task")?
+}
+
+/// Unpack the archive at `path` into `dest`.
+async fn unpack(path: &Path, dest: &Path) -> anyhow::Result<()> {
+    let (path, dest) = (path.to_path_buf(), dest.to_path_buf());
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let file = File::open(&path)?;
+        let total = file.metadata().map(|m| m.len()).ok();
+        let pb = progress_bar(total, "extract");
+        let reader = io::BufReader::with_capacity(
+            1 << 20,
+            Progress {
+                inner: file,
+                pb: pb.clone(),
+            },
+        );
+        archive::unpack(reader, &dest).with_context(|| format!("extracting {}", path.display()))?;
+        pb.finish_and_clear();
+        Ok(())
+    })
+    .await
+    .context("the extraction task")?
+}
+
+/// The passwords a restored cluster gets: the archive's secrets if it holds them, else the
+/// volume's (generated if missing); the configured application password always wins.
+fn restored_passwords(
+    config: &Config,
+    staged: &Path,
+    current: &SecretStore,
+) -> anyhow::Result<(String, String)> {
+    let from_archive = |name: &str| {
+        std::fs::read_to_string(staged.join("volumes/secrets").join(name))
+            .ok()
+            .map(|s| s.trim_end().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    let su = match from_archive(SUPERUSER_PASSWORD_SECRET) {
+        Some(p) => p,
+        None => current.get_or_generate(SUPERUSER_PASSWORD_SECRET)?,
+    };
+    let app = if !config.postgres.password.is_empty() {
+        config.postgres.password.clone()
+    } else {
+        match from_archive(APP_PASSWORD_SECRET) {
+            Some(p) => p,
+            None => current.get_or_generate(APP_PASSWORD_SECRET)?,
+        }
+    };
+    Ok((su, app))
+}
+
+/// Where a cluster is rebuilt from a dump: its data directory, the socket directory of its
+/// private server, and the dump.
+struct Rebuild<'a> {
+    data_dir: &'a Path,
+    socket_dir: &'a Path,
+    dump: &'a Path,
+}
+
+/// Build a cluster from a dump: initdb, a private server, the application role and database,
+/// `pg_restore`, a clean stop.
+async fn restore_cluster(
+    config: &Config,
+    binaries: &Binaries,
+    account: &crate::users::Account,
+    target: Rebuild<'_>,
+    manifest: &Manifest,
+    passwords: &(String, String),
+) -> anyhow::Result<()> {
+    let pg = &config.postgres;
+    let Rebuild {
+        data_dir,
+        socket_dir,
+        dump,
+    } = target;
+    crate::volumes::ensure_dir(data_dir, 0o700, "postgres.data_dir")?;
+    cluster::chown(data_dir, account)?;
+    cluster::initdb(&cluster::InitSpec {
+        binaries,
+        data_dir,
+        account,
+        superuser: &pg.superuser,
+        superuser_password: &passwords.0,
+        locale: &pg.locale,
+    })
+    .await?;
+    crate::volumes::ensure_dir(socket_dir, 0o700, "runtime_dir")?;
+    cluster::chown(socket_dir, account)?;
+    let hba = postgres::write_hba(socket_dir, account, binaries.major, "")?;
+    let params = vec![
+        ("listen_addresses".to_string(), String::new()),
+        ("port".to_string(), pg.port.to_string()),
+        (
+            "unix_socket_directories".to_string(),
+            socket_dir.display().to_string(),
+        ),
+        ("hba_file".to_string(), hba.display().to_string()),
+        ("fsync".to_string(), "on".to_string()),
+    ];
+    let mut server = Server::spawn(binaries, data_dir, account, &params, Sink::Stderr, None)
+        .map_err(|source| PostgresError::Io {
+            path: binaries.path("postgres"),
+            source,
+        })?;
+    let result = async {
+        let mut su = tokio_postgres::Config::new();
+        su.host_path(socket_dir)
+            .port(pg.port)
+            .user(&pg.superuser)
+            .password(&passwords.0)
+            .dbname("postgres");
+        let endpoint = Endpoint { superuser: Some(su.clone()), app: su.clone(), binaries: Some(binaries.clone()) };
+        postgres::wait_ready(Some(&mut server), &endpoint, pg.start_timeout).await?;
+        let client = postgres::connect(&su).await.context("connecting to the restore server")?;
+        bootstrap::role_and_database(&client, binaries.major, &pg.user, &passwords.1, &pg.database).await?;
+        // The dump's objects belong to the role that owned them: make sure it exists.
+        if let Some(info) = &manifest.postgres {
+            if info.user != pg.user {
+                tracing::warn!(archive_role = %info.user, role = %pg.user, "the archive's database belonged to another role; it is created (NOLOGIN) so ownership restores");
+                let exists = client
+                    .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&info.user])
+                    .await?
+                    .is_some();
+                if !exists {
+                    client
+                        .batch_execute(&format!("CREATE ROLE {} NOLOGIN", bootstrap::quote_ident(&info.user)))
+                        .await?;
+                }
+            }
+        }
+        drop(client);
+        tracing::info!("restoring the database");
+        let mut su_db = su.clone();
+        su_db.dbname(&pg.database);
+        let mut cmd = std::process::Command::new(binaries.path("pg_restore"));
+        cmd.args(["--exit-on-error", "--no-password", "--jobs=2", "--dbname", &pg.database])
+            .arg(dump)
+            .env_clear()
+            .envs(libpq_env(&su_db));
+        let out = crate::process::output(&mut cmd).await.context("running pg_restore")?;
+        if !out.status.success() {
+            bail!("pg_restore failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    let stopped = server.stop(pg.stop_timeout, std::future::pending()).await;
+    result?;
+    let status = stopped.context("stopping the restore server")?;
+    if !status.success() {
+        bail!("the restore server did not stop cleanly ({status})");
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    pub archive: PathBuf,
+    pub force: bool,
+}
+
+/// Restore an archive into this volume; see the module documentation. The caller makes sure no
+/// server runs on it (offline, or the supervisor in maintenance).
+pub async fn restore(
+    config: &Config,
+    layout: &Layout,
+    opts: &RestoreOptions,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    recover(config)?;
+    tracing::info!(archive = %opts.archive.display(), "verifying the archive");
+    let manifest = verify(&opts.archive).await?;
+    let pg = &config.postgres;
+    let binaries = Binaries::find(&pg.bin_dir, None).await?;
+    let archive_major = manifest
+        .postgres
+        .as_ref()
+        .map(|p| p.major.clone())
+        .unwrap_or_default();
+    if let Some(m) = Major::parse(&archive_major) {
+        if m > binaries.major {
+            return Err(RestoreRefused::NewerMajor {
+                archive: archive_major,
+                binaries: binaries.major,
+            }
+            .into());
+        }
+    }
+    let home = pg.data_dir.parent().unwrap_or(&pg.data_dir).to_path_buf();
+    let account = crate::users::service_account(&pg.os_user, &home, "postgres.os_user").await?;
+
+    // Hold the data directory (creating an empty one if there is none).
+    let state = cluster::inspect(&pg.data_dir)?;
+    if let DataDirState::Foreign(entries) = &state {
+        return Err(PostgresError::Foreign {
+            data_dir: pg.data_dir.clone(),
+            entries: entries.clone(),
+        }
+        .into());
+    }
+    if state == DataDirState::Missing {
+        crate::volumes::ensure_dir(&pg.data_dir, 0o700, "postgres.data_dir")?;
+        cluster::chown(&pg.data_dir, &account)?;
+    }
+    let Some(lock) = DataDirLock::try_acquire(&pg.data_dir, &account)? else {
+        return Err(PostgresError::Busy {
+            data_dir: pg.data_dir.clone(),
+        }
+        .into());
+    };
+    let files_hold_data = std::fs::read_dir(&layout.files)
+        .map(|mut rd| rd.next().is_some())
+        .unwrap_or(false);
+    if !opts.force {
+        let what = match (&state, files_hold_data) {
+            (DataDirState::Cluster(m), true) => Some(format!(
+                "a PostgreSQL {m} cluster in {} and files in {}",
+                pg.data_dir.display(),
+                layout.files.display()
+            )),
+            (DataDirState::Cluster(m), false) => Some(format!(
+                "a PostgreSQL {m} cluster in {}",
+                pg.data_dir.display()
+            )),
+            (_, true) => Some(format!("files in {}", layout.files.display())),
+            _ => None,
+        };
+        if let Some(what) = what {
+            return Err(RestoreRefused::ExistingData { what }.into());
+        }
+    }
+
+    let id = format!(
+        "{}-{}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%S"),
+        std::process::id()
+    );
+    let staging = layout.root.join(format!("{STAGING}{id}"));
+    let data_name = pg
+        .data_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "pgdata".into());
+    let new_cluster = pg
+        .data_dir
+        .with_file_name(format!("{STAGING}{data_name}-{id}"));
+    let socket_dir = config.runtime_dir.join(format!("restore-{id}"));
+    let result = async {
+        crate::volumes::ensure_dir(&staging, 0o700, "volumes.root")?;
+        fault("restore:staging");
+        tracing::info!(staging = %staging.display(), "extracting");
+        unpack(&opts.archive, &staging).await?;
+        fault("restore:extracted");
+        let passwords = restored_passwords(config, &staging, &SecretStore::new(&layout.secrets))?;
+        let dump = staging.join(archive::DATABASE);
+        let target = Rebuild {
+            data_dir: &new_cluster,
+            socket_dir: &socket_dir,
+            dump: &dump,
+        };
+        restore_cluster(config, &binaries, &account, target, &manifest, &passwords).await?;
+        fault("restore:cluster-ready");
+        // Swap: the cluster, then every volume directory of the archive.
+        let mut pairs = vec![(pg.data_dir.clone(), new_cluster.clone())];
+        if let Ok(rd) = std::fs::read_dir(staging.join("volumes")) {
+            let mut names: Vec<_> = rd.flatten().map(|e| e.file_name()).collect();
+            names.sort();
+            for name in names {
+                pairs.push((layout.root.join(&name), staging.join("volumes").join(&name)));
+            }
+        }
+        tracing::info!(directories = pairs.len(), "swapping the restored data in");
+        journal::swap(&layout.root, &id, &pairs, &fault)?;
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&socket_dir);
+    drop(lock);
+    if result.is_err() {
+        // Nothing was swapped (the journal rolls back a partial swap at the next start).
+        let _ = std::fs::remove_dir_all(&new_cluster);
+    }
+    let _ = std::fs::remove_dir_all(&staging);
+    result?;
+    tracing::info!(
+        archive = %opts.archive.display(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "restore complete"
+    );
+    Ok(())
+}
+
+/// `backup verify --restore-test`: restore the archive's database into a throwaway cluster and
+/// check that it starts and holds the database.
+pub async fn restore_test(config: &Config, layout: &Layout, path: &Path) -> anyhow::Result<()> {
+    let manifest = verify(path).await?;
+    let pg = &config.postgres;
+    let binaries = Binaries::find(&pg.bin_dir, None).await?;
+    let home = pg.data_dir.parent().unwrap_or(&pg.data_dir).to_path_buf();
+    let account = crate::users::service_account(&pg.os_user, &home, "postgres.os_user").await?;
+    let id = format!("test-{}", std::process::id());
+    let work = layout.root.join(format!("{STAGING}{id}"));
+    crate::volumes::ensure_dir(&work, 0o755, "volumes.root")?;
+    let result = async {
+        unpack(path, &work).await?;
+        let passwords = restored_passwords(config, &work, &SecretStore::new(&layout.secrets))?;
+        let (data_dir, dump) = (work.join("pgdata"), work.join(archive::DATABASE));
+        let socket_dir = config.runtime_dir.join(format!("restore-{id}"));
+        let target = Rebuild {
+            data_dir: &data_dir,
+            socket_dir: &socket_dir,
+            dump: &dump,
+        };
+        restore_cluster(config, &binaries, &account, target, &manifest, &passwords).await
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(config.runtime_dir.join(format!("restore-{id}")));
+    let _ = std::fs::remove_dir_all(&work);
+    result
+}
+
+/// Finish or undo an interrupted restore, and remove what an interrupted one left behind.
+pub fn recover(config: &Config) -> anyhow::Result<()> {
+    let root = &config.volumes.root;
+    if !root.is_dir() {
+        return Ok(());
+    }
+    if let Some(what) = journal::recover(root)? {
+        tracing::warn!("{what}");
+    }
+    let mut leftovers = Vec::new();
+    for dir in [Some(root.as_path()), config.postgres.data_dir.parent()]
+        .into_iter()
+        .flatten()
+    {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            leftovers.extend(
+                rd.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(STAGING))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    for p in leftovers {
+        tracing::warn!(path = %p.display(), "removing what an interrupted restore left");
+        let _ = std::fs::remove_dir_all(&p);
+    }
+    Ok(())
+}
+
+/// One line of `regobox backup list`.
+#[derive(Debug)]
+pub struct Listed {
+    pub path: PathBuf,
+    pub size: u64,
+    pub manifest: Result<Manifest, String>,
+}
+
+/// Every archive of the backups directory, verified.
+pub async fn list(layout: &Layout) -> Vec<Listed> {
+    let mut out = Vec::new();
+    for path in archives(&layout.backups) {
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let manifest = verify(&path).await.map_err(|e| format!("{:#}", e));
+        out.push(Listed {
+            path,
+            size,
+            manifest,
+        });
+    }
+    out
+}
