@@ -213,9 +213,19 @@ async fn dispatch(command: Command, loaded: &Loaded) -> anyhow::Result<u8> {
         }
         Command::Backup(args) => backup(loaded, args).await,
         Command::Restore { archive, force } => {
+            let opts = crate::backup::RestoreOptions { archive, force };
+            // A running regobox does it: it stops everything in order, restores, starts again.
+            if let Some(reply) = supervisor::control::request_restore(&loaded.config, &opts).await?
+            {
+                if reply.code == exit::OK {
+                    tracing::info!("{} (through the running regobox)", reply.message);
+                } else {
+                    eprintln!("regobox: error: {}", reply.message);
+                }
+                return Ok(reply.code);
+            }
             let layout = Layout::new(&loaded.config);
             layout.prepare()?;
-            let opts = crate::backup::RestoreOptions { archive, force };
             crate::backup::restore(&loaded.config, &layout, &opts).await?;
             Ok(exit::OK)
         }

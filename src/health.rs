@@ -78,6 +78,12 @@ fn route<B>(req: &Request<B>, board: &Board) -> Response<Full<Bytes>> {
             let snap = board.snapshot();
             if snap.ready {
                 text(StatusCode::OK, "ready\n".into(), "text/plain")
+            } else if let Some(why) = &snap.maintenance {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("maintenance: {why}\n"),
+                    "text/plain",
+                )
             } else {
                 let waiting: Vec<String> = snap
                     .services

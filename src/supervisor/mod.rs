@@ -13,6 +13,7 @@
 //! (orphans re-parented to regobox) gets SIGTERM, and SIGKILL at `supervision.shutdown_timeout`.
 //! regobox exits only when no child is left or that deadline passed.
 
+pub mod control;
 pub mod environment;
 pub mod ready;
 pub mod restart;
@@ -136,12 +137,19 @@ fn order(config: &Config) -> anyhow::Result<Vec<String>> {
         .map_err(|cycle| anyhow::anyhow!("dependency cycle: {}", cycle.join(" -> ")))
 }
 
-/// Why the supervisor stopped.
+/// Why a cycle ended.
 enum Reason {
     Signal(&'static str),
     Essential(String, Option<ExitStatus>),
     Target(String, Option<ExitStatus>),
     PostgresExited(ExitStatus),
+    Maintenance(control::Request),
+}
+
+/// How a cycle ended, everything being stopped.
+enum Cycle {
+    Exit(u8),
+    Maintenance(control::Request),
 }
 
 /// The database as the supervisor holds it.
@@ -155,16 +163,28 @@ enum Database {
     Remote,
 }
 
-/// Bring everything in `plan` up, keep it up, stop it; the exit code.
+/// What lives across cycles: the board and its writers, the accounts, the signals.
+struct Persistent {
+    signals: StopSignals,
+    board: Arc<Board>,
+    pg_tx: watch::Sender<ServiceStatus>,
+    senders: BTreeMap<String, watch::Sender<ServiceStatus>>,
+    receivers: BTreeMap<String, watch::Receiver<ServiceStatus>>,
+    maintenance: watch::Sender<Option<String>>,
+    accounts: BTreeMap<String, Option<Account>>,
+    app_account: Option<Account>,
+    control: tokio::sync::mpsc::Receiver<control::Request>,
+}
+
+/// Bring everything in `plan` up, keep it up, stop it; the exit code. A maintenance request
+/// (a restore through the control socket) stops everything in order, runs, and starts
+/// everything again.
 pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
     let config = &loaded.config;
-    let mut signals = StopSignals::install().context("installing signal handlers")?;
+    let signals = StopSignals::install().context("installing signal handlers")?;
     let layout = Layout::new(config);
     layout.prepare()?;
     let secrets = SecretStore::new(&layout.secrets);
-    let started = Instant::now();
-    let shutdown = CancellationToken::new();
-    let force = CancellationToken::new();
 
     // Accounts first: an unknown user is a configuration error found before anything starts.
     let mut accounts: BTreeMap<String, Option<Account>> = BTreeMap::new();
@@ -210,43 +230,133 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
         senders.insert(name.clone(), tx);
         receivers.insert(name.clone(), rx);
     }
+    let (maintenance, maintenance_rx) = watch::channel(None);
     let board = Arc::new(Board {
         entries,
         started_at: now_epoch(),
+        maintenance: maintenance_rx,
     });
-    // The volume lock before the port: a second regobox on the volume is the clearer error.
-    let opened = open_database(config, &secrets, &plan).await?;
-    let health_stop = CancellationToken::new();
-    if config.supervision.port != 0 {
-        let listener =
-            crate::health::bind(&config.supervision.listen, config.supervision.port).await?;
-        tokio::spawn(crate::health::serve(
-            listener,
-            board.clone(),
-            health_stop.clone(),
-        ));
+    let (control_tx, control_rx) = tokio::sync::mpsc::channel(1);
+    let mut p = Persistent {
+        signals,
+        board,
+        pg_tx,
+        senders,
+        receivers,
+        maintenance,
+        accounts,
+        app_account,
+        control: control_rx,
+    };
+
+    let background = CancellationToken::new();
+    let mut first = true;
+    let code = loop {
+        let opened = open_database(config, &secrets, &plan).await?;
+        if first {
+            first = false;
+            // After the volume lock: a second regobox on the volume is the clearer error.
+            if config.supervision.port != 0 {
+                let listener =
+                    crate::health::bind(&config.supervision.listen, config.supervision.port)
+                        .await?;
+                tokio::spawn(crate::health::serve(
+                    listener,
+                    p.board.clone(),
+                    background.clone(),
+                ));
+            }
+            match control::listen(config, control_tx.clone(), background.clone()) {
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "no control socket: a restore cannot be done while running")
+                }
+            }
+        }
+        match cycle(loaded, &plan, &layout, &secrets, &mut p, opened).await? {
+            Cycle::Exit(code) => break code,
+            Cycle::Maintenance(request) => {
+                p.maintenance.send_replace(Some(format!(
+                    "restoring {}",
+                    request.options.archive.display()
+                )));
+                let restore = crate::backup::restore(config, &layout, &request.options);
+                tokio::pin!(restore);
+                let mut stop_after = None;
+                let result = loop {
+                    tokio::select! {
+                        r = &mut restore => break r,
+                        s = p.signals.recv() => {
+                            tracing::warn!(signal = s, "stop requested during a restore: regobox stops once it is done");
+                            stop_after = Some(s);
+                        }
+                    }
+                };
+                let reply = match &result {
+                    Ok(()) => control::Reply {
+                        code: exit::OK,
+                        message: "restore complete".into(),
+                    },
+                    Err(e) => {
+                        tracing::error!("restore failed, the previous data is in place: {e:#}");
+                        control::Reply {
+                            code: exit::code_for(e),
+                            message: format!("{e:#}"),
+                        }
+                    }
+                };
+                let _ = request.reply.send(reply);
+                p.maintenance.send_replace(None);
+                if stop_after.is_some() {
+                    break exit::OK;
+                }
+            }
+        }
+    };
+    let force = CancellationToken::new();
+    finish(config, &force).await;
+    background.cancel();
+    Ok(code)
+}
+
+/// One cycle: bring the database, the services and the scheduler up, supervise them until a
+/// reason to stop, and stop them all in order.
+async fn cycle(
+    loaded: &Loaded,
+    plan: &Plan,
+    layout: &Layout,
+    secrets: &SecretStore,
+    p: &mut Persistent,
+    opened: Opening,
+) -> anyhow::Result<Cycle> {
+    let config = &loaded.config;
+    let started = Instant::now();
+    let shutdown = CancellationToken::new();
+    let force = CancellationToken::new();
+    p.pg_tx.send_replace(ServiceStatus::default());
+    for tx in p.senders.values() {
+        tx.send_replace(ServiceStatus::default());
     }
 
     // PostgreSQL.
-    let pg_log = open_log(config, &layout, POSTGRES_SERVICE);
-    let up = bring_up_database(loaded, opened, &pg_tx, pg_log);
+    let pg_log = open_log(config, layout, POSTGRES_SERVICE);
+    let up = bring_up_database(loaded, opened, &p.pg_tx, pg_log);
     let (mut database, endpoint) = tokio::select! {
         r = up => r?,
-        s = signals.recv() => {
+        s = p.signals.recv() => {
             tracing::info!(signal = s, "stop requested during start-up");
-            finish(config, &force).await;
-            return Ok(exit::OK);
+            return Ok(Cycle::Exit(exit::OK));
         }
     };
 
     // The application environment.
     let env = Arc::new(environment::build(
         config,
-        &layout,
-        &secrets,
+        layout,
+        secrets,
         Some(&endpoint),
     )?);
-    environment::render_templates(config, &env, app_account.as_ref())?;
+    environment::render_templates(config, &env, p.app_account.as_ref())?;
 
     // Services.
     let mut tasks = tokio::task::JoinSet::new();
@@ -255,25 +365,25 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
         let deps = svc
             .depends_on
             .iter()
-            .map(|d| (d.clone(), receivers[d].clone()))
+            .map(|d| (d.clone(), p.receivers[d].clone()))
             .collect();
         let dependents = plan
             .services
             .iter()
             .filter(|other| config.services[*other].depends_on.contains(name))
-            .map(|other| receivers[other].clone())
+            .map(|other| p.receivers[other].clone())
             .collect();
         let ctx = ServiceCtx {
             name: name.clone(),
             spec: svc,
             env: env.clone(),
-            account: accounts[name].clone(),
-            status: senders[name].clone(),
+            account: p.accounts[name].clone(),
+            status: p.senders[name].clone(),
             deps,
             dependents,
             shutdown: shutdown.clone(),
             force: force.clone(),
-            log_file: open_log(config, &layout, name),
+            log_file: open_log(config, layout, name),
         };
         let name = name.clone();
         tasks.spawn(async move { (name, service::run(ctx).await) });
@@ -285,7 +395,7 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
             .map(|(name, job)| crate::cron::Job {
                 name: name.clone(),
                 config: job.clone(),
-                account: app_account.clone().filter(|_| job.user.is_empty()),
+                account: p.app_account.clone().filter(|_| job.user.is_empty()),
             })
             .collect();
         tokio::spawn(crate::cron::run(
@@ -295,19 +405,34 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
             force.clone(),
         ))
     });
+    let backups = (plan.cron && !config.backup.schedule.is_empty()).then(|| {
+        tokio::spawn(scheduled_backups(
+            config.clone(),
+            layout.clone(),
+            loaded.dirs.clone(),
+            endpoint.clone(),
+            shutdown.clone(),
+        ))
+    });
     {
-        let board = board.clone();
+        let board = p.board.clone();
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            for e in board.entries.iter().filter(|e| e.essential) {
-                let mut rx = e.rx.clone();
-                if rx.wait_for(|s| s.state.is_ready()).await.is_err() {
-                    return;
+            let all_ready = async {
+                for e in board.entries.iter().filter(|e| e.essential) {
+                    let mut rx = e.rx.clone();
+                    if rx.wait_for(|s| s.state.is_ready()).await.is_err() {
+                        return false;
+                    }
                 }
+                true
+            };
+            tokio::select! {
+                ready = all_ready => if ready {
+                    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "regobox is ready");
+                },
+                _ = shutdown.cancelled() => {}
             }
-            tracing::info!(
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "regobox is ready"
-            );
         });
     }
 
@@ -325,7 +450,8 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
             }
         };
         tokio::select! {
-            s = signals.recv() => break Reason::Signal(s),
+            s = p.signals.recv() => break Reason::Signal(s),
+            Some(request) = p.control.recv() => break Reason::Maintenance(request),
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                 let Ok((name, outcome)) = joined else { continue };
                 let is_target = plan.target.as_deref() == Some(name.as_str());
@@ -342,9 +468,13 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
     };
 
     // Stop, in order.
-    let code = match &reason {
+    let mut code = match &reason {
         Reason::Signal(s) => {
             tracing::info!(signal = s, "stopping (a second signal forces)");
+            exit::OK
+        }
+        Reason::Maintenance(r) => {
+            tracing::info!(archive = %r.options.archive.display(), "maintenance: stopping everything for a restore");
             exit::OK
         }
         Reason::Essential(name, st) => {
@@ -366,48 +496,94 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
         }
     };
     shutdown.cancel();
+    if let Some(b) = backups {
+        b.abort();
+    }
     let deadline = Instant::now() + config.supervision.shutdown_timeout;
-    {
-        let force = force.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                s = signals.recv() => tracing::warn!(signal = s, "second stop request: stopping now"),
-                _ = tokio::time::sleep_until(deadline) => tracing::warn!("shutdown deadline reached: stopping now"),
+    let clean = {
+        let ordered_stop = async {
+            if let Some(cron) = cron_task {
+                let _ = cron.await;
             }
-            force.cancel();
-        });
-    }
-    if let Some(cron) = cron_task {
-        let _ = cron.await;
-    }
-    while tasks.join_next().await.is_some() {}
-    pg_tx.send_modify(|s| s.state = State::Stopping);
-    let mut code = code;
-    if let Database::Owned { server, .. } = &mut database {
-        let grace = config.postgres.stop_timeout;
-        let force = force.clone();
-        match server
-            .stop(grace, async move { force.cancelled().await })
-            .await
-        {
-            Ok(st) if st.success() => tracing::info!("PostgreSQL stopped cleanly"),
-            Ok(st) => {
-                tracing::warn!(status = %st, "PostgreSQL did not stop cleanly");
-                if code == exit::OK && !matches!(reason, Reason::Target(..)) {
-                    code = exit::FAILURE;
+            while tasks.join_next().await.is_some() {}
+            p.pg_tx.send_modify(|s| s.state = State::Stopping);
+            let mut clean = true;
+            if let Database::Owned { server, .. } = &mut database {
+                let grace = config.postgres.stop_timeout;
+                let force = force.clone();
+                match server
+                    .stop(grace, async move { force.cancelled().await })
+                    .await
+                {
+                    Ok(st) if st.success() => tracing::info!("PostgreSQL stopped cleanly"),
+                    Ok(st) => {
+                        tracing::warn!(status = %st, "PostgreSQL did not stop cleanly");
+                        clean = false;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "waiting for PostgreSQL"),
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "waiting for PostgreSQL"),
+            clean
+        };
+        tokio::pin!(ordered_stop);
+        loop {
+            tokio::select! {
+                clean = &mut ordered_stop => break clean,
+                s = p.signals.recv(), if !force.is_cancelled() => {
+                    tracing::warn!(signal = s, "second stop request: stopping now");
+                    force.cancel();
+                }
+                _ = tokio::time::sleep_until(deadline), if !force.is_cancelled() => {
+                    tracing::warn!("shutdown deadline reached: stopping now");
+                    force.cancel();
+                }
+            }
         }
+    };
+    if !clean && code == exit::OK && !matches!(reason, Reason::Target(..)) {
+        code = exit::FAILURE;
     }
-    pg_tx.send_modify(|s| {
+    p.pg_tx.send_modify(|s| {
         s.state = State::Stopped;
         s.pid = None;
     });
     drop(database);
-    finish(config, &force).await;
-    health_stop.cancel();
-    Ok(code)
+    Ok(match reason {
+        Reason::Maintenance(request) => Cycle::Maintenance(request),
+        _ => Cycle::Exit(code),
+    })
+}
+
+/// `backup.schedule`: archives taken through the running server, with retention.
+async fn scheduled_backups(
+    config: Config,
+    layout: Layout,
+    dirs: Vec<PathBuf>,
+    endpoint: Endpoint,
+    shutdown: CancellationToken,
+) {
+    let Ok(schedule) = config.backup.schedule.parse::<croner::Cron>() else {
+        return;
+    };
+    loop {
+        let now = chrono::Utc::now();
+        let Some(next) = crate::cron::next_run(&schedule, chrono_tz::Tz::UTC, now) else {
+            return;
+        };
+        let wait = (next - now).to_std().unwrap_or(Duration::ZERO);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let opts = crate::backup::CreateOptions {
+            output: crate::backup::Output::Default,
+            secrets: true,
+            config: true,
+        };
+        if let Err(e) = crate::backup::create(&config, &layout, &dirs, &endpoint, &opts).await {
+            tracing::error!("scheduled backup failed: {e:#}");
+        }
+    }
 }
 
 /// Stop whatever is left (orphans re-parented to regobox): SIGTERM, then SIGKILL when the

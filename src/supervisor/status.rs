@@ -90,17 +90,20 @@ pub struct Entry {
 }
 
 /// Everything the health port reports.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Board {
     pub entries: Vec<Entry>,
-    /// Extra facts shown in `/status` (e.g. certificates, the Docker engine), by later components.
     pub started_at: f64,
+    /// Why regobox is in maintenance (a restore), if it is: nothing is ready then.
+    pub maintenance: watch::Receiver<Option<String>>,
 }
 
 /// The JSON of `/status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Snapshot {
     pub ready: bool,
+    #[serde(default)]
+    pub maintenance: Option<String>,
     pub uptime_seconds: f64,
     pub orphans_reaped: u64,
     pub services: Vec<NamedStatus>,
@@ -118,7 +121,8 @@ pub struct NamedStatus {
 impl Board {
     /// Every essential entry is ready.
     pub fn ready(&self) -> bool {
-        !self.entries.is_empty()
+        self.maintenance.borrow().is_none()
+            && !self.entries.is_empty()
             && self
                 .entries
                 .iter()
@@ -129,6 +133,7 @@ impl Board {
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             ready: self.ready(),
+            maintenance: self.maintenance.borrow().clone(),
             uptime_seconds: (now_epoch() - self.started_at).max(0.0),
             orphans_reaped: crate::process::orphans_reaped(),
             services: self

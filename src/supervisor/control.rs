@@ -1,0 +1,156 @@
+//! The control socket: how a command reaches the running supervisor (today: a restore).
+//!
+//! `<runtime_dir>/control.sock`, mode 0600 (root, or regobox's user). One JSON line in, one JSON
+//! line out: `{"restore": {"archive": "/volumes/backups/x.tar.zst", "force": false}}` is answered
+//! with `{"code": 0, "message": "restore complete"}` once the supervisor has stopped everything in
+//! order, restored, and started everything again (or rolled back).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::backup::RestoreOptions;
+use crate::config::Config;
+
+/// A maintenance request handed to the supervisor.
+#[derive(Debug)]
+pub struct Request {
+    pub options: RestoreOptions,
+    pub reply: oneshot::Sender<Reply>,
+}
+
+/// The answer: an exit code for the client, and what happened.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    pub code: u8,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Wire {
+    restore: RestoreWire,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RestoreWire {
+    archive: PathBuf,
+    force: bool,
+}
+
+pub fn socket_path(config: &Config) -> PathBuf {
+    config.runtime_dir.join("control.sock")
+}
+
+/// Serve the control socket until `stop`, handing requests to `tx`.
+pub fn listen(
+    config: &Config,
+    tx: mpsc::Sender<Request>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let path = socket_path(config);
+    std::fs::create_dir_all(&config.runtime_dir)?;
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(_) => continue,
+                },
+                _ = stop.cancelled() => break,
+            };
+            tokio::spawn(serve(stream, tx.clone()));
+        }
+        let _ = std::fs::remove_file(&path);
+    });
+    Ok(())
+}
+
+async fn serve(stream: UnixStream, tx: mpsc::Sender<Request>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take_limit());
+    let reply = match reader.read_line(&mut line).await {
+        Ok(_) => match serde_json::from_str::<Wire>(&line) {
+            Ok(w) => {
+                let (reply_tx, reply_rx) = oneshot::channel();
+                let request = Request {
+                    options: RestoreOptions {
+                        archive: w.restore.archive,
+                        force: w.restore.force,
+                    },
+                    reply: reply_tx,
+                };
+                if tx.send(request).await.is_err() {
+                    Reply {
+                        code: crate::exit::FAILURE,
+                        message: "regobox is stopping".into(),
+                    }
+                } else {
+                    reply_rx.await.unwrap_or(Reply {
+                        code: crate::exit::FAILURE,
+                        message: "regobox stopped before answering".into(),
+                    })
+                }
+            }
+            Err(e) => Reply {
+                code: crate::exit::FAILURE,
+                message: format!("bad request: {e}"),
+            },
+        },
+        Err(e) => Reply {
+            code: crate::exit::FAILURE,
+            message: format!("bad request: {e}"),
+        },
+    };
+    if let Ok(text) = serde_json::to_string(&reply) {
+        let _ = write.write_all(format!("{text}\n").as_bytes()).await;
+    }
+}
+
+trait TakeLimit: Sized {
+    fn take_limit(self) -> tokio::io::Take<Self>;
+}
+
+impl<R: tokio::io::AsyncRead> TakeLimit for R {
+    /// Requests are one short line: never read more than 64 KiB.
+    fn take_limit(self) -> tokio::io::Take<Self> {
+        tokio::io::AsyncReadExt::take(self, 64 * 1024)
+    }
+}
+
+/// Ask a running regobox to restore; `None` if none answers on the control socket.
+pub async fn request_restore(
+    config: &Config,
+    options: &RestoreOptions,
+) -> anyhow::Result<Option<Reply>> {
+    let Ok(stream) = UnixStream::connect(socket_path(config)).await else {
+        return Ok(None);
+    };
+    let archive = options
+        .archive
+        .canonicalize()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", options.archive.display()))?;
+    let wire = Wire {
+        restore: RestoreWire {
+            archive,
+            force: options.force,
+        },
+    };
+    let (read, mut write) = stream.into_split();
+    write
+        .write_all(format!("{}\n", serde_json::to_string(&wire)?).as_bytes())
+        .await?;
+    let mut line = String::new();
+    BufReader::new(read).read_line(&mut line).await?;
+    let reply: Reply = serde_json::from_str(&line)
+        .map_err(|e| anyhow::anyhow!("the running regobox gave no answer ({e})"))?;
+    Ok(Some(reply))
+}
