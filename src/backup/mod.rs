@@ -159,7 +159,7 @@ pub async fn create(
     crate::volumes::ensure_dir(&layout.backups, 0o700, "backup.dir")?;
     let id = format!(
         "{}-{}",
-        chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
+        chrono::Utc::now().format("%Y%m%dT%H%M%S%3fZ"),
         std::process::id()
     );
     let work = layout.backups.join(format!(".work-{id}"));
@@ -603,12 +603,6 @@ pub async fn restore(
         crate::volumes::ensure_dir(&pg.data_dir, 0o700, "postgres.data_dir")?;
         cluster::chown(&pg.data_dir, &account)?;
     }
-    let Some(lock) = DataDirLock::try_acquire(&pg.data_dir, &account)? else {
-        return Err(PostgresError::Busy {
-            data_dir: pg.data_dir.clone(),
-        }
-        .into());
-    };
     let files_hold_data = std::fs::read_dir(&layout.files)
         .map(|mut rd| rd.next().is_some())
         .unwrap_or(false);
@@ -630,6 +624,13 @@ pub async fn restore(
             return Err(RestoreRefused::ExistingData { what }.into());
         }
     }
+    // Refusals above are read-only; from here on the volume is held.
+    let Some(lock) = DataDirLock::try_acquire(&pg.data_dir, &account)? else {
+        return Err(PostgresError::Busy {
+            data_dir: pg.data_dir.clone(),
+        }
+        .into());
+    };
 
     let id = format!(
         "{}-{}",

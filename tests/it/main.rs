@@ -3,6 +3,7 @@
 
 mod support;
 
+mod backup;
 mod config_cli;
 mod postgres_embedded;
 mod postgres_external;

@@ -329,7 +329,10 @@ pub fn snapshot(dir: &Path) -> Vec<String> {
     while let Some(p) = stack.pop() {
         let m = std::fs::symlink_metadata(&p).unwrap();
         let content = if m.is_file() {
-            format!("{:?}", std::fs::read(&p).unwrap())
+            use sha2::Digest;
+            format!("{:x}", sha2::Sha256::digest(std::fs::read(&p).unwrap()))
+        } else if m.file_type().is_symlink() {
+            std::fs::read_link(&p).unwrap().display().to_string()
         } else {
             String::new()
         };
@@ -403,4 +406,18 @@ pub fn descendants(root: i32) -> Vec<(i32, char)> {
         }
     }
     out
+}
+
+/// The archives of a backups directory, oldest first.
+pub fn archives_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().ends_with(".tar.zst"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
 }

@@ -1,0 +1,440 @@
+//! Backup and restore through the real binary with real PostgreSQL servers.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::*;
+
+/// Rows and a checksum over a table.
+fn checksum(inst: &Instance, table: &str) -> String {
+    inst.sql(&format!(
+        "SELECT count(*) || ':' || md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) FROM {table} t"
+    ))
+}
+
+/// An instance with a table of rows and a files volume with every kind of entry.
+fn source() -> Instance {
+    let inst = Instance::new();
+    inst.ok(&["init"]);
+    inst.sql(
+        "CREATE TABLE genes(id serial PRIMARY KEY, name text, score float8, data bytea);
+         INSERT INTO genes(name, score, data)
+           SELECT 'gene-' || g, g / 7.0, decode(md5(g::text), 'hex') FROM generate_series(1, 5000) g;",
+    );
+    let files = inst.root.join("files");
+    std::fs::create_dir_all(files.join("runs/42/empty")).unwrap();
+    std::fs::write(
+        files.join("runs/42/result.vcf"),
+        "chr1\t12345\tA\tG\n".repeat(1000),
+    )
+    .unwrap();
+    std::fs::write(
+        files.join("runs/42/binary"),
+        (0..=255u8).cycle().take(70_000).collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    std::fs::write(files.join("runs/run.sh"), "#!/bin/sh\necho run\n").unwrap();
+    std::fs::set_permissions(
+        files.join("runs/run.sh"),
+        std::fs::Permissions::from_mode(0o750),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        files.join("runs/42/result.vcf"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("42/result.vcf", files.join("runs/latest")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/target", files.join("dangling")).unwrap();
+    inst
+}
+
+/// Every entry under `dir`, relative, with type, mode, owner, size and content (or symlink
+/// target); modification times are left out (tar keeps whole seconds, and restoring a
+/// directory's children changes its time).
+fn tree(dir: &Path) -> Vec<String> {
+    snapshot(dir)
+        .into_iter()
+        .map(|l| {
+            let l = l.replacen(&dir.display().to_string(), "", 1);
+            let mut fields: Vec<&str> = l.split(' ').collect();
+            fields.remove(5); // the mtime
+            fields.join(" ")
+        })
+        .collect()
+}
+
+/// `regobox backup` into the default directory; the archive's path.
+fn backup(inst: &Instance) -> PathBuf {
+    let out = inst.ok(&["backup"]);
+    PathBuf::from(stdout(&out).trim())
+}
+
+fn signal_of(status: std::process::ExitStatus) -> i32 {
+    status.signal().unwrap_or(0)
+}
+
+#[test]
+fn round_trip_into_a_fresh_volume_is_identical() {
+    let a = source();
+    let rows = checksum(&a, "genes");
+    let files = tree(&a.root.join("files"));
+    let archive = backup(&a);
+    assert!(
+        archive.starts_with(a.root.join("backups")),
+        "{}",
+        archive.display()
+    );
+    // Open format: standard tools read it.
+    let listing = Command::new("sh")
+        .arg("-c")
+        .arg(format!("zstd -dc '{}' | tar -t", archive.display()))
+        .output()
+        .unwrap();
+    let names = stdout(&listing);
+    assert_eq!(names.lines().next(), Some("database.dump"), "{names}");
+    assert_eq!(names.lines().last(), Some("manifest.json"), "{names}");
+    assert!(names.contains("volumes/files/runs/42/empty"), "{names}");
+
+    let b = Instance::new();
+    let out = b.ok(&["restore", archive.to_str().unwrap()]);
+    assert!(
+        stderr(&out).contains("restore complete"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(checksum(&b, "genes"), rows);
+    assert_eq!(
+        tree(&b.root.join("files")),
+        files,
+        "files, modes, symlinks and empty dirs"
+    );
+    // The restored volume runs.
+    let run = b.start();
+    assert_eq!(checksum(&b, "genes"), rows);
+    run.stop();
+}
+
+#[test]
+fn a_backup_under_concurrent_writes_restores_to_a_consistent_state() {
+    let a = Instance::new();
+    a.ok(&["init"]);
+    a.sql("CREATE TABLE debit(id int PRIMARY KEY); CREATE TABLE credit(id int PRIMARY KEY);");
+    let run = a.start();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let cfg = a.app_config();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let (mut client, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+                tokio::spawn(conn);
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    i += 1;
+                    let tx = client.transaction().await.unwrap();
+                    tx.execute("INSERT INTO debit VALUES ($1)", &[&i])
+                        .await
+                        .unwrap();
+                    tx.execute("INSERT INTO credit VALUES ($1)", &[&i])
+                        .await
+                        .unwrap();
+                    tx.commit().await.unwrap();
+                }
+                i
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let archive = backup(&a);
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let written = writer.join().unwrap();
+    run.stop();
+
+    let b = Instance::new();
+    b.ok(&["restore", archive.to_str().unwrap()]);
+    let debit: i64 = b.sql("SELECT count(*) FROM debit").parse().unwrap();
+    let credit: i64 = b.sql("SELECT count(*) FROM credit").parse().unwrap();
+    assert_eq!(debit, credit, "a transaction was cut in half");
+    assert!(
+        debit > 0 && debit < written as i64,
+        "a snapshot taken during the writes: {debit} of {written}"
+    );
+    assert_eq!(b.sql("SELECT max(id) = count(*) FROM debit"), "t", "no gap");
+}
+
+/// Rewrite an archive with Python's tarfile: `edit` is Python run for each member `m` (a
+/// TarInfo) with its bytes `data`; it may set `skip = True` or change `data`.
+fn rewrite(src: &Path, dst: &Path, edit: &str) {
+    let script = format!(
+        r#"
+import io, json, subprocess, sys, tarfile
+raw = subprocess.run(["zstd", "-dc", sys.argv[1]], capture_output=True, check=True).stdout
+out = io.BytesIO()
+with tarfile.open(fileobj=io.BytesIO(raw)) as tin, tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tout:
+    for m in tin.getmembers():
+        data = tin.extractfile(m).read() if m.isfile() else None
+        skip = False
+{}
+        if skip:
+            continue
+        if data is not None:
+            m.size = len(data)
+            tout.addfile(m, io.BytesIO(data))
+        else:
+            tout.addfile(m)
+subprocess.run(["zstd", "-q", "-f", "-o", sys.argv[2]], input=out.getvalue(), check=True)
+"#,
+        edit.lines()
+            .map(|l| format!("        {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(src)
+        .arg(dst)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn damaged_archives_are_refused_and_change_nothing() {
+    let a = source();
+    let archive = backup(&a);
+    let bytes = std::fs::read(&archive).unwrap();
+    let dir = a.dir.path().join("damaged");
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let flipped = dir.join("flipped.tar.zst");
+    let mut b = bytes.clone();
+    b[bytes.len() / 2] ^= 0x01;
+    std::fs::write(&flipped, b).unwrap();
+    let truncated = dir.join("truncated.tar.zst");
+    std::fs::write(&truncated, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let missing = dir.join("missing.tar.zst");
+    rewrite(
+        &archive,
+        &missing,
+        "skip = m.name == 'volumes/files/runs/42/result.vcf'",
+    );
+    let lie = dir.join("lie.tar.zst");
+    rewrite(
+        &archive,
+        &lie,
+        "if m.name == 'volumes/files/runs/run.sh':\n    data = data.replace(b'run', b'pwn')",
+    );
+    let newer = dir.join("newer.tar.zst");
+    rewrite(
+        &archive,
+        &newer,
+        "if m.name == 'manifest.json':\n    j = json.loads(data)\n    j['postgres']['major'] = '99'\n    data = json.dumps(j).encode()",
+    );
+
+    // A volume with data of its own, which must come out unchanged.
+    let target = Instance::new();
+    target.ok(&["init"]);
+    target.sql("CREATE TABLE mine(x int); INSERT INTO mine VALUES (7);");
+    std::fs::write(target.root.join("files/keep.txt"), "keep").unwrap();
+    let before = (
+        tree(&target.root.join("files")),
+        target.sql("SELECT x FROM mine"),
+    );
+    let data_before = snapshot(&target.data_dir());
+
+    for (damaged, expect) in [
+        (&flipped, "does not verify"),
+        (&truncated, "does not verify"),
+        (&missing, "missing from the archive"),
+        (&lie, "SHA-256 differs"),
+    ] {
+        let out = target.output(&["backup", "verify", damaged.to_str().unwrap()]);
+        let what = damaged.display();
+        assert_eq!(out.status.code(), Some(65), "{what}: {}", stderr(&out));
+        assert!(stderr(&out).contains(expect), "{what}: {}", stderr(&out));
+        let out = target.output(&["restore", "--force", damaged.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(65), "{what}: {}", stderr(&out));
+        assert_eq!(snapshot(&target.data_dir()), data_before, "{what}");
+    }
+    // A dump of a newer major verifies, but is not restored by these binaries.
+    target.ok(&["backup", "verify", newer.to_str().unwrap()]);
+    let out = target.output(&["restore", "--force", newer.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(65));
+    assert!(stderr(&out).contains("PostgreSQL 99"), "{}", stderr(&out));
+
+    assert_eq!(
+        (
+            tree(&target.root.join("files")),
+            target.sql("SELECT x FROM mine")
+        ),
+        before
+    );
+    // `backup list` says which verify.
+    for f in [&flipped, &missing] {
+        let name = format!("regobox-0-{}", f.file_name().unwrap().to_str().unwrap());
+        std::fs::copy(f, target.root.join("backups").join(name)).unwrap();
+    }
+    target.ok(&["backup"]);
+    let out = target.output(&["backup", "list"]);
+    assert_eq!(out.status.code(), Some(65));
+    let text = stdout(&out);
+    assert_eq!(
+        text.lines().filter(|l| l.contains(" NO: ")).count(),
+        2,
+        "{text}"
+    );
+    assert_eq!(
+        text.lines().filter(|l| l.ends_with(" yes")).count(),
+        1,
+        "{text}"
+    );
+}
+
+#[test]
+fn restore_without_force_over_existing_data_is_refused() {
+    let a = source();
+    let archive = backup(&a);
+    let target = Instance::new();
+    target.ok(&["init"]);
+    let before = snapshot(&target.data_dir());
+    let out = target.output(&["restore", archive.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
+    assert_eq!(snapshot(&target.data_dir()), before);
+}
+
+#[test]
+fn a_restore_killed_at_any_step_leaves_the_previous_data_bootable() {
+    let a = source();
+    let archive = backup(&a);
+    let new_rows = checksum(&a, "genes");
+    let target = Instance::new();
+    target.ok(&["init"]);
+    target.sql("CREATE TABLE genes(id int); INSERT INTO genes VALUES (1), (2), (3);");
+    std::fs::write(target.root.join("files/old.txt"), "previous").unwrap();
+    let old_rows = checksum(&target, "genes");
+    let old_files = tree(&target.root.join("files"));
+    for point in [
+        "restore:staging",
+        "restore:extracted",
+        "restore:cluster-ready",
+        "restore:swap-0",
+        "restore:swap-1",
+        "restore:swap-2",
+        "restore:swapped",
+    ] {
+        let out = target
+            .command(&["restore", "--force", archive.to_str().unwrap()])
+            .env("REGOBOX_FAULT_INJECT", point)
+            .output()
+            .unwrap();
+        assert_eq!(
+            signal_of(out.status),
+            9,
+            "{point}: killed there: {}",
+            stderr(&out)
+        );
+        // The next command finds the previous data, bootable, and nothing left behind.
+        assert_eq!(checksum(&target, "genes"), old_rows, "{point}");
+        assert_eq!(tree(&target.root.join("files")), old_files, "{point}");
+        let leftovers: Vec<String> = std::fs::read_dir(&target.root)
+            .unwrap()
+            .chain(std::fs::read_dir(target.root.join("db")).unwrap())
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{point}: {leftovers:?}");
+    }
+    // Killed once committed: the restore stands.
+    let out = target
+        .command(&["restore", "--force", archive.to_str().unwrap()])
+        .env("REGOBOX_FAULT_INJECT", "restore:committed")
+        .output()
+        .unwrap();
+    assert_eq!(signal_of(out.status), 9);
+    assert_eq!(checksum(&target, "genes"), new_rows);
+}
+
+#[test]
+fn backup_streams_to_stdout_and_verifies_with_a_restore_test() {
+    let a = source();
+    let rows = checksum(&a, "genes");
+    let file = a.dir.path().join("streamed.tar.zst");
+    let out = a
+        .command(&["backup", "-"])
+        .stdout(std::fs::File::create(&file).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        archives_in(&a.root.join("backups")).is_empty(),
+        "nothing written in the backups dir"
+    );
+    let out = a.ok(&["backup", "verify", "--restore-test", file.to_str().unwrap()]);
+    assert!(stdout(&out).contains("restore test OK"), "{}", stdout(&out));
+    let b = Instance::new();
+    b.ok(&["restore", file.to_str().unwrap()]);
+    assert_eq!(checksum(&b, "genes"), rows);
+}
+
+#[test]
+fn retention_keeps_exactly_n_archives() {
+    let a = Instance::new();
+    a.config_file("50.toml", "[backup]\nkeep = 2\n");
+    a.ok(&["init"]);
+    let mut made = Vec::new();
+    for _ in 0..4 {
+        made.push(backup(&a));
+    }
+    let left = archives_in(&a.root.join("backups"));
+    assert_eq!(left, made[2..].to_vec(), "the two newest are kept");
+}
+
+#[test]
+fn a_restore_through_the_running_regobox_stops_restores_and_restarts() {
+    let a = source();
+    let rows = checksum(&a, "genes");
+    let archive = backup(&a);
+    let target = Instance::new();
+    let http = free_port();
+    target.config_file(
+        "50.toml",
+        &format!(
+            "[services.web]\ncommand = [\"python3\", \"-m\", \"http.server\", \"{http}\", \"--bind\", \"127.0.0.1\"]\nready = {{ tcp = \"{http}\" }}\n"
+        ),
+    );
+    let mut run = target.start();
+    target.sql("CREATE TABLE genes(id int); INSERT INTO genes VALUES (1);");
+    let web_before = target.service("web")["pid"].as_i64().unwrap();
+    let out = target.output(&["restore", "--force", archive.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        run.child.try_wait().unwrap().is_none(),
+        "regobox is still running"
+    );
+    run.wait_for_log("restore complete", Duration::from_secs(5));
+    let log = run.log_text();
+    let pos = |n: &str| log.find(n).unwrap_or_else(|| panic!("no {n:?} in {log}"));
+    assert!(pos("maintenance: stopping everything for a restore") < pos("stopping service"));
+    assert!(pos("stopping service") < pos("restore complete"));
+    target.wait_until("ready again", Duration::from_secs(30), || {
+        target.health_get("/readyz").0 == 200
+    });
+    assert_eq!(checksum(&target, "genes"), rows);
+    assert_ne!(
+        target.service("web")["pid"].as_i64().unwrap(),
+        web_before,
+        "web was restarted"
+    );
+    run.stop();
+}
