@@ -6,8 +6,6 @@
 //! run is logged with its duration and status, a non-zero exit being a failure. On stop, running
 //! jobs get SIGTERM, then SIGKILL on a forced stop.
 
-use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +17,7 @@ use nix::sys::signal::Signal;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{CronConfig, ServiceConfig};
-use crate::logs::{Sink, Target};
+use crate::logs::{Forwarders, Sink};
 use crate::process;
 use crate::supervisor::environment::Env;
 use crate::supervisor::service::{command_for, describe};
@@ -134,23 +132,13 @@ async fn run_once(
         }
     };
     tracing::info!(job = %job.name, pid = child.pid(), "cron job started");
-    let mut logs: BTreeMap<&str, tokio::task::JoinHandle<()>> = BTreeMap::new();
-    for (stream, pipe) in [
-        ("stdout", child.stdout.take().map(OwnedFd::from)),
-        ("stderr", child.stderr.take().map(OwnedFd::from)),
-    ] {
-        if let Some(pipe) = pipe {
-            if let Ok(reader) = process::async_pipe(pipe) {
-                let target = Target {
-                    name: label.clone(),
-                    stream,
-                    sink: Sink::Stdout,
-                    file: None,
-                };
-                logs.insert(stream, tokio::spawn(crate::logs::forward(target, reader)));
-            }
+    let mut logs = match Forwarders::start(&mut child, &label, Sink::Stdout, None) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(job = %job.name, error = %e, "cannot forward the job's output");
+            Forwarders::default()
         }
-    }
+    };
     let status = tokio::select! {
         s = child.wait() => s,
         _ = tokio::time::sleep(job.config.timeout) => {
@@ -159,12 +147,7 @@ async fn run_once(
         }
         _ = shutdown.cancelled() => stop(&mut child, &force).await,
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        for (_, h) in logs {
-            let _ = h.await;
-        }
-    })
-    .await;
+    logs.drain().await;
     let duration_ms = started.elapsed().as_millis() as u64;
     if status.success() {
         tracing::info!(job = %job.name, duration_ms, status = %describe(status), "cron job succeeded");

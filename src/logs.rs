@@ -120,6 +120,59 @@ pub struct Target {
     pub file: Option<SharedLogFile>,
 }
 
+/// How long to wait for the last lines of an exited child (a process it left behind could keep
+/// its pipes open).
+pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The tasks forwarding one child's stdout and stderr.
+#[derive(Debug, Default)]
+pub struct Forwarders(Vec<tokio::task::JoinHandle<()>>);
+
+impl Forwarders {
+    /// Forward the piped stdout and stderr of `child` as `name`.
+    pub fn start(
+        child: &mut crate::process::Child,
+        name: &str,
+        sink: Sink,
+        file: Option<SharedLogFile>,
+    ) -> io::Result<Forwarders> {
+        let mut tasks = Vec::new();
+        for (stream, pipe) in [
+            (
+                "stdout",
+                child.stdout.take().map(std::os::fd::OwnedFd::from),
+            ),
+            (
+                "stderr",
+                child.stderr.take().map(std::os::fd::OwnedFd::from),
+            ),
+        ] {
+            if let Some(pipe) = pipe {
+                let target = Target {
+                    name: name.to_string(),
+                    stream,
+                    sink,
+                    file: file.clone(),
+                };
+                let reader = crate::process::async_pipe(pipe)?;
+                tasks.push(tokio::spawn(forward(target, reader)));
+            }
+        }
+        Ok(Forwarders(tasks))
+    }
+
+    /// Wait, at most [`DRAIN`], for every line of an exited child to be forwarded.
+    pub async fn drain(&mut self) {
+        let tasks = std::mem::take(&mut self.0);
+        let _ = tokio::time::timeout(DRAIN, async {
+            for t in tasks {
+                let _ = t.await;
+            }
+        })
+        .await;
+    }
+}
+
 /// Forward every line of `reader` until end of file.
 pub async fn forward(target: Target, reader: impl AsyncRead + Unpin) {
     let mut reader = BufReader::with_capacity(MAX_LINE, reader);

@@ -129,6 +129,17 @@ impl DataDirLock {
     }
 }
 
+/// Whether a process holds the lock of `dir` (checked without writing anything).
+pub fn is_locked(dir: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(dir.join(LOCK_FILE)) else {
+        return false;
+    };
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(_) => false,
+        Err((_, e)) => e == nix::Error::EWOULDBLOCK,
+    }
+}
+
 /// Remove a `postmaster.pid` left by a crash. Refuses if the recorded PID is, or may be, a live
 /// postgres serving this data directory.
 pub fn clear_stale_pid(dir: &Path) -> Result<(), PostgresError> {

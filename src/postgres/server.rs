@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 use crate::process::{self, Child};
 
 use super::binaries::Binaries;
-use crate::logs::{SharedLogFile, Sink, Target};
+use crate::logs::{Forwarders, SharedLogFile, Sink};
 use crate::users::Account;
 
 /// How long an immediate shutdown (SIGQUIT) may take before SIGKILL.
@@ -28,13 +28,9 @@ const QUIT_GRACE: Duration = Duration::from_secs(5);
 pub struct Server {
     child: Child,
     pid: i32,
-    /// The tasks forwarding its output; drained after it exits so no last line is lost.
-    logs: Vec<tokio::task::JoinHandle<()>>,
+    /// Its output; drained after it exits so no last line is lost.
+    logs: Forwarders,
 }
-
-/// How long to wait for the output of an exited server to be forwarded (a process it left
-/// behind could keep the pipe open).
-const DRAIN_LOGS: Duration = Duration::from_secs(2);
 
 impl Server {
     /// Start `postgres -D data_dir -c k=v ...` as `account`.
@@ -69,28 +65,7 @@ impl Server {
         account.apply(&mut command);
         let mut child = process::spawn(&mut command)?;
         let pid = child.pid();
-        let mut logs = Vec::new();
-        for (stream, pipe) in [
-            (
-                "stdout",
-                child.stdout.take().map(std::os::fd::OwnedFd::from),
-            ),
-            (
-                "stderr",
-                child.stderr.take().map(std::os::fd::OwnedFd::from),
-            ),
-        ] {
-            if let Some(pipe) = pipe {
-                let target = Target {
-                    name: "postgres".into(),
-                    stream,
-                    sink,
-                    file: file.clone(),
-                };
-                let reader = process::async_pipe(pipe)?;
-                logs.push(tokio::spawn(crate::logs::forward(target, reader)));
-            }
-        }
+        let logs = Forwarders::start(&mut child, "postgres", sink, file)?;
         Ok(Server { child, pid, logs })
     }
 
@@ -101,13 +76,8 @@ impl Server {
     /// Wait for the server to exit by itself (cancel-safe), then for its last lines of output.
     pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
         let status = self.child.wait().await;
-        self.drain_logs().await;
+        self.logs.drain().await;
         Ok(status)
-    }
-
-    async fn drain_logs(&mut self) {
-        let all = futures_join_all(std::mem::take(&mut self.logs));
-        let _ = tokio::time::timeout(DRAIN_LOGS, all).await;
     }
 
     /// Stop the server: SIGINT, then after `grace` (or as soon as `force` completes) SIGQUIT,
@@ -143,13 +113,6 @@ impl Server {
 
     fn signal(&mut self, signal: Signal) {
         self.child.signal(signal);
-    }
-}
-
-/// Await every handle (their results do not matter).
-async fn futures_join_all(handles: Vec<tokio::task::JoinHandle<()>>) {
-    for h in handles {
-        let _ = h.await;
     }
 }
 

@@ -40,6 +40,8 @@ struct Wire {
 struct RestoreWire {
     archive: PathBuf,
     force: bool,
+    /// The volume the client means: a regobox serving another one refuses.
+    volumes_root: PathBuf,
 }
 
 pub fn socket_path(config: &Config) -> PathBuf {
@@ -53,6 +55,7 @@ pub fn listen(
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let path = socket_path(config);
+    let root = config.volumes.root.clone();
     std::fs::create_dir_all(&config.runtime_dir)?;
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
@@ -66,19 +69,27 @@ pub fn listen(
                 },
                 _ = stop.cancelled() => break,
             };
-            tokio::spawn(serve(stream, tx.clone()));
+            tokio::spawn(serve(stream, tx.clone(), root.clone()));
         }
         let _ = std::fs::remove_file(&path);
     });
     Ok(())
 }
 
-async fn serve(stream: UnixStream, tx: mpsc::Sender<Request>) {
+async fn serve(stream: UnixStream, tx: mpsc::Sender<Request>, root: PathBuf) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take_limit());
     let reply = match reader.read_line(&mut line).await {
         Ok(_) => match serde_json::from_str::<Wire>(&line) {
+            Ok(w) if w.restore.volumes_root != root => Reply {
+                code: crate::exit::FAILURE,
+                message: format!(
+                    "this regobox serves {}, not {}",
+                    root.display(),
+                    w.restore.volumes_root.display()
+                ),
+            },
             Ok(w) => {
                 let (reply_tx, reply_rx) = oneshot::channel();
                 let request = Request {
@@ -126,14 +137,23 @@ impl<R: tokio::io::AsyncRead> TakeLimit for R {
     }
 }
 
-/// Ask a running regobox to restore; `None` if none answers on the control socket.
+/// Ask the regobox running on this volume to restore; `None` if none runs on it (its data
+/// directory lock is free).
 pub async fn request_restore(
     config: &Config,
     options: &RestoreOptions,
 ) -> anyhow::Result<Option<Reply>> {
-    let Ok(stream) = UnixStream::connect(socket_path(config)).await else {
+    if !crate::postgres::cluster::is_locked(&config.postgres.data_dir) {
         return Ok(None);
-    };
+    }
+    let stream = UnixStream::connect(socket_path(config))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "a regobox runs on this volume but does not answer on {}: {e}",
+                socket_path(config).display()
+            )
+        })?;
     let archive = options
         .archive
         .canonicalize()
@@ -142,6 +162,7 @@ pub async fn request_restore(
         restore: RestoreWire {
             archive,
             force: options.force,
+            volumes_root: config.volumes.root.clone(),
         },
     };
     let (read, mut write) = stream.into_split();

@@ -7,10 +7,8 @@
 //! its stop signal to the process group, and SIGKILL past `stop_timeout` (or at once on a forced
 //! stop).
 
-use std::os::fd::OwnedFd;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use tokio::sync::watch;
@@ -21,12 +19,9 @@ use super::environment::Env;
 use super::restart::{Decision, Tracker};
 use super::status::{ServiceStatus, State, now_epoch};
 use crate::config::{ServiceConfig, ServiceKind, parse_signal};
-use crate::logs::{SharedLogFile, Sink, Target};
+use crate::logs::{Forwarders, SharedLogFile, Sink};
 use crate::process::{self, Child};
 use crate::users::Account;
-
-/// How long to wait for the output of an exited process to be forwarded.
-const DRAIN_LOGS: Duration = Duration::from_secs(2);
 
 /// Everything a service task needs.
 pub struct ServiceCtx {
@@ -212,33 +207,14 @@ enum Lived {
     Exited(ExitStatus, Option<String>),
 }
 
-type LogTasks = Vec<tokio::task::JoinHandle<()>>;
-
-fn start(ctx: &ServiceCtx) -> std::io::Result<(Child, LogTasks)> {
+fn start(ctx: &ServiceCtx) -> std::io::Result<(Child, Forwarders)> {
     let mut cmd = ctx.command(&ctx.spec.command);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = process::spawn(&mut cmd)?;
-    let mut logs = Vec::new();
-    for (stream, pipe) in [
-        ("stdout", child.stdout.take().map(OwnedFd::from)),
-        ("stderr", child.stderr.take().map(OwnedFd::from)),
-    ] {
-        if let Some(pipe) = pipe {
-            let target = Target {
-                name: ctx.name.clone(),
-                stream,
-                sink: Sink::Stdout,
-                file: ctx.log_file.clone(),
-            };
-            logs.push(tokio::spawn(crate::logs::forward(
-                target,
-                process::async_pipe(pipe)?,
-            )));
-        }
-    }
+    let logs = Forwarders::start(&mut child, &ctx.name, Sink::Stdout, ctx.log_file.clone())?;
     let pid = child.pid();
     tracing::info!(service = %ctx.name, pid, "service started");
     ctx.set(|s| {
@@ -249,7 +225,7 @@ fn start(ctx: &ServiceCtx) -> std::io::Result<(Child, LogTasks)> {
     Ok((child, logs))
 }
 
-async fn supervise(ctx: &ServiceCtx, mut child: Child, logs: LogTasks) -> Lived {
+async fn supervise(ctx: &ServiceCtx, mut child: Child, mut logs: Forwarders) -> Lived {
     let mut not_ready: Option<String> = None;
     if ctx.spec.kind == ServiceKind::Longrun {
         tokio::select! {
@@ -265,29 +241,29 @@ async fn supervise(ctx: &ServiceCtx, mut child: Child, logs: LogTasks) -> Lived 
                 }
             },
             status = child.wait() => {
-                drain(logs).await;
+                logs.drain().await;
                 return Lived::Exited(status, None);
             }
             _ = ctx.stop_requested() => {
                 stop_child(ctx, &mut child).await;
-                drain(logs).await;
+                logs.drain().await;
                 return Lived::Stopped;
             }
         }
     }
     if let Some(why) = not_ready {
         let status = child.wait().await;
-        drain(logs).await;
+        logs.drain().await;
         return Lived::Exited(status, Some(why));
     }
     tokio::select! {
         status = child.wait() => {
-            drain(logs).await;
+            logs.drain().await;
             Lived::Exited(status, None)
         }
         _ = ctx.stop_requested() => {
             stop_child(ctx, &mut child).await;
-            drain(logs).await;
+            logs.drain().await;
             Lived::Stopped
         }
     }
@@ -336,15 +312,6 @@ async fn stop_child(ctx: &ServiceCtx, child: &mut Child) {
     }
     child.signal_group(Signal::SIGKILL);
     child.wait().await;
-}
-
-async fn drain(logs: LogTasks) {
-    let _ = tokio::time::timeout(DRAIN_LOGS, async {
-        for h in logs {
-            let _ = h.await;
-        }
-    })
-    .await;
 }
 
 /// `exit N` or `signal N (NAME)`.
