@@ -437,6 +437,12 @@ pub fn verify(input: impl Read) -> Result<Manifest, ArchiveError> {
     let mut rest = archive.into_inner();
     io::copy(&mut rest, &mut io::sink()).map_err(corrupt)?;
     let manifest = manifest.ok_or(ArchiveError::NoManifest)?;
+    compare(&manifest, seen)?;
+    Ok(manifest)
+}
+
+/// Every member seen must be the manifest's, and every member of the manifest seen.
+fn compare(manifest: &Manifest, mut seen: BTreeMap<String, Member>) -> Result<(), ArchiveError> {
     for listed in &manifest.members {
         check_path(&listed.path)?;
         match seen.remove(&listed.path) {
@@ -473,21 +479,180 @@ pub fn verify(input: impl Read) -> Result<Manifest, ArchiveError> {
     if let Some(extra) = seen.into_keys().next() {
         return Err(ArchiveError::Unlisted(extra));
     }
+    Ok(())
+}
+
+/// Unpack the archive into `dest` (an empty staging directory) while verifying it: every member
+/// is hashed as it is written, and the whole is checked against the manifest at the end. On an
+/// error `dest` holds a partial content the caller discards; nothing outside it is touched (a
+/// member whose path goes through a symlink is refused). Modes, times and, as root, owners are
+/// kept.
+pub fn unpack_verified(input: impl Read, dest: &Path) -> Result<Manifest, ArchiveError> {
+    use std::os::unix::fs::PermissionsExt;
+    let as_root = crate::users::is_root();
+    let decoder = zstd::stream::read::Decoder::new(input).map_err(corrupt)?;
+    let mut archive = tar::Archive::new(decoder);
+    let mut seen: BTreeMap<String, Member> = BTreeMap::new();
+    let mut manifest: Option<Manifest> = None;
+    // Directories get their mode, owner and time once everything inside them is written.
+    let mut dirs: Vec<(std::path::PathBuf, u32, u64, u64, u64)> = Vec::new();
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e: io::Error| ArchiveError::Corrupt(format!("writing {}: {e}", path.display()))
+    };
+    {
+        let entries = archive.entries().map_err(corrupt)?;
+        for entry in entries {
+            let mut entry = entry.map_err(corrupt)?;
+            let path = entry
+                .path()
+                .map_err(corrupt)?
+                .to_string_lossy()
+                .trim_end_matches('/')
+                .to_string();
+            check_path(&path)?;
+            if manifest.is_some() {
+                return Err(ArchiveError::Corrupt(format!(
+                    "member {path} comes after the manifest"
+                )));
+            }
+            let mut buf = Vec::new();
+            if path == MANIFEST {
+                entry.read_to_end(&mut buf).map_err(corrupt)?;
+                let m: Manifest = serde_json::from_slice(&buf)
+                    .map_err(|e| ArchiveError::BadManifest(e.to_string()))?;
+                if m.format != FORMAT {
+                    return Err(ArchiveError::Unsupported(m.format));
+                }
+                manifest = Some(m);
+                continue;
+            }
+            let target = dest.join(&path);
+            no_symlink_on_the_way(dest, &path)?;
+            let header = entry.header();
+            let mode = header.mode().map_err(corrupt)? & 0o7777;
+            let (uid, gid) = (
+                header.uid().map_err(corrupt)?,
+                header.gid().map_err(corrupt)?,
+            );
+            let mtime = header.mtime().map_err(corrupt)?;
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+            }
+            let member = match header.entry_type() {
+                tar::EntryType::Regular | tar::EntryType::Continuous => {
+                    let file = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&target)
+                        .map_err(io_err(&target))?;
+                    let mut out = io::BufWriter::with_capacity(1 << 20, file);
+                    let mut hasher = Hashing::new(&mut entry);
+                    let size = io::copy(&mut hasher, &mut out).map_err(corrupt)?;
+                    let sha256 = hasher.hex();
+                    let file = out
+                        .into_inner()
+                        .map_err(|e| io_err(&target)(e.into_error()))?;
+                    file.set_permissions(std::fs::Permissions::from_mode(mode))
+                        .map_err(io_err(&target))?;
+                    let _ = file.set_modified(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime),
+                    );
+                    if as_root {
+                        std::os::unix::fs::fchown(&file, Some(uid as u32), Some(gid as u32))
+                            .map_err(io_err(&target))?;
+                    }
+                    Member {
+                        path: path.clone(),
+                        kind: Kind::File,
+                        size,
+                        sha256: Some(sha256),
+                        mode,
+                        target: None,
+                    }
+                }
+                tar::EntryType::Directory => {
+                    std::fs::create_dir_all(&target).map_err(io_err(&target))?;
+                    dirs.push((target.clone(), mode, uid, gid, mtime));
+                    Member {
+                        path: path.clone(),
+                        kind: Kind::Dir,
+                        size: 0,
+                        sha256: None,
+                        mode,
+                        target: None,
+                    }
+                }
+                tar::EntryType::Symlink => {
+                    let link = entry
+                        .link_name()
+                        .map_err(corrupt)?
+                        .ok_or_else(|| {
+                            ArchiveError::Corrupt(format!("symlink {path} has no target"))
+                        })?
+                        .into_owned();
+                    std::os::unix::fs::symlink(&link, &target).map_err(io_err(&target))?;
+                    if as_root {
+                        std::os::unix::fs::lchown(&target, Some(uid as u32), Some(gid as u32))
+                            .map_err(io_err(&target))?;
+                    }
+                    Member {
+                        path: path.clone(),
+                        kind: Kind::Symlink,
+                        size: 0,
+                        sha256: None,
+                        mode,
+                        target: Some(link.to_string_lossy().into_owned()),
+                    }
+                }
+                other => {
+                    return Err(ArchiveError::Corrupt(format!(
+                        "member {path} has an unexpected type {other:?}"
+                    )));
+                }
+            };
+            if seen.insert(path.clone(), member).is_some() {
+                return Err(ArchiveError::Corrupt(format!(
+                    "member {path} appears twice"
+                )));
+            }
+        }
+    }
+    let mut rest = archive.into_inner();
+    io::copy(&mut rest, &mut io::sink()).map_err(corrupt)?;
+    let manifest = manifest.ok_or(ArchiveError::NoManifest)?;
+    compare(&manifest, seen)?;
+    for (dir, mode, uid, gid, mtime) in dirs.into_iter().rev() {
+        if as_root {
+            std::os::unix::fs::chown(&dir, Some(uid as u32), Some(gid as u32))
+                .map_err(io_err(&dir))?;
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
+            .map_err(io_err(&dir))?;
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime));
+        }
+    }
     Ok(manifest)
 }
 
-/// Unpack the whole archive into `dest` (which must be empty), keeping modes, times and (as
-/// root) owners. Call after [`verify`]; the zstd checksum guards against a change in between.
-pub fn unpack(input: impl Read, dest: &Path) -> Result<(), ArchiveError> {
-    let decoder = zstd::stream::read::Decoder::new(input).map_err(corrupt)?;
-    let mut archive = tar::Archive::new(decoder);
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_mtime(true);
-    archive.set_preserve_ownerships(crate::users::is_root());
-    archive.set_overwrite(false);
-    archive.unpack(dest).map_err(corrupt)?;
-    let mut rest = archive.into_inner();
-    io::copy(&mut rest, &mut io::sink()).map_err(corrupt)?;
+/// No existing component between `dest` and `dest/path` may be a symlink (an archive could
+/// otherwise write outside `dest` through one of its own symlinks).
+fn no_symlink_on_the_way(dest: &Path, path: &str) -> Result<(), ArchiveError> {
+    let mut at = dest.to_path_buf();
+    let components: Vec<_> = Path::new(path).components().collect();
+    for c in &components[..components.len().saturating_sub(1)] {
+        at.push(c);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(ArchiveError::UnsafePath(format!(
+                    "{path} (through the symlink {})",
+                    at.display()
+                )));
+            }
+            _ => {}
+        }
+    }
     Ok(())
 }
 
@@ -538,7 +703,7 @@ mod tests {
         );
         let out = dir.path().join("out");
         std::fs::create_dir(&out).unwrap();
-        unpack(&bytes[..], &out).unwrap();
+        assert_eq!(unpack_verified(&bytes[..], &out).unwrap(), m);
         assert_eq!(
             std::fs::read(out.join("volumes/files/a.txt")).unwrap(),
             b"hello"
@@ -599,6 +764,29 @@ mod tests {
         w.members.clear();
         let (bytes, _) = w.finish(base()).unwrap();
         assert!(matches!(verify(&bytes[..]), Err(ArchiveError::Unlisted(_))));
+    }
+
+    #[test]
+    fn unpacking_never_writes_through_a_symlink_of_the_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, dir.path().join("link")).unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"x").unwrap();
+        let mut w = Writer::new(Vec::new(), 3, 1).unwrap();
+        let lmeta = std::fs::symlink_metadata(dir.path().join("link")).unwrap();
+        w.add_symlink("volumes/link", &outside, &lmeta).unwrap();
+        w.add_file("volumes/link/evil", &f, &std::fs::metadata(&f).unwrap())
+            .unwrap();
+        let (bytes, _) = w.finish(base()).unwrap();
+        let dest = dir.path().join("dest");
+        std::fs::create_dir(&dest).unwrap();
+        assert!(matches!(
+            unpack_verified(&bytes[..], &dest),
+            Err(ArchiveError::UnsafePath(_))
+        ));
+        assert!(!outside.join("evil").exists());
     }
 
     #[test]

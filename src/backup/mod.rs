@@ -400,13 +400,14 @@ pub async fn verify(path: &Path) -> anyhow::Result<Manifest> {
     .context("the verification task")?
 }
 
-/// Unpack the archive at `path` into `dest`.
-async fn unpack(path: &Path, dest: &Path) -> anyhow::Result<()> {
+/// Unpack the archive at `path` into `dest` (a staging directory) while verifying it; its
+/// manifest. On an error, `dest` is to be discarded.
+async fn unpack_verified(path: &Path, dest: &Path) -> anyhow::Result<Manifest> {
     let (path, dest) = (path.to_path_buf(), dest.to_path_buf());
-    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-        let file = File::open(&path)?;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Manifest> {
+        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         let total = file.metadata().map(|m| m.len()).ok();
-        let pb = progress_bar(total, "extract");
+        let pb = progress_bar(total, "restore");
         let reader = io::BufReader::with_capacity(
             1 << 20,
             Progress {
@@ -414,12 +415,25 @@ async fn unpack(path: &Path, dest: &Path) -> anyhow::Result<()> {
                 pb: pb.clone(),
             },
         );
-        archive::unpack(reader, &dest).with_context(|| format!("extracting {}", path.display()))?;
+        let manifest = archive::unpack_verified(reader, &dest)
+            .with_context(|| format!("{} does not verify", path.display()))?;
         pb.finish_and_clear();
-        Ok(())
+        Ok(manifest)
     })
     .await
     .context("the extraction task")?
+}
+
+/// Flush the filesystem holding `dir` (one `syncfs`).
+fn sync_filesystem(dir: &Path) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    // SAFETY: syncfs takes a valid open file descriptor, which `f` keeps open.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error())
+            .with_context(|| format!("syncing {}", dir.display()));
+    }
+    Ok(())
 }
 
 /// The passwords a restored cluster gets: the archive's secrets if it holds them, else the
@@ -488,16 +502,30 @@ async fn restore_cluster(
     crate::volumes::ensure_dir(socket_dir, 0o700, "runtime_dir")?;
     cluster::chown(socket_dir, account)?;
     let hba = postgres::write_hba(socket_dir, account, binaries.major, "")?;
-    let params = vec![
-        ("listen_addresses".to_string(), String::new()),
-        ("port".to_string(), pg.port.to_string()),
-        (
-            "unix_socket_directories".to_string(),
-            socket_dir.display().to_string(),
-        ),
-        ("hba_file".to_string(), hba.display().to_string()),
-        ("fsync".to_string(), "on".to_string()),
-    ];
+    // This cluster is not live until it is swapped in, after a clean stop and a sync of its
+    // filesystem: it is built without per-write flushing, as a bulk load should be.
+    let jobs = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(2);
+    let params: Vec<(String, String)> = [
+        ("listen_addresses", String::new()),
+        ("port", pg.port.to_string()),
+        ("unix_socket_directories", socket_dir.display().to_string()),
+        ("hba_file", hba.display().to_string()),
+        ("fsync", "off".into()),
+        ("full_page_writes", "off".into()),
+        ("synchronous_commit", "off".into()),
+        ("wal_level", "minimal".into()),
+        ("max_wal_senders", "0".into()),
+        ("max_wal_size", "4GB".into()),
+        ("checkpoint_timeout", "1h".into()),
+        ("maintenance_work_mem", "256MB".into()),
+        ("autovacuum", "off".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
     let mut server = Server::spawn(binaries, data_dir, account, &params, Sink::Stderr, None)
         .map_err(|source| PostgresError::Io {
             path: binaries.path("postgres"),
@@ -534,7 +562,8 @@ async fn restore_cluster(
         let mut su_db = su.clone();
         su_db.dbname(&pg.database);
         let mut cmd = std::process::Command::new(binaries.path("pg_restore"));
-        cmd.args(["--exit-on-error", "--no-password", "--jobs=2", "--dbname", &pg.database])
+        cmd.args(["--exit-on-error", "--no-password", "--dbname", &pg.database])
+            .arg(format!("--jobs={jobs}"))
             .arg(dump)
             .env_clear()
             .envs(libpq_env(&su_db));
@@ -569,24 +598,11 @@ pub async fn restore(
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     recover(config)?;
-    tracing::info!(archive = %opts.archive.display(), "verifying the archive");
-    let manifest = verify(&opts.archive).await?;
+    if !opts.archive.is_file() {
+        bail!("{} is not a file", opts.archive.display());
+    }
     let pg = &config.postgres;
     let binaries = Binaries::find(&pg.bin_dir, None).await?;
-    let archive_major = manifest
-        .postgres
-        .as_ref()
-        .map(|p| p.major.clone())
-        .unwrap_or_default();
-    if let Some(m) = Major::parse(&archive_major) {
-        if m > binaries.major {
-            return Err(RestoreRefused::NewerMajor {
-                archive: archive_major,
-                binaries: binaries.major,
-            }
-            .into());
-        }
-    }
     let home = pg.data_dir.parent().unwrap_or(&pg.data_dir).to_path_buf();
     let account = crate::users::service_account(&pg.os_user, &home, "postgres.os_user").await?;
 
@@ -650,9 +666,19 @@ pub async fn restore(
     let result = async {
         crate::volumes::ensure_dir(&staging, 0o700, "volumes.root")?;
         fault("restore:staging");
-        tracing::info!(staging = %staging.display(), "extracting");
-        unpack(&opts.archive, &staging).await?;
+        tracing::info!(archive = %opts.archive.display(), staging = %staging.display(), "verifying and extracting");
+        let manifest = unpack_verified(&opts.archive, &staging).await?;
         fault("restore:extracted");
+        let archive_major = manifest.postgres.as_ref().map(|p| p.major.clone()).unwrap_or_default();
+        if let Some(m) = Major::parse(&archive_major) {
+            if m > binaries.major {
+                return Err(RestoreRefused::NewerMajor {
+                    archive: archive_major,
+                    binaries: binaries.major,
+                }
+                .into());
+            }
+        }
         let passwords = restored_passwords(config, &staging, &SecretStore::new(&layout.secrets))?;
         let dump = staging.join(archive::DATABASE);
         let target = Rebuild {
@@ -661,6 +687,9 @@ pub async fn restore(
             dump: &dump,
         };
         restore_cluster(config, &binaries, &account, target, &manifest, &passwords).await?;
+        // Everything restored reaches the disks before it is swapped in.
+        sync_filesystem(&staging)?;
+        sync_filesystem(&new_cluster)?;
         fault("restore:cluster-ready");
         // Swap: the cluster, then every volume directory of the archive.
         let mut pairs = vec![(pg.data_dir.clone(), new_cluster.clone())];
@@ -695,7 +724,6 @@ pub async fn restore(
 /// `backup verify --restore-test`: restore the archive's database into a throwaway cluster and
 /// check that it starts and holds the database.
 pub async fn restore_test(config: &Config, layout: &Layout, path: &Path) -> anyhow::Result<()> {
-    let manifest = verify(path).await?;
     let pg = &config.postgres;
     let binaries = Binaries::find(&pg.bin_dir, None).await?;
     let home = pg.data_dir.parent().unwrap_or(&pg.data_dir).to_path_buf();
@@ -704,7 +732,7 @@ pub async fn restore_test(config: &Config, layout: &Layout, path: &Path) -> anyh
     let work = layout.root.join(format!("{STAGING}{id}"));
     crate::volumes::ensure_dir(&work, 0o755, "volumes.root")?;
     let result = async {
-        unpack(path, &work).await?;
+        let manifest = unpack_verified(path, &work).await?;
         let passwords = restored_passwords(config, &work, &SecretStore::new(&layout.secrets))?;
         let (data_dir, dump) = (work.join("pgdata"), work.join(archive::DATABASE));
         let socket_dir = config.runtime_dir.join(format!("restore-{id}"));

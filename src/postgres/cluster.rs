@@ -117,12 +117,9 @@ impl DataDirLock {
             .open(&path)
             .map_err(io_err)?;
         chown(&path, account)?;
+        // Taking the lock writes nothing: a refused command leaves the directory as it was.
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(mut lock) => {
-                lock.set_len(0).map_err(io_err)?;
-                writeln!(lock, "{}", std::process::id()).map_err(io_err)?;
-                Ok(Some(DataDirLock { _lock: lock }))
-            }
+            Ok(lock) => Ok(Some(DataDirLock { _lock: lock })),
             Err((_, nix::Error::EWOULDBLOCK)) => Ok(None),
             Err((_, e)) => Err(io_err(e.into())),
         }
