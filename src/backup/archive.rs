@@ -23,6 +23,15 @@ use sha2::{Digest, Sha256};
 pub const FORMAT: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
 pub const DATABASE: &str = "database.dump";
+/// The first member: what a restore needs before the rest arrives (the PostgreSQL facts).
+pub const HEADER: &str = "regobox.json";
+
+/// The content of [`HEADER`]; it must agree with the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub format: u32,
+    pub postgres: Option<PostgresInfo>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -87,6 +96,10 @@ pub enum ArchiveError {
     Mismatch { path: String, what: String },
     #[error("member path {0:?} is not allowed (absolute, or going up with ..)")]
     UnsafePath(String),
+    #[error("regobox.json is missing or disagrees with the manifest")]
+    BadHeader,
+    #[error("extraction stopped")]
+    Cancelled,
 }
 
 fn corrupt(e: impl std::error::Error) -> ArchiveError {
@@ -145,6 +158,27 @@ impl<W: Write> Writer<W> {
             size: meta.len(),
             sha256: Some(reader.hex()),
             mode: meta.mode() & 0o7777,
+            target: None,
+        });
+        Ok(())
+    }
+
+    /// Add `bytes` as a regular file (mode `mode`, owned by root).
+    pub fn add_bytes(&mut self, path: &str, bytes: &[u8], mode: u32) -> io::Result<()> {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_size(bytes.len() as u64);
+        header.set_mode(mode);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(chrono::Utc::now().timestamp().max(0) as u64);
+        self.tar.append_data(&mut header, path, bytes)?;
+        self.members.push(Member {
+            path: path.into(),
+            kind: Kind::File,
+            size: bytes.len() as u64,
+            sha256: Some(format!("{:x}", Sha256::digest(bytes))),
+            mode,
             target: None,
         });
         Ok(())
@@ -357,6 +391,7 @@ fn check_path(path: &str) -> Result<(), ArchiveError> {
 pub fn verify(input: impl Read) -> Result<Manifest, ArchiveError> {
     let decoder = zstd::stream::read::Decoder::new(input).map_err(corrupt)?;
     let mut archive = tar::Archive::new(decoder);
+    let mut header_seen: Option<Header> = None;
     let mut seen: BTreeMap<String, Member> = BTreeMap::new();
     let mut manifest: Option<Manifest> = None;
     {
@@ -389,6 +424,19 @@ pub fn verify(input: impl Read) -> Result<Manifest, ArchiveError> {
             let header = entry.header();
             let mode = header.mode().map_err(corrupt)? & 0o7777;
             let member = match header.entry_type() {
+                tar::EntryType::Regular | tar::EntryType::Continuous if path == HEADER => {
+                    let mut text = Vec::new();
+                    entry.read_to_end(&mut text).map_err(corrupt)?;
+                    header_seen = serde_json::from_slice(&text).ok();
+                    Member {
+                        path: path.clone(),
+                        kind: Kind::File,
+                        size: text.len() as u64,
+                        sha256: Some(format!("{:x}", Sha256::digest(&text))),
+                        mode,
+                        target: None,
+                    }
+                }
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
                     let mut hasher = Hashing::new(&mut entry);
                     let size = io::copy(&mut hasher, &mut io::sink()).map_err(corrupt)?;
@@ -438,7 +486,16 @@ pub fn verify(input: impl Read) -> Result<Manifest, ArchiveError> {
     io::copy(&mut rest, &mut io::sink()).map_err(corrupt)?;
     let manifest = manifest.ok_or(ArchiveError::NoManifest)?;
     compare(&manifest, seen)?;
+    check_header(header_seen.as_ref(), &manifest)?;
     Ok(manifest)
+}
+
+/// The header must say what the manifest says.
+fn check_header(header: Option<&Header>, manifest: &Manifest) -> Result<(), ArchiveError> {
+    match header {
+        Some(h) if h.format == manifest.format && h.postgres == manifest.postgres => Ok(()),
+        _ => Err(ArchiveError::BadHeader),
+    }
 }
 
 /// Every member seen must be the manifest's, and every member of the manifest seen.
@@ -487,7 +544,11 @@ fn compare(manifest: &Manifest, mut seen: BTreeMap<String, Member>) -> Result<()
 /// error `dest` holds a partial content the caller discards; nothing outside it is touched (a
 /// member whose path goes through a symlink is refused). Modes, times and, as root, owners are
 /// kept.
-pub fn unpack_verified(input: impl Read, dest: &Path) -> Result<Manifest, ArchiveError> {
+pub fn unpack_verified(
+    input: impl Read,
+    dest: &Path,
+    on_member: &mut dyn FnMut(&str) -> bool,
+) -> Result<Manifest, ArchiveError> {
     use std::os::unix::fs::PermissionsExt;
     let as_root = crate::users::is_root();
     let decoder = zstd::stream::read::Decoder::new(input).map_err(corrupt)?;
@@ -616,12 +677,19 @@ pub fn unpack_verified(input: impl Read, dest: &Path) -> Result<Manifest, Archiv
                     "member {path} appears twice"
                 )));
             }
+            if !on_member(&path) {
+                return Err(ArchiveError::Cancelled);
+            }
         }
     }
     let mut rest = archive.into_inner();
     io::copy(&mut rest, &mut io::sink()).map_err(corrupt)?;
     let manifest = manifest.ok_or(ArchiveError::NoManifest)?;
     compare(&manifest, seen)?;
+    let header: Option<Header> = std::fs::read(dest.join(HEADER))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    check_header(header.as_ref(), &manifest)?;
     for (dir, mode, uid, gid, mtime) in dirs.into_iter().rev() {
         if as_root {
             std::os::unix::fs::chown(&dir, Some(uid as u32), Some(gid as u32))
@@ -672,6 +740,18 @@ mod tests {
         }
     }
 
+    /// A writer whose archive starts with the header of [`base`].
+    fn writer() -> Writer<Vec<u8>> {
+        let mut w = Writer::new(Vec::new(), 3, 1).unwrap();
+        let h = Header {
+            format: FORMAT,
+            postgres: None,
+        };
+        w.add_bytes(HEADER, &serde_json::to_vec(&h).unwrap(), 0o644)
+            .unwrap();
+        w
+    }
+
     fn sample() -> (tempfile::TempDir, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("files");
@@ -679,7 +759,7 @@ mod tests {
         std::fs::write(root.join("a.txt"), b"hello").unwrap();
         std::fs::write(root.join("big.bin"), vec![42u8; 300_000]).unwrap();
         std::os::unix::fs::symlink("a.txt", root.join("link")).unwrap();
-        let mut w = Writer::new(Vec::new(), 3, 1).unwrap();
+        let mut w = writer();
         w.add_tree("volumes/files", &root, &|_| false, &|_| {})
             .unwrap();
         let (bytes, _) = w.finish(base()).unwrap();
@@ -694,6 +774,7 @@ mod tests {
         assert_eq!(
             paths,
             vec![
+                "regobox.json",
                 "volumes/files",
                 "volumes/files/a.txt",
                 "volumes/files/big.bin",
@@ -703,7 +784,7 @@ mod tests {
         );
         let out = dir.path().join("out");
         std::fs::create_dir(&out).unwrap();
-        assert_eq!(unpack_verified(&bytes[..], &out).unwrap(), m);
+        assert_eq!(unpack_verified(&bytes[..], &out, &mut |_| true).unwrap(), m);
         assert_eq!(
             std::fs::read(out.join("volumes/files/a.txt")).unwrap(),
             b"hello"
@@ -740,18 +821,18 @@ mod tests {
         std::fs::write(&f, b"content").unwrap();
         let meta = std::fs::metadata(&f).unwrap();
         // A lie: the manifest says other content.
-        let mut w = Writer::new(Vec::new(), 3, 1).unwrap();
+        let mut w = writer();
         w.add_file("volumes/f", &f, &meta).unwrap();
-        w.members[0].sha256 = Some("00".repeat(32));
+        w.members[1].sha256 = Some("00".repeat(32));
         let (bytes, _) = w.finish(base()).unwrap();
         assert!(matches!(
             verify(&bytes[..]),
             Err(ArchiveError::Mismatch { .. })
         ));
         // A member listed but missing.
-        let mut w = Writer::new(Vec::new(), 3, 1).unwrap();
+        let mut w = writer();
         w.add_file("volumes/f", &f, &meta).unwrap();
-        let mut ghost = w.members[0].clone();
+        let mut ghost = w.members[1].clone();
         ghost.path = "volumes/ghost".into();
         w.members.push(ghost);
         let (bytes, _) = w.finish(base()).unwrap();
@@ -759,11 +840,23 @@ mod tests {
             matches!(verify(&bytes[..]), Err(ArchiveError::Missing(p)) if p == "volumes/ghost")
         );
         // A member not listed.
-        let mut w = Writer::new(Vec::new(), 3, 1).unwrap();
+        let mut w = writer();
         w.add_file("volumes/f", &f, &meta).unwrap();
-        w.members.clear();
+        w.members.truncate(1);
         let (bytes, _) = w.finish(base()).unwrap();
         assert!(matches!(verify(&bytes[..]), Err(ArchiveError::Unlisted(_))));
+        // A header that disagrees with the manifest.
+        let mut w = writer();
+        w.add_file("volumes/f", &f, &meta).unwrap();
+        let mut lying = base();
+        lying.postgres = Some(PostgresInfo {
+            major: "99".into(),
+            server_version: "99.0".into(),
+            database: "x".into(),
+            user: "x".into(),
+        });
+        let (bytes, _) = w.finish(lying).unwrap();
+        assert!(matches!(verify(&bytes[..]), Err(ArchiveError::BadHeader)));
     }
 
     #[test]
@@ -774,7 +867,7 @@ mod tests {
         std::os::unix::fs::symlink(&outside, dir.path().join("link")).unwrap();
         let f = dir.path().join("f");
         std::fs::write(&f, b"x").unwrap();
-        let mut w = Writer::new(Vec::new(), 3, 1).unwrap();
+        let mut w = writer();
         let lmeta = std::fs::symlink_metadata(dir.path().join("link")).unwrap();
         w.add_symlink("volumes/link", &outside, &lmeta).unwrap();
         w.add_file("volumes/link/evil", &f, &std::fs::metadata(&f).unwrap())
@@ -783,7 +876,7 @@ mod tests {
         let dest = dir.path().join("dest");
         std::fs::create_dir(&dest).unwrap();
         assert!(matches!(
-            unpack_verified(&bytes[..], &dest),
+            unpack_verified(&bytes[..], &dest, &mut |_| true),
             Err(ArchiveError::UnsafePath(_))
         ));
         assert!(!outside.join("evil").exists());

@@ -244,6 +244,10 @@ async fn create_in(
         config_included: opts.config,
         members: Vec::new(),
     };
+    let header_json = serde_json::to_vec_pretty(&archive::Header {
+        format: archive::FORMAT,
+        postgres: manifest.postgres.clone(),
+    })?;
     let dirs = included_dirs(config, layout, opts.secrets);
     let level = config.backup.level;
     let threads = std::thread::available_parallelism()
@@ -268,6 +272,7 @@ async fn create_in(
     let task = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let pb = progress_bar(None, "backup");
         let add_all = |w: &mut archive::Writer<Box<dyn Write>>| -> io::Result<()> {
+            w.add_bytes(archive::HEADER, &header_json, 0o644)?;
             let meta = std::fs::metadata(&dump_for_task)?;
             w.add_file(archive::DATABASE, &dump_for_task, &meta)?;
             pb.set_position(w.content_bytes);
@@ -400,28 +405,62 @@ pub async fn verify(path: &Path) -> anyhow::Result<Manifest> {
     .context("the verification task")?
 }
 
-/// Unpack the archive at `path` into `dest` (a staging directory) while verifying it; its
-/// manifest. On an error, `dest` is to be discarded.
-async fn unpack_verified(path: &Path, dest: &Path) -> anyhow::Result<Manifest> {
-    let (path, dest) = (path.to_path_buf(), dest.to_path_buf());
-    tokio::task::spawn_blocking(move || -> anyhow::Result<Manifest> {
-        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        let total = file.metadata().map(|m| m.len()).ok();
-        let pb = progress_bar(total, "restore");
-        let reader = io::BufReader::with_capacity(
-            1 << 20,
-            Progress {
-                inner: file,
-                pb: pb.clone(),
-            },
-        );
-        let manifest = archive::unpack_verified(reader, &dest)
-            .with_context(|| format!("{} does not verify", path.display()))?;
-        pb.finish_and_clear();
-        Ok(manifest)
-    })
-    .await
-    .context("the extraction task")?
+/// An extraction running on a blocking thread: the members written so far arrive on `done`.
+struct Extraction {
+    done: tokio::sync::mpsc::UnboundedReceiver<String>,
+    cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<anyhow::Result<Manifest>>,
+}
+
+impl Extraction {
+    /// Start unpacking the archive at `path` into `dest` (a staging directory), verifying it.
+    fn start(path: &Path, dest: &Path) -> anyhow::Result<Extraction> {
+        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let (tx, done) = tokio::sync::mpsc::unbounded_channel();
+        let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (path, dest, stop) = (path.to_path_buf(), dest.to_path_buf(), cancel.clone());
+        let task = tokio::task::spawn_blocking(move || -> anyhow::Result<Manifest> {
+            let total = file.metadata().map(|m| m.len()).ok();
+            let pb = progress_bar(total, "restore");
+            let reader = io::BufReader::with_capacity(
+                1 << 20,
+                Progress {
+                    inner: file,
+                    pb: pb.clone(),
+                },
+            );
+            let mut notify = |member: &str| {
+                let _ = tx.send(member.to_string());
+                !stop.load(std::sync::atomic::Ordering::SeqCst)
+            };
+            let manifest = archive::unpack_verified(reader, &dest, &mut notify)
+                .with_context(|| format!("{} does not verify", path.display()))?;
+            pb.finish_and_clear();
+            Ok(manifest)
+        });
+        Ok(Extraction { done, cancel, task })
+    }
+
+    /// Wait until `member` is written; false if the extraction ended without it.
+    async fn wait_for(&mut self, member: &str) -> bool {
+        while let Some(m) = self.done.recv().await {
+            if m == member {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The verified manifest, once everything is written.
+    async fn finish(self) -> anyhow::Result<Manifest> {
+        self.task.await.context("the extraction task")?
+    }
+
+    /// Stop early and wait for the thread to end.
+    async fn abort(self) {
+        self.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.task.await;
+    }
 }
 
 /// Flush the filesystem holding `dir` (one `syncfs`).
@@ -464,102 +503,146 @@ fn restored_passwords(
     Ok((su, app))
 }
 
-/// Where a cluster is rebuilt from a dump: its data directory, the socket directory of its
-/// private server, and the dump.
-struct Rebuild<'a> {
-    data_dir: &'a Path,
-    socket_dir: &'a Path,
-    dump: &'a Path,
+/// A cluster being rebuilt from a dump, on a private server (Unix socket only).
+///
+/// It is not live until it is swapped in, after a clean stop and a sync of its filesystem, so it
+/// is built without per-write flushing, as a bulk load should be. Its roles get temporary
+/// passwords until [`Build::finish`] sets the final ones (known once the archive's secrets are
+/// extracted).
+struct Build {
+    server: Server,
+    superuser: tokio_postgres::Config,
+    data_dir: PathBuf,
+    socket_dir: PathBuf,
 }
 
-/// Build a cluster from a dump: initdb, a private server, the application role and database,
-/// `pg_restore`, a clean stop.
-async fn restore_cluster(
-    config: &Config,
-    binaries: &Binaries,
-    account: &crate::users::Account,
-    target: Rebuild<'_>,
-    manifest: &Manifest,
-    passwords: &(String, String),
-) -> anyhow::Result<()> {
-    let pg = &config.postgres;
-    let Rebuild {
-        data_dir,
-        socket_dir,
-        dump,
-    } = target;
-    crate::volumes::ensure_dir(data_dir, 0o700, "postgres.data_dir")?;
-    cluster::chown(data_dir, account)?;
-    cluster::initdb(&cluster::InitSpec {
-        binaries,
-        data_dir,
-        account,
-        superuser: &pg.superuser,
-        superuser_password: &passwords.0,
-        locale: &pg.locale,
-    })
-    .await?;
-    crate::volumes::ensure_dir(socket_dir, 0o700, "runtime_dir")?;
-    cluster::chown(socket_dir, account)?;
-    let hba = postgres::write_hba(socket_dir, account, binaries.major, "")?;
-    // This cluster is not live until it is swapped in, after a clean stop and a sync of its
-    // filesystem: it is built without per-write flushing, as a bulk load should be.
-    let jobs = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .max(2);
-    let params: Vec<(String, String)> = [
-        ("listen_addresses", String::new()),
-        ("port", pg.port.to_string()),
-        ("unix_socket_directories", socket_dir.display().to_string()),
-        ("hba_file", hba.display().to_string()),
-        ("fsync", "off".into()),
-        ("full_page_writes", "off".into()),
-        ("synchronous_commit", "off".into()),
-        ("wal_level", "minimal".into()),
-        ("max_wal_senders", "0".into()),
-        ("max_wal_size", "4GB".into()),
-        ("checkpoint_timeout", "1h".into()),
-        ("maintenance_work_mem", "256MB".into()),
-        ("autovacuum", "off".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let mut server = Server::spawn(binaries, data_dir, account, &params, Sink::Stderr, None)
-        .map_err(|source| PostgresError::Io {
-            path: binaries.path("postgres"),
-            source,
-        })?;
-    let result = async {
+impl Build {
+    async fn start(
+        config: &Config,
+        binaries: &Binaries,
+        account: &crate::users::Account,
+        data_dir: &Path,
+        socket_dir: &Path,
+    ) -> anyhow::Result<Build> {
+        let pg = &config.postgres;
+        let temporary: String = {
+            use rand::Rng;
+            rand::rng()
+                .sample_iter(&rand::distr::Alphanumeric)
+                .take(32)
+                .map(char::from)
+                .collect()
+        };
+        crate::volumes::ensure_dir(data_dir, 0o700, "postgres.data_dir")?;
+        cluster::chown(data_dir, account)?;
+        cluster::initdb(&cluster::InitSpec {
+            binaries,
+            data_dir,
+            account,
+            superuser: &pg.superuser,
+            superuser_password: &temporary,
+            locale: &pg.locale,
+        })
+        .await?;
+        crate::volumes::ensure_dir(socket_dir, 0o700, "runtime_dir")?;
+        cluster::chown(socket_dir, account)?;
+        let hba = postgres::write_hba(socket_dir, account, binaries.major, "")?;
+        let params: Vec<(String, String)> = [
+            ("listen_addresses", String::new()),
+            ("port", pg.port.to_string()),
+            ("unix_socket_directories", socket_dir.display().to_string()),
+            ("hba_file", hba.display().to_string()),
+            ("fsync", "off".into()),
+            ("full_page_writes", "off".into()),
+            ("synchronous_commit", "off".into()),
+            ("wal_level", "minimal".into()),
+            ("max_wal_senders", "0".into()),
+            ("max_wal_size", "4GB".into()),
+            ("checkpoint_timeout", "1h".into()),
+            ("maintenance_work_mem", "256MB".into()),
+            ("autovacuum", "off".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let mut server = Server::spawn(binaries, data_dir, account, &params, Sink::Stderr, None)
+            .map_err(|source| PostgresError::Io {
+                path: binaries.path("postgres"),
+                source,
+            })?;
         let mut su = tokio_postgres::Config::new();
         su.host_path(socket_dir)
             .port(pg.port)
             .user(&pg.superuser)
-            .password(&passwords.0)
+            .password(&temporary)
             .dbname("postgres");
-        let endpoint = Endpoint { superuser: Some(su.clone()), app: su.clone(), binaries: Some(binaries.clone()) };
-        postgres::wait_ready(Some(&mut server), &endpoint, pg.start_timeout).await?;
-        let client = postgres::connect(&su).await.context("connecting to the restore server")?;
-        bootstrap::role_and_database(&client, binaries.major, &pg.user, &passwords.1, &pg.database).await?;
-        // The dump's objects belong to the role that owned them: make sure it exists.
-        if let Some(info) = &manifest.postgres {
-            if info.user != pg.user {
-                tracing::warn!(archive_role = %info.user, role = %pg.user, "the archive's database belonged to another role; it is created (NOLOGIN) so ownership restores");
-                let exists = client
-                    .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&info.user])
-                    .await?
-                    .is_some();
-                if !exists {
-                    client
-                        .batch_execute(&format!("CREATE ROLE {} NOLOGIN", bootstrap::quote_ident(&info.user)))
-                        .await?;
-                }
+        let endpoint = Endpoint {
+            superuser: Some(su.clone()),
+            app: su.clone(),
+            binaries: Some(binaries.clone()),
+        };
+        let ready = async {
+            postgres::wait_ready(Some(&mut server), &endpoint, pg.start_timeout).await?;
+            let client = postgres::connect(&su)
+                .await
+                .context("connecting to the restore server")?;
+            bootstrap::role_and_database(
+                &client,
+                binaries.major,
+                &pg.user,
+                &temporary,
+                &pg.database,
+            )
+            .await?;
+            anyhow::Ok(())
+        }
+        .await;
+        let build = Build {
+            server,
+            superuser: su,
+            data_dir: data_dir.to_path_buf(),
+            socket_dir: socket_dir.to_path_buf(),
+        };
+        match ready {
+            Ok(()) => Ok(build),
+            Err(e) => {
+                build.discard(config).await;
+                Err(e)
             }
         }
-        drop(client);
+    }
+
+    /// Restore `dump` into the application database; `owner` is the role that owned it.
+    async fn load(
+        &self,
+        config: &Config,
+        binaries: &Binaries,
+        dump: &Path,
+        owner: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let pg = &config.postgres;
+        if let Some(owner) = owner.filter(|o| *o != pg.user) {
+            tracing::warn!(archive_role = owner, role = %pg.user, "the archive's database belonged to another role; it is created (NOLOGIN) so ownership restores");
+            let client = postgres::connect(&self.superuser).await?;
+            let exists = client
+                .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&owner])
+                .await?
+                .is_some();
+            if !exists {
+                client
+                    .batch_execute(&format!(
+                        "CREATE ROLE {} NOLOGIN",
+                        bootstrap::quote_ident(owner)
+                    ))
+                    .await?;
+            }
+        }
         tracing::info!("restoring the database");
-        let mut su_db = su.clone();
+        let jobs = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .max(2);
+        let mut su_db = self.superuser.clone();
         su_db.dbname(&pg.database);
         let mut cmd = std::process::Command::new(binaries.path("pg_restore"));
         cmd.args(["--exit-on-error", "--no-password", "--dbname", &pg.database])
@@ -567,26 +650,171 @@ async fn restore_cluster(
             .arg(dump)
             .env_clear()
             .envs(libpq_env(&su_db));
-        let out = crate::process::output(&mut cmd).await.context("running pg_restore")?;
+        let out = crate::process::output(&mut cmd)
+            .await
+            .context("running pg_restore")?;
         if !out.status.success() {
-            bail!("pg_restore failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "pg_restore failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
-        anyhow::Ok(())
+        Ok(())
     }
-    .await;
-    let stopped = server.stop(pg.stop_timeout, std::future::pending()).await;
-    result?;
-    let status = stopped.context("stopping the restore server")?;
-    if !status.success() {
-        bail!("the restore server did not stop cleanly ({status})");
+
+    /// Set the final passwords, stop cleanly and flush everything to disk.
+    async fn finish(
+        mut self,
+        config: &Config,
+        binaries: &Binaries,
+        passwords: &(String, String),
+    ) -> anyhow::Result<()> {
+        let pg = &config.postgres;
+        let set = async {
+            let client = postgres::connect(&self.superuser).await?;
+            let enc = if binaries.major.0 >= 10 {
+                "scram-sha-256"
+            } else {
+                "md5"
+            };
+            client
+                .batch_execute(&format!("SET password_encryption = '{enc}'"))
+                .await?;
+            for (role, password) in [(&pg.superuser, &passwords.0), (&pg.user, &passwords.1)] {
+                client
+                    .batch_execute(&format!(
+                        "ALTER ROLE {} WITH LOGIN PASSWORD {}",
+                        bootstrap::quote_ident(role),
+                        bootstrap::quote_literal(password)
+                    ))
+                    .await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        let stopped = self
+            .server
+            .stop(pg.stop_timeout, std::future::pending())
+            .await;
+        let _ = std::fs::remove_dir_all(&self.socket_dir);
+        set.context("setting the restored roles' passwords")?;
+        let status = stopped.context("stopping the restore server")?;
+        if !status.success() {
+            bail!("the restore server did not stop cleanly ({status})");
+        }
+        sync_filesystem(&self.data_dir)
     }
-    Ok(())
+
+    /// Stop the server and remove the cluster.
+    async fn discard(mut self, config: &Config) {
+        let _ = self
+            .server
+            .stop(config.postgres.stop_timeout, std::future::pending())
+            .await;
+        let _ = std::fs::remove_dir_all(&self.socket_dir);
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
     pub archive: PathBuf,
     pub force: bool,
+}
+
+/// Unpack and verify the archive into `staging` while rebuilding its database in `new_cluster`:
+/// the cluster starts at once, the dump loads as soon as it is extracted (it comes first), the
+/// files keep extracting meanwhile. Returns the manifest once everything has verified; on any
+/// error both are left to the caller to discard.
+/// Where a rebuild reads and writes.
+struct Places<'a> {
+    archive: &'a Path,
+    staging: &'a Path,
+    new_cluster: &'a Path,
+    socket_dir: &'a Path,
+}
+
+async fn rebuild(
+    config: &Config,
+    layout: &Layout,
+    binaries: &Binaries,
+    account: &crate::users::Account,
+    places: Places<'_>,
+) -> anyhow::Result<Manifest> {
+    let Places {
+        archive: archive_path,
+        staging,
+        new_cluster,
+        socket_dir,
+    } = places;
+    let mut extraction = Extraction::start(archive_path, staging)?;
+    // The header comes first: refuse a newer major before extracting anything else.
+    if !extraction.wait_for(archive::HEADER).await {
+        return Err(extraction
+            .finish()
+            .await
+            .err()
+            .unwrap_or_else(|| archive::ArchiveError::BadHeader.into()));
+    }
+    let header: archive::Header = match std::fs::read(staging.join(archive::HEADER))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    {
+        Some(h) => h,
+        None => {
+            extraction.abort().await;
+            return Err(archive::ArchiveError::BadHeader.into());
+        }
+    };
+    if let Some(info) = &header.postgres {
+        if let Some(m) = Major::parse(&info.major) {
+            if m > binaries.major {
+                extraction.abort().await;
+                return Err(RestoreRefused::NewerMajor {
+                    archive: info.major.clone(),
+                    binaries: binaries.major,
+                }
+                .into());
+            }
+        }
+    }
+    let build = match Build::start(config, binaries, account, new_cluster, socket_dir).await {
+        Ok(b) => b,
+        Err(e) => {
+            extraction.abort().await;
+            return Err(e);
+        }
+    };
+    fault("restore:staging");
+    let loaded = async {
+        if !extraction.wait_for(archive::DATABASE).await {
+            bail!("the archive has no database dump");
+        }
+        let owner = header.postgres.as_ref().map(|p| p.user.as_str());
+        build
+            .load(config, binaries, &staging.join(archive::DATABASE), owner)
+            .await
+    }
+    .await;
+    let manifest = match (loaded, extraction.finish().await) {
+        (Ok(()), Ok(m)) => m,
+        (_, Err(e)) | (Err(e), Ok(_)) => {
+            build.discard(config).await;
+            return Err(e);
+        }
+    };
+    fault("restore:extracted");
+    let passwords = match restored_passwords(config, staging, &SecretStore::new(&layout.secrets)) {
+        Ok(p) => p,
+        Err(e) => {
+            build.discard(config).await;
+            return Err(e);
+        }
+    };
+    build.finish(config, binaries, &passwords).await?;
+    sync_filesystem(staging)?;
+    Ok(manifest)
 }
 
 /// Restore an archive into this volume; see the module documentation. The caller makes sure no
@@ -606,7 +834,7 @@ pub async fn restore(
     let home = pg.data_dir.parent().unwrap_or(&pg.data_dir).to_path_buf();
     let account = crate::users::service_account(&pg.os_user, &home, "postgres.os_user").await?;
 
-    // Hold the data directory (creating an empty one if there is none).
+    // Read-only refusals first.
     let state = cluster::inspect(&pg.data_dir)?;
     if let DataDirState::Foreign(entries) = &state {
         return Err(PostgresError::Foreign {
@@ -614,10 +842,6 @@ pub async fn restore(
             entries: entries.clone(),
         }
         .into());
-    }
-    if state == DataDirState::Missing {
-        crate::volumes::ensure_dir(&pg.data_dir, 0o700, "postgres.data_dir")?;
-        cluster::chown(&pg.data_dir, &account)?;
     }
     let files_hold_data = std::fs::read_dir(&layout.files)
         .map(|mut rd| rd.next().is_some())
@@ -640,7 +864,11 @@ pub async fn restore(
             return Err(RestoreRefused::ExistingData { what }.into());
         }
     }
-    // Refusals above are read-only; from here on the volume is held.
+    // From here on the volume is held (an empty data directory is created if there is none).
+    if state == DataDirState::Missing {
+        crate::volumes::ensure_dir(&pg.data_dir, 0o700, "postgres.data_dir")?;
+        cluster::chown(&pg.data_dir, &account)?;
+    }
     let Some(lock) = DataDirLock::try_acquire(&pg.data_dir, &account)? else {
         return Err(PostgresError::Busy {
             data_dir: pg.data_dir.clone(),
@@ -665,31 +893,19 @@ pub async fn restore(
     let socket_dir = config.runtime_dir.join(format!("restore-{id}"));
     let result = async {
         crate::volumes::ensure_dir(&staging, 0o700, "volumes.root")?;
-        fault("restore:staging");
-        tracing::info!(archive = %opts.archive.display(), staging = %staging.display(), "verifying and extracting");
-        let manifest = unpack_verified(&opts.archive, &staging).await?;
-        fault("restore:extracted");
-        let archive_major = manifest.postgres.as_ref().map(|p| p.major.clone()).unwrap_or_default();
-        if let Some(m) = Major::parse(&archive_major) {
-            if m > binaries.major {
-                return Err(RestoreRefused::NewerMajor {
-                    archive: archive_major,
-                    binaries: binaries.major,
-                }
-                .into());
-            }
-        }
-        let passwords = restored_passwords(config, &staging, &SecretStore::new(&layout.secrets))?;
-        let dump = staging.join(archive::DATABASE);
-        let target = Rebuild {
-            data_dir: &new_cluster,
-            socket_dir: &socket_dir,
-            dump: &dump,
-        };
-        restore_cluster(config, &binaries, &account, target, &manifest, &passwords).await?;
-        // Everything restored reaches the disks before it is swapped in.
-        sync_filesystem(&staging)?;
-        sync_filesystem(&new_cluster)?;
+        tracing::info!(archive = %opts.archive.display(), staging = %staging.display(), "verifying, extracting and rebuilding the database");
+        rebuild(
+            config,
+            layout,
+            &binaries,
+            &account,
+            Places {
+                archive: &opts.archive,
+                staging: &staging,
+                new_cluster: &new_cluster,
+                socket_dir: &socket_dir,
+            },
+        ).await?;
         fault("restore:cluster-ready");
         // Swap: the cluster, then every volume directory of the archive.
         let mut pairs = vec![(pg.data_dir.clone(), new_cluster.clone())];
@@ -713,15 +929,11 @@ pub async fn restore(
     }
     let _ = std::fs::remove_dir_all(&staging);
     result?;
-    tracing::info!(
-        archive = %opts.archive.display(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "restore complete"
-    );
+    tracing::info!(archive = %opts.archive.display(), elapsed_ms = started.elapsed().as_millis() as u64, "restore complete");
     Ok(())
 }
 
-/// `backup verify --restore-test`: restore the archive's database into a throwaway cluster and
+/// `backup verify --restore-test`: rebuild the archive's database in a throwaway cluster and
 /// check that it starts and holds the database.
 pub async fn restore_test(config: &Config, layout: &Layout, path: &Path) -> anyhow::Result<()> {
     let pg = &config.postgres;
@@ -730,23 +942,26 @@ pub async fn restore_test(config: &Config, layout: &Layout, path: &Path) -> anyh
     let account = crate::users::service_account(&pg.os_user, &home, "postgres.os_user").await?;
     let id = format!("test-{}", std::process::id());
     let work = layout.root.join(format!("{STAGING}{id}"));
+    let socket_dir = config.runtime_dir.join(format!("restore-{id}"));
     crate::volumes::ensure_dir(&work, 0o755, "volumes.root")?;
-    let result = async {
-        let manifest = unpack_verified(path, &work).await?;
-        let passwords = restored_passwords(config, &work, &SecretStore::new(&layout.secrets))?;
-        let (data_dir, dump) = (work.join("pgdata"), work.join(archive::DATABASE));
-        let socket_dir = config.runtime_dir.join(format!("restore-{id}"));
-        let target = Rebuild {
-            data_dir: &data_dir,
+    let staging = work.join("archive");
+    crate::volumes::ensure_dir(&staging, 0o700, "volumes.root")?;
+    let result = rebuild(
+        config,
+        layout,
+        &binaries,
+        &account,
+        Places {
+            archive: path,
+            staging: &staging,
+            new_cluster: &work.join("pgdata"),
             socket_dir: &socket_dir,
-            dump: &dump,
-        };
-        restore_cluster(config, &binaries, &account, target, &manifest, &passwords).await
-    }
+        },
+    )
     .await;
-    let _ = std::fs::remove_dir_all(config.runtime_dir.join(format!("restore-{id}")));
+    let _ = std::fs::remove_dir_all(&socket_dir);
     let _ = std::fs::remove_dir_all(&work);
-    result
+    result.map(|_| ())
 }
 
 /// Finish or undo an interrupted restore, and remove what an interrupted one left behind.
