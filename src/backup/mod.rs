@@ -34,6 +34,26 @@ use archive::{Manifest, PostgresInfo};
 
 /// The prefix of staging directories (removed when left by an interrupted restore).
 const STAGING: &str = ".restore-";
+/// Held (flock) for the whole of a restore: nothing else touches its journal and staging.
+const RESTORE_LOCK: &str = ".regobox-restore.lock";
+
+/// Take the restore lock of the volume, or `None` if a restore holds it.
+fn restore_lock(root: &Path) -> anyhow::Result<Option<nix::fcntl::Flock<File>>> {
+    let path = root.join(RESTORE_LOCK);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(lock)),
+        Err((_, nix::Error::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => {
+            Err(io::Error::from(e)).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
 
 /// A refusal that leaves everything as it was.
 #[derive(Debug, thiserror::Error)]
@@ -825,7 +845,13 @@ pub async fn restore(
     opts: &RestoreOptions,
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    recover(config)?;
+    let Some(_restoring) = restore_lock(&layout.root)? else {
+        bail!(
+            "another restore is in progress on {}",
+            layout.root.display()
+        );
+    };
+    recover_held(config)?;
     if !opts.archive.is_file() {
         bail!("{} is not a file", opts.archive.display());
     }
@@ -940,6 +966,9 @@ pub async fn restore_test(config: &Config, layout: &Layout, path: &Path) -> anyh
     let binaries = Binaries::find(&pg.bin_dir, None).await?;
     let home = pg.data_dir.parent().unwrap_or(&pg.data_dir).to_path_buf();
     let account = crate::users::service_account(&pg.os_user, &home, "postgres.os_user").await?;
+    let Some(_restoring) = restore_lock(&layout.root)? else {
+        bail!("a restore is in progress on {}", layout.root.display());
+    };
     let id = format!("test-{}", std::process::id());
     let work = layout.root.join(format!("{STAGING}{id}"));
     let socket_dir = config.runtime_dir.join(format!("restore-{id}"));
@@ -965,7 +994,20 @@ pub async fn restore_test(config: &Config, layout: &Layout, path: &Path) -> anyh
 }
 
 /// Finish or undo an interrupted restore, and remove what an interrupted one left behind.
+/// Does nothing while a restore holds the volume (it is not interrupted, it is running).
 pub fn recover(config: &Config) -> anyhow::Result<()> {
+    let root = &config.volumes.root;
+    if !root.is_dir() {
+        return Ok(());
+    }
+    let Some(_lock) = restore_lock(root)? else {
+        return Ok(());
+    };
+    recover_held(config)
+}
+
+/// [`recover`], the restore lock being held by the caller.
+fn recover_held(config: &Config) -> anyhow::Result<()> {
     let root = &config.volumes.root;
     if !root.is_dir() {
         return Ok(());
@@ -1014,4 +1056,42 @@ pub async fn list(layout: &Layout) -> Vec<Listed> {
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_leaves_a_running_restore_alone() {
+        let root = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.volumes.root = root.path().to_path_buf();
+        config.postgres.data_dir = root.path().join("db/pgdata");
+        let live = root.path().join("files");
+        let staged = root.path().join(".restore-1/volumes/files");
+        std::fs::create_dir_all(&live).unwrap();
+        std::fs::create_dir_all(&staged).unwrap();
+        // A restore in progress: it holds the lock and is between its two renames.
+        let held = restore_lock(root.path()).unwrap().expect("free");
+        let interrupted = std::panic::catch_unwind(|| {
+            journal::swap(root.path(), "1", &[(live.clone(), staged.clone())], &|p| {
+                if p == "restore:swap-0" {
+                    panic!("pause here");
+                }
+            })
+        });
+        assert!(interrupted.is_err());
+        recover(&config).unwrap();
+        assert!(
+            root.path().join(".regobox-restore.json").exists(),
+            "the journal is left alone"
+        );
+        assert!(staged.exists(), "the staging area is left alone");
+        // Once the restore is gone, the same recovery rolls it back.
+        drop(held);
+        recover(&config).unwrap();
+        assert!(!root.path().join(".regobox-restore.json").exists());
+        assert!(live.exists() && !root.path().join(".restore-1").exists());
+    }
 }
