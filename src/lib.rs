@@ -25,6 +25,7 @@
 //!   with readiness, restarts and budgets; stopped in reverse order on a signal.
 //! - [`cron`]: the in-process scheduler of `[cron.*]` jobs.
 //! - [`health`]: the supervision port (`/healthz`, `/readyz`, `/status`, `/metrics`).
+//! - [`docker`]: the policy of the Docker socket given to the application (the proxy is to come).
 //! - [`backup`]: one verifiable archive of the database and the volumes; restore with a journal.
 //! - [`exit`]: the named exit codes.
 
@@ -32,6 +33,7 @@ pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod cron;
+pub mod docker;
 pub mod exit;
 pub mod health;
 pub mod logs;
