@@ -389,105 +389,7 @@ fn check_path(path: &str) -> Result<(), ArchiveError> {
 
 /// Read the whole archive, check it against its manifest, and return the manifest.
 pub fn verify(input: impl Read) -> Result<Manifest, ArchiveError> {
-    let decoder = zstd::stream::read::Decoder::new(input).map_err(corrupt)?;
-    let mut archive = tar::Archive::new(decoder);
-    let mut header_seen: Option<Header> = None;
-    let mut seen: BTreeMap<String, Member> = BTreeMap::new();
-    let mut manifest: Option<Manifest> = None;
-    {
-        let entries = archive.entries().map_err(corrupt)?;
-        for entry in entries {
-            let mut entry = entry.map_err(corrupt)?;
-            let path = entry
-                .path()
-                .map_err(corrupt)?
-                .to_string_lossy()
-                .trim_end_matches('/')
-                .to_string();
-            check_path(&path)?;
-            if manifest.is_some() {
-                return Err(ArchiveError::Corrupt(format!(
-                    "member {path} comes after the manifest"
-                )));
-            }
-            if path == MANIFEST {
-                let mut text = Vec::new();
-                entry.read_to_end(&mut text).map_err(corrupt)?;
-                let m: Manifest = serde_json::from_slice(&text)
-                    .map_err(|e| ArchiveError::BadManifest(e.to_string()))?;
-                if m.format != FORMAT {
-                    return Err(ArchiveError::Unsupported(m.format));
-                }
-                manifest = Some(m);
-                continue;
-            }
-            let header = entry.header();
-            let mode = header.mode().map_err(corrupt)? & 0o7777;
-            let member = match header.entry_type() {
-                tar::EntryType::Regular | tar::EntryType::Continuous if path == HEADER => {
-                    let mut text = Vec::new();
-                    entry.read_to_end(&mut text).map_err(corrupt)?;
-                    header_seen = serde_json::from_slice(&text).ok();
-                    Member {
-                        path: path.clone(),
-                        kind: Kind::File,
-                        size: text.len() as u64,
-                        sha256: Some(format!("{:x}", Sha256::digest(&text))),
-                        mode,
-                        target: None,
-                    }
-                }
-                tar::EntryType::Regular | tar::EntryType::Continuous => {
-                    let mut hasher = Hashing::new(&mut entry);
-                    let size = io::copy(&mut hasher, &mut io::sink()).map_err(corrupt)?;
-                    Member {
-                        path: path.clone(),
-                        kind: Kind::File,
-                        size,
-                        sha256: Some(hasher.hex()),
-                        mode,
-                        target: None,
-                    }
-                }
-                tar::EntryType::Directory => Member {
-                    path: path.clone(),
-                    kind: Kind::Dir,
-                    size: 0,
-                    sha256: None,
-                    mode,
-                    target: None,
-                },
-                tar::EntryType::Symlink => Member {
-                    path: path.clone(),
-                    kind: Kind::Symlink,
-                    size: 0,
-                    sha256: None,
-                    mode,
-                    target: entry
-                        .link_name()
-                        .map_err(corrupt)?
-                        .map(|t| t.to_string_lossy().into_owned()),
-                },
-                other => {
-                    return Err(ArchiveError::Corrupt(format!(
-                        "member {path} has an unexpected type {other:?}"
-                    )));
-                }
-            };
-            if seen.insert(path.clone(), member).is_some() {
-                return Err(ArchiveError::Corrupt(format!(
-                    "member {path} appears twice"
-                )));
-            }
-        }
-    }
-    // Read the stream to its end: a truncated or corrupt tail (and the zstd checksum) shows here.
-    let mut rest = archive.into_inner();
-    io::copy(&mut rest, &mut io::sink()).map_err(corrupt)?;
-    let manifest = manifest.ok_or(ArchiveError::NoManifest)?;
-    compare(&manifest, seen)?;
-    check_header(header_seen.as_ref(), &manifest)?;
-    Ok(manifest)
+    read(input, None, &mut |_| true)
 }
 
 /// The header must say what the manifest says.
@@ -543,10 +445,20 @@ fn compare(manifest: &Manifest, mut seen: BTreeMap<String, Member>) -> Result<()
 /// is hashed as it is written, and the whole is checked against the manifest at the end. On an
 /// error `dest` holds a partial content the caller discards; nothing outside it is touched (a
 /// member whose path goes through a symlink is refused). Modes, times and, as root, owners are
-/// kept.
+/// kept. `on_member` is called after each member is written; returning false stops.
 pub fn unpack_verified(
     input: impl Read,
     dest: &Path,
+    on_member: &mut dyn FnMut(&str) -> bool,
+) -> Result<Manifest, ArchiveError> {
+    read(input, Some(dest), on_member)
+}
+
+/// Read the whole archive, hashing every member (and writing it under `dest` if given), then
+/// check what was read against the manifest and the header.
+fn read(
+    input: impl Read,
+    dest: Option<&Path>,
     on_member: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Manifest, ArchiveError> {
     use std::os::unix::fs::PermissionsExt;
@@ -555,6 +467,7 @@ pub fn unpack_verified(
     let mut archive = tar::Archive::new(decoder);
     let mut seen: BTreeMap<String, Member> = BTreeMap::new();
     let mut manifest: Option<Manifest> = None;
+    let mut header_seen: Option<Header> = None;
     // Directories get their mode, owner and time once everything inside them is written.
     let mut dirs: Vec<(std::path::PathBuf, u32, u64, u64, u64)> = Vec::new();
     let io_err = |path: &Path| {
@@ -577,10 +490,10 @@ pub fn unpack_verified(
                     "member {path} comes after the manifest"
                 )));
             }
-            let mut buf = Vec::new();
             if path == MANIFEST {
-                entry.read_to_end(&mut buf).map_err(corrupt)?;
-                let m: Manifest = serde_json::from_slice(&buf)
+                let mut text = Vec::new();
+                entry.read_to_end(&mut text).map_err(corrupt)?;
+                let m: Manifest = serde_json::from_slice(&text)
                     .map_err(|e| ArchiveError::BadManifest(e.to_string()))?;
                 if m.format != FORMAT {
                     return Err(ArchiveError::Unsupported(m.format));
@@ -588,40 +501,56 @@ pub fn unpack_verified(
                 manifest = Some(m);
                 continue;
             }
-            let target = dest.join(&path);
-            no_symlink_on_the_way(dest, &path)?;
+            let target = dest.map(|d| d.join(&path));
+            if let Some(d) = dest {
+                no_symlink_on_the_way(d, &path)?;
+            }
             let header = entry.header();
             let mode = header.mode().map_err(corrupt)? & 0o7777;
             let (uid, gid) = (
-                header.uid().map_err(corrupt)?,
-                header.gid().map_err(corrupt)?,
+                header.uid().map_err(corrupt)? as u32,
+                header.gid().map_err(corrupt)? as u32,
             );
             let mtime = header.mtime().map_err(corrupt)?;
-            if let Some(parent) = target.parent() {
+            if let Some(parent) = target.as_ref().and_then(|t| t.parent()) {
                 std::fs::create_dir_all(parent).map_err(io_err(parent))?;
             }
             let member = match header.entry_type() {
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
-                    let file = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .open(&target)
-                        .map_err(io_err(&target))?;
-                    let mut out = io::BufWriter::with_capacity(1 << 20, file);
                     let mut hasher = Hashing::new(&mut entry);
-                    let size = io::copy(&mut hasher, &mut out).map_err(corrupt)?;
+                    let mut keep = Vec::new();
+                    let size = match &target {
+                        Some(t) => {
+                            let file = std::fs::OpenOptions::new()
+                                .write(true)
+                                .create_new(true)
+                                .open(t)
+                                .map_err(io_err(t))?;
+                            let mut out = io::BufWriter::with_capacity(1 << 20, file);
+                            let size = io::copy(&mut hasher, &mut out).map_err(corrupt)?;
+                            let file = out.into_inner().map_err(|e| io_err(t)(e.into_error()))?;
+                            file.set_permissions(std::fs::Permissions::from_mode(mode))
+                                .map_err(io_err(t))?;
+                            let _ = file.set_modified(
+                                std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime),
+                            );
+                            if as_root {
+                                std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
+                                    .map_err(io_err(t))?;
+                            }
+                            size
+                        }
+                        None if path == HEADER => {
+                            hasher.read_to_end(&mut keep).map_err(corrupt)? as u64
+                        }
+                        None => io::copy(&mut hasher, &mut io::sink()).map_err(corrupt)?,
+                    };
                     let sha256 = hasher.hex();
-                    let file = out
-                        .into_inner()
-                        .map_err(|e| io_err(&target)(e.into_error()))?;
-                    file.set_permissions(std::fs::Permissions::from_mode(mode))
-                        .map_err(io_err(&target))?;
-                    let _ = file.set_modified(
-                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime),
-                    );
-                    if as_root {
-                        std::os::unix::fs::fchown(&file, Some(uid as u32), Some(gid as u32))
-                            .map_err(io_err(&target))?;
+                    if path == HEADER {
+                        if let Some(t) = &target {
+                            keep = std::fs::read(t).map_err(io_err(t))?;
+                        }
+                        header_seen = serde_json::from_slice(&keep).ok();
                     }
                     Member {
                         path: path.clone(),
@@ -633,8 +562,10 @@ pub fn unpack_verified(
                     }
                 }
                 tar::EntryType::Directory => {
-                    std::fs::create_dir_all(&target).map_err(io_err(&target))?;
-                    dirs.push((target.clone(), mode, uid, gid, mtime));
+                    if let Some(t) = &target {
+                        std::fs::create_dir_all(t).map_err(io_err(t))?;
+                        dirs.push((t.clone(), mode, uid as u64, gid as u64, mtime));
+                    }
                     Member {
                         path: path.clone(),
                         kind: Kind::Dir,
@@ -652,10 +583,12 @@ pub fn unpack_verified(
                             ArchiveError::Corrupt(format!("symlink {path} has no target"))
                         })?
                         .into_owned();
-                    std::os::unix::fs::symlink(&link, &target).map_err(io_err(&target))?;
-                    if as_root {
-                        std::os::unix::fs::lchown(&target, Some(uid as u32), Some(gid as u32))
-                            .map_err(io_err(&target))?;
+                    if let Some(t) = &target {
+                        std::os::unix::fs::symlink(&link, t).map_err(io_err(t))?;
+                        if as_root {
+                            std::os::unix::fs::lchown(t, Some(uid), Some(gid))
+                                .map_err(io_err(t))?;
+                        }
                     }
                     Member {
                         path: path.clone(),
@@ -682,14 +615,12 @@ pub fn unpack_verified(
             }
         }
     }
+    // Read the stream to its end: a truncated or corrupt tail (and the zstd checksum) shows here.
     let mut rest = archive.into_inner();
     io::copy(&mut rest, &mut io::sink()).map_err(corrupt)?;
     let manifest = manifest.ok_or(ArchiveError::NoManifest)?;
     compare(&manifest, seen)?;
-    let header: Option<Header> = std::fs::read(dest.join(HEADER))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    check_header(header.as_ref(), &manifest)?;
+    check_header(header_seen.as_ref(), &manifest)?;
     for (dir, mode, uid, gid, mtime) in dirs.into_iter().rev() {
         if as_root {
             std::os::unix::fs::chown(&dir, Some(uid as u32), Some(gid as u32))
