@@ -359,21 +359,6 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
-/// Counts the bytes read from the underlying (compressed) source, for progress.
-pub struct Counting<R> {
-    pub inner: R,
-    pub count: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl<R: Read> Read for Counting<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count
-            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(n)
-    }
-}
-
 /// A member path is relative and never goes up.
 fn check_path(path: &str) -> Result<(), ArchiveError> {
     let p = Path::new(path);

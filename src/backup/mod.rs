@@ -115,6 +115,20 @@ fn progress_bar(total: Option<u64>, what: &str) -> ProgressBar {
     pb
 }
 
+/// `file` read through a progress bar (hidden when stderr is not a terminal) labelled `what`.
+fn progress_reader(file: File, what: &str) -> (io::BufReader<Progress<File>>, ProgressBar) {
+    let total = file.metadata().map(|m| m.len()).ok();
+    let pb = progress_bar(total, what);
+    let reader = io::BufReader::with_capacity(
+        1 << 20,
+        Progress {
+            inner: file,
+            pb: pb.clone(),
+        },
+    );
+    (reader, pb)
+}
+
 /// A reader that advances a progress bar.
 struct Progress<R> {
     inner: R,
@@ -407,15 +421,7 @@ pub async fn verify(path: &Path) -> anyhow::Result<Manifest> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || -> anyhow::Result<Manifest> {
         let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        let total = file.metadata().map(|m| m.len()).ok();
-        let pb = progress_bar(total, "verify");
-        let reader = io::BufReader::with_capacity(
-            1 << 20,
-            Progress {
-                inner: file,
-                pb: pb.clone(),
-            },
-        );
+        let (reader, pb) = progress_reader(file, "verify");
         let manifest = archive::verify(reader)
             .with_context(|| format!("{} does not verify", path.display()))?;
         pb.finish_and_clear();
@@ -440,15 +446,7 @@ impl Extraction {
         let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (path, dest, stop) = (path.to_path_buf(), dest.to_path_buf(), cancel.clone());
         let task = tokio::task::spawn_blocking(move || -> anyhow::Result<Manifest> {
-            let total = file.metadata().map(|m| m.len()).ok();
-            let pb = progress_bar(total, "restore");
-            let reader = io::BufReader::with_capacity(
-                1 << 20,
-                Progress {
-                    inner: file,
-                    pb: pb.clone(),
-                },
-            );
+            let (reader, pb) = progress_reader(file, "restore");
             let mut notify = |member: &str| {
                 let _ = tx.send(member.to_string());
                 !stop.load(std::sync::atomic::Ordering::SeqCst)

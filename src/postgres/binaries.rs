@@ -104,12 +104,18 @@ impl Binaries {
                 });
         }
         let candidates = candidate_dirs().await;
+        // The same directory is often found twice (pg_config and /usr/lib/postgresql/N):
+        // probe each real directory once.
+        let mut seen: Vec<PathBuf> = Vec::new();
         let mut found: Vec<Binaries> = Vec::new();
         for dir in &candidates {
+            let real = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+            if seen.contains(&real) {
+                continue;
+            }
+            seen.push(real);
             if let Ok(b) = Binaries::probe(dir).await {
-                if !found.iter().any(|f| same_dir(&f.dir, &b.dir)) {
-                    found.push(b);
-                }
+                found.push(b);
             }
         }
         if let Some(m) = prefer {
@@ -123,13 +129,6 @@ impl Binaries {
             .into_iter()
             .find(|b| Some(b.major) == best)
             .ok_or(PostgresError::NoBinaries { looked: candidates })
-    }
-}
-
-fn same_dir(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
     }
 }
 

@@ -721,11 +721,6 @@ impl Session {
         })
     }
 
-    /// Whether this session started its own server.
-    pub fn is_temporary(&self) -> bool {
-        self.temporary.is_some()
-    }
-
     /// Stop the temporary server, if any.
     pub async fn close(self) -> Result<(), PostgresError> {
         if let Some((_embedded, mut server)) = self.temporary {
