@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what regobox and its tests need on a fresh Debian/Ubuntu machine, if missing:
-# the PostgreSQL server binaries. Idempotent; uses sudo when not root.
+# the PostgreSQL server binaries, a static busybox (the Docker tests build their job image from
+# it, as no registry is needed then) and the docker CLI. Idempotent; uses sudo when not root.
 set -euo pipefail
 
 SUDO=""
@@ -11,12 +12,22 @@ have_pg_server() {
     ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1
 }
 
+PACKAGES=()
 if ! have_pg_server; then
     echo "install-deps: installing the PostgreSQL server (Debian package postgresql)"
     # regobox runs its own cluster: keep the package from creating and starting one on 5432.
     $SUDO mkdir -p /etc/postgresql-common
     echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.conf >/dev/null
+    PACKAGES+=(postgresql postgresql-contrib)
+fi
+if ! [ -x /bin/busybox ] || ! /bin/busybox --list >/dev/null 2>&1 || ldd /bin/busybox >/dev/null 2>&1; then
+    PACKAGES+=(busybox-static)
+fi
+if ! command -v docker >/dev/null 2>&1; then
+    PACKAGES+=(docker.io)
+fi
+if [ "${#PACKAGES[@]}" -gt 0 ]; then
+    echo "install-deps: installing ${PACKAGES[*]}"
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-        postgresql postgresql-contrib
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"
 fi

@@ -61,6 +61,7 @@ pub struct Config {
     pub logs: LogsConfig,
     pub supervision: SupervisionConfig,
     pub backup: BackupConfig,
+    pub docker: DockerConfig,
 }
 
 impl Default for Config {
@@ -76,8 +77,114 @@ impl Default for Config {
             logs: LogsConfig::default(),
             supervision: SupervisionConfig::default(),
             backup: BackupConfig::default(),
+            docker: DockerConfig::default(),
         }
     }
+}
+
+/// `[docker]`: the host's Docker engine, offered to the application through a socket of
+/// regobox's that enforces `[docker.policy]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerConfig {
+    /// `false` turns the bridge off (no socket, no `DOCKER_HOST` for the application).
+    pub enabled: bool,
+    /// The engine: `unix:///path`, `tcp://host:port` (TLS when `tls_ca` is set). Empty:
+    /// `DOCKER_HOST`, else `unix:///var/run/docker.sock`.
+    pub host: String,
+    /// TLS to a remote engine: the CA that signed the engine's certificate, and this client's
+    /// certificate and key (PEM). Empty: `$DOCKER_CERT_PATH/{ca,cert,key}.pem` when
+    /// `DOCKER_TLS_VERIFY` is set.
+    pub tls_ca: PathBuf,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    /// The socket given to the application (its `DOCKER_HOST`). Empty: `<runtime_dir>/docker.sock`.
+    pub proxy_socket: PathBuf,
+    /// Paths as regobox sees them -> the host paths behind them, for bind sources. Empty:
+    /// found by inspecting regobox's own container; outside a container, paths are the host's.
+    pub host_paths: BTreeMap<String, String>,
+    /// The value of the `regobox.instance` label on everything the application creates. Empty:
+    /// generated once and kept on the volume (`secrets/docker-instance`).
+    pub instance: String,
+    /// At start, this instance's containers that exited longer ago than this are removed
+    /// (0s: never).
+    #[serde(with = "humantime_serde")]
+    pub gc_after: Duration,
+    /// At stop, stop this instance's running containers too (default: leave jobs running).
+    pub stop_jobs: bool,
+    /// Largest request body regobox reads to check it (container create, network create).
+    pub max_inspected_body: u64,
+    pub limits: DockerLimits,
+    pub policy: DockerPolicyConfig,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            enabled: true,
+            host: String::new(),
+            tls_ca: PathBuf::new(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            proxy_socket: PathBuf::new(),
+            host_paths: BTreeMap::new(),
+            instance: String::new(),
+            gc_after: Duration::from_secs(24 * 3600),
+            stop_jobs: false,
+            max_inspected_body: 1024 * 1024,
+            limits: DockerLimits::default(),
+            policy: DockerPolicyConfig::default(),
+        }
+    }
+}
+
+/// `[docker.limits]`: applied to a container create that sets none (0: no default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerLimits {
+    /// Memory, in bytes or with a unit (`512m`, `2g`).
+    pub memory: String,
+    /// CPUs (e.g. 1.5).
+    pub cpus: f64,
+    /// Processes.
+    pub pids: i64,
+}
+
+impl Default for DockerLimits {
+    fn default() -> Self {
+        DockerLimits {
+            memory: String::new(),
+            cpus: 0.0,
+            pids: 4096,
+        }
+    }
+}
+
+/// `[docker.policy]`: what the application may ask of the engine.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerPolicyConfig {
+    /// Bind sources (as the application names them) must lie under one of these. Empty:
+    /// the files volume (`<volumes.root>/files`).
+    pub bind_roots: Vec<PathBuf>,
+}
+
+/// `512m`, `2g`, `1048576` -> bytes.
+pub fn parse_bytes(text: &str) -> Option<i64> {
+    let t = text.trim().to_ascii_lowercase();
+    let t = t
+        .strip_suffix("ib")
+        .or_else(|| t.strip_suffix('b'))
+        .unwrap_or(&t);
+    let (digits, mult) = match t.chars().last()? {
+        'k' => (&t[..t.len() - 1], 1i64 << 10),
+        'm' => (&t[..t.len() - 1], 1 << 20),
+        'g' => (&t[..t.len() - 1], 1 << 30),
+        't' => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    let n: f64 = digits.trim().parse().ok()?;
+    (n >= 0.0 && n.is_finite()).then_some((n * mult as f64) as i64)
 }
 
 /// `[backup]`: archives of the database and the file volumes.
@@ -498,6 +605,8 @@ impl Default for PostgresConfig {
 const DERIVED: &[(&str, &str)] = &[
     ("postgres.data_dir", "volumes.root"),
     ("backup.dir", "volumes.root"),
+    ("docker.proxy_socket", "runtime_dir"),
+    ("docker.policy.bind_roots", "volumes.root"),
 ];
 
 /// Server settings regobox sets itself, with the key that controls each.
@@ -1250,10 +1359,83 @@ impl Config {
                 );
             }
         }
+        self.validate_docker(bad);
         if self.supervision.shutdown_timeout.is_zero() {
             bad(
                 "supervision.shutdown_timeout",
                 "must be longer than 0s".into(),
+            );
+        }
+    }
+
+    fn validate_docker(&self, bad: &mut dyn FnMut(&str, String)) {
+        let d = &self.docker;
+        if !(d.host.is_empty() || d.host.starts_with("unix:///") || d.host.starts_with("tcp://")) {
+            bad(
+                "docker.host",
+                format!("`{}` is not unix:///path or tcp://host:port", d.host),
+            );
+        }
+        let tls = [
+            ("docker.tls_ca", &d.tls_ca),
+            ("docker.tls_cert", &d.tls_cert),
+            ("docker.tls_key", &d.tls_key),
+        ];
+        let set = tls
+            .iter()
+            .filter(|(_, p)| !p.as_os_str().is_empty())
+            .count();
+        if set != 0 && set != 3 {
+            for (key, p) in tls {
+                if p.as_os_str().is_empty() {
+                    bad(key, "must be set with the other docker.tls_* keys".into());
+                }
+            }
+        }
+        if !d.proxy_socket.as_os_str().is_empty() && !d.proxy_socket.is_absolute() {
+            bad("docker.proxy_socket", "must be an absolute path".into());
+        }
+        for (inside, host) in &d.host_paths {
+            if !inside.starts_with('/') || !host.starts_with('/') {
+                bad(
+                    &format!("docker.host_paths.{inside}"),
+                    format!("both sides must be absolute paths (`{inside}` = `{host}`)"),
+                );
+            }
+        }
+        for root in &d.policy.bind_roots {
+            let dotted = root.components().any(|c| {
+                matches!(
+                    c,
+                    std::path::Component::ParentDir | std::path::Component::CurDir
+                )
+            });
+            if !root.is_absolute() || dotted || root == Path::new("/") {
+                bad(
+                    "docker.policy.bind_roots",
+                    format!(
+                        "`{}` must be an absolute path other than `/`, without `.` or `..`",
+                        root.display()
+                    ),
+                );
+            }
+        }
+        if !d.limits.memory.is_empty() && parse_bytes(&d.limits.memory).is_none() {
+            bad(
+                "docker.limits.memory",
+                format!("`{}` is not a size (e.g. 512m, 2g)", d.limits.memory),
+            );
+        }
+        if d.limits.cpus < 0.0 || !d.limits.cpus.is_finite() {
+            bad("docker.limits.cpus", "must be 0 or more".into());
+        }
+        if d.limits.pids < 0 {
+            bad("docker.limits.pids", "must be 0 or more".into());
+        }
+        if d.max_inspected_body < 1024 {
+            bad(
+                "docker.max_inspected_body",
+                "must be at least 1024 bytes".into(),
             );
         }
     }
@@ -1283,6 +1465,12 @@ impl Config {
         }
         if !self.postgres.bin_dir.as_os_str().is_empty() {
             self.postgres.bin_dir = abs(&self.postgres.bin_dir);
+        }
+        if self.docker.proxy_socket.as_os_str().is_empty() {
+            self.docker.proxy_socket = self.runtime_dir.join("docker.sock");
+        }
+        if self.docker.policy.bind_roots.is_empty() {
+            self.docker.policy.bind_roots = vec![self.volumes.root.join("files")];
         }
     }
 
@@ -1693,6 +1881,69 @@ mod tests {
             Some(nix::sys::signal::Signal::SIGQUIT)
         );
         assert_eq!(parse_signal("nope"), None);
+    }
+
+    #[test]
+    fn docker_keys_are_checked_and_derived() {
+        let (_d, s) = with_dir(
+            &[(
+                "50.toml",
+                "[docker]\nhost = \"ssh://x\"\ntls_ca = \"/ca.pem\"\n[docker.limits]\nmemory = \"lots\"\n[docker.policy]\nbind_roots = [\"/\", \"rel\"]\n[docker.host_paths]\n\"/a\" = \"b\"\n",
+            )],
+            &[],
+        );
+        let err = load(&s).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "docker.host",
+            "docker.tls_cert",
+            "docker.tls_key",
+            "docker.limits.memory",
+            "docker.policy.bind_roots",
+            "docker.host_paths./a",
+        ] {
+            assert!(keys.contains(&key), "{key} not in {keys:?}");
+        }
+        let (_d, s) = with_dir(&[], &[("REGOBOX_RUNTIME_DIR", "/r")]);
+        let c = load(&s).unwrap().config;
+        assert_eq!(c.docker.proxy_socket, PathBuf::from("/r/docker.sock"));
+        assert_eq!(
+            c.docker.policy.bind_roots,
+            vec![PathBuf::from("/volumes/files")]
+        );
+        assert_eq!(parse_bytes("512m"), Some(512 << 20));
+        assert_eq!(parse_bytes("2GiB"), Some(2 << 30));
+        assert_eq!(parse_bytes("x"), None);
+    }
+
+    #[test]
+    fn the_shipped_defaults_file_is_valid() {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config");
+        let s = Sources {
+            dirs: vec![dir],
+            env: vec![],
+        };
+        let loaded = load(&s).unwrap();
+        assert_eq!(loaded.config, {
+            let mut c = Config::default();
+            c.resolve();
+            c
+        });
+        // Every key documented, even commented out.
+        let text = std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/50_default.toml"),
+        )
+        .unwrap();
+        for key in [
+            "gc_after",
+            "stop_jobs",
+            "proxy_socket",
+            "bind_roots",
+            "tls_ca",
+            "pids",
+        ] {
+            assert!(text.contains(&format!("#{key} =")), "{key} undocumented");
+        }
     }
 
     #[test]

@@ -153,7 +153,16 @@ pub fn metrics(snap: &Snapshot) -> String {
         "gauge",
         "Seconds since the service's process started",
     );
+    family(
+        "regobox_docker_up",
+        "gauge",
+        "1 when the Docker bridge serves its socket",
+    );
     let _ = writeln!(out, "regobox_ready {}", u8::from(snap.ready));
+    if let Some(docker) = snap.components.get("docker") {
+        let up = docker.get("state").and_then(|s| s.as_str()) == Some("up");
+        let _ = writeln!(out, "regobox_docker_up {}", u8::from(up));
+    }
     let _ = writeln!(out, "regobox_uptime_seconds {:.3}", snap.uptime_seconds);
     let _ = writeln!(out, "regobox_orphans_reaped_total {}", snap.orphans_reaped);
     let now = crate::supervisor::status::now_epoch();

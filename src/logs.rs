@@ -74,7 +74,7 @@ impl LogFile {
         })))
     }
 
-    fn write_line(&mut self, line: &str) {
+    pub fn write_line(&mut self, line: &str) {
         let needed = line.len() as u64 + 1;
         if self.size > 0 && self.size + needed > self.max_bytes {
             self.rotate();

@@ -1,8 +1,444 @@
-//! The host's Docker engine for the pipeline layer, behind a policy (issue 5, in progress).
+//! The host's Docker engine for the pipeline layer, behind a policy.
 //!
-//! Today: [`policy`], the pure decisions of the socket regobox will give the application (which
-//! endpoints, what a container create may ask for, bind translation, the instance label and
-//! default limits). The proxy serving that socket, the engine connection and the lifecycle are
-//! not written yet.
+//! regobox is the only thing that talks to the engine's socket. The application gets a socket of
+//! its own (`docker.proxy_socket`, its `DOCKER_HOST`), served by [`proxy`], which applies
+//! [`policy`] to what is inside every request: the endpoints a pipeline runner needs, container
+//! creates without anything that hands the host over, bind sources under `docker.policy.bind_roots`
+//! translated to the host paths behind them, and everything the application creates labelled as
+//! this instance's, the rest invisible to it.
+//!
+//! [`Bridge::start`] pings the engine, negotiates the API version, finds the host paths behind
+//! regobox's own mounts (by inspecting its own container), reconciles this instance's containers
+//! (reports those running, removes those exited longer than `docker.gc_after` ago) and serves the
+//! socket. No engine: one warning, no socket, everything else runs.
 
+pub mod engine;
 pub mod policy;
+pub mod proxy;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, parse_bytes};
+use crate::logs::LogFile;
+use crate::secrets::SecretStore;
+use crate::users::Account;
+use crate::volumes::Layout;
+use engine::{Connector, Host};
+use policy::{CreatePolicy, INSTANCE_LABEL};
+use proxy::{OwnedImages, Proxy};
+
+/// The running bridge.
+pub struct Bridge {
+    socket: PathBuf,
+    docker: bollard::Docker,
+    instance: String,
+    stop_jobs: bool,
+    shutdown: CancellationToken,
+}
+
+/// The `DOCKER_HOST` the application gets, when the bridge's socket answers.
+pub fn application_host(config: &Config) -> Option<String> {
+    let socket = &config.docker.proxy_socket;
+    (config.docker.enabled && std::os::unix::net::UnixStream::connect(socket).is_ok())
+        .then(|| format!("unix://{}", socket.display()))
+}
+
+impl Bridge {
+    /// Start the bridge; `None` when it is disabled, the engine cannot be reached (warned once)
+    /// or another regobox already serves the socket. `status` gets what `/status` shows.
+    pub async fn start(
+        config: &Config,
+        layout: &Layout,
+        secrets: &SecretStore,
+        app: Option<&Account>,
+        status: &watch::Sender<Value>,
+    ) -> anyhow::Result<Option<Bridge>> {
+        let d = &config.docker;
+        if !d.enabled {
+            status.send_replace(json!({"state": "disabled"}));
+            return Ok(None);
+        }
+        let host = match Host::resolve(d) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!("the Docker bridge is disabled: {e:#}");
+                status.send_replace(json!({"state": "unreachable", "detail": format!("{e:#}")}));
+                return Ok(None);
+            }
+        };
+        let described = host.describe();
+        let connected = async {
+            let docker = host.bollard()?;
+            tokio::time::timeout(Duration::from_secs(5), docker.ping())
+                .await
+                .map_err(|_| anyhow::anyhow!("no answer to ping within 5 s"))??;
+            let docker = docker.negotiate_version().await?;
+            let version = docker.version().await?;
+            anyhow::Ok((docker, version))
+        }
+        .await;
+        let (docker, version) = match connected {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(
+                    engine = %described,
+                    "the Docker engine cannot be reached ({e:#}): the Docker bridge is disabled and the application gets no DOCKER_HOST; everything else runs (mount the engine's socket, or set docker.enabled = false to silence this)"
+                );
+                status.send_replace(json!({
+                    "state": "unreachable",
+                    "engine": described,
+                    "detail": format!("{e:#}"),
+                }));
+                return Ok(None);
+            }
+        };
+        let engine_version = version.version.clone().unwrap_or_default();
+        let api_version = docker.client_version().to_string();
+
+        let socket = d.proxy_socket.clone();
+        if !prepare_socket_path(&socket)? {
+            tracing::info!(socket = %socket.display(), "another regobox already serves the Docker socket; using it");
+            status.send_replace(json!({"state": "shared", "socket": socket}));
+            return Ok(None);
+        }
+
+        let instance = if d.instance.is_empty() {
+            secrets
+                .get_or_generate("docker-instance")
+                .context("generating the Docker instance id")?
+        } else {
+            d.instance.clone()
+        };
+        let host_paths = host_paths(config, &docker).await;
+        let policy = CreatePolicy {
+            bind_roots: d.policy.bind_roots.clone(),
+            host_paths: host_paths
+                .iter()
+                .map(|(a, b)| (PathBuf::from(a), PathBuf::from(b)))
+                .collect(),
+            instance: instance.clone(),
+            memory: parse_bytes(&d.limits.memory).filter(|m| *m > 0),
+            nano_cpus: (d.limits.cpus > 0.0).then_some((d.limits.cpus * 1e9) as i64),
+            pids_limit: (d.limits.pids > 0).then_some(d.limits.pids),
+        };
+        let images = OwnedImages::load(layout.secrets.join("docker-images.json"))?;
+        let audit = match LogFile::open(
+            &layout.logs,
+            "docker-audit",
+            config.logs.max_bytes,
+            config.logs.keep,
+        ) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!(error = %e, "no Docker audit file; audit lines go to the log only");
+                None
+            }
+        };
+        let (running, removed) = reconcile(&docker, &instance, d.gc_after).await;
+
+        let listener = tokio::net::UnixListener::bind(&socket)
+            .with_context(|| format!("binding the Docker proxy socket {}", socket.display()))?;
+        secure_socket(&socket, app)?;
+        let proxy = Arc::new(Proxy {
+            connector: Connector::new(&host)?,
+            docker: docker.clone(),
+            instance: instance.clone(),
+            policy,
+            images: Arc::new(images),
+            audit,
+            max_body: d.max_inspected_body as usize,
+        });
+        let shutdown = CancellationToken::new();
+        tokio::spawn(proxy::serve(listener, proxy, shutdown.clone()));
+        tracing::info!(
+            engine = %described,
+            engine_version,
+            api_version,
+            socket = %socket.display(),
+            instance,
+            jobs_running = running.len(),
+            jobs_removed = removed,
+            "Docker bridge up"
+        );
+        status.send_replace(json!({
+            "state": "up",
+            "engine": described,
+            "engine_version": engine_version,
+            "api_version": api_version,
+            "socket": socket,
+            "instance": instance,
+            "host_paths": host_paths,
+            "jobs_running_at_start": running,
+            "jobs_removed_at_start": removed,
+        }));
+        Ok(Some(Bridge {
+            socket,
+            docker,
+            instance,
+            stop_jobs: d.stop_jobs,
+            shutdown,
+        }))
+    }
+
+    /// Stop serving the socket; stop this instance's running containers if `docker.stop_jobs`.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = std::fs::remove_file(&self.socket);
+        if !self.stop_jobs {
+            return;
+        }
+        let running = list_own(&self.docker, &self.instance, false).await;
+        let stops = running.iter().map(|c| {
+            let id = c.id.clone().unwrap_or_default();
+            let docker = self.docker.clone();
+            async move {
+                let opts = bollard::query_parameters::StopContainerOptions {
+                    t: Some(10),
+                    signal: None,
+                };
+                match docker.stop_container(&id, Some(opts)).await {
+                    Ok(()) => tracing::info!(container = %id, "job stopped (docker.stop_jobs)"),
+                    Err(e) => tracing::warn!(container = %id, error = %e, "cannot stop job"),
+                }
+            }
+        });
+        futures_join_all(stops).await;
+    }
+}
+
+async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
+    futures: impl Iterator<Item = F>,
+) {
+    let mut set = tokio::task::JoinSet::new();
+    for f in futures {
+        set.spawn(f);
+    }
+    while set.join_next().await.is_some() {}
+}
+
+/// Make `socket` free to bind: false when a live server is there; a stale socket is removed;
+/// anything else there is an error that names it (never removed).
+fn prepare_socket_path(socket: &Path) -> anyhow::Result<bool> {
+    if let Some(parent) = socket.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {} (docker.proxy_socket)", parent.display()))?;
+    }
+    match std::fs::symlink_metadata(socket) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(anyhow::anyhow!(
+            "{} (docker.proxy_socket): {e}",
+            socket.display()
+        )),
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+                return Ok(false);
+            }
+            std::fs::remove_file(socket)
+                .with_context(|| format!("removing the stale socket {}", socket.display()))?;
+            Ok(true)
+        }
+        Ok(_) => Err(anyhow::anyhow!(
+            "{} exists and is not a socket; regobox will not replace it (docker.proxy_socket)",
+            socket.display()
+        )),
+    }
+}
+
+/// Root and the application's group only.
+fn secure_socket(socket: &Path, app: Option<&Account>) -> anyhow::Result<()> {
+    let mode = if app.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", socket.display()))?;
+    if let Some(account) = app {
+        nix::unistd::chown(socket, None, Some(account.gid))
+            .with_context(|| format!("chown {}", socket.display()))?;
+    }
+    Ok(())
+}
+
+/// Paths as regobox sees them -> host paths: `docker.host_paths`, else its own container's
+/// mounts, else none (regobox runs on the host: paths are the host's).
+async fn host_paths(config: &Config, docker: &bollard::Docker) -> BTreeMap<String, String> {
+    if !config.docker.host_paths.is_empty() {
+        return config.docker.host_paths.clone();
+    }
+    let Some(id) = std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()
+        .and_then(|m| own_container_id(&m))
+    else {
+        return BTreeMap::new();
+    };
+    match docker
+        .inspect_container(
+            &id,
+            None::<bollard::query_parameters::InspectContainerOptions>,
+        )
+        .await
+    {
+        Ok(c) => {
+            let map: BTreeMap<String, String> = c
+                .mounts
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|m| {
+                    matches!(
+                        m.typ,
+                        Some(bollard::models::MountPointTypeEnum::BIND)
+                            | Some(bollard::models::MountPointTypeEnum::VOLUME)
+                    )
+                })
+                .filter_map(|m| Some((m.destination?, m.source?)))
+                .collect();
+            tracing::info!(container = %&id[..12], mounts = ?map, "bind sources are translated through regobox's own mounts");
+            map
+        }
+        Err(e) => {
+            tracing::warn!(container = %&id[..12], error = %e, "regobox runs in a container the engine does not know (a remote engine?): bind sources are passed untranslated; set docker.host_paths");
+            BTreeMap::new()
+        }
+    }
+}
+
+/// The id of the container regobox runs in, from its mount table (the engine bind-mounts
+/// `/etc/hostname` and friends from `.../containers/<id>/`).
+pub fn own_container_id(mountinfo: &str) -> Option<String> {
+    for line in mountinfo.lines() {
+        for field in line.split(' ').take(5) {
+            let mut rest = field;
+            while let Some(i) = rest.find("containers/") {
+                let candidate = &rest[i + "containers/".len()..];
+                let id: String = candidate.chars().take(64).collect();
+                if id.len() == 64 && id.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Some(id);
+                }
+                rest = candidate;
+            }
+        }
+    }
+    None
+}
+
+async fn list_own(
+    docker: &bollard::Docker,
+    instance: &str,
+    all: bool,
+) -> Vec<bollard::models::ContainerSummary> {
+    let mut filters = std::collections::HashMap::new();
+    filters.insert(
+        "label".to_string(),
+        vec![format!("{INSTANCE_LABEL}={instance}")],
+    );
+    let opts = bollard::query_parameters::ListContainersOptions {
+        all,
+        filters: Some(filters),
+        ..Default::default()
+    };
+    docker
+        .list_containers(Some(opts))
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot list this instance's containers");
+            Vec::new()
+        })
+}
+
+/// Report this instance's running containers; remove those that exited more than `gc_after`
+/// ago. Returns (running names, removed count).
+async fn reconcile(
+    docker: &bollard::Docker,
+    instance: &str,
+    gc_after: Duration,
+) -> (Vec<String>, usize) {
+    let mut running = Vec::new();
+    let mut removed = 0;
+    for c in list_own(docker, instance, true).await {
+        let id = c.id.clone().unwrap_or_default();
+        let name = c
+            .names
+            .as_ref()
+            .and_then(|n| n.first())
+            .map(|n| n.trim_start_matches('/').to_string())
+            .unwrap_or_else(|| id.chars().take(12).collect());
+        use bollard::models::ContainerSummaryStateEnum as S;
+        match c.state {
+            Some(S::RUNNING) | Some(S::PAUSED) | Some(S::RESTARTING) => {
+                tracing::info!(container = %name, image = c.image.as_deref().unwrap_or(""), status = c.status.as_deref().unwrap_or(""), "job still running from before");
+                running.push(name);
+            }
+            Some(S::EXITED) | Some(S::DEAD) | Some(S::CREATED) if !gc_after.is_zero() => {
+                let finished = match docker
+                    .inspect_container(
+                        &id,
+                        None::<bollard::query_parameters::InspectContainerOptions>,
+                    )
+                    .await
+                {
+                    Ok(i) => i
+                        .state
+                        .and_then(|s| s.finished_at)
+                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+                        .filter(|t| t.timestamp() > 0)
+                        .or_else(|| {
+                            c.created
+                                .and_then(|t| chrono::DateTime::from_timestamp(t, 0))
+                                .map(|t| t.fixed_offset())
+                        }),
+                    Err(_) => None,
+                };
+                let old = finished.is_some_and(|t| {
+                    chrono::Utc::now()
+                        .signed_duration_since(t)
+                        .to_std()
+                        .unwrap_or_default()
+                        > gc_after
+                });
+                if old {
+                    let opts = bollard::query_parameters::RemoveContainerOptions {
+                        v: true,
+                        force: false,
+                        link: false,
+                    };
+                    match docker.remove_container(&id, Some(opts)).await {
+                        Ok(()) => {
+                            removed += 1;
+                            tracing::info!(container = %name, "removed a job container that exited more than docker.gc_after ago");
+                        }
+                        Err(e) => {
+                            tracing::warn!(container = %name, error = %e, "cannot remove an old job container")
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (running, removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_container_id_from_mountinfo() {
+        let id = "0123456789abcdef".repeat(4);
+        let info = format!(
+            "612 590 0:52 / / rw,relatime - overlay overlay rw\n\
+             630 612 8:1 /var/lib/docker/containers/{id}/hostname /etc/hostname rw,relatime - ext4 /dev/sda1 rw\n"
+        );
+        assert_eq!(own_container_id(&info), Some(id));
+        assert_eq!(
+            own_container_id("22 1 8:1 / / rw - ext4 /dev/sda1 rw\n"),
+            None
+        );
+    }
+}

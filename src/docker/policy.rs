@@ -53,6 +53,10 @@ pub enum Endpoint {
     NetworkList,
     NetworkCreate,
     NetworkOp,
+    /// Inspecting a kind of object the application can never own (volumes, plugins, swarm
+    /// objects): always "no such object", so that `docker inspect NAME`, which tries every kind
+    /// in turn, reports the name as missing.
+    Invisible,
 }
 
 /// (method, pattern, endpoint). In patterns `{id}` is one segment and `{name+}` one or more (image
@@ -79,6 +83,13 @@ const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("POST", "/containers/{id}/unpause", Endpoint::ContainerOp),
     ("GET", "/containers/{id}/logs", Endpoint::ContainerOp),
     ("GET", "/containers/{id}/stats", Endpoint::ContainerOp),
+    ("GET", "/containers/{id}/top", Endpoint::ContainerOp),
+    ("POST", "/containers/{id}/attach", Endpoint::ContainerOp),
+    ("POST", "/containers/{id}/resize", Endpoint::ContainerOp),
+    ("POST", "/containers/{id}/restart", Endpoint::ContainerOp),
+    ("GET", "/containers/{id}/archive", Endpoint::ContainerOp),
+    ("HEAD", "/containers/{id}/archive", Endpoint::ContainerOp),
+    ("PUT", "/containers/{id}/archive", Endpoint::ContainerOp),
     ("DELETE", "/containers/{id}", Endpoint::ContainerOp),
     ("GET", "/networks", Endpoint::NetworkList),
     ("POST", "/networks/create", Endpoint::NetworkCreate),
@@ -86,6 +97,13 @@ const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("DELETE", "/networks/{id}", Endpoint::NetworkOp),
     ("POST", "/networks/{id}/connect", Endpoint::NetworkOp),
     ("POST", "/networks/{id}/disconnect", Endpoint::NetworkOp),
+    ("GET", "/volumes/{id}", Endpoint::Invisible),
+    ("GET", "/plugins/{name+}/json", Endpoint::Invisible),
+    ("GET", "/services/{id}", Endpoint::Invisible),
+    ("GET", "/tasks/{id}", Endpoint::Invisible),
+    ("GET", "/nodes/{id}", Endpoint::Invisible),
+    ("GET", "/secrets/{id}", Endpoint::Invisible),
+    ("GET", "/configs/{id}", Endpoint::Invisible),
 ];
 
 /// The request path without its `/vX.Y` prefix, percent-decoded once; `Err` when it is
@@ -501,11 +519,11 @@ mod tests {
         for (m, p) in [
             ("POST", "/containers/abc/exec"),
             ("POST", "/exec/abc/start"),
-            ("GET", "/containers/abc/archive"),
+            ("GET", "/containers/abc/export"),
             ("POST", "/swarm/init"),
             ("POST", "/plugins/pull"),
             ("GET", "/secrets"),
-            ("PUT", "/containers/abc/archive"),
+            ("POST", "/containers/prune"),
             ("POST", "/containers/abc/update"),
             ("DELETE", "/containers/abc/extra"),
         ] {

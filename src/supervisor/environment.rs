@@ -32,6 +32,13 @@ pub fn build(
     let mut env: Env = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
         .collect();
+    // The application talks to the engine through regobox's socket, never the engine's own.
+    env.remove("DOCKER_HOST");
+    env.remove("DOCKER_TLS_VERIFY");
+    env.remove("DOCKER_CERT_PATH");
+    if let Some(host) = crate::docker::application_host(config) {
+        env.insert("DOCKER_HOST".into(), host);
+    }
     for (k, v) in &config.app.env {
         env.insert(k.clone(), v.clone());
     }

@@ -231,10 +231,12 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
         receivers.insert(name.clone(), rx);
     }
     let (maintenance, maintenance_rx) = watch::channel(None);
+    let (docker_tx, docker_rx) = watch::channel(serde_json::json!({"state": "starting"}));
     let board = Arc::new(Board {
         entries,
         started_at: now_epoch(),
         maintenance: maintenance_rx,
+        components: [("docker".to_string(), docker_rx)].into_iter().collect(),
     });
     let (control_tx, control_rx) = tokio::sync::mpsc::channel(1);
     let mut p = Persistent {
@@ -251,6 +253,7 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
 
     let background = CancellationToken::new();
     let mut first = true;
+    let mut bridge = None;
     let code = loop {
         let opened = open_database(config, &secrets, &plan).await?;
         if first {
@@ -266,6 +269,14 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
                     background.clone(),
                 ));
             }
+            bridge = crate::docker::Bridge::start(
+                config,
+                &layout,
+                &secrets,
+                p.app_account.as_ref(),
+                &docker_tx,
+            )
+            .await?;
             match control::listen(config, control_tx.clone(), background.clone()) {
                 Ok(()) => {}
                 Err(e) => {
@@ -313,6 +324,9 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
             }
         }
     };
+    if let Some(bridge) = bridge {
+        bridge.stop().await;
+    }
     let force = CancellationToken::new();
     finish(config, &force).await;
     background.cancel();

@@ -1,6 +1,7 @@
 //! The state of every supervised thing, shared between the supervisor, which writes it, and the
 //! health port and `regobox status`, which read it.
 
+use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -96,6 +97,8 @@ pub struct Board {
     pub started_at: f64,
     /// Why regobox is in maintenance (a restore), if it is: nothing is ready then.
     pub maintenance: watch::Receiver<Option<String>>,
+    /// What the other components (the Docker bridge, the proxy) report, by name.
+    pub components: BTreeMap<String, watch::Receiver<serde_json::Value>>,
 }
 
 /// The JSON of `/status`.
@@ -107,6 +110,8 @@ pub struct Snapshot {
     pub uptime_seconds: f64,
     pub orphans_reaped: u64,
     pub services: Vec<NamedStatus>,
+    #[serde(default)]
+    pub components: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -145,6 +150,11 @@ impl Board {
                     essential: e.essential,
                     status: e.rx.borrow().clone(),
                 })
+                .collect(),
+            components: self
+                .components
+                .iter()
+                .map(|(k, rx)| (k.clone(), rx.borrow().clone()))
                 .collect(),
         }
     }

@@ -5,6 +5,7 @@ mod support;
 
 mod backup;
 mod config_cli;
+mod docker;
 mod postgres_embedded;
 mod postgres_external;
 mod supervisor;

@@ -106,6 +106,8 @@ impl Instance {
             .env("REGOBOX_POSTGRES__PORT", self.port.to_string())
             .env("REGOBOX_SUPERVISION__LISTEN", "127.0.0.1")
             .env("REGOBOX_SUPERVISION__PORT", self.health_port.to_string())
+            // The Docker bridge is tested on its own (tests/it/docker.rs).
+            .env("REGOBOX_DOCKER__ENABLED", "false")
             .stdin(Stdio::null());
         for (k, v) in &self.env {
             cmd.env(k, v);
