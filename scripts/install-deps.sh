@@ -23,6 +23,10 @@ fi
 if ! [ -x /bin/busybox ] || ! /bin/busybox --list >/dev/null 2>&1 || ldd /bin/busybox >/dev/null 2>&1; then
     PACKAGES+=(busybox-static)
 fi
+# stunnel puts TLS with client certificates in front of the engine (the remote-engine test).
+if ! command -v stunnel4 >/dev/null 2>&1; then
+    PACKAGES+=(stunnel4)
+fi
 if ! command -v docker >/dev/null 2>&1; then
     PACKAGES+=(docker.io)
 fi

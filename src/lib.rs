@@ -2,8 +2,8 @@
 //!
 //! One binary brings up, inside one container, everything an application such as Regovar needs:
 //! a PostgreSQL server on a volume shared with the host, the supervision of the application's
-//! processes, and (in later components) a TLS reverse proxy, a policy-enforcing Docker socket
-//! and verifiable backups.
+//! processes, a policy-enforcing Docker socket, verifiable backups and (to come) a TLS reverse
+//! proxy.
 //!
 //! A map of the modules, in the order data flows through them at start-up:
 //!
@@ -25,7 +25,9 @@
 //!   with readiness, restarts and budgets; stopped in reverse order on a signal.
 //! - [`cron`]: the in-process scheduler of `[cron.*]` jobs.
 //! - [`health`]: the supervision port (`/healthz`, `/readyz`, `/status`, `/metrics`).
-//! - [`docker`]: the policy of the Docker socket given to the application (the proxy is to come).
+//! - [`docker`]: the host's Docker engine for the application, through a socket of regobox's
+//!   that enforces a policy (endpoints, container create fields, bind roots and translation,
+//!   ownership by label, audit).
 //! - [`backup`]: one verifiable archive of the database and the volumes; restore with a journal.
 //! - [`exit`]: the named exit codes.
 

@@ -27,14 +27,21 @@ struct Bridged {
 
 impl Bridged {
     fn start(extra: &str) -> Bridged {
-        let mut inst = Instance::new();
+        Self::start_with(
+            Instance::new(),
+            "host = \"unix:///var/run/docker.sock\"",
+            extra,
+        )
+    }
+
+    fn start_with(mut inst: Instance, host: &str, extra: &str) -> Bridged {
         let files = inst.root.join("files");
         let host_files = inst.dir.path().join("host-files");
         std::fs::create_dir_all(&host_files).unwrap();
         inst.config_file(
             "90_docker.toml",
             &format!(
-                "[docker]\nenabled = true\nhost = \"unix:///var/run/docker.sock\"\n{extra}\n[docker.host_paths]\n\"{}\" = \"{}\"\n",
+                "[docker]\nenabled = true\n{host}\n{extra}\n[docker.host_paths]\n\"{}\" = \"{}\"\n",
                 files.display(),
                 host_files.display()
             ),
@@ -757,4 +764,98 @@ fn without_an_engine_everything_else_runs() {
     assert_eq!(stdout(&out).trim(), "[]");
     assert_eq!(inst.sql("SELECT 1"), "1");
     run.stop();
+}
+
+/// A CA, and a certificate it signed for `names` (client certificate when `names` is empty).
+fn issue(
+    dir: &Path,
+    name: &str,
+    ca: Option<&(rcgen::Certificate, rcgen::KeyPair)>,
+    names: &[&str],
+) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    let cert = match ca {
+        None => {
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.self_signed(&key).unwrap()
+        }
+        Some((ca_cert, ca_key)) => {
+            params.extended_key_usages = vec![if names.is_empty() {
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth
+            } else {
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth
+            }];
+            params.signed_by(&key, ca_cert, ca_key).unwrap()
+        }
+    };
+    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+#[test]
+fn a_remote_engine_over_tls_with_a_client_certificate() {
+    let inst = Instance::new();
+    let certs = inst.dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let ca = issue(&certs, "ca", None, &[]);
+    issue(&certs, "server", Some(&ca), &["localhost"]);
+    issue(&certs, "client", Some(&ca), &[]);
+    // stunnel: TLS that requires a client certificate signed by the CA, in front of the engine.
+    let port = free_port();
+    let conf = certs.join("stunnel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "foreground = yes\npid =\n[docker]\naccept = 127.0.0.1:{port}\nconnect = /var/run/docker.sock\ncert = {0}/server.pem\nkey = {0}/server-key.pem\nCAfile = {0}/ca.pem\nrequireCert = yes\nverifyChain = yes\n",
+            certs.display()
+        ),
+    )
+    .unwrap();
+    let mut stunnel = Command::new("stunnel4")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("stunnel4 (scripts/install-deps.sh installs it)");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stunnel did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let host = format!(
+        "host = \"tcp://localhost:{port}\"\ntls_ca = \"{0}/ca.pem\"\ntls_cert = \"{0}/client.pem\"\ntls_key = \"{0}/client-key.pem\"",
+        certs.display()
+    );
+    let mut b = Bridged::start_with(inst, &host, "");
+    assert!(
+        b.run
+            .log_text()
+            .contains(&format!("tcp://localhost:{port} (TLS)")),
+        "{}",
+        b.run.log_text()
+    );
+    b.import_busybox("regobox-test/busybox:tls");
+    // A job with attach (an upgrade), through the proxy and TLS.
+    let out = b.cli_ok(&[
+        "run",
+        "--rm",
+        "regobox-test/busybox:tls",
+        "echo",
+        "over-tls",
+    ]);
+    assert_eq!(out.trim(), "over-tls");
+    b.cli_ok(&["rmi", "regobox-test/busybox:tls"]);
+    b.stop();
+    let _ = stunnel.kill();
+    let _ = stunnel.wait();
 }
