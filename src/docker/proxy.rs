@@ -470,6 +470,38 @@ impl Proxy {
             ));
         }
         self.owned_image(&image).await?;
+        // Networks other than the engine's defaults must be this instance's.
+        let mut networks: Vec<String> = value
+            .pointer("/HostConfig/NetworkMode")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .into_iter()
+            .collect();
+        if let Some(endpoints) = value
+            .pointer("/NetworkingConfig/EndpointsConfig")
+            .and_then(Value::as_object)
+        {
+            networks.extend(endpoints.keys().cloned());
+        }
+        for network in networks {
+            if matches!(network.as_str(), "" | "default" | "bridge" | "none") {
+                continue;
+            }
+            // A 404 here would make the docker CLI try to pull the image: refuse instead.
+            match self.owned_network(&network).await {
+                Ok(()) => {}
+                Err(Refusal::NotFound(_)) => {
+                    return Err(Denied {
+                    rule: "HostConfig.NetworkMode".into(),
+                    message: format!(
+                        "refused by regobox's Docker policy: HostConfig.NetworkMode network {network:?} is not one of this instance's networks"
+                    ),
+                }
+                .into());
+                }
+                Err(other) => return Err(other),
+            }
+        }
         let response = self.forward(with_json(parts, &checked), None).await?;
         let (parts, body) = response.into_parts();
         let bytes = body

@@ -413,6 +413,42 @@ fn what_others_created_is_invisible() {
     b.cli_ok(&["rmi", &built]);
     assert!(!engine(&["image", "inspect", &built]).status.success());
 
+    // Networks: the instance's own can be created, used and removed; another's cannot be used.
+    let net = format!("rbx-net-{}", b.inst.port);
+    b.cli_ok(&["network", "create", &net]);
+    let out = b.cli_ok(&[
+        "run",
+        "--rm",
+        "--network",
+        &net,
+        "regobox-test/busybox:mine",
+        "echo",
+        "on-my-net",
+    ]);
+    assert_eq!(out.trim(), "on-my-net");
+    let others_net = format!("rbx-othernet-{}", b.inst.port);
+    assert!(engine(&["network", "create", &others_net]).status.success());
+    let out = b.cli(&[
+        "run",
+        "--rm",
+        "--network",
+        &others_net,
+        "regobox-test/busybox:mine",
+        "true",
+    ]);
+    assert!(!out.status.success(), "joined someone else's network");
+    assert!(
+        stderr(&out).contains("not one of this instance's networks"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!b.cli(&["network", "rm", &others_net]).status.success());
+    assert!(!b.cli_ok(&["network", "ls"]).contains(&others_net));
+    engine(&["network", "rm", &others_net]);
+    let out = b.cli(&["network", "create", "--driver", "macvlan", "rbx-mac"]);
+    assert!(stderr(&out).contains("Driver"), "{}", stderr(&out));
+    b.cli_ok(&["network", "rm", &net]);
+
     engine(&["rm", "-f", &other]);
     engine(&["rmi", &other_image]);
     b.stop();
