@@ -62,6 +62,7 @@ pub struct Config {
     pub supervision: SupervisionConfig,
     pub backup: BackupConfig,
     pub docker: DockerConfig,
+    pub proxy: ProxyConfig,
 }
 
 impl Default for Config {
@@ -78,8 +79,145 @@ impl Default for Config {
             supervision: SupervisionConfig::default(),
             backup: BackupConfig::default(),
             docker: DockerConfig::default(),
+            proxy: ProxyConfig::default(),
         }
     }
+}
+
+/// `[proxy]`: TLS on 80/443 and the reverse proxy to the application.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    pub enabled: bool,
+    /// The application, `http://host:port`.
+    pub upstream: String,
+    pub listen: String,
+    /// Plain HTTP (0: off): a permanent redirect to https, but for `plain_http_paths`.
+    pub http_port: u16,
+    /// HTTPS, HTTP/1.1 and HTTP/2 (0: off).
+    pub https_port: u16,
+    /// `false`: port 80 proxies everything instead of redirecting.
+    pub redirect_http: bool,
+    /// Path prefixes proxied over plain HTTP on port 80 (callbacks from pipeline containers).
+    pub plain_http_paths: Vec<String>,
+    /// The names this server answers to (the self-signed certificate's, ACME's by default).
+    pub hostnames: Vec<String>,
+    /// Peers (IP or CIDR) whose X-Forwarded-* / Forwarded headers are kept and extended.
+    pub trusted_proxies: Vec<String>,
+    /// Time allowed for a request's headers (slowloris).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A connection with no request in flight and no byte for this long is closed (keep-alive,
+    /// silent connections, an HTTP/2 preface that never comes).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub upstream_connect_timeout: Duration,
+    /// Largest request head (431 beyond).
+    pub max_header_bytes: usize,
+    /// At stop, in-flight requests get this long to finish.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    /// One line per request in the log.
+    pub access_log: bool,
+    pub tls: ProxyTlsConfig,
+    pub acme: AcmeConfig,
+    /// `[[proxy.static]]`: directories served directly.
+    #[serde(rename = "static")]
+    pub statics: Vec<StaticDir>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            enabled: true,
+            upstream: "http://127.0.0.1:8500".into(),
+            listen: "0.0.0.0".into(),
+            http_port: 80,
+            https_port: 443,
+            redirect_http: true,
+            plain_http_paths: Vec::new(),
+            hostnames: vec!["localhost".into()],
+            trusted_proxies: Vec::new(),
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(75),
+            handshake_timeout: Duration::from_secs(10),
+            upstream_connect_timeout: Duration::from_secs(5),
+            max_header_bytes: 32 * 1024,
+            grace: Duration::from_secs(5),
+            access_log: true,
+            tls: ProxyTlsConfig::default(),
+            acme: AcmeConfig::default(),
+            statics: Vec::new(),
+        }
+    }
+}
+
+/// `[proxy.tls]`: the certificate. Neither set and no ACME: a self-signed certificate for
+/// `proxy.hostnames`, generated once and kept on the volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyTlsConfig {
+    /// PEM, full chain (RSA or ECDSA).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// How often the files are checked for changes (picked up without a restart).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for ProxyTlsConfig {
+    fn default() -> Self {
+        ProxyTlsConfig {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            reload_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// `[proxy.acme]`: certificates from an ACME CA (HTTP-01, answered by regobox on port 80).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AcmeConfig {
+    /// The directory URL, e.g. https://acme-v02.api.letsencrypt.org/directory (empty: off).
+    pub directory: String,
+    /// e.g. ["mailto:admin@example.org"].
+    pub contact: Vec<String>,
+    /// Empty: `proxy.hostnames`.
+    pub hostnames: Vec<String>,
+    /// Extra CA certificates (PEM) trusted for the directory (a private or test CA).
+    pub ca_bundle: PathBuf,
+    /// Renew when the certificate expires within this.
+    #[serde(with = "humantime_serde")]
+    pub renew_before: Duration,
+    /// How often expiry is checked.
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+}
+
+impl Default for AcmeConfig {
+    fn default() -> Self {
+        AcmeConfig {
+            directory: String::new(),
+            contact: Vec::new(),
+            hostnames: Vec::new(),
+            ca_bundle: PathBuf::new(),
+            renew_before: Duration::from_secs(30 * 24 * 3600),
+            check_interval: Duration::from_secs(12 * 3600),
+        }
+    }
+}
+
+/// One `[[proxy.static]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticDir {
+    /// URL path prefix, e.g. "/static/".
+    pub prefix: String,
+    pub dir: PathBuf,
 }
 
 /// `[docker]`: the host's Docker engine, offered to the application through a socket of
@@ -1360,11 +1498,144 @@ impl Config {
             }
         }
         self.validate_docker(bad);
+        self.validate_proxy(bad);
         if self.supervision.shutdown_timeout.is_zero() {
             bad(
                 "supervision.shutdown_timeout",
                 "must be longer than 0s".into(),
             );
+        }
+    }
+
+    fn validate_proxy(&self, bad: &mut dyn FnMut(&str, String)) {
+        let p = &self.proxy;
+        if !p.enabled {
+            return;
+        }
+        match p.upstream.strip_prefix("http://") {
+            Some(rest) if !rest.is_empty() && rest.parse::<hyper::Uri>().is_ok() => {}
+            _ => bad(
+                "proxy.upstream",
+                format!("`{}` is not an http://host:port URL", p.upstream),
+            ),
+        }
+        if p.listen.parse::<IpAddr>().is_err() {
+            bad(
+                "proxy.listen",
+                format!("`{}` is not an IP address", p.listen),
+            );
+        }
+        if p.http_port != 0 && p.http_port == p.https_port {
+            bad(
+                "proxy.http_port",
+                format!("is the same as proxy.https_port ({})", p.https_port),
+            );
+        }
+        for (key, port) in [
+            ("proxy.http_port", p.http_port),
+            ("proxy.https_port", p.https_port),
+        ] {
+            if port != 0 && port == self.supervision.port {
+                bad(key, format!("is the same as supervision.port ({port})"));
+            }
+        }
+        for prefix in &p.plain_http_paths {
+            if !prefix.starts_with('/') {
+                bad(
+                    "proxy.plain_http_paths",
+                    format!("`{prefix}` must start with `/`"),
+                );
+            }
+        }
+        if p.hostnames.is_empty() {
+            bad("proxy.hostnames", "must name at least one host".into());
+        }
+        for h in &p.hostnames {
+            let ok = !h.is_empty()
+                && h.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '*' | ':'));
+            if !ok {
+                bad("proxy.hostnames", format!("`{h}` is not a host name"));
+            }
+        }
+        for t in &p.trusted_proxies {
+            if crate::proxy::net::Cidr::parse(t).is_none() {
+                bad(
+                    "proxy.trusted_proxies",
+                    format!("`{t}` is not an IP address or CIDR block"),
+                );
+            }
+        }
+        for (key, d) in [
+            ("proxy.header_timeout", p.header_timeout),
+            ("proxy.idle_timeout", p.idle_timeout),
+            ("proxy.handshake_timeout", p.handshake_timeout),
+            ("proxy.upstream_connect_timeout", p.upstream_connect_timeout),
+            ("proxy.tls.reload_interval", p.tls.reload_interval),
+        ] {
+            if d.is_zero() {
+                bad(key, "must be longer than 0s".into());
+            }
+        }
+        if p.max_header_bytes < 8192 {
+            bad("proxy.max_header_bytes", "must be at least 8192".into());
+        }
+        let (cert, key) = (&p.tls.cert, &p.tls.key);
+        if cert.as_os_str().is_empty() != key.as_os_str().is_empty() {
+            bad(
+                if cert.as_os_str().is_empty() {
+                    "proxy.tls.cert"
+                } else {
+                    "proxy.tls.key"
+                },
+                "proxy.tls.cert and proxy.tls.key go together".into(),
+            );
+        }
+        let a = &p.acme;
+        if !a.directory.is_empty() {
+            if !(a.directory.starts_with("https://") || a.directory.starts_with("http://")) {
+                bad(
+                    "proxy.acme.directory",
+                    format!("`{}` is not a URL", a.directory),
+                );
+            }
+            if !cert.as_os_str().is_empty() {
+                bad(
+                    "proxy.acme.directory",
+                    "set either proxy.tls.cert/key or proxy.acme, not both".into(),
+                );
+            }
+            if p.http_port == 0 {
+                bad(
+                    "proxy.acme.directory",
+                    "ACME's HTTP-01 challenge needs proxy.http_port".into(),
+                );
+            }
+            for c in &a.contact {
+                if !c.contains(':') {
+                    bad(
+                        "proxy.acme.contact",
+                        format!("`{c}` is not a URL (e.g. mailto:admin@example.org)"),
+                    );
+                }
+            }
+            if a.check_interval.is_zero() {
+                bad("proxy.acme.check_interval", "must be longer than 0s".into());
+            }
+        }
+        for s in &p.statics {
+            if !s.prefix.starts_with('/') {
+                bad(
+                    "proxy.static.prefix",
+                    format!("`{}` must start with `/`", s.prefix),
+                );
+            }
+            if !s.dir.is_absolute() {
+                bad(
+                    "proxy.static.dir",
+                    format!("`{}` must be an absolute path", s.dir.display()),
+                );
+            }
         }
     }
 

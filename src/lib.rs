@@ -41,6 +41,7 @@ pub mod health;
 pub mod logs;
 pub mod postgres;
 pub mod process;
+pub mod proxy;
 pub mod secrets;
 pub mod supervisor;
 pub mod users;

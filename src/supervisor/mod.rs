@@ -77,6 +77,8 @@ pub struct Plan {
     pub target: Option<String>,
     /// Use the PostgreSQL of a `regobox run` already up on the volume instead of refusing.
     pub reuse_running_postgres: bool,
+    /// Serve the TLS proxy on 80/443 (`regobox run` only).
+    pub proxy: bool,
 }
 
 impl Plan {
@@ -87,6 +89,7 @@ impl Plan {
             cron: true,
             target: None,
             reuse_running_postgres: false,
+            proxy: true,
         })
     }
 
@@ -118,6 +121,7 @@ impl Plan {
             cron: false,
             target: Some(name.to_string()),
             reuse_running_postgres: true,
+            proxy: false,
         })
     }
 
@@ -128,6 +132,7 @@ impl Plan {
             cron: true,
             target: None,
             reuse_running_postgres: true,
+            proxy: false,
         }
     }
 }
@@ -174,6 +179,8 @@ struct Persistent {
     accounts: BTreeMap<String, Option<Account>>,
     app_account: Option<Account>,
     control: tokio::sync::mpsc::Receiver<control::Request>,
+    /// Stopped first, before the services.
+    proxy: Option<crate::proxy::Proxy>,
 }
 
 /// Bring everything in `plan` up, keep it up, stop it; the exit code. A maintenance request
@@ -232,11 +239,17 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
     }
     let (maintenance, maintenance_rx) = watch::channel(None);
     let (docker_tx, docker_rx) = watch::channel(serde_json::json!({"state": "starting"}));
+    let (proxy_tx, proxy_rx) = watch::channel(serde_json::json!({"state": "starting"}));
     let board = Arc::new(Board {
         entries,
         started_at: now_epoch(),
         maintenance: maintenance_rx,
-        components: [("docker".to_string(), docker_rx)].into_iter().collect(),
+        components: [
+            ("docker".to_string(), docker_rx),
+            ("proxy".to_string(), proxy_rx),
+        ]
+        .into_iter()
+        .collect(),
     });
     let (control_tx, control_rx) = tokio::sync::mpsc::channel(1);
     let mut p = Persistent {
@@ -249,6 +262,7 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
         accounts,
         app_account,
         control: control_rx,
+        proxy: None,
     };
 
     let background = CancellationToken::new();
@@ -258,6 +272,13 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
         let opened = open_database(config, &secrets, &plan).await?;
         if first {
             first = false;
+            if plan.proxy {
+                p.proxy =
+                    crate::proxy::Proxy::start(config, &layout, p.board.clone(), proxy_tx.clone())
+                        .await?;
+            } else {
+                proxy_tx.send_replace(serde_json::json!({"state": "not run by this command"}));
+            }
             // After the volume lock: a second regobox on the volume is the clearer error.
             if config.supervision.port != 0 {
                 let listener =
@@ -324,6 +345,9 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
             }
         }
     };
+    if let Some(proxy) = &p.proxy {
+        proxy.stop(std::future::ready(())).await;
+    }
     if let Some(bridge) = bridge {
         bridge.stop().await;
     }
@@ -509,13 +533,19 @@ async fn cycle(
             exit::FAILURE
         }
     };
-    shutdown.cancel();
     if let Some(b) = backups {
         b.abort();
     }
     let deadline = Instant::now() + config.supervision.shutdown_timeout;
+    let stop_proxy = !matches!(reason, Reason::Maintenance(_));
     let clean = {
         let ordered_stop = async {
+            // The proxy first: no new requests, in-flight ones finish, then the services stop.
+            if let (true, Some(proxy)) = (stop_proxy, &p.proxy) {
+                let force = force.clone();
+                proxy.stop(async move { force.cancelled().await }).await;
+            }
+            shutdown.cancel();
             if let Some(cron) = cron_task {
                 let _ = cron.await;
             }

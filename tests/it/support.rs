@@ -108,6 +108,8 @@ impl Instance {
             .env("REGOBOX_SUPERVISION__PORT", self.health_port.to_string())
             // The Docker bridge is tested on its own (tests/it/docker.rs).
             .env("REGOBOX_DOCKER__ENABLED", "false")
+            // So is the proxy (tests/it/proxy.rs): 80/443 are not free for every test.
+            .env("REGOBOX_PROXY__ENABLED", "false")
             .stdin(Stdio::null());
         for (k, v) in &self.env {
             cmd.env(k, v);

@@ -1,0 +1,212 @@
+//! Static directories (`[[proxy.static]]`), served as nginx served the application's statics:
+//! content types, `ETag`/`Last-Modified` with conditional requests, single byte ranges.
+
+use std::path::{Component, Path, PathBuf};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::io::ReaderStream;
+
+use super::{Body, empty, full};
+
+/// Serve `rest` (the path after the prefix, still percent-encoded) from `dir`.
+pub async fn serve<B>(req: &Request<B>, dir: &Path, rest: &str) -> Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = plain(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n");
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let Some(relative) = safe_relative(rest) else {
+        return plain(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let mut path = dir.join(relative);
+    if path.is_dir() {
+        path = path.join("index.html");
+    }
+    // Symbolic links may not lead out of the directory.
+    let inside = match (
+        tokio::fs::canonicalize(&path).await,
+        tokio::fs::canonicalize(dir).await,
+    ) {
+        (Ok(p), Ok(d)) => p.starts_with(&d),
+        _ => false,
+    };
+    if !inside {
+        return plain(StatusCode::NOT_FOUND, "not found\n");
+    }
+    let Ok(mut file) = tokio::fs::File::open(&path).await else {
+        return plain(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let Ok(meta) = file.metadata().await else {
+        return plain(StatusCode::NOT_FOUND, "not found\n");
+    };
+    if !meta.is_file() {
+        return plain(StatusCode::NOT_FOUND, "not found\n");
+    }
+    let len = meta.len();
+    let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+    let secs = modified
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let etag = format!("\"{secs:x}-{len:x}\"");
+    let last_modified = httpdate::fmt_http_date(modified);
+    let mime = mime_guess::from_path(&path).first_or_octet_stream();
+
+    let headers = req.headers();
+    let not_modified = match headers.get(header::IF_NONE_MATCH) {
+        Some(v) => v.to_str().unwrap_or("").split(',').any(|t| {
+            t.trim() == etag || t.trim() == "*" || t.trim().trim_start_matches("W/") == etag
+        }),
+        None => headers
+            .get(header::IF_MODIFIED_SINCE)
+            .and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok())
+            .and_then(|since| since.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .is_some_and(|since| secs <= since.as_secs()),
+    };
+    let mut builder = Response::builder()
+        .header(header::ETAG, &etag)
+        .header(header::LAST_MODIFIED, &last_modified)
+        .header(header::ACCEPT_RANGES, "bytes");
+    if not_modified {
+        return builder
+            .status(StatusCode::NOT_MODIFIED)
+            .body(empty())
+            .unwrap_or_default();
+    }
+    builder = builder.header(header::CONTENT_TYPE, mime.as_ref());
+
+    // A single range, unless If-Range names another version.
+    let if_range_ok = headers.get(header::IF_RANGE).is_none_or(|v| {
+        v.to_str()
+            .map(|s| s == etag || s == last_modified)
+            .unwrap_or(false)
+    });
+    let range = headers
+        .get(header::RANGE)
+        .filter(|_| if_range_ok)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| parse_range(v, len));
+    let (status, start, count) = match range {
+        None => (StatusCode::OK, 0, len),
+        Some(Some((start, end))) => {
+            builder = builder.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"));
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
+        Some(None) => {
+            return builder
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header(header::CONTENT_RANGE, format!("bytes */{len}"))
+                .body(empty())
+                .unwrap_or_default();
+        }
+    };
+    builder = builder.status(status).header(header::CONTENT_LENGTH, count);
+    if req.method() == Method::HEAD {
+        return builder.body(empty()).unwrap_or_default();
+    }
+    if start > 0 && file.seek(std::io::SeekFrom::Start(start)).await.is_err() {
+        return plain(StatusCode::INTERNAL_SERVER_ERROR, "read error\n");
+    }
+    let stream = ReaderStream::with_capacity(file.take(count), 64 * 1024);
+    let body = StreamBody::new(futures_util::StreamExt::map(stream, |r| {
+        r.map(Frame::data)
+            .map_err(|e| Box::new(e) as super::BoxError)
+    }));
+    builder.body(body.boxed()).unwrap_or_default()
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(full(Bytes::from_static(text.as_bytes())))
+        .unwrap_or_default()
+}
+
+/// The percent-decoded relative path, if it stays inside (no `..`, no NUL, no backslash).
+fn safe_relative(rest: &str) -> Option<PathBuf> {
+    let decoded = percent_decode(rest.split('?').next().unwrap_or(""))?;
+    if decoded.contains('\0') || decoded.contains('\\') {
+        return None;
+    }
+    let path = PathBuf::from(decoded.trim_start_matches('/'));
+    path.components()
+        .all(|c| matches!(c, Component::Normal(_)))
+        .then_some(path)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `bytes=a-b`, `bytes=a-`, `bytes=-n` against `len`: Some((first, last)) or None when
+/// unsatisfiable. Several ranges are answered with the first.
+fn parse_range(value: &str, len: u64) -> Option<(u64, u64)> {
+    let spec = value.trim().strip_prefix("bytes=")?;
+    let first = spec.split(',').next()?.trim();
+    let (a, b) = first.split_once('-')?;
+    let (start, end) = if a.is_empty() {
+        let n: u64 = b.parse().ok()?;
+        if n == 0 {
+            return None;
+        }
+        (len.saturating_sub(n), len.checked_sub(1)?)
+    } else {
+        let start: u64 = a.parse().ok()?;
+        let end = if b.is_empty() {
+            len.checked_sub(1)?
+        } else {
+            b.parse::<u64>().ok()?.min(len.checked_sub(1)?)
+        };
+        (start, end)
+    };
+    (start <= end && start < len).then_some((start, end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some((0, 9)));
+        assert_eq!(parse_range("bytes=90-", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=-10", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=50-500", 100), Some((50, 99)));
+        assert_eq!(parse_range("bytes=100-", 100), None);
+        assert_eq!(parse_range("bytes=5-2", 100), None);
+        assert_eq!(parse_range("bytes=0-0,5-6", 100), Some((0, 0)));
+    }
+
+    #[test]
+    fn paths_stay_inside() {
+        assert_eq!(safe_relative("app.js"), Some(PathBuf::from("app.js")));
+        assert_eq!(
+            safe_relative("css/a%20b.css"),
+            Some(PathBuf::from("css/a b.css"))
+        );
+        assert_eq!(safe_relative("../etc/passwd"), None);
+        assert_eq!(safe_relative("a/%2e%2e/%2e%2e/x"), None);
+        assert_eq!(safe_relative("a%00b"), None);
+    }
+}

@@ -1,0 +1,560 @@
+//! One request through the proxy.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
+
+use super::framing::Ambiguous;
+use super::{Activity, Body, BoxError, InFlight, Shared, acme, files, full};
+
+/// What a connection's requests share.
+#[derive(Clone)]
+pub struct ConnCtx {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    https: bool,
+    activity: Arc<Activity>,
+    ambiguous: Arc<Ambiguous>,
+}
+
+impl ConnCtx {
+    pub fn new(
+        shared: Arc<Shared>,
+        peer: SocketAddr,
+        https: bool,
+        activity: Arc<Activity>,
+        ambiguous: Arc<Ambiguous>,
+    ) -> Self {
+        ConnCtx {
+            shared,
+            peer,
+            https,
+            activity,
+            ambiguous,
+        }
+    }
+
+    pub fn service(
+        self,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
+    > + Clone {
+        hyper::service::service_fn(move |req| {
+            let ctx = self.clone();
+            async move { Ok::<_, Infallible>(ctx.handle(req).await) }
+        })
+    }
+
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let guard = self.activity.begin();
+        let method = req.method().clone();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "/".into());
+        let version = req.version();
+        let cfg = &self.shared.config;
+        let mut upstream_ms = None;
+
+        let response = 'done: {
+            // Both framings at once: ambiguous (request smuggling); refused, connection closed.
+            let h = req.headers();
+            if self.ambiguous.seen()
+                || (h.contains_key(header::TRANSFER_ENCODING)
+                    && h.contains_key(header::CONTENT_LENGTH))
+            {
+                let mut r = page(
+                    StatusCode::BAD_REQUEST,
+                    "Bad request",
+                    "The request has both Content-Length and Transfer-Encoding.",
+                );
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                break 'done r;
+            }
+            // hyper bounds its read buffer, not exactly the head: count it.
+            let head: usize = req.uri().to_string().len()
+                + h.iter()
+                    .map(|(n, v)| n.as_str().len() + v.len() + 4)
+                    .sum::<usize>();
+            if head > cfg.max_header_bytes {
+                let mut r = page(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "Request header fields too large",
+                    &format!(
+                        "The request's head is {head} bytes; this server takes at most {}.",
+                        cfg.max_header_bytes
+                    ),
+                );
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                break 'done r;
+            }
+            let host = request_host(&req).unwrap_or_else(|| cfg.hostnames[0].clone());
+            let uri_path = req.uri().path().to_string();
+            if !self.https {
+                if let Some(token) = uri_path.strip_prefix(acme::CHALLENGE_PREFIX) {
+                    if let Some(answer) = self.shared.challenges.answer(token) {
+                        break 'done Response::builder()
+                            .header(header::CONTENT_TYPE, "application/octet-stream")
+                            .body(full(answer))
+                            .unwrap_or_default();
+                    }
+                }
+                let plain = cfg
+                    .plain_http_paths
+                    .iter()
+                    .any(|p| uri_path.starts_with(p.as_str()));
+                if cfg.redirect_http && cfg.https_port != 0 && !plain {
+                    break 'done redirect(&method, &host, cfg.https_port, &path);
+                }
+            }
+            for s in &cfg.statics {
+                if let Some(rest) = uri_path.strip_prefix(s.prefix.as_str()) {
+                    let rest = rest.to_string();
+                    break 'done files::serve(&req, &s.dir, &rest).await;
+                }
+            }
+            if let Some(why) = self.unavailable() {
+                let mut r = page(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Service unavailable",
+                    &format!("{why}. Please retry in a few seconds."),
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                break 'done r;
+            }
+
+            // Forward.
+            let upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+            let (mut parts, body) = req.into_parts();
+            let upgrade_proto = parts.headers.get(header::UPGRADE).cloned();
+            strip_hop_by_hop(&mut parts.headers);
+            if let (Some(_), Some(proto)) = (&upgrade, upgrade_proto) {
+                parts
+                    .headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                parts.headers.insert(header::UPGRADE, proto);
+            }
+            self.forwarded_headers(&mut parts.headers, &host);
+            if let Ok(v) = HeaderValue::from_str(&host_with_port(&parts.uri, &parts.headers, &host))
+            {
+                parts.headers.insert(header::HOST, v);
+            }
+            let upstream = &self.shared.upstream;
+            let target = format!(
+                "{}://{}{}",
+                upstream.scheme_str().unwrap_or("http"),
+                upstream.authority().map(|a| a.as_str()).unwrap_or(""),
+                path
+            );
+            parts.uri = match target.parse::<Uri>() {
+                Ok(u) => u,
+                Err(_) => {
+                    break 'done page(
+                        StatusCode::BAD_REQUEST,
+                        "Bad request",
+                        "Unusable request target.",
+                    );
+                }
+            };
+            parts.version = Version::HTTP_11;
+            let body = if version == Version::HTTP_2 && is_bodyless(&parts) {
+                super::empty()
+            } else {
+                body.map_err(|e| Box::new(e) as BoxError).boxed()
+            };
+            let sent = Instant::now();
+            let result = self
+                .shared
+                .client
+                .request(Request::from_parts(parts, body))
+                .await;
+            upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
+            let mut response = match result {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(target: "regobox::proxy", error = %error_chain(&e), upstream = %self.shared.config.upstream, "upstream request failed");
+                    break 'done page(
+                        StatusCode::BAD_GATEWAY,
+                        "Bad gateway",
+                        "The application is not answering. It may be restarting; please retry shortly.",
+                    );
+                }
+            };
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                if let Some(client) = upgrade {
+                    let server = hyper::upgrade::on(&mut response);
+                    let force = self.shared.force.clone();
+                    self.shared.tracker.spawn(async move {
+                        let (Ok(client), Ok(server)) = tokio::join!(client, server) else {
+                            return;
+                        };
+                        let mut client = TokioIo::new(client);
+                        let mut server = TokioIo::new(server);
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            _ = force.cancelled() => {}
+                        }
+                    });
+                }
+                let (parts, body) = response.into_parts();
+                break 'done Response::from_parts(
+                    parts,
+                    body.map_err(|e| Box::new(e) as BoxError).boxed(),
+                );
+            }
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed())
+        };
+
+        let status = response.status();
+        let (parts, body) = response.into_parts();
+        let logged = Logged {
+            inner: body,
+            bytes: 0,
+            line: cfg.access_log.then(|| AccessLine {
+                method,
+                path,
+                status: status.as_u16(),
+                version,
+                peer: self.peer.ip(),
+                started,
+                upstream_ms,
+            }),
+            _guard: guard,
+        };
+        Response::from_parts(parts, logged.boxed())
+    }
+
+    /// Why the application cannot be reached through the proxy now, if it cannot.
+    fn unavailable(&self) -> Option<String> {
+        let board = &self.shared.board;
+        if let Some(why) = board.maintenance.borrow().clone() {
+            return Some(format!("Maintenance in progress ({why})"));
+        }
+        (!board.ready()).then(|| "The service is starting".to_string())
+    }
+
+    /// X-Forwarded-For/-Proto/-Host and Forwarded, set by regobox; kept and extended only when
+    /// the peer is a trusted proxy.
+    fn forwarded_headers(&self, headers: &mut HeaderMap, host: &str) {
+        let peer = canonical(self.peer.ip());
+        let proto = if self.https { "https" } else { "http" };
+        let trusted = self.shared.trusted.iter().any(|c| c.contains(peer));
+        let joined = |name: &HeaderName, headers: &HeaderMap| -> Option<String> {
+            let values: Vec<&str> = headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect();
+            (!values.is_empty()).then(|| values.join(", "))
+        };
+        let xff = HeaderName::from_static("x-forwarded-for");
+        let xfp = HeaderName::from_static("x-forwarded-proto");
+        let xfh = HeaderName::from_static("x-forwarded-host");
+        let (prev_for, prev_proto, prev_host, prev_fwd) = if trusted {
+            (
+                joined(&xff, headers),
+                joined(&xfp, headers),
+                joined(&xfh, headers),
+                joined(&header::FORWARDED, headers),
+            )
+        } else {
+            (None, None, None, None)
+        };
+        for name in [&xff, &xfp, &xfh, &header::FORWARDED] {
+            headers.remove(name);
+        }
+        headers.remove("x-real-ip");
+        let set = |headers: &mut HeaderMap, name: HeaderName, value: String| {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(name, v);
+            }
+        };
+        set(
+            headers,
+            xff,
+            match prev_for {
+                Some(p) => format!("{p}, {peer}"),
+                None => peer.to_string(),
+            },
+        );
+        set(headers, xfp, prev_proto.unwrap_or_else(|| proto.into()));
+        set(headers, xfh, prev_host.unwrap_or_else(|| host.to_string()));
+        let node = match peer {
+            IpAddr::V6(v6) => format!("\"[{v6}]\""),
+            v4 => v4.to_string(),
+        };
+        let element = format!("for={node};proto={proto};host=\"{host}\"");
+        set(
+            headers,
+            header::FORWARDED,
+            match prev_fwd {
+                Some(p) => format!("{p}, {element}"),
+                None => element,
+            },
+        );
+        set(
+            headers,
+            HeaderName::from_static("x-real-ip"),
+            peer.to_string(),
+        );
+    }
+}
+
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+/// GET/HEAD/DELETE/OPTIONS over HTTP/2 without a body: sent upstream without one.
+fn is_bodyless(parts: &hyper::http::request::Parts) -> bool {
+    matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+    ) && !parts.headers.contains_key(header::CONTENT_LENGTH)
+}
+
+/// The host the client asked for, without a port: `:authority` (HTTP/2) or `Host`.
+fn request_host<B>(req: &Request<B>) -> Option<String> {
+    let raw = req
+        .uri()
+        .authority()
+        .map(|a| a.host().to_string())
+        .or_else(|| {
+            let h = req.headers().get(header::HOST)?.to_str().ok()?;
+            let h = h.trim();
+            Some(if h.starts_with('[') {
+                h.split(']').next().map(|s| format!("{s}]"))?
+            } else {
+                h.split(':').next()?.to_string()
+            })
+        })?;
+    let ok = !raw.is_empty()
+        && raw.len() <= 253
+        && raw
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':' | '_'));
+    ok.then(|| raw.to_ascii_lowercase())
+}
+
+/// The Host header for the application: what the client sent (host and port).
+fn host_with_port(uri: &Uri, headers: &HeaderMap, host: &str) -> String {
+    uri.authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| host.to_string())
+}
+
+fn redirect(method: &Method, host: &str, https_port: u16, path: &str) -> Response<Body> {
+    let port = if https_port == 443 {
+        String::new()
+    } else {
+        format!(":{https_port}")
+    };
+    let location = format!("https://{host}{port}{path}");
+    // 301 for reads; 308 keeps the method and body of the others.
+    let status = if matches!(*method, Method::GET | Method::HEAD) {
+        StatusCode::MOVED_PERMANENTLY
+    } else {
+        StatusCode::PERMANENT_REDIRECT
+    };
+    Response::builder()
+        .status(status)
+        .header(header::LOCATION, location)
+        .header(header::CONTENT_LENGTH, 0)
+        .body(super::empty())
+        .unwrap_or_default()
+}
+
+fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// RFC 9110 7.6.1: the hop-by-hop fields and those `Connection` names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    for name in named {
+        headers.remove(name.as_str());
+    }
+    for name in [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// A small HTML page.
+pub fn page(status: StatusCode, title: &str, text: &str) -> Response<Body> {
+    let html = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{code} {title}</title>\
+         <style>body{{font-family:system-ui,sans-serif;max-width:40em;margin:4em auto;color:#333}}</style></head>\
+         <body><h1>{code} {title}</h1><p>{text}</p><hr><small>regobox</small></body></html>\n",
+        code = status.as_u16(),
+    );
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(full(Bytes::from(html)))
+        .unwrap_or_default()
+}
+
+struct AccessLine {
+    method: Method,
+    path: String,
+    status: u16,
+    version: Version,
+    peer: IpAddr,
+    started: Instant,
+    upstream_ms: Option<f64>,
+}
+
+/// A response body that counts its bytes, logs the request when it is done and keeps the
+/// request in flight until then.
+struct Logged {
+    inner: Body,
+    bytes: u64,
+    line: Option<AccessLine>,
+    _guard: InFlight,
+}
+
+impl hyper::body::Body for Logged {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &r {
+            if let Some(d) = frame.data_ref() {
+                self.bytes += d.len() as u64;
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        if let Some(l) = self.line.take() {
+            tracing::info!(
+                target: "regobox::proxy::access",
+                peer = %l.peer,
+                method = %l.method,
+                path = %l.path,
+                version = ?l.version,
+                status = l.status,
+                bytes = self.bytes,
+                duration_ms = format!("{:.2}", l.started.elapsed().as_secs_f64() * 1000.0),
+                upstream_ms = l.upstream_ms.map(|u| format!("{u:.2}")).unwrap_or_else(|| "-".into()),
+                "access"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_fields_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn hosts_and_redirects() {
+        let req = Request::get("/x")
+            .header("host", "Example.org:8443")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&req).as_deref(), Some("example.org"));
+        let bad = Request::get("/").header("host", "a b").body(()).unwrap();
+        assert_eq!(request_host(&bad), None);
+        let r = redirect(&Method::GET, "example.org", 443, "/a?b=1");
+        assert_eq!(r.status(), StatusCode::MOVED_PERMANENTLY);
+        assert_eq!(r.headers()["location"], "https://example.org/a?b=1");
+        let r = redirect(&Method::POST, "example.org", 8443, "/p");
+        assert_eq!(r.status(), StatusCode::PERMANENT_REDIRECT);
+        assert_eq!(r.headers()["location"], "https://example.org:8443/p");
+    }
+}

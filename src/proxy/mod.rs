@@ -1,0 +1,496 @@
+//! TLS on 80/443 and the reverse proxy to the application (what nginx did in such images).
+//!
+//! - [`tls`]: the certificate (files reloaded live, self-signed kept on the volume, or ACME via
+//!   [`acme`]), one certificate whatever the SNI.
+//! - this module: the listeners and connections: TLS handshake with a deadline, HTTP/2 or
+//!   HTTP/1.1 by ALPN, header and idle deadlines, graceful stop.
+//! - [`forward`]: one request: redirect to https, ACME challenges, static directories
+//!   ([`files`]), 503 while starting or in maintenance, forwarded headers, streaming both ways,
+//!   upgrades, 502 when the application does not answer, the access log.
+//!
+//! Started before PostgreSQL and the services (so it answers 503 during start-up), and stopped
+//! first: it stops accepting, lets in-flight requests finish within `proxy.grace`, then the
+//! services are stopped.
+
+pub mod acme;
+pub mod files;
+pub mod forward;
+pub mod framing;
+pub mod net;
+pub mod tls;
+
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ProxyConfig};
+use crate::supervisor::status::Board;
+use crate::volumes::Layout;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// Every body the proxy sends, whatever its source.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|n| match n {}).boxed()
+}
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|n| match n {}).boxed()
+}
+
+/// What every connection shares.
+pub struct Shared {
+    pub config: ProxyConfig,
+    /// `http://host:port` of the application.
+    pub upstream: hyper::Uri,
+    pub client: Client<HttpConnector, Body>,
+    pub board: Arc<Board>,
+    pub challenges: Arc<acme::Challenges>,
+    pub trusted: Vec<net::Cidr>,
+    pub tracker: TaskTracker,
+    pub force: CancellationToken,
+}
+
+/// The running proxy.
+pub struct Proxy {
+    shutdown: CancellationToken,
+    force: CancellationToken,
+    tracker: TaskTracker,
+    grace: Duration,
+    background: CancellationToken,
+}
+
+/// Bind `listen:port`; the error names the key to change.
+async fn bind(listen: &str, port: u16, key: &str) -> anyhow::Result<TcpListener> {
+    let ip: IpAddr = listen
+        .parse()
+        .with_context(|| format!("proxy.listen `{listen}`"))?;
+    let addr = SocketAddr::new(ip, port);
+    TcpListener::bind(addr).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            anyhow::anyhow!(
+                "cannot listen on {addr} ({key} = {port}): permission denied. Ports below 1024 need root or CAP_NET_BIND_SERVICE: set {key} to 1024 or above and publish it (e.g. -p {port}:8{port:03}), or grant the capability"
+            )
+        } else {
+            anyhow::anyhow!("cannot listen on {addr} ({key} = {port}): {e}")
+        }
+    })
+}
+
+impl Proxy {
+    /// Bind the listeners, set up the certificate and serve; `None` when `proxy.enabled` is
+    /// false. `status` gets what `/status` shows under `components.proxy`.
+    pub async fn start(
+        config: &Config,
+        layout: &Layout,
+        board: Arc<Board>,
+        status: watch::Sender<Value>,
+    ) -> anyhow::Result<Option<Proxy>> {
+        let p = &config.proxy;
+        if !p.enabled {
+            status.send_replace(json!({"state": "disabled"}));
+            return Ok(None);
+        }
+        let http = if p.http_port != 0 {
+            Some(bind(&p.listen, p.http_port, "proxy.http_port").await?)
+        } else {
+            None
+        };
+        let https = if p.https_port != 0 {
+            Some(bind(&p.listen, p.https_port, "proxy.https_port").await?)
+        } else {
+            None
+        };
+
+        let background = CancellationToken::new();
+        let challenges = Arc::new(acme::Challenges::default());
+        let (cert_tx, mut cert_rx) = watch::channel(None);
+        let tls_dir = tls::tls_dir(&layout.secrets)?;
+        let acceptor = if https.is_some() || !p.acme.directory.is_empty() {
+            let first = if !p.tls.cert.as_os_str().is_empty() {
+                tls::load_files(&p.tls.cert, &p.tls.key)?
+            } else {
+                tls::self_signed(&tls_dir, &p.hostnames).context("the self-signed certificate")?
+            };
+            let certs = Arc::new(tls::Certificates {
+                resolver: tls::Resolver::new(first.key.clone()),
+                status: cert_tx,
+            });
+            certs.install(first);
+            if !p.tls.cert.as_os_str().is_empty() {
+                tokio::spawn(tls::watch_files(
+                    certs.clone(),
+                    p.tls.cert.clone(),
+                    p.tls.key.clone(),
+                    p.tls.reload_interval,
+                    background.clone(),
+                ));
+            }
+            if !p.acme.directory.is_empty() {
+                let hostnames = if p.acme.hostnames.is_empty() {
+                    p.hostnames.clone()
+                } else {
+                    p.acme.hostnames.clone()
+                };
+                tokio::spawn(acme::run(
+                    p.acme.clone(),
+                    hostnames,
+                    tls_dir.clone(),
+                    certs.clone(),
+                    challenges.clone(),
+                    background.clone(),
+                ));
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut server = rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_cert_resolver(certs.resolver.clone());
+            server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            server.ticketer = rustls::crypto::ring::Ticketer::new()?;
+            Some(TlsAcceptor::from(Arc::new(server)))
+        } else {
+            None
+        };
+
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(p.upstream_connect_timeout));
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+        let shutdown = CancellationToken::new();
+        let force = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let shared = Arc::new(Shared {
+            config: p.clone(),
+            upstream: p.upstream.parse().context("proxy.upstream")?,
+            client,
+            board,
+            challenges,
+            trusted: p
+                .trusted_proxies
+                .iter()
+                .filter_map(|t| net::Cidr::parse(t))
+                .collect(),
+            tracker: tracker.clone(),
+            force: force.clone(),
+        });
+
+        let mut described = json!({
+            "state": "up",
+            "upstream": p.upstream,
+        });
+        if let Some(l) = http {
+            described["http"] = json!(l.local_addr()?.to_string());
+            tokio::spawn(accept(l, None, shared.clone(), shutdown.clone()));
+        }
+        if let Some(l) = https {
+            described["https"] = json!(l.local_addr()?.to_string());
+            tokio::spawn(accept(l, acceptor, shared.clone(), shutdown.clone()));
+        }
+        tracing::info!(http = %described["http"], https = %described["https"], upstream = %p.upstream, "proxy listening");
+        status.send_replace(described);
+        // The certificate's details follow it into the status.
+        let bg = background.clone();
+        tokio::spawn(async move {
+            loop {
+                let info = cert_rx.borrow_and_update().clone();
+                status.send_modify(|s| {
+                    s["certificate"] = info.as_ref().map(tls::Info::to_json).unwrap_or(Value::Null)
+                });
+                tokio::select! {
+                    r = cert_rx.changed() => if r.is_err() { return },
+                    _ = bg.cancelled() => return,
+                }
+            }
+        });
+        Ok(Some(Proxy {
+            shutdown,
+            force,
+            tracker,
+            grace: p.grace,
+            background,
+        }))
+    }
+
+    /// Stop accepting, let in-flight requests finish (at most `proxy.grace`, less if `force`
+    /// fires), then close what is left. Idempotent.
+    pub async fn stop(&self, force: impl std::future::Future<Output = ()>) {
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        self.shutdown.cancel();
+        self.tracker.close();
+        let started = Instant::now();
+        tokio::select! {
+            _ = self.tracker.wait() => {}
+            _ = tokio::time::sleep(self.grace) => {
+                tracing::warn!(open = self.tracker.len(), "proxy: connections still busy after proxy.grace; closing them");
+            }
+            _ = force => {}
+        }
+        self.force.cancel();
+        self.background.cancel();
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "proxy stopped"
+        );
+    }
+}
+
+async fn accept(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of descriptors, typically: breathe, then go on.
+                    tracing::warn!(error = %e, "proxy: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let shared2 = shared.clone();
+        let tls = tls.clone();
+        let shutdown = shutdown.clone();
+        shared
+            .tracker
+            .spawn(connection(stream, peer, tls, shared2, shutdown));
+    }
+}
+
+/// When a connection last moved a byte, and how many of its requests are in flight.
+#[derive(Debug)]
+pub struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Count a request as in flight until the guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+}
+
+/// A request in flight (see [`Activity::begin`]).
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.touch();
+    }
+}
+
+/// A stream that records activity.
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Drive `$conn` (a hyper server connection) until it ends, the proxy stops (graceful, then
+/// forced) or it idles past `idle`.
+macro_rules! drive {
+    ($conn:expr, $activity:expr, $idle:expr, $shutdown:expr, $force:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        let mut draining = false;
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = conn.as_mut() => break,
+                _ = $shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = $force.cancelled() => break,
+                _ = tick.tick() => {
+                    if $activity.in_flight.load(Ordering::Relaxed) == 0 && $activity.idle_for() >= $idle {
+                        break;
+                    }
+                }
+            }
+        }
+    }};
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let activity = Activity::new();
+    activity.touch();
+    let io = Tracked {
+        inner: stream,
+        activity: activity.clone(),
+    };
+    let cfg = &shared.config;
+    let force = shared.force.clone();
+    match tls {
+        None => {
+            let flag = Arc::new(framing::Ambiguous::default());
+            let io = framing::Framing::new(io, cfg.max_header_bytes, flag.clone());
+            let ctx = forward::ConnCtx::new(shared.clone(), peer, false, activity.clone(), flag);
+            let conn = h1(cfg).serve_connection(TokioIo::new(io), ctx.service());
+            drive!(
+                conn.with_upgrades(),
+                activity,
+                cfg.idle_timeout,
+                shutdown,
+                force
+            );
+        }
+        Some(acceptor) => {
+            let handshake = tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(io));
+            let tls_stream = tokio::select! {
+                r = handshake => match r {
+                    Ok(Ok(s)) => s,
+                    _ => return,
+                },
+                _ = force.cancelled() => return,
+            };
+            let is_h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
+            let flag = Arc::new(framing::Ambiguous::default());
+            let ctx =
+                forward::ConnCtx::new(shared.clone(), peer, true, activity.clone(), flag.clone());
+            if is_h2 {
+                let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                b.timer(TokioTimer::new())
+                    .max_header_list_size(cfg.max_header_bytes as u32)
+                    .max_concurrent_streams(256)
+                    .initial_stream_window_size(1 << 20)
+                    .initial_connection_window_size(4 << 20);
+                let conn = b.serve_connection(TokioIo::new(tls_stream), ctx.service());
+                drive!(conn, activity, cfg.idle_timeout, shutdown, force);
+            } else {
+                let io = framing::Framing::new(tls_stream, cfg.max_header_bytes, flag);
+                let conn = h1(cfg).serve_connection(TokioIo::new(io), ctx.service());
+                drive!(
+                    conn.with_upgrades(),
+                    activity,
+                    cfg.idle_timeout,
+                    shutdown,
+                    force
+                );
+            }
+        }
+    }
+}
+
+fn h1(cfg: &ProxyConfig) -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_timeout)
+        .max_buf_size(cfg.max_header_bytes.max(8192))
+        .keep_alive(true);
+    b
+}
