@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what regobox and its tests need on a fresh Debian/Ubuntu machine, if missing:
-# the PostgreSQL server binaries, a static busybox (the Docker tests build their job image from
-# it, as no registry is needed then) and the docker CLI. Idempotent; uses sudo when not root.
+# the PostgreSQL server binaries; for the tests, a static busybox (the Docker tests build their
+# job image from it, as no registry is needed then), the docker CLI, stunnel, pebble, curl and
+# openssl. Idempotent; uses sudo when not root.
 set -euo pipefail
 
 SUDO=""
@@ -23,6 +24,10 @@ fi
 if ! [ -x /bin/busybox ] || ! /bin/busybox --list >/dev/null 2>&1 || ldd /bin/busybox >/dev/null 2>&1; then
     PACKAGES+=(busybox-static)
 fi
+# pebble is the test ACME CA of the proxy tests; curl and openssl are their TLS clients.
+for tool in pebble curl openssl; do
+    command -v "$tool" >/dev/null 2>&1 || PACKAGES+=("$tool")
+done
 # stunnel puts TLS with client certificates in front of the engine (the remote-engine test).
 if ! command -v stunnel4 >/dev/null 2>&1; then
     PACKAGES+=(stunnel4)

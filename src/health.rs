@@ -159,6 +159,17 @@ pub fn metrics(snap: &Snapshot) -> String {
         "1 when the Docker bridge serves its socket",
     );
     let _ = writeln!(out, "regobox_ready {}", u8::from(snap.ready));
+    if let Some(t) = snap
+        .components
+        .get("proxy")
+        .and_then(|p| p.pointer("/certificate/not_after_unix"))
+        .and_then(|t| t.as_i64())
+    {
+        let _ = writeln!(
+            out,
+            "# HELP regobox_tls_certificate_not_after_seconds Expiry of the proxy's certificate (Unix time)\n# TYPE regobox_tls_certificate_not_after_seconds gauge\nregobox_tls_certificate_not_after_seconds {t}"
+        );
+    }
     if let Some(docker) = snap.components.get("docker") {
         let up = docker.get("state").and_then(|s| s.as_str()) == Some("up");
         let _ = writeln!(out, "regobox_docker_up {}", u8::from(up));

@@ -41,15 +41,29 @@ pub struct Framing<S> {
     state: State,
     limit: usize,
     flag: Arc<Ambiguous>,
+    /// Told when a request head begins and ends (for the header deadline).
+    activity: Option<Arc<super::Activity>>,
 }
 
 impl<S> Framing<S> {
-    pub fn new(inner: S, limit: usize, flag: Arc<Ambiguous>) -> Self {
+    pub fn new(
+        inner: S,
+        limit: usize,
+        flag: Arc<Ambiguous>,
+        activity: Option<Arc<super::Activity>>,
+    ) -> Self {
         Framing {
             inner,
             state: State::Head(Vec::new()),
             limit,
             flag,
+            activity,
+        }
+    }
+
+    fn head_ends(&self) {
+        if let Some(a) = &self.activity {
+            a.head_ends();
         }
     }
 
@@ -68,6 +82,9 @@ impl<S> Framing<S> {
                         if data.is_empty() {
                             return;
                         }
+                        if let Some(a) = &self.activity {
+                            a.head_begins();
+                        }
                     }
                     let before = buf.len();
                     let room = (self.limit + 4).saturating_sub(before).max(1);
@@ -77,6 +94,7 @@ impl<S> Framing<S> {
                         None => {
                             if buf.len() > self.limit {
                                 self.state = State::Done;
+                                self.head_ends();
                                 return;
                             }
                             data = &data[taken..];
@@ -86,6 +104,7 @@ impl<S> Framing<S> {
                             let next = after_head(&self.flag, &buf[..end]);
                             data = &data[end - before..];
                             self.state = next;
+                            self.head_ends();
                         }
                     }
                 }
@@ -258,7 +277,7 @@ mod tests {
 
     fn scan(chunks: &[&[u8]]) -> bool {
         let flag = Arc::new(Ambiguous::default());
-        let mut f = Framing::new((), 8192, flag.clone());
+        let mut f = Framing::new((), 8192, flag.clone(), None);
         for c in chunks {
             f.feed(c);
         }

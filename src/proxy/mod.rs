@@ -296,7 +296,11 @@ pub struct Activity {
     epoch: Instant,
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
+    /// When the request head being read began ([`NO_HEAD`]: none is being read).
+    head_since_ms: AtomicU64,
 }
+
+const NO_HEAD: u64 = u64::MAX;
 
 impl Activity {
     fn new() -> Arc<Activity> {
@@ -304,7 +308,26 @@ impl Activity {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
+            head_since_ms: AtomicU64::new(NO_HEAD),
         })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn head_begins(&self) {
+        self.head_since_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn head_ends(&self) {
+        self.head_since_ms.store(NO_HEAD, Ordering::Relaxed);
+    }
+
+    /// How long the current request head has been arriving, if one is.
+    fn head_for(&self) -> Option<Duration> {
+        let since = self.head_since_ms.load(Ordering::Relaxed);
+        (since != NO_HEAD).then(|| Duration::from_millis(self.now_ms().saturating_sub(since)))
     }
 
     fn touch(&self) {
@@ -394,9 +417,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
 }
 
 /// Drive `$conn` (a hyper server connection) until it ends, the proxy stops (graceful, then
-/// forced) or it idles past `idle`.
+/// forced), it idles past `idle` with no request in flight, or a request head takes longer than
+/// `header` to arrive.
 macro_rules! drive {
-    ($conn:expr, $activity:expr, $idle:expr, $shutdown:expr, $force:expr) => {{
+    ($conn:expr, $activity:expr, $idle:expr, $header:expr, $shutdown:expr, $force:expr) => {{
         let conn = $conn;
         tokio::pin!(conn);
         let mut draining = false;
@@ -412,6 +436,11 @@ macro_rules! drive {
                 _ = $force.cancelled() => break,
                 _ = tick.tick() => {
                     if $activity.in_flight.load(Ordering::Relaxed) == 0 && $activity.idle_for() >= $idle {
+                        break;
+                    }
+                    // Slowloris: a head that takes too long to arrive (the first one counts
+                    // from the connection).
+                    if $activity.head_for().is_some_and(|t| t >= $header) {
                         break;
                     }
                 }
@@ -438,13 +467,20 @@ async fn connection(
     match tls {
         None => {
             let flag = Arc::new(framing::Ambiguous::default());
-            let io = framing::Framing::new(io, cfg.max_header_bytes, flag.clone());
+            activity.head_begins();
+            let io = framing::Framing::new(
+                io,
+                cfg.max_header_bytes,
+                flag.clone(),
+                Some(activity.clone()),
+            );
             let ctx = forward::ConnCtx::new(shared.clone(), peer, false, activity.clone(), flag);
             let conn = h1(cfg).serve_connection(TokioIo::new(io), ctx.service());
             drive!(
                 conn.with_upgrades(),
                 activity,
                 cfg.idle_timeout,
+                cfg.header_timeout,
                 shutdown,
                 force
             );
@@ -470,14 +506,28 @@ async fn connection(
                     .initial_stream_window_size(1 << 20)
                     .initial_connection_window_size(4 << 20);
                 let conn = b.serve_connection(TokioIo::new(tls_stream), ctx.service());
-                drive!(conn, activity, cfg.idle_timeout, shutdown, force);
+                drive!(
+                    conn,
+                    activity,
+                    cfg.idle_timeout,
+                    cfg.header_timeout,
+                    shutdown,
+                    force
+                );
             } else {
-                let io = framing::Framing::new(tls_stream, cfg.max_header_bytes, flag);
+                activity.head_begins();
+                let io = framing::Framing::new(
+                    tls_stream,
+                    cfg.max_header_bytes,
+                    flag,
+                    Some(activity.clone()),
+                );
                 let conn = h1(cfg).serve_connection(TokioIo::new(io), ctx.service());
                 drive!(
                     conn.with_upgrades(),
                     activity,
                     cfg.idle_timeout,
+                    cfg.header_timeout,
                     shutdown,
                     force
                 );
@@ -488,8 +538,10 @@ async fn connection(
 
 fn h1(cfg: &ProxyConfig) -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
+    // The header deadline is the connection watchdog's (see `drive!`): hyper's own would also
+    // cut idle keep-alive connections.
     b.timer(TokioTimer::new())
-        .header_read_timeout(cfg.header_timeout)
+        .header_read_timeout(None)
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .keep_alive(true);
     b

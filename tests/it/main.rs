@@ -8,4 +8,5 @@ mod config_cli;
 mod docker;
 mod postgres_embedded;
 mod postgres_external;
+mod proxy;
 mod supervisor;

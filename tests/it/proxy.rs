@@ -1,0 +1,924 @@
+//! The TLS proxy with real clients (curl, openssl, rustls, a WebSocket client) in front of a
+//! real application (tests/fixtures/upstream.py, supervised by regobox).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_rustls::rustls;
+
+use crate::support::*;
+
+const UPSTREAM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/upstream.py");
+
+/// A regobox with the proxy on free ports in front of the fixture application.
+struct Proxied {
+    inst: Instance,
+    run: Option<Running>,
+    http: u16,
+    https: u16,
+    app: u16,
+}
+
+impl Proxied {
+    fn config(extra: &str) -> Proxied {
+        let mut inst = Instance::new();
+        let (http, https, app) = (free_port(), free_port(), free_port());
+        inst.config_file(
+            "90_proxy.toml",
+            &format!(
+                r#"[proxy]
+http_port = {http}
+https_port = {https}
+listen = "127.0.0.1"
+upstream = "http://127.0.0.1:{app}"
+plain_http_paths = ["/job/", "/ws-plain"]
+{extra}
+
+[services.app]
+command = ["python3", "{UPSTREAM}", "{app}"]
+ready = {{ tcp = "127.0.0.1:{app}" }}
+"#
+            ),
+        );
+        inst.env
+            .push(("REGOBOX_PROXY__ENABLED".into(), "true".into()));
+        Proxied {
+            inst,
+            run: None,
+            http,
+            https,
+            app,
+        }
+    }
+
+    fn start(extra: &str) -> Proxied {
+        let mut p = Self::config(extra);
+        p.run = Some(p.inst.start());
+        p
+    }
+
+    fn self_signed(&self) -> PathBuf {
+        self.inst.root.join("secrets/tls/self-signed.pem")
+    }
+
+    /// curl against `localhost` (resolved to 127.0.0.1), trusting the self-signed certificate.
+    fn curl(&self, args: &[&str]) -> Output {
+        Command::new("curl")
+            .args(["-sS", "--max-time", "60", "--cacert"])
+            .arg(self.self_signed())
+            .args([
+                "--resolve",
+                &format!("localhost:{}:127.0.0.1", self.https),
+                "--resolve",
+                &format!("localhost:{}:127.0.0.1", self.http),
+            ])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn https_url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.https)
+    }
+
+    fn http_url(&self, path: &str) -> String {
+        format!("http://localhost:{}{path}", self.http)
+    }
+
+    fn stop(&mut self) -> String {
+        self.run.take().unwrap().stop()
+    }
+}
+
+/// A rustls client configuration trusting `ca` (PEM), or anything when `None`.
+fn client_config(ca: Option<&Path>, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let mut config = match ca {
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            let pem = std::fs::read(ca).unwrap();
+            use rustls::pki_types::pem::PemObject;
+            for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+                roots.add(cert.unwrap()).unwrap();
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAny))
+            .with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// For reading what a server presents without trusting it.
+#[derive(Debug)]
+struct AcceptAny;
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A blocking TLS connection to 127.0.0.1:`port` with SNI `localhost`.
+fn tls(port: u16, ca: Option<&Path>) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let conn = rustls::ClientConnection::new(
+        client_config(ca, &[b"http/1.1"]),
+        "localhost".try_into().unwrap(),
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    s.flush().unwrap(); // completes the handshake
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).unwrap();
+    }
+    s
+}
+
+/// The serial number of the certificate the server presents on a new connection.
+fn served_serial(port: u16) -> String {
+    let s = tls(port, None);
+    serial_of(&s.conn.peer_certificates().unwrap()[0])
+}
+
+fn serial_of(der: &[u8]) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    cert.raw_serial_as_string()
+}
+
+/// One HTTP/1.1 request on an open stream; the status and body (Content-Length framed).
+fn request(stream: &mut impl ReadWrite, path: &str) -> (u16, String) {
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    stream.flush().unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// Raw bytes to a plain port; what comes back until the server closes (or 10 s).
+fn raw(port: u16, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn header_of(json: &serde_json::Value, name: &str) -> Vec<String> {
+    json["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h[0].as_str().unwrap().eq_ignore_ascii_case(name))
+        .map(|h| h[1].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn https_h1_h2_redirects_plain_paths_and_forwarded_headers() {
+    let mut p = Proxied::start("");
+    // HTTP/1.1 and HTTP/2 over TLS; what the client claims in X-Forwarded-* is replaced.
+    for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+        let out = p.curl(&[
+            flag,
+            "-H",
+            "X-Forwarded-For: 6.6.6.6",
+            "-H",
+            "Forwarded: for=6.6.6.6",
+            "-H",
+            "Connection: keep-alive, X-Secret",
+            "-H",
+            "X-Secret: hop",
+            "-w",
+            "\n%{http_version}",
+            &p.https_url("/headers?q=1"),
+        ]);
+        let text = stdout(&out);
+        let (body, got_version) = text.rsplit_once('\n').unwrap();
+        assert_eq!(got_version, version, "{}", stderr(&out));
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["path"], "/headers?q=1");
+        assert_eq!(header_of(&json, "x-forwarded-for"), vec!["127.0.0.1"]);
+        assert_eq!(header_of(&json, "x-forwarded-proto"), vec!["https"]);
+        assert_eq!(header_of(&json, "x-forwarded-host"), vec!["localhost"]);
+        assert_eq!(
+            header_of(&json, "forwarded"),
+            vec!["for=127.0.0.1;proto=https;host=\"localhost\""]
+        );
+        assert_eq!(
+            header_of(&json, "host"),
+            vec![format!("localhost:{}", p.https)]
+        );
+        if version == "1.1" {
+            assert!(header_of(&json, "x-secret").is_empty(), "{json}");
+        }
+    }
+
+    // Port 80: a permanent redirect to https, same host, path and query...
+    let out = p.curl(&["-D", "-", "-o", "/dev/null", &p.http_url("/a/b?c=d&e=f")]);
+    let head = stdout(&out);
+    assert!(head.starts_with("HTTP/1.1 301"), "{head}");
+    assert!(
+        head.contains(&format!(
+            "location: https://localhost:{}/a/b?c=d&e=f",
+            p.https
+        )),
+        "{head}"
+    );
+    let out = p.curl(&[
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-X",
+        "POST",
+        &p.http_url("/form"),
+    ]);
+    assert!(stdout(&out).starts_with("HTTP/1.1 308"), "{}", stdout(&out));
+    // ...but for the plain paths, proxied over HTTP.
+    let out = p.curl(&[&p.http_url("/job/42/notify")]);
+    assert_eq!(stdout(&out), "app: /job/42/notify\n");
+    let out = p.curl(&[&p.http_url("/job/headers")]);
+    assert_eq!(stdout(&out), "app: /job/headers\n");
+
+    // A client without SNI (https://<ip>/) gets the default certificate.
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{}", p.https),
+            "-noservername",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(stdout(&out).contains("CN = localhost"), "{}", stdout(&out));
+
+    // Oversized heads: 431. Both framings: 400. Neither reaches the application.
+    let big = format!(
+        "GET /job/x HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(40_000)
+    );
+    assert!(raw(p.http, big.as_bytes()).starts_with("HTTP/1.1 431"));
+    let smuggle = b"POST /job/upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /job/smuggled HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    let answer = raw(p.http, smuggle);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(!answer.contains("app: "), "{answer}");
+
+    // The certificate in /status and /metrics, and one access line per request.
+    let status = p.inst.status();
+    let cert = &status["components"]["proxy"]["certificate"];
+    assert_eq!(cert["source"], "self-signed");
+    assert!(
+        cert["subject"].as_str().unwrap().contains("CN=localhost"),
+        "{cert}"
+    );
+    let (_, metrics) = p.inst.health_get("/metrics");
+    assert!(
+        metrics.contains("regobox_tls_certificate_not_after_seconds "),
+        "{metrics}"
+    );
+    let log = p.stop();
+    assert!(
+        log.lines().any(|l| l.contains("access")
+            && l.contains("path=/headers?q=1")
+            && l.contains("status=200")
+            && l.contains("upstream_ms=")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("access") && l.contains("status=431"))
+    );
+}
+
+#[test]
+fn websockets_and_large_streams_with_bounded_memory() {
+    let p = Proxied::start("");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // WebSocket echo through TLS (wss) and through port 80's plain path (ws).
+    rt.block_on(async {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        let connector =
+            tokio_rustls::TlsConnector::from(client_config(Some(&p.self_signed()), &[b"http/1.1"]));
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", p.https))
+            .await
+            .unwrap();
+        let tls = connector
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        let (mut ws, response) =
+            tokio_tungstenite::client_async(format!("wss://localhost:{}/ws", p.https), tls)
+                .await
+                .unwrap();
+        assert_eq!(response.status(), 101);
+        for i in 0..20 {
+            let text = format!("hello {i}");
+            ws.send(Message::text(text.clone())).await.unwrap();
+            assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(text));
+        }
+        let blob = vec![7u8; 200_000];
+        ws.send(Message::binary(blob.clone())).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(blob));
+        ws.close(None).await.unwrap();
+
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", p.http))
+            .await
+            .unwrap();
+        let (mut ws, _) =
+            tokio_tungstenite::client_async(format!("ws://localhost:{}/ws-plain", p.http), tcp)
+                .await
+                .unwrap();
+        ws.send(Message::text("plain")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("plain"));
+    });
+
+    // 512 MiB up (a resumable-upload PATCH, streamed) and down, HTTP/1.1 and HTTP/2, while the
+    // proxy's memory is sampled.
+    let pid = p.run.as_ref().unwrap().pid();
+    let rss = move || -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap()
+    };
+    let baseline = rss();
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(baseline));
+    let sampler = {
+        let (sampling, peak) = (sampling.clone(), peak.clone());
+        std::thread::spawn(move || {
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(rss(), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    const SIZE: u64 = 512 << 20;
+    let file = p.inst.dir.path().join("upload.bin");
+    {
+        let f = std::fs::File::create(&file).unwrap();
+        f.set_len(SIZE).unwrap();
+    }
+    let zeros_sha = {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        let block = vec![0u8; 1 << 20];
+        for _ in 0..(SIZE >> 20) {
+            h.update(&block);
+        }
+        format!("{:x}", h.finalize())
+    };
+    for flag in ["--http1.1", "--http2"] {
+        // Chunked upload (no length known in advance), as a streamed PATCH.
+        let out = p.curl(&[
+            flag,
+            "-X",
+            "PATCH",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "-T",
+            &file.display().to_string(),
+            &p.https_url("/upload"),
+        ]);
+        let json: serde_json::Value = serde_json::from_str(&stdout(&out))
+            .unwrap_or_else(|e| panic!("{e}: {} {}", stdout(&out), stderr(&out)));
+        assert_eq!(json["bytes"], SIZE, "{flag}");
+        assert_eq!(json["sha256"], zeros_sha, "{flag}");
+        let out = p.curl(&[
+            flag,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download} %{http_code}",
+            &p.https_url(&format!("/download?n={SIZE}")),
+        ]);
+        assert_eq!(stdout(&out), format!("{SIZE} 200"), "{}", stderr(&out));
+    }
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    let grew = peak.load(std::sync::atomic::Ordering::Relaxed) - baseline;
+    eprintln!("proxy RSS: baseline {baseline} KiB, peak +{grew} KiB over 4 x 512 MiB");
+    assert!(
+        grew < 64 * 1024,
+        "the proxy grew by {grew} KiB while streaming 512 MiB bodies"
+    );
+    p.run.unwrap().stop();
+}
+
+#[test]
+fn certificates_self_signed_stable_and_files_reloaded_live() {
+    // Self-signed: generated once, key 0600, the same after a restart.
+    let mut p = Proxied::start("");
+    let first = served_serial(p.https);
+    let key = p.inst.root.join("secrets/tls/self-signed.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    p.stop();
+    p.run = Some(p.inst.start());
+    assert_eq!(
+        served_serial(p.https),
+        first,
+        "a new certificate after a restart"
+    );
+    p.stop();
+
+    // Files: changed on disk, picked up by new connections; an open one stays up.
+    let certs = p.inst.dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let issue = |n: u32| -> String {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.serial_number = Some(rcgen::SerialNumber::from(vec![0x10, n as u8]));
+        let cert = params.self_signed(&key).unwrap();
+        // Written the way a renewal tool does it: new files renamed into place.
+        std::fs::write(certs.join("new.pem"), cert.pem()).unwrap();
+        std::fs::write(certs.join("new.key"), key.serialize_pem()).unwrap();
+        std::fs::rename(certs.join("new.key"), certs.join("key.pem")).unwrap();
+        std::fs::rename(certs.join("new.pem"), certs.join("cert.pem")).unwrap();
+        serial_of(cert.der())
+    };
+    let serial_a = issue(1);
+    p.inst.config_file(
+        "95_tls.toml",
+        &format!(
+            "[proxy.tls]\ncert = \"{0}/cert.pem\"\nkey = \"{0}/key.pem\"\nreload_interval = \"200ms\"\n",
+            certs.display()
+        ),
+    );
+    p.run = Some(p.inst.start());
+    assert_eq!(served_serial(p.https), serial_a);
+    let mut old = tls(p.https, None);
+    assert_eq!(request(&mut old, "/hello").0, 200);
+    let serial_b = issue(2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served_serial(p.https) != serial_b {
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was not picked up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The connection opened before the change still works, with the old certificate.
+    assert_eq!(
+        serial_of(&old.conn.peer_certificates().unwrap()[0]),
+        serial_a
+    );
+    assert_eq!(request(&mut old, "/hello"), (200, "app: /hello\n".into()));
+    // A broken write (a key that does not match) is not taken; the last good one stays.
+    std::fs::write(
+        certs.join("key.pem"),
+        rcgen::KeyPair::generate().unwrap().serialize_pem(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(served_serial(p.https), serial_b);
+    assert_eq!(
+        p.inst.status()["components"]["proxy"]["certificate"]["serial"]
+            .as_str()
+            .unwrap()
+            .replace(':', ""),
+        serial_b.replace(':', "")
+    );
+    let log = p.stop();
+    assert!(log.contains("cannot be used yet"), "{log}");
+}
+
+/// pebble (a test ACME CA) with a TLS certificate of ours, validating on `http_port`.
+struct Pebble {
+    child: std::process::Child,
+    directory: String,
+    ca: PathBuf,
+}
+
+impl Pebble {
+    fn start(dir: &Path, http_port: u16) -> Pebble {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "pebble test root");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        std::fs::write(dir.join("pebble-ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("pebble-cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("pebble-key.pem"), key.serialize_pem()).unwrap();
+        let (port, mgmt) = (free_port(), free_port());
+        std::fs::write(
+            dir.join("pebble.json"),
+            serde_json::json!({"pebble": {
+                "listenAddress": format!("127.0.0.1:{port}"),
+                "managementListenAddress": format!("127.0.0.1:{mgmt}"),
+                "certificate": dir.join("pebble-cert.pem"),
+                "privateKey": dir.join("pebble-key.pem"),
+                "httpPort": http_port,
+                "tlsPort": free_port(),
+                "ocspResponderURL": "",
+                "externalAccountBindingRequired": false
+            }})
+            .to_string(),
+        )
+        .unwrap();
+        let child = Command::new("pebble")
+            .arg("-config")
+            .arg(dir.join("pebble.json"))
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .stdout(std::fs::File::create(dir.join("pebble.log")).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("pebble (scripts/install-deps.sh installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "pebble did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Pebble {
+            child,
+            directory: format!("https://localhost:{port}/dir"),
+            ca: dir.join("pebble-ca.pem"),
+        }
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn acme_issuance_and_renewal_against_pebble() {
+    let mut p = Proxied::config("");
+    let pebble = Pebble::start(p.inst.dir.path(), p.http);
+    // Renew whenever checked (the certificate always "expires within" renew_before).
+    p.inst.config_file(
+        "95_acme.toml",
+        &format!(
+            "[proxy.acme]\ndirectory = \"{}\"\nca_bundle = \"{}\"\ncontact = [\"mailto:admin@example.org\"]\ncheck_interval = \"2s\"\nrenew_before = \"100000d\"\n",
+            pebble.directory,
+            pebble.ca.display()
+        ),
+    );
+    p.run = Some(p.inst.start());
+    let self_signed = served_serial(p.https);
+    let wait_for_new = |previous: &str| -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = tls(p.https, None);
+            let der = s.conn.peer_certificates().unwrap()[0].to_vec();
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+            if cert.raw_serial_as_string() != previous {
+                assert!(
+                    cert.issuer().to_string().contains("Pebble"),
+                    "issued by {}",
+                    cert.issuer()
+                );
+                return cert.raw_serial_as_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no certificate from pebble:\n{}",
+                p.run.as_ref().unwrap().log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let issued = wait_for_new(&self_signed);
+    let renewed = wait_for_new(&issued);
+    assert_ne!(renewed, self_signed);
+    let cert = p.inst.status()["components"]["proxy"]["certificate"].clone();
+    assert_eq!(cert["source"], "acme");
+    assert!(
+        cert["issuer"].as_str().unwrap().contains("Pebble"),
+        "{cert}"
+    );
+    // The application was never asked: the challenges were answered by regobox.
+    let log = p.stop();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("/.well-known/acme-challenge/")
+                && l.contains("status=200")
+                && l.contains("upstream_ms=\"-\"")),
+        "{log}"
+    );
+    // Kept on the volume (key 0600) and used at the next start without a new order.
+    use std::os::unix::fs::PermissionsExt;
+    let key = p.inst.root.join("secrets/tls/acme.key");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
+
+#[test]
+fn slow_silent_and_idle_connections_are_closed() {
+    let p = Proxied::start(
+        "header_timeout = \"1s\"\nidle_timeout = \"2s\"\nhandshake_timeout = \"1s\"",
+    );
+    let closed_within = |mut s: TcpStream, drip: bool| -> Duration {
+        let start = Instant::now();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        loop {
+            assert!(start.elapsed() < Duration::from_secs(15), "never closed");
+            if drip {
+                // One more header line now and then: a slowloris.
+                if s.write_all(b"X-Drip: 1\r\n").is_err() {
+                    return start.elapsed();
+                }
+            }
+            match s.read(&mut buf) {
+                Ok(0) => return start.elapsed(),
+                Ok(_) => {} // an error response before the close is fine
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => return start.elapsed(),
+            }
+        }
+    };
+    // Slowloris on the plain port.
+    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.write_all(b"GET /job/x HTTP/1.1\r\nHost: localhost\r\n")
+        .unwrap();
+    let t = closed_within(s, true);
+    assert!(t < Duration::from_secs(5), "slowloris kept for {t:?}");
+    // Silent TCP on both ports (no TLS ClientHello, no request line).
+    for port in [p.http, p.https] {
+        let t = closed_within(TcpStream::connect(("127.0.0.1", port)).unwrap(), false);
+        assert!(
+            t < Duration::from_secs(5),
+            "silent connection on {port} kept for {t:?}"
+        );
+    }
+    // TLS done, h2 chosen, and the preface never comes.
+    let conn = rustls::ClientConnection::new(
+        client_config(None, &[b"h2"]),
+        "localhost".try_into().unwrap(),
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", p.https)).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).unwrap();
+    }
+    assert_eq!(s.conn.alpn_protocol(), Some(&b"h2"[..]));
+    let start = Instant::now();
+    s.sock
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {} // the server's SETTINGS
+        }
+    }
+    let t = start.elapsed();
+    assert!(t < Duration::from_secs(6), "no preface, kept for {t:?}");
+    // An idle keep-alive connection is closed after idle_timeout, a busy one is not.
+    let mut s = tls(p.https, Some(&p.self_signed()));
+    assert_eq!(request(&mut s, "/slow?s=3").0, 200); // longer than idle_timeout: in flight
+    let start = Instant::now();
+    let mut buf = [0u8; 1];
+    s.sock
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = s.read(&mut buf);
+    let t = start.elapsed();
+    assert!(
+        t >= Duration::from_millis(1500) && t < Duration::from_secs(5),
+        "idle keep-alive closed after {t:?}"
+    );
+    p.run.unwrap().stop();
+}
+
+#[test]
+fn bad_gateway_unavailable_while_starting_and_graceful_stop() {
+    // The application is slow to become ready: 503 with Retry-After meanwhile.
+    let p = Proxied::config("grace = \"10s\"");
+    p.inst.config_file(
+        "96_slow_ready.toml",
+        &format!(
+            "[services.app]\ncommand = [\"sh\", \"-c\", \"sleep 3; exec python3 {UPSTREAM} {}\"]\n",
+            p.app
+        ),
+    );
+    let mut run = p.inst.spawn_run();
+    run.wait_for_log("proxy listening", Duration::from_secs(30));
+    let out = p.curl(&["-D", "-", &p.https_url("/")]);
+    let text = stdout(&out);
+    assert!(text.starts_with("HTTP/2 503"), "{text}");
+    assert!(text.contains("retry-after: 5"), "{text}");
+    assert!(text.contains("<h1>503"), "{text}");
+    run.wait_for_log("regobox is ready", Duration::from_secs(60));
+    assert_eq!(stdout(&p.curl(&[&p.https_url("/x")])), "app: /x\n");
+
+    // Graceful stop: an in-flight request finishes; the app is stopped after it.
+    let slow = {
+        let https = p.https;
+        let ca = p.self_signed();
+        std::thread::spawn(move || {
+            let mut s = tls(https, Some(&ca));
+            request(&mut s, "/slow?s=2")
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    // No new connections once the stop has begun.
+    assert!(TcpStream::connect(("127.0.0.1", p.https)).is_err());
+    assert_eq!(slow.join().unwrap(), (200, "slow done\n".into()));
+    let status = run.wait(Duration::from_secs(30));
+    assert!(status.success());
+    let log = run.log_text();
+    let proxy_stopped = log.find("proxy stopped").expect("proxy stopped");
+    let app_stopping = log.find("stopping service").expect("stopping service");
+    assert!(
+        proxy_stopped < app_stopping,
+        "the app was stopped before the proxy:\n{log}"
+    );
+    let served = log
+        .find("path=/slow?s=2")
+        .expect("the slow request in the access log");
+    assert!(served < app_stopping, "{log}");
+
+    // The application gone (not started at all): 502.
+    let mut p = Proxied::config("");
+    std::fs::remove_file(p.inst.config_dir.join("90_proxy.toml")).unwrap();
+    p.inst.config_file(
+        "90_proxy.toml",
+        &format!(
+            "[proxy]\nhttp_port = {}\nhttps_port = {}\nlisten = \"127.0.0.1\"\nupstream = \"http://127.0.0.1:{}\"\n",
+            p.http, p.https, p.app
+        ),
+    );
+    p.run = Some(p.inst.start());
+    let out = p.curl(&["-D", "-", &p.https_url("/")]);
+    assert!(stdout(&out).starts_with("HTTP/2 502"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("<h1>502 Bad gateway</h1>"));
+    p.stop();
+}
+
+#[test]
+fn static_directories_with_types_validators_and_ranges() {
+    let dir = tempdir();
+    std::fs::create_dir_all(dir.path().join("css")).unwrap();
+    std::fs::write(dir.path().join("css/site.css"), "body { color: red }\n").unwrap();
+    std::fs::write(dir.path().join("index.html"), "<h1>home</h1>\n").unwrap();
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    std::fs::write(dir.path().join("data.bin"), &bytes).unwrap();
+    let p = Proxied::start(&format!(
+        "[[proxy.static]]\nprefix = \"/static/\"\ndir = \"{}\"\n",
+        dir.path().display()
+    ));
+    let head = |args: &[&str]| stdout(&p.curl(&[&["-D", "-", "-o", "/dev/null"], args].concat()));
+    let h = head(&[&p.https_url("/static/css/site.css")]);
+    assert!(h.starts_with("HTTP/2 200"), "{h}");
+    assert!(h.contains("content-type: text/css"), "{h}");
+    let etag = h
+        .lines()
+        .find_map(|l| l.strip_prefix("etag: "))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(h.contains("last-modified: "), "{h}");
+    let h = head(&[
+        "-H",
+        &format!("If-None-Match: {etag}"),
+        &p.https_url("/static/css/site.css"),
+    ]);
+    assert!(h.starts_with("HTTP/2 304"), "{h}");
+    let out = p.curl(&["-r", "1000-1999", &p.https_url("/static/data.bin")]);
+    assert_eq!(out.stdout, bytes[1000..2000].to_vec());
+    let h = head(&["-r", "1000-1999", &p.https_url("/static/data.bin")]);
+    assert!(h.starts_with("HTTP/2 206"), "{h}");
+    assert!(h.contains("content-range: bytes 1000-1999/100000"), "{h}");
+    let h = head(&["-r", "200000-", &p.https_url("/static/data.bin")]);
+    assert!(h.starts_with("HTTP/2 416"), "{h}");
+    assert_eq!(
+        stdout(&p.curl(&[&p.https_url("/static/")])),
+        "<h1>home</h1>\n"
+    );
+    for bad in [
+        "/static/../../etc/passwd",
+        "/static/%2e%2e/%2e%2e/etc/passwd",
+        "/static/nope",
+    ] {
+        let h = head(&["--path-as-is", &p.https_url(bad)]);
+        assert!(h.starts_with("HTTP/2 404"), "{bad}: {h}");
+    }
+    // Outside the prefix, the application answers.
+    assert_eq!(stdout(&p.curl(&[&p.https_url("/other")])), "app: /other\n");
+    p.run.unwrap().stop();
+}
+
+#[test]
+fn a_port_below_1024_without_the_capability_names_the_key() {
+    let p = Proxied::config("");
+    std::fs::remove_file(p.inst.config_dir.join("90_proxy.toml")).unwrap();
+    p.inst.config_file(
+        "90_proxy.toml",
+        &format!(
+            "[proxy]\nhttp_port = {}\nhttps_port = 443\nlisten = \"127.0.0.1\"\n",
+            p.http
+        ),
+    );
+    let inner = p.inst.command(&["run"]);
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--bounding-set",
+        "-net_bind_service",
+        "--inh-caps",
+        "-net_bind_service",
+    ])
+    .arg(inner.get_program())
+    .args(inner.get_args());
+    for (k, v) in inner.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out) + &stdout(&out);
+    assert!(err.contains("proxy.https_port"), "{err}");
+    assert!(err.contains("443"), "{err}");
+    assert!(err.contains("permission denied"), "{err}");
+}
