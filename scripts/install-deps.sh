@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Install what regobox and its tests need on a fresh Debian/Ubuntu machine, if missing:
-# the PostgreSQL server binaries; for the tests, a static busybox (the Docker tests build their
+# Install what regobox (and with --tests, its tests) need on a fresh Debian/Ubuntu machine, if
+# missing: the PostgreSQL server binaries; for the tests, a static busybox (the Docker tests build their
 # job image from it, as no registry is needed then), the docker CLI, stunnel, pebble, curl and
 # openssl. Idempotent; uses sudo when not root.
 set -euo pipefail
@@ -13,6 +13,9 @@ have_pg_server() {
     ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1
 }
 
+TESTS=false
+[ "${1:-}" = "--tests" ] && TESTS=true
+
 PACKAGES=()
 if ! have_pg_server; then
     echo "install-deps: installing the PostgreSQL server (Debian package postgresql)"
@@ -21,19 +24,21 @@ if ! have_pg_server; then
     echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.conf >/dev/null
     PACKAGES+=(postgresql postgresql-contrib)
 fi
-if ! [ -x /bin/busybox ] || ! /bin/busybox --list >/dev/null 2>&1 || ldd /bin/busybox >/dev/null 2>&1; then
-    PACKAGES+=(busybox-static)
-fi
-# pebble is the test ACME CA of the proxy tests; curl and openssl are their TLS clients.
-for tool in pebble curl openssl; do
-    command -v "$tool" >/dev/null 2>&1 || PACKAGES+=("$tool")
-done
-# stunnel puts TLS with client certificates in front of the engine (the remote-engine test).
-if ! command -v stunnel4 >/dev/null 2>&1; then
-    PACKAGES+=(stunnel4)
-fi
-if ! command -v docker >/dev/null 2>&1; then
-    PACKAGES+=(docker.io)
+if $TESTS; then
+    if ! [ -x /bin/busybox ] || ! /bin/busybox --list >/dev/null 2>&1 || ldd /bin/busybox >/dev/null 2>&1; then
+        PACKAGES+=(busybox-static)
+    fi
+    # pebble is the test ACME CA of the proxy tests; curl and openssl are their TLS clients.
+    for tool in pebble curl openssl; do
+        command -v "$tool" >/dev/null 2>&1 || PACKAGES+=("$tool")
+    done
+    # stunnel puts TLS with client certificates in front of the engine (the remote-engine test).
+    if ! command -v stunnel4 >/dev/null 2>&1; then
+        PACKAGES+=(stunnel4)
+    fi
+    if ! command -v docker >/dev/null 2>&1; then
+        PACKAGES+=(docker.io)
+    fi
 fi
 if [ "${#PACKAGES[@]}" -gt 0 ]; then
     echo "install-deps: installing ${PACKAGES[*]}"

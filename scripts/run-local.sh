@@ -7,4 +7,9 @@ scripts/install-deps.sh
 cargo build --release
 export REGOBOX_VOLUMES__ROOT="${REGOBOX_VOLUMES__ROOT:-$PWD/volumes}"
 export REGOBOX_RUNTIME_DIR="${REGOBOX_RUNTIME_DIR:-${XDG_RUNTIME_DIR:-/tmp}/regobox-$(id -u)}"
+# Not root: the proxy cannot bind 80/443, so it listens on 8080/8443 unless told otherwise.
+if [ "$(id -u)" != 0 ]; then
+    export REGOBOX_PROXY__HTTP_PORT="${REGOBOX_PROXY__HTTP_PORT:-8080}"
+    export REGOBOX_PROXY__HTTPS_PORT="${REGOBOX_PROXY__HTTPS_PORT:-8443}"
+fi
 exec target/release/regobox --config-dir config run "$@"

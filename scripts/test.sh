@@ -3,7 +3,7 @@
 # The tests start their own PostgreSQL servers on free ports; nothing needs to be running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh
+scripts/install-deps.sh --tests
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --no-fail-fast "$@"
 else

@@ -122,6 +122,8 @@ pub struct ProxyConfig {
     pub grace: Duration,
     /// One line per request in the log.
     pub access_log: bool,
+    /// Threads serving connections (0: one per CPU).
+    pub workers: usize,
     pub tls: ProxyTlsConfig,
     pub acme: AcmeConfig,
     /// `[[proxy.static]]`: directories served directly.
@@ -148,6 +150,7 @@ impl Default for ProxyConfig {
             max_header_bytes: 32 * 1024,
             grace: Duration::from_secs(5),
             access_log: true,
+            workers: 0,
             tls: ProxyTlsConfig::default(),
             acme: AcmeConfig::default(),
             statics: Vec::new(),

@@ -2,8 +2,8 @@
 //!
 //! One binary brings up, inside one container, everything an application such as Regovar needs:
 //! a PostgreSQL server on a volume shared with the host, the supervision of the application's
-//! processes, a policy-enforcing Docker socket, verifiable backups and (to come) a TLS reverse
-//! proxy.
+//! processes, a TLS reverse proxy on 80/443, a policy-enforcing Docker socket and verifiable
+//! backups.
 //!
 //! A map of the modules, in the order data flows through them at start-up:
 //!
@@ -25,6 +25,8 @@
 //!   with readiness, restarts and budgets; stopped in reverse order on a signal.
 //! - [`cron`]: the in-process scheduler of `[cron.*]` jobs.
 //! - [`health`]: the supervision port (`/healthz`, `/readyz`, `/status`, `/metrics`).
+//! - [`proxy`]: TLS on 80/443 (rustls; files, self-signed or ACME certificates) and the reverse
+//!   proxy to the application (hyper), started first and stopped first.
 //! - [`docker`]: the host's Docker engine for the application, through a socket of regobox's
 //!   that enforces a policy (endpoints, container create fields, bind roots and translation,
 //!   ownership by label, audit).

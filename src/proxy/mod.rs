@@ -80,12 +80,12 @@ pub struct Proxy {
 }
 
 /// Bind `listen:port`; the error names the key to change.
-async fn bind(listen: &str, port: u16, key: &str) -> anyhow::Result<TcpListener> {
+fn bind(listen: &str, port: u16, key: &str) -> anyhow::Result<std::net::TcpListener> {
     let ip: IpAddr = listen
         .parse()
         .with_context(|| format!("proxy.listen `{listen}`"))?;
     let addr = SocketAddr::new(ip, port);
-    TcpListener::bind(addr).await.map_err(|e| {
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| {
         if e.kind() == std::io::ErrorKind::PermissionDenied {
             anyhow::anyhow!(
                 "cannot listen on {addr} ({key} = {port}): permission denied. Ports below 1024 need root or CAP_NET_BIND_SERVICE: set {key} to 1024 or above and publish it (e.g. -p {port}:8{port:03}), or grant the capability"
@@ -93,7 +93,22 @@ async fn bind(listen: &str, port: u16, key: &str) -> anyhow::Result<TcpListener>
         } else {
             anyhow::anyhow!("cannot listen on {addr} ({key} = {port}): {e}")
         }
-    })
+    })?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// The client to the application: keep-alive connections, pooled (one pool per worker).
+fn upstream_client(p: &ProxyConfig) -> Client<HttpConnector, Body> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(p.upstream_connect_timeout));
+    connector.set_nodelay(true);
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(1024)
+        .pool_timer(TokioTimer::new())
+        .build(connector)
 }
 
 impl Proxy {
@@ -111,12 +126,12 @@ impl Proxy {
             return Ok(None);
         }
         let http = if p.http_port != 0 {
-            Some(bind(&p.listen, p.http_port, "proxy.http_port").await?)
+            Some(bind(&p.listen, p.http_port, "proxy.http_port")?)
         } else {
             None
         };
         let https = if p.https_port != 0 {
-            Some(bind(&p.listen, p.https_port, "proxy.https_port").await?)
+            Some(bind(&p.listen, p.https_port, "proxy.https_port")?)
         } else {
             None
         };
@@ -172,44 +187,77 @@ impl Proxy {
             None
         };
 
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(p.upstream_connect_timeout));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(1024)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         let shutdown = CancellationToken::new();
         let force = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let shared = Arc::new(Shared {
-            config: p.clone(),
-            upstream: p.upstream.parse().context("proxy.upstream")?,
-            client,
-            board,
-            challenges,
-            trusted: p
-                .trusted_proxies
-                .iter()
-                .filter_map(|t| net::Cidr::parse(t))
-                .collect(),
-            tracker: tracker.clone(),
-            force: force.clone(),
-        });
-
+        let upstream: hyper::Uri = p.upstream.parse().context("proxy.upstream")?;
+        let trusted: Vec<net::Cidr> = p
+            .trusted_proxies
+            .iter()
+            .filter_map(|t| net::Cidr::parse(t))
+            .collect();
         let mut described = json!({
             "state": "up",
             "upstream": p.upstream,
         });
-        if let Some(l) = http {
+        if let Some(l) = &http {
             described["http"] = json!(l.local_addr()?.to_string());
-            tokio::spawn(accept(l, None, shared.clone(), shutdown.clone()));
         }
-        if let Some(l) = https {
+        if let Some(l) = &https {
             described["https"] = json!(l.local_addr()?.to_string());
-            tokio::spawn(accept(l, acceptor, shared.clone(), shutdown.clone()));
+        }
+        // Thread per core, as nginx's workers: each thread runs its own event loop, accepts from
+        // the shared listeners and keeps its own pool of connections to the application, so a
+        // request never hops between threads.
+        let workers = if p.workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            p.workers
+        };
+        for i in 0..workers {
+            let http = http.as_ref().map(|l| l.try_clone()).transpose()?;
+            let https = https.as_ref().map(|l| l.try_clone()).transpose()?;
+            let acceptor = acceptor.clone();
+            let (config, upstream, trusted) = (p.clone(), upstream.clone(), trusted.clone());
+            let (board, challenges) = (board.clone(), challenges.clone());
+            let (shutdown, force, tracker) = (shutdown.clone(), force.clone(), tracker.clone());
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting a proxy worker")?;
+            std::thread::Builder::new()
+                .name(format!("proxy-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        let shared = Arc::new(Shared {
+                            client: upstream_client(&config),
+                            config,
+                            upstream,
+                            board,
+                            challenges,
+                            trusted,
+                            tracker: tracker.clone(),
+                            force: force.clone(),
+                        });
+                        let mut loops = tokio::task::JoinSet::new();
+                        for (listener, tls) in [(http, None), (https, acceptor)] {
+                            let Some(listener) = listener else { continue };
+                            match TcpListener::from_std(listener) {
+                                Ok(l) => {
+                                    loops.spawn(accept(l, tls, shared.clone(), shutdown.clone()));
+                                }
+                                Err(e) => tracing::error!(error = %e, "proxy worker: listener"),
+                            }
+                        }
+                        while loops.join_next().await.is_some() {}
+                        // Stopping: in-flight connections finish on this thread.
+                        tokio::select! {
+                            _ = tracker.wait() => {}
+                            _ = force.cancelled() => {}
+                        }
+                    });
+                })
+                .context("starting a proxy worker thread")?;
         }
         tracing::info!(http = %described["http"], https = %described["https"], upstream = %p.upstream, "proxy listening");
         status.send_replace(described);

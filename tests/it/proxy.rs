@@ -31,8 +31,6 @@ impl Proxied {
             "90_proxy.toml",
             &format!(
                 r#"[proxy]
-http_port = {http}
-https_port = {https}
 listen = "127.0.0.1"
 upstream = "http://127.0.0.1:{app}"
 plain_http_paths = ["/job/", "/ws-plain"]
@@ -46,18 +44,63 @@ ready = {{ tcp = "127.0.0.1:{app}" }}
         );
         inst.env
             .push(("REGOBOX_PROXY__ENABLED".into(), "true".into()));
-        Proxied {
+        let mut p = Proxied {
             inst,
             run: None,
             http,
             https,
             app,
+        };
+        p.set_ports();
+        p
+    }
+
+    /// The proxy's ports go through the environment, so that a retry can change them.
+    fn set_ports(&mut self) {
+        self.inst
+            .env
+            .retain(|(k, _)| !k.starts_with("REGOBOX_PROXY__HTTP"));
+        self.inst
+            .env
+            .push(("REGOBOX_PROXY__HTTP_PORT".into(), self.http.to_string()));
+        self.inst
+            .env
+            .push(("REGOBOX_PROXY__HTTPS_PORT".into(), self.https.to_string()));
+    }
+
+    /// `regobox run` until the proxy listens; if another test took one of its ports between
+    /// `free_port` and the bind, again on new ports.
+    fn launch(&mut self) -> Running {
+        for _ in 0..3 {
+            let mut run = self.inst.spawn_run();
+            loop {
+                let log = run.log_text();
+                if log.contains("proxy listening") {
+                    return run;
+                }
+                if run.child.try_wait().unwrap().is_some() {
+                    assert!(log.contains("cannot listen"), "regobox exited:\n{log}");
+                    self.http = free_port();
+                    self.https = free_port();
+                    self.set_ports();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
+        panic!("no free ports for the proxy after 3 tries");
+    }
+
+    /// Launch and wait until ready.
+    fn start_again(&mut self) {
+        let mut run = self.launch();
+        run.wait_for_log("regobox is ready", Duration::from_secs(60));
+        self.run = Some(run);
     }
 
     fn start(extra: &str) -> Proxied {
         let mut p = Self::config(extra);
-        p.run = Some(p.inst.start());
+        p.start_again();
         p
     }
 
@@ -485,7 +528,7 @@ fn certificates_self_signed_stable_and_files_reloaded_live() {
         0o600
     );
     p.stop();
-    p.run = Some(p.inst.start());
+    p.start_again();
     assert_eq!(
         served_serial(p.https),
         first,
@@ -516,7 +559,7 @@ fn certificates_self_signed_stable_and_files_reloaded_live() {
             certs.display()
         ),
     );
-    p.run = Some(p.inst.start());
+    p.start_again();
     assert_eq!(served_serial(p.https), serial_a);
     let mut old = tls(p.https, None);
     assert_eq!(request(&mut old, "/hello").0, 200);
@@ -634,7 +677,7 @@ fn acme_issuance_and_renewal_against_pebble() {
             pebble.ca.display()
         ),
     );
-    p.run = Some(p.inst.start());
+    p.start_again();
     let self_signed = served_serial(p.https);
     let wait_for_new = |previous: &str| -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -779,8 +822,8 @@ fn bad_gateway_unavailable_while_starting_and_graceful_stop() {
             p.app
         ),
     );
-    let mut run = p.inst.spawn_run();
-    run.wait_for_log("proxy listening", Duration::from_secs(30));
+    let mut p = p;
+    let mut run = p.launch();
     let out = p.curl(&["-D", "-", &p.https_url("/")]);
     let text = stdout(&out);
     assert!(text.starts_with("HTTP/2 503"), "{text}");
@@ -824,11 +867,11 @@ fn bad_gateway_unavailable_while_starting_and_graceful_stop() {
     p.inst.config_file(
         "90_proxy.toml",
         &format!(
-            "[proxy]\nhttp_port = {}\nhttps_port = {}\nlisten = \"127.0.0.1\"\nupstream = \"http://127.0.0.1:{}\"\n",
-            p.http, p.https, p.app
+            "[proxy]\nlisten = \"127.0.0.1\"\nupstream = \"http://127.0.0.1:{}\"\n",
+            p.app
         ),
     );
-    p.run = Some(p.inst.start());
+    p.start_again();
     let out = p.curl(&["-D", "-", &p.https_url("/")]);
     assert!(stdout(&out).starts_with("HTTP/2 502"), "{}", stdout(&out));
     assert!(stdout(&out).contains("<h1>502 Bad gateway</h1>"));
@@ -890,15 +933,9 @@ fn static_directories_with_types_validators_and_ranges() {
 
 #[test]
 fn a_port_below_1024_without_the_capability_names_the_key() {
-    let p = Proxied::config("");
-    std::fs::remove_file(p.inst.config_dir.join("90_proxy.toml")).unwrap();
-    p.inst.config_file(
-        "90_proxy.toml",
-        &format!(
-            "[proxy]\nhttp_port = {}\nhttps_port = 443\nlisten = \"127.0.0.1\"\n",
-            p.http
-        ),
-    );
+    let mut p = Proxied::config("");
+    p.https = 443;
+    p.set_ports();
     let inner = p.inst.command(&["run"]);
     let mut cmd = Command::new("setpriv");
     cmd.args([

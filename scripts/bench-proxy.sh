@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# regobox's proxy against nginx on this machine: the same certificate (ECDSA P-256), the same
+# upstream (an nginx answering a 1 KiB body) with keep-alive to it, access logs on for both,
+# loads from wrk and h2load on loopback. Rows: HTTP/1.1 keep-alive, HTTP/2, a new TLS connection
+# per request; requests/s, p99 latency, CPU time per request, RSS after the run.
+# Needs nginx-light, wrk and nghttp2-client (h2load): installed if missing.
+# Usage: scripts/bench-proxy.sh [SECONDS] [CONNECTIONS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION="${1:-10}"
+CONNS="${2:-32}"
+for tool in nginx:nginx-light wrk:wrk h2load:nghttp2-client openssl:openssl; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || MISSING="${MISSING:-} ${tool#*:}"
+done
+if [ -n "${MISSING:-}" ]; then
+    SUDO=""; [ "$(id -u)" != 0 ] && SUDO=sudo
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $MISSING
+fi
+cargo build --release -q
+BIN="$PWD/target/release/regobox"
+WORK="$(mktemp -d /tmp/regobox-bench-proxy.XXXXXX)"
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    [ -f "$WORK/upstream.pid" ] && kill "$(cat "$WORK/upstream.pid")" 2>/dev/null || true
+    [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+    sleep 1
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+base=$(( 20000 + RANDOM % 20000 ))
+UP=$base; NGX=$((base + 1)); RBX=$((base + 2)); RBX80=$((base + 3)); PG=$((base + 4)); HEALTH=$((base + 5))
+
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=localhost -addext subjectAltName=DNS:localhost \
+    -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
+
+# The upstream, and nginx as the proxy: two nginx instances with their own configs.
+mkdir -p "$WORK/ngx-up" "$WORK/ngx"
+cat > "$WORK/upstream.conf" <<CONF
+worker_processes 1;
+pid $WORK/upstream.pid;
+error_log $WORK/ngx-up/error.log;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/ngx-up;
+    proxy_temp_path $WORK/ngx-up; fastcgi_temp_path $WORK/ngx-up; uwsgi_temp_path $WORK/ngx-up; scgi_temp_path $WORK/ngx-up;
+    keepalive_requests 1000000;
+    server {
+        listen 127.0.0.1:$UP;
+        location / { default_type text/plain; return 200 '$BODY'; }
+    }
+}
+CONF
+cat > "$WORK/nginx.conf" <<CONF
+worker_processes auto;
+pid $WORK/nginx.pid;
+error_log $WORK/ngx/error.log;
+events { worker_connections 4096; }
+http {
+    access_log $WORK/ngx/access.log;
+    client_body_temp_path $WORK/ngx;
+    proxy_temp_path $WORK/ngx; fastcgi_temp_path $WORK/ngx; uwsgi_temp_path $WORK/ngx; scgi_temp_path $WORK/ngx;
+    keepalive_requests 1000000;
+    upstream app { server 127.0.0.1:$UP; keepalive 256; }
+    server {
+        listen 127.0.0.1:$NGX ssl http2;
+        ssl_certificate $WORK/cert.pem;
+        ssl_certificate_key $WORK/key.pem;
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host \$host;
+            proxy_set_header X-Forwarded-For \$remote_addr;
+            proxy_set_header X-Forwarded-Proto \$scheme;
+        }
+    }
+}
+CONF
+nginx -c "$WORK/upstream.conf" -e "$WORK/ngx-up/error.log"
+nginx -c "$WORK/nginx.conf" -e "$WORK/ngx/error.log"
+
+mkdir -p "$WORK/config"
+cat > "$WORK/config/50_bench.toml" <<TOML
+[proxy]
+listen = "127.0.0.1"
+http_port = $RBX80
+https_port = $RBX
+upstream = "http://127.0.0.1:$UP"
+[proxy.tls]
+cert = "$WORK/cert.pem"
+key = "$WORK/key.pem"
+[docker]
+enabled = false
+TOML
+REGOBOX_VOLUMES__ROOT="$WORK/vol" REGOBOX_RUNTIME_DIR="$WORK/run" REGOBOX_POSTGRES__PORT="$PG" \
+REGOBOX_SUPERVISION__LISTEN=127.0.0.1 REGOBOX_SUPERVISION__PORT="$HEALTH" \
+    "$BIN" --config-dir "$WORK/config" run >"$WORK/regobox.log" 2>&1 &
+RBXPID=$!
+PIDS+=("$RBXPID")
+until grep -q "regobox is ready" "$WORK/regobox.log"; do
+    kill -0 "$RBXPID" 2>/dev/null || { cat "$WORK/regobox.log" >&2; exit 1; }
+    sleep 0.1
+done
+sleep 1
+
+ngx_pids() { echo "$(cat "$WORK/nginx.pid") $(pgrep -P "$(cat "$WORK/nginx.pid")" | tr '\n' ' ')"; }
+ticks() { local t=0; for p in $1; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
+rss_kib() { local r=0; for p in $1; do r=$((r + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done; echo $r; }
+HZ=$(getconf CLK_TCK)
+
+# p99 (ms) from an h2load log (third column: request time in microseconds).
+p99_h2load() { sort -n -k3 "$1" | awk '{a[NR]=$3} END {i = int(NR * 0.99); if (i < 1) i = 1; printf "%.2f", a[i] / 1000}'; }
+wrk_p99() { awk '$1 == "99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v*=1000}; printf "%.2f", v}'; }
+wrk_rps() { awk '/^Requests\/sec/ {printf "%.0f", $2}'; }
+wrk_n() { awk '/requests in/ {print $1}'; }
+
+run_row() { # name port pids-function
+    local name=$1 port=$2 pids t0 t1 out n rps p99
+    pids=$($3)
+    # 1. HTTP/1.1 keep-alive.
+    t0=$(ticks "$pids")
+    out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "https://localhost:$port/")
+    t1=$(ticks "$pids")
+    n=$(echo "$out" | wrk_n); rps=$(echo "$out" | wrk_rps); p99=$(echo "$out" | wrk_p99)
+    printf "| %-8s | HTTP/1.1 keep-alive | %8s | %7s ms | %6.1f µs |\n" "$name" "$rps" "$p99" \
+        "$(awk -v t=$((t1 - t0)) -v n="$n" -v hz="$HZ" 'BEGIN {print 1e6 * t / hz / n}')"
+    # 2. HTTP/2, 10 streams per connection.
+    t0=$(ticks "$pids")
+    out=$(h2load -c"$CONNS" -m10 -t2 -D"$DURATION" --log-file="$WORK/h2.log" "https://localhost:$port/" 2>&1)
+    t1=$(ticks "$pids")
+    n=$(echo "$out" | awk '/^requests:/ {print $8}')
+    rps=$(echo "$out" | awk '/^finished in/ {gsub(/,/,""); printf "%.0f", $4}')
+    p99=$(p99_h2load "$WORK/h2.log")
+    printf "| %-8s | HTTP/2 (10 streams/conn) | %8s | %7s ms | %6.1f µs |\n" "$name" "$rps" "$p99" \
+        "$(awk -v t=$((t1 - t0)) -v n="$n" -v hz="$HZ" 'BEGIN {print 1e6 * t / hz / n}')"
+    # 3. A new TLS connection (full handshake) per request.
+    t0=$(ticks "$pids")
+    out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H "Connection: close" "https://localhost:$port/")
+    t1=$(ticks "$pids")
+    n=$(echo "$out" | wrk_n); rps=$(echo "$out" | wrk_rps); p99=$(echo "$out" | wrk_p99)
+    printf "| %-8s | new TLS connection per request | %8s | %7s ms | %6.1f µs |\n" "$name" "$rps" "$p99" \
+        "$(awk -v t=$((t1 - t0)) -v n="$n" -v hz="$HZ" 'BEGIN {print 1e6 * t / hz / n}')"
+    printf "| %-8s | RSS after the runs | %s KiB |\n" "$name" "$(rss_kib "$pids")"
+}
+
+# Same certificate, same upstream, same clients; resolve localhost to 127.0.0.1.
+grep -q "^127.0.0.1[[:space:]].*localhost" /etc/hosts || echo "warning: localhost does not resolve to 127.0.0.1" >&2
+echo "| proxy | load | requests/s | p99 | CPU per request |"
+echo "|---|---|---|---|---|"
+run_row nginx "$NGX" ngx_pids
+run_row regobox "$RBX" "echo $RBXPID"
+echo
+echo "($CONNS connections, ${DURATION}s per row, $(nproc) cores shared by clients, proxies and upstream; nginx: master + workers)"
