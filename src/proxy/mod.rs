@@ -68,6 +68,8 @@ pub struct Shared {
     pub trusted: Vec<net::Cidr>,
     pub tracker: TaskTracker,
     pub force: CancellationToken,
+    /// No application is configured: the built-in landing page answers instead.
+    pub landing: bool,
 }
 
 /// The running proxy.
@@ -214,6 +216,7 @@ impl Proxy {
         } else {
             p.workers
         };
+        let landing = config.services.is_empty();
         for i in 0..workers {
             let http = http.as_ref().map(|l| l.try_clone()).transpose()?;
             let https = https.as_ref().map(|l| l.try_clone()).transpose()?;
@@ -238,6 +241,7 @@ impl Proxy {
                             trusted,
                             tracker: tracker.clone(),
                             force: force.clone(),
+                            landing,
                         });
                         let mut loops = tokio::task::JoinSet::new();
                         for (listener, tls) in [(http, None), (https, acceptor)] {

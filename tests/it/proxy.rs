@@ -861,13 +861,13 @@ fn bad_gateway_unavailable_while_starting_and_graceful_stop() {
         .expect("the slow request in the access log");
     assert!(served < app_stopping, "{log}");
 
-    // The application gone (not started at all): 502.
+    // The application does not answer (its process runs, its port is closed): 502.
     let mut p = Proxied::config("");
     std::fs::remove_file(p.inst.config_dir.join("90_proxy.toml")).unwrap();
     p.inst.config_file(
         "90_proxy.toml",
         &format!(
-            "[proxy]\nlisten = \"127.0.0.1\"\nupstream = \"http://127.0.0.1:{}\"\n",
+            "[proxy]\nlisten = \"127.0.0.1\"\nupstream = \"http://127.0.0.1:{}\"\n[services.app]\ncommand = [\"sleep\", \"1000\"]\n",
             p.app
         ),
     );
@@ -875,6 +875,32 @@ fn bad_gateway_unavailable_while_starting_and_graceful_stop() {
     let out = p.curl(&["-D", "-", &p.https_url("/")]);
     assert!(stdout(&out).starts_with("HTTP/2 502"), "{}", stdout(&out));
     assert!(stdout(&out).contains("<h1>502 Bad gateway</h1>"));
+    p.stop();
+}
+
+#[test]
+fn without_an_application_the_landing_page_answers() {
+    let mut p = Proxied::config("");
+    std::fs::remove_file(p.inst.config_dir.join("90_proxy.toml")).unwrap();
+    p.inst
+        .config_file("90_proxy.toml", "[proxy]\nlisten = \"127.0.0.1\"\n");
+    p.start_again();
+    let out = p.curl(&["-D", "-", &p.https_url("/anything")]);
+    let page = stdout(&out);
+    assert!(page.starts_with("HTTP/2 200"), "{page}");
+    assert!(page.contains("regobox is running"), "{page}");
+    assert!(page.contains("Ready: <b>true</b>"), "{page}");
+    assert!(
+        page.contains("<td>postgres</td><td>database</td><td>Ready</td>"),
+        "{page}"
+    );
+    assert!(
+        page.contains("self-signed certificate for CN=localhost"),
+        "{page}"
+    );
+    // Port 80 still redirects to it.
+    let out = p.curl(&["-D", "-", "-o", "/dev/null", &p.http_url("/")]);
+    assert!(stdout(&out).starts_with("HTTP/1.1 301"), "{}", stdout(&out));
     p.stop();
 }
 
