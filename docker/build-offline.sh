@@ -3,6 +3,7 @@
 # (debootstrap, then docker import; reused when present), build regobox on the host, and build
 # the same docker/Dockerfile on top through build arguments.
 # Usage: docker/build-offline.sh [TAG]   (default regobox:local)
+# REGOBOX_BINARY=path uses that binary (built for this Debian) instead of a release build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TAG="${1:-regobox:local}"
@@ -26,8 +27,12 @@ if ! docker image inspect "$BASE" > /dev/null 2>&1; then
     echo "build-offline: base image $BASE"
 fi
 
-cargo build --release --locked
-install -m 0755 target/release/regobox docker/prebuilt/regobox
+if [ -n "${REGOBOX_BINARY:-}" ]; then
+    install -m 0755 "$REGOBOX_BINARY" docker/prebuilt/regobox
+else
+    cargo build --release --locked
+    install -m 0755 target/release/regobox docker/prebuilt/regobox
+fi
 trap 'rm -f docker/prebuilt/regobox' EXIT
 docker build -f docker/Dockerfile \
     --build-arg DEBIAN_IMAGE="$BASE" \

@@ -305,7 +305,7 @@ impl Proxy {
                         } else {
                             reference
                         };
-                        tokio::spawn(async move {
+                        Box::pin(async move {
                             if reference.is_empty() {
                                 return;
                             }
@@ -314,7 +314,7 @@ impl Proxy {
                                     images.update(|s| s.insert(id));
                                 }
                             }
-                        });
+                        }) as Pin<Box<dyn Future<Output = ()> + Send>>
                     })
                     .boxed()
                 });
@@ -859,26 +859,32 @@ fn no_symlink_under_roots(source: &Path, roots: &[PathBuf]) -> Result<(), Denied
     Ok(())
 }
 
-/// A body that calls `f` with its last bytes once it has been read to the end.
-struct OnEnd<F: FnOnce(&[u8])> {
+type Recording = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A body that, once read to the end, runs what `f` makes of its last bytes before it says so:
+/// the client sees the end of a pull only once the image is recorded as the application's.
+struct OnEnd<F: FnOnce(&[u8]) -> Recording> {
     inner: Body,
     tail: Vec<u8>,
     f: Option<F>,
+    /// In a mutex only to be `Sync` (it is reached through `&mut`, never locked).
+    recording: Option<Mutex<Recording>>,
 }
 
-impl<F: FnOnce(&[u8])> OnEnd<F> {
+impl<F: FnOnce(&[u8]) -> Recording> OnEnd<F> {
     fn new(inner: Body, f: F) -> Self {
         OnEnd {
             inner,
             tail: Vec::new(),
             f: Some(f),
+            recording: None,
         }
     }
 }
 
 const TAIL: usize = 4096;
 
-impl<F: FnOnce(&[u8]) + Unpin> hyper::body::Body for OnEnd<F> {
+impl<F: FnOnce(&[u8]) -> Recording + Unpin> hyper::body::Body for OnEnd<F> {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -887,6 +893,18 @@ impl<F: FnOnce(&[u8]) + Unpin> hyper::body::Body for OnEnd<F> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
+        if let Some(recording) = this.recording.as_mut() {
+            let Ok(recording) = recording.get_mut() else {
+                return Poll::Ready(None);
+            };
+            return match recording.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    this.recording = None;
+                    Poll::Ready(None)
+                }
+                Poll::Pending => Poll::Pending,
+            };
+        }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -900,7 +918,8 @@ impl<F: FnOnce(&[u8]) + Unpin> hyper::body::Body for OnEnd<F> {
             }
             Poll::Ready(None) => {
                 if let Some(f) = this.f.take() {
-                    f(&this.tail);
+                    this.recording = Some(Mutex::new(f(&this.tail)));
+                    return self.poll_frame(cx);
                 }
             }
             _ => {}
@@ -909,7 +928,7 @@ impl<F: FnOnce(&[u8]) + Unpin> hyper::body::Body for OnEnd<F> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.f.is_none() && self.recording.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {

@@ -20,6 +20,8 @@ use crate::support::*;
 struct Bridged {
     inst: Instance,
     run: Running,
+    /// Images imported through the proxy, removed at the end.
+    images: std::cell::RefCell<Vec<String>>,
     socket: PathBuf,
     host_files: PathBuf,
     docker_config: PathBuf,
@@ -56,6 +58,7 @@ impl Bridged {
         Bridged {
             inst,
             run,
+            images: Default::default(),
             socket,
             host_files,
             docker_config,
@@ -96,6 +99,7 @@ impl Bridged {
             .output()
             .unwrap();
         assert!(out.status.success(), "docker import: {}", stderr(&out));
+        self.images.borrow_mut().push(tag.to_string());
     }
 
     /// SIGTERM, exit 0; the log.
@@ -142,6 +146,9 @@ impl Drop for Bridged {
             for c in stdout(&out).split_whitespace() {
                 engine(&["rm", "-f", c]);
             }
+        }
+        for image in self.images.borrow().iter() {
+            engine(&["rmi", image]);
         }
     }
 }

@@ -6,6 +6,7 @@ mod support;
 mod backup;
 mod config_cli;
 mod docker;
+mod image;
 mod postgres_embedded;
 mod postgres_external;
 mod proxy;

@@ -139,7 +139,7 @@ ready = {{ tcp = "127.0.0.1:{app}" }}
 }
 
 /// A rustls client configuration trusting `ca` (PEM), or anything when `None`.
-fn client_config(ca: Option<&Path>, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+pub fn client_config(ca: Option<&Path>, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
