@@ -28,6 +28,8 @@ if $TESTS; then
     if ! [ -x /bin/busybox ] || ! /bin/busybox --list >/dev/null 2>&1 || ldd /bin/busybox >/dev/null 2>&1; then
         PACKAGES+=(busybox-static)
     fi
+    # debootstrap makes the base image of the end-to-end image test (no registry needed).
+    command -v debootstrap >/dev/null 2>&1 || PACKAGES+=(debootstrap)
     # pebble is the test ACME CA of the proxy tests; curl and openssl are their TLS clients.
     for tool in pebble curl openssl; do
         command -v "$tool" >/dev/null 2>&1 || PACKAGES+=("$tool")
