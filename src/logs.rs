@@ -30,7 +30,7 @@ pub fn set_format(format: Format) {
     let _ = FORMAT.set(format);
 }
 
-fn format() -> Format {
+pub(crate) fn format() -> Format {
     FORMAT.get().copied().unwrap_or(Format::Text)
 }
 

@@ -605,18 +605,16 @@ impl hyper::body::Body for Logged {
 impl Drop for Logged {
     fn drop(&mut self) {
         if let Some(l) = self.line.take() {
-            tracing::info!(
-                target: "regobox::proxy::access",
-                peer = %l.peer,
-                method = %l.method,
-                path = %l.path,
-                version = ?l.version,
-                status = l.status,
-                bytes = self.bytes,
-                duration_ms = format!("{:.2}", l.started.elapsed().as_secs_f64() * 1000.0),
-                upstream_ms = l.upstream_ms.map(|u| format!("{u:.2}")).unwrap_or_else(|| "-".into()),
-                "access"
-            );
+            super::access::record(&super::access::Line {
+                peer: l.peer,
+                method: l.method.as_str(),
+                path: &l.path,
+                version: l.version,
+                status: l.status,
+                bytes: self.bytes,
+                duration_ms: l.started.elapsed().as_secs_f64() * 1000.0,
+                upstream_ms: l.upstream_ms,
+            });
         }
     }
 }

@@ -12,6 +12,7 @@
 //! first: it stops accepting, lets in-flight requests finish within `proxy.grace`, then the
 //! services are stopped.
 
+pub mod access;
 pub mod acme;
 pub mod files;
 pub mod forward;
@@ -68,12 +69,15 @@ pub struct Shared {
     pub trusted: Vec<net::Cidr>,
     pub tracker: TaskTracker,
     pub force: CancellationToken,
-    /// No application is configured: the built-in landing page answers instead.
+    /// No application is configured (no service, `proxy.upstream` left at its default): the
+    /// built-in landing page answers instead.
     pub landing: bool,
 }
 
 /// The running proxy.
 pub struct Proxy {
+    /// The worker threads, joined at stop (their last access lines are written by then).
+    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
     shutdown: CancellationToken,
     force: CancellationToken,
     tracker: TaskTracker,
@@ -82,12 +86,17 @@ pub struct Proxy {
 }
 
 /// Bind `listen:port`; the error names the key to change.
-fn bind(listen: &str, port: u16, key: &str) -> anyhow::Result<std::net::TcpListener> {
+fn bind(
+    listen: &str,
+    port: u16,
+    key: &str,
+    reuse_group: bool,
+) -> anyhow::Result<std::net::TcpListener> {
     let ip: IpAddr = listen
         .parse()
         .with_context(|| format!("proxy.listen `{listen}`"))?;
     let addr = SocketAddr::new(ip, port);
-    let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+    let explain = |e: std::io::Error| {
         if e.kind() == std::io::ErrorKind::PermissionDenied {
             anyhow::anyhow!(
                 "cannot listen on {addr} ({key} = {port}): permission denied. Ports below 1024 need root or CAP_NET_BIND_SERVICE: set {key} to 1024 or above and publish it (e.g. -p {port}:8{port:03}), or grant the capability"
@@ -95,9 +104,24 @@ fn bind(listen: &str, port: u16, key: &str) -> anyhow::Result<std::net::TcpListe
         } else {
             anyhow::anyhow!("cannot listen on {addr} ({key} = {port}): {e}")
         }
-    })?;
-    listener.set_nonblocking(true)?;
-    Ok(listener)
+    };
+    // SO_REUSEPORT: one listening socket per worker, the kernel spreading connections among
+    // them (no thundering herd of workers woken for one connection). A port held by anything
+    // else, another regobox's reuse group included, must still be an error: probe it first.
+    if !reuse_group {
+        drop(std::net::TcpListener::bind(addr).map_err(explain)?);
+    }
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into()).map_err(explain)?;
+    socket.listen(1024).map_err(explain)?;
+    Ok(socket.into())
 }
 
 /// The client to the application: keep-alive connections, pooled (one pool per worker).
@@ -127,13 +151,13 @@ impl Proxy {
             status.send_replace(json!({"state": "disabled"}));
             return Ok(None);
         }
-        let http = if p.http_port != 0 {
-            Some(bind(&p.listen, p.http_port, "proxy.http_port")?)
+        let mut http = if p.http_port != 0 {
+            Some(bind(&p.listen, p.http_port, "proxy.http_port", false)?)
         } else {
             None
         };
-        let https = if p.https_port != 0 {
-            Some(bind(&p.listen, p.https_port, "proxy.https_port")?)
+        let mut https = if p.https_port != 0 {
+            Some(bind(&p.listen, p.https_port, "proxy.https_port", false)?)
         } else {
             None
         };
@@ -177,12 +201,24 @@ impl Proxy {
                     background.clone(),
                 ));
             }
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            // The server picks the suite: AES-128-GCM with SHA-256 first (as strong in practice,
+            // and its key schedule runs on the CPU's SHA extensions where SHA-384's does not).
+            let mut provider = rustls::crypto::ring::default_provider();
+            provider.cipher_suites.sort_by_key(|s| {
+                use rustls::CipherSuite::*;
+                match s.suite() {
+                    TLS13_AES_128_GCM_SHA256 => 0,
+                    TLS13_CHACHA20_POLY1305_SHA256 => 1,
+                    TLS13_AES_256_GCM_SHA384 => 2,
+                    _ => 3,
+                }
+            });
+            let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
                 .with_safe_default_protocol_versions()?
                 .with_no_client_auth()
                 .with_cert_resolver(certs.resolver.clone());
             server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            server.ignore_client_order = true;
             server.ticketer = rustls::crypto::ring::Ticketer::new()?;
             Some(TlsAcceptor::from(Arc::new(server)))
         } else {
@@ -216,10 +252,24 @@ impl Proxy {
         } else {
             p.workers
         };
-        let landing = config.services.is_empty();
+        // No service to supervise and no upstream of its own: nothing to proxy to.
+        let landing = config.services.is_empty()
+            && p.upstream == crate::config::ProxyConfig::default().upstream;
+        let mut threads = Vec::new();
         for i in 0..workers {
-            let http = http.as_ref().map(|l| l.try_clone()).transpose()?;
-            let https = https.as_ref().map(|l| l.try_clone()).transpose()?;
+            // The first worker takes the sockets bound above; the others bind their own.
+            let (http, https) = if i == 0 {
+                (http.take(), https.take())
+            } else {
+                (
+                    (p.http_port != 0)
+                        .then(|| bind(&p.listen, p.http_port, "proxy.http_port", true))
+                        .transpose()?,
+                    (p.https_port != 0)
+                        .then(|| bind(&p.listen, p.https_port, "proxy.https_port", true))
+                        .transpose()?,
+                )
+            };
             let acceptor = acceptor.clone();
             let (config, upstream, trusted) = (p.clone(), upstream.clone(), trusted.clone());
             let (board, challenges) = (board.clone(), challenges.clone());
@@ -228,7 +278,7 @@ impl Proxy {
                 .enable_all()
                 .build()
                 .context("starting a proxy worker")?;
-            std::thread::Builder::new()
+            let handle = std::thread::Builder::new()
                 .name(format!("proxy-{i}"))
                 .spawn(move || {
                     runtime.block_on(async move {
@@ -253,15 +303,24 @@ impl Proxy {
                                 Err(e) => tracing::error!(error = %e, "proxy worker: listener"),
                             }
                         }
+                        let flusher = tokio::spawn(async {
+                            loop {
+                                tokio::time::sleep(Duration::from_millis(250)).await;
+                                access::flush();
+                            }
+                        });
                         while loops.join_next().await.is_some() {}
                         // Stopping: in-flight connections finish on this thread.
                         tokio::select! {
                             _ = tracker.wait() => {}
                             _ = force.cancelled() => {}
                         }
+                        flusher.abort();
                     });
+                    access::flush();
                 })
                 .context("starting a proxy worker thread")?;
+            threads.push(handle);
         }
         tracing::info!(http = %described["http"], https = %described["https"], upstream = %p.upstream, "proxy listening");
         status.send_replace(described);
@@ -280,6 +339,7 @@ impl Proxy {
             }
         });
         Ok(Some(Proxy {
+            threads: std::sync::Mutex::new(threads),
             shutdown,
             force,
             tracker,
@@ -306,6 +366,13 @@ impl Proxy {
         }
         self.force.cancel();
         self.background.cancel();
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        let joined = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(2), joined).await;
         tracing::info!(
             elapsed_ms = started.elapsed().as_millis() as u64,
             "proxy stopped"
