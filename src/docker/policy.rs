@@ -148,7 +148,8 @@ pub fn normalize(raw: &str) -> Result<String, Denied> {
     Ok(format!("/{}", segments.join("/")))
 }
 
-fn percent_decode(s: &str) -> Option<String> {
+/// `%XX` sequences decoded once; `None` when malformed or not UTF-8.
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -537,79 +537,78 @@ impl Proxy {
             .map_err(|e| Refusal::BadRequest(format!("the {what} body is not valid JSON: {e}")))
     }
 
-    /// The image's id if it is this instance's (labelled, or pulled/imported through here).
-    async fn owned_image(&self, name: &str) -> Result<String, Refusal> {
-        let missing = || Refusal::NotFound(format!("No such image: {name}"));
-        let img = match self.docker.inspect_image(name).await {
-            Ok(img) => img,
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => return Err(missing()),
-            Err(e) => return Err(Refusal::Engine(format!("inspecting image {name}: {e}"))),
-        };
-        let id = img.id.clone().unwrap_or_default();
-        let labelled = img
-            .config
-            .as_ref()
-            .and_then(|c| c.labels.as_ref())
+    /// Whether `labels` mark an object as this instance's.
+    fn labelled(&self, labels: Option<&std::collections::HashMap<String, String>>) -> bool {
+        labels
             .and_then(|l| l.get(INSTANCE_LABEL))
-            .is_some_and(|v| *v == self.instance);
-        if labelled || self.images.contains(&id) {
-            Ok(id)
-        } else {
-            Err(missing())
+            .is_some_and(|v| *v == self.instance)
+    }
+
+    /// An inspection's result if the object is this instance's; someone else's answers as
+    /// missing.
+    fn owned<T>(
+        &self,
+        inspected: Result<T, bollard::errors::Error>,
+        ours: impl FnOnce(&T) -> bool,
+        missing: String,
+        what: &str,
+    ) -> Result<T, Refusal> {
+        match inspected {
+            Ok(x) if ours(&x) => Ok(x),
+            Ok(_)
+            | Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Err(Refusal::NotFound(missing)),
+            Err(e) => Err(Refusal::Engine(format!("inspecting {what}: {e}"))),
         }
     }
 
+    /// The image's id if it is this instance's (labelled, or pulled/imported through here).
+    async fn owned_image(&self, name: &str) -> Result<String, Refusal> {
+        let img = self.owned(
+            self.docker.inspect_image(name).await,
+            |img| {
+                self.labelled(img.config.as_ref().and_then(|c| c.labels.as_ref()))
+                    || self.images.contains(img.id.as_deref().unwrap_or(""))
+            },
+            format!("No such image: {name}"),
+            &format!("image {name}"),
+        )?;
+        Ok(img.id.unwrap_or_default())
+    }
+
     async fn owned_container(&self, id: &str) -> Result<(), Refusal> {
-        let missing = || Refusal::NotFound(format!("No such container: {id}"));
         if id.is_empty() {
-            return Err(missing());
+            return Err(Refusal::NotFound("No such container: ".into()));
         }
-        match self
+        let inspected = self
             .docker
             .inspect_container(
                 id,
                 None::<bollard::query_parameters::InspectContainerOptions>,
             )
-            .await
-        {
-            Ok(c) => {
-                let labelled = c
-                    .config
-                    .as_ref()
-                    .and_then(|c| c.labels.as_ref())
-                    .and_then(|l| l.get(INSTANCE_LABEL))
-                    .is_some_and(|v| *v == self.instance);
-                if labelled { Ok(()) } else { Err(missing()) }
-            }
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Err(missing()),
-            Err(e) => Err(Refusal::Engine(format!("inspecting container {id}: {e}"))),
-        }
+            .await;
+        self.owned(
+            inspected,
+            |c| self.labelled(c.config.as_ref().and_then(|c| c.labels.as_ref())),
+            format!("No such container: {id}"),
+            &format!("container {id}"),
+        )
+        .map(drop)
     }
 
     async fn owned_network(&self, id: &str) -> Result<(), Refusal> {
-        let missing = || Refusal::NotFound(format!("network {id} not found"));
-        match self
+        let inspected = self
             .docker
             .inspect_network(id, None::<bollard::query_parameters::InspectNetworkOptions>)
-            .await
-        {
-            Ok(n) => {
-                let labelled = n
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(INSTANCE_LABEL))
-                    .is_some_and(|v| *v == self.instance);
-                if labelled { Ok(()) } else { Err(missing()) }
-            }
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => Err(missing()),
-            Err(e) => Err(Refusal::Engine(format!("inspecting network {id}: {e}"))),
-        }
+            .await;
+        self.owned(
+            inspected,
+            |n| self.labelled(n.labels.as_ref()),
+            format!("network {id} not found"),
+            &format!("network {id}"),
+        )
+        .map(drop)
     }
 
     /// Send `req` to the engine on a new connection; splice an upgrade if both sides agree.

@@ -132,7 +132,7 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
 
 /// The percent-decoded relative path, if it stays inside (no `..`, no NUL, no backslash).
 fn safe_relative(rest: &str) -> Option<PathBuf> {
-    let decoded = percent_decode(rest.split('?').next().unwrap_or(""))?;
+    let decoded = crate::docker::policy::percent_decode(rest.split('?').next().unwrap_or(""))?;
     if decoded.contains('\0') || decoded.contains('\\') {
         return None;
     }
@@ -140,23 +140,6 @@ fn safe_relative(rest: &str) -> Option<PathBuf> {
     path.components()
         .all(|c| matches!(c, Component::Normal(_)))
         .then_some(path)
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// `bytes=a-b`, `bytes=a-`, `bytes=-n` against `len`: Some((first, last)) or None when

@@ -135,19 +135,11 @@ impl Container {
     }
 
     fn curl(&self, args: &[&str]) -> Output {
-        Command::new("curl")
-            .args(["-sS", "--max-time", "60", "--cacert"])
-            .arg(self.volume.join("secrets/tls/self-signed.pem"))
-            .args([
-                "--resolve",
-                &format!("localhost:{}:127.0.0.1", self.https),
-                "--resolve",
-                &format!("localhost:{}:127.0.0.1", self.http),
-            ])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+        curl(
+            &self.volume.join("secrets/tls/self-signed.pem"),
+            &[self.https, self.http],
+            args,
+        )
     }
 
     fn url(&self, path: &str) -> String {

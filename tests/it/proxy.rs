@@ -110,19 +110,7 @@ ready = {{ tcp = "127.0.0.1:{app}" }}
 
     /// curl against `localhost` (resolved to 127.0.0.1), trusting the self-signed certificate.
     fn curl(&self, args: &[&str]) -> Output {
-        Command::new("curl")
-            .args(["-sS", "--max-time", "60", "--cacert"])
-            .arg(self.self_signed())
-            .args([
-                "--resolve",
-                &format!("localhost:{}:127.0.0.1", self.https),
-                "--resolve",
-                &format!("localhost:{}:127.0.0.1", self.http),
-            ])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+        curl(&self.self_signed(), &[self.https, self.http], args)
     }
 
     fn https_url(&self, path: &str) -> String {

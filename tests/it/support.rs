@@ -425,3 +425,14 @@ pub fn archives_in(dir: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// curl for `https://localhost:<port>` (resolved to 127.0.0.1 for each of `ports`), trusting the
+/// PEM certificate `ca`.
+pub fn curl(ca: &Path, ports: &[u16], args: &[&str]) -> Output {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "60", "--cacert"]).arg(ca);
+    for port in ports {
+        cmd.args(["--resolve", &format!("localhost:{port}:127.0.0.1")]);
+    }
+    cmd.args(args).stdin(Stdio::null()).output().unwrap()
+}
