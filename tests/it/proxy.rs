@@ -973,3 +973,49 @@ fn a_port_below_1024_without_the_capability_names_the_key() {
     assert!(err.contains("443"), "{err}");
     assert!(err.contains("permission denied"), "{err}");
 }
+
+#[test]
+fn a_restore_in_progress_answers_503_with_retry_after() {
+    let mut p = Proxied::start("");
+    p.inst.ok(&["backup"]);
+    let archive = archives_in(&p.inst.root.join("backups"))
+        .pop()
+        .expect("an archive");
+    // Ask continuously while the running regobox restores.
+    let asking = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let poller = {
+        let (asking, ca, ports) = (asking.clone(), p.self_signed(), [p.https, p.http]);
+        let url = p.https_url("/hello");
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while asking.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = curl(&ca, &ports, &["-D", "-", &url]);
+                seen.push(stdout(&out));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            seen
+        })
+    };
+    let out = p
+        .inst
+        .output(&["restore", "--force", archive.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    p.inst
+        .wait_until("ready again", Duration::from_secs(30), || {
+            p.inst.health_get("/readyz").0 == 200
+        });
+    std::thread::sleep(Duration::from_millis(300));
+    asking.store(false, std::sync::atomic::Ordering::Relaxed);
+    let seen = poller.join().unwrap();
+    let during = seen
+        .iter()
+        .find(|r| r.starts_with("HTTP/2 503") && r.contains("Maintenance in progress"))
+        .unwrap_or_else(|| panic!("no maintenance 503 among {} answers", seen.len()));
+    assert!(during.contains("retry-after: 5"), "{during}");
+    assert!(
+        seen.last().unwrap().starts_with("HTTP/2 200"),
+        "{}",
+        seen.last().unwrap()
+    );
+    p.stop();
+}
