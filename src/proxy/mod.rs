@@ -583,76 +583,75 @@ async fn connection(
     };
     let cfg = &shared.config;
     let force = shared.force.clone();
-    match tls {
-        None => {
-            let flag = Arc::new(framing::Ambiguous::default());
-            activity.head_begins();
-            let io = framing::Framing::new(
-                io,
-                cfg.max_header_bytes,
-                flag.clone(),
-                Some(activity.clone()),
-            );
-            let ctx = forward::ConnCtx::new(shared.clone(), peer, false, activity.clone(), flag);
-            let conn = h1(cfg).serve_connection(TokioIo::new(io), ctx.service());
-            drive!(
-                conn.with_upgrades(),
-                activity,
-                cfg.idle_timeout,
-                cfg.header_timeout,
-                shutdown,
-                force
-            );
-        }
-        Some(acceptor) => {
-            let handshake = tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(io));
-            let tls_stream = tokio::select! {
-                r = handshake => match r {
-                    Ok(Ok(s)) => s,
-                    _ => return,
-                },
-                _ = force.cancelled() => return,
-            };
-            let is_h2 = tls_stream.get_ref().1.alpn_protocol() == Some(b"h2");
-            let flag = Arc::new(framing::Ambiguous::default());
-            let ctx =
-                forward::ConnCtx::new(shared.clone(), peer, true, activity.clone(), flag.clone());
-            if is_h2 {
-                let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-                b.timer(TokioTimer::new())
-                    .max_header_list_size(cfg.max_header_bytes as u32)
-                    .max_concurrent_streams(256)
-                    .initial_stream_window_size(1 << 20)
-                    .initial_connection_window_size(4 << 20);
-                let conn = b.serve_connection(TokioIo::new(tls_stream), ctx.service());
-                drive!(
-                    conn,
-                    activity,
-                    cfg.idle_timeout,
-                    cfg.header_timeout,
-                    shutdown,
-                    force
-                );
-            } else {
-                activity.head_begins();
-                let io = framing::Framing::new(
-                    tls_stream,
-                    cfg.max_header_bytes,
-                    flag,
-                    Some(activity.clone()),
-                );
-                let conn = h1(cfg).serve_connection(TokioIo::new(io), ctx.service());
-                drive!(
-                    conn.with_upgrades(),
-                    activity,
-                    cfg.idle_timeout,
-                    cfg.header_timeout,
-                    shutdown,
-                    force
-                );
-            }
-        }
+    let Some(acceptor) = tls else {
+        return serve_h1(io, peer, false, &shared, activity, shutdown).await;
+    };
+    let handshake = tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(io));
+    let tls_stream = tokio::select! {
+        r = handshake => match r {
+            Ok(Ok(s)) => s,
+            _ => return,
+        },
+        _ = force.cancelled() => return,
+    };
+    if tls_stream.get_ref().1.alpn_protocol() != Some(b"h2") {
+        return serve_h1(tls_stream, peer, true, &shared, activity, shutdown).await;
     }
+    let ctx = forward::ConnCtx::new(
+        shared.clone(),
+        peer,
+        true,
+        activity.clone(),
+        Arc::new(framing::Ambiguous::default()),
+    );
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_header_list_size(cfg.max_header_bytes as u32)
+        .max_concurrent_streams(256)
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20);
+    let conn = b.serve_connection(TokioIo::new(tls_stream), ctx.service());
+    drive!(
+        conn,
+        activity,
+        cfg.idle_timeout,
+        cfg.header_timeout,
+        shutdown,
+        force
+    );
+}
+
+/// HTTP/1.1 on `io` (plain or TLS), its request framing followed (see [`framing`]).
+async fn serve_h1<S>(
+    io: S,
+    peer: SocketAddr,
+    https: bool,
+    shared: &Arc<Shared>,
+    activity: Arc<Activity>,
+    shutdown: CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let cfg = &shared.config;
+    let force = shared.force.clone();
+    let flag = Arc::new(framing::Ambiguous::default());
+    activity.head_begins();
+    let io = framing::Framing::new(
+        io,
+        cfg.max_header_bytes,
+        flag.clone(),
+        Some(activity.clone()),
+    );
+    let ctx = forward::ConnCtx::new(shared.clone(), peer, https, activity.clone(), flag);
+    let conn = h1(cfg).serve_connection(TokioIo::new(io), ctx.service());
+    drive!(
+        conn.with_upgrades(),
+        activity,
+        cfg.idle_timeout,
+        cfg.header_timeout,
+        shutdown,
+        force
+    );
 }
 
 fn h1(cfg: &ProxyConfig) -> hyper::server::conn::http1::Builder {

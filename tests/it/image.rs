@@ -225,21 +225,7 @@ fn the_image_deploys_the_whole_thing() {
         use futures_util::{SinkExt, StreamExt};
         use tokio_tungstenite::tungstenite::Message;
         let ca = volume.join("secrets/tls/self-signed.pem");
-        let connector = tokio_rustls::TlsConnector::from(crate::proxy::client_config(
-            Some(&ca),
-            &[b"http/1.1"],
-        ));
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", c.https))
-            .await
-            .unwrap();
-        let tls = connector
-            .connect("localhost".try_into().unwrap(), tcp)
-            .await
-            .unwrap();
-        let (mut ws, _) =
-            tokio_tungstenite::client_async(format!("wss://localhost:{}/ws", c.https), tls)
-                .await
-                .unwrap();
+        let mut ws = crate::proxy::wss(c.https, &ca, "/ws").await;
         ws.send(Message::text("ping")).await.unwrap();
         assert_eq!(
             ws.next().await.unwrap().unwrap(),

@@ -242,6 +242,28 @@ fn request(stream: &mut impl ReadWrite, path: &str) -> (u16, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// A WebSocket over TLS to `localhost:port` (127.0.0.1), trusting `ca`.
+pub async fn wss(
+    port: u16,
+    ca: &Path,
+    path: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let connector = tokio_rustls::TlsConnector::from(client_config(Some(ca), &[b"http/1.1"]));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let tls = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let (ws, response) =
+        tokio_tungstenite::client_async(format!("wss://localhost:{port}{path}"), tls)
+            .await
+            .unwrap();
+    assert_eq!(response.status(), 101);
+    ws
+}
+
 trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
@@ -394,20 +416,7 @@ fn websockets_and_large_streams_with_bounded_memory() {
     rt.block_on(async {
         use futures_util::{SinkExt, StreamExt};
         use tokio_tungstenite::tungstenite::Message;
-        let connector =
-            tokio_rustls::TlsConnector::from(client_config(Some(&p.self_signed()), &[b"http/1.1"]));
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", p.https))
-            .await
-            .unwrap();
-        let tls = connector
-            .connect("localhost".try_into().unwrap(), tcp)
-            .await
-            .unwrap();
-        let (mut ws, response) =
-            tokio_tungstenite::client_async(format!("wss://localhost:{}/ws", p.https), tls)
-                .await
-                .unwrap();
-        assert_eq!(response.status(), 101);
+        let mut ws = wss(p.https, &p.self_signed(), "/ws").await;
         for i in 0..20 {
             let text = format!("hello {i}");
             ws.send(Message::text(text.clone())).await.unwrap();
