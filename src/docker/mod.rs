@@ -211,18 +211,8 @@ impl Bridge {
                 }
             }
         });
-        futures_join_all(stops).await;
+        futures_util::future::join_all(stops).await;
     }
-}
-
-async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
-    futures: impl Iterator<Item = F>,
-) {
-    let mut set = tokio::task::JoinSet::new();
-    for f in futures {
-        set.spawn(f);
-    }
-    while set.join_next().await.is_some() {}
 }
 
 /// Make `socket` free to bind: false when a live server is there; a stale socket is removed;

@@ -88,7 +88,8 @@ impl ConnCtx {
                 break 'done r;
             }
             // hyper bounds its read buffer, not exactly the head: count it.
-            let head: usize = req.uri().to_string().len()
+            let head: usize = path.len()
+                + req.uri().authority().map_or(0, |a| a.as_str().len())
                 + h.iter()
                     .map(|(n, v)| n.as_str().len() + v.len() + 4)
                     .sum::<usize>();

@@ -153,9 +153,7 @@ impl Container {
     }
 
     fn add_note(&self, text: &str) -> Option<i64> {
-        let out = self.curl(&["-X", "POST", "--data-binary", text, &self.url("/notes")]);
-        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).ok()?;
-        v["id"].as_i64()
+        add_note(&self.volume, self.https, self.http, text)
     }
 
     /// `docker stop`: its duration and the container's exit code.
@@ -176,6 +174,23 @@ impl Container {
             &self.name,
         ])
     }
+}
+
+/// POST a note to the demo on `localhost:https`; its id if it was committed.
+fn add_note(volume: &Path, https: u16, http: u16, text: &str) -> Option<i64> {
+    let out = curl(
+        &volume.join("secrets/tls/self-signed.pem"),
+        &[https, http],
+        &[
+            "-X",
+            "POST",
+            "--data-binary",
+            text,
+            &format!("https://localhost:{https}/notes"),
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).ok()?;
+    v["id"].as_i64()
 }
 
 impl Drop for Container {
@@ -322,22 +337,14 @@ fn the_image_deploys_the_whole_thing() {
     let writer = {
         let (committed, writing) = (committed.clone(), writing.clone());
         let (https, http, volume) = (c.https, c.http, c.volume.clone());
-        let name = c.name.clone();
         std::thread::spawn(move || {
-            let c = Container {
-                name,
-                volume,
-                http,
-                https,
-            };
             let mut n = 0;
             while writing.load(Ordering::Relaxed) {
                 n += 1;
-                if let Some(id) = c.add_note(&format!("during the kill {n}")) {
+                if let Some(id) = add_note(&volume, https, http, &format!("during the kill {n}")) {
                     committed.lock().unwrap().push(id);
                 }
             }
-            std::mem::forget(c); // not ours to remove
         })
     };
     std::thread::sleep(Duration::from_secs(2));
