@@ -115,6 +115,9 @@ pub struct ProxyConfig {
     pub handshake_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub upstream_connect_timeout: Duration,
+    /// Idle keep-alive connections to the application kept per worker (nginx's `keepalive`);
+    /// more are opened under load and closed when they go idle beyond this.
+    pub upstream_keepalive: usize,
     /// Largest request head (431 beyond).
     pub max_header_bytes: usize,
     /// At stop, in-flight requests get this long to finish.
@@ -147,6 +150,7 @@ impl Default for ProxyConfig {
             idle_timeout: Duration::from_secs(75),
             handshake_timeout: Duration::from_secs(10),
             upstream_connect_timeout: Duration::from_secs(5),
+            upstream_keepalive: 32,
             max_header_bytes: 32 * 1024,
             grace: Duration::from_secs(5),
             access_log: true,

@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::logs::Format;
 
@@ -14,56 +14,92 @@ const FLUSH_AT: usize = 32 * 1024;
 
 thread_local! {
     static BUFFER: RefCell<String> = RefCell::new(String::with_capacity(FLUSH_AT + 1024));
+    /// The timestamp down to the second, rendered once per second: (unix second, text).
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
 }
 
 /// One request, as logged.
 pub struct Line<'a> {
-    pub peer: IpAddr,
+    pub peer: &'a str,
     pub method: &'a str,
     pub path: &'a str,
     pub version: hyper::Version,
     pub status: u16,
     pub bytes: u64,
-    pub duration_ms: f64,
-    pub upstream_ms: Option<f64>,
+    pub duration: Duration,
+    pub upstream: Option<Duration>,
+}
+
+/// Milliseconds with two decimals, as text, without going through a float.
+struct Millis(Duration);
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let micros = self.0.as_micros();
+        write!(f, "{}.{:02}", micros / 1000, micros % 1000 / 10)
+    }
+}
+
+fn millis(d: Duration) -> f64 {
+    (d.as_micros() / 10) as f64 / 100.0
+}
+
+/// `2026-11-22T03:28:34.123456Z` (RFC 3339, microseconds, UTC), as regobox's other lines.
+fn timestamp(out: &mut String) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    SECOND.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        if cached.0 != now.as_secs() {
+            let at = chrono::DateTime::<chrono::Utc>::from(
+                UNIX_EPOCH + Duration::from_secs(now.as_secs()),
+            );
+            *cached = (now.as_secs(), at.format("%Y-%m-%dT%H:%M:%S").to_string());
+        }
+        out.push_str(&cached.1);
+    });
+    let _ = write!(out, ".{:06}Z", now.subsec_micros());
 }
 
 pub fn record(line: &Line<'_>) {
     BUFFER.with(|b| {
         let mut b = b.borrow_mut();
-        let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        let upstream = line
-            .upstream_ms
-            .map(|u| format!("{u:.2}"))
-            .unwrap_or_else(|| "-".into());
         match crate::logs::format() {
             Format::Text => {
-                let _ = writeln!(
+                timestamp(&mut b);
+                let _ = write!(
                     b,
-                    "{now}  INFO access peer={} method={} path={} version={:?} status={} bytes={} duration_ms=\"{:.2}\" upstream_ms=\"{upstream}\"",
+                    "  INFO access peer={} method={} path={} version={:?} status={} bytes={} duration_ms=\"{}\" upstream_ms=\"",
                     line.peer,
                     line.method,
                     line.path,
                     line.version,
                     line.status,
                     line.bytes,
-                    line.duration_ms,
+                    Millis(line.duration),
                 );
+                let _ = match line.upstream {
+                    Some(u) => writeln!(b, "{}\"", Millis(u)),
+                    None => writeln!(b, "-\""),
+                };
             }
             Format::Json => {
+                let mut now = String::new();
+                timestamp(&mut now);
                 let v = serde_json::json!({
                     "timestamp": now,
                     "level": "INFO",
                     "fields": {
                         "message": "access",
-                        "peer": line.peer.to_string(),
+                        "peer": line.peer,
                         "method": line.method,
                         "path": line.path,
                         "version": format!("{:?}", line.version),
                         "status": line.status,
                         "bytes": line.bytes,
-                        "duration_ms": (line.duration_ms * 100.0).round() / 100.0,
-                        "upstream_ms": line.upstream_ms.map(|u| (u * 100.0).round() / 100.0),
+                        "duration_ms": millis(line.duration),
+                        "upstream_ms": line.upstream.map(millis),
                     },
                     "target": "regobox::proxy::access",
                 });
@@ -85,5 +121,27 @@ fn write_out(buffer: &mut String) {
     if !buffer.is_empty() {
         let _ = std::io::stderr().lock().write_all(buffer.as_bytes());
         buffer.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn millis_and_timestamps() {
+        assert_eq!(Millis(Duration::from_micros(12_345)).to_string(), "12.34");
+        assert_eq!(Millis(Duration::from_micros(7)).to_string(), "0.00");
+        assert_eq!(Millis(Duration::from_secs(2)).to_string(), "2000.00");
+        assert_eq!(millis(Duration::from_micros(12_345)), 12.34);
+        let mut a = String::new();
+        timestamp(&mut a);
+        let parsed = chrono::DateTime::parse_from_rfc3339(&a).unwrap();
+        let age = chrono::Utc::now().signed_duration_since(parsed);
+        assert!(
+            age >= chrono::TimeDelta::zero() && age < chrono::TimeDelta::seconds(5),
+            "{a}"
+        );
+        assert_eq!(a.len(), "2026-11-22T03:28:34.123456Z".len(), "{a}");
     }
 }

@@ -5,12 +5,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
@@ -22,6 +23,8 @@ use super::{Activity, Body, BoxError, InFlight, Shared, acme, files, full};
 pub struct ConnCtx {
     shared: Arc<Shared>,
     peer: SocketAddr,
+    /// The peer's address as text (IPv4-mapped shown as IPv4), made once per connection.
+    peer_text: HeaderValue,
     https: bool,
     activity: Arc<Activity>,
     ambiguous: Arc<Ambiguous>,
@@ -35,9 +38,12 @@ impl ConnCtx {
         activity: Arc<Activity>,
         ambiguous: Arc<Ambiguous>,
     ) -> Self {
+        let peer_text = HeaderValue::from_str(&canonical(peer.ip()).to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("-"));
         ConnCtx {
             shared,
             peer,
+            peer_text,
             https,
             activity,
             ambiguous,
@@ -60,16 +66,17 @@ impl ConnCtx {
 
     async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
+        super::count_request();
         let guard = self.activity.begin();
         let method = req.method().clone();
         let path = req
             .uri()
             .path_and_query()
-            .map(|p| p.to_string())
-            .unwrap_or_else(|| "/".into());
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let version = req.version();
         let cfg = &self.shared.config;
-        let mut upstream_ms = None;
+        let mut upstream_time = None;
 
         let response = 'done: {
             // Both framings at once: ambiguous (request smuggling); refused, connection closed.
@@ -88,7 +95,7 @@ impl ConnCtx {
                 break 'done r;
             }
             // hyper bounds its read buffer, not exactly the head: count it.
-            let head: usize = path.len()
+            let head: usize = path.as_str().len()
                 + req.uri().authority().map_or(0, |a| a.as_str().len())
                 + h.iter()
                     .map(|(n, v)| n.as_str().len() + v.len() + 4)
@@ -107,7 +114,7 @@ impl ConnCtx {
                 break 'done r;
             }
             let host = request_host(&req).unwrap_or_else(|| cfg.hostnames[0].clone());
-            let uri_path = req.uri().path().to_string();
+            let uri_path = path.path();
             if !self.https {
                 if let Some(token) = uri_path.strip_prefix(acme::CHALLENGE_PREFIX) {
                     if let Some(answer) = self.shared.challenges.answer(token) {
@@ -122,13 +129,15 @@ impl ConnCtx {
                     .iter()
                     .any(|p| uri_path.starts_with(p.as_str()));
                 if cfg.redirect_http && cfg.https_port != 0 && !plain {
-                    break 'done redirect(&method, &host, cfg.https_port, &path);
+                    break 'done redirect(&method, &host, cfg.https_port, path.as_str());
                 }
             }
             for s in &cfg.statics {
                 if let Some(rest) = uri_path.strip_prefix(s.prefix.as_str()) {
                     let rest = rest.to_string();
-                    break 'done files::serve(&req, &s.dir, &rest).await;
+                    // Boxed: most requests are not for static files, and their futures
+                    // would all be the larger for it.
+                    break 'done Box::pin(files::serve(&req, &s.dir, &rest)).await;
                 }
             }
             if let Some(why) = self.unavailable() {
@@ -170,23 +179,8 @@ impl ConnCtx {
             {
                 parts.headers.insert(header::HOST, v);
             }
-            let upstream = &self.shared.upstream;
-            let target = format!(
-                "{}://{}{}",
-                upstream.scheme_str().unwrap_or("http"),
-                upstream.authority().map(|a| a.as_str()).unwrap_or(""),
-                path
-            );
-            parts.uri = match target.parse::<Uri>() {
-                Ok(u) => u,
-                Err(_) => {
-                    break 'done page(
-                        StatusCode::BAD_REQUEST,
-                        "Bad request",
-                        "Unusable request target.",
-                    );
-                }
-            };
+            // Origin form (`/path?query`); the Host header says the rest.
+            parts.uri = Uri::from(path.clone());
             parts.version = Version::HTTP_11;
             let body = if version == Version::HTTP_2 && is_bodyless(&parts) {
                 super::empty()
@@ -196,10 +190,10 @@ impl ConnCtx {
             let sent = Instant::now();
             let result = self
                 .shared
-                .client
-                .request(Request::from_parts(parts, body))
+                .pool
+                .send(Request::from_parts(parts, body))
                 .await;
-            upstream_ms = Some(sent.elapsed().as_secs_f64() * 1000.0);
+            upstream_time = Some(sent.elapsed());
             let mut response = match result {
                 Ok(r) => r,
                 Err(e) => {
@@ -248,9 +242,9 @@ impl ConnCtx {
                 path,
                 status: status.as_u16(),
                 version,
-                peer: self.peer.ip(),
+                peer: self.peer_text.clone(),
                 started,
-                upstream_ms,
+                upstream: upstream_time,
             }),
             _guard: guard,
         };
@@ -272,66 +266,84 @@ impl ConnCtx {
         let peer = canonical(self.peer.ip());
         let proto = if self.https { "https" } else { "http" };
         let trusted = self.shared.trusted.iter().any(|c| c.contains(peer));
-        let joined = |name: &HeaderName, headers: &HeaderMap| -> Option<String> {
-            let values: Vec<&str> = headers
-                .get_all(name)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .collect();
-            (!values.is_empty()).then(|| values.join(", "))
+        // One pass over the names, no hashing, for the usual request that has none of them.
+        let present = headers.keys().any(|k| FORWARDING.contains(k));
+        // What earlier proxies said, removed from the request either way.
+        let mut take = |name: &HeaderName| -> Option<String> {
+            let values: Vec<String> = match headers.entry(name) {
+                header::Entry::Occupied(e) => e
+                    .remove_entry_mult()
+                    .1
+                    .filter_map(|v| v.to_str().ok().map(str::to_string))
+                    .collect(),
+                header::Entry::Vacant(_) => return None,
+            };
+            (trusted && !values.is_empty()).then(|| values.join(", "))
         };
-        let xff = HeaderName::from_static("x-forwarded-for");
-        let xfp = HeaderName::from_static("x-forwarded-proto");
-        let xfh = HeaderName::from_static("x-forwarded-host");
-        let (prev_for, prev_proto, prev_host, prev_fwd) = if trusted {
-            (
-                joined(&xff, headers),
-                joined(&xfp, headers),
-                joined(&xfh, headers),
-                joined(&header::FORWARDED, headers),
-            )
+        let (prev_for, prev_proto, prev_host, prev_fwd) = if present {
+            let found = (
+                take(&X_FORWARDED_FOR),
+                take(&X_FORWARDED_PROTO),
+                take(&X_FORWARDED_HOST),
+                take(&header::FORWARDED),
+            );
+            take(&X_REAL_IP);
+            found
         } else {
             (None, None, None, None)
         };
-        for name in [&xff, &xfp, &xfh, &header::FORWARDED] {
-            headers.remove(name);
-        }
-        headers.remove("x-real-ip");
-        let set = |headers: &mut HeaderMap, name: HeaderName, value: String| {
-            if let Ok(v) = HeaderValue::from_str(&value) {
+
+        let peer_text = self.peer_text.to_str().unwrap_or("-");
+        let node = match peer {
+            IpAddr::V6(_) => format!("\"[{peer_text}]\""),
+            IpAddr::V4(_) => peer_text.to_string(),
+        };
+        let element = format!("for={node};proto={proto};host=\"{host}\"");
+        let set = |headers: &mut HeaderMap, name: &HeaderName, value: String| {
+            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
                 headers.insert(name, v);
             }
         };
+        headers.insert(&X_REAL_IP, self.peer_text.clone());
+        match prev_for {
+            Some(p) => set(headers, &X_FORWARDED_FOR, format!("{p}, {peer_text}")),
+            None => {
+                headers.insert(&X_FORWARDED_FOR, self.peer_text.clone());
+            }
+        }
+        match prev_proto {
+            Some(p) => set(headers, &X_FORWARDED_PROTO, p),
+            None => {
+                headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+            }
+        }
         set(
             headers,
-            xff,
-            match prev_for {
-                Some(p) => format!("{p}, {peer}"),
-                None => peer.to_string(),
-            },
+            &X_FORWARDED_HOST,
+            prev_host.unwrap_or_else(|| host.to_string()),
         );
-        set(headers, xfp, prev_proto.unwrap_or_else(|| proto.into()));
-        set(headers, xfh, prev_host.unwrap_or_else(|| host.to_string()));
-        let node = match peer {
-            IpAddr::V6(v6) => format!("\"[{v6}]\""),
-            v4 => v4.to_string(),
-        };
-        let element = format!("for={node};proto={proto};host=\"{host}\"");
         set(
             headers,
-            header::FORWARDED,
+            &header::FORWARDED,
             match prev_fwd {
                 Some(p) => format!("{p}, {element}"),
                 None => element,
             },
         );
-        set(
-            headers,
-            HeaderName::from_static("x-real-ip"),
-            peer.to_string(),
-        );
     }
 }
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static FORWARDING: [HeaderName; 5] = [
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-host"),
+    header::FORWARDED,
+    HeaderName::from_static("x-real-ip"),
+];
 
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -426,30 +438,38 @@ fn wants_upgrade(headers: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// The hop-by-hop fields of RFC 9110 7.6.1 (with the non-standard ones still seen).
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+];
+
 /// RFC 9110 7.6.1: the hop-by-hop fields and those `Connection` names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
-        .collect();
-    for name in named {
-        headers.remove(name.as_str());
+    // Most messages carry none (HTTP/2 forbids them): one pass over the names, no hashing.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
     }
-    for name in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
-    ] {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
 }
@@ -560,12 +580,12 @@ pub fn page(status: StatusCode, title: &str, text: &str) -> Response<Body> {
 
 struct AccessLine {
     method: Method,
-    path: String,
+    path: PathAndQuery,
     status: u16,
     version: Version,
-    peer: IpAddr,
+    peer: HeaderValue,
     started: Instant,
-    upstream_ms: Option<f64>,
+    upstream: Option<Duration>,
 }
 
 /// A response body that counts its bytes, logs the request when it is done and keeps the
@@ -607,14 +627,14 @@ impl Drop for Logged {
     fn drop(&mut self) {
         if let Some(l) = self.line.take() {
             super::access::record(&super::access::Line {
-                peer: l.peer,
+                peer: l.peer.to_str().unwrap_or("-"),
                 method: l.method.as_str(),
-                path: &l.path,
+                path: l.path.as_str(),
                 version: l.version,
                 status: l.status,
                 bytes: self.bytes,
-                duration_ms: l.started.elapsed().as_secs_f64() * 1000.0,
-                upstream_ms: l.upstream_ms,
+                duration: l.started.elapsed(),
+                upstream: l.upstream,
             });
         }
     }

@@ -19,7 +19,9 @@ pub mod forward;
 pub mod framing;
 pub mod net;
 pub mod tls;
+pub mod upstream;
 
+use std::cell::Cell;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -30,8 +32,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -63,7 +63,8 @@ pub struct Shared {
     pub config: ProxyConfig,
     /// `http://host:port` of the application.
     pub upstream: hyper::Uri,
-    pub client: Client<HttpConnector, Body>,
+    /// This worker's connections to it.
+    pub pool: Arc<upstream::Pool>,
     pub board: Arc<Board>,
     pub challenges: Arc<acme::Challenges>,
     pub trusted: Vec<net::Cidr>,
@@ -122,19 +123,6 @@ fn bind(
     socket.bind(&addr.into()).map_err(explain)?;
     socket.listen(1024).map_err(explain)?;
     Ok(socket.into())
-}
-
-/// The client to the application: keep-alive connections, pooled (one pool per worker).
-fn upstream_client(p: &ProxyConfig) -> Client<HttpConnector, Body> {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(p.upstream_connect_timeout));
-    connector.set_nodelay(true);
-    connector.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(1024)
-        .pool_timer(TokioTimer::new())
-        .build(connector)
 }
 
 impl Proxy {
@@ -283,7 +271,11 @@ impl Proxy {
                 .spawn(move || {
                     runtime.block_on(async move {
                         let shared = Arc::new(Shared {
-                            client: upstream_client(&config),
+                            pool: upstream::Pool::new(
+                                &upstream,
+                                config.upstream_connect_timeout,
+                                config.upstream_keepalive,
+                            ),
                             config,
                             upstream,
                             board,
@@ -303,10 +295,14 @@ impl Proxy {
                                 Err(e) => tracing::error!(error = %e, "proxy worker: listener"),
                             }
                         }
-                        let flusher = tokio::spawn(async {
+                        let pool = shared.pool.clone();
+                        let flusher = tokio::spawn(async move {
+                            let mut idle = Idle::default();
                             loop {
                                 tokio::time::sleep(Duration::from_millis(250)).await;
                                 access::flush();
+                                pool.sweep();
+                                idle.tick();
                             }
                         });
                         while loops.join_next().await.is_some() {}
@@ -406,6 +402,41 @@ async fn accept(
         shared
             .tracker
             .spawn(connection(stream, peer, tls, shared2, shutdown));
+    }
+}
+
+thread_local! {
+    /// Requests this worker thread has started (see [`Idle`]).
+    static STARTED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Count a request on this worker.
+pub(crate) fn count_request() {
+    STARTED.set(STARTED.get().wrapping_add(1));
+}
+
+/// Gives freed memory back to the system when a worker's burst of requests is over: glibc keeps
+/// what the connections of a burst freed in the worker's arena (some MiB after thousands of
+/// requests) until told to trim. Trimming costs a walk of the free lists, so it is done once
+/// per burst, after a tick with no new request.
+#[derive(Default)]
+struct Idle {
+    seen: u64,
+    trimmed: u64,
+}
+
+impl Idle {
+    fn tick(&mut self) {
+        let now = STARTED.get();
+        if now == self.seen && now != self.trimmed {
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim has no preconditions; it locks each arena while it walks it.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+            self.trimmed = now;
+        }
+        self.seen = now;
     }
 }
 
