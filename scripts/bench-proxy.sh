@@ -4,13 +4,15 @@
 # upstream (an nginx answering a 1 KiB body) with keep-alive to it, access logs on for both,
 # TLS 1.2 and 1.3 offered by both (so every row runs TLS 1.3 with X25519),
 # loads from wrk and h2load on loopback. Rows: HTTP/1.1 keep-alive, HTTP/2, a new TLS connection
-# per request; requests/s, p99 latency, CPU time per request, RSS after the run.
+# per request; requests/s, p99 latency, CPU time per request (medians of RUNS runs, the two
+# proxies taking turns), RSS after the runs.
 # Needs nginx-light, wrk and nghttp2-client (h2load): installed if missing.
-# Usage: scripts/bench-proxy.sh [SECONDS] [CONNECTIONS]
+# Usage: scripts/bench-proxy.sh [SECONDS] [CONNECTIONS] [RUNS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION="${1:-10}"
 CONNS="${2:-32}"
+REPEAT="${3:-3}"
 for tool in nginx:nginx-light wrk:wrk h2load:nghttp2-client openssl:openssl; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || MISSING="${MISSING:-} ${tool#*:}"
 done
@@ -100,6 +102,8 @@ listen = "127.0.0.1"
 http_port = $RBX80
 https_port = $RBX
 upstream = "http://127.0.0.1:$UP"
+# nginx's "keepalive 256" above.
+upstream_keepalive = 256
 [proxy.tls]
 cert = "$WORK/cert.pem"
 key = "$WORK/key.pem"
@@ -120,6 +124,7 @@ sleep 1
 ngx_pids() { echo "$(cat "$WORK/nginx.pid") $(pgrep -P "$(cat "$WORK/nginx.pid")" | tr '\n' ' ')"; }
 ticks() { local t=0; for p in $1; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
 rss_kib() { local r=0; for p in $1; do r=$((r + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done; echo $r; }
+anon_kib() { local r=0; for p in $1; do r=$((r + $(awk '/RssAnon/ {print $2}' "/proc/$p/status"))); done; echo $r; }
 HZ=$(getconf CLK_TCK)
 
 # p99 (ms) from an h2load log (third column: request time in microseconds).
@@ -128,42 +133,67 @@ wrk_p99() { awk '$1 == "99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} els
 wrk_rps() { awk '/^Requests\/sec/ {printf "%.0f", $2}'; }
 wrk_n() { awk '/requests in/ {print $1}'; }
 
-run_row() { # name port pids-function
-    local name=$1 port=$2 pids t0 t1 out n rps p99
-    pids=$($3)
-    # 1. HTTP/1.1 keep-alive.
+# One load against one proxy; prints "requests/s p99-ms cpu-µs-per-request".
+load() { # kind port pids
+    local kind=$1 port=$2 pids=$3 t0 t1 out n rps p99
     t0=$(ticks "$pids")
-    out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "https://localhost:$port/")
+    case $kind in
+    h1)
+        out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "https://localhost:$port/")
+        n=$(echo "$out" | wrk_n); rps=$(echo "$out" | wrk_rps); p99=$(echo "$out" | wrk_p99) ;;
+    h2)
+        out=$(h2load -c"$CONNS" -m10 -t2 -D"$DURATION" --log-file="$WORK/h2.log" "https://localhost:$port/" 2>&1)
+        n=$(echo "$out" | awk '/^requests:/ {print $8}')
+        rps=$(echo "$out" | awk '/^finished in/ {gsub(/,/,""); printf "%.0f", $4}')
+        p99=$(p99_h2load "$WORK/h2.log") ;;
+    tls)
+        out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H "Connection: close" "https://localhost:$port/")
+        n=$(echo "$out" | wrk_n); rps=$(echo "$out" | wrk_rps); p99=$(echo "$out" | wrk_p99) ;;
+    esac
     t1=$(ticks "$pids")
-    n=$(echo "$out" | wrk_n); rps=$(echo "$out" | wrk_rps); p99=$(echo "$out" | wrk_p99)
-    printf "| %-8s | HTTP/1.1 keep-alive | %8s | %7s ms | %6.1f µs |\n" "$name" "$rps" "$p99" \
-        "$(awk -v t=$((t1 - t0)) -v n="$n" -v hz="$HZ" 'BEGIN {print 1e6 * t / hz / n}')"
-    # 2. HTTP/2, 10 streams per connection.
-    t0=$(ticks "$pids")
-    out=$(h2load -c"$CONNS" -m10 -t2 -D"$DURATION" --log-file="$WORK/h2.log" "https://localhost:$port/" 2>&1)
-    t1=$(ticks "$pids")
-    n=$(echo "$out" | awk '/^requests:/ {print $8}')
-    rps=$(echo "$out" | awk '/^finished in/ {gsub(/,/,""); printf "%.0f", $4}')
-    p99=$(p99_h2load "$WORK/h2.log")
-    printf "| %-8s | HTTP/2 (10 streams/conn) | %8s | %7s ms | %6.1f µs |\n" "$name" "$rps" "$p99" \
-        "$(awk -v t=$((t1 - t0)) -v n="$n" -v hz="$HZ" 'BEGIN {print 1e6 * t / hz / n}')"
-    # 3. A new TLS connection (full handshake) per request.
-    t0=$(ticks "$pids")
-    out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H "Connection: close" "https://localhost:$port/")
-    t1=$(ticks "$pids")
-    n=$(echo "$out" | wrk_n); rps=$(echo "$out" | wrk_rps); p99=$(echo "$out" | wrk_p99)
-    printf "| %-8s | new TLS connection per request | %8s | %7s ms | %6.1f µs |\n" "$name" "$rps" "$p99" \
-        "$(awk -v t=$((t1 - t0)) -v n="$n" -v hz="$HZ" 'BEGIN {print 1e6 * t / hz / n}')"
-    printf "| %-8s | RSS after the runs | %s KiB |\n" "$name" "$(rss_kib "$pids")"
-    printf "| %-8s | negotiated | %s |\n" "$name" \
-        "$(echo | openssl s_client -connect "localhost:$port" 2>/dev/null | awk '/^New,/ {sub(/,$/, "", $2); print $2, $5}')"
+    echo "$rps $p99 $(awk -v t=$((t1 - t0)) -v n="$n" -v hz="$HZ" 'BEGIN {printf "%.1f", 1e6 * t / hz / n}')"
 }
+
+# The median of each column over the runs (one line per run).
+median() { awk '{for (i = 1; i <= NF; i++) v[i, NR] = $i} END {
+    for (i = 1; i <= NF; i++) {
+        for (j = 1; j <= NR; j++) a[j] = v[i, j]
+        for (j = 1; j <= NR; j++) for (k = j + 1; k <= NR; k++) if (a[k] + 0 < a[j] + 0) {t = a[j]; a[j] = a[k]; a[k] = t}
+        printf "%s%s", a[int((NR + 1) / 2)], (i < NF ? " " : "\n")
+    }}'; }
 
 # Same certificate, same upstream, same clients; resolve localhost to 127.0.0.1.
 grep -q "^127.0.0.1[[:space:]].*localhost" /etc/hosts || echo "warning: localhost does not resolve to 127.0.0.1" >&2
-echo "| proxy | load | requests/s | p99 | CPU per request |"
+NGXPIDS=$(ngx_pids)
+declare -A RESULTS
+for kind in h1 h2 tls; do
+    # nginx and regobox take turns, so that a slow moment of the machine does not fall on one.
+    for ((r = 1; r <= REPEAT; r++)); do
+        RESULTS[nginx,$kind]+="$(load "$kind" "$NGX" "$NGXPIDS")"$'\n'
+        RESULTS[regobox,$kind]+="$(load "$kind" "$RBX" "$RBXPID")"$'\n'
+    done
+done
+sleep 1
+echo "| load | proxy | requests/s | p99 | CPU per request |"
 echo "|---|---|---|---|---|"
-run_row nginx "$NGX" ngx_pids
-run_row regobox "$RBX" "echo $RBXPID"
+for kind in h1 h2 tls; do
+    case $kind in
+    h1) label="HTTP/1.1 keep-alive" ;;
+    h2) label="HTTP/2 (10 streams/conn)" ;;
+    tls) label="new TLS connection per request" ;;
+    esac
+    for name in nginx regobox; do
+        read -r rps p99 cpu < <(printf "%s" "${RESULTS[$name,$kind]}" | median)
+        printf "| %s | %s | %s | %s ms | %s µs |\n" "$label" "$name" "$rps" "$p99" "$cpu"
+    done
+done
 echo
-echo "($CONNS connections, ${DURATION}s per row, $(nproc) cores shared by clients, proxies and upstream; nginx: master + workers)"
+echo "| proxy | RSS after the runs | of which anonymous | negotiated |"
+echo "|---|---|---|---|"
+for name in nginx regobox; do
+    if [ "$name" = nginx ]; then pids=$NGXPIDS port=$NGX; else pids=$RBXPID port=$RBX; fi
+    printf "| %s | %s KiB | %s KiB | %s |\n" "$name" "$(rss_kib "$pids")" "$(anon_kib "$pids")" \
+        "$(echo | openssl s_client -connect "localhost:$port" 2>/dev/null | awk '/^New,/ {sub(/,$/, "", $2); print $2, $5}')"
+done
+echo
+echo "(median of $REPEAT runs of ${DURATION}s per row, nginx and regobox alternating; $CONNS connections; $(nproc) cores shared by clients, proxies and upstream; nginx: master + workers)"

@@ -150,7 +150,7 @@ impl Default for ProxyConfig {
             idle_timeout: Duration::from_secs(75),
             handshake_timeout: Duration::from_secs(10),
             upstream_connect_timeout: Duration::from_secs(5),
-            upstream_keepalive: 32,
+            upstream_keepalive: 256,
             max_header_bytes: 32 * 1024,
             grace: Duration::from_secs(5),
             access_log: true,

@@ -31,17 +31,37 @@ pub struct Line<'a> {
 }
 
 /// Milliseconds with two decimals, as text, without going through a float.
-struct Millis(Duration);
+fn push_millis(out: &mut String, d: Duration) {
+    let micros = d.as_micros() as u64;
+    push_int(out, micros / 1000, 0);
+    out.push('.');
+    push_int(out, micros % 1000 / 10, 2);
+}
 
-impl std::fmt::Display for Millis {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let micros = self.0.as_micros();
-        write!(f, "{}.{:02}", micros / 1000, micros % 1000 / 10)
+/// `n` in decimal, zero-padded to `width`. (The access log is written for every request: this
+/// is cheaper than the formatting machinery.)
+fn push_int(out: &mut String, n: u64, width: usize) {
+    let mut buffer = itoa::Buffer::new();
+    let digits = buffer.format(n);
+    for _ in digits.len()..width {
+        out.push('0');
     }
+    out.push_str(digits);
 }
 
 fn millis(d: Duration) -> f64 {
     (d.as_micros() / 10) as f64 / 100.0
+}
+
+fn version(v: hyper::Version) -> &'static str {
+    match v {
+        hyper::Version::HTTP_09 => "HTTP/0.9",
+        hyper::Version::HTTP_10 => "HTTP/1.0",
+        hyper::Version::HTTP_11 => "HTTP/1.1",
+        hyper::Version::HTTP_2 => "HTTP/2.0",
+        hyper::Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/?",
+    }
 }
 
 /// `2026-11-22T03:28:34.123456Z` (RFC 3339, microseconds, UTC), as regobox's other lines.
@@ -59,7 +79,9 @@ fn timestamp(out: &mut String) {
         }
         out.push_str(&cached.1);
     });
-    let _ = write!(out, ".{:06}Z", now.subsec_micros());
+    out.push('.');
+    push_int(out, now.subsec_micros().into(), 6);
+    out.push('Z');
 }
 
 pub fn record(line: &Line<'_>) {
@@ -67,22 +89,28 @@ pub fn record(line: &Line<'_>) {
         let mut b = b.borrow_mut();
         match crate::logs::format() {
             Format::Text => {
-                timestamp(&mut b);
-                let _ = write!(
-                    b,
-                    "  INFO access peer={} method={} path={} version={:?} status={} bytes={} duration_ms=\"{}\" upstream_ms=\"",
-                    line.peer,
-                    line.method,
-                    line.path,
-                    line.version,
-                    line.status,
-                    line.bytes,
-                    Millis(line.duration),
-                );
-                let _ = match line.upstream {
-                    Some(u) => writeln!(b, "{}\"", Millis(u)),
-                    None => writeln!(b, "-\""),
-                };
+                let b = &mut *b;
+                timestamp(b);
+                b.push_str("  INFO access peer=");
+                b.push_str(line.peer);
+                b.push_str(" method=");
+                b.push_str(line.method);
+                b.push_str(" path=");
+                b.push_str(line.path);
+                b.push_str(" version=");
+                b.push_str(version(line.version));
+                b.push_str(" status=");
+                push_int(b, line.status.into(), 0);
+                b.push_str(" bytes=");
+                push_int(b, line.bytes, 0);
+                b.push_str(" duration_ms=\"");
+                push_millis(b, line.duration);
+                b.push_str("\" upstream_ms=\"");
+                match line.upstream {
+                    Some(u) => push_millis(b, u),
+                    None => b.push('-'),
+                }
+                b.push_str("\"\n");
             }
             Format::Json => {
                 let mut now = String::new();
@@ -95,7 +123,7 @@ pub fn record(line: &Line<'_>) {
                         "peer": line.peer,
                         "method": line.method,
                         "path": line.path,
-                        "version": format!("{:?}", line.version),
+                        "version": version(line.version),
                         "status": line.status,
                         "bytes": line.bytes,
                         "duration_ms": millis(line.duration),
@@ -130,9 +158,17 @@ mod tests {
 
     #[test]
     fn millis_and_timestamps() {
-        assert_eq!(Millis(Duration::from_micros(12_345)).to_string(), "12.34");
-        assert_eq!(Millis(Duration::from_micros(7)).to_string(), "0.00");
-        assert_eq!(Millis(Duration::from_secs(2)).to_string(), "2000.00");
+        let text = |d| {
+            let mut s = String::new();
+            push_millis(&mut s, d);
+            s
+        };
+        assert_eq!(text(Duration::from_micros(12_345)), "12.34");
+        assert_eq!(text(Duration::from_micros(7)), "0.00");
+        assert_eq!(text(Duration::from_micros(2_000_050)), "2000.05");
+        let mut padded = String::new();
+        push_int(&mut padded, 42, 6);
+        assert_eq!(padded, "000042");
         assert_eq!(millis(Duration::from_micros(12_345)), 12.34);
         let mut a = String::new();
         timestamp(&mut a);

@@ -60,7 +60,9 @@ impl ConnCtx {
     > + Clone {
         hyper::service::service_fn(move |req| {
             let ctx = self.clone();
-            async move { Ok::<_, Infallible>(ctx.handle(req).await) }
+            // Boxed: hyper moves the future several times on its way into a task (one per
+            // HTTP/2 stream); a pointer is cheaper to move than the request's whole state.
+            Box::pin(async move { Ok::<_, Infallible>(ctx.handle(req).await) })
         })
     }
 
@@ -294,11 +296,22 @@ impl ConnCtx {
         };
 
         let peer_text = self.peer_text.to_str().unwrap_or("-");
-        let node = match peer {
-            IpAddr::V6(_) => format!("\"[{peer_text}]\""),
-            IpAddr::V4(_) => peer_text.to_string(),
-        };
-        let element = format!("for={node};proto={proto};host=\"{host}\"");
+        // for=1.2.3.4 or for="[::1]" (RFC 7239), built without the formatting machinery.
+        let mut element = String::with_capacity(40 + host.len());
+        element.push_str("for=");
+        match peer {
+            IpAddr::V6(_) => {
+                element.push_str("\"[");
+                element.push_str(peer_text);
+                element.push_str("]\"");
+            }
+            IpAddr::V4(_) => element.push_str(peer_text),
+        }
+        element.push_str(";proto=");
+        element.push_str(proto);
+        element.push_str(";host=\"");
+        element.push_str(host);
+        element.push('"');
         let set = |headers: &mut HeaderMap, name: &HeaderName, value: String| {
             if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
                 headers.insert(name, v);
