@@ -466,23 +466,19 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 
 /// RFC 9110 7.6.1: the hop-by-hop fields and those `Connection` names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none (HTTP/2 forbids them): one pass over the names, no hashing.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
-        return;
-    }
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
+    // One pass over the fields, no hashing, then a removal per name found: most messages carry
+    // none (HTTP/2 forbids them) or one or two (`Connection: keep-alive`).
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for (name, value) in headers.iter() {
+        if name == header::CONNECTION {
+            let tokens = value.to_str().unwrap_or("").split(',');
+            doomed.extend(tokens.filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok()));
+        }
+        if HOP_BY_HOP.contains(name) {
+            doomed.push(name.clone());
         }
     }
-    for name in &HOP_BY_HOP {
+    for name in doomed {
         headers.remove(name);
     }
 }

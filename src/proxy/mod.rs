@@ -25,7 +25,7 @@ use std::cell::Cell;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -445,6 +445,7 @@ impl Idle {
 pub struct Activity {
     epoch: Instant,
     last_ms: AtomicU64,
+    moved: AtomicBool,
     in_flight: AtomicUsize,
     /// When the request head being read began ([`NO_HEAD`]: none is being read).
     head_since_ms: AtomicU64,
@@ -457,6 +458,7 @@ impl Activity {
         Arc::new(Activity {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
+            moved: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             head_since_ms: AtomicU64::new(NO_HEAD),
         })
@@ -480,13 +482,19 @@ impl Activity {
         (since != NO_HEAD).then(|| Duration::from_millis(self.now_ms().saturating_sub(since)))
     }
 
+    /// A byte moved (or a request ended): a flag, not a clock reading, as it happens on every
+    /// read and write; [`Activity::idle_for`] turns it into a time.
     fn touch(&self) {
-        self.last_ms
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.moved.store(true, Ordering::Relaxed);
     }
 
+    /// Since the last activity, as seen by the previous call (the watchdog calls this every
+    /// tick, so a connection is found idle at most a tick late).
     fn idle_for(&self) -> Duration {
-        let now = self.epoch.elapsed().as_millis() as u64;
+        let now = self.now_ms();
+        if self.moved.swap(false, Ordering::Relaxed) {
+            self.last_ms.store(now, Ordering::Relaxed);
+        }
         Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
     }
 
