@@ -14,6 +14,7 @@
 
 pub mod access;
 pub mod acme;
+pub mod coalesce;
 pub mod files;
 pub mod forward;
 pub mod framing;
@@ -578,7 +579,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
 /// forced), it idles past `idle` with no request in flight, or a request head takes longer than
 /// `header` to arrive.
 macro_rules! drive {
-    ($conn:expr, $activity:expr, $idle:expr, $header:expr, $shutdown:expr, $force:expr) => {{
+    ($conn:expr, $activity:expr, $idle:expr, $header:expr, $shutdown:expr, $force:expr) => {
+        drive!($conn, |c| c.graceful_shutdown(), $activity, $idle, $header, $shutdown, $force)
+    };
+    ($conn:expr, |$c:ident| $graceful:expr, $activity:expr, $idle:expr, $header:expr, $shutdown:expr, $force:expr) => {{
         let conn = $conn;
         tokio::pin!(conn);
         let mut draining = false;
@@ -589,7 +593,8 @@ macro_rules! drive {
                 _ = conn.as_mut() => break,
                 _ = $shutdown.cancelled(), if !draining => {
                     draining = true;
-                    conn.as_mut().graceful_shutdown();
+                    let $c = conn.as_mut();
+                    $graceful;
                 }
                 _ = $force.cancelled() => break,
                 _ = tick.tick() => {
@@ -649,9 +654,13 @@ async fn connection(
         .max_concurrent_streams(256)
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20);
-    let conn = b.serve_connection(TokioIo::new(tls_stream), ctx.service());
+    // Writes gathered per turn of the connection's task (see `coalesce`).
+    let conn = coalesce::wrap(tls_stream, |io| {
+        b.serve_connection(TokioIo::new(io), ctx.service())
+    });
     drive!(
         conn,
+        |c| c.get_mut().conn().graceful_shutdown(),
         activity,
         cfg.idle_timeout,
         cfg.header_timeout,
