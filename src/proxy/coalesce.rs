@@ -198,19 +198,13 @@ mod tests {
     use super::*;
 
     /// A "connection" that writes `chunks` then ends, through an [`Io`].
-    fn writer(
-        io: Io<tokio::io::DuplexStream>,
-        chunks: Vec<Vec<u8>>,
-    ) -> impl Future<Output = io::Result<()>> {
-        async move {
-            let mut io = io;
-            for c in chunks {
-                io.write_all(&c).await?;
-                io.flush().await?;
-            }
-            // As hyper does at the end of a connection.
-            io.shutdown().await
+    async fn writer(mut io: Io<tokio::io::DuplexStream>, chunks: Vec<Vec<u8>>) -> io::Result<()> {
+        for c in chunks {
+            io.write_all(&c).await?;
+            io.flush().await?;
         }
+        // As hyper does at the end of a connection.
+        io.shutdown().await
     }
 
     #[tokio::test]
