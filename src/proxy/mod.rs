@@ -74,6 +74,12 @@ pub struct Shared {
     /// No application is configured (no service, `proxy.upstream` left at its default): the
     /// built-in landing page answers instead.
     pub landing: bool,
+    /// For the https listener's connections.
+    pub tls: Option<TlsAcceptor>,
+    pub dispatch: Arc<Dispatch>,
+    /// This worker's index in `dispatch`.
+    pub me: usize,
+    pub shutdown: CancellationToken,
 }
 
 /// The running proxy.
@@ -88,12 +94,7 @@ pub struct Proxy {
 }
 
 /// Bind `listen:port`; the error names the key to change.
-fn bind(
-    listen: &str,
-    port: u16,
-    key: &str,
-    reuse_group: bool,
-) -> anyhow::Result<std::net::TcpListener> {
+fn bind(listen: &str, port: u16, key: &str) -> anyhow::Result<std::net::TcpListener> {
     let ip: IpAddr = listen
         .parse()
         .with_context(|| format!("proxy.listen `{listen}`"))?;
@@ -107,19 +108,12 @@ fn bind(
             anyhow::anyhow!("cannot listen on {addr} ({key} = {port}): {e}")
         }
     };
-    // SO_REUSEPORT: one listening socket per worker, the kernel spreading connections among
-    // them (no thundering herd of workers woken for one connection). A port held by anything
-    // else, another regobox's reuse group included, must still be an error: probe it first.
-    if !reuse_group {
-        drop(std::net::TcpListener::bind(addr).map_err(explain)?);
-    }
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into()).map_err(explain)?;
     socket.listen(1024).map_err(explain)?;
@@ -141,12 +135,12 @@ impl Proxy {
             return Ok(None);
         }
         let mut http = if p.http_port != 0 {
-            Some(bind(&p.listen, p.http_port, "proxy.http_port", false)?)
+            Some(bind(&p.listen, p.http_port, "proxy.http_port")?)
         } else {
             None
         };
         let mut https = if p.https_port != 0 {
-            Some(bind(&p.listen, p.https_port, "proxy.https_port", false)?)
+            Some(bind(&p.listen, p.https_port, "proxy.https_port")?)
         } else {
             None
         };
@@ -233,9 +227,9 @@ impl Proxy {
         if let Some(l) = &https {
             described["https"] = json!(l.local_addr()?.to_string());
         }
-        // Thread per core, as nginx's workers: each thread runs its own event loop, accepts from
-        // the shared listeners and keeps its own pool of connections to the application, so a
-        // request never hops between threads.
+        // Thread per core, as nginx's workers: each thread runs its own event loop and keeps its
+        // own pool of connections to the application, so a request never hops between threads;
+        // the first one accepts and hands connections out (see `Dispatch`).
         let workers = if p.workers == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -244,21 +238,20 @@ impl Proxy {
         // No service to supervise and no upstream of its own: nothing to proxy to.
         let landing = config.services.is_empty()
             && p.upstream == crate::config::ProxyConfig::default().upstream;
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers)
+            .map(|_| tokio::sync::mpsc::unbounded_channel::<Handoff>())
+            .unzip();
+        let mut receivers = receivers.into_iter();
+        let dispatch = Arc::new(Dispatch {
+            open: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
+            workers: senders,
+        });
         let mut threads = Vec::new();
         for i in 0..workers {
-            // The first worker takes the sockets bound above; the others bind their own.
-            let (http, https) = if i == 0 {
-                (http.take(), https.take())
-            } else {
-                (
-                    (p.http_port != 0)
-                        .then(|| bind(&p.listen, p.http_port, "proxy.http_port", true))
-                        .transpose()?,
-                    (p.https_port != 0)
-                        .then(|| bind(&p.listen, p.https_port, "proxy.https_port", true))
-                        .transpose()?,
-                )
-            };
+            // The first worker accepts for all (see `Dispatch`).
+            let (http, https) = (http.take(), https.take());
+            let mut handoffs = receivers.next().expect("one receiver per worker");
+            let dispatch = dispatch.clone();
             let acceptor = acceptor.clone();
             let (config, upstream, trusted) = (p.clone(), upstream.clone(), trusted.clone());
             let (board, challenges) = (board.clone(), challenges.clone());
@@ -285,17 +278,41 @@ impl Proxy {
                             tracker: tracker.clone(),
                             force: force.clone(),
                             landing,
+                            tls: acceptor,
+                            dispatch,
+                            me: i,
+                            shutdown: shutdown.clone(),
                         });
                         let mut loops = tokio::task::JoinSet::new();
-                        for (listener, tls) in [(http, None), (https, acceptor)] {
+                        for (listener, https) in [(http, false), (https, true)] {
                             let Some(listener) = listener else { continue };
                             match TcpListener::from_std(listener) {
                                 Ok(l) => {
-                                    loops.spawn(accept(l, tls, shared.clone(), shutdown.clone()));
+                                    loops.spawn(accept(l, https, shared.clone()));
                                 }
                                 Err(e) => tracing::error!(error = %e, "proxy worker: listener"),
                             }
                         }
+                        // Connections the accepting worker hands over.
+                        let (receiving, stop) = (shared.clone(), shutdown.clone());
+                        loops.spawn(async move {
+                            loop {
+                                let h = tokio::select! {
+                                    h = handoffs.recv() => match h {
+                                        Some(h) => h,
+                                        None => return,
+                                    },
+                                    _ = stop.cancelled() => return,
+                                };
+                                match TcpStream::from_std(h.stream) {
+                                    Ok(stream) => serve(&receiving, stream, h.peer, h.https),
+                                    Err(e) => {
+                                        receiving.dispatch.closed(receiving.me);
+                                        tracing::warn!(error = %e, "proxy worker: a handed-over connection");
+                                    }
+                                }
+                            }
+                        });
                         let pool = shared.pool.clone();
                         let flusher = tokio::spawn(async move {
                             let mut idle = Idle::default();
@@ -377,12 +394,7 @@ impl Proxy {
     }
 }
 
-async fn accept(
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-) {
+async fn accept(listener: TcpListener, https: bool, shared: Arc<Shared>) {
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -394,15 +406,73 @@ async fn accept(
                     continue;
                 }
             },
-            _ = shutdown.cancelled() => return,
+            _ = shared.shutdown.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        let shared2 = shared.clone();
-        let tls = tls.clone();
-        let shutdown = shutdown.clone();
-        shared
-            .tracker
-            .spawn(connection(stream, peer, tls, shared2, shutdown));
+        let to = shared.dispatch.choose();
+        if to == shared.me {
+            serve(&shared, stream, peer, https);
+            continue;
+        }
+        let handed = stream
+            .into_std()
+            .map_err(|e| e.to_string())
+            .and_then(|stream| {
+                shared.dispatch.workers[to]
+                    .send(Handoff {
+                        stream,
+                        peer,
+                        https,
+                    })
+                    .map_err(|_| "the worker has stopped".to_string())
+            });
+        if let Err(e) = handed {
+            shared.dispatch.closed(to);
+            tracing::warn!(error = %e, "proxy: handing a connection over");
+        }
+    }
+}
+
+/// Serve an accepted connection on this worker (counted in [`Dispatch`] until it ends).
+fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, https: bool) {
+    let tls = if https { shared.tls.clone() } else { None };
+    let (s, shutdown) = (shared.clone(), shared.shutdown.clone());
+    shared.tracker.spawn(async move {
+        connection(stream, peer, tls, s.clone(), shutdown).await;
+        s.dispatch.closed(s.me);
+    });
+}
+
+/// Where accepted connections go: the first worker accepts them all and hands each to the worker
+/// with the fewest open connections (itself included). The kernel's spreading over
+/// `SO_REUSEPORT` sockets is by a hash of the addresses, blind to load: 65/35 shares of 32
+/// connections were seen, and the busier worker's requests waited longer.
+pub struct Dispatch {
+    open: Vec<AtomicUsize>,
+    workers: Vec<tokio::sync::mpsc::UnboundedSender<Handoff>>,
+}
+
+pub struct Handoff {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    https: bool,
+}
+
+impl Dispatch {
+    /// The worker with the fewest open connections, counted as one more from now on.
+    fn choose(&self) -> usize {
+        let (to, _) = self
+            .open
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, n)| n.load(Ordering::Relaxed))
+            .unwrap_or((0, &self.open[0]));
+        self.open[to].fetch_add(1, Ordering::Relaxed);
+        to
+    }
+
+    fn closed(&self, worker: usize) {
+        self.open[worker].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
