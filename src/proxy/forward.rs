@@ -272,15 +272,18 @@ impl ConnCtx {
         let present = headers.keys().any(|k| FORWARDING.contains(k));
         // What earlier proxies said, removed from the request either way.
         let mut take = |name: &HeaderName| -> Option<String> {
-            let values: Vec<String> = match headers.entry(name) {
-                header::Entry::Occupied(e) => e
-                    .remove_entry_mult()
-                    .1
-                    .filter_map(|v| v.to_str().ok().map(str::to_string))
-                    .collect(),
-                header::Entry::Vacant(_) => return None,
+            let header::Entry::Occupied(e) = headers.entry(name) else {
+                return None;
             };
-            (trusted && !values.is_empty()).then(|| values.join(", "))
+            // Dropping the drain removes the values: an untrusted peer's are not even read.
+            let values = e.remove_entry_mult().1;
+            if !trusted {
+                return None;
+            }
+            let kept: Vec<String> = values
+                .filter_map(|v| v.to_str().ok().map(str::to_string))
+                .collect();
+            (!kept.is_empty()).then(|| kept.join(", "))
         };
         let (prev_for, prev_proto, prev_host, prev_fwd) = if present {
             let found = (

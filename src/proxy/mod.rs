@@ -62,9 +62,7 @@ pub fn empty() -> Body {
 /// What every connection shares.
 pub struct Shared {
     pub config: ProxyConfig,
-    /// `http://host:port` of the application.
-    pub upstream: hyper::Uri,
-    /// This worker's connections to it.
+    /// This worker's connections to the application.
     pub pool: Arc<upstream::Pool>,
     pub board: Arc<Board>,
     pub challenges: Arc<acme::Challenges>,
@@ -271,7 +269,6 @@ impl Proxy {
                                 config.upstream_keepalive,
                             ),
                             config,
-                            upstream,
                             board,
                             challenges,
                             trusted,
@@ -435,10 +432,9 @@ async fn accept(listener: TcpListener, https: bool, shared: Arc<Shared>) {
 
 /// Serve an accepted connection on this worker (counted in [`Dispatch`] until it ends).
 fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, https: bool) {
-    let tls = if https { shared.tls.clone() } else { None };
-    let (s, shutdown) = (shared.clone(), shared.shutdown.clone());
+    let s = shared.clone();
     shared.tracker.spawn(async move {
-        connection(stream, peer, tls, s.clone(), shutdown).await;
+        connection(stream, peer, https, s.clone()).await;
         s.dispatch.closed(s.me);
     });
 }
@@ -682,13 +678,7 @@ macro_rules! drive {
     }};
 }
 
-async fn connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    tls: Option<TlsAcceptor>,
-    shared: Arc<Shared>,
-    shutdown: CancellationToken,
-) {
+async fn connection(stream: TcpStream, peer: SocketAddr, https: bool, shared: Arc<Shared>) {
     let activity = Activity::new();
     activity.touch();
     let io = Tracked {
@@ -697,7 +687,8 @@ async fn connection(
     };
     let cfg = &shared.config;
     let force = shared.force.clone();
-    let Some(acceptor) = tls else {
+    let shutdown = shared.shutdown.clone();
+    let Some(acceptor) = shared.tls.clone().filter(|_| https) else {
         return serve_h1(io, peer, false, &shared, activity, shutdown).await;
     };
     let handshake = tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(io));
