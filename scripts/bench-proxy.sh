@@ -3,9 +3,10 @@
 # suite preference (AES-128-GCM), the same
 # upstream (an nginx answering a 1 KiB body) with keep-alive to it, access logs on for both,
 # TLS 1.2 and 1.3 offered by both (so every row runs TLS 1.3 with X25519),
-# loads from wrk and h2load on loopback. Rows: HTTP/1.1 keep-alive, HTTP/2, a new TLS connection
-# per request; requests/s, p99 latency, CPU time per request (medians of RUNS runs, the two
-# proxies taking turns), RSS after the runs.
+# loads from wrk and h2load on loopback. Rows: HTTP/1.1 keep-alive (from wrk, and from h2load),
+# HTTP/2, a new TLS connection per request; requests/s, p99 latency, CPU time per request
+# (medians of RUNS runs, the two proxies taking turns; each run's p99 shown too), RSS after the
+# runs.
 # Needs nginx-light, wrk and nghttp2-client (h2load): installed if missing.
 # Usage: scripts/bench-proxy.sh [SECONDS] [CONNECTIONS] [RUNS]
 set -euo pipefail
@@ -141,8 +142,12 @@ load() { # kind port pids
     h1)
         out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "https://localhost:$port/")
         n=$(echo "$out" | wrk_n); rps=$(echo "$out" | wrk_rps); p99=$(echo "$out" | wrk_p99) ;;
-    h2)
-        out=$(h2load -c"$CONNS" -m10 -t2 -D"$DURATION" --log-file="$WORK/h2.log" "https://localhost:$port/" 2>&1)
+    h1b | h2)
+        # h1b: the h1 load from h2load, whose per-request log gives the p99 as for HTTP/2.
+        # h2load appends to its log: each run starts from an empty one.
+        rm -f "$WORK/h2.log"
+        if [ "$kind" = h1b ]; then proto=(--h1); else proto=(-m10); fi
+        out=$(h2load "${proto[@]}" -c"$CONNS" -t2 -D"$DURATION" --log-file="$WORK/h2.log" "https://localhost:$port/" 2>&1)
         n=$(echo "$out" | awk '/^requests:/ {print $8}')
         rps=$(echo "$out" | awk '/^finished in/ {gsub(/,/,""); printf "%.0f", $4}')
         p99=$(p99_h2load "$WORK/h2.log") ;;
@@ -166,7 +171,7 @@ median() { awk '{for (i = 1; i <= NF; i++) v[i, NR] = $i} END {
 grep -q "^127.0.0.1[[:space:]].*localhost" /etc/hosts || echo "warning: localhost does not resolve to 127.0.0.1" >&2
 NGXPIDS=$(ngx_pids)
 declare -A RESULTS
-for kind in h1 h2 tls; do
+for kind in h1 h1b h2 tls; do
     # nginx and regobox take turns, so that a slow moment of the machine does not fall on one.
     for ((r = 1; r <= REPEAT; r++)); do
         RESULTS[nginx,$kind]+="$(load "$kind" "$NGX" "$NGXPIDS")"$'\n'
@@ -174,17 +179,19 @@ for kind in h1 h2 tls; do
     done
 done
 sleep 1
-echo "| load | proxy | requests/s | p99 | CPU per request |"
-echo "|---|---|---|---|---|"
-for kind in h1 h2 tls; do
+echo "| load | proxy | requests/s | p99 | CPU per request | p99 of each run (ms) |"
+echo "|---|---|---|---|---|---|"
+for kind in h1 h1b h2 tls; do
     case $kind in
-    h1) label="HTTP/1.1 keep-alive" ;;
+    h1) label="HTTP/1.1 keep-alive (wrk)" ;;
+    h1b) label="HTTP/1.1 keep-alive (h2load --h1)" ;;
     h2) label="HTTP/2 (10 streams/conn)" ;;
     tls) label="new TLS connection per request" ;;
     esac
     for name in nginx regobox; do
         read -r rps p99 cpu < <(printf "%s" "${RESULTS[$name,$kind]}" | median)
-        printf "| %s | %s | %s | %s ms | %s µs |\n" "$label" "$name" "$rps" "$p99" "$cpu"
+        runs=$(printf "%s" "${RESULTS[$name,$kind]}" | awk '{printf "%s%s", (NR > 1 ? " " : ""), $2}')
+        printf "| %s | %s | %s | %s ms | %s µs | %s |\n" "$label" "$name" "$rps" "$p99" "$cpu" "$runs"
     done
 done
 echo

@@ -1,15 +1,24 @@
 //! The connections to the application: HTTP/1.1 with keep-alive, one pool per worker thread.
 //!
+//! A connection has no task of its own: whoever uses it drives it. The request's task does while
+//! the request goes out and its response comes back, the worker's tick while it waits in the
+//! pool. So a request's bytes go from the client's connection to the application's and back
+//! within one task, without waking another one on the way (as nginx's event loop does within one
+//! handler), and an idle connection costs no task.
+//!
 //! A connection goes back to its worker's pool when the response body it carried has been read
 //! to the end (a response abandoned half-way leaves its connection unusable: it is closed), up to
 //! `proxy.upstream_keepalive` idle connections; beyond, and after [`IDLE_TIMEOUT`] unused, they
-//! are closed. A request that finds its pooled connection closed by the application (which may
-//! close idle connections at any time) before a byte of it was sent is retried on another one.
-//! Upgrades (101) keep their connection: it becomes the tunnel.
+//! are closed, as are those the application closed (seen at the next tick). A request that finds
+//! its pooled connection closed by the application (which may close idle connections at any
+//! time) before a byte of it was sent is retried on another one. Upgrades (101) keep their
+//! connection: it becomes the tunnel, on a task of its own.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -48,8 +57,118 @@ pub struct Pool {
 }
 
 struct Idle {
-    sender: http1::SendRequest<Body>,
+    conn: Conn,
     since: Instant,
+}
+
+/// hyper's side of one connection (reading, writing, noticing its end), as a future that
+/// resolves when the connection is over: closed, failed, or handed to an upgrade.
+type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send + Sync>>;
+
+/// A context whose waker does nothing, to poll what only [`Conn::drive`] can make ready: the
+/// connection's readiness for a request, its response, its body. `drive` is polled with the
+/// task's own context (the sockets wake the task), and whatever it makes ready is polled right
+/// after it; registering the task's waker there as well would only make the task wake itself
+/// and run once more for nothing.
+fn unwoken() -> Context<'static> {
+    Context::from_waker(Waker::noop())
+}
+
+/// One connection to the application.
+struct Conn {
+    sender: http1::SendRequest<Body>,
+    /// `None` once the connection is over.
+    driver: Option<Driver>,
+    /// What the connection wakes: the task driving it, except for the wakes that task causes
+    /// itself (see [`Relay`]).
+    relay: Arc<Relay>,
+    waker: Waker,
+}
+
+/// The waker a connection is driven with. It passes wakes on to the task using the connection,
+/// except while that task is itself handing the connection a request or taking the response
+/// body's data: the channels in between then wake the connection's side (a request waiting, room
+/// in the body), which is the task's own and which the task drives next anyway (right after
+/// sending; at its next read of the body, which is when more data is wanted). Passed on, those
+/// wakes would only make the task run a second time for nothing, twice per request.
+#[derive(Default)]
+struct Relay {
+    task: Mutex<Option<Waker>>,
+    muted: AtomicBool,
+}
+
+impl std::task::Wake for Relay {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.muted.load(Ordering::Relaxed)
+            && let Some(w) = &*self.task.lock().unwrap_or_else(|p| p.into_inner())
+        {
+            w.wake_by_ref();
+        }
+    }
+}
+
+impl Relay {
+    /// Run `f` (the task's own use of the connection's channels) with the wakes it causes muted.
+    fn muted<T>(&self, f: impl FnOnce() -> T) -> T {
+        self.muted.store(true, Ordering::Relaxed);
+        let r = f();
+        self.muted.store(false, Ordering::Relaxed);
+        r
+    }
+}
+
+impl Conn {
+    /// Let the connection do what it can now (write, read into the response body, notice the
+    /// application closed it); false once it is over.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(driver) = &mut self.driver else {
+            return false;
+        };
+        {
+            let mut task = self.relay.task.lock().unwrap_or_else(|p| p.into_inner());
+            if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *task = Some(cx.waker().clone());
+            }
+        }
+        if let Poll::Ready(r) = driver.as_mut().poll(&mut Context::from_waker(&self.waker)) {
+            if let Err(e) = r {
+                tracing::debug!(target: "regobox::proxy", error = %e, "connection to the application ended");
+            }
+            self.driver = None;
+        }
+        self.driver.is_some()
+    }
+
+    /// Drive the connection once without a task to wake (it is in the pool): the next user's
+    /// task registers itself when it drives it.
+    fn drive_idle(&mut self) -> bool {
+        self.drive(&mut unwoken())
+    }
+
+    fn new(sender: http1::SendRequest<Body>, driver: Driver) -> Conn {
+        let relay = Arc::new(Relay::default());
+        Conn {
+            sender,
+            driver: Some(driver),
+            waker: Waker::from(relay.clone()),
+            relay,
+        }
+    }
+
+    /// Ready for a new request (true), or over (false).
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        if !self.drive(cx) {
+            return Poll::Ready(false);
+        }
+        match self.sender.poll_ready(&mut unwoken()) {
+            Poll::Ready(r) => Poll::Ready(r.is_ok()),
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl Pool {
@@ -81,19 +200,49 @@ impl Pool {
     /// Send `req` on a pooled connection, or a new one.
     pub async fn send(self: &Arc<Self>, mut req: Request<Body>) -> Result<Response<Pooled>, Error> {
         loop {
-            let (mut sender, reused) = match self.take() {
-                Some(s) => (s, true),
+            let (mut conn, reused) = match self.take() {
+                Some(c) => (c, true),
                 // Boxed: rare next to reuse, and it would make every request's future larger.
                 None => (Box::pin(self.connect()).await?, false),
             };
-            match sender.try_send_request(req).await {
+            // A pooled connection that has not said it is ready may be closing (a new one takes
+            // its first request at once). One closed by the application since it said so
+            // gives the request back unsent when driven: it is retried below.
+            if reused
+                && !conn.sender.is_ready()
+                && !std::future::poll_fn(|cx| conn.poll_ready(cx)).await
+            {
+                continue;
+            }
+            let response = conn.relay.muted(|| conn.sender.try_send_request(req));
+            tokio::pin!(response);
+            let result = std::future::poll_fn(|cx| {
+                // The request goes out, the response head comes in (or the connection ends,
+                // which answers the request with an error).
+                conn.drive(cx);
+                response.as_mut().poll(&mut unwoken())
+            })
+            .await;
+            match result {
                 Ok(response) => {
-                    // An upgraded connection is the tunnel's now; never pooled.
-                    let keep = response.status() != StatusCode::SWITCHING_PROTOCOLS;
                     let (parts, body) = response.into_parts();
+                    let conn = if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+                        // The connection is the tunnel's now: it hands its socket over to the
+                        // upgrade on a task of its own, and is never pooled.
+                        if let Some(driver) = conn.driver.take() {
+                            tokio::spawn(async move {
+                                if let Err(e) = driver.await {
+                                    tracing::debug!(target: "regobox::proxy", error = %e, "upgraded connection to the application");
+                                }
+                            });
+                        }
+                        None
+                    } else {
+                        Some(conn)
+                    };
                     let pooled = Pooled {
                         body,
-                        sender: keep.then_some(sender),
+                        conn,
                         pool: self.clone(),
                     };
                     return Ok(Response::from_parts(parts, pooled));
@@ -112,24 +261,31 @@ impl Pool {
         }
     }
 
-    fn take(&self) -> Option<http1::SendRequest<Body>> {
+    fn take(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(i) = idle.pop() {
-            if !i.sender.is_closed() && i.since.elapsed() < IDLE_TIMEOUT {
-                return Some(i.sender);
+            if i.conn.driver.is_some() && i.since.elapsed() < IDLE_TIMEOUT {
+                return Some(i.conn);
             }
         }
         None
     }
 
-    fn put(&self, sender: http1::SendRequest<Body>) {
-        if sender.is_closed() {
+    /// Keep `conn` for another request if it is ready for one: a connection still sending the
+    /// last request's body (the application answered before reading it all) or closing is
+    /// dropped, which closes it.
+    fn put(&self, mut conn: Conn) {
+        // Usually ready already: the response's last read let it say so.
+        if !conn.sender.is_ready() {
+            conn.drive_idle();
+        }
+        if conn.driver.is_none() || !conn.sender.is_ready() {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < self.keepalive {
             idle.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -138,10 +294,10 @@ impl Pool {
     /// Close the connections idle for too long or closed by the application.
     pub fn sweep(&self) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|i| !i.sender.is_closed() && i.since.elapsed() < IDLE_TIMEOUT);
+        idle.retain_mut(|i| i.conn.drive_idle() && i.since.elapsed() < IDLE_TIMEOUT);
     }
 
-    async fn connect(&self) -> Result<http1::SendRequest<Body>, Error> {
+    async fn connect(&self) -> Result<Conn, Error> {
         let connecting = TcpStream::connect((self.host.as_str(), self.port));
         let stream = match tokio::time::timeout(self.connect_timeout, connecting).await {
             Ok(Ok(s)) => s,
@@ -168,27 +324,23 @@ impl Pool {
                 addr: self.addr(),
                 source,
             })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(target: "regobox::proxy", error = %e, "connection to the application ended");
-            }
-        });
-        Ok(sender)
+        Ok(Conn::new(sender, Box::pin(conn.with_upgrades())))
     }
 }
 
-/// A response body from the application; its connection goes back to the pool once the body has
-/// been read to the end.
+/// A response body from the application; reading it drives its connection, which goes back to
+/// the pool once the body has been read to the end.
 pub struct Pooled {
     body: Incoming,
-    sender: Option<http1::SendRequest<Body>>,
+    /// `None` for an upgrade, or once given back.
+    conn: Option<Conn>,
     pool: Arc<Pool>,
 }
 
 impl Pooled {
     fn give_back(&mut self) {
-        if let Some(sender) = self.sender.take() {
-            self.pool.put(sender);
+        if let Some(conn) = self.conn.take() {
+            self.pool.put(conn);
         }
     }
 }
@@ -201,11 +353,22 @@ impl hyper::body::Body for Pooled {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        // The connection first: what it reads now is in the body at once.
+        let this = &mut *self;
+        let frame = match &mut this.conn {
+            Some(conn) => {
+                conn.drive(cx);
+                ready!(
+                    conn.relay
+                        .muted(|| Pin::new(&mut this.body).poll_frame(&mut unwoken()))
+                )
+            }
+            None => ready!(Pin::new(&mut this.body).poll_frame(cx)),
+        };
         match &frame {
             None => self.give_back(),
             Some(Ok(_)) if self.body.is_end_stream() => self.give_back(),
-            Some(Err(_)) => self.sender = None,
+            Some(Err(_)) => self.conn = None,
             Some(Ok(_)) => {}
         }
         Poll::Ready(frame)
@@ -223,7 +386,7 @@ impl hyper::body::Body for Pooled {
 impl Drop for Pooled {
     fn drop(&mut self) {
         // Read to the end (or empty from the start: HEAD, 204, 304): reusable. Otherwise the
-        // connection still holds the rest of the body and closes with its last handle.
+        // connection still holds the rest of the body and closes as it is dropped.
         if self.body.is_end_stream() {
             self.give_back();
         }
@@ -279,6 +442,12 @@ mod tests {
         (uri, accepted)
     }
 
+    /// The body of `path` through `pool`, read to the end.
+    async fn fetch(pool: &Arc<Pool>, path: &str) -> Bytes {
+        let r = pool.send(get(path)).await.unwrap();
+        r.into_body().collect().await.unwrap().to_bytes()
+    }
+
     fn get(path: &str) -> Request<Body> {
         Request::get(path)
             .header("host", "app")
@@ -291,8 +460,7 @@ mod tests {
         let (uri, accepted) = server(false).await;
         let pool = Pool::new(&uri, Duration::from_secs(2), 4);
         for i in 0..20 {
-            let r = pool.send(get(&format!("/{i}"))).await.unwrap();
-            let body = r.into_body().collect().await.unwrap().to_bytes();
+            let body = fetch(&pool, &format!("/{i}")).await;
             assert!(body.starts_with(format!("/{i} ").as_bytes()));
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
@@ -303,9 +471,7 @@ mod tests {
         let first = body.frame().await.unwrap().unwrap();
         assert!(first.data_ref().is_some_and(|d| d.len() < 8 << 20));
         drop(body);
-        let r = pool.send(get("/after")).await.unwrap();
-        let body = r.into_body().collect().await.unwrap().to_bytes();
-        assert!(body.starts_with(b"/after "));
+        assert!(fetch(&pool, "/after").await.starts_with(b"/after "));
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
@@ -314,11 +480,54 @@ mod tests {
         let (uri, accepted) = server(true).await;
         let pool = Pool::new(&uri, Duration::from_secs(2), 4);
         for i in 0..20 {
-            let r = pool.send(get(&format!("/{i}"))).await.unwrap();
-            let body = r.into_body().collect().await.unwrap().to_bytes();
+            let body = fetch(&pool, &format!("/{i}")).await;
             assert!(body.starts_with(format!("/{i} ").as_bytes()));
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 20);
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_closed_while_idle_is_replaced() {
+        // An application that answers one request per connection with keep-alive, then closes
+        // the connection while it sits in the pool.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri: hyper::Uri = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let n = stream.read(&mut buf).await.unwrap();
+                        assert!(n > 0, "the proxy closed before sending a request");
+                        head.extend_from_slice(&buf[..n]);
+                    }
+                    stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .unwrap();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                });
+            }
+        });
+        let pool = Pool::new(&uri, Duration::from_secs(2), 4);
+        for i in 0..3 {
+            assert_eq!(fetch(&pool, &format!("/{i}")).await, "ok");
+            assert_eq!(pool.idle.lock().unwrap().len(), 1);
+            // Closed by the application meanwhile; nothing has driven it since.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        // The sweep notices a closed idle connection without a request.
+        pool.sweep();
+        assert_eq!(pool.idle.lock().unwrap().len(), 0);
     }
 
     #[tokio::test]
@@ -334,8 +543,7 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 5);
         assert_eq!(pool.idle.lock().unwrap().len(), 2);
         for _ in 0..3 {
-            let r = pool.send(get("/again")).await.unwrap();
-            r.into_body().collect().await.unwrap();
+            fetch(&pool, "/again").await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 5);
     }
