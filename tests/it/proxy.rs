@@ -68,27 +68,11 @@ ready = {{ tcp = "127.0.0.1:{app}" }}
             .push(("REGOBOX_PROXY__HTTPS_PORT".into(), self.https.to_string()));
     }
 
-    /// `regobox run` until the proxy listens; if another test took one of its ports between
-    /// `free_port` and the bind, again on new ports.
+    /// `regobox run` until the proxy listens.
     fn launch(&mut self) -> Running {
-        for _ in 0..3 {
-            let mut run = self.inst.spawn_run();
-            loop {
-                let log = run.log_text();
-                if log.contains("proxy listening") {
-                    return run;
-                }
-                if run.child.try_wait().unwrap().is_some() {
-                    assert!(log.contains("cannot listen"), "regobox exited:\n{log}");
-                    self.http = free_port();
-                    self.https = free_port();
-                    self.set_ports();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        panic!("no free ports for the proxy after 3 tries");
+        let mut run = self.inst.spawn_run();
+        run.wait_for_log("proxy listening", Duration::from_secs(60));
+        run
     }
 
     /// Launch and wait until ready.

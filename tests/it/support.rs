@@ -10,13 +10,49 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_regobox");
 
-/// A free TCP port on loopback (bound then released).
+/// A TCP port on loopback for one test: free now, and reserved for this test process so that no
+/// other test gets it.
+///
+/// Ports come from below the kernel's ephemeral range, so an outgoing connection of another test
+/// cannot be holding one when the server that is given it binds (a port from `bind(:0)` can be
+/// taken that way between the test's release and the server's bind). Test processes run in
+/// parallel: a port is reserved by a lock on a file named after it, held until this process ends.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use nix::fcntl::{Flock, FlockArg};
+    use std::sync::Mutex;
+    static HELD: Mutex<Vec<Flock<std::fs::File>>> = Mutex::new(Vec::new());
+
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768)
+        .min(65536);
+    let (first, count) = (10_000u32, low.saturating_sub(10_000).max(1000));
+    let dir = std::env::temp_dir().join("regobox-test-ports");
+    std::fs::create_dir_all(&dir).unwrap();
+    let seed = std::process::id() as u64 * 7919
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64;
+    for i in 0..u64::from(count) {
+        let port = (first as u64 + (seed + i) % u64::from(count)) as u16;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+            .unwrap();
+        // A lock is per open file: this process's own reservations refuse it too.
+        let Ok(lock) = Flock::lock(lock, FlockArg::LockExclusiveNonblock) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            HELD.lock().unwrap().push(lock);
+            return port;
+        }
+    }
+    panic!("no free port between {first} and {}", first + count);
 }
 
 /// Whether the tests run as root (then PostgreSQL runs as the `postgres` account).
