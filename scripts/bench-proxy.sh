@@ -8,12 +8,12 @@
 # (medians of RUNS runs, the two proxies taking turns; each run's p99 shown too), RSS after the
 # runs.
 # Needs nginx-light, wrk and nghttp2-client (h2load): installed if missing.
-# Usage: scripts/bench-proxy.sh [SECONDS] [CONNECTIONS] [RUNS]
+# Usage: scripts/bench-proxy.sh [SECONDS (5)] [CONNECTIONS (32)] [RUNS (10)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DURATION="${1:-10}"
+DURATION="${1:-5}"
 CONNS="${2:-32}"
-REPEAT="${3:-3}"
+REPEAT="${3:-10}"
 for tool in nginx:nginx-light wrk:wrk h2load:nghttp2-client openssl:openssl; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || MISSING="${MISSING:-} ${tool#*:}"
 done
@@ -179,20 +179,33 @@ for kind in h1 h1b h2 tls; do
     done
 done
 sleep 1
+label() {
+    case $1 in
+    h1) echo "HTTP/1.1 keep-alive (wrk)" ;;
+    h1b) echo "HTTP/1.1 keep-alive (h2load --h1)" ;;
+    h2) echo "HTTP/2 (10 streams/conn)" ;;
+    tls) echo "new TLS connection per request" ;;
+    esac
+}
 echo "| load | proxy | requests/s | p99 | CPU per request | p99 of each run (ms) |"
 echo "|---|---|---|---|---|---|"
 for kind in h1 h1b h2 tls; do
-    case $kind in
-    h1) label="HTTP/1.1 keep-alive (wrk)" ;;
-    h1b) label="HTTP/1.1 keep-alive (h2load --h1)" ;;
-    h2) label="HTTP/2 (10 streams/conn)" ;;
-    tls) label="new TLS connection per request" ;;
-    esac
+    label=$(label "$kind")
     for name in nginx regobox; do
         read -r rps p99 cpu < <(printf "%s" "${RESULTS[$name,$kind]}" | median)
         runs=$(printf "%s" "${RESULTS[$name,$kind]}" | awk '{printf "%s%s", (NR > 1 ? " " : ""), $2}')
         printf "| %s | %s | %s | %s ms | %s µs | %s |\n" "$label" "$name" "$rps" "$p99" "$cpu" "$runs"
     done
+done
+echo
+# Paired: each regobox run against the nginx run just before it (the machine's state drifts over
+# minutes; adjacent runs share it).
+echo "| load | runs where regobox's requests/s is the higher | runs where regobox's p99 is the lower |"
+echo "|---|---|---|"
+for kind in h1 h1b h2 tls; do
+    paste -d' ' <(printf "%s" "${RESULTS[nginx,$kind]}") <(printf "%s" "${RESULTS[regobox,$kind]}") |
+        awk -v label="$(label "$kind")" '{n++; if ($4 > $1) r++; if ($5 < $2) p++}
+            END {printf "| %s | %d of %d | %d of %d |\n", label, r, n, p, n}'
 done
 echo
 echo "| proxy | RSS after the runs | of which anonymous | negotiated |"
