@@ -814,19 +814,25 @@ fn bad_gateway_unavailable_while_starting_and_graceful_stop() {
     assert_eq!(stdout(&p.curl(&[&p.https_url("/x")])), "app: /x\n");
 
     // Graceful stop: an in-flight request finishes; the app is stopped after it.
+    let (connected, is_connected) = std::sync::mpsc::channel();
     let slow = {
         let https = p.https;
         let ca = p.self_signed();
         std::thread::spawn(move || {
             let mut s = tls(https, Some(&ca));
+            connected.send(()).unwrap();
             request(&mut s, "/slow?s=2")
         })
     };
+    is_connected.recv().unwrap();
+    // The request on its way to the application (it takes 2 s there).
     std::thread::sleep(Duration::from_millis(500));
     run.signal(nix::sys::signal::Signal::SIGTERM);
-    std::thread::sleep(Duration::from_millis(300));
-    // No new connections once the stop has begun.
-    assert!(TcpStream::connect(("127.0.0.1", p.https)).is_err());
+    // No new connections once the stop has begun (well before the slow request ends).
+    p.inst
+        .wait_until("the listener to close", Duration::from_secs(1), || {
+            TcpStream::connect(("127.0.0.1", p.https)).is_err()
+        });
     assert_eq!(slow.join().unwrap(), (200, "slow done\n".into()));
     let status = run.wait(Duration::from_secs(30));
     assert!(status.success());
