@@ -96,6 +96,9 @@ impl ConnCtx {
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 break 'done r;
             }
+            if let Some(r) = refused(&req) {
+                break 'done r;
+            }
             // hyper bounds its read buffer, not exactly the head: count it.
             let head: usize = path.as_str().len()
                 + req.uri().authority().map_or(0, |a| a.as_str().len())
@@ -387,6 +390,94 @@ fn is_bodyless(parts: &hyper::http::request::Parts) -> bool {
     ) && !parts.headers.contains_key(header::CONTENT_LENGTH)
 }
 
+/// A request no application behind this proxy gets, answered here: CONNECT (this is not a
+/// forward proxy), a transfer coding other than chunked (hyper only undoes chunked, so the
+/// application would get the coded bytes as the body: RFC 9112 6.1 says 501), and a missing,
+/// repeated or invalid `Host` (RFC 9112 3.2 says 400). The connection closes after the answer.
+fn refused<B>(req: &Request<B>) -> Option<Response<Body>> {
+    let (status, title, text) = if req.method() == Method::CONNECT {
+        (
+            StatusCode::NOT_IMPLEMENTED,
+            "Not implemented",
+            "This server does not take CONNECT requests.".to_string(),
+        )
+    } else if let Some(coding) = unsupported_coding(req.headers()) {
+        (
+            StatusCode::NOT_IMPLEMENTED,
+            "Not implemented",
+            format!(
+                "The transfer coding \"{}\" is not supported (only chunked is).",
+                escape(&coding.chars().take(40).collect::<String>())
+            ),
+        )
+    } else if let Some(why) = bad_host(req) {
+        (StatusCode::BAD_REQUEST, "Bad request", why.to_string())
+    } else {
+        return None;
+    };
+    let mut r = page(status, title, &text);
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    Some(r)
+}
+
+/// The first transfer coding of the request other than chunked.
+fn unsupported_coding(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .find_map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .split(',')
+                .map(str::trim)
+                .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case("chunked"))
+                .map(str::to_string)
+        })
+}
+
+/// What is wrong with the request's `Host` header, if anything.
+fn bad_host<B>(req: &Request<B>) -> Option<&'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Some("The request has more than one Host header."),
+        (None, _) if req.version() == Version::HTTP_11 && req.uri().authority().is_none() => {
+            Some("An HTTP/1.1 request must have a Host header.")
+        }
+        (Some(v), None) if !v.is_empty() && !valid_host(v.as_bytes()) => {
+            Some("The Host header is not a host name with an optional port.")
+        }
+        _ => None,
+    }
+}
+
+/// `host[:port]`: a registered name or an IPv4 address, or an IPv6 address in brackets.
+fn valid_host(value: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(value) else {
+        return false;
+    };
+    let (host, port) = match text.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((v6, port)) if v6.parse::<std::net::Ipv6Addr>().is_ok() => (None, port),
+            _ => return false,
+        },
+        None => {
+            let (host, port) = text.split_at(text.find(':').unwrap_or(text.len()));
+            (Some(host), port)
+        }
+    };
+    let host_ok = host.is_none_or(|h| {
+        !h.is_empty()
+            && h.len() <= 253
+            && h.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_'))
+    });
+    let port_ok = match port.strip_prefix(':') {
+        Some(p) => !p.is_empty() && p.len() <= 5 && p.bytes().all(|c| c.is_ascii_digit()),
+        None => port.is_empty(),
+    };
+    host_ok && port_ok
+}
+
 /// The host the client asked for, without a port: `:authority` (HTTP/2) or `Host`.
 fn request_host<B>(req: &Request<B>) -> Option<String> {
     let raw = req
@@ -673,6 +764,40 @@ mod tests {
     }
 
     #[test]
+    fn requests_refused_here() {
+        let status = |req: Request<()>| refused(&req).map(|r| r.status());
+        let get = || Request::get("/x").version(Version::HTTP_11);
+        assert_eq!(status(get().header("host", "a").body(()).unwrap()), None);
+        assert_eq!(status(get().header("host", "").body(()).unwrap()), None);
+        // HTTP/1.0 needs no Host; an absolute-form target carries its own.
+        let old = get().version(Version::HTTP_10).body(()).unwrap();
+        assert_eq!(status(old), None);
+        let absolute = Request::get("http://a/x").body(()).unwrap();
+        assert_eq!(status(absolute), None);
+        let bad = StatusCode::BAD_REQUEST;
+        assert_eq!(status(get().body(()).unwrap()), Some(bad));
+        let two = get()
+            .header("host", "a")
+            .header("host", "b")
+            .body(())
+            .unwrap();
+        assert_eq!(status(two), Some(bad));
+        assert_eq!(
+            status(get().header("host", "a b").body(()).unwrap()),
+            Some(bad)
+        );
+        let connect = Request::connect("a:22").body(()).unwrap();
+        assert_eq!(status(connect), Some(StatusCode::NOT_IMPLEMENTED));
+        let te = |v: &'static str| get().header("host", "a").header("transfer-encoding", v);
+        assert_eq!(status(te("chunked").body(()).unwrap()), None);
+        assert_eq!(status(te("Chunked").body(()).unwrap()), None);
+        let gzip = te("gzip, chunked").body(()).unwrap();
+        assert_eq!(status(gzip), Some(StatusCode::NOT_IMPLEMENTED));
+        let r = refused(&te("<x>, chunked").body(()).unwrap()).unwrap();
+        assert_eq!(r.headers()["connection"], "close");
+    }
+
+    #[test]
     fn hosts_and_redirects() {
         let req = Request::get("/x")
             .header("host", "Example.org:8443")
@@ -682,6 +807,23 @@ mod tests {
         let bad = Request::get("/").header("host", "a b").body(()).unwrap();
         assert_eq!(request_host(&bad), None);
         let r = redirect(&Method::GET, "example.org", 443, "/a?b=1");
+        let ok = [
+            "example.org",
+            "Example.org:8443",
+            "10.0.0.1:80",
+            "[::1]:443",
+            "[::1]",
+            "a_b",
+        ];
+        for host in ok {
+            assert!(valid_host(host.as_bytes()), "{host}");
+        }
+        let bad = [
+            "a b", "", ":80", "a:", "a:x", "a:123456", "u@a", "[::1", "[zz]", "[::1]x", "a:1:2",
+        ];
+        for host in bad {
+            assert!(!valid_host(host.as_bytes()), "{host}");
+        }
         assert_eq!(r.status(), StatusCode::MOVED_PERMANENTLY);
         assert_eq!(r.headers()["location"], "https://example.org/a?b=1");
         let r = redirect(&Method::POST, "example.org", 8443, "/p");

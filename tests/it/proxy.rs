@@ -361,6 +361,33 @@ fn https_h1_h2_redirects_plain_paths_and_forwarded_headers() {
     let answer = raw(p.http, smuggle);
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(!answer.contains("app: "), "{answer}");
+    // Refused here too (RFC 9112 3.2 and 6.1), whatever the application would have said: no Host
+    // in HTTP/1.1, two Hosts, a Host that is not one, CONNECT, a transfer coding hyper would
+    // leave on the body.
+    for (request, status) in [
+        ("GET /job/a HTTP/1.1\r\n\r\n", "400"),
+        ("GET /job/a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "400"),
+        ("GET /job/a HTTP/1.1\r\nHost: a b\r\n\r\n", "400"),
+        ("GET /job/a HTTP/1.1\r\nHost: u@localhost\r\n\r\n", "400"),
+        (
+            "CONNECT localhost:22 HTTP/1.1\r\nHost: localhost:22\r\n\r\n",
+            "501",
+        ),
+        (
+            "POST /job/a HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            "501",
+        ),
+    ] {
+        let answer = raw(p.http, request.as_bytes());
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{request:?}: {answer}"
+        );
+        assert!(!answer.contains("app: "), "{request:?}: {answer}");
+    }
+    // HTTP/1.0 needs no Host: the first of proxy.hostnames stands in.
+    let answer = raw(p.http, b"GET /job/a HTTP/1.0\r\n\r\n");
+    assert!(answer.contains("app: /job/a"), "{answer}");
 
     // The certificate in /status and /metrics, and one access line per request.
     let status = p.inst.status();
