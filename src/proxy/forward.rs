@@ -472,7 +472,7 @@ fn valid_host(value: &[u8]) -> bool {
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_'))
     });
     let port_ok = match port.strip_prefix(':') {
-        Some(p) => !p.is_empty() && p.len() <= 5 && p.bytes().all(|c| c.is_ascii_digit()),
+        Some(p) => p.bytes().all(|c| c.is_ascii_digit()) && p.parse::<u16>().is_ok(),
         None => port.is_empty(),
     };
     host_ok && port_ok
@@ -819,7 +819,8 @@ mod tests {
             assert!(valid_host(host.as_bytes()), "{host}");
         }
         let bad = [
-            "a b", "", ":80", "a:", "a:x", "a:123456", "u@a", "[::1", "[zz]", "[::1]x", "a:1:2",
+            "a b", "", ":80", "a:", "a:x", "a:65536", "a:+1", "u@a", "[::1", "[zz]", "[::1]x",
+            "a:1:2",
         ];
         for host in bad {
             assert!(!valid_host(host.as_bytes()), "{host}");
