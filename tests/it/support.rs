@@ -28,7 +28,8 @@ pub fn free_port() -> u16 {
         .unwrap_or(32768)
         .min(65536);
     let (first, count) = (10_000u32, low.saturating_sub(10_000).max(1000));
-    let dir = std::env::temp_dir().join("regobox-test-ports");
+    let uid = nix::unistd::Uid::effective();
+    let dir = std::env::temp_dir().join(format!("regobox-test-ports-{uid}"));
     std::fs::create_dir_all(&dir).unwrap();
     let seed = std::process::id() as u64 * 7919
         + std::time::SystemTime::now()
