@@ -403,13 +403,19 @@ mod tests {
 
     use super::*;
 
+    /// A listener on loopback and its address as the pool's upstream.
+    async fn listen() -> (TcpListener, hyper::Uri) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        (listener, uri)
+    }
+
     /// A real HTTP/1.1 server on loopback counting its connections; `close` answers with
     /// `Connection: close`.
     async fn server(close: bool) -> (hyper::Uri, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let uri: hyper::Uri = format!("http://{}", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
+        let (listener, uri) = listen().await;
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
         tokio::spawn(async move {
@@ -490,10 +496,7 @@ mod tests {
     async fn a_pooled_connection_closed_while_idle_is_replaced() {
         // An application that answers one request per connection with keep-alive, then closes
         // the connection while it sits in the pool.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let uri: hyper::Uri = format!("http://{}", listener.local_addr().unwrap())
-            .parse()
-            .unwrap();
+        let (listener, uri) = listen().await;
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
         tokio::spawn(async move {

@@ -650,6 +650,14 @@ fn dangerous_requests_are_refused_with_nothing_created() {
         before,
         "something was created on the engine"
     );
+    // ...and the filter does see a container of that image, when there is one.
+    let made = stdout(&engine(&["create", "regobox-test/busybox:policy", "true"]));
+    let made = made.trim();
+    assert!(
+        containers_of("regobox-test/busybox:policy").contains(&made.to_string()),
+        "{made}"
+    );
+    engine(&["rm", made]);
     let denied = b
         .audit()
         .into_iter()
