@@ -259,6 +259,9 @@ pub struct DockerConfig {
     pub stop_jobs: bool,
     /// Largest request body regobox reads to check it (container create, network create).
     pub max_inspected_body: u64,
+    /// Largest build context, spooled to a temporary file so that its Dockerfile is read
+    /// before the build is forwarded.
+    pub max_build_context: u64,
     pub limits: DockerLimits,
     pub policy: DockerPolicyConfig,
 }
@@ -277,13 +280,15 @@ impl Default for DockerConfig {
             gc_after: Duration::from_secs(24 * 3600),
             stop_jobs: false,
             max_inspected_body: 1024 * 1024,
+            max_build_context: 1 << 30,
             limits: DockerLimits::default(),
             policy: DockerPolicyConfig::default(),
         }
     }
 }
 
-/// `[docker.limits]`: applied to a container create that sets none (0: no default).
+/// `[docker.limits]`: ceilings of a container the application creates. A create that sets none
+/// (or 0, or -1) gets the ceiling; one that asks for more is refused (0 or "": no ceiling).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DockerLimits {
@@ -293,6 +298,8 @@ pub struct DockerLimits {
     pub cpus: f64,
     /// Processes.
     pub pids: i64,
+    /// Size of /dev/shm, in bytes or with a unit.
+    pub shm: String,
 }
 
 impl Default for DockerLimits {
@@ -301,6 +308,7 @@ impl Default for DockerLimits {
             memory: String::new(),
             cpus: 0.0,
             pids: 4096,
+            shm: String::new(),
         }
     }
 }
@@ -1702,6 +1710,12 @@ impl Config {
             bad(
                 "docker.limits.memory",
                 format!("`{}` is not a size (e.g. 512m, 2g)", d.limits.memory),
+            );
+        }
+        if !d.limits.shm.is_empty() && parse_bytes(&d.limits.shm).is_none() {
+            bad(
+                "docker.limits.shm",
+                format!("`{}` is not a size (e.g. 64m)", d.limits.shm),
             );
         }
         if d.limits.cpus < 0.0 || !d.limits.cpus.is_finite() {

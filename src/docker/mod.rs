@@ -13,6 +13,7 @@
 //! socket. No engine: one warning, no socket, everything else runs.
 
 pub mod engine;
+pub mod model;
 pub mod policy;
 pub mod proxy;
 
@@ -33,7 +34,8 @@ use crate::secrets::SecretStore;
 use crate::users::Account;
 use crate::volumes::Layout;
 use engine::{Connector, Host};
-use policy::{CreatePolicy, INSTANCE_LABEL};
+use policy::INSTANCE_LABEL;
+use policy::container::{CreatePolicy, Limits};
 use proxy::{OwnedImages, Proxy};
 
 /// The running bridge.
@@ -126,9 +128,13 @@ impl Bridge {
                 .map(|(a, b)| (PathBuf::from(a), PathBuf::from(b)))
                 .collect(),
             instance: instance.clone(),
-            memory: parse_bytes(&d.limits.memory).filter(|m| *m > 0),
-            nano_cpus: (d.limits.cpus > 0.0).then_some((d.limits.cpus * 1e9) as i64),
-            pids_limit: (d.limits.pids > 0).then_some(d.limits.pids),
+            limits: Limits {
+                memory: parse_bytes(&d.limits.memory).filter(|m| *m > 0),
+                nano_cpus: (d.limits.cpus > 0.0).then_some((d.limits.cpus * 1e9) as i64),
+                pids: (d.limits.pids > 0).then_some(d.limits.pids),
+                shm: parse_bytes(&d.limits.shm).filter(|m| *m > 0),
+            },
+            ulimits: own_hard_limits(),
         };
         let images = OwnedImages::load(layout.secrets.join("docker-images.json"))?;
         let audit = match LogFile::open(
@@ -156,6 +162,8 @@ impl Bridge {
             images: Arc::new(images),
             audit,
             max_body: d.max_inspected_body as usize,
+            max_build_context: d.max_build_context,
+            spool_dir: std::env::temp_dir(),
         });
         let shutdown = CancellationToken::new();
         tokio::spawn(proxy::serve(listener, proxy, shutdown.clone()));
@@ -213,6 +221,44 @@ impl Bridge {
         });
         futures_util::future::join_all(stops).await;
     }
+}
+
+/// The hard limits regobox runs with, by the names the engine gives ulimits (-1: unlimited).
+fn own_hard_limits() -> BTreeMap<String, i64> {
+    let resources = [
+        ("core", libc::RLIMIT_CORE),
+        ("cpu", libc::RLIMIT_CPU),
+        ("data", libc::RLIMIT_DATA),
+        ("fsize", libc::RLIMIT_FSIZE),
+        ("locks", libc::RLIMIT_LOCKS),
+        ("memlock", libc::RLIMIT_MEMLOCK),
+        ("msgqueue", libc::RLIMIT_MSGQUEUE),
+        ("nice", libc::RLIMIT_NICE),
+        ("nofile", libc::RLIMIT_NOFILE),
+        ("nproc", libc::RLIMIT_NPROC),
+        ("rss", libc::RLIMIT_RSS),
+        ("rtprio", libc::RLIMIT_RTPRIO),
+        ("sigpending", libc::RLIMIT_SIGPENDING),
+        ("stack", libc::RLIMIT_STACK),
+    ];
+    resources
+        .into_iter()
+        .filter_map(|(name, resource)| {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: getrlimit writes into the struct it is given.
+            (unsafe { libc::getrlimit(resource, &mut limit) } == 0).then(|| {
+                let hard = if limit.rlim_max == libc::RLIM_INFINITY {
+                    -1
+                } else {
+                    i64::try_from(limit.rlim_max).unwrap_or(i64::MAX)
+                };
+                (name.to_string(), hard)
+            })
+        })
+        .collect()
 }
 
 /// Make `socket` free to bind: false when a live server is there; a stale socket is removed;

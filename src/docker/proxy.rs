@@ -1,15 +1,20 @@
 //! The socket regobox gives the application: an HTTP/1.1 server on a Unix socket that applies
 //! [`super::policy`] to every request and forwards what it allows to the engine.
 //!
-//! Request and response bodies stream through untouched (logs with follow, events, wait, build
-//! contexts, pulls), and HTTP upgrades (attach) are spliced, except where the policy must read a
-//! body: a container or network create (read up to `docker.max_inspected_body`, checked,
-//! rewritten) and the image list (filtered). Ownership is the instance label: a container,
-//! network or image of someone else answers 404 as if it did not exist, and lists leave it out.
-//! Images carry no label when pulled or imported, so the ids of those the application pulled or
-//! imported through this socket are kept in `secrets/docker-images.json` on the volume.
+//! The transport: what reaches the engine is regobox's rendering of the request, never the
+//! client's bytes: the path rebuilt from the route with every reference (container, network,
+//! image) resolved once to the full id whose ownership was judged, the query from the parsed
+//! parameters, and bodies the policy reads (container create, network create, connect,
+//! disconnect; read up to `docker.max_inspected_body`) serialised from the typed model. A build
+//! context is spooled to a file (up to `docker.max_build_context`) so that its Dockerfile is
+//! read before anything is sent. Other bodies stream through (uploads to a container, imports),
+//! as do responses (logs with follow, events, wait, pulls), and HTTP upgrades (attach) are
+//! spliced. Ownership is the instance label: a container, network or image of someone else
+//! answers 404 as if it did not exist, and lists leave it out. Images carry no label when pulled
+//! or imported, so the ids of those the application pulled or imported through this socket are
+//! kept in `secrets/docker-images.json` on the volume.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -17,21 +22,39 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use bollard::models::ContainerInspectResponse;
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, TRANSFER_ENCODING, UPGRADE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
 use super::engine::Connector;
-use super::policy::{self, CreatePolicy, Denied, Endpoint, INSTANCE_LABEL};
+use super::model::{
+    self, ContainerCreate, NetworkConnect, NetworkCreate, NetworkDisconnect, Undecodable,
+};
+use super::policy::container::{self, CreatePolicy};
+use super::policy::query::{self, Query};
+use super::policy::{self, Denied, Endpoint, INSTANCE_LABEL, build, network};
 use crate::logs::SharedLogFile;
 
-type Body = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Body = BoxBody<Bytes, BoxError>;
+
+/// Any body as the proxy's.
+fn boxed<B>(body: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed()
+}
 
 /// Why a request is not forwarded.
 #[derive(Debug)]
@@ -72,6 +95,15 @@ impl Refusal {
             | Refusal::TooLarge(m)
             | Refusal::Engine(m) => m,
         }
+    }
+}
+
+impl From<Undecodable> for Refusal {
+    fn from(u: Undecodable) -> Self {
+        Refusal::Denied(Denied::new(
+            u.field,
+            format!("refused by regobox's Docker policy: {}", u.message),
+        ))
     }
 }
 
@@ -133,6 +165,9 @@ pub struct Proxy {
     pub images: Arc<OwnedImages>,
     pub audit: Option<SharedLogFile>,
     pub max_body: usize,
+    /// Largest build context, spooled to an unnamed file in `spool_dir` before it is forwarded.
+    pub max_build_context: u64,
+    pub spool_dir: PathBuf,
 }
 
 /// Serve `listener` until `shutdown` (open streams, such as a followed log, go on until the
@@ -249,48 +284,59 @@ impl Proxy {
         }
     }
 
+    /// Judge one request and forward regobox's own rendering of it: the path rebuilt from the
+    /// route (references resolved to full ids), the query from the parsed parameters, the body
+    /// from the typed model.
     async fn dispatch(
         &self,
         ep: Endpoint,
         captures: Vec<String>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
     ) -> Result<Done, Refusal> {
-        let query = req.uri().query().unwrap_or("").to_string();
+        let raw_query = req.uri().query().unwrap_or("").to_string();
+        let version = policy::version_prefix(req.uri().path())
+            .unwrap_or("")
+            .to_string();
+        let normalized = policy::normalize(req.uri().path())?;
+        let target = |path: &str, q: &Query| {
+            let q = q.encode();
+            if q.is_empty() {
+                format!("{version}{path}")
+            } else {
+                format!("{version}{path}?{q}")
+            }
+        };
         let plain = |response| Done {
             response,
             object: None,
         };
+        let method = req.method().as_str().to_string();
         match ep {
             Endpoint::Ping | Endpoint::Version | Endpoint::Info => {
-                Ok(plain(self.forward(req.map(BodyExt::boxed), None).await?))
+                let q = query::parse(&raw_query, &normalized, query::NONE)?;
+                let req = retarget(req.map(boxed), &target(&normalized, &q))?;
+                Ok(plain(self.forward(req, None).await?))
             }
             Endpoint::Events | Endpoint::ContainerList | Endpoint::NetworkList => {
-                let q = with_label_filter(&query, &self.instance)?;
-                set_query(&mut req, &q);
-                Ok(plain(self.forward(req.map(BodyExt::boxed), None).await?))
+                let allowed = match ep {
+                    Endpoint::Events => query::EVENTS,
+                    Endpoint::ContainerList => query::CONTAINER_LIST,
+                    _ => query::NETWORK_LIST,
+                };
+                let q = query::parse(&raw_query, &normalized, allowed)?;
+                let q = with_label_filter(q, &self.instance)?;
+                let req = retarget(req.map(boxed), &target(&normalized, &q))?;
+                Ok(plain(self.forward(req, None).await?))
             }
             Endpoint::Build => {
-                let q = build_query(&query, &self.instance)?;
-                set_query(&mut req, &q);
-                Ok(plain(self.forward(req.map(BodyExt::boxed), None).await?))
+                self.build(req, &raw_query, &target("/build", &Query::default()))
+                    .await
             }
             Endpoint::ImageCreate => {
-                let pairs = parse_query(&query);
-                let get = |k: &str| {
-                    pairs
-                        .iter()
-                        .find(|(key, _)| key == k)
-                        .map(|(_, v)| v.clone())
-                        .unwrap_or_default()
-                };
-                let reference = if !get("fromImage").is_empty() {
-                    image_ref(&get("fromImage"), &get("tag"))
-                } else if !get("repo").is_empty() {
-                    image_ref(&get("repo"), &get("tag"))
-                } else {
-                    String::new()
-                };
-                let response = self.forward(req.map(BodyExt::boxed), None).await?;
+                let q = query::parse(&raw_query, "an image create", query::IMAGE_CREATE)?;
+                let (reference, q) = self.check_image_create(q).await?;
+                let req = retarget(req.map(boxed), &target("/images/create", &q))?;
+                let response = self.forward(req, None).await?;
                 if !response.status().is_success() {
                     return Ok(plain(response));
                 }
@@ -321,7 +367,9 @@ impl Proxy {
                 Ok(Done { response, object })
             }
             Endpoint::ImageList => {
-                let response = self.forward(req.map(BodyExt::boxed), None).await?;
+                let q = query::parse(&raw_query, "the image list", query::IMAGE_LIST)?;
+                let req = retarget(req.map(boxed), &target("/images/json", &q))?;
+                let response = self.forward(req, None).await?;
                 if !response.status().is_success() {
                     return Ok(plain(response));
                 }
@@ -347,12 +395,24 @@ impl Proxy {
                     .collect();
                 Ok(plain(rebuild(parts, &Value::Array(kept))))
             }
-            Endpoint::ImageInspect | Endpoint::ImageRemove => {
+            Endpoint::ImageInspect => {
                 let name = &captures[0];
+                let q = query::parse(&raw_query, "an image inspect", query::NONE)?;
                 let id = self.owned_image(name).await?;
-                let removing = ep == Endpoint::ImageRemove;
-                let response = self.forward(req.map(BodyExt::boxed), None).await?;
-                if removing && response.status().is_success() {
+                let req = retarget(req.map(boxed), &target(&format!("/images/{id}/json"), &q))?;
+                Ok(Done {
+                    response: self.forward(req, None).await?,
+                    object: Some(name.clone()),
+                })
+            }
+            Endpoint::ImageRemove => {
+                let name = &captures[0];
+                let q = query::parse(&raw_query, "an image remove", query::IMAGE_REMOVE)?;
+                let id = self.owned_image(name).await?;
+                // By the name asked for: by id, a forced remove would drop every tag of the image.
+                let req = retarget(req.map(boxed), &target(&format!("/images/{name}"), &q))?;
+                let response = self.forward(req, None).await?;
+                if response.status().is_success() {
                     let gone = matches!(
                         self.docker.inspect_image(&id).await,
                         Err(bollard::errors::Error::DockerResponseServerError {
@@ -373,153 +433,384 @@ impl Proxy {
                 "No such object: {}",
                 captures[0]
             ))),
-            Endpoint::ContainerCreate => self.create_container(req).await,
+            Endpoint::ContainerCreate => {
+                let q = query::parse(&raw_query, "a container create", query::CONTAINER_CREATE)?;
+                let name = q.get("name").unwrap_or("").to_string();
+                let (parts, body) = req.into_parts();
+                let bytes = self.read_body(body, "container create").await?;
+                let model: ContainerCreate = model::decode(&bytes, "container create")?;
+                let plan = container::check_create(&model, &self.policy)?;
+                for source in &plan.bind_sources {
+                    no_symlink_under_roots(source, &self.policy.bind_roots)?;
+                }
+                let requested_image = plan.image.clone();
+                let image_id = self.owned_image(&plan.image).await?;
+                let mut networks = BTreeMap::new();
+                for network in &plan.networks {
+                    // A 404 here would make the docker CLI try to pull the image: refuse instead.
+                    match self.owned_network(network).await {
+                        Ok(id) => {
+                            networks.insert(network.clone(), id);
+                        }
+                        Err(Refusal::NotFound(_)) => {
+                            return Err(Denied::new(
+                                "HostConfig.NetworkMode",
+                                format!("refused by regobox's Docker policy: HostConfig.NetworkMode network {network:?} is not one of this instance's networks"),
+                            )
+                            .into());
+                        }
+                        Err(other) => return Err(other),
+                    }
+                }
+                let body = plan.resolved(&image_id, &networks);
+                let request = with_json(parts, &body, &target("/containers/create", &q))?;
+                let response = self.forward(request, None).await?;
+                let (parts, body) = response.into_parts();
+                let bytes = body
+                    .collect()
+                    .await
+                    .map_err(|e| Refusal::Engine(format!("reading the create response: {e}")))?
+                    .to_bytes();
+                let status = parts.status;
+                // The engine's words may name objects that are not this instance's (a taken
+                // name's container): regobox says what went wrong in its own.
+                let response = match status.as_u16() {
+                    404 => json_response(
+                        status,
+                        &json!({"message": format!("No such image: {requested_image}")}),
+                    ),
+                    409 => json_response(
+                        status,
+                        &json!({"message": format!("Conflict. The container name \"/{name}\" is already in use by a container that is not this instance's or is being removed: choose another name")}),
+                    ),
+                    _ => Response::from_parts(parts, boxed(Full::new(bytes.clone()))),
+                };
+                let id = serde_json::from_slice::<Value>(&bytes)
+                    .ok()
+                    .and_then(|v| v.get("Id").and_then(Value::as_str).map(str::to_string));
+                Ok(Done {
+                    response,
+                    object: id.or(Some(requested_image)),
+                })
+            }
             Endpoint::ContainerOp => {
-                let id = &captures[0];
-                self.owned_container(id).await?;
+                let reference = &captures[0];
+                let op = normalized
+                    .strip_prefix("/containers/")
+                    .and_then(|rest| rest.split_once('/'))
+                    .map(|(_, op)| op.to_string());
+                let q = query::parse(
+                    &raw_query,
+                    &format!(
+                        "{method} /containers/{{id}}/{}",
+                        op.as_deref().unwrap_or("")
+                    ),
+                    query::container_op(&method, op.as_deref()),
+                )?;
+                if q.flag("link") {
+                    return Err(Denied::new(
+                        "query.link",
+                        "refused by regobox's Docker policy: removing links is not allowed",
+                    )
+                    .into());
+                }
+                if q.get("ps_args").is_some_and(|a| {
+                    !a.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || " ,-".contains(c))
+                }) {
+                    return Err(Denied::new("query.ps_args", "refused by regobox's Docker policy: ps_args holds characters other than letters, digits, spaces, commas and dashes").into());
+                }
+                let (id, inspected) = self.owned_container(reference).await?;
+                if matches!(op.as_deref(), Some("start") | Some("restart")) {
+                    self.recheck_binds(&inspected)?;
+                }
+                let path = match &op {
+                    Some(op) => format!("/containers/{id}/{op}"),
+                    None => format!("/containers/{id}"),
+                };
+                let mut req = req;
                 let upgrade = req
                     .headers()
                     .contains_key(UPGRADE)
                     .then(|| hyper::upgrade::on(&mut req));
-                let response = self.forward(req.map(BodyExt::boxed), upgrade).await?;
+                let req = retarget(req.map(boxed), &target(&path, &q))?;
+                let response = self.forward(req, upgrade).await?;
                 Ok(Done {
                     response,
-                    object: Some(id.clone()),
+                    object: Some(id),
                 })
             }
             Endpoint::NetworkCreate => {
+                let q = query::parse(&raw_query, "a network create", query::NONE)?;
                 let (parts, body) = req.into_parts();
-                let mut value = self.read_json(body, "network create").await?;
-                let obj = value.as_object_mut().ok_or_else(|| {
-                    Refusal::BadRequest("the network create body is not a JSON object".into())
-                })?;
-                let driver = obj.get("Driver").and_then(Value::as_str).unwrap_or("");
-                if !(driver.is_empty() || driver == "bridge") {
-                    return Err(Denied {
-                        rule: "Driver".into(),
-                        message: format!(
-                            "refused by regobox's Docker policy: network Driver {driver:?} is not allowed (bridge only)"
-                        ),
-                    }
-                    .into());
-                }
-                for field in ["ConfigFrom", "Ingress", "ConfigOnly", "Scope"] {
-                    let set = obj
-                        .get(field)
-                        .is_some_and(|v| !v.is_null() && v != &Value::Bool(false) && v != "");
-                    if set {
-                        return Err(Denied {
-                            rule: field.into(),
-                            message: format!(
-                                "refused by regobox's Docker policy: network {field} is not allowed"
-                            ),
-                        }
-                        .into());
-                    }
-                }
-                label(obj, &self.instance);
-                let name = obj.get("Name").and_then(Value::as_str).map(str::to_string);
-                let response = self.forward(with_json(parts, &value), None).await?;
+                let bytes = self.read_body(body, "network create").await?;
+                let model: NetworkCreate = model::decode(&bytes, "network create")?;
+                let checked = network::check_network_create(&model, &self.instance)?;
+                let response = self
+                    .forward(
+                        with_json(parts, &checked, &target("/networks/create", &q))?,
+                        None,
+                    )
+                    .await?;
                 Ok(Done {
                     response,
-                    object: name,
+                    object: checked.name,
                 })
             }
             Endpoint::NetworkOp => {
-                let id = &captures[0];
-                self.owned_network(id).await?;
-                let connecting = req.uri().path().ends_with("/connect")
-                    || req.uri().path().ends_with("/disconnect");
-                let request = if connecting {
-                    let (parts, body) = req.into_parts();
-                    let value = self.read_json(body, "network connect").await?;
-                    let container = value
-                        .get("Container")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string();
-                    self.owned_container(&container).await?;
-                    with_json(parts, &value)
-                } else {
-                    req.map(BodyExt::boxed)
+                let reference = &captures[0];
+                let id = self.owned_network(reference).await?;
+                let op = normalized
+                    .strip_prefix("/networks/")
+                    .and_then(|rest| rest.split_once('/'))
+                    .map(|(_, op)| op.to_string());
+                let allowed: &[(&str, query::Kind)] = match (method.as_str(), op.as_deref()) {
+                    ("GET", None) => {
+                        &[("verbose", query::Kind::Bool), ("scope", query::Kind::Text)]
+                    }
+                    _ => query::NONE,
+                };
+                let q = query::parse(&raw_query, "a network operation", allowed)?;
+                let path = match &op {
+                    Some(op) => format!("/networks/{id}/{op}"),
+                    None => format!("/networks/{id}"),
+                };
+                let request = match op.as_deref() {
+                    Some("connect") => {
+                        let (parts, body) = req.into_parts();
+                        let bytes = self.read_body(body, "network connect").await?;
+                        let m: NetworkConnect = model::decode(&bytes, "network connect")?;
+                        let (container, _) = self
+                            .owned_container(m.container.as_deref().unwrap_or(""))
+                            .await?;
+                        let body = NetworkConnect {
+                            container: Some(container),
+                            endpoint_config: m
+                                .endpoint_config
+                                .as_ref()
+                                .map(container::check_endpoint_config)
+                                .transpose()?,
+                        };
+                        with_json(parts, &body, &target(&path, &q))?
+                    }
+                    Some("disconnect") => {
+                        let (parts, body) = req.into_parts();
+                        let bytes = self.read_body(body, "network disconnect").await?;
+                        let m: NetworkDisconnect = model::decode(&bytes, "network disconnect")?;
+                        let (container, _) = self
+                            .owned_container(m.container.as_deref().unwrap_or(""))
+                            .await?;
+                        let body = NetworkDisconnect {
+                            container: Some(container),
+                            force: m.force,
+                        };
+                        with_json(parts, &body, &target(&path, &q))?
+                    }
+                    _ => retarget(req.map(boxed), &target(&path, &q))?,
                 };
                 let response = self.forward(request, None).await?;
                 Ok(Done {
                     response,
-                    object: Some(id.clone()),
+                    object: Some(id),
                 })
             }
         }
     }
 
-    async fn create_container(&self, req: Request<Incoming>) -> Result<Done, Refusal> {
-        let (parts, body) = req.into_parts();
-        let value = self.read_json(body, "container create").await?;
-        let checked = policy::check_create(&value, &self.policy)?;
-        for source in bind_sources(&value) {
-            no_symlink_under_roots(Path::new(&source), &self.policy.bind_roots)?;
-        }
-        let image = value
-            .get("Image")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        if image.is_empty() {
-            return Err(Refusal::BadRequest(
-                "the container create body names no Image".into(),
-            ));
-        }
-        self.owned_image(&image).await?;
-        // Networks other than the engine's defaults must be this instance's.
-        let mut networks: Vec<String> = value
-            .pointer("/HostConfig/NetworkMode")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .into_iter()
-            .collect();
-        if let Some(endpoints) = value
-            .pointer("/NetworkingConfig/EndpointsConfig")
-            .and_then(Value::as_object)
-        {
-            networks.extend(endpoints.keys().cloned());
-        }
-        for network in networks {
-            if matches!(network.as_str(), "" | "default" | "bridge" | "none") {
-                continue;
-            }
-            // A 404 here would make the docker CLI try to pull the image: refuse instead.
-            match self.owned_network(&network).await {
-                Ok(()) => {}
-                Err(Refusal::NotFound(_)) => {
-                    return Err(Denied {
-                    rule: "HostConfig.NetworkMode".into(),
-                    message: format!(
-                        "refused by regobox's Docker policy: HostConfig.NetworkMode network {network:?} is not one of this instance's networks"
-                    ),
-                }
+    /// A pull (`fromImage` with a tag or digest) or an import of the body (`fromSrc=-`); neither
+    /// may move a tag that exists and is not this instance's. Returns the reference made.
+    async fn check_image_create(&self, q: Query) -> Result<(String, Query), Refusal> {
+        let get = |k: &str| q.get(k).unwrap_or("").to_string();
+        let reference = if !get("fromImage").is_empty() {
+            if !get("fromSrc").is_empty() {
+                return Err(Denied::new(
+                    "query.fromSrc",
+                    "refused by regobox's Docker policy: fromImage and fromSrc together",
+                )
                 .into());
+            }
+            let reference = image_ref(&get("fromImage"), &get("tag"));
+            let last = reference.rsplit('/').next().unwrap_or("");
+            if !last.contains(':') && !reference.contains('@') {
+                return Err(Denied::new(
+                    "query.tag",
+                    "refused by regobox's Docker policy: a pull without a tag or digest pulls every tag of the repository",
+                )
+                .into());
+            }
+            reference
+        } else {
+            match get("fromSrc").as_str() {
+                "-" => {}
+                "" => {
+                    return Err(Refusal::BadRequest(
+                        "an image create names neither fromImage nor fromSrc".into(),
+                    ));
                 }
+                other => {
+                    return Err(Denied::new(
+                        "query.fromSrc",
+                        format!("refused by regobox's Docker policy: fromSrc {other:?} makes the engine fetch a URL from the host's network (send the image in the request body: fromSrc=-)"),
+                    )
+                    .into());
+                }
+            }
+            if get("repo").is_empty() {
+                String::new()
+            } else {
+                image_ref(&get("repo"), &get("tag"))
+            }
+        };
+        if !reference.is_empty() {
+            self.tag_is_free_or_ours(&reference, "query.fromImage")
+                .await?;
+        }
+        Ok((reference, q))
+    }
+
+    /// A reference the application makes (a pull, an import, a build's tag) may name a new tag
+    /// or one of this instance's images, never move another's.
+    async fn tag_is_free_or_ours(&self, reference: &str, rule: &str) -> Result<(), Refusal> {
+        match self.owned_image(reference).await {
+            Ok(_) => Ok(()),
+            Err(Refusal::NotFound(_)) => match self.docker.inspect_image(reference).await {
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => Ok(()),
+                Ok(_) => Err(Denied::new(
+                    rule,
+                    format!("refused by regobox's Docker policy: the tag {reference:?} exists and is not this instance's: it would be moved"),
+                )
+                .into()),
+                Err(e) => Err(Refusal::Engine(format!("inspecting image {reference}: {e}"))),
+            },
+            Err(other) => Err(other),
+        }
+    }
+
+    /// `POST /build`: the context is spooled to a file (up to `docker.max_build_context`), its
+    /// Dockerfile read, the images it starts from and the tags it makes checked, then the file
+    /// is forwarded.
+    async fn build(
+        &self,
+        req: Request<Incoming>,
+        raw_query: &str,
+        path: &str,
+    ) -> Result<Done, Refusal> {
+        let q = query::parse(raw_query, "a build", query::BUILD)?;
+        let q = build::check_build_query(q, &self.policy.limits, &self.instance)?;
+        for tag in q.all("t") {
+            self.tag_is_free_or_ours(tag, "query.t").await?;
+        }
+        let (mut parts, body) = req.into_parts();
+        let spool = self.spool(body).await?;
+        let dockerfile = q.get("dockerfile").unwrap_or("").to_string();
+        let file = spool
+            .try_clone()
+            .map_err(|e| Refusal::Engine(format!("spooling the build context: {e}")))?;
+        let text = tokio::task::spawn_blocking(move || read_dockerfile(file, &dockerfile))
+            .await
+            .map_err(|e| Refusal::Engine(format!("reading the build context: {e}")))??;
+        for image in build::dockerfile_images(&text, &build::build_args(&q))? {
+            match self.owned_image(&image).await {
+                Ok(_) => {}
+                Err(Refusal::NotFound(_)) => match self.docker.inspect_image(&image).await {
+                    Err(bollard::errors::Error::DockerResponseServerError {
+                        status_code: 404,
+                        ..
+                    }) => {} // the engine pulls it from its registry
+                    Ok(_) => {
+                        return Err(Denied::new(
+                            "Dockerfile",
+                            format!("refused by regobox's Docker policy: the Dockerfile reads the image {image:?}, which is not this instance's"),
+                        )
+                        .into());
+                    }
+                    Err(e) => {
+                        return Err(Refusal::Engine(format!("inspecting image {image}: {e}")));
+                    }
+                },
                 Err(other) => return Err(other),
             }
         }
-        let response = self.forward(with_json(parts, &checked), None).await?;
-        let (parts, body) = response.into_parts();
-        let bytes = body
-            .collect()
+        let len = spool.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut file = tokio::fs::File::from_std(spool);
+        use tokio::io::AsyncSeekExt;
+        file.seek(std::io::SeekFrom::Start(0))
             .await
-            .map_err(|e| Refusal::Engine(format!("reading the create response: {e}")))?
-            .to_bytes();
-        let id = serde_json::from_slice::<Value>(&bytes)
-            .ok()
-            .and_then(|v| v.get("Id").and_then(Value::as_str).map(str::to_string));
+            .map_err(|e| Refusal::Engine(format!("spooling the build context: {e}")))?;
+        let stream = tokio_util::io::ReaderStream::new(file).map(|r| r.map(Frame::data));
+        let body = http_body_util::StreamBody::new(stream);
+        parts.headers.remove(TRANSFER_ENCODING);
+        parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+        let request = Request::from_parts(parts, boxed(body));
+        let q_path = format!("{path}?{}", q.encode());
+        let request = retarget(request, &q_path)?;
+        let response = self.forward(request, None).await?;
         Ok(Done {
-            response: Response::from_parts(parts, Full::new(bytes).map_err(never).boxed()),
-            object: id.or(Some(image)),
+            response,
+            object: q.get("t").map(str::to_string),
         })
     }
 
-    async fn read_json(&self, body: Incoming, what: &str) -> Result<Value, Refusal> {
-        let bytes = Limited::new(body, self.max_body)
+    /// The request body in an unnamed file of the spool directory, bounded.
+    async fn spool(&self, body: Incoming) -> Result<std::fs::File, Refusal> {
+        use tokio::io::AsyncWriteExt;
+        let err =
+            |e: &dyn std::fmt::Display| Refusal::Engine(format!("spooling the build context: {e}"));
+        let file = tempfile_in(&self.spool_dir).map_err(|e| err(&e))?;
+        let mut writer = tokio::fs::File::from_std(file.try_clone().map_err(|e| err(&e))?);
+        let mut body = body;
+        let mut total: u64 = 0;
+        while let Some(frame) = body.frame().await {
+            let frame = frame
+                .map_err(|e| Refusal::BadRequest(format!("reading the build context: {e}")))?;
+            if let Some(data) = frame.data_ref() {
+                total += data.len() as u64;
+                if total > self.max_build_context {
+                    return Err(Refusal::TooLarge(format!(
+                        "the build context is larger than docker.max_build_context ({} bytes)",
+                        self.max_build_context
+                    )));
+                }
+                writer.write_all(data).await.map_err(|e| err(&e))?;
+            }
+        }
+        writer.flush().await.map_err(|e| err(&e))?;
+        Ok(file)
+    }
+
+    /// Before a start: the bind sources, as the engine will mount them now, still lie under the
+    /// roots and go through no symbolic link (a link swapped in after the create is caught here).
+    fn recheck_binds(&self, inspected: &ContainerInspectResponse) -> Result<(), Refusal> {
+        let host = inspected.host_config.as_ref();
+        let binds = host
+            .and_then(|h| h.binds.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|b| b.split(':').next().unwrap_or("").to_string());
+        let mounts = host
+            .and_then(|h| h.mounts.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|m| m.typ == Some(bollard::models::MountTypeEnum::BIND))
+            .filter_map(|m| m.source.clone());
+        for source in binds.chain(mounts) {
+            let inside = container::from_host(Path::new(&source), &self.policy.host_paths);
+            if !self.policy.bind_roots.iter().any(|r| inside.starts_with(r)) {
+                return Err(Denied::new(
+                    "HostConfig.Binds",
+                    format!("refused by regobox's Docker policy: bind source {} is outside the allowed roots", inside.display()),
+                )
+                .into());
+            }
+            no_symlink_under_roots(&inside, &self.policy.bind_roots)?;
+        }
+        Ok(())
+    }
+
+    async fn read_body(&self, body: Incoming, what: &str) -> Result<Bytes, Refusal> {
+        Ok(Limited::new(body, self.max_body)
             .collect()
             .await
             .map_err(|e| {
@@ -532,9 +823,7 @@ impl Proxy {
                     Refusal::BadRequest(format!("reading the {what} body: {e}"))
                 }
             })?
-            .to_bytes();
-        serde_json::from_slice(&bytes)
-            .map_err(|e| Refusal::BadRequest(format!("the {what} body is not valid JSON: {e}")))
+            .to_bytes())
     }
 
     /// Whether `labels` mark an object as this instance's.
@@ -563,7 +852,7 @@ impl Proxy {
         }
     }
 
-    /// The image's id if it is this instance's (labelled, or pulled/imported through here).
+    /// The image's full id if it is this instance's (labelled, or pulled/imported through here).
     async fn owned_image(&self, name: &str) -> Result<String, Refusal> {
         let img = self.owned(
             self.docker.inspect_image(name).await,
@@ -574,41 +863,55 @@ impl Proxy {
             format!("No such image: {name}"),
             &format!("image {name}"),
         )?;
-        Ok(img.id.unwrap_or_default())
+        img.id
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| Refusal::Engine(format!("the engine gave image {name} no id")))
     }
 
-    async fn owned_container(&self, id: &str) -> Result<(), Refusal> {
-        if id.is_empty() {
+    /// The container's full id and inspection if it is this instance's.
+    async fn owned_container(
+        &self,
+        reference: &str,
+    ) -> Result<(String, ContainerInspectResponse), Refusal> {
+        if reference.is_empty() {
             return Err(Refusal::NotFound("No such container: ".into()));
         }
         let inspected = self
             .docker
             .inspect_container(
-                id,
+                reference,
                 None::<bollard::query_parameters::InspectContainerOptions>,
             )
             .await;
-        self.owned(
+        let c = self.owned(
             inspected,
             |c| self.labelled(c.config.as_ref().and_then(|c| c.labels.as_ref())),
-            format!("No such container: {id}"),
-            &format!("container {id}"),
-        )
-        .map(drop)
+            format!("No such container: {reference}"),
+            &format!("container {reference}"),
+        )?;
+        let id = c.id.clone().filter(|id| id.len() == 64).ok_or_else(|| {
+            Refusal::Engine(format!("the engine gave container {reference} no full id"))
+        })?;
+        Ok((id, c))
     }
 
-    async fn owned_network(&self, id: &str) -> Result<(), Refusal> {
+    /// The network's full id if it is this instance's.
+    async fn owned_network(&self, reference: &str) -> Result<String, Refusal> {
         let inspected = self
             .docker
-            .inspect_network(id, None::<bollard::query_parameters::InspectNetworkOptions>)
+            .inspect_network(
+                reference,
+                None::<bollard::query_parameters::InspectNetworkOptions>,
+            )
             .await;
-        self.owned(
+        let n = self.owned(
             inspected,
             |n| self.labelled(n.labels.as_ref()),
-            format!("network {id} not found"),
-            &format!("network {id}"),
-        )
-        .map(drop)
+            format!("network {reference} not found"),
+            &format!("network {reference}"),
+        )?;
+        n.id.filter(|id| !id.is_empty())
+            .ok_or_else(|| Refusal::Engine(format!("the engine gave network {reference} no id")))
     }
 
     /// Send `req` to the engine on a new connection; splice an upgrade if both sides agree.
@@ -631,10 +934,8 @@ impl Proxy {
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
-        if !req.headers().contains_key(hyper::header::HOST) {
-            req.headers_mut()
-                .insert(hyper::header::HOST, HeaderValue::from_static("docker"));
-        }
+        req.headers_mut()
+            .insert(hyper::header::HOST, HeaderValue::from_static("docker"));
         let mut response = sender
             .send_request(req)
             .await
@@ -651,20 +952,100 @@ impl Proxy {
                 });
             }
         }
-        Ok(response.map(BodyExt::boxed))
+        Ok(response.map(boxed))
     }
 }
 
-fn never(n: Infallible) -> hyper::Error {
-    match n {}
+/// An unnamed file in `dir` (opened, then unlinked).
+fn tempfile_in(dir: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)?;
+    for _ in 0..16 {
+        let path = dir.join(format!(".build-{:016x}", rand::random::<u64>()));
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(f) => {
+                std::fs::remove_file(&path)?;
+                return Ok(f);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free name for a spool file"))
+}
+
+/// The Dockerfile of a build context (plain or gzip tar): `name`, else `Dockerfile`, else
+/// `dockerfile`, as the engine looks for it.
+fn read_dockerfile(mut file: std::fs::File, name: &str) -> Result<String, Refusal> {
+    use std::io::{Read, Seek};
+    let err = |e: &dyn std::fmt::Display| {
+        Refusal::BadRequest(format!(
+            "the build context is not a readable tar archive: {e}"
+        ))
+    };
+    file.seek(std::io::SeekFrom::Start(0))
+        .map_err(|e| err(&e))?;
+    let mut magic = [0u8; 6];
+    let n = file.read(&mut magic).map_err(|e| err(&e))?;
+    file.seek(std::io::SeekFrom::Start(0))
+        .map_err(|e| err(&e))?;
+    let reader: Box<dyn Read> = match &magic[..n] {
+        [0x1f, 0x8b, ..] => Box::new(flate2::read::GzDecoder::new(file)),
+        [b'B', b'Z', b'h', ..]
+        | [0xfd, b'7', b'z', b'X', b'Z', 0]
+        | [0x28, 0xb5, 0x2f, 0xfd, ..] => {
+            return Err(Refusal::BadRequest(
+                "the build context is compressed with bzip2, xz or zstd: send a plain or gzip tar"
+                    .into(),
+            ));
+        }
+        _ => Box::new(file),
+    };
+    let wanted: Vec<String> = if name.is_empty() {
+        vec!["Dockerfile".into(), "dockerfile".into()]
+    } else {
+        vec![name.trim_start_matches("./").to_string()]
+    };
+    let mut archive = tar::Archive::new(reader);
+    let mut found: Option<(usize, String)> = None;
+    for entry in archive.entries().map_err(|e| err(&e))? {
+        let mut entry = entry.map_err(|e| err(&e))?;
+        let path = entry
+            .path()
+            .map_err(|e| err(&e))?
+            .to_string_lossy()
+            .to_string();
+        let path = path.trim_start_matches("./").to_string();
+        let Some(rank) = wanted.iter().position(|w| *w == path) else {
+            continue;
+        };
+        if !entry.header().entry_type().is_file() {
+            return Err(Denied::new("Dockerfile", format!("refused by regobox's Docker policy: {path} in the build context is not a regular file")).into());
+        }
+        let mut text = String::new();
+        entry
+            .by_ref()
+            .take(1 << 20)
+            .read_to_string(&mut text)
+            .map_err(|e| err(&e))?;
+        if found.as_ref().is_none_or(|(r, _)| rank < *r) {
+            found = Some((rank, text));
+        }
+    }
+    found.map(|(_, t)| t).ok_or_else(|| {
+        Refusal::BadRequest(format!(
+            "the build context holds no {}",
+            wanted.join(" or ")
+        ))
+    })
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
-    let mut response = Response::new(
-        Full::new(Bytes::from(value.to_string() + "\n"))
-            .map_err(never)
-            .boxed(),
-    );
+    let mut response = Response::new(boxed(Full::new(Bytes::from(value.to_string() + "\n"))));
     *response.status_mut() = status;
     response
         .headers_mut()
@@ -679,12 +1060,18 @@ fn rebuild(mut parts: hyper::http::response::Parts, value: &Value) -> Response<B
     parts
         .headers
         .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-    Response::from_parts(parts, Full::new(bytes).map_err(never).boxed())
+    Response::from_parts(parts, boxed(Full::new(bytes)))
 }
 
-/// A request with `value` as its JSON body.
-fn with_json(mut parts: hyper::http::request::Parts, value: &Value) -> Request<Body> {
-    let bytes = Bytes::from(value.to_string());
+/// A request with regobox's serialisation of `value` as its JSON body, sent to `target`.
+fn with_json<T: Serialize>(
+    mut parts: hyper::http::request::Parts,
+    value: &T,
+    target: &str,
+) -> Result<Request<Body>, Refusal> {
+    let bytes = Bytes::from(
+        serde_json::to_vec(value).map_err(|e| Refusal::Engine(format!("serialising: {e}")))?,
+    );
     parts.headers.remove(TRANSFER_ENCODING);
     parts
         .headers
@@ -692,40 +1079,23 @@ fn with_json(mut parts: hyper::http::request::Parts, value: &Value) -> Request<B
     parts
         .headers
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    Request::from_parts(parts, Full::new(bytes).map_err(never).boxed())
+    retarget(Request::from_parts(parts, boxed(Full::new(bytes))), target)
 }
 
-fn set_query(req: &mut Request<Incoming>, query: &str) {
-    let path = req.uri().path().to_string();
-    let pq = if query.is_empty() {
-        path
-    } else {
-        format!("{path}?{query}")
-    };
-    if let Ok(uri) = pq.parse() {
-        *req.uri_mut() = uri;
-    }
-}
-
-fn parse_query(query: &str) -> Vec<(String, String)> {
-    form_urlencoded::parse(query.as_bytes())
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect()
-}
-
-fn encode_query(pairs: &[(String, String)]) -> String {
-    form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(pairs)
-        .finish()
+/// `req` sent to `target` (path and query as regobox rendered them).
+fn retarget(mut req: Request<Body>, target: &str) -> Result<Request<Body>, Refusal> {
+    *req.uri_mut() = target
+        .parse()
+        .map_err(|e| Refusal::BadRequest(format!("cannot forward to {target:?}: {e}")))?;
+    Ok(req)
 }
 
 /// The query with `label=regobox.instance=<instance>` added to its `filters` (the engine ANDs
 /// label filters, so whatever else the client filters on, only this instance's objects remain).
-fn with_label_filter(query: &str, instance: &str) -> Result<String, Refusal> {
-    let mut pairs = parse_query(query);
+fn with_label_filter(mut q: Query, instance: &str) -> Result<Query, Refusal> {
     let wanted = format!("{INSTANCE_LABEL}={instance}");
-    let mut filters: Map<String, Value> = match pairs.iter().find(|(k, _)| k == "filters") {
-        Some((_, v)) if !v.is_empty() => serde_json::from_str(v).map_err(|e| {
+    let mut filters: Map<String, Value> = match q.get("filters") {
+        Some(v) if !v.is_empty() => serde_json::from_str(v).map_err(|e| {
             Refusal::BadRequest(format!("the filters parameter is not a JSON object: {e}"))
         })?,
         _ => Map::new(),
@@ -739,35 +1109,8 @@ fn with_label_filter(query: &str, instance: &str) -> Result<String, Refusal> {
             filters.insert("label".into(), json!([wanted]));
         }
     }
-    pairs.retain(|(k, _)| k != "filters");
-    pairs.push(("filters".into(), Value::Object(filters).to_string()));
-    Ok(encode_query(&pairs))
-}
-
-/// `POST /build`: the instance label added to the image's labels; the host network refused.
-fn build_query(query: &str, instance: &str) -> Result<String, Refusal> {
-    let mut pairs = parse_query(query);
-    if let Some((_, mode)) = pairs.iter().find(|(k, _)| k == "networkmode") {
-        if mode == "host" || mode.starts_with("container:") {
-            return Err(Denied {
-                rule: "networkmode".into(),
-                message: format!(
-                    "refused by regobox's Docker policy: build networkmode {mode:?} shares a namespace"
-                ),
-            }
-            .into());
-        }
-    }
-    let mut labels: Map<String, Value> = match pairs.iter().find(|(k, _)| k == "labels") {
-        Some((_, v)) if !v.is_empty() => serde_json::from_str(v).map_err(|e| {
-            Refusal::BadRequest(format!("the labels parameter is not a JSON object: {e}"))
-        })?,
-        _ => Map::new(),
-    };
-    labels.insert(INSTANCE_LABEL.into(), Value::String(instance.into()));
-    pairs.retain(|(k, _)| k != "labels");
-    pairs.push(("labels".into(), Value::Object(labels).to_string()));
-    Ok(encode_query(&pairs))
+    q.set("filters", Value::Object(filters).to_string());
+    Ok(q)
 }
 
 /// `name` with `tag` unless the name already carries a tag or digest.
@@ -790,36 +1133,6 @@ fn imported_id(tail: &[u8]) -> Option<String> {
         .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
         .filter_map(|v| v.get("status").and_then(Value::as_str).map(str::to_string))
         .find(|s| s.starts_with("sha256:"))
-}
-
-fn label(obj: &mut Map<String, Value>, instance: &str) {
-    let labels = obj
-        .entry("Labels")
-        .or_insert_with(|| Value::Object(Map::new()));
-    if !labels.is_object() {
-        *labels = Value::Object(Map::new());
-    }
-    labels[INSTANCE_LABEL] = Value::String(instance.into());
-}
-
-/// The bind sources of a container create body, as the application named them.
-fn bind_sources(body: &Value) -> Vec<String> {
-    let host = body.get("HostConfig");
-    let binds = host
-        .and_then(|h| h.get("Binds"))
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .map(|b| b.split(':').next().unwrap_or("").to_string());
-    let mounts = host
-        .and_then(|h| h.get("Mounts"))
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter(|m| m.get("Type").and_then(Value::as_str) == Some("bind"))
-        .filter_map(|m| m.get("Source").and_then(Value::as_str).map(str::to_string));
-    binds.chain(mounts).collect()
 }
 
 /// The engine follows symbolic links in a bind source on the host, where a link the application
@@ -885,12 +1198,12 @@ const TAIL: usize = 4096;
 
 impl<F: FnOnce(&[u8]) -> Recording + Unpin> hyper::body::Body for OnEnd<F> {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         if let Some(recording) = this.recording.as_mut() {
             let Ok(recording) = recording.get_mut() else {
@@ -941,55 +1254,26 @@ mod tests {
 
     #[test]
     fn list_queries_get_the_instance_filter() {
-        let q = with_label_filter("all=1", "i1").unwrap();
-        let pairs = parse_query(&q);
-        assert!(pairs.contains(&("all".into(), "1".into())));
-        let filters: Value =
-            serde_json::from_str(&pairs.iter().find(|(k, _)| k == "filters").unwrap().1).unwrap();
+        let q = query::parse("all=1", "list", query::CONTAINER_LIST).unwrap();
+        let q = with_label_filter(q, "i1").unwrap();
+        assert_eq!(q.get("all"), Some("1"));
+        let filters: Value = serde_json::from_str(q.get("filters").unwrap()).unwrap();
         assert_eq!(filters["label"], json!(["regobox.instance=i1"]));
 
-        let q = with_label_filter(
-            &encode_query(&[(
-                "filters".into(),
-                r#"{"label":{"app=x":true},"status":["running"]}"#.into(),
-            )]),
-            "i1",
-        )
-        .unwrap();
-        let filters: Value = serde_json::from_str(
-            &parse_query(&q)
-                .into_iter()
-                .find(|(k, _)| k == "filters")
-                .unwrap()
-                .1,
-        )
-        .unwrap();
+        let q = Query(vec![(
+            "filters".into(),
+            r#"{"label":{"app=x":true},"status":["running"]}"#.into(),
+        )]);
+        let q = with_label_filter(q, "i1").unwrap();
+        let filters: Value = serde_json::from_str(q.get("filters").unwrap()).unwrap();
         assert_eq!(
             filters["label"],
             json!({"app=x": true, "regobox.instance=i1": true})
         );
         assert_eq!(filters["status"], json!(["running"]));
         assert!(matches!(
-            with_label_filter("filters=notjson", "i1"),
+            with_label_filter(Query(vec![("filters".into(), "notjson".into())]), "i1"),
             Err(Refusal::BadRequest(_))
-        ));
-    }
-
-    #[test]
-    fn builds_are_labelled_and_keep_off_the_host_network() {
-        let q = build_query("t=job%3A1&labels=%7B%22a%22%3A%22b%22%7D", "i1").unwrap();
-        let labels: Value = serde_json::from_str(
-            &parse_query(&q)
-                .into_iter()
-                .find(|(k, _)| k == "labels")
-                .unwrap()
-                .1,
-        )
-        .unwrap();
-        assert_eq!(labels, json!({"a": "b", "regobox.instance": "i1"}));
-        assert!(matches!(
-            build_query("networkmode=host", "i1"),
-            Err(Refusal::Denied(_))
         ));
     }
 

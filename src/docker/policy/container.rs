@@ -1,0 +1,1037 @@
+//! What a container the application creates may be: decisions on a decoded
+//! [`ContainerCreate`], field by field, returning the body regobox forwards (built anew from the
+//! fields it allows, never the request with things removed).
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use super::{Denied, INSTANCE_LABEL};
+use crate::docker::model::{
+    BindOptions, ContainerCreate, EndpointSettings, HostConfig, LogConfig, Mount, NetworkingConfig,
+    RestartPolicy, TmpfsOptions, Ulimit,
+};
+
+/// What a container create is checked against.
+#[derive(Debug, Clone, Default)]
+pub struct CreatePolicy {
+    /// Bind sources must lie under one of these (as the application names them).
+    pub bind_roots: Vec<PathBuf>,
+    /// (path as regobox sees it, path on the host): bind sources are translated with the longest
+    /// matching prefix.
+    pub host_paths: Vec<(PathBuf, PathBuf)>,
+    /// The value of [`INSTANCE_LABEL`].
+    pub instance: String,
+    pub limits: Limits,
+    /// Hard limits regobox itself runs with, by ulimit name: a job may not get more.
+    pub ulimits: BTreeMap<String, i64>,
+}
+
+/// `[docker.limits]`: ceilings (None: none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub memory: Option<i64>,
+    pub nano_cpus: Option<i64>,
+    pub pids: Option<i64>,
+    pub shm: Option<i64>,
+}
+
+/// A create the policy allows, before its references are resolved: the body to forward, and
+/// what the proxy must resolve to full ids and judge as this instance's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CreatePlan {
+    pub body: ContainerCreate,
+    /// The image as the request named it.
+    pub image: String,
+    /// The user-defined networks it names (not `default`, `bridge`, `none`).
+    pub networks: Vec<String>,
+    /// Bind sources as the application named them, for the check on the file system.
+    pub bind_sources: Vec<PathBuf>,
+}
+
+impl CreatePlan {
+    /// The body with the image and networks replaced by the full ids they were resolved to, so
+    /// that a name changing hands after the check cannot redirect the create.
+    pub fn resolved(
+        mut self,
+        image_id: &str,
+        networks: &BTreeMap<String, String>,
+    ) -> ContainerCreate {
+        self.body.image = Some(image_id.to_string());
+        let host = self.body.host_config.get_or_insert_with(Default::default);
+        if let Some(mode) = host.network_mode.as_mut() {
+            if let Some(id) = networks.get(mode.as_str()) {
+                *mode = id.clone();
+            }
+        }
+        if let Some(endpoints) = self
+            .body
+            .networking_config
+            .as_mut()
+            .and_then(|n| n.endpoints_config.as_mut())
+        {
+            *endpoints = std::mem::take(endpoints)
+                .into_iter()
+                .map(|(name, settings)| (networks.get(&name).cloned().unwrap_or(name), settings))
+                .collect();
+        }
+        self.body
+    }
+}
+
+pub(crate) fn deny(field: &str, why: impl std::fmt::Display) -> Denied {
+    Denied::new(
+        field,
+        format!("refused by regobox's Docker policy: {field} {why}"),
+    )
+}
+
+/// Network modes anyone has; anything else but `host` and `container:` is a network's name.
+pub(crate) fn is_default_network(name: &str) -> bool {
+    matches!(name, "" | "default" | "bridge" | "none")
+}
+
+/// Check a container create and build the body to forward: bind sources translated to the host,
+/// the instance label, the configured ceilings.
+pub fn check_create(req: &ContainerCreate, policy: &CreatePolicy) -> Result<CreatePlan, Denied> {
+    let image = req
+        .image
+        .clone()
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| deny("Image", "is missing: the create names no image"))?;
+    if req.on_build.as_ref().is_some_and(|v| !v.is_empty()) {
+        return Err(deny("OnBuild", "is for images, not containers"));
+    }
+    let empty = HostConfig::default();
+    let hc = req.host_config.as_ref().unwrap_or(&empty);
+    let (host, bind_sources, targets) = check_host_config(hc, policy)?;
+
+    // Config.Volumes: the targets of the binds and mounts (docker-py names them there), never
+    // an anonymous volume, which would live outside the allowed roots.
+    for target in req.volumes.iter().flat_map(|v| v.keys()) {
+        if !targets.contains(&clean_target(target)) {
+            return Err(deny(
+                "Volumes",
+                format!(
+                    "declares the anonymous volume {target:?} (only the targets of binds, mounts and tmpfs)"
+                ),
+            ));
+        }
+    }
+
+    let mut networks = Vec::new();
+    let mode = host.network_mode.clone().unwrap_or_default();
+    if mode == "host" || mode.starts_with("container:") {
+        return Err(deny(
+            "HostConfig.NetworkMode",
+            format!("= {mode:?} shares a namespace"),
+        ));
+    }
+    if !is_default_network(&mode) {
+        networks.push(mode.clone());
+    }
+    let networking_config = match &req.networking_config {
+        None => None,
+        Some(nc) => {
+            let mut endpoints = BTreeMap::new();
+            for (name, settings) in nc.endpoints_config.iter().flatten() {
+                if name == "host" || name.starts_with("container:") || name.is_empty() {
+                    return Err(deny(
+                        "NetworkingConfig.EndpointsConfig",
+                        format!("names the network {name:?}"),
+                    ));
+                }
+                if !is_default_network(name) && !networks.contains(name) {
+                    networks.push(name.clone());
+                }
+                let settings = match settings {
+                    Some(s) => check_endpoint(s, "NetworkingConfig.EndpointsConfig")?,
+                    None => EndpointSettings::default(),
+                };
+                endpoints.insert(name.clone(), Some(settings));
+            }
+            Some(NetworkingConfig {
+                endpoints_config: (!endpoints.is_empty()).then_some(endpoints),
+            })
+        }
+    };
+
+    let mut labels = req.labels.clone().unwrap_or_default();
+    labels.insert(INSTANCE_LABEL.into(), policy.instance.clone());
+    let body = ContainerCreate {
+        hostname: req.hostname.clone(),
+        domainname: req.domainname.clone(),
+        user: req.user.clone(),
+        attach_stdin: req.attach_stdin,
+        attach_stdout: req.attach_stdout,
+        attach_stderr: req.attach_stderr,
+        exposed_ports: req.exposed_ports.clone(),
+        tty: req.tty,
+        open_stdin: req.open_stdin,
+        stdin_once: req.stdin_once,
+        env: req.env.clone(),
+        cmd: req.cmd.clone(),
+        healthcheck: req.healthcheck.clone(),
+        args_escaped: req.args_escaped,
+        image: Some(image.clone()),
+        volumes: None,
+        working_dir: req.working_dir.clone(),
+        entrypoint: req.entrypoint.clone(),
+        network_disabled: req.network_disabled,
+        mac_address: req.mac_address.clone(),
+        on_build: None,
+        labels: Some(labels),
+        stop_signal: req.stop_signal.clone(),
+        stop_timeout: req.stop_timeout,
+        shell: req.shell.clone(),
+        host_config: Some(host),
+        networking_config,
+    };
+    Ok(CreatePlan {
+        body,
+        image,
+        networks,
+        bind_sources,
+    })
+}
+
+fn must_be_empty<T>(field: &str, value: &Option<Vec<T>>, why: &str) -> Result<(), Denied> {
+    if value.as_ref().is_some_and(|v| !v.is_empty()) {
+        return Err(deny(field, why));
+    }
+    Ok(())
+}
+
+fn must_be_empty_map<T>(
+    field: &str,
+    value: &Option<BTreeMap<String, T>>,
+    why: &str,
+) -> Result<(), Denied> {
+    if value.as_ref().is_some_and(|v| !v.is_empty()) {
+        return Err(deny(field, why));
+    }
+    Ok(())
+}
+
+fn one_of(field: &str, value: &Option<String>, allowed: &[&str]) -> Result<Option<String>, Denied> {
+    match value.as_deref() {
+        None | Some("") => Ok(None),
+        Some(v) if allowed.contains(&v) => Ok(Some(v.to_string())),
+        Some(v) => Err(deny(
+            field,
+            format!("= {v:?} is not allowed (allowed: {})", allowed.join(", ")),
+        )),
+    }
+}
+
+/// A resource the request may lower under a configured ceiling, never lift: unset, 0 and -1
+/// give the ceiling; more than the ceiling is refused.
+fn bounded(
+    field: &str,
+    key: &str,
+    asked: Option<i64>,
+    ceiling: Option<i64>,
+) -> Result<Option<i64>, Denied> {
+    match (asked, ceiling) {
+        (None | Some(0), c) => Ok(c),
+        (Some(-1), Some(c)) => Ok(Some(c)),
+        (Some(-1), None) => Ok(None),
+        (Some(v), _) if v < 0 => Err(deny(field, format!("= {v} is not a limit"))),
+        (Some(v), Some(c)) if v > c => Err(deny(
+            field,
+            format!("= {v} is above the ceiling docker.limits.{key} = {c}"),
+        )),
+        (Some(v), _) => Ok(Some(v)),
+    }
+}
+
+/// The HostConfig to forward, the bind sources as named, and every mount target.
+fn check_host_config(
+    hc: &HostConfig,
+    policy: &CreatePolicy,
+) -> Result<(HostConfig, Vec<PathBuf>, Vec<String>), Denied> {
+    let f = |name: &str| format!("HostConfig.{name}");
+    // Fields that hand over the host, or have no use for a job: refused unless empty.
+    if hc.privileged == Some(true) {
+        return Err(deny(&f("Privileged"), "is not allowed"));
+    }
+    if hc.publish_all_ports == Some(true) {
+        return Err(deny(&f("PublishAllPorts"), "publishes ports on the host"));
+    }
+    if hc.oom_kill_disable == Some(true) {
+        return Err(deny(&f("OomKillDisable"), "is not allowed"));
+    }
+    must_be_empty(&f("CapAdd"), &hc.cap_add, "adds capabilities")?;
+    must_be_empty(&f("Devices"), &hc.devices, "passes host devices")?;
+    must_be_empty(
+        &f("DeviceRequests"),
+        &hc.device_requests,
+        "requests host devices",
+    )?;
+    must_be_empty(
+        &f("DeviceCgroupRules"),
+        &hc.device_cgroup_rules,
+        "opens device access",
+    )?;
+    must_be_empty(
+        &f("VolumesFrom"),
+        &hc.volumes_from,
+        "mounts another container's volumes",
+    )?;
+    must_be_empty(&f("Links"), &hc.links, "links to other containers")?;
+    for (name, v) in [
+        ("BlkioWeightDevice", &hc.blkio_weight_device),
+        ("BlkioDeviceReadBps", &hc.blkio_device_read_bps),
+        ("BlkioDeviceWriteBps", &hc.blkio_device_write_bps),
+        ("BlkioDeviceReadIOps", &hc.blkio_device_read_iops),
+        ("BlkioDeviceWriteIOps", &hc.blkio_device_write_iops),
+    ] {
+        must_be_empty(&f(name), v, "names host devices")?;
+    }
+    must_be_empty_map(&f("Sysctls"), &hc.sysctls, "changes kernel parameters")?;
+    must_be_empty_map(&f("StorageOpt"), &hc.storage_opt, "is not allowed")?;
+    if hc.port_bindings.as_ref().is_some_and(|p| {
+        p.values()
+            .any(|b| b.as_ref().is_some_and(|b| !b.is_empty()))
+    }) {
+        return Err(deny(&f("PortBindings"), "publishes ports on the host"));
+    }
+    if hc.masked_paths.is_some() {
+        return Err(deny(
+            &f("MaskedPaths"),
+            "replaces the engine's masked paths",
+        ));
+    }
+    if hc.readonly_paths.is_some() {
+        return Err(deny(
+            &f("ReadonlyPaths"),
+            "replaces the engine's read-only paths",
+        ));
+    }
+    for (name, v) in [
+        ("ContainerIDFile", &hc.container_id_file),
+        ("VolumeDriver", &hc.volume_driver),
+        ("Cgroup", &hc.cgroup),
+        ("CgroupParent", &hc.cgroup_parent),
+        ("PidMode", &hc.pid_mode),
+        ("UTSMode", &hc.uts_mode),
+        ("UsernsMode", &hc.userns_mode),
+    ] {
+        if v.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(deny(
+                &f(name),
+                format!("= {:?} is not allowed", v.as_deref().unwrap_or("")),
+            ));
+        }
+    }
+    let ipc_mode = one_of(
+        &f("IpcMode"),
+        &hc.ipc_mode,
+        &["private", "shareable", "none"],
+    )?;
+    let cgroupns_mode = one_of(&f("CgroupnsMode"), &hc.cgroupns_mode, &["private"])?;
+    let runtime = one_of(&f("Runtime"), &hc.runtime, &["runc"])?;
+    let isolation = one_of(&f("Isolation"), &hc.isolation, &["default"])?;
+    for (name, v) in [
+        ("KernelMemory", hc.kernel_memory),
+        ("KernelMemoryTCP", hc.kernel_memory_tcp),
+        ("CpuRealtimePeriod", hc.cpu_realtime_period),
+        ("CpuRealtimeRuntime", hc.cpu_realtime_runtime),
+        ("CpuPeriod", hc.cpu_period),
+        ("CpuQuota", hc.cpu_quota),
+        ("CpuCount", hc.cpu_count),
+        ("CpuPercent", hc.cpu_percent),
+    ] {
+        if v.is_some_and(|v| v != 0) {
+            return Err(deny(&f(name), "is not allowed (CPU limits: NanoCpus)"));
+        }
+    }
+    if hc.io_maximum_iops.is_some_and(|v| v != 0) || hc.io_maximum_bandwidth.is_some_and(|v| v != 0)
+    {
+        return Err(deny(&f("IOMaximumIOps"), "is not allowed"));
+    }
+    if let Some(opts) = &hc.security_opt {
+        for opt in opts {
+            if !matches!(
+                opt.as_str(),
+                "no-new-privileges" | "no-new-privileges:true" | "no-new-privileges=true"
+            ) {
+                return Err(deny(
+                    &f("SecurityOpt"),
+                    format!("{opt:?} is not allowed (only no-new-privileges)"),
+                ));
+            }
+        }
+    }
+    if let Some(caps) = &hc.cap_drop {
+        if let Some(c) = caps
+            .iter()
+            .find(|c| c.is_empty() || !c.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        {
+            return Err(deny(&f("CapDrop"), format!("{c:?} is not a capability")));
+        }
+    }
+    if hc.oom_score_adj.is_some_and(|v| !(0..=1000).contains(&v)) {
+        return Err(deny(
+            &f("OomScoreAdj"),
+            "must be between 0 and 1000 (below 0 protects the job from the OOM killer at the host's expense)",
+        ));
+    }
+    if hc.cpu_shares.is_some_and(|v| v < 0) {
+        return Err(deny(&f("CpuShares"), "must not be negative"));
+    }
+    if hc
+        .memory_swappiness
+        .is_some_and(|v| v != -1 && !(0..=100).contains(&v))
+    {
+        return Err(deny(&f("MemorySwappiness"), "must be between 0 and 100"));
+    }
+    if hc.memory_reservation.is_some_and(|v| v < 0) {
+        return Err(deny(&f("MemoryReservation"), "must not be negative"));
+    }
+    let restart_policy = check_restart(&hc.restart_policy)?;
+    let log_config = check_log_config(&hc.log_config)?;
+    let ulimits = check_ulimits(&hc.ulimits, &policy.ulimits)?;
+
+    let limits = &policy.limits;
+    let memory = bounded(&f("Memory"), "memory", hc.memory, limits.memory)?;
+    let nano_cpus = bounded(&f("NanoCpus"), "cpus", hc.nano_cpus, limits.nano_cpus)?;
+    let pids_limit = bounded(&f("PidsLimit"), "pids", hc.pids_limit, limits.pids)?;
+    let shm_size = bounded(&f("ShmSize"), "shm", hc.shm_size, limits.shm)?;
+    let memory_swap = match hc.memory_swap {
+        Some(-1) if limits.memory.is_some() => {
+            return Err(deny(
+                &f("MemorySwap"),
+                "= -1 (unlimited swap) would lift docker.limits.memory",
+            ));
+        }
+        Some(v) if v < -1 => return Err(deny(&f("MemorySwap"), format!("= {v} is not a limit"))),
+        other => other.filter(|v| *v != 0),
+    };
+
+    // Binds, mounts and tmpfs.
+    let mut bind_sources = Vec::new();
+    let mut targets = Vec::new();
+    let mut binds = Vec::new();
+    for text in hc.binds.iter().flatten() {
+        let bind = Bind::parse(text)?;
+        let host_source = check_source(&bind.source, policy, "HostConfig.Binds")?;
+        bind_sources.push(PathBuf::from(&bind.source));
+        targets.push(clean_target(&bind.target));
+        binds.push(bind.render(&host_source));
+    }
+    let mut mounts = Vec::new();
+    for m in hc.mounts.iter().flatten() {
+        let (mount, source) = check_mount(m, policy)?;
+        if let Some(s) = source {
+            bind_sources.push(s);
+        }
+        targets.push(clean_target(mount.target.as_deref().unwrap_or("")));
+        mounts.push(mount);
+    }
+    for (target, options) in hc.tmpfs.iter().flatten() {
+        check_target(target, "HostConfig.Tmpfs")?;
+        if options.contains(['\n', '\0']) {
+            return Err(deny(
+                "HostConfig.Tmpfs",
+                format!("options {options:?} are not mount options"),
+            ));
+        }
+        targets.push(clean_target(target));
+    }
+
+    let host = HostConfig {
+        binds: (!binds.is_empty()).then_some(binds),
+        log_config,
+        network_mode: hc.network_mode.clone().filter(|m| !m.is_empty()),
+        restart_policy,
+        auto_remove: hc.auto_remove,
+        cap_drop: hc.cap_drop.clone().filter(|c| !c.is_empty()),
+        cgroupns_mode,
+        dns: hc.dns.clone(),
+        dns_options: hc.dns_options.clone(),
+        dns_search: hc.dns_search.clone(),
+        extra_hosts: hc.extra_hosts.clone(),
+        group_add: hc.group_add.clone(),
+        ipc_mode,
+        oom_score_adj: hc.oom_score_adj.filter(|v| *v != 0),
+        readonly_rootfs: hc.readonly_rootfs,
+        security_opt: hc.security_opt.clone().filter(|s| !s.is_empty()),
+        tmpfs: hc.tmpfs.clone().filter(|t| !t.is_empty()),
+        shm_size,
+        runtime,
+        console_size: hc.console_size,
+        isolation,
+        cpu_shares: hc.cpu_shares.filter(|v| *v != 0),
+        memory,
+        nano_cpus,
+        blkio_weight: hc.blkio_weight.filter(|v| *v != 0),
+        cpuset_cpus: hc.cpuset_cpus.clone().filter(|s| !s.is_empty()),
+        cpuset_mems: hc.cpuset_mems.clone().filter(|s| !s.is_empty()),
+        memory_reservation: hc.memory_reservation.filter(|v| *v != 0),
+        memory_swap,
+        memory_swappiness: hc.memory_swappiness.filter(|v| *v != -1),
+        pids_limit,
+        ulimits,
+        mounts: (!mounts.is_empty()).then_some(mounts),
+        init: hc.init,
+        ..HostConfig::default()
+    };
+    Ok((host, bind_sources, targets))
+}
+
+/// Only `no`: a restart the engine makes on its own is one regobox does not see, and bind
+/// sources are checked again at every start regobox forwards.
+fn check_restart(policy: &Option<RestartPolicy>) -> Result<Option<RestartPolicy>, Denied> {
+    let Some(p) = policy else { return Ok(None) };
+    match p.name.as_deref() {
+        None | Some("") | Some("no") => Ok(None),
+        Some(other) => Err(deny(
+            "HostConfig.RestartPolicy",
+            format!(
+                "{other:?} is not allowed: the engine would restart the job without regobox checking its bind sources again (restart it through the socket)"
+            ),
+        )),
+    }
+}
+
+/// The engine's own drivers, writing on the host's disk, with their size options.
+fn check_log_config(config: &Option<LogConfig>) -> Result<Option<LogConfig>, Denied> {
+    let Some(c) = config else { return Ok(None) };
+    let kind = one_of(
+        "HostConfig.LogConfig.Type",
+        &c.kind,
+        &["json-file", "local", "none"],
+    )?;
+    const OPTIONS: &[&str] = &[
+        "max-size",
+        "max-file",
+        "compress",
+        "mode",
+        "max-buffer-size",
+        "labels",
+        "env",
+        "env-regex",
+        "tag",
+    ];
+    for key in c.config.iter().flat_map(|m| m.keys()) {
+        if !OPTIONS.contains(&key.as_str()) {
+            return Err(deny(
+                "HostConfig.LogConfig.Config",
+                format!(
+                    "option {key:?} is not allowed (allowed: {})",
+                    OPTIONS.join(", ")
+                ),
+            ));
+        }
+    }
+    if kind.is_none() && c.config.as_ref().is_none_or(|m| m.is_empty()) {
+        return Ok(None);
+    }
+    Ok(Some(LogConfig {
+        kind,
+        config: c.config.clone().filter(|m| !m.is_empty()),
+    }))
+}
+
+/// Each limit named, soft at most hard, hard at most what regobox itself has.
+fn check_ulimits(
+    ulimits: &Option<Vec<Ulimit>>,
+    own: &BTreeMap<String, i64>,
+) -> Result<Option<Vec<Ulimit>>, Denied> {
+    let Some(list) = ulimits.as_ref().filter(|l| !l.is_empty()) else {
+        return Ok(None);
+    };
+    for u in list {
+        let name = u.name.as_deref().unwrap_or("");
+        let (soft, hard) = (u.soft.unwrap_or(0), u.hard.unwrap_or(0));
+        let Some(&max) = own.get(name) else {
+            return Err(deny(
+                "HostConfig.Ulimits",
+                format!("{name:?} is not a limit regobox knows"),
+            ));
+        };
+        if soft < 0 || hard < 0 || soft > hard {
+            return Err(deny(
+                "HostConfig.Ulimits",
+                format!("{name}: soft {soft} and hard {hard} are not a limit"),
+            ));
+        }
+        if max >= 0 && hard > max {
+            return Err(deny(
+                "HostConfig.Ulimits",
+                format!("{name}: hard {hard} is above regobox's own ({max})"),
+            ));
+        }
+    }
+    Ok(Some(list.clone()))
+}
+
+fn check_endpoint(s: &EndpointSettings, field: &str) -> Result<EndpointSettings, Denied> {
+    must_be_empty(
+        &format!("{field}.Links"),
+        &s.links,
+        "links to other containers",
+    )?;
+    must_be_empty_map(
+        &format!("{field}.DriverOpts"),
+        &s.driver_opts,
+        "is not allowed",
+    )?;
+    let reported = [
+        ("NetworkID", s.network_id.as_deref()),
+        ("EndpointID", s.endpoint_id.as_deref()),
+        ("Gateway", s.gateway.as_deref()),
+        ("IPAddress", s.ip_address.as_deref()),
+        ("IPv6Gateway", s.ipv6_gateway.as_deref()),
+        ("GlobalIPv6Address", s.global_ipv6_address.as_deref()),
+        ("MacAddress", s.mac_address.as_deref()),
+    ];
+    for (name, v) in reported {
+        if v.is_some_and(|v| !v.is_empty()) {
+            return Err(deny(
+                &format!("{field}.{name}"),
+                "is reported by the engine, not set",
+            ));
+        }
+    }
+    must_be_empty(
+        &format!("{field}.DNSNames"),
+        &s.dns_names,
+        "is reported by the engine, not set",
+    )?;
+    if s.gw_priority.is_some_and(|v| v != 0) {
+        return Err(deny(
+            &format!("{field}.GwPriority"),
+            "is not supported by this engine",
+        ));
+    }
+    if s.ip_prefix_len.is_some_and(|v| v != 0) || s.global_ipv6_prefix_len.is_some_and(|v| v != 0) {
+        return Err(deny(
+            &format!("{field}.IPPrefixLen"),
+            "is reported by the engine, not set",
+        ));
+    }
+    Ok(EndpointSettings {
+        ipam_config: s.ipam_config.clone(),
+        aliases: s.aliases.clone(),
+        ..Default::default()
+    })
+}
+
+/// A network connect's endpoint settings (the same rules as at create).
+pub fn check_endpoint_config(s: &EndpointSettings) -> Result<EndpointSettings, Denied> {
+    check_endpoint(s, "EndpointConfig")
+}
+
+/// `source:target[:options]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Bind {
+    source: String,
+    target: String,
+    read_only: bool,
+    propagation: Option<String>,
+}
+
+impl Bind {
+    fn parse(text: &str) -> Result<Bind, Denied> {
+        let field = "HostConfig.Binds";
+        let parts: Vec<&str> = text.split(':').collect();
+        let (source, target, options) = match parts.as_slice() {
+            [s, t] => (*s, *t, ""),
+            [s, t, o] => (*s, *t, *o),
+            _ => {
+                return Err(deny(
+                    field,
+                    format!("{text:?} is not source:target[:options]"),
+                ));
+            }
+        };
+        check_target(target, field)?;
+        let mut bind = Bind {
+            source: source.to_string(),
+            target: target.to_string(),
+            read_only: false,
+            propagation: None,
+        };
+        let mut mode_set = false;
+        for opt in options.split(',').filter(|o| !o.is_empty()) {
+            match opt {
+                "ro" | "rw" if !mode_set => {
+                    mode_set = true;
+                    bind.read_only = opt == "ro";
+                }
+                "private" | "rprivate" if bind.propagation.is_none() => {
+                    bind.propagation = Some(opt.to_string());
+                }
+                _ => {
+                    return Err(deny(
+                        field,
+                        format!(
+                            "option {opt:?} of {text:?} is not allowed (ro, rw, private, rprivate)"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(bind)
+    }
+
+    fn render(&self, host_source: &str) -> String {
+        let mut options = Vec::new();
+        if self.read_only {
+            options.push("ro");
+        }
+        if let Some(p) = &self.propagation {
+            options.push(p);
+        }
+        if options.is_empty() {
+            format!("{host_source}:{}", self.target)
+        } else {
+            format!("{host_source}:{}:{}", self.target, options.join(","))
+        }
+    }
+}
+
+/// A path inside the container: absolute, no `..`, nothing the engine's bind syntax splits on.
+fn check_target(target: &str, field: &str) -> Result<(), Denied> {
+    let path = Path::new(target);
+    if !path.is_absolute()
+        || target.contains([':', ',', '\0', '\n'])
+        || target.split('/').any(|s| s == "..")
+    {
+        return Err(deny(
+            field,
+            format!("target {target:?} is not an absolute path without `..`"),
+        ));
+    }
+    Ok(())
+}
+
+fn clean_target(target: &str) -> String {
+    Path::new(target)
+        .components()
+        .filter(|c| !matches!(c, Component::CurDir))
+        .collect::<PathBuf>()
+        .display()
+        .to_string()
+}
+
+/// A mount: a bind under the roots (private propagation) or a tmpfs; the bind's source as named.
+fn check_mount(m: &Mount, policy: &CreatePolicy) -> Result<(Mount, Option<PathBuf>), Denied> {
+    let field = "HostConfig.Mounts";
+    let target = m.target.as_deref().unwrap_or("");
+    check_target(target, field)?;
+    if m.consistency
+        .as_deref()
+        .is_some_and(|c| !c.is_empty() && c != "default")
+    {
+        return Err(deny(field, "Consistency is not allowed"));
+    }
+    if m.volume_options.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(deny(
+            field,
+            "VolumeOptions is not allowed (bind or tmpfs only)",
+        ));
+    }
+    match m.kind.as_deref() {
+        Some("bind") => {
+            if m.tmpfs_options.is_some() {
+                return Err(deny(field, "a bind has no TmpfsOptions"));
+            }
+            let source = m.source.as_deref().unwrap_or("");
+            let host = check_source(source, policy, field)?;
+            let bind_options = match &m.bind_options {
+                None => None,
+                Some(o) => {
+                    let propagation = one_of(
+                        &format!("{field}.BindOptions.Propagation"),
+                        &o.propagation,
+                        &["private", "rprivate"],
+                    )?;
+                    Some(BindOptions {
+                        propagation,
+                        non_recursive: o.non_recursive,
+                    })
+                }
+            };
+            Ok((
+                Mount {
+                    kind: Some("bind".into()),
+                    source: Some(host),
+                    target: Some(target.to_string()),
+                    read_only: m.read_only,
+                    bind_options,
+                    ..Default::default()
+                },
+                Some(PathBuf::from(source)),
+            ))
+        }
+        Some("tmpfs") => {
+            if m.source.as_deref().is_some_and(|s| !s.is_empty()) || m.bind_options.is_some() {
+                return Err(deny(field, "a tmpfs has no Source or BindOptions"));
+            }
+            Ok((
+                Mount {
+                    kind: Some("tmpfs".into()),
+                    target: Some(target.to_string()),
+                    read_only: m.read_only,
+                    tmpfs_options: m.tmpfs_options.as_ref().map(|o| TmpfsOptions {
+                        size_bytes: o.size_bytes,
+                        mode: o.mode,
+                    }),
+                    ..Default::default()
+                },
+                None,
+            ))
+        }
+        other => Err(deny(
+            field,
+            format!(
+                "type {:?} is not allowed (bind under the allowed roots, or tmpfs)",
+                other.unwrap_or("")
+            ),
+        )),
+    }
+}
+
+/// A bind source must be an absolute path without `.` or `..`, not the Docker socket, under a
+/// bind root; it is returned translated to the host.
+pub(crate) fn check_source(
+    source: &str,
+    policy: &CreatePolicy,
+    field: &str,
+) -> Result<String, Denied> {
+    let bad = |why: String| deny(field, format!("source {source:?} {why}"));
+    let path = Path::new(source);
+    if !path.is_absolute() {
+        return Err(bad(
+            "is not an absolute path (named volumes are not allowed)".into(),
+        ));
+    }
+    if source.contains([':', ',', '\0', '\n'])
+        || source
+            .split('/')
+            .skip(1)
+            .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return Err(bad(
+            "contains `.`, `..`, `//` or a character of the bind syntax".into(),
+        ));
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    if name.ends_with("docker.sock") || name == "containerd.sock" || source == "/" {
+        return Err(bad(
+            "is the Docker socket or the root of the filesystem".into()
+        ));
+    }
+    if !policy.bind_roots.iter().any(|root| path.starts_with(root)) {
+        let roots: Vec<String> = policy
+            .bind_roots
+            .iter()
+            .map(|r| r.display().to_string())
+            .collect();
+        return Err(bad(format!(
+            "is outside the allowed roots ({})",
+            roots.join(", ")
+        )));
+    }
+    Ok(to_host(path, &policy.host_paths).display().to_string())
+}
+
+/// A path as regobox sees it -> the host's, by the longest matching prefix.
+pub(crate) fn to_host(path: &Path, host_paths: &[(PathBuf, PathBuf)]) -> PathBuf {
+    translate(path, host_paths.iter().map(|(a, b)| (a, b)))
+}
+
+/// A host path -> as regobox sees it (the inverse of [`to_host`]).
+pub(crate) fn from_host(path: &Path, host_paths: &[(PathBuf, PathBuf)]) -> PathBuf {
+    translate(path, host_paths.iter().map(|(a, b)| (b, a)))
+}
+
+fn translate<'a>(path: &Path, pairs: impl Iterator<Item = (&'a PathBuf, &'a PathBuf)>) -> PathBuf {
+    let best = pairs
+        .filter(|(from, _)| path.starts_with(from))
+        .max_by_key(|(from, _)| from.components().count());
+    match best {
+        Some((from, to)) => to.join(path.strip_prefix(from).unwrap_or(Path::new(""))),
+        None => path.to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::docker::model::decode;
+
+    fn policy() -> CreatePolicy {
+        CreatePolicy {
+            bind_roots: vec![PathBuf::from("/volumes/files")],
+            host_paths: vec![
+                (PathBuf::from("/volumes"), PathBuf::from("/srv/regobox")),
+                (
+                    PathBuf::from("/volumes/files"),
+                    PathBuf::from("/mnt/big/files"),
+                ),
+            ],
+            instance: "i1".into(),
+            limits: Limits {
+                memory: Some(1 << 30),
+                nano_cpus: None,
+                pids: Some(512),
+                shm: None,
+            },
+            ulimits: [("nofile".to_string(), 4096)].into_iter().collect(),
+        }
+    }
+
+    fn check(body: &str) -> Result<CreatePlan, Denied> {
+        let req: ContainerCreate = decode(body.as_bytes(), "container create")
+            .map_err(|e| Denied::new(e.field, e.message))?;
+        check_create(&req, &policy())
+    }
+
+    #[test]
+    fn dangerous_create_fields_are_refused_by_name() {
+        let hc = |inner: &str| format!(r#"{{"Image":"busybox","HostConfig":{{{inner}}}}}"#);
+        for (body, field) in [
+            (hc(r#""Privileged":true"#), "HostConfig.Privileged"),
+            (hc(r#""CapAdd":["SYS_ADMIN"]"#), "HostConfig.CapAdd"),
+            (hc(r#""Devices":[{"PathOnHost":"/dev/sda"}]"#), "HostConfig.Devices"),
+            (hc(r#""PidMode":"host""#), "HostConfig.PidMode"),
+            (hc(r#""PidMode":"container:x""#), "HostConfig.PidMode"),
+            (hc(r#""IpcMode":"host""#), "HostConfig.IpcMode"),
+            (hc(r#""NetworkMode":"host""#), "HostConfig.NetworkMode"),
+            (hc(r#""NetworkMode":"container:other""#), "HostConfig.NetworkMode"),
+            (hc(r#""UTSMode":"host""#), "HostConfig.UTSMode"),
+            (hc(r#""UsernsMode":"host""#), "HostConfig.UsernsMode"),
+            (hc(r#""CgroupnsMode":"host""#), "HostConfig.CgroupnsMode"),
+            (hc(r#""SecurityOpt":["seccomp=unconfined"]"#), "HostConfig.SecurityOpt"),
+            (hc(r#""SecurityOpt":["seccomp={\"defaultAction\":\"SCMP_ACT_ALLOW\"}"]"#), "HostConfig.SecurityOpt"),
+            (hc(r#""SecurityOpt":["apparmor:unconfined"]"#), "HostConfig.SecurityOpt"),
+            (hc(r#""SecurityOpt":["label:disable"]"#), "HostConfig.SecurityOpt"),
+            (hc(r#""Binds":["/var/run/docker.sock:/var/run/docker.sock"]"#), "HostConfig.Binds"),
+            (hc(r#""Binds":["/:/host"]"#), "HostConfig.Binds"),
+            (hc(r#""Binds":["/etc:/x"]"#), "HostConfig.Binds"),
+            (hc(r#""Binds":["/volumes/files/../secrets:/x"]"#), "HostConfig.Binds"),
+            (hc(r#""Binds":["/volumes/files/./x:/x"]"#), "HostConfig.Binds"),
+            (hc(r#""Binds":["named:/x"]"#), "HostConfig.Binds"),
+            (hc(r#""Binds":["/volumes/files/a:/x:shared"]"#), "HostConfig.Binds"),
+            (hc(r#""Binds":["/volumes/files/a:/x:z"]"#), "HostConfig.Binds"),
+            (hc(r#""Binds":["/volumes/files/a:/x:ro:extra"]"#), "HostConfig.Binds"),
+            (hc(r#""Binds":["/volumes/files/a:relative"]"#), "HostConfig.Binds"),
+            (hc(r#""Mounts":[{"Type":"bind","Source":"/etc","Target":"/x"}]"#), "HostConfig.Mounts"),
+            (hc(r#""Mounts":[{"Type":"volume","Source":"v","Target":"/x"}]"#), "HostConfig.Mounts"),
+            (hc(r#""Mounts":[{"Type":"npipe","Source":"v","Target":"/x"}]"#), "HostConfig.Mounts"),
+            (hc(r#""Mounts":[{"Type":"bind","Source":"/volumes/files/a","Target":"/x","BindOptions":{"Propagation":"rshared"}}]"#), "HostConfig.Mounts.BindOptions.Propagation"),
+            (hc(r#""VolumesFrom":["other"]"#), "HostConfig.VolumesFrom"),
+            (hc(r#""CgroupParent":"/""#), "HostConfig.CgroupParent"),
+            (hc(r#""MaskedPaths":[]"#), "HostConfig.MaskedPaths"),
+            (hc(r#""ReadonlyPaths":[]"#), "HostConfig.ReadonlyPaths"),
+            (hc(r#""Sysctls":{"kernel.core_pattern":"|/x"}"#), "HostConfig.Sysctls"),
+            (hc(r#""Links":["other:db"]"#), "HostConfig.Links"),
+            (hc(r#""LogConfig":{"Type":"syslog","Config":{"syslog-address":"udp://10.0.0.1:514"}}"#), "HostConfig.LogConfig.Type"),
+            (hc(r#""LogConfig":{"Type":"json-file","Config":{"fluentd-address":"x"}}"#), "HostConfig.LogConfig.Config"),
+            (hc(r#""Runtime":"kata""#), "HostConfig.Runtime"),
+            (hc(r#""OomScoreAdj":-1000"#), "HostConfig.OomScoreAdj"),
+            (hc(r#""Ulimits":[{"Name":"nofile","Soft":1,"Hard":1048576}]"#), "HostConfig.Ulimits"),
+            (hc(r#""Ulimits":[{"Name":"rtprio","Soft":1,"Hard":1}]"#), "HostConfig.Ulimits"),
+            (hc(r#""PortBindings":{"80/tcp":[{"HostPort":"80"}]}"#), "HostConfig.PortBindings"),
+            (hc(r#""PublishAllPorts":true"#), "HostConfig.PublishAllPorts"),
+            (hc(r#""RestartPolicy":{"Name":"always"}"#), "HostConfig.RestartPolicy"),
+            (hc(r#""RestartPolicy":{"Name":"on-failure","MaximumRetryCount":3}"#), "HostConfig.RestartPolicy"),
+            (hc(r#""Memory":2147483648"#), "HostConfig.Memory"),
+            (hc(r#""PidsLimit":100000"#), "HostConfig.PidsLimit"),
+            (hc(r#""MemorySwap":-1"#), "HostConfig.MemorySwap"),
+            (hc(r#""CpuQuota":100000"#), "HostConfig.CpuQuota"),
+            (hc(r#""KernelMemory":1"#), "HostConfig.KernelMemory"),
+            (hc(r#""DeviceCgroupRules":["a *:* rwm"]"#), "HostConfig.DeviceCgroupRules"),
+            (hc(r#""Tmpfs":{"relative":""}"#), "HostConfig.Tmpfs"),
+            (r#"{"Image":"busybox","Volumes":{"/data":{}}}"#.to_string(), "Volumes"),
+            (r#"{"HostConfig":{}}"#.to_string(), "Image"),
+            (r#"{"Image":"busybox","HostConfig":{"NetworkMode":"bridge"},"NetworkingConfig":{"EndpointsConfig":{"n":{"Links":["x:y"]}}}}"#.to_string(), "NetworkingConfig.EndpointsConfig.Links"),
+            (r#"{"Image":"busybox","OnBuild":["RUN x"]}"#.to_string(), "OnBuild"),
+        ] {
+            let d = check(&body).unwrap_err();
+            assert_eq!(d.rule, field, "{body}: {}", d.message);
+            assert!(d.message.contains(field), "{}", d.message);
+        }
+    }
+
+    #[test]
+    fn an_allowed_create_is_rebuilt_translated_labelled_and_limited() {
+        let plan = check(
+            r#"{"Image":"busybox","Labels":{"app":"pipeline","regobox.instance":"forged"},
+                "Volumes":{"/data":{},"/ref":{}},
+                "HostConfig":{"Binds":["/volumes/files/job-42:/data:rw"],
+                  "Mounts":[{"Type":"bind","Source":"/volumes/files/ref","Target":"/ref","ReadOnly":true},
+                            {"Type":"tmpfs","Target":"/tmp"}],
+                  "Memory":0,"PidsLimit":64,"Privileged":false,"CapAdd":null,"MaskedPaths":null,
+                  "NetworkMode":"jobs","RestartPolicy":{"Name":"no","MaximumRetryCount":0},
+                  "LogConfig":{"Type":"","Config":{}},"PortBindings":{}},
+                "NetworkingConfig":{"EndpointsConfig":{"jobs":{"Aliases":["a"],"NetworkID":""}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(plan.image, "busybox");
+        assert_eq!(plan.networks, vec!["jobs".to_string()]);
+        assert_eq!(
+            plan.bind_sources,
+            vec![
+                PathBuf::from("/volumes/files/job-42"),
+                PathBuf::from("/volumes/files/ref")
+            ]
+        );
+        let ids: BTreeMap<String, String> =
+            [("jobs".to_string(), "f".repeat(64))].into_iter().collect();
+        let body = plan.resolved("sha256:abc", &ids);
+        let out = serde_json::to_value(&body).unwrap();
+        let host = &out["HostConfig"];
+        assert_eq!(
+            host["Binds"][0], "/mnt/big/files/job-42:/data",
+            "the longest prefix wins"
+        );
+        assert_eq!(host["Mounts"][0]["Source"], "/mnt/big/files/ref");
+        assert_eq!(host["Memory"], 1 << 30, "the ceiling fills an unset limit");
+        assert_eq!(host["PidsLimit"], 64, "a lower limit is kept");
+        assert_eq!(host["NetworkMode"], "f".repeat(64));
+        assert_eq!(out["Image"], "sha256:abc");
+        assert_eq!(out["Labels"][INSTANCE_LABEL], "i1");
+        assert_eq!(out["Labels"]["app"], "pipeline");
+        assert!(out.get("Volumes").is_none(), "bind targets need no volume");
+        assert_eq!(
+            out["NetworkingConfig"]["EndpointsConfig"][&"f".repeat(64)],
+            serde_json::json!({"Aliases": ["a"]})
+        );
+        for absent in [
+            "Privileged",
+            "CapAdd",
+            "MaskedPaths",
+            "RestartPolicy",
+            "LogConfig",
+            "PortBindings",
+        ] {
+            assert!(host.get(absent).is_none(), "{absent} forwarded: {host}");
+        }
+        // -1 and 0 do not lift a ceiling.
+        let plan = check(r#"{"Image":"b","HostConfig":{"PidsLimit":-1,"Memory":-1}}"#).unwrap();
+        let host = plan.body.host_config.unwrap();
+        assert_eq!((host.pids_limit, host.memory), (Some(512), Some(1 << 30)));
+    }
+
+    #[test]
+    fn paths_translate_both_ways() {
+        let p = policy();
+        let host = to_host(Path::new("/volumes/files/a/b"), &p.host_paths);
+        assert_eq!(host, PathBuf::from("/mnt/big/files/a/b"));
+        assert_eq!(
+            from_host(&host, &p.host_paths),
+            PathBuf::from("/volumes/files/a/b")
+        );
+        assert_eq!(
+            from_host(Path::new("/elsewhere"), &p.host_paths),
+            PathBuf::from("/elsewhere")
+        );
+    }
+}

@@ -1,0 +1,309 @@
+//! The policy of the Docker socket regobox gives the application: pure decisions, no I/O.
+//!
+//! A request path is normalised first (the `/vX.Y` prefix removed, percent decoding done once;
+//! encoded slashes, `..`, empty segments and NUL refused), then matched against an allow-list of
+//! (method, pattern) ([`endpoint`]). Query parameters are read as the engine reads them
+//! ([`query`]); bodies are decoded into regobox's typed model ([`crate::docker::model`]) and
+//! judged field by field ([`container`], [`network`]): what would hand the host to a job
+//! (privileges, capabilities, devices, host namespaces, security profiles, kernel parameters,
+//! the Docker socket, a bind source outside the allowed roots, limits above the configured
+//! ceilings) is refused with the field named, and what is allowed is rebuilt from the model,
+//! bind sources translated to the host paths behind them, the instance label added.
+
+pub mod build;
+pub mod container;
+pub mod network;
+pub mod query;
+
+/// The label marking what this regobox instance created.
+pub const INSTANCE_LABEL: &str = "regobox.instance";
+
+/// A refusal: which rule, and a message for the client (`{"message": ...}` with a 403).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denied {
+    pub rule: String,
+    pub message: String,
+}
+
+impl Denied {
+    pub fn new(rule: impl Into<String>, message: impl Into<String>) -> Self {
+        Denied {
+            rule: rule.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// What an allowed endpoint is, for the proxy's further checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Ping,
+    Version,
+    Info,
+    Events,
+    Build,
+    ImageCreate,
+    ImageList,
+    ImageInspect,
+    ImageRemove,
+    ContainerCreate,
+    ContainerList,
+    /// Any call on one container (inspect, start, wait, stop, kill, pause, unpause, logs, stats,
+    /// remove): the proxy checks the container is this instance's.
+    ContainerOp,
+    NetworkList,
+    NetworkCreate,
+    NetworkOp,
+    /// Inspecting a kind of object the application can never own (volumes, plugins, swarm
+    /// objects): always "no such object", so that `docker inspect NAME`, which tries every kind
+    /// in turn, reports the name as missing.
+    Invisible,
+}
+
+/// (method, pattern, endpoint). In patterns `{id}` is one segment and `{name+}` one or more (image
+/// names contain slashes).
+const ROUTES: &[(&str, &str, Endpoint)] = &[
+    ("GET", "/_ping", Endpoint::Ping),
+    ("HEAD", "/_ping", Endpoint::Ping),
+    ("GET", "/version", Endpoint::Version),
+    ("GET", "/info", Endpoint::Info),
+    ("GET", "/events", Endpoint::Events),
+    ("POST", "/build", Endpoint::Build),
+    ("POST", "/images/create", Endpoint::ImageCreate),
+    ("GET", "/images/json", Endpoint::ImageList),
+    ("GET", "/images/{name+}/json", Endpoint::ImageInspect),
+    ("DELETE", "/images/{name+}", Endpoint::ImageRemove),
+    ("POST", "/containers/create", Endpoint::ContainerCreate),
+    ("GET", "/containers/json", Endpoint::ContainerList),
+    ("GET", "/containers/{id}/json", Endpoint::ContainerOp),
+    ("POST", "/containers/{id}/start", Endpoint::ContainerOp),
+    ("POST", "/containers/{id}/wait", Endpoint::ContainerOp),
+    ("POST", "/containers/{id}/stop", Endpoint::ContainerOp),
+    ("POST", "/containers/{id}/kill", Endpoint::ContainerOp),
+    ("POST", "/containers/{id}/pause", Endpoint::ContainerOp),
+    ("POST", "/containers/{id}/unpause", Endpoint::ContainerOp),
+    ("GET", "/containers/{id}/logs", Endpoint::ContainerOp),
+    ("GET", "/containers/{id}/stats", Endpoint::ContainerOp),
+    ("GET", "/containers/{id}/top", Endpoint::ContainerOp),
+    ("POST", "/containers/{id}/attach", Endpoint::ContainerOp),
+    ("POST", "/containers/{id}/resize", Endpoint::ContainerOp),
+    ("POST", "/containers/{id}/restart", Endpoint::ContainerOp),
+    ("GET", "/containers/{id}/archive", Endpoint::ContainerOp),
+    ("HEAD", "/containers/{id}/archive", Endpoint::ContainerOp),
+    ("PUT", "/containers/{id}/archive", Endpoint::ContainerOp),
+    ("DELETE", "/containers/{id}", Endpoint::ContainerOp),
+    ("GET", "/networks", Endpoint::NetworkList),
+    ("POST", "/networks/create", Endpoint::NetworkCreate),
+    ("GET", "/networks/{id}", Endpoint::NetworkOp),
+    ("DELETE", "/networks/{id}", Endpoint::NetworkOp),
+    ("POST", "/networks/{id}/connect", Endpoint::NetworkOp),
+    ("POST", "/networks/{id}/disconnect", Endpoint::NetworkOp),
+    ("GET", "/volumes/{id}", Endpoint::Invisible),
+    ("GET", "/plugins/{name+}/json", Endpoint::Invisible),
+    ("GET", "/services/{id}", Endpoint::Invisible),
+    ("GET", "/tasks/{id}", Endpoint::Invisible),
+    ("GET", "/nodes/{id}", Endpoint::Invisible),
+    ("GET", "/secrets/{id}", Endpoint::Invisible),
+    ("GET", "/configs/{id}", Endpoint::Invisible),
+];
+
+/// The request path without its `/vX.Y` prefix, percent-decoded once; `Err` when it is
+/// ambiguous or tries to go somewhere else.
+pub fn normalize(raw: &str) -> Result<String, Denied> {
+    let bad = |why: &str| Denied::new("path", format!("refused: the path {raw:?} {why}"));
+    let path = raw.split('?').next().unwrap_or("");
+    if !path.starts_with('/') {
+        return Err(bad("is not absolute"));
+    }
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f")
+        || lower.contains("%5c")
+        || lower.contains("%00")
+        || lower.contains("%25")
+    {
+        return Err(bad(
+            "contains an encoded slash, backslash, NUL or percent sign",
+        ));
+    }
+    let decoded = percent_decode(path).ok_or_else(|| bad("is not valid percent-encoded UTF-8"))?;
+    let mut segments: Vec<&str> = decoded.split('/').skip(1).collect();
+    if segments
+        .iter()
+        .any(|s| s.is_empty() || *s == "." || *s == "..")
+    {
+        return Err(bad("has an empty, `.` or `..` segment"));
+    }
+    if let Some(first) = segments.first() {
+        let is_version = first.len() > 1
+            && first.starts_with('v')
+            && first[1..]
+                .split('.')
+                .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()));
+        if is_version {
+            segments.remove(0);
+        }
+    }
+    if segments.is_empty() {
+        return Err(bad("names no endpoint"));
+    }
+    Ok(format!("/{}", segments.join("/")))
+}
+
+/// The `/vX.Y` prefix of a request path, if it has one (kept when forwarding: the engine's
+/// behaviour depends on it).
+pub fn version_prefix(raw: &str) -> Option<&str> {
+    let rest = raw.strip_prefix('/')?;
+    let first = rest.split(['/', '?']).next()?;
+    let ok = first.len() > 1
+        && first.starts_with('v')
+        && first[1..]
+            .split('.')
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()));
+    ok.then(|| &raw[..first.len() + 1])
+}
+
+/// `%XX` sequences decoded once; `None` when malformed or not UTF-8.
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The endpoint `method path` is, if the policy allows it; `path` is normalised here.
+pub fn endpoint(method: &str, raw_path: &str) -> Result<(Endpoint, Vec<String>), Denied> {
+    let path = normalize(raw_path)?;
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    for (m, pattern, ep) in ROUTES {
+        if *m != method {
+            continue;
+        }
+        if let Some(captures) = matches(pattern, &segments) {
+            return Ok((*ep, captures));
+        }
+    }
+    Err(Denied::new(
+        "endpoint",
+        format!("refused by regobox's Docker policy: {method} {path} is not an allowed endpoint"),
+    ))
+}
+
+fn matches(pattern: &str, segments: &[&str]) -> Option<Vec<String>> {
+    let parts: Vec<&str> = pattern.split('/').skip(1).collect();
+    let mut captures = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < parts.len() {
+        let part = parts[i];
+        if part.ends_with("+}") {
+            // One or more segments, up to what the rest of the pattern needs.
+            let rest = parts.len() - i - 1;
+            if segments.len() < j + 1 + rest {
+                return None;
+            }
+            let end = segments.len() - rest;
+            captures.push(segments[j..end].join("/"));
+            j = end;
+        } else if part.starts_with('{') {
+            captures.push(segments.get(j)?.to_string());
+            j += 1;
+        } else {
+            if segments.get(j) != Some(&part) {
+                return None;
+            }
+            j += 1;
+        }
+        i += 1;
+    }
+    (j == segments.len()).then_some(captures)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_normalised_and_versions_stripped() {
+        assert_eq!(
+            normalize("/v1.41/containers/json?all=1").unwrap(),
+            "/containers/json"
+        );
+        assert_eq!(
+            normalize("/containers/abc/start").unwrap(),
+            "/containers/abc/start"
+        );
+        assert_eq!(
+            normalize("/v1.41/images/regobox-test/busybox:local/json").unwrap(),
+            "/images/regobox-test/busybox:local/json"
+        );
+        for bad in [
+            "/containers/../secrets",
+            "/v1.41/containers/%2e%2e/x",
+            "/images/a%2Fb/json",
+            "//containers/json",
+            "/containers/x%00/json",
+            "containers/json",
+            "/v1.41",
+        ] {
+            assert!(normalize(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn only_the_pipeline_endpoints_are_allowed() {
+        for (m, p, ep) in [
+            ("GET", "/_ping", Endpoint::Ping),
+            (
+                "POST",
+                "/v1.41/containers/create?name=job",
+                Endpoint::ContainerCreate,
+            ),
+            (
+                "POST",
+                "/containers/abc123/wait?condition=not-running",
+                Endpoint::ContainerOp,
+            ),
+            (
+                "GET",
+                "/containers/abc/logs?follow=1",
+                Endpoint::ContainerOp,
+            ),
+            ("DELETE", "/images/library/busybox:1", Endpoint::ImageRemove),
+            (
+                "GET",
+                "/images/library/busybox:1/json",
+                Endpoint::ImageInspect,
+            ),
+        ] {
+            assert_eq!(endpoint(m, p).unwrap().0, ep, "{m} {p}");
+        }
+        assert_eq!(
+            endpoint("GET", "/images/a/b/c/json").unwrap().1,
+            vec!["a/b/c".to_string()]
+        );
+        for (m, p) in [
+            ("POST", "/containers/abc/exec"),
+            ("POST", "/exec/abc/start"),
+            ("GET", "/containers/abc/export"),
+            ("POST", "/swarm/init"),
+            ("POST", "/plugins/pull"),
+            ("GET", "/secrets"),
+            ("POST", "/containers/prune"),
+            ("POST", "/containers/abc/update"),
+            ("DELETE", "/containers/abc/extra"),
+        ] {
+            let d = endpoint(m, p).unwrap_err();
+            assert_eq!(d.rule, "endpoint", "{m} {p}");
+            assert!(d.message.contains("not an allowed endpoint"));
+        }
+    }
+}
