@@ -2,7 +2,7 @@
 # Install what regobox (and with --tests, its tests) need on a fresh Debian/Ubuntu machine, if
 # missing: the PostgreSQL server binaries; for the tests, a static busybox (the Docker tests build their
 # job image from it, as no registry is needed then), the docker CLI, stunnel, pebble, curl and
-# openssl. Idempotent; uses sudo when not root.
+# openssl, Go with the docker 20.10 sources and docker-py. Idempotent; uses sudo when not root.
 set -euo pipefail
 
 SUDO=""
@@ -41,9 +41,20 @@ if $TESTS; then
     if ! command -v docker >/dev/null 2>&1; then
         PACKAGES+=(docker.io)
     fi
+    # The Docker policy's differential test decodes bodies with the engine's own Go code
+    # (tests/fixtures/engine-decode): Go and Debian's docker 20.10 sources.
+    command -v go >/dev/null 2>&1 || PACKAGES+=(golang-go)
+    [ -d /usr/share/gocode/src/github.com/docker/docker/runconfig ] || PACKAGES+=(golang-github-docker-docker-dev)
 fi
 if [ "${#PACKAGES[@]}" -gt 0 ]; then
     echo "install-deps: installing ${PACKAGES[*]}"
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${PACKAGES[@]}"
+fi
+# docker-py, the reference application's Docker client, for the Docker bridge's tests.
+if $TESTS && ! python3 -c "import docker" >/dev/null 2>&1; then
+    echo "install-deps: installing docker-py (PyPI docker)"
+    python3 -m pip install -q docker 2>/dev/null ||
+        python3 -m pip install -q --break-system-packages docker ||
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-docker
 fi

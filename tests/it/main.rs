@@ -1,3 +1,4 @@
+#![recursion_limit = "256"]
 //! Integration tests: the built `regobox` binary against a real PostgreSQL server, receiving
 //! real signals. All of them compile into this one test binary with shared helpers.
 
@@ -6,6 +7,7 @@ mod support;
 mod backup;
 mod config_cli;
 mod docker;
+mod docker_decode;
 mod image;
 mod postgres_embedded;
 mod postgres_external;
