@@ -17,18 +17,18 @@ use crate::support::*;
 
 /// A regobox whose Docker bridge is on, with `host_paths` translating its files volume to
 /// `<tmp>/host-files` (as if the host kept the data elsewhere).
-struct Bridged {
-    inst: Instance,
-    run: Running,
+pub(crate) struct Bridged {
+    pub(crate) inst: Instance,
+    pub(crate) run: Running,
     /// Images imported through the proxy, removed at the end.
-    images: std::cell::RefCell<Vec<String>>,
-    socket: PathBuf,
-    host_files: PathBuf,
-    docker_config: PathBuf,
+    pub(crate) images: std::cell::RefCell<Vec<String>>,
+    pub(crate) socket: PathBuf,
+    pub(crate) host_files: PathBuf,
+    pub(crate) docker_config: PathBuf,
 }
 
 impl Bridged {
-    fn start(extra: &str) -> Bridged {
+    pub(crate) fn start(extra: &str) -> Bridged {
         Self::start_with(
             Instance::new(),
             "host = \"unix:///var/run/docker.sock\"",
@@ -36,7 +36,7 @@ impl Bridged {
         )
     }
 
-    fn start_with(mut inst: Instance, host: &str, extra: &str) -> Bridged {
+    pub(crate) fn start_with(mut inst: Instance, host: &str, extra: &str) -> Bridged {
         let files = inst.root.join("files");
         let host_files = inst.dir.path().join("host-files");
         std::fs::create_dir_all(&host_files).unwrap();
@@ -66,7 +66,7 @@ impl Bridged {
     }
 
     /// The docker CLI through regobox's socket.
-    fn cli(&self, args: &[&str]) -> Output {
+    pub(crate) fn cli(&self, args: &[&str]) -> Output {
         Command::new("docker")
             .args(args)
             .env("DOCKER_HOST", format!("unix://{}", self.socket.display()))
@@ -77,7 +77,7 @@ impl Bridged {
             .unwrap()
     }
 
-    fn cli_ok(&self, args: &[&str]) -> String {
+    pub(crate) fn cli_ok(&self, args: &[&str]) -> String {
         let out = self.cli(args);
         assert!(
             out.status.success(),
@@ -89,7 +89,7 @@ impl Bridged {
     }
 
     /// Import the busybox image through the proxy (so that it is this instance's).
-    fn import_busybox(&self, tag: &str) {
+    pub(crate) fn import_busybox(&self, tag: &str) {
         let tar = busybox_rootfs_tar(self.inst.dir.path());
         let out = Command::new("docker")
             .args(["import", "-", tag])
@@ -103,7 +103,7 @@ impl Bridged {
     }
 
     /// SIGTERM, exit 0; the log.
-    fn stop(&mut self) -> String {
+    pub(crate) fn stop(&mut self) -> String {
         self.run.signal(nix::sys::signal::Signal::SIGTERM);
         let status = self.run.wait(Duration::from_secs(30));
         let log = self.run.log_text();
@@ -111,7 +111,7 @@ impl Bridged {
         log
     }
 
-    fn bollard(&self) -> Docker {
+    pub(crate) fn bollard(&self) -> Docker {
         Docker::connect_with_unix(
             &self.socket.display().to_string(),
             60,
@@ -120,11 +120,11 @@ impl Bridged {
         .unwrap()
     }
 
-    fn instance_id(&self) -> String {
+    pub(crate) fn instance_id(&self) -> String {
         std::fs::read_to_string(self.inst.secret("docker-instance")).unwrap()
     }
 
-    fn audit(&self) -> Vec<serde_json::Value> {
+    pub(crate) fn audit(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.inst.root.join("logs/docker-audit.log"))
             .unwrap_or_default()
             .lines()
@@ -154,7 +154,7 @@ impl Drop for Bridged {
 }
 
 /// The docker CLI straight to the engine.
-fn engine(args: &[&str]) -> Output {
+pub(crate) fn engine(args: &[&str]) -> Output {
     Command::new("docker")
         .args(args)
         .stdin(Stdio::null())
@@ -163,7 +163,7 @@ fn engine(args: &[&str]) -> Output {
 }
 
 /// A root filesystem holding a static busybox, as a tar file.
-fn busybox_rootfs_tar(dir: &Path) -> PathBuf {
+pub(crate) fn busybox_rootfs_tar(dir: &Path) -> PathBuf {
     let tar = dir.join("busybox-rootfs.tar");
     if tar.exists() {
         return tar;
@@ -187,7 +187,7 @@ fn busybox_rootfs_tar(dir: &Path) -> PathBuf {
     tar
 }
 
-fn rt() -> tokio::runtime::Runtime {
+pub(crate) fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -195,7 +195,7 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 /// One raw HTTP/1.1 request on the proxy socket: (status, body).
-fn raw(socket: &Path, request: &str) -> (u16, String) {
+pub(crate) fn raw(socket: &Path, request: &str) -> (u16, String) {
     let mut s = UnixStream::connect(socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     s.write_all(request.as_bytes()).unwrap();
@@ -221,7 +221,7 @@ fn all_containers() -> Vec<String> {
 }
 
 /// The engine's containers made from `image`, running or not.
-fn containers_of(image: &str) -> Vec<String> {
+pub(crate) fn containers_of(image: &str) -> Vec<String> {
     let filter = format!("ancestor={image}");
     let mut v: Vec<String> = stdout(&engine(&["ps", "-aq", "--no-trunc", "--filter", &filter]))
         .split_whitespace()

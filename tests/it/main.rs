@@ -7,6 +7,7 @@ mod support;
 mod backup;
 mod config_cli;
 mod docker;
+mod docker_attacks;
 mod docker_decode;
 mod image;
 mod postgres_embedded;

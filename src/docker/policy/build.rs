@@ -49,6 +49,26 @@ pub fn check_build_query(mut q: Query, limits: &Limits, instance: &str) -> Resul
         }
         q.remove("cachefrom");
     }
+    if q.get("cgroupparent").is_some_and(|v| !v.is_empty()) {
+        return Err(deny(
+            "query.cgroupparent",
+            "moves the build out of the engine's cgroups",
+        ));
+    }
+    if q.get("ulimits")
+        .is_some_and(|v| !matches!(v, "" | "null" | "[]"))
+    {
+        return Err(deny("query.ulimits", "is not allowed for a build"));
+    }
+    if q.get("isolation")
+        .is_some_and(|v| !matches!(v, "" | "default"))
+    {
+        return Err(deny("query.isolation", "is not allowed"));
+    }
+    // The build's intermediate containers are not labelled: the application could neither see
+    // nor remove them, so they are always removed (docker-py sends rm=False).
+    q.set("rm", "1".into());
+    q.set("forcerm", "1".into());
     for key in ["cpuperiod", "cpuquota"] {
         if q.get(key).is_some_and(|v| v != "0") {
             return Err(deny(&format!("query.{key}"), "is not allowed"));
@@ -312,7 +332,7 @@ mod tests {
         assert_eq!(labels.get(INSTANCE_LABEL).map(String::as_str), Some("i1"));
         assert_eq!(labels.get("x").map(String::as_str), Some("y"));
         assert_eq!(q.get("memory"), Some("1073741824"));
-        assert_eq!(q.get("rm"), Some("0"));
+        assert_eq!((q.get("rm"), q.get("forcerm")), (Some("1"), Some("1")));
         for (raw, field) in [
             ("networkmode=host", "query.networkmode"),
             ("networkmode=container%3Ax", "query.networkmode"),
@@ -321,6 +341,11 @@ mod tests {
             ("cachefrom=%5B%22other%22%5D", "query.cachefrom"),
             ("memswap=-1", "query.memswap"),
             ("cpuquota=1", "query.cpuquota"),
+            ("cgroupparent=%2F", "query.cgroupparent"),
+            (
+                "ulimits=%5B%7B%22Name%22%3A%22nofile%22%7D%5D",
+                "query.ulimits",
+            ),
         ] {
             let d =
                 check_build_query(parse(raw, "build", BUILD).unwrap(), &limits, "i1").unwrap_err();

@@ -153,8 +153,8 @@ pub const IMAGE_CREATE: &[(&str, Kind)] = &[
     ("changes", Repeated),
     ("platform", Text),
 ];
-/// `POST /build`, without `remote` (the engine would fetch a URL from the host's network),
-/// `cgroupparent`, `extrahosts` pointing anywhere is harmless and kept.
+/// `POST /build`, without `remote` (the engine would fetch a URL from the host's network);
+/// `cgroupparent`, `ulimits` and `isolation` only empty ([`super::build`]).
 pub const BUILD: &[(&str, Kind)] = &[
     ("dockerfile", Text),
     ("t", Repeated),
@@ -169,6 +169,10 @@ pub const BUILD: &[(&str, Kind)] = &[
     ("memswap", Int),
     ("cpushares", Int),
     ("cpusetcpus", Text),
+    ("cpusetmems", Text),
+    ("cgroupparent", Text),
+    ("ulimits", Text),
+    ("isolation", Text),
     ("cpuperiod", Int),
     ("cpuquota", Int),
     ("buildargs", Text),

@@ -1,0 +1,715 @@
+//! The Docker bridge against an application that is not well-behaved: crafted bodies, network
+//! options, tags that belong to others, URLs for the engine to fetch, names that change hands,
+//! bind sources swapped after the check; and the reference application's own client
+//! (docker-py) running Regovar's job sequence. Every request here that must be refused would be
+//! harmless if it were not: containers are created but never started, binds name a scratch
+//! directory, networks a new bridge.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::docker::{Bridged, containers_of, engine, raw};
+use crate::support::*;
+
+/// A raw request with a JSON body on the proxy socket.
+fn post(socket: &Path, path: &str, body: &str) -> (u16, String) {
+    raw(
+        socket,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: d\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+fn message(body: &str) -> String {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| body.to_string())
+}
+
+fn names(args: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = stdout(&engine(args))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
+/// An image made directly on the engine (someone else's), holding `/etc/secret`.
+fn foreign_image(dir: &Path, tag: &str, secret: &str) {
+    let root = dir.join(format!("foreign-{}", tag.replace(['/', ':'], "-")));
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", root.join("bin/sleep")).unwrap();
+    std::fs::write(root.join("etc/secret"), secret).unwrap();
+    let tar = dir.join(format!("{}.tar", tag.replace(['/', ':'], "-")));
+    assert!(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = Command::new("docker")
+        .args(["import", "-", tag])
+        .stdin(std::fs::File::open(tar).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// What a test made, or might have made had a refusal failed, directly on the engine: removed
+/// when the test ends, failed or not.
+#[derive(Default)]
+struct OnEngine {
+    containers: std::cell::RefCell<Vec<String>>,
+    networks: std::cell::RefCell<Vec<String>>,
+    images: std::cell::RefCell<Vec<String>>,
+}
+
+impl OnEngine {
+    fn container(&self, c: &str) {
+        self.containers.borrow_mut().push(c.to_string());
+    }
+    fn network(&self, n: &str) {
+        self.networks.borrow_mut().push(n.to_string());
+    }
+    fn image(&self, i: &str) {
+        self.images.borrow_mut().push(i.to_string());
+    }
+}
+
+impl Drop for OnEngine {
+    fn drop(&mut self) {
+        for c in self.containers.borrow().iter() {
+            engine(&["rm", "-f", c]);
+        }
+        for n in self.networks.borrow().iter() {
+            engine(&["network", "rm", n]);
+        }
+        for i in self.images.borrow().iter() {
+            engine(&["rmi", "-f", i]);
+        }
+    }
+}
+
+fn image_id(reference: &str) -> String {
+    stdout(&engine(&[
+        "image", "inspect", "--format", "{{.Id}}", reference,
+    ]))
+    .trim()
+    .to_string()
+}
+
+#[test]
+fn bodies_the_engine_would_read_otherwise_are_refused_with_nothing_created() {
+    let mut b = Bridged::start("");
+    let image = format!("regobox-test/busybox:crafted{}", b.inst.port);
+    b.import_busybox(&image);
+    let scratch = b.inst.dir.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let ok_dir = b.inst.root.join("files/ok");
+    std::fs::create_dir_all(&ok_dir).unwrap();
+    let before = containers_of(&image);
+    let volumes_before = names(&["volume", "ls", "-q"]);
+    let (s, ok) = (scratch.display(), ok_dir.display());
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!(r#"{{"Image":"{image}","HostConfig":{{"privileged":true}}}}"#),
+            "privileged",
+        ),
+        (
+            format!(r#"{{"Image":"{image}","hostConfig":{{"Privileged":true}}}}"#),
+            "hostConfig",
+        ),
+        (
+            format!(
+                r#"{{"Image":"{image}","HostConfig":{{"PRIVILEGED":true,"Privileged":false}}}}"#
+            ),
+            "PRIVILEGED",
+        ),
+        (
+            format!(r#"{{"Image":"{image}","HostConfig":{{"Privil\u0065ged":true}}}}"#),
+            "Privileged",
+        ),
+        (
+            format!(r#"{{"Image":"{image}","Privileged":true}}"#),
+            "Privileged",
+        ),
+        (
+            format!(r#"{{"Image":"{image}","Binds":["{s}:/host"]}}"#),
+            "Binds",
+        ),
+        (
+            format!(
+                r#"{{"Image":"{image}","HostConfig":{{"Binds":["{ok}:/ok"],"binds":["{s}:/host"]}}}}"#
+            ),
+            "binds",
+        ),
+        (
+            format!(
+                r#"{{"Image":"{image}","HostConfig":{{"Binds":["{ok}:/ok"],"Binds":["{s}:/host"]}}}}"#
+            ),
+            "Binds",
+        ),
+        (
+            format!(r#"{{"Image":"{image}","image":"someone-else"}}"#),
+            "image",
+        ),
+        (
+            format!(r#"{{"Image":"{image}","Image":"someone-else"}}"#),
+            "Image",
+        ),
+        (
+            format!(r#"{{"Image":"{image}","HostConfig":{{"CapAdd":"SYS_ADMIN"}}}}"#),
+            "CapAdd",
+        ),
+        (
+            format!(
+                r#"{{"Image":"{image}","HostConfig":{{"\u017FecurityOpt":["seccomp=unconfined"]}}}}"#
+            ),
+            "ecurityOpt",
+        ),
+        (
+            format!(r#"{{"Image":"{image}","HostConfig":{{"\u212AernelMemory":1}}}}"#),
+            "ernelMemory",
+        ),
+        (
+            format!(r#"{{"Image":"{image}","HostConfig":{{"MaskedPaths":[]}}}}"#),
+            "MaskedPaths",
+        ),
+        (
+            format!(r#"{{"Image":"{image}","HostConfig":{{"ReadonlyPaths":[]}}}}"#),
+            "ReadonlyPaths",
+        ),
+        (
+            format!(
+                r#"{{"Image":"{image}","HostConfig":{{"SecurityOpt":["seccomp={{\"defaultAction\":\"SCMP_ACT_ALLOW\"}}"]}}}}"#
+            ),
+            "SecurityOpt",
+        ),
+        (
+            format!(
+                r#"{{"Image":"{image}","HostConfig":{{"Sysctls":{{"net.ipv4.ip_forward":"1"}}}}}}"#
+            ),
+            "Sysctls",
+        ),
+        (
+            format!(r#"{{"Image":"{image}","HostConfig":{{"Links":["x:y"]}}}}"#),
+            "Links",
+        ),
+        (
+            format!(
+                r#"{{"Image":"{image}","HostConfig":{{"LogConfig":{{"Type":"syslog","Config":{{"syslog-address":"udp://127.0.0.1:9"}}}}}}}}"#
+            ),
+            "LogConfig",
+        ),
+        (
+            format!(r#"{{"Image":"{image}","HostConfig":{{"PidsLimit":100000}}}}"#),
+            "PidsLimit",
+        ),
+        (
+            format!(r#"{{"Image":"{image}","HostConfig":{{"OomScoreAdj":-1000}}}}"#),
+            "OomScoreAdj",
+        ),
+        (
+            format!(
+                r#"{{"Image":"{image}","HostConfig":{{"RestartPolicy":{{"Name":"always"}}}}}}"#
+            ),
+            "RestartPolicy",
+        ),
+        (
+            format!(
+                r#"{{"Image":"{image}","HostConfig":{{"PortBindings":{{"80/tcp":[{{"HostPort":"38099"}}]}}}}}}"#
+            ),
+            "PortBindings",
+        ),
+        (
+            format!(r#"{{"Image":"{image}","HostConfig":{{"CgroupnsMode":"host"}}}}"#),
+            "CgroupnsMode",
+        ),
+        (
+            format!(r#"{{"Image":"{image}","HostConfig":{{"Runtime":"io.containerd.runc.v2"}}}}"#),
+            "Runtime",
+        ),
+        (
+            format!(
+                r#"{{"Image":"{image}","HostConfig":{{"Mounts":[{{"Type":"bind","Source":"{s}","Target":"/x"}}]}}}}"#
+            ),
+            "Mounts",
+        ),
+        (
+            format!(
+                r#"{{"Image":"{image}","HostConfig":{{"Mounts":[{{"Type":"bind","Source":"{ok}","Target":"/x","BindOptions":{{"Propagation":"rshared"}}}}]}}}}"#
+            ),
+            "Propagation",
+        ),
+        (
+            format!(r#"{{"Image":"{image}","Volumes":{{"/anonymous":{{}}}}}}"#),
+            "Volumes",
+        ),
+        (
+            format!(
+                r#"{{"Image":"{image}","NetworkingConfig":{{"EndpointsConfig":{{"host":{{}}}}}}}}"#
+            ),
+            "EndpointsConfig",
+        ),
+        (
+            format!(
+                r#"{{"Image":"{image}"}} {{"Image":"{image}","HostConfig":{{"Privileged":true}}}}"#
+            ),
+            "body",
+        ),
+    ];
+    for (body, needle) in &cases {
+        let (status, answer) = post(&b.socket, "/v1.41/containers/create", body);
+        assert_eq!(status, 403, "{body}: {answer}");
+        let m = message(&answer);
+        assert!(m.contains(needle) && m.contains("refused"), "{body}: {m}");
+    }
+    assert_eq!(
+        containers_of(&image),
+        before,
+        "a refused create made a container"
+    );
+    assert_eq!(names(&["volume", "ls", "-q"]), volumes_before);
+
+    // A query parameter twice, or one the endpoint does not take.
+    let (status, answer) = post(
+        &b.socket,
+        "/v1.41/containers/create?name=a&name=b",
+        &format!(r#"{{"Image":"{image}"}}"#),
+    );
+    assert_eq!(status, 403, "{answer}");
+    assert_eq!(containers_of(&image), before);
+
+    // What is allowed reaches the engine as regobox wrote it: full image id, instance label,
+    // the PIDs ceiling in place of -1.
+    let id = b.cli_ok(&["create", "--pids-limit", "-1", &image, "true"]);
+    let id = id.trim();
+    let made = OnEngine::default();
+    made.container(id);
+    let inspect: Value = serde_json::from_str(&stdout(&engine(&["inspect", id]))).unwrap();
+    assert_eq!(inspect[0]["HostConfig"]["PidsLimit"], 4096);
+    assert_eq!(inspect[0]["Config"]["Image"], image_id(&image));
+    assert_eq!(
+        inspect[0]["Config"]["Labels"]["regobox.instance"],
+        b.instance_id()
+    );
+    engine(&["rm", id]);
+    b.stop();
+}
+
+#[test]
+fn networks_touch_no_host_interface_and_connect_only_the_instances() {
+    let mut b = Bridged::start("");
+    let image = format!("regobox-test/busybox:net{}", b.inst.port);
+    b.import_busybox(&image);
+    let before = names(&["network", "ls", "-q"]);
+    let port = b.inst.port;
+    let made = OnEngine::default();
+    for n in ["a", "b", "mine", "theirs"] {
+        made.network(&format!("rbx-{n}{port}"));
+    }
+    for (body, needle) in [
+        (
+            format!(
+                r#"{{"Name":"rbx-a{port}","Options":{{"com.docker.network.bridge.name":"rbxt{port}"}}}}"#
+            ),
+            "Options",
+        ),
+        (
+            format!(r#"{{"Name":"rbx-a{port}","Driver":"macvlan","Options":{{"parent":"lo"}}}}"#),
+            "Driver",
+        ),
+        (
+            format!(r#"{{"name":"rbx-a{port}","Driver":"bridge"}}"#),
+            "name",
+        ),
+        (
+            format!(r#"{{"Name":"rbx-a{port}","Driver":"bridge","driver":"ipvlan"}}"#),
+            "driver",
+        ),
+        (
+            format!(r#"{{"Name":"rbx-a{port}","IPAM":{{"Config":[{{"Subnet":"127.0.0.0/8"}}]}}}}"#),
+            "IPAM",
+        ),
+        (
+            format!(r#"{{"Name":"rbx-a{port}","ConfigOnly":true}}"#),
+            "ConfigOnly",
+        ),
+    ] {
+        let (status, answer) = post(&b.socket, "/networks/create", &body);
+        assert_eq!(status, 403, "{body}: {answer}");
+        assert!(message(&answer).contains(needle), "{body}: {answer}");
+    }
+    let out = b.cli(&[
+        "network",
+        "create",
+        "--opt",
+        &format!("com.docker.network.bridge.name=rbxt{port}"),
+        &format!("rbx-b{port}"),
+    ]);
+    assert!(
+        !out.status.success(),
+        "created a bridge named by the application"
+    );
+    assert_eq!(
+        names(&["network", "ls", "-q"]),
+        before,
+        "a refused create made a network"
+    );
+    assert!(!Path::new(&format!("/sys/class/net/rbxt{port}")).exists());
+
+    // Connect and disconnect judge both sides on the full ids.
+    let mine = format!("rbx-mine{port}");
+    b.cli_ok(&["network", "create", &mine]);
+    let theirs = format!("rbx-theirs{port}");
+    assert!(engine(&["network", "create", &theirs]).status.success());
+    let other = stdout(&engine(&["create", &image, "true"]))
+        .trim()
+        .to_string();
+    let job = b.cli_ok(&["create", &image, "true"]).trim().to_string();
+    let out = b.cli(&["network", "connect", &mine, &other]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("No such container"),
+        "{}",
+        stderr(&out)
+    );
+    let out = b.cli(&["network", "connect", &theirs, &job]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("not found"),
+        "{}",
+        stderr(&out)
+    );
+    let (status, answer) = post(
+        &b.socket,
+        &format!("/networks/{mine}/connect"),
+        &format!(r#"{{"Container":"{job}","container":"{other}"}}"#),
+    );
+    assert_eq!(status, 403, "{answer}");
+    b.cli_ok(&["network", "connect", &mine, &job]);
+    b.cli_ok(&["network", "disconnect", &mine, &job]);
+    let attached = stdout(&engine(&[
+        "inspect",
+        "--format",
+        "{{json .NetworkSettings.Networks}}",
+        &other,
+    ]));
+    assert!(!attached.contains(&mine), "{attached}");
+    engine(&["rm", "-f", &other, &job]);
+    engine(&["network", "rm", &theirs, &mine]);
+    b.stop();
+}
+
+#[test]
+fn images_never_move_anothers_tag_nor_make_the_engine_fetch() {
+    let mut b = Bridged::start("");
+    let port = b.inst.port;
+    let base = format!("regobox-test/busybox:img{port}");
+    b.import_busybox(&base);
+    let victim = format!("regobox-test/victim:{port}");
+    let own_tag = format!("regobox-test/own:{port}");
+    let made = OnEngine::default();
+    for i in [&victim, &own_tag, &"regobox-test/fetched:1".to_string()] {
+        made.image(i);
+    }
+    foreign_image(b.inst.dir.path(), &victim, "victim-secret");
+    let victim_id = image_id(&victim);
+    // Anything the engine fetches would arrive here.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!(
+        "http://127.0.0.1:{}/x.tar",
+        listener.local_addr().unwrap().port()
+    );
+
+    let ctx = b.inst.dir.path().join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    let build = |dockerfile: &str, tag: &str| {
+        std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
+        b.cli(&["build", "-q", "-t", tag, &ctx.display().to_string()])
+    };
+    for (out, needle) in [
+        (
+            build(&format!("FROM {base}\n"), &victim),
+            "is not this instance's",
+        ),
+        (
+            build(&format!("FROM {base}\nADD {url} /x\n"), &own_tag),
+            "fetch a URL",
+        ),
+        (
+            build(&format!("FROM {victim}\n"), &own_tag),
+            "not this instance's",
+        ),
+        (
+            build(
+                &format!("FROM {base} AS a\nFROM scratch\nCOPY --from={victim} /etc/secret /s\n"),
+                &own_tag,
+            ),
+            "not this instance's",
+        ),
+        (
+            build(&format!("ARG B={victim}\nFROM $B\n"), &own_tag),
+            "not this instance's",
+        ),
+    ] {
+        assert!(!out.status.success(), "build went through");
+        assert!(stderr(&out).contains(needle), "{}", stderr(&out));
+    }
+    for (path, needle) in [
+        (
+            format!(
+                "/build?remote={}&t=x",
+                url.replace(':', "%3A").replace('/', "%2F")
+            ),
+            "remote",
+        ),
+        (
+            format!(
+                "/images/create?fromSrc={}&repo=regobox-test/fetched&tag=1",
+                url.replace(':', "%3A").replace('/', "%2F")
+            ),
+            "fetch a URL",
+        ),
+        (
+            format!("/images/create?fromImage=regobox-test/victim&tag={port}"),
+            "is not this instance's",
+        ),
+        ("/images/create?fromImage=busybox".to_string(), "every tag"),
+        (
+            format!("/images/create?fromSrc=-&repo=regobox-test/victim&tag={port}"),
+            "is not this instance's",
+        ),
+        (
+            "/images/regobox-test/victim/tag?repo=x".to_string(),
+            "not an allowed endpoint",
+        ),
+        (
+            "/commit?container=x&repo=y".to_string(),
+            "not an allowed endpoint",
+        ),
+    ] {
+        let (status, answer) = post(&b.socket, &path, "");
+        assert_eq!(status, 403, "{path}: {answer}");
+        assert!(message(&answer).contains(needle), "{path}: {answer}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        listener.accept().is_err(),
+        "the engine fetched a URL the application gave"
+    );
+    assert_eq!(image_id(&victim), victim_id, "the victim's tag moved");
+    assert!(!engine(&["image", "inspect", &own_tag]).status.success());
+    // A build of its own works, and may tag its own image again.
+    let out = build(&format!("FROM {base}\nLABEL step=1\n"), &own_tag);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = build(&format!("FROM {base}\nLABEL step=1\n"), &own_tag);
+    assert!(out.status.success(), "{}", stderr(&out));
+    b.stop();
+}
+
+#[test]
+fn a_name_that_changes_hands_never_redirects_a_request() {
+    let mut b = Bridged::start("");
+    let port = b.inst.port;
+    let mine = format!("regobox-test/busybox:race{port}");
+    b.import_busybox(&mine);
+    let victim = format!("regobox-test/victim-race:{port}");
+    let name = format!("rbx-race-{port}");
+    let made = OnEngine::default();
+    made.container(&name);
+    made.image(&victim);
+    foreign_image(b.inst.dir.path(), &victim, "victim-secret");
+    let mut leaked = 0;
+    let mut answered = 0;
+    for _ in 0..15 {
+        b.cli_ok(&["create", "--name", &name, &mine, "true"]);
+        let socket = b.socket.clone();
+        let readers: Vec<_> = (0..24)
+            .map(|_| {
+                let socket = socket.clone();
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    raw(
+                        &socket,
+                        &format!("GET /v1.41/containers/{name}/archive?path=/etc/secret HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"),
+                    )
+                })
+            })
+            .collect();
+        engine(&["rm", "-f", &name]);
+        engine(&["create", "--name", &name, &victim, "sleep", "1"]);
+        for r in readers {
+            let (status, body) = r.join().unwrap();
+            answered += 1;
+            if status == 200 || body.contains("victim-secret") {
+                leaked += 1;
+            }
+        }
+        // The name is someone else's now: invisible, and no message names its container.
+        let (status, body) = raw(
+            &b.socket,
+            &format!(
+                "GET /containers/{name}/json HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        assert_eq!(status, 404, "{body}");
+        let other = stdout(&engine(&["inspect", "--format", "{{.Id}}", &name]))
+            .trim()
+            .to_string();
+        let out = b.cli(&["create", "--name", &name, &mine, "true"]);
+        assert!(!out.status.success());
+        assert!(
+            !stderr(&out).contains(&other) && !stderr(&out).contains(&other[..12]),
+            "{}",
+            stderr(&out)
+        );
+        engine(&["rm", "-f", &name]);
+    }
+    assert_eq!(answered, 15 * 24);
+    assert_eq!(
+        leaked, 0,
+        "{leaked} requests read the other container's file"
+    );
+    engine(&["rmi", &victim]);
+    b.stop();
+}
+
+#[test]
+fn a_bind_source_swapped_for_a_link_after_the_create_is_refused_at_start() {
+    let mut b = Bridged::start("");
+    let image = format!("regobox-test/busybox:swap{}", b.inst.port);
+    b.import_busybox(&image);
+    let scratch = b.inst.dir.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+    std::fs::write(scratch.join("outside"), "outside the roots").unwrap();
+    let job = b.inst.root.join("files/job");
+    // The test's host path translation maps files/ to host-files/: the engine mounts from there,
+    // so the swap is made on both sides.
+    let host_job = b.host_files.join("job");
+    for dir in [&job, &host_job] {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let made = OnEngine::default();
+    let id = b
+        .cli_ok(&[
+            "create",
+            "-v",
+            &format!("{}:/mnt", job.display()),
+            &image,
+            "ls",
+            "/mnt",
+        ])
+        .trim()
+        .to_string();
+    made.container(&id);
+    for dir in [&job, &host_job] {
+        std::fs::remove_dir(dir).unwrap();
+        std::os::unix::fs::symlink(&scratch, dir).unwrap();
+    }
+    let out = b.cli(&["start", "-a", &id]);
+    assert!(!out.status.success(), "started: {}", stdout(&out));
+    assert!(stderr(&out).contains("symbolic link"), "{}", stderr(&out));
+    assert!(!stdout(&out).contains("outside"));
+    let state = stdout(&engine(&["inspect", "--format", "{{.State.Status}}", &id]));
+    assert_eq!(state.trim(), "created");
+    // An engine-driven restart would mount without regobox looking again: refused.
+    let out = b.cli(&["create", "--restart", "on-failure:3", &image, "true"]);
+    assert!(stderr(&out).contains("RestartPolicy"), "{}", stderr(&out));
+    b.stop();
+}
+
+#[test]
+fn regovars_job_sequence_runs_with_docker_py() {
+    let mut b = Bridged::start("");
+    let port = b.inst.port;
+    let base = format!("regobox-test/busybox:py{port}");
+    b.import_busybox(&base);
+    let ctx = b.inst.dir.path().join("py-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {base}\nLABEL regovar.pipeline=demo\n"),
+    )
+    .unwrap();
+    let input = b.inst.root.join("files/jobs/42/in");
+    let output = b.inst.root.join("files/jobs/42/out");
+    for (inside, host) in [
+        (&input, b.host_files.join("jobs/42/in")),
+        (&output, b.host_files.join("jobs/42/out")),
+    ] {
+        std::fs::create_dir_all(inside).unwrap();
+        std::fs::create_dir_all(&host).unwrap();
+    }
+    std::fs::write(b.host_files.join("jobs/42/in/in.txt"), "genome-42").unwrap();
+    let before = containers_of(&base);
+    let tag = format!("regobox-test/regovar-job:{port}");
+    let made = OnEngine::default();
+    made.container(&format!("rbx-regovar-{port}"));
+    made.network(&format!("rbx-regovar-{port}"));
+    made.image(&tag);
+    let out = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/regovar_jobs.py"))
+        .args(["--context", &ctx.display().to_string(), "--tag", &tag])
+        .args([
+            "--network",
+            &format!("rbx-regovar-{port}"),
+            "--name",
+            &format!("rbx-regovar-{port}"),
+        ])
+        .args([
+            "--input",
+            &input.display().to_string(),
+            "--output",
+            &output.display().to_string(),
+        ])
+        .args([
+            "--output-seen-at",
+            &b.host_files.join("jobs/42/out").display().to_string(),
+        ])
+        .env("DOCKER_HOST", format!("unix://{}", b.socket.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "docker-py: {}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let seen: Value = serde_json::from_str(stdout(&out).trim().lines().last().unwrap()).unwrap();
+    assert_eq!(seen["exit_code"], 0, "{seen}");
+    assert_eq!(seen["status_paused"], "paused", "{seen}");
+    assert_eq!(seen["out_txt"], "job=42 a=b input=genome-42", "{seen}");
+    assert!(
+        seen["logs"]
+            .as_str()
+            .unwrap()
+            .contains("regovar-job stdout"),
+        "{seen}"
+    );
+    assert!(!seen["logs"].as_str().unwrap().contains("stderr"), "{seen}");
+    assert!(seen["stats_keys"].as_u64().unwrap() > 5, "{seen}");
+    // Nothing left behind: the container, the network, the image, the build's containers.
+    assert_eq!(containers_of(&base), before);
+    assert!(
+        !engine(&["network", "inspect", &format!("rbx-regovar-{port}")])
+            .status
+            .success()
+    );
+    assert!(!engine(&["image", "inspect", &tag]).status.success());
+    b.stop();
+}
