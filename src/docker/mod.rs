@@ -12,6 +12,7 @@
 //! (reports those running, removes those exited longer than `docker.gc_after` ago) and serves the
 //! socket. No engine: one warning, no socket, everything else runs.
 
+pub mod binds;
 pub mod engine;
 pub mod model;
 pub mod policy;
@@ -137,6 +138,8 @@ impl Bridge {
             ulimits: own_hard_limits(),
         };
         let images = OwnedImages::load(layout.secrets.join("docker-images.json"))?;
+        let freeze_journal = layout.secrets.join("docker-binds-frozen.json");
+        binds::thaw_leftovers(&freeze_journal);
         let audit = match LogFile::open(
             &layout.logs,
             "docker-audit",
@@ -164,6 +167,8 @@ impl Bridge {
             max_body: d.max_inspected_body as usize,
             max_build_context: d.max_build_context,
             spool_dir: std::env::temp_dir(),
+            freeze_journal: freeze_journal.clone(),
+            freezing: tokio::sync::Mutex::new(()),
         });
         let shutdown = CancellationToken::new();
         tokio::spawn(proxy::serve(listener, proxy, shutdown.clone()));

@@ -35,13 +35,14 @@ use serde_json::{Map, Value, json};
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
+use super::binds::{self, Freeze};
 use super::engine::Connector;
 use super::model::{
     self, ContainerCreate, NetworkConnect, NetworkCreate, NetworkDisconnect, Undecodable,
 };
 use super::policy::container::{self, CreatePolicy};
 use super::policy::query::{self, Query};
-use super::policy::{self, Denied, Endpoint, INSTANCE_LABEL, build, network};
+use super::policy::{self, Denied, Endpoint, INSTANCE_LABEL, build, image, network};
 use crate::logs::SharedLogFile;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -168,6 +169,10 @@ pub struct Proxy {
     /// Largest build context, spooled to an unnamed file in `spool_dir` before it is forwarded.
     pub max_build_context: u64,
     pub spool_dir: PathBuf,
+    /// Where [`binds::Freeze`] records what it changed, and the lock that lets one request at a
+    /// time make the engine mount binds.
+    pub freeze_journal: PathBuf,
+    pub freezing: tokio::sync::Mutex<()>,
 }
 
 /// Serve `listener` until `shutdown` (open streams, such as a followed log, go on until the
@@ -294,9 +299,9 @@ impl Proxy {
         req: Request<Incoming>,
     ) -> Result<Done, Refusal> {
         let raw_query = req.uri().query().unwrap_or("").to_string();
-        let version = policy::version_prefix(req.uri().path())
-            .unwrap_or("")
-            .to_string();
+        // Forwarded at the version the model is of, whatever the client's prefix (none, or the
+        // same: policy::endpoint refused the others).
+        let version = format!("/v{}", policy::API_VERSION);
         let normalized = policy::normalize(req.uri().path())?;
         let target = |path: &str, q: &Query| {
             let q = q.encode();
@@ -314,7 +319,7 @@ impl Proxy {
         match ep {
             Endpoint::Ping | Endpoint::Version | Endpoint::Info => {
                 let q = query::parse(&raw_query, &normalized, query::NONE)?;
-                let req = retarget(req.map(boxed), &target(&normalized, &q))?;
+                let req = retarget(self.no_body(req).await?, &target(&normalized, &q))?;
                 Ok(plain(self.forward(req, None).await?))
             }
             Endpoint::Events | Endpoint::ContainerList | Endpoint::NetworkList => {
@@ -325,7 +330,7 @@ impl Proxy {
                 };
                 let q = query::parse(&raw_query, &normalized, allowed)?;
                 let q = with_label_filter(q, &self.instance)?;
-                let req = retarget(req.map(boxed), &target(&normalized, &q))?;
+                let req = retarget(self.no_body(req).await?, &target(&normalized, &q))?;
                 Ok(plain(self.forward(req, None).await?))
             }
             Endpoint::Build => {
@@ -335,7 +340,12 @@ impl Proxy {
             Endpoint::ImageCreate => {
                 let q = query::parse(&raw_query, "an image create", query::IMAGE_CREATE)?;
                 let (reference, q) = self.check_image_create(q).await?;
-                let req = retarget(req.map(boxed), &target("/images/create", &q))?;
+                let req = if q.get("fromSrc") == Some("-") {
+                    req.map(boxed)
+                } else {
+                    self.no_body(req).await?
+                };
+                let req = retarget(req, &target("/images/create", &q))?;
                 let response = self.forward(req, None).await?;
                 if !response.status().is_success() {
                     return Ok(plain(response));
@@ -368,7 +378,7 @@ impl Proxy {
             }
             Endpoint::ImageList => {
                 let q = query::parse(&raw_query, "the image list", query::IMAGE_LIST)?;
-                let req = retarget(req.map(boxed), &target("/images/json", &q))?;
+                let req = retarget(self.no_body(req).await?, &target("/images/json", &q))?;
                 let response = self.forward(req, None).await?;
                 if !response.status().is_success() {
                     return Ok(plain(response));
@@ -399,7 +409,10 @@ impl Proxy {
                 let name = &captures[0];
                 let q = query::parse(&raw_query, "an image inspect", query::NONE)?;
                 let id = self.owned_image(name).await?;
-                let req = retarget(req.map(boxed), &target(&format!("/images/{id}/json"), &q))?;
+                let req = retarget(
+                    self.no_body(req).await?,
+                    &target(&format!("/images/{id}/json"), &q),
+                )?;
                 Ok(Done {
                     response: self.forward(req, None).await?,
                     object: Some(name.clone()),
@@ -410,7 +423,10 @@ impl Proxy {
                 let q = query::parse(&raw_query, "an image remove", query::IMAGE_REMOVE)?;
                 let id = self.owned_image(name).await?;
                 // By the name asked for: by id, a forced remove would drop every tag of the image.
-                let req = retarget(req.map(boxed), &target(&format!("/images/{name}"), &q))?;
+                let req = retarget(
+                    self.no_body(req).await?,
+                    &target(&format!("/images/{name}"), &q),
+                )?;
                 let response = self.forward(req, None).await?;
                 if response.status().is_success() {
                     let gone = matches!(
@@ -436,15 +452,46 @@ impl Proxy {
             Endpoint::ContainerCreate => {
                 let q = query::parse(&raw_query, "a container create", query::CONTAINER_CREATE)?;
                 let name = q.get("name").unwrap_or("").to_string();
+                if !name.is_empty() && !policy::valid_new_name(&name) {
+                    return Err(Denied::new(
+                        "query.name",
+                        format!("refused by regobox's Docker policy: {name:?} is not a container name (letters, digits, _ . -; not one that looks like an id)"),
+                    )
+                    .into());
+                }
                 let (parts, body) = req.into_parts();
                 let bytes = self.read_body(body, "container create").await?;
                 let model: ContainerCreate = model::decode(&bytes, "container create")?;
                 let plan = container::check_create(&model, &self.policy)?;
-                for source in &plan.bind_sources {
-                    no_symlink_under_roots(source, &self.policy.bind_roots)?;
-                }
+                // Checked (and missing components made) now; frozen again at each start.
+                drop(Freeze::new(
+                    &plan.bind_sources,
+                    &self.policy.bind_roots,
+                    &self.freeze_journal,
+                )?);
                 let requested_image = plan.image.clone();
-                let image_id = self.owned_image(&plan.image).await?;
+                let image = self.owned_image_inspect(&plan.image).await?;
+                let image_id = image.id.clone().unwrap_or_default();
+                // The image's VOLUMEs would be anonymous volumes outside the allowed roots.
+                for volume in image
+                    .config
+                    .as_ref()
+                    .and_then(|c| c.volumes.as_ref())
+                    .into_iter()
+                    .flat_map(|v| v.keys())
+                {
+                    let covered = plan
+                        .targets
+                        .iter()
+                        .any(|t| Path::new(t) == Path::new(volume.trim_end_matches('/')));
+                    if !covered {
+                        return Err(Denied::new(
+                            "Image",
+                            format!("refused by regobox's Docker policy: the image {requested_image} declares VOLUME {volume}, which would be an anonymous volume: bind a directory under the allowed roots, or a tmpfs, there"),
+                        )
+                        .into());
+                    }
+                }
                 let mut networks = BTreeMap::new();
                 for network in &plan.networks {
                     // A 404 here would make the docker CLI try to pull the image: refuse instead.
@@ -521,9 +568,16 @@ impl Proxy {
                     return Err(Denied::new("query.ps_args", "refused by regobox's Docker policy: ps_args holds characters other than letters, digits, spaces, commas and dashes").into());
                 }
                 let (id, inspected) = self.owned_container(reference).await?;
-                if matches!(op.as_deref(), Some("start") | Some("restart")) {
-                    self.recheck_binds(&inspected)?;
-                }
+                // The engine mounts the binds on these: hold their paths still until it answers.
+                let mounts = matches!(
+                    op.as_deref(),
+                    Some("start") | Some("restart") | Some("archive")
+                );
+                let _frozen = if mounts {
+                    Some(self.freeze_binds(&id, &inspected).await?)
+                } else {
+                    None
+                };
                 let path = match &op {
                     Some(op) => format!("/containers/{id}/{op}"),
                     None => format!("/containers/{id}"),
@@ -533,7 +587,14 @@ impl Proxy {
                     .headers()
                     .contains_key(UPGRADE)
                     .then(|| hyper::upgrade::on(&mut req));
-                let req = retarget(req.map(boxed), &target(&path, &q))?;
+                // Only a copy into the container has a body (a tar); below API 1.24 a start's
+                // body would replace the container's HostConfig, for one.
+                let req = if method == "PUT" {
+                    req.map(boxed)
+                } else {
+                    self.no_body(req).await?
+                };
+                let req = retarget(req, &target(&path, &q))?;
                 let response = self.forward(req, upgrade).await?;
                 Ok(Done {
                     response,
@@ -606,7 +667,7 @@ impl Proxy {
                         };
                         with_json(parts, &body, &target(&path, &q))?
                     }
-                    _ => retarget(req.map(boxed), &target(&path, &q))?,
+                    _ => retarget(self.no_body(req).await?, &target(&path, &q))?,
                 };
                 let response = self.forward(request, None).await?;
                 Ok(Done {
@@ -617,55 +678,15 @@ impl Proxy {
         }
     }
 
-    /// A pull (`fromImage` with a tag or digest) or an import of the body (`fromSrc=-`); neither
-    /// may move a tag that exists and is not this instance's. Returns the reference made.
+    /// A pull or an import of the body (`fromSrc=-`), judged by [`image::check_image_create`];
+    /// neither may move a tag that exists and is not this instance's. Returns the reference made.
     async fn check_image_create(&self, q: Query) -> Result<(String, Query), Refusal> {
-        let get = |k: &str| q.get(k).unwrap_or("").to_string();
-        let reference = if !get("fromImage").is_empty() {
-            if !get("fromSrc").is_empty() {
-                return Err(Denied::new(
-                    "query.fromSrc",
-                    "refused by regobox's Docker policy: fromImage and fromSrc together",
-                )
-                .into());
-            }
-            let reference = image_ref(&get("fromImage"), &get("tag"));
-            let last = reference.rsplit('/').next().unwrap_or("");
-            if !last.contains(':') && !reference.contains('@') {
-                return Err(Denied::new(
-                    "query.tag",
-                    "refused by regobox's Docker policy: a pull without a tag or digest pulls every tag of the repository",
-                )
-                .into());
-            }
-            reference
-        } else {
-            match get("fromSrc").as_str() {
-                "-" => {}
-                "" => {
-                    return Err(Refusal::BadRequest(
-                        "an image create names neither fromImage nor fromSrc".into(),
-                    ));
-                }
-                other => {
-                    return Err(Denied::new(
-                        "query.fromSrc",
-                        format!("refused by regobox's Docker policy: fromSrc {other:?} makes the engine fetch a URL from the host's network (send the image in the request body: fromSrc=-)"),
-                    )
-                    .into());
-                }
-            }
-            if get("repo").is_empty() {
-                String::new()
-            } else {
-                image_ref(&get("repo"), &get("tag"))
-            }
-        };
-        if !reference.is_empty() {
-            self.tag_is_free_or_ours(&reference, "query.fromImage")
+        let plan = image::check_image_create(&q)?;
+        if !plan.reference.is_empty() {
+            self.tag_is_free_or_ours(&plan.reference, "query.tag")
                 .await?;
         }
-        Ok((reference, q))
+        Ok((plan.reference, q))
     }
 
     /// A reference the application makes (a pull, an import, a build's tag) may name a new tag
@@ -711,26 +732,29 @@ impl Proxy {
         let text = tokio::task::spawn_blocking(move || read_dockerfile(file, &dockerfile))
             .await
             .map_err(|e| Refusal::Engine(format!("reading the build context: {e}")))??;
-        for image in build::dockerfile_images(&text, &build::build_args(&q))? {
-            match self.owned_image(&image).await {
-                Ok(_) => {}
-                Err(Refusal::NotFound(_)) => match self.docker.inspect_image(&image).await {
-                    Err(bollard::errors::Error::DockerResponseServerError {
-                        status_code: 404,
-                        ..
-                    }) => {} // the engine pulls it from its registry
-                    Ok(_) => {
-                        return Err(Denied::new(
-                            "Dockerfile",
-                            format!("refused by regobox's Docker policy: the Dockerfile reads the image {image:?}, which is not this instance's"),
-                        )
-                        .into());
-                    }
-                    Err(e) => {
-                        return Err(Refusal::Engine(format!("inspecting image {image}: {e}")));
-                    }
-                },
+        for base in build::dockerfile_images(&text, &build::build_args(&q))? {
+            let img = match self.owned_image_inspect(&base).await {
+                Ok(img) => img,
+                Err(Refusal::NotFound(_)) => {
+                    return Err(Denied::new(
+                        "Dockerfile",
+                        format!("refused by regobox's Docker policy: the Dockerfile reads the image {base:?}, which is not this instance's (pull it through the socket first)"),
+                    )
+                    .into());
+                }
                 Err(other) => return Err(other),
+            };
+            if img
+                .config
+                .as_ref()
+                .and_then(|c| c.on_build.as_ref())
+                .is_some_and(|o| !o.is_empty())
+            {
+                return Err(Denied::new(
+                    "Dockerfile",
+                    format!("refused by regobox's Docker policy: the image {base:?} has ONBUILD triggers, which would run in this build unread"),
+                )
+                .into());
             }
         }
         let len = spool.metadata().map(|m| m.len()).unwrap_or(0);
@@ -780,23 +804,21 @@ impl Proxy {
         Ok(file)
     }
 
-    /// Before a start: the bind sources, as the engine will mount them now, still lie under the
-    /// roots and go through no symbolic link (a link swapped in after the create is caught here).
-    fn recheck_binds(&self, inspected: &ContainerInspectResponse) -> Result<(), Refusal> {
-        let host = inspected.host_config.as_ref();
-        let binds = host
-            .and_then(|h| h.binds.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|b| b.split(':').next().unwrap_or("").to_string());
-        let mounts = host
-            .and_then(|h| h.mounts.as_ref())
-            .into_iter()
-            .flatten()
-            .filter(|m| m.typ == Some(bollard::models::MountTypeEnum::BIND))
-            .filter_map(|m| m.source.clone());
-        for source in binds.chain(mounts) {
-            let inside = container::from_host(Path::new(&source), &self.policy.host_paths);
+    /// Before the engine mounts a container's binds (start, restart, a copy into it): their
+    /// sources, as regobox sees them, still under the roots, no running job able to move a
+    /// component of their paths, and every component frozen ([`binds`]) until the returned guard
+    /// is dropped, after the engine's answer.
+    async fn freeze_binds(
+        &self,
+        id: &str,
+        inspected: &ContainerInspectResponse,
+    ) -> Result<(tokio::sync::MutexGuard<'_, ()>, Option<Freeze>), Refusal> {
+        let sources = bind_sources(
+            inspected.host_config.as_ref(),
+            &self.policy.host_paths,
+            false,
+        );
+        for inside in &sources {
             if !self.policy.bind_roots.iter().any(|r| inside.starts_with(r)) {
                 return Err(Denied::new(
                     "HostConfig.Binds",
@@ -804,9 +826,91 @@ impl Proxy {
                 )
                 .into());
             }
-            no_symlink_under_roots(&inside, &self.policy.bind_roots)?;
         }
-        Ok(())
+        let lock = self.freezing.lock().await;
+        if sources.is_empty() {
+            return Ok((lock, None));
+        }
+        let mut filters = std::collections::HashMap::new();
+        filters.insert(
+            "label".to_string(),
+            vec![format!("{INSTANCE_LABEL}={}", self.instance)],
+        );
+        filters.insert(
+            "status".to_string(),
+            vec![
+                "running".to_string(),
+                "paused".to_string(),
+                "restarting".to_string(),
+            ],
+        );
+        let running = self
+            .docker
+            .list_containers(Some(bollard::query_parameters::ListContainersOptions {
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| Refusal::Engine(format!("listing this instance's running jobs: {e}")))?;
+        let jobs: Vec<(String, Vec<PathBuf>)> = running
+            .iter()
+            .filter(|c| c.id.as_deref() != Some(id))
+            .map(|c| {
+                let name = c
+                    .names
+                    .as_ref()
+                    .and_then(|n| n.first())
+                    .cloned()
+                    .unwrap_or_else(|| c.id.clone().unwrap_or_default());
+                let writable = c
+                    .mounts
+                    .iter()
+                    .flatten()
+                    .filter(|m| {
+                        m.typ == Some(bollard::models::MountPointTypeEnum::BIND)
+                            && m.rw == Some(true)
+                    })
+                    .filter_map(|m| m.source.as_deref())
+                    .map(|s| container::from_host(Path::new(s), &self.policy.host_paths))
+                    .collect();
+                (name, writable)
+            })
+            .collect();
+        if let Some((job, bind, source)) = binds::covering(&sources, &self.policy.bind_roots, &jobs)
+        {
+            return Err(Denied::new(
+                "HostConfig.Binds",
+                format!(
+                    "refused by regobox's Docker policy: the running job {job} can write {}, which holds the path of the bind source {}: it could swap a directory of that path while the engine mounts it (stop it first, or bind it read-only)",
+                    bind.display(),
+                    source.display()
+                ),
+            )
+            .into());
+        }
+        let freeze = Freeze::new(&sources, &self.policy.bind_roots, &self.freeze_journal)?;
+        Ok((lock, Some(freeze)))
+    }
+
+    /// `req` for an endpoint that takes no body: refused if it has one, forwarded with none.
+    async fn no_body(&self, req: Request<Incoming>) -> Result<Request<Body>, Refusal> {
+        let (mut parts, body) = req.into_parts();
+        let what = format!("{} {}", parts.method, parts.uri.path());
+        let bytes = self.read_body(body, &what).await?;
+        if !bytes.is_empty() {
+            return Err(Denied::new(
+                "body",
+                format!("refused by regobox's Docker policy: {what} takes no body"),
+            )
+            .into());
+        }
+        parts.headers.remove(TRANSFER_ENCODING);
+        parts.headers.remove(CONTENT_LENGTH);
+        parts.headers.remove(CONTENT_TYPE);
+        Ok(Request::from_parts(
+            parts,
+            boxed(http_body_util::Empty::<Bytes>::new()),
+        ))
     }
 
     async fn read_body(&self, body: Incoming, what: &str) -> Result<Bytes, Refusal> {
@@ -854,6 +958,17 @@ impl Proxy {
 
     /// The image's full id if it is this instance's (labelled, or pulled/imported through here).
     async fn owned_image(&self, name: &str) -> Result<String, Refusal> {
+        let img = self.owned_image_inspect(name).await?;
+        img.id
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| Refusal::Engine(format!("the engine gave image {name} no id")))
+    }
+
+    /// The image's inspection if it is this instance's.
+    async fn owned_image_inspect(
+        &self,
+        name: &str,
+    ) -> Result<bollard::models::ImageInspect, Refusal> {
         let img = self.owned(
             self.docker.inspect_image(name).await,
             |img| {
@@ -863,9 +978,12 @@ impl Proxy {
             format!("No such image: {name}"),
             &format!("image {name}"),
         )?;
-        img.id
-            .filter(|id| !id.is_empty())
-            .ok_or_else(|| Refusal::Engine(format!("the engine gave image {name} no id")))
+        if img.id.as_deref().is_none_or(str::is_empty) {
+            return Err(Refusal::Engine(format!(
+                "the engine gave image {name} no id"
+            )));
+        }
+        Ok(img)
     }
 
     /// The container's full id and inspection if it is this instance's.
@@ -979,13 +1097,22 @@ fn tempfile_in(dir: &Path) -> std::io::Result<std::fs::File> {
 }
 
 /// The Dockerfile of a build context (plain or gzip tar): `name`, else `Dockerfile`, else
-/// `dockerfile`, as the engine looks for it.
+/// `dockerfile`, as the engine looks for it. The engine extracts the whole archive: refused are
+/// a Dockerfile given twice (the last would win), one that is not a regular file, and a
+/// directory on its path that is a link (the engine would follow it to another file).
 fn read_dockerfile(mut file: std::fs::File, name: &str) -> Result<String, Refusal> {
     use std::io::{Read, Seek};
     let err = |e: &dyn std::fmt::Display| {
         Refusal::BadRequest(format!(
             "the build context is not a readable tar archive: {e}"
         ))
+    };
+    let denied = |why: String| -> Refusal {
+        Denied::new(
+            "Dockerfile",
+            format!("refused by regobox's Docker policy: {why}"),
+        )
+        .into()
     };
     file.seek(std::io::SeekFrom::Start(0))
         .map_err(|e| err(&e))?;
@@ -994,7 +1121,7 @@ fn read_dockerfile(mut file: std::fs::File, name: &str) -> Result<String, Refusa
     file.seek(std::io::SeekFrom::Start(0))
         .map_err(|e| err(&e))?;
     let reader: Box<dyn Read> = match &magic[..n] {
-        [0x1f, 0x8b, ..] => Box::new(flate2::read::GzDecoder::new(file)),
+        [0x1f, 0x8b, ..] => Box::new(flate2::read::MultiGzDecoder::new(file)),
         [b'B', b'Z', b'h', ..]
         | [0xfd, b'7', b'z', b'X', b'Z', 0]
         | [0x28, 0xb5, 0x2f, 0xfd, ..] => {
@@ -1005,38 +1132,65 @@ fn read_dockerfile(mut file: std::fs::File, name: &str) -> Result<String, Refusa
         }
         _ => Box::new(file),
     };
-    let wanted: Vec<String> = if name.is_empty() {
-        vec!["Dockerfile".into(), "dockerfile".into()]
-    } else {
-        vec![name.trim_start_matches("./").to_string()]
+    let clean = |p: &str| -> Option<String> {
+        let parts: Vec<&str> = p
+            .split('/')
+            .filter(|s| !s.is_empty() && *s != ".")
+            .collect();
+        (!parts.contains(&"..")).then(|| parts.join("/"))
+    };
+    let wanted: Vec<String> = match name {
+        "" | "Dockerfile" => vec!["Dockerfile".into(), "dockerfile".into()],
+        other => vec![
+            clean(other)
+                .filter(|c| !c.is_empty() && !other.starts_with('/'))
+                .ok_or_else(|| {
+                    denied(format!(
+                        "the dockerfile parameter {other:?} is not a path inside the context"
+                    ))
+                })?,
+        ],
     };
     let mut archive = tar::Archive::new(reader);
-    let mut found: Option<(usize, String)> = None;
+    let mut found: Vec<Option<String>> = vec![None; wanted.len()];
     for entry in archive.entries().map_err(|e| err(&e))? {
         let mut entry = entry.map_err(|e| err(&e))?;
-        let path = entry
-            .path()
-            .map_err(|e| err(&e))?
-            .to_string_lossy()
-            .to_string();
-        let path = path.trim_start_matches("./").to_string();
-        let Some(rank) = wanted.iter().position(|w| *w == path) else {
-            continue;
+        let raw = entry.path_bytes();
+        let raw = String::from_utf8_lossy(&raw).to_string();
+        let Some(path) = clean(&raw) else {
+            return Err(denied(format!(
+                "the build context holds {raw:?}, which leaves it"
+            )));
         };
-        if !entry.header().entry_type().is_file() {
-            return Err(Denied::new("Dockerfile", format!("refused by regobox's Docker policy: {path} in the build context is not a regular file")).into());
-        }
-        let mut text = String::new();
-        entry
-            .by_ref()
-            .take(1 << 20)
-            .read_to_string(&mut text)
-            .map_err(|e| err(&e))?;
-        if found.as_ref().is_none_or(|(r, _)| rank < *r) {
-            found = Some((rank, text));
+        let kind = entry.header().entry_type();
+        for (i, w) in wanted.iter().enumerate() {
+            let is_parent = w.starts_with(&format!("{path}/"));
+            if is_parent && !kind.is_dir() {
+                return Err(denied(format!(
+                    "{path} in the build context, on the Dockerfile's path, is not a directory"
+                )));
+            }
+            if *w != path {
+                continue;
+            }
+            if !kind.is_file() {
+                return Err(denied(format!(
+                    "{path} in the build context is not a regular file"
+                )));
+            }
+            if found[i].is_some() {
+                return Err(denied(format!("{path} is in the build context twice")));
+            }
+            let mut text = String::new();
+            entry
+                .by_ref()
+                .take(1 << 20)
+                .read_to_string(&mut text)
+                .map_err(|e| err(&e))?;
+            found[i] = Some(text);
         }
     }
-    found.map(|(_, t)| t).ok_or_else(|| {
+    found.into_iter().flatten().next().ok_or_else(|| {
         Refusal::BadRequest(format!(
             "the build context holds no {}",
             wanted.join(" or ")
@@ -1113,18 +1267,6 @@ fn with_label_filter(mut q: Query, instance: &str) -> Result<Query, Refusal> {
     Ok(q)
 }
 
-/// `name` with `tag` unless the name already carries a tag or digest.
-fn image_ref(name: &str, tag: &str) -> String {
-    let last = name.rsplit('/').next().unwrap_or(name);
-    if tag.is_empty() || last.contains(':') || name.contains('@') {
-        name.to_string()
-    } else if tag.starts_with("sha256:") {
-        format!("{name}@{tag}")
-    } else {
-        format!("{name}:{tag}")
-    }
-}
-
 /// The image id an untagged import printed (`{"status":"sha256:..."}`).
 fn imported_id(tail: &[u8]) -> Option<String> {
     String::from_utf8_lossy(tail)
@@ -1135,40 +1277,38 @@ fn imported_id(tail: &[u8]) -> Option<String> {
         .find(|s| s.starts_with("sha256:"))
 }
 
-/// The engine follows symbolic links in a bind source on the host, where a link the application
-/// made (say `files/x -> /`) points somewhere else entirely: no component under the root may be
-/// a link.
-fn no_symlink_under_roots(source: &Path, roots: &[PathBuf]) -> Result<(), Denied> {
-    let Some(root) = roots
-        .iter()
-        .filter(|r| source.starts_with(r))
-        .max_by_key(|r| r.components().count())
-    else {
-        return Ok(()); // check_create already refused it
-    };
-    let mut path = root.clone();
-    for part in source
-        .strip_prefix(root)
-        .unwrap_or(Path::new(""))
-        .components()
-    {
-        path.push(part);
-        match std::fs::symlink_metadata(&path) {
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(Denied {
-                    rule: "HostConfig.Binds".into(),
-                    message: format!(
-                        "refused by regobox's Docker policy: bind source {} goes through the symbolic link {}",
-                        source.display(),
-                        path.display()
-                    ),
-                });
-            }
-            Ok(_) => {}
-            Err(_) => break, // the engine creates what is missing, as a directory
-        }
-    }
-    Ok(())
+/// The bind sources of a container (its `HostConfig` as the engine reports it), translated
+/// back to the paths regobox sees; only the writable ones if `writable_only`.
+fn bind_sources(
+    host: Option<&bollard::models::HostConfig>,
+    host_paths: &[(PathBuf, PathBuf)],
+    writable_only: bool,
+) -> Vec<PathBuf> {
+    let binds = host
+        .and_then(|h| h.binds.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|b| {
+            !writable_only
+                || !b
+                    .split(':')
+                    .nth(2)
+                    .unwrap_or("")
+                    .split(',')
+                    .any(|o| o == "ro")
+        })
+        .map(|b| b.split(':').next().unwrap_or("").to_string());
+    let mounts = host
+        .and_then(|h| h.mounts.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|m| m.typ == Some(bollard::models::MountTypeEnum::BIND))
+        .filter(|m| !writable_only || m.read_only != Some(true))
+        .filter_map(|m| m.source.clone());
+    binds
+        .chain(mounts)
+        .map(|s| container::from_host(Path::new(&s), host_paths))
+        .collect()
 }
 
 type Recording = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -1279,26 +1419,9 @@ mod tests {
 
     #[test]
     fn image_references() {
-        assert_eq!(image_ref("busybox", "latest"), "busybox:latest");
-        assert_eq!(image_ref("reg:5000/a/b", "1"), "reg:5000/a/b:1");
-        assert_eq!(image_ref("a/b:2", "1"), "a/b:2");
-        assert_eq!(image_ref("a", "sha256:ab"), "a@sha256:ab");
         assert_eq!(
             imported_id(b"{\"status\":\"sha256:abc\"}\r\n").as_deref(),
             Some("sha256:abc")
         );
-    }
-
-    #[test]
-    fn symlinks_under_a_root_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("files");
-        std::fs::create_dir_all(root.join("job/real")).unwrap();
-        std::os::unix::fs::symlink("/", root.join("job/escape")).unwrap();
-        let roots = vec![root.clone()];
-        assert!(no_symlink_under_roots(&root.join("job/real/out"), &roots).is_ok());
-        assert!(no_symlink_under_roots(&root.join("job/new/deeper"), &roots).is_ok());
-        let d = no_symlink_under_roots(&root.join("job/escape/etc"), &roots).unwrap_err();
-        assert!(d.message.contains("symbolic link"), "{}", d.message);
     }
 }

@@ -69,6 +69,21 @@ pub fn check_build_query(mut q: Query, limits: &Limits, instance: &str) -> Resul
     // nor remove them, so they are always removed (docker-py sends rm=False).
     q.set("rm", "1".into());
     q.set("forcerm", "1".into());
+    if q.flag("pull") {
+        return Err(deny(
+            "query.pull",
+            "would replace the base images with ones from a registry, unread: pull them through the socket first",
+        ));
+    }
+    if q.get("cpushares")
+        .and_then(|v| v.parse::<i64>().ok())
+        .is_some_and(|v| !(0..=1024).contains(&v))
+    {
+        return Err(deny(
+            "query.cpushares",
+            "must be between 0 and 1024 (the engine's default weight)",
+        ));
+    }
     for key in ["cpuperiod", "cpuquota"] {
         if q.get(key).is_some_and(|v| v != "0") {
             return Err(deny(&format!("query.{key}"), "is not allowed"));
@@ -138,35 +153,69 @@ pub fn build_args(q: &Query) -> BTreeMap<String, String> {
 }
 
 /// The images a Dockerfile reads (`FROM`, `COPY --from`), other than its own stages and
-/// `scratch`; refuses an `ADD` of a URL and references it cannot resolve.
+/// `scratch`; refuses an `ADD` of a URL, `ONBUILD` (its instructions would run in a later
+/// build, unread), and references it cannot resolve.
+///
+/// Read as the engine's parser reads it: parser directives only in the leading lines (`escape`
+/// and `syntax`; the first other line ends them), continuation lines joined with empty and
+/// comment lines inside them skipped. A Dockerfile that another reading could take differently
+/// (an `escape` directive anywhere but there, an escape character other than `\` or `` ` ``)
+/// is refused.
 pub fn dockerfile_images(
     text: &str,
     args: &BTreeMap<String, String>,
 ) -> Result<Vec<String>, Denied> {
     let field = "Dockerfile";
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let directive = |line: &str| -> Option<(String, String)> {
+        let rest = line.trim().strip_prefix('#')?;
+        let (name, value) = rest.split_once('=')?;
+        let name = name.trim();
+        (!name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric()))
+            .then(|| (name.to_ascii_lowercase(), value.trim().to_string()))
+    };
     let mut escape = '\\';
-    for line in text.lines() {
-        let t = line.trim();
-        let Some(directive) = t.strip_prefix('#') else {
-            break;
-        };
-        let d = directive.trim().to_ascii_lowercase();
-        if let Some(v) = d.strip_prefix("escape") {
-            let v = v.trim_start().trim_start_matches('=').trim();
-            escape = v.chars().next().unwrap_or('\\');
-        } else if !d.contains('=') {
-            break;
+    let lines: Vec<&str> = text.lines().collect();
+    let mut body_start = 0;
+    for (i, line) in lines.iter().enumerate() {
+        match directive(line) {
+            Some((name, value)) if name == "escape" || name == "syntax" => {
+                if name == "escape" {
+                    escape = match value.as_str() {
+                        "\\" => '\\',
+                        "`" => '`',
+                        other => {
+                            return Err(deny(
+                                field,
+                                format!("has the escape character {other:?} (only \\ or `)"),
+                            ));
+                        }
+                    };
+                }
+                body_start = i + 1;
+            }
+            _ => break,
         }
     }
-    // Logical lines: continuations joined, comments and blank lines dropped.
+    if lines[body_start..]
+        .iter()
+        .any(|l| directive(l).is_some_and(|(n, _)| n == "escape"))
+    {
+        return Err(deny(
+            field,
+            "has an escape directive after its first lines: ambiguous, refused",
+        ));
+    }
+    // Logical lines: continuations joined; comments, and empty lines inside a continuation,
+    // dropped.
     let mut logical = Vec::new();
     let mut current = String::new();
-    for line in text.lines() {
+    for line in &lines[body_start..] {
         let t = line.trim();
-        if current.is_empty() && (t.is_empty() || t.starts_with('#')) {
+        if t.starts_with('#') || (t.is_empty() && !current.is_empty()) {
             continue;
         }
-        if !current.is_empty() && t.starts_with('#') {
+        if t.is_empty() {
             continue;
         }
         if let Some(stripped) = t.strip_suffix(escape) {
@@ -177,12 +226,13 @@ pub fn dockerfile_images(
         current.push_str(t);
         logical.push(std::mem::take(&mut current));
     }
-    if !current.is_empty() {
+    if !current.trim().is_empty() {
         logical.push(current);
     }
 
     let mut scope: BTreeMap<String, String> = BTreeMap::new();
     let mut stages: Vec<String> = Vec::new();
+    let mut stage_count = 0usize;
     let mut images = Vec::new();
     let mut seen_from = false;
     for line in logical {
@@ -192,6 +242,12 @@ pub fn dockerfile_images(
         };
         let rest: Vec<&str> = words.collect();
         match instruction.to_ascii_uppercase().as_str() {
+            "ONBUILD" => {
+                return Err(deny(
+                    field,
+                    "ONBUILD is not allowed: its instructions would run in a later build without being read",
+                ));
+            }
             "ARG" if !seen_from => {
                 for decl in &rest {
                     let (name, default) = match decl.split_once('=') {
@@ -223,12 +279,16 @@ pub fn dockerfile_images(
                         stages.push(name.to_ascii_lowercase());
                     }
                 }
+                stage_count += 1;
             }
             "COPY" => {
-                for flag in rest.iter().filter(|w| w.starts_with("--from=")) {
+                for flag in rest
+                    .iter()
+                    .filter(|w| w.to_ascii_lowercase().starts_with("--from="))
+                {
                     let from = substitute(&flag["--from=".len()..], &scope)?;
                     let lower = from.to_ascii_lowercase();
-                    let is_index = from.chars().all(|c| c.is_ascii_digit());
+                    let is_index = from.parse::<usize>().is_ok_and(|i| i < stage_count);
                     if !is_index && !stages.contains(&lower) {
                         images.push(from);
                     }
@@ -262,6 +322,39 @@ pub fn dockerfile_images(
         }
     }
     Ok(images)
+}
+
+/// An import's `changes` (Dockerfile instructions applied to the image's configuration): those
+/// that only set how the image runs; not `ONBUILD` (unread instructions for a later build),
+/// `VOLUME` (anonymous volumes outside the allowed roots) or `LABEL` (ownership is regobox's).
+pub fn check_import_changes(changes: &[&str]) -> Result<(), Denied> {
+    const ALLOWED: &[&str] = &[
+        "CMD",
+        "ENTRYPOINT",
+        "ENV",
+        "EXPOSE",
+        "USER",
+        "WORKDIR",
+        "STOPSIGNAL",
+        "HEALTHCHECK",
+    ];
+    for change in changes {
+        let instruction = change
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_ascii_uppercase();
+        if !ALLOWED.contains(&instruction.as_str()) {
+            return Err(deny(
+                "query.changes",
+                format!(
+                    "{instruction:?} is not allowed (allowed: {})",
+                    ALLOWED.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `$VAR` and `${VAR}` from the build arguments; anything left unresolved is refused.
@@ -341,7 +434,9 @@ mod tests {
             ("cachefrom=%5B%22other%22%5D", "query.cachefrom"),
             ("memswap=-1", "query.memswap"),
             ("cpuquota=1", "query.cpuquota"),
-            ("cgroupparent=%2F", "query.cgroupparent"),
+            ("pull=1", "query.pull"),
+            ("cpushares=262144", "query.cpushares"),
+            ("cgroupparent=%2Fx", "query.cgroupparent"),
             (
                 "ulimits=%5B%7B%22Name%22%3A%22nofile%22%7D%5D",
                 "query.ulimits",
@@ -353,7 +448,7 @@ mod tests {
         }
         for raw in [
             "remote=http%3A%2F%2F127.0.0.1%2Fx",
-            "cgroupparent=%2F",
+            "session=x",
             "t=a&t=b&REMOTE=x",
         ] {
             assert!(parse(raw, "build", BUILD).is_err(), "{raw}");
@@ -372,7 +467,34 @@ mod tests {
             images,
             vec!["mine:1".to_string(), "their/img:2".to_string()]
         );
+        // The engine skips empty and comment lines inside a continuation.
+        let images = dockerfile_images(
+            "FROM mine\nCOPY \\\n\n# c\n--from=theirs /a /b\n",
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(images, vec!["mine".to_string(), "theirs".to_string()]);
+        // An unknown directive ends the directives: the escape stays a backslash.
+        assert!(dockerfile_images("# foo=bar\n# escape=`\nFROM a\n", &BTreeMap::new()).is_err());
+        let images = dockerfile_images(
+            "FROM a AS b\nCOPY --from=99999999999999999999 /x /y\nCOPY --from=0 /x /y\n",
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            images,
+            vec!["a".to_string(), "99999999999999999999".to_string()]
+        );
+        assert!(check_import_changes(&["CMD [\"x\"]", "ENV A=b"]).is_ok());
+        for bad in [
+            "ONBUILD ADD http://x /y",
+            "VOLUME /data",
+            "LABEL regobox.instance=x",
+        ] {
+            assert!(check_import_changes(&[bad]).is_err(), "{bad}");
+        }
         for text in [
+            "FROM a\nONBUILD COPY --from=victim /s /s\n",
             "FROM a\nADD http://127.0.0.1:8081/x /x\n",
             "FROM a\nadd --chown=1 https://example.org/x /x\n",
             "FROM a\nADD [\"http://127.0.0.1/x\", \"/x\"]\n",

@@ -46,6 +46,9 @@ pub struct CreatePlan {
     pub networks: Vec<String>,
     /// Bind sources as the application named them, for the check on the file system.
     pub bind_sources: Vec<PathBuf>,
+    /// Every path a bind, mount or tmpfs covers in the container (an image's `VOLUME` must be
+    /// one of them, or the engine would make an anonymous volume).
+    pub targets: Vec<String>,
 }
 
 impl CreatePlan {
@@ -191,6 +194,7 @@ pub fn check_create(req: &ContainerCreate, policy: &CreatePolicy) -> Result<Crea
         image,
         networks,
         bind_sources,
+        targets,
     })
 }
 
@@ -328,7 +332,9 @@ fn check_host_config(
         &hc.ipc_mode,
         &["private", "shareable", "none"],
     )?;
-    let cgroupns_mode = one_of(&f("CgroupnsMode"), &hc.cgroupns_mode, &["private"])?;
+    // Always private: the engine's default on a cgroup v1 host is the host's.
+    one_of(&f("CgroupnsMode"), &hc.cgroupns_mode, &["private"])?;
+    let cgroupns_mode = Some("private".to_string());
     let runtime = one_of(&f("Runtime"), &hc.runtime, &["runc"])?;
     let isolation = one_of(&f("Isolation"), &hc.isolation, &["default"])?;
     for (name, v) in [
@@ -376,8 +382,11 @@ fn check_host_config(
             "must be between 0 and 1000 (below 0 protects the job from the OOM killer at the host's expense)",
         ));
     }
-    if hc.cpu_shares.is_some_and(|v| v < 0) {
-        return Err(deny(&f("CpuShares"), "must not be negative"));
+    if hc.cpu_shares.is_some_and(|v| !(0..=1024).contains(&v)) {
+        return Err(deny(
+            &f("CpuShares"),
+            "must be between 0 and 1024 (the engine's default weight)",
+        ));
     }
     if hc
         .memory_swappiness

@@ -12,6 +12,7 @@
 
 pub mod build;
 pub mod container;
+pub mod image;
 pub mod network;
 pub mod query;
 
@@ -180,8 +181,61 @@ pub(crate) fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// The endpoint `method path` is, if the policy allows it; `path` is normalised here.
+/// The API version regobox's model is of, and every request is forwarded at: the engine reads
+/// bodies and fills defaults differently at other versions (below 1.24 a start's body replaces
+/// the container's HostConfig; below 1.40 and 1.41 the IPC and cgroup namespaces default to
+/// shareable and host).
+pub const API_VERSION: &str = "1.41";
+
+/// A request without a version prefix, or with [`API_VERSION`]'s.
+pub fn check_version(raw_path: &str) -> Result<(), Denied> {
+    match version_prefix(raw_path) {
+        None => Ok(()),
+        Some(v) if v[2..] == *API_VERSION => Ok(()),
+        Some(v) => Err(Denied::new(
+            "version",
+            format!(
+                "refused by regobox's Docker socket: API version {} is not the one it speaks ({API_VERSION}); let the client negotiate, or set DOCKER_API_VERSION={API_VERSION}",
+                &v[2..]
+            ),
+        )),
+    }
+}
+
+/// A container or network reference: a name or an id, nothing the engine would read as more.
+pub fn valid_object_ref(r: &str) -> bool {
+    !r.is_empty()
+        && r.len() <= 255
+        && r.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// An image reference: `[host[:port]/]path[:tag][@digest]` characters only.
+pub fn valid_image_ref(r: &str) -> bool {
+    !r.is_empty()
+        && r.len() <= 512
+        && !r.starts_with(['/', ':', '@', '.', '-'])
+        && r.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/' | ':' | '@'))
+}
+
+/// A name the application gives a container or network: the engine's grammar, and not one that
+/// looks like an id (a name is found before an id prefix: it would capture another's short id).
+pub fn valid_new_name(name: &str) -> bool {
+    let name = name.strip_prefix('/').unwrap_or(name);
+    let looks_like_id = (12..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+    name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && valid_object_ref(name)
+        && !looks_like_id
+}
+
+/// The endpoint `method path` is, if the policy allows it; `path` is normalised here, and what
+/// it names is checked against the grammar of references.
 pub fn endpoint(method: &str, raw_path: &str) -> Result<(Endpoint, Vec<String>), Denied> {
+    check_version(raw_path)?;
     let path = normalize(raw_path)?;
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     for (m, pattern, ep) in ROUTES {
@@ -189,6 +243,19 @@ pub fn endpoint(method: &str, raw_path: &str) -> Result<(Endpoint, Vec<String>),
             continue;
         }
         if let Some(captures) = matches(pattern, &segments) {
+            let images = pattern.contains("+}");
+            if let Some(bad) = captures.iter().find(|c| {
+                if images {
+                    !valid_image_ref(c)
+                } else {
+                    !valid_object_ref(c)
+                }
+            }) {
+                return Err(Denied::new(
+                    "path",
+                    format!("refused by regobox's Docker policy: {bad:?} is not a name or id"),
+                ));
+            }
             return Ok((*ep, captures));
         }
     }
@@ -244,6 +311,14 @@ mod tests {
         assert_eq!(
             normalize("/v1.41/images/regobox-test/busybox:local/json").unwrap(),
             "/images/regobox-test/busybox:local/json"
+        );
+        assert!(check_version("/v1.23/containers/x/start").is_err());
+        assert!(check_version("/v1.41/containers/x/start").is_ok());
+        assert!(check_version("/containers/x/start").is_ok());
+        assert!(endpoint("DELETE", "/images/own/json%3Fx=").is_err());
+        assert!(endpoint("GET", "/containers/a%20b/json").is_err());
+        assert!(
+            valid_new_name("job-42") && !valid_new_name("0123456789ab") && !valid_new_name("a b")
         );
         for bad in [
             "/containers/../secrets",

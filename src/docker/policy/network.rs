@@ -17,14 +17,12 @@ pub fn check_network_create(req: &NetworkCreate, instance: &str) -> Result<Netwo
     if name.is_empty() {
         return Err(deny("Name", "is missing"));
     }
-    if is_default_network(&name)
-        || name == "host"
-        || name.starts_with("container:")
-        || name.contains('/')
-    {
+    if is_default_network(&name) || name == "host" || !super::valid_new_name(&name) {
         return Err(deny(
             "Name",
-            format!("{name:?} is reserved or not a network name"),
+            format!(
+                "{name:?} is reserved or not a network name (letters, digits, _ . -; not one that looks like an id)"
+            ),
         ));
     }
     match req.driver.as_deref() {
@@ -80,7 +78,8 @@ pub fn check_network_create(req: &NetworkCreate, instance: &str) -> Result<Netwo
     labels.insert(INSTANCE_LABEL.into(), instance.to_string());
     Ok(NetworkCreate {
         name: Some(name),
-        check_duplicate: req.check_duplicate,
+        // Always: a second network of a taken name would make the first ambiguous to its owner.
+        check_duplicate: Some(true),
         driver: Some("bridge".into()),
         enable_ipv6: req.enable_ipv6,
         internal: req.internal,
@@ -123,6 +122,7 @@ mod tests {
             (r#"{"Name":"n","IPAM":{"Driver":"x"}}"#, "IPAM.Driver"),
             (r#"{"Name":"bridge"}"#, "Name"),
             (r#"{"Name":"host"}"#, "Name"),
+            (r#"{"Name":"0123456789abcdef"}"#, "Name"),
             (r#"{}"#, "Name"),
         ] {
             let d = check(body).unwrap_err();

@@ -1,0 +1,160 @@
+//! What a pull or an import makes: one reference, read as the engine reads it.
+//!
+//! The engine applies the `tag` parameter to the repository with `WithTag`, which replaces a tag
+//! already in the name: `repo=victim:unused&tag=latest` moves `victim:latest`. A name with a tag
+//! or digest is therefore refused when `tag` is given too, and the reference judged is the one
+//! the engine will make.
+
+use super::build::check_import_changes;
+use super::container::deny;
+use super::query::Query;
+use super::{Denied, valid_image_ref};
+
+/// A pull or an import the policy allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageCreatePlan {
+    /// The reference made (empty: an untagged import, the id printed at the end).
+    pub reference: String,
+    pub import: bool,
+}
+
+fn has_tag_or_digest(name: &str) -> bool {
+    name.contains('@') || name.rsplit('/').next().unwrap_or(name).contains(':')
+}
+
+/// `name` with `tag` (a digest after `@`), refusing a second tag.
+fn reference(name: &str, tag: &str, field: &str) -> Result<String, Denied> {
+    if !valid_image_ref(name) {
+        return Err(deny(field, format!("{name:?} is not an image reference")));
+    }
+    if tag.is_empty() {
+        return Ok(name.to_string());
+    }
+    if has_tag_or_digest(name) {
+        return Err(deny(
+            "query.tag",
+            format!(
+                "is given while {name:?} already names a tag or digest (the engine would replace it)"
+            ),
+        ));
+    }
+    if tag.starts_with("sha256:") {
+        return Ok(format!("{name}@{tag}"));
+    }
+    if !tag
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        || tag.len() > 128
+    {
+        return Err(deny("query.tag", format!("{tag:?} is not a tag")));
+    }
+    Ok(format!("{name}:{tag}"))
+}
+
+/// Check a `POST /images/create`'s parameters.
+pub fn check_image_create(q: &Query) -> Result<ImageCreatePlan, Denied> {
+    let get = |k: &str| q.get(k).unwrap_or("");
+    let changes: Vec<&str> = q.all("changes").collect();
+    if !get("fromImage").is_empty() {
+        if !get("fromSrc").is_empty() || !get("repo").is_empty() || !changes.is_empty() {
+            return Err(deny(
+                "query.fromSrc",
+                "a pull takes no fromSrc, repo or changes",
+            ));
+        }
+        let reference = reference(get("fromImage"), get("tag"), "query.fromImage")?;
+        if !has_tag_or_digest(&reference) {
+            return Err(deny(
+                "query.tag",
+                "is missing: a pull without a tag or digest pulls every tag of the repository",
+            ));
+        }
+        return Ok(ImageCreatePlan {
+            reference,
+            import: false,
+        });
+    }
+    match get("fromSrc") {
+        "-" => {}
+        "" => {
+            return Err(deny(
+                "query.fromImage",
+                "is missing: an image create names neither fromImage nor fromSrc",
+            ));
+        }
+        other => {
+            return Err(deny(
+                "query.fromSrc",
+                format!(
+                    "{other:?} makes the engine fetch a URL from the host's network (send the image in the request body: fromSrc=-)"
+                ),
+            ));
+        }
+    }
+    check_import_changes(&changes)?;
+    let reference = if get("repo").is_empty() {
+        if !get("tag").is_empty() {
+            return Err(deny("query.tag", "is given without a repo"));
+        }
+        String::new()
+    } else {
+        if get("repo").contains('@') {
+            return Err(deny("query.repo", "an import cannot name a digest"));
+        }
+        reference(get("repo"), get("tag"), "query.repo")?
+    };
+    Ok(ImageCreatePlan {
+        reference,
+        import: true,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::docker::policy::query::{IMAGE_CREATE, parse};
+
+    fn check(raw: &str) -> Result<ImageCreatePlan, Denied> {
+        check_image_create(&parse(raw, "an image create", IMAGE_CREATE).unwrap())
+    }
+
+    #[test]
+    fn the_reference_the_engine_makes() {
+        assert_eq!(
+            check("fromImage=busybox&tag=1.36").unwrap().reference,
+            "busybox:1.36"
+        );
+        assert_eq!(
+            check("fromImage=reg%3A5000%2Fa%2Fb%3A2").unwrap().reference,
+            "reg:5000/a/b:2"
+        );
+        assert_eq!(
+            check("fromImage=a&tag=sha256%3Aab").unwrap().reference,
+            "a@sha256:ab"
+        );
+        assert_eq!(
+            check("fromSrc=-&repo=mine&tag=1").unwrap().reference,
+            "mine:1"
+        );
+        assert_eq!(check("fromSrc=-").unwrap().reference, "");
+        for (raw, rule) in [
+            (
+                "fromSrc=-&repo=victim%2Fapp%3Aunused&tag=latest",
+                "query.tag",
+            ),
+            ("fromImage=victim%2Fapp%3Aunused&tag=latest", "query.tag"),
+            ("fromImage=busybox", "query.tag"),
+            ("fromSrc=http%3A%2F%2F127.0.0.1%2Fx", "query.fromSrc"),
+            (
+                "fromSrc=-&changes=ONBUILD+ADD+http%3A%2F%2Fx+%2Fy",
+                "query.changes",
+            ),
+            ("fromSrc=-&changes=VOLUME+%2Fdata", "query.changes"),
+            ("fromImage=a%3F%2Fb&tag=1", "query.fromImage"),
+            ("fromImage=a&tag=1&changes=CMD+x", "query.fromSrc"),
+            ("", "query.fromImage"),
+        ] {
+            assert_eq!(check(raw).unwrap_err().rule, rule, "{raw}");
+        }
+    }
+}
