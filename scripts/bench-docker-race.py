@@ -10,20 +10,91 @@ holding a marker file) as fast as it can. Each start ends one of three ways: ref
 Prints the counts as JSON. SCRATCH is made by this script and holds nothing but the marker.
 
     DOCKER_HOST=unix:///run/regobox/docker.sock scripts/bench-docker-race.py \\
-        --image IMAGE --dir /volumes/files/race --host-dir /srv/regobox/files/race [--attempts 1000]
+        --image IMAGE --dir /volumes/files/race --host-dir /srv/regobox/files/race \\
+        [--attempts 1000] [--swapper-uid 65534]
 
-IMAGE must be the instance's (imported or built through the socket) and hold `sh` and `ls`.
+IMAGE must be the instance's (imported or built through the socket) and hold `ls`.
 --host-dir is DIR as the engine's host sees it (the same path when regobox runs on the host).
+The swapper runs as --swapper-uid (the application is not root), which is given DIR's parent
+and DIR, as the application owns its files; 0 runs it as root, which no freeze can stop.
 """
 import argparse
 import json
 import os
 import shutil
 import tempfile
-import threading
+import signal
+import subprocess
+import sys
 import time
 
 import docker
+
+
+# DIR and a link to SCRATCH take turns at DIR; prints the swap count.
+SWAPPER = r"""
+import os, random, signal, sys, time
+d, scratch, hold, link_hold = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+real, link = d + ".real", d + ".link"
+n = 0
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+
+def settle():
+    # Back to DIR a directory, from wherever a refused rename left it.
+    try:
+        if os.path.islink(d):
+            os.unlink(d)
+        if os.path.isdir(real):
+            if os.path.isdir(d) and not os.path.islink(d):
+                os.rmdir(d)  # made meanwhile (empty): the real one goes back
+            os.rename(real, d)
+    except OSError:
+        pass
+
+while not stop:
+    if hold:
+        time.sleep(random.uniform(0, hold / 1000))
+    try:
+        if os.path.lexists(link):
+            os.unlink(link)
+        os.symlink(scratch, link)
+        os.rename(d, real)
+    except OSError:
+        settle()
+        continue
+    try:
+        os.rename(link, d)
+        if link_hold:
+            time.sleep(random.uniform(0, link_hold / 1000))
+        os.unlink(d)
+    except OSError:
+        pass
+    try:
+        os.rename(real, d)
+        n += 1
+    except OSError:
+        settle()
+print(n)
+"""
+
+
+# The swapper is not root: an interpreter it may run (a user's own may be under /root).
+SWAPPER_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+
+
+def settle(d):
+    """DIR a directory again, whatever state a stopped swapper left."""
+    for leftover in (d + ".link",):
+        if os.path.islink(leftover):
+            os.unlink(leftover)
+    if os.path.islink(d):
+        os.unlink(d)
+    if os.path.isdir(d + ".real"):
+        if os.path.isdir(d):
+            os.rmdir(d + ".real")
+        else:
+            os.rename(d + ".real", d)
 
 
 def main():
@@ -32,57 +103,62 @@ def main():
     p.add_argument("--dir", required=True)
     p.add_argument("--host-dir", required=True)
     p.add_argument("--attempts", type=int, default=1000)
+    p.add_argument("--swapper-uid", type=int, default=65534)
+    p.add_argument(
+        "--hold-ms",
+        type=float,
+        default=2.0,
+        help="the swapper leaves DIR a directory for a random time up to this, then a link for "
+        "one up to --link-hold-ms: most checks pass, and swaps fall anywhere, the mount included "
+        "(0 and 0: swap flat out)",
+    )
+    p.add_argument("--link-hold-ms", type=float, default=0.5)
     args = p.parse_args()
 
     scratch = tempfile.mkdtemp(prefix="regobox-race-scratch-")
     with open(os.path.join(scratch, "MARKER-OUTSIDE"), "w") as f:
         f.write("outside\n")
+    settle(args.host_dir)
     os.makedirs(args.host_dir, exist_ok=True)
     os.makedirs(args.dir, exist_ok=True)
     client = docker.from_env(timeout=60)
     c = client.containers.create(args.image, ["ls", "/mnt"], volumes={args.dir: {"bind": "/mnt", "mode": "ro"}})
-    stop = threading.Event()
-    swaps = [0]
-    tmp_link = args.host_dir + ".link"
-
-    def swapper():
-        # Atomic swaps on the host side: a directory and a link take turns at host_dir.
-        real = args.host_dir + ".real"
-        while not stop.is_set():
-            try:
-                os.symlink(scratch, tmp_link)
-                os.rename(args.host_dir, real)
-                os.rename(tmp_link, args.host_dir)   # DIR is now a link to SCRATCH
-                os.unlink(args.host_dir)
-                os.rename(real, args.host_dir)       # DIR is a directory again
-                swaps[0] += 1
-            except OSError:
-                pass
-
-    t = threading.Thread(target=swapper, daemon=True)
-    t.start()
+    parent = os.path.dirname(args.host_dir.rstrip("/"))
+    for path in (parent, args.host_dir):
+        os.chown(path, args.swapper_uid, args.swapper_uid)
+    swapper = subprocess.Popen(
+        [SWAPPER_PYTHON, "-c", SWAPPER, args.host_dir, scratch, str(args.hold_ms), str(args.link_hold_ms)],
+        preexec_fn=lambda: (os.setgid(args.swapper_uid), os.setuid(args.swapper_uid)),
+        stdout=subprocess.PIPE,
+    )
     counts = {"refused": 0, "inside": 0, "escaped": 0, "other": 0}
     started = time.monotonic()
     seen = 0
+    reasons = []
     try:
         for _ in range(args.attempts):
             try:
                 c.start()
             except docker.errors.APIError as e:
                 counts["refused" if e.status_code == 403 else "other"] += 1
+                why = str(e.explanation)
+                if why not in reasons and len(reasons) < 5:
+                    reasons.append(why)
                 continue
             c.wait()
             out = c.logs(stdout=True, stderr=False).decode()
             new, seen = out[seen:], len(out)
             counts["escaped" if "MARKER-OUTSIDE" in new else "inside"] += 1
     finally:
-        stop.set()
-        t.join()
+        swapper.send_signal(signal.SIGTERM)
+        out, _ = swapper.communicate()
         c.remove(force=True)
+        settle(args.host_dir)
         shutil.rmtree(scratch, ignore_errors=True)
     counts["attempts"] = args.attempts
-    counts["swaps"] = swaps[0]
+    counts["swaps"] = int(out.decode().strip() or 0)
     counts["seconds"] = round(time.monotonic() - started, 1)
+    counts["reasons"] = reasons
     print(json.dumps(counts))
 
 

@@ -36,17 +36,41 @@ impl Bridged {
         )
     }
 
-    pub(crate) fn start_with(mut inst: Instance, host: &str, extra: &str) -> Bridged {
+    pub(crate) fn start_with(inst: Instance, host: &str, extra: &str) -> Bridged {
+        Self::start_inner(inst, host, extra, true)
+    }
+
+    /// With the files volume where the engine sees it (no host path translation), as when
+    /// regobox's volume is the host's directory.
+    pub(crate) fn start_untranslated(extra: &str) -> Bridged {
+        Self::start_inner(
+            Instance::new(),
+            "host = \"unix:///var/run/docker.sock\"",
+            extra,
+            false,
+        )
+    }
+
+    fn start_inner(mut inst: Instance, host: &str, extra: &str, translated: bool) -> Bridged {
         let files = inst.root.join("files");
-        let host_files = inst.dir.path().join("host-files");
+        let host_files = if translated {
+            inst.dir.path().join("host-files")
+        } else {
+            files.clone()
+        };
         std::fs::create_dir_all(&host_files).unwrap();
-        inst.config_file(
-            "90_docker.toml",
-            &format!(
-                "[docker]\nenabled = true\n{host}\n{extra}\n[docker.host_paths]\n\"{}\" = \"{}\"\n",
+        let host_paths = if translated {
+            format!(
+                "[docker.host_paths]\n\"{}\" = \"{}\"\n",
                 files.display(),
                 host_files.display()
-            ),
+            )
+        } else {
+            String::new()
+        };
+        inst.config_file(
+            "90_docker.toml",
+            &format!("[docker]\nenabled = true\n{host}\n{extra}\n{host_paths}"),
         );
         inst.env
             .push(("REGOBOX_DOCKER__ENABLED".into(), "true".into()));

@@ -26,6 +26,57 @@ fn post(socket: &Path, path: &str, body: &str) -> (u16, String) {
     )
 }
 
+/// A raw request with a binary body (a build context) on the proxy socket.
+fn post_bytes(socket: &Path, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: d\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        text.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+    )
+}
+
+/// A tar of (path, kind, content): kind 'f' a file, 'd' a directory, 'l' a link to content.
+fn context(entries: &[(&str, char, &str)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, kind, content) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o755);
+        match kind {
+            'd' => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                b.append_data(&mut h, path, std::io::empty()).unwrap();
+            }
+            'l' => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                b.append_link(&mut h, path, content).unwrap();
+            }
+            _ => {
+                h.set_size(content.len() as u64);
+                b.append_data(&mut h, path, content.as_bytes()).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
 fn message(body: &str) -> String {
     serde_json::from_str::<Value>(body)
         .ok()
@@ -286,6 +337,51 @@ fn bodies_the_engine_would_read_otherwise_are_refused_with_nothing_created() {
     );
     assert_eq!(names(&["volume", "ls", "-q"]), volumes_before);
 
+    // Another API version (below 1.24 a start's body replaces the HostConfig), a body on an
+    // operation that takes none, a name that looks like an id, a reference the engine would
+    // read as a path and a query.
+    let own = b.cli_ok(&["create", &image, "true"]).trim().to_string();
+    let made = OnEngine::default();
+    made.container(&own);
+    let hostile = format!(r#"{{"Binds":["{s}:/host"],"PidMode":"host","Privileged":true}}"#);
+    for (path, body, needle) in [
+        (
+            format!("/v1.23/containers/{own}/start"),
+            hostile.as_str(),
+            "version",
+        ),
+        (
+            format!("/v1.41/containers/{own}/start"),
+            hostile.as_str(),
+            "takes no body",
+        ),
+        (
+            format!("/v1.41/containers/{own}/kill"),
+            "{}",
+            "takes no body",
+        ),
+        (
+            "/v1.41/containers/create?name=0123456789abcdef".to_string(),
+            "{}",
+            "looks like an id",
+        ),
+    ] {
+        let (status, answer) = post(&b.socket, &path, body);
+        assert_eq!(status, 403, "{path}: {answer}");
+        assert!(message(&answer).contains(needle), "{path}: {answer}");
+    }
+    let state: Value = serde_json::from_str(&stdout(&engine(&["inspect", &own]))).unwrap();
+    assert_eq!(state[0]["State"]["Status"], "created");
+    assert_eq!(state[0]["HostConfig"]["PidMode"], "");
+    let (status, answer) = raw(
+        &b.socket,
+        &format!(
+            "DELETE /v1.41/images/{}%3Fforce=1 HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n",
+            image.replace(':', "/json:")
+        ),
+    );
+    assert_eq!(status, 403, "{answer}");
+
     // A query parameter twice, or one the endpoint does not take.
     let (status, answer) = post(
         &b.socket,
@@ -293,7 +389,10 @@ fn bodies_the_engine_would_read_otherwise_are_refused_with_nothing_created() {
         &format!(r#"{{"Image":"{image}"}}"#),
     );
     assert_eq!(status, 403, "{answer}");
-    assert_eq!(containers_of(&image), before);
+    let mut expected = before.clone();
+    expected.push(own.clone());
+    expected.sort();
+    assert_eq!(containers_of(&image), expected);
 
     // What is allowed reaches the engine as regobox wrote it: full image id, instance label,
     // the PIDs ceiling in place of -1.
@@ -303,6 +402,7 @@ fn bodies_the_engine_would_read_otherwise_are_refused_with_nothing_created() {
     made.container(id);
     let inspect: Value = serde_json::from_str(&stdout(&engine(&["inspect", id]))).unwrap();
     assert_eq!(inspect[0]["HostConfig"]["PidsLimit"], 4096);
+    assert_eq!(inspect[0]["HostConfig"]["CgroupnsMode"], "private");
     assert_eq!(inspect[0]["Config"]["Image"], image_id(&image));
     assert_eq!(
         inspect[0]["Config"]["Labels"]["regobox.instance"],
@@ -350,6 +450,10 @@ fn networks_touch_no_host_interface_and_connect_only_the_instances() {
             format!(r#"{{"Name":"rbx-a{port}","ConfigOnly":true}}"#),
             "ConfigOnly",
         ),
+        (
+            r#"{"Name":"0123456789abcdef0123"}"#.to_string(),
+            "looks like an id",
+        ),
     ] {
         let (status, answer) = post(&b.socket, "/networks/create", &body);
         assert_eq!(status, 403, "{body}: {answer}");
@@ -378,6 +482,22 @@ fn networks_touch_no_host_interface_and_connect_only_the_instances() {
     b.cli_ok(&["network", "create", &mine]);
     let theirs = format!("rbx-theirs{port}");
     assert!(engine(&["network", "create", &theirs]).status.success());
+    // A second network of the same name would make the owner's ambiguous.
+    let theirs_id = stdout(&engine(&[
+        "network", "inspect", "--format", "{{.Id}}", &theirs,
+    ]))
+    .trim()
+    .to_string();
+    let (status, answer) = post(
+        &b.socket,
+        "/networks/create",
+        &format!(r#"{{"Name":"{theirs}"}}"#),
+    );
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        !answer.contains(&theirs_id) && !answer.contains(&theirs_id[..12]),
+        "{answer}"
+    );
     let other = stdout(&engine(&["create", &image, "true"]))
         .trim()
         .to_string();
@@ -495,6 +615,25 @@ fn images_never_move_anothers_tag_nor_make_the_engine_fetch() {
             "is not this instance's",
         ),
         (
+            format!("/images/create?fromSrc=-&repo=regobox-test/victim:unused&tag={port}"),
+            "already names a tag",
+        ),
+        (
+            format!("/images/create?fromImage=regobox-test/victim:unused&tag={port}"),
+            "already names a tag",
+        ),
+        (
+            "/images/create?fromSrc=-&repo=regobox-test/onb&tag=1&changes=ONBUILD+RUN+true"
+                .to_string(),
+            "ONBUILD",
+        ),
+        (
+            "/images/create?fromSrc=-&repo=regobox-test/vol&tag=1&changes=VOLUME+/data".to_string(),
+            "VOLUME",
+        ),
+        ("/v1.41/build?t=x&pull=1".to_string(), "pull"),
+        ("/v1.41/build?t=x&cpushares=262144".to_string(), "cpushares"),
+        (
             "/images/regobox-test/victim/tag?repo=x".to_string(),
             "not an allowed endpoint",
         ),
@@ -507,6 +646,51 @@ fn images_never_move_anothers_tag_nor_make_the_engine_fetch() {
         assert_eq!(status, 403, "{path}: {answer}");
         assert!(message(&answer).contains(needle), "{path}: {answer}");
     }
+    // Contexts whose Dockerfile another reader would read otherwise.
+    let evil = format!("FROM {base}\nCOPY --from={victim} /etc/secret /stolen\n");
+    let benign = format!("FROM {base}\nRUN true\n");
+    let continued = format!("FROM {base}\nCOPY \\\n\n--from={victim} /etc/secret /stolen\n");
+    let directive = format!(
+        "# foo=bar\n# escape=`\nFROM {base}\nLABEL x=`\nCOPY --from={victim} /etc/secret /stolen\n"
+    );
+    let onbuild = format!("FROM {base}\nONBUILD ADD {url} /x\n");
+    for (ctx_tar, dockerfile, needle) in [
+        (
+            context(&[("Dockerfile", 'f', &benign), ("Dockerfile", 'f', &evil)]),
+            "",
+            "twice",
+        ),
+        (
+            context(&[("Dockerfile", 'f', &continued)]),
+            "",
+            "not this instance's",
+        ),
+        (context(&[("Dockerfile", 'f', &directive)]), "", "escape"),
+        (
+            context(&[
+                ("d/Dockerfile", 'f', &benign),
+                ("e/Dockerfile", 'f', &evil),
+                ("d", 'l', "e"),
+            ]),
+            "d/Dockerfile",
+            "not a directory",
+        ),
+        (context(&[("Dockerfile", 'f', &onbuild)]), "", "ONBUILD"),
+        (
+            context(&[("Dockerfile", 'l', "/etc/passwd")]),
+            "",
+            "not a regular file",
+        ),
+    ] {
+        let (status, answer) = post_bytes(
+            &b.socket,
+            &format!("/v1.41/build?t={own_tag}&dockerfile={dockerfile}"),
+            "application/x-tar",
+            &ctx_tar,
+        );
+        assert_eq!(status, 403, "{needle}: {answer}");
+        assert!(message(&answer).contains(needle), "{needle}: {answer}");
+    }
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         listener.accept().is_err(),
@@ -514,6 +698,19 @@ fn images_never_move_anothers_tag_nor_make_the_engine_fetch() {
     );
     assert_eq!(image_id(&victim), victim_id, "the victim's tag moved");
     assert!(!engine(&["image", "inspect", &own_tag]).status.success());
+    // An image's VOLUME would be an anonymous volume: covered by a bind or a tmpfs, or refused.
+    let vol_tag = format!("regobox-test/vol:{port}");
+    made.image(&vol_tag);
+    let out = build(&format!("FROM {base}\nVOLUME /data\n"), &vol_tag);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let volumes_before = names(&["volume", "ls", "-q"]);
+    let out = b.cli(&["create", &vol_tag, "true"]);
+    assert!(stderr(&out).contains("VOLUME /data"), "{}", stderr(&out));
+    let out = b.cli(&["create", "--tmpfs", "/data", &vol_tag, "true"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    made.container(stdout(&out).trim());
+    assert_eq!(names(&["volume", "ls", "-q"]), volumes_before);
+
     // A build of its own works, and may tag its own image again.
     let out = build(&format!("FROM {base}\nLABEL step=1\n"), &own_tag);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -625,11 +822,88 @@ fn a_bind_source_swapped_for_a_link_after_the_create_is_refused_at_start() {
     assert!(!out.status.success(), "started: {}", stdout(&out));
     assert!(stderr(&out).contains("symbolic link"), "{}", stderr(&out));
     assert!(!stdout(&out).contains("outside"));
+    // A copy out of or into the stopped container mounts its binds too.
+    let (status, answer) = raw(
+        &b.socket,
+        &format!(
+            "GET /v1.41/containers/{id}/archive?path=/mnt/outside HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(status, 403, "{answer}");
+    assert!(!answer.contains("outside the roots"));
+    let mut s = std::os::unix::net::UnixStream::connect(&b.socket).unwrap();
+    let tar = context(&[("planted", 'f', "x")]);
+    {
+        use std::io::{Read, Write};
+        s.write_all(format!("PUT /v1.41/containers/{id}/archive?path=/mnt HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", tar.len()).as_bytes()).unwrap();
+        s.write_all(&tar).unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    }
+    assert!(
+        !scratch.join("planted").exists(),
+        "a copy went through the link"
+    );
     let state = stdout(&engine(&["inspect", "--format", "{{.State.Status}}", &id]));
     assert_eq!(state.trim(), "created");
     // An engine-driven restart would mount without regobox looking again: refused.
     let out = b.cli(&["create", "--restart", "on-failure:3", &image, "true"]);
     assert!(stderr(&out).contains("RestartPolicy"), "{}", stderr(&out));
+    b.stop();
+}
+
+/// The application (not root) swaps a bind source's directory for a link to a scratch directory
+/// and back, a thousand times while regobox forwards starts of a job that binds it
+/// (scripts/bench-docker-race.py): no start may mount the scratch directory.
+#[test]
+fn a_thousand_starts_racing_a_swapped_bind_source_never_mount_the_link() {
+    let mut b = Bridged::start_untranslated("");
+    let image = format!("regobox-test/busybox:race{}", b.inst.port);
+    b.import_busybox(&image);
+    // The application's files are its own, and reachable: the swapper runs as nobody.
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [b.inst.dir.path(), b.inst.root.as_path()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let dir = b.inst.root.join("files/race");
+    let out = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench-docker-race.py"))
+        .args([
+            "--image",
+            &image,
+            "--attempts",
+            "1000",
+            "--swapper-uid",
+            "65534",
+        ])
+        .args([
+            "--dir",
+            &dir.display().to_string(),
+            "--host-dir",
+            &dir.display().to_string(),
+        ])
+        .env("DOCKER_HOST", format!("unix://{}", b.socket.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let counts: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    eprintln!("race: {counts}");
+    assert_eq!(counts["escaped"], 0, "a start mounted the link: {counts}");
+    assert!(
+        counts["inside"].as_u64().unwrap() >= 100,
+        "too few starts got past the check to say anything: {counts}"
+    );
+    assert!(
+        counts["swaps"].as_u64().unwrap() >= 500,
+        "the swapper hardly ran: {counts}"
+    );
+    // Nothing stays frozen: the files volume is the application's again.
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(b.inst.root.join("files")).unwrap().uid(),
+        65534
+    );
     b.stop();
 }
 
