@@ -44,6 +44,8 @@ if $TESTS; then
     # The Docker policy's differential test decodes bodies with the engine's own Go code
     # (tests/fixtures/engine-decode): Go and Debian's docker 20.10 sources.
     command -v go >/dev/null 2>&1 || PACKAGES+=(golang-go)
+    # A registry on loopback for the pull tests (the package's own service is not started here).
+    command -v docker-registry >/dev/null 2>&1 || PACKAGES+=(docker-registry)
     [ -d /usr/share/gocode/src/github.com/docker/docker/runconfig ] || PACKAGES+=(golang-github-docker-docker-dev)
 fi
 if [ "${#PACKAGES[@]}" -gt 0 ]; then

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::docker::{Bridged, containers_of, engine, raw};
+use crate::docker::{Bridged, busybox_rootfs_tar, containers_of, engine, raw};
 use crate::support::*;
 
 /// A raw request with a JSON body on the proxy socket.
@@ -423,6 +423,7 @@ fn networks_touch_no_host_interface_and_connect_only_the_instances() {
     for n in ["a", "b", "mine", "theirs"] {
         made.network(&format!("rbx-{n}{port}"));
     }
+    made.network("0123456789abcdef0123");
     for (body, needle) in [
         (
             format!(
@@ -985,5 +986,90 @@ fn regovars_job_sequence_runs_with_docker_py() {
             .success()
     );
     assert!(!engine(&["image", "inspect", &tag]).status.success());
+    b.stop();
+}
+
+/// A registry on loopback (Debian's docker-registry), killed when dropped.
+struct Registry {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Registry {
+    fn start(dir: &Path) -> Registry {
+        let port = free_port();
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.join("registry-data").display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry (scripts/install-deps.sh --tests installs it)");
+        let registry = Registry { child, port };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return registry;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the registry did not listen on {port}");
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_pull_from_a_registry_is_the_instances_and_never_moves_anothers_tag() {
+    let mut b = Bridged::start("");
+    let registry = Registry::start(b.inst.dir.path());
+    let repo = format!("127.0.0.1:{}/rbx/pulled", registry.port);
+    let (tag, victim) = (format!("{repo}:1"), format!("{repo}:victim"));
+    let made = OnEngine::default();
+    made.image(&tag);
+    made.image(&victim);
+    // Pushed from the engine directly, then gone from it: the pull below really pulls.
+    let tar = busybox_rootfs_tar(b.inst.dir.path());
+    let out = Command::new("docker")
+        .args(["import", "-", &tag])
+        .stdin(std::fs::File::open(tar).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = engine(&["push", &tag]);
+    assert!(out.status.success(), "push: {}", stderr(&out));
+    assert!(engine(&["rmi", &tag]).status.success());
+    // Someone else's image, under a tag of the same repository.
+    foreign_image(b.inst.dir.path(), &victim, "victim-secret");
+
+    b.cli_ok(&["pull", &tag]);
+    assert_eq!(
+        b.cli_ok(&["run", "--rm", &tag, "echo", "pulled"]).trim(),
+        "pulled"
+    );
+    // Someone else's tag of the same repository: a pull would move it.
+    let before = image_id(&victim);
+    let out = b.cli(&["pull", &victim]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("is not this instance's"),
+        "{}",
+        stderr(&out)
+    );
+    let out = b.cli(&["pull", "--all-tags", &repo]);
+    assert!(!out.status.success(), "pulled every tag: {}", stdout(&out));
+    assert_eq!(image_id(&victim), before);
     b.stop();
 }
