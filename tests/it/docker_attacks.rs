@@ -855,10 +855,11 @@ fn a_bind_source_swapped_for_a_link_after_the_create_is_refused_at_start() {
 }
 
 /// The application (not root) swaps a bind source's directory for a link to a scratch directory
-/// and back, a thousand times while regobox forwards starts of a job that binds it
-/// (scripts/bench-docker-race.py): no start may mount the scratch directory.
+/// and back while regobox forwards a thousand requests that make the engine mount it
+/// (scripts/bench-docker-race.py: one start in ten, copies out of the stopped job otherwise):
+/// none may mount the scratch directory.
 #[test]
-fn a_thousand_starts_racing_a_swapped_bind_source_never_mount_the_link() {
+fn a_thousand_mounts_racing_a_swapped_bind_source_never_mount_the_link() {
     let mut b = Bridged::start_untranslated("");
     let image = format!("regobox-test/busybox:race{}", b.inst.port);
     b.import_busybox(&image);
