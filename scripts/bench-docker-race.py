@@ -83,6 +83,14 @@ print(n)
 SWAPPER_PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
 
 
+def count_refusal(counts, reasons, e):
+    """A 403 is regobox's refusal; anything else the engine's. The first few reasons are kept."""
+    counts["refused" if e.status_code == 403 else "other"] += 1
+    why = str(e.explanation)
+    if why not in reasons and len(reasons) < 5:
+        reasons.append(why)
+
+
 def settle(d):
     """DIR a directory again, whatever state a stopped swapper left."""
     for leftover in (d + ".link",):
@@ -149,20 +157,14 @@ def main():
                     stream, _ = c.get_archive("/mnt/")
                     listing = b"".join(stream)
                 except docker.errors.APIError as e:
-                    counts["refused" if e.status_code == 403 else "other"] += 1
-                    why = str(e.explanation)
-                    if why not in reasons and len(reasons) < 5:
-                        reasons.append(why)
+                    count_refusal(counts, reasons, e)
                     continue
                 counts["escaped" if b"MARKER-OUTSIDE" in listing else "inside"] += 1
                 continue
             try:
                 c.start()
             except docker.errors.APIError as e:
-                counts["refused" if e.status_code == 403 else "other"] += 1
-                why = str(e.explanation)
-                if why not in reasons and len(reasons) < 5:
-                    reasons.append(why)
+                count_refusal(counts, reasons, e)
                 continue
             c.wait()
             out = c.logs(stdout=True, stderr=False).decode()

@@ -15,6 +15,9 @@
 //! changed is written to a journal first, so that a regobox killed in between puts them back at
 //! its next start. Missing components are created as root's directories, as the engine would.
 //!
+//! When regobox is not root (a local run as a user), the application runs as the same user and
+//! nothing can be taken out of its reach: the path is checked, not frozen (warned at start).
+//!
 //! What the freeze cannot stop is a process with `CAP_FOWNER`: a job running as root in a
 //! container that binds a directory on the path, writable. Such a start is refused
 //! ([`covering`]), naming the job.
@@ -165,6 +168,11 @@ impl Freeze {
                 return Err(refuse(source, "is outside the allowed roots".into()));
             };
             let components = walk(source, root)?;
+            if !nix::unistd::geteuid().is_root() {
+                // Not root (a local run as a user): the application is the same user, nothing
+                // can be taken out of its reach; checked only (the bridge warned at start).
+                continue;
+            }
             for (path, file) in components {
                 let meta = file
                     .metadata()

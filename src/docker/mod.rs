@@ -140,6 +140,11 @@ impl Bridge {
         let images = OwnedImages::load(layout.secrets.join("docker-images.json"))?;
         let freeze_journal = layout.secrets.join("docker-binds-frozen.json");
         binds::thaw_leftovers(&freeze_journal);
+        if !nix::unistd::geteuid().is_root() {
+            tracing::warn!(
+                "regobox is not root: bind sources are checked before the engine mounts them, not held still while it does (the application runs as the same user)"
+            );
+        }
         let audit = match LogFile::open(
             &layout.logs,
             "docker-audit",

@@ -220,9 +220,14 @@ pub(crate) fn rt() -> tokio::runtime::Runtime {
 
 /// One raw HTTP/1.1 request on the proxy socket: (status, body).
 pub(crate) fn raw(socket: &Path, request: &str) -> (u16, String) {
+    raw_bytes(socket, request.as_bytes())
+}
+
+/// [`raw`] for a request holding binary data (a tar).
+pub(crate) fn raw_bytes(socket: &Path, request: &[u8]) -> (u16, String) {
     let mut s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.write_all(request.as_bytes()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(request).unwrap();
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     let text = String::from_utf8_lossy(&buf).into_owned();

@@ -12,43 +12,28 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::docker::{Bridged, busybox_rootfs_tar, containers_of, engine, raw};
+use crate::docker::{Bridged, busybox_rootfs_tar, containers_of, engine, raw, raw_bytes};
 use crate::support::*;
 
-/// A raw request with a JSON body on the proxy socket.
-fn post(socket: &Path, path: &str, body: &str) -> (u16, String) {
-    raw(
-        socket,
-        &format!(
-            "POST {path} HTTP/1.1\r\nHost: d\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        ),
+/// A raw request with a body on the proxy socket.
+fn send(socket: &Path, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: d\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
     )
+    .into_bytes();
+    request.extend_from_slice(body);
+    raw_bytes(socket, &request)
 }
 
-/// A raw request with a binary body (a build context) on the proxy socket.
+/// A raw POST with a JSON body.
+fn post(socket: &Path, path: &str, body: &str) -> (u16, String) {
+    send(socket, "POST", path, "application/json", body.as_bytes())
+}
+
+/// A raw POST of a tar (a build context).
 fn post_bytes(socket: &Path, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: d\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        text.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
-    )
+    send(socket, "POST", path, content_type, body)
 }
 
 /// A tar of (path, kind, content): kind 'f' a file, 'd' a directory, 'l' a link to content.
@@ -413,6 +398,66 @@ fn bodies_the_engine_would_read_otherwise_are_refused_with_nothing_created() {
 }
 
 #[test]
+fn the_configured_ceilings_bound_every_job() {
+    let mut b = Bridged::start("[docker.limits]\nmemory = \"256m\"\nshm = \"32m\"\npids = 100");
+    let image = format!("regobox-test/busybox:limits{}", b.inst.port);
+    b.import_busybox(&image);
+    let made = OnEngine::default();
+    for args in [
+        vec!["--memory", "1g"],
+        vec!["--memory-swap", "-1", "--memory", "128m"],
+        vec!["--shm-size", "1g"],
+        vec!["--pids-limit", "1000"],
+        vec!["--cpu-shares", "4096"],
+    ] {
+        let mut cmd = vec!["create"];
+        cmd.extend(&args);
+        cmd.extend([image.as_str(), "true"]);
+        let out = b.cli(&cmd);
+        assert!(!out.status.success(), "{args:?} went through");
+        assert!(
+            stderr(&out).contains("refused"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    let id = b.cli_ok(&[
+        "create",
+        "--memory",
+        "0",
+        "--pids-limit",
+        "0",
+        &image,
+        "true",
+    ]);
+    made.container(id.trim());
+    let hc: Value = serde_json::from_str(&stdout(&engine(&[
+        "inspect",
+        "--format",
+        "{{json .HostConfig}}",
+        id.trim(),
+    ])))
+    .unwrap();
+    assert_eq!(hc["Memory"], 256 << 20, "{hc}");
+    assert_eq!(hc["ShmSize"], 32 << 20, "{hc}");
+    assert_eq!(hc["PidsLimit"], 100, "{hc}");
+    let id = b.cli_ok(&["create", "--memory", "64m", &image, "true"]);
+    made.container(id.trim());
+    let memory = stdout(&engine(&[
+        "inspect",
+        "--format",
+        "{{.HostConfig.Memory}}",
+        id.trim(),
+    ]));
+    assert_eq!(
+        memory.trim(),
+        (64u64 << 20).to_string(),
+        "a lower limit is kept"
+    );
+    b.stop();
+}
+
+#[test]
 fn networks_touch_no_host_interface_and_connect_only_the_instances() {
     let mut b = Bridged::start("");
     let image = format!("regobox-test/busybox:net{}", b.inst.port);
@@ -633,6 +678,14 @@ fn images_never_move_anothers_tag_nor_make_the_engine_fetch() {
             "VOLUME",
         ),
         ("/v1.41/build?t=x&pull=1".to_string(), "pull"),
+        (
+            "/v1.41/build?t=x&networkmode=host".to_string(),
+            "networkmode",
+        ),
+        (
+            "/v1.41/build?t=x&cgroupparent=%2F".to_string(),
+            "cgroupparent",
+        ),
         ("/v1.41/build?t=x&cpushares=262144".to_string(), "cpushares"),
         (
             "/images/regobox-test/victim/tag?repo=x".to_string(),
@@ -832,16 +885,14 @@ fn a_bind_source_swapped_for_a_link_after_the_create_is_refused_at_start() {
     );
     assert_eq!(status, 403, "{answer}");
     assert!(!answer.contains("outside the roots"));
-    let mut s = std::os::unix::net::UnixStream::connect(&b.socket).unwrap();
-    let tar = context(&[("planted", 'f', "x")]);
-    {
-        use std::io::{Read, Write};
-        s.write_all(format!("PUT /v1.41/containers/{id}/archive?path=/mnt HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", tar.len()).as_bytes()).unwrap();
-        s.write_all(&tar).unwrap();
-        let mut answer = String::new();
-        let _ = s.read_to_string(&mut answer);
-        assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
-    }
+    let (status, answer) = send(
+        &b.socket,
+        "PUT",
+        &format!("/v1.41/containers/{id}/archive?path=/mnt"),
+        "application/x-tar",
+        &context(&[("planted", 'f', "x")]),
+    );
+    assert_eq!(status, 403, "{answer}");
     assert!(
         !scratch.join("planted").exists(),
         "a copy went through the link"
