@@ -14,6 +14,7 @@ pub mod journal;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -191,6 +192,7 @@ pub async fn create(
 ) -> anyhow::Result<Option<PathBuf>> {
     let started = std::time::Instant::now();
     crate::volumes::ensure_dir(&layout.backups, 0o700, "backup.dir")?;
+    private_dir(&layout.backups)?;
     let id = format!(
         "{}-{}",
         chrono::Utc::now().format("%Y%m%dT%H%M%S%3fZ"),
@@ -336,6 +338,8 @@ async fn create_in(
                 std::fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
+                    // An archive holds the passwords and the TLS key.
+                    .mode(0o600)
                     .open(p)
                     .with_context(|| format!("creating {}", p.display()))?,
             )),
@@ -375,6 +379,23 @@ async fn create_in(
         }
         _ => Ok(None),
     }
+}
+
+/// The backups directory is the owner's alone (archives hold passwords and keys): a wider mode
+/// is narrowed, and the repair logged.
+fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if mode != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 0700 {}", dir.display()))?;
+        tracing::warn!(dir = %dir.display(), from = format!("{mode:o}"), to = "700", "repaired the backups directory's mode: archives hold the passwords and the TLS key");
+    }
+    Ok(())
 }
 
 fn tmp_name(p: &Path) -> PathBuf {

@@ -400,6 +400,25 @@ fn backup_streams_to_stdout_and_verifies_with_a_restore_test() {
     assert_eq!(checksum(&b, "genes"), rows);
 }
 
+/// Archives hold the passwords and the TLS key: 0600, in a 0700 directory, whatever mode the
+/// directory had (issue 14, point 12).
+#[test]
+fn archives_and_their_directory_are_the_owners_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let a = Instance::new();
+    a.ok(&["init"]);
+    let backups = a.root.join("backups");
+    std::fs::create_dir_all(&backups).unwrap();
+    std::fs::set_permissions(&backups, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let archive = backup(&a);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&archive), 0o600, "{}", archive.display());
+    assert_eq!(mode(&backups), 0o700);
+    let elsewhere = a.dir.path().join("out.tar.zst");
+    a.ok(&["backup", "--output", elsewhere.to_str().unwrap()]);
+    assert_eq!(mode(&elsewhere), 0o600);
+}
+
 #[test]
 fn retention_keeps_exactly_n_archives() {
     let a = Instance::new();
