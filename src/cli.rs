@@ -519,9 +519,15 @@ async fn backup(loaded: &Loaded, args: BackupArgs) -> anyhow::Result<u8> {
             };
             let secrets = SecretStore::new(&layout.secrets);
             let session = Session::open(config, &secrets, &loaded.dirs, false, "").await?;
-            let result =
-                crate::backup::create(config, &layout, &loaded.dirs, &session.endpoint, &opts)
-                    .await;
+            // SIGINT or SIGTERM cancels the backup: its work directory and partial archive are
+            // removed as it is dropped.
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let result = tokio::select! {
+                r = crate::backup::create(config, &layout, &loaded.dirs, &session.endpoint, &opts) => r,
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("backup cancelled (SIGINT): nothing was left behind")),
+                _ = term.recv() => Err(anyhow::anyhow!("backup cancelled (SIGTERM): nothing was left behind")),
+            };
             session.close().await?;
             if let Some(path) = result? {
                 println!("{}", path.display());

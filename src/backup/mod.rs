@@ -14,6 +14,7 @@ pub mod journal;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStringExt as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -193,15 +194,19 @@ pub async fn create(
     let started = std::time::Instant::now();
     crate::volumes::ensure_dir(&layout.backups, 0o700, "backup.dir")?;
     private_dir(&layout.backups)?;
+    clean_dead_work(&layout.backups);
     let id = format!(
         "{}-{}",
         chrono::Utc::now().format("%Y%m%dT%H%M%S%3fZ"),
         std::process::id()
     );
-    let work = layout.backups.join(format!(".work-{id}"));
-    crate::volumes::ensure_dir(&work, 0o700, "backup.dir")?;
-    let result = create_in(config, layout, config_dirs, endpoint, opts, &work, &id).await;
-    let _ = std::fs::remove_dir_all(&work);
+    let work = Work::create(
+        &layout.backups,
+        &id,
+        partial_path(layout, opts, &id).as_deref(),
+    )?;
+    let result = create_in(config, layout, config_dirs, endpoint, opts, &work.dir, &id).await;
+    drop(work);
     let written = result?;
     tracing::info!(
         path = %written.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "stdout".into()),
@@ -295,14 +300,8 @@ async fn create_in(
         Vec::new()
     };
     let root = layout.root.clone();
-    let (final_path, tmp_path) = match &opts.output {
-        Output::Stdout => (None, None),
-        Output::Path(p) => (Some(p.clone()), Some(tmp_name(p))),
-        Output::Default => {
-            let p = layout.backups.join(format!("regobox-{id}.tar.zst"));
-            (Some(p.clone()), Some(tmp_name(&p)))
-        }
-    };
+    let final_path = final_path(layout, opts, id);
+    let tmp_path = final_path.as_deref().map(tmp_name);
     let tmp_for_task = tmp_path.clone();
     let dump_for_task = dump.clone();
     let task = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
@@ -379,6 +378,126 @@ async fn create_in(
         }
         _ => Ok(None),
     }
+}
+
+/// Where an archive goes (none: stdout).
+fn final_path(layout: &Layout, opts: &CreateOptions, id: &str) -> Option<PathBuf> {
+    match &opts.output {
+        Output::Stdout => None,
+        Output::Path(p) => Some(p.clone()),
+        Output::Default => Some(layout.backups.join(format!("regobox-{id}.tar.zst"))),
+    }
+}
+
+/// The file an archive is written to before it is renamed into place.
+fn partial_path(layout: &Layout, opts: &CreateOptions, id: &str) -> Option<PathBuf> {
+    final_path(layout, opts, id).as_deref().map(tmp_name)
+}
+
+/// A backup's work directory (`.work-<id>` in the backups directory: the uncompressed dump),
+/// locked (`flock` on `.lock` inside it) for as long as the backup runs. Dropped, it removes
+/// itself and the partial archive: a failed or cancelled backup leaves nothing. A backup killed
+/// outright leaves both, with the lock released: [`clean_dead_work`] removes them.
+struct Work {
+    dir: PathBuf,
+    partial: Option<PathBuf>,
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl Work {
+    fn create(backups: &Path, id: &str, partial: Option<&Path>) -> anyhow::Result<Work> {
+        // Made and locked under another name, then renamed: a `.work-*` directory is always
+        // locked by its backup until that backup ends.
+        let making = backups.join(format!(".making-{id}"));
+        crate::volumes::ensure_dir(&making, 0o700, "backup.dir")?;
+        let file = File::create(making.join(".lock"))
+            .with_context(|| format!("creating {}", making.join(".lock").display()))?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", making.display()))?;
+        if let Some(p) = partial {
+            std::fs::write(making.join("partial"), p.as_os_str().as_encoded_bytes())?;
+        }
+        let dir = backups.join(format!(".work-{id}"));
+        std::fs::rename(&making, &dir)
+            .with_context(|| format!("renaming {} to {}", making.display(), dir.display()))?;
+        Ok(Work {
+            dir,
+            partial: partial.map(Path::to_path_buf),
+            _lock: lock,
+        })
+    }
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        if let Some(p) = &self.partial {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Remove what backups killed outright left in `backups`: each `.work-*` directory whose lock
+/// no process holds, with the partial archive it names (and `.making-*` ones, whose backup died
+/// before it started). A running backup's directory is locked, and never touched.
+pub fn clean_dead_work(backups: &Path) {
+    let Ok(entries) = std::fs::read_dir(backups) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with(".work-") || name.starts_with(".making-")) {
+            continue;
+        }
+        let dir = entry.path();
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let held = match File::open(dir.join(".lock")) {
+            Ok(f) => nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock).is_err(),
+            // No lock file: a `.making-*` whose backup died before locking it, or an older
+            // regobox's leftover.
+            Err(_) => false,
+        };
+        if held {
+            continue;
+        }
+        let bytes = dir_size(&dir);
+        if let Ok(p) = std::fs::read(dir.join("partial")) {
+            let partial = PathBuf::from(std::ffi::OsString::from_vec(p));
+            let is_partial = partial
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().ends_with(".partial"));
+            if is_partial {
+                if let Ok(m) = std::fs::symlink_metadata(&partial) {
+                    if m.is_file() && std::fs::remove_file(&partial).is_ok() {
+                        tracing::warn!(path = %partial.display(), bytes = m.len(), "removed the partial archive of a backup that was killed");
+                    }
+                }
+            }
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {
+                tracing::warn!(path = %dir.display(), bytes, "removed the work directory of a backup that was killed")
+            }
+            Err(e) => {
+                tracing::warn!(path = %dir.display(), error = %e, "cannot remove the work directory of a backup that was killed")
+            }
+        }
+    }
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => dir_size(&e.path()),
+                    _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+                })
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 /// The backups directory is the owner's alone (archives hold passwords and keys): a wider mode

@@ -191,6 +191,8 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
     let signals = StopSignals::install().context("installing signal handlers")?;
     let layout = Layout::new(config);
     layout.prepare()?;
+    // What backups killed outright left (their work directories are unlocked).
+    crate::backup::clean_dead_work(&layout.backups);
     let secrets = SecretStore::new(&layout.secrets);
 
     // Accounts first: an unknown user is a configuration error found before anything starts.

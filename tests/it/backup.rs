@@ -419,6 +419,93 @@ fn archives_and_their_directory_are_the_owners_alone() {
     assert_eq!(mode(&elsewhere), 0o600);
 }
 
+/// The entries of `dir` whose names start with a dot (work directories, partial archives).
+fn hidden(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    v.sort();
+    v
+}
+
+/// What a backup killed outright leaves (as `regobox backup` lays it out): its work directory
+/// with the dump and the unlocked `.lock`, and the partial archive it names.
+fn dead_backup(backups: &Path, id: &str) {
+    let work = backups.join(format!(".work-{id}"));
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join(".lock"), "").unwrap();
+    std::fs::write(work.join("database.dump"), vec![0u8; 1 << 20]).unwrap();
+    let partial = backups.join(format!(".regobox-{id}.tar.zst.partial"));
+    std::fs::write(&partial, vec![0u8; 1 << 16]).unwrap();
+    std::fs::write(work.join("partial"), partial.to_str().unwrap()).unwrap();
+}
+
+/// What killed backups left is removed by the next backup and the next `run`, never a running
+/// backup's (its lock is held); a backup stopped by a signal cleans up after itself (issue 14,
+/// point 10).
+#[test]
+fn what_killed_backups_leave_is_cleaned_and_only_that() {
+    let a = Instance::new();
+    a.ok(&["init"]);
+    a.sql("CREATE TABLE big AS SELECT g, md5(g::text) AS h FROM generate_series(1, 300000) g;");
+    let backups = a.root.join("backups");
+    std::fs::create_dir_all(&backups).unwrap();
+    // A running backup's directory: locked by this test.
+    dead_backup(&backups, "running");
+    let lock = std::fs::File::open(backups.join(".work-running/.lock")).unwrap();
+    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
+    let running = vec![
+        ".regobox-running.tar.zst.partial".to_string(),
+        ".work-running".to_string(),
+    ];
+
+    // SIGTERM once its work has begun (its work directory is named after its pid).
+    let child = a.command(&["backup"]).spawn().unwrap();
+    let mine = format!("-{}", child.id());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !hidden(&backups)
+        .iter()
+        .any(|n| n.starts_with(".work-2") && n.ends_with(&mine))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no work directory of {mine}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert_eq!(
+        hidden(&backups),
+        running,
+        "a cancelled backup left something"
+    );
+
+    dead_backup(&backups, "20260101T000000000Z-1");
+    dead_backup(&backups, "20260101T000000000Z-2");
+    let archive = backup(&a);
+    assert_eq!(
+        hidden(&backups),
+        running,
+        "what the killed backups left is gone, the running one's is not"
+    );
+    assert_eq!(archives_in(&backups), vec![archive]);
+
+    dead_backup(&backups, "20260101T000000000Z-3");
+    let run = a.start();
+    assert_eq!(hidden(&backups), running);
+    assert!(
+        run.log_text()
+            .contains("removed the work directory of a backup that was killed")
+    );
+    run.stop();
+}
+
 #[test]
 fn retention_keeps_exactly_n_archives() {
     let a = Instance::new();
