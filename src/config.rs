@@ -314,12 +314,25 @@ impl Default for DockerLimits {
 }
 
 /// `[docker.policy]`: what the application may ask of the engine.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DockerPolicyConfig {
     /// Bind sources (as the application names them) must lie under one of these. Empty:
     /// the files volume (`<volumes.root>/files`).
     pub bind_roots: Vec<PathBuf>,
+    /// The registries the application may pull from (`host[:port]`; `docker.io` is Docker
+    /// Hub). The engine contacts a registry, and the authentication server it names, from the
+    /// host's network: an address of the application's choosing would reach the host's own.
+    pub registries: Vec<String>,
+}
+
+impl Default for DockerPolicyConfig {
+    fn default() -> Self {
+        DockerPolicyConfig {
+            bind_roots: Vec::new(),
+            registries: vec!["docker.io".into()],
+        }
+    }
 }
 
 /// `512m`, `2g`, `1048576` -> bytes.

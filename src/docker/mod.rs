@@ -136,6 +136,7 @@ impl Bridge {
                 shm: parse_bytes(&d.limits.shm).filter(|m| *m > 0),
             },
             ulimits: own_hard_limits(),
+            registries: d.policy.registries.clone(),
         };
         let images = OwnedImages::load(layout.secrets.join("docker-images.json"))?;
         let freeze_journal = layout.secrets.join("docker-binds-frozen.json");

@@ -366,6 +366,16 @@ impl Proxy {
                                 return;
                             }
                             if let Ok(img) = docker.inspect_image(&reference).await {
+                                // An image of the same content may be on the host already under
+                                // others' tags (ids are content hashes): recording its id would
+                                // hand those tags to the application. Only an image that the
+                                // pull or import alone names becomes the instance's.
+                                let tags = img.repo_tags.clone().unwrap_or_default();
+                                let alone = tags.iter().all(|t| same_reference(t, &reference));
+                                if !alone {
+                                    tracing::warn!(reference = %reference, tags = ?tags, "a pulled image is also tagged by others on the host: not recorded as the application's");
+                                    return;
+                                }
                                 if let Some(id) = img.id {
                                     images.update(|s| s.insert(id));
                                 }
@@ -463,12 +473,16 @@ impl Proxy {
                 let bytes = self.read_body(body, "container create").await?;
                 let model: ContainerCreate = model::decode(&bytes, "container create")?;
                 let plan = container::check_create(&model, &self.policy)?;
-                // Checked (and missing components made) now; frozen again at each start.
-                drop(Freeze::new(
-                    &plan.bind_sources,
-                    &self.policy.bind_roots,
-                    &self.freeze_journal,
-                )?);
+                // Checked (and missing components made) now, under the lock every freeze takes;
+                // frozen again at each start.
+                {
+                    let _lock = self.freezing.lock().await;
+                    drop(Freeze::new(
+                        &plan.bind_sources,
+                        &self.policy.bind_roots,
+                        &self.freeze_journal,
+                    )?);
+                }
                 let requested_image = plan.image.clone();
                 let image = self.owned_image_inspect(&plan.image).await?;
                 let image_id = image.id.clone().unwrap_or_default();
@@ -681,7 +695,7 @@ impl Proxy {
     /// A pull or an import of the body (`fromSrc=-`), judged by [`image::check_image_create`];
     /// neither may move a tag that exists and is not this instance's. Returns the reference made.
     async fn check_image_create(&self, q: Query) -> Result<(String, Query), Refusal> {
-        let plan = image::check_image_create(&q)?;
+        let plan = image::check_image_create(&q, &self.policy.registries)?;
         if !plan.reference.is_empty() {
             self.tag_is_free_or_ours(&plan.reference, "query.tag")
                 .await?;
@@ -1265,6 +1279,21 @@ fn with_label_filter(mut q: Query, instance: &str) -> Result<Query, Refusal> {
     }
     q.set("filters", Value::Object(filters).to_string());
     Ok(q)
+}
+
+/// Whether a tag the engine reports (`docker.io/library/x:1` is `x:1`) is `reference`.
+fn same_reference(tag: &str, reference: &str) -> bool {
+    let norm = |r: &str| {
+        let r = r.strip_prefix("docker.io/").unwrap_or(r);
+        let r = r.strip_prefix("library/").unwrap_or(r).to_string();
+        let last = r.rsplit('/').next().unwrap_or(&r);
+        if last.contains(':') || r.contains('@') {
+            r
+        } else {
+            format!("{r}:latest")
+        }
+    };
+    norm(tag) == norm(reference)
 }
 
 /// The image id an untagged import printed (`{"status":"sha256:..."}`).

@@ -1086,8 +1086,12 @@ impl Drop for Registry {
 
 #[test]
 fn a_pull_from_a_registry_is_the_instances_and_never_moves_anothers_tag() {
-    let mut b = Bridged::start("");
-    let registry = Registry::start(b.inst.dir.path());
+    let dir = tempdir();
+    let registry = Registry::start(dir.path());
+    let mut b = Bridged::start(&format!(
+        "[docker.policy]\nregistries = [\"docker.io\", \"127.0.0.1:{}\"]",
+        registry.port
+    ));
     let repo = format!("127.0.0.1:{}/rbx/pulled", registry.port);
     let (tag, victim) = (format!("{repo}:1"), format!("{repo}:victim"));
     let made = OnEngine::default();
@@ -1123,5 +1127,36 @@ fn a_pull_from_a_registry_is_the_instances_and_never_moves_anothers_tag() {
     let out = b.cli(&["pull", "--all-tags", &repo]);
     assert!(!out.status.success(), "pulled every tag: {}", stdout(&out));
     assert_eq!(image_id(&victim), before);
+
+    // The same content under someone else's tag: pulling it does not make their tag ours.
+    let copy = format!("{repo}:copy");
+    made.image(&copy);
+    assert!(engine(&["tag", &victim, &copy]).status.success());
+    assert!(engine(&["push", &copy]).status.success());
+    assert!(engine(&["rmi", &copy]).status.success());
+    b.cli_ok(&["pull", &copy]);
+    assert!(
+        !b.cli(&["image", "inspect", &victim]).status.success(),
+        "the victim's tag became the instance's"
+    );
+    let ctx = b.inst.dir.path().join("ctx-copy");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), format!("FROM {copy}\n")).unwrap();
+    let out = b.cli(&["build", "-q", "-t", &victim, ctx.to_str().unwrap()]);
+    assert!(
+        stderr(&out).contains("is not this instance's"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(image_id(&victim), before);
+
+    // Registries not in docker.policy.registries are not contacted.
+    let other = free_port();
+    let out = b.cli(&["pull", &format!("127.0.0.1:{other}/x:1")]);
+    assert!(
+        stderr(&out).contains("docker.policy.registries"),
+        "{}",
+        stderr(&out)
+    );
     b.stop();
 }

@@ -385,6 +385,7 @@ fn policy() -> CreatePolicy {
             shm: Some(64 << 20),
         },
         ulimits: [("nofile".to_string(), 65536)].into_iter().collect(),
+        registries: vec!["docker.io".into()],
     }
 }
 

@@ -308,6 +308,14 @@ pub fn dockerfile_images(
                         .collect(),
                 };
                 for s in &sources {
+                    if s.contains('$') {
+                        return Err(deny(
+                            field,
+                            format!(
+                                "ADD {s:?}: a variable in an ADD source could make it a URL the engine fetches; name the file"
+                            ),
+                        ));
+                    }
                     if s.contains("://") || s.starts_with("git@") {
                         return Err(deny(
                             field,
@@ -495,6 +503,8 @@ mod tests {
         }
         for text in [
             "FROM a\nONBUILD COPY --from=victim /s /s\n",
+            "FROM a\nARG U=http://127.0.0.1:5078/x\nADD $U /x\n",
+            "FROM a\nADD [\"${U}\", \"/x\"]\n",
             "FROM a\nADD http://127.0.0.1:8081/x /x\n",
             "FROM a\nadd --chown=1 https://example.org/x /x\n",
             "FROM a\nADD [\"http://127.0.0.1/x\", \"/x\"]\n",

@@ -24,6 +24,8 @@ pub struct CreatePolicy {
     pub limits: Limits,
     /// Hard limits regobox itself runs with, by ulimit name: a job may not get more.
     pub ulimits: BTreeMap<String, i64>,
+    /// `docker.policy.registries`: where pulls may come from.
+    pub registries: Vec<String>,
 }
 
 /// `[docker.limits]`: ceilings (None: none).
@@ -893,6 +895,7 @@ mod tests {
                 shm: None,
             },
             ulimits: [("nofile".to_string(), 4096)].into_iter().collect(),
+            registries: vec!["docker.io".into()],
         }
     }
 

@@ -51,8 +51,23 @@ fn reference(name: &str, tag: &str, field: &str) -> Result<String, Denied> {
     Ok(format!("{name}:{tag}"))
 }
 
-/// Check a `POST /images/create`'s parameters.
-pub fn check_image_create(q: &Query) -> Result<ImageCreatePlan, Denied> {
+/// The registry a reference names, as the engine reads it: the first component when it holds a
+/// `.` or a `:` or is `localhost`, else Docker Hub.
+pub fn registry_of(reference: &str) -> String {
+    let first = reference.split('/').next().unwrap_or("");
+    let named = reference.contains('/')
+        && (first.contains('.') || first.contains(':') || first == "localhost");
+    if !named {
+        return "docker.io".into();
+    }
+    match first.to_ascii_lowercase().as_str() {
+        "index.docker.io" | "registry-1.docker.io" => "docker.io".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Check a `POST /images/create`'s parameters; pulls only from `registries`.
+pub fn check_image_create(q: &Query, registries: &[String]) -> Result<ImageCreatePlan, Denied> {
     let get = |k: &str| q.get(k).unwrap_or("");
     let changes: Vec<&str> = q.all("changes").collect();
     if !get("fromImage").is_empty() {
@@ -67,6 +82,16 @@ pub fn check_image_create(q: &Query) -> Result<ImageCreatePlan, Denied> {
             return Err(deny(
                 "query.tag",
                 "is missing: a pull without a tag or digest pulls every tag of the repository",
+            ));
+        }
+        let registry = registry_of(&reference);
+        if !registries.iter().any(|r| r.eq_ignore_ascii_case(&registry)) {
+            return Err(deny(
+                "query.fromImage",
+                format!(
+                    "names the registry {registry}, which is not in docker.policy.registries ({}): the engine would contact it, and the server it names, from the host's network",
+                    registries.join(", ")
+                ),
             ));
         }
         return Ok(ImageCreatePlan {
@@ -115,7 +140,11 @@ mod tests {
     use crate::docker::policy::query::{IMAGE_CREATE, parse};
 
     fn check(raw: &str) -> Result<ImageCreatePlan, Denied> {
-        check_image_create(&parse(raw, "an image create", IMAGE_CREATE).unwrap())
+        let registries = vec!["docker.io".to_string(), "reg:5000".to_string()];
+        check_image_create(
+            &parse(raw, "an image create", IMAGE_CREATE).unwrap(),
+            &registries,
+        )
     }
 
     #[test]
@@ -137,6 +166,9 @@ mod tests {
             "mine:1"
         );
         assert_eq!(check("fromSrc=-").unwrap().reference, "");
+        assert_eq!(registry_of("library/busybox:1"), "docker.io");
+        assert_eq!(registry_of("index.docker.io/a/b:1"), "docker.io");
+        assert_eq!(registry_of("127.0.0.1:5000/a:1"), "127.0.0.1:5000");
         for (raw, rule) in [
             (
                 "fromSrc=-&repo=victim%2Fapp%3Aunused&tag=latest",
@@ -153,6 +185,9 @@ mod tests {
             ("fromImage=a%3F%2Fb&tag=1", "query.fromImage"),
             ("fromImage=a&tag=1&changes=CMD+x", "query.fromSrc"),
             ("", "query.fromImage"),
+            ("fromImage=127.0.0.1%3A5079%2Fx&tag=1", "query.fromImage"),
+            ("fromImage=localhost%2Fx&tag=1", "query.fromImage"),
+            ("fromImage=evil.example%2Fx&tag=1", "query.fromImage"),
         ] {
             assert_eq!(check(raw).unwrap_err().rule, rule, "{raw}");
         }
