@@ -199,16 +199,21 @@ pub(crate) fn busybox_rootfs_tar(dir: &Path) -> PathBuf {
     for applet in ["sh", "echo", "cat", "sleep", "ls", "true", "seq", "id"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
+    tar_of(&root, &tar);
+    tar
+}
+
+/// `root`'s contents as the tar file `tar`.
+pub(crate) fn tar_of(root: &Path, tar: &Path) {
     let st = Command::new("tar")
         .arg("-C")
-        .arg(&root)
+        .arg(root)
         .arg("-cf")
-        .arg(&tar)
+        .arg(tar)
         .arg(".")
         .status()
         .unwrap();
-    assert!(st.success());
-    tar
+    assert!(st.success(), "tar of {}", root.display());
 }
 
 pub(crate) fn rt() -> tokio::runtime::Runtime {

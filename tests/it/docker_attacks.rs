@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::docker::{Bridged, busybox_rootfs_tar, containers_of, engine, raw, raw_bytes};
+use crate::docker::{Bridged, busybox_rootfs_tar, containers_of, engine, raw, raw_bytes, tar_of};
 use crate::support::*;
 
 /// A raw request with a body on the proxy socket.
@@ -87,17 +87,7 @@ fn foreign_image(dir: &Path, tag: &str, secret: &str) {
     std::os::unix::fs::symlink("busybox", root.join("bin/sleep")).unwrap();
     std::fs::write(root.join("etc/secret"), secret).unwrap();
     let tar = dir.join(format!("{}.tar", tag.replace(['/', ':'], "-")));
-    assert!(
-        Command::new("tar")
-            .arg("-C")
-            .arg(&root)
-            .arg("-cf")
-            .arg(&tar)
-            .arg(".")
-            .status()
-            .unwrap()
-            .success()
-    );
+    tar_of(&root, &tar);
     let out = Command::new("docker")
         .args(["import", "-", tag])
         .stdin(std::fs::File::open(tar).unwrap())
