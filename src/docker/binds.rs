@@ -254,9 +254,7 @@ fn write_records(journal: &Path, records: &[&Record]) -> std::io::Result<()> {
 impl Drop for Freeze {
     fn drop(&mut self) {
         for (file, r) in self.frozen.iter().rev() {
-            let put_back = std::os::unix::fs::fchown(file, Some(r.uid), Some(r.gid))
-                .and_then(|_| file.set_permissions(std::fs::Permissions::from_mode(r.mode)));
-            if let Err(e) = put_back {
+            if let Err(e) = put_back(file, r) {
                 tracing::warn!(path = %r.path.display(), error = %e, "cannot put back the owner and mode of a bind source's directory");
             }
         }
@@ -264,6 +262,12 @@ impl Drop for Freeze {
             tracing::warn!(journal = %self.journal.display(), error = %e, "cannot clear the bind freeze journal");
         }
     }
+}
+
+/// `file`'s owner and mode as `r` recorded them.
+fn put_back(file: &File, r: &Record) -> std::io::Result<()> {
+    std::os::unix::fs::fchown(file, Some(r.uid), Some(r.gid))?;
+    file.set_permissions(std::fs::Permissions::from_mode(r.mode))
 }
 
 /// Put back what a regobox killed during a freeze left frozen (at the bridge's start): each
@@ -281,18 +285,14 @@ pub fn thaw_leftovers(journal: &Path) {
             .and_then(|f| f.metadata().ok())
             .is_some_and(|m| m.dev() == r.dev && m.ino() == r.ino);
         match file {
-            Ok(f) if same => {
-                let put_back = std::os::unix::fs::fchown(&f, Some(r.uid), Some(r.gid))
-                    .and_then(|_| f.set_permissions(std::fs::Permissions::from_mode(r.mode)));
-                match put_back {
-                    Ok(()) => {
-                        tracing::info!(path = %r.path.display(), uid = r.uid, gid = r.gid, mode = format!("{:o}", r.mode), "put back the owner and mode of a bind source's directory left frozen by a stopped regobox")
-                    }
-                    Err(e) => {
-                        tracing::warn!(path = %r.path.display(), error = %e, "cannot put back a frozen directory's owner and mode")
-                    }
+            Ok(f) if same => match put_back(&f, r) {
+                Ok(()) => {
+                    tracing::info!(path = %r.path.display(), uid = r.uid, gid = r.gid, mode = format!("{:o}", r.mode), "put back the owner and mode of a bind source's directory left frozen by a stopped regobox")
                 }
-            }
+                Err(e) => {
+                    tracing::warn!(path = %r.path.display(), error = %e, "cannot put back a frozen directory's owner and mode")
+                }
+            },
             _ => {
                 tracing::warn!(path = %r.path.display(), "a directory left frozen is gone or replaced: not touched")
             }
@@ -312,20 +312,14 @@ pub fn covering<'a>(
         let Some(root) = root_of(source, roots) else {
             continue;
         };
+        // A job can rename entries anywhere under a bind it writes: a problem when the source's
+        // parent (and so every directory above it, up to the root) lies under one.
+        let Some(parent) = source.parent().filter(|p| p.starts_with(root)) else {
+            continue;
+        };
         for (name, binds) in jobs {
-            for bind in binds {
-                // The job can rename entries anywhere under `bind`: a problem when a component
-                // of the path below the root (its parent directory) lies under it.
-                let mut dir = source.parent();
-                while let Some(d) = dir {
-                    if !d.starts_with(root) {
-                        break;
-                    }
-                    if d.starts_with(bind) {
-                        return Some((name, bind, source.clone()));
-                    }
-                    dir = d.parent();
-                }
+            if let Some(bind) = binds.iter().find(|b| parent.starts_with(b)) {
+                return Some((name, bind, source.clone()));
             }
         }
     }

@@ -173,7 +173,7 @@ impl Bridge {
             max_body: d.max_inspected_body as usize,
             max_build_context: d.max_build_context,
             spool_dir: std::env::temp_dir(),
-            freeze_journal: freeze_journal.clone(),
+            freeze_journal,
             freezing: tokio::sync::Mutex::new(()),
         });
         let shutdown = CancellationToken::new();
@@ -236,40 +236,34 @@ impl Bridge {
 
 /// The hard limits regobox runs with, by the names the engine gives ulimits (-1: unlimited).
 fn own_hard_limits() -> BTreeMap<String, i64> {
-    let resources = [
-        ("core", libc::RLIMIT_CORE),
-        ("cpu", libc::RLIMIT_CPU),
-        ("data", libc::RLIMIT_DATA),
-        ("fsize", libc::RLIMIT_FSIZE),
-        ("locks", libc::RLIMIT_LOCKS),
-        ("memlock", libc::RLIMIT_MEMLOCK),
-        ("msgqueue", libc::RLIMIT_MSGQUEUE),
-        ("nice", libc::RLIMIT_NICE),
-        ("nofile", libc::RLIMIT_NOFILE),
-        ("nproc", libc::RLIMIT_NPROC),
-        ("rss", libc::RLIMIT_RSS),
-        ("rtprio", libc::RLIMIT_RTPRIO),
-        ("sigpending", libc::RLIMIT_SIGPENDING),
-        ("stack", libc::RLIMIT_STACK),
-    ];
-    resources
-        .into_iter()
-        .filter_map(|(name, resource)| {
-            let mut limit = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            // SAFETY: getrlimit writes into the struct it is given.
-            (unsafe { libc::getrlimit(resource, &mut limit) } == 0).then(|| {
-                let hard = if limit.rlim_max == libc::RLIM_INFINITY {
-                    -1
-                } else {
-                    i64::try_from(limit.rlim_max).unwrap_or(i64::MAX)
-                };
-                (name.to_string(), hard)
-            })
-        })
-        .collect()
+    use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit};
+    [
+        ("core", Resource::RLIMIT_CORE),
+        ("cpu", Resource::RLIMIT_CPU),
+        ("data", Resource::RLIMIT_DATA),
+        ("fsize", Resource::RLIMIT_FSIZE),
+        ("locks", Resource::RLIMIT_LOCKS),
+        ("memlock", Resource::RLIMIT_MEMLOCK),
+        ("msgqueue", Resource::RLIMIT_MSGQUEUE),
+        ("nice", Resource::RLIMIT_NICE),
+        ("nofile", Resource::RLIMIT_NOFILE),
+        ("nproc", Resource::RLIMIT_NPROC),
+        ("rss", Resource::RLIMIT_RSS),
+        ("rtprio", Resource::RLIMIT_RTPRIO),
+        ("sigpending", Resource::RLIMIT_SIGPENDING),
+        ("stack", Resource::RLIMIT_STACK),
+    ]
+    .into_iter()
+    .filter_map(|(name, resource)| {
+        let (_, hard) = getrlimit(resource).ok()?;
+        let hard = if hard == RLIM_INFINITY {
+            -1
+        } else {
+            i64::try_from(hard).unwrap_or(i64::MAX)
+        };
+        Some((name.to_string(), hard))
+    })
+    .collect()
 }
 
 /// Make `socket` free to bind: false when a live server is there; a stale socket is removed;

@@ -371,7 +371,7 @@ impl Proxy {
                                 // hand those tags to the application. Only an image that the
                                 // pull or import alone names becomes the instance's.
                                 let tags = img.repo_tags.clone().unwrap_or_default();
-                                let alone = tags.iter().all(|t| same_reference(t, &reference));
+                                let alone = tags.iter().all(|t| image::same_reference(t, &reference));
                                 if !alone {
                                     tracing::warn!(reference = %reference, tags = ?tags, "a pulled image is also tagged by others on the host: not recorded as the application's");
                                     return;
@@ -487,24 +487,13 @@ impl Proxy {
                 let image = self.owned_image_inspect(&plan.image).await?;
                 let image_id = image.id.clone().unwrap_or_default();
                 // The image's VOLUMEs would be anonymous volumes outside the allowed roots.
-                for volume in image
-                    .config
-                    .as_ref()
-                    .and_then(|c| c.volumes.as_ref())
-                    .into_iter()
-                    .flat_map(|v| v.keys())
-                {
-                    let covered = plan
-                        .targets
-                        .iter()
-                        .any(|t| Path::new(t) == Path::new(volume.trim_end_matches('/')));
-                    if !covered {
-                        return Err(Denied::new(
-                            "Image",
-                            format!("refused by regobox's Docker policy: the image {requested_image} declares VOLUME {volume}, which would be an anonymous volume: bind a directory under the allowed roots, or a tmpfs, there"),
-                        )
-                        .into());
-                    }
+                let volumes = image.config.as_ref().and_then(|c| c.volumes.as_ref());
+                if let Some(volume) = plan.uncovered(volumes.into_iter().flat_map(|v| v.keys())) {
+                    return Err(Denied::new(
+                        "Image",
+                        format!("refused by regobox's Docker policy: the image {requested_image} declares VOLUME {volume}, which would be an anonymous volume: bind a directory under the allowed roots, or a tmpfs, there"),
+                    )
+                    .into());
                 }
                 let mut networks = BTreeMap::new();
                 for network in &plan.networks {
@@ -556,10 +545,7 @@ impl Proxy {
             }
             Endpoint::ContainerOp => {
                 let reference = &captures[0];
-                let op = normalized
-                    .strip_prefix("/containers/")
-                    .and_then(|rest| rest.split_once('/'))
-                    .map(|(_, op)| op.to_string());
+                let op = operation(&normalized, "/containers/");
                 let q = query::parse(
                     &raw_query,
                     &format!(
@@ -568,19 +554,7 @@ impl Proxy {
                     ),
                     query::container_op(&method, op.as_deref()),
                 )?;
-                if q.flag("link") {
-                    return Err(Denied::new(
-                        "query.link",
-                        "refused by regobox's Docker policy: removing links is not allowed",
-                    )
-                    .into());
-                }
-                if q.get("ps_args").is_some_and(|a| {
-                    !a.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || " ,-".contains(c))
-                }) {
-                    return Err(Denied::new("query.ps_args", "refused by regobox's Docker policy: ps_args holds characters other than letters, digits, spaces, commas and dashes").into());
-                }
+                query::check_container_op(&q)?;
                 let (id, inspected) = self.owned_container(reference).await?;
                 // The engine mounts the binds on these: hold their paths still until it answers.
                 let mounts = matches!(
@@ -635,10 +609,7 @@ impl Proxy {
             Endpoint::NetworkOp => {
                 let reference = &captures[0];
                 let id = self.owned_network(reference).await?;
-                let op = normalized
-                    .strip_prefix("/networks/")
-                    .and_then(|rest| rest.split_once('/'))
-                    .map(|(_, op)| op.to_string());
+                let op = operation(&normalized, "/networks/");
                 let allowed: &[(&str, query::Kind)] = match (method.as_str(), op.as_deref()) {
                     ("GET", None) => {
                         &[("verbose", query::Kind::Bool), ("scope", query::Kind::Text)]
@@ -706,20 +677,17 @@ impl Proxy {
     /// A reference the application makes (a pull, an import, a build's tag) may name a new tag
     /// or one of this instance's images, never move another's.
     async fn tag_is_free_or_ours(&self, reference: &str, rule: &str) -> Result<(), Refusal> {
-        match self.owned_image(reference).await {
-            Ok(_) => Ok(()),
-            Err(Refusal::NotFound(_)) => match self.docker.inspect_image(reference).await {
-                Err(bollard::errors::Error::DockerResponseServerError {
-                    status_code: 404, ..
-                }) => Ok(()),
-                Ok(_) => Err(Denied::new(
-                    rule,
-                    format!("refused by regobox's Docker policy: the tag {reference:?} exists and is not this instance's: it would be moved"),
-                )
-                .into()),
-                Err(e) => Err(Refusal::Engine(format!("inspecting image {reference}: {e}"))),
-            },
-            Err(other) => Err(other),
+        match self.docker.inspect_image(reference).await {
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(()),
+            Ok(img) if self.image_is_ours(&img) => Ok(()),
+            Ok(_) => Err(Denied::new(
+                rule,
+                format!("refused by regobox's Docker policy: the tag {reference:?} exists and is not this instance's: it would be moved"),
+            )
+            .into()),
+            Err(e) => Err(Refusal::Engine(format!("inspecting image {reference}: {e}"))),
         }
     }
 
@@ -827,11 +795,7 @@ impl Proxy {
         id: &str,
         inspected: &ContainerInspectResponse,
     ) -> Result<(tokio::sync::MutexGuard<'_, ()>, Option<Freeze>), Refusal> {
-        let sources = bind_sources(
-            inspected.host_config.as_ref(),
-            &self.policy.host_paths,
-            false,
-        );
+        let sources = bind_sources(inspected.host_config.as_ref(), &self.policy.host_paths);
         for inside in &sources {
             if !self.policy.bind_roots.iter().any(|r| inside.starts_with(r)) {
                 return Err(Denied::new(
@@ -985,10 +949,7 @@ impl Proxy {
     ) -> Result<bollard::models::ImageInspect, Refusal> {
         let img = self.owned(
             self.docker.inspect_image(name).await,
-            |img| {
-                self.labelled(img.config.as_ref().and_then(|c| c.labels.as_ref()))
-                    || self.images.contains(img.id.as_deref().unwrap_or(""))
-            },
+            |img| self.image_is_ours(img),
             format!("No such image: {name}"),
             &format!("image {name}"),
         )?;
@@ -998,6 +959,12 @@ impl Proxy {
             )));
         }
         Ok(img)
+    }
+
+    /// Labelled as this instance's (built through here), or pulled/imported through here.
+    fn image_is_ours(&self, img: &bollard::models::ImageInspect) -> bool {
+        self.labelled(img.config.as_ref().and_then(|c| c.labels.as_ref()))
+            || self.images.contains(img.id.as_deref().unwrap_or(""))
     }
 
     /// The container's full id and inspection if it is this instance's.
@@ -1281,19 +1248,12 @@ fn with_label_filter(mut q: Query, instance: &str) -> Result<Query, Refusal> {
     Ok(q)
 }
 
-/// Whether a tag the engine reports (`docker.io/library/x:1` is `x:1`) is `reference`.
-fn same_reference(tag: &str, reference: &str) -> bool {
-    let norm = |r: &str| {
-        let r = r.strip_prefix("docker.io/").unwrap_or(r);
-        let r = r.strip_prefix("library/").unwrap_or(r).to_string();
-        let last = r.rsplit('/').next().unwrap_or(&r);
-        if last.contains(':') || r.contains('@') {
-            r
-        } else {
-            format!("{r}:latest")
-        }
-    };
-    norm(tag) == norm(reference)
+/// What follows the object in `/containers/{id}/op` (None for the object itself).
+fn operation(normalized: &str, prefix: &str) -> Option<String> {
+    normalized
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.split_once('/'))
+        .map(|(_, op)| op.to_string())
 }
 
 /// The image id an untagged import printed (`{"status":"sha256:..."}`).
@@ -1307,32 +1267,21 @@ fn imported_id(tail: &[u8]) -> Option<String> {
 }
 
 /// The bind sources of a container (its `HostConfig` as the engine reports it), translated
-/// back to the paths regobox sees; only the writable ones if `writable_only`.
+/// back to the paths regobox sees.
 fn bind_sources(
     host: Option<&bollard::models::HostConfig>,
     host_paths: &[(PathBuf, PathBuf)],
-    writable_only: bool,
 ) -> Vec<PathBuf> {
     let binds = host
         .and_then(|h| h.binds.as_ref())
         .into_iter()
         .flatten()
-        .filter(|b| {
-            !writable_only
-                || !b
-                    .split(':')
-                    .nth(2)
-                    .unwrap_or("")
-                    .split(',')
-                    .any(|o| o == "ro")
-        })
         .map(|b| b.split(':').next().unwrap_or("").to_string());
     let mounts = host
         .and_then(|h| h.mounts.as_ref())
         .into_iter()
         .flatten()
         .filter(|m| m.typ == Some(bollard::models::MountTypeEnum::BIND))
-        .filter(|m| !writable_only || m.read_only != Some(true))
         .filter_map(|m| m.source.clone());
     binds
         .chain(mounts)

@@ -54,6 +54,18 @@ pub struct CreatePlan {
 }
 
 impl CreatePlan {
+    /// The first of an image's `VOLUME`s that no bind, mount or tmpfs of this create covers
+    /// (the engine would make it an anonymous volume, outside the allowed roots).
+    pub fn uncovered<'a>(
+        &self,
+        volumes: impl IntoIterator<Item = &'a String>,
+    ) -> Option<&'a String> {
+        volumes.into_iter().find(|v| {
+            let v = Path::new(v.trim_end_matches('/'));
+            !self.targets.iter().any(|t| Path::new(t) == v)
+        })
+    }
+
     /// The body with the image and networks replaced by the full ids they were resolved to, so
     /// that a name changing hands after the check cannot redirect the create.
     pub fn resolved(
@@ -997,6 +1009,12 @@ mod tests {
         );
         let ids: BTreeMap<String, String> =
             [("jobs".to_string(), "f".repeat(64))].into_iter().collect();
+        let volumes = ["/data/".to_string(), "/elsewhere".to_string()];
+        assert_eq!(
+            plan.uncovered(&volumes),
+            Some(&volumes[1]),
+            "/data is a bind's target"
+        );
         let body = plan.resolved("sha256:abc", &ids);
         let out = serde_json::to_value(&body).unwrap();
         let host = &out["HostConfig"];

@@ -66,6 +66,21 @@ pub fn registry_of(reference: &str) -> String {
     }
 }
 
+/// Whether a tag the engine reports (`docker.io/library/x:1` is `x:1`) is `reference`.
+pub fn same_reference(tag: &str, reference: &str) -> bool {
+    let norm = |r: &str| {
+        let r = r.strip_prefix("docker.io/").unwrap_or(r);
+        let r = r.strip_prefix("library/").unwrap_or(r).to_string();
+        let last = r.rsplit('/').next().unwrap_or(&r);
+        if last.contains(':') || r.contains('@') {
+            r
+        } else {
+            format!("{r}:latest")
+        }
+    };
+    norm(tag) == norm(reference)
+}
+
 /// Check a `POST /images/create`'s parameters; pulls only from `registries`.
 pub fn check_image_create(q: &Query, registries: &[String]) -> Result<ImageCreatePlan, Denied> {
     let get = |k: &str| q.get(k).unwrap_or("");
@@ -167,6 +182,11 @@ mod tests {
         );
         assert_eq!(check("fromSrc=-").unwrap().reference, "");
         assert_eq!(registry_of("library/busybox:1"), "docker.io");
+        assert!(same_reference(
+            "docker.io/library/busybox:latest",
+            "busybox"
+        ));
+        assert!(!same_reference("victim/app:1", "mirror/copy:1"));
         assert_eq!(registry_of("index.docker.io/a/b:1"), "docker.io");
         assert_eq!(registry_of("127.0.0.1:5000/a:1"), "127.0.0.1:5000");
         for (raw, rule) in [

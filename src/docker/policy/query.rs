@@ -185,6 +185,26 @@ pub const BUILD: &[(&str, Kind)] = &[
     ("version", Text),
 ];
 
+/// What an operation's parameters may not ask: removing links (they name other containers),
+/// `ps` arguments beyond letters, digits, spaces, commas and dashes (the engine runs `ps` on
+/// the host with them).
+pub fn check_container_op(q: &Query) -> Result<(), Denied> {
+    if q.flag("link") {
+        return Err(Denied::new(
+            "query.link",
+            "refused by regobox's Docker policy: removing links is not allowed",
+        ));
+    }
+    let odd = |c: char| !(c.is_ascii_alphanumeric() || " ,-".contains(c));
+    if q.get("ps_args").is_some_and(|a| a.chars().any(odd)) {
+        return Err(Denied::new(
+            "query.ps_args",
+            "refused by regobox's Docker policy: ps_args holds characters other than letters, digits, spaces, commas and dashes",
+        ));
+    }
+    Ok(())
+}
+
 /// The parameters of an operation on one container, by method and last path segment (`None`
 /// for the container itself).
 pub fn container_op(method: &str, op: Option<&str>) -> &'static [(&'static str, Kind)] {
@@ -257,6 +277,15 @@ mod tests {
         assert_eq!(q.unwrap_err().rule, "query.remote");
         let q = parse("t=a%3A1&t=b%3A2", "build", BUILD).unwrap();
         assert_eq!(q.all("t").collect::<Vec<_>>(), vec!["a:1", "b:2"]);
+        let op = |raw| parse(raw, "op", container_op("DELETE", None)).unwrap();
+        assert_eq!(
+            check_container_op(&op("link=1")).unwrap_err().rule,
+            "query.link"
+        );
+        assert!(check_container_op(&op("link=False&force=1")).is_ok());
+        let top = |raw| parse(raw, "top", container_op("GET", Some("top"))).unwrap();
+        assert!(check_container_op(&top("ps_args=-ef")).is_ok());
+        assert!(check_container_op(&top("ps_args=%24%28id%29")).is_err());
         for (v, b) in [
             ("False", false),
             (" NONE ", false),
