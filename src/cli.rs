@@ -73,6 +73,10 @@ pub enum BackupCommand {
         /// Also restore its database into a throwaway server and check that it starts.
         #[arg(long)]
         restore_test: bool,
+        /// Where the restore test writes the dump and its throwaway cluster (never the live
+        /// volume; default: the temporary directory, TMPDIR or /tmp).
+        #[arg(long, value_name = "DIR")]
+        work_dir: Option<PathBuf>,
     },
 }
 
@@ -226,7 +230,7 @@ async fn dispatch(command: Command, loaded: &Loaded) -> anyhow::Result<u8> {
             }
             let layout = Layout::new(&loaded.config);
             layout.prepare()?;
-            crate::backup::restore(&loaded.config, &layout, &opts).await?;
+            crate::backup::restore(&loaded.config, &layout, &opts, None).await?;
             Ok(exit::OK)
         }
         Command::Status => status(loaded).await,
@@ -449,7 +453,7 @@ async fn backup(loaded: &Loaded, args: BackupArgs) -> anyhow::Result<u8> {
     let layout = Layout::new(config);
     match args.command {
         Some(BackupCommand::List) => {
-            let listed = crate::backup::list(&layout).await;
+            let listed = crate::backup::list(config, &layout).await;
             println!(
                 "{:<44} {:>12}  {:<20}  {:<6}  VERIFIES",
                 "ARCHIVE", "SIZE", "CREATED", "PG"
@@ -482,8 +486,12 @@ async fn backup(loaded: &Loaded, args: BackupArgs) -> anyhow::Result<u8> {
         Some(BackupCommand::Verify {
             archive,
             restore_test,
+            work_dir,
         }) => {
-            let manifest = crate::backup::verify(&archive).await?;
+            let rules = crate::backup::rules(config, &layout);
+            let manifest = crate::backup::verify(&archive, &rules).await?;
+            // What a restore here would refuse, verify refuses in the same words.
+            crate::backup::restorable_here(config, &manifest).await?;
             println!(
                 "{}: OK, {} members, created {}, PostgreSQL {}",
                 archive.display(),
@@ -497,7 +505,8 @@ async fn backup(loaded: &Loaded, args: BackupArgs) -> anyhow::Result<u8> {
             );
             if restore_test {
                 layout.prepare()?;
-                crate::backup::restore_test(config, &layout, &archive).await?;
+                let work_dir = work_dir.unwrap_or_else(std::env::temp_dir);
+                crate::backup::restore_test(config, &layout, &archive, &work_dir).await?;
                 println!(
                     "{}: restore test OK (the database restores and the server starts)",
                     archive.display()

@@ -13,8 +13,8 @@
 use std::collections::BTreeMap;
 use std::fs::Metadata;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::MetadataExt;
-use std::path::{Component, Path};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -96,10 +96,34 @@ pub enum ArchiveError {
     Mismatch { path: String, what: String },
     #[error("member path {0:?} is not allowed (absolute, or going up with ..)")]
     UnsafePath(String),
+    #[error("member {path} is refused: {why}")]
+    Refused { path: String, why: String },
+    #[error("not enough space: needs {}, {} free on {}", bytes(*.needs), bytes(*.free), .path.display())]
+    NoSpace {
+        needs: u64,
+        free: u64,
+        path: std::path::PathBuf,
+    },
     #[error("regobox.json is missing or disagrees with the manifest")]
     BadHeader,
     #[error("extraction stopped")]
     Cancelled,
+}
+
+/// `n` bytes for a person: `1.5 GiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} bytes")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 fn corrupt(e: impl std::error::Error) -> ArchiveError {
@@ -157,7 +181,7 @@ impl<W: Write> Writer<W> {
             kind: Kind::File,
             size: meta.len(),
             sha256: Some(reader.hex()),
-            mode: meta.mode() & 0o7777,
+            mode: kept_mode(meta),
             target: None,
         });
         Ok(())
@@ -193,7 +217,7 @@ impl<W: Write> Writer<W> {
             kind: Kind::Dir,
             size: 0,
             sha256: None,
-            mode: meta.mode() & 0o7777,
+            mode: kept_mode(meta),
             target: None,
         });
         Ok(())
@@ -208,7 +232,7 @@ impl<W: Write> Writer<W> {
             kind: Kind::Symlink,
             size: 0,
             sha256: None,
-            mode: meta.mode() & 0o7777,
+            mode: kept_mode(meta),
             target: Some(target.to_string_lossy().into_owned()),
         });
         Ok(())
@@ -246,6 +270,9 @@ impl<W: Write> Writer<W> {
 
     fn add_entry(&mut self, path: &str, fs_path: &Path, meta: &Metadata) -> io::Result<()> {
         let ft = meta.file_type();
+        if meta.mode() & 0o6000 != 0 && !ft.is_symlink() {
+            tracing::warn!(path = %fs_path.display(), mode = format!("{:o}", meta.mode() & 0o7777), "archived without its setuid/setgid bits (a restore refuses them)");
+        }
         if ft.is_symlink() {
             let target = std::fs::read_link(fs_path)?;
             self.add_symlink(path, &target, meta)
@@ -277,10 +304,15 @@ impl<W: Write> Writer<W> {
     }
 }
 
+/// The mode an archive records: without the setuid and setgid bits, which a restore refuses.
+fn kept_mode(meta: &Metadata) -> u32 {
+    meta.mode() & 0o1777
+}
+
 fn header_for(meta: &Metadata, kind: tar::EntryType) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
-    h.set_mode(meta.mode() & 0o7777);
+    h.set_mode(kept_mode(meta));
     h.set_uid(meta.uid() as u64);
     h.set_gid(meta.gid() as u64);
     h.set_mtime(meta.mtime().max(0) as u64);
@@ -359,22 +391,175 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
-/// A member path is relative and never goes up.
-fn check_path(path: &str) -> Result<(), ArchiveError> {
-    let p = Path::new(path);
-    let ok = !path.is_empty()
-        && p.components()
-            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
-    if ok {
-        Ok(())
-    } else {
-        Err(ArchiveError::UnsafePath(path.into()))
+/// The largest `regobox.json` and `manifest.json` read into memory.
+const MAX_HEADER: u64 = 1 << 20;
+const MAX_MANIFEST: u64 = 256 << 20;
+/// What a member costs on disk at least (one block): directories, links and small files.
+const BLOCK: u64 = 4096;
+
+/// What a member occupies once written: its size rounded up to whole blocks, one block at least.
+pub fn footprint(kind: &Kind, size: u64) -> u64 {
+    match kind {
+        Kind::File => size.div_ceil(BLOCK).max(1).saturating_mul(BLOCK),
+        Kind::Dir | Kind::Symlink => BLOCK,
     }
 }
 
-/// Read the whole archive, check it against its manifest, and return the manifest.
-pub fn verify(input: impl Read) -> Result<Manifest, ArchiveError> {
-    read(input, None, &mut |_| true)
+/// The archive format's rules for the restore that reads it: which top-level directories of
+/// the volume are regobox's own (never restored), and how much may be written.
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    /// Names under `volumes/` that are regobox's own (the database, the backups, ...). Names
+    /// starting with `.` (the journal, staging, locks) and `lost+found` are always refused.
+    pub own: std::collections::BTreeSet<String>,
+}
+
+/// Where an unpack writes, and within what budget.
+pub struct Dest<'a> {
+    /// An empty staging directory.
+    pub dir: &'a Path,
+    /// Write the `volumes/` and `config/` members too (else only the header and the dump).
+    pub files: bool,
+    /// At most this many bytes (by [`footprint`]) may be written.
+    pub budget: Budget,
+}
+
+/// What may be written, and the place whose free space it is (for the message).
+#[derive(Debug, Clone)]
+pub struct Budget {
+    pub bytes: u64,
+    pub path: std::path::PathBuf,
+}
+
+/// Where a member belongs in the archive format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    Header,
+    Database,
+    Manifest,
+    /// `volumes/<top>/...`: a directory of the volume; `top_level` for `volumes/<top>` itself.
+    Volume {
+        top: String,
+        top_level: bool,
+    },
+    /// `config/<n>-<name>/...`: a configuration directory (kept for reference, never swapped).
+    Config {
+        top_level: bool,
+    },
+}
+
+impl Place {
+    fn in_tree(&self) -> bool {
+        matches!(self, Place::Volume { .. } | Place::Config { .. })
+    }
+
+    /// `volumes/<top>` or `config/<top>` itself.
+    fn top_level(&self) -> bool {
+        matches!(
+            self,
+            Place::Volume {
+                top_level: true,
+                ..
+            } | Place::Config { top_level: true }
+        )
+    }
+}
+
+fn refused(path: &str, why: impl Into<String>) -> ArchiveError {
+    ArchiveError::Refused {
+        path: path.into(),
+        why: why.into(),
+    }
+}
+
+/// A member's name in its one spelling: relative, `/`-separated, without `.`, empty or trailing
+/// components; `..`, absolute names, NUL and names that are not UTF-8 are refused.
+pub fn normalise(raw: &[u8]) -> Result<String, ArchiveError> {
+    let text = std::str::from_utf8(raw)
+        .map_err(|_| refused(&String::from_utf8_lossy(raw), "its name is not UTF-8"))?;
+    if text.starts_with('/') || text.contains('\0') {
+        return Err(ArchiveError::UnsafePath(text.into()));
+    }
+    let parts: Vec<&str> = text
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    if parts.is_empty() || parts.contains(&"..") {
+        return Err(ArchiveError::UnsafePath(text.into()));
+    }
+    Ok(parts.join("/"))
+}
+
+/// Where `path` (normalised) belongs; members the format does not define are refused, and so
+/// are regobox's own directories.
+pub fn place(path: &str, rules: &Rules) -> Result<Place, ArchiveError> {
+    match path {
+        HEADER => return Ok(Place::Header),
+        DATABASE => return Ok(Place::Database),
+        MANIFEST => return Ok(Place::Manifest),
+        _ => {}
+    }
+    let mut parts = path.splitn(3, '/');
+    let (area, top, rest) = (parts.next(), parts.next(), parts.next());
+    let top_level = rest.is_none();
+    match (area, top) {
+        (Some("volumes"), Some(top)) => {
+            if top.starts_with('.') || top == "lost+found" {
+                Err(refused(
+                    path,
+                    format!("`{top}` is not a data directory (regobox's bookkeeping)"),
+                ))
+            } else if rules.own.contains(top) {
+                Err(refused(
+                    path,
+                    format!(
+                        "`{top}` is regobox's own directory (the database, the backups), which a restore never writes"
+                    ),
+                ))
+            } else {
+                Ok(Place::Volume {
+                    top: top.into(),
+                    top_level,
+                })
+            }
+        }
+        (Some("config"), Some(_)) => Ok(Place::Config { top_level }),
+        _ => Err(refused(
+            path,
+            "the archive format has no such member (regobox.json, database.dump, volumes/<dir>/..., config/<dir>/..., manifest.json)",
+        )),
+    }
+}
+
+/// The kind and mode of a member; what the format does not hold is refused.
+fn kind_of(path: &str, header: &tar::Header) -> Result<(Kind, u32), ArchiveError> {
+    let mode = header.mode().map_err(corrupt)? & 0o7777;
+    let kind = match header.entry_type() {
+        tar::EntryType::Regular | tar::EntryType::Continuous => Kind::File,
+        tar::EntryType::Directory => Kind::Dir,
+        tar::EntryType::Symlink => Kind::Symlink,
+        other => {
+            return Err(refused(
+                path,
+                format!(
+                    "it is a {other:?} member; an archive holds files, directories and symbolic links only"
+                ),
+            ));
+        }
+    };
+    if mode & 0o6000 != 0 {
+        return Err(refused(
+            path,
+            format!("its mode {mode:o} has the setuid or setgid bit"),
+        ));
+    }
+    Ok((kind, mode))
+}
+
+/// Read the whole archive, check it against its manifest, and return the manifest: every rule
+/// of a restore applies (see [`unpack_verified`]), so what verifies restores.
+pub fn verify(input: impl Read, rules: &Rules) -> Result<Manifest, ArchiveError> {
+    read(input, rules, None, &mut |_| true)
 }
 
 /// The header must say what the manifest says.
@@ -388,7 +573,12 @@ fn check_header(header: Option<&Header>, manifest: &Manifest) -> Result<(), Arch
 /// Every member seen must be the manifest's, and every member of the manifest seen.
 fn compare(manifest: &Manifest, mut seen: BTreeMap<String, Member>) -> Result<(), ArchiveError> {
     for listed in &manifest.members {
-        check_path(&listed.path)?;
+        if normalise(listed.path.as_bytes())? != listed.path {
+            return Err(ArchiveError::BadManifest(format!(
+                "{:?} is not a member name in its one spelling",
+                listed.path
+            )));
+        }
         match seen.remove(&listed.path) {
             None => return Err(ArchiveError::Missing(listed.path.clone())),
             Some(actual) if actual != *listed => {
@@ -426,24 +616,42 @@ fn compare(manifest: &Manifest, mut seen: BTreeMap<String, Member>) -> Result<()
     Ok(())
 }
 
-/// Unpack the archive into `dest` (an empty staging directory) while verifying it: every member
-/// is hashed as it is written, and the whole is checked against the manifest at the end. On an
-/// error `dest` holds a partial content the caller discards; nothing outside it is touched (a
-/// member whose path goes through a symlink is refused). Modes, times and, as root, owners are
-/// kept. `on_member` is called after each member is written; returning false stops.
+/// Unpack the archive into `dest` while verifying it: every member is hashed as it is written,
+/// and the whole is checked against the manifest at the end.
+///
+/// Each member is judged before anything is written for it: its name in its one spelling
+/// ([`normalise`]), its place in the format ([`place`]: never regobox's own directories), its
+/// kind (files, directories and symbolic links; no setuid or setgid bit), its directory (a
+/// directory member written before it: a member is never written through a link, nor implied),
+/// its uniqueness, and the budget (the sizes the tar headers declare, by [`footprint`]). The
+/// first member is `regobox.json`. On an error `dest` holds a partial content the caller
+/// discards; nothing outside it is touched. Modes, times and, as root, owners are kept.
+/// `on_member` is called after each member is read; returning false stops.
 pub fn unpack_verified(
     input: impl Read,
-    dest: &Path,
+    rules: &Rules,
+    dest: Dest<'_>,
     on_member: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Manifest, ArchiveError> {
-    read(input, Some(dest), on_member)
+    read(input, rules, Some(dest), on_member)
+}
+
+/// A directory written by the unpack, whose mode, owner and time are set once everything
+/// inside it is written.
+struct WrittenDir {
+    path: std::path::PathBuf,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: u64,
 }
 
 /// Read the whole archive, hashing every member (and writing it under `dest` if given), then
 /// check what was read against the manifest and the header.
 fn read(
     input: impl Read,
-    dest: Option<&Path>,
+    rules: &Rules,
+    dest: Option<Dest<'_>>,
     on_member: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Manifest, ArchiveError> {
     use std::os::unix::fs::PermissionsExt;
@@ -453,8 +661,8 @@ fn read(
     let mut seen: BTreeMap<String, Member> = BTreeMap::new();
     let mut manifest: Option<Manifest> = None;
     let mut header_seen: Option<Header> = None;
-    // Directories get their mode, owner and time once everything inside them is written.
-    let mut dirs: Vec<(std::path::PathBuf, u32, u64, u64, u64)> = Vec::new();
+    let mut dirs: Vec<WrittenDir> = Vec::new();
+    let mut written: u64 = 0;
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |e: io::Error| ArchiveError::Corrupt(format!("writing {}: {e}", path.display()))
@@ -463,19 +671,63 @@ fn read(
         let entries = archive.entries().map_err(corrupt)?;
         for entry in entries {
             let mut entry = entry.map_err(corrupt)?;
-            let path = entry
-                .path()
-                .map_err(corrupt)?
-                .to_string_lossy()
-                .trim_end_matches('/')
-                .to_string();
-            check_path(&path)?;
+            let path = normalise(&entry.path_bytes())?;
             if manifest.is_some() {
                 return Err(ArchiveError::Corrupt(format!(
                     "member {path} comes after the manifest"
                 )));
             }
-            if path == MANIFEST {
+            let place = place(&path, rules)?;
+            if seen.is_empty() && place != Place::Header {
+                return Err(ArchiveError::Corrupt(format!(
+                    "the first member is {path}, not {HEADER}"
+                )));
+            }
+            if seen.contains_key(&path) || path == MANIFEST && manifest.is_some() {
+                return Err(ArchiveError::Corrupt(format!(
+                    "member {path} appears twice"
+                )));
+            }
+            let (kind, mode) = kind_of(&path, entry.header())?;
+            let size = entry.size();
+            match (&place, &kind) {
+                (Place::Header | Place::Database | Place::Manifest, Kind::File) => {}
+                (Place::Header | Place::Database | Place::Manifest, _) => {
+                    return Err(refused(&path, "it must be a file"));
+                }
+                (p, k) if p.top_level() && *k != Kind::Dir => {
+                    return Err(refused(
+                        &path,
+                        "a top-level directory of the archive must be a directory, not a link or a file",
+                    ));
+                }
+                _ => {}
+            }
+            if place.in_tree() && !place.top_level() {
+                let parent = path.rsplit_once('/').map(|(p, _)| p).unwrap_or("");
+                if seen.get(parent).map(|m| &m.kind) != Some(&Kind::Dir) {
+                    return Err(refused(
+                        &path,
+                        format!("its directory {parent} is not a directory member before it"),
+                    ));
+                }
+            }
+            let limit = match place {
+                Place::Header => Some(MAX_HEADER),
+                Place::Manifest => Some(MAX_MANIFEST),
+                _ => None,
+            };
+            if let Some(limit) = limit.filter(|l| size > *l) {
+                return Err(refused(
+                    &path,
+                    format!(
+                        "it declares {}, more than {} allowed",
+                        bytes(size),
+                        bytes(limit)
+                    ),
+                ));
+            }
+            if place == Place::Manifest {
                 let mut text = Vec::new();
                 entry.read_to_end(&mut text).map_err(corrupt)?;
                 let m: Manifest = serde_json::from_slice(&text)
@@ -486,22 +738,33 @@ fn read(
                 manifest = Some(m);
                 continue;
             }
-            let target = dest.map(|d| d.join(&path));
-            if let Some(d) = dest {
-                no_symlink_on_the_way(d, &path)?;
+            let to = dest.as_ref().filter(|d| d.files || !place.in_tree());
+            if let Some(d) = to {
+                written = written.saturating_add(footprint(&kind, size));
+                if written > d.budget.bytes {
+                    return Err(ArchiveError::NoSpace {
+                        needs: written,
+                        free: d.budget.bytes,
+                        path: d.budget.path.clone(),
+                    });
+                }
+                no_symlink_on_the_way(d.dir, &path)?;
+                if place.in_tree() {
+                    let area = d.dir.join(path.split('/').next().unwrap_or_default());
+                    if !area.exists() {
+                        std::fs::create_dir(&area).map_err(io_err(&area))?;
+                    }
+                }
             }
+            let target = to.map(|d| d.dir.join(&path));
             let header = entry.header();
-            let mode = header.mode().map_err(corrupt)? & 0o7777;
             let (uid, gid) = (
                 header.uid().map_err(corrupt)? as u32,
                 header.gid().map_err(corrupt)? as u32,
             );
             let mtime = header.mtime().map_err(corrupt)?;
-            if let Some(parent) = target.as_ref().and_then(|t| t.parent()) {
-                std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-            }
-            let member = match header.entry_type() {
-                tar::EntryType::Regular | tar::EntryType::Continuous => {
+            let member = match kind {
+                Kind::File => {
                     let mut hasher = Hashing::new(&mut entry);
                     let mut keep = Vec::new();
                     let size = match &target {
@@ -523,33 +786,41 @@ fn read(
                                 std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
                                     .map_err(io_err(t))?;
                             }
+                            if place == Place::Header {
+                                keep = std::fs::read(t).map_err(io_err(t))?;
+                            }
                             size
                         }
-                        None if path == HEADER => {
+                        None if place == Place::Header => {
                             hasher.read_to_end(&mut keep).map_err(corrupt)? as u64
                         }
                         None => io::copy(&mut hasher, &mut io::sink()).map_err(corrupt)?,
                     };
-                    let sha256 = hasher.hex();
-                    if path == HEADER {
-                        if let Some(t) = &target {
-                            keep = std::fs::read(t).map_err(io_err(t))?;
-                        }
+                    if place == Place::Header {
                         header_seen = serde_json::from_slice(&keep).ok();
                     }
                     Member {
                         path: path.clone(),
                         kind: Kind::File,
                         size,
-                        sha256: Some(sha256),
+                        sha256: Some(hasher.hex()),
                         mode,
                         target: None,
                     }
                 }
-                tar::EntryType::Directory => {
+                Kind::Dir => {
                     if let Some(t) = &target {
-                        std::fs::create_dir_all(t).map_err(io_err(t))?;
-                        dirs.push((t.clone(), mode, uid as u64, gid as u64, mtime));
+                        std::fs::DirBuilder::new()
+                            .mode(0o700)
+                            .create(t)
+                            .map_err(io_err(t))?;
+                        dirs.push(WrittenDir {
+                            path: t.clone(),
+                            mode,
+                            uid,
+                            gid,
+                            mtime,
+                        });
                     }
                     Member {
                         path: path.clone(),
@@ -560,14 +831,18 @@ fn read(
                         target: None,
                     }
                 }
-                tar::EntryType::Symlink => {
+                Kind::Symlink => {
                     let link = entry
-                        .link_name()
-                        .map_err(corrupt)?
+                        .link_name_bytes()
                         .ok_or_else(|| {
                             ArchiveError::Corrupt(format!("symlink {path} has no target"))
                         })?
                         .into_owned();
+                    let link = String::from_utf8(link)
+                        .map_err(|_| refused(&path, "its link target is not UTF-8"))?;
+                    if link.is_empty() || link.contains('\0') {
+                        return Err(refused(&path, "its link target is empty or holds NUL"));
+                    }
                     if let Some(t) = &target {
                         std::os::unix::fs::symlink(&link, t).map_err(io_err(t))?;
                         if as_root {
@@ -581,20 +856,11 @@ fn read(
                         size: 0,
                         sha256: None,
                         mode,
-                        target: Some(link.to_string_lossy().into_owned()),
+                        target: Some(link),
                     }
                 }
-                other => {
-                    return Err(ArchiveError::Corrupt(format!(
-                        "member {path} has an unexpected type {other:?}"
-                    )));
-                }
             };
-            if seen.insert(path.clone(), member).is_some() {
-                return Err(ArchiveError::Corrupt(format!(
-                    "member {path} appears twice"
-                )));
-            }
+            seen.insert(path.clone(), member);
             if !on_member(&path) {
                 return Err(ArchiveError::Cancelled);
             }
@@ -606,18 +872,26 @@ fn read(
     let manifest = manifest.ok_or(ArchiveError::NoManifest)?;
     compare(&manifest, seen)?;
     check_header(header_seen.as_ref(), &manifest)?;
-    for (dir, mode, uid, gid, mtime) in dirs.into_iter().rev() {
-        if as_root {
-            std::os::unix::fs::chown(&dir, Some(uid as u32), Some(gid as u32))
-                .map_err(io_err(&dir))?;
-        }
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode))
-            .map_err(io_err(&dir))?;
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime));
-        }
+    for d in dirs.into_iter().rev() {
+        set_dir_meta(&d, as_root).map_err(io_err(&d.path))?;
     }
     Ok(manifest)
+}
+
+/// Give a written directory its mode, owner and time, through a descriptor opened without
+/// following a link.
+fn set_dir_meta(d: &WrittenDir, as_root: bool) -> io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(&d.path)?;
+    if as_root {
+        std::os::unix::fs::fchown(&dir, Some(d.uid), Some(d.gid))?;
+    }
+    dir.set_permissions(std::fs::Permissions::from_mode(d.mode))?;
+    let _ = dir.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(d.mtime));
+    Ok(())
 }
 
 /// No existing component between `dest` and `dest/path` may be a symlink (an archive could
@@ -643,6 +917,17 @@ fn no_symlink_on_the_way(dest: &Path, path: &str) -> Result<(), ArchiveError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn into(dir: &Path) -> Dest<'_> {
+        Dest {
+            dir,
+            files: true,
+            budget: Budget {
+                bytes: u64::MAX,
+                path: dir.to_path_buf(),
+            },
+        }
+    }
 
     fn base() -> Manifest {
         Manifest {
@@ -685,7 +970,7 @@ mod tests {
     #[test]
     fn a_written_archive_verifies_and_unpacks_identically() {
         let (dir, bytes) = sample();
-        let m = verify(&bytes[..]).unwrap();
+        let m = verify(&bytes[..], &Rules::default()).unwrap();
         let paths: Vec<&str> = m.members.iter().map(|m| m.path.as_str()).collect();
         assert_eq!(
             paths,
@@ -700,7 +985,10 @@ mod tests {
         );
         let out = dir.path().join("out");
         std::fs::create_dir(&out).unwrap();
-        assert_eq!(unpack_verified(&bytes[..], &out, &mut |_| true).unwrap(), m);
+        assert_eq!(
+            unpack_verified(&bytes[..], &Rules::default(), into(&out), &mut |_| true).unwrap(),
+            m
+        );
         assert_eq!(
             std::fs::read(out.join("volumes/files/a.txt")).unwrap(),
             b"hello"
@@ -719,12 +1007,15 @@ mod tests {
         for at in [20, bytes.len() / 2, bytes.len() - 10] {
             let mut b = bytes.clone();
             b[at] ^= 0x40;
-            assert!(verify(&b[..]).is_err(), "flip at {at} accepted");
+            assert!(
+                verify(&b[..], &Rules::default()).is_err(),
+                "flip at {at} accepted"
+            );
         }
         // Truncated.
         for len in [bytes.len() - 1, bytes.len() / 2, 10] {
             assert!(
-                verify(&bytes[..len]).is_err(),
+                verify(&bytes[..len], &Rules::default()).is_err(),
                 "truncation to {len} accepted"
             );
         }
@@ -736,34 +1027,43 @@ mod tests {
         let f = dir.path().join("f");
         std::fs::write(&f, b"content").unwrap();
         let meta = std::fs::metadata(&f).unwrap();
+        let dmeta = std::fs::metadata(dir.path()).unwrap();
+        let writer = || {
+            let mut w = writer();
+            w.add_dir("volumes/d", &dmeta).unwrap();
+            w
+        };
         // A lie: the manifest says other content.
         let mut w = writer();
-        w.add_file("volumes/f", &f, &meta).unwrap();
-        w.members[1].sha256 = Some("00".repeat(32));
+        w.add_file("volumes/d/f", &f, &meta).unwrap();
+        w.members[2].sha256 = Some("00".repeat(32));
         let (bytes, _) = w.finish(base()).unwrap();
         assert!(matches!(
-            verify(&bytes[..]),
+            verify(&bytes[..], &Rules::default()),
             Err(ArchiveError::Mismatch { .. })
         ));
         // A member listed but missing.
         let mut w = writer();
-        w.add_file("volumes/f", &f, &meta).unwrap();
-        let mut ghost = w.members[1].clone();
-        ghost.path = "volumes/ghost".into();
+        w.add_file("volumes/d/f", &f, &meta).unwrap();
+        let mut ghost = w.members[2].clone();
+        ghost.path = "volumes/d/ghost".into();
         w.members.push(ghost);
         let (bytes, _) = w.finish(base()).unwrap();
         assert!(
-            matches!(verify(&bytes[..]), Err(ArchiveError::Missing(p)) if p == "volumes/ghost")
+            matches!(verify(&bytes[..], &Rules::default()), Err(ArchiveError::Missing(p)) if p == "volumes/d/ghost")
         );
         // A member not listed.
         let mut w = writer();
-        w.add_file("volumes/f", &f, &meta).unwrap();
-        w.members.truncate(1);
+        w.add_file("volumes/d/f", &f, &meta).unwrap();
+        w.members.truncate(2);
         let (bytes, _) = w.finish(base()).unwrap();
-        assert!(matches!(verify(&bytes[..]), Err(ArchiveError::Unlisted(_))));
+        assert!(matches!(
+            verify(&bytes[..], &Rules::default()),
+            Err(ArchiveError::Unlisted(_))
+        ));
         // A header that disagrees with the manifest.
         let mut w = writer();
-        w.add_file("volumes/f", &f, &meta).unwrap();
+        w.add_file("volumes/d/f", &f, &meta).unwrap();
         let mut lying = base();
         lying.postgres = Some(PostgresInfo {
             major: "99".into(),
@@ -772,7 +1072,10 @@ mod tests {
             user: "x".into(),
         });
         let (bytes, _) = w.finish(lying).unwrap();
-        assert!(matches!(verify(&bytes[..]), Err(ArchiveError::BadHeader)));
+        assert!(matches!(
+            verify(&bytes[..], &Rules::default()),
+            Err(ArchiveError::BadHeader)
+        ));
     }
 
     #[test]
@@ -783,26 +1086,148 @@ mod tests {
         std::os::unix::fs::symlink(&outside, dir.path().join("link")).unwrap();
         let f = dir.path().join("f");
         std::fs::write(&f, b"x").unwrap();
-        let mut w = writer();
         let lmeta = std::fs::symlink_metadata(dir.path().join("link")).unwrap();
-        w.add_symlink("volumes/link", &outside, &lmeta).unwrap();
-        w.add_file("volumes/link/evil", &f, &std::fs::metadata(&f).unwrap())
-            .unwrap();
-        let (bytes, _) = w.finish(base()).unwrap();
-        let dest = dir.path().join("dest");
-        std::fs::create_dir(&dest).unwrap();
-        assert!(matches!(
-            unpack_verified(&bytes[..], &dest, &mut |_| true),
-            Err(ArchiveError::UnsafePath(_))
-        ));
-        assert!(!outside.join("evil").exists());
+        let dmeta = std::fs::metadata(dir.path()).unwrap();
+        let fmeta = std::fs::metadata(&f).unwrap();
+        // A top-level directory as a link, a member under a link of the archive, a directory
+        // member spelled differently over a link (whose mode would be set through it).
+        let cases: [&dyn Fn(&mut Writer<Vec<u8>>); 3] = [
+            &|w| {
+                w.add_symlink("volumes/files", &outside, &lmeta).unwrap();
+            },
+            &|w| {
+                w.add_dir("volumes/files", &dmeta).unwrap();
+                w.add_symlink("volumes/files/link", &outside, &lmeta)
+                    .unwrap();
+                w.add_file("volumes/files/link/evil", &f, &fmeta).unwrap();
+            },
+            &|w| {
+                w.add_dir("volumes/files", &dmeta).unwrap();
+                w.add_symlink("volumes/files/link", &outside, &lmeta)
+                    .unwrap();
+                w.add_dir("volumes/files/./link/", &dmeta).unwrap();
+            },
+        ];
+        for (i, case) in cases.iter().enumerate() {
+            let mut w = writer();
+            case(&mut w);
+            let (bytes, _) = w.finish(base()).unwrap();
+            let dest = dir.path().join(format!("dest{i}"));
+            std::fs::create_dir(&dest).unwrap();
+            let unpacked =
+                unpack_verified(&bytes[..], &Rules::default(), into(&dest), &mut |_| true);
+            assert!(
+                matches!(
+                    unpacked,
+                    Err(ArchiveError::Refused { .. } | ArchiveError::Corrupt(_))
+                ),
+                "case {i}: {unpacked:?}"
+            );
+            assert!(verify(&bytes[..], &Rules::default()).is_err(), "case {i}");
+            assert!(
+                std::fs::read_dir(&outside).unwrap().next().is_none(),
+                "case {i}"
+            );
+        }
     }
 
     #[test]
-    fn unsafe_paths_are_refused() {
-        assert!(check_path("volumes/files/x").is_ok());
-        assert!(check_path("../etc/passwd").is_err());
-        assert!(check_path("/etc/passwd").is_err());
-        assert!(check_path("volumes/../../x").is_err());
+    fn extraction_stops_at_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("big");
+        std::fs::write(&f, vec![0u8; 1 << 20]).unwrap();
+        let dmeta = std::fs::metadata(dir.path()).unwrap();
+        let mut w = writer();
+        w.add_dir("volumes/files", &dmeta).unwrap();
+        for i in 0..4 {
+            w.add_file(
+                &format!("volumes/files/{i}"),
+                &f,
+                &std::fs::metadata(&f).unwrap(),
+            )
+            .unwrap();
+        }
+        let (bytes, _) = w.finish(base()).unwrap();
+        let dest = dir.path().join("dest");
+        std::fs::create_dir(&dest).unwrap();
+        let mut d = into(&dest);
+        d.budget.bytes = 2 << 20;
+        let r = unpack_verified(&bytes[..], &Rules::default(), d, &mut |_| true);
+        let Err(ArchiveError::NoSpace { needs, free, .. }) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(free, 2 << 20);
+        assert!(needs > free && needs < (3 << 20) + 3 * 4096, "{needs}");
+        assert!(
+            !dest.join("volumes/files/2").exists(),
+            "stopped before writing past it"
+        );
+        assert!(
+            r.unwrap_err()
+                .to_string()
+                .starts_with("not enough space: needs 2.0 MiB")
+        );
+    }
+
+    #[test]
+    fn names_have_one_spelling() {
+        for (raw, want) in [
+            ("volumes/files/x", "volumes/files/x"),
+            ("./volumes//files/./x/", "volumes/files/x"),
+            ("volumes/files/", "volumes/files"),
+        ] {
+            assert_eq!(normalise(raw.as_bytes()).unwrap(), want, "{raw}");
+        }
+        for raw in [
+            "../etc/passwd",
+            "/etc/passwd",
+            "volumes/../../x",
+            "",
+            "./",
+            "a/\0b",
+        ] {
+            let raw = raw.replace("\\0", "\0");
+            assert!(normalise(raw.as_bytes()).is_err(), "{raw:?}");
+        }
+        assert!(normalise(b"volumes/files/\xff").is_err());
+    }
+
+    #[test]
+    fn only_the_formats_places_and_never_regobox_own() {
+        let rules = Rules {
+            own: ["db", "backups", "pg"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+        };
+        for ok in [
+            "regobox.json",
+            "database.dump",
+            "manifest.json",
+            "volumes/files",
+            "volumes/files/db",
+            "volumes/secrets/x",
+            "config/0-conf/a",
+        ] {
+            assert!(place(ok, &rules).is_ok(), "{ok}");
+        }
+        for bad in [
+            "volumes/db",
+            "volumes/db/pgdata/PG_VERSION",
+            "volumes/backups",
+            "volumes/pg",
+            "volumes/.regobox-restore.json",
+            "volumes/.restore-1",
+            "volumes/lost+found",
+            "volumes",
+            "config",
+            "etc/passwd",
+            "database.dump2",
+        ] {
+            assert!(
+                matches!(place(bad, &rules), Err(ArchiveError::Refused { .. })),
+                "{bad}"
+            );
+        }
     }
 }

@@ -145,10 +145,77 @@ impl<R: Read> Read for Progress<R> {
     }
 }
 
+/// The archive rules of this volume: the top-level directories that are regobox's own (`db`,
+/// `backups`, and wherever `postgres.data_dir`, `backup.dir` and the runtime directory are on
+/// it) are never backed up nor restored.
+pub fn rules(config: &Config, layout: &Layout) -> archive::Rules {
+    let mut own: std::collections::BTreeSet<String> =
+        ["db", "backups"].into_iter().map(String::from).collect();
+    for dir in [
+        &config.postgres.data_dir,
+        &layout.backups,
+        &config.runtime_dir,
+    ] {
+        if let Ok(rel) = dir.strip_prefix(&layout.root) {
+            if let Some(std::path::Component::Normal(top)) = rel.components().next() {
+                own.insert(top.to_string_lossy().into_owned());
+            }
+        }
+    }
+    archive::Rules { own }
+}
+
+/// The bytes an unprivileged writer may still write on the file system holding `path`, and
+/// that file system's identity and size.
+fn space(path: &Path) -> anyhow::Result<Space> {
+    use std::os::unix::fs::MetadataExt;
+    let st = nix::sys::statvfs::statvfs(path)
+        .with_context(|| format!("reading the free space of {}", path.display()))?;
+    let dev = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .dev();
+    let block = st.fragment_size() as u64;
+    Ok(Space {
+        free: (st.blocks_available() as u64).saturating_mul(block),
+        size: (st.blocks() as u64).saturating_mul(block),
+        dev,
+    })
+}
+
+struct Space {
+    free: u64,
+    size: u64,
+    dev: u64,
+}
+
+/// What rebuilding the archive's database takes beyond the dump: a new cluster (initdb's files,
+/// then the tables and their indexes, which the dump holds as definitions only). An estimate.
+fn cluster_estimate(manifest: &Manifest) -> u64 {
+    let dump = manifest
+        .members
+        .iter()
+        .find(|m| m.path == archive::DATABASE)
+        .map(|m| m.size)
+        .unwrap_or(0);
+    dump.saturating_mul(2).saturating_add(64 << 20)
+}
+
+/// What unpacking takes: every member written, by [`archive::footprint`] (`files`: the volume
+/// and configuration members too).
+fn unpack_need(manifest: &Manifest, files: bool) -> u64 {
+    manifest
+        .members
+        .iter()
+        .filter(|m| files || !(m.path.starts_with("volumes/") || m.path.starts_with("config/")))
+        .map(|m| archive::footprint(&m.kind, m.size))
+        .fold(0u64, u64::saturating_add)
+}
+
 /// The volume directories a backup holds: `backup.include`, or everything under the root but
 /// the database, the backups and regobox's own bookkeeping.
 fn included_dirs(config: &Config, layout: &Layout, secrets: bool) -> Vec<PathBuf> {
     let root = &layout.root;
+    let own = rules(config, layout).own;
     let names: Vec<String> = if config.backup.include.is_empty() {
         let mut names: Vec<String> = std::fs::read_dir(root)
             .map(|rd| {
@@ -174,6 +241,7 @@ fn included_dirs(config: &Config, layout: &Layout, secrets: bool) -> Vec<PathBuf
             let is_backups = layout.backups.starts_with(p);
             !(holds_db
                 || is_backups
+                || own.contains(&name)
                 || name.starts_with('.')
                 || name == "lost+found"
                 || (!secrets && *p == layout.secrets))
@@ -556,13 +624,14 @@ pub fn prune(dir: &Path, keep: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Verify the archive at `path` (one full read); its manifest.
-pub async fn verify(path: &Path) -> anyhow::Result<Manifest> {
+/// Verify the archive at `path` (one full read) by every rule a restore applies; its manifest.
+pub async fn verify(path: &Path, rules: &archive::Rules) -> anyhow::Result<Manifest> {
     let path = path.to_path_buf();
+    let rules = rules.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<Manifest> {
         let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         let (reader, pb) = progress_reader(file, "verify");
-        let manifest = archive::verify(reader)
+        let manifest = archive::verify(reader, &rules)
             .with_context(|| format!("{} does not verify", path.display()))?;
         pb.finish_and_clear();
         Ok(manifest)
@@ -579,19 +648,33 @@ struct Extraction {
 }
 
 impl Extraction {
-    /// Start unpacking the archive at `path` into `dest` (a staging directory), verifying it.
-    fn start(path: &Path, dest: &Path) -> anyhow::Result<Extraction> {
+    /// Start unpacking the archive at `path` into `dest` (a staging directory), verifying it
+    /// by `rules`; `files`: the volume members too (else the header and the dump only), within
+    /// `budget`.
+    fn start(
+        path: &Path,
+        rules: &archive::Rules,
+        dest: &Path,
+        files: bool,
+        budget: archive::Budget,
+    ) -> anyhow::Result<Extraction> {
         let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
         let (tx, done) = tokio::sync::mpsc::unbounded_channel();
         let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (path, dest, stop) = (path.to_path_buf(), dest.to_path_buf(), cancel.clone());
+        let rules = rules.clone();
         let task = tokio::task::spawn_blocking(move || -> anyhow::Result<Manifest> {
             let (reader, pb) = progress_reader(file, "restore");
             let mut notify = |member: &str| {
                 let _ = tx.send(member.to_string());
                 !stop.load(std::sync::atomic::Ordering::SeqCst)
             };
-            let manifest = archive::unpack_verified(reader, &dest, &mut notify)
+            let dest = archive::Dest {
+                dir: &dest,
+                files,
+                budget,
+            };
+            let manifest = archive::unpack_verified(reader, &rules, dest, &mut notify)
                 .with_context(|| format!("{} does not verify", path.display()))?;
             pb.finish_and_clear();
             Ok(manifest)
@@ -881,10 +964,6 @@ pub struct RestoreOptions {
     pub force: bool,
 }
 
-/// Unpack and verify the archive into `staging` while rebuilding its database in `new_cluster`:
-/// the cluster starts at once, the dump loads as soon as it is extracted (it comes first), the
-/// files keep extracting meanwhile. Returns the manifest once everything has verified; on any
-/// error both are left to the caller to discard.
 /// Where a rebuild reads and writes.
 struct Places<'a> {
     archive: &'a Path,
@@ -893,12 +972,16 @@ struct Places<'a> {
     socket_dir: &'a Path,
 }
 
+/// Unpack and verify the archive into `staging` while rebuilding its database in `new_cluster`:
+/// the cluster starts at once, the dump loads as soon as it is extracted (it comes first), the
+/// files keep extracting meanwhile (`files`: else only the dump is written). Returns the
+/// manifest once everything has verified; on any error both are left to the caller to discard.
 async fn rebuild(
     config: &Config,
     layout: &Layout,
-    binaries: &Binaries,
-    account: &crate::users::Account,
+    plan: &Plan,
     places: Places<'_>,
+    files: bool,
 ) -> anyhow::Result<Manifest> {
     let Places {
         archive: archive_path,
@@ -906,7 +989,14 @@ async fn rebuild(
         new_cluster,
         socket_dir,
     } = places;
-    let mut extraction = Extraction::start(archive_path, staging)?;
+    let binaries = &plan.binaries;
+    let mut extraction = Extraction::start(
+        archive_path,
+        &plan.rules,
+        staging,
+        files,
+        plan.budget.clone(),
+    )?;
     // The header comes first: refuse a newer major before extracting anything else.
     if !extraction.wait_for(archive::HEADER).await {
         return Err(extraction
@@ -925,19 +1015,11 @@ async fn rebuild(
             return Err(archive::ArchiveError::BadHeader.into());
         }
     };
-    if let Some(info) = &header.postgres {
-        if let Some(m) = Major::parse(&info.major) {
-            if m > binaries.major {
-                extraction.abort().await;
-                return Err(RestoreRefused::NewerMajor {
-                    archive: info.major.clone(),
-                    binaries: binaries.major,
-                }
-                .into());
-            }
-        }
+    if let Err(e) = check_major(header.postgres.as_ref(), binaries) {
+        extraction.abort().await;
+        return Err(e.into());
     }
-    let build = match Build::start(config, binaries, account, new_cluster, socket_dir).await {
+    let build = match Build::start(config, binaries, &plan.account, new_cluster, socket_dir).await {
         Ok(b) => b,
         Err(e) => {
             extraction.abort().await;
@@ -975,21 +1057,54 @@ async fn rebuild(
     Ok(manifest)
 }
 
-/// Restore an archive into this volume; see the module documentation. The caller makes sure no
-/// server runs on it (offline, or the supervisor in maintenance).
-pub async fn restore(
+/// A dump of a newer major than these binaries cannot be restored.
+fn check_major(info: Option<&PostgresInfo>, binaries: &Binaries) -> Result<(), RestoreRefused> {
+    if let Some(info) = info {
+        if let Some(m) = Major::parse(&info.major) {
+            if m > binaries.major {
+                return Err(RestoreRefused::NewerMajor {
+                    archive: info.major.clone(),
+                    binaries: binaries.major,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether these PostgreSQL binaries can restore the archive of `manifest` (when regobox runs
+/// the server: an external one is the user's).
+pub async fn restorable_here(config: &Config, manifest: &Manifest) -> anyhow::Result<()> {
+    if config.postgres.mode == crate::config::PostgresMode::Embedded {
+        let binaries = Binaries::find(&config.postgres.bin_dir, None).await?;
+        check_major(manifest.postgres.as_ref(), &binaries)?;
+    }
+    Ok(())
+}
+
+/// Everything a restore checks before it changes anything, and what it found.
+pub struct Plan {
+    binaries: Binaries,
+    account: crate::users::Account,
+    state: DataDirState,
+    rules: archive::Rules,
+    /// The archive's manifest, verified by the restore's rules.
+    pub manifest: Manifest,
+    /// What the extraction may write into the staging directory.
+    budget: archive::Budget,
+}
+
+/// Check everything a restore of `opts.archive` can check without changing anything: the
+/// archive (one full read by every rule of a restore, unless `verified` is the manifest such a
+/// read gave), the binaries, the data directory, existing data without `--force`, the major,
+/// and the free space. A restore that would be refused is refused here, before any service
+/// stops.
+pub async fn plan(
     config: &Config,
     layout: &Layout,
     opts: &RestoreOptions,
-) -> anyhow::Result<()> {
-    let started = std::time::Instant::now();
-    let Some(_restoring) = restore_lock(&layout.root)? else {
-        bail!(
-            "another restore is in progress on {}",
-            layout.root.display()
-        );
-    };
-    recover_held(config)?;
+    verified: Option<Manifest>,
+) -> anyhow::Result<Plan> {
     if !opts.archive.is_file() {
         bail!("{} is not a file", opts.archive.display());
     }
@@ -997,8 +1112,6 @@ pub async fn restore(
     let binaries = Binaries::find(&pg.bin_dir, None).await?;
     let home = pg.data_dir.parent().unwrap_or(&pg.data_dir).to_path_buf();
     let account = crate::users::service_account(&pg.os_user, &home, "postgres.os_user").await?;
-
-    // Read-only refusals first.
     let state = cluster::inspect(&pg.data_dir)?;
     if let DataDirState::Foreign(entries) = &state {
         return Err(PostgresError::Foreign {
@@ -1028,12 +1141,79 @@ pub async fn restore(
             return Err(RestoreRefused::ExistingData { what }.into());
         }
     }
-    // From here on the volume is held (an empty data directory is created if there is none).
-    if state == DataDirState::Missing {
-        crate::volumes::ensure_dir(&pg.data_dir, 0o700, "postgres.data_dir")?;
-        cluster::chown(&pg.data_dir, &account)?;
+    let rules = rules(config, layout);
+    let manifest = match verified {
+        Some(m) => m,
+        None => verify(&opts.archive, &rules).await?,
+    };
+    check_major(manifest.postgres.as_ref(), &binaries)?;
+    // The staging directory is on the volume, the new cluster beside the data directory.
+    let staged = unpack_need(&manifest, true);
+    let cluster = cluster_estimate(&manifest);
+    let on_root = space(&layout.root)?;
+    let cluster_dir = pg.data_dir.parent().unwrap_or(&pg.data_dir);
+    let cluster_space = match space(cluster_dir) {
+        Ok(s) => s,
+        Err(_) => space(&layout.root)?,
+    };
+    let budget = if cluster_space.dev == on_root.dev {
+        need(staged + cluster, on_root.free, &layout.root)?;
+        on_root.free - cluster
+    } else {
+        need(staged, on_root.free, &layout.root)?;
+        need(cluster, cluster_space.free, cluster_dir)?;
+        on_root.free
+    };
+    Ok(Plan {
+        binaries,
+        account,
+        state,
+        rules,
+        manifest,
+        budget: archive::Budget {
+            bytes: budget,
+            path: layout.root.clone(),
+        },
+    })
+}
+
+/// `needs` bytes must fit in `free` on `path`.
+fn need(needs: u64, free: u64, path: &Path) -> Result<(), archive::ArchiveError> {
+    if needs > free {
+        return Err(archive::ArchiveError::NoSpace {
+            needs,
+            free,
+            path: path.to_path_buf(),
+        });
     }
-    let Some(lock) = DataDirLock::try_acquire(&pg.data_dir, &account)? else {
+    Ok(())
+}
+
+/// Restore an archive into this volume; see the module documentation. The caller makes sure no
+/// server runs on it (offline, or the supervisor in maintenance). `verified`: the manifest of a
+/// [`plan`] already made (the archive is verified again while it is extracted).
+pub async fn restore(
+    config: &Config,
+    layout: &Layout,
+    opts: &RestoreOptions,
+    verified: Option<Manifest>,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let Some(_restoring) = restore_lock(&layout.root)? else {
+        bail!(
+            "another restore is in progress on {}",
+            layout.root.display()
+        );
+    };
+    recover_held(config)?;
+    let plan = plan(config, layout, opts, verified).await?;
+    let pg = &config.postgres;
+    // From here on the volume is held (an empty data directory is created if there is none).
+    if plan.state == DataDirState::Missing {
+        crate::volumes::ensure_dir(&pg.data_dir, 0o700, "postgres.data_dir")?;
+        cluster::chown(&pg.data_dir, &plan.account)?;
+    }
+    let Some(lock) = DataDirLock::try_acquire(&pg.data_dir, &plan.account)? else {
         return Err(PostgresError::Busy {
             data_dir: pg.data_dir.clone(),
         }
@@ -1058,27 +1238,31 @@ pub async fn restore(
     let result = async {
         crate::volumes::ensure_dir(&staging, 0o700, "volumes.root")?;
         tracing::info!(archive = %opts.archive.display(), staging = %staging.display(), "verifying, extracting and rebuilding the database");
-        rebuild(
+        let manifest = rebuild(
             config,
             layout,
-            &binaries,
-            &account,
+            &plan,
             Places {
                 archive: &opts.archive,
                 staging: &staging,
                 new_cluster: &new_cluster,
                 socket_dir: &socket_dir,
             },
+            true,
         ).await?;
         fault("restore:cluster-ready");
-        // Swap: the cluster, then every volume directory of the archive.
+        // Swap: the cluster, then every top-level volume directory of the archive (each judged
+        // again by the rules, and a directory, not a link, in the staging area).
         let mut pairs = vec![(pg.data_dir.clone(), new_cluster.clone())];
-        if let Ok(rd) = std::fs::read_dir(staging.join("volumes")) {
-            let mut names: Vec<_> = rd.flatten().map(|e| e.file_name()).collect();
-            names.sort();
-            for name in names {
-                pairs.push((layout.root.join(&name), staging.join("volumes").join(&name)));
+        for m in &manifest.members {
+            let Ok(archive::Place::Volume { top, top_level: true }) = archive::place(&m.path, &plan.rules) else {
+                continue;
+            };
+            let staged = staging.join("volumes").join(&top);
+            if !std::fs::symlink_metadata(&staged).is_ok_and(|s| s.is_dir()) {
+                bail!("{} is not a directory in the staging area", staged.display());
             }
+            pairs.push((layout.root.join(&top), staged));
         }
         tracing::info!(directories = pairs.len(), "swapping the restored data in");
         journal::swap(&layout.root, &id, &pairs, &fault)?;
@@ -1097,34 +1281,79 @@ pub async fn restore(
     Ok(())
 }
 
-/// `backup verify --restore-test`: rebuild the archive's database in a throwaway cluster and
-/// check that it starts and holds the database.
-pub async fn restore_test(config: &Config, layout: &Layout, path: &Path) -> anyhow::Result<()> {
+/// `backup verify --restore-test`: rebuild the archive's database in a throwaway cluster under
+/// `work_dir` (never the live volume) and check that it starts and holds the database. Only the
+/// dump and the cluster are written; on the volume's own file system they must leave a tenth
+/// of it free.
+pub async fn restore_test(
+    config: &Config,
+    layout: &Layout,
+    path: &Path,
+    work_dir: &Path,
+) -> anyhow::Result<()> {
     let pg = &config.postgres;
     let binaries = Binaries::find(&pg.bin_dir, None).await?;
     let home = pg.data_dir.parent().unwrap_or(&pg.data_dir).to_path_buf();
     let account = crate::users::service_account(&pg.os_user, &home, "postgres.os_user").await?;
-    let Some(_restoring) = restore_lock(&layout.root)? else {
-        bail!("a restore is in progress on {}", layout.root.display());
+    let work_dir = std::fs::canonicalize(work_dir)
+        .with_context(|| format!("the restore test's directory {}", work_dir.display()))?;
+    let root = std::fs::canonicalize(&layout.root).unwrap_or_else(|_| layout.root.clone());
+    if work_dir.starts_with(&root) {
+        bail!(
+            "the restore test's directory {} is on the live volume {}; give another with --work-dir",
+            work_dir.display(),
+            root.display()
+        );
+    }
+    let rules = rules(config, layout);
+    let manifest = verify(path, &rules).await?;
+    check_major(manifest.postgres.as_ref(), &binaries)?;
+    let cluster = cluster_estimate(&manifest);
+    let needs = unpack_need(&manifest, false) + cluster;
+    let here = space(&work_dir)?;
+    let volume = space(&layout.root)?;
+    let free = if here.dev == volume.dev {
+        here.free.saturating_sub(here.size / 10)
+    } else {
+        here.free
     };
-    let id = format!("test-{}", std::process::id());
-    let work = layout.root.join(format!("{STAGING}{id}"));
-    let socket_dir = config.runtime_dir.join(format!("restore-{id}"));
-    crate::volumes::ensure_dir(&work, 0o755, "volumes.root")?;
+    need(needs, free, &work_dir)?;
+    let id = format!(
+        "{}-{}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%S"),
+        std::process::id()
+    );
+    let work = work_dir.join(format!("regobox-restore-test-{id}"));
+    let socket_dir = config.runtime_dir.join(format!("restore-test-{id}"));
+    crate::volumes::ensure_dir(&work, 0o755, "--work-dir")?;
     let staging = work.join("archive");
-    crate::volumes::ensure_dir(&staging, 0o700, "volumes.root")?;
-    let result = rebuild(
-        config,
-        layout,
-        &binaries,
-        &account,
-        Places {
-            archive: path,
-            staging: &staging,
-            new_cluster: &work.join("pgdata"),
-            socket_dir: &socket_dir,
-        },
-    )
+    let result = async {
+        crate::volumes::ensure_dir(&staging, 0o700, "--work-dir")?;
+        let plan = Plan {
+            binaries,
+            account,
+            state: DataDirState::Missing,
+            rules,
+            manifest,
+            budget: archive::Budget {
+                bytes: free - cluster,
+                path: work_dir.clone(),
+            },
+        };
+        rebuild(
+            config,
+            layout,
+            &plan,
+            Places {
+                archive: path,
+                staging: &staging,
+                new_cluster: &work.join("pgdata"),
+                socket_dir: &socket_dir,
+            },
+            false,
+        )
+        .await
+    }
     .await;
     let _ = std::fs::remove_dir_all(&socket_dir);
     let _ = std::fs::remove_dir_all(&work);
@@ -1182,11 +1411,12 @@ pub struct Listed {
 }
 
 /// Every archive of the backups directory, verified.
-pub async fn list(layout: &Layout) -> Vec<Listed> {
+pub async fn list(config: &Config, layout: &Layout) -> Vec<Listed> {
+    let rules = rules(config, layout);
     let mut out = Vec::new();
     for path in archives(&layout.backups) {
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        let manifest = verify(&path).await.map_err(|e| format!("{:#}", e));
+        let manifest = verify(&path, &rules).await.map_err(|e| format!("{:#}", e));
         out.push(Listed {
             path,
             size,

@@ -17,10 +17,14 @@ use tokio_util::sync::CancellationToken;
 use crate::backup::RestoreOptions;
 use crate::config::Config;
 
-/// A maintenance request handed to the supervisor.
+/// A maintenance request handed to the supervisor, once everything that can be checked
+/// without stopping anything has been ([`crate::backup::plan`]): a refused restore costs no
+/// downtime.
 #[derive(Debug)]
 pub struct Request {
     pub options: RestoreOptions,
+    /// The archive's manifest, verified by the restore's rules.
+    pub verified: crate::backup::archive::Manifest,
     pub reply: oneshot::Sender<Reply>,
 }
 
@@ -55,7 +59,7 @@ pub fn listen(
     stop: CancellationToken,
 ) -> std::io::Result<()> {
     let path = socket_path(config);
-    let root = config.volumes.root.clone();
+    let config = std::sync::Arc::new(config.clone());
     std::fs::create_dir_all(&config.runtime_dir)?;
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
@@ -69,20 +73,21 @@ pub fn listen(
                 },
                 _ = stop.cancelled() => break,
             };
-            tokio::spawn(serve(stream, tx.clone(), root.clone()));
+            tokio::spawn(serve(stream, tx.clone(), config.clone()));
         }
         let _ = std::fs::remove_file(&path);
     });
     Ok(())
 }
 
-async fn serve(stream: UnixStream, tx: mpsc::Sender<Request>, root: PathBuf) {
+async fn serve(stream: UnixStream, tx: mpsc::Sender<Request>, config: std::sync::Arc<Config>) {
+    let root = &config.volumes.root;
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take_limit());
     let reply = match reader.read_line(&mut line).await {
         Ok(_) => match serde_json::from_str::<Wire>(&line) {
-            Ok(w) if w.restore.volumes_root != root => Reply {
+            Ok(w) if w.restore.volumes_root != *root => Reply {
                 code: crate::exit::FAILURE,
                 message: format!(
                     "this regobox serves {}, not {}",
@@ -91,24 +96,20 @@ async fn serve(stream: UnixStream, tx: mpsc::Sender<Request>, root: PathBuf) {
                 ),
             },
             Ok(w) => {
-                let (reply_tx, reply_rx) = oneshot::channel();
-                let request = Request {
-                    options: RestoreOptions {
-                        archive: w.restore.archive,
-                        force: w.restore.force,
-                    },
-                    reply: reply_tx,
+                let options = RestoreOptions {
+                    archive: w.restore.archive,
+                    force: w.restore.force,
                 };
-                if tx.send(request).await.is_err() {
-                    Reply {
-                        code: crate::exit::FAILURE,
-                        message: "regobox is stopping".into(),
+                let layout = crate::volumes::Layout::new(&config);
+                match crate::backup::plan(&config, &layout, &options, None).await {
+                    Err(e) => {
+                        tracing::warn!(archive = %options.archive.display(), "restore refused, nothing stopped: {e:#}");
+                        Reply {
+                            code: crate::exit::code_for(&e),
+                            message: format!("{e:#}"),
+                        }
                     }
-                } else {
-                    reply_rx.await.unwrap_or(Reply {
-                        code: crate::exit::FAILURE,
-                        message: "regobox stopped before answering".into(),
-                    })
+                    Ok(plan) => ask(&tx, options, plan.manifest).await,
                 }
             }
             Err(e) => Reply {
@@ -124,6 +125,30 @@ async fn serve(stream: UnixStream, tx: mpsc::Sender<Request>, root: PathBuf) {
     if let Ok(text) = serde_json::to_string(&reply) {
         let _ = write.write_all(format!("{text}\n").as_bytes()).await;
     }
+}
+
+/// Hand a checked request to the supervisor and wait for its answer.
+async fn ask(
+    tx: &mpsc::Sender<Request>,
+    options: RestoreOptions,
+    verified: crate::backup::archive::Manifest,
+) -> Reply {
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let request = Request {
+        options,
+        verified,
+        reply: reply_tx,
+    };
+    if tx.send(request).await.is_err() {
+        return Reply {
+            code: crate::exit::FAILURE,
+            message: "regobox is stopping".into(),
+        };
+    }
+    reply_rx.await.unwrap_or(Reply {
+        code: crate::exit::FAILURE,
+        message: "regobox stopped before answering".into(),
+    })
 }
 
 trait TakeLimit: Sized {

@@ -314,7 +314,12 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
                     "restoring {}",
                     request.options.archive.display()
                 )));
-                let restore = crate::backup::restore(config, &layout, &request.options);
+                let restore = crate::backup::restore(
+                    config,
+                    &layout,
+                    &request.options,
+                    Some(request.verified.clone()),
+                );
                 tokio::pin!(restore);
                 let mut stop_after = None;
                 let result = loop {
