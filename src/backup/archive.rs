@@ -1091,7 +1091,8 @@ mod tests {
         let fmeta = std::fs::metadata(&f).unwrap();
         // A top-level directory as a link, a member under a link of the archive, a directory
         // member spelled differently over a link (whose mode would be set through it).
-        let cases: [&dyn Fn(&mut Writer<Vec<u8>>); 3] = [
+        type Case<'a> = &'a dyn Fn(&mut Writer<Vec<u8>>);
+        let cases: [Case; 3] = [
             &|w| {
                 w.add_symlink("volumes/files", &outside, &lmeta).unwrap();
             },

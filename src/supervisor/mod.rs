@@ -148,13 +148,13 @@ enum Reason {
     Essential(String, Option<ExitStatus>),
     Target(String, Option<ExitStatus>),
     PostgresExited(ExitStatus),
-    Maintenance(control::Request),
+    Maintenance(Box<control::Request>),
 }
 
 /// How a cycle ended, everything being stopped.
 enum Cycle {
     Exit(u8),
-    Maintenance(control::Request),
+    Maintenance(Box<control::Request>),
 }
 
 /// The database as the supervisor holds it.
@@ -496,7 +496,7 @@ async fn cycle(
         };
         tokio::select! {
             s = p.signals.recv() => break Reason::Signal(s),
-            Some(request) = p.control.recv() => break Reason::Maintenance(request),
+            Some(request) = p.control.recv() => break Reason::Maintenance(Box::new(request)),
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                 let Ok((name, outcome)) = joined else { continue };
                 let is_target = plan.target.as_deref() == Some(name.as_str());
