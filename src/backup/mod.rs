@@ -10,8 +10,10 @@
 //! committed, the previous data is what the next boot finds.
 
 pub mod archive;
+pub mod dump;
 pub mod journal;
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStringExt as _;
@@ -64,6 +66,14 @@ pub enum RestoreRefused {
         "the archive holds a PostgreSQL {archive} database; these binaries are PostgreSQL {binaries}, which cannot restore a dump of a newer major. Use an image with PostgreSQL {archive} or newer"
     )]
     NewerMajor { archive: String, binaries: Major },
+    #[error(
+        "the dump holds what the application role {role} cannot create (a restore loads it with that role's rights only, never the superuser's): {objects}"
+    )]
+    DumpNeedsMore { role: String, objects: String },
+    #[error(
+        "postgres.user ({role}) is the superuser (postgres.superuser): a restore loads the dump with the application role's rights only, so that role must not be the superuser. Configure another postgres.user"
+    )]
+    AppIsSuperuser { role: String },
     #[error(
         "the volume already holds data ({what}); restoring would replace it. Run again with --force to replace it (the previous data is kept until the restore has succeeded)"
     )]
@@ -744,6 +754,23 @@ fn restored_passwords(
     Ok((su, app))
 }
 
+/// Run `pg_restore` with `args` (reading a dump, never connecting); its standard output.
+async fn pg_restore_text(binaries: &Binaries, args: &[&OsStr]) -> anyhow::Result<String> {
+    let mut cmd = std::process::Command::new(binaries.path("pg_restore"));
+    cmd.args(args).env_clear();
+    let out = crate::process::output(&mut cmd)
+        .await
+        .context("running pg_restore")?;
+    if !out.status.success() {
+        bail!(
+            "pg_restore could not read the dump ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    String::from_utf8(out.stdout).context("pg_restore's output is not UTF-8")
+}
+
 /// A cluster being rebuilt from a dump, on a private server (Unix socket only).
 ///
 /// It is not live until it is swapped in, after a clean stop and a sync of its filesystem, so it
@@ -853,7 +880,8 @@ impl Build {
         }
     }
 
-    /// Restore `dump` into the application database; `owner` is the role that owned it.
+    /// Restore `dump` into the application database as the application role (see [`dump`]);
+    /// `owner` is the role that owned it in the archive.
     async fn load(
         &self,
         config: &Config,
@@ -862,44 +890,126 @@ impl Build {
         owner: Option<&str>,
     ) -> anyhow::Result<()> {
         let pg = &config.postgres;
-        if let Some(owner) = owner.filter(|o| *o != pg.user) {
-            tracing::warn!(archive_role = owner, role = %pg.user, "the archive's database belonged to another role; it is created (NOLOGIN) so ownership restores");
-            let client = postgres::connect(&self.superuser).await?;
-            let exists = client
+        let owner = owner.unwrap_or(&pg.user);
+        // What the dump holds, judged before anything of it runs.
+        let toc = pg_restore_text(binaries, &[OsStr::new("--list"), dump.as_os_str()]).await?;
+        let load = dump::judge(
+            &toc,
+            &dump::Judge {
+                owner,
+                extensions: &pg.extensions,
+            },
+        )
+        .map_err(|refusals| RestoreRefused::DumpNeedsMore {
+            role: pg.user.clone(),
+            objects: refusals.to_string(),
+        })?;
+        let mut su_db = self.superuser.clone();
+        su_db.dbname(&pg.database);
+        let su = postgres::connect(&su_db).await?;
+        if owner != pg.user {
+            tracing::warn!(archive_role = owner, role = %pg.user, "the archive's objects belonged to another role; they are restored as the application role's (that role is created NOLOGIN for the grants that name it)");
+            let exists = su
                 .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&owner])
                 .await?
                 .is_some();
             if !exists {
-                client
-                    .batch_execute(&format!(
-                        "CREATE ROLE {} NOLOGIN",
-                        bootstrap::quote_ident(owner)
-                    ))
-                    .await?;
+                su.batch_execute(&format!(
+                    "CREATE ROLE {} NOLOGIN",
+                    bootstrap::quote_ident(owner)
+                ))
+                .await?;
             }
         }
-        tracing::info!("restoring the database");
+        // regobox's part, as the superuser: the configured extensions, its own bookkeeping.
+        bootstrap::extensions(&su, &pg.extensions).await?;
+        if load.init_scripts_rows {
+            self.restore_init_scripts(binaries, dump, &load, &su, &pg.user)
+                .await?;
+        }
+        drop(su);
+        tracing::info!(role = %pg.user, "restoring the database as the application role");
+        let list = self.socket_dir.join("restore.list");
+        std::fs::write(&list, &load.list).with_context(|| format!("writing {}", list.display()))?;
         let jobs = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2)
             .max(2);
-        let mut su_db = self.superuser.clone();
-        su_db.dbname(&pg.database);
+        let mut app = su_db.clone();
+        app.user(&pg.user);
         let mut cmd = std::process::Command::new(binaries.path("pg_restore"));
-        cmd.args(["--exit-on-error", "--no-password", "--dbname", &pg.database])
-            .arg(format!("--jobs={jobs}"))
-            .arg(dump)
-            .env_clear()
-            .envs(libpq_env(&su_db));
+        cmd.args([
+            "--exit-on-error",
+            "--no-password",
+            "--no-owner",
+            "--dbname",
+            &pg.database,
+        ])
+        .arg(format!("--jobs={jobs}"))
+        .arg("--use-list")
+        .arg(&list)
+        .arg(dump)
+        .env_clear()
+        .envs(libpq_env(&app));
         let out = crate::process::output(&mut cmd)
             .await
             .context("running pg_restore")?;
         if !out.status.success() {
             bail!(
-                "pg_restore failed ({}): {}",
+                "pg_restore (as the application role {}) failed ({}): {}",
+                pg.user,
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             );
+        }
+        Ok(())
+    }
+
+    /// Rebuild `regobox.init_scripts` from regobox's own definition and copy the dump's rows
+    /// into it, read as data (three text fields each), never run.
+    async fn restore_init_scripts(
+        &self,
+        binaries: &Binaries,
+        dump: &Path,
+        load: &dump::Load,
+        su: &tokio_postgres::Client,
+        role: &str,
+    ) -> anyhow::Result<()> {
+        let Some(entry) = load
+            .own
+            .iter()
+            .find(|e| e.kind == "TABLE DATA" && e.name == "init_scripts")
+        else {
+            return Ok(());
+        };
+        let list = self.socket_dir.join("init_scripts.list");
+        std::fs::write(&list, format!("{}\n", entry.line))
+            .with_context(|| format!("writing {}", list.display()))?;
+        let sql = pg_restore_text(
+            binaries,
+            &[
+                OsStr::new("--file=-"),
+                OsStr::new("--use-list"),
+                list.as_os_str(),
+                dump.as_os_str(),
+            ],
+        )
+        .await?;
+        let rows = dump::copy_rows(&sql)
+            .map_err(|e| anyhow::anyhow!("regobox.init_scripts in the dump: {e}"))?;
+        bootstrap::bookkeeping(su, Some(role)).await?;
+        for row in rows {
+            let [Some(name), Some(sha256), Some(at)] = &row[..] else {
+                bail!(
+                    "regobox.init_scripts in the dump: a row is not (name, sha256, applied_at): {row:?}"
+                );
+            };
+            su.execute(
+                "INSERT INTO regobox.init_scripts (name, sha256, applied_at) VALUES ($1, $2, $3::text::timestamptz)",
+                &[name, sha256, at],
+            )
+            .await
+            .context("restoring regobox.init_scripts")?;
         }
         Ok(())
     }
@@ -1140,6 +1250,12 @@ pub async fn plan(
         if let Some(what) = what {
             return Err(RestoreRefused::ExistingData { what }.into());
         }
+    }
+    if pg.user == pg.superuser {
+        return Err(RestoreRefused::AppIsSuperuser {
+            role: pg.user.clone(),
+        }
+        .into());
     }
     let rules = rules(config, layout);
     let manifest = match verified {

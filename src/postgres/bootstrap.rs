@@ -138,17 +138,9 @@ pub fn init_scripts(config_dirs: &[PathBuf]) -> Vec<PathBuf> {
     by_name.into_values().collect()
 }
 
-/// Run every script not yet recorded, each in one transaction with its record. `role`, when
-/// given, is the role the scripts run as (the client being a superuser); the name recorded is the
-/// file name.
-pub async fn run_init_scripts(
-    client: &mut Client,
-    scripts: &[PathBuf],
-    role: Option<&str>,
-) -> Result<usize, PostgresError> {
-    if scripts.is_empty() {
-        return Ok(0);
-    }
+/// regobox's bookkeeping in the application database: the schema `regobox` and its table of
+/// the init scripts applied, readable by `role`.
+pub async fn bookkeeping(client: &Client, role: Option<&str>) -> Result<(), PostgresError> {
     client
         .batch_execute(
             "CREATE SCHEMA IF NOT EXISTS regobox;
@@ -170,6 +162,21 @@ pub async fn run_init_scripts(
             .await
             .map_err(db_err("granting read access to regobox.init_scripts"))?;
     }
+    Ok(())
+}
+
+/// Run every script not yet recorded, each in one transaction with its record. `role`, when
+/// given, is the role the scripts run as (the client being a superuser); the name recorded is the
+/// file name.
+pub async fn run_init_scripts(
+    client: &mut Client,
+    scripts: &[PathBuf],
+    role: Option<&str>,
+) -> Result<usize, PostgresError> {
+    if scripts.is_empty() {
+        return Ok(0);
+    }
+    bookkeeping(client, role).await?;
     let mut applied = 0;
     for path in scripts {
         let name = file_name(path);

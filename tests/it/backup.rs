@@ -917,3 +917,157 @@ fn a_refused_restore_costs_no_downtime() {
     assert_eq!(target.sql("SELECT x FROM mine"), "7");
     run.stop();
 }
+
+/// Run `sql` as the superuser on the running `inst` (its psql, over the Unix socket).
+fn superuser_sql(inst: &Instance, sql: &str) {
+    let psql = std::fs::read_dir("/usr/lib/postgresql")
+        .unwrap()
+        .map(|e| e.unwrap().path().join("bin/psql"))
+        .find(|p| p.exists())
+        .expect("a psql in /usr/lib/postgresql");
+    let password = std::fs::read_to_string(inst.secret("postgres-superuser-password")).unwrap();
+    let out = Command::new(psql)
+        .args(["-XtAq", "-v", "ON_ERROR_STOP=1", "-h"])
+        .arg(inst.runtime.join("postgresql"))
+        .args([
+            "-p",
+            &inst.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "app",
+            "-c",
+            sql,
+        ])
+        .env("PGPASSWORD", password.trim())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{sql}: {}", stderr(&out));
+}
+
+/// Issue 14, point 4: a dump is loaded as the application role, never the superuser. A
+/// superuser-owned materialized view over a function calling `COPY ... TO PROGRAM` is refused
+/// by name before anything of the dump runs; the same made by the application role itself
+/// fails when it refreshes (the server refuses the program to a role that is not superuser).
+/// Neither runs the program, and the target keeps nothing.
+#[test]
+fn a_dump_is_loaded_with_the_application_roles_rights_only() {
+    let marker = std::env::temp_dir().join(format!("rbx-pwned-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let function = format!(
+        "CREATE FUNCTION evil() RETURNS int LANGUAGE plpgsql AS $$
+         BEGIN
+           IF EXISTS (SELECT 1 FROM public.armed) THEN
+             COPY (SELECT 1) TO PROGRAM 'cat > {}';
+           END IF;
+           RETURN 1;
+         END $$;",
+        marker.display()
+    );
+    let setup = format!(
+        "CREATE TABLE armed(x int); {function}
+         CREATE MATERIALIZED VIEW mv AS SELECT evil() AS x;
+         INSERT INTO armed VALUES (1);"
+    );
+
+    // Made by the superuser (as a crafted dump would have it).
+    let by_superuser = Instance::new();
+    by_superuser.ok(&["init"]);
+    let run = by_superuser.start();
+    superuser_sql(&by_superuser, &setup);
+    let crafted = backup(&by_superuser);
+    run.stop();
+    // Made by the application role itself.
+    let by_app = Instance::new();
+    by_app.ok(&["init"]);
+    by_app.sql(&setup);
+    let own = backup(&by_app);
+
+    for (archive, expect) in [
+        (
+            &crafted,
+            "the dump holds what the application role app cannot create (a restore loads it with that role's rights only, never the superuser's): FUNCTION public.evil() (owned by postgres, not by the application role app); ",
+        ),
+        (&own, "pg_restore (as the application role app) failed"),
+    ] {
+        let target = Instance::new();
+        let out = target.output(&["restore", archive.to_str().unwrap()]);
+        assert_eq!(
+            out.status.code(),
+            Some(if archive == &crafted { 65 } else { 1 }),
+            "{}",
+            stderr(&out)
+        );
+        assert!(stderr(&out).contains(expect), "{}", stderr(&out));
+        if archive == &crafted {
+            assert!(
+                stderr(&out).contains("MATERIALIZED VIEW DATA public.mv (owned by postgres"),
+                "{}",
+                stderr(&out)
+            );
+        } else {
+            assert!(
+                stderr(&out).contains(
+                    "must be superuser or have privileges of the pg_execute_server_program role"
+                ),
+                "{}",
+                stderr(&out)
+            );
+        }
+        assert!(!marker.exists(), "the program ran");
+        assert_eq!(
+            cluster_state(&target),
+            "no cluster",
+            "nothing swapped in: {}",
+            stderr(&out)
+        );
+    }
+}
+
+/// Whether the volume holds a cluster.
+fn cluster_state(inst: &Instance) -> &'static str {
+    if inst.data_dir().join("PG_VERSION").exists() {
+        "a cluster"
+    } else {
+        "no cluster"
+    }
+}
+
+/// regobox's own part of the database survives a restore loaded as the application role: the
+/// configured extensions, and the record of the init scripts applied (which do not run again).
+#[test]
+fn a_restore_keeps_the_configured_extensions_and_the_init_scripts_record() {
+    let a = Instance::new();
+    a.config_file("50.toml", "[postgres]\nextensions = [\"uuid-ossp\"]\n");
+    a.config_file(
+        "initdb.d/10_schema.sql",
+        "CREATE TABLE runs(id uuid PRIMARY KEY DEFAULT uuid_generate_v4(), n int);
+         INSERT INTO runs(n) VALUES (1);",
+    );
+    a.ok(&["init"]);
+    a.sql("INSERT INTO runs(n) VALUES (2)");
+    let archive = backup(&a);
+    let b = Instance::new();
+    b.config_file("50.toml", "[postgres]\nextensions = [\"uuid-ossp\"]\n");
+    b.config_file(
+        "initdb.d/10_schema.sql",
+        "CREATE TABLE runs(id uuid PRIMARY KEY DEFAULT uuid_generate_v4(), n int);
+         INSERT INTO runs(n) VALUES (1);",
+    );
+    b.ok(&["restore", archive.to_str().unwrap()]);
+    let run = b.start();
+    assert_eq!(
+        b.sql("SELECT string_agg(n::text, ',' ORDER BY n) FROM runs"),
+        "1,2"
+    );
+    assert_eq!(
+        b.sql("SELECT name FROM regobox.init_scripts"),
+        "10_schema.sql"
+    );
+    b.sql("INSERT INTO runs(n) VALUES (3)");
+    assert_eq!(
+        b.sql("SELECT tableowner FROM pg_tables WHERE tablename = 'runs'"),
+        "app"
+    );
+    run.stop();
+}

@@ -1,0 +1,458 @@
+//! What a restore loads from a dump, judged entry by entry on its table of contents.
+//!
+//! A dump is untrusted input: `pg_restore` runs what it holds with the rights of the role it
+//! connects as. A restore therefore connects as the application role (never the superuser), and
+//! before it loads anything reads the dump's table of contents (`pg_restore --list`) into
+//! [`Entry`]s and decides, for each, one of three things:
+//!
+//! - loaded by the application role: the kinds of object an owner of the database can create
+//!   ([`LOADED`]), owned in the dump by the archive's application role;
+//! - regobox's own: the configured extensions (regobox creates them first, as the superuser) and
+//!   the `regobox` schema (its bookkeeping, rebuilt by regobox from its own definition);
+//! - refused, each named: every other kind (procedural languages, event triggers, foreign data
+//!   wrappers, casts, ...), an extension that is not configured, and objects owned by another
+//!   role (made with rights the application role does not have).
+//!
+//! The server is the second wall: whatever the list lets through runs without the superuser's
+//! rights (a function calling `COPY ... TO PROGRAM` fails when a materialized view refreshes).
+
+/// The kinds of entry the application role loads (as `pg_restore --list` names them).
+pub const LOADED: &[&str] = &[
+    "ACL",
+    "AGGREGATE",
+    "BLOB",
+    "BLOB DATA",
+    "BLOB METADATA",
+    "BLOBS",
+    "CHECK CONSTRAINT",
+    "COLLATION",
+    "COMMENT",
+    "CONSTRAINT",
+    "CONVERSION",
+    "DEFAULT",
+    "DEFAULT ACL",
+    "DOMAIN",
+    "ENCODING",
+    "FK CONSTRAINT",
+    "FUNCTION",
+    "INDEX",
+    "INDEX ATTACH",
+    "LARGE OBJECT",
+    "MATERIALIZED VIEW",
+    "MATERIALIZED VIEW DATA",
+    "OPERATOR",
+    "POLICY",
+    "PROCEDURE",
+    "ROW SECURITY",
+    "RULE",
+    "SCHEMA",
+    "SEARCHPATH",
+    "SEQUENCE",
+    "SEQUENCE OWNED BY",
+    "SEQUENCE SET",
+    "SHELL TYPE",
+    "STATISTICS",
+    "STDSTRINGS",
+    "TABLE",
+    "TABLE ATTACH",
+    "TABLE DATA",
+    "TEXT SEARCH CONFIGURATION",
+    "TEXT SEARCH DICTIONARY",
+    "TRIGGER",
+    "TYPE",
+    "VIEW",
+];
+
+/// Kinds known only to be refused (named in the refusal; any kind not listed is refused too).
+const REFUSED: &[&str] = &[
+    "ACCESS METHOD",
+    "CAST",
+    "DATABASE",
+    "DATABASE PROPERTIES",
+    "EVENT TRIGGER",
+    "EXTENSION",
+    "FOREIGN DATA WRAPPER",
+    "FOREIGN TABLE",
+    "OPERATOR CLASS",
+    "OPERATOR FAMILY",
+    "PROCEDURAL LANGUAGE",
+    "PUBLICATION",
+    "PUBLICATION TABLE",
+    "PUBLICATION TABLES IN SCHEMA",
+    "SECURITY LABEL",
+    "SERVER",
+    "SUBSCRIPTION",
+    "SUBSCRIPTION TABLE",
+    "TEXT SEARCH PARSER",
+    "TEXT SEARCH TEMPLATE",
+    "TRANSFORM",
+    "USER MAPPING",
+];
+
+/// regobox's own schema in the application database (see `bootstrap::run_init_scripts`).
+pub const OWN_SCHEMA: &str = "regobox";
+
+/// Owners that are not a role of the dump's: a schema owned by whoever owns the database.
+const DATABASE_OWNER: &str = "pg_database_owner";
+
+/// One line of `pg_restore --list`: `<id>; <catalog oid> <oid> <kind> <schema> <name> <owner>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The line as `pg_restore` printed it (what `--use-list` reads back).
+    pub line: String,
+    pub kind: String,
+    pub schema: String,
+    /// The object's name, as printed (`evil()`, `EXTENSION "uuid-ossp"` for a comment).
+    pub name: String,
+    pub owner: String,
+}
+
+impl Entry {
+    /// `kind schema.name`, for a person.
+    pub fn describe(&self) -> String {
+        if self.schema.is_empty() || self.schema == "-" {
+            format!("{} {}", self.kind, self.name)
+        } else {
+            format!("{} {}.{}", self.kind, self.schema, self.name)
+        }
+    }
+}
+
+/// Read one line of a table of contents; `None` for comments and blank lines.
+pub fn parse_line(line: &str) -> Result<Option<Entry>, String> {
+    let trimmed = line.trim_end_matches(['\r', '\n']);
+    if trimmed.trim().is_empty() || trimmed.starts_with(';') {
+        return Ok(None);
+    }
+    let bad = || format!("cannot read the dump's table of contents line {trimmed:?}");
+    let (id, rest) = trimmed.split_once("; ").ok_or_else(bad)?;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    // Two object ids, then the kind (one or more words).
+    let mut rest = rest;
+    for _ in 0..2 {
+        let (oid, tail) = rest.split_once(' ').ok_or_else(bad)?;
+        if !oid.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        rest = tail;
+    }
+    let kind = LOADED
+        .iter()
+        .chain(REFUSED)
+        .filter(|k| {
+            rest.strip_prefix(**k)
+                .is_some_and(|tail| tail.starts_with(' '))
+        })
+        .max_by_key(|k| k.len())
+        .map(|k| k.to_string());
+    let Some(kind) = kind else {
+        // A kind this regobox does not know: refused by name (its first word).
+        let word = rest.split(' ').next().unwrap_or_default().to_string();
+        return Ok(Some(Entry {
+            line: trimmed.into(),
+            kind: word,
+            schema: String::new(),
+            name: rest.into(),
+            owner: String::new(),
+        }));
+    };
+    let tail = &rest[kind.len() + 1..];
+    let (schema, tail) = tail.split_once(' ').ok_or_else(bad)?;
+    // The owner is the last word (empty for an extension: the line ends with a space).
+    let (name, owner) = tail.rsplit_once(' ').ok_or_else(bad)?;
+    Ok(Some(Entry {
+        line: trimmed.into(),
+        kind,
+        schema: schema.into(),
+        name: name.into(),
+        owner: owner.into(),
+    }))
+}
+
+/// What to do with a dump.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Load {
+    /// The `--use-list` for the application role's `pg_restore`.
+    pub list: String,
+    /// Entries left to regobox (configured extensions, its own schema).
+    pub own: Vec<Entry>,
+    /// Whether the dump holds rows of `regobox.init_scripts`.
+    pub init_scripts_rows: bool,
+}
+
+/// Who loads, and what regobox creates itself.
+pub struct Judge<'a> {
+    /// The role that owned the application's objects in the dump (the archive's `user`).
+    pub owner: &'a str,
+    /// `postgres.extensions`.
+    pub extensions: &'a [String],
+}
+
+/// Why a dump is refused: every entry the application role cannot load, each with why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct Refusals(pub Vec<String>);
+
+/// Decide, entry by entry, what the application role loads (see the module documentation).
+pub fn judge(toc: &str, judge: &Judge<'_>) -> Result<Load, Refusals> {
+    let mut list = String::new();
+    let mut own = Vec::new();
+    let mut refused = Vec::new();
+    let mut init_scripts_rows = false;
+    for line in toc.lines() {
+        let entry = match parse_line(line) {
+            Ok(Some(e)) => e,
+            Ok(None) => continue,
+            Err(e) => {
+                refused.push(e);
+                continue;
+            }
+        };
+        if is_own_schema(&entry) {
+            if entry.kind == "TABLE DATA" && entry.name == "init_scripts" {
+                init_scripts_rows = true;
+            }
+            own.push(entry);
+            continue;
+        }
+        if entry.kind == "EXTENSION" || is_extension_comment(&entry) {
+            let name = if entry.kind == "EXTENSION" {
+                entry.name.clone()
+            } else {
+                unquote(entry.name.trim_start_matches("EXTENSION "))
+            };
+            if judge.extensions.iter().any(|e| *e == name) {
+                own.push(entry);
+            } else if entry.kind == "EXTENSION" {
+                refused.push(format!(
+                    "extension {name} (not in postgres.extensions: regobox creates the configured extensions itself; add it there if the application needs it)"
+                ));
+            }
+            continue;
+        }
+        if !LOADED.contains(&entry.kind.as_str()) {
+            refused.push(format!(
+                "{} (a kind of object the application role cannot create)",
+                entry.describe()
+            ));
+            continue;
+        }
+        let owned =
+            entry.owner.is_empty() || entry.owner == judge.owner || entry.owner == DATABASE_OWNER;
+        if !owned {
+            refused.push(format!(
+                "{} (owned by {}, not by the application role {})",
+                entry.describe(),
+                entry.owner,
+                judge.owner
+            ));
+            continue;
+        }
+        list.push_str(&entry.line);
+        list.push('\n');
+    }
+    if refused.is_empty() {
+        Ok(Load {
+            list,
+            own,
+            init_scripts_rows,
+        })
+    } else {
+        Err(Refusals(refused))
+    }
+}
+
+fn is_own_schema(e: &Entry) -> bool {
+    e.schema == OWN_SCHEMA
+        || (e.kind == "SCHEMA" && e.name == OWN_SCHEMA)
+        || (matches!(e.kind.as_str(), "ACL" | "COMMENT")
+            && e.name == format!("SCHEMA {OWN_SCHEMA}"))
+}
+
+fn is_extension_comment(e: &Entry) -> bool {
+    e.kind == "COMMENT" && e.name.starts_with("EXTENSION ")
+}
+
+/// `"uuid-ossp"` → `uuid-ossp`.
+fn unquote(s: &str) -> String {
+    match s.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+        Some(inner) => inner.replace("\"\"", "\""),
+        None => s.to_string(),
+    }
+}
+
+/// The rows of a `COPY ... FROM stdin;` block in PostgreSQL's text format: fields split on
+/// tabs, `\N` for NULL, backslash escapes decoded.
+pub fn copy_rows(text: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+    let mut rows = Vec::new();
+    let mut inside = false;
+    for line in text.lines() {
+        if !inside {
+            inside = line.starts_with("COPY ") && line.ends_with("FROM stdin;");
+            continue;
+        }
+        if line == "\\." {
+            inside = false;
+            continue;
+        }
+        rows.push(
+            line.split('\t')
+                .map(unescape_field)
+                .collect::<Result<_, _>>()?,
+        );
+    }
+    Ok(rows)
+}
+
+fn unescape_field(field: &str) -> Result<Option<String>, String> {
+    if field == "\\N" {
+        return Ok(None);
+    }
+    let mut out = String::new();
+    let mut chars = field.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('t') => out.push('\t'),
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some('\\') => out.push('\\'),
+            Some('b') => out.push('\u{8}'),
+            Some('f') => out.push('\u{c}'),
+            Some('v') => out.push('\u{b}'),
+            other => {
+                return Err(format!(
+                    "an escape {other:?} regobox does not read in {field:?}"
+                ));
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOC: &str = "\
+;
+; Archive created at 2026-12-02 06:24:37 UTC
+;     dbname: app
+;
+2; 3079 16403 EXTENSION - uuid-ossp 
+3368; 0 0 COMMENT - EXTENSION \"uuid-ossp\" 
+6; 2615 16385 SCHEMA - regobox postgres
+3367; 0 0 ACL - SCHEMA regobox postgres
+214; 1259 16386 TABLE regobox init_scripts postgres
+3358; 0 16386 TABLE DATA regobox init_scripts postgres
+3208; 2606 16392 CONSTRAINT regobox init_scripts init_scripts_pkey postgres
+215; 1259 16391 TABLE public t app
+3369; 0 0 ACL public TABLE t app
+216; 1259 16394 VIEW public v app
+3360; 0 16391 TABLE DATA public t app
+219; 1255 16400 FUNCTION public f(integer, text) app
+";
+
+    fn judge_with(toc: &str, extensions: &[&str]) -> Result<Load, Refusals> {
+        let extensions: Vec<String> = extensions.iter().map(|s| s.to_string()).collect();
+        judge(
+            toc,
+            &Judge {
+                owner: "app",
+                extensions: &extensions,
+            },
+        )
+    }
+
+    #[test]
+    fn lines_are_read_with_their_kind_schema_name_and_owner() {
+        let e = parse_line("3361; 0 16399 MATERIALIZED VIEW DATA public mv postgres")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (
+                e.kind.as_str(),
+                e.schema.as_str(),
+                e.name.as_str(),
+                e.owner.as_str()
+            ),
+            ("MATERIALIZED VIEW DATA", "public", "mv", "postgres")
+        );
+        let e = parse_line("219; 1255 16400 FUNCTION public f(integer, text) app")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (e.name.as_str(), e.owner.as_str()),
+            ("f(integer, text)", "app")
+        );
+        let e = parse_line("2; 3079 16403 EXTENSION - uuid-ossp ")
+            .unwrap()
+            .unwrap();
+        assert_eq!((e.name.as_str(), e.owner.as_str()), ("uuid-ossp", ""));
+        assert_eq!(parse_line("; comment").unwrap(), None);
+        assert!(parse_line("x; 1 2 TABLE public t app").is_err());
+    }
+
+    #[test]
+    fn the_application_role_loads_its_own_objects_and_regobox_keeps_its_own() {
+        let load = judge_with(TOC, &["uuid-ossp"]).unwrap();
+        let loaded: Vec<&str> = load.list.lines().collect();
+        assert_eq!(loaded.len(), 5, "{loaded:?}");
+        assert!(loaded.iter().all(|l| l.ends_with(" app")), "{loaded:?}");
+        assert_eq!(load.own.len(), 7);
+        assert!(load.init_scripts_rows);
+    }
+
+    #[test]
+    fn what_needs_more_than_the_application_role_is_refused_by_name() {
+        let toc = format!(
+            "{TOC}\
+218; 1255 16398 FUNCTION public evil() postgres
+217; 1259 16399 MATERIALIZED VIEW public mv postgres
+3361; 0 16399 MATERIALIZED VIEW DATA public mv postgres
+220; 1255 16401 PROCEDURAL LANGUAGE - plpython3u postgres
+221; 3466 16402 EVENT TRIGGER - et postgres
+222; 2328 16404 FOREIGN DATA WRAPPER - fdw app
+223; 2605 16405 CAST - CAST (integer AS text) app
+224; 0 0 SOMETHING NEW public x app
+"
+        );
+        let Refusals(why) = judge_with(&toc, &[]).unwrap_err();
+        let joined = why.join("\n");
+        for expect in [
+            "extension uuid-ossp (not in postgres.extensions",
+            "FUNCTION public.evil() (owned by postgres, not by the application role app)",
+            "MATERIALIZED VIEW public.mv (owned by postgres",
+            "MATERIALIZED VIEW DATA public.mv (owned by postgres",
+            "PROCEDURAL LANGUAGE plpython3u (a kind of object the application role cannot create)",
+            "EVENT TRIGGER et (a kind",
+            "FOREIGN DATA WRAPPER fdw (a kind",
+            "CAST CAST (integer AS text) (a kind",
+            "SOMETHING SOMETHING NEW public x app (a kind",
+        ] {
+            assert!(joined.contains(expect), "{expect:?} in\n{joined}");
+        }
+        assert_eq!(why.len(), 9, "{joined}");
+    }
+
+    #[test]
+    fn copy_rows_are_decoded() {
+        let text = "SET x = 1;\nCOPY regobox.init_scripts (name, sha256, applied_at) FROM stdin;\n10_a.sql\tab12\t2026-01-01 00:00:00+00\nx\\ty\t\\N\tz\\\\\n\\.\n";
+        assert_eq!(
+            copy_rows(text).unwrap(),
+            vec![
+                vec![
+                    Some("10_a.sql".into()),
+                    Some("ab12".into()),
+                    Some("2026-01-01 00:00:00+00".into())
+                ],
+                vec![Some("x\ty".into()), None, Some("z\\".into())],
+            ]
+        );
+    }
+}
