@@ -223,7 +223,7 @@ pub fn judge(toc: &str, judge: &Judge<'_>) -> Result<Load, Refusals> {
             } else {
                 unquote(entry.name.trim_start_matches("EXTENSION "))
             };
-            if judge.extensions.iter().any(|e| *e == name) {
+            if judge.extensions.contains(&name) {
                 own.push(entry);
             } else if entry.kind == "EXTENSION" {
                 refused.push(format!(
