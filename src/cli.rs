@@ -244,6 +244,18 @@ async fn dispatch(command: Command, loaded: &Loaded) -> anyhow::Result<u8> {
     }
 }
 
+/// `fut` (opening the database), unless a stop signal comes first: then it is dropped (a
+/// temporary server it started is asked to stop) and the command fails at once, naming it.
+async fn interruptible<T>(
+    signals: &mut StopSignals,
+    fut: impl std::future::Future<Output = Result<T, crate::postgres::PostgresError>>,
+) -> anyhow::Result<T> {
+    tokio::select! {
+        r = fut => Ok(r?),
+        s = signals.recv() => anyhow::bail!("interrupted by {s} while opening the database"),
+    }
+}
+
 async fn init(loaded: &Loaded) -> anyhow::Result<u8> {
     let config = &loaded.config;
     let mut signals = StopSignals::install().context("installing signal handlers")?;
@@ -251,7 +263,7 @@ async fn init(loaded: &Loaded) -> anyhow::Result<u8> {
     layout.prepare()?;
     let secrets = SecretStore::new(&layout.secrets);
     tokio::select! {
-        session = Session::open(config, &secrets, &loaded.dirs, true, "") => {
+        session = Session::open(config, &secrets, &loaded.dirs, true, true, "") => {
             session?.close().await?;
         }
         s = signals.recv() => {
@@ -270,12 +282,17 @@ async fn psql(loaded: &Loaded, args: Vec<OsString>) -> anyhow::Result<u8> {
     let config = &loaded.config;
     // From here on, Ctrl-C goes to psql (same terminal process group) and does not kill regobox.
     let mut signals = StopSignals::install().context("installing signal handlers")?;
+    crate::postgres::require_cluster(config)?;
     let layout = Layout::new(config);
     if config.postgres.mode == PostgresMode::Embedded {
         layout.prepare()?;
     }
     let secrets = SecretStore::new(&layout.secrets);
-    let session = Session::open(config, &secrets, &loaded.dirs, false, "").await?;
+    let session = interruptible(
+        &mut signals,
+        Session::open(config, &secrets, &loaded.dirs, false, false, ""),
+    )
+    .await?;
     let program = session.endpoint.client_program("psql").await;
     let mut command = std::process::Command::new(&program);
     command.args(&args).envs(session.endpoint.libpq_env());
@@ -312,15 +329,20 @@ async fn one_off(loaded: &Loaded, program: OsString, args: Vec<OsString>) -> any
     let mut quit = signal(SignalKind::quit()).ok();
     let mut usr1 = signal(SignalKind::user_defined1()).ok();
     let mut usr2 = signal(SignalKind::user_defined2()).ok();
+    crate::postgres::require_cluster(config)?;
     let layout = Layout::new(config);
     layout.prepare()?;
     let secrets = SecretStore::new(&layout.secrets);
-    let session = Session::open(
-        config,
-        &secrets,
-        &loaded.dirs,
-        true,
-        &config.postgres.listen,
+    let session = interruptible(
+        &mut signals,
+        Session::open(
+            config,
+            &secrets,
+            &loaded.dirs,
+            true,
+            false,
+            &config.postgres.listen,
+        ),
     )
     .await?;
     let env = supervisor::environment::build(config, &layout, &secrets, Some(&session.endpoint))?;
@@ -515,7 +537,11 @@ async fn backup(loaded: &Loaded, args: BackupArgs) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
         None => {
+            crate::postgres::require_cluster(config)?;
             layout.prepare()?;
+            // SIGINT or SIGTERM cancels the backup at any step: a temporary server is stopped,
+            // the work directory and partial archive are removed as they are dropped.
+            let mut signals = StopSignals::install().context("installing signal handlers")?;
             let output = match args.output.or(args.target).as_deref() {
                 None => crate::backup::Output::Default,
                 Some("-") => crate::backup::Output::Stdout,
@@ -527,15 +553,14 @@ async fn backup(loaded: &Loaded, args: BackupArgs) -> anyhow::Result<u8> {
                 config: !args.no_config,
             };
             let secrets = SecretStore::new(&layout.secrets);
-            let session = Session::open(config, &secrets, &loaded.dirs, false, "").await?;
-            // SIGINT or SIGTERM cancels the backup: its work directory and partial archive are
-            // removed as it is dropped.
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let session = interruptible(
+                &mut signals,
+                Session::open(config, &secrets, &loaded.dirs, false, false, ""),
+            )
+            .await?;
             let result = tokio::select! {
                 r = crate::backup::create(config, &layout, &loaded.dirs, &session.endpoint, &opts) => r,
-                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("backup cancelled (SIGINT): nothing was left behind")),
-                _ = term.recv() => Err(anyhow::anyhow!("backup cancelled (SIGTERM): nothing was left behind")),
+                s = signals.recv() => Err(anyhow::anyhow!("backup cancelled ({s}): nothing was left behind")),
             };
             session.close().await?;
             if let Some(path) = result? {

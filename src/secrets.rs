@@ -29,6 +29,10 @@ pub enum SecretError {
         "secret file {path} is empty; it was generated on first boot and its value is needed (restore it from a backup)"
     )]
     Empty { path: PathBuf },
+    #[error(
+        "secret file {path} is not a regular file (a symbolic link, a directory, ...); regobox reads secrets only from files of its own: replace it with the file"
+    )]
+    NotAFile { path: PathBuf },
 }
 
 /// The directory of generated secrets.
@@ -45,6 +49,11 @@ impl SecretStore {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// The secret `name`, if it exists (never generated).
+    pub fn get(&self, name: &str) -> Result<Option<String>, SecretError> {
+        self.read(&self.path(name))
     }
 
     /// The secret `name`, generated and stored if it does not exist yet.
@@ -94,19 +103,33 @@ impl SecretStore {
             path: path.to_path_buf(),
             source,
         };
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
+        // Opened without following a link, and judged on what was opened.
+        let mut file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(SecretError::NotAFile {
+                    path: path.to_path_buf(),
+                });
+            }
             Err(e) => return Err(io_err(e)),
         };
-        let mode = std::fs::metadata(path)
-            .map_err(io_err)?
-            .permissions()
-            .mode()
-            & 0o777;
+        let meta = file.metadata().map_err(io_err)?;
+        if !meta.is_file() {
+            return Err(SecretError::NotAFile {
+                path: path.to_path_buf(),
+            });
+        }
+        let mut text = String::new();
+        io::Read::read_to_string(&mut file, &mut text).map_err(io_err)?;
+        let mode = meta.permissions().mode() & 0o777;
         if mode != 0o600 {
             tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "secret file had loose permissions; set to 0600");
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
                 .map_err(io_err)?;
         }
         let value = text.trim_end_matches(['\n', '\r']).to_string();
@@ -144,6 +167,24 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn a_secret_that_is_a_link_is_refused_and_its_target_untouched() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, "chosen").unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let secrets = dir.path().join("secrets");
+        std::fs::create_dir(&secrets).unwrap();
+        std::os::unix::fs::symlink(&outside, secrets.join("pw")).unwrap();
+        let err = SecretStore::new(&secrets)
+            .get_or_generate("pw")
+            .unwrap_err();
+        assert!(matches!(err, SecretError::NotAFile { .. }), "{err}");
+        let mode = std::fs::metadata(&outside).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o644, "no chmod through the link");
     }
 
     #[test]

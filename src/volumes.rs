@@ -59,7 +59,16 @@ impl Layout {
     pub fn prepare(&self) -> Result<(), VolumeError> {
         ensure_dir(&self.root, 0o755, "volumes.root")?;
         ensure_dir(&self.secrets, 0o700, "volumes.root")?;
-        set_mode(&self.secrets, 0o700)?;
+        let mode = std::fs::metadata(&self.secrets)
+            .map(|m| m.permissions().mode() & 0o7777)
+            .map_err(|source| VolumeError::Io {
+                path: self.secrets.clone(),
+                source,
+            })?;
+        if mode != 0o700 {
+            set_mode(&self.secrets, 0o700)?;
+            tracing::warn!(dir = %self.secrets.display(), from = format!("{mode:o}"), to = "700", "repaired the secrets directory's mode");
+        }
         ensure_dir(&self.logs, 0o755, "volumes.root")?;
         ensure_dir(&self.files, 0o755, "volumes.root")?;
         ensure_dir(&self.backups, 0o700, "volumes.root")?;

@@ -391,6 +391,10 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
+/// The volume directory of regobox's secrets: files only, and given to root (0700, files
+/// 0600) whatever the archive says, by the restore.
+pub const SECRETS: &str = "secrets";
+
 /// The largest `regobox.json` and `manifest.json` read into memory.
 const MAX_HEADER: u64 = 1 << 20;
 const MAX_MANIFEST: u64 = 256 << 20;
@@ -702,6 +706,18 @@ fn read(
                     ));
                 }
                 _ => {}
+            }
+            if let Place::Volume {
+                top,
+                top_level: false,
+            } = &place
+            {
+                if top == SECRETS && (kind != Kind::File || path.matches('/').count() != 2) {
+                    return Err(refused(
+                        &path,
+                        "the secrets directory holds files only, directly inside it",
+                    ));
+                }
             }
             if place.in_tree() && !place.top_level() {
                 let parent = path.rsplit_once('/').map(|(p, _)| p).unwrap_or("");

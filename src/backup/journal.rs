@@ -115,6 +115,11 @@ fn finish(root: &Path, journal: &Journal) {
     let _ = sync_dir(root);
 }
 
+/// Whether a journal is in `root` (a restore running, or interrupted).
+pub fn exists(root: &Path) -> bool {
+    std::fs::symlink_metadata(journal_path(root)).is_ok()
+}
+
 /// Complete or undo a restore that was interrupted; what was done, if anything.
 pub fn recover(root: &Path) -> io::Result<Option<&'static str>> {
     let text = match std::fs::read(journal_path(root)) {

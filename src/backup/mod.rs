@@ -71,6 +71,10 @@ pub enum RestoreRefused {
     )]
     DumpNeedsMore { role: String, objects: String },
     #[error(
+        "code in the dump changed what a dump does not hold, while it loaded: {what}; refusing it"
+    )]
+    DumpChangedSettings { what: String },
+    #[error(
         "postgres.user ({role}) is the superuser (postgres.superuser): a restore loads the dump with the application role's rights only, so that role must not be the superuser. Configure another postgres.user"
     )]
     AppIsSuperuser { role: String },
@@ -844,6 +848,7 @@ impl Build {
             .user(&pg.superuser)
             .password(&temporary)
             .dbname("postgres");
+        postgres::pin_search_path(&mut su);
         let endpoint = Endpoint {
             superuser: Some(su.clone()),
             app: su.clone(),
@@ -936,7 +941,7 @@ impl Build {
             .unwrap_or(2)
             .max(2);
         let mut app = su_db.clone();
-        app.user(&pg.user);
+        app.user(&pg.user).options("");
         let mut cmd = std::process::Command::new(binaries.path("pg_restore"));
         cmd.args([
             "--exit-on-error",
@@ -955,14 +960,66 @@ impl Build {
             .await
             .context("running pg_restore")?;
         if !out.status.success() {
+            let text = String::from_utf8_lossy(&out.stderr);
+            let full = [
+                "No space left on device",
+                "could not extend file",
+                "Check free disk space",
+            ];
+            if full.iter().any(|f| text.contains(f)) {
+                bail!(
+                    "not enough space while rebuilding the database in {} (the dump grows beyond what was checked: indexes, materialized views); nothing was changed: {}",
+                    self.data_dir.display(),
+                    text.trim()
+                );
+            }
             bail!(
                 "pg_restore (as the application role {}) failed ({}): {}",
                 pg.user,
                 out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
+                text.trim()
             );
         }
-        Ok(())
+        self.check_settings(&su_db).await
+    }
+
+    /// A dump changes nothing outside its objects: no setting of a database or role (a
+    /// `search_path` would steer later sessions), no connection limit or template flag on the
+    /// database. Whatever code in the dump did so while it loaded, the restore is refused.
+    async fn check_settings(&self, su_db: &tokio_postgres::Config) -> anyhow::Result<()> {
+        let su = postgres::connect(su_db).await?;
+        let mut changed: Vec<String> = su
+            .query(
+                "SELECT coalesce(d.datname, 'every database') || ' / ' || coalesce(r.rolname, 'every role') || ': ' || array_to_string(s.setconfig, ', ')
+                 FROM pg_catalog.pg_db_role_setting s
+                 LEFT JOIN pg_catalog.pg_database d ON d.oid = s.setdatabase
+                 LEFT JOIN pg_catalog.pg_roles r ON r.oid = s.setrole",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(|r| format!("settings of {}", r.get::<_, String>(0)))
+            .collect();
+        let row = su
+            .query_one(
+                "SELECT datconnlimit, datallowconn, datistemplate FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()",
+                &[],
+            )
+            .await?;
+        let (limit, allow, template): (i32, bool, bool) = (row.get(0), row.get(1), row.get(2));
+        if (limit, allow, template) != (-1, true, false) {
+            changed.push(format!(
+                "the database's connection limit {limit}, allow connections {allow}, template {template}"
+            ));
+        }
+        if changed.is_empty() {
+            Ok(())
+        } else {
+            Err(RestoreRefused::DumpChangedSettings {
+                what: changed.join("; "),
+            }
+            .into())
+        }
     }
 
     /// Rebuild `regobox.init_scripts` from regobox's own definition and copy the dump's rows
@@ -1329,7 +1386,8 @@ pub async fn restore(
         crate::volumes::ensure_dir(&pg.data_dir, 0o700, "postgres.data_dir")?;
         cluster::chown(&pg.data_dir, &plan.account)?;
     }
-    let Some(lock) = DataDirLock::try_acquire(&pg.data_dir, &plan.account)? else {
+    let Some(lock) = DataDirLock::try_acquire(&pg.data_dir, &plan.account, &config.runtime_dir)?
+    else {
         return Err(PostgresError::Busy {
             data_dir: pg.data_dir.clone(),
         }
@@ -1367,6 +1425,7 @@ pub async fn restore(
             true,
         ).await?;
         fault("restore:cluster-ready");
+        own_secrets(&staging.join("volumes").join(archive::SECRETS))?;
         // Swap: the cluster, then every top-level volume directory of the archive (each judged
         // again by the rules, and a directory, not a link, in the staging area).
         let mut pairs = vec![(pg.data_dir.clone(), new_cluster.clone())];
@@ -1394,6 +1453,40 @@ pub async fn restore(
     let _ = std::fs::remove_dir_all(&staging);
     result?;
     tracing::info!(archive = %opts.archive.display(), elapsed_ms = started.elapsed().as_millis() as u64, "restore complete");
+    Ok(())
+}
+
+/// The restored secrets are regobox's, whatever owner and modes the archive gave them: the
+/// directory 0700, each file 0600, both owned by regobox's user. Each change is logged.
+fn own_secrets(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+    let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    paths.push(dir.to_path_buf());
+    for path in paths {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let meta = f.metadata()?;
+        let want = if meta.is_dir() { 0o700 } else { 0o600 };
+        if !meta.is_dir() && !meta.is_file() {
+            bail!("{} is not a file", path.display());
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        if (meta.uid(), meta.gid()) != (uid.as_raw(), gid.as_raw()) && crate::users::is_root() {
+            std::os::unix::fs::fchown(&f, Some(uid.as_raw()), Some(gid.as_raw()))?;
+            tracing::warn!(path = %path.display(), uid = meta.uid(), gid = meta.gid(), "the archive gave a secret another owner; given to regobox");
+        }
+        if mode != want {
+            f.set_permissions(std::fs::Permissions::from_mode(want))?;
+            tracing::warn!(path = %path.display(), from = format!("{mode:o}"), to = format!("{want:o}"), "the archive gave a secret a looser mode; narrowed");
+        }
+    }
     Ok(())
 }
 
@@ -1480,13 +1573,28 @@ pub async fn restore_test(
 /// Does nothing while a restore holds the volume (it is not interrupted, it is running).
 pub fn recover(config: &Config) -> anyhow::Result<()> {
     let root = &config.volumes.root;
-    if !root.is_dir() {
+    if !root.is_dir() || !interrupted(config) {
         return Ok(());
     }
     let Some(_lock) = restore_lock(root)? else {
         return Ok(());
     };
     recover_held(config)
+}
+
+/// Whether a restore left anything behind (a journal, a staging directory): read only.
+fn interrupted(config: &Config) -> bool {
+    let root = &config.volumes.root;
+    journal::exists(root)
+        || [Some(root.as_path()), config.postgres.data_dir.parent()]
+            .into_iter()
+            .flatten()
+            .any(|dir| {
+                std::fs::read_dir(dir).is_ok_and(|rd| {
+                    rd.flatten()
+                        .any(|e| e.file_name().to_string_lossy().starts_with(STAGING))
+                })
+            })
 }
 
 /// [`recover`], the restore lock being held by the caller.

@@ -108,7 +108,10 @@ pub async fn role_and_database(
 pub async fn extensions(client: &Client, names: &[String]) -> Result<(), PostgresError> {
     for name in names {
         client
-            .batch_execute(&format!("CREATE EXTENSION IF NOT EXISTS {}", quote_ident(name)))
+            .batch_execute(&format!(
+                "CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA public",
+                quote_ident(name)
+            ))
             .await
             .map_err(|source| PostgresError::Sql {
                 what: format!(
@@ -210,13 +213,20 @@ pub async fn run_init_scripts(
             source,
         };
         if let Some(role) = role {
-            tx.batch_execute(&format!("SET LOCAL ROLE {}", quote_ident(role)))
-                .await
-                .map_err(failed)?;
+            // The application's role, with the default search path (regobox's own sessions
+            // resolve in pg_catalog only).
+            tx.batch_execute(&format!(
+                "SET LOCAL ROLE {}; SET LOCAL search_path = \"$user\", public",
+                quote_ident(role)
+            ))
+            .await
+            .map_err(failed)?;
         }
         tx.batch_execute(&sql).await.map_err(failed)?;
         if role.is_some() {
-            tx.batch_execute("RESET ROLE").await.map_err(failed)?;
+            tx.batch_execute("RESET ROLE; SET LOCAL search_path = pg_catalog, pg_temp")
+                .await
+                .map_err(failed)?;
         }
         tx.execute(
             "INSERT INTO regobox.init_scripts (name, sha256) VALUES ($1, $2)",

@@ -102,6 +102,7 @@ impl DataDirLock {
     pub fn try_acquire(
         dir: &Path,
         account: &Account,
+        runtime_dir: &Path,
     ) -> Result<Option<DataDirLock>, PostgresError> {
         let path = dir.join(LOCK_FILE);
         let io_err = |source| PostgresError::Io {
@@ -116,14 +117,35 @@ impl DataDirLock {
             .mode(0o600)
             .open(&path)
             .map_err(io_err)?;
-        chown(&path, account)?;
-        // Taking the lock writes nothing: a refused command leaves the directory as it was.
+        // Trying the lock changes nothing: a refused command leaves the directory as it was.
+        // Once held, the file says who holds it (for the next command's error message).
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => Ok(Some(DataDirLock { _lock: lock })),
+            Ok(mut lock) => {
+                let holder = format!(
+                    "regobox pid {} on host {}, runtime directory {}\n",
+                    std::process::id(),
+                    nix::unistd::gethostname()
+                        .map(|h| h.to_string_lossy().into_owned())
+                        .unwrap_or_else(|_| "?".into()),
+                    runtime_dir.display()
+                );
+                lock.set_len(0).map_err(io_err)?;
+                lock.write_all(holder.as_bytes()).map_err(io_err)?;
+                chown(&path, account)?;
+                Ok(Some(DataDirLock { _lock: lock }))
+            }
             Err((_, nix::Error::EWOULDBLOCK)) => Ok(None),
             Err((_, e)) => Err(io_err(e.into())),
         }
     }
+}
+
+/// Who holds the lock of `dir`, as its holder wrote it (`None` if unknown).
+pub fn holder(dir: &Path) -> Option<String> {
+    std::fs::read_to_string(dir.join(LOCK_FILE))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
 }
 
 /// Whether a process holds the lock of `dir` (checked without writing anything).
@@ -325,15 +347,20 @@ pub fn ensure_ownership(dir: &Path, account: &Account) -> Result<(), PostgresErr
             to = %account.name,
             "data directory is owned by another user; handing it over to the PostgreSQL account"
         );
-        chown_recursive(dir, account)?;
+        let changed = chown_recursive(dir, account)?;
+        tracing::warn!(data_dir = %dir.display(), entries = changed, to = %account.name, "data directory handed over");
     }
-    if meta.permissions().mode() & 0o777 != 0o700 {
+    let mode = meta.permissions().mode() & 0o777;
+    if mode != 0o700 {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err)?;
+        tracing::warn!(data_dir = %dir.display(), from = format!("{mode:o}"), to = "700", "repaired the data directory's mode (PostgreSQL requires 0700)");
     }
     Ok(())
 }
 
-fn chown_recursive(path: &Path, account: &Account) -> Result<(), PostgresError> {
+/// Hand `path` and everything under it to `account`; how many entries.
+fn chown_recursive(path: &Path, account: &Account) -> Result<u64, PostgresError> {
+    let mut count = 1;
     nix::unistd::fchownat(
         nix::fcntl::AT_FDCWD,
         path,
@@ -358,10 +385,10 @@ fn chown_recursive(path: &Path, account: &Account) -> Result<(), PostgresError> 
                 path: path.to_path_buf(),
                 source,
             })?;
-            chown_recursive(&entry.path(), account)?;
+            count += chown_recursive(&entry.path(), account)?;
         }
     }
-    Ok(())
+    Ok(count)
 }
 
 #[cfg(test)]
@@ -403,11 +430,19 @@ mod tests {
     fn the_lock_is_exclusive_and_released_on_drop() {
         let d = tempfile::tempdir().unwrap();
         let me = Account::current().unwrap();
-        let a = DataDirLock::try_acquire(d.path(), &me).unwrap();
+        let a = DataDirLock::try_acquire(d.path(), &me, d.path()).unwrap();
         assert!(a.is_some());
-        assert!(DataDirLock::try_acquire(d.path(), &me).unwrap().is_none());
+        assert!(
+            DataDirLock::try_acquire(d.path(), &me, d.path())
+                .unwrap()
+                .is_none()
+        );
         drop(a);
-        assert!(DataDirLock::try_acquire(d.path(), &me).unwrap().is_some());
+        assert!(
+            DataDirLock::try_acquire(d.path(), &me, d.path())
+                .unwrap()
+                .is_some()
+        );
     }
 
     #[test]

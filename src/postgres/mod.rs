@@ -81,6 +81,19 @@ pub enum PostgresError {
     },
     #[error("another regobox is running PostgreSQL on {data_dir} (its lock file is held)")]
     Busy { data_dir: PathBuf },
+    #[error(
+        "there is no database in {data_dir}: only `regobox init` and `regobox run` (or `start`, `restore`) create one, and this command never does. Is REGOBOX_VOLUMES__ROOT (volumes.root) or postgres.data_dir the volume you mean?"
+    )]
+    NoCluster { data_dir: PathBuf },
+    #[error(
+        "a regobox holds {data_dir} ({holder}) but its PostgreSQL socket {socket} does not exist: it runs with another runtime directory, or its server is not up. This command looked in runtime_dir {runtime_dir}; set REGOBOX_RUNTIME_DIR to the running regobox's"
+    )]
+    NoSocket {
+        data_dir: PathBuf,
+        holder: String,
+        socket: PathBuf,
+        runtime_dir: PathBuf,
+    },
     #[error("initdb failed in {data_dir}: {detail}")]
     Initdb { data_dir: PathBuf, detail: String },
     #[error("{path}")]
@@ -125,6 +138,7 @@ impl PostgresError {
             PostgresError::NotADirectory { .. }
             | PostgresError::Unreachable { .. }
             | PostgresError::Foreign { .. }
+            | PostgresError::NoCluster { .. }
             | PostgresError::WrongMajor { .. } => exit::DATA,
             _ => exit::FAILURE,
         }
@@ -249,8 +263,14 @@ pub struct Embedded {
 }
 
 impl Embedded {
-    /// Prepare `postgres.data_dir` for a server; see the module documentation.
-    pub async fn open(config: &Config, secrets: &SecretStore) -> Result<Opened, PostgresError> {
+    /// Prepare `postgres.data_dir` for a server; see the module documentation. `create`: this
+    /// command may create a cluster (`init`, `run`, `start`); others refuse a volume without one.
+    /// Nothing in the data directory or the secrets changes before its lock is held.
+    pub async fn open(
+        config: &Config,
+        secrets: &SecretStore,
+        create: bool,
+    ) -> Result<Opened, PostgresError> {
         let pg = &config.postgres;
         let data_dir = pg.data_dir.clone();
         let home = data_dir.parent().unwrap_or(&data_dir).to_path_buf();
@@ -263,6 +283,9 @@ impl Embedded {
                 data_dir,
                 entries: entries.clone(),
             });
+        }
+        if !create && !matches!(state, DataDirState::Cluster(_)) {
+            return Err(PostgresError::NoCluster { data_dir });
         }
         let cluster_major = match state {
             DataDirState::Cluster(m) => Some(m),
@@ -279,18 +302,24 @@ impl Embedded {
                 });
             }
         }
-
         check_reachable(&data_dir, &account)?;
+        let socket_dir = config.runtime_dir.join("postgresql");
         if state == DataDirState::Missing {
+            // No server can run on a directory that does not exist: create it to hold the lock.
             if let Some(parent) = data_dir.parent() {
                 ensure_dir(parent, 0o755, "postgres.data_dir")?;
             }
             ensure_dir(&data_dir, 0o700, "postgres.data_dir")?;
             cluster::chown(&data_dir, &account)?;
         }
+        let Some(lock) = DataDirLock::try_acquire(&data_dir, &account, &config.runtime_dir)? else {
+            // Another regobox holds it: reach its server with the passwords it uses, changing
+            // nothing (a missing secret is not generated here).
+            let endpoint = running_endpoint(config, secrets, &socket_dir, &binaries)?;
+            return Ok(Opened::Busy(endpoint));
+        };
+        // Held: repairs and first-time set-up may start.
         cluster::ensure_ownership(&data_dir, &account)?;
-
-        let socket_dir = config.runtime_dir.join("postgresql");
         let superuser_password = secrets.get_or_generate(SUPERUSER_PASSWORD_SECRET)?;
         let app_password = if pg.password.is_empty() {
             secrets.get_or_generate(APP_PASSWORD_SECRET)?
@@ -304,10 +333,6 @@ impl Embedded {
             &app_password,
             &binaries,
         );
-
-        let Some(lock) = DataDirLock::try_acquire(&data_dir, &account)? else {
-            return Ok(Opened::Busy(endpoint));
-        };
         match state {
             DataDirState::InterruptedInit => {
                 cluster::clear_interrupted_init(&data_dir)?;
@@ -514,11 +539,20 @@ fn local_endpoint(
             .connect_timeout(Duration::from_secs(5));
         c
     };
+    let mut superuser = base(&pg.superuser, superuser_password, "postgres");
+    pin_search_path(&mut superuser);
     Endpoint {
-        superuser: Some(base(&pg.superuser, superuser_password, "postgres")),
+        superuser: Some(superuser),
         app: base(&pg.user, app_password, &pg.database),
         binaries: Some(binaries.clone()),
     }
+}
+
+/// regobox's superuser sessions resolve names in `pg_catalog` only (then `pg_temp`), whatever
+/// the database or a role says: objects the application made (an operator `public.=`, a
+/// function shadowing a built-in) are never run with the superuser's rights.
+pub fn pin_search_path(config: &mut tokio_postgres::Config) {
+    config.options("-c search_path=pg_catalog,pg_temp");
 }
 
 /// Wait until a real connection succeeds (as the superuser when known, else the application's
@@ -569,6 +603,59 @@ pub async fn wait_ready(
             None => pause.await,
         }
     }
+}
+
+/// Refuse, changing nothing, a volume without a cluster (embedded mode): for the commands that
+/// use an existing database and never create one (`psql`, `exec`, `shell`, `backup`, `cron`).
+pub fn require_cluster(config: &Config) -> Result<(), PostgresError> {
+    if config.postgres.mode != PostgresMode::Embedded {
+        return Ok(());
+    }
+    let data_dir = &config.postgres.data_dir;
+    match cluster::inspect(data_dir)? {
+        DataDirState::Cluster(_) => Ok(()),
+        DataDirState::Foreign(entries) => Err(PostgresError::Foreign {
+            data_dir: data_dir.clone(),
+            entries,
+        }),
+        _ => Err(PostgresError::NoCluster {
+            data_dir: data_dir.clone(),
+        }),
+    }
+}
+
+/// The endpoint of the server another regobox runs on this volume: its socket must exist (a
+/// command looking in another runtime directory fails at once, naming both), and its passwords
+/// are read, never generated.
+fn running_endpoint(
+    config: &Config,
+    secrets: &SecretStore,
+    socket_dir: &Path,
+    binaries: &Binaries,
+) -> Result<Endpoint, PostgresError> {
+    let pg = &config.postgres;
+    let socket = socket_dir.join(format!(".s.PGSQL.{}", pg.port));
+    if !socket.exists() {
+        return Err(PostgresError::NoSocket {
+            data_dir: pg.data_dir.clone(),
+            holder: cluster::holder(&pg.data_dir).unwrap_or_else(|| "holder unknown".into()),
+            socket,
+            runtime_dir: config.runtime_dir.clone(),
+        });
+    }
+    let superuser_password = secrets.get(SUPERUSER_PASSWORD_SECRET)?.unwrap_or_default();
+    let app_password = if pg.password.is_empty() {
+        secrets.get(APP_PASSWORD_SECRET)?.unwrap_or_default()
+    } else {
+        pg.password.clone()
+    };
+    Ok(local_endpoint(
+        config,
+        socket_dir,
+        &superuser_password,
+        &app_password,
+        binaries,
+    ))
 }
 
 /// How much of the bootstrap to do.
@@ -672,6 +759,7 @@ impl Session {
         secrets: &SecretStore,
         config_dirs: &[PathBuf],
         bootstrap: bool,
+        create: bool,
         listen: &str,
     ) -> Result<Session, PostgresError> {
         let pg = &config.postgres;
@@ -684,7 +772,7 @@ impl Session {
                 }
                 (endpoint, None)
             }
-            PostgresMode::Embedded => match Embedded::open(config, secrets).await? {
+            PostgresMode::Embedded => match Embedded::open(config, secrets, create).await? {
                 Opened::Busy(endpoint) => {
                     tracing::debug!("using the PostgreSQL server of the running regobox");
                     wait_ready(None, &endpoint, pg.start_timeout).await?;

@@ -79,6 +79,8 @@ pub struct Plan {
     pub reuse_running_postgres: bool,
     /// Serve the TLS proxy on 80/443 (`regobox run` only).
     pub proxy: bool,
+    /// May create the cluster on an empty volume (`run`, `start`; never `cron`).
+    pub create_cluster: bool,
 }
 
 impl Plan {
@@ -90,6 +92,7 @@ impl Plan {
             target: None,
             reuse_running_postgres: false,
             proxy: true,
+            create_cluster: true,
         })
     }
 
@@ -122,6 +125,7 @@ impl Plan {
             target: Some(name.to_string()),
             reuse_running_postgres: true,
             proxy: false,
+            create_cluster: true,
         })
     }
 
@@ -133,6 +137,7 @@ impl Plan {
             target: None,
             reuse_running_postgres: true,
             proxy: false,
+            create_cluster: false,
         }
     }
 }
@@ -189,6 +194,9 @@ struct Persistent {
 pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
     let config = &loaded.config;
     let signals = StopSignals::install().context("installing signal handlers")?;
+    if !plan.create_cluster {
+        crate::postgres::require_cluster(config)?;
+    }
     let layout = Layout::new(config);
     layout.prepare()?;
     // What backups killed outright left (their work directories are unlocked).
@@ -747,7 +755,7 @@ async fn open_database(
     if config.postgres.mode == PostgresMode::External {
         return Ok(Opening::External(Endpoint::external(config)?));
     }
-    match Embedded::open(config, secrets).await? {
+    match Embedded::open(config, secrets, plan.create_cluster).await? {
         Opened::Owned(e) => Ok(Opening::Owned(Box::new(e))),
         Opened::Busy(endpoint) if plan.reuse_running_postgres => Ok(Opening::Running(endpoint)),
         Opened::Busy(_) => Err(PostgresError::Busy {

@@ -588,12 +588,25 @@ fn craft(src: &Path, dst: &Path, edit: &str) {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
-/// Everything of a volume a refused restore must leave as it was: the cluster, every data
-/// directory, the archives, and the names at the root (but the restore lock's file).
+/// Everything of a volume a refused restore must leave as it was: every file of the cluster,
+/// of every data directory and of the archives (content, mode, owner, time), every directory
+/// (mode, owner), and the names at the root; not the locks' bookkeeping.
 fn volume_state(inst: &Instance) -> Vec<String> {
     let mut state = Vec::new();
     for d in ["db", "files", "secrets", "backups"] {
-        state.extend(snapshot(&inst.root.join(d)));
+        state.extend(
+            snapshot(&inst.root.join(d))
+                .into_iter()
+                .filter(|l| !l.contains("/.regobox.lock "))
+                .map(|l| {
+                    let f: Vec<&str> = l.split(' ').collect();
+                    if f[1].starts_with('4') {
+                        f[..4].join(" ")
+                    } else {
+                        l
+                    }
+                }),
+        );
     }
     let mut names: Vec<String> = std::fs::read_dir(&inst.root)
         .unwrap()
@@ -701,6 +714,11 @@ fn crafted_archives_are_refused_by_verify_and_restore_alike_and_change_nothing()
             "hard-link",
             format!("add_special('volumes/files/hl', tarfile.LNKTYPE, linkname='{o}/shadow')"),
             "member volumes/files/hl is refused: it is a Link member",
+        ),
+        (
+            "secret-dir",
+            "add_dir('volumes/secrets/sub')".into(),
+            "member volumes/secrets/sub is refused: the secrets directory holds files only",
         ),
         (
             "foreign-member",
@@ -1070,4 +1088,163 @@ fn a_restore_keeps_the_configured_extensions_and_the_init_scripts_record() {
         "app"
     );
     run.stop();
+}
+
+/// Attack (second attacker): code in a dump that the application role may run (a CHECK
+/// constraint's function, during COPY) sets the database's `search_path`, to steer regobox's
+/// later superuser sessions to an operator of the application's. The restore is refused, naming
+/// the setting; nothing runs with the superuser's rights.
+#[test]
+fn a_dump_that_changes_settings_while_it_loads_is_refused() {
+    let marker = std::env::temp_dir().join(format!("rbx-steered-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let a = Instance::new();
+    a.ok(&["init"]);
+    a.sql(&format!(
+        "CREATE FUNCTION public.steer() RETURNS boolean LANGUAGE plpgsql AS $$
+         BEGIN EXECUTE 'ALTER DATABASE app SET search_path = public, pg_catalog'; RETURN true; END $$;
+         CREATE TABLE public.trap(x int CHECK (public.steer()));
+         INSERT INTO public.trap VALUES (1);
+         ALTER DATABASE app RESET search_path;
+         CREATE FUNCTION public.evil_eq(text, text) RETURNS boolean LANGUAGE plpgsql AS $$
+         BEGIN COPY (SELECT 1) TO PROGRAM 'cat > {}'; RETURN $1 OPERATOR(pg_catalog.=) $2; END $$;
+         CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = text, FUNCTION = public.evil_eq);",
+        marker.display()
+    ));
+    let archive = backup(&a);
+    let b = Instance::new();
+    b.config_file("initdb.d/01.sql", "CREATE TABLE fromscript(x int);");
+    let out = b.output(&["restore", archive.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "code in the dump changed what a dump does not hold, while it loaded: settings of app / every role: search_path=public, pg_catalog"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(cluster_state(&b), "no cluster");
+    assert!(!marker.exists(), "the program ran");
+}
+
+/// Attack (second attacker): the application itself (its own role owns the database) steers
+/// the database's `search_path` to its operator; regobox's superuser sessions (the init
+/// scripts' bookkeeping at every start) resolve in pg_catalog only and never run it.
+#[test]
+fn the_superuser_sessions_never_run_the_applications_operators() {
+    let marker = std::env::temp_dir().join(format!("rbx-operator-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let a = Instance::new();
+    a.config_file("initdb.d/01.sql", "CREATE TABLE fromscript(x int);");
+    a.ok(&["init"]);
+    a.sql(&format!(
+        "CREATE FUNCTION public.evil_eq(text, text) RETURNS boolean LANGUAGE plpgsql AS $$
+         BEGIN COPY (SELECT 1) TO PROGRAM 'cat > {}'; RETURN $1 OPERATOR(pg_catalog.=) $2; END $$;
+         CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = text, FUNCTION = public.evil_eq);
+         ALTER DATABASE app SET search_path = public, pg_catalog;",
+        marker.display()
+    ));
+    a.ok(&["init"]);
+    let run = a.start();
+    assert_eq!(
+        a.sql("SELECT rolsuper FROM pg_roles WHERE rolname = 'app'"),
+        "f"
+    );
+    run.stop();
+    assert!(
+        !marker.exists(),
+        "the application's operator ran as the superuser"
+    );
+}
+
+/// Attack (second attacker): an archive's secrets are regobox's. A secret that is a link is
+/// refused; loose modes and foreign owners are narrowed to regobox's on restore.
+#[test]
+fn restored_secrets_are_files_of_regobox_only() {
+    let (target, archive) = target_with_data();
+    let outside = target.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("victim"), "chosen").unwrap();
+    std::fs::set_permissions(
+        outside.join("victim"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let linked = target.dir.path().join("linked.tar.zst");
+    craft(
+        &archive,
+        &linked,
+        &format!(
+            "drop('volumes/secrets/postgres-superuser-password')\nadd_symlink('volumes/secrets/postgres-superuser-password', '{}/victim')",
+            outside.display()
+        ),
+    );
+    let out = target.output(&["restore", "--force", linked.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the secrets directory holds files only"),
+        "{}",
+        stderr(&out)
+    );
+    let loose = target.dir.path().join("loose.tar.zst");
+    craft(
+        &archive,
+        &loose,
+        "for m, d in members:
+    if m.name.startswith('volumes/secrets'):
+        m.mode = 0o777 if m.isdir() else 0o666
+        m.uid = m.gid = 1234",
+    );
+    target.ok(&["restore", "--force", loose.to_str().unwrap()]);
+    let secrets = target.root.join("secrets");
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    for (path, want) in [
+        (secrets.clone(), 0o700),
+        (secrets.join("postgres-password"), 0o600),
+        (secrets.join("postgres-superuser-password"), 0o600),
+    ] {
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!(m.mode() & 0o7777, want, "{}", path.display());
+        assert_eq!(m.uid(), me, "{}", path.display());
+    }
+    assert_eq!(
+        std::fs::metadata(outside.join("victim")).unwrap().mode() & 0o777,
+        0o644
+    );
+    let run = target.start();
+    assert_eq!(target.sql("SELECT x FROM mine"), "7");
+    run.stop();
+}
+
+/// Attack (second attacker): a dump whose database grows far beyond its size (a materialized
+/// view of random rows) on a small volume: the restore fails saying space ran out while the
+/// database was rebuilt, and the volume is unchanged.
+#[test]
+fn a_dump_that_grows_beyond_the_volume_is_refused_with_the_reason() {
+    if !is_root() {
+        eprintln!("skipped: mounting a small tmpfs for the volume needs root");
+        return;
+    }
+    let a = Instance::new();
+    a.ok(&["init"]);
+    a.sql(
+        "CREATE MATERIALIZED VIEW big AS
+           SELECT g, (SELECT string_agg(md5(random()::text || g || i), '') FROM generate_series(1, 30) i) AS pad
+           FROM generate_series(1, 100000) g;",
+    );
+    let archive = backup(&a);
+    assert!(std::fs::metadata(&archive).unwrap().len() < 1 << 20);
+    let target = Instance::new();
+    let _volume = Tmpfs::mount(&target.root, "160m");
+    target.ok(&["init"]);
+    let before = volume_state(&target);
+    let out = target.output(&["restore", "--force", archive.to_str().unwrap()]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains("not enough space while rebuilding the database"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(volume_state(&target), before);
 }

@@ -14,3 +14,4 @@ mod postgres_embedded;
 mod postgres_external;
 mod proxy;
 mod supervisor;
+mod volume;

@@ -305,7 +305,8 @@ fn exec_runs_a_script_from_the_scripts_dir_with_the_app_environment_and_its_exit
     inst.env
         .push(("REGOBOX_SCRIPTS_DIR".into(), scripts.display().to_string()));
 
-    // Offline: a temporary server.
+    // Offline: a temporary server (on a volume `init` made: `exec` never creates a cluster).
+    inst.ok(&["init"]);
     let out = inst.output(&["exec", "hello", "world"]);
     assert_eq!(out.status.code(), Some(42), "{}", stderr(&out));
     let text = stdout(&out);

@@ -1,0 +1,188 @@
+//! A volume shared, misconfigured or empty: nothing changes before the lock is held, and the
+//! commands that use a database never create one (issue 14, points 9 and 11).
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// Every entry of `dir` with its owner.
+fn owners(dir: &Path) -> Vec<(String, u32, u32)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        out.push((p.display().to_string(), m.uid(), m.gid()));
+        if m.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(&p) {
+                stack.extend(rd.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Point 9: a second regobox on the same volume whose PostgreSQL account has another uid is
+/// refused on the lock before it changes the owner of anything; the first keeps running.
+#[test]
+fn a_second_regobox_with_another_account_changes_nothing_before_the_lock() {
+    if !is_root() {
+        eprintln!("skipped: another PostgreSQL account needs root");
+        return;
+    }
+    let a = Instance::new();
+    let run = a.start();
+    a.sql("CREATE TABLE t(x int); INSERT INTO t VALUES (1);");
+    // Only the files PostgreSQL does not write while it runs are compared.
+    let stable = |v: Vec<(String, u32, u32)>| -> Vec<(String, u32, u32)> {
+        v.into_iter()
+            .filter(|(p, _, _)| !p.contains("pg_stat") && !p.ends_with("postmaster.pid"))
+            .collect()
+    };
+    let before = stable(owners(&a.data_dir()));
+    let mut cmd = a.command(&["run"]);
+    cmd.env("REGOBOX_POSTGRES__OS_USER", "nobody")
+        .env("REGOBOX_SUPERVISION__PORT", free_port().to_string());
+    let out = cmd.output().unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains("another regobox is running PostgreSQL on"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stable(owners(&a.data_dir())), before, "nothing was chowned");
+    assert_eq!(a.sql("SELECT x FROM t"), "1", "the first server still runs");
+    run.stop();
+}
+
+/// Point 11: `psql` on a volume held by a regobox whose runtime directory it does not share
+/// fails at once, naming the holder, the socket it looked for and REGOBOX_RUNTIME_DIR.
+#[test]
+fn a_command_that_cannot_find_the_running_server_says_why_at_once() {
+    let a = Instance::new();
+    let run = a.start();
+    let other_runtime = a.dir.path().join("elsewhere");
+    let started = Instant::now();
+    let out = a
+        .command(&["psql", "-c", "SELECT 1"])
+        .env("REGOBOX_RUNTIME_DIR", &other_runtime)
+        .env("REGOBOX_POSTGRES__START_TIMEOUT", "10m")
+        .output()
+        .unwrap();
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "it waited (start_timeout is 10 minutes)"
+    );
+    for expect in [
+        format!("a regobox holds {}", a.data_dir().display()),
+        format!("regobox pid {}", run.pid()),
+        format!("runtime directory {}", a.runtime.display()),
+        format!(
+            "socket {}/postgresql/.s.PGSQL.{} does not exist",
+            other_runtime.display(),
+            a.port
+        ),
+        "REGOBOX_RUNTIME_DIR".to_string(),
+    ] {
+        assert!(text.contains(&expect), "{expect:?} in {text}");
+    }
+    run.stop();
+}
+
+/// Point 11: Ctrl-C (SIGINT) and SIGTERM end a command waiting for a server that does not
+/// answer (here the running one, stopped with SIGSTOP), at once, leaving nothing behind.
+#[test]
+fn a_command_waiting_for_postgres_answers_ctrl_c_and_sigterm() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let a = Instance::new();
+    let run = a.start();
+    let postmaster: i32 = std::fs::read_to_string(a.data_dir().join("postmaster.pid"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    kill(Pid::from_raw(postmaster), Signal::SIGSTOP).unwrap();
+    struct Resume(i32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = kill(Pid::from_raw(self.0), Signal::SIGCONT);
+        }
+    }
+    let _resume = Resume(postmaster);
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        let mut child = a
+            .command(&["psql", "-c", "SELECT 1"])
+            .env("REGOBOX_POSTGRES__START_TIMEOUT", "10m")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(child.try_wait().unwrap().is_none(), "still waiting");
+        kill(Pid::from_raw(child.id() as i32), signal).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "{signal:?} ignored");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(status.code(), Some(1), "{signal:?}");
+        assert!(
+            stderr(&out).contains(&format!("interrupted by {signal:?}")),
+            "{}",
+            stderr(&out)
+        );
+    }
+    drop(_resume);
+    run.stop();
+}
+
+/// Point 11 and the settled question: only `init`, `run`, `start` and `restore` create a
+/// cluster. `psql`, `exec`, `shell`, `backup` and `cron` on an empty volume say so and create
+/// nothing, not even the volume's directories.
+#[test]
+fn commands_that_use_a_database_never_create_one() {
+    let a = Instance::new();
+    for args in [
+        &["psql", "-c", "SELECT 1"][..],
+        &["exec", "true"],
+        &["shell"],
+        &["backup"],
+        &["cron"],
+    ] {
+        let out = a.output(args);
+        assert_eq!(out.status.code(), Some(65), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!(
+                "there is no database in {}: only `regobox init` and `regobox run`",
+                a.data_dir().display()
+            )),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert!(!a.root.exists(), "{args:?} created {}", a.root.display());
+    }
+    // An empty volume directory stays empty too.
+    std::fs::create_dir_all(a.root.join("db")).unwrap();
+    let out = a.output(&["psql", "-c", "SELECT 1"]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_dir(&a.root).unwrap().count(),
+        1,
+        "only the db directory made by the test"
+    );
+    assert_eq!(std::fs::read_dir(a.root.join("db")).unwrap().count(), 0);
+}
