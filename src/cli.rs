@@ -125,6 +125,13 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Give the application role the password of the configuration (postgres.password) or of
+    /// the secret file: the one way regobox changes a password the cluster already has.
+    Password {
+        /// Make a new secret first (its clients must then be given it).
+        #[arg(long)]
+        reset: bool,
+    },
 }
 
 /// Parse the command line, run the command, and return the process exit code.
@@ -241,6 +248,7 @@ async fn dispatch(command: Command, loaded: &Loaded) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
         Command::Psql { args } => psql(loaded, args).await,
+        Command::Password { reset } => password(loaded, reset).await,
     }
 }
 
@@ -254,6 +262,57 @@ async fn interruptible<T>(
         r = fut => Ok(r?),
         s = signals.recv() => anyhow::bail!("interrupted by {s} while opening the database"),
     }
+}
+
+async fn password(loaded: &Loaded, reset: bool) -> anyhow::Result<u8> {
+    let config = &loaded.config;
+    let pg = &config.postgres;
+    if pg.mode != PostgresMode::Embedded {
+        anyhow::bail!(
+            "the PostgreSQL server is external (postgres.url): its passwords are its administrator's"
+        );
+    }
+    let mut signals = StopSignals::install().context("installing signal handlers")?;
+    crate::postgres::require_cluster(config)?;
+    let layout = Layout::new(config);
+    layout.prepare()?;
+    let secrets = SecretStore::new(&layout.secrets);
+    let secret = secrets.path(crate::postgres::APP_PASSWORD_SECRET);
+    let value = if !pg.password.is_empty() {
+        if reset {
+            anyhow::bail!(
+                "the application role's password is postgres.password in the configuration: change it there (and run `regobox password` or restart)"
+            );
+        }
+        pg.password.clone()
+    } else if reset {
+        secrets.replace(crate::postgres::APP_PASSWORD_SECRET)?
+    } else {
+        secrets
+            .get(crate::postgres::APP_PASSWORD_SECRET)?
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} is missing: `regobox password --reset` makes a new one",
+                    secret.display()
+                )
+            })?
+    };
+    interruptible(
+        &mut signals,
+        crate::postgres::set_app_password(config, &secrets, &value),
+    )
+    .await?;
+    let from = if pg.password.is_empty() {
+        secret.display().to_string()
+    } else {
+        "postgres.password".into()
+    };
+    tracing::warn!(role = %pg.user, from, new = reset, "the application role's password is set");
+    println!(
+        "role {}: password set from {from}; restart what uses the old one (regobox restarts the application with the new one at its next start)",
+        pg.user
+    );
+    Ok(exit::OK)
 }
 
 async fn init(loaded: &Loaded) -> anyhow::Result<u8> {

@@ -51,6 +51,35 @@ impl SecretStore {
         self.dir.join(name)
     }
 
+    /// A new value for the secret `name`, replacing the old one at once (`regobox password
+    /// --reset`).
+    pub fn replace(&self, name: &str) -> Result<String, SecretError> {
+        let path = self.path(name);
+        let io_err = |source| SecretError::Io {
+            path: path.clone(),
+            source,
+        };
+        let value: String = rand::rng()
+            .sample_iter(&Alphanumeric)
+            .take(GENERATED_LEN)
+            .map(char::from)
+            .collect();
+        let tmp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err)?;
+        file.write_all(value.as_bytes()).map_err(io_err)?;
+        file.sync_all().map_err(io_err)?;
+        drop(file);
+        std::fs::rename(&tmp, &path).map_err(io_err)?;
+        sync_dir(&self.dir).map_err(io_err)?;
+        Ok(value)
+    }
+
     /// The secret `name`, if it exists (never generated).
     pub fn get(&self, name: &str) -> Result<Option<String>, SecretError> {
         self.read(&self.path(name))

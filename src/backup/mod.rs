@@ -818,12 +818,13 @@ impl Build {
         .await?;
         crate::volumes::ensure_dir(socket_dir, 0o700, "runtime_dir")?;
         cluster::chown(socket_dir, account)?;
-        let hba = postgres::write_hba(socket_dir, account, binaries.major, "")?;
+        let auth = postgres::write_hba(socket_dir, account, binaries.major, "", &pg.superuser)?;
         let params: Vec<(String, String)> = [
             ("listen_addresses", String::new()),
             ("port", pg.port.to_string()),
             ("unix_socket_directories", socket_dir.display().to_string()),
-            ("hba_file", hba.display().to_string()),
+            ("hba_file", auth.hba.display().to_string()),
+            ("ident_file", auth.ident.display().to_string()),
             ("fsync", "off".into()),
             ("full_page_writes", "off".into()),
             ("synchronous_commit", "off".into()),
@@ -863,7 +864,7 @@ impl Build {
                 &client,
                 binaries.major,
                 &pg.user,
-                &temporary,
+                bootstrap::RolePassword::Set(&temporary),
                 &pg.database,
             )
             .await?;

@@ -34,14 +34,29 @@ fn db_err(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Post
     move |source| PostgresError::Sql { what, source }
 }
 
-/// Create or update the application role (its password is set every time, so a password
-/// changed in the configuration applies) and database, as the superuser connected to the
-/// `postgres` database.
+/// What may be done with the application role's password.
+pub enum RolePassword<'a> {
+    /// Set it: a role created for a new cluster, or `regobox password`.
+    Set(&'a str),
+    /// The role's password is `value` (from the configuration when `from_config`, else from
+    /// the secret file `secret`). It is set where the role has none; where the role has one
+    /// that `value` does not open (a login through `login` is refused), it is changed only if
+    /// the configuration asks, else that is an error naming `regobox password`.
+    Expect {
+        value: &'a str,
+        from_config: bool,
+        secret: &'a Path,
+        login: &'a tokio_postgres::Config,
+    },
+}
+
+/// Create the application role (or check its password, see [`RolePassword`]) and database, as
+/// the superuser connected to the `postgres` database.
 pub async fn role_and_database(
     su: &Client,
     major: Major,
     user: &str,
-    password: &str,
+    password: RolePassword<'_>,
     database: &str,
 ) -> Result<(), PostgresError> {
     let encryption = if major.0 >= 10 {
@@ -52,21 +67,76 @@ pub async fn role_and_database(
     su.batch_execute(&format!("SET password_encryption = '{encryption}'"))
         .await
         .map_err(db_err("setting password_encryption"))?;
-    let exists = su
-        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&user])
+    let has_password: Option<bool> = su
+        .query_opt(
+            "SELECT rolpassword IS NOT NULL FROM pg_catalog.pg_authid WHERE rolname = $1",
+            &[&user],
+        )
         .await
         .map_err(db_err("looking up the application role"))?
-        .is_some();
-    let verb = if exists { "ALTER" } else { "CREATE" };
-    su.batch_execute(&format!(
-        "{verb} ROLE {} WITH LOGIN PASSWORD {}",
-        quote_ident(user),
-        quote_literal(password)
-    ))
-    .await
-    .map_err(db_err(format!("setting up role `{user}` (postgres.user)")))?;
-    if !exists {
-        tracing::info!(role = user, "application role created");
+        .map(|r| r.get(0));
+    let set = |verb: &'static str, value: String| async move {
+        su.batch_execute(&format!(
+            "{verb} ROLE {} WITH LOGIN PASSWORD {}",
+            quote_ident(user),
+            quote_literal(&value)
+        ))
+        .await
+        .map_err(db_err(format!("setting up role `{user}` (postgres.user)")))
+    };
+    let missing = |secret: &Path| PostgresError::PasswordMissing {
+        role: user.into(),
+        secret: secret.to_path_buf(),
+    };
+    match (has_password, password) {
+        (None, RolePassword::Set(value)) => {
+            set("CREATE", value.into()).await?;
+            tracing::info!(role = user, "application role created");
+        }
+        (None, RolePassword::Expect { value, secret, .. }) => {
+            if value.is_empty() {
+                return Err(missing(secret));
+            }
+            set("CREATE", value.into()).await?;
+            tracing::info!(role = user, "application role created");
+        }
+        (Some(_), RolePassword::Set(value)) => {
+            set("ALTER", value.into()).await?;
+            tracing::warn!(role = user, "application role's password set");
+        }
+        (Some(false), RolePassword::Expect { value, secret, .. }) => {
+            if value.is_empty() {
+                return Err(missing(secret));
+            }
+            set("ALTER", value.into()).await?;
+            tracing::warn!(role = user, from = %secret.display(), "the application role had no password; set");
+        }
+        (
+            Some(true),
+            RolePassword::Expect {
+                value,
+                from_config,
+                secret,
+                login,
+            },
+        ) => {
+            if value.is_empty() {
+                return Err(missing(secret));
+            }
+            if !opens(login, value).await? {
+                if !from_config {
+                    return Err(PostgresError::PasswordMismatch {
+                        role: user.into(),
+                        secret: secret.to_path_buf(),
+                    });
+                }
+                set("ALTER", value.into()).await?;
+                tracing::warn!(
+                    role = user,
+                    "postgres.password changed in the configuration: applied to the role"
+                );
+            }
+        }
     }
     let owner: Option<String> = su
         .query_opt(
@@ -102,6 +172,29 @@ pub async fn role_and_database(
         Some(_) => {}
     }
     Ok(())
+}
+
+/// Whether `password` logs in through `login` (a refusal of the password is `false`; any
+/// other failure is an error).
+async fn opens(login: &tokio_postgres::Config, password: &str) -> Result<bool, PostgresError> {
+    let mut c = login.clone();
+    c.password(password).dbname("postgres");
+    match super::connect(&c).await {
+        Ok(_) => Ok(true),
+        Err(e)
+            if e.as_db_error().is_some_and(|d| {
+                *d.code() == tokio_postgres::error::SqlState::INVALID_PASSWORD
+                    || *d.code()
+                        == tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+            }) =>
+        {
+            Ok(false)
+        }
+        Err(source) => Err(PostgresError::Sql {
+            what: "checking the application role's password".into(),
+            source,
+        }),
+    }
 }
 
 /// Create the configured extensions in the database `client` is connected to.

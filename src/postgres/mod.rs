@@ -79,6 +79,14 @@ pub enum PostgresError {
         mode: u32,
         owner: u32,
     },
+    #[error(
+        "the role `{role}` has a password in the cluster that {secret} does not open. regobox never changes a password the cluster already has without being asked: `regobox password` gives the role the value of {secret}; `regobox password --reset` makes a new one (then give it to every client of the old one)"
+    )]
+    PasswordMismatch { role: String, secret: PathBuf },
+    #[error(
+        "{secret} is missing (or empty) and the role `{role}` has a password in the cluster: regobox does not make a new one on its own, which would lock out every client of the old one. Put the file back (from a backup), or run `regobox password --reset` for a new one"
+    )]
+    PasswordMissing { role: String, secret: PathBuf },
     #[error("another regobox is running PostgreSQL on {data_dir} (its lock file is held)")]
     Busy { data_dir: PathBuf },
     #[error(
@@ -259,6 +267,8 @@ pub struct Embedded {
     pub port: u16,
     endpoint: Endpoint,
     settings: Vec<(String, String)>,
+    /// The superuser's name (authenticated by its OS account, see [`write_hba`]).
+    superuser: String,
     _lock: DataDirLock,
 }
 
@@ -318,11 +328,20 @@ impl Embedded {
             let endpoint = running_endpoint(config, secrets, &socket_dir, &binaries)?;
             return Ok(Opened::Busy(endpoint));
         };
-        // Held: repairs and first-time set-up may start.
+        // Held: repairs and first-time set-up may start. Passwords are generated for a new
+        // cluster only: an existing one keeps its own (see `bootstrap::RolePassword`).
         cluster::ensure_ownership(&data_dir, &account)?;
-        let superuser_password = secrets.get_or_generate(SUPERUSER_PASSWORD_SECRET)?;
+        let fresh = !matches!(state, DataDirState::Cluster(_));
+        let secret = |name: &str| {
+            if fresh {
+                secrets.get_or_generate(name)
+            } else {
+                secrets.get(name).map(Option::unwrap_or_default)
+            }
+        };
+        let superuser_password = secret(SUPERUSER_PASSWORD_SECRET)?;
         let app_password = if pg.password.is_empty() {
-            secrets.get_or_generate(APP_PASSWORD_SECRET)?
+            secret(APP_PASSWORD_SECRET)?
         } else {
             pg.password.clone()
         };
@@ -362,6 +381,7 @@ impl Embedded {
             port: pg.port,
             endpoint,
             settings,
+            superuser: pg.superuser.clone(),
             _lock: lock,
         }))
     }
@@ -378,7 +398,7 @@ impl Embedded {
         sink: Sink,
         file: Option<SharedLogFile>,
     ) -> Result<Server, PostgresError> {
-        let hba = self.write_hba(listen)?;
+        let auth = self.write_hba(listen)?;
         // A socket lock file left by a killed server would make the new one refuse to start;
         // the data directory lock proves no server of this instance is running.
         for name in [
@@ -394,7 +414,8 @@ impl Embedded {
                 "unix_socket_directories".into(),
                 self.socket_dir.display().to_string(),
             ),
-            ("hba_file".into(), hba.display().to_string()),
+            ("hba_file".into(), auth.hba.display().to_string()),
+            ("ident_file".into(), auth.ident.display().to_string()),
             // Whatever postgresql.conf says: a crash must never lose a committed row.
             ("fsync".into(), "on".into()),
             ("full_page_writes".into(), "on".into()),
@@ -422,8 +443,14 @@ impl Embedded {
         })
     }
 
-    fn write_hba(&self, listen: &str) -> Result<PathBuf, PostgresError> {
-        write_hba(&self.socket_dir, &self.account, self.binaries.major, listen)
+    fn write_hba(&self, listen: &str) -> Result<AuthFiles, PostgresError> {
+        write_hba(
+            &self.socket_dir,
+            &self.account,
+            self.binaries.major,
+            listen,
+            &self.superuser,
+        )
     }
 }
 
@@ -457,17 +484,36 @@ fn check_reachable(dir: &Path, account: &Account) -> Result<(), PostgresError> {
     Ok(())
 }
 
-/// Write the client authentication rules into `dir` (owned by `account`): password
-/// authentication everywhere; remote addresses only when the server listens beyond loopback.
+/// The client authentication files regobox writes at each start.
+pub struct AuthFiles {
+    pub hba: PathBuf,
+    pub ident: PathBuf,
+}
+
+/// Write the client authentication rules into `dir` (owned by `account`). The superuser
+/// authenticates over the Unix socket by its OS account (`peer`, mapped from regobox's own user
+/// and the server's account): regobox manages its cluster without any password file. Everyone
+/// else uses a password; remote addresses only when the server listens beyond loopback.
 pub fn write_hba(
     dir: &Path,
     account: &Account,
     major: Major,
     listen: &str,
-) -> Result<PathBuf, PostgresError> {
+    superuser: &str,
+) -> Result<AuthFiles, PostgresError> {
     let auth = major.password_auth();
+    let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name);
+    let mut ident =
+        String::from("# Written by regobox at every start of PostgreSQL; edits are lost.\n");
+    for os_user in me.iter().chain([&account.name]) {
+        ident.push_str(&format!("regobox {os_user} {superuser}\n"));
+    }
     let mut text = format!(
         "# Written by regobox at every start of PostgreSQL; edits are lost.\n\
+         local all {superuser} peer map=regobox\n\
          local all all {auth}\n\
          host  all all 127.0.0.1/32 {auth}\n\
          host  all all ::1/128 {auth}\n"
@@ -481,12 +527,25 @@ pub fn write_hba(
             "host  all all 0.0.0.0/0 {auth}\nhost  all all ::/0 {auth}\n"
         ));
     }
-    let path = dir.join("pg_hba.conf");
+    Ok(AuthFiles {
+        hba: write_conf(dir, "pg_hba.conf", &text, account)?,
+        ident: write_conf(dir, "pg_ident.conf", &ident, account)?,
+    })
+}
+
+/// Write `name` in `dir` (0600, owned by `account`), replacing it at once.
+fn write_conf(
+    dir: &Path,
+    name: &str,
+    text: &str,
+    account: &Account,
+) -> Result<PathBuf, PostgresError> {
+    let path = dir.join(name);
     let io_err = |source| PostgresError::Io {
         path: path.clone(),
         source,
     };
-    let tmp = dir.join(".pg_hba.conf.tmp");
+    let tmp = dir.join(format!(".{name}.tmp"));
     {
         use std::io::Write;
         let _ = std::fs::remove_file(&tmp);
@@ -605,6 +664,59 @@ pub async fn wait_ready(
     }
 }
 
+/// Give the application role the password `value` (`regobox password`), through the running
+/// regobox's server or a temporary one; as the superuser, which needs no password.
+pub async fn set_app_password(
+    config: &Config,
+    secrets: &SecretStore,
+    value: &str,
+) -> Result<(), PostgresError> {
+    let pg = &config.postgres;
+    let (endpoint, mut temporary) = match Embedded::open(config, secrets, false).await? {
+        Opened::Busy(endpoint) => (endpoint, None),
+        Opened::Owned(embedded) => {
+            let server = embedded.start("", Sink::Stderr, None)?;
+            let endpoint = embedded.endpoint().clone();
+            (endpoint, Some((embedded, server)))
+        }
+    };
+    let set = async {
+        wait_ready(
+            temporary.as_mut().map(|(_, s)| s),
+            &endpoint,
+            pg.start_timeout,
+        )
+        .await?;
+        let su_config = endpoint
+            .superuser
+            .as_ref()
+            .ok_or_else(|| PostgresError::Io {
+                path: pg.data_dir.clone(),
+                source: io::Error::other("no superuser connection"),
+            })?;
+        let su = connect(su_config)
+            .await
+            .map_err(|source| PostgresError::Sql {
+                what: "connecting as the superuser".into(),
+                source,
+            })?;
+        let major = server_major(&su).await?;
+        bootstrap::role_and_database(
+            &su,
+            major,
+            &pg.user,
+            bootstrap::RolePassword::Set(value),
+            &pg.database,
+        )
+        .await
+    }
+    .await;
+    if let Some((_embedded, mut server)) = temporary {
+        let _ = server.stop(pg.stop_timeout, std::future::pending()).await;
+    }
+    set
+}
+
 /// Refuse, changing nothing, a volume without a cluster (embedded mode): for the commands that
 /// use an existing database and never create one (`psql`, `exec`, `shell`, `backup`, `cron`).
 pub fn require_cluster(config: &Config) -> Result<(), PostgresError> {
@@ -698,7 +810,24 @@ async fn bootstrap_part(
                 .get_password()
                 .map(|p| String::from_utf8_lossy(p).into_owned())
                 .unwrap_or_default();
-            bootstrap::role_and_database(&su, major, &pg.user, &password, &pg.database).await?;
+            let secret = config
+                .volumes
+                .root
+                .join("secrets")
+                .join(APP_PASSWORD_SECRET);
+            bootstrap::role_and_database(
+                &su,
+                major,
+                &pg.user,
+                bootstrap::RolePassword::Expect {
+                    value: &password,
+                    from_config: !pg.password.is_empty(),
+                    secret: &secret,
+                    login: &endpoint.app,
+                },
+                &pg.database,
+            )
+            .await?;
             if part == Bootstrap::Login {
                 return Ok(());
             }

@@ -510,6 +510,8 @@ fn the_cron_command_runs_only_the_scheduler() {
 fn shell_reads_commands_with_the_app_environment() {
     let inst = Instance::new();
     inst.config_file("50.toml", "[app.env]\nGREETING = \"bonjour\"\n");
+    // `shell` uses a database, never creates one.
+    inst.ok(&["init"]);
     let mut child = inst
         .command(&["shell"])
         .stdin(std::process::Stdio::piped())

@@ -1,7 +1,7 @@
 //! A volume shared, misconfigured or empty: nothing changes before the lock is held, and the
 //! commands that use a database never create one (issue 14, points 9 and 11).
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -185,4 +185,109 @@ fn commands_that_use_a_database_never_create_one() {
         "only the db directory made by the test"
     );
     assert_eq!(std::fs::read_dir(a.root.join("db")).unwrap().count(), 0);
+}
+
+/// Whether `password` opens the application role on the running `inst` (psql over the socket).
+fn opens(inst: &Instance, password: &str) -> bool {
+    let psql = std::fs::read_dir("/usr/lib/postgresql")
+        .unwrap()
+        .map(|e| e.unwrap().path().join("bin/psql"))
+        .find(|p| p.exists())
+        .expect("a psql in /usr/lib/postgresql");
+    std::process::Command::new(psql)
+        .args(["-XtAq", "-c", "SELECT 1", "-h"])
+        .arg(inst.runtime.join("postgresql"))
+        .args(["-p", &inst.port.to_string(), "-U", "app", "-d", "app"])
+        .env("PGPASSWORD", password)
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+fn secret(inst: &Instance, name: &str) -> String {
+    std::fs::read_to_string(inst.secret(name))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// Point 8: regobox manages its own cluster without password files (the superuser is its OS
+/// account over the socket), and never changes a password the cluster has without being asked:
+/// a deleted or changed secret is an error naming `regobox password`, which sets it.
+#[test]
+fn passwords_are_never_changed_without_being_asked() {
+    let a = Instance::new();
+    a.ok(&["init"]);
+    let first = secret(&a, "postgres-password");
+
+    // The superuser's file deleted: nothing needs it, nothing makes a new one.
+    std::fs::remove_file(a.secret("postgres-superuser-password")).unwrap();
+    let run = a.start();
+    assert!(opens(&a, &first));
+    run.stop();
+    assert!(!a.secret("postgres-superuser-password").exists());
+
+    // The application's file deleted: refused, naming the command; no new file, no change.
+    std::fs::remove_file(a.secret("postgres-password")).unwrap();
+    let out = a.output(&["run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("postgres-password is missing (or empty) and the role `app` has a password in the cluster")
+            && stderr(&out).contains("`regobox password --reset`"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!a.secret("postgres-password").exists());
+    std::fs::write(a.secret("postgres-password"), &first).unwrap();
+    std::fs::set_permissions(
+        a.secret("postgres-password"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let run = a.start();
+    assert!(opens(&a, &first), "the old password still opens");
+    run.stop();
+
+    // The file changed: refused, naming the command; `regobox password` applies it.
+    std::fs::write(a.secret("postgres-password"), "another-value-0123456789").unwrap();
+    let out = a.output(&["run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("has a password in the cluster that")
+            && stderr(&out).contains("does not open"),
+        "{}",
+        stderr(&out)
+    );
+    a.ok(&["password"]);
+    let run = a.start();
+    assert!(opens(&a, "another-value-0123456789"));
+    assert!(!opens(&a, &first));
+    run.stop();
+
+    // --reset: a new secret, set on the role (through the running regobox).
+    let run = a.start();
+    a.ok(&["password", "--reset"]);
+    let reset = secret(&a, "postgres-password");
+    assert_ne!(reset, "another-value-0123456789");
+    assert!(opens(&a, &reset));
+    run.stop();
+}
+
+/// Point 8, settled: a changed `postgres.password` in the configuration counts as being asked;
+/// it is applied and logged.
+#[test]
+fn a_password_changed_in_the_configuration_is_applied_and_logged() {
+    let a = Instance::new();
+    a.config_file("50.toml", "[postgres]\npassword = \"first-0123456789\"\n");
+    a.ok(&["init"]);
+    a.config_file("50.toml", "[postgres]\npassword = \"second-0123456789\"\n");
+    let run = a.start();
+    assert!(opens(&a, "second-0123456789"));
+    assert!(!opens(&a, "first-0123456789"));
+    let log = run.stop();
+    assert!(
+        log.contains("postgres.password changed in the configuration: applied to the role"),
+        "{log}"
+    );
 }
