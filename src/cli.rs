@@ -572,7 +572,7 @@ async fn backup(loaded: &Loaded, args: BackupArgs) -> anyhow::Result<u8> {
             let rules = crate::backup::rules(config, &layout);
             let manifest = crate::backup::verify(&archive, &rules).await?;
             // What a restore here would refuse, verify refuses in the same words.
-            crate::backup::restorable_here(config, &manifest).await?;
+            crate::backup::restorable_here(config, &archive, &manifest).await?;
             println!(
                 "{}: OK, {} members, created {}, PostgreSQL {}",
                 archive.display(),

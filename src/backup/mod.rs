@@ -1242,11 +1242,44 @@ fn check_major(info: Option<&PostgresInfo>, binaries: &Binaries) -> Result<(), R
 
 /// Whether these PostgreSQL binaries can restore the archive of `manifest` (when regobox runs
 /// the server: an external one is the user's).
-pub async fn restorable_here(config: &Config, manifest: &Manifest) -> anyhow::Result<()> {
+pub async fn restorable_here(
+    config: &Config,
+    path: &Path,
+    manifest: &Manifest,
+) -> anyhow::Result<()> {
     if config.postgres.mode == crate::config::PostgresMode::Embedded {
         let binaries = Binaries::find(&config.postgres.bin_dir, None).await?;
         check_major(manifest.postgres.as_ref(), &binaries)?;
+        judge_dump(config, path, manifest, &binaries).await?;
     }
+    Ok(())
+}
+
+/// The dump's table of contents, judged as the load will judge it.
+async fn judge_dump(
+    config: &Config,
+    path: &Path,
+    manifest: &Manifest,
+    binaries: &Binaries,
+) -> anyhow::Result<()> {
+    let pg = &config.postgres;
+    let toc = dump_toc(path, binaries).await?;
+    let owner = manifest
+        .postgres
+        .as_ref()
+        .map(|p| p.user.clone())
+        .unwrap_or_else(|| pg.user.clone());
+    dump::judge(
+        &toc,
+        &dump::Judge {
+            owner: &owner,
+            extensions: &pg.extensions,
+        },
+    )
+    .map_err(|refusals| RestoreRefused::DumpNeedsMore {
+        role: pg.user.clone(),
+        objects: refusals.to_string(),
+    })?;
     Ok(())
 }
 
@@ -1321,6 +1354,8 @@ pub async fn plan(
         None => verify(&opts.archive, &rules).await?,
     };
     check_major(manifest.postgres.as_ref(), &binaries)?;
+    // What the dump holds, judged as the load will judge it (its table of contents only).
+    judge_dump(config, &opts.archive, &manifest, &binaries).await?;
     // The staging directory is on the volume, the new cluster beside the data directory.
     let staged = unpack_need(&manifest, true);
     let cluster = cluster_estimate(&manifest);
@@ -1349,6 +1384,69 @@ pub async fn plan(
             path: layout.root.clone(),
         },
     })
+}
+
+/// The table of contents of the archive's dump (`pg_restore --list` reading the member as it
+/// is decompressed; it stops after the table, at the start of the dump).
+async fn dump_toc(archive_path: &Path, binaries: &Binaries) -> anyhow::Result<String> {
+    let path = archive_path.to_path_buf();
+    let program = binaries.path("pg_restore");
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        use std::process::Stdio;
+        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let mut tar = tar::Archive::new(zstd::stream::read::Decoder::new(file)?);
+        for entry in tar.entries()? {
+            let mut entry = entry?;
+            if archive::normalise(&entry.path_bytes())? != archive::DATABASE {
+                continue;
+            }
+            // Through the reaper (the one waiter of every child).
+            let mut child = crate::process::spawn(
+                std::process::Command::new(&program)
+                    .arg("--list")
+                    .env_clear()
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped()),
+            )
+            .with_context(|| format!("running {}", program.display()))?;
+            let mut stdout = child.stdout.take().context("pg_restore's output")?;
+            let mut stderr = child.stderr.take().context("pg_restore's errors")?;
+            let reader = std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = stdout.read_to_string(&mut text);
+                text
+            });
+            let errors = std::thread::spawn(move || {
+                let mut text = String::new();
+                let _ = stderr.read_to_string(&mut text);
+                text
+            });
+            if let Some(mut stdin) = child.stdin.take() {
+                // pg_restore stops reading after the table of contents.
+                match io::copy(&mut entry, &mut stdin) {
+                    Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
+                        return Err(e).context("reading the archive's dump");
+                    }
+                    _ => {}
+                }
+            }
+            let status = runtime.block_on(child.wait());
+            let toc = reader.join().unwrap_or_default();
+            let errors = errors.join().unwrap_or_default();
+            if !status.success() {
+                bail!(
+                    "pg_restore cannot read the archive's dump ({status}): {}",
+                    errors.trim()
+                );
+            }
+            return Ok(toc);
+        }
+        bail!("the archive has no database dump")
+    })
+    .await
+    .context("the dump task")?
 }
 
 /// `needs` bytes must fit in `free` on `path`.

@@ -906,6 +906,11 @@ fn a_refused_restore_costs_no_downtime() {
     let (target, archive) = target_with_data();
     let crafted = target.dir.path().join("db.tar.zst");
     craft(&archive, &crafted, "add_dir('volumes/db')");
+    // A dump whose content the target refuses: an extension it does not configure.
+    let other = Instance::new();
+    other.config_file("50.toml", "[postgres]\nextensions = [\"uuid-ossp\"]\n");
+    other.ok(&["init"]);
+    let with_extension = backup(&other);
     let run = target.start();
     let postmaster = || {
         std::fs::read_to_string(target.data_dir().join("postmaster.pid"))
@@ -921,6 +926,10 @@ fn a_refused_restore_costs_no_downtime() {
         (
             vec!["restore", "--force", crafted.to_str().unwrap()],
             "`db` is regobox's own directory",
+        ),
+        (
+            vec!["restore", "--force", with_extension.to_str().unwrap()],
+            "the dump holds what the application role app cannot create (a restore loads it with that role's rights only, never the superuser's): extension uuid-ossp (not in postgres.extensions",
         ),
     ] {
         let out = target.output(&args);
@@ -1001,6 +1010,14 @@ fn a_dump_is_loaded_with_the_application_roles_rights_only() {
     by_app.sql(&setup);
     let own = backup(&by_app);
 
+    // verify says what restore says.
+    let out = by_app.output(&["backup", "verify", crafted.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("FUNCTION public.evil() (owned by postgres"),
+        "{}",
+        stderr(&out)
+    );
     for (archive, expect) in [
         (
             &crafted,
