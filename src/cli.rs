@@ -278,6 +278,8 @@ async fn password(loaded: &Loaded, reset: bool) -> anyhow::Result<u8> {
     layout.prepare()?;
     let secrets = SecretStore::new(&layout.secrets);
     let secret = secrets.path(crate::postgres::APP_PASSWORD_SECRET);
+    // A new secret is put in place only once the cluster has it (a refusal leaves the old).
+    let mut staged = None;
     let value = if !pg.password.is_empty() {
         if reset {
             anyhow::bail!(
@@ -286,7 +288,10 @@ async fn password(loaded: &Loaded, reset: bool) -> anyhow::Result<u8> {
         }
         pg.password.clone()
     } else if reset {
-        secrets.replace(crate::postgres::APP_PASSWORD_SECRET)?
+        let s = secrets.stage(crate::postgres::APP_PASSWORD_SECRET)?;
+        let value = s.value.clone();
+        staged = Some(s);
+        value
     } else {
         secrets
             .get(crate::postgres::APP_PASSWORD_SECRET)?
@@ -302,6 +307,9 @@ async fn password(loaded: &Loaded, reset: bool) -> anyhow::Result<u8> {
         crate::postgres::set_app_password(config, &secrets, &value),
     )
     .await?;
+    if let Some(s) = staged {
+        s.commit()?;
+    }
     let from = if pg.password.is_empty() {
         secret.display().to_string()
     } else {

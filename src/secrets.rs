@@ -51,9 +51,10 @@ impl SecretStore {
         self.dir.join(name)
     }
 
-    /// A new value for the secret `name`, replacing the old one at once (`regobox password
+    /// A new value for the secret `name`, written beside it: [`Staged::commit`] puts it in
+    /// place (once the cluster has it), dropping it leaves the old one (`regobox password
     /// --reset`).
-    pub fn replace(&self, name: &str) -> Result<String, SecretError> {
+    pub fn stage(&self, name: &str) -> Result<Staged, SecretError> {
         let path = self.path(name);
         let io_err = |source| SecretError::Io {
             path: path.clone(),
@@ -75,9 +76,11 @@ impl SecretStore {
         file.write_all(value.as_bytes()).map_err(io_err)?;
         file.sync_all().map_err(io_err)?;
         drop(file);
-        std::fs::rename(&tmp, &path).map_err(io_err)?;
-        sync_dir(&self.dir).map_err(io_err)?;
-        Ok(value)
+        Ok(Staged {
+            value,
+            tmp: Some(tmp),
+            path,
+        })
     }
 
     /// The secret `name`, if it exists (never generated).
@@ -168,6 +171,38 @@ impl SecretStore {
             });
         }
         Ok(Some(value))
+    }
+}
+
+/// A secret's new value, not yet in place.
+pub struct Staged {
+    pub value: String,
+    tmp: Option<PathBuf>,
+    path: PathBuf,
+}
+
+impl Staged {
+    /// Put the new value in place of the old.
+    pub fn commit(mut self) -> Result<(), SecretError> {
+        let io_err = |source| SecretError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        if let Some(tmp) = self.tmp.take() {
+            std::fs::rename(&tmp, &self.path).map_err(io_err)?;
+            if let Some(dir) = self.path.parent() {
+                sync_dir(dir).map_err(io_err)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
     }
 }
 

@@ -261,7 +261,13 @@ impl<W: Write> Writer<W> {
             if skip(&path) {
                 continue;
             }
-            let child = format!("{prefix}/{}", name.to_string_lossy());
+            // A name that is not UTF-8 has no spelling in the archive format (its members are
+            // judged as UTF-8): left out, loudly, so that the archive always restores.
+            let Some(utf8) = name.to_str() else {
+                tracing::warn!(path = %path.display(), "left out of the backup: its name is not UTF-8 (rename it to keep it in backups)");
+                continue;
+            };
+            let child = format!("{prefix}/{utf8}");
             self.add_tree(&child, &path, skip, progress)?;
             progress(self.content_bytes);
         }
@@ -391,8 +397,8 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
-/// The volume directory of regobox's secrets: files only, and given to root (0700, files
-/// 0600) whatever the archive says, by the restore.
+/// The volume directory of regobox's secrets: files and directories, no link; given to
+/// regobox (directories 0700, files 0600) whatever the archive says, by the restore.
 pub const SECRETS: &str = "secrets";
 
 /// The largest `regobox.json` and `manifest.json` read into memory.
@@ -707,15 +713,11 @@ fn read(
                 }
                 _ => {}
             }
-            if let Place::Volume {
-                top,
-                top_level: false,
-            } = &place
-            {
-                if top == SECRETS && (kind != Kind::File || path.matches('/').count() != 2) {
+            if let Place::Volume { top, .. } = &place {
+                if top == SECRETS && kind == Kind::Symlink {
                     return Err(refused(
                         &path,
-                        "the secrets directory holds files only, directly inside it",
+                        "the secrets directory holds files and directories only, never a link",
                     ));
                 }
             }

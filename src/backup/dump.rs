@@ -9,9 +9,10 @@
 //!   ([`LOADED`]), owned in the dump by the archive's application role;
 //! - regobox's own: the configured extensions (regobox creates them first, as the superuser) and
 //!   the `regobox` schema (its bookkeeping, rebuilt by regobox from its own definition);
+//!   another extension is created by the application role (the server allows trusted ones only);
 //! - refused, each named: every other kind (procedural languages, event triggers, foreign data
-//!   wrappers, casts, ...), an extension that is not configured, and objects owned by another
-//!   role (made with rights the application role does not have).
+//!   wrappers, ...) and objects owned by another role (made with rights the application role
+//!   does not have).
 //!
 //! The server is the second wall: whatever the list lets through runs without the superuser's
 //! rights (a function calling `COPY ... TO PROGRAM` fails when a materialized view refreshes).
@@ -24,6 +25,7 @@ pub const LOADED: &[&str] = &[
     "BLOB DATA",
     "BLOB METADATA",
     "BLOBS",
+    "CAST",
     "CHECK CONSTRAINT",
     "COLLATION",
     "COMMENT",
@@ -43,6 +45,9 @@ pub const LOADED: &[&str] = &[
     "OPERATOR",
     "POLICY",
     "PROCEDURE",
+    "PUBLICATION",
+    "PUBLICATION TABLE",
+    "PUBLICATION TABLES IN SCHEMA",
     "ROW SECURITY",
     "RULE",
     "SCHEMA",
@@ -66,7 +71,6 @@ pub const LOADED: &[&str] = &[
 /// Kinds known only to be refused (named in the refusal; any kind not listed is refused too).
 const REFUSED: &[&str] = &[
     "ACCESS METHOD",
-    "CAST",
     "DATABASE",
     "DATABASE PROPERTIES",
     "EVENT TRIGGER",
@@ -76,9 +80,6 @@ const REFUSED: &[&str] = &[
     "OPERATOR CLASS",
     "OPERATOR FAMILY",
     "PROCEDURAL LANGUAGE",
-    "PUBLICATION",
-    "PUBLICATION TABLE",
-    "PUBLICATION TABLES IN SCHEMA",
     "SECURITY LABEL",
     "SERVER",
     "SUBSCRIPTION",
@@ -225,10 +226,11 @@ pub fn judge(toc: &str, judge: &Judge<'_>) -> Result<Load, Refusals> {
             };
             if judge.extensions.contains(&name) {
                 own.push(entry);
-            } else if entry.kind == "EXTENSION" {
-                refused.push(format!(
-                    "extension {name} (not in postgres.extensions: regobox creates the configured extensions itself; add it there if the application needs it)"
-                ));
+            } else {
+                // Made by the application itself (a trusted extension): created again by the
+                // application role, which the server refuses for an untrusted one.
+                list.push_str(&entry.line);
+                list.push('\n');
             }
             continue;
         }
@@ -418,26 +420,25 @@ mod tests {
 220; 1255 16401 PROCEDURAL LANGUAGE - plpython3u postgres
 221; 3466 16402 EVENT TRIGGER - et postgres
 222; 2328 16404 FOREIGN DATA WRAPPER - fdw app
-223; 2605 16405 CAST - CAST (integer AS text) app
+223; 2605 16405 TRANSFORM - TRANSFORM FOR integer LANGUAGE sql app
 224; 0 0 SOMETHING NEW public x app
 "
         );
         let Refusals(why) = judge_with(&toc, &[]).unwrap_err();
         let joined = why.join("\n");
         for expect in [
-            "extension uuid-ossp (not in postgres.extensions",
             "FUNCTION public.evil() (owned by postgres, not by the application role app)",
             "MATERIALIZED VIEW public.mv (owned by postgres",
             "MATERIALIZED VIEW DATA public.mv (owned by postgres",
             "PROCEDURAL LANGUAGE plpython3u (a kind of object the application role cannot create)",
             "EVENT TRIGGER et (a kind",
             "FOREIGN DATA WRAPPER fdw (a kind",
-            "CAST CAST (integer AS text) (a kind",
+            "TRANSFORM TRANSFORM FOR integer LANGUAGE sql (a kind",
             "SOMETHING SOMETHING NEW public x app (a kind",
         ] {
             assert!(joined.contains(expect), "{expect:?} in\n{joined}");
         }
-        assert_eq!(why.len(), 9, "{joined}");
+        assert_eq!(why.len(), 8, "{joined}");
     }
 
     #[test]

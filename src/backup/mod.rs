@@ -1559,12 +1559,23 @@ pub async fn restore(
 /// directory 0700, each file 0600, both owned by regobox's user. Each change is logged.
 fn own_secrets(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-    let Ok(entries) = std::fs::read_dir(dir) else {
+    if !dir.is_dir() {
         return Ok(());
-    };
+    }
     let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
-    let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-    paths.push(dir.to_path_buf());
+    let mut paths = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).with_context(|| format!("reading {}", d.display()))? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                stack.push(entry.path());
+            } else {
+                paths.push(entry.path());
+            }
+        }
+        paths.push(d);
+    }
     for path in paths {
         let f = std::fs::OpenOptions::new()
             .read(true)

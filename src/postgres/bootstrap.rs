@@ -235,7 +235,10 @@ pub fn init_scripts(config_dirs: &[PathBuf]) -> Vec<PathBuf> {
 }
 
 /// regobox's bookkeeping in the application database: the schema `regobox` and its table of
-/// the init scripts applied, readable by `role`.
+/// the init scripts applied. `role`: the client is the superuser (regobox runs the server); the
+/// schema and table must then be the superuser's (an application that made them first is
+/// refused, never written through), and `role` may read the table and add its records (the
+/// scripts run as that role). Without `role` (an external server), they are the application's.
 pub async fn bookkeeping(client: &Client, role: Option<&str>) -> Result<(), PostgresError> {
     client
         .batch_execute(
@@ -249,30 +252,46 @@ pub async fn bookkeeping(client: &Client, role: Option<&str>) -> Result<(), Post
         .await
         .map_err(db_err("creating regobox.init_scripts"))?;
     if let Some(role) = role {
-        // The application may read which scripts ran; only regobox writes there.
+        let foreign: Option<String> = client
+            .query_opt(
+                "SELECT coalesce(
+                   (SELECT 'the schema regobox belongs to ' || pg_catalog.pg_get_userbyid(nspowner)
+                      FROM pg_catalog.pg_namespace WHERE nspname = 'regobox' AND nspowner <> (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user)),
+                   (SELECT 'the table regobox.init_scripts belongs to ' || pg_catalog.pg_get_userbyid(relowner)
+                      FROM pg_catalog.pg_class WHERE oid = 'regobox.init_scripts'::pg_catalog.regclass AND relowner <> (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user)),
+                   (SELECT 'regobox.init_scripts has a trigger or a rule'
+                      WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = 'regobox.init_scripts'::pg_catalog.regclass AND NOT tgisinternal)
+                         OR EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite WHERE ev_class = 'regobox.init_scripts'::pg_catalog.regclass)))",
+                &[],
+            )
+            .await
+            .map_err(db_err("checking the schema regobox"))?
+            .and_then(|r| r.get(0));
+        if let Some(what) = foreign {
+            return Err(PostgresError::ForeignBookkeeping { what });
+        }
+        // The application may read which scripts ran and record the ones it runs.
         client
             .batch_execute(&format!(
-                "GRANT USAGE ON SCHEMA regobox TO {r}; GRANT SELECT ON regobox.init_scripts TO {r};",
+                "GRANT USAGE ON SCHEMA regobox TO {r}; GRANT SELECT, INSERT ON regobox.init_scripts TO {r};",
                 r = quote_ident(role)
             ))
             .await
-            .map_err(db_err("granting read access to regobox.init_scripts"))?;
+            .map_err(db_err("granting access to regobox.init_scripts"))?;
     }
     Ok(())
 }
 
-/// Run every script not yet recorded, each in one transaction with its record. `role`, when
-/// given, is the role the scripts run as (the client being a superuser); the name recorded is the
-/// file name.
+/// Run every script not yet recorded, each in one transaction with its record, in the
+/// application role's own session (`client`); the name recorded is the file name. The caller
+/// made the bookkeeping ([`bookkeeping`]).
 pub async fn run_init_scripts(
     client: &mut Client,
     scripts: &[PathBuf],
-    role: Option<&str>,
 ) -> Result<usize, PostgresError> {
     if scripts.is_empty() {
         return Ok(0);
     }
-    bookkeeping(client, role).await?;
     let mut applied = 0;
     for path in scripts {
         let name = file_name(path);
@@ -305,22 +324,7 @@ pub async fn run_init_scripts(
             path: path.clone(),
             source,
         };
-        if let Some(role) = role {
-            // The application's role, with the default search path (regobox's own sessions
-            // resolve in pg_catalog only).
-            tx.batch_execute(&format!(
-                "SET LOCAL ROLE {}; SET LOCAL search_path = \"$user\", public",
-                quote_ident(role)
-            ))
-            .await
-            .map_err(failed)?;
-        }
         tx.batch_execute(&sql).await.map_err(failed)?;
-        if role.is_some() {
-            tx.batch_execute("RESET ROLE; SET LOCAL search_path = pg_catalog, pg_temp")
-                .await
-                .map_err(failed)?;
-        }
         tx.execute(
             "INSERT INTO regobox.init_scripts (name, sha256) VALUES ($1, $2)",
             &[&name, &digest],

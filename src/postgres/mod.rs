@@ -87,6 +87,10 @@ pub enum PostgresError {
         "{secret} is missing (or empty) and the role `{role}` has a password in the cluster: regobox does not make a new one on its own, which would lock out every client of the old one. Put the file back (from a backup), or run `regobox password --reset` for a new one"
     )]
     PasswordMissing { role: String, secret: PathBuf },
+    #[error(
+        "{what}, not to regobox's superuser: regobox keeps its bookkeeping there and never writes into what the application controls. Rename or drop it (as the application: `regobox psql`), then start again"
+    )]
+    ForeignBookkeeping { what: String },
     #[error("another regobox is running PostgreSQL on {data_dir} (its lock file is held)")]
     Busy { data_dir: PathBuf },
     #[error(
@@ -228,6 +232,9 @@ pub fn libpq_env(config: &tokio_postgres::Config) -> Vec<(String, String)> {
     }
     if let Some(d) = config.get_dbname() {
         env.push(("PGDATABASE".into(), d.to_string()));
+    }
+    if let Some(o) = config.get_options().filter(|o| !o.is_empty()) {
+        env.push(("PGOPTIONS".into(), o.to_string()));
     }
     let ssl = match config.get_ssl_mode() {
         tokio_postgres::config::SslMode::Disable => "disable",
@@ -607,11 +614,19 @@ fn local_endpoint(
     }
 }
 
-/// regobox's superuser sessions resolve names in `pg_catalog` only (then `pg_temp`), whatever
-/// the database or a role says: objects the application made (an operator `public.=`, a
-/// function shadowing a built-in) are never run with the superuser's rights.
+/// regobox's superuser sessions are its own, whatever the application set on its database or
+/// role (client options win over those settings): names resolve in `pg_catalog` only (then
+/// `pg_temp`), so nothing the application defines (an operator `public.=`, a function
+/// shadowing a built-in) runs with the superuser's rights; no `role` or
+/// `session_authorization` turns them into another role; no read-only default or timeout
+/// stops regobox's bootstrap or backups.
 pub fn pin_search_path(config: &mut tokio_postgres::Config) {
-    config.options("-c search_path=pg_catalog,pg_temp");
+    let superuser = config.get_user().unwrap_or("postgres").to_string();
+    config.options(format!(
+        "-c search_path=pg_catalog,pg_temp -c role=none -c session_authorization={superuser} \
+         -c default_transaction_read_only=off -c statement_timeout=0 -c lock_timeout=0 \
+         -c idle_in_transaction_session_timeout=0"
+    ));
 }
 
 /// Wait until a real connection succeeds (as the superuser when known, else the application's
@@ -833,14 +848,30 @@ async fn bootstrap_part(
             }
             let mut in_app_db = su_config.clone();
             in_app_db.dbname(&pg.database);
-            let mut su_app = connect(&in_app_db)
+            let su_app = connect(&in_app_db)
                 .await
                 .map_err(|source| PostgresError::Sql {
                     what: format!("connecting to database `{}` as the superuser", pg.database),
                     source,
                 })?;
             bootstrap::extensions(&su_app, &pg.extensions).await?;
-            bootstrap::run_init_scripts(&mut su_app, &scripts, Some(&pg.user)).await?;
+            // regobox's bookkeeping is the superuser's; the scripts run in a session of the
+            // application role itself (no `SET ROLE` its code could undo).
+            bootstrap::bookkeeping(&su_app, Some(&pg.user)).await?;
+            drop(su_app);
+            if !scripts.is_empty() {
+                let mut app =
+                    connect(&endpoint.app)
+                        .await
+                        .map_err(|source| PostgresError::Sql {
+                            what: format!(
+                                "connecting to database `{}` as `{}`",
+                                pg.database, pg.user
+                            ),
+                            source,
+                        })?;
+                bootstrap::run_init_scripts(&mut app, &scripts).await?;
+            }
         }
         None if part == Bootstrap::Login => {}
         None => {
@@ -851,7 +882,10 @@ async fn bootstrap_part(
                     source,
                 })?;
             bootstrap::extensions(&client, &pg.extensions).await?;
-            bootstrap::run_init_scripts(&mut client, &scripts, None).await?;
+            if !scripts.is_empty() {
+                bootstrap::bookkeeping(&client, None).await?;
+            }
+            bootstrap::run_init_scripts(&mut client, &scripts).await?;
         }
     }
     Ok(())

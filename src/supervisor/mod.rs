@@ -802,8 +802,16 @@ async fn bring_up_database(
             let mut server = embedded.start(&pg.listen, Sink::Stdout, log)?;
             pg_tx.send_modify(|s| s.pid = Some(server.pid()));
             let endpoint = embedded.endpoint().clone();
-            postgres::wait_ready(Some(&mut server), &endpoint, pg.start_timeout).await?;
-            postgres::bootstrap(config, &endpoint, &loaded.dirs).await?;
+            let up = async {
+                postgres::wait_ready(Some(&mut server), &endpoint, pg.start_timeout).await?;
+                postgres::bootstrap(config, &endpoint, &loaded.dirs).await
+            }
+            .await;
+            if let Err(e) = up {
+                // Stopped before regobox ends: the next command finds no server still going.
+                let _ = server.stop(pg.stop_timeout, std::future::pending()).await;
+                return Err(e.into());
+            }
             ready(Some(server.pid()));
             Ok((
                 Database::Owned {

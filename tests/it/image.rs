@@ -201,6 +201,9 @@ impl Drop for Container {
 
 #[test]
 fn the_image_deploys_the_whole_thing() {
+    // A run killed before its clean-up left the demo's job image, which another instance may
+    // not move: remove it first.
+    let _ = docker(&["rmi", "regobox-demo/job:1"]);
     build_images();
     let size = docker_ok(&["image", "inspect", "-f", "{{.Size}}", "regobox:e2e"]);
     eprintln!(
@@ -267,7 +270,7 @@ fn the_image_deploys_the_whole_thing() {
     ]);
     let job: serde_json::Value = serde_json::from_str(&stdout(&out))
         .unwrap_or_else(|e| panic!("{e}: {}\n{}", stdout(&out), c.logs()));
-    assert_eq!(job["exit"], 0, "{job}");
+    assert_eq!(job["exit"], 0, "{job}\n{}", c.logs());
     assert_eq!(job["result"], "HELLO PIPELINE", "{job}");
     let on_host = volume.join(format!(
         "files/jobs/{}/result.txt",

@@ -291,3 +291,104 @@ fn a_password_changed_in_the_configuration_is_applied_and_logged() {
         "{log}"
     );
 }
+
+/// Attack (third attacker): the application makes regobox's bookkeeping schema before regobox
+/// does (with a trigger on its table); regobox refuses to write there, naming it, and nothing
+/// of the application runs as the superuser.
+#[test]
+fn the_application_cannot_take_regobox_bookkeeping() {
+    let a = Instance::new();
+    a.ok(&["init"]);
+    a.sql(
+        "CREATE SCHEMA regobox;
+         CREATE TABLE regobox.init_scripts(name text PRIMARY KEY, sha256 text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());
+         CREATE TABLE public.seen(who text);
+         CREATE FUNCTION public.spy() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN INSERT INTO public.seen VALUES (session_user); RETURN NEW; END $$;
+         CREATE TRIGGER spy BEFORE INSERT ON regobox.init_scripts FOR EACH ROW EXECUTE FUNCTION public.spy();",
+    );
+    a.config_file("initdb.d/10.sql", "CREATE TABLE later(x int);");
+    let out = a.output(&["init"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr(&out).contains("the schema regobox belongs to app, not to regobox's superuser"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(a.sql("SELECT count(*) FROM public.seen"), "0");
+    assert_eq!(
+        a.sql("SELECT rolsuper FROM pg_roles WHERE rolname = 'app'"),
+        "f"
+    );
+}
+
+/// Attack (third attacker): an init script reaching the application's code (a trigger on its
+/// table) runs in the application role's own session, so that code cannot `RESET ROLE` to the
+/// superuser: the session is the application's.
+#[test]
+fn init_scripts_run_in_the_applications_own_session() {
+    let a = Instance::new();
+    a.ok(&["init"]);
+    a.sql(
+        "CREATE TABLE public.t1(x int);
+         CREATE TABLE public.seen(who text, cur text);
+         CREATE FUNCTION public.spy() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN RESET ROLE; INSERT INTO public.seen VALUES (session_user, current_user); RETURN NEW; END $$;
+         CREATE TRIGGER spy BEFORE INSERT ON public.t1 FOR EACH ROW EXECUTE FUNCTION public.spy();",
+    );
+    a.config_file("initdb.d/02-seed.sql", "INSERT INTO t1 VALUES (2);");
+    a.ok(&["init"]);
+    assert_eq!(
+        a.sql("SELECT who || '/' || cur FROM public.seen"),
+        "app/app"
+    );
+    assert_eq!(
+        a.sql("SELECT name FROM regobox.init_scripts"),
+        "02-seed.sql"
+    );
+}
+
+/// Attack (third attacker): settings the application may put on its database (a read-only
+/// default, a `role`) do not stop regobox's bootstrap or backups, nor make them the
+/// application's.
+#[test]
+fn the_applications_database_settings_do_not_steer_regobox() {
+    let a = Instance::new();
+    a.config_file("initdb.d/01.sql", "CREATE TABLE t(x int);");
+    a.ok(&["init"]);
+    a.sql(
+        "ALTER DATABASE app SET default_transaction_read_only = on;
+         ALTER DATABASE app SET role = 'app';
+         ALTER DATABASE app SET statement_timeout = '1ms';",
+    );
+    a.config_file("initdb.d/02.sql", "SET default_transaction_read_only = off; SET statement_timeout = 0; INSERT INTO t VALUES (1);");
+    a.ok(&["init"]);
+    let out = a.ok(&["backup"]);
+    let archive = stdout(&out).trim().to_string();
+    a.ok(&["backup", "verify", &archive]);
+}
+
+/// Attack (third attacker): `password --reset` on a volume another regobox holds (and whose
+/// socket it cannot see) fails before it changes the secret.
+#[test]
+fn a_refused_password_reset_keeps_the_secret() {
+    let a = Instance::new();
+    let run = a.start();
+    let before = secret(&a, "postgres-password");
+    let out = a
+        .command(&["password", "--reset"])
+        .env("REGOBOX_RUNTIME_DIR", a.dir.path().join("elsewhere"))
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(stderr(&out).contains("a regobox holds"), "{}", stderr(&out));
+    assert_eq!(secret(&a, "postgres-password"), before);
+    let leftovers: Vec<_> = std::fs::read_dir(a.root.join("secrets"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(opens(&a, &before));
+    run.stop();
+}

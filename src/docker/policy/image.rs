@@ -163,6 +163,13 @@ mod tests {
     }
 
     #[test]
+    fn the_demo_import_is_allowed() {
+        let plan = check("fromSrc=-&repo=regobox-demo/job&tag=1").unwrap();
+        assert_eq!(plan.reference, "regobox-demo/job:1");
+        assert!(plan.import);
+    }
+
+    #[test]
     fn the_reference_the_engine_makes() {
         assert_eq!(
             check("fromImage=busybox&tag=1.36").unwrap().reference,
