@@ -667,12 +667,16 @@ pub fn start_order(services: &BTreeMap<String, ServiceConfig>) -> Result<Vec<Str
 pub struct VolumesConfig {
     /// The root of the data volume(s): `db/`, `secrets/`, `logs/`, `files/`, `backups/`.
     pub root: PathBuf,
+    /// Below this many free bytes on the volume, regobox warns and `/readyz` answers 503, and a
+    /// scheduled backup that would take it lower is not started.
+    pub min_free: u64,
 }
 
 impl Default for VolumesConfig {
     fn default() -> Self {
         VolumesConfig {
             root: PathBuf::from("/volumes"),
+            min_free: 1 << 30,
         }
     }
 }

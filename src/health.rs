@@ -84,6 +84,12 @@ fn route<B>(req: &Request<B>, board: &Board) -> Response<Full<Bytes>> {
                     format!("maintenance: {why}\n"),
                     "text/plain",
                 )
+            } else if let Some(v) = snap.volume.as_ref().filter(|v| v.low) {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: low space: {}\n", v.why()),
+                    "text/plain",
+                )
             } else {
                 let waiting: Vec<String> = snap
                     .services
@@ -176,6 +182,23 @@ pub fn metrics(snap: &Snapshot) -> String {
     }
     let _ = writeln!(out, "regobox_uptime_seconds {:.3}", snap.uptime_seconds);
     let _ = writeln!(out, "regobox_orphans_reaped_total {}", snap.orphans_reaped);
+    if let Some(v) = &snap.volume {
+        let _ = writeln!(
+            out,
+            "# HELP regobox_volume_free_bytes Bytes still writable on the data volume\n# TYPE regobox_volume_free_bytes gauge\nregobox_volume_free_bytes {}",
+            v.free_bytes
+        );
+        let _ = writeln!(
+            out,
+            "# HELP regobox_volume_size_bytes Size of the data volume\n# TYPE regobox_volume_size_bytes gauge\nregobox_volume_size_bytes {}",
+            v.size_bytes
+        );
+        let _ = writeln!(
+            out,
+            "# HELP regobox_volume_min_free_bytes volumes.min_free\n# TYPE regobox_volume_min_free_bytes gauge\nregobox_volume_min_free_bytes {}",
+            v.min_free_bytes
+        );
+    }
     let now = crate::supervisor::status::now_epoch();
     for s in &snap.services {
         let l = format!(

@@ -120,3 +120,14 @@ pub fn set_mode(path: &Path, mode: u32) -> Result<(), VolumeError> {
 pub fn sync_dir(path: &Path) -> io::Result<()> {
     std::fs::File::open(path)?.sync_all()
 }
+
+/// The space of the file system holding `path`: what an unprivileged writer may still write,
+/// and its size, in bytes.
+pub fn free_space(path: &Path) -> io::Result<(u64, u64)> {
+    let st = nix::sys::statvfs::statvfs(path).map_err(io::Error::from)?;
+    let block = st.fragment_size() as u64;
+    Ok((
+        (st.blocks_available() as u64).saturating_mul(block),
+        (st.blocks() as u64).saturating_mul(block),
+    ))
+}

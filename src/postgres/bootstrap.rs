@@ -302,7 +302,7 @@ pub async fn run_init_scripts(
         let digest = format!("{:x}", Sha256::digest(sql.as_bytes()));
         let recorded: Option<String> = client
             .query_opt(
-                "SELECT sha256 FROM regobox.init_scripts WHERE name = $1",
+                "SELECT sha256 FROM regobox.init_scripts WHERE name OPERATOR(pg_catalog.=) $1",
                 &[&name],
             )
             .await

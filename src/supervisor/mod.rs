@@ -260,7 +260,12 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
         ]
         .into_iter()
         .collect(),
+        volume: Some(status::VolumeWatch {
+            root: layout.root.clone(),
+            min_free: config.volumes.min_free,
+        }),
     });
+    tokio::spawn(watch_volume(board.clone()));
     let (control_tx, control_rx) = tokio::sync::mpsc::channel(1);
     let mut p = Persistent {
         signals,
@@ -613,6 +618,53 @@ async fn cycle(
     })
 }
 
+/// Log when the data volume's free space goes below `volumes.min_free`, and when it is back.
+async fn watch_volume(board: Arc<Board>) {
+    let Some(watch) = board.volume.clone() else {
+        return;
+    };
+    let mut low = false;
+    loop {
+        if let Some(v) = watch.measure() {
+            if v.low && !low {
+                tracing::warn!(
+                    "low space: {}; writes may soon fail, /readyz answers 503 until there is room",
+                    v.why()
+                );
+            } else if !v.low && low {
+                tracing::info!(path = %v.path.display(), free = %crate::backup::archive::bytes(v.free_bytes), "the data volume has room again");
+            }
+            low = v.low;
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+}
+
+/// Whether a scheduled backup fits: about the size of the last archive, with `volumes.min_free`
+/// left on the file system of the backups directory. Why not, if it does not.
+fn backup_fits(config: &Config, layout: &Layout) -> Result<(), String> {
+    let last = crate::backup::archives(&layout.backups)
+        .last()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let Ok((free, _)) = crate::volumes::free_space(&layout.backups) else {
+        return Ok(());
+    };
+    let needs = last.saturating_add(config.volumes.min_free);
+    if needs > free {
+        return Err(format!(
+            "scheduled backup not started: not enough space: needs {} (about the last archive, {}, with volumes.min_free, {}, left), {} free on {}",
+            crate::backup::archive::bytes(needs),
+            crate::backup::archive::bytes(last),
+            crate::backup::archive::bytes(config.volumes.min_free),
+            crate::backup::archive::bytes(free),
+            layout.backups.display()
+        ));
+    }
+    Ok(())
+}
+
 /// `backup.schedule`: archives taken through the running server, with retention.
 async fn scheduled_backups(
     config: Config,
@@ -633,6 +685,10 @@ async fn scheduled_backups(
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => return,
+        }
+        if let Err(why) = backup_fits(&config, &layout) {
+            tracing::error!("{why}");
+            continue;
         }
         let opts = crate::backup::CreateOptions {
             output: crate::backup::Output::Default,

@@ -99,6 +99,52 @@ pub struct Board {
     pub maintenance: watch::Receiver<Option<String>>,
     /// What the other components (the Docker bridge, the proxy) report, by name.
     pub components: BTreeMap<String, watch::Receiver<serde_json::Value>>,
+    /// The data volume whose free space is reported (and must stay above `min_free`).
+    pub volume: Option<VolumeWatch>,
+}
+
+/// The data volume and the free space it keeps.
+#[derive(Debug, Clone)]
+pub struct VolumeWatch {
+    pub root: std::path::PathBuf,
+    pub min_free: u64,
+}
+
+impl VolumeWatch {
+    /// The volume's space now (`None` if it cannot be read).
+    pub fn measure(&self) -> Option<VolumeSpace> {
+        let (free, size) = crate::volumes::free_space(&self.root).ok()?;
+        Some(VolumeSpace {
+            path: self.root.clone(),
+            free_bytes: free,
+            size_bytes: size,
+            min_free_bytes: self.min_free,
+            low: free < self.min_free,
+        })
+    }
+}
+
+/// The data volume's space, in `/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpace {
+    pub path: std::path::PathBuf,
+    pub free_bytes: u64,
+    pub size_bytes: u64,
+    pub min_free_bytes: u64,
+    /// Below `volumes.min_free`: not ready.
+    pub low: bool,
+}
+
+impl VolumeSpace {
+    /// Why the volume makes regobox not ready, for a person.
+    pub fn why(&self) -> String {
+        format!(
+            "the data volume {} has {} free, below volumes.min_free ({})",
+            self.path.display(),
+            crate::backup::archive::bytes(self.free_bytes),
+            crate::backup::archive::bytes(self.min_free_bytes)
+        )
+    }
 }
 
 /// The JSON of `/status`.
@@ -112,6 +158,8 @@ pub struct Snapshot {
     pub services: Vec<NamedStatus>,
     #[serde(default)]
     pub components: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    pub volume: Option<VolumeSpace>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -136,8 +184,10 @@ impl Board {
     }
 
     pub fn snapshot(&self) -> Snapshot {
+        let volume = self.volume.as_ref().and_then(VolumeWatch::measure);
         Snapshot {
-            ready: self.ready(),
+            ready: self.ready() && !volume.as_ref().is_some_and(|v| v.low),
+            volume,
             maintenance: self.maintenance.borrow().clone(),
             uptime_seconds: (now_epoch() - self.started_at).max(0.0),
             orphans_reaped: crate::process::orphans_reaped(),

@@ -802,10 +802,10 @@ fn a_link_inside_the_files_is_restored_as_a_link_and_never_followed() {
 }
 
 /// Mount a tmpfs of `size` at `at` for the life of the guard (root only).
-struct Tmpfs(PathBuf);
+pub(crate) struct Tmpfs(PathBuf);
 
 impl Tmpfs {
-    fn mount(at: &Path, size: &str) -> Tmpfs {
+    pub(crate) fn mount(at: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(at).unwrap();
         let out = Command::new("mount")
             .args([
@@ -951,7 +951,7 @@ fn a_refused_restore_costs_no_downtime() {
 }
 
 /// Run `sql` as the superuser on the running `inst` (its psql, over the Unix socket).
-fn superuser_sql(inst: &Instance, sql: &str) {
+pub(crate) fn superuser_sql(inst: &Instance, sql: &str) {
     let psql = std::fs::read_dir("/usr/lib/postgresql")
         .unwrap()
         .map(|e| e.unwrap().path().join("bin/psql"))

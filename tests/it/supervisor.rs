@@ -485,6 +485,8 @@ fn the_cron_command_runs_only_the_scheduler() {
             sh("date +%s >> \"$REGOBOX_FILES_DIR/ticks\"")
         ),
     );
+    // `cron` uses a database, never creates one.
+    inst.ok(&["init"]);
     let mut child = inst
         .command(&["cron"])
         .stdout(std::process::Stdio::null())
