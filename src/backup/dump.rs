@@ -175,7 +175,10 @@ pub fn parse_line(line: &str) -> Result<Option<Entry>, String> {
 /// What to do with a dump.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Load {
-    /// The `--use-list` for the application role's `pg_restore`.
+    /// The `--use-list` of the application role's first `pg_restore`: its schemas (where the
+    /// configured extensions go next).
+    pub schemas: String,
+    /// The `--use-list` of the application role's second `pg_restore`: everything else.
     pub list: String,
     /// Entries left to regobox (configured extensions, its own schema).
     pub own: Vec<Entry>,
@@ -198,6 +201,7 @@ pub struct Refusals(pub Vec<String>);
 
 /// Decide, entry by entry, what the application role loads (see the module documentation).
 pub fn judge(toc: &str, judge: &Judge<'_>) -> Result<Load, Refusals> {
+    let mut schemas = String::new();
     let mut list = String::new();
     let mut own = Vec::new();
     let mut refused = Vec::new();
@@ -252,11 +256,17 @@ pub fn judge(toc: &str, judge: &Judge<'_>) -> Result<Load, Refusals> {
             ));
             continue;
         }
-        list.push_str(&entry.line);
-        list.push('\n');
+        let to = if entry.kind == "SCHEMA" {
+            &mut schemas
+        } else {
+            &mut list
+        };
+        to.push_str(&entry.line);
+        to.push('\n');
     }
     if refused.is_empty() {
         Ok(Load {
+            schemas,
             list,
             own,
             init_scripts_rows,
@@ -266,11 +276,21 @@ pub fn judge(toc: &str, judge: &Judge<'_>) -> Result<Load, Refusals> {
     }
 }
 
+/// regobox's own entries, exactly as regobox makes them (the schema, its table and the
+/// table's key, data and grants): anything else, whatever its name looks like, is the
+/// application's and is loaded (never dropped).
 fn is_own_schema(e: &Entry) -> bool {
-    e.schema == OWN_SCHEMA
-        || (e.kind == "SCHEMA" && e.name == OWN_SCHEMA)
-        || (matches!(e.kind.as_str(), "ACL" | "COMMENT")
-            && e.name == format!("SCHEMA {OWN_SCHEMA}"))
+    let (schema, name) = (e.schema.as_str(), e.name.as_str());
+    match e.kind.as_str() {
+        "SCHEMA" => schema == "-" && name == OWN_SCHEMA,
+        "TABLE" | "TABLE DATA" => schema == OWN_SCHEMA && name == "init_scripts",
+        "CONSTRAINT" => schema == OWN_SCHEMA && name == "init_scripts init_scripts_pkey",
+        "ACL" | "COMMENT" => {
+            (schema == "-" && name == format!("SCHEMA {OWN_SCHEMA}"))
+                || (schema == OWN_SCHEMA && name == "TABLE init_scripts")
+        }
+        _ => false,
+    }
 }
 
 fn is_extension_comment(e: &Entry) -> bool {
@@ -283,6 +303,17 @@ fn unquote(s: &str) -> String {
         Some(inner) => inner.replace("\"\"", "\""),
         None => s.to_string(),
     }
+}
+
+/// The schema of `CREATE EXTENSION IF NOT EXISTS <name> WITH SCHEMA <schema>;` in `sql` (what
+/// `pg_restore --file=-` prints for an extension entry).
+pub fn extension_schema(sql: &str) -> Option<String> {
+    sql.lines().find_map(|line| {
+        let rest = line.strip_prefix("CREATE EXTENSION IF NOT EXISTS ")?;
+        let (_, schema) = rest.split_once(" WITH SCHEMA ")?;
+        let schema = schema.strip_suffix(';')?;
+        Some(unquote(schema))
+    })
 }
 
 /// The rows of a `COPY ... FROM stdin;` block in PostgreSQL's text format: fields split on
@@ -405,6 +436,12 @@ mod tests {
         let load = judge_with(TOC, &["uuid-ossp"]).unwrap();
         let loaded: Vec<&str> = load.list.lines().collect();
         assert_eq!(loaded.len(), 5, "{loaded:?}");
+        assert_eq!(
+            extension_schema(
+                "SET x;\nCREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" WITH SCHEMA s3;\n"
+            ),
+            Some("s3".into())
+        );
         assert!(loaded.iter().all(|l| l.ends_with(" app")), "{loaded:?}");
         assert_eq!(load.own.len(), 7);
         assert!(load.init_scripts_rows);
@@ -439,6 +476,32 @@ mod tests {
             assert!(joined.contains(expect), "{expect:?} in\n{joined}");
         }
         assert_eq!(why.len(), 8, "{joined}");
+    }
+
+    #[test]
+    fn only_regobox_own_entries_are_its_own() {
+        // A schema "regobox " (trailing space) prints as "regobox  init_scripts": the
+        // application's, loaded.
+        let toc = "\
+214; 1259 16386 TABLE regobox  init_scripts app
+3358; 0 16386 TABLE DATA regobox  init_scripts app
+6; 2615 16385 SCHEMA - regobox  app
+215; 1259 16390 TABLE regobox other postgres
+";
+        let load = judge_with(toc, &[]);
+        let Err(Refusals(why)) = load else {
+            panic!("{load:?}")
+        };
+        assert_eq!(why.len(), 1, "{why:?}");
+        assert!(
+            why[0].starts_with("TABLE regobox.other (owned by postgres"),
+            "{why:?}"
+        );
+        let three: Vec<&str> = toc.lines().take(3).collect();
+        let load = judge_with(&three.join("\n"), &[]).unwrap();
+        assert_eq!(load.list.lines().count() + load.schemas.lines().count(), 3);
+        assert!(load.own.is_empty());
+        assert!(!load.init_scripts_rows);
     }
 
     #[test]

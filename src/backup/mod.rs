@@ -927,39 +927,43 @@ impl Build {
                 .await?;
             }
         }
-        // regobox's part, as the superuser: the configured extensions, its own bookkeeping.
-        bootstrap::extensions(&su, &pg.extensions).await?;
-        if load.init_scripts_rows {
-            self.restore_init_scripts(binaries, dump, &load, &su, &pg.user)
-                .await?;
+        tracing::info!(role = %pg.user, "restoring the database as the application role");
+        let mut app = su_db.clone();
+        app.user(&pg.user).options("");
+        // The application's schemas first, then regobox's part as the superuser (the
+        // configured extensions, each in the schema the dump puts it in; its bookkeeping), then
+        // everything else.
+        let out = self
+            .pg_restore_as(binaries, dump, &app, "schemas", &load.schemas, 1)
+            .await?;
+        if out.status.success() {
+            for name in &pg.extensions {
+                let schema = match load
+                    .own
+                    .iter()
+                    .find(|e| e.kind == "EXTENSION" && e.name == *name)
+                {
+                    Some(entry) => self.extension_schema(binaries, dump, entry).await?,
+                    None => "public".to_string(),
+                };
+                bootstrap::extension(&su, name, &schema).await?;
+            }
+            if load.init_scripts_rows {
+                self.restore_init_scripts(binaries, dump, &load, &su, &pg.user)
+                    .await?;
+            }
         }
         drop(su);
-        tracing::info!(role = %pg.user, "restoring the database as the application role");
-        let list = self.socket_dir.join("restore.list");
-        std::fs::write(&list, &load.list).with_context(|| format!("writing {}", list.display()))?;
         let jobs = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2)
             .max(2);
-        let mut app = su_db.clone();
-        app.user(&pg.user).options("");
-        let mut cmd = std::process::Command::new(binaries.path("pg_restore"));
-        cmd.args([
-            "--exit-on-error",
-            "--no-password",
-            "--no-owner",
-            "--dbname",
-            &pg.database,
-        ])
-        .arg(format!("--jobs={jobs}"))
-        .arg("--use-list")
-        .arg(&list)
-        .arg(dump)
-        .env_clear()
-        .envs(libpq_env(&app));
-        let out = crate::process::output(&mut cmd)
-            .await
-            .context("running pg_restore")?;
+        let out = if out.status.success() {
+            self.pg_restore_as(binaries, dump, &app, "restore", &load.list, jobs)
+                .await?
+        } else {
+            out
+        };
         if !out.status.success() {
             let text = String::from_utf8_lossy(&out.stderr);
             let full = [
@@ -1021,6 +1025,62 @@ impl Build {
             }
             .into())
         }
+    }
+
+    /// `pg_restore` of the entries of `list` (named `name`) as `app`, with `jobs` workers.
+    async fn pg_restore_as(
+        &self,
+        binaries: &Binaries,
+        dump: &Path,
+        app: &tokio_postgres::Config,
+        name: &str,
+        list: &str,
+        jobs: usize,
+    ) -> anyhow::Result<crate::process::Output> {
+        let path = self.socket_dir.join(format!("{name}.list"));
+        std::fs::write(&path, list).with_context(|| format!("writing {}", path.display()))?;
+        let mut cmd = std::process::Command::new(binaries.path("pg_restore"));
+        cmd.args(["--exit-on-error", "--no-password", "--no-owner"])
+            .arg(format!("--jobs={jobs}"))
+            .arg("--use-list")
+            .arg(&path)
+            .arg("--dbname")
+            .arg(app.get_dbname().unwrap_or_default())
+            .arg(dump)
+            .env_clear()
+            .envs(libpq_env(app));
+        crate::process::output(&mut cmd)
+            .await
+            .context("running pg_restore")
+    }
+
+    /// The schema the dump creates the extension of `entry` in.
+    async fn extension_schema(
+        &self,
+        binaries: &Binaries,
+        dump: &Path,
+        entry: &dump::Entry,
+    ) -> anyhow::Result<String> {
+        let list = self.socket_dir.join("extension.list");
+        std::fs::write(&list, format!("{}\n", entry.line))
+            .with_context(|| format!("writing {}", list.display()))?;
+        let sql = pg_restore_text(
+            binaries,
+            &[
+                OsStr::new("--file=-"),
+                OsStr::new("--use-list"),
+                list.as_os_str(),
+                dump.as_os_str(),
+            ],
+        )
+        .await?;
+        dump::extension_schema(&sql).ok_or_else(|| {
+            anyhow::anyhow!(
+                "cannot read the schema of extension {} in the dump: {}",
+                entry.name,
+                sql.trim()
+            )
+        })
     }
 
     /// Rebuild `regobox.init_scripts` from regobox's own definition and copy the dump's rows

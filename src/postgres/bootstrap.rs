@@ -171,6 +171,31 @@ pub async fn role_and_database(
         }
         Some(_) => {}
     }
+    // Its owner may close it to connections (regobox's included) or make it a template: put
+    // back, logged, so that regobox can start and back it up.
+    let row = su
+        .query_one(
+            "SELECT datallowconn, datconnlimit, datistemplate FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) $1",
+            &[&database],
+        )
+        .await
+        .map_err(db_err("reading the application database's flags"))?;
+    let (allow, limit, template): (bool, i32, bool) = (row.get(0), row.get(1), row.get(2));
+    if (allow, limit, template) != (true, -1, false) {
+        su.batch_execute(&format!(
+            "ALTER DATABASE {} WITH ALLOW_CONNECTIONS true CONNECTION LIMIT -1 IS_TEMPLATE false",
+            quote_ident(database)
+        ))
+        .await
+        .map_err(db_err(format!("reopening database `{database}`")))?;
+        tracing::warn!(
+            database,
+            allow_connections = allow,
+            connection_limit = limit,
+            is_template = template,
+            "repaired the application database's flags (it must accept connections)"
+        );
+    }
     Ok(())
 }
 
@@ -197,23 +222,29 @@ async fn opens(login: &tokio_postgres::Config, password: &str) -> Result<bool, P
     }
 }
 
-/// Create the configured extensions in the database `client` is connected to.
+/// Create the configured extensions in the database `client` is connected to (in `public`).
 pub async fn extensions(client: &Client, names: &[String]) -> Result<(), PostgresError> {
     for name in names {
-        client
-            .batch_execute(&format!(
-                "CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA public",
-                quote_ident(name)
-            ))
-            .await
-            .map_err(|source| PostgresError::Sql {
-                what: format!(
-                    "creating extension `{name}` (postgres.extensions; is the package that provides it installed, e.g. postgresql-contrib?)"
-                ),
-                source,
-            })?;
+        extension(client, name, "public").await?;
     }
     Ok(())
+}
+
+/// Create the extension `name` in `schema` if it does not exist.
+pub async fn extension(client: &Client, name: &str, schema: &str) -> Result<(), PostgresError> {
+    client
+        .batch_execute(&format!(
+            "CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA {}",
+            quote_ident(name),
+            quote_ident(schema)
+        ))
+        .await
+        .map_err(|source| PostgresError::Sql {
+            what: format!(
+                "creating extension `{name}` (postgres.extensions; is the package that provides it installed, e.g. postgresql-contrib?)"
+            ),
+            source,
+        })
 }
 
 /// The init scripts of the configuration directories, in file-name order; for the same name in

@@ -1364,3 +1364,36 @@ fn a_name_that_is_not_utf8_is_left_out_and_the_backup_restores() {
     );
     assert_eq!(std::fs::read_dir(b.root.join("files")).unwrap().count(), 1);
 }
+
+/// Attack (fourth attacker): names that look like regobox's own (a schema `"regobox "`) are
+/// the application's, restored with their rows; a configured extension the dump puts in
+/// another schema is created there, and what uses it restores.
+#[test]
+fn look_alike_names_and_moved_extensions_restore() {
+    let a = Instance::new();
+    a.config_file("50.toml", "[postgres]\nextensions = [\"uuid-ossp\"]\n");
+    a.ok(&["init"]);
+    a.sql(
+        "CREATE SCHEMA \"regobox \";
+         CREATE TABLE \"regobox \".init_scripts(name text PRIMARY KEY, sha256 text);
+         INSERT INTO \"regobox \".init_scripts VALUES ('mine', 'kept');
+         CREATE SCHEMA s3;",
+    );
+    let run = a.start();
+    superuser_sql(&a, "ALTER EXTENSION \"uuid-ossp\" SET SCHEMA s3");
+    run.stop();
+    a.sql(
+        "CREATE TABLE public.runs(id uuid PRIMARY KEY DEFAULT s3.uuid_generate_v4(), n int);
+         INSERT INTO public.runs(n) VALUES (1);",
+    );
+    let archive = backup(&a);
+    let b = Instance::new();
+    b.config_file("50.toml", "[postgres]\nextensions = [\"uuid-ossp\"]\n");
+    b.ok(&["restore", archive.to_str().unwrap()]);
+    assert_eq!(
+        b.sql("SELECT name || '=' || sha256 FROM \"regobox \".init_scripts"),
+        "mine=kept"
+    );
+    b.sql("INSERT INTO public.runs(n) VALUES (2)");
+    assert_eq!(b.sql("SELECT count(*) FROM public.runs"), "2");
+}

@@ -449,3 +449,26 @@ fn low_space_on_the_volume_is_reported_and_makes_regobox_not_ready() {
     run.wait_for_log("the data volume has room again", Duration::from_secs(30));
     run.stop();
 }
+
+/// Attack (fourth attacker): the application closes its own database to connections (it owns
+/// it); regobox reopens it at the next start, saying so, and backs it up.
+#[test]
+fn a_database_closed_by_the_application_is_reopened() {
+    let a = Instance::new();
+    a.ok(&["init"]);
+    a.ok(&[
+        "psql",
+        "-d",
+        "postgres",
+        "-c",
+        "ALTER DATABASE app WITH ALLOW_CONNECTIONS false CONNECTION LIMIT 0",
+    ]);
+    let out = a.ok(&["init"]);
+    assert!(
+        stderr(&out).contains("repaired the application database's flags"),
+        "{}",
+        stderr(&out)
+    );
+    a.ok(&["backup"]);
+    assert_eq!(a.sql("SELECT 1"), "1");
+}
