@@ -94,6 +94,26 @@ pub fn fault(point: &str) {
     }
 }
 
+/// A backup that ran out of space says so, with the directory and what is free there now
+/// (its work directory and partial archive are already removed).
+fn out_of_space(e: anyhow::Error, dir: &Path) -> anyhow::Error {
+    let full = e.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
+            || c.to_string().contains("No space left on device")
+    });
+    if !full {
+        return e;
+    }
+    let free = crate::volumes::free_space(dir)
+        .map(|(f, _)| archive::bytes(f))
+        .unwrap_or_else(|_| "?".into());
+    anyhow::anyhow!(
+        "not enough space: the backup ran out of space in {} ({free} free once its partial files were removed): {e:#}",
+        dir.display()
+    )
+}
+
 /// Where `regobox backup` writes.
 #[derive(Debug, Clone)]
 pub enum Output {
@@ -289,7 +309,7 @@ pub async fn create(
     )?;
     let result = create_in(config, layout, config_dirs, endpoint, opts, &work.dir, &id).await;
     drop(work);
-    let written = result?;
+    let written = result.map_err(|e| out_of_space(e, &layout.backups))?;
     tracing::info!(
         path = %written.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "stdout".into()),
         elapsed_ms = started.elapsed().as_millis() as u64,

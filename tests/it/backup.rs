@@ -1397,3 +1397,41 @@ fn look_alike_names_and_moved_extensions_restore() {
     b.sql("INSERT INTO public.runs(n) VALUES (2)");
     assert_eq!(b.sql("SELECT count(*) FROM public.runs"), "2");
 }
+
+/// Point 13 (in part): a backup that runs out of space says so, naming the directory, and
+/// leaves nothing behind.
+#[test]
+fn a_backup_that_runs_out_of_space_says_so_and_leaves_nothing() {
+    if !is_root() {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let mut a = Instance::new();
+    let small = a.dir.path().join("small-backups");
+    let _tmpfs = Tmpfs::mount(&small, "2m");
+    a.env
+        .push(("REGOBOX_BACKUP__DIR".into(), small.display().to_string()));
+    a.ok(&["init"]);
+    let mut random = vec![0u8; 8 << 20];
+    use std::io::Read as _;
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut random)
+        .unwrap();
+    std::fs::write(a.root.join("files/random.bin"), random).unwrap();
+    let out = a.output(&["backup"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "not enough space: the backup ran out of space in {}",
+            small.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_dir(&small).unwrap().count(),
+        0,
+        "nothing left"
+    );
+}
