@@ -55,17 +55,27 @@ impl SecretStore {
     /// place (once the cluster has it), dropping it leaves the old one (`regobox password
     /// --reset`).
     pub fn stage(&self, name: &str) -> Result<Staged, SecretError> {
-        let path = self.path(name);
-        let io_err = |source| SecretError::Io {
-            path: path.clone(),
-            source,
-        };
+        let (value, tmp) = self.write_new(name)?;
+        Ok(Staged {
+            value,
+            tmp: Some(tmp),
+            path: self.path(name),
+        })
+    }
+
+    /// A new random value for `name`, written and synced beside it (mode 0600): the value and
+    /// the temporary file, which the caller puts in place or removes.
+    fn write_new(&self, name: &str) -> Result<(String, PathBuf), SecretError> {
         let value: String = rand::rng()
             .sample_iter(&Alphanumeric)
             .take(GENERATED_LEN)
             .map(char::from)
             .collect();
         let tmp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
+        let io_err = |source| SecretError::Io {
+            path: tmp.clone(),
+            source,
+        };
         let _ = std::fs::remove_file(&tmp);
         let mut file = std::fs::OpenOptions::new()
             .write(true)
@@ -75,12 +85,7 @@ impl SecretStore {
             .map_err(io_err)?;
         file.write_all(value.as_bytes()).map_err(io_err)?;
         file.sync_all().map_err(io_err)?;
-        drop(file);
-        Ok(Staged {
-            value,
-            tmp: Some(tmp),
-            path,
-        })
+        Ok((value, tmp))
     }
 
     /// The secret `name`, if it exists (never generated).
@@ -94,26 +99,11 @@ impl SecretStore {
         if let Some(value) = self.read(&path)? {
             return Ok(value);
         }
-        let value: String = rand::rng()
-            .sample_iter(&Alphanumeric)
-            .take(GENERATED_LEN)
-            .map(char::from)
-            .collect();
+        let (value, tmp) = self.write_new(name)?;
         let io_err = |source| SecretError::Io {
             path: path.clone(),
             source,
         };
-        let tmp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err)?;
-        file.write_all(value.as_bytes()).map_err(io_err)?;
-        file.sync_all().map_err(io_err)?;
-        drop(file);
         let linked = std::fs::hard_link(&tmp, &path);
         let _ = std::fs::remove_file(&tmp);
         match linked {

@@ -693,7 +693,7 @@ fn read(
                     "the first member is {path}, not {HEADER}"
                 )));
             }
-            if seen.contains_key(&path) || path == MANIFEST && manifest.is_some() {
+            if seen.contains_key(&path) {
                 return Err(ArchiveError::Corrupt(format!(
                     "member {path} appears twice"
                 )));

@@ -203,17 +203,12 @@ pub fn rules(config: &Config, layout: &Layout) -> archive::Rules {
 /// that file system's identity and size.
 fn space(path: &Path) -> anyhow::Result<Space> {
     use std::os::unix::fs::MetadataExt;
-    let st = nix::sys::statvfs::statvfs(path)
+    let (free, size) = crate::volumes::free_space(path)
         .with_context(|| format!("reading the free space of {}", path.display()))?;
     let dev = std::fs::metadata(path)
         .with_context(|| format!("reading {}", path.display()))?
         .dev();
-    let block = st.fragment_size() as u64;
-    Ok(Space {
-        free: (st.blocks_available() as u64).saturating_mul(block),
-        size: (st.blocks() as u64).saturating_mul(block),
-        dev,
-    })
+    Ok(Space { free, size, dev })
 }
 
 struct Space {
@@ -869,7 +864,7 @@ impl Build {
             .user(&pg.superuser)
             .password(&temporary)
             .dbname("postgres");
-        postgres::pin_search_path(&mut su);
+        postgres::pin_superuser_session(&mut su);
         let endpoint = Endpoint {
             superuser: Some(su.clone()),
             app: su.clone(),
@@ -1074,17 +1069,17 @@ impl Build {
             .context("running pg_restore")
     }
 
-    /// The schema the dump creates the extension of `entry` in.
-    async fn extension_schema(
+    /// The SQL the dump holds for `entry` alone (`pg_restore --file=-`, read, never run).
+    async fn entry_sql(
         &self,
         binaries: &Binaries,
         dump: &Path,
         entry: &dump::Entry,
     ) -> anyhow::Result<String> {
-        let list = self.socket_dir.join("extension.list");
+        let list = self.socket_dir.join("entry.list");
         std::fs::write(&list, format!("{}\n", entry.line))
             .with_context(|| format!("writing {}", list.display()))?;
-        let sql = pg_restore_text(
+        pg_restore_text(
             binaries,
             &[
                 OsStr::new("--file=-"),
@@ -1093,7 +1088,17 @@ impl Build {
                 dump.as_os_str(),
             ],
         )
-        .await?;
+        .await
+    }
+
+    /// The schema the dump creates the extension of `entry` in.
+    async fn extension_schema(
+        &self,
+        binaries: &Binaries,
+        dump: &Path,
+        entry: &dump::Entry,
+    ) -> anyhow::Result<String> {
+        let sql = self.entry_sql(binaries, dump, entry).await?;
         dump::extension_schema(&sql).ok_or_else(|| {
             anyhow::anyhow!(
                 "cannot read the schema of extension {} in the dump: {}",
@@ -1120,19 +1125,7 @@ impl Build {
         else {
             return Ok(());
         };
-        let list = self.socket_dir.join("init_scripts.list");
-        std::fs::write(&list, format!("{}\n", entry.line))
-            .with_context(|| format!("writing {}", list.display()))?;
-        let sql = pg_restore_text(
-            binaries,
-            &[
-                OsStr::new("--file=-"),
-                OsStr::new("--use-list"),
-                list.as_os_str(),
-                dump.as_os_str(),
-            ],
-        )
-        .await?;
+        let sql = self.entry_sql(binaries, dump, entry).await?;
         let rows = dump::copy_rows(&sql)
             .map_err(|e| anyhow::anyhow!("regobox.init_scripts in the dump: {e}"))?;
         bootstrap::bookkeeping(su, Some(role)).await?;

@@ -606,7 +606,7 @@ fn local_endpoint(
         c
     };
     let mut superuser = base(&pg.superuser, superuser_password, "postgres");
-    pin_search_path(&mut superuser);
+    pin_superuser_session(&mut superuser);
     Endpoint {
         superuser: Some(superuser),
         app: base(&pg.user, app_password, &pg.database),
@@ -620,7 +620,7 @@ fn local_endpoint(
 /// shadowing a built-in) runs with the superuser's rights; no `role` or
 /// `session_authorization` turns them into another role; no read-only default or timeout
 /// stops regobox's bootstrap or backups.
-pub fn pin_search_path(config: &mut tokio_postgres::Config) {
+pub fn pin_superuser_session(config: &mut tokio_postgres::Config) {
     let superuser = config.get_user().unwrap_or("postgres").to_string();
     config.options(format!(
         "-c search_path=pg_catalog,pg_temp -c role=none -c session_authorization={superuser} \

@@ -566,25 +566,16 @@ fn a_restore_through_the_running_regobox_stops_restores_and_restarts() {
 /// Rewrite `src` into `dst` as an attacker would (`tests/fixtures/craft_archive.py`: `edit` is
 /// Python over `members`), with a manifest that matches what the archive then holds.
 fn craft(src: &Path, dst: &Path, edit: &str) {
-    let mut child = Command::new("python3")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/craft_archive.py"
-        ))
-        .arg(src)
-        .arg(dst)
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write as _;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(edit.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = output_with_stdin(
+        Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/craft_archive.py"
+            ))
+            .arg(src)
+            .arg(dst),
+        edit.as_bytes(),
+    );
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
@@ -952,11 +943,7 @@ fn a_refused_restore_costs_no_downtime() {
 
 /// Run `sql` as the superuser on the running `inst` (its psql, over the Unix socket).
 pub(crate) fn superuser_sql(inst: &Instance, sql: &str) {
-    let psql = std::fs::read_dir("/usr/lib/postgresql")
-        .unwrap()
-        .map(|e| e.unwrap().path().join("bin/psql"))
-        .find(|p| p.exists())
-        .expect("a psql in /usr/lib/postgresql");
+    let psql = psql_binary();
     let password = std::fs::read_to_string(inst.secret("postgres-superuser-password")).unwrap();
     let out = Command::new(psql)
         .args(["-XtAq", "-v", "ON_ERROR_STOP=1", "-h"])

@@ -514,21 +514,10 @@ fn shell_reads_commands_with_the_app_environment() {
     inst.config_file("50.toml", "[app.env]\nGREETING = \"bonjour\"\n");
     // `shell` uses a database, never creates one.
     inst.ok(&["init"]);
-    let mut child = inst
-        .command(&["shell"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"echo \"$GREETING $PGUSER@$PGDATABASE\"\nexit 4\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = output_with_stdin(
+        &mut inst.command(&["shell"]),
+        b"echo \"$GREETING $PGUSER@$PGDATABASE\"\nexit 4\n",
+    );
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     assert!(stdout(&out).contains("bonjour app@app"), "{}", stdout(&out));
 }

@@ -473,3 +473,25 @@ pub fn curl(ca: &Path, ports: &[u16], args: &[&str]) -> Output {
     }
     cmd.args(args).stdin(Stdio::null()).output().unwrap()
 }
+
+/// The `psql` of the installed PostgreSQL (for tests that connect as a role regobox does not).
+pub fn psql_binary() -> PathBuf {
+    std::fs::read_dir("/usr/lib/postgresql")
+        .unwrap()
+        .map(|e| e.unwrap().path().join("bin/psql"))
+        .find(|p| p.exists())
+        .expect("a psql in /usr/lib/postgresql")
+}
+
+/// Run `cmd` with `input` on its standard input; its output.
+pub fn output_with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
+    use std::io::Write as _;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}

@@ -189,12 +189,7 @@ fn commands_that_use_a_database_never_create_one() {
 
 /// Whether `password` opens the application role on the running `inst` (psql over the socket).
 fn opens(inst: &Instance, password: &str) -> bool {
-    let psql = std::fs::read_dir("/usr/lib/postgresql")
-        .unwrap()
-        .map(|e| e.unwrap().path().join("bin/psql"))
-        .find(|p| p.exists())
-        .expect("a psql in /usr/lib/postgresql");
-    std::process::Command::new(psql)
+    std::process::Command::new(psql_binary())
         .args(["-XtAq", "-c", "SELECT 1", "-h"])
         .arg(inst.runtime.join("postgresql"))
         .args(["-p", &inst.port.to_string(), "-U", "app", "-d", "app"])
