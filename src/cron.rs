@@ -132,7 +132,7 @@ async fn run_once(
         }
     };
     tracing::info!(job = %job.name, pid = child.pid(), "cron job started");
-    let mut logs = match Forwarders::start(&mut child, &label, Sink::Stdout, None) {
+    let mut logs = match Forwarders::start(&mut child, &label, Sink::Stdout, None, None) {
         Ok(f) => f,
         Err(e) => {
             tracing::warn!(job = %job.name, error = %e, "cannot forward the job's output");

@@ -34,6 +34,30 @@ fn bracket(host: &str) -> String {
     }
 }
 
+/// Every reason why `snap` is not ready, for a person: maintenance, low space, and each
+/// essential service that is not ready, with what it is doing.
+fn not_ready(snap: &Snapshot) -> String {
+    if let Some(why) = &snap.maintenance {
+        return format!("maintenance: {why}");
+    }
+    let mut reasons = Vec::new();
+    if let Some(v) = snap.volume.as_ref().filter(|v| v.low) {
+        reasons.push(format!("low space: {}", v.why()));
+    }
+    for s in snap
+        .services
+        .iter()
+        .filter(|s| s.essential && !s.status.state.is_ready())
+    {
+        let state = format!("{:?}", s.status.state).to_lowercase();
+        reasons.push(match &s.status.detail {
+            Some(detail) => format!("{} ({state}: {detail})", s.name),
+            None => format!("{} ({state})", s.name),
+        });
+    }
+    format!("not ready: {}", reasons.join("; "))
+}
+
 /// Serve until `shutdown`.
 pub async fn serve(listener: TcpListener, board: Arc<Board>, shutdown: CancellationToken) {
     loop {
@@ -78,28 +102,10 @@ fn route<B>(req: &Request<B>, board: &Board) -> Response<Full<Bytes>> {
             let snap = board.snapshot();
             if snap.ready {
                 text(StatusCode::OK, "ready\n".into(), "text/plain")
-            } else if let Some(why) = &snap.maintenance {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("maintenance: {why}\n"),
-                    "text/plain",
-                )
-            } else if let Some(v) = snap.volume.as_ref().filter(|v| v.low) {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: low space: {}\n", v.why()),
-                    "text/plain",
-                )
             } else {
-                let waiting: Vec<String> = snap
-                    .services
-                    .iter()
-                    .filter(|s| s.essential && !s.status.state.is_ready())
-                    .map(|s| format!("{} ({:?})", s.name, s.status.state).to_lowercase())
-                    .collect();
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: {}\n", waiting.join(", ")),
+                    format!("{}\n", not_ready(&snap)),
                     "text/plain",
                 )
             }

@@ -56,6 +56,10 @@ pub struct LogFile {
 /// A log file shared by the forwarders of one child's stdout and stderr.
 pub type SharedLogFile = Arc<Mutex<LogFile>>;
 
+/// Shown each line a child writes, after it is forwarded (regobox reads PostgreSQL's output for
+/// the writes that fail for lack of space).
+pub type Observer = Arc<dyn Fn(&str) + Send + Sync>;
+
 impl LogFile {
     /// Open (append) `<dir>/<name>.log`.
     pub fn open(dir: &Path, name: &str, max_bytes: u64, keep: u32) -> io::Result<SharedLogFile> {
@@ -111,13 +115,14 @@ impl LogFile {
 }
 
 /// Where one stream of one child goes.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Target {
     pub name: String,
     /// `stdout` or `stderr`.
     pub stream: &'static str,
     pub sink: Sink,
     pub file: Option<SharedLogFile>,
+    pub observer: Option<Observer>,
 }
 
 /// How long to wait for the last lines of an exited child (a process it left behind could keep
@@ -135,6 +140,7 @@ impl Forwarders {
         name: &str,
         sink: Sink,
         file: Option<SharedLogFile>,
+        observer: Option<Observer>,
     ) -> io::Result<Forwarders> {
         let mut tasks = Vec::new();
         for (stream, pipe) in [
@@ -153,6 +159,7 @@ impl Forwarders {
                     stream,
                     sink,
                     file: file.clone(),
+                    observer: observer.clone(),
                 };
                 let reader = crate::process::async_pipe(pipe)?;
                 tasks.push(tokio::spawn(forward(target, reader)));
@@ -234,6 +241,9 @@ fn emit(target: &Target, line: &[u8]) {
             .unwrap_or_else(|e| e.into_inner())
             .write_line(&stamped);
     }
+    if let Some(observe) = &target.observer {
+        observe(text);
+    }
 }
 
 #[cfg(test)]
@@ -251,6 +261,7 @@ mod tests {
             stream: "stdout",
             sink: Sink::Stderr,
             file: Some(file),
+            observer: None,
         };
         forward(target, &input[..]).await;
         let text = std::fs::read_to_string(dir.path().join("svc.log")).unwrap();

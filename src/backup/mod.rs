@@ -853,11 +853,19 @@ impl Build {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        let mut server = Server::spawn(binaries, data_dir, account, &params, Sink::Stderr, None)
-            .map_err(|source| PostgresError::Io {
-                path: binaries.path("postgres"),
-                source,
-            })?;
+        let mut server = Server::spawn(
+            binaries,
+            data_dir,
+            account,
+            &params,
+            Sink::Stderr,
+            None,
+            None,
+        )
+        .map_err(|source| PostgresError::Io {
+            path: binaries.path("postgres"),
+            source,
+        })?;
         let mut su = tokio_postgres::Config::new();
         su.host_path(socket_dir)
             .port(pg.port)

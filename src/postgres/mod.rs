@@ -23,7 +23,7 @@ use tokio_postgres::config::Host;
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::{Config, PostgresMode};
-use crate::logs::{SharedLogFile, Sink};
+use crate::logs::{Observer, SharedLogFile, Sink};
 use crate::secrets::{SecretError, SecretStore};
 use crate::users::{Account, UserError};
 use crate::volumes::{VolumeError, ensure_dir};
@@ -404,6 +404,7 @@ impl Embedded {
         listen: &str,
         sink: Sink,
         file: Option<SharedLogFile>,
+        observer: Option<Observer>,
     ) -> Result<Server, PostgresError> {
         let auth = self.write_hba(listen)?;
         // A socket lock file left by a killed server would make the new one refuse to start;
@@ -443,6 +444,7 @@ impl Embedded {
             &params,
             sink,
             file,
+            observer,
         )
         .map_err(|source| PostgresError::Io {
             path: self.binaries.path("postgres"),
@@ -690,7 +692,7 @@ pub async fn set_app_password(
     let (endpoint, mut temporary) = match Embedded::open(config, secrets, false).await? {
         Opened::Busy(endpoint) => (endpoint, None),
         Opened::Owned(embedded) => {
-            let server = embedded.start("", Sink::Stderr, None)?;
+            let server = embedded.start("", Sink::Stderr, None, None)?;
             let endpoint = embedded.endpoint().clone();
             (endpoint, Some((embedded, server)))
         }
@@ -945,7 +947,7 @@ impl Session {
                     (endpoint, None)
                 }
                 Opened::Owned(embedded) => {
-                    let mut server = embedded.start(listen, Sink::Stderr, None)?;
+                    let mut server = embedded.start(listen, Sink::Stderr, None, None)?;
                     let endpoint = embedded.endpoint().clone();
                     let ready = async {
                         wait_ready(Some(&mut server), &endpoint, pg.start_timeout).await?;

@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 use crate::process::{self, Child};
 
 use super::binaries::Binaries;
-use crate::logs::{Forwarders, SharedLogFile, Sink};
+use crate::logs::{Forwarders, Observer, SharedLogFile, Sink};
 use crate::users::Account;
 
 /// How long an immediate shutdown (SIGQUIT) may take before SIGKILL.
@@ -41,6 +41,7 @@ impl Server {
         params: &[(String, String)],
         sink: Sink,
         file: Option<SharedLogFile>,
+        observer: Option<Observer>,
     ) -> std::io::Result<Server> {
         let mut builder = postgresql_commands::postgres::PostgresBuilder::new()
             .program_dir(&binaries.dir)
@@ -65,7 +66,7 @@ impl Server {
         account.apply(&mut command);
         let mut child = process::spawn(&mut command)?;
         let pid = child.pid();
-        let logs = Forwarders::start(&mut child, "postgres", sink, file)?;
+        let logs = Forwarders::start(&mut child, "postgres", sink, file, observer)?;
         Ok(Server { child, pid, logs })
     }
 
@@ -111,6 +112,15 @@ impl Server {
         self.wait().await
     }
 
+    /// After the server exited: SIGKILL whatever of its process group is left (backends of a
+    /// postmaster killed outright), so that a new server does not find them attached to the
+    /// old shared memory.
+    pub fn kill_leftovers(&mut self) {
+        if self.child.try_status().is_some() {
+            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+        }
+    }
+
     fn signal(&mut self, signal: Signal) {
         self.child.signal(signal);
     }
@@ -123,5 +133,61 @@ impl Drop for Server {
         if self.child.try_status().is_none() {
             self.signal(Signal::SIGINT);
         }
+    }
+}
+
+/// A line of PostgreSQL's output saying that a write failed for lack of space (ENOSPC).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoSpace {
+    /// The file it names, as PostgreSQL gives it (relative to the data directory).
+    pub file: Option<String>,
+    /// The message from its severity on (`PANIC:  could not write to file ...`).
+    pub message: String,
+}
+
+/// Read `line` (one line of the server's output) for a write that failed for lack of space.
+pub fn no_space(line: &str) -> Option<NoSpace> {
+    if !line.contains("No space left on device") {
+        return None;
+    }
+    let message = ["PANIC:", "FATAL:", "ERROR:", "WARNING:", "LOG:"]
+        .iter()
+        .filter_map(|severity| line.find(severity))
+        .min()
+        .map_or(line, |at| &line[at..]);
+    let file = message
+        .split('"')
+        .nth(1)
+        .filter(|_| message.matches('"').count() >= 2)
+        .map(str::to_string);
+    Some(NoSpace {
+        file,
+        message: message.split_whitespace().collect::<Vec<_>>().join(" "),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_that_failed_for_lack_of_space_are_recognised_with_their_file() {
+        let panic = no_space(
+            "2026-12-02 09:46:49.731 UTC [10268] PANIC:  could not write to file \"pg_wal/xlogtemp.10268\": No space left on device",
+        )
+        .unwrap();
+        assert_eq!(panic.file.as_deref(), Some("pg_wal/xlogtemp.10268"));
+        assert_eq!(
+            panic.message,
+            "PANIC: could not write to file \"pg_wal/xlogtemp.10268\": No space left on device"
+        );
+        let extend =
+            no_space("ERROR:  could not extend file \"base/16384/16385\": No space left on device")
+                .unwrap();
+        assert_eq!(extend.file.as_deref(), Some("base/16384/16385"));
+        let bare = no_space("FATAL: No space left on device").unwrap();
+        assert_eq!(bare.file, None);
+        assert_eq!(no_space("LOG:  checkpoint complete"), None);
+        assert_eq!(no_space("HINT:  Check free disk space."), None);
     }
 }

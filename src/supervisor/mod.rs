@@ -15,6 +15,7 @@
 
 pub mod control;
 pub mod environment;
+pub mod keeper;
 pub mod ready;
 pub mod restart;
 pub mod service;
@@ -166,7 +167,7 @@ enum Cycle {
 enum Database {
     /// regobox runs the server.
     Owned {
-        _embedded: Box<Embedded>,
+        embedded: Box<Embedded>,
         server: Server,
     },
     /// Another regobox's server, or the external one.
@@ -398,7 +399,8 @@ async fn cycle(
 
     // PostgreSQL.
     let pg_log = open_log(config, layout, POSTGRES_SERVICE);
-    let up = bring_up_database(loaded, opened, &p.pg_tx, pg_log);
+    let space = keeper::SpaceWatch::new(&config.postgres.data_dir);
+    let up = bring_up_database(loaded, opened, &p.pg_tx, pg_log.clone(), space.observer());
     let (mut database, endpoint) = tokio::select! {
         r = up => r?,
         s = p.signals.recv() => {
@@ -500,28 +502,46 @@ async fn cycle(
         .iter()
         .map(|n| (n, config.services[n].is_essential()))
         .collect();
-    let reason = loop {
-        let postgres_exit = async {
+    let reason = {
+        // Kept across the loop: a restart in progress is not cut short by another event.
+        let keep_postgres = async {
             match &mut database {
-                Database::Owned { server, .. } => server.wait().await,
+                Database::Owned { embedded, server } => {
+                    keeper::Keeper {
+                        embedded,
+                        endpoint: &endpoint,
+                        listen: &config.postgres.listen,
+                        status: &p.pg_tx,
+                        log: pg_log,
+                        space,
+                        min_free: config.volumes.min_free,
+                        start_timeout: config.postgres.start_timeout,
+                        stop_timeout: config.postgres.stop_timeout,
+                    }
+                    .keep(server)
+                    .await
+                }
                 Database::Remote => std::future::pending().await,
             }
         };
-        tokio::select! {
-            s = p.signals.recv() => break Reason::Signal(s),
-            Some(request) = p.control.recv() => break Reason::Maintenance(Box::new(request)),
-            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                let Ok((name, outcome)) = joined else { continue };
-                let is_target = plan.target.as_deref() == Some(name.as_str());
-                match outcome {
-                    Outcome::Done if is_target => break Reason::Target(name, None),
-                    Outcome::Exited(st) if is_target => break Reason::Target(name, Some(st)),
-                    Outcome::Fatal(st, _) if is_target || essential[&name] => break Reason::Essential(name, st),
-                    Outcome::Exited(st) if essential[&name] => break Reason::Essential(name, Some(st)),
-                    _ => {}
+        tokio::pin!(keep_postgres);
+        loop {
+            tokio::select! {
+                s = p.signals.recv() => break Reason::Signal(s),
+                Some(request) = p.control.recv() => break Reason::Maintenance(Box::new(request)),
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                    let Ok((name, outcome)) = joined else { continue };
+                    let is_target = plan.target.as_deref() == Some(name.as_str());
+                    match outcome {
+                        Outcome::Done if is_target => break Reason::Target(name, None),
+                        Outcome::Exited(st) if is_target => break Reason::Target(name, Some(st)),
+                        Outcome::Fatal(st, _) if is_target || essential[&name] => break Reason::Essential(name, st),
+                        Outcome::Exited(st) if essential[&name] => break Reason::Essential(name, Some(st)),
+                        _ => {}
+                    }
                 }
+                st = &mut keep_postgres => break Reason::PostgresExited(st),
             }
-            st = postgres_exit => break Reason::PostgresExited(st.unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(1 << 8))),
         }
     };
 
@@ -549,7 +569,7 @@ async fn cycle(
             code
         }
         Reason::PostgresExited(st) => {
-            tracing::error!(status = %st, "PostgreSQL exited unexpectedly; stopping everything");
+            tracing::error!(status = %st, "PostgreSQL cannot be kept up; stopping everything");
             exit::FAILURE
         }
     };
@@ -827,6 +847,7 @@ async fn bring_up_database(
     opening: Opening,
     pg_tx: &watch::Sender<ServiceStatus>,
     log: Option<SharedLogFile>,
+    observer: crate::logs::Observer,
 ) -> anyhow::Result<(Database, Endpoint)> {
     let config = &loaded.config;
     let pg = &config.postgres;
@@ -855,7 +876,7 @@ async fn bring_up_database(
             Ok((Database::Remote, endpoint))
         }
         Opening::Owned(embedded) => {
-            let mut server = embedded.start(&pg.listen, Sink::Stdout, log)?;
+            let mut server = embedded.start(&pg.listen, Sink::Stdout, log, Some(observer))?;
             pg_tx.send_modify(|s| s.pid = Some(server.pid()));
             let endpoint = embedded.endpoint().clone();
             let up = async {
@@ -869,13 +890,7 @@ async fn bring_up_database(
                 return Err(e.into());
             }
             ready(Some(server.pid()));
-            Ok((
-                Database::Owned {
-                    _embedded: embedded,
-                    server,
-                },
-                endpoint,
-            ))
+            Ok((Database::Owned { embedded, server }, endpoint))
         }
     }
 }

@@ -39,12 +39,30 @@ pub struct Tracker {
 
 impl Tracker {
     pub fn new(svc: &ServiceConfig) -> Self {
+        Tracker::policy(
+            svc.restart_mode(),
+            svc.backoff_initial,
+            svc.backoff_max,
+            svc.restart_limit,
+            svc.restart_window,
+        )
+    }
+
+    /// A policy given by its parts: delays from `initial` doubling to `max`; more than `limit`
+    /// failures within `window` give up.
+    pub fn policy(
+        mode: RestartMode,
+        initial: Duration,
+        max: Duration,
+        limit: u32,
+        window: Duration,
+    ) -> Self {
         Tracker {
-            mode: svc.restart_mode(),
-            initial: svc.backoff_initial,
-            max: svc.backoff_max,
-            limit: svc.restart_limit,
-            window: svc.restart_window,
+            mode,
+            initial,
+            max,
+            limit,
+            window,
             failures: VecDeque::new(),
             consecutive: 0,
             restarts: 0,

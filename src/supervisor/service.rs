@@ -214,7 +214,13 @@ fn start(ctx: &ServiceCtx) -> std::io::Result<(Child, Forwarders)> {
         .stderr(Stdio::piped());
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = process::spawn(&mut cmd)?;
-    let logs = Forwarders::start(&mut child, &ctx.name, Sink::Stdout, ctx.log_file.clone())?;
+    let logs = Forwarders::start(
+        &mut child,
+        &ctx.name,
+        Sink::Stdout,
+        ctx.log_file.clone(),
+        None,
+    )?;
     let pid = child.pid();
     tracing::info!(service = %ctx.name, pid, "service started");
     ctx.set(|s| {

@@ -247,6 +247,73 @@ fn kill_9_during_inserts_then_restart_loses_no_committed_row() {
     let _ = impostor.wait();
 }
 
+/// The postmaster's pid, from `postmaster.pid`.
+fn postmaster_pid(inst: &Instance) -> i32 {
+    std::fs::read_to_string(inst.data_dir().join("postmaster.pid"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Issue 14, point 13: a server that dies is started again in place (crash recovery, with
+/// back-off), the container stays up and nothing committed is lost; past the restart budget
+/// (more than five crashes within ten minutes) regobox gives up and stops everything, exit 1.
+#[test]
+fn a_postgres_that_dies_is_started_again_in_place_until_the_budget_is_spent() {
+    let inst = Instance::new();
+    let mut run = inst.start();
+    inst.sql("CREATE TABLE kept(x int); INSERT INTO kept VALUES (7)");
+    let first = postmaster_pid(&inst);
+    kill(Pid::from_raw(first), Signal::SIGKILL).unwrap();
+    run.wait_for_log("PostgreSQL is up again", Duration::from_secs(60));
+    assert!(alive(run.pid()));
+    let log = run.log_text();
+    assert!(
+        log.contains("PostgreSQL exited unexpectedly; starting it again (crash recovery"),
+        "{log}"
+    );
+    assert_ne!(postmaster_pid(&inst), first);
+    assert_eq!(inst.sql("SELECT sum(x) FROM kept"), "7");
+    let status = inst.service("postgres");
+    assert_eq!(status["state"], "ready", "{status}");
+    assert_eq!(status["restarts"], 1, "{status}");
+    assert_eq!(status["last_exit"], "signal 9 (SIGKILL)", "{status}");
+
+    // Five more crashes in a row: the sixth within the window is one too many.
+    let mut killed = vec![first];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(status) = run.child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(1), "{}", run.log_text());
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", run.log_text());
+        let pid = std::fs::read_to_string(inst.data_dir().join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next()?.parse::<i32>().ok());
+        if let Some(pid) = pid.filter(|p| !killed.contains(p) && alive(*p)) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            killed.push(pid);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(killed.len(), 6, "{}", run.log_text());
+    let log = run.log_text();
+    assert!(
+        log.contains(
+            "PostgreSQL exited unexpectedly, more than 5 times within 10 minutes; giving up"
+        ),
+        "{log}"
+    );
+    // What was committed is still there for the next start.
+    let run = inst.start();
+    assert_eq!(inst.sql("SELECT sum(x) FROM kept"), "7");
+    run.stop();
+}
+
 #[test]
 fn a_cluster_of_another_major_is_refused_and_left_untouched() {
     let inst = Instance::new();

@@ -445,6 +445,134 @@ fn low_space_on_the_volume_is_reported_and_makes_regobox_not_ready() {
     run.stop();
 }
 
+/// SQL on the running `inst` as the application, straight to its server's socket (no regobox in
+/// between, so it fails at once while the server is down).
+fn direct_sql(inst: &Instance, sql: &str) -> std::process::Output {
+    std::process::Command::new(psql_binary())
+        .args(["-XtAq", "-v", "ON_ERROR_STOP=1", "-c", sql, "-h"])
+        .arg(inst.runtime.join("postgresql"))
+        .args(["-p", &inst.port.to_string(), "-U", "app", "-d", "app"])
+        .env("PGPASSWORD", secret(inst, "postgres-password"))
+        .output()
+        .unwrap()
+}
+
+/// Fill the file system of `dir` (a tmpfs) to `leave` bytes free with one file; its path.
+fn fill(dir: &Path, leave: u64) -> std::path::PathBuf {
+    let free = nix::sys::statvfs::statvfs(dir).unwrap();
+    let free = free.blocks_available() as u64 * free.fragment_size() as u64;
+    let ballast = dir.join("files/ballast");
+    let out = std::process::Command::new("fallocate")
+        .args(["-l", &(free - leave).to_string()])
+        .arg(&ballast)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "fallocate: {}", stderr(&out));
+    ballast
+}
+
+/// Point 13: PostgreSQL that PANICs for lack of space (WAL cannot be written), then fails its
+/// crash recovery for the same reason, no longer ends the container: regobox names ENOSPC and
+/// the file, `/readyz` answers 503 saying PostgreSQL is down for lack of space (`/healthz` 200),
+/// and once there is room it starts the server again in place; what was committed is there.
+#[test]
+fn postgres_out_of_space_is_started_again_in_place_once_there_is_room() {
+    if !is_root() {
+        eprintln!("skipped: mounting a small tmpfs for the volume needs root");
+        return;
+    }
+    let mut a = Instance::new();
+    let _volume = crate::backup::Tmpfs::mount(&a.root, "200m");
+    a.env.push((
+        "REGOBOX_VOLUMES__MIN_FREE".into(),
+        (40u64 << 20).to_string(),
+    ));
+    let mut run = a.start();
+    let committed = direct_sql(&a, "CREATE TABLE kept(x int); INSERT INTO kept VALUES (42)");
+    assert!(committed.status.success(), "{}", stderr(&committed));
+
+    let ballast = fill(&a.root, 64 << 10);
+    // WAL without any table growing: the server PANICs when it needs a new segment.
+    let mut failed = false;
+    for _ in 0..8 {
+        let out = direct_sql(
+            &a,
+            "SELECT pg_logical_emit_message(true, 'fill', repeat('x', 8000000))",
+        );
+        if !out.status.success() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(
+        failed,
+        "the WAL never filled the volume:\n{}",
+        run.log_text()
+    );
+    let data_dir = a.data_dir();
+    run.wait_for_log(
+        "PostgreSQL stopped for lack of space: could not write ",
+        Duration::from_secs(30),
+    );
+    let log = run.log_text();
+    assert!(
+        log.contains(&format!(
+            "could not write {}/pg_wal/xlogtemp.",
+            data_dir.display()
+        )) && log.contains("no space left on device (ENOSPC"),
+        "{log}"
+    );
+    assert!(alive(run.pid()), "regobox ended:\n{log}");
+    let (code, body) = a.health_get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("postgres (backoff: down for lack of space: could not write "),
+        "{body}"
+    );
+    assert_eq!(a.health_get("/healthz").0, 200);
+    assert_eq!(a.service("postgres")["state"], "backoff");
+
+    std::fs::remove_file(&ballast).unwrap();
+    run.wait_for_log("PostgreSQL is up again", Duration::from_secs(60));
+    a.wait_until("ready again", Duration::from_secs(30), || {
+        a.health_get("/readyz").0 == 200
+    });
+    let status = a.service("postgres");
+    assert_eq!(status["state"], "ready", "{status}");
+    assert_eq!(status["restarts"], 1, "{status}");
+    let kept = direct_sql(&a, "INSERT INTO kept VALUES (43); SELECT sum(x) FROM kept");
+    assert_eq!(stdout(&kept).trim(), "85", "{}", stderr(&kept));
+    run.stop();
+}
+
+/// Point 13: a scheduled backup that would not fit (about the last archive, with
+/// `volumes.min_free` left) is not started, and the log says why, with the figures.
+#[test]
+fn a_scheduled_backup_that_would_not_fit_is_not_started() {
+    let mut a = Instance::new();
+    // More than any disk has: no backup can fit.
+    a.env
+        .push(("REGOBOX_VOLUMES__MIN_FREE".into(), (1u64 << 50).to_string()));
+    a.env
+        .push(("REGOBOX_BACKUP__SCHEDULE".into(), "* * * * * *".into()));
+    let mut run = a.spawn_run();
+    run.wait_for_log(
+        "scheduled backup not started: not enough space: needs ",
+        Duration::from_secs(60),
+    );
+    let log = run.log_text();
+    assert!(
+        log.contains("with volumes.min_free, 1024.0 TiB, left), ")
+            && log.contains(&format!("free on {}", a.root.join("backups").display())),
+        "{log}"
+    );
+    assert_eq!(
+        archives_in(&a.root.join("backups")),
+        Vec::<std::path::PathBuf>::new()
+    );
+    run.stop();
+}
+
 /// Attack (fourth attacker): the application closes its own database to connections (it owns
 /// it); regobox reopens it at the next start, saying so, and backs it up.
 #[test]
