@@ -492,6 +492,21 @@ fn postgres_out_of_space_is_started_again_in_place_once_there_is_room() {
     assert!(committed.status.success(), "{}", stderr(&committed));
 
     let ballast = fill(&a.root, 64 << 10);
+    // A table that cannot grow: the statement fails, regobox names the file.
+    let grow = direct_sql(&a, "INSERT INTO kept SELECT generate_series(1, 500000)");
+    assert!(!grow.status.success());
+    assert!(
+        stderr(&grow).contains("No space left on device"),
+        "{}",
+        stderr(&grow)
+    );
+    run.wait_for_log(
+        &format!(
+            "PostgreSQL could not write {}/base/",
+            a.data_dir().display()
+        ),
+        Duration::from_secs(10),
+    );
     // WAL without any table growing: the server PANICs when it needs a new segment.
     let mut failed = false;
     for _ in 0..8 {
