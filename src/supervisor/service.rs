@@ -86,6 +86,47 @@ impl ServiceCtx {
     }
 }
 
+/// A spawn error that trying again cannot cure: the program (or the working directory) is not
+/// there, not executable by the service's user, or not a program.
+fn cannot_execute(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+    ) || e.raw_os_error() == Some(nix::libc::ENOEXEC)
+}
+
+impl ServiceCtx {
+    /// Why the command cannot be executed, for a person: the program, the user, where it was
+    /// looked for.
+    fn not_executable(&self, e: &std::io::Error) -> String {
+        let program = &self.spec.command[0];
+        let user = self
+            .account
+            .as_ref()
+            .map(|a| a.name.clone())
+            .or_else(|| Account::current().map(|a| a.name))
+            .unwrap_or_else(|| "?".into());
+        let cmd = self.command(&self.spec.command);
+        let path = cmd
+            .get_envs()
+            .find(|(k, _)| *k == "PATH")
+            .and_then(|(_, v)| v)
+            .map(|v| v.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let looked = if program.contains('/') {
+            String::new()
+        } else {
+            format!(", looked for in PATH={path}")
+        };
+        let workdir = if self.spec.workdir.as_os_str().is_empty() {
+            String::new()
+        } else {
+            format!(", in workdir {}", self.spec.workdir.display())
+        };
+        format!("cannot execute {program:?} as user `{user}`{looked}{workdir}: {e}")
+    }
+}
+
 /// The command for `argv` run with `env` plus the service's own, as `account`.
 pub fn command_for(
     argv: &[String],
@@ -142,6 +183,20 @@ pub async fn run(ctx: ServiceCtx) -> Outcome {
                 }
                 Lived::Exited(status, why) => (Some(status), why),
             },
+            Err(e) if cannot_execute(&e) => {
+                let msg = format!(
+                    "FATAL: {}; a command that cannot be executed is not retried (install it in the image, or correct services.{}.command)",
+                    ctx.not_executable(&e),
+                    ctx.name
+                );
+                tracing::error!(service = %ctx.name, "{msg}");
+                ctx.set(|s| {
+                    s.state = State::Fatal;
+                    s.last_exit = Some("not started".into());
+                    s.detail = Some(msg.clone());
+                });
+                return Outcome::Fatal(None, msg);
+            }
             Err(e) => {
                 let why = format!("cannot start {:?}: {e}", ctx.spec.command[0]);
                 tracing::error!(service = %ctx.name, "{why}");

@@ -188,6 +188,51 @@ fn an_essential_crash_loop_ends_with_its_exit_code_after_its_budget() {
     assert!(started.elapsed() < Duration::from_secs(50));
 }
 
+/// Issue 17: a command that cannot be executed (not found, not executable) is FATAL at once,
+/// with its path, the user it ran as and where it was looked for: no retries, exit 1, everything
+/// stopped in order.
+#[test]
+fn a_command_that_cannot_be_executed_is_fatal_at_once() {
+    let inst = Instance::new();
+    let not_executable = inst.dir.path().join("server.py");
+    std::fs::write(&not_executable, "print('hi')\n").unwrap();
+    std::fs::set_permissions(&not_executable, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for (command, says) in [
+        (
+            "[\"no-such-program-17\", \"/app/server.py\"]".to_string(),
+            "cannot execute \"no-such-program-17\" as user `",
+        ),
+        (
+            format!("[{:?}]", not_executable.display().to_string()),
+            "Permission denied",
+        ),
+    ] {
+        inst.config_file(
+            "50_services.toml",
+            &format!("[services.web]\ncommand = {command}\nbackoff_initial = \"100ms\"\n"),
+        );
+        let mut run = inst.spawn_run();
+        let status = run.wait(Duration::from_secs(60));
+        let log = run.log_text();
+        assert_eq!(status.code(), Some(1), "{log}");
+        assert_eq!(log.matches("FATAL: cannot execute").count(), 1, "{log}");
+        assert!(log.contains(says), "{log}");
+        assert!(
+            log.contains("a command that cannot be executed is not retried"),
+            "{log}"
+        );
+        assert!(!log.contains("restarting"), "{log}");
+        assert!(log.contains("database system is shut down"), "{log}");
+    }
+    let log = std::fs::read_dir(inst.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("run-"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect::<String>();
+    assert!(log.contains("looked for in PATH="), "{log}");
+}
+
 #[test]
 fn a_oneshot_and_readiness_gate_their_dependents() {
     let inst = Instance::new();
