@@ -433,7 +433,9 @@ pub enum RestartMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReadyConfig {
-    /// `host:port` (or a port on 127.0.0.1) that accepts a TCP connection.
+    /// `host:port` (or a port on 127.0.0.1, as a string or a number) that accepts a TCP
+    /// connection.
+    #[serde(deserialize_with = "string_or_port")]
     pub tcp: String,
     /// An `http://` URL answering with a 2xx or 3xx status.
     pub http: String,
@@ -1049,7 +1051,16 @@ fn extract_all(figment: &Figment, problems: &mut Vec<Problem>) -> Config {
                             format!("unknown key (expected one of: {})", expected.join(", "))
                         }
                         figment::error::Kind::InvalidType(actual, expected) => {
-                            format!("wrong type: expected {expected}, found {actual}")
+                            format!(
+                                "wrong type: expected {}, found {actual}",
+                                in_words(expected)
+                            )
+                        }
+                        figment::error::Kind::InvalidValue(actual, expected) => {
+                            format!(
+                                "invalid value: expected {}, found {actual}",
+                                in_words(expected)
+                            )
                         }
                         figment::error::Kind::UnknownVariant(actual, expected) => {
                             format!(
@@ -1827,6 +1838,39 @@ fn setting_is_off(value: &SettingValue) -> bool {
 }
 
 /// `host:port`, or a bare port meaning 127.0.0.1.
+/// What serde expected, in a user's words rather than Rust's (the configuration's `u16` keys
+/// are all ports).
+fn in_words(expected: &str) -> String {
+    match expected {
+        "u16" => "a port number (0-65535)".into(),
+        "u8" => "a whole number from 0 to 255".into(),
+        "u32" => "a whole number from 0 to 4294967295".into(),
+        "u64" | "usize" => "a whole number, 0 or more".into(),
+        "i32" | "i64" | "isize" => "a whole number".into(),
+        "f32" | "f64" => "a number".into(),
+        "a sequence" => "a list (`[...]`)".into(),
+        "a map" => "a table (`{ ... }` or a `[section]`)".into(),
+        other => other.into(),
+    }
+}
+
+/// `ready.tcp`: a string, or a port given as a number.
+fn string_or_port<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Target {
+        Text(String),
+        Port(u16),
+    }
+    match Target::deserialize(d) {
+        Ok(Target::Text(t)) => Ok(t),
+        Ok(Target::Port(p)) => Ok(p.to_string()),
+        Err(_) => Err(serde::de::Error::custom(
+            "expected \"host:port\" or a port number (0-65535)",
+        )),
+    }
+}
+
 pub fn parse_tcp_target(text: &str) -> Option<(String, u16)> {
     let text = text.trim();
     if let Ok(port) = text.parse::<u16>() {
@@ -2130,6 +2174,41 @@ mod tests {
         let plain = loaded.to_toml(false);
         let back: Config = toml::from_str(&plain).unwrap();
         assert_eq!(back.postgres.settings, loaded.config.postgres.settings);
+    }
+
+    /// Issue 17: `ready.tcp` takes a port as a number too, and a value of the wrong type is
+    /// described in a user's words, not Rust's.
+    #[test]
+    fn a_port_is_a_number_and_errors_speak_of_ports() {
+        let (_d, s) = with_dir(
+            &[(
+                "50.toml",
+                "[services.web]\ncommand = [\"web\"]\nready = { tcp = 8500 }\n",
+            )],
+            &[],
+        );
+        let loaded = load(&s).unwrap();
+        assert_eq!(
+            loaded.config.services["web"].ready.as_ref().unwrap().tcp,
+            "8500"
+        );
+
+        let (_d, s) = with_dir(
+            &[(
+                "50.toml",
+                "[postgres]\nport = 70000\n[services.web]\ncommand = [\"web\"]\nready = { tcp = true }\n",
+            )],
+            &[("REGOBOX_SUPERVISION__PORT", "abc")],
+        );
+        let text = load(&s).unwrap_err().to_string();
+        for needle in [
+            "key `supervision.port`: wrong type: expected a port number (0-65535), found string \"abc\"",
+            "key `postgres.port`: invalid value: expected a port number (0-65535), found signed int `70000`",
+            "key `services.web.ready.tcp`: expected \"host:port\" or a port number (0-65535)",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+        }
+        assert!(!text.contains("u16"), "{text}");
     }
 
     #[test]
