@@ -110,6 +110,18 @@ pub struct Child {
 }
 
 /// Start `command` and register it with the reaper.
+static LAUNCHED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// Record when regobox was launched (the first thing `main` does).
+pub fn mark_launch() {
+    LAUNCHED.get_or_init(std::time::Instant::now);
+}
+
+/// The time since regobox was launched.
+pub fn since_launch() -> std::time::Duration {
+    LAUNCHED.get_or_init(std::time::Instant::now).elapsed()
+}
+
 pub fn spawn(command: &mut std::process::Command) -> io::Result<Child> {
     let mut guard = lock();
     let Some(registry) = guard.as_mut() else {

@@ -30,6 +30,16 @@ pub struct Server {
     pid: i32,
     /// Its output; drained after it exits so no last line is lost.
     logs: Forwarders,
+    /// What was left of its process group has been killed (once, when its exit was seen).
+    swept: bool,
+}
+
+impl NoSpace {
+    /// It ended the process that met it (a PANIC ends the server; a FATAL during crash recovery
+    /// does too).
+    pub fn is_fatal(&self) -> bool {
+        self.severity == "PANIC" || self.severity == "FATAL"
+    }
 }
 
 impl Server {
@@ -67,7 +77,12 @@ impl Server {
         let mut child = process::spawn(&mut command)?;
         let pid = child.pid();
         let logs = Forwarders::start(&mut child, "postgres", sink, file, observer)?;
-        Ok(Server { child, pid, logs })
+        Ok(Server {
+            child,
+            pid,
+            logs,
+            swept: false,
+        })
     }
 
     pub fn pid(&self) -> i32 {
@@ -77,8 +92,29 @@ impl Server {
     /// Wait for the server to exit by itself (cancel-safe), then for its last lines of output.
     pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
         let status = self.child.wait().await;
+        self.sweep();
         self.logs.drain().await;
         Ok(status)
+    }
+
+    /// Whether the server has exited (and been reaped).
+    pub fn has_exited(&mut self) -> bool {
+        let exited = self.child.try_status().is_some();
+        if exited {
+            self.sweep();
+        }
+        exited
+    }
+
+    /// Once the postmaster has exited: SIGKILL whatever is left of its process group (backends
+    /// of a postmaster killed outright), so that nothing of it still works in the data directory
+    /// and a new server does not find them attached to the old shared memory. Done once, as soon
+    /// as the exit is seen: the group id cannot be reused while a member lives.
+    fn sweep(&mut self) {
+        if !self.swept {
+            self.swept = true;
+            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+        }
     }
 
     /// Stop the server: SIGINT, then after `grace` (or as soon as `force` completes) SIGQUIT,
@@ -89,6 +125,7 @@ impl Server {
         force: impl Future<Output = ()>,
     ) -> std::io::Result<ExitStatus> {
         if let Some(status) = self.child.try_status() {
+            self.sweep();
             return Ok(status);
         }
         tracing::info!(pid = self.pid, "stopping PostgreSQL (fast shutdown)");
@@ -112,15 +149,6 @@ impl Server {
         self.wait().await
     }
 
-    /// After the server exited: SIGKILL whatever of its process group is left (backends of a
-    /// postmaster killed outright), so that a new server does not find them attached to the
-    /// old shared memory.
-    pub fn kill_leftovers(&mut self) {
-        if self.child.try_status().is_some() {
-            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
-        }
-    }
-
     fn signal(&mut self, signal: Signal) {
         self.child.signal(signal);
     }
@@ -139,6 +167,9 @@ impl Drop for Server {
 /// A line of PostgreSQL's output saying that a write failed for lack of space (ENOSPC).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NoSpace {
+    /// The severity PostgreSQL gave it (`PANIC`, `FATAL`, `ERROR`...): the first one on the line,
+    /// which is the server's own (a statement it logs comes after it).
+    pub severity: String,
     /// The file it names, as PostgreSQL gives it (relative to the data directory).
     pub file: Option<String>,
     /// The message from its severity on (`PANIC:  could not write to file ...`).
@@ -150,17 +181,18 @@ pub fn no_space(line: &str) -> Option<NoSpace> {
     if !line.contains("No space left on device") {
         return None;
     }
-    let message = ["PANIC:", "FATAL:", "ERROR:", "WARNING:", "LOG:"]
+    let (at, severity) = ["PANIC:", "FATAL:", "ERROR:", "WARNING:", "LOG:"]
         .iter()
-        .filter_map(|severity| line.find(severity))
-        .min()
-        .map_or(line, |at| &line[at..]);
+        .filter_map(|severity| Some((line.find(severity)?, severity.trim_end_matches(':'))))
+        .min()?;
+    let message = &line[at..];
     let file = message
         .split('"')
         .nth(1)
         .filter(|_| message.matches('"').count() >= 2)
         .map(str::to_string);
     Some(NoSpace {
+        severity: severity.to_string(),
         file,
         message: message.split_whitespace().collect::<Vec<_>>().join(" "),
     })
@@ -185,8 +217,19 @@ mod tests {
             no_space("ERROR:  could not extend file \"base/16384/16385\": No space left on device")
                 .unwrap();
         assert_eq!(extend.file.as_deref(), Some("base/16384/16385"));
+        assert_eq!(panic.severity, "PANIC");
+        assert!(panic.is_fatal());
+        assert!(!extend.is_fatal());
         let bare = no_space("FATAL: No space left on device").unwrap();
         assert_eq!(bare.file, None);
+        // A statement the server logs is not the server's own error.
+        let quoted = no_space(
+            "LOG:  statement: SELECT 'PANIC:  could not write to file \"x\": No space left on device'",
+        )
+        .unwrap();
+        assert_eq!(quoted.severity, "LOG");
+        assert!(!quoted.is_fatal());
+        assert_eq!(no_space("No space left on device, said someone"), None);
         assert_eq!(no_space("LOG:  checkpoint complete"), None);
         assert_eq!(no_space("HINT:  Check free disk space."), None);
     }

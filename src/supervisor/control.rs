@@ -52,17 +52,29 @@ pub fn socket_path(config: &Config) -> PathBuf {
     config.runtime_dir.join("control.sock")
 }
 
+/// The control socket's file, removed when this is dropped (a cleanly stopped regobox leaves
+/// no socket behind).
+#[derive(Debug)]
+pub struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Serve the control socket until `stop`, handing requests to `tx`.
 pub fn listen(
     config: &Config,
     tx: mpsc::Sender<Request>,
     stop: CancellationToken,
-) -> std::io::Result<()> {
+) -> std::io::Result<SocketFile> {
     let path = socket_path(config);
     let config = std::sync::Arc::new(config.clone());
     std::fs::create_dir_all(&config.runtime_dir)?;
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
+    let file = SocketFile(path.clone());
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     tokio::spawn(async move {
         loop {
@@ -75,9 +87,8 @@ pub fn listen(
             };
             tokio::spawn(serve(stream, tx.clone(), config.clone()));
         }
-        let _ = std::fs::remove_file(&path);
     });
-    Ok(())
+    Ok(file)
 }
 
 async fn serve(stream: UnixStream, tx: mpsc::Sender<Request>, config: std::sync::Arc<Config>) {

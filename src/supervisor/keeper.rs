@@ -5,9 +5,10 @@
 //! connections fail until it is back, as with any database restart). The typical cause is a
 //! full disk: a PANIC while writing WAL, then a crash recovery that cannot write either. Like a
 //! service, the server backs off (1 s doubling to 30 s) and, after more than [`LIMIT`] crashes
-//! within [`WINDOW`], regobox gives up and stops everything. A crash for lack of space does not
-//! count against that limit: the keeper waits until the data directory's file system has
-//! `volumes.min_free` free again, says so, then starts the server.
+//! within [`WINDOW`], regobox gives up and stops everything. A stop for lack of space (the
+//! server's own PANIC or FATAL said ENOSPC, and the file system of that file is below
+//! `volumes.min_free`) does not count against that limit: the keeper waits until that file
+//! system has `volumes.min_free` free again, says so, then starts the server.
 //!
 //! The server's output is read for writes that failed for lack of space (ENOSPC): regobox logs
 //! each with the file's path and the free space (at most one line per [`LOG_EVERY`], with a
@@ -86,8 +87,9 @@ impl SpaceWatch {
         };
         tracing::warn!(
             similar_lines_left_out = left_out,
-            "PostgreSQL {}; writes fail until there is room",
-            self.describe(&report)
+            "PostgreSQL {}; {}; writes fail until there is room",
+            self.describe(&report),
+            self.free_text(&self.dir_of(&report))
         );
     }
 
@@ -101,30 +103,60 @@ impl SpaceWatch {
             .map(|(_, r)| r.clone())
     }
 
-    /// A failed write for a person: the file, ENOSPC, and what is free now.
+    /// A failed write for a person: the file and ENOSPC.
     pub fn describe(&self, report: &NoSpace) -> String {
-        let file = report
-            .file
-            .as_ref()
-            .map_or_else(|| self.data_dir.clone(), |f| self.data_dir.join(f));
         format!(
-            "could not write {}: no space left on device (ENOSPC; PostgreSQL said: {}); {}",
-            file.display(),
-            report.message,
-            self.free_text()
+            "could not write {}: no space left on device (ENOSPC; PostgreSQL said: {})",
+            self.file_of(report).display(),
+            report.message
         )
     }
 
-    fn free(&self) -> Option<u64> {
-        crate::volumes::free_space(&self.data_dir)
-            .ok()
-            .map(|(free, _)| free)
+    fn file_of(&self, report: &NoSpace) -> PathBuf {
+        report
+            .file
+            .as_ref()
+            .map_or_else(|| self.data_dir.clone(), |f| self.data_dir.join(f))
     }
 
-    fn free_text(&self) -> String {
-        match self.free() {
-            Some(free) => format!("{} free on {}", bytes(free), self.data_dir.display()),
-            None => format!("free space on {} unknown", self.data_dir.display()),
+    /// The directory whose file system the failed write was on (`pg_wal` may be a link to
+    /// another one): the file's directory where it exists, else the data directory.
+    pub fn dir_of(&self, report: &NoSpace) -> PathBuf {
+        self.file_of(report)
+            .parent()
+            .filter(|d| d.is_dir())
+            .map_or_else(|| self.data_dir.clone(), Path::to_path_buf)
+    }
+
+    /// Free bytes on the file system of the failed write.
+    pub fn free_at(&self, report: &NoSpace) -> Option<u64> {
+        free(&self.dir_of(report))
+    }
+
+    fn free_text(&self, dir: &Path) -> String {
+        match free(dir) {
+            Some(free) => format!("{} free on {}", bytes(free), dir.display()),
+            None => format!("free space on {} unknown", dir.display()),
+        }
+    }
+}
+
+fn free(dir: &Path) -> Option<u64> {
+    crate::volumes::free_space(dir).ok().map(|(free, _)| free)
+}
+
+/// How a server's run ended.
+enum Ended {
+    Exited(ExitStatus),
+    /// It could not even be spawned.
+    NotStarted(String),
+}
+
+impl Ended {
+    fn status(&self) -> ExitStatus {
+        match self {
+            Ended::Exited(status) => *status,
+            Ended::NotStarted(_) => failed(),
         }
     }
 }
@@ -154,73 +186,97 @@ impl Keeper<'_> {
             WINDOW,
         );
         let mut started = Instant::now();
-        let mut exited: Option<ExitStatus> = None;
+        let mut ended: Option<Ended> = None;
         loop {
-            let status = match exited.take() {
-                Some(status) => status,
-                None => server.wait().await.unwrap_or_else(|_| failed()),
+            let ended_now = match ended.take() {
+                Some(e) => e,
+                None => Ended::Exited(server.wait().await.unwrap_or_else(|_| failed())),
             };
-            server.kill_leftovers();
             let now = Instant::now();
-            let report = self.space.since(started);
-            let low = self.space.free().is_some_and(|free| free < self.min_free);
-            let for_space = report.is_some() || low;
-            // A crash for lack of space is not counted against the limit: room is waited for.
-            let delay = match tracker.on_exit(for_space, now.duration_since(started), now) {
+            // Lack of space is the cause when the server's own PANIC or FATAL said so and the
+            // file system of that file is below volumes.min_free now: such a stop is not
+            // counted against the limit, room is waited for. Anything else is a crash.
+            let space = self
+                .space
+                .since(started)
+                .filter(NoSpace::is_fatal)
+                .filter(|report| {
+                    self.space
+                        .free_at(report)
+                        .is_some_and(|free| free < self.min_free)
+                });
+            let ran_for = now.duration_since(started);
+            let decision = match &space {
+                Some(_) => tracker.on_excused_exit(false, ran_for, now),
+                None => tracker.on_exit(false, ran_for, now),
+            };
+            let (last_exit, what) = match &ended_now {
+                Ended::Exited(status) => (
+                    super::service::describe(*status),
+                    format!("exited unexpectedly ({status})"),
+                ),
+                Ended::NotStarted(e) => (
+                    "not started".to_string(),
+                    format!("could not be started: {e}"),
+                ),
+            };
+            let delay = match decision {
                 Decision::Restart(delay) => delay,
                 Decision::GiveUp | Decision::Done => {
-                    tracing::error!(
-                        status = %status,
-                        "PostgreSQL exited unexpectedly, more than {LIMIT} times within {} minutes; giving up",
+                    let msg = format!(
+                        "PostgreSQL {what}, more than {LIMIT} times within {} minutes; giving up",
                         WINDOW.as_secs() / 60
                     );
-                    return status;
+                    tracing::error!("{msg}");
+                    self.status.send_modify(|s| {
+                        s.state = State::Fatal;
+                        s.pid = None;
+                        s.started_at = None;
+                        s.last_exit = Some(last_exit.clone());
+                        s.detail = Some(msg.clone());
+                    });
+                    return ended_now.status();
                 }
             };
-            let cause = match (&report, low) {
-                (Some(report), _) => Some(self.space.describe(report)),
-                (None, true) => Some(format!(
-                    "{}, below volumes.min_free ({})",
-                    self.space.free_text(),
-                    bytes(self.min_free)
-                )),
-                (None, false) => None,
-            };
-            let why = match &cause {
-                Some(cause) => format!("down for lack of space: {cause}"),
-                None => format!("exited unexpectedly ({status}); restarting"),
+            let why = match &space {
+                Some(report) => format!("down for lack of space: {}", self.space.describe(report)),
+                None => format!("{what}; starting it again"),
             };
             self.status.send_modify(|s| {
                 s.state = State::Backoff;
                 s.pid = None;
+                s.started_at = None;
                 s.restarts = tracker.restarts;
-                s.last_exit = Some(super::service::describe(status));
+                s.last_exit = Some(last_exit.clone());
                 s.detail = Some(why.clone());
             });
-            if for_space {
+            if let Some(report) = &space {
+                let dir = self.space.dir_of(report);
                 tracing::error!(
-                    status = %status,
-                    "PostgreSQL stopped for lack of space: {}; it starts again (crash recovery, nothing committed is lost) once {} has volumes.min_free ({}) free",
-                    cause.unwrap_or_default(),
-                    self.space.data_dir.display(),
+                    "PostgreSQL stopped for lack of space: {}; {}. It starts again (crash recovery, nothing committed is lost) once {} has volumes.min_free ({}) free",
+                    self.space.describe(report),
+                    self.space.free_text(&dir),
+                    dir.display(),
                     bytes(self.min_free)
                 );
-                self.wait_for_room().await;
+                self.wait_for_room(&dir).await;
                 tracing::info!(
                     "{}: starting PostgreSQL again (crash recovery)",
-                    self.space.free_text()
+                    self.space.free_text(&dir)
                 );
             } else {
                 tracing::error!(
-                    status = %status,
                     delay = ?delay,
                     restart = tracker.restarts,
-                    "PostgreSQL exited unexpectedly; starting it again (crash recovery, nothing committed is lost)"
+                    "PostgreSQL {what}; starting it again (crash recovery: nothing committed is lost)"
                 );
             }
             tokio::time::sleep(delay).await;
 
-            self.status.send_modify(|s| s.state = State::Starting);
+            self.status.send_modify(|s| {
+                s.state = State::Starting;
+                s.detail = None;
+            });
             match self.embedded.start(
                 self.listen,
                 Sink::Stdout,
@@ -229,16 +285,15 @@ impl Keeper<'_> {
             ) {
                 Ok(new) => *server = new,
                 Err(e) => {
-                    tracing::error!("cannot start PostgreSQL: {e}");
                     started = Instant::now();
-                    exited = Some(failed());
+                    ended = Some(Ended::NotStarted(e.to_string()));
                     continue;
                 }
             }
             started = Instant::now();
             self.status.send_modify(|s| s.pid = Some(server.pid()));
-            exited = self.until_ready(server).await;
-            if exited.is_none() {
+            ended = self.until_ready(server).await.map(Ended::Exited);
+            if ended.is_none() {
                 self.status.send_modify(|s| {
                     s.state = State::Ready;
                     s.started_at = Some(now_epoch());
@@ -277,9 +332,9 @@ impl Keeper<'_> {
         }
     }
 
-    async fn wait_for_room(&self) {
+    async fn wait_for_room(&self, dir: &Path) {
         loop {
-            if self.space.free().is_none_or(|free| free >= self.min_free) {
+            if free(dir).is_none_or(|free| free >= self.min_free) {
                 return;
             }
             tokio::time::sleep(ROOM_POLL).await;

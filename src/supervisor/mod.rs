@@ -187,6 +187,8 @@ struct Persistent {
     control: tokio::sync::mpsc::Receiver<control::Request>,
     /// Stopped first, before the services.
     proxy: Option<crate::proxy::Proxy>,
+    /// Cycles begun (more than one after a restore).
+    cycles: u32,
 }
 
 /// Bring everything in `plan` up, keep it up, stop it; the exit code. A maintenance request
@@ -279,11 +281,13 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
         app_account,
         control: control_rx,
         proxy: None,
+        cycles: 0,
     };
 
     let background = CancellationToken::new();
     let mut first = true;
     let mut bridge = None;
+    let mut control_socket = None;
     let code = loop {
         let opened = open_database(config, &secrets, &plan).await?;
         if first {
@@ -315,7 +319,7 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
             )
             .await?;
             match control::listen(config, control_tx.clone(), background.clone()) {
-                Ok(()) => {}
+                Ok(file) => control_socket = Some(file),
                 Err(e) => {
                     tracing::warn!(error = %e, "no control socket: a restore cannot be done while running")
                 }
@@ -375,6 +379,7 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
     let force = CancellationToken::new();
     finish(config, &force).await;
     background.cancel();
+    drop(control_socket);
     Ok(code)
 }
 
@@ -390,6 +395,8 @@ async fn cycle(
 ) -> anyhow::Result<Cycle> {
     let config = &loaded.config;
     let started = Instant::now();
+    p.cycles += 1;
+    let first_cycle = p.cycles == 1;
     let shutdown = CancellationToken::new();
     let force = CancellationToken::new();
     p.pg_tx.send_replace(ServiceStatus::default());
@@ -489,7 +496,14 @@ async fn cycle(
             };
             tokio::select! {
                 ready = all_ready => if ready {
-                    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "regobox is ready");
+                    // The first time, since launch (initdb included); after a restore, since
+                    // everything started again.
+                    let (elapsed, since) = if first_cycle {
+                        (crate::process::since_launch(), "launch")
+                    } else {
+                        (started.elapsed(), "restore")
+                    };
+                    tracing::info!(elapsed_ms = elapsed.as_millis() as u64, since, "regobox is ready");
                 },
                 _ = shutdown.cancelled() => {}
             }
@@ -592,7 +606,13 @@ async fn cycle(
             while tasks.join_next().await.is_some() {}
             p.pg_tx.send_modify(|s| s.state = State::Stopping);
             let mut clean = true;
-            if let Database::Owned { server, .. } = &mut database {
+            if let Database::Owned { server, .. } = &mut database
+                && server.has_exited()
+            {
+                tracing::info!(
+                    "PostgreSQL was not running (it had exited and was waiting to be started again)"
+                );
+            } else if let Database::Owned { server, .. } = &mut database {
                 let grace = config.postgres.stop_timeout;
                 let force = force.clone();
                 match server

@@ -71,7 +71,24 @@ impl Tracker {
 
     /// The decision for an exit at `now` after a run of `ran_for`.
     pub fn on_exit(&mut self, success: bool, ran_for: Duration, now: Instant) -> Decision {
-        if !success {
+        self.decide(success, true, ran_for, now)
+    }
+
+    /// The decision for a failure that is not the process's own (what it depends on is down,
+    /// the disk is full): restarted as the policy says, with back-off, but not counted against
+    /// the limit.
+    pub fn on_excused_exit(&mut self, success: bool, ran_for: Duration, now: Instant) -> Decision {
+        self.decide(success, false, ran_for, now)
+    }
+
+    fn decide(
+        &mut self,
+        success: bool,
+        counted: bool,
+        ran_for: Duration,
+        now: Instant,
+    ) -> Decision {
+        if !success && counted {
             self.failures.push_back(now);
         }
         while let Some(first) = self.failures.front() {
@@ -176,6 +193,30 @@ mod tests {
         assert_eq!(
             t.on_exit(false, Duration::from_secs(120), Instant::now()),
             Decision::Restart(Duration::from_secs(1))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn excused_failures_back_off_but_never_exhaust_the_budget() {
+        let mut t = Tracker::new(&svc(RestartMode::OnFailure));
+        let mut delays = Vec::new();
+        for _ in 0..20 {
+            match t.on_excused_exit(false, Duration::ZERO, Instant::now()) {
+                Decision::Restart(d) => delays.push(d.as_secs()),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(&delays[..6], &[1, 2, 4, 8, 16, 30]);
+        // Counted failures still give up past the limit.
+        for _ in 0..5 {
+            assert!(matches!(
+                t.on_exit(false, Duration::ZERO, Instant::now()),
+                Decision::Restart(_)
+            ));
+        }
+        assert_eq!(
+            t.on_exit(false, Duration::ZERO, Instant::now()),
+            Decision::GiveUp
         );
     }
 

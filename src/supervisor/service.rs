@@ -86,6 +86,27 @@ impl ServiceCtx {
     }
 }
 
+/// Wait until every dependency is ready; false if a stop is requested meanwhile.
+async fn wait_for_dependencies(ctx: &ServiceCtx) -> bool {
+    let mut waited = false;
+    for (dep, rx) in &ctx.deps {
+        if rx.borrow().state.is_ready() {
+            continue;
+        }
+        waited = true;
+        ctx.set(|s| s.detail = Some(format!("waiting for {dep}")));
+        let mut rx = rx.clone();
+        tokio::select! {
+            _ = rx.wait_for(|s| s.state.is_ready()) => {}
+            _ = ctx.shutdown.cancelled() => return false,
+        }
+    }
+    if waited {
+        ctx.set(|s| s.detail = None);
+    }
+    true
+}
+
 /// A spawn error that trying again cannot cure: the program (or the working directory) is not
 /// there, not executable by the service's user, or not a program.
 fn cannot_execute(e: &std::io::Error) -> bool {
@@ -152,25 +173,16 @@ pub fn command_for(
 
 /// Run the service until its final state.
 pub async fn run(ctx: ServiceCtx) -> Outcome {
-    // Dependencies first.
-    for (dep, rx) in &ctx.deps {
-        if rx.borrow().state.is_ready() {
-            continue;
-        }
-        ctx.set(|s| s.detail = Some(format!("waiting for {dep}")));
-        let mut rx = rx.clone();
-        tokio::select! {
-            _ = rx.wait_for(|s| s.state.is_ready()) => {}
-            _ = ctx.shutdown.cancelled() => {
-                ctx.set(|s| { s.state = State::Stopped; s.detail = None; });
-                return Outcome::Stopped;
-            }
-        }
-    }
-    ctx.set(|s| s.detail = None);
-
     let mut tracker = Tracker::new(&ctx.spec);
     loop {
+        // Dependencies first (again after a restart: PostgreSQL may be starting again).
+        if !wait_for_dependencies(&ctx).await {
+            ctx.set(|s| {
+                s.state = State::Stopped;
+                s.detail = None;
+            });
+            return Outcome::Stopped;
+        }
         let started = Instant::now();
         let (status, why) = match start(&ctx) {
             Ok((child, logs)) => match supervise(&ctx, child, logs).await {
@@ -215,9 +227,29 @@ pub async fn run(ctx: ServiceCtx) -> Outcome {
             ctx.set(|s| s.state = State::Done);
             return Outcome::Done;
         }
-        match tracker.on_exit(success, started.elapsed(), Instant::now()) {
+        // A failure while something it depends on is down (PostgreSQL restarting) is not the
+        // service's own: not counted against its restart limit.
+        let dependency_down = ctx
+            .deps
+            .iter()
+            .find(|(_, rx)| !rx.borrow().state.is_ready())
+            .map(|(dep, _)| dep.clone());
+        let decision = match &dependency_down {
+            Some(_) if !success => {
+                tracker.on_excused_exit(success, started.elapsed(), Instant::now())
+            }
+            _ => tracker.on_exit(success, started.elapsed(), Instant::now()),
+        };
+        match decision {
             Decision::Restart(delay) => {
-                tracing::warn!(service = %ctx.name, exit = %exit_text, restart_in = ?delay, "service exited; restarting");
+                match &dependency_down {
+                    Some(dep) => {
+                        tracing::warn!(service = %ctx.name, exit = %exit_text, restart_in = ?delay, "service exited while {dep} is not ready; restarting once it is (not counted against restart_limit)")
+                    }
+                    None => {
+                        tracing::warn!(service = %ctx.name, exit = %exit_text, restart_in = ?delay, "service exited; restarting")
+                    }
+                }
                 ctx.set(|s| {
                     s.state = State::Backoff;
                     s.restarts = tracker.restarts;

@@ -264,7 +264,23 @@ fn postmaster_pid(inst: &Instance) -> i32 {
 #[test]
 fn a_postgres_that_dies_is_started_again_in_place_until_the_budget_is_spent() {
     let inst = Instance::new();
+    // A service that ends when it loses the database, and may fail no more than once: its
+    // failures while PostgreSQL is down are not its own.
+    let watcher = format!(
+        "until {psql} -Xqc 'select 1' >/dev/null 2>&1; do sleep 0.1; done; echo connected; \
+         while {psql} -Xqc 'select 1' >/dev/null 2>&1; do sleep 0.1; done; echo lost-db; exit 1",
+        psql = psql_binary().display()
+    );
+    inst.config_file(
+        "50_services.toml",
+        &format!(
+            "[services.watcher]\ncommand = [\"sh\", \"-c\", {}]\ndepends_on = [\"postgres\"]\n\
+             restart_limit = 0\nbackoff_initial = \"100ms\"\n",
+            toml::Value::String(watcher)
+        ),
+    );
     let mut run = inst.start();
+    run.wait_for_log("watcher | connected", Duration::from_secs(30));
     inst.sql("CREATE TABLE kept(x int); INSERT INTO kept VALUES (7)");
     let first = postmaster_pid(&inst);
     kill(Pid::from_raw(first), Signal::SIGKILL).unwrap();
@@ -272,7 +288,7 @@ fn a_postgres_that_dies_is_started_again_in_place_until_the_budget_is_spent() {
     assert!(alive(run.pid()));
     let log = run.log_text();
     assert!(
-        log.contains("PostgreSQL exited unexpectedly; starting it again (crash recovery"),
+        log.contains("PostgreSQL exited unexpectedly (signal: 9 (SIGKILL)); starting it again (crash recovery: nothing committed is lost)"),
         "{log}"
     );
     assert_ne!(postmaster_pid(&inst), first);
@@ -281,6 +297,16 @@ fn a_postgres_that_dies_is_started_again_in_place_until_the_budget_is_spent() {
     assert_eq!(status["state"], "ready", "{status}");
     assert_eq!(status["restarts"], 1, "{status}");
     assert_eq!(status["last_exit"], "signal 9 (SIGKILL)", "{status}");
+    run.wait_for_log(
+        "service exited while postgres is not ready; restarting once it is (not counted against restart_limit)",
+        Duration::from_secs(30),
+    );
+    inst.wait_until(
+        "the watcher connected again",
+        Duration::from_secs(30),
+        || run.log_text().matches("watcher | connected").count() == 2,
+    );
+    assert_eq!(inst.service("watcher")["state"], "ready");
 
     // Five more crashes in a row: the sixth within the window is one too many.
     let mut killed = vec![first];
@@ -304,7 +330,7 @@ fn a_postgres_that_dies_is_started_again_in_place_until_the_budget_is_spent() {
     let log = run.log_text();
     assert!(
         log.contains(
-            "PostgreSQL exited unexpectedly, more than 5 times within 10 minutes; giving up"
+            "PostgreSQL exited unexpectedly (signal: 9 (SIGKILL)), more than 5 times within 10 minutes; giving up"
         ),
         "{log}"
     );

@@ -233,6 +233,64 @@ fn a_command_that_cannot_be_executed_is_fatal_at_once() {
     assert!(log.contains("looked for in PATH="), "{log}");
 }
 
+/// Issue 17: on a fresh volume, `regobox is ready` reports the time since launch (initdb
+/// included: at least the time between regobox's first and that log line), and a cleanly stopped
+/// `run` leaves no socket behind in its runtime directory.
+#[test]
+fn ready_reports_the_time_since_launch_and_a_clean_stop_leaves_no_socket() {
+    let inst = Instance::new();
+    let run = inst.start();
+    let log = run.log_text();
+    let stamp = |line: &str| {
+        chrono::DateTime::parse_from_rfc3339(line.split_whitespace().next().unwrap()).unwrap()
+    };
+    let first = log
+        .lines()
+        .find(|l| l.starts_with("20"))
+        .expect("a line of regobox's own");
+    let ready = log
+        .lines()
+        .find(|l| l.contains("regobox is ready"))
+        .unwrap();
+    assert!(
+        log.contains("initialising a new PostgreSQL cluster"),
+        "{log}"
+    );
+    let elapsed: i64 = ready
+        .split("elapsed_ms=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let between = (stamp(ready) - stamp(first)).num_milliseconds();
+    assert!(
+        elapsed >= between,
+        "elapsed_ms={elapsed} but {between} ms passed between the first line and the ready line:\n{log}"
+    );
+    assert!(ready.contains("since=\"launch\""), "{ready}");
+
+    let control = inst.runtime.join("control.sock");
+    assert!(control.exists());
+    run.stop();
+    let mut sockets = Vec::new();
+    let mut stack = vec![inst.runtime.clone()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let kind = e.file_type().unwrap();
+            if kind.is_dir() {
+                stack.push(e.path());
+            } else if std::os::unix::fs::FileTypeExt::is_socket(&kind) {
+                sockets.push(e.path());
+            }
+        }
+    }
+    assert!(sockets.is_empty(), "left behind: {sockets:?}");
+}
+
 #[test]
 fn a_oneshot_and_readiness_gate_their_dependents() {
     let inst = Instance::new();
