@@ -4,22 +4,33 @@
 # then, on the same data, side by side:
 #   regobox backup            vs  pg_dump -Fc + tar czf
 #   regobox restore (fresh)   vs  pg_restore (into a new database) + tar xzf
-# Usage: scripts/bench-backup.sh [SCALE] [FILES_MB]
+# Usage: scripts/bench-backup.sh [SCALE] [FILES_MB]   (REGOBOX_BIN: a binary to use instead of
+# building the release one). It stops everything it starts, and removes its work directory
+# (under TMPDIR) only once nothing runs in it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCALE="${1:-70}"
 FILES_MB="${2:-1024}"
-cargo build --release -q
-BIN="$PWD/target/release/regobox"
+if [ -n "${REGOBOX_BIN:-}" ]; then
+    BIN="$REGOBOX_BIN"
+else
+    cargo build --release -q
+    BIN="$PWD/target/release/regobox"
+fi
 BINDIR="$(pg_config --bindir 2>/dev/null || ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
-WORK="$(mktemp -d /tmp/regobox-bench.XXXXXX)"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/regobox-bench.XXXXXX")"
 chmod 755 "$WORK"
 cleanup() {
     status=$?
     if [ "$status" != 0 ]; then
         for f in "$WORK"/*.log; do [ -f "$f" ] && { echo "== $f" >&2; tail -20 "$f" >&2; }; done
     fi
-    [ -n "${PID:-}" ] && kill "$PID" 2>/dev/null
+    # regobox itself (not a subshell): SIGTERM stops its PostgreSQL cleanly; wait for it to exit
+    # before the directory under it goes.
+    if [ -n "${PID:-}" ]; then
+        kill -TERM "$PID" 2>/dev/null || true
+        wait "$PID" 2>/dev/null || true
+    fi
     wait 2>/dev/null || true
     rm -rf "$WORK"
 }
@@ -34,7 +45,9 @@ mib() { awk -v b="$1" 'BEGIN {printf "%.0f", b / 1048576}'; }
 
 SRC="$WORK/src"
 echo "preparing: pgbench scale $SCALE, $FILES_MB MiB of files..." >&2
-rb "$SRC" run > "$WORK/run.log" 2>&1 &
+# Started directly, not through rb(): `rb ... &` would put the function in a subshell, and $!
+# would be that subshell rather than regobox.
+REGOBOX_VOLUMES__ROOT="$SRC" "$BIN" --config-dir "$WORK/config" run > "$WORK/run.log" 2>&1 &
 PID=$!
 until grep -q "regobox is ready" "$WORK/run.log"; do sleep 0.2; done
 export PGPASSWORD="$(cat "$SRC/secrets/postgres-password")"

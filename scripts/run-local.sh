@@ -12,4 +12,13 @@ if [ "$(id -u)" != 0 ]; then
     export REGOBOX_PROXY__HTTP_PORT="${REGOBOX_PROXY__HTTP_PORT:-8080}"
     export REGOBOX_PROXY__HTTPS_PORT="${REGOBOX_PROXY__HTTPS_PORT:-8443}"
 fi
+HTTPS_PORT="${REGOBOX_PROXY__HTTPS_PORT:-443}"
+cat >&2 <<EOF
+regobox: data volume $REGOBOX_VOLUMES__ROOT, runtime directory $REGOBOX_RUNTIME_DIR.
+From another terminal (in $PWD):
+  REGOBOX_VOLUMES__ROOT=$REGOBOX_VOLUMES__ROOT REGOBOX_RUNTIME_DIR=$REGOBOX_RUNTIME_DIR target/release/regobox --config-dir config psql
+  curl -s localhost:8081/status
+  https://localhost:$HTTPS_PORT/ (self-signed: $REGOBOX_VOLUMES__ROOT/secrets/tls/self-signed.pem)
+Stop with Ctrl-C.
+EOF
 exec target/release/regobox --config-dir config run "$@"

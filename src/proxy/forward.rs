@@ -156,9 +156,9 @@ impl ConnCtx {
                 break 'done r;
             }
 
-            if self.shared.landing {
+            if let Some(facts) = &self.shared.landing {
                 break 'done if matches!(method, Method::GET | Method::HEAD) {
-                    landing_page(&self.shared.board, &self.shared.config)
+                    super::landing::page(&self.shared.board, facts)
                 } else {
                     page(
                         StatusCode::NOT_FOUND,
@@ -582,87 +582,6 @@ fn escape(text: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
-}
-
-/// What a bare `docker run` shows: the instance's state, and how to add the application.
-fn landing_page(
-    board: &crate::supervisor::status::Board,
-    config: &crate::config::ProxyConfig,
-) -> Response<Body> {
-    let snap = board.snapshot();
-    let mut rows = String::new();
-    for s in &snap.services {
-        rows.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{:?}</td><td>{}</td></tr>",
-            escape(&s.name),
-            escape(&s.kind),
-            s.status.state,
-            escape(s.status.detail.as_deref().unwrap_or(""))
-        ));
-    }
-    let component = |name: &str| {
-        snap.components
-            .get(name)
-            .and_then(|c| c.get("state"))
-            .and_then(|s| s.as_str())
-            .unwrap_or("unknown")
-            .to_string()
-    };
-    let cert = snap
-        .components
-        .get("proxy")
-        .and_then(|p| p.get("certificate"))
-        .map(|c| {
-            format!(
-                "{} certificate for {}, issued by {}, valid until {}",
-                c["source"].as_str().unwrap_or(""),
-                c["subject"].as_str().unwrap_or(""),
-                c["issuer"].as_str().unwrap_or(""),
-                c["not_after"].as_str().unwrap_or("")
-            )
-        })
-        .unwrap_or_default();
-    let html = format!(
-        r#"<!doctype html>
-<html><head><meta charset="utf-8"><title>regobox</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:48em;margin:3em auto;color:#222;line-height:1.4}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}
-code,pre{{background:#f4f4f4;padding:.1em .3em}}pre{{padding:.8em}}</style></head>
-<body><h1>regobox is running</h1>
-<p>This container runs PostgreSQL, a supervisor, this TLS proxy, a Docker bridge and backups.
-No application is configured yet, so this page answers instead of one.</p>
-<h2>Status</h2>
-<p>Ready: <b>{ready}</b> &middot; up {uptime:.0} s &middot; Docker bridge: <b>{docker}</b></p>
-<table><tr><th>service</th><th>kind</th><th>state</th><th>detail</th></tr>{rows}</table>
-<p><small>{cert}</small></p>
-<h2>Adding the application</h2>
-<p>Mount a configuration directory on <code>/config</code> with a file such as
-<code>90_app.toml</code>, or build an image <code>FROM</code> this one (see
-<code>docker/examples/</code>):</p>
-<pre>[services.web]
-command = ["python3", "/app/server.py"]
-ready = {{ http = "http://127.0.0.1:8500/healthz" }}
-
-[proxy]
-upstream = "{upstream}"</pre>
-<p>The application gets <code>DATABASE_URL</code>, its files under <code>/volumes/files</code> and,
-when the host's Docker socket is mounted, a policy-enforcing <code>DOCKER_HOST</code>.
-<code>regobox config --origin</code> shows every key and where it was set; the supervision port
-(8081) serves <code>/status</code> and <code>/metrics</code>.</p>
-</body></html>
-"#,
-        ready = snap.ready,
-        uptime = snap.uptime_seconds,
-        docker = escape(&component("docker")),
-        rows = rows,
-        cert = escape(&cert),
-        upstream = escape(&config.upstream),
-    );
-    Response::builder()
-        .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(full(Bytes::from(html)))
-        .unwrap_or_default()
 }
 
 /// A small HTML page.

@@ -18,6 +18,7 @@ pub mod coalesce;
 pub mod files;
 pub mod forward;
 pub mod framing;
+pub mod landing;
 pub mod net;
 pub mod tls;
 pub mod upstream;
@@ -71,7 +72,7 @@ pub struct Shared {
     pub force: CancellationToken,
     /// No application is configured (no service, `proxy.upstream` left at its default): the
     /// built-in landing page answers instead.
-    pub landing: bool,
+    pub landing: Option<Arc<landing::Facts>>,
     /// For the https listener's connections.
     pub tls: Option<TlsAcceptor>,
     pub dispatch: Arc<Dispatch>,
@@ -234,8 +235,9 @@ impl Proxy {
             p.workers
         };
         // No service to supervise and no upstream of its own: nothing to proxy to.
-        let landing = config.services.is_empty()
-            && p.upstream == crate::config::ProxyConfig::default().upstream;
+        let landing = (config.services.is_empty()
+            && p.upstream == crate::config::ProxyConfig::default().upstream)
+            .then(|| Arc::new(landing::Facts::of(config)));
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers)
             .map(|_| tokio::sync::mpsc::unbounded_channel::<Handoff>())
             .unzip();
@@ -252,7 +254,7 @@ impl Proxy {
             let dispatch = dispatch.clone();
             let acceptor = acceptor.clone();
             let (config, upstream, trusted) = (p.clone(), upstream.clone(), trusted.clone());
-            let (board, challenges) = (board.clone(), challenges.clone());
+            let (board, challenges, landing) = (board.clone(), challenges.clone(), landing.clone());
             let (shutdown, force, tracker) = (shutdown.clone(), force.clone(), tracker.clone());
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

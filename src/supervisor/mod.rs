@@ -189,6 +189,8 @@ struct Persistent {
     proxy: Option<crate::proxy::Proxy>,
     /// Cycles begun (more than one after a restore).
     cycles: u32,
+    /// The scheduled backups' state, under `components.backup`.
+    backup: watch::Sender<serde_json::Value>,
 }
 
 /// Bring everything in `plan` up, keep it up, stop it; the exit code. A maintenance request
@@ -253,6 +255,11 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
     let (maintenance, maintenance_rx) = watch::channel(None);
     let (docker_tx, docker_rx) = watch::channel(serde_json::json!({"state": "starting"}));
     let (proxy_tx, proxy_rx) = watch::channel(serde_json::json!({"state": "starting"}));
+    let (backup_tx, backup_rx) = watch::channel(serde_json::json!({
+        "schedule": config.backup.schedule,
+        "next": null,
+        "last_failure": null,
+    }));
     let board = Arc::new(Board {
         entries,
         started_at: now_epoch(),
@@ -260,6 +267,7 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
         components: [
             ("docker".to_string(), docker_rx),
             ("proxy".to_string(), proxy_rx),
+            ("backup".to_string(), backup_rx),
         ]
         .into_iter()
         .collect(),
@@ -282,6 +290,7 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
         control: control_rx,
         proxy: None,
         cycles: 0,
+        backup: backup_tx,
     };
 
     let background = CancellationToken::new();
@@ -479,6 +488,7 @@ async fn cycle(
             loaded.dirs.clone(),
             endpoint.clone(),
             shutdown.clone(),
+            p.backup.clone(),
         ))
     });
     {
@@ -712,7 +722,16 @@ async fn scheduled_backups(
     dirs: Vec<PathBuf>,
     endpoint: Endpoint,
     shutdown: CancellationToken,
+    state: watch::Sender<serde_json::Value>,
 ) {
+    let failed = |error: String| {
+        state.send_modify(|s| {
+            s["last_failure"] = serde_json::json!({
+                "at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                "error": error,
+            })
+        })
+    };
     let Ok(schedule) = config.backup.schedule.parse::<croner::Cron>() else {
         return;
     };
@@ -722,12 +741,16 @@ async fn scheduled_backups(
             return;
         };
         let wait = (next - now).to_std().unwrap_or(Duration::ZERO);
+        state.send_modify(|s| {
+            s["next"] = serde_json::json!(next.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        });
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => return,
         }
         if let Err(why) = backup_fits(&config, &layout) {
             tracing::error!("{why}");
+            failed(why);
             continue;
         }
         let opts = crate::backup::CreateOptions {
@@ -735,8 +758,12 @@ async fn scheduled_backups(
             secrets: true,
             config: true,
         };
-        if let Err(e) = crate::backup::create(&config, &layout, &dirs, &endpoint, &opts).await {
-            tracing::error!("scheduled backup failed: {e:#}");
+        match crate::backup::create(&config, &layout, &dirs, &endpoint, &opts).await {
+            Err(e) => {
+                tracing::error!("scheduled backup failed: {e:#}");
+                failed(format!("{e:#}"));
+            }
+            Ok(_) => state.send_modify(|s| s["last_failure"] = serde_json::Value::Null),
         }
     }
 }

@@ -905,11 +905,43 @@ fn without_an_application_the_landing_page_answers() {
     assert!(page.contains("regobox is running"), "{page}");
     assert!(page.contains("Ready: <b>true</b>"), "{page}");
     assert!(
-        page.contains("<td>postgres</td><td>database</td><td>Ready</td>"),
+        page.contains("<td>postgres</td><td>database</td><td>ready</td>"),
         "{page}"
     );
     assert!(
         page.contains("self-signed certificate for CN=localhost"),
+        "{page}"
+    );
+    // Issue 17: what an operator needs first, about this instance, not a generic container.
+    let root = p.inst.root.display().to_string();
+    for needle in [
+        "(expires in 82".to_string(),
+        " free of ".to_string(),
+        format!("Backups in {root}/backups: last none yet; none scheduled"),
+        format!("its files under <code>{root}/files</code>"),
+        "\"http.server\", \"8500\"".to_string(),
+        "apt-get install -y python3".to_string(),
+    ] {
+        assert!(page.contains(&needle), "{needle:?} not in {page}");
+    }
+    assert!(!page.contains("<code>/volumes/files</code>"), "{page}");
+    let uptime = page
+        .split("up ")
+        .nth(1)
+        .unwrap()
+        .split(" &middot;")
+        .next()
+        .unwrap();
+    assert!(
+        uptime.ends_with(" s") && !uptime.contains('.'),
+        "uptime {uptime:?}"
+    );
+    p.inst.ok(&["backup"]);
+    let page = stdout(&p.curl(&[&p.https_url("/")]));
+    assert!(
+        page.contains(&format!(
+            "Backups in {root}/backups: last {root}/backups/regobox-"
+        )),
         "{page}"
     );
     // Port 80 still redirects to it.
