@@ -4,15 +4,15 @@
 # then, on the same data, side by side:
 #   regobox backup            vs  pg_dump -Fc + tar czf
 #   regobox restore (fresh)   vs  pg_restore (into a new database) + tar xzf
-# Usage: scripts/bench-backup.sh [SCALE] [FILES_MB]   (REGOBOX_BIN: a binary to use instead of
+# Usage: scripts/bench-backup.sh [SCALE] [FILES_MB]   (BENCH_BIN: a binary to use instead of
 # building the release one). It stops everything it starts, and removes its work directory
 # (under TMPDIR) only once nothing runs in it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCALE="${1:-70}"
 FILES_MB="${2:-1024}"
-if [ -n "${REGOBOX_BIN:-}" ]; then
-    BIN="$REGOBOX_BIN"
+if [ -n "${BENCH_BIN:-}" ]; then
+    BIN="$BENCH_BIN"
 else
     cargo build --release -q
     BIN="$PWD/target/release/regobox"
@@ -37,7 +37,9 @@ cleanup() {
 trap cleanup EXIT
 PORT=$(( 20000 + RANDOM % 20000 ))
 mkdir -p "$WORK/config"
-export REGOBOX_RUNTIME_DIR="$WORK/run" REGOBOX_POSTGRES__PORT="$PORT" REGOBOX_SUPERVISION__PORT=0
+# Neither the proxy (80/443 may be taken) nor the Docker bridge has a part in a backup.
+export REGOBOX_RUNTIME_DIR="$WORK/run" REGOBOX_POSTGRES__PORT="$PORT" REGOBOX_SUPERVISION__PORT=0 \
+    REGOBOX_PROXY__ENABLED=false REGOBOX_DOCKER__ENABLED=false
 rb() { REGOBOX_VOLUMES__ROOT="$1" "$BIN" --config-dir "$WORK/config" "${@:2}"; }
 secs() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.1f", b - a}'; }
@@ -49,7 +51,10 @@ echo "preparing: pgbench scale $SCALE, $FILES_MB MiB of files..." >&2
 # would be that subshell rather than regobox.
 REGOBOX_VOLUMES__ROOT="$SRC" "$BIN" --config-dir "$WORK/config" run > "$WORK/run.log" 2>&1 &
 PID=$!
-until grep -q "regobox is ready" "$WORK/run.log"; do sleep 0.2; done
+until grep -q "regobox is ready" "$WORK/run.log"; do
+    kill -0 "$PID" 2>/dev/null || { PID=; echo "regobox run exited before it was ready" >&2; exit 1; }
+    sleep 0.2
+done
 export PGPASSWORD="$(cat "$SRC/secrets/postgres-password")"
 "$BINDIR/pgbench" -h 127.0.0.1 -p "$PORT" -U app -i -q -s "$SCALE" app > /dev/null 2>&1
 python3 - "$SRC/files" "$FILES_MB" <<'PY'

@@ -1422,3 +1422,45 @@ fn a_backup_that_runs_out_of_space_says_so_and_leaves_nothing() {
         "nothing left"
     );
 }
+
+/// Issue 17: the backup benchmark stops what it starts. It used to start `regobox run` through a
+/// shell function in the background, so its `$!` was a subshell: the exit trap killed that, left
+/// regobox and PostgreSQL running and deleted the directory under them. Run small, it must
+/// leave no process working in its directory, and no directory.
+#[test]
+fn the_backup_benchmark_stops_what_it_starts() {
+    // Processes working in a benchmark's directory, wherever it is (`regobox-bench.*`).
+    let working = || -> Vec<(String, String)> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                cmdline
+                    .contains("regobox-bench.")
+                    .then(|| (e.file_name().to_string_lossy().into_owned(), cmdline))
+            })
+            .collect()
+    };
+    let before = working();
+    let tmp = tempdir();
+    let out = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/bench-backup.sh"
+        ))
+        .args(["1", "2"])
+        .env("BENCH_BIN", BIN)
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("| backup | "), "{}", stdout(&out));
+    let left: Vec<_> = working()
+        .into_iter()
+        .filter(|p| !before.contains(p))
+        .collect();
+    assert!(left.is_empty(), "still running: {left:?}");
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
+}
