@@ -242,7 +242,7 @@ pub fn self_signed(dir: &Path, hostnames: &[String]) -> anyhow::Result<Loaded> {
     params.not_after = (now + Duration::from_secs(825 * 86400)).into();
     let cert = params.self_signed(&key).context("self-signing")?;
     write_private(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-    write_private(&cert_path, cert.pem().as_bytes(), 0o644)?;
+    write_private(&cert_path, cert.pem().as_bytes(), 0o600)?;
     load_pem(
         cert.pem().as_bytes(),
         key.serialize_pem().as_bytes(),

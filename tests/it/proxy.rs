@@ -936,6 +936,14 @@ fn without_an_application_the_landing_page_answers() {
         uptime.ends_with(" s") && !uptime.contains('.'),
         "uptime {uptime:?}"
     );
+    // Every file under secrets/ is 0600, the generated certificate too (a restore of regobox's
+    // own archive would otherwise warn that it narrowed a mode).
+    for name in ["self-signed.pem", "self-signed.key"] {
+        use std::os::unix::fs::PermissionsExt;
+        let path = p.inst.root.join("secrets/tls").join(name);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", path.display());
+    }
     p.inst.ok(&["backup"]);
     let page = stdout(&p.curl(&[&p.https_url("/")]));
     assert!(
