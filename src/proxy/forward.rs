@@ -238,7 +238,25 @@ impl ConnCtx {
         };
 
         let status = response.status();
-        let (parts, body) = response.into_parts();
+        let (mut parts, mut body) = response.into_parts();
+        // The client's protocol, not the application's: an application answering HTTP/1.0 must
+        // not make regobox answer HTTP/1.0 to an HTTP/1.1 client (HTTP/2 ignores this).
+        parts.version = Version::HTTP_11;
+        // A response to HEAD has no content, whoever made it (regobox's own pages carry one,
+        // which HTTP/2 forbids: a DATA frame after HEAD is a stream error for the client). Its
+        // length is still announced.
+        if method == Method::HEAD {
+            if let Some(len) = hyper::body::Body::size_hint(&body)
+                .exact()
+                .filter(|n| *n > 0)
+            {
+                parts
+                    .headers
+                    .entry(header::CONTENT_LENGTH)
+                    .or_insert_with(|| HeaderValue::from(len));
+            }
+            body = super::empty();
+        }
         let logged = Logged {
             inner: body,
             bytes: 0,

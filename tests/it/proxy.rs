@@ -1085,3 +1085,79 @@ fn a_restore_in_progress_answers_503_with_retry_after() {
     );
     p.stop();
 }
+
+/// Issue 16, item 6: HEAD over HTTP/2 on regobox's own pages (the landing page, a 502) answers
+/// headers only, with the page's length; it used to send the page's bytes, which HTTP/2 forbids
+/// after HEAD (curl: exit 92, stream PROTOCOL_ERROR).
+#[test]
+fn head_over_http2_on_regoboxs_own_pages_has_no_body() {
+    let mut p = Proxied::config("");
+    std::fs::remove_file(p.inst.config_dir.join("90_proxy.toml")).unwrap();
+    p.inst
+        .config_file("90_proxy.toml", "[proxy]\nlisten = \"127.0.0.1\"\n");
+    p.start_again();
+    let get = p.curl(&["--http2", &p.https_url("/")]);
+    assert!(get.status.success(), "{}", stderr(&get));
+    let length = get.stdout.len();
+    let head = p.curl(&["--http2", "-I", &p.https_url("/")]);
+    assert!(
+        head.status.success(),
+        "curl: {:?} {}",
+        head.status.code(),
+        stderr(&head)
+    );
+    let text = stdout(&head);
+    assert!(text.starts_with("HTTP/2 200"), "{text}");
+    assert!(
+        text.contains(&format!("content-length: {length}")),
+        "{text} (GET gave {length} bytes)"
+    );
+    p.stop();
+
+    // A 502 (no application answering).
+    let mut p = Proxied::config("");
+    std::fs::remove_file(p.inst.config_dir.join("90_proxy.toml")).unwrap();
+    p.inst.config_file(
+        "90_proxy.toml",
+        &format!(
+            "[proxy]\nlisten = \"127.0.0.1\"\nupstream = \"http://127.0.0.1:{}\"\n[services.app]\ncommand = [\"sleep\", \"1000\"]\n",
+            p.app
+        ),
+    );
+    p.start_again();
+    let head = p.curl(&["--http2", "-I", &p.https_url("/x")]);
+    assert!(
+        head.status.success(),
+        "curl: {:?} {}",
+        head.status.code(),
+        stderr(&head)
+    );
+    assert!(stdout(&head).starts_with("HTTP/2 502"), "{}", stdout(&head));
+    p.stop();
+}
+
+/// Issue 16, item 8: an application answering HTTP/1.0 (Python's `http.server`) does not make
+/// regobox answer HTTP/1.0 to an HTTP/1.1 client.
+#[test]
+fn the_applications_http_version_does_not_leak_to_clients() {
+    let site = tempdir();
+    std::fs::write(site.path().join("index.html"), "<h1>old</h1>\n").unwrap();
+    let mut p = Proxied::config("");
+    std::fs::remove_file(p.inst.config_dir.join("90_proxy.toml")).unwrap();
+    p.inst.config_file(
+        "90_proxy.toml",
+        &format!(
+            "[proxy]\nlisten = \"127.0.0.1\"\nupstream = \"http://127.0.0.1:{app}\"\n\
+             [services.app]\ncommand = [\"python3\", \"-m\", \"http.server\", \"{app}\", \"--bind\", \"127.0.0.1\", \"--directory\", \"{dir}\"]\n\
+             ready = {{ tcp = {app} }}\n",
+            app = p.app,
+            dir = site.path().display()
+        ),
+    );
+    p.start_again();
+    let out = p.curl(&["--http1.1", "-D", "-", &p.https_url("/")]);
+    let text = stdout(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("<h1>old</h1>"), "{text}");
+    p.stop();
+}
