@@ -98,6 +98,18 @@ pub struct ProxyConfig {
     pub https_port: u16,
     /// `false`: port 80 proxies everything instead of redirecting.
     pub redirect_http: bool,
+    /// The host clients reach https on, for redirects from port 80 (empty: the request's
+    /// host).
+    pub public_host: String,
+    /// The port clients reach https on, for redirects (0: `https_port`). With `docker run -p
+    /// 38443:443`, 38443.
+    pub public_https_port: u16,
+    /// `Strict-Transport-Security` on https responses: its max-age (0: not sent, the default;
+    /// once a browser has seen it, it refuses plain HTTP to this host for that long).
+    #[serde(with = "humantime_serde")]
+    pub hsts_max_age: Duration,
+    /// Add `includeSubDomains` to it.
+    pub hsts_include_subdomains: bool,
     /// Path prefixes proxied over plain HTTP on port 80 (callbacks from pipeline containers).
     pub plain_http_paths: Vec<String>,
     /// The names this server answers to (the self-signed certificate's, ACME's by default).
@@ -143,6 +155,10 @@ impl Default for ProxyConfig {
             http_port: 80,
             https_port: 443,
             redirect_http: true,
+            public_host: String::new(),
+            public_https_port: 0,
+            hsts_max_age: Duration::ZERO,
+            hsts_include_subdomains: false,
             plain_http_paths: Vec::new(),
             hostnames: vec!["localhost".into()],
             trusted_proxies: Vec::new(),

@@ -134,7 +134,25 @@ impl ConnCtx {
                     .iter()
                     .any(|p| uri_path.starts_with(p.as_str()));
                 if cfg.redirect_http && cfg.https_port != 0 && !plain {
-                    break 'done redirect(&method, &host, cfg.https_port, path.as_str());
+                    // `OPTIONS *` asks about the server, not a resource: nothing to redirect.
+                    if path.as_str() == "*" {
+                        break 'done Response::builder()
+                            .status(StatusCode::NO_CONTENT)
+                            .header(header::ALLOW, ALLOWED_METHODS)
+                            .body(super::empty())
+                            .unwrap_or_default();
+                    }
+                    let public_host = if cfg.public_host.is_empty() {
+                        &host
+                    } else {
+                        &cfg.public_host
+                    };
+                    let public_port = if cfg.public_https_port == 0 {
+                        cfg.https_port
+                    } else {
+                        cfg.public_https_port
+                    };
+                    break 'done redirect(&method, public_host, public_port, path.as_str());
                 }
             }
             for s in &cfg.statics {
@@ -157,7 +175,7 @@ impl ConnCtx {
             }
 
             if let Some(facts) = &self.shared.landing {
-                break 'done if matches!(method, Method::GET | Method::HEAD) {
+                break 'done if matches!(method, Method::GET | Method::HEAD) && uri_path == "/" {
                     super::landing::page(&self.shared.board, facts)
                 } else {
                     page(
@@ -239,6 +257,20 @@ impl ConnCtx {
 
         let status = response.status();
         let (mut parts, mut body) = response.into_parts();
+        if self.https && !cfg.hsts_max_age.is_zero() {
+            let value = format!(
+                "max-age={}{}",
+                cfg.hsts_max_age.as_secs(),
+                if cfg.hsts_include_subdomains {
+                    "; includeSubDomains"
+                } else {
+                    ""
+                }
+            );
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                parts.headers.insert(header::STRICT_TRANSPORT_SECURITY, v);
+            }
+        }
         // The client's protocol, not the application's: an application answering HTTP/1.0 must
         // not make regobox answer HTTP/1.0 to an HTTP/1.1 client (HTTP/2 ignores this).
         parts.version = Version::HTTP_11;
@@ -412,8 +444,39 @@ fn is_bodyless(parts: &hyper::http::request::Parts) -> bool {
 /// forward proxy), a transfer coding other than chunked (hyper only undoes chunked, so the
 /// application would get the coded bytes as the body: RFC 9112 6.1 says 501), and a missing,
 /// repeated or invalid `Host` (RFC 9112 3.2 says 400). The connection closes after the answer.
+/// The methods forwarded: RFC 9110's (but CONNECT and TRACE), PATCH, and WebDAV's.
+const METHODS: [&str; 17] = [
+    "GET",
+    "HEAD",
+    "POST",
+    "PUT",
+    "DELETE",
+    "OPTIONS",
+    "PATCH",
+    "PROPFIND",
+    "PROPPATCH",
+    "MKCOL",
+    "COPY",
+    "MOVE",
+    "LOCK",
+    "UNLOCK",
+    "REPORT",
+    "SEARCH",
+    "MKCALENDAR",
+];
+const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH";
+
 fn refused<B>(req: &Request<B>) -> Option<Response<Body>> {
-    let (status, title, text) = if req.method() == Method::CONNECT {
+    let (status, title, text) = if !METHODS.contains(&req.method().as_str()) {
+        (
+            StatusCode::NOT_IMPLEMENTED,
+            "Not implemented",
+            format!(
+                "The method \"{}\" is not one this server forwards.",
+                escape(&req.method().as_str().chars().take(40).collect::<String>())
+            ),
+        )
+    } else if req.method() == Method::CONNECT {
         (
             StatusCode::NOT_IMPLEMENTED,
             "Not implemented",
@@ -427,6 +490,12 @@ fn refused<B>(req: &Request<B>) -> Option<Response<Body>> {
                 "The transfer coding \"{}\" is not supported (only chunked is).",
                 escape(&coding.chars().take(40).collect::<String>())
             ),
+        )
+    } else if repeated_chunked(req.headers()) {
+        (
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            "The request is chunked more than once.".to_string(),
         )
     } else if let Some(why) = bad_host(req) {
         (StatusCode::BAD_REQUEST, "Bad request", why.to_string())
@@ -451,6 +520,22 @@ fn unsupported_coding(headers: &HeaderMap) -> Option<String> {
                 .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case("chunked"))
                 .map(str::to_string)
         })
+}
+
+/// `Transfer-Encoding: chunked, chunked` (or chunked in two fields): RFC 9112 6.1 forbids
+/// applying chunked more than once.
+fn repeated_chunked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter(|c| {
+            String::from_utf8_lossy(c)
+                .trim()
+                .eq_ignore_ascii_case("chunked")
+        })
+        .count()
+        > 1
 }
 
 /// What is wrong with the request's `Host` header, if anything.

@@ -899,9 +899,18 @@ fn without_an_application_the_landing_page_answers() {
     p.inst
         .config_file("90_proxy.toml", "[proxy]\nlisten = \"127.0.0.1\"\n");
     p.start_again();
-    let out = p.curl(&["-D", "-", &p.https_url("/anything")]);
+    let out = p.curl(&["-D", "-", &p.https_url("/")]);
     let page = stdout(&out);
     assert!(page.starts_with("HTTP/2 200"), "{page}");
+    // Issue 16, item 11: only `/` is the landing page.
+    for other in ["/favicon.ico", "/anything"] {
+        let out = p.curl(&["-D", "-", "-o", "/dev/null", &p.https_url(other)]);
+        assert!(
+            stdout(&out).starts_with("HTTP/2 404"),
+            "{other}: {}",
+            stdout(&out)
+        );
+    }
     assert!(page.contains("regobox is running"), "{page}");
     assert!(page.contains("Ready: <b>true</b>"), "{page}");
     assert!(
@@ -1159,5 +1168,99 @@ fn the_applications_http_version_does_not_leak_to_clients() {
     let text = stdout(&out);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("<h1>old</h1>"), "{text}");
+    p.stop();
+}
+
+/// Issue 16, item 7: the redirect to https keeps the public port (and host) of the
+/// configuration: behind `-p 38080:80 -p 38443:443` it names 38443. Item 12: HSTS, off by
+/// default, sent on https only when configured.
+#[test]
+fn redirects_name_the_public_https_port_and_hsts_is_opt_in() {
+    let mut p = Proxied::start("");
+    let out = p.curl(&["-D", "-", "-o", "/dev/null", &p.https_url("/")]);
+    assert!(
+        !stdout(&out)
+            .to_lowercase()
+            .contains("strict-transport-security"),
+        "{}",
+        stdout(&out)
+    );
+    p.stop();
+
+    let mut p = Proxied::start(
+        "public_https_port = 38443\npublic_host = \"lab.example.org\"\nhsts_max_age = \"180d\"\n",
+    );
+    let out = p.curl(&["-D", "-", "-o", "/dev/null", &p.http_url("/x?y=1")]);
+    let text = stdout(&out);
+    assert!(text.starts_with("HTTP/1.1 301"), "{text}");
+    assert!(
+        text.contains("location: https://lab.example.org:38443/x?y=1"),
+        "{text}"
+    );
+    let out = p.curl(&["-D", "-", "-o", "/dev/null", &p.https_url("/")]);
+    assert!(
+        stdout(&out).contains("strict-transport-security: max-age=15552000\r\n"),
+        "{}",
+        stdout(&out)
+    );
+    // Never on plain HTTP (a plain path is proxied, not redirected).
+    let out = p.curl(&["-D", "-", "-o", "/dev/null", &p.http_url("/job/1")]);
+    assert!(
+        !stdout(&out)
+            .to_lowercase()
+            .contains("strict-transport-security"),
+        "{}",
+        stdout(&out)
+    );
+    p.stop();
+}
+
+/// Issue 16, item 11: `Transfer-Encoding: chunked, chunked` is refused, a method regobox does not
+/// know is refused (501) rather than forwarded, and `OPTIONS *` on port 80 is answered, not
+/// redirected to `https://host:port*`.
+#[test]
+fn looser_requests_are_refused_or_answered() {
+    let mut p = Proxied::start("");
+    let raw = |port: u16, request: &str| -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let chunked_twice = raw(
+        p.http,
+        "POST /job/1 HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked, chunked\r\nConnection: close\r\n\r\n0\r\n\r\n",
+    );
+    assert!(chunked_twice.starts_with("HTTP/1.1 400"), "{chunked_twice}");
+    let long_method = format!(
+        "{} /job/1 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        "X".repeat(7000)
+    );
+    let answer = raw(p.http, &long_method);
+    assert!(
+        answer.starts_with("HTTP/1.1 501"),
+        "{}",
+        &answer[..answer.len().min(300)]
+    );
+    let answer = raw(
+        p.http,
+        "BREW /job/1 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
+    let answer = raw(
+        p.http,
+        "OPTIONS * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    assert!(!answer.to_lowercase().contains("location:"), "{answer}");
+    // What is known still goes through.
+    let answer = raw(
+        p.http,
+        "PATCH /job/1 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    assert!(!answer.starts_with("HTTP/1.1 501"), "{answer}");
     p.stop();
 }
