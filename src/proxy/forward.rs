@@ -77,6 +77,10 @@ impl ConnCtx {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let version = req.version();
+        // What is matched (plain paths, static directories) and forwarded: the path without its
+        // dot segments, as nginx does (`/job/../admin` is `/admin`); the access log keeps what
+        // the client sent.
+        let target = without_dot_segments(&path);
         let cfg = &self.shared.config;
         let mut upstream_time = None;
 
@@ -119,7 +123,7 @@ impl ConnCtx {
                 break 'done r;
             }
             let host = request_host(&req).unwrap_or_else(|| cfg.hostnames[0].clone());
-            let uri_path = path.path();
+            let uri_path = target.path();
             if !self.https {
                 if let Some(token) = uri_path.strip_prefix(acme::CHALLENGE_PREFIX) {
                     if let Some(answer) = self.shared.challenges.answer(token) {
@@ -152,7 +156,7 @@ impl ConnCtx {
                     } else {
                         cfg.public_https_port
                     };
-                    break 'done redirect(&method, public_host, public_port, path.as_str());
+                    break 'done redirect(&method, public_host, public_port, target.as_str());
                 }
             }
             for s in &cfg.statics {
@@ -203,7 +207,7 @@ impl ConnCtx {
                 parts.headers.insert(header::HOST, v);
             }
             // Origin form (`/path?query`); the Host header says the rest.
-            parts.uri = Uri::from(path.clone());
+            parts.uri = Uri::from(target.clone());
             parts.version = Version::HTTP_11;
             let body = if version == Version::HTTP_2 && is_bodyless(&parts) {
                 super::empty()
@@ -444,6 +448,40 @@ fn is_bodyless(parts: &hyper::http::request::Parts) -> bool {
 /// forward proxy), a transfer coding other than chunked (hyper only undoes chunked, so the
 /// application would get the coded bytes as the body: RFC 9112 6.1 says 501), and a missing,
 /// repeated or invalid `Host` (RFC 9112 3.2 says 400). The connection closes after the answer.
+/// `path` with its dot segments removed (RFC 3986 5.2.4), the query kept; percent-encoding is
+/// left as it came. The same `path` when it has none.
+fn without_dot_segments(path: &PathAndQuery) -> PathAndQuery {
+    let p = path.path();
+    if !p.split('/').any(|seg| seg == "." || seg == "..") {
+        return path.clone();
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = p.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    for (i, seg) in segments.iter().enumerate() {
+        match *seg {
+            "." => {
+                if i == last {
+                    out.push("");
+                }
+            }
+            ".." => {
+                out.pop();
+                if i == last {
+                    out.push("");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    let mut text = format!("/{}", out.join("/"));
+    if let Some(q) = path.query() {
+        text.push('?');
+        text.push_str(q);
+    }
+    PathAndQuery::try_from(text).unwrap_or_else(|_| path.clone())
+}
+
 /// The methods forwarded: RFC 9110's (but CONNECT and TRACE), PATCH, and WebDAV's.
 const METHODS: [&str; 17] = [
     "GET",
@@ -817,6 +855,18 @@ mod tests {
         assert_eq!(status(gzip), Some(StatusCode::NOT_IMPLEMENTED));
         let r = refused(&te("<x>, chunked").body(()).unwrap()).unwrap();
         assert_eq!(r.headers()["connection"], "close");
+    }
+
+    #[test]
+    fn dot_segments_are_removed_and_the_rest_kept() {
+        let n = |p: &str| without_dot_segments(&PathAndQuery::try_from(p).unwrap()).to_string();
+        assert_eq!(n("/job/../admin"), "/admin");
+        assert_eq!(n("/job/./1?x=../y"), "/job/1?x=../y");
+        assert_eq!(n("/../../etc/passwd"), "/etc/passwd");
+        assert_eq!(n("/a/b/.."), "/a/");
+        assert_eq!(n("/a/."), "/a/");
+        assert_eq!(n("/a/%2e%2e/b"), "/a/%2e%2e/b");
+        assert_eq!(n("/plain/path"), "/plain/path");
     }
 
     #[test]

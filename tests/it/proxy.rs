@@ -1007,11 +1007,13 @@ fn static_directories_with_types_validators_and_ranges() {
         stdout(&p.curl(&[&p.https_url("/static/")])),
         "<h1>home</h1>\n"
     );
-    for bad in [
-        "/static/../../etc/passwd",
-        "/static/%2e%2e/%2e%2e/etc/passwd",
-        "/static/nope",
-    ] {
+    // Dot segments are removed before matching (issue 16, item 10): this is `/etc/passwd`,
+    // outside the prefix, so the application answers it; nothing is read from the disk.
+    assert_eq!(
+        stdout(&p.curl(&["--path-as-is", &p.https_url("/static/../../etc/passwd")])),
+        "app: /etc/passwd\n"
+    );
+    for bad in ["/static/%2e%2e/%2e%2e/etc/passwd", "/static/nope"] {
         let h = head(&["--path-as-is", &p.https_url(bad)]);
         assert!(h.starts_with("HTTP/2 404"), "{bad}: {h}");
     }
@@ -1262,5 +1264,33 @@ fn looser_requests_are_refused_or_answered() {
         "PATCH /job/1 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
     );
     assert!(!answer.starts_with("HTTP/1.1 501"), "{answer}");
+    p.stop();
+}
+
+/// Issue 16, item 10: `plain_http_paths` is matched on the path without dot segments, and that
+/// path is what is forwarded: `/job/../admin` is `/admin`, redirected to https, never served in
+/// plain HTTP.
+#[test]
+fn plain_http_paths_match_the_path_without_dot_segments() {
+    let mut p = Proxied::start("");
+    let out = p.curl(&[
+        "--path-as-is",
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        &p.http_url("/job/../admin"),
+    ]);
+    let text = stdout(&out);
+    assert!(text.starts_with("HTTP/1.1 301"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "location: https://localhost:{}/admin\r\n",
+            p.https
+        )),
+        "{text}"
+    );
+    let out = p.curl(&["--path-as-is", &p.http_url("/job/./7/../8")]);
+    assert_eq!(stdout(&out).trim_end(), "app: /job/8", "{}", stderr(&out));
     p.stop();
 }
