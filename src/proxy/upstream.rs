@@ -30,6 +30,11 @@ use tokio::net::TcpStream;
 
 use super::Body;
 
+/// The largest response head taken from the application (status line and fields), in bytes.
+pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Fields in a response head: bounded by the size above rather than by a count of its own.
+const MAX_RESPONSE_FIELDS: usize = MAX_RESPONSE_HEAD / 16;
+
 /// An idle connection unused for this long is closed (nginx's upstream `keepalive_timeout`).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -317,7 +322,11 @@ impl Pool {
         let _ = stream.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
+        // A response head is limited by its size, as nginx limits it (its buffer), not by
+        // hyper's default of 100 fields: applications send many cookies and CSP fields.
         let (sender, conn) = http1::Builder::new()
+            .max_headers(MAX_RESPONSE_FIELDS)
+            .max_header_size(MAX_RESPONSE_HEAD)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| Error::Http {

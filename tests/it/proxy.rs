@@ -1294,3 +1294,51 @@ fn plain_http_paths_match_the_path_without_dot_segments() {
     assert_eq!(stdout(&out).trim_end(), "app: /job/8", "{}", stderr(&out));
     p.stop();
 }
+
+/// Issue 16, item 9: a response head is limited by its size (64 KiB), not by hyper's default
+/// of 100 fields: 300 small fields pass; a 100 KiB head is a 502.
+#[test]
+fn many_response_fields_pass_and_only_a_huge_head_is_refused() {
+    let server = r#"
+import sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        n, size = (300, 20) if self.path == "/many" else (50, 2048)
+        self.send_response(200)
+        for i in range(n):
+            self.send_header("x-field-%d" % i, "v" * size)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *a):
+        pass
+HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+    let mut p = Proxied::config("");
+    let script = p.inst.dir.path().join("fields.py");
+    std::fs::write(&script, server).unwrap();
+    std::fs::remove_file(p.inst.config_dir.join("90_proxy.toml")).unwrap();
+    p.inst.config_file(
+        "90_proxy.toml",
+        &format!(
+            "[proxy]\nlisten = \"127.0.0.1\"\nupstream = \"http://127.0.0.1:{app}\"\n\
+             [services.app]\ncommand = [\"python3\", \"{script}\", \"{app}\"]\nready = {{ tcp = {app} }}\n",
+            app = p.app,
+            script = script.display()
+        ),
+    );
+    p.start_again();
+    let out = p.curl(&["-D", "-", &p.https_url("/many")]);
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("HTTP/2 200"),
+        "{}",
+        &text[..text.len().min(400)]
+    );
+    assert!(text.contains("x-field-299: "), "all 300 fields forwarded");
+    let out = p.curl(&["-D", "-", "-o", "/dev/null", &p.https_url("/huge")]);
+    assert!(stdout(&out).starts_with("HTTP/2 502"), "{}", stdout(&out));
+    p.stop();
+}
