@@ -209,10 +209,18 @@ impl ConnCtx {
             // Origin form (`/path?query`); the Host header says the rest.
             parts.uri = Uri::from(target.clone());
             parts.version = Version::HTTP_11;
+            // Set when the client's body fails (bad chunked framing...): the failure is then the
+            // client's, not the application's.
+            let client_body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let body = if version == Version::HTTP_2 && is_bodyless(&parts) {
                 super::empty()
             } else {
-                body.map_err(|e| Box::new(e) as BoxError).boxed()
+                let failed = client_body_failed.clone();
+                body.map_err(move |e| {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    Box::new(e) as BoxError
+                })
+                .boxed()
             };
             let sent = Instant::now();
             let result = self
@@ -223,6 +231,21 @@ impl ConnCtx {
             upstream_time = Some(sent.elapsed());
             let mut response = match result {
                 Ok(r) => r,
+                Err(e) if client_body_failed.load(std::sync::atomic::Ordering::Relaxed) => {
+                    // The client's fault: 400, the connection closed, and at most a line per
+                    // interval however often a client does it.
+                    if let Some(left_out) = CLIENT_ERRORS.should_log() {
+                        tracing::info!(target: "regobox::proxy", peer = %self.peer_text.to_str().unwrap_or(""), error = %error_chain(&e), similar_left_out = left_out, "a request's body was malformed; answered 400");
+                    }
+                    let mut r = page(
+                        StatusCode::BAD_REQUEST,
+                        "Bad request",
+                        "The request's body is malformed.",
+                    );
+                    r.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    break 'done r;
+                }
                 Err(e) => {
                     tracing::warn!(target: "regobox::proxy", error = %error_chain(&e), upstream = %self.shared.config.upstream, "upstream request failed");
                     break 'done page(
@@ -448,6 +471,35 @@ fn is_bodyless(parts: &hyper::http::request::Parts) -> bool {
 /// forward proxy), a transfer coding other than chunked (hyper only undoes chunked, so the
 /// application would get the coded bytes as the body: RFC 9112 6.1 says 501), and a missing,
 /// repeated or invalid `Host` (RFC 9112 3.2 says 400). The connection closes after the answer.
+/// At most one log line per interval about what clients do wrong, with the count left out:
+/// a client must not be able to flood regobox's log.
+struct RateLimit {
+    last: std::sync::Mutex<Option<Instant>>,
+    left_out: std::sync::atomic::AtomicU64,
+}
+
+static CLIENT_ERRORS: RateLimit = RateLimit {
+    last: std::sync::Mutex::new(None),
+    left_out: std::sync::atomic::AtomicU64::new(0),
+};
+
+impl RateLimit {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    /// `Some(lines left out since the last)` if a line may be logged now.
+    fn should_log(&self) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < Self::EVERY) {
+            self.left_out
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.left_out.swap(0, std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
 /// `path` with its dot segments removed (RFC 3986 5.2.4), the query kept; percent-encoding is
 /// left as it came. The same `path` when it has none.
 fn without_dot_segments(path: &PathAndQuery) -> PathAndQuery {

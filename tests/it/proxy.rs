@@ -1342,3 +1342,46 @@ HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
     assert!(stdout(&out).starts_with("HTTP/2 502"), "{}", stdout(&out));
     p.stop();
 }
+
+/// Issue 16, item 3: malformed request bodies (a bare LF in chunked framing, a chunk size that
+/// overflows, a 100 KB chunk extension) are the client's fault: 400, closed, and no WARN line
+/// blaming the application (at most one line per interval, whatever the number of requests).
+#[test]
+fn malformed_request_bodies_are_the_clients_fault() {
+    let mut p = Proxied::start("");
+    let raw = |request: &[u8]| -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let _ = s.write_all(request);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let head = b"POST /job/1 HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let mut extension = b"5;".to_vec();
+    extension.extend(vec![b'a'; 100_000]);
+    extension.extend(b"\r\nhello\r\n0\r\n\r\n");
+    let bodies: Vec<Vec<u8>> = vec![
+        b"5\nhello\r\n0\r\n\r\n".to_vec(),
+        b"fffffffffffffffffffffff\r\nhello\r\n0\r\n\r\n".to_vec(),
+        extension,
+    ];
+    for _ in 0..3 {
+        for body in &bodies {
+            let answer = raw(&[&head[..], body].concat());
+            assert!(
+                answer.starts_with("HTTP/1.1 400"),
+                "{:?}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(30)]),
+                &answer[..answer.len().min(300)]
+            );
+        }
+    }
+    let log = p.stop();
+    assert!(!log.contains("upstream request failed"), "{log}");
+    assert!(
+        log.matches("answered 400").count() <= 1,
+        "one line at most within the interval:\n{log}"
+    );
+}
