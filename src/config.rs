@@ -127,6 +127,14 @@ pub struct ProxyConfig {
     pub handshake_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub upstream_connect_timeout: Duration,
+    /// The application must make progress within this: its response head, then each read of
+    /// its body (504 if the head does not come; the response cut if its body stalls). The
+    /// time a request body is still being sent to it does not count.
+    #[serde(with = "humantime_serde")]
+    pub upstream_read_timeout: Duration,
+    /// A request body must make progress within this, between two reads (408, closed).
+    #[serde(with = "humantime_serde")]
+    pub client_body_timeout: Duration,
     /// Idle keep-alive connections to the application kept per worker (nginx's `keepalive`);
     /// more are opened under load and closed when they go idle beyond this.
     pub upstream_keepalive: usize,
@@ -166,6 +174,8 @@ impl Default for ProxyConfig {
             idle_timeout: Duration::from_secs(75),
             handshake_timeout: Duration::from_secs(10),
             upstream_connect_timeout: Duration::from_secs(5),
+            upstream_read_timeout: Duration::from_secs(60),
+            client_body_timeout: Duration::from_secs(60),
             upstream_keepalive: 256,
             max_header_bytes: 32 * 1024,
             grace: Duration::from_secs(5),
@@ -1630,6 +1640,8 @@ impl Config {
             ("proxy.idle_timeout", p.idle_timeout),
             ("proxy.handshake_timeout", p.handshake_timeout),
             ("proxy.upstream_connect_timeout", p.upstream_connect_timeout),
+            ("proxy.upstream_read_timeout", p.upstream_read_timeout),
+            ("proxy.client_body_timeout", p.client_body_timeout),
             ("proxy.tls.reload_interval", p.tls.reload_interval),
         ] {
             if d.is_zero() {

@@ -16,7 +16,7 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
 use super::framing::Ambiguous;
-use super::{Activity, Body, BoxError, InFlight, Shared, acme, files, full};
+use super::{Activity, Body, BoxError, InFlight, Shared, acme, files, full, progress};
 
 /// What a connection's requests share.
 #[derive(Clone)]
@@ -212,25 +212,79 @@ impl ConnCtx {
             // Set when the client's body fails (bad chunked framing...): the failure is then the
             // client's, not the application's.
             let client_body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            // When the request last moved: the wait for the answer counts from there.
+            let moved = progress::Mark::new();
+            let mut client_body_stalled = None;
             let body = if version == Version::HTTP_2 && is_bodyless(&parts) {
                 super::empty()
             } else {
                 let failed = client_body_failed.clone();
-                body.map_err(move |e| {
-                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
-                    Box::new(e) as BoxError
-                })
-                .boxed()
+                let incoming = body
+                    .map_err(move |e| {
+                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        Box::new(e) as BoxError
+                    })
+                    .boxed();
+                let body = progress::Deadline::new(
+                    incoming,
+                    cfg.client_body_timeout,
+                    Some(moved.clone()),
+                    "request body",
+                );
+                client_body_stalled = Some(body.stalled());
+                body.boxed()
             };
             let sent = Instant::now();
-            let result = self
-                .shared
-                .pool
-                .send(Request::from_parts(parts, body))
-                .await;
+            let send = self.shared.pool.send(Request::from_parts(parts, body));
+            tokio::pin!(send);
+            let result = loop {
+                // While the request body is still on its way, its own deadline comes first (a
+                // client that stops sending gets 408); past both, the application that neither
+                // reads nor answers gets 504. No progress is measured from the last move.
+                let allowance = if moved.is_open() {
+                    cfg.upstream_read_timeout + cfg.client_body_timeout
+                } else {
+                    cfg.upstream_read_timeout
+                };
+                let deadline = moved.last() + allowance;
+                if deadline <= tokio::time::Instant::now() {
+                    break None;
+                }
+                tokio::select! {
+                    r = &mut send => break Some(r),
+                    _ = tokio::time::sleep_until(deadline) => {}
+                }
+            };
             upstream_time = Some(sent.elapsed());
+            let Some(result) = result else {
+                if let Some(left_out) = UPSTREAM_TIMEOUTS.should_log() {
+                    tracing::warn!(target: "regobox::proxy", timeout = ?cfg.upstream_read_timeout, upstream = %cfg.upstream, similar_left_out = left_out, "the application did not answer in time (proxy.upstream_read_timeout); answered 504");
+                }
+                break 'done page(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "Gateway timeout",
+                    "The application did not answer in time.",
+                );
+            };
             let mut response = match result {
                 Ok(r) => r,
+                Err(_)
+                    if client_body_stalled
+                        .as_ref()
+                        .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) =>
+                {
+                    if let Some(left_out) = CLIENT_ERRORS.should_log() {
+                        tracing::info!(target: "regobox::proxy", peer = %self.peer_text.to_str().unwrap_or(""), timeout = ?cfg.client_body_timeout, similar_left_out = left_out, "a request's body stopped arriving (proxy.client_body_timeout); answered 408");
+                    }
+                    let mut r = page(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "Request timeout",
+                        "The request's body stopped arriving.",
+                    );
+                    r.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    break 'done r;
+                }
                 Err(e) if client_body_failed.load(std::sync::atomic::Ordering::Relaxed) => {
                     // The client's fault: 400, the connection closed, and at most a line per
                     // interval however often a client does it.
@@ -279,7 +333,14 @@ impl ConnCtx {
             }
             let (mut parts, body) = response.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, body.map_err(|e| Box::new(e) as BoxError).boxed())
+            // The application's body must keep moving too; a stalled one is cut.
+            let body = progress::Deadline::new(
+                body.map_err(|e| Box::new(e) as BoxError).boxed(),
+                cfg.upstream_read_timeout,
+                None,
+                "response body",
+            );
+            Response::from_parts(parts, body.boxed())
         };
 
         let status = response.status();
@@ -479,6 +540,11 @@ struct RateLimit {
 }
 
 static CLIENT_ERRORS: RateLimit = RateLimit {
+    last: std::sync::Mutex::new(None),
+    left_out: std::sync::atomic::AtomicU64::new(0),
+};
+
+static UPSTREAM_TIMEOUTS: RateLimit = RateLimit {
     last: std::sync::Mutex::new(None),
     left_out: std::sync::atomic::AtomicU64::new(0),
 };

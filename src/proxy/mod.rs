@@ -20,6 +20,7 @@ pub mod forward;
 pub mod framing;
 pub mod landing;
 pub mod net;
+pub mod progress;
 pub mod tls;
 pub mod upstream;
 

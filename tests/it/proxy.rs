@@ -1385,3 +1385,111 @@ fn malformed_request_bodies_are_the_clients_fault() {
         "one line at most within the interval:\n{log}"
     );
 }
+
+/// Issue 16, item 1 (in part): deadlines on progress, not on the total. With both timeouts at
+/// 1 s: an application that never answers gets 504; a response body that stalls is cut; a
+/// request body that stops arriving gets 408 and the connection closed; an upload and a
+/// download that keep moving for longer than the timeout in total are never cut.
+#[test]
+fn requests_in_flight_are_bounded_by_progress_deadlines() {
+    let server = r#"
+import sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        if self.path == "/never":
+            time.sleep(60)
+            return
+        if self.path == "/stall":
+            self.send_response(200)
+            self.send_header("Content-Length", "10")
+            self.end_headers()
+            self.wfile.write(b"12345")
+            self.wfile.flush()
+            time.sleep(60)
+            return
+        # /moving: 5 pieces, 0.5 s apart (2.5 s in all).
+        self.send_response(200)
+        self.send_header("Content-Length", "5")
+        self.end_headers()
+        for piece in b"abcde":
+            time.sleep(0.5)
+            self.wfile.write(bytes([piece]))
+            self.wfile.flush()
+    def do_POST(self):
+        n = int(self.headers["Content-Length"])
+        got = 0
+        while got < n:
+            chunk = self.rfile.read(min(n - got, 4096))
+            if not chunk:
+                break
+            got += len(chunk)
+        body = ("got %d" % got).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"#;
+    let mut p = Proxied::config("");
+    let script = p.inst.dir.path().join("slow.py");
+    std::fs::write(&script, server).unwrap();
+    std::fs::remove_file(p.inst.config_dir.join("90_proxy.toml")).unwrap();
+    p.inst.config_file(
+        "90_proxy.toml",
+        &format!(
+            "[proxy]\nlisten = \"127.0.0.1\"\nupstream = \"http://127.0.0.1:{app}\"\nredirect_http = false\n\
+             upstream_read_timeout = \"1s\"\nclient_body_timeout = \"1s\"\n\
+             [services.app]\ncommand = [\"python3\", \"{script}\", \"{app}\"]\nready = {{ tcp = {app} }}\n",
+            app = p.app,
+            script = script.display()
+        ),
+    );
+    p.start_again();
+
+    let out = p.curl(&["-D", "-", "-o", "/dev/null", &p.https_url("/never")]);
+    assert!(stdout(&out).starts_with("HTTP/2 504"), "{}", stdout(&out));
+
+    let out = p.curl(&["--http1.1", &p.https_url("/stall")]);
+    assert!(
+        !out.status.success(),
+        "a stalled body is cut: {}",
+        stdout(&out)
+    );
+    assert_eq!(stdout(&out), "12345");
+
+    let out = p.curl(&[&p.https_url("/moving")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "abcde");
+
+    // Raw HTTP/1.1 on port 80 (proxied, not redirected): a body that stops, one that moves.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n0123456789",
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 50\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(500));
+        s.write_all(b"0123456789").unwrap();
+    }
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("got 50"), "{answer}");
+    p.stop();
+}
