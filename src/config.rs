@@ -1627,6 +1627,14 @@ impl Config {
                 bad("proxy.hostnames", format!("`{h}` is not a host name"));
             }
         }
+        let h = &p.public_host;
+        if !h.is_empty()
+            && !h
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+        {
+            bad("proxy.public_host", format!("`{h}` is not a host name"));
+        }
         for t in &p.trusted_proxies {
             if crate::proxy::net::Cidr::parse(t).is_none() {
                 bad(
@@ -2237,6 +2245,25 @@ mod tests {
             assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
         }
         assert!(!text.contains("u16"), "{text}");
+    }
+
+    /// A public host that would break or steer the redirect's `Location` is refused.
+    #[test]
+    fn a_public_host_must_be_a_host_name() {
+        let (_d, s) = with_dir(
+            &[("50.toml", "[proxy]\npublic_host = \"evil.example/@x y\"\n")],
+            &[],
+        );
+        let text = load(&s).unwrap_err().to_string();
+        assert!(
+            text.contains("key `proxy.public_host`: `evil.example/@x y` is not a host name"),
+            "{text}"
+        );
+        let (_d, s) = with_dir(
+            &[("50.toml", "[proxy]\npublic_host = \"lab.example.org\"\n")],
+            &[],
+        );
+        assert!(load(&s).is_ok());
     }
 
     #[test]

@@ -136,7 +136,7 @@ impl ConnCtx {
                 let plain = cfg
                     .plain_http_paths
                     .iter()
-                    .any(|p| uri_path.starts_with(p.as_str()));
+                    .any(|p| plain_path_matches(uri_path, p));
                 if cfg.redirect_http && cfg.https_port != 0 && !plain {
                     // `OPTIONS *` asks about the server, not a resource: nothing to redirect.
                     if path.as_str() == "*" {
@@ -566,6 +566,22 @@ impl RateLimit {
     }
 }
 
+/// Whether `path` (already without dot segments) may be served over plain HTTP under `prefix`:
+/// it starts with the prefix at a segment boundary, and holds nothing an application might read
+/// as another path (an encoded dot, slash or backslash, a backslash, a `;` parameter). Anything
+/// doubtful is redirected to https.
+fn plain_path_matches(path: &str, prefix: &str) -> bool {
+    let Some(rest) = path.strip_prefix(prefix) else {
+        return false;
+    };
+    let boundary = prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/');
+    let lower = path.to_ascii_lowercase();
+    let doubtful = ["%2e", "%2f", "%5c", "\\", ";"]
+        .iter()
+        .any(|s| lower.contains(s));
+    boundary && !doubtful
+}
+
 /// `path` with its dot segments removed (RFC 3986 5.2.4), the query kept; percent-encoding is
 /// left as it came. The same `path` when it has none.
 fn without_dot_segments(path: &PathAndQuery) -> PathAndQuery {
@@ -973,6 +989,24 @@ mod tests {
         assert_eq!(status(gzip), Some(StatusCode::NOT_IMPLEMENTED));
         let r = refused(&te("<x>, chunked").body(()).unwrap()).unwrap();
         assert_eq!(r.headers()["connection"], "close");
+    }
+
+    #[test]
+    fn only_an_unambiguous_path_under_a_prefix_is_plain() {
+        assert!(plain_path_matches("/job/1/notify", "/job/"));
+        assert!(plain_path_matches("/ws-plain", "/ws-plain"));
+        assert!(plain_path_matches("/ws-plain/x", "/ws-plain"));
+        assert!(!plain_path_matches("/ws-plainXYZ", "/ws-plain"));
+        for doubtful in [
+            "/job/%2e%2e/admin",
+            "/job/.%2E/admin",
+            "/job/..%2fadmin",
+            "/job/..;/admin",
+            "/job/..\\admin",
+            "/job/%5c../admin",
+        ] {
+            assert!(!plain_path_matches(doubtful, "/job/"), "{doubtful}");
+        }
     }
 
     #[test]

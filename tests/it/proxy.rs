@@ -1290,6 +1290,28 @@ fn plain_http_paths_match_the_path_without_dot_segments() {
         )),
         "{text}"
     );
+    // Attack (fresh-context attacker): what an application might read as another path is
+    // redirected, never served in plain HTTP.
+    for doubtful in [
+        "/job/%2e%2e/admin",
+        "/job/.%2E/admin",
+        "/job/..%2fadmin",
+        "/job/..;/admin",
+    ] {
+        let out = p.curl(&[
+            "--path-as-is",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            &p.http_url(doubtful),
+        ]);
+        assert!(
+            stdout(&out).starts_with("HTTP/1.1 301"),
+            "{doubtful}: {}",
+            stdout(&out)
+        );
+    }
     let out = p.curl(&["--path-as-is", &p.http_url("/job/./7/../8")]);
     assert_eq!(stdout(&out).trim_end(), "app: /job/8", "{}", stderr(&out));
     p.stop();
