@@ -91,14 +91,11 @@ impl ConnCtx {
                 || (h.contains_key(header::TRANSFER_ENCODING)
                     && h.contains_key(header::CONTENT_LENGTH))
             {
-                let mut r = page(
+                break 'done closing(page(
                     StatusCode::BAD_REQUEST,
                     "Bad request",
                     "The request has both Content-Length and Transfer-Encoding.",
-                );
-                r.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                break 'done r;
+                ));
             }
             if let Some(r) = refused(&req) {
                 break 'done r;
@@ -110,17 +107,14 @@ impl ConnCtx {
                     .map(|(n, v)| n.as_str().len() + v.len() + 4)
                     .sum::<usize>();
             if head > cfg.max_header_bytes {
-                let mut r = page(
+                break 'done closing(page(
                     StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                     "Request header fields too large",
                     &format!(
                         "The request's head is {head} bytes; this server takes at most {}.",
                         cfg.max_header_bytes
                     ),
-                );
-                r.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                break 'done r;
+                ));
             }
             let host = request_host(&req).unwrap_or_else(|| cfg.hostnames[0].clone());
             let uri_path = target.path();
@@ -276,14 +270,11 @@ impl ConnCtx {
                     if let Some(left_out) = CLIENT_ERRORS.should_log() {
                         tracing::info!(target: "regobox::proxy", peer = %self.peer_text.to_str().unwrap_or(""), timeout = ?cfg.client_body_timeout, similar_left_out = left_out, "a request's body stopped arriving (proxy.client_body_timeout); answered 408");
                     }
-                    let mut r = page(
+                    break 'done closing(page(
                         StatusCode::REQUEST_TIMEOUT,
                         "Request timeout",
                         "The request's body stopped arriving.",
-                    );
-                    r.headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                    break 'done r;
+                    ));
                 }
                 Err(e) if client_body_failed.load(std::sync::atomic::Ordering::Relaxed) => {
                     // The client's fault: 400, the connection closed, and at most a line per
@@ -291,14 +282,11 @@ impl ConnCtx {
                     if let Some(left_out) = CLIENT_ERRORS.should_log() {
                         tracing::info!(target: "regobox::proxy", peer = %self.peer_text.to_str().unwrap_or(""), error = %error_chain(&e), similar_left_out = left_out, "a request's body was malformed; answered 400");
                     }
-                    let mut r = page(
+                    break 'done closing(page(
                         StatusCode::BAD_REQUEST,
                         "Bad request",
                         "The request's body is malformed.",
-                    );
-                    r.headers_mut()
-                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                    break 'done r;
+                    ));
                 }
                 Err(e) => {
                     tracing::warn!(target: "regobox::proxy", error = %error_chain(&e), upstream = %self.shared.config.upstream, "upstream request failed");
@@ -674,10 +662,7 @@ fn refused<B>(req: &Request<B>) -> Option<Response<Body>> {
     } else {
         return None;
     };
-    let mut r = page(status, title, &text);
-    r.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    Some(r)
+    Some(closing(page(status, title, &text)))
 }
 
 /// The first transfer coding of the request other than chunked.
@@ -857,6 +842,14 @@ fn escape(text: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+}
+
+/// `response` with the connection closed after it (the client's framing cannot be trusted).
+fn closing(mut response: Response<Body>) -> Response<Body> {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 /// A small HTML page.

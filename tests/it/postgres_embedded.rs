@@ -247,17 +247,6 @@ fn kill_9_during_inserts_then_restart_loses_no_committed_row() {
     let _ = impostor.wait();
 }
 
-/// The postmaster's pid, from `postmaster.pid`.
-fn postmaster_pid(inst: &Instance) -> i32 {
-    std::fs::read_to_string(inst.data_dir().join("postmaster.pid"))
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 /// Issue 14, point 13: a server that dies is started again in place (crash recovery, with
 /// back-off), the container stays up and nothing committed is lost; past the restart budget
 /// (more than five crashes within ten minutes) regobox gives up and stops everything, exit 1.
@@ -282,7 +271,7 @@ fn a_postgres_that_dies_is_started_again_in_place_until_the_budget_is_spent() {
     let mut run = inst.start();
     run.wait_for_log("watcher | connected", Duration::from_secs(30));
     inst.sql("CREATE TABLE kept(x int); INSERT INTO kept VALUES (7)");
-    let first = postmaster_pid(&inst);
+    let first = inst.postmaster_pid();
     kill(Pid::from_raw(first), Signal::SIGKILL).unwrap();
     run.wait_for_log("PostgreSQL is up again", Duration::from_secs(60));
     assert!(alive(run.pid()));
@@ -291,7 +280,7 @@ fn a_postgres_that_dies_is_started_again_in_place_until_the_budget_is_spent() {
         log.contains("PostgreSQL exited unexpectedly (signal: 9 (SIGKILL)); starting it again (crash recovery: nothing committed is lost)"),
         "{log}"
     );
-    assert_ne!(postmaster_pid(&inst), first);
+    assert_ne!(inst.postmaster_pid(), first);
     assert_eq!(inst.sql("SELECT sum(x) FROM kept"), "7");
     let status = inst.service("postgres");
     assert_eq!(status["state"], "ready", "{status}");

@@ -20,16 +20,6 @@ fn polite(name: &str) -> String {
     ))
 }
 
-fn pg_pid(inst: &Instance) -> i32 {
-    std::fs::read_to_string(inst.data_dir().join("postmaster.pid"))
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 #[test]
 fn sigterm_stops_in_reverse_dependency_order_exits_0_and_leaves_nothing() {
     let inst = Instance::new();
@@ -58,7 +48,7 @@ fn sigterm_stops_in_reverse_dependency_order_exits_0_and_leaves_nothing() {
         .iter()
         .map(|s| inst.service(s)["pid"].as_i64().unwrap() as i32)
         .collect();
-    let postgres = pg_pid(&inst);
+    let postgres = inst.postmaster_pid();
     let regobox = run.pid();
 
     let log = run.stop();

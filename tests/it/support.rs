@@ -116,6 +116,17 @@ impl Instance {
         self.root.join("db").join("pgdata")
     }
 
+    /// The running postmaster's pid, from `postmaster.pid`.
+    pub fn postmaster_pid(&self) -> i32 {
+        std::fs::read_to_string(self.data_dir().join("postmaster.pid"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
     pub fn secret(&self, name: &str) -> PathBuf {
         self.root.join("secrets").join(name)
     }
