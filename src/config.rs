@@ -135,6 +135,20 @@ pub struct ProxyConfig {
     /// A request body must make progress within this, between two reads (408, closed).
     #[serde(with = "humantime_serde")]
     pub client_body_timeout: Duration,
+    /// A response must be taken by the client within this, between two pieces (nginx's
+    /// `send_timeout`): a client that stops reading, or holds an HTTP/2 stream at a zero
+    /// window, has its connection closed.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
+    /// An upgraded connection (WebSocket) with no byte either way for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub websocket_idle_timeout: Duration,
+    /// Connections to the application one client connection's requests may hold at once
+    /// (HTTP/2 streams, a WebSocket); beyond, 503 with `Retry-After`.
+    pub upstream_max_per_client: usize,
+    /// Connections to the application all requests may hold at once; beyond, 503 with
+    /// `Retry-After`.
+    pub upstream_max: usize,
     /// Idle keep-alive connections to the application kept per worker (nginx's `keepalive`);
     /// more are opened under load and closed when they go idle beyond this.
     pub upstream_keepalive: usize,
@@ -176,6 +190,10 @@ impl Default for ProxyConfig {
             upstream_connect_timeout: Duration::from_secs(5),
             upstream_read_timeout: Duration::from_secs(60),
             client_body_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
+            websocket_idle_timeout: Duration::from_secs(3600),
+            upstream_max_per_client: 64,
+            upstream_max: 1024,
             upstream_keepalive: 256,
             max_header_bytes: 32 * 1024,
             grace: Duration::from_secs(5),
@@ -1650,10 +1668,20 @@ impl Config {
             ("proxy.upstream_connect_timeout", p.upstream_connect_timeout),
             ("proxy.upstream_read_timeout", p.upstream_read_timeout),
             ("proxy.client_body_timeout", p.client_body_timeout),
+            ("proxy.send_timeout", p.send_timeout),
+            ("proxy.websocket_idle_timeout", p.websocket_idle_timeout),
             ("proxy.tls.reload_interval", p.tls.reload_interval),
         ] {
             if d.is_zero() {
                 bad(key, "must be longer than 0s".into());
+            }
+        }
+        for (key, n) in [
+            ("proxy.upstream_max_per_client", p.upstream_max_per_client),
+            ("proxy.upstream_max", p.upstream_max),
+        ] {
+            if n == 0 {
+                bad(key, "must be at least 1".into());
             }
         }
         if p.max_header_bytes < 8192 {

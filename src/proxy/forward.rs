@@ -15,8 +15,10 @@ use hyper::http::uri::PathAndQuery;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
-use super::framing::Ambiguous;
-use super::{Activity, Body, BoxError, InFlight, Shared, acme, files, full, progress};
+use super::framing::Signals;
+use super::{
+    Activity, Body, BoxError, Handover, InFlight, Lease, Shared, acme, files, full, progress,
+};
 
 /// What a connection's requests share.
 #[derive(Clone)]
@@ -27,7 +29,8 @@ pub struct ConnCtx {
     peer_text: HeaderValue,
     https: bool,
     activity: Arc<Activity>,
-    ambiguous: Arc<Ambiguous>,
+    /// Between this connection's request handler and its framing follower (HTTP/1.1).
+    signals: Arc<Signals>,
 }
 
 impl ConnCtx {
@@ -36,7 +39,7 @@ impl ConnCtx {
         peer: SocketAddr,
         https: bool,
         activity: Arc<Activity>,
-        ambiguous: Arc<Ambiguous>,
+        signals: Arc<Signals>,
     ) -> Self {
         let peer_text = HeaderValue::from_str(&canonical(peer.ip()).to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("-"));
@@ -46,7 +49,7 @@ impl ConnCtx {
             peer_text,
             https,
             activity,
-            ambiguous,
+            signals,
         }
     }
 
@@ -83,11 +86,17 @@ impl ConnCtx {
         let target = without_dot_segments(&path);
         let cfg = &self.shared.config;
         let mut upstream_time = None;
+        // The connection to the application this request holds, if it is forwarded.
+        let mut lease: Option<Lease> = None;
+        // The last request of an HTTP/1.1 connection unless it becomes a tunnel (see
+        // `framing`): nothing after it is read as a request.
+        let asks_upgrade = version != Version::HTTP_2
+            && (req.headers().contains_key(header::UPGRADE) || method == Method::CONNECT);
 
         let response = 'done: {
             // Both framings at once: ambiguous (request smuggling); refused, connection closed.
             let h = req.headers();
-            if self.ambiguous.seen()
+            if self.signals.seen()
                 || (h.contains_key(header::TRANSFER_ENCODING)
                     && h.contains_key(header::CONTENT_LENGTH))
             {
@@ -184,7 +193,37 @@ impl ConnCtx {
                 };
             }
 
-            // Forward.
+            // Forward, if the caps on connections to the application allow.
+            match self.activity.lease(
+                &self.shared.upstream_in_use,
+                cfg.upstream_max_per_client,
+                cfg.upstream_max,
+            ) {
+                Ok(l) => lease = Some(l),
+                Err(cap) => {
+                    let (key, limit, lines) = match cap {
+                        super::AtCap::Client => (
+                            "proxy.upstream_max_per_client",
+                            cfg.upstream_max_per_client,
+                            &UPSTREAM_CAPS[0],
+                        ),
+                        super::AtCap::Overall => {
+                            ("proxy.upstream_max", cfg.upstream_max, &UPSTREAM_CAPS[1])
+                        }
+                    };
+                    if let Some(left_out) = lines.should_log() {
+                        tracing::warn!(target: "regobox::proxy", peer = %self.peer_text.to_str().unwrap_or(""), limit, similar_left_out = left_out, "requests hold as many connections to the application as {key} allows; answered 503");
+                    }
+                    let mut r = page(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Service unavailable",
+                        "Too many requests are in progress. Please retry in a few seconds.",
+                    );
+                    r.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                    break 'done r;
+                }
+            }
             let upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
             let (mut parts, body) = req.into_parts();
             let upgrade_proto = parts.headers.get(header::UPGRADE).cloned();
@@ -301,16 +340,15 @@ impl ConnCtx {
                 if let Some(client) = upgrade {
                     let server = hyper::upgrade::on(&mut response);
                     let force = self.shared.force.clone();
+                    let idle = cfg.websocket_idle_timeout;
+                    let lease = lease.take();
                     self.shared.tracker.spawn(async move {
                         let (Ok(client), Ok(server)) = tokio::join!(client, server) else {
                             return;
                         };
-                        let mut client = TokioIo::new(client);
-                        let mut server = TokioIo::new(server);
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                            _ = force.cancelled() => {}
-                        }
+                        super::tunnel(TokioIo::new(client), TokioIo::new(server), idle, force)
+                            .await;
+                        drop(lease);
                     });
                 }
                 let (parts, body) = response.into_parts();
@@ -331,6 +369,14 @@ impl ConnCtx {
             Response::from_parts(parts, body.boxed())
         };
 
+        let response = match asks_upgrade {
+            true if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                self.signals.tunnel();
+                response
+            }
+            true => closing(response),
+            false => response,
+        };
         let status = response.status();
         let (mut parts, mut body) = response.into_parts();
         if self.https && !cfg.hsts_max_age.is_zero() {
@@ -365,9 +411,16 @@ impl ConnCtx {
             }
             body = super::empty();
         }
+        // Sent from here: whether the client takes it is watched (see `Activity::sending`).
+        let ended = hyper::body::Body::is_end_stream(&body);
+        let handover = self.activity.sending(!ended);
         let logged = Logged {
             inner: body,
+            ended,
             bytes: 0,
+            handover,
+            activity: self.activity.clone(),
+            _lease: lease,
             line: cfg.access_log.then(|| AccessLine {
                 method,
                 path,
@@ -522,15 +575,27 @@ fn is_bodyless(parts: &hyper::http::request::Parts) -> bool {
 /// repeated or invalid `Host` (RFC 9112 3.2 says 400). The connection closes after the answer.
 /// At most one log line per interval about what clients do wrong, with the count left out:
 /// a client must not be able to flood regobox's log.
-struct RateLimit {
+pub(crate) struct RateLimit {
     last: std::sync::Mutex<Option<Instant>>,
     left_out: std::sync::atomic::AtomicU64,
 }
 
-static CLIENT_ERRORS: RateLimit = RateLimit {
+pub(crate) static CLIENT_ERRORS: RateLimit = RateLimit {
     last: std::sync::Mutex::new(None),
     left_out: std::sync::atomic::AtomicU64::new(0),
 };
+
+/// One per cap (`proxy.upstream_max_per_client`, `proxy.upstream_max`).
+static UPSTREAM_CAPS: [RateLimit; 2] = [
+    RateLimit {
+        last: std::sync::Mutex::new(None),
+        left_out: std::sync::atomic::AtomicU64::new(0),
+    },
+    RateLimit {
+        last: std::sync::Mutex::new(None),
+        left_out: std::sync::atomic::AtomicU64::new(0),
+    },
+];
 
 static UPSTREAM_TIMEOUTS: RateLimit = RateLimit {
     last: std::sync::Mutex::new(None),
@@ -541,7 +606,7 @@ impl RateLimit {
     const EVERY: Duration = Duration::from_secs(10);
 
     /// `Some(lines left out since the last)` if a line may be logged now.
-    fn should_log(&self) -> Option<u64> {
+    pub(crate) fn should_log(&self) -> Option<u64> {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         if last.is_some_and(|t| now.duration_since(t) < Self::EVERY) {
@@ -882,7 +947,14 @@ struct AccessLine {
 /// request in flight until then.
 struct Logged {
     inner: Body,
+    /// Sent to the end (see `is_end_stream`).
+    ended: bool,
     bytes: u64,
+    /// Whether the client takes what it is handed.
+    handover: Arc<Handover>,
+    activity: Arc<Activity>,
+    /// The connection to the application the body comes from, held until it is sent.
+    _lease: Option<Lease>,
     line: Option<AccessLine>,
     _guard: InFlight,
 }
@@ -895,17 +967,31 @@ impl hyper::body::Body for Logged {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        // The body wakes the handover, which notes when a piece became ready and passes the
+        // wake on (see `Handover`).
+        self.handover.asked(cx.waker());
+        let waker = std::task::Waker::from(self.handover.clone());
+        let r = Pin::new(&mut self.inner).poll_frame(&mut Context::from_waker(&waker));
         if let Poll::Ready(Some(Ok(frame))) = &r {
             if let Some(d) = frame.data_ref() {
                 self.bytes += d.len() as u64;
+                self.activity
+                    .sent
+                    .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
             }
+            self.handover.waits();
+        }
+        if let Poll::Ready(None) = &r {
+            self.ended = true;
         }
         r
     }
 
+    /// Only once the reader came back for the end (or if there was nothing to send): that last
+    /// poll says the client took the last piece (see `Handover`). Over HTTP/2 the end of the
+    /// stream is then an empty DATA frame of its own.
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -1,11 +1,22 @@
-//! Follows the framing of the HTTP/1.1 requests read on a connection, to spot a request head that
-//! carries both `Content-Length` and `Transfer-Encoding`.
+//! Follows the framing of every HTTP/1.1 request read on a connection, byte for byte, beside
+//! hyper: where each head ends, how long its body is, where each chunk begins and ends.
 //!
-//! hyper handles such a request the way RFC 9112 allows (chunked wins, the connection closes
-//! after it) but does not let the service see that both were there. A request smuggling attempt
-//! is exactly that ambiguity, so the proxy refuses it with a 400 instead: this reader sees the
-//! bytes hyper reads, finds each request head (skipping bodies by their framing) and raises a
-//! flag the request handler checks.
+//! hyper handles a request with both `Content-Length` and `Transfer-Encoding` the way RFC 9112
+//! allows (chunked wins, the connection closes after it) but does not let the service see that
+//! both were there. A request smuggling attempt is exactly that ambiguity, so the proxy refuses it
+//! with a 400 instead: this reader sees the bytes hyper reads, finds each request head (skipping
+//! bodies by their framing) and raises a flag the request handler checks. It also tells the
+//! connection's watchdog when a head begins and ends (the header deadline).
+//!
+//! The follower is total: it never stops following while the connection is HTTP/1.1. Where it
+//! cannot follow (a chunk line it cannot read, a head it cannot parse or over the size limit), it
+//! ends the connection: a body it cannot frame makes the read fail at once, so hyper never acts
+//! on those bytes; a head hyper will refuse too (the same parser reads it) is handed over for
+//! hyper's 400 or 431, and hyper reads nothing more after it (what the client sends next is
+//! discarded until the connection closes after the answer). A request that asks for an
+//! upgrade (or CONNECT) is the last one followed: what comes after it is either the tunnel (once
+//! the handler has answered 101, see [`Signals::tunnel`]) or never read, as the handler closes
+//! the connection after any other answer to it.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -14,33 +25,78 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// The longest chunk extension followed (hyper refuses long before, at 16 KiB per body).
+const MAX_CHUNK_EXTENSION: usize = 64 * 1024;
+
+#[derive(Debug)]
 enum State {
+    /// A request head is arriving (none yet if the buffer is empty).
     Head(Vec<u8>),
+    /// A body of known length: bytes left.
     Body(u64),
-    ChunkSize(Vec<u8>),
-    ChunkData(u64),
-    ChunkEnd(u8),
-    Trailers(Vec<u8>),
-    /// A tunnel (upgrade, CONNECT), an unparsable or oversized head, or the flag raised: hyper
-    /// decides from here.
-    Done,
+    /// A chunk-size line: the size so far and whether it has a digit.
+    Size {
+        size: u64,
+        digits: bool,
+    },
+    /// Spaces after the size.
+    SizeSpace(u64),
+    /// A chunk extension: its length so far.
+    Extension(u64, usize),
+    /// The LF ending a chunk-size line.
+    SizeLf(u64),
+    /// Chunk data: bytes left.
+    Data(u64),
+    DataCr,
+    DataLf,
+    /// Trailer lines after the last chunk: the bytes of the current line, and of all of them.
+    Trailers {
+        line: usize,
+        total: usize,
+    },
+    TrailerLf {
+        empty: bool,
+        total: usize,
+    },
+    /// After a request that asks for an upgrade (or CONNECT): what follows is the tunnel's once
+    /// the handler has answered 101; otherwise the connection closes after the answer, and
+    /// nothing here is read as a request.
+    Upgrading,
+    /// Upgraded (101 sent): the bytes are the tunnel's, not requests.
+    Tunnel,
+    /// A head hyper will refuse as well has been handed over; nothing more is read.
+    Closing,
+    /// Could not follow: the connection ends.
+    Lost,
 }
 
-/// Set when a request head had both framings.
+/// What the follower and the request handler tell each other.
 #[derive(Debug, Default)]
-pub struct Ambiguous(AtomicBool);
+pub struct Signals {
+    /// A request head had both framings.
+    ambiguous: AtomicBool,
+    /// The handler answered 101: the connection is a tunnel from here.
+    tunnel: AtomicBool,
+}
 
-impl Ambiguous {
+impl Signals {
     pub fn seen(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.ambiguous.load(Ordering::Relaxed)
+    }
+
+    /// The handler answers 101 to the upgrade request: stop following.
+    pub fn tunnel(&self) {
+        self.tunnel.store(true, Ordering::Relaxed);
     }
 }
 
 pub struct Framing<S> {
     inner: S,
     state: State,
+    /// After the current request's body: the connection is to be upgraded.
+    upgrading: bool,
     limit: usize,
-    flag: Arc<Ambiguous>,
+    signals: Arc<Signals>,
     /// Told when a request head begins and ends (for the header deadline).
     activity: Option<Arc<super::Activity>>,
 }
@@ -49,14 +105,15 @@ impl<S> Framing<S> {
     pub fn new(
         inner: S,
         limit: usize,
-        flag: Arc<Ambiguous>,
+        signals: Arc<Signals>,
         activity: Option<Arc<super::Activity>>,
     ) -> Self {
         Framing {
             inner,
             state: State::Head(Vec::new()),
+            upgrading: false,
             limit,
-            flag,
+            signals,
             activity,
         }
     }
@@ -67,12 +124,42 @@ impl<S> Framing<S> {
         }
     }
 
-    fn feed(&mut self, mut data: &[u8]) {
+    /// The state after a request's body.
+    fn next_request(&mut self) -> State {
+        if self.upgrading {
+            State::Upgrading
+        } else {
+            State::Head(Vec::new())
+        }
+    }
+
+    /// Follow `data`, the next bytes read. When the follower stops following (it closes the
+    /// connection), how many of these bytes hyper may still read: up to the end of a head hyper
+    /// refuses as well, or to the byte of a body that could not be followed, which makes
+    /// hyper's reading of that body fail too (400).
+    fn feed(&mut self, data: &[u8]) -> Option<usize> {
+        let total = data.len();
+        self.follow(data).map(|left| total - left)
+    }
+
+    /// [`Framing::feed`]; what is left of `data` where it stopped following.
+    fn follow(&mut self, mut data: &[u8]) -> Option<usize> {
         while !data.is_empty() {
             match &mut self.state {
-                State::Done => return,
+                State::Tunnel => return None,
+                State::Closing => return Some(data.len()),
+                State::Lost => {
+                    self.state = State::Closing;
+                    return Some(data.len());
+                }
+                State::Upgrading => {
+                    if self.signals.tunnel.load(Ordering::Relaxed) {
+                        self.state = State::Tunnel;
+                    }
+                    return None;
+                }
                 State::Head(buf) => {
-                    // Skip the empty lines allowed before a request line.
+                    // Skip the empty lines allowed before a request line (httparse does too).
                     if buf.is_empty() {
                         let skip = data
                             .iter()
@@ -80,31 +167,49 @@ impl<S> Framing<S> {
                             .count();
                         data = &data[skip..];
                         if data.is_empty() {
-                            return;
+                            return None;
                         }
                         if let Some(a) = &self.activity {
                             a.head_begins();
                         }
                     }
                     let before = buf.len();
-                    let room = (self.limit + 4).saturating_sub(before).max(1);
-                    let taken = data.len().min(room);
+                    let taken = data.len().min(self.limit + 1 - before.min(self.limit));
                     buf.extend_from_slice(&data[..taken]);
-                    match find(&buf[before.saturating_sub(3)..], b"\r\n\r\n") {
-                        None => {
-                            if buf.len() > self.limit {
-                                self.state = State::Done;
-                                self.head_ends();
-                                return;
-                            }
+                    // The head ends where hyper's parser says it does (a bare LF ends a line
+                    // there too); worth asking only when a line has ended.
+                    let status = if data[..taken].contains(&b'\n') {
+                        let mut headers = [httparse::EMPTY_HEADER; 128];
+                        httparse::Request::new(&mut headers).parse(buf)
+                    } else {
+                        Ok(httparse::Status::Partial)
+                    };
+                    match status {
+                        Ok(httparse::Status::Complete(end)) => {
+                            let head = std::mem::take(buf);
+                            let (next, upgrade) = after_head(&self.signals, &head[..end]);
+                            self.upgrading = upgrade;
+                            self.head_ends();
+                            self.state = match next {
+                                Next::Body(0) => self.next_request(),
+                                Next::Body(n) => State::Body(n),
+                                Next::Chunked => State::Size {
+                                    size: 0,
+                                    digits: false,
+                                },
+                                Next::Refused => State::Lost,
+                            };
+                            // The rest of this read after the head, from `data`.
+                            data = &data[end - before..];
+                        }
+                        Ok(httparse::Status::Partial) if buf.len() <= self.limit => {
                             data = &data[taken..];
                         }
-                        Some(at) => {
-                            let end = before.saturating_sub(3) + at + 4;
-                            let next = after_head(&self.flag, &buf[..end]);
-                            data = &data[end - before..];
-                            self.state = next;
+                        // Too large or not a head: hyper refuses it (431 or 400) and closes.
+                        _ => {
                             self.head_ends();
+                            self.state = State::Closing;
+                            return Some(0);
                         }
                     }
                 }
@@ -113,116 +218,154 @@ impl<S> Framing<S> {
                     *n -= k as u64;
                     data = &data[k..];
                     if *n == 0 {
-                        self.state = State::Head(Vec::new());
+                        self.state = self.next_request();
                     }
                 }
-                State::ChunkSize(line) => match data.iter().position(|b| *b == b'\n') {
-                    Some(i) => {
-                        line.extend_from_slice(&data[..i]);
-                        data = &data[i + 1..];
-                        let text = String::from_utf8_lossy(line);
-                        let hex = text.split(';').next().unwrap_or("").trim();
-                        self.state = match u64::from_str_radix(hex, 16) {
-                            Ok(0) => State::Trailers(Vec::new()),
-                            Ok(n) => State::ChunkData(n),
-                            Err(_) => State::Done,
-                        };
-                    }
-                    None => {
-                        line.extend_from_slice(data);
-                        if line.len() > 1024 {
-                            self.state = State::Done;
-                        }
-                        return;
-                    }
-                },
-                State::ChunkData(n) => {
+                State::Data(n) => {
                     let k = (*n).min(data.len() as u64) as usize;
                     *n -= k as u64;
                     data = &data[k..];
                     if *n == 0 {
-                        self.state = State::ChunkEnd(2);
+                        self.state = State::DataCr;
                     }
                 }
-                State::ChunkEnd(left) => {
-                    let k = (*left as usize).min(data.len());
-                    *left -= k as u8;
-                    data = &data[k..];
-                    if *left == 0 {
-                        self.state = State::ChunkSize(Vec::new());
+                _ => {
+                    let b = data[0];
+                    data = &data[1..];
+                    self.state = chunk_byte(
+                        std::mem::replace(&mut self.state, State::Lost),
+                        b,
+                        self.limit,
+                    );
+                    if matches!(self.state, State::Head(_)) {
+                        self.state = self.next_request();
                     }
                 }
-                State::Trailers(line) => match data.iter().position(|b| *b == b'\n') {
-                    Some(i) => {
-                        line.extend_from_slice(&data[..i]);
-                        data = &data[i + 1..];
-                        let empty = line.iter().all(|b| *b == b'\r');
-                        self.state = if empty {
-                            State::Head(Vec::new())
-                        } else {
-                            State::Trailers(Vec::new())
-                        };
-                    }
-                    None => {
-                        line.extend_from_slice(data);
-                        if line.len() > self.limit {
-                            self.state = State::Done;
-                        }
-                        return;
-                    }
-                },
             }
+        }
+        match self.state {
+            State::Lost => {
+                self.state = State::Closing;
+                Some(0)
+            }
+            _ => None,
         }
     }
 }
 
-/// What follows a request head; raises the flag on both framings.
-fn after_head(flag: &Ambiguous, head: &[u8]) -> State {
+/// The state after byte `b` of chunked framing (RFC 9112 7.1, as strictly as hyper reads it:
+/// hex digits only, CRLF only); [`State::Lost`] where it cannot be followed.
+fn chunk_byte(state: State, b: u8, limit: usize) -> State {
+    match (state, b) {
+        (State::Size { size, .. }, b) if b.is_ascii_hexdigit() => {
+            if size >> 60 != 0 {
+                return State::Lost;
+            }
+            let digit = (b as char).to_digit(16).unwrap_or(0) as u64;
+            State::Size {
+                size: size << 4 | digit,
+                digits: true,
+            }
+        }
+        (State::Size { digits: false, .. }, _) => State::Lost,
+        (State::Size { size, .. } | State::SizeSpace(size), b' ' | b'\t') => State::SizeSpace(size),
+        (State::Size { size, .. } | State::SizeSpace(size), b';') => State::Extension(size, 0),
+        (State::Size { size, .. } | State::SizeSpace(size), b'\r') => State::SizeLf(size),
+        (State::Extension(size, _), b'\r') => State::SizeLf(size),
+        (State::Extension(_, _), b'\n') => State::Lost,
+        (State::Extension(size, len), _) if len < MAX_CHUNK_EXTENSION => {
+            State::Extension(size, len + 1)
+        }
+        (State::SizeLf(0), b'\n') => State::Trailers { line: 0, total: 0 },
+        (State::SizeLf(size), b'\n') => State::Data(size),
+        (State::DataCr, b'\r') => State::DataLf,
+        (State::DataLf, b'\n') => State::Size {
+            size: 0,
+            digits: false,
+        },
+        (State::Trailers { line, total }, b'\r') => State::TrailerLf {
+            empty: line == 0,
+            total: total + 1,
+        },
+        (State::Trailers { line, total }, b) if b != b'\n' && total < limit => State::Trailers {
+            line: line + 1,
+            total: total + 1,
+        },
+        (State::TrailerLf { empty: true, .. }, b'\n') => State::Head(Vec::new()),
+        (
+            State::TrailerLf {
+                empty: false,
+                total,
+            },
+            b'\n',
+        ) => State::Trailers { line: 0, total },
+        _ => State::Lost,
+    }
+}
+
+/// What follows a request head.
+enum Next {
+    Body(u64),
+    Chunked,
+    /// A head hyper refuses (400): nothing after it is read.
+    Refused,
+}
+
+/// What follows a request head, and whether the request asks for an upgrade; raises the flag on
+/// both framings.
+fn after_head(signals: &Signals, head: &[u8]) -> (Next, bool) {
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut req = httparse::Request::new(&mut headers);
     if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
-        return State::Done;
+        return (Next::Refused, false);
     }
-    let (mut cl, mut te, mut chunked, mut upgrade) = (None, false, false, false);
+    let (mut length, mut te, mut chunked, mut upgrade) = (None, false, false, false);
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
-            cl = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            if cl.is_none() {
-                return State::Done;
+            // Every value (`5, 5` in one field or in several) must be the same number, digits
+            // only, as hyper reads them.
+            for value in h.value.split(|b| *b == b',') {
+                let Some(n) = digits(value.trim_ascii()) else {
+                    return (Next::Refused, false);
+                };
+                if length.is_some_and(|l| l != n) {
+                    return (Next::Refused, false);
+                }
+                length = Some(n);
             }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             te = true;
-            chunked = String::from_utf8_lossy(h.value)
-                .rsplit(',')
+            chunked = h
+                .value
+                .rsplit(|b| *b == b',')
                 .next()
-                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if h.name.eq_ignore_ascii_case("upgrade") {
             upgrade = true;
         }
     }
-    if te && cl.is_some() {
-        flag.0.store(true, Ordering::Relaxed);
-        return State::Done;
+    let upgrade = upgrade || req.method == Some("CONNECT");
+    if te && length.is_some() {
+        signals.ambiguous.store(true, Ordering::Relaxed);
+        return (Next::Refused, upgrade);
     }
-    if upgrade || req.method == Some("CONNECT") {
-        return State::Done;
-    }
-    if chunked {
-        State::ChunkSize(Vec::new())
+    let next = if chunked {
+        Next::Chunked
     } else if te {
-        State::Done
+        // A request body must end with chunked (RFC 9112 6.3): hyper answers 400.
+        Next::Refused
     } else {
-        match cl {
-            Some(n) if n > 0 => State::Body(n),
-            _ => State::Head(Vec::new()),
-        }
-    }
+        Next::Body(length.unwrap_or(0))
+    };
+    (next, upgrade)
 }
 
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
+/// A decimal number of ASCII digits only (no sign, no spaces), as hyper reads `Content-Length`.
+fn digits(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Framing<S> {
@@ -231,13 +374,38 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framing<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        match this.state {
+            State::Tunnel => return Pin::new(&mut this.inner).poll_read(cx, buf),
+            // Nothing more for hyper (an end of input would make it drop the answer it owes):
+            // it answers what it has and closes; meanwhile the client's bytes are discarded.
+            State::Closing | State::Lost => return this.discard(cx),
+            _ => {}
+        }
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && !matches!(self.state, State::Done) {
-            let new = buf.filled()[before..].to_vec();
-            self.feed(&new);
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(())))
+            && let Some(keep) = this.feed(&buf.filled()[before..])
+        {
+            // hyper never sees what comes after.
+            buf.set_filled(before + keep);
         }
         r
+    }
+}
+
+impl<S: AsyncRead + Unpin> Framing<S> {
+    /// Read and drop what the client sends until it has nothing more now (`Pending`) or closes.
+    fn discard(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let mut scratch = [0u8; 4096];
+        loop {
+            let mut sink = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut sink) {
+                Poll::Ready(Ok(())) if sink.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => continue,
+                other => return other,
+            }
+        }
     }
 }
 
@@ -275,13 +443,26 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Framing<S> {
 mod tests {
     use super::*;
 
-    fn scan(chunks: &[&[u8]]) -> bool {
-        let flag = Arc::new(Ambiguous::default());
-        let mut f = Framing::new((), 8192, flag.clone(), None);
+    fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+        hay.windows(needle.len()).position(|w| w == needle)
+    }
+
+    fn follow(chunks: &[&[u8]]) -> (Framing<()>, Arc<Signals>) {
+        let signals = Arc::new(Signals::default());
+        let mut f = Framing::new((), 8192, signals.clone(), None);
         for c in chunks {
             f.feed(c);
         }
-        flag.seen()
+        (f, signals)
+    }
+
+    fn scan(chunks: &[&[u8]]) -> bool {
+        follow(chunks).1.seen()
+    }
+
+    fn state(chunks: &[&[u8]]) -> String {
+        let s = format!("{:?}", follow(chunks).0.state);
+        s.split(['(', ' ', '{']).next().unwrap_or("").to_string()
     }
 
     #[test]
@@ -289,8 +470,8 @@ mod tests {
         assert!(scan(&[
             b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
         ]));
-        // Split anywhere, after a body of each kind.
-        let stream: &[u8] = b"POST /a HTTP/1.1\r\nContent-Length: 7\r\n\r\nabc\r\n\r\nPOST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nx\r\n\r\n0\r\n\r\nGET /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n";
+        // Split anywhere, after a body of each kind (with an extension and a trailer).
+        let stream: &[u8] = b"POST /a HTTP/1.1\r\nContent-Length: 7\r\n\r\nabc\r\n\r\nPOST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nx\r\n\r\n0\r\nT: 1\r\n\r\nGET /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n";
         for cut in 1..stream.len() {
             assert!(scan(&[&stream[..cut], &stream[cut..]]), "cut at {cut}");
         }
@@ -299,5 +480,74 @@ mod tests {
         for cut in 1..innocent.len() {
             assert!(!scan(&[&innocent[..cut], &innocent[cut..]]), "cut at {cut}");
         }
+    }
+
+    #[test]
+    fn heads_end_where_httparse_says_even_with_bare_line_feeds() {
+        let stream: &[u8] = b"POST /a HTTP/1.1\nContent-Length: 3\n\nabcPOST /b HTTP/1.1\nContent-Length: 1\nTransfer-Encoding: chunked\n\n";
+        for cut in 1..stream.len() {
+            assert!(scan(&[&stream[..cut], &stream[cut..]]), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn the_follower_never_lets_go() {
+        // A head with Upgrade is the last one followed until the handler says 101.
+        let upgrade: &[u8] =
+            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+        assert_eq!(state(&[upgrade, b"GET / HTTP/1.1\r\n\r\n"]), "Upgrading");
+        let (mut f, signals) = follow(&[upgrade]);
+        signals.tunnel();
+        f.feed(b"\x81\x05hello");
+        assert_eq!(format!("{:?}", f.state), "Tunnel");
+        // A chunk-size line of any length is followed (its extension), split anywhere.
+        let long = format!(
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;{}\r\nabc\r\n0\r\n\r\nGET /b HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "e".repeat(5000)
+        );
+        let long = long.as_bytes();
+        for cut in (1..long.len()).step_by(97) {
+            assert!(scan(&[&long[..cut], &long[cut..]]), "cut at {cut}");
+        }
+        // What cannot be followed ends the connection: hyper gets the bytes up to the one that
+        // could not be followed (it fails on it too), nothing after.
+        let signals = Arc::new(Signals::default());
+        let mut f = Framing::new((), 8192, signals, None);
+        let bad: &[u8] = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n";
+        let head_end = find(bad, b"\r\n\r\n").unwrap() + 4;
+        // `3` then the bare LF.
+        assert_eq!(f.feed(bad), Some(head_end + 2));
+        assert_eq!(f.feed(b"GET / HTTP/1.1\r\n\r\n"), Some(0));
+        for bad in [
+            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n+3\r\nabc\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: 1\n\r\n",
+        ] {
+            assert_eq!(state(&[bad]), "Closing", "{}", String::from_utf8_lossy(bad));
+        }
+        // Heads hyper refuses as well: handed over, then nothing more is read.
+        for refused in [
+            &b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
+        ] {
+            assert_eq!(
+                state(&[refused]),
+                "Closing",
+                "{}",
+                String::from_utf8_lossy(refused)
+            );
+        }
+        let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000));
+        assert_eq!(state(&[huge.as_bytes()]), "Closing");
+        // Equal lengths are one length.
+        assert_eq!(
+            state(&[b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\nabc"]),
+            "Body"
+        );
     }
 }

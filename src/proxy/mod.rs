@@ -3,7 +3,8 @@
 //! - [`tls`]: the certificate (files reloaded live, self-signed kept on the volume, or ACME via
 //!   [`acme`]), one certificate whatever the SNI.
 //! - this module: the listeners and connections: TLS handshake with a deadline, HTTP/2 or
-//!   HTTP/1.1 by ALPN, header and idle deadlines, graceful stop.
+//!   HTTP/1.1 by ALPN, header, idle and send deadlines, the caps on connections to the
+//!   application, graceful stop; [`framing`] follows HTTP/1.1 requests, [`frames`] HTTP/2's.
 //! - [`forward`]: one request: redirect to https, ACME challenges, static directories
 //!   ([`files`]), 503 while starting or in maintenance, forwarded headers, streaming both ways,
 //!   upgrades, 502 when the application does not answer, the access log.
@@ -17,6 +18,7 @@ pub mod acme;
 pub mod coalesce;
 pub mod files;
 pub mod forward;
+pub mod frames;
 pub mod framing;
 pub mod landing;
 pub mod net;
@@ -79,6 +81,8 @@ pub struct Shared {
     pub dispatch: Arc<Dispatch>,
     /// This worker's index in `dispatch`.
     pub me: usize,
+    /// Connections to the application held by requests, all workers together (see [`Lease`]).
+    pub upstream_in_use: Arc<AtomicUsize>,
     pub shutdown: CancellationToken,
 }
 
@@ -243,6 +247,7 @@ impl Proxy {
             .map(|_| tokio::sync::mpsc::unbounded_channel::<Handoff>())
             .unzip();
         let mut receivers = receivers.into_iter();
+        let upstream_in_use = Arc::new(AtomicUsize::new(0));
         let dispatch = Arc::new(Dispatch {
             open: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
             workers: senders,
@@ -253,6 +258,7 @@ impl Proxy {
             let (http, https) = (http.take(), https.take());
             let mut handoffs = receivers.next().expect("one receiver per worker");
             let dispatch = dispatch.clone();
+            let upstream_in_use = upstream_in_use.clone();
             let acceptor = acceptor.clone();
             let (config, upstream, trusted) = (p.clone(), upstream.clone(), trusted.clone());
             let (board, challenges, landing) = (board.clone(), challenges.clone(), landing.clone());
@@ -281,6 +287,7 @@ impl Proxy {
                             tls: acceptor,
                             dispatch,
                             me: i,
+                            upstream_in_use,
                             shutdown: shutdown.clone(),
                         });
                         let mut loops = tokio::task::JoinSet::new();
@@ -517,11 +524,90 @@ pub struct Activity {
     last_ms: AtomicU64,
     moved: AtomicBool,
     in_flight: AtomicUsize,
-    /// When the request head being read began ([`NO_HEAD`]: none is being read).
+    /// When the request head being read began ([`NEVER`]: none is being read).
     head_since_ms: AtomicU64,
+    /// The responses being sent, each with when its last piece was handed to the connection
+    /// and not taken since (see [`Handover`]).
+    sending: std::sync::Mutex<Vec<Arc<Handover>>>,
+    /// Connections to the application this connection's requests hold (see [`Lease`]).
+    leases: AtomicUsize,
+    /// Bytes of response bodies sent (what an HTTP/2 client earns its control frames with).
+    pub sent: AtomicU64,
 }
 
-const NO_HEAD: u64 = u64::MAX;
+/// One response being sent: since when (ms on its connection's clock) a piece of it has waited
+/// for the client's side to take it ([`NEVER`]: none is waiting).
+///
+/// A piece waits from when it is handed over until the next poll of the body, and from when
+/// the body wakes its reader (the application's next piece has come) until that reader polls
+/// it: the reader does not poll while the client does not take what it has (HTTP/1.1: hyper's
+/// buffer full; HTTP/2: the stream's window at zero). So the response is also the waker the
+/// body sees, passing its wakes on.
+#[derive(Debug)]
+pub struct Handover {
+    since_ms: AtomicU64,
+    epoch: Instant,
+    /// The reader's waker (hyper's connection or stream task).
+    reader: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+impl Handover {
+    /// The reader polls the body (with `waker`).
+    pub fn asked(&self, waker: &std::task::Waker) {
+        self.since_ms.store(NEVER, Ordering::Relaxed);
+        let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        if !reader.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *reader = Some(waker.clone());
+        }
+    }
+
+    /// A piece was handed over, or is ready: it waits for the reader's next poll.
+    pub fn waits(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let _ = self
+            .since_ms
+            .compare_exchange(NEVER, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
+impl std::task::Wake for Handover {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.waits();
+        if let Some(w) = &*self.reader.lock().unwrap_or_else(|e| e.into_inner()) {
+            w.wake_by_ref();
+        }
+    }
+}
+
+/// A connection to the application held for a request, counted per client connection and
+/// overall until dropped (with the response body, or the tunnel).
+pub struct Lease {
+    activity: Arc<Activity>,
+    overall: Arc<AtomicUsize>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.activity.leases.fetch_sub(1, Ordering::Relaxed);
+        self.overall.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why a request cannot have a connection to the application now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AtCap {
+    /// `proxy.upstream_max_per_client`
+    Client,
+    /// `proxy.upstream_max`
+    Overall,
+}
+
+/// No time: no head being read, no piece waiting.
+const NEVER: u64 = u64::MAX;
 
 impl Activity {
     fn new() -> Arc<Activity> {
@@ -530,7 +616,59 @@ impl Activity {
             last_ms: AtomicU64::new(0),
             moved: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
-            head_since_ms: AtomicU64::new(NO_HEAD),
+            head_since_ms: AtomicU64::new(NEVER),
+            sending: std::sync::Mutex::new(Vec::new()),
+            leases: AtomicUsize::new(0),
+            sent: AtomicU64::new(0),
+        })
+    }
+
+    /// A response begins to be sent; `waiting`: its first piece waits for the client already
+    /// (it has a body the client has not asked for yet).
+    pub fn sending(&self, waiting: bool) -> Arc<Handover> {
+        let h = Arc::new(Handover {
+            since_ms: AtomicU64::new(if waiting { self.now_ms() } else { NEVER }),
+            epoch: self.epoch,
+            reader: std::sync::Mutex::new(None),
+        });
+        let mut sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+        sending.push(h.clone());
+        h
+    }
+
+    /// Whether a response has waited `limit` for the client to take its next piece (a client
+    /// that stopped reading, an HTTP/2 stream held at a zero window); forgets the responses
+    /// sent to the end.
+    fn send_stalled(&self, limit: Duration) -> bool {
+        let now = self.now_ms();
+        let limit = limit.as_millis() as u64;
+        let mut sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+        sending.retain(|h| Arc::strong_count(h) > 1);
+        sending.iter().any(|h| {
+            let since = h.since_ms.load(Ordering::Relaxed);
+            since != NEVER && now.saturating_sub(since) >= limit
+        })
+    }
+
+    /// A connection to the application for one of this connection's requests, if neither cap
+    /// is reached.
+    pub fn lease(
+        self: &Arc<Self>,
+        overall: &Arc<AtomicUsize>,
+        per_client: usize,
+        max: usize,
+    ) -> Result<Lease, AtCap> {
+        if self.leases.load(Ordering::Relaxed) >= per_client {
+            return Err(AtCap::Client);
+        }
+        if overall.fetch_add(1, Ordering::Relaxed) >= max {
+            overall.fetch_sub(1, Ordering::Relaxed);
+            return Err(AtCap::Overall);
+        }
+        self.leases.fetch_add(1, Ordering::Relaxed);
+        Ok(Lease {
+            activity: self.clone(),
+            overall: overall.clone(),
         })
     }
 
@@ -543,13 +681,13 @@ impl Activity {
     }
 
     pub fn head_ends(&self) {
-        self.head_since_ms.store(NO_HEAD, Ordering::Relaxed);
+        self.head_since_ms.store(NEVER, Ordering::Relaxed);
     }
 
     /// How long the current request head has been arriving, if one is.
     fn head_for(&self) -> Option<Duration> {
         let since = self.head_since_ms.load(Ordering::Relaxed);
-        (since != NO_HEAD).then(|| Duration::from_millis(self.now_ms().saturating_sub(since)))
+        (since != NEVER).then(|| Duration::from_millis(self.now_ms().saturating_sub(since)))
     }
 
     /// A byte moved (or a request ended): a flag, not a clock reading, as it happens on every
@@ -582,6 +720,41 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.0.touch();
+    }
+}
+
+/// Splice an upgraded connection (a WebSocket) to the application's until either side closes
+/// it, nothing moves either way for `idle` (`proxy.websocket_idle_timeout`), or the proxy is
+/// forced to stop.
+pub(crate) async fn tunnel<A, B>(client: A, server: B, idle: Duration, force: CancellationToken)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = Activity::new();
+    let mut client = Tracked {
+        inner: client,
+        activity: activity.clone(),
+    };
+    let mut server = Tracked {
+        inner: server,
+        activity: activity.clone(),
+    };
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
+    tokio::pin!(copy);
+    let mut tick = tokio::time::interval(Duration::from_millis(500).min(idle));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut copy => return,
+            _ = force.cancelled() => return,
+            _ = tick.tick() => {
+                if activity.idle_for() >= idle {
+                    tracing::debug!(target: "regobox::proxy", timeout = ?idle, "an upgraded connection idle for proxy.websocket_idle_timeout closed");
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -648,10 +821,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
 /// forced), it idles past `idle` with no request in flight, or a request head takes longer than
 /// `header` to arrive.
 macro_rules! drive {
-    ($conn:expr, $activity:expr, $idle:expr, $header:expr, $shutdown:expr, $force:expr) => {
-        drive!($conn, |c| c.graceful_shutdown(), $activity, $idle, $header, $shutdown, $force)
+    ($conn:expr, $activity:expr, $cfg:expr, $shutdown:expr, $force:expr) => {
+        drive!($conn, |c| c.graceful_shutdown(), $activity, $cfg, $shutdown, $force)
     };
-    ($conn:expr, |$c:ident| $graceful:expr, $activity:expr, $idle:expr, $header:expr, $shutdown:expr, $force:expr) => {{
+    ($conn:expr, |$c:ident| $graceful:expr, $activity:expr, $cfg:expr, $shutdown:expr, $force:expr) => {{
         let conn = $conn;
         tokio::pin!(conn);
         let mut draining = false;
@@ -667,12 +840,19 @@ macro_rules! drive {
                 }
                 _ = $force.cancelled() => break,
                 _ = tick.tick() => {
-                    if $activity.in_flight.load(Ordering::Relaxed) == 0 && $activity.idle_for() >= $idle {
+                    if $activity.in_flight.load(Ordering::Relaxed) == 0 && $activity.idle_for() >= $cfg.idle_timeout {
                         break;
                     }
                     // Slowloris: a head that takes too long to arrive (the first one counts
                     // from the connection).
-                    if $activity.head_for().is_some_and(|t| t >= $header) {
+                    if $activity.head_for().is_some_and(|t| t >= $cfg.header_timeout) {
+                        break;
+                    }
+                    // A client that does not take what it asked for (nginx's send_timeout).
+                    if $activity.send_stalled($cfg.send_timeout) {
+                        if let Some(left_out) = forward::CLIENT_ERRORS.should_log() {
+                            tracing::info!(target: "regobox::proxy", timeout = ?$cfg.send_timeout, similar_left_out = left_out, "a client did not take its response (proxy.send_timeout); connection closed");
+                        }
                         break;
                     }
                 }
@@ -710,7 +890,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, https: bool, shared: Ar
         peer,
         true,
         activity.clone(),
-        Arc::new(framing::Ambiguous::default()),
+        Arc::new(framing::Signals::default()),
     );
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
@@ -719,15 +899,16 @@ async fn connection(stream: TcpStream, peer: SocketAddr, https: bool, shared: Ar
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(4 << 20);
     // Writes gathered per turn of the connection's task (see `coalesce`).
-    let conn = coalesce::wrap(tls_stream, |io| {
+    // Control frames counted against what the client asks for (see `frames`).
+    let followed = frames::Frames::new(tls_stream, activity.clone());
+    let conn = coalesce::wrap(followed, |io| {
         b.serve_connection(TokioIo::new(io), ctx.service())
     });
     drive!(
         conn,
         |c| c.get_mut().conn().graceful_shutdown(),
         activity,
-        cfg.idle_timeout,
-        cfg.header_timeout,
+        cfg,
         shutdown,
         force
     );
@@ -746,7 +927,7 @@ async fn serve_h1<S>(
 {
     let cfg = &shared.config;
     let force = shared.force.clone();
-    let flag = Arc::new(framing::Ambiguous::default());
+    let flag = Arc::new(framing::Signals::default());
     activity.head_begins();
     let io = framing::Framing::new(
         io,
@@ -756,14 +937,7 @@ async fn serve_h1<S>(
     );
     let ctx = forward::ConnCtx::new(shared.clone(), peer, https, activity.clone(), flag);
     let conn = h1(cfg).serve_connection(TokioIo::new(io), ctx.service());
-    drive!(
-        conn.with_upgrades(),
-        activity,
-        cfg.idle_timeout,
-        cfg.header_timeout,
-        shutdown,
-        force
-    );
+    drive!(conn.with_upgrades(), activity, cfg, shutdown, force);
 }
 
 fn h1(cfg: &ProxyConfig) -> hyper::server::conn::http1::Builder {

@@ -13,5 +13,6 @@ mod image;
 mod postgres_embedded;
 mod postgres_external;
 mod proxy;
+mod proxy_hostile;
 mod supervisor;
 mod volume;

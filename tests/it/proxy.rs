@@ -15,16 +15,16 @@ use crate::support::*;
 const UPSTREAM: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/upstream.py");
 
 /// A regobox with the proxy on free ports in front of the fixture application.
-struct Proxied {
-    inst: Instance,
+pub(crate) struct Proxied {
+    pub(crate) inst: Instance,
     run: Option<Running>,
-    http: u16,
-    https: u16,
+    pub(crate) http: u16,
+    pub(crate) https: u16,
     app: u16,
 }
 
 impl Proxied {
-    fn config(extra: &str) -> Proxied {
+    pub(crate) fn config(extra: &str) -> Proxied {
         let mut inst = Instance::new();
         let (http, https, app) = (free_port(), free_port(), free_port());
         inst.config_file(
@@ -82,7 +82,7 @@ ready = {{ tcp = "127.0.0.1:{app}" }}
         self.run = Some(run);
     }
 
-    fn start(extra: &str) -> Proxied {
+    pub(crate) fn start(extra: &str) -> Proxied {
         let mut p = Self::config(extra);
         p.start_again();
         p
@@ -93,11 +93,11 @@ ready = {{ tcp = "127.0.0.1:{app}" }}
     }
 
     /// curl against `localhost` (resolved to 127.0.0.1), trusting the self-signed certificate.
-    fn curl(&self, args: &[&str]) -> Output {
+    pub(crate) fn curl(&self, args: &[&str]) -> Output {
         curl(&self.self_signed(), &[self.https, self.http], args)
     }
 
-    fn https_url(&self, path: &str) -> String {
+    pub(crate) fn https_url(&self, path: &str) -> String {
         format!("https://localhost:{}{path}", self.https)
     }
 
@@ -105,7 +105,7 @@ ready = {{ tcp = "127.0.0.1:{app}" }}
         format!("http://localhost:{}{path}", self.http)
     }
 
-    fn stop(&mut self) -> String {
+    pub(crate) fn stop(&mut self) -> String {
         self.run.take().unwrap().stop()
     }
 }
@@ -252,7 +252,7 @@ trait ReadWrite: Read + Write {}
 impl<T: Read + Write> ReadWrite for T {}
 
 /// Raw bytes to a plain port; what comes back until the server closes (or 10 s).
-fn raw(port: u16, bytes: &[u8]) -> String {
+pub(crate) fn raw(port: u16, bytes: &[u8]) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(bytes).unwrap();

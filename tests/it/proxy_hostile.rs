@@ -1,0 +1,452 @@
+//! The proxy against clients that misbehave on purpose (issue 16): raw sockets and raw HTTP/2
+//! frames over real TLS, in front of the fixture application.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use tokio_rustls::rustls;
+
+use crate::proxy::{Proxied, client_config, raw};
+use crate::support::*;
+
+/// An HTTP/1.1 response read off `s`: status and body (Content-Length framed).
+fn response(s: &mut impl Read) -> (u16, String) {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Whether the server has closed `s` (waiting at most `within`).
+fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut sink = [0u8; 65536];
+    loop {
+        match s.read(&mut sink) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// A raw HTTP/2 client over TLS.
+struct H2 {
+    s: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    buf: Vec<u8>,
+}
+
+/// A frame: type, flags, stream, payload.
+type Frame = (u8, u8, u32, Vec<u8>);
+
+impl H2 {
+    /// Connected, preface and `settings` sent, the server's SETTINGS acknowledged.
+    fn connect(port: u16, settings: &[(u16, u32)]) -> H2 {
+        let conn = rustls::ClientConnection::new(
+            client_config(None, &[b"h2"]),
+            "localhost".try_into().unwrap(),
+        )
+        .unwrap();
+        let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut h = H2 {
+            s: rustls::StreamOwned::new(conn, tcp),
+            buf: Vec::new(),
+        };
+        let mut payload = Vec::new();
+        for (id, value) in settings {
+            payload.extend(id.to_be_bytes());
+            payload.extend(value.to_be_bytes());
+        }
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        hello.extend(frame(0x4, 0, 0, &payload));
+        h.s.write_all(&hello).unwrap();
+        assert_eq!(h.s.conn.alpn_protocol(), Some(&b"h2"[..]));
+        loop {
+            let (kind, flags, _, _) = h.frame().expect("the server's SETTINGS");
+            if kind == 0x4 && flags & 0x1 == 0 {
+                break;
+            }
+        }
+        h.send(0x4, 0x1, 0, &[]);
+        h
+    }
+
+    fn send(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        self.s
+            .write_all(&frame(kind, flags, stream, payload))
+            .unwrap();
+    }
+
+    /// The next frame; `None` at the end of the connection (or a read timeout).
+    fn frame(&mut self) -> Option<Frame> {
+        loop {
+            if self.buf.len() >= 9 {
+                let len = (self.buf[0] as usize) << 16
+                    | (self.buf[1] as usize) << 8
+                    | self.buf[2] as usize;
+                if self.buf.len() >= 9 + len {
+                    let f: Vec<u8> = self.buf.drain(..9 + len).collect();
+                    let stream = u32::from_be_bytes([f[5], f[6], f[7], f[8]]) & 0x7fff_ffff;
+                    return Some((f[3], f[4], stream, f[9..].to_vec()));
+                }
+            }
+            let mut chunk = [0u8; 16384];
+            match self.s.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend(stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK block for `method` (GET or POST) on `path`, every field a literal of the static
+/// table's names without indexing (no dynamic table, no Huffman).
+fn request_block(method: &str, path: &str) -> Vec<u8> {
+    let mut b = vec![if method == "POST" { 0x83 } else { 0x82 }, 0x87];
+    b.push(0x04);
+    b.push(path.len() as u8);
+    b.extend_from_slice(path.as_bytes());
+    b.push(0x01);
+    b.push(9);
+    b.extend_from_slice(b"localhost");
+    b
+}
+
+/// Issue 16, item 2: every byte of every request on an HTTP/1.1 connection is followed until the
+/// connection is upgraded for real or closed. A head with `Upgrade:` that is not upgraded is the
+/// connection's last request (what was smuggled after it is never served); a chunk-size line of
+/// any length, split across reads, neither loses the smuggling refusal nor the header deadline.
+#[test]
+fn the_framing_follower_never_lets_go() {
+    let mut p = Proxied::start("redirect_http = false\nheader_timeout = \"2s\"");
+
+    let answer = raw(
+        p.http,
+        b"GET /job/x HTTP/1.1\r\nHost: localhost\r\nUpgrade: foo\r\n\r\nGET /job/smuggled HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    );
+    assert!(answer.contains("app: /job/x"), "{answer}");
+    assert!(!answer.contains("smuggled"), "{answer}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+
+    // A chunk extension of 1 400 bytes in two reads.
+    let long_chunk = |s: &mut TcpStream| {
+        s.write_all(
+            b"POST /job/a HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n3;",
+        )
+        .unwrap();
+        s.write_all(&[b'e'; 700]).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        s.write_all(&[b'e'; 700]).unwrap();
+        s.write_all(b"\r\nabc\r\n0\r\n\r\n").unwrap();
+        let (status, body) = response(s);
+        assert_eq!((status, body.as_str()), (200, "app: /job/a\n"));
+    };
+    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    long_chunk(&mut s);
+    s.write_all(b"POST /job/b HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        .unwrap();
+    let (status, body) = response(&mut s);
+    assert_eq!(status, 400, "{body}");
+
+    // The next head trickles in, a byte every 300 ms: cut at the header deadline (2 s).
+    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    long_chunk(&mut s);
+    let started = Instant::now();
+    let mut cut = false;
+    for b in
+        b"GET /job/c HTTP/1.1\r\nHost: localhost\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+    {
+        let _ = s.write_all(&[*b]);
+        if closed_within(&mut s, Duration::from_millis(300)) {
+            cut = true;
+            break;
+        }
+    }
+    let elapsed = started.elapsed();
+    assert!(cut, "the trickled head was never cut");
+    assert!(
+        elapsed >= Duration::from_millis(1500) && elapsed < Duration::from_secs(8),
+        "{elapsed:?}"
+    );
+    p.stop();
+}
+
+/// Issue 16, item 1: a client that does not take its response loses its connection after
+/// `proxy.send_timeout` (nginx's `send_timeout`), whether it stops reading (HTTP/1.1) or holds
+/// its stream at a zero window (HTTP/2); a client that reads slowly but keeps reading is served
+/// to the end.
+#[test]
+fn clients_that_do_not_take_their_responses_lose_them() {
+    let mut p = Proxied::start("redirect_http = false\nsend_timeout = \"2s\"");
+    let n = 100_000_000;
+
+    // HTTP/1.1, never read: cut (the rest is read afterwards: far less than asked for, what
+    // the sockets' buffers held).
+    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    write!(s, "GET /download?n={n} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = 0usize;
+    let mut chunk = [0u8; 65536];
+    let started = Instant::now();
+    while let Ok(k) = s.read(&mut chunk) {
+        if k == 0 {
+            break;
+        }
+        got += k;
+    }
+    let reading = started.elapsed();
+    if got >= n / 2 || reading >= Duration::from_secs(15) {
+        panic!(
+            "{got} bytes in {reading:?}: the connection was not cut\n{}",
+            p.stop()
+        );
+    }
+
+    // Read slowly (at most 1 MiB every 100 ms: 40 MB in about 4 s, twice the timeout, the
+    // buffers between full most of the time): never cut.
+    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "GET /download?n=40000000 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut all = Vec::new();
+    let mut piece = vec![0u8; 1 << 20];
+    loop {
+        match s.read(&mut piece) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => all.extend_from_slice(&piece[..k]),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = String::from_utf8_lossy(&all[..200.min(all.len())]).to_string();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let body_at = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(all.len() - body_at, 40_000_000);
+
+    // HTTP/2 at a zero window: the response's head comes, its body cannot; the connection
+    // closes after send_timeout.
+    let mut h = H2::connect(p.https, &[(0x4, 0)]);
+    h.send(0x1, 0x5, 1, &request_block("GET", "/download?n=100000"));
+    let started = Instant::now();
+    let mut head = false;
+    while let Some((kind, _, stream, payload)) = h.frame() {
+        if kind == 0x1 && stream == 1 {
+            head = true;
+        }
+        assert!(kind != 0x0 || payload.is_empty(), "DATA at a zero window");
+    }
+    let elapsed = started.elapsed();
+    let log = p.stop();
+    assert!(head, "the response's head was sent");
+    assert!(
+        elapsed >= Duration::from_millis(1500) && elapsed < Duration::from_secs(15),
+        "{elapsed:?}\n{log}"
+    );
+    assert!(log.contains("proxy.send_timeout"), "{log}");
+}
+
+/// Issue 16, item 1: an upgraded connection (WebSocket) that moves no byte for
+/// `proxy.websocket_idle_timeout` is closed; one that keeps talking is not.
+#[test]
+fn idle_websockets_are_closed_at_their_own_limit() {
+    let mut p = Proxied::start("redirect_http = false\nwebsocket_idle_timeout = \"2s\"");
+    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    // Talking every second for 4 s (twice the limit): echoed each time.
+    for _ in 0..4 {
+        s.write_all(&[0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2])
+            .unwrap();
+        let mut echo = [0u8; 4];
+        s.read_exact(&mut echo).unwrap();
+        assert_eq!(echo, [0x81, 2, b'h', b'i']);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    // Then silence: closed.
+    let started = Instant::now();
+    assert!(closed_within(&mut s, Duration::from_secs(10)));
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(6),
+        "{elapsed:?}"
+    );
+    p.stop();
+}
+
+/// Issue 16, item 1: the connections to the application are capped per client connection and
+/// overall; at a cap, 503 with `Retry-After`, and the caps free up as requests end.
+#[test]
+fn connections_to_the_application_are_capped() {
+    let mut p =
+        Proxied::start("redirect_http = false\nupstream_max_per_client = 2\nupstream_max = 3");
+    // Overall: four slow requests on four connections, three served.
+    let http = p.http;
+    let answers: Vec<String> = (0..4)
+        .map(|i| {
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100 * i));
+                raw(
+                    http,
+                    b"GET /slow?s=3 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+                )
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    let refused: Vec<&String> = answers
+        .iter()
+        .filter(|a| a.starts_with("HTTP/1.1 503"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{answers:?}");
+    assert!(refused[0].contains("retry-after: 5"), "{}", refused[0]);
+    assert_eq!(
+        answers.iter().filter(|a| a.contains("slow done")).count(),
+        3,
+        "{answers:?}"
+    );
+    // Freed.
+    assert!(
+        raw(
+            http,
+            b"GET /job/after HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .contains("app: /job/after")
+    );
+
+    // Per client: three streams on one HTTP/2 connection, two served.
+    let mut h = H2::connect(p.https, &[]);
+    for stream in [1, 3, 5] {
+        h.send(0x1, 0x5, stream, &request_block("GET", "/slow?s=3"));
+    }
+    let started = Instant::now();
+    let mut bodies = std::collections::BTreeMap::<u32, String>::new();
+    let mut ended = Vec::new();
+    while ended.len() < 3 {
+        let (kind, flags, stream, payload) = h.frame().expect("the three answers");
+        if kind == 0x0 {
+            bodies
+                .entry(stream)
+                .or_default()
+                .push_str(&String::from_utf8_lossy(&payload));
+        }
+        if (kind == 0x0 || kind == 0x1) && flags & 0x1 != 0 {
+            ended.push((stream, started.elapsed()));
+        }
+    }
+    let first = ended[0];
+    assert!(bodies[&first.0].contains("Too many requests"), "{bodies:?}");
+    assert!(first.1 < Duration::from_millis(2500), "{ended:?}");
+    assert_eq!(
+        bodies.values().filter(|b| b.contains("slow done")).count(),
+        2,
+        "{bodies:?}"
+    );
+    let log = p.stop();
+    assert!(log.contains("proxy.upstream_max_per_client"), "{log}");
+    assert!(log.contains("proxy.upstream_max "), "{log}");
+}
+
+/// Issue 16, item 4: floods of HTTP/2 frames that ask for nothing (SETTINGS, PING, PRIORITY,
+/// WINDOW_UPDATE, empty DATA, unknown types) get GOAWAY with ENHANCE_YOUR_CALM and the
+/// connection closed, long before the flood ends; ordinary use of those frames does not.
+#[test]
+fn http2_floods_are_calmed() {
+    let mut p = Proxied::start("");
+    let floods: [(&str, Vec<u8>); 6] = [
+        ("SETTINGS", frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 100])),
+        ("PING", frame(0x6, 0, 0, &[7; 8])),
+        ("PRIORITY", frame(0x2, 0, 3, &[0, 0, 0, 0, 16])),
+        ("WINDOW_UPDATE", frame(0x8, 0, 0, &[0, 0, 0, 1])),
+        ("empty DATA", frame(0x0, 0, 1, &[])),
+        ("unknown", frame(0x42, 0, 0, &[0; 16])),
+    ];
+    for (name, one) in floods {
+        let mut h = H2::connect(p.https, &[]);
+        if name == "empty DATA" {
+            h.send(0x1, 0x4, 1, &request_block("POST", "/upload"));
+        }
+        let batch: Vec<u8> = one.iter().copied().cycle().take(one.len() * 500).collect();
+        let started = Instant::now();
+        let mut sent = 0;
+        let mut goaway = None;
+        h.s.sock
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        'flood: while sent < 100_000 {
+            if h.s.write_all(&batch).is_err() {
+                break;
+            }
+            sent += 500;
+            while let Some((kind, _, _, payload)) = h.frame() {
+                if kind == 0x7 {
+                    goaway = Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
+                    break 'flood;
+                }
+            }
+        }
+        let elapsed = started.elapsed();
+        h.s.sock
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        while goaway.is_none() {
+            match h.frame() {
+                Some((0x7, _, _, payload)) => {
+                    goaway = Some(u32::from_be_bytes(payload[4..8].try_into().unwrap()))
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+        assert_eq!(goaway, Some(0xb), "{name}: GOAWAY ENHANCE_YOUR_CALM");
+        assert!(sent < 30_000, "{name}: {sent} frames before the GOAWAY");
+        eprintln!("{name} flood: GOAWAY after {sent} frames, {elapsed:?}");
+    }
+    // Ordinary use: a page over HTTP/2 with curl, after all that.
+    let out = p.curl(&["--http2", "-s", &p.https_url("/job/ok")]);
+    assert_eq!(stdout(&out), "app: /job/ok\n");
+    let log = p.stop();
+    assert!(log.contains("ENHANCE_YOUR_CALM"), "{log}");
+}
