@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# regobox's proxy against nginx on this machine: the same certificate (ECDSA P-256) and TLS 1.3
-# suite preference (AES-128-GCM), the same
-# upstream (an nginx answering a 1 KiB body) with keep-alive to it, access logs on for both,
-# TLS 1.2 and 1.3 offered by both (so every row runs TLS 1.3 with X25519),
-# loads from wrk and h2load on loopback. Rows: HTTP/1.1 keep-alive (from wrk, and from h2load),
-# HTTP/2, a new TLS connection per request; requests/s, p99 latency, CPU time per request
-# (medians of RUNS runs, the two proxies taking turns; each run's p99 shown too), RSS after the
-# runs.
-# Needs nginx-light, wrk and nghttp2-client (h2load): installed if missing.
-# Usage: scripts/bench-proxy.sh [SECONDS (5)] [CONNECTIONS (32)] [RUNS (10)]
+# regobox's proxy against nginx and haproxy on this machine: the same certificate (ECDSA P-256)
+# and TLS 1.3 suite preference (AES-128-GCM), the same upstream (an nginx answering a 1 KiB body)
+# with keep-alive to it, access logs on for all three, TLS 1.2 and 1.3 offered by all (so every
+# row runs TLS 1.3 with X25519), loads from wrk and h2load on loopback. Rows: HTTP/1.1 keep-alive
+# (from wrk, and from h2load), HTTP/2, a new TLS connection per request; requests/s, p99
+# latency, CPU time per request (medians of RUNS runs, the proxies taking turns; each run's p99
+# shown too), RSS after the runs.
+# ONE_CORE=1: one core each: every proxy with one worker (nginx worker_processes 1, haproxy
+# nbthread 1, regobox proxy.workers 1) pinned to the first core, the clients (one thread) and the
+# upstream on the second.
+# Needs nginx-light, haproxy, wrk and nghttp2-client (h2load): installed if missing.
+# Usage: [ONE_CORE=1] scripts/bench-proxy.sh [SECONDS (5)] [CONNECTIONS (32)] [RUNS (10)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION="${1:-5}"
 CONNS="${2:-32}"
 REPEAT="${3:-10}"
-for tool in nginx:nginx-light wrk:wrk h2load:nghttp2-client openssl:openssl; do
+ONE_CORE="${ONE_CORE:-0}"
+for tool in nginx:nginx-light haproxy:haproxy wrk:wrk h2load:nghttp2-client openssl:openssl; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || MISSING="${MISSING:-} ${tool#*:}"
 done
 if [ -n "${MISSING:-}" ]; then
@@ -31,12 +34,22 @@ cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     [ -f "$WORK/upstream.pid" ] && kill "$(cat "$WORK/upstream.pid")" 2>/dev/null || true
     [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+    [ -n "${HAPPID:-}" ] && kill "$HAPPID" 2>/dev/null || true
     sleep 1
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 base=$(( 20000 + RANDOM % 20000 ))
 UP=$base; NGX=$((base + 1)); RBX=$((base + 2)); RBX80=$((base + 3)); PG=$((base + 4)); HEALTH=$((base + 5))
+HAP=$((base + 6))
+# Where the proxies run, and where the clients and the upstream do.
+if [ "$ONE_CORE" = 1 ]; then
+    PROXY_CPU=(taskset -c 0); CLIENT_CPU=(taskset -c 1); CLIENT_THREADS=1
+    NGX_WORKERS=1; HAP_THREADS="nbthread 1"; RBX_WORKERS=1
+else
+    PROXY_CPU=(); CLIENT_CPU=(); CLIENT_THREADS=2
+    NGX_WORKERS=auto; HAP_THREADS=""; RBX_WORKERS=0
+fi
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
     -subj /CN=localhost -addext subjectAltName=DNS:localhost \
@@ -62,7 +75,7 @@ http {
 }
 CONF
 cat > "$WORK/nginx.conf" <<CONF
-worker_processes auto;
+worker_processes $NGX_WORKERS;
 pid $WORK/nginx.pid;
 error_log $WORK/ngx/error.log;
 events { worker_connections 4096; }
@@ -93,8 +106,37 @@ http {
     }
 }
 CONF
-nginx -c "$WORK/upstream.conf" -e "$WORK/ngx-up/error.log"
-nginx -c "$WORK/nginx.conf" -e "$WORK/ngx/error.log"
+# haproxy as Debian ships it (2.6), one frontend with TLS and ALPN, connections to the upstream
+# reused by every client ("http-reuse always", as nginx's keepalive and regobox's pool do).
+cat "$WORK/cert.pem" "$WORK/key.pem" > "$WORK/haproxy.pem"
+cat > "$WORK/haproxy.cfg" <<CONF
+global
+    maxconn 20000
+    $HAP_THREADS
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+    ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384
+    log stdout format raw local0
+defaults
+    mode http
+    log global
+    option httplog
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    http-reuse always
+frontend fe
+    bind 127.0.0.1:$HAP ssl crt $WORK/haproxy.pem alpn h2,http/1.1
+    option forwardfor
+    http-request set-header X-Forwarded-Proto https
+    default_backend app
+backend app
+    server app 127.0.0.1:$UP
+CONF
+
+"${CLIENT_CPU[@]}" nginx -c "$WORK/upstream.conf" -e "$WORK/ngx-up/error.log"
+"${PROXY_CPU[@]}" nginx -c "$WORK/nginx.conf" -e "$WORK/ngx/error.log"
+"${PROXY_CPU[@]}" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy-access.log" 2>&1 &
+HAPPID=$!
 
 mkdir -p "$WORK/config"
 cat > "$WORK/config/50_bench.toml" <<TOML
@@ -105,6 +147,7 @@ https_port = $RBX
 upstream = "http://127.0.0.1:$UP"
 # nginx's "keepalive 256" above.
 upstream_keepalive = 256
+workers = $RBX_WORKERS
 [proxy.tls]
 cert = "$WORK/cert.pem"
 key = "$WORK/key.pem"
@@ -113,7 +156,7 @@ enabled = false
 TOML
 REGOBOX_VOLUMES__ROOT="$WORK/vol" REGOBOX_RUNTIME_DIR="$WORK/run" REGOBOX_POSTGRES__PORT="$PG" \
 REGOBOX_SUPERVISION__LISTEN=127.0.0.1 REGOBOX_SUPERVISION__PORT="$HEALTH" \
-    "$BIN" --config-dir "$WORK/config" run >"$WORK/regobox.log" 2>&1 &
+    "${PROXY_CPU[@]}" "$BIN" --config-dir "$WORK/config" run >"$WORK/regobox.log" 2>&1 &
 RBXPID=$!
 PIDS+=("$RBXPID")
 until grep -q "regobox is ready" "$WORK/regobox.log"; do
@@ -140,19 +183,19 @@ load() { # kind port pids
     t0=$(ticks "$pids")
     case $kind in
     h1)
-        out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "https://localhost:$port/")
+        out=$("${CLIENT_CPU[@]}" wrk -t"$CLIENT_THREADS" -c"$CONNS" -d"${DURATION}s" --latency "https://localhost:$port/")
         n=$(echo "$out" | wrk_n); rps=$(echo "$out" | wrk_rps); p99=$(echo "$out" | wrk_p99) ;;
     h1b | h2)
         # h1b: the h1 load from h2load, whose per-request log gives the p99 as for HTTP/2.
         # h2load appends to its log: each run starts from an empty one.
         rm -f "$WORK/h2.log"
         if [ "$kind" = h1b ]; then proto=(--h1); else proto=(-m10); fi
-        out=$(h2load "${proto[@]}" -c"$CONNS" -t2 -D"$DURATION" --log-file="$WORK/h2.log" "https://localhost:$port/" 2>&1)
+        out=$("${CLIENT_CPU[@]}" h2load "${proto[@]}" -c"$CONNS" -t"$CLIENT_THREADS" -D"$DURATION" --log-file="$WORK/h2.log" "https://localhost:$port/" 2>&1)
         n=$(echo "$out" | awk '/^requests:/ {print $8}')
         rps=$(echo "$out" | awk '/^finished in/ {gsub(/,/,""); printf "%.0f", $4}')
         p99=$(p99_h2load "$WORK/h2.log") ;;
     tls)
-        out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H "Connection: close" "https://localhost:$port/")
+        out=$("${CLIENT_CPU[@]}" wrk -t"$CLIENT_THREADS" -c"$CONNS" -d"${DURATION}s" --latency -H "Connection: close" "https://localhost:$port/")
         n=$(echo "$out" | wrk_n); rps=$(echo "$out" | wrk_rps); p99=$(echo "$out" | wrk_p99) ;;
     esac
     t1=$(ticks "$pids")
@@ -170,12 +213,16 @@ median() { awk '{for (i = 1; i <= NF; i++) v[i, NR] = $i} END {
 # Same certificate, same upstream, same clients; resolve localhost to 127.0.0.1.
 grep -q "^127.0.0.1[[:space:]].*localhost" /etc/hosts || echo "warning: localhost does not resolve to 127.0.0.1" >&2
 NGXPIDS=$(ngx_pids)
+PROXIES=(nginx haproxy regobox)
+declare -A PORT=([nginx]=$NGX [haproxy]=$HAP [regobox]=$RBX)
+declare -A PROCS=([nginx]="$NGXPIDS" [haproxy]="$HAPPID" [regobox]="$RBXPID")
 declare -A RESULTS
 for kind in h1 h1b h2 tls; do
-    # nginx and regobox take turns, so that a slow moment of the machine does not fall on one.
+    # The proxies take turns, so that a slow moment of the machine does not fall on one.
     for ((r = 1; r <= REPEAT; r++)); do
-        RESULTS[nginx,$kind]+="$(load "$kind" "$NGX" "$NGXPIDS")"$'\n'
-        RESULTS[regobox,$kind]+="$(load "$kind" "$RBX" "$RBXPID")"$'\n'
+        for name in "${PROXIES[@]}"; do
+            RESULTS[$name,$kind]+="$(load "$kind" "${PORT[$name]}" "${PROCS[$name]}")"$'\n'
+        done
     done
 done
 sleep 1
@@ -189,31 +236,42 @@ label() {
 }
 echo "| load | proxy | requests/s | p99 | CPU per request | p99 of each run (ms) |"
 echo "|---|---|---|---|---|---|"
+declare -A MEDIAN
 for kind in h1 h1b h2 tls; do
     label=$(label "$kind")
-    for name in nginx regobox; do
+    for name in "${PROXIES[@]}"; do
         read -r rps p99 cpu < <(printf "%s" "${RESULTS[$name,$kind]}" | median)
+        MEDIAN[$name,$kind]=$rps
         runs=$(printf "%s" "${RESULTS[$name,$kind]}" | awk '{printf "%s%s", (NR > 1 ? " " : ""), $2}')
         printf "| %s | %s | %s | %s ms | %s µs | %s |\n" "$label" "$name" "$rps" "$p99" "$cpu" "$runs"
     done
 done
 echo
-# Paired: each regobox run against the nginx run just before it (the machine's state drifts over
-# minutes; adjacent runs share it).
-echo "| load | runs where regobox's requests/s is the higher | runs where regobox's p99 is the lower |"
-echo "|---|---|---|"
+# regobox against the best peer of each row (its median requests/s), and paired: each regobox
+# run against the runs of the same turn (the machine's state drifts over minutes; a turn shares
+# it).
+echo "| load | best peer | regobox / best peer (medians) | turns where regobox's requests/s is the highest |"
+echo "|---|---|---|---|"
 for kind in h1 h1b h2 tls; do
-    paste -d' ' <(printf "%s" "${RESULTS[nginx,$kind]}") <(printf "%s" "${RESULTS[regobox,$kind]}") |
-        awk -v label="$(label "$kind")" '{n++; if ($4 > $1) r++; if ($5 < $2) p++}
-            END {printf "| %s | %d of %d | %d of %d |\n", label, r, n, p, n}'
+    best=nginx
+    [ "${MEDIAN[haproxy,$kind]}" -gt "${MEDIAN[nginx,$kind]}" ] && best=haproxy
+    ratio=$(awk -v a="${MEDIAN[regobox,$kind]}" -v b="${MEDIAN[$best,$kind]}" 'BEGIN {printf "%.2fx", a / b}')
+    wins=$(paste -d' ' <(printf "%s" "${RESULTS[nginx,$kind]}") <(printf "%s" "${RESULTS[haproxy,$kind]}") <(printf "%s" "${RESULTS[regobox,$kind]}") |
+        awk '{n++; if ($7 > $1 && $7 > $4) r++} END {printf "%d of %d", r, n}')
+    printf "| %s | %s | %s | %s |\n" "$(label "$kind")" "$best" "$ratio" "$wins"
 done
 echo
 echo "| proxy | RSS after the runs | of which anonymous | negotiated |"
 echo "|---|---|---|---|"
-for name in nginx regobox; do
-    if [ "$name" = nginx ]; then pids=$NGXPIDS port=$NGX; else pids=$RBXPID port=$RBX; fi
+for name in "${PROXIES[@]}"; do
+    pids=${PROCS[$name]} port=${PORT[$name]}
     printf "| %s | %s KiB | %s KiB | %s |\n" "$name" "$(rss_kib "$pids")" "$(anon_kib "$pids")" \
         "$(echo | openssl s_client -connect "localhost:$port" 2>/dev/null | awk '/^New,/ {sub(/,$/, "", $2); print $2, $5}')"
 done
 echo
-echo "(median of $REPEAT runs of ${DURATION}s per row, nginx and regobox alternating; $CONNS connections; $(nproc) cores shared by clients, proxies and upstream; nginx: master + workers)"
+if [ "$ONE_CORE" = 1 ]; then
+    where="one core each: every proxy with one worker on core 0, the clients (one thread) and the upstream on core 1"
+else
+    where="$(nproc) cores shared by clients, proxies and upstream; nginx: master + workers, haproxy: one process with a thread per core"
+fi
+echo "(median of $REPEAT runs of ${DURATION}s per row, the proxies taking turns; $CONNS connections; $where; access logs on for all)"
