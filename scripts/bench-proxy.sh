@@ -111,7 +111,7 @@ CONF
 cat "$WORK/cert.pem" "$WORK/key.pem" > "$WORK/haproxy.pem"
 cat > "$WORK/haproxy.cfg" <<CONF
 global
-    maxconn 20000
+    maxconn 4000
     $HAP_THREADS
     ssl-default-bind-options ssl-min-ver TLSv1.2
     ssl-default-bind-ciphersuites TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384

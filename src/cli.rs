@@ -177,7 +177,11 @@ pub fn main() -> u8 {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("REGOBOX_LOG")
         // tokio-postgres reports server NOTICEs at info level: only warnings are of interest.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn"));
+        // The HTTP crates log what clients do wrong, a line each (an unsolicited PING ACK is an
+        // h2 WARN): a client could flood the log. regobox logs what matters itself, rate-limited.
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn,h2=off,hyper=off")
+        });
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(filter)

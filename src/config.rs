@@ -135,6 +135,10 @@ pub struct ProxyConfig {
     /// A request body must make progress within this, between two reads (408, closed).
     #[serde(with = "humantime_serde")]
     pub client_body_timeout: Duration,
+    /// A request body must average at least this many bytes a second once
+    /// `client_body_timeout` has passed since it began (0: no floor): a body trickled just
+    /// within the progress deadline does not hold a connection to the application for ever.
+    pub client_body_min_rate: u64,
     /// A response must be taken by the client within this, between two pieces (nginx's
     /// `send_timeout`): a client that stops reading, or holds an HTTP/2 stream at a zero
     /// window, has its connection closed.
@@ -190,6 +194,7 @@ impl Default for ProxyConfig {
             upstream_connect_timeout: Duration::from_secs(5),
             upstream_read_timeout: Duration::from_secs(60),
             client_body_timeout: Duration::from_secs(60),
+            client_body_min_rate: 500,
             send_timeout: Duration::from_secs(60),
             websocket_idle_timeout: Duration::from_secs(3600),
             upstream_max_per_client: 64,

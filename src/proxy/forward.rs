@@ -109,6 +109,23 @@ impl ConnCtx {
             if let Some(r) = refused(&req) {
                 break 'done r;
             }
+            // `*` is the target of `OPTIONS *` alone (RFC 9112 3.2.4), which asks about the
+            // server, not a resource: answered here, on either port.
+            if path.as_str() == "*" {
+                break 'done if method == Method::OPTIONS {
+                    Response::builder()
+                        .status(StatusCode::NO_CONTENT)
+                        .header(header::ALLOW, ALLOWED_METHODS)
+                        .body(super::empty())
+                        .unwrap_or_default()
+                } else {
+                    closing(page(
+                        StatusCode::BAD_REQUEST,
+                        "Bad request",
+                        "The target * is for OPTIONS only.",
+                    ))
+                };
+            }
             // hyper bounds its read buffer, not exactly the head: count it.
             let head: usize = path.as_str().len()
                 + req.uri().authority().map_or(0, |a| a.as_str().len())
@@ -141,14 +158,6 @@ impl ConnCtx {
                     .iter()
                     .any(|p| plain_path_matches(uri_path, p));
                 if cfg.redirect_http && cfg.https_port != 0 && !plain {
-                    // `OPTIONS *` asks about the server, not a resource: nothing to redirect.
-                    if path.as_str() == "*" {
-                        break 'done Response::builder()
-                            .status(StatusCode::NO_CONTENT)
-                            .header(header::ALLOW, ALLOWED_METHODS)
-                            .body(super::empty())
-                            .unwrap_or_default();
-                    }
                     let public_host = if cfg.public_host.is_empty() {
                         &host
                     } else {
@@ -242,9 +251,10 @@ impl ConnCtx {
             // Origin form (`/path?query`); the Host header says the rest.
             parts.uri = Uri::from(target.clone());
             parts.version = Version::HTTP_11;
-            // Set when the client's body fails (bad chunked framing...): the failure is then the
-            // client's, not the application's.
-            let client_body_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            // Set when the client's body fails: the failure is then the client's, not the
+            // application's: [`MALFORMED`] (bad chunked framing...) or [`GONE`] (the client
+            // closed its connection before the body's end).
+            let client_body_failed = Arc::new(std::sync::atomic::AtomicU8::new(0));
             // When the request last moved: the wait for the answer counts from there.
             let moved = progress::Mark::new();
             let mut client_body_stalled = None;
@@ -254,16 +264,31 @@ impl ConnCtx {
                 let failed = client_body_failed.clone();
                 let incoming = body
                     .map_err(move |e| {
-                        failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                        use std::io::ErrorKind::*;
+                        let gone = e.is_incomplete_message()
+                            || std::error::Error::source(&e)
+                                .and_then(|s| s.downcast_ref::<std::io::Error>())
+                                .is_some_and(|io| {
+                                    matches!(
+                                        io.kind(),
+                                        UnexpectedEof
+                                            | ConnectionReset
+                                            | ConnectionAborted
+                                            | BrokenPipe
+                                    )
+                                });
+                        let why = if gone { GONE } else { MALFORMED };
+                        failed.store(why, std::sync::atomic::Ordering::Relaxed);
                         Box::new(e) as BoxError
                     })
                     .boxed();
                 let body = progress::Deadline::new(
-                    incoming,
+                    Gather::new(incoming),
                     cfg.client_body_timeout,
                     Some(moved.clone()),
                     "request body",
-                );
+                )
+                .with_min_rate(cfg.client_body_timeout, cfg.client_body_min_rate);
                 client_body_stalled = Some(body.stalled());
                 body.boxed()
             };
@@ -307,7 +332,7 @@ impl ConnCtx {
                         .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) =>
                 {
                     if let Some(left_out) = CLIENT_ERRORS.should_log() {
-                        tracing::info!(target: "regobox::proxy", peer = %self.peer_text.to_str().unwrap_or(""), timeout = ?cfg.client_body_timeout, similar_left_out = left_out, "a request's body stopped arriving (proxy.client_body_timeout); answered 408");
+                        tracing::info!(target: "regobox::proxy", peer = %self.peer_text.to_str().unwrap_or(""), timeout = ?cfg.client_body_timeout, min_rate = cfg.client_body_min_rate, similar_left_out = left_out, "a request's body stopped arriving (proxy.client_body_timeout) or came slower than proxy.client_body_min_rate; answered 408");
                     }
                     break 'done closing(page(
                         StatusCode::REQUEST_TIMEOUT,
@@ -315,7 +340,19 @@ impl ConnCtx {
                         "The request's body stopped arriving.",
                     ));
                 }
-                Err(e) if client_body_failed.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(e) if client_body_failed.load(std::sync::atomic::Ordering::Relaxed) == GONE => {
+                    // Nobody to answer: the access line says 400, nothing else is logged.
+                    tracing::debug!(target: "regobox::proxy", peer = %self.peer_text.to_str().unwrap_or(""), error = %error_chain(&e), "the client closed its connection during its request's body");
+                    break 'done closing(page(
+                        StatusCode::BAD_REQUEST,
+                        "Bad request",
+                        "The request's body was cut short.",
+                    ));
+                }
+                Err(e)
+                    if client_body_failed.load(std::sync::atomic::Ordering::Relaxed)
+                        == MALFORMED =>
+                {
                     // The client's fault: 400, the connection closed, and at most a line per
                     // interval however often a client does it.
                     if let Some(left_out) = CLIENT_ERRORS.should_log() {
@@ -377,6 +414,9 @@ impl ConnCtx {
             true => closing(response),
             false => response,
         };
+        if response.headers().get(header::CONNECTION) == Some(&HeaderValue::from_static("close")) {
+            self.signals.closing();
+        }
         let status = response.status();
         let (mut parts, mut body) = response.into_parts();
         if self.https && !cfg.hsts_max_age.is_zero() {
@@ -416,6 +456,7 @@ impl ConnCtx {
         let handover = self.activity.sending(!ended);
         let logged = Logged {
             inner: body,
+            rest: None,
             ended,
             bytes: 0,
             handover,
@@ -584,6 +625,10 @@ pub(crate) static CLIENT_ERRORS: RateLimit = RateLimit {
     last: std::sync::Mutex::new(None),
     left_out: std::sync::atomic::AtomicU64::new(0),
 };
+
+/// How a request's body failed (see `ConnCtx::handle`).
+const MALFORMED: u8 = 1;
+const GONE: u8 = 2;
 
 /// One per cap (`proxy.upstream_max_per_client`, `proxy.upstream_max`).
 static UPSTREAM_CAPS: [RateLimit; 2] = [
@@ -947,6 +992,8 @@ struct AccessLine {
 /// request in flight until then.
 struct Logged {
     inner: Body,
+    /// What is left of a frame longer than [`PIECE`].
+    rest: Option<Bytes>,
     /// Sent to the end (see `is_end_stream`).
     ended: bool,
     bytes: u64,
@@ -970,17 +1017,36 @@ impl hyper::body::Body for Logged {
         // The body wakes the handover, which notes when a piece became ready and passes the
         // wake on (see `Handover`).
         self.handover.asked(cx.waker());
-        let waker = std::task::Waker::from(self.handover.clone());
-        let r = Pin::new(&mut self.inner).poll_frame(&mut Context::from_waker(&waker));
-        if let Poll::Ready(Some(Ok(frame))) = &r {
-            if let Some(d) = frame.data_ref() {
-                self.bytes += d.len() as u64;
-                self.activity
-                    .sent
-                    .fetch_add(d.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let r = match self.rest.take() {
+            Some(rest) => Poll::Ready(Some(Ok(Frame::data(rest)))),
+            None => {
+                let waker = std::task::Waker::from(self.handover.clone());
+                Pin::new(&mut self.inner).poll_frame(&mut Context::from_waker(&waker))
             }
-            self.handover.waits();
-        }
+        };
+        let r = match r {
+            Poll::Ready(Some(Ok(frame))) => {
+                let frame = match frame.into_data() {
+                    // A piece at most PIECE long: the client's side must come back for the next
+                    // within proxy.send_timeout, whatever the size of what the application sent
+                    // at once (hundreds of KiB: a slow but steady reader would not make it).
+                    Ok(mut data) => {
+                        if data.len() > PIECE {
+                            self.rest = Some(data.split_off(PIECE));
+                        }
+                        self.bytes += data.len() as u64;
+                        self.activity
+                            .sent
+                            .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        Frame::data(data)
+                    }
+                    Err(frame) => frame,
+                };
+                self.handover.waits();
+                Poll::Ready(Some(Ok(frame)))
+            }
+            r => r,
+        };
         if let Poll::Ready(None) = &r {
             self.ended = true;
         }
@@ -992,6 +1058,99 @@ impl hyper::body::Body for Logged {
     /// stream is then an empty DATA frame of its own.
     fn is_end_stream(&self) -> bool {
         self.ended
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = self.inner.size_hint();
+        let rest = self.rest.as_ref().map_or(0, |r| r.len() as u64);
+        // The upper bound first: a lower bound above it panics.
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint.set_lower(hint.lower() + rest);
+        hint
+    }
+}
+
+/// The largest piece of a response handed to the client's side at once (see `Logged`).
+const PIECE: usize = 16 * 1024;
+
+/// A request body with the frames that are ready together passed on as one (up to
+/// [`GATHERED`] bytes): a client sending a body in one-byte chunks then costs one write to the
+/// application per read from the client, not one per chunk.
+struct Gather<B> {
+    inner: B,
+    /// What ended a gathering (trailers, an error, the end), passed on next.
+    held: Option<Option<Result<Frame<Bytes>, BoxError>>>,
+}
+
+const GATHERED: usize = 64 * 1024;
+
+impl<B> Gather<B> {
+    fn new(inner: B) -> Self {
+        Gather { inner, held: None }
+    }
+}
+
+impl<B> hyper::body::Body for Gather<B>
+where
+    B: hyper::body::Body<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(held) = this.held.take() {
+            return Poll::Ready(held);
+        }
+        let mut first: Option<Bytes> = None;
+        let mut more: Option<bytes::BytesMut> = None;
+        loop {
+            let len = more
+                .as_ref()
+                .map_or(first.as_ref().map_or(0, Bytes::len), |m| m.len());
+            if len >= GATHERED {
+                break;
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => match (&mut first, &mut more) {
+                        (None, _) => first = Some(data),
+                        (Some(f), None) => {
+                            let mut m = bytes::BytesMut::with_capacity(f.len() + data.len());
+                            m.extend_from_slice(f);
+                            m.extend_from_slice(&data);
+                            more = Some(m);
+                        }
+                        (Some(_), Some(m)) => m.extend_from_slice(&data),
+                    },
+                    Err(frame) if first.is_none() => return Poll::Ready(Some(Ok(frame))),
+                    Err(frame) => {
+                        this.held = Some(Some(Ok(frame)));
+                        break;
+                    }
+                },
+                other if first.is_none() => return other,
+                Poll::Pending => break,
+                Poll::Ready(end) => {
+                    this.held = Some(end);
+                    break;
+                }
+            }
+        }
+        let data = match more {
+            Some(m) => m.freeze(),
+            None => first.unwrap_or_default(),
+        };
+        Poll::Ready(Some(Ok(Frame::data(data))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -1019,6 +1178,28 @@ impl Drop for Logged {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn frames_ready_together_go_on_as_one() {
+        let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = (0..100_000)
+            .map(|_| Ok(Frame::data(Bytes::from_static(b"a"))))
+            .collect();
+        frames.push(Ok(Frame::trailers(HeaderMap::new())));
+        let stream = futures_util::stream::iter(frames);
+        let mut body = Gather::new(http_body_util::StreamBody::new(stream));
+        let mut sizes = Vec::new();
+        let mut trailers = false;
+        while let Some(frame) = body.frame().await {
+            match frame.unwrap().into_data() {
+                Ok(d) => sizes.push(d.len()),
+                Err(f) => trailers = f.is_trailers(),
+            }
+        }
+        assert!(trailers);
+        assert_eq!(sizes.iter().sum::<usize>(), 100_000);
+        assert_eq!(sizes[0], GATHERED, "{sizes:?}");
+        assert_eq!(sizes.len(), 2, "{sizes:?}");
+    }
 
     #[test]
     fn hop_by_hop_fields_go() {

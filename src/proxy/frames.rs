@@ -9,6 +9,9 @@
 //! more than it has is sent GOAWAY with ENHANCE_YOUR_CALM (as nginx does on its own flood
 //! check) and closed: the `h2` crate never sees the frames of the read that overdrew it.
 //!
+//! It also tells the connection's watchdog when a head is arriving: the preface and first
+//! frame, then each header block split over CONTINUATION frames (slowloris over HTTP/2).
+//!
 //! The GOAWAY is written here, below the `h2` crate, so this reader also follows the frames
 //! written to the client, to write it between two of them; if a frame is half written (the
 //! socket was full), the connection is closed without it.
@@ -146,6 +149,9 @@ pub struct Frames<S> {
 
 impl<S> Frames<S> {
     pub fn new(inner: S, activity: Arc<Activity>) -> Self {
+        // The preface and the first frame are the connection's first head: they must arrive
+        // within the header deadline, as an HTTP/1.1 request's head must.
+        activity.head_begins();
         Frames {
             inner,
             phase: Phase::Preface(PREFACE.len()),
@@ -174,9 +180,18 @@ impl<S> Frames<S> {
             self.phase = Phase::Frames;
         }
         let budget = &mut self.budget;
+        let activity = &self.activity;
         let mut overdrawn = false;
-        let sent = self.activity.sent.load(Ordering::Relaxed);
+        let sent = activity.sent.load(Ordering::Relaxed);
         self.read.feed(data, |h| {
+            // A header block is a head too: from a HEADERS frame without END_HEADERS to the
+            // CONTINUATION with it (nothing may come between them); the preface's deadline
+            // ends with the first frame.
+            match (h.kind, h.flags & 0x4 != 0) {
+                (0x1, false) => activity.head_begins(),
+                (0x9, false) => {}
+                _ => activity.head_ends(),
+            }
             budget.charge(h);
             overdrawn = overdrawn || budget.overdrawn(sent);
         });

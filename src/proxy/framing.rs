@@ -77,6 +77,11 @@ pub struct Signals {
     ambiguous: AtomicBool,
     /// The handler answered 101: the connection is a tunnel from here.
     tunnel: AtomicBool,
+    /// The follower waits for the next request, none of it read yet, after one that keeps the
+    /// connection open (the connection may be parked, see `serve_h1`).
+    between: AtomicBool,
+    /// The handler's answer closes the connection.
+    closing: AtomicBool,
 }
 
 impl Signals {
@@ -88,13 +93,29 @@ impl Signals {
     pub fn tunnel(&self) {
         self.tunnel.store(true, Ordering::Relaxed);
     }
+
+    /// The handler's answer closes the connection.
+    pub fn closing(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
+    /// Between two requests of a connection that stays open: nothing of the next one read yet.
+    pub fn between_requests(&self) -> bool {
+        self.between.load(Ordering::Relaxed) && !self.closing.load(Ordering::Relaxed)
+    }
 }
 
 pub struct Framing<S> {
     inner: S,
     state: State,
+    /// Bytes followed already, read again (what hyper had read and not used when its
+    /// connection was parked).
+    replay: bytes::Bytes,
     /// After the current request's body: the connection is to be upgraded.
     upgrading: bool,
+    /// After the current request's body: the connection closes (HTTP/1.0 without keep-alive,
+    /// `Connection: close`).
+    last: bool,
     limit: usize,
     signals: Arc<Signals>,
     /// Told when a request head begins and ends (for the header deadline).
@@ -111,7 +132,9 @@ impl<S> Framing<S> {
         Framing {
             inner,
             state: State::Head(Vec::new()),
+            replay: bytes::Bytes::new(),
             upgrading: false,
+            last: false,
             limit,
             signals,
             activity,
@@ -128,9 +151,22 @@ impl<S> Framing<S> {
     fn next_request(&mut self) -> State {
         if self.upgrading {
             State::Upgrading
+        } else if self.last {
+            State::Closing
         } else {
+            self.signals.between.store(true, Ordering::Relaxed);
             State::Head(Vec::new())
         }
+    }
+
+    /// The stream underneath.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Read `bytes` (followed already) before the stream's next ones.
+    pub fn replay(&mut self, bytes: bytes::Bytes) {
+        self.replay = bytes;
     }
 
     /// Follow `data`, the next bytes read. When the follower stops following (it closes the
@@ -169,6 +205,7 @@ impl<S> Framing<S> {
                         if data.is_empty() {
                             return None;
                         }
+                        self.signals.between.store(false, Ordering::Relaxed);
                         if let Some(a) = &self.activity {
                             a.head_begins();
                         }
@@ -187,8 +224,9 @@ impl<S> Framing<S> {
                     match status {
                         Ok(httparse::Status::Complete(end)) => {
                             let head = std::mem::take(buf);
-                            let (next, upgrade) = after_head(&self.signals, &head[..end]);
+                            let (next, upgrade, last) = after_head(&self.signals, &head[..end]);
                             self.upgrading = upgrade;
+                            self.last = last;
                             self.head_ends();
                             self.state = match next {
                                 Next::Body(0) => self.next_request(),
@@ -311,25 +349,27 @@ enum Next {
     Refused,
 }
 
-/// What follows a request head, and whether the request asks for an upgrade; raises the flag on
-/// both framings.
-fn after_head(signals: &Signals, head: &[u8]) -> (Next, bool) {
+/// What follows a request head, whether the request asks for an upgrade, and whether it is the
+/// connection's last (as hyper decides: HTTP/1.1 unless `Connection: close`, HTTP/1.0 only with
+/// `Connection: keep-alive`); raises the flag on both framings.
+fn after_head(signals: &Signals, head: &[u8]) -> (Next, bool, bool) {
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut req = httparse::Request::new(&mut headers);
     if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
-        return (Next::Refused, false);
+        return (Next::Refused, false, true);
     }
     let (mut length, mut te, mut chunked, mut upgrade) = (None, false, false, false);
+    let (mut close, mut keep_alive) = (false, false);
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
             // Every value (`5, 5` in one field or in several) must be the same number, digits
             // only, as hyper reads them.
             for value in h.value.split(|b| *b == b',') {
                 let Some(n) = digits(value.trim_ascii()) else {
-                    return (Next::Refused, false);
+                    return (Next::Refused, false, true);
                 };
                 if length.is_some_and(|l| l != n) {
-                    return (Next::Refused, false);
+                    return (Next::Refused, false, true);
                 }
                 length = Some(n);
             }
@@ -342,12 +382,19 @@ fn after_head(signals: &Signals, head: &[u8]) -> (Next, bool) {
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if h.name.eq_ignore_ascii_case("upgrade") {
             upgrade = true;
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            for token in h.value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
         }
     }
     let upgrade = upgrade || req.method == Some("CONNECT");
+    let last = close || (req.version != Some(1) && !keep_alive);
     if te && length.is_some() {
         signals.ambiguous.store(true, Ordering::Relaxed);
-        return (Next::Refused, upgrade);
+        return (Next::Refused, upgrade, true);
     }
     let next = if chunked {
         Next::Chunked
@@ -357,7 +404,7 @@ fn after_head(signals: &Signals, head: &[u8]) -> (Next, bool) {
     } else {
         Next::Body(length.unwrap_or(0))
     };
-    (next, upgrade)
+    (next, upgrade, last)
 }
 
 /// A decimal number of ASCII digits only (no sign, no spaces), as hyper reads `Content-Length`.
@@ -375,6 +422,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framing<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        if !this.replay.is_empty() {
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         match this.state {
             State::Tunnel => return Pin::new(&mut this.inner).poll_read(cx, buf),
             // Nothing more for hyper (an end of input would make it drop the answer it owes):
@@ -544,6 +596,17 @@ mod tests {
         }
         let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000));
         assert_eq!(state(&[huge.as_bytes()]), "Closing");
+        // A request that closes the connection is its last.
+        assert_eq!(
+            state(&[b"GET / HTTP/1.1\r\nConnection: close\r\n\r\nGET /b HTTP/1.1\r\n\r\n"]),
+            "Closing"
+        );
+        assert_eq!(
+            state(&[b"GET / HTTP/1.0\r\n\r\nGET /b HTTP/1.1\r\n\r\n"]),
+            "Closing"
+        );
+        let (_, signals) = follow(&[b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"]);
+        assert!(signals.between_requests());
         // Equal lengths are one length.
         assert_eq!(
             state(&[b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\nabc"]),

@@ -446,6 +446,7 @@ fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, https: bool)
     shared.tracker.spawn(async move {
         connection(stream, peer, https, s.clone()).await;
         s.dispatch.closed(s.me);
+        count_release();
     });
 }
 
@@ -483,7 +484,8 @@ impl Dispatch {
 }
 
 thread_local! {
-    /// Requests this worker thread has started (see [`Idle`]).
+    /// Requests this worker thread has started and connections it has parked: what frees or
+    /// takes memory (see [`Idle`]).
     static STARTED: Cell<u64> = const { Cell::new(0) };
 }
 
@@ -492,9 +494,14 @@ pub(crate) fn count_request() {
     STARTED.set(STARTED.get().wrapping_add(1));
 }
 
-/// Gives freed memory back to the system when a worker's burst of requests is over: glibc keeps
-/// what the connections of a burst freed in the worker's arena (some MiB after thousands of
-/// requests) until told to trim. Trimming costs a walk of the free lists, so it is done once
+/// Count a connection parked or closed on this worker (its memory was freed: worth a trim).
+fn count_release() {
+    STARTED.set(STARTED.get().wrapping_add(1));
+}
+
+/// Gives freed memory back to the system when a worker's burst of requests is over (or its idle
+/// connections have been parked): glibc keeps what the connections of a burst freed in the
+/// worker's arena (some MiB after thousands of requests) until told to trim. Trimming costs a walk of the free lists, so it is done once
 /// per burst, after a tick with no new request.
 #[derive(Default)]
 struct Idle {
@@ -533,6 +540,8 @@ pub struct Activity {
     leases: AtomicUsize,
     /// Bytes of response bodies sent (what an HTTP/2 client earns its control frames with).
     pub sent: AtomicU64,
+    /// The last write to the client could not go out (its socket is full).
+    write_blocked: AtomicBool,
 }
 
 /// One response being sent: since when (ms on its connection's clock) a piece of it has waited
@@ -620,6 +629,7 @@ impl Activity {
             sending: std::sync::Mutex::new(Vec::new()),
             leases: AtomicUsize::new(0),
             sent: AtomicU64::new(0),
+            write_blocked: AtomicBool::new(false),
         })
     }
 
@@ -648,6 +658,25 @@ impl Activity {
             let since = h.since_ms.load(Ordering::Relaxed);
             since != NEVER && now.saturating_sub(since) >= limit
         })
+    }
+
+    /// Whether the connection is past one of its deadlines (checked every tick): idle with
+    /// nothing in flight, a request head taking too long (slowloris; the first one counts from
+    /// the connection), a response the client does not take (nginx's `send_timeout`).
+    fn overdue(&self, cfg: &ProxyConfig) -> bool {
+        if self.in_flight.load(Ordering::Relaxed) == 0 && self.idle_for() >= cfg.idle_timeout {
+            return true;
+        }
+        if self.head_for().is_some_and(|t| t >= cfg.header_timeout) {
+            return true;
+        }
+        if self.send_stalled(cfg.send_timeout) {
+            if let Some(left_out) = forward::CLIENT_ERRORS.should_log() {
+                tracing::info!(target: "regobox::proxy", timeout = ?cfg.send_timeout, similar_left_out = left_out, "a client did not take its response (proxy.send_timeout); connection closed");
+            }
+            return true;
+        }
+        false
     }
 
     /// A connection to the application for one of this connection's requests, if neither cap
@@ -764,6 +793,37 @@ struct Tracked<S> {
     activity: Arc<Activity>,
 }
 
+impl<S> Tracked<S> {
+    fn wrote(&self, r: &Poll<std::io::Result<usize>>) {
+        match r {
+            Poll::Ready(Ok(n)) if *n > 0 => {
+                self.activity.touch();
+                self.activity.write_blocked.store(false, Ordering::Relaxed);
+            }
+            Poll::Pending => self.activity.write_blocked.store(true, Ordering::Relaxed),
+            _ => {}
+        }
+    }
+}
+
+/// The socket under a connection's stream, when waiting on it alone tells that the client sent
+/// something: plain TCP (TLS may hold decrypted bytes of its own).
+trait Socket {
+    fn tcp(&self) -> Option<&TcpStream>;
+}
+
+impl Socket for Tracked<TcpStream> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(&self.inner)
+    }
+}
+
+impl Socket for tokio_rustls::server::TlsStream<Tracked<TcpStream>> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -786,9 +846,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
+        self.wrote(&r);
         r
     }
 
@@ -798,9 +856,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
+        self.wrote(&r);
         r
     }
 
@@ -822,7 +878,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
 /// `header` to arrive.
 macro_rules! drive {
     ($conn:expr, $activity:expr, $cfg:expr, $shutdown:expr, $force:expr) => {
-        drive!($conn, |c| c.graceful_shutdown(), $activity, $cfg, $shutdown, $force)
+        drive!(
+            $conn,
+            |c| c.graceful_shutdown(),
+            $activity,
+            $cfg,
+            $shutdown,
+            $force
+        )
     };
     ($conn:expr, |$c:ident| $graceful:expr, $activity:expr, $cfg:expr, $shutdown:expr, $force:expr) => {{
         let conn = $conn;
@@ -840,19 +903,7 @@ macro_rules! drive {
                 }
                 _ = $force.cancelled() => break,
                 _ = tick.tick() => {
-                    if $activity.in_flight.load(Ordering::Relaxed) == 0 && $activity.idle_for() >= $cfg.idle_timeout {
-                        break;
-                    }
-                    // Slowloris: a head that takes too long to arrive (the first one counts
-                    // from the connection).
-                    if $activity.head_for().is_some_and(|t| t >= $cfg.header_timeout) {
-                        break;
-                    }
-                    // A client that does not take what it asked for (nginx's send_timeout).
-                    if $activity.send_stalled($cfg.send_timeout) {
-                        if let Some(left_out) = forward::CLIENT_ERRORS.should_log() {
-                            tracing::info!(target: "regobox::proxy", timeout = ?$cfg.send_timeout, similar_left_out = left_out, "a client did not take its response (proxy.send_timeout); connection closed");
-                        }
+                    if $activity.overdue($cfg) {
                         break;
                     }
                 }
@@ -871,10 +922,12 @@ async fn connection(stream: TcpStream, peer: SocketAddr, https: bool, shared: Ar
     let cfg = &shared.config;
     let force = shared.force.clone();
     let shutdown = shared.shutdown.clone();
+    // Each kind of connection's future is boxed: an idle connection then holds only the state
+    // of its own kind (a parked HTTP/1.1 connection, a few hundred bytes), not the largest.
     let Some(acceptor) = shared.tls.clone().filter(|_| https) else {
-        return serve_h1(io, peer, false, &shared, activity, shutdown).await;
+        return Box::pin(serve_h1(io, peer, false, &shared, activity, shutdown)).await;
     };
-    let handshake = tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(io));
+    let handshake = tokio::time::timeout(cfg.handshake_timeout, Box::pin(acceptor.accept(io)));
     let tls_stream = tokio::select! {
         r = handshake => match r {
             Ok(Ok(s)) => s,
@@ -883,8 +936,24 @@ async fn connection(stream: TcpStream, peer: SocketAddr, https: bool, shared: Ar
         _ = force.cancelled() => return,
     };
     if tls_stream.get_ref().1.alpn_protocol() != Some(b"h2") {
-        return serve_h1(tls_stream, peer, true, &shared, activity, shutdown).await;
+        return Box::pin(serve_h1(
+            tls_stream, peer, true, &shared, activity, shutdown,
+        ))
+        .await;
     }
+    Box::pin(serve_h2(tls_stream, peer, &shared, activity, shutdown)).await;
+}
+
+/// HTTP/2 on a TLS connection, its frames followed (see [`frames`]).
+async fn serve_h2(
+    tls_stream: tokio_rustls::server::TlsStream<Tracked<TcpStream>>,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    activity: Arc<Activity>,
+    shutdown: CancellationToken,
+) {
+    let cfg = &shared.config;
+    let force = shared.force.clone();
     let ctx = forward::ConnCtx::new(
         shared.clone(),
         peer,
@@ -914,7 +983,17 @@ async fn connection(stream: TcpStream, peer: SocketAddr, https: bool, shared: Ar
     );
 }
 
+/// A plain HTTP/1.1 connection idle this long between two requests is parked: hyper's side of it
+/// (its read and write buffers, 16 KiB) is dropped until the client sends again.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
 /// HTTP/1.1 on `io` (plain or TLS), its request framing followed (see [`framing`]).
+///
+/// A plain connection idle between two requests for [`PARK_AFTER`] is parked: hyper's connection
+/// is taken apart (its buffers freed) and the socket waited on alone, until the client sends
+/// the next request (a new hyper connection then reads it) or the idle deadline passes. Parked
+/// only when nothing can be lost: no request in flight, nothing of the next one read, no write
+/// waiting for the client, and a connection that stays open (see `framing::Signals`).
 async fn serve_h1<S>(
     io: S,
     peer: SocketAddr,
@@ -923,21 +1002,87 @@ async fn serve_h1<S>(
     activity: Arc<Activity>,
     shutdown: CancellationToken,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Socket + Unpin + Send + 'static,
 {
     let cfg = &shared.config;
     let force = shared.force.clone();
-    let flag = Arc::new(framing::Signals::default());
+    let signals = Arc::new(framing::Signals::default());
     activity.head_begins();
-    let io = framing::Framing::new(
+    let plain = io.tcp().is_some();
+    let mut io = framing::Framing::new(
         io,
         cfg.max_header_bytes,
-        flag.clone(),
+        signals.clone(),
         Some(activity.clone()),
     );
-    let ctx = forward::ConnCtx::new(shared.clone(), peer, https, activity.clone(), flag);
-    let conn = h1(cfg).serve_connection(TokioIo::new(io), ctx.service());
-    drive!(conn.with_upgrades(), activity, cfg, shutdown, force);
+    let ctx = forward::ConnCtx::new(
+        shared.clone(),
+        peer,
+        https,
+        activity.clone(),
+        signals.clone(),
+    );
+    loop {
+        // Boxed: freed when the connection is parked.
+        let mut conn = Box::new(
+            h1(cfg)
+                .serve_connection(TokioIo::new(io), ctx.clone().service())
+                .with_upgrades(),
+        );
+        let mut draining = false;
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = &mut *conn => return,
+                _ = shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    Pin::new(&mut *conn).graceful_shutdown();
+                }
+                _ = force.cancelled() => return,
+                _ = tick.tick() => {
+                    if activity.overdue(cfg) {
+                        return;
+                    }
+                    if plain
+                        && !draining
+                        && activity.in_flight.load(Ordering::Relaxed) == 0
+                        && signals.between_requests()
+                        && !activity.write_blocked.load(Ordering::Relaxed)
+                        && activity.idle_for() >= PARK_AFTER
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        // Parked.
+        let Some(parts) = (*conn).into_parts() else {
+            return;
+        };
+        tracing::debug!(target: "regobox::proxy", peer = %peer, "idle connection parked");
+        count_release();
+        io = parts.io.into_inner();
+        let read_buf = parts.read_buf;
+        if !read_buf.is_empty() {
+            // Line breaks before a request line, at most (anything else would have been
+            // followed): hyper reads them again.
+            io.replay(read_buf);
+            continue;
+        }
+        // hyper's read buffer goes with its last handle.
+        drop(read_buf);
+        let Some(tcp) = io.get_ref().tcp() else {
+            return;
+        };
+        let idle_left = cfg.idle_timeout.saturating_sub(activity.idle_for());
+        tokio::select! {
+            r = tcp.readable() => if r.is_err() { return },
+            _ = tokio::time::sleep(idle_left) => return,
+            _ = shutdown.cancelled() => return,
+            _ = force.cancelled() => return,
+        }
+    }
 }
 
 fn h1(cfg: &ProxyConfig) -> hyper::server::conn::http1::Builder {

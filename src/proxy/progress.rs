@@ -62,12 +62,28 @@ pub struct Stalled {
     pub what: &'static str,
 }
 
-/// `inner`, failing with [`Stalled`] when it yields nothing for `timeout`; each frame touches
+/// A floor on a body's average rate: past `grace`, each second must have brought `per_second`
+/// bytes on average (Apache's `mod_reqtimeout` MinRate): a body trickled a byte at a time just
+/// within the progress deadline does not hold its connection to the application for ever.
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    since: Instant,
+    grace: Duration,
+    per_second: u64,
+}
+
+/// `inner`, failing with [`Stalled`] when it yields nothing for `timeout` (or, with
+/// [`Deadline::with_min_rate`], when it falls below its average rate); each frame touches
 /// `mark`.
 pub struct Deadline<B> {
     inner: B,
     timeout: Duration,
     sleep: Pin<Box<Sleep>>,
+    /// The last progress (the timer is re-armed from it only when it fires or is polled while
+    /// pending: not on every frame).
+    last: Instant,
+    rate: Option<Rate>,
+    received: u64,
     mark: Option<Mark>,
     what: &'static str,
     stalled: Arc<std::sync::atomic::AtomicBool>,
@@ -82,15 +98,43 @@ impl<B: hyper::body::Body> Deadline<B> {
             inner,
             timeout,
             sleep: Box::pin(tokio::time::sleep(timeout)),
+            last: Instant::now(),
+            rate: None,
+            received: 0,
             mark,
             what,
             stalled: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 
+    /// Past `grace`, the body must average `per_second` bytes a second (0: no floor).
+    pub fn with_min_rate(mut self, grace: Duration, per_second: u64) -> Self {
+        if per_second > 0 {
+            self.rate = Some(Rate {
+                since: Instant::now(),
+                grace,
+                per_second,
+            });
+        }
+        self
+    }
+
     /// Set once the body has stalled.
     pub fn stalled(&self) -> Arc<std::sync::atomic::AtomicBool> {
         self.stalled.clone()
+    }
+
+    /// When the body fails if nothing more comes.
+    fn due(&self) -> Instant {
+        let progress = self.last + self.timeout;
+        match self.rate {
+            Some(r) => {
+                let earned =
+                    Duration::from_millis(self.received.saturating_mul(1000) / r.per_second);
+                progress.min(r.since + r.grace + earned)
+            }
+            None => progress,
+        }
     }
 }
 
@@ -108,8 +152,10 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                let deadline = Instant::now() + this.timeout;
-                this.sleep.as_mut().reset(deadline);
+                this.last = Instant::now();
+                if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
+                    this.received += data.map_or(0, |d| d.len() as u64);
+                }
                 if let Some(mark) = &this.mark {
                     mark.touch();
                     if frame.is_none() || this.inner.is_end_stream() {
@@ -118,16 +164,22 @@ where
                 }
                 Poll::Ready(frame)
             }
-            Poll::Pending => match this.sleep.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    this.stalled.store(true, Ordering::Relaxed);
-                    Poll::Ready(Some(Err(Box::new(Stalled {
-                        timeout: this.timeout,
-                        what: this.what,
-                    }))))
+            Poll::Pending => {
+                let due = this.due();
+                if this.sleep.deadline() != due {
+                    this.sleep.as_mut().reset(due);
                 }
-                Poll::Pending => Poll::Pending,
-            },
+                match this.sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        this.stalled.store(true, Ordering::Relaxed);
+                        Poll::Ready(Some(Err(Box::new(Stalled {
+                            timeout: this.timeout,
+                            what: this.what,
+                        }))))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -171,6 +223,58 @@ mod tests {
         assert!(err.is::<Stalled>(), "{err}");
         assert!(mark.last() > Instant::now() - Duration::from_secs(6));
         sender.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickle_below_the_minimum_rate_is_cut_after_the_grace() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let stream = http_body_util::StreamBody::new(tokio_stream_wrapper(rx));
+        // A byte every 2 s (within the 5 s progress deadline), at least 100 B/s past 10 s.
+        let mut body = Deadline::new(stream, Duration::from_secs(5), None, "test")
+            .with_min_rate(Duration::from_secs(10), 100);
+        let started = Instant::now();
+        let sender = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                if tx
+                    .send(Ok(Frame::data(Bytes::from_static(b"x"))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        let err = loop {
+            match body.frame().await.unwrap() {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert!(err.is::<Stalled>(), "{err}");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(10) && took < Duration::from_secs(11),
+            "{took:?}"
+        );
+        sender.abort();
+        // A fast body is never cut by the floor.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let stream = http_body_util::StreamBody::new(tokio_stream_wrapper(rx));
+        let mut body = Deadline::new(stream, Duration::from_secs(5), None, "test")
+            .with_min_rate(Duration::from_secs(10), 100);
+        tokio::spawn(async move {
+            for _ in 0..30 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                tx.send(Ok(Frame::data(Bytes::from(vec![0u8; 200]))))
+                    .await
+                    .unwrap();
+            }
+        });
+        for _ in 0..30 {
+            body.frame().await.unwrap().unwrap();
+        }
+        assert!(body.frame().await.is_none());
     }
 
     fn tokio_stream_wrapper(

@@ -76,7 +76,7 @@ ready = {{ tcp = "127.0.0.1:{app}" }}
     }
 
     /// Launch and wait until ready.
-    fn start_again(&mut self) {
+    pub(crate) fn start_again(&mut self) {
         let mut run = self.launch();
         run.wait_for_log("regobox is ready", Duration::from_secs(60));
         self.run = Some(run);
@@ -1258,6 +1258,12 @@ fn looser_requests_are_refused_or_answered() {
     );
     assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
     assert!(!answer.to_lowercase().contains("location:"), "{answer}");
+    // `*` is for OPTIONS only (the attacker's finding: `GET *` got 204 too).
+    let answer = raw(
+        p.http,
+        "GET * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     // What is known still goes through.
     let answer = raw(
         p.http,
@@ -1464,7 +1470,7 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
         "90_proxy.toml",
         &format!(
             "[proxy]\nlisten = \"127.0.0.1\"\nupstream = \"http://127.0.0.1:{app}\"\nredirect_http = false\n\
-             upstream_read_timeout = \"1s\"\nclient_body_timeout = \"1s\"\n\
+             upstream_read_timeout = \"1s\"\nclient_body_timeout = \"1s\"\nclient_body_min_rate = 0\n\
              [services.app]\ncommand = [\"python3\", \"{script}\", \"{app}\"]\nready = {{ tcp = {app} }}\n",
             app = p.app,
             script = script.display()

@@ -198,7 +198,20 @@ fn the_framing_follower_never_lets_go() {
         elapsed >= Duration::from_millis(1500) && elapsed < Duration::from_secs(8),
         "{elapsed:?}"
     );
-    p.stop();
+
+    // A client that goes away in the middle of its body is not a malformed body (the
+    // attacker's finding: it was logged as one).
+    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n0123456789",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    drop(s);
+    std::thread::sleep(Duration::from_millis(500));
+    let log = p.stop();
+    assert!(log.contains("path=/upload"), "{log}");
+    assert!(!log.contains("malformed"), "{log}");
 }
 
 /// Issue 16, item 1: a client that does not take its response loses its connection after
@@ -444,9 +457,276 @@ fn http2_floods_are_calmed() {
         assert!(sent < 30_000, "{name}: {sent} frames before the GOAWAY");
         eprintln!("{name} flood: GOAWAY after {sent} frames, {elapsed:?}");
     }
+    // Unsolicited PING ACKs (under the budget): the h2 crate warns about each one; none of it
+    // reaches the log (the attacker's finding: 45 000 lines in 3 s).
+    let mut h = H2::connect(p.https, &[]);
+    let acks: Vec<u8> = frame(0x6, 0x1, 0, &[9; 8])
+        .iter()
+        .copied()
+        .cycle()
+        .take(17 * 3000)
+        .collect();
+    h.s.write_all(&acks).unwrap();
+    h.send(0x1, 0x5, 1, &request_block("GET", "/job/after-acks"));
+    let mut answered = false;
+    while let Some((kind, flags, stream, payload)) = h.frame() {
+        if kind == 0x0 && stream == 1 {
+            assert_eq!(String::from_utf8_lossy(&payload), "app: /job/after-acks\n");
+            answered = true;
+        }
+        if kind == 0x0 && stream == 1 && flags & 0x1 != 0 || answered && kind == 0x0 {
+            break;
+        }
+    }
+    assert!(answered);
+
     // Ordinary use: a page over HTTP/2 with curl, after all that.
     let out = p.curl(&["--http2", "-s", &p.https_url("/job/ok")]);
     assert_eq!(stdout(&out), "app: /job/ok\n");
     let log = p.stop();
     assert!(log.contains("ENHANCE_YOUR_CALM"), "{log}");
+    assert!(!log.contains("PING"), "{log}");
+    assert!(log.lines().count() < 200, "{} lines", log.lines().count());
+}
+
+/// Issue 16, item 1 (the attacker's findings): a request body trickled just within the progress
+/// deadline falls below `proxy.client_body_min_rate` once `client_body_timeout` has passed (408),
+/// so tricklers cannot hold the connections to the application for ever (they hold them for the
+/// grace, and the caps answer 503 meanwhile); a body in one-byte chunks costs one write to the
+/// application per read, not one per chunk, and arrives whole.
+#[test]
+fn trickled_and_shredded_bodies() {
+    let mut p = Proxied::start(
+        "redirect_http = false\nclient_body_timeout = \"2s\"\nclient_body_min_rate = 1000\nupstream_max = 2",
+    );
+    let http = p.http;
+    let trickle = move || {
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(("127.0.0.1", http)).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(900)))
+                .unwrap();
+            s.write_all(
+                b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000\r\n\r\n",
+            )
+            .unwrap();
+            let started = Instant::now();
+            let mut answer = Vec::new();
+            while started.elapsed() < Duration::from_secs(20) {
+                if s.write_all(b"x").is_err() {
+                    break;
+                }
+                let mut chunk = [0u8; 4096];
+                match s.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => answer.extend_from_slice(&chunk[..n]),
+                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                    Err(_) => break,
+                }
+            }
+            (
+                String::from_utf8_lossy(&answer).to_string(),
+                started.elapsed(),
+            )
+        })
+    };
+    let (a, b) = (trickle(), trickle());
+    std::thread::sleep(Duration::from_millis(500));
+    // Both connections to the application are held: 503 meanwhile.
+    let meanwhile = raw(
+        http,
+        b"GET /job/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert!(meanwhile.starts_with("HTTP/1.1 503"), "{meanwhile}");
+    for t in [a, b] {
+        let (answer, took) = t.join().unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(took < Duration::from_secs(6), "{took:?}");
+    }
+    let after = raw(
+        http,
+        b"GET /job/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert!(after.contains("app: /job/x"), "{after}");
+
+    // 50 000 one-byte chunks, sent at once: the application gets every byte.
+    let mut body = Vec::new();
+    for _ in 0..50_000 {
+        body.extend_from_slice(b"1\r\na\r\n");
+    }
+    body.extend_from_slice(b"0\r\n\r\n");
+    let mut request = b"POST /upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    request.extend_from_slice(&body);
+    let answer = raw(http, &request);
+    assert!(answer.contains("\"bytes\": 50000"), "{answer}");
+    p.stop();
+}
+
+/// Issue 16, item 1 (the attacker's finding): `send_timeout` is a deadline on the client's
+/// progress, whatever the size of what the application sends at once: an HTTP/2 client that
+/// opens its window 8 KiB at a time every 50 ms (160 KB/s) reads a 1 MB response to the end with
+/// send_timeout at 1 s, though the application writes it in 64 KiB pieces as fast as it can.
+#[test]
+fn slow_steady_readers_are_not_cut() {
+    let mut p = Proxied::start("send_timeout = \"1s\"");
+    // A stream window of 8 KiB, the connection's at its default 64 KiB.
+    let mut h = H2::connect(p.https, &[(0x4, 8192)]);
+    h.send(0x1, 0x5, 1, &request_block("GET", "/download?n=1000000"));
+    h.s.sock
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let started = Instant::now();
+    let mut got = 0usize;
+    let mut ended = false;
+    while !ended && started.elapsed() < Duration::from_secs(30) {
+        let mut credit = 0u32;
+        while let Some((kind, flags, stream, payload)) = h.frame() {
+            if kind == 0x0 && stream == 1 {
+                got += payload.len();
+                credit += payload.len() as u32;
+                ended = flags & 0x1 != 0;
+            }
+            if kind == 0x7 || ended {
+                break;
+            }
+        }
+        if credit > 0 {
+            h.send(0x8, 0, 0, &credit.to_be_bytes());
+            h.send(0x8, 0, 1, &credit.to_be_bytes());
+        }
+    }
+    let log = p.stop();
+    assert!(
+        ended,
+        "{got} bytes, not the end, after {:?}\n{log}",
+        started.elapsed()
+    );
+    assert_eq!(got, 1_000_000);
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// Issue 16, item 5: a plain keep-alive connection idle between requests is parked (hyper's
+/// buffers freed) and served again when the client sends; parking loses nothing and follows
+/// everything: the next request after a park is answered, a smuggling-shaped one is refused, a
+/// request that closes the connection is its last, and a parked connection still closes at
+/// `idle_timeout`. (The memory figure is scripts/bench-idle.sh's.)
+#[test]
+fn idle_connections_are_parked_without_losing_anything() {
+    let mut p = Proxied::config("redirect_http = false\nidle_timeout = \"4s\"");
+    p.inst
+        .env
+        .push(("REGOBOX_LOG".into(), "info,regobox::proxy=debug".into()));
+    p.start_again();
+    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /job/1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    assert_eq!(response(&mut s), (200, "app: /job/1\n".to_string()));
+    std::thread::sleep(Duration::from_millis(2500));
+    // Parked by now; line breaks before the request line, then the request.
+    s.write_all(b"\r\n\r\nGET /job/2 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    assert_eq!(response(&mut s), (200, "app: /job/2\n".to_string()));
+    std::thread::sleep(Duration::from_millis(2500));
+    s.write_all(b"POST /job/b HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /job/smuggled HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.starts_with("HTTP/1.1 400"), "{rest}");
+    assert!(!rest.contains("smuggled"), "{rest}");
+
+    // A request that closes the connection is its last, parked or not.
+    let answer = raw(
+        p.http,
+        b"GET /job/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\nGET /job/y HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    );
+    assert!(answer.contains("app: /job/x"), "{answer}");
+    assert!(!answer.contains("/job/y"), "{answer}");
+
+    // Parked, then closed at idle_timeout (4 s after the last byte).
+    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /job/3 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    assert_eq!(response(&mut s), (200, "app: /job/3\n".to_string()));
+    let started = Instant::now();
+    assert!(closed_within(&mut s, Duration::from_secs(10)));
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(3000) && elapsed < Duration::from_secs(7),
+        "{elapsed:?}"
+    );
+    let log = p.stop();
+    assert!(log.matches("idle connection parked").count() >= 3, "{log}");
+}
+
+/// Issue 16 (the attacker's finding): the header deadline holds over HTTP/2 too: a preface that
+/// never completes, and a header block whose CONTINUATION frames trickle in, are cut at
+/// `header_timeout`, not at `idle_timeout`.
+#[test]
+fn http2_heads_have_the_header_deadline() {
+    let mut p = Proxied::start("header_timeout = \"2s\"");
+    let connect = || {
+        let conn = rustls::ClientConnection::new(
+            client_config(None, &[b"h2"]),
+            "localhost".try_into().unwrap(),
+        )
+        .unwrap();
+        let tcp = TcpStream::connect(("127.0.0.1", p.https)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        s.flush().unwrap();
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock).unwrap();
+        }
+        s
+    };
+    // Until the connection ends (or 12 s): how long it lasted, sending `trickle` every 500 ms.
+    let hold = |s: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+                trickle: &dyn Fn(usize) -> Vec<u8>| {
+        let started = Instant::now();
+        let mut i = 0;
+        while started.elapsed() < Duration::from_secs(12) {
+            let bytes = trickle(i);
+            i += 1;
+            if !bytes.is_empty() && s.write_all(&bytes).is_err() {
+                break;
+            }
+            let mut sink = [0u8; 4096];
+            match s.read(&mut sink) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => break,
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        started.elapsed()
+    };
+    // Half a preface, then nothing.
+    let mut s = connect();
+    s.write_all(b"PRI * HTTP/2.0\r\n").unwrap();
+    let lasted = hold(&mut s, &|_| Vec::new());
+    assert!(lasted < Duration::from_secs(5), "{lasted:?}");
+    // A header block without its end, a one-byte CONTINUATION every second (the h2 crate's
+    // own limit, 5 of them, would take 5 s).
+    let mut s = connect();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(0x4, 0, 0, &[]));
+    hello.extend(frame(0x1, 0x1, 1, &[0x82]));
+    s.write_all(&hello).unwrap();
+    let lasted = hold(&mut s, &|i| {
+        if i % 2 == 0 {
+            frame(0x9, 0, 1, &[0x87])
+        } else {
+            Vec::new()
+        }
+    });
+    assert!(lasted < Duration::from_millis(4500), "{lasted:?}");
+    p.stop();
 }
