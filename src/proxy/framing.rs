@@ -28,6 +28,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// The longest chunk extension followed (hyper refuses long before, at 16 KiB per body).
 const MAX_CHUNK_EXTENSION: usize = 64 * 1024;
 
+/// Past this many chunks in a body, they must carry [`MIN_CHUNK_AVERAGE`] bytes each on
+/// average: a body in one-byte chunks costs hyper a frame each (4 µs), a hundred times what its
+/// bytes cost in large chunks (the h2 crate has the same rule for small DATA frames).
+const SMALL_CHUNKS_ALLOWED: u64 = 1024;
+const MIN_CHUNK_AVERAGE: u64 = 32;
+
 #[derive(Debug)]
 enum State {
     /// A request head is arriving (none yet if the buffer is empty).
@@ -116,6 +122,9 @@ pub struct Framing<S> {
     /// After the current request's body: the connection closes (HTTP/1.0 without keep-alive,
     /// `Connection: close`).
     last: bool,
+    /// The current body's chunks, and the bytes they carry.
+    chunks: u64,
+    chunked_bytes: u64,
     limit: usize,
     signals: Arc<Signals>,
     /// Told when a request head begins and ends (for the header deadline).
@@ -135,6 +144,8 @@ impl<S> Framing<S> {
             replay: bytes::Bytes::new(),
             upgrading: false,
             last: false,
+            chunks: 0,
+            chunked_bytes: 0,
             limit,
             signals,
             activity,
@@ -227,6 +238,7 @@ impl<S> Framing<S> {
                             let (next, upgrade, last) = after_head(&self.signals, &head[..end]);
                             self.upgrading = upgrade;
                             self.last = last;
+                            (self.chunks, self.chunked_bytes) = (0, 0);
                             self.head_ends();
                             self.state = match next {
                                 Next::Body(0) => self.next_request(),
@@ -275,8 +287,18 @@ impl<S> Framing<S> {
                         b,
                         self.limit,
                     );
-                    if matches!(self.state, State::Head(_)) {
-                        self.state = self.next_request();
+                    match self.state {
+                        State::Head(_) => self.state = self.next_request(),
+                        State::Data(n) => {
+                            self.chunks += 1;
+                            self.chunked_bytes = self.chunked_bytes.saturating_add(n);
+                            if self.chunks > SMALL_CHUNKS_ALLOWED
+                                && self.chunked_bytes < self.chunks * MIN_CHUNK_AVERAGE
+                            {
+                                self.state = State::Lost;
+                            }
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -607,6 +629,17 @@ mod tests {
         );
         let (_, signals) = follow(&[b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"]);
         assert!(signals.between_requests());
+        // Many tiny chunks: cut; the same number of larger ones: followed.
+        let mut tiny = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        let mut fine = tiny.clone();
+        for _ in 0..2000 {
+            tiny.extend_from_slice(b"1\r\na\r\n");
+            fine.extend_from_slice(b"40\r\n");
+            fine.extend_from_slice(&[b'a'; 64]);
+            fine.extend_from_slice(b"\r\n");
+        }
+        assert_eq!(state(&[&tiny]), "Closing");
+        assert_eq!(state(&[&fine]), "Size");
         // Equal lengths are one length.
         assert_eq!(
             state(&[b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\nabc"]),

@@ -1057,12 +1057,15 @@ async fn serve_h1<S>(
             }
         }
         // Parked.
-        let Some(parts) = (*conn).into_parts() else {
+        // Out of its box (freed now, not at the end of the park).
+        let conn = *conn;
+        let Some(parts) = conn.into_parts() else {
             return;
         };
         tracing::debug!(target: "regobox::proxy", peer = %peer, "idle connection parked");
         count_release();
         io = parts.io.into_inner();
+        drop(parts.service);
         let read_buf = parts.read_buf;
         if !read_buf.is_empty() {
             // Line breaks before a request line, at most (anything else would have been
