@@ -119,8 +119,9 @@ pub struct ProxyConfig {
     /// Time allowed for a request's headers (slowloris).
     #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
-    /// A connection with no request in flight and no byte for this long is closed (keep-alive,
-    /// silent connections, an HTTP/2 preface that never comes).
+    /// A connection with no request in flight for this long since its last request is closed
+    /// (keep-alive, silent connections); bytes that ask for nothing (line breaks, PINGs) do not
+    /// keep it open.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     #[serde(with = "humantime_serde")]
@@ -149,7 +150,11 @@ pub struct ProxyConfig {
     pub websocket_idle_timeout: Duration,
     /// Connections to the application one client connection's requests may hold at once
     /// (HTTP/2 streams, a WebSocket); beyond, 503 with `Retry-After`.
-    pub upstream_max_per_client: usize,
+    pub upstream_max_per_connection: usize,
+    /// Connections to the application the requests of one client address (all its
+    /// connections) may hold at once; beyond, 503 with `Retry-After` (0: no such cap). Behind a
+    /// trusted proxy, every client has the proxy's address: raise it or set 0.
+    pub upstream_max_per_address: usize,
     /// Connections to the application all requests may hold at once; beyond, 503 with
     /// `Retry-After`.
     pub upstream_max: usize,
@@ -197,7 +202,8 @@ impl Default for ProxyConfig {
             client_body_min_rate: 500,
             send_timeout: Duration::from_secs(60),
             websocket_idle_timeout: Duration::from_secs(3600),
-            upstream_max_per_client: 64,
+            upstream_max_per_connection: 64,
+            upstream_max_per_address: 256,
             upstream_max: 1024,
             upstream_keepalive: 256,
             max_header_bytes: 32 * 1024,
@@ -1682,7 +1688,10 @@ impl Config {
             }
         }
         for (key, n) in [
-            ("proxy.upstream_max_per_client", p.upstream_max_per_client),
+            (
+                "proxy.upstream_max_per_connection",
+                p.upstream_max_per_connection,
+            ),
             ("proxy.upstream_max", p.upstream_max),
         ] {
             if n == 0 {

@@ -203,21 +203,25 @@ impl ConnCtx {
             }
 
             // Forward, if the caps on connections to the application allow.
-            match self.activity.lease(
-                &self.shared.upstream_in_use,
-                cfg.upstream_max_per_client,
-                cfg.upstream_max,
-            ) {
+            match self
+                .activity
+                .lease(&self.shared.caps, canonical(self.peer.ip()))
+            {
                 Ok(l) => lease = Some(l),
                 Err(cap) => {
                     let (key, limit, lines) = match cap {
-                        super::AtCap::Client => (
-                            "proxy.upstream_max_per_client",
-                            cfg.upstream_max_per_client,
+                        super::AtCap::Connection => (
+                            "proxy.upstream_max_per_connection",
+                            cfg.upstream_max_per_connection,
                             &UPSTREAM_CAPS[0],
                         ),
+                        super::AtCap::Address => (
+                            "proxy.upstream_max_per_address",
+                            cfg.upstream_max_per_address,
+                            &UPSTREAM_CAPS[1],
+                        ),
                         super::AtCap::Overall => {
-                            ("proxy.upstream_max", cfg.upstream_max, &UPSTREAM_CAPS[1])
+                            ("proxy.upstream_max", cfg.upstream_max, &UPSTREAM_CAPS[2])
                         }
                     };
                     if let Some(left_out) = lines.should_log() {
@@ -630,8 +634,12 @@ pub(crate) static CLIENT_ERRORS: RateLimit = RateLimit {
 const MALFORMED: u8 = 1;
 const GONE: u8 = 2;
 
-/// One per cap (`proxy.upstream_max_per_client`, `proxy.upstream_max`).
-static UPSTREAM_CAPS: [RateLimit; 2] = [
+/// One per cap (`proxy.upstream_max_per_connection`, `_per_address`, `proxy.upstream_max`).
+static UPSTREAM_CAPS: [RateLimit; 3] = [
+    RateLimit {
+        last: std::sync::Mutex::new(None),
+        left_out: std::sync::atomic::AtomicU64::new(0),
+    },
     RateLimit {
         last: std::sync::Mutex::new(None),
         left_out: std::sync::atomic::AtomicU64::new(0),

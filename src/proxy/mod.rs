@@ -82,7 +82,7 @@ pub struct Shared {
     /// This worker's index in `dispatch`.
     pub me: usize,
     /// Connections to the application held by requests, all workers together (see [`Lease`]).
-    pub upstream_in_use: Arc<AtomicUsize>,
+    pub caps: Arc<Caps>,
     pub shutdown: CancellationToken,
 }
 
@@ -247,7 +247,7 @@ impl Proxy {
             .map(|_| tokio::sync::mpsc::unbounded_channel::<Handoff>())
             .unzip();
         let mut receivers = receivers.into_iter();
-        let upstream_in_use = Arc::new(AtomicUsize::new(0));
+        let caps = Arc::new(Caps::new(p));
         let dispatch = Arc::new(Dispatch {
             open: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
             workers: senders,
@@ -258,7 +258,7 @@ impl Proxy {
             let (http, https) = (http.take(), https.take());
             let mut handoffs = receivers.next().expect("one receiver per worker");
             let dispatch = dispatch.clone();
-            let upstream_in_use = upstream_in_use.clone();
+            let caps = caps.clone();
             let acceptor = acceptor.clone();
             let (config, upstream, trusted) = (p.clone(), upstream.clone(), trusted.clone());
             let (board, challenges, landing) = (board.clone(), challenges.clone(), landing.clone());
@@ -287,7 +287,7 @@ impl Proxy {
                             tls: acceptor,
                             dispatch,
                             me: i,
-                            upstream_in_use,
+                            caps,
                             shutdown: shutdown.clone(),
                         });
                         let mut loops = tokio::task::JoinSet::new();
@@ -542,6 +542,13 @@ pub struct Activity {
     pub sent: AtomicU64,
     /// The last write to the client could not go out (its socket is full).
     write_blocked: AtomicBool,
+    /// When a request last began or ended (see [`Activity::quiet_for`]).
+    request_ms: AtomicU64,
+    /// The client's socket, to read how much of what was written it still has to take (see
+    /// [`Activity::send_stalled`]); -1: none.
+    fd: std::sync::atomic::AtomicI32,
+    /// Bytes in that socket's send queue at the last look.
+    queued: AtomicU64,
 }
 
 /// One response being sent: since when (ms on its connection's clock) a piece of it has waited
@@ -592,27 +599,78 @@ impl std::task::Wake for Handover {
     }
 }
 
-/// A connection to the application held for a request, counted per client connection and
-/// overall until dropped (with the response body, or the tunnel).
+/// A connection to the application held for a request, counted per client connection, per
+/// client address and overall until dropped (with the response body, or the tunnel).
 pub struct Lease {
     activity: Arc<Activity>,
-    overall: Arc<AtomicUsize>,
+    caps: Arc<Caps>,
+    address: IpAddr,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         self.activity.leases.fetch_sub(1, Ordering::Relaxed);
-        self.overall.fetch_sub(1, Ordering::Relaxed);
+        self.caps.overall.fetch_sub(1, Ordering::Relaxed);
+        if self.caps.per_address > 0 {
+            let mut held = self
+                .caps
+                .by_address
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let std::collections::hash_map::Entry::Occupied(mut e) = held.entry(self.address) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
     }
 }
 
-/// Why a request cannot have a connection to the application now.
+/// The connections to the application held by requests, all workers together, and the caps
+/// on them (see [`Lease`]).
+pub struct Caps {
+    per_connection: usize,
+    per_address: usize,
+    max: usize,
+    overall: AtomicUsize,
+    by_address: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+}
+
+impl Caps {
+    pub fn new(cfg: &ProxyConfig) -> Caps {
+        Caps {
+            per_connection: cfg.upstream_max_per_connection,
+            per_address: cfg.upstream_max_per_address,
+            max: cfg.upstream_max,
+            overall: AtomicUsize::new(0),
+            by_address: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+/// Why a request cannot have a connection to the application now: the key of the cap reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AtCap {
-    /// `proxy.upstream_max_per_client`
-    Client,
+    /// `proxy.upstream_max_per_connection`
+    Connection,
+    /// `proxy.upstream_max_per_address`
+    Address,
     /// `proxy.upstream_max`
     Overall,
+}
+
+/// Bytes written to the socket `fd` that its peer has not taken yet (SIOCOUTQ), if it can be
+/// read.
+fn send_queue(fd: i32) -> Option<u64> {
+    if fd < 0 {
+        return None;
+    }
+    let mut queued: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ for TCP) writes one int; `fd` is the connection's own socket,
+    // open while the connection's task (which calls this) runs.
+    let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
+    (r == 0 && queued >= 0).then_some(queued as u64)
 }
 
 /// No time: no head being read, no piece waiting.
@@ -630,6 +688,9 @@ impl Activity {
             leases: AtomicUsize::new(0),
             sent: AtomicU64::new(0),
             write_blocked: AtomicBool::new(false),
+            request_ms: AtomicU64::new(0),
+            fd: std::sync::atomic::AtomicI32::new(-1),
+            queued: AtomicU64::new(0),
         })
     }
 
@@ -649,11 +710,35 @@ impl Activity {
     /// Whether a response has waited `limit` for the client to take its next piece (a client
     /// that stopped reading, an HTTP/2 stream held at a zero window); forgets the responses
     /// sent to the end.
+    ///
+    /// A piece waits while the socket is full, and the kernel reports room only once a third of
+    /// its send buffer (megabytes) has drained: a steady reader at tens of KB/s would take
+    /// longer than the deadline. So the socket's send queue is read too: when it shrank since
+    /// the last look, the client is taking, and the waiting pieces count from now.
     fn send_stalled(&self, limit: Duration) -> bool {
         let now = self.now_ms();
         let limit = limit.as_millis() as u64;
         let mut sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
         sending.retain(|h| Arc::strong_count(h) > 1);
+        let waiting = sending
+            .iter()
+            .any(|h| h.since_ms.load(Ordering::Relaxed) != NEVER);
+        if !waiting {
+            return false;
+        }
+        if let Some(queued) = send_queue(self.fd.load(Ordering::Relaxed)) {
+            let before = self.queued.swap(queued, Ordering::Relaxed);
+            if queued < before {
+                for h in sending.iter() {
+                    let _ = h
+                        .since_ms
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                            (s != NEVER).then_some(now)
+                        });
+                }
+                return false;
+            }
+        }
         sending.iter().any(|h| {
             let since = h.since_ms.load(Ordering::Relaxed);
             since != NEVER && now.saturating_sub(since) >= limit
@@ -664,7 +749,7 @@ impl Activity {
     /// nothing in flight, a request head taking too long (slowloris; the first one counts from
     /// the connection), a response the client does not take (nginx's `send_timeout`).
     fn overdue(&self, cfg: &ProxyConfig) -> bool {
-        if self.in_flight.load(Ordering::Relaxed) == 0 && self.idle_for() >= cfg.idle_timeout {
+        if self.in_flight.load(Ordering::Relaxed) == 0 && self.quiet_for() >= cfg.idle_timeout {
             return true;
         }
         if self.head_for().is_some_and(|t| t >= cfg.header_timeout) {
@@ -679,25 +764,31 @@ impl Activity {
         false
     }
 
-    /// A connection to the application for one of this connection's requests, if neither cap
-    /// is reached.
-    pub fn lease(
-        self: &Arc<Self>,
-        overall: &Arc<AtomicUsize>,
-        per_client: usize,
-        max: usize,
-    ) -> Result<Lease, AtCap> {
-        if self.leases.load(Ordering::Relaxed) >= per_client {
-            return Err(AtCap::Client);
+    /// A connection to the application for one of this connection's requests from `address`,
+    /// if no cap is reached.
+    pub fn lease(self: &Arc<Self>, caps: &Arc<Caps>, address: IpAddr) -> Result<Lease, AtCap> {
+        if self.leases.load(Ordering::Relaxed) >= caps.per_connection {
+            return Err(AtCap::Connection);
         }
-        if overall.fetch_add(1, Ordering::Relaxed) >= max {
-            overall.fetch_sub(1, Ordering::Relaxed);
+        if caps.overall.fetch_add(1, Ordering::Relaxed) >= caps.max {
+            caps.overall.fetch_sub(1, Ordering::Relaxed);
             return Err(AtCap::Overall);
+        }
+        if caps.per_address > 0 {
+            let mut held = caps.by_address.lock().unwrap_or_else(|e| e.into_inner());
+            let n = held.entry(address).or_insert(0);
+            if *n >= caps.per_address {
+                drop(held);
+                caps.overall.fetch_sub(1, Ordering::Relaxed);
+                return Err(AtCap::Address);
+            }
+            *n += 1;
         }
         self.leases.fetch_add(1, Ordering::Relaxed);
         Ok(Lease {
             activity: self.clone(),
-            overall: overall.clone(),
+            caps: caps.clone(),
+            address,
         })
     }
 
@@ -725,8 +816,9 @@ impl Activity {
         self.moved.store(true, Ordering::Relaxed);
     }
 
-    /// Since the last activity, as seen by the previous call (the watchdog calls this every
-    /// tick, so a connection is found idle at most a tick late).
+    /// Since a byte last moved, as seen by the previous call (the watchdog calls this every
+    /// tick, so it is at most a tick late): when a connection may be parked, and when a tunnel
+    /// is idle.
     fn idle_for(&self) -> Duration {
         let now = self.now_ms();
         if self.moved.swap(false, Ordering::Relaxed) {
@@ -738,7 +830,18 @@ impl Activity {
     /// Count a request as in flight until the guard is dropped.
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.request_ms.store(self.now_ms(), Ordering::Relaxed);
         InFlight(self.clone())
+    }
+
+    /// Since a request last began or ended (or the connection opened): what `idle_timeout`
+    /// measures. Bytes that ask for nothing (line breaks between HTTP/1.1 requests, HTTP/2
+    /// PINGs) do not keep a connection open.
+    fn quiet_for(&self) -> Duration {
+        Duration::from_millis(
+            self.now_ms()
+                .saturating_sub(self.request_ms.load(Ordering::Relaxed)),
+        )
     }
 }
 
@@ -749,6 +852,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.0.touch();
+        self.0.request_ms.store(self.0.now_ms(), Ordering::Relaxed);
     }
 }
 
@@ -915,6 +1019,9 @@ macro_rules! drive {
 async fn connection(stream: TcpStream, peer: SocketAddr, https: bool, shared: Arc<Shared>) {
     let activity = Activity::new();
     activity.touch();
+    activity
+        .fd
+        .store(std::os::fd::AsRawFd::as_raw_fd(&stream), Ordering::Relaxed);
     let io = Tracked {
         inner: stream,
         activity: activity.clone(),
@@ -1078,7 +1185,7 @@ async fn serve_h1<S>(
         let Some(tcp) = io.get_ref().tcp() else {
             return;
         };
-        let idle_left = cfg.idle_timeout.saturating_sub(activity.idle_for());
+        let idle_left = cfg.idle_timeout.saturating_sub(activity.quiet_for());
         tokio::select! {
             r = tcp.readable() => if r.is_err() { return },
             _ = tokio::time::sleep(idle_left) => return,

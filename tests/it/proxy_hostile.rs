@@ -332,7 +332,7 @@ fn idle_websockets_are_closed_at_their_own_limit() {
 #[test]
 fn connections_to_the_application_are_capped() {
     let mut p =
-        Proxied::start("redirect_http = false\nupstream_max_per_client = 2\nupstream_max = 3");
+        Proxied::start("redirect_http = false\nupstream_max_per_connection = 2\nupstream_max = 3");
     // Overall: four slow requests on four connections, three served.
     let http = p.http;
     let answers: Vec<String> = (0..4)
@@ -398,7 +398,7 @@ fn connections_to_the_application_are_capped() {
         "{bodies:?}"
     );
     let log = p.stop();
-    assert!(log.contains("proxy.upstream_max_per_client"), "{log}");
+    assert!(log.contains("proxy.upstream_max_per_connection"), "{log}");
     assert!(log.contains("proxy.upstream_max "), "{log}");
 }
 
@@ -736,4 +736,124 @@ fn http2_heads_have_the_header_deadline() {
     });
     assert!(lasted < Duration::from_millis(4500), "{lasted:?}");
     p.stop();
+}
+
+/// Issue 16 (the second attacker's findings): `idle_timeout` counts from the last request, so
+/// bytes that ask for nothing do not keep a connection open: line breaks between HTTP/1.1
+/// requests (which also wake a parked connection), HTTP/2 PINGs.
+#[test]
+fn bytes_that_ask_for_nothing_do_not_keep_a_connection() {
+    let mut p = Proxied::start("redirect_http = false\nidle_timeout = \"3s\"");
+    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /job/1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    assert_eq!(response(&mut s), (200, "app: /job/1\n".to_string()));
+    let started = Instant::now();
+    let mut closed = false;
+    while started.elapsed() < Duration::from_secs(10) {
+        if s.write_all(b"\r\n").is_err() || closed_within(&mut s, Duration::from_millis(500)) {
+            closed = true;
+            break;
+        }
+    }
+    let lasted = started.elapsed();
+    assert!(closed && lasted < Duration::from_secs(6), "{lasted:?}");
+
+    let mut h = H2::connect(p.https, &[]);
+    h.send(0x1, 0x5, 1, &request_block("GET", "/job/2"));
+    h.s.sock
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let started = Instant::now();
+    let mut ended = false;
+    while started.elapsed() < Duration::from_secs(10) {
+        if h.s.write_all(&frame(0x6, 0, 0, &[1; 8])).is_err() {
+            ended = true;
+            break;
+        }
+        // PING ACKs come back until the connection closes.
+        let mut got_any = false;
+        while let Some((kind, _, _, _)) = h.frame() {
+            got_any = true;
+            if kind == 0x7 {
+                break;
+            }
+        }
+        if !got_any && h.s.conn.wants_read() && h.s.sock.peek(&mut [0u8; 1]).ok() == Some(0) {
+            ended = true;
+            break;
+        }
+    }
+    let lasted = started.elapsed();
+    assert!(ended && lasted < Duration::from_secs(6), "{lasted:?}");
+    p.stop();
+}
+
+/// Issue 16, item 1 (the second attacker's finding): the connections to the application are
+/// also capped per client address, across its connections; another address is still served.
+#[test]
+fn connections_to_the_application_are_capped_per_address() {
+    let mut p =
+        Proxied::start("redirect_http = false\nupstream_max_per_address = 2\nupstream_max = 100");
+    let http = p.http;
+    let from = |source: &'static str| {
+        std::thread::spawn(move || {
+            let socket =
+                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            let source: std::net::SocketAddr = format!("{source}:0").parse().unwrap();
+            socket.bind(&source.into()).unwrap();
+            let to: std::net::SocketAddr = format!("127.0.0.1:{http}").parse().unwrap();
+            socket.connect(&to.into()).unwrap();
+            let mut s: TcpStream = socket.into();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(b"GET /slow?s=2 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut answer = Vec::new();
+            let _ = s.read_to_end(&mut answer);
+            String::from_utf8_lossy(&answer).to_string()
+        })
+    };
+    let same: Vec<_> = (0..3).map(|_| from("127.0.0.1")).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let other = from("127.0.0.2");
+    let same: Vec<String> = same.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(
+        same.iter()
+            .filter(|a| a.starts_with("HTTP/1.1 503"))
+            .count(),
+        1,
+        "{same:?}"
+    );
+    assert!(other.join().unwrap().contains("slow done"));
+    let log = p.stop();
+    assert!(log.contains("proxy.upstream_max_per_address"), "{log}");
+}
+
+/// Issue 16, item 1 (the second attacker's finding): a steady reader slower than the kernel's
+/// send buffer drains in `send_timeout` (200 KB/s against megabytes of buffer and a 2 s
+/// timeout) is taking its response: not cut.
+#[test]
+fn a_steady_reader_behind_full_socket_buffers_is_not_cut() {
+    let mut p = Proxied::start("redirect_http = false\nsend_timeout = \"2s\"");
+    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /download?n=100000000 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    // 20 KB every 100 ms for 10 s (five times the timeout), once the buffers have filled.
+    std::thread::sleep(Duration::from_secs(1));
+    let started = Instant::now();
+    let mut got = 0usize;
+    let mut piece = vec![0u8; 20_000];
+    while started.elapsed() < Duration::from_secs(10) {
+        s.read_exact(&mut piece).unwrap();
+        got += piece.len();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(got > 1_000_000, "{got}");
+    // Gone before it would stop taking.
+    drop(s);
+    std::thread::sleep(Duration::from_millis(200));
+    let log = p.stop();
+    assert!(!log.contains("proxy.send_timeout"), "{log}");
 }
