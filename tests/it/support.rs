@@ -364,8 +364,22 @@ impl Running {
 }
 
 impl Drop for Running {
+    /// A test that failed with regobox still running: stop it as an operator would (SIGTERM, so
+    /// that it stops its services and PostgreSQL; a SIGKILL would leave them running, orphaned),
+    /// and kill it only if it does not exit within 15 s.
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid()),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
