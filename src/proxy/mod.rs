@@ -1163,8 +1163,7 @@ async fn serve_h1<S>(
                 }
             }
         }
-        // Parked.
-        // Out of its box (freed now, not at the end of the park).
+        // Parked: hyper's connection out of its box (the box freed now, not at the park's end).
         let conn = *conn;
         let Some(parts) = conn.into_parts() else {
             return;

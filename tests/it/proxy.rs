@@ -175,11 +175,18 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
 
 /// A blocking TLS connection to 127.0.0.1:`port` with SNI `localhost`.
 fn tls(port: u16, ca: Option<&Path>) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
-    let conn = rustls::ClientConnection::new(
-        client_config(ca, &[b"http/1.1"]),
-        "localhost".try_into().unwrap(),
-    )
-    .unwrap();
+    tls_alpn(port, ca, &[b"http/1.1"])
+}
+
+/// [`tls`], offering the protocols `alpn`.
+pub(crate) fn tls_alpn(
+    port: u16,
+    ca: Option<&Path>,
+    alpn: &[&[u8]],
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    let conn =
+        rustls::ClientConnection::new(client_config(ca, alpn), "localhost".try_into().unwrap())
+            .unwrap();
     let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut s = rustls::StreamOwned::new(conn, tcp);
@@ -205,6 +212,11 @@ fn serial_of(der: &[u8]) -> String {
 fn request(stream: &mut impl ReadWrite, path: &str) -> (u16, String) {
     write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
     stream.flush().unwrap();
+    response(stream)
+}
+
+/// An HTTP/1.1 response read off `stream`: status and body (Content-Length framed).
+pub(crate) fn response(stream: &mut impl Read) -> (u16, String) {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
