@@ -1345,7 +1345,7 @@ impl Config {
                         "postgres.url",
                         "must be a postgresql:// or postgres:// URL".into(),
                     );
-                } else if let Err(e) = pg.url.parse::<tokio_postgres::Config>() {
+                } else if let Err(e) = crate::dburl::Target::parse(&pg.url) {
                     bad("postgres.url", format!("not a valid connection URL: {e}"));
                 }
             }

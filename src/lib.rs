@@ -9,6 +9,8 @@
 //!
 //! - [`cli`]: the command line (clap). Parses arguments, loads the configuration and hands it to
 //!   a command; turns the outcome into an exit code and nothing else.
+//! - [`dburl`]: `postgres.url` read into tokio-postgres's settings and libpq's TLS settings
+//!   (pure; configuration validates with it).
 //! - [`config`]: the layered configuration (figment): compiled defaults, then every `*.toml` file
 //!   of the configuration directories in file-name order, then `REGOBOX_*` environment variables.
 //!   Validates everything at once and remembers where each key came from.
@@ -37,6 +39,7 @@ pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod cron;
+pub mod dburl;
 pub mod docker;
 pub mod exit;
 pub mod health;

@@ -29,7 +29,7 @@ use crate::logs::Sink;
 use crate::postgres::binaries::{Binaries, Major};
 use crate::postgres::cluster::{self, DataDirLock, DataDirState};
 use crate::postgres::{
-    self, APP_PASSWORD_SECRET, Endpoint, PostgresError, SUPERUSER_PASSWORD_SECRET, Server,
+    self, APP_PASSWORD_SECRET, Endpoint, PostgresError, SUPERUSER_PASSWORD_SECRET, Server, Tls,
     bootstrap, libpq_env,
 };
 use crate::secrets::SecretStore;
@@ -334,7 +334,8 @@ async fn create_in(
         }
         None => endpoint.app.clone(),
     };
-    let client = postgres::connect(&dump_as)
+    let client = endpoint
+        .connect(&dump_as)
         .await
         .context("connecting to the database to back it up")?;
     let server_version: String = client
@@ -353,7 +354,7 @@ async fn create_in(
     cmd.args(["--format=custom", "--compress=0", "--no-password", "--file"])
         .arg(&dump)
         .env_clear()
-        .envs(libpq_env(&dump_as));
+        .envs(libpq_env(&dump_as, &endpoint.tls));
     if let Some(path) = std::env::var_os("PATH") {
         cmd.env("PATH", path);
     }
@@ -876,11 +877,12 @@ impl Build {
         let endpoint = Endpoint {
             superuser: Some(su.clone()),
             app: su.clone(),
+            tls: Tls::disabled(),
             binaries: Some(binaries.clone()),
         };
         let ready = async {
             postgres::wait_ready(Some(&mut server), &endpoint, pg.start_timeout).await?;
-            let client = postgres::connect(&su)
+            let client = postgres::connect(&su, &Tls::disabled())
                 .await
                 .context("connecting to the restore server")?;
             bootstrap::role_and_database(
@@ -935,7 +937,7 @@ impl Build {
         })?;
         let mut su_db = self.superuser.clone();
         su_db.dbname(&pg.database);
-        let su = postgres::connect(&su_db).await?;
+        let su = postgres::connect(&su_db, &Tls::disabled()).await?;
         if owner != pg.user {
             tracing::warn!(archive_role = owner, role = %pg.user, "the archive's objects belonged to another role; they are restored as the application role's (that role is created NOLOGIN for the grants that name it)");
             let exists = su
@@ -1015,7 +1017,7 @@ impl Build {
     /// `search_path` would steer later sessions), no connection limit or template flag on the
     /// database. Whatever code in the dump did so while it loaded, the restore is refused.
     async fn check_settings(&self, su_db: &tokio_postgres::Config) -> anyhow::Result<()> {
-        let su = postgres::connect(su_db).await?;
+        let su = postgres::connect(su_db, &Tls::disabled()).await?;
         let mut changed: Vec<String> = su
             .query(
                 "SELECT coalesce(d.datname, 'every database') || ' / ' || coalesce(r.rolname, 'every role') || ': ' || array_to_string(s.setconfig, ', ')
@@ -1071,7 +1073,7 @@ impl Build {
             .arg(app.get_dbname().unwrap_or_default())
             .arg(dump)
             .env_clear()
-            .envs(libpq_env(app));
+            .envs(libpq_env(app, &Tls::disabled()));
         crate::process::output(&mut cmd)
             .await
             .context("running pg_restore")
@@ -1162,7 +1164,7 @@ impl Build {
     ) -> anyhow::Result<()> {
         let pg = &config.postgres;
         let set = async {
-            let client = postgres::connect(&self.superuser).await?;
+            let client = postgres::connect(&self.superuser, &Tls::disabled()).await?;
             let enc = if binaries.major.0 >= 10 {
                 "scram-sha-256"
             } else {

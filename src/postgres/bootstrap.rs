@@ -204,7 +204,8 @@ pub async fn role_and_database(
 async fn opens(login: &tokio_postgres::Config, password: &str) -> Result<bool, PostgresError> {
     let mut c = login.clone();
     c.password(password).dbname("postgres");
-    match super::connect(&c).await {
+    // regobox's own server, over its Unix socket: no TLS.
+    match super::connect(&c, &super::Tls::disabled()).await {
         Ok(_) => Ok(true),
         Err(e)
             if e.as_db_error().is_some_and(|d| {

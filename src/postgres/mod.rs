@@ -12,6 +12,7 @@ pub mod binaries;
 pub mod bootstrap;
 pub mod cluster;
 pub mod server;
+pub mod tls;
 
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
@@ -21,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, NoTls};
+
+pub use tls::Tls;
 
 use crate::config::{Config, PostgresMode};
 use crate::logs::{Observer, SharedLogFile, Sink};
@@ -43,6 +46,8 @@ pub enum PostgresError {
         .looked.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
     )]
     NoBinaries { looked: Vec<PathBuf> },
+    #[error("postgres.url = {url}: {reason}")]
+    BadUrl { url: String, reason: String },
     #[error("postgres.bin_dir = {dir}: {reason}")]
     BadBinDir { dir: PathBuf, reason: String },
     #[error(
@@ -151,6 +156,7 @@ impl PostgresError {
             | PostgresError::Unreachable { .. }
             | PostgresError::Foreign { .. }
             | PostgresError::NoCluster { .. }
+            | PostgresError::BadUrl { .. }
             | PostgresError::WrongMajor { .. } => exit::DATA,
             _ => exit::FAILURE,
         }
@@ -162,6 +168,8 @@ impl PostgresError {
 pub struct Endpoint {
     pub superuser: Option<tokio_postgres::Config>,
     pub app: tokio_postgres::Config,
+    /// How connections to the server are protected (the external server's `sslmode`).
+    pub tls: Tls,
     /// The binaries, when regobox runs the server (for `psql` and friends).
     pub binaries: Option<Binaries>,
 }
@@ -169,18 +177,16 @@ pub struct Endpoint {
 impl Endpoint {
     /// The external server of `postgres.url`.
     pub fn external(config: &Config) -> Result<Endpoint, PostgresError> {
-        let app: tokio_postgres::Config =
-            config
-                .postgres
-                .url
-                .parse()
-                .map_err(|source| PostgresError::Sql {
-                    what: "parsing postgres.url".into(),
-                    source,
-                })?;
+        let bad = |reason: String| PostgresError::BadUrl {
+            url: crate::config::redact_url(&config.postgres.url),
+            reason,
+        };
+        let target = crate::dburl::Target::parse(&config.postgres.url).map_err(bad)?;
+        let tls = Tls::load(target.tls).map_err(|failure| bad(failure.0))?;
         Ok(Endpoint {
             superuser: None,
-            app,
+            app: target.config,
+            tls,
             binaries: None,
         })
     }
@@ -188,7 +194,15 @@ impl Endpoint {
     /// Variables that make libpq tools (`psql`, `pg_dump`) connect as the application role,
     /// without putting the password on a command line.
     pub fn libpq_env(&self) -> Vec<(String, String)> {
-        libpq_env(&self.app)
+        libpq_env(&self.app, &self.tls)
+    }
+
+    /// Connect with `config` (one of this endpoint's, or derived from one) and its TLS.
+    pub async fn connect(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> Result<Client, tokio_postgres::Error> {
+        connect(config, &self.tls).await
     }
 
     /// The path of a client program: from the server's binaries if it is there, else `PATH`.
@@ -206,8 +220,8 @@ impl Endpoint {
     }
 }
 
-/// libpq environment variables equivalent to `config`.
-pub fn libpq_env(config: &tokio_postgres::Config) -> Vec<(String, String)> {
+/// libpq environment variables equivalent to `config` and `tls`.
+pub fn libpq_env(config: &tokio_postgres::Config, tls: &Tls) -> Vec<(String, String)> {
     let mut env = Vec::new();
     let hosts: Vec<String> = config
         .get_hosts()
@@ -236,22 +250,60 @@ pub fn libpq_env(config: &tokio_postgres::Config) -> Vec<(String, String)> {
     if let Some(o) = config.get_options().filter(|o| !o.is_empty()) {
         env.push(("PGOPTIONS".into(), o.to_string()));
     }
-    let ssl = match config.get_ssl_mode() {
-        tokio_postgres::config::SslMode::Disable => "disable",
-        tokio_postgres::config::SslMode::Require => "require",
-        _ => "prefer",
-    };
-    env.push(("PGSSLMODE".into(), ssl.into()));
+    env.extend(tls.libpq_env());
     env
 }
 
 /// Connect, driving the connection on a task of its own.
-pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = config.connect(NoTls).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+pub async fn connect(
+    config: &tokio_postgres::Config,
+    tls: &Tls,
+) -> Result<Client, tokio_postgres::Error> {
+    let client = match tls.connector() {
+        Some(connector) => {
+            let (client, connection) = config.connect(connector.clone()).await?;
+            tokio::spawn(connection);
+            client
+        }
+        None => {
+            let mut plain = config.clone();
+            if tls.mode() == crate::dburl::SslMode::Disable {
+                plain.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            }
+            // Without a loaded connector, `prefer` is plain and anything stricter fails.
+            let (client, connection) = plain.connect(NoTls).await?;
+            tokio::spawn(connection);
+            client
+        }
+    };
     Ok(client)
+}
+
+/// An error with its causes, as one line (tokio-postgres's own text names only the kind:
+/// "error performing TLS handshake").
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Whether waiting may cure a failed connection: the server is not up yet (nothing answers, the
+/// connection is refused or cut, "the database system is starting up"). What the server refuses
+/// (a password, a database, TLS) and what regobox cannot set up (a certificate file) will not
+/// change by waiting.
+pub fn retryable(e: &tokio_postgres::Error) -> bool {
+    if let Some(db) = e.as_db_error() {
+        return *db.code() == tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW;
+    }
+    match std::error::Error::source(e) {
+        None => true,
+        Some(s) => s.is::<io::Error>(),
+    }
 }
 
 /// The result of opening the embedded data directory.
@@ -612,6 +664,7 @@ fn local_endpoint(
     Endpoint {
         superuser: Some(superuser),
         app: base(&pg.user, app_password, &pg.database),
+        tls: Tls::disabled(),
         binaries: Some(binaries.clone()),
     }
 }
@@ -643,24 +696,21 @@ pub async fn wait_ready(
     let mut last;
     let mut server = server;
     loop {
-        match connect(target).await {
+        match connect(target, &endpoint.tls).await {
             Ok(client) => match client.simple_query("SELECT 1").await {
                 Ok(_) => return Ok(()),
-                Err(e) => last = e.to_string(),
+                Err(e) => last = describe(&e),
             },
             // The server answered with an error that waiting will not cure (a wrong password, a
-            // missing database): report it now. "Starting up" and "shutting down" are waited out.
-            Err(e)
-                if e.as_db_error().is_some_and(|db| {
-                    *db.code() != tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW
-                }) =>
-            {
+            // missing database, a refused TLS handshake): report it now. "Starting up",
+            // "shutting down" and a server not listening yet are waited out.
+            Err(e) if !retryable(&e) => {
                 return Err(PostgresError::Sql {
                     what: "connecting to PostgreSQL".into(),
                     source: e,
                 });
             }
-            Err(e) => last = e.to_string(),
+            Err(e) => last = describe(&e),
         }
         if Instant::now() >= deadline {
             return Err(PostgresError::StartTimeout { timeout, last });
@@ -711,7 +761,7 @@ pub async fn set_app_password(
                 path: pg.data_dir.clone(),
                 source: io::Error::other("no superuser connection"),
             })?;
-        let su = connect(su_config)
+        let su = connect(su_config, &endpoint.tls)
             .await
             .map_err(|source| PostgresError::Sql {
                 what: "connecting as the superuser".into(),
@@ -815,12 +865,13 @@ async fn bootstrap_part(
     let scripts = bootstrap::init_scripts(config_dirs);
     match &endpoint.superuser {
         Some(su_config) => {
-            let su = connect(su_config)
-                .await
-                .map_err(|source| PostgresError::Sql {
-                    what: "connecting as the superuser".into(),
-                    source,
-                })?;
+            let su =
+                connect(su_config, &endpoint.tls)
+                    .await
+                    .map_err(|source| PostgresError::Sql {
+                        what: "connecting as the superuser".into(),
+                        source,
+                    })?;
             let major = server_major(&su).await?;
             let password = endpoint
                 .app
@@ -850,34 +901,31 @@ async fn bootstrap_part(
             }
             let mut in_app_db = su_config.clone();
             in_app_db.dbname(&pg.database);
-            let su_app = connect(&in_app_db)
-                .await
-                .map_err(|source| PostgresError::Sql {
-                    what: format!("connecting to database `{}` as the superuser", pg.database),
-                    source,
-                })?;
+            let su_app =
+                connect(&in_app_db, &endpoint.tls)
+                    .await
+                    .map_err(|source| PostgresError::Sql {
+                        what: format!("connecting to database `{}` as the superuser", pg.database),
+                        source,
+                    })?;
             bootstrap::extensions(&su_app, &pg.extensions).await?;
             // regobox's bookkeeping is the superuser's; the scripts run in a session of the
             // application role itself (no `SET ROLE` its code could undo).
             bootstrap::bookkeeping(&su_app, Some(&pg.user)).await?;
             drop(su_app);
             if !scripts.is_empty() {
-                let mut app =
-                    connect(&endpoint.app)
-                        .await
-                        .map_err(|source| PostgresError::Sql {
-                            what: format!(
-                                "connecting to database `{}` as `{}`",
-                                pg.database, pg.user
-                            ),
-                            source,
-                        })?;
+                let mut app = connect(&endpoint.app, &endpoint.tls)
+                    .await
+                    .map_err(|source| PostgresError::Sql {
+                        what: format!("connecting to database `{}` as `{}`", pg.database, pg.user),
+                        source,
+                    })?;
                 bootstrap::run_init_scripts(&mut app, &scripts).await?;
             }
         }
         None if part == Bootstrap::Login => {}
         None => {
-            let mut client = connect(&endpoint.app)
+            let mut client = connect(&endpoint.app, &endpoint.tls)
                 .await
                 .map_err(|source| PostgresError::Sql {
                     what: format!("connecting to {}", crate::config::redact_url(&pg.url)),

@@ -51,7 +51,7 @@ pub fn build(
     if let Some(endpoint) = database {
         let tcp = tcp_config(config, endpoint);
         env.insert("DATABASE_URL".into(), database_url(config, &tcp));
-        for (k, v) in libpq_env(&tcp) {
+        for (k, v) in libpq_env(&tcp, &endpoint.tls) {
             env.insert(k, v);
         }
     }

@@ -871,39 +871,6 @@ fn without_an_engine_everything_else_runs() {
     run.stop();
 }
 
-/// A CA, and a certificate it signed for `names` (client certificate when `names` is empty).
-fn issue(
-    dir: &Path,
-    name: &str,
-    ca: Option<&(rcgen::Certificate, rcgen::KeyPair)>,
-    names: &[&str],
-) -> (rcgen::Certificate, rcgen::KeyPair) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params =
-        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-            .unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    let cert = match ca {
-        None => {
-            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-            params.self_signed(&key).unwrap()
-        }
-        Some((ca_cert, ca_key)) => {
-            params.extended_key_usages = vec![if names.is_empty() {
-                rcgen::ExtendedKeyUsagePurpose::ClientAuth
-            } else {
-                rcgen::ExtendedKeyUsagePurpose::ServerAuth
-            }];
-            params.signed_by(&key, ca_cert, ca_key).unwrap()
-        }
-    };
-    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-    std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
-    (cert, key)
-}
-
 #[test]
 fn a_remote_engine_over_tls_with_a_client_certificate() {
     let inst = Instance::new();
