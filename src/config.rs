@@ -1981,25 +1981,45 @@ fn check_identifier(name: &str) -> Result<(), String> {
 
 /// Replace the password of a `scheme://user:password@host/...` URL.
 pub fn redact_url(url: &str) -> String {
+    let (url, query) = match url.split_once('?') {
+        Some((u, q)) => (u, Some(q)),
+        None => (url, None),
+    };
+    // A password in the query (refused by validation, but printed while saying so).
+    let query = query.map(|q| {
+        q.split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") || k.contains('%') => {
+                    format!("{k}={REDACTED}")
+                }
+                _ => pair.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    });
+    let with_query = |base: String| match &query {
+        Some(q) => format!("{base}?{q}"),
+        None => base,
+    };
     let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
+        return with_query(url.to_string());
     };
     let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority_end = rest.find('/').unwrap_or(rest.len());
     let authority = &rest[..authority_end];
     let Some(at) = authority.rfind('@') else {
-        return url.to_string();
+        return with_query(url.to_string());
     };
     let userinfo = &authority[..at];
     let Some(colon) = userinfo.find(':') else {
-        return url.to_string();
+        return with_query(url.to_string());
     };
-    format!(
+    with_query(format!(
         "{}{}:{REDACTED}{}",
         &url[..scheme_end + 3],
         &userinfo[..colon],
         &rest[at..]
-    )
+    ))
 }
 
 /// Print a TOML table: scalars first, then sub-tables under `[a.b]` headers.
@@ -2439,5 +2459,9 @@ mod tests {
         );
         assert_eq!(redact_url("postgres://a@h/d"), "postgres://a@h/d");
         assert_eq!(redact_url("postgres://h/d?x=@"), "postgres://h/d?x=@");
+        assert_eq!(
+            redact_url("postgres://a:b@h/d?password=c&pass%77ord=e&x=1"),
+            "postgres://a:<redacted>@h/d?password=<redacted>&pass%77ord=<redacted>&x=1"
+        );
     }
 }

@@ -98,11 +98,30 @@ impl TlsSettings {
 pub struct Target {
     pub config: tokio_postgres::Config,
     pub tls: TlsSettings,
+    /// The URL the application gets (`DATABASE_URL`): regobox's own writing of what it read,
+    /// with every TLS setting explicit (`sslrootcert=system` as the file it stands for, which
+    /// libpq before 16 would take for a file named `system`).
+    pub client_url: String,
 }
 
+/// The query parameters `postgres.url` may have besides the TLS ones: what libpq and
+/// tokio-postgres read alike. Where the server is and who logs in are said once, in the URL's
+/// authority and path, so that regobox and every client reach the same server as the same role.
+const ALLOWED: &[&str] = &[
+    "application_name",
+    "connect_timeout",
+    "options",
+    "keepalives",
+    "keepalives_idle",
+    "target_session_attrs",
+    "channel_binding",
+    "sslnegotiation",
+    "tcp_user_timeout",
+];
+
 impl Target {
-    /// Read a `postgres://` or `postgresql://` URL. The TLS parameters are taken out of its
-    /// query; the rest goes to tokio-postgres, which refuses what it does not know.
+    /// Read a `postgres://` or `postgresql://` URL: the TLS parameters regobox acts on, the
+    /// rest from an allow-list, each at most once.
     pub fn parse(url: &str) -> Result<Target, String> {
         let (base, query) = match url.split_once('?') {
             Some((b, q)) => (b, q),
@@ -112,40 +131,35 @@ impl Target {
         let mut root_cert = None;
         let mut cert = None;
         let mut key = None;
-        let mut rest = form_urlencoded::Serializer::new(String::new());
-        let mut kept = false;
+        let mut seen: Vec<String> = Vec::new();
+        let mut kept: Vec<(String, String)> = Vec::new();
         for (k, v) in form_urlencoded::parse(query.as_bytes()) {
-            let once = |given: bool| {
-                if given {
-                    Err(format!("`{k}` is given twice"))
-                } else {
-                    Ok(())
-                }
-            };
+            if seen.iter().any(|s| *s == k) {
+                return Err(format!("`{k}` is given twice"));
+            }
+            seen.push(k.to_string());
             match &*k {
-                "sslmode" => {
-                    once(mode.is_some())?;
-                    mode = Some(SslMode::parse(&v)?);
-                }
+                "sslmode" => mode = Some(SslMode::parse(&v)?),
                 "sslrootcert" => {
-                    once(root_cert.is_some())?;
                     root_cert = Some(if v == "system" {
                         PathBuf::from(SYSTEM_ROOTS)
                     } else {
                         PathBuf::from(&*v)
-                    });
+                    })
                 }
-                "sslcert" => {
-                    once(cert.is_some())?;
-                    cert = Some(PathBuf::from(&*v));
+                "sslcert" => cert = Some(PathBuf::from(&*v)),
+                "sslkey" => key = Some(PathBuf::from(&*v)),
+                "host" | "hostaddr" | "port" | "user" | "password" | "dbname" => {
+                    return Err(format!(
+                        "`{k}` in the query is not taken: the server, user, password and database go in the URL itself (postgresql://user:password@host:port/database)"
+                    ));
                 }
-                "sslkey" => {
-                    once(key.is_some())?;
-                    key = Some(PathBuf::from(&*v));
-                }
-                _ => {
-                    rest.append_pair(&k, &v);
-                    kept = true;
+                other if ALLOWED.contains(&other) => kept.push((k.to_string(), v.to_string())),
+                other => {
+                    return Err(format!(
+                        "`{other}` is not a parameter regobox takes in postgres.url (it takes sslmode, sslrootcert, sslcert, sslkey, {})",
+                        ALLOWED.join(", ")
+                    ));
                 }
             }
         }
@@ -168,18 +182,35 @@ impl Target {
             root_cert,
             client,
         };
-        if matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) && tls.root_cert.is_none() {
-            return Err(format!(
-                "sslmode={} needs sslrootcert: the CA certificates the server's certificate must chain to (a PEM file, or `system` for {SYSTEM_ROOTS})",
-                mode.as_str()
-            ));
+        match mode {
+            SslMode::VerifyCa | SslMode::VerifyFull if tls.root_cert.is_none() => {
+                return Err(format!(
+                    "sslmode={} needs sslrootcert: the CA certificates the server's certificate must chain to (a PEM file, or `system` for {SYSTEM_ROOTS})",
+                    mode.as_str()
+                ));
+            }
+            // libpq would check with them and then try without TLS: say what is meant.
+            SslMode::Disable | SslMode::Prefer
+                if tls.root_cert.is_some() || tls.client.is_some() =>
+            {
+                return Err(format!(
+                    "sslrootcert, sslcert and sslkey need sslmode=require, verify-ca or verify-full (here {})",
+                    mode.as_str()
+                ));
+            }
+            _ => {}
         }
-        let mut stripped = base.to_string();
-        if kept {
-            stripped.push('?');
-            stripped.push_str(&rest.finish());
+        let mut tokio_query = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in &kept {
+            tokio_query.append_pair(k, v);
         }
-        let mut config: tokio_postgres::Config = stripped.parse().map_err(|e| {
+        let tokio_query = tokio_query.finish();
+        let for_tokio = if tokio_query.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{tokio_query}")
+        };
+        let mut config: tokio_postgres::Config = for_tokio.parse().map_err(|e| {
             let cause = std::error::Error::source(&e)
                 .map(|s| format!(": {s}"))
                 .unwrap_or_default();
@@ -190,7 +221,25 @@ impl Target {
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
             _ => tokio_postgres::config::SslMode::Require,
         });
-        Ok(Target { config, tls })
+        let mut client_query = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in &kept {
+            client_query.append_pair(k, v);
+        }
+        for (k, v) in tls.libpq_env() {
+            let name = match k.as_str() {
+                "PGSSLMODE" => "sslmode",
+                "PGSSLROOTCERT" => "sslrootcert",
+                "PGSSLCERT" => "sslcert",
+                _ => "sslkey",
+            };
+            client_query.append_pair(name, &v);
+        }
+        let client_url = format!("{base}?{}", client_query.finish());
+        Ok(Target {
+            config,
+            tls,
+            client_url,
+        })
     }
 }
 
@@ -220,6 +269,14 @@ mod tests {
             t.tls.verifies_issuer(),
             "require with a root checks like verify-ca"
         );
+        assert_eq!(
+            t.client_url,
+            format!(
+                "postgres://u@h/d?sslmode=require&sslrootcert={}",
+                SYSTEM_ROOTS.replace('/', "%2F")
+            ),
+            "what the application gets names the file"
+        );
         let env = t.tls.libpq_env();
         assert!(env.contains(&("PGSSLMODE".into(), "require".into())));
         assert!(env.contains(&("PGSSLROOTCERT".into(), SYSTEM_ROOTS.into())));
@@ -236,6 +293,17 @@ mod tests {
             ("postgres://h/d?sslrootcert=ca.pem", "relative"),
             ("postgres://h/d?sslmode=require&sslmode=disable", "twice"),
             ("postgres://h/d?sslcrl=/x", "sslcrl"),
+            ("postgres://h/d?host=other", "in the URL itself"),
+            ("postgres://h/d?password=x", "in the URL itself"),
+            (
+                "postgres://h/d?application_name=a&application_name=b",
+                "twice",
+            ),
+            ("postgres://h/d?sslrootcert=/ca.pem", "need sslmode=require"),
+            (
+                "postgres://h/d?sslmode=prefer&sslcert=/c&sslkey=/k",
+                "need sslmode=require",
+            ),
         ] {
             let err = Target::parse(url).unwrap_err();
             assert!(err.contains(says), "{url}: {err}");

@@ -199,8 +199,13 @@ pub struct Output {
 
 /// Run `command` to completion, capturing its output (stdin is null).
 pub async fn output(command: &mut std::process::Command) -> io::Result<Output> {
+    output_fed(command, Stdio::null()).await
+}
+
+/// Run `command` to completion with `stdin`, capturing its output.
+pub async fn output_fed(command: &mut std::process::Command, stdin: Stdio) -> io::Result<Output> {
     command
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = spawn(command)?;

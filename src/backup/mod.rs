@@ -834,7 +834,13 @@ impl Build {
         .await?;
         crate::volumes::ensure_dir(socket_dir, 0o700, "runtime_dir")?;
         cluster::chown(socket_dir, account)?;
-        let auth = postgres::write_hba(socket_dir, account, binaries.major, "", &pg.superuser)?;
+        let auth = postgres::write_hba(
+            socket_dir,
+            account,
+            binaries.major.password_auth(),
+            "",
+            &pg.superuser,
+        )?;
         let params: Vec<(String, String)> = [
             ("listen_addresses", String::new()),
             ("port", pg.port.to_string()),
@@ -878,6 +884,7 @@ impl Build {
             superuser: Some(su.clone()),
             app: su.clone(),
             tls: Tls::disabled(),
+            url: None,
             binaries: Some(binaries.clone()),
         };
         let ready = async {

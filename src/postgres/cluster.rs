@@ -11,6 +11,10 @@
 //!   it records is not a live postgres on this data directory.
 //! - [`initdb`] creates a cluster in a subdirectory as the unprivileged user, then moves it into
 //!   place with `PG_VERSION` last, so an interrupted initialisation is recognisable.
+//! - [`Record`] is what regobox keeps about a cluster in its data directory: the bootstrap
+//!   superuser it manages the cluster as, and whether the cluster was adopted (made by someone
+//!   else: docker-library's entrypoint, `pg_createcluster`, a plain `initdb`). A cluster without
+//!   one has its superuser read once with [`bootstrap_superuser`].
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -26,6 +30,8 @@ use crate::volumes::sync_dir;
 
 /// The lock file regobox keeps in the data directory.
 pub const LOCK_FILE: &str = ".regobox.lock";
+/// What regobox keeps about a cluster, in its data directory ([`Record`]).
+pub const RECORD_FILE: &str = ".regobox-cluster.json";
 /// Where `initdb` writes before the cluster is moved into place.
 pub const INITDB_DIR: &str = ".regobox-initdb";
 /// Entries that do not make a directory non-empty.
@@ -301,6 +307,12 @@ pub async fn initdb(spec: &InitSpec<'_>) -> Result<(), PostgresError> {
             detail: String::from_utf8_lossy(&output.stderr).trim().to_string(),
         });
     }
+    // regobox made it: recorded, moved up with the rest.
+    Record {
+        superuser: spec.superuser.to_string(),
+        adopted: false,
+    }
+    .write(&work, spec.account)?;
     // Move the cluster up, PG_VERSION last: until it lands the directory reads as interrupted.
     let mut entries: Vec<_> = std::fs::read_dir(&work)
         .map_err(io_err(&work))?
@@ -316,6 +328,184 @@ pub async fn initdb(spec: &InitSpec<'_>) -> Result<(), PostgresError> {
     std::fs::remove_dir(&work).map_err(io_err(&work))?;
     sync_dir(dir).map_err(io_err(dir))?;
     Ok(())
+}
+
+/// What regobox keeps about a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Record {
+    /// The bootstrap superuser (the role with OID 10), which regobox manages the cluster as,
+    /// over the Unix socket, by its OS account (`peer`): no password needed.
+    pub superuser: String,
+    /// Made by someone else. Its roles may have md5 passwords, which password authentication
+    /// must keep accepting (as the `md5` method does, and SCRAM for SCRAM passwords).
+    pub adopted: bool,
+}
+
+impl Record {
+    /// The record in `dir`, if there is one.
+    pub fn read(dir: &Path) -> Result<Option<Record>, PostgresError> {
+        let path = dir.join(RECORD_FILE);
+        let text = match std::fs::read(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(PostgresError::Io { path, source }),
+        };
+        serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|e| PostgresError::Io {
+                path,
+                source: io::Error::new(io::ErrorKind::InvalidData, e),
+            })
+    }
+
+    /// Write the record into `dir` (0600, the account's), replacing any at once.
+    pub fn write(&self, dir: &Path, account: &Account) -> Result<(), PostgresError> {
+        let path = dir.join(RECORD_FILE);
+        let tmp = dir.join(format!("{RECORD_FILE}.tmp"));
+        let io_err = |source| PostgresError::Io {
+            path: path.clone(),
+            source,
+        };
+        let _ = std::fs::remove_file(&tmp);
+        {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io_err)?;
+            f.write_all(
+                &serde_json::to_vec(self)
+                    .map_err(io::Error::other)
+                    .map_err(io_err)?,
+            )
+            .map_err(io_err)?;
+            f.sync_all().map_err(io_err)?;
+        }
+        chown(&tmp, account)?;
+        std::fs::rename(&tmp, &path).map_err(io_err)?;
+        sync_dir(dir).map_err(io_err)
+    }
+}
+
+/// The name of the bootstrap superuser (OID 10) of the cluster in `dir`, read in single-user
+/// mode as the account: no password and no client authentication involved. No server may be
+/// running on it (the caller holds the lock and has cleared any stale `postmaster.pid`); the
+/// server ends with a shutdown checkpoint, and a cluster that was not shut down cleanly is
+/// recovered first, as any start would.
+pub async fn bootstrap_superuser(
+    binaries: &Binaries,
+    dir: &Path,
+    account: &Account,
+) -> Result<String, PostgresError> {
+    const MARK: &str = "regobox-superuser:";
+    let query = format!(
+        "SELECT '{MARK}' || encode(convert_to(rolname, 'UTF8'), 'hex') FROM pg_catalog.pg_authid WHERE oid = 10\n"
+    );
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PostgresError::Io { path, source }
+    };
+    // The query is the server's standard input: a file the child inherits open.
+    let mut input = tempfile_in_memory(query.as_bytes()).map_err(io_err(dir))?;
+    use std::io::Seek;
+    input.rewind().map_err(io_err(dir))?;
+    let mut command = std::process::Command::new(binaries.path("postgres"));
+    command
+        .arg("--single")
+        .arg("-D")
+        .arg(dir)
+        // Nothing but the standalone backend: no socket, no archiving of the checkpoint's WAL.
+        .args(["-c", "listen_addresses=", "-c", "archive_mode=off"])
+        .arg("template1")
+        .current_dir(dir);
+    account.apply(&mut command);
+    let out = crate::process::output_fed(&mut command, input.into())
+        .await
+        .map_err(io_err(&binaries.path("postgres")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let name = text
+        .split(MARK)
+        .nth(1)
+        .and_then(|rest| {
+            let hex: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+            let bytes: Option<Vec<u8>> = (0..hex.len() / 2)
+                .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+                .collect();
+            String::from_utf8(bytes?).ok()
+        })
+        .filter(|n| !n.is_empty());
+    match name {
+        Some(n) if out.status.success() => Ok(n),
+        _ => Err(PostgresError::Unadoptable {
+            data_dir: dir.to_path_buf(),
+            reason: format!(
+                "reading its superuser in single-user mode failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        }),
+    }
+}
+
+/// Refuse, touching nothing, a cluster regobox has no record of that no server could start on:
+/// a control file that does not read (or fails its checksum), or a missing WAL segment of its
+/// last checkpoint. Read-only (`pg_controldata`), before the directory is locked or handed over.
+pub async fn check_adoptable(binaries: &Binaries, dir: &Path) -> Result<(), PostgresError> {
+    let refuse = |reason: String| PostgresError::Unadoptable {
+        data_dir: dir.to_path_buf(),
+        reason,
+    };
+    let mut command = std::process::Command::new(binaries.path("pg_controldata"));
+    command.arg(dir).env("LC_ALL", "C");
+    let out = crate::process::output(&mut command)
+        .await
+        .map_err(|e| refuse(format!("cannot run pg_controldata: {e}")))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let errors = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(refuse(format!(
+            "pg_controldata cannot read its control file: {}",
+            errors.trim()
+        )));
+    }
+    if format!("{text}{errors}")
+        .to_ascii_lowercase()
+        .contains("crc checksum does not match")
+    {
+        return Err(refuse(
+            "its control file (global/pg_control) is corrupt: its checksum does not match".into(),
+        ));
+    }
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim_start_matches(':').trim().to_string())
+    };
+    if let Some(segment) = field("Latest checkpoint's REDO WAL file") {
+        let wal = if binaries.major.0 >= 10 {
+            "pg_wal"
+        } else {
+            "pg_xlog"
+        };
+        let path = dir.join(wal).join(&segment);
+        if segment.is_empty() || !path.is_file() {
+            return Err(refuse(format!(
+                "the WAL segment its last checkpoint starts from ({wal}/{segment}) is missing: no server can start on it. Restore the segment, or the cluster from a backup"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// An unnamed file holding `bytes`.
+fn tempfile_in_memory(bytes: &[u8]) -> io::Result<File> {
+    let fd =
+        nix::sys::memfd::memfd_create(c"regobox-query", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .map_err(io::Error::from)?;
+    let mut file = File::from(fd);
+    file.write_all(bytes)?;
+    Ok(file)
 }
 
 /// Make `path` owned by `account` (a no-op unless regobox runs as root).

@@ -46,6 +46,10 @@ pub enum PostgresError {
         .looked.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
     )]
     NoBinaries { looked: Vec<PathBuf> },
+    #[error(
+        "the cluster in {data_dir} cannot be adopted, nothing of its data was changed: {reason}"
+    )]
+    Unadoptable { data_dir: PathBuf, reason: String },
     #[error("postgres.url = {url}: {reason}")]
     BadUrl { url: String, reason: String },
     #[error("postgres.bin_dir = {dir}: {reason}")]
@@ -157,6 +161,7 @@ impl PostgresError {
             | PostgresError::Foreign { .. }
             | PostgresError::NoCluster { .. }
             | PostgresError::BadUrl { .. }
+            | PostgresError::Unadoptable { .. }
             | PostgresError::WrongMajor { .. } => exit::DATA,
             _ => exit::FAILURE,
         }
@@ -170,6 +175,8 @@ pub struct Endpoint {
     pub app: tokio_postgres::Config,
     /// How connections to the server are protected (the external server's `sslmode`).
     pub tls: Tls,
+    /// The external server's URL as regobox wrote it back (the application's `DATABASE_URL`).
+    pub url: Option<String>,
     /// The binaries, when regobox runs the server (for `psql` and friends).
     pub binaries: Option<Binaries>,
 }
@@ -187,6 +194,7 @@ impl Endpoint {
             superuser: None,
             app: target.config,
             tls,
+            url: Some(target.client_url),
             binaries: None,
         })
     }
@@ -326,8 +334,9 @@ pub struct Embedded {
     pub port: u16,
     endpoint: Endpoint,
     settings: Vec<(String, String)>,
-    /// The superuser's name (authenticated by its OS account, see [`write_hba`]).
-    superuser: String,
+    /// The cluster's superuser (authenticated by its OS account, see [`write_hba`]), and
+    /// whether it was adopted.
+    record: cluster::Record,
     _lock: DataDirLock,
 }
 
@@ -371,6 +380,9 @@ impl Embedded {
                 });
             }
         }
+        if cluster_major.is_some() && cluster::Record::read(&data_dir)?.is_none() {
+            cluster::check_adoptable(&binaries, &data_dir).await?;
+        }
         check_reachable(&data_dir, &account)?;
         let socket_dir = config.runtime_dir.join("postgresql");
         if state == DataDirState::Missing {
@@ -404,13 +416,6 @@ impl Embedded {
         } else {
             pg.password.clone()
         };
-        let endpoint = local_endpoint(
-            config,
-            &socket_dir,
-            &superuser_password,
-            &app_password,
-            &binaries,
-        );
         match state {
             DataDirState::InterruptedInit => {
                 cluster::clear_interrupted_init(&data_dir)?;
@@ -422,6 +427,15 @@ impl Embedded {
             DataDirState::Cluster(_) | DataDirState::Foreign(_) => {}
         }
         cluster::clear_stale_pid(&data_dir)?;
+        let record = cluster_record(config, &binaries, &account).await?;
+        let endpoint = local_endpoint(
+            config,
+            &socket_dir,
+            &record.superuser,
+            &superuser_password,
+            &app_password,
+            &binaries,
+        );
 
         ensure_dir(&config.runtime_dir, 0o755, "runtime_dir")?;
         ensure_dir(&socket_dir, 0o700, "runtime_dir")?;
@@ -440,7 +454,7 @@ impl Embedded {
             port: pg.port,
             endpoint,
             settings,
-            superuser: pg.superuser.clone(),
+            record,
             _lock: lock,
         }))
     }
@@ -508,11 +522,57 @@ impl Embedded {
         write_hba(
             &self.socket_dir,
             &self.account,
-            self.binaries.major,
+            password_auth(self.binaries.major, &self.record),
             listen,
-            &self.superuser,
+            &self.record.superuser,
         )
     }
+}
+
+/// The password authentication method: SCRAM for a cluster regobox made (from PostgreSQL 10 on),
+/// `md5` for an adopted one, whose roles may have md5 passwords (the method accepts those, and
+/// SCRAM for SCRAM passwords).
+fn password_auth(major: Major, record: &cluster::Record) -> &'static str {
+    if record.adopted {
+        "md5"
+    } else {
+        major.password_auth()
+    }
+}
+
+/// What regobox knows of the cluster in `postgres.data_dir` (its lock held, no server running
+/// on it): recorded by `initdb`, or, for a cluster without a record (made by someone else, or by
+/// a regobox before records), its superuser read once and recorded.
+async fn cluster_record(
+    config: &Config,
+    binaries: &Binaries,
+    account: &Account,
+) -> Result<cluster::Record, PostgresError> {
+    let pg = &config.postgres;
+    if let Some(record) = cluster::Record::read(&pg.data_dir)? {
+        return Ok(record);
+    }
+    let record = {
+        let superuser = cluster::bootstrap_superuser(binaries, &pg.data_dir, account).await?;
+        tracing::info!(
+            data_dir = %pg.data_dir.display(),
+            superuser,
+            "adopting a cluster regobox has no record of: managing it as its superuser, by the OS account over the Unix socket (no password); password authentication accepts md5 passwords as well as SCRAM"
+        );
+        if superuser != pg.superuser {
+            tracing::info!(
+                superuser,
+                configured = %pg.superuser,
+                "the cluster's superuser is not postgres.superuser: regobox uses the cluster's"
+            );
+        }
+        cluster::Record {
+            superuser,
+            adopted: true,
+        }
+    };
+    record.write(&pg.data_dir, account)?;
+    Ok(record)
 }
 
 /// When regobox runs as root, every existing ancestor of `dir` must let `account` through.
@@ -558,11 +618,10 @@ pub struct AuthFiles {
 pub fn write_hba(
     dir: &Path,
     account: &Account,
-    major: Major,
+    auth: &str,
     listen: &str,
     superuser: &str,
 ) -> Result<AuthFiles, PostgresError> {
-    let auth = major.password_auth();
     let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
         .ok()
         .flatten()
@@ -643,6 +702,7 @@ async fn initdb(
 fn local_endpoint(
     config: &Config,
     socket_dir: &Path,
+    superuser: &str,
     superuser_password: &str,
     app_password: &str,
     binaries: &Binaries,
@@ -659,12 +719,13 @@ fn local_endpoint(
             .connect_timeout(Duration::from_secs(5));
         c
     };
-    let mut superuser = base(&pg.superuser, superuser_password, "postgres");
-    pin_superuser_session(&mut superuser);
+    let mut su = base(superuser, superuser_password, "postgres");
+    pin_superuser_session(&mut su);
     Endpoint {
-        superuser: Some(superuser),
+        superuser: Some(su),
         app: base(&pg.user, app_password, &pg.database),
         tls: Tls::disabled(),
+        url: None,
         binaries: Some(binaries.clone()),
     }
 }
@@ -828,9 +889,14 @@ fn running_endpoint(
     } else {
         pg.password.clone()
     };
+    // The holder recorded the cluster's superuser before starting its server.
+    let superuser = cluster::Record::read(&pg.data_dir)?
+        .map(|r| r.superuser)
+        .unwrap_or_else(|| pg.superuser.clone());
     Ok(local_endpoint(
         config,
         socket_dir,
+        &superuser,
         &superuser_password,
         &app_password,
         binaries,

@@ -50,7 +50,7 @@ pub fn build(
     }
     if let Some(endpoint) = database {
         let tcp = tcp_config(config, endpoint);
-        env.insert("DATABASE_URL".into(), database_url(config, &tcp));
+        env.insert("DATABASE_URL".into(), database_url(config, endpoint, &tcp));
         for (k, v) in libpq_env(&tcp, &endpoint.tls) {
             env.insert(k, v);
         }
@@ -89,9 +89,10 @@ fn tcp_config(config: &Config, endpoint: &Endpoint) -> tokio_postgres::Config {
     c
 }
 
-fn database_url(config: &Config, tcp: &tokio_postgres::Config) -> String {
-    if config.postgres.mode == PostgresMode::External {
-        return config.postgres.url.clone();
+fn database_url(config: &Config, endpoint: &Endpoint, tcp: &tokio_postgres::Config) -> String {
+    // The external server: regobox's own writing of postgres.url, TLS settings explicit.
+    if let Some(url) = &endpoint.url {
+        return url.clone();
     }
     let host = match tcp.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) if h.contains(':') => format!("[{h}]"),

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod adopt;
 mod backup;
 mod config_cli;
 mod docker;

@@ -294,6 +294,17 @@ fn external_servers_that_require_tls() {
     );
     inst.ok(&["init"]);
     assert_eq!(inst.sql(SSL_IN_USE), "t");
+    // The application's own libpq, with DATABASE_URL alone, verifies the same way.
+    let out = inst.ok(&[
+        "exec",
+        "sh",
+        "-c",
+        &format!(
+            "env -u PGSSLMODE -u PGSSLROOTCERT {} \"$DATABASE_URL\" -XtAc '{SSL_IN_USE}'",
+            psql_binary().display()
+        ),
+    ]);
+    assert_eq!(stdout(&out).trim(), "t");
     // pg_dump too, with the same settings.
     inst.ok(&["backup"]);
     assert_eq!(archives_in(&inst.root.join("backups")).len(), 1);
@@ -310,7 +321,10 @@ fn external_servers_that_require_tls() {
             "verify-full|{ca_pem}|{}",
             server.url_via(
                 "localhost",
-                &format!("sslmode=verify-full&sslrootcert={ca_pem}")
+                &format!(
+                    "sslmode=verify-full&sslrootcert={}",
+                    ca_pem.replace('/', "%2F")
+                )
             )
         )
     );
