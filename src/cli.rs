@@ -125,6 +125,21 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Upgrade the cluster to the server binaries' major in place with pg_upgrade, keeping the
+    /// old cluster (whatever postgres.upgrade says); or finish or roll back the last upgrade.
+    /// regobox must not be running on the volume.
+    Upgrade {
+        /// Remove the old cluster the last upgrade kept.
+        #[arg(long, conflicts_with = "rollback")]
+        finish: bool,
+        /// Put the old cluster back (the upgraded one is removed).
+        #[arg(long)]
+        rollback: bool,
+        /// With --rollback: even though a server ran on the upgraded cluster (what it wrote is
+        /// lost).
+        #[arg(long, requires = "rollback")]
+        force: bool,
+    },
     /// Give the application role the password of the configuration (postgres.password) or of
     /// the secret file: the one way regobox changes a password the cluster already has.
     Password {
@@ -200,6 +215,9 @@ async fn dispatch(command: Command, loaded: &Loaded) -> anyhow::Result<u8> {
     );
     if touches_volume {
         crate::backup::recover(&loaded.config)?;
+        if loaded.config.postgres.mode == PostgresMode::Embedded {
+            crate::postgres::upgrade::recover(&loaded.config.postgres.data_dir)?;
+        }
     }
     match command {
         Command::Run => {
@@ -254,6 +272,11 @@ async fn dispatch(command: Command, loaded: &Loaded) -> anyhow::Result<u8> {
         }
         Command::Psql { args } => psql(loaded, args).await,
         Command::Password { reset } => password(loaded, reset).await,
+        Command::Upgrade {
+            finish,
+            rollback,
+            force,
+        } => upgrade(loaded, finish, rollback, force).await,
     }
 }
 
@@ -347,6 +370,61 @@ async fn init(loaded: &Loaded) -> anyhow::Result<u8> {
         database = %config.postgres.database,
         "initialised"
     );
+    Ok(exit::OK)
+}
+
+async fn upgrade(loaded: &Loaded, finish: bool, rollback: bool, force: bool) -> anyhow::Result<u8> {
+    use crate::postgres::{Embedded, Opened, upgrade};
+    let config = &loaded.config;
+    anyhow::ensure!(
+        config.postgres.mode == PostgresMode::Embedded,
+        "postgres.mode = \"external\": regobox does not run that server, and does not upgrade it"
+    );
+    let data_dir = &config.postgres.data_dir;
+    let layout = Layout::new(config);
+    layout.prepare()?;
+    let secrets = SecretStore::new(&layout.secrets);
+    if finish {
+        tracing::info!("{}", upgrade::finish(data_dir)?);
+        return Ok(exit::OK);
+    }
+    let _signals = StopSignals::install().context("installing signal handlers")?;
+    if rollback {
+        let home = data_dir.parent().unwrap_or(data_dir).to_path_buf();
+        let account =
+            crate::users::service_account(&config.postgres.os_user, &home, "postgres.os_user")
+                .await?;
+        let lock = crate::postgres::cluster::DataDirLock::try_acquire(
+            data_dir,
+            &account,
+            &config.runtime_dir,
+        )?;
+        anyhow::ensure!(
+            lock.is_some(),
+            "a regobox is running on {}: stop it first",
+            data_dir.display()
+        );
+        let done = upgrade::rollback(data_dir, force)?;
+        drop(lock);
+        tracing::info!("{done}");
+        return Ok(exit::OK);
+    }
+    let before = crate::postgres::cluster::inspect(data_dir)?;
+    // Not interruptible: a stop signal waits for pg_upgrade rather than leaving it running.
+    match Embedded::open_with(config, &secrets, false, true).await? {
+        Opened::Busy(_) => anyhow::bail!(
+            "a regobox is running on {}: stop it first",
+            data_dir.display()
+        ),
+        Opened::Owned(embedded) => {
+            if crate::postgres::cluster::inspect(data_dir)? == before {
+                tracing::info!(
+                    major = %embedded.binaries.major,
+                    "nothing to upgrade: the cluster is of the server binaries' major"
+                );
+            }
+        }
+    }
     Ok(exit::OK)
 }
 

@@ -746,6 +746,26 @@ pub enum PostgresMode {
     External,
 }
 
+/// What `run` does with a cluster of an older major than the server binaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpgradePolicy {
+    /// Upgrade it in place with pg_upgrade, keeping the old cluster.
+    Auto,
+    /// Refuse, naming `regobox upgrade`.
+    Manual,
+}
+
+/// How pg_upgrade makes the new cluster's files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpgradeMethod {
+    /// `--clone` where the file system can (reflinks: instant, no extra space), else `--copy`.
+    Auto,
+    Clone,
+    Copy,
+}
+
 /// One server setting (`postgresql.conf` parameter) value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -803,6 +823,16 @@ pub struct PostgresConfig {
     /// How long a fast shutdown (SIGINT) may take before regobox escalates.
     #[serde(with = "humantime_serde")]
     pub stop_timeout: Duration,
+    /// A cluster of an older major: upgraded in place (`auto`) or refused (`manual`).
+    pub upgrade: UpgradePolicy,
+    /// How pg_upgrade makes the new cluster's files.
+    pub upgrade_method: UpgradeMethod,
+    /// How long the old cluster is kept after an upgrade (`regobox upgrade --finish` removes it
+    /// sooner, `--rollback` puts it back).
+    #[serde(with = "humantime_serde")]
+    pub upgrade_keep_old: Duration,
+    /// More directories of server binaries of older majors, for pg_upgrade.
+    pub old_bin_dirs: Vec<PathBuf>,
 }
 
 impl Default for PostgresConfig {
@@ -824,6 +854,10 @@ impl Default for PostgresConfig {
             locale: "C.UTF-8".into(),
             start_timeout: Duration::from_secs(300),
             stop_timeout: Duration::from_secs(8),
+            upgrade: UpgradePolicy::Auto,
+            upgrade_method: UpgradeMethod::Auto,
+            upgrade_keep_old: Duration::from_secs(7 * 24 * 3600),
+            old_bin_dirs: Vec::new(),
         }
     }
 }

@@ -249,3 +249,13 @@ pub fn exit_code(status: ExitStatus) -> u8 {
         _ => 1,
     }
 }
+
+/// Call `point` a fault-injection point: with `REGOBOX_FAULT_INJECT=<point>`, regobox kills
+/// itself there with SIGKILL. Used by the tests to prove a kill at that step loses nothing.
+pub fn fault(point: &str) {
+    if std::env::var("REGOBOX_FAULT_INJECT").is_ok_and(|v| v == point) {
+        tracing::warn!(point, "fault injection: SIGKILL");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
+}

@@ -35,6 +35,17 @@ struct Journal {
     id: String,
     state: State,
     swaps: Vec<Swap>,
+    /// The journal's file name in its root.
+    #[serde(default = "restore_name")]
+    name: String,
+    /// The replaced directories stay (an upgrade keeps the old cluster) instead of being
+    /// removed once the swap is committed.
+    #[serde(default)]
+    keep_old: bool,
+}
+
+fn restore_name() -> String {
+    JOURNAL.to_string()
 }
 
 fn journal_path(root: &Path) -> PathBuf {
@@ -42,8 +53,8 @@ fn journal_path(root: &Path) -> PathBuf {
 }
 
 fn write_journal(root: &Path, journal: &Journal) -> io::Result<()> {
-    let path = journal_path(root);
-    let tmp = root.join(format!("{JOURNAL}.tmp"));
+    let path = root.join(&journal.name);
+    let tmp = root.join(format!("{}.tmp", journal.name));
     {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&serde_json::to_vec_pretty(journal).map_err(io::Error::other)?)?;
@@ -65,6 +76,19 @@ pub fn swap(
     pairs: &[(PathBuf, PathBuf)],
     fault: &dyn Fn(&str),
 ) -> io::Result<()> {
+    swap_named(root, JOURNAL, id, pairs, false, fault).map(|_| ())
+}
+
+/// [`swap`] with a journal of another name; with `keep_old`, the replaced directories stay.
+/// Returns where each replaced directory went.
+pub fn swap_named(
+    root: &Path,
+    name: &str,
+    id: &str,
+    pairs: &[(PathBuf, PathBuf)],
+    keep_old: bool,
+    fault: &dyn Fn(&str),
+) -> io::Result<Vec<PathBuf>> {
     let swaps: Vec<Swap> = pairs
         .iter()
         .map(|(live, staged)| {
@@ -84,6 +108,13 @@ pub fn swap(
         id: id.into(),
         state: State::Swapping,
         swaps,
+        name: name.into(),
+        keep_old,
+    };
+    let prefix = if name == JOURNAL {
+        "restore"
+    } else {
+        "upgrade"
     };
     write_journal(root, &journal)?;
     for (i, s) in journal.swaps.iter().enumerate() {
@@ -91,27 +122,27 @@ pub fn swap(
             std::fs::rename(&s.live, &s.old)?;
             sync_parent(&s.live)?;
         }
-        fault(&format!("restore:swap-{i}"));
+        fault(&format!("{prefix}:swap-{i}"));
         std::fs::rename(&s.staged, &s.live)?;
         sync_parent(&s.live)?;
     }
-    fault("restore:swapped");
+    fault(&format!("{prefix}:swapped"));
     journal.state = State::Committed;
     write_journal(root, &journal)?;
-    fault("restore:committed");
+    fault(&format!("{prefix}:committed"));
     finish(root, &journal);
-    Ok(())
+    Ok(journal.swaps.iter().map(|s| s.old.clone()).collect())
 }
 
 fn finish(root: &Path, journal: &Journal) {
     for s in &journal.swaps {
-        if s.old.exists() {
+        if !journal.keep_old && s.old.exists() {
             if let Err(e) = std::fs::remove_dir_all(&s.old) {
                 tracing::warn!(path = %s.old.display(), error = %e, "cannot remove the previous data");
             }
         }
     }
-    let _ = std::fs::remove_file(journal_path(root));
+    let _ = std::fs::remove_file(root.join(&journal.name));
     let _ = sync_dir(root);
 }
 
@@ -122,7 +153,12 @@ pub fn exists(root: &Path) -> bool {
 
 /// Complete or undo a restore that was interrupted; what was done, if anything.
 pub fn recover(root: &Path) -> io::Result<Option<&'static str>> {
-    let text = match std::fs::read(journal_path(root)) {
+    recover_named(root, JOURNAL)
+}
+
+/// [`recover`] for a journal of another name.
+pub fn recover_named(root: &Path, name: &str) -> io::Result<Option<&'static str>> {
+    let text = match std::fs::read(root.join(name)) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
@@ -132,15 +168,15 @@ pub fn recover(root: &Path) -> io::Result<Option<&'static str>> {
         Err(e) => {
             // Only written by rename of a synced file: unreadable means damaged; keep it for a person.
             return Err(io::Error::other(format!(
-                "{} is unreadable ({e}); a restore was interrupted: check the volume by hand",
-                journal_path(root).display()
+                "{} is unreadable ({e}); a swap was interrupted: check the volume by hand",
+                root.join(name).display()
             )));
         }
     };
     match journal.state {
         State::Committed => {
             finish(root, &journal);
-            Ok(Some("finished the clean-up of a completed restore"))
+            Ok(Some("finished the clean-up of a completed swap"))
         }
         State::Swapping => {
             for s in journal.swaps.iter().rev() {
@@ -165,10 +201,10 @@ pub fn recover(root: &Path) -> io::Result<Option<&'static str>> {
                     let _ = std::fs::remove_dir_all(&s.staged);
                 }
             }
-            let _ = std::fs::remove_file(journal_path(root));
+            let _ = std::fs::remove_file(root.join(name));
             sync_dir(root)?;
             Ok(Some(
-                "rolled back an interrupted restore: the previous data is in place",
+                "rolled back an interrupted swap: the previous data is in place",
             ))
         }
     }

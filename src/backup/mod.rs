@@ -84,15 +84,7 @@ pub enum RestoreRefused {
     ExistingData { what: String },
 }
 
-/// Call `point` a fault-injection point: with `REGOBOX_FAULT_INJECT=<point>`, regobox kills
-/// itself there with SIGKILL. Used by the tests to prove a kill at that step loses nothing.
-pub fn fault(point: &str) {
-    if std::env::var("REGOBOX_FAULT_INJECT").is_ok_and(|v| v == point) {
-        tracing::warn!(point, "fault injection: SIGKILL");
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
-        std::thread::sleep(Duration::from_secs(60));
-    }
-}
+pub use crate::process::fault;
 
 /// A backup that ran out of space says so, with the directory and what is free there now
 /// (its work directory and partial archive are already removed).

@@ -3,7 +3,8 @@
 //! Order: `postgres.bin_dir` if set; else the system's installations (`pg_config --bindir`,
 //! `/usr/lib/postgresql/<major>/bin`, `postgres` on `PATH`), then postgresql_embedded's own
 //! installation directory (`$HOME/.theseus/postgresql/<version>/bin`). Among what is found, the
-//! major of an existing cluster is preferred, else the highest major.
+//! highest major is the server's: an older major's binaries are there for `pg_upgrade` only
+//! ([`Binaries::of_major`], which also looks in `postgres.old_bin_dirs`).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -92,8 +93,23 @@ impl Binaries {
         self.dir.join(program)
     }
 
+    /// The binaries of `major` (an older cluster's, for pg_upgrade): in `extra`
+    /// (`postgres.old_bin_dirs`), then wherever [`Binaries::find`] looks.
+    pub async fn of_major(extra: &[PathBuf], major: Major) -> Option<Binaries> {
+        let mut dirs = extra.to_vec();
+        dirs.extend(candidate_dirs().await);
+        for dir in &dirs {
+            if let Ok(b) = Binaries::probe(dir).await {
+                if b.major == major {
+                    return Some(b);
+                }
+            }
+        }
+        None
+    }
+
     /// Find the binaries to use. `configured` is `postgres.bin_dir` (empty: auto-detect);
-    /// `prefer` the major of an existing cluster.
+    /// `prefer` a major to take if found (else the highest).
     pub async fn find(configured: &Path, prefer: Option<Major>) -> Result<Binaries, PostgresError> {
         if !configured.as_os_str().is_empty() {
             return Binaries::probe(configured)

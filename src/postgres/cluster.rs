@@ -389,19 +389,36 @@ impl Record {
 }
 
 /// The name of the bootstrap superuser (OID 10) of the cluster in `dir`, read in single-user
-/// mode as the account: no password and no client authentication involved. No server may be
-/// running on it (the caller holds the lock and has cleared any stale `postmaster.pid`); the
-/// server ends with a shutdown checkpoint, and a cluster that was not shut down cleanly is
-/// recovered first, as any start would.
+/// mode as the account: no password and no client authentication involved.
 pub async fn bootstrap_superuser(
     binaries: &Binaries,
     dir: &Path,
     account: &Account,
 ) -> Result<String, PostgresError> {
-    const MARK: &str = "regobox-superuser:";
-    let query = format!(
-        "SELECT '{MARK}' || encode(convert_to(rolname, 'UTF8'), 'hex') FROM pg_catalog.pg_authid WHERE oid = 10\n"
-    );
+    single_user_value(
+        binaries,
+        dir,
+        account,
+        "template1",
+        "SELECT rolname FROM pg_catalog.pg_authid WHERE oid = 10",
+    )
+    .await
+}
+
+/// The one text value `query` returns, run in single-user mode on the cluster in `dir` as the
+/// account. No server may be running on it (the caller holds the lock and has cleared any stale
+/// `postmaster.pid`); the backend ends with a shutdown checkpoint, and a cluster that was not
+/// shut down cleanly is recovered first, as any start would.
+pub async fn single_user_value(
+    binaries: &Binaries,
+    dir: &Path,
+    account: &Account,
+    database: &str,
+    query: &str,
+) -> Result<String, PostgresError> {
+    const MARK: &str = "regobox-value:";
+    // Hex, behind a mark: the backend's output format cannot garble or forge it.
+    let query = format!("SELECT '{MARK}' || encode(convert_to(({query}), 'UTF8'), 'hex')\n");
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| PostgresError::Io { path, source }
@@ -415,16 +432,15 @@ pub async fn bootstrap_superuser(
         .arg("--single")
         .arg("-D")
         .arg(dir)
-        // Nothing but the standalone backend: no socket, no archiving of the checkpoint's WAL.
         .args(["-c", "listen_addresses=", "-c", "archive_mode=off"])
-        .arg("template1")
+        .arg(database)
         .current_dir(dir);
     account.apply(&mut command);
     let out = crate::process::output_fed(&mut command, input.into())
         .await
         .map_err(io_err(&binaries.path("postgres")))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let name = text
+    let value = text
         .split(MARK)
         .nth(1)
         .and_then(|rest| {
@@ -435,12 +451,12 @@ pub async fn bootstrap_superuser(
             String::from_utf8(bytes?).ok()
         })
         .filter(|n| !n.is_empty());
-    match name {
-        Some(n) if out.status.success() => Ok(n),
+    match value {
+        Some(v) if out.status.success() => Ok(v),
         _ => Err(PostgresError::Unadoptable {
             data_dir: dir.to_path_buf(),
             reason: format!(
-                "reading its superuser in single-user mode failed ({}): {}",
+                "reading it in single-user mode failed ({}): {}",
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             ),

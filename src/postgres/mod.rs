@@ -13,6 +13,7 @@ pub mod bootstrap;
 pub mod cluster;
 pub mod server;
 pub mod tls;
+pub mod upgrade;
 
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
@@ -47,6 +48,14 @@ pub enum PostgresError {
     )]
     NoBinaries { looked: Vec<PathBuf> },
     #[error(
+        "the PostgreSQL cluster in {data_dir} was not upgraded, nothing of it changed: {reason}"
+    )]
+    UpgradeRefused { data_dir: PathBuf, reason: String },
+    #[error(
+        "pg_upgrade failed on {data_dir}; the old cluster is in place and unchanged, what the upgrade made is removed: {reason}"
+    )]
+    UpgradeFailed { data_dir: PathBuf, reason: String },
+    #[error(
         "the cluster in {data_dir} cannot be adopted, nothing of its data was changed: {reason}"
     )]
     Unadoptable { data_dir: PathBuf, reason: String },
@@ -67,7 +76,7 @@ pub enum PostgresError {
         entries: Vec<String>,
     },
     #[error(
-        "the cluster in {data_dir} was created by PostgreSQL {cluster}, but the server binaries are PostgreSQL {binaries} ({bin_dir}); refusing to start, nothing was changed. Run regobox with PostgreSQL {cluster} binaries (e.g. an image built with PG_MAJOR={cluster}, or postgres.bin_dir), or upgrade the cluster: back it up with PostgreSQL {cluster} and restore it with {binaries}, or use pg_upgrade"
+        "the cluster in {data_dir} was created by PostgreSQL {cluster}, newer than the server binaries, PostgreSQL {binaries} ({bin_dir}); refusing to start, nothing was changed. Run regobox with PostgreSQL {cluster} binaries or newer (an image built with PG_MAJOR={cluster}, or postgres.bin_dir)"
     )]
     WrongMajor {
         data_dir: PathBuf,
@@ -100,6 +109,15 @@ pub enum PostgresError {
         "{what}, not to regobox's superuser: regobox keeps its bookkeeping there and never writes into what the application controls. Rename or drop it (as the application: `regobox psql`), then start again"
     )]
     ForeignBookkeeping { what: String },
+    #[error(
+        "the cluster in {data_dir} is PostgreSQL {cluster} and the server binaries are PostgreSQL {binaries}; nothing was changed: {why}"
+    )]
+    NeedsUpgrade {
+        data_dir: PathBuf,
+        cluster: Major,
+        binaries: Major,
+        why: String,
+    },
     #[error("another regobox is running PostgreSQL on {data_dir} (its lock file is held)")]
     Busy { data_dir: PathBuf },
     #[error(
@@ -162,6 +180,8 @@ impl PostgresError {
             | PostgresError::NoCluster { .. }
             | PostgresError::BadUrl { .. }
             | PostgresError::Unadoptable { .. }
+            | PostgresError::UpgradeRefused { .. }
+            | PostgresError::NeedsUpgrade { .. }
             | PostgresError::WrongMajor { .. } => exit::DATA,
             _ => exit::FAILURE,
         }
@@ -349,11 +369,24 @@ impl Embedded {
         secrets: &SecretStore,
         create: bool,
     ) -> Result<Opened, PostgresError> {
+        Embedded::open_with(config, secrets, create, false).await
+    }
+
+    /// [`Embedded::open`]; `upgrade`: asked for explicitly (`regobox upgrade`), an older
+    /// cluster is upgraded whatever `postgres.upgrade` says or an earlier rollback did.
+    pub async fn open_with(
+        config: &Config,
+        secrets: &SecretStore,
+        create: bool,
+        upgrade: bool,
+    ) -> Result<Opened, PostgresError> {
         let pg = &config.postgres;
         let data_dir = pg.data_dir.clone();
         let home = data_dir.parent().unwrap_or(&data_dir).to_path_buf();
         let account = crate::users::service_account(&pg.os_user, &home, "postgres.os_user").await?;
 
+        // An upgrade's swap a kill interrupted is undone first: one whole cluster is in place.
+        upgrade::recover(&data_dir)?;
         // Read-only checks first: a refused directory is never written to.
         let state = cluster::inspect(&data_dir)?;
         if let DataDirState::Foreign(entries) = &state {
@@ -369,9 +402,11 @@ impl Embedded {
             DataDirState::Cluster(m) => Some(m),
             _ => None,
         };
-        let binaries = Binaries::find(&pg.bin_dir, cluster_major).await?;
+        // The highest major found is the server's; older ones are for pg_upgrade only.
+        let binaries = Binaries::find(&pg.bin_dir, None).await?;
+        let mut upgrade_from = None;
         if let Some(m) = cluster_major {
-            if m != binaries.major {
+            if m > binaries.major {
                 return Err(PostgresError::WrongMajor {
                     data_dir,
                     cluster: m,
@@ -379,8 +414,41 @@ impl Embedded {
                     bin_dir: binaries.dir,
                 });
             }
+            if m < binaries.major {
+                let rolled_back = upgrade::State::read(&data_dir)?
+                    .is_some_and(|s| s.status == upgrade::Status::RolledBack);
+                let why = if !(create || upgrade) {
+                    Some(
+                        "this command does not upgrade it: `regobox run` (postgres.upgrade = \"auto\") or `regobox upgrade` does",
+                    )
+                } else if upgrade {
+                    None
+                } else if pg.upgrade == crate::config::UpgradePolicy::Manual {
+                    Some(
+                        "postgres.upgrade = \"manual\": run `regobox upgrade` to upgrade it in place (the old cluster is kept until `regobox upgrade --finish`)",
+                    )
+                } else if rolled_back {
+                    Some(
+                        "an upgrade of it was rolled back: run `regobox upgrade` to upgrade it again",
+                    )
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(PostgresError::NeedsUpgrade {
+                        data_dir,
+                        cluster: m,
+                        binaries: binaries.major,
+                        why: why.into(),
+                    });
+                }
+                upgrade_from = Some(m);
+            }
         }
-        if cluster_major.is_some() && cluster::Record::read(&data_dir)?.is_none() {
+        if upgrade_from.is_none()
+            && cluster_major.is_some()
+            && cluster::Record::read(&data_dir)?.is_none()
+        {
             cluster::check_adoptable(&binaries, &data_dir).await?;
         }
         check_reachable(&data_dir, &account)?;
@@ -427,6 +495,11 @@ impl Embedded {
             DataDirState::Cluster(_) | DataDirState::Foreign(_) => {}
         }
         cluster::clear_stale_pid(&data_dir)?;
+        if let Some(from) = upgrade_from {
+            upgrade::upgrade(config, &account, from, &binaries).await?;
+        } else if create {
+            upgrade::expire(&data_dir, pg.upgrade_keep_old)?;
+        }
         let record = cluster_record(config, &binaries, &account).await?;
         let endpoint = local_endpoint(
             config,
@@ -473,6 +546,8 @@ impl Embedded {
         observer: Option<Observer>,
     ) -> Result<Server, PostgresError> {
         let auth = self.write_hba(listen)?;
+        // From here, a rollback of an upgrade would lose what this server writes.
+        upgrade::mark_started(&self.data_dir)?;
         // A socket lock file left by a killed server would make the new one refuse to start;
         // the data directory lock proves no server of this instance is running.
         for name in [

@@ -16,4 +16,5 @@ mod postgres_external;
 mod proxy;
 mod proxy_hostile;
 mod supervisor;
+mod upgrade;
 mod volume;

@@ -1,0 +1,853 @@
+//! Upgrading a cluster in place to the server binaries' major with `pg_upgrade`, keeping the
+//! old cluster until the user confirms (`regobox upgrade --finish`), a delay passes
+//! (`postgres.upgrade_keep_old`), or the user takes it back (`--rollback`).
+//!
+//! 1. Preflight, changing nothing: binaries of the old major (`postgres.old_bin_dirs`, the
+//!    image's `PG_UPGRADE_FROM`), the old cluster readable and recoverable, its superuser,
+//!    encoding, locale and data-checksum setting, free space for a copy, then
+//!    `pg_upgrade --check` against a new cluster made for it (removed again if refused).
+//! 2. A copy of the old cluster as it is (cloned where the file system can): what is kept and
+//!    what a rollback puts back, byte for byte. Then `pg_upgrade --clone` or the default copy
+//!    into `.regobox-upgrade-<name>` beside the data directory (pg_upgrade starts and stops the
+//!    old server, which writes to it: that is why the copy is kept, not the original).
+//! 3. The old `postgresql.conf` (and `.auto.conf`, `pg_hba.conf`, `pg_ident.conf`) carried over,
+//!    if the new server accepts it (`postgres -C`), else the new defaults and a warning.
+//! 4. The [`State`] file beside the data directory, the untouched copy moved to
+//!    `.<name>.pg<old major>-<time>`, then the swap, journaled as a restore's
+//!    ([`crate::backup::journal`]): the new cluster takes the data directory's name, and the
+//!    cluster pg_upgrade read is removed once committed. A kill at any point leaves one whole
+//!    cluster at the data directory: the next start rolls back a swap that did not commit, and
+//!    removes the copy of an upgrade that did not get that far.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::PostgresError;
+use super::binaries::{Binaries, Major};
+use super::cluster::{self, Record};
+use crate::config::{Config, UpgradeMethod};
+use crate::process::fault;
+use crate::users::Account;
+
+/// The swap's journal, in the data directory's parent.
+pub const JOURNAL: &str = ".regobox-upgrade-journal.json";
+/// What the last upgrade did, in the data directory's parent.
+pub const STATE: &str = ".regobox-upgrade.json";
+
+/// The last upgrade of the cluster at a data directory.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct State {
+    pub from: String,
+    pub to: String,
+    /// Where the old cluster is kept.
+    pub old_dir: PathBuf,
+    /// `clone` or `copy`.
+    pub method: String,
+    /// Seconds since the epoch.
+    pub at: u64,
+    pub status: Status,
+    /// A server ran on the new cluster: a rollback loses what it wrote.
+    pub new_started: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// The new cluster is in place; the old one kept at `old_dir`.
+    Done,
+    /// The old cluster was put back: `run` does not upgrade it again on its own.
+    RolledBack,
+}
+
+fn parent(data_dir: &Path) -> PathBuf {
+    data_dir
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("/"))
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PostgresError + '_ {
+    move |source| PostgresError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl State {
+    pub fn read(data_dir: &Path) -> Result<Option<State>, PostgresError> {
+        let path = parent(data_dir).join(STATE);
+        match std::fs::read(&path) {
+            Ok(t) => serde_json::from_slice(&t)
+                .map(Some)
+                .map_err(|e| PostgresError::Io {
+                    path,
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(PostgresError::Io { path, source: e }),
+        }
+    }
+
+    fn write(&self, data_dir: &Path) -> Result<(), PostgresError> {
+        let dir = parent(data_dir);
+        let path = dir.join(STATE);
+        let tmp = dir.join(format!("{STATE}.tmp"));
+        let text = serde_json::to_vec_pretty(self).map_err(|e| PostgresError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+            f.write_all(&text).map_err(io(&tmp))?;
+            f.sync_all().map_err(io(&tmp))?;
+        }
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        crate::volumes::sync_dir(&dir).map_err(io(&dir))
+    }
+
+    fn remove(data_dir: &Path) -> Result<(), PostgresError> {
+        let path = parent(data_dir).join(STATE);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(PostgresError::Io { path, source: e }),
+        }
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The lock an upgrade holds from its first change to its end (a file beside the data
+/// directory): recovery leaves a running upgrade alone.
+fn lock(data_dir: &Path) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, PostgresError> {
+    let path = parent(data_dir).join(format!(".regobox-upgrade-{}.lock", name_of(data_dir)));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(&path))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(Some(l)),
+        Err((_, nix::Error::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(PostgresError::Io {
+            path,
+            source: e.into(),
+        }),
+    }
+}
+
+/// Undo a swap that a kill interrupted (the old cluster is back), or finish one that
+/// committed. Called before the data directory is looked at, by every command that uses it;
+/// an upgrade running in another process is left alone.
+pub fn recover(data_dir: &Path) -> Result<(), PostgresError> {
+    let dir = parent(data_dir);
+    let anything = [
+        dir.join(JOURNAL),
+        dir.join(STATE),
+        staged_dir(data_dir),
+        work_dir(data_dir),
+        pristine_dir(data_dir),
+    ]
+    .iter()
+    .any(|p| std::fs::symlink_metadata(p).is_ok());
+    if !anything {
+        return Ok(());
+    }
+    let Some(_lock) = lock(data_dir)? else {
+        return Ok(());
+    };
+    match crate::backup::journal::recover_named(&dir, JOURNAL) {
+        Ok(Some(what)) => {
+            tracing::warn!(data_dir = %data_dir.display(), "PostgreSQL upgrade: {what}");
+        }
+        Ok(None) => {}
+        Err(e) => {
+            return Err(PostgresError::Io {
+                path: dir,
+                source: e,
+            });
+        }
+    }
+    // An upgrade whose swap did not commit: its state names a kept copy of a cluster that is
+    // still the live one.
+    if let Some(state) = State::read(data_dir)? {
+        let live = cluster::inspect(data_dir)?;
+        let still_old =
+            matches!(live, cluster::DataDirState::Cluster(m) if m.to_string() == state.from);
+        if state.status == Status::Done && !state.new_started && still_old {
+            tracing::warn!(data_dir = %data_dir.display(), "an upgrade was interrupted before its swap: the old cluster is in place; removing its kept copy");
+            if state.old_dir.exists() {
+                std::fs::remove_dir_all(&state.old_dir).map_err(io(&state.old_dir))?;
+            }
+            State::remove(data_dir)?;
+        }
+    }
+    // What an interrupted pg_upgrade left (the old cluster was only read).
+    for leftover in [
+        staged_dir(data_dir),
+        work_dir(data_dir),
+        pristine_dir(data_dir),
+    ] {
+        if leftover.exists() {
+            tracing::warn!(path = %leftover.display(), "removing what an interrupted upgrade left");
+            std::fs::remove_dir_all(&leftover).map_err(io(&leftover))?;
+        }
+    }
+    Ok(())
+}
+
+fn name_of(data_dir: &Path) -> String {
+    data_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "pgdata".into())
+}
+
+fn staged_dir(data_dir: &Path) -> PathBuf {
+    parent(data_dir).join(format!(".regobox-upgrade-{}", name_of(data_dir)))
+}
+
+/// The copy of the old cluster taken before anything touched it: what is kept, and what a
+/// rollback puts back, byte for byte (pg_upgrade starts the old server, which writes).
+fn pristine_dir(data_dir: &Path) -> PathBuf {
+    parent(data_dir).join(format!(".regobox-upgrade-old-{}", name_of(data_dir)))
+}
+
+fn work_dir(data_dir: &Path) -> PathBuf {
+    parent(data_dir).join(format!(".regobox-upgrade-work-{}", name_of(data_dir)))
+}
+
+/// What the new cluster must share with the old one for pg_upgrade.
+#[derive(Debug)]
+struct Facts {
+    superuser: String,
+    encoding: String,
+    collate: String,
+    ctype: String,
+    checksums: bool,
+}
+
+async fn facts(old: &Binaries, data_dir: &Path, account: &Account) -> Result<Facts, PostgresError> {
+    let text = cluster::single_user_value(
+        old,
+        data_dir,
+        account,
+        "template1",
+        "SELECT a.rolname || chr(10) || pg_catalog.pg_encoding_to_char(d.encoding) || chr(10) || d.datcollate || chr(10) || d.datctype \
+         FROM pg_catalog.pg_authid a, pg_catalog.pg_database d WHERE a.oid = 10 AND d.datname = 'template0'",
+    )
+    .await?;
+    let mut parts = text.split('\n');
+    let mut next = || parts.next().unwrap_or_default().to_string();
+    let (superuser, encoding, collate, ctype) = (next(), next(), next(), next());
+    let control = controldata(old, data_dir).await?;
+    let checksums = control
+        .lines()
+        .find_map(|l| l.strip_prefix("Data page checksum version:"))
+        .is_some_and(|v| v.trim() != "0");
+    Ok(Facts {
+        superuser,
+        encoding,
+        collate,
+        ctype,
+        checksums,
+    })
+}
+
+async fn controldata(binaries: &Binaries, dir: &Path) -> Result<String, PostgresError> {
+    let mut command = std::process::Command::new(binaries.path("pg_controldata"));
+    command.arg(dir).env("LC_ALL", "C");
+    let out = crate::process::output(&mut command)
+        .await
+        .map_err(io(&binaries.path("pg_controldata")))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The bytes under `dir`.
+fn size_of(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        total += meta.blocks() * 512;
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&p) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    total
+}
+
+fn free_bytes(dir: &Path) -> Result<u64, PostgresError> {
+    let stat = nix::sys::statvfs::statvfs(dir).map_err(|e| PostgresError::Io {
+        path: dir.to_path_buf(),
+        source: e.into(),
+    })?;
+    Ok(stat.blocks_available() as u64 * stat.fragment_size() as u64)
+}
+
+/// Whether the file system of `dir` clones files (reflinks: btrfs, XFS, ...): tried on two
+/// scratch files.
+fn can_clone(dir: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let src = dir.join(".regobox-clone-test-src");
+    let dst = dir.join(".regobox-clone-test-dst");
+    let result = (|| -> std::io::Result<bool> {
+        std::fs::write(&src, [0u8; 4096])?;
+        let from = std::fs::File::open(&src)?;
+        let to = std::fs::File::create(&dst)?;
+        // FICLONE = _IOW(0x94, 9, int)
+        const FICLONE: libc::c_ulong = 0x4004_9409;
+        // SAFETY: both descriptors are open for the duration of the call; FICLONE reads the
+        // source descriptor number passed by value and changes nothing else.
+        let rc = unsafe { libc::ioctl(to.as_raw_fd(), FICLONE as _, from.as_raw_fd()) };
+        Ok(rc == 0)
+    })();
+    let _ = std::fs::remove_file(&src);
+    let _ = std::fs::remove_file(&dst);
+    result.unwrap_or(false)
+}
+
+/// Copy `from` to `to` (absent) with everything: owners, modes, times; cloned where the file
+/// system can.
+async fn copy_tree(from: &Path, to: &Path) -> Result<(), PostgresError> {
+    let mut cp = std::process::Command::new("cp");
+    cp.args(["-a", "--reflink=auto"]).arg(from).arg(to);
+    let out = crate::process::output(&mut cp).await.map_err(io(to))?;
+    if !out.status.success() {
+        return Err(PostgresError::Io {
+            path: to.to_path_buf(),
+            source: std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        });
+    }
+    Ok(())
+}
+
+/// Why an upgrade is refused, before anything changed.
+fn refused(data_dir: &Path, reason: String) -> PostgresError {
+    PostgresError::UpgradeRefused {
+        data_dir: data_dir.to_path_buf(),
+        reason,
+    }
+}
+
+/// Upgrade the cluster at `postgres.data_dir` (of major `from`, regobox holding its lock, no
+/// server on it) to `new`'s major. On an error before the swap, the old cluster is as it was
+/// and what was made for the upgrade is removed.
+pub async fn upgrade(
+    config: &Config,
+    account: &Account,
+    from: Major,
+    new: &Binaries,
+) -> Result<State, PostgresError> {
+    let pg = &config.postgres;
+    let data_dir = &pg.data_dir;
+    let old = Binaries::of_major(&pg.old_bin_dirs, from).await.ok_or_else(|| {
+        refused(
+            data_dir,
+            format!(
+                "no PostgreSQL {from} server binaries to upgrade from (looked in postgres.old_bin_dirs and /usr/lib/postgresql/{from}/bin): build the image with PG_UPGRADE_FROM={from}, or set postgres.old_bin_dirs to a directory holding them"
+            ),
+        )
+    })?;
+    for program in ["pg_upgrade", "pg_controldata"] {
+        if !new.path(program).is_file() {
+            return Err(refused(
+                data_dir,
+                format!("no {program} in {}", new.dir.display()),
+            ));
+        }
+    }
+    cluster::check_adoptable(&old, data_dir).await?;
+    let Some(_lock) = lock(data_dir)? else {
+        return Err(refused(data_dir, "another upgrade of it is running".into()));
+    };
+    // The copy an earlier upgrade kept is of a major older still: this one replaces it.
+    if let Some(earlier) = State::read(data_dir)? {
+        if earlier.status == Status::Done && earlier.old_dir.exists() {
+            tracing::warn!(old = %earlier.old_dir.display(), from = %earlier.from, "removing the cluster an earlier upgrade kept");
+            std::fs::remove_dir_all(&earlier.old_dir).map_err(io(&earlier.old_dir))?;
+        }
+    }
+    let staged = staged_dir(data_dir);
+    let work = work_dir(data_dir);
+    let made = Made {
+        staged: staged.clone(),
+        work: work.clone(),
+        pristine: pristine_dir(data_dir),
+    };
+    let result = prepare_and_run(config, account, from, &old, new, &made).await;
+    let method = match result {
+        Ok(m) => m,
+        Err(e) => {
+            // Reading the old cluster (its server started) wrote to it: the copy taken before
+            // goes back in its place, so that a refused upgrade leaves it byte for byte.
+            if made.pristine.is_dir() {
+                crate::backup::journal::swap_named(
+                    &parent(data_dir),
+                    JOURNAL,
+                    &format!("pg{from}-refused-{}", now()),
+                    &[(data_dir.clone(), made.pristine.clone())],
+                    false,
+                    &fault,
+                )
+                .map_err(io(data_dir))?;
+            }
+            made.remove();
+            return Err(e);
+        }
+    };
+    fault("upgrade:upgraded");
+
+    // What is kept is the copy taken before anything touched the old cluster. The state is
+    // written first: a kill before the swap commits leaves it naming an old cluster that the
+    // live one still is, which the next start recognises ([`recover`]) and undoes.
+    let id = now();
+    let state_dir = parent(data_dir);
+    let state = State {
+        from: from.to_string(),
+        to: new.major.to_string(),
+        old_dir: state_dir.join(format!(".{}.pg{from}-{id}", name_of(data_dir))),
+        method: method.into(),
+        at: id,
+        status: Status::Done,
+        new_started: false,
+    };
+    state.write(data_dir)?;
+    fault("upgrade:state");
+    std::fs::rename(&made.pristine, &state.old_dir).map_err(io(&state.old_dir))?;
+    crate::volumes::sync_dir(&state_dir).map_err(io(&state_dir))?;
+    fault("upgrade:kept");
+    // The swap: the new cluster in, the one pg_upgrade read removed once committed. A kill
+    // before the commit leaves a journal the next start rolls back.
+    crate::backup::journal::swap_named(
+        &state_dir,
+        JOURNAL,
+        &format!("pg{from}-{id}"),
+        &[(data_dir.clone(), staged.clone())],
+        false,
+        &fault,
+    )
+    .map_err(io(data_dir))?;
+    made.remove();
+    tracing::warn!(
+        data_dir = %data_dir.display(),
+        from = %from,
+        to = %new.major,
+        old = %state.old_dir.display(),
+        keep = %humantime::format_duration(pg.upgrade_keep_old),
+        "PostgreSQL upgraded; the old cluster is kept: `regobox upgrade --finish` removes it, `regobox upgrade --rollback` puts it back"
+    );
+    Ok(state)
+}
+
+/// What an upgrade makes besides the new cluster's place: removed when it fails.
+struct Made {
+    staged: PathBuf,
+    work: PathBuf,
+    pristine: PathBuf,
+}
+
+impl Made {
+    fn remove(&self) {
+        for p in [&self.staged, &self.work, &self.pristine] {
+            if p.exists() {
+                if let Err(e) = std::fs::remove_dir_all(p) {
+                    tracing::warn!(path = %p.display(), error = %e, "cannot remove");
+                }
+            }
+        }
+    }
+}
+
+async fn prepare_and_run(
+    config: &Config,
+    account: &Account,
+    from: Major,
+    old: &Binaries,
+    new: &Binaries,
+    made: &Made,
+) -> Result<&'static str, PostgresError> {
+    let pg = &config.postgres;
+    let data_dir = &pg.data_dir;
+    let beside = parent(data_dir);
+    let clones = can_clone(&beside);
+    let method = match (pg.upgrade_method, clones) {
+        (UpgradeMethod::Clone, false) => {
+            return Err(refused(
+                data_dir,
+                format!(
+                    "postgres.upgrade_method = \"clone\" and the file system of {} cannot clone files",
+                    beside.display()
+                ),
+            ));
+        }
+        (UpgradeMethod::Clone | UpgradeMethod::Auto, true) => "clone",
+        _ => "copy",
+    };
+    // Space: a copy keeps the old cluster as it was (what a rollback puts back), and the new
+    // cluster is another; cloned files take none until written.
+    let size = size_of(data_dir);
+    let need = if method == "clone" {
+        64 << 20
+    } else {
+        2 * size + (64 << 20)
+    };
+    let free = free_bytes(&beside)?;
+    if free < need {
+        return Err(refused(
+            data_dir,
+            format!(
+                "the upgrade needs {} MiB free beside the cluster ({} MiB: a copy of it kept for a rollback, and the new cluster; the file system cannot clone files) and {} MiB are: free space, or upgrade by backup and restore",
+                need >> 20,
+                size >> 20,
+                free >> 20
+            ),
+        ));
+    }
+    copy_tree(data_dir, &made.pristine).await?;
+    fault("upgrade:copied");
+    let facts = facts(old, data_dir, account).await?;
+    tracing::info!(
+        from = %from,
+        to = %new.major,
+        superuser = %facts.superuser,
+        encoding = %facts.encoding,
+        collate = %facts.collate,
+        checksums = facts.checksums,
+        "upgrading the PostgreSQL cluster with pg_upgrade: preflight"
+    );
+    missing_extensions(old, new, data_dir, account).await?;
+    for dir in [&made.staged, &made.work] {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(io(dir))?;
+        }
+        crate::volumes::ensure_dir(dir, 0o700, "postgres.data_dir")?;
+        cluster::chown(dir, account)?;
+    }
+    // The new cluster, as the old one: superuser, encoding, locale, checksums.
+    let mut initdb = std::process::Command::new(new.path("initdb"));
+    initdb
+        .arg("-D")
+        .arg(&made.staged)
+        .args(["-U", &facts.superuser])
+        .args(["-E", &facts.encoding])
+        .arg(format!("--lc-collate={}", facts.collate))
+        .arg(format!("--lc-ctype={}", facts.ctype))
+        .args(["--auth=peer", "--no-instructions"])
+        .current_dir(&made.work);
+    if facts.checksums {
+        initdb.arg("--data-checksums");
+    }
+    account.apply(&mut initdb);
+    let out = crate::process::output(&mut initdb)
+        .await
+        .map_err(io(&new.path("initdb")))?;
+    if !out.status.success() {
+        return Err(refused(
+            data_dir,
+            format!(
+                "initdb of the new cluster failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    // pg_upgrade connects to both servers over a socket in the work directory, as the
+    // superuser, authenticated by its OS account.
+    let auth = super::write_hba(&made.work, account, "md5", "", &facts.superuser)?;
+    let server_opts = format!(
+        "-c hba_file={} -c ident_file={}",
+        auth.hba.display(),
+        auth.ident.display()
+    );
+    let pg_upgrade = |extra: &[&str]| {
+        let mut c = std::process::Command::new(new.path("pg_upgrade"));
+        c.arg("-b")
+            .arg(&old.dir)
+            .arg("-B")
+            .arg(&new.dir)
+            .arg("-d")
+            .arg(data_dir)
+            .arg("-D")
+            .arg(&made.staged)
+            .args(["-U", &facts.superuser])
+            .arg("-s")
+            .arg(&made.work)
+            .args(["-o", &server_opts, "-O", &server_opts])
+            .args(extra)
+            .env("LC_ALL", "C")
+            .current_dir(&made.work);
+        account.apply(&mut c);
+        c
+    };
+    let run = |mut c: std::process::Command| async move {
+        crate::process::output(&mut c)
+            .await
+            .map_err(|e| PostgresError::Io {
+                path: new.path("pg_upgrade"),
+                source: e,
+            })
+    };
+    let flag: &[&str] = if method == "clone" { &["--clone"] } else { &[] };
+    let check: Vec<&str> = [&["--check"][..], flag].concat();
+    let out = run(pg_upgrade(&check)).await?;
+    if !out.status.success() {
+        return Err(refused(
+            data_dir,
+            format!(
+                "pg_upgrade --check refused it:\n{}",
+                tail(&String::from_utf8_lossy(&out.stdout), 25)
+            ),
+        ));
+    }
+    let reason = match method {
+        "clone" => {
+            "the file system can clone files: no extra space, nothing of the old cluster written"
+        }
+        _ => {
+            "the file system cannot clone files (or postgres.upgrade_method = copy): the old cluster's files are copied"
+        }
+    };
+    tracing::info!(method, reason, "pg_upgrade --check passed; upgrading");
+    fault("upgrade:checked");
+    let out = run(pg_upgrade(flag)).await?;
+    if !out.status.success() {
+        return Err(PostgresError::UpgradeFailed {
+            data_dir: data_dir.clone(),
+            reason: tail(&String::from_utf8_lossy(&out.stdout), 25),
+        });
+    }
+    carry_config(data_dir, &made.staged, new, account).await?;
+    let record = Record::read(data_dir)?.unwrap_or(Record {
+        superuser: facts.superuser.clone(),
+        adopted: true,
+    });
+    record.write(&made.staged, account)?;
+    Ok(method)
+}
+
+/// Refuse an upgrade that would leave an extension of the old cluster without its files in the
+/// new installation (pg_upgrade checks C libraries only, not SQL-only extensions).
+async fn missing_extensions(
+    old: &Binaries,
+    new: &Binaries,
+    data_dir: &Path,
+    account: &Account,
+) -> Result<(), PostgresError> {
+    let mut pg_config = std::process::Command::new(new.path("pg_config"));
+    pg_config.arg("--sharedir");
+    let share = match crate::process::output(&mut pg_config).await {
+        Ok(out) if out.status.success() => {
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+        }
+        _ => {
+            return Err(refused(
+                data_dir,
+                format!(
+                    "cannot tell which extensions the new installation has: no working pg_config in {}",
+                    new.dir.display()
+                ),
+            ));
+        }
+    };
+    let databases = cluster::single_user_value(
+        old,
+        data_dir,
+        account,
+        "template1",
+        "SELECT string_agg(datname, chr(10)) FROM pg_catalog.pg_database WHERE datallowconn",
+    )
+    .await?;
+    let mut missing = Vec::new();
+    for db in databases.lines().filter(|d| !d.is_empty()) {
+        let extensions = cluster::single_user_value(
+            old,
+            data_dir,
+            account,
+            db,
+            "SELECT string_agg(extname, chr(10)) FROM pg_catalog.pg_extension",
+        )
+        .await?;
+        for ext in extensions.lines().filter(|e| !e.is_empty()) {
+            if !share
+                .join("extension")
+                .join(format!("{ext}.control"))
+                .is_file()
+            {
+                missing.push(format!("{ext} (database {db})"));
+            }
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(refused(
+        data_dir,
+        format!(
+            "extensions of the old cluster are not installed for PostgreSQL {} ({}): {}. Install them in the image (e.g. the postgresql-{}-<extension> package) or drop them first",
+            new.major,
+            share.join("extension").display(),
+            missing.join(", "),
+            new.major
+        ),
+    ))
+}
+
+/// Carry the old cluster's configuration files into the new one, if the new server reads them.
+async fn carry_config(
+    old_dir: &Path,
+    new_dir: &Path,
+    new: &Binaries,
+    account: &Account,
+) -> Result<(), PostgresError> {
+    const FILES: &[&str] = &[
+        "postgresql.conf",
+        "postgresql.auto.conf",
+        "pg_hba.conf",
+        "pg_ident.conf",
+    ];
+    let mut saved = Vec::new();
+    for name in FILES {
+        let from = old_dir.join(name);
+        let to = new_dir.join(name);
+        if !from.is_file() {
+            continue;
+        }
+        let fresh = std::fs::read(&to).ok();
+        saved.push((to.clone(), fresh));
+        std::fs::copy(&from, &to).map_err(io(&to))?;
+        cluster::chown(&to, account)?;
+    }
+    let mut check = std::process::Command::new(new.path("postgres"));
+    check
+        .arg("-D")
+        .arg(new_dir)
+        .args(["-C", "max_connections"])
+        .current_dir(new_dir);
+    account.apply(&mut check);
+    let out = crate::process::output(&mut check)
+        .await
+        .map_err(io(&new.path("postgres")))?;
+    if !out.status.success() {
+        for (path, fresh) in saved {
+            match fresh {
+                Some(bytes) => std::fs::write(&path, bytes).map_err(io(&path))?,
+                None => std::fs::remove_file(&path).map_err(io(&path))?,
+            }
+        }
+        tracing::warn!(
+            error = %String::from_utf8_lossy(&out.stderr).trim(),
+            "the old cluster's postgresql.conf does not suit the new major: the new cluster starts with the defaults (the old files stay in the old cluster)"
+        );
+    }
+    Ok(())
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Mark that a server is about to run on the new cluster (a rollback then loses its writes).
+pub fn mark_started(data_dir: &Path) -> Result<(), PostgresError> {
+    if let Some(mut state) = State::read(data_dir)? {
+        if state.status == Status::Done && !state.new_started {
+            state.new_started = true;
+            state.write(data_dir)?;
+        }
+    }
+    Ok(())
+}
+
+/// Remove the old cluster once `keep` has passed since the upgrade.
+pub fn expire(data_dir: &Path, keep: Duration) -> Result<(), PostgresError> {
+    if let Some(state) = State::read(data_dir)? {
+        if state.status == Status::Done && now().saturating_sub(state.at) >= keep.as_secs() {
+            tracing::info!(old = %state.old_dir.display(), "the upgrade's old cluster has been kept for postgres.upgrade_keep_old: removing it");
+            finish(data_dir)?;
+        }
+    }
+    Ok(())
+}
+
+/// `regobox upgrade --finish`: remove the old cluster.
+pub fn finish(data_dir: &Path) -> Result<String, PostgresError> {
+    let Some(state) = State::read(data_dir)? else {
+        return Ok("no upgrade to finish".into());
+    };
+    if state.status != Status::Done {
+        return Ok("the last upgrade was rolled back: nothing to finish".into());
+    }
+    if state.old_dir.exists() {
+        std::fs::remove_dir_all(&state.old_dir).map_err(io(&state.old_dir))?;
+    }
+    State::remove(data_dir)?;
+    Ok(format!(
+        "removed the PostgreSQL {} cluster kept at {}",
+        state.from,
+        state.old_dir.display()
+    ))
+}
+
+/// `regobox upgrade --rollback`: put the old cluster back (regobox holds the data directory's
+/// lock, no server runs). After the new server ran, only with `force`: its writes are lost.
+pub fn rollback(data_dir: &Path, force: bool) -> Result<String, PostgresError> {
+    let Some(mut state) = State::read(data_dir)? else {
+        return Err(refused(data_dir, "there is no upgrade to roll back".into()));
+    };
+    if state.status != Status::Done || !state.old_dir.is_dir() {
+        return Err(refused(
+            data_dir,
+            format!(
+                "the old cluster is not kept (at {}): nothing to roll back to",
+                state.old_dir.display()
+            ),
+        ));
+    }
+    if state.new_started && !force {
+        return Err(refused(
+            data_dir,
+            format!(
+                "a server has run on the upgraded cluster since the upgrade ({}): everything written to it since would be lost. Take a backup first (`regobox backup`) and run `regobox upgrade --rollback --force` to roll back anyway",
+                chrono::DateTime::from_timestamp(state.at as i64, 0)
+                    .map(|d| d.to_rfc3339())
+                    .unwrap_or_default()
+            ),
+        ));
+    }
+    let id = format!("pg{}-rollback-{}", state.to, now());
+    crate::backup::journal::swap_named(
+        &parent(data_dir),
+        JOURNAL,
+        &id,
+        &[(data_dir.to_path_buf(), state.old_dir.clone())],
+        false,
+        &fault,
+    )
+    .map_err(io(data_dir))?;
+    state.status = Status::RolledBack;
+    state.write(data_dir)?;
+    Ok(format!(
+        "the PostgreSQL {} cluster is back in {}; the upgraded one is removed{}. `regobox run` does not upgrade it again on its own: `regobox upgrade` does",
+        state.from,
+        data_dir.display(),
+        if state.new_started {
+            " with what was written to it"
+        } else {
+            ""
+        }
+    ))
+}

