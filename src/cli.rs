@@ -384,12 +384,10 @@ async fn upgrade(loaded: &Loaded, finish: bool, rollback: bool, force: bool) -> 
     let layout = Layout::new(config);
     layout.prepare()?;
     let secrets = SecretStore::new(&layout.secrets);
-    if finish {
-        tracing::info!("{}", upgrade::finish(data_dir)?);
-        return Ok(exit::OK);
-    }
     let _signals = StopSignals::install().context("installing signal handlers")?;
-    if rollback {
+    if finish || rollback {
+        // No other command may be opening the cluster, and no server running on it.
+        let _guard = upgrade::guard(data_dir, std::time::Duration::ZERO).await?;
         let home = data_dir.parent().unwrap_or(data_dir).to_path_buf();
         let account =
             crate::users::service_account(&config.postgres.os_user, &home, "postgres.os_user")
@@ -404,7 +402,11 @@ async fn upgrade(loaded: &Loaded, finish: bool, rollback: bool, force: bool) -> 
             "a regobox is running on {}: stop it first",
             data_dir.display()
         );
-        let done = upgrade::rollback(data_dir, force)?;
+        let done = if finish {
+            upgrade::finish(data_dir)?
+        } else {
+            upgrade::rollback(data_dir, force)?
+        };
         drop(lock);
         tracing::info!("{done}");
         return Ok(exit::OK);

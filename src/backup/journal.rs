@@ -173,6 +173,28 @@ pub fn recover_named(root: &Path, name: &str) -> io::Result<Option<&'static str>
             )));
         }
     };
+    // An upgrade's journal lives beside the data directory and names only what is there: one
+    // naming anything else was not written by regobox, and is not acted on.
+    if name != JOURNAL {
+        let inside = |p: &Path| {
+            p.parent() == Some(root)
+                && p.components()
+                    .all(|c| !matches!(c, std::path::Component::ParentDir))
+        };
+        if let Some(s) = journal
+            .swaps
+            .iter()
+            .find(|s| !(inside(&s.live) && inside(&s.staged) && inside(&s.old)))
+        {
+            return Err(io::Error::other(format!(
+                "{} names {} (or {}, {}), not beside it: not written by regobox; check it by hand",
+                root.join(name).display(),
+                s.live.display(),
+                s.staged.display(),
+                s.old.display()
+            )));
+        }
+    }
     match journal.state {
         State::Committed => {
             finish(root, &journal);

@@ -102,7 +102,7 @@ pub enum PostgresError {
     )]
     PasswordMismatch { role: String, secret: PathBuf },
     #[error(
-        "{secret} is missing (or empty) and the role `{role}` has a password in the cluster: regobox does not make a new one on its own, which would lock out every client of the old one. Put the file back (from a backup), or run `regobox password --reset` for a new one"
+        "{secret} is missing (or empty) and the role `{role}` has a password in the cluster: regobox does not make a new one on its own, which would lock out every client of the old one. Put the file back (from a backup), set postgres.password to the password its clients use (a cluster regobox adopts), or run `regobox password --reset` for a new one"
     )]
     PasswordMissing { role: String, secret: PathBuf },
     #[error(
@@ -118,6 +118,10 @@ pub enum PostgresError {
         binaries: Major,
         why: String,
     },
+    #[error(
+        "the superuser role {name:?} cannot be written in pg_hba.conf (a double quote or a control character): rename it (ALTER ROLE ... RENAME TO) with the server of the image that made it"
+    )]
+    UnusableName { name: String },
     #[error("another regobox is running PostgreSQL on {data_dir} (its lock file is held)")]
     Busy { data_dir: PathBuf },
     #[error(
@@ -385,8 +389,10 @@ impl Embedded {
         let home = data_dir.parent().unwrap_or(&data_dir).to_path_buf();
         let account = crate::users::service_account(&pg.os_user, &home, "postgres.os_user").await?;
 
-        // An upgrade's swap a kill interrupted is undone first: one whole cluster is in place.
-        upgrade::recover(&data_dir)?;
+        // Held until the directory is opened: no other command uses it mid-upgrade. An
+        // upgrade's swap a kill interrupted is undone first: one whole cluster is in place.
+        let _guard = upgrade::guard(&data_dir, pg.start_timeout).await?;
+        upgrade::recover_guarded(&data_dir)?;
         // Read-only checks first: a refused directory is never written to.
         let state = cluster::inspect(&data_dir)?;
         if let DataDirState::Foreign(entries) = &state {
@@ -442,7 +448,7 @@ impl Embedded {
                         why: why.into(),
                     });
                 }
-                upgrade_from = Some(m);
+                upgrade_from = Some((m, upgrade::preflight(config, m, &binaries).await?));
             }
         }
         if upgrade_from.is_none()
@@ -495,8 +501,15 @@ impl Embedded {
             DataDirState::Cluster(_) | DataDirState::Foreign(_) => {}
         }
         cluster::clear_stale_pid(&data_dir)?;
-        if let Some(from) = upgrade_from {
-            upgrade::upgrade(config, &account, from, &binaries).await?;
+        let mut lock = lock;
+        if let Some((from, old)) = &upgrade_from {
+            upgrade::upgrade(config, &account, *from, old, &binaries).await?;
+            // The lock taken was in the directory the old cluster left with: take the new one's.
+            lock = DataDirLock::try_acquire(&data_dir, &account, &config.runtime_dir)?.ok_or_else(
+                || PostgresError::Busy {
+                    data_dir: data_dir.clone(),
+                },
+            )?;
         } else if create {
             upgrade::expire(&data_dir, pg.upgrade_keep_old)?;
         }
@@ -701,6 +714,13 @@ pub fn write_hba(
         .ok()
         .flatten()
         .map(|u| u.name);
+    // Quoted: a role name is one token whatever it holds (a space, `all`, a `#`).
+    if superuser.is_empty() || superuser.chars().any(|c| c == '"' || c.is_control()) {
+        return Err(PostgresError::UnusableName {
+            name: superuser.to_string(),
+        });
+    }
+    let superuser = format!("\"{superuser}\"");
     let mut ident =
         String::from("# Written by regobox at every start of PostgreSQL; edits are lost.\n");
     for os_user in me.iter().chain([&account.name]) {

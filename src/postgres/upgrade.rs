@@ -76,18 +76,36 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PostgresError + '_ {
 }
 
 impl State {
+    /// The state beside `data_dir`. Its `old_dir` is one regobox names (beside the data
+    /// directory, `.<name>.pg<major>-<time>`): a file naming anything else is refused, never
+    /// acted on (`--finish` and recovery remove that directory).
     pub fn read(data_dir: &Path) -> Result<Option<State>, PostgresError> {
         let path = parent(data_dir).join(STATE);
-        match std::fs::read(&path) {
-            Ok(t) => serde_json::from_slice(&t)
-                .map(Some)
-                .map_err(|e| PostgresError::Io {
-                    path,
-                    source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-                }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(PostgresError::Io { path, source: e }),
+        let invalid = |why: String| PostgresError::Io {
+            path: path.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, why),
+        };
+        let state: State = match std::fs::read(&path) {
+            Ok(t) => serde_json::from_slice(&t).map_err(|e| invalid(e.to_string()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(PostgresError::Io { path, source: e }),
+        };
+        let prefix = format!(".{}.pg{}-", name_of(data_dir), state.from);
+        let ours = state.old_dir.parent() == Some(parent(data_dir).as_path())
+            && state
+                .old_dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix(&prefix))
+                .is_some_and(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+            && Major::parse(&state.from).is_some_and(|m| m.to_string() == state.from);
+        if !ours {
+            return Err(invalid(format!(
+                "it names {} as the old cluster, which is not a name regobox gives: check it by hand",
+                state.old_dir.display()
+            )));
         }
+        Ok(Some(state))
     }
 
     fn write(&self, data_dir: &Path) -> Result<(), PostgresError> {
@@ -125,16 +143,44 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// The lock an upgrade holds from its first change to its end (a file beside the data
-/// directory): recovery leaves a running upgrade alone.
+/// Held by a command while it opens the data directory (and upgrades it): the data
+/// directory's own lock is inside the directory an upgrade renames, so this one, beside it, is
+/// what keeps another command from using a cluster mid-swap, and recovery from undoing a swap
+/// that is running.
+pub struct Guard {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Take the guard of `data_dir` (none while its parent does not exist: no upgrade can be
+/// running there), waiting up to `wait` for another command opening (or upgrading) it.
+pub async fn guard(data_dir: &Path, wait: Duration) -> Result<Option<Guard>, PostgresError> {
+    if !parent(data_dir).is_dir() {
+        return Ok(None);
+    }
+    let deadline = std::time::Instant::now() + wait;
+    let mut said = false;
+    loop {
+        if let Some(l) = lock(data_dir)? {
+            return Ok(Some(Guard { _lock: l }));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(PostgresError::Busy {
+                data_dir: data_dir.to_path_buf(),
+            });
+        }
+        if !said {
+            tracing::info!(data_dir = %data_dir.display(), "another regobox is opening (or upgrading) the cluster: waiting for it");
+            said = true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A `flock` on the data directory's parent directory itself: nothing is created on the
+/// volume, and every container sharing it sees the lock.
 fn lock(data_dir: &Path) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, PostgresError> {
-    let path = parent(data_dir).join(format!(".regobox-upgrade-{}.lock", name_of(data_dir)));
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io(&path))?;
+    let path = parent(data_dir);
+    let file = std::fs::File::open(&path).map_err(io(&path))?;
     match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
         Ok(l) => Ok(Some(l)),
         Err((_, nix::Error::EWOULDBLOCK)) => Ok(None),
@@ -149,6 +195,17 @@ fn lock(data_dir: &Path) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, Pos
 /// committed. Called before the data directory is looked at, by every command that uses it;
 /// an upgrade running in another process is left alone.
 pub fn recover(data_dir: &Path) -> Result<(), PostgresError> {
+    if !parent(data_dir).is_dir() {
+        return Ok(());
+    }
+    match lock(data_dir)? {
+        Some(_lock) => recover_guarded(data_dir),
+        None => Ok(()),
+    }
+}
+
+/// [`recover`], the [`Guard`] held.
+pub fn recover_guarded(data_dir: &Path) -> Result<(), PostgresError> {
     let dir = parent(data_dir);
     let anything = [
         dir.join(JOURNAL),
@@ -162,9 +219,6 @@ pub fn recover(data_dir: &Path) -> Result<(), PostgresError> {
     if !anything {
         return Ok(());
     }
-    let Some(_lock) = lock(data_dir)? else {
-        return Ok(());
-    };
     match crate::backup::journal::recover_named(&dir, JOURNAL) {
         Ok(Some(what)) => {
             tracing::warn!(data_dir = %data_dir.display(), "PostgreSQL upgrade: {what}");
@@ -344,15 +398,15 @@ fn refused(data_dir: &Path, reason: String) -> PostgresError {
     }
 }
 
-/// Upgrade the cluster at `postgres.data_dir` (of major `from`, regobox holding its lock, no
-/// server on it) to `new`'s major. On an error before the swap, the old cluster is as it was
-/// and what was made for the upgrade is removed.
-pub async fn upgrade(
+/// What can be checked of an upgrade from `from` to `new` without changing anything (before
+/// the data directory is locked or handed over): the old major's binaries, the new ones'
+/// pg_upgrade, a cluster a server can start on, nothing of it outside the data directory.
+/// Returns the old binaries.
+pub async fn preflight(
     config: &Config,
-    account: &Account,
     from: Major,
     new: &Binaries,
-) -> Result<State, PostgresError> {
+) -> Result<Binaries, PostgresError> {
     let pg = &config.postgres;
     let data_dir = &pg.data_dir;
     let old = Binaries::of_major(&pg.old_bin_dirs, from).await.ok_or_else(|| {
@@ -372,9 +426,44 @@ pub async fn upgrade(
         }
     }
     cluster::check_adoptable(&old, data_dir).await?;
-    let Some(_lock) = lock(data_dir)? else {
-        return Err(refused(data_dir, "another upgrade of it is running".into()));
-    };
+    // What lives outside the data directory would be shared by the kept copy and the live
+    // cluster: the copy would no longer be what a rollback can trust.
+    let wal = data_dir.join(if from.0 >= 10 { "pg_wal" } else { "pg_xlog" });
+    if std::fs::symlink_metadata(&wal).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(refused(
+            data_dir,
+            format!(
+                "{} is a symbolic link (WAL outside the data directory): regobox upgrades only self-contained clusters; upgrade by backup and restore",
+                wal.display()
+            ),
+        ));
+    }
+    let tablespaces = std::fs::read_dir(data_dir.join("pg_tblspc"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    if tablespaces > 0 {
+        return Err(refused(
+            data_dir,
+            format!(
+                "it has {tablespaces} tablespace(s) outside the data directory: regobox upgrades only self-contained clusters; upgrade by backup and restore"
+            ),
+        ));
+    }
+    Ok(old)
+}
+
+/// Upgrade the cluster at `postgres.data_dir` (of major `from`, [`preflight`] passed, regobox
+/// holding its [`Guard`] and its lock, no server on it) to `new`'s major. On an error before the swap, the old cluster is as it was
+/// and what was made for the upgrade is removed.
+pub async fn upgrade(
+    config: &Config,
+    account: &Account,
+    from: Major,
+    old: &Binaries,
+    new: &Binaries,
+) -> Result<State, PostgresError> {
+    let pg = &config.postgres;
+    let data_dir = &pg.data_dir;
     // The copy an earlier upgrade kept is of a major older still: this one replaces it.
     if let Some(earlier) = State::read(data_dir)? {
         if earlier.status == Status::Done && earlier.old_dir.exists() {
@@ -389,7 +478,7 @@ pub async fn upgrade(
         work: work.clone(),
         pristine: pristine_dir(data_dir),
     };
-    let result = prepare_and_run(config, account, from, &old, new, &made).await;
+    let result = prepare_and_run(config, account, from, old, new, &made).await;
     let method = match result {
         Ok(m) => m,
         Err(e) => {
@@ -850,4 +939,87 @@ pub fn rollback(data_dir: &Path, force: bool) -> Result<String, PostgresError> {
             ""
         }
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(e: &PostgresError) -> String {
+        format!(
+            "{:#}",
+            anyhow::anyhow!(e.to_string()).context(format!("{:?}", e))
+        )
+    }
+
+    fn state_naming(dir: &Path, old_dir: PathBuf) -> PathBuf {
+        let data_dir = dir.join("pgdata");
+        let state = State {
+            from: "13".into(),
+            to: "15".into(),
+            old_dir,
+            method: "copy".into(),
+            at: 1,
+            status: Status::Done,
+            new_started: true,
+        };
+        std::fs::write(dir.join(STATE), serde_json::to_vec(&state).unwrap()).unwrap();
+        data_dir
+    }
+
+    #[test]
+    fn a_state_naming_a_directory_regobox_does_not_name_is_not_acted_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        for planted in [
+            victim.clone(),
+            PathBuf::from("/etc"),
+            dir.path().join(".pgdata.pg13-1/../victim"),
+            dir.path().join(".pgdata.pg13-"),
+            dir.path().join(".pgdata.pg11-5"),
+        ] {
+            let data_dir = state_naming(dir.path(), planted.clone());
+            let err = chain(&finish(&data_dir).unwrap_err());
+            assert!(
+                err.contains("not a name regobox gives"),
+                "{planted:?}: {err}"
+            );
+            assert!(rollback(&data_dir, true).is_err());
+            assert!(recover(&data_dir).is_err());
+            assert!(victim.is_dir(), "{planted:?}");
+        }
+        let data_dir = state_naming(dir.path(), dir.path().join(".pgdata.pg13-17"));
+        assert!(State::read(&data_dir).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_journal_naming_paths_elsewhere_is_not_acted_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let victim = elsewhere.path().join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        std::fs::write(
+            dir.path().join(JOURNAL),
+            serde_json::json!({
+                "id": "1",
+                "state": "swapping",
+                "name": JOURNAL,
+                "keep_old": false,
+                "swaps": [{
+                    "live": dir.path().join("pgdata"),
+                    "staged": victim,
+                    "old": dir.path().join(".pgdata.old-1"),
+                    "had_live": false
+                }]
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let data_dir = dir.path().join("pgdata");
+        std::fs::create_dir(&data_dir).unwrap();
+        let err = chain(&recover(&data_dir).unwrap_err());
+        assert!(err.contains("not beside it"), "{err}");
+        assert!(victim.is_dir());
+    }
 }

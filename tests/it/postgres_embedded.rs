@@ -331,24 +331,36 @@ fn a_postgres_that_dies_is_started_again_in_place_until_the_budget_is_spent() {
 
 #[test]
 fn a_cluster_of_another_major_is_refused_and_left_untouched() {
-    let inst = Instance::new();
-    let d = inst.data_dir();
-    std::fs::create_dir_all(d.join("base/1")).unwrap();
-    std::fs::write(d.join("PG_VERSION"), "9.6\n").unwrap();
-    std::fs::write(d.join("base/1/1259"), vec![7u8; 8192]).unwrap();
-    std::fs::write(d.join("postgresql.conf"), "# 9.6 settings\n").unwrap();
-    std::fs::write(d.join("postmaster.pid"), "12\n").unwrap();
-    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let before = snapshot(&d);
-    for args in [&["init"][..], &["run"], &["psql", "-c", "SELECT 1"]] {
-        let out = inst.output(args);
-        let err = stderr(&out);
-        assert_eq!(out.status.code(), Some(65), "{args:?}: {err}");
-        assert!(err.contains("created by PostgreSQL 9.6"), "{err}");
-        assert!(err.contains("the server binaries are PostgreSQL"), "{err}");
-        assert!(err.contains(&d.display().to_string()), "{err}");
-        assert!(err.contains("PG_MAJOR=9.6"), "the remedy is named: {err}");
-        assert_eq!(snapshot(&d), before, "{args:?} modified the data directory");
+    // An older major without its binaries (nothing to upgrade with), and a newer one.
+    for (major, says) in [
+        ("9.6", "PG_UPGRADE_FROM=9.6"),
+        ("99", "newer than the server binaries"),
+    ] {
+        let inst = Instance::new();
+        let d = inst.data_dir();
+        std::fs::create_dir_all(d.join("base/1")).unwrap();
+        std::fs::write(d.join("PG_VERSION"), format!("{major}\n")).unwrap();
+        std::fs::write(d.join("base/1/1259"), vec![7u8; 8192]).unwrap();
+        std::fs::write(d.join("postgresql.conf"), "# old settings\n").unwrap();
+        std::fs::write(d.join("postmaster.pid"), "12\n").unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let before = snapshot(&d);
+        for args in [&["init"][..], &["run"], &["psql", "-c", "SELECT 1"]] {
+            let out = inst.output(args);
+            let err = stderr(&out);
+            assert_eq!(out.status.code(), Some(65), "{args:?}: {err}");
+            assert!(err.contains(&format!("PostgreSQL {major}")), "{err}");
+            assert!(err.contains(&d.display().to_string()), "{err}");
+            if args[0] == "psql" && major == "9.6" {
+                assert!(
+                    err.contains("regobox upgrade"),
+                    "the remedy is named: {err}"
+                );
+            } else {
+                assert!(err.contains(says), "the remedy is named: {err}");
+            }
+            assert_eq!(snapshot(&d), before, "{args:?} modified the data directory");
+        }
     }
 }
 

@@ -636,8 +636,9 @@ fn secrets_are_generated_once_and_templates_render_them() {
         ),
     );
     let run = inst.start();
+    // `echo > file` creates the file before it writes the line.
     inst.wait_until("the service", Duration::from_secs(10), || {
-        inst.root.join("files/seen").exists()
+        std::fs::read_to_string(inst.root.join("files/seen")).is_ok_and(|t| t.ends_with('\n'))
     });
     run.stop();
     let secret = std::fs::read_to_string(inst.secret("app-SECRET_KEY")).unwrap();
