@@ -213,6 +213,7 @@ pub fn recover_guarded(data_dir: &Path) -> Result<(), PostgresError> {
         staged_dir(data_dir),
         work_dir(data_dir),
         pristine_dir(data_dir),
+        copying_dir(data_dir),
     ]
     .iter()
     .any(|p| std::fs::symlink_metadata(p).is_ok());
@@ -231,25 +232,54 @@ pub fn recover_guarded(data_dir: &Path) -> Result<(), PostgresError> {
             });
         }
     }
-    // An upgrade whose swap did not commit: its state names a kept copy of a cluster that is
-    // still the live one.
-    if let Some(state) = State::read(data_dir)? {
-        let live = cluster::inspect(data_dir)?;
-        let still_old =
-            matches!(live, cluster::DataDirState::Cluster(m) if m.to_string() == state.from);
-        if state.status == Status::Done && !state.new_started && still_old {
-            tracing::warn!(data_dir = %data_dir.display(), "an upgrade was interrupted before its swap: the old cluster is in place; removing its kept copy");
-            if state.old_dir.exists() {
-                std::fs::remove_dir_all(&state.old_dir).map_err(io(&state.old_dir))?;
-            }
+    // An upgrade that did not reach its swap ran the old cluster's server (which writes):
+    // its untouched copy goes back in place, so that the cluster is byte for byte as it was.
+    let put_back = |copy: &Path| -> Result<(), PostgresError> {
+        tracing::warn!(data_dir = %data_dir.display(), copy = %copy.display(), "an upgrade was interrupted before its swap: putting back the copy of the old cluster taken before it was touched");
+        crate::backup::journal::swap_named(
+            &dir,
+            JOURNAL,
+            &format!("putback-{}", now()),
+            &[(data_dir.to_path_buf(), copy.to_path_buf())],
+            false,
+            &fault,
+        )
+        .map(|_| ())
+        .map_err(io(data_dir))
+    };
+    let live_major = match cluster::inspect(data_dir)? {
+        cluster::DataDirState::Cluster(m) => Some(m.to_string()),
+        _ => None,
+    };
+    // The copy is complete under either name (it gets the first only once made).
+    let state = State::read(data_dir)?;
+    let interrupted = match &state {
+        Some(st) if st.status == Status::Done => {
+            !st.new_started && live_major.as_deref() == Some(st.from.as_str())
+        }
+        // No upgrade under way had written its state yet (or the last one was rolled back).
+        _ => live_major.is_some(),
+    };
+    if interrupted {
+        let kept = state.as_ref().map(|st| st.old_dir.clone());
+        if let Some(copy) = [Some(pristine_dir(data_dir)), kept]
+            .into_iter()
+            .flatten()
+            .find(|p| p.is_dir())
+        {
+            put_back(&copy)?;
+        }
+        if state.as_ref().is_some_and(|st| st.status == Status::Done) {
             State::remove(data_dir)?;
         }
     }
-    // What an interrupted pg_upgrade left (the old cluster was only read).
+    // What an interrupted upgrade left: the new cluster, pg_upgrade's work directory, a copy
+    // not completed.
     for leftover in [
         staged_dir(data_dir),
         work_dir(data_dir),
         pristine_dir(data_dir),
+        copying_dir(data_dir),
     ] {
         if leftover.exists() {
             tracing::warn!(path = %leftover.display(), "removing what an interrupted upgrade left");
@@ -274,6 +304,11 @@ fn staged_dir(data_dir: &Path) -> PathBuf {
 /// rollback puts back, byte for byte (pg_upgrade starts the old server, which writes).
 fn pristine_dir(data_dir: &Path) -> PathBuf {
     parent(data_dir).join(format!(".regobox-upgrade-old-{}", name_of(data_dir)))
+}
+
+/// Where that copy is made; renamed to [`pristine_dir`] once complete.
+fn copying_dir(data_dir: &Path) -> PathBuf {
+    parent(data_dir).join(format!(".regobox-upgrade-copying-{}", name_of(data_dir)))
 }
 
 fn work_dir(data_dir: &Path) -> PathBuf {
@@ -477,6 +512,7 @@ pub async fn upgrade(
         staged: staged.clone(),
         work: work.clone(),
         pristine: pristine_dir(data_dir),
+        copying: copying_dir(data_dir),
     };
     let result = prepare_and_run(config, account, from, old, new, &made).await;
     let method = match result {
@@ -548,11 +584,12 @@ struct Made {
     staged: PathBuf,
     work: PathBuf,
     pristine: PathBuf,
+    copying: PathBuf,
 }
 
 impl Made {
     fn remove(&self) {
-        for p in [&self.staged, &self.work, &self.pristine] {
+        for p in [&self.staged, &self.work, &self.pristine, &self.copying] {
             if p.exists() {
                 if let Err(e) = std::fs::remove_dir_all(p) {
                     tracing::warn!(path = %p.display(), error = %e, "cannot remove");
@@ -607,7 +644,9 @@ async fn prepare_and_run(
             ),
         ));
     }
-    copy_tree(data_dir, &made.pristine).await?;
+    copy_tree(data_dir, &made.copying).await?;
+    std::fs::rename(&made.copying, &made.pristine).map_err(io(&made.pristine))?;
+    crate::volumes::sync_dir(&beside).map_err(io(&beside))?;
     fault("upgrade:copied");
     let facts = facts(old, data_dir, account).await?;
     tracing::info!(

@@ -211,6 +211,7 @@ fn a_kill_at_any_step_of_an_upgrade_leaves_a_cluster_that_boots() {
         ("upgrade:swapped", false),
         ("upgrade:committed", true),
     ] {
+        let files_before = checksums(&data);
         new_binaries(&mut inst);
         inst.env.push(("REGOBOX_FAULT_INJECT".into(), point.into()));
         let out = inst.output(&["init"]);
@@ -228,6 +229,8 @@ fn a_kill_at_any_step_of_an_upgrade_leaves_a_cluster_that_boots() {
             std::fs::remove_file(data.parent().unwrap().join(".regobox-upgrade.json")).unwrap();
         } else {
             assert_eq!(major.trim(), "13", "{point}");
+            // The untouched copy was put back: byte for byte as before.
+            assert_eq!(checksums(&data), files_before, "{point}");
             assert!(
                 stderr(&out).contains("PostgreSQL 13"),
                 "{point}: {}",
