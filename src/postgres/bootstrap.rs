@@ -95,12 +95,7 @@ pub async fn role_and_database(
         }
         (None, RolePassword::Expect { value, secret, .. }) => {
             if value.is_empty() {
-                // An adopted cluster without the role: its password was not generated with
-                // the cluster, which regobox did not make.
-                return Err(PostgresError::RoleWithoutPassword {
-                    role: user.into(),
-                    secret: secret.to_path_buf(),
-                });
+                return Err(missing(secret));
             }
             set("CREATE", value.into()).await?;
             tracing::info!(role = user, "application role created");
