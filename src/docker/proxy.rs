@@ -691,22 +691,25 @@ impl Proxy {
         }
     }
 
-    /// `POST /build`: the context is spooled to a file (up to `docker.max_build_context`), its
-    /// Dockerfile read, the images it starts from and the tags it makes checked, then the file
-    /// is forwarded.
+    /// `POST /build`: the context is spooled to a file (up to `docker.max_build_context`), then
+    /// the query judged, the Dockerfile read, the images it starts from and the tags it makes
+    /// checked, then the file is forwarded.
     async fn build(
         &self,
         req: Request<Incoming>,
         raw_query: &str,
         path: &str,
     ) -> Result<Done, Refusal> {
+        // The context is read before anything is judged: a refusal sent while the client is
+        // still writing its context closes the connection under it, and the client reports the
+        // broken pipe instead of the reason.
+        let (mut parts, body) = req.into_parts();
+        let spool = self.spool(body).await?;
         let q = query::parse(raw_query, "a build", query::BUILD)?;
         let q = build::check_build_query(q, &self.policy.limits, &self.instance)?;
         for tag in q.all("t") {
             self.tag_is_free_or_ours(tag, "query.t").await?;
         }
-        let (mut parts, body) = req.into_parts();
-        let spool = self.spool(body).await?;
         let dockerfile = q.get("dockerfile").unwrap_or("").to_string();
         let file = spool
             .try_clone()

@@ -265,6 +265,15 @@ pub(crate) fn containers_of(image: &str) -> Vec<String> {
     v
 }
 
+/// The engine's id of an image, asked of the engine directly.
+pub(crate) fn image_id(reference: &str) -> String {
+    stdout(&engine(&[
+        "image", "inspect", "--format", "{{.Id}}", reference,
+    ]))
+    .trim()
+    .to_string()
+}
+
 #[test]
 fn a_job_runs_through_the_proxy_with_the_cli_and_bollard() {
     let mut b = Bridged::start("");
@@ -438,6 +447,29 @@ fn what_others_created_is_invisible() {
     assert!(!b.cli(&["image", "inspect", &other_image]).status.success());
     let out = b.cli(&["run", "--rm", &other_image, "true"]);
     assert!(!out.status.success(), "ran someone else's image");
+    // An import under their tag, with a body the client is still writing when the tag is
+    // judged: refused with the reason (not a broken pipe), their tag where it was.
+    let before = image_id(&other_image);
+    let bulk = b.inst.dir.path().join("bulk.tar");
+    let mut bytes = vec![0u8; 32 << 20];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut bytes)
+        .unwrap();
+    std::fs::write(&bulk, bytes).unwrap();
+    let out = Command::new("docker")
+        .args(["import", "-", &other_image])
+        .env("DOCKER_HOST", format!("unix://{}", b.socket.display()))
+        .env("DOCKER_CONFIG", &b.docker_config)
+        .stdin(std::fs::File::open(&bulk).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && stderr(&out).contains("is not this instance's"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(image_id(&other_image), before);
 
     // An image built through the proxy (its context uploaded) is labelled, hence usable.
     let ctx = b.inst.dir.path().join("build-ctx");

@@ -5,6 +5,7 @@
 //! harmless if it were not: containers are created but never started, binds name a scratch
 //! directory, networks a new bridge.
 
+use std::io::Read;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
@@ -12,7 +13,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::docker::{Bridged, busybox_rootfs_tar, containers_of, engine, raw, raw_bytes, tar_of};
+use crate::docker::{
+    Bridged, busybox_rootfs_tar, containers_of, engine, image_id, raw, raw_bytes, tar_of,
+};
 use crate::support::*;
 
 /// A raw request with a body on the proxy socket.
@@ -129,14 +132,6 @@ impl Drop for OnEngine {
             engine(&["rmi", "-f", i]);
         }
     }
-}
-
-fn image_id(reference: &str) -> String {
-    stdout(&engine(&[
-        "image", "inspect", "--format", "{{.Id}}", reference,
-    ]))
-    .trim()
-    .to_string()
 }
 
 #[test]
@@ -594,6 +589,14 @@ fn images_never_move_anothers_tag_nor_make_the_engine_fetch() {
 
     let ctx = b.inst.dir.path().join("ctx");
     std::fs::create_dir_all(&ctx).unwrap();
+    // A context the client is still writing when a refusal could be decided: the refusal must
+    // reach it as the reason, not as a broken pipe.
+    let mut bulk = vec![0u8; 32 << 20];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut bulk)
+        .unwrap();
+    std::fs::write(ctx.join("bulk"), bulk).unwrap();
     let build = |dockerfile: &str, tag: &str| {
         std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
         b.cli(&["build", "-q", "-t", tag, &ctx.display().to_string()])
