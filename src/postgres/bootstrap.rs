@@ -95,7 +95,12 @@ pub async fn role_and_database(
         }
         (None, RolePassword::Expect { value, secret, .. }) => {
             if value.is_empty() {
-                return Err(missing(secret));
+                // An adopted cluster without the role: its password was not generated with
+                // the cluster, which regobox did not make.
+                return Err(PostgresError::RoleWithoutPassword {
+                    role: user.into(),
+                    secret: secret.to_path_buf(),
+                });
             }
             set("CREATE", value.into()).await?;
             tracing::info!(role = user, "application role created");

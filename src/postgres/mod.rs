@@ -106,6 +106,10 @@ pub enum PostgresError {
     )]
     PasswordMissing { role: String, secret: PathBuf },
     #[error(
+        "the role `{role}` (postgres.user) does not exist in this cluster, which regobox did not create, and {secret} is missing: set postgres.password to the password it should have, and regobox creates it with that"
+    )]
+    RoleWithoutPassword { role: String, secret: PathBuf },
+    #[error(
         "{what}, not to regobox's superuser: regobox keeps its bookkeeping there and never writes into what the application controls. Rename or drop it (as the application: `regobox psql`), then start again"
     )]
     ForeignBookkeeping { what: String },
@@ -832,7 +836,17 @@ fn local_endpoint(
 /// `session_authorization` turns them into another role; no read-only default or timeout
 /// stops regobox's bootstrap or backups.
 pub fn pin_superuser_session(config: &mut tokio_postgres::Config) {
-    let superuser = config.get_user().unwrap_or("postgres").to_string();
+    // The options string is split at spaces, a backslash escaping the next character: a
+    // name with a space (an adopted cluster's superuser) stays one value.
+    let superuser: String = config
+        .get_user()
+        .unwrap_or("postgres")
+        .chars()
+        .flat_map(|c| match c {
+            ' ' | '\\' => vec!['\\', c],
+            c => vec![c],
+        })
+        .collect();
     config.options(format!(
         "-c search_path=pg_catalog,pg_temp -c role=none -c session_authorization={superuser} \
          -c default_transaction_read_only=off -c statement_timeout=0 -c lock_timeout=0 \

@@ -322,3 +322,49 @@ fn a_cluster_no_server_could_start_on_is_refused_untouched() {
     assert!(stderr(&out).contains("control file"), "{}", stderr(&out));
     assert_eq!(snapshot(&data), untouched);
 }
+
+#[test]
+fn a_superuser_name_with_a_space_is_one_name_in_the_authentication_files() {
+    let mut inst = Instance::new();
+    let data = inst.root.join("pgdata");
+    std::fs::create_dir_all(&data).unwrap();
+    if is_root() {
+        let u = pg_account();
+        nix::unistd::chown(data.as_path(), Some(u.uid), Some(u.gid)).unwrap();
+    }
+    let d = data.display().to_string();
+    as_postgres(
+        "initdb",
+        &[
+            "-D",
+            &d,
+            "-U",
+            "Su Per",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ],
+    );
+    inst.env = vec![("REGOBOX_POSTGRES__DATA_DIR".into(), d.clone())];
+    // No application role in it and no password for one: regobox says what to configure.
+    let out = inst.output(&["init"]);
+    assert!(
+        stderr(&out).contains("does not exist in this cluster"),
+        "{}",
+        stderr(&out)
+    );
+    inst.env
+        .push(("REGOBOX_POSTGRES__PASSWORD".into(), "apppw".into()));
+    inst.ok(&["init"]);
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join(".regobox-cluster.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["superuser"], "Su Per");
+    // regobox manages it as that role (its bootstrap made the application's role and
+    // database), and the application logs in with its own password.
+    assert_eq!(
+        inst.sql("SELECT current_user || ' ' || current_database()"),
+        "app app"
+    );
+}
