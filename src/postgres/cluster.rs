@@ -358,34 +358,50 @@ impl Record {
             })
     }
 
-    /// Write the record into `dir` (0600, the account's), replacing any at once.
+    /// Write the record into `dir` (0600, the account's), replacing any at once, durably.
     pub fn write(&self, dir: &Path, account: &Account) -> Result<(), PostgresError> {
-        let path = dir.join(RECORD_FILE);
-        let tmp = dir.join(format!("{RECORD_FILE}.tmp"));
-        let io_err = |source| PostgresError::Io {
-            path: path.clone(),
-            source,
-        };
-        let _ = std::fs::remove_file(&tmp);
-        {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io_err)?;
-            f.write_all(
-                &serde_json::to_vec(self)
-                    .map_err(io::Error::other)
-                    .map_err(io_err)?,
-            )
+        let text = serde_json::to_vec(self).map_err(|e| PostgresError::Io {
+            path: dir.join(RECORD_FILE),
+            source: io::Error::other(e),
+        })?;
+        write_private(dir, RECORD_FILE, &text, account, true).map(|_| ())
+    }
+}
+
+/// Write `name` in `dir` (0600, owned by `account`), replacing it at once (a temporary file
+/// renamed over it); with `durable`, synced (the file, then the directory) before returning.
+pub fn write_private(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    account: &Account,
+    durable: bool,
+) -> Result<PathBuf, PostgresError> {
+    let path = dir.join(name);
+    let io_err = |source| PostgresError::Io {
+        path: path.clone(),
+        source,
+    };
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
             .map_err(io_err)?;
+        f.write_all(bytes).map_err(io_err)?;
+        if durable {
             f.sync_all().map_err(io_err)?;
         }
-        chown(&tmp, account)?;
-        std::fs::rename(&tmp, &path).map_err(io_err)?;
-        sync_dir(dir).map_err(io_err)
     }
+    chown(&tmp, account)?;
+    std::fs::rename(&tmp, &path).map_err(io_err)?;
+    if durable {
+        sync_dir(dir).map_err(io_err)?;
+    }
+    Ok(path)
 }
 
 /// The name of the bootstrap superuser (OID 10) of the cluster in `dir`, read in single-user

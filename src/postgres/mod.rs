@@ -16,7 +16,6 @@ pub mod tls;
 pub mod upgrade;
 
 use std::io;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
@@ -759,26 +758,7 @@ fn write_conf(
     text: &str,
     account: &Account,
 ) -> Result<PathBuf, PostgresError> {
-    let path = dir.join(name);
-    let io_err = |source| PostgresError::Io {
-        path: path.clone(),
-        source,
-    };
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        use std::io::Write;
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err)?;
-        f.write_all(text.as_bytes()).map_err(io_err)?;
-    }
-    cluster::chown(&tmp, account)?;
-    std::fs::rename(&tmp, &path).map_err(io_err)?;
-    Ok(path)
+    cluster::write_private(dir, name, text.as_bytes(), account, false)
 }
 
 async fn initdb(

@@ -60,17 +60,7 @@ fn dump(socket: &Path, port: u16) -> String {
             "-h", &host, "-p", &port, "-U", "regovar", "-n", "public", "regovar",
         ],
     );
-    format!("{roles}{db}")
-        .lines()
-        // `\restrict` lines carry a random key of each run.
-        .filter(|l| {
-            !l.starts_with("--")
-                && !l.starts_with("\\restrict")
-                && !l.starts_with("\\unrestrict")
-                && !l.trim().is_empty()
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    normalised_dump(&format!("{roles}{db}"))
 }
 
 /// Start the cluster in `data` with pg_ctl (listening on a socket in `socket` only), run `f`,

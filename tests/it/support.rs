@@ -553,3 +553,17 @@ pub fn issue(
     std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
     (cert, key)
 }
+
+/// A pg_dump or pg_dumpall output to compare: comments, blank lines and the `\restrict` lines
+/// (a random key each run) left out.
+pub fn normalised_dump(text: &str) -> String {
+    text.lines()
+        .filter(|l| {
+            !l.starts_with("--")
+                && !l.starts_with("\\restrict")
+                && !l.starts_with("\\unrestrict")
+                && !l.trim().is_empty()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}

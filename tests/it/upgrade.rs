@@ -64,16 +64,7 @@ fn dumpall(inst: &Instance) -> String {
         .unwrap();
     run.stop();
     assert!(out.status.success(), "{}", stderr(&out));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| {
-            !l.starts_with("--")
-                && !l.starts_with("\\restrict")
-                && !l.starts_with("\\unrestrict")
-                && !l.trim().is_empty()
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    normalised_dump(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// A regobox cluster made with PostgreSQL 13, holding rows, a sequence, a second role with
