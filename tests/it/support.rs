@@ -386,6 +386,22 @@ impl Drop for Running {
     }
 }
 
+/// The checksum of every file of the cluster (the lock file, rewritten by each holder, left
+/// out).
+pub fn checksums(dir: &Path) -> Vec<String> {
+    snapshot(dir)
+        .into_iter()
+        .filter(|l| !l.contains(".regobox.lock"))
+        .map(|l| {
+            // path, then the content's hash (mode, owner and times left out).
+            let mut parts = l.split(' ');
+            let path = parts.next().unwrap_or_default().to_string();
+            let hash = l.rsplit(' ').next().unwrap_or_default().to_string();
+            format!("{path} {hash}")
+        })
+        .collect()
+}
+
 /// Every entry under `dir` with its type, size, mode, owner, modification time and, for files,
 /// content: two snapshots are equal only if nothing was changed.
 pub fn snapshot(dir: &Path) -> Vec<String> {

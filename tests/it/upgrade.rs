@@ -33,22 +33,6 @@ fn new_binaries(inst: &mut Instance) {
     )];
 }
 
-/// The checksum of every file of the cluster (the lock file, rewritten by each holder, left
-/// out).
-fn checksums(dir: &Path) -> Vec<String> {
-    snapshot(dir)
-        .into_iter()
-        .filter(|l| !l.contains(".regobox.lock"))
-        .map(|l| {
-            // path, then the content's hash (mode, owner and times left out).
-            let mut parts = l.split(' ');
-            let path = parts.next().unwrap_or_default().to_string();
-            let hash = l.rsplit(' ').next().unwrap_or_default().to_string();
-            format!("{path} {hash}")
-        })
-        .collect()
-}
-
 /// Everything a dump of the whole cluster holds (roles, grants, sequences, rows), as the
 /// installed pg_dumpall sees it through regobox's running server; comments, blank lines and
 /// the random `\restrict` keys left out.
