@@ -362,3 +362,41 @@ fn a_cluster_of_the_installed_major_is_upgraded_to_a_newer_one() {
     inst.ok(&["upgrade", "--finish"]);
     assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000");
 }
+
+/// Not enough room beside the cluster for the copy kept for a rollback and the new cluster (a
+/// tmpfs cannot clone files): refused before anything is written, saying what it needs.
+#[test]
+fn an_upgrade_without_the_room_is_refused_changing_nothing() {
+    if !is_root() {
+        eprintln!("skipped: mounting a small tmpfs for the volume needs root");
+        return;
+    }
+    let mut inst = Instance::new();
+    let _volume = crate::backup::Tmpfs::mount(&inst.root, "90m");
+    old_binaries(&mut inst);
+    inst.ok(&["init"]);
+    let data = inst.data_dir();
+    let untouched = checksums(&data);
+    let listing = |p: &Path| {
+        let mut names: Vec<String> = std::fs::read_dir(p)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let beside = listing(&inst.root);
+    new_binaries(&mut inst);
+    let out = inst.output(&["init"]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("MiB free beside the cluster"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(checksums(&data), untouched, "byte for byte as it was");
+    assert_eq!(listing(&inst.root), beside, "nothing left beside it");
+    old_binaries(&mut inst);
+    inst.sql("SELECT 1");
+}
