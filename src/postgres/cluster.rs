@@ -311,6 +311,7 @@ pub async fn initdb(spec: &InitSpec<'_>) -> Result<(), PostgresError> {
     Record {
         superuser: spec.superuser.to_string(),
         adopted: false,
+        statistics_pending: false,
     }
     .write(&work, spec.account)?;
     // Move the cluster up, PG_VERSION last: until it lands the directory reads as interrupted.
@@ -339,6 +340,10 @@ pub struct Record {
     /// Made by someone else. Its roles may have md5 passwords, which password authentication
     /// must keep accepting (as the `md5` method does, and SCRAM for SCRAM passwords).
     pub adopted: bool,
+    /// Upgraded by pg_upgrade, which leaves the planner without statistics: the first server to
+    /// run on it gathers them ([`super::Embedded::statistics_job`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub statistics_pending: bool,
 }
 
 impl Record {

@@ -552,6 +552,19 @@ impl Embedded {
         &self.endpoint
     }
 
+    /// After an upgrade, the job that gathers the planner's statistics on the running server
+    /// (see [`upgrade::Statistics`]); `None` when the cluster has them.
+    pub fn statistics_job(&self) -> Option<upgrade::Statistics> {
+        self.record.statistics_pending.then(|| upgrade::Statistics {
+            vacuumdb: self.binaries.path("vacuumdb"),
+            data_dir: self.data_dir.clone(),
+            socket_dir: self.socket_dir.clone(),
+            port: self.port,
+            record: self.record.clone(),
+            account: self.account.clone(),
+        })
+    }
+
     /// Start the server listening on `listen` (empty: the Unix socket only), its log going to
     /// `sink` and, if given, to a log file.
     pub fn start(
@@ -660,6 +673,7 @@ async fn cluster_record(
         cluster::Record {
             superuser,
             adopted: true,
+            statistics_pending: false,
         }
     };
     record.write(&pg.data_dir, account)?;

@@ -769,10 +769,12 @@ async fn prepare_and_run(
         });
     }
     carry_config(data_dir, &made.staged, new, account).await?;
-    let record = Record::read(data_dir)?.unwrap_or(Record {
+    let mut record = Record::read(data_dir)?.unwrap_or(Record {
         superuser: facts.superuser.clone(),
         adopted: true,
+        statistics_pending: false,
     });
+    record.statistics_pending = true;
     record.write(&made.staged, account)?;
     Ok(method)
 }
@@ -908,6 +910,83 @@ pub fn mark_started(data_dir: &Path) -> Result<(), PostgresError> {
         }
     }
     Ok(())
+}
+
+/// The planner statistics of an upgraded cluster (pg_upgrade does not carry them): `vacuumdb
+/// --all --analyze-in-stages` against its running server, as its superuser over the Unix
+/// socket, minimal statistics for every database first, then better ones, each step logged.
+/// Once it succeeds the cluster's record says so; a run that is interrupted (the server
+/// stopped) is done again by the next server.
+pub struct Statistics {
+    pub vacuumdb: PathBuf,
+    pub data_dir: PathBuf,
+    pub socket_dir: PathBuf,
+    pub port: u16,
+    pub record: Record,
+    pub account: Account,
+}
+
+impl Statistics {
+    pub async fn run(mut self) -> Result<(), PostgresError> {
+        use tokio::io::AsyncBufReadExt;
+        tracing::info!(
+            "gathering the planner's statistics after the upgrade (vacuumdb --analyze-in-stages); the application can work meanwhile, with slower queries until it ends"
+        );
+        let started = std::time::Instant::now();
+        let mut command = std::process::Command::new(&self.vacuumdb);
+        command
+            .args(["--all", "--analyze-in-stages", "-h"])
+            .arg(&self.socket_dir)
+            .args(["-p", &self.port.to_string(), "-U", &self.record.superuser])
+            .env_remove("PGPASSWORD")
+            .env_remove("PGSERVICE")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .current_dir(&self.socket_dir);
+        self.account.apply(&mut command);
+        let mut child = crate::process::spawn(&mut command).map_err(io(&self.vacuumdb))?;
+        let pipe = |p: Option<std::os::fd::OwnedFd>| {
+            p.and_then(|p| crate::process::async_pipe(p).ok())
+                .map(|r| tokio::io::BufReader::new(r).lines())
+        };
+        let mut out = pipe(child.stdout.take().map(Into::into));
+        let mut err = pipe(child.stderr.take().map(Into::into));
+        let mut errors = Vec::new();
+        while out.is_some() || err.is_some() {
+            tokio::select! {
+                line = async { out.as_mut().unwrap().next_line().await }, if out.is_some() => {
+                    match line {
+                        Ok(Some(l)) => tracing::info!(progress = %l.trim_start_matches("vacuumdb: "), "gathering the planner's statistics"),
+                        _ => out = None,
+                    }
+                }
+                line = async { err.as_mut().unwrap().next_line().await }, if err.is_some() => {
+                    match line {
+                        Ok(Some(l)) => errors.push(l),
+                        _ => err = None,
+                    }
+                }
+            }
+        }
+        let status = child.wait().await;
+        if !status.success() {
+            return Err(PostgresError::Io {
+                path: self.vacuumdb.clone(),
+                source: std::io::Error::other(format!(
+                    "vacuumdb --analyze-in-stages failed ({status}): {}",
+                    errors.join("; ")
+                )),
+            });
+        }
+        self.record.statistics_pending = false;
+        self.record.write(&self.data_dir, &self.account)?;
+        tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            "the planner's statistics gathered after the upgrade"
+        );
+        Ok(())
+    }
 }
 
 /// Remove the old cluster once `keep` has passed since the upgrade.

@@ -937,6 +937,13 @@ async fn bring_up_database(
                 return Err(e.into());
             }
             ready(Some(server.pid()));
+            if let Some(job) = embedded.statistics_job() {
+                tokio::spawn(async move {
+                    if let Err(e) = job.run().await {
+                        tracing::warn!(error = %e, "the planner's statistics could not be gathered after the upgrade; the next start tries again");
+                    }
+                });
+            }
             Ok((Database::Owned { embedded, server }, endpoint))
         }
     }

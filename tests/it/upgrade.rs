@@ -122,6 +122,22 @@ fn an_older_cluster_is_upgraded_in_place_and_can_be_rolled_back() {
     assert_eq!(checksums(&kept).len(), files_before.len());
     // Everything is there, for the application with its password too.
     assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000");
+    // pg_upgrade leaves the planner without statistics; the first run gathers them, in stages.
+    let stats = "SELECT count(*) FROM pg_stats WHERE tablename = 'samples'";
+    assert_eq!(inst.sql(stats), "0");
+    let mut run = inst.start();
+    run.wait_for_log(
+        "the planner's statistics gathered after the upgrade",
+        std::time::Duration::from_secs(60),
+    );
+    let log = run.stop();
+    assert!(
+        log.contains("Generating minimal optimizer statistics"),
+        "{log}"
+    );
+    assert_ne!(inst.sql(stats), "0");
+    let record = std::fs::read_to_string(data.join(".regobox-cluster.json")).unwrap();
+    assert!(!record.contains("statistics_pending"), "{record}");
     assert_eq!(dumpall(&inst), before, "the cluster's dump changed");
 
     // The new server ran: a rollback needs --force, and says what it loses.
