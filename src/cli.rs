@@ -412,8 +412,11 @@ async fn upgrade(loaded: &Loaded, finish: bool, rollback: bool, force: bool) -> 
         return Ok(exit::OK);
     }
     let before = crate::postgres::cluster::inspect(data_dir)?;
+    let request = upgrade::Request {
+        backup: backup_before_link(loaded, &layout, &secrets, &before).await?,
+    };
     // Not interruptible: a stop signal waits for pg_upgrade rather than leaving it running.
-    match Embedded::open_with(config, &secrets, false, true).await? {
+    match Embedded::open_with(config, &secrets, false, Some(&request)).await? {
         Opened::Busy(_) => anyhow::bail!(
             "a regobox is running on {}: stop it first",
             data_dir.display()
@@ -428,6 +431,53 @@ async fn upgrade(loaded: &Loaded, finish: bool, rollback: bool, force: bool) -> 
         }
     }
     Ok(exit::OK)
+}
+
+/// With `postgres.upgrade_method = "link"` and a cluster of an older major than the server
+/// binaries: a backup archive of it, taken with its own major's binaries (a rollback once the
+/// new server has run is a restore of it); its path.
+async fn backup_before_link(
+    loaded: &Loaded,
+    layout: &Layout,
+    secrets: &SecretStore,
+    state: &crate::postgres::cluster::DataDirState,
+) -> anyhow::Result<Option<PathBuf>> {
+    use crate::postgres::binaries::Binaries;
+    let config = &loaded.config;
+    let pg = &config.postgres;
+    let crate::postgres::cluster::DataDirState::Cluster(major) = state else {
+        return Ok(None);
+    };
+    if pg.upgrade_method != crate::config::UpgradeMethod::Link {
+        return Ok(None);
+    }
+    let server = Binaries::find(&pg.bin_dir, None).await?;
+    if *major >= server.major {
+        return Ok(None);
+    }
+    // Everything the upgrade checks before it changes anything, checked before the backup too.
+    let old = crate::postgres::upgrade::preflight(config, *major, &server).await?;
+    let mut at_old = config.clone();
+    at_old.postgres.bin_dir = old.dir.clone();
+    tracing::info!(
+        from = %major,
+        to = %server.major,
+        "postgres.upgrade_method = link: taking a backup archive of the cluster first (the old cluster cannot be put back once the new server has run)"
+    );
+    let session = Session::open(&at_old, secrets, &loaded.dirs, false, false, "").await?;
+    let opts = crate::backup::CreateOptions {
+        output: crate::backup::Output::Default,
+        secrets: true,
+        config: true,
+    };
+    let made = crate::backup::create(&at_old, layout, &loaded.dirs, &session.endpoint, &opts).await;
+    session.close().await?;
+    let archive = made?.context("the backup before a linked upgrade wrote no archive")?;
+    tracing::warn!(
+        archive = %archive.display(),
+        "backup taken before the linked upgrade: once the new server has run, it is the way back (`regobox restore` with an image of PostgreSQL {major})"
+    );
+    Ok(Some(archive))
 }
 
 async fn psql(loaded: &Loaded, args: Vec<OsString>) -> anyhow::Result<u8> {

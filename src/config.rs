@@ -764,6 +764,11 @@ pub enum UpgradeMethod {
     Auto,
     Clone,
     Copy,
+    /// `--link`: the new cluster hard-links the old one's files (fast, no extra space); once
+    /// the new server has run, the old cluster cannot be put back. Never automatic: `regobox
+    /// upgrade` takes a backup archive first, and a rollback after the new server has run is
+    /// a restore of that archive.
+    Link,
 }
 
 /// One server setting (`postgresql.conf` parameter) value.

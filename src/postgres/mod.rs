@@ -376,7 +376,7 @@ impl Embedded {
         secrets: &SecretStore,
         create: bool,
     ) -> Result<Opened, PostgresError> {
-        Embedded::open_with(config, secrets, create, false).await
+        Embedded::open_with(config, secrets, create, None).await
     }
 
     /// [`Embedded::open`]; `upgrade`: asked for explicitly (`regobox upgrade`), an older
@@ -385,8 +385,10 @@ impl Embedded {
         config: &Config,
         secrets: &SecretStore,
         create: bool,
-        upgrade: bool,
+        upgrade: Option<&upgrade::Request>,
     ) -> Result<Opened, PostgresError> {
+        let request = upgrade;
+        let upgrade = request.is_some();
         let pg = &config.postgres;
         let data_dir = pg.data_dir.clone();
         let home = data_dir.parent().unwrap_or(&data_dir).to_path_buf();
@@ -439,6 +441,10 @@ impl Embedded {
                 } else if rolled_back {
                     Some(
                         "an upgrade of it was rolled back: run `regobox upgrade` to upgrade it again",
+                    )
+                } else if pg.upgrade_method == crate::config::UpgradeMethod::Link {
+                    Some(
+                        "postgres.upgrade_method = \"link\" is never automatic (the old cluster cannot be put back once the new server has run): run `regobox upgrade`, which takes a backup archive first",
                     )
                 } else {
                     None
@@ -506,7 +512,7 @@ impl Embedded {
         cluster::clear_stale_pid(&data_dir)?;
         let mut lock = lock;
         if let Some((from, old)) = &upgrade_from {
-            upgrade::upgrade(config, &account, *from, old, &binaries).await?;
+            upgrade::upgrade(config, &account, *from, old, &binaries, request).await?;
             // The lock taken was in the directory the old cluster left with: take the new one's.
             lock = DataDirLock::try_acquire(&data_dir, &account, &config.runtime_dir)?.ok_or_else(
                 || PostgresError::Busy {

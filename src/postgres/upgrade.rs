@@ -50,6 +50,17 @@ pub struct State {
     pub status: Status,
     /// A server ran on the new cluster: a rollback loses what it wrote.
     pub new_started: bool,
+    /// `link`: the archive of the old cluster taken before, what a rollback is once the new
+    /// server has run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<PathBuf>,
+}
+
+/// What the command that asks for an upgrade (`regobox upgrade`) brings to it.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// The archive of the old cluster taken before a linked upgrade.
+    pub backup: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -90,14 +101,19 @@ impl State {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(PostgresError::Io { path, source: e }),
         };
-        let prefix = format!(".{}.pg{}-", name_of(data_dir), state.from);
+        // `.<name>.pg<from>-<time>` (the copy kept), or `.<name>.old-pg<from>-<time>` (a linked
+        // upgrade's old cluster, where its swap set it aside).
+        let prefixes = [
+            format!(".{}.pg{}-", name_of(data_dir), state.from),
+            format!(".{}.old-pg{}-", name_of(data_dir), state.from),
+        ];
+        let file_name = state.old_dir.file_name().and_then(|n| n.to_str());
         let ours = state.old_dir.parent() == Some(parent(data_dir).as_path())
-            && state
-                .old_dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_prefix(&prefix))
-                .is_some_and(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+            && prefixes.iter().any(|prefix| {
+                file_name
+                    .and_then(|n| n.strip_prefix(prefix.as_str()))
+                    .is_some_and(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+            })
             && Major::parse(&state.from).is_some_and(|m| m.to_string() == state.from);
         if !ours {
             return Err(invalid(format!(
@@ -273,6 +289,7 @@ pub fn recover_guarded(data_dir: &Path) -> Result<(), PostgresError> {
             State::remove(data_dir)?;
         }
     }
+    restore_control(data_dir)?;
     // What an interrupted upgrade left: the new cluster, pg_upgrade's work directory, a copy
     // not completed.
     for leftover in [
@@ -285,6 +302,21 @@ pub fn recover_guarded(data_dir: &Path) -> Result<(), PostgresError> {
             tracing::warn!(path = %leftover.display(), "removing what an interrupted upgrade left");
             std::fs::remove_dir_all(&leftover).map_err(io(&leftover))?;
         }
+    }
+    Ok(())
+}
+
+/// pg_upgrade `--link` renames the old cluster's `global/pg_control` to `pg_control.old`, so
+/// that no server starts it while the new cluster shares its files. Where the old cluster is
+/// back in `data_dir` before the new one ever ran (a linked upgrade that failed or was
+/// interrupted before its swap, or a rollback), it is whole: its control file is put back.
+fn restore_control(data_dir: &Path) -> Result<(), PostgresError> {
+    let global = data_dir.join("global");
+    let (control, renamed) = (global.join("pg_control"), global.join("pg_control.old"));
+    if renamed.is_file() && std::fs::symlink_metadata(&control).is_err() {
+        tracing::warn!(data_dir = %data_dir.display(), "putting back the control file a linked upgrade set aside: the new cluster never ran, the old one is whole");
+        std::fs::rename(&renamed, &control).map_err(io(&control))?;
+        crate::volumes::sync_dir(&global).map_err(io(&global))?;
     }
     Ok(())
 }
@@ -496,9 +528,17 @@ pub async fn upgrade(
     from: Major,
     old: &Binaries,
     new: &Binaries,
+    request: Option<&Request>,
 ) -> Result<State, PostgresError> {
     let pg = &config.postgres;
     let data_dir = &pg.data_dir;
+    let backup = request.and_then(|r| r.backup.clone());
+    if pg.upgrade_method == UpgradeMethod::Link && backup.is_none() {
+        return Err(refused(
+            data_dir,
+            "postgres.upgrade_method = \"link\" needs a backup archive of the cluster first: run `regobox upgrade`, which takes it".into(),
+        ));
+    }
     // The copy an earlier upgrade kept is of a major older still: this one replaces it.
     if let Some(earlier) = State::read(data_dir)? {
         if earlier.status == Status::Done && earlier.old_dir.exists() {
@@ -532,29 +572,41 @@ pub async fn upgrade(
                 .map_err(io(data_dir))?;
             }
             made.remove();
+            restore_control(data_dir)?;
             return Err(e);
         }
     };
     fault("upgrade:upgraded");
+    let linked = method == "link";
 
     // What is kept is the copy taken before anything touched the old cluster. The state is
     // written first: a kill before the swap commits leaves it naming an old cluster that the
     // live one still is, which the next start recognises ([`recover`]) and undoes.
     let id = now();
     let state_dir = parent(data_dir);
+    // A linked upgrade keeps the old cluster itself (its files shared with the new one, its
+    // control file renamed by pg_upgrade so no server starts it) where its swap sets it aside.
+    let old_name = if linked {
+        format!(".{}.old-pg{from}-{id}", name_of(data_dir))
+    } else {
+        format!(".{}.pg{from}-{id}", name_of(data_dir))
+    };
     let state = State {
         from: from.to_string(),
         to: new.major.to_string(),
-        old_dir: state_dir.join(format!(".{}.pg{from}-{id}", name_of(data_dir))),
+        old_dir: state_dir.join(old_name),
         method: method.into(),
         at: id,
         status: Status::Done,
         new_started: false,
+        backup,
     };
     state.write(data_dir)?;
     fault("upgrade:state");
-    std::fs::rename(&made.pristine, &state.old_dir).map_err(io(&state.old_dir))?;
-    crate::volumes::sync_dir(&state_dir).map_err(io(&state_dir))?;
+    if !linked {
+        std::fs::rename(&made.pristine, &state.old_dir).map_err(io(&state.old_dir))?;
+        crate::volumes::sync_dir(&state_dir).map_err(io(&state_dir))?;
+    }
     fault("upgrade:kept");
     // The swap: the new cluster in, the one pg_upgrade read removed once committed. A kill
     // before the commit leaves a journal the next start rolls back.
@@ -563,7 +615,7 @@ pub async fn upgrade(
         JOURNAL,
         &format!("pg{from}-{id}"),
         &[(data_dir.clone(), staged.clone())],
-        false,
+        linked,
         &fault,
     )
     .map_err(io(data_dir))?;
@@ -621,16 +673,17 @@ async fn prepare_and_run(
                 ),
             ));
         }
+        (UpgradeMethod::Link, _) => "link",
         (UpgradeMethod::Clone | UpgradeMethod::Auto, true) => "clone",
         _ => "copy",
     };
     // Space: a copy keeps the old cluster as it was (what a rollback puts back), and the new
-    // cluster is another; cloned files take none until written.
+    // cluster is another; cloned files take none until written, linked ones none at all.
     let size = size_of(data_dir);
-    let need = if method == "clone" {
-        64 << 20
-    } else {
+    let need = if method == "copy" {
         2 * size + (64 << 20)
+    } else {
+        64 << 20
     };
     let free = free_bytes(&beside)?;
     if free < need {
@@ -644,9 +697,11 @@ async fn prepare_and_run(
             ),
         ));
     }
-    copy_tree(data_dir, &made.copying).await?;
-    std::fs::rename(&made.copying, &made.pristine).map_err(io(&made.pristine))?;
-    crate::volumes::sync_dir(&beside).map_err(io(&beside))?;
+    if method != "link" {
+        copy_tree(data_dir, &made.copying).await?;
+        std::fs::rename(&made.copying, &made.pristine).map_err(io(&made.pristine))?;
+        crate::volumes::sync_dir(&beside).map_err(io(&beside))?;
+    }
     fault("upgrade:copied");
     let facts = facts(old, data_dir, account).await?;
     if Record::read(data_dir)?.is_none() {
@@ -739,7 +794,11 @@ async fn prepare_and_run(
                 source: e,
             })
     };
-    let flag: &[&str] = if method == "clone" { &["--clone"] } else { &[] };
+    let flag: &[&str] = match method {
+        "clone" => &["--clone"],
+        "link" => &["--link"],
+        _ => &[],
+    };
     let check: Vec<&str> = [&["--check"][..], flag].concat();
     let out = run(pg_upgrade(&check)).await?;
     if !out.status.success() {
@@ -754,6 +813,9 @@ async fn prepare_and_run(
     let reason = match method {
         "clone" => {
             "the file system can clone files: no extra space, nothing of the old cluster written"
+        }
+        "link" => {
+            "postgres.upgrade_method = link: the new cluster hard-links the old one's files; once the new server has run, a rollback is a restore of the archive taken before"
         }
         _ => {
             "the file system cannot clone files (or postgres.upgrade_method = copy): the old cluster's files are copied"
@@ -1034,6 +1096,20 @@ pub fn rollback(data_dir: &Path, force: bool) -> Result<String, PostgresError> {
             ),
         ));
     }
+    if state.new_started && state.method == "link" {
+        return Err(refused(
+            data_dir,
+            format!(
+                "the upgrade linked the old cluster's files into the new one, and a server has run on the new one since: the old cluster cannot be put back. Restore the archive taken before the upgrade ({}) with an image of PostgreSQL {} (`regobox restore`)",
+                state
+                    .backup
+                    .as_ref()
+                    .map(|b| b.display().to_string())
+                    .unwrap_or_else(|| "none was recorded".into()),
+                state.from
+            ),
+        ));
+    }
     if state.new_started && !force {
         return Err(refused(
             data_dir,
@@ -1055,6 +1131,7 @@ pub fn rollback(data_dir: &Path, force: bool) -> Result<String, PostgresError> {
         &fault,
     )
     .map_err(io(data_dir))?;
+    restore_control(data_dir)?;
     state.status = Status::RolledBack;
     state.write(data_dir)?;
     Ok(format!(
@@ -1090,6 +1167,7 @@ mod tests {
             at: 1,
             status: Status::Done,
             new_started: true,
+            backup: None,
         };
         std::fs::write(dir.join(STATE), serde_json::to_vec(&state).unwrap()).unwrap();
         data_dir
@@ -1106,6 +1184,9 @@ mod tests {
             dir.path().join(".pgdata.pg13-1/../victim"),
             dir.path().join(".pgdata.pg13-"),
             dir.path().join(".pgdata.pg11-5"),
+            dir.path().join(".pgdata.old-pg13-"),
+            dir.path().join(".pgdata.old-pg11-5"),
+            dir.path().join(".pgdata.old-pg13-1/../victim"),
         ] {
             let data_dir = state_naming(dir.path(), planted.clone());
             let err = chain(&finish(&data_dir).unwrap_err());
@@ -1117,8 +1198,10 @@ mod tests {
             assert!(recover(&data_dir).is_err());
             assert!(victim.is_dir(), "{planted:?}");
         }
-        let data_dir = state_naming(dir.path(), dir.path().join(".pgdata.pg13-17"));
-        assert!(State::read(&data_dir).unwrap().is_some());
+        for named in [".pgdata.pg13-17", ".pgdata.old-pg13-17"] {
+            let data_dir = state_naming(dir.path(), dir.path().join(named));
+            assert!(State::read(&data_dir).unwrap().is_some(), "{named}");
+        }
     }
 
     #[test]

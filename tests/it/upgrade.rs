@@ -416,3 +416,96 @@ fn an_upgrade_without_the_room_is_refused_changing_nothing() {
     old_binaries(&mut inst);
     inst.sql("SELECT 1");
 }
+
+fn state_of(data: &Path) -> serde_json::Value {
+    serde_json::from_slice(
+        &std::fs::read(data.parent().unwrap().join(".regobox-upgrade.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+/// `postgres.upgrade_method = "link"`: never automatic; `regobox upgrade` takes a backup
+/// archive, then links. Before the new server runs, a rollback puts the old cluster back
+/// (its control file too); after, it is refused, naming the archive. A kill before the swap
+/// leaves the old cluster, which boots.
+#[test]
+fn a_linked_upgrade_takes_a_backup_first_and_is_final_once_the_new_server_ran() {
+    let mut inst = old_cluster();
+    let data = inst.data_dir();
+    let linking = |inst: &mut Instance| {
+        new_binaries(inst);
+        inst.env
+            .push(("REGOBOX_POSTGRES__UPGRADE_METHOD".into(), "link".into()));
+    };
+    linking(&mut inst);
+    let out = inst.output(&["run"]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("never automatic") && stderr(&out).contains("regobox upgrade"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Killed after pg_upgrade linked the files, or halfway through the swap: the old cluster
+    // is in place, whole (its control file back), and boots with its binaries.
+    for point in ["upgrade:upgraded", "upgrade:swap-0"] {
+        linking(&mut inst);
+        inst.env.push(("REGOBOX_FAULT_INJECT".into(), point.into()));
+        assert!(!inst.output(&["upgrade"]).status.success(), "{point}");
+        linking(&mut inst);
+        let out = inst.output(&["psql", "-c", "SELECT 1"]);
+        assert!(
+            stderr(&out).contains("PostgreSQL 13"),
+            "{point}: {}",
+            stderr(&out)
+        );
+        assert!(data.join("global/pg_control").is_file(), "{point}");
+        old_binaries(&mut inst);
+        assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000", "{point}");
+    }
+
+    linking(&mut inst);
+    let out = inst.ok(&["upgrade"]);
+    let log = stderr(&out);
+    assert!(
+        log.contains("backup taken before the linked upgrade"),
+        "{log}"
+    );
+    assert!(log.contains("method=\"link\""), "{log}");
+    let state = state_of(&data);
+    assert_eq!(state["method"], "link");
+    let archive = PathBuf::from(state["backup"].as_str().unwrap());
+    assert!(archive.is_file(), "{}", archive.display());
+    // The archive is of the old major: what a restore with the old image takes.
+    let listed = inst.ok(&["backup", "list"]);
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    let name = archive.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(&name) && l.contains(" 13 ")),
+        "{listed}"
+    );
+
+    // Not run yet: rolled back, the old cluster's control file back, for its binaries.
+    inst.ok(&["upgrade", "--rollback"]);
+    old_binaries(&mut inst);
+    assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000");
+
+    // Upgraded again and run: final. Even --force does not roll back; the archive is named.
+    linking(&mut inst);
+    inst.ok(&["upgrade"]);
+    assert_eq!(
+        inst.sql("INSERT INTO samples(name) VALUES ('new') RETURNING 1"),
+        "1"
+    );
+    let archive = state_of(&data)["backup"].as_str().unwrap().to_string();
+    let out = inst.output(&["upgrade", "--rollback", "--force"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(&archive), "{}", stderr(&out));
+    assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2001");
+    let kept = PathBuf::from(state_of(&data)["old_dir"].as_str().unwrap());
+    inst.ok(&["upgrade", "--finish"]);
+    assert!(!kept.exists());
+    assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2001");
+}
