@@ -806,7 +806,10 @@ async fn prepare_and_run(
             data_dir,
             format!(
                 "pg_upgrade --check refused it:\n{}",
-                tail(&String::from_utf8_lossy(&out.stdout), 25)
+                with_named_files(
+                    &tail(&String::from_utf8_lossy(&out.stdout), 25),
+                    &[&made.work, &made.staged]
+                )
             ),
         ));
     }
@@ -827,7 +830,10 @@ async fn prepare_and_run(
     if !out.status.success() {
         return Err(PostgresError::UpgradeFailed {
             data_dir: data_dir.clone(),
-            reason: tail(&String::from_utf8_lossy(&out.stdout), 25),
+            reason: with_named_files(
+                &tail(&String::from_utf8_lossy(&out.stdout), 25),
+                &[&made.work, &made.staged],
+            ),
         });
     }
     carry_config(data_dir, &made.staged, new, account).await?;
@@ -956,6 +962,36 @@ async fn carry_config(
         );
     }
     Ok(())
+}
+
+/// pg_upgrade's report names files of its work directory or of the new cluster (the list of
+/// what it refused, its logs), which are removed with the refused upgrade: their content (the first lines of each) is
+/// put in the message instead.
+fn with_named_files(report: &str, work: &[&Path]) -> String {
+    let mut out = report.to_string();
+    let mut seen = Vec::new();
+    for word in report.split_whitespace() {
+        let path = Path::new(word.trim_matches(|c| c == '"' || c == '\''));
+        if !work.iter().any(|w| path.starts_with(w)) || seen.contains(&path) {
+            continue;
+        }
+        seen.push(path);
+        if let Ok(text) = std::fs::read_to_string(path) {
+            let lines: Vec<&str> = text.lines().collect();
+            let shown = lines.len().min(20);
+            out.push_str(&format!(
+                "\n{} (removed with the refused upgrade){}:\n{}",
+                path.file_name().unwrap_or_default().to_string_lossy(),
+                if shown < lines.len() {
+                    format!(", first {shown} of {} lines", lines.len())
+                } else {
+                    String::new()
+                },
+                lines[..shown].join("\n")
+            ));
+        }
+    }
+    out
 }
 
 fn tail(text: &str, lines: usize) -> String {

@@ -282,6 +282,23 @@ fn upgrades_that_cannot_be_done_are_refused_changing_nothing() {
     old_binaries(&mut inst);
     inst.sql("DROP EXTENSION regobox_only_in_13");
 
+    // What pg_upgrade --check refuses, with the list it writes in a file (removed with the
+    // refused upgrade) in the message: a postfix operator, which 14 and later do not have.
+    inst.sql("CREATE OPERATOR !!! (LEFTARG = bigint, FUNCTION = factorial)");
+    let untouched = checksums(&data);
+    new_binaries(&mut inst);
+    let out = inst.output(&["init"]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("postfix_ops.txt") && stderr(&out).contains("public.!!!"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(beside(&parent).is_empty(), "{:?}", beside(&parent));
+    assert_eq!(checksums(&data), untouched, "byte for byte as it was");
+    old_binaries(&mut inst);
+    inst.sql("DROP OPERATOR !!! (bigint, NONE)");
+
     // No binaries of the old major: the message names the build argument.
     inst.env = Vec::new();
     let out = inst.output(&["init"]);
