@@ -465,8 +465,14 @@ async fn backup_before_link(
         "postgres.upgrade_method = link: taking a backup archive of the cluster first (the old cluster cannot be put back once the new server has run)"
     );
     let session = Session::open(&at_old, secrets, &loaded.dirs, false, false, "").await?;
+    // In the backups directory, under a name `backup.keep`'s retention does not count (nor
+    // remove): it is the way back for as long as the upgraded cluster lives.
+    let name = format!(
+        "pre-upgrade-pg{major}-{}.tar.zst",
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+    );
     let opts = crate::backup::CreateOptions {
-        output: crate::backup::Output::Default,
+        output: crate::backup::Output::Path(layout.backups.join(name)),
         secrets: true,
         config: true,
     };

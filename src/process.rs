@@ -189,6 +189,23 @@ impl Child {
     }
 }
 
+/// Have `command`'s process killed (SIGKILL) when the thread that starts it ends, as it does
+/// when regobox is killed: for the programs of a step that must not go on without regobox
+/// (an upgrade's initdb and pg_upgrade). Call it after anything that changes the child's
+/// credentials (which clears the setting).
+pub fn die_with_parent(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: runs in the child between fork and exec; it only makes the prctl system call.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// What a finished command printed, and how it ended.
 #[derive(Debug)]
 pub struct Output {

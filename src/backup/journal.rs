@@ -42,6 +42,20 @@ struct Journal {
     /// removed once the swap is committed.
     #[serde(default)]
     keep_old: bool,
+    /// The staged directories stay where they were when an interrupted swap is rolled back,
+    /// instead of being removed: they are what is kept (a rollback's old cluster, the copy an
+    /// upgrade puts back), not something made for the swap.
+    #[serde(default)]
+    keep_staged: bool,
+}
+
+/// What a swap keeps besides the live directories: see [`swap_named`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Keep {
+    /// The replaced directories, once the swap is committed.
+    pub old: bool,
+    /// The staged directories, when an interrupted swap is rolled back.
+    pub staged: bool,
 }
 
 fn restore_name() -> String {
@@ -76,17 +90,17 @@ pub fn swap(
     pairs: &[(PathBuf, PathBuf)],
     fault: &dyn Fn(&str),
 ) -> io::Result<()> {
-    swap_named(root, JOURNAL, id, pairs, false, fault).map(|_| ())
+    swap_named(root, JOURNAL, id, pairs, Keep::default(), fault).map(|_| ())
 }
 
-/// [`swap`] with a journal of another name; with `keep_old`, the replaced directories stay.
-/// Returns where each replaced directory went.
+/// [`swap`] with a journal of another name, keeping what `keep` says. Returns where each
+/// replaced directory went.
 pub fn swap_named(
     root: &Path,
     name: &str,
     id: &str,
     pairs: &[(PathBuf, PathBuf)],
-    keep_old: bool,
+    keep: Keep,
     fault: &dyn Fn(&str),
 ) -> io::Result<Vec<PathBuf>> {
     let swaps: Vec<Swap> = pairs
@@ -109,7 +123,8 @@ pub fn swap_named(
         state: State::Swapping,
         swaps,
         name: name.into(),
-        keep_old,
+        keep_old: keep.old,
+        keep_staged: keep.staged,
     };
     let prefix = if name == JOURNAL {
         "restore"
@@ -181,10 +196,12 @@ pub fn recover_named(root: &Path, name: &str) -> io::Result<Option<&'static str>
                 && p.components()
                     .all(|c| !matches!(c, std::path::Component::ParentDir))
         };
+        // ... and always replaces a directory that was there (a journal saying otherwise would
+        // make the live one read as swapped in, and roll it away).
         if let Some(s) = journal
             .swaps
             .iter()
-            .find(|s| !(inside(&s.live) && inside(&s.staged) && inside(&s.old)))
+            .find(|s| !(inside(&s.live) && inside(&s.staged) && inside(&s.old) && s.had_live))
         {
             return Err(io::Error::other(format!(
                 "{} names {} (or {}, {}), not beside it: not written by regobox; check it by hand",
@@ -219,7 +236,7 @@ pub fn recover_named(root: &Path, name: &str) -> io::Result<Option<&'static str>
                 sync_parent(&s.live)?;
             }
             for s in &journal.swaps {
-                if s.staged.exists() {
+                if !journal.keep_staged && s.staged.exists() {
                     let _ = std::fs::remove_dir_all(&s.staged);
                 }
             }

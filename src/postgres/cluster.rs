@@ -193,6 +193,39 @@ pub fn clear_stale_pid(dir: &Path) -> Result<(), PostgresError> {
     std::fs::remove_file(&path).map_err(|source| PostgresError::Io { path, source })
 }
 
+/// Kill a postgres serving `dir` (its `postmaster.pid` names a live postgres working there),
+/// and wait for it to end: a server pg_upgrade started on a directory regobox is about to
+/// remove, orphaned when regobox was killed. Its backends end with it.
+pub fn kill_server_in(dir: &Path) {
+    let Ok(text) = std::fs::read_to_string(dir.join("postmaster.pid")) else {
+        return;
+    };
+    let Some(pid) = text
+        .lines()
+        .next()
+        .and_then(|l| l.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    // A single-user backend (initdb's, regobox's own readings) writes its pid negated.
+    let pid = pid.abs();
+    if pid <= 1 || !matches!(live_postgres_on(pid, dir), Liveness::Serving) {
+        return;
+    }
+    tracing::warn!(pid, dir = %dir.display(), "killing a PostgreSQL server an interrupted upgrade left running");
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    for _ in 0..100 {
+        if !proc_dir.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 enum Liveness {
     NotPostgres(&'static str),
     Serving,

@@ -50,6 +50,8 @@ pub enum PostgresError {
         "the PostgreSQL cluster in {data_dir} was not upgraded, nothing of it changed: {reason}"
     )]
     UpgradeRefused { data_dir: PathBuf, reason: String },
+    #[error("nothing was rolled back in {data_dir}, nothing of it changed: {reason}")]
+    RollbackRefused { data_dir: PathBuf, reason: String },
     #[error(
         "pg_upgrade failed on {data_dir}; the old cluster is in place and unchanged, what the upgrade made is removed: {reason}"
     )]
@@ -188,6 +190,7 @@ impl PostgresError {
             | PostgresError::BadUrl { .. }
             | PostgresError::Unadoptable { .. }
             | PostgresError::UpgradeRefused { .. }
+            | PostgresError::RollbackRefused { .. }
             | PostgresError::NeedsUpgrade { .. }
             | PostgresError::WrongMajor { .. } => exit::DATA,
             _ => exit::FAILURE,

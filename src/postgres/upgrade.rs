@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use super::PostgresError;
 use super::binaries::{Binaries, Major};
 use super::cluster::{self, Record};
+use crate::backup::journal::Keep;
 use crate::config::{Config, UpgradeMethod};
 use crate::process::fault;
 use crate::users::Account;
@@ -223,6 +224,11 @@ pub fn recover(data_dir: &Path) -> Result<(), PostgresError> {
 /// [`recover`], the [`Guard`] held.
 pub fn recover_guarded(data_dir: &Path) -> Result<(), PostgresError> {
     let dir = parent(data_dir);
+    // Temporary files of a state or journal write that did not complete (ENOSPC, a kill):
+    // never read, only replaced.
+    for tmp in [format!("{JOURNAL}.tmp"), format!("{STATE}.tmp")] {
+        let _ = std::fs::remove_file(dir.join(tmp));
+    }
     let anything = [
         dir.join(JOURNAL),
         dir.join(STATE),
@@ -232,9 +238,19 @@ pub fn recover_guarded(data_dir: &Path) -> Result<(), PostgresError> {
         copying_dir(data_dir),
     ]
     .iter()
-    .any(|p| std::fs::symlink_metadata(p).is_ok());
+    .any(|p| std::fs::symlink_metadata(p).is_ok())
+        || !finishing_dirs(data_dir).is_empty();
     if !anything {
         return Ok(());
+    }
+    // pg_upgrade's servers (on the old cluster and the new one) outlive a regobox killed
+    // mid-upgrade: stopped before anything is moved under them. A server that a running
+    // regobox owns is left alone (it holds the data directory's lock).
+    if staged_dir(data_dir).exists() || work_dir(data_dir).exists() {
+        cluster::kill_server_in(&staged_dir(data_dir));
+        if !cluster::is_locked(data_dir) {
+            cluster::kill_server_in(data_dir);
+        }
     }
     match crate::backup::journal::recover_named(&dir, JOURNAL) {
         Ok(Some(what)) => {
@@ -257,47 +273,81 @@ pub fn recover_guarded(data_dir: &Path) -> Result<(), PostgresError> {
             JOURNAL,
             &format!("putback-{}", now()),
             &[(data_dir.to_path_buf(), copy.to_path_buf())],
-            false,
+            Keep {
+                old: false,
+                staged: true,
+            },
             &fault,
         )
         .map(|_| ())
         .map_err(io(data_dir))
     };
     let live_major = match cluster::inspect(data_dir)? {
-        cluster::DataDirState::Cluster(m) => Some(m.to_string()),
+        cluster::DataDirState::Cluster(m) => Some(m),
         _ => None,
     };
     // The copy is complete under either name (it gets the first only once made).
     let state = State::read(data_dir)?;
+    let from = state.as_ref().and_then(|st| Major::parse(&st.from));
     let interrupted = match &state {
-        Some(st) if st.status == Status::Done => {
-            !st.new_started && live_major.as_deref() == Some(st.from.as_str())
-        }
-        // No upgrade under way had written its state yet (or the last one was rolled back).
+        Some(st) if st.status == Status::Done => !st.new_started && live_major == from,
+        // No upgrade under way had written its state yet, or a rollback did not complete (its
+        // state is written before its swap), or the last one was rolled back.
         _ => live_major.is_some(),
     };
+    let mut suspect = Vec::new();
     if interrupted {
-        let kept = state.as_ref().map(|st| st.old_dir.clone());
-        if let Some(copy) = [Some(pristine_dir(data_dir)), kept]
-            .into_iter()
-            .flatten()
-            .find(|p| p.is_dir())
-        {
-            put_back(&copy)?;
+        // The untouched copy of the live cluster (the same system), or the cluster the upgrade
+        // kept (of the major it upgraded from). Anything else under those names is not put in
+        // place of the live cluster, nor removed: it is named for a person to check.
+        let live_system = live_major.and_then(|m| whole_cluster(data_dir, m).ok());
+        let candidates = [
+            live_major.map(|m| (pristine_dir(data_dir), m, live_system)),
+            // Kept by a copy-mode upgrade that did not reach its swap, or by an upgrade whose
+            // rollback did not complete (the live cluster is the new one).
+            state
+                .as_ref()
+                .zip(from)
+                .filter(|(st, f)| st.status == Status::Done || live_major != Some(*f))
+                .map(|(st, f)| {
+                    let same = (live_major == Some(f)).then_some(live_system).flatten();
+                    (st.old_dir.clone(), f, same)
+                }),
+        ];
+        for (copy, major, system) in candidates.into_iter().flatten() {
+            if std::fs::symlink_metadata(&copy).is_err() {
+                continue;
+            }
+            match whole_cluster(&copy, major) {
+                Ok(id) if system.is_none_or(|s| s == id) => {
+                    put_back(&copy)?;
+                    break;
+                }
+                Ok(_) => suspect.push((copy, "a cluster of another system".to_string())),
+                Err(why) => suspect.push((copy, why)),
+            }
         }
         if state.as_ref().is_some_and(|st| st.status == Status::Done) {
             State::remove(data_dir)?;
         }
     }
+    for (copy, why) in &suspect {
+        tracing::warn!(data_dir = %data_dir.display(), path = %copy.display(), why, "not put back in place of the cluster, nor removed: it is not the copy an upgrade made of it; check it by hand");
+    }
     restore_control(data_dir)?;
     // What an interrupted upgrade left: the new cluster, pg_upgrade's work directory, a copy
     // not completed.
-    for leftover in [
+    let mut leftovers = vec![
         staged_dir(data_dir),
         work_dir(data_dir),
         pristine_dir(data_dir),
         copying_dir(data_dir),
-    ] {
+    ];
+    leftovers.extend(finishing_dirs(data_dir));
+    for leftover in leftovers {
+        if suspect.iter().any(|(p, _)| *p == leftover) {
+            continue;
+        }
         if leftover.exists() {
             tracing::warn!(path = %leftover.display(), "removing what an interrupted upgrade left");
             std::fs::remove_dir_all(&leftover).map_err(io(&leftover))?;
@@ -326,6 +376,32 @@ fn name_of(data_dir: &Path) -> String {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "pgdata".into())
+}
+
+/// Where `--finish` moves the kept old cluster to remove it.
+fn finishing_dir(data_dir: &Path, at: u64) -> PathBuf {
+    parent(data_dir).join(format!(
+        ".regobox-upgrade-finishing-{}-{at}",
+        name_of(data_dir)
+    ))
+}
+
+/// What `--finish` left to remove (a kill interrupted it), by the names it gives.
+fn finishing_dirs(data_dir: &Path) -> Vec<PathBuf> {
+    let prefix = format!(".regobox-upgrade-finishing-{}-", name_of(data_dir));
+    std::fs::read_dir(parent(data_dir))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    e.file_name().to_str().is_some_and(|n| {
+                        n.strip_prefix(&prefix)
+                            .is_some_and(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+                    })
+                })
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn staged_dir(data_dir: &Path) -> PathBuf {
@@ -458,6 +534,41 @@ async fn copy_tree(from: &Path, to: &Path) -> Result<(), PostgresError> {
 }
 
 /// Why an upgrade is refused, before anything changed.
+fn refused_rollback(data_dir: &Path, reason: String) -> PostgresError {
+    PostgresError::RollbackRefused {
+        data_dir: data_dir.to_path_buf(),
+        reason,
+    }
+}
+
+/// Whether `dir` is a whole cluster of `major` (its version file says so, its control file is
+/// there, under its own name or the one a linked upgrade gives it), and the identifier of the
+/// system it belongs to (the first 8 bytes of the control file).
+fn whole_cluster(dir: &Path, major: Major) -> Result<u64, String> {
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| format!("{e}"))?;
+    if !meta.is_dir() {
+        return Err("not a directory".into());
+    }
+    let version =
+        std::fs::read_to_string(dir.join("PG_VERSION")).map_err(|e| format!("PG_VERSION: {e}"))?;
+    if Major::parse(version.trim()) != Some(major) {
+        return Err(format!("PG_VERSION says {}", version.trim()));
+    }
+    let global = dir.join("global");
+    let control = [global.join("pg_control"), global.join("pg_control.old")]
+        .into_iter()
+        .find_map(|p| std::fs::read(p).ok())
+        .ok_or("no control file")?;
+    let id: [u8; 8] = control
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or("a control file too short")?;
+    if !global.join("pg_filenode.map").is_file() || !dir.join("base").is_dir() {
+        return Err("global/pg_filenode.map or base/ is missing".into());
+    }
+    Ok(u64::from_ne_bytes(id))
+}
+
 fn refused(data_dir: &Path, reason: String) -> PostgresError {
     PostgresError::UpgradeRefused {
         data_dir: data_dir.to_path_buf(),
@@ -566,7 +677,10 @@ pub async fn upgrade(
                     JOURNAL,
                     &format!("pg{from}-refused-{}", now()),
                     &[(data_dir.clone(), made.pristine.clone())],
-                    false,
+                    Keep {
+                        old: false,
+                        staged: true,
+                    },
                     &fault,
                 )
                 .map_err(io(data_dir))?;
@@ -615,7 +729,10 @@ pub async fn upgrade(
         JOURNAL,
         &format!("pg{from}-{id}"),
         &[(data_dir.clone(), staged.clone())],
-        linked,
+        Keep {
+            old: linked,
+            staged: false,
+        },
         &fault,
     )
     .map_err(io(data_dir))?;
@@ -746,6 +863,7 @@ async fn prepare_and_run(
         initdb.arg("--no-data-checksums");
     }
     account.apply(&mut initdb);
+    crate::process::die_with_parent(&mut initdb);
     let out = crate::process::output(&mut initdb)
         .await
         .map_err(io(&new.path("initdb")))?;
@@ -784,6 +902,9 @@ async fn prepare_and_run(
             .env("LC_ALL", "C")
             .current_dir(&made.work);
         account.apply(&mut c);
+        // Killed with regobox (its servers, started through pg_ctl, are not its children: the
+        // next start's recovery kills one left on either cluster).
+        crate::process::die_with_parent(&mut c);
         c
     };
     let run = |mut c: std::process::Command| async move {
@@ -1106,10 +1227,20 @@ pub fn finish(data_dir: &Path) -> Result<String, PostgresError> {
     if state.status != Status::Done {
         return Ok("the last upgrade was rolled back: nothing to finish".into());
     }
+    // Out of the state's reach first: a kill while it is being removed leaves a directory
+    // named for removal (which the next start finishes removing), never a half-removed
+    // cluster that a rollback would put back.
+    let removing = finishing_dir(data_dir, state.at);
     if state.old_dir.exists() {
-        std::fs::remove_dir_all(&state.old_dir).map_err(io(&state.old_dir))?;
+        std::fs::rename(&state.old_dir, &removing).map_err(io(&state.old_dir))?;
+        let dir = parent(data_dir);
+        crate::volumes::sync_dir(&dir).map_err(io(&dir))?;
     }
     State::remove(data_dir)?;
+    fault("upgrade:finishing");
+    if removing.exists() {
+        std::fs::remove_dir_all(&removing).map_err(io(&removing))?;
+    }
     Ok(format!(
         "removed the PostgreSQL {} cluster kept at {}",
         state.from,
@@ -1121,10 +1252,13 @@ pub fn finish(data_dir: &Path) -> Result<String, PostgresError> {
 /// lock, no server runs). After the new server ran, only with `force`: its writes are lost.
 pub fn rollback(data_dir: &Path, force: bool) -> Result<String, PostgresError> {
     let Some(mut state) = State::read(data_dir)? else {
-        return Err(refused(data_dir, "there is no upgrade to roll back".into()));
+        return Err(refused_rollback(
+            data_dir,
+            "there is no upgrade to roll back".into(),
+        ));
     };
     if state.status != Status::Done || !state.old_dir.is_dir() {
-        return Err(refused(
+        return Err(refused_rollback(
             data_dir,
             format!(
                 "the old cluster is not kept (at {}): nothing to roll back to",
@@ -1133,7 +1267,7 @@ pub fn rollback(data_dir: &Path, force: bool) -> Result<String, PostgresError> {
         ));
     }
     if state.new_started && state.method == "link" {
-        return Err(refused(
+        return Err(refused_rollback(
             data_dir,
             format!(
                 "the upgrade linked the old cluster's files into the new one, and a server has run on the new one since: the old cluster cannot be put back. Restore the archive taken before the upgrade ({}) with an image of PostgreSQL {} (`regobox restore`)",
@@ -1147,7 +1281,7 @@ pub fn rollback(data_dir: &Path, force: bool) -> Result<String, PostgresError> {
         ));
     }
     if state.new_started && !force {
-        return Err(refused(
+        return Err(refused_rollback(
             data_dir,
             format!(
                 "a server has run on the upgraded cluster since the upgrade ({}): everything written to it since would be lost. Take a backup first (`regobox backup`) and run `regobox upgrade --rollback --force` to roll back anyway",
@@ -1157,19 +1291,38 @@ pub fn rollback(data_dir: &Path, force: bool) -> Result<String, PostgresError> {
             ),
         ));
     }
+    // What is put back must be the cluster the upgrade kept, whole: anything else (a directory
+    // an interrupted `--finish` half removed, one put there by hand) is refused, and the live
+    // cluster stays.
+    let from = Major::parse(&state.from).unwrap_or(Major(0, 0));
+    if let Err(why) = whole_cluster(&state.old_dir, from) {
+        return Err(refused_rollback(
+            data_dir,
+            format!(
+                "{} is not the PostgreSQL {} cluster the upgrade kept ({why}): check it by hand",
+                state.old_dir.display(),
+                state.from
+            ),
+        ));
+    }
+    // Recorded first: a kill during the swap leaves a state that says rolled back, which the
+    // next start completes (the kept cluster put back) rather than forgets.
+    state.status = Status::RolledBack;
+    state.write(data_dir)?;
     let id = format!("pg{}-rollback-{}", state.to, now());
     crate::backup::journal::swap_named(
         &parent(data_dir),
         JOURNAL,
         &id,
         &[(data_dir.to_path_buf(), state.old_dir.clone())],
-        false,
+        Keep {
+            old: false,
+            staged: true,
+        },
         &fault,
     )
     .map_err(io(data_dir))?;
     restore_control(data_dir)?;
-    state.status = Status::RolledBack;
-    state.write(data_dir)?;
     Ok(format!(
         "the PostgreSQL {} cluster is back in {}; the upgraded one is removed{}. `regobox run` does not upgrade it again on its own: `regobox upgrade` does",
         state.from,
@@ -1268,5 +1421,54 @@ mod tests {
         let err = chain(&recover(&data_dir).unwrap_err());
         assert!(err.contains("not beside it"), "{err}");
         assert!(victim.is_dir());
+    }
+
+    /// The attacker's journal: every path beside the data directory, but saying the live
+    /// directory was not there, which would make the live cluster read as swapped in and be
+    /// rolled away and removed.
+    #[test]
+    fn a_journal_that_would_roll_the_live_cluster_away_is_not_acted_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("pgdata");
+        std::fs::create_dir(&data_dir).unwrap();
+        std::fs::write(data_dir.join("PG_VERSION"), "15\n").unwrap();
+        std::fs::write(
+            dir.path().join(JOURNAL),
+            serde_json::json!({
+                "id": "1",
+                "state": "swapping",
+                "name": JOURNAL,
+                "keep_old": false,
+                "swaps": [{
+                    "live": data_dir,
+                    "staged": dir.path().join(".regobox-upgrade-pgdata"),
+                    "old": dir.path().join(".pgdata.old-1"),
+                    "had_live": false
+                }]
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let err = chain(&recover(&data_dir).unwrap_err());
+        assert!(err.contains("not written by regobox"), "{err}");
+        assert!(data_dir.join("PG_VERSION").is_file());
+    }
+
+    /// Only a whole cluster of the expected major is put anywhere: a half-removed one (an
+    /// interrupted `--finish`) or an empty directory is not.
+    #[test]
+    fn whole_clusters_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = dir.path().join("c");
+        assert!(whole_cluster(&c, Major(13, 0)).is_err());
+        std::fs::create_dir_all(c.join("global")).unwrap();
+        std::fs::create_dir_all(c.join("base")).unwrap();
+        std::fs::write(c.join("PG_VERSION"), "13\n").unwrap();
+        assert!(whole_cluster(&c, Major(13, 0)).is_err(), "no control file");
+        std::fs::write(c.join("global/pg_control.old"), 7u64.to_ne_bytes()).unwrap();
+        assert!(whole_cluster(&c, Major(13, 0)).is_err(), "no filenode map");
+        std::fs::write(c.join("global/pg_filenode.map"), b"x").unwrap();
+        assert_eq!(whole_cluster(&c, Major(13, 0)), Ok(7));
+        assert!(whole_cluster(&c, Major(15, 0)).is_err(), "another major");
     }
 }

@@ -494,14 +494,11 @@ fn a_linked_upgrade_takes_a_backup_first_and_is_final_once_the_new_server_ran() 
     let archive = PathBuf::from(state["backup"].as_str().unwrap());
     assert!(archive.is_file(), "{}", archive.display());
     // The archive is of the old major: what a restore with the old image takes.
-    let listed = inst.ok(&["backup", "list"]);
-    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
-    let name = archive.file_name().unwrap().to_string_lossy().into_owned();
+    let verified = inst.ok(&["backup", "verify", archive.to_str().unwrap()]);
     assert!(
-        listed
-            .lines()
-            .any(|l| l.starts_with(&name) && l.contains(" 13 ")),
-        "{listed}"
+        String::from_utf8_lossy(&verified.stdout).contains("PostgreSQL 13"),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
     );
 
     // Not run yet: rolled back, the old cluster's control file back, for its binaries.
@@ -517,6 +514,11 @@ fn a_linked_upgrade_takes_a_backup_first_and_is_final_once_the_new_server_ran() 
         "1"
     );
     let archive = state_of(&data)["backup"].as_str().unwrap().to_string();
+    // backup.keep's retention does not remove it.
+    inst.env.push(("REGOBOX_BACKUP__KEEP".into(), "1".into()));
+    inst.ok(&["backup"]);
+    inst.ok(&["backup"]);
+    assert!(Path::new(&archive).is_file(), "pruned by backup.keep");
     let out = inst.output(&["upgrade", "--rollback", "--force"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains(&archive), "{}", stderr(&out));
@@ -525,4 +527,153 @@ fn a_linked_upgrade_takes_a_backup_first_and_is_final_once_the_new_server_ran() 
     inst.ok(&["upgrade", "--finish"]);
     assert!(!kept.exists());
     assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2001");
+}
+
+/// The attacker's ways around an upgrade's keeping (issue 15's review): a `--finish` killed
+/// while it removes the old cluster, then a rollback, must not put a half-removed cluster in
+/// place of the live one; a rollback killed halfway through its swap is completed by the next
+/// command, not lost; a directory planted under the name of the untouched copy is not put in
+/// place of the live cluster.
+#[test]
+fn a_kill_during_finish_or_rollback_and_planted_copies_lose_nothing() {
+    let mut inst = old_cluster();
+    let data = inst.data_dir();
+    let parent = data.parent().unwrap().to_path_buf();
+    let listing = |p: &Path| {
+        let mut names: Vec<String> = std::fs::read_dir(p)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        names.sort();
+        names
+    };
+    new_binaries(&mut inst);
+    inst.ok(&["init"]);
+
+    // A rollback killed halfway through its swap: the next command completes it.
+    inst.env
+        .push(("REGOBOX_FAULT_INJECT".into(), "upgrade:swap-0".into()));
+    let out = inst.output(&["upgrade", "--rollback", "--force"]);
+    assert!(!out.status.success(), "the fault did not fire");
+    new_binaries(&mut inst);
+    let out = inst.output(&["psql", "-c", "SELECT 1"]);
+    assert!(stderr(&out).contains("PostgreSQL 13"), "{}", stderr(&out));
+    assert_eq!(
+        std::fs::read_to_string(data.join("PG_VERSION"))
+            .unwrap()
+            .trim(),
+        "13"
+    );
+    old_binaries(&mut inst);
+    assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000");
+    // ... and it stays rolled back: `run` does not upgrade it again on its own.
+    new_binaries(&mut inst);
+    let out = inst.output(&["init"]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(stderr(&out).contains("rolled back"), "{}", stderr(&out));
+
+    // A --finish killed while it removes the old cluster: no rollback to what is left of it.
+    inst.ok(&["upgrade"]);
+    inst.env
+        .push(("REGOBOX_FAULT_INJECT".into(), "upgrade:finishing".into()));
+    assert!(!inst.output(&["upgrade", "--finish"]).status.success());
+    new_binaries(&mut inst);
+    let out = inst.output(&["upgrade", "--rollback", "--force"]);
+    assert!(!out.status.success(), "rolled back to a removed cluster");
+    assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000");
+    assert_eq!(listing(&parent), Vec::<String>::new(), "left behind");
+
+    // A directory under the untouched copy's name that is not a copy of this cluster (another
+    // cluster, a half one): neither put in place of the live cluster nor removed.
+    let planted = parent.join(".regobox-upgrade-old-pgdata");
+    std::fs::create_dir_all(planted.join("global")).unwrap();
+    std::fs::write(planted.join("PG_VERSION"), "15\n").unwrap();
+    std::fs::write(planted.join("global/pg_control"), [0u8; 8192]).unwrap();
+    let out = inst.output(&["psql", "-c", "SELECT 1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("check it by hand"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000");
+    assert!(planted.join("PG_VERSION").is_file());
+}
+
+/// The postgres processes working in `dir` (their working directory), found in /proc.
+fn servers_in(dir: &Path) -> Vec<i32> {
+    let want = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == want)
+                && std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .collect()
+}
+
+/// `kill -9` of regobox while pg_upgrade runs its new server (real timing, outside a
+/// container, where nothing else kills what regobox started): pg_upgrade dies with it, the
+/// next command kills the server it left on the new cluster before removing it, and the old
+/// cluster boots.
+#[test]
+fn a_kill_9_while_pg_upgrade_runs_leaves_no_server_behind() {
+    let mut inst = old_cluster();
+    let data = inst.data_dir();
+    let staged = data.parent().unwrap().join(".regobox-upgrade-pgdata");
+    new_binaries(&mut inst);
+    let mut child = inst
+        .command(&["upgrade"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // A server's pid file (a positive pid: initdb's single-user backend writes its negated).
+    let server_pid = || {
+        std::fs::read_to_string(staged.join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next()?.trim().parse::<i32>().ok())
+            .is_some_and(|p| p > 0)
+    };
+    while !server_pid() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pg_upgrade never started its new server"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the upgrade ended first"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let pg_upgrades: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("cmdline")).ok())
+        .filter(|c| {
+            c.starts_with(&pg13().parent().unwrap().display().to_string())
+                || c.contains("pg_upgrade\0")
+        })
+        .filter(|c| c.contains(&data.display().to_string()))
+        .collect();
+    assert!(
+        pg_upgrades.is_empty(),
+        "pg_upgrade outlived regobox: {pg_upgrades:?}"
+    );
+
+    let out = inst.output(&["psql", "-c", "SELECT 1"]);
+    assert!(stderr(&out).contains("PostgreSQL 13"), "{}", stderr(&out));
+    assert!(!staged.exists());
+    assert!(servers_in(&staged).is_empty());
+    old_binaries(&mut inst);
+    assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000");
 }
