@@ -50,7 +50,8 @@ elapsed() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.1f", b - a}'; }
 mib() { awk -v b="$1" 'BEGIN {printf "%.0f", b / 1048576}'; }
 used() { df -B1 --output=used "$WORK" | tail -1; }
 
-# `regobox run` on volume $1 (more env in the caller's), until ready; the seconds it took.
+# `regobox run` on volume $1 (more env in the caller's), until ready; the seconds it took in
+# READY (not printed: a command substitution would run it in a subshell, and PID with it).
 run_until_ready() {
     local log="$2" t0 t1
     t0=$(secs)
@@ -61,7 +62,7 @@ run_until_ready() {
         sleep 0.05
     done
     t1=$(secs)
-    elapsed "$t0" "$t1"
+    READY=$(elapsed "$t0" "$t1")
 }
 stop_run() { kill -TERM "$PID"; wait "$PID" || true; PID=; }
 
@@ -71,7 +72,7 @@ peak_watch() { local peak=0 u; while kill -0 "$1" 2>/dev/null; do u=$(used); [ "
 SRC="$WORK/src"
 echo "preparing: a PostgreSQL 13 cluster, pgbench scale $SCALE..." >&2
 export REGOBOX_POSTGRES__BIN_DIR="$PG13"
-run_until_ready "$SRC" "$WORK/prepare.log" > /dev/null
+run_until_ready "$SRC" "$WORK/prepare.log"
 export PGPASSWORD="$(cat "$SRC/secrets/postgres-password")"
 "$BINDIR/pgbench" -h "$WORK/run/postgresql" -p "$PORT" -U app -i -q -s "$SCALE" app > /dev/null 2>&1
 DB_BYTES=$("$BINDIR/psql" -h "$WORK/run/postgresql" -p "$PORT" -U app -XAtc "select pg_database_size('app')" app)
@@ -111,19 +112,21 @@ bench_method() {
     took=$(elapsed "$t0" "$t1")
     # The application's wait: the upgrade, then the start until ready (the statistics are
     # gathered after, in the background).
-    start=$(run_until_ready "$vol" "$WORK/$method-run.log")
+    run_until_ready "$vol" "$WORK/$method-run.log"
+    start=$READY
     stop_run
     check_rows "$vol" "$method"
-    printf '%s %s %s %s %s\n' "$took" "$(mib $((after - before)))" "$(mib $((peak - before)))" \
-        "$(awk -v a="$took" -v b="$start" 'BEGIN {printf "%.1f", a + b}')" "$start"
+    RESULT="$took $(mib $((after - before))) $(mib $((peak - before))) $(awk -v a="$took" -v b="$start" 'BEGIN {printf "%.1f", a + b}') $start"
     unset REGOBOX_POSTGRES__UPGRADE_METHOD
     rm -rf "$vol"
 }
 
 echo "regobox copy..." >&2
-read -r COPY_T COPY_END COPY_PEAK COPY_DOWN COPY_START < <(bench_method copy)
+bench_method copy
+read -r COPY_T COPY_END COPY_PEAK COPY_DOWN COPY_START <<< "$RESULT"
 echo "regobox link..." >&2
-read -r LINK_T LINK_END LINK_PEAK LINK_DOWN LINK_START < <(bench_method link)
+bench_method link
+read -r LINK_T LINK_END LINK_PEAK LINK_DOWN LINK_START <<< "$RESULT"
 LINK_BACKUP=$(grep -o 'backup taken before the linked upgrade' "$WORK/link.log" >/dev/null && echo yes)
 
 # Baseline: pg_dump -Fc from the old server, initdb of the new major, pg_restore, start.
@@ -134,14 +137,14 @@ chown postgres "$BASE"
 before=$(used)
 t0=$(secs)
 export REGOBOX_POSTGRES__BIN_DIR="$PG13"
-run_until_ready "$SRC" "$WORK/base-old.log" > /dev/null
+run_until_ready "$SRC" "$WORK/base-old.log"
 "$BINDIR/pg_dump" -h "$WORK/run/postgresql" -p "$PORT" -U app -Fc -f "$BASE/db.dump" app
 stop_run
 unset REGOBOX_POSTGRES__BIN_DIR
 BASE_PGDATA="$BASE/pgdata"
 su postgres -c "$BINDIR/initdb -D $BASE_PGDATA -E UTF8 --data-checksums -A trust" > "$WORK/base-initdb.log"
 su postgres -c "$BINDIR/pg_ctl -D $BASE_PGDATA -o '-p $PORT -k $BASE -c listen_addresses=' -l $BASE/server.log -w start" > /dev/null
-su postgres -c "$BINDIR/createdb -h $BASE -p $PORT app"
+su postgres -c "$BINDIR/createuser -h $BASE -p $PORT app && $BINDIR/createdb -h $BASE -p $PORT -O app app"
 "$BINDIR/pg_restore" -h "$BASE" -p "$PORT" -U postgres -d app "$BASE/db.dump"
 t1=$(secs)
 sync
