@@ -239,7 +239,8 @@ pub fn recover_guarded(data_dir: &Path) -> Result<(), PostgresError> {
     ]
     .iter()
     .any(|p| std::fs::symlink_metadata(p).is_ok())
-        || !finishing_dirs(data_dir).is_empty();
+        || !finishing_dirs(data_dir).is_empty()
+        || control_set_aside(data_dir);
     if !anything {
         return Ok(());
     }
@@ -296,7 +297,9 @@ pub fn recover_guarded(data_dir: &Path) -> Result<(), PostgresError> {
         _ => live_major.is_some(),
     };
     let mut suspect = Vec::new();
-    if interrupted {
+    // The untouched copy exists only until the upgrade renames it to what it keeps: wherever it
+    // is, putting it back is right.
+    if interrupted || pristine_dir(data_dir).exists() {
         // The untouched copy of the live cluster (the same system), or the cluster the upgrade
         // kept (of the major it upgraded from). Anything else under those names is not put in
         // place of the live cluster, nor removed: it is named for a person to check.
@@ -308,6 +311,7 @@ pub fn recover_guarded(data_dir: &Path) -> Result<(), PostgresError> {
             state
                 .as_ref()
                 .zip(from)
+                .filter(|_| interrupted)
                 .filter(|(st, f)| st.status == Status::Done || live_major != Some(*f))
                 .map(|(st, f)| {
                     let same = (live_major == Some(f)).then_some(live_system).flatten();
@@ -327,7 +331,7 @@ pub fn recover_guarded(data_dir: &Path) -> Result<(), PostgresError> {
                 Err(why) => suspect.push((copy, why)),
             }
         }
-        if state.as_ref().is_some_and(|st| st.status == Status::Done) {
+        if interrupted && state.as_ref().is_some_and(|st| st.status == Status::Done) {
             State::remove(data_dir)?;
         }
     }
@@ -360,10 +364,16 @@ pub fn recover_guarded(data_dir: &Path) -> Result<(), PostgresError> {
 /// that no server starts it while the new cluster shares its files. Where the old cluster is
 /// back in `data_dir` before the new one ever ran (a linked upgrade that failed or was
 /// interrupted before its swap, or a rollback), it is whole: its control file is put back.
+fn control_set_aside(data_dir: &Path) -> bool {
+    let global = data_dir.join("global");
+    global.join("pg_control.old").is_file()
+        && std::fs::symlink_metadata(global.join("pg_control")).is_err()
+}
+
 fn restore_control(data_dir: &Path) -> Result<(), PostgresError> {
     let global = data_dir.join("global");
     let (control, renamed) = (global.join("pg_control"), global.join("pg_control.old"));
-    if renamed.is_file() && std::fs::symlink_metadata(&control).is_err() {
+    if control_set_aside(data_dir) {
         tracing::warn!(data_dir = %data_dir.display(), "putting back the control file a linked upgrade set aside: the new cluster never ran, the old one is whole");
         std::fs::rename(&renamed, &control).map_err(io(&control))?;
         crate::volumes::sync_dir(&global).map_err(io(&global))?;
@@ -650,11 +660,14 @@ pub async fn upgrade(
             "postgres.upgrade_method = \"link\" needs a backup archive of the cluster first: run `regobox upgrade`, which takes it".into(),
         ));
     }
-    // The copy an earlier upgrade kept is of a major older still: this one replaces it.
+    // The cluster an earlier upgrade kept is of a major older still: this one replaces it,
+    // finished as `--finish` does (out of a rollback's reach, its state removed, then removed),
+    // so that no state names a half-removed cluster, nor hides this upgrade's copy from the
+    // recovery of an interruption.
     if let Some(earlier) = State::read(data_dir)? {
-        if earlier.status == Status::Done && earlier.old_dir.exists() {
+        if earlier.status == Status::Done {
             tracing::warn!(old = %earlier.old_dir.display(), from = %earlier.from, "removing the cluster an earlier upgrade kept");
-            std::fs::remove_dir_all(&earlier.old_dir).map_err(io(&earlier.old_dir))?;
+            finish(data_dir)?;
         }
     }
     let staged = staged_dir(data_dir);
@@ -685,8 +698,10 @@ pub async fn upgrade(
                 )
                 .map_err(io(data_dir))?;
             }
-            made.remove();
+            // The control file first: once what the upgrade made is gone, nothing would tell
+            // the next start that a linked upgrade had set it aside.
             restore_control(data_dir)?;
+            made.remove();
             return Err(e);
         }
     };
@@ -1452,6 +1467,24 @@ mod tests {
         let err = chain(&recover(&data_dir).unwrap_err());
         assert!(err.contains("not written by regobox"), "{err}");
         assert!(data_dir.join("PG_VERSION").is_file());
+    }
+
+    /// A linked upgrade that failed after pg_upgrade set the old cluster's control file aside,
+    /// and was killed once what it made was removed: nothing else says so, and the next start
+    /// still puts the control file back.
+    #[test]
+    fn a_control_file_set_aside_alone_is_put_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("pgdata");
+        std::fs::create_dir_all(data_dir.join("global")).unwrap();
+        std::fs::write(data_dir.join("PG_VERSION"), "13\n").unwrap();
+        std::fs::write(data_dir.join("global/pg_control.old"), b"control").unwrap();
+        recover(&data_dir).unwrap();
+        assert_eq!(
+            std::fs::read(data_dir.join("global/pg_control")).unwrap(),
+            b"control"
+        );
+        assert!(!data_dir.join("global/pg_control.old").exists());
     }
 
     /// Only a whole cluster of the expected major is put anywhere: a half-removed one (an

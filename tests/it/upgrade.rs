@@ -677,3 +677,53 @@ fn a_kill_9_while_pg_upgrade_runs_leaves_no_server_behind() {
     old_binaries(&mut inst);
     assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000");
 }
+
+/// An upgrade over the cluster an earlier upgrade kept (13 kept, 15 to 18) retires it as
+/// `--finish` does: killed meanwhile, no rollback is offered to what is left of it, the live
+/// cluster is whole, and the upgrade then goes through.
+#[test]
+fn an_upgrade_over_a_kept_cluster_retires_it_first() {
+    let mut inst = old_cluster();
+    let data = inst.data_dir();
+    new_binaries(&mut inst);
+    inst.ok(&["init"]);
+    let kept = PathBuf::from(
+        serde_json::from_slice::<serde_json::Value>(
+            &std::fs::read(data.parent().unwrap().join(".regobox-upgrade.json")).unwrap(),
+        )
+        .unwrap()["old_dir"]
+            .as_str()
+            .unwrap(),
+    );
+    let to_18 = |inst: &mut Instance| {
+        inst.env = vec![
+            (
+                "REGOBOX_POSTGRES__BIN_DIR".into(),
+                pg18().display().to_string(),
+            ),
+            (
+                "REGOBOX_POSTGRES__OLD_BIN_DIRS".into(),
+                format!("[\"{}\"]", pg13().display()),
+            ),
+        ];
+    };
+    to_18(&mut inst);
+    inst.env
+        .push(("REGOBOX_FAULT_INJECT".into(), "upgrade:finishing".into()));
+    assert!(!inst.output(&["upgrade"]).status.success());
+    to_18(&mut inst);
+    let out = inst.output(&["upgrade", "--rollback", "--force"]);
+    assert!(!out.status.success(), "a rollback to a retired cluster");
+    assert!(!kept.exists());
+    new_binaries(&mut inst);
+    assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000");
+    to_18(&mut inst);
+    inst.ok(&["upgrade"]);
+    assert_eq!(
+        std::fs::read_to_string(data.join("PG_VERSION"))
+            .unwrap()
+            .trim(),
+        "18"
+    );
+    assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000");
+}
