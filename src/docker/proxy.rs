@@ -338,8 +338,15 @@ impl Proxy {
                     .await
             }
             Endpoint::ImageCreate => {
-                let q = query::parse(&raw_query, "an image create", query::IMAGE_CREATE)?;
-                let (reference, q) = self.check_image_create(q).await?;
+                let judged = async {
+                    let q = query::parse(&raw_query, "an image create", query::IMAGE_CREATE)?;
+                    self.check_image_create(q).await
+                }
+                .await;
+                let (reference, q) = match judged {
+                    Ok(judged) => judged,
+                    Err(refusal) => return Err(self.after_body(req, refusal).await),
+                };
                 let req = if q.get("fromSrc") == Some("-") {
                     req.map(boxed)
                 } else {
@@ -546,25 +553,34 @@ impl Proxy {
             Endpoint::ContainerOp => {
                 let reference = &captures[0];
                 let op = operation(&normalized, "/containers/");
-                let q = query::parse(
-                    &raw_query,
-                    &format!(
-                        "{method} /containers/{{id}}/{}",
-                        op.as_deref().unwrap_or("")
-                    ),
-                    query::container_op(&method, op.as_deref()),
-                )?;
-                query::check_container_op(&q)?;
-                let (id, inspected) = self.owned_container(reference).await?;
-                // The engine mounts the binds on these: hold their paths still until it answers.
-                let mounts = matches!(
-                    op.as_deref(),
-                    Some("start") | Some("restart") | Some("archive")
-                );
-                let _frozen = if mounts {
-                    Some(self.freeze_binds(&id, &inspected).await?)
-                } else {
-                    None
+                let judged = async {
+                    let q = query::parse(
+                        &raw_query,
+                        &format!(
+                            "{method} /containers/{{id}}/{}",
+                            op.as_deref().unwrap_or("")
+                        ),
+                        query::container_op(&method, op.as_deref()),
+                    )?;
+                    query::check_container_op(&q)?;
+                    let (id, inspected) = self.owned_container(reference).await?;
+                    // The engine mounts the binds on these: hold their paths still until it
+                    // answers.
+                    let mounts = matches!(
+                        op.as_deref(),
+                        Some("start") | Some("restart") | Some("archive")
+                    );
+                    let frozen = if mounts {
+                        Some(self.freeze_binds(&id, &inspected).await?)
+                    } else {
+                        None
+                    };
+                    Ok::<_, Refusal>((q, id, frozen))
+                }
+                .await;
+                let (q, id, _frozen) = match judged {
+                    Ok(judged) => judged,
+                    Err(refusal) => return Err(self.after_body(req, refusal).await),
                 };
                 let path = match &op {
                     Some(op) => format!("/containers/{id}/{op}"),
@@ -760,6 +776,24 @@ impl Proxy {
             response,
             object: q.get("t").map(str::to_string),
         })
+    }
+
+    /// A refusal decided before the request's body was read: the body (an import's tar, a
+    /// copy's archive, which the client may still be writing) is read to its end first, up to
+    /// `docker.max_build_context`, so that the client gets the refusal as the reason rather
+    /// than a broken pipe.
+    async fn after_body(&self, req: Request<Incoming>, refusal: Refusal) -> Refusal {
+        let mut body = req.into_body();
+        let mut total: u64 = 0;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(data) = frame.data_ref() {
+                total += data.len() as u64;
+                if total > self.max_build_context {
+                    break;
+                }
+            }
+        }
+        refusal
     }
 
     /// The request body in an unnamed file of the spool directory, bounded.

@@ -228,6 +228,37 @@ pub(crate) fn raw(socket: &Path, request: &str) -> (u16, String) {
     raw_bytes(socket, request.as_bytes())
 }
 
+/// `request` (its first line) with a body of `len` bytes written in 1 MiB pieces, 10 ms apart,
+/// every piece of which must be taken; then the answer's status and body.
+pub(crate) fn refused_while_writing(socket: &Path, request: &str, len: usize) -> (u16, String) {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let head = format!(
+        "{request}\r\nHost: docker\r\nContent-Type: application/x-tar\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let piece = vec![0u8; 1 << 20];
+    let mut sent = 0;
+    while sent < len {
+        let n = piece.len().min(len - sent);
+        if let Err(e) = s.write_all(&piece[..n]) {
+            panic!("{request}: the connection was closed after {sent} of {len} bytes: {e}");
+        }
+        sent += n;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
 /// [`raw`] for a request holding binary data (a tar).
 pub(crate) fn raw_bytes(socket: &Path, request: &[u8]) -> (u16, String) {
     let mut s = UnixStream::connect(socket).unwrap();
@@ -447,28 +478,26 @@ fn what_others_created_is_invisible() {
     assert!(!b.cli(&["image", "inspect", &other_image]).status.success());
     let out = b.cli(&["run", "--rm", &other_image, "true"]);
     assert!(!out.status.success(), "ran someone else's image");
-    // An import under their tag, with a body the client is still writing when the tag is
-    // judged: refused with the reason (not a broken pipe), their tag where it was.
+    // An import under their tag, and a copy into their container, with a body the client is
+    // still writing when the refusal is decided: the whole body is taken, then the refusal
+    // given as the reason (not a connection closed under the client: a broken pipe).
     let before = image_id(&other_image);
-    let bulk = b.inst.dir.path().join("bulk.tar");
-    let mut bytes = vec![0u8; 32 << 20];
-    std::fs::File::open("/dev/urandom")
-        .unwrap()
-        .read_exact(&mut bytes)
-        .unwrap();
-    std::fs::write(&bulk, bytes).unwrap();
-    let out = Command::new("docker")
-        .args(["import", "-", &other_image])
-        .env("DOCKER_HOST", format!("unix://{}", b.socket.display()))
-        .env("DOCKER_CONFIG", &b.docker_config)
-        .stdin(std::fs::File::open(&bulk).unwrap())
-        .output()
-        .unwrap();
-    assert!(
-        !out.status.success() && stderr(&out).contains("is not this instance's"),
-        "{}",
-        stderr(&out)
-    );
+    for (request, says) in [
+        (
+            format!("POST /v1.41/images/create?fromSrc=-&repo={other_image} HTTP/1.1"),
+            "is not this instance's",
+        ),
+        (
+            format!("PUT /v1.41/containers/{other}/archive?path=/tmp HTTP/1.1"),
+            "No such container",
+        ),
+    ] {
+        let (status, body) = refused_while_writing(&b.socket, &request, 16 << 20);
+        assert!(
+            (400..500).contains(&status) && body.contains(says),
+            "{request}: {status} {body}"
+        );
+    }
     assert_eq!(image_id(&other_image), before);
 
     // An image built through the proxy (its context uploaded) is labelled, hence usable.
