@@ -7,21 +7,13 @@
 # Usage: scripts/bench-idle.sh [CONNECTIONS (10000)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/bench-lib.sh
 N="${1:-10000}"
-for tool in nginx:nginx-light haproxy:haproxy; do
-    command -v "${tool%%:*}" >/dev/null 2>&1 || MISSING="${MISSING:-} ${tool#*:}"
-done
-if [ -n "${MISSING:-}" ]; then
-    SUDO=""; [ "$(id -u)" != 0 ] && SUDO=sudo
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $MISSING
-fi
+bench_need nginx:nginx-light haproxy:haproxy
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 # haproxy takes two descriptors per connection it allows.
 HAP_MAXCONN=$(( ($(ulimit -n) - 200) / 2 ))
-# BENCH_BIN: a regobox binary built already (else the release build of this tree).
-if [ -z "${BENCH_BIN:-}" ]; then cargo build --release -q; fi
-BIN="${BENCH_BIN:-$PWD/target/release/regobox}"
+bench_bin
 WORK="$(mktemp -d /tmp/regobox-bench-idle.XXXXXX)"
 chmod 755 "$WORK"
 cleanup() {
@@ -36,20 +28,7 @@ cleanup() {
 trap cleanup EXIT
 base=$(( 20000 + RANDOM % 20000 ))
 UP=$base; NGX=$((base + 1)); HAP=$((base + 2)); RBX=$((base + 3)); PG=$((base + 4)); HEALTH=$((base + 5))
-BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
-mkdir -p "$WORK/ngx-up" "$WORK/ngx"
-cat > "$WORK/upstream.conf" <<CONF
-worker_processes 1;
-pid $WORK/upstream.pid;
-error_log $WORK/ngx-up/error.log;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/ngx-up;
-    proxy_temp_path $WORK/ngx-up; fastcgi_temp_path $WORK/ngx-up; uwsgi_temp_path $WORK/ngx-up; scgi_temp_path $WORK/ngx-up;
-    server { listen 127.0.0.1:$UP; location / { default_type text/plain; return 200 '$BODY'; } }
-}
-CONF
+mkdir -p "$WORK/ngx"
 cat > "$WORK/nginx.conf" <<CONF
 worker_processes 1;
 worker_rlimit_nofile 1048576;
@@ -101,7 +80,7 @@ idle_timeout = "300s"
 [docker]
 enabled = false
 TOML
-nginx -c "$WORK/upstream.conf" -e "$WORK/ngx-up/error.log"
+bench_upstream "$WORK" "$UP"
 nginx -c "$WORK/nginx.conf" -e "$WORK/ngx/error.log"
 haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy-access.log" 2>&1 &
 HAPPID=$!

@@ -10,23 +10,16 @@
 # nbthread 1, regobox proxy.workers 1) pinned to the first core, the clients (one thread) and the
 # upstream on the second.
 # Needs nginx-light, haproxy, wrk and nghttp2-client (h2load): installed if missing.
-# Usage: [ONE_CORE=1] scripts/bench-proxy.sh [SECONDS (5)] [CONNECTIONS (32)] [RUNS (10)]
+# Usage: [ONE_CORE=1] [BENCH_BIN=path] scripts/bench-proxy.sh [SECONDS (5)] [CONNECTIONS (32)] [RUNS (10)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/bench-lib.sh
 DURATION="${1:-5}"
 CONNS="${2:-32}"
 REPEAT="${3:-10}"
 ONE_CORE="${ONE_CORE:-0}"
-for tool in nginx:nginx-light haproxy:haproxy wrk:wrk h2load:nghttp2-client openssl:openssl; do
-    command -v "${tool%%:*}" >/dev/null 2>&1 || MISSING="${MISSING:-} ${tool#*:}"
-done
-if [ -n "${MISSING:-}" ]; then
-    SUDO=""; [ "$(id -u)" != 0 ] && SUDO=sudo
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $MISSING
-fi
-cargo build --release -q
-BIN="$PWD/target/release/regobox"
+bench_need nginx:nginx-light haproxy:haproxy wrk:wrk h2load:nghttp2-client openssl:openssl
+bench_bin
 WORK="$(mktemp -d /tmp/regobox-bench-proxy.XXXXXX)"
 chmod 755 "$WORK"
 PIDS=()
@@ -51,29 +44,10 @@ else
     NGX_WORKERS=auto; HAP_THREADS=""; RBX_WORKERS=0
 fi
 
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-    -subj /CN=localhost -addext subjectAltName=DNS:localhost \
-    -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
-BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
+bench_cert "$WORK"
 
-# The upstream, and nginx as the proxy: two nginx instances with their own configs.
-mkdir -p "$WORK/ngx-up" "$WORK/ngx"
-cat > "$WORK/upstream.conf" <<CONF
-worker_processes 1;
-pid $WORK/upstream.pid;
-error_log $WORK/ngx-up/error.log;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/ngx-up;
-    proxy_temp_path $WORK/ngx-up; fastcgi_temp_path $WORK/ngx-up; uwsgi_temp_path $WORK/ngx-up; scgi_temp_path $WORK/ngx-up;
-    keepalive_requests 1000000;
-    server {
-        listen 127.0.0.1:$UP;
-        location / { default_type text/plain; return 200 '$BODY'; }
-    }
-}
-CONF
+# nginx as the proxy (the upstream is another nginx, started below).
+mkdir -p "$WORK/ngx"
 cat > "$WORK/nginx.conf" <<CONF
 worker_processes $NGX_WORKERS;
 pid $WORK/nginx.pid;
@@ -133,27 +107,12 @@ backend app
     server app 127.0.0.1:$UP
 CONF
 
-"${CLIENT_CPU[@]}" nginx -c "$WORK/upstream.conf" -e "$WORK/ngx-up/error.log"
+bench_upstream "$WORK" "$UP" "${CLIENT_CPU[@]}"
 "${PROXY_CPU[@]}" nginx -c "$WORK/nginx.conf" -e "$WORK/ngx/error.log"
 "${PROXY_CPU[@]}" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy-access.log" 2>&1 &
 HAPPID=$!
 
-mkdir -p "$WORK/config"
-cat > "$WORK/config/50_bench.toml" <<TOML
-[proxy]
-listen = "127.0.0.1"
-http_port = $RBX80
-https_port = $RBX
-upstream = "http://127.0.0.1:$UP"
-# nginx's "keepalive 256" above.
-upstream_keepalive = 256
-workers = $RBX_WORKERS
-[proxy.tls]
-cert = "$WORK/cert.pem"
-key = "$WORK/key.pem"
-[docker]
-enabled = false
-TOML
+bench_regobox_config "$WORK" "$RBX" "$RBX80" "$UP" "$RBX_WORKERS"
 REGOBOX_VOLUMES__ROOT="$WORK/vol" REGOBOX_RUNTIME_DIR="$WORK/run" REGOBOX_POSTGRES__PORT="$PG" \
 REGOBOX_SUPERVISION__LISTEN=127.0.0.1 REGOBOX_SUPERVISION__PORT="$HEALTH" \
     "${PROXY_CPU[@]}" "$BIN" --config-dir "$WORK/config" run >"$WORK/regobox.log" 2>&1 &
@@ -167,6 +126,8 @@ sleep 1
 
 ngx_pids() { echo "$(cat "$WORK/nginx.pid") $(pgrep -P "$(cat "$WORK/nginx.pid")" | tr '\n' ' ')"; }
 ticks() { local t=0; for p in $1; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
+# The system (kernel) part of those.
+sys_ticks() { local t=0; for p in $1; do t=$((t + $(awk '{print $15}' "/proc/$p/stat"))); done; echo $t; }
 rss_kib() { local r=0; for p in $1; do r=$((r + $(awk '/VmRSS/ {print $2}' "/proc/$p/status"))); done; echo $r; }
 anon_kib() { local r=0; for p in $1; do r=$((r + $(awk '/RssAnon/ {print $2}' "/proc/$p/status"))); done; echo $r; }
 HZ=$(getconf CLK_TCK)
@@ -176,15 +137,17 @@ p99_h2load() { sort -n -k3 "$1" | awk '{a[NR]=$3} END {i = int(NR * 0.99); if (i
 wrk_p99() { awk '$1 == "99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v*=1000}; printf "%.2f", v}'; }
 wrk_rps() { awk '/^Requests\/sec/ {printf "%.0f", $2}'; }
 wrk_n() { awk '/requests in/ {print $1}'; }
+wrk_bad() { awk '/Non-2xx or 3xx responses:/ {n = $5} END {print n + 0}'; }
 
-# One load against one proxy; prints "requests/s p99-ms cpu-µs-per-request".
+# One load against one proxy; prints "requests/s p99-ms cpu-µs-per-request answers-not-2xx
+# system-cpu-µs-per-request".
 load() { # kind port pids
-    local kind=$1 port=$2 pids=$3 t0 t1 out n rps p99
-    t0=$(ticks "$pids")
+    local kind=$1 port=$2 pids=$3 t0 t1 out n rps p99 bad
+    t0=$(ticks "$pids"); s0=$(sys_ticks "$pids")
     case $kind in
     h1)
         out=$("${CLIENT_CPU[@]}" wrk -t"$CLIENT_THREADS" -c"$CONNS" -d"${DURATION}s" --latency "https://localhost:$port/")
-        n=$(echo "$out" | wrk_n); rps=$(echo "$out" | wrk_rps); p99=$(echo "$out" | wrk_p99) ;;
+        n=$(echo "$out" | wrk_n); rps=$(echo "$out" | wrk_rps); p99=$(echo "$out" | wrk_p99); bad=$(echo "$out" | wrk_bad) ;;
     h1b | h2)
         # h1b: the h1 load from h2load, whose per-request log gives the p99 as for HTTP/2.
         # h2load appends to its log: each run starts from an empty one.
@@ -193,13 +156,15 @@ load() { # kind port pids
         out=$("${CLIENT_CPU[@]}" h2load "${proto[@]}" -c"$CONNS" -t"$CLIENT_THREADS" -D"$DURATION" --log-file="$WORK/h2.log" "https://localhost:$port/" 2>&1)
         n=$(echo "$out" | awk '/^requests:/ {print $8}')
         rps=$(echo "$out" | awk '/^finished in/ {gsub(/,/,""); printf "%.0f", $4}')
-        p99=$(p99_h2load "$WORK/h2.log") ;;
+        p99=$(p99_h2load "$WORK/h2.log")
+        bad=$(echo "$out" | awk '/^status codes:/ {gsub(/,/,""); print $5 + $7 + $9}') ;;
     tls)
         out=$("${CLIENT_CPU[@]}" wrk -t"$CLIENT_THREADS" -c"$CONNS" -d"${DURATION}s" --latency -H "Connection: close" "https://localhost:$port/")
-        n=$(echo "$out" | wrk_n); rps=$(echo "$out" | wrk_rps); p99=$(echo "$out" | wrk_p99) ;;
+        n=$(echo "$out" | wrk_n); rps=$(echo "$out" | wrk_rps); p99=$(echo "$out" | wrk_p99); bad=$(echo "$out" | wrk_bad) ;;
     esac
-    t1=$(ticks "$pids")
-    echo "$rps $p99 $(awk -v t=$((t1 - t0)) -v n="$n" -v hz="$HZ" 'BEGIN {printf "%.1f", 1e6 * t / hz / n}')"
+    t1=$(ticks "$pids"); s1=$(sys_ticks "$pids")
+    echo "$rps $p99 $(awk -v t=$((t1 - t0)) -v n="$n" -v hz="$HZ" 'BEGIN {printf "%.1f", 1e6 * t / hz / n}') ${bad:-0}" \
+        "$(awk -v t=$((s1 - s0)) -v n="$n" -v hz="$HZ" 'BEGIN {printf "%.1f", 1e6 * t / hz / n}')"
 }
 
 # The median of each column over the runs (one line per run).
@@ -234,16 +199,17 @@ label() {
     tls) echo "new TLS connection per request" ;;
     esac
 }
-echo "| load | proxy | requests/s | p99 | CPU per request | p99 of each run (ms) |"
-echo "|---|---|---|---|---|---|"
+echo "| load | proxy | requests/s | p99 | CPU per request (of which system) | p99 of each run (ms) | answers not 2xx (all runs) |"
+echo "|---|---|---|---|---|---|---|"
 declare -A MEDIAN
 for kind in h1 h1b h2 tls; do
     label=$(label "$kind")
     for name in "${PROXIES[@]}"; do
-        read -r rps p99 cpu < <(printf "%s" "${RESULTS[$name,$kind]}" | median)
+        read -r rps p99 cpu _ sys < <(printf "%s" "${RESULTS[$name,$kind]}" | median)
+        bad=$(printf "%s" "${RESULTS[$name,$kind]}" | awk '{n += $4} END {print n + 0}')
         MEDIAN[$name,$kind]=$rps
         runs=$(printf "%s" "${RESULTS[$name,$kind]}" | awk '{printf "%s%s", (NR > 1 ? " " : ""), $2}')
-        printf "| %s | %s | %s | %s ms | %s µs | %s |\n" "$label" "$name" "$rps" "$p99" "$cpu" "$runs"
+        printf "| %s | %s | %s | %s ms | %s µs (%s) | %s | %s |\n" "$label" "$name" "$rps" "$p99" "$cpu" "$sys" "$runs" "$bad"
     done
 done
 echo
@@ -257,7 +223,7 @@ for kind in h1 h1b h2 tls; do
     [ "${MEDIAN[haproxy,$kind]}" -gt "${MEDIAN[nginx,$kind]}" ] && best=haproxy
     ratio=$(awk -v a="${MEDIAN[regobox,$kind]}" -v b="${MEDIAN[$best,$kind]}" 'BEGIN {printf "%.2fx", a / b}')
     wins=$(paste -d' ' <(printf "%s" "${RESULTS[nginx,$kind]}") <(printf "%s" "${RESULTS[haproxy,$kind]}") <(printf "%s" "${RESULTS[regobox,$kind]}") |
-        awk '{n++; if ($7 > $1 && $7 > $4) r++} END {printf "%d of %d", r, n}')
+        awk '{k = NF / 3; n++; if ($(2 * k + 1) > $1 && $(2 * k + 1) > $(k + 1)) r++} END {printf "%d of %d", r, n}')
     printf "| %s | %s | %s | %s |\n" "$(label "$kind")" "$best" "$ratio" "$wins"
 done
 echo
