@@ -61,8 +61,10 @@ impl ConnCtx {
         Error = Infallible,
         Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
     > + Clone {
+        // One pointer to clone per request, not each of the context's own.
+        let this = Arc::new(self);
         hyper::service::service_fn(move |req| {
-            let ctx = self.clone();
+            let ctx = this.clone();
             // Boxed: hyper moves the future several times on its way into a task (one per
             // HTTP/2 stream); a pointer is cheaper to move than the request's whole state.
             Box::pin(async move { Ok::<_, Infallible>(ctx.handle(req).await) })
@@ -88,25 +90,23 @@ impl ConnCtx {
         let mut upstream_time = None;
         // The connection to the application this request holds, if it is forwarded.
         let mut lease: Option<Lease> = None;
+        // The fields looked at below, found in one pass.
+        let fields = Fields::of(req.headers());
         // The last request of an HTTP/1.1 connection unless it becomes a tunnel (see
         // `framing`): nothing after it is read as a request.
-        let asks_upgrade = version != Version::HTTP_2
-            && (req.headers().contains_key(header::UPGRADE) || method == Method::CONNECT);
+        let asks_upgrade =
+            version != Version::HTTP_2 && (fields.upgrade || method == Method::CONNECT);
 
         let response = 'done: {
             // Both framings at once: ambiguous (request smuggling); refused, connection closed.
-            let h = req.headers();
-            if self.signals.seen()
-                || (h.contains_key(header::TRANSFER_ENCODING)
-                    && h.contains_key(header::CONTENT_LENGTH))
-            {
+            if self.signals.seen() || (fields.transfer_encoding && fields.content_length) {
                 break 'done closing(page(
                     StatusCode::BAD_REQUEST,
                     "Bad request",
                     "The request has both Content-Length and Transfer-Encoding.",
                 ));
             }
-            if let Some(r) = refused(&req) {
+            if let Some(r) = refused(&req, &fields) {
                 break 'done r;
             }
             // `*` is the target of `OPTIONS *` alone (RFC 9112 3.2.4), which asks about the
@@ -129,9 +129,7 @@ impl ConnCtx {
             // hyper bounds its read buffer, not exactly the head: count it.
             let head: usize = path.as_str().len()
                 + req.uri().authority().map_or(0, |a| a.as_str().len())
-                + h.iter()
-                    .map(|(n, v)| n.as_str().len() + v.len() + 4)
-                    .sum::<usize>();
+                + fields.bytes;
             if head > cfg.max_header_bytes {
                 break 'done closing(page(
                     StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -142,7 +140,8 @@ impl ConnCtx {
                     ),
                 ));
             }
-            let host = request_host(&req).unwrap_or_else(|| cfg.hostnames[0].clone());
+            let host = request_host(req.uri(), fields.host.as_ref())
+                .unwrap_or_else(|| cfg.hostnames[0].clone());
             let uri_path = target.path();
             if !self.https {
                 if let Some(token) = uri_path.strip_prefix(acme::CHALLENGE_PREFIX) {
@@ -237,18 +236,31 @@ impl ConnCtx {
                     break 'done r;
                 }
             }
-            let upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+            let upgrade = (fields.upgrade && wants_upgrade(req.headers()))
+                .then(|| hyper::upgrade::on(&mut req));
             let (mut parts, body) = req.into_parts();
-            let upgrade_proto = parts.headers.get(header::UPGRADE).cloned();
-            strip_hop_by_hop(&mut parts.headers);
+            let upgrade_proto = upgrade
+                .as_ref()
+                .and_then(|_| parts.headers.get(header::UPGRADE).cloned());
+            if fields.hop_by_hop {
+                strip_hop_by_hop(&mut parts.headers);
+            }
             if let (Some(_), Some(proto)) = (&upgrade, upgrade_proto) {
                 parts
                     .headers
                     .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                 parts.headers.insert(header::UPGRADE, proto);
             }
-            self.forwarded_headers(&mut parts.headers, &host);
-            if let Ok(v) = HeaderValue::from_str(&host_with_port(&parts.uri, &parts.headers, &host))
+            self.forwarded_headers(&mut parts.headers, &host, fields.forwarding);
+            // The Host field for the application: what the client asked for (host and port),
+            // as it came when it came in a Host field (and a `Connection` option did not take
+            // it away: then the host alone, as when there was none).
+            let authority = parts.uri.authority().map(|a| a.as_str());
+            let host_kept = fields.host.is_some()
+                && (!fields.hop_by_hop || parts.headers.contains_key(header::HOST));
+            if let Some(v) = authority
+                .or((!host_kept).then_some(host.as_str()))
+                .and_then(|h| HeaderValue::from_str(h).ok())
             {
                 parts.headers.insert(header::HOST, v);
             }
@@ -262,7 +274,12 @@ impl ConnCtx {
             // When the request last moved: the wait for the answer counts from there.
             let moved = progress::Mark::new();
             let mut client_body_stalled = None;
-            let body = if version == Version::HTTP_2 && is_bodyless(&parts) {
+            let body = if version == Version::HTTP_2
+                && !fields.content_length
+                && matches!(
+                    parts.method,
+                    Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+                ) {
                 super::empty()
             } else {
                 let failed = client_body_failed.clone();
@@ -286,7 +303,7 @@ impl ConnCtx {
                         Box::new(e) as BoxError
                     })
                     .boxed();
-                let body = progress::Deadline::new(
+                let mut body = progress::Deadline::new(
                     Gather::new(incoming),
                     cfg.client_body_timeout,
                     Some(moved.clone()),
@@ -491,12 +508,11 @@ impl ConnCtx {
 
     /// X-Forwarded-For/-Proto/-Host and Forwarded, set by regobox; kept and extended only when
     /// the peer is a trusted proxy.
-    fn forwarded_headers(&self, headers: &mut HeaderMap, host: &str) {
+    /// `present`: the request has one of the [`is_forwarding`] fields.
+    fn forwarded_headers(&self, headers: &mut HeaderMap, host: &str, present: bool) {
         let peer = canonical(self.peer.ip());
         let proto = if self.https { "https" } else { "http" };
         let trusted = self.shared.trusted.iter().any(|c| c.contains(peer));
-        // One pass over the names, no hashing, for the usual request that has none of them.
-        let present = headers.keys().any(|k| FORWARDING.contains(k));
         // What earlier proxies said, removed from the request either way.
         let mut take = |name: &HeaderName| -> Option<String> {
             let header::Entry::Occupied(e) = headers.entry(name) else {
@@ -580,13 +596,15 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-static FORWARDING: [HeaderName; 5] = [
-    HeaderName::from_static("x-forwarded-for"),
-    HeaderName::from_static("x-forwarded-proto"),
-    HeaderName::from_static("x-forwarded-host"),
-    header::FORWARDED,
-    HeaderName::from_static("x-real-ip"),
-];
+/// The fields by which proxies say whom they forward for (see `ConnCtx::forwarded_headers`):
+/// a match on the name's text (a switch on its length, then a comparison), made for every field
+/// of every request.
+fn is_forwarding(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host" | "forwarded" | "x-real-ip"
+    )
+}
 
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
@@ -606,12 +624,46 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// GET/HEAD/DELETE/OPTIONS over HTTP/2 without a body: sent upstream without one.
-fn is_bodyless(parts: &hyper::http::request::Parts) -> bool {
-    matches!(
-        parts.method,
-        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
-    ) && !parts.headers.contains_key(header::CONTENT_LENGTH)
+/// What a request's head holds of the fields the proxy looks at, found in one pass over them
+/// (no hashing: most requests have none of those that need a closer look).
+#[derive(Debug, Default)]
+struct Fields {
+    /// The first `Host` field, and how many there are.
+    host: Option<HeaderValue>,
+    hosts: usize,
+    transfer_encoding: bool,
+    content_length: bool,
+    upgrade: bool,
+    /// One of [`is_hop_by_hop`] (`Connection` among them).
+    hop_by_hop: bool,
+    /// One of [`is_forwarding`].
+    forwarding: bool,
+    /// The fields' size as hyper read them (name, `: `, value, CRLF).
+    bytes: usize,
+}
+
+impl Fields {
+    fn of(headers: &HeaderMap) -> Fields {
+        let mut f = Fields::default();
+        for (name, value) in headers {
+            f.bytes += name.as_str().len() + value.len() + 4;
+            if name == header::HOST {
+                f.hosts += 1;
+                if f.host.is_none() {
+                    f.host = Some(value.clone());
+                }
+            } else if name == header::CONTENT_LENGTH {
+                f.content_length = true;
+            } else if is_hop_by_hop(name) {
+                f.hop_by_hop = true;
+                f.transfer_encoding |= name == header::TRANSFER_ENCODING;
+                f.upgrade |= name == header::UPGRADE;
+            } else if is_forwarding(name) {
+                f.forwarding = true;
+            }
+        }
+        f
+    }
 }
 
 /// A request no application behind this proxy gets, answered here: CONNECT (this is not a
@@ -692,7 +744,9 @@ fn plain_path_matches(path: &str, prefix: &str) -> bool {
 /// left as it came. The same `path` when it has none.
 fn without_dot_segments(path: &PathAndQuery) -> PathAndQuery {
     let p = path.path();
-    if !p.split('/').any(|seg| seg == "." || seg == "..") {
+    // A dot segment follows a slash (a `PathAndQuery` starts with one, or is `*`): most paths
+    // have no "/." at all.
+    if !p.contains("/.") || !p.split('/').any(|seg| seg == "." || seg == "..") {
         return path.clone();
     }
     let mut out: Vec<&str> = Vec::new();
@@ -744,7 +798,7 @@ const METHODS: [&str; 17] = [
 ];
 const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH";
 
-fn refused<B>(req: &Request<B>) -> Option<Response<Body>> {
+fn refused<B>(req: &Request<B>, fields: &Fields) -> Option<Response<Body>> {
     let (status, title, text) = if !METHODS.contains(&req.method().as_str()) {
         (
             StatusCode::NOT_IMPLEMENTED,
@@ -760,7 +814,11 @@ fn refused<B>(req: &Request<B>) -> Option<Response<Body>> {
             "Not implemented",
             "This server does not take CONNECT requests.".to_string(),
         )
-    } else if let Some(coding) = unsupported_coding(req.headers()) {
+    } else if let Some(coding) = fields
+        .transfer_encoding
+        .then(|| unsupported_coding(req.headers()))
+        .flatten()
+    {
         (
             StatusCode::NOT_IMPLEMENTED,
             "Not implemented",
@@ -769,13 +827,13 @@ fn refused<B>(req: &Request<B>) -> Option<Response<Body>> {
                 escape(&coding.chars().take(40).collect::<String>())
             ),
         )
-    } else if repeated_chunked(req.headers()) {
+    } else if fields.transfer_encoding && repeated_chunked(req.headers()) {
         (
             StatusCode::BAD_REQUEST,
             "Bad request",
             "The request is chunked more than once.".to_string(),
         )
-    } else if let Some(why) = bad_host(req) {
+    } else if let Some(why) = bad_host(req, fields) {
         (StatusCode::BAD_REQUEST, "Bad request", why.to_string())
     } else {
         return None;
@@ -814,14 +872,13 @@ fn repeated_chunked(headers: &HeaderMap) -> bool {
 }
 
 /// What is wrong with the request's `Host` header, if anything.
-fn bad_host<B>(req: &Request<B>) -> Option<&'static str> {
-    let mut hosts = req.headers().get_all(header::HOST).iter();
-    match (hosts.next(), hosts.next()) {
-        (Some(_), Some(_)) => Some("The request has more than one Host header."),
-        (None, _) if req.version() == Version::HTTP_11 && req.uri().authority().is_none() => {
+fn bad_host<B>(req: &Request<B>, fields: &Fields) -> Option<&'static str> {
+    match &fields.host {
+        Some(_) if fields.hosts > 1 => Some("The request has more than one Host header."),
+        None if req.version() == Version::HTTP_11 && req.uri().authority().is_none() => {
             Some("An HTTP/1.1 request must have a Host header.")
         }
-        (Some(v), None) if !v.is_empty() && !valid_host(v.as_bytes()) => {
+        Some(v) if !v.is_empty() && !valid_host(v.as_bytes()) => {
             Some("The Host header is not a host name with an optional port.")
         }
         _ => None,
@@ -856,40 +913,27 @@ fn valid_host(value: &[u8]) -> bool {
     host_ok && port_ok
 }
 
-/// The host the client asked for, without a port: `:authority` (HTTP/2) or `Host`.
-fn request_host<B>(req: &Request<B>) -> Option<String> {
-    let raw = req
-        .uri()
-        .authority()
-        .map(|a| a.host().to_string())
-        .or_else(|| {
-            let h = req.headers().get(header::HOST)?.to_str().ok()?;
-            let h = h.trim();
-            Some(if h.starts_with('[') {
-                h.split(']').next().map(|s| format!("{s}]"))?
+/// The host the client asked for, without a port: `:authority` (HTTP/2, or an absolute-form
+/// target) or the `Host` field (`host`).
+fn request_host(uri: &Uri, host: Option<&HeaderValue>) -> Option<String> {
+    let raw = match uri.authority() {
+        Some(a) => a.host(),
+        None => {
+            let h = host?.to_str().ok()?.trim();
+            if h.starts_with('[') {
+                // `[v6]` with its bracket.
+                &h[..h.find(']').map_or(h.len(), |i| i + 1)]
             } else {
-                h.split(':').next()?.to_string()
-            })
-        })?;
+                h.split(':').next()?
+            }
+        }
+    };
     let ok = !raw.is_empty()
         && raw.len() <= 253
-        && raw
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':' | '_'));
+        && raw.bytes().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'[' | b']' | b':' | b'_')
+        });
     ok.then(|| raw.to_ascii_lowercase())
-}
-
-/// The Host header for the application: what the client sent (host and port).
-fn host_with_port(uri: &Uri, headers: &HeaderMap, host: &str) -> String {
-    uri.authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| host.to_string())
 }
 
 fn redirect(method: &Method, host: &str, https_port: u16, path: &str) -> Response<Body> {
@@ -923,33 +967,47 @@ fn wants_upgrade(headers: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// The hop-by-hop fields of RFC 9110 7.6.1 (with the non-standard ones still seen).
-static HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-];
+/// The hop-by-hop fields of RFC 9110 7.6.1 (with the non-standard ones still seen); a match on
+/// the name's text, as [`is_forwarding`].
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+    )
+}
 
 /// RFC 9110 7.6.1: the hop-by-hop fields and those `Connection` names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the fields, no hashing, then a removal per name found: most messages carry
-    // none (HTTP/2 forbids them) or one or two (`Connection: keep-alive`).
-    let mut doomed: Vec<HeaderName> = Vec::new();
-    for (name, value) in headers.iter() {
-        if name == header::CONNECTION {
-            let tokens = value.to_str().unwrap_or("").split(',');
-            doomed.extend(tokens.filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok()));
-        }
-        if HOP_BY_HOP.contains(name) {
-            doomed.push(name.clone());
-        }
-    }
+    // Passes over the fields, no hashing: the options `Connection` names, then the fields present
+    // that go (hop-by-hop, or named by an option); then a removal (a hash) per field that goes.
+    // Most messages carry none (HTTP/2 forbids them) or just `Connection: keep-alive`.
+    let options: Vec<&str> = headers
+        .iter()
+        .filter(|(name, _)| *name == header::CONNECTION)
+        .flat_map(|(_, value)| value.to_str().unwrap_or("").split(','))
+        .map(str::trim)
+        .filter(|option| !option.is_empty())
+        .collect();
+    // Each name once (`keys` yields a name with several values once).
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            is_hop_by_hop(name)
+                || options
+                    .iter()
+                    .any(|option| option.eq_ignore_ascii_case(name.as_str()))
+        })
+        .cloned()
+        .collect();
+    drop(options);
     for name in doomed {
         headers.remove(name);
     }
@@ -1220,14 +1278,25 @@ mod tests {
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("te", HeaderValue::from_static("trailers"));
         h.insert("x-kept", HeaderValue::from_static("1"));
+        h.append("connection", HeaderValue::from_static(" ,X-Other ,"));
+        h.append("x-other", HeaderValue::from_static("1"));
+        h.append("x-other", HeaderValue::from_static("2"));
         strip_hop_by_hop(&mut h);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-kept"]);
+        // A value that is not text names nothing; the field itself still goes.
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_bytes(b"x-a\xff").unwrap());
+        h.insert("x-a", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-a"]);
     }
 
     #[test]
     fn requests_refused_here() {
-        let status = |req: Request<()>| refused(&req).map(|r| r.status());
+        let status =
+            |req: Request<()>| refused(&req, &Fields::of(req.headers())).map(|r| r.status());
         let get = || Request::get("/x").version(Version::HTTP_11);
         assert_eq!(status(get().header("host", "a").body(()).unwrap()), None);
         assert_eq!(status(get().header("host", "").body(()).unwrap()), None);
@@ -1255,7 +1324,8 @@ mod tests {
         assert_eq!(status(te("Chunked").body(()).unwrap()), None);
         let gzip = te("gzip, chunked").body(()).unwrap();
         assert_eq!(status(gzip), Some(StatusCode::NOT_IMPLEMENTED));
-        let r = refused(&te("<x>, chunked").body(()).unwrap()).unwrap();
+        let req = te("<x>, chunked").body(()).unwrap();
+        let r = refused(&req, &Fields::of(req.headers())).unwrap();
         assert_eq!(r.headers()["connection"], "close");
     }
 
@@ -1287,6 +1357,7 @@ mod tests {
         assert_eq!(n("/a/."), "/a/");
         assert_eq!(n("/a/%2e%2e/b"), "/a/%2e%2e/b");
         assert_eq!(n("/plain/path"), "/plain/path");
+        assert_eq!(n("/a.b/.c/..d"), "/a.b/.c/..d");
     }
 
     #[test]
@@ -1295,9 +1366,20 @@ mod tests {
             .header("host", "Example.org:8443")
             .body(())
             .unwrap();
-        assert_eq!(request_host(&req).as_deref(), Some("example.org"));
+        let host = |req: &Request<()>| request_host(req.uri(), req.headers().get(header::HOST));
+        assert_eq!(host(&req).as_deref(), Some("example.org"));
         let bad = Request::get("/").header("host", "a b").body(()).unwrap();
-        assert_eq!(request_host(&bad), None);
+        assert_eq!(host(&bad), None);
+        let v6 = Request::get("/")
+            .header("host", "[::1]:80")
+            .body(())
+            .unwrap();
+        assert_eq!(host(&v6).as_deref(), Some("[::1]"));
+        let absolute = Request::get("http://Example.org:81/")
+            .header("host", "b")
+            .body(())
+            .unwrap();
+        assert_eq!(host(&absolute).as_deref(), Some("example.org"));
         let r = redirect(&Method::GET, "example.org", 443, "/a?b=1");
         let ok = [
             "example.org",

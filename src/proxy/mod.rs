@@ -500,9 +500,9 @@ fn count_release() {
 }
 
 /// Gives freed memory back to the system when a worker's burst of requests is over (or its idle
-/// connections have been parked): glibc keeps what the connections of a burst freed in the
-/// worker's arena (some MiB after thousands of requests) until told to trim. Trimming costs a walk of the free lists, so it is done once
-/// per burst, after a tick with no new request.
+/// connections have been parked): the allocator keeps what the connections of a burst freed
+/// (some MiB after thousands of requests) for a while. Collecting costs a walk of the worker's
+/// heap, so it is done once per burst, after a tick with no new request.
 #[derive(Default)]
 struct Idle {
     seen: u64,
@@ -513,15 +513,19 @@ impl Idle {
     fn tick(&mut self) {
         let now = STARTED.get();
         if now == self.seen && now != self.trimmed {
-            #[cfg(all(target_os = "linux", target_env = "gnu"))]
-            // SAFETY: malloc_trim has no preconditions; it locks each arena while it walks it.
-            unsafe {
-                libc::malloc_trim(0);
-            }
+            release_memory();
             self.trimmed = now;
         }
         self.seen = now;
     }
+}
+
+/// Return what this thread's heap has free to the system (the binary's allocator is mimalloc:
+/// see `main.rs`; in unit tests, on the system's allocator, mimalloc's heap is empty).
+fn release_memory() {
+    // SAFETY: mi_collect has no preconditions: it walks the calling thread's heap (and, forced,
+    // the abandoned pages) and frees what is unused.
+    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 /// When a connection last moved a byte, and how many of its requests are in flight.
@@ -634,7 +638,67 @@ pub struct Caps {
     per_address: usize,
     max: usize,
     overall: AtomicUsize,
-    by_address: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+    by_address: std::sync::Mutex<std::collections::HashMap<IpAddr, usize, AddressHash>>,
+}
+
+/// The hash of the per-address map: a folded multiply (the high and low halves of a 128-bit
+/// product, XORed) per word of the address, keyed per process. The map is looked up twice per
+/// request, and std's SipHash cost more than the rest of the cap. The fold makes every bit of
+/// the result depend on every bit of the word and of the key (with a plain multiply, the low bits do not
+/// depend on the key's high bits), so addresses that share buckets cannot be chosen without the
+/// key; and the map holds only the addresses with a request in flight.
+#[derive(Clone, Copy)]
+struct AddressHash {
+    seed: u64,
+    key: u64,
+}
+
+impl Default for AddressHash {
+    fn default() -> Self {
+        AddressHash {
+            seed: rand::random(),
+            key: rand::random::<u64>() | 1,
+        }
+    }
+}
+
+impl std::hash::BuildHasher for AddressHash {
+    type Hasher = AddressHasher;
+    fn build_hasher(&self) -> AddressHasher {
+        AddressHasher {
+            state: self.seed,
+            key: self.key,
+        }
+    }
+}
+
+struct AddressHasher {
+    state: u64,
+    key: u64,
+}
+
+impl std::hash::Hasher for AddressHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        let product = u128::from(self.state ^ n) * u128::from(self.key);
+        self.state = (product as u64) ^ ((product >> 64) as u64);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        let product = u128::from(self.state) * u128::from(self.key.rotate_left(32) | 1);
+        (product as u64) ^ ((product >> 64) as u64)
+    }
 }
 
 impl Caps {
@@ -644,7 +708,7 @@ impl Caps {
             per_address: cfg.upstream_max_per_address,
             max: cfg.upstream_max,
             overall: AtomicUsize::new(0),
-            by_address: std::sync::Mutex::new(std::collections::HashMap::new()),
+            by_address: std::sync::Mutex::new(std::collections::HashMap::default()),
         }
     }
 }
@@ -1203,4 +1267,24 @@ fn h1(cfg: &ProxyConfig) -> hyper::server::conn::http1::Builder {
         .max_buf_size(cfg.max_header_bytes.max(8192))
         .keep_alive(true);
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::hash::BuildHasher;
+
+    /// Addresses of one /64 that differ only in the high bits of a word (which a plain multiply
+    /// keeps out of the low bits, the bucket, whatever its key) spread over the buckets.
+    #[test]
+    fn addresses_chosen_to_collide_do_not_share_a_bucket() {
+        let hash = AddressHash::default();
+        let buckets: std::collections::HashSet<u64> = (0..4096u128)
+            .map(|i| {
+                let address = std::net::Ipv6Addr::from((0x2001_0db8u128 << 96) | (i << 52));
+                hash.hash_one(IpAddr::V6(address)) & 2047
+            })
+            .collect();
+        assert!(buckets.len() > 1000, "{} buckets of 2048", buckets.len());
+    }
 }

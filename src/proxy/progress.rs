@@ -19,8 +19,13 @@ use super::BoxError;
 #[derive(Debug, Clone)]
 pub struct Mark {
     base: Instant,
-    last: Arc<AtomicU64>,
-    open: Arc<std::sync::atomic::AtomicBool>,
+    state: Arc<MarkState>,
+}
+
+#[derive(Debug, Default)]
+struct MarkState {
+    last: AtomicU64,
+    open: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Mark {
@@ -33,24 +38,23 @@ impl Mark {
     pub fn new() -> Mark {
         Mark {
             base: Instant::now(),
-            last: Arc::new(AtomicU64::new(0)),
-            open: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            state: Arc::default(),
         }
     }
 
     /// A body that touches this mark is still being sent (its own deadline governs it).
     pub fn is_open(&self) -> bool {
-        self.open.load(Ordering::Relaxed)
+        self.state.open.load(Ordering::Relaxed)
     }
 
     pub fn touch(&self) {
         let ms = self.base.elapsed().as_millis() as u64;
-        self.last.store(ms, Ordering::Relaxed);
+        self.state.last.store(ms, Ordering::Relaxed);
     }
 
     /// When something last moved.
     pub fn last(&self) -> Instant {
-        self.base + Duration::from_millis(self.last.load(Ordering::Relaxed))
+        self.base + Duration::from_millis(self.state.last.load(Ordering::Relaxed))
     }
 }
 
@@ -78,7 +82,9 @@ struct Rate {
 pub struct Deadline<B> {
     inner: B,
     timeout: Duration,
-    sleep: Pin<Box<Sleep>>,
+    /// Made the first time the body has nothing ready: most bodies never wait (a response
+    /// already read whole), and a timer costs an allocation.
+    sleep: Option<Pin<Box<Sleep>>>,
     /// The last progress (the timer is re-armed from it only when it fires or is polled while
     /// pending: not on every frame).
     last: Instant,
@@ -86,24 +92,27 @@ pub struct Deadline<B> {
     received: u64,
     mark: Option<Mark>,
     what: &'static str,
-    stalled: Arc<std::sync::atomic::AtomicBool>,
+    /// Set when the body stalls, for whoever asked (see [`Deadline::stalled`]).
+    stalled: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl<B: hyper::body::Body> Deadline<B> {
     pub fn new(inner: B, timeout: Duration, mark: Option<Mark>, what: &'static str) -> Self {
         if let Some(mark) = &mark {
-            mark.open.store(!inner.is_end_stream(), Ordering::Relaxed);
+            mark.state
+                .open
+                .store(!inner.is_end_stream(), Ordering::Relaxed);
         }
         Deadline {
             inner,
             timeout,
-            sleep: Box::pin(tokio::time::sleep(timeout)),
+            sleep: None,
             last: Instant::now(),
             rate: None,
             received: 0,
             mark,
             what,
-            stalled: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            stalled: None,
         }
     }
 
@@ -120,8 +129,8 @@ impl<B: hyper::body::Body> Deadline<B> {
     }
 
     /// Set once the body has stalled.
-    pub fn stalled(&self) -> Arc<std::sync::atomic::AtomicBool> {
-        self.stalled.clone()
+    pub fn stalled(&mut self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.stalled.get_or_insert_with(Arc::default).clone()
     }
 
     /// When the body fails if nothing more comes.
@@ -159,19 +168,27 @@ where
                 if let Some(mark) = &this.mark {
                     mark.touch();
                     if frame.is_none() || this.inner.is_end_stream() {
-                        mark.open.store(false, Ordering::Relaxed);
+                        mark.state.open.store(false, Ordering::Relaxed);
                     }
                 }
                 Poll::Ready(frame)
             }
             Poll::Pending => {
                 let due = this.due();
-                if this.sleep.deadline() != due {
-                    this.sleep.as_mut().reset(due);
-                }
-                match this.sleep.as_mut().poll(cx) {
+                let sleep = match &mut this.sleep {
+                    Some(sleep) => {
+                        if sleep.deadline() != due {
+                            sleep.as_mut().reset(due);
+                        }
+                        sleep
+                    }
+                    None => this.sleep.insert(Box::pin(tokio::time::sleep_until(due))),
+                };
+                match sleep.as_mut().poll(cx) {
                     Poll::Ready(()) => {
-                        this.stalled.store(true, Ordering::Relaxed);
+                        if let Some(stalled) = &this.stalled {
+                            stalled.store(true, Ordering::Relaxed);
+                        }
                         Poll::Ready(Some(Err(Box::new(Stalled {
                             timeout: this.timeout,
                             what: this.what,

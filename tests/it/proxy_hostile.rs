@@ -821,3 +821,59 @@ fn a_steady_reader_behind_full_socket_buffers_is_not_cut() {
     let log = p.stop();
     assert!(!log.contains("proxy.send_timeout"), "{log}");
 }
+
+/// Tried by a review of the one-pass field scan: over HTTP/2 a `:path` that is not a path
+/// (`../headers`, `headers`) never reaches the application, where the dot-segment removal (which
+/// looks for "/.") would not see it (the stream is reset: the `http` crate takes no path that
+/// does not start with a slash); and (found by it) a `Connection` option naming `Host` does not
+/// send the request to the application without one.
+#[test]
+fn targets_that_are_not_paths_are_refused_and_the_host_always_goes() {
+    let mut p = Proxied::start("redirect_http = false");
+    // The body of the response on stream 1 of a new HTTP/2 connection asking for `path`, or
+    // `None` if the stream was reset.
+    let ask = |path: &str| -> Option<String> {
+        let mut h = H2::connect(p.https, &[]);
+        h.send(0x1, 0x5, 1, &request_block("GET", path));
+        let mut body = String::new();
+        while let Some((kind, flags, stream, payload)) = h.frame() {
+            if stream != 1 {
+                continue;
+            }
+            match kind {
+                0x3 => return None,
+                0x0 => body.push_str(&String::from_utf8_lossy(&payload)),
+                _ => {}
+            }
+            if (kind == 0x0 || kind == 0x1) && flags & 0x1 != 0 {
+                return Some(body);
+            }
+        }
+        panic!("no end to the answer for {path}: {body}");
+    };
+    for path in ["../headers", "./headers", "..", "headers", "a/../headers"] {
+        assert_eq!(ask(path), None, "{path}");
+    }
+    // A path with dot segments is still taken, without them.
+    let body = ask("/x/../headers").expect("an answer");
+    assert!(body.contains("\"path\": \"/headers\""), "{body}");
+
+    // HTTP/1.1: `Connection: host` takes the client's Host field away; the application still
+    // gets the host the client asked for.
+    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /headers HTTP/1.1\r\nHost: Example.org:8443\r\nConnection: host\r\n\r\n")
+        .unwrap();
+    let (status, body) = response(&mut s);
+    assert_eq!(status, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let hosts: Vec<&str> = json["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|kv| kv[0].as_str().unwrap().eq_ignore_ascii_case("host"))
+        .map(|kv| kv[1].as_str().unwrap())
+        .collect();
+    assert_eq!(hosts, vec!["example.org"], "{body}");
+    p.stop();
+}
