@@ -1007,7 +1007,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         })
         .cloned()
         .collect();
-    drop(options);
     for name in doomed {
         headers.remove(name);
     }

@@ -644,9 +644,9 @@ pub struct Caps {
 /// The hash of the per-address map: a folded multiply (the high and low halves of a 128-bit
 /// product, XORed) per word of the address, keyed per process. The map is looked up twice per
 /// request, and std's SipHash cost more than the rest of the cap. The fold makes every bit of
-/// the result depend on every bit of the word and of the key (with a plain multiply, the low bits do not
-/// depend on the key's high bits), so addresses that share buckets cannot be chosen without the
-/// key; and the map holds only the addresses with a request in flight.
+/// the result depend on every bit of the word and of the key (with a plain multiply, the low
+/// bits do not depend on the key's high bits), so addresses that share buckets cannot be chosen
+/// without the key; and the map holds only the addresses with a request in flight.
 #[derive(Clone, Copy)]
 struct AddressHash {
     seed: u64,

@@ -92,7 +92,9 @@ pub struct Deadline<B> {
     received: u64,
     mark: Option<Mark>,
     what: &'static str,
-    /// Set when the body stalls, for whoever asked (see [`Deadline::stalled`]).
+    /// The body has stalled.
+    has_stalled: bool,
+    /// The same, shared with whoever asked (see [`Deadline::stalled`]): made only then.
     stalled: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
@@ -112,6 +114,7 @@ impl<B: hyper::body::Body> Deadline<B> {
             received: 0,
             mark,
             what,
+            has_stalled: false,
             stalled: None,
         }
     }
@@ -130,7 +133,10 @@ impl<B: hyper::body::Body> Deadline<B> {
 
     /// Set once the body has stalled.
     pub fn stalled(&mut self) -> Arc<std::sync::atomic::AtomicBool> {
-        self.stalled.get_or_insert_with(Arc::default).clone()
+        let now = self.has_stalled;
+        self.stalled
+            .get_or_insert_with(|| Arc::new(now.into()))
+            .clone()
     }
 
     /// When the body fails if nothing more comes.
@@ -175,17 +181,15 @@ where
             }
             Poll::Pending => {
                 let due = this.due();
-                let sleep = match &mut this.sleep {
-                    Some(sleep) => {
-                        if sleep.deadline() != due {
-                            sleep.as_mut().reset(due);
-                        }
-                        sleep
-                    }
-                    None => this.sleep.insert(Box::pin(tokio::time::sleep_until(due))),
-                };
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                if sleep.deadline() != due {
+                    sleep.as_mut().reset(due);
+                }
                 match sleep.as_mut().poll(cx) {
                     Poll::Ready(()) => {
+                        this.has_stalled = true;
                         if let Some(stalled) = &this.stalled {
                             stalled.store(true, Ordering::Relaxed);
                         }
