@@ -4,11 +4,13 @@
 # with keep-alive to it, access logs on for all three, TLS 1.2 and 1.3 offered by all (so every
 # row runs TLS 1.3 with X25519), loads from wrk and h2load on loopback. Rows: HTTP/1.1 keep-alive
 # (from wrk, and from h2load), HTTP/2, a new TLS connection per request; requests/s, p99
-# latency, CPU time per request (medians of RUNS runs, the proxies taking turns; each run's p99
-# shown too), RSS after the runs.
+# latency, CPU time per request and its inverse, requests per CPU-second (medians of RUNS runs,
+# the proxies taking turns; each run's p99 shown too), RSS after the runs.
 # ONE_CORE=1: one core each: every proxy with one worker (nginx worker_processes 1, haproxy
 # nbthread 1, regobox proxy.workers 1) pinned to the first core, the clients (one thread) and the
-# upstream on the second.
+# upstream on the second; how busy each core was is shown, since the clients' core can be the
+# one that bounds a row (a new TLS connection costs the client as much as the proxy): there,
+# requests/s measure the clients, and requests per CPU-second compare the proxies.
 # Needs nginx-light, haproxy, wrk and nghttp2-client (h2load): installed if missing.
 # Usage: [ONE_CORE=1] [BENCH_BIN=path] scripts/bench-proxy.sh [SECONDS (5)] [CONNECTIONS (32)] [RUNS (10)]
 set -euo pipefail
@@ -139,11 +141,19 @@ wrk_rps() { awk '/^Requests\/sec/ {printf "%.0f", $2}'; }
 wrk_n() { awk '/requests in/ {print $1}'; }
 wrk_bad() { awk '/Non-2xx or 3xx responses:/ {n = $5} END {print n + 0}'; }
 
+# Busy and total jiffies of core $1 ("cpuN" line of /proc/stat: user, nice, system, irq, softirq
+# busy; idle and iowait not; steal, time the host gave to others, in neither).
+core_jiffies() { awk -v c="cpu$1" '$1 == c {print $2 + $3 + $4 + $7 + $8, $2 + $3 + $4 + $5 + $6 + $7 + $8}' /proc/stat; }
+# The percentage of core $1 busy between two core_jiffies readings.
+core_busy() { awk -v a="$2" -v b="$3" 'BEGIN {split(a, x, " "); split(b, y, " "); t = y[2] - x[2]; printf "%.0f", (t > 0 ? 100 * (y[1] - x[1]) / t : 0)}'; }
+
 # One load against one proxy; prints "requests/s p99-ms cpu-µs-per-request answers-not-2xx
-# system-cpu-µs-per-request".
+# system-cpu-µs-per-request core0-busy-% core1-busy-%" (with ONE_CORE, core 0 is the proxy's and
+# core 1 the clients' and the upstream's: which of the two bounds the row).
 load() { # kind port pids
-    local kind=$1 port=$2 pids=$3 t0 t1 out n rps p99 bad
+    local kind=$1 port=$2 pids=$3 t0 t1 out n rps p99 bad c0 c1
     t0=$(ticks "$pids"); s0=$(sys_ticks "$pids")
+    c0=$(core_jiffies 0); c1=$(core_jiffies 1)
     case $kind in
     h1)
         out=$("${CLIENT_CPU[@]}" wrk -t"$CLIENT_THREADS" -c"$CONNS" -d"${DURATION}s" --latency "https://localhost:$port/")
@@ -164,7 +174,8 @@ load() { # kind port pids
     esac
     t1=$(ticks "$pids"); s1=$(sys_ticks "$pids")
     echo "$rps $p99 $(awk -v t=$((t1 - t0)) -v n="$n" -v hz="$HZ" 'BEGIN {printf "%.1f", 1e6 * t / hz / n}') ${bad:-0}" \
-        "$(awk -v t=$((s1 - s0)) -v n="$n" -v hz="$HZ" 'BEGIN {printf "%.1f", 1e6 * t / hz / n}')"
+        "$(awk -v t=$((s1 - s0)) -v n="$n" -v hz="$HZ" 'BEGIN {printf "%.1f", 1e6 * t / hz / n}')" \
+        "$(core_busy 0 "$c0" "$(core_jiffies 0)") $(core_busy 1 "$c1" "$(core_jiffies 1)")"
 }
 
 # The median of each column over the runs (one line per run).
@@ -199,32 +210,41 @@ label() {
     tls) echo "new TLS connection per request" ;;
     esac
 }
-echo "| load | proxy | requests/s | p99 | CPU per request (of which system) | p99 of each run (ms) | answers not 2xx (all runs) |"
-echo "|---|---|---|---|---|---|---|"
-declare -A MEDIAN
+# Requests per second of the proxy's own CPU (1 / CPU per request): what the proxy would serve
+# with a whole core to itself, whichever core bounded the run.
+echo "| load | proxy | requests/s | p99 | CPU per request (of which system) | requests per CPU-second | cores busy: proxy / clients | p99 of each run (ms) | answers not 2xx (all runs) |"
+echo "|---|---|---|---|---|---|---|---|---|"
+declare -A MEDIAN CAPACITY
 for kind in h1 h1b h2 tls; do
     label=$(label "$kind")
     for name in "${PROXIES[@]}"; do
-        read -r rps p99 cpu _ sys < <(printf "%s" "${RESULTS[$name,$kind]}" | median)
+        read -r rps p99 cpu _ sys busy0 busy1 < <(printf "%s" "${RESULTS[$name,$kind]}" | median)
         bad=$(printf "%s" "${RESULTS[$name,$kind]}" | awk '{n += $4} END {print n + 0}')
         MEDIAN[$name,$kind]=$rps
+        CAPACITY[$name,$kind]=$(awk -v c="$cpu" 'BEGIN {printf "%.0f", (c > 0 ? 1e6 / c : 0)}')
         runs=$(printf "%s" "${RESULTS[$name,$kind]}" | awk '{printf "%s%s", (NR > 1 ? " " : ""), $2}')
-        printf "| %s | %s | %s | %s ms | %s µs (%s) | %s | %s |\n" "$label" "$name" "$rps" "$p99" "$cpu" "$sys" "$runs" "$bad"
+        if [ "$ONE_CORE" = 1 ]; then cores="$busy0 % / $busy1 %"; else cores="-"; fi
+        printf "| %s | %s | %s | %s ms | %s µs (%s) | %s | %s | %s | %s |\n" "$label" "$name" "$rps" "$p99" "$cpu" "$sys" \
+            "${CAPACITY[$name,$kind]}" "$cores" "$runs" "$bad"
     done
 done
 echo
 # regobox against the best peer of each row (its median requests/s), and paired: each regobox
 # run against the runs of the same turn (the machine's state drifts over minutes; a turn shares
 # it).
-echo "| load | best peer | regobox / best peer (medians) | turns where regobox's requests/s is the highest |"
-echo "|---|---|---|---|"
+# And the same on requests per CPU-second, against the peer with the most of those.
+echo "| load | best peer | regobox / best peer (medians) | turns where regobox's requests/s is the highest | best peer per CPU-second | regobox / it |"
+echo "|---|---|---|---|---|---|"
 for kind in h1 h1b h2 tls; do
     best=nginx
     [ "${MEDIAN[haproxy,$kind]}" -gt "${MEDIAN[nginx,$kind]}" ] && best=haproxy
     ratio=$(awk -v a="${MEDIAN[regobox,$kind]}" -v b="${MEDIAN[$best,$kind]}" 'BEGIN {printf "%.2fx", a / b}')
+    cbest=nginx
+    [ "${CAPACITY[haproxy,$kind]}" -gt "${CAPACITY[nginx,$kind]}" ] && cbest=haproxy
+    cratio=$(awk -v a="${CAPACITY[regobox,$kind]}" -v b="${CAPACITY[$cbest,$kind]}" 'BEGIN {printf "%.2fx", (b > 0 ? a / b : 0)}')
     wins=$(paste -d' ' <(printf "%s" "${RESULTS[nginx,$kind]}") <(printf "%s" "${RESULTS[haproxy,$kind]}") <(printf "%s" "${RESULTS[regobox,$kind]}") |
         awk '{k = NF / 3; n++; if ($(2 * k + 1) > $1 && $(2 * k + 1) > $(k + 1)) r++} END {printf "%d of %d", r, n}')
-    printf "| %s | %s | %s | %s |\n" "$(label "$kind")" "$best" "$ratio" "$wins"
+    printf "| %s | %s | %s | %s | %s | %s |\n" "$(label "$kind")" "$best" "$ratio" "$wins" "$cbest" "$cratio"
 done
 echo
 echo "| proxy | RSS after the runs | of which anonymous | negotiated |"
