@@ -1090,29 +1090,56 @@ async fn connection(stream: TcpStream, peer: SocketAddr, https: bool, shared: Ar
         inner: stream,
         activity: activity.clone(),
     };
-    let cfg = &shared.config;
-    let force = shared.force.clone();
     let shutdown = shared.shutdown.clone();
-    // Each kind of connection's future is boxed: an idle connection then holds only the state
-    // of its own kind (a parked HTTP/1.1 connection, a few hundred bytes), not the largest.
-    let Some(acceptor) = shared.tls.clone().filter(|_| https) else {
-        return Box::pin(serve_h1(io, peer, false, &shared, activity, shutdown)).await;
-    };
-    let handshake = tokio::time::timeout(cfg.handshake_timeout, Box::pin(acceptor.accept(io)));
+    // Each kind of connection's future is boxed: the task of an idle connection then holds only
+    // the state of its own kind (a parked HTTP/1.1 connection, a few hundred bytes), not that of
+    // the largest (a TLS handshake).
+    match shared.tls.clone().filter(|_| https) {
+        None => Box::pin(serve_h1(io, peer, false, &shared, activity, shutdown)).await,
+        Some(acceptor) => {
+            Box::pin(serve_tls(acceptor, io, peer, &shared, activity, shutdown)).await;
+        }
+    }
+}
+
+/// A TLS connection: its handshake, then HTTP/2 or HTTP/1.1, as ALPN chose.
+async fn serve_tls(
+    acceptor: TlsAcceptor,
+    io: Tracked<TcpStream>,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    activity: Arc<Activity>,
+    shutdown: CancellationToken,
+) {
+    // The handshake's state (rustls' connection as it is built) boxed too: freed once done.
+    let handshake = tokio::time::timeout(
+        shared.config.handshake_timeout,
+        Box::pin(acceptor.accept(io)),
+    );
     let tls_stream = tokio::select! {
         r = handshake => match r {
             Ok(Ok(s)) => s,
             _ => return,
         },
-        _ = force.cancelled() => return,
+        _ = shared.force.cancelled() => return,
     };
-    if tls_stream.get_ref().1.alpn_protocol() != Some(b"h2") {
-        return Box::pin(serve_h1(
-            tls_stream, peer, true, &shared, activity, shutdown,
-        ))
-        .await;
+    tls_served(tls_stream, peer, shared, activity, shutdown).await;
+}
+
+/// The protocol ALPN chose on `tls_stream`, served. Not an `async fn`: the stream is moved into
+/// its protocol's future here, and no state of this function's stays beside that future.
+fn tls_served(
+    tls_stream: tokio_rustls::server::TlsStream<Tracked<TcpStream>>,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    activity: Arc<Activity>,
+    shutdown: CancellationToken,
+) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        Box::pin(serve_h2(tls_stream, peer, shared, activity, shutdown))
+    } else {
+        Box::pin(serve_h1(tls_stream, peer, true, shared, activity, shutdown))
     }
-    Box::pin(serve_h2(tls_stream, peer, &shared, activity, shutdown)).await;
 }
 
 /// HTTP/2 on a TLS connection, its frames followed (see [`frames`]).
@@ -1176,7 +1203,6 @@ async fn serve_h1<S>(
     S: AsyncRead + AsyncWrite + Socket + Unpin + Send + 'static,
 {
     let cfg = &shared.config;
-    let force = shared.force.clone();
     let signals = Arc::new(framing::Signals::default());
     activity.head_begins();
     let plain = io.tcp().is_some();
@@ -1194,49 +1220,24 @@ async fn serve_h1<S>(
         signals.clone(),
     );
     loop {
-        // Boxed: freed when the connection is parked.
-        let mut conn = Box::new(
-            h1(cfg)
-                .serve_connection(TokioIo::new(io), ctx.clone().service())
-                .with_upgrades(),
-        );
-        let mut draining = false;
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = &mut *conn => return,
-                _ = shutdown.cancelled(), if !draining => {
-                    draining = true;
-                    Pin::new(&mut *conn).graceful_shutdown();
-                }
-                _ = force.cancelled() => return,
-                _ = tick.tick() => {
-                    if activity.overdue(cfg) {
-                        return;
-                    }
-                    if plain
-                        && !draining
-                        && activity.in_flight.load(Ordering::Relaxed) == 0
-                        && signals.between_requests()
-                        && !activity.write_blocked.load(Ordering::Relaxed)
-                        && activity.idle_for() >= PARK_AFTER
-                    {
-                        break;
-                    }
-                }
-            }
-        }
-        // Parked: hyper's connection out of its box (the box freed now, not at the park's end).
-        let conn = *conn;
-        let Some(parts) = conn.into_parts() else {
+        // Boxed, hyper's connection with it: freed when the connection is parked, so that a
+        // parked connection holds only what is below.
+        let served = Box::pin(serve_until_parked(
+            io,
+            shared,
+            ctx.clone(),
+            &activity,
+            &signals,
+            plain,
+            &shutdown,
+        ))
+        .await;
+        let Some((back, read_buf)) = served else {
             return;
         };
+        io = back;
         tracing::debug!(target: "regobox::proxy", peer = %peer, "idle connection parked");
         count_release();
-        io = parts.io.into_inner();
-        drop(parts.service);
-        let read_buf = parts.read_buf;
         if !read_buf.is_empty() {
             // Line breaks before a request line, at most (anything else would have been
             // followed): hyper reads them again.
@@ -1249,13 +1250,63 @@ async fn serve_h1<S>(
             return;
         };
         let idle_left = cfg.idle_timeout.saturating_sub(activity.quiet_for());
+        // (`proxy.force` is cancelled only after `shutdown`.)
         tokio::select! {
             r = tcp.readable() => if r.is_err() { return },
             _ = tokio::time::sleep(idle_left) => return,
             _ = shutdown.cancelled() => return,
-            _ = force.cancelled() => return,
         }
     }
+}
+
+/// hyper's HTTP/1.1 connection on `io` until it is over (`None`) or, a plain connection, parked
+/// (see [`serve_h1`]): then its io back, with what hyper had read of it and not used.
+async fn serve_until_parked<S>(
+    io: framing::Framing<S>,
+    shared: &Shared,
+    ctx: forward::ConnCtx,
+    activity: &Activity,
+    signals: &framing::Signals,
+    plain: bool,
+    shutdown: &CancellationToken,
+) -> Option<(framing::Framing<S>, bytes::Bytes)>
+where
+    S: AsyncRead + AsyncWrite + Socket + Unpin + Send + 'static,
+{
+    let (cfg, force) = (&shared.config, &shared.force);
+    let mut conn = h1(cfg)
+        .serve_connection(TokioIo::new(io), ctx.service())
+        .with_upgrades();
+    let mut draining = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut conn => return None,
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                Pin::new(&mut conn).graceful_shutdown();
+            }
+            _ = force.cancelled() => return None,
+            _ = tick.tick() => {
+                if activity.overdue(cfg) {
+                    return None;
+                }
+                if plain
+                    && !draining
+                    && activity.in_flight.load(Ordering::Relaxed) == 0
+                    && signals.between_requests()
+                    && !activity.write_blocked.load(Ordering::Relaxed)
+                    && activity.idle_for() >= PARK_AFTER
+                {
+                    break;
+                }
+            }
+        }
+    }
+    let parts = conn.into_parts()?;
+    drop(parts.service);
+    Some((parts.io.into_inner(), parts.read_buf))
 }
 
 fn h1(cfg: &ProxyConfig) -> hyper::server::conn::http1::Builder {
