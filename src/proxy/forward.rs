@@ -236,14 +236,21 @@ impl ConnCtx {
                     break 'done r;
                 }
             }
-            let upgrade = (fields.upgrade && wants_upgrade(req.headers()))
-                .then(|| hyper::upgrade::on(&mut req));
+            let upgrade =
+                (fields.upgrade && version == Version::HTTP_11 && wants_upgrade(req.headers()))
+                    .then(|| hyper::upgrade::on(&mut req));
             let (mut parts, body) = req.into_parts();
             let upgrade_proto = upgrade
                 .as_ref()
                 .and_then(|_| parts.headers.get(header::UPGRADE).cloned());
             if fields.hop_by_hop {
                 strip_hop_by_hop(&mut parts.headers);
+            }
+            if fields.underscore {
+                drop_underscored(&mut parts.headers);
+            }
+            if fields.cookies > 1 && version == Version::HTTP_2 {
+                join_cookies(&mut parts.headers);
             }
             if let (Some(_), Some(proto)) = (&upgrade, upgrade_proto) {
                 parts
@@ -252,11 +259,12 @@ impl ConnCtx {
                 parts.headers.insert(header::UPGRADE, proto);
             }
             self.forwarded_headers(&mut parts.headers, &host, fields.forwarding);
-            // The Host field for the application: what the client asked for (host and port),
-            // as it came when it came in a Host field (and a `Connection` option did not take
-            // it away: then the host alone, as when there was none).
+            // The Host field for the application: what the client asked for (host and port):
+            // the target's authority (checked: see `bad_target`), else the Host field as it
+            // came, else (none, an empty one, or one a `Connection` option took away) the host
+            // alone, the one the forwarding fields name.
             let authority = parts.uri.authority().map(|a| a.as_str());
-            let host_kept = fields.host.is_some()
+            let host_kept = fields.host.as_ref().is_some_and(|h| !h.is_empty())
                 && (!fields.hop_by_hop || parts.headers.contains_key(header::HOST));
             if let Some(v) = authority
                 .or((!host_kept).then_some(host.as_str()))
@@ -346,6 +354,15 @@ impl ConnCtx {
                 );
             };
             let mut response = match result {
+                // hyper takes any three digits; HTTP's status codes end at 599 (RFC 9110 15).
+                Ok(r) if r.status().as_u16() >= 600 => {
+                    tracing::warn!(target: "regobox::proxy", status = r.status().as_u16(), upstream = %cfg.upstream, "the application answered a status code above 599; answered 502");
+                    break 'done page(
+                        StatusCode::BAD_GATEWAY,
+                        "Bad gateway",
+                        "The application's answer was not valid HTTP.",
+                    );
+                }
                 Ok(r) => r,
                 Err(_)
                     if client_body_stalled
@@ -638,6 +655,10 @@ struct Fields {
     hop_by_hop: bool,
     /// One of [`is_forwarding`].
     forwarding: bool,
+    /// A name with an underscore (see [`drop_underscored`]).
+    underscore: bool,
+    /// `Cookie` fields (HTTP/2 sends one per cookie: see [`join_cookies`]).
+    cookies: usize,
     /// The fields' size as hyper read them (name, `: `, value, CRLF).
     bytes: usize,
 }
@@ -647,6 +668,7 @@ impl Fields {
         let mut f = Fields::default();
         for (name, value) in headers {
             f.bytes += name.as_str().len() + value.len() + 4;
+            f.underscore |= name.as_str().as_bytes().contains(&b'_');
             if name == header::HOST {
                 f.hosts += 1;
                 if f.host.is_none() {
@@ -654,6 +676,8 @@ impl Fields {
                 }
             } else if name == header::CONTENT_LENGTH {
                 f.content_length = true;
+            } else if name == header::COOKIE {
+                f.cookies += 1;
             } else if is_hop_by_hop(name) {
                 f.hop_by_hop = true;
                 f.transfer_encoding |= name == header::TRANSFER_ENCODING;
@@ -833,7 +857,7 @@ fn refused<B>(req: &Request<B>, fields: &Fields) -> Option<Response<Body>> {
             "Bad request",
             "The request is chunked more than once.".to_string(),
         )
-    } else if let Some(why) = bad_host(req, fields) {
+    } else if let Some(why) = bad_target(req.uri()).or_else(|| bad_host(req, fields)) {
         (StatusCode::BAD_REQUEST, "Bad request", why.to_string())
     } else {
         return None;
@@ -869,6 +893,24 @@ fn repeated_chunked(headers: &HeaderMap) -> bool {
         })
         .count()
         > 1
+}
+
+/// What is wrong with the request's target when it names a host (HTTP/1.1's absolute form,
+/// HTTP/2's `:authority`), if anything: that host is the one forwarded, so it is held to what a
+/// `Host` field is held to (no user information, a port that is a port), and only `http` and
+/// `https` targets are taken; a host alone (the authority form) is CONNECT's, refused.
+fn bad_target(uri: &Uri) -> Option<&'static str> {
+    let authority = uri.authority()?;
+    match uri.scheme_str() {
+        None => Some("The target is a host alone, which only CONNECT takes."),
+        Some(s) if !s.eq_ignore_ascii_case("http") && !s.eq_ignore_ascii_case("https") => {
+            Some("The target's scheme is not http or https.")
+        }
+        _ if !valid_host(authority.as_str().as_bytes()) => {
+            Some("The target's host is not a host name with an optional port.")
+        }
+        _ => None,
+    }
 }
 
 /// What is wrong with the request's `Host` header, if anything.
@@ -957,8 +999,16 @@ fn redirect(method: &Method, host: &str, https_port: u16, path: &str) -> Respons
         .unwrap_or_default()
 }
 
+/// A WebSocket upgrade, the one upgrade forwarded: `Upgrade: websocket` alone (RFC 6455), with
+/// `upgrade` among the `Connection` options. Any other (`h2c` above all: the client would then
+/// speak HTTP/2 to the application past every check made here) is not asked of the application.
 fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+    let mut protocols = headers.get_all(header::UPGRADE).iter();
+    let websocket = match (protocols.next(), protocols.next()) {
+        (Some(p), None) => p.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"),
+        _ => false,
+    };
+    websocket
         && headers
             .get_all(header::CONNECTION)
             .iter()
@@ -1009,6 +1059,35 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .collect();
     for name in doomed {
         headers.remove(name);
+    }
+}
+
+/// Fields with an underscore in their name are not forwarded, as nginx does by default: CGI and
+/// WSGI servers read `X_Forwarded_For` as `X-Forwarded-For` (both are `HTTP_X_FORWARDED_FOR`),
+/// which would put the client's words beside (and before) the forwarding fields regobox sets.
+fn drop_underscored(headers: &mut HeaderMap) {
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
+    }
+}
+
+/// HTTP/2 may split `Cookie` into a field per cookie; for HTTP/1.1 they are one field, joined
+/// with `; ` (RFC 9113 8.2.3): an application reading one `Cookie` line would lose the others.
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut joined = Vec::new();
+    for value in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(joined)) {
+        headers.insert(header::COOKIE, v);
     }
 }
 

@@ -877,3 +877,266 @@ fn targets_that_are_not_paths_are_refused_and_the_host_always_goes() {
     assert_eq!(hosts, vec!["example.org"], "{body}");
     p.stop();
 }
+
+/// An HPACK block of `fields` in order, each a literal with a literal name, without indexing
+/// (pseudo-fields too; no dynamic table, no Huffman; names and values under 127 bytes).
+fn hpack(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (name, value) in fields {
+        b.push(0x00);
+        b.push(name.len() as u8);
+        b.extend_from_slice(name.as_bytes());
+        b.push(value.len() as u8);
+        b.extend_from_slice(value.as_bytes());
+    }
+    b
+}
+
+/// The body of the answer to a bodiless HTTP/2 request of `fields` on a new connection to
+/// `port`; `None` if the stream or the connection was reset.
+fn h2_ask(port: u16, fields: &[(&str, &str)]) -> Option<String> {
+    let mut h = H2::connect(port, &[]);
+    h.send(0x1, 0x5, 1, &hpack(fields));
+    let mut body = String::new();
+    while let Some((kind, flags, stream, payload)) = h.frame() {
+        match (kind, stream) {
+            (0x3, 1) | (0x7, _) => return None,
+            (0x0, 1) => body.push_str(&String::from_utf8_lossy(&payload)),
+            _ => {}
+        }
+        if stream == 1 && (kind == 0x0 || kind == 0x1) && flags & 0x1 != 0 {
+            return Some(body);
+        }
+    }
+    None
+}
+
+/// The values of the fields named `name` (in any case) in a `/headers` answer of the fixture.
+fn fields_named(body: &str, name: &str) -> Vec<String> {
+    let json: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    json["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|kv| kv[0].as_str().unwrap().eq_ignore_ascii_case(name))
+        .map(|kv| kv[1].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// An attacker's finding: a target naming a host (HTTP/1.1's absolute and authority forms,
+/// HTTP/2's `:authority`) was forwarded as the application's Host without the checks a Host
+/// field gets: user information, a port that is not one, a list, and the forwarding fields then
+/// named another host than Host. Now refused (400) as the Host field is, and a good one is
+/// forwarded with the forwarding fields agreeing.
+#[test]
+fn hosts_in_targets_are_held_to_the_rules_of_the_host_field() {
+    let mut p = Proxied::start("redirect_http = false");
+    let bad = [
+        "u:p@evil.com",
+        "a,for=6.6.6.6",
+        "a;for=6.6.6.6",
+        "evil.com:abc",
+        "evil.com:99999",
+        "evil.com:",
+        ":80",
+        "a@b@evil.com",
+        "a'b!$&()*+=c",
+    ];
+    for authority in bad {
+        // Absolute form.
+        let out = raw(
+            p.http,
+            format!("GET http://{authority}/headers HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                .as_bytes(),
+        );
+        assert!(
+            out.starts_with("HTTP/1.1 400 "),
+            "http://{authority}/: {out}"
+        );
+        assert!(!out.contains("\"headers\""), "{out}");
+        // HTTP/2's :authority.
+        let body = h2_ask(
+            p.https,
+            &[
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":authority", authority),
+                (":path", "/headers"),
+            ],
+        );
+        if let Some(body) = body {
+            assert!(
+                body.contains("400 Bad request"),
+                ":authority {authority}: {body}"
+            );
+        }
+    }
+    // The authority form is CONNECT's; a scheme other than http(s) is not this server's.
+    for target in ["localhost:8080", "evil.com", "ftp://localhost/headers"] {
+        let out = raw(
+            p.http,
+            format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes(),
+        );
+        assert!(out.starts_with("HTTP/1.1 400 "), "{target}: {out}");
+    }
+    // A good absolute form is taken: its host is the application's, the forwarding fields say
+    // the same host.
+    let out = raw(
+        p.http,
+        b"GET http://Example.org:8080/headers HTTP/1.1\r\nHost: other.org\r\nConnection: close\r\n\r\n",
+    );
+    assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+    let body = &out[out.find("\r\n\r\n").unwrap() + 4..];
+    assert_eq!(fields_named(body, "host"), vec!["Example.org:8080"]);
+    assert_eq!(fields_named(body, "x-forwarded-host"), vec!["example.org"]);
+    let body = h2_ask(
+        p.https,
+        &[
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", "example.org"),
+            (":path", "/headers"),
+        ],
+    )
+    .expect("an answer");
+    assert_eq!(fields_named(&body, "host"), vec!["example.org"], "{body}");
+    p.stop();
+}
+
+/// An attacker's finding: `X_Forwarded_For` and the like went through; CGI and WSGI servers
+/// read them as `X-Forwarded-For`, before the value regobox sets. Fields with an underscore in
+/// their name are not forwarded (nginx's default), over either protocol.
+#[test]
+fn fields_with_an_underscore_do_not_reach_the_application() {
+    let mut p = Proxied::start("redirect_http = false");
+    let out = raw(
+        p.http,
+        b"GET /headers HTTP/1.1\r\nHost: localhost\r\nX_Forwarded_For: 6.6.6.6\r\nX_Real_IP: 6.6.6.6\r\n\
+          X_Forwarded_Proto: https\r\nX_Forwarded_Host: evil.example\r\nMy_Field: 1\r\nMy-Field: 2\r\n\
+          Connection: close\r\n\r\n",
+    );
+    assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+    let body = &out[out.find("\r\n\r\n").unwrap() + 4..];
+    assert!(!body.contains('_'), "{body}");
+    assert!(
+        !body.contains("6.6.6.6") && !body.contains("evil"),
+        "{body}"
+    );
+    assert_eq!(fields_named(body, "my-field"), vec!["2"]);
+    assert_eq!(fields_named(body, "x-forwarded-for"), vec!["127.0.0.1"]);
+    let body = h2_ask(
+        p.https,
+        &[
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", "localhost"),
+            (":path", "/headers"),
+            ("x_forwarded_for", "6.6.6.6"),
+            ("x_real_ip", "6.6.6.6"),
+        ],
+    )
+    .expect("an answer");
+    assert!(!body.contains('_') && !body.contains("6.6.6.6"), "{body}");
+    p.stop();
+}
+
+/// An attacker's finding: `Upgrade: h2c` on a plain-HTTP path reached the application, and an
+/// application that accepts it would have been spoken HTTP/2 to directly, past the redirect,
+/// the Host checks and the forwarding fields. Only WebSocket upgrades are forwarded, and only
+/// for HTTP/1.1 (RFC 9110 7.8: an HTTP/1.0 request's Upgrade is ignored).
+#[test]
+fn only_websocket_upgrades_reach_the_application() {
+    let mut p = Proxied::start("");
+    // The fixture accepts any upgrade it is asked for on this path.
+    let ask = |version: &str, protocol: &str| {
+        raw(
+            p.http,
+            format!(
+                "GET /job/upgrade-any {version}\r\nHost: localhost\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+                 Upgrade: {protocol}\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+    };
+    for protocol in [
+        "h2c",
+        "websocket, h2c",
+        "h2c, websocket",
+        "TLS/1.0",
+        "websocketx",
+    ] {
+        let out = ask("HTTP/1.1", protocol);
+        assert!(out.starts_with("HTTP/1.1 200 "), "{protocol}: {out}");
+        assert!(out.contains("app: /job/upgrade-any"), "{protocol}: {out}");
+    }
+    let out = ask("HTTP/1.0", "websocket");
+    assert!(!out.contains(" 101 "), "HTTP/1.0: {out}");
+    // The same request for a WebSocket is forwarded (the check above could fail).
+    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        b"GET /job/upgrade-any HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: WebSocket\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101 "),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s.write_all(b"through the tunnel").unwrap();
+    let mut echoed = [0u8; 18];
+    s.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"through the tunnel");
+    p.stop();
+}
+
+/// An attacker's findings: HTTP/2's `Cookie` fields went to the application as several lines
+/// (RFC 9113 8.2.3 joins them with `; `); an empty Host field went as it came while the
+/// forwarding fields named the configured host; a status code above 599 was passed on.
+#[test]
+fn cookies_join_an_empty_host_is_replaced_and_statuses_end_at_599() {
+    let mut p = Proxied::start("redirect_http = false");
+    let body = h2_ask(
+        p.https,
+        &[
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", "localhost"),
+            (":path", "/headers"),
+            ("cookie", "a=1"),
+            ("cookie", "b=2"),
+        ],
+    )
+    .expect("an answer");
+    assert_eq!(fields_named(&body, "cookie"), vec!["a=1; b=2"], "{body}");
+
+    let out = raw(
+        p.http,
+        b"GET /headers HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
+    );
+    assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+    let body = &out[out.find("\r\n\r\n").unwrap() + 4..];
+    let host = fields_named(body, "host");
+    assert_eq!(host.len(), 1, "{body}");
+    assert!(!host[0].is_empty(), "{body}");
+    assert_eq!(fields_named(body, "x-forwarded-host"), host, "{body}");
+
+    let out = raw(
+        p.http,
+        b"GET /status?code=600 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert!(out.starts_with("HTTP/1.1 502 "), "{out}");
+    let out = raw(
+        p.http,
+        b"GET /status?code=599 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert!(out.starts_with("HTTP/1.1 599 "), "{out}");
+    p.stop();
+}
