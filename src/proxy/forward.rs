@@ -927,30 +927,40 @@ fn bad_host<B>(req: &Request<B>, fields: &Fields) -> Option<&'static str> {
     }
 }
 
-/// `host[:port]`: a registered name or an IPv4 address, or an IPv6 address in brackets.
+/// `host[:port]`: a registered name or an IPv4 address, or an IPv6 address in brackets. One pass
+/// over the bytes: it is asked of every request (its Host field or its target's authority).
 fn valid_host(value: &[u8]) -> bool {
-    let Ok(text) = std::str::from_utf8(value) else {
-        return false;
-    };
-    let (host, port) = match text.strip_prefix('[') {
-        Some(rest) => match rest.split_once(']') {
-            Some((v6, port)) if v6.parse::<std::net::Ipv6Addr>().is_ok() => (None, port),
-            _ => return false,
-        },
+    let (host_ok, port) = match value.strip_prefix(b"[") {
+        Some(rest) => {
+            let Some(end) = rest.iter().position(|&c| c == b']') else {
+                return false;
+            };
+            let v6 = std::str::from_utf8(&rest[..end])
+                .is_ok_and(|v6| v6.parse::<std::net::Ipv6Addr>().is_ok());
+            (v6, &rest[end + 1..])
+        }
         None => {
-            let (host, port) = text.split_at(text.find(':').unwrap_or(text.len()));
-            (Some(host), port)
+            let end = value.iter().position(|&c| c == b':').unwrap_or(value.len());
+            let host = &value[..end];
+            let ok = !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .iter()
+                    .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_'));
+            (ok, &value[end..])
         }
     };
-    let host_ok = host.is_none_or(|h| {
-        !h.is_empty()
-            && h.len() <= 253
-            && h.bytes()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_'))
-    });
-    let port_ok = match port.strip_prefix(':') {
-        Some(p) => p.bytes().all(|c| c.is_ascii_digit()) && p.parse::<u16>().is_ok(),
-        None => port.is_empty(),
+    let port_ok = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => {
+            (1..=5).contains(&digits.len())
+                && digits.iter().all(u8::is_ascii_digit)
+                && digits
+                    .iter()
+                    .fold(0u32, |n, d| n * 10 + u32::from(d - b'0'))
+                    <= u32::from(u16::MAX)
+        }
+        Some(_) => false,
     };
     host_ok && port_ok
 }
@@ -1466,13 +1476,15 @@ mod tests {
             "[::1]:443",
             "[::1]",
             "a_b",
+            "a:65535",
+            "a:0",
         ];
         for host in ok {
             assert!(valid_host(host.as_bytes()), "{host}");
         }
         let bad = [
             "a b", "", ":80", "a:", "a:x", "a:65536", "a:+1", "u@a", "[::1", "[zz]", "[::1]x",
-            "a:1:2",
+            "a:1:2", "a:99999", "a:000080", "[::1]:", "[::1]:x", "a]:80", "é.org",
         ];
         for host in bad {
             assert!(!valid_host(host.as_bytes()), "{host}");
