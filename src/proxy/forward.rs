@@ -85,7 +85,8 @@ impl ConnCtx {
         // What is matched (plain paths, static directories) and forwarded: the path without its
         // dot segments, as nginx does (`/job/../admin` is `/admin`); the access log keeps what
         // the client sent.
-        let target = without_dot_segments(&path);
+        let origin = origin_form(&path);
+        let target = without_dot_segments(origin.as_ref().unwrap_or(&path));
         let cfg = &self.shared.config;
         let mut upstream_time = None;
         // The connection to the application this request holds, if it is forwarded.
@@ -108,6 +109,13 @@ impl ConnCtx {
             }
             if let Some(r) = refused(&req, &fields) {
                 break 'done r;
+            }
+            if origin.is_none() {
+                break 'done closing(page(
+                    StatusCode::BAD_REQUEST,
+                    "Bad request",
+                    "The request's target is not a path.",
+                ));
             }
             // `*` is the target of `OPTIONS *` alone (RFC 9112 3.2.4), which asks about the
             // server, not a resource: answered here, on either port.
@@ -258,22 +266,33 @@ impl ConnCtx {
                     .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                 parts.headers.insert(header::UPGRADE, proto);
             }
-            self.forwarded_headers(&mut parts.headers, &host, fields.forwarding);
             // The Host field for the application: what the client asked for (host and port):
             // the target's authority (checked: see `bad_target`), else the Host field as it
             // came, else (none, an empty one, or one a `Connection` option took away) the host
-            // alone, the one the forwarding fields name.
-            let authority = parts.uri.authority().map(|a| a.as_str());
-            let host_kept = fields.host.as_ref().is_some_and(|h| !h.is_empty())
+            // alone. The forwarding fields name the same.
+            let host_kept = parts.uri.authority().is_none()
+                && fields.host.as_ref().is_some_and(|h| !h.is_empty())
                 && (!fields.hop_by_hop || parts.headers.contains_key(header::HOST));
-            if let Some(v) = authority
-                .or((!host_kept).then_some(host.as_str()))
-                .and_then(|h| HeaderValue::from_str(h).ok())
-            {
+            let host_field = if host_kept {
+                parts.headers.get(header::HOST).cloned()
+            } else {
+                let value = parts.uri.authority().map_or(host.as_str(), |a| a.as_str());
+                HeaderValue::from_str(value).ok()
+            };
+            let named = host_field
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(&host);
+            self.forwarded_headers(&mut parts.headers, named, fields.forwarding);
+            if let (false, Some(v)) = (host_kept, host_field) {
                 parts.headers.insert(header::HOST, v);
             }
-            // Origin form (`/path?query`); the Host header says the rest.
+            // Origin form (`/path?query`); the Host header says the rest. An empty target (see
+            // `origin_form`) would go out as nothing at all: `/`.
             parts.uri = Uri::from(target.clone());
+            if parts.uri.path().is_empty() {
+                parts.uri = Uri::from_static("/");
+            }
             parts.version = Version::HTTP_11;
             // Set when the client's body fails: the failure is then the client's, not the
             // application's: [`MALFORMED`] (bad chunked framing...) or [`GONE`] (the client
@@ -580,7 +599,14 @@ impl ConnCtx {
                 headers.insert(name, v);
             }
         };
-        headers.insert(&X_REAL_IP, self.peer_text.clone());
+        // X-Real-IP names the client: the peer, or behind trusted proxies the client they say
+        // they forward for (see `client_of`), as X-Forwarded-For's chain does.
+        match prev_for.as_deref().and_then(|chain| self.client_of(chain)) {
+            Some(client) => set(headers, &X_REAL_IP, client.to_string()),
+            None => {
+                headers.insert(&X_REAL_IP, self.peer_text.clone());
+            }
+        }
         match prev_for {
             Some(p) => set(headers, &X_FORWARDED_FOR, format!("{p}, {peer_text}")),
             None => {
@@ -606,6 +632,27 @@ impl ConnCtx {
                 None => element,
             },
         );
+    }
+
+    /// The client a chain of trusted proxies forwards for (their X-Forwarded-For): its last
+    /// address that is not one of them (nginx's `real_ip_recursive`), the first if all are.
+    fn client_of(&self, chain: &str) -> Option<IpAddr> {
+        let trusted = |ip: IpAddr| {
+            self.shared
+                .trusted
+                .iter()
+                .any(|c| c.contains(canonical(ip)))
+        };
+        let addresses: Vec<IpAddr> = chain
+            .split(',')
+            .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+            .collect();
+        addresses
+            .iter()
+            .rev()
+            .find(|ip| !trusted(**ip))
+            .or(addresses.first())
+            .copied()
     }
 }
 
@@ -766,6 +813,22 @@ fn plain_path_matches(path: &str, prefix: &str) -> bool {
 
 /// `path` with its dot segments removed (RFC 3986 5.2.4), the query kept; percent-encoding is
 /// left as it came. The same `path` when it has none.
+/// The target as forwarded: a path from `/`, or `*`. An empty path (an absolute URI without
+/// one, or a target that was only a fragment, which hyper drops) is `/`, as RFC 9112 3.2.2 has
+/// it: `?q` is `/?q` here, and an empty target (whose text says `/`, but which a `Uri` made of
+/// it writes as nothing) is made `/` where the request goes out. A path that starts otherwise
+/// is refused (`None`).
+fn origin_form(path: &PathAndQuery) -> Option<PathAndQuery> {
+    let text = path.as_str();
+    if text.starts_with('/') || text == "*" {
+        Some(path.clone())
+    } else if text.is_empty() || text.starts_with('?') {
+        PathAndQuery::try_from(format!("/{text}")).ok()
+    } else {
+        None
+    }
+}
+
 fn without_dot_segments(path: &PathAndQuery) -> PathAndQuery {
     let p = path.path();
     // A dot segment follows a slash (a `PathAndQuery` starts with one, or is `*`): most paths

@@ -347,7 +347,9 @@ fn chunk_byte(state: State, b: u8, limit: usize) -> State {
             empty: line == 0,
             total: total + 1,
         },
-        (State::Trailers { line, total }, b) if b != b'\n' && total < limit => State::Trailers {
+        // Any other byte, a bare LF included, is part of a trailer line for hyper too (it ends a
+        // line at CRLF only): the two readings stay in step.
+        (State::Trailers { line, total }, _) if total < limit => State::Trailers {
             line: line + 1,
             total: total + 1,
         },
@@ -564,6 +566,27 @@ mod tests {
         }
     }
 
+    /// A bare LF in a trailer line is part of the line for hyper (it ends lines at CRLF only,
+    /// then wants a CRLF alone): followed the same way, the next head is where hyper sees it.
+    #[test]
+    fn trailer_lines_end_where_hyper_ends_them() {
+        for trailers in [
+            &b"X: y\n\r\n\r\n"[..],
+            b"\n\r\n\r\n",
+            b"A: 1\r\nB\n: 2\r\n\r\n",
+        ] {
+            let mut stream =
+                b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n".to_vec();
+            stream.extend_from_slice(trailers);
+            stream.extend_from_slice(
+                b"GET /b HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            );
+            for cut in 1..stream.len() {
+                assert!(scan(&[&stream[..cut], &stream[cut..]]), "cut at {cut}");
+            }
+        }
+    }
+
     #[test]
     fn the_follower_never_lets_go() {
         // A head with Upgrade is the last one followed until the handler says 101.
@@ -598,7 +621,10 @@ mod tests {
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\r\n",
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: 1\n\r\n",
+            // A CR not followed by LF in the trailers, as hyper reads them (a bare LF is not:
+            // see `trailer_lines_end_where_hyper_ends_them`).
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nT: 1\rX",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\rX",
         ] {
             assert_eq!(state(&[bad]), "Closing", "{}", String::from_utf8_lossy(bad));
         }

@@ -309,10 +309,18 @@ fn https_h1_h2_redirects_plain_paths_and_forwarded_headers() {
         assert_eq!(json["path"], "/headers?q=1");
         assert_eq!(header_of(&json, "x-forwarded-for"), vec!["127.0.0.1"]);
         assert_eq!(header_of(&json, "x-forwarded-proto"), vec!["https"]);
-        assert_eq!(header_of(&json, "x-forwarded-host"), vec!["localhost"]);
+        // The forwarding fields name the host as the application gets it, port included
+        // (RFC 7239 5.3: the Host field as received).
+        assert_eq!(
+            header_of(&json, "x-forwarded-host"),
+            vec![format!("localhost:{}", p.https)]
+        );
         assert_eq!(
             header_of(&json, "forwarded"),
-            vec!["for=127.0.0.1;proto=https;host=\"localhost\""]
+            vec![format!(
+                "for=127.0.0.1;proto=https;host=\"localhost:{}\"",
+                p.https
+            )]
         );
         assert_eq!(
             header_of(&json, "host"),

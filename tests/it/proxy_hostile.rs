@@ -989,7 +989,14 @@ fn hosts_in_targets_are_held_to_the_rules_of_the_host_field() {
     assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
     let body = &out[out.find("\r\n\r\n").unwrap() + 4..];
     assert_eq!(fields_named(body, "host"), vec!["Example.org:8080"]);
-    assert_eq!(fields_named(body, "x-forwarded-host"), vec!["example.org"]);
+    assert_eq!(
+        fields_named(body, "x-forwarded-host"),
+        vec!["Example.org:8080"]
+    );
+    assert_eq!(
+        fields_named(body, "forwarded"),
+        vec!["for=127.0.0.1;proto=http;host=\"Example.org:8080\""]
+    );
     let body = h2_ask(
         p.https,
         &[
@@ -1001,6 +1008,121 @@ fn hosts_in_targets_are_held_to_the_rules_of_the_host_field() {
     )
     .expect("an answer");
     assert_eq!(fields_named(&body, "host"), vec!["example.org"], "{body}");
+    // The second attacker's finding: the forwarding fields named the host without its port
+    // (and in lower case) while Host kept them.
+    let out = raw(
+        p.http,
+        b"GET /headers HTTP/1.1\r\nHost: App.Example:8443\r\nConnection: close\r\n\r\n",
+    );
+    let body = &out[out.find("\r\n\r\n").unwrap() + 4..];
+    assert_eq!(
+        fields_named(body, "host"),
+        vec!["App.Example:8443"],
+        "{body}"
+    );
+    assert_eq!(
+        fields_named(body, "x-forwarded-host"),
+        vec!["App.Example:8443"]
+    );
+    let body = h2_ask(
+        p.https,
+        &[
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", "[::1]:8443"),
+            (":path", "/headers"),
+        ],
+    )
+    .expect("an answer");
+    assert_eq!(fields_named(&body, "host"), vec!["[::1]:8443"], "{body}");
+    assert_eq!(fields_named(&body, "x-forwarded-host"), vec!["[::1]:8443"]);
+    assert_eq!(
+        fields_named(&body, "forwarded"),
+        vec!["for=127.0.0.1;proto=https;host=\"[::1]:8443\""]
+    );
+    p.stop();
+}
+
+/// The second attacker's findings: a target that was only a fragment (`GET https://b#x`,
+/// HTTP/2's `:path` `#/admin`) went to the application as an empty target (`GET  HTTP/1.1`,
+/// which Python's server reads as HTTP/0.9); a bare LF in a chunked body's trailers, which
+/// hyper takes as part of the line, stopped the framing follower and left the request hanging.
+/// Now the empty target is `/`, and the trailers are followed as hyper reads them.
+#[test]
+fn empty_targets_are_slash_and_trailers_are_read_as_hyper_reads_them() {
+    let mut p = Proxied::start("redirect_http = false");
+    for target in [
+        "http://localhost#x",
+        "http://localhost#",
+        "http://localhost?q=1#x",
+    ] {
+        let out = raw(
+            p.http,
+            format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        );
+        assert!(out.starts_with("HTTP/1.1 200 "), "{target}: {out}");
+        assert!(out.contains("app: /"), "{target}: {out}");
+    }
+    let body = h2_ask(
+        p.https,
+        &[
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", "localhost"),
+            (":path", "#/admin"),
+        ],
+    );
+    if let Some(body) = body {
+        assert_eq!(body, "app: /\n");
+    }
+
+    // Two requests, the first with a bare LF in a trailer line (then the CRLF that ends the
+    // trailers, as hyper wants it), both answered on one connection.
+    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\nX: y\n\r\n\r\nGET /second HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .unwrap();
+    let (status, body) = response(&mut s);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"bytes\": 5"), "{body}");
+    let (status, body) = response(&mut s);
+    assert_eq!((status, body.as_str()), (200, "app: /second\n"));
+    p.stop();
+}
+
+/// The second attacker's finding: behind a trusted proxy, X-Forwarded-For named the client the
+/// proxy forwarded for while X-Real-IP named the proxy. X-Real-IP names the client now: the last
+/// address of the chain that is not a trusted proxy.
+#[test]
+fn behind_trusted_proxies_x_real_ip_names_the_client() {
+    let mut p = Proxied::start("redirect_http = false\ntrusted_proxies = [\"127.0.0.0/8\"]");
+    for (chain, client) in [
+        ("203.0.113.7", "203.0.113.7"),
+        ("198.51.100.1, 203.0.113.7, 127.0.0.5", "203.0.113.7"),
+        ("127.0.0.9", "127.0.0.9"),
+    ] {
+        let out = raw(
+            p.http,
+            format!(
+                "GET /headers HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-For: {chain}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        let body = &out[out.find("\r\n\r\n").unwrap() + 4..];
+        assert_eq!(
+            fields_named(body, "x-real-ip"),
+            vec![client],
+            "{chain}: {body}"
+        );
+        assert_eq!(
+            fields_named(body, "x-forwarded-for"),
+            vec![format!("{chain}, 127.0.0.1")]
+        );
+    }
     p.stop();
 }
 
