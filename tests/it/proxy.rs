@@ -273,7 +273,7 @@ pub(crate) fn raw(port: u16, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn header_of(json: &serde_json::Value, name: &str) -> Vec<String> {
+pub(crate) fn header_of(json: &serde_json::Value, name: &str) -> Vec<String> {
     json["headers"]
         .as_array()
         .unwrap()

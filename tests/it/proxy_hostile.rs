@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio_rustls::rustls;
 
-use crate::proxy::{Proxied, raw, response, tls_alpn};
+use crate::proxy::{Proxied, header_of, raw, response, tls_alpn};
 use crate::support::*;
 
 /// Whether the server has closed `s` (waiting at most `within`).
@@ -911,17 +911,28 @@ fn h2_ask(port: u16, fields: &[(&str, &str)]) -> Option<String> {
     None
 }
 
+/// [`h2_ask`] for a GET of `path` from `authority` over https, with `extra` fields.
+fn h2_get(port: u16, authority: &str, path: &str, extra: &[(&str, &str)]) -> Option<String> {
+    let mut fields = vec![
+        (":method", "GET"),
+        (":scheme", "https"),
+        (":authority", authority),
+        (":path", path),
+    ];
+    fields.extend_from_slice(extra);
+    h2_ask(port, &fields)
+}
+
+/// The body of a whole HTTP/1.1 answer read by [`raw`].
+fn body_of(out: &str) -> &str {
+    out.split_once("\r\n\r\n").map_or("", |(_, body)| body)
+}
+
 /// The values of the fields named `name` (in any case) in a `/headers` answer of the fixture.
 fn fields_named(body: &str, name: &str) -> Vec<String> {
     let json: serde_json::Value =
         serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
-    json["headers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|kv| kv[0].as_str().unwrap().eq_ignore_ascii_case(name))
-        .map(|kv| kv[1].as_str().unwrap().to_string())
-        .collect()
+    header_of(&json, name)
 }
 
 /// An attacker's finding: a target naming a host (HTTP/1.1's absolute and authority forms,
@@ -956,15 +967,7 @@ fn hosts_in_targets_are_held_to_the_rules_of_the_host_field() {
         );
         assert!(!out.contains("\"headers\""), "{out}");
         // HTTP/2's :authority.
-        let body = h2_ask(
-            p.https,
-            &[
-                (":method", "GET"),
-                (":scheme", "https"),
-                (":authority", authority),
-                (":path", "/headers"),
-            ],
-        );
+        let body = h2_get(p.https, authority, "/headers", &[]);
         if let Some(body) = body {
             assert!(
                 body.contains("400 Bad request"),
@@ -987,7 +990,7 @@ fn hosts_in_targets_are_held_to_the_rules_of_the_host_field() {
         b"GET http://Example.org:8080/headers HTTP/1.1\r\nHost: other.org\r\nConnection: close\r\n\r\n",
     );
     assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
-    let body = &out[out.find("\r\n\r\n").unwrap() + 4..];
+    let body = body_of(&out);
     assert_eq!(fields_named(body, "host"), vec!["Example.org:8080"]);
     assert_eq!(
         fields_named(body, "x-forwarded-host"),
@@ -997,16 +1000,7 @@ fn hosts_in_targets_are_held_to_the_rules_of_the_host_field() {
         fields_named(body, "forwarded"),
         vec!["for=127.0.0.1;proto=http;host=\"Example.org:8080\""]
     );
-    let body = h2_ask(
-        p.https,
-        &[
-            (":method", "GET"),
-            (":scheme", "https"),
-            (":authority", "example.org"),
-            (":path", "/headers"),
-        ],
-    )
-    .expect("an answer");
+    let body = h2_get(p.https, "example.org", "/headers", &[]).expect("an answer");
     assert_eq!(fields_named(&body, "host"), vec!["example.org"], "{body}");
     // The second attacker's finding: the forwarding fields named the host without its port
     // (and in lower case) while Host kept them.
@@ -1014,7 +1008,7 @@ fn hosts_in_targets_are_held_to_the_rules_of_the_host_field() {
         p.http,
         b"GET /headers HTTP/1.1\r\nHost: App.Example:8443\r\nConnection: close\r\n\r\n",
     );
-    let body = &out[out.find("\r\n\r\n").unwrap() + 4..];
+    let body = body_of(&out);
     assert_eq!(
         fields_named(body, "host"),
         vec!["App.Example:8443"],
@@ -1024,16 +1018,7 @@ fn hosts_in_targets_are_held_to_the_rules_of_the_host_field() {
         fields_named(body, "x-forwarded-host"),
         vec!["App.Example:8443"]
     );
-    let body = h2_ask(
-        p.https,
-        &[
-            (":method", "GET"),
-            (":scheme", "https"),
-            (":authority", "[::1]:8443"),
-            (":path", "/headers"),
-        ],
-    )
-    .expect("an answer");
+    let body = h2_get(p.https, "[::1]:8443", "/headers", &[]).expect("an answer");
     assert_eq!(fields_named(&body, "host"), vec!["[::1]:8443"], "{body}");
     assert_eq!(fields_named(&body, "x-forwarded-host"), vec!["[::1]:8443"]);
     assert_eq!(
@@ -1064,15 +1049,7 @@ fn empty_targets_are_slash_and_trailers_are_read_as_hyper_reads_them() {
         assert!(out.starts_with("HTTP/1.1 200 "), "{target}: {out}");
         assert!(out.contains("app: /"), "{target}: {out}");
     }
-    let body = h2_ask(
-        p.https,
-        &[
-            (":method", "GET"),
-            (":scheme", "https"),
-            (":authority", "localhost"),
-            (":path", "#/admin"),
-        ],
-    );
+    let body = h2_get(p.https, "localhost", "#/admin", &[]);
     if let Some(body) = body {
         assert_eq!(body, "app: /\n");
     }
@@ -1112,7 +1089,7 @@ fn behind_trusted_proxies_x_real_ip_names_the_client() {
             )
             .as_bytes(),
         );
-        let body = &out[out.find("\r\n\r\n").unwrap() + 4..];
+        let body = body_of(&out);
         assert_eq!(
             fields_named(body, "x-real-ip"),
             vec![client],
@@ -1139,7 +1116,7 @@ fn fields_with_an_underscore_do_not_reach_the_application() {
           Connection: close\r\n\r\n",
     );
     assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
-    let body = &out[out.find("\r\n\r\n").unwrap() + 4..];
+    let body = body_of(&out);
     assert!(!body.contains('_'), "{body}");
     assert!(
         !body.contains("6.6.6.6") && !body.contains("evil"),
@@ -1147,16 +1124,11 @@ fn fields_with_an_underscore_do_not_reach_the_application() {
     );
     assert_eq!(fields_named(body, "my-field"), vec!["2"]);
     assert_eq!(fields_named(body, "x-forwarded-for"), vec!["127.0.0.1"]);
-    let body = h2_ask(
+    let body = h2_get(
         p.https,
-        &[
-            (":method", "GET"),
-            (":scheme", "https"),
-            (":authority", "localhost"),
-            (":path", "/headers"),
-            ("x_forwarded_for", "6.6.6.6"),
-            ("x_real_ip", "6.6.6.6"),
-        ],
+        "localhost",
+        "/headers",
+        &[("x_forwarded_for", "6.6.6.6"), ("x_real_ip", "6.6.6.6")],
     )
     .expect("an answer");
     assert!(!body.contains('_') && !body.contains("6.6.6.6"), "{body}");
@@ -1225,16 +1197,11 @@ fn only_websocket_upgrades_reach_the_application() {
 #[test]
 fn cookies_join_an_empty_host_is_replaced_and_statuses_end_at_599() {
     let mut p = Proxied::start("redirect_http = false");
-    let body = h2_ask(
+    let body = h2_get(
         p.https,
-        &[
-            (":method", "GET"),
-            (":scheme", "https"),
-            (":authority", "localhost"),
-            (":path", "/headers"),
-            ("cookie", "a=1"),
-            ("cookie", "b=2"),
-        ],
+        "localhost",
+        "/headers",
+        &[("cookie", "a=1"), ("cookie", "b=2")],
     )
     .expect("an answer");
     assert_eq!(fields_named(&body, "cookie"), vec!["a=1; b=2"], "{body}");
@@ -1244,7 +1211,7 @@ fn cookies_join_an_empty_host_is_replaced_and_statuses_end_at_599() {
         b"GET /headers HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
     );
     assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
-    let body = &out[out.find("\r\n\r\n").unwrap() + 4..];
+    let body = body_of(&out);
     let host = fields_named(body, "host");
     assert_eq!(host.len(), 1, "{body}");
     assert!(!host[0].is_empty(), "{body}");
