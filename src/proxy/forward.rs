@@ -431,20 +431,28 @@ impl ConnCtx {
                 }
             };
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-                if let Some(client) = upgrade {
-                    let server = hyper::upgrade::on(&mut response);
-                    let force = self.shared.force.clone();
-                    let idle = cfg.websocket_idle_timeout;
-                    let lease = lease.take();
-                    self.shared.tracker.spawn(async move {
-                        let (Ok(client), Ok(server)) = tokio::join!(client, server) else {
-                            return;
-                        };
-                        super::tunnel(TokioIo::new(client), TokioIo::new(server), idle, force)
-                            .await;
-                        drop(lease);
-                    });
-                }
+                // A 101 nobody asked for is not the client's: HTTP/2 has no 101, and an
+                // HTTP/1.1 client (or a proxy before regobox) would take its connection for
+                // upgraded.
+                let Some(client) = upgrade else {
+                    tracing::warn!(target: "regobox::proxy", upstream = %cfg.upstream, "the application answered 101 to a request that asked for no upgrade; answered 502");
+                    break 'done page(
+                        StatusCode::BAD_GATEWAY,
+                        "Bad gateway",
+                        "The application's answer was not valid HTTP.",
+                    );
+                };
+                let server = hyper::upgrade::on(&mut response);
+                let force = self.shared.force.clone();
+                let idle = cfg.websocket_idle_timeout;
+                let lease = lease.take();
+                self.shared.tracker.spawn(async move {
+                    let (Ok(client), Ok(server)) = tokio::join!(client, server) else {
+                        return;
+                    };
+                    super::tunnel(TokioIo::new(client), TokioIo::new(server), idle, force).await;
+                    drop(lease);
+                });
                 let (parts, body) = response.into_parts();
                 break 'done Response::from_parts(
                     parts,

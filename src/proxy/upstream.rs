@@ -573,4 +573,75 @@ mod tests {
         let e = pool.send(get("/")).await.err().unwrap().to_string();
         assert!(e.starts_with(&format!("connecting to {addr}: ")), "{e}");
     }
+
+    /// A response nobody asked for (here after answering `/stray`, while the next request is
+    /// already on its way): the first request after it cannot tell it from its own answer, but
+    /// the answer that comes after it, with no request left, ends the connection (hyper's check
+    /// of what a connection reads while idle), so that no later request gets another's answer.
+    /// (An application that delays its segments, Nagle's algorithm against the proxy's delayed
+    /// acknowledgements, can hold each answer back until the next request is written: then it
+    /// is that request's answer, and the lag goes on. Seen by an attacker's test with Python's
+    /// `http.server`-style sockets; see the README's "The application's responses".)
+    #[tokio::test]
+    async fn a_response_nobody_asked_for_ends_the_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (listener, uri) = listen().await;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                // Each answer leaves at once (see above).
+                stream.set_nodelay(true).unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            match stream.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head: Vec<u8> = buf.drain(..end).collect();
+                        let target = String::from_utf8_lossy(&head)
+                            .split(' ')
+                            .nth(1)
+                            .unwrap_or("")
+                            .to_string();
+                        let body = format!("answer to {target}");
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if stream.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        if target == "/stray" {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            let stray = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nSTRAY!";
+                            if stream.write_all(stray).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let pool = Pool::new(&uri, Duration::from_secs(2), 1);
+        assert_eq!(&fetch(&pool, "/stray").await[..], b"answer to /stray");
+        // Sent before the stray answer comes: it gets it.
+        assert_eq!(&fetch(&pool, "/first").await[..], b"STRAY!");
+        for i in 0..5 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let path = format!("/next{i}");
+            let body = fetch(&pool, &path).await;
+            assert_eq!(body, format!("answer to {path}").as_bytes(), "{i}");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
 }

@@ -1191,9 +1191,10 @@ fn only_websocket_upgrades_reach_the_application() {
     p.stop();
 }
 
-/// An attacker's findings: HTTP/2's `Cookie` fields went to the application as several lines
+/// Attackers' findings: HTTP/2's `Cookie` fields went to the application as several lines
 /// (RFC 9113 8.2.3 joins them with `; `); an empty Host field went as it came while the
-/// forwarding fields named the configured host; a status code above 599 was passed on.
+/// forwarding fields named the configured host; a status code above 599, and a 101 nobody
+/// asked for, were passed on.
 #[test]
 fn cookies_join_an_empty_host_is_replaced_and_statuses_end_at_599() {
     let mut p = Proxied::start("redirect_http = false");
@@ -1227,5 +1228,14 @@ fn cookies_join_an_empty_host_is_replaced_and_statuses_end_at_599() {
         b"GET /status?code=599 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
     );
     assert!(out.starts_with("HTTP/1.1 599 "), "{out}");
+    // A third attacker's finding: a 101 to a request that asked for no upgrade went to the
+    // client (over HTTP/2 too, which has no 101).
+    let out = raw(
+        p.http,
+        b"GET /status?code=101 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert!(out.starts_with("HTTP/1.1 502 "), "{out}");
+    let body = h2_get(p.https, "localhost", "/status?code=101", &[]).expect("an answer");
+    assert!(body.contains("502 Bad gateway"), "{body}");
     p.stop();
 }
