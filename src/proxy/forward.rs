@@ -819,8 +819,6 @@ fn plain_path_matches(path: &str, prefix: &str) -> bool {
     boundary && !doubtful
 }
 
-/// `path` with its dot segments removed (RFC 3986 5.2.4), the query kept; percent-encoding is
-/// left as it came. The same `path` when it has none.
 /// The target as forwarded: a path from `/`, or `*`. An empty path (an absolute URI without
 /// one, or a target that was only a fragment, which hyper drops) is `/`, as RFC 9112 3.2.2 has
 /// it: `?q` is `/?q` here, and an empty target (whose text says `/`, but which a `Uri` made of
@@ -837,6 +835,8 @@ fn origin_form(path: &PathAndQuery) -> Option<PathAndQuery> {
     }
 }
 
+/// `path` with its dot segments removed (RFC 3986 5.2.4), the query kept; percent-encoding is
+/// left as it came. The same `path` when it has none.
 fn without_dot_segments(path: &PathAndQuery) -> PathAndQuery {
     let p = path.path();
     // A dot segment follows a slash (a `PathAndQuery` starts with one, or is `*`): most paths
