@@ -642,25 +642,24 @@ impl ConnCtx {
         );
     }
 
-    /// The client a chain of trusted proxies forwards for (their X-Forwarded-For): its last
-    /// address that is not one of them (nginx's `real_ip_recursive`), the first if all are.
+    /// The client a chain of trusted proxies forwards for (their X-Forwarded-For), read from the
+    /// right as nginx's `real_ip_recursive` does: the first address that is not a trusted
+    /// proxy's. Where an entry cannot be read (`unknown`, garbage), what is left of it is the
+    /// client's own text: the search stops there, at the last trusted address (`None` if the
+    /// last entry itself cannot be read: the peer is named then). All trusted: the first.
     fn client_of(&self, chain: &str) -> Option<IpAddr> {
-        let trusted = |ip: IpAddr| {
-            self.shared
-                .trusted
-                .iter()
-                .any(|c| c.contains(canonical(ip)))
-        };
-        let addresses: Vec<IpAddr> = chain
-            .split(',')
-            .filter_map(|a| a.trim().parse::<IpAddr>().ok())
-            .collect();
-        addresses
-            .iter()
-            .rev()
-            .find(|ip| !trusted(**ip))
-            .or(addresses.first())
-            .copied()
+        let trusted = |ip: IpAddr| self.shared.trusted.iter().any(|c| c.contains(ip));
+        let mut last_trusted = None;
+        for entry in chain.rsplit(',') {
+            let Some(ip) = forwarded_address(entry.trim()) else {
+                return last_trusted;
+            };
+            if !trusted(ip) {
+                return Some(ip);
+            }
+            last_trusted = Some(ip);
+        }
+        last_trusted
     }
 }
 
@@ -676,6 +675,16 @@ fn is_forwarding(name: &HeaderName) -> bool {
         name.as_str(),
         "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host" | "forwarded" | "x-real-ip"
     )
+}
+
+/// An address as proxies write them in X-Forwarded-For: `1.2.3.4`, `2001:db8::1`, with a port
+/// (`1.2.3.4:5678`, `[2001:db8::1]:5678`) as some do; IPv4-mapped IPv6 as IPv4.
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    let ip = entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))?;
+    Some(canonical(ip))
 }
 
 fn canonical(ip: IpAddr) -> IpAddr {

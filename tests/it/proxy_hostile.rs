@@ -1081,6 +1081,14 @@ fn behind_trusted_proxies_x_real_ip_names_the_client() {
         ("203.0.113.7", "203.0.113.7"),
         ("198.51.100.1, 203.0.113.7, 127.0.0.5", "203.0.113.7"),
         ("127.0.0.9", "127.0.0.9"),
+        // A reviewer's finding: a trusted proxy that writes `address:port` (or `unknown`) left
+        // its entry unread and the search went on into what the client wrote. Ports are read;
+        // an entry that cannot be read stops the search at the trusted address after it.
+        ("6.6.6.6, 203.0.113.7:51234", "203.0.113.7"),
+        ("6.6.6.6, [2001:db8::7]:443", "2001:db8::7"),
+        ("6.6.6.6, unknown", "127.0.0.1"),
+        ("6.6.6.6, unknown, 127.0.0.5", "127.0.0.5"),
+        ("::ffff:203.0.113.9", "203.0.113.9"),
     ] {
         let out = raw(
             p.http,
