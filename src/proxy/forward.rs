@@ -375,12 +375,8 @@ impl ConnCtx {
             let mut response = match result {
                 // hyper takes any three digits; HTTP's status codes end at 599 (RFC 9110 15).
                 Ok(r) if r.status().as_u16() >= 600 => {
-                    tracing::warn!(target: "regobox::proxy", status = r.status().as_u16(), upstream = %cfg.upstream, "the application answered a status code above 599; answered 502");
-                    break 'done page(
-                        StatusCode::BAD_GATEWAY,
-                        "Bad gateway",
-                        "The application's answer was not valid HTTP.",
-                    );
+                    let what = format!("the status code {}, above 599", r.status().as_u16());
+                    break 'done self.not_http(&what);
                 }
                 Ok(r) => r,
                 Err(_)
@@ -435,12 +431,7 @@ impl ConnCtx {
                 // HTTP/1.1 client (or a proxy before regobox) would take its connection for
                 // upgraded.
                 let Some(client) = upgrade else {
-                    tracing::warn!(target: "regobox::proxy", upstream = %cfg.upstream, "the application answered 101 to a request that asked for no upgrade; answered 502");
-                    break 'done page(
-                        StatusCode::BAD_GATEWAY,
-                        "Bad gateway",
-                        "The application's answer was not valid HTTP.",
-                    );
+                    break 'done self.not_http("101 to a request that asked for no upgrade");
                 };
                 let server = hyper::upgrade::on(&mut response);
                 let force = self.shared.force.clone();
@@ -541,6 +532,16 @@ impl ConnCtx {
         Response::from_parts(parts, logged.boxed())
     }
 
+    /// 502 for an answer of the application's that is not HTTP (`what` it answered), logged.
+    fn not_http(&self, what: &str) -> Response<Body> {
+        tracing::warn!(target: "regobox::proxy", upstream = %self.shared.config.upstream, "the application answered {what}; answered 502");
+        page(
+            StatusCode::BAD_GATEWAY,
+            "Bad gateway",
+            "The application's answer was not valid HTTP.",
+        )
+    }
+
     /// Why the application cannot be reached through the proxy now, if it cannot.
     fn unavailable(&self) -> Option<String> {
         let board = &self.shared.board;
@@ -556,7 +557,7 @@ impl ConnCtx {
     fn forwarded_headers(&self, headers: &mut HeaderMap, host: &str, present: bool) {
         let peer = canonical(self.peer.ip());
         let proto = if self.https { "https" } else { "http" };
-        let trusted = self.shared.trusted.iter().any(|c| c.contains(peer));
+        let trusted = self.trusts(peer);
         // What earlier proxies said, removed from the request either way.
         let mut take = |name: &HeaderName| -> Option<String> {
             let header::Entry::Occupied(e) = headers.entry(name) else {
@@ -642,19 +643,23 @@ impl ConnCtx {
         );
     }
 
+    /// Whether `ip` is one of `proxy.trusted_proxies`.
+    fn trusts(&self, ip: IpAddr) -> bool {
+        self.shared.trusted.iter().any(|c| c.contains(ip))
+    }
+
     /// The client a chain of trusted proxies forwards for (their X-Forwarded-For), read from the
     /// right as nginx's `real_ip_recursive` does: the first address that is not a trusted
     /// proxy's. Where an entry cannot be read (`unknown`, garbage), what is left of it is the
     /// client's own text: the search stops there, at the last trusted address (`None` if the
     /// last entry itself cannot be read: the peer is named then). All trusted: the first.
     fn client_of(&self, chain: &str) -> Option<IpAddr> {
-        let trusted = |ip: IpAddr| self.shared.trusted.iter().any(|c| c.contains(ip));
         let mut last_trusted = None;
         for entry in chain.rsplit(',') {
             let Some(ip) = forwarded_address(entry.trim()) else {
                 return last_trusted;
             };
-            if !trusted(ip) {
+            if !self.trusts(ip) {
                 return Some(ip);
             }
             last_trusted = Some(ip);

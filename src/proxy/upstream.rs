@@ -421,38 +421,50 @@ mod tests {
         (listener, uri)
     }
 
-    /// A real HTTP/1.1 server on loopback counting its connections; `close` answers with
-    /// `Connection: close`.
-    async fn server(close: bool) -> (hyper::Uri, Arc<AtomicUsize>) {
-        let (listener, uri) = listen().await;
+    /// Every connection `listener` accepts served by `each` on a task of its own; how many it
+    /// has accepted.
+    fn accept_all<F, Fut>(listener: TcpListener, each: F) -> Arc<AtomicUsize>
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
         tokio::spawn(async move {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let service =
-                        service_fn(move |req: Request<Incoming>| async move {
-                            let size = if req.uri().path() == "/big" {
-                                8 << 20
-                            } else {
-                                100_000
-                            };
-                            let mut r = Response::new(http_body_util::Full::new(Bytes::from(
-                                format!("{} {}", req.uri(), "x".repeat(size)),
-                            )));
-                            if close {
-                                r.headers_mut()
-                                    .insert("connection", "close".parse().unwrap());
-                            }
-                            Ok::<_, std::convert::Infallible>(r)
-                        });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+                tokio::spawn(each(stream));
             }
+        });
+        accepted
+    }
+
+    /// A real HTTP/1.1 server on loopback counting its connections; `close` answers with
+    /// `Connection: close`.
+    async fn server(close: bool) -> (hyper::Uri, Arc<AtomicUsize>) {
+        let (listener, uri) = listen().await;
+        let accepted = accept_all(listener, move |stream| async move {
+            let service = service_fn(move |req: Request<Incoming>| async move {
+                let size = if req.uri().path() == "/big" {
+                    8 << 20
+                } else {
+                    100_000
+                };
+                let mut r = Response::new(http_body_util::Full::new(Bytes::from(format!(
+                    "{} {}",
+                    req.uri(),
+                    "x".repeat(size)
+                ))));
+                if close {
+                    r.headers_mut()
+                        .insert("connection", "close".parse().unwrap());
+                }
+                Ok::<_, std::convert::Infallible>(r)
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
         (uri, accepted)
     }
@@ -505,29 +517,21 @@ mod tests {
     async fn a_pooled_connection_closed_while_idle_is_replaced() {
         // An application that answers one request per connection with keep-alive, then closes
         // the connection while it sits in the pool.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (listener, uri) = listen().await;
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            loop {
-                let (mut stream, _) = listener.accept().await.unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        let n = stream.read(&mut buf).await.unwrap();
-                        assert!(n > 0, "the proxy closed before sending a request");
-                        head.extend_from_slice(&buf[..n]);
-                    }
-                    stream
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await
-                        .unwrap();
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                });
+        let accepted = accept_all(listener, |mut stream| async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the proxy closed before sending a request");
+                head.extend_from_slice(&buf[..n]);
             }
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
         });
         let pool = Pool::new(&uri, Duration::from_secs(2), 4);
         for i in 0..3 {
@@ -586,50 +590,42 @@ mod tests {
     async fn a_response_nobody_asked_for_ends_the_connection() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (listener, uri) = listen().await;
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
+        let accepted = accept_all(listener, |mut stream| async move {
+            // Each answer leaves at once (see above).
+            stream.set_nodelay(true).unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
             loop {
-                let (mut stream, _) = listener.accept().await.unwrap();
-                // Each answer leaves at once (see above).
-                stream.set_nodelay(true).unwrap();
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    loop {
-                        let end = loop {
-                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                                break i + 4;
-                            }
-                            match stream.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        };
-                        let head: Vec<u8> = buf.drain(..end).collect();
-                        let target = String::from_utf8_lossy(&head)
-                            .split(' ')
-                            .nth(1)
-                            .unwrap_or("")
-                            .to_string();
-                        let body = format!("answer to {target}");
-                        let answer = format!(
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
-                        if stream.write_all(answer.as_bytes()).await.is_err() {
-                            return;
-                        }
-                        if target == "/stray" {
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            let stray = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nSTRAY!";
-                            if stream.write_all(stray).await.is_err() {
-                                return;
-                            }
-                        }
+                let end = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
                     }
-                });
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let head: Vec<u8> = buf.drain(..end).collect();
+                let target = String::from_utf8_lossy(&head)
+                    .split(' ')
+                    .nth(1)
+                    .unwrap_or("")
+                    .to_string();
+                let body = format!("answer to {target}");
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if stream.write_all(answer.as_bytes()).await.is_err() {
+                    return;
+                }
+                if target == "/stray" {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let stray = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nSTRAY!";
+                    if stream.write_all(stray).await.is_err() {
+                        return;
+                    }
+                }
             }
         });
         let pool = Pool::new(&uri, Duration::from_secs(2), 1);
