@@ -373,12 +373,12 @@ impl ConnCtx {
                 );
             };
             let mut response = match result {
-                // hyper takes any three digits; HTTP's status codes end at 599 (RFC 9110 15).
-                Ok(r) if r.status().as_u16() >= 600 => {
-                    let what = format!("the status code {}, above 599", r.status().as_u16());
+                Ok(r) => r,
+                // What the client does not take for a response (a status code above 599,
+                // ambiguous framing...: see `upstream`).
+                Err(super::upstream::Error::Protocol { what, .. }) => {
                     break 'done self.not_http(&what);
                 }
-                Ok(r) => r,
                 Err(_)
                     if client_body_stalled
                         .as_ref()
@@ -433,15 +433,17 @@ impl ConnCtx {
                 let Some(client) = upgrade else {
                     break 'done self.not_http("101 to a request that asked for no upgrade");
                 };
-                let server = hyper::upgrade::on(&mut response);
+                let Some(server) = response.body_mut().take_upgraded() else {
+                    break 'done self.not_http("101 without its connection");
+                };
                 let force = self.shared.force.clone();
                 let idle = cfg.websocket_idle_timeout;
                 let lease = lease.take();
                 self.shared.tracker.spawn(async move {
-                    let (Ok(client), Ok(server)) = tokio::join!(client, server) else {
+                    let Ok(client) = client.await else {
                         return;
                     };
-                    super::tunnel(TokioIo::new(client), TokioIo::new(server), idle, force).await;
+                    super::tunnel(TokioIo::new(client), server, idle, force).await;
                     drop(lease);
                 });
                 let (parts, body) = response.into_parts();
@@ -555,6 +557,8 @@ impl ConnCtx {
     /// the peer is a trusted proxy.
     /// `present`: the request has one of the [`is_forwarding`] fields.
     fn forwarded_headers(&self, headers: &mut HeaderMap, host: &str, present: bool) {
+        // Room for the five fields set below at once, rather than growing on the way.
+        headers.reserve(5);
         let peer = canonical(self.peer.ip());
         let proto = if self.https { "https" } else { "http" };
         let trusted = self.trusts(peer);

@@ -1,39 +1,66 @@
-//! The connections to the application: HTTP/1.1 with keep-alive, one pool per worker thread.
+//! The connections to the application: HTTP/1.1 with keep-alive, one pool per worker thread,
+//! spoken by a client of regobox's own.
 //!
-//! A connection has no task of its own: whoever uses it drives it. The request's task does while
-//! the request goes out and its response comes back, the worker's tick while it waits in the
-//! pool. So a request's bytes go from the client's connection to the application's and back
-//! within one task, without waking another one on the way (as nginx's event loop does within one
-//! handler), and an idle connection costs no task.
+//! A connection has no task of its own: whoever uses it drives it. The request's task writes the
+//! request and reads the response on the connection's socket, within one task, as nginx's event
+//! loop does within one handler; an idle connection costs a socket and nothing else (no task, no
+//! buffer).
 //!
-//! A connection goes back to its worker's pool when the response body it carried has been read
-//! to the end (a response abandoned half-way leaves its connection unusable: it is closed), up to
-//! `proxy.upstream_keepalive` idle connections; beyond, and after [`IDLE_TIMEOUT`] unused, they
-//! are closed, as are those the application closed (seen at the next tick). A request that finds
+//! What the application answers is read as untrusted input, into regobox's own model of a
+//! response: a status from 100 to 599 (interim ones skipped, 101 only to an upgrade that was
+//! asked for), fields that are valid names and values, and one framing: no body (HEAD, 204,
+//! 304), one `Content-Length` (repeated only with the same value), `Transfer-Encoding: chunked`
+//! alone, or (HTTP/1.0 style) until the connection closes. Both `Content-Length` and
+//! `Transfer-Encoding`, a coding other than `chunked`, an obsolete line folding, a head over
+//! [`MAX_RESPONSE_HEAD`] or a malformed chunk are refused: the response is an error (502 when
+//! nothing of it went to the client yet), and its connection is closed. Trailers are read and
+//! dropped, as nginx's `proxy_pass` drops them.
+//!
+//! A connection goes back to its worker's pool when the response it carried has been read to
+//! the end, the request was written whole, the application did not say `Connection: close` (or
+//! answer HTTP/1.0), and nothing came after the response: bytes nobody asked for (an answer the
+//! application sent twice, say) close the connection rather than wait for the next request to
+//! take them for its own. The pool keeps up to `proxy.upstream_keepalive` idle connections;
+//! beyond, after [`IDLE_TIMEOUT`] unused, or once the application closed them or wrote on them
+//! while idle (seen when taken, and at the worker's tick), they are closed. A request that finds
 //! its pooled connection closed by the application (which may close idle connections at any
-//! time) before a byte of it was sent is retried on another one. Upgrades (101) keep their
-//! connection: it becomes the tunnel, on a task of its own.
+//! time) is retried on another one when nothing of it can have reached the application: before
+//! its head was written whole, or, for a request without a body whose method is idempotent,
+//! before any byte of an answer. Upgrades (101) keep their connection: it becomes the tunnel.
 
-use std::future::Future;
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use hyper::body::{Body as _, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use bytes::{Buf, Bytes, BytesMut};
+use hyper::body::{Body as _, Frame, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Version};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::Body;
+use super::{Body, BoxError};
 
-/// The largest response head taken from the application (status line and fields), in bytes.
+/// The largest response head taken from the application (status line and fields), in bytes;
+/// also the largest trailer section of a chunked response.
 pub const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Fields in a response head: bounded by the size above rather than by a count of its own.
 const MAX_RESPONSE_FIELDS: usize = MAX_RESPONSE_HEAD / 16;
+/// Fields parsed without a heap array; a head with more is parsed again with room for
+/// [`MAX_RESPONSE_FIELDS`].
+const FIELDS_ON_STACK: usize = 64;
+/// Interim (1xx) responses taken before the final one.
+const MAX_INTERIM: usize = 16;
+/// The longest chunk-size line (the size and its extensions), in bytes.
+const MAX_CHUNK_LINE: usize = 4096;
+/// What a read of the application's socket asks for at first; doubled while reads fill it, up
+/// to [`READ_MAX`].
+const READ_MIN: usize = 8 * 1024;
+const READ_MAX: usize = 256 * 1024;
 
 /// An idle connection unused for this long is closed (nginx's upstream `keepalive_timeout`).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -41,14 +68,22 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("connecting to {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: std::io::Error,
-    },
+    Connect { addr: String, source: io::Error },
     #[error("connecting to {addr}: no answer within {timeout:?} (proxy.upstream_connect_timeout)")]
     ConnectTimeout { addr: String, timeout: Duration },
     #[error("HTTP/1.1 with {addr}: {source}")]
-    Http { addr: String, source: hyper::Error },
+    Io { addr: String, source: io::Error },
+    #[error("HTTP/1.1 with {addr}: {what}")]
+    Protocol {
+        addr: String,
+        what: Cow<'static, str>,
+    },
+    #[error("HTTP/1.1 with {addr}: the connection closed {when}")]
+    Closed { addr: String, when: &'static str },
+    #[error("the request's body: {0}")]
+    RequestBody(BoxError),
+    #[error("the request cannot be written: {0}")]
+    Request(&'static str),
 }
 
 /// One worker's connections to the application.
@@ -66,114 +101,264 @@ struct Idle {
     since: Instant,
 }
 
-/// hyper's side of one connection (reading, writing, noticing its end), as a future that
-/// resolves when the connection is over: closed, failed, or handed to an upgrade.
-type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send + Sync>>;
-
-/// A context whose waker does nothing, to poll what only [`Conn::drive`] can make ready: the
-/// connection's readiness for a request, its response, its body. `drive` is polled with the
-/// task's own context (the sockets wake the task), and whatever it makes ready is polled right
-/// after it; registering the task's waker there as well would only make the task wake itself
-/// and run once more for nothing.
-fn unwoken() -> Context<'static> {
-    Context::from_waker(Waker::noop())
-}
-
 /// One connection to the application.
 struct Conn {
-    sender: http1::SendRequest<Body>,
-    /// `None` once the connection is over.
-    driver: Option<Driver>,
-    /// What the connection wakes: the task driving it, except for the wakes that task causes
-    /// itself (see [`Relay`]).
-    relay: Arc<Relay>,
-    waker: Waker,
+    io: TcpStream,
+    /// What was read and not yet taken: a response's head, its body's next bytes. Empty, with no
+    /// allocation, while the connection is idle.
+    buf: BytesMut,
+    /// How much the next read asks for.
+    want: usize,
+    /// The request still being written (its body may go on after the response's head came).
+    out: Option<Box<Outgoing>>,
+    /// The request could not be written whole: the connection carries no other.
+    spoiled: bool,
 }
 
-/// The waker a connection is driven with. It passes wakes on to the task using the connection,
-/// except while that task is itself handing the connection a request or taking the response
-/// body's data: the channels in between then wake the connection's side (a request waiting, room
-/// in the body), which is the task's own and which the task drives next anyway (right after
-/// sending; at its next read of the body, which is when more data is wanted). Passed on, those
-/// wakes would only make the task run a second time for nothing, twice per request.
+/// How a request's body is framed on the connection.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+/// The part of a request not yet written: its head, then bytes of its body ready to go, and the
+/// body they come from.
+struct Outgoing {
+    head: Vec<u8>,
+    /// How much of the head is written.
+    head_written: usize,
+    ready: VecDeque<Bytes>,
+    body: Option<Body>,
+    framing: Framing,
+    /// Body bytes taken so far (checked against a `Content-Length`).
+    taken: u64,
+}
+
+impl Outgoing {
+    fn done(&self) -> bool {
+        self.head_written == self.head.len() && self.ready.is_empty() && self.body.is_none()
+    }
+
+    /// Nothing of the request can have reached the application whole: its head is not all
+    /// written (and so nothing of its body was taken either).
+    fn unsent(&self) -> bool {
+        self.head_written < self.head.len()
+    }
+}
+
+/// What the request asks of its answer.
+struct Ask {
+    upgrade: bool,
+    is_head: bool,
+    idempotent: bool,
+}
+
+/// What an exchange has read so far.
 #[derive(Default)]
-struct Relay {
-    task: Mutex<Option<Waker>>,
-    muted: AtomicBool,
+struct Seen {
+    /// A byte of an answer (the application has acted upon the request).
+    answered: bool,
+    interim: usize,
 }
 
-impl std::task::Wake for Relay {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        if !self.muted.load(Ordering::Relaxed)
-            && let Some(w) = &*self.task.lock().unwrap_or_else(|p| p.into_inner())
-        {
-            w.wake_by_ref();
-        }
-    }
+/// What a failed exchange leaves: the error, and whether the request can be sent again on
+/// another connection (nothing of it can have been acted upon).
+struct Failure {
+    error: Error,
+    again: bool,
 }
 
-impl Relay {
-    /// Run `f` (the task's own use of the connection's channels) with the wakes it causes muted.
-    fn muted<T>(&self, f: impl FnOnce() -> T) -> T {
-        self.muted.store(true, Ordering::Relaxed);
-        let r = f();
-        self.muted.store(false, Ordering::Relaxed);
-        r
-    }
+/// The final response's head, read.
+struct Head {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Decoder,
+    /// The application lets the connection carry another request after this one.
+    keep_alive: bool,
+}
+
+/// How the response's body is read.
+#[derive(Debug, PartialEq, Eq)]
+enum Decoder {
+    /// Read to its end (or none at all).
+    Done,
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the application closes the connection.
+    Close,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Chunk {
+    /// At a chunk-size line.
+    Size,
+    Data(u64),
+    /// At the CRLF after a chunk's data.
+    DataEnd,
+    /// In the trailer section, `n` bytes of it read.
+    Trailers(usize),
 }
 
 impl Conn {
-    /// Let the connection do what it can now (write, read into the response body, notice the
-    /// application closed it); false once it is over.
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(driver) = &mut self.driver else {
-            return false;
-        };
-        {
-            let mut task = self.relay.task.lock().unwrap_or_else(|p| p.into_inner());
-            if !task.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                *task = Some(cx.waker().clone());
-            }
-        }
-        if let Poll::Ready(r) = driver.as_mut().poll(&mut Context::from_waker(&self.waker)) {
-            if let Err(e) = r {
-                tracing::debug!(target: "regobox::proxy", error = %e, "connection to the application ended");
-            }
-            self.driver = None;
-        }
-        self.driver.is_some()
-    }
-
-    /// Drive the connection once without a task to wake (it is in the pool): the next user's
-    /// task registers itself when it drives it.
-    fn drive_idle(&mut self) -> bool {
-        self.drive(&mut unwoken())
-    }
-
-    fn new(sender: http1::SendRequest<Body>, driver: Driver) -> Conn {
-        let relay = Arc::new(Relay::default());
+    fn new(io: TcpStream) -> Conn {
         Conn {
-            sender,
-            driver: Some(driver),
-            waker: Waker::from(relay.clone()),
-            relay,
+            io,
+            buf: BytesMut::new(),
+            want: READ_MIN,
+            out: None,
+            spoiled: false,
         }
     }
 
-    /// Ready for a new request (true), or over (false).
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
-        if !self.drive(cx) {
-            return Poll::Ready(false);
-        }
-        match self.sender.poll_ready(&mut unwoken()) {
-            Poll::Ready(r) => Poll::Ready(r.is_ok()),
-            Poll::Pending => Poll::Pending,
+    /// The request could not be written whole: never pooled.
+    fn spoil(&mut self) {
+        self.out = None;
+        self.spoiled = true;
+    }
+
+    /// Still open with nothing to read: the application has neither closed the connection nor
+    /// written on it since its last answer. No system call unless the socket became readable.
+    fn quiet(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Read more into `buf`: the number of bytes (0: the application closed the connection).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        loop {
+            if self.buf.capacity() - self.buf.len() < self.want / 2 {
+                self.buf.reserve(self.want);
+            }
+            let room = self.buf.capacity() - self.buf.len();
+            match self.io.try_read_buf(&mut self.buf) {
+                Ok(n) => {
+                    if n == room && self.want < READ_MAX {
+                        self.want *= 2;
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.io.poll_read_ready(cx))?;
+                }
+                Err(e) => return Poll::Ready(Err(e)),
+            }
         }
     }
+
+    /// Write what can be written of the request now, taking its body's frames as they come.
+    /// Ready once it is all written (or there is none).
+    fn poll_push(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), PushError>> {
+        let Some(out) = self.out.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        while !out.done() {
+            if out.head_written < out.head.len() || !out.ready.is_empty() {
+                let mut slices = [IoSlice::new(&[]); 8];
+                let mut n = 0;
+                if out.head_written < out.head.len() {
+                    slices[0] = IoSlice::new(&out.head[out.head_written..]);
+                    n = 1;
+                }
+                for b in out.ready.iter().take(slices.len() - n) {
+                    slices[n] = IoSlice::new(b);
+                    n += 1;
+                }
+                let tried = if n == 1 {
+                    self.io.try_write(&slices[0])
+                } else {
+                    self.io.try_write_vectored(&slices[..n])
+                };
+                let mut written = match tried {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        match self.io.poll_write_ready(cx) {
+                            Poll::Ready(Ok(())) => continue,
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(PushError::Io(e))),
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    }
+                    Err(e) => return Poll::Ready(Err(PushError::Io(e))),
+                };
+                let of_head = written.min(out.head.len() - out.head_written);
+                out.head_written += of_head;
+                written -= of_head;
+                while written > 0 {
+                    let first = out.ready.front_mut().expect("written bytes were queued");
+                    if first.len() <= written {
+                        written -= first.len();
+                        out.ready.pop_front();
+                    } else {
+                        first.advance(written);
+                        written = 0;
+                    }
+                }
+                continue;
+            }
+            let Some(body) = out.body.as_mut() else {
+                break;
+            };
+            match Pin::new(body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => {
+                    out.body = None;
+                    return Poll::Ready(Err(PushError::Body(e)));
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    // Trailers of the client's are not passed on (nor were they by hyper's
+                    // client without the application asking for them).
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    if data.is_empty() {
+                        continue;
+                    }
+                    out.taken += data.len() as u64;
+                    match out.framing {
+                        Framing::Length(n) if out.taken > n => {
+                            out.body = None;
+                            return Poll::Ready(Err(PushError::Body(
+                                "more bytes than its Content-Length".into(),
+                            )));
+                        }
+                        Framing::Chunked => {
+                            out.ready
+                                .push_back(Bytes::from(format!("{:x}\r\n", data.len())));
+                            out.ready.push_back(data);
+                            out.ready.push_back(Bytes::from_static(b"\r\n"));
+                        }
+                        _ => out.ready.push_back(data),
+                    }
+                }
+                Poll::Ready(None) => {
+                    out.body = None;
+                    match out.framing {
+                        Framing::Length(n) if out.taken != n => {
+                            return Poll::Ready(Err(PushError::Body(
+                                "fewer bytes than its Content-Length".into(),
+                            )));
+                        }
+                        Framing::Chunked => {
+                            out.ready.push_back(Bytes::from_static(b"0\r\n\r\n"));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// The request is written whole (or there was none).
+    fn written(&self) -> bool {
+        self.out.as_ref().is_none_or(|o| o.done())
+    }
+}
+
+enum PushError {
+    Io(io::Error),
+    Body(BoxError),
 }
 
 impl Pool {
@@ -202,91 +387,227 @@ impl Pool {
         }
     }
 
-    /// Send `req` on a pooled connection, or a new one.
-    pub async fn send(self: &Arc<Self>, mut req: Request<Body>) -> Result<Response<Pooled>, Error> {
+    fn protocol(&self, what: impl Into<Cow<'static, str>>) -> Error {
+        Error::Protocol {
+            addr: self.addr(),
+            what: what.into(),
+        }
+    }
+
+    /// Send `req` on a pooled connection, or a new one, and read its response's head. The
+    /// request's target is its URI's path and query; its fields go as they are but for the
+    /// framing, which is the client's own: `Content-Length` when the request has one or its
+    /// body's size is known, else `Transfer-Encoding: chunked` (a `Transfer-Encoding` field of
+    /// the request's is not written).
+    pub async fn send(self: &Arc<Self>, req: Request<Body>) -> Result<Response<Pooled>, Error> {
+        let (parts, body) = req.into_parts();
+        let (mut head, framing) = request_head(&parts, &body).map_err(Error::Request)?;
+        let ask = Ask {
+            upgrade: parts.headers.contains_key(header::UPGRADE),
+            is_head: parts.method == Method::HEAD,
+            // Sent again after the application closed the connection without answering: only
+            // what may be (RFC 9110 9.2.2), and only without a body (which cannot be read twice).
+            idempotent: framing == Framing::Empty
+                && matches!(
+                    parts.method,
+                    Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+                ),
+        };
+        let mut body = (framing != Framing::Empty).then_some(body);
         loop {
             let (mut conn, reused) = match self.take() {
                 Some(c) => (c, true),
                 // Boxed: rare next to reuse, and it would make every request's future larger.
                 None => (Box::pin(self.connect()).await?, false),
             };
-            // A pooled connection that has not said it is ready may be closing (a new one takes
-            // its first request at once). One closed by the application since it said so
-            // gives the request back unsent when driven: it is retried below.
-            if reused
-                && !conn.sender.is_ready()
-                && !std::future::poll_fn(|cx| conn.poll_ready(cx)).await
-            {
-                continue;
-            }
-            let response = conn.relay.muted(|| conn.sender.try_send_request(req));
-            tokio::pin!(response);
-            let result = std::future::poll_fn(|cx| {
-                // The request goes out, the response head comes in (or the connection ends,
-                // which answers the request with an error).
-                conn.drive(cx);
-                response.as_mut().poll(&mut unwoken())
-            })
-            .await;
+            conn.out = Some(Box::new(Outgoing {
+                head,
+                head_written: 0,
+                ready: VecDeque::new(),
+                body: body.take(),
+                framing,
+                taken: 0,
+            }));
+            let mut seen = Seen::default();
+            let result =
+                std::future::poll_fn(|cx| self.poll_head(&mut conn, cx, &ask, &mut seen)).await;
             match result {
-                Ok(response) => {
-                    let (parts, body) = response.into_parts();
-                    let conn = if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-                        // The connection is the tunnel's now: it hands its socket over to the
-                        // upgrade on a task of its own, and is never pooled.
-                        if let Some(driver) = conn.driver.take() {
-                            tokio::spawn(async move {
-                                if let Err(e) = driver.await {
-                                    tracing::debug!(target: "regobox::proxy", error = %e, "upgraded connection to the application");
-                                }
-                            });
-                        }
-                        None
-                    } else {
-                        Some(conn)
+                Ok(head) => return Ok(self.response(conn, head)),
+                // Nothing of it can have been acted upon: on another connection. (A body is
+                // only taken from once its head is written whole.)
+                Err(Failure { again: true, .. }) if reused => {
+                    let Some(out) = conn.out.take() else {
+                        return Err(Error::Request("a request to send again was lost"));
                     };
-                    let pooled = Pooled {
-                        body,
-                        conn,
-                        pool: self.clone(),
-                    };
-                    return Ok(Response::from_parts(parts, pooled));
+                    head = out.head;
+                    body = out.body;
                 }
-                Err(mut e) => match e.take_message() {
-                    // Never sent: the pooled connection had been closed. Another one.
-                    Some(r) if reused => req = r,
-                    _ => {
-                        return Err(Error::Http {
-                            addr: self.addr(),
-                            source: e.into_error(),
-                        });
-                    }
-                },
+                Err(failure) => return Err(failure.error),
             }
         }
+    }
+
+    /// Write the request, read the final response's head (interim ones are skipped).
+    fn poll_head(
+        &self,
+        conn: &mut Conn,
+        cx: &mut Context<'_>,
+        ask: &Ask,
+        seen: &mut Seen,
+    ) -> Poll<Result<Head, Failure>> {
+        loop {
+            seen.answered |= !conn.buf.is_empty();
+            let answered = seen.answered;
+            if let Poll::Ready(Err(e)) = conn.poll_push(cx) {
+                let unsent = conn.out.as_ref().is_some_and(|o| o.unsent());
+                match e {
+                    PushError::Body(e) => {
+                        return Poll::Ready(Err(Failure {
+                            error: Error::RequestBody(e),
+                            again: false,
+                        }));
+                    }
+                    // A write that fails because the application closed the connection may
+                    // have an answer before it (a 413, say): it is read.
+                    PushError::Io(_) if answered && !unsent => conn.spoil(),
+                    PushError::Io(source) => {
+                        return Poll::Ready(Err(Failure {
+                            error: Error::Io {
+                                addr: self.addr(),
+                                source,
+                            },
+                            again: unsent && !answered,
+                        }));
+                    }
+                }
+            }
+            if !conn.buf.is_empty() {
+                match parse_head(&mut conn.buf, ask.is_head) {
+                    Err(what) => {
+                        return Poll::Ready(Err(Failure {
+                            error: self.protocol(what),
+                            again: false,
+                        }));
+                    }
+                    Ok(Some(head)) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
+                        // To an upgrade asked for, once the request is written whole; or a 101
+                        // nobody asked for, which the caller refuses. Either way the connection
+                        // carries nothing else.
+                        if ask.upgrade && !conn.written() {
+                            return Poll::Ready(Err(Failure {
+                                error: self.protocol("101 before the request was written whole"),
+                                again: false,
+                            }));
+                        }
+                        return Poll::Ready(Ok(head));
+                    }
+                    Ok(Some(head)) if head.status.is_informational() => {
+                        seen.interim += 1;
+                        if seen.interim > MAX_INTERIM {
+                            return Poll::Ready(Err(Failure {
+                                error: self.protocol(format!(
+                                    "more than {MAX_INTERIM} interim (1xx) responses"
+                                )),
+                                again: false,
+                            }));
+                        }
+                        continue;
+                    }
+                    Ok(Some(head)) => return Poll::Ready(Ok(head)),
+                    Ok(None) => {}
+                }
+            }
+            let unsent = conn.out.as_ref().is_some_and(|o| o.unsent());
+            // Closed (or reset) before a byte of an answer: the application may have closed
+            // the connection as the request went out.
+            let closed_early = !answered && (unsent || ask.idempotent);
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) => {
+                    return Poll::Ready(Err(Failure {
+                        error: Error::Closed {
+                            addr: self.addr(),
+                            when: if !conn.buf.is_empty() {
+                                "in the middle of a response's head"
+                            } else if answered {
+                                "after an interim (1xx) answer"
+                            } else {
+                                "before an answer"
+                            },
+                        },
+                        again: closed_early,
+                    }));
+                }
+                Ok(_) => {}
+                Err(source) => {
+                    let reset = source.kind() == io::ErrorKind::ConnectionReset;
+                    return Poll::Ready(Err(Failure {
+                        error: Error::Io {
+                            addr: self.addr(),
+                            source,
+                        },
+                        again: closed_early && (reset || unsent),
+                    }));
+                }
+            }
+        }
+    }
+
+    fn response(self: &Arc<Self>, mut conn: Conn, head: Head) -> Response<Pooled> {
+        if conn.written() {
+            conn.out = None;
+        }
+        let mut response = Response::new(());
+        *response.status_mut() = head.status;
+        *response.version_mut() = Version::HTTP_11;
+        *response.headers_mut() = head.headers;
+        let (parts, ()) = response.into_parts();
+        let body = if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            let leftover = conn.buf.split().freeze();
+            Pooled {
+                conn: None,
+                decoder: Decoder::Done,
+                keep_alive: false,
+                pool: self.clone(),
+                upgraded: Some(Upgraded {
+                    io: conn.io,
+                    leftover,
+                }),
+            }
+        } else {
+            let mut body = Pooled {
+                conn: Some(conn),
+                decoder: head.body,
+                keep_alive: head.keep_alive,
+                pool: self.clone(),
+                upgraded: None,
+            };
+            if body.decoder == Decoder::Done {
+                body.give_back();
+            }
+            body
+        };
+        Response::from_parts(parts, body)
     }
 
     fn take(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(i) = idle.pop() {
-            if i.conn.driver.is_some() && i.since.elapsed() < IDLE_TIMEOUT {
+            if i.since.elapsed() < IDLE_TIMEOUT && i.conn.quiet() {
                 return Some(i.conn);
             }
         }
         None
     }
 
-    /// Keep `conn` for another request if it is ready for one: a connection still sending the
-    /// last request's body (the application answered before reading it all) or closing is
-    /// dropped, which closes it.
+    /// Keep `conn` for another request; `None` if it cannot carry one.
     fn put(&self, mut conn: Conn) {
-        // Usually ready already: the response's last read let it say so.
-        if !conn.sender.is_ready() {
-            conn.drive_idle();
-        }
-        if conn.driver.is_none() || !conn.sender.is_ready() {
+        if !conn.written() || conn.spoiled || !conn.buf.is_empty() {
+            // The request is not written whole (the application answered before reading it
+            // all), or bytes came after the response that nobody asked for: closed.
             return;
         }
+        // An idle connection holds no buffer.
+        conn.buf = BytesMut::new();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < self.keepalive {
             idle.push(Idle {
@@ -296,10 +617,11 @@ impl Pool {
         }
     }
 
-    /// Close the connections idle for too long or closed by the application.
+    /// Close the connections idle for too long, closed by the application, or written on by it
+    /// while idle.
     pub fn sweep(&self) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain_mut(|i| i.conn.drive_idle() && i.since.elapsed() < IDLE_TIMEOUT);
+        idle.retain(|i| i.since.elapsed() < IDLE_TIMEOUT && i.conn.quiet());
     }
 
     async fn connect(&self) -> Result<Conn, Error> {
@@ -322,73 +644,419 @@ impl Pool {
         let _ = stream.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
         let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-        // A response head is limited by its size, as nginx limits it (its buffer), not by
-        // hyper's default of 100 fields: applications send many cookies and CSP fields.
-        let (sender, conn) = http1::Builder::new()
-            .max_headers(MAX_RESPONSE_FIELDS)
-            .max_header_size(MAX_RESPONSE_HEAD)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| Error::Http {
-                addr: self.addr(),
-                source,
-            })?;
-        Ok(Conn::new(sender, Box::pin(conn.with_upgrades())))
+        Ok(Conn::new(stream))
     }
+}
+
+/// The request's head as it goes out, and its body's framing. `Err`: what makes it unsendable.
+fn request_head(
+    parts: &hyper::http::request::Parts,
+    body: &Body,
+) -> Result<(Vec<u8>, Framing), &'static str> {
+    let mut length = None;
+    for value in parts.headers.get_all(header::CONTENT_LENGTH) {
+        let n = content_length(value.as_bytes()).ok_or("a request's Content-Length")?;
+        if length.is_some_and(|l| l != n) {
+            return Err("a request's Content-Length");
+        }
+        length = Some(n);
+    }
+    let (framing, add) = match length {
+        Some(0) => (Framing::Empty, None),
+        Some(n) => (Framing::Length(n), None),
+        None if body.is_end_stream() => {
+            // A method that gives a body a meaning says it has none (RFC 9110 8.6).
+            let says = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH);
+            (Framing::Empty, says.then_some("content-length: 0\r\n"))
+        }
+        None => match body.size_hint().exact() {
+            Some(0) => (Framing::Empty, None),
+            Some(n) => (Framing::Length(n), None),
+            None => (Framing::Chunked, Some("transfer-encoding: chunked\r\n")),
+        },
+    };
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let target = if target.is_empty() { "/" } else { target };
+    let mut head = Vec::with_capacity(256 + parts.headers.len() * 48);
+    head.extend_from_slice(parts.method.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(target.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        if name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if let Framing::Length(n) = framing
+        && length.is_none()
+    {
+        head.extend_from_slice(b"content-length: ");
+        head.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if let Some(add) = add {
+        head.extend_from_slice(add.as_bytes());
+    }
+    head.extend_from_slice(b"\r\n");
+    Ok((head, framing))
+}
+
+/// A `Content-Length` value: digits only, at most 18 of them (below 10^18).
+fn content_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// Take a response head off the front of `buf` if it is there whole: `Ok(None)` if more is
+/// needed. Interim responses come back as they are (the caller skips them).
+fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, Cow<'static, str>> {
+    let read = {
+        let mut fields = [httparse::EMPTY_HEADER; FIELDS_ON_STACK];
+        let mut response = httparse::Response::new(&mut fields);
+        match response.parse(buf) {
+            Err(httparse::Error::TooManyHeaders) => {
+                let mut fields = vec![httparse::EMPTY_HEADER; MAX_RESPONSE_FIELDS];
+                let mut response = httparse::Response::new(&mut fields);
+                let r = response.parse(buf);
+                read_head(buf, r, response, is_head)?
+            }
+            r => read_head(buf, r, response, is_head)?,
+        }
+    };
+    let Some(Read {
+        len,
+        mut head,
+        fields,
+    }) = read
+    else {
+        return Ok(None);
+    };
+    let bytes = buf.split_to(len).freeze();
+    head.headers.reserve(fields.len());
+    for (name, start, end) in fields {
+        let value = HeaderValue::from_maybe_shared(bytes.slice(start..end))
+            .map_err(|_| format!("the value of the field {name}"))?;
+        head.headers.append(name, value);
+    }
+    Ok(Some(head))
+}
+
+/// What httparse read of a buffer, in regobox's terms.
+struct Read {
+    /// The head's length.
+    len: usize,
+    /// The head, its fields not yet in it.
+    head: Head,
+    /// Each field's name and where its value is in the head.
+    fields: Vec<(HeaderName, usize, usize)>,
+}
+
+fn read_head(
+    buf: &[u8],
+    parsed: httparse::Result<usize>,
+    response: httparse::Response<'_, '_>,
+    is_head: bool,
+) -> Result<Option<Read>, Cow<'static, str>> {
+    let len = match parsed {
+        Ok(httparse::Status::Complete(len)) if len <= MAX_RESPONSE_HEAD => len,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => return Ok(None),
+        Ok(_) => return Err(format!("a response head over {MAX_RESPONSE_HEAD} bytes").into()),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(format!("a response head with over {MAX_RESPONSE_FIELDS} fields").into());
+        }
+        Err(e) => return Err(format!("a malformed response head ({e})").into()),
+    };
+    let code = response.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code)
+        .ok()
+        .filter(|_| (100..600).contains(&code))
+        .ok_or_else(|| format!("the status code {code}, outside 100-599"))?;
+    let http10 = response.version == Some(0);
+    let base = buf.as_ptr() as usize;
+    // Each field as its name and where its value is in the head (taken below without a copy).
+    let mut fields = Vec::with_capacity(response.headers.len());
+    let (mut length, mut chunked, mut close) = (None, false, http10);
+    let mut te = 0;
+    for f in response.headers.iter() {
+        let name = HeaderName::from_bytes(f.name.as_bytes())
+            .map_err(|_| format!("the field name {:?}", f.name))?;
+        if name == header::CONTENT_LENGTH {
+            for v in f.value.split(|&b| b == b',') {
+                let n = content_length(v.trim_ascii()).ok_or("a malformed Content-Length")?;
+                if length.is_some_and(|l| l != n) {
+                    return Err("two different Content-Length values".into());
+                }
+                length = Some(n);
+            }
+        } else if name == header::TRANSFER_ENCODING {
+            te += 1;
+            chunked = f.value.trim_ascii().eq_ignore_ascii_case(b"chunked");
+        } else if name == header::CONNECTION {
+            for option in f.value.split(|&b| b == b',') {
+                let option = option.trim_ascii();
+                if option.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                }
+            }
+        }
+        // (An empty value's slice may point anywhere.)
+        let start = if f.value.is_empty() {
+            0
+        } else {
+            f.value.as_ptr() as usize - base
+        };
+        fields.push((name, start, start + f.value.len()));
+    }
+    let bodiless = is_head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let body = match (te, length) {
+        (0, None) if bodiless => Decoder::Done,
+        (0, None) => {
+            close = true;
+            Decoder::Close
+        }
+        (0, Some(n)) if bodiless || n == 0 => Decoder::Done,
+        (0, Some(n)) => Decoder::Length(n),
+        (_, Some(_)) => return Err("both Content-Length and Transfer-Encoding".into()),
+        (1, None) if chunked && !http10 => {
+            if bodiless {
+                Decoder::Done
+            } else {
+                Decoder::Chunked(Chunk::Size)
+            }
+        }
+        _ => return Err("a Transfer-Encoding other than one chunked".into()),
+    };
+    let head = Head {
+        status,
+        headers: HeaderMap::new(),
+        body,
+        keep_alive: !close,
+    };
+    Ok(Some(Read { len, head, fields }))
 }
 
 /// A response body from the application; reading it drives its connection, which goes back to
 /// the pool once the body has been read to the end.
 pub struct Pooled {
-    body: Incoming,
-    /// `None` for an upgrade, or once given back.
+    /// `None` for an upgrade, once given back, or after an error.
     conn: Option<Conn>,
+    decoder: Decoder,
+    keep_alive: bool,
     pool: Arc<Pool>,
+    /// The connection, for a 101 to an upgrade.
+    upgraded: Option<Upgraded>,
 }
 
 impl Pooled {
+    /// The connection of a 101 answering an upgrade, to become the tunnel's.
+    pub fn take_upgraded(&mut self) -> Option<Upgraded> {
+        self.upgraded.take()
+    }
+
     fn give_back(&mut self) {
-        if let Some(conn) = self.conn.take() {
+        if let Some(conn) = self.conn.take()
+            && self.keep_alive
+        {
             self.pool.put(conn);
         }
     }
+
+    fn fail(&mut self, error: Error) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        self.conn = None;
+        self.decoder = Decoder::Done;
+        Poll::Ready(Some(Err(error)))
+    }
+
+    /// The next frame of the body from what `conn` has read, or `None` if more must be read.
+    fn decode(&mut self) -> Result<Option<Bytes>, Cow<'static, str>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(None);
+        };
+        let buf = &mut conn.buf;
+        loop {
+            match &mut self.decoder {
+                Decoder::Done => return Ok(None),
+                Decoder::Close => {
+                    return Ok((!buf.is_empty()).then(|| buf.split().freeze()));
+                }
+                Decoder::Length(left) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let n = (*left).min(buf.len() as u64) as usize;
+                    *left -= n as u64;
+                    if *left == 0 {
+                        self.decoder = Decoder::Done;
+                    }
+                    return Ok(Some(buf.split_to(n).freeze()));
+                }
+                Decoder::Chunked(Chunk::Size) => {
+                    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+                        if buf.len() > MAX_CHUNK_LINE {
+                            return Err("a chunk-size line too long".into());
+                        }
+                        return Ok(None);
+                    };
+                    let size = chunk_size(&buf[..end])?;
+                    buf.advance(end + 2);
+                    self.decoder = Decoder::Chunked(if size == 0 {
+                        Chunk::Trailers(0)
+                    } else {
+                        Chunk::Data(size)
+                    });
+                }
+                Decoder::Chunked(Chunk::Data(left)) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let n = (*left).min(buf.len() as u64) as usize;
+                    *left -= n as u64;
+                    if *left == 0 {
+                        self.decoder = Decoder::Chunked(Chunk::DataEnd);
+                    }
+                    return Ok(Some(buf.split_to(n).freeze()));
+                }
+                Decoder::Chunked(Chunk::DataEnd) => {
+                    if buf.len() < 2 {
+                        return Ok(None);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err("a chunk not followed by CRLF".into());
+                    }
+                    buf.advance(2);
+                    self.decoder = Decoder::Chunked(Chunk::Size);
+                }
+                Decoder::Chunked(Chunk::Trailers(read)) => {
+                    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+                        if *read + buf.len() > MAX_RESPONSE_HEAD {
+                            return Err("trailers over the response head's limit".into());
+                        }
+                        return Ok(None);
+                    };
+                    *read += end + 2;
+                    if *read > MAX_RESPONSE_HEAD {
+                        return Err("trailers over the response head's limit".into());
+                    }
+                    let line = &buf[..end];
+                    if line.iter().any(|&b| b != b'\t' && (b < 0x20 || b == 0x7f)) {
+                        return Err("a control character in a trailer".into());
+                    }
+                    let last = end == 0;
+                    buf.advance(end + 2);
+                    if last {
+                        self.decoder = Decoder::Done;
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A chunk-size line's size (RFC 9112 7.1): hexadecimal digits, then nothing or extensions
+/// (`;` after optional white space), with no control character.
+fn chunk_size(line: &[u8]) -> Result<u64, Cow<'static, str>> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return Err("a malformed chunk size".into());
+    }
+    let rest = &line[digits..];
+    let rest_ok = rest.is_empty()
+        || (rest.trim_ascii_start().first() == Some(&b';')
+            && rest.iter().all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f)));
+    if !rest_ok {
+        return Err("a malformed chunk size".into());
+    }
+    let size = u64::from_str_radix(std::str::from_utf8(&line[..digits]).unwrap_or("x"), 16)
+        .map_err(|_| "a malformed chunk size")?;
+    if size > 1 << 60 {
+        return Err("a chunk size too large".into());
+    }
+    Ok(size)
 }
 
 impl hyper::body::Body for Pooled {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        // The connection first: what it reads now is in the body at once.
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = &mut *self;
-        let frame = match &mut this.conn {
-            Some(conn) => {
-                conn.drive(cx);
-                ready!(
-                    conn.relay
-                        .muted(|| Pin::new(&mut this.body).poll_frame(&mut unwoken()))
-                )
+        loop {
+            if this.decoder == Decoder::Done {
+                this.give_back();
+                return Poll::Ready(None);
             }
-            None => ready!(Pin::new(&mut this.body).poll_frame(cx)),
-        };
-        match &frame {
-            None => self.give_back(),
-            Some(Ok(_)) if self.body.is_end_stream() => self.give_back(),
-            Some(Err(_)) => self.conn = None,
-            Some(Ok(_)) => {}
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            // The rest of the request, if the answer came before it was all written: the
+            // connection is not kept if it fails (it is not written whole).
+            if !conn.written()
+                && let Poll::Ready(Err(_)) = conn.poll_push(cx)
+            {
+                conn.spoil();
+            }
+            match this.decode() {
+                Err(what) => {
+                    let e = this.pool.protocol(what);
+                    return this.fail(e);
+                }
+                Ok(Some(data)) => {
+                    if this.decoder == Decoder::Done {
+                        this.give_back();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(None) if this.decoder == Decoder::Done => continue,
+                Ok(None) => {}
+            }
+            let conn = this
+                .conn
+                .as_mut()
+                .expect("a body being read has its connection");
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) if this.decoder == Decoder::Close => this.decoder = Decoder::Done,
+                Ok(0) => {
+                    let e = Error::Closed {
+                        addr: this.pool.addr(),
+                        when: "in the middle of a response's body",
+                    };
+                    return this.fail(e);
+                }
+                Ok(_) => {}
+                Err(source) => {
+                    let e = Error::Io {
+                        addr: this.pool.addr(),
+                        source,
+                    };
+                    return this.fail(e);
+                }
+            }
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.decoder == Decoder::Done
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match self.decoder {
+            Decoder::Done => SizeHint::with_exact(0),
+            Decoder::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
     }
 }
 
@@ -396,9 +1064,50 @@ impl Drop for Pooled {
     fn drop(&mut self) {
         // Read to the end (or empty from the start: HEAD, 204, 304): reusable. Otherwise the
         // connection still holds the rest of the body and closes as it is dropped.
-        if self.body.is_end_stream() {
+        if self.decoder == Decoder::Done {
             self.give_back();
         }
+    }
+}
+
+/// The application's side of an upgraded connection: its socket, with what came after the 101's
+/// head read first.
+pub struct Upgraded {
+    io: TcpStream,
+    leftover: Bytes,
+}
+
+impl AsyncRead for Upgraded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.leftover.is_empty() {
+            let n = self.leftover.len().min(buf.remaining());
+            buf.put_slice(&self.leftover[..n]);
+            self.leftover.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Upgraded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -407,7 +1116,9 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use http_body_util::BodyExt;
+    use hyper::body::Incoming;
     use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
     use tokio::net::TcpListener;
 
     use super::*;
@@ -562,6 +1273,437 @@ mod tests {
             fetch(&pool, "/again").await;
         }
         assert_eq!(accepted.load(Ordering::SeqCst), 5);
+    }
+
+    /// An application that answers each request with the next of `answers`, written as it is;
+    /// once they run out, it closes the connection (`then_read`: after reading one more request,
+    /// not answered). What it read, request by request (head and body), is sent on the returned
+    /// channel.
+    async fn raw(
+        answers: Vec<Vec<u8>>,
+        then_read: bool,
+    ) -> (
+        hyper::Uri,
+        Arc<AtomicUsize>,
+        tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    ) {
+        use tokio::io::AsyncWriteExt;
+        let (listener, uri) = listen().await;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let answers = Arc::new(answers);
+        let accepted = accept_all(listener, move |mut stream| {
+            let (answers, tx) = (answers.clone(), tx.clone());
+            async move {
+                stream.set_nodelay(true).unwrap();
+                let mut buf = Vec::new();
+                for answer in answers.iter() {
+                    let Some(request) = read_request(&mut stream, &mut buf).await else {
+                        return;
+                    };
+                    let _ = tx.send(request);
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+                if then_read && let Some(request) = read_request(&mut stream, &mut buf).await {
+                    let _ = tx.send(request);
+                }
+            }
+        });
+        (uri, accepted, rx)
+    }
+
+    /// One request off `stream` (what is in `buf` first): its head and its body, framed by a
+    /// `content-length` or `transfer-encoding: chunked` field as the client writes them.
+    async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 4096];
+        let mut end = None;
+        loop {
+            if end.is_none()
+                && let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n")
+            {
+                let head = String::from_utf8_lossy(&buf[..i]).to_string();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .map_or(0, |n| n.parse::<usize>().unwrap());
+                end = Some((i + 4, length, head.contains("transfer-encoding: chunked")));
+            }
+            if let Some((head, length, chunked)) = end {
+                let total = if chunked {
+                    buf[head..]
+                        .windows(5)
+                        .position(|w| w == b"0\r\n\r\n")
+                        .map(|i| head + i + 5)
+                } else {
+                    Some(head + length).filter(|&t| t <= buf.len())
+                };
+                if let Some(total) = total {
+                    return Some(buf.drain(..total).collect());
+                }
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// The body of a response, read to its end, or the error that ended it.
+    async fn read_all(r: Response<Pooled>) -> Result<Bytes, String> {
+        match r.into_body().collect().await {
+            Ok(b) => Ok(b.to_bytes()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_that_could_be_read_two_ways_are_refused_and_their_connection_closed() {
+        let refused: &[(&str, &str)] = &[
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                "both Content-Length and Transfer-Encoding",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+                "other than one chunked",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                "other than one chunked",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\nhello",
+                "other than one chunked",
+            ),
+            (
+                "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                "other than one chunked",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\nhello!",
+                "two different Content-Length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+                "two different Content-Length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello",
+                "malformed Content-Length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 0x5\r\n\r\nhello",
+                "malformed Content-Length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5 5\r\n\r\nhello",
+                "malformed Content-Length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\nhello",
+                "malformed Content-Length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\nhello",
+                "malformed Content-Length",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nX-A: a\r\n folded\r\nContent-Length: 5\r\n\r\nhello",
+                "malformed response head",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length : 5\r\n\r\nhello",
+                "malformed response head",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 5\r\n\r\nhello",
+                "malformed response head",
+            ),
+            (
+                "HTTP/1.1 600 Odd\r\nContent-Length: 0\r\n\r\n",
+                "status code 600",
+            ),
+            (
+                "HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n",
+                "status code 99",
+            ),
+            (
+                "HTTP/2 200 OK\r\nContent-Length: 0\r\n\r\n",
+                "malformed response head",
+            ),
+            ("ICY 200 OK\r\n\r\n", "malformed response head"),
+        ];
+        for (answer, why) in refused {
+            let (uri, _, _) = raw(vec![answer.as_bytes().to_vec()], false).await;
+            let pool = Pool::new(&uri, Duration::from_secs(2), 4);
+            match pool.send(get("/")).await {
+                Err(Error::Protocol { what, .. }) => {
+                    assert!(what.contains(why), "{answer:?}: {what}")
+                }
+                Err(e) => panic!("{answer:?}: {e}"),
+                Ok(r) => panic!(
+                    "{answer:?}: taken as {} {:?}",
+                    r.status(),
+                    read_all(r).await
+                ),
+            }
+            assert_eq!(pool.idle.lock().unwrap().len(), 0, "{answer:?}");
+        }
+
+        // Over the size a head may have, and more interim answers than are taken.
+        let huge = format!(
+            "HTTP/1.1 200 OK\r\nX-Big: {}\r\n",
+            "a".repeat(MAX_RESPONSE_HEAD)
+        );
+        let interims = "HTTP/1.1 100 Continue\r\n\r\n".repeat(MAX_INTERIM + 1)
+            + "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        for (answer, why) in [(huge, "over 65536 bytes"), (interims, "interim")] {
+            let (uri, _, _) = raw(vec![answer.into_bytes()], false).await;
+            let pool = Pool::new(&uri, Duration::from_secs(2), 4);
+            match pool.send(get("/")).await {
+                Err(Error::Protocol { what, .. }) => assert!(what.contains(why), "{what}"),
+                other => panic!("{why}: {:?}", other.map(|r| r.status())),
+            }
+        }
+
+        // The same length twice, a few interim answers, a head of many fields: taken.
+        let mut fields = String::new();
+        for i in 0..300 {
+            fields.push_str(&format!("X-Field-{i}: {i}\r\n"));
+        }
+        let taken = [
+            "HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\nhello".to_string(),
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_string(),
+            format!("HTTP/1.1 200 OK\r\n{fields}Content-Length: 5\r\n\r\nhello"),
+        ];
+        for answer in taken {
+            let (uri, _, _) = raw(vec![answer.clone().into_bytes()], false).await;
+            let pool = Pool::new(&uri, Duration::from_secs(2), 4);
+            let r = pool.send(get("/")).await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            assert_eq!(read_all(r).await.unwrap(), "hello", "{answer:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bodies_end_where_their_framing_says_and_nothing_after_them_is_taken() {
+        // Chunks with extensions and trailers, then a second answer on the same connection.
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: Chunked\r\n\r\n5;a=b\r\nhello\r\n6 ; c\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n".to_vec();
+        let second = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nbye".to_vec();
+        let (uri, accepted, _) = raw(vec![chunked, second], false).await;
+        let pool = Pool::new(&uri, Duration::from_secs(2), 4);
+        assert_eq!(fetch(&pool, "/1").await, "hello world");
+        assert_eq!(fetch(&pool, "/2").await, "bye");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+        // Malformed chunks end the body with an error, and their connection.
+        for bad in [
+            "5\r\nhelloX\r\n0\r\n\r\n",
+            "5\nhello\r\n0\r\n\r\n",
+            "5\n;x\r\nhello\r\n0\r\n\r\n",
+            "fffffffffffffffff\r\nhello\r\n0\r\n\r\n",
+            "-5\r\nhello\r\n0\r\n\r\n",
+            "\r\nhello\r\n0\r\n\r\n",
+            "5 x\r\nhello\r\n0\r\n\r\n",
+            "0\r\nX-T: a\x01b\r\n\r\n",
+        ] {
+            let answer = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{bad}");
+            let (uri, _, _) = raw(vec![answer.into_bytes()], false).await;
+            let pool = Pool::new(&uri, Duration::from_secs(2), 4);
+            let r = pool.send(get("/")).await.unwrap();
+            let e = read_all(r).await.expect_err(bad);
+            assert!(e.contains("chunk") || e.contains("trailer"), "{bad:?}: {e}");
+            assert_eq!(pool.idle.lock().unwrap().len(), 0, "{bad:?}");
+        }
+
+        // Cut short: an error, not a shorter body.
+        for short in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        ] {
+            let (uri, _, _) = raw(vec![short.as_bytes().to_vec()], false).await;
+            let pool = Pool::new(&uri, Duration::from_secs(2), 4);
+            let r = pool.send(get("/")).await.unwrap();
+            let e = read_all(r).await.expect_err(short);
+            assert!(
+                e.contains("closed in the middle of a response's body"),
+                "{e}"
+            );
+        }
+
+        // Without a length: until the application closes; the connection is not kept.
+        let (uri, accepted, _) = raw(
+            vec![b"HTTP/1.1 200 OK\r\n\r\nuntil the end".to_vec()],
+            false,
+        )
+        .await;
+        let pool = Pool::new(&uri, Duration::from_secs(2), 4);
+        assert_eq!(fetch(&pool, "/").await, "until the end");
+        assert_eq!(pool.idle.lock().unwrap().len(), 0);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+
+        // Bytes after the answer (a second answer nobody asked for, a body to a 204 or a HEAD):
+        // the connection is closed, not given to the next request.
+        for (request, answer) in [
+            (
+                get("/"),
+                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nSTRAY!",
+            ),
+            (
+                get("/"),
+                "HTTP/1.1 204 No Content\r\nContent-Length: 6\r\n\r\nSTRAY!",
+            ),
+            (
+                Request::head("/")
+                    .header("host", "app")
+                    .body(super::super::empty())
+                    .unwrap(),
+                "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nSTRAY!",
+            ),
+        ] {
+            let (uri, accepted, _) = raw(vec![answer.as_bytes().to_vec(); 2], false).await;
+            let pool = Pool::new(&uri, Duration::from_secs(2), 4);
+            let r = pool.send(request).await.unwrap();
+            let body = read_all(r).await.unwrap();
+            assert!(body == "ok" || body.is_empty(), "{answer:?}");
+            assert_eq!(pool.idle.lock().unwrap().len(), 0, "{answer:?}");
+            fetch(&pool, "/next").await;
+            assert_eq!(accepted.load(Ordering::SeqCst), 2, "{answer:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_request_goes_out_with_the_clients_own_framing() {
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec();
+        let (uri, _, mut seen) = raw(vec![ok; 4], false).await;
+        let pool = Pool::new(&uri, Duration::from_secs(2), 4);
+        // A body of unknown size goes chunked; a Transfer-Encoding field of the request's is
+        // not written (the framing is the client's).
+        let (tx, body) = futures_channel_body();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"hello"))))
+            .unwrap();
+        drop(tx);
+        let req = Request::post("/up")
+            .header("host", "app")
+            .header("transfer-encoding", "gzip")
+            .body(body)
+            .unwrap();
+        read_all(pool.send(req).await.unwrap()).await.unwrap();
+        let head = String::from_utf8(seen.recv().await.unwrap()).unwrap();
+        assert!(
+            head.starts_with("POST /up HTTP/1.1\r\nhost: app\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("transfer-encoding: chunked\r\n"), "{head}");
+        assert!(!head.contains("gzip"), "{head}");
+        // A body of known size: its length; an empty POST says so.
+        let req = Request::post("/known")
+            .header("host", "app")
+            .body(
+                http_body_util::Full::new(Bytes::from_static(b"abc"))
+                    .map_err(|e| match e {})
+                    .boxed(),
+            )
+            .unwrap();
+        read_all(pool.send(req).await.unwrap()).await.unwrap();
+        let head = String::from_utf8(seen.recv().await.unwrap()).unwrap();
+        assert!(head.contains("content-length: 3\r\n"), "{head}");
+        let req = Request::post("/empty")
+            .header("host", "app")
+            .body(super::super::empty())
+            .unwrap();
+        read_all(pool.send(req).await.unwrap()).await.unwrap();
+        let head = String::from_utf8(seen.recv().await.unwrap()).unwrap();
+        assert!(head.contains("content-length: 0\r\n"), "{head}");
+        // A GET says nothing of a body.
+        fetch(&pool, "/get").await;
+        let head = String::from_utf8(seen.recv().await.unwrap()).unwrap();
+        assert!(
+            !head.contains("content-length") && !head.contains("transfer-encoding"),
+            "{head}"
+        );
+    }
+
+    /// A body fed through a channel (its size unknown).
+    fn futures_channel_body() -> (
+        tokio::sync::mpsc::UnboundedSender<Result<Frame<Bytes>, BoxError>>,
+        Body,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let stream =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|f| (f, rx)) },
+            );
+        (tx, http_body_util::StreamBody::new(stream).boxed())
+    }
+
+    #[tokio::test]
+    async fn only_what_cannot_have_been_acted_upon_is_sent_again() {
+        // The application answers the first request of each connection and closes the
+        // connection on reading the second, without answering it.
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec();
+        let (uri, accepted, _) = raw(vec![ok.clone()], true).await;
+        let pool = Pool::new(&uri, Duration::from_secs(2), 4);
+        assert_eq!(fetch(&pool, "/first").await, "ok");
+        // A GET whose pooled connection closes under it: sent again on a new connection.
+        assert_eq!(fetch(&pool, "/again").await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // A POST may have been acted upon: not sent again, an error.
+        let req = Request::post("/once")
+            .header("host", "app")
+            .body(
+                http_body_util::Full::new(Bytes::from_static(b"abc"))
+                    .map_err(|e| match e {})
+                    .boxed(),
+            )
+            .unwrap();
+        let e = pool.send(req).await.err().expect("a POST sent twice");
+        assert!(matches!(e, Error::Closed { .. } | Error::Io { .. }), "{e}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+        // A GET answered with an interim response, then closed: it was acted upon.
+        let interim = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
+        let (uri, accepted, _) = raw(vec![ok.clone(), interim], false).await;
+        let pool = Pool::new(&uri, Duration::from_secs(2), 4);
+        assert_eq!(fetch(&pool, "/first").await, "ok");
+        let e = pool
+            .send(get("/"))
+            .await
+            .err()
+            .expect("a 100 and no answer");
+        assert!(
+            e.to_string().contains("after an interim (1xx) answer"),
+            "{e}"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_upgrade_hands_over_the_connection_with_what_came_after_the_101() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nearly".to_vec();
+        let (uri, _, _) = raw(vec![answer], false).await;
+        let pool = Pool::new(&uri, Duration::from_secs(2), 4);
+        let req = Request::get("/ws")
+            .header("host", "app")
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(super::super::empty())
+            .unwrap();
+        let mut r = pool.send(req).await.unwrap();
+        assert_eq!(r.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let mut io = r
+            .body_mut()
+            .take_upgraded()
+            .expect("the upgraded connection");
+        let mut got = [0u8; 5];
+        io.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"early");
+        let _ = io.write_all(b"x").await;
+        assert_eq!(pool.idle.lock().unwrap().len(), 0);
     }
 
     #[tokio::test]
