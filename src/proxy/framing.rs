@@ -226,16 +226,18 @@ impl<S> Framing<S> {
                     buf.extend_from_slice(&data[..taken]);
                     // The head ends where hyper's parser says it does (a bare LF ends a line
                     // there too); worth asking only when a line has ended.
+                    let mut headers = [httparse::EMPTY_HEADER; 128];
+                    let mut req = httparse::Request::new(&mut headers);
                     let status = if data[..taken].contains(&b'\n') {
-                        let mut headers = [httparse::EMPTY_HEADER; 128];
-                        httparse::Request::new(&mut headers).parse(buf)
+                        req.parse(buf)
                     } else {
                         Ok(httparse::Status::Partial)
                     };
                     match status {
                         Ok(httparse::Status::Complete(end)) => {
-                            let head = std::mem::take(buf);
-                            let (next, upgrade, last) = after_head(&self.signals, &head[..end]);
+                            // Read from the one parse that found the head's end.
+                            let (next, upgrade, last) = after_head(&self.signals, &req);
+                            *buf = Vec::new();
                             self.upgrading = upgrade;
                             self.last = last;
                             (self.chunks, self.chunked_bytes) = (0, 0);
@@ -376,12 +378,7 @@ enum Next {
 /// What follows a request head, whether the request asks for an upgrade, and whether it is the
 /// connection's last (as hyper decides: HTTP/1.1 unless `Connection: close`, HTTP/1.0 only with
 /// `Connection: keep-alive`); raises the flag on both framings.
-fn after_head(signals: &Signals, head: &[u8]) -> (Next, bool, bool) {
-    let mut headers = [httparse::EMPTY_HEADER; 128];
-    let mut req = httparse::Request::new(&mut headers);
-    if !matches!(req.parse(head), Ok(httparse::Status::Complete(_))) {
-        return (Next::Refused, false, true);
-    }
+fn after_head(signals: &Signals, req: &httparse::Request<'_, '_>) -> (Next, bool, bool) {
     let (mut length, mut te, mut chunked, mut upgrade) = (None, false, false, false);
     let (mut close, mut keep_alive) = (false, false);
     for h in req.headers.iter() {
