@@ -379,6 +379,19 @@ impl ConnCtx {
                 Err(super::upstream::Error::Protocol { what, .. }) => {
                     break 'done self.not_http(&what);
                 }
+                // A request regobox cannot write as one HTTP/1.1 request (its length unreadable:
+                // what hyper and the framing follower let through is read the same way, so this
+                // should not happen): the client's, 400.
+                Err(e @ super::upstream::Error::Request(_)) => {
+                    if let Some(left_out) = CLIENT_ERRORS.should_log() {
+                        tracing::info!(target: "regobox::proxy", peer = %self.peer_text.to_str().unwrap_or(""), error = %e, similar_left_out = left_out, "a request could not be forwarded; answered 400");
+                    }
+                    break 'done closing(page(
+                        StatusCode::BAD_REQUEST,
+                        "Bad request",
+                        "The request cannot be forwarded.",
+                    ));
+                }
                 Err(_)
                     if client_body_stalled
                         .as_ref()

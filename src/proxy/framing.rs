@@ -429,7 +429,7 @@ fn after_head(signals: &Signals, req: &httparse::Request<'_, '_>) -> (Next, bool
 }
 
 /// A decimal number of ASCII digits only (no sign, no spaces), as hyper reads `Content-Length`.
-fn digits(value: &[u8]) -> Option<u64> {
+pub(super) fn digits(value: &[u8]) -> Option<u64> {
     if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
         return None;
     }

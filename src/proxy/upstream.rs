@@ -161,6 +161,8 @@ struct Seen {
     /// A byte of an answer (the application has acted upon the request).
     answered: bool,
     interim: usize,
+    /// How much of the buffer was searched for the head's end.
+    scanned: usize,
 }
 
 /// What a failed exchange leaves: the error, and whether the request can be sent again on
@@ -352,7 +354,7 @@ impl Conn {
 
     /// The request is written whole (or there was none).
     fn written(&self) -> bool {
-        self.out.as_ref().is_none_or(|o| o.done())
+        !self.spoiled && self.out.as_ref().is_none_or(|o| o.done())
     }
 }
 
@@ -414,8 +416,11 @@ impl Pool {
                 ),
         };
         let mut body = (framing != Framing::Empty).then_some(body);
+        // Sent again at most once, and then on a new connection: an application that closes
+        // every connection a request comes on gets it twice, not once per pooled connection.
+        let mut again = false;
         loop {
-            let (mut conn, reused) = match self.take() {
+            let (mut conn, reused) = match self.take().filter(|_| !again) {
                 Some(c) => (c, true),
                 // Boxed: rare next to reuse, and it would make every request's future larger.
                 None => (Box::pin(self.connect()).await?, false),
@@ -441,6 +446,7 @@ impl Pool {
                     };
                     head = out.head;
                     body = out.body;
+                    again = true;
                 }
                 Err(failure) => return Err(failure.error),
             }
@@ -481,8 +487,25 @@ impl Pool {
                     }
                 }
             }
-            if !conn.buf.is_empty() {
-                match parse_head(&mut conn.buf, ask.is_head) {
+            // Parsed once a blank line has come (where httparse ends a head: `\n\n` or
+            // `\n\r\n`), found by a scan that resumes where it stopped: a head dribbled a
+            // byte at a time costs no more than one sent at once.
+            let from = seen.scanned.saturating_sub(2);
+            let blank = conn.buf[from..].windows(2).any(|w| w == b"\n\n")
+                || conn.buf[from..].windows(3).any(|w| w == b"\n\r\n");
+            seen.scanned = conn.buf.len();
+            if !blank && conn.buf.len() >= MAX_RESPONSE_HEAD {
+                return Poll::Ready(Err(Failure {
+                    error: self.protocol(format!("a response head over {MAX_RESPONSE_HEAD} bytes")),
+                    again: false,
+                }));
+            }
+            if blank {
+                let parsed = parse_head(&mut conn.buf, ask.is_head);
+                if matches!(parsed, Ok(Some(_))) {
+                    seen.scanned = 0;
+                }
+                match parsed {
                     Err(what) => {
                         return Poll::Ready(Err(Failure {
                             error: self.protocol(what),
@@ -552,9 +575,14 @@ impl Pool {
         }
     }
 
-    fn response(self: &Arc<Self>, mut conn: Conn, head: Head) -> Response<Pooled> {
+    fn response(self: &Arc<Self>, mut conn: Conn, mut head: Head) -> Response<Pooled> {
         if conn.written() {
             conn.out = None;
+        } else {
+            // Answered before the request was written whole: the application may not have
+            // read the rest as this request's body (it may take it for another request, and
+            // answer that too): the connection is not used again.
+            head.keep_alive = false;
         }
         let mut response = Response::new(());
         *response.status_mut() = head.status;
@@ -566,6 +594,7 @@ impl Pool {
             Pooled {
                 conn: None,
                 decoder: Decoder::Done,
+                scanned: 0,
                 keep_alive: false,
                 pool: self.clone(),
                 upgraded: Some(Upgraded {
@@ -577,6 +606,7 @@ impl Pool {
             let mut body = Pooled {
                 conn: Some(conn),
                 decoder: head.body,
+                scanned: 0,
                 keep_alive: head.keep_alive,
                 pool: self.clone(),
                 upgraded: None,
@@ -608,6 +638,7 @@ impl Pool {
         }
         // An idle connection holds no buffer.
         conn.buf = BytesMut::new();
+        conn.out = None;
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < self.keepalive {
             idle.push(Idle {
@@ -653,14 +684,13 @@ fn request_head(
     parts: &hyper::http::request::Parts,
     body: &Body,
 ) -> Result<(Vec<u8>, Framing), &'static str> {
-    let mut length = None;
-    for value in parts.headers.get_all(header::CONTENT_LENGTH) {
-        let n = content_length(value.as_bytes()).ok_or("a request's Content-Length")?;
-        if length.is_some_and(|l| l != n) {
-            return Err("a request's Content-Length");
-        }
-        length = Some(n);
-    }
+    let length = content_length(
+        parts
+            .headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .map(|v| v.as_bytes()),
+    )?;
     let (framing, add) = match length {
         Some(0) => (Framing::Empty, None),
         Some(n) => (Framing::Length(n), None),
@@ -683,7 +713,8 @@ fn request_head(
     head.extend_from_slice(target.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in &parts.headers {
-        if name == header::TRANSFER_ENCODING {
+        // The framing is written below, once, in its canonical form.
+        if name == header::TRANSFER_ENCODING || name == header::CONTENT_LENGTH {
             continue;
         }
         head.extend_from_slice(name.as_str().as_bytes());
@@ -691,9 +722,10 @@ fn request_head(
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
-    if let Framing::Length(n) = framing
-        && length.is_none()
-    {
+    if let Some(n) = length.or(match framing {
+        Framing::Length(n) => Some(n),
+        _ => None,
+    }) {
         head.extend_from_slice(b"content-length: ");
         head.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
         head.extend_from_slice(b"\r\n");
@@ -705,12 +737,22 @@ fn request_head(
     Ok((head, framing))
 }
 
-/// A `Content-Length` value: digits only, at most 18 of them (below 10^18).
-fn content_length(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || value.len() > 18 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
+/// The length that `Content-Length` fields say (`values`, each possibly a list): the same
+/// number of digits everywhere (`5, 5` as two fields or one), read as hyper's server and
+/// regobox's framing follower read a request's; `Ok(None)` without any, `Err` if they differ or
+/// one is not a number.
+fn content_length<'a>(values: impl Iterator<Item = &'a [u8]>) -> Result<Option<u64>, &'static str> {
+    let mut length = None;
+    for value in values {
+        for v in value.split(|&b| b == b',') {
+            let n = super::framing::digits(v.trim_ascii()).ok_or("a malformed Content-Length")?;
+            if length.is_some_and(|l| l != n) {
+                return Err("two different Content-Length values");
+            }
+            length = Some(n);
+        }
     }
-    std::str::from_utf8(value).ok()?.parse().ok()
+    Ok(length)
 }
 
 /// Take a response head off the front of `buf` if it is there whole: `Ok(None)` if more is
@@ -721,7 +763,9 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, Cow<'st
         let mut response = httparse::Response::new(&mut fields);
         match response.parse(buf) {
             Err(httparse::Error::TooManyHeaders) => {
-                let mut fields = vec![httparse::EMPTY_HEADER; MAX_RESPONSE_FIELDS];
+                // Room for as many fields as there are lines, up to the bound.
+                let lines = buf.iter().filter(|&&b| b == b'\n').count();
+                let mut fields = vec![httparse::EMPTY_HEADER; lines.min(MAX_RESPONSE_FIELDS)];
                 let mut response = httparse::Response::new(&mut fields);
                 let r = response.parse(buf);
                 read_head(buf, r, response, is_head)?
@@ -733,6 +777,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, Cow<'st
         len,
         mut head,
         fields,
+        canonical_length,
     }) = read
     else {
         return Ok(None);
@@ -743,6 +788,10 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, Cow<'st
         let value = HeaderValue::from_maybe_shared(bytes.slice(start..end))
             .map_err(|_| format!("the value of the field {name}"))?;
         head.headers.append(name, value);
+    }
+    if let Some(n) = canonical_length {
+        head.headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     Ok(Some(head))
 }
@@ -755,6 +804,8 @@ struct Read {
     head: Head,
     /// Each field's name and where its value is in the head.
     fields: Vec<(HeaderName, usize, usize)>,
+    /// The length to write as the one `Content-Length` field, where it came in another form.
+    canonical_length: Option<u64>,
 }
 
 fn read_head(
@@ -782,18 +833,20 @@ fn read_head(
     // Each field as its name and where its value is in the head (taken below without a copy).
     let mut fields = Vec::with_capacity(response.headers.len());
     let (mut length, mut chunked, mut close) = (None, false, http10);
-    let mut te = 0;
+    // Whether the length must be written anew as one field of digits (RFC 9110 8.6): it came
+    // as a list, in several fields, or with leading zeros.
+    let (mut te, mut lengths, mut odd_length) = (0, 0, false);
     for f in response.headers.iter() {
         let name = HeaderName::from_bytes(f.name.as_bytes())
             .map_err(|_| format!("the field name {:?}", f.name))?;
         if name == header::CONTENT_LENGTH {
-            for v in f.value.split(|&b| b == b',') {
-                let n = content_length(v.trim_ascii()).ok_or("a malformed Content-Length")?;
-                if length.is_some_and(|l| l != n) {
-                    return Err("two different Content-Length values".into());
-                }
-                length = Some(n);
+            let n = content_length(std::iter::once(f.value))?.unwrap_or(0);
+            if length.is_some_and(|l| l != n) {
+                return Err("two different Content-Length values".into());
             }
+            length = Some(n);
+            lengths += 1;
+            odd_length |= f.value != itoa::Buffer::new().format(n).as_bytes();
         } else if name == header::TRANSFER_ENCODING {
             te += 1;
             chunked = f.value.trim_ascii().eq_ignore_ascii_case(b"chunked");
@@ -841,7 +894,12 @@ fn read_head(
         body,
         keep_alive: !close,
     };
-    Ok(Some(Read { len, head, fields }))
+    Ok(Some(Read {
+        len,
+        head,
+        fields,
+        canonical_length: length.filter(|_| lengths > 1 || odd_length),
+    }))
 }
 
 /// A response body from the application; reading it drives its connection, which goes back to
@@ -850,6 +908,8 @@ pub struct Pooled {
     /// `None` for an upgrade, once given back, or after an error.
     conn: Option<Conn>,
     decoder: Decoder,
+    /// How much of the buffer was searched for the end of a chunk-size or trailer line.
+    scanned: usize,
     keep_alive: bool,
     pool: Arc<Pool>,
     /// The connection, for a 101 to an upgrade.
@@ -900,11 +960,10 @@ impl Pooled {
                     return Ok(Some(buf.split_to(n).freeze()));
                 }
                 Decoder::Chunked(Chunk::Size) => {
-                    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
-                        if buf.len() > MAX_CHUNK_LINE {
-                            return Err("a chunk-size line too long".into());
-                        }
-                        return Ok(None);
+                    let end = match line_end(buf, &mut self.scanned) {
+                        Some(end) if end <= MAX_CHUNK_LINE => end,
+                        None if buf.len() <= MAX_CHUNK_LINE + 1 => return Ok(None),
+                        _ => return Err("a chunk-size line too long".into()),
                     };
                     let size = chunk_size(&buf[..end])?;
                     buf.advance(end + 2);
@@ -936,7 +995,7 @@ impl Pooled {
                     self.decoder = Decoder::Chunked(Chunk::Size);
                 }
                 Decoder::Chunked(Chunk::Trailers(read)) => {
-                    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+                    let Some(end) = line_end(buf, &mut self.scanned) else {
                         if *read + buf.len() > MAX_RESPONSE_HEAD {
                             return Err("trailers over the response head's limit".into());
                         }
@@ -958,6 +1017,23 @@ impl Pooled {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Where the line at the front of `buf` ends (its CRLF), searched from where the last search
+/// stopped (`scanned`, reset once a line is found): a line dribbled a byte at a time is not
+/// searched again from its start at each byte.
+fn line_end(buf: &[u8], scanned: &mut usize) -> Option<usize> {
+    let from = scanned.saturating_sub(1);
+    match buf[from..].windows(2).position(|w| w == b"\r\n") {
+        Some(i) => {
+            *scanned = 0;
+            Some(from + i)
+        }
+        None => {
+            *scanned = buf.len();
+            None
         }
     }
 }
@@ -1475,6 +1551,7 @@ mod tests {
         }
         let taken = [
             "HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\r\nhello".to_string(),
+            "HTTP/1.1 200 OK\r\nContent-Length: 005\r\n\r\nhello".to_string(),
             "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_string(),
             format!("HTTP/1.1 200 OK\r\n{fields}Content-Length: 5\r\n\r\nhello"),
         ];
@@ -1483,6 +1560,9 @@ mod tests {
             let pool = Pool::new(&uri, Duration::from_secs(2), 4);
             let r = pool.send(get("/")).await.unwrap();
             assert_eq!(r.status(), StatusCode::OK);
+            // The length goes on as one field of digits, whatever form it came in.
+            let lengths: Vec<_> = r.headers().get_all("content-length").iter().collect();
+            assert_eq!(lengths, ["5"], "{answer:?}");
             assert_eq!(read_all(r).await.unwrap(), "hello", "{answer:?}");
         }
     }
@@ -1508,6 +1588,8 @@ mod tests {
             "\r\nhello\r\n0\r\n\r\n",
             "5 x\r\nhello\r\n0\r\n\r\n",
             "0\r\nX-T: a\x01b\r\n\r\n",
+            // A chunk-size line over 4 KiB arriving whole, with its CRLF.
+            &format!("5;{}\r\nhello\r\n0\r\n\r\n", "e".repeat(8000)),
         ] {
             let answer = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{bad}");
             let (uri, _, _) = raw(vec![answer.into_bytes()], false).await;
@@ -1577,7 +1659,7 @@ mod tests {
     #[tokio::test]
     async fn the_request_goes_out_with_the_clients_own_framing() {
         let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n".to_vec();
-        let (uri, _, mut seen) = raw(vec![ok; 4], false).await;
+        let (uri, _, mut seen) = raw(vec![ok; 5], false).await;
         let pool = Pool::new(&uri, Duration::from_secs(2), 4);
         // A body of unknown size goes chunked; a Transfer-Encoding field of the request's is
         // not written (the framing is the client's).
@@ -1617,6 +1699,23 @@ mod tests {
         read_all(pool.send(req).await.unwrap()).await.unwrap();
         let head = String::from_utf8(seen.recv().await.unwrap()).unwrap();
         assert!(head.contains("content-length: 0\r\n"), "{head}");
+        // A length written as a list (hyper's server takes `5, 5`): one field of digits.
+        let req = Request::post("/list")
+            .header("host", "app")
+            .header("content-length", "5, 5")
+            .body(
+                http_body_util::Full::new(Bytes::from_static(b"hello"))
+                    .map_err(|e| match e {})
+                    .boxed(),
+            )
+            .unwrap();
+        read_all(pool.send(req).await.unwrap()).await.unwrap();
+        let head = String::from_utf8(seen.recv().await.unwrap()).unwrap();
+        assert!(
+            head.contains("\r\ncontent-length: 5\r\n\r\nhello"),
+            "{head}"
+        );
+        assert_eq!(head.matches("content-length").count(), 1, "{head}");
         // A GET says nothing of a body.
         fetch(&pool, "/get").await;
         let head = String::from_utf8(seen.recv().await.unwrap()).unwrap();
@@ -1664,6 +1763,25 @@ mod tests {
         assert!(matches!(e, Error::Closed { .. } | Error::Io { .. }), "{e}");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
 
+        // With four connections in the pool, each closed by the application as a request comes:
+        // a GET goes out twice at most, the second time on a new connection.
+        let (uri, accepted, mut seen) = raw(vec![ok.clone()], true).await;
+        let pool = Pool::new(&uri, Duration::from_secs(2), 4);
+        let four =
+            futures_util::future::join_all((0..4).map(|i| pool.send(get(&format!("/{i}"))))).await;
+        for r in four {
+            read_all(r.unwrap()).await.unwrap();
+        }
+        assert_eq!(pool.idle.lock().unwrap().len(), 4);
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+        assert_eq!(fetch(&pool, "/once-or-twice").await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 5);
+        let mut sent = 0;
+        while let Ok(request) = seen.try_recv() {
+            sent += usize::from(request.starts_with(b"GET /once-or-twice "));
+        }
+        assert_eq!(sent, 2);
+
         // A GET answered with an interim response, then closed: it was acted upon.
         let interim = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
         let (uri, accepted, _) = raw(vec![ok.clone(), interim], false).await;
@@ -1678,6 +1796,52 @@ mod tests {
             e.to_string().contains("after an interim (1xx) answer"),
             "{e}"
         );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    /// An application that answers before reading the request's body may take that body for
+    /// another request (and answer it too): its connection is not used again, even when the
+    /// body has been written whole by the time the answer's body ends.
+    #[tokio::test]
+    async fn an_answer_that_came_before_the_request_was_written_whole_is_the_connections_last() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (listener, uri) = listen().await;
+        let accepted = accept_all(listener, |mut stream| async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 5\r\n\r\n")
+                .await;
+            // The body (5 bytes), then the rest of the answer.
+            while buf.len() < buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4 + 5 {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let _ = stream.write_all(b"nope!").await;
+            let _ = stream.read(&mut chunk).await;
+        });
+        let pool = Pool::new(&uri, Duration::from_secs(2), 4);
+        let (tx, body) = futures_channel_body();
+        let req = Request::post("/")
+            .header("host", "app")
+            .header("content-length", "5")
+            .body(body)
+            .unwrap();
+        let r = pool.send(req).await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"hello"))))
+            .unwrap();
+        drop(tx);
+        assert_eq!(read_all(r).await.unwrap(), "nope!");
+        assert_eq!(pool.idle.lock().unwrap().len(), 0);
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
