@@ -301,12 +301,10 @@ impl ConnCtx {
             // When the request last moved: the wait for the answer counts from there.
             let moved = progress::Mark::new();
             let mut client_body_stalled = None;
-            let body = if version == Version::HTTP_2
-                && !fields.content_length
-                && matches!(
-                    parts.method,
-                    Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
-                ) {
+            // A body that has ended already (none came, or HTTP/2's HEADERS ended the stream)
+            // goes as none; any other is forwarded, whatever the method (an HTTP/2 GET or
+            // DELETE with DATA frames and no content-length included).
+            let body = if hyper::body::Body::is_end_stream(&body) {
                 super::empty()
             } else {
                 let failed = client_body_failed.clone();
@@ -446,6 +444,15 @@ impl ConnCtx {
                 let Some(client) = upgrade else {
                     break 'done self.not_http("101 to a request that asked for no upgrade");
                 };
+                // To the upgrade that was asked for, the one forwarded: a WebSocket.
+                let to_websocket = response
+                    .headers()
+                    .get(header::UPGRADE)
+                    .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket"));
+                if !to_websocket {
+                    break 'done self
+                        .not_http("101 to a protocol other than the WebSocket asked for");
+                }
                 let Some(server) = response.body_mut().take_upgraded() else {
                     break 'done self.not_http("101 without its connection");
                 };
@@ -819,6 +826,13 @@ static UPSTREAM_TIMEOUTS: RateLimit = RateLimit {
 
 impl RateLimit {
     const EVERY: Duration = Duration::from_secs(10);
+
+    pub(crate) const fn new() -> RateLimit {
+        RateLimit {
+            last: std::sync::Mutex::new(None),
+            left_out: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
 
     /// `Some(lines left out since the last)` if a line may be logged now.
     pub(crate) fn should_log(&self) -> Option<u64> {

@@ -62,6 +62,9 @@ const MAX_CHUNK_LINE: usize = 4096;
 const READ_MIN: usize = 8 * 1024;
 const READ_MAX: usize = 256 * 1024;
 
+/// Response bodies cut for what the application sent: logged at most once per interval.
+static BAD_BODIES: super::forward::RateLimit = super::forward::RateLimit::new();
+
 /// An idle connection unused for this long is closed (nginx's upstream `keepalive_timeout`).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -536,7 +539,20 @@ impl Pool {
                         }
                         continue;
                     }
-                    Ok(Some(head)) => return Poll::Ready(Ok(head)),
+                    Ok(Some(head)) => {
+                        // A chunked body's first chunk-size line, when it came with the head,
+                        // is read now: a malformed one is then a 502 rather than a response
+                        // cut before its first byte.
+                        if head.body == Decoder::Chunked(Chunk::Size)
+                            && let Err(what) = chunk_line(&conn.buf, &mut 0)
+                        {
+                            return Poll::Ready(Err(Failure {
+                                error: self.protocol(what),
+                                again: false,
+                            }));
+                        }
+                        return Poll::Ready(Ok(head));
+                    }
                     Ok(None) => {}
                 }
             }
@@ -931,6 +947,11 @@ impl Pooled {
     }
 
     fn fail(&mut self, error: Error) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        if matches!(error, Error::Protocol { .. })
+            && let Some(left_out) = BAD_BODIES.should_log()
+        {
+            tracing::warn!(target: "regobox::proxy", error = %error, similar_left_out = left_out, "the application's response body is not valid HTTP; the response is cut");
+        }
         self.conn = None;
         self.decoder = Decoder::Done;
         Poll::Ready(Some(Err(error)))
@@ -960,12 +981,9 @@ impl Pooled {
                     return Ok(Some(buf.split_to(n).freeze()));
                 }
                 Decoder::Chunked(Chunk::Size) => {
-                    let end = match line_end(buf, &mut self.scanned) {
-                        Some(end) if end <= MAX_CHUNK_LINE => end,
-                        None if buf.len() <= MAX_CHUNK_LINE + 1 => return Ok(None),
-                        _ => return Err("a chunk-size line too long".into()),
+                    let Some((end, size)) = chunk_line(buf, &mut self.scanned)? else {
+                        return Ok(None);
                     };
-                    let size = chunk_size(&buf[..end])?;
                     buf.advance(end + 2);
                     self.decoder = Decoder::Chunked(if size == 0 {
                         Chunk::Trailers(0)
@@ -995,7 +1013,7 @@ impl Pooled {
                     self.decoder = Decoder::Chunked(Chunk::Size);
                 }
                 Decoder::Chunked(Chunk::Trailers(read)) => {
-                    let Some(end) = line_end(buf, &mut self.scanned) else {
+                    let Some(end) = line_end(buf, &mut self.scanned)? else {
                         if *read + buf.len() > MAX_RESPONSE_HEAD {
                             return Err("trailers over the response head's limit".into());
                         }
@@ -1024,18 +1042,33 @@ impl Pooled {
 /// Where the line at the front of `buf` ends (its CRLF), searched from where the last search
 /// stopped (`scanned`, reset once a line is found): a line dribbled a byte at a time is not
 /// searched again from its start at each byte.
-fn line_end(buf: &[u8], scanned: &mut usize) -> Option<usize> {
-    let from = scanned.saturating_sub(1);
-    match buf[from..].windows(2).position(|w| w == b"\r\n") {
+/// A line feed without its carriage return is refused (`Err`), not waited past.
+fn line_end(buf: &[u8], scanned: &mut usize) -> Result<Option<usize>, Cow<'static, str>> {
+    match buf[*scanned..].iter().position(|&b| b == b'\n') {
         Some(i) => {
+            let lf = *scanned + i;
             *scanned = 0;
-            Some(from + i)
+            if lf == 0 || buf[lf - 1] != b'\r' {
+                return Err("a bare LF in a chunked body".into());
+            }
+            Ok(Some(lf - 1))
         }
         None => {
             *scanned = buf.len();
-            None
+            Ok(None)
         }
     }
+}
+
+/// The chunk-size line at the front of `buf`, if it is there whole: where it ends (its CRLF)
+/// and the size it says.
+fn chunk_line(buf: &[u8], scanned: &mut usize) -> Result<Option<(usize, u64)>, Cow<'static, str>> {
+    let end = match line_end(buf, scanned)? {
+        Some(end) if end <= MAX_CHUNK_LINE => end,
+        None if buf.len() <= MAX_CHUNK_LINE + 1 => return Ok(None),
+        _ => return Err("a chunk-size line too long".into()),
+    };
+    Ok(Some((end, chunk_size(&buf[..end])?)))
 }
 
 /// A chunk-size line's size (RFC 9112 7.1): hexadecimal digits, then nothing or extensions
@@ -1510,6 +1543,15 @@ mod tests {
                 "malformed response head",
             ),
             ("ICY 200 OK\r\n\r\n", "malformed response head"),
+            // A malformed first chunk-size line that came with the head: 502, not a cut body.
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhi\r\n0\r\n\r\n",
+                "malformed chunk size",
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\nhi\n0\n\n",
+                "bare LF",
+            ),
         ];
         for (answer, why) in refused {
             let (uri, _, _) = raw(vec![answer.as_bytes().to_vec()], false).await;
@@ -1578,10 +1620,13 @@ mod tests {
         assert_eq!(fetch(&pool, "/2").await, "bye");
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
 
-        // Malformed chunks end the body with an error, and their connection.
+        // Malformed chunks: a 502 when the first chunk-size line came with the head, else the body
+        // ends with an error; the connection is closed either way.
         for bad in [
             "5\r\nhelloX\r\n0\r\n\r\n",
             "5\nhello\r\n0\r\n\r\n",
+            "2\nhi\n0\n\n",
+            "5\r\nhello\r\n0\r\nX-T: t\n\r\n",
             "5\n;x\r\nhello\r\n0\r\n\r\n",
             "fffffffffffffffff\r\nhello\r\n0\r\n\r\n",
             "-5\r\nhello\r\n0\r\n\r\n",
@@ -1594,9 +1639,15 @@ mod tests {
             let answer = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{bad}");
             let (uri, _, _) = raw(vec![answer.into_bytes()], false).await;
             let pool = Pool::new(&uri, Duration::from_secs(2), 4);
-            let r = pool.send(get("/")).await.unwrap();
-            let e = read_all(r).await.expect_err(bad);
-            assert!(e.contains("chunk") || e.contains("trailer"), "{bad:?}: {e}");
+            let e = match pool.send(get("/")).await {
+                Ok(r) => read_all(r).await.expect_err(bad),
+                Err(e @ Error::Protocol { .. }) => e.to_string(),
+                Err(e) => panic!("{bad:?}: {e}"),
+            };
+            assert!(
+                e.contains("chunk") || e.contains("trailer") || e.contains("bare LF"),
+                "{bad:?}: {e}"
+            );
             assert_eq!(pool.idle.lock().unwrap().len(), 0, "{bad:?}");
         }
 

@@ -1247,3 +1247,43 @@ fn cookies_join_an_empty_host_is_replaced_and_statuses_end_at_599() {
     assert!(body.contains("502 Bad gateway"), "{body}");
     p.stop();
 }
+
+/// An attacker's finding: an HTTP/2 GET, DELETE or OPTIONS whose body came in DATA frames
+/// without a `content-length` reached the application without it (a shortcut for the methods
+/// that usually have none). A body that has not ended with the HEADERS frame is forwarded,
+/// whatever the method.
+#[test]
+fn http2_bodies_reach_the_application_whatever_the_method() {
+    let mut p = Proxied::start("");
+    for method in ["GET", "DELETE", "POST"] {
+        let mut h = H2::connect(p.https, &[]);
+        let fields = [
+            (":method", method),
+            (":scheme", "https"),
+            (":authority", "localhost"),
+            (":path", "/upload"),
+        ];
+        // HEADERS without END_STREAM, then the body.
+        h.send(0x1, 0x4, 1, &hpack(&fields));
+        h.send(0x0, 0x1, 1, b"hello");
+        let mut body = String::new();
+        while let Some((kind, flags, stream, payload)) = h.frame() {
+            if kind == 0x0 && stream == 1 {
+                body.push_str(&String::from_utf8_lossy(&payload));
+            }
+            if stream == 1 && (kind == 0x0 || kind == 0x1) && flags & 0x1 != 0 {
+                break;
+            }
+            assert!(kind != 0x3 && kind != 0x7, "{method}: reset");
+        }
+        assert!(body.contains("\"bytes\": 5"), "{method}: {body}");
+    }
+    // A bodiless GET is still sent without framing fields.
+    let body = h2_get(p.https, "localhost", "/headers", &[]).expect("an answer");
+    assert!(
+        fields_named(&body, "content-length").is_empty()
+            && fields_named(&body, "transfer-encoding").is_empty(),
+        "{body}"
+    );
+    p.stop();
+}
