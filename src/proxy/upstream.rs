@@ -24,9 +24,11 @@
 //! beyond, after [`IDLE_TIMEOUT`] unused, or once the application closed them or wrote on them
 //! while idle (seen when taken, and at the worker's tick), they are closed. A request that finds
 //! its pooled connection closed by the application (which may close idle connections at any
-//! time) is retried on another one when nothing of it can have reached the application: before
-//! its head was written whole, or, for a request without a body whose method is idempotent,
-//! before any byte of an answer. Upgrades (101) keep their connection: it becomes the tunnel.
+//! time) is sent again, once and on a new connection, when nothing of it can have been acted
+//! upon: its head was not written whole, or it has no body, an idempotent method and no byte of
+//! an answer came. A connection whose answer came before its request was written whole is not
+//! used again (the application may take the rest for another request). Upgrades (101) keep
+//! their connection: it becomes the tunnel.
 
 use std::borrow::Cow;
 use std::collections::VecDeque;
