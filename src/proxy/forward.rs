@@ -794,35 +794,16 @@ pub(crate) struct RateLimit {
     left_out: std::sync::atomic::AtomicU64,
 }
 
-pub(crate) static CLIENT_ERRORS: RateLimit = RateLimit {
-    last: std::sync::Mutex::new(None),
-    left_out: std::sync::atomic::AtomicU64::new(0),
-};
+pub(crate) static CLIENT_ERRORS: RateLimit = RateLimit::new();
 
 /// How a request's body failed (see `ConnCtx::handle`).
 const MALFORMED: u8 = 1;
 const GONE: u8 = 2;
 
 /// One per cap (`proxy.upstream_max_per_connection`, `_per_address`, `proxy.upstream_max`).
-static UPSTREAM_CAPS: [RateLimit; 3] = [
-    RateLimit {
-        last: std::sync::Mutex::new(None),
-        left_out: std::sync::atomic::AtomicU64::new(0),
-    },
-    RateLimit {
-        last: std::sync::Mutex::new(None),
-        left_out: std::sync::atomic::AtomicU64::new(0),
-    },
-    RateLimit {
-        last: std::sync::Mutex::new(None),
-        left_out: std::sync::atomic::AtomicU64::new(0),
-    },
-];
+static UPSTREAM_CAPS: [RateLimit; 3] = [RateLimit::new(), RateLimit::new(), RateLimit::new()];
 
-static UPSTREAM_TIMEOUTS: RateLimit = RateLimit {
-    last: std::sync::Mutex::new(None),
-    left_out: std::sync::atomic::AtomicU64::new(0),
-};
+static UPSTREAM_TIMEOUTS: RateLimit = RateLimit::new();
 
 impl RateLimit {
     const EVERY: Duration = Duration::from_secs(10);

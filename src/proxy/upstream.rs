@@ -647,9 +647,9 @@ impl Pool {
         None
     }
 
-    /// Keep `conn` for another request; `None` if it cannot carry one.
+    /// Keep `conn` for another request if it can carry one; else it is dropped, which closes it.
     fn put(&self, mut conn: Conn) {
-        if !conn.written() || conn.spoiled || !conn.buf.is_empty() {
+        if !conn.written() || !conn.buf.is_empty() {
             // The request is not written whole (the application answered before reading it
             // all), or bytes came after the response that nobody asked for: closed.
             return;
@@ -1427,38 +1427,44 @@ mod tests {
     /// One request off `stream` (what is in `buf` first): its head and its body, framed by a
     /// `content-length` or `transfer-encoding: chunked` field as the client writes them.
     async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Vec<u8>> {
+        if !read_until(stream, buf, |b| request_end(b).is_some()).await {
+            return None;
+        }
+        let end = request_end(buf)?;
+        Some(buf.drain(..end).collect())
+    }
+
+    /// Where the first request in `buf` ends, if it is there whole.
+    fn request_end(buf: &[u8]) -> Option<usize> {
+        let i = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+        let head = String::from_utf8_lossy(&buf[..i]);
+        let body = i + 4;
+        if head.contains("transfer-encoding: chunked") {
+            let last = buf[body..].windows(5).position(|w| w == b"0\r\n\r\n")?;
+            return Some(body + last + 5);
+        }
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .map_or(0, |n| n.parse::<usize>().unwrap());
+        Some(body + length).filter(|&end| end <= buf.len())
+    }
+
+    /// Read from `stream` into `buf` until `enough` says so (true) or the stream ends (false).
+    async fn read_until(
+        stream: &mut TcpStream,
+        buf: &mut Vec<u8>,
+        enough: impl Fn(&[u8]) -> bool,
+    ) -> bool {
         use tokio::io::AsyncReadExt;
         let mut chunk = [0u8; 4096];
-        let mut end = None;
-        loop {
-            if end.is_none()
-                && let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n")
-            {
-                let head = String::from_utf8_lossy(&buf[..i]).to_string();
-                let length = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length: "))
-                    .map_or(0, |n| n.parse::<usize>().unwrap());
-                end = Some((i + 4, length, head.contains("transfer-encoding: chunked")));
-            }
-            if let Some((head, length, chunked)) = end {
-                let total = if chunked {
-                    buf[head..]
-                        .windows(5)
-                        .position(|w| w == b"0\r\n\r\n")
-                        .map(|i| head + i + 5)
-                } else {
-                    Some(head + length).filter(|&t| t <= buf.len())
-                };
-                if let Some(total) = total {
-                    return Some(buf.drain(..total).collect());
-                }
-            }
+        while !enough(buf) {
             match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return None,
+                Ok(0) | Err(_) => return false,
                 Ok(n) => buf.extend_from_slice(&chunk[..n]),
             }
         }
+        true
     }
 
     /// The body of a response, read to its end, or the error that ended it.
@@ -1861,25 +1867,20 @@ mod tests {
         let (listener, uri) = listen().await;
         let accepted = accept_all(listener, |mut stream| async move {
             let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                match stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
+            let head_end = |b: &[u8]| b.windows(4).position(|w| w == b"\r\n\r\n");
+            if !read_until(&mut stream, &mut buf, |b| head_end(b).is_some()).await {
+                return;
             }
             let _ = stream
                 .write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 5\r\n\r\n")
                 .await;
             // The body (5 bytes), then the rest of the answer.
-            while buf.len() < buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4 + 5 {
-                match stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
+            let body_end = head_end(&buf).unwrap() + 4 + 5;
+            if !read_until(&mut stream, &mut buf, |b| b.len() >= body_end).await {
+                return;
             }
             let _ = stream.write_all(b"nope!").await;
-            let _ = stream.read(&mut chunk).await;
+            let _ = stream.read(&mut [0u8; 64]).await;
         });
         let pool = Pool::new(&uri, Duration::from_secs(2), 4);
         let (tx, body) = futures_channel_body();
