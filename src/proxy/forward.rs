@@ -16,6 +16,7 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
 use super::framing::Signals;
+use super::upstream::is_hop_by_hop;
 use super::{
     Activity, Body, BoxError, Handover, InFlight, Lease, Shared, acme, files, full, progress,
 };
@@ -472,8 +473,8 @@ impl ConnCtx {
                     body.map_err(|e| Box::new(e) as BoxError).boxed(),
                 );
             }
-            let (mut parts, body) = response.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
+            // (Its hop-by-hop fields were left out when its head was read: see `upstream`.)
+            let (parts, body) = response.into_parts();
             // The application's body must keep moving too; a stalled one is cut.
             let body = progress::Deadline::new(
                 body.map_err(|e| Box::new(e) as BoxError).boxed(),
@@ -1122,23 +1123,6 @@ fn wants_upgrade(headers: &HeaderMap) -> bool {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-}
-
-/// The hop-by-hop fields of RFC 9110 7.6.1 (with the non-standard ones still seen); a match on
-/// the name's text, as [`is_forwarding`].
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authorization"
-            | "proxy-authenticate"
-    )
 }
 
 /// RFC 9110 7.6.1: the hop-by-hop fields and those `Connection` names.

@@ -496,8 +496,7 @@ impl Pool {
             // `\n\r\n`), found by a scan that resumes where it stopped: a head dribbled a
             // byte at a time costs no more than one sent at once.
             let from = seen.scanned.saturating_sub(2);
-            let blank = conn.buf[from..].windows(2).any(|w| w == b"\n\n")
-                || conn.buf[from..].windows(3).any(|w| w == b"\n\r\n");
+            let blank = has_blank_line(&conn.buf[from..]);
             seen.scanned = conn.buf.len();
             if !blank && conn.buf.len() >= MAX_RESPONSE_HEAD {
                 return Poll::Ready(Err(Failure {
@@ -755,6 +754,31 @@ fn request_head(
     Ok((head, framing))
 }
 
+/// The hop-by-hop fields of RFC 9110 7.6.1 (with the non-standard ones still seen): a match on
+/// the name's text (a switch on its length, then a comparison), made for every field.
+pub(super) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+    )
+}
+
+/// Whether `buf` holds an empty line, where httparse ends a head (`\n\n` or `\n\r\n`): one
+/// pass from line end to line end (memchr), which stops at the first; a response's body in the
+/// same read is not looked at.
+fn has_blank_line(buf: &[u8]) -> bool {
+    memchr::memchr_iter(b'\n', buf)
+        .any(|i| matches!(&buf[i + 1..], [b'\n', ..] | [b'\r', b'\n', ..]))
+}
+
 /// The length that `Content-Length` fields say (`values`, each possibly a list): the same
 /// number of digits everywhere (`5, 5` as two fields or one), read as hyper's server and
 /// regobox's framing follower read a request's; `Ok(None)` without any, `Err` if they differ or
@@ -850,6 +874,8 @@ fn read_head(
     let base = buf.as_ptr() as usize;
     // Each field as its name and where its value is in the head (taken below without a copy).
     let mut fields = Vec::with_capacity(response.headers.len());
+    // What `Connection` names (RFC 9110 7.6.1), besides `close`: hop-by-hop too.
+    let mut options: Vec<&[u8]> = Vec::new();
     let (mut length, mut chunked, mut close) = (None, false, http10);
     // Whether the length must be written anew as one field of digits (RFC 9110 8.6): it came
     // as a list, in several fields, or with leading zeros.
@@ -873,8 +899,15 @@ fn read_head(
                 let option = option.trim_ascii();
                 if option.eq_ignore_ascii_case(b"close") {
                     close = true;
+                } else if !option.is_empty() {
+                    options.push(option);
                 }
             }
+        }
+        // The hop-by-hop fields are this connection's, not the client's: not in the model,
+        // but for a 101, whose `Upgrade` and `Connection` the tunnel's client must get.
+        if is_hop_by_hop(&name) && status != StatusCode::SWITCHING_PROTOCOLS {
+            continue;
         }
         // (An empty value's slice may point anywhere.)
         let start = if f.value.is_empty() {
@@ -883,6 +916,13 @@ fn read_head(
             f.value.as_ptr() as usize - base
         };
         fields.push((name, start, start + f.value.len()));
+    }
+    if !options.is_empty() && status != StatusCode::SWITCHING_PROTOCOLS {
+        fields.retain(|(name, _, _)| {
+            !options
+                .iter()
+                .any(|o| o.eq_ignore_ascii_case(name.as_str().as_bytes()))
+        });
     }
     let bodiless = is_head
         || status.is_informational()
@@ -1046,7 +1086,7 @@ impl Pooled {
 /// searched again from its start at each byte.
 /// A line feed without its carriage return is refused (`Err`), not waited past.
 fn line_end(buf: &[u8], scanned: &mut usize) -> Result<Option<usize>, Cow<'static, str>> {
-    match buf[*scanned..].iter().position(|&b| b == b'\n') {
+    match memchr::memchr(b'\n', &buf[*scanned..]) {
         Some(i) => {
             let lf = *scanned + i;
             *scanned = 0;
@@ -1614,6 +1654,56 @@ mod tests {
             let lengths: Vec<_> = r.headers().get_all("content-length").iter().collect();
             assert_eq!(lengths, ["5"], "{answer:?}");
             assert_eq!(read_all(r).await.unwrap(), "hello", "{answer:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_responses_hop_by_hop_fields_are_not_in_it_but_for_a_101() {
+        // The fields of this hop, and those `Connection` names (in any case, in two fields,
+        // with empty options), stay here; the end-to-end fields go on, and so does the length.
+        let answer = b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nTrailer: X-T\r\nUpgrade: h2c\r\nProxy-Connection: keep-alive\r\nX-Kept: 1\r\nconnection: ,x-OTHER ,\r\nX-Other: 2\r\nContent-Length: 2\r\n\r\nok".to_vec();
+        let (uri, _, _) = raw(vec![answer.clone(), answer], false).await;
+        let pool = Pool::new(&uri, Duration::from_secs(2), 4);
+        let r = pool.send(get("/")).await.unwrap();
+        let names: Vec<&str> = r.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept", "content-length"]);
+        assert_eq!(read_all(r).await.unwrap(), "ok");
+        // `keep-alive` is an option, not `close`: the connection is used again.
+        let r = pool.send(get("/")).await.unwrap();
+        assert_eq!(read_all(r).await.unwrap(), "ok");
+
+        // A 101 keeps them: the tunnel's client must get `Upgrade` and `Connection`.
+        let answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n".to_vec();
+        let (uri, _, _) = raw(vec![answer], true).await;
+        let pool = Pool::new(&uri, Duration::from_secs(2), 4);
+        let mut req = get("/ws");
+        req.headers_mut()
+            .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        let r = pool.send(req).await.unwrap();
+        assert_eq!(r.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(r.headers()[header::UPGRADE], "websocket");
+        assert_eq!(r.headers()[header::CONNECTION], "Upgrade");
+    }
+
+    #[test]
+    fn a_head_ends_at_its_first_empty_line() {
+        for (buf, blank) in [
+            (&b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n"[..], true),
+            (b"HTTP/1.1 200 OK\nA: b\n\n", true),
+            (b"HTTP/1.1 200 OK\r\nA: b\n\r\nbody\n", true),
+            (b"HTTP/1.1 200 OK\r\nA: b\r\n\r", false),
+            (b"HTTP/1.1 200 OK\r\nA: b\r\n", false),
+            (b"HTTP/1.1 200 OK\r\nA: \rb\r\n", false),
+            (b"\n", false),
+            (b"", false),
+            (b"\n\n", true),
+        ] {
+            assert_eq!(
+                has_blank_line(buf),
+                blank,
+                "{:?}",
+                String::from_utf8_lossy(buf)
+            );
         }
     }
 
