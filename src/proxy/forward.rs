@@ -16,7 +16,7 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
 use super::framing::Signals;
-use super::upstream::is_hop_by_hop;
+use super::upstream::{Added, is_hop_by_hop};
 use super::{
     Activity, Body, BoxError, Handover, InFlight, Lease, Shared, acme, files, full, progress,
 };
@@ -270,24 +270,25 @@ impl ConnCtx {
             // The Host field for the application: what the client asked for (host and port):
             // the target's authority (checked: see `bad_target`), else the Host field as it
             // came, else (none, an empty one, or one a `Connection` option took away) the host
-            // alone. The forwarding fields name the same.
+            // alone. The forwarding fields name the same. A Host field regobox names is written
+            // with them (see `upstream::Added`), any other removed.
             let host_kept = parts.uri.authority().is_none()
                 && fields.host.as_ref().is_some_and(|h| !h.is_empty())
                 && (!fields.hop_by_hop || parts.headers.contains_key(header::HOST));
-            let host_field = if host_kept {
-                parts.headers.get(header::HOST).cloned()
-            } else {
-                let value = parts.uri.authority().map_or(host.as_str(), |a| a.as_str());
-                HeaderValue::from_str(value).ok()
+            let kept = host_kept.then(|| parts.headers.get(header::HOST).cloned());
+            let named = match (&kept, parts.uri.authority()) {
+                (Some(Some(v)), _) => v.to_str().unwrap_or(&host),
+                (_, Some(a)) => a.as_str(),
+                _ => &host,
             };
-            let named = host_field
-                .as_ref()
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or(&host);
-            self.forwarded_headers(&mut parts.headers, named, fields.forwarding);
-            if let (false, Some(v)) = (host_kept, host_field) {
-                parts.headers.insert(header::HOST, v);
+            let mut added = Added::with_capacity(160 + 2 * named.len());
+            if !host_kept {
+                if fields.host.is_some() {
+                    parts.headers.remove(header::HOST);
+                }
+                added.push(&header::HOST, &[named.as_bytes()]);
             }
+            self.forwarding_fields(&mut parts.headers, &mut added, named, fields.forwarding);
             // Origin form (`/path?query`); the Host header says the rest. An empty target (see
             // `origin_form`) would go out as nothing at all: `/`.
             parts.uri = Uri::from(target.clone());
@@ -340,7 +341,10 @@ impl ConnCtx {
                 body.boxed()
             };
             let sent = Instant::now();
-            let send = self.shared.pool.send(Request::from_parts(parts, body));
+            let send = self
+                .shared
+                .pool
+                .send(Request::from_parts(parts, body), &added);
             tokio::pin!(send);
             let result = loop {
                 // While the request body is still on its way, its own deadline comes first (a
@@ -574,12 +578,16 @@ impl ConnCtx {
         (!board.ready()).then(|| "The service is starting".to_string())
     }
 
-    /// X-Forwarded-For/-Proto/-Host and Forwarded, set by regobox; kept and extended only when
-    /// the peer is a trusted proxy.
-    /// `present`: the request has one of the [`is_forwarding`] fields.
-    fn forwarded_headers(&self, headers: &mut HeaderMap, host: &str, present: bool) {
-        // Room for the five fields set below at once, rather than growing on the way.
-        headers.reserve(5);
+    /// X-Real-IP, X-Forwarded-For/-Proto/-Host and Forwarded, said by regobox (in `added`);
+    /// what earlier proxies said is removed from `headers`, and kept and extended only when the
+    /// peer is a trusted proxy. `present`: the request has one of the [`is_forwarding`] fields.
+    fn forwarding_fields(
+        &self,
+        headers: &mut HeaderMap,
+        added: &mut Added,
+        host: &str,
+        present: bool,
+    ) {
         let peer = canonical(self.peer.ip());
         let proto = if self.https { "https" } else { "http" };
         let trusted = self.trusts(peer);
@@ -611,60 +619,49 @@ impl ConnCtx {
             (None, None, None, None)
         };
 
-        let peer_text = self.peer_text.to_str().unwrap_or("-");
-        // for=1.2.3.4 or for="[::1]" (RFC 7239), built without the formatting machinery.
-        let mut element = String::with_capacity(40 + host.len());
-        element.push_str("for=");
-        match peer {
-            IpAddr::V6(_) => {
-                element.push_str("\"[");
-                element.push_str(peer_text);
-                element.push_str("]\"");
-            }
-            IpAddr::V4(_) => element.push_str(peer_text),
-        }
-        element.push_str(";proto=");
-        element.push_str(proto);
-        element.push_str(";host=\"");
-        element.push_str(host);
-        element.push('"');
-        let set = |headers: &mut HeaderMap, name: &HeaderName, value: String| {
-            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
-                headers.insert(name, v);
-            }
-        };
+        let peer_text = self.peer_text.as_bytes();
         // X-Real-IP names the client: the peer, or behind trusted proxies the client they say
         // they forward for (see `client_of`), as X-Forwarded-For's chain does.
         match prev_for.as_deref().and_then(|chain| self.client_of(chain)) {
-            Some(client) => set(headers, &X_REAL_IP, client.to_string()),
-            None => {
-                headers.insert(&X_REAL_IP, self.peer_text.clone());
-            }
-        }
-        match prev_for {
-            Some(p) => set(headers, &X_FORWARDED_FOR, format!("{p}, {peer_text}")),
-            None => {
-                headers.insert(&X_FORWARDED_FOR, self.peer_text.clone());
-            }
-        }
-        match prev_proto {
-            Some(p) => set(headers, &X_FORWARDED_PROTO, p),
-            None => {
-                headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-            }
-        }
-        set(
-            headers,
-            &X_FORWARDED_HOST,
-            prev_host.unwrap_or_else(|| host.to_string()),
+            Some(client) => added.push(&X_REAL_IP, &[client.to_string().as_bytes()]),
+            None => added.push(&X_REAL_IP, &[peer_text]),
+        };
+        match &prev_for {
+            Some(p) => added.push(&X_FORWARDED_FOR, &[p.as_bytes(), b", ", peer_text]),
+            None => added.push(&X_FORWARDED_FOR, &[peer_text]),
+        };
+        added.push(
+            &X_FORWARDED_PROTO,
+            &[prev_proto.as_deref().unwrap_or(proto).as_bytes()],
         );
-        set(
-            headers,
+        added.push(
+            &X_FORWARDED_HOST,
+            &[prev_host.as_deref().unwrap_or(host).as_bytes()],
+        );
+        // for=1.2.3.4 or for="[::1]" (RFC 7239), after what earlier proxies said.
+        let (open, close): (&[u8], &[u8]) = match peer {
+            IpAddr::V6(_) => (b"\"[", b"]\""),
+            IpAddr::V4(_) => (b"", b""),
+        };
+        let (prev, comma): (&[u8], &[u8]) = match &prev_fwd {
+            Some(p) => (p.as_bytes(), b", "),
+            None => (b"", b""),
+        };
+        added.push(
             &header::FORWARDED,
-            match prev_fwd {
-                Some(p) => format!("{p}, {element}"),
-                None => element,
-            },
+            &[
+                prev,
+                comma,
+                b"for=",
+                open,
+                peer_text,
+                close,
+                b";proto=",
+                proto.as_bytes(),
+                b";host=\"",
+                host.as_bytes(),
+                b"\"",
+            ],
         );
     }
 

@@ -405,10 +405,14 @@ impl Pool {
     /// request's target is its URI's path and query; its fields go as they are but for the
     /// framing, which is the client's own: `Content-Length` when the request has one or its
     /// body's size is known, else `Transfer-Encoding: chunked` (a `Transfer-Encoding` field of
-    /// the request's is not written).
-    pub async fn send(self: &Arc<Self>, req: Request<Body>) -> Result<Response<Pooled>, Error> {
+    /// the request's is not written). The fields regobox `added` follow the request's own.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<Body>,
+        added: &Added,
+    ) -> Result<Response<Pooled>, Error> {
         let (parts, body) = req.into_parts();
-        let (mut head, framing) = request_head(&parts, &body).map_err(Error::Request)?;
+        let (mut head, framing) = request_head(&parts, added, &body).map_err(Error::Request)?;
         let ask = Ask {
             upgrade: parts.headers.contains_key(header::UPGRADE),
             is_head: parts.method == Method::HEAD,
@@ -697,8 +701,67 @@ impl Pool {
 }
 
 /// The request's head as it goes out, and its body's framing. `Err`: what makes it unsendable.
+/// Fields regobox adds to a request it forwards (the forwarding fields, the `Host` it names),
+/// written after the request's own as they were pushed: no map is grown or hashed for them.
+pub struct Added {
+    text: Vec<u8>,
+}
+
+impl Added {
+    pub fn with_capacity(bytes: usize) -> Added {
+        Added {
+            text: Vec::with_capacity(bytes),
+        }
+    }
+
+    /// The field `name`, its value the concatenation of `value`. Left out (`false`) if a part
+    /// holds a byte no field value may (a control character other than tab, as `HeaderValue`
+    /// refuses): a line break could not make a field of its own.
+    pub fn push(&mut self, name: &HeaderName, value: &[&[u8]]) -> bool {
+        let name = name.as_str().as_bytes();
+        let length: usize = value.iter().map(|part| part.len()).sum();
+        self.text.reserve(name.len() + length + 4);
+        let start = self.text.len();
+        self.text.extend_from_slice(name);
+        self.text.extend_from_slice(b": ");
+        for part in value {
+            self.text.extend_from_slice(part);
+        }
+        if !field_value(&self.text[start + name.len() + 2..]) {
+            self.text.truncate(start);
+            return false;
+        }
+        self.text.extend_from_slice(b"\r\n");
+        true
+    }
+}
+
+/// Whether `value` may be a field's value: no control character but tab (as `HeaderValue`).
+/// Eight bytes at a time: a byte under 0x20 or equal to 0x7f in a word is found by the bit
+/// tricks of "Bit Twiddling Hacks" (`hasless`, `haszero`); a word with a tab, or one they flag,
+/// is looked at byte by byte.
+fn field_value(value: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    let byte = |b: u8| b == b'\t' || (b >= 0x20 && b != 0x7f);
+    let mut words = value.chunks_exact(8);
+    for word in &mut words {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        let x = u64::from_ne_bytes(w);
+        let under_0x20 = x.wrapping_sub(ONES * 0x20) & !x & HIGHS;
+        let del = x ^ (ONES * 0x7f);
+        let is_del = del.wrapping_sub(ONES) & !del & HIGHS;
+        if (under_0x20 | is_del) != 0 && !word.iter().all(|&b| byte(b)) {
+            return false;
+        }
+    }
+    words.remainder().iter().all(|&b| byte(b))
+}
+
 fn request_head(
     parts: &hyper::http::request::Parts,
+    added: &Added,
     body: &Body,
 ) -> Result<(Vec<u8>, Framing), &'static str> {
     let length = content_length(
@@ -724,7 +787,7 @@ fn request_head(
     };
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let target = if target.is_empty() { "/" } else { target };
-    let mut head = Vec::with_capacity(256 + parts.headers.len() * 48);
+    let mut head = Vec::with_capacity(256 + parts.headers.len() * 48 + added.text.len());
     head.extend_from_slice(parts.method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(target.as_bytes());
@@ -739,6 +802,7 @@ fn request_head(
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
+    head.extend_from_slice(&added.text);
     if let Some(n) = length.or(match framing {
         Framing::Length(n) => Some(n),
         _ => None,
@@ -1333,9 +1397,12 @@ mod tests {
 
     /// The body of `path` through `pool`, read to the end.
     async fn fetch(pool: &Arc<Pool>, path: &str) -> Bytes {
-        let r = pool.send(get(path)).await.unwrap();
+        let r = pool.send(get(path), &NO_FIELDS).await.unwrap();
         r.into_body().collect().await.unwrap().to_bytes()
     }
+
+    /// No fields added to the requests of these tests.
+    static NO_FIELDS: Added = Added { text: Vec::new() };
 
     fn get(path: &str) -> Request<Body> {
         Request::get(path)
@@ -1355,7 +1422,7 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
 
         // A body abandoned half-way: its connection is not pooled.
-        let r = pool.send(get("/big")).await.unwrap();
+        let r = pool.send(get("/big"), &NO_FIELDS).await.unwrap();
         let mut body = r.into_body();
         let first = body.frame().await.unwrap().unwrap();
         assert!(first.data_ref().is_some_and(|d| d.len() < 8 << 20));
@@ -1413,8 +1480,10 @@ mod tests {
         let (uri, accepted) = server(false).await;
         let pool = Pool::new(&uri, Duration::from_secs(2), 2);
         // Five at once: five connections, two kept.
-        let responses =
-            futures_util::future::join_all((0..5).map(|i| pool.send(get(&format!("/{i}"))))).await;
+        let responses = futures_util::future::join_all(
+            (0..5).map(|i| pool.send(get(&format!("/{i}")), &NO_FIELDS)),
+        )
+        .await;
         for r in responses {
             r.unwrap().into_body().collect().await.unwrap();
         }
@@ -1604,7 +1673,7 @@ mod tests {
         for (answer, why) in refused {
             let (uri, _, _) = raw(vec![answer.as_bytes().to_vec()], false).await;
             let pool = Pool::new(&uri, Duration::from_secs(2), 4);
-            match pool.send(get("/")).await {
+            match pool.send(get("/"), &NO_FIELDS).await {
                 Err(Error::Protocol { what, .. }) => {
                     assert!(what.contains(why), "{answer:?}: {what}")
                 }
@@ -1628,7 +1697,7 @@ mod tests {
         for (answer, why) in [(huge, "over 65536 bytes"), (interims, "interim")] {
             let (uri, _, _) = raw(vec![answer.into_bytes()], false).await;
             let pool = Pool::new(&uri, Duration::from_secs(2), 4);
-            match pool.send(get("/")).await {
+            match pool.send(get("/"), &NO_FIELDS).await {
                 Err(Error::Protocol { what, .. }) => assert!(what.contains(why), "{what}"),
                 other => panic!("{why}: {:?}", other.map(|r| r.status())),
             }
@@ -1648,7 +1717,7 @@ mod tests {
         for answer in taken {
             let (uri, _, _) = raw(vec![answer.clone().into_bytes()], false).await;
             let pool = Pool::new(&uri, Duration::from_secs(2), 4);
-            let r = pool.send(get("/")).await.unwrap();
+            let r = pool.send(get("/"), &NO_FIELDS).await.unwrap();
             assert_eq!(r.status(), StatusCode::OK);
             // The length goes on as one field of digits, whatever form it came in.
             let lengths: Vec<_> = r.headers().get_all("content-length").iter().collect();
@@ -1664,12 +1733,12 @@ mod tests {
         let answer = b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nTrailer: X-T\r\nUpgrade: h2c\r\nProxy-Connection: keep-alive\r\nX-Kept: 1\r\nconnection: ,x-OTHER ,\r\nX-Other: 2\r\nContent-Length: 2\r\n\r\nok".to_vec();
         let (uri, _, _) = raw(vec![answer.clone(), answer], false).await;
         let pool = Pool::new(&uri, Duration::from_secs(2), 4);
-        let r = pool.send(get("/")).await.unwrap();
+        let r = pool.send(get("/"), &NO_FIELDS).await.unwrap();
         let names: Vec<&str> = r.headers().keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept", "content-length"]);
         assert_eq!(read_all(r).await.unwrap(), "ok");
         // `keep-alive` is an option, not `close`: the connection is used again.
-        let r = pool.send(get("/")).await.unwrap();
+        let r = pool.send(get("/"), &NO_FIELDS).await.unwrap();
         assert_eq!(read_all(r).await.unwrap(), "ok");
 
         // A 101 keeps them: the tunnel's client must get `Upgrade` and `Connection`.
@@ -1679,10 +1748,54 @@ mod tests {
         let mut req = get("/ws");
         req.headers_mut()
             .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        let r = pool.send(req).await.unwrap();
+        let r = pool.send(req, &NO_FIELDS).await.unwrap();
         assert_eq!(r.status(), StatusCode::SWITCHING_PROTOCOLS);
         assert_eq!(r.headers()[header::UPGRADE], "websocket");
         assert_eq!(r.headers()[header::CONNECTION], "Upgrade");
+    }
+
+    #[test]
+    fn a_field_value_is_what_header_value_takes() {
+        // Every byte, at every place of a word and of the remainder, among bytes that pass.
+        for len in [1, 7, 8, 9, 16, 17, 23] {
+            for at in 0..len {
+                for b in 0..=255u8 {
+                    let mut value = vec![b'a'; len];
+                    value[at] = b;
+                    assert_eq!(
+                        field_value(&value),
+                        HeaderValue::from_bytes(&value).is_ok(),
+                        "{b:#x} at {at} of {len}"
+                    );
+                }
+            }
+        }
+        assert!(field_value(b""));
+        assert!(field_value(b"\t\t\t\t\t\t\t\tx\x80\xff~ "));
+    }
+
+    #[test]
+    fn added_fields_follow_the_requests_own_and_carry_no_line_break() {
+        let mut added = Added::with_capacity(0);
+        let name = HeaderName::from_static("x-forwarded-for");
+        assert!(added.push(&name, &[b"10.0.0.1", b", ", b"127.0.0.1"]));
+        // A value that would end its line, or hold a control character, is left out whole.
+        for bad in [
+            &b"1\r\nx-evil: 1"[..],
+            b"1\nx-evil: 1",
+            b"a\x00b",
+            b"a\x7fb",
+            b"\r",
+        ] {
+            assert!(!added.push(&name, &[b"ok", bad]), "{bad:?}");
+        }
+        assert!(added.push(&header::FORWARDED, &[b"for=\"[::1]\"\t;proto=https"]));
+        let (parts, body) = get("/p").into_parts();
+        let (head, _) = request_head(&parts, &added, &body).unwrap();
+        assert_eq!(
+            String::from_utf8(head).unwrap(),
+            "GET /p HTTP/1.1\r\nhost: app\r\nx-forwarded-for: 10.0.0.1, 127.0.0.1\r\nforwarded: for=\"[::1]\"\t;proto=https\r\n\r\n"
+        );
     }
 
     #[test]
@@ -1737,7 +1850,7 @@ mod tests {
             let answer = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{bad}");
             let (uri, _, _) = raw(vec![answer.into_bytes()], false).await;
             let pool = Pool::new(&uri, Duration::from_secs(2), 4);
-            let e = match pool.send(get("/")).await {
+            let e = match pool.send(get("/"), &NO_FIELDS).await {
                 Ok(r) => read_all(r).await.expect_err(bad),
                 Err(e @ Error::Protocol { .. }) => e.to_string(),
                 Err(e) => panic!("{bad:?}: {e}"),
@@ -1756,7 +1869,7 @@ mod tests {
         ] {
             let (uri, _, _) = raw(vec![short.as_bytes().to_vec()], false).await;
             let pool = Pool::new(&uri, Duration::from_secs(2), 4);
-            let r = pool.send(get("/")).await.unwrap();
+            let r = pool.send(get("/"), &NO_FIELDS).await.unwrap();
             let e = read_all(r).await.expect_err(short);
             assert!(
                 e.contains("closed in the middle of a response's body"),
@@ -1796,7 +1909,7 @@ mod tests {
         ] {
             let (uri, accepted, _) = raw(vec![answer.as_bytes().to_vec(); 2], false).await;
             let pool = Pool::new(&uri, Duration::from_secs(2), 4);
-            let r = pool.send(request).await.unwrap();
+            let r = pool.send(request, &NO_FIELDS).await.unwrap();
             let body = read_all(r).await.unwrap();
             assert!(body == "ok" || body.is_empty(), "{answer:?}");
             assert_eq!(pool.idle.lock().unwrap().len(), 0, "{answer:?}");
@@ -1821,7 +1934,9 @@ mod tests {
             .header("transfer-encoding", "gzip")
             .body(body)
             .unwrap();
-        read_all(pool.send(req).await.unwrap()).await.unwrap();
+        read_all(pool.send(req, &NO_FIELDS).await.unwrap())
+            .await
+            .unwrap();
         let head = String::from_utf8(seen.recv().await.unwrap()).unwrap();
         assert!(
             head.starts_with("POST /up HTTP/1.1\r\nhost: app\r\n"),
@@ -1838,14 +1953,18 @@ mod tests {
                     .boxed(),
             )
             .unwrap();
-        read_all(pool.send(req).await.unwrap()).await.unwrap();
+        read_all(pool.send(req, &NO_FIELDS).await.unwrap())
+            .await
+            .unwrap();
         let head = String::from_utf8(seen.recv().await.unwrap()).unwrap();
         assert!(head.contains("content-length: 3\r\n"), "{head}");
         let req = Request::post("/empty")
             .header("host", "app")
             .body(super::super::empty())
             .unwrap();
-        read_all(pool.send(req).await.unwrap()).await.unwrap();
+        read_all(pool.send(req, &NO_FIELDS).await.unwrap())
+            .await
+            .unwrap();
         let head = String::from_utf8(seen.recv().await.unwrap()).unwrap();
         assert!(head.contains("content-length: 0\r\n"), "{head}");
         // A length written as a list (hyper's server takes `5, 5`): one field of digits.
@@ -1858,7 +1977,9 @@ mod tests {
                     .boxed(),
             )
             .unwrap();
-        read_all(pool.send(req).await.unwrap()).await.unwrap();
+        read_all(pool.send(req, &NO_FIELDS).await.unwrap())
+            .await
+            .unwrap();
         let head = String::from_utf8(seen.recv().await.unwrap()).unwrap();
         assert!(
             head.contains("\r\ncontent-length: 5\r\n\r\nhello"),
@@ -1908,7 +2029,11 @@ mod tests {
                     .boxed(),
             )
             .unwrap();
-        let e = pool.send(req).await.err().expect("a POST sent twice");
+        let e = pool
+            .send(req, &NO_FIELDS)
+            .await
+            .err()
+            .expect("a POST sent twice");
         assert!(matches!(e, Error::Closed { .. } | Error::Io { .. }), "{e}");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
 
@@ -1916,8 +2041,10 @@ mod tests {
         // a GET goes out twice at most, the second time on a new connection.
         let (uri, accepted, mut seen) = raw(vec![ok.clone()], true).await;
         let pool = Pool::new(&uri, Duration::from_secs(2), 4);
-        let four =
-            futures_util::future::join_all((0..4).map(|i| pool.send(get(&format!("/{i}"))))).await;
+        let four = futures_util::future::join_all(
+            (0..4).map(|i| pool.send(get(&format!("/{i}")), &NO_FIELDS)),
+        )
+        .await;
         for r in four {
             read_all(r.unwrap()).await.unwrap();
         }
@@ -1937,7 +2064,7 @@ mod tests {
         let pool = Pool::new(&uri, Duration::from_secs(2), 4);
         assert_eq!(fetch(&pool, "/first").await, "ok");
         let e = pool
-            .send(get("/"))
+            .send(get("/"), &NO_FIELDS)
             .await
             .err()
             .expect("a 100 and no answer");
@@ -1979,7 +2106,7 @@ mod tests {
             .header("content-length", "5")
             .body(body)
             .unwrap();
-        let r = pool.send(req).await.unwrap();
+        let r = pool.send(req, &NO_FIELDS).await.unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         tx.send(Ok(Frame::data(Bytes::from_static(b"hello"))))
             .unwrap();
@@ -2001,7 +2128,7 @@ mod tests {
             .header("upgrade", "websocket")
             .body(super::super::empty())
             .unwrap();
-        let mut r = pool.send(req).await.unwrap();
+        let mut r = pool.send(req, &NO_FIELDS).await.unwrap();
         assert_eq!(r.status(), StatusCode::SWITCHING_PROTOCOLS);
         let mut io = r
             .body_mut()
@@ -2024,7 +2151,12 @@ mod tests {
             Duration::from_secs(2),
             4,
         );
-        let e = pool.send(get("/")).await.err().unwrap().to_string();
+        let e = pool
+            .send(get("/"), &NO_FIELDS)
+            .await
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.starts_with(&format!("connecting to {addr}: ")), "{e}");
     }
 
