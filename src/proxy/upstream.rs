@@ -233,25 +233,23 @@ impl Conn {
     }
 
     /// Read more into `buf`: the number of bytes (0: the application closed the connection).
+    /// Through `AsyncRead`, which takes a read that did not fill the room for the socket's
+    /// being drained (epoll is edge-triggered): the next [`Conn::quiet`] then costs no system
+    /// call unless something came since (`try_read_buf` would leave the socket marked readable).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        loop {
-            if self.buf.capacity() - self.buf.len() < self.want / 2 {
-                self.buf.reserve(self.want);
-            }
-            let room = self.buf.capacity() - self.buf.len();
-            match self.io.try_read_buf(&mut self.buf) {
-                Ok(n) => {
-                    if n == room && self.want < READ_MAX {
-                        self.want *= 2;
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(self.io.poll_read_ready(cx))?;
-                }
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+        if self.buf.capacity() - self.buf.len() < self.want / 2 {
+            self.buf.reserve(self.want);
         }
+        let room = self.buf.capacity() - self.buf.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.buf
+        ))?;
+        if n == room && self.want < READ_MAX {
+            self.want *= 2;
+        }
+        Poll::Ready(Ok(n))
     }
 
     /// Write what can be written of the request now, taking its body's frames as they come.
