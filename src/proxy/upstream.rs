@@ -698,7 +698,6 @@ impl Pool {
     }
 }
 
-/// The request's head as it goes out, and its body's framing. `Err`: what makes it unsendable.
 /// Fields regobox adds to a request it forwards (the forwarding fields, the `Host` it names),
 /// written after the request's own as they were pushed: no map is grown or hashed for them.
 pub struct Added {
@@ -757,6 +756,7 @@ fn field_value(value: &[u8]) -> bool {
     words.remainder().iter().all(|&b| byte(b))
 }
 
+/// The request's head as it goes out, and its body's framing. `Err`: what makes it unsendable.
 fn request_head(
     parts: &hyper::http::request::Parts,
     added: &Added,
