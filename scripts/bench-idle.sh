@@ -84,14 +84,7 @@ bench_upstream "$WORK" "$UP"
 nginx -c "$WORK/nginx.conf" -e "$WORK/ngx/error.log"
 haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy-access.log" 2>&1 &
 HAPPID=$!
-REGOBOX_VOLUMES__ROOT="$WORK/vol" REGOBOX_RUNTIME_DIR="$WORK/run" REGOBOX_POSTGRES__PORT="$PG" \
-REGOBOX_SUPERVISION__LISTEN=127.0.0.1 REGOBOX_SUPERVISION__PORT="$HEALTH" \
-    "$BIN" --config-dir "$WORK/config" run >"$WORK/regobox.log" 2>&1 &
-RBXPID=$!
-until grep -q "regobox is ready" "$WORK/regobox.log"; do
-    kill -0 "$RBXPID" 2>/dev/null || { cat "$WORK/regobox.log" >&2; exit 1; }
-    sleep 0.1
-done
+bench_regobox_start "$WORK" "$PG" "$HEALTH"
 sleep 1
 NGXWORKER=$(pgrep -P "$(cat "$WORK/nginx.pid")")
 

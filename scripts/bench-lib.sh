@@ -77,3 +77,20 @@ key = "$1/key.pem"
 enabled = false
 TOML
 }
+
+# Start regobox ($BIN, `run`, configured in $1/config) with its volume and runtime directory in
+# $1, PostgreSQL on port $2 and the supervision endpoint on 127.0.0.1:$3, its output in
+# $1/regobox.log, behind the command prefix in the remaining arguments (taskset, valgrind...);
+# sets RBXPID and returns once regobox says it is ready (exits with its log if it dies first).
+bench_regobox_start() {
+    local work=$1 pg=$2 health=$3
+    shift 3
+    REGOBOX_VOLUMES__ROOT="$work/vol" REGOBOX_RUNTIME_DIR="$work/run" REGOBOX_POSTGRES__PORT="$pg" \
+    REGOBOX_SUPERVISION__LISTEN=127.0.0.1 REGOBOX_SUPERVISION__PORT="$health" \
+        "$@" "$BIN" --config-dir "$work/config" run >"$work/regobox.log" 2>&1 &
+    RBXPID=$!
+    until grep -q "regobox is ready" "$work/regobox.log"; do
+        kill -0 "$RBXPID" 2>/dev/null || { cat "$work/regobox.log" >&2; exit 1; }
+        sleep 0.1
+    done
+}

@@ -115,15 +115,8 @@ bench_upstream "$WORK" "$UP" "${CLIENT_CPU[@]}"
 HAPPID=$!
 
 bench_regobox_config "$WORK" "$RBX" "$RBX80" "$UP" "$RBX_WORKERS"
-REGOBOX_VOLUMES__ROOT="$WORK/vol" REGOBOX_RUNTIME_DIR="$WORK/run" REGOBOX_POSTGRES__PORT="$PG" \
-REGOBOX_SUPERVISION__LISTEN=127.0.0.1 REGOBOX_SUPERVISION__PORT="$HEALTH" \
-    "${PROXY_CPU[@]}" "$BIN" --config-dir "$WORK/config" run >"$WORK/regobox.log" 2>&1 &
-RBXPID=$!
+bench_regobox_start "$WORK" "$PG" "$HEALTH" "${PROXY_CPU[@]}"
 PIDS+=("$RBXPID")
-until grep -q "regobox is ready" "$WORK/regobox.log"; do
-    kill -0 "$RBXPID" 2>/dev/null || { cat "$WORK/regobox.log" >&2; exit 1; }
-    sleep 0.1
-done
 sleep 1
 
 ngx_pids() { echo "$(cat "$WORK/nginx.pid") $(pgrep -P "$(cat "$WORK/nginx.pid")" | tr '\n' ' ')"; }

@@ -29,15 +29,8 @@ UP=$base; RBX=$((base + 1)); RBX80=$((base + 2)); PG=$((base + 3)); HEALTH=$((ba
 bench_cert "$WORK"
 bench_regobox_config "$WORK" "$RBX" "$RBX80" "$UP" 1
 bench_upstream "$WORK" "$UP"
-REGOBOX_VOLUMES__ROOT="$WORK/vol" REGOBOX_RUNTIME_DIR="$WORK/run" REGOBOX_POSTGRES__PORT="$PG" \
-REGOBOX_SUPERVISION__LISTEN=127.0.0.1 REGOBOX_SUPERVISION__PORT="$HEALTH" \
-    valgrind --tool=callgrind --compress-strings=no --compress-pos=no --callgrind-out-file="$OUT" "$BIN" --config-dir "$WORK/config" run \
-    >"$WORK/regobox.log" 2>&1 &
-RBXPID=$!
-until grep -q "regobox is ready" "$WORK/regobox.log"; do
-    kill -0 "$RBXPID" 2>/dev/null || { cat "$WORK/regobox.log" >&2; exit 1; }
-    sleep 0.5
-done
+bench_regobox_start "$WORK" "$PG" "$HEALTH" \
+    valgrind --tool=callgrind --compress-strings=no --compress-pos=no --callgrind-out-file="$OUT"
 if [ "$KIND" = h1 ]; then proto=(--h1); else proto=(-m10); fi
 load() { h2load "${proto[@]}" -c8 -t1 -n"$1" "https://localhost:$RBX/" | awk '/^status codes:/ {print "status codes:", $3, "2xx of", '"$1"'}'; }
 load 2000
