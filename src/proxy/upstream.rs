@@ -226,7 +226,19 @@ impl Conn {
     }
 
     /// Still open with nothing to read: the application has neither closed the connection nor
-    /// written on it since its last answer. No system call unless the socket became readable.
+    /// written on it since its last answer, as the kernel says now (a peek that does not wait:
+    /// one system call). What tokio knows of the socket is what the worker's I/O driver last
+    /// read from epoll, which a busy worker turns only every so many tasks: a close or bytes
+    /// since then would go unseen, and a request go out on a closed connection, or bytes
+    /// written while idle be taken for its answer. For taking a connection.
+    fn quiet_now(&self) -> bool {
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        matches!(socket2::SockRef::from(&self.io).peek(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// [`Conn::quiet_now`] as tokio last knew it: no system call unless the socket became
+    /// readable since the last read that drained it. For the sweep of idle connections, where
+    /// what a later turn of the driver shows is seen at the next sweep (or at the take).
     fn quiet(&self) -> bool {
         let mut probe = [0u8; 1];
         matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
@@ -234,7 +246,7 @@ impl Conn {
 
     /// Read more into `buf`: the number of bytes (0: the application closed the connection).
     /// Through `AsyncRead`, which takes a read that did not fill the room for the socket's
-    /// being drained (epoll is edge-triggered): the next [`Conn::quiet`] then costs no system
+    /// being drained (epoll is edge-triggered): the sweep's [`Conn::quiet`] then costs no system
     /// call unless something came since (`try_read_buf` would leave the socket marked readable).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.buf.capacity() - self.buf.len() < self.want / 2 {
@@ -641,7 +653,7 @@ impl Pool {
     fn take(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(i) = idle.pop() {
-            if i.since.elapsed() < IDLE_TIMEOUT && i.conn.quiet() {
+            if i.since.elapsed() < IDLE_TIMEOUT && i.conn.quiet_now() {
                 return Some(i.conn);
             }
         }
@@ -1816,6 +1828,128 @@ mod tests {
                 String::from_utf8_lossy(buf)
             );
         }
+    }
+
+    /// An application served by OS threads, not by a task of the test's runtime: what it does
+    /// happens while the test's thread is blocked, so the runtime's I/O driver sees it only once
+    /// the test awaits something that parks (as a busy worker between two turns of its driver).
+    /// Each connection: read a request (head and `content-length` body), answer `ok`; on the
+    /// first connection, after its first answer and once the test says so (`go`), `then`:
+    /// `None` closes it, `Some(bytes)` writes them unasked; then it says it is done.
+    fn threaded_app(
+        then: Option<&'static [u8]>,
+    ) -> (
+        hyper::Uri,
+        std::sync::mpsc::Sender<()>,
+        std::sync::mpsc::Receiver<()>,
+    ) {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri = format!("http://{}", listener.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let (go, went) = std::sync::mpsc::channel::<()>();
+        let (did, done) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let mut first = Some((went, did));
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut first = first.take();
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        let end = loop {
+                            if let Some(end) = request_end(&buf) {
+                                break end;
+                            }
+                            match stream.read(&mut chunk) {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        buf.drain(..end);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(answer).is_err() {
+                            return;
+                        }
+                        if let Some((went, did)) = first.take() {
+                            let _ = went.recv();
+                            match then {
+                                None => {
+                                    // Closed (its FIN in the other end's queue on return).
+                                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                                    drop(stream);
+                                    let _ = did.send(());
+                                    return;
+                                }
+                                Some(bytes) => {
+                                    let _ = stream.write_all(bytes);
+                                    let _ = did.send(());
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (uri, go, done)
+    }
+
+    /// Wait, without letting the runtime's driver turn, until the kernel holds something to read
+    /// (bytes, or the end) on `pool`'s one idle connection: what the application did has landed.
+    fn landed(pool: &Pool) {
+        let idle = pool.idle.lock().unwrap();
+        let socket = socket2::SockRef::from(&idle[0].conn.io);
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        for _ in 0..500 {
+            match socket.peek(&mut probe) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                _ => return,
+            }
+        }
+        panic!("nothing came on the idle connection");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_application_closed_while_idle_is_not_taken_for_a_post() {
+        let (uri, go, done) = threaded_app(None);
+        let pool = Pool::new(&uri, Duration::from_secs(2), 4);
+        assert_eq!(fetch(&pool, "/first").await, "ok");
+        assert_eq!(pool.idle.lock().unwrap().len(), 1);
+        // The application closes the idle connection; this worker does not park meanwhile.
+        go.send(()).unwrap();
+        done.recv().unwrap();
+        landed(&pool);
+        let req = Request::post("/upload")
+            .header("host", "app")
+            .body(
+                http_body_util::Full::new(Bytes::from_static(b"hello"))
+                    .map_err(|e| match e {})
+                    .boxed(),
+            )
+            .unwrap();
+        // The close is seen when the connection is taken, and the POST goes on a new one (it is
+        // not sent again once written: on the closed one it would fail).
+        let r = pool.send(req, &NO_FIELDS).await.unwrap();
+        assert_eq!(read_all(r).await.unwrap(), "ok");
+    }
+
+    #[tokio::test]
+    async fn bytes_written_on_an_idle_connection_are_not_the_next_answer() {
+        let (uri, go, done) =
+            threaded_app(Some(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstray"));
+        let pool = Pool::new(&uri, Duration::from_secs(2), 4);
+        assert_eq!(fetch(&pool, "/first").await, "ok");
+        assert_eq!(pool.idle.lock().unwrap().len(), 1);
+        // The application writes a whole answer on the idle connection, unasked; this worker
+        // does not park meanwhile.
+        go.send(()).unwrap();
+        done.recv().unwrap();
+        landed(&pool);
+        assert_eq!(fetch(&pool, "/second").await, "ok");
     }
 
     #[tokio::test]
