@@ -1287,3 +1287,79 @@ fn http2_bodies_reach_the_application_whatever_the_method() {
     );
     p.stop();
 }
+
+/// A reviewer's attempts on the forwarding fields regobox writes into the request head itself:
+/// forged ones in every form a client can send them (repeated, in mixed case, named by
+/// `Connection`, beside a Host that `Connection` takes away, HTTP/1.0 without a Host or with an
+/// empty one, an absolute target with another Host, a POST; over HTTP/2 too) reach the
+/// application once each, as regobox says them, with one Host that X-Forwarded-Host repeats.
+#[test]
+fn forged_forwarding_fields_and_hosts_never_reach_the_application() {
+    let mut p = Proxied::start("redirect_http = false");
+    let forged = "x-FORWARDED-for: 6.6.6.6\r\nX-Forwarded-For: 7.7.7.7\r\nX-Real-IP: 6.6.6.6\r\nFORWARDED: for=6.6.6.6\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Proto: https\r\nx-real-ip:\t6.6.6.6\r\n";
+    let requests = [
+        format!("GET /headers HTTP/1.1\r\nHost: localhost\r\n{forged}Connection: close\r\n\r\n"),
+        format!(
+            "GET /headers HTTP/1.1\r\nHost: localhost\r\n{forged}Connection: close, X-Forwarded-For, x-real-ip, forwarded\r\n\r\n"
+        ),
+        format!(
+            "GET /headers HTTP/1.1\r\n{forged}Host: localhost\r\nConnection: close, host\r\n\r\n"
+        ),
+        format!("GET /headers HTTP/1.0\r\n{forged}\r\n"),
+        format!("GET /headers HTTP/1.0\r\nHost:\r\n{forged}\r\n"),
+        format!(
+            "GET http://localhost/headers HTTP/1.1\r\nHost: evil.example\r\n{forged}Connection: close\r\n\r\n"
+        ),
+        format!(
+            "POST /headers HTTP/1.1\r\nHost: localhost\r\n{forged}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+    ];
+    let check = |what: &str, body: &str, proto: &str| {
+        assert_eq!(
+            fields_named(body, "x-forwarded-for"),
+            ["127.0.0.1"],
+            "{what}: {body}"
+        );
+        assert_eq!(
+            fields_named(body, "x-real-ip"),
+            ["127.0.0.1"],
+            "{what}: {body}"
+        );
+        assert_eq!(
+            fields_named(body, "x-forwarded-proto"),
+            [proto],
+            "{what}: {body}"
+        );
+        let host = fields_named(body, "host");
+        assert_eq!(host.len(), 1, "{what}: {body}");
+        assert_eq!(
+            fields_named(body, "x-forwarded-host"),
+            host,
+            "{what}: {body}"
+        );
+        assert_eq!(fields_named(body, "forwarded").len(), 1, "{what}: {body}");
+        for forged in ["6.6.6.6", "7.7.7.7", "evil"] {
+            assert!(!body.contains(forged), "{what}: {body}");
+        }
+    };
+    for req in &requests {
+        let out = raw(p.http, req.as_bytes());
+        assert!(
+            out.starts_with("HTTP/1.1 200 ") || out.starts_with("HTTP/1.0 200 "),
+            "{req:?}: {out}"
+        );
+        check(req, body_of(&out), "http");
+    }
+    // HTTP/2, the same fields (lower case, as HTTP/2 has them).
+    let forged_h2 = [
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-for", "7.7.7.7"),
+        ("forwarded", "for=6.6.6.6"),
+        ("x-real-ip", "6.6.6.6"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-proto", "http"),
+    ];
+    let body = h2_get(p.https, "localhost", "/headers", &forged_h2).expect("an HTTP/2 answer");
+    check("HTTP/2", &body, "https");
+    p.stop();
+}
