@@ -1414,6 +1414,18 @@ mod tests {
     /// No fields added to the requests of these tests.
     static NO_FIELDS: Added = Added { text: Vec::new() };
 
+    /// A POST of `body` (its size known) to `path`.
+    fn post(path: &str, body: &'static [u8]) -> Request<Body> {
+        Request::post(path)
+            .header("host", "app")
+            .body(
+                http_body_util::Full::new(Bytes::from_static(body))
+                    .map_err(|e| match e {})
+                    .boxed(),
+            )
+            .unwrap()
+    }
+
     fn get(path: &str) -> Request<Body> {
         Request::get(path)
             .header("host", "app")
@@ -1923,14 +1935,7 @@ mod tests {
         go.send(()).unwrap();
         done.recv().unwrap();
         landed(&pool);
-        let req = Request::post("/upload")
-            .header("host", "app")
-            .body(
-                http_body_util::Full::new(Bytes::from_static(b"hello"))
-                    .map_err(|e| match e {})
-                    .boxed(),
-            )
-            .unwrap();
+        let req = post("/upload", b"hello");
         // The close is seen when the connection is taken, and the POST goes on a new one (it is
         // not sent again once written: on the closed one it would fail).
         let r = pool.send(req, &NO_FIELDS).await.unwrap();
@@ -2077,14 +2082,7 @@ mod tests {
         assert!(head.contains("transfer-encoding: chunked\r\n"), "{head}");
         assert!(!head.contains("gzip"), "{head}");
         // A body of known size: its length; an empty POST says so.
-        let req = Request::post("/known")
-            .header("host", "app")
-            .body(
-                http_body_util::Full::new(Bytes::from_static(b"abc"))
-                    .map_err(|e| match e {})
-                    .boxed(),
-            )
-            .unwrap();
+        let req = post("/known", b"abc");
         read_all(pool.send(req, &NO_FIELDS).await.unwrap())
             .await
             .unwrap();
@@ -2100,15 +2098,9 @@ mod tests {
         let head = String::from_utf8(seen.recv().await.unwrap()).unwrap();
         assert!(head.contains("content-length: 0\r\n"), "{head}");
         // A length written as a list (hyper's server takes `5, 5`): one field of digits.
-        let req = Request::post("/list")
-            .header("host", "app")
-            .header("content-length", "5, 5")
-            .body(
-                http_body_util::Full::new(Bytes::from_static(b"hello"))
-                    .map_err(|e| match e {})
-                    .boxed(),
-            )
-            .unwrap();
+        let mut req = post("/list", b"hello");
+        req.headers_mut()
+            .insert("content-length", HeaderValue::from_static("5, 5"));
         read_all(pool.send(req, &NO_FIELDS).await.unwrap())
             .await
             .unwrap();
@@ -2153,14 +2145,7 @@ mod tests {
         assert_eq!(fetch(&pool, "/again").await, "ok");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
         // A POST may have been acted upon: not sent again, an error.
-        let req = Request::post("/once")
-            .header("host", "app")
-            .body(
-                http_body_util::Full::new(Bytes::from_static(b"abc"))
-                    .map_err(|e| match e {})
-                    .boxed(),
-            )
-            .unwrap();
+        let req = post("/once", b"abc");
         let e = pool
             .send(req, &NO_FIELDS)
             .await
