@@ -1925,35 +1925,37 @@ mod tests {
         panic!("nothing came on the idle connection");
     }
 
-    #[tokio::test]
-    async fn a_connection_the_application_closed_while_idle_is_not_taken_for_a_post() {
-        let (uri, go, done) = threaded_app(None);
+    /// A pool to a [`threaded_app`] doing `then`, with one connection made idle by a first
+    /// request, after the application has done `then` on it and it has landed, while this
+    /// worker did not park.
+    async fn idle_after(then: Option<&'static [u8]>) -> Arc<Pool> {
+        let (uri, go, done) = threaded_app(then);
         let pool = Pool::new(&uri, Duration::from_secs(2), 4);
         assert_eq!(fetch(&pool, "/first").await, "ok");
         assert_eq!(pool.idle.lock().unwrap().len(), 1);
-        // The application closes the idle connection; this worker does not park meanwhile.
         go.send(()).unwrap();
         done.recv().unwrap();
         landed(&pool);
-        let req = post("/upload", b"hello");
+        pool
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_application_closed_while_idle_is_not_taken_for_a_post() {
+        // The application closes the idle connection.
+        let pool = idle_after(None).await;
         // The close is seen when the connection is taken, and the POST goes on a new one (it is
         // not sent again once written: on the closed one it would fail).
-        let r = pool.send(req, &NO_FIELDS).await.unwrap();
+        let r = pool
+            .send(post("/upload", b"hello"), &NO_FIELDS)
+            .await
+            .unwrap();
         assert_eq!(read_all(r).await.unwrap(), "ok");
     }
 
     #[tokio::test]
     async fn bytes_written_on_an_idle_connection_are_not_the_next_answer() {
-        let (uri, go, done) =
-            threaded_app(Some(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstray"));
-        let pool = Pool::new(&uri, Duration::from_secs(2), 4);
-        assert_eq!(fetch(&pool, "/first").await, "ok");
-        assert_eq!(pool.idle.lock().unwrap().len(), 1);
-        // The application writes a whole answer on the idle connection, unasked; this worker
-        // does not park meanwhile.
-        go.send(()).unwrap();
-        done.recv().unwrap();
-        landed(&pool);
+        // The application writes a whole answer on the idle connection, unasked.
+        let pool = idle_after(Some(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstray")).await;
         assert_eq!(fetch(&pool, "/second").await, "ok");
     }
 
