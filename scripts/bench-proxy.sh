@@ -5,13 +5,14 @@
 # row runs TLS 1.3 with X25519), loads from wrk and h2load on loopback. Rows: HTTP/1.1 keep-alive
 # (from wrk, and from h2load), HTTP/2, a new TLS connection per request; requests/s, p99
 # latency, CPU time per request and its inverse, requests per CPU-second (medians of RUNS runs,
-# the proxies taking turns; each run's p99 shown too), RSS after the runs.
+# the proxies taking turns; each run's p99 shown too), what a request cost the clients' side (the
+# load generator, the upstream), RSS after the runs.
 # ONE_CORE=1: one core each: every proxy with one worker (nginx worker_processes 1, haproxy
 # nbthread 1, regobox proxy.workers 1) pinned to the first core, the clients (one thread) and the
 # upstream on the second; how busy each core was is shown, since the clients' core can be the
 # one that bounds a row (a new TLS connection costs the client as much as the proxy): there,
 # requests/s measure the clients, and requests per CPU-second compare the proxies.
-# Needs nginx-light, haproxy, wrk and nghttp2-client (h2load): installed if missing.
+# Needs nginx-light, haproxy, wrk, nghttp2-client (h2load) and time: installed if missing.
 # Usage: [ONE_CORE=1] [BENCH_BIN=path] scripts/bench-proxy.sh [SECONDS (5)] [CONNECTIONS (32)] [RUNS (10)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ DURATION="${1:-5}"
 CONNS="${2:-32}"
 REPEAT="${3:-10}"
 ONE_CORE="${ONE_CORE:-0}"
-bench_need nginx:nginx-light haproxy:haproxy wrk:wrk h2load:nghttp2-client openssl:openssl
+bench_need nginx:nginx-light haproxy:haproxy wrk:wrk h2load:nghttp2-client openssl:openssl /usr/bin/time:time
 bench_bin
 WORK="$(mktemp -d /tmp/regobox-bench-proxy.XXXXXX)"
 chmod 755 "$WORK"
@@ -120,6 +121,7 @@ PIDS+=("$RBXPID")
 sleep 1
 
 ngx_pids() { echo "$(cat "$WORK/nginx.pid") $(pgrep -P "$(cat "$WORK/nginx.pid")" | tr '\n' ' ')"; }
+UPPIDS="$(cat "$WORK/upstream.pid") $(pgrep -P "$(cat "$WORK/upstream.pid")" | tr '\n' ' ')"
 ticks() { local t=0; for p in $1; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
 # The system (kernel) part of those.
 sys_ticks() { local t=0; for p in $1; do t=$((t + $(awk '{print $15}' "/proc/$p/stat"))); done; echo $t; }
@@ -141,34 +143,39 @@ core_jiffies() { awk -v c="cpu$1" '$1 == c {print $2 + $3 + $4 + $7 + $8, $2 + $
 core_busy() { awk -v a="$2" -v b="$3" 'BEGIN {split(a, x, " "); split(b, y, " "); t = y[2] - x[2]; printf "%.0f", (t > 0 ? 100 * (y[1] - x[1]) / t : 0)}'; }
 
 # One load against one proxy; prints "requests/s p99-ms cpu-µs-per-request answers-not-2xx
-# system-cpu-µs-per-request core0-busy-% core1-busy-%" (with ONE_CORE, core 0 is the proxy's and
-# core 1 the clients' and the upstream's: which of the two bounds the row).
+# system-cpu-µs-per-request core0-busy-% core1-busy-% load-generator-cpu-µs-per-request
+# upstream-cpu-µs-per-request" (with ONE_CORE, core 0 is the proxy's and core 1 the clients' and
+# the upstream's: which of the two bounds the row, and what on core 1 a request cost).
+# The load generator runs under GNU time, which writes its CPU seconds to $WORK/client.time.
 load() { # kind port pids
-    local kind=$1 port=$2 pids=$3 t0 t1 out n rps p99 bad c0 c1
-    t0=$(ticks "$pids"); s0=$(sys_ticks "$pids")
+    local kind=$1 port=$2 pids=$3 t0 t1 out n rps p99 bad c0 c1 u0 u1
+    local timed=(/usr/bin/time -f "%U %S" -o "$WORK/client.time")
+    t0=$(ticks "$pids"); s0=$(sys_ticks "$pids"); u0=$(ticks "$UPPIDS")
     c0=$(core_jiffies 0); c1=$(core_jiffies 1)
     case $kind in
     h1)
-        out=$("${CLIENT_CPU[@]}" wrk -t"$CLIENT_THREADS" -c"$CONNS" -d"${DURATION}s" --latency "https://localhost:$port/")
+        out=$("${timed[@]}" "${CLIENT_CPU[@]}" wrk -t"$CLIENT_THREADS" -c"$CONNS" -d"${DURATION}s" --latency "https://localhost:$port/")
         n=$(echo "$out" | wrk_n); rps=$(echo "$out" | wrk_rps); p99=$(echo "$out" | wrk_p99); bad=$(echo "$out" | wrk_bad) ;;
     h1b | h2)
         # h1b: the h1 load from h2load, whose per-request log gives the p99 as for HTTP/2.
         # h2load appends to its log: each run starts from an empty one.
         rm -f "$WORK/h2.log"
         if [ "$kind" = h1b ]; then proto=(--h1); else proto=(-m10); fi
-        out=$("${CLIENT_CPU[@]}" h2load "${proto[@]}" -c"$CONNS" -t"$CLIENT_THREADS" -D"$DURATION" --log-file="$WORK/h2.log" "https://localhost:$port/" 2>&1)
+        out=$("${timed[@]}" "${CLIENT_CPU[@]}" h2load "${proto[@]}" -c"$CONNS" -t"$CLIENT_THREADS" -D"$DURATION" --log-file="$WORK/h2.log" "https://localhost:$port/" 2>&1)
         n=$(echo "$out" | awk '/^requests:/ {print $8}')
         rps=$(echo "$out" | awk '/^finished in/ {gsub(/,/,""); printf "%.0f", $4}')
         p99=$(p99_h2load "$WORK/h2.log")
         bad=$(echo "$out" | awk '/^status codes:/ {gsub(/,/,""); print $5 + $7 + $9}') ;;
     tls)
-        out=$("${CLIENT_CPU[@]}" wrk -t"$CLIENT_THREADS" -c"$CONNS" -d"${DURATION}s" --latency -H "Connection: close" "https://localhost:$port/")
+        out=$("${timed[@]}" "${CLIENT_CPU[@]}" wrk -t"$CLIENT_THREADS" -c"$CONNS" -d"${DURATION}s" --latency -H "Connection: close" "https://localhost:$port/")
         n=$(echo "$out" | wrk_n); rps=$(echo "$out" | wrk_rps); p99=$(echo "$out" | wrk_p99); bad=$(echo "$out" | wrk_bad) ;;
     esac
-    t1=$(ticks "$pids"); s1=$(sys_ticks "$pids")
+    t1=$(ticks "$pids"); s1=$(sys_ticks "$pids"); u1=$(ticks "$UPPIDS")
     echo "$rps $p99 $(awk -v t=$((t1 - t0)) -v n="$n" -v hz="$HZ" 'BEGIN {printf "%.1f", 1e6 * t / hz / n}') ${bad:-0}" \
         "$(awk -v t=$((s1 - s0)) -v n="$n" -v hz="$HZ" 'BEGIN {printf "%.1f", 1e6 * t / hz / n}')" \
-        "$(core_busy 0 "$c0" "$(core_jiffies 0)") $(core_busy 1 "$c1" "$(core_jiffies 1)")"
+        "$(core_busy 0 "$c0" "$(core_jiffies 0)") $(core_busy 1 "$c1" "$(core_jiffies 1)")" \
+        "$(awk -v n="$n" '{printf "%.1f", 1e6 * ($1 + $2) / n}' "$WORK/client.time")" \
+        "$(awk -v t=$((u1 - u0)) -v n="$n" -v hz="$HZ" 'BEGIN {printf "%.1f", 1e6 * t / hz / n}')"
 }
 
 # The median of each column over the runs (one line per run).
@@ -205,20 +212,20 @@ label() {
 }
 # Requests per second of the proxy's own CPU (1 / CPU per request): what the proxy would serve
 # with a whole core to itself, whichever core bounded the run.
-echo "| load | proxy | requests/s | p99 | CPU per request (of which system) | requests per CPU-second | cores busy: proxy / clients | p99 of each run (ms) | answers not 2xx (all runs) |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| load | proxy | requests/s | p99 | CPU per request (of which system) | requests per CPU-second | cores busy: proxy / clients | clients' CPU per request: load / upstream | p99 of each run (ms) | answers not 2xx (all runs) |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 declare -A MEDIAN CAPACITY
 for kind in h1 h1b h2 tls; do
     label=$(label "$kind")
     for name in "${PROXIES[@]}"; do
-        read -r rps p99 cpu _ sys busy0 busy1 < <(printf "%s" "${RESULTS[$name,$kind]}" | median)
+        read -r rps p99 cpu _ sys busy0 busy1 gen up < <(printf "%s" "${RESULTS[$name,$kind]}" | median)
         bad=$(printf "%s" "${RESULTS[$name,$kind]}" | awk '{n += $4} END {print n + 0}')
         MEDIAN[$name,$kind]=$rps
         CAPACITY[$name,$kind]=$(awk -v c="$cpu" 'BEGIN {printf "%.0f", (c > 0 ? 1e6 / c : 0)}')
         runs=$(printf "%s" "${RESULTS[$name,$kind]}" | awk '{printf "%s%s", (NR > 1 ? " " : ""), $2}')
         if [ "$ONE_CORE" = 1 ]; then cores="$busy0 % / $busy1 %"; else cores="-"; fi
-        printf "| %s | %s | %s | %s ms | %s µs (%s) | %s | %s | %s | %s |\n" "$label" "$name" "$rps" "$p99" "$cpu" "$sys" \
-            "${CAPACITY[$name,$kind]}" "$cores" "$runs" "$bad"
+        printf "| %s | %s | %s | %s ms | %s µs (%s) | %s | %s | %s µs / %s µs | %s | %s |\n" "$label" "$name" "$rps" "$p99" "$cpu" "$sys" \
+            "${CAPACITY[$name,$kind]}" "$cores" "$gen" "$up" "$runs" "$bad"
     done
 done
 echo
