@@ -4,12 +4,14 @@
 //! The transport: what reaches the engine is regobox's rendering of the request, never the
 //! client's bytes: the path rebuilt from the route with every reference (container, network,
 //! image) resolved once to the full id whose ownership was judged, the query from the parsed
-//! parameters, and bodies the policy reads (container create, network create, connect,
-//! disconnect; read up to `docker.max_inspected_body`) serialised from the typed model. A build
-//! context is spooled to a file (up to `docker.max_build_context`) so that its Dockerfile is
-//! read before anything is sent. Other bodies stream through (uploads to a container, imports),
-//! as do responses (logs with follow, events, wait, pulls), and HTTP upgrades (attach) are
-//! spliced. Ownership is the instance label: a container, network or image of someone else
+//! parameters (a list's filters too), headers of regobox's alone (`engine_headers`: the engine
+//! reads a form body's fields as parameters), and bodies the policy reads (container create,
+//! network create, connect, disconnect; read up to `docker.max_inspected_body`) serialised from
+//! the typed model. A build context and a copy into a container are spooled to a file (up to
+//! `docker.max_build_context`) before anything is judged: the Dockerfile is read, and no client
+//! trickling its body holds the lock that keeps bind paths still. An import's tar streams
+//! through, as do responses (logs with follow, events, wait, pulls), and HTTP upgrades (attach)
+//! are spliced. Ownership is the instance label: a container, network or image of someone else
 //! answers 404 as if it did not exist, and lists leave it out. Images carry no label when pulled
 //! or imported, so the ids of those the application pulled or imported through this socket are
 //! kept in `secrets/docker-images.json` on the volume.
@@ -27,11 +29,14 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, TRANSFER_ENCODING, UPGRADE};
+use hyper::header::{
+    CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderValue, TRANSFER_ENCODING,
+    UPGRADE,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
@@ -320,18 +325,26 @@ impl Proxy {
             Endpoint::Ping | Endpoint::Version | Endpoint::Info => {
                 let q = query::parse(&raw_query, &normalized, query::NONE)?;
                 let req = retarget(self.no_body(req).await?, &target(&normalized, &q))?;
-                Ok(plain(self.forward(req, None).await?))
+                Ok(plain(self.forward(req, Payload::Empty, None).await?))
             }
             Endpoint::Events | Endpoint::ContainerList | Endpoint::NetworkList => {
-                let allowed = match ep {
-                    Endpoint::Events => query::EVENTS,
-                    Endpoint::ContainerList => query::CONTAINER_LIST,
-                    _ => query::NETWORK_LIST,
+                let (allowed, filters) = match ep {
+                    Endpoint::Events => (query::EVENTS, query::EVENT_FILTERS),
+                    Endpoint::ContainerList => (query::CONTAINER_LIST, query::CONTAINER_FILTERS),
+                    _ => (query::NETWORK_LIST, query::NETWORK_FILTERS),
                 };
                 let q = query::parse(&raw_query, &normalized, allowed)?;
-                let q = with_label_filter(q, &self.instance)?;
+                let named: &[(&str, Named)] = match ep {
+                    Endpoint::ContainerList => &[
+                        ("before", Named::Container),
+                        ("since", Named::Container),
+                        ("ancestor", Named::Image),
+                    ],
+                    _ => &[],
+                };
+                let q = self.list_filters(q, filters, named, true).await?;
                 let req = retarget(self.no_body(req).await?, &target(&normalized, &q))?;
-                Ok(plain(self.forward(req, None).await?))
+                Ok(plain(self.forward(req, Payload::Empty, None).await?))
             }
             Endpoint::Build => {
                 self.build(req, &raw_query, &target("/build", &Query::default()))
@@ -347,13 +360,18 @@ impl Proxy {
                     Ok(judged) => judged,
                     Err(refusal) => return Err(self.after_body(req, refusal).await),
                 };
-                let req = if q.get("fromSrc") == Some("-") {
-                    req.map(boxed)
+                // A pull's credentials in regobox's rendering; an import's tar streams through.
+                let auth = registry_auth(req.headers().get(REGISTRY_AUTH))?;
+                let (mut req, payload) = if q.get("fromSrc") == Some("-") {
+                    (req.map(boxed), Payload::Tar(None))
                 } else {
-                    self.no_body(req).await?
+                    (self.no_body(req).await?, Payload::Empty)
                 };
+                if let (Some(auth), Payload::Empty) = (auth, payload) {
+                    req.extensions_mut().insert(RenderedAuth(auth));
+                }
                 let req = retarget(req, &target("/images/create", &q))?;
-                let response = self.forward(req, None).await?;
+                let response = self.forward(req, payload, None).await?;
                 if !response.status().is_success() {
                     return Ok(plain(response));
                 }
@@ -395,8 +413,12 @@ impl Proxy {
             }
             Endpoint::ImageList => {
                 let q = query::parse(&raw_query, "the image list", query::IMAGE_LIST)?;
+                let named = [("before", Named::Image), ("since", Named::Image)];
+                let q = self
+                    .list_filters(q, query::IMAGE_FILTERS, &named, false)
+                    .await?;
                 let req = retarget(self.no_body(req).await?, &target("/images/json", &q))?;
-                let response = self.forward(req, None).await?;
+                let response = self.forward(req, Payload::Empty, None).await?;
                 if !response.status().is_success() {
                     return Ok(plain(response));
                 }
@@ -431,7 +453,7 @@ impl Proxy {
                     &target(&format!("/images/{id}/json"), &q),
                 )?;
                 Ok(Done {
-                    response: self.forward(req, None).await?,
+                    response: self.forward(req, Payload::Empty, None).await?,
                     object: Some(name.clone()),
                 })
             }
@@ -444,7 +466,7 @@ impl Proxy {
                     self.no_body(req).await?,
                     &target(&format!("/images/{name}"), &q),
                 )?;
-                let response = self.forward(req, None).await?;
+                let response = self.forward(req, Payload::Empty, None).await?;
                 if response.status().is_success() {
                     let gone = matches!(
                         self.docker.inspect_image(&id).await,
@@ -521,7 +543,7 @@ impl Proxy {
                 }
                 let body = plan.resolved(&image_id, &networks);
                 let request = with_json(parts, &body, &target("/containers/create", &q))?;
-                let response = self.forward(request, None).await?;
+                let response = self.forward(request, Payload::Json, None).await?;
                 let (parts, body) = response.into_parts();
                 let bytes = body
                     .collect()
@@ -553,6 +575,24 @@ impl Proxy {
             Endpoint::ContainerOp => {
                 let reference = &captures[0];
                 let op = operation(&normalized, "/containers/");
+                let mut req = req;
+                let upgrade = req
+                    .headers()
+                    .contains_key(UPGRADE)
+                    .then(|| hyper::upgrade::on(&mut req));
+                // The body is read whole before anything is judged, and so before the lock that
+                // holds bind paths still is taken: a client trickling its body holds its own
+                // connection, never the lock every start and copy waits for. Only a copy into
+                // the container has one (a tar, spooled up to docker.max_build_context); below
+                // API 1.24 a start's body would replace the container's HostConfig, for one.
+                let (req, payload) = if method == "PUT" {
+                    let (parts, body) = req.into_parts();
+                    let spool = self.spool(body, "the archive").await?;
+                    let (body, len) = spooled_body(spool, "the archive").await?;
+                    (Request::from_parts(parts, body), Payload::Tar(Some(len)))
+                } else {
+                    (self.no_body(req).await?, Payload::Empty)
+                };
                 let judged = async {
                     let q = query::parse(
                         &raw_query,
@@ -578,28 +618,13 @@ impl Proxy {
                     Ok::<_, Refusal>((q, id, frozen))
                 }
                 .await;
-                let (q, id, _frozen) = match judged {
-                    Ok(judged) => judged,
-                    Err(refusal) => return Err(self.after_body(req, refusal).await),
-                };
+                let (q, id, _frozen) = judged?;
                 let path = match &op {
                     Some(op) => format!("/containers/{id}/{op}"),
                     None => format!("/containers/{id}"),
                 };
-                let mut req = req;
-                let upgrade = req
-                    .headers()
-                    .contains_key(UPGRADE)
-                    .then(|| hyper::upgrade::on(&mut req));
-                // Only a copy into the container has a body (a tar); below API 1.24 a start's
-                // body would replace the container's HostConfig, for one.
-                let req = if method == "PUT" {
-                    req.map(boxed)
-                } else {
-                    self.no_body(req).await?
-                };
                 let req = retarget(req, &target(&path, &q))?;
-                let response = self.forward(req, upgrade).await?;
+                let response = self.forward(req, payload, upgrade).await?;
                 Ok(Done {
                     response,
                     object: Some(id),
@@ -614,6 +639,7 @@ impl Proxy {
                 let response = self
                     .forward(
                         with_json(parts, &checked, &target("/networks/create", &q))?,
+                        Payload::Json,
                         None,
                     )
                     .await?;
@@ -670,7 +696,11 @@ impl Proxy {
                     }
                     _ => retarget(self.no_body(req).await?, &target(&path, &q))?,
                 };
-                let response = self.forward(request, None).await?;
+                let payload = match op.as_deref() {
+                    Some("connect") | Some("disconnect") => Payload::Json,
+                    _ => Payload::Empty,
+                };
+                let response = self.forward(request, payload, None).await?;
                 Ok(Done {
                     response,
                     object: Some(id),
@@ -719,8 +749,8 @@ impl Proxy {
         // The context is read before anything is judged: a refusal sent while the client is
         // still writing its context closes the connection under it, and the client reports the
         // broken pipe instead of the reason.
-        let (mut parts, body) = req.into_parts();
-        let spool = self.spool(body).await?;
+        let (parts, body) = req.into_parts();
+        let spool = self.spool(body, "the build context").await?;
         let q = query::parse(raw_query, "a build", query::BUILD)?;
         let q = build::check_build_query(q, &self.policy.limits, &self.instance)?;
         for tag in q.all("t") {
@@ -758,20 +788,11 @@ impl Proxy {
                 .into());
             }
         }
-        let len = spool.metadata().map(|m| m.len()).unwrap_or(0);
-        let mut file = tokio::fs::File::from_std(spool);
-        use tokio::io::AsyncSeekExt;
-        file.seek(std::io::SeekFrom::Start(0))
-            .await
-            .map_err(|e| Refusal::Engine(format!("spooling the build context: {e}")))?;
-        let stream = tokio_util::io::ReaderStream::new(file).map(|r| r.map(Frame::data));
-        let body = http_body_util::StreamBody::new(stream);
-        parts.headers.remove(TRANSFER_ENCODING);
-        parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
-        let request = Request::from_parts(parts, boxed(body));
+        let (body, len) = spooled_body(spool, "the build context").await?;
+        let request = Request::from_parts(parts, body);
         let q_path = format!("{path}?{}", q.encode());
         let request = retarget(request, &q_path)?;
-        let response = self.forward(request, None).await?;
+        let response = self.forward(request, Payload::Tar(Some(len)), None).await?;
         Ok(Done {
             response,
             object: q.get("t").map(str::to_string),
@@ -796,23 +817,21 @@ impl Proxy {
         refusal
     }
 
-    /// The request body in an unnamed file of the spool directory, bounded.
-    async fn spool(&self, body: Incoming) -> Result<std::fs::File, Refusal> {
+    /// The request body (`what`) in an unnamed file of the spool directory, bounded.
+    async fn spool(&self, body: Incoming, what: &str) -> Result<std::fs::File, Refusal> {
         use tokio::io::AsyncWriteExt;
-        let err =
-            |e: &dyn std::fmt::Display| Refusal::Engine(format!("spooling the build context: {e}"));
+        let err = |e: &dyn std::fmt::Display| Refusal::Engine(format!("spooling {what}: {e}"));
         let file = tempfile_in(&self.spool_dir).map_err(|e| err(&e))?;
         let mut writer = tokio::fs::File::from_std(file.try_clone().map_err(|e| err(&e))?);
         let mut body = body;
         let mut total: u64 = 0;
         while let Some(frame) = body.frame().await {
-            let frame = frame
-                .map_err(|e| Refusal::BadRequest(format!("reading the build context: {e}")))?;
+            let frame = frame.map_err(|e| Refusal::BadRequest(format!("reading {what}: {e}")))?;
             if let Some(data) = frame.data_ref() {
                 total += data.len() as u64;
                 if total > self.max_build_context {
                     return Err(Refusal::TooLarge(format!(
-                        "the build context is larger than docker.max_build_context ({} bytes)",
+                        "{what} is larger than docker.max_build_context ({} bytes)",
                         self.max_build_context
                     )));
                 }
@@ -907,9 +926,43 @@ impl Proxy {
         Ok((lock, Some(freeze)))
     }
 
+    /// A list's `filters` in regobox's rendering ([`query::filters`]): those that name an
+    /// object (`named`) resolved to this instance's, by full id (someone else's answers as
+    /// missing, as the engine would a missing one: no oracle for others' names), and, with
+    /// `labelled`, the instance's label filter added (the engine then lists only its objects).
+    async fn list_filters(
+        &self,
+        mut q: Query,
+        allowed: &[&str],
+        named: &[(&str, Named)],
+        labelled: bool,
+    ) -> Result<Query, Refusal> {
+        let mut filters = query::filters(q.get("filters"), allowed)?;
+        for (key, kind) in named {
+            for value in filters.get_mut(*key).into_iter().flatten() {
+                *value = match kind {
+                    Named::Container => self.owned_container(value).await?.0,
+                    Named::Image => self.owned_image(value).await?,
+                };
+            }
+        }
+        if labelled {
+            with_instance_label(&mut filters, &self.instance);
+        }
+        if filters.is_empty() {
+            q.remove("filters");
+        } else {
+            q.set(
+                "filters",
+                serde_json::to_string(&filters).unwrap_or_default(),
+            );
+        }
+        Ok(q)
+    }
+
     /// `req` for an endpoint that takes no body: refused if it has one, forwarded with none.
     async fn no_body(&self, req: Request<Incoming>) -> Result<Request<Body>, Refusal> {
-        let (mut parts, body) = req.into_parts();
+        let (parts, body) = req.into_parts();
         let what = format!("{} {}", parts.method, parts.uri.path());
         let bytes = self.read_body(body, &what).await?;
         if !bytes.is_empty() {
@@ -919,9 +972,6 @@ impl Proxy {
             )
             .into());
         }
-        parts.headers.remove(TRANSFER_ENCODING);
-        parts.headers.remove(CONTENT_LENGTH);
-        parts.headers.remove(CONTENT_TYPE);
         Ok(Request::from_parts(
             parts,
             boxed(http_body_util::Empty::<Bytes>::new()),
@@ -1050,10 +1100,12 @@ impl Proxy {
             .ok_or_else(|| Refusal::Engine(format!("the engine gave network {reference} no id")))
     }
 
-    /// Send `req` to the engine on a new connection; splice an upgrade if both sides agree.
+    /// Send `req` to the engine on a new connection, with regobox's headers only (see
+    /// [`engine_headers`]); splice an upgrade if both sides agree.
     async fn forward(
         &self,
         mut req: Request<Body>,
+        payload: Payload,
         upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Result<Response<Body>, Refusal> {
         let unreachable = |e: &dyn std::fmt::Display| {
@@ -1070,8 +1122,8 @@ impl Proxy {
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
         });
-        req.headers_mut()
-            .insert(hyper::header::HOST, HeaderValue::from_static("docker"));
+        let auth = req.extensions().get::<RenderedAuth>().map(|a| a.0.clone());
+        *req.headers_mut() = engine_headers(payload, upgrade.is_some(), auth);
         let mut response = sender
             .send_request(req)
             .await
@@ -1090,6 +1142,118 @@ impl Proxy {
         }
         Ok(response.map(boxed))
     }
+}
+
+/// A spooled body (`what`), from its start, and its length.
+async fn spooled_body(spool: std::fs::File, what: &str) -> Result<(Body, u64), Refusal> {
+    use tokio::io::AsyncSeekExt;
+    let len = spool.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut file = tokio::fs::File::from_std(spool);
+    file.seek(std::io::SeekFrom::Start(0))
+        .await
+        .map_err(|e| Refusal::Engine(format!("spooling {what}: {e}")))?;
+    let stream = tokio_util::io::ReaderStream::new(file).map(|r| r.map(Frame::data));
+    Ok((boxed(http_body_util::StreamBody::new(stream)), len))
+}
+
+/// What a forwarded request's body is: the engine is told so by regobox, not by the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Payload {
+    /// None.
+    Empty,
+    /// regobox's serialisation of the typed model.
+    Json,
+    /// A tar archive: an import or a copy into a container (streamed through), or a build
+    /// context (spooled; its length known).
+    Tar(Option<u64>),
+}
+
+/// The credentials header of a pull (base64url JSON, as the engine reads it).
+const REGISTRY_AUTH: &str = "x-registry-auth";
+
+/// A pull's credentials as regobox rendered them ([`registry_auth`]), carried to
+/// [`Proxy::forward`] beside the request (never read from the client's headers there).
+#[derive(Clone)]
+struct RenderedAuth(HeaderValue);
+
+/// The headers a request to the engine carries: regobox's alone, never the client's. The engine
+/// reads more of a request than its path and query: a body sent as a form
+/// (`application/x-www-form-urlencoded`) has its fields read as parameters, overriding those
+/// of the query regobox judged (an import's `fromSrc=-` made a URL, or another registry), and
+/// an `Upgrade` field asks for a hijacked connection. So: `Host`, the type of the body regobox
+/// forwards (its length when regobox knows it; hyper frames the rest by the body), the upgrade
+/// regobox agreed to, and a pull's credentials in regobox's rendering (see
+/// [`registry_auth`]).
+fn engine_headers(payload: Payload, upgrade: bool, auth: Option<HeaderValue>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(HOST, HeaderValue::from_static("docker"));
+    match payload {
+        Payload::Empty => {}
+        Payload::Json => {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+        Payload::Tar(length) => {
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/x-tar"));
+            if let Some(n) = length {
+                headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
+            }
+        }
+    }
+    if upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+        headers.insert(UPGRADE, HeaderValue::from_static("tcp"));
+    }
+    if let Some(auth) = auth {
+        headers.insert(REGISTRY_AUTH, auth);
+    }
+    headers
+}
+
+/// Registry credentials, as the engine's `registry.AuthConfig` holds them (its JSON names).
+#[derive(Debug, Default, serde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RegistryAuth {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    password: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    auth: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    serveraddress: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    identitytoken: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    registrytoken: Option<String>,
+}
+
+/// A pull's `X-Registry-Auth`, decoded (base64url of a JSON object of the fields above, each
+/// once, in the engine's spelling) and rendered again by regobox; `None` without one. What is
+/// not that is refused, rather than forwarded for the engine to read its own way.
+fn registry_auth(value: Option<&HeaderValue>) -> Result<Option<HeaderValue>, Refusal> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{URL_SAFE, URL_SAFE_NO_PAD};
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let bad = |why: &str| {
+        Refusal::BadRequest(format!(
+            "the X-Registry-Auth header is not registry credentials (base64url of a JSON object of username, password, auth, email, serveraddress, identitytoken, registrytoken): {why}"
+        ))
+    };
+    let text = value.as_bytes().trim_ascii();
+    let json = URL_SAFE
+        .decode(text)
+        .or_else(|_| URL_SAFE_NO_PAD.decode(text))
+        .map_err(|e| bad(&e.to_string()))?;
+    let decoded: RegistryAuth =
+        model::decode(&json, "X-Registry-Auth").map_err(|u| bad(&u.message))?;
+    let rendered = serde_json::to_vec(&decoded).map_err(|e| bad(&e.to_string()))?;
+    HeaderValue::from_str(&URL_SAFE.encode(rendered))
+        .map(Some)
+        .map_err(|e| bad(&e.to_string()))
 }
 
 /// An unnamed file in `dir` (opened, then unlinked).
@@ -1114,10 +1278,14 @@ fn tempfile_in(dir: &Path) -> std::io::Result<std::fs::File> {
     Err(std::io::Error::other("no free name for a spool file"))
 }
 
+/// The largest Dockerfile read (and so the largest built).
+const MAX_DOCKERFILE: u64 = 1 << 20;
+
 /// The Dockerfile of a build context (plain or gzip tar): `name`, else `Dockerfile`, else
 /// `dockerfile`, as the engine looks for it. The engine extracts the whole archive: refused are
 /// a Dockerfile given twice (the last would win), one that is not a regular file, and a
-/// directory on its path that is a link (the engine would follow it to another file).
+/// directory on its path that is a link (the engine would follow it to another file), and
+/// one larger than [`MAX_DOCKERFILE`].
 fn read_dockerfile(mut file: std::fs::File, name: &str) -> Result<String, Refusal> {
     use std::io::{Read, Seek};
     let err = |e: &dyn std::fmt::Display| {
@@ -1199,12 +1367,18 @@ fn read_dockerfile(mut file: std::fs::File, name: &str) -> Result<String, Refusa
             if found[i].is_some() {
                 return Err(denied(format!("{path} is in the build context twice")));
             }
+            // Read whole or refused: a Dockerfile judged by its beginning would be run to its end.
             let mut text = String::new();
             entry
                 .by_ref()
-                .take(1 << 20)
+                .take(MAX_DOCKERFILE + 1)
                 .read_to_string(&mut text)
                 .map_err(|e| err(&e))?;
+            if text.len() as u64 > MAX_DOCKERFILE {
+                return Err(denied(format!(
+                    "{path} is larger than {MAX_DOCKERFILE} bytes"
+                )));
+            }
             found[i] = Some(text);
         }
     }
@@ -1236,21 +1410,15 @@ fn rebuild(mut parts: hyper::http::response::Parts, value: &Value) -> Response<B
 }
 
 /// A request with regobox's serialisation of `value` as its JSON body, sent to `target`.
+/// (Its headers are [`engine_headers`]'s, for [`Payload::Json`].)
 fn with_json<T: Serialize>(
-    mut parts: hyper::http::request::Parts,
+    parts: hyper::http::request::Parts,
     value: &T,
     target: &str,
 ) -> Result<Request<Body>, Refusal> {
     let bytes = Bytes::from(
         serde_json::to_vec(value).map_err(|e| Refusal::Engine(format!("serialising: {e}")))?,
     );
-    parts.headers.remove(TRANSFER_ENCODING);
-    parts
-        .headers
-        .insert(CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-    parts
-        .headers
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     retarget(Request::from_parts(parts, boxed(Full::new(bytes))), target)
 }
 
@@ -1262,27 +1430,20 @@ fn retarget(mut req: Request<Body>, target: &str) -> Result<Request<Body>, Refus
     Ok(req)
 }
 
-/// The query with `label=regobox.instance=<instance>` added to its `filters` (the engine ANDs
-/// label filters, so whatever else the client filters on, only this instance's objects remain).
-fn with_label_filter(mut q: Query, instance: &str) -> Result<Query, Refusal> {
-    let wanted = format!("{INSTANCE_LABEL}={instance}");
-    let mut filters: Map<String, Value> = match q.get("filters") {
-        Some(v) if !v.is_empty() => serde_json::from_str(v).map_err(|e| {
-            Refusal::BadRequest(format!("the filters parameter is not a JSON object: {e}"))
-        })?,
-        _ => Map::new(),
-    };
-    match filters.get_mut("label") {
-        Some(Value::Array(a)) => a.push(Value::String(wanted)),
-        Some(Value::Object(o)) => {
-            o.insert(wanted, Value::Bool(true));
-        }
-        _ => {
-            filters.insert("label".into(), json!([wanted]));
-        }
-    }
-    q.set("filters", Value::Object(filters).to_string());
-    Ok(q)
+/// What a list filter's value names.
+#[derive(Debug, Clone, Copy)]
+enum Named {
+    Container,
+    Image,
+}
+
+/// The instance's label among a list's label filters (the engine ANDs label filters, so whatever
+/// else the client filters on, only this instance's objects remain).
+fn with_instance_label(filters: &mut BTreeMap<String, Vec<String>>, instance: &str) {
+    filters
+        .entry("label".to_string())
+        .or_default()
+        .push(format!("{INSTANCE_LABEL}={instance}"));
 }
 
 /// What follows the object in `/containers/{id}/op` (None for the object itself).
@@ -1409,27 +1570,79 @@ mod tests {
 
     #[test]
     fn list_queries_get_the_instance_filter() {
-        let q = query::parse("all=1", "list", query::CONTAINER_LIST).unwrap();
-        let q = with_label_filter(q, "i1").unwrap();
-        assert_eq!(q.get("all"), Some("1"));
-        let filters: Value = serde_json::from_str(q.get("filters").unwrap()).unwrap();
-        assert_eq!(filters["label"], json!(["regobox.instance=i1"]));
-
-        let q = Query(vec![(
-            "filters".into(),
-            r#"{"label":{"app=x":true},"status":["running"]}"#.into(),
-        )]);
-        let q = with_label_filter(q, "i1").unwrap();
-        let filters: Value = serde_json::from_str(q.get("filters").unwrap()).unwrap();
+        let mut filters = query::filters(None, query::CONTAINER_FILTERS).unwrap();
+        with_instance_label(&mut filters, "i1");
         assert_eq!(
-            filters["label"],
-            json!({"app=x": true, "regobox.instance=i1": true})
+            serde_json::to_value(&filters).unwrap(),
+            json!({"label": ["regobox.instance=i1"]})
         );
-        assert_eq!(filters["status"], json!(["running"]));
-        assert!(matches!(
-            with_label_filter(Query(vec![("filters".into(), "notjson".into())]), "i1"),
-            Err(Refusal::BadRequest(_))
-        ));
+        // Both forms the engine reads, rendered in one.
+        let mut filters = query::filters(
+            Some(r#"{"label":{"app=x":true},"status":["running"]}"#),
+            query::CONTAINER_FILTERS,
+        )
+        .unwrap();
+        with_instance_label(&mut filters, "i1");
+        assert_eq!(
+            serde_json::to_value(&filters).unwrap(),
+            json!({"label": ["app=x", "regobox.instance=i1"], "status": ["running"]})
+        );
+        for bad in [
+            "notjson",
+            r#"{"lab":["x"]}"#,
+            r#"{"label":{"x":false}}"#,
+            r#"{"label":[1]}"#,
+            r#"{"label":"x"}"#,
+        ] {
+            assert!(
+                query::filters(Some(bad), query::CONTAINER_FILTERS).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(query::filters(Some(r#"{"before":["x"]}"#), query::NETWORK_FILTERS).is_err());
+    }
+
+    #[test]
+    fn registry_credentials_are_rendered_by_regobox_or_refused() {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE};
+        assert!(registry_auth(None).unwrap().is_none());
+        let header = |json: &str| HeaderValue::from_str(&URL_SAFE.encode(json)).unwrap();
+        let rendered =
+            registry_auth(Some(&header(r#"{"username":"u","password":"p?>"}"#))).unwrap();
+        let decoded = URL_SAFE.decode(rendered.unwrap().as_bytes()).unwrap();
+        assert_eq!(decoded, br#"{"username":"u","password":"p?>"}"#);
+        // An empty object (the docker CLI's when it has none) stays one.
+        let rendered = registry_auth(Some(&header("{}"))).unwrap().unwrap();
+        assert_eq!(URL_SAFE.decode(rendered.as_bytes()).unwrap(), b"{}");
+        for bad in [
+            header(r#"{"Username":"u"}"#),
+            header(r#"{"username":"u","username":"v"}"#),
+            header(r#"{"username":"u","extra":1}"#),
+            header(r#"{"username":1}"#),
+            header("[]"),
+            HeaderValue::from_static("not base64!"),
+            // Standard base64 where the engine reads base64url: `+` and `/` differ.
+            HeaderValue::from_str(&STANDARD.encode(r#"{"password":"??>>"}"#)).unwrap(),
+        ] {
+            assert!(
+                matches!(registry_auth(Some(&bad)), Err(Refusal::BadRequest(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn engine_headers_are_regoboxs_alone() {
+        let h = engine_headers(Payload::Tar(None), false, None);
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[CONTENT_TYPE], "application/x-tar");
+        let h = engine_headers(Payload::Tar(Some(5)), true, None);
+        assert_eq!(h[CONTENT_LENGTH], "5");
+        assert_eq!(h[UPGRADE], "tcp");
+        let h = engine_headers(Payload::Empty, false, None);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[HOST], "docker");
     }
 
     #[test]

@@ -57,6 +57,96 @@ impl Query {
     }
 }
 
+/// The `filters` a list knows (the engine's names); `ContainerList`'s `before`, `since` and
+/// `ancestor`, and `ImageList`'s `before` and `since`, name objects, which the proxy resolves
+/// to this instance's (the engine answers a missing one with an error: an oracle for others'
+/// names).
+pub const CONTAINER_FILTERS: &[&str] = &[
+    "ancestor",
+    "before",
+    "expose",
+    "exited",
+    "health",
+    "id",
+    "isolation",
+    "is-task",
+    "label",
+    "name",
+    "network",
+    "publish",
+    "since",
+    "status",
+    "volume",
+];
+pub const IMAGE_FILTERS: &[&str] = &["before", "dangling", "label", "reference", "since"];
+pub const NETWORK_FILTERS: &[&str] =
+    &["dangling", "driver", "id", "label", "name", "scope", "type"];
+pub const EVENT_FILTERS: &[&str] = &[
+    "config",
+    "container",
+    "daemon",
+    "event",
+    "image",
+    "label",
+    "network",
+    "node",
+    "plugin",
+    "scope",
+    "secret",
+    "service",
+    "type",
+    "volume",
+];
+
+/// A list's `filters` parameter, read as the engine reads it (a JSON object of lists of
+/// strings, or of objects whose keys are the values, the older form), each name one `allowed`
+/// lists; regobox forwards its own rendering (`{"name":["value",...]}`).
+pub fn filters(
+    raw: Option<&str>,
+    allowed: &[&str],
+) -> Result<std::collections::BTreeMap<String, Vec<String>>, Denied> {
+    use serde_json::Value;
+    let mut out = std::collections::BTreeMap::new();
+    let Some(raw) = raw.filter(|r| !r.trim().is_empty()) else {
+        return Ok(out);
+    };
+    let bad = |why: String| {
+        Denied::new(
+            "query.filters",
+            format!("refused by regobox's Docker policy: query.filters: {why}"),
+        )
+    };
+    let object: serde_json::Map<String, Value> =
+        super::super::model::decode(raw.as_bytes(), "filters").map_err(|u| bad(u.message))?;
+    for (name, value) in object {
+        if !allowed.contains(&name.as_str()) {
+            return Err(bad(format!(
+                "{name:?} is not a filter of this list (allowed: {})",
+                allowed.join(", ")
+            )));
+        }
+        let values: Vec<String> = match value {
+            Value::Array(items) => items
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    other => Err(bad(format!("{name}: {other} is not a string"))),
+                })
+                .collect::<Result<_, _>>()?,
+            Value::Object(map) => map
+                .into_iter()
+                .map(|(k, v)| match v {
+                    Value::Bool(true) => Ok(k),
+                    other => Err(bad(format!("{name}: {k}: {other} is not true"))),
+                })
+                .collect::<Result<_, _>>()?,
+            other => return Err(bad(format!("{name}: {other} is not a list"))),
+        };
+        out.insert(name, values);
+    }
+    Ok(out)
+}
+
 /// Go's `httputils.BoolValue`.
 pub fn go_bool(v: &str) -> bool {
     !matches!(
