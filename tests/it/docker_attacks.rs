@@ -1153,3 +1153,202 @@ fn a_pull_from_a_registry_is_the_instances_and_never_moves_anothers_tag() {
     );
     b.stop();
 }
+
+/// A second attacker's requests (a fresh reviewer's, 2026-12-03), each of which got past the
+/// policy once: a form body read by the engine as parameters over the judged query, a
+/// Dockerfile judged by its first MiB, or read otherwise by the engine's parser and word
+/// processing, a stage's name read as an image in its own stage, a filter answering whether
+/// someone else's object exists, a trickled copy holding the lock every start waits for. Each
+/// is harmless had it got through: what the engine would fetch comes to a listener of the
+/// test's, and what it would read is a scratch image's.
+#[test]
+fn what_the_engine_reads_is_what_regobox_judged() {
+    let mut b = Bridged::start("");
+    let port = b.inst.port;
+    let base = format!("regobox-test/busybox:rd{port}");
+    b.import_busybox(&base);
+    let victim = format!("regobox-test/victim-rd:{port}");
+    // Someone else's image under a name a stage can have (`name` is `name:latest`).
+    let staged = format!("regobox-victim-rd{port}");
+    let own_tag = format!("regobox-test/own-rd:{port}");
+    let foreign_container = format!("rbx-foreign-rd{port}");
+    let made = OnEngine::default();
+    made.container(&foreign_container);
+    for i in [&victim, &staged, &own_tag] {
+        made.image(i);
+    }
+    foreign_image(b.inst.dir.path(), &victim, "victim-secret");
+    foreign_image(b.inst.dir.path(), &staged, "staged-secret");
+    let victim_id = image_id(&victim);
+    let staged_id = image_id(&staged);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let fetch_port = listener.local_addr().unwrap().port();
+    let url = format!("http://127.0.0.1:{fetch_port}/evil.tar");
+    let (victim_repo, victim_tag) = victim.rsplit_once(':').unwrap();
+
+    // The import's tar goes to the engine as a tar: a form's fields never become parameters.
+    for body in [
+        format!("fromSrc={url}&repo={victim_repo}&tag={victim_tag}"),
+        format!("fromImage=127.0.0.1:{fetch_port}/evilrepo&tag=x1"),
+    ] {
+        let (status, answer) = send(
+            &b.socket,
+            "POST",
+            "/v1.41/images/create?fromSrc=-",
+            "application/x-www-form-urlencoded",
+            body.as_bytes(),
+        );
+        assert!(
+            !answer.contains("Downloading") && !answer.contains("evilrepo"),
+            "{body}: {status} {answer}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        listener.accept().is_err(),
+        "the engine fetched what a form body named"
+    );
+    assert_eq!(image_id(&victim), victim_id, "the victim's tag moved");
+
+    // Dockerfiles the engine would read otherwise.
+    let long = format!(
+        "FROM {base}\n{}FROM {victim}\nADD {url} /fetched\n",
+        "#\n".repeat(600 * 1024)
+    );
+    for (dockerfile, needle) in [
+        (long.as_str(), "larger than"),
+        (
+            &format!(
+                "FROM {base}\nMAINTAINER a \\\x0c\nFROM {victim}\nMAINTAINER b \\\x0c\nADD {url} /x\n"
+            ),
+            "character",
+        ),
+        (
+            &format!("FROM {base}\nADD http:\\//127.0.0.1:{fetch_port}/evil.tar /x\n"),
+            "escape",
+        ),
+        (
+            &format!("FROM {base}\nADD [\"http:\\\\//127.0.0.1:{fetch_port}/evil.tar\", \"/x\"]\n"),
+            "escape",
+        ),
+        (
+            &format!("FROM {base} AS {staged}\nCOPY --from={staged} /etc/secret /s\n"),
+            "not this instance's",
+        ),
+        // A third attacker's, after the fixes above: a JSON form only regobox saw, a
+        // continuation joined with a space by regobox only, a flag glued to quotes, a flag
+        // with quoted spaces, an ARG declared again without a value.
+        (&format!("FROM {base}\nADD {url} /d[]\n"), "fetch a URL"),
+        (
+            &format!("FROM {base}\nADD http:\\\n//127.0.0.1:{fetch_port}/evil.tar /x\n"),
+            "fetch a URL",
+        ),
+        (
+            &format!("FROM {base}\n{}\\\n{}\n", &staged[..4], &staged[4..])
+                .replacen('\n', "\nFROM ", 1),
+            "not this instance's",
+        ),
+        (
+            &format!("FROM {base}\nCOPY --fr\"\"om={staged} /etc/secret /s\n"),
+            "quotes",
+        ),
+        (
+            &format!("FROM --platform=\"linux/amd64${{NOPE:+ {base} }}\" {staged}\n"),
+            "quotes",
+        ),
+        (
+            &format!("ARG S=:rd{port}\nARG S\nFROM regobox-test/busybox${{S}}\nFROM {staged}\n"),
+            "cannot resolve",
+        ),
+    ] {
+        let (status, answer) = post_bytes(
+            &b.socket,
+            &format!("/v1.41/build?t={own_tag}"),
+            "application/x-tar",
+            &context(&[("Dockerfile", 'f', dockerfile)]),
+        );
+        assert_eq!(status, 403, "{needle}: {answer}");
+        assert!(message(&answer).contains(needle), "{needle}: {answer}");
+    }
+
+    // A filter naming someone else's object answers as one naming nothing.
+    engine(&["create", "--name", &foreign_container, &victim, "true"]);
+    for (list, kind, foreign) in [
+        ("images", "image", victim.as_str()),
+        ("containers", "container", foreign_container.as_str()),
+    ] {
+        let ask = |name: &str| {
+            let filters = format!("{{\"before\":[\"{name}\"]}}")
+                .replace('"', "%22")
+                .replace(['{', '}'], "")
+                .replace('[', "%5B")
+                .replace(']', "%5D");
+            raw(
+                &b.socket,
+                &format!(
+                    "GET /v1.41/{list}/json?all=1&filters=%7B{filters}%7D HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+                ),
+            )
+        };
+        let (status, answer) = ask(foreign);
+        let (missing_status, missing) = ask(&format!("nothing-here-{port}"));
+        assert_eq!(status, 404, "{list}: {answer}");
+        assert_eq!(missing_status, 404, "{list}: {missing}");
+        assert!(
+            message(&answer).contains(&format!("No such {kind}")),
+            "{answer}"
+        );
+        assert_eq!(
+            message(&answer).replace(foreign, "X"),
+            message(&missing).replace(&format!("nothing-here-{port}"), "X")
+        );
+    }
+
+    // A copy into a container whose body stops arriving holds no lock: creates and starts go on.
+    let own = b.cli_ok(&["create", &base, "true"]);
+    let own = own.trim().to_string();
+    made.container(&own);
+    let mut trickle = std::os::unix::net::UnixStream::connect(&b.socket).unwrap();
+    use std::io::Write;
+    trickle
+        .write_all(format!("PUT /v1.41/containers/{own}/archive?path=/tmp HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: 100000\r\n\r\n").as_bytes())
+        .unwrap();
+    trickle.write_all(&[0u8; 512]).unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    let socket = b.socket.clone();
+    let image = base.clone();
+    std::thread::spawn(move || {
+        let out = Command::new("docker")
+            .args([
+                "-H",
+                &format!("unix://{}", socket.display()),
+                "create",
+                &image,
+                "true",
+            ])
+            .output()
+            .unwrap();
+        let _ = done.send(out);
+    });
+    let out = finished
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a create waited behind a trickled copy");
+    assert!(out.status.success(), "{}", stderr(&out));
+    made.container(stdout(&out).trim());
+    drop(trickle);
+
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        listener.accept().is_err(),
+        "the engine fetched a URL the application gave"
+    );
+    assert_eq!(image_id(&victim), victim_id, "the victim's tag moved");
+    assert_eq!(
+        image_id(&staged),
+        staged_id,
+        "the staged victim's tag moved"
+    );
+    assert!(!engine(&["image", "inspect", &own_tag]).status.success());
+    b.stop();
+}

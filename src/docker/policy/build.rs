@@ -159,14 +159,32 @@ pub fn build_args(q: &Query) -> BTreeMap<String, String> {
 /// Read as the engine's parser reads it: parser directives only in the leading lines (`escape`
 /// and `syntax`; the first other line ends them), continuation lines joined with empty and
 /// comment lines inside them skipped. A Dockerfile that another reading could take differently
-/// (an `escape` directive anywhere but there, an escape character other than `\` or `` ` ``)
-/// is refused.
+/// is refused: an `escape` directive anywhere but there, an escape character other than `\` or
+/// `` ` ``, a control character but tab and line ends or a space other than the ASCII space
+/// (Go's and Rust's trimming and splitting would disagree on them: a backslash followed by a
+/// form feed continues a line for one and not the other), and, in what regobox reads (`FROM`,
+/// `COPY --from`, `ADD`'s words), a quote or an escape character, which the engine's word
+/// processing would remove (`http:\//host` is a URL to it). A stage is a name `COPY --from`
+/// or `FROM` may use once it is complete (the engine's rule): in its own stage, a stage's name
+/// is an image's.
 pub fn dockerfile_images(
     text: &str,
     args: &BTreeMap<String, String>,
 ) -> Result<Vec<String>, Denied> {
     let field = "Dockerfile";
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        let line_end = c == '\n' || (c == '\r' && chars.peek() == Some(&'\n'));
+        if (c.is_control() || c.is_whitespace()) && c != '\t' && c != ' ' && !line_end {
+            return Err(deny(
+                field,
+                format!(
+                    "holds the character {c:?}: only spaces, tabs and line ends may separate its words"
+                ),
+            ));
+        }
+    }
     let directive = |line: &str| -> Option<(String, String)> {
         let rest = line.trim().strip_prefix('#')?;
         let (name, value) = rest.split_once('=')?;
@@ -206,41 +224,84 @@ pub fn dockerfile_images(
             "has an escape directive after its first lines: ambiguous, refused",
         ));
     }
-    // Logical lines: continuations joined; comments, and empty lines inside a continuation,
-    // dropped.
-    let mut logical = Vec::new();
-    let mut current = String::new();
+    // Logical lines, joined as the engine joins them: a line continues when it ends with the
+    // escape character and nothing but spaces and tabs after it; those are removed and the next
+    // line appended as it is (no space added, its indentation kept: `http:\` then `//host` is
+    // `http://host`); comment and empty lines inside a continuation are skipped; the first line
+    // of each loses its indentation.
+    let continues = |line: &str| -> Option<usize> {
+        let t = line.trim_end_matches([' ', '\t']);
+        t.ends_with(escape).then(|| t.len() - escape.len_utf8())
+    };
+    let mut logical: Vec<String> = Vec::new();
+    let mut current: Option<String> = None;
     for line in &lines[body_start..] {
-        let t = line.trim();
-        if t.starts_with('#') || (t.is_empty() && !current.is_empty()) {
-            continue;
+        let left = line.trim_start_matches([' ', '\t']);
+        match current.as_mut() {
+            None => {
+                if left.is_empty() || left.starts_with('#') {
+                    continue;
+                }
+                match continues(left) {
+                    Some(cut) => current = Some(left[..cut].to_string()),
+                    None => logical.push(left.to_string()),
+                }
+            }
+            Some(joined) => {
+                if left.is_empty() || left.starts_with('#') {
+                    continue;
+                }
+                match continues(line) {
+                    Some(cut) => joined.push_str(&line[..cut]),
+                    None => {
+                        joined.push_str(line);
+                        logical.extend(current.take());
+                    }
+                }
+            }
         }
-        if t.is_empty() {
-            continue;
-        }
-        if let Some(stripped) = t.strip_suffix(escape) {
-            current.push_str(stripped);
-            current.push(' ');
-            continue;
-        }
-        current.push_str(t);
-        logical.push(std::mem::take(&mut current));
     }
-    if !current.trim().is_empty() {
-        logical.push(current);
-    }
+    logical.extend(current);
 
+    // The build arguments before the first FROM (what FROM may use), and those whose value
+    // regobox cannot read as the engine does (quoted, escaped or made of other variables): a
+    // FROM using one is refused.
     let mut scope: BTreeMap<String, String> = BTreeMap::new();
-    let mut stages: Vec<String> = Vec::new();
-    let mut stage_count = 0usize;
+    let mut unreadable: Vec<String> = Vec::new();
+    // The names of the stages complete so far (a stage without a name is counted, as `None`),
+    // and the one under way.
+    let mut stages: Vec<Option<String>> = Vec::new();
+    let mut stage: Option<Option<String>> = None;
     let mut images = Vec::new();
     let mut seen_from = false;
+    let is_stage =
+        |stages: &[Option<String>], name: &str| stages.iter().any(|s| s.as_deref() == Some(name));
+    // Text the engine's word processing would change (quotes, escapes) is not read as regobox
+    // reads it.
+    let plain = |what: &str, text: &str| -> Result<(), Denied> {
+        if text.contains(['"', '\'', '\\', '`']) {
+            return Err(deny(
+                field,
+                format!(
+                    "{what} {text:?}: quotes and escape characters are not allowed there (the engine would read it otherwise)"
+                ),
+            ));
+        }
+        Ok(())
+    };
     for line in logical {
-        let mut words = line.split_whitespace();
-        let Some(instruction) = words.next() else {
-            continue;
+        let (instruction, operands) = match line.split_once([' ', '\t']) {
+            Some((i, a)) => (i, a.trim_matches([' ', '\t'])),
+            None => (line.as_str(), ""),
         };
-        let rest: Vec<&str> = words.collect();
+        // The flags (leading `--name=value` words) and what follows them.
+        let mut rest = operands;
+        let mut flags: Vec<&str> = Vec::new();
+        while rest.starts_with("--") {
+            let (flag, after) = rest.split_once([' ', '\t']).unwrap_or((rest, ""));
+            flags.push(flag);
+            rest = after.trim_start_matches([' ', '\t']);
+        }
         match instruction.to_ascii_uppercase().as_str() {
             "ONBUILD" => {
                 return Err(deny(
@@ -249,65 +310,116 @@ pub fn dockerfile_images(
                 ));
             }
             "ARG" if !seen_from => {
-                for decl in &rest {
+                for decl in operands.split_whitespace() {
                     let (name, default) = match decl.split_once('=') {
-                        Some((n, d)) => (n, Some(d.trim_matches('"').to_string())),
-                        None => (*decl, None),
+                        Some((n, d)) => (n, Some(d)),
+                        None => (decl, None),
                     };
-                    if let Some(v) = args.get(name).cloned().or(default) {
-                        scope.insert(name.to_string(), v);
+                    scope.remove(name);
+                    unreadable.retain(|u| u != name);
+                    if let Some(v) = args.get(name) {
+                        scope.insert(name.to_string(), v.clone());
+                    } else if let Some(d) = default {
+                        if d.contains(['"', '\'', '\\', '`', '$'])
+                            || operands.contains(['"', '\'', '\\', '`'])
+                        {
+                            unreadable.push(name.to_string());
+                        } else {
+                            scope.insert(name.to_string(), d.to_string());
+                        }
                     }
                 }
             }
             "FROM" => {
                 seen_from = true;
-                let words: Vec<&str> = rest
-                    .iter()
-                    .copied()
-                    .filter(|w| !w.starts_with("--"))
-                    .collect();
+                if let Some(done) = stage.take() {
+                    stages.push(done);
+                }
+                plain("FROM", operands)?;
+                for flag in &flags {
+                    if !simple_variables(flag) {
+                        return Err(deny(
+                            field,
+                            format!("FROM {flag:?}: only $NAME and ${{NAME}} may name a variable"),
+                        ));
+                    }
+                }
+                let words: Vec<&str> = rest.split_whitespace().collect();
                 let image = words
                     .first()
                     .ok_or_else(|| deny(field, "has a FROM without an image"))?;
-                let image = substitute(image, &scope)?;
+                let image = substitute(image, &scope, &unreadable)?;
                 let lower = image.to_ascii_lowercase();
-                if lower != "scratch" && !stages.contains(&lower) {
+                if lower != "scratch" && !is_stage(&stages, &lower) {
                     images.push(image);
                 }
-                if let [_, as_kw, name] = words.as_slice() {
-                    if as_kw.eq_ignore_ascii_case("as") {
-                        stages.push(name.to_ascii_lowercase());
+                let name = match words.as_slice() {
+                    [_] => None,
+                    [_, as_kw, name] if as_kw.eq_ignore_ascii_case("as") => {
+                        Some(name.to_ascii_lowercase())
                     }
-                }
-                stage_count += 1;
+                    _ => {
+                        return Err(deny(
+                            field,
+                            format!(
+                                "FROM {operands:?} is not `FROM image` or `FROM image AS name`"
+                            ),
+                        ));
+                    }
+                };
+                stage = Some(name);
             }
             "COPY" => {
-                for flag in rest
-                    .iter()
-                    .filter(|w| w.to_ascii_lowercase().starts_with("--from="))
-                {
-                    let from = substitute(&flag["--from=".len()..], &scope)?;
-                    let lower = from.to_ascii_lowercase();
-                    let is_index = from.parse::<usize>().is_ok_and(|i| i < stage_count);
-                    if !is_index && !stages.contains(&lower) {
-                        images.push(from);
+                for flag in &flags {
+                    plain("COPY", flag)?;
+                    let Some(from) = flag
+                        .to_ascii_lowercase()
+                        .strip_prefix("--from=")
+                        .map(|_| &flag["--from=".len()..])
+                    else {
+                        continue;
+                    };
+                    if from.contains('$') {
+                        return Err(deny(
+                            field,
+                            format!(
+                                "COPY {flag:?}: a variable in --from is not allowed; name the stage or image"
+                            ),
+                        ));
                     }
+                    let lower = from.to_ascii_lowercase();
+                    let is_index = from.parse::<usize>().is_ok_and(|i| i < stages.len());
+                    if !is_index && !is_stage(&stages, &lower) {
+                        images.push(from.to_string());
+                    }
+                }
+                // A flag glued to quotes (`--fr""om=`) is no flag here, and is refused.
+                if !rest.starts_with('[') {
+                    plain("COPY", rest)?;
                 }
             }
             "ADD" => {
-                let sources: Vec<String> = match line.find('[') {
-                    Some(i) if line[i..].trim_end().ends_with(']') => {
-                        serde_json::from_str(line[i..].trim_end()).map_err(|_| {
-                            deny(field, format!("ADD has a malformed JSON form: {line:?}"))
-                        })?
+                for flag in &flags {
+                    plain("ADD", flag)?;
+                }
+                // The JSON form when what follows the flags starts with `[`, as the engine
+                // reads it; its strings then go through the engine's word processing too.
+                let sources: Vec<String> = if rest.starts_with('[') {
+                    if rest.contains('\\') {
+                        return Err(deny(
+                            field,
+                            format!("ADD {rest:?}: escapes are not allowed in its JSON form"),
+                        ));
                     }
-                    _ => rest
-                        .iter()
-                        .filter(|w| !w.starts_with("--"))
-                        .map(|w| w.to_string())
-                        .collect(),
+                    serde_json::from_str(rest).map_err(|_| {
+                        deny(field, format!("ADD has a malformed JSON form: {line:?}"))
+                    })?
+                } else {
+                    plain("ADD", rest)?;
+                    rest.split_whitespace().map(str::to_string).collect()
                 };
                 for s in &sources {
+                    plain("ADD", s)?;
                     if s.contains('$') {
                         return Err(deny(
                             field,
@@ -365,8 +477,37 @@ pub fn check_import_changes(changes: &[&str]) -> Result<(), Denied> {
     Ok(())
 }
 
-/// `$VAR` and `${VAR}` from the build arguments; anything left unresolved is refused.
-fn substitute(word: &str, scope: &BTreeMap<String, String>) -> Result<String, Denied> {
+/// Whether every `$` in `word` starts `$NAME` or `${NAME}` (no other form of the engine's
+/// expansion: `${A:+...}`, `${A:-...}` read otherwise by a reader that does not know them).
+fn simple_variables(word: &str) -> bool {
+    let name = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut rest = word;
+    while let Some(i) = rest.find('$') {
+        let after = &rest[i + 1..];
+        rest = if let Some(braced) = after.strip_prefix('{') {
+            let len = braced.find(|c: char| !name(c)).unwrap_or(braced.len());
+            if len == 0 || !braced[len..].starts_with('}') {
+                return false;
+            }
+            &braced[len + 1..]
+        } else {
+            let len = after.find(|c: char| !name(c)).unwrap_or(after.len());
+            if len == 0 {
+                return false;
+            }
+            &after[len..]
+        };
+    }
+    true
+}
+
+/// `$VAR` and `${VAR}` from the build arguments; anything left unresolved (or `unreadable`, a
+/// value regobox cannot read as the engine does) is refused.
+fn substitute(
+    word: &str,
+    scope: &BTreeMap<String, String>,
+    unreadable: &[String],
+) -> Result<String, Denied> {
     let mut out = String::new();
     let mut chars = word.chars().peekable();
     while let Some(c) = chars.next() {
@@ -391,6 +532,14 @@ fn substitute(word: &str, scope: &BTreeMap<String, String>) -> Result<String, De
             return Err(deny(
                 "Dockerfile",
                 format!("cannot resolve {word:?} (only $NAME and ${{NAME}})"),
+            ));
+        }
+        if unreadable.contains(&name) {
+            return Err(deny(
+                "Dockerfile",
+                format!(
+                    "cannot resolve {word:?}: the value of ${name} is quoted, escaped or made of variables"
+                ),
             ));
         }
         match scope.get(&name) {
@@ -467,7 +616,7 @@ mod tests {
     fn dockerfiles() {
         let args = BTreeMap::from([("BASE".to_string(), "mine:1".to_string())]);
         let images = dockerfile_images(
-            "# syntax comment\nARG BASE=other\nARG TAG=2\nFROM ${BASE} AS build\nRUN x \\\n  && y\nFROM scratch\nCOPY --from=build /a /b\nCOPY --from=their/img:$TAG /c /d\nFROM build\nADD local.tar /\n",
+            "# syntax comment\nARG BASE=other\nARG TAG=2\nFROM --platform=$BUILDPLATFORM ${BASE} AS build\nRUN x \\\n  && y\nFROM scratch\nCOPY --from=build /a /b\nCOPY --from=their/img:2 [\"/c d\", \"/e\"]\nFROM build\nADD local.tar /\nADD --chown=1:1 [\"a b\", \"/c\"]\nRUN echo \"it's\" \\\n  'fine'\n",
             &args,
         )
         .unwrap();
@@ -475,6 +624,15 @@ mod tests {
             images,
             vec!["mine:1".to_string(), "their/img:2".to_string()]
         );
+        // Continuations joined as the engine joins them (no space added).
+        let images = dockerfile_images(
+            "FROM mi\\\nne\nFROM th\\  \n\n# c\neirs AS x\n",
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(images, vec!["mine".to_string(), "theirs".to_string()]);
+        let images = dockerfile_images("FROM own-vic\\\ntim:latest\n", &BTreeMap::new()).unwrap();
+        assert_eq!(images, vec!["own-victim:latest".to_string()]);
         // The engine skips empty and comment lines inside a continuation.
         let images = dockerfile_images(
             "FROM mine\nCOPY \\\n\n# c\n--from=theirs /a /b\n",
@@ -491,7 +649,26 @@ mod tests {
         .unwrap();
         assert_eq!(
             images,
-            vec!["a".to_string(), "99999999999999999999".to_string()]
+            vec![
+                "a".to_string(),
+                "99999999999999999999".to_string(),
+                "0".to_string()
+            ]
+        );
+        // A stage's name, and its index, are the stage's once it is complete.
+        let images = dockerfile_images(
+            "FROM a AS b\nFROM c AS d\nCOPY --from=d /x /y\nCOPY --from=1 /x /y\nCOPY --from=b /x /y\nCOPY --from=0 /x /y\nFROM d\n",
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            images,
+            vec![
+                "a".to_string(),
+                "c".to_string(),
+                "d".to_string(),
+                "1".to_string()
+            ]
         );
         assert!(check_import_changes(&["CMD [\"x\"]", "ENV A=b"]).is_ok());
         for bad in [
@@ -511,6 +688,29 @@ mod tests {
             "FROM a\nADD \\\n  http://127.0.0.1/x /x\n",
             "FROM $UNSET\n",
             "# escape=`\nFROM a\nADD `\n  http://127.0.0.1/x /x\n",
+            // What the engine's parser and word processing read otherwise (an attacker's).
+            "FROM a\nMAINTAINER a \\\x0c\nFROM victim\n",
+            "FROM a\nLABEL x=\\\x0b\nADD http://127.0.0.1/x /x\n",
+            "FROM a\nLABEL x=\\\u{a0}\nADD http://127.0.0.1/x /x\n",
+            "FROM a\rFROM victim\n",
+            "FROM a\nADD http:\\//127.0.0.1/x /x\n",
+            "FROM a\nADD [\"http:\\\\//127.0.0.1/x\", \"/x\"]\n",
+            "FROM a\nADD 'http://127.0.0.1/x' /x\n",
+            "FROM a\nADD \"ht\"tp://127.0.0.1/x /x\n",
+            "FROM \"victim\"\n",
+            "FROM a\nCOPY --from=\"victim\" /s /s\n",
+            "FROM a\nCOPY --from=vic\\tim /s /s\n",
+            // A third attacker's (2026-12-03), after the fixes above.
+            "FROM a\nADD http://127.0.0.1:18766/evil.txt /d[]\n",
+            "FROM a\nADD http:\\\n//127.0.0.1:18766/evil.txt /x\n",
+            "FROM a\nCOPY --fr\"\"om=victim /s /s\n",
+            "FROM a\nCOPY --\\from=victim /s /s\n",
+            "FROM --platform=\"linux/amd64${NOPE:+ a }\" victim\n",
+            "FROM --platform=linux${NOPE:+x} victim\n",
+            "ARG S=own\nARG S\nFROM victim${S}\n",
+            "ARG S=\"own\"\nFROM victim${S}\n",
+            "FROM a\nCOPY --from=$X /s /s\n",
+            "FROM a b c d\n",
         ] {
             assert!(dockerfile_images(text, &BTreeMap::new()).is_err(), "{text}");
         }

@@ -453,12 +453,7 @@ fn check_host_config(
     }
     for (target, options) in hc.tmpfs.iter().flatten() {
         check_target(target, "HostConfig.Tmpfs")?;
-        if options.contains(['\n', '\0']) {
-            return Err(deny(
-                "HostConfig.Tmpfs",
-                format!("options {options:?} are not mount options"),
-            ));
-        }
+        check_tmpfs_options(options)?;
         targets.push(clean_target(target));
     }
 
@@ -739,6 +734,53 @@ fn clean_target(target: &str) -> String {
         .to_string()
 }
 
+/// A tmpfs's options (`HostConfig.Tmpfs`, comma-separated, as `mount -o` takes them): an
+/// allow-list of those that shape the tmpfs itself. Refused are the rest: `bind`/`rbind` (runc
+/// makes such a "tmpfs" a bind mount), propagation, `suid` and `dev` (the engine's defaults,
+/// `nosuid` and `nodev`, lifted), and anything unknown.
+fn check_tmpfs_options(options: &str) -> Result<(), Denied> {
+    const FLAGS: &[&str] = &[
+        "ro",
+        "rw",
+        "exec",
+        "noexec",
+        "nosuid",
+        "nodev",
+        "atime",
+        "noatime",
+        "relatime",
+        "norelatime",
+        "strictatime",
+        "nostrictatime",
+        "diratime",
+        "nodiratime",
+        "tmpcopyup",
+        "notmpcopyup",
+    ];
+    const VALUES: &[&str] = &["size", "mode", "nr_inodes", "uid", "gid"];
+    for option in options.split(',').filter(|o| !o.is_empty()) {
+        let allowed = match option.split_once('=') {
+            Some((key, value)) => {
+                VALUES.contains(&key)
+                    && !value.is_empty()
+                    && value.bytes().all(|b| b.is_ascii_alphanumeric())
+            }
+            None => FLAGS.contains(&option),
+        };
+        if !allowed {
+            return Err(deny(
+                "HostConfig.Tmpfs",
+                format!(
+                    "the option {option:?} is not allowed (allowed: {}, and {} with a value)",
+                    FLAGS.join(", "),
+                    VALUES.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A mount: a bind under the roots (private propagation) or a tmpfs; the bind's source as named.
 fn check_mount(m: &Mount, policy: &CreatePolicy) -> Result<(Mount, Option<PathBuf>), Denied> {
     let field = "HostConfig.Mounts";
@@ -959,6 +1001,12 @@ mod tests {
             (hc(r#""LogConfig":{"Type":"syslog","Config":{"syslog-address":"udp://10.0.0.1:514"}}"#), "HostConfig.LogConfig.Type"),
             (hc(r#""LogConfig":{"Type":"json-file","Config":{"fluentd-address":"x"}}"#), "HostConfig.LogConfig.Config"),
             (hc(r#""Runtime":"kata""#), "HostConfig.Runtime"),
+            (hc(r#""Tmpfs":{"/t":"rbind,rshared,dev,suid,exec"}"#), "HostConfig.Tmpfs"),
+            (hc(r#""Tmpfs":{"/t":"bind"}"#), "HostConfig.Tmpfs"),
+            (hc(r#""Tmpfs":{"/t":"size=1m,suid"}"#), "HostConfig.Tmpfs"),
+            (hc(r#""Tmpfs":{"/t":"dev"}"#), "HostConfig.Tmpfs"),
+            (hc(r#""Tmpfs":{"/t":"mode=1777,context=x"}"#), "HostConfig.Tmpfs"),
+            (hc(r#""Tmpfs":{"/t":"size=1m\nx"}"#), "HostConfig.Tmpfs"),
             (hc(r#""OomScoreAdj":-1000"#), "HostConfig.OomScoreAdj"),
             (hc(r#""Ulimits":[{"Name":"nofile","Soft":1,"Hard":1048576}]"#), "HostConfig.Ulimits"),
             (hc(r#""Ulimits":[{"Name":"rtprio","Soft":1,"Hard":1}]"#), "HostConfig.Ulimits"),
@@ -992,6 +1040,7 @@ mod tests {
                 "HostConfig":{"Binds":["/volumes/files/job-42:/data:rw"],
                   "Mounts":[{"Type":"bind","Source":"/volumes/files/ref","Target":"/ref","ReadOnly":true},
                             {"Type":"tmpfs","Target":"/tmp"}],
+                  "Tmpfs":{"/scratch":"size=64m,mode=1777,noexec,nosuid,nodev","/run":""},
                   "Memory":0,"PidsLimit":64,"Privileged":false,"CapAdd":null,"MaskedPaths":null,
                   "NetworkMode":"jobs","RestartPolicy":{"Name":"no","MaximumRetryCount":0},
                   "LogConfig":{"Type":"","Config":{}},"PortBindings":{}},
@@ -1023,6 +1072,10 @@ mod tests {
             "the longest prefix wins"
         );
         assert_eq!(host["Mounts"][0]["Source"], "/mnt/big/files/ref");
+        assert_eq!(
+            host["Tmpfs"]["/scratch"],
+            "size=64m,mode=1777,noexec,nosuid,nodev"
+        );
         assert_eq!(host["Memory"], 1 << 30, "the ceiling fills an unset limit");
         assert_eq!(host["PidsLimit"], 64, "a lower limit is kept");
         assert_eq!(host["NetworkMode"], "f".repeat(64));
