@@ -397,9 +397,15 @@ impl<R: Read> Read for Hashing<R> {
     }
 }
 
-/// The volume directory of regobox's secrets: files and directories, no link; given to
-/// regobox (directories 0700, files 0600) whatever the archive says, by the restore.
+/// The volume directory of regobox's secrets: regular files (and regobox's `tls` directory of
+/// them), nothing else; given to regobox (directories 0700, files 0600) whatever the archive
+/// says, by the restore.
 pub const SECRETS: &str = "secrets";
+/// The secrets' one subdirectory (the proxy's certificates and keys).
+const SECRETS_TLS: &str = "tls";
+/// The volume directory regobox writes the services' logs into, as root: no link in it (the
+/// logs are opened without following one too, see [`crate::logs::LogFile`]).
+pub const LOGS: &str = "logs";
 
 /// The largest `regobox.json` and `manifest.json` read into memory.
 const MAX_HEADER: u64 = 1 << 20;
@@ -539,6 +545,37 @@ pub fn place(path: &str, rules: &Rules) -> Result<Place, ArchiveError> {
             "the archive format has no such member (regobox.json, database.dump, volumes/<dir>/..., config/<dir>/..., manifest.json)",
         )),
     }
+}
+
+/// What may be under the directories regobox itself writes into as root, where a link could
+/// steer its writes (or its reads of the secrets) elsewhere: `secrets/` holds regular files,
+/// and the directory `tls` of regular files; `logs/` holds no link.
+fn written_by_regobox(path: &str, top: &str, kind: &Kind) -> Result<(), ArchiveError> {
+    let inner: Vec<&str> = path.split('/').skip(2).collect();
+    match top {
+        SECRETS => {
+            let ok = matches!(
+                (kind, inner.as_slice()),
+                (Kind::Dir, [] | [SECRETS_TLS]) | (Kind::File, [_] | [SECRETS_TLS, _])
+            );
+            if !ok {
+                return Err(refused(
+                    path,
+                    format!(
+                        "the secrets directory holds regular files only (and its `{SECRETS_TLS}` directory of them), never a link or another directory"
+                    ),
+                ));
+            }
+        }
+        LOGS if *kind == Kind::Symlink => {
+            return Err(refused(
+                path,
+                "regobox writes the logs directory as root; it holds no link",
+            ));
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// The kind and mode of a member; what the format does not hold is refused.
@@ -714,12 +751,7 @@ fn read(
                 _ => {}
             }
             if let Place::Volume { top, .. } = &place {
-                if top == SECRETS && kind == Kind::Symlink {
-                    return Err(refused(
-                        &path,
-                        "the secrets directory holds files and directories only, never a link",
-                    ));
-                }
+                written_by_regobox(&path, top, &kind)?;
             }
             if place.in_tree() && !place.top_level() {
                 let parent = path.rsplit_once('/').map(|(p, _)| p).unwrap_or("");

@@ -1607,6 +1607,7 @@ pub async fn restore(
         ).await?;
         fault("restore:cluster-ready");
         own_secrets(&staging.join("volumes").join(archive::SECRETS))?;
+        own_logs(&staging.join("volumes").join(archive::LOGS))?;
         // Swap: the cluster, then every top-level volume directory of the archive (each judged
         // again by the rules, and a directory, not a link, in the staging area).
         let mut pairs = vec![(pg.data_dir.clone(), new_cluster.clone())];
@@ -1678,6 +1679,36 @@ fn own_secrets(dir: &Path) -> anyhow::Result<()> {
             f.set_permissions(std::fs::Permissions::from_mode(want))?;
             tracing::warn!(path = %path.display(), from = format!("{mode:o}"), to = format!("{want:o}"), "the archive gave a secret a looser mode; narrowed");
         }
+    }
+    Ok(())
+}
+
+/// The restored logs directory is regobox's, whatever the archive says: owned by regobox's
+/// user and writable by it alone, so that no one else can plant a link (or anything) where
+/// regobox, as root, writes the logs. Each change is logged.
+fn own_logs(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+        .open(dir)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("opening {}", dir.display())),
+    };
+    let meta = f.metadata()?;
+    let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+    if (meta.uid(), meta.gid()) != (uid.as_raw(), gid.as_raw()) && crate::users::is_root() {
+        std::os::unix::fs::fchown(&f, Some(uid.as_raw()), Some(gid.as_raw()))
+            .with_context(|| format!("giving {} to regobox", dir.display()))?;
+        tracing::warn!(path = %dir.display(), uid = meta.uid(), gid = meta.gid(), "the archive gave the logs directory another owner; given to regobox");
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(mode & !0o022))
+            .with_context(|| format!("narrowing the mode of {}", dir.display()))?;
+        tracing::warn!(path = %dir.display(), from = format!("{mode:o}"), to = format!("{:o}", mode & !0o022), "the archive let others write the logs directory; narrowed");
     }
     Ok(())
 }

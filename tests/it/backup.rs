@@ -707,9 +707,24 @@ fn crafted_archives_are_refused_by_verify_and_restore_alike_and_change_nothing()
             "member volumes/files/hl is refused: it is a Link member",
         ),
         (
+            "log-link",
+            format!("add_symlink('volumes/logs/postgres.log', '{o}/shadow')"),
+            "member volumes/logs/postgres.log is refused: regobox writes the logs directory as root; it holds no link",
+        ),
+        (
             "secret-link",
             format!("add_symlink('volumes/secrets/tls', '{o}')"),
-            "member volumes/secrets/tls is refused: the secrets directory holds files and directories only, never a link",
+            "member volumes/secrets/tls is refused: the secrets directory holds regular files only",
+        ),
+        (
+            "secret-dir",
+            "drop('volumes/secrets/postgres-password')\nadd_dir('volumes/secrets/postgres-password')".into(),
+            "member volumes/secrets/postgres-password is refused: the secrets directory holds regular files only",
+        ),
+        (
+            "secret-deep",
+            "add_dir('volumes/secrets/tls/x')".into(),
+            "member volumes/secrets/tls/x is refused: the secrets directory holds regular files only",
         ),
         (
             "foreign-member",
@@ -1191,7 +1206,7 @@ fn restored_secrets_are_files_of_regobox_only() {
     let out = target.output(&["restore", "--force", linked.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("the secrets directory holds files and directories only"),
+        stderr(&out).contains("the secrets directory holds regular files only"),
         "{}",
         stderr(&out)
     );
@@ -1200,7 +1215,7 @@ fn restored_secrets_are_files_of_regobox_only() {
         &archive,
         &loose,
         "for m, d in members:
-    if m.name.startswith('volumes/secrets'):
+    if m.name.startswith('volumes/secrets') or m.name == 'volumes/logs':
         m.mode = 0o777 if m.isdir() else 0o666
         m.uid = m.gid = 1234",
     );
@@ -1208,6 +1223,10 @@ fn restored_secrets_are_files_of_regobox_only() {
     let secrets = target.root.join("secrets");
     use std::os::unix::fs::MetadataExt;
     let me = nix::unistd::geteuid().as_raw();
+    // The logs directory is regobox's too: nobody else may plant a file (a link) in it.
+    let logs = std::fs::metadata(target.root.join("logs")).unwrap();
+    assert_eq!(logs.mode() & 0o022, 0, "logs writable by others");
+    assert_eq!(logs.uid(), me, "logs");
     for (path, want) in [
         (secrets.clone(), 0o700),
         (secrets.join("postgres-password"), 0o600),
