@@ -61,13 +61,10 @@ pub type SharedLogFile = Arc<Mutex<LogFile>>;
 pub type Observer = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl LogFile {
-    /// Open (append) `<dir>/<name>.log`.
+    /// Open (append) `<dir>/<name>.log`, never through a link (see [`open_append`]).
     pub fn open(dir: &Path, name: &str, max_bytes: u64, keep: u32) -> io::Result<SharedLogFile> {
         let path = dir.join(format!("{name}.log"));
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)?;
+        let file = open_append(&path)?;
         let size = file.metadata()?.len();
         Ok(Arc::new(Mutex::new(LogFile {
             path,
@@ -105,13 +102,47 @@ impl LogFile {
             }
             let _ = std::fs::rename(&self.path, numbered(1));
         }
-        self.file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .ok();
+        self.file = match open_append(&self.path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reopen a log file after rotating it; its lines go to the console only");
+                None
+            }
+        };
         self.size = 0;
     }
+}
+
+/// Open `path` to append to it, created if missing, without following a symbolic link at it
+/// (regobox is root; whoever can write the logs directory could otherwise point a log at any
+/// file), and only if it is a regular file. The error names the path.
+fn open_append(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let named =
+        |e: io::Error| io::Error::new(e.kind(), format!("log file {}: {e}", path.display()));
+    // O_NONBLOCK: a FIFO planted there fails at once instead of blocking until read.
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                io::Error::other(format!(
+                    "log file {} is a symbolic link; regobox never writes a log through a link (remove it)",
+                    path.display()
+                ))
+            } else {
+                named(e)
+            }
+        })?;
+    if !file.metadata().map_err(named)?.is_file() {
+        return Err(io::Error::other(format!(
+            "log file {} is not a regular file; regobox writes logs only into files (remove it)",
+            path.display()
+        )));
+    }
+    Ok(file)
 }
 
 /// Where one stream of one child goes.
@@ -291,5 +322,29 @@ mod tests {
         }
         let last = std::fs::read_to_string(dir.path().join("svc.log")).unwrap();
         assert!(last.ends_with(&format!("{:040}\n", 99)));
+    }
+
+    /// Attack: a link planted at a log's path (by an archive, or by whoever can write the logs
+    /// directory) must not make regobox, as root, append to (or create) the file it points to.
+    #[test]
+    fn a_link_at_a_log_path_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, "untouched\n").unwrap();
+        let logs = dir.path().join("logs");
+        std::fs::create_dir(&logs).unwrap();
+        std::os::unix::fs::symlink(&outside, logs.join("svc.log")).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("created"), logs.join("new.log")).unwrap();
+        let e = LogFile::open(&logs, "svc", 1000, 2).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&logs.join("svc.log").display().to_string()),
+            "{e}"
+        );
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert!(LogFile::open(&logs, "new", 1000, 2).is_err());
+        assert!(!dir.path().join("created").exists());
+
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "untouched\n");
     }
 }
