@@ -66,11 +66,13 @@ impl SecretStore {
     /// A new random value for `name`, written and synced beside it (mode 0600): the value and
     /// the temporary file, which the caller puts in place or removes.
     fn write_new(&self, name: &str) -> Result<(String, PathBuf), SecretError> {
-        let value: String = rand::rng()
-            .sample_iter(&Alphanumeric)
-            .take(GENERATED_LEN)
-            .map(char::from)
-            .collect();
+        let value = generate();
+        let tmp = self.write_tmp(name, &value)?;
+        Ok((value, tmp))
+    }
+
+    /// `value` written and synced beside the secret `name` (mode 0600); the temporary file.
+    fn write_tmp(&self, name: &str, value: &str) -> Result<PathBuf, SecretError> {
         let tmp = self.dir.join(format!(".{name}.tmp-{}", std::process::id()));
         let io_err = |source| SecretError::Io {
             path: tmp.clone(),
@@ -85,7 +87,19 @@ impl SecretStore {
             .map_err(io_err)?;
         file.write_all(value.as_bytes()).map_err(io_err)?;
         file.sync_all().map_err(io_err)?;
-        Ok((value, tmp))
+        Ok(tmp)
+    }
+
+    /// Set the secret `name` to `value` (a value regobox chose: a restore keeping the live
+    /// superuser's password), replacing whatever file is there, atomically.
+    pub fn put(&self, name: &str, value: &str) -> Result<(), SecretError> {
+        let tmp = self.write_tmp(name, value)?;
+        Staged {
+            value: value.to_string(),
+            tmp: Some(tmp),
+            path: self.path(name),
+        }
+        .commit()
     }
 
     /// The secret `name`, if it exists (never generated).
@@ -162,6 +176,15 @@ impl SecretStore {
         }
         Ok(Some(value))
     }
+}
+
+/// A new random value for a secret (alphanumeric, [`GENERATED_LEN`] characters).
+pub fn generate() -> String {
+    rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(GENERATED_LEN)
+        .map(char::from)
+        .collect()
 }
 
 /// A secret's new value, not yet in place.

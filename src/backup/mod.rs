@@ -390,6 +390,9 @@ async fn create_in(
         Vec::new()
     };
     let root = layout.root.clone();
+    // Never restored (a restore keeps the live volume's), so never archived either: every copy
+    // of an archive would otherwise hold a credential of the live superuser.
+    let superuser_secret = layout.secrets.join(SUPERUSER_PASSWORD_SECRET);
     let final_path = final_path(layout, opts, id);
     let tmp_path = final_path.as_deref().map(tmp_name);
     let tmp_for_task = tmp_path.clone();
@@ -402,8 +405,9 @@ async fn create_in(
             w.add_file(archive::DATABASE, &dump_for_task, &meta)?;
             pb.set_position(w.content_bytes);
             let skip = |p: &Path| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with(STAGING))
+                p == superuser_secret
+                    || p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(STAGING))
             };
             for dir in &dirs {
                 let rel = dir.strip_prefix(&root).unwrap_or(dir);
@@ -738,12 +742,23 @@ fn sync_filesystem(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The passwords a restored cluster gets: the archive's secrets if it holds them, else the
-/// volume's (generated if missing); the configured application password always wins.
+/// The superuser's password a restored cluster gets: never the archive's (an archive would
+/// otherwise choose who is superuser), but the live volume's, or a new one if it has none.
+fn restored_superuser_password(current: &SecretStore) -> anyhow::Result<String> {
+    Ok(match current.get(SUPERUSER_PASSWORD_SECRET)? {
+        Some(p) => p,
+        None => crate::secrets::generate(),
+    })
+}
+
+/// The passwords a restored cluster gets: the superuser's given (see
+/// [`restored_superuser_password`]); the application's the configured one, else the archive's
+/// secret if it holds it, else the volume's (generated if missing).
 fn restored_passwords(
     config: &Config,
     staged: &Path,
     current: &SecretStore,
+    superuser: &str,
 ) -> anyhow::Result<(String, String)> {
     let from_archive = |name: &str| {
         std::fs::read_to_string(staged.join("volumes/secrets").join(name))
@@ -751,10 +766,7 @@ fn restored_passwords(
             .map(|s| s.trim_end().to_string())
             .filter(|s| !s.is_empty())
     };
-    let su = match from_archive(SUPERUSER_PASSWORD_SECRET) {
-        Some(p) => p,
-        None => current.get_or_generate(SUPERUSER_PASSWORD_SECRET)?,
-    };
+    let su = superuser.to_string();
     let app = if !config.postgres.password.is_empty() {
         config.postgres.password.clone()
     } else {
@@ -1232,6 +1244,7 @@ async fn rebuild(
     plan: &Plan,
     places: Places<'_>,
     files: bool,
+    superuser: &str,
 ) -> anyhow::Result<Manifest> {
     let Places {
         archive: archive_path,
@@ -1295,7 +1308,8 @@ async fn rebuild(
         }
     };
     fault("restore:extracted");
-    let passwords = match restored_passwords(config, staging, &SecretStore::new(&layout.secrets)) {
+    let current = SecretStore::new(&layout.secrets);
+    let passwords = match restored_passwords(config, staging, &current, superuser) {
         Ok(p) => p,
         Err(e) => {
             build.discard(config).await;
@@ -1590,6 +1604,8 @@ pub async fn restore(
         .data_dir
         .with_file_name(format!("{STAGING}{data_name}-{id}"));
     let socket_dir = config.runtime_dir.join(format!("restore-{id}"));
+    let live_secrets = SecretStore::new(&layout.secrets);
+    let superuser = restored_superuser_password(&live_secrets)?;
     let result = async {
         crate::volumes::ensure_dir(&staging, 0o700, "volumes.root")?;
         tracing::info!(archive = %opts.archive.display(), staging = %staging.display(), "verifying, extracting and rebuilding the database");
@@ -1604,9 +1620,17 @@ pub async fn restore(
                 socket_dir: &socket_dir,
             },
             true,
+            &superuser,
         ).await?;
         fault("restore:cluster-ready");
-        own_secrets(&staging.join("volumes").join(archive::SECRETS))?;
+        let staged_secrets = staging.join("volumes").join(archive::SECRETS);
+        own_secrets(&staged_secrets)?;
+        if staged_secrets.is_dir() {
+            // The archive's secrets are swapped in with the live superuser's, not the archive's.
+            SecretStore::new(&staged_secrets)
+                .put(SUPERUSER_PASSWORD_SECRET, &superuser)
+                .context("keeping the superuser's password in the restored secrets")?;
+        }
         own_logs(&staging.join("volumes").join(archive::LOGS))?;
         // Swap: the cluster, then every top-level volume directory of the archive (each judged
         // again by the rules, and a directory, not a link, in the staging area).
@@ -1623,6 +1647,12 @@ pub async fn restore(
         }
         tracing::info!(directories = pairs.len(), "swapping the restored data in");
         journal::swap(&layout.root, &id, &pairs, &fault)?;
+        if !staged_secrets.is_dir() && live_secrets.get(SUPERUSER_PASSWORD_SECRET)?.is_none() {
+            // An archive without secrets, a volume without the superuser's: the new one.
+            live_secrets
+                .put(SUPERUSER_PASSWORD_SECRET, &superuser)
+                .context("recording the superuser's new password")?;
+        }
         anyhow::Ok(())
     }
     .await;
@@ -1783,6 +1813,7 @@ pub async fn restore_test(
                 socket_dir: &socket_dir,
             },
             false,
+            &crate::secrets::generate(),
         )
         .await
     }

@@ -1245,6 +1245,73 @@ fn restored_secrets_are_files_of_regobox_only() {
     run.stop();
 }
 
+/// Connect to the running `inst` over TCP on 127.0.0.1 as `user` with `password`: whether
+/// PostgreSQL let it in.
+fn tcp_login(inst: &Instance, user: &str, password: &str) -> bool {
+    Command::new(psql_binary())
+        .args(["-XtAq", "-c", "SELECT 1"])
+        .arg(format!(
+            "host=127.0.0.1 port={} user={user} dbname=app connect_timeout=5",
+            inst.port
+        ))
+        .env("PGPASSWORD", password)
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// Attack (third attacker): an archive whose superuser secret is a password of the attacker's
+/// choosing. The restore keeps the live volume's superuser password (a fresh volume gets a new
+/// one), the archive's never logs in, and a backup no longer holds the superuser's secret.
+#[test]
+fn the_archive_never_chooses_the_superusers_password() {
+    let (target, archive) = target_with_data();
+    let live = std::fs::read_to_string(target.secret("postgres-superuser-password")).unwrap();
+    let crafted = target.dir.path().join("su.tar.zst");
+    craft(
+        &archive,
+        &crafted,
+        "for m in members:
+    if m[0].name == 'volumes/secrets/postgres-superuser-password':
+        m[1] = b'attackerpw123'",
+    );
+    target.ok(&["restore", "--force", crafted.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read_to_string(target.secret("postgres-superuser-password")).unwrap(),
+        live
+    );
+    let run = target.start();
+    assert!(!tcp_login(&target, "postgres", "attackerpw123"));
+    assert!(tcp_login(&target, "postgres", live.trim()));
+    assert_eq!(target.sql("SELECT x FROM mine"), "7");
+    run.stop();
+
+    // Into a fresh volume: a new password, not the archive's.
+    let fresh = Instance::new();
+    fresh.ok(&["restore", crafted.to_str().unwrap()]);
+    let made = std::fs::read_to_string(fresh.secret("postgres-superuser-password")).unwrap();
+    assert_ne!(made.trim(), "attackerpw123");
+    let run = fresh.start();
+    assert!(!tcp_login(&fresh, "postgres", "attackerpw123"));
+    assert!(tcp_login(&fresh, "postgres", made.trim()));
+    run.stop();
+
+    // A backup leaves the superuser's secret out (a restore would ignore it).
+    let names = stdout(
+        &Command::new("sh")
+            .arg("-c")
+            .arg(format!("zstd -dc '{}' | tar -t", backup(&target).display()))
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        names.contains("volumes/secrets/postgres-password"),
+        "{names}"
+    );
+    assert!(!names.contains("postgres-superuser-password"), "{names}");
+}
+
 /// Attack (second attacker): a dump whose database grows far beyond its size (a materialized
 /// view of random rows) on a small volume: the restore fails saying space ran out while the
 /// database was rebuilt, and the volume is unchanged.
