@@ -753,26 +753,30 @@ fn restored_superuser_password(current: &SecretStore) -> anyhow::Result<String> 
 
 /// The passwords a restored cluster gets: the superuser's given (see
 /// [`restored_superuser_password`]); the application's the configured one, else the archive's
-/// secret if it holds it, else the volume's (generated if missing).
+/// secret if it holds one (read as regobox reads its secrets: a regular, non-empty file, or an
+/// error), else the volume's (generated if missing), which is then written into the archive's
+/// secrets, if it has any, so that what is swapped in matches the cluster.
 fn restored_passwords(
     config: &Config,
     staged: &Path,
     current: &SecretStore,
     superuser: &str,
 ) -> anyhow::Result<(String, String)> {
-    let from_archive = |name: &str| {
-        std::fs::read_to_string(staged.join("volumes/secrets").join(name))
-            .ok()
-            .map(|s| s.trim_end().to_string())
-            .filter(|s| !s.is_empty())
-    };
+    let archived_dir = staged.join("volumes").join(archive::SECRETS);
+    let archived = SecretStore::new(&archived_dir);
     let su = superuser.to_string();
     let app = if !config.postgres.password.is_empty() {
         config.postgres.password.clone()
     } else {
-        match from_archive(APP_PASSWORD_SECRET) {
+        match archived.get(APP_PASSWORD_SECRET)? {
             Some(p) => p,
-            None => current.get_or_generate(APP_PASSWORD_SECRET)?,
+            None => {
+                let live = current.get_or_generate(APP_PASSWORD_SECRET)?;
+                if archived_dir.is_dir() {
+                    archived.put(APP_PASSWORD_SECRET, &live)?;
+                }
+                live
+            }
         }
     };
     Ok((su, app))

@@ -1312,6 +1312,31 @@ fn the_archive_never_chooses_the_superusers_password() {
     assert!(!names.contains("postgres-superuser-password"), "{names}");
 }
 
+/// Attack (third attacker): an archive whose secrets directory lacks the application's
+/// password. The restored cluster and the restored secrets agree (the live password, written
+/// into them), and the installation starts; the live secret is not silently used while the
+/// archive's directory without it is swapped in.
+#[test]
+fn an_archive_without_the_application_secret_restores_one_that_matches() {
+    let (target, archive) = target_with_data();
+    let live = std::fs::read_to_string(target.secret("postgres-password")).unwrap();
+    let crafted = target.dir.path().join("nopw.tar.zst");
+    craft(
+        &archive,
+        &crafted,
+        "drop('volumes/secrets/postgres-password')",
+    );
+    target.ok(&["restore", "--force", crafted.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read_to_string(target.secret("postgres-password")).unwrap(),
+        live
+    );
+    let run = target.start();
+    assert!(tcp_login(&target, "app", live.trim()));
+    assert_eq!(target.sql("SELECT x FROM mine"), "7");
+    run.stop();
+}
+
 /// Attack (second attacker): a dump whose database grows far beyond its size (a materialized
 /// view of random rows) on a small volume: the restore fails saying space ran out while the
 /// database was rebuilt, and the volume is unchanged.
