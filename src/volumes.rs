@@ -123,6 +123,14 @@ pub fn sync_dir(path: &Path) -> io::Result<()> {
 
 /// The space of the file system holding `path`: what an unprivileged writer may still write,
 /// and its size, in bytes.
+/// The files an unprivileged writer may still create on the file system holding `path`
+/// (statvfs `f_favail`), if it has a fixed number of them.
+pub fn free_inodes(path: &Path) -> io::Result<Option<u64>> {
+    let st = nix::sys::statvfs::statvfs(path).map_err(io::Error::from)?;
+    // A file system without a fixed number of inodes (btrfs...) says it has none.
+    Ok((st.files() != 0).then(|| st.files_available() as u64))
+}
+
 pub fn free_space(path: &Path) -> io::Result<(u64, u64)> {
     let st = nix::sys::statvfs::statvfs(path).map_err(io::Error::from)?;
     let block = st.fragment_size() as u64;

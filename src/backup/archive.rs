@@ -104,6 +104,12 @@ pub enum ArchiveError {
         free: u64,
         path: std::path::PathBuf,
     },
+    #[error("not enough inodes: needs {needs} files, {free} free on {}", .path.display())]
+    NoInodes {
+        needs: u64,
+        free: u64,
+        path: std::path::PathBuf,
+    },
     #[error("regobox.json is missing or disagrees with the manifest")]
     BadHeader,
     #[error("extraction stopped")]

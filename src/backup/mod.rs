@@ -197,16 +197,51 @@ fn space(path: &Path) -> anyhow::Result<Space> {
     use std::os::unix::fs::MetadataExt;
     let (free, size) = crate::volumes::free_space(path)
         .with_context(|| format!("reading the free space of {}", path.display()))?;
+    let inodes = crate::volumes::free_inodes(path)
+        .with_context(|| format!("reading the free inodes of {}", path.display()))?;
     let dev = std::fs::metadata(path)
         .with_context(|| format!("reading {}", path.display()))?
         .dev();
-    Ok(Space { free, size, dev })
+    Ok(Space {
+        free,
+        size,
+        inodes,
+        dev,
+    })
 }
 
 struct Space {
     free: u64,
     size: u64,
+    /// Files that may still be created; `None`: no fixed number.
+    inodes: Option<u64>,
     dev: u64,
+}
+
+/// The files a rebuilt cluster makes: initdb's (about 1 000) and the dump's tables, indexes
+/// and their forks. An estimate, like [`cluster_estimate`].
+const CLUSTER_FILES: u64 = 1500;
+
+/// What unpacking creates: one file system entry per member written (`files`: the volume and
+/// configuration members too).
+fn unpack_files(manifest: &Manifest, files: bool) -> u64 {
+    manifest
+        .members
+        .iter()
+        .filter(|m| files || !(m.path.starts_with("volumes/") || m.path.starts_with("config/")))
+        .count() as u64
+}
+
+/// `needs` new files must fit in the free inodes of `space` (on `path`).
+fn need_inodes(needs: u64, space: &Space, path: &Path) -> Result<(), archive::ArchiveError> {
+    match space.inodes {
+        Some(free) if needs > free => Err(archive::ArchiveError::NoInodes {
+            needs,
+            free,
+            path: path.to_path_buf(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// What rebuilding the archive's database takes beyond the dump: a new cluster (initdb's files,
@@ -1465,12 +1500,16 @@ pub async fn plan(
         Ok(s) => s,
         Err(_) => space(&layout.root)?,
     };
+    let staged_files = unpack_files(&manifest, true);
     let budget = if cluster_space.dev == on_root.dev {
         need(staged + cluster, on_root.free, &layout.root)?;
+        need_inodes(staged_files + CLUSTER_FILES, &on_root, &layout.root)?;
         on_root.free - cluster
     } else {
         need(staged, on_root.free, &layout.root)?;
         need(cluster, cluster_space.free, cluster_dir)?;
+        need_inodes(staged_files, &on_root, &layout.root)?;
+        need_inodes(CLUSTER_FILES, &cluster_space, cluster_dir)?;
         on_root.free
     };
     Ok(Plan {
@@ -1784,6 +1823,11 @@ pub async fn restore_test(
         here.free
     };
     need(needs, free, &work_dir)?;
+    need_inodes(
+        unpack_files(&manifest, false) + CLUSTER_FILES,
+        &here,
+        &work_dir,
+    )?;
     let id = format!(
         "{}-{}",
         chrono::Utc::now().format("%Y%m%dT%H%M%S"),

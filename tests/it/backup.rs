@@ -829,10 +829,73 @@ impl Tmpfs {
     }
 }
 
+impl Tmpfs {
+    /// Remount with `options` (tmpfs takes `size=` and `nr_inodes=` on a remount).
+    pub(crate) fn remount(&self, options: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,{options}")])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount: {}", stderr(&out));
+    }
+}
+
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
+}
+
+/// The inodes in use and in total on the file system holding `path`.
+fn inodes(path: &Path) -> (u64, u64) {
+    let st = nix::sys::statvfs::statvfs(path).unwrap();
+    let total = st.files() as u64;
+    (total - st.files_free() as u64, total)
+}
+
+/// Attack (third attacker): 3 000 empty files (a few KiB compressed) on a volume with 3 500
+/// free inodes pass the byte check; the restore is refused up front for the inodes, exit 65,
+/// the volume unchanged, while an ordinary archive still restores there.
+#[test]
+fn an_archive_of_more_files_than_free_inodes_is_refused_before_anything_is_written() {
+    if !is_root() {
+        eprintln!("skipped: mounting a small tmpfs for the volume needs root");
+        return;
+    }
+    let target = Instance::new();
+    let volume = Tmpfs::mount(&target.root, "400m");
+    target.ok(&["init"]);
+    target.sql("CREATE TABLE mine(x int); INSERT INTO mine VALUES (7);");
+    let archive = target.dir.path().join("plain.tar.zst");
+    std::fs::copy(backup(&target), &archive).unwrap();
+    let many = target.dir.path().join("many.tar.zst");
+    craft(
+        &archive,
+        &many,
+        "for i in range(3000):
+    add_file(f'volumes/files/e{i}', b'')",
+    );
+    let (used, _) = inodes(&target.root);
+    volume.remount(&format!("nr_inodes={}", used + 3500));
+    let before = volume_state(&target);
+    for cmd in [&["backup", "verify"][..], &["restore", "--force"]] {
+        let out = target.output(&[cmd, &[many.to_str().unwrap()]].concat());
+        if cmd[0] == "backup" {
+            assert!(out.status.success(), "{}", stderr(&out));
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+        let text = stderr(&out);
+        assert!(text.contains("not enough inodes: needs "), "{text}");
+        assert!(
+            text.contains(&format!("free on {}", target.root.display())),
+            "{text}"
+        );
+    }
+    assert_eq!(volume_state(&target), before);
+    target.ok(&["restore", "--force", archive.to_str().unwrap()]);
+    assert_eq!(target.sql("SELECT x FROM mine"), "7");
 }
 
 /// Issue 14, point 5: a decompression bomb (hundreds of MiB of zeros in a few KiB) on a small
