@@ -333,6 +333,17 @@ fn restore_without_force_over_existing_data_is_refused() {
 
 #[test]
 fn a_restore_killed_at_any_step_leaves_the_previous_data_bootable() {
+    // The processes whose command line names the volume's restore clusters.
+    let restore_servers = |inst: &Instance| -> Vec<String> {
+        let needle = inst.root.join("db/.restore-").display().to_string();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&needle))
+            .collect()
+    };
     let a = source();
     let archive = backup(&a);
     let new_rows = checksum(&a, "genes");
@@ -372,6 +383,8 @@ fn a_restore_killed_at_any_step_leaves_the_previous_data_bootable() {
             .filter(|n| n.starts_with('.') && n != ".regobox-restore.lock")
             .collect();
         assert!(leftovers.is_empty(), "{point}: {leftovers:?}");
+        // ... and no restore server left running on a removed directory.
+        assert_eq!(restore_servers(&target), Vec::<String>::new(), "{point}");
     }
     // Killed once committed: the restore stands.
     let out = target
