@@ -16,7 +16,7 @@ pub mod journal;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
+use std::os::unix::ffi::OsStringExt as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -1918,7 +1918,9 @@ fn recover_held(config: &Config) -> anyhow::Result<()> {
         }
     }
     for p in leftovers {
-        stop_leftover_server(&p);
+        // A restore killed (kill -9) while its new cluster's server ran leaves that server
+        // running: stopped before its directory is removed.
+        cluster::kill_server_in(&p);
         // The staging directory is `<STAGING><id>`, the cluster `<STAGING><data name>-<id>`;
         // the server's socket directory `restore-<id>`.
         let cluster_prefix = format!("{}-", data_name(config));
@@ -1944,55 +1946,6 @@ fn data_name(config: &Config) -> String {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "pgdata".into())
-}
-
-/// A restore killed (kill -9) while its new cluster's server ran leaves that server running:
-/// stop it before its directory is removed (immediate shutdown, SIGQUIT: the cluster is thrown
-/// away), if `data_dir` holds a `postmaster.pid` whose process is a server of this directory
-/// (its command line names it: a reused pid is left alone). Bounded: 10 s, then SIGKILL.
-fn stop_leftover_server(data_dir: &Path) {
-    use nix::sys::signal::{Signal, kill};
-    let Ok(text) = std::fs::read_to_string(data_dir.join("postmaster.pid")) else {
-        return;
-    };
-    let Some(pid) = text
-        .lines()
-        .next()
-        .and_then(|l| l.trim().parse::<i32>().ok())
-        .filter(|p| *p > 1)
-    else {
-        return;
-    };
-    let names_dir = |pid: i32| {
-        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
-            c.split(|b| *b == 0)
-                .any(|arg| Path::new(std::ffi::OsStr::from_bytes(arg)) == data_dir)
-        })
-    };
-    // Gone, or a zombie waiting for its new parent to reap it.
-    let running = |pid: i32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-            !s.rsplit_once(')')
-                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-    };
-    if !names_dir(pid) || !running(pid) {
-        return;
-    }
-    tracing::warn!(pid, data_dir = %data_dir.display(), "stopping the server an interrupted restore left running");
-    let pid = nix::unistd::Pid::from_raw(pid);
-    let _ = kill(pid, Signal::SIGQUIT);
-    for _ in 0..100 {
-        if !running(pid.as_raw()) {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    tracing::warn!(
-        pid = pid.as_raw(),
-        "the server did not stop in 10 s; killed"
-    );
-    let _ = kill(pid, Signal::SIGKILL);
 }
 
 /// One line of `regobox backup list`.

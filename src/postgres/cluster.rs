@@ -194,8 +194,8 @@ pub fn clear_stale_pid(dir: &Path) -> Result<(), PostgresError> {
 }
 
 /// Kill a postgres serving `dir` (its `postmaster.pid` names a live postgres working there),
-/// and wait for it to end: a server pg_upgrade started on a directory regobox is about to
-/// remove, orphaned when regobox was killed. Its backends end with it.
+/// and wait for it to end: a server pg_upgrade or a restore started on a directory regobox is
+/// about to remove, orphaned when regobox was killed. Its backends end with it.
 pub fn kill_server_in(dir: &Path) {
     let Ok(text) = std::fs::read_to_string(dir.join("postmaster.pid")) else {
         return;
@@ -212,7 +212,7 @@ pub fn kill_server_in(dir: &Path) {
     if pid <= 1 || !matches!(live_postgres_on(pid, dir), Liveness::Serving) {
         return;
     }
-    tracing::warn!(pid, dir = %dir.display(), "killing a PostgreSQL server an interrupted upgrade left running");
+    tracing::warn!(pid, dir = %dir.display(), "killing a PostgreSQL server an interrupted upgrade or restore left running");
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
