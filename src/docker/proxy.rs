@@ -757,12 +757,11 @@ impl Proxy {
             self.tag_is_free_or_ours(tag, "query.t").await?;
         }
         let dockerfile = q.get("dockerfile").unwrap_or("").to_string();
-        let file = spool
-            .try_clone()
-            .map_err(|e| Refusal::Engine(format!("spooling the build context: {e}")))?;
-        let text = tokio::task::spawn_blocking(move || read_dockerfile(file, &dockerfile))
-            .await
-            .map_err(|e| Refusal::Engine(format!("reading the build context: {e}")))??;
+        let dir = self.spool_dir.clone();
+        let (context, text) =
+            tokio::task::spawn_blocking(move || render_context(spool, &dockerfile, &dir))
+                .await
+                .map_err(|e| Refusal::Engine(format!("reading the build context: {e}")))??;
         for base in build::dockerfile_images(&text, &build::build_args(&q))? {
             let img = match self.owned_image_inspect(&base).await {
                 Ok(img) => img,
@@ -788,7 +787,7 @@ impl Proxy {
                 .into());
             }
         }
-        let (body, len) = spooled_body(spool, "the build context").await?;
+        let (body, len) = spooled_body(context, "the build context").await?;
         let request = Request::from_parts(parts, body);
         let q_path = format!("{path}?{}", q.encode());
         let request = retarget(request, &q_path)?;
@@ -1281,13 +1280,28 @@ fn tempfile_in(dir: &Path) -> std::io::Result<std::fs::File> {
 /// The largest Dockerfile read (and so the largest built).
 const MAX_DOCKERFILE: u64 = 1 << 20;
 
-/// The Dockerfile of a build context (plain or gzip tar): `name`, else `Dockerfile`, else
-/// `dockerfile`, as the engine looks for it. The engine extracts the whole archive: refused are
-/// a Dockerfile given twice (the last would win), one that is not a regular file, and a
-/// directory on its path that is a link (the engine would follow it to another file), and
-/// one larger than [`MAX_DOCKERFILE`].
-fn read_dockerfile(mut file: std::fs::File, name: &str) -> Result<String, Refusal> {
-    use std::io::{Read, Seek};
+/// A build context read into regobox's model and written again: the tar the engine unpacks is
+/// regobox's, so the Dockerfile the engine builds is the one regobox read. Returns that tar
+/// (an unnamed file in `dir`) and the Dockerfile's text: `name`, else `Dockerfile`, else
+/// `dockerfile`, as the engine looks for it.
+///
+/// The client's tar is never forwarded: two readers of one tar part ways (a PAX header with
+/// two `path` records, an extension header without the ustar magic, a GNU sparse file's name
+/// in PAX records: Go's reader and the Rust crate took different names, and the engine built
+/// another Dockerfile than the one judged). The model holds files, directories and symbolic
+/// links under clean relative names (no `..`, no absolute name), each once, a hard link only to
+/// a file written before it; refused are other kinds (devices, FIFOs, sparse files, global
+/// headers), an entry under a symbolic link of
+/// the context or replacing a directory that holds entries (the engine would write through the
+/// link or over what was read: `x -> .` then `x/Dockerfile`), a Dockerfile that is not a
+/// regular file, and one larger than [`MAX_DOCKERFILE`].
+fn render_context(
+    mut file: std::fs::File,
+    name: &str,
+    dir: &Path,
+) -> Result<(std::fs::File, String), Refusal> {
+    use std::collections::BTreeSet;
+    use std::io::{Read, Seek, Write};
     let err = |e: &dyn std::fmt::Display| {
         Refusal::BadRequest(format!(
             "the build context is not a readable tar archive: {e}"
@@ -1337,57 +1351,178 @@ fn read_dockerfile(mut file: std::fs::File, name: &str) -> Result<String, Refusa
                 })?,
         ],
     };
-    let mut archive = tar::Archive::new(reader);
+    let out = tempfile_in(dir)
+        .map_err(|e| Refusal::Engine(format!("spooling the build context: {e}")))?;
+    let mut builder =
+        tar::Builder::new(std::io::BufWriter::new(out.try_clone().map_err(|e| {
+            Refusal::Engine(format!("spooling the build context: {e}"))
+        })?));
+    let written = |e: std::io::Error| Refusal::Engine(format!("writing the build context: {e}"));
+    // Every name written, the directories they imply, and the links among them.
+    let mut names: BTreeSet<String> = BTreeSet::new();
+    let mut implied: BTreeSet<String> = BTreeSet::new();
+    let mut links: BTreeSet<String> = BTreeSet::new();
+    let mut files: BTreeSet<String> = BTreeSet::new();
     let mut found: Vec<Option<String>> = vec![None; wanted.len()];
+    let mut archive = tar::Archive::new(reader);
     for entry in archive.entries().map_err(|e| err(&e))? {
         let mut entry = entry.map_err(|e| err(&e))?;
         let raw = entry.path_bytes();
-        let raw = String::from_utf8_lossy(&raw).to_string();
-        let Some(path) = clean(&raw) else {
+        let Ok(raw) = std::str::from_utf8(&raw).map(str::to_string) else {
             return Err(denied(format!(
-                "the build context holds {raw:?}, which leaves it"
+                "the build context holds a name that is not UTF-8: {:?}",
+                String::from_utf8_lossy(&raw)
             )));
         };
+        let path = match clean(&raw) {
+            Some(p) if !raw.starts_with('/') => p,
+            _ => {
+                return Err(denied(format!(
+                    "the build context holds {raw:?}, which leaves it"
+                )));
+            }
+        };
+        if path.is_empty() {
+            continue;
+        }
+        use tar::EntryType;
         let kind = entry.header().entry_type();
-        for (i, w) in wanted.iter().enumerate() {
-            let is_parent = w.starts_with(&format!("{path}/"));
-            if is_parent && !kind.is_dir() {
+        if !matches!(
+            kind,
+            EntryType::Regular
+                | EntryType::Continuous
+                | EntryType::Directory
+                | EntryType::Symlink
+                | EntryType::Link
+        ) {
+            return Err(denied(format!(
+                "{path} in the build context is a {kind:?} entry: only files, directories and links"
+            )));
+        }
+        if !names.insert(path.clone()) {
+            return Err(denied(format!("{path} is in the build context twice")));
+        }
+        let mut parent = path.as_str();
+        while let Some((up, _)) = parent.rsplit_once('/') {
+            if links.contains(up) {
+                return Err(denied(format!(
+                    "{path} in the build context is under the link {up}: the engine would write through it"
+                )));
+            }
+            implied.insert(up.to_string());
+            parent = up;
+        }
+        if kind != EntryType::Directory && implied.contains(&path) {
+            return Err(denied(format!(
+                "{path} in the build context holds entries and is not a directory"
+            )));
+        }
+        for w in &wanted {
+            if w.starts_with(&format!("{path}/")) && kind != EntryType::Directory {
                 return Err(denied(format!(
                     "{path} in the build context, on the Dockerfile's path, is not a directory"
                 )));
             }
-            if *w != path {
-                continue;
-            }
-            if !kind.is_file() {
+            if *w == path && !matches!(kind, EntryType::Regular | EntryType::Continuous) {
                 return Err(denied(format!(
                     "{path} in the build context is not a regular file"
                 )));
             }
-            if found[i].is_some() {
-                return Err(denied(format!("{path} is in the build context twice")));
+        }
+        let header = entry.header();
+        let mut out_header = tar::Header::new_gnu();
+        out_header.set_entry_type(kind);
+        out_header.set_mode(header.mode().map_err(|e| err(&e))? & 0o7777);
+        out_header.set_mtime(header.mtime().unwrap_or(0));
+        out_header.set_uid(header.uid().unwrap_or(0));
+        out_header.set_gid(header.gid().unwrap_or(0));
+        match kind {
+            EntryType::Directory => {
+                out_header.set_size(0);
+                builder
+                    .append_data(&mut out_header, &path, std::io::empty())
+                    .map_err(written)?;
             }
-            // Read whole or refused: a Dockerfile judged by its beginning would be run to its end.
-            let mut text = String::new();
-            entry
-                .by_ref()
-                .take(MAX_DOCKERFILE + 1)
-                .read_to_string(&mut text)
-                .map_err(|e| err(&e))?;
-            if text.len() as u64 > MAX_DOCKERFILE {
-                return Err(denied(format!(
-                    "{path} is larger than {MAX_DOCKERFILE} bytes"
-                )));
+            EntryType::Symlink => {
+                let target = entry
+                    .link_name_bytes()
+                    .map(|t| t.into_owned())
+                    .unwrap_or_default();
+                let Ok(target) = String::from_utf8(target) else {
+                    return Err(denied(format!(
+                        "the link {path} in the build context names a target that is not UTF-8"
+                    )));
+                };
+                out_header.set_size(0);
+                builder
+                    .append_link(&mut out_header, &path, &target)
+                    .map_err(written)?;
+                links.insert(path.clone());
             }
-            found[i] = Some(text);
+            EntryType::Link => {
+                // A hard link (the docker CLI writes one for a file's second name): to a file
+                // written before, by its name in regobox's model.
+                let target = entry
+                    .link_name_bytes()
+                    .map(|t| t.into_owned())
+                    .unwrap_or_default();
+                let target = std::str::from_utf8(&target)
+                    .ok()
+                    .filter(|t| !t.starts_with('/'))
+                    .and_then(clean)
+                    .filter(|t| files.contains(t))
+                    .ok_or_else(|| {
+                        denied(format!(
+                            "the hard link {path} in the build context names no file written before it"
+                        ))
+                    })?;
+                out_header.set_size(0);
+                builder
+                    .append_link(&mut out_header, &path, &target)
+                    .map_err(written)?;
+                files.insert(path.clone());
+            }
+            _ => {
+                let size = entry.size();
+                let slot = wanted.iter().position(|w| *w == path);
+                if let Some(i) = slot {
+                    // Read whole or refused: a Dockerfile judged by its beginning would be run
+                    // to its end.
+                    if size > MAX_DOCKERFILE {
+                        return Err(denied(format!(
+                            "{path} is larger than {MAX_DOCKERFILE} bytes"
+                        )));
+                    }
+                    let mut bytes = Vec::with_capacity(size as usize);
+                    entry.read_to_end(&mut bytes).map_err(|e| err(&e))?;
+                    let text = String::from_utf8(bytes.clone())
+                        .map_err(|_| denied(format!("{path} is not UTF-8 text")))?;
+                    found[i] = Some(text);
+                    out_header.set_size(bytes.len() as u64);
+                    builder
+                        .append_data(&mut out_header, &path, bytes.as_slice())
+                        .map_err(written)?;
+                } else {
+                    out_header.set_size(size);
+                    builder
+                        .append_data(&mut out_header, &path, &mut entry)
+                        .map_err(written)?;
+                }
+                files.insert(path.clone());
+            }
         }
     }
-    found.into_iter().flatten().next().ok_or_else(|| {
+    builder
+        .into_inner()
+        .and_then(|mut w| w.flush())
+        .map_err(written)?;
+    let text = found.into_iter().flatten().next().ok_or_else(|| {
         Refusal::BadRequest(format!(
             "the build context holds no {}",
             wanted.join(" or ")
         ))
-    })
+    })?;
+    Ok((out, text))
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response<Body> {

@@ -65,6 +65,40 @@ fn context(entries: &[(&str, char, &str)]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
+/// PAX extended header records (`length key=value\n`).
+fn pax(records: &[(&str, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (key, value) in records {
+        let body = format!(" {key}={value}\n");
+        let mut len = body.len() + 1;
+        while len.to_string().len() + body.len() != len {
+            len = len.to_string().len() + body.len();
+        }
+        out.extend_from_slice(format!("{len}{body}").as_bytes());
+    }
+    out
+}
+
+/// A tar of raw entries (type byte, name, data, whether the header carries the ustar magic),
+/// for headers that a builder would not write.
+fn raw_tar(entries: &[(u8, &str, Vec<u8>, bool)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (kind, name, data, ustar) in entries {
+        let mut h = if *ustar {
+            tar::Header::new_ustar()
+        } else {
+            tar::Header::new_old()
+        };
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_entry_type(tar::EntryType::new(*kind));
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, data.as_slice()).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
 fn message(body: &str) -> String {
     serde_json::from_str::<Value>(body)
         .ok()
@@ -1271,6 +1305,92 @@ fn what_the_engine_reads_is_what_regobox_judged() {
         assert_eq!(status, 403, "{needle}: {answer}");
         assert!(message(&answer).contains(needle), "{needle}: {answer}");
     }
+
+    // Build contexts that Go's tar reader and the Rust crate read differently (a fourth
+    // attacker's): regobox forwards its own rendering of the tar, so the engine builds the
+    // Dockerfile regobox read, or regobox refuses.
+    let ctx_tag = format!("regobox-test/ctx-rd:{port}");
+    made.image(&ctx_tag);
+    let good = format!("FROM {base}\nLABEL ok=1\n");
+    let evil = format!("FROM {base}\nCOPY --from={staged} /etc/secret /s\nADD {url} /e\n");
+    let mut sparse = format!("1\n0\n{}\n", evil.len()).into_bytes();
+    sparse.resize(512, 0);
+    sparse.extend_from_slice(evil.as_bytes());
+    let realsize = evil.len().to_string();
+    for (what, ctx_tar) in [
+        (
+            "a later entry through a link",
+            context(&[
+                ("Dockerfile", 'f', &good),
+                ("x", 'l', "."),
+                ("x/Dockerfile", 'f', &evil),
+            ]),
+        ),
+        (
+            "two path records",
+            raw_tar(&[
+                (b'0', "Dockerfile", good.clone().into_bytes(), true),
+                (
+                    b'x',
+                    "pax",
+                    pax(&[("path", "junk"), ("path", "Dockerfile")]),
+                    true,
+                ),
+                (b'0', "junk", evil.clone().into_bytes(), true),
+            ]),
+        ),
+        (
+            "a PAX header without the ustar magic",
+            raw_tar(&[
+                (b'0', "Dockerfile", good.clone().into_bytes(), true),
+                (b'x', "pax", pax(&[("path", "Dockerfile")]), false),
+                (b'0', "junk", evil.clone().into_bytes(), true),
+            ]),
+        ),
+        (
+            "a GNU long name without the ustar magic",
+            raw_tar(&[
+                (b'0', "Dockerfile", good.clone().into_bytes(), true),
+                (b'L', "././@LongLink", b"Dockerfile\0".to_vec(), false),
+                (b'0', "junk", evil.clone().into_bytes(), true),
+            ]),
+        ),
+        (
+            "a sparse file's name",
+            raw_tar(&[
+                (b'0', "Dockerfile", good.clone().into_bytes(), true),
+                (
+                    b'x',
+                    "pax",
+                    pax(&[
+                        ("GNU.sparse.major", "1"),
+                        ("GNU.sparse.minor", "0"),
+                        ("GNU.sparse.name", "Dockerfile"),
+                        ("GNU.sparse.realsize", &realsize),
+                    ]),
+                    true,
+                ),
+                (b'0', "junk", sparse.clone(), true),
+            ]),
+        ),
+    ] {
+        let (status, answer) = post_bytes(
+            &b.socket,
+            &format!("/v1.41/build?t={ctx_tag}"),
+            "application/x-tar",
+            &ctx_tar,
+        );
+        assert!(status == 200 || status == 403, "{what}: {status} {answer}");
+        assert!(
+            !answer.contains("COPY --from") && !answer.contains("ADD http"),
+            "{what}: the engine built another Dockerfile: {answer}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        listener.accept().is_err(),
+        "the engine fetched a URL from a Dockerfile regobox did not read"
+    );
 
     // A filter naming someone else's object answers as one naming nothing.
     engine(&["create", "--name", &foreign_container, &victim, "true"]);

@@ -302,6 +302,13 @@ pub fn dockerfile_images(
             flags.push(flag);
             rest = after.trim_start_matches([' ', '\t']);
         }
+        // Go lowercases Unicode (`ONBUİLD` is `onbuild` to the engine): an instruction is ASCII.
+        if !instruction.is_ascii() {
+            return Err(deny(
+                field,
+                format!("the instruction {instruction:?} is not ASCII"),
+            ));
+        }
         match instruction.to_ascii_uppercase().as_str() {
             "ONBUILD" => {
                 return Err(deny(
@@ -710,6 +717,7 @@ mod tests {
             "ARG S=own\nARG S\nFROM victim${S}\n",
             "ARG S=\"own\"\nFROM victim${S}\n",
             "FROM a\nCOPY --from=$X /s /s\n",
+            "FROM a\nONBU\u{130}LD ADD http://127.0.0.1/x /x\n",
             "FROM a b c d\n",
         ] {
             assert!(dockerfile_images(text, &BTreeMap::new()).is_err(), "{text}");
