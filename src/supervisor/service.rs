@@ -86,6 +86,9 @@ impl ServiceCtx {
     }
 }
 
+/// How long a failed service's exit waits for news that a dependency went down (see `run`).
+const DEPENDENCY_NEWS: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Wait until every dependency is ready; false if a stop is requested meanwhile.
 async fn wait_for_dependencies(ctx: &ServiceCtx) -> bool {
     let mut waited = false;
@@ -228,12 +231,27 @@ pub async fn run(ctx: ServiceCtx) -> Outcome {
             return Outcome::Done;
         }
         // A failure while something it depends on is down (PostgreSQL restarting) is not the
-        // service's own: not counted against its restart limit.
-        let dependency_down = ctx
-            .deps
-            .iter()
-            .find(|(_, rx)| !rx.borrow().state.is_ready())
-            .map(|(dep, _)| dep.clone());
+        // service's own: not counted against its restart limit. A service that loses PostgreSQL
+        // often exits before PostgreSQL's keeper has seen it die (a busy machine widens that):
+        // a failure waits a moment for such news before it counts.
+        let down = || {
+            ctx.deps
+                .iter()
+                .find(|(_, rx)| !rx.borrow().state.is_ready())
+                .map(|(dep, _)| dep.clone())
+        };
+        let mut dependency_down = down();
+        if dependency_down.is_none() && !success && !ctx.deps.is_empty() {
+            let news = ctx.deps.iter().map(|(_, rx)| {
+                let mut rx = rx.clone();
+                Box::pin(async move {
+                    let _ = rx.wait_for(|s| !s.state.is_ready()).await;
+                })
+            });
+            let _ =
+                tokio::time::timeout(DEPENDENCY_NEWS, futures_util::future::select_all(news)).await;
+            dependency_down = down();
+        }
         let decision = match &dependency_down {
             Some(_) if !success => {
                 tracker.on_excused_exit(success, started.elapsed(), Instant::now())
