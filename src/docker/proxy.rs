@@ -1358,6 +1358,16 @@ fn render_context(
             Refusal::Engine(format!("spooling the build context: {e}"))
         })?));
     let written = |e: std::io::Error| Refusal::Engine(format!("writing the build context: {e}"));
+    // The first entry is always `./` (which the engine skips): the engine guesses a context's
+    // compression from its first bytes, which would otherwise be a name of the client's choice
+    // (`BZh...`).
+    let mut first = tar::Header::new_gnu();
+    first.as_old_mut().name[..2].copy_from_slice(b"./");
+    first.set_entry_type(tar::EntryType::Directory);
+    first.set_mode(0o755);
+    first.set_size(0);
+    first.set_cksum();
+    builder.append(&first, std::io::empty()).map_err(written)?;
     // Every name written, the directories they imply, and the links among them.
     let mut names: BTreeSet<String> = BTreeSet::new();
     let mut implied: BTreeSet<String> = BTreeSet::new();
@@ -1374,6 +1384,13 @@ fn render_context(
                 String::from_utf8_lossy(&raw)
             )));
         };
+        // Go's reader cuts a long name at its first NUL (`Dockerfile/b.../..\0x` is
+        // `Dockerfile` to it): a control character in a name is refused.
+        if raw.contains(|c: char| c.is_control()) {
+            return Err(denied(format!(
+                "the build context holds the name {raw:?}, with a control character"
+            )));
+        }
         let path = match clean(&raw) {
             Some(p) if !raw.starts_with('/') => p,
             _ => {
@@ -1407,6 +1424,11 @@ fn render_context(
             if links.contains(up) {
                 return Err(denied(format!(
                     "{path} in the build context is under the link {up}: the engine would write through it"
+                )));
+            }
+            if files.contains(up) {
+                return Err(denied(format!(
+                    "{path} in the build context is under the file {up}"
                 )));
             }
             implied.insert(up.to_string());
@@ -1448,9 +1470,12 @@ fn render_context(
                     .link_name_bytes()
                     .map(|t| t.into_owned())
                     .unwrap_or_default();
-                let Ok(target) = String::from_utf8(target) else {
+                let Some(target) = String::from_utf8(target)
+                    .ok()
+                    .filter(|t| !t.contains(|c: char| c.is_control()))
+                else {
                     return Err(denied(format!(
-                        "the link {path} in the build context names a target that is not UTF-8"
+                        "the link {path} in the build context names a target that is not UTF-8 text"
                     )));
                 };
                 out_header.set_size(0);

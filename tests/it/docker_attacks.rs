@@ -1356,6 +1356,19 @@ fn what_the_engine_reads_is_what_regobox_judged() {
             ]),
         ),
         (
+            "a long name that Go cuts at its NUL",
+            raw_tar(&[
+                (b'0', "Dockerfile", good.clone().into_bytes(), true),
+                (
+                    b'L',
+                    "././@LongLink",
+                    format!("Dockerfile/{}/..\0x", "b".repeat(100)).into_bytes(),
+                    true,
+                ),
+                (b'0', "junk", evil.clone().into_bytes(), true),
+            ]),
+        ),
+        (
             "a sparse file's name",
             raw_tar(&[
                 (b'0', "Dockerfile", good.clone().into_bytes(), true),

@@ -189,8 +189,12 @@ pub fn dockerfile_images(
         let rest = line.trim().strip_prefix('#')?;
         let (name, value) = rest.split_once('=')?;
         let name = name.trim();
-        (!name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric()))
-            .then(|| (name.to_ascii_lowercase(), value.trim().to_string()))
+        let value = value.trim();
+        // The engine's pattern: a name that starts with a letter, and a value.
+        (name.starts_with(|c: char| c.is_ascii_alphabetic())
+            && name.chars().all(|c| c.is_ascii_alphanumeric())
+            && !value.is_empty())
+        .then(|| (name.to_ascii_lowercase(), value.to_string()))
     };
     let mut escape = '\\';
     let lines: Vec<&str> = text.lines().collect();
@@ -229,9 +233,11 @@ pub fn dockerfile_images(
     // line appended as it is (no space added, its indentation kept: `http:\` then `//host` is
     // `http://host`); comment and empty lines inside a continuation are skipped; the first line
     // of each loses its indentation.
+    // (An escape character escaped by another does not continue the line: `\\`.)
     let continues = |line: &str| -> Option<usize> {
         let t = line.trim_end_matches([' ', '\t']);
-        t.ends_with(escape).then(|| t.len() - escape.len_utf8())
+        let cut = t.strip_suffix(escape)?;
+        (!cut.ends_with(escape)).then_some(cut.len())
     };
     let mut logical: Vec<String> = Vec::new();
     let mut current: Option<String> = None;
@@ -285,6 +291,17 @@ pub fn dockerfile_images(
                 format!(
                     "{what} {text:?}: quotes and escape characters are not allowed there (the engine would read it otherwise)"
                 ),
+            ));
+        }
+        Ok(())
+    };
+    // The engine splits flags byte by byte, and takes the second byte of `à` (0xa0) or `х`
+    // (0x85) for a space: a flag is ASCII.
+    let ascii_flag = |what: &str, flag: &str| -> Result<(), Denied> {
+        if !flag.is_ascii() {
+            return Err(deny(
+                field,
+                format!("{what} {flag:?}: a flag is ASCII (the engine would split it otherwise)"),
             ));
         }
         Ok(())
@@ -344,6 +361,7 @@ pub fn dockerfile_images(
                 }
                 plain("FROM", operands)?;
                 for flag in &flags {
+                    ascii_flag("FROM", flag)?;
                     if !simple_variables(flag) {
                         return Err(deny(
                             field,
@@ -378,6 +396,7 @@ pub fn dockerfile_images(
             }
             "COPY" => {
                 for flag in &flags {
+                    ascii_flag("COPY", flag)?;
                     plain("COPY", flag)?;
                     let Some(from) = flag
                         .to_ascii_lowercase()
@@ -407,6 +426,7 @@ pub fn dockerfile_images(
             }
             "ADD" => {
                 for flag in &flags {
+                    ascii_flag("ADD", flag)?;
                     plain("ADD", flag)?;
                 }
                 // The JSON form when what follows the flags starts with `[`, as the engine
@@ -640,6 +660,13 @@ mod tests {
         assert_eq!(images, vec!["mine".to_string(), "theirs".to_string()]);
         let images = dockerfile_images("FROM own-vic\\\ntim:latest\n", &BTreeMap::new()).unwrap();
         assert_eq!(images, vec!["own-victim:latest".to_string()]);
+        // An escaped escape character ends the line, as for the engine.
+        let images = dockerfile_images(
+            "FROM scratch\nMAINTAINER me \\\\\nFROM victim\n",
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        assert_eq!(images, vec!["victim".to_string()]);
         // The engine skips empty and comment lines inside a continuation.
         let images = dockerfile_images(
             "FROM mine\nCOPY \\\n\n# c\n--from=theirs /a /b\n",
@@ -718,6 +745,11 @@ mod tests {
             "ARG S=\"own\"\nFROM victim${S}\n",
             "FROM a\nCOPY --from=$X /s /s\n",
             "FROM a\nONBU\u{130}LD ADD http://127.0.0.1/x /x\n",
+            // A fresh reviewer's (2026-12-03), reading both parsers.
+            "# syntax=\n# escape=`\nFROM scratch\nMAINTAINER me `\nFROM victim\n",
+            "# 1x=y\n# escape=`\nFROM scratch\nMAINTAINER me `\nFROM victim\n",
+            "FROM a\nCOPY --chown=$X\u{e0}--from=victim /secret /s\n",
+            "FROM a\nADD --chown=$X\u{e0}http://169.254.169.254/ /m\n",
             "FROM a b c d\n",
         ] {
             assert!(dockerfile_images(text, &BTreeMap::new()).is_err(), "{text}");
