@@ -1520,13 +1520,13 @@ fn render_context(
                     }
                     let mut bytes = Vec::with_capacity(size as usize);
                     entry.read_to_end(&mut bytes).map_err(|e| err(&e))?;
-                    let text = String::from_utf8(bytes.clone())
+                    let text = String::from_utf8(bytes)
                         .map_err(|_| denied(format!("{path} is not UTF-8 text")))?;
-                    found[i] = Some(text);
-                    out_header.set_size(bytes.len() as u64);
+                    out_header.set_size(text.len() as u64);
                     builder
-                        .append_data(&mut out_header, &path, bytes.as_slice())
+                        .append_data(&mut out_header, &path, text.as_bytes())
                         .map_err(written)?;
+                    found[i] = Some(text);
                 } else {
                     out_header.set_size(size);
                     builder
