@@ -14,6 +14,44 @@ use rand::distr::Alphanumeric;
 
 use crate::volumes::sync_dir;
 
+/// The bootstrap superuser's password.
+pub const SUPERUSER_PASSWORD: &str = "postgres-superuser-password";
+/// The id that marks this installation's objects on the Docker engine (its label).
+pub const DOCKER_INSTANCE: &str = "docker-instance";
+/// The ids of the images the application built, pulled or imported on this host's engine.
+pub const DOCKER_IMAGES: &str = "docker-images.json";
+/// The journal of the bind sources' directories frozen while the engine mounts them (their
+/// owners and modes to put back, as root, at the next start if regobox was killed).
+pub const DOCKER_BINDS_FROZEN: &str = "docker-binds-frozen.json";
+
+/// What the secrets directory holds about this host and regobox's authority on it, rather than
+/// about the installation: the PostgreSQL superuser, what regobox owns on the host's Docker
+/// engine, and a journal regobox acts on as root. Never archived, and never taken from an
+/// archive: a restore keeps the live volume's (an archive, which may be crafted, would otherwise
+/// choose who is superuser, which of the host's containers and images the application owns, and
+/// which directories root gives away at the next start).
+pub const OF_THIS_HOST: [&str; 4] = [
+    SUPERUSER_PASSWORD,
+    DOCKER_INSTANCE,
+    DOCKER_IMAGES,
+    DOCKER_BINDS_FROZEN,
+];
+
+/// Whether the secrets directory's entry `name` is one of [`OF_THIS_HOST`] or a temporary file
+/// of one (`<name>.tmp`, as the Docker bridge writes them, or `.<name>.tmp-<pid>`, as
+/// [`SecretStore`] does).
+pub fn of_this_host(name: &str) -> bool {
+    let base = name
+        .strip_suffix(".tmp")
+        .or_else(|| {
+            name.strip_prefix('.')
+                .and_then(|n| n.rsplit_once(".tmp-"))
+                .map(|(n, _)| n)
+        })
+        .unwrap_or(name);
+    OF_THIS_HOST.contains(&base)
+}
+
 /// Length of generated secrets (alphanumeric: about 190 bits).
 const GENERATED_LEN: usize = 32;
 
@@ -222,6 +260,32 @@ impl Drop for Staged {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hosts_state_and_its_temporary_files_are_told_apart_from_the_installations() {
+        for name in [
+            "postgres-superuser-password",
+            ".postgres-superuser-password.tmp-41",
+            "docker-instance",
+            ".docker-instance.tmp-7",
+            "docker-images.json",
+            "docker-images.json.tmp",
+            "docker-binds-frozen.json",
+            "docker-binds-frozen.json.tmp",
+        ] {
+            assert!(of_this_host(name), "{name}");
+        }
+        for name in [
+            "postgres-password",
+            ".postgres-password.tmp-41",
+            "app-web",
+            "docker-instance2",
+            "tls",
+            "xdocker-images.json",
+        ] {
+            assert!(!of_this_host(name), "{name}");
+        }
+    }
 
     #[test]
     fn generated_once_then_stable_and_private() {

@@ -416,6 +416,8 @@ pub const LOGS: &str = "logs";
 /// The largest `regobox.json` and `manifest.json` read into memory.
 const MAX_HEADER: u64 = 1 << 20;
 const MAX_MANIFEST: u64 = 256 << 20;
+/// The largest secret (a password, an application's secret) read into memory to be checked.
+const MAX_SECRET: u64 = 1 << 20;
 /// What a member costs on disk at least (one block): directories, links and small files.
 const BLOCK: u64 = 4096;
 
@@ -582,6 +584,17 @@ fn written_by_regobox(path: &str, top: &str, kind: &Kind) -> Result<(), ArchiveE
         _ => {}
     }
     Ok(())
+}
+
+/// Whether `path` is a file at the top of the secrets directory whose value regobox reads (a
+/// password, an application's secret), rather than this host's state, which a restore drops
+/// ([`crate::secrets::OF_THIS_HOST`]): such a file must hold a value, checked before anything
+/// is stopped or written.
+fn secret_value(path: &str) -> bool {
+    match path.split('/').collect::<Vec<_>>().as_slice() {
+        ["volumes", SECRETS, name] => !crate::secrets::of_this_host(name),
+        _ => false,
+    }
 }
 
 /// The kind and mode of a member; what the format does not hold is refused.
@@ -768,9 +781,11 @@ fn read(
                     ));
                 }
             }
+            let secret = kind == Kind::File && secret_value(&path);
             let limit = match place {
                 Place::Header => Some(MAX_HEADER),
                 Place::Manifest => Some(MAX_MANIFEST),
+                _ if secret => Some(MAX_SECRET),
                 _ => None,
             };
             if let Some(limit) = limit.filter(|l| size > *l) {
@@ -842,18 +857,27 @@ fn read(
                                 std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
                                     .map_err(io_err(t))?;
                             }
-                            if place == Place::Header {
+                            if place == Place::Header || secret {
                                 keep = std::fs::read(t).map_err(io_err(t))?;
                             }
                             size
                         }
-                        None if place == Place::Header => {
+                        None if place == Place::Header || secret => {
                             hasher.read_to_end(&mut keep).map_err(corrupt)? as u64
                         }
                         None => io::copy(&mut hasher, &mut io::sink()).map_err(corrupt)?,
                     };
                     if place == Place::Header {
                         header_seen = serde_json::from_slice(&keep).ok();
+                    }
+                    if secret
+                        && std::str::from_utf8(&keep)
+                            .map_or(true, |v| v.trim_end_matches(['\n', '\r']).is_empty())
+                    {
+                        return Err(refused(
+                            &path,
+                            "a secret holds its value as text (UTF-8, not empty), as regobox reads it; this one has none",
+                        ));
                     }
                     Member {
                         path: path.clone(),

@@ -425,9 +425,11 @@ async fn create_in(
         Vec::new()
     };
     let root = layout.root.clone();
-    // Never restored (a restore keeps the live volume's), so never archived either: every copy
-    // of an archive would otherwise hold a credential of the live superuser.
-    let superuser_secret = layout.secrets.join(SUPERUSER_PASSWORD_SECRET);
+    // This host's state (the superuser's password, what regobox owns on the Docker engine, its
+    // journal of frozen directories) is never restored (a restore keeps the live volume's), so
+    // never archived either: every copy of an archive would otherwise hold a credential of the
+    // live superuser.
+    let secrets_dir = layout.secrets.clone();
     let final_path = final_path(layout, opts, id);
     let tmp_path = final_path.as_deref().map(tmp_name);
     let tmp_for_task = tmp_path.clone();
@@ -440,7 +442,9 @@ async fn create_in(
             w.add_file(archive::DATABASE, &dump_for_task, &meta)?;
             pb.set_position(w.content_bytes);
             let skip = |p: &Path| {
-                p == superuser_secret
+                (p.parent() == Some(secrets_dir.as_path())
+                    && p.file_name()
+                        .is_some_and(|n| crate::secrets::of_this_host(&n.to_string_lossy())))
                     || p.file_name()
                         .is_some_and(|n| n.to_string_lossy().starts_with(STAGING))
             };
@@ -1663,6 +1667,7 @@ pub async fn restore(
         ).await?;
         fault("restore:cluster-ready");
         let staged_secrets = staging.join("volumes").join(archive::SECRETS);
+        keep_this_hosts_state(&staged_secrets, &layout.secrets)?;
         own_secrets(&staged_secrets)?;
         if staged_secrets.is_dir() {
             // The archive's secrets are swapped in with the live superuser's, not the archive's.
@@ -1704,6 +1709,36 @@ pub async fn restore(
     let _ = std::fs::remove_dir_all(&staging);
     result?;
     tracing::info!(archive = %opts.archive.display(), elapsed_ms = started.elapsed().as_millis() as u64, "restore complete");
+    Ok(())
+}
+
+/// The archive's secrets are swapped in with this host's state as the live volume holds it
+/// ([`crate::secrets::OF_THIS_HOST`]), never the archive's: what an archive holds of it (and of
+/// its temporary files) is removed from the staged secrets, each logged, and the live volume's
+/// files are copied in their place.
+fn keep_this_hosts_state(staged: &Path, live: &Path) -> anyhow::Result<()> {
+    if !staged.is_dir() {
+        return Ok(());
+    }
+    for entry in
+        std::fs::read_dir(staged).with_context(|| format!("reading {}", staged.display()))?
+    {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if crate::secrets::of_this_host(&name) {
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("removing {}", entry.path().display()))?;
+            tracing::warn!(secret = %name, "the archive holds this host's state, which a restore never takes from an archive: the live volume's is kept");
+        }
+    }
+    for name in crate::secrets::OF_THIS_HOST {
+        let from = live.join(name);
+        if std::fs::symlink_metadata(&from).is_ok_and(|m| m.is_file()) {
+            let to = staged.join(name);
+            std::fs::copy(&from, &to)
+                .with_context(|| format!("keeping {} in the restored secrets", from.display()))?;
+        }
+    }
     Ok(())
 }
 

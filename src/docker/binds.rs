@@ -244,7 +244,9 @@ fn write_records(journal: &Path, records: &[&Record]) -> std::io::Result<()> {
             _ => Ok(()),
         };
     }
-    let tmp = journal.with_extension("tmp");
+    let mut tmp = journal.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut f = File::create(&tmp)?;
     f.write_all(&serde_json::to_vec(records).unwrap_or_default())?;
     f.sync_all()?;

@@ -116,7 +116,7 @@ impl Bridge {
 
         let instance = if d.instance.is_empty() {
             secrets
-                .get_or_generate("docker-instance")
+                .get_or_generate(crate::secrets::DOCKER_INSTANCE)
                 .context("generating the Docker instance id")?
         } else {
             d.instance.clone()
@@ -138,8 +138,8 @@ impl Bridge {
             ulimits: own_hard_limits(),
             registries: d.policy.registries.clone(),
         };
-        let images = OwnedImages::load(layout.secrets.join("docker-images.json"))?;
-        let freeze_journal = layout.secrets.join("docker-binds-frozen.json");
+        let images = OwnedImages::load(layout.secrets.join(crate::secrets::DOCKER_IMAGES))?;
+        let freeze_journal = layout.secrets.join(crate::secrets::DOCKER_BINDS_FROZEN);
         binds::thaw_leftovers(&freeze_journal);
         if !nix::unistd::geteuid().is_root() {
             tracing::warn!(

@@ -37,7 +37,7 @@ pub use server::Server;
 /// The secret holding the application role's password (unless `postgres.password` is set).
 pub const APP_PASSWORD_SECRET: &str = "postgres-password";
 /// The secret holding the bootstrap superuser's password.
-pub const SUPERUSER_PASSWORD_SECRET: &str = "postgres-superuser-password";
+pub const SUPERUSER_PASSWORD_SECRET: &str = crate::secrets::SUPERUSER_PASSWORD;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PostgresError {

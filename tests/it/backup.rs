@@ -740,6 +740,16 @@ fn crafted_archives_are_refused_by_verify_and_restore_alike_and_change_nothing()
             "member volumes/secrets/tls/x is refused: the secrets directory holds regular files only",
         ),
         (
+            "secret-empty",
+            "drop('volumes/secrets/postgres-password')\nadd_file('volumes/secrets/postgres-password', b'\\r\\n')".into(),
+            "member volumes/secrets/postgres-password is refused: a secret holds its value as text (UTF-8, not empty)",
+        ),
+        (
+            "secret-not-text",
+            "add_file('volumes/secrets/app-web', b'\\xff\\xfe')".into(),
+            "member volumes/secrets/app-web is refused: a secret holds its value as text (UTF-8, not empty)",
+        ),
+        (
             "foreign-member",
             "add_file('etc/cron.d/x', b'* * * * * root sh')".into(),
             "member etc/cron.d/x is refused: the archive format has no such member",
@@ -1337,43 +1347,97 @@ fn tcp_login(inst: &Instance, user: &str, password: &str) -> bool {
         .success()
 }
 
-/// Attack (third attacker): an archive whose superuser secret is a password of the attacker's
-/// choosing. The restore keeps the live volume's superuser password (a fresh volume gets a new
-/// one), the archive's never logs in, and a backup no longer holds the superuser's secret.
+/// Attack (third attacker, then the seventh session): an archive that carries this host's state
+/// in its secrets: the superuser's password of the attacker's choosing, a Docker instance id
+/// (whose containers the application would own), a list of images to own, and a journal of
+/// "frozen" directories whose owner and mode root would put back at the next start (here:
+/// give a directory outside the volume to another user, mode 777). The restore keeps the live
+/// volume's state (a fresh volume gets none of the archive's: a new password, no instance id,
+/// no images, no journal), the archive's password never logs in, and a backup holds none of it.
 #[test]
-fn the_archive_never_chooses_the_superusers_password() {
-    let (target, archive) = target_with_data();
-    let live = std::fs::read_to_string(target.secret("postgres-superuser-password")).unwrap();
-    let crafted = target.dir.path().join("su.tar.zst");
+fn the_archive_never_chooses_this_hosts_state() {
+    use std::os::unix::fs::MetadataExt;
+    let (mut target, archive) = target_with_data();
+    let outside = target.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let meta = std::fs::metadata(&outside).unwrap();
+    let journal = format!(
+        r#"[{{"path":"{}","dev":{},"ino":{},"uid":4242,"gid":4242,"mode":511}}]"#,
+        outside.display(),
+        meta.dev(),
+        meta.ino()
+    );
+    let live = |inst: &Instance| -> Vec<Option<String>> {
+        [
+            "postgres-superuser-password",
+            "docker-instance",
+            "docker-images.json",
+            "docker-binds-frozen.json",
+            ".docker-instance.tmp-5",
+            "docker-images.json.tmp",
+        ]
+        .iter()
+        .map(|n| std::fs::read_to_string(inst.secret(n)).ok())
+        .collect()
+    };
+    std::fs::write(target.secret("docker-instance"), "live-instance").unwrap();
+    std::fs::write(target.secret("docker-images.json"), r#"["sha256:live"]"#).unwrap();
+    let before = live(&target);
+    let crafted = target.dir.path().join("host.tar.zst");
     craft(
         &archive,
         &crafted,
-        "for m in members:
-    if m[0].name == 'volumes/secrets/postgres-superuser-password':
-        m[1] = b'attackerpw123'",
+        &format!(
+            "add_file('volumes/secrets/postgres-superuser-password', b'attackerpw123')
+add_file('volumes/secrets/docker-instance', b'someone-elses-instance')
+add_file('volumes/secrets/.docker-instance.tmp-5', b'someone-elses-instance')
+add_file('volumes/secrets/docker-images.json', b'[\"sha256:someone-elses\"]')
+add_file('volumes/secrets/docker-images.json.tmp', b'[\"sha256:someone-elses\"]')
+add_file('volumes/secrets/docker-binds-frozen.json', {journal:?}.encode())"
+        ),
     );
+    target.ok(&["backup", "verify", crafted.to_str().unwrap()]);
     target.ok(&["restore", "--force", crafted.to_str().unwrap()]);
-    assert_eq!(
-        std::fs::read_to_string(target.secret("postgres-superuser-password")).unwrap(),
-        live
-    );
-    let run = target.start();
+    assert_eq!(live(&target), before);
+    assert!(before[0].is_some() && before[1].is_some() && before[3].is_none());
+    // With the Docker bridge, which puts back what a journal of frozen directories records.
+    target
+        .env
+        .push(("REGOBOX_DOCKER__ENABLED".into(), "true".into()));
+    let mut run = target.start();
+    run.wait_for_log("Docker bridge up", Duration::from_secs(20));
     assert!(!tcp_login(&target, "postgres", "attackerpw123"));
-    assert!(tcp_login(&target, "postgres", live.trim()));
+    assert!(tcp_login(
+        &target,
+        "postgres",
+        before[0].as_ref().unwrap().trim()
+    ));
     assert_eq!(target.sql("SELECT x FROM mine"), "7");
     run.stop();
+    let after = std::fs::metadata(&outside).unwrap();
+    assert_eq!(
+        (after.uid(), after.mode()),
+        (meta.uid(), meta.mode()),
+        "the directory outside was given away"
+    );
 
-    // Into a fresh volume: a new password, not the archive's.
+    // Into a fresh volume: a new password, none of the archive's Docker state.
     let fresh = Instance::new();
     fresh.ok(&["restore", crafted.to_str().unwrap()]);
-    let made = std::fs::read_to_string(fresh.secret("postgres-superuser-password")).unwrap();
-    assert_ne!(made.trim(), "attackerpw123");
+    let made = live(&fresh);
+    assert_ne!(made[0].as_deref().map(str::trim), Some("attackerpw123"));
+    assert_eq!(made[1..], [None, None, None, None, None]);
     let run = fresh.start();
     assert!(!tcp_login(&fresh, "postgres", "attackerpw123"));
-    assert!(tcp_login(&fresh, "postgres", made.trim()));
+    assert!(tcp_login(
+        &fresh,
+        "postgres",
+        made[0].as_ref().unwrap().trim()
+    ));
     run.stop();
 
-    // A backup leaves the superuser's secret out (a restore would ignore it).
+    // A backup leaves this host's state out (a restore would ignore it).
+    std::fs::write(target.secret("docker-binds-frozen.json"), &journal).unwrap();
     let names = stdout(
         &Command::new("sh")
             .arg("-c")
@@ -1385,7 +1449,9 @@ fn the_archive_never_chooses_the_superusers_password() {
         names.contains("volumes/secrets/postgres-password"),
         "{names}"
     );
-    assert!(!names.contains("postgres-superuser-password"), "{names}");
+    for name in ["postgres-superuser-password", "secrets/docker-"] {
+        assert!(!names.contains(name), "{name} in {names}");
+    }
 }
 
 /// Attack (third attacker): an archive whose secrets directory lacks the application's
