@@ -14,6 +14,21 @@ use tokio_util::io::ReaderStream;
 
 use super::{Body, empty, full};
 
+/// Whether the file opened is inside `dir`, by the path the kernel gives the open file
+/// (`/proc/self/fd`), not by a check of the path made before the open: whoever writes the
+/// directory (the application) could swap a component for a link between the two.
+async fn opened_inside(file: &tokio::fs::File, dir: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let opened = format!("/proc/self/fd/{}", file.as_raw_fd());
+    match (
+        tokio::fs::read_link(opened).await,
+        tokio::fs::canonicalize(dir).await,
+    ) {
+        (Ok(p), Ok(d)) => p.starts_with(&d),
+        _ => false,
+    }
+}
+
 /// Serve `rest` (the path after the prefix, still percent-encoded) from `dir`.
 pub async fn serve<B>(req: &Request<B>, dir: &Path, rest: &str) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -29,20 +44,19 @@ pub async fn serve<B>(req: &Request<B>, dir: &Path, rest: &str) -> Response<Body
     if path.is_dir() {
         path = path.join("index.html");
     }
-    // Symbolic links may not lead out of the directory.
-    let inside = match (
-        tokio::fs::canonicalize(&path).await,
-        tokio::fs::canonicalize(dir).await,
-    ) {
-        (Ok(p), Ok(d)) => p.starts_with(&d),
-        _ => false,
+    // Opened without waiting on a FIFO (refused below, as anything but a file), then judged
+    // on what was opened: symbolic links may not lead out of the directory.
+    let Ok(mut file) = tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&path)
+        .await
+    else {
+        return plain(StatusCode::NOT_FOUND, "not found\n");
     };
-    if !inside {
+    if !opened_inside(&file, dir).await {
         return plain(StatusCode::NOT_FOUND, "not found\n");
     }
-    let Ok(mut file) = tokio::fs::File::open(&path).await else {
-        return plain(StatusCode::NOT_FOUND, "not found\n");
-    };
     let Ok(meta) = file.metadata().await else {
         return plain(StatusCode::NOT_FOUND, "not found\n");
     };

@@ -995,6 +995,10 @@ fn static_directories_with_types_validators_and_ranges() {
     std::fs::write(dir.path().join("index.html"), "<h1>home</h1>\n").unwrap();
     let bytes: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
     std::fs::write(dir.path().join("data.bin"), &bytes).unwrap();
+    let fifo =
+        std::ffi::CString::new(dir.path().join("fifo").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
     let p = Proxied::start(&format!(
         "[[proxy.static]]\nprefix = \"/static/\"\ndir = \"{}\"\n",
         dir.path().display()
@@ -1033,12 +1037,79 @@ fn static_directories_with_types_validators_and_ranges() {
         stdout(&p.curl(&["--path-as-is", &p.https_url("/static/../../etc/passwd")])),
         "app: /etc/passwd\n"
     );
-    for bad in ["/static/%2e%2e/%2e%2e/etc/passwd", "/static/nope"] {
-        let h = head(&["--path-as-is", &p.https_url(bad)]);
+    // A FIFO is not a file: not found, at once (an open that waited for a writer would hold
+    // a thread for ever).
+    for bad in [
+        "/static/%2e%2e/%2e%2e/etc/passwd",
+        "/static/nope",
+        "/static/fifo",
+    ] {
+        let h = head(&["--path-as-is", "-m", "20", &p.https_url(bad)]);
         assert!(h.starts_with("HTTP/2 404"), "{bad}: {h}");
     }
     // Outside the prefix, the application answers.
     assert_eq!(stdout(&p.curl(&[&p.https_url("/other")])), "app: /other\n");
+    p.run.unwrap().stop();
+}
+
+/// Attack (seventh session): whoever writes a static directory (the application, which may be
+/// compromised) swaps a directory on a served path for a link to a directory outside, over and
+/// over (an atomic exchange of the two names), while a client asks for the file under it. A
+/// check of the path before the open leaves a window; what is served is judged on what was
+/// opened, so no answer ever holds the file outside.
+#[test]
+fn a_link_swapped_in_while_a_static_file_is_served_never_leads_outside() {
+    let dir = tempdir();
+    let statics = dir.path().join("static");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(statics.join("a")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(statics.join("a/x"), "inside\n").unwrap();
+    std::fs::write(outside.join("x"), "OUTSIDE\n").unwrap();
+    std::os::unix::fs::symlink(&outside, statics.join("b")).unwrap();
+    let p = Proxied::start(&format!(
+        "[[proxy.static]]\nprefix = \"/static/\"\ndir = \"{}\"\n",
+        statics.display()
+    ));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let stop = stop.clone();
+        let (a, b) = (
+            std::ffi::CString::new(statics.join("a").as_os_str().as_encoded_bytes()).unwrap(),
+            std::ffi::CString::new(statics.join("b").as_os_str().as_encoded_bytes()).unwrap(),
+        );
+        std::thread::spawn(move || {
+            let mut swaps = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: two NUL-terminated paths; renameat2 only reads them.
+                let r = unsafe {
+                    libc::renameat2(
+                        libc::AT_FDCWD,
+                        a.as_ptr(),
+                        libc::AT_FDCWD,
+                        b.as_ptr(),
+                        libc::RENAME_EXCHANGE,
+                    )
+                };
+                assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+                swaps += 1;
+            }
+            swaps
+        })
+    };
+    let urls = dir.path().join("urls");
+    let url = p.https_url("/static/a/x");
+    std::fs::write(&urls, format!("url = \"{url}\"\n").repeat(3000)).unwrap();
+    let out = p.curl(&["-K", urls.to_str().unwrap()]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    let body = stdout(&out);
+    assert!(swaps > 1000, "{swaps} swaps");
+    assert!(
+        body.matches("inside").count() > 0,
+        "no request was served while the directory was in place: {body}"
+    );
+    assert_eq!(body.matches("OUTSIDE").count(), 0, "served from outside");
     p.run.unwrap().stop();
 }
 
