@@ -168,17 +168,20 @@ fn write_atomically(
     ));
     let _ = std::fs::remove_file(&tmp);
     {
+        // Mode and owner set on the file opened, never by its name: the directory may be the
+        // application's, which could put a link there once the file is closed (root would then
+        // chown or chmod the link's target).
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(mode)
             .open(&tmp)?;
         f.write_all(bytes)?;
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        if let Some(acct) = owner.filter(|_| crate::users::is_root()) {
+            std::os::unix::fs::fchown(&f, Some(acct.uid.as_raw()), Some(acct.gid.as_raw()))?;
+        }
         f.sync_all()?;
-    }
-    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
-    if let Some(acct) = owner.filter(|_| crate::users::is_root()) {
-        nix::unistd::chown(&tmp, Some(acct.uid), Some(acct.gid)).map_err(std::io::Error::from)?;
     }
     std::fs::rename(&tmp, path)
 }
