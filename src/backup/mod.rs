@@ -1352,7 +1352,14 @@ async fn rebuild(
     };
     fault("restore:extracted");
     let current = SecretStore::new(&layout.secrets);
-    let passwords = match restored_passwords(config, staging, &current, superuser) {
+    // A throwaway cluster (`--restore-test`, `files` false: no secrets extracted) gets throwaway
+    // passwords: a check never reads, nor writes, the live volume's.
+    let passwords = if files {
+        restored_passwords(config, staging, &current, superuser)
+    } else {
+        Ok((superuser.to_string(), crate::secrets::generate()))
+    };
+    let passwords = match passwords {
         Ok(p) => p,
         Err(e) => {
             build.discard(config).await;

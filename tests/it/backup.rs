@@ -413,7 +413,17 @@ fn backup_streams_to_stdout_and_verifies_with_a_restore_test() {
     );
     let out = a.ok(&["backup", "verify", "--restore-test", file.to_str().unwrap()]);
     assert!(stdout(&out).contains("restore test OK"), "{}", stdout(&out));
+    // A check on another machine's volume (an empty one, with its secrets directory) reads
+    // and writes none of its secrets.
     let b = Instance::new();
+    std::fs::create_dir_all(b.root.join("secrets")).unwrap();
+    let out = b.ok(&["backup", "verify", "--restore-test", file.to_str().unwrap()]);
+    assert!(stdout(&out).contains("restore test OK"), "{}", stdout(&out));
+    assert_eq!(
+        std::fs::read_dir(b.root.join("secrets")).unwrap().count(),
+        0,
+        "a restore test wrote a secret on the volume"
+    );
     b.ok(&["restore", file.to_str().unwrap()]);
     assert_eq!(checksum(&b, "genes"), rows);
 }
