@@ -615,6 +615,10 @@ impl Proxy {
                     } else {
                         None
                     };
+                    if op.as_deref() == Some("archive") {
+                        // Judged with the turn held: no start of this job can come between.
+                        self.copy_allowed(&id).await?;
+                    }
                     Ok::<_, Refusal>((q, id, frozen))
                 }
                 .await;
@@ -1054,6 +1058,53 @@ impl Proxy {
     }
 
     /// The container's full id and inspection if it is this instance's.
+    /// A copy into or out of a job (`/containers/{id}/archive`) makes the engine mount the
+    /// job's binds (and its `/etc/hostname`, `hosts`, `resolv.conf`) itself, on paths inside the
+    /// job's root that it resolves once and then mounts by name, following links. Nested
+    /// destinations (a bind under another, `/etc` a bind or a link in the image to one) run
+    /// those paths through a directory the application owns on the host, and a running job can
+    /// change its own root meanwhile: a swap there mounted the application's files over any
+    /// host path. So a copy is allowed only for a job that is not running and has no bind or
+    /// volume (its root, the network files and tmpfs: nothing the application can move); files
+    /// go in and out of a job with binds through the binds' directories. Asked of the engine
+    /// again with the turn held, so that no start comes between the look and the copy.
+    async fn copy_allowed(&self, id: &str) -> Result<(), Refusal> {
+        let c = self
+            .docker
+            .inspect_container(
+                id,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+            .map_err(|e| Refusal::Engine(format!("inspecting container {id}: {e}")))?;
+        let running = c.state.as_ref().is_some_and(|s| {
+            s.running == Some(true) || s.paused == Some(true) || s.restarting == Some(true)
+        });
+        if running {
+            return Err(Denied::new(
+                "archive",
+                "refused by regobox's Docker policy: a copy into or out of a running job (the engine mounts its binds again for a copy, on paths the job can change): copy before it starts or after it stops",
+            )
+            .into());
+        }
+        let bound = c
+            .mounts
+            .iter()
+            .flatten()
+            .find(|m| m.typ != Some(bollard::models::MountPointTypeEnum::TMPFS));
+        if let Some(m) = bound {
+            return Err(Denied::new(
+                "archive",
+                format!(
+                    "refused by regobox's Docker policy: a copy into or out of a job with a bind ({}): the engine mounts the binds again for a copy, following links on paths the application can change; exchange files through the bind's directory instead",
+                    m.destination.as_deref().unwrap_or("?")
+                ),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
     async fn owned_container(
         &self,
         reference: &str,

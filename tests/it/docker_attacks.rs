@@ -1485,3 +1485,146 @@ fn what_the_engine_reads_is_what_regobox_judged() {
     assert!(!engine(&["image", "inspect", &own_tag]).status.success());
     b.stop();
 }
+
+/// The victim's mount, if an engine's mount landed on it, undone when the test ends (the test
+/// stays harmless if the refusal fails: the victim is a scratch directory).
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        while mounted_at(&self.0) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+        }
+    }
+}
+
+fn mounted_at(path: &Path) -> bool {
+    let at = path.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(at.as_str()))
+}
+
+/// Attack (seventh session's attacker): a copy into or out of a job makes the engine mount the
+/// job's binds itself, resolving each destination once and mounting it by name. With one bind
+/// nested under another (`a:/data`, `b:/data/sub/x`), the application, which owns `a` on the
+/// host, swaps `a/sub` with a link to a directory outside the roots: a HEAD on the archive
+/// mounted `b` over that directory after 21 requests (the engine's network files too, under a
+/// bind at `/etc`; and a running job can swap its own root). Copies are refused for a job with
+/// a bind and for a running job; a stopped job without one still copies both ways.
+#[test]
+fn copies_that_make_the_engine_mount_binds_or_race_a_running_job_are_refused() {
+    let mut b = Bridged::start_untranslated("");
+    let port = b.inst.port;
+    let image = format!("regobox-test/busybox:copy{port}");
+    b.import_busybox(&image);
+    let made = OnEngine::default();
+    let jobs = b.inst.root.join("files/copyjobs");
+    let victim = b.inst.dir.path().join("victim");
+    std::fs::create_dir_all(victim.join("x")).unwrap();
+    std::fs::create_dir_all(jobs.join("a/sub/x")).unwrap();
+    std::fs::create_dir_all(jobs.join("b")).unwrap();
+    std::fs::write(jobs.join("b/marker"), "from b").unwrap();
+    std::os::unix::fs::symlink(&victim, jobs.join("a/sublink")).unwrap();
+    let _unmount = Unmount(victim.join("x"));
+    let nested = b
+        .cli_ok(&[
+            "create",
+            "-v",
+            &format!("{}:/data", jobs.join("a").display()),
+            "-v",
+            &format!("{}:/data/sub/x", jobs.join("b").display()),
+            &image,
+            "true",
+        ])
+        .trim()
+        .to_string();
+    made.container(&nested);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let stop = stop.clone();
+        let to_c = |p: std::path::PathBuf| {
+            std::ffi::CString::new(p.into_os_string().into_encoded_bytes()).unwrap()
+        };
+        let (sub, link) = (to_c(jobs.join("a/sub")), to_c(jobs.join("a/sublink")));
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: two NUL-terminated paths; renameat2 only reads them.
+                unsafe {
+                    libc::renameat2(
+                        libc::AT_FDCWD,
+                        sub.as_ptr(),
+                        libc::AT_FDCWD,
+                        link.as_ptr(),
+                        libc::RENAME_EXCHANGE,
+                    )
+                };
+            }
+        })
+    };
+    let mut answers = Vec::new();
+    for _ in 0..60 {
+        answers.push(raw(
+            &b.socket,
+            &format!("HEAD /v1.41/containers/{nested}/archive?path=/ HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"),
+        ));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    swapper.join().unwrap();
+    assert!(
+        !mounted_at(&victim.join("x")),
+        "a copy mounted b over the victim"
+    );
+    assert!(!victim.join("x/marker").exists());
+    assert!(
+        answers.iter().all(|(s, _)| *s == 403),
+        "{:?}",
+        answers.iter().map(|(s, _)| s).collect::<Vec<_>>()
+    );
+    let (status, body) = raw(
+        &b.socket,
+        &format!(
+            "GET /v1.41/containers/{nested}/archive?path=/data HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("a copy into or out of a job with a bind"),
+        "{body}"
+    );
+
+    // A running job: refused, whatever it binds (here nothing).
+    let running = b
+        .cli_ok(&["run", "-d", &image, "sleep", "30"])
+        .trim()
+        .to_string();
+    made.container(&running);
+    let (status, body) = send(
+        &b.socket,
+        "PUT",
+        &format!("/v1.41/containers/{running}/archive?path=/tmp"),
+        "application/x-tar",
+        &context(&[("in", 'f', "x")]),
+    );
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("a copy into or out of a running job"),
+        "{body}"
+    );
+    b.cli_ok(&["kill", &running]);
+
+    // A stopped job without binds: copies go both ways.
+    let (status, body) = send(
+        &b.socket,
+        "PUT",
+        &format!("/v1.41/containers/{running}/archive?path=/"),
+        "application/x-tar",
+        &context(&[("in", 'f', "copied in")]),
+    );
+    assert_eq!(status, 200, "{body}");
+    let out = b.cli(&["cp", &format!("{running}:/in"), "-"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("copied in"), "{}", stdout(&out));
+    b.stop();
+}
