@@ -96,7 +96,7 @@ pub enum ArchiveError {
     Mismatch { path: String, what: String },
     #[error("member path {0:?} is not allowed (absolute, or going up with ..)")]
     UnsafePath(String),
-    #[error("member {path} is refused: {why}")]
+    #[error("member {} is refused: {why}", .path.escape_debug())]
     Refused { path: String, why: String },
     #[error("not enough space: needs {}, {} free on {}", bytes(*.needs), bytes(*.free), .path.display())]
     NoSpace {
@@ -416,8 +416,11 @@ pub const LOGS: &str = "logs";
 /// The largest `regobox.json` and `manifest.json` read into memory.
 const MAX_HEADER: u64 = 1 << 20;
 const MAX_MANIFEST: u64 = 256 << 20;
-/// The largest secret (a password, an application's secret) read into memory to be checked.
-const MAX_SECRET: u64 = 1 << 20;
+/// The largest secret (a password, an application's secret) read into memory to be checked:
+/// it goes into an environment, whose strings Linux bounds at 128 KiB.
+const MAX_SECRET: u64 = 64 << 10;
+/// The longest member name or link target (Linux's `PATH_MAX`).
+const MAX_NAME: usize = 4096;
 /// What a member costs on disk at least (one block): directories, links and small files.
 const BLOCK: u64 = 4096;
 
@@ -501,6 +504,12 @@ fn refused(path: &str, why: impl Into<String>) -> ArchiveError {
 pub fn normalise(raw: &[u8]) -> Result<String, ArchiveError> {
     let text = std::str::from_utf8(raw)
         .map_err(|_| refused(&String::from_utf8_lossy(raw), "its name is not UTF-8"))?;
+    if text.len() > MAX_NAME {
+        return Err(ArchiveError::Corrupt(format!(
+            "a member name of {} bytes; a name is at most {MAX_NAME} bytes",
+            text.len()
+        )));
+    }
     if text.starts_with('/') || text.contains('\0') {
         return Err(ArchiveError::UnsafePath(text.into()));
     }
@@ -564,8 +573,10 @@ fn written_by_regobox(path: &str, top: &str, kind: &Kind) -> Result<(), ArchiveE
         SECRETS => {
             let ok = matches!(
                 (kind, inner.as_slice()),
-                (Kind::Dir, [] | [SECRETS_TLS]) | (Kind::File, [_] | [SECRETS_TLS, _])
+                (Kind::Dir, [] | [SECRETS_TLS]) | (Kind::File, [SECRETS_TLS, _])
             );
+            let ok = ok
+                || matches!((kind, inner.as_slice()), (Kind::File, [name]) if *name != SECRETS_TLS);
             if !ok {
                 return Err(refused(
                     path,
@@ -734,10 +745,48 @@ fn read(
         move |e: io::Error| ArchiveError::Corrupt(format!("writing {}: {e}", path.display()))
     };
     {
-        let entries = archive.entries().map_err(corrupt)?;
+        // Raw: the tar crate would read a long name or a PAX header whole into memory, whatever
+        // size it declares (a 33 KB archive declared a 1 GiB name); they are read here, bounded.
+        let entries = archive.entries().map_err(corrupt)?.raw(true);
+        let mut long_name: Option<Vec<u8>> = None;
+        let mut long_link: Option<Vec<u8>> = None;
         for entry in entries {
             let mut entry = entry.map_err(corrupt)?;
-            let path = normalise(&entry.path_bytes())?;
+            let kind = entry.header().entry_type();
+            if kind.is_gnu_longname() || kind.is_gnu_longlink() {
+                let pending = if kind.is_gnu_longname() {
+                    &mut long_name
+                } else {
+                    &mut long_link
+                };
+                if pending.is_some() || entry.size() > MAX_NAME as u64 + 1 {
+                    return Err(ArchiveError::Corrupt(format!(
+                        "a long name header of {} bytes (or two for one member); a name is at most {MAX_NAME} bytes",
+                        entry.size()
+                    )));
+                }
+                let mut name = Vec::new();
+                entry.read_to_end(&mut name).map_err(corrupt)?;
+                if name.last() == Some(&0) {
+                    name.pop();
+                }
+                *pending = Some(name);
+                continue;
+            }
+            if kind.is_pax_global_extensions() || kind.is_pax_local_extensions() {
+                return Err(ArchiveError::Corrupt(
+                    "a PAX extended header; regobox's archives use GNU long names only".into(),
+                ));
+            }
+            let name = match long_name.take() {
+                Some(n) => n,
+                None => entry.path_bytes().into_owned(),
+            };
+            let link_name = match long_link.take() {
+                Some(l) => Some(l),
+                None => entry.link_name_bytes().map(|l| l.into_owned()),
+            };
+            let path = normalise(&name)?;
             if manifest.is_some() {
                 return Err(ArchiveError::Corrupt(format!(
                     "member {path} comes after the manifest"
@@ -871,12 +920,14 @@ fn read(
                         header_seen = serde_json::from_slice(&keep).ok();
                     }
                     if secret
-                        && std::str::from_utf8(&keep)
-                            .map_or(true, |v| v.trim_end_matches(['\n', '\r']).is_empty())
+                        && std::str::from_utf8(&keep).map_or(true, |v| {
+                            let v = v.trim_end_matches(['\n', '\r']);
+                            v.is_empty() || v.chars().any(char::is_control)
+                        })
                     {
                         return Err(refused(
                             &path,
-                            "a secret holds its value as text (UTF-8, not empty), as regobox reads it; this one has none",
+                            "a secret holds its value as text (UTF-8, not empty, no control character), as regobox reads it and puts it in an environment; this one has none",
                         ));
                     }
                     Member {
@@ -912,12 +963,9 @@ fn read(
                     }
                 }
                 Kind::Symlink => {
-                    let link = entry
-                        .link_name_bytes()
-                        .ok_or_else(|| {
-                            ArchiveError::Corrupt(format!("symlink {path} has no target"))
-                        })?
-                        .into_owned();
+                    let link = link_name.ok_or_else(|| {
+                        ArchiveError::Corrupt(format!("symlink {path} has no target"))
+                    })?;
                     let link = String::from_utf8(link)
                         .map_err(|_| refused(&path, "its link target is not UTF-8"))?;
                     if link.is_empty() || link.contains('\0') {
@@ -1078,6 +1126,55 @@ mod tests {
             Path::new("a.txt")
         );
         assert!(out.join("volumes/files/empty").is_dir());
+    }
+
+    #[test]
+    fn long_names_and_link_targets_round_trip_and_a_declared_bomb_is_never_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("files");
+        let deep = root.join("d".repeat(120)).join("e".repeat(120));
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::write(deep.join("f".repeat(200)), b"long").unwrap();
+        std::os::unix::fs::symlink("t".repeat(300), root.join("l".repeat(150))).unwrap();
+        let mut w = writer();
+        w.add_tree("volumes/files", &root, &|_| false, &|_| {})
+            .unwrap();
+        let (bytes, _) = w.finish(base()).unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        unpack_verified(&bytes[..], &Rules::default(), into(&out), &mut |_| true).unwrap();
+        let name = out
+            .join("volumes/files")
+            .join("d".repeat(120))
+            .join("e".repeat(120))
+            .join("f".repeat(200));
+        assert_eq!(std::fs::read(name).unwrap(), b"long");
+        assert_eq!(
+            std::fs::read_link(out.join("volumes/files").join("l".repeat(150))).unwrap(),
+            Path::new(&"t".repeat(300))
+        );
+
+        // A GNU long name (or a PAX header) declaring a megabyte: refused on what it declares,
+        // never read into memory (the tar crate reads it whole, whatever it declares).
+        for (kind, size) in [(b'L', 1 << 20), (b'K', 1 << 20), (b'x', 100)] {
+            let mut tar = Vec::new();
+            let mut h = tar::Header::new_gnu();
+            h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+            h.set_size(size);
+            h.set_entry_type(tar::EntryType::new(kind));
+            h.set_cksum();
+            tar.extend_from_slice(h.as_bytes());
+            tar.extend(std::iter::repeat_n(b'a', size as usize));
+            tar.resize(tar.len().next_multiple_of(512) + 1024, 0);
+            let z = zstd::encode_all(&tar[..], 1).unwrap();
+            let e = verify(&z[..], &Rules::default()).unwrap_err().to_string();
+            let want = if kind == b'x' {
+                "a PAX extended header"
+            } else {
+                "a long name header of 1048576 bytes"
+            };
+            assert!(e.contains(want), "{}: {e}", kind as char);
+        }
     }
 
     #[test]

@@ -752,12 +752,22 @@ fn crafted_archives_are_refused_by_verify_and_restore_alike_and_change_nothing()
         (
             "secret-empty",
             "drop('volumes/secrets/postgres-password')\nadd_file('volumes/secrets/postgres-password', b'\\r\\n')".into(),
-            "member volumes/secrets/postgres-password is refused: a secret holds its value as text (UTF-8, not empty)",
+            "member volumes/secrets/postgres-password is refused: a secret holds its value as text",
+        ),
+        (
+            "secret-nul",
+            "add_file('volumes/secrets/app-key', b'ab\\x00cd')".into(),
+            "member volumes/secrets/app-key is refused: a secret holds its value as text",
+        ),
+        (
+            "secret-tls-file",
+            "drop('volumes/secrets/tls')\nadd_file('volumes/secrets/tls', b'x')".into(),
+            "member volumes/secrets/tls is refused: the secrets directory holds regular files only",
         ),
         (
             "secret-not-text",
             "add_file('volumes/secrets/app-web', b'\\xff\\xfe')".into(),
-            "member volumes/secrets/app-web is refused: a secret holds its value as text (UTF-8, not empty)",
+            "member volumes/secrets/app-web is refused: a secret holds its value as text",
         ),
         (
             "foreign-member",
