@@ -184,6 +184,8 @@ struct Persistent {
     maintenance: watch::Sender<Option<String>>,
     accounts: BTreeMap<String, Option<Account>>,
     app_account: Option<Account>,
+    /// Each cron job's account: its `user`, else `app.user`.
+    cron_accounts: BTreeMap<String, Option<Account>>,
     control: tokio::sync::mpsc::Receiver<control::Request>,
     /// Stopped first, before the services.
     proxy: Option<crate::proxy::Proxy>,
@@ -225,6 +227,15 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
         accounts.insert(name.clone(), resolve_account(user, &key).await?);
     }
     let app_account = resolve_account(&config.app.user, "app.user").await?;
+    let mut cron_accounts = BTreeMap::new();
+    for (name, job) in &config.cron {
+        let account = if job.user.is_empty() {
+            app_account.clone()
+        } else {
+            resolve_account(&job.user, &format!("cron.{name}.user")).await?
+        };
+        cron_accounts.insert(name.clone(), account);
+    }
 
     // The board: PostgreSQL, then the services.
     let (pg_tx, pg_rx) = watch::channel(ServiceStatus::default());
@@ -287,6 +298,7 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
         maintenance,
         accounts,
         app_account,
+        cron_accounts,
         control: control_rx,
         proxy: None,
         cycles: 0,
@@ -471,7 +483,8 @@ async fn cycle(
             .map(|(name, job)| crate::cron::Job {
                 name: name.clone(),
                 config: job.clone(),
-                account: p.app_account.clone().filter(|_| job.user.is_empty()),
+                // A job naming a user runs as that user, never as regobox's own (root).
+                account: p.cron_accounts.get(name).cloned().flatten(),
             })
             .collect();
         tokio::spawn(crate::cron::run(

@@ -601,6 +601,53 @@ fn the_cron_command_runs_only_the_scheduler() {
     assert!(child.wait().unwrap().success());
 }
 
+/// Attack (seventh session): a cron job that names a user (`user = "nobody"`) ran as root,
+/// regobox's own user: the application owning the job's script got root at every run. It runs
+/// as the user it names.
+#[test]
+fn a_cron_job_naming_a_user_runs_as_that_user() {
+    let inst = Instance::new();
+    let out = inst.dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    std::fs::set_permissions(inst.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    inst.config_file(
+        "50.toml",
+        &format!(
+            "[cron.who]\nschedule = \"* * * * * *\"\nuser = \"nobody\"\ncommand = {}\n",
+            sh(&format!("id -u > {}/who.$$", out.display()))
+        ),
+    );
+    inst.ok(&["init"]);
+    let mut child = inst
+        .command(&["cron"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    inst.wait_until("a run", Duration::from_secs(30), || {
+        std::fs::read_dir(&out).unwrap().next().is_some()
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    child.wait().unwrap();
+    let nobody = stdout(
+        &std::process::Command::new("id")
+            .args(["-u", "nobody"])
+            .output()
+            .unwrap(),
+    );
+    for f in std::fs::read_dir(&out).unwrap() {
+        let who = std::fs::read_to_string(f.unwrap().path()).unwrap();
+        if !who.is_empty() {
+            assert_eq!(who.trim(), nobody.trim(), "the job ran as uid {who}");
+        }
+    }
+}
+
 #[test]
 fn shell_reads_commands_with_the_app_environment() {
     let inst = Instance::new();
