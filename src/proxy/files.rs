@@ -14,19 +14,16 @@ use tokio_util::io::ReaderStream;
 
 use super::{Body, empty, full};
 
-/// Whether the file opened is inside `dir`, by the path the kernel gives the open file
-/// (`/proc/self/fd`), not by a check of the path made before the open: whoever writes the
-/// directory (the application) could swap a component for a link between the two.
+/// Whether the file opened is inside `dir` (resolved once, when the proxy started), by the
+/// path the kernel gives the open file (`/proc/self/fd`), not by a check of the path made
+/// before the open: whoever writes the directory, or one above it (the application), could
+/// swap a component for a link between the two, or the directory itself for a link to `/`.
 async fn opened_inside(file: &tokio::fs::File, dir: &Path) -> bool {
     use std::os::fd::AsRawFd;
     let opened = format!("/proc/self/fd/{}", file.as_raw_fd());
-    match (
-        tokio::fs::read_link(opened).await,
-        tokio::fs::canonicalize(dir).await,
-    ) {
-        (Ok(p), Ok(d)) => p.starts_with(&d),
-        _ => false,
-    }
+    tokio::fs::read_link(opened)
+        .await
+        .is_ok_and(|p| p.starts_with(dir))
 }
 
 /// Serve `rest` (the path after the prefix, still percent-encoded) from `dir`.
@@ -44,11 +41,13 @@ pub async fn serve<B>(req: &Request<B>, dir: &Path, rest: &str) -> Response<Body
     if path.is_dir() {
         path = path.join("index.html");
     }
-    // Opened without waiting on a FIFO (refused below, as anything but a file), then judged
+    // Opened without waiting on a FIFO (refused below, as anything but a file) and without
+    // taking a terminal for regobox's own (a link to a pty: its hang-up would stop regobox when
+    // it leads a session), then judged
     // on what was opened: symbolic links may not lead out of the directory.
     let Ok(mut file) = tokio::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(&path)
         .await
     else {

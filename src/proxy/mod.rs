@@ -252,6 +252,19 @@ impl Proxy {
             open: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
             workers: senders,
         });
+        // Static directories resolved once, here: what a request opens must be inside the
+        // directory as it was at start (the application may own a directory above it and
+        // replace it with a link to `/`).
+        let mut p = p.clone();
+        for s in &mut p.statics {
+            match std::fs::canonicalize(&s.dir) {
+                Ok(dir) => s.dir = dir,
+                Err(e) => {
+                    tracing::warn!(dir = %s.dir.display(), error = %e, "a static directory cannot be resolved; it answers 404 until regobox starts again")
+                }
+            }
+        }
+        let p = &p;
         let mut threads = Vec::new();
         for i in 0..workers {
             // The first worker accepts for all (see `Dispatch`).

@@ -1110,6 +1110,18 @@ fn a_link_swapped_in_while_a_static_file_is_served_never_leads_outside() {
         "no request was served while the directory was in place: {body}"
     );
     assert_eq!(body.matches("OUTSIDE").count(), 0, "served from outside");
+    // The directory itself replaced with a link to `/` by whoever owns the one above it: the
+    // directory is the one resolved when the proxy started.
+    std::fs::rename(&statics, dir.path().join("static.old")).unwrap();
+    std::os::unix::fs::symlink("/", &statics).unwrap();
+    let h = stdout(&p.curl(&[
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        &p.https_url("/static/etc/hostname"),
+    ]));
+    assert!(h.starts_with("HTTP/2 404"), "{h}");
     p.run.unwrap().stop();
 }
 
