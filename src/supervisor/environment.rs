@@ -131,7 +131,7 @@ fn encode(text: &str) -> String {
 pub fn render_templates(config: &Config, env: &Env, owner: Option<&Account>) -> anyhow::Result<()> {
     for (i, t) in config.app.templates.iter().enumerate() {
         let key = format!("app.templates[{i}]");
-        let source = std::fs::read_to_string(&t.source)
+        let source = read_template(&t.source)
             .with_context(|| format!("{key}: reading template {}", t.source.display()))?;
         let mut jinja = minijinja::Environment::new();
         jinja.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
@@ -149,6 +149,41 @@ pub fn render_templates(config: &Config, env: &Env, owner: Option<&Account>) -> 
         tracing::info!(destination = %t.destination.display(), "template rendered");
     }
     Ok(())
+}
+
+/// The largest template read.
+const MAX_TEMPLATE: u64 = 1 << 20;
+
+/// A template's text, read as root from a file the application may own: its last component is
+/// never followed (a link to a secret would be rendered into a file the application reads), it
+/// must be a regular file (a FIFO would hold the start for ever), of at most [`MAX_TEMPLATE`].
+fn read_template(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                std::io::Error::other("it is a symbolic link; a template is read from a file")
+            } else {
+                e
+            }
+        })?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("it is not a regular file"));
+    }
+    if meta.len() > MAX_TEMPLATE {
+        return Err(std::io::Error::other(format!(
+            "it is {} bytes; a template is at most {MAX_TEMPLATE}",
+            meta.len()
+        )));
+    }
+    let mut text = String::new();
+    file.take(MAX_TEMPLATE).read_to_string(&mut text)?;
+    Ok(text)
 }
 
 fn write_atomically(

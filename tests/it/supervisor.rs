@@ -648,6 +648,50 @@ fn a_cron_job_naming_a_user_runs_as_that_user() {
     }
 }
 
+/// Attack (seventh session): the application owns a template's source and makes it a link to
+/// the superuser's password (or a FIFO): root rendered the secret into a file the application
+/// reads (or waited for ever). Both are refused, naming the template; nothing is rendered.
+#[test]
+fn a_template_source_that_is_a_link_or_a_fifo_is_refused() {
+    let inst = Instance::new();
+    inst.ok(&["init"]);
+    let rendered = inst.dir.path().join("app/settings.py");
+    let source = inst.dir.path().join("settings.j2");
+    for (i, make) in ["link", "fifo"].iter().enumerate() {
+        let _ = std::fs::remove_file(&source);
+        if *make == "link" {
+            std::os::unix::fs::symlink(inst.secret("postgres-superuser-password"), &source)
+                .unwrap();
+        } else {
+            let c = std::ffi::CString::new(source.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: a NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        }
+        inst.config_file(
+            "50.toml",
+            &format!(
+                "[[app.templates]]\nsource = \"{}\"\ndestination = \"{}\"\n[services.app]\ncommand = {}\n",
+                source.display(),
+                rendered.display(),
+                sh("exit 0")
+            ),
+        );
+        let out = inst.output(&["start", "app"]);
+        assert_eq!(out.status.code(), Some(1), "{make} {i}: {}", stderr(&out));
+        let why = if *make == "link" {
+            "symbolic link"
+        } else {
+            "not a regular file"
+        };
+        assert!(
+            stderr(&out).contains("app.templates[0]") && stderr(&out).contains(why),
+            "{make}: {}",
+            stderr(&out)
+        );
+        assert!(!rendered.exists(), "{make}: rendered");
+    }
+}
+
 #[test]
 fn shell_reads_commands_with_the_app_environment() {
     let inst = Instance::new();
