@@ -132,14 +132,32 @@ pub fn swap_named(
         "upgrade"
     };
     write_journal(root, &journal)?;
-    for (i, s) in journal.swaps.iter().enumerate() {
+    let moved = journal.swaps.iter().enumerate().try_for_each(|(i, s)| {
         if s.had_live {
-            std::fs::rename(&s.live, &s.old)?;
+            rename(&s.live, &s.old)?;
             sync_parent(&s.live)?;
         }
         fault(&format!("{prefix}:swap-{i}"));
-        std::fs::rename(&s.staged, &s.live)?;
-        sync_parent(&s.live)?;
+        rename(&s.staged, &s.live)?;
+        sync_parent(&s.live)
+    });
+    if let Err(e) = moved {
+        // A rename that failed (a directory that is a mount point: EBUSY) while the staged
+        // directories are still there to take back what was swapped in: roll back now, as the
+        // next start would (it could not once the caller removed the staging area).
+        return match recover_named(root, name) {
+            Ok(_) => Err(io::Error::new(
+                e.kind(),
+                format!("{e}; nothing was swapped (the previous data is in place)"),
+            )),
+            Err(r) => Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "{e}; putting the previous data back failed too ({r}): {} stays, and every start tries again",
+                    root.join(name).display()
+                ),
+            )),
+        };
     }
     fault(&format!("{prefix}:swapped"));
     journal.state = State::Committed;
@@ -147,6 +165,16 @@ pub fn swap_named(
     fault(&format!("{prefix}:committed"));
     finish(root, &journal);
     Ok(journal.swaps.iter().map(|s| s.old.clone()).collect())
+}
+
+/// `std::fs::rename`, its error naming both paths.
+fn rename(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::rename(from, to).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("renaming {} to {}: {e}", from.display(), to.display()),
+        )
+    })
 }
 
 fn finish(root: &Path, journal: &Journal) {
@@ -228,10 +256,10 @@ pub fn recover_named(root: &Path, name: &str) -> io::Result<Option<&'static str>
                     continue;
                 }
                 if s.live.exists() {
-                    std::fs::rename(&s.live, &s.staged)?;
+                    rename(&s.live, &s.staged)?;
                 }
                 if s.had_live {
-                    std::fs::rename(&s.old, &s.live)?;
+                    rename(&s.old, &s.live)?;
                 }
                 sync_parent(&s.live)?;
             }
@@ -276,6 +304,28 @@ mod tests {
         assert_eq!(std::fs::read_to_string(b.join("v")).unwrap(), "new-b");
         assert!(!journal_path(d.path()).exists());
         assert!(!d.path().join(".a.old-1").exists());
+    }
+
+    /// A rename that fails in the middle (found by an attacker: a live directory that is a
+    /// mount point cannot be renamed, EBUSY) is rolled back at once, while the staged
+    /// directories are there: the caller may then remove its staging area.
+    #[test]
+    fn a_swap_that_fails_half_way_is_rolled_back_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b, sa, sb) = tree(d.path());
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::write(b.join("v"), "old-b").unwrap();
+        // The second pair's staged directory is missing: its rename fails after the first
+        // pair was swapped.
+        std::fs::remove_dir_all(&sb).unwrap();
+        let e = swap(d.path(), "1", &[(a.clone(), sa), (b.clone(), sb)], &|_| {}).unwrap_err();
+        assert!(e.to_string().contains("nothing was swapped"), "{e}");
+        assert!(e.to_string().contains("renaming"), "{e}");
+        assert_eq!(std::fs::read_to_string(a.join("v")).unwrap(), "old-a");
+        assert_eq!(std::fs::read_to_string(b.join("v")).unwrap(), "old-b");
+        assert!(!journal_path(d.path()).exists());
+        std::fs::remove_dir_all(d.path().join(".stage")).unwrap();
+        assert_eq!(recover(d.path()).unwrap(), None);
     }
 
     #[test]

@@ -1713,7 +1713,11 @@ pub async fn restore(
         // Nothing was swapped (the journal rolls back a partial swap at the next start).
         let _ = std::fs::remove_dir_all(&new_cluster);
     }
-    let _ = std::fs::remove_dir_all(&staging);
+    // Kept while a swap is still journaled: the next start's rollback takes the previous data
+    // back by way of it.
+    if !journal::exists(&layout.root) {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
     result?;
     tracing::info!(archive = %opts.archive.display(), elapsed_ms = started.elapsed().as_millis() as u64, "restore complete");
     Ok(())

@@ -807,6 +807,34 @@ fn crafted_archives_are_refused_by_verify_and_restore_alike_and_change_nothing()
     assert_eq!(target.sql("SELECT x FROM mine"), "7");
 }
 
+/// Attack (seventh session): a live directory the archive names is a mount point (a separate
+/// volume for `logs`, in Docker), so its rename fails half-way through the swap. The restore
+/// rolled back nothing and removed its staging area; every start then failed (`No such file or
+/// directory`) with the archive's cluster in place. The swap is rolled back at once: the
+/// restore fails naming the directory, and the volume is as it was.
+#[test]
+fn a_swap_that_fails_half_way_leaves_the_previous_data_in_place() {
+    if !is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let (target, archive) = target_with_data();
+    let logs = Tmpfs::mount(&target.root.join("logs"), "16m");
+    let before = volume_state(&target);
+    let out = target.output(&["restore", "--force", archive.to_str().unwrap()]);
+    assert!(!out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("nothing was swapped") && stderr(&out).contains("logs"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(volume_state(&target), before);
+    assert_eq!(target.sql("SELECT x FROM mine"), "7");
+    let run = target.start();
+    run.stop();
+    drop(logs);
+}
+
 /// Issue 14, point 3: a symbolic link inside the restored files is data: it is restored as a
 /// link, whatever it points to, and never followed by the restore.
 #[test]
