@@ -263,15 +263,27 @@ pub async fn get(url: &str) -> Result<(u16, Vec<u8>), String> {
         .map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes()
-        .to_vec();
+    // The first MAX_BODY bytes only: the application answers readiness probes, and a body of
+    // gigabytes would otherwise be held in regobox's memory.
+    let mut body = Vec::new();
+    let mut incoming = resp.into_body();
+    while body.len() < MAX_BODY {
+        match incoming.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let room = MAX_BODY - body.len();
+                    body.extend_from_slice(&data[..data.len().min(room)]);
+                }
+            }
+            Some(Err(e)) => return Err(e.to_string()),
+            None => break,
+        }
+    }
     Ok((status, body))
 }
+
+/// The most of a body [`get`] keeps.
+const MAX_BODY: usize = 1 << 20;
 
 /// The URL of the local supervision port for `path`.
 pub fn local_url(listen: &str, port: u16, path: &str) -> String {

@@ -281,6 +281,57 @@ fn ready_reports_the_time_since_launch_and_a_clean_stop_leaves_no_socket() {
     assert!(sockets.is_empty(), "left behind: {sockets:?}");
 }
 
+/// Attack (seventh session): the application answers its readiness probe with an endless body
+/// (it answered 2.5 GB a probe, and regobox's memory grew to 2.5 GB). The probe keeps the
+/// first megabyte at most and judges the status: the service is ready, regobox stays small.
+#[test]
+fn a_readiness_probe_answered_with_an_endless_body_stays_bounded() {
+    let inst = Instance::new();
+    let http = free_port();
+    let server = inst.dir.path().join("endless.py");
+    std::fs::write(
+        &server,
+        [
+            "import http.server, sys",
+            "class H(http.server.BaseHTTPRequestHandler):",
+            "    def do_GET(self):",
+            "        self.send_response(200)",
+            "        self.end_headers()",
+            "        chunk = b'x' * 65536",
+            "        try:",
+            "            while True:",
+            "                self.wfile.write(chunk)",
+            "        except Exception:",
+            "            pass",
+            "    def log_message(self, *a):",
+            "        pass",
+            "http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()",
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    inst.config_file(
+        "50_services.toml",
+        &format!(
+            "[services.web]\ncommand = [\"python3\", \"{}\", \"{http}\"]\n\
+             ready = {{ http = \"http://127.0.0.1:{http}/\", interval = \"100ms\" }}\n",
+            server.display()
+        ),
+    );
+    let run = inst.start();
+    inst.wait_until("web ready", Duration::from_secs(20), || {
+        inst.service("web")["state"] == "ready"
+    });
+    let status = std::fs::read_to_string(format!("/proc/{}/status", run.pid())).unwrap();
+    let peak_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(peak_kb < 200 * 1024, "regobox's peak memory: {peak_kb} kB");
+    run.stop();
+}
+
 #[test]
 fn a_oneshot_and_readiness_gate_their_dependents() {
     let inst = Instance::new();
