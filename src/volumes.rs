@@ -139,3 +139,59 @@ pub fn free_space(path: &Path) -> io::Result<(u64, u64)> {
         (st.blocks() as u64).saturating_mul(block),
     ))
 }
+
+/// The directory `dir` (an absolute path), opened without following a symbolic link anywhere
+/// on the way: each component is opened from the one before with `O_NOFOLLOW`, so a link (a
+/// magic one in `/proc` included) or a file in the path is an error naming it. With `create`,
+/// missing components are made (0755, as `create_dir_all` would). For paths a less trusted
+/// user may own a part of, where regobox acts as root: what it then does relative to the
+/// directory opened stays in that directory, whatever is renamed meanwhile.
+pub fn open_dir_without_links(dir: &Path, create: bool) -> io::Result<std::os::fd::OwnedFd> {
+    use nix::errno::Errno;
+    use nix::fcntl::{OFlag, openat};
+    use nix::sys::stat::Mode;
+    use std::path::Component;
+    let flags = OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_RDONLY;
+    if !dir.is_absolute() {
+        return Err(io::Error::other(format!(
+            "{} is not an absolute path",
+            dir.display()
+        )));
+    }
+    let mut fd = nix::fcntl::open("/", flags, Mode::empty())?;
+    let mut so_far = PathBuf::from("/");
+    for c in dir.components() {
+        let name = match c {
+            Component::RootDir | Component::CurDir => continue,
+            Component::Normal(n) => n,
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(io::Error::other(format!(
+                    "{} goes up with ..: write the path without it",
+                    dir.display()
+                )));
+            }
+        };
+        so_far.push(name);
+        let mut next = openat(&fd, name, flags, Mode::empty());
+        if create && matches!(next, Err(Errno::ENOENT)) {
+            match nix::sys::stat::mkdirat(&fd, name, Mode::from_bits_truncate(0o755)) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => {
+                    return Err(io::Error::other(format!(
+                        "creating {}: {e}",
+                        so_far.display()
+                    )));
+                }
+            }
+            next = openat(&fd, name, flags, Mode::empty());
+        }
+        fd = next.map_err(|e| match e {
+            Errno::ELOOP | Errno::ENOTDIR => io::Error::other(format!(
+                "{} is a symbolic link or not a directory; regobox follows none on this path",
+                so_far.display()
+            )),
+            e => io::Error::other(format!("opening {}: {e}", so_far.display())),
+        })?;
+    }
+    Ok(fd)
+}

@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use anyhow::Context as _;
@@ -154,23 +153,46 @@ pub fn render_templates(config: &Config, env: &Env, owner: Option<&Account>) -> 
 /// The largest template read.
 const MAX_TEMPLATE: u64 = 1 << 20;
 
-/// A template's text, read as root from a file the application may own: its last component is
-/// never followed (a link to a secret would be rendered into a file the application reads), it
-/// must be a regular file (a FIFO would hold the start for ever), of at most [`MAX_TEMPLATE`].
+/// The directory of `path` opened without following a link on the way, and `path`'s name.
+fn parent_without_links(
+    path: &Path,
+    create: bool,
+) -> std::io::Result<(std::os::fd::OwnedFd, std::ffi::OsString)> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(std::io::Error::other("it names no file"));
+    };
+    Ok((
+        crate::volumes::open_dir_without_links(dir, create)?,
+        name.to_os_string(),
+    ))
+}
+
+/// A template's text, read as root from a file the application may own, or under a directory
+/// it owns: no symbolic link is followed anywhere on the path (a link to a secret, or to a
+/// directory of root's, would be rendered into a file the application reads); it must be a
+/// regular file (a FIFO would hold the start for ever), of at most [`MAX_TEMPLATE`].
 fn read_template(path: &Path) -> std::io::Result<String> {
+    use nix::fcntl::{OFlag, openat};
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                std::io::Error::other("it is a symbolic link; a template is read from a file")
-            } else {
-                e
-            }
-        })?;
+    let (dir, name) = parent_without_links(path, false)?;
+    let fd = openat(
+        &dir,
+        name.as_os_str(),
+        OFlag::O_RDONLY
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_NOCTTY
+            | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| {
+        if e == nix::errno::Errno::ELOOP {
+            std::io::Error::other("it is a symbolic link; a template is read from a file")
+        } else {
+            e.into()
+        }
+    })?;
+    let file = std::fs::File::from(fd);
     let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(std::io::Error::other("it is not a regular file"));
@@ -186,39 +208,51 @@ fn read_template(path: &Path) -> std::io::Result<String> {
     Ok(text)
 }
 
+/// Write `bytes` to `path` atomically, as root into a directory the application may own: the
+/// directory is opened without following a link on the way (created if missing), and the
+/// temporary file is made, given its mode and owner, and renamed into place relative to it, so
+/// that nothing the application renames or links meanwhile leads the write elsewhere.
 fn write_atomically(
     path: &Path,
     bytes: &[u8],
     mode: u32,
     owner: Option<&Account>,
 ) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
+    use nix::fcntl::{OFlag, openat, renameat};
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, name) = parent_without_links(path, true)?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(&name);
+    tmp_name.push(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        crate::secrets::generate()
     ));
-    let _ = std::fs::remove_file(&tmp);
-    {
-        // Mode and owner set on the file opened, never by its name: the directory may be the
-        // application's, which could put a link there once the file is closed (root would then
-        // chown or chmod the link's target).
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
+    let fd = openat(
+        &dir,
+        tmp_name.as_os_str(),
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::from_bits_truncate(mode),
+    )?;
+    let mut f = std::fs::File::from(fd);
+    let written = (|| {
         f.write_all(bytes)?;
-        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        // Mode and owner set on the file opened, never by its name.
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         if let Some(acct) = owner.filter(|_| crate::users::is_root()) {
             std::os::unix::fs::fchown(&f, Some(acct.uid.as_raw()), Some(acct.gid.as_raw()))?;
         }
         f.sync_all()?;
+        renameat(&dir, tmp_name.as_os_str(), &dir, name.as_os_str()).map_err(std::io::Error::from)
+    })();
+    if written.is_err() {
+        let _ = nix::unistd::unlinkat(
+            &dir,
+            tmp_name.as_os_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        );
     }
-    std::fs::rename(&tmp, path)
+    written
 }
 
 #[cfg(test)]

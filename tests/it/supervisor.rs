@@ -699,24 +699,54 @@ fn a_cron_job_naming_a_user_runs_as_that_user() {
     }
 }
 
-/// Attack (seventh session): the application owns a template's source and makes it a link to
-/// the superuser's password (or a FIFO): root rendered the secret into a file the application
-/// reads (or waited for ever). Both are refused, naming the template; nothing is rendered.
+/// Attack (seventh session, two attackers): the application owns a template's source, or a
+/// directory on the source's or the destination's path, and makes it a link: to the
+/// superuser's password (root rendered the secret into a file the application reads), to a
+/// directory of root's (root read its file of that name, or replaced it with the application's
+/// own); or a FIFO (the start waited for ever). Each is refused, naming the template; nothing
+/// is rendered, nothing of root's changed.
 #[test]
-fn a_template_source_that_is_a_link_or_a_fifo_is_refused() {
+fn template_paths_through_links_or_a_fifo_are_refused() {
     let inst = Instance::new();
     inst.ok(&["init"]);
-    let rendered = inst.dir.path().join("app/settings.py");
-    let source = inst.dir.path().join("settings.j2");
-    for (i, make) in ["link", "fifo"].iter().enumerate() {
-        let _ = std::fs::remove_file(&source);
-        if *make == "link" {
-            std::os::unix::fs::symlink(inst.secret("postgres-superuser-password"), &source)
-                .unwrap();
-        } else {
-            let c = std::ffi::CString::new(source.as_os_str().as_encoded_bytes()).unwrap();
-            // SAFETY: a NUL-terminated path.
-            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let app = inst.dir.path().join("app");
+    let rootonly = inst.dir.path().join("rootonly");
+    std::fs::create_dir_all(&rootonly).unwrap();
+    std::fs::write(rootonly.join("settings.py"), "ROOT'S").unwrap();
+    std::fs::write(rootonly.join("settings.j2"), "ROOT'S SOURCE").unwrap();
+    let cases = [
+        "source-link",
+        "fifo",
+        "source-dir-link",
+        "destination-dir-link",
+    ];
+    for make in cases {
+        let _ = std::fs::remove_dir_all(&app);
+        std::fs::create_dir_all(app.join("conf")).unwrap();
+        std::fs::create_dir_all(app.join("tpl")).unwrap();
+        let source = app.join("tpl/settings.j2");
+        let rendered = app.join("conf/settings.py");
+        std::fs::write(&source, "rendered").unwrap();
+        match make {
+            "source-link" => {
+                std::fs::remove_file(&source).unwrap();
+                std::os::unix::fs::symlink(inst.secret("postgres-superuser-password"), &source)
+                    .unwrap();
+            }
+            "fifo" => {
+                std::fs::remove_file(&source).unwrap();
+                let c = std::ffi::CString::new(source.as_os_str().as_encoded_bytes()).unwrap();
+                // SAFETY: a NUL-terminated path.
+                assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+            }
+            "source-dir-link" => {
+                std::fs::remove_dir_all(app.join("tpl")).unwrap();
+                std::os::unix::fs::symlink(&rootonly, app.join("tpl")).unwrap();
+            }
+            _ => {
+                std::fs::remove_dir_all(app.join("conf")).unwrap();
+                std::os::unix::fs::symlink(&rootonly, app.join("conf")).unwrap();
+            }
         }
         inst.config_file(
             "50.toml",
@@ -728,18 +758,26 @@ fn a_template_source_that_is_a_link_or_a_fifo_is_refused() {
             ),
         );
         let out = inst.output(&["start", "app"]);
-        assert_eq!(out.status.code(), Some(1), "{make} {i}: {}", stderr(&out));
-        let why = if *make == "link" {
-            "symbolic link"
-        } else {
+        assert_eq!(out.status.code(), Some(1), "{make}: {}", stderr(&out));
+        let why = if make == "fifo" {
             "not a regular file"
+        } else {
+            "symbolic link"
         };
         assert!(
             stderr(&out).contains("app.templates[0]") && stderr(&out).contains(why),
             "{make}: {}",
             stderr(&out)
         );
-        assert!(!rendered.exists(), "{make}: rendered");
+        assert_eq!(
+            std::fs::read_to_string(rootonly.join("settings.py")).unwrap(),
+            "ROOT'S",
+            "{make}"
+        );
+        assert_eq!(std::fs::read_dir(&rootonly).unwrap().count(), 2, "{make}");
+        if make != "destination-dir-link" {
+            assert!(!rendered.exists(), "{make}: rendered");
+        }
     }
 }
 
