@@ -26,6 +26,45 @@ async fn opened_inside(file: &tokio::fs::File, dir: &Path) -> bool {
         .is_ok_and(|p| p.starts_with(dir))
 }
 
+/// `relative` (or its `index.html` when it is a directory) opened beneath `dir` for reading:
+/// `openat2` with `RESOLVE_BENEATH` and `RESOLVE_NO_MAGICLINKS` (links inside `dir` that stay
+/// inside are followed); on a kernel without `openat2` (before 5.6), a plain open, judged by
+/// [`opened_inside`] alone. The file and the path it was asked by.
+fn open_beneath(dir: &Path, relative: &Path) -> std::io::Result<(std::fs::File, PathBuf)> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    let root = nix::fcntl::open(
+        dir,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let open = |rel: &Path| -> std::io::Result<std::fs::File> {
+        let rel = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
+        let how = OpenHow::new()
+            .flags(flags)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        match openat2(&root, rel, how) {
+            Ok(fd) => Ok(std::fs::File::from(fd)),
+            Err(nix::errno::Errno::ENOSYS) => std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+                .open(dir.join(rel)),
+            Err(e) => Err(e.into()),
+        }
+    };
+    let file = open(relative)?;
+    if file.metadata()?.is_dir() {
+        let index = relative.join("index.html");
+        return Ok((open(&index)?, dir.join(index)));
+    }
+    Ok((file, dir.join(relative)))
+}
+
 /// Serve `rest` (the path after the prefix, still percent-encoded) from `dir`.
 pub async fn serve<B>(req: &Request<B>, dir: &Path, rest: &str) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -37,22 +76,20 @@ pub async fn serve<B>(req: &Request<B>, dir: &Path, rest: &str) -> Response<Body
     let Some(relative) = safe_relative(rest) else {
         return plain(StatusCode::NOT_FOUND, "not found\n");
     };
-    let mut path = dir.join(relative);
-    if path.is_dir() {
-        path = path.join("index.html");
-    }
-    // Opened without waiting on a FIFO (refused below, as anything but a file) and without
-    // taking a terminal for regobox's own (a link to a pty: its hang-up would stop regobox when
-    // it leads a session), then judged
-    // on what was opened: symbolic links may not lead out of the directory.
-    let Ok(mut file) = tokio::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(&path)
-        .await
-    else {
+    // Opened beneath `dir` (no `..` out of it, no absolute link, no magic link of `/proc`: a
+    // link into another mount namespace of the application's would show a path inside `dir`),
+    // without waiting on a FIFO (refused below, as anything but a file) and without taking a
+    // terminal for regobox's own (a link to a pty: its hang-up would stop regobox when it leads
+    // a session); then judged on what was opened.
+    let opened = {
+        let dir = dir.to_path_buf();
+        let relative = relative.clone();
+        tokio::task::spawn_blocking(move || open_beneath(&dir, &relative)).await
+    };
+    let Ok(Ok((file, path))) = opened else {
         return plain(StatusCode::NOT_FOUND, "not found\n");
     };
+    let mut file = tokio::fs::File::from_std(file);
     if !opened_inside(&file, dir).await {
         return plain(StatusCode::NOT_FOUND, "not found\n");
     }

@@ -1125,6 +1125,72 @@ fn a_link_swapped_in_while_a_static_file_is_served_never_leads_outside() {
     p.run.unwrap().stop();
 }
 
+/// Attack (seventh session, a second attacker): the application, in a mount namespace of its
+/// own (`unshare -Urm`, as an unprivileged user), bind-mounts a root-only directory under the
+/// static directory *in its namespace*, and links a static name to it through
+/// `/proc/<pid>/root`: the file opened showed a path inside the directory, and root served the
+/// root-only file. The open is beneath the directory, without magic links: 404. (A magic link
+/// to a file inside is refused as well.)
+#[test]
+fn a_link_through_another_mount_namespace_serves_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempdir();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let statics = dir.path().join("static");
+    let secret = dir.path().join("secret");
+    std::fs::create_dir_all(&statics).unwrap();
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(secret.join("key"), "ROOT-ONLY\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(statics.join("inside.txt"), "inside\n").unwrap();
+    std::os::unix::fs::symlink(
+        format!("/proc/self/root{}/inside.txt", statics.display()),
+        statics.join("magic"),
+    )
+    .unwrap();
+    // The application's part: the static directory is its own.
+    let nobody = 65534;
+    std::os::unix::fs::chown(&statics, Some(nobody), Some(nobody)).unwrap();
+    let p = Proxied::start(&format!(
+        "[[proxy.static]]\nprefix = \"/static/\"\ndir = \"{}\"\n",
+        statics.display()
+    ));
+    let status = |path: &str| {
+        let h = stdout(&p.curl(&["-D", "-", "-o", "/dev/null", &p.https_url(path)]));
+        h.lines().next().unwrap_or("").to_string()
+    };
+    assert!(status("/static/inside.txt").starts_with("HTTP/2 200"));
+    assert!(status("/static/magic").starts_with("HTTP/2 404"));
+    let script = format!(
+        "mkdir -p {s}/s && mount --bind {secret} {s}/s && ln -sfn /proc/$$/root{s}/s/key {s}/x && echo up && exec sleep 20",
+        s = statics.display(),
+        secret = secret.display()
+    );
+    let mut ns = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["unshare", "-Urm", "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut up = [0u8; 3];
+    let mounted = ns.stdout.as_mut().unwrap().read_exact(&mut up).is_ok();
+    if mounted {
+        let out = p.curl(&[&p.https_url("/static/x")]);
+        assert!(
+            !stdout(&out).contains("ROOT-ONLY"),
+            "served the root-only file"
+        );
+        assert!(status("/static/x").starts_with("HTTP/2 404"));
+    } else {
+        eprintln!(
+            "skipped the mount namespace part: this machine refuses unprivileged user namespaces"
+        );
+    }
+    let _ = ns.kill();
+    let _ = ns.wait();
+    p.run.unwrap().stop();
+}
+
 #[test]
 fn a_port_below_1024_without_the_capability_names_the_key() {
     let mut p = Proxied::config("");
