@@ -274,7 +274,14 @@ impl<W: Write> Writer<W> {
                 continue;
             };
             let child = format!("{prefix}/{utf8}");
-            self.add_tree(&child, &path, skip, progress)?;
+            match self.add_tree(&child, &path, skip, progress) {
+                // Removed between the listing and its turn (an application deleting its
+                // temporary files): nothing of it was written; left out, as tar does.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    tracing::warn!(path = %path.display(), "removed while the backup ran; left out");
+                }
+                r => r?,
+            }
             progress(self.content_bytes);
         }
         Ok(())
@@ -1175,6 +1182,37 @@ mod tests {
             };
             assert!(e.contains(want), "{}: {e}", kind as char);
         }
+    }
+
+    /// Attack (seventh session): the application removes a file between the backup's listing
+    /// of its directory and the file's turn; every backup failed (`No such file or
+    /// directory`). It is left out, and the archive verifies.
+    #[test]
+    fn a_file_removed_while_the_backup_runs_is_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("files");
+        std::fs::create_dir_all(root.join("c_dir")).unwrap();
+        std::fs::write(root.join("a_big"), b"a").unwrap();
+        std::fs::write(root.join("b_tmp"), b"b").unwrap();
+        std::fs::write(root.join("c_dir/x"), b"x").unwrap();
+        let mut w = writer();
+        let (b_tmp, c_dir) = (root.join("b_tmp"), root.join("c_dir"));
+        // Asked about `a_big` (after the listing): the application removes the other two then.
+        let skip = |p: &Path| {
+            if p.ends_with("a_big") {
+                std::fs::remove_file(&b_tmp).unwrap();
+                std::fs::remove_dir_all(&c_dir).unwrap();
+            }
+            false
+        };
+        w.add_tree("volumes/files", &root, &skip, &|_| {}).unwrap();
+        let (bytes, _) = w.finish(base()).unwrap();
+        let m = verify(&bytes[..], &Rules::default()).unwrap();
+        let paths: Vec<&str> = m.members.iter().map(|m| m.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec!["regobox.json", "volumes/files", "volumes/files/a_big"]
+        );
     }
 
     #[test]
