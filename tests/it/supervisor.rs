@@ -631,12 +631,7 @@ fn the_cron_command_runs_only_the_scheduler() {
     );
     // `cron` uses a database, never creates one.
     inst.ok(&["init"]);
-    let mut child = inst
-        .command(&["cron"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_cron(&inst);
     inst.wait_until("a tick", Duration::from_secs(30), || {
         inst.root.join("files/ticks").exists()
     });
@@ -644,12 +639,26 @@ fn the_cron_command_runs_only_the_scheduler() {
         !inst.root.join("files/web").exists(),
         "services are not started by `cron`"
     );
+    assert!(terminate(&mut child).success());
+}
+
+/// `regobox cron` in the background, its output discarded.
+fn spawn_cron(inst: &Instance) -> std::process::Child {
+    inst.command(&["cron"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// SIGTERM to `child`, and how it ended.
+fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         Signal::SIGTERM,
     )
     .unwrap();
-    assert!(child.wait().unwrap().success());
+    child.wait().unwrap()
 }
 
 /// Attack (seventh session): a cron job that names a user (`user = "nobody"`) ran as root,
@@ -670,21 +679,11 @@ fn a_cron_job_naming_a_user_runs_as_that_user() {
         ),
     );
     inst.ok(&["init"]);
-    let mut child = inst
-        .command(&["cron"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_cron(&inst);
     inst.wait_until("a run", Duration::from_secs(30), || {
         std::fs::read_dir(&out).unwrap().next().is_some()
     });
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        Signal::SIGTERM,
-    )
-    .unwrap();
-    child.wait().unwrap();
+    terminate(&mut child);
     let nobody = stdout(
         &std::process::Command::new("id")
             .args(["-u", "nobody"])
