@@ -26,7 +26,8 @@ async fn opened_inside(file: &tokio::fs::File, dir: &Path) -> bool {
         .is_ok_and(|p| p.starts_with(dir))
 }
 
-/// `relative` (or its `index.html` when it is a directory) opened beneath `dir` for reading:
+/// `relative` (or its `index.html` when it is a directory) opened beneath `dir` for reading,
+/// `dir` itself opened without following a link (see [`crate::volumes::open_dir_without_links`]):
 /// `openat2` with `RESOLVE_BENEATH` and `RESOLVE_NO_MAGICLINKS` (links inside `dir` that stay
 /// inside are followed); on a kernel without `openat2` (before 5.6), a plain open, judged by
 /// [`opened_inside`] alone. The file and the path it was asked by.
@@ -34,11 +35,9 @@ fn open_beneath(dir: &Path, relative: &Path) -> std::io::Result<(std::fs::File, 
     use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
     use std::os::unix::fs::OpenOptionsExt;
     let flags = OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
-    let root = nix::fcntl::open(
-        dir,
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        nix::sys::stat::Mode::empty(),
-    )?;
+    // `dir` was resolved at start and holds no link: one there now was put by whoever owns a
+    // directory above it (a link into another mount namespace would show paths inside `dir`).
+    let root = crate::volumes::open_dir_without_links(dir, false)?;
     let open = |rel: &Path| -> std::io::Result<std::fs::File> {
         let rel = if rel.as_os_str().is_empty() {
             Path::new(".")
