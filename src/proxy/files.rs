@@ -14,23 +14,12 @@ use tokio_util::io::ReaderStream;
 
 use super::{Body, empty, full};
 
-/// Whether the file opened is inside `dir` (resolved once, when the proxy started), by the
-/// path the kernel gives the open file (`/proc/self/fd`), not by a check of the path made
-/// before the open: whoever writes the directory, or one above it (the application), could
-/// swap a component for a link between the two, or the directory itself for a link to `/`.
-async fn opened_inside(file: &tokio::fs::File, dir: &Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let opened = format!("/proc/self/fd/{}", file.as_raw_fd());
-    tokio::fs::read_link(opened)
-        .await
-        .is_ok_and(|p| p.starts_with(dir))
-}
-
 /// `relative` (or its `index.html` when it is a directory) opened beneath `dir` for reading,
 /// `dir` itself opened without following a link (see [`crate::volumes::open_dir_without_links`]):
 /// `openat2` with `RESOLVE_BENEATH` and `RESOLVE_NO_MAGICLINKS` (links inside `dir` that stay
-/// inside are followed); on a kernel without `openat2` (before 5.6), a plain open, judged by
-/// [`opened_inside`] alone. The file and the path it was asked by.
+/// inside are followed); on a kernel without `openat2` (before 5.6), a plain open judged on
+/// the path the kernel gives the open file (`/proc/self/fd`), which must be inside `dir`. The
+/// file and the path it was asked by.
 fn open_beneath(dir: &Path, relative: &Path) -> std::io::Result<(std::fs::File, PathBuf)> {
     use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
     use std::os::unix::fs::OpenOptionsExt;
@@ -49,10 +38,18 @@ fn open_beneath(dir: &Path, relative: &Path) -> std::io::Result<(std::fs::File, 
             .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
         match openat2(&root, rel, how) {
             Ok(fd) => Ok(std::fs::File::from(fd)),
-            Err(nix::errno::Errno::ENOSYS) => std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-                .open(dir.join(rel)),
+            Err(nix::errno::Errno::ENOSYS) => {
+                use std::os::fd::AsRawFd;
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+                    .open(dir.join(rel))?;
+                let opened = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+                if !opened.starts_with(dir) {
+                    return Err(std::io::ErrorKind::NotFound.into());
+                }
+                Ok(file)
+            }
             Err(e) => Err(e.into()),
         }
     };
@@ -89,9 +86,6 @@ pub async fn serve<B>(req: &Request<B>, dir: &Path, rest: &str) -> Response<Body
         return plain(StatusCode::NOT_FOUND, "not found\n");
     };
     let mut file = tokio::fs::File::from_std(file);
-    if !opened_inside(&file, dir).await {
-        return plain(StatusCode::NOT_FOUND, "not found\n");
-    }
     let Ok(meta) = file.metadata().await else {
         return plain(StatusCode::NOT_FOUND, "not found\n");
     };
