@@ -39,24 +39,59 @@ use archive::{Manifest, PostgresInfo};
 /// The prefix of staging directories (removed when left by an interrupted restore).
 const STAGING: &str = ".restore-";
 /// Held (flock) for the whole of a restore: nothing else touches its journal and staging.
+/// Its holder removes it before letting go: a restore, refused or done, leaves nothing.
 const RESTORE_LOCK: &str = ".regobox-restore.lock";
 
+/// The restore lock of a volume, held.
+struct RestoreLock {
+    path: PathBuf,
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl Drop for RestoreLock {
+    fn drop(&mut self) {
+        // Removed while still held (the lock goes with the file, after this): whoever opened
+        // the file before finds, once it has the lock, that the path names another file or
+        // none, and starts again.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// Take the restore lock of the volume, or `None` if a restore holds it.
-fn restore_lock(root: &Path) -> anyhow::Result<Option<nix::fcntl::Flock<File>>> {
+fn restore_lock(root: &Path) -> anyhow::Result<Option<RestoreLock>> {
+    use std::os::unix::fs::MetadataExt as _;
     let path = root.join(RESTORE_LOCK);
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(lock) => Ok(Some(lock)),
-        Err((_, nix::Error::EWOULDBLOCK)) => Ok(None),
-        Err((_, e)) => {
-            Err(io::Error::from(e)).with_context(|| format!("locking {}", path.display()))
+    // A holder removes the file as it ends: a file locked after that is no longer the lock.
+    for _ in 0..100 {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        {
+            Ok(lock) => lock,
+            Err((_, nix::Error::EWOULDBLOCK)) => return Ok(None),
+            Err((_, e)) => {
+                return Err(io::Error::from(e))
+                    .with_context(|| format!("locking {}", path.display()));
+            }
+        };
+        let held = lock
+            .metadata()
+            .with_context(|| format!("reading {}", path.display()))?;
+        let named = std::fs::symlink_metadata(&path).ok();
+        if named.is_some_and(|n| n.dev() == held.dev() && n.ino() == held.ino()) {
+            return Ok(Some(RestoreLock { path, _lock: lock }));
         }
     }
+    bail!(
+        "{} keeps being replaced while it is locked; is another restore starting and ending in a loop?",
+        path.display()
+    )
 }
 
 /// A refusal that leaves everything as it was.
@@ -1926,10 +1961,13 @@ pub fn recover(config: &Config) -> anyhow::Result<()> {
     recover_held(config)
 }
 
-/// Whether a restore left anything behind (a journal, a staging directory): read only.
+/// Whether a restore left anything behind (a journal, a staging directory, its lock file): read
+/// only.
 fn interrupted(config: &Config) -> bool {
     let root = &config.volumes.root;
     journal::exists(root)
+        // A restore killed outright leaves its lock file (the lock itself goes with the process).
+        || std::fs::symlink_metadata(root.join(RESTORE_LOCK)).is_ok()
         || [Some(root.as_path()), config.postgres.data_dir.parent()]
             .into_iter()
             .flatten()
@@ -2021,6 +2059,38 @@ pub async fn list(config: &Config, layout: &Layout) -> Vec<Listed> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_restore_lock_leaves_nothing_and_is_never_held_twice() {
+        let root = tempfile::tempdir().unwrap();
+        let held = restore_lock(root.path()).unwrap().expect("free");
+        assert!(restore_lock(root.path()).unwrap().is_none(), "held once");
+        drop(held);
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+        // Threads taking and letting go of it as fast as they can: a holder removes the file
+        // between another's open and its lock, and that other must not hold the old file
+        // while a third holds the new one.
+        let holders = std::sync::atomic::AtomicUsize::new(0);
+        let taken = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..3000 {
+                        if let Some(lock) = restore_lock(root.path()).unwrap() {
+                            let before = holders.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            assert_eq!(before, 0, "two holders of the restore lock at once");
+                            taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            std::thread::yield_now();
+                            holders.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                            drop(lock);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(taken.into_inner() > 0);
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+    }
 
     #[test]
     fn recovery_leaves_a_running_restore_alone() {

@@ -380,7 +380,7 @@ fn a_restore_killed_at_any_step_leaves_the_previous_data_bootable() {
             .unwrap()
             .chain(std::fs::read_dir(target.root.join("db")).unwrap())
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with('.') && n != ".regobox-restore.lock")
+            .filter(|n| n.starts_with('.'))
             .collect();
         assert!(leftovers.is_empty(), "{point}: {leftovers:?}");
         // ... and no restore server left running on a removed directory.
@@ -625,7 +625,6 @@ fn volume_state(inst: &Instance) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(&inst.root)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n != ".regobox-restore.lock")
         .collect();
     names.sort();
     state.extend(names);
@@ -763,6 +762,11 @@ fn crafted_archives_are_refused_by_verify_and_restore_alike_and_change_nothing()
             "secret-tls-file",
             "drop('volumes/secrets/tls')\nadd_file('volumes/secrets/tls', b'x')".into(),
             "member volumes/secrets/tls is refused: the secrets directory holds regular files only",
+        ),
+        (
+            "secret-tls-huge",
+            "add_dir('volumes/secrets/tls')\nadd_file('volumes/secrets/tls/big.pem', b'x' * (2 << 20))".into(),
+            "member volumes/secrets/tls/big.pem is refused: it declares",
         ),
         (
             "secret-not-text",
