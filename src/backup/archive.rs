@@ -173,9 +173,20 @@ impl<W: Write> Writer<W> {
     /// zeros, one that grows is cut at its size when it was listed; the manifest records what
     /// was written.
     pub fn add_file(&mut self, path: &str, fs_path: &Path, meta: &Metadata) -> io::Result<()> {
+        let file = std::fs::File::open(fs_path)?;
+        self.add_open_file(path, file, fs_path, meta)
+    }
+
+    /// [`Writer::add_file`] of a file already open (`fs_path` names it in messages).
+    fn add_open_file(
+        &mut self,
+        path: &str,
+        file: std::fs::File,
+        fs_path: &Path,
+        meta: &Metadata,
+    ) -> io::Result<()> {
         let mut header = header_for(meta, tar::EntryType::Regular);
         header.set_size(meta.len());
-        let file = std::fs::File::open(fs_path)?;
         let mut reader = Hashing::new(ExactSize::new(file, meta.len()));
         self.tar.append_data(&mut header, path, &mut reader)?;
         if reader.inner.padded > 0 {
@@ -246,6 +257,12 @@ impl<W: Write> Writer<W> {
 
     /// Add `root` and everything under it as `prefix/...`, in a stable order, never following
     /// symlinks; `skip` says which paths to leave out.
+    ///
+    /// The walk holds each directory open and opens what is in it relative to that (`openat`,
+    /// without following a link): the application owns these directories and may swap one of
+    /// them, or a file, for a link while the backup runs (as root); what is archived is then
+    /// what was there, never what the link leads to. An entry replaced between its listing and
+    /// its opening is left out with a warning, as one removed.
     pub fn add_tree(
         &mut self,
         prefix: &str,
@@ -253,56 +270,114 @@ impl<W: Write> Writer<W> {
         skip: &dyn Fn(&Path) -> bool,
         progress: &dyn Fn(u64),
     ) -> io::Result<()> {
-        let meta = std::fs::symlink_metadata(root)?;
-        self.add_entry(prefix, root, &meta)?;
-        if !meta.is_dir() {
+        self.add_at(
+            prefix,
+            nix::fcntl::AT_FDCWD,
+            root.as_os_str(),
+            root,
+            skip,
+            progress,
+        )
+    }
+
+    /// Add the entry `name` of the directory `dir` (`fs_path` names it) as `path`, and, for a
+    /// directory, everything under it.
+    fn add_at(
+        &mut self,
+        path: &str,
+        dir: std::os::fd::BorrowedFd<'_>,
+        name: &std::ffi::OsStr,
+        fs_path: &Path,
+        skip: &dyn Fn(&Path) -> bool,
+        progress: &dyn Fn(u64),
+    ) -> io::Result<()> {
+        use nix::fcntl::{OFlag, openat};
+        use nix::sys::stat::Mode;
+        use std::os::fd::AsFd as _;
+        let replaced = || {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} was replaced while it was archived", fs_path.display()),
+            )
+        };
+        let open = |flags: OFlag| -> io::Result<std::fs::File> {
+            match openat(
+                dir,
+                name,
+                flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => Ok(std::fs::File::from(fd)),
+                // A link where a file or directory was listed an instant before.
+                Err(nix::errno::Errno::ELOOP | nix::errno::Errno::ENOTDIR) => Err(replaced()),
+                Err(e) => Err(io::Error::from(e)),
+            }
+        };
+        // What the entry is, without opening it for reading (a device, a FIFO are never opened).
+        let meta = open(OFlag::O_PATH)?.metadata()?;
+        let ft = meta.file_type();
+        if meta.mode() & 0o6000 != 0 && !ft.is_symlink() {
+            tracing::warn!(path = %fs_path.display(), mode = format!("{:o}", meta.mode() & 0o7777), "archived without its setuid/setgid bits (a restore refuses them)");
+        }
+        // The entry opened for reading is the one just looked at, or it was replaced.
+        let same = |m: &Metadata| m.dev() == meta.dev() && m.ino() == meta.ino();
+        if ft.is_symlink() {
+            let target = nix::fcntl::readlinkat(dir, name).map_err(io::Error::from)?;
+            return self.add_symlink(path, Path::new(&target), &meta);
+        }
+        if ft.is_file() {
+            let file = open(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY)?;
+            let meta = file.metadata()?;
+            if !same(&meta) || !meta.is_file() {
+                return Err(replaced());
+            }
+            return self.add_open_file(path, file, fs_path, &meta);
+        }
+        if !ft.is_dir() {
+            tracing::warn!(path = %fs_path.display(), "not a file, directory or symlink; left out of the backup");
             return Ok(());
         }
-        let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(root)?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<io::Result<_>>()?;
+        let here = open(OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
+        let meta = here.metadata()?;
+        if !same(&meta) {
+            return Err(replaced());
+        }
+        self.add_dir(path, &meta)?;
+        let listing = nix::dir::Dir::from_fd(here.try_clone()?.into()).map_err(io::Error::from)?;
+        let mut names: Vec<std::ffi::OsString> = Vec::new();
+        use std::os::unix::ffi::OsStringExt as _;
+        for entry in listing {
+            let entry = entry.map_err(io::Error::from)?;
+            let n = entry.file_name().to_bytes();
+            if n != b"." && n != b".." {
+                names.push(std::ffi::OsString::from_vec(n.to_vec()));
+            }
+        }
         names.sort();
         for name in names {
-            let path = root.join(&name);
-            if skip(&path) {
+            let child_path = fs_path.join(&name);
+            if skip(&child_path) {
                 continue;
             }
             // A name that is not UTF-8 has no spelling in the archive format (its members are
             // judged as UTF-8): left out, loudly, so that the archive always restores.
             let Some(utf8) = name.to_str() else {
-                tracing::warn!(path = %path.display(), "left out of the backup: its name is not UTF-8 (rename it to keep it in backups)");
+                tracing::warn!(path = %child_path.display(), "left out of the backup: its name is not UTF-8 (rename it to keep it in backups)");
                 continue;
             };
-            let child = format!("{prefix}/{utf8}");
-            match self.add_tree(&child, &path, skip, progress) {
-                // Removed between the listing and its turn (an application deleting its
-                // temporary files): nothing of it was written; left out, as tar does.
+            let child = format!("{path}/{utf8}");
+            match self.add_at(&child, here.as_fd(), &name, &child_path, skip, progress) {
+                // Removed (or replaced) between the listing and its turn (an application
+                // deleting its temporary files): nothing of it was written; left out, as tar
+                // does.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    tracing::warn!(path = %path.display(), "removed while the backup ran; left out");
+                    tracing::warn!(path = %child_path.display(), error = %e, "removed or replaced while the backup ran; left out");
                 }
                 r => r?,
             }
             progress(self.content_bytes);
         }
         Ok(())
-    }
-
-    fn add_entry(&mut self, path: &str, fs_path: &Path, meta: &Metadata) -> io::Result<()> {
-        let ft = meta.file_type();
-        if meta.mode() & 0o6000 != 0 && !ft.is_symlink() {
-            tracing::warn!(path = %fs_path.display(), mode = format!("{:o}", meta.mode() & 0o7777), "archived without its setuid/setgid bits (a restore refuses them)");
-        }
-        if ft.is_symlink() {
-            let target = std::fs::read_link(fs_path)?;
-            self.add_symlink(path, &target, meta)
-        } else if ft.is_dir() {
-            self.add_dir(path, meta)
-        } else if ft.is_file() {
-            self.add_file(path, fs_path, meta)
-        } else {
-            tracing::warn!(path = %fs_path.display(), "not a file, directory or symlink; left out of the backup");
-            Ok(())
-        }
     }
 
     /// Append the manifest (`base` with the member list filled in) and finish the stream.
@@ -426,6 +501,9 @@ const MAX_MANIFEST: u64 = 256 << 20;
 /// The largest secret (a password, an application's secret) read into memory to be checked:
 /// it goes into an environment, whose strings Linux bounds at 128 KiB.
 const MAX_SECRET: u64 = 64 << 10;
+/// The largest file of the secrets' `tls` directory (certificates, keys, the ACME account: a few
+/// KiB each), which the proxy reads whole at start.
+const MAX_TLS_FILE: u64 = 1 << 20;
 /// The longest member name or link target (Linux's `PATH_MAX`).
 const MAX_NAME: usize = 4096;
 /// What a member costs on disk at least (one block): directories, links and small files.
@@ -838,10 +916,13 @@ fn read(
                 }
             }
             let secret = kind == Kind::File && secret_value(&path);
+            let tls_file = kind == Kind::File
+                && path.starts_with(&format!("volumes/{SECRETS}/{SECRETS_TLS}/"));
             let limit = match place {
                 Place::Header => Some(MAX_HEADER),
                 Place::Manifest => Some(MAX_MANIFEST),
                 _ if secret => Some(MAX_SECRET),
+                _ if tls_file => Some(MAX_TLS_FILE),
                 _ => None,
             };
             if let Some(limit) = limit.filter(|l| size > *l) {
@@ -1212,6 +1293,63 @@ mod tests {
         assert_eq!(
             paths,
             vec!["regobox.json", "volumes/files", "volumes/files/a_big"]
+        );
+    }
+
+    /// Attack (eighth session): the backup runs as root and walked the application's
+    /// directories by path; the application swaps a directory (or a file) already listed for a
+    /// link to a place it cannot read, and the backup archived that place's files under the
+    /// application's names. The walk holds each directory open instead: what is archived is
+    /// what was there.
+    #[test]
+    fn a_directory_or_file_swapped_for_a_link_during_the_backup_archives_nothing_of_its_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(outside.join("sub")).unwrap();
+        std::fs::write(outside.join("sub/shadow"), b"root:secret").unwrap();
+        std::fs::write(outside.join("key"), b"root:secret").unwrap();
+        let root = dir.path().join("files");
+        std::fs::create_dir_all(root.join("c_dir/sub")).unwrap();
+        std::fs::write(root.join("c_dir/sub/mine"), b"mine").unwrap();
+        std::fs::write(root.join("d_file"), b"mine").unwrap();
+        let mut w = writer();
+        // Asked about `c_dir/sub` (its parent already open and listed): the application moves
+        // `c_dir` away and puts a link to `outside` in its place, and the same for `d_file`.
+        let skip = |p: &Path| {
+            if p.ends_with("c_dir/sub") {
+                std::fs::rename(root.join("c_dir"), root.join("c_old")).unwrap();
+                std::os::unix::fs::symlink(&outside, root.join("c_dir")).unwrap();
+                std::fs::rename(root.join("d_file"), root.join("d_old")).unwrap();
+                std::os::unix::fs::symlink(outside.join("key"), root.join("d_file")).unwrap();
+            }
+            false
+        };
+        w.add_tree("volumes/files", &root, &skip, &|_| {}).unwrap();
+        let (bytes, _) = w.finish(base()).unwrap();
+        let m = verify(&bytes[..], &Rules::default()).unwrap();
+        let paths: Vec<&str> = m.members.iter().map(|m| m.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            vec![
+                "regobox.json",
+                "volumes/files",
+                "volumes/files/c_dir",
+                "volumes/files/c_dir/sub",
+                "volumes/files/c_dir/sub/mine",
+                "volumes/files/d_file",
+            ]
+        );
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        unpack_verified(&bytes[..], &Rules::default(), into(&out), &mut |_| true).unwrap();
+        assert_eq!(
+            std::fs::read(out.join("volumes/files/c_dir/sub/mine")).unwrap(),
+            b"mine"
+        );
+        // `d_file` was listed before the swap and opened after it: the link, as a link.
+        assert_eq!(
+            std::fs::read_link(out.join("volumes/files/d_file")).unwrap(),
+            outside.join("key")
         );
     }
 
