@@ -317,6 +317,17 @@ pub struct DockerConfig {
     /// Largest build context, spooled to a temporary file so that its Dockerfile is read
     /// before the build is forwarded.
     pub max_build_context: u64,
+    /// Bodies spooled at once (build contexts, copies into a job): each takes up to
+    /// `max_build_context` of the temporary directory (a build twice: its context as sent and
+    /// as forwarded). More wait their turn.
+    pub max_spooled: usize,
+    /// Connections the application may hold open to the socket at once. At the cap, regobox
+    /// accepts no more until one closes (the application's connects wait), and says so.
+    pub max_connections: usize,
+    /// A connection with no request in progress (idle between requests, or a request's head
+    /// not yet whole) is closed after this.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
     pub limits: DockerLimits,
     pub policy: DockerPolicyConfig,
 }
@@ -336,6 +347,9 @@ impl Default for DockerConfig {
             stop_jobs: false,
             max_inspected_body: 1024 * 1024,
             max_build_context: 1 << 30,
+            max_spooled: 2,
+            max_connections: 128,
+            idle_timeout: Duration::from_secs(60),
             limits: DockerLimits::default(),
             policy: DockerPolicyConfig::default(),
         }
@@ -1874,6 +1888,17 @@ impl Config {
                 "docker.max_inspected_body",
                 "must be at least 1024 bytes".into(),
             );
+        }
+        for (key, value) in [
+            ("docker.max_spooled", d.max_spooled),
+            ("docker.max_connections", d.max_connections),
+        ] {
+            if value == 0 {
+                bad(key, "must be at least 1".into());
+            }
+        }
+        if d.idle_timeout < Duration::from_secs(1) {
+            bad("docker.idle_timeout", "must be at least 1s".into());
         }
     }
 

@@ -173,6 +173,9 @@ impl Bridge {
             max_body: d.max_inspected_body as usize,
             max_build_context: d.max_build_context,
             spool_dir: std::env::temp_dir(),
+            spools: Arc::new(tokio::sync::Semaphore::new(d.max_spooled)),
+            max_connections: d.max_connections,
+            idle_timeout: d.idle_timeout,
             freeze_journal,
             freezing: tokio::sync::Mutex::new(()),
         });

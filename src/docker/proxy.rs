@@ -174,6 +174,10 @@ pub struct Proxy {
     /// Largest build context, spooled to an unnamed file in `spool_dir` before it is forwarded.
     pub max_build_context: u64,
     pub spool_dir: PathBuf,
+    /// A turn to spool a body (`docker.max_spooled` at once), held until the body is forwarded.
+    pub spools: Arc<tokio::sync::Semaphore>,
+    pub max_connections: usize,
+    pub idle_timeout: std::time::Duration,
     /// Where [`binds::Freeze`] records what it changed, and the lock that lets one request at a
     /// time make the engine mount binds.
     pub freeze_journal: PathBuf,
@@ -181,9 +185,34 @@ pub struct Proxy {
 }
 
 /// Serve `listener` until `shutdown` (open streams, such as a followed log, go on until the
-/// process ends).
+/// process ends). At most `docker.max_connections` connections at once, hijacked ones (attach)
+/// included: at the cap nothing more is accepted, and the application's connects wait in the
+/// socket's backlog, which holds none of regobox's descriptors. A connection with no request in
+/// progress is closed after `docker.idle_timeout` (hyper's header read timeout: it runs from
+/// the end of one exchange until the next request's head is whole).
 pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, shutdown: CancellationToken) {
+    let connections = Arc::new(tokio::sync::Semaphore::new(proxy.max_connections));
+    let mut warned: Option<Instant> = None;
     loop {
+        let permit = match connections.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if warned.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60)) {
+                    tracing::warn!(
+                        max = proxy.max_connections,
+                        "the application holds docker.max_connections connections to the Docker socket: new ones wait until one closes"
+                    );
+                    warned = Some(Instant::now());
+                }
+                tokio::select! {
+                    p = connections.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        };
         let stream = tokio::select! {
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
@@ -196,16 +225,72 @@ pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, shutdown: Cancella
             _ = shutdown.cancelled() => return,
         };
         let proxy = proxy.clone();
+        let idle = proxy.idle_timeout;
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let proxy = proxy.clone();
                 async move { Ok::<_, Infallible>(proxy.handle(req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(idle)
+                .serve_connection(
+                    TokioIo::new(Counted {
+                        stream,
+                        _permit: permit,
+                    }),
+                    service,
+                )
                 .with_upgrades()
                 .await;
         });
+    }
+}
+
+/// A connection of the application's, counted against `docker.max_connections` for as long as
+/// it is open: through hyper, then, upgraded, through the splice that holds it.
+struct Counted {
+    stream: tokio::net::UnixStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
@@ -587,8 +672,8 @@ impl Proxy {
                 // API 1.24 a start's body would replace the container's HostConfig, for one.
                 let (req, payload) = if method == "PUT" {
                     let (parts, body) = req.into_parts();
-                    let spool = self.spool(body, "the archive").await?;
-                    let (body, len) = spooled_body(spool, "the archive").await?;
+                    let (spool, turn) = self.spool(body, "the archive").await?;
+                    let (body, len) = spooled_body(spool, turn, "the archive").await?;
                     (Request::from_parts(parts, body), Payload::Tar(Some(len)))
                 } else {
                     (self.no_body(req).await?, Payload::Empty)
@@ -754,7 +839,7 @@ impl Proxy {
         // still writing its context closes the connection under it, and the client reports the
         // broken pipe instead of the reason.
         let (parts, body) = req.into_parts();
-        let spool = self.spool(body, "the build context").await?;
+        let (spool, turn) = self.spool(body, "the build context").await?;
         let q = query::parse(raw_query, "a build", query::BUILD)?;
         let q = build::check_build_query(q, &self.policy.limits, &self.instance)?;
         for tag in q.all("t") {
@@ -791,7 +876,7 @@ impl Proxy {
                 .into());
             }
         }
-        let (body, len) = spooled_body(context, "the build context").await?;
+        let (body, len) = spooled_body(context, turn, "the build context").await?;
         let request = Request::from_parts(parts, body);
         let q_path = format!("{path}?{}", q.encode());
         let request = retarget(request, &q_path)?;
@@ -820,10 +905,21 @@ impl Proxy {
         refusal
     }
 
-    /// The request body (`what`) in an unnamed file of the spool directory, bounded.
-    async fn spool(&self, body: Incoming, what: &str) -> Result<std::fs::File, Refusal> {
+    /// The request body (`what`) in an unnamed file of the spool directory, bounded, and the
+    /// turn it was spooled in (`docker.max_spooled` at once), to hold until it is forwarded.
+    async fn spool(
+        &self,
+        body: Incoming,
+        what: &str,
+    ) -> Result<(std::fs::File, tokio::sync::OwnedSemaphorePermit), Refusal> {
         use tokio::io::AsyncWriteExt;
         let err = |e: &dyn std::fmt::Display| Refusal::Engine(format!("spooling {what}: {e}"));
+        let turn = self
+            .spools
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| err(&e))?;
         let file = tempfile_in(&self.spool_dir).map_err(|e| err(&e))?;
         let mut writer = tokio::fs::File::from_std(file.try_clone().map_err(|e| err(&e))?);
         let mut body = body;
@@ -842,7 +938,7 @@ impl Proxy {
             }
         }
         writer.flush().await.map_err(|e| err(&e))?;
-        Ok(file)
+        Ok((file, turn))
     }
 
     /// Before the engine mounts a container's binds (start, restart, a copy into it): their
@@ -1194,15 +1290,23 @@ impl Proxy {
     }
 }
 
-/// A spooled body (`what`), from its start, and its length.
-async fn spooled_body(spool: std::fs::File, what: &str) -> Result<(Body, u64), Refusal> {
+/// A spooled body (`what`), from its start, and its length; its spooling turn ends when the body
+/// is dropped (forwarded whole, or abandoned).
+async fn spooled_body(
+    spool: std::fs::File,
+    turn: tokio::sync::OwnedSemaphorePermit,
+    what: &str,
+) -> Result<(Body, u64), Refusal> {
     use tokio::io::AsyncSeekExt;
     let len = spool.metadata().map(|m| m.len()).unwrap_or(0);
     let mut file = tokio::fs::File::from_std(spool);
     file.seek(std::io::SeekFrom::Start(0))
         .await
         .map_err(|e| Refusal::Engine(format!("spooling {what}: {e}")))?;
-    let stream = tokio_util::io::ReaderStream::new(file).map(|r| r.map(Frame::data));
+    let stream = tokio_util::io::ReaderStream::new(file).map(move |r| {
+        let _turn = &turn;
+        r.map(Frame::data)
+    });
     Ok((boxed(http_body_util::StreamBody::new(stream)), len))
 }
 

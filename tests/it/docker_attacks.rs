@@ -1628,3 +1628,213 @@ fn copies_that_make_the_engine_mount_binds_or_race_a_running_job_are_refused() {
     assert!(stdout(&out).contains("copied in"), "{}", stdout(&out));
     b.stop();
 }
+
+/// One exchange on an open connection: `GET /_ping`, its status line read back.
+fn ping(conn: &mut std::os::unix::net::UnixStream) -> std::io::Result<String> {
+    use std::io::Write;
+    conn.write_all(b"GET /_ping HTTP/1.1\r\nHost: d\r\n\r\n")?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let whole = |got: &[u8]| {
+        let text = String::from_utf8_lossy(got);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            return false;
+        };
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            body.ends_with("0\r\n\r\n")
+        } else {
+            body.ends_with("OK")
+        }
+    };
+    while !whole(&got) {
+        let n = conn.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    Ok(String::from_utf8_lossy(&got)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string())
+}
+
+/// Whether the peer closed `conn` within `within` (reads until end of stream or the time).
+fn closed_within(conn: &mut std::os::unix::net::UnixStream, within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        conn.set_read_timeout(Some(left)).unwrap();
+        match conn.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn open_descriptors(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn the_applications_connections_are_bounded_in_number_and_in_idle_time() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let mut b = Bridged::start("max_connections = 4\nidle_timeout = \"5s\"\nmax_spooled = 1");
+    let pid = b.run.pid();
+    // Four connections, each after one exchange, idle: the cap.
+    let mut held: Vec<UnixStream> = (0..4)
+        .map(|i| {
+            let mut c = UnixStream::connect(&b.socket).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            assert_eq!(ping(&mut c).unwrap(), "HTTP/1.1 200 OK", "connection {i}");
+            c
+        })
+        .collect();
+    // The fifth connects (the socket's backlog) but is not served while the four are open.
+    let mut fifth = UnixStream::connect(&b.socket).unwrap();
+    fifth
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    fifth
+        .write_all(b"GET /_ping HTTP/1.1\r\nHost: d\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let early = fifth.read(&mut buf);
+    assert!(
+        early
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut),
+        "a fifth connection was served past docker.max_connections = 4: {early:?}"
+    );
+    // A hundred more waiting cost regobox no descriptor each.
+    let before = open_descriptors(pid);
+    let waiting: Vec<UnixStream> = (0..100)
+        .map(|_| UnixStream::connect(&b.socket).unwrap())
+        .collect();
+    let after = open_descriptors(pid);
+    assert!(
+        after < before + 10,
+        "{} descriptors for 100 connections over the cap",
+        after - before
+    );
+    drop(waiting);
+    assert!(
+        b.run.log_text().contains("docker.max_connections"),
+        "the cap is said in the log"
+    );
+    // The four, idle, are closed after docker.idle_timeout; the fifth is served then.
+    for (i, c) in held.iter_mut().enumerate() {
+        assert!(
+            closed_within(c, Duration::from_secs(30)),
+            "idle connection {i} still open"
+        );
+    }
+    fifth
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = fifth.read(&mut buf).unwrap();
+        assert!(n > 0, "the fifth connection was closed unanswered");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    // A streamed answer is a request in progress: events followed past the idle timeout.
+    let mut events = UnixStream::connect(&b.socket).unwrap();
+    events
+        .write_all(b"GET /events HTTP/1.1\r\nHost: d\r\n\r\n")
+        .unwrap();
+    assert!(
+        !closed_within(&mut events, Duration::from_secs(8)),
+        "a followed stream of events was cut by docker.idle_timeout"
+    );
+    drop(events);
+    // A head trickled a byte a second is cut at docker.idle_timeout, not held for ever.
+    let mut slow = UnixStream::connect(&b.socket).unwrap();
+    let started = std::time::Instant::now();
+    let mut cut = false;
+    for byte in b"GET /_ping HTTP/1.1\r\nHost: d\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+        if slow.write_all(&[*byte]).is_err() {
+            cut = true;
+            break;
+        }
+        if closed_within(&mut slow, Duration::from_secs(1)) {
+            cut = true;
+            break;
+        }
+    }
+    assert!(
+        cut,
+        "a trickled head held its connection for {:?}",
+        started.elapsed()
+    );
+    drop(slow);
+
+    // Spooled bodies take their turn (docker.max_spooled = 1): a second copy into a job waits
+    // while a first one's tar is still arriving, and goes through once it has.
+    let image = format!("regobox-test/busybox:spool{}", b.inst.port);
+    b.import_busybox(&image);
+    let made = OnEngine::default();
+    let job = b.cli_ok(&["create", &image, "true"]);
+    let job = job.trim().to_string();
+    made.container(&job);
+    let dir = b.inst.dir.path().join("copied");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("x"), b"x").unwrap();
+    let tar = b.inst.dir.path().join("copied.tar");
+    tar_of(&dir, &tar);
+    let body = std::fs::read(&tar).unwrap();
+    let head = format!(
+        "PUT /v1.41/containers/{job}/archive?path=/ HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let mut first = UnixStream::connect(&b.socket).unwrap();
+    first.write_all(head.as_bytes()).unwrap();
+    first.write_all(&body[..512]).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut second = UnixStream::connect(&b.socket).unwrap();
+    second.write_all(head.as_bytes()).unwrap();
+    second.write_all(&body).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let early = second.read(&mut buf);
+    assert!(
+        early
+            .as_ref()
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut),
+        "a second body was spooled past docker.max_spooled = 1: {early:?}"
+    );
+    first.write_all(&body[512..]).unwrap();
+    for (name, conn) in [("first", &mut first), ("second", &mut second)] {
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut got = Vec::new();
+        let _ = conn.read_to_end(&mut got);
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{name} copy: {}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    b.stop();
+}
