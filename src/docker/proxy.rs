@@ -847,10 +847,17 @@ impl Proxy {
         }
         let dockerfile = q.get("dockerfile").unwrap_or("").to_string();
         let dir = self.spool_dir.clone();
-        let (context, text) =
-            tokio::task::spawn_blocking(move || render_context(spool, &dockerfile, &dir))
-                .await
-                .map_err(|e| Refusal::Engine(format!("reading the build context: {e}")))??;
+        let max = self.max_build_context;
+        // The render runs on a blocking thread, which the request's end does not stop: it is
+        // told to (a client that goes away leaves no render behind), and it holds the spooling
+        // turn until it has ended.
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _stop = CancelOnDrop(cancel.clone());
+        let (context, text, turn) = tokio::task::spawn_blocking(move || {
+            render_context(spool, &dockerfile, &dir, max, &cancel).map(|(c, t)| (c, t, turn))
+        })
+        .await
+        .map_err(|e| Refusal::Engine(format!("reading the build context: {e}")))??;
         for base in build::dockerfile_images(&text, &build::build_args(&q))? {
             let img = match self.owned_image_inspect(&base).await {
                 Ok(img) => img,
@@ -1435,6 +1442,59 @@ fn tempfile_in(dir: &Path) -> std::io::Result<std::fs::File> {
 /// The largest Dockerfile read (and so the largest built).
 const MAX_DOCKERFILE: u64 = 1 << 20;
 
+/// The largest GNU long name or link name, or PAX header, of a build context (Go's tar reader
+/// refuses those over 1 MiB too).
+const MAX_TAR_RECORD: u64 = 1 << 20;
+
+/// A build context's tar as read: at most `max` bytes after decompression, and an error as
+/// soon as `cancel` is set (the request was dropped: its client went away).
+struct ContextReader<'a> {
+    inner: Box<dyn std::io::Read>,
+    left: u64,
+    max: u64,
+    cancel: &'a std::sync::atomic::AtomicBool,
+}
+
+impl std::io::Read for ContextReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(std::io::Error::other("the request was dropped"));
+        }
+        if self.left == 0 {
+            // One byte more tells a context of exactly `max` bytes from a larger one.
+            let mut probe = [0u8; 1];
+            return match self.inner.read(&mut probe)? {
+                0 => Ok(0),
+                _ => Err(std::io::Error::other(format!(
+                    "the build context is larger than docker.max_build_context ({} bytes) once decompressed",
+                    self.max
+                ))),
+            };
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// What a render stopped by its dropped request returns (no one reads it).
+fn gone() -> Refusal {
+    Refusal::BadRequest("the request was dropped".into())
+}
+
+/// Sets its flag when dropped: the request's future is gone, and the blocking work it started
+/// stops.
+struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A build context read into regobox's model and written again: the tar the engine unpacks is
 /// regobox's, so the Dockerfile the engine builds is the one regobox read. Returns that tar
 /// (an unnamed file in `dir`) and the Dockerfile's text: `name`, else `Dockerfile`, else
@@ -1454,6 +1514,8 @@ fn render_context(
     mut file: std::fs::File,
     name: &str,
     dir: &Path,
+    max: u64,
+    cancel: &std::sync::atomic::AtomicBool,
 ) -> Result<(std::fs::File, String), Refusal> {
     use std::collections::BTreeSet;
     use std::io::{Read, Seek, Write};
@@ -1473,10 +1535,8 @@ fn render_context(
         .map_err(|e| err(&e))?;
     let mut magic = [0u8; 6];
     let n = file.read(&mut magic).map_err(|e| err(&e))?;
-    file.seek(std::io::SeekFrom::Start(0))
-        .map_err(|e| err(&e))?;
-    let reader: Box<dyn Read> = match &magic[..n] {
-        [0x1f, 0x8b, ..] => Box::new(flate2::read::MultiGzDecoder::new(file)),
+    let gzip = match &magic[..n] {
+        [0x1f, 0x8b, ..] => true,
         [b'B', b'Z', b'h', ..]
         | [0xfd, b'7', b'z', b'X', b'Z', 0]
         | [0x28, 0xb5, 0x2f, 0xfd, ..] => {
@@ -1485,8 +1545,46 @@ fn render_context(
                     .into(),
             ));
         }
-        _ => Box::new(file),
+        _ => false,
     };
+    // The tar as read (decompressed), from its start, bounded by docker.max_build_context
+    // (gzip makes a terabyte of a megabyte) and stopped when the request is dropped.
+    let open = || -> Result<ContextReader<'_>, Refusal> {
+        let mut f = file.try_clone().map_err(|e| err(&e))?;
+        f.seek(std::io::SeekFrom::Start(0)).map_err(|e| err(&e))?;
+        let inner: Box<dyn Read> = if gzip {
+            Box::new(flate2::read::MultiGzDecoder::new(f))
+        } else {
+            Box::new(f)
+        };
+        Ok(ContextReader {
+            inner,
+            left: max,
+            max,
+            cancel,
+        })
+    };
+    // First, the records the tar crate would read whole into memory whatever they declare
+    // (GNU long names and link names, PAX headers), each judged by its declared size without
+    // being read.
+    let mut scan = tar::Archive::new(open()?);
+    for entry in scan.entries().map_err(|e| err(&e))?.raw(true) {
+        let entry = entry.map_err(|e| err(&e))?;
+        let kind = entry.header().entry_type();
+        if (kind.is_gnu_longname()
+            || kind.is_gnu_longlink()
+            || kind.is_pax_local_extensions()
+            || kind.is_pax_global_extensions())
+            && entry.size() > MAX_TAR_RECORD
+        {
+            return Err(denied(format!(
+                "the build context has a long name or PAX record of {} bytes; at most {MAX_TAR_RECORD}",
+                entry.size()
+            )));
+        }
+    }
+    drop(scan);
+    let reader = open()?;
     let clean = |p: &str| -> Option<String> {
         let parts: Vec<&str> = p
             .split('/')
@@ -1532,6 +1630,9 @@ fn render_context(
     let mut archive = tar::Archive::new(reader);
     for entry in archive.entries().map_err(|e| err(&e))? {
         let mut entry = entry.map_err(|e| err(&e))?;
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(gone());
+        }
         let raw = entry.path_bytes();
         let Ok(raw) = std::str::from_utf8(&raw).map(str::to_string) else {
             return Err(denied(format!(

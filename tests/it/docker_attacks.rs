@@ -1836,5 +1836,124 @@ fn the_applications_connections_are_bounded_in_number_and_in_idle_time() {
             String::from_utf8_lossy(&got)
         );
     }
+    drop((first, second));
+
+    // A build whose client goes away once its context is sent leaves no render behind (it ran
+    // on a blocking thread, its spool files open, with the turn and the connection given back:
+    // renders piled up beyond every bound). A context that takes long to read: 900 MiB of
+    // zeros in an entry named `.`, which the render reads and skips.
+    let context = gzip_context(&tar_block(b".", b'0', 900 << 20), 900 << 20, &[0u8; 1024]);
+    std::thread::sleep(Duration::from_secs(1));
+    let baseline = open_descriptors(pid);
+    let mut build = UnixStream::connect(&b.socket).unwrap();
+    build
+        .write_all(
+            format!(
+                "POST /v1.41/build?t=regobox-test/gone:x HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
+                context.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    build.write_all(&context).unwrap();
+    // The render has started (the context is spooled: a file more than before).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while open_descriptors(pid) <= baseline + 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let rendering = open_descriptors(pid);
+    assert!(
+        rendering > baseline + 1,
+        "{rendering} descriptors, {baseline} before"
+    );
+    drop(build);
+    let gone = std::time::Instant::now();
+    while open_descriptors(pid) > baseline && gone.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left = open_descriptors(pid);
+    assert!(
+        left <= baseline && gone.elapsed() < Duration::from_secs(5),
+        "the render went on after its client left: {left} descriptors ({baseline} before, {rendering} while it ran) {:?} after",
+        gone.elapsed()
+    );
+    b.stop();
+}
+
+/// A tar header block for `name` (`kind`, `size`), with its checksum.
+fn tar_block(name: &[u8], kind: u8, size: u64) -> Vec<u8> {
+    let mut h = tar::Header::new_gnu();
+    h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
+    h.set_entry_type(tar::EntryType::new(kind));
+    h.set_mode(0o644);
+    h.set_size(size);
+    h.set_cksum();
+    h.as_bytes().to_vec()
+}
+
+/// A gzip build context of `head`, then `zeros` zero bytes (as many gzip members of 16 MiB
+/// each: quick to make, as slow to read as one), then `tail`.
+fn gzip_context(head: &[u8], zeros: u64, tail: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let gz = |bytes: &[u8]| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    };
+    let chunk = 16u64 << 20;
+    let mut out = gz(head);
+    let block = gz(&vec![0u8; chunk as usize]);
+    for _ in 0..zeros / chunk {
+        out.extend_from_slice(&block);
+    }
+    out.extend(gz(&vec![0u8; (zeros % chunk) as usize]));
+    out.extend(gz(tail));
+    out
+}
+
+/// Attacks (eighth session): a build context is bounded as sent (`docker.max_build_context`),
+/// but regobox decompressed a gzip context whole into a second file before judging it (2 MB
+/// sent held 2 GiB of the temporary directory; the default bound allowed about a terabyte), and
+/// the tar crate read a GNU long name whole into memory (a 512 KB upload took 3.2 GB). Both are
+/// refused now, by what they declare or at the bound, with nothing built.
+#[test]
+fn a_build_context_is_bounded_once_decompressed_and_its_long_names_by_what_they_declare() {
+    let mut b = Bridged::start("max_build_context = 8388608");
+    let ask = |context: &[u8]| {
+        post_bytes(
+            &b.socket,
+            "/v1.41/build?t=regobox-test/bomb:x",
+            "application/x-tar",
+            context,
+        )
+    };
+    // A file of 32 MiB of zeros in a context of about 40 KB.
+    let big = gzip_context(&tar_block(b"big", b'0', 32 << 20), 32 << 20, &[]);
+    assert!(big.len() < 1 << 20, "{}", big.len());
+    let (status, body) = ask(&big);
+    assert!(status == 400 || status == 413, "{status} {body}");
+    assert!(
+        message(&body).contains("larger than docker.max_build_context")
+            && message(&body).contains("once decompressed"),
+        "{body}"
+    );
+    // A GNU long name declaring 4 MiB.
+    let mut long = tar_block(b"././@LongLink", b'L', 4 << 20);
+    long.extend(std::iter::repeat_n(b'a', 4 << 20));
+    long.extend(tar_block(b"x", b'0', 0));
+    long.extend([0u8; 1024]);
+    let long = gzip_context(&long, 0, &[]);
+    let (status, body) = ask(&long);
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        message(&body).contains("long name or PAX record of 4194304 bytes"),
+        "{body}"
+    );
+    assert!(
+        !engine(&["image", "inspect", "regobox-test/bomb:x"])
+            .status
+            .success()
+    );
     b.stop();
 }
