@@ -258,11 +258,15 @@ impl<W: Write> Writer<W> {
     /// Add `root` and everything under it as `prefix/...`, in a stable order, never following
     /// symlinks; `skip` says which paths to leave out.
     ///
-    /// The walk holds each directory open and opens what is in it relative to that (`openat`,
-    /// without following a link): the application owns these directories and may swap one of
-    /// them, or a file, for a link while the backup runs (as root); what is archived is then
-    /// what was there, never what the link leads to. An entry replaced between its listing and
-    /// its opening is left out with a warning, as one removed.
+    /// The application owns these directories and may change them while the backup (root)
+    /// walks them: swap a directory or a file for a link, exchange two entries, hold a lease,
+    /// nest directories thousands deep. So the walk holds each directory open and opens what is
+    /// in it relative to that, never following a link ([`Writer::add_entry_at`]): what is
+    /// archived is what was there, or the link as a link, never the link's target. It keeps
+    /// its own stack (not the thread's: a deep tree overflowed it, and PID 1 with it). An entry
+    /// the format cannot hold (a name or link target that is not UTF-8 or longer than 4 096
+    /// bytes) or that changed under the walk is left out with a warning naming it, so that the
+    /// backup goes on and its archive restores.
     pub fn add_tree(
         &mut self,
         prefix: &str,
@@ -270,114 +274,153 @@ impl<W: Write> Writer<W> {
         skip: &dyn Fn(&Path) -> bool,
         progress: &dyn Fn(u64),
     ) -> io::Result<()> {
-        self.add_at(
-            prefix,
-            nix::fcntl::AT_FDCWD,
-            root.as_os_str(),
-            root,
-            skip,
-            progress,
-        )
+        let top = match self.add_entry_at(prefix, nix::fcntl::AT_FDCWD, root.as_os_str(), root)? {
+            Added::Dir(dir) => Level::open(dir, prefix.to_string(), root.to_path_buf())?,
+            Added::Done => return Ok(()),
+            Added::LeftOut(why) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{}: {why}", root.display()),
+                ));
+            }
+        };
+        let mut stack = vec![top];
+        while let Some(level) = stack.last_mut() {
+            let Some(name) = level.names.next() else {
+                stack.pop();
+                continue;
+            };
+            let fs_path = level.fs_path.join(&name);
+            if skip(&fs_path) {
+                continue;
+            }
+            let Some(utf8) = name.to_str() else {
+                tracing::warn!(path = %fs_path.display(), "left out of the backup: its name is not UTF-8 (rename it to keep it in backups)");
+                continue;
+            };
+            let path = format!("{}/{utf8}", level.path);
+            if path.len() > MAX_NAME {
+                tracing::warn!(path = %fs_path.display(), "left out of the backup: its name in the archive is longer than {MAX_NAME} bytes, which no restore takes (move it higher to keep it in backups)");
+                continue;
+            }
+            use std::os::fd::AsFd as _;
+            let added = self.add_entry_at(&path, level.dir.as_fd(), &name, &fs_path)?;
+            match added {
+                Added::Dir(dir) => stack.push(Level::open(dir, path, fs_path)?),
+                Added::LeftOut(why) => {
+                    tracing::warn!(path = %fs_path.display(), "left out of the backup: {why}");
+                }
+                Added::Done => {}
+            }
+            progress(self.content_bytes);
+        }
+        Ok(())
     }
 
-    /// Add the entry `name` of the directory `dir` (`fs_path` names it) as `path`, and, for a
-    /// directory, everything under it.
-    fn add_at(
+    /// Add the entry `name` of the directory `dir` (`fs_path` names it) as `path`: a file with
+    /// its content, a link, or a directory member, whose directory is returned to be walked.
+    fn add_entry_at(
         &mut self,
         path: &str,
         dir: std::os::fd::BorrowedFd<'_>,
         name: &std::ffi::OsStr,
         fs_path: &Path,
-        skip: &dyn Fn(&Path) -> bool,
-        progress: &dyn Fn(u64),
-    ) -> io::Result<()> {
+    ) -> io::Result<Added> {
+        use nix::errno::Errno;
         use nix::fcntl::{OFlag, openat};
         use nix::sys::stat::Mode;
-        use std::os::fd::AsFd as _;
-        let replaced = || {
+        let failed = |e: Errno| {
             io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{} was replaced while it was archived", fs_path.display()),
+                io::Error::from(e).kind(),
+                format!("{}: {e}", fs_path.display()),
             )
         };
-        let open = |flags: OFlag| -> io::Result<std::fs::File> {
-            match openat(
+        let open = |flags: OFlag| {
+            openat(
                 dir,
                 name,
                 flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
                 Mode::empty(),
-            ) {
-                Ok(fd) => Ok(std::fs::File::from(fd)),
-                // A link where a file or directory was listed an instant before.
-                Err(nix::errno::Errno::ELOOP | nix::errno::Errno::ENOTDIR) => Err(replaced()),
-                Err(e) => Err(io::Error::from(e)),
-            }
+            )
+            .map(std::fs::File::from)
+        };
+        // Errors that say the entry changed between two looks (removed, exchanged for another
+        // kind, a link put in its place), or that the application holds it (a lease): its own
+        // doing, on its own files; the entry is left out, the backup goes on.
+        let changed = |e: Errno| {
+            matches!(
+                e,
+                Errno::ENOENT
+                    | Errno::ELOOP
+                    | Errno::ENOTDIR
+                    | Errno::EISDIR
+                    | Errno::ENXIO
+                    | Errno::ENODEV
+                    | Errno::EOPNOTSUPP
+                    | Errno::EAGAIN
+                    | Errno::EINVAL
+            )
+        };
+        let left_out = |e: Errno| {
+            Added::LeftOut(format!(
+                "removed, replaced or held by the application while the backup ran ({e})"
+            ))
         };
         // What the entry is, without opening it for reading (a device, a FIFO are never opened).
-        let meta = open(OFlag::O_PATH)?.metadata()?;
+        let look = match open(OFlag::O_PATH) {
+            Ok(f) => f,
+            Err(Errno::ENOENT) => return Ok(left_out(Errno::ENOENT)),
+            Err(e) => return Err(failed(e)),
+        };
+        let meta = look.metadata()?;
         let ft = meta.file_type();
         if meta.mode() & 0o6000 != 0 && !ft.is_symlink() {
             tracing::warn!(path = %fs_path.display(), mode = format!("{:o}", meta.mode() & 0o7777), "archived without its setuid/setgid bits (a restore refuses them)");
         }
-        // The entry opened for reading is the one just looked at, or it was replaced.
-        let same = |m: &Metadata| m.dev() == meta.dev() && m.ino() == meta.ino();
         if ft.is_symlink() {
-            let target = nix::fcntl::readlinkat(dir, name).map_err(io::Error::from)?;
-            return self.add_symlink(path, Path::new(&target), &meta);
+            // The link the descriptor holds (an empty name: that one, not the one there now).
+            let target = match nix::fcntl::readlinkat(&look, "") {
+                Ok(t) => t,
+                Err(e) if changed(e) => return Ok(left_out(e)),
+                Err(e) => return Err(failed(e)),
+            };
+            let Some(target) = target.to_str().filter(|t| t.len() <= MAX_NAME) else {
+                return Ok(Added::LeftOut(format!(
+                    "its link target is not UTF-8 text of at most {MAX_NAME} bytes, which no restore takes"
+                )));
+            };
+            self.add_symlink(path, Path::new(target), &meta)?;
+            return Ok(Added::Done);
+        }
+        if !ft.is_file() && !ft.is_dir() {
+            return Ok(Added::LeftOut(
+                "not a file, directory or symlink".to_string(),
+            ));
+        }
+        // Opened for reading: the entry just looked at, or it changed.
+        let flags = if ft.is_dir() {
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY
+        } else {
+            OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY
+        };
+        let opened = match open(flags) {
+            Ok(f) => f,
+            Err(e) if changed(e) => return Ok(left_out(e)),
+            Err(e) => return Err(failed(e)),
+        };
+        let now = opened.metadata()?;
+        if now.dev() != meta.dev() || now.ino() != meta.ino() || now.file_type() != ft {
+            return Ok(Added::LeftOut(
+                "replaced by the application while the backup ran".to_string(),
+            ));
         }
         if ft.is_file() {
-            let file = open(OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY)?;
-            let meta = file.metadata()?;
-            if !same(&meta) || !meta.is_file() {
-                return Err(replaced());
-            }
-            return self.add_open_file(path, file, fs_path, &meta);
+            self.add_open_file(path, opened, fs_path, &now)?;
+            Ok(Added::Done)
+        } else {
+            self.add_dir(path, &now)?;
+            Ok(Added::Dir(opened))
         }
-        if !ft.is_dir() {
-            tracing::warn!(path = %fs_path.display(), "not a file, directory or symlink; left out of the backup");
-            return Ok(());
-        }
-        let here = open(OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
-        let meta = here.metadata()?;
-        if !same(&meta) {
-            return Err(replaced());
-        }
-        self.add_dir(path, &meta)?;
-        let listing = nix::dir::Dir::from_fd(here.try_clone()?.into()).map_err(io::Error::from)?;
-        let mut names: Vec<std::ffi::OsString> = Vec::new();
-        use std::os::unix::ffi::OsStringExt as _;
-        for entry in listing {
-            let entry = entry.map_err(io::Error::from)?;
-            let n = entry.file_name().to_bytes();
-            if n != b"." && n != b".." {
-                names.push(std::ffi::OsString::from_vec(n.to_vec()));
-            }
-        }
-        names.sort();
-        for name in names {
-            let child_path = fs_path.join(&name);
-            if skip(&child_path) {
-                continue;
-            }
-            // A name that is not UTF-8 has no spelling in the archive format (its members are
-            // judged as UTF-8): left out, loudly, so that the archive always restores.
-            let Some(utf8) = name.to_str() else {
-                tracing::warn!(path = %child_path.display(), "left out of the backup: its name is not UTF-8 (rename it to keep it in backups)");
-                continue;
-            };
-            let child = format!("{path}/{utf8}");
-            match self.add_at(&child, here.as_fd(), &name, &child_path, skip, progress) {
-                // Removed (or replaced) between the listing and its turn (an application
-                // deleting its temporary files): nothing of it was written; left out, as tar
-                // does.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    tracing::warn!(path = %child_path.display(), error = %e, "removed or replaced while the backup ran; left out");
-                }
-                r => r?,
-            }
-            progress(self.content_bytes);
-        }
-        Ok(())
     }
 
     /// Append the manifest (`base` with the member list filled in) and finish the stream.
@@ -395,6 +438,56 @@ impl<W: Write> Writer<W> {
         let enc = self.tar.into_inner()?;
         let out = enc.finish()?;
         Ok((out, base))
+    }
+}
+
+/// What [`Writer::add_entry_at`] did with an entry.
+enum Added {
+    /// Archived (a file, a link).
+    Done,
+    /// Archived as a directory member; its directory, open, to walk.
+    Dir(std::fs::File),
+    /// Left out, and why.
+    LeftOut(String),
+}
+
+/// A directory of the walk: open, with the names it held when listed, in order.
+struct Level {
+    dir: std::fs::File,
+    path: String,
+    fs_path: std::path::PathBuf,
+    names: std::vec::IntoIter<std::ffi::OsString>,
+}
+
+impl Level {
+    fn open(dir: std::fs::File, path: String, fs_path: std::path::PathBuf) -> io::Result<Level> {
+        use std::os::unix::ffi::OsStringExt as _;
+        let listing = nix::dir::Dir::from_fd(dir.try_clone()?.into()).map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("{}: {e}", fs_path.display()),
+            )
+        })?;
+        let mut names = Vec::new();
+        for entry in listing {
+            let entry = entry.map_err(|e| {
+                io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("{}: {e}", fs_path.display()),
+                )
+            })?;
+            let n = entry.file_name().to_bytes();
+            if n != b"." && n != b".." {
+                names.push(std::ffi::OsString::from_vec(n.to_vec()));
+            }
+        }
+        names.sort();
+        Ok(Level {
+            dir,
+            path,
+            fs_path,
+            names: names.into_iter(),
+        })
     }
 }
 
@@ -1351,6 +1444,83 @@ mod tests {
             std::fs::read_link(out.join("volumes/files/d_file")).unwrap(),
             outside.join("key")
         );
+    }
+
+    /// Attacks (eighth session), each by the application on its own files while root backs
+    /// them up: a tree 3 000 directories deep overflowed the walk's stack (300 levels aborted
+    /// PID 1 at a scheduled backup); a path over 4 096 bytes or a link to a target that is not
+    /// UTF-8 made an archive that no restore takes (the backup said nothing); a write lease
+    /// made every backup fail. Now each such entry is left out with a warning, the rest is
+    /// archived, and the archive verifies.
+    #[test]
+    fn a_tree_too_deep_names_too_long_and_a_leased_file_leave_a_backup_that_restores() {
+        use std::os::unix::ffi::OsStrExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("files");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::write(root.join("a_first"), b"kept").unwrap();
+        // 3 000 levels, made relative to each level (no path is ever that long).
+        let mut fd = nix::fcntl::open(
+            &root,
+            nix::fcntl::OFlag::O_DIRECTORY,
+            nix::sys::stat::Mode::empty(),
+        )
+        .unwrap();
+        for _ in 0..3000 {
+            nix::sys::stat::mkdirat(&fd, "d", nix::sys::stat::Mode::from_bits_truncate(0o755))
+                .unwrap();
+            fd = nix::fcntl::openat(
+                &fd,
+                "d",
+                nix::fcntl::OFlag::O_DIRECTORY,
+                nix::sys::stat::Mode::empty(),
+            )
+            .unwrap();
+        }
+        drop(fd);
+        std::os::unix::fs::symlink(
+            std::ffi::OsStr::from_bytes(b"\xff\xfe"),
+            root.join("bad_link"),
+        )
+        .unwrap();
+        std::fs::write(root.join("leased"), b"held").unwrap();
+        std::fs::write(root.join("z_last"), b"kept").unwrap();
+        // The lease, held by another process (a write lease: any other open is refused while
+        // it is held, and a non-blocking one at once).
+        let mut holder = std::process::Command::new("python3")
+            .arg("-c")
+            .arg("import fcntl, os, signal, sys, time\nsignal.signal(signal.SIGIO, signal.SIG_IGN)\nfd = os.open(sys.argv[1], os.O_RDONLY)\nfcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)\nprint('held', flush=True)\ntime.sleep(60)")
+            .arg(root.join("leased"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "held");
+        let mut w = writer();
+        let walked = w.add_tree("volumes/files", &root, &|_| false, &|_| {});
+        let _ = holder.kill();
+        let _ = holder.wait();
+        walked.unwrap();
+        let (bytes, _) = w.finish(base()).unwrap();
+        let m = verify(&bytes[..], &Rules::default()).unwrap();
+        let paths: Vec<&str> = m.members.iter().map(|m| m.path.as_str()).collect();
+        assert!(
+            paths.contains(&"volumes/files/a_first") && paths.contains(&"volumes/files/z_last"),
+            "{:?}",
+            &paths[..4]
+        );
+        assert!(
+            !paths
+                .iter()
+                .any(|p| p.ends_with("leased") || p.ends_with("bad_link"))
+        );
+        let deepest = paths.iter().map(|p| p.len()).max().unwrap();
+        assert!(deepest <= MAX_NAME && deepest > MAX_NAME - 2, "{deepest}");
     }
 
     #[test]

@@ -476,12 +476,12 @@ async fn create_in(
             let meta = std::fs::metadata(&dump_for_task)?;
             w.add_file(archive::DATABASE, &dump_for_task, &meta)?;
             pb.set_position(w.content_bytes);
+            // (A restore's staging directories are hidden names at the top of the volume,
+            // never walked: a `.restore-*` name inside the application's data is its own.)
             let skip = |p: &Path| {
-                (p.parent() == Some(secrets_dir.as_path())
+                p.parent() == Some(secrets_dir.as_path())
                     && p.file_name()
-                        .is_some_and(|n| crate::secrets::of_this_host(&n.to_string_lossy())))
-                    || p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with(STAGING))
+                        .is_some_and(|n| crate::secrets::of_this_host(&n.to_string_lossy()))
             };
             for dir in &dirs {
                 let rel = dir.strip_prefix(&root).unwrap_or(dir);
