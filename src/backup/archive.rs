@@ -744,7 +744,8 @@ pub fn place(path: &str, rules: &Rules) -> Result<Place, ArchiveError> {
 
 /// What may be under the directories regobox itself writes into as root, where a link could
 /// steer its writes (or its reads of the secrets) elsewhere: `secrets/` holds regular files,
-/// and the directory `tls` of regular files; `logs/` holds no link.
+/// and the directory `tls` of regular files; `logs/` holds regular files (no link, and no
+/// directory, where a link could be put).
 fn written_by_regobox(path: &str, top: &str, kind: &Kind) -> Result<(), ArchiveError> {
     let inner: Vec<&str> = path.split('/').skip(2).collect();
     match top {
@@ -764,10 +765,14 @@ fn written_by_regobox(path: &str, top: &str, kind: &Kind) -> Result<(), ArchiveE
                 ));
             }
         }
-        LOGS if *kind == Kind::Symlink => {
+        LOGS if !matches!(
+            (kind, inner.as_slice()),
+            (Kind::Dir, []) | (Kind::File, [_])
+        ) =>
+        {
             return Err(refused(
                 path,
-                "regobox writes the logs directory as root; it holds no link",
+                "regobox writes the logs directory as root; it holds log files only, never a link or a directory",
             ));
         }
         _ => {}

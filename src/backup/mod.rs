@@ -1837,6 +1837,7 @@ fn own_secrets(dir: &Path) -> anyhow::Result<()> {
 /// user and writable by it alone, so that no one else can plant a link (or anything) where
 /// regobox, as root, writes the logs. Each change is logged.
 fn own_logs(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
     let f = match std::fs::OpenOptions::new()
         .read(true)
@@ -1859,6 +1860,59 @@ fn own_logs(dir: &Path) -> anyhow::Result<()> {
         f.set_permissions(std::fs::Permissions::from_mode(mode & !0o022))
             .with_context(|| format!("narrowing the mode of {}", dir.display()))?;
         tracing::warn!(path = %dir.display(), from = format!("{mode:o}"), to = format!("{:o}", mode & !0o022), "the archive let others write the logs directory; narrowed");
+    }
+    // The log files too (regobox appends to them as root, and the Docker audit trail is one):
+    // regobox's, written by no one else, whatever the archive says. Each is opened from the
+    // directory without following a link (the archive holds none there; nothing is trusted).
+    let listing = nix::dir::Dir::from_fd(f.try_clone()?.into())
+        .with_context(|| format!("listing {}", dir.display()))?;
+    let mut given = 0;
+    for entry in listing {
+        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+        let name = entry.file_name();
+        if matches!(name.to_bytes(), b"." | b"..") {
+            continue;
+        }
+        let path = dir.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        let file = match nix::fcntl::openat(
+            &f,
+            name,
+            nix::fcntl::OFlag::O_RDONLY
+                | nix::fcntl::OFlag::O_NOFOLLOW
+                | nix::fcntl::OFlag::O_NONBLOCK
+                | nix::fcntl::OFlag::O_NOCTTY
+                | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        ) {
+            Ok(fd) => File::from(fd),
+            Err(e) => {
+                return Err(io::Error::from(e))
+                    .with_context(|| format!("opening {}", path.display()));
+            }
+        };
+        let m = file.metadata()?;
+        if !m.is_file() {
+            bail!(
+                "{} is not a regular file; the logs directory holds log files only",
+                path.display()
+            );
+        }
+        let mode = m.permissions().mode() & 0o7777;
+        let foreign = (m.uid(), m.gid()) != (uid.as_raw(), gid.as_raw());
+        if foreign && crate::users::is_root() {
+            std::os::unix::fs::fchown(&file, Some(uid.as_raw()), Some(gid.as_raw()))
+                .with_context(|| format!("giving {} to regobox", path.display()))?;
+        }
+        if mode & 0o7022 != 0 {
+            file.set_permissions(std::fs::Permissions::from_mode(mode & 0o755))
+                .with_context(|| format!("narrowing the mode of {}", path.display()))?;
+        }
+        if foreign || mode & 0o7022 != 0 {
+            given += 1;
+        }
+    }
+    if given > 0 {
+        tracing::warn!(path = %dir.display(), files = given, "the archive gave log files another owner or let others write them; given to regobox, narrowed");
     }
     Ok(())
 }

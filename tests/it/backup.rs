@@ -731,7 +731,12 @@ fn crafted_archives_are_refused_by_verify_and_restore_alike_and_change_nothing()
         (
             "log-link",
             format!("add_symlink('volumes/logs/postgres.log', '{o}/shadow')"),
-            "member volumes/logs/postgres.log is refused: regobox writes the logs directory as root; it holds no link",
+            "member volumes/logs/postgres.log is refused: regobox writes the logs directory as root; it holds log files only",
+        ),
+        (
+            "log-dir",
+            "add_dir('volumes/logs/sub', 0o777)".into(),
+            "member volumes/logs/sub is refused: regobox writes the logs directory as root; it holds log files only",
         ),
         (
             "secret-link",
@@ -1352,8 +1357,9 @@ fn restored_secrets_are_files_of_regobox_only() {
     craft(
         &archive,
         &loose,
-        "for m, d in members:
-    if m.name.startswith('volumes/secrets') or m.name == 'volumes/logs':
+        "add_file('volumes/logs/forged.log', b'an audit line of the attacker\\n')
+for m, d in members:
+    if m.name.startswith('volumes/secrets') or m.name.startswith('volumes/logs'):
         m.mode = 0o777 if m.isdir() else 0o666
         m.uid = m.gid = 1234",
     );
@@ -1365,6 +1371,18 @@ fn restored_secrets_are_files_of_regobox_only() {
     let logs = std::fs::metadata(target.root.join("logs")).unwrap();
     assert_eq!(logs.mode() & 0o022, 0, "logs writable by others");
     assert_eq!(logs.uid(), me, "logs");
+    // ... and its files (the Docker audit trail among them): regobox's, written by no one else.
+    let mut files = 0;
+    for e in std::fs::read_dir(target.root.join("logs")).unwrap() {
+        let m = e.unwrap().metadata().unwrap();
+        assert_eq!(
+            (m.uid(), m.mode() & 0o022),
+            (me, 0),
+            "a log file of the archive's owner"
+        );
+        files += 1;
+    }
+    assert!(files > 0);
     for (path, want) in [
         (secrets.clone(), 0o700),
         (secrets.join("postgres-password"), 0o600),
