@@ -1267,7 +1267,11 @@ impl Build {
                     .batch_execute(&format!(
                         "ALTER ROLE {} WITH LOGIN PASSWORD {}",
                         bootstrap::quote_ident(role),
-                        bootstrap::quote_literal(password)
+                        bootstrap::quote_literal(&bootstrap::password_verifier(
+                            binaries.major,
+                            role,
+                            password
+                        ))
                     ))
                     .await?;
             }

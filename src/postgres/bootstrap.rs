@@ -14,6 +14,18 @@ use tokio_postgres::Client;
 use super::PostgresError;
 use super::binaries::Major;
 
+/// What regobox gives PostgreSQL as `role`'s password: the verifier of `password`, computed
+/// here (SCRAM-SHA-256; MD5 below PostgreSQL 10), never the text itself. PostgreSQL takes a
+/// text that looks like a verifier (`md5` and 32 hex digits, `SCRAM-SHA-256$...`) as one: a
+/// secret of that shape (an archive's, an operator's) would set a password no one knows.
+pub fn password_verifier(major: Major, role: &str, password: &str) -> String {
+    if major.0 >= 10 {
+        postgres_protocol::password::scram_sha_256(password.as_bytes())
+    } else {
+        postgres_protocol::password::md5(password.as_bytes(), role)
+    }
+}
+
 /// The SQL identifier `name`, quoted.
 pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -79,7 +91,7 @@ pub async fn role_and_database(
         su.batch_execute(&format!(
             "{verb} ROLE {} WITH LOGIN PASSWORD {}",
             quote_ident(user),
-            quote_literal(&value)
+            quote_literal(&password_verifier(major, user, &value))
         ))
         .await
         .map_err(db_err(format!("setting up role `{user}` (postgres.user)")))

@@ -1787,3 +1787,27 @@ fn the_backup_benchmark_stops_what_it_starts() {
     assert!(left.is_empty(), "still running: {left:?}");
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0);
 }
+
+/// Attack (eighth session): an archive whose application password is `md5` and 32 hex digits
+/// verified and restored, and PostgreSQL took it for an MD5 verifier: the role got a password no
+/// one knew, the next start failed ("the role `app` has a password ... does not open"), and
+/// `regobox password` set the same text again. regobox now gives PostgreSQL the verifier it
+/// computes of the text, whatever it looks like.
+#[test]
+fn a_password_shaped_like_a_verifier_is_a_password_like_any_other() {
+    let (target, archive) = target_with_data();
+    let shaped = format!("md5{}", "0123456789abcdef".repeat(2));
+    let crafted = target.dir.path().join("shaped.tar.zst");
+    craft(
+        &archive,
+        &crafted,
+        &format!(
+            "drop('volumes/secrets/postgres-password')\nadd_file('volumes/secrets/postgres-password', b'{shaped}')"
+        ),
+    );
+    target.ok(&["restore", "--force", crafted.to_str().unwrap()]);
+    let run = target.start();
+    assert!(tcp_login(&target, "app", &shaped));
+    assert_eq!(target.sql("SELECT x FROM mine"), "7");
+    run.stop();
+}
