@@ -259,8 +259,17 @@ async fn dispatch(command: Command, loaded: &Loaded) -> anyhow::Result<u8> {
                 return Ok(reply.code);
             }
             let layout = Layout::new(&loaded.config);
-            layout.prepare()?;
-            crate::backup::restore(&loaded.config, &layout, &opts, None).await?;
+            // A restore refused on a fresh volume leaves it as it was: absent.
+            let missing = layout.missing();
+            let restored = async {
+                layout.prepare()?;
+                crate::backup::restore(&loaded.config, &layout, &opts, None).await
+            }
+            .await;
+            if restored.is_err() {
+                Layout::unprepare(&missing);
+            }
+            restored?;
             Ok(exit::OK)
         }
         Command::Status => status(loaded).await,

@@ -54,6 +54,39 @@ impl Layout {
         }
     }
 
+    /// The directories [`Layout::prepare`] would create (with the root's missing parents), the
+    /// deepest first: what a command that fails on a fresh volume removes again
+    /// ([`Layout::unprepare`]).
+    pub fn missing(&self) -> Vec<PathBuf> {
+        let mut missing: Vec<PathBuf> = Vec::new();
+        for dir in [
+            &self.root,
+            &self.secrets,
+            &self.logs,
+            &self.files,
+            &self.backups,
+        ] {
+            for p in dir.ancestors() {
+                if p.as_os_str().is_empty() || std::fs::symlink_metadata(p).is_ok() {
+                    break;
+                }
+                if !missing.iter().any(|m| m == p) {
+                    missing.push(p.to_path_buf());
+                }
+            }
+        }
+        missing.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        missing
+    }
+
+    /// Remove `created` (from [`Layout::missing`], before [`Layout::prepare`]) where each is
+    /// still an empty directory: never anything that holds something.
+    pub fn unprepare(created: &[PathBuf]) {
+        for dir in created {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+
     /// Create the directories that are missing (never changing the mode of existing ones, but
     /// the secrets directory, which is always made 0700).
     pub fn prepare(&self) -> Result<(), VolumeError> {

@@ -814,6 +814,25 @@ fn crafted_archives_are_refused_by_verify_and_restore_alike_and_change_nothing()
         );
     }
     assert_eq!(target.sql("SELECT x FROM mine"), "7");
+    // Into a fresh volume (a volume of its own, the backups directory elsewhere): a refused
+    // restore leaves no directory behind, the volume's own included.
+    let fresh = Instance::new();
+    let backups = fresh.dir.path().join("elsewhere/backups");
+    let out = fresh
+        .command(&[
+            "restore",
+            target.dir.path().join("db.tar.zst").to_str().unwrap(),
+        ])
+        .env("REGOBOX_BACKUP__DIR", &backups)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        !fresh.root.exists(),
+        "the refused restore left {}",
+        fresh.root.display()
+    );
+    assert!(!fresh.dir.path().join("elsewhere").exists());
 }
 
 /// Attack (seventh session): a live directory the archive names is a mount point (a separate
