@@ -689,12 +689,31 @@ impl Proxy {
                     )?;
                     query::check_container_op(&q)?;
                     let (id, inspected) = self.owned_container(reference).await?;
+                    // A restart is forwarded as a stop, then a start: the stop waits up to the
+                    // client's `t` for the job to end, and nothing that every start and create
+                    // waits for is held meanwhile (the engine's restart mounts the binds after
+                    // that wait, with their paths held still the whole time).
+                    let (q, op, inspected) = if op.as_deref() == Some("restart") {
+                        let stop = Request::builder()
+                            .method(Method::POST)
+                            .uri(target(&format!("/containers/{id}/stop"), &q))
+                            .body(boxed(http_body_util::Empty::new()))
+                            .map_err(|e| Refusal::Engine(format!("building a stop: {e}")))?;
+                        let stopped = self.forward(stop, Payload::Empty, None).await?;
+                        // 304: it was not running.
+                        if !(stopped.status().is_success()
+                            || stopped.status() == StatusCode::NOT_MODIFIED)
+                        {
+                            return Ok(Err(stopped));
+                        }
+                        let (_, inspected) = self.owned_container(&id).await?;
+                        (Query::default(), Some("start".to_string()), inspected)
+                    } else {
+                        (q, op.clone(), inspected)
+                    };
                     // The engine mounts the binds on these: hold their paths still until it
                     // answers.
-                    let mounts = matches!(
-                        op.as_deref(),
-                        Some("start") | Some("restart") | Some("archive")
-                    );
+                    let mounts = matches!(op.as_deref(), Some("start") | Some("archive"));
                     let frozen = if mounts {
                         Some(self.freeze_binds(&id, &inspected).await?)
                     } else {
@@ -704,10 +723,19 @@ impl Proxy {
                         // Judged with the turn held: no start of this job can come between.
                         self.copy_allowed(&id).await?;
                     }
-                    Ok::<_, Refusal>((q, id, frozen))
+                    Ok::<_, Refusal>(Ok((q, op, id, frozen)))
                 }
                 .await;
-                let (q, id, _frozen) = judged?;
+                // (Err: the engine's answer to the stop of a restart, which ends it.)
+                let (q, op, id, _frozen) = match judged? {
+                    Ok(j) => j,
+                    Err(response) => {
+                        return Ok(Done {
+                            response,
+                            object: None,
+                        });
+                    }
+                };
                 let path = match &op {
                     Some(op) => format!("/containers/{id}/{op}"),
                     None => format!("/containers/{id}"),

@@ -1957,3 +1957,49 @@ fn a_build_context_is_bounded_once_decompressed_and_its_long_names_by_what_they_
     );
     b.stop();
 }
+
+/// Attack (eighth session): `restart?t=N` of a job that ignores SIGTERM held, for the whole
+/// `N` seconds, the turn that every start, copy and create waits for (the engine's restart
+/// mounts the binds after its wait); with `t` at 2^31 the socket was the application's no
+/// more. A restart is forwarded as a stop, then a start that takes the turn.
+#[test]
+fn a_restart_waiting_for_its_job_holds_up_no_other_request() {
+    let mut b = Bridged::start("");
+    let image = format!("regobox-test/busybox:restart{}", b.inst.port);
+    b.import_busybox(&image);
+    let made = OnEngine::default();
+    // PID 1 of its container, `sleep` ignores SIGTERM: a stop waits its `t` out.
+    let job = b.cli_ok(&["create", &image, "sleep", "1000"]);
+    let job = job.trim().to_string();
+    made.container(&job);
+    b.cli_ok(&["start", &job]);
+    let socket = b.socket.clone();
+    let restarting = {
+        let job = job.clone();
+        std::thread::spawn(move || {
+            raw(
+                &socket,
+                &format!(
+                    "POST /v1.41/containers/{job}/restart?t=15 HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+                ),
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let other = b.cli_ok(&["create", &image, "true"]);
+    made.container(other.trim());
+    assert!(
+        !restarting.is_finished(),
+        "the create waited for the restart's wait to end"
+    );
+    let (status, body) = restarting.join().unwrap();
+    assert_eq!(status, 204, "{body}");
+    let running = stdout(&engine(&[
+        "inspect",
+        "--format",
+        "{{.State.Running}}",
+        &job,
+    ]));
+    assert_eq!(running.trim(), "true", "restarted");
+    b.stop();
+}
