@@ -275,7 +275,12 @@ impl<W: Write> Writer<W> {
         progress: &dyn Fn(u64),
     ) -> io::Result<()> {
         let top = match self.add_entry_at(prefix, nix::fcntl::AT_FDCWD, root.as_os_str(), root)? {
-            Added::Dir(dir) => Level::open(dir, prefix.to_string(), root.to_path_buf())?,
+            Added::Dir(dir) => Level::open(
+                dir,
+                root.as_os_str(),
+                prefix.to_string(),
+                root.to_path_buf(),
+            )?,
             Added::Done => return Ok(()),
             Added::LeftOut(why) => {
                 return Err(io::Error::new(
@@ -288,6 +293,17 @@ impl<W: Write> Writer<W> {
         while let Some(level) = stack.last_mut() {
             let Some(name) = level.names.next() else {
                 stack.pop();
+                // Back up to a directory closed on the way down: opened again, or, moved away
+                // meanwhile, the rest of it left out.
+                while !stack.is_empty() {
+                    match reopen(&mut stack) {
+                        Ok(()) => break,
+                        Err(i) => {
+                            tracing::warn!(path = %stack[i].fs_path.display(), "moved or replaced by the application while the backup ran: what was not yet archived of it is left out");
+                            stack.truncate(i);
+                        }
+                    }
+                }
                 continue;
             };
             let fs_path = level.fs_path.join(&name);
@@ -304,9 +320,25 @@ impl<W: Write> Writer<W> {
                 continue;
             }
             use std::os::fd::AsFd as _;
-            let added = self.add_entry_at(&path, level.dir.as_fd(), &name, &fs_path)?;
+            let Some(here) = level.dir.as_ref() else {
+                // (The deepest level is always open: `reopen` on the way back up.)
+                return Err(io::Error::other(format!(
+                    "{}: the walk lost its directory",
+                    level.fs_path.display()
+                )));
+            };
+            let added = self.add_entry_at(&path, here.as_fd(), &name, &fs_path)?;
             match added {
-                Added::Dir(dir) => stack.push(Level::open(dir, path, fs_path)?),
+                Added::Dir(dir) => {
+                    stack.push(Level::open(dir, &name, path, fs_path)?);
+                    // The [`HELD`] deepest stay open, and the top one.
+                    if stack.len() > HELD + 1 {
+                        let closing = stack.len() - HELD - 1;
+                        if closing > 0 {
+                            stack[closing].dir = None;
+                        }
+                    }
+                }
                 Added::LeftOut(why) => {
                     tracing::warn!(path = %fs_path.display(), "left out of the backup: {why}");
                 }
@@ -451,31 +483,44 @@ enum Added {
     LeftOut(String),
 }
 
-/// A directory of the walk: open, with the names it held when listed, in order.
+/// The directories of the walk held open at once, the top one's aside: a deeper one's
+/// ancestors beyond these are closed, and opened again on the way back up ([`reopen`]). (Every
+/// level held open, a tree 2 000 deep took as many descriptors of PID 1's, and its services
+/// could not start.)
+const HELD: usize = 32;
+
+/// A directory of the walk, with the names it held when listed, in order; open while among the
+/// [`HELD`] deepest (or the top one), else known by its name in its parent and its identity.
 struct Level {
-    dir: std::fs::File,
+    dir: Option<std::fs::File>,
+    /// Its name in the directory above (the top one's: its path).
+    name: std::ffi::OsString,
+    dev: u64,
+    ino: u64,
     path: String,
     fs_path: std::path::PathBuf,
     names: std::vec::IntoIter<std::ffi::OsString>,
 }
 
 impl Level {
-    fn open(dir: std::fs::File, path: String, fs_path: std::path::PathBuf) -> io::Result<Level> {
+    fn open(
+        dir: std::fs::File,
+        name: &std::ffi::OsStr,
+        path: String,
+        fs_path: std::path::PathBuf,
+    ) -> io::Result<Level> {
         use std::os::unix::ffi::OsStringExt as _;
-        let listing = nix::dir::Dir::from_fd(dir.try_clone()?.into()).map_err(|e| {
+        let listed = |e: nix::errno::Errno| {
             io::Error::new(
                 io::Error::from(e).kind(),
                 format!("{}: {e}", fs_path.display()),
             )
-        })?;
+        };
+        let meta = dir.metadata()?;
+        let listing = nix::dir::Dir::from_fd(dir.try_clone()?.into()).map_err(listed)?;
         let mut names = Vec::new();
         for entry in listing {
-            let entry = entry.map_err(|e| {
-                io::Error::new(
-                    io::Error::from(e).kind(),
-                    format!("{}: {e}", fs_path.display()),
-                )
-            })?;
+            let entry = entry.map_err(listed)?;
             let n = entry.file_name().to_bytes();
             if n != b"." && n != b".." {
                 names.push(std::ffi::OsString::from_vec(n.to_vec()));
@@ -483,12 +528,55 @@ impl Level {
         }
         names.sort();
         Ok(Level {
-            dir,
+            dir: Some(dir),
+            name: name.to_os_string(),
+            dev: meta.dev(),
+            ino: meta.ino(),
             path,
             fs_path,
             names: names.into_iter(),
         })
     }
+}
+
+/// Open again the deepest level of `stack` (and the [`HELD`] above it), from the nearest
+/// ancestor still open, a name at a time without following a link, each checked to be the
+/// directory listed. `Err(i)`: level `i` is not where it was (the application moved or
+/// replaced it), nor is anything under it.
+fn reopen(stack: &mut [Level]) -> Result<(), usize> {
+    use nix::fcntl::{OFlag, openat};
+    let last = stack.len() - 1;
+    let Some(from) = (0..=last).rev().find(|&i| stack[i].dir.is_some()) else {
+        return Err(0);
+    };
+    if from == last {
+        return Ok(());
+    }
+    let keep_from = last.saturating_sub(HELD);
+    let mut here = stack[from]
+        .dir
+        .as_ref()
+        .and_then(|d| d.try_clone().ok())
+        .ok_or(from)?;
+    for (i, level) in stack.iter_mut().enumerate().skip(from + 1) {
+        let opened = openat(
+            &here,
+            level.name.as_os_str(),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map(std::fs::File::from)
+        .map_err(|_| i)?;
+        let m = opened.metadata().map_err(|_| i)?;
+        if (m.dev(), m.ino()) != (level.dev, level.ino) {
+            return Err(i);
+        }
+        if i >= keep_from {
+            level.dir = Some(opened.try_clone().map_err(|_| i)?);
+        }
+        here = opened;
+    }
+    Ok(())
 }
 
 /// The mode an archive records: without the setuid and setgid bits, which a restore refuses.
@@ -1456,7 +1544,9 @@ mod tests {
     /// PID 1 at a scheduled backup); a path over 4 096 bytes or a link to a target that is not
     /// UTF-8 made an archive that no restore takes (the backup said nothing); a write lease
     /// made every backup fail. Now each such entry is left out with a warning, the rest is
-    /// archived, and the archive verifies.
+    /// archived, and the archive verifies. Then (the re-attack): every level held open, a tree
+    /// 2 000 deep took as many of PID 1's descriptors (its services could not start, at 1 024);
+    /// the walk now holds a few dozen, and a directory moved while it was closed is left out.
     #[test]
     fn a_tree_too_deep_names_too_long_and_a_leased_file_leave_a_backup_that_restores() {
         use std::os::unix::ffi::OsStrExt as _;
@@ -1507,9 +1597,31 @@ mod tests {
         .unwrap();
         assert_eq!(line.trim(), "held");
         let mut w = writer();
-        let walked = w.add_tree("volumes/files", &root, &|_| false, &|_| {});
+        // Half-way down, the application moves a directory near the top elsewhere: on the way
+        // back up, the walk finds it gone from where it was, and leaves the rest of it out.
+        let moved = std::cell::Cell::new(false);
+        let skip = |p: &Path| {
+            if !moved.get() && p.strip_prefix(&root).map(|r| r.components().count()) == Ok(100) {
+                std::fs::rename(root.join("d/d/d/d/d"), root.join("moved")).unwrap();
+                moved.set(true);
+            }
+            false
+        };
+        // The descriptors the walk holds, at most.
+        let descriptors = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let before = descriptors();
+        let most = std::cell::Cell::new(0);
+        let walked = w.add_tree("volumes/files", &root, &skip, &|_| {
+            most.set(most.get().max(descriptors()))
+        });
         let _ = holder.kill();
         let _ = holder.wait();
+        assert!(moved.get());
+        assert!(
+            most.get() < before + 64,
+            "the walk held {} descriptors ({before} before)",
+            most.get()
+        );
         walked.unwrap();
         let (bytes, _) = w.finish(base()).unwrap();
         let m = verify(&bytes[..], &Rules::default()).unwrap();
