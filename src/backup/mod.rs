@@ -1041,6 +1041,10 @@ impl Build {
                 .await?;
             }
         }
+        // regobox's bookkeeping before anything of the dump runs: code in the dump (a CHECK, a
+        // default) running as the application role made the schema `regobox` its own while
+        // the data loaded, and every start after the restore refused the volume.
+        bootstrap::bookkeeping(&su, Some(&pg.user)).await?;
         tracing::info!(role = %pg.user, "restoring the database as the application role");
         let mut app = su_db.clone();
         app.user(&pg.user).options("");

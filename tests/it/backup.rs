@@ -1830,3 +1830,51 @@ fn a_password_shaped_like_a_verifier_is_a_password_like_any_other() {
     assert_eq!(target.sql("SELECT x FROM mine"), "7");
     run.stop();
 }
+
+/// Attack (eighth session's re-attack): a dump whose data load runs code as the application
+/// role (a CHECK calling a function) that creates the schema `regobox`: the restore succeeded,
+/// the schema was the application's, and every start after it refused the volume ("the schema
+/// regobox belongs to app"). regobox's bookkeeping is now made before anything of the dump runs.
+#[test]
+fn a_dump_that_makes_regoboxs_own_schema_while_it_loads_leaves_a_volume_that_starts() {
+    let source = Instance::new();
+    source.ok(&["init"]);
+    source.sql(
+        "CREATE FUNCTION public.take_regobox(x int) RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+         BEGIN EXECUTE 'CREATE SCHEMA IF NOT EXISTS regobox'; RETURN true; END $$;
+         CREATE TABLE public.t (x int CHECK (public.take_regobox(x)));
+         INSERT INTO public.t VALUES (1);",
+    );
+    // A dump without regobox's own entries (made by hand, as an attacker would), in place of
+    // the archive's.
+    let dump = source.dir.path().join("crafted.dump");
+    let pg_dump = psql_binary().with_file_name("pg_dump");
+    source.ok(&[
+        "exec",
+        pg_dump.to_str().unwrap(),
+        "-Fc",
+        "--exclude-schema=regobox",
+        "-f",
+        dump.to_str().unwrap(),
+    ]);
+    let archive = backup(&source);
+    let crafted = source.dir.path().join("crafted.tar.zst");
+    craft(
+        &archive,
+        &crafted,
+        &format!(
+            "for m in members:\n    if m[0].name == 'database.dump':\n        m[1] = open({:?}, 'rb').read()",
+            dump.display().to_string()
+        ),
+    );
+    let target = Instance::new();
+    target.ok(&["init"]);
+    target.ok(&["restore", "--force", crafted.to_str().unwrap()]);
+    let run = target.start();
+    assert_eq!(target.sql("SELECT count(*) FROM t"), "1");
+    assert_eq!(
+        target.sql("SELECT pg_catalog.pg_get_userbyid(nspowner) FROM pg_catalog.pg_namespace WHERE nspname = 'regobox'"),
+        "postgres"
+    );
+    run.stop();
+}
