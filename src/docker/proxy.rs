@@ -1470,6 +1470,13 @@ fn tempfile_in(dir: &Path) -> std::io::Result<std::fs::File> {
 /// The largest Dockerfile read (and so the largest built).
 const MAX_DOCKERFILE: u64 = 1 << 20;
 
+/// The longest name of a build context's entry (Linux's `PATH_MAX`).
+const MAX_CONTEXT_NAME: usize = 4096;
+
+/// The bytes of all the names of a build context and of the directories they imply, together
+/// (a context of 200 000 files averages 300 bytes each).
+const MAX_CONTEXT_NAMES: usize = 64 << 20;
+
 /// The largest GNU long name or link name, or PAX header, of a build context (Go's tar reader
 /// refuses those over 1 MiB too).
 const MAX_TAR_RECORD: u64 = 1 << 20;
@@ -1652,6 +1659,7 @@ fn render_context(
     // Every name written, the directories they imply, and the links among them.
     let mut names: BTreeSet<String> = BTreeSet::new();
     let mut implied: BTreeSet<String> = BTreeSet::new();
+    let mut remembered: usize = 0;
     let mut links: BTreeSet<String> = BTreeSet::new();
     let mut files: BTreeSet<String> = BTreeSet::new();
     let mut found: Vec<Option<String>> = vec![None; wanted.len()];
@@ -1686,6 +1694,14 @@ fn render_context(
         if path.is_empty() {
             continue;
         }
+        // Longer names no file system takes (Linux's PATH_MAX); each name is checked against
+        // every directory above it, once.
+        if path.len() > MAX_CONTEXT_NAME {
+            return Err(denied(format!(
+                "the build context holds a name of {} bytes; at most {MAX_CONTEXT_NAME}",
+                path.len()
+            )));
+        }
         use tar::EntryType;
         let kind = entry.header().entry_type();
         if !matches!(
@@ -1698,6 +1714,14 @@ fn render_context(
         ) {
             return Err(denied(format!(
                 "{path} in the build context is a {kind:?} entry: only files, directories and links"
+            )));
+        }
+        // What the sets below hold, bounded: a context of deep names, each in a new
+        // directory, made them hold every directory above each name (quadratic in its length).
+        remembered += path.len();
+        if remembered > MAX_CONTEXT_NAMES {
+            return Err(denied(format!(
+                "the build context's names, with the directories they imply, take more than {MAX_CONTEXT_NAMES} bytes"
             )));
         }
         if !names.insert(path.clone()) {
@@ -1715,7 +1739,17 @@ fn render_context(
                     "{path} in the build context is under the file {up}"
                 )));
             }
-            implied.insert(up.to_string());
+            // Already implied: so are the directories above it, judged then (a link or file
+            // named like one of them later is refused as it comes).
+            if !implied.insert(up.to_string()) {
+                break;
+            }
+            remembered += up.len();
+            if remembered > MAX_CONTEXT_NAMES {
+                return Err(denied(format!(
+                    "the build context's names, with the directories they imply, take more than {MAX_CONTEXT_NAMES} bytes"
+                )));
+            }
             parent = up;
         }
         if kind != EntryType::Directory && implied.contains(&path) {

@@ -1955,6 +1955,38 @@ fn a_build_context_is_bounded_once_decompressed_and_its_long_names_by_what_they_
             .status
             .success()
     );
+    // (The re-attack.) A name over 4 096 bytes, and deep names each in new directories: the
+    // directories they imply were kept whole, quadratic in a name's length (a 200-byte upload
+    // took 1.15 GB).
+    let entry = |name: &[u8], kind: u8| {
+        let mut e = tar_block(b"././@LongLink", b'L', name.len() as u64 + 1);
+        e.extend_from_slice(name);
+        e.push(0);
+        e.resize(e.len().next_multiple_of(512), 0);
+        e.extend(tar_block(b"x", kind, 0));
+        e
+    };
+    let mut too_long = entry(&b"a/".repeat(2100), b'5');
+    too_long.extend([0u8; 1024]);
+    let (status, body) = ask(&gzip_context(&too_long, 0, &[]));
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        message(&body).contains("a name of 4199 bytes; at most 4096"),
+        "{body}"
+    );
+    let mut deep = Vec::new();
+    for k in 0..40 {
+        let mut name = format!("b{k}/").into_bytes();
+        name.extend(b"a/".repeat(2000));
+        deep.extend(entry(&name, b'5'));
+    }
+    deep.extend([0u8; 1024]);
+    let (status, body) = ask(&gzip_context(&deep, 0, &[]));
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        message(&body).contains("with the directories they imply, take more than"),
+        "{body}"
+    );
     b.stop();
 }
 
