@@ -173,6 +173,22 @@ pub fn free_space(path: &Path) -> io::Result<(u64, u64)> {
     ))
 }
 
+/// The names in the open directory `dir` (`.` and `..` aside), sorted: read from the
+/// descriptor, so they are that directory's whatever its path names meanwhile.
+pub fn names_in(dir: &std::fs::File) -> io::Result<Vec<std::ffi::OsString>> {
+    use std::os::unix::ffi::OsStringExt as _;
+    let listing = nix::dir::Dir::from_fd(dir.try_clone()?.into())?;
+    let mut names = Vec::new();
+    for entry in listing {
+        let n = entry?.file_name().to_bytes().to_vec();
+        if n != b"." && n != b".." {
+            names.push(std::ffi::OsString::from_vec(n));
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
 /// The directory `dir` (an absolute path), opened without following a symbolic link anywhere
 /// on the way: each component is opened from the one before with `O_NOFOLLOW`, so a link (a
 /// magic one in `/proc` included) or a file in the path is an error naming it. With `create`,

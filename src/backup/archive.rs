@@ -527,24 +527,9 @@ impl Level {
         path: String,
         fs_path: std::path::PathBuf,
     ) -> io::Result<Level> {
-        use std::os::unix::ffi::OsStringExt as _;
-        let listed = |e: nix::errno::Errno| {
-            io::Error::new(
-                io::Error::from(e).kind(),
-                format!("{}: {e}", fs_path.display()),
-            )
-        };
         let meta = dir.metadata()?;
-        let listing = nix::dir::Dir::from_fd(dir.try_clone()?.into()).map_err(listed)?;
-        let mut names = Vec::new();
-        for entry in listing {
-            let entry = entry.map_err(listed)?;
-            let n = entry.file_name().to_bytes();
-            if n != b"." && n != b".." {
-                names.push(std::ffi::OsString::from_vec(n.to_vec()));
-            }
-        }
-        names.sort();
+        let names = crate::volumes::names_in(&dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", fs_path.display())))?;
         Ok(Level {
             dir: Some(dir),
             name: name.to_os_string(),

@@ -1845,7 +1845,6 @@ fn own_secrets(dir: &Path) -> anyhow::Result<()> {
 /// user and writable by it alone, so that no one else can plant a link (or anything) where
 /// regobox, as root, writes the logs. Each change is logged.
 fn own_logs(dir: &Path) -> anyhow::Result<()> {
-    use std::os::unix::ffi::OsStrExt as _;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
     let f = match std::fs::OpenOptions::new()
         .read(true)
@@ -1872,19 +1871,14 @@ fn own_logs(dir: &Path) -> anyhow::Result<()> {
     // The log files too (regobox appends to them as root, and the Docker audit trail is one):
     // regobox's, written by no one else, whatever the archive says. Each is opened from the
     // directory without following a link (the archive holds none there; nothing is trusted).
-    let listing = nix::dir::Dir::from_fd(f.try_clone()?.into())
-        .with_context(|| format!("listing {}", dir.display()))?;
+    let names =
+        crate::volumes::names_in(&f).with_context(|| format!("listing {}", dir.display()))?;
     let mut given = 0;
-    for entry in listing {
-        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
-        let name = entry.file_name();
-        if matches!(name.to_bytes(), b"." | b"..") {
-            continue;
-        }
-        let path = dir.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+    for name in names {
+        let path = dir.join(&name);
         let file = match nix::fcntl::openat(
             &f,
-            name,
+            name.as_os_str(),
             nix::fcntl::OFlag::O_RDONLY
                 | nix::fcntl::OFlag::O_NOFOLLOW
                 | nix::fcntl::OFlag::O_NONBLOCK

@@ -693,7 +693,7 @@ impl Proxy {
                     // client's `t` for the job to end, and nothing that every start and create
                     // waits for is held meanwhile (the engine's restart mounts the binds after
                     // that wait, with their paths held still the whole time).
-                    let (q, op, inspected) = if op.as_deref() == Some("restart") {
+                    let (q, op) = if op.as_deref() == Some("restart") {
                         let stop = Request::builder()
                             .method(Method::POST)
                             .uri(target(&format!("/containers/{id}/stop"), &q))
@@ -706,10 +706,9 @@ impl Proxy {
                         {
                             return Ok(Err(stopped));
                         }
-                        let (_, inspected) = self.owned_container(&id).await?;
-                        (Query::default(), Some("start".to_string()), inspected)
+                        (Query::default(), Some("start".to_string()))
                     } else {
-                        (q, op.clone(), inspected)
+                        (q, op.clone())
                     };
                     // The engine mounts the binds on these: hold their paths still until it
                     // answers.
