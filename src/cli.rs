@@ -734,7 +734,7 @@ async fn backup(loaded: &Loaded, args: BackupArgs) -> anyhow::Result<u8> {
             println!(
                 "{}: OK, {} members, created {}, PostgreSQL {}",
                 archive.display(),
-                manifest.members.len(),
+                manifest.contents.members,
                 manifest.created_at,
                 manifest
                     .postgres

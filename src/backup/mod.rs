@@ -223,7 +223,10 @@ pub fn rules(config: &Config, layout: &Layout) -> archive::Rules {
             }
         }
     }
-    archive::Rules { own }
+    archive::Rules {
+        own,
+        ..Default::default()
+    }
 }
 
 /// The bytes an unprivileged writer may still write on the file system holding `path`, and
@@ -260,11 +263,7 @@ const CLUSTER_FILES: u64 = 1500;
 /// What unpacking creates: one file system entry per member written (`files`: the volume and
 /// configuration members too).
 fn unpack_files(manifest: &Manifest, files: bool) -> u64 {
-    manifest
-        .members
-        .iter()
-        .filter(|m| files || !(m.path.starts_with("volumes/") || m.path.starts_with("config/")))
-        .count() as u64
+    manifest.contents.unpacked(files).entries
 }
 
 /// `needs` new files must fit in the free inodes of `space` (on `path`).
@@ -282,24 +281,14 @@ fn need_inodes(needs: u64, space: &Space, path: &Path) -> Result<(), archive::Ar
 /// What rebuilding the archive's database takes beyond the dump: a new cluster (initdb's files,
 /// then the tables and their indexes, which the dump holds as definitions only). An estimate.
 fn cluster_estimate(manifest: &Manifest) -> u64 {
-    let dump = manifest
-        .members
-        .iter()
-        .find(|m| m.path == archive::DATABASE)
-        .map(|m| m.size)
-        .unwrap_or(0);
+    let dump = manifest.contents.database_size;
     dump.saturating_mul(2).saturating_add(64 << 20)
 }
 
 /// What unpacking takes: every member written, by [`archive::footprint`] (`files`: the volume
 /// and configuration members too).
 fn unpack_need(manifest: &Manifest, files: bool) -> u64 {
-    manifest
-        .members
-        .iter()
-        .filter(|m| files || !(m.path.starts_with("volumes/") || m.path.starts_with("config/")))
-        .map(|m| archive::footprint(&m.kind, m.size))
-        .fold(0u64, u64::saturating_add)
+    manifest.contents.unpacked(files).bytes
 }
 
 /// The volume directories a backup holds: `backup.include`, or everything under the root but
@@ -443,7 +432,7 @@ async fn create_in(
         }),
         secrets_included: opts.secrets,
         config_included: opts.config,
-        members: Vec::new(),
+        contents: Default::default(),
     };
     let header_json = serde_json::to_vec_pretty(&archive::Header {
         format: archive::FORMAT,
@@ -521,7 +510,7 @@ async fn create_in(
             File::open(p)?.sync_all()?;
         }
         pb.finish_and_clear();
-        tracing::info!(members = manifest.members.len(), "archive written");
+        tracing::info!(members = manifest.contents.members, "archive written");
         Ok(())
     });
     let written = task.await.context("the archive task")?;
@@ -1729,8 +1718,8 @@ pub async fn restore(
         // Swap: the cluster, then every top-level volume directory of the archive (each judged
         // again by the rules, and a directory, not a link, in the staging area).
         let mut pairs = vec![(pg.data_dir.clone(), new_cluster.clone())];
-        for m in &manifest.members {
-            let Ok(archive::Place::Volume { top, top_level: true }) = archive::place(&m.path, &plan.rules) else {
+        for path in &manifest.contents.volumes {
+            let Ok(archive::Place::Volume { top, top_level: true }) = archive::place(path, &plan.rules) else {
                 continue;
             };
             let staged = staging.join("volumes").join(&top);
