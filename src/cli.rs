@@ -263,7 +263,8 @@ async fn dispatch(command: Command, loaded: &Loaded) -> anyhow::Result<u8> {
             let missing = layout.missing();
             let restored = async {
                 layout.prepare()?;
-                crate::backup::restore(&loaded.config, &layout, &opts, None).await
+                let stop = stop_requested()?;
+                crate::backup::restore(&loaded.config, &layout, &opts, None, &stop).await
             }
             .await;
             if restored.is_err() {
@@ -745,7 +746,8 @@ async fn backup(loaded: &Loaded, args: BackupArgs) -> anyhow::Result<u8> {
             if restore_test {
                 layout.prepare()?;
                 let work_dir = work_dir.unwrap_or_else(std::env::temp_dir);
-                crate::backup::restore_test(config, &layout, &archive, &work_dir).await?;
+                let stop = stop_requested()?;
+                crate::backup::restore_test(config, &layout, &archive, &work_dir, &stop).await?;
                 println!(
                     "{}: restore test OK (the database restores and the server starts)",
                     archive.display()
@@ -786,4 +788,23 @@ async fn backup(loaded: &Loaded, args: BackupArgs) -> anyhow::Result<u8> {
             Ok(exit::OK)
         }
     }
+}
+
+/// A token cancelled by the first SIGINT or SIGTERM: a restore (or a restore test) stops where
+/// it is and removes what it made, rather than dying with its server still running.
+fn stop_requested() -> anyhow::Result<tokio_util::sync::CancellationToken> {
+    let mut signals =
+        supervisor::StopSignals::install().context("installing the signal handlers")?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let cancel = stop.clone();
+    tokio::spawn(async move {
+        let signal = signals.recv().await;
+        tracing::warn!(signal, "stop requested: cancelling the restore");
+        cancel.cancel();
+        // Later requests are ignored while it cleans up (bounded by postgres.stop_timeout).
+        loop {
+            signals.recv().await;
+        }
+    });
+    Ok(stop)
 }

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use indicatif::{ProgressBar, ProgressStyle};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::logs::Sink;
@@ -118,6 +119,14 @@ pub enum RestoreRefused {
     )]
     ExistingData { what: String },
 }
+
+/// A restore stopped by a stop request (SIGTERM, SIGINT) while it rebuilt the database or
+/// extracted the files, before anything was swapped in.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "restore cancelled: regobox was asked to stop before the restored data was swapped in; the previous data is in place"
+)]
+pub struct RestoreCancelled;
 
 pub use crate::process::fault;
 
@@ -786,6 +795,18 @@ impl Extraction {
         self.task.await.context("the extraction task")?
     }
 
+    /// [`Extraction::finish`], or [`RestoreCancelled`] once it has stopped early if `stop` is
+    /// cancelled first.
+    async fn finish_unless(mut self, stop: &CancellationToken) -> anyhow::Result<Manifest> {
+        tokio::select! {
+            r = &mut self.task => r.context("the extraction task")?,
+            _ = stop.cancelled() => {
+                self.abort().await;
+                Err(RestoreCancelled.into())
+            }
+        }
+    }
+
     /// Stop early and wait for the thread to end.
     async fn abort(self) {
         self.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1320,6 +1341,7 @@ async fn rebuild(
     places: Places<'_>,
     files: bool,
     superuser: &str,
+    stop: &CancellationToken,
 ) -> anyhow::Result<Manifest> {
     let Places {
         archive: archive_path,
@@ -1365,21 +1387,39 @@ async fn rebuild(
         }
     };
     fault("restore:staging");
-    let loaded = async {
-        if !extraction.wait_for(archive::DATABASE).await {
-            bail!("the archive has no database dump");
+    // The load runs the dump's code, which may never end, and the files may be many: a stop
+    // request cancels both (the server's stop ends the dump's sessions and pg_restore with them).
+    let loaded = {
+        let load = async {
+            if !extraction.wait_for(archive::DATABASE).await {
+                bail!("the archive has no database dump");
+            }
+            let owner = header.postgres.as_ref().map(|p| p.user.as_str());
+            build
+                .load(config, binaries, &staging.join(archive::DATABASE), owner)
+                .await
+        };
+        tokio::select! {
+            r = load => Some(r),
+            _ = stop.cancelled() => None,
         }
-        let owner = header.postgres.as_ref().map(|p| p.user.as_str());
-        build
-            .load(config, binaries, &staging.join(archive::DATABASE), owner)
-            .await
-    }
-    .await;
-    let manifest = match (loaded, extraction.finish().await) {
-        (Ok(()), Ok(m)) => m,
-        (_, Err(e)) | (Err(e), Ok(_)) => {
+    };
+    let finished = match loaded {
+        Some(loaded) => Some((loaded, extraction.finish_unless(stop).await)),
+        None => {
+            extraction.abort().await;
+            None
+        }
+    };
+    let manifest = match finished {
+        Some((Ok(()), Ok(m))) => m,
+        Some((_, Err(e)) | (Err(e), Ok(_))) => {
             build.discard(config).await;
             return Err(e);
+        }
+        None => {
+            build.discard(config).await;
+            return Err(RestoreCancelled.into());
         }
     };
     fault("restore:extracted");
@@ -1651,6 +1691,7 @@ pub async fn restore(
     layout: &Layout,
     opts: &RestoreOptions,
     verified: Option<Manifest>,
+    stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let Some(_restoring) = restore_lock(&layout.root)? else {
@@ -1660,7 +1701,11 @@ pub async fn restore(
         );
     };
     recover_held(config)?;
-    let plan = plan(config, layout, opts, verified).await?;
+    // (The plan changes nothing: a stop request ends it where it is.)
+    let plan = tokio::select! {
+        p = plan(config, layout, opts, verified) => p?,
+        _ = stop.cancelled() => return Err(RestoreCancelled.into()),
+    };
     let pg = &config.postgres;
     // From here on the volume is held (an empty data directory is created if there is none).
     if plan.state == DataDirState::Missing {
@@ -1703,6 +1748,7 @@ pub async fn restore(
             },
             true,
             &superuser,
+            stop,
         ).await?;
         fault("restore:cluster-ready");
         let staged_secrets = staging.join("volumes").join(archive::SECRETS);
@@ -1917,6 +1963,7 @@ pub async fn restore_test(
     layout: &Layout,
     path: &Path,
     work_dir: &Path,
+    stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let pg = &config.postgres;
     let binaries = Binaries::find(&pg.bin_dir, None).await?;
@@ -1984,6 +2031,7 @@ pub async fn restore_test(
             },
             false,
             &crate::secrets::generate(),
+            stop,
         )
         .await
     }

@@ -353,11 +353,15 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
                     "restoring {}",
                     request.options.archive.display()
                 )));
+                // A stop request cancels the restore unless its data is being swapped in (then
+                // it ends first); regobox then stops.
+                let stop = CancellationToken::new();
                 let restore = crate::backup::restore(
                     config,
                     &layout,
                     &request.options,
                     Some(request.verified.clone()),
+                    &stop,
                 );
                 tokio::pin!(restore);
                 let mut stop_after = None;
@@ -365,7 +369,8 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
                     tokio::select! {
                         r = &mut restore => break r,
                         s = p.signals.recv() => {
-                            tracing::warn!(signal = s, "stop requested during a restore: regobox stops once it is done");
+                            tracing::warn!(signal = s, "stop requested during a restore: cancelling it (unless its data is being swapped in), then stopping");
+                            stop.cancel();
                             stop_after = Some(s);
                         }
                     }
@@ -375,6 +380,16 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
                         code: exit::OK,
                         message: "restore complete".into(),
                     },
+                    Err(e)
+                        if e.downcast_ref::<crate::backup::RestoreCancelled>()
+                            .is_some() =>
+                    {
+                        tracing::warn!("{e:#}");
+                        control::Reply {
+                            code: exit::code_for(e),
+                            message: format!("{e:#}"),
+                        }
+                    }
                     Err(e) => {
                         tracing::error!("restore failed, the previous data is in place: {e:#}");
                         control::Reply {

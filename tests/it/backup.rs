@@ -1878,3 +1878,136 @@ fn a_dump_that_makes_regoboxs_own_schema_while_it_loads_leaves_a_volume_that_sta
     );
     run.stop();
 }
+
+/// An archive whose dump never finishes loading: a CHECK whose function sleeps an hour, made to
+/// sleep once the row it checks is in (a restore's load runs it again, and waits).
+fn an_archive_whose_load_never_ends() -> (Instance, PathBuf) {
+    let source = Instance::new();
+    source.ok(&["init"]);
+    source.sql(
+        "CREATE FUNCTION public.slow(x int) RETURNS boolean LANGUAGE sql VOLATILE AS 'SELECT true';
+         CREATE TABLE public.t (x int CHECK (public.slow(x)));
+         INSERT INTO public.t VALUES (1);
+         CREATE OR REPLACE FUNCTION public.slow(x int) RETURNS boolean LANGUAGE sql VOLATILE
+           AS 'SELECT pg_sleep(3600) IS NOT NULL';",
+    );
+    let archive = backup(&source);
+    (source, archive)
+}
+
+/// What a restore leaves while it runs (its staging directories, its server's socket directory,
+/// its server): none of it may be left once it has been stopped.
+fn restore_leftovers(inst: &Instance) -> Vec<String> {
+    let mut left: Vec<String> = [inst.root.clone(), inst.data_dir().parent().unwrap().into()]
+        .iter()
+        .flat_map(|d| hidden_entries(d))
+        .filter(|n| n.starts_with(".restore-"))
+        .collect();
+    for e in std::fs::read_dir(&inst.runtime).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("restore-") {
+            left.push(format!("runtime/{name}"));
+        }
+    }
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(p.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(&*inst.root.to_string_lossy()) && cmd.contains(".restore-") {
+                left.push(format!("process {cmd}"));
+            }
+        }
+    }
+    left
+}
+
+/// A restore through the running regobox whose dump's code never ends (a crafted archive, or a
+/// restore that takes longer than the operator can wait): a stop (`docker stop`'s SIGTERM)
+/// cancels it before anything is swapped in, and regobox exits 0 within the stop's grace, with
+/// the previous data in place and nothing of the restore left. It used to say "regobox stops
+/// once it is done" and wait, until the SIGKILL.
+#[test]
+fn a_stop_during_a_restore_that_never_ends_cancels_it_and_keeps_the_previous_data() {
+    let (_source, archive) = an_archive_whose_load_never_ends();
+    let target = Instance::new();
+    let mut run = target.start();
+    target.sql("CREATE TABLE genes(id int); INSERT INTO genes VALUES (7);");
+    let mut restore = target
+        .command(&["restore", "--force", archive.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    run.wait_for_log(
+        "restoring the database as the application role",
+        Duration::from_secs(60),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        restore.try_wait().unwrap().is_none(),
+        "the restore is still loading"
+    );
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = run.wait(Duration::from_secs(30));
+    let log = run.log_text();
+    assert!(status.success(), "regobox exited with {status}:\n{log}");
+    assert!(log.contains("restore cancelled"), "{log}");
+    let out = restore.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cancelled") && stderr(&out).contains("previous data"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(restore_leftovers(&target), Vec::<String>::new());
+    let run = target.start();
+    assert_eq!(
+        target.sql("SELECT string_agg(id::text, ',') FROM genes"),
+        "7"
+    );
+    assert_eq!(
+        target.sql("SELECT count(*) FROM pg_tables WHERE tablename = 't'"),
+        "0"
+    );
+    run.stop();
+}
+
+/// The same restore from the command line (no regobox running): Ctrl-C cancels it, the same
+/// way.
+#[test]
+fn ctrl_c_during_a_restore_from_the_command_line_cancels_it_and_keeps_the_previous_data() {
+    let (_source, archive) = an_archive_whose_load_never_ends();
+    let target = Instance::new();
+    target.ok(&["init"]);
+    target.sql("CREATE TABLE genes(id int); INSERT INTO genes VALUES (7);");
+    let log = target.dir.path().join("restore.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let child = target
+        .command(&["restore", "--force", archive.to_str().unwrap()])
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let mut restore = Running { child, log };
+    restore.wait_for_log(
+        "restoring the database as the application role",
+        Duration::from_secs(60),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    restore.signal(nix::sys::signal::Signal::SIGINT);
+    let status = restore.wait(Duration::from_secs(30));
+    let text = restore.log_text();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("cancelled") && text.contains("previous data"),
+        "{text}"
+    );
+    assert_eq!(restore_leftovers(&target), Vec::<String>::new());
+    assert_eq!(
+        target.sql("SELECT string_agg(id::text, ',') FROM genes"),
+        "7"
+    );
+    assert_eq!(
+        target.sql("SELECT count(*) FROM pg_tables WHERE tablename = 't'"),
+        "0"
+    );
+}
