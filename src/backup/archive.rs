@@ -1,7 +1,7 @@
 //! The archive format: one tar stream compressed with zstd (content checksum on).
 //!
 //! Members, in order: `database.dump` (a `pg_dump` custom-format dump), `volumes/<dir>/...`
-//! (files, directories and symlinks with their modes, owners and times), `config/<n>-<dir>/...`
+//! (files, directories, symlinks and hard links with their modes, owners and times), `config/<n>-<dir>/...`
 //! (the configuration files), and last `manifest.json`, which lists every other member with its
 //! kind, size, mode and, for files, SHA-256. Verification is one streaming pass: every member is
 //! hashed and compared with the manifest; a member missing, extra, duplicated or different, a
@@ -39,6 +39,10 @@ pub enum Kind {
     File,
     Dir,
     Symlink,
+    /// Another name of a file member before it, in the same top-level directory (`target`: that
+    /// member's path): a hard link, archived and restored as one, so that a file of many names
+    /// takes its size once in the archive and once on the restored volume.
+    Hardlink,
 }
 
 /// One member of the archive, as the manifest records it.
@@ -129,7 +133,9 @@ impl Contents {
             &mut self.core
         };
         usage.bytes = usage.bytes.saturating_add(footprint(kind, size));
-        usage.entries += 1;
+        if *kind != Kind::Hardlink {
+            usage.entries += 1;
+        }
         if *kind == Kind::Dir && path.matches('/').count() == 1 && path.starts_with("volumes/") {
             self.volumes.push(path.into());
         }
@@ -218,6 +224,9 @@ fn corrupt(e: impl std::error::Error) -> ArchiveError {
 pub struct Writer<W: Write> {
     tar: tar::Builder<zstd::stream::write::Encoder<'static, W>>,
     members: Vec<Member>,
+    /// The files of the tree being added that have other names (by device and inode), and the
+    /// path they were archived under first.
+    linked: std::collections::HashMap<(u64, u64), String>,
     /// Bytes of member content written so far (for progress).
     pub content_bytes: u64,
 }
@@ -236,6 +245,7 @@ impl<W: Write> Writer<W> {
         Ok(Writer {
             tar,
             members: Vec::new(),
+            linked: Default::default(),
             content_bytes: 0,
         })
     }
@@ -312,14 +322,52 @@ impl<W: Write> Writer<W> {
     }
 
     pub fn add_symlink(&mut self, path: &str, target: &Path, meta: &Metadata) -> io::Result<()> {
-        let mut header = header_for(meta, tar::EntryType::Symlink);
+        use std::os::unix::ffi::OsStrExt as _;
+        self.append_link(
+            tar::EntryType::Symlink,
+            path,
+            target.as_os_str().as_bytes(),
+            meta,
+        )?;
+        self.members.push(Member {
+            path: path.into(),
+            kind: Kind::Symlink,
+            size: 0,
+            sha256: None,
+            mode: kept_mode(meta),
+            target: Some(target.to_string_lossy().into_owned()),
+        });
+        Ok(())
+    }
+
+    /// Add `path` as another name of the file member `first` (a hard link).
+    fn add_hardlink(&mut self, path: &str, first: &str, meta: &Metadata) -> io::Result<()> {
+        self.append_link(tar::EntryType::Link, path, first.as_bytes(), meta)?;
+        self.members.push(Member {
+            path: path.into(),
+            kind: Kind::Hardlink,
+            size: 0,
+            sha256: None,
+            mode: kept_mode(meta),
+            target: Some(first.into()),
+        });
+        Ok(())
+    }
+
+    /// A link member (`kind`) of `path` to `raw`.
+    fn append_link(
+        &mut self,
+        kind: tar::EntryType,
+        path: &str,
+        raw: &[u8],
+        meta: &Metadata,
+    ) -> io::Result<()> {
+        let mut header = header_for(meta, kind);
         header.set_size(0);
         // The target as it is, byte for byte: the tar crate's `append_link` respells one that
         // fits the header (`c/./d` as `c/d`, `a//b` as `a/b`), and the archive then differed
         // from its manifest, which no restore takes. A longer one goes in a GNU long link
         // record, as it is.
-        use std::os::unix::ffi::OsStrExt as _;
-        let raw = target.as_os_str().as_bytes();
         let field = header.as_old().linkname.len();
         if raw.len() > field {
             // (`append_link` would respell it too, and find it short enough once respelled.)
@@ -332,16 +380,7 @@ impl<W: Write> Writer<W> {
             self.tar.append(&long, raw.chain(&[0u8][..]))?;
         }
         header.set_link_name_literal(&raw[..raw.len().min(field)])?;
-        self.tar.append_data(&mut header, path, io::empty())?;
-        self.members.push(Member {
-            path: path.into(),
-            kind: Kind::Symlink,
-            size: 0,
-            sha256: None,
-            mode: kept_mode(meta),
-            target: Some(target.to_string_lossy().into_owned()),
-        });
-        Ok(())
+        self.tar.append_data(&mut header, path, io::empty())
     }
 
     /// Add `root` and everything under it as `prefix/...`, in a stable order, never following
@@ -363,6 +402,8 @@ impl<W: Write> Writer<W> {
         skip: &dyn Fn(&Path) -> bool,
         progress: &dyn Fn(u64),
     ) -> io::Result<()> {
+        // Hard links within this tree only: a restore swaps each top-level directory on its own.
+        self.linked.clear();
         let top = match self.add_entry_at(prefix, nix::fcntl::AT_FDCWD, root.as_os_str(), root)? {
             Added::Dir(dir) => Level::open(
                 dir,
@@ -536,7 +577,19 @@ impl<W: Write> Writer<W> {
             ));
         }
         if ft.is_file() {
+            // A file of several names: its content once, under the first name archived, and
+            // every other name a link to that one.
+            let key = (now.dev(), now.ino());
+            if now.nlink() > 1 {
+                if let Some(first) = self.linked.get(&key).cloned() {
+                    self.add_hardlink(path, &first, &now)?;
+                    return Ok(Added::Done);
+                }
+            }
             self.add_open_file(path, opened, fs_path, &now)?;
+            if now.nlink() > 1 {
+                self.linked.insert(key, path.to_string());
+            }
             Ok(Added::Done)
         } else {
             self.add_dir(path, &now)?;
@@ -778,12 +831,22 @@ const MAX_NAME: usize = 4096;
 /// What a member costs on disk at least (one block): directories, links and small files.
 const BLOCK: u64 = 4096;
 
-/// What a member occupies once written: its size rounded up to whole blocks, one block at least.
+/// What a member occupies once written: its size rounded up to whole blocks, one block at least;
+/// a hard link, nothing but its name.
 pub fn footprint(kind: &Kind, size: u64) -> u64 {
     match kind {
         Kind::File => size.div_ceil(BLOCK).max(1).saturating_mul(BLOCK),
         Kind::Dir | Kind::Symlink => BLOCK,
+        Kind::Hardlink => 0,
     }
+}
+
+/// The top-level directory of the archive that `path` is in (`volumes/<dir>`, `config/<dir>`).
+fn tree_of(path: &str) -> Option<&str> {
+    let mut slashes = path.match_indices('/').map(|(i, _)| i);
+    let first = slashes.next()?;
+    let tree = &path[..slashes.next().unwrap_or(path.len())];
+    matches!(&path[..first], "volumes" | "config").then_some(tree)
 }
 
 /// The archive format's rules for the restore that reads it: which top-level directories of
@@ -986,11 +1049,12 @@ fn kind_of(path: &str, header: &tar::Header) -> Result<(Kind, u32), ArchiveError
         tar::EntryType::Regular | tar::EntryType::Continuous => Kind::File,
         tar::EntryType::Directory => Kind::Dir,
         tar::EntryType::Symlink => Kind::Symlink,
+        tar::EntryType::Link => Kind::Hardlink,
         other => {
             return Err(refused(
                 path,
                 format!(
-                    "it is a {other:?} member; an archive holds files, directories and symbolic links only"
+                    "it is a {other:?} member; an archive holds files, directories, symbolic links and hard links only"
                 ),
             ));
         }
@@ -1087,6 +1151,7 @@ fn check_listed(seen: &mut SeenMap, listed: Member) -> Result<(), ArchiveError> 
     } else if actual.rest != rest_digest(listed.sha256.as_deref(), listed.target.as_deref()) {
         match actual.kind {
             Kind::Symlink => "its symlink target differs from the manifest's",
+            Kind::Hardlink => "the file it is another name of differs from the manifest's",
             _ => "its SHA-256 differs from the manifest's",
         }
         .to_string()
@@ -1431,7 +1496,7 @@ fn read(
                 continue;
             }
             let target_len = match kind {
-                Kind::Symlink => link_name.as_ref().map_or(0, |l| l.len()),
+                Kind::Symlink | Kind::Hardlink => link_name.as_ref().map_or(0, |l| l.len()),
                 _ => 0,
             };
             listable = listable.saturating_add(MIN_LISTING + (path.len() + target_len) as u64);
@@ -1551,6 +1616,29 @@ fn read(
                         }
                     }
                     Seen::new(Kind::Symlink, mode, 0, None, Some(&link))
+                }
+                Kind::Hardlink => {
+                    // Another name of a file member before it, in the same top-level directory
+                    // (each is swapped in on its own), spelled as that member is.
+                    let first = link_name
+                        .and_then(|l| String::from_utf8(l).ok())
+                        .filter(|l| {
+                            normalise(l.as_bytes()).is_ok_and(|n| n == *l)
+                                && tree_of(l).is_some()
+                                && tree_of(l) == tree_of(&path)
+                                && seen.get(l.as_str()).map(|m| &m.kind) == Some(&Kind::File)
+                        })
+                        .ok_or_else(|| {
+                            refused(
+                                &path,
+                                "a hard link names a file member before it, in the same top-level directory, in its one spelling; this one does not",
+                            )
+                        })?;
+                    if let (Some(d), Some(t)) = (to, &target) {
+                        no_symlink_on_the_way(d.dir, &first)?;
+                        std::fs::hard_link(d.dir.join(&first), t).map_err(io_err(t))?;
+                    }
+                    Seen::new(Kind::Hardlink, mode, 0, None, Some(&first))
                 }
             };
             contents.add(&path, &member.kind, member.size);
@@ -2070,6 +2158,116 @@ mod tests {
             verify(&bytes[..], &Rules::default()),
             Err(ArchiveError::BadHeader)
         ));
+    }
+
+    /// A file of many names (hard links) is archived once and restored as one file of as many
+    /// names: 200 names of a 300 KB file of random bytes took 60 MB of archive and 60 MB of the
+    /// restored volume, and a file of 65 000 names filled the disk of any backup.
+    #[test]
+    fn a_file_of_many_names_is_archived_and_restored_once() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("files");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        let content: Vec<u8> = (0..300_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        std::fs::write(root.join("a"), &content).unwrap();
+        for i in 0..200 {
+            std::fs::hard_link(root.join("a"), root.join("sub").join(format!("n{i}"))).unwrap();
+        }
+        let mut w = writer();
+        w.add_tree("volumes/files", &root, &|_| false, &|_| {})
+            .unwrap();
+        let (bytes, _) = w.finish(base()).unwrap();
+        assert!(bytes.len() < 2 * content.len(), "{} bytes", bytes.len());
+        let m = verify(&bytes[..], &Rules::default()).unwrap();
+        assert_eq!(m.contents.members, 204);
+        assert!(m.contents.trees.bytes < 2 * content.len() as u64);
+        assert_eq!(m.contents.trees.entries, 3, "two directories, one file");
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        unpack_verified(&bytes[..], &Rules::default(), into(&out), &mut |_| true).unwrap();
+        let first = std::fs::metadata(out.join("volumes/files/a")).unwrap();
+        assert_eq!(first.nlink(), 201);
+        for i in [0, 199] {
+            let other = out.join(format!("volumes/files/sub/n{i}"));
+            assert_eq!(std::fs::metadata(&other).unwrap().ino(), first.ino());
+        }
+        assert_eq!(
+            std::fs::read(out.join("volumes/files/sub/n7")).unwrap(),
+            content
+        );
+    }
+
+    /// A hard link names a file member before it, in the same top-level directory, in its one
+    /// spelling: a link to a directory, a link, a later or absent member, another tree, the
+    /// secrets or the logs would make the restore link what it should not.
+    #[test]
+    fn a_hard_link_that_names_anything_but_a_file_before_it_in_its_tree_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"content").unwrap();
+        let meta = std::fs::metadata(&f).unwrap();
+        let dmeta = std::fs::metadata(dir.path()).unwrap();
+        let base_writer = || {
+            let mut w = writer();
+            w.add_dir("volumes/d", &dmeta).unwrap();
+            w.add_file("volumes/d/f", &f, &meta).unwrap();
+            w.add_dir("volumes/d/sub", &dmeta).unwrap();
+            w.add_symlink("volumes/d/l", Path::new("f"), &meta).unwrap();
+            w.add_dir("volumes/e", &dmeta).unwrap();
+            w.add_dir("volumes/secrets", &dmeta).unwrap();
+            w.add_file("volumes/secrets/s", &f, &meta).unwrap();
+            w.add_dir("volumes/logs", &dmeta).unwrap();
+            w.add_file("volumes/logs/x.log", &f, &meta).unwrap();
+            w
+        };
+        let good = {
+            let mut w = base_writer();
+            w.add_hardlink("volumes/d/sub/g", "volumes/d/f", &meta)
+                .unwrap();
+            w.finish(base()).unwrap().0
+        };
+        verify(&good[..], &Rules::default()).unwrap();
+        for (name, first) in [
+            ("volumes/d/g", "volumes/d/sub"),
+            ("volumes/d/g", "volumes/d/l"),
+            ("volumes/d/g", "volumes/d/later"),
+            ("volumes/d/g", "volumes/d/absent"),
+            ("volumes/d/g", "volumes/d/./f"),
+            ("volumes/d/g", "volumes/d//f"),
+            ("volumes/d/g", "/volumes/d/f"),
+            ("volumes/d/g", "../d/f"),
+            ("volumes/d/g", "regobox.json"),
+            ("volumes/e/g", "volumes/d/f"),
+            ("volumes/d/g", "volumes/secrets/s"),
+            ("volumes/secrets/g", "volumes/secrets/s"),
+            ("volumes/logs/g", "volumes/logs/x.log"),
+            ("volumes/d/g", "volumes/logs/x.log"),
+            ("database.dump", "volumes/d/f"),
+            ("volumes/g", "volumes/d/f"),
+        ] {
+            let mut w = base_writer();
+            w.add_hardlink(name, first, &meta).unwrap();
+            w.add_file("volumes/d/later", &f, &meta).unwrap();
+            let (bytes, _) = w.finish(base()).unwrap();
+            let r = verify(&bytes[..], &Rules::default());
+            assert!(
+                matches!(
+                    r,
+                    Err(ArchiveError::Refused { .. } | ArchiveError::UnsafePath(_))
+                ),
+                "{name} -> {first}: {r:?}"
+            );
+            let out = dir
+                .path()
+                .join(format!("out-{}", name.len() + first.len() * 100));
+            std::fs::create_dir_all(&out).unwrap();
+            assert!(
+                unpack_verified(&bytes[..], &Rules::default(), into(&out), &mut |_| true).is_err()
+            );
+        }
     }
 
     /// `w`'s archive closed with `json` as its manifest.

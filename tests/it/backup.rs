@@ -726,7 +726,22 @@ fn crafted_archives_are_refused_by_verify_and_restore_alike_and_change_nothing()
         (
             "hard-link",
             format!("add_special('volumes/files/hl', tarfile.LNKTYPE, linkname='{o}/shadow')"),
-            "member volumes/files/hl is refused: it is a Link member",
+            "member volumes/files/hl is refused: a hard link names a file member before it, in the same top-level directory",
+        ),
+        (
+            "hard-link-secret",
+            "add_special('volumes/files/hl', tarfile.LNKTYPE, linkname='volumes/secrets/postgres-password')".into(),
+            "member volumes/files/hl is refused: a hard link names a file member before it, in the same top-level directory",
+        ),
+        (
+            "hard-link-up",
+            "add_special('volumes/files/hl', tarfile.LNKTYPE, linkname='volumes/files/../secrets/postgres-password')".into(),
+            "member volumes/files/hl is refused: a hard link names a file member before it, in the same top-level directory",
+        ),
+        (
+            "hard-link-later",
+            "add_special('volumes/files/hl', tarfile.LNKTYPE, linkname='volumes/files/later')\nadd_file('volumes/files/later', b'x')".into(),
+            "member volumes/files/hl is refused: a hard link names a file member before it, in the same top-level directory",
         ),
         (
             "log-link",
@@ -2010,4 +2025,50 @@ fn ctrl_c_during_a_restore_from_the_command_line_cancels_it_and_keeps_the_previo
         target.sql("SELECT count(*) FROM pg_tables WHERE tablename = 't'"),
         "0"
     );
+}
+
+/// A file the application gave many names (hard links: a reference genome linked into each run)
+/// is archived once and restored as one file of as many names. It was archived once per name
+/// (300 names of 5 MB: 1.5 GB of archive) and restored as copies, so that the restore of a
+/// volume that fit needed 300 times the space, and a file of 65 000 names filled any disk.
+#[test]
+fn a_file_of_many_names_is_backed_up_and_restored_once() {
+    use std::os::unix::fs::MetadataExt;
+    let a = Instance::new();
+    a.ok(&["init"]);
+    let files = a.root.join("files");
+    std::fs::create_dir_all(files.join("runs")).unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let content: Vec<u8> = (0..5 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(files.join("reference.fa"), &content).unwrap();
+    for i in 0..300 {
+        std::fs::hard_link(
+            files.join("reference.fa"),
+            files.join("runs").join(format!("ref-{i}.fa")),
+        )
+        .unwrap();
+    }
+    let archive = backup(&a);
+    let size = std::fs::metadata(&archive).unwrap().len();
+    assert!(
+        size < 2 * content.len() as u64,
+        "an archive of {size} bytes"
+    );
+    let b = Instance::new();
+    b.ok(&["restore", archive.to_str().unwrap()]);
+    let restored = b.root.join("files");
+    let first = std::fs::metadata(restored.join("reference.fa")).unwrap();
+    assert_eq!(first.nlink(), 301);
+    for i in [0, 150, 299] {
+        let other = std::fs::metadata(restored.join(format!("runs/ref-{i}.fa"))).unwrap();
+        assert_eq!(other.ino(), first.ino());
+    }
+    assert!(std::fs::read(restored.join("runs/ref-42.fa")).unwrap() == content);
 }
