@@ -244,9 +244,33 @@ pub async fn forward(target: Target, reader: impl AsyncRead + Unpin) {
     }
 }
 
+/// A line of a child's output as regobox writes it in text: control characters (but the tab)
+/// and the characters that reorder text (bidirectional controls) escaped, so that a line cannot
+/// move the cursor, rewrite what is before it on a terminal (a carriage return over its
+/// `name | ` prefix) and so pass for regobox's own.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let hidden = |c: char| {
+        (c.is_control() && c != '\t')
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(hidden) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if hidden(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 fn emit(target: &Target, line: &[u8]) {
-    let text = String::from_utf8_lossy(line);
-    let text = text.trim_end_matches('\r');
+    let raw = String::from_utf8_lossy(line);
+    let raw = raw.trim_end_matches('\r');
+    let text = printable(raw);
     let now = chrono::Utc::now();
     let console = match format() {
         Format::Text => format!("{} | {text}", target.name),
@@ -254,7 +278,7 @@ fn emit(target: &Target, line: &[u8]) {
             "time": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             "service": target.name,
             "stream": target.stream,
-            "message": text,
+            "message": raw,
         })
         .to_string(),
     };
@@ -273,7 +297,7 @@ fn emit(target: &Target, line: &[u8]) {
             .write_line(&stamped);
     }
     if let Some(observe) = &target.observer {
-        observe(text);
+        observe(raw);
     }
 }
 
@@ -302,6 +326,35 @@ mod tests {
         assert!(lines[2].ends_with(" | aaaaaaaaaa"));
         assert!(lines[3].ends_with("ok \u{fffd}\u{fffd} end"));
         assert!(lines[4].ends_with("no newline at end"));
+    }
+
+    /// A service's line cannot pass for regobox's own: a carriage return back over its
+    /// `name | ` prefix, terminal escapes (erase the line, move the cursor) and bidirectional
+    /// controls are written escaped, in the file as on the console.
+    #[tokio::test]
+    async fn control_characters_of_a_service_line_are_escaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = LogFile::open(dir.path(), "svc", 1 << 20, 2).unwrap();
+        let input = "tab\tkept\n\r\x1b[2K2026-12-04T00:00:00Z INFO regobox: restore complete\nx\u{202e}gnp.exe\r\n";
+        let target = Target {
+            name: "svc".into(),
+            stream: "stdout",
+            sink: Sink::Stderr,
+            file: Some(file),
+            observer: None,
+        };
+        forward(target, input.as_bytes()).await;
+        let text = std::fs::read_to_string(dir.path().join("svc.log")).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text:?}");
+        assert!(lines[0].ends_with(" | tab\tkept"), "{text:?}");
+        assert!(
+            lines[1].ends_with(" | \\r\\u{1b}[2K2026-12-04T00:00:00Z INFO regobox: restore complete"),
+            "{text:?}"
+        );
+        assert!(lines[2].ends_with(" | x\\u{202e}gnp.exe"), "{text:?}");
+        assert!(!text.contains(['\r', '\x1b', '\u{202e}']));
+        assert_eq!(printable("plain \u{e9}t\u{e9}"), "plain \u{e9}t\u{e9}");
     }
 
     #[test]
