@@ -305,19 +305,24 @@ fn emit(target: &Target, line: &[u8]) {
 mod tests {
     use super::*;
 
+    /// A service's stdout, written to `file` (and to stderr).
+    fn to_file(file: SharedLogFile) -> Target {
+        Target {
+            name: "svc".into(),
+            stream: "stdout",
+            sink: Sink::Stderr,
+            file: Some(file),
+            observer: None,
+        }
+    }
+
     #[tokio::test]
     async fn long_lines_are_split_and_invalid_utf8_replaced_in_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = LogFile::open(dir.path(), "svc", 10 * MAX_LINE as u64, 2).unwrap();
         let mut input = vec![b'a'; MAX_LINE * 2 + 10];
         input.extend_from_slice(b"\nok \xff\xfe end\nno newline at end");
-        let target = Target {
-            name: "svc".into(),
-            stream: "stdout",
-            sink: Sink::Stderr,
-            file: Some(file),
-            observer: None,
-        };
+        let target = to_file(file);
         forward(target, &input[..]).await;
         let text = std::fs::read_to_string(dir.path().join("svc.log")).unwrap();
         let lines: Vec<&str> = text.lines().collect();
@@ -336,20 +341,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = LogFile::open(dir.path(), "svc", 1 << 20, 2).unwrap();
         let input = "tab\tkept\n\r\x1b[2K2026-12-04T00:00:00Z INFO regobox: restore complete\nx\u{202e}gnp.exe\r\n";
-        let target = Target {
-            name: "svc".into(),
-            stream: "stdout",
-            sink: Sink::Stderr,
-            file: Some(file),
-            observer: None,
-        };
+        let target = to_file(file);
         forward(target, input.as_bytes()).await;
         let text = std::fs::read_to_string(dir.path().join("svc.log")).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text:?}");
         assert!(lines[0].ends_with(" | tab\tkept"), "{text:?}");
         assert!(
-            lines[1].ends_with(" | \\r\\u{1b}[2K2026-12-04T00:00:00Z INFO regobox: restore complete"),
+            lines[1]
+                .ends_with(" | \\r\\u{1b}[2K2026-12-04T00:00:00Z INFO regobox: restore complete"),
             "{text:?}"
         );
         assert!(lines[2].ends_with(" | x\\u{202e}gnp.exe"), "{text:?}");

@@ -1935,6 +1935,18 @@ fn restore_leftovers(inst: &Instance) -> Vec<String> {
     left
 }
 
+/// The data of `target` before the restore (its table `genes`), none of the archive's.
+fn previous_data_kept(target: &Instance) {
+    assert_eq!(
+        target.sql("SELECT string_agg(id::text, ',') FROM genes"),
+        "7"
+    );
+    assert_eq!(
+        target.sql("SELECT count(*) FROM pg_tables WHERE tablename = 't'"),
+        "0"
+    );
+}
+
 /// A restore through the running regobox whose dump's code never ends (a crafted archive, or a
 /// restore that takes longer than the operator can wait): a stop (`docker stop`'s SIGTERM)
 /// cancels it before anything is swapped in, and regobox exits 0 within the stop's grace, with
@@ -1975,14 +1987,7 @@ fn a_stop_during_a_restore_that_never_ends_cancels_it_and_keeps_the_previous_dat
     );
     assert_eq!(restore_leftovers(&target), Vec::<String>::new());
     let run = target.start();
-    assert_eq!(
-        target.sql("SELECT string_agg(id::text, ',') FROM genes"),
-        "7"
-    );
-    assert_eq!(
-        target.sql("SELECT count(*) FROM pg_tables WHERE tablename = 't'"),
-        "0"
-    );
+    previous_data_kept(&target);
     run.stop();
 }
 
@@ -2017,14 +2022,7 @@ fn ctrl_c_during_a_restore_from_the_command_line_cancels_it_and_keeps_the_previo
         "{text}"
     );
     assert_eq!(restore_leftovers(&target), Vec::<String>::new());
-    assert_eq!(
-        target.sql("SELECT string_agg(id::text, ',') FROM genes"),
-        "7"
-    );
-    assert_eq!(
-        target.sql("SELECT count(*) FROM pg_tables WHERE tablename = 't'"),
-        "0"
-    );
+    previous_data_kept(&target);
 }
 
 /// A file the application gave many names (hard links: a reference genome linked into each run)
