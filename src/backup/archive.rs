@@ -227,6 +227,8 @@ pub struct Writer<W: Write> {
     /// The files of the tree being added that have other names (by device and inode), and the
     /// path they were archived under first.
     linked: std::collections::HashMap<(u64, u64), String>,
+    /// The largest manifest written: what a reader reads ([`MAX_MANIFEST`] but in tests).
+    max_manifest: u64,
     /// Bytes of member content written so far (for progress).
     pub content_bytes: u64,
 }
@@ -246,6 +248,7 @@ impl<W: Write> Writer<W> {
             tar,
             members: Vec::new(),
             linked: Default::default(),
+            max_manifest: MAX_MANIFEST,
             content_bytes: 0,
         })
     }
@@ -598,12 +601,28 @@ impl<W: Write> Writer<W> {
     }
 
     /// Append the manifest (`base` with the member list filled in) and finish the stream.
+    ///
+    /// The manifest is indented for a reader, or, past what a restore reads
+    /// ([`MAX_MANIFEST`]), not; an archive whose manifest would not fit even so is refused here,
+    /// never written to be refused by every restore (millions of names: hard links cost no
+    /// space).
     pub fn finish(mut self, mut base: Manifest) -> io::Result<(W, Manifest)> {
-        let json = serde_json::to_vec_pretty(&Listing {
+        let listing = Listing {
             manifest: &base,
             members: &self.members,
-        })
-        .map_err(io::Error::other)?;
+        };
+        let mut json = serde_json::to_vec_pretty(&listing).map_err(io::Error::other)?;
+        if json.len() as u64 > self.max_manifest {
+            json = serde_json::to_vec(&listing).map_err(io::Error::other)?;
+        }
+        if json.len() as u64 > self.max_manifest {
+            return Err(io::Error::other(format!(
+                "the archive would list {} members in a manifest of {}, more than the {} a restore reads: no archive is written (leave directories out with backup.include)",
+                self.members.len(),
+                bytes(json.len() as u64),
+                bytes(self.max_manifest)
+            )));
+        }
         base.contents = Contents::default();
         for m in &self.members {
             base.contents.add(&m.path, &m.kind, m.size);
@@ -2268,6 +2287,46 @@ mod tests {
                 unpack_verified(&bytes[..], &Rules::default(), into(&out), &mut |_| true).is_err()
             );
         }
+    }
+
+    /// A backup never writes an archive no restore reads: a manifest past the limit is written
+    /// without its indentation, and one that would not fit even so fails the backup (it wrote
+    /// one and exited 0, and every verify and restore of it failed).
+    #[test]
+    fn a_manifest_too_large_for_a_reader_is_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let dmeta = std::fs::metadata(dir.path()).unwrap();
+        let archive = |n: usize, limit: u64| {
+            let mut w = writer();
+            w.max_manifest = limit;
+            w.add_dir("volumes/d", &dmeta).unwrap();
+            for i in 0..n {
+                w.add_dir(&format!("volumes/d/{i:040}"), &dmeta).unwrap();
+            }
+            w.finish(base()).map(|(bytes, _)| bytes)
+        };
+        let limit = 8 << 10;
+        let rules = Rules {
+            max_manifest: limit,
+            ..Rules::default()
+        };
+        // 60 members: about 6 KiB of compact JSON, 9 KiB indented.
+        let fits = archive(60, limit).unwrap();
+        assert!(listed(&fits).len() == 62);
+        let raw = zstd::stream::decode_all(&fits[..]).unwrap();
+        let at = raw.windows(11).position(|w| w == b"{\"format\":1").unwrap();
+        assert!(!raw[at..at + 200].contains(&b'\n'), "the compact form");
+        let small = zstd::stream::decode_all(&archive(20, limit).unwrap()[..]).unwrap();
+        assert!(
+            small.windows(15).any(|w| w == b"{\n  \"format\": 1"),
+            "a small one still indented"
+        );
+        verify(&fits[..], &rules).unwrap();
+        let e = archive(200, limit).unwrap_err();
+        assert!(
+            e.to_string().contains("the archive would list 202 members"),
+            "{e}"
+        );
     }
 
     /// `w`'s archive closed with `json` as its manifest.
