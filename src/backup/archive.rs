@@ -229,6 +229,8 @@ pub struct Writer<W: Write> {
     linked: std::collections::HashMap<(u64, u64), String>,
     /// The largest manifest written: what a reader reads ([`MAX_MANIFEST`] but in tests).
     max_manifest: u64,
+    /// The bytes of `members` in the manifest's compact form.
+    listed: u64,
     /// Bytes of member content written so far (for progress).
     pub content_bytes: u64,
 }
@@ -249,6 +251,7 @@ impl<W: Write> Writer<W> {
             members: Vec::new(),
             linked: Default::default(),
             max_manifest: MAX_MANIFEST,
+            listed: 0,
             content_bytes: 0,
         })
     }
@@ -277,7 +280,7 @@ impl<W: Write> Writer<W> {
             tracing::warn!(file = %fs_path.display(), "file shrank while it was archived; padded with zeros");
         }
         self.content_bytes += meta.len();
-        self.members.push(Member {
+        self.push(Member {
             path: path.into(),
             kind: Kind::File,
             size: meta.len(),
@@ -298,7 +301,7 @@ impl<W: Write> Writer<W> {
         header.set_gid(0);
         header.set_mtime(chrono::Utc::now().timestamp().max(0) as u64);
         self.tar.append_data(&mut header, path, bytes)?;
-        self.members.push(Member {
+        self.push(Member {
             path: path.into(),
             kind: Kind::File,
             size: bytes.len() as u64,
@@ -313,7 +316,7 @@ impl<W: Write> Writer<W> {
         let mut header = header_for(meta, tar::EntryType::Directory);
         header.set_size(0);
         self.tar.append_data(&mut header, path, io::empty())?;
-        self.members.push(Member {
+        self.push(Member {
             path: path.into(),
             kind: Kind::Dir,
             size: 0,
@@ -332,7 +335,7 @@ impl<W: Write> Writer<W> {
             target.as_os_str().as_bytes(),
             meta,
         )?;
-        self.members.push(Member {
+        self.push(Member {
             path: path.into(),
             kind: Kind::Symlink,
             size: 0,
@@ -343,10 +346,25 @@ impl<W: Write> Writer<W> {
         Ok(())
     }
 
+    /// Record `member` for the manifest.
+    fn push(&mut self, member: Member) {
+        self.listed += serde_json::to_vec(&member).map_or(0, |j| j.len() as u64) + 1;
+        self.members.push(member);
+    }
+
+    /// Whether the manifest has room for one more member named `path`, whatever it turns out to
+    /// be (its link target at most [`MAX_NAME`] bytes, each written as an escape at worst), with
+    /// room left for the manifest's other fields.
+    fn room_for(&self, path: &str) -> bool {
+        let name = serde_json::to_vec(path).map_or(u64::MAX, |j| j.len() as u64);
+        let most = name.saturating_add(256 + 6 * MAX_NAME as u64);
+        self.listed.saturating_add(most) <= self.max_manifest.saturating_sub(64 << 10)
+    }
+
     /// Add `path` as another name of the file member `first` (a hard link).
     fn add_hardlink(&mut self, path: &str, first: &str, meta: &Metadata) -> io::Result<()> {
         self.append_link(tar::EntryType::Link, path, first.as_bytes(), meta)?;
-        self.members.push(Member {
+        self.push(Member {
             path: path.into(),
             kind: Kind::Hardlink,
             size: 0,
@@ -451,6 +469,10 @@ impl<W: Write> Writer<W> {
             if path.len() > MAX_NAME {
                 tracing::warn!(path = %fs_path.display(), "left out of the backup: its name in the archive is longer than {MAX_NAME} bytes, which no restore takes (move it higher to keep it in backups)");
                 continue;
+            }
+            if !self.room_for(&path) {
+                tracing::warn!(path = %fs_path.display(), members = self.members.len(), "left out of the backup, with everything after it in {}: the archive's manifest is full (it lists at most {} of members, what a restore reads); leave directories out with backup.include", root.display(), bytes(self.max_manifest));
+                return Ok(());
             }
             use std::os::fd::AsFd as _;
             let Some(here) = level.dir.as_ref() else {
@@ -2290,8 +2312,10 @@ mod tests {
     }
 
     /// A backup never writes an archive no restore reads: a manifest past the limit is written
-    /// without its indentation, and one that would not fit even so fails the backup (it wrote
-    /// one and exited 0, and every verify and restore of it failed).
+    /// without its indentation, a tree whose names would not fit even so is left out from the
+    /// first that does not (a backup of the database and the rest, rather than none), and a
+    /// manifest too large all the same fails the backup (it wrote one and exited 0, and every
+    /// verify and restore of it failed).
     #[test]
     fn a_manifest_too_large_for_a_reader_is_never_written() {
         let dir = tempfile::tempdir().unwrap();
@@ -2327,6 +2351,25 @@ mod tests {
             e.to_string().contains("the archive would list 202 members"),
             "{e}"
         );
+        // A tree of 12 000 names (about 1.8 MB of manifest) against a limit of 1 MiB: the
+        // names past what fits are left out, and the archive verifies.
+        let root = dir.path().join("many");
+        std::fs::create_dir(&root).unwrap();
+        for i in 0..12_000 {
+            std::fs::write(root.join(format!("{i:040}")), b"").unwrap();
+        }
+        let mut w = writer();
+        w.max_manifest = 1 << 20;
+        w.add_tree("volumes/many", &root, &|_| false, &|_| {})
+            .unwrap();
+        let (bytes, _) = w.finish(base()).unwrap();
+        let kept = listed(&bytes).len();
+        assert!((4000..12_000).contains(&kept), "{kept} members kept");
+        let rules = Rules {
+            max_manifest: 1 << 20,
+            ..Rules::default()
+        };
+        verify(&bytes[..], &rules).unwrap();
     }
 
     /// `w`'s archive closed with `json` as its manifest.
