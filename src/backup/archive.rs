@@ -227,10 +227,15 @@ pub struct Writer<W: Write> {
     /// The files of the tree being added that have other names (by device and inode), and the
     /// path they were archived under first.
     linked: std::collections::HashMap<(u64, u64), String>,
+    /// Whether the tree being added may hold hard links (not the secrets, nor the logs, which
+    /// hold files only).
+    links_here: bool,
     /// The largest manifest written: what a reader reads ([`MAX_MANIFEST`] but in tests).
     max_manifest: u64,
     /// The bytes of `members` in the manifest's compact form.
     listed: u64,
+    /// The longest name kept (see [`Writer::keep_names_within`]).
+    max_path: usize,
     /// Bytes of member content written so far (for progress).
     pub content_bytes: u64,
 }
@@ -250,8 +255,10 @@ impl<W: Write> Writer<W> {
             tar,
             members: Vec::new(),
             linked: Default::default(),
+            links_here: true,
             max_manifest: MAX_MANIFEST,
             listed: 0,
+            max_path: MAX_NAME,
             content_bytes: 0,
         })
     }
@@ -346,6 +353,13 @@ impl<W: Write> Writer<W> {
         Ok(())
     }
 
+    /// Leave out of the trees a name longer than `max` (what a restore of this volume can
+    /// write, [`max_path_under`]), with a warning, rather than archive it for every restore to
+    /// fail on.
+    pub fn keep_names_within(&mut self, max: usize) {
+        self.max_path = max.min(MAX_NAME);
+    }
+
     /// Record `member` for the manifest.
     fn push(&mut self, member: Member) {
         self.listed += serde_json::to_vec(&member).map_or(0, |j| j.len() as u64) + 1;
@@ -423,8 +437,12 @@ impl<W: Write> Writer<W> {
         skip: &dyn Fn(&Path) -> bool,
         progress: &dyn Fn(u64),
     ) -> io::Result<()> {
-        // Hard links within this tree only: a restore swaps each top-level directory on its own.
+        // Hard links within this tree only: a restore swaps each top-level directory on its own;
+        // and never in the secrets or the logs, which a restore takes as files only (a secret
+        // left with two names by a write cut short is archived as two files).
         self.linked.clear();
+        self.links_here =
+            prefix != format!("volumes/{SECRETS}") && prefix != format!("volumes/{LOGS}");
         let top = match self.add_entry_at(prefix, nix::fcntl::AT_FDCWD, root.as_os_str(), root)? {
             Added::Dir(dir) => Level::open(
                 dir,
@@ -466,8 +484,8 @@ impl<W: Write> Writer<W> {
                 continue;
             };
             let path = format!("{}/{utf8}", level.path);
-            if path.len() > MAX_NAME {
-                tracing::warn!(path = %fs_path.display(), "left out of the backup: its name in the archive is longer than {MAX_NAME} bytes, which no restore takes (move it higher to keep it in backups)");
+            if path.len() > self.max_path {
+                tracing::warn!(path = %fs_path.display(), "left out of the backup: its name in the archive is longer than {} bytes, which a restore of this volume cannot write under its staging directory (move it higher to keep it in backups)", self.max_path);
                 continue;
             }
             if !self.room_for(&path) {
@@ -571,9 +589,9 @@ impl<W: Write> Writer<W> {
                 Err(e) if changed(e) => return Ok(left_out(e)),
                 Err(e) => return Err(failed(e)),
             };
-            let Some(target) = target.to_str().filter(|t| t.len() <= MAX_NAME) else {
+            let Some(target) = target.to_str().filter(|t| t.len() < MAX_NAME) else {
                 return Ok(Added::LeftOut(format!(
-                    "its link target is not UTF-8 text of at most {MAX_NAME} bytes, which no restore takes"
+                    "its link target is not UTF-8 text of fewer than {MAX_NAME} bytes, which no restore takes"
                 )));
             };
             self.add_symlink(path, Path::new(target), &meta)?;
@@ -605,14 +623,14 @@ impl<W: Write> Writer<W> {
             // A file of several names: its content once, under the first name archived, and
             // every other name a link to that one.
             let key = (now.dev(), now.ino());
-            if now.nlink() > 1 {
+            if now.nlink() > 1 && self.links_here {
                 if let Some(first) = self.linked.get(&key).cloned() {
                     self.add_hardlink(path, &first, &now)?;
                     return Ok(Added::Done);
                 }
             }
             self.add_open_file(path, opened, fs_path, &now)?;
-            if now.nlink() > 1 {
+            if now.nlink() > 1 && self.links_here {
                 self.linked.insert(key, path.to_string());
             }
             Ok(Added::Done)
@@ -867,18 +885,24 @@ const MAX_SECRET: u64 = 64 << 10;
 /// The largest file of the secrets' `tls` directory (certificates, keys, the ACME account: a few
 /// KiB each), which the proxy reads whole at start.
 const MAX_TLS_FILE: u64 = 1 << 20;
-/// The longest member name or link target (Linux's `PATH_MAX`).
+/// The longest member name (Linux's `PATH_MAX`), and one more than the longest link target.
 const MAX_NAME: usize = 4096;
+/// The most top-level directories of the volume an archive holds (`files`, `secrets`, `logs`,
+/// what `backup.include` names: a few): each is kept by name until the restore swaps it in.
+const MAX_VOLUMES: usize = 4096;
+/// The longest component of a member name (Linux's `NAME_MAX`).
+const MAX_COMPONENT: usize = 255;
 /// What a member costs on disk at least (one block): directories, links and small files.
 const BLOCK: u64 = 4096;
 
 /// What a member occupies once written: its size rounded up to whole blocks, one block at least;
-/// a hard link, nothing but its name.
+/// a hard link, nothing but its name in its directory.
 pub fn footprint(kind: &Kind, size: u64) -> u64 {
     match kind {
         Kind::File => size.div_ceil(BLOCK).max(1).saturating_mul(BLOCK),
         Kind::Dir | Kind::Symlink => BLOCK,
-        Kind::Hardlink => 0,
+        // Its directory entry, at most (8 bytes and a name of at most 255, rounded).
+        Kind::Hardlink => 264,
     }
 }
 
@@ -900,6 +924,18 @@ pub struct Rules {
     /// The largest `manifest.json` read: what a reader holds of an archive is bounded by it (see
     /// [`MIN_LISTING`]). [`MAX_MANIFEST`] but in tests.
     pub max_manifest: u64,
+    /// The longest member name a restore here writes: what fits in a path (`PATH_MAX`) under
+    /// its staging directory ([`max_path_under`]); [`MAX_NAME`] by default.
+    pub max_path: usize,
+}
+
+/// The longest member name that, under the staging directory a restore into `root` makes
+/// (`<root>/.restore-<date>T<time>-<pid>/`), still fits in a path of `PATH_MAX` bytes: what a
+/// backup of that volume keeps, and what a restore there takes.
+pub fn max_path_under(root: &Path) -> usize {
+    // `/.restore-` 10, the date and time 15, `-` and a pid of at most 7 digits, `/`, the NUL.
+    let staging = root.as_os_str().len() + 10 + 15 + 1 + 7 + 1;
+    MAX_NAME.saturating_sub(staging + 1)
 }
 
 impl Default for Rules {
@@ -907,6 +943,7 @@ impl Default for Rules {
         Rules {
             own: Default::default(),
             max_manifest: MAX_MANIFEST,
+            max_path: MAX_NAME,
         }
     }
 }
@@ -989,6 +1026,14 @@ pub fn normalise(raw: &[u8]) -> Result<String, ArchiveError> {
         .collect();
     if parts.is_empty() || parts.contains(&"..") {
         return Err(ArchiveError::UnsafePath(text.into()));
+    }
+    if parts.iter().any(|p| p.len() > MAX_COMPONENT) {
+        return Err(refused(
+            text,
+            format!(
+                "a component of its name is longer than {MAX_COMPONENT} bytes, which no file system holds"
+            ),
+        ));
     }
     Ok(parts.join("/"))
 }
@@ -1350,7 +1395,14 @@ impl<'de> serde::de::Visitor<'de> for MembersSeed<'_> {
 /// member seen must have been listed.
 fn read_manifest(input: impl Read, mut seen: SeenMap) -> Result<Manifest, ArchiveError> {
     let mut refusal = None;
-    let mut de = serde_json::Deserializer::from_reader(io::BufReader::new(input));
+    let mut strings = ShortStrings {
+        inner: input,
+        in_string: false,
+        escaped: false,
+        length: 0,
+        too_long: false,
+    };
+    let mut de = serde_json::Deserializer::from_reader(io::BufReader::new(&mut strings));
     let parsed = serde::de::DeserializeSeed::deserialize(
         ManifestSeed {
             seen: &mut seen,
@@ -1361,6 +1413,12 @@ fn read_manifest(input: impl Read, mut seen: SeenMap) -> Result<Manifest, Archiv
     .and_then(|m| de.end().map(|()| m));
     let manifest = match (parsed, refusal) {
         (_, Some(refused)) => return Err(refused),
+        (Err(_), None) if strings.too_long => {
+            return Err(ArchiveError::BadManifest(format!(
+                "it holds a string of more than {} (a name is at most {MAX_NAME} bytes)",
+                bytes(MAX_JSON_STRING as u64)
+            )));
+        }
         (Err(e), None) if e.is_io() => return Err(ArchiveError::Corrupt(e.to_string())),
         (Err(e), None) => return Err(ArchiveError::BadManifest(e.to_string())),
         (Ok(m), None) => m,
@@ -1369,6 +1427,54 @@ fn read_manifest(input: impl Read, mut seen: SeenMap) -> Result<Manifest, Archiv
         return Err(ArchiveError::Unlisted(extra.into()));
     }
     Ok(manifest)
+}
+
+/// The longest string of `manifest.json`: a name or link target, escaped at worst (`\u0001`
+/// for each byte), and room to spare. A JSON reader holds a string whole, twice over, before it
+/// can refuse it (a 10 KB archive's manifest of one 255 MiB version string took 0.67 GB).
+const MAX_JSON_STRING: usize = 6 * MAX_NAME + 1024;
+
+/// `manifest.json` as it streams, cut off (an error) at a string longer than
+/// [`MAX_JSON_STRING`]: the strings of JSON (between quotes, an escaped quote or backslash
+/// inside) are followed byte by byte, whatever else the text is.
+struct ShortStrings<R> {
+    inner: R,
+    in_string: bool,
+    escaped: bool,
+    length: usize,
+    too_long: bool,
+}
+
+impl<R: Read> Read for ShortStrings<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        for b in &buf[..n] {
+            if !self.in_string {
+                if *b == b'"' {
+                    self.in_string = true;
+                    self.length = 0;
+                }
+                continue;
+            }
+            if self.escaped {
+                self.escaped = false;
+            } else if *b == b'\\' {
+                self.escaped = true;
+            } else if *b == b'"' {
+                self.in_string = false;
+                continue;
+            }
+            self.length += 1;
+            if self.length > MAX_JSON_STRING {
+                self.too_long = true;
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a string of manifest.json is too long",
+                ));
+            }
+        }
+        Ok(n)
+    }
 }
 
 /// Unpack the archive into `dest` while verifying it: every member is hashed as it is written,
@@ -1468,6 +1574,16 @@ fn read(
                 None => entry.link_name_bytes().map(|l| l.into_owned()),
             };
             let path = normalise(&name)?;
+            if path.len() > rules.max_path {
+                return Err(refused(
+                    &path,
+                    format!(
+                        "its name is {} bytes; under the staging directory of a restore here, a name is at most {} bytes (a path at most {MAX_NAME})",
+                        path.len(),
+                        rules.max_path
+                    ),
+                ));
+            }
             if manifest.is_some() {
                 return Err(ArchiveError::Corrupt(format!(
                     "member {path} comes after the manifest"
@@ -1486,6 +1602,16 @@ fn read(
             }
             let (kind, mode) = kind_of(&path, entry.header())?;
             let size = entry.size();
+            if kind != Kind::File && size != 0 {
+                // Bytes no reader of the manifest's would see (GNU tar skips them).
+                return Err(refused(
+                    &path,
+                    format!(
+                        "a directory or link member has no content; this one carries {}",
+                        bytes(size)
+                    ),
+                ));
+            }
             match (&place, &kind) {
                 (Place::Header | Place::Database | Place::Manifest, Kind::File) => {}
                 (Place::Header | Place::Database | Place::Manifest, _) => {
@@ -1499,8 +1625,16 @@ fn read(
                 }
                 _ => {}
             }
-            if let Place::Volume { top, .. } = &place {
+            if let Place::Volume { top, top_level } = &place {
                 written_by_regobox(&path, top, &kind)?;
+                if *top_level && contents.volumes.len() >= MAX_VOLUMES {
+                    return Err(refused(
+                        &path,
+                        format!(
+                            "an archive holds at most {MAX_VOLUMES} top-level volume directories"
+                        ),
+                    ));
+                }
             }
             if place.in_tree() && !place.top_level() {
                 let parent = path.rsplit_once('/').map(|(p, _)| p).unwrap_or("");
@@ -1646,8 +1780,13 @@ fn read(
                     })?;
                     let link = String::from_utf8(link)
                         .map_err(|_| refused(&path, "its link target is not UTF-8"))?;
-                    if link.is_empty() || link.contains('\0') {
-                        return Err(refused(&path, "its link target is empty or holds NUL"));
+                    if link.is_empty() || link.contains('\0') || link.len() >= MAX_NAME {
+                        return Err(refused(
+                            &path,
+                            format!(
+                                "its link target is empty, holds NUL, or is {MAX_NAME} bytes or more"
+                            ),
+                        ));
                     }
                     if let Some(t) = &target {
                         std::os::unix::fs::symlink(&link, t).map_err(io_err(t))?;
@@ -1676,8 +1815,26 @@ fn read(
                             )
                         })?;
                     if let (Some(d), Some(t)) = (to, &target) {
-                        no_symlink_on_the_way(d.dir, &first)?;
-                        std::fs::hard_link(d.dir.join(&first), t).map_err(io_err(t))?;
+                        // (`first` is a file member written here, under directory members only.)
+                        let from = d.dir.join(&first);
+                        match std::fs::hard_link(&from, t) {
+                            Ok(()) => {}
+                            // The file system here holds fewer names of a file than the one the
+                            // backup read (ext4: 65 000): a copy, within the budget.
+                            Err(e) if e.raw_os_error() == Some(libc::EMLINK) => {
+                                let size = seen.get(first.as_str()).map_or(0, |m| m.size);
+                                written = written.saturating_add(footprint(&Kind::File, size));
+                                if written > d.budget.bytes {
+                                    return Err(ArchiveError::NoSpace {
+                                        needs: written,
+                                        free: d.budget.bytes,
+                                        path: d.budget.path.clone(),
+                                    });
+                                }
+                                copy_as_is(&from, t).map_err(io_err(t))?;
+                            }
+                            Err(e) => return Err(io_err(t)(e)),
+                        }
                     }
                     Seen::new(Kind::Hardlink, mode, 0, None, Some(&first))
                 }
@@ -1690,8 +1847,21 @@ fn read(
         }
     }
     // Read the stream to its end: a truncated or corrupt tail (and the zstd checksum) shows here.
+    // After the end of the archive, zeros only: members hidden there (after a zero block) are
+    // read by `tar -i`, never by this reader.
     let mut rest = archive.into_inner();
-    io::copy(&mut rest, &mut io::sink()).map_err(corrupt)?;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = rest.read(&mut buf).map_err(corrupt)?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().any(|b| *b != 0) {
+            return Err(ArchiveError::Corrupt(
+                "data after the end of the archive (members no reader of this one sees)".into(),
+            ));
+        }
+    }
     let mut manifest = manifest.ok_or(ArchiveError::NoManifest)??;
     check_header(header_seen.as_ref(), &manifest)?;
     manifest.contents = contents;
@@ -1699,6 +1869,27 @@ fn read(
         set_dir_meta(&d, as_root).map_err(io_err(&d.path))?;
     }
     Ok(manifest)
+}
+
+/// A copy of the file `from` (written by the unpack) at `to`, with its mode, owner and time.
+fn copy_as_is(from: &Path, to: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let src = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(from)?;
+    let meta = src.metadata()?;
+    let mut dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(to)?;
+    io::copy(&mut &src, &mut dst)?;
+    dst.set_permissions(std::fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+    if crate::users::is_root() {
+        std::os::unix::fs::fchown(&dst, Some(meta.uid()), Some(meta.gid()))?;
+    }
+    dst.set_modified(meta.modified()?)?;
+    Ok(())
 }
 
 /// Give a written directory its mode, owner and time, through a descriptor opened without
@@ -2241,6 +2432,61 @@ mod tests {
         );
     }
 
+    /// A file of more names than the file system of the restore holds (ext4: 65 000) is
+    /// restored as a copy past them, within the budget (the restore failed, "too many links",
+    /// where verify said OK); and the secrets and the logs, which a restore takes as files only,
+    /// are archived name by name (a secret left with two names by a write cut short made every
+    /// backup unrestorable).
+    #[test]
+    fn names_past_what_the_file_system_holds_are_copies_and_the_secrets_are_files() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        std::fs::write(&f, b"content").unwrap();
+        let meta = std::fs::metadata(&f).unwrap();
+        let dmeta = std::fs::metadata(dir.path()).unwrap();
+        let mut w = writer();
+        w.add_dir("volumes/d", &dmeta).unwrap();
+        w.add_file("volumes/d/f", &f, &meta).unwrap();
+        for i in 0..65_010 {
+            w.add_hardlink(&format!("volumes/d/{i}"), "volumes/d/f", &meta)
+                .unwrap();
+        }
+        let (bytes, _) = w.finish(base()).unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        unpack_verified(&bytes[..], &Rules::default(), into(&out), &mut |_| true).unwrap();
+        let first = std::fs::metadata(out.join("volumes/d/f")).unwrap();
+        let last = std::fs::metadata(out.join("volumes/d/65009")).unwrap();
+        assert!(first.nlink() > 1000);
+        if first.nlink() < 65_011 {
+            assert_ne!(
+                last.ino(),
+                first.ino(),
+                "a copy past the file system's limit"
+            );
+        }
+        assert_eq!(
+            std::fs::read(out.join("volumes/d/65009")).unwrap(),
+            b"content"
+        );
+
+        let secrets = dir.path().join("secrets");
+        std::fs::create_dir(&secrets).unwrap();
+        std::fs::write(secrets.join("postgres-password"), b"pw").unwrap();
+        std::fs::hard_link(
+            secrets.join("postgres-password"),
+            secrets.join(".postgres-password.tmp-1"),
+        )
+        .unwrap();
+        let mut w = writer();
+        w.add_tree("volumes/secrets", &secrets, &|_| false, &|_| {})
+            .unwrap();
+        let (bytes, _) = w.finish(base()).unwrap();
+        verify(&bytes[..], &Rules::default()).unwrap();
+        assert_eq!(listed(&bytes).len(), 4);
+    }
+
     /// A hard link names a file member before it, in the same top-level directory, in its one
     /// spelling: a link to a directory, a link, a later or absent member, another tree, the
     /// secrets or the logs would make the restore link what it should not.
@@ -2372,6 +2618,119 @@ mod tests {
         verify(&bytes[..], &rules).unwrap();
     }
 
+    /// What the manifest does not list is never in the archive: bytes carried by a directory
+    /// or link member (which this reader skipped and GNU tar skips), and members after the end
+    /// of the archive (`tar -i` reads them: a second `database.dump`).
+    #[test]
+    fn bytes_no_reader_of_the_manifest_sees_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let dmeta = std::fs::metadata(dir.path()).unwrap();
+        for kind in [tar::EntryType::Directory, tar::EntryType::Symlink] {
+            let mut w = writer();
+            w.add_dir("volumes/d", &dmeta).unwrap();
+            let mut h = header_for(&dmeta, kind);
+            h.set_size(100);
+            if kind == tar::EntryType::Symlink {
+                h.set_link_name("t").unwrap();
+            }
+            w.tar
+                .append_data(&mut h, "volumes/d/x", &[7u8; 100][..])
+                .unwrap();
+            w.push(Member {
+                path: "volumes/d/x".into(),
+                kind: if kind == tar::EntryType::Directory {
+                    Kind::Dir
+                } else {
+                    Kind::Symlink
+                },
+                size: 0,
+                sha256: None,
+                mode: kept_mode(&dmeta),
+                target: (kind == tar::EntryType::Symlink).then(|| "t".to_string()),
+            });
+            let (bytes, _) = w.finish(base()).unwrap();
+            let r = verify(&bytes[..], &Rules::default());
+            assert!(
+                matches!(&r, Err(ArchiveError::Refused { why, .. }) if why.contains("carries 100 bytes")),
+                "{kind:?}: {r:?}"
+            );
+        }
+        let (_dir, good) = sample();
+        let mut raw = zstd::stream::decode_all(&good[..]).unwrap();
+        let mut hidden = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(4);
+        h.set_mode(0o644);
+        hidden.append_data(&mut h, DATABASE, &b"evil"[..]).unwrap();
+        raw.extend(hidden.into_inner().unwrap());
+        let crafted = zstd::stream::encode_all(&raw[..], 3).unwrap();
+        let r = verify(&crafted[..], &Rules::default());
+        assert!(
+            matches!(&r, Err(ArchiveError::Corrupt(w)) if w.contains("after the end of the archive")),
+            "{r:?}"
+        );
+    }
+
+    /// What a restore cannot write is neither archived nor verified: a name that under the
+    /// restore's staging directory would pass `PATH_MAX` (the application's deep tree made
+    /// every backup verify and every restore fail), a component over `NAME_MAX`, a link target
+    /// of `PATH_MAX` bytes.
+    #[test]
+    fn a_name_a_restore_cannot_write_is_left_out_by_the_backup_and_refused_by_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("files");
+        let deep = root.join("d".repeat(60)).join("e".repeat(60));
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::write(deep.join("f"), b"x").unwrap();
+        std::fs::write(root.join("shallow"), b"y").unwrap();
+        let mut w = writer();
+        w.keep_names_within(120);
+        w.add_tree("volumes/files", &root, &|_| false, &|_| {})
+            .unwrap();
+        let (bytes, _) = w.finish(base()).unwrap();
+        let names = listed(&bytes);
+        assert!(names.iter().all(|n| n.len() <= 120), "{names:?}");
+        assert!(names.contains(&"volumes/files/shallow".to_string()));
+        let rules = Rules {
+            max_path: 120,
+            ..Rules::default()
+        };
+        verify(&bytes[..], &rules).unwrap();
+        // Without the bound, the same tree is refused by a restore whose staging leaves 120.
+        let mut w = writer();
+        w.add_tree("volumes/files", &root, &|_| false, &|_| {})
+            .unwrap();
+        let (bytes, _) = w.finish(base()).unwrap();
+        let r = verify(&bytes[..], &rules);
+        assert!(
+            matches!(&r, Err(ArchiveError::Refused { why, .. }) if why.contains("at most 120 bytes")),
+            "{r:?}"
+        );
+        assert!(max_path_under(Path::new("/volumes")) < MAX_NAME - 40);
+        // A component of 256 bytes; a link target of 4 096.
+        let dmeta = std::fs::metadata(dir.path()).unwrap();
+        let mut w = writer();
+        w.add_dir("volumes/d", &dmeta).unwrap();
+        w.add_dir(&format!("volumes/d/{}", "c".repeat(256)), &dmeta)
+            .unwrap();
+        let (bytes, _) = w.finish(base()).unwrap();
+        let r = verify(&bytes[..], &Rules::default());
+        assert!(
+            matches!(&r, Err(ArchiveError::Refused { why, .. }) if why.contains("longer than 255 bytes")),
+            "{r:?}"
+        );
+        let mut w = writer();
+        w.add_dir("volumes/d", &dmeta).unwrap();
+        w.add_symlink("volumes/d/l", Path::new(&"t".repeat(4096)), &dmeta)
+            .unwrap();
+        let (bytes, _) = w.finish(base()).unwrap();
+        let r = verify(&bytes[..], &Rules::default());
+        assert!(
+            matches!(&r, Err(ArchiveError::Refused { why, .. }) if why.contains("4096 bytes or more")),
+            "{r:?}"
+        );
+    }
+
     /// `w`'s archive closed with `json` as its manifest.
     fn with_manifest(mut w: Writer<Vec<u8>>, json: &[u8]) -> Vec<u8> {
         let mut header = tar::Header::new_gnu();
@@ -2431,6 +2790,29 @@ mod tests {
             &Rules::default(),
         );
         assert!(matches!(r, Err(ArchiveError::Unsupported(2))), "{r:?}");
+        // A string longer than any name (a version of 255 MiB held twice took 0.67 GB),
+        // escaped quotes and backslashes inside counted as part of it.
+        let mut long = good.clone();
+        long["regobox_version"] = serde_json::json!(format!("\\\"{}", "v".repeat(40_000)));
+        let r = verify(&archive(long.to_string())[..], &Rules::default());
+        assert!(
+            matches!(&r, Err(ArchiveError::BadManifest(w)) if w.contains("a string of more than")),
+            "{r:?}"
+        );
+        let mut fine = good.clone();
+        fine["regobox_version"] = serde_json::json!(format!("\\\"{}", "v".repeat(20_000)));
+        verify(&archive(fine.to_string())[..], &Rules::default()).unwrap();
+        // More top-level volume directories than a volume holds.
+        let mut w = writer();
+        for i in 0..=MAX_VOLUMES {
+            w.add_dir(&format!("volumes/v{i}"), &dmeta).unwrap();
+        }
+        let (bytes, _) = w.finish(base()).unwrap();
+        let r = verify(&bytes[..], &Rules::default());
+        assert!(
+            matches!(&r, Err(ArchiveError::Refused { why, .. }) if why.contains("at most 4096 top-level")),
+            "{r:?}"
+        );
     }
 
     /// A reader holds the name of every member until the manifest, last, lists it. An archive of

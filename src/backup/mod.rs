@@ -234,6 +234,7 @@ pub fn rules(config: &Config, layout: &Layout) -> archive::Rules {
     }
     archive::Rules {
         own,
+        max_path: archive::max_path_under(&layout.root),
         ..Default::default()
     }
 }
@@ -511,6 +512,7 @@ async fn create_in(
             None => Box::new(io::BufWriter::with_capacity(1 << 20, io::stdout())),
         };
         let mut writer = archive::Writer::new(sink, level, threads)?;
+        writer.keep_names_within(archive::max_path_under(&root));
         add_all(&mut writer)?;
         let (mut out, manifest) = writer.finish(manifest)?;
         out.flush()?;

@@ -2070,3 +2070,45 @@ fn a_file_of_many_names_is_backed_up_and_restored_once() {
     }
     assert!(std::fs::read(restored.join("runs/ref-42.fa")).unwrap() == content);
 }
+
+/// The application's tree deep enough that its deepest names, under a restore's staging
+/// directory, pass `PATH_MAX`: every backup verified and every restore failed ("File name too
+/// long"). The backup leaves such names out, with a warning naming them, and its archive
+/// restores.
+#[test]
+fn a_tree_deeper_than_a_restore_can_write_leaves_a_backup_that_restores() {
+    let a = Instance::new();
+    a.ok(&["init"]);
+    let files = a.root.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("kept.txt"), b"kept").unwrap();
+    // Directories of 200-byte names, relative to each other, until the archive name of the
+    // last (`volumes/files/...`) is 4 080 bytes.
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import os, sys\nos.chdir(sys.argv[1])\nn = len('volumes/files')\n\
+             while n + 201 <= 4080:\n    os.mkdir('d' * 200); os.chdir('d' * 200); n += 201\n\
+             last = 'x' * (4080 - n - 1)\nopen(last, 'w').write('deep')\nprint(n + 1 + len(last))",
+        )
+        .arg(&files)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "4080");
+    let made = a.ok(&["backup"]);
+    let archive = PathBuf::from(stdout(&made).trim());
+    assert!(
+        stderr(&made).contains("left out of the backup: its name in the archive is longer than"),
+        "{}",
+        stderr(&made)
+    );
+    a.ok(&["backup", "verify", archive.to_str().unwrap()]);
+    let b = Instance::new();
+    b.ok(&["restore", archive.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read(b.root.join("files/kept.txt")).unwrap(),
+        b"kept"
+    );
+    assert!(b.root.join("files").join("d".repeat(200)).is_dir());
+}
