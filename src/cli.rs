@@ -799,7 +799,10 @@ fn stop_requested() -> anyhow::Result<tokio_util::sync::CancellationToken> {
     let cancel = stop.clone();
     tokio::spawn(async move {
         let signal = signals.recv().await;
-        tracing::warn!(signal, "stop requested: cancelling the restore");
+        tracing::warn!(
+            signal,
+            "stop requested: cancelling the restore (unless its data is already being swapped in: it then ends first)"
+        );
         cancel.cancel();
         // Later requests are ignored while it cleans up (bounded by postgres.stop_timeout).
         loop {

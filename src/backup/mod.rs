@@ -747,6 +747,21 @@ struct Extraction {
     task: tokio::task::JoinHandle<anyhow::Result<Manifest>>,
 }
 
+/// A reader that fails once `stop` is set.
+struct Stoppable<R> {
+    inner: R,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<R: Read> Read for Stoppable<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(io::Error::other("the extraction was stopped"));
+        }
+        self.inner.read(buf)
+    }
+}
+
 impl Extraction {
     /// Start unpacking the archive at `path` into `dest` (a staging directory), verifying it
     /// by `rules`; `files`: the volume members too (else the header and the dump only), within
@@ -765,6 +780,11 @@ impl Extraction {
         let rules = rules.clone();
         let task = tokio::task::spawn_blocking(move || -> anyhow::Result<Manifest> {
             let (reader, pb) = progress_reader(file, "restore");
+            // Stopped within a member too (a large file): the next read fails.
+            let reader = Stoppable {
+                inner: reader,
+                stop: stop.clone(),
+            };
             let mut notify = |member: &str| {
                 let _ = tx.send(member.to_string());
                 !stop.load(std::sync::atomic::Ordering::SeqCst)
@@ -1982,7 +2002,10 @@ pub async fn restore_test(
         );
     }
     let rules = rules(config, layout);
-    let manifest = verify(path, &rules).await?;
+    let manifest = tokio::select! {
+        m = verify(path, &rules) => m?,
+        _ = stop.cancelled() => return Err(RestoreCancelled.into()),
+    };
     check_major(manifest.postgres.as_ref(), &binaries)?;
     let cluster = cluster_estimate(&manifest);
     let needs = unpack_need(&manifest, false) + cluster;

@@ -630,6 +630,7 @@ async fn cycle(
     }
     let deadline = Instant::now() + config.supervision.shutdown_timeout;
     let stop_proxy = !matches!(reason, Reason::Maintenance(_));
+    let mut stop_during_maintenance: Option<&'static str> = None;
     let clean = {
         let ordered_stop = async {
             // The proxy first: no new requests, in-flight ones finish, then the services stop.
@@ -672,6 +673,13 @@ async fn cycle(
             tokio::select! {
                 clean = &mut ordered_stop => break clean,
                 s = p.signals.recv(), if !force.is_cancelled() => {
+                    if matches!(reason, Reason::Maintenance(_)) && stop_during_maintenance.is_none() {
+                        // The first stop request of this run: the restore is called off, the
+                        // stop goes on in order, and regobox then exits.
+                        tracing::warn!(signal = s, "stop requested while stopping for a restore: the restore is cancelled, regobox stops (a second signal forces)");
+                        stop_during_maintenance = Some(s);
+                        continue;
+                    }
                     tracing::warn!(signal = s, "second stop request: stopping now");
                     force.cancel();
                 }
@@ -691,6 +699,15 @@ async fn cycle(
     });
     drop(database);
     Ok(match reason {
+        Reason::Maintenance(request) if stop_during_maintenance.is_some() => {
+            let e = anyhow::Error::from(crate::backup::RestoreCancelled);
+            tracing::warn!("{e:#}");
+            let _ = request.reply.send(control::Reply {
+                code: exit::code_for(&e),
+                message: format!("{e:#}"),
+            });
+            Cycle::Exit(code)
+        }
         Reason::Maintenance(request) => Cycle::Maintenance(request),
         _ => Cycle::Exit(code),
     })

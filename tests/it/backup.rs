@@ -2112,3 +2112,45 @@ fn a_tree_deeper_than_a_restore_can_write_leaves_a_backup_that_restores() {
     );
     assert!(b.root.join("files").join("d".repeat(200)).is_dir());
 }
+
+/// A stop request while the running regobox stops everything for a restore (a service slow to
+/// stop) cancels the restore: regobox stops and exits 0 with the previous data, and the restore
+/// says it was cancelled. The signal was taken for a second one ("stopping now": services
+/// killed, PostgreSQL's immediate shutdown), the restore then ran, and regobox went on running.
+#[test]
+fn a_stop_while_stopping_for_a_restore_cancels_it() {
+    let a = source();
+    let archive = backup(&a);
+    let target = Instance::new();
+    target.config_file(
+        "50.toml",
+        "[services.slow]\ncommand = [\"sh\", \"-c\", \"trap '' TERM; while :; do sleep 0.1; done\"]\nstop_timeout = \"4s\"\n",
+    );
+    let mut run = target.start();
+    target.sql("CREATE TABLE genes(id int); INSERT INTO genes VALUES (7);");
+    let restore = target
+        .command(&["restore", "--force", archive.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    run.wait_for_log(
+        "maintenance: stopping everything for a restore",
+        Duration::from_secs(60),
+    );
+    run.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = run.wait(Duration::from_secs(30));
+    let log = run.log_text();
+    assert!(status.success(), "regobox exited with {status}:\n{log}");
+    assert!(!log.contains("second stop request"), "{log}");
+    assert!(!log.contains("restore complete"), "{log}");
+    let out = restore.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cancelled"), "{}", stderr(&out));
+    let run = target.start();
+    assert_eq!(
+        target.sql("SELECT string_agg(id::text, ',') FROM genes"),
+        "7"
+    );
+    run.stop();
+}
