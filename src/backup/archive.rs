@@ -889,7 +889,7 @@ const MAX_TLS_FILE: u64 = 1 << 20;
 const MAX_NAME: usize = 4096;
 /// The most top-level directories of the volume an archive holds (`files`, `secrets`, `logs`,
 /// what `backup.include` names: a few): each is kept by name until the restore swaps it in.
-const MAX_VOLUMES: usize = 4096;
+pub const MAX_VOLUMES: usize = 4096;
 /// The longest component of a member name (Linux's `NAME_MAX`).
 const MAX_COMPONENT: usize = 255;
 /// What a member costs on disk at least (one block): directories, links and small files.

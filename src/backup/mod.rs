@@ -319,7 +319,7 @@ fn included_dirs(config: &Config, layout: &Layout, secrets: bool) -> Vec<PathBuf
     } else {
         config.backup.include.clone()
     };
-    names
+    let mut dirs: Vec<PathBuf> = names
         .into_iter()
         .map(|n| root.join(n))
         .filter(|p| {
@@ -329,15 +329,30 @@ fn included_dirs(config: &Config, layout: &Layout, secrets: bool) -> Vec<PathBuf
                 .unwrap_or_default();
             let holds_db = config.postgres.data_dir.starts_with(p);
             let is_backups = layout.backups.starts_with(p);
-            !(holds_db
+            let kept = !(holds_db
                 || is_backups
                 || own.contains(&name)
                 || name.starts_with('.')
                 || name == "lost+found"
-                || (!secrets && *p == layout.secrets))
-                && p.is_dir()
+                || (!secrets && *p == layout.secrets));
+            // A directory itself, never a link to one (an archive's top-level directories
+            // are directories, which a restore swaps in).
+            let meta = std::fs::symlink_metadata(p);
+            if kept && meta.as_ref().is_ok_and(|m| m.file_type().is_symlink()) {
+                tracing::warn!(path = %p.display(), "left out of the backup: a top-level directory of the volume is a link, which a restore does not take");
+            }
+            kept && meta.is_ok_and(|m| m.is_dir())
         })
-        .collect()
+        .collect();
+    if dirs.len() > archive::MAX_VOLUMES {
+        tracing::warn!(
+            kept = archive::MAX_VOLUMES,
+            first_left_out = %dirs[archive::MAX_VOLUMES].display(),
+            "left out of the backup: the volume has more top-level directories than an archive holds"
+        );
+        dirs.truncate(archive::MAX_VOLUMES);
+    }
+    dirs
 }
 
 /// Take a backup through `endpoint` (the running server, a temporary one, or the external one).
@@ -494,7 +509,13 @@ async fn create_in(
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_else(|| "config".into());
-                w.add_tree(&format!("config/{i}-{name}"), dir, &|_| false, &|_| {})?;
+                // `<i>-<name>` is one component of at most 255 bytes (the name is for a reader
+                // only: a restore never writes the configuration back).
+                let mut top = format!("{i}-{name}");
+                while top.len() > 255 {
+                    top.pop();
+                }
+                w.add_tree(&format!("config/{top}"), dir, &|_| false, &|_| {})?;
             }
             Ok(())
         };
