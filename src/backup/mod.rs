@@ -1447,22 +1447,16 @@ async fn rebuild(
             _ = stop.cancelled() => None,
         }
     };
-    let finished = match loaded {
-        Some(loaded) => Some((loaded, extraction.finish_unless(stop).await)),
-        None => {
-            extraction.abort().await;
-            None
-        }
+    let Some(loaded) = loaded else {
+        extraction.abort().await;
+        build.discard(config).await;
+        return Err(RestoreCancelled.into());
     };
-    let manifest = match finished {
-        Some((Ok(()), Ok(m))) => m,
-        Some((_, Err(e)) | (Err(e), Ok(_))) => {
+    let manifest = match (loaded, extraction.finish_unless(stop).await) {
+        (Ok(()), Ok(m)) => m,
+        (_, Err(e)) | (Err(e), Ok(_)) => {
             build.discard(config).await;
             return Err(e);
-        }
-        None => {
-            build.discard(config).await;
-            return Err(RestoreCancelled.into());
         }
     };
     fault("restore:extracted");
