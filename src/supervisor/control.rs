@@ -13,6 +13,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::backup::RestoreOptions;
 use crate::config::Config;
@@ -55,7 +56,7 @@ pub fn socket_path(config: &Config) -> PathBuf {
 /// The control socket's file, removed when this is dropped (a cleanly stopped regobox leaves
 /// no socket behind).
 #[derive(Debug)]
-pub struct SocketFile(PathBuf);
+struct SocketFile(PathBuf);
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
@@ -63,12 +64,32 @@ impl Drop for SocketFile {
     }
 }
 
-/// Serve the control socket until `stop`, handing requests to `tx`.
-pub fn listen(
-    config: &Config,
-    tx: mpsc::Sender<Request>,
+/// The served control socket: closing it stops taking requests and lets those in hand write
+/// their answer (a restore cancelled by a stop says so to its client before regobox exits).
+#[derive(Debug)]
+pub struct Control {
+    _file: SocketFile,
+    connections: TaskTracker,
     stop: CancellationToken,
-) -> std::io::Result<SocketFile> {
+}
+
+impl Control {
+    /// Stop taking requests; a request still being read or checked is answered "regobox is
+    /// stopping", and every answer is given up to `grace` to reach its client.
+    pub async fn close(self, grace: std::time::Duration) {
+        self.stop.cancel();
+        self.connections.close();
+        if tokio::time::timeout(grace, self.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("a control client did not take its answer in time");
+        }
+    }
+}
+
+/// Serve the control socket until [`Control::close`], handing requests to `tx`.
+pub fn listen(config: &Config, tx: mpsc::Sender<Request>) -> std::io::Result<Control> {
     let path = socket_path(config);
     let config = std::sync::Arc::new(config.clone());
     std::fs::create_dir_all(&config.runtime_dir)?;
@@ -76,27 +97,59 @@ pub fn listen(
     let listener = UnixListener::bind(&path)?;
     let file = SocketFile(path.clone());
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-    tokio::spawn(async move {
+    let stop = CancellationToken::new();
+    let connections = TaskTracker::new();
+    let (tracker, stopped) = (connections.clone(), stop.clone());
+    connections.spawn(async move {
         loop {
             let stream = tokio::select! {
                 r = listener.accept() => match r {
                     Ok((s, _)) => s,
                     Err(_) => continue,
                 },
-                _ = stop.cancelled() => break,
+                _ = stopped.cancelled() => break,
             };
-            tokio::spawn(serve(stream, tx.clone(), config.clone()));
+            tracker.spawn(serve(stream, tx.clone(), config.clone(), stopped.clone()));
         }
     });
-    Ok(file)
+    Ok(Control {
+        _file: file,
+        connections,
+        stop,
+    })
 }
 
-async fn serve(stream: UnixStream, tx: mpsc::Sender<Request>, config: std::sync::Arc<Config>) {
-    let root = &config.volumes.root;
+async fn serve(
+    stream: UnixStream,
+    tx: mpsc::Sender<Request>,
+    config: std::sync::Arc<Config>,
+    stop: CancellationToken,
+) {
     let (read, mut write) = stream.into_split();
+    // An answer already given wins over the stop (biased): the supervisor answers, then closes.
+    let reply = tokio::select! {
+        biased;
+        reply = answer(read, &tx, &config) => reply,
+        _ = stop.cancelled() => Reply {
+            code: crate::exit::FAILURE,
+            message: "regobox is stopping: the request was not carried out".into(),
+        },
+    };
+    if let Ok(text) = serde_json::to_string(&reply) {
+        let _ = write.write_all(format!("{text}\n").as_bytes()).await;
+    }
+}
+
+/// Read one request, check it without stopping anything, and hand it to the supervisor.
+async fn answer(
+    read: tokio::net::unix::OwnedReadHalf,
+    tx: &mpsc::Sender<Request>,
+    config: &Config,
+) -> Reply {
+    let root = &config.volumes.root;
     let mut line = String::new();
     let mut reader = BufReader::new(read.take_limit());
-    let reply = match reader.read_line(&mut line).await {
+    match reader.read_line(&mut line).await {
         Ok(_) => match serde_json::from_str::<Wire>(&line) {
             Ok(w) if w.restore.volumes_root != *root => Reply {
                 code: crate::exit::FAILURE,
@@ -111,8 +164,8 @@ async fn serve(stream: UnixStream, tx: mpsc::Sender<Request>, config: std::sync:
                     archive: w.restore.archive,
                     force: w.restore.force,
                 };
-                let layout = crate::volumes::Layout::new(&config);
-                match crate::backup::plan(&config, &layout, &options, None).await {
+                let layout = crate::volumes::Layout::new(config);
+                match crate::backup::plan(config, &layout, &options, None).await {
                     Err(e) => {
                         tracing::warn!(archive = %options.archive.display(), "restore refused, nothing stopped: {e:#}");
                         Reply {
@@ -120,7 +173,7 @@ async fn serve(stream: UnixStream, tx: mpsc::Sender<Request>, config: std::sync:
                             message: format!("{e:#}"),
                         }
                     }
-                    Ok(plan) => ask(&tx, options, plan.manifest).await,
+                    Ok(plan) => ask(tx, options, plan.manifest).await,
                 }
             }
             Err(e) => Reply {
@@ -132,9 +185,6 @@ async fn serve(stream: UnixStream, tx: mpsc::Sender<Request>, config: std::sync:
             code: crate::exit::FAILURE,
             message: format!("bad request: {e}"),
         },
-    };
-    if let Ok(text) = serde_json::to_string(&reply) {
-        let _ = write.write_all(format!("{text}\n").as_bytes()).await;
     }
 }
 
@@ -207,6 +257,11 @@ pub async fn request_restore(
         .await?;
     let mut line = String::new();
     BufReader::new(read).read_line(&mut line).await?;
+    if line.is_empty() {
+        anyhow::bail!(
+            "the running regobox stopped without answering: see its log for what became of the restore"
+        );
+    }
     let reply: Reply = serde_json::from_str(&line)
         .map_err(|e| anyhow::anyhow!("the running regobox gave no answer ({e})"))?;
     Ok(Some(reply))

@@ -339,8 +339,8 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
                 &docker_tx,
             )
             .await?;
-            match control::listen(config, control_tx.clone(), background.clone()) {
-                Ok(file) => control_socket = Some(file),
+            match control::listen(config, control_tx.clone()) {
+                Ok(control) => control_socket = Some(control),
                 Err(e) => {
                     tracing::warn!(error = %e, "no control socket: a restore cannot be done while running")
                 }
@@ -415,7 +415,13 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
     let force = CancellationToken::new();
     finish(config, &force).await;
     background.cancel();
-    drop(control_socket);
+    // Requests the supervisor will not take are answered "stopped before answering"; those it
+    // answered reach their client before regobox exits.
+    p.control.close();
+    while p.control.try_recv().is_ok() {}
+    if let Some(control) = control_socket {
+        control.close(Duration::from_secs(5)).await;
+    }
     Ok(code)
 }
 
