@@ -248,8 +248,10 @@ async fn dispatch(command: Command, loaded: &Loaded) -> anyhow::Result<u8> {
         Command::Backup(args) => backup(loaded, args).await,
         Command::Restore { archive, force } => {
             let opts = crate::backup::RestoreOptions { archive, force };
+            let stop = stop_requested()?;
             // A running regobox does it: it stops everything in order, restores, starts again.
-            if let Some(reply) = supervisor::control::request_restore(&loaded.config, &opts).await?
+            if let Some(reply) =
+                supervisor::control::request_restore(&loaded.config, &opts, &stop).await?
             {
                 if reply.code == exit::OK {
                     tracing::info!("{} (through the running regobox)", reply.message);
@@ -263,7 +265,6 @@ async fn dispatch(command: Command, loaded: &Loaded) -> anyhow::Result<u8> {
             let missing = layout.missing();
             let restored = async {
                 layout.prepare()?;
-                let stop = stop_requested()?;
                 crate::backup::restore(&loaded.config, &layout, &opts, None, &stop).await
             }
             .await;

@@ -120,12 +120,10 @@ pub enum RestoreRefused {
     ExistingData { what: String },
 }
 
-/// A restore stopped by a stop request (SIGTERM, SIGINT) while it rebuilt the database or
-/// extracted the files, before anything was swapped in.
+/// A restore stopped by a stop request (SIGTERM, SIGINT), or withdrawn by its client, while it
+/// rebuilt the database or extracted the files, before anything was swapped in.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "restore cancelled: regobox was asked to stop before the restored data was swapped in; the previous data is in place"
-)]
+#[error("restore cancelled before the restored data was swapped in; the previous data is in place")]
 pub struct RestoreCancelled;
 
 pub use crate::process::fault;

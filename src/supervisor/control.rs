@@ -27,6 +27,9 @@ pub struct Request {
     /// The archive's manifest, verified by the restore's rules.
     pub verified: crate::backup::archive::Manifest,
     pub reply: oneshot::Sender<Reply>,
+    /// Cancelled when the client goes away (Ctrl-C): the restore is cancelled as by a stop,
+    /// unless its data is being swapped in, and everything starts again on the previous data.
+    pub withdrawn: CancellationToken,
 }
 
 /// The answer: an exit code for the client, and what happened.
@@ -140,47 +143,84 @@ async fn serve(
     }
 }
 
-/// Read one request, check it without stopping anything, and hand it to the supervisor.
+/// Read one request, check it without stopping anything, and hand it to the supervisor. Once
+/// the request is read the client only waits: its end of the connection closing (Ctrl-C, or
+/// the client killed) withdraws the request, as a stop would.
 async fn answer(
     read: tokio::net::unix::OwnedReadHalf,
     tx: &mpsc::Sender<Request>,
     config: &Config,
 ) -> Reply {
-    let root = &config.volumes.root;
     let mut line = String::new();
     let mut reader = BufReader::new(read.take_limit());
-    match reader.read_line(&mut line).await {
-        Ok(_) => match serde_json::from_str::<Wire>(&line) {
-            Ok(w) if w.restore.volumes_root != *root => Reply {
-                code: crate::exit::FAILURE,
-                message: format!(
-                    "this regobox serves {}, not {}",
-                    root.display(),
-                    w.restore.volumes_root.display()
-                ),
-            },
-            Ok(w) => {
-                let options = RestoreOptions {
-                    archive: w.restore.archive,
-                    force: w.restore.force,
-                };
-                let layout = crate::volumes::Layout::new(config);
-                match crate::backup::plan(config, &layout, &options, None).await {
-                    Err(e) => {
-                        tracing::warn!(archive = %options.archive.display(), "restore refused, nothing stopped: {e:#}");
-                        Reply {
-                            code: crate::exit::code_for(&e),
-                            message: format!("{e:#}"),
-                        }
-                    }
-                    Ok(plan) => ask(tx, options, plan.manifest).await,
-                }
+    if let Err(e) = reader.read_line(&mut line).await {
+        return Reply {
+            code: crate::exit::FAILURE,
+            message: format!("bad request: {e}"),
+        };
+    }
+    let withdrawn = CancellationToken::new();
+    let watch = async {
+        let mut rest = [0u8; 64];
+        // Bytes after the request line are not the protocol's: read and dropped (at most the
+        // reader's limit, then its end).
+        while let Ok(n) = tokio::io::AsyncReadExt::read(&mut reader, &mut rest).await {
+            if n == 0 {
+                break;
             }
-            Err(e) => Reply {
-                code: crate::exit::FAILURE,
-                message: format!("bad request: {e}"),
-            },
+        }
+        withdrawn.cancel();
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        reply = carry_out(&line, tx, config, &withdrawn) => reply,
+        () = watch => unreachable!("the watch never ends"),
+    }
+}
+
+async fn carry_out(
+    line: &str,
+    tx: &mpsc::Sender<Request>,
+    config: &Config,
+    withdrawn: &CancellationToken,
+) -> Reply {
+    let root = &config.volumes.root;
+    match serde_json::from_str::<Wire>(line) {
+        Ok(w) if w.restore.volumes_root != *root => Reply {
+            code: crate::exit::FAILURE,
+            message: format!(
+                "this regobox serves {}, not {}",
+                root.display(),
+                w.restore.volumes_root.display()
+            ),
         },
+        Ok(w) => {
+            let options = RestoreOptions {
+                archive: w.restore.archive,
+                force: w.restore.force,
+            };
+            let layout = crate::volumes::Layout::new(config);
+            let planned = tokio::select! {
+                p = crate::backup::plan(config, &layout, &options, None) => p,
+                _ = withdrawn.cancelled() => {
+                    tracing::warn!(archive = %options.archive.display(), "restore withdrawn by its client while it was being checked, nothing stopped");
+                    return Reply {
+                        code: crate::exit::FAILURE,
+                        message: "restore withdrawn".into(),
+                    };
+                }
+            };
+            match planned {
+                Err(e) => {
+                    tracing::warn!(archive = %options.archive.display(), "restore refused, nothing stopped: {e:#}");
+                    Reply {
+                        code: crate::exit::code_for(&e),
+                        message: format!("{e:#}"),
+                    }
+                }
+                Ok(plan) => ask(tx, options, plan.manifest, withdrawn.clone()).await,
+            }
+        }
         Err(e) => Reply {
             code: crate::exit::FAILURE,
             message: format!("bad request: {e}"),
@@ -193,12 +233,14 @@ async fn ask(
     tx: &mpsc::Sender<Request>,
     options: RestoreOptions,
     verified: crate::backup::archive::Manifest,
+    withdrawn: CancellationToken,
 ) -> Reply {
     let (reply_tx, reply_rx) = oneshot::channel();
     let request = Request {
         options,
         verified,
         reply: reply_tx,
+        withdrawn,
     };
     if tx.send(request).await.is_err() {
         return Reply {
@@ -224,10 +266,13 @@ impl<R: tokio::io::AsyncRead> TakeLimit for R {
 }
 
 /// Ask the regobox running on this volume to restore; `None` if none runs on it (its data
-/// directory lock is free).
+/// directory lock is free). Once `stop` is cancelled (Ctrl-C) the request is withdrawn (this
+/// end of the connection is shut for writing) and the answer awaited: the restore cancelled and
+/// the previous data in place, or, if its data was already being swapped in, the restore done.
 pub async fn request_restore(
     config: &Config,
     options: &RestoreOptions,
+    stop: &CancellationToken,
 ) -> anyhow::Result<Option<Reply>> {
     if !crate::postgres::cluster::is_locked(&config.postgres.data_dir) {
         return Ok(None);
@@ -255,14 +300,23 @@ pub async fn request_restore(
     write
         .write_all(format!("{}\n", serde_json::to_string(&wire)?).as_bytes())
         .await?;
-    let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
+    // `read_until` keeps what it read when the select drops it: the answer is never torn.
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(read);
+    tokio::select! {
+        r = reader.read_until(b'\n', &mut line) => { r?; }
+        _ = stop.cancelled() => {
+            tracing::warn!("withdrawing the restore: the running regobox cancels it unless its data is already being swapped in");
+            write.shutdown().await?;
+            reader.read_until(b'\n', &mut line).await?;
+        }
+    }
     if line.is_empty() {
         anyhow::bail!(
             "the running regobox stopped without answering: see its log for what became of the restore"
         );
     }
-    let reply: Reply = serde_json::from_str(&line)
+    let reply: Reply = serde_json::from_slice(&line)
         .map_err(|e| anyhow::anyhow!("the running regobox gave no answer ({e})"))?;
     Ok(Some(reply))
 }

@@ -356,6 +356,13 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
                 // A stop request cancels the restore unless its data is being swapped in (then
                 // it ends first); regobox then stops.
                 let stop = CancellationToken::new();
+                let withdrawn = request.withdrawn.clone();
+                if withdrawn.is_cancelled() {
+                    tracing::warn!(
+                        "the restore's client went away while everything stopped for it: the restore is not started"
+                    );
+                    stop.cancel();
+                }
                 let restore = crate::backup::restore(
                     config,
                     &layout,
@@ -368,6 +375,10 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
                 let result = loop {
                     tokio::select! {
                         r = &mut restore => break r,
+                        _ = withdrawn.cancelled(), if !stop.is_cancelled() => {
+                            tracing::warn!("the restore's client went away (Ctrl-C): cancelling the restore (unless its data is being swapped in); everything then starts again");
+                            stop.cancel();
+                        }
                         s = p.signals.recv() => {
                             tracing::warn!(signal = s, "stop requested during a restore: cancelling it (unless its data is being swapped in), then stopping");
                             stop.cancel();
@@ -586,7 +597,13 @@ async fn cycle(
         loop {
             tokio::select! {
                 s = p.signals.recv() => break Reason::Signal(s),
-                Some(request) = p.control.recv() => break Reason::Maintenance(Box::new(request)),
+                Some(request) = p.control.recv() => {
+                    if request.withdrawn.is_cancelled() {
+                        tracing::warn!(archive = %request.options.archive.display(), "restore withdrawn by its client before it began: nothing stopped");
+                        continue;
+                    }
+                    break Reason::Maintenance(Box::new(request));
+                }
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                     let Ok((name, outcome)) = joined else { continue };
                     let is_target = plan.target.as_deref() == Some(name.as_str());

@@ -2030,6 +2030,67 @@ fn ctrl_c_during_a_restore_from_the_command_line_cancels_it_and_keeps_the_previo
     previous_data_kept(&target);
 }
 
+/// Ctrl-C on a `regobox restore` that the running regobox carries out withdraws it: the running
+/// regobox cancels the restore before anything is swapped in, answers the client so, and starts
+/// everything again on the previous data. A client killed outright (its connection closed, no
+/// word said) withdraws it the same way. The restore used to go on after its client had left,
+/// and Ctrl-C left the operator with no word of what became of it.
+#[test]
+fn ctrl_c_on_a_restore_through_the_running_regobox_withdraws_it() {
+    use nix::sys::signal::Signal;
+    let (_source, archive) = an_archive_whose_load_never_ends();
+    let target = Instance::new();
+    let mut run = target.start();
+    target.sql("CREATE TABLE genes(id int); INSERT INTO genes VALUES (7);");
+    let count = |run: &Running, needle: &str| run.log_text().matches(needle).count();
+    for (round, signal) in [Signal::SIGINT, Signal::SIGKILL].into_iter().enumerate() {
+        let log = target.dir.path().join(format!("restore-{round}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = target
+            .command(&["restore", "--force", archive.to_str().unwrap()])
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let mut restore = Running { child, log };
+        target.wait_until("the dump's load", Duration::from_secs(60), || {
+            count(&run, "restoring the database as the application role") > round
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(
+            restore.child.try_wait().unwrap().is_none(),
+            "the restore is still loading"
+        );
+        restore.signal(signal);
+        let status = restore.wait(Duration::from_secs(30));
+        if signal == Signal::SIGINT {
+            let text = restore.log_text();
+            assert_eq!(status.code(), Some(1), "{text}");
+            assert!(
+                text.contains("restore cancelled") && text.contains("previous data"),
+                "{text}"
+            );
+        }
+        target.wait_until("the restore cancelled", Duration::from_secs(30), || {
+            count(&run, "restore cancelled") > round
+        });
+        target.wait_until("ready again", Duration::from_secs(60), || {
+            target.health_get("/readyz").0 == 200
+        });
+        assert!(
+            run.child.try_wait().unwrap().is_none(),
+            "regobox is still running:\n{}",
+            run.log_text()
+        );
+        previous_data_kept(&target);
+        assert_eq!(restore_leftovers(&target), Vec::<String>::new());
+    }
+    let log = run.log_text();
+    assert!(log.contains("the restore's client went away"), "{log}");
+    assert!(!log.contains("restore complete"), "{log}");
+    run.stop();
+}
+
 /// A file the application gave many names (hard links: a reference genome linked into each run)
 /// is archived once and restored as one file of as many names. It was archived once per name
 /// (300 names of 5 MB: 1.5 GB of archive) and restored as copies, so that the restore of a
