@@ -1742,7 +1742,17 @@ pub async fn restore(
         _ = stop.cancelled() => return Err(RestoreCancelled.into()),
     };
     let pg = &config.postgres;
-    // From here on the volume is held (an empty data directory is created if there is none).
+    // From here on the volume is held (an empty data directory is created if there is none;
+    // a restore that then fails removes it, and the directories made for it, if still empty).
+    let made: Vec<PathBuf> = if plan.state == DataDirState::Missing {
+        pg.data_dir
+            .ancestors()
+            .take_while(|p| !p.as_os_str().is_empty() && std::fs::symlink_metadata(p).is_err())
+            .map(Path::to_path_buf)
+            .collect()
+    } else {
+        Vec::new()
+    };
     if plan.state == DataDirState::Missing {
         crate::volumes::ensure_dir(&pg.data_dir, 0o700, "postgres.data_dir")?;
         cluster::chown(&pg.data_dir, &plan.account)?;
@@ -1821,10 +1831,17 @@ pub async fn restore(
     }
     .await;
     let _ = std::fs::remove_dir_all(&socket_dir);
-    drop(lock);
     if result.is_err() {
         // Nothing was swapped (the journal rolls back a partial swap at the next start).
         let _ = std::fs::remove_dir_all(&new_cluster);
+    }
+    if result.is_err() && !made.is_empty() && !journal::exists(&layout.root) {
+        lock.remove();
+        for dir in &made {
+            let _ = std::fs::remove_dir(dir);
+        }
+    } else {
+        drop(lock);
     }
     // Kept while a swap is still journaled: the next start's rollback takes the previous data
     // back by way of it.

@@ -18,7 +18,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -99,12 +99,15 @@ pub fn inspect(dir: &Path) -> Result<DataDirState, PostgresError> {
 /// An exclusive lock on a data directory, released when dropped (or when the process dies).
 #[derive(Debug)]
 pub struct DataDirLock {
-    _lock: Flock<File>,
+    lock: Flock<File>,
+    path: PathBuf,
 }
 
 impl DataDirLock {
     /// Take the lock, or `None` if another process holds it. The file belongs to `account`, so
-    /// that the server can read every file of its data directory (`pg_basebackup` does).
+    /// that the server can read every file of its data directory (`pg_basebackup` does). The
+    /// lock is on the file at the path once taken (a holder may remove it, [`DataDirLock::remove`],
+    /// so a lock taken on a file unlinked meanwhile is let go and taken again).
     pub fn try_acquire(
         dir: &Path,
         account: &Account,
@@ -115,34 +118,83 @@ impl DataDirLock {
             path: path.clone(),
             source,
         };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err)?;
-        // Trying the lock changes nothing: a refused command leaves the directory as it was.
-        // Once held, the file says who holds it (for the next command's error message).
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(mut lock) => {
-                let holder = format!(
-                    "regobox pid {} on host {}, runtime directory {}\n",
-                    std::process::id(),
-                    nix::unistd::gethostname()
-                        .map(|h| h.to_string_lossy().into_owned())
-                        .unwrap_or_else(|_| "?".into()),
-                    runtime_dir.display()
-                );
-                lock.set_len(0).map_err(io_err)?;
-                lock.write_all(holder.as_bytes()).map_err(io_err)?;
-                chown(&path, account)?;
-                Ok(Some(DataDirLock { _lock: lock }))
+        for _ in 0..100 {
+            let file = open_lock_file(&path).map_err(io_err)?;
+            // Trying the lock changes nothing: a refused command leaves the directory as it was.
+            // Once held, the file says who holds it (for the next command's error message).
+            let mut lock = match lock_opened(file, &path).map_err(io_err)? {
+                Taken::Held(lock) => lock,
+                Taken::Busy => return Ok(None),
+                Taken::Replaced => continue,
+            };
+            let holder = format!(
+                "regobox pid {} on host {}, runtime directory {}\n",
+                std::process::id(),
+                nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "?".into()),
+                runtime_dir.display()
+            );
+            lock.set_len(0).map_err(io_err)?;
+            lock.write_all(holder.as_bytes()).map_err(io_err)?;
+            // The file held, never what its name may lead to by then.
+            if crate::users::is_root() {
+                nix::unistd::fchown(&*lock, Some(account.uid), Some(account.gid))
+                    .map_err(|e| io_err(e.into()))?;
             }
-            Err((_, nix::Error::EWOULDBLOCK)) => Ok(None),
-            Err((_, e)) => Err(io_err(e.into())),
+            return Ok(Some(DataDirLock { lock, path }));
         }
+        Err(io_err(io::Error::other(
+            "the lock file was replaced 100 times while it was being taken",
+        )))
+    }
+
+    /// Remove the lock file, then let go: whoever takes the lock next makes a new one (used
+    /// where the data directory is removed too: a restore that made it and failed).
+    pub fn remove(self) {
+        let _ = std::fs::remove_file(&self.path);
+        drop(self.lock);
+    }
+}
+
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// What locking an opened lock file gave.
+#[derive(Debug)]
+enum Taken {
+    Held(Flock<File>),
+    /// Another process holds it.
+    Busy,
+    /// Locked, but no longer the file at `path` (its holder removed it between the open and
+    /// the lock): let go, to be opened again.
+    Replaced,
+}
+
+fn lock_opened(file: File, path: &Path) -> io::Result<Taken> {
+    let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err((_, nix::Error::EWOULDBLOCK)) => return Ok(Taken::Busy),
+        Err((_, e)) => return Err(e.into()),
+    };
+    let held = lock.metadata()?;
+    let at_path = match std::fs::symlink_metadata(path) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    if at_path.is_some_and(|m| (m.dev(), m.ino()) == (held.dev(), held.ino())) {
+        Ok(Taken::Held(lock))
+    } else {
+        Ok(Taken::Replaced)
     }
 }
 
@@ -156,7 +208,12 @@ pub fn holder(dir: &Path) -> Option<String> {
 
 /// Whether a process holds the lock of `dir` (checked without writing anything).
 pub fn is_locked(dir: &Path) -> bool {
-    let Ok(file) = std::fs::File::open(dir.join(LOCK_FILE)) else {
+    // Never a link, nor a FIFO's open that would wait for a writer: the lock is a file.
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(dir.join(LOCK_FILE))
+    else {
         return false;
     };
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
@@ -684,6 +741,63 @@ mod tests {
             inspect(&f),
             Err(PostgresError::NotADirectory { .. })
         ));
+    }
+
+    /// A holder may remove the lock file ([`DataDirLock::remove`]): another that opened it
+    /// before and locks it after must not hold the unlinked file while a third holds the new
+    /// one. And a link put in the file's place (the data directory is the server account's)
+    /// is never followed, nor what it names given away.
+    #[test]
+    fn a_removed_lock_file_is_never_held_twice_and_a_link_is_not_followed() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let d = tempfile::tempdir().unwrap();
+        let me = Account::current().unwrap();
+        let holders = AtomicUsize::new(0);
+        let taken = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (holders, taken, d, me) = (&holders, &taken, &d, &me);
+                s.spawn(move || {
+                    for i in 0..3000 {
+                        if let Some(lock) =
+                            DataDirLock::try_acquire(d.path(), me, d.path()).unwrap()
+                        {
+                            assert_eq!(holders.fetch_add(1, Ordering::SeqCst), 0, "two holders");
+                            taken.fetch_add(1, Ordering::SeqCst);
+                            std::thread::yield_now();
+                            holders.fetch_sub(1, Ordering::SeqCst);
+                            if (i + t) % 2 == 0 {
+                                lock.remove();
+                            } else {
+                                drop(lock);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        assert!(taken.into_inner() > 0);
+        // The interleaving the threads may not hit: B opens the file, A (its holder) removes
+        // it and lets go, C takes a new one; B's lock of the old file is then no lock.
+        let path = d.path().join(LOCK_FILE);
+        let a = DataDirLock::try_acquire(d.path(), &me, d.path())
+            .unwrap()
+            .unwrap();
+        let b = open_lock_file(&path).unwrap();
+        a.remove();
+        let c = DataDirLock::try_acquire(d.path(), &me, d.path())
+            .unwrap()
+            .unwrap();
+        assert!(matches!(lock_opened(b, &path).unwrap(), Taken::Replaced));
+        let b = open_lock_file(&path).unwrap();
+        assert!(matches!(lock_opened(b, &path).unwrap(), Taken::Busy));
+        c.remove();
+        assert!(!path.exists());
+        let target = d.path().join("elsewhere");
+        std::fs::write(&target, "mine").unwrap();
+        std::os::unix::fs::symlink(&target, d.path().join(LOCK_FILE)).unwrap();
+        assert!(DataDirLock::try_acquire(d.path(), &me, d.path()).is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "mine");
     }
 
     #[test]

@@ -2030,6 +2030,43 @@ fn ctrl_c_during_a_restore_from_the_command_line_cancels_it_and_keeps_the_previo
     previous_data_kept(&target);
 }
 
+/// The same into a fresh volume: the cancelled restore leaves it as it was, absent (it left the
+/// data directory it had made, holding its lock file, and with it the volume's directories).
+#[test]
+fn ctrl_c_during_a_restore_into_a_fresh_volume_leaves_no_directory() {
+    let (_source, archive) = an_archive_whose_load_never_ends();
+    let fresh = Instance::new();
+    let log = fresh.dir.path().join("restore.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let child = fresh
+        .command(&["restore", archive.to_str().unwrap()])
+        .env("REGOBOX_BACKUP__DIR", fresh.dir.path().join("elsewhere"))
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let mut restore = Running { child, log };
+    restore.wait_for_log(
+        "restoring the database as the application role",
+        Duration::from_secs(60),
+    );
+    assert!(
+        fresh.data_dir().is_dir(),
+        "the restore made the data directory"
+    );
+    restore.signal(nix::sys::signal::Signal::SIGINT);
+    let status = restore.wait(Duration::from_secs(30));
+    let text = restore.log_text();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(text.contains("restore cancelled"), "{text}");
+    assert!(
+        !fresh.root.exists(),
+        "the cancelled restore left {:?}",
+        snapshot(&fresh.root)
+    );
+    assert!(!fresh.dir.path().join("elsewhere").exists());
+}
+
 /// Ctrl-C on a `regobox restore` that the running regobox carries out withdraws it: the running
 /// regobox cancels the restore before anything is swapped in, answers the client so, and starts
 /// everything again on the previous data. A client killed outright (its connection closed, no
