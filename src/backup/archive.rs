@@ -121,7 +121,9 @@ pub struct Usage {
 }
 
 impl Contents {
-    fn add(&mut self, path: &str, kind: &Kind, size: u64) {
+    /// `footprint`: what the member takes once written ([`footprint`], or for a file read, the
+    /// blocks [`Sparse`] stores).
+    fn add(&mut self, path: &str, kind: &Kind, size: u64, footprint: u64) {
         self.members += 1;
         if path == DATABASE {
             self.database_size = size;
@@ -132,7 +134,7 @@ impl Contents {
         } else {
             &mut self.core
         };
-        usage.bytes = usage.bytes.saturating_add(footprint(kind, size));
+        usage.bytes = usage.bytes.saturating_add(footprint);
         if *kind != Kind::Hardlink {
             usage.entries += 1;
         }
@@ -665,7 +667,8 @@ impl<W: Write> Writer<W> {
         }
         base.contents = Contents::default();
         for m in &self.members {
-            base.contents.add(&m.path, &m.kind, m.size);
+            base.contents
+                .add(&m.path, &m.kind, m.size, footprint(&m.kind, m.size));
         }
         let mut header = tar::Header::new_gnu();
         header.set_entry_type(tar::EntryType::Regular);
@@ -903,6 +906,117 @@ pub fn footprint(kind: &Kind, size: u64) -> u64 {
         Kind::Dir | Kind::Symlink => BLOCK,
         // Its directory entry, at most (8 bytes and a name of at most 255, rounded).
         Kind::Hardlink => 264,
+    }
+}
+
+/// Where a file member's content goes: a block (of [`BLOCK`] bytes, from the file's start) of
+/// zeros is left a hole, which the file system stores nothing for, the others are written (so a
+/// sparse file the backup read in full, holes as zeros, is restored sparse, and an archive is
+/// charged for what it makes a restore store, not for its files' lengths). `file` is `None` to
+/// count only (the verifying read).
+struct Sparse<'a> {
+    file: Option<&'a std::fs::File>,
+    /// Bytes not yet judged, from offset `at`.
+    pending: Vec<u8>,
+    at: u64,
+    /// Bytes of the blocks written (whole blocks).
+    stored: u64,
+    /// What may be stored; past it, `over` says what would have been.
+    room: u64,
+    over: Option<u64>,
+    /// A write to `file` failed.
+    failed: bool,
+    /// The end of the last bytes written.
+    written_to: u64,
+}
+
+const SPARSE_CHUNK: usize = 1 << 20;
+
+impl<'a> Sparse<'a> {
+    fn new(file: Option<&'a std::fs::File>, room: u64) -> Self {
+        Sparse {
+            file,
+            pending: Vec::new(),
+            at: 0,
+            stored: 0,
+            room,
+            over: None,
+            failed: false,
+            written_to: 0,
+        }
+    }
+
+    fn is_zero(block: &[u8]) -> bool {
+        block
+            .chunks(64)
+            .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
+    }
+
+    /// Judge the whole blocks pending (and with `last`, the partial one at the end): runs of
+    /// blocks not all zeros are written at their offset.
+    fn drain(&mut self, last: bool) -> io::Result<()> {
+        let b = BLOCK as usize;
+        let end = if last {
+            self.pending.len()
+        } else {
+            self.pending.len() / b * b
+        };
+        let mut i = 0;
+        while i < end {
+            let next = (i + b).min(end);
+            if Self::is_zero(&self.pending[i..next]) {
+                i = next;
+                continue;
+            }
+            let start = i;
+            i = next;
+            while i < end {
+                let next = (i + b).min(end);
+                if Self::is_zero(&self.pending[i..next]) {
+                    break;
+                }
+                i = next;
+            }
+            let charge = ((i - start) as u64).div_ceil(BLOCK) * BLOCK;
+            if self.stored.saturating_add(charge) > self.room {
+                self.over = Some(self.stored.saturating_add(charge));
+                return Err(io::Error::other("not enough space"));
+            }
+            self.stored += charge;
+            if let Some(f) = self.file {
+                use std::os::unix::fs::FileExt;
+                f.write_all_at(&self.pending[start..i], self.at + start as u64)
+                    .inspect_err(|_| self.failed = true)?;
+            }
+            self.written_to = self.at + i as u64;
+        }
+        self.pending.drain(..end);
+        self.at += end as u64;
+        Ok(())
+    }
+
+    /// The file's length set (a hole at its end is part of it); its size and the bytes stored.
+    fn finish(&mut self) -> io::Result<(u64, u64)> {
+        self.drain(true)?;
+        if let Some(f) = self.file.filter(|_| self.written_to < self.at) {
+            f.set_len(self.at).inspect_err(|_| self.failed = true)?;
+        }
+        Ok((self.at, self.stored))
+    }
+}
+
+impl Write for Sparse<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(SPARSE_CHUNK);
+        self.pending.extend_from_slice(&buf[..n]);
+        if self.pending.len() >= SPARSE_CHUNK {
+            self.drain(false)?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -1686,7 +1800,12 @@ fn read(
             }
             let to = dest.as_ref().filter(|d| d.files || !place.in_tree());
             if let Some(d) = to {
-                written = written.saturating_add(footprint(&kind, size));
+                // A file's blocks are charged as they are written (those of zeros are holes).
+                let charge = match kind {
+                    Kind::File => BLOCK,
+                    _ => footprint(&kind, size),
+                };
+                written = written.saturating_add(charge);
                 if written > d.budget.bytes {
                     return Err(ArchiveError::NoSpace {
                         needs: written,
@@ -1709,20 +1828,40 @@ fn read(
                 header.gid().map_err(corrupt)? as u32,
             );
             let mtime = header.mtime().map_err(corrupt)?;
+            let mut file_footprint = 0;
             let member = match kind {
                 Kind::File => {
                     let mut hasher = Hashing::new(&mut entry);
                     let mut keep = Vec::new();
-                    let size = match &target {
+                    let (size, stored) = match &target {
                         Some(t) => {
                             let file = std::fs::OpenOptions::new()
                                 .write(true)
                                 .create_new(true)
                                 .open(t)
                                 .map_err(io_err(t))?;
-                            let mut out = io::BufWriter::with_capacity(1 << 20, file);
-                            let size = io::copy(&mut hasher, &mut out).map_err(corrupt)?;
-                            let file = out.into_inner().map_err(|e| io_err(t)(e.into_error()))?;
+                            let room =
+                                to.map_or(u64::MAX, |d| d.budget.bytes.saturating_sub(written));
+                            let mut out = Sparse::new(Some(&file), room);
+                            let copied = io::copy(&mut hasher, &mut out);
+                            let (size, stored) = match copied.and_then(|_| out.finish()) {
+                                Ok(done) => done,
+                                Err(e) => {
+                                    return Err(match (out.over, out.failed) {
+                                        (Some(needs), _) => ArchiveError::NoSpace {
+                                            needs: written.saturating_add(needs),
+                                            free: to.map_or(u64::MAX, |d| d.budget.bytes),
+                                            path: to.map_or_else(
+                                                || t.clone(),
+                                                |d| d.budget.path.clone(),
+                                            ),
+                                        },
+                                        (None, true) => io_err(t)(e),
+                                        (None, false) => corrupt(e),
+                                    });
+                                }
+                            };
+                            written = written.saturating_add(stored.saturating_sub(BLOCK));
                             file.set_permissions(std::fs::Permissions::from_mode(mode))
                                 .map_err(io_err(t))?;
                             let _ = file.set_modified(
@@ -1735,13 +1874,21 @@ fn read(
                             if place == Place::Header || secret {
                                 keep = std::fs::read(t).map_err(io_err(t))?;
                             }
-                            size
+                            (size, stored)
                         }
                         None if place == Place::Header || secret => {
-                            hasher.read_to_end(&mut keep).map_err(corrupt)? as u64
+                            hasher.read_to_end(&mut keep).map_err(corrupt)?;
+                            let mut out = Sparse::new(None, u64::MAX);
+                            out.write_all(&keep).map_err(corrupt)?;
+                            out.finish().map_err(corrupt)?
                         }
-                        None => io::copy(&mut hasher, &mut io::sink()).map_err(corrupt)?,
+                        None => {
+                            let mut out = Sparse::new(None, u64::MAX);
+                            io::copy(&mut hasher, &mut out).map_err(corrupt)?;
+                            out.finish().map_err(corrupt)?
+                        }
                     };
+                    file_footprint = stored.max(BLOCK);
                     if place == Place::Header {
                         header_seen = serde_json::from_slice(&keep).ok();
                     }
@@ -1839,7 +1986,11 @@ fn read(
                     Seen::new(Kind::Hardlink, mode, 0, None, Some(&first))
                 }
             };
-            contents.add(&path, &member.kind, member.size);
+            let taken = match member.kind {
+                Kind::File => file_footprint,
+                _ => footprint(&member.kind, member.size),
+            };
+            contents.add(&path, &member.kind, member.size, taken);
             seen.insert(path.as_str().into(), member);
             if !on_member(&path) {
                 return Err(ArchiveError::Cancelled);
@@ -1996,6 +2147,58 @@ mod tests {
             .unwrap();
         let (bytes, _) = w.finish(base()).unwrap();
         (dir, bytes)
+    }
+
+    /// Blocks of zeros become holes, whatever the reads' sizes; partial blocks at the end and
+    /// between are written; what is stored is counted in whole blocks and held to the room.
+    #[test]
+    fn zeros_are_holes_and_the_rest_is_written_and_charged() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let b = BLOCK as usize;
+        let mut content = vec![0u8; 40 * b + 100];
+        content[..3].copy_from_slice(b"abc"); // block 0
+        content[10 * b - 1] = 7; // block 9, last byte
+        content[10 * b] = 8; // block 10, first byte: one run of two blocks
+        content[20 * b + 5] = 9; // block 20
+        content[40 * b + 99] = 1; // the partial block at the end
+        for read in [1, 7, 4096, 5000, 1 << 20, 3 << 20] {
+            let path = dir.path().join(format!("f{read}"));
+            let file = std::fs::File::create(&path).unwrap();
+            let mut out = Sparse::new(Some(&file), u64::MAX);
+            for chunk in content.chunks(read) {
+                out.write_all(chunk).unwrap();
+            }
+            let (size, stored) = out.finish().unwrap();
+            assert_eq!(size, content.len() as u64);
+            assert_eq!(stored, 5 * BLOCK, "reads of {read}");
+            assert_eq!(std::fs::read(&path).unwrap(), content);
+            drop(file);
+            let blocks = std::fs::metadata(&path).unwrap().blocks() * 512;
+            assert!(blocks <= 8 * BLOCK, "{blocks} bytes stored");
+        }
+        // A file that ends in a hole keeps its length; one of zeros only stores nothing.
+        for content in [vec![0u8; 3 * b + 1], [&b"x"[..], &[0u8; 9000][..]].concat()] {
+            let path = dir.path().join("tail");
+            let _ = std::fs::remove_file(&path);
+            let file = std::fs::File::create(&path).unwrap();
+            let mut out = Sparse::new(Some(&file), u64::MAX);
+            out.write_all(&content).unwrap();
+            out.finish().unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), content);
+        }
+        // The room: four blocks of data in three blocks' room.
+        let path = dir.path().join("full");
+        let file = std::fs::File::create(&path).unwrap();
+        let mut out = Sparse::new(Some(&file), 3 * BLOCK);
+        let data = vec![1u8; 4 * b];
+        assert!(out.write_all(&data).and_then(|_| out.finish()).is_err());
+        assert_eq!(out.over, Some(4 * BLOCK));
+        assert!(!out.failed);
+        // Counting alone (the verifying read) gives the same.
+        let mut count = Sparse::new(None, u64::MAX);
+        count.write_all(&content).unwrap();
+        assert_eq!(count.finish().unwrap(), (content.len() as u64, 5 * BLOCK));
     }
 
     #[test]
@@ -2925,7 +3128,8 @@ mod tests {
     fn extraction_stops_at_the_budget() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("big");
-        std::fs::write(&f, vec![0u8; 1 << 20]).unwrap();
+        // (Not zeros: those would be holes, which cost nothing.)
+        std::fs::write(&f, vec![1u8; 1 << 20]).unwrap();
         let dmeta = std::fs::metadata(dir.path()).unwrap();
         let mut w = writer();
         w.add_dir("volumes/files", &dmeta).unwrap();

@@ -1028,7 +1028,7 @@ fn an_archive_that_does_not_fit_is_refused_before_anything_is_written() {
     craft(
         &archive,
         &bomb,
-        "add_file('volumes/files/zeros', bytes(400 << 20))",
+        "add_file('volumes/files/ones', b'\\x01' * (400 << 20))",
     );
     assert!(std::fs::metadata(&bomb).unwrap().len() < 2 << 20, "a bomb");
 
@@ -2065,6 +2065,73 @@ fn ctrl_c_during_a_restore_into_a_fresh_volume_leaves_no_directory() {
         snapshot(&fresh.root)
     );
     assert!(!fresh.dir.path().join("elsewhere").exists());
+}
+
+/// A sparse file (a disk image, an index written at scattered offsets) of more bytes than the
+/// volume holds, but few stored: the backup reads it whole (its holes as zeros, which cost the
+/// archive next to nothing) and the restore writes it sparse again, into a volume where it fits
+/// as it fit in the source's. The restore wrote every zero and charged the file's length: the
+/// archive of a volume that held it could not be restored into the same room ("not enough
+/// space").
+#[test]
+fn a_sparse_file_larger_than_the_volume_is_restored_sparse() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    if !is_root() {
+        eprintln!("skipped: mounting a small tmpfs for the volume needs root");
+        return;
+    }
+    let source = Instance::new();
+    let _source_volume = Tmpfs::mount(&source.root, "160m");
+    source.ok(&["init"]);
+    let image = source.root.join("files/disk.img");
+    let file = std::fs::File::create(&image).unwrap();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut data = vec![0u8; 1 << 20];
+    for b in data.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    // 1 MiB at the start, a few bytes at 100 MiB (not on a block's edge), 1 MiB ending 2 KiB
+    // before the end: 256 MiB long, about 2 MiB stored.
+    file.write_all_at(&data, 0).unwrap();
+    file.write_all_at(b"variant", (100 << 20) + 4093).unwrap();
+    file.write_all_at(&data, (256 << 20) - (1 << 20) - 2048)
+        .unwrap();
+    file.set_len(256 << 20).unwrap();
+    drop(file);
+    let digest = |p: &Path| {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        std::io::copy(&mut std::fs::File::open(p).unwrap(), &mut h).unwrap();
+        format!("{:x}", h.finalize())
+    };
+    let want = digest(&image);
+    let archive_dir = source.dir.path().join("archives");
+    let out = source
+        .command(&["backup"])
+        .env("REGOBOX_BACKUP__DIR", &archive_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let archive = PathBuf::from(stdout(&out).trim());
+    assert!(std::fs::metadata(&archive).unwrap().len() < 16 << 20);
+
+    let target = Instance::new();
+    let _volume = Tmpfs::mount(&target.root, "160m");
+    target.ok(&["init"]);
+    let out = target.output(&["restore", "--force", archive.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let restored = target.root.join("files/disk.img");
+    let meta = std::fs::metadata(&restored).unwrap();
+    assert_eq!(meta.len(), 256 << 20);
+    assert!(
+        meta.blocks() * 512 < 8 << 20,
+        "{} bytes stored",
+        meta.blocks() * 512
+    );
+    assert_eq!(digest(&restored), want);
 }
 
 /// Ctrl-C on a `regobox restore` that the running regobox carries out withdraws it: the running
