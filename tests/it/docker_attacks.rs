@@ -327,6 +327,44 @@ fn bodies_the_engine_would_read_otherwise_are_refused_with_nothing_created() {
             ),
             "body",
         ),
+        // Names the engine writes into the job's /etc files, a line each: a line of their own
+        // in them (a name server, a host's address) is refused.
+        (
+            format!(
+                r#"{{"Image":"{image}","Hostname":"job
+evil"}}"#
+            ),
+            "Hostname",
+        ),
+        (
+            format!(r#"{{"Image":"{image}","Domainname":"lab example"}}"#),
+            "Domainname",
+        ),
+        (
+            format!(
+                r#"{{"Image":"{image}","HostConfig":{{"Dns":["10.0.0.53
+nameserver 6.6.6.6"]}}}}"#
+            ),
+            "Dns",
+        ),
+        (
+            format!(
+                r#"{{"Image":"{image}","HostConfig":{{"DnsOptions":["ndots:1
+nameserver 6.6.6.6"]}}}}"#
+            ),
+            "DnsOptions",
+        ),
+        (
+            format!(r#"{{"Image":"{image}","HostConfig":{{"DnsSearch":["lab	example"]}}}}"#),
+            "DnsSearch",
+        ),
+        (
+            format!(
+                r#"{{"Image":"{image}","HostConfig":{{"ExtraHosts":["db:10.0.0.1
+6.6.6.6 bank.example"]}}}}"#
+            ),
+            "ExtraHosts",
+        ),
     ];
     for (body, needle) in &cases {
         let (status, answer) = post(&b.socket, "/v1.41/containers/create", body);
@@ -340,6 +378,34 @@ fn bodies_the_engine_would_read_otherwise_are_refused_with_nothing_created() {
         "a refused create made a container"
     );
     assert_eq!(names(&["volume", "ls", "-q"]), volumes_before);
+
+    // The same names, well formed, reach the engine as regobox writes them.
+    let (status, answer) = post(
+        &b.socket,
+        "/v1.41/containers/create",
+        &format!(
+            r#"{{"Image":"{image}","Cmd":["true"],"Hostname":"job-1","Domainname":"lab.example.","HostConfig":{{"Dns":["10.0.0.53"],"DnsOptions":["ndots:2"],"DnsSearch":["lab.example"],"ExtraHosts":["db:10.0.0.1","v6:[fe80::1]","gw:host-gateway"]}}}}"#
+        ),
+    );
+    assert_eq!(status, 201, "{answer}");
+    let named = serde_json::from_str::<Value>(&answer).unwrap()["Id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let made_named = OnEngine::default();
+    made_named.container(&named);
+    let state: Value = serde_json::from_str(&stdout(&engine(&["inspect", &named]))).unwrap();
+    let (config, host) = (&state[0]["Config"], &state[0]["HostConfig"]);
+    assert_eq!(config["Hostname"], "job-1");
+    assert_eq!(config["Domainname"], "lab.example");
+    assert_eq!(host["Dns"], serde_json::json!(["10.0.0.53"]));
+    assert_eq!(host["DnsOptions"], serde_json::json!(["ndots:2"]));
+    assert_eq!(host["DnsSearch"], serde_json::json!(["lab.example"]));
+    assert_eq!(
+        host["ExtraHosts"],
+        serde_json::json!(["db:10.0.0.1", "v6:fe80::1", "gw:host-gateway"])
+    );
+    drop(made_named);
 
     // Another API version (below 1.24 a start's body replaces the HostConfig), a body on an
     // operation that takes none, a name that looks like an id, a reference the engine would

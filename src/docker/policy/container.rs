@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
+use super::names;
 use super::{Denied, INSTANCE_LABEL};
 use crate::docker::model::{
     BindOptions, ContainerCreate, EndpointSettings, HostConfig, LogConfig, Mount, NetworkingConfig,
@@ -175,8 +176,8 @@ pub fn check_create(req: &ContainerCreate, policy: &CreatePolicy) -> Result<Crea
     let mut labels = req.labels.clone().unwrap_or_default();
     labels.insert(INSTANCE_LABEL.into(), policy.instance.clone());
     let body = ContainerCreate {
-        hostname: req.hostname.clone(),
-        domainname: req.domainname.clone(),
+        hostname: names::host_name(req.hostname.as_deref())?,
+        domainname: names::domain_name(req.domainname.as_deref())?,
         user: req.user.clone(),
         attach_stdin: req.attach_stdin,
         attach_stdout: req.attach_stdout,
@@ -465,10 +466,22 @@ fn check_host_config(
         auto_remove: hc.auto_remove,
         cap_drop: hc.cap_drop.clone().filter(|c| !c.is_empty()),
         cgroupns_mode,
-        dns: hc.dns.clone(),
-        dns_options: hc.dns_options.clone(),
-        dns_search: hc.dns_search.clone(),
-        extra_hosts: hc.extra_hosts.clone(),
+        dns: names::each(hc.dns.as_deref(), "HostConfig.Dns", names::dns_server)?,
+        dns_options: names::each(
+            hc.dns_options.as_deref(),
+            "HostConfig.DnsOptions",
+            names::dns_option,
+        )?,
+        dns_search: names::each(
+            hc.dns_search.as_deref(),
+            "HostConfig.DnsSearch",
+            names::search_domain,
+        )?,
+        extra_hosts: names::each(
+            hc.extra_hosts.as_deref(),
+            "HostConfig.ExtraHosts",
+            names::extra_host,
+        )?,
         group_add: hc.group_add.clone(),
         ipc_mode,
         oom_score_adj: hc.oom_score_adj.filter(|v| *v != 0),

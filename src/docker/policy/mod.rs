@@ -13,6 +13,7 @@
 pub mod build;
 pub mod container;
 pub mod image;
+mod names;
 pub mod network;
 pub mod query;
 
