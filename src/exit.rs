@@ -15,6 +15,9 @@ pub const FAILURE: u8 = 1;
 pub const DATA: u8 = 65;
 /// Something regobox needs is missing from the system (PostgreSQL binaries, an OS tool).
 pub const UNAVAILABLE: u8 = 69;
+/// Another regobox holds what the command needs (the data directory, a restore in progress):
+/// try again once it is done (sysexits' EX_TEMPFAIL).
+pub const TEMPFAIL: u8 = 75;
 /// The configuration is invalid (sysexits' EX_CONFIG).
 pub const CONFIG: u8 = 78;
 
@@ -26,6 +29,15 @@ pub fn code_for(error: &anyhow::Error) -> u8 {
         }
         if let Some(pg) = cause.downcast_ref::<PostgresError>() {
             return pg.exit_code();
+        }
+        if cause
+            .downcast_ref::<crate::backup::RestoreInProgress>()
+            .is_some()
+            || cause
+                .downcast_ref::<crate::supervisor::control::HeldElsewhere>()
+                .is_some()
+        {
+            return TEMPFAIL;
         }
         if cause
             .downcast_ref::<crate::backup::RestoreRefused>()

@@ -126,6 +126,13 @@ pub enum RestoreRefused {
 #[error("restore cancelled before the restored data was swapped in; the previous data is in place")]
 pub struct RestoreCancelled;
 
+/// Another restore holds the volume (exit 75: try again once it is done).
+#[derive(Debug, thiserror::Error)]
+#[error("another restore is in progress on {}", .root.display())]
+pub struct RestoreInProgress {
+    pub root: PathBuf,
+}
+
 pub use crate::process::fault;
 
 /// A backup that ran out of space says so, with the directory and what is free there now
@@ -1730,10 +1737,10 @@ pub async fn restore(
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let Some(_restoring) = restore_lock(&layout.root)? else {
-        bail!(
-            "another restore is in progress on {}",
-            layout.root.display()
-        );
+        return Err(RestoreInProgress {
+            root: layout.root.clone(),
+        }
+        .into());
     };
     recover_held(config)?;
     // (The plan changes nothing: a stop request ends it where it is.)

@@ -193,6 +193,7 @@ impl PostgresError {
             | PostgresError::RollbackRefused { .. }
             | PostgresError::NeedsUpgrade { .. }
             | PostgresError::WrongMajor { .. } => exit::DATA,
+            PostgresError::Busy { .. } => exit::TEMPFAIL,
             _ => exit::FAILURE,
         }
     }

@@ -265,6 +265,20 @@ impl<R: tokio::io::AsyncRead> TakeLimit for R {
     }
 }
 
+/// The volume is held by a regobox that takes no requests here: another command (a restore, an
+/// upgrade, `init`), or a `regobox run` with another runtime directory. Exit 75: try again once
+/// it is done.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the volume is held by {holder}, which takes no requests on {} ({cause}): another command (a restore, an upgrade) or a regobox with another runtime directory; try again once it is done",
+    .socket.display()
+)]
+pub struct HeldElsewhere {
+    pub holder: String,
+    pub socket: PathBuf,
+    pub cause: std::io::Error,
+}
+
 /// Ask the regobox running on this volume to restore; `None` if none runs on it (its data
 /// directory lock is free). Once `stop` is cancelled (Ctrl-C) the request is withdrawn (this
 /// end of the connection is shut for writing) and the answer awaited: the restore cancelled and
@@ -279,11 +293,11 @@ pub async fn request_restore(
     }
     let stream = UnixStream::connect(socket_path(config))
         .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "a regobox runs on this volume but does not answer on {}: {e}",
-                socket_path(config).display()
-            )
+        .map_err(|e| HeldElsewhere {
+            holder: crate::postgres::cluster::holder(&config.postgres.data_dir)
+                .unwrap_or_else(|| "another process".into()),
+            socket: socket_path(config),
+            cause: e,
         })?;
     let archive = options
         .archive

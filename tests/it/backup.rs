@@ -2017,6 +2017,14 @@ fn ctrl_c_during_a_restore_from_the_command_line_cancels_it_and_keeps_the_previo
         "restoring the database as the application role",
         Duration::from_secs(60),
     );
+    // A second restore meanwhile is told to wait for this one (exit 75), and changes nothing.
+    let second = target.output(&["restore", "--force", archive.to_str().unwrap()]);
+    assert_eq!(second.status.code(), Some(75), "{}", stderr(&second));
+    assert!(
+        stderr(&second).contains("held by regobox pid"),
+        "{}",
+        stderr(&second)
+    );
     std::thread::sleep(Duration::from_secs(2));
     restore.signal(nix::sys::signal::Signal::SIGINT);
     let status = restore.wait(Duration::from_secs(30));

@@ -49,7 +49,7 @@ fn fresh_init_then_restarts_keep_every_row_and_the_same_password() {
     let run = inst.start();
     // One server per data directory: a second `run` is refused while the first is up.
     let second = inst.output(&["run"]);
-    assert!(!second.status.success());
+    assert_eq!(second.status.code(), Some(75), "{}", stderr(&second));
     assert!(
         stderr(&second).contains("another regobox is running PostgreSQL"),
         "{}",

@@ -49,7 +49,7 @@ fn a_second_regobox_with_another_account_changes_nothing_before_the_lock() {
     cmd.env("REGOBOX_POSTGRES__OS_USER", "nobody")
         .env("REGOBOX_SUPERVISION__PORT", free_port().to_string());
     let out = cmd.output().unwrap();
-    assert_ne!(out.status.code(), Some(0));
+    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("another regobox is running PostgreSQL on"),
         "{}",
