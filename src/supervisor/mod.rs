@@ -481,7 +481,12 @@ async fn cycle(
     // Services.
     let mut tasks = tokio::task::JoinSet::new();
     for name in &plan.services {
-        let svc = config.services[name].clone();
+        let mut svc = config.services[name].clone();
+        // `regobox start NAME`: the service's end is regobox's (with its exit code), unless its
+        // configuration asks for restarts.
+        if plan.target.as_deref() == Some(name.as_str()) && svc.restart.is_none() {
+            svc.restart = Some(crate::config::RestartMode::Never);
+        }
         let deps = svc
             .depends_on
             .iter()

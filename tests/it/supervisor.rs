@@ -609,6 +609,42 @@ fn start_runs_one_service_with_its_dependencies_and_exits_with_its_code() {
         "PostgreSQL stopped"
     );
 
+    // A service with no restart setting runs once: regobox ends with it, whatever its code (it
+    // was restarted, for ever when it exited 0).
+    for code in [0, 3] {
+        inst.config_file(
+            "60_once.toml",
+            &format!(
+                "[services.once]\ncommand = {}\n",
+                sh(&format!(
+                    "echo run >> \"$REGOBOX_FILES_DIR/once-{code}\"; exit {code}"
+                ))
+            ),
+        );
+        let mut start = inst.command(&["start", "once"]);
+        let mut child = start
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("`start once` did not end after its service exited {code}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(status.code(), Some(code));
+        assert_eq!(
+            std::fs::read_to_string(inst.root.join(format!("files/once-{code}"))).unwrap(),
+            "run\n"
+        );
+    }
+
     let out = inst.output(&["start", "nosuch"]);
     assert_eq!(out.status.code(), Some(78));
     assert!(
