@@ -596,6 +596,9 @@ impl<W: Write> Writer<W> {
                     "its link target is not UTF-8 text of fewer than {MAX_NAME} bytes, which no restore takes"
                 )));
             };
+            if let Some(why) = refused_by_restore(path, &Kind::Symlink, None, 0) {
+                return Ok(Added::LeftOut(why));
+            }
             self.add_symlink(path, Path::new(target), &meta)?;
             return Ok(Added::Done);
         }
@@ -620,6 +623,10 @@ impl<W: Write> Writer<W> {
             return Ok(Added::LeftOut(
                 "replaced by the application while the backup ran".to_string(),
             ));
+        }
+        let kind = if ft.is_file() { Kind::File } else { Kind::Dir };
+        if let Some(why) = refused_by_restore(path, &kind, Some(&opened), now.len()) {
+            return Ok(Added::LeftOut(why));
         }
         if ft.is_file() {
             // A file of several names: its content once, under the first name archived, and
@@ -1229,6 +1236,58 @@ fn written_by_regobox(path: &str, top: &str, kind: &Kind) -> Result<(), ArchiveE
         _ => {}
     }
     Ok(())
+}
+
+const NO_VALUE: &str = "a secret holds its value as text (UTF-8, not empty, no control character), as regobox reads it and puts it in an environment; this one has none";
+
+/// Whether a secret's content is a value regobox can read: UTF-8 text, not empty, no control
+/// character (but the line end, which regobox trims).
+fn holds_a_value(content: &[u8]) -> bool {
+    std::str::from_utf8(content).is_ok_and(|v| {
+        let v = v.trim_end_matches(['\n', '\r']);
+        !v.is_empty() && !v.chars().any(char::is_control)
+    })
+}
+
+/// Why a restore would refuse this entry of the directories regobox writes as root (a link or a
+/// directory where it takes files only, a secret too large or without a value), if it would:
+/// the backup leaves such an entry out, with a warning naming it, so that its archive restores
+/// (a stray file in the secrets made every backup one that no restore took). `file` is the
+/// entry opened, for a file.
+fn refused_by_restore(
+    path: &str,
+    kind: &Kind,
+    file: Option<&std::fs::File>,
+    size: u64,
+) -> Option<String> {
+    let mut parts = path.split('/');
+    let top = match (parts.next(), parts.next()) {
+        (Some("volumes"), Some(top)) => top,
+        _ => return None,
+    };
+    if let Err(ArchiveError::Refused { why, .. }) = written_by_regobox(path, top, kind) {
+        return Some(why);
+    }
+    if *kind != Kind::File {
+        return None;
+    }
+    if path.starts_with(&format!("volumes/{SECRETS}/{SECRETS_TLS}/")) && size > MAX_TLS_FILE {
+        return Some(format!(
+            "a file of the secrets' {SECRETS_TLS} directory is at most {}",
+            bytes(MAX_TLS_FILE)
+        ));
+    }
+    if secret_value(path) {
+        if size > MAX_SECRET {
+            return Some(format!("a secret is at most {}", bytes(MAX_SECRET)));
+        }
+        let mut content = vec![0u8; size as usize];
+        let read = file.map(|f| std::os::unix::fs::FileExt::read_exact_at(f, &mut content, 0));
+        if !matches!(read, Some(Ok(()))) || !holds_a_value(&content) {
+            return Some(NO_VALUE.into());
+        }
+    }
+    None
 }
 
 /// Whether `path` is a file at the top of the secrets directory whose value regobox reads (a
@@ -1892,16 +1951,8 @@ fn read(
                     if place == Place::Header {
                         header_seen = serde_json::from_slice(&keep).ok();
                     }
-                    if secret
-                        && std::str::from_utf8(&keep).map_or(true, |v| {
-                            let v = v.trim_end_matches(['\n', '\r']);
-                            v.is_empty() || v.chars().any(char::is_control)
-                        })
-                    {
-                        return Err(refused(
-                            &path,
-                            "a secret holds its value as text (UTF-8, not empty, no control character), as regobox reads it and puts it in an environment; this one has none",
-                        ));
+                    if secret && !holds_a_value(&keep) {
+                        return Err(refused(&path, NO_VALUE));
                     }
                     Seen::new(Kind::File, mode, size, Some(&hasher.hex()), None)
                 }
@@ -2687,6 +2738,56 @@ mod tests {
         let (bytes, _) = w.finish(base()).unwrap();
         verify(&bytes[..], &Rules::default()).unwrap();
         assert_eq!(listed(&bytes).len(), 4);
+    }
+
+    /// What a restore refuses under the directories regobox writes as root (a secret without a
+    /// value or too large, a link or a directory where files only are taken) is left out by the
+    /// backup, the rest archived: its archive verifies. An empty file put in the secrets made
+    /// every backup one that no restore took, while the backup exited 0.
+    #[test]
+    fn what_a_restore_refuses_in_regoboxs_own_directories_is_left_out_of_the_backup() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = dir.path().join("secrets");
+        std::fs::create_dir_all(secrets.join("tls")).unwrap();
+        std::fs::create_dir_all(secrets.join("stray/deeper")).unwrap();
+        std::fs::create_dir_all(secrets.join("tls/sub")).unwrap();
+        std::fs::write(secrets.join("good"), b"pw\n").unwrap();
+        std::fs::write(secrets.join("empty"), b"").unwrap();
+        std::fs::write(secrets.join("newline-only"), b"\n").unwrap();
+        std::fs::write(secrets.join("control"), b"a\x1bb").unwrap();
+        std::fs::write(secrets.join("binary"), [0xff, 0xfe]).unwrap();
+        std::fs::write(secrets.join("huge"), vec![b'a'; (MAX_SECRET + 1) as usize]).unwrap();
+        std::fs::write(secrets.join("stray/deeper/x"), b"x").unwrap();
+        std::fs::write(secrets.join("tls/cert.pem"), b"-----BEGIN").unwrap();
+        std::fs::write(secrets.join("tls/empty.pem"), b"").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", secrets.join("link")).unwrap();
+        let logs = dir.path().join("logs");
+        std::fs::create_dir_all(logs.join("sub")).unwrap();
+        std::fs::write(logs.join("app.log"), b"line\n").unwrap();
+        std::fs::write(logs.join("sub/x.log"), b"line\n").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", logs.join("link.log")).unwrap();
+        let mut w = writer();
+        w.add_tree("volumes/secrets", &secrets, &|_| false, &|_| {})
+            .unwrap();
+        w.add_tree("volumes/logs", &logs, &|_| false, &|_| {})
+            .unwrap();
+        let (bytes, _) = w.finish(base()).unwrap();
+        verify(&bytes[..], &Rules::default()).unwrap();
+        let mut names = listed(&bytes);
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "regobox.json",
+                "volumes/logs",
+                "volumes/logs/app.log",
+                "volumes/secrets",
+                "volumes/secrets/good",
+                "volumes/secrets/tls",
+                "volumes/secrets/tls/cert.pem",
+                "volumes/secrets/tls/empty.pem",
+            ]
+        );
     }
 
     /// A hard link names a file member before it, in the same top-level directory, in its one

@@ -2142,6 +2142,30 @@ fn a_sparse_file_larger_than_the_volume_is_restored_sparse() {
     assert_eq!(digest(&restored), want);
 }
 
+/// An operator's stray file in the secrets (an empty one, a directory) or a directory in the
+/// logs: the backup leaves out what a restore would refuse, saying so, and its archive
+/// verifies. Such an archive was written, with exit 0, and refused by every restore.
+#[test]
+fn a_stray_entry_in_regoboxs_own_directories_leaves_a_backup_that_verifies() {
+    let inst = Instance::new();
+    inst.ok(&["init"]);
+    std::fs::write(inst.root.join("secrets/empty"), "").unwrap();
+    std::fs::create_dir_all(inst.root.join("secrets/old")).unwrap();
+    std::fs::create_dir_all(inst.root.join("logs/archive")).unwrap();
+    let out = inst.ok(&["backup"]);
+    let archive = stdout(&out).trim().to_string();
+    let text = stderr(&out);
+    for name in ["secrets/empty", "secrets/old", "logs/archive"] {
+        assert!(
+            text.lines()
+                .any(|l| l.contains("left out of the backup") && l.contains(name)),
+            "{name}: {text}"
+        );
+    }
+    let out = inst.output(&["backup", "verify", &archive]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
 /// Ctrl-C on a `regobox restore` that the running regobox carries out withdraws it: the running
 /// regobox cancels the restore before anything is swapped in, answers the client so, and starts
 /// everything again on the previous data. A client killed outright (its connection closed, no
