@@ -1945,6 +1945,19 @@ fn spawn_restore(target: &Instance, archive: &Path) -> std::process::Child {
         .unwrap()
 }
 
+/// `cmd` (a `regobox restore`) in the background, its output in the log file `name` of its
+/// instance's directory, as a [`Running`] (its log read, signalled and waited for).
+fn restore_logged(inst: &Instance, mut cmd: Command, name: &str) -> Running {
+    let log = inst.dir.path().join(name);
+    let file = std::fs::File::create(&log).unwrap();
+    let child = cmd
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    Running { child, log }
+}
+
 /// The data of `target` before the restore (its table `genes`), none of the archive's.
 fn previous_data_kept(target: &Instance) {
     assert_eq!(
@@ -2004,15 +2017,11 @@ fn ctrl_c_during_a_restore_from_the_command_line_cancels_it_and_keeps_the_previo
     let target = Instance::new();
     target.ok(&["init"]);
     target.sql("CREATE TABLE genes(id int); INSERT INTO genes VALUES (7);");
-    let log = target.dir.path().join("restore.log");
-    let file = std::fs::File::create(&log).unwrap();
-    let child = target
-        .command(&["restore", "--force", archive.to_str().unwrap()])
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .spawn()
-        .unwrap();
-    let mut restore = Running { child, log };
+    let mut restore = restore_logged(
+        &target,
+        target.command(&["restore", "--force", archive.to_str().unwrap()]),
+        "restore.log",
+    );
     restore.wait_for_log(
         "restoring the database as the application role",
         Duration::from_secs(60),
@@ -2044,16 +2053,9 @@ fn ctrl_c_during_a_restore_from_the_command_line_cancels_it_and_keeps_the_previo
 fn ctrl_c_during_a_restore_into_a_fresh_volume_leaves_no_directory() {
     let (_source, archive) = an_archive_whose_load_never_ends();
     let fresh = Instance::new();
-    let log = fresh.dir.path().join("restore.log");
-    let file = std::fs::File::create(&log).unwrap();
-    let child = fresh
-        .command(&["restore", archive.to_str().unwrap()])
-        .env("REGOBOX_BACKUP__DIR", fresh.dir.path().join("elsewhere"))
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .spawn()
-        .unwrap();
-    let mut restore = Running { child, log };
+    let mut cmd = fresh.command(&["restore", archive.to_str().unwrap()]);
+    cmd.env("REGOBOX_BACKUP__DIR", fresh.dir.path().join("elsewhere"));
+    let mut restore = restore_logged(&fresh, cmd, "restore.log");
     restore.wait_for_log(
         "restoring the database as the application role",
         Duration::from_secs(60),
@@ -2180,15 +2182,11 @@ fn ctrl_c_on_a_restore_through_the_running_regobox_withdraws_it() {
     target.sql("CREATE TABLE genes(id int); INSERT INTO genes VALUES (7);");
     let count = |run: &Running, needle: &str| run.log_text().matches(needle).count();
     for (round, signal) in [Signal::SIGINT, Signal::SIGKILL].into_iter().enumerate() {
-        let log = target.dir.path().join(format!("restore-{round}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = target
-            .command(&["restore", "--force", archive.to_str().unwrap()])
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        let mut restore = Running { child, log };
+        let mut restore = restore_logged(
+            &target,
+            target.command(&["restore", "--force", archive.to_str().unwrap()]),
+            &format!("restore-{round}.log"),
+        );
         target.wait_until("the dump's load", Duration::from_secs(60), || {
             count(&run, "restoring the database as the application role") > round
         });
