@@ -1555,24 +1555,16 @@ pub struct Plan {
     budget: archive::Budget,
 }
 
-/// Check everything a restore of `opts.archive` can check without changing anything: the
-/// archive (one full read by every rule of a restore, unless `verified` is the manifest such a
-/// read gave), the binaries, the data directory, existing data without `--force`, the major,
-/// and the free space. A restore that would be refused is refused here, before any service
-/// stops.
-pub async fn plan(
+/// What the data directory holds, refusing what a restore must not replace: foreign content,
+/// and, without `--force`, a cluster or files. Judged when a restore is planned, and again once
+/// it holds the volume: a command that made data meanwhile (`init`, `run` while the archive was
+/// read) is never replaced without `--force`.
+fn data_to_replace(
     config: &Config,
     layout: &Layout,
     opts: &RestoreOptions,
-    verified: Option<Manifest>,
-) -> anyhow::Result<Plan> {
-    if !opts.archive.is_file() {
-        bail!("{} is not a file", opts.archive.display());
-    }
+) -> anyhow::Result<DataDirState> {
     let pg = &config.postgres;
-    let binaries = Binaries::find(&pg.bin_dir, None).await?;
-    let home = pg.data_dir.parent().unwrap_or(&pg.data_dir).to_path_buf();
-    let account = crate::users::service_account(&pg.os_user, &home, "postgres.os_user").await?;
     let state = cluster::inspect(&pg.data_dir)?;
     if let DataDirState::Foreign(entries) = &state {
         return Err(PostgresError::Foreign {
@@ -1602,6 +1594,28 @@ pub async fn plan(
             return Err(RestoreRefused::ExistingData { what }.into());
         }
     }
+    Ok(state)
+}
+
+/// Check everything a restore of `opts.archive` can check without changing anything: the
+/// archive (one full read by every rule of a restore, unless `verified` is the manifest such a
+/// read gave), the binaries, the data directory, existing data without `--force`, the major,
+/// and the free space. A restore that would be refused is refused here, before any service
+/// stops.
+pub async fn plan(
+    config: &Config,
+    layout: &Layout,
+    opts: &RestoreOptions,
+    verified: Option<Manifest>,
+) -> anyhow::Result<Plan> {
+    if !opts.archive.is_file() {
+        bail!("{} is not a file", opts.archive.display());
+    }
+    let pg = &config.postgres;
+    let binaries = Binaries::find(&pg.bin_dir, None).await?;
+    let home = pg.data_dir.parent().unwrap_or(&pg.data_dir).to_path_buf();
+    let account = crate::users::service_account(&pg.os_user, &home, "postgres.os_user").await?;
+    let state = data_to_replace(config, layout, opts)?;
     if pg.user == pg.superuser {
         return Err(RestoreRefused::AppIsSuperuser {
             role: pg.user.clone(),
@@ -1771,6 +1785,16 @@ pub async fn restore(
         }
         .into());
     };
+    // Held: judged again, since another command may have made data while the archive was read.
+    if let Err(e) = data_to_replace(config, layout, opts) {
+        if !made.is_empty() {
+            lock.remove();
+            for dir in &made {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+        return Err(e);
+    }
 
     let id = format!(
         "{}-{}",

@@ -2077,6 +2077,48 @@ fn ctrl_c_during_a_restore_into_a_fresh_volume_leaves_no_directory() {
     assert!(!fresh.dir.path().join("elsewhere").exists());
 }
 
+/// Attack (tenth session): a restore without `--force` into a fresh volume, and `init` run on
+/// that volume while the restore reads a long archive. The restore judged the volume empty
+/// before the read and swapped the archive in after it, replacing the cluster `init` had made
+/// (and any file written meanwhile) with no copy kept. It judges again once it holds the
+/// volume: refused (65), the new data untouched.
+#[test]
+fn data_made_while_a_restore_reads_its_archive_is_never_replaced_without_force() {
+    let source = Instance::new();
+    source.ok(&["init"]);
+    let archive = backup(&source);
+    let slow = source.dir.path().join("slow.tar.zst");
+    craft(
+        &archive,
+        &slow,
+        "add_file('volumes/files/zeros', bytes(512 << 20))",
+    );
+    let fresh = Instance::new();
+    let mut restore = restore_logged(
+        &fresh,
+        fresh.command(&["restore", slow.to_str().unwrap()]),
+        "restore.log",
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    fresh.ok(&["init"]);
+    fresh.sql("CREATE TABLE precious(x int); INSERT INTO precious VALUES (42);");
+    std::fs::write(fresh.root.join("files/user-data.txt"), "mine").unwrap();
+    assert!(
+        restore.child.try_wait().unwrap().is_none(),
+        "the restore is still reading its archive (make it longer if this machine is faster)"
+    );
+    let status = restore.wait(Duration::from_secs(300));
+    let text = restore.log_text();
+    assert_eq!(status.code(), Some(65), "{text}");
+    assert!(text.contains("the volume already holds data"), "{text}");
+    assert_eq!(fresh.sql("SELECT x FROM precious"), "42");
+    assert_eq!(
+        std::fs::read_to_string(fresh.root.join("files/user-data.txt")).unwrap(),
+        "mine"
+    );
+    assert_eq!(restore_leftovers(&fresh), Vec::<String>::new());
+}
+
 /// A sparse file (a disk image, an index written at scattered offsets) of more bytes than the
 /// volume holds, but few stored: the backup reads it whole (its holes as zeros, which cost the
 /// archive next to nothing) and the restore writes it sparse again, into a volume where it fits
