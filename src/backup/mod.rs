@@ -754,16 +754,28 @@ pub fn prune(dir: &Path, keep: usize) -> anyhow::Result<()> {
 pub async fn verify(path: &Path, rules: &archive::Rules) -> anyhow::Result<Manifest> {
     let path = path.to_path_buf();
     let rules = rules.clone();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<Manifest> {
+    // Dropped (a restore cancelled while it verifies): the read stops where it is, rather than
+    // reading on, for hours for a crafted archive, after no one waits for it.
+    struct StopOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let stop = StopOnDrop(Default::default());
+    let flag = stop.0.clone();
+    let result = tokio::task::spawn_blocking(move || -> anyhow::Result<Manifest> {
         let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         let (reader, pb) = progress_reader(file, "verify");
-        let manifest = archive::verify(reader, &rules)
+        let manifest = archive::verify_until(reader, &rules, flag)
             .with_context(|| format!("{} does not verify", path.display()))?;
         pb.finish_and_clear();
         Ok(manifest)
     })
     .await
-    .context("the verification task")?
+    .context("the verification task")?;
+    drop(stop);
+    result
 }
 
 /// An extraction running on a blocking thread: the members written so far arrive on `done`.
@@ -771,21 +783,6 @@ struct Extraction {
     done: tokio::sync::mpsc::UnboundedReceiver<String>,
     cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<anyhow::Result<Manifest>>,
-}
-
-/// A reader that fails once `stop` is set.
-struct Stoppable<R> {
-    inner: R,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl<R: Read> Read for Stoppable<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(io::Error::other("the extraction was stopped"));
-        }
-        self.inner.read(buf)
-    }
 }
 
 impl Extraction {
@@ -806,11 +803,6 @@ impl Extraction {
         let rules = rules.clone();
         let task = tokio::task::spawn_blocking(move || -> anyhow::Result<Manifest> {
             let (reader, pb) = progress_reader(file, "restore");
-            // Stopped within a member too (a large file): the next read fails.
-            let reader = Stoppable {
-                inner: reader,
-                stop: stop.clone(),
-            };
             let mut notify = |member: &str| {
                 let _ = tx.send(member.to_string());
                 !stop.load(std::sync::atomic::Ordering::SeqCst)
@@ -819,6 +811,8 @@ impl Extraction {
                 dir: &dest,
                 files,
                 budget,
+                // Stopped within a member too (a large file): the next read fails.
+                stop: Some(stop.clone()),
             };
             let manifest = archive::unpack_verified(reader, &rules, dest, &mut notify)
                 .with_context(|| format!("{} does not verify", path.display()))?;
