@@ -39,6 +39,9 @@ pub fn code_for(error: &anyhow::Error) -> u8 {
         {
             return TEMPFAIL;
         }
+        if let Some(crate::backup::archive::ArchiveError::Write(_)) = cause.downcast_ref() {
+            return FAILURE;
+        }
         if cause
             .downcast_ref::<crate::backup::RestoreRefused>()
             .is_some()

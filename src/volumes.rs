@@ -164,6 +164,30 @@ pub fn free_inodes(path: &Path) -> io::Result<Option<u64>> {
     Ok((st.files() != 0).then(|| st.files_available() as u64))
 }
 
+/// What the file system holding `dir` takes at least for a file that holds anything, measured
+/// (a file of one byte, unnamed, `O_TMPFILE`, gone when closed): 4 KiB on most, a cluster on
+/// ext4 with bigalloc (64 KiB and more), a huge page on a tmpfs with `huge=always` (2 MiB).
+/// `statvfs` says none of these. At least 4 KiB; 4 KiB where it cannot be measured.
+pub fn allocation_unit(dir: &Path) -> u64 {
+    use std::io::Write as _;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    const MIN: u64 = 4096;
+    let probe = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+        .and_then(|mut f| {
+            f.write_all(b"x")?;
+            f.metadata()
+        });
+    match probe {
+        Ok(m) => (m.blocks() * 512).clamp(MIN, 64 << 20),
+        Err(_) => MIN,
+    }
+}
+
 pub fn free_space(path: &Path) -> io::Result<(u64, u64)> {
     let st = nix::sys::statvfs::statvfs(path).map_err(io::Error::from)?;
     let block = st.fragment_size() as u64;

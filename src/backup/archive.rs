@@ -161,6 +161,10 @@ impl Contents {
 pub enum ArchiveError {
     #[error("the archive is corrupt or truncated: {0}")]
     Corrupt(String),
+    /// Writing what the archive holds failed here (no space left, an I/O error): not the
+    /// archive's fault.
+    #[error("{0} (this system's fault, not the archive's)")]
+    Write(String),
     #[error("the archive has no manifest.json (or it is not the last member)")]
     NoManifest,
     #[error("manifest.json is not valid: {0}")]
@@ -177,7 +181,7 @@ pub enum ArchiveError {
     UnsafePath(String),
     #[error("member {} is refused: {why}", .path.escape_debug())]
     Refused { path: String, why: String },
-    #[error("not enough space: needs {}, {} free on {}", bytes(*.needs), bytes(*.free), .path.display())]
+    #[error("not enough space: needs {}, {} free on {}", bytes_against(*.needs, *.free), bytes_against(*.free, *.needs), .path.display())]
     NoSpace {
         needs: u64,
         free: u64,
@@ -196,6 +200,16 @@ pub enum ArchiveError {
 }
 
 /// `n` bytes for a person: `1.5 GiB`.
+/// [`bytes`] of `n`, exact where it would read as `other` does ("needs 64.0 MiB, 64.0 MiB
+/// free").
+pub fn bytes_against(n: u64, other: u64) -> String {
+    if n != other && bytes(n) == bytes(other) {
+        format!("{n} bytes")
+    } else {
+        bytes(n)
+    }
+}
+
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -908,9 +922,14 @@ const BLOCK: u64 = 4096;
 /// What a member occupies once written: its size rounded up to whole blocks, one block at least;
 /// a hard link, nothing but its name in its directory.
 pub fn footprint(kind: &Kind, size: u64) -> u64 {
+    footprint_in(kind, size, BLOCK)
+}
+
+/// [`footprint`] on a file system that allocates `unit` bytes at a time.
+fn footprint_in(kind: &Kind, size: u64, unit: u64) -> u64 {
     match kind {
-        Kind::File => size.div_ceil(BLOCK).max(1).saturating_mul(BLOCK),
-        Kind::Dir | Kind::Symlink => BLOCK,
+        Kind::File => size.div_ceil(unit).max(1).saturating_mul(unit),
+        Kind::Dir | Kind::Symlink => unit,
         // Its directory entry, at most (8 bytes and a name of at most 255, rounded).
         Kind::Hardlink => 264,
     }
@@ -935,13 +954,16 @@ struct Sparse<'a> {
     failed: bool,
     /// The end of the last bytes written.
     written_to: u64,
+    /// What the file system allocates at a time ([`Rules::unit`]): the blocks judged.
+    unit: u64,
 }
 
 const SPARSE_CHUNK: usize = 1 << 20;
 
 impl<'a> Sparse<'a> {
-    fn new(file: Option<&'a std::fs::File>, room: u64) -> Self {
+    fn new(file: Option<&'a std::fs::File>, room: u64, unit: u64) -> Self {
         Sparse {
+            unit: unit.max(1),
             file,
             pending: Vec::new(),
             at: 0,
@@ -962,7 +984,7 @@ impl<'a> Sparse<'a> {
     /// Judge the whole blocks pending (and with `last`, the partial one at the end): runs of
     /// blocks not all zeros are written at their offset.
     fn drain(&mut self, last: bool) -> io::Result<()> {
-        let b = BLOCK as usize;
+        let b = self.unit as usize;
         let end = if last {
             self.pending.len()
         } else {
@@ -984,7 +1006,7 @@ impl<'a> Sparse<'a> {
                 }
                 i = next;
             }
-            let charge = ((i - start) as u64).div_ceil(BLOCK) * BLOCK;
+            let charge = ((i - start) as u64).div_ceil(self.unit) * self.unit;
             if self.stored.saturating_add(charge) > self.room {
                 self.over = Some(self.stored.saturating_add(charge));
                 return Err(io::Error::other("not enough space"));
@@ -1016,7 +1038,7 @@ impl Write for Sparse<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = buf.len().min(SPARSE_CHUNK);
         self.pending.extend_from_slice(&buf[..n]);
-        if self.pending.len() >= SPARSE_CHUNK {
+        if self.pending.len() >= SPARSE_CHUNK.max(self.unit as usize) {
             self.drain(false)?;
         }
         Ok(n)
@@ -1048,6 +1070,10 @@ pub struct Rules {
     /// The longest member name a restore here writes: what fits in a path (`PATH_MAX`) under
     /// its staging directory ([`max_path_under`]); [`MAX_NAME`] by default.
     pub max_path: usize,
+    /// What the file system written to takes at least for a file that holds anything
+    /// ([`crate::volumes::allocation_unit`]): members are charged in whole units, and a unit of
+    /// zeros is a hole. [`BLOCK`] by default.
+    pub unit: u64,
 }
 
 /// The longest member name that, under the staging directory a restore into `root` makes
@@ -1065,6 +1091,7 @@ impl Default for Rules {
             own: Default::default(),
             max_manifest: MAX_MANIFEST,
             max_path: MAX_NAME,
+            unit: BLOCK,
         }
     }
 }
@@ -1738,7 +1765,7 @@ fn read(
     let mut written: u64 = 0;
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
-        move |e: io::Error| ArchiveError::Corrupt(format!("writing {}: {e}", path.display()))
+        move |e: io::Error| ArchiveError::Write(format!("writing {}: {e}", path.display()))
     };
     {
         // Raw: the tar crate would read a long name or a PAX header whole into memory, whatever
@@ -1897,8 +1924,8 @@ fn read(
             if let Some(d) = to {
                 // A file's blocks are charged as they are written (those of zeros are holes).
                 let charge = match kind {
-                    Kind::File => BLOCK,
-                    _ => footprint(&kind, size),
+                    Kind::File => rules.unit,
+                    _ => footprint_in(&kind, size, rules.unit),
                 };
                 written = written.saturating_add(charge);
                 if written > d.budget.bytes {
@@ -1937,7 +1964,7 @@ fn read(
                                 .map_err(io_err(t))?;
                             let room =
                                 to.map_or(u64::MAX, |d| d.budget.bytes.saturating_sub(written));
-                            let mut out = Sparse::new(Some(&file), room);
+                            let mut out = Sparse::new(Some(&file), room, rules.unit);
                             let copied = io::copy(&mut hasher, &mut out);
                             let (size, stored) = match copied.and_then(|_| out.finish()) {
                                 Ok(done) => done,
@@ -1956,7 +1983,7 @@ fn read(
                                     });
                                 }
                             };
-                            written = written.saturating_add(stored.saturating_sub(BLOCK));
+                            written = written.saturating_add(stored.saturating_sub(rules.unit));
                             file.set_permissions(std::fs::Permissions::from_mode(mode))
                                 .map_err(io_err(t))?;
                             let _ = file.set_modified(
@@ -1973,17 +2000,17 @@ fn read(
                         }
                         None if place == Place::Header || secret => {
                             hasher.read_to_end(&mut keep).map_err(corrupt)?;
-                            let mut out = Sparse::new(None, u64::MAX);
+                            let mut out = Sparse::new(None, u64::MAX, rules.unit);
                             out.write_all(&keep).map_err(corrupt)?;
                             out.finish().map_err(corrupt)?
                         }
                         None => {
-                            let mut out = Sparse::new(None, u64::MAX);
+                            let mut out = Sparse::new(None, u64::MAX, rules.unit);
                             io::copy(&mut hasher, &mut out).map_err(corrupt)?;
                             out.finish().map_err(corrupt)?
                         }
                     };
-                    file_footprint = stored.max(BLOCK);
+                    file_footprint = stored.max(rules.unit);
                     if place == Place::Header {
                         header_seen = serde_json::from_slice(&keep).ok();
                     }
@@ -2057,7 +2084,11 @@ fn read(
                             // backup read (ext4: 65 000): a copy, within the budget.
                             Err(e) if e.raw_os_error() == Some(libc::EMLINK) => {
                                 let size = seen.get(first.as_str()).map_or(0, |m| m.size);
-                                written = written.saturating_add(footprint(&Kind::File, size));
+                                written = written.saturating_add(footprint_in(
+                                    &Kind::File,
+                                    size,
+                                    rules.unit,
+                                ));
                                 if written > d.budget.bytes {
                                     return Err(ArchiveError::NoSpace {
                                         needs: written,
@@ -2075,7 +2106,7 @@ fn read(
             };
             let taken = match member.kind {
                 Kind::File => file_footprint,
-                _ => footprint(&member.kind, member.size),
+                _ => footprint_in(&member.kind, member.size, rules.unit),
             };
             contents.add(&path, &member.kind, member.size, taken);
             seen.insert(path.as_str().into(), member);
@@ -2253,7 +2284,7 @@ mod tests {
         for read in [1, 7, 4096, 5000, 1 << 20, 3 << 20] {
             let path = dir.path().join(format!("f{read}"));
             let file = std::fs::File::create(&path).unwrap();
-            let mut out = Sparse::new(Some(&file), u64::MAX);
+            let mut out = Sparse::new(Some(&file), u64::MAX, BLOCK);
             for chunk in content.chunks(read) {
                 out.write_all(chunk).unwrap();
             }
@@ -2270,7 +2301,7 @@ mod tests {
             let path = dir.path().join("tail");
             let _ = std::fs::remove_file(&path);
             let file = std::fs::File::create(&path).unwrap();
-            let mut out = Sparse::new(Some(&file), u64::MAX);
+            let mut out = Sparse::new(Some(&file), u64::MAX, BLOCK);
             out.write_all(&content).unwrap();
             out.finish().unwrap();
             assert_eq!(std::fs::read(&path).unwrap(), content);
@@ -2278,15 +2309,29 @@ mod tests {
         // The room: four blocks of data in three blocks' room.
         let path = dir.path().join("full");
         let file = std::fs::File::create(&path).unwrap();
-        let mut out = Sparse::new(Some(&file), 3 * BLOCK);
+        let mut out = Sparse::new(Some(&file), 3 * BLOCK, BLOCK);
         let data = vec![1u8; 4 * b];
         assert!(out.write_all(&data).and_then(|_| out.finish()).is_err());
         assert_eq!(out.over, Some(4 * BLOCK));
         assert!(!out.failed);
         // Counting alone (the verifying read) gives the same.
-        let mut count = Sparse::new(None, u64::MAX);
+        let mut count = Sparse::new(None, u64::MAX, BLOCK);
         count.write_all(&content).unwrap();
         assert_eq!(count.finish().unwrap(), (content.len() as u64, 5 * BLOCK));
+        // Where the file system allocates 64 KiB at a time (ext4's bigalloc), a byte in each
+        // of 16 units costs 16 units: judged, and charged, by units.
+        let mut strided = vec![0u8; 16 << 16];
+        for unit in 0..16 {
+            strided[(unit << 16) + 4096 * (unit % 16)] = 1;
+        }
+        let mut count = Sparse::new(None, u64::MAX, 1 << 16);
+        for chunk in strided.chunks(5000) {
+            count.write_all(chunk).unwrap();
+        }
+        assert_eq!(count.finish().unwrap(), (16 << 16, 16 << 16));
+        let mut count = Sparse::new(None, u64::MAX, 2 << 20);
+        count.write_all(&strided).unwrap();
+        assert_eq!(count.finish().unwrap(), (16 << 16, 2 << 20));
     }
 
     #[test]
@@ -3333,11 +3378,10 @@ mod tests {
             !dest.join("volumes/files/2").exists(),
             "stopped before writing past it"
         );
-        assert!(
-            r.unwrap_err()
-                .to_string()
-                .starts_with("not enough space: needs 2.0 MiB")
-        );
+        assert!(r.unwrap_err().to_string().starts_with(&format!(
+            "not enough space: needs {}, 2097152 bytes free",
+            bytes_against(needs, free)
+        )));
     }
 
     #[test]

@@ -240,6 +240,7 @@ pub fn rules(config: &Config, layout: &Layout) -> archive::Rules {
     archive::Rules {
         own,
         max_path: archive::max_path_under(&layout.root),
+        unit: crate::volumes::allocation_unit(&layout.root),
         ..Default::default()
     }
 }

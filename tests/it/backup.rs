@@ -961,6 +961,44 @@ impl Drop for Tmpfs {
     }
 }
 
+/// An ext4 file system that allocates 64 KiB at a time (`bigalloc`), in an image file, mounted
+/// at a path for the test's life.
+struct Bigalloc(PathBuf);
+
+impl Bigalloc {
+    fn mount(at: &Path, image: &Path, size: &str) -> Bigalloc {
+        std::fs::create_dir_all(at).unwrap();
+        let made = Command::new("truncate")
+            .args(["-s", size])
+            .arg(image)
+            .status()
+            .unwrap()
+            .success()
+            && Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-b", "4096", "-O", "bigalloc", "-C", "65536"])
+                .arg(image)
+                .status()
+                .unwrap()
+                .success();
+        assert!(made, "making an ext4 image with bigalloc");
+        let out = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(image)
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        std::fs::set_permissions(at, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Bigalloc(at.to_path_buf())
+    }
+}
+
+impl Drop for Bigalloc {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// The inodes in use and in total on the file system holding `path`.
 fn inodes(path: &Path) -> (u64, u64) {
     let st = nix::sys::statvfs::statvfs(path).unwrap();
@@ -2208,6 +2246,49 @@ fn a_stray_entry_in_regoboxs_own_directories_leaves_a_backup_that_verifies() {
     }
     let out = inst.output(&["backup", "verify", &archive]);
     assert!(out.status.success(), "{}", stderr(&out));
+}
+
+/// Attack (tenth session): on a file system that allocates 64 KiB at a time (ext4 with
+/// bigalloc; a tmpfs with `huge=always` takes 2 MiB), an archive of a file holding a byte
+/// every 64 KiB was charged 4 KiB a byte, passed the space check and filled the volume while it
+/// was extracted (PostgreSQL, the restore's and any other on it, then failed for want of room).
+/// The restore measures what the volume allocates at least, and charges in those units: refused
+/// before anything is written.
+#[test]
+fn a_restore_charges_what_the_file_system_allocates() {
+    if !is_root() {
+        eprintln!("skipped: mounting an ext4 image needs root");
+        return;
+    }
+    let source = Instance::new();
+    source.ok(&["init"]);
+    let archive = backup(&source);
+    let strided = source.dir.path().join("strided.tar.zst");
+    craft(
+        &archive,
+        &strided,
+        "data = bytearray(384 << 20)\nfor i in range(0, len(data), 1 << 16): data[i] = 1\nadd_file('volumes/files/strided', bytes(data))",
+    );
+    let target = Instance::new();
+    let image = target.dir.path().join("volume.img");
+    let _volume = Bigalloc::mount(&target.root, &image, "512M");
+    target.ok(&["init"]);
+    std::fs::write(target.root.join("files/keep.txt"), "keep").unwrap();
+    let before = volume_state(&target);
+    let free = nix::sys::statvfs::statvfs(&target.root).unwrap();
+    let free = free.blocks_available() as u64 * free.fragment_size() as u64;
+    assert!(
+        free > 64 << 20 && free < 384 << 20,
+        "{free} bytes free: room for what 4 KiB units count, not for 384 MiB"
+    );
+    let out = target.output(&["restore", "--force", strided.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not enough space: needs "),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(volume_state(&target), before);
 }
 
 /// Ctrl-C on a `regobox restore` that the running regobox carries out withdraws it: the running
