@@ -152,6 +152,7 @@ pub enum Command {
 /// Parse the command line, run the command, and return the process exit code.
 pub fn main() -> u8 {
     crate::process::mark_launch();
+    crate::process::file_size_limit_is_an_error();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     crate::logs::set_format(cli.log_format);

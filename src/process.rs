@@ -189,6 +189,21 @@ impl Child {
     }
 }
 
+/// Past a file size limit (`ulimit -f`), a write fails with EFBIG instead of SIGXFSZ killing
+/// regobox where it is (a restore's extraction died with its temporary server running and its
+/// staging left). Caught by a handler that does nothing, rather than ignored: an exec resets a
+/// caught signal, so the programs regobox starts keep the default.
+pub fn file_size_limit_is_an_error() {
+    extern "C" fn nothing(_: libc::c_int) {}
+    let action = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::Handler(nothing),
+        nix::sys::signal::SaFlags::SA_RESTART,
+        nix::sys::signal::SigSet::empty(),
+    );
+    // SAFETY: the handler does nothing, which is async-signal-safe.
+    let _ = unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGXFSZ, &action) };
+}
+
 /// Have `command`'s process killed (SIGKILL) when the thread that starts it ends, as it does
 /// when regobox is killed: for the programs of a step that must not go on without regobox
 /// (an upgrade's initdb and pg_upgrade). Call it after anything that changes the child's

@@ -2291,6 +2291,53 @@ fn a_restore_charges_what_the_file_system_allocates() {
     assert_eq!(volume_state(&target), before);
 }
 
+/// Attack (tenth session): under a file size limit (`ulimit -f`), a member longer than it
+/// made the kernel kill the restore (SIGXFSZ, exit 153) in the middle of its extraction,
+/// leaving its staging, its temporary server running, and the lock files. A write past the
+/// limit is now an error: the restore fails, says why, and leaves the fresh volume absent.
+#[test]
+fn a_file_size_limit_fails_a_restore_cleanly() {
+    let source = Instance::new();
+    source.ok(&["init"]);
+    let archive = backup(&source);
+    let long = source.dir.path().join("long.tar.zst");
+    craft(
+        &archive,
+        &long,
+        "add_file('volumes/files/long', b'\\x01' * (30 << 20))",
+    );
+    let fresh = Instance::new();
+    let mut cmd = fresh.command(&["restore", long.to_str().unwrap()]);
+    // The default action of SIGXFSZ (this test's runner may have it ignored, which children
+    // inherit) and a limit of 20 MiB.
+    // SAFETY: between fork and exec, two system calls.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_DFL);
+            let limit = libc::rlimit {
+                rlim_cur: 20 << 20,
+                rlim_max: 20 << 20,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("File too large"), "{}", stderr(&out));
+    assert!(
+        !fresh.root.exists(),
+        "the failed restore left {:?}",
+        snapshot(&fresh.root)
+    );
+    // (What else a restore may leave: in the runtime directory, and its processes.)
+    std::fs::create_dir_all(fresh.data_dir().parent().unwrap()).unwrap();
+    std::fs::create_dir_all(&fresh.runtime).unwrap();
+    assert_eq!(restore_leftovers(&fresh), Vec::<String>::new());
+}
+
 /// Ctrl-C on a `regobox restore` that the running regobox carries out withdraws it: the running
 /// regobox cancels the restore before anything is swapped in, answers the client so, and starts
 /// everything again on the previous data. A client killed outright (its connection closed, no
