@@ -199,7 +199,6 @@ pub enum ArchiveError {
     Cancelled,
 }
 
-/// `n` bytes for a person: `1.5 GiB`.
 /// [`bytes`] of `n`, exact where it would read as `other` does ("needs 64.0 MiB, 64.0 MiB
 /// free").
 pub fn bytes_against(n: u64, other: u64) -> String {
@@ -210,6 +209,7 @@ pub fn bytes_against(n: u64, other: u64) -> String {
     }
 }
 
+/// `n` bytes for a person: `1.5 GiB`.
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -935,11 +935,12 @@ fn footprint_in(kind: &Kind, size: u64, unit: u64) -> u64 {
     }
 }
 
-/// Where a file member's content goes: a block (of [`BLOCK`] bytes, from the file's start) of
-/// zeros is left a hole, which the file system stores nothing for, the others are written (so a
-/// sparse file the backup read in full, holes as zeros, is restored sparse, and an archive is
-/// charged for what it makes a restore store, not for its files' lengths). `file` is `None` to
-/// count only (the verifying read).
+/// Where a file member's content goes: a block (of the file system's allocation unit,
+/// [`Rules::unit`], from the file's start) of zeros is left a hole, which the file system stores
+/// nothing for, the others are written (so a sparse file the backup read in full, holes as
+/// zeros, is restored sparse, and an archive is charged for what it makes a restore store, in
+/// whole units, not for its files' lengths). `file` is `None` to count only (the verifying
+/// read).
 struct Sparse<'a> {
     file: Option<&'a std::fs::File>,
     /// Bytes not yet judged, from offset `at`.
