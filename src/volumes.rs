@@ -165,11 +165,12 @@ pub fn free_inodes(path: &Path) -> io::Result<Option<u64>> {
 }
 
 /// What the file system holding `dir` takes at least for a file that holds anything, measured
-/// (a file of one byte, unnamed, `O_TMPFILE`, gone when closed): 4 KiB on most, a cluster on
-/// ext4 with bigalloc (64 KiB and more), a huge page on a tmpfs with `huge=always` (2 MiB).
-/// `statvfs` says none of these. At least 4 KiB; 4 KiB where it cannot be measured.
+/// (a file unnamed, `O_TMPFILE`, gone when closed, of one byte at 64 KiB: past what ext4's
+/// `inline_data` keeps in the inode, where a byte at the start made the unit 512 bytes): 4 KiB
+/// on most, a cluster on ext4 with bigalloc (64 KiB and more), a huge page on a tmpfs with
+/// `huge=always` (2 MiB). `statvfs` says none of these. At least 4 KiB; 4 KiB where it cannot
+/// be measured.
 pub fn allocation_unit(dir: &Path) -> u64 {
-    use std::io::Write as _;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     const MIN: u64 = 4096;
     let probe = std::fs::OpenOptions::new()
@@ -178,8 +179,8 @@ pub fn allocation_unit(dir: &Path) -> u64 {
         .mode(0o600)
         .custom_flags(libc::O_TMPFILE)
         .open(dir)
-        .and_then(|mut f| {
-            f.write_all(b"x")?;
+        .and_then(|f| {
+            std::os::unix::fs::FileExt::write_all_at(&f, b"x", 64 << 10)?;
             f.metadata()
         });
     match probe {

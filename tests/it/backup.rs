@@ -961,8 +961,9 @@ impl Drop for Tmpfs {
     }
 }
 
-/// An ext4 file system that allocates 64 KiB at a time (`bigalloc`), in an image file, mounted
-/// at a path for the test's life.
+/// An ext4 file system that allocates 64 KiB at a time (`bigalloc`), and keeps small files in
+/// their inode (`inline_data`, which made a probe of one byte read 512 bytes), in an image
+/// file, mounted at a path for the test's life.
 struct Bigalloc(PathBuf);
 
 impl Bigalloc {
@@ -975,7 +976,16 @@ impl Bigalloc {
             .unwrap()
             .success()
             && Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-b", "4096", "-O", "bigalloc", "-C", "65536"])
+                .args([
+                    "-q",
+                    "-F",
+                    "-b",
+                    "4096",
+                    "-O",
+                    "bigalloc,inline_data",
+                    "-C",
+                    "65536",
+                ])
                 .arg(image)
                 .status()
                 .unwrap()
