@@ -164,6 +164,41 @@ pub fn free_inodes(path: &Path) -> io::Result<Option<u64>> {
     Ok((st.files() != 0).then(|| st.files_available() as u64))
 }
 
+/// The mount points of this process's mount namespace (`/proc/self/mountinfo`, field 5, its
+/// octal escapes read back); empty if it cannot be read.
+pub fn mount_points() -> Vec<PathBuf> {
+    std::fs::read("/proc/self/mountinfo")
+        .map(|text| mount_points_in(&text))
+        .unwrap_or_default()
+}
+
+fn mount_points_in(text: &[u8]) -> Vec<PathBuf> {
+    use std::os::unix::ffi::OsStringExt as _;
+    text.split(|&b| b == b'\n')
+        .filter_map(|line| line.split(|&b| b == b' ').nth(4))
+        .map(|field| {
+            let mut out = Vec::with_capacity(field.len());
+            let mut i = 0;
+            while i < field.len() {
+                let octal = field
+                    .get(i + 1..i + 4)
+                    .filter(|d| field[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+                match octal {
+                    Some(d) => {
+                        out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                        i += 4;
+                    }
+                    None => {
+                        out.push(field[i]);
+                        i += 1;
+                    }
+                }
+            }
+            PathBuf::from(std::ffi::OsString::from_vec(out))
+        })
+        .collect()
+}
+
 /// What the file system holding `dir` takes at least for a file that holds anything, measured
 /// (a file unnamed, `O_TMPFILE`, gone when closed, of one byte at 64 KiB: past what ext4's
 /// `inline_data` keeps in the inode, where a byte at the start made the unit 512 bytes): 4 KiB
@@ -268,4 +303,19 @@ pub fn open_dir_without_links(dir: &Path, create: bool) -> io::Result<std::os::f
         })?;
     }
     Ok(fd)
+}
+
+#[cfg(test)]
+mod mount_tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_are_read_with_their_escapes() {
+        let text = b"36 35 98:0 /mnt1 /mnt/with\\040space rw - ext3 /dev/root rw\n\
+                     37 35 98:0 / /srv/a\\134b rw - tmpfs tmpfs rw\n";
+        assert_eq!(
+            mount_points_in(text),
+            [PathBuf::from("/mnt/with space"), PathBuf::from("/srv/a\\b")]
+        );
+    }
 }

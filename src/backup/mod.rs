@@ -118,6 +118,12 @@ pub enum RestoreRefused {
         "the volume already holds data ({what}); restoring would replace it. Run again with --force to replace it (the previous data is kept until the restore has succeeded)"
     )]
     ExistingData { what: String },
+    #[error(
+        "{} is a mount point, in {}, which a restore replaces whole (and removes, with what is mounted there, once it succeeds): unmount it, or mount it elsewhere, then restore",
+        .mount.display(),
+        .dir.display()
+    )]
+    MountInside { dir: PathBuf, mount: PathBuf },
 }
 
 /// A restore stopped by a stop request (SIGTERM, SIGINT), or withdrawn by its client, while it
@@ -1560,10 +1566,15 @@ pub struct Plan {
 /// and, without `--force`, a cluster or files. Judged when a restore is planned, and again once
 /// it holds the volume: a command that made data meanwhile (`init`, `run` while the archive was
 /// read) is never replaced without `--force`.
+/// `tops`: the top-level volume directories the archive holds (`volumes/<dir>`), each of which
+/// the restore swaps in whole: one holding anything is data too (a custom directory, the
+/// secrets but this host's state, which a restore keeps). Unknown before the archive is read:
+/// judged again then.
 fn data_to_replace(
     config: &Config,
     layout: &Layout,
     opts: &RestoreOptions,
+    tops: &[String],
 ) -> anyhow::Result<DataDirState> {
     let pg = &config.postgres;
     let state = cluster::inspect(&pg.data_dir)?;
@@ -1591,11 +1602,59 @@ fn data_to_replace(
             (_, true) => Some(format!("files in {}", layout.files.display())),
             _ => None,
         };
+        let others: Vec<String> = tops
+            .iter()
+            .filter_map(|t| t.strip_prefix("volumes/"))
+            .map(|name| layout.root.join(name))
+            .filter(|dir| *dir != layout.files && holds_data(dir))
+            .map(|dir| dir.display().to_string())
+            .collect();
+        let what = match (what, others.is_empty()) {
+            (what, true) => what,
+            (None, false) => Some(format!("what is in {}", others.join(", "))),
+            (Some(what), false) => Some(format!("{what}, and what is in {}", others.join(", "))),
+        };
         if let Some(what) = what {
             return Err(RestoreRefused::ExistingData { what }.into());
         }
     }
     Ok(state)
+}
+
+/// A restore swaps each top-level directory the archive holds whole, and removes the one it
+/// replaced: a file system mounted there or inside (a host directory bound into the volume)
+/// would be moved aside with it, and what it holds deleted with the previous data (`--force`
+/// deleted a mount's files; a mount at the top failed the swap only after all the work).
+/// Refused before anything is stopped or written.
+fn no_mount_inside(layout: &Layout, tops: &[String]) -> anyhow::Result<()> {
+    let mounts = crate::volumes::mount_points();
+    for dir in tops
+        .iter()
+        .filter_map(|t| t.strip_prefix("volumes/"))
+        .map(|name| layout.root.join(name))
+    {
+        if let Some(mount) = mounts.iter().find(|m| m.starts_with(&dir)) {
+            return Err(RestoreRefused::MountInside {
+                dir,
+                mount: mount.clone(),
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Whether the volume directory `dir` holds anything a restore would replace: any entry but,
+/// in the secrets, this host's state (which a restore keeps).
+fn holds_data(dir: &Path) -> bool {
+    let secrets = dir.file_name() == Some(std::ffi::OsStr::new(archive::SECRETS));
+    std::fs::read_dir(dir).is_ok_and(|mut entries| {
+        entries.any(|e| {
+            e.is_ok_and(|e| {
+                !(secrets && crate::secrets::of_this_host(&e.file_name().to_string_lossy()))
+            })
+        })
+    })
 }
 
 /// Check everything a restore of `opts.archive` can check without changing anything: the
@@ -1616,7 +1675,7 @@ pub async fn plan(
     let binaries = Binaries::find(&pg.bin_dir, None).await?;
     let home = pg.data_dir.parent().unwrap_or(&pg.data_dir).to_path_buf();
     let account = crate::users::service_account(&pg.os_user, &home, "postgres.os_user").await?;
-    let state = data_to_replace(config, layout, opts)?;
+    let state = data_to_replace(config, layout, opts, &[])?;
     if pg.user == pg.superuser {
         return Err(RestoreRefused::AppIsSuperuser {
             role: pg.user.clone(),
@@ -1628,6 +1687,8 @@ pub async fn plan(
         Some(m) => m,
         None => verify(&opts.archive, &rules).await?,
     };
+    data_to_replace(config, layout, opts, &manifest.contents.volumes)?;
+    no_mount_inside(layout, &manifest.contents.volumes)?;
     check_major(manifest.postgres.as_ref(), &binaries)?;
     // What the dump holds, judged as the load will judge it (its table of contents only).
     judge_dump(config, &opts.archive, &manifest, &binaries).await?;
@@ -1790,7 +1851,7 @@ pub async fn restore(
         .into());
     };
     // Held: judged again, since another command may have made data while the archive was read.
-    if let Err(e) = data_to_replace(config, layout, opts) {
+    if let Err(e) = data_to_replace(config, layout, opts, &plan.manifest.contents.volumes) {
         if !made.is_empty() {
             lock.remove();
             for dir in &made {
@@ -1854,6 +1915,9 @@ pub async fn restore(
             }
             pairs.push((layout.root.join(&top), staged));
         }
+        // And once more just before the swap: the files directory is no lock's (a file written
+        // there by hand while the database was rebuilt was replaced without `--force`).
+        data_to_replace(config, layout, opts, &manifest.contents.volumes)?;
         tracing::info!(directories = pairs.len(), "swapping the restored data in");
         journal::swap(&layout.root, &id, &pairs, &fault)?;
         if !staged_secrets.is_dir() && live_secrets.get(SUPERUSER_PASSWORD_SECRET)?.is_none() {
