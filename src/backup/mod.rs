@@ -827,8 +827,15 @@ impl Extraction {
                 // Stopped within a member too (a large file): the next read fails.
                 stop: Some(stop.clone()),
             };
-            let manifest = archive::unpack_verified(reader, &rules, dest, &mut notify)
-                .with_context(|| format!("{} does not verify", path.display()))?;
+            let manifest =
+                archive::unpack_verified(reader, &rules, dest, &mut notify).map_err(|e| {
+                    match e {
+                        // Not the archive's fault: it is not said not to verify.
+                        archive::ArchiveError::Write(_) => anyhow::Error::from(e),
+                        e => anyhow::Error::from(e)
+                            .context(format!("{} does not verify", path.display())),
+                    }
+                })?;
             pb.finish_and_clear();
             Ok(manifest)
         });
