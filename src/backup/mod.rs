@@ -144,6 +144,16 @@ pub use crate::process::fault;
 /// A backup that ran out of space says so, with the directory and what is free there now
 /// (its work directory and partial archive are already removed).
 fn out_of_space(e: anyhow::Error, dir: &Path) -> anyhow::Error {
+    let too_large = e.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::EFBIG))
+    });
+    if too_large {
+        return anyhow::anyhow!(
+            "the archive in {} would pass the largest file this process may write (a file size limit: `ulimit -f`): {e:#}",
+            dir.display()
+        );
+    }
     let full = e.chain().any(|c| {
         c.downcast_ref::<io::Error>()
             .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))

@@ -2405,6 +2405,42 @@ fn a_file_size_limit_fails_a_restore_cleanly() {
     std::fs::create_dir_all(fresh.data_dir().parent().unwrap()).unwrap();
     std::fs::create_dir_all(&fresh.runtime).unwrap();
     assert_eq!(restore_leftovers(&fresh), Vec::<String>::new());
+
+    // A backup past the limit fails too, naming it, and leaves no partial archive.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let data: Vec<u8> = (0..30 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(source.root.join("files/random"), data).unwrap();
+    let archives = source.dir.path().join("limited");
+    let mut cmd = source.command(&["backup"]);
+    cmd.env("REGOBOX_BACKUP__DIR", &archives);
+    // SAFETY: between fork and exec, two system calls.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_DFL);
+            let limit = libc::rlimit {
+                rlim_cur: 20 << 20,
+                rlim_max: 20 << 20,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("file size limit"), "{}", stderr(&out));
+    let left: Vec<_> = std::fs::read_dir(&archives)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert_eq!(left, Vec::<std::ffi::OsString>::new());
 }
 
 /// Ctrl-C on a `regobox restore` that the running regobox carries out withdraws it: the running
