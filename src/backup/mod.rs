@@ -240,6 +240,17 @@ impl<R: Read> Read for Progress<R> {
 /// `backups`, and wherever `postgres.data_dir`, `backup.dir` and the runtime directory are on
 /// it) are never backed up nor restored.
 pub fn rules(config: &Config, layout: &Layout) -> archive::Rules {
+    archive::Rules {
+        own: own_dirs(config, layout),
+        max_path: archive::max_path_under(&layout.root),
+        unit: crate::volumes::allocation_unit(&layout.root),
+        ..Default::default()
+    }
+}
+
+/// The top-level directories of the volume that are regobox's own (see [`rules`]); what a
+/// backup leaves out, without the probe of the volume that the rules' unit takes.
+fn own_dirs(config: &Config, layout: &Layout) -> std::collections::BTreeSet<String> {
     let mut own: std::collections::BTreeSet<String> =
         ["db", "backups"].into_iter().map(String::from).collect();
     for dir in [
@@ -253,12 +264,7 @@ pub fn rules(config: &Config, layout: &Layout) -> archive::Rules {
             }
         }
     }
-    archive::Rules {
-        own,
-        max_path: archive::max_path_under(&layout.root),
-        unit: crate::volumes::allocation_unit(&layout.root),
-        ..Default::default()
-    }
+    own
 }
 
 /// The bytes an unprivileged writer may still write on the file system holding `path`, and
@@ -333,7 +339,7 @@ fn unpack_need(manifest: &Manifest, files: bool) -> u64 {
 /// the database, the backups and regobox's own bookkeeping.
 fn included_dirs(config: &Config, layout: &Layout, secrets: bool) -> Vec<PathBuf> {
     let root = &layout.root;
-    let own = rules(config, layout).own;
+    let own = own_dirs(config, layout);
     let names: Vec<String> = if config.backup.include.is_empty() {
         let mut names: Vec<String> = std::fs::read_dir(root)
             .map(|rd| {
@@ -1869,12 +1875,7 @@ pub async fn restore(
     };
     // Held: judged again, since another command may have made data while the archive was read.
     if let Err(e) = data_to_replace(config, layout, opts, &plan.manifest.contents.volumes) {
-        if !made.is_empty() {
-            lock.remove();
-            for dir in &made {
-                let _ = std::fs::remove_dir(dir);
-            }
-        }
+        let_go(lock, &made);
         return Err(e);
     }
 
@@ -1951,11 +1952,8 @@ pub async fn restore(
         // Nothing was swapped (the journal rolls back a partial swap at the next start).
         let _ = std::fs::remove_dir_all(&new_cluster);
     }
-    if result.is_err() && !made.is_empty() && !journal::exists(&layout.root) {
-        lock.remove();
-        for dir in &made {
-            let _ = std::fs::remove_dir(dir);
-        }
+    if result.is_err() && !journal::exists(&layout.root) {
+        let_go(lock, &made);
     } else {
         drop(lock);
     }
@@ -1967,6 +1965,20 @@ pub async fn restore(
     result?;
     tracing::info!(archive = %opts.archive.display(), elapsed_ms = started.elapsed().as_millis() as u64, "restore complete");
     Ok(())
+}
+
+/// Let go of the data directory's lock after a restore that changed nothing there; where the
+/// restore made that directory (`made`: it and the parents it made, deepest first), the lock
+/// file goes too, then each of them if still empty: a fresh volume is left as it was.
+fn let_go(lock: DataDirLock, made: &[PathBuf]) {
+    if made.is_empty() {
+        drop(lock);
+        return;
+    }
+    lock.remove();
+    for dir in made {
+        let _ = std::fs::remove_dir(dir);
+    }
 }
 
 /// The archive's secrets are swapped in with this host's state as the live volume holds it

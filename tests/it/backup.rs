@@ -2244,14 +2244,7 @@ fn a_sparse_file_larger_than_the_volume_is_restored_sparse() {
     source.ok(&["init"]);
     let image = source.root.join("files/disk.img");
     let file = std::fs::File::create(&image).unwrap();
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut data = vec![0u8; 1 << 20];
-    for b in data.iter_mut() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        *b = x as u8;
-    }
+    let data = noise(0x2545_f491_4f6c_dd1d, 1 << 20);
     // 1 MiB at the start, a few bytes at 100 MiB (not on a block's edge), 1 MiB ending 2 KiB
     // before the end: 256 MiB long, about 2 MiB stored.
     file.write_all_at(&data, 0).unwrap();
@@ -2360,6 +2353,38 @@ fn a_restore_charges_what_the_file_system_allocates() {
     assert_eq!(volume_state(&target), before);
 }
 
+/// `len` bytes that do not compress (xorshift from `seed`).
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Run `cmd` under a file size limit of `bytes` (`ulimit -f`), with SIGXFSZ's default action
+/// (this test's runner may have it ignored, which children inherit).
+fn limit_file_size(cmd: &mut Command, bytes: u64) {
+    // SAFETY: between fork and exec, two system calls.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_DFL);
+            let limit = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Attack (tenth session): under a file size limit (`ulimit -f`), a member longer than it
 /// made the kernel kill the restore (SIGXFSZ, exit 153) in the middle of its extraction,
 /// leaving its staging, its temporary server running, and the lock files. A write past the
@@ -2377,22 +2402,7 @@ fn a_file_size_limit_fails_a_restore_cleanly() {
     );
     let fresh = Instance::new();
     let mut cmd = fresh.command(&["restore", long.to_str().unwrap()]);
-    // The default action of SIGXFSZ (this test's runner may have it ignored, which children
-    // inherit) and a limit of 20 MiB.
-    // SAFETY: between fork and exec, two system calls.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            libc::signal(libc::SIGXFSZ, libc::SIG_DFL);
-            let limit = libc::rlimit {
-                rlim_cur: 20 << 20,
-                rlim_max: 20 << 20,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    limit_file_size(&mut cmd, 20 << 20);
     let out = cmd.output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("File too large"), "{}", stderr(&out));
@@ -2407,33 +2417,12 @@ fn a_file_size_limit_fails_a_restore_cleanly() {
     assert_eq!(restore_leftovers(&fresh), Vec::<String>::new());
 
     // A backup past the limit fails too, naming it, and leaves no partial archive.
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let data: Vec<u8> = (0..30 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let data = noise(0x9e37_79b9_7f4a_7c15, 30 << 20);
     std::fs::write(source.root.join("files/random"), data).unwrap();
     let archives = source.dir.path().join("limited");
     let mut cmd = source.command(&["backup"]);
     cmd.env("REGOBOX_BACKUP__DIR", &archives);
-    // SAFETY: between fork and exec, two system calls.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            libc::signal(libc::SIGXFSZ, libc::SIG_DFL);
-            let limit = libc::rlimit {
-                rlim_cur: 20 << 20,
-                rlim_max: 20 << 20,
-            };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    limit_file_size(&mut cmd, 20 << 20);
     let out = cmd.output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("file size limit"), "{}", stderr(&out));
@@ -2511,15 +2500,7 @@ fn a_file_of_many_names_is_backed_up_and_restored_once() {
     a.ok(&["init"]);
     let files = a.root.join("files");
     std::fs::create_dir_all(files.join("runs")).unwrap();
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let content: Vec<u8> = (0..5 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let content = noise(0x9e37_79b9_7f4a_7c15, 5 << 20);
     std::fs::write(files.join("reference.fa"), &content).unwrap();
     for i in 0..300 {
         std::fs::hard_link(

@@ -28,27 +28,29 @@ fn dns_name(value: &str, max: usize) -> Option<String> {
 
 /// `Hostname`: a host name the kernel holds (at most 64 bytes); empty is the engine's default.
 pub(super) fn host_name(value: Option<&str>) -> Result<Option<String>, Denied> {
-    match value {
-        None | Some("") => Ok(None),
-        Some(v) => dns_name(v, 64).map(Some).ok_or_else(|| {
-            deny(
-                "Hostname",
-                format!(
-                    "{v:?} is not a host name (labels of letters, digits and -, at most 64 bytes)"
-                ),
-            )
-        }),
-    }
+    optional_name(value, "Hostname", "host", 64)
 }
 
 /// `Domainname`: a domain name (at most 253 bytes); empty is the engine's default.
 pub(super) fn domain_name(value: Option<&str>) -> Result<Option<String>, Denied> {
+    optional_name(value, "Domainname", "domain", 253)
+}
+
+/// A name of at most `max` bytes in `field`, or none (absent or empty).
+fn optional_name(
+    value: Option<&str>,
+    field: &str,
+    what: &str,
+    max: usize,
+) -> Result<Option<String>, Denied> {
     match value {
         None | Some("") => Ok(None),
-        Some(v) => dns_name(v, 253).map(Some).ok_or_else(|| {
+        Some(v) => dns_name(v, max).map(Some).ok_or_else(|| {
             deny(
-                "Domainname",
-                format!("{v:?} is not a domain name (labels of letters, digits and -, at most 253 bytes)"),
+                field,
+                format!(
+                    "{v:?} is not a {what} name (labels of letters, digits and -, at most {max} bytes)"
+                ),
             )
         }),
     }
