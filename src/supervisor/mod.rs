@@ -469,14 +469,23 @@ async fn cycle(
         }
     };
 
-    // The application environment.
-    let env = Arc::new(environment::build(
-        config,
-        layout,
-        secrets,
-        Some(&endpoint),
-    )?);
-    environment::render_templates(config, &env, p.app_account.as_ref())?;
+    // The application environment. A failure here ends the run with the server stopped, so the
+    // next command does not find it still shutting down on the data directory.
+    let prepared = environment::build(config, layout, secrets, Some(&endpoint)).and_then(|env| {
+        environment::render_templates(config, &env, p.app_account.as_ref())?;
+        Ok(Arc::new(env))
+    });
+    let env = match prepared {
+        Ok(env) => env,
+        Err(e) => {
+            if let Database::Owned { server, .. } = &mut database {
+                let _ = server
+                    .stop(config.postgres.stop_timeout, std::future::pending())
+                    .await;
+            }
+            return Err(e);
+        }
+    };
 
     // Services.
     let mut tasks = tokio::task::JoinSet::new();
