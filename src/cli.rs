@@ -553,6 +553,18 @@ async fn one_off(loaded: &Loaded, program: OsString, args: Vec<OsString>) -> any
     let layout = Layout::new(config);
     layout.prepare()?;
     let secrets = SecretStore::new(&layout.secrets);
+    // Checked before a temporary server is started for the command.
+    let account = match config.app.user.as_str() {
+        "" => None,
+        user if crate::users::is_root() => Some(crate::users::lookup(user)?.ok_or_else(|| {
+            crate::config::error(
+                crate::config::Origin::Default,
+                "app.user",
+                format!("OS user `{user}` does not exist"),
+            )
+        })?),
+        _ => None,
+    };
     let session = interruptible(
         &mut signals,
         Session::open(
@@ -565,18 +577,15 @@ async fn one_off(loaded: &Loaded, program: OsString, args: Vec<OsString>) -> any
         ),
     )
     .await?;
-    let env = supervisor::environment::build(config, &layout, &secrets, Some(&session.endpoint))?;
-    let account = match config.app.user.as_str() {
-        "" => None,
-        user if crate::users::is_root() => Some(crate::users::lookup(user)?.ok_or_else(|| {
-            crate::config::error(
-                crate::config::Origin::Default,
-                "app.user",
-                format!("OS user `{user}` does not exist"),
-            )
-        })?),
-        _ => None,
-    };
+    let env =
+        match supervisor::environment::build(config, &layout, &secrets, Some(&session.endpoint)) {
+            Ok(env) => env,
+            Err(e) => {
+                // The temporary server, if any, is stopped before regobox exits.
+                let _ = session.close().await;
+                return Err(e);
+            }
+        };
     let mut command = std::process::Command::new(&program);
     command.args(&args).env_clear().envs(&env);
     if let Some(acct) = &account {

@@ -474,6 +474,20 @@ fn exec_runs_a_script_from_the_scripts_dir_with_the_app_environment_and_its_exit
         Some(127)
     );
 
+    // A failure once the temporary server is up (a secret that cannot be made: its file is a
+    // directory) stops that server before `exec` exits.
+    inst.config_file("60_secret.toml", "[app]\nsecrets = [\"BLOCKED\"]\n");
+    std::fs::create_dir_all(inst.secret("app-BLOCKED")).unwrap();
+    let out = inst.output(&["exec", "hello"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("BLOCKED"), "{}", stderr(&out));
+    assert!(
+        !inst.data_dir().join("postmaster.pid").exists(),
+        "exec exited with its temporary server still running"
+    );
+    std::fs::remove_dir(inst.secret("app-BLOCKED")).unwrap();
+    std::fs::remove_file(inst.config_dir.join("60_secret.toml")).unwrap();
+
     // While `run` is up, exec uses its server.
     let run = inst.start();
     let out = inst.output(&["exec", "hello", "again"]);
