@@ -14,6 +14,7 @@ use crate::postgres::Session;
 use crate::secrets::SecretStore;
 use crate::supervisor::{self, Plan, StopSignals};
 use crate::volumes::Layout;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -292,15 +293,35 @@ async fn dispatch(command: Command, loaded: &Loaded) -> anyhow::Result<u8> {
     }
 }
 
-/// `fut` (opening the database), unless a stop signal comes first: then it is dropped (a
-/// temporary server it started is asked to stop) and the command fails at once, naming it.
-async fn interruptible<T>(
+/// What `open` makes of a cancellation token (opening the database), cancelled by the first
+/// stop signal: `open` then stops a temporary server it started, and waits for it, and the
+/// command fails naming the signal. What ends well in spite of the signal (a change already under
+/// way when it came) is kept.
+async fn interruptible<T, F>(
     signals: &mut StopSignals,
-    fut: impl std::future::Future<Output = Result<T, crate::postgres::PostgresError>>,
-) -> anyhow::Result<T> {
-    tokio::select! {
-        r = fut => Ok(r?),
-        s = signals.recv() => anyhow::bail!("interrupted by {s} while opening the database"),
+    open: impl FnOnce(CancellationToken) -> F,
+) -> anyhow::Result<T>
+where
+    F: std::future::Future<Output = Result<T, crate::postgres::PostgresError>>,
+{
+    let cancel = CancellationToken::new();
+    let fut = open(cancel.clone());
+    tokio::pin!(fut);
+    let mut by = None;
+    let r = loop {
+        tokio::select! {
+            r = &mut fut => break r,
+            s = signals.recv(), if by.is_none() => {
+                by = Some(s);
+                cancel.cancel();
+            }
+        }
+    };
+    match (r, by) {
+        (Err(crate::postgres::PostgresError::Interrupted), Some(s)) => {
+            anyhow::bail!("interrupted by {s} while opening the database")
+        }
+        (r, _) => Ok(r?),
     }
 }
 
@@ -342,10 +363,9 @@ async fn password(loaded: &Loaded, reset: bool) -> anyhow::Result<u8> {
                 )
             })?
     };
-    interruptible(
-        &mut signals,
-        crate::postgres::set_app_password(config, &secrets, &value),
-    )
+    interruptible(&mut signals, |cancel| async move {
+        crate::postgres::set_app_password(config, &secrets, &value, &cancel).await
+    })
     .await?;
     if let Some(s) = staged {
         s.commit()?;
@@ -369,14 +389,11 @@ async fn init(loaded: &Loaded) -> anyhow::Result<u8> {
     let layout = Layout::new(config);
     layout.prepare()?;
     let secrets = SecretStore::new(&layout.secrets);
-    tokio::select! {
-        session = Session::open(config, &secrets, &loaded.dirs, true, true, "") => {
-            session?.close().await?;
-        }
-        s = signals.recv() => {
-            anyhow::bail!("interrupted by {s}");
-        }
-    }
+    let session = interruptible(&mut signals, |cancel| async move {
+        Session::open(config, &secrets, &loaded.dirs, true, true, "", &cancel).await
+    })
+    .await?;
+    session.close().await?;
     tracing::info!(
         mode = ?config.postgres.mode,
         database = %config.postgres.database,
@@ -476,7 +493,16 @@ async fn backup_before_link(
         to = %server.major,
         "postgres.upgrade_method = link: taking a backup archive of the cluster first (the old cluster cannot be put back once the new server has run)"
     );
-    let session = Session::open(&at_old, secrets, &loaded.dirs, false, false, "").await?;
+    let session = Session::open(
+        &at_old,
+        secrets,
+        &loaded.dirs,
+        false,
+        false,
+        "",
+        &CancellationToken::new(),
+    )
+    .await?;
     // In the backups directory, under a name `backup.keep`'s retention does not count (nor
     // remove): it is the way back for as long as the upgraded cluster lives.
     let name = format!(
@@ -508,10 +534,9 @@ async fn psql(loaded: &Loaded, args: Vec<OsString>) -> anyhow::Result<u8> {
         layout.prepare()?;
     }
     let secrets = SecretStore::new(&layout.secrets);
-    let session = interruptible(
-        &mut signals,
-        Session::open(config, &secrets, &loaded.dirs, false, false, ""),
-    )
+    let session = interruptible(&mut signals, |cancel| async move {
+        Session::open(config, &secrets, &loaded.dirs, false, false, "", &cancel).await
+    })
     .await?;
     let program = session.endpoint.client_program("psql").await;
     let mut command = std::process::Command::new(&program);
@@ -565,17 +590,11 @@ async fn one_off(loaded: &Loaded, program: OsString, args: Vec<OsString>) -> any
         })?),
         _ => None,
     };
-    let session = interruptible(
-        &mut signals,
-        Session::open(
-            config,
-            &secrets,
-            &loaded.dirs,
-            true,
-            false,
-            &config.postgres.listen,
-        ),
-    )
+    let store = &secrets;
+    let session = interruptible(&mut signals, |cancel| async move {
+        let listen = &config.postgres.listen;
+        Session::open(config, store, &loaded.dirs, true, false, listen, &cancel).await
+    })
     .await?;
     let env =
         match supervisor::environment::build(config, &layout, &secrets, Some(&session.endpoint)) {
@@ -783,10 +802,9 @@ async fn backup(loaded: &Loaded, args: BackupArgs) -> anyhow::Result<u8> {
                 config: !args.no_config,
             };
             let secrets = SecretStore::new(&layout.secrets);
-            let session = interruptible(
-                &mut signals,
-                Session::open(config, &secrets, &loaded.dirs, false, false, ""),
-            )
+            let session = interruptible(&mut signals, |cancel| async move {
+                Session::open(config, &secrets, &loaded.dirs, false, false, "", &cancel).await
+            })
             .await?;
             let result = tokio::select! {
                 r = crate::backup::create(config, &layout, &loaded.dirs, &session.endpoint, &opts) => r,

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
 
 pub use tls::Tls;
 
@@ -152,6 +153,10 @@ pub enum PostgresError {
     },
     #[error("PostgreSQL exited during start-up ({status}); its log is above")]
     ExitedDuringStart { status: ExitStatus },
+    /// The command was asked to stop (Ctrl-C, SIGTERM) while it opened the database; a
+    /// temporary server it had started is stopped.
+    #[error("interrupted while opening the database")]
+    Interrupted,
     #[error("PostgreSQL exited unexpectedly ({status}); its log is above")]
     Exited { status: ExitStatus },
     #[error(
@@ -858,6 +863,18 @@ pub fn pin_superuser_session(config: &mut tokio_postgres::Config) {
     ));
 }
 
+/// `fut`, unless `cancel` fires first: then [`PostgresError::Interrupted`], and `fut` is
+/// dropped (what it started and owns is its to undo).
+pub async fn unless<T>(
+    cancel: &CancellationToken,
+    fut: impl std::future::Future<Output = Result<T, PostgresError>>,
+) -> Result<T, PostgresError> {
+    tokio::select! {
+        r = fut => r,
+        () = cancel.cancelled() => Err(PostgresError::Interrupted),
+    }
+}
+
 /// Wait until a real connection succeeds (as the superuser when known, else the application's
 /// role), or the server exits, or `timeout` passes.
 pub async fn wait_ready(
@@ -907,25 +924,34 @@ pub async fn wait_ready(
 
 /// Give the application role the password `value` (`regobox password`), through the running
 /// regobox's server or a temporary one; as the superuser, which needs no password.
+///
+/// `cancel` interrupts the wait for the server, never the change itself: once the role is being
+/// given its password, the command finishes, so that the secret its caller commits is the
+/// cluster's.
 pub async fn set_app_password(
     config: &Config,
     secrets: &SecretStore,
     value: &str,
+    cancel: &CancellationToken,
 ) -> Result<(), PostgresError> {
     let pg = &config.postgres;
-    let (endpoint, mut temporary) = match Embedded::open(config, secrets, false).await? {
-        Opened::Busy(endpoint) => (endpoint, None),
-        Opened::Owned(embedded) => {
-            let server = embedded.start("", Sink::Stderr, None, None)?;
-            let endpoint = embedded.endpoint().clone();
-            (endpoint, Some((embedded, server)))
-        }
-    };
+    let (endpoint, mut temporary) =
+        match unless(cancel, Embedded::open(config, secrets, false)).await? {
+            Opened::Busy(endpoint) => (endpoint, None),
+            Opened::Owned(embedded) => {
+                let server = embedded.start("", Sink::Stderr, None, None)?;
+                let endpoint = embedded.endpoint().clone();
+                (endpoint, Some((embedded, server)))
+            }
+        };
     let set = async {
-        wait_ready(
-            temporary.as_mut().map(|(_, s)| s),
-            &endpoint,
-            pg.start_timeout,
+        unless(
+            cancel,
+            wait_ready(
+                temporary.as_mut().map(|(_, s)| s),
+                &endpoint,
+                pg.start_timeout,
+            ),
         )
         .await?;
         let su_config = endpoint
@@ -1153,46 +1179,55 @@ impl Session {
         bootstrap: bool,
         create: bool,
         listen: &str,
+        cancel: &CancellationToken,
     ) -> Result<Session, PostgresError> {
         let pg = &config.postgres;
+        let reach = |endpoint: Endpoint| async move {
+            wait_ready(None, &endpoint, pg.start_timeout).await?;
+            if bootstrap {
+                self::bootstrap(config, &endpoint, config_dirs).await?;
+            }
+            Ok(endpoint)
+        };
         let (endpoint, temporary) = match pg.mode {
             PostgresMode::External => {
                 let endpoint = Endpoint::external(config)?;
-                wait_ready(None, &endpoint, pg.start_timeout).await?;
-                if bootstrap {
-                    self::bootstrap(config, &endpoint, config_dirs).await?;
-                }
-                (endpoint, None)
+                (unless(cancel, reach(endpoint)).await?, None)
             }
-            PostgresMode::Embedded => match Embedded::open(config, secrets, create).await? {
-                Opened::Busy(endpoint) => {
-                    tracing::debug!("using the PostgreSQL server of the running regobox");
-                    wait_ready(None, &endpoint, pg.start_timeout).await?;
-                    if bootstrap {
-                        self::bootstrap(config, &endpoint, config_dirs).await?;
+            PostgresMode::Embedded => {
+                match unless(cancel, Embedded::open(config, secrets, create)).await? {
+                    Opened::Busy(endpoint) => {
+                        tracing::debug!("using the PostgreSQL server of the running regobox");
+                        (unless(cancel, reach(endpoint)).await?, None)
                     }
-                    (endpoint, None)
+                    Opened::Owned(embedded) => {
+                        let mut server = embedded.start(listen, Sink::Stderr, None, None)?;
+                        let endpoint = embedded.endpoint().clone();
+                        let ready = unless(cancel, async {
+                            wait_ready(Some(&mut server), &endpoint, pg.start_timeout).await?;
+                            let part = if bootstrap {
+                                Bootstrap::Full
+                            } else {
+                                Bootstrap::Login
+                            };
+                            bootstrap_part(config, &endpoint, config_dirs, part).await
+                        })
+                        .await
+                        // Asked to stop as the server became ready: the command does not run.
+                        .and_then(|()| match cancel.is_cancelled() {
+                            true => Err(PostgresError::Interrupted),
+                            false => Ok(()),
+                        });
+                        // The server is stopped, and waited for, before regobox exits: the next
+                        // command does not find it still shutting down.
+                        if let Err(e) = ready {
+                            let _ = server.stop(pg.stop_timeout, std::future::pending()).await;
+                            return Err(e);
+                        }
+                        (endpoint, Some((embedded, server)))
+                    }
                 }
-                Opened::Owned(embedded) => {
-                    let mut server = embedded.start(listen, Sink::Stderr, None, None)?;
-                    let endpoint = embedded.endpoint().clone();
-                    let ready = async {
-                        wait_ready(Some(&mut server), &endpoint, pg.start_timeout).await?;
-                        let part = if bootstrap {
-                            Bootstrap::Full
-                        } else {
-                            Bootstrap::Login
-                        };
-                        bootstrap_part(config, &endpoint, config_dirs, part).await
-                    }
-                    .await;
-                    if let Err(e) = ready {
-                        let _ = server.stop(pg.stop_timeout, std::future::pending()).await;
-                        return Err(e);
-                    }
-                    (endpoint, Some((embedded, server)))
-                }
-            },
+            }
         };
         Ok(Session {
             endpoint,

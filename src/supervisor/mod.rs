@@ -309,114 +309,119 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
     let mut first = true;
     let mut bridge = None;
     let mut control_socket = None;
-    let code = loop {
-        let opened = open_database(config, &secrets, &plan).await?;
-        if first {
-            first = false;
-            if plan.proxy {
-                p.proxy =
-                    crate::proxy::Proxy::start(config, &layout, p.board.clone(), proxy_tx.clone())
-                        .await?;
-            } else {
-                proxy_tx.send_replace(serde_json::json!({"state": "not run by this command"}));
-            }
-            // After the volume lock: a second regobox on the volume is the clearer error.
-            if config.supervision.port != 0 {
-                let listener =
-                    crate::health::bind(&config.supervision.listen, config.supervision.port)
-                        .await?;
-                tokio::spawn(crate::health::serve(
-                    listener,
-                    p.board.clone(),
-                    background.clone(),
-                ));
-            }
-            bridge = crate::docker::Bridge::start(
-                config,
-                &layout,
-                &secrets,
-                p.app_account.as_ref(),
-                &docker_tx,
-            )
-            .await?;
-            match control::listen(config, control_tx.clone()) {
-                Ok(control) => control_socket = Some(control),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no control socket: a restore cannot be done while running")
+    // What follows ends in the teardown below, with an error too: nothing regobox started is
+    // left running when it exits.
+    let ran = async {
+        loop {
+            let opened = open_database(config, &secrets, &plan).await?;
+            if first {
+                first = false;
+                if plan.proxy {
+                    p.proxy =
+                        crate::proxy::Proxy::start(config, &layout, p.board.clone(), proxy_tx.clone())
+                            .await?;
+                } else {
+                    proxy_tx.send_replace(serde_json::json!({"state": "not run by this command"}));
                 }
-            }
-        }
-        match cycle(loaded, &plan, &layout, &secrets, &mut p, opened).await? {
-            Cycle::Exit(code) => break code,
-            Cycle::Maintenance(request) => {
-                p.maintenance.send_replace(Some(format!(
-                    "restoring {}",
-                    request.options.archive.display()
-                )));
-                // A stop request cancels the restore unless its data is being swapped in (then
-                // it ends first); regobox then stops.
-                let stop = CancellationToken::new();
-                let withdrawn = request.withdrawn.clone();
-                if withdrawn.is_cancelled() {
-                    tracing::warn!(
-                        "the restore's client went away while everything stopped for it: the restore is not started"
-                    );
-                    stop.cancel();
+                // After the volume lock: a second regobox on the volume is the clearer error.
+                if config.supervision.port != 0 {
+                    let listener =
+                        crate::health::bind(&config.supervision.listen, config.supervision.port)
+                            .await?;
+                    tokio::spawn(crate::health::serve(
+                        listener,
+                        p.board.clone(),
+                        background.clone(),
+                    ));
                 }
-                let restore = crate::backup::restore(
+                bridge = crate::docker::Bridge::start(
                     config,
                     &layout,
-                    &request.options,
-                    Some(request.verified.clone()),
-                    &stop,
-                );
-                tokio::pin!(restore);
-                let mut stop_after = None;
-                let result = loop {
-                    tokio::select! {
-                        r = &mut restore => break r,
-                        _ = withdrawn.cancelled(), if !stop.is_cancelled() => {
-                            tracing::warn!("the restore's client went away (Ctrl-C): cancelling the restore (unless its data is being swapped in); everything then starts again");
-                            stop.cancel();
-                        }
-                        s = p.signals.recv() => {
-                            tracing::warn!(signal = s, "stop requested during a restore: cancelling it (unless its data is being swapped in), then stopping");
-                            stop.cancel();
-                            stop_after = Some(s);
-                        }
-                    }
-                };
-                let reply = match &result {
-                    Ok(()) => control::Reply {
-                        code: exit::OK,
-                        message: "restore complete".into(),
-                    },
-                    Err(e)
-                        if e.downcast_ref::<crate::backup::RestoreCancelled>()
-                            .is_some() =>
-                    {
-                        tracing::warn!("{e:#}");
-                        control::Reply {
-                            code: exit::code_for(e),
-                            message: format!("{e:#}"),
-                        }
-                    }
+                    &secrets,
+                    p.app_account.as_ref(),
+                    &docker_tx,
+                )
+                .await?;
+                match control::listen(config, control_tx.clone()) {
+                    Ok(control) => control_socket = Some(control),
                     Err(e) => {
-                        tracing::error!("restore failed, the previous data is in place: {e:#}");
-                        control::Reply {
-                            code: exit::code_for(e),
-                            message: format!("{e:#}"),
-                        }
+                        tracing::warn!(error = %e, "no control socket: a restore cannot be done while running")
                     }
-                };
-                let _ = request.reply.send(reply);
-                p.maintenance.send_replace(None);
-                if stop_after.is_some() {
-                    break exit::OK;
+                }
+            }
+            match cycle(loaded, &plan, &layout, &secrets, &mut p, opened).await? {
+                Cycle::Exit(code) => break Ok(code),
+                Cycle::Maintenance(request) => {
+                    p.maintenance.send_replace(Some(format!(
+                        "restoring {}",
+                        request.options.archive.display()
+                    )));
+                    // A stop request cancels the restore unless its data is being swapped in (then
+                    // it ends first); regobox then stops.
+                    let stop = CancellationToken::new();
+                    let withdrawn = request.withdrawn.clone();
+                    if withdrawn.is_cancelled() {
+                        tracing::warn!(
+                            "the restore's client went away while everything stopped for it: the restore is not started"
+                        );
+                        stop.cancel();
+                    }
+                    let restore = crate::backup::restore(
+                        config,
+                        &layout,
+                        &request.options,
+                        Some(request.verified.clone()),
+                        &stop,
+                    );
+                    tokio::pin!(restore);
+                    let mut stop_after = None;
+                    let result = loop {
+                        tokio::select! {
+                            r = &mut restore => break r,
+                            _ = withdrawn.cancelled(), if !stop.is_cancelled() => {
+                                tracing::warn!("the restore's client went away (Ctrl-C): cancelling the restore (unless its data is being swapped in); everything then starts again");
+                                stop.cancel();
+                            }
+                            s = p.signals.recv() => {
+                                tracing::warn!(signal = s, "stop requested during a restore: cancelling it (unless its data is being swapped in), then stopping");
+                                stop.cancel();
+                                stop_after = Some(s);
+                            }
+                        }
+                    };
+                    let reply = match &result {
+                        Ok(()) => control::Reply {
+                            code: exit::OK,
+                            message: "restore complete".into(),
+                        },
+                        Err(e)
+                            if e.downcast_ref::<crate::backup::RestoreCancelled>()
+                                .is_some() =>
+                        {
+                            tracing::warn!("{e:#}");
+                            control::Reply {
+                                code: exit::code_for(e),
+                                message: format!("{e:#}"),
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!("restore failed, the previous data is in place: {e:#}");
+                            control::Reply {
+                                code: exit::code_for(e),
+                                message: format!("{e:#}"),
+                            }
+                        }
+                    };
+                    let _ = request.reply.send(reply);
+                    p.maintenance.send_replace(None);
+                    if stop_after.is_some() {
+                        break Ok(exit::OK);
+                    }
                 }
             }
         }
-    };
+    }
+    .await;
     if let Some(proxy) = &p.proxy {
         proxy.stop(std::future::ready(())).await;
     }
@@ -433,7 +438,7 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
     if let Some(control) = control_socket {
         control.close(Duration::from_secs(5)).await;
     }
-    Ok(code)
+    ran
 }
 
 /// One cycle: bring the database, the services and the scheduler up, supervise them until a
@@ -460,13 +465,43 @@ async fn cycle(
     // PostgreSQL.
     let pg_log = open_log(config, layout, POSTGRES_SERVICE);
     let space = keeper::SpaceWatch::new(&config.postgres.data_dir);
-    let up = bring_up_database(loaded, opened, &p.pg_tx, pg_log.clone(), space.observer());
-    let (mut database, endpoint) = tokio::select! {
-        r = up => r?,
-        s = p.signals.recv() => {
-            tracing::info!(signal = s, "stop requested during start-up");
+    // A stop during start-up cancels it; a server already started is stopped, and waited for,
+    // before regobox exits.
+    let starting = CancellationToken::new();
+    let up = bring_up_database(
+        loaded,
+        opened,
+        &p.pg_tx,
+        pg_log.clone(),
+        space.observer(),
+        &starting,
+    );
+    tokio::pin!(up);
+    let up = loop {
+        tokio::select! {
+            r = &mut up => break r,
+            s = p.signals.recv(), if !starting.is_cancelled() => {
+                tracing::info!(signal = s, "stop requested during start-up");
+                starting.cancel();
+            }
+        }
+    };
+    let (mut database, endpoint) = match up {
+        Ok(up) if !starting.is_cancelled() => up,
+        Ok((mut database, _)) => {
+            // Up just as the stop came.
+            if let Database::Owned { server, .. } = &mut database {
+                let _ = server
+                    .stop(config.postgres.stop_timeout, std::future::pending())
+                    .await;
+            }
             return Ok(Cycle::Exit(exit::OK));
         }
+        Err(e) if starting.is_cancelled() => {
+            tracing::debug!(error = %format!("{e:#}"), "start-up cancelled");
+            return Ok(Cycle::Exit(exit::OK));
+        }
+        Err(e) => return Err(e),
     };
 
     // The application environment. A failure here ends the run with the server stopped, so the
@@ -977,6 +1012,7 @@ async fn bring_up_database(
     pg_tx: &watch::Sender<ServiceStatus>,
     log: Option<SharedLogFile>,
     observer: crate::logs::Observer,
+    cancel: &CancellationToken,
 ) -> anyhow::Result<(Database, Endpoint)> {
     let config = &loaded.config;
     let pg = &config.postgres;
@@ -991,8 +1027,11 @@ async fn bring_up_database(
     match opening {
         Opening::External(endpoint) => {
             tracing::info!(url = %crate::config::redact_url(&pg.url), "using the external PostgreSQL");
-            postgres::wait_ready(None, &endpoint, pg.start_timeout).await?;
-            postgres::bootstrap(config, &endpoint, &loaded.dirs).await?;
+            postgres::unless(cancel, async {
+                postgres::wait_ready(None, &endpoint, pg.start_timeout).await?;
+                postgres::bootstrap(config, &endpoint, &loaded.dirs).await
+            })
+            .await?;
             ready(None);
             Ok((Database::Remote, endpoint))
         }
@@ -1000,7 +1039,11 @@ async fn bring_up_database(
             tracing::info!(
                 "using the PostgreSQL server of the regobox already running on this volume"
             );
-            postgres::wait_ready(None, &endpoint, pg.start_timeout).await?;
+            postgres::unless(
+                cancel,
+                postgres::wait_ready(None, &endpoint, pg.start_timeout),
+            )
+            .await?;
             ready(None);
             Ok((Database::Remote, endpoint))
         }
@@ -1008,10 +1051,10 @@ async fn bring_up_database(
             let mut server = embedded.start(&pg.listen, Sink::Stdout, log, Some(observer))?;
             pg_tx.send_modify(|s| s.pid = Some(server.pid()));
             let endpoint = embedded.endpoint().clone();
-            let up = async {
+            let up = postgres::unless(cancel, async {
                 postgres::wait_ready(Some(&mut server), &endpoint, pg.start_timeout).await?;
                 postgres::bootstrap(config, &endpoint, &loaded.dirs).await
-            }
+            })
             .await;
             if let Err(e) = up {
                 // Stopped before regobox ends: the next command finds no server still going.

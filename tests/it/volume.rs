@@ -96,6 +96,121 @@ fn a_command_that_cannot_find_the_running_server_says_why_at_once() {
     run.stop();
 }
 
+/// The pid of a PostgreSQL server whose parent is `parent` and that handles SIGINT, if there
+/// is one now.
+fn postgres_child_of(parent: i32) -> Option<i32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        let (comm, rest) = stat.split_once(") ")?;
+        let ppid: i32 = rest.split(' ').nth(1)?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        // The server (`-D` its data directory), not a `postgres --version` that probes it.
+        let server = cmdline.split(|b| *b == 0).any(|arg| arg == b"-D");
+        // Caught once it handles SIGINT: before, the signal ends it at once, stopped or not.
+        let status = std::fs::read_to_string(e.path().join("status")).ok()?;
+        let caught = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .is_some_and(|mask| mask & (1 << (libc::SIGINT - 1)) != 0);
+        (ppid == parent && comm.ends_with("(postgres") && server && caught).then_some(pid)
+    })
+}
+
+/// A stop while regobox's server starts (caught stopped, SIGSTOP, once it handles signals and
+/// before it is ready): Ctrl-C to a command's temporary server (`psql`), SIGTERM to `run`.
+/// regobox stops that server and waits for it before it exits, so nothing of it is left running
+/// once regobox has ended. Found when a refused template left the server shutting down after
+/// regobox had exited, and the next command was refused.
+#[test]
+fn a_stop_while_the_server_starts_stops_it_before_regobox_exits() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let a = Instance::new();
+    a.ok(&["init"]);
+    let cases = [
+        (
+            &["psql", "-XAtc", "SELECT 1"][..],
+            Signal::SIGINT,
+            "interrupted by SIGINT while opening the database",
+            1,
+        ),
+        (
+            &["run"][..],
+            Signal::SIGTERM,
+            "stop requested during start-up",
+            0,
+        ),
+    ];
+    for (args, signal, said, code) in cases {
+        let mut caught = false;
+        for attempt in 0..20 {
+            let mut child = a
+                .command(args)
+                .env("REGOBOX_POSTGRES__STOP_TIMEOUT", "2m")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let parent = child.id() as i32;
+            let server = loop {
+                if let Some(pid) = postgres_child_of(parent) {
+                    break Some(pid);
+                }
+                if child.try_wait().unwrap().is_some() {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            };
+            let Some(server) = server else {
+                panic!(
+                    "{args:?}, attempt {attempt}: ended without a server: {:?}",
+                    child.wait_with_output()
+                );
+            };
+            kill(Pid::from_raw(server), Signal::SIGSTOP).unwrap();
+            struct Resume(i32);
+            impl Drop for Resume {
+                fn drop(&mut self) {
+                    let _ = kill(Pid::from_raw(self.0), Signal::SIGCONT);
+                }
+            }
+            let resume = Resume(server);
+            kill(Pid::from_raw(parent), signal).unwrap();
+            // regobox cannot have ended: its server, stopped, has not exited.
+            std::thread::sleep(Duration::from_millis(500));
+            let ended_first = child.try_wait().unwrap();
+            drop(resume);
+            let out = child.wait_with_output().unwrap();
+            let text = format!("{}{}", stdout(&out), stderr(&out));
+            if !text.contains(said) {
+                // The server was ready before it was stopped: the command ran. Again.
+                continue;
+            }
+            assert!(
+                ended_first.is_none(),
+                "{args:?}: regobox exited with its server still there (stopped): {text}"
+            );
+            assert_eq!(out.status.code(), Some(code), "{args:?}: {text}");
+            assert!(
+                !Path::new(&format!("/proc/{server}")).exists(),
+                "{args:?}: the server outlived regobox"
+            );
+            assert!(!a.data_dir().join("postmaster.pid").exists(), "{args:?}");
+            caught = true;
+            break;
+        }
+        assert!(
+            caught,
+            "{args:?}: never caught the server before it was ready"
+        );
+    }
+    // Nothing was left in the way: the next command starts its own server.
+    let out = a.output(&["psql", "-XAtc", "SELECT 41 + 1"]);
+    assert_eq!(stdout(&out).trim(), "42", "{}", stderr(&out));
+}
+
 /// Point 11: Ctrl-C (SIGINT) and SIGTERM end a command waiting for a server that does not
 /// answer (here the running one, stopped with SIGSTOP), at once, leaving nothing behind.
 #[test]
