@@ -235,14 +235,20 @@ pub async fn output(command: &mut std::process::Command) -> io::Result<Output> {
 }
 
 /// Run `command` to completion with `stdin`, capturing its output.
+///
+/// The command leads a process group of its own. If the future is dropped before the command
+/// has ended (a stop signal, a timeout), the whole group is killed (SIGKILL): no initdb, probe or
+/// dump goes on writing after regobox has given up on it, or after it has exited.
 pub async fn output_fed(command: &mut std::process::Command, stdin: Stdio) -> io::Result<Output> {
+    use std::os::unix::process::CommandExt;
     command
         .stdin(stdin)
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = spawn(command)?;
-    let out = child.stdout.take().map(read_all);
-    let err = child.stderr.take().map(read_all);
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = KillOnDrop(spawn(command)?);
+    let out = child.0.stdout.take().map(read_all);
+    let err = child.0.stderr.take().map(read_all);
     let stdout = match out {
         Some(f) => f.await?,
         None => Vec::new(),
@@ -251,12 +257,23 @@ pub async fn output_fed(command: &mut std::process::Command, stdin: Stdio) -> io
         Some(f) => f.await?,
         None => Vec::new(),
     };
-    let status = child.wait().await;
+    let status = child.0.wait().await;
     Ok(Output {
         status,
         stdout,
         stderr,
     })
+}
+
+/// A child leading its process group, which is killed with it unless the child was seen to end.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0.try_status().is_none() {
+            self.0.signal_group(Signal::SIGKILL);
+        }
+    }
 }
 
 async fn read_all(pipe: impl Into<std::os::fd::OwnedFd>) -> io::Result<Vec<u8>> {

@@ -359,6 +359,15 @@ pub async fn initdb(spec: &InitSpec<'_>) -> Result<(), PostgresError> {
         let path = path.to_path_buf();
         move |source| PostgresError::Io { path, source }
     };
+    // The password file goes however this ends, a stop signal included (initdb is then killed,
+    // and what it left is `INITDB_DIR`, which the next initdb replaces).
+    struct Remove<'a>(&'a Path);
+    impl Drop for Remove<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0);
+        }
+    }
+    let removed = Remove(&pwfile);
     {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -388,7 +397,7 @@ pub async fn initdb(spec: &InitSpec<'_>) -> Result<(), PostgresError> {
     spec.account.apply(&mut command);
     tracing::info!(data_dir = %dir.display(), version = %spec.binaries.version, auth, "initialising a new PostgreSQL cluster");
     let output = crate::process::output(&mut command).await;
-    let _ = std::fs::remove_file(&pwfile);
+    drop(removed);
     let output = output.map_err(io_err(&spec.binaries.path("initdb")))?;
     if !output.status.success() {
         let _ = std::fs::remove_dir_all(&work);

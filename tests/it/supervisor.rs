@@ -369,6 +369,54 @@ fn a_oneshot_and_readiness_gate_their_dependents() {
     assert!(log.contains("oneshot completed"), "{log}");
 }
 
+/// Live processes (not zombies) whose command line is exactly `argv`.
+fn live_processes(argv: &[&str]) -> Vec<i32> {
+    let want: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+            (state != 'Z' && std::fs::read(e.path().join("cmdline")).ok()? == want).then_some(pid)
+        })
+        .collect()
+}
+
+/// A readiness command that outlives its attempt (ready.timeout) is killed with it: a service
+/// restarted after each failed start used to leave one more probe running each time.
+#[test]
+fn a_readiness_command_that_times_out_is_killed() {
+    let inst = Instance::new();
+    // A number of seconds no other test's process sleeps.
+    let probe = ["sleep", "4321.5"];
+    inst.config_file(
+        "50.toml",
+        &format!(
+            "[services.app]\ncommand = [\"sleep\", \"1000\"]\nrestart = \"always\"\n\
+             backoff_initial = \"100ms\"\nbackoff_max = \"100ms\"\nrestart_limit = 1000\n\
+             ready = {{ command = [\"{}\", \"{}\"], timeout = \"500ms\", interval = \"100ms\" }}\n",
+            probe[0], probe[1]
+        ),
+    );
+    let run = inst.spawn_run();
+    inst.wait_until("three failed starts", Duration::from_secs(30), || {
+        run.log_text().matches("not ready within").count() >= 3
+    });
+    let left = live_processes(&probe);
+    assert!(
+        left.len() <= 1,
+        "{} readiness commands still running: {left:?}",
+        left.len()
+    );
+    run.stop();
+    assert_eq!(live_processes(&probe), Vec::<i32>::new());
+}
+
 #[test]
 fn health_endpoints_report_truthfully_through_a_service_failure() {
     let inst = Instance::new();

@@ -211,6 +211,64 @@ fn a_stop_while_the_server_starts_stops_it_before_regobox_exits() {
     assert_eq!(stdout(&out).trim(), "42", "{}", stderr(&out));
 }
 
+/// Live processes (not zombies) whose command line names `path`.
+fn live_processes_naming(path: &Path) -> Vec<String> {
+    let needle = path.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name().to_str()?.parse::<i32>().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            (state != 'Z' && cmdline.windows(needle.len()).any(|w| w == needle))
+                .then(|| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        })
+        .collect()
+}
+
+/// Ctrl-C while `init` runs initdb: initdb (and the servers it runs) is killed with the command,
+/// not left writing the new cluster after regobox exited, where the next `init` would write too;
+/// its password file is removed; the next `init` makes the cluster.
+#[test]
+fn ctrl_c_during_initdb_leaves_no_initdb_running() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let a = Instance::new();
+    let mut child = a
+        .command(&["init"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let data_dir = a.data_dir();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while live_processes_naming(&data_dir).is_empty() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "init ended before initdb"
+        );
+        assert!(Instant::now() < deadline, "no initdb");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // initdb at work (it runs servers in bootstrap mode for a second or more).
+    std::thread::sleep(Duration::from_millis(200));
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("interrupted by SIGINT"),
+        "{}",
+        stderr(&out)
+    );
+    let left = live_processes_naming(&data_dir);
+    assert!(left.is_empty(), "still running after init exited: {left:?}");
+    assert!(!data_dir.join(".regobox-initdb-password").exists());
+    a.ok(&["init"]);
+    assert!(data_dir.join("PG_VERSION").exists());
+}
+
 /// Point 11: Ctrl-C (SIGINT) and SIGTERM end a command waiting for a server that does not
 /// answer (here the running one, stopped with SIGSTOP), at once, leaving nothing behind.
 #[test]
