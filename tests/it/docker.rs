@@ -502,11 +502,27 @@ fn what_others_created_is_invisible() {
     std::fs::write(ctx.join("hello.txt"), "built through regobox\n").unwrap();
     std::fs::write(
         ctx.join("Dockerfile"),
-        "FROM regobox-test/busybox:mine\nCOPY hello.txt /hello.txt\nCMD [\"cat\", \"/hello.txt\"]\n",
+        "FROM regobox-test/busybox:mine\nCOPY hello.txt /hello.txt\nRUN cat /etc/hosts > /hosts.txt\nCMD [\"cat\", \"/hello.txt\"]\n",
     )
     .unwrap();
     let built = format!("regobox-test/built:{}", b.inst.port);
-    b.cli_ok(&["build", "-q", "-t", &built, &ctx.display().to_string()]);
+    // Each --add-host (a repeated parameter) reaches the build's containers as regobox writes it.
+    b.cli_ok(&[
+        "build",
+        "-q",
+        "--add-host",
+        "db:10.0.0.1",
+        "--add-host",
+        "v6.lab:FE80::1",
+        "-t",
+        &built,
+        &ctx.display().to_string(),
+    ]);
+    let hosts = b.cli_ok(&["run", "--rm", &built, "cat", "/hosts.txt"]);
+    assert!(
+        hosts.contains("10.0.0.1\tdb\n") && hosts.contains("fe80::1\tv6.lab\n"),
+        "{hosts}"
+    );
     let label = stdout(&engine(&[
         "image",
         "inspect",

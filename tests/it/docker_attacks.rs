@@ -365,6 +365,17 @@ nameserver 6.6.6.6"]}}}}"#
             ),
             "ExtraHosts",
         ),
+        // An attacker's (twelfth session): another container's MAC address on the bridge.
+        (
+            format!(r#"{{"Image":"{image}","MacAddress":"02:42:ac:11:00:02"}}"#),
+            "MacAddress",
+        ),
+        (
+            format!(
+                r#"{{"Image":"{image}","HostConfig":{{"LogConfig":{{"Type":"json-file","Config":{{"max-size":"-1"}}}}}}}}"#
+            ),
+            "max-size",
+        ),
     ];
     for (body, needle) in &cases {
         let (status, answer) = post(&b.socket, "/v1.41/containers/create", body);
@@ -780,6 +791,12 @@ fn images_never_move_anothers_tag_nor_make_the_engine_fetch() {
             "cgroupparent",
         ),
         ("/v1.41/build?t=x&cpushares=262144".to_string(), "cpushares"),
+        // An attacker's (twelfth session): lines of its own in the build's /etc/hosts.
+        (
+            "/v1.41/build?t=x&extrahosts=foo%0A6.6.6.6%20evil.example.com%0A%23%3A1.2.3.4"
+                .to_string(),
+            "extrahosts",
+        ),
         (
             "/images/regobox-test/victim/tag?repo=x".to_string(),
             "not an allowed endpoint",

@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 
 use super::container::{Limits, deny, is_default_network};
+use super::names;
 use super::query::Query;
 use super::{Denied, INSTANCE_LABEL};
 
@@ -127,6 +128,17 @@ pub fn check_build_query(mut q: Query, limits: &Limits, instance: &str) -> Resul
     };
     labels.insert(INSTANCE_LABEL.into(), instance.to_string());
     q.set("labels", serde_json::to_string(&labels).unwrap_or_default());
+    // Written into the build's containers' /etc/hosts, a line each: read as `name:address`,
+    // as at create, and forwarded as regobox writes them (the engine reads every value given).
+    let hosts = names::each(
+        Some(&q.all("extrahosts").map(str::to_string).collect::<Vec<_>>()),
+        "query.extrahosts",
+        names::extra_host,
+    )?;
+    q.remove("extrahosts");
+    for host in hosts.into_iter().flatten() {
+        q.0.push(("extrahosts".into(), host));
+    }
     if let Some(v) = q.get("buildargs") {
         let args: BTreeMap<String, Option<String>> = serde_json::from_str(v).map_err(|e| {
             deny(
@@ -625,11 +637,40 @@ mod tests {
                 "ulimits=%5B%7B%22Name%22%3A%22nofile%22%7D%5D",
                 "query.ulimits",
             ),
+            // An attacker's (twelfth session): a line of its own in the build's /etc/hosts.
+            (
+                "extrahosts=foo%0A6.6.6.6%20evil.example.com%0A%23%3A1.2.3.4",
+                "query.extrahosts",
+            ),
+            (
+                "extrahosts=foo%3A1.2.3.4%0A6.6.6.6%20evil",
+                "query.extrahosts",
+            ),
+            (
+                "extrahosts=db%3A10.0.0.1&extrahosts=x%20y%3A1.2.3.4",
+                "query.extrahosts",
+            ),
         ] {
             let d =
                 check_build_query(parse(raw, "build", BUILD).unwrap(), &limits, "i1").unwrap_err();
             assert_eq!(d.rule, field, "{raw}");
         }
+        // Each host given, as regobox writes it.
+        let q = check_build_query(
+            parse(
+                "t=a&extrahosts=db%3A10.0.0.1&extrahosts=v6%3A%5Bfe80%3A%3A1%5D",
+                "build",
+                BUILD,
+            )
+            .unwrap(),
+            &limits,
+            "i1",
+        )
+        .unwrap();
+        assert_eq!(
+            q.all("extrahosts").collect::<Vec<_>>(),
+            ["db:10.0.0.1", "v6:fe80::1"]
+        );
         for raw in [
             "remote=http%3A%2F%2F127.0.0.1%2Fx",
             "session=x",

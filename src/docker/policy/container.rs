@@ -8,8 +8,8 @@ use std::path::{Component, Path, PathBuf};
 use super::names;
 use super::{Denied, INSTANCE_LABEL};
 use crate::docker::model::{
-    BindOptions, ContainerCreate, EndpointSettings, HostConfig, LogConfig, Mount, NetworkingConfig,
-    RestartPolicy, TmpfsOptions, Ulimit,
+    BindOptions, ContainerCreate, EndpointIpam, EndpointSettings, HostConfig, LogConfig, Mount,
+    NetworkingConfig, RestartPolicy, TmpfsOptions, Ulimit,
 };
 
 /// What a container create is checked against.
@@ -173,6 +173,14 @@ pub fn check_create(req: &ContainerCreate, policy: &CreatePolicy) -> Result<Crea
         }
     };
 
+    // An attacker's (twelfth session): a job given the MAC address of another container on
+    // the default bridge took its traffic's address.
+    if req.mac_address.as_deref().is_some_and(|m| !m.is_empty()) {
+        return Err(deny(
+            "MacAddress",
+            "is the engine's to choose: a chosen one can be another container's on a shared network",
+        ));
+    }
     let mut labels = req.labels.clone().unwrap_or_default();
     labels.insert(INSTANCE_LABEL.into(), policy.instance.clone());
     let body = ContainerCreate {
@@ -195,7 +203,7 @@ pub fn check_create(req: &ContainerCreate, policy: &CreatePolicy) -> Result<Crea
         working_dir: req.working_dir.clone(),
         entrypoint: req.entrypoint.clone(),
         network_disabled: req.network_disabled,
-        mac_address: req.mac_address.clone(),
+        mac_address: None,
         on_build: None,
         labels: Some(labels),
         stop_signal: req.stop_signal.clone(),
@@ -558,10 +566,60 @@ fn check_log_config(config: &Option<LogConfig>) -> Result<Option<LogConfig>, Den
     if kind.is_none() && c.config.as_ref().is_none_or(|m| m.is_empty()) {
         return Ok(None);
     }
-    Ok(Some(LogConfig {
-        kind,
-        config: c.config.clone().filter(|m| !m.is_empty()),
-    }))
+    // The sizes on the host's disk: bounded, and forwarded as numbers (an attacker's, twelfth
+    // session: `max-size = -1` lifted the engine's default rotation).
+    let mut config = c.config.clone().filter(|m| !m.is_empty());
+    if let Some(m) = config.as_mut() {
+        if let Some(v) = m.get_mut("max-size") {
+            let bytes = log_size(v).filter(|b| (1..=LOG_MAX_SIZE).contains(b));
+            *v = bytes
+                .ok_or_else(|| {
+                    deny(
+                        "HostConfig.LogConfig.Config.max-size",
+                        format!(
+                            "{v:?} is not a size from 1 byte to {} MiB (e.g. 10m)",
+                            LOG_MAX_SIZE >> 20
+                        ),
+                    )
+                })?
+                .to_string();
+        }
+        if let Some(v) = m.get_mut("max-file") {
+            let files = v
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=LOG_MAX_FILES).contains(n));
+            *v = files
+                .ok_or_else(|| {
+                    deny(
+                        "HostConfig.LogConfig.Config.max-file",
+                        format!("{v:?} is not a number of files from 1 to {LOG_MAX_FILES}"),
+                    )
+                })?
+                .to_string();
+        }
+    }
+    Ok(Some(LogConfig { kind, config }))
+}
+
+/// The largest log file a job may ask for, and how many it may keep.
+const LOG_MAX_SIZE: u64 = 1 << 30;
+const LOG_MAX_FILES: u32 = 10;
+
+/// A size as the engine's log drivers read it: digits, then an optional unit (k, m or g, with
+/// or without b, any case), in bytes. None for anything else (a sign, a fraction, spaces).
+fn log_size(text: &str) -> Option<u64> {
+    let digits = text.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number.parse().ok()?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" => 10,
+        "m" | "mb" => 20,
+        "g" | "gb" => 30,
+        _ => return None,
+    };
+    number.checked_mul(1 << shift)
 }
 
 /// Each limit named, soft at most hard, hard at most what regobox itself has.
@@ -642,9 +700,42 @@ fn check_endpoint(s: &EndpointSettings, field: &str) -> Result<EndpointSettings,
             "is reported by the engine, not set",
         ));
     }
+    // Read as what they name, and written back as regobox writes them.
+    let aliases = names::each(
+        s.aliases.as_deref(),
+        &format!("{field}.Aliases"),
+        names::alias,
+    )?;
+    let ipam_config = match &s.ipam_config {
+        None => None,
+        Some(ipam) => {
+            let address = |v: &Option<String>, name: &str, v6: bool| match v
+                .as_deref()
+                .filter(|a| !a.is_empty())
+            {
+                None => Ok(None),
+                Some(a) => match a.parse::<std::net::IpAddr>() {
+                    Ok(ip) if ip.is_ipv6() == v6 => Ok(Some(ip.to_string())),
+                    _ => Err(deny(
+                        &format!("{field}.IPAMConfig.{name}"),
+                        format!("{a:?} is not an IPv{} address", if v6 { 6 } else { 4 }),
+                    )),
+                },
+            };
+            Some(EndpointIpam {
+                ipv4_address: address(&ipam.ipv4_address, "IPv4Address", false)?,
+                ipv6_address: address(&ipam.ipv6_address, "IPv6Address", true)?,
+                link_local_ips: names::each(
+                    ipam.link_local_ips.as_deref(),
+                    &format!("{field}.IPAMConfig.LinkLocalIPs"),
+                    names::dns_server,
+                )?,
+            })
+        }
+    };
     Ok(EndpointSettings {
-        ipam_config: s.ipam_config.clone(),
-        aliases: s.aliases.clone(),
+        ipam_config,
+        aliases,
         ..Default::default()
     })
 }
@@ -1038,10 +1129,44 @@ mod tests {
             (r#"{"HostConfig":{}}"#.to_string(), "Image"),
             (r#"{"Image":"busybox","HostConfig":{"NetworkMode":"bridge"},"NetworkingConfig":{"EndpointsConfig":{"n":{"Links":["x:y"]}}}}"#.to_string(), "NetworkingConfig.EndpointsConfig.Links"),
             (r#"{"Image":"busybox","OnBuild":["RUN x"]}"#.to_string(), "OnBuild"),
+            // An attacker's (twelfth session).
+            (r#"{"Image":"busybox","MacAddress":"02:42:ac:11:00:02"}"#.to_string(), "MacAddress"),
+            (format!(r#"{{"Image":"busybox","Domainname":"x.{}-b.com"}}"#, "a".repeat(60)), "Domainname"),
+            (r#"{"Image":"busybox","NetworkingConfig":{"EndpointsConfig":{"n":{"Aliases":["a\nb"]}}}}"#.to_string(), "NetworkingConfig.EndpointsConfig.Aliases"),
+            (r#"{"Image":"busybox","NetworkingConfig":{"EndpointsConfig":{"n":{"IPAMConfig":{"IPv4Address":"x\ny"}}}}}"#.to_string(), "NetworkingConfig.EndpointsConfig.IPAMConfig.IPv4Address"),
+            (r#"{"Image":"busybox","NetworkingConfig":{"EndpointsConfig":{"n":{"IPAMConfig":{"IPv4Address":"fe80::1"}}}}}"#.to_string(), "NetworkingConfig.EndpointsConfig.IPAMConfig.IPv4Address"),
+            (r#"{"Image":"busybox","NetworkingConfig":{"EndpointsConfig":{"n":{"IPAMConfig":{"LinkLocalIPs":["169.254.0.1 x"]}}}}}"#.to_string(), "NetworkingConfig.EndpointsConfig.IPAMConfig.LinkLocalIPs"),
+            (hc(r#""LogConfig":{"Type":"json-file","Config":{"max-size":"-1"}}"#), "HostConfig.LogConfig.Config.max-size"),
+            (hc(r#""LogConfig":{"Type":"local","Config":{"max-size":"100g"}}"#), "HostConfig.LogConfig.Config.max-size"),
+            (hc(r#""LogConfig":{"Type":"json-file","Config":{"max-size":"1.5m"}}"#), "HostConfig.LogConfig.Config.max-size"),
+            (hc(r#""LogConfig":{"Type":"json-file","Config":{"max-file":"1000000"}}"#), "HostConfig.LogConfig.Config.max-file"),
+            (hc(r#""LogConfig":{"Type":"json-file","Config":{"max-file":"0"}}"#), "HostConfig.LogConfig.Config.max-file"),
         ] {
             let d = check(&body).unwrap_err();
             assert_eq!(d.rule, field, "{body}: {}", d.message);
             assert!(d.message.contains(field), "{}", d.message);
+        }
+    }
+
+    #[test]
+    fn log_sizes_and_endpoint_addresses_are_forwarded_as_regobox_writes_them() {
+        let plan = check(
+            r#"{"Image":"busybox","HostConfig":{"LogConfig":{"Type":"json-file","Config":{"max-size":"10M","max-file":"3"}}},
+                "NetworkingConfig":{"EndpointsConfig":{"jobs":{"Aliases":["db."],"IPAMConfig":{"IPv4Address":"172.30.0.5","IPv6Address":"FE80::1"}}}}}"#,
+        )
+        .unwrap();
+        let out = serde_json::to_value(&plan.body).unwrap();
+        assert_eq!(
+            out["HostConfig"]["LogConfig"]["Config"],
+            serde_json::json!({"max-size": "10485760", "max-file": "3"})
+        );
+        assert_eq!(
+            out["NetworkingConfig"]["EndpointsConfig"]["jobs"],
+            serde_json::json!({"Aliases": ["db"], "IPAMConfig": {"IPv4Address": "172.30.0.5", "IPv6Address": "fe80::1"}})
+        );
+        assert_eq!(log_size("1g"), Some(1 << 30));
+        for bad in ["", "-1", "1.5m", "10 m", "10t", "m"] {
+            assert_eq!(log_size(bad), None, "{bad:?}");
         }
     }
 

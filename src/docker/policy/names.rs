@@ -31,9 +31,16 @@ pub(super) fn host_name(value: Option<&str>) -> Result<Option<String>, Denied> {
     optional_name(value, "Hostname", "host", 64)
 }
 
-/// `Domainname`: a domain name (at most 253 bytes); empty is the engine's default.
+/// `Domainname`: a domain name; empty is the engine's default. At most 64 bytes, what the kernel
+/// keeps of the job's `kernel.domainname` (it cuts a longer one, where `/etc/hosts` has it
+/// whole).
 pub(super) fn domain_name(value: Option<&str>) -> Result<Option<String>, Denied> {
-    optional_name(value, "Domainname", "domain", 253)
+    optional_name(value, "Domainname", "domain", 64)
+}
+
+/// A network alias: a host name other jobs on the network resolve to this one.
+pub(super) fn alias(value: &str) -> Result<String, String> {
+    dns_name(value, 253).ok_or_else(|| "is not a host name".into())
 }
 
 /// A name of at most `max` bytes in `field`, or none (absent or empty).

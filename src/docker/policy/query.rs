@@ -248,7 +248,7 @@ pub const IMAGE_CREATE: &[(&str, Kind)] = &[
 pub const BUILD: &[(&str, Kind)] = &[
     ("dockerfile", Text),
     ("t", Repeated),
-    ("extrahosts", Text),
+    ("extrahosts", Repeated),
     ("q", Bool),
     ("nocache", Bool),
     ("cachefrom", Text),
