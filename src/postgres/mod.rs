@@ -1212,12 +1212,7 @@ impl Session {
                             };
                             bootstrap_part(config, &endpoint, config_dirs, part).await
                         })
-                        .await
-                        // Asked to stop as the server became ready: the command does not run.
-                        .and_then(|()| match cancel.is_cancelled() {
-                            true => Err(PostgresError::Interrupted),
-                            false => Ok(()),
-                        });
+                        .await;
                         // The server is stopped, and waited for, before regobox exits: the next
                         // command does not find it still shutting down.
                         if let Err(e) = ready {
@@ -1229,11 +1224,17 @@ impl Session {
                 }
             }
         };
-        Ok(Session {
+        let session = Session {
             endpoint,
             temporary,
             stop_timeout: pg.stop_timeout,
-        })
+        };
+        if cancel.is_cancelled() {
+            // Asked to stop as the database became ready: the command does not run.
+            let _ = session.close().await;
+            return Err(PostgresError::Interrupted);
+        }
+        Ok(session)
     }
 
     /// Stop the temporary server, if any.
