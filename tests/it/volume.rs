@@ -96,6 +96,24 @@ fn a_command_that_cannot_find_the_running_server_says_why_at_once() {
     run.stop();
 }
 
+/// A process stopped (SIGSTOP) until this is dropped (SIGCONT), the test failing or not.
+struct Stopped(i32);
+
+impl Stopped {
+    fn new(pid: i32) -> Stopped {
+        use nix::sys::signal::{Signal, kill};
+        kill(nix::unistd::Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        use nix::sys::signal::{Signal, kill};
+        let _ = kill(nix::unistd::Pid::from_raw(self.0), Signal::SIGCONT);
+    }
+}
+
 /// The pid of a PostgreSQL server whose parent is `parent` and that handles SIGINT, if there
 /// is one now.
 fn postgres_child_of(parent: i32) -> Option<i32> {
@@ -169,14 +187,7 @@ fn a_stop_while_the_server_starts_stops_it_before_regobox_exits() {
                     child.wait_with_output()
                 );
             };
-            kill(Pid::from_raw(server), Signal::SIGSTOP).unwrap();
-            struct Resume(i32);
-            impl Drop for Resume {
-                fn drop(&mut self) {
-                    let _ = kill(Pid::from_raw(self.0), Signal::SIGCONT);
-                }
-            }
-            let resume = Resume(server);
+            let resume = Stopped::new(server);
             kill(Pid::from_raw(parent), signal).unwrap();
             // regobox cannot have ended: its server, stopped, has not exited.
             std::thread::sleep(Duration::from_millis(500));
@@ -284,14 +295,7 @@ fn a_command_waiting_for_postgres_answers_ctrl_c_and_sigterm() {
         .unwrap()
         .parse()
         .unwrap();
-    kill(Pid::from_raw(postmaster), Signal::SIGSTOP).unwrap();
-    struct Resume(i32);
-    impl Drop for Resume {
-        fn drop(&mut self) {
-            let _ = kill(Pid::from_raw(self.0), Signal::SIGCONT);
-        }
-    }
-    let _resume = Resume(postmaster);
+    let _resume = Stopped::new(postmaster);
     for signal in [Signal::SIGINT, Signal::SIGTERM] {
         let mut child = a
             .command(&["psql", "-c", "SELECT 1"])

@@ -656,17 +656,8 @@ mod tests {
             assert_eq!(d.rule, field, "{raw}");
         }
         // Each host given, as regobox writes it.
-        let q = check_build_query(
-            parse(
-                "t=a&extrahosts=db%3A10.0.0.1&extrahosts=v6%3A%5Bfe80%3A%3A1%5D",
-                "build",
-                BUILD,
-            )
-            .unwrap(),
-            &limits,
-            "i1",
-        )
-        .unwrap();
+        let raw = "t=a&extrahosts=db%3A10.0.0.1&extrahosts=v6%3A%5Bfe80%3A%3A1%5D";
+        let q = check_build_query(parse(raw, "build", BUILD).unwrap(), &limits, "i1").unwrap();
         assert_eq!(
             q.all("extrahosts").collect::<Vec<_>>(),
             ["db:10.0.0.1", "v6:fe80::1"]
