@@ -498,6 +498,21 @@ pub fn check_import_changes(changes: &[&str]) -> Result<(), Denied> {
         "HEALTHCHECK",
     ];
     for change in changes {
+        // The engine joins the values with newlines and parses the whole as a Dockerfile: a
+        // value must be one instruction, alone on its line (an attacker's, twelfth session:
+        // `ENV A=b\nLABEL regobox.instance=...` stamped another instance's label). No line
+        // break or control character, no continuation into the next value (`\` or `` ` `` at
+        // the end), no comment or parser directive.
+        let trimmed = change.trim_end();
+        if change.chars().any(char::is_control)
+            || trimmed.ends_with(['\\', '`'])
+            || change.trim_start().starts_with('#')
+        {
+            return Err(deny(
+                "query.changes",
+                format!("{change:?} is not one instruction on a line of its own"),
+            ));
+        }
         let instruction = change
             .split_whitespace()
             .next()

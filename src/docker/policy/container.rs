@@ -196,7 +196,7 @@ pub fn check_create(req: &ContainerCreate, policy: &CreatePolicy) -> Result<Crea
         stdin_once: req.stdin_once,
         env: req.env.clone(),
         cmd: req.cmd.clone(),
-        healthcheck: req.healthcheck.clone(),
+        healthcheck: check_healthcheck(&req.healthcheck)?,
         args_escaped: req.args_escaped,
         image: Some(image.clone()),
         volumes: None,
@@ -584,6 +584,30 @@ fn check_log_config(config: &Option<LogConfig>) -> Result<Option<LogConfig>, Den
                 })?
                 .to_string();
         }
+        if let Some(v) = m.get_mut("max-buffer-size") {
+            let bytes = log_size(v).filter(|b| (1..=LOG_MAX_BUFFER).contains(b));
+            *v = bytes
+                .ok_or_else(|| {
+                    deny(
+                        "HostConfig.LogConfig.Config.max-buffer-size",
+                        format!(
+                            "{v:?} is not a size from 1 byte to {} MiB (the engine's memory)",
+                            LOG_MAX_BUFFER >> 20
+                        ),
+                    )
+                })?
+                .to_string();
+        }
+        // A template the engine runs for every line (an attacker's, twelfth session: `{{pad ..}}`
+        // made 10 MB of log of 16 bytes, `{{.Hostname}}` printed the host's name): plain text.
+        if let Some(v) = m.get("tag")
+            && (v.contains("{{") || v.chars().any(char::is_control) || v.len() > 256)
+        {
+            return Err(deny(
+                "HostConfig.LogConfig.Config.tag",
+                format!("{v:?} is not a plain tag (no template, at most 256 bytes)"),
+            ));
+        }
         if let Some(v) = m.get_mut("max-file") {
             let files = v
                 .parse::<u32>()
@@ -602,9 +626,30 @@ fn check_log_config(config: &Option<LogConfig>) -> Result<Option<LogConfig>, Den
     Ok(Some(LogConfig { kind, config }))
 }
 
+/// A health check runs in the job but is started by the engine, outside the job's CPU limit
+/// (an attacker's, twelfth session: every millisecond took 0.3 of a core of the engine's):
+/// at most one a second.
+fn check_healthcheck(
+    check: &Option<crate::docker::model::Healthcheck>,
+) -> Result<Option<crate::docker::model::Healthcheck>, Denied> {
+    const SECOND: i64 = 1_000_000_000;
+    if let Some(interval) = check.as_ref().and_then(|c| c.interval)
+        && interval != 0
+        && interval < SECOND
+    {
+        return Err(deny(
+            "Healthcheck.Interval",
+            format!("{interval} ns: 0 (the image's) or at least one second"),
+        ));
+    }
+    Ok(check.clone())
+}
+
 /// The largest log file a job may ask for, and how many it may keep.
 const LOG_MAX_SIZE: u64 = 1 << 30;
 const LOG_MAX_FILES: u32 = 10;
+/// The most the engine may hold in memory for a job's log in `non-blocking` mode.
+const LOG_MAX_BUFFER: u64 = 16 << 20;
 
 /// A size as the engine's log drivers read it: digits, then an optional unit (k, m or g, with
 /// or without b, any case), in bytes. None for anything else (a sign, a fraction, spaces).
@@ -728,7 +773,7 @@ fn check_endpoint(s: &EndpointSettings, field: &str) -> Result<EndpointSettings,
                 link_local_ips: names::each(
                     ipam.link_local_ips.as_deref(),
                     &format!("{field}.IPAMConfig.LinkLocalIPs"),
-                    names::dns_server,
+                    names::link_local,
                 )?,
             })
         }
@@ -1141,6 +1186,11 @@ mod tests {
             (hc(r#""LogConfig":{"Type":"json-file","Config":{"max-size":"1.5m"}}"#), "HostConfig.LogConfig.Config.max-size"),
             (hc(r#""LogConfig":{"Type":"json-file","Config":{"max-file":"1000000"}}"#), "HostConfig.LogConfig.Config.max-file"),
             (hc(r#""LogConfig":{"Type":"json-file","Config":{"max-file":"0"}}"#), "HostConfig.LogConfig.Config.max-file"),
+            (hc(r#""LogConfig":{"Type":"json-file","Config":{"tag":"{{pad \"x\" 0 5000000}}"}}"#), "HostConfig.LogConfig.Config.tag"),
+            (hc(r#""LogConfig":{"Type":"json-file","Config":{"mode":"non-blocking","max-buffer-size":"100g"}}"#), "HostConfig.LogConfig.Config.max-buffer-size"),
+            (r#"{"Image":"busybox","Healthcheck":{"Test":["CMD","true"],"Interval":1000000}}"#.to_string(), "Healthcheck.Interval"),
+            (r#"{"Image":"busybox","NetworkingConfig":{"EndpointsConfig":{"n":{"IPAMConfig":{"LinkLocalIPs":["172.17.0.2"]}}}}}"#.to_string(), "NetworkingConfig.EndpointsConfig.IPAMConfig.LinkLocalIPs"),
+            (r#"{"Image":"busybox","Healthcheck":{"Test":["CMD","true"],"Interval":-5}}"#.to_string(), "Healthcheck.Interval"),
         ] {
             let d = check(&body).unwrap_err();
             assert_eq!(d.rule, field, "{body}: {}", d.message);

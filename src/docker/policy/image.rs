@@ -209,6 +209,17 @@ mod tests {
                 "query.changes",
             ),
             ("fromSrc=-&changes=VOLUME+%2Fdata", "query.changes"),
+            // An attacker's (twelfth session): a second instruction on a line of its own.
+            (
+                "fromSrc=-&changes=ENV+A%3Db%0ALABEL+regobox.instance%3Dother",
+                "query.changes",
+            ),
+            ("fromSrc=-&changes=ENV+A%3Db%0DVOLUME+%2Fv", "query.changes"),
+            (
+                "fromSrc=-&changes=ENV+A%3Db+%5C&changes=VOLUME+%2Fv",
+                "query.changes",
+            ),
+            ("fromSrc=-&changes=%23+escape%3D%60", "query.changes"),
             ("fromImage=a%3F%2Fb&tag=1", "query.fromImage"),
             ("fromImage=a&tag=1&changes=CMD+x", "query.fromSrc"),
             ("", "query.fromImage"),

@@ -93,6 +93,16 @@ pub(super) fn dns_server(value: &str) -> Result<String, String> {
         .map_err(|_| "is not an IP address".into())
 }
 
+/// A link-local address (169.254.0.0/16, fe80::/10): another would be another host's or
+/// container's on the network.
+pub(super) fn link_local(value: &str) -> Result<String, String> {
+    match value.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) if ip.is_link_local() => Ok(ip.to_string()),
+        Ok(IpAddr::V6(ip)) if (ip.segments()[0] & 0xffc0) == 0xfe80 => Ok(ip.to_string()),
+        _ => Err("is not a link-local address".into()),
+    }
+}
+
 /// A search domain.
 pub(super) fn search_domain(value: &str) -> Result<String, String> {
     dns_name(value, 253).ok_or_else(|| "is not a domain name".into())
