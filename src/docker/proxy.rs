@@ -545,11 +545,18 @@ impl Proxy {
             Endpoint::ImageRemove => {
                 let name = &captures[0];
                 let q = query::parse(&raw_query, "an image remove", query::IMAGE_REMOVE)?;
-                let id = self.owned_image(name).await?;
-                // By the name asked for: by id, a forced remove would drop every tag of the image.
+                let img = self.owned_image_inspect(name).await?;
+                let id = img.id.clone().unwrap_or_default();
+                // By the tag asked for, written in full (a forced remove by id would drop every
+                // tag of the image); else by the full id judged. Never by a name the engine could
+                // read as something else once the tag is gone (an attacker's, twelfth session:
+                // a tag `816ac826f8e2:latest` of its own, removed, then `816ac826f8e2` asked for
+                // by an id prefix another image's).
+                let by = removal_target(name, img.repo_tags.as_deref().unwrap_or_default())
+                    .unwrap_or_else(|| id.clone());
                 let req = retarget(
                     self.no_body(req).await?,
-                    &target(&format!("/images/{name}"), &q),
+                    &target(&format!("/images/{by}"), &q),
                 )?;
                 let response = self.forward(req, Payload::Empty, None).await?;
                 if response.status().is_success() {
@@ -2041,9 +2048,71 @@ impl<F: FnOnce(&[u8]) -> Recording + Unpin> hyper::body::Body for OnEnd<F> {
     }
 }
 
+/// The tag `name` names among the image's `tags` (the engine's familiar spellings), with its tag
+/// written out (`:latest` when none was given): what an image remove is forwarded as. None when
+/// `name` was read as an id or a digest.
+fn removal_target(name: &str, tags: &[String]) -> Option<String> {
+    if name.contains('@') {
+        return None;
+    }
+    let last = name.rsplit('/').next().unwrap_or(name);
+    let tagged = if last.contains(':') {
+        name.to_string()
+    } else {
+        format!("{name}:latest")
+    };
+    let familiar = [
+        "docker.io/library/",
+        "index.docker.io/library/",
+        "docker.io/",
+        "index.docker.io/",
+    ]
+    .iter()
+    .find_map(|prefix| tagged.strip_prefix(prefix))
+    .unwrap_or(&tagged);
+    let tag = tags.iter().find(|t| *t == familiar)?;
+    // In full: no spelling of it is also one of an id (`sha256:<prefix>` is the tag of a
+    // repository `sha256` too).
+    let first = tag.split('/').next().unwrap_or(tag);
+    let registry = tag.contains('/') && (first.contains(['.', ':']) || first == "localhost");
+    Some(match (registry, tag.contains('/')) {
+        (true, _) => tag.clone(),
+        (false, true) => format!("docker.io/{tag}"),
+        (false, false) => format!("docker.io/library/{tag}"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
+
     use super::*;
+
+    #[test]
+    fn an_image_remove_is_forwarded_by_the_tag_written_out_in_full_or_the_id() {
+        let tags = vec!["816ac826f8e2:latest".to_string(), "lab/app:1".to_string()];
+        let target = |name: &str, tags: &[String]| removal_target(name, tags);
+        assert_eq!(
+            target("816ac826f8e2", &tags).as_deref(),
+            Some("docker.io/library/816ac826f8e2:latest")
+        );
+        assert_eq!(
+            target("docker.io/lab/app:1", &tags).as_deref(),
+            Some("docker.io/lab/app:1")
+        );
+        assert_eq!(target("lab/app", &tags), None);
+        assert_eq!(target("816ac8", &tags), None);
+        assert_eq!(target("lab/app@sha256:abc", &tags), None);
+        let sha = vec!["sha256:e29740426826".to_string()];
+        assert_eq!(
+            target("sha256:e29740426826", &sha).as_deref(),
+            Some("docker.io/library/sha256:e29740426826")
+        );
+        let registry = vec!["127.0.0.1:5000/x:latest".to_string()];
+        assert_eq!(
+            target("127.0.0.1:5000/x", &registry).as_deref(),
+            Some("127.0.0.1:5000/x:latest")
+        );
+    }
 
     #[test]
     fn list_queries_get_the_instance_filter() {
