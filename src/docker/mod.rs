@@ -174,6 +174,7 @@ impl Bridge {
             max_build_context: d.max_build_context,
             spool_dir: std::env::temp_dir(),
             spools: Arc::new(tokio::sync::Semaphore::new(d.max_spooled)),
+            builds: Default::default(),
             max_connections: d.max_connections,
             idle_timeout: d.idle_timeout,
             freeze_journal,

@@ -182,6 +182,12 @@ pub struct Proxy {
     /// time make the engine mount binds.
     pub freeze_journal: PathBuf,
     pub freezing: tokio::sync::Mutex<()>,
+    /// Held (read) by each build until its output ends, taken (write) by an image remove: the
+    /// names a build's Dockerfile reads, judged the instance's before the build, stay so while
+    /// the engine reads them again. (An attacker's, twelfth session: its own tag named like
+    /// another image's id prefix, removed mid-build, made `FROM` that other image; a tag naming
+    /// a registry, removed, made the engine pull from it.)
+    pub builds: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// Serve `listener` until `shutdown` (open streams, such as a followed log, go on until the
@@ -545,6 +551,8 @@ impl Proxy {
             Endpoint::ImageRemove => {
                 let name = &captures[0];
                 let q = query::parse(&raw_query, "an image remove", query::IMAGE_REMOVE)?;
+                // After the builds in progress: no name one reads changes under it.
+                let _no_build = self.builds.write().await;
                 let img = self.owned_image_inspect(name).await?;
                 let id = img.id.clone().unwrap_or_default();
                 // By the tag asked for, written in full (a forced remove by id would drop every
@@ -874,6 +882,8 @@ impl Proxy {
         // broken pipe instead of the reason.
         let (parts, body) = req.into_parts();
         let (spool, turn) = self.spool(body, "the build context").await?;
+        // Before the Dockerfile's images are judged, until the build's output ends.
+        let building = self.builds.clone().read_owned().await;
         let q = query::parse(raw_query, "a build", query::BUILD)?;
         let q = build::check_build_query(q, &self.policy.limits, &self.instance)?;
         for tag in q.all("t") {
@@ -922,6 +932,13 @@ impl Proxy {
         let q_path = format!("{path}?{}", q.encode());
         let request = retarget(request, &q_path)?;
         let response = self.forward(request, Payload::Tar(Some(len)), None).await?;
+        let response = response.map(|body| {
+            body.map_frame(move |frame| {
+                let _building = &building;
+                frame
+            })
+            .boxed()
+        });
         Ok(Done {
             response,
             object: q.get("t").map(str::to_string),

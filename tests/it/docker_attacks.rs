@@ -2073,6 +2073,85 @@ fn a_build_context_is_bounded_once_decompressed_and_its_long_names_by_what_they_
     b.stop();
 }
 
+/// Attack (twelfth session): the application tags an image of its own with another image's
+/// id prefix, builds `FROM` that name after a stage that sleeps, and removes its tag while the
+/// first stage sleeps: the engine, reading the name again for the second stage, took the other
+/// image (its files in a build labelled the instance's). A remove now waits for the builds in
+/// progress, so the name the build reads stays the instance's image.
+#[test]
+fn a_name_a_build_reads_cannot_be_removed_under_it() {
+    let b = Bridged::start("");
+    let port = b.inst.port;
+    let base = format!("regobox-test/busybox:rd{port}");
+    b.import_busybox(&base);
+    let made = OnEngine::default();
+    let victim = format!("regobox-test/victim-rd:{port}");
+    made.image(&victim);
+    foreign_image(b.inst.dir.path(), &victim, "the other's secret");
+    let victim_id = stdout(&engine(&[
+        "image", "inspect", "--format", "{{.Id}}", &victim,
+    ]));
+    let prefix = victim_id.trim().trim_start_matches("sha256:")[..12].to_string();
+    // A tag of the instance's named like the other image's id prefix.
+    let shadow = format!("{prefix}:latest");
+    made.image(&shadow);
+    let own = format!("FROM {base}\nRUN echo mine > /mine\n");
+    let (status, answer) = post_bytes(
+        &b.socket,
+        &format!("/v1.41/build?t={prefix}%3Alatest"),
+        "application/x-tar",
+        &context(&[("Dockerfile", 'f', &own)]),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let stolen = format!("regobox-test/stolen-rd:{port}");
+    made.image(&stolen);
+    let two_stages = format!("FROM {base} AS a\nRUN sleep 3\nFROM {prefix}\nLABEL read=1\n");
+    let socket = b.socket.clone();
+    let path = format!("/v1.41/build?t={}&nocache=1", stolen.replace(':', "%3A"));
+    let build = std::thread::spawn(move || {
+        post_bytes(
+            &socket,
+            &path,
+            "application/x-tar",
+            &context(&[("Dockerfile", 'f', &two_stages)]),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let (status, answer) = send(
+        &b.socket,
+        "DELETE",
+        &format!("/v1.41/images/{shadow}"),
+        "",
+        b"",
+    );
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = build.join().unwrap();
+    assert_eq!(status, 200, "{answer}");
+    // The build read the instance's image, never the other's.
+    let out = engine(&[
+        "run",
+        "--rm",
+        &stolen,
+        "/bin/busybox",
+        "cat",
+        "/etc/secret",
+        "/mine",
+    ]);
+    assert!(
+        !stdout(&out).contains("the other's secret"),
+        "the build read the other image: {}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("mine"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    // And the other image is still there.
+    assert!(engine(&["image", "inspect", &victim]).status.success());
+}
+
 /// Attack (eighth session): `restart?t=N` of a job that ignores SIGTERM held, for the whole
 /// `N` seconds, the turn that every start, copy and create waits for (the engine's restart
 /// mounts the binds after its wait); with `t` at 2^31 the socket was the application's no
