@@ -864,6 +864,15 @@ impl Proxy {
                 format!("refused by regobox's Docker policy: the tag {reference:?} exists and is not this instance's: it would be moved"),
             )
             .into()),
+            // Not a reference the engine reads (`Regobox:e2e`, a space): the client's error.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 400,
+                message,
+            }) => Err(Denied::new(
+                rule,
+                format!("refused by regobox's Docker policy: {reference:?} is not an image reference: {message}"),
+            )
+            .into()),
             Err(e) => Err(Refusal::Engine(format!("inspecting image {reference}: {e}"))),
         }
     }

@@ -791,6 +791,11 @@ fn images_never_move_anothers_tag_nor_make_the_engine_fetch() {
             "cgroupparent",
         ),
         ("/v1.41/build?t=x&cpushares=262144".to_string(), "cpushares"),
+        // An attacker's (twelfth session): a tag the engine cannot read (was regobox's 502).
+        (
+            "/v1.41/build?t=Regobox%3Ae2e".to_string(),
+            "not an image reference",
+        ),
         // An attacker's (twelfth session): lines of its own in the build's /etc/hosts.
         (
             "/v1.41/build?t=x&extrahosts=foo%0A6.6.6.6%20evil.example.com%0A%23%3A1.2.3.4"

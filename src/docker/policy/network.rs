@@ -17,7 +17,13 @@ pub fn check_network_create(req: &NetworkCreate, instance: &str) -> Result<Netwo
     if name.is_empty() {
         return Err(deny("Name", "is missing"));
     }
-    if is_default_network(&name) || name == "host" || !super::valid_new_name(&name) {
+    // The engine's own names, for networks it makes itself (swarm's `ingress` and
+    // `docker_gwbridge`, Windows' `nat`): one of the application's there would be taken for it.
+    const ENGINES: &[&str] = &["host", "ingress", "docker_gwbridge", "nat"];
+    if is_default_network(&name)
+        || ENGINES.contains(&name.as_str())
+        || !super::valid_new_name(&name)
+    {
         return Err(deny(
             "Name",
             format!(
@@ -105,6 +111,9 @@ mod tests {
     fn only_plain_bridges() {
         for (body, field) in [
             (r#"{"Name":"n","Driver":"macvlan"}"#, "Driver"),
+            // An attacker's (twelfth session): the engine's own names.
+            (r#"{"Name":"docker_gwbridge"}"#, "Name"),
+            (r#"{"Name":"ingress"}"#, "Name"),
             (r#"{"Name":"n","Driver":"ipvlan"}"#, "Driver"),
             (
                 r#"{"Name":"n","Options":{"com.docker.network.bridge.name":"docker0"}}"#,
