@@ -2078,6 +2078,60 @@ fn a_build_context_is_bounded_once_decompressed_and_its_long_names_by_what_they_
     b.stop();
 }
 
+/// Attack (twelfth session, the third attacker): a health check every millisecond (run by the
+/// engine, outside the job's CPU limit) baked into an imported image, then a create that gives
+/// none: the engine merges the image's. Judged as merged; an interval of the create's own is
+/// the way.
+#[test]
+fn a_health_check_more_often_than_a_second_is_refused_from_the_image_too() {
+    let b = Bridged::start("");
+    let tag = format!("regobox-test/hc-rd:{}", b.inst.port);
+    let made = OnEngine::default();
+    made.image(&tag);
+    let out = Command::new("docker")
+        .args([
+            "import",
+            "--change",
+            "HEALTHCHECK --interval=1ms CMD true",
+            "-",
+            &tag,
+        ])
+        .env("DOCKER_HOST", format!("unix://{}", b.socket.display()))
+        .stdin(std::fs::File::open(busybox_rootfs_tar(b.inst.dir.path())).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    for body in [
+        format!(r#"{{"Image":"{tag}","Cmd":["true"]}}"#),
+        format!(r#"{{"Image":"{tag}","Cmd":["true"],"Healthcheck":{{"Interval":0}}}}"#),
+    ] {
+        let (status, answer) = post(&b.socket, "/v1.41/containers/create", &body);
+        if let Some(id) = serde_json::from_str::<Value>(&answer)
+            .ok()
+            .and_then(|v| v["Id"].as_str().map(str::to_string))
+        {
+            made.container(&id);
+        }
+        assert_eq!(status, 403, "{body}: {answer}");
+        assert!(
+            message(&answer).contains("Healthcheck.Interval"),
+            "{answer}"
+        );
+    }
+    assert_eq!(containers_of(&tag), Vec::<String>::new());
+    let (status, answer) = post(
+        &b.socket,
+        "/v1.41/containers/create",
+        &format!(r#"{{"Image":"{tag}","Cmd":["true"],"Healthcheck":{{"Interval":2000000000}}}}"#),
+    );
+    assert_eq!(status, 201, "{answer}");
+    made.container(
+        serde_json::from_str::<Value>(&answer).unwrap()["Id"]
+            .as_str()
+            .unwrap(),
+    );
+}
+
 /// Attack (twelfth session): the application tags an image of its own with another image's
 /// id prefix, builds `FROM` that name after a stage that sleeps, and removes its tag while the
 /// first stage sleeps: the engine, reading the name again for the second stage, took the other

@@ -504,7 +504,9 @@ pub fn check_import_changes(changes: &[&str]) -> Result<(), Denied> {
         // break or control character, no continuation into the next value (`\` or `` ` `` at
         // the end), no comment or parser directive.
         let trimmed = change.trim_end();
-        if change.chars().any(char::is_control)
+        if change
+            .chars()
+            .any(|c| c.is_control() || (c.is_whitespace() && c != ' ' && c != '\t'))
             || trimmed.ends_with(['\\', '`'])
             || change.trim_start().starts_with('#')
         {

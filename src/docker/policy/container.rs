@@ -626,16 +626,18 @@ fn check_log_config(config: &Option<LogConfig>) -> Result<Option<LogConfig>, Den
     Ok(Some(LogConfig { kind, config }))
 }
 
+/// The shortest interval between a job's health checks: a second, in nanoseconds.
+pub const MIN_HEALTH_INTERVAL: i64 = 1_000_000_000;
+
 /// A health check runs in the job but is started by the engine, outside the job's CPU limit
 /// (an attacker's, twelfth session: every millisecond took 0.3 of a core of the engine's):
 /// at most one a second.
 fn check_healthcheck(
     check: &Option<crate::docker::model::Healthcheck>,
 ) -> Result<Option<crate::docker::model::Healthcheck>, Denied> {
-    const SECOND: i64 = 1_000_000_000;
     if let Some(interval) = check.as_ref().and_then(|c| c.interval)
         && interval != 0
-        && interval < SECOND
+        && interval < MIN_HEALTH_INTERVAL
     {
         return Err(deny(
             "Healthcheck.Interval",

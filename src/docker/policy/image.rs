@@ -220,6 +220,8 @@ mod tests {
                 "query.changes",
             ),
             ("fromSrc=-&changes=%23+escape%3D%60", "query.changes"),
+            // The third attacker's: a separator the engine splits words on.
+            ("fromSrc=-&changes=ENV+A%3Db%E2%80%A8C%3Dd", "query.changes"),
             ("fromImage=a%3F%2Fb&tag=1", "query.fromImage"),
             ("fromImage=a&tag=1&changes=CMD+x", "query.fromSrc"),
             ("", "query.fromImage"),
