@@ -1209,6 +1209,11 @@ impl Proxy {
             | Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
             }) => Err(Refusal::NotFound(missing)),
+            // A name the engine cannot read (`Regobox:e2e`): the client's error, not regobox's.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 400,
+                message,
+            }) => Err(Refusal::BadRequest(format!("{what}: {message}"))),
             Err(e) => Err(Refusal::Engine(format!("inspecting {what}: {e}"))),
         }
     }

@@ -389,6 +389,13 @@ nameserver 6.6.6.6"]}}}}"#
         "a refused create made a container"
     );
     assert_eq!(names(&["volume", "ls", "-q"]), volumes_before);
+    // An image name the engine cannot read is the client's error (was regobox's 502).
+    let (status, answer) = post(
+        &b.socket,
+        "/v1.41/containers/create",
+        r#"{"Image":"Regobox:E2E"}"#,
+    );
+    assert_eq!(status, 400, "{answer}");
 
     // The same names, well formed, reach the engine as regobox writes them.
     let (status, answer) = post(
