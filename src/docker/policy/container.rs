@@ -570,33 +570,24 @@ fn check_log_config(config: &Option<LogConfig>) -> Result<Option<LogConfig>, Den
     // session: `max-size = -1` lifted the engine's default rotation).
     let mut config = c.config.clone().filter(|m| !m.is_empty());
     if let Some(m) = config.as_mut() {
-        if let Some(v) = m.get_mut("max-size") {
-            let bytes = log_size(v).filter(|b| (1..=LOG_MAX_SIZE).contains(b));
-            *v = bytes
-                .ok_or_else(|| {
-                    deny(
-                        "HostConfig.LogConfig.Config.max-size",
-                        format!(
-                            "{v:?} is not a size from 1 byte to {} MiB (e.g. 10m)",
-                            LOG_MAX_SIZE >> 20
-                        ),
-                    )
-                })?
-                .to_string();
-        }
-        if let Some(v) = m.get_mut("max-buffer-size") {
-            let bytes = log_size(v).filter(|b| (1..=LOG_MAX_BUFFER).contains(b));
-            *v = bytes
-                .ok_or_else(|| {
-                    deny(
-                        "HostConfig.LogConfig.Config.max-buffer-size",
-                        format!(
-                            "{v:?} is not a size from 1 byte to {} MiB (the engine's memory)",
-                            LOG_MAX_BUFFER >> 20
-                        ),
-                    )
-                })?
-                .to_string();
+        for (key, max, what) in [
+            ("max-size", LOG_MAX_SIZE, "e.g. 10m"),
+            ("max-buffer-size", LOG_MAX_BUFFER, "the engine's memory"),
+        ] {
+            if let Some(v) = m.get_mut(key) {
+                let bytes = log_size(v).filter(|b| (1..=max).contains(b));
+                *v = bytes
+                    .ok_or_else(|| {
+                        deny(
+                            &format!("HostConfig.LogConfig.Config.{key}"),
+                            format!(
+                                "{v:?} is not a size from 1 byte to {} MiB ({what})",
+                                max >> 20
+                            ),
+                        )
+                    })?
+                    .to_string();
+            }
         }
         // A template the engine runs for every line (an attacker's, twelfth session: `{{pad ..}}`
         // made 10 MB of log of 16 bytes, `{{.Hostname}}` printed the host's name): plain text.
