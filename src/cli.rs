@@ -305,19 +305,7 @@ where
     F: std::future::Future<Output = Result<T, crate::postgres::PostgresError>>,
 {
     let cancel = CancellationToken::new();
-    let fut = open(cancel.clone());
-    tokio::pin!(fut);
-    let mut by = None;
-    let r = loop {
-        tokio::select! {
-            r = &mut fut => break r,
-            s = signals.recv(), if by.is_none() => {
-                by = Some(s);
-                cancel.cancel();
-            }
-        }
-    };
-    match (r, by) {
+    match signals.cancelling(open(cancel.clone()), &cancel).await {
         (Err(crate::postgres::PostgresError::Interrupted), Some(s)) => {
             anyhow::bail!("interrupted by {s} while opening the database")
         }

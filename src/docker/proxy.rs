@@ -627,29 +627,21 @@ impl Proxy {
                 // The health check the engine runs is the image's where the body leaves a part
                 // out (an attacker's, twelfth session: `HEALTHCHECK --interval=1ms` imported or
                 // built, then a create that gave none): judged as merged.
-                let own = plan.body.healthcheck.as_ref();
                 let theirs = image.config.as_ref().and_then(|c| c.healthcheck.as_ref());
-                let test = own
-                    .and_then(|h| h.test.clone())
-                    .filter(|t| !t.is_empty())
-                    .or_else(|| theirs.and_then(|h| h.test.clone()))
-                    .unwrap_or_default();
-                let interval = own
-                    .and_then(|h| h.interval)
-                    .filter(|i| *i != 0)
-                    .or_else(|| theirs.and_then(|h| h.interval))
-                    .unwrap_or(0);
-                if !test.is_empty()
-                    && test[0] != "NONE"
-                    && interval != 0
-                    && interval < container::MIN_HEALTH_INTERVAL
-                {
-                    return Err(Denied::new(
-                        "Healthcheck.Interval",
-                        format!("refused by regobox's Docker policy: the image {requested_image} runs its health check every {interval} ns: at least one second (give Healthcheck.Interval)"),
+                container::check_merged_healthcheck(
+                    plan.body.healthcheck.as_ref(),
+                    theirs.and_then(|h| h.test.as_deref()),
+                    theirs.and_then(|h| h.interval),
+                )
+                .map_err(|d| {
+                    Denied::new(
+                        &d.rule,
+                        format!(
+                            "{} (the image {requested_image}'s health check, merged)",
+                            d.message
+                        ),
                     )
-                    .into());
-                }
+                })?;
                 let mut networks = BTreeMap::new();
                 for network in &plan.networks {
                     // A 404 here would make the docker CLI try to pull the image: refuse instead.

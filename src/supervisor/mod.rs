@@ -65,6 +65,26 @@ impl StopSignals {
             _ = self.int.recv() => "SIGINT",
         }
     }
+
+    /// `fut` to its end, `cancel` cancelled at the first stop request meanwhile (whose name is
+    /// returned beside the outcome): `fut` decides what a cancellation undoes.
+    pub async fn cancelling<F: std::future::Future>(
+        &mut self,
+        fut: F,
+        cancel: &CancellationToken,
+    ) -> (F::Output, Option<&'static str>) {
+        tokio::pin!(fut);
+        let mut by = None;
+        loop {
+            tokio::select! {
+                r = &mut fut => return (r, by),
+                s = self.recv(), if by.is_none() => {
+                    by = Some(s);
+                    cancel.cancel();
+                }
+            }
+        }
+    }
 }
 
 /// What to bring up.
@@ -172,6 +192,18 @@ enum Database {
     },
     /// Another regobox's server, or the external one.
     Remote,
+}
+
+impl Database {
+    /// Stop the server if regobox runs it (fast shutdown, waited for up to
+    /// `postgres.stop_timeout`, then harder): for a run that ends before its services start.
+    async fn stop(&mut self, config: &Config) {
+        if let Database::Owned { server, .. } = self {
+            let _ = server
+                .stop(config.postgres.stop_timeout, std::future::pending())
+                .await;
+        }
+    }
 }
 
 /// What lives across cycles: the board and its writers, the accounts, the signals.
@@ -352,69 +384,7 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
             match cycle(loaded, &plan, &layout, &secrets, &mut p, opened).await? {
                 Cycle::Exit(code) => break Ok(code),
                 Cycle::Maintenance(request) => {
-                    p.maintenance.send_replace(Some(format!(
-                        "restoring {}",
-                        request.options.archive.display()
-                    )));
-                    // A stop request cancels the restore unless its data is being swapped in (then
-                    // it ends first); regobox then stops.
-                    let stop = CancellationToken::new();
-                    let withdrawn = request.withdrawn.clone();
-                    if withdrawn.is_cancelled() {
-                        tracing::warn!(
-                            "the restore's client went away while everything stopped for it: the restore is not started"
-                        );
-                        stop.cancel();
-                    }
-                    let restore = crate::backup::restore(
-                        config,
-                        &layout,
-                        &request.options,
-                        Some(request.verified.clone()),
-                        &stop,
-                    );
-                    tokio::pin!(restore);
-                    let mut stop_after = None;
-                    let result = loop {
-                        tokio::select! {
-                            r = &mut restore => break r,
-                            _ = withdrawn.cancelled(), if !stop.is_cancelled() => {
-                                tracing::warn!("the restore's client went away (Ctrl-C): cancelling the restore (unless its data is being swapped in); everything then starts again");
-                                stop.cancel();
-                            }
-                            s = p.signals.recv() => {
-                                tracing::warn!(signal = s, "stop requested during a restore: cancelling it (unless its data is being swapped in), then stopping");
-                                stop.cancel();
-                                stop_after = Some(s);
-                            }
-                        }
-                    };
-                    let reply = match &result {
-                        Ok(()) => control::Reply {
-                            code: exit::OK,
-                            message: "restore complete".into(),
-                        },
-                        Err(e)
-                            if e.downcast_ref::<crate::backup::RestoreCancelled>()
-                                .is_some() =>
-                        {
-                            tracing::warn!("{e:#}");
-                            control::Reply {
-                                code: exit::code_for(e),
-                                message: format!("{e:#}"),
-                            }
-                        }
-                        Err(e) => {
-                            tracing::error!("restore failed, the previous data is in place: {e:#}");
-                            control::Reply {
-                                code: exit::code_for(e),
-                                message: format!("{e:#}"),
-                            }
-                        }
-                    };
-                    let _ = request.reply.send(reply);
-                    p.maintenance.send_replace(None);
-                    if stop_after.is_some() {
+                    if restore_while_running(config, &layout, &mut p, *request).await {
                         break Ok(exit::OK);
                     }
                 }
@@ -439,6 +409,81 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
         control.close(Duration::from_secs(5)).await;
     }
     ran
+}
+
+/// A restore asked of the running regobox, everything stopped for it: done, cancelled (its
+/// client went away, or a stop request came, unless its data is being swapped in) or failed,
+/// with the previous data in place; its client is answered. True when a stop request came
+/// (regobox then exits).
+async fn restore_while_running(
+    config: &Config,
+    layout: &Layout,
+    p: &mut Persistent,
+    request: control::Request,
+) -> bool {
+    p.maintenance.send_replace(Some(format!(
+        "restoring {}",
+        request.options.archive.display()
+    )));
+    // A stop request cancels the restore unless its data is being swapped in (then
+    // it ends first); regobox then stops.
+    let stop = CancellationToken::new();
+    let withdrawn = request.withdrawn.clone();
+    if withdrawn.is_cancelled() {
+        tracing::warn!(
+            "the restore's client went away while everything stopped for it: the restore is not started"
+        );
+        stop.cancel();
+    }
+    let restore = crate::backup::restore(
+        config,
+        layout,
+        &request.options,
+        Some(request.verified.clone()),
+        &stop,
+    );
+    tokio::pin!(restore);
+    let mut stop_after = false;
+    let result = loop {
+        tokio::select! {
+            r = &mut restore => break r,
+            _ = withdrawn.cancelled(), if !stop.is_cancelled() => {
+                tracing::warn!("the restore's client went away (Ctrl-C): cancelling the restore (unless its data is being swapped in); everything then starts again");
+                stop.cancel();
+            }
+            s = p.signals.recv() => {
+                tracing::warn!(signal = s, "stop requested during a restore: cancelling it (unless its data is being swapped in), then stopping");
+                stop.cancel();
+                stop_after = true;
+            }
+        }
+    };
+    let reply = match &result {
+        Ok(()) => control::Reply {
+            code: exit::OK,
+            message: "restore complete".into(),
+        },
+        Err(e)
+            if e.downcast_ref::<crate::backup::RestoreCancelled>()
+                .is_some() =>
+        {
+            tracing::warn!("{e:#}");
+            control::Reply {
+                code: exit::code_for(e),
+                message: format!("{e:#}"),
+            }
+        }
+        Err(e) => {
+            tracing::error!("restore failed, the previous data is in place: {e:#}");
+            control::Reply {
+                code: exit::code_for(e),
+                message: format!("{e:#}"),
+            }
+        }
+    };
+    let _ = request.reply.send(reply);
+    p.maintenance.send_replace(None);
+    stop_after
 }
 
 /// One cycle: bring the database, the services and the scheduler up, supervise them until a
@@ -476,28 +521,18 @@ async fn cycle(
         space.observer(),
         &starting,
     );
-    tokio::pin!(up);
-    let up = loop {
-        tokio::select! {
-            r = &mut up => break r,
-            s = p.signals.recv(), if !starting.is_cancelled() => {
-                tracing::info!(signal = s, "stop requested during start-up");
-                starting.cancel();
-            }
-        }
-    };
+    let (up, stopped_by) = p.signals.cancelling(up, &starting).await;
+    if let Some(s) = stopped_by {
+        tracing::info!(signal = s, "stop requested during start-up");
+    }
     let (mut database, endpoint) = match up {
-        Ok(up) if !starting.is_cancelled() => up,
+        Ok(up) if stopped_by.is_none() => up,
         Ok((mut database, _)) => {
             // Up just as the stop came.
-            if let Database::Owned { server, .. } = &mut database {
-                let _ = server
-                    .stop(config.postgres.stop_timeout, std::future::pending())
-                    .await;
-            }
+            database.stop(config).await;
             return Ok(Cycle::Exit(exit::OK));
         }
-        Err(e) if starting.is_cancelled() => {
+        Err(e) if stopped_by.is_some() => {
             tracing::debug!(error = %format!("{e:#}"), "start-up cancelled");
             return Ok(Cycle::Exit(exit::OK));
         }
@@ -513,11 +548,7 @@ async fn cycle(
     let env = match prepared {
         Ok(env) => env,
         Err(e) => {
-            if let Database::Owned { server, .. } = &mut database {
-                let _ = server
-                    .stop(config.postgres.stop_timeout, std::future::pending())
-                    .await;
-            }
+            database.stop(config).await;
             return Err(e);
         }
     };

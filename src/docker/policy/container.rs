@@ -618,7 +618,7 @@ fn check_log_config(config: &Option<LogConfig>) -> Result<Option<LogConfig>, Den
 }
 
 /// The shortest interval between a job's health checks: a second, in nanoseconds.
-pub const MIN_HEALTH_INTERVAL: i64 = 1_000_000_000;
+const MIN_HEALTH_INTERVAL: i64 = 1_000_000_000;
 
 /// A health check runs in the job but is started by the engine, outside the job's CPU limit
 /// (an attacker's, twelfth session: every millisecond took 0.3 of a core of the engine's):
@@ -636,6 +636,34 @@ fn check_healthcheck(
         ));
     }
     Ok(check.clone())
+}
+
+/// The health check the engine runs, the image's (`image_test`, `image_interval`) where the
+/// create's leaves a part out, judged as merged (an attacker's, twelfth session:
+/// `HEALTHCHECK --interval=1ms` imported or built into an image, then a create that gave none).
+pub fn check_merged_healthcheck(
+    own: Option<&crate::docker::model::Healthcheck>,
+    image_test: Option<&[String]>,
+    image_interval: Option<i64>,
+) -> Result<(), Denied> {
+    let test = own
+        .and_then(|h| h.test.as_deref())
+        .filter(|t| !t.is_empty())
+        .or(image_test)
+        .unwrap_or_default();
+    let interval = own
+        .and_then(|h| h.interval)
+        .filter(|i| *i != 0)
+        .or(image_interval)
+        .unwrap_or(0);
+    if test.first().is_some_and(|t| t != "NONE") && interval != 0 && interval < MIN_HEALTH_INTERVAL
+    {
+        return Err(deny(
+            "Healthcheck.Interval",
+            format!("{interval} ns: at least one second (give Healthcheck.Interval)"),
+        ));
+    }
+    Ok(())
 }
 
 /// The largest log file a job may ask for, and how many it may keep.
@@ -1189,6 +1217,26 @@ mod tests {
             assert_eq!(d.rule, field, "{body}: {}", d.message);
             assert!(d.message.contains(field), "{}", d.message);
         }
+    }
+
+    #[test]
+    fn a_health_check_is_judged_merged_with_the_images() {
+        use crate::docker::model::Healthcheck;
+        let test = ["CMD".to_string(), "true".to_string()];
+        let none = ["NONE".to_string()];
+        let every = |interval| Healthcheck {
+            interval: Some(interval),
+            ..Default::default()
+        };
+        assert!(check_merged_healthcheck(None, Some(&test), Some(1_000_000)).is_err());
+        assert!(check_merged_healthcheck(Some(&every(0)), Some(&test), Some(1_000_000)).is_err());
+        assert!(
+            check_merged_healthcheck(Some(&every(2_000_000_000)), Some(&test), Some(1_000_000))
+                .is_ok()
+        );
+        assert!(check_merged_healthcheck(None, Some(&none), Some(1_000_000)).is_ok());
+        assert!(check_merged_healthcheck(None, Some(&test), None).is_ok());
+        assert!(check_merged_healthcheck(None, None, Some(1_000_000)).is_ok());
     }
 
     #[test]
