@@ -22,7 +22,6 @@ use super::{
 };
 
 /// What a connection's requests share.
-#[derive(Clone)]
 pub struct ConnCtx {
     shared: Arc<Shared>,
     peer: SocketAddr,
@@ -32,6 +31,18 @@ pub struct ConnCtx {
     activity: Arc<Activity>,
     /// Between this connection's request handler and its framing follower (HTTP/1.1).
     signals: Arc<Signals>,
+    /// The fields regobox added to this connection's last request that brought no forwarding
+    /// fields of its own (see [`ConnCtx::added`]).
+    added: std::sync::Mutex<Option<AddedFor>>,
+}
+
+/// What regobox adds to a request (the forwarding fields, and Host where it names it), as
+/// written, and what made it: for a request without forwarding fields of its own, that is the
+/// connection's peer and scheme, which do not change, and the host named.
+struct AddedFor {
+    host_kept: bool,
+    named: Box<str>,
+    text: Bytes,
 }
 
 impl ConnCtx {
@@ -51,11 +62,12 @@ impl ConnCtx {
             https,
             activity,
             signals,
+            added: std::sync::Mutex::new(None),
         }
     }
 
     pub fn service(
-        self,
+        self: Arc<Self>,
     ) -> impl hyper::service::Service<
         Request<Incoming>,
         Response = Response<Body>,
@@ -63,7 +75,7 @@ impl ConnCtx {
         Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
     > + Clone {
         // One pointer to clone per request, not each of the context's own.
-        let this = Arc::new(self);
+        let this = self;
         hyper::service::service_fn(move |req| {
             let ctx = this.clone();
             // Boxed: hyper moves the future several times on its way into a task (one per
@@ -149,8 +161,11 @@ impl ConnCtx {
                     ),
                 ));
             }
-            let host = request_host(req.uri(), fields.host.as_ref())
-                .unwrap_or_else(|| cfg.hostnames[0].clone());
+            // The host alone, as regobox names it (made where it is needed: most requests
+            // are forwarded with the host they name).
+            let host_named = |uri: &Uri| {
+                request_host(uri, fields.host.as_ref()).unwrap_or_else(|| cfg.hostnames[0].clone())
+            };
             let uri_path = target.path();
             if !self.https {
                 if let Some(token) = uri_path.strip_prefix(acme::CHALLENGE_PREFIX) {
@@ -166,7 +181,9 @@ impl ConnCtx {
                     .iter()
                     .any(|p| plain_path_matches(uri_path, p));
                 if cfg.redirect_http && cfg.https_port != 0 && !plain {
+                    let host;
                     let public_host = if cfg.public_host.is_empty() {
+                        host = host_named(req.uri());
                         &host
                     } else {
                         &cfg.public_host
@@ -276,19 +293,19 @@ impl ConnCtx {
                 && fields.host.as_ref().is_some_and(|h| !h.is_empty())
                 && (!fields.hop_by_hop || parts.headers.contains_key(header::HOST));
             let kept = host_kept.then(|| parts.headers.get(header::HOST).cloned());
+            let host;
             let named = match (&kept, parts.uri.authority()) {
-                (Some(Some(v)), _) => v.to_str().unwrap_or(&host),
+                (Some(Some(v)), _) if v.to_str().is_ok() => v.to_str().unwrap_or_default(),
                 (_, Some(a)) => a.as_str(),
-                _ => &host,
-            };
-            let mut added = Added::with_capacity(160 + 2 * named.len());
-            if !host_kept {
-                if fields.host.is_some() {
-                    parts.headers.remove(header::HOST);
+                _ => {
+                    host = host_named(&parts.uri);
+                    &host
                 }
-                added.push(&header::HOST, &[named.as_bytes()]);
+            };
+            if !host_kept && fields.host.is_some() {
+                parts.headers.remove(header::HOST);
             }
-            self.forwarding_fields(&mut parts.headers, &mut added, named, fields.forwarding);
+            let added = self.added(&mut parts.headers, host_kept, named, fields.forwarding);
             // Origin form (`/path?query`); the Host header says the rest. An empty target (see
             // `origin_form`) would go out as nothing at all: `/`.
             parts.uri = Uri::from(target.clone());
@@ -576,6 +593,40 @@ impl ConnCtx {
             return Some(format!("Maintenance in progress ({why})"));
         }
         (!board.ready()).then(|| "The service is starting".to_string())
+    }
+
+    /// The connection is parked (idle): what it kept for its next request goes.
+    pub fn parked(&self) {
+        *self.added.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// The fields regobox adds to a request: Host naming `named` unless the request's own is
+    /// kept, and the forwarding fields (see [`ConnCtx::forwarding_fields`]). A request that
+    /// brings no forwarding fields (`present` false) gets the same text as the connection's last
+    /// such request naming the same host: made once, not for every request.
+    fn added(&self, headers: &mut HeaderMap, host_kept: bool, named: &str, present: bool) -> Bytes {
+        let last = || self.added.lock().unwrap_or_else(|e| e.into_inner());
+        if !present {
+            if let Some(a) = &*last() {
+                if a.host_kept == host_kept && *a.named == *named {
+                    return a.text.clone();
+                }
+            }
+        }
+        let mut added = Added::with_capacity(160 + 2 * named.len());
+        if !host_kept {
+            added.push(&header::HOST, &[named.as_bytes()]);
+        }
+        self.forwarding_fields(headers, &mut added, named, present);
+        let text = added.into_bytes();
+        if !present {
+            *last() = Some(AddedFor {
+                host_kept,
+                named: named.into(),
+                text: text.clone(),
+            });
+        }
+        text
     }
 
     /// X-Real-IP, X-Forwarded-For/-Proto/-Host and Forwarded, said by regobox (in `added`);

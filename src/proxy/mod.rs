@@ -1165,13 +1165,13 @@ async fn serve_h2(
 ) {
     let cfg = &shared.config;
     let force = shared.force.clone();
-    let ctx = forward::ConnCtx::new(
+    let ctx = Arc::new(forward::ConnCtx::new(
         shared.clone(),
         peer,
         true,
         activity.clone(),
         Arc::new(framing::Signals::default()),
-    );
+    ));
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
         .max_header_list_size(cfg.max_header_bytes as u32)
@@ -1225,13 +1225,13 @@ async fn serve_h1<S>(
         signals.clone(),
         Some(activity.clone()),
     );
-    let ctx = forward::ConnCtx::new(
+    let ctx = Arc::new(forward::ConnCtx::new(
         shared.clone(),
         peer,
         https,
         activity.clone(),
         signals.clone(),
-    );
+    ));
     loop {
         // Boxed, hyper's connection with it: freed when the connection is parked, so that a
         // parked connection holds only what is below.
@@ -1249,6 +1249,7 @@ async fn serve_h1<S>(
             return;
         };
         io = back;
+        ctx.parked();
         tracing::debug!(target: "regobox::proxy", peer = %peer, "idle connection parked");
         count_release();
         if !read_buf.is_empty() {
@@ -1277,7 +1278,7 @@ async fn serve_h1<S>(
 async fn serve_until_parked<S>(
     io: framing::Framing<S>,
     shared: &Shared,
-    ctx: forward::ConnCtx,
+    ctx: Arc<forward::ConnCtx>,
     activity: &Activity,
     signals: &framing::Signals,
     plain: bool,

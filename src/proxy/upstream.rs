@@ -419,7 +419,7 @@ impl Pool {
     pub async fn send(
         self: &Arc<Self>,
         req: Request<Body>,
-        added: &Added,
+        added: &[u8],
     ) -> Result<Response<Pooled>, Error> {
         let (parts, body) = req.into_parts();
         let (mut head, framing) = request_head(&parts, added, &body).map_err(Error::Request)?;
@@ -743,6 +743,17 @@ impl Added {
         self.text.extend_from_slice(b"\r\n");
         true
     }
+
+    /// The fields as written: each line `name: value` and its CRLF.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.text
+    }
+
+    /// [`Added::as_bytes`], kept: shared by the requests that add the same (see
+    /// `forward::ConnCtx::added`).
+    pub fn into_bytes(self) -> Bytes {
+        Bytes::from(self.text)
+    }
 }
 
 /// Whether `value` may be a field's value: no control character but tab (as `HeaderValue`).
@@ -771,7 +782,7 @@ fn field_value(value: &[u8]) -> bool {
 /// The request's head as it goes out, and its body's framing. `Err`: what makes it unsendable.
 fn request_head(
     parts: &hyper::http::request::Parts,
-    added: &Added,
+    added: &[u8],
     body: &Body,
 ) -> Result<(Vec<u8>, Framing), &'static str> {
     let length = content_length(
@@ -797,7 +808,7 @@ fn request_head(
     };
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let target = if target.is_empty() { "/" } else { target };
-    let mut head = Vec::with_capacity(256 + parts.headers.len() * 48 + added.text.len());
+    let mut head = Vec::with_capacity(256 + parts.headers.len() * 48 + added.len());
     head.extend_from_slice(parts.method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(target.as_bytes());
@@ -812,7 +823,7 @@ fn request_head(
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
-    head.extend_from_slice(&added.text);
+    head.extend_from_slice(added);
     if let Some(n) = length.or(match framing {
         Framing::Length(n) => Some(n),
         _ => None,
@@ -1407,12 +1418,12 @@ mod tests {
 
     /// The body of `path` through `pool`, read to the end.
     async fn fetch(pool: &Arc<Pool>, path: &str) -> Bytes {
-        let r = pool.send(get(path), &NO_FIELDS).await.unwrap();
+        let r = pool.send(get(path), NO_FIELDS).await.unwrap();
         r.into_body().collect().await.unwrap().to_bytes()
     }
 
     /// No fields added to the requests of these tests.
-    static NO_FIELDS: Added = Added { text: Vec::new() };
+    static NO_FIELDS: &[u8] = b"";
 
     /// A POST of `body` (its size known) to `path`.
     fn post(path: &str, body: &'static [u8]) -> Request<Body> {
@@ -1444,7 +1455,7 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 1);
 
         // A body abandoned half-way: its connection is not pooled.
-        let r = pool.send(get("/big"), &NO_FIELDS).await.unwrap();
+        let r = pool.send(get("/big"), NO_FIELDS).await.unwrap();
         let mut body = r.into_body();
         let first = body.frame().await.unwrap().unwrap();
         assert!(first.data_ref().is_some_and(|d| d.len() < 8 << 20));
@@ -1503,7 +1514,7 @@ mod tests {
         let pool = Pool::new(&uri, Duration::from_secs(2), 2);
         // Five at once: five connections, two kept.
         let responses = futures_util::future::join_all(
-            (0..5).map(|i| pool.send(get(&format!("/{i}")), &NO_FIELDS)),
+            (0..5).map(|i| pool.send(get(&format!("/{i}")), NO_FIELDS)),
         )
         .await;
         for r in responses {
@@ -1695,7 +1706,7 @@ mod tests {
         for (answer, why) in refused {
             let (uri, _, _) = raw(vec![answer.as_bytes().to_vec()], false).await;
             let pool = Pool::new(&uri, Duration::from_secs(2), 4);
-            match pool.send(get("/"), &NO_FIELDS).await {
+            match pool.send(get("/"), NO_FIELDS).await {
                 Err(Error::Protocol { what, .. }) => {
                     assert!(what.contains(why), "{answer:?}: {what}")
                 }
@@ -1719,7 +1730,7 @@ mod tests {
         for (answer, why) in [(huge, "over 65536 bytes"), (interims, "interim")] {
             let (uri, _, _) = raw(vec![answer.into_bytes()], false).await;
             let pool = Pool::new(&uri, Duration::from_secs(2), 4);
-            match pool.send(get("/"), &NO_FIELDS).await {
+            match pool.send(get("/"), NO_FIELDS).await {
                 Err(Error::Protocol { what, .. }) => assert!(what.contains(why), "{what}"),
                 other => panic!("{why}: {:?}", other.map(|r| r.status())),
             }
@@ -1739,7 +1750,7 @@ mod tests {
         for answer in taken {
             let (uri, _, _) = raw(vec![answer.clone().into_bytes()], false).await;
             let pool = Pool::new(&uri, Duration::from_secs(2), 4);
-            let r = pool.send(get("/"), &NO_FIELDS).await.unwrap();
+            let r = pool.send(get("/"), NO_FIELDS).await.unwrap();
             assert_eq!(r.status(), StatusCode::OK);
             // The length goes on as one field of digits, whatever form it came in.
             let lengths: Vec<_> = r.headers().get_all("content-length").iter().collect();
@@ -1755,12 +1766,12 @@ mod tests {
         let answer = b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nTrailer: X-T\r\nUpgrade: h2c\r\nProxy-Connection: keep-alive\r\nX-Kept: 1\r\nconnection: ,x-OTHER ,\r\nX-Other: 2\r\nContent-Length: 2\r\n\r\nok".to_vec();
         let (uri, _, _) = raw(vec![answer.clone(), answer], false).await;
         let pool = Pool::new(&uri, Duration::from_secs(2), 4);
-        let r = pool.send(get("/"), &NO_FIELDS).await.unwrap();
+        let r = pool.send(get("/"), NO_FIELDS).await.unwrap();
         let names: Vec<&str> = r.headers().keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept", "content-length"]);
         assert_eq!(read_all(r).await.unwrap(), "ok");
         // `keep-alive` is an option, not `close`: the connection is used again.
-        let r = pool.send(get("/"), &NO_FIELDS).await.unwrap();
+        let r = pool.send(get("/"), NO_FIELDS).await.unwrap();
         assert_eq!(read_all(r).await.unwrap(), "ok");
 
         // A 101 keeps them: the tunnel's client must get `Upgrade` and `Connection`.
@@ -1770,7 +1781,7 @@ mod tests {
         let mut req = get("/ws");
         req.headers_mut()
             .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        let r = pool.send(req, &NO_FIELDS).await.unwrap();
+        let r = pool.send(req, NO_FIELDS).await.unwrap();
         assert_eq!(r.status(), StatusCode::SWITCHING_PROTOCOLS);
         assert_eq!(r.headers()[header::UPGRADE], "websocket");
         assert_eq!(r.headers()[header::CONNECTION], "Upgrade");
@@ -1813,7 +1824,7 @@ mod tests {
         }
         assert!(added.push(&header::FORWARDED, &[b"for=\"[::1]\"\t;proto=https"]));
         let (parts, body) = get("/p").into_parts();
-        let (head, _) = request_head(&parts, &added, &body).unwrap();
+        let (head, _) = request_head(&parts, added.as_bytes(), &body).unwrap();
         assert_eq!(
             String::from_utf8(head).unwrap(),
             "GET /p HTTP/1.1\r\nhost: app\r\nx-forwarded-for: 10.0.0.1, 127.0.0.1\r\nforwarded: for=\"[::1]\"\t;proto=https\r\n\r\n"
@@ -1946,7 +1957,7 @@ mod tests {
         // The close is seen when the connection is taken, and the POST goes on a new one (it is
         // not sent again once written: on the closed one it would fail).
         let r = pool
-            .send(post("/upload", b"hello"), &NO_FIELDS)
+            .send(post("/upload", b"hello"), NO_FIELDS)
             .await
             .unwrap();
         assert_eq!(read_all(r).await.unwrap(), "ok");
@@ -1989,7 +2000,7 @@ mod tests {
             let answer = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{bad}");
             let (uri, _, _) = raw(vec![answer.into_bytes()], false).await;
             let pool = Pool::new(&uri, Duration::from_secs(2), 4);
-            let e = match pool.send(get("/"), &NO_FIELDS).await {
+            let e = match pool.send(get("/"), NO_FIELDS).await {
                 Ok(r) => read_all(r).await.expect_err(bad),
                 Err(e @ Error::Protocol { .. }) => e.to_string(),
                 Err(e) => panic!("{bad:?}: {e}"),
@@ -2008,7 +2019,7 @@ mod tests {
         ] {
             let (uri, _, _) = raw(vec![short.as_bytes().to_vec()], false).await;
             let pool = Pool::new(&uri, Duration::from_secs(2), 4);
-            let r = pool.send(get("/"), &NO_FIELDS).await.unwrap();
+            let r = pool.send(get("/"), NO_FIELDS).await.unwrap();
             let e = read_all(r).await.expect_err(short);
             assert!(
                 e.contains("closed in the middle of a response's body"),
@@ -2048,7 +2059,7 @@ mod tests {
         ] {
             let (uri, accepted, _) = raw(vec![answer.as_bytes().to_vec(); 2], false).await;
             let pool = Pool::new(&uri, Duration::from_secs(2), 4);
-            let r = pool.send(request, &NO_FIELDS).await.unwrap();
+            let r = pool.send(request, NO_FIELDS).await.unwrap();
             let body = read_all(r).await.unwrap();
             assert!(body == "ok" || body.is_empty(), "{answer:?}");
             assert_eq!(pool.idle.lock().unwrap().len(), 0, "{answer:?}");
@@ -2073,7 +2084,7 @@ mod tests {
             .header("transfer-encoding", "gzip")
             .body(body)
             .unwrap();
-        read_all(pool.send(req, &NO_FIELDS).await.unwrap())
+        read_all(pool.send(req, NO_FIELDS).await.unwrap())
             .await
             .unwrap();
         let head = String::from_utf8(seen.recv().await.unwrap()).unwrap();
@@ -2085,7 +2096,7 @@ mod tests {
         assert!(!head.contains("gzip"), "{head}");
         // A body of known size: its length; an empty POST says so.
         let req = post("/known", b"abc");
-        read_all(pool.send(req, &NO_FIELDS).await.unwrap())
+        read_all(pool.send(req, NO_FIELDS).await.unwrap())
             .await
             .unwrap();
         let head = String::from_utf8(seen.recv().await.unwrap()).unwrap();
@@ -2094,7 +2105,7 @@ mod tests {
             .header("host", "app")
             .body(super::super::empty())
             .unwrap();
-        read_all(pool.send(req, &NO_FIELDS).await.unwrap())
+        read_all(pool.send(req, NO_FIELDS).await.unwrap())
             .await
             .unwrap();
         let head = String::from_utf8(seen.recv().await.unwrap()).unwrap();
@@ -2103,7 +2114,7 @@ mod tests {
         let mut req = post("/list", b"hello");
         req.headers_mut()
             .insert("content-length", HeaderValue::from_static("5, 5"));
-        read_all(pool.send(req, &NO_FIELDS).await.unwrap())
+        read_all(pool.send(req, NO_FIELDS).await.unwrap())
             .await
             .unwrap();
         let head = String::from_utf8(seen.recv().await.unwrap()).unwrap();
@@ -2149,7 +2160,7 @@ mod tests {
         // A POST may have been acted upon: not sent again, an error.
         let req = post("/once", b"abc");
         let e = pool
-            .send(req, &NO_FIELDS)
+            .send(req, NO_FIELDS)
             .await
             .err()
             .expect("a POST sent twice");
@@ -2161,7 +2172,7 @@ mod tests {
         let (uri, accepted, mut seen) = raw(vec![ok.clone()], true).await;
         let pool = Pool::new(&uri, Duration::from_secs(2), 4);
         let four = futures_util::future::join_all(
-            (0..4).map(|i| pool.send(get(&format!("/{i}")), &NO_FIELDS)),
+            (0..4).map(|i| pool.send(get(&format!("/{i}")), NO_FIELDS)),
         )
         .await;
         for r in four {
@@ -2183,7 +2194,7 @@ mod tests {
         let pool = Pool::new(&uri, Duration::from_secs(2), 4);
         assert_eq!(fetch(&pool, "/first").await, "ok");
         let e = pool
-            .send(get("/"), &NO_FIELDS)
+            .send(get("/"), NO_FIELDS)
             .await
             .err()
             .expect("a 100 and no answer");
@@ -2225,7 +2236,7 @@ mod tests {
             .header("content-length", "5")
             .body(body)
             .unwrap();
-        let r = pool.send(req, &NO_FIELDS).await.unwrap();
+        let r = pool.send(req, NO_FIELDS).await.unwrap();
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         tx.send(Ok(Frame::data(Bytes::from_static(b"hello"))))
             .unwrap();
@@ -2247,7 +2258,7 @@ mod tests {
             .header("upgrade", "websocket")
             .body(super::super::empty())
             .unwrap();
-        let mut r = pool.send(req, &NO_FIELDS).await.unwrap();
+        let mut r = pool.send(req, NO_FIELDS).await.unwrap();
         assert_eq!(r.status(), StatusCode::SWITCHING_PROTOCOLS);
         let mut io = r
             .body_mut()
@@ -2271,7 +2282,7 @@ mod tests {
             4,
         );
         let e = pool
-            .send(get("/"), &NO_FIELDS)
+            .send(get("/"), NO_FIELDS)
             .await
             .err()
             .unwrap()

@@ -1111,6 +1111,68 @@ fn behind_trusted_proxies_x_real_ip_names_the_client() {
     p.stop();
 }
 
+/// The fields regobox adds are made once per connection and host for requests that bring no
+/// forwarding fields of their own: on one kept-alive connection, each request still gets the
+/// fields of its own host, of its own chain when it brings one, and one Host field whether
+/// regobox names it (an absolute target) or the request's own is kept.
+#[test]
+fn forwarding_fields_follow_each_request_of_a_kept_alive_connection() {
+    let mut p = Proxied::start("redirect_http = false\ntrusted_proxies = [\"127.0.0.0/8\"]");
+    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // (target, Host, X-Forwarded-For sent; then Host, X-Forwarded-Host, X-Forwarded-For and
+    // X-Real-IP received)
+    for (target, host, chain, want_for, want_real) in [
+        ("/headers", "a.example", None, "127.0.0.1", "127.0.0.1"),
+        ("/headers", "b.example:8080", None, "127.0.0.1", "127.0.0.1"),
+        (
+            "/headers",
+            "b.example:8080",
+            Some("203.0.113.7"),
+            "203.0.113.7, 127.0.0.1",
+            "203.0.113.7",
+        ),
+        ("/headers", "b.example:8080", None, "127.0.0.1", "127.0.0.1"),
+        (
+            "http://b.example:8080/headers",
+            "b.example:8080",
+            None,
+            "127.0.0.1",
+            "127.0.0.1",
+        ),
+        ("/headers", "b.example:8080", None, "127.0.0.1", "127.0.0.1"),
+        ("/headers", "a.example", None, "127.0.0.1", "127.0.0.1"),
+    ] {
+        let chain_field = chain.map_or(String::new(), |c| format!("X-Forwarded-For: {c}\r\n"));
+        write!(
+            s,
+            "GET {target} HTTP/1.1\r\nHost: {host}\r\n{chain_field}\r\n"
+        )
+        .unwrap();
+        let (status, body) = response(&mut s);
+        let what = format!("{target} {host} {chain:?}: {body}");
+        assert_eq!(status, 200, "{what}");
+        assert_eq!(fields_named(&body, "host"), vec![host], "{what}");
+        assert_eq!(
+            fields_named(&body, "x-forwarded-host"),
+            vec![host],
+            "{what}"
+        );
+        assert_eq!(
+            fields_named(&body, "x-forwarded-for"),
+            vec![want_for],
+            "{what}"
+        );
+        assert_eq!(fields_named(&body, "x-real-ip"), vec![want_real], "{what}");
+        assert_eq!(
+            fields_named(&body, "forwarded"),
+            vec![format!("for=127.0.0.1;proto=http;host=\"{host}\"")],
+            "{what}"
+        );
+    }
+    p.stop();
+}
+
 /// An attacker's finding: `X_Forwarded_For` and the like went through; CGI and WSGI servers
 /// read them as `X-Forwarded-For`, before the value regobox sets. Fields with an underscore in
 /// their name are not forwarded (nginx's default), over either protocol.
