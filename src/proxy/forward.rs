@@ -653,18 +653,37 @@ impl ConnCtx {
                 return None;
             }
             let kept: Vec<String> = values
-                .filter_map(|v| v.to_str().ok().map(str::to_string))
+                .filter_map(|v| v.to_str().ok().map(str::trim).map(str::to_string))
+                .filter(|v| !v.is_empty())
                 .collect();
             (!kept.is_empty()).then(|| kept.join(", "))
         };
         let (prev_for, prev_proto, prev_host, prev_fwd) = if present {
+            // What a trusted proxy says is kept where it reads as what the field means; else
+            // regobox's own word stands alone.
             let found = (
                 take(&X_FORWARDED_FOR),
-                take(&X_FORWARDED_PROTO),
-                take(&X_FORWARDED_HOST),
-                take(&header::FORWARDED),
+                take(&X_FORWARDED_PROTO).filter(|v| {
+                    list_of(v, |p| {
+                        p.eq_ignore_ascii_case("http") || p.eq_ignore_ascii_case("https")
+                    })
+                }),
+                take(&X_FORWARDED_HOST).filter(|v| list_of(v, |h| valid_host(h.as_bytes()))),
+                take(&header::FORWARDED).filter(|v| forwarded_list(v)),
             );
             take(&X_REAL_IP);
+            // The others of the family: a trusted proxy's go on as it wrote them; a client's
+            // do not reach the application.
+            if !trusted {
+                let others: Vec<HeaderName> = headers
+                    .keys()
+                    .filter(|n| is_forwarding(n))
+                    .cloned()
+                    .collect();
+                for name in others {
+                    headers.remove(name);
+                }
+            }
             found
         } else {
             (None, None, None, None)
@@ -745,14 +764,86 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-/// The fields by which proxies say whom they forward for (see `ConnCtx::forwarded_headers`):
-/// a match on the name's text (a switch on its length, then a comparison), made for every field
-/// of every request.
+/// The fields by which proxies say whom they forward for, over which scheme, host, port or
+/// path (see `ConnCtx::forwarding_fields`): `Forwarded`, `X-Real-IP` and every `X-Forwarded-*`,
+/// and those some frameworks read in their place (`Front-End-Https`, the client-address fields,
+/// the original-host fields). Only a trusted proxy's reach the application. A match on the
+/// name's text, made for every field of every request.
 fn is_forwarding(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "x-forwarded-for" | "x-forwarded-proto" | "x-forwarded-host" | "forwarded" | "x-real-ip"
-    )
+    let name = name.as_str();
+    name.starts_with("x-forwarded-")
+        || matches!(
+            name,
+            "forwarded"
+                | "x-real-ip"
+                | "front-end-https"
+                | "x-client-ip"
+                | "client-ip"
+                | "true-client-ip"
+                | "x-cluster-client-ip"
+                | "x-original-host"
+                | "x-host"
+        )
+}
+
+/// Whether `value` is a comma-separated list of elements that each pass `element` (trimmed).
+fn list_of(value: &str, element: impl Fn(&str) -> bool) -> bool {
+    value.split(',').all(|e| element(e.trim()))
+}
+
+/// Whether `value` reads as a `Forwarded` field (RFC 7239 4): a list of elements, each pairs
+/// `token=value` separated by `;`, a value a token or a quoted string (its quotes balanced).
+fn forwarded_list(value: &str) -> bool {
+    let tchar = |c: u8| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c);
+    let b = value.as_bytes();
+    let mut i = 0;
+    let token = |i: &mut usize| {
+        let start = *i;
+        while *i < b.len() && tchar(b[*i]) {
+            *i += 1;
+        }
+        *i > start
+    };
+    let spaces = |i: &mut usize| {
+        while *i < b.len() && matches!(b[*i], b' ' | b'\t') {
+            *i += 1;
+        }
+    };
+    // Pair after pair; `;` between two of an element, `,` between elements; empty ones are
+    // allowed, as the grammar's list and `[ pair ]` allow them.
+    loop {
+        spaces(&mut i);
+        match b.get(i) {
+            None => return true,
+            Some(b';' | b',') => {
+                i += 1;
+                continue;
+            }
+            Some(_) => {}
+        }
+        if !token(&mut i) || b.get(i) != Some(&b'=') {
+            return false;
+        }
+        i += 1;
+        if b.get(i) == Some(&b'"') {
+            i += 1;
+            loop {
+                match b.get(i) {
+                    None => return false,
+                    Some(b'"') => break,
+                    Some(b'\\') => i += 2,
+                    Some(_) => i += 1,
+                }
+            }
+            i += 1;
+        } else if !token(&mut i) {
+            return false;
+        }
+        spaces(&mut i);
+        if !matches!(b.get(i), None | Some(b';' | b',')) {
+            return false;
+        }
+    }
 }
 
 /// An address as proxies write them in X-Forwarded-For: `1.2.3.4`, `2001:db8::1`, with a port
@@ -1508,6 +1599,64 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-a"]);
+    }
+
+    #[test]
+    fn a_trusted_proxys_forwarded_field_is_kept_only_if_it_reads_as_one() {
+        for good in [
+            "for=192.0.2.60;proto=http;by=203.0.113.43",
+            "for=\"[2001:db8:cafe::17]:4711\"",
+            "for=192.0.2.43, for=198.51.100.17",
+            "for=a;;proto=https, ,for=b",
+            "for=\"_hidden\\\"x\" ; proto=https",
+            "",
+        ] {
+            assert!(forwarded_list(good), "{good:?}");
+        }
+        for bad in [
+            "for=\"6.6.6.6",
+            "for=\"6.6.6.6\\\"",
+            "for",
+            "=x",
+            "for=",
+            "for=a b",
+            "for=a\"b\"",
+            "for=\"a\"b",
+            "for=a;proto",
+            "evil.example/x\";for=6.6.6.6",
+        ] {
+            assert!(!forwarded_list(bad), "{bad:?}");
+        }
+        let proto = |v: &str| {
+            list_of(v, |p| {
+                p.eq_ignore_ascii_case("http") || p.eq_ignore_ascii_case("https")
+            })
+        };
+        assert!(proto("https") && proto("HTTPS, http"));
+        assert!(!proto("https;x") && !proto("") && !proto("ftp"));
+        let host = |v: &str| list_of(v, |h| valid_host(h.as_bytes()));
+        assert!(host("a.example") && host("a.example:8443, b.example"));
+        assert!(!host("evil.example/x") && !host("a b") && !host(""));
+    }
+
+    #[test]
+    fn the_forwarding_family_is_known_by_name() {
+        for name in [
+            "x-forwarded-for",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "x-forwarded-ssl",
+            "front-end-https",
+            "true-client-ip",
+            "x-original-host",
+            "forwarded",
+            "x-real-ip",
+        ] {
+            assert!(is_forwarding(&HeaderName::from_static(name)), "{name}");
+        }
+        for name in ["x-forwarded", "forwarded-for", "x-request-id", "host"] {
+            assert!(!is_forwarding(&HeaderName::from_static(name)), "{name}");
+        }
     }
 
     #[test]

@@ -1173,6 +1173,111 @@ fn forwarding_fields_follow_each_request_of_a_kept_alive_connection() {
     p.stop();
 }
 
+/// An attacker's finding: only five of the fields by which proxies say whom they forward for
+/// were replaced; a client's `X-Forwarded-Port`, `-Prefix`, `-Ssl`, `-Scheme`, `Front-End-Https`,
+/// `True-Client-IP`... reached the application, which frameworks read (Rack takes
+/// `X-Forwarded-Ssl: on` for https). Now none of the family reaches the application but from a
+/// trusted proxy; and a trusted proxy's `X-Forwarded-Proto`, `-Host` and `Forwarded` are kept
+/// only where they read as what they mean (an unbalanced quote in `Forwarded` swallowed
+/// regobox's own element).
+#[test]
+fn of_the_forwarding_family_only_a_trusted_proxys_fields_pass() {
+    let family = "X-Forwarded-Port: 443\r\nX-Forwarded-Prefix: /admin\r\nX-Forwarded-Ssl: on\r\n\
+        X-Forwarded-Scheme: https\r\nX-Forwarded-Server: evil.example\r\nFront-End-Https: on\r\n\
+        X-Original-Host: evil.example\r\nX-Host: evil.example\r\nTrue-Client-IP: 6.6.6.6\r\n\
+        X-Client-IP: 6.6.6.6\r\nClient-IP: 6.6.6.6\r\nX-Cluster-Client-IP: 6.6.6.6\r\n";
+    let names = [
+        "x-forwarded-port",
+        "x-forwarded-prefix",
+        "x-forwarded-ssl",
+        "x-forwarded-scheme",
+        "x-forwarded-server",
+        "front-end-https",
+        "x-original-host",
+        "x-host",
+        "true-client-ip",
+        "x-client-ip",
+        "client-ip",
+        "x-cluster-client-ip",
+    ];
+    let get = |port: u16, fields: &str| {
+        let out = raw(
+            port,
+            format!(
+                "GET /headers HTTP/1.1\r\nHost: a.example\r\n{fields}Connection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+        body_of(&out).to_string()
+    };
+
+    let mut p = Proxied::start("redirect_http = false");
+    let body = get(p.http, family);
+    for name in names {
+        assert!(fields_named(&body, name).is_empty(), "{name}: {body}");
+    }
+    assert!(
+        !body.contains("evil") && !body.contains("6.6.6.6"),
+        "{body}"
+    );
+    // Over HTTP/2 too.
+    let body = h2_get(
+        p.https,
+        "localhost",
+        "/headers",
+        &[("x-forwarded-ssl", "on"), ("true-client-ip", "6.6.6.6")],
+    )
+    .expect("an answer");
+    assert!(
+        !body.contains("x-forwarded-ssl") && !body.contains("6.6.6.6"),
+        "{body}"
+    );
+    p.stop();
+
+    let mut p = Proxied::start("redirect_http = false\ntrusted_proxies = [\"127.0.0.0/8\"]");
+    // A trusted proxy's go on as it wrote them...
+    let body = get(p.http, family);
+    for name in names {
+        assert_eq!(fields_named(&body, name).len(), 1, "{name}: {body}");
+    }
+    let body = get(
+        p.http,
+        "X-Forwarded-Proto: https\r\nX-Forwarded-Host: front.example:8443\r\n\
+         Forwarded: for=192.0.2.60;proto=https;host=front.example\r\n",
+    );
+    assert_eq!(fields_named(&body, "x-forwarded-proto"), vec!["https"]);
+    assert_eq!(
+        fields_named(&body, "x-forwarded-host"),
+        vec!["front.example:8443"]
+    );
+    assert_eq!(
+        fields_named(&body, "forwarded"),
+        vec![
+            "for=192.0.2.60;proto=https;host=front.example, for=127.0.0.1;proto=http;host=\"a.example\""
+        ]
+    );
+    // ...where they read as what they mean: else regobox's own word stands alone.
+    for (field, name, want) in [
+        ("X-Forwarded-Proto: https;x", "x-forwarded-proto", "http"),
+        ("X-Forwarded-Proto: gopher", "x-forwarded-proto", "http"),
+        (
+            "X-Forwarded-Host: evil.example/x\";for=6.6.6.6",
+            "x-forwarded-host",
+            "a.example",
+        ),
+        (
+            "Forwarded: for=\"6.6.6.6",
+            "forwarded",
+            "for=127.0.0.1;proto=http;host=\"a.example\"",
+        ),
+    ] {
+        let body = get(p.http, &format!("{field}\r\n"));
+        assert_eq!(fields_named(&body, name), vec![want], "{field}: {body}");
+    }
+    p.stop();
+}
+
 /// An attacker's finding: `X_Forwarded_For` and the like went through; CGI and WSGI servers
 /// read them as `X-Forwarded-For`, before the value regobox sets. Fields with an underscore in
 /// their name are not forwarded (nginx's default), over either protocol.
