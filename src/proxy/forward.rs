@@ -775,20 +775,42 @@ fn is_forwarding(name: &HeaderName) -> bool {
         || matches!(
             name,
             "forwarded"
+                | "x-forwarded"
+                | "forwarded-for"
                 | "x-real-ip"
                 | "front-end-https"
+                | "x-arr-ssl"
+                | "x-scheme"
+                | "x-url-scheme"
                 | "x-client-ip"
                 | "client-ip"
                 | "true-client-ip"
                 | "x-cluster-client-ip"
+                | "cf-connecting-ip"
+                | "fastly-client-ip"
+                | "proxy-client-ip"
+                | "wl-proxy-client-ip"
+                | "x-envoy-external-address"
                 | "x-original-host"
                 | "x-host"
+                | "x-original-url"
+                | "x-original-uri"
+                | "x-rewrite-url"
+                | "x-script-name"
         )
 }
 
-/// Whether `value` is a comma-separated list of elements that each pass `element` (trimmed).
+/// Whether `value` is a comma-separated list of elements that each pass `element` (trimmed),
+/// one at least; empty elements are allowed, as RFC 9110 5.6.1 says a recipient must.
 fn list_of(value: &str, element: impl Fn(&str) -> bool) -> bool {
-    value.split(',').all(|e| element(e.trim()))
+    let mut any = false;
+    for e in value.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        if !element(e) {
+            return false;
+        }
+        any = true;
+    }
+    any
 }
 
 /// Whether `value` reads as a `Forwarded` field (RFC 7239 4): a list of elements, each pairs
@@ -809,14 +831,24 @@ fn forwarded_list(value: &str) -> bool {
             *i += 1;
         }
     };
-    // Pair after pair; `;` between two of an element, `,` between elements; empty ones are
-    // allowed, as the grammar's list and `[ pair ]` allow them.
+    // Pair after pair; `;` between two of an element (no space around it), `,` between
+    // elements (spaces around it); empty ones are allowed, as the grammar's list and its
+    // `[ pair ]` allow them.
+    let mut element_starts = true;
     loop {
-        spaces(&mut i);
+        if element_starts {
+            spaces(&mut i);
+        }
+        element_starts = false;
         match b.get(i) {
             None => return true,
-            Some(b';' | b',') => {
+            Some(b';') => {
                 i += 1;
+                continue;
+            }
+            Some(b',') => {
+                i += 1;
+                element_starts = true;
                 continue;
             }
             Some(_) => {}
@@ -839,7 +871,12 @@ fn forwarded_list(value: &str) -> bool {
         } else if !token(&mut i) {
             return false;
         }
-        spaces(&mut i);
+        // Spaces only before a `,` or the end.
+        let mut j = i;
+        spaces(&mut j);
+        if matches!(b.get(j), None | Some(b',')) {
+            i = j;
+        }
         if !matches!(b.get(i), None | Some(b';' | b',')) {
             return false;
         }
@@ -1608,7 +1645,8 @@ mod tests {
             "for=\"[2001:db8:cafe::17]:4711\"",
             "for=192.0.2.43, for=198.51.100.17",
             "for=a;;proto=https, ,for=b",
-            "for=\"_hidden\\\"x\" ; proto=https",
+            "for=\"_hidden\\\"x\";proto=https",
+            " for=a , for=b ,",
             "",
         ] {
             assert!(forwarded_list(good), "{good:?}");
@@ -1624,6 +1662,11 @@ mod tests {
             "for=\"a\"b",
             "for=a;proto",
             "evil.example/x\";for=6.6.6.6",
+            // No space around `;` (a second attacker's finding: a reader that does not trim
+            // sees the name ` proto`).
+            "for=6.6.6.6 ; proto=https",
+            "for=6.6.6.6; proto=https",
+            "for=6.6.6.6;proto=https ;",
         ] {
             assert!(!forwarded_list(bad), "{bad:?}");
         }
@@ -1633,7 +1676,9 @@ mod tests {
             })
         };
         assert!(proto("https") && proto("HTTPS, http"));
-        assert!(!proto("https;x") && !proto("") && !proto("ftp"));
+        // Empty elements are allowed (RFC 9110 5.6.1), not an empty list.
+        assert!(proto("https,") && proto(" , https"));
+        assert!(!proto("https;x") && !proto("") && !proto(" , ") && !proto("ftp"));
         let host = |v: &str| list_of(v, |h| valid_host(h.as_bytes()));
         assert!(host("a.example") && host("a.example:8443, b.example"));
         assert!(!host("evil.example/x") && !host("a b") && !host(""));
@@ -1651,10 +1696,13 @@ mod tests {
             "x-original-host",
             "forwarded",
             "x-real-ip",
+            "x-original-url",
+            "cf-connecting-ip",
+            "x-forwarded",
         ] {
             assert!(is_forwarding(&HeaderName::from_static(name)), "{name}");
         }
-        for name in ["x-forwarded", "forwarded-for", "x-request-id", "host"] {
+        for name in ["x-forward", "forwarded-by", "x-request-id", "host"] {
             assert!(!is_forwarding(&HeaderName::from_static(name)), "{name}");
         }
     }

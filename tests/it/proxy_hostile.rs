@@ -1185,7 +1185,8 @@ fn of_the_forwarding_family_only_a_trusted_proxys_fields_pass() {
     let family = "X-Forwarded-Port: 443\r\nX-Forwarded-Prefix: /admin\r\nX-Forwarded-Ssl: on\r\n\
         X-Forwarded-Scheme: https\r\nX-Forwarded-Server: evil.example\r\nFront-End-Https: on\r\n\
         X-Original-Host: evil.example\r\nX-Host: evil.example\r\nTrue-Client-IP: 6.6.6.6\r\n\
-        X-Client-IP: 6.6.6.6\r\nClient-IP: 6.6.6.6\r\nX-Cluster-Client-IP: 6.6.6.6\r\n";
+        X-Client-IP: 6.6.6.6\r\nClient-IP: 6.6.6.6\r\nX-Cluster-Client-IP: 6.6.6.6\r\n\
+        X-Original-URL: /admin\r\nCF-Connecting-IP: 6.6.6.6\r\nX-Forwarded: for=6.6.6.6\r\n";
     let names = [
         "x-forwarded-port",
         "x-forwarded-prefix",
@@ -1199,6 +1200,9 @@ fn of_the_forwarding_family_only_a_trusted_proxys_fields_pass() {
         "x-client-ip",
         "client-ip",
         "x-cluster-client-ip",
+        "x-original-url",
+        "cf-connecting-ip",
+        "x-forwarded",
     ];
     let get = |port: u16, fields: &str| {
         let out = raw(
