@@ -272,6 +272,16 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         if self.0.try_status().is_none() {
             self.0.signal_group(Signal::SIGKILL);
+            // A SIGKILL is sent, not yet acted on: the group is waited for (briefly: a killed
+            // process ends at once, but a busy machine may not run it for a while), so that what
+            // comes next (regobox's exit, the next `init` on the same directory) does not find
+            // it still writing. Zombies count as members until reaped (the reaper thread takes
+            // the child at once).
+            let group = Pid::from_raw(self.0.pid());
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while killpg(group, None).is_ok() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
         }
     }
 }
