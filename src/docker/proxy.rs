@@ -2133,7 +2133,6 @@ fn removal_target(name: &str, tags: &[String]) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-
     use super::*;
 
     #[test]

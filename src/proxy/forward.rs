@@ -75,9 +75,8 @@ impl ConnCtx {
         Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
     > + Clone {
         // One pointer to clone per request, not each of the context's own.
-        let this = self;
         hyper::service::service_fn(move |req| {
-            let ctx = this.clone();
+            let ctx = self.clone();
             // Boxed: hyper moves the future several times on its way into a task (one per
             // HTTP/2 stream); a pointer is cheaper to move than the request's whole state.
             Box::pin(async move { Ok::<_, Infallible>(ctx.handle(req).await) })
@@ -292,10 +291,15 @@ impl ConnCtx {
             let host_kept = parts.uri.authority().is_none()
                 && fields.host.as_ref().is_some_and(|h| !h.is_empty())
                 && (!fields.hop_by_hop || parts.headers.contains_key(header::HOST));
-            let kept = host_kept.then(|| parts.headers.get(header::HOST).cloned());
+            let kept = host_kept
+                .then(|| parts.headers.get(header::HOST).cloned())
+                .flatten();
             let host;
-            let named = match (&kept, parts.uri.authority()) {
-                (Some(Some(v)), _) if v.to_str().is_ok() => v.to_str().unwrap_or_default(),
+            let named = match (
+                kept.as_ref().and_then(|v| v.to_str().ok()),
+                parts.uri.authority(),
+            ) {
+                (Some(v), _) => v,
                 (_, Some(a)) => a.as_str(),
                 _ => {
                     host = host_named(&parts.uri);
@@ -663,12 +667,8 @@ impl ConnCtx {
             // regobox's own word stands alone.
             let found = (
                 take(&X_FORWARDED_FOR),
-                take(&X_FORWARDED_PROTO).filter(|v| {
-                    list_of(v, |p| {
-                        p.eq_ignore_ascii_case("http") || p.eq_ignore_ascii_case("https")
-                    })
-                }),
-                take(&X_FORWARDED_HOST).filter(|v| list_of(v, |h| valid_host(h.as_bytes()))),
+                take(&X_FORWARDED_PROTO).filter(|v| scheme_list(v)),
+                take(&X_FORWARDED_HOST).filter(|v| host_list(v)),
                 take(&header::FORWARDED).filter(|v| forwarded_list(v)),
             );
             take(&X_REAL_IP);
@@ -811,6 +811,19 @@ fn list_of(value: &str, element: impl Fn(&str) -> bool) -> bool {
         any = true;
     }
     any
+}
+
+/// Whether `value` reads as an `X-Forwarded-Proto` field: a list of `http` and `https`.
+fn scheme_list(value: &str) -> bool {
+    list_of(value, |p| {
+        p.eq_ignore_ascii_case("http") || p.eq_ignore_ascii_case("https")
+    })
+}
+
+/// Whether `value` reads as an `X-Forwarded-Host` field: a list of hosts, each with an optional
+/// port (as a `Host` field is checked: [`valid_host`]).
+fn host_list(value: &str) -> bool {
+    list_of(value, |h| valid_host(h.as_bytes()))
 }
 
 /// Whether `value` reads as a `Forwarded` field (RFC 7239 4): a list of elements, each pairs
@@ -1670,16 +1683,12 @@ mod tests {
         ] {
             assert!(!forwarded_list(bad), "{bad:?}");
         }
-        let proto = |v: &str| {
-            list_of(v, |p| {
-                p.eq_ignore_ascii_case("http") || p.eq_ignore_ascii_case("https")
-            })
-        };
+        let proto = scheme_list;
         assert!(proto("https") && proto("HTTPS, http"));
         // Empty elements are allowed (RFC 9110 5.6.1), not an empty list.
         assert!(proto("https,") && proto(" , https"));
         assert!(!proto("https;x") && !proto("") && !proto(" , ") && !proto("ftp"));
-        let host = |v: &str| list_of(v, |h| valid_host(h.as_bytes()));
+        let host = host_list;
         assert!(host("a.example") && host("a.example:8443, b.example"));
         assert!(!host("evil.example/x") && !host("a b") && !host(""));
     }
