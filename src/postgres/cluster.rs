@@ -381,19 +381,22 @@ pub async fn initdb(spec: &InitSpec<'_>) -> Result<(), PostgresError> {
     }
     chown(&pwfile, spec.account)?;
     let auth = spec.binaries.major.password_auth();
-    let mut cmd = postgresql_commands::initdb::InitDbBuilder::new()
-        .program_dir(&spec.binaries.dir)
-        .pgdata(&work)
-        .username(spec.superuser)
-        .auth(auth)
-        .pwfile(&pwfile)
-        .encoding("UTF8")
-        .locale(spec.locale)
-        .data_checksums();
-    // Dropping privileges needs the std command; the builder's env is empty.
-    cmd = postgresql_commands::CommandBuilder::env(cmd, "LC_ALL", spec.locale);
-    let mut command = postgresql_commands::CommandBuilder::build(cmd);
-    command.current_dir(dir);
+    let mut command = std::process::Command::new(spec.binaries.dir.join("initdb"));
+    command
+        .arg("--pgdata")
+        .arg(&work)
+        .args(["--username", spec.superuser, "--auth", auth])
+        .arg("--pwfile")
+        .arg(&pwfile)
+        .args([
+            "--encoding",
+            "UTF8",
+            "--locale",
+            spec.locale,
+            "--data-checksums",
+        ])
+        .env("LC_ALL", spec.locale)
+        .current_dir(dir);
     spec.account.apply(&mut command);
     tracing::info!(data_dir = %dir.display(), version = %spec.binaries.version, auth, "initialising a new PostgreSQL cluster");
     let output = crate::process::output(&mut command).await;

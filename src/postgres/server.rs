@@ -53,13 +53,11 @@ impl Server {
         file: Option<SharedLogFile>,
         observer: Option<Observer>,
     ) -> std::io::Result<Server> {
-        let mut builder = postgresql_commands::postgres::PostgresBuilder::new()
-            .program_dir(&binaries.dir)
-            .data_dir(data_dir);
+        let mut command = std::process::Command::new(binaries.dir.join("postgres"));
+        command.arg("-D").arg(data_dir);
         for (k, v) in params {
-            builder = builder.runtime_param(k.as_str(), v.as_str());
+            command.arg("-c").arg(format!("{k}={v}"));
         }
-        let mut command = postgresql_commands::CommandBuilder::build(builder);
         command.env_clear();
         for var in ["PATH", "TZ", "LANG", "LC_ALL"] {
             if let Some(v) = std::env::var_os(var) {
