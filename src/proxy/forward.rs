@@ -562,6 +562,7 @@ impl ConnCtx {
             inner: body,
             rest: None,
             ended,
+            http2: version == Version::HTTP_2,
             bytes: 0,
             handover,
             activity: self.activity.clone(),
@@ -1420,6 +1421,8 @@ struct Logged {
     rest: Option<Bytes>,
     /// Sent to the end (see `is_end_stream`).
     ended: bool,
+    /// The client speaks HTTP/2: the last piece carries the end of the stream.
+    http2: bool,
     bytes: u64,
     /// Whether the client takes what it is handed.
     handover: Arc<Handover>,
@@ -1462,6 +1465,9 @@ impl hyper::body::Body for Logged {
                         self.activity
                             .sent
                             .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                        if self.http2 && self.rest.is_none() && self.inner.is_end_stream() {
+                            self.ended = true;
+                        }
                         Frame::data(data)
                     }
                     Err(frame) => frame,
@@ -1477,9 +1483,11 @@ impl hyper::body::Body for Logged {
         r
     }
 
-    /// Only once the reader came back for the end (or if there was nothing to send): that last
-    /// poll says the client took the last piece (see `Handover`). Over HTTP/2 the end of the
-    /// stream is then an empty DATA frame of its own.
+    /// Over HTTP/1.1, only once the reader came back for the end (or if there was nothing to
+    /// send): that last poll says the client took the last piece (see `Handover`). Over HTTP/2,
+    /// as soon as the last piece is handed over, so that it carries the end of the stream rather
+    /// than an empty DATA frame after it (1 900 instructions a request, measured): hyper keeps the
+    /// body until the stream's window takes that piece, as it would come back for the end.
     fn is_end_stream(&self) -> bool {
         self.ended
     }

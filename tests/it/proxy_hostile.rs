@@ -262,6 +262,59 @@ fn clients_that_do_not_take_their_responses_lose_them() {
     assert!(log.contains("proxy.send_timeout"), "{log}");
 }
 
+/// Over HTTP/2 a response's last DATA frame ends its stream (no empty DATA frame after it), and
+/// a response of one piece held at a zero window is still cut after `proxy.send_timeout`: the
+/// last piece waits for the client like any other.
+#[test]
+fn the_last_piece_ends_the_stream_and_still_waits_for_the_client() {
+    let mut p = Proxied::start("redirect_http = false\nsend_timeout = \"2s\"");
+
+    let mut h = H2::connect(p.https, &[]);
+    for (stream, n) in [(1u32, 1000usize), (3, 40_000)] {
+        h.send(
+            0x1,
+            0x5,
+            stream,
+            &request_block("GET", &format!("/download?n={n}")),
+        );
+        let mut data = Vec::new();
+        loop {
+            let (kind, flags, on, payload) = h.frame().expect("the response");
+            assert!(kind != 0x3, "RST_STREAM");
+            if on != stream || kind != 0x0 {
+                continue;
+            }
+            data.push((payload.len(), flags & 0x1 != 0));
+            if flags & 0x1 != 0 {
+                break;
+            }
+        }
+        let (last, ended) = *data.last().unwrap();
+        assert!(ended && last > 0, "stream {stream}: DATA frames {data:?}");
+        assert_eq!(data.iter().map(|(len, _)| len).sum::<usize>(), n);
+    }
+
+    // One piece (1 000 bytes) at a zero window.
+    let mut h = H2::connect(p.https, &[(0x4, 0)]);
+    h.send(0x1, 0x5, 1, &request_block("GET", "/download?n=1000"));
+    let started = Instant::now();
+    let mut head = false;
+    while let Some((kind, _, stream, payload)) = h.frame() {
+        if kind == 0x1 && stream == 1 {
+            head = true;
+        }
+        assert!(kind != 0x0 || payload.is_empty(), "DATA at a zero window");
+    }
+    let elapsed = started.elapsed();
+    let log = p.stop();
+    assert!(head, "the response's head was sent");
+    assert!(
+        elapsed >= Duration::from_millis(1500) && elapsed < Duration::from_secs(15),
+        "{elapsed:?}\n{log}"
+    );
+    assert!(log.contains("proxy.send_timeout"), "{log}");
+}
+
 /// Issue 16, item 1: an upgraded connection (WebSocket) that moves no byte for
 /// `proxy.websocket_idle_timeout` is closed; one that keeps talking is not.
 #[test]
