@@ -1486,8 +1486,9 @@ impl hyper::body::Body for Logged {
     /// Over HTTP/1.1, only once the reader came back for the end (or if there was nothing to
     /// send): that last poll says the client took the last piece (see `Handover`). Over HTTP/2,
     /// as soon as the last piece is handed over, so that it carries the end of the stream rather
-    /// than an empty DATA frame after it (1 900 instructions a request, measured): hyper keeps the
-    /// body until the stream's window takes that piece, as it would come back for the end.
+    /// than an empty DATA frame after it (1 900 instructions a request, measured). Either way
+    /// hyper lets the body go once the stream has room for a byte of that piece, the rest of it
+    /// kept by h2 (at most one piece: see `serve_h2`).
     fn is_end_stream(&self) -> bool {
         self.ended
     }
@@ -1505,7 +1506,7 @@ impl hyper::body::Body for Logged {
 }
 
 /// The largest piece of a response handed to the client's side at once (see `Logged`).
-const PIECE: usize = 16 * 1024;
+pub(super) const PIECE: usize = 16 * 1024;
 
 /// A request body with the frames that are ready together passed on as one (up to
 /// [`GATHERED`] bytes): a client sending a body in one-byte chunks then costs one write to the

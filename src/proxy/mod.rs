@@ -1177,7 +1177,13 @@ async fn serve_h2(
         .max_header_list_size(cfg.max_header_bytes as u32)
         .max_concurrent_streams(256)
         .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20);
+        .initial_connection_window_size(4 << 20)
+        // What h2 keeps of a stream's response that the client has not taken (its window, or
+        // its socket, full): one piece (see `forward::PIECE`), not hyper's default of 400 KiB.
+        // A body whose last pieces fit there is done as far as the body knows, and no longer
+        // watched by `proxy.send_timeout`; 256 streams of a client that read nothing held
+        // 100 MB per connection that way (an attacker's finding).
+        .max_send_buf_size(forward::PIECE);
     // Writes gathered per turn of the connection's task (see `coalesce`).
     // Control frames counted against what the client asks for (see `frames`).
     let followed = frames::Frames::new(tls_stream, activity.clone());

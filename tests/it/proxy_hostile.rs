@@ -262,6 +262,42 @@ fn clients_that_do_not_take_their_responses_lose_them() {
     assert!(log.contains("proxy.send_timeout"), "{log}");
 }
 
+/// The attacker's finding: an HTTP/2 client with wide-open windows that reads nothing. h2 kept
+/// up to 400 KiB of each stream's response, so responses of that size were done as far as
+/// regobox knew (logged, their connections to the application released) and `send_timeout` no
+/// longer watched them: 256 streams held 100 MB on one connection. Now h2 keeps one piece of a
+/// stream, the rest waits for the client, and the connection is cut after `send_timeout`.
+#[test]
+fn an_http2_client_that_reads_nothing_does_not_get_its_responses_buffered() {
+    let mut p = Proxied::start("redirect_http = false\nsend_timeout = \"2s\"");
+    let (streams, n) = (64u32, 380_000usize);
+    let mut h = H2::connect(p.https, &[(0x4, 0x7fff_ffff)]);
+    h.send(0x8, 0, 0, &0x7fff_0000u32.to_be_bytes());
+    for i in 0..streams {
+        h.send(
+            0x1,
+            0x5,
+            1 + 2 * i,
+            &request_block("GET", &format!("/download?n={n}")),
+        );
+    }
+    // Nothing read for three times the timeout.
+    std::thread::sleep(Duration::from_secs(6));
+    let mut got = 0usize;
+    while let Some((kind, _, _, payload)) = h.frame() {
+        if kind == 0x0 {
+            got += payload.len();
+        }
+    }
+    let log = p.stop();
+    let logged = log.matches("/download?n=").count();
+    assert!(
+        got < streams as usize * n && logged < streams as usize,
+        "{got} bytes, {logged} responses logged as sent\n{log}"
+    );
+    assert!(log.contains("proxy.send_timeout"), "{log}");
+}
+
 /// Over HTTP/2 a response's last DATA frame ends its stream (no empty DATA frame after it), and
 /// a response of one piece held at a zero window is still cut after `proxy.send_timeout`: the
 /// last piece waits for the client like any other.
