@@ -128,6 +128,20 @@ impl Budget {
     }
 }
 
+/// Note in `open` that a stream's response body is under way on the wire (DATA without
+/// END_STREAM: not HEADERS, which may be an interim 100 Continue) or ended (END_STREAM,
+/// RST_STREAM either way).
+fn response(open: &mut Vec<u32>, stream: u32, begins: bool) {
+    let at = open.iter().position(|s| *s == stream);
+    match (begins, at) {
+        (true, None) => open.push(stream),
+        (false, Some(i)) => {
+            open.swap_remove(i);
+        }
+        _ => {}
+    }
+}
+
 enum Phase {
     /// The client's preface: bytes of it still to come.
     Preface(usize),
@@ -144,6 +158,9 @@ pub struct Frames<S> {
     read: Cursor,
     written: Cursor,
     budget: Budget,
+    /// The streams whose response has begun on the wire and not ended (see
+    /// `Activity::open_streams`).
+    open: Vec<u32>,
     activity: Arc<Activity>,
 }
 
@@ -164,7 +181,35 @@ impl<S> Frames<S> {
                 opened: Instant::now(),
                 last_stream: 0,
             },
+            open: Vec::new(),
             activity,
+        }
+    }
+
+    /// Follow `data`, written to the client: the responses begun and ended on the wire, the
+    /// DATA written.
+    fn follow_written(&mut self, data: &[u8]) {
+        let open = &mut self.open;
+        let mut bytes = 0u64;
+        self.written.feed(data, |h| {
+            let ends = h.flags & 0x1 != 0;
+            match h.kind {
+                0x0 => {
+                    bytes += h.len as u64;
+                    response(open, h.stream, !ends);
+                }
+                0x1 if ends => response(open, h.stream, false),
+                0x3 => response(open, h.stream, false),
+                _ => {}
+            }
+        });
+        self.activity
+            .open_streams
+            .store(self.open.len(), Ordering::Relaxed);
+        if bytes > 0 {
+            self.activity
+                .data_written
+                .fetch_add(bytes, Ordering::Relaxed);
         }
     }
 
@@ -181,9 +226,14 @@ impl<S> Frames<S> {
         }
         let budget = &mut self.budget;
         let activity = &self.activity;
+        let open = &mut self.open;
         let mut overdrawn = false;
         let sent = activity.sent.load(Ordering::Relaxed);
         self.read.feed(data, |h| {
+            if h.kind == 0x3 {
+                response(open, h.stream, false);
+                activity.open_streams.store(open.len(), Ordering::Relaxed);
+            }
             // A header block is a head too: from a HEADERS frame without END_HEADERS to the
             // CONTINUATION with it (nothing may come between them); the preface's deadline
             // ends with the first frame.
@@ -273,7 +323,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Frames<S> {
             _ => {}
         }
         let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
-        this.written.feed(&buf[..n], |_| {});
+        this.follow_written(&buf[..n]);
         Poll::Ready(Ok(n))
     }
 
@@ -306,6 +356,35 @@ mod tests {
         let mut f = Frames::new((), Activity::new());
         assert!(f.follow(PREFACE));
         f
+    }
+
+    #[test]
+    fn response_bodies_under_way_are_followed_across_writes_and_resets() {
+        let mut f = frames();
+        let open = |f: &Frames<()>| f.activity.open_streams.load(Ordering::Relaxed);
+        // A final head, then DATA, split anywhere.
+        let mut out = frame(0x1, 0x4, 1, b"head");
+        out.extend(frame(0x0, 0, 1, &[7u8; 10]));
+        for piece in out.chunks(5) {
+            f.follow_written(piece);
+        }
+        assert_eq!(open(&f), 1);
+        assert_eq!(f.activity.data_written.load(Ordering::Relaxed), 10);
+        // An interim head (100 Continue) begins nothing; a body in one frame with END_STREAM
+        // ends as it begins; trailers end a body.
+        f.follow_written(&frame(0x1, 0x4, 3, b"100"));
+        f.follow_written(&frame(0x0, 0x1, 3, &[7u8; 5]));
+        f.follow_written(&frame(0x0, 0, 5, &[7u8; 1]));
+        assert_eq!(open(&f), 2);
+        f.follow_written(&frame(0x1, 0x5, 5, b"trailers"));
+        assert_eq!(open(&f), 1);
+        // The client cancels stream 1; and regobox resets stream 7.
+        assert!(f.follow(&frame(0x3, 0, 1, &8u32.to_be_bytes())));
+        assert_eq!(open(&f), 0);
+        f.follow_written(&frame(0x0, 0, 7, &[7u8; 3]));
+        f.follow_written(&frame(0x3, 0, 7, &8u32.to_be_bytes()));
+        assert_eq!(open(&f), 0);
+        assert_eq!(f.activity.data_written.load(Ordering::Relaxed), 19);
     }
 
     #[test]

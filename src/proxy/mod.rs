@@ -557,6 +557,17 @@ pub struct Activity {
     leases: AtomicUsize,
     /// Bytes of response bodies sent (what an HTTP/2 client earns its control frames with).
     pub sent: AtomicU64,
+    /// HTTP/2: the streams whose response body is under way on the wire (DATA written) and not
+    /// ended (no END_STREAM written, no RST_STREAM either way), as `frames` follows them; and
+    /// the DATA bytes written. More such streams than response bodies being sent: h2 keeps the
+    /// end of a body that is done as far as regobox knows, waiting for the client's window (see
+    /// [`Activity::send_stalled`]).
+    pub open_streams: AtomicUsize,
+    pub data_written: AtomicU64,
+    /// Since when (ms) a response's end has been kept by h2 with no DATA written ([`NEVER`]:
+    /// none is), and the DATA bytes written at the last look.
+    kept_since_ms: AtomicU64,
+    data_seen: AtomicU64,
     /// The last write to the client could not go out (its socket is full).
     write_blocked: AtomicBool,
     /// When a request last began or ended (see [`Activity::quiet_for`]).
@@ -764,6 +775,10 @@ impl Activity {
             sending: std::sync::Mutex::new(Vec::new()),
             leases: AtomicUsize::new(0),
             sent: AtomicU64::new(0),
+            open_streams: AtomicUsize::new(0),
+            data_written: AtomicU64::new(0),
+            kept_since_ms: AtomicU64::new(NEVER),
+            data_seen: AtomicU64::new(0),
             write_blocked: AtomicBool::new(false),
             request_ms: AtomicU64::new(0),
             fd: std::sync::atomic::AtomicI32::new(-1),
@@ -792,6 +807,14 @@ impl Activity {
     /// its send buffer (megabytes) has drained: a steady reader at tens of KB/s would take
     /// longer than the deadline. So the socket's send queue is read too: when it shrank since
     /// the last look, the client is taking, and the waiting pieces count from now.
+    ///
+    /// Over HTTP/2 a response's body is done once its last piece is handed to hyper, which
+    /// lets it go as soon as the stream's window has room for one byte; h2 keeps the rest (one
+    /// piece at most) until the window opens. Such a response shows as a stream open on the
+    /// wire with no body left ([`Activity::open_streams`] above the responses being sent): it
+    /// waits for the client too, and DATA written is what counts as the client taking. (A body
+    /// still being sent that has written no DATA yet, one waiting for the application, makes
+    /// up for one kept that way: not seen then; no connection is cut for it.)
     fn send_stalled(&self, limit: Duration) -> bool {
         let now = self.now_ms();
         let limit = limit.as_millis() as u64;
@@ -800,7 +823,21 @@ impl Activity {
         let waiting = sending
             .iter()
             .any(|h| h.since_ms.load(Ordering::Relaxed) != NEVER);
-        if !waiting {
+        let kept = self.open_streams.load(Ordering::Relaxed) > sending.len();
+        let written = self.data_written.load(Ordering::Relaxed);
+        let moved = self.data_seen.swap(written, Ordering::Relaxed) != written;
+        if !kept || moved {
+            self.kept_since_ms
+                .store(if kept { now } else { NEVER }, Ordering::Relaxed);
+        } else {
+            let _ = self.kept_since_ms.compare_exchange(
+                NEVER,
+                now,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        if !waiting && !kept {
             return false;
         }
         if let Some(queued) = send_queue(self.fd.load(Ordering::Relaxed)) {
@@ -813,13 +850,18 @@ impl Activity {
                             (s != NEVER).then_some(now)
                         });
                 }
+                if kept {
+                    self.kept_since_ms.store(now, Ordering::Relaxed);
+                }
                 return false;
             }
         }
-        sending.iter().any(|h| {
-            let since = h.since_ms.load(Ordering::Relaxed);
-            since != NEVER && now.saturating_sub(since) >= limit
-        })
+        let since_kept = self.kept_since_ms.load(Ordering::Relaxed);
+        (since_kept != NEVER && now.saturating_sub(since_kept) >= limit)
+            || sending.iter().any(|h| {
+                let since = h.since_ms.load(Ordering::Relaxed);
+                since != NEVER && now.saturating_sub(since) >= limit
+            })
     }
 
     /// Whether the connection is past one of its deadlines (checked every tick): idle with

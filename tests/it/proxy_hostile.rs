@@ -303,6 +303,69 @@ fn an_http2_client_that_reads_nothing_does_not_get_its_responses_buffered() {
     assert!(log.contains("proxy.send_timeout"), "{log}");
 }
 
+/// The attacker's finding: a response's last piece is let go by hyper once the stream's window
+/// has room for one byte, h2 keeping the rest; a client that opens its windows by a byte (or one
+/// byte short of the body) held its connection past `send_timeout`, to `idle_timeout` and beyond.
+/// Such a response waits for the client like any other. A stream the client cancels, and a
+/// connection quiet after it, are not taken for one.
+#[test]
+fn a_last_piece_kept_by_h2_still_waits_for_the_client() {
+    let mut p = Proxied::start("redirect_http = false\nsend_timeout = \"2s\"");
+
+    // Cancelled mid-response, then nothing for twice the timeout: not cut; then served.
+    let mut h = H2::connect(p.https, &[]);
+    h.send(0x1, 0x5, 1, &request_block("GET", "/download?n=1000000"));
+    let mut got = 0;
+    while got < 16384 {
+        let (kind, _, stream, payload) = h.frame().expect("the response");
+        if kind == 0x0 && stream == 1 {
+            got += payload.len();
+        }
+    }
+    // CANCEL, and the connection's window given back (what the stream took of it).
+    h.send(0x3, 0, 1, &0x8u32.to_be_bytes());
+    h.send(0x8, 0, 0, &(1u32 << 20).to_be_bytes());
+    std::thread::sleep(Duration::from_secs(4));
+    h.send(0x1, 0x5, 3, &request_block("GET", "/job/after"));
+    loop {
+        let Some((kind, flags, stream, payload)) = h.frame() else {
+            panic!("not served after the cancel\n{}", p.stop());
+        };
+        if kind == 0x0 && stream == 3 && flags & 0x1 != 0 {
+            assert_eq!(payload, b"app: /job/after\n");
+            break;
+        }
+    }
+
+    // One byte of window, then a body of 100 bytes; and one byte short of the body.
+    for (window, n) in [(1u32, 100usize), (39_999, 40_000)] {
+        let mut h = H2::connect(p.https, &[(0x4, window)]);
+        h.send(
+            0x1,
+            0x5,
+            1,
+            &request_block("GET", &format!("/download?n={n}")),
+        );
+        let started = Instant::now();
+        let mut got = 0;
+        let mut ended = false;
+        while let Some((kind, flags, stream, payload)) = h.frame() {
+            if kind == 0x0 && stream == 1 {
+                got += payload.len();
+                ended |= flags & 0x1 != 0;
+            }
+        }
+        let elapsed = started.elapsed();
+        assert_eq!((got, ended), (window as usize, false));
+        assert!(
+            elapsed >= Duration::from_millis(1500) && elapsed < Duration::from_secs(15),
+            "window {window}: {elapsed:?}"
+        );
+    }
+    let log = p.stop();
+    assert!(log.contains("proxy.send_timeout"), "{log}");
+}
+
 /// Over HTTP/2 a response's last DATA frame ends its stream (no empty DATA frame after it), and
 /// a response of one piece held at a zero window is still cut after `proxy.send_timeout`: the
 /// last piece waits for the client like any other.
