@@ -14,7 +14,10 @@
 //!
 //! The GOAWAY is written here, below the `h2` crate, so this reader also follows the frames
 //! written to the client, to write it between two of them; if a frame is half written (the
-//! socket was full), the connection is closed without it.
+//! socket was full), the connection is closed without it. Following them also tells the
+//! watchdog which response bodies are under way on the wire, and how much DATA went out: the
+//! end of a body that h2 keeps for a client's window is watched by `proxy.send_timeout` too
+//! (see `Activity::send_stalled`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -158,7 +161,7 @@ pub struct Frames<S> {
     read: Cursor,
     written: Cursor,
     budget: Budget,
-    /// The streams whose response has begun on the wire and not ended (see
+    /// The streams whose response body is under way on the wire and not ended (see
     /// `Activity::open_streams`).
     open: Vec<u32>,
     activity: Arc<Activity>,
@@ -186,8 +189,8 @@ impl<S> Frames<S> {
         }
     }
 
-    /// Follow `data`, written to the client: the responses begun and ended on the wire, the
-    /// DATA written.
+    /// Follow `data`, written to the client: the response bodies under way and ended on the
+    /// wire, the DATA written.
     fn follow_written(&mut self, data: &[u8]) {
         let open = &mut self.open;
         let mut bytes = 0u64;
