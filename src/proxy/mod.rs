@@ -16,6 +16,7 @@
 pub mod access;
 pub mod acme;
 pub mod coalesce;
+pub mod cork;
 pub mod files;
 pub mod forward;
 pub mod frames;
@@ -994,8 +995,7 @@ where
     };
     let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
     tokio::pin!(copy);
-    let mut tick = tokio::time::interval(Duration::from_millis(500).min(idle));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = watchdog(Duration::from_millis(500).min(idle));
     loop {
         tokio::select! {
             _ = &mut copy => return,
@@ -1009,6 +1009,9 @@ where
         }
     }
 }
+
+/// A TLS client connection's stream.
+type TlsIo = tokio_rustls::server::TlsStream<cork::Corked<Tracked<TcpStream>>>;
 
 /// A stream that records activity.
 struct Tracked<S> {
@@ -1041,7 +1044,7 @@ impl Socket for Tracked<TcpStream> {
     }
 }
 
-impl Socket for tokio_rustls::server::TlsStream<Tracked<TcpStream>> {
+impl Socket for TlsIo {
     fn tcp(&self) -> Option<&TcpStream> {
         None
     }
@@ -1096,6 +1099,16 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     }
 }
 
+/// A connection's watchdog: ticks every `period`, the first a period from now. (tokio's
+/// `interval` ticks at once, and a timer due before the worker's next wake-up makes tokio wake
+/// the worker's driver through its event descriptor: a system call, and a turn of the worker
+/// for nothing, for every new connection.)
+fn watchdog(period: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
 /// Drive `$conn` (a hyper server connection) until it ends, the proxy stops (graceful, then
 /// forced), it idles past `idle` with no request in flight, or a request head takes longer than
 /// `header` to arrive.
@@ -1114,8 +1127,7 @@ macro_rules! drive {
         let conn = $conn;
         tokio::pin!(conn);
         let mut draining = false;
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = watchdog(Duration::from_millis(500));
         loop {
             tokio::select! {
                 _ = conn.as_mut() => break,
@@ -1167,24 +1179,43 @@ async fn serve_tls(
     shutdown: CancellationToken,
 ) {
     // The handshake's state (rustls' connection as it is built) boxed too: freed once done.
+    // Its last writes are held for the first response (see `cork`).
     let handshake = tokio::time::timeout(
         shared.config.handshake_timeout,
-        Box::pin(acceptor.accept(io)),
+        Box::pin(acceptor.accept(cork::Corked::new(io)).into_fallible()),
     );
-    let tls_stream = tokio::select! {
+    let mut tls_stream = tokio::select! {
         r = handshake => match r {
             Ok(Ok(s)) => s,
-            _ => return,
+            // The alert that says why, if the session wrote one: sent if the socket takes it.
+            Ok(Err((_, mut io))) => {
+                let _ = futures_util::FutureExt::now_or_never(std::future::poll_fn(|cx| {
+                    io.poll_release(cx)
+                }));
+                return;
+            }
+            Err(_) => return,
         },
         _ = shared.force.cancelled() => return,
     };
+    let (corked, session) = tls_stream.get_mut();
+    if session.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
+        corked.hold();
+    } else {
+        // TLS 1.2: the client waits for the last flight.
+        let release = std::future::poll_fn(|cx| corked.poll_release(cx));
+        match tokio::time::timeout(shared.config.handshake_timeout, release).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+    }
     tls_served(tls_stream, peer, shared, activity, shutdown).await;
 }
 
 /// The protocol ALPN chose on `tls_stream`, served. Not an `async fn`: the stream is moved into
 /// its protocol's future here, and no state of this function's stays beside that future.
 fn tls_served(
-    tls_stream: tokio_rustls::server::TlsStream<Tracked<TcpStream>>,
+    tls_stream: TlsIo,
     peer: SocketAddr,
     shared: &Arc<Shared>,
     activity: Arc<Activity>,
@@ -1199,7 +1230,7 @@ fn tls_served(
 
 /// HTTP/2 on a TLS connection, its frames followed (see [`frames`]).
 async fn serve_h2(
-    tls_stream: tokio_rustls::server::TlsStream<Tracked<TcpStream>>,
+    tls_stream: TlsIo,
     peer: SocketAddr,
     shared: &Arc<Shared>,
     activity: Arc<Activity>,
@@ -1340,8 +1371,7 @@ where
         .serve_connection(TokioIo::new(io), ctx.service())
         .with_upgrades();
     let mut draining = false;
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = watchdog(Duration::from_millis(500));
     loop {
         tokio::select! {
             _ = &mut conn => return None,

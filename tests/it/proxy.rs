@@ -1690,3 +1690,101 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
     assert!(answer.ends_with("got 50"), "{answer}");
     p.stop();
 }
+
+/// What a TLS handshake writes last leaves with the first response (`proxy::cork`): a TLS 1.3
+/// client that has finished its handshake gets nothing until it asks (the session tickets wait
+/// for the response, and then serve to resume); a TLS 1.2 client, which waits for the server's
+/// last flight, still gets it; a failed handshake still gets its alert.
+#[test]
+fn a_handshakes_last_writes_leave_with_the_first_response() {
+    let mut p = Proxied::start("");
+    let config = client_config(None, &[b"http/1.1"]);
+    let connect = |config: &Arc<rustls::ClientConfig>| {
+        let conn =
+            rustls::ClientConnection::new(config.clone(), "localhost".try_into().unwrap()).unwrap();
+        let tcp = TcpStream::connect(("127.0.0.1", p.https)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        while s.conn.is_handshaking() {
+            s.conn.complete_io(&mut s.sock).unwrap();
+        }
+        s
+    };
+
+    let mut s = connect(&config);
+    assert_eq!(
+        s.conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    s.sock.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    let early = s.sock.peek(&mut byte);
+    assert!(
+        matches!(&early, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the server wrote after the handshake before any request (its tickets alone): {early:?}"
+    );
+    s.sock.set_nonblocking(false).unwrap();
+    let (status, _) = request(&mut s, "/");
+    assert_eq!(status, 200);
+    // Keep-alive: the next response goes as usual.
+    let (status, _) = request(&mut s, "/");
+    assert_eq!(status, 200);
+    drop(s);
+    // The tickets came with the response: a new connection resumes the session.
+    let s = connect(&config);
+    assert_eq!(
+        s.conn.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed)
+    );
+    drop(s);
+
+    // TLS 1.2: the server's Finished is the handshake's last write, and the client waits for it.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls12 = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny))
+        .with_no_client_auth();
+    tls12.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls12 = Arc::new(tls12);
+    for _ in 0..2 {
+        let mut s = connect(&tls12);
+        assert_eq!(
+            s.conn.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_2)
+        );
+        let (status, _) = request(&mut s, "/");
+        assert_eq!(status, 200);
+    }
+
+    // A handshake that fails (no protocol in common) ends with the alert that says why.
+    let conn = rustls::ClientConnection::new(
+        client_config(None, &[b"spdy/3"]),
+        "localhost".try_into().unwrap(),
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", p.https)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let failed = loop {
+        match s.conn.complete_io(&mut s.sock) {
+            Ok(_) if s.conn.is_handshaking() => continue,
+            Ok(_) => panic!("the handshake succeeded"),
+            Err(e) => break e,
+        }
+    };
+    let alert = failed
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .cloned();
+    assert_eq!(
+        alert,
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::NoApplicationProtocol
+        )),
+        "{failed:?}"
+    );
+    p.stop();
+}
