@@ -30,13 +30,13 @@ enum Mode {
     Through,
 }
 
-pub struct Corked<S> {
+pub struct Corked<S: AsyncWrite + Unpin> {
     inner: S,
     mode: Mode,
     held: Vec<u8>,
 }
 
-impl<S> Corked<S> {
+impl<S: AsyncWrite + Unpin> Corked<S> {
     /// `inner`, its writes gathered until [`Corked::hold`] or [`Corked::poll_release`].
     pub fn new(inner: S) -> Self {
         Corked {
@@ -59,6 +59,17 @@ impl<S> Corked<S> {
 
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Drop for Corked<S> {
+    /// A connection regobox closes before its first write (idle, or a request head too slow)
+    /// still gets the tickets, if its socket takes them at once: the client can resume its
+    /// next connection.
+    fn drop(&mut self) {
+        if self.mode == Mode::Hold {
+            let _ = self.poll_release(&mut Context::from_waker(std::task::Waker::noop()));
+        }
     }
 }
 

@@ -1622,6 +1622,9 @@ class H(BaseHTTPRequestHandler):
             if not chunk:
                 break
             got += len(chunk)
+        if self.path == "/never":
+            time.sleep(60)
+            return
         body = ("got %d" % got).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -1639,7 +1642,7 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
         "90_proxy.toml",
         &format!(
             "[proxy]\nlisten = \"127.0.0.1\"\nupstream = \"http://127.0.0.1:{app}\"\nredirect_http = false\n\
-             upstream_read_timeout = \"1s\"\nclient_body_timeout = \"1s\"\nclient_body_min_rate = 0\n\
+             upstream_read_timeout = \"1s\"\nclient_body_timeout = \"4s\"\nclient_body_min_rate = 0\n\
              [services.app]\ncommand = [\"python3\", \"{script}\", \"{app}\"]\nready = {{ tcp = {app} }}\n",
             app = p.app,
             script = script.display()
@@ -1649,6 +1652,36 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 
     let out = p.curl(&["-D", "-", "-o", "/dev/null", &p.https_url("/never")]);
     assert!(stdout(&out).starts_with("HTTP/2 504"), "{}", stdout(&out));
+
+    // A request whose body came whole: the application's time counts from the body's end, not
+    // from the end of the body's own allowance (client_body_timeout, 4 s here).
+    for proto in ["--http2", "--http1.1"] {
+        let started = Instant::now();
+        let out = p.curl(&[
+            proto,
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "--data-binary",
+            "0123456789",
+            &p.https_url("/never"),
+        ]);
+        let took = started.elapsed();
+        assert!(
+            stdout(&out).starts_with(if proto == "--http2" {
+                "HTTP/2 504"
+            } else {
+                "HTTP/1.1 504"
+            }),
+            "{}",
+            stdout(&out)
+        );
+        assert!(
+            took < Duration::from_millis(3500),
+            "{proto}: 504 after {took:?}"
+        );
+    }
 
     let out = p.curl(&["--http1.1", &p.https_url("/stall")]);
     assert!(
@@ -1697,7 +1730,7 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 /// last flight, still gets it; a failed handshake still gets its alert.
 #[test]
 fn a_handshakes_last_writes_leave_with_the_first_response() {
-    let mut p = Proxied::start("");
+    let mut p = Proxied::start("header_timeout = \"2s\"\nidle_timeout = \"2s\"");
     let config = client_config(None, &[b"http/1.1"]);
     let connect = |config: &Arc<rustls::ClientConfig>| {
         let conn =
@@ -1736,6 +1769,28 @@ fn a_handshakes_last_writes_leave_with_the_first_response() {
     assert_eq!(
         s.conn.handshake_kind(),
         Some(rustls::HandshakeKind::Resumed)
+    );
+    drop(s);
+
+    // A connection regobox closes before any request (its idle and header deadlines) still gets
+    // them: the next connection resumes.
+    let config = client_config(None, &[b"http/1.1"]);
+    let mut s = connect(&config);
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    assert!(rest.is_empty(), "{rest:?}");
+    drop(s);
+    let s = connect(&config);
+    assert_eq!(
+        s.conn.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed),
+        "the tickets of a connection closed by regobox before any request did not come"
     );
     drop(s);
 
