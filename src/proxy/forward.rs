@@ -320,9 +320,10 @@ impl ConnCtx {
             // Set when the client's body fails: the failure is then the client's, not the
             // application's: [`MALFORMED`] (bad chunked framing...) or [`GONE`] (the client
             // closed its connection before the body's end).
-            let client_body_failed = Arc::new(std::sync::atomic::AtomicU8::new(0));
-            // When the request last moved: the wait for the answer counts from there.
-            let moved = progress::Mark::new();
+            // (Made only for a request with a body.)
+            let mut client_body_failed = None;
+            // When the request's body last moved: the wait for the answer counts from there.
+            let mut moved = None;
             let mut client_body_stalled = None;
             // A body that has ended already (none came, or HTTP/2's HEADERS ended the stream)
             // goes as none; any other is forwarded, whatever the method (an HTTP/2 GET or
@@ -330,7 +331,10 @@ impl ConnCtx {
             let body = if hyper::body::Body::is_end_stream(&body) {
                 super::empty()
             } else {
-                let failed = client_body_failed.clone();
+                let failed = Arc::new(std::sync::atomic::AtomicU8::new(0));
+                client_body_failed = Some(failed.clone());
+                let mark = progress::Mark::new();
+                moved = Some(mark.clone());
                 let incoming = body
                     .map_err(move |e| {
                         use std::io::ErrorKind::*;
@@ -354,7 +358,7 @@ impl ConnCtx {
                 let mut body = progress::Deadline::new(
                     Gather::new(incoming),
                     cfg.client_body_timeout,
-                    Some(moved.clone()),
+                    Some(mark),
                     "request body",
                 )
                 .with_min_rate(cfg.client_body_timeout, cfg.client_body_min_rate);
@@ -367,25 +371,42 @@ impl ConnCtx {
                 .pool
                 .send(Request::from_parts(parts, body), &added);
             tokio::pin!(send);
+            let mut waited = false;
             let result = loop {
                 // While the request body is still on its way, its own deadline comes first (a
                 // client that stops sending gets 408); past both, the application that neither
                 // reads nor answers gets 504. No progress is measured from the last move.
-                let allowance = if moved.is_open() {
-                    cfg.upstream_read_timeout + cfg.client_body_timeout
-                } else {
-                    cfg.upstream_read_timeout
+                let deadline = match &moved {
+                    Some(m) if m.is_open() => {
+                        m.last() + cfg.upstream_read_timeout + cfg.client_body_timeout
+                    }
+                    Some(m) => m.last() + cfg.upstream_read_timeout,
+                    None => tokio::time::Instant::from_std(sent) + cfg.upstream_read_timeout,
                 };
-                let deadline = moved.last() + allowance;
-                if deadline <= tokio::time::Instant::now() {
+                // (Not before the first wait: the deadline is ahead then.)
+                if waited && deadline <= tokio::time::Instant::now() {
                     break None;
                 }
+                waited = true;
+                // The body's end starts the application's time: the deadline is computed anew.
+                let body_ends = async {
+                    match &moved {
+                        Some(m) if m.is_open() => m.ended().await,
+                        _ => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     r = &mut send => break Some(r),
                     _ = tokio::time::sleep_until(deadline) => {}
+                    _ = body_ends => {}
                 }
             };
             upstream_time = Some(sent.elapsed());
+            let body_failed_as = |why| {
+                client_body_failed
+                    .as_ref()
+                    .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed) == why)
+            };
             let Some(result) = result else {
                 if let Some(left_out) = UPSTREAM_TIMEOUTS.should_log() {
                     tracing::warn!(target: "regobox::proxy", timeout = ?cfg.upstream_read_timeout, upstream = %cfg.upstream, similar_left_out = left_out, "the application did not answer in time (proxy.upstream_read_timeout); answered 504");
@@ -430,7 +451,7 @@ impl ConnCtx {
                         "The request's body stopped arriving.",
                     ));
                 }
-                Err(e) if client_body_failed.load(std::sync::atomic::Ordering::Relaxed) == GONE => {
+                Err(e) if body_failed_as(GONE) => {
                     // Nobody to answer: the access line says 400, nothing else is logged.
                     tracing::debug!(target: "regobox::proxy", peer = %self.peer_text.to_str().unwrap_or(""), error = %error_chain(&e), "the client closed its connection during its request's body");
                     break 'done closing(page(
@@ -439,10 +460,7 @@ impl ConnCtx {
                         "The request's body was cut short.",
                     ));
                 }
-                Err(e)
-                    if client_body_failed.load(std::sync::atomic::Ordering::Relaxed)
-                        == MALFORMED =>
-                {
+                Err(e) if body_failed_as(MALFORMED) => {
                     // The client's fault: 400, the connection closed, and at most a line per
                     // interval however often a client does it.
                     if let Some(left_out) = CLIENT_ERRORS.should_log() {
@@ -501,12 +519,8 @@ impl ConnCtx {
             // (Its hop-by-hop fields were left out when its head was read: see `upstream`.)
             let (parts, body) = response.into_parts();
             // The application's body must keep moving too; a stalled one is cut.
-            let body = progress::Deadline::new(
-                body.map_err(|e| Box::new(e) as BoxError).boxed(),
-                cfg.upstream_read_timeout,
-                None,
-                "response body",
-            );
+            let body =
+                progress::Deadline::new(body, cfg.upstream_read_timeout, None, "response body");
             Response::from_parts(parts, body.boxed())
         };
 

@@ -26,6 +26,8 @@ pub struct Mark {
 struct MarkState {
     last: AtomicU64,
     open: std::sync::atomic::AtomicBool,
+    /// Told when the body ends (see [`Mark::ended`]).
+    ended: tokio::sync::Notify,
 }
 
 impl Default for Mark {
@@ -50,6 +52,13 @@ impl Mark {
     pub fn touch(&self) {
         let ms = self.base.elapsed().as_millis() as u64;
         self.state.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// Done when the body that touches this mark has ended (at once if it has already).
+    pub async fn ended(&self) {
+        if self.is_open() {
+            self.state.ended.notified().await;
+        }
     }
 
     /// When something last moved.
@@ -155,7 +164,8 @@ impl<B: hyper::body::Body> Deadline<B> {
 
 impl<B> hyper::body::Body for Deadline<B>
 where
-    B: hyper::body::Body<Data = Bytes, Error = BoxError> + Unpin,
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
 {
     type Data = Bytes;
     type Error = BoxError;
@@ -173,11 +183,13 @@ where
                 }
                 if let Some(mark) = &this.mark {
                     mark.touch();
-                    if frame.is_none() || this.inner.is_end_stream() {
-                        mark.state.open.store(false, Ordering::Relaxed);
+                    if (frame.is_none() || this.inner.is_end_stream())
+                        && mark.state.open.swap(false, Ordering::Relaxed)
+                    {
+                        mark.state.ended.notify_one();
                     }
                 }
-                Poll::Ready(frame)
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
                 let due = this.due();
