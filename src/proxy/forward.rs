@@ -389,16 +389,16 @@ impl ConnCtx {
                 }
                 waited = true;
                 // The body's end starts the application's time: the deadline is computed anew.
+                let body_open = moved.as_ref().is_some_and(|m| m.is_open());
                 let body_ends = async {
-                    match &moved {
-                        Some(m) if m.is_open() => m.ended().await,
-                        _ => std::future::pending().await,
+                    if let Some(m) = &moved {
+                        m.ended().await;
                     }
                 };
                 tokio::select! {
                     r = &mut send => break Some(r),
                     _ = tokio::time::sleep_until(deadline) => {}
-                    _ = body_ends => {}
+                    _ = body_ends, if body_open => {}
                 }
             };
             upstream_time = Some(sent.elapsed());
