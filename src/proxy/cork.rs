@@ -56,10 +56,6 @@ impl<S: AsyncWrite + Unpin> Corked<S> {
             Mode::Hold
         };
     }
-
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
 }
 
 impl<S: AsyncWrite + Unpin> Drop for Corked<S> {
@@ -68,7 +64,7 @@ impl<S: AsyncWrite + Unpin> Drop for Corked<S> {
     /// next connection.
     fn drop(&mut self) {
         if self.mode == Mode::Hold {
-            let _ = self.poll_release(&mut Context::from_waker(std::task::Waker::noop()));
+            let _ = self.poll_drain(&mut Context::from_waker(std::task::Waker::noop()));
         }
     }
 }
@@ -76,6 +72,18 @@ impl<S: AsyncWrite + Unpin> Drop for Corked<S> {
 impl<S: AsyncWrite + Unpin> Corked<S> {
     /// Send what is held; then writes go straight through.
     pub fn poll_release(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
+        self.mode = Mode::Through;
+        Poll::Ready(Ok(()))
+    }
+
+    /// [`Corked::poll_release`] as a future.
+    pub async fn release(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_release(cx)).await
+    }
+
+    /// Write out what is held (the mode stays).
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.held.is_empty() {
             match ready!(Pin::new(&mut self.inner).poll_write(cx, &self.held))? {
                 0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
@@ -85,7 +93,6 @@ impl<S: AsyncWrite + Unpin> Corked<S> {
             }
         }
         self.held = Vec::new();
-        self.mode = Mode::Through;
         Poll::Ready(Ok(()))
     }
 
@@ -122,8 +129,7 @@ impl<S: AsyncWrite + Unpin> Corked<S> {
     /// Gather `bufs` (the handshake's writes).
     fn gather(&mut self, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
         if self.held.len() >= LIMIT {
-            ready!(self.poll_release(cx))?;
-            self.mode = Mode::Gather;
+            ready!(self.poll_drain(cx))?;
         }
         let mut n = 0;
         for b in bufs {
@@ -144,10 +150,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Corked<S> {
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         // About to wait for the client: it gets what the handshake wrote first.
         if r.is_pending() && this.mode == Mode::Gather && !this.held.is_empty() {
-            if let Poll::Ready(Err(e)) = this.poll_release(cx) {
+            if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
                 return Poll::Ready(Err(e));
             }
-            this.mode = Mode::Gather;
         }
         r
     }

@@ -1189,9 +1189,7 @@ async fn serve_tls(
             Ok(Ok(s)) => s,
             // The alert that says why, if the session wrote one: sent if the socket takes it.
             Ok(Err((_, mut io))) => {
-                let _ = futures_util::FutureExt::now_or_never(std::future::poll_fn(|cx| {
-                    io.poll_release(cx)
-                }));
+                let _ = futures_util::FutureExt::now_or_never(io.release());
                 return;
             }
             Err(_) => return,
@@ -1203,8 +1201,7 @@ async fn serve_tls(
         corked.hold();
     } else {
         // TLS 1.2: the client waits for the last flight.
-        let release = std::future::poll_fn(|cx| corked.poll_release(cx));
-        match tokio::time::timeout(shared.config.handshake_timeout, release).await {
+        match tokio::time::timeout(shared.config.handshake_timeout, corked.release()).await {
             Ok(Ok(())) => {}
             _ => return,
         }
