@@ -1,20 +1,35 @@
-//! Writes of an HTTP/2 connection gathered per turn of its task.
+//! Writes of an HTTP/2 connection gathered per turn of its task, and its streams run in that
+//! task.
 //!
 //! The `h2` crate writes a DATA frame of 256 bytes or more as soon as it has queued it (it
 //! chains the payload instead of copying it, and must write it before the next frame), so each
 //! response of a multiplexed connection would cost its own TLS record and system call. Here
 //! the connection's writes go to a buffer, and the future driving the connection writes the
-//! buffer out once hyper has done all it could in that turn: the responses of the streams that
-//! finished together leave in one record, as nginx's do.
+//! buffer out once hyper has done all it could in that turn and the worker's queue has had one
+//! more pass (the tasks woken already run first, this connection's own turn again among them):
+//! the responses of the streams whose answers came together leave in one record and one write,
+//! as nginx's do, and the client is woken once for them.
 //!
 //! Memory stays bounded: past [`LIMIT`] buffered bytes, a write first drains the buffer to the
 //! socket and waits for it like an ordinary write.
+//!
+//! hyper hands each stream's future (the request forwarded, its response sent; after an
+//! upgrade, one direction's copy) to an executor: [`Streams`], the executor given to hyper
+//! here, keeps them for the [`Driver`], which polls those that were woken, before and after the
+//! connection, in each turn. A stream costs no task of its own (with tokio's executor: a spawn,
+//! a task cell, its scheduling and wake-ups), and a connection's streams end with it: they are
+//! dropped with the connection's task when it is cut (the proxy forced to stop, a deadline), and
+//! the task of a connection that ends on its own waits for its streams to end (the proxy's
+//! graceful stop, which waits for connection tasks, waits for them too). A stream that panics
+//! takes its connection's task (and the connection's other streams) down with it.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, ready};
+
+use futures_util::stream::{FuturesUnordered, StreamExt as _};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -48,16 +63,38 @@ impl<S: AsyncWrite + Unpin> State<S> {
 /// The I/O handed to hyper: reads go through, writes are buffered.
 pub struct Io<S>(Arc<Mutex<State<S>>>);
 
-/// Drives a connection future over an [`Io`], writing its buffer out after each turn.
+/// A stream's future, as hyper hands it over (a request and its response; or, after an
+/// upgrade, the copy of one direction).
+type Stream = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The executor handed to hyper: keeps each stream's future for the [`Driver`] (see the
+/// module's documentation). hyper calls it while the connection is polled, from the driver's
+/// poll; a future handed over at another time would wait for the driver's next turn.
+#[derive(Clone, Default)]
+pub struct Streams(Arc<Mutex<Vec<Stream>>>);
+
+impl<T: Future<Output = ()> + Send + 'static> hyper::rt::Executor<T> for Streams {
+    fn execute(&self, stream: T) {
+        lock(&self.0).push(Box::pin(stream));
+    }
+}
+
+/// Drives a connection future over an [`Io`], and its streams, writing its buffer out after
+/// each turn.
 pub struct Driver<F: Future, S> {
     conn: Pin<Box<F>>,
     state: Arc<Mutex<State<S>>>,
-    /// The connection's end, held until its last bytes are out.
+    /// The connection's end, held until its last bytes are out and its streams have ended.
     finished: Option<F::Output>,
+    /// Streams handed over by hyper and not yet polled.
+    new: Streams,
+    running: FuturesUnordered<Stream>,
+    /// The buffer waited for a pass of the queue already (see `poll`).
+    yielded: bool,
 }
 
-/// Wrap `io` for a connection built by `build`.
-pub fn wrap<S, F: Future>(io: S, build: impl FnOnce(Io<S>) -> F) -> Driver<F, S> {
+/// Wrap `io` for a connection built by `build`, whose streams are handed to `streams`.
+pub fn wrap<S, F: Future>(io: S, streams: Streams, build: impl FnOnce(Io<S>) -> F) -> Driver<F, S> {
     let state = Arc::new(Mutex::new(State {
         io,
         out: Vec::with_capacity(16 * 1024),
@@ -67,10 +104,13 @@ pub fn wrap<S, F: Future>(io: S, build: impl FnOnce(Io<S>) -> F) -> Driver<F, S>
         conn: Box::pin(build(Io(state.clone()))),
         state,
         finished: None,
+        new: streams,
+        running: FuturesUnordered::new(),
+        yielded: false,
     }
 }
 
-fn lock<S>(state: &Mutex<State<S>>) -> MutexGuard<'_, State<S>> {
+fn lock<T>(state: &Mutex<T>) -> MutexGuard<'_, T> {
     state.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -78,6 +118,23 @@ impl<F: Future, S> Driver<F, S> {
     /// The connection itself (e.g. for a graceful shutdown).
     pub fn conn(&mut self) -> Pin<&mut F> {
         self.conn.as_mut()
+    }
+
+    /// Poll the streams that were woken (and those not polled yet) until none is ready.
+    fn poll_streams(&mut self, cx: &mut Context<'_>) {
+        loop {
+            {
+                let mut new = lock(&self.new.0);
+                for stream in new.drain(..) {
+                    self.running.push(stream);
+                }
+            }
+            // FuturesUnordered yields (waking the task) after polling each of its futures once.
+            while let Poll::Ready(Some(())) = self.running.poll_next_unpin(cx) {}
+            if lock(&self.new.0).is_empty() {
+                return;
+            }
+        }
     }
 }
 
@@ -89,12 +146,25 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = &mut *self;
+        // The streams first: the responses they send now are written by the connection below.
+        this.poll_streams(cx);
         if this.finished.is_none() {
             if let Poll::Ready(r) = this.conn.as_mut().poll(cx) {
                 this.finished = Some(r);
             }
+            // Streams the connection took in this turn start now (their requests leave).
+            this.poll_streams(cx);
         }
         let mut state = lock(&this.state);
+        // What this turn wrote waits for one pass of the worker's queue: the tasks already
+        // woken run first (this connection's other streams whose answers came in the same
+        // batch of events among them), and their responses leave in the same write.
+        if !state.out.is_empty() && !this.yielded {
+            this.yielded = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        this.yielded = false;
         let drained = match state.drain(cx) {
             Poll::Ready(Ok(())) => true,
             Poll::Pending => false,
@@ -111,7 +181,7 @@ where
         };
         drop(state);
         match this.finished.take() {
-            Some(r) if drained => Poll::Ready(r),
+            Some(r) if drained && this.running.is_empty() => Poll::Ready(r),
             other => {
                 this.finished = other;
                 Poll::Pending
@@ -212,7 +282,9 @@ mod tests {
         let (near, mut far) = tokio::io::duplex(1 << 20);
         let chunks: Vec<Vec<u8>> = (0..10u8).map(|i| vec![i; 1000]).collect();
         let expected: Vec<u8> = chunks.concat();
-        wrap(near, |io| writer(io, chunks)).await.unwrap();
+        wrap(near, Streams::default(), |io| writer(io, chunks))
+            .await
+            .unwrap();
         let mut got = vec![0; expected.len()];
         far.read_exact(&mut got).await.unwrap();
         assert_eq!(got, expected);
@@ -223,7 +295,7 @@ mod tests {
         // The peer's pipe takes 64 KiB; the writer wants to send 4 MiB.
         let (near, mut far) = tokio::io::duplex(64 * 1024);
         let chunks: Vec<Vec<u8>> = (0..256).map(|_| vec![7; 16 * 1024]).collect();
-        let mut driver = wrap(near, |io| writer(io, chunks));
+        let mut driver = wrap(near, Streams::default(), |io| writer(io, chunks));
         for _ in 0..50 {
             let r = poll_fn(|cx| Poll::Ready(Pin::new(&mut driver).poll(cx))).await;
             assert!(r.is_pending(), "the writer cannot have finished");
@@ -248,7 +320,71 @@ mod tests {
         let (near, far) = tokio::io::duplex(1024);
         drop(far);
         let chunks: Vec<Vec<u8>> = (0..4).map(|_| vec![1; 4096]).collect();
-        let e = wrap(near, |io| writer(io, chunks)).await.unwrap_err();
+        let e = wrap(near, Streams::default(), |io| writer(io, chunks))
+            .await
+            .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::BrokenPipe, "{e}");
+    }
+
+    /// What a turn wrote leaves at the task's next turn, once the worker's queue has had a pass.
+    #[tokio::test]
+    async fn a_turns_writes_leave_at_the_next_turn() {
+        let (near, mut far) = tokio::io::duplex(64 * 1024);
+        let mut driver = wrap(near, Streams::default(), |mut io| async move {
+            io.write_all(b"frames").await?;
+            io.flush().await?;
+            std::future::pending::<io::Result<()>>().await
+        });
+        let r = poll_fn(|cx| Poll::Ready(Pin::new(&mut driver).poll(cx))).await;
+        assert!(r.is_pending());
+        let mut buf = [0u8; 64];
+        let read = poll_fn(|cx| {
+            let mut rb = ReadBuf::new(&mut buf);
+            Poll::Ready(
+                Pin::new(&mut far)
+                    .poll_read(cx, &mut rb)
+                    .map_ok(|()| rb.filled().len()),
+            )
+        })
+        .await;
+        assert!(read.is_pending(), "written in the same turn: {read:?}");
+        let r = poll_fn(|cx| Poll::Ready(Pin::new(&mut driver).poll(cx))).await;
+        assert!(r.is_pending());
+        let n = far.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"frames");
+    }
+
+    /// The streams hyper hands to [`Streams`] run in the driver's task, and a connection that
+    /// ends waits for its streams to end.
+    #[tokio::test]
+    async fn streams_run_in_the_drivers_task_and_the_connection_waits_for_them() {
+        let (near, _far) = tokio::io::duplex(64 * 1024);
+        let streams = Streams::default();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (spawner, counter) = (streams.clone(), ran.clone());
+        let mut driver = wrap(near, streams, move |_io| async move {
+            let c = counter.clone();
+            hyper::rt::Executor::execute(&spawner, async move {
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = rx.await;
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            });
+            // The connection ends at once; its stream has not.
+            Ok::<(), io::Error>(())
+        });
+        for _ in 0..3 {
+            let r = poll_fn(|cx| Poll::Ready(Pin::new(&mut driver).poll(cx))).await;
+            assert!(r.is_pending(), "the connection ended before its stream");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            ran.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the stream was polled"
+        );
+        tx.send(()).unwrap();
+        driver.await.unwrap();
+        assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 }

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -1242,7 +1242,9 @@ async fn serve_h2(
         activity.clone(),
         Arc::new(framing::Signals::default()),
     ));
-    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    // The streams run in the connection's task (see `coalesce`).
+    let streams = coalesce::Streams::default();
+    let mut b = hyper::server::conn::http2::Builder::new(streams.clone());
     b.timer(TokioTimer::new())
         .max_header_list_size(cfg.max_header_bytes as u32)
         .max_concurrent_streams(256)
@@ -1257,7 +1259,7 @@ async fn serve_h2(
     // Writes gathered per turn of the connection's task (see `coalesce`).
     // Control frames counted against what the client asks for (see `frames`).
     let followed = frames::Frames::new(tls_stream, activity.clone());
-    let conn = coalesce::wrap(followed, |io| {
+    let conn = coalesce::wrap(followed, streams, |io| {
         b.serve_connection(TokioIo::new(io), ctx.service())
     });
     drive!(
