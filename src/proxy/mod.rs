@@ -1212,7 +1212,7 @@ async fn serve_tls(
 /// The protocol ALPN chose on `tls_stream`, served. Not an `async fn`: the stream is moved into
 /// its protocol's future here, and no state of this function's stays beside that future.
 fn tls_served(
-    tls_stream: TlsIo,
+    mut tls_stream: TlsIo,
     peer: SocketAddr,
     shared: &Arc<Shared>,
     activity: Arc<Activity>,
@@ -1221,6 +1221,8 @@ fn tls_served(
     if tls_stream.get_ref().1.alpn_protocol() == Some(b"h2") {
         Box::pin(serve_h2(tls_stream, peer, shared, activity, shutdown))
     } else {
+        // Its writes wait for a pass of the worker's queue (see `cork`); HTTP/2's do above TLS.
+        tls_stream.get_mut().0.defer();
         Box::pin(serve_h1(tls_stream, peer, true, shared, activity, shutdown))
     }
 }
