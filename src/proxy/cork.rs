@@ -64,6 +64,11 @@ impl<S: AsyncWrite + Unpin> Corked<S> {
         }
     }
 
+    /// The stream under it.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     /// From now on, writes are gathered until a flush, which sends them at the task's next
     /// turn (see the module's documentation); what is held leaves with them.
     pub fn defer(&mut self) {

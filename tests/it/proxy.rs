@@ -1728,7 +1728,8 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 /// client that has finished its handshake gets nothing until it asks (the session tickets wait
 /// for the response, and then serve to resume); a TLS 1.2 client, which waits for the server's
 /// last flight, still gets it; a HelloRetryRequest goes through (the attacker's attempt, with
-/// openssl); a failed handshake still gets its alert.
+/// openssl); a failed handshake still gets its alert; a client with Nagle's algorithm on does
+/// not wait for the server's delayed ACK to send its first request (an attacker's finding).
 #[test]
 fn a_handshakes_last_writes_leave_with_the_first_response() {
     let mut p = Proxied::start("header_timeout = \"2s\"\nidle_timeout = \"2s\"");
@@ -1772,6 +1773,31 @@ fn a_handshakes_last_writes_leave_with_the_first_response() {
         Some(rustls::HandshakeKind::Resumed)
     );
     drop(s);
+
+    // A client with Nagle's algorithm on (std's default, as here) writes its request just after
+    // its Finished, and the kernel holds the request until the Finished is acknowledged: the
+    // server acknowledges it at once, not with its delayed ACK 40 ms later (it sends nothing
+    // before the response; an attacker's finding). The fastest of five new connections, so
+    // that a busy machine does not decide.
+    let fastest = (0..5)
+        .map(|_| {
+            let mut s = connect(&config);
+            let started = Instant::now();
+            // One write, one record; a request regobox answers itself (400: two hosts), so
+            // that the application's own writes (the fixture's head and body go in two, with
+            // Nagle on) do not count.
+            s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nHost: other\r\n\r\n")
+                .unwrap();
+            let (status, _) = response(&mut s);
+            assert_eq!(status, 400);
+            started.elapsed()
+        })
+        .min()
+        .unwrap();
+    assert!(
+        fastest < Duration::from_millis(30),
+        "the first request on a new TLS 1.3 connection waited {fastest:?} (a delayed ACK is 40 ms)"
+    );
 
     // A HelloRetryRequest (the client's one key share is for P-521, which regobox does not take):
     // the retry, its answer and the rest of the handshake go as they should (openssl).
