@@ -120,15 +120,11 @@ impl<F: Future, S> Driver<F, S> {
         self.conn.as_mut()
     }
 
-    /// Poll the streams that were woken (and those not polled yet) until none is ready.
+    /// Poll the streams that were woken (and those not polled yet) until none is ready. A stream
+    /// can hand over another (hyper's copy of an upgraded stream's one direction): polled too.
     fn poll_streams(&mut self, cx: &mut Context<'_>) {
         loop {
-            {
-                let mut new = lock(&self.new.0);
-                for stream in new.drain(..) {
-                    self.running.push(stream);
-                }
-            }
+            self.running.extend(lock(&self.new.0).drain(..));
             // FuturesUnordered yields (waking the task) after polling each of its futures once.
             while let Poll::Ready(Some(())) = self.running.poll_next_unpin(cx) {}
             if lock(&self.new.0).is_empty() {

@@ -198,19 +198,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Corked<S> {
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Corked<S> {
     fn poll_write(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        match this.mode {
-            Mode::Through => Pin::new(&mut this.inner).poll_write(cx, buf),
-            Mode::Defer if this.held.is_empty() && buf.len() >= BULK => {
-                Pin::new(&mut this.inner).poll_write(cx, buf)
-            }
-            Mode::Gather | Mode::Defer => this.gather(cx, &[IoSlice::new(buf)]),
-            Mode::Hold => this.poll_write_after_held(cx, &[IoSlice::new(buf)]),
-        }
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
     }
 
     fn poll_write_vectored(
@@ -247,7 +239,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Corked<S> {
                 return Poll::Pending;
             }
             ready!(this.poll_drain(cx))?;
-            this.yielded = false;
         }
         Pin::new(&mut this.inner).poll_flush(cx)
     }
@@ -293,6 +284,11 @@ mod tests {
         }
     }
 
+    /// A flush that is done (not waiting, not failed).
+    fn flushed(c: &mut Corked<DuplexStream>, cx: &mut Context<'_>) -> bool {
+        matches!(Pin::new(c).poll_flush(cx), Poll::Ready(Ok(())))
+    }
+
     fn write(c: &mut Corked<DuplexStream>, cx: &mut Context<'_>, bytes: &[u8]) {
         match Pin::new(c).poll_write(cx, bytes) {
             Poll::Ready(Ok(n)) => assert_eq!(n, bytes.len()),
@@ -319,16 +315,10 @@ mod tests {
         );
         assert!(received(&mut far).is_empty());
         // At the next turn, both writes leave.
-        assert!(matches!(
-            Pin::new(&mut c).poll_flush(&mut cx),
-            Poll::Ready(Ok(()))
-        ));
+        assert!(flushed(&mut c, &mut cx));
         assert_eq!(received(&mut far), b"HTTP/1.1 200 OK\r\n\r\n");
         // A flush with nothing new is done at once.
-        assert!(matches!(
-            Pin::new(&mut c).poll_flush(&mut cx),
-            Poll::Ready(Ok(()))
-        ));
+        assert!(flushed(&mut c, &mut cx));
         assert_eq!(count.0.load(Ordering::Relaxed), 1);
     }
 
@@ -342,17 +332,11 @@ mod tests {
         c.hold();
         c.defer();
         // hyper flushes before it reads the first request: the tickets stay.
-        assert!(matches!(
-            Pin::new(&mut c).poll_flush(&mut cx),
-            Poll::Ready(Ok(()))
-        ));
+        assert!(flushed(&mut c, &mut cx));
         assert!(received(&mut far).is_empty(), "the tickets went alone");
         write(&mut c, &mut cx, b"response");
         assert!(Pin::new(&mut c).poll_flush(&mut cx).is_pending());
-        assert!(matches!(
-            Pin::new(&mut c).poll_flush(&mut cx),
-            Poll::Ready(Ok(()))
-        ));
+        assert!(flushed(&mut c, &mut cx));
         assert_eq!(received(&mut far), b"tickets;response");
     }
 
@@ -370,10 +354,7 @@ mod tests {
         write(&mut c, &mut cx, &big);
         assert!(received(&mut far).is_empty());
         assert!(Pin::new(&mut c).poll_flush(&mut cx).is_pending());
-        assert!(matches!(
-            Pin::new(&mut c).poll_flush(&mut cx),
-            Poll::Ready(Ok(()))
-        ));
+        assert!(flushed(&mut c, &mut cx));
         let got = received(&mut far);
         assert_eq!(got.len(), 6 + BULK);
         assert!(got.starts_with(b"small;"));
