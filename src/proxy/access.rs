@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use crate::logs::Format;
 
@@ -66,7 +66,7 @@ fn version(v: hyper::Version) -> &'static str {
 
 /// `2026-11-22T03:28:34.123456Z` (RFC 3339, microseconds, UTC), as regobox's other lines.
 fn timestamp(out: &mut String) {
-    let now = SystemTime::now()
+    let now = super::clock::wall()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     SECOND.with(|cached| {

@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use super::framing::Signals;
 use super::upstream::{Added, is_hop_by_hop};
 use super::{
-    Activity, Body, BoxError, Handover, InFlight, Lease, Shared, acme, files, full, progress,
+    Activity, Body, BoxError, Handover, InFlight, Lease, Shared, acme, clock, files, full, progress,
 };
 
 /// What a connection's requests share.
@@ -84,7 +84,7 @@ impl ConnCtx {
     }
 
     async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
-        let started = Instant::now();
+        let started = clock::now();
         super::count_request();
         let guard = self.activity.begin();
         let method = req.method().clone();
@@ -365,7 +365,7 @@ impl ConnCtx {
                 client_body_stalled = Some(body.stalled());
                 body.boxed()
             };
-            let sent = Instant::now();
+            let sent = clock::now();
             let send = self
                 .shared
                 .pool
@@ -384,7 +384,7 @@ impl ConnCtx {
                     None => tokio::time::Instant::from_std(sent) + cfg.upstream_read_timeout,
                 };
                 // (Not before the first wait: the deadline is ahead then.)
-                if waited && deadline <= tokio::time::Instant::now() {
+                if waited && deadline <= clock::tokio_now() {
                     break None;
                 }
                 waited = true;
@@ -401,7 +401,7 @@ impl ConnCtx {
                     _ = body_ends, if body_open => {}
                 }
             };
-            upstream_time = Some(sent.elapsed());
+            upstream_time = Some(clock::now().saturating_duration_since(sent));
             let body_failed_as = |why| {
                 client_body_failed
                     .as_ref()
@@ -1615,7 +1615,7 @@ impl Drop for Logged {
                 version: l.version,
                 status: l.status,
                 bytes: self.bytes,
-                duration: l.started.elapsed(),
+                duration: clock::now().saturating_duration_since(l.started),
                 upstream: l.upstream,
             });
         }

@@ -181,7 +181,7 @@ impl<S> Frames<S> {
                 spent: 0,
                 requests: 0,
                 body_read: 0,
-                opened: Instant::now(),
+                opened: super::clock::now(),
                 last_stream: 0,
             },
             open: Vec::new(),

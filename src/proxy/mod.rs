@@ -15,6 +15,7 @@
 
 pub mod access;
 pub mod acme;
+pub mod clock;
 pub mod coalesce;
 pub mod cork;
 pub mod files;
@@ -458,7 +459,13 @@ async fn accept(listener: TcpListener, https: bool, shared: Arc<Shared>) {
 fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, https: bool) {
     let s = shared.clone();
     shared.tracker.spawn(async move {
-        connection(stream, peer, https, s.clone()).await;
+        // Each poll of the connection's task reads the clock once (see `clock`).
+        let mut conn = std::pin::pin!(connection(stream, peer, https, s.clone()));
+        std::future::poll_fn(|cx| {
+            let _turn = clock::turn();
+            conn.as_mut().poll(cx)
+        })
+        .await;
         s.dispatch.closed(s.me);
         count_release();
     });
@@ -608,7 +615,9 @@ impl Handover {
 
     /// A piece was handed over, or is ready: it waits for the reader's next poll.
     pub fn waits(&self) {
-        let now = self.epoch.elapsed().as_millis() as u64;
+        let now = clock::now()
+            .saturating_duration_since(self.epoch)
+            .as_millis() as u64;
         let _ = self
             .since_ms
             .compare_exchange(NEVER, now, Ordering::Relaxed, Ordering::Relaxed);
@@ -913,7 +922,9 @@ impl Activity {
     }
 
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        clock::now()
+            .saturating_duration_since(self.epoch)
+            .as_millis() as u64
     }
 
     pub fn head_begins(&self) {
@@ -1104,7 +1115,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
 /// the worker's driver through its event descriptor: a system call, and a turn of the worker
 /// for nothing, for every new connection.)
 fn watchdog(period: Duration) -> tokio::time::Interval {
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let mut tick = tokio::time::interval_at(clock::tokio_now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick
 }

@@ -39,7 +39,7 @@ impl Default for Mark {
 impl Mark {
     pub fn new() -> Mark {
         Mark {
-            base: Instant::now(),
+            base: super::clock::tokio_now(),
             state: Arc::default(),
         }
     }
@@ -50,7 +50,9 @@ impl Mark {
     }
 
     pub fn touch(&self) {
-        let ms = self.base.elapsed().as_millis() as u64;
+        let ms = super::clock::tokio_now()
+            .saturating_duration_since(self.base)
+            .as_millis() as u64;
         self.state.last.store(ms, Ordering::Relaxed);
     }
 
@@ -118,7 +120,7 @@ impl<B: hyper::body::Body> Deadline<B> {
             inner,
             timeout,
             sleep: None,
-            last: Instant::now(),
+            last: super::clock::tokio_now(),
             rate: None,
             received: 0,
             mark,
@@ -132,7 +134,7 @@ impl<B: hyper::body::Body> Deadline<B> {
     pub fn with_min_rate(mut self, grace: Duration, per_second: u64) -> Self {
         if per_second > 0 {
             self.rate = Some(Rate {
-                since: Instant::now(),
+                since: super::clock::tokio_now(),
                 grace,
                 per_second,
             });
@@ -177,7 +179,7 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                this.last = Instant::now();
+                this.last = super::clock::tokio_now();
                 if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
                     this.received += data.map_or(0, |d| d.len() as u64);
                 }

@@ -653,7 +653,9 @@ impl Pool {
     fn take(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(i) = idle.pop() {
-            if i.since.elapsed() < IDLE_TIMEOUT && i.conn.quiet_now() {
+            if super::clock::now().saturating_duration_since(i.since) < IDLE_TIMEOUT
+                && i.conn.quiet_now()
+            {
                 return Some(i.conn);
             }
         }
@@ -674,7 +676,7 @@ impl Pool {
         if idle.len() < self.keepalive {
             idle.push(Idle {
                 conn,
-                since: Instant::now(),
+                since: super::clock::now(),
             });
         }
     }
