@@ -25,6 +25,7 @@ pub mod framing;
 pub mod landing;
 pub mod net;
 pub mod progress;
+pub mod sentry;
 pub mod tls;
 pub mod upstream;
 
@@ -1006,12 +1007,15 @@ where
     };
     let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
     tokio::pin!(copy);
-    let mut tick = watchdog(Duration::from_millis(500).min(idle));
+    let mut sentry = sentry::Sentry::new(None, &force, Duration::from_millis(500).min(idle));
     loop {
         tokio::select! {
+            biased;
             _ = &mut copy => return,
-            _ = force.cancelled() => return,
-            _ = tick.tick() => {
+            e = sentry.next() => {
+                if e == sentry::Event::Force {
+                    return;
+                }
                 if activity.idle_for() >= idle {
                     tracing::debug!(target: "regobox::proxy", timeout = ?idle, "an upgraded connection idle for proxy.websocket_idle_timeout closed");
                     return;
@@ -1110,16 +1114,6 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     }
 }
 
-/// A connection's watchdog: ticks every `period`, the first a period from now. (tokio's
-/// `interval` ticks at once, and a timer due before the worker's next wake-up makes tokio wake
-/// the worker's driver through its event descriptor: a system call, and a turn of the worker
-/// for nothing, for every new connection.)
-fn watchdog(period: Duration) -> tokio::time::Interval {
-    let mut tick = tokio::time::interval_at(clock::tokio_now() + period, period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick
-}
-
 /// Drive `$conn` (a hyper server connection) until it ends, the proxy stops (graceful, then
 /// forced), it idles past `idle` with no request in flight, or a request head takes longer than
 /// `header` to arrive.
@@ -1137,22 +1131,24 @@ macro_rules! drive {
     ($conn:expr, |$c:ident| $graceful:expr, $activity:expr, $cfg:expr, $shutdown:expr, $force:expr) => {{
         let conn = $conn;
         tokio::pin!(conn);
-        let mut draining = false;
-        let mut tick = watchdog(Duration::from_millis(500));
+        // (See `sentry`.)
+        let mut sentry = sentry::Sentry::new(Some(&$shutdown), &$force, Duration::from_millis(500));
         loop {
             tokio::select! {
+                biased;
                 _ = conn.as_mut() => break,
-                _ = $shutdown.cancelled(), if !draining => {
-                    draining = true;
-                    let $c = conn.as_mut();
-                    $graceful;
-                }
-                _ = $force.cancelled() => break,
-                _ = tick.tick() => {
-                    if $activity.overdue($cfg) {
-                        break;
+                e = sentry.next() => match e {
+                    sentry::Event::Shutdown => {
+                        let $c = conn.as_mut();
+                        $graceful;
                     }
-                }
+                    sentry::Event::Force => break,
+                    sentry::Event::Tick => {
+                        if $activity.overdue($cfg) {
+                            break;
+                        }
+                    }
+                },
             }
         }
     }};
@@ -1393,17 +1389,19 @@ where
         .serve_connection(TokioIo::new(io), ctx.service())
         .with_upgrades();
     let mut draining = false;
-    let mut tick = watchdog(Duration::from_millis(500));
+    // (See `sentry`.)
+    let mut sentry = sentry::Sentry::new(Some(shutdown), force, Duration::from_millis(500));
     loop {
         tokio::select! {
+            biased;
             _ = &mut conn => return None,
-            _ = shutdown.cancelled(), if !draining => {
-                draining = true;
-                Pin::new(&mut conn).graceful_shutdown();
-            }
-            _ = force.cancelled() => return None,
-            _ = tick.tick() => {
-                if activity.overdue(cfg) {
+            e = sentry.next() => {
+                if e == sentry::Event::Shutdown {
+                    draining = true;
+                    Pin::new(&mut conn).graceful_shutdown();
+                    continue;
+                }
+                if e == sentry::Event::Force || activity.overdue(cfg) {
                     return None;
                 }
                 if plain
