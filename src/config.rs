@@ -159,7 +159,7 @@ pub struct ProxyConfig {
     /// `Retry-After`.
     pub upstream_max: usize,
     /// Idle keep-alive connections to the application kept per worker (nginx's `keepalive`);
-    /// more are opened under load, and those beyond this are closed once unused for a second.
+    /// more are opened under load, and as many again as this are kept until unused for a second.
     pub upstream_keepalive: usize,
     /// Largest request head (431 beyond).
     pub max_header_bytes: usize,

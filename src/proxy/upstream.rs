@@ -20,10 +20,10 @@
 //! the end, the request was written whole, the application did not say `Connection: close` (or
 //! answer HTTP/1.0), and nothing came after the response: bytes nobody asked for (an answer the
 //! application sent twice, say) close the connection rather than wait for the next request to
-//! take them for its own. The pool keeps up to `proxy.upstream_keepalive` idle connections; those
-//! beyond (opened at a peak) once unused for [`SURPLUS_GRACE`], any after [`IDLE_TIMEOUT`]
-//! unused, and any the application closed or wrote on while idle (seen when taken, and at the
-//! worker's tick), are closed. A request that finds
+//! take them for its own. The pool keeps up to `proxy.upstream_keepalive` idle connections, and as
+//! many again opened at a peak for [`SURPLUS_GRACE`] after their last use; beyond, after
+//! [`IDLE_TIMEOUT`] unused, or once the application closed them or wrote on them while idle (seen
+//! when taken, and at the worker's tick), they are closed. A request that finds
 //! its pooled connection closed by the application (which may close idle connections at any
 //! time) is sent again, once and on a new connection, when nothing of it can have been acted
 //! upon: its head was not written whole, or it has no body, an idempotent method and no byte of
@@ -71,11 +71,14 @@ static BAD_BODIES: super::forward::RateLimit = super::forward::RateLimit::new();
 /// An idle connection unused for this long is closed (nginx's upstream `keepalive_timeout`).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The idle connections beyond `proxy.upstream_keepalive` are closed once unused this long (the
-/// least recently used first), not as soon as they come back: a load whose requests in flight
-/// go up and down across the number would otherwise close a connection and open another at
-/// every swing (a connection to the application made and closed every 50 requests of 320 in
-/// flight, 2 % of regobox's time; haproxy's `pool-purge-delay` is the same idea).
+/// The idle connections beyond `proxy.upstream_keepalive` (as many again at most) are closed once
+/// unused this long (the least recently used first), not as soon as they come back: a load whose
+/// requests in flight go up and down across the number would otherwise close a connection and
+/// open another at every swing (a connection to the application made and closed every 50
+/// requests of 320 in flight, 2 % of regobox's time; haproxy's `pool-purge-delay` is the same
+/// idea). Bounded per worker, as the pool is: each worker's pool with a surplus as large as the
+/// caps on requests (`proxy.upstream_max`) would let bursts taking turns between workers hold
+/// that many connections per worker (an attacker's finding).
 pub const SURPLUS_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
@@ -683,14 +686,15 @@ impl Pool {
         // An idle connection holds no buffer.
         conn.buf = BytesMut::new();
         conn.out = None;
-        // Kept even beyond `keepalive`: the sweep closes the surplus once it has been unused
-        // for a while (see `SURPLUS_GRACE`). (The connections open at once are bounded by
-        // `proxy.upstream_max`, and so are these.)
+        // Kept beyond `keepalive` too, as many again at most: the sweep closes that surplus once
+        // it has been unused for a while (see `SURPLUS_GRACE`).
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.push(Idle {
-            conn,
-            since: super::clock::now(),
-        });
+        if idle.len() < 2 * self.keepalive {
+            idle.push(Idle {
+                conn,
+                since: super::clock::now(),
+            });
+        }
     }
 
     /// Close the connections idle for too long, closed by the application, or written on by it
@@ -1537,28 +1541,34 @@ mod tests {
         let (uri, accepted) = server(false).await;
         let pool = Pool::new(&uri, Duration::from_secs(2), 2);
         let idle = || pool.idle.lock().unwrap().len();
-        // Five at once: five connections, all kept for now, the sweep included.
-        let responses = futures_util::future::join_all(
-            (0..5).map(|i| pool.send(get(&format!("/{i}")), NO_FIELDS)),
-        )
-        .await;
-        for r in responses {
-            r.unwrap().into_body().collect().await.unwrap();
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), 5);
-        assert_eq!(idle(), 5);
+        let burst = |n: usize, path: &'static str| {
+            let pool = &pool;
+            async move {
+                let responses = futures_util::future::join_all(
+                    (0..n).map(|i| pool.send(get(&format!("{path}{i}")), NO_FIELDS)),
+                )
+                .await;
+                for r in responses {
+                    r.unwrap().into_body().collect().await.unwrap();
+                }
+            }
+        };
+        // Four at once: four connections, all kept for now, the sweep included.
+        burst(4, "/").await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+        assert_eq!(idle(), 4);
         pool.sweep();
-        assert_eq!(idle(), 5, "the surplus waits for its grace");
-        // Five at once again: the same five connections (a load that swings across the number
+        assert_eq!(idle(), 4, "the surplus waits for its grace");
+        // Four at once again: the same four connections (a load that swings across the number
         // opens none).
-        let responses = futures_util::future::join_all(
-            (0..5).map(|i| pool.send(get(&format!("/again/{i}")), NO_FIELDS)),
-        )
-        .await;
-        for r in responses {
-            r.unwrap().into_body().collect().await.unwrap();
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), 5);
+        burst(4, "/again/").await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 4);
+        // Eight at once: four more connections, and of the eight, as many again as the number
+        // kept, no more (a surplus as large as the peak, in each worker's pool, would let bursts
+        // taking turns between workers hold that many per worker: an attacker's finding).
+        burst(8, "/peak/").await;
+        assert_eq!(accepted.load(Ordering::SeqCst), 8);
+        assert_eq!(idle(), 4, "twice the number kept at most");
         tokio::time::sleep(SURPLUS_GRACE + Duration::from_millis(100)).await;
         // One used just before the sweep: recent, so among the two kept.
         fetch(&pool, "/recent").await;
@@ -1574,7 +1584,7 @@ mod tests {
         for _ in 0..3 {
             fetch(&pool, "/last").await;
         }
-        assert_eq!(accepted.load(Ordering::SeqCst), 5);
+        assert_eq!(accepted.load(Ordering::SeqCst), 8);
     }
 
     /// An application that answers each request with the next of `answers`, written as it is;

@@ -20,7 +20,7 @@ pub(crate) struct Proxied {
     run: Option<Running>,
     pub(crate) http: u16,
     pub(crate) https: u16,
-    app: u16,
+    pub(crate) app: u16,
 }
 
 impl Proxied {

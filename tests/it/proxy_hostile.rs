@@ -1674,3 +1674,62 @@ fn forged_forwarding_fields_and_hosts_never_reach_the_application() {
     check("HTTP/2", &body, "https");
     p.stop();
 }
+
+/// The connections established to the application's port (its side of each, from
+/// `/proc/net/tcp`).
+fn application_connections(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields[1]
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            local_port == Some(port) && fields[3] == "01"
+        })
+        .count()
+}
+
+/// An attacker's finding (the pool's grace for the connections beyond `upstream_keepalive`):
+/// each worker's pool kept, for a second after a peak, as many idle connections as the peak, so
+/// bursts of one client taking turns between two workers held two `upstream_max` connections to
+/// the application. A pool keeps at most twice `upstream_keepalive`: with two workers, the
+/// application sees at most `upstream_max` plus the other pool's idle ones.
+#[test]
+fn bursts_taking_turns_between_workers_hold_no_more_application_connections() {
+    let mut p = Proxied::start(
+        "redirect_http = false\nworkers = 2\nupstream_keepalive = 2\nupstream_max = 8\nupstream_max_per_address = 8\nupstream_max_per_connection = 8",
+    );
+    // Two connections at once: one for each worker (the one with fewer connections takes it).
+    let mut conns = [H2::connect(p.https, &[]), H2::connect(p.https, &[])];
+    let mut next = [1u32, 1u32];
+    let mut peak = 0;
+    for round in 0..6 {
+        let (h, id) = (&mut conns[round % 2], &mut next[round % 2]);
+        for _ in 0..8 {
+            h.send(0x1, 0x5, *id, &request_block("GET", "/slow?s=0.3"));
+            *id += 2;
+        }
+        std::thread::sleep(Duration::from_millis(150));
+        peak = peak.max(application_connections(p.app));
+        let mut ended = 0;
+        let mut served = 0;
+        while ended < 8 {
+            let (kind, flags, _, payload) = h.frame().expect("the burst's answers");
+            if kind == 0x0 && String::from_utf8_lossy(&payload).contains("slow done") {
+                served += 1;
+            }
+            if (kind == 0x0 || kind == 0x1) && flags & 0x1 != 0 {
+                ended += 1;
+            }
+        }
+        assert_eq!(served, 8, "round {round}");
+    }
+    // 8 in flight on one worker, the other's idle ones (2 kept, 2 for their grace).
+    assert!(peak >= 8, "the bursts were in flight at once: {peak}");
+    assert!(peak <= 12, "{peak} connections to the application");
+    p.stop();
+}
