@@ -51,40 +51,31 @@ impl Drop for Turn {
     }
 }
 
-/// The monotonic time: the turn's, if one is on.
-pub fn now() -> Instant {
+/// What `read` reads, as the turn (if one is on) first read it into `field`.
+fn cached<T: Copy>(field: fn(&mut Cached) -> &mut Option<T>, read: fn() -> T) -> T {
     CACHED.with(|c| {
         let mut cached = c.get();
         if !cached.active {
-            return Instant::now();
+            return read();
         }
-        *cached.mono.get_or_insert_with(|| {
-            let now = Instant::now();
-            c.set(Cached {
-                mono: Some(now),
-                ..cached
-            });
-            now
-        })
+        if let Some(t) = *field(&mut cached) {
+            return t;
+        }
+        let t = read();
+        *field(&mut cached) = Some(t);
+        c.set(cached);
+        t
     })
+}
+
+/// The monotonic time: the turn's, if one is on.
+pub fn now() -> Instant {
+    cached(|c| &mut c.mono, Instant::now)
 }
 
 /// The wall-clock time: the turn's, if one is on.
 pub fn wall() -> SystemTime {
-    CACHED.with(|c| {
-        let mut cached = c.get();
-        if !cached.active {
-            return SystemTime::now();
-        }
-        *cached.wall.get_or_insert_with(|| {
-            let now = SystemTime::now();
-            c.set(Cached {
-                wall: Some(now),
-                ..cached
-            });
-            now
-        })
-    })
+    cached(|c| &mut c.wall, SystemTime::now)
 }
 
 /// `now()` as tokio's timers take it (outside a turn, tokio's clock, which a test may pause).

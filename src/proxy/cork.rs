@@ -250,7 +250,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Corked<S> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::task::{Wake, Waker};
@@ -259,8 +259,8 @@ mod tests {
 
     use super::*;
 
-    /// A waker that counts its wake-ups.
-    struct Count(AtomicUsize);
+    /// A waker that counts its wake-ups (the other modules' tests' too).
+    pub(crate) struct Count(pub(crate) AtomicUsize);
 
     impl Wake for Count {
         fn wake(self: Arc<Self>) {

@@ -108,17 +108,9 @@ impl Sentry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::cork::tests::Count;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::task::Wake;
-
-    struct Count(AtomicUsize);
-
-    impl Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
 
     #[tokio::test(start_paused = true)]
     async fn each_event_wakes_the_task_registered_once() {
