@@ -75,8 +75,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// unused this long (the least recently used first), not as soon as they come back: a load whose
 /// requests in flight go up and down across the number would otherwise close a connection and
 /// open another at every swing (a connection to the application made and closed every 50
-/// requests of 320 in flight, 2 % of regobox's time; haproxy's `pool-purge-delay` is the same
-/// idea). Bounded per worker, as the pool is: each worker's pool with a surplus as large as the
+/// requests of 320 in flight: about 5 % of regobox's CPU a request; haproxy's `pool-purge-delay`
+/// is the same idea). Bounded per worker, as the pool is: each worker's pool with a surplus as large as the
 /// caps on requests (`proxy.upstream_max`) would let bursts taking turns between workers hold
 /// that many connections per worker (an attacker's finding).
 pub const SURPLUS_GRACE: Duration = Duration::from_secs(1);
