@@ -284,6 +284,14 @@ pub(crate) mod tests {
         }
     }
 
+    /// A deferring stream over a pipe that takes `room` bytes, and the pipe's far end.
+    fn deferring(room: usize) -> (Corked<DuplexStream>, DuplexStream) {
+        let (near, far) = tokio::io::duplex(room);
+        let mut c = Corked::new(near);
+        c.defer();
+        (c, far)
+    }
+
     /// A flush that is done (not waiting, not failed).
     fn flushed(c: &mut Corked<DuplexStream>, cx: &mut Context<'_>) -> bool {
         matches!(Pin::new(c).poll_flush(cx), Poll::Ready(Ok(())))
@@ -298,9 +306,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_deferred_flush_sends_at_the_tasks_next_turn() {
-        let (near, mut far) = tokio::io::duplex(64 * 1024);
-        let mut c = Corked::new(near);
-        c.defer();
+        let (mut c, mut far) = deferring(64 * 1024);
         let count = Arc::new(Count(AtomicUsize::new(0)));
         let waker = Waker::from(count.clone());
         let mut cx = Context::from_waker(&waker);
@@ -342,9 +348,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_large_write_with_nothing_gathered_goes_straight_through() {
-        let (near, mut far) = tokio::io::duplex(256 * 1024);
-        let mut c = Corked::new(near);
-        c.defer();
+        let (mut c, mut far) = deferring(256 * 1024);
         let mut cx = Context::from_waker(Waker::noop());
         let big = vec![7u8; BULK];
         write(&mut c, &mut cx, &big);
@@ -362,9 +366,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_deferring_connections_end_sends_what_it_wrote_first() {
-        let (near, mut far) = tokio::io::duplex(64 * 1024);
-        let mut c = Corked::new(near);
-        c.defer();
+        let (mut c, mut far) = deferring(64 * 1024);
         let mut cx = Context::from_waker(Waker::noop());
         write(&mut c, &mut cx, b"last;");
         assert!(matches!(
@@ -373,9 +375,7 @@ pub(crate) mod tests {
         ));
         assert_eq!(received(&mut far), b"last;");
         // And a connection dropped with writes not flushed sends them if the socket takes them.
-        let (near, mut far) = tokio::io::duplex(64 * 1024);
-        let mut c = Corked::new(near);
-        c.defer();
+        let (mut c, mut far) = deferring(64 * 1024);
         write(&mut c, &mut cx, b"unflushed");
         drop(c);
         assert_eq!(received(&mut far), b"unflushed");

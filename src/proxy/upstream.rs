@@ -76,9 +76,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// requests in flight go up and down across the number would otherwise close a connection and
 /// open another at every swing (a connection to the application made and closed every 50
 /// requests of 320 in flight: about 5 % of regobox's CPU a request; haproxy's `pool-purge-delay`
-/// is the same idea). Bounded per worker, as the pool is: each worker's pool with a surplus as large as the
-/// caps on requests (`proxy.upstream_max`) would let bursts taking turns between workers hold
-/// that many connections per worker (an attacker's finding).
+/// is the same idea). Bounded per worker, as the pool is: each worker's pool with a surplus as
+/// large as the caps on requests (`proxy.upstream_max`) would let bursts taking turns between
+/// workers hold that many connections per worker (an attacker's finding).
 pub const SURPLUS_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
@@ -108,8 +108,6 @@ pub struct Pool {
     port: u16,
     connect_timeout: Duration,
     keepalive: usize,
-    /// Idle beyond `keepalive` this long: closed (see [`SURPLUS_GRACE`]).
-    surplus_grace: Duration,
     /// Most recently used last.
     idle: Mutex<Vec<Idle>>,
 }
@@ -405,7 +403,6 @@ impl Pool {
             port: upstream.port_u16().unwrap_or(80),
             connect_timeout,
             keepalive,
-            surplus_grace: SURPLUS_GRACE,
             idle: Mutex::new(Vec::new()),
         })
     }
@@ -709,7 +706,7 @@ impl Pool {
         let unused = idle
             .iter()
             .take(surplus)
-            .take_while(|i| now.saturating_duration_since(i.since) >= self.surplus_grace)
+            .take_while(|i| now.saturating_duration_since(i.since) >= SURPLUS_GRACE)
             .count();
         idle.drain(..unused);
     }
