@@ -94,12 +94,26 @@ impl ConnCtx {
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         let version = req.version();
+        let cfg = &self.shared.config;
+        // Logged as 499 (as nginx does) if the request ends before its response is made: the
+        // client closed its connection or stream, or its connection was cut (a forced stop).
+        let mut unanswered = Unanswered {
+            line: cfg.access_log.then(|| AccessLine {
+                method: method.clone(),
+                path: path.clone(),
+                status: CLIENT_LEFT,
+                version,
+                peer: self.peer_text.clone(),
+                started,
+                upstream: None,
+            }),
+            sent: None,
+        };
         // What is matched (plain paths, static directories) and forwarded: the path without its
         // dot segments, as nginx does (`/job/../admin` is `/admin`); the access log keeps what
         // the client sent.
         let origin = origin_form(&path);
         let target = without_dot_segments(origin.as_ref().unwrap_or(&path));
-        let cfg = &self.shared.config;
         let mut upstream_time = None;
         // The connection to the application this request holds, if it is forwarded.
         let mut lease: Option<Lease> = None;
@@ -366,6 +380,7 @@ impl ConnCtx {
                 body.boxed()
             };
             let sent = clock::now();
+            unanswered.sent = Some(sent);
             let send = self
                 .shared
                 .pool
@@ -581,14 +596,10 @@ impl ConnCtx {
             handover,
             activity: self.activity.clone(),
             _lease: lease,
-            line: cfg.access_log.then(|| AccessLine {
-                method,
-                path,
+            line: unanswered.line.take().map(|line| AccessLine {
                 status: status.as_u16(),
-                version,
-                peer: self.peer_text.clone(),
-                started,
                 upstream: upstream_time,
+                ..line
             }),
             _guard: guard,
         };
@@ -1605,19 +1616,48 @@ where
     }
 }
 
+impl AccessLine {
+    /// Written to the access log, `bytes` of the response sent.
+    fn record(&self, bytes: u64) {
+        super::access::record(&super::access::Line {
+            peer: self.peer.to_str().unwrap_or("-"),
+            method: self.method.as_str(),
+            path: self.path.as_str(),
+            version: self.version,
+            status: self.status,
+            bytes,
+            duration: clock::now().saturating_duration_since(self.started),
+            upstream: self.upstream,
+        });
+    }
+}
+
 impl Drop for Logged {
     fn drop(&mut self) {
-        if let Some(l) = self.line.take() {
-            super::access::record(&super::access::Line {
-                peer: l.peer.to_str().unwrap_or("-"),
-                method: l.method.as_str(),
-                path: l.path.as_str(),
-                version: l.version,
-                status: l.status,
-                bytes: self.bytes,
-                duration: clock::now().saturating_duration_since(l.started),
-                upstream: l.upstream,
-            });
+        if let Some(line) = &self.line {
+            line.record(self.bytes);
+        }
+    }
+}
+
+/// The status logged for a request that ended before its response was made (nginx's).
+const CLIENT_LEFT: u16 = 499;
+
+/// A request's access line until its response is made (then the response's [`Logged`] has
+/// it): logged with [`CLIENT_LEFT`] if the request ends first, the application's time counted
+/// from when the request was `sent` to it.
+struct Unanswered {
+    line: Option<AccessLine>,
+    sent: Option<Instant>,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(mut line) = self.line.take() {
+            line.upstream = self
+                .sent
+                .map(|sent| clock::now().saturating_duration_since(sent));
+            line.record(0);
         }
     }
 }

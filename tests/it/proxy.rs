@@ -1342,6 +1342,41 @@ fn the_applications_http_version_does_not_leak_to_clients() {
     p.stop();
 }
 
+/// A request whose client leaves before the application answers still has its access line:
+/// status 499 (nginx's), no bytes, and the time the application had it; over HTTP/1.1 (the
+/// connection closed) and HTTP/2 (the stream reset, curl giving up).
+#[test]
+fn a_request_whose_client_leaves_before_the_answer_is_logged_499() {
+    let mut p = Proxied::start("");
+    let mut s = tls(p.https, Some(&p.self_signed()));
+    s.write_all(b"GET /slow?s=2&by=h1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    s.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(s);
+    let out = p.curl(&[
+        "--http2",
+        "--max-time",
+        "0.5",
+        &p.https_url("/slow?s=2&by=h2"),
+    ]);
+    assert_eq!(out.status.code(), Some(28), "{}", stderr(&out));
+    // Both requests answered by the application meanwhile (nobody left to take it).
+    std::thread::sleep(Duration::from_secs(2));
+    let log = p.stop();
+    for by in ["h1", "h2"] {
+        let path = format!("path=/slow?s=2&by={by}");
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("access") && l.contains(&path))
+            .collect();
+        assert_eq!(lines.len(), 1, "{by}: {log}");
+        assert!(lines[0].contains("status=499"), "{by}: {}", lines[0]);
+        assert!(lines[0].contains("bytes=0"), "{by}: {}", lines[0]);
+        assert!(!lines[0].contains("upstream_ms=\"-\""), "{by}: {}", lines[0]);
+    }
+}
+
 /// Issue 16, item 7: the redirect to https keeps the public port (and host) of the
 /// configuration: behind `-p 38080:80 -p 38443:443` it names 38443. Item 12: HSTS, off by
 /// default, sent on https only when configured.
