@@ -77,38 +77,45 @@ impl ConnCtx {
         // One pointer to clone per request, not each of the context's own.
         hyper::service::service_fn(move |req| {
             let ctx = self.clone();
+            // Made now rather than at the future's first poll: a request whose connection is
+            // cut before that (its client closed it right after sending it) is logged too.
+            let unanswered = ctx.unanswered(&req);
             // Boxed: hyper moves the future several times on its way into a task (one per
             // HTTP/2 stream); a pointer is cheaper to move than the request's whole state.
-            Box::pin(async move { Ok::<_, Infallible>(ctx.handle(req).await) })
+            Box::pin(async move { Ok::<_, Infallible>(ctx.handle(req, unanswered).await) })
         })
     }
 
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
+    /// The access line of `req`, logged as 499 (as nginx does) if the request ends before its
+    /// response is made: the client closed its connection or stream, or its connection was
+    /// cut (a forced stop).
+    fn unanswered(&self, req: &Request<Incoming>) -> Unanswered {
         let started = clock::now();
-        super::count_request();
-        let guard = self.activity.begin();
-        let method = req.method().clone();
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let version = req.version();
-        let cfg = &self.shared.config;
-        // Logged as 499 (as nginx does) if the request ends before its response is made: the
-        // client closed its connection or stream, or its connection was cut (a forced stop).
-        let mut unanswered = Unanswered {
-            line: cfg.access_log.then(|| AccessLine {
-                method: method.clone(),
-                path: path.clone(),
+        Unanswered {
+            line: self.shared.config.access_log.then(|| AccessLine {
+                method: req.method().clone(),
+                path: path_of(req),
                 status: CLIENT_LEFT,
-                version,
+                version: req.version(),
                 peer: self.peer_text.clone(),
                 started,
                 upstream: None,
             }),
             sent: None,
-        };
+        }
+    }
+
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        mut unanswered: Unanswered,
+    ) -> Response<Body> {
+        super::count_request();
+        let guard = self.activity.begin();
+        let method = req.method().clone();
+        let path = path_of(&req);
+        let version = req.version();
+        let cfg = &self.shared.config;
         // What is matched (plain paths, static directories) and forwarded: the path without its
         // dot segments, as nginx does (`/job/../admin` is `/admin`); the access log keeps what
         // the client sent.
@@ -1649,6 +1656,14 @@ const CLIENT_LEFT: u16 = 499;
 struct Unanswered {
     line: Option<AccessLine>,
     sent: Option<Instant>,
+}
+
+/// The request's path and query, as the access log shows it.
+fn path_of<B>(req: &Request<B>) -> PathAndQuery {
+    req.uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"))
 }
 
 impl Drop for Unanswered {

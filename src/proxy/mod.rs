@@ -354,6 +354,9 @@ impl Proxy {
                         }
                         flusher.abort();
                     });
+                    // The connections still open at a forced stop go with the runtime; their
+                    // requests' access lines are written after that.
+                    drop(runtime);
                     access::flush();
                 })
                 .context("starting a proxy worker thread")?;

@@ -1373,7 +1373,11 @@ fn a_request_whose_client_leaves_before_the_answer_is_logged_499() {
         assert_eq!(lines.len(), 1, "{by}: {log}");
         assert!(lines[0].contains("status=499"), "{by}: {}", lines[0]);
         assert!(lines[0].contains("bytes=0"), "{by}: {}", lines[0]);
-        assert!(!lines[0].contains("upstream_ms=\"-\""), "{by}: {}", lines[0]);
+        assert!(
+            !lines[0].contains("upstream_ms=\"-\""),
+            "{by}: {}",
+            lines[0]
+        );
     }
 }
 

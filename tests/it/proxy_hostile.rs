@@ -1734,3 +1734,44 @@ fn bursts_taking_turns_between_workers_hold_no_more_application_connections() {
     assert!(peak <= 12, "{peak} connections to the application");
     p.stop();
 }
+
+/// The attacker's findings on the access line of a request that ends unanswered (499): one
+/// whose client closed its connection right after sending it (hyper dropped the request
+/// before regobox first looked at it) had no line; nor had those cut at a forced stop (dropped
+/// with the worker's runtime, after its last write of the log). Each request has one line.
+#[test]
+fn requests_cut_early_or_at_a_forced_stop_have_their_access_line() {
+    let mut p = Proxied::start("redirect_http = false\ngrace = \"1s\"");
+    // An idle connection held: the requests go to the other worker, which reads them later.
+    let _held = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    for i in 0..20 {
+        let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+        s.write_all(format!("GET /job/gone?i={i} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+            .unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.read_to_end(&mut Vec::new());
+    }
+    // Requests the application takes 30 s to answer, when regobox is told to stop.
+    let mut slow = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    slow.write_all(b"GET /slow?s=30&by=h1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut h = H2::connect(p.https, &[]);
+    h.send(0x1, 0x5, 1, &request_block("GET", "/slow?s=30&by=h2"));
+    std::thread::sleep(Duration::from_secs(1));
+    let log = p.stop();
+    let lines = |path: &str| -> Vec<&str> {
+        log.lines()
+            .filter(|l| l.contains(" INFO access ") && l.contains(&format!(" path={path} ")))
+            .collect()
+    };
+    for i in 0..20 {
+        assert_eq!(lines(&format!("/job/gone?i={i}")).len(), 1, "{i}\n{log}");
+    }
+    for by in ["h1", "h2"] {
+        let cut = lines(&format!("/slow?s=30&by={by}"));
+        assert_eq!(cut.len(), 1, "{by}\n{log}");
+        assert!(cut[0].contains(" status=499 "), "{}", cut[0]);
+    }
+    drop((slow, h));
+}
