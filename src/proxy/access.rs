@@ -38,6 +38,25 @@ fn push_millis(out: &mut String, d: Duration) {
     push_int(out, micros % 1000 / 10, 2);
 }
 
+/// `text` with what is not visible ASCII (a space too: it separates the line's fields), `"` and
+/// `\` written as `\xHH` (each byte), as nginx writes its access log: a path over HTTP/2 may hold any UTF-8, line separators (U+2028,
+/// U+0085) and reordering marks (U+202E) included, which some readers of a text log take for a
+/// line's end or turn around.
+fn push_escaped(out: &mut String, text: &str) {
+    let plain = |b: u8| (0x21..0x7f).contains(&b) && b != b'"' && b != b'\\';
+    if text.bytes().all(plain) {
+        out.push_str(text);
+        return;
+    }
+    for b in text.bytes() {
+        if plain(b) {
+            out.push(b as char);
+        } else {
+            let _ = write!(out, "\\x{b:02X}");
+        }
+    }
+}
+
 /// `n` in decimal, zero-padded to `width`. (The access log is written for every request: this
 /// is cheaper than the formatting machinery.)
 fn push_int(out: &mut String, n: u64, width: usize) {
@@ -96,7 +115,7 @@ pub fn record(line: &Line<'_>) {
                 b.push_str(" method=");
                 b.push_str(line.method);
                 b.push_str(" path=");
-                b.push_str(line.path);
+                push_escaped(b, line.path);
                 b.push_str(" version=");
                 b.push_str(version(line.version));
                 b.push_str(" status=");
@@ -155,6 +174,25 @@ fn write_out(buffer: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_is_logged_on_one_line_as_it_reads() {
+        let escaped = |t: &str| {
+            let mut s = String::new();
+            push_escaped(&mut s, t);
+            s
+        };
+        assert_eq!(escaped("/job/a?b=c&d=%20"), "/job/a?b=c&d=%20");
+        assert_eq!(
+            escaped("/a\u{2028}b\u{85}c\u{202e}d"),
+            "/a\\xE2\\x80\\xA8b\\xC2\\x85c\\xE2\\x80\\xAEd"
+        );
+        assert_eq!(
+            escaped("/\" status=200 \\"),
+            "/\\x22\\x20status=200\\x20\\x5C"
+        );
+        assert_eq!(escaped("/\u{7f}\t"), "/\\x7F\\x09");
+    }
 
     #[test]
     fn millis_and_timestamps() {

@@ -1738,7 +1738,8 @@ fn bursts_taking_turns_between_workers_hold_no_more_application_connections() {
 /// The attacker's findings on the access line of a request that ends unanswered (499): one
 /// whose client closed its connection right after sending it (hyper dropped the request
 /// before regobox first looked at it) had no line; nor had those cut at a forced stop (dropped
-/// with the worker's runtime, after its last write of the log). Each request has one line.
+/// with the worker's runtime, after its last write of the log). Each request has one line. And
+/// an HTTP/2 path's line separators were written raw into the text log.
 #[test]
 fn requests_cut_early_or_at_a_forced_stop_have_their_access_line() {
     let mut p = Proxied::start("redirect_http = false\ngrace = \"1s\"");
@@ -1752,6 +1753,10 @@ fn requests_cut_early_or_at_a_forced_stop_have_their_access_line() {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let _ = s.read_to_end(&mut Vec::new());
     }
+    // A path over HTTP/2 with a line separator and a reordering mark (valid UTF-8): on one
+    // line of the text log, escaped.
+    let answer = h2_get(p.https, "localhost", "/job/a\u{2028}b\u{202e}c", &[]);
+    assert!(answer.is_some_and(|a| a.starts_with("app: /job/a")));
     // Requests the application takes 30 s to answer, when regobox is told to stop.
     let mut slow = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
     slow.write_all(b"GET /slow?s=30&by=h1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -1768,6 +1773,12 @@ fn requests_cut_early_or_at_a_forced_stop_have_their_access_line() {
     for i in 0..20 {
         assert_eq!(lines(&format!("/job/gone?i={i}")).len(), 1, "{i}\n{log}");
     }
+    assert_eq!(
+        lines("/job/a\\xE2\\x80\\xA8b\\xE2\\x80\\xAEc").len(),
+        1,
+        "{log}"
+    );
+    assert!(!log.contains('\u{2028}'), "{log}");
     for by in ["h1", "h2"] {
         let cut = lines(&format!("/slow?s=30&by={by}"));
         assert_eq!(cut.len(), 1, "{by}\n{log}");
