@@ -92,14 +92,16 @@ impl ConnCtx {
     fn unanswered(&self, req: &Request<Incoming>) -> Unanswered {
         let started = clock::now();
         Unanswered {
-            line: self.shared.config.access_log.then(|| AccessLine {
-                method: req.method().clone(),
-                path: path_of(req),
-                status: CLIENT_LEFT,
-                version: req.version(),
-                peer: self.peer_text.clone(),
-                started,
-                upstream: None,
+            line: self.shared.config.access_log.then(|| {
+                Box::new(AccessLine {
+                    method: req.method().clone(),
+                    path: path_of(req),
+                    status: CLIENT_LEFT,
+                    version: req.version(),
+                    peer: self.peer_text.clone(),
+                    started,
+                    upstream: None,
+                })
             }),
             sent: None,
         }
@@ -603,10 +605,10 @@ impl ConnCtx {
             handover,
             activity: self.activity.clone(),
             _lease: lease,
-            line: unanswered.line.take().map(|line| AccessLine {
-                status: status.as_u16(),
-                upstream: upstream_time,
-                ..line
+            line: unanswered.line.take().map(|mut line| {
+                line.status = status.as_u16();
+                line.upstream = upstream_time;
+                line
             }),
             _guard: guard,
         };
@@ -1461,7 +1463,7 @@ struct Logged {
     activity: Arc<Activity>,
     /// The connection to the application the body comes from, held until it is sent.
     _lease: Option<Lease>,
-    line: Option<AccessLine>,
+    line: Option<Box<AccessLine>>,
     _guard: InFlight,
 }
 
@@ -1654,7 +1656,7 @@ const CLIENT_LEFT: u16 = 499;
 /// it): logged with [`CLIENT_LEFT`] if the request ends first, the application's time counted
 /// from when the request was `sent` to it.
 struct Unanswered {
-    line: Option<AccessLine>,
+    line: Option<Box<AccessLine>>,
     sent: Option<Instant>,
 }
 
