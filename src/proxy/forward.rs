@@ -95,7 +95,7 @@ impl ConnCtx {
             line: self.shared.config.access_log.then(|| {
                 Box::new(AccessLine {
                     method: req.method().clone(),
-                    path: path_of(req),
+                    path: Target::of(req),
                     status: CLIENT_LEFT,
                     version: req.version(),
                     peer: self.peer_text.clone(),
@@ -1439,7 +1439,7 @@ pub fn page(status: StatusCode, title: &str, text: &str) -> Response<Body> {
 
 struct AccessLine {
     method: Method,
-    path: PathAndQuery,
+    path: Target,
     status: u16,
     version: Version,
     peer: HeaderValue,
@@ -1660,12 +1660,35 @@ struct Unanswered {
     sent: Option<Instant>,
 }
 
-/// The request's path and query, as the access log shows it.
+/// The request's path and query (`/` when its target has none).
 fn path_of<B>(req: &Request<B>) -> PathAndQuery {
     req.uri()
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"))
+}
+
+/// The request's target as the access log shows it: its path and query, or the host alone of a
+/// target in authority form (CONNECT's, refused: the log says what was asked).
+enum Target {
+    Path(PathAndQuery),
+    Host(hyper::http::uri::Authority),
+}
+
+impl Target {
+    fn of<B>(req: &Request<B>) -> Target {
+        match (req.uri().path_and_query(), req.uri().authority()) {
+            (None, Some(a)) => Target::Host(a.clone()),
+            _ => Target::Path(path_of(req)),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            Target::Path(p) => p.as_str(),
+            Target::Host(a) => a.as_str(),
+        }
+    }
 }
 
 impl Drop for Unanswered {
@@ -1682,6 +1705,19 @@ impl Drop for Unanswered {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_logged_target_is_what_was_asked() {
+        let target = |method: Method, uri: &str| {
+            let req = Request::builder().method(method).uri(uri).body(()).unwrap();
+            Target::of(&req).as_str().to_string()
+        };
+        assert_eq!(target(Method::CONNECT, "localhost:22"), "localhost:22");
+        assert_eq!(target(Method::GET, "/a?b"), "/a?b");
+        assert_eq!(target(Method::GET, "http://localhost/a"), "/a");
+        assert_eq!(target(Method::GET, "http://localhost"), "/");
+        assert_eq!(target(Method::OPTIONS, "*"), "*");
+    }
 
     #[tokio::test]
     async fn frames_ready_together_go_on_as_one() {
