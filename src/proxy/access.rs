@@ -39,9 +39,9 @@ fn push_millis(out: &mut String, d: Duration) {
 }
 
 /// `text` with what is not visible ASCII (a space too: it separates the line's fields), `"` and
-/// `\` written as `\xHH` (each byte), as nginx writes its access log: a path over HTTP/2 may hold any UTF-8, line separators (U+2028,
-/// U+0085) and reordering marks (U+202E) included, which some readers of a text log take for a
-/// line's end or turn around.
+/// `\` written as `\xHH` (each byte), as nginx writes its access log: a path over HTTP/2 may
+/// hold any UTF-8, line separators (U+2028, U+0085) and reordering marks (U+202E) included,
+/// which some readers of a text log take for a line's end or turn around.
 fn push_escaped(out: &mut String, text: &str) {
     let plain = |b: u8| (0x21..0x7f).contains(&b) && b != b'"' && b != b'\\';
     if text.bytes().all(plain) {

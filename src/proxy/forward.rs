@@ -1625,6 +1625,37 @@ where
     }
 }
 
+/// The request's path and query (`/` when its target has none).
+fn path_of<B>(req: &Request<B>) -> PathAndQuery {
+    req.uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"))
+}
+
+/// The request's target as the access log shows it: its path and query, or the host alone of a
+/// target in authority form (CONNECT's, refused: the log says what was asked).
+enum Target {
+    Path(PathAndQuery),
+    Host(hyper::http::uri::Authority),
+}
+
+impl Target {
+    fn of<B>(req: &Request<B>) -> Target {
+        match (req.uri().path_and_query(), req.uri().authority()) {
+            (None, Some(a)) => Target::Host(a.clone()),
+            _ => Target::Path(path_of(req)),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            Target::Path(p) => p.as_str(),
+            Target::Host(a) => a.as_str(),
+        }
+    }
+}
+
 impl AccessLine {
     /// Written to the access log, `bytes` of the response sent.
     fn record(&self, bytes: u64) {
@@ -1658,37 +1689,6 @@ const CLIENT_LEFT: u16 = 499;
 struct Unanswered {
     line: Option<Box<AccessLine>>,
     sent: Option<Instant>,
-}
-
-/// The request's path and query (`/` when its target has none).
-fn path_of<B>(req: &Request<B>) -> PathAndQuery {
-    req.uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"))
-}
-
-/// The request's target as the access log shows it: its path and query, or the host alone of a
-/// target in authority form (CONNECT's, refused: the log says what was asked).
-enum Target {
-    Path(PathAndQuery),
-    Host(hyper::http::uri::Authority),
-}
-
-impl Target {
-    fn of<B>(req: &Request<B>) -> Target {
-        match (req.uri().path_and_query(), req.uri().authority()) {
-            (None, Some(a)) => Target::Host(a.clone()),
-            _ => Target::Path(path_of(req)),
-        }
-    }
-
-    fn as_str(&self) -> &str {
-        match self {
-            Target::Path(p) => p.as_str(),
-            Target::Host(a) => a.as_str(),
-        }
-    }
 }
 
 impl Drop for Unanswered {
