@@ -1009,7 +1009,9 @@ fn read_head(
                 let option = option.trim_ascii();
                 if option.eq_ignore_ascii_case(b"close") {
                     close = true;
-                } else if !option.is_empty() {
+                } else if !option.is_empty() && !option.eq_ignore_ascii_case(b"keep-alive") {
+                    // (`Keep-Alive` is hop-by-hop anyway: most applications' one option
+                    // costs no list.)
                     options.push(option);
                 }
             }
