@@ -110,6 +110,14 @@ ready = {{ tcp = "127.0.0.1:{app}" }}
     }
 }
 
+/// The access lines of the requests for `path` (exactly) in a regobox log.
+pub(crate) fn access_lines<'a>(log: &'a str, path: &str) -> Vec<&'a str> {
+    let field = format!(" path={path} ");
+    log.lines()
+        .filter(|l| l.contains(" INFO access ") && l.contains(&field))
+        .collect()
+}
+
 /// A rustls client configuration trusting `ca` (PEM), or anything when `None`.
 pub fn client_config(ca: Option<&Path>, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -1365,11 +1373,7 @@ fn a_request_whose_client_leaves_before_the_answer_is_logged_499() {
     std::thread::sleep(Duration::from_secs(2));
     let log = p.stop();
     for by in ["h1", "h2"] {
-        let path = format!("path=/slow?s=2&by={by}");
-        let lines: Vec<&str> = log
-            .lines()
-            .filter(|l| l.contains("access") && l.contains(&path))
-            .collect();
+        let lines = access_lines(&log, &format!("/slow?s=2&by={by}"));
         assert_eq!(lines.len(), 1, "{by}: {log}");
         assert!(lines[0].contains("status=499"), "{by}: {}", lines[0]);
         assert!(lines[0].contains("bytes=0"), "{by}: {}", lines[0]);

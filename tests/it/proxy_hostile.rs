@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio_rustls::rustls;
 
-use crate::proxy::{Proxied, header_of, raw, response, tls_alpn};
+use crate::proxy::{Proxied, access_lines, header_of, raw, response, tls_alpn};
 use crate::support::*;
 
 /// Whether the server has closed `s` (waiting at most `within`).
@@ -1765,11 +1765,7 @@ fn requests_cut_early_or_at_a_forced_stop_have_their_access_line() {
     h.send(0x1, 0x5, 1, &request_block("GET", "/slow?s=30&by=h2"));
     std::thread::sleep(Duration::from_secs(1));
     let log = p.stop();
-    let lines = |path: &str| -> Vec<&str> {
-        log.lines()
-            .filter(|l| l.contains(" INFO access ") && l.contains(&format!(" path={path} ")))
-            .collect()
-    };
+    let lines = |path: &str| access_lines(&log, path);
     for i in 0..20 {
         assert_eq!(lines(&format!("/job/gone?i={i}")).len(), 1, "{i}\n{log}");
     }
