@@ -13,6 +13,7 @@
 //! socket. No engine: one warning, no socket, everything else runs.
 
 pub mod binds;
+mod body;
 pub mod engine;
 pub mod model;
 pub mod policy;

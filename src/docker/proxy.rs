@@ -11,10 +11,11 @@
 //! `docker.max_build_context`) before anything is judged: the Dockerfile is read, and no client
 //! trickling its body holds the lock that keeps bind paths still. An import's tar streams
 //! through, as do responses (logs with follow, events, wait, pulls), and HTTP upgrades (attach)
-//! are spliced. Ownership is the instance label: a container, network or image of someone else
-//! answers 404 as if it did not exist, and lists leave it out. Images carry no label when pulled
-//! or imported, so the ids of those the application pulled or imported through this socket are
-//! kept in `secrets/docker-images.json` on the volume.
+//! are spliced. A body left unread by a refusal is read and dropped ([`super::body`]), so that
+//! the client gets the reason, not a broken pipe. Ownership is the instance label: a container,
+//! network or image of someone else answers 404 as if it did not exist, and lists leave it out.
+//! Images carry no label when pulled or imported, so the ids of those the application pulled or
+//! imported through this socket are kept in `secrets/docker-images.json` on the volume.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -41,6 +42,7 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
 use super::binds::{self, Freeze};
+use super::body::{Drain, RequestBody};
 use super::engine::Connector;
 use super::model::{
     self, ContainerCreate, NetworkConnect, NetworkCreate, NetworkDisconnect, Undecodable,
@@ -309,6 +311,17 @@ struct Done {
 impl Proxy {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
+        // What is left unread of the body when the request is done with is read and dropped
+        // (see [`super::body`]), but not asked for from a client waiting to be asked.
+        let asks_first = req
+            .headers()
+            .get(hyper::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let drain = (!asks_first).then_some(Drain {
+            limit: self.max_build_context,
+            idle: self.idle_timeout,
+        });
+        let req = req.map(|body| RequestBody::new(body, drain));
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let mutating = method != Method::GET && method != Method::HEAD;
@@ -392,7 +405,7 @@ impl Proxy {
         &self,
         ep: Endpoint,
         captures: Vec<String>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
     ) -> Result<Done, Refusal> {
         let raw_query = req.uri().query().unwrap_or("").to_string();
         // Forwarded at the version the model is of, whatever the client's prefix (none, or the
@@ -449,7 +462,7 @@ impl Proxy {
                 .await;
                 let (reference, q) = match judged {
                     Ok(judged) => judged,
-                    Err(refusal) => return Err(self.after_body(req, refusal).await),
+                    Err(refusal) => return Err(refusal),
                 };
                 // A pull's credentials in regobox's rendering; an import's tar streams through.
                 let auth = registry_auth(req.headers().get(REGISTRY_AUTH))?;
@@ -900,13 +913,11 @@ impl Proxy {
     /// checked, then the file is forwarded.
     async fn build(
         &self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         raw_query: &str,
         path: &str,
     ) -> Result<Done, Refusal> {
-        // The context is read before anything is judged: a refusal sent while the client is
-        // still writing its context closes the connection under it, and the client reports the
-        // broken pipe instead of the reason.
+        // The context is read whole before anything is judged (the Dockerfile is in it).
         let (parts, body) = req.into_parts();
         let (spool, turn) = self.spool(body, "the build context").await?;
         // Before the Dockerfile's images are judged, until the build's output ends.
@@ -972,29 +983,11 @@ impl Proxy {
         })
     }
 
-    /// A refusal decided before the request's body was read: the body (an import's tar, a
-    /// copy's archive, which the client may still be writing) is read to its end first, up to
-    /// `docker.max_build_context`, so that the client gets the refusal as the reason rather
-    /// than a broken pipe.
-    async fn after_body(&self, req: Request<Incoming>, refusal: Refusal) -> Refusal {
-        let mut body = req.into_body();
-        let mut total: u64 = 0;
-        while let Some(Ok(frame)) = body.frame().await {
-            if let Some(data) = frame.data_ref() {
-                total += data.len() as u64;
-                if total > self.max_build_context {
-                    break;
-                }
-            }
-        }
-        refusal
-    }
-
     /// The request body (`what`) in an unnamed file of the spool directory, bounded, and the
     /// turn it was spooled in (`docker.max_spooled` at once), to hold until it is forwarded.
     async fn spool(
         &self,
-        body: Incoming,
+        body: RequestBody,
         what: &str,
     ) -> Result<(std::fs::File, tokio::sync::OwnedSemaphorePermit), Refusal> {
         use tokio::io::AsyncWriteExt;
@@ -1145,7 +1138,7 @@ impl Proxy {
     }
 
     /// `req` for an endpoint that takes no body: refused if it has one, forwarded with none.
-    async fn no_body(&self, req: Request<Incoming>) -> Result<Request<Body>, Refusal> {
+    async fn no_body(&self, req: Request<RequestBody>) -> Result<Request<Body>, Refusal> {
         let (parts, body) = req.into_parts();
         let what = format!("{} {}", parts.method, parts.uri.path());
         let bytes = self.read_body(body, &what).await?;
@@ -1162,7 +1155,7 @@ impl Proxy {
         ))
     }
 
-    async fn read_body(&self, body: Incoming, what: &str) -> Result<Bytes, Refusal> {
+    async fn read_body(&self, body: RequestBody, what: &str) -> Result<Bytes, Refusal> {
         Ok(Limited::new(body, self.max_body)
             .collect()
             .await
