@@ -27,6 +27,8 @@
 //!   with readiness, restarts and budgets; stopped in reverse order on a signal.
 //! - [`cron`]: the in-process scheduler of `[cron.*]` jobs.
 //! - [`health`]: the supervision port (`/healthz`, `/readyz`, `/status`, `/metrics`).
+//! - [`unread`]: request bodies an answer left unread, read to their end in the background and
+//!   thrown away, so that a client still sending gets the answer (the proxy and the Docker socket).
 //! - [`proxy`]: TLS on 80/443 (rustls; files, self-signed or ACME certificates) and the reverse
 //!   proxy to the application (hyper), started first and stopped first.
 //! - [`docker`]: the host's Docker engine for the application, through a socket of regobox's
@@ -49,5 +51,6 @@ pub mod process;
 pub mod proxy;
 pub mod secrets;
 pub mod supervisor;
+pub(crate) mod unread;
 pub mod users;
 pub mod volumes;

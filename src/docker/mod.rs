@@ -13,7 +13,6 @@
 //! socket. No engine: one warning, no socket, everything else runs.
 
 pub mod binds;
-mod body;
 pub mod engine;
 pub mod model;
 pub mod policy;

@@ -11,7 +11,7 @@
 //! `docker.max_build_context`) before anything is judged: the Dockerfile is read, and no client
 //! trickling its body holds the lock that keeps bind paths still. An import's tar streams
 //! through, as do responses (logs with follow, events, wait, pulls), and HTTP upgrades (attach)
-//! are spliced. A body left unread by a refusal is read and dropped ([`super::body`]), so that
+//! are spliced. A body left unread by a refusal is read and dropped ([`crate::unread`]), so that
 //! the client gets the reason, not a broken pipe. Ownership is the instance label: a container,
 //! network or image of someone else answers 404 as if it did not exist, and lists leave it out.
 //! Images carry no label when pulled or imported, so the ids of those the application pulled or
@@ -28,7 +28,7 @@ use std::time::Instant;
 use bollard::models::ContainerInspectResponse;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http_body_util::{BodyExt, Full, Limited, combinators::BoxBody};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{
     CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, HeaderMap, HeaderValue, TRANSFER_ENCODING,
@@ -42,7 +42,6 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
 use super::binds::{self, Freeze};
-use super::body::{Drain, RequestBody};
 use super::engine::Connector;
 use super::model::{
     self, ContainerCreate, NetworkConnect, NetworkCreate, NetworkDisconnect, Undecodable,
@@ -51,6 +50,7 @@ use super::policy::container::{self, CreatePolicy};
 use super::policy::query::{self, Query};
 use super::policy::{self, Denied, Endpoint, INSTANCE_LABEL, build, image, network};
 use crate::logs::SharedLogFile;
+use crate::unread::{Drain, RequestBody};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Body = BoxBody<Bytes, BoxError>;
@@ -71,6 +71,8 @@ enum Refusal {
     NotFound(String),
     BadRequest(String),
     TooLarge(String),
+    /// A body that stopped coming for docker.idle_timeout.
+    Stalled(String),
     Engine(String),
 }
 
@@ -81,6 +83,7 @@ impl Refusal {
             Refusal::NotFound(_) => StatusCode::NOT_FOUND,
             Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
             Refusal::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::Stalled(_) => StatusCode::REQUEST_TIMEOUT,
             Refusal::Engine(_) => StatusCode::BAD_GATEWAY,
         }
     }
@@ -91,6 +94,7 @@ impl Refusal {
             Refusal::NotFound(_) => "ownership",
             Refusal::BadRequest(_) => "request",
             Refusal::TooLarge(_) => "docker.max_inspected_body",
+            Refusal::Stalled(_) => "docker.idle_timeout",
             Refusal::Engine(_) => "engine",
         }
     }
@@ -101,6 +105,7 @@ impl Refusal {
             Refusal::NotFound(m)
             | Refusal::BadRequest(m)
             | Refusal::TooLarge(m)
+            | Refusal::Stalled(m)
             | Refusal::Engine(m) => m,
         }
     }
@@ -312,16 +317,15 @@ impl Proxy {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         // What is left unread of the body when the request is done with is read and dropped
-        // (see [`super::body`]), but not asked for from a client waiting to be asked.
-        let asks_first = req
-            .headers()
-            .get(hyper::header::EXPECT)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-        let drain = (!asks_first).then_some(Drain {
+        // (see [`crate::unread`]).
+        let drain = Drain {
             limit: self.max_build_context,
             idle: self.idle_timeout,
-        });
-        let req = req.map(|body| RequestBody::new(body, drain));
+            total: Some(self.idle_timeout),
+        };
+        let (parts, body) = req.into_parts();
+        let body = RequestBody::new(body, &parts.headers, Some(drain));
+        let req = Request::from_parts(parts, body);
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let mutating = method != Method::GET && method != Method::HEAD;
@@ -564,6 +568,8 @@ impl Proxy {
             Endpoint::ImageRemove => {
                 let name = &captures[0];
                 let q = query::parse(&raw_query, "an image remove", query::IMAGE_REMOVE)?;
+                // Read before the lock: a client trickling a body holds no build back.
+                let req = self.no_body(req).await?;
                 // After the builds in progress: no name one reads changes under it.
                 let _no_build = self.builds.write().await;
                 let img = self.owned_image_inspect(name).await?;
@@ -575,10 +581,7 @@ impl Proxy {
                 // by an id prefix another image's).
                 let by = removal_target(name, img.repo_tags.as_deref().unwrap_or_default())
                     .unwrap_or_else(|| id.clone());
-                let req = retarget(
-                    self.no_body(req).await?,
-                    &target(&format!("/images/{by}"), &q),
-                )?;
+                let req = retarget(req, &target(&format!("/images/{by}"), &q))?;
                 let response = self.forward(req, Payload::Empty, None).await?;
                 if response.status().is_success() {
                     let gone = matches!(
@@ -1002,8 +1005,7 @@ impl Proxy {
         let mut writer = tokio::fs::File::from_std(file.try_clone().map_err(|e| err(&e))?);
         let mut body = body;
         let mut total: u64 = 0;
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| Refusal::BadRequest(format!("reading {what}: {e}")))?;
+        while let Some(frame) = self.next_frame(&mut body, what).await? {
             if let Some(data) = frame.data_ref() {
                 total += data.len() as u64;
                 if total > self.max_build_context {
@@ -1155,21 +1157,44 @@ impl Proxy {
         ))
     }
 
-    async fn read_body(&self, body: RequestBody, what: &str) -> Result<Bytes, Refusal> {
-        Ok(Limited::new(body, self.max_body)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.is::<http_body_util::LengthLimitError>() {
-                    Refusal::TooLarge(format!(
-                        "the {what} body is larger than docker.max_inspected_body ({} bytes)",
+    /// The body (`what`) whole, up to `docker.max_inspected_body`.
+    async fn read_body(&self, mut body: RequestBody, what: &str) -> Result<Bytes, Refusal> {
+        let what = format!("the {what} body");
+        let mut whole = bytes::BytesMut::new();
+        while let Some(frame) = self.next_frame(&mut body, &what).await? {
+            if let Some(data) = frame.data_ref() {
+                if whole.len() + data.len() > self.max_body {
+                    return Err(Refusal::TooLarge(format!(
+                        "{what} is larger than docker.max_inspected_body ({} bytes)",
                         self.max_body
-                    ))
-                } else {
-                    Refusal::BadRequest(format!("reading the {what} body: {e}"))
+                    )));
                 }
-            })?
-            .to_bytes())
+                whole.extend_from_slice(data);
+            }
+        }
+        Ok(whole.freeze())
+    }
+
+    /// The next piece of a request's body (`what`), which must come within
+    /// `docker.idle_timeout`: a client that stops sending holds nothing it waits with (a spool
+    /// turn, the lock builds take) for longer, and its body is not drained.
+    async fn next_frame(
+        &self,
+        body: &mut RequestBody,
+        what: &str,
+    ) -> Result<Option<Frame<Bytes>>, Refusal> {
+        match tokio::time::timeout(self.idle_timeout, body.frame()).await {
+            Ok(Some(Ok(frame))) => Ok(Some(frame)),
+            Ok(None) => Ok(None),
+            Ok(Some(Err(e))) => Err(Refusal::BadRequest(format!("reading {what}: {e}"))),
+            Err(_) => {
+                body.abandon();
+                Err(Refusal::Stalled(format!(
+                    "{what} stopped coming: nothing for docker.idle_timeout ({:?})",
+                    self.idle_timeout
+                )))
+            }
+        }
     }
 
     /// Whether `labels` mark an object as this instance's.
@@ -1357,7 +1382,9 @@ impl Proxy {
             .send_request(req)
             .await
             .map_err(|e| unreachable(&e))?;
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            end_to_end(response.headers_mut());
+        } else {
             if let Some(client) = upgrade {
                 let engine = hyper::upgrade::on(&mut response);
                 tokio::spawn(async move {
@@ -1391,6 +1418,31 @@ async fn spooled_body(
         r.map(Frame::data)
     });
     Ok((boxed(http_body_util::StreamBody::new(stream)), len))
+}
+
+/// The engine's answer without the fields about its own connection to regobox (RFC 9110
+/// 7.6.1): the engine says `Connection: close` when it answers before taking a body whole (an
+/// import it cannot read), and the application's connection, whose body regobox reads on (see
+/// [`crate::unread`]), would be closed for it. (A 101 keeps them: they say what the connection
+/// becomes.)
+fn end_to_end(headers: &mut HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|name| name.trim().to_ascii_lowercase())
+        .filter(|name| !name.is_empty())
+        .collect();
+    for name in named {
+        headers.remove(name.as_str());
+    }
+    for name in [CONNECTION, UPGRADE, hyper::header::TE] {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection"] {
+        headers.remove(name);
+    }
 }
 
 /// What a forwarded request's body is: the engine is told so by regobox, not by the client.

@@ -20,6 +20,7 @@ use super::upstream::{Added, is_hop_by_hop};
 use super::{
     Activity, Body, BoxError, Handover, InFlight, Lease, Shared, acme, clock, files, full, progress,
 };
+use crate::unread::{Drain, RequestBody};
 
 /// What a connection's requests share.
 pub struct ConnCtx {
@@ -107,11 +108,7 @@ impl ConnCtx {
         }
     }
 
-    async fn handle(
-        &self,
-        mut req: Request<Incoming>,
-        mut unanswered: Unanswered,
-    ) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, mut unanswered: Unanswered) -> Response<Body> {
         super::count_request();
         let guard = self.activity.begin();
         let method = req.method().clone();
@@ -183,6 +180,21 @@ impl ConnCtx {
                     ),
                 ));
             }
+            // From here, what an answer leaves unread of the body is read and thrown away, so
+            // that a client still sending it gets the answer (see `crate::unread`): a redirect,
+            // a 503, the application's early 413. Not above: those answers close the
+            // connection, its framing not trusted. Nor after an upgrade asked for (nothing more
+            // of the connection is read). At most proxy.client_body_timeout more, the time a
+            // body has to move.
+            let drain =
+                (!asks_upgrade && !hyper::body::Body::is_end_stream(req.body())).then_some(Drain {
+                    limit: u64::MAX,
+                    idle: cfg.client_body_timeout,
+                    total: Some(cfg.client_body_timeout),
+                });
+            let (parts, body) = req.into_parts();
+            let body = RequestBody::new(body, &parts.headers, drain);
+            let mut req = Request::from_parts(parts, body);
             // The host alone, as regobox names it (made where it is needed: most requests
             // are forwarded with the host they name).
             let host_named = |uri: &Uri| {
@@ -355,6 +367,10 @@ impl ConnCtx {
                 super::empty()
             } else {
                 let failed = Arc::new(std::sync::atomic::AtomicU8::new(0));
+                // A body cut for coming too slowly (408) is not drained: no more time.
+                let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let mut body = body;
+                body.unless(stalled.clone());
                 client_body_failed = Some(failed.clone());
                 let mark = progress::Mark::new();
                 moved = Some(mark.clone());
@@ -378,14 +394,15 @@ impl ConnCtx {
                         Box::new(e) as BoxError
                     })
                     .boxed();
-                let mut body = progress::Deadline::new(
+                let body = progress::Deadline::new(
                     Gather::new(incoming),
                     cfg.client_body_timeout,
                     Some(mark),
                     "request body",
                 )
-                .with_min_rate(cfg.client_body_timeout, cfg.client_body_min_rate);
-                client_body_stalled = Some(body.stalled());
+                .with_min_rate(cfg.client_body_timeout, cfg.client_body_min_rate)
+                .reporting_to(stalled.clone());
+                client_body_stalled = Some(stalled);
                 body.boxed()
             };
             let sent = clock::now();

@@ -105,7 +105,7 @@ pub struct Deadline<B> {
     what: &'static str,
     /// The body has stalled.
     has_stalled: bool,
-    /// The same, shared with whoever asked (see [`Deadline::stalled`]): made only then.
+    /// The same, shared with whoever asked (see [`Deadline::reporting_to`]).
     stalled: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
@@ -142,12 +142,11 @@ impl<B: hyper::body::Body> Deadline<B> {
         self
     }
 
-    /// Set once the body has stalled.
-    pub fn stalled(&mut self) -> Arc<std::sync::atomic::AtomicBool> {
-        let now = self.has_stalled;
-        self.stalled
-            .get_or_insert_with(|| Arc::new(now.into()))
-            .clone()
+    /// Sets `flag` once the body has stalled.
+    pub fn reporting_to(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        flag.fetch_or(self.has_stalled, Ordering::Relaxed);
+        self.stalled = Some(flag);
+        self
     }
 
     /// When the body fails if nothing more comes.

@@ -504,8 +504,9 @@ impl Pool {
                         }));
                     }
                     // A write that fails because the application closed the connection may
-                    // have an answer before it (a 413, say): it is read.
-                    PushError::Io(_) if answered && !unsent => conn.spoil(),
+                    // have an answer before it (a 413, say), read already or still in the
+                    // socket: it is read, and if none comes, the close is the failure.
+                    PushError::Io(_) if !unsent => conn.spoil(),
                     PushError::Io(source) => {
                         return Poll::Ready(Err(Failure {
                             error: Error::Io {

@@ -2010,12 +2010,56 @@ fn answer_on(conn: &mut std::os::unix::net::UnixStream) -> std::io::Result<(u16,
     }
 }
 
+/// What comes back on `conn` until it is closed, `finals` final answers have come, or
+/// `within` passes: the status lines (interim ones too), the text, and whether it was closed.
+fn answers_on(
+    conn: &mut std::os::unix::net::UnixStream,
+    finals: usize,
+    within: Duration,
+) -> (Vec<String>, String, bool) {
+    let deadline = std::time::Instant::now() + within;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    let statuses = |got: &[u8]| -> Vec<String> {
+        String::from_utf8_lossy(got)
+            .split("HTTP/1.1 ")
+            .skip(1)
+            .map(|rest| rest.lines().next().unwrap_or("").to_string())
+            .collect()
+    };
+    let closed = loop {
+        let st = statuses(&got);
+        if st.iter().filter(|l| !l.starts_with("100 ")).count() >= finals {
+            break false;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break false;
+        }
+        conn.set_read_timeout(Some(left)).unwrap();
+        match conn.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    (
+        statuses(&got),
+        String::from_utf8_lossy(&got).into_owned(),
+        closed,
+    )
+}
+
 /// Attack (eighteenth session, from a CI run: `docker network connect` to another's network got
 /// "write: broken pipe" in place of "not found"): a request refused before its body is read,
 /// while the client is still writing the body. hyper closes a connection whose request body
 /// was left unread, under the client. Now what is left of the body is read and dropped, so the
 /// client gets the refusal as the reason and its connection goes on; bounded by
-/// `docker.max_build_context` and `docker.idle_timeout` between pieces.
+/// `docker.max_build_context` and `docker.idle_timeout` (between pieces, and in all). And the
+/// attempts of an attacker (fresh context) at the kept connection: a refused body is never read
+/// as a request, whatever its framing; a client that waits to be asked for its body is not
+/// asked after the answer.
 #[test]
 fn a_request_refused_before_its_body_is_read_is_answered_and_its_connection_kept() {
     use std::io::Write;
@@ -2091,6 +2135,115 @@ fn a_request_refused_before_its_body_is_read_is_answered_and_its_connection_kept
         );
     }
 
+    // The attacker's framings of a refused body that holds a request (one that would be refused
+    // 403 "verbose" if it were ever read as one), followed by a real ping: at most the refusal
+    // and the ping's answer, never the body's.
+    let target = format!("POST /v1.41/networks/rbx-none{port}/connect HTTP/1.1\r\nHost: d\r\n");
+    let s = "GET /v1.41/_ping?verbose=1 HTTP/1.1\r\nHost: d\r\n\r\n";
+    let n = s.len();
+    let zeros = "0".repeat(5000);
+    for (name, request) in [
+        (
+            "content-length",
+            format!("{target}Content-Length: {n}\r\n\r\n{s}"),
+        ),
+        (
+            "chunked",
+            format!("{target}Transfer-Encoding: chunked\r\n\r\n{n:x}\r\n{s}\r\n0\r\n\r\n"),
+        ),
+        (
+            "chunk extensions and trailers",
+            format!(
+                "{target}Transfer-Encoding: chunked\r\n\r\n{n:x};a=b;c=\"GET / HTTP/1.1\"\r\n{s}\r\n0;z\r\nX-T: GET /version HTTP/1.1\r\nHost: x\r\n\r\n"
+            ),
+        ),
+        (
+            "leading zeros and spaces",
+            format!(
+                "{target}Transfer-Encoding: chunked\r\n\r\n{zeros}{n:x}   \t \r\n{s}\r\n0\r\n\r\n"
+            ),
+        ),
+        (
+            "chunked and a shorter content-length",
+            format!(
+                "{target}Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n{n:x}\r\n{s}\r\n0\r\n\r\n"
+            ),
+        ),
+        (
+            "two content-lengths",
+            format!("{target}Content-Length: 0\r\nContent-Length: {n}\r\n\r\n{s}"),
+        ),
+        (
+            "a content-length list",
+            format!("{target}Content-Length: {n}, {n}\r\n\r\n{s}"),
+        ),
+        (
+            "identity, chunked",
+            format!(
+                "{target}Transfer-Encoding: identity, chunked\r\n\r\n{n:x}\r\n{s}\r\n0\r\n\r\n"
+            ),
+        ),
+        (
+            "a bare LF chunk line",
+            format!("{target}Transfer-Encoding: chunked\r\n\r\n{n:x}\n{s}\r\n0\r\n\r\n"),
+        ),
+        (
+            "a chunk shorter than said",
+            format!(
+                "{target}Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{s}\r\n0\r\n\r\n",
+                n - 2
+            ),
+        ),
+        (
+            "expect, the body sent at once",
+            format!("{target}Expect: 100-continue\r\nContent-Length: {n}\r\n\r\n{s}"),
+        ),
+        (
+            "HTTP/1.0 kept alive",
+            format!(
+                "POST /v1.41/networks/rbx-none{port}/connect HTTP/1.0\r\nHost: d\r\nConnection: keep-alive\r\nContent-Length: {n}\r\n\r\n{s}"
+            ),
+        ),
+    ] {
+        let mut conn = UnixStream::connect(&b.socket).unwrap();
+        let _ =
+            conn.write_all(format!("{request}GET /_ping HTTP/1.1\r\nHost: d\r\n\r\n").as_bytes());
+        let (statuses, text, _) = answers_on(&mut conn, 3, Duration::from_secs(3));
+        assert!(
+            !text.contains("verbose"),
+            "{name}: the body was read as a request: {text}"
+        );
+        let finals = statuses.iter().filter(|l| !l.starts_with("100 ")).count();
+        assert!(finals <= 2, "{name}: {statuses:?}");
+        if let Some(first) = statuses.iter().position(|l| !l.starts_with("100 ")) {
+            assert!(
+                !statuses[first..].iter().any(|l| l.starts_with("100 ")),
+                "{name}: 100 Continue after the answer: {statuses:?}"
+            );
+        }
+    }
+    // A client that waits to be asked for its body gets the refusal, is never asked after it,
+    // and its connection ends.
+    for expect in [
+        "Expect: 100-continue\r\n",
+        "Expect: 100-CONTINUE\r\n",
+        "Expect: x\r\nExpect: 100-continue\r\n",
+        "Expect: 100-continue\r\nExpect: x\r\n",
+    ] {
+        let mut conn = UnixStream::connect(&b.socket).unwrap();
+        conn.write_all(format!("{target}{expect}Content-Length: 100\r\n\r\n").as_bytes())
+            .unwrap();
+        let (statuses, _, _) = answers_on(&mut conn, 2, Duration::from_secs(2));
+        let first = statuses.iter().position(|l| !l.starts_with("100 "));
+        assert!(first.is_some(), "{expect:?}: no answer: {statuses:?}");
+        assert!(
+            !statuses[first.unwrap()..]
+                .iter()
+                .any(|l| l.starts_with("100 ")),
+            "{expect:?}: 100 Continue after the answer: {statuses:?}"
+        );
+    }
+
     // The answer comes before the body is whole, and the body left to come is not held for
     // ever: past docker.max_build_context the connection is closed...
     let mut big = UnixStream::connect(&b.socket).unwrap();
@@ -2117,6 +2270,28 @@ fn a_request_refused_before_its_body_is_read_is_answered_and_its_connection_kept
         closed_within(&mut big, Duration::from_secs(10)),
         "a refused body past docker.max_build_context kept its connection"
     );
+    // ... as it is once docker.idle_timeout has passed since the answer, however the bytes
+    // come (the attacker's: chunk-size lines padded with zeros carry no data, and the limit
+    // counts data)...
+    let mut padded = UnixStream::connect(&b.socket).unwrap();
+    padded
+        .write_all(format!("{target}Transfer-Encoding: chunked\r\n\r\n").as_bytes())
+        .unwrap();
+    padded
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    assert_eq!(answer_on(&mut padded).unwrap().0, 404);
+    let chunk = format!("{}1\r\nx\r\n", "0".repeat(64 << 10));
+    let answered = std::time::Instant::now();
+    while answered.elapsed() < Duration::from_secs(30) {
+        if padded.write_all(chunk.as_bytes()).is_err() {
+            break;
+        }
+    }
+    assert!(
+        answered.elapsed() < Duration::from_secs(30),
+        "a padded body was read on for 30 s after its refusal"
+    );
     // ... and a body that stops coming is let go after docker.idle_timeout.
     let mut stalled = UnixStream::connect(&b.socket).unwrap();
     stalled
@@ -2142,6 +2317,155 @@ fn a_request_refused_before_its_body_is_read_is_answered_and_its_connection_kept
         "{:?}",
         started.elapsed()
     );
+    b.stop();
+}
+
+/// The attacker's (eighteenth session) other findings: an import the engine answers before
+/// taking its tar whole (not a tar) while the client is still writing: the engine's answer,
+/// no broken pipe, and the connection goes on (the engine's `Connection: close` was passed on);
+/// a client that stops sending an image remove's body held every build back (the lock taken
+/// before the body was read, which had no time bound): now read first, within
+/// docker.idle_timeout (408). And the docker CLI and docker-py refused before their bodies are
+/// read get the reason.
+#[test]
+fn an_engine_answering_early_or_a_stalled_body_costs_no_connection_and_holds_nothing() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let mut b = Bridged::start("max_build_context = 67108864\nidle_timeout = \"3s\"");
+    let port = b.inst.port;
+    let image = format!("regobox-test/busybox:early{port}");
+    b.import_busybox(&image);
+    let repo = format!("regobox-test/early{port}");
+    let made = OnEngine::default();
+    made.image(&format!("{repo}:x"));
+
+    let mut conn = UnixStream::connect(&b.socket).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let size = 4usize << 20;
+    conn.write_all(
+        format!(
+            "POST /v1.41/images/create?fromSrc=-&repo={repo}&tag=x HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {size}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let piece = vec![0x5au8; 64 << 10];
+    for i in 0..size / piece.len() {
+        if let Err(e) = conn.write_all(&piece) {
+            panic!(
+                "an import answered early broke after {} bytes: {e}",
+                i * piece.len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, answer) = answer_on(&mut conn).unwrap();
+    assert_eq!(status, 500, "{answer}");
+    assert_eq!(
+        ping(&mut conn)
+            .unwrap_or_else(|e| panic!("the connection ended after the engine's answer: {e}")),
+        "HTTP/1.1 200 OK"
+    );
+    assert!(
+        !engine(&["image", "inspect", &format!("{repo}:x")])
+            .status
+            .success()
+    );
+
+    // A build refused once it has the lock (its Dockerfile names an image not the instance's),
+    // while an image remove's body has stalled.
+    let mut ctx = tar::Builder::new(Vec::new());
+    let dockerfile = b"FROM rbx-not-ours-at-all:none\n";
+    let mut h = tar::Header::new_gnu();
+    h.set_path("Dockerfile").unwrap();
+    h.set_size(dockerfile.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    ctx.append(&h, &dockerfile[..]).unwrap();
+    let ctx = ctx.into_inner().unwrap();
+    let mut remove = UnixStream::connect(&b.socket).unwrap();
+    remove
+        .write_all(
+            format!(
+                "DELETE /v1.41/images/{image} HTTP/1.1\r\nHost: d\r\nContent-Length: 10\r\n\r\n "
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut build = UnixStream::connect(&b.socket).unwrap();
+    build
+        .write_all(
+            format!(
+                "POST /v1.41/build HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
+                ctx.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    build.write_all(&ctx).unwrap();
+    build
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let (status, answer) = answer_on(&mut build)
+        .unwrap_or_else(|e| panic!("a build waited behind an image remove's stalled body: {e}"));
+    assert_eq!(status, 403, "{answer}");
+    remove
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let (status, answer) = answer_on(&mut remove).unwrap();
+    assert_eq!(status, 408, "{answer}");
+    assert!(message(&answer).contains("docker.idle_timeout"), "{answer}");
+    assert!(
+        closed_within(&mut remove, Duration::from_secs(2)),
+        "a stalled body was drained"
+    );
+    assert!(
+        engine(&["image", "inspect", &image]).status.success(),
+        "the image was removed"
+    );
+
+    // The docker CLI: the CI run's `network connect`, again and again.
+    for i in 0..10 {
+        let out = b.cli(&[
+            "network",
+            "connect",
+            &format!("rbx-none{port}"),
+            &format!("rbx-nothing{port}-{i}"),
+        ]);
+        assert!(
+            !out.status.success() && stderr(&out).contains("not found"),
+            "network connect {i}: {}",
+            stderr(&out)
+        );
+    }
+    // docker-py: one client, its pooled connection reused after each refusal.
+    let script = format!(
+        r#"
+import docker, sys
+c = docker.APIClient(base_url="unix://{sock}", version="1.41")
+for i in range(20):
+    try:
+        c.connect_container_to_network("rbx-nothing{port}", "rbx-none{port}")
+        sys.exit("connected")
+    except docker.errors.NotFound:
+        pass
+try:
+    c.import_image_from_data(b"\0" * (16 << 20), repository="regobox-test/UPPER", tag="x")
+    sys.exit("imported")
+except docker.errors.APIError as e:
+    assert e.response.status_code == 403 and "not an image reference" in str(e), e
+print(c.ping())
+"#,
+        sock = b.socket.display()
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    assert_eq!(stdout(&out).trim(), "True");
     b.stop();
 }
 

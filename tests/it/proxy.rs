@@ -1947,3 +1947,144 @@ fn a_handshakes_last_writes_leave_with_the_first_response() {
     );
     p.stop();
 }
+
+/// One answer read from `s`, left open: its status line and its body (by Content-Length).
+fn answer_on(s: &mut impl std::io::Read) -> std::io::Result<(String, String)> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).into_owned();
+            let length = head
+                .to_ascii_lowercase()
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("content-length:")
+                        .map(|n| n.trim().to_string())
+                })
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                let body = String::from_utf8_lossy(&got[end + 4..end + 4 + length]).into_owned();
+                return Ok((head.lines().next().unwrap_or("").to_string(), body));
+            }
+        }
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Attack (eighteenth session): an answer made before the request's body is read (regobox's
+/// redirect or 503, the application's early 413) reached a client still sending the body as a
+/// broken pipe (HTTP/1.1: hyper closed the connection) or a reset stream (HTTP/2: curl exit 92),
+/// not as the answer. Now the rest of the body is read and thrown away, for at most
+/// proxy.client_body_timeout; not once a body was cut for stalling.
+#[test]
+fn an_answer_made_before_the_body_is_read_reaches_a_client_still_sending_it() {
+    use std::io::{Read, Write};
+    let mut p = Proxied::start("client_body_timeout = \"4s\"\nclient_body_min_rate = 0");
+    let file = p.inst.dir.path().join("upload");
+    std::fs::write(&file, vec![b'x'; 16 << 20]).unwrap();
+    let data = format!("@{}", file.display());
+    // The application answers 413 without reading the body (curl asks first with `Expect:
+    // 100-continue` over HTTP/1.1, and here also without).
+    for (proto, expect) in [
+        ("--http2", "X-Expect: none"),
+        ("--http1.1", "X-Expect: none"),
+        ("--http1.1", "Expect:"),
+    ] {
+        let out = p.curl(&[
+            proto,
+            "-H",
+            expect,
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--data-binary",
+            &data,
+            &p.https_url("/status?code=413"),
+        ]);
+        assert!(
+            out.status.success() && stdout(&out) == "413",
+            "{proto} {expect}: {} {} {}",
+            out.status,
+            stdout(&out),
+            stderr(&out)
+        );
+    }
+    // regobox's redirect on port 80, to a client that sends its whole body before it reads
+    // (as Python's http.client does): the body is taken, the answer read, and the connection
+    // serves the next request.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let len = 8 << 20;
+    s.write_all(
+        format!("POST /form HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len}\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let piece = vec![b'y'; 64 << 10];
+    for i in 0..len / piece.len() {
+        if let Err(e) = s.write_all(&piece) {
+            panic!("the body was refused after {} bytes: {e}", i * piece.len());
+        }
+    }
+    let (status, _) = answer_on(&mut s).unwrap();
+    assert!(status.starts_with("HTTP/1.1 308"), "{status}");
+    s.write_all(b"GET /job/next HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let (status, body) = answer_on(&mut s).unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(body, "app: /job/next\n");
+    drop(s);
+
+    // A body that keeps coming after the answer is read for proxy.client_body_timeout (4 s),
+    // no longer.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"POST /form HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000000000\r\n\r\n")
+        .unwrap();
+    let (status, _) = answer_on(&mut s).unwrap();
+    assert!(status.starts_with("HTTP/1.1 308"), "{status}");
+    let answered = Instant::now();
+    let mut taken = 0u64;
+    while answered.elapsed() < Duration::from_secs(30) {
+        if s.write_all(&piece).is_err() {
+            break;
+        }
+        taken += piece.len() as u64;
+    }
+    let cut = answered.elapsed();
+    assert!(
+        cut < Duration::from_secs(30),
+        "a body after the answer was read for {cut:?} ({taken} bytes)"
+    );
+    drop(s);
+
+    // A body cut for stalling (408) is not read on: the connection closes with the answer.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(
+        b"POST /job/upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n0123456789",
+    )
+    .unwrap();
+    let (status, _) = answer_on(&mut s).unwrap();
+    assert!(status.starts_with("HTTP/1.1 408"), "{status}");
+    let _ = s.write_all(b"more");
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut rest = [0u8; 64];
+    let closed = s.read(&mut rest);
+    assert!(
+        matches!(&closed, Ok(0))
+            || closed
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "a stalled body's connection stayed open after its 408: {closed:?}"
+    );
+    p.stop();
+}
