@@ -49,13 +49,10 @@ pub struct RequestBody {
 }
 
 impl RequestBody {
-    /// The body of a request with `headers`; `drain` is `None` for one whose rest must not be
-    /// read (a request after which nothing of the connection is read).
-    pub fn new(inner: Incoming, headers: &HeaderMap, drain: Option<Drain>) -> Self {
-        let unasked = drain.is_some()
-            && headers
-                .get(EXPECT)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    /// A request's body; `drain` is `None` for one whose rest must not be read (a request after
+    /// which nothing of the connection is read), `unasked` says its client waits to be asked for
+    /// it (see [`waits_to_be_asked`]).
+    pub fn new(inner: Incoming, drain: Option<Drain>, unasked: bool) -> Self {
         RequestBody {
             inner: Some(inner),
             read: 0,
@@ -76,6 +73,16 @@ impl RequestBody {
     pub fn unless(&mut self, cut: Arc<AtomicBool>) {
         self.cut = Some(cut);
     }
+}
+
+/// Whether the client of a request with `headers` waits to be asked for its body (`Expect:
+/// 100-continue`): in any of its `Expect` fields, whichever hyper reads (the last: an
+/// attacker's, with `Expect: x` before, had its next request read as this body).
+pub fn waits_to_be_asked(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(EXPECT)
+        .iter()
+        .any(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 impl Body for RequestBody {
@@ -116,13 +123,14 @@ impl Body for RequestBody {
 
 impl Drop for RequestBody {
     fn drop(&mut self) {
-        if self.is_end_stream()
-            || self.unasked
-            || self.cut.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
+        let Some(drain) = self.drain else {
+            return;
+        };
+        if self.done || self.unasked || self.cut.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
         {
             return;
         }
-        let (Some(body), Some(drain)) = (self.inner.take(), self.drain) else {
+        let Some(body) = self.inner.take().filter(|b| !b.is_end_stream()) else {
             return;
         };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {

@@ -324,7 +324,8 @@ impl Proxy {
             total: Some(self.idle_timeout),
         };
         let (parts, body) = req.into_parts();
-        let body = RequestBody::new(body, &parts.headers, Some(drain));
+        let unasked = crate::unread::waits_to_be_asked(&parts.headers);
+        let body = RequestBody::new(body, Some(drain), unasked);
         let req = Request::from_parts(parts, body);
         let method = req.method().clone();
         let path = req.uri().path().to_string();

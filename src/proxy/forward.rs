@@ -20,7 +20,7 @@ use super::upstream::{Added, is_hop_by_hop};
 use super::{
     Activity, Body, BoxError, Handover, InFlight, Lease, Shared, acme, clock, files, full, progress,
 };
-use crate::unread::{Drain, RequestBody};
+use crate::unread::{self, Drain, RequestBody};
 
 /// What a connection's requests share.
 pub struct ConnCtx {
@@ -108,7 +108,11 @@ impl ConnCtx {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, mut unanswered: Unanswered) -> Response<Body> {
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        mut unanswered: Unanswered,
+    ) -> Response<Body> {
         super::count_request();
         let guard = self.activity.begin();
         let method = req.method().clone();
@@ -186,115 +190,131 @@ impl ConnCtx {
             // connection, its framing not trusted. Nor after an upgrade asked for (nothing more
             // of the connection is read). At most proxy.client_body_timeout more, the time a
             // body has to move.
-            let drain =
-                (!asks_upgrade && !hyper::body::Body::is_end_stream(req.body())).then_some(Drain {
-                    limit: u64::MAX,
-                    idle: cfg.client_body_timeout,
-                    total: Some(cfg.client_body_timeout),
-                });
-            let (parts, body) = req.into_parts();
-            let body = RequestBody::new(body, &parts.headers, drain);
-            let mut req = Request::from_parts(parts, body);
+            // (Read once: a look at an HTTP/2 stream's state takes a lock.)
+            let ended = hyper::body::Body::is_end_stream(req.body());
+            let drain = (!asks_upgrade && !ended).then_some(Drain {
+                limit: u64::MAX,
+                idle: cfg.client_body_timeout,
+                total: Some(cfg.client_body_timeout),
+            });
+            let unasked = drain.is_some() && unread::waits_to_be_asked(req.headers());
             // The host alone, as regobox names it (made where it is needed: most requests
             // are forwarded with the host they name).
             let host_named = |uri: &Uri| {
                 request_host(uri, fields.host.as_ref()).unwrap_or_else(|| cfg.hostnames[0].clone())
             };
             let uri_path = target.path();
-            if !self.https {
-                if let Some(token) = uri_path.strip_prefix(acme::CHALLENGE_PREFIX) {
-                    if let Some(answer) = self.shared.challenges.answer(token) {
-                        break 'done Response::builder()
-                            .header(header::CONTENT_TYPE, "application/octet-stream")
-                            .body(full(answer))
-                            .unwrap_or_default();
-                    }
-                }
-                let plain = cfg
-                    .plain_http_paths
-                    .iter()
-                    .any(|p| plain_path_matches(uri_path, p));
-                if cfg.redirect_http && cfg.https_port != 0 && !plain {
-                    let host;
-                    let public_host = if cfg.public_host.is_empty() {
-                        host = host_named(req.uri());
-                        &host
-                    } else {
-                        &cfg.public_host
-                    };
-                    let public_port = if cfg.public_https_port == 0 {
-                        cfg.https_port
-                    } else {
-                        cfg.public_https_port
-                    };
-                    break 'done redirect(&method, public_host, public_port, target.as_str());
-                }
-            }
-            for s in &cfg.statics {
-                if let Some(rest) = uri_path.strip_prefix(s.prefix.as_str()) {
-                    let rest = rest.to_string();
-                    // Boxed: most requests are not for static files, and their futures
-                    // would all be the larger for it.
-                    break 'done Box::pin(files::serve(&req, &s.dir, &rest)).await;
-                }
-            }
-            if let Some(why) = self.unavailable() {
-                let mut r = page(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Service unavailable",
-                    &format!("{why}. Please retry in a few seconds."),
-                );
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-                break 'done r;
-            }
-
-            if let Some(facts) = &self.shared.landing {
-                break 'done if matches!(method, Method::GET | Method::HEAD) && uri_path == "/" {
-                    super::landing::page(&self.shared.board, facts)
-                } else {
-                    page(
-                        StatusCode::NOT_FOUND,
-                        "Not found",
-                        "No application is configured.",
-                    )
-                };
-            }
-
-            // Forward, if the caps on connections to the application allow.
-            match self
-                .activity
-                .lease(&self.shared.caps, canonical(self.peer.ip()))
-            {
-                Ok(l) => lease = Some(l),
-                Err(cap) => {
-                    let (key, limit, lines) = match cap {
-                        super::AtCap::Connection => (
-                            "proxy.upstream_max_per_connection",
-                            cfg.upstream_max_per_connection,
-                            &UPSTREAM_CAPS[0],
-                        ),
-                        super::AtCap::Address => (
-                            "proxy.upstream_max_per_address",
-                            cfg.upstream_max_per_address,
-                            &UPSTREAM_CAPS[1],
-                        ),
-                        super::AtCap::Overall => {
-                            ("proxy.upstream_max", cfg.upstream_max, &UPSTREAM_CAPS[2])
+            // The answers regobox makes itself, the body not needed.
+            let own = 'own: {
+                if !self.https {
+                    if let Some(token) = uri_path.strip_prefix(acme::CHALLENGE_PREFIX) {
+                        if let Some(answer) = self.shared.challenges.answer(token) {
+                            break 'own Some(
+                                Response::builder()
+                                    .header(header::CONTENT_TYPE, "application/octet-stream")
+                                    .body(full(answer))
+                                    .unwrap_or_default(),
+                            );
                         }
-                    };
-                    if let Some(left_out) = lines.should_log() {
-                        tracing::warn!(target: "regobox::proxy", peer = %self.peer_text.to_str().unwrap_or(""), limit, similar_left_out = left_out, "requests hold as many connections to the application as {key} allows; answered 503");
                     }
+                    let plain = cfg
+                        .plain_http_paths
+                        .iter()
+                        .any(|p| plain_path_matches(uri_path, p));
+                    if cfg.redirect_http && cfg.https_port != 0 && !plain {
+                        let host;
+                        let public_host = if cfg.public_host.is_empty() {
+                            host = host_named(req.uri());
+                            &host
+                        } else {
+                            &cfg.public_host
+                        };
+                        let public_port = if cfg.public_https_port == 0 {
+                            cfg.https_port
+                        } else {
+                            cfg.public_https_port
+                        };
+                        break 'own Some(redirect(
+                            &method,
+                            public_host,
+                            public_port,
+                            target.as_str(),
+                        ));
+                    }
+                }
+                for s in &cfg.statics {
+                    if let Some(rest) = uri_path.strip_prefix(s.prefix.as_str()) {
+                        let rest = rest.to_string();
+                        // Boxed: most requests are not for static files, and their futures
+                        // would all be the larger for it.
+                        break 'own Some(Box::pin(files::serve(&req, &s.dir, &rest)).await);
+                    }
+                }
+                if let Some(why) = self.unavailable() {
                     let mut r = page(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "Service unavailable",
-                        "Too many requests are in progress. Please retry in a few seconds.",
+                        &format!("{why}. Please retry in a few seconds."),
                     );
                     r.headers_mut()
                         .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-                    break 'done r;
+                    break 'own Some(r);
                 }
+
+                if let Some(facts) = &self.shared.landing {
+                    break 'own Some(
+                        if matches!(method, Method::GET | Method::HEAD) && uri_path == "/" {
+                            super::landing::page(&self.shared.board, facts)
+                        } else {
+                            page(
+                                StatusCode::NOT_FOUND,
+                                "Not found",
+                                "No application is configured.",
+                            )
+                        },
+                    );
+                }
+
+                // Forward, if the caps on connections to the application allow.
+                match self
+                    .activity
+                    .lease(&self.shared.caps, canonical(self.peer.ip()))
+                {
+                    Ok(l) => lease = Some(l),
+                    Err(cap) => {
+                        let (key, limit, lines) = match cap {
+                            super::AtCap::Connection => (
+                                "proxy.upstream_max_per_connection",
+                                cfg.upstream_max_per_connection,
+                                &UPSTREAM_CAPS[0],
+                            ),
+                            super::AtCap::Address => (
+                                "proxy.upstream_max_per_address",
+                                cfg.upstream_max_per_address,
+                                &UPSTREAM_CAPS[1],
+                            ),
+                            super::AtCap::Overall => {
+                                ("proxy.upstream_max", cfg.upstream_max, &UPSTREAM_CAPS[2])
+                            }
+                        };
+                        if let Some(left_out) = lines.should_log() {
+                            tracing::warn!(target: "regobox::proxy", peer = %self.peer_text.to_str().unwrap_or(""), limit, similar_left_out = left_out, "requests hold as many connections to the application as {key} allows; answered 503");
+                        }
+                        let mut r = page(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "Service unavailable",
+                            "Too many requests are in progress. Please retry in a few seconds.",
+                        );
+                        r.headers_mut()
+                            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                        break 'own Some(r);
+                    }
+                }
+                None
+            };
+            if let Some(answer) = own {
+                drop(RequestBody::new(req.into_body(), drain, unasked));
+                break 'done answer;
             }
             let upgrade =
                 (fields.upgrade && version == Version::HTTP_11 && wants_upgrade(req.headers()))
@@ -363,13 +383,13 @@ impl ConnCtx {
             // A body that has ended already (none came, or HTTP/2's HEADERS ended the stream)
             // goes as none; any other is forwarded, whatever the method (an HTTP/2 GET or
             // DELETE with DATA frames and no content-length included).
-            let body = if hyper::body::Body::is_end_stream(&body) {
+            let body = if ended {
                 super::empty()
             } else {
                 let failed = Arc::new(std::sync::atomic::AtomicU8::new(0));
                 // A body cut for coming too slowly (408) is not drained: no more time.
                 let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                let mut body = body;
+                let mut body = RequestBody::new(body, drain, unasked);
                 body.unless(stalled.clone());
                 client_body_failed = Some(failed.clone());
                 let mark = progress::Mark::new();

@@ -97,6 +97,10 @@ ready = {{ tcp = "127.0.0.1:{app}" }}
         curl(&self.self_signed(), &[self.https, self.http], args)
     }
 
+    pub(crate) fn curl_command(&self, args: &[&str]) -> Command {
+        curl_command(&self.self_signed(), &[self.https, self.http], args)
+    }
+
     pub(crate) fn https_url(&self, path: &str) -> String {
         format!("https://localhost:{}{path}", self.https)
     }
@@ -2043,6 +2047,85 @@ fn an_answer_made_before_the_body_is_read_reaches_a_client_still_sending_it() {
     assert_eq!(body, "app: /job/next\n");
     drop(s);
 
+    // The attacker's framings of a body that holds a request, the next request after it: the
+    // body is never read as a request (never answered, never forwarded), the next one is.
+    let inner = |tag: &str| format!("GET /job/smuggled-{tag} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let after = |tag: &str| format!("GET /job/after-{tag} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    for (tag, head, body) in [
+        ("cl", "Content-Length: {n}".to_string(), inner("cl")),
+        (
+            "chunked",
+            "Transfer-Encoding: chunked".to_string(),
+            format!(
+                "{:x};a=\"GET / HTTP/1.1\"\r\n{}\r\n0\r\nX-T: GET /job/smuggled-tr HTTP/1.1\r\n\r\n",
+                inner("chunked").len(),
+                inner("chunked")
+            ),
+        ),
+        (
+            "padded",
+            "Transfer-Encoding: chunked".to_string(),
+            format!(
+                "0000000000000000000{:x} \r\n{}\r\n00000\r\n\r\n",
+                inner("padded").len(),
+                inner("padded")
+            ),
+        ),
+    ] {
+        for target in ["/form", "/job/status?code=413"] {
+            let head = head.replace("{n}", &body.len().to_string());
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            s.write_all(
+                format!("POST {target} HTTP/1.1\r\nHost: localhost\r\n{head}\r\n\r\n").as_bytes(),
+            )
+            .unwrap();
+            let (status, _) = answer_on(&mut s).unwrap();
+            assert!(
+                status.contains(" 308 ") || status.contains(" 413 "),
+                "{tag} {target}: {status}"
+            );
+            s.write_all(format!("{body}{}", after(tag)).as_bytes())
+                .unwrap();
+            let (status, answer) = answer_on(&mut s).unwrap();
+            assert!(
+                status.starts_with("HTTP/1.1 200"),
+                "{tag} {target}: {status} {answer}"
+            );
+            assert_eq!(answer, format!("app: /job/after-{tag}\n"), "{tag} {target}");
+        }
+    }
+
+    // A client waiting to be asked for its body is not asked after the answer, whichever of two
+    // `Expect` fields says so: its next request is never read as the body (an attacker's, with
+    // `Expect: x` before), the connection ends.
+    let next = "GET /job/next HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    for expect in [
+        "Expect: 100-continue\r\n",
+        "Expect: x\r\nExpect: 100-continue\r\n",
+        "Expect: 100-continue\r\nExpect: x\r\n",
+    ] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(
+            format!(
+                "POST /form HTTP/1.1\r\nHost: localhost\r\n{expect}Content-Length: {}\r\n\r\n",
+                next.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let (status, _) = answer_on(&mut s).unwrap();
+        assert!(status.starts_with("HTTP/1.1 308"), "{expect:?}: {status}");
+        let _ = s.write_all(next.as_bytes());
+        let mut rest = Vec::new();
+        let ended = s.read_to_end(&mut rest);
+        assert!(
+            ended.is_ok() || ended.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{expect:?}: the connection stayed open: its next request was read as the body"
+        );
+    }
+
     // A body that keeps coming after the answer is read for proxy.client_body_timeout (4 s),
     // no longer.
     let mut s = std::net::TcpStream::connect(("127.0.0.1", p.http)).unwrap();
@@ -2086,5 +2169,64 @@ fn an_answer_made_before_the_body_is_read_reaches_a_client_still_sending_it() {
                 .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
         "a stalled body's connection stayed open after its 408: {closed:?}"
     );
-    p.stop();
+    let log = p.stop();
+    assert!(
+        !log.contains("smuggled"),
+        "a request in a body thrown away was read: {log}"
+    );
+}
+
+/// An attacker's (eighteenth session): bodies being thrown away (HTTP/1.1 to the port-80
+/// redirect, HTTP/2 to the application's early 413, trickled, with a minute of
+/// proxy.client_body_timeout left) do not hold a graceful stop past its grace, and each request
+/// has its access line.
+#[test]
+fn a_stop_is_not_held_by_bodies_being_thrown_away() {
+    use std::io::Write;
+    let mut p = Proxied::start("client_body_timeout = \"60s\"\nclient_body_min_rate = 0");
+    let file = p.inst.dir.path().join("upload");
+    std::fs::write(&file, vec![b'x'; 64 << 20]).unwrap();
+    let mut uploads: Vec<_> = (0..3)
+        .map(|_| {
+            let mut c = p.curl_command(&[
+                "--http2",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "--limit-rate",
+                "64k",
+                "--data-binary",
+                &format!("@{}", file.display()),
+                &p.https_url("/status?code=413"),
+            ]);
+            c.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(
+            b"POST /form HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000000\r\n\r\n",
+        )
+        .unwrap();
+        let (status, _) = answer_on(&mut s).unwrap();
+        assert!(status.starts_with("HTTP/1.1 308"), "{status}");
+        s.write_all(&[b'a'; 4096]).unwrap();
+        held.push(s);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let stopping = Instant::now();
+    let log = p.stop();
+    let took = stopping.elapsed();
+    for u in &mut uploads {
+        let _ = u.kill();
+        let _ = u.wait();
+    }
+    assert!(took < Duration::from_secs(20), "the stop took {took:?}");
+    assert_eq!(access_lines(&log, "/status?code=413").len(), 3, "{log}");
+    assert_eq!(access_lines(&log, "/form").len(), 5, "{log}");
 }

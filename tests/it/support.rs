@@ -507,12 +507,18 @@ pub fn archives_in(dir: &Path) -> Vec<PathBuf> {
 /// curl for `https://localhost:<port>` (resolved to 127.0.0.1 for each of `ports`), trusting the
 /// PEM certificate `ca`.
 pub fn curl(ca: &Path, ports: &[u16], args: &[&str]) -> Output {
+    curl_command(ca, ports, args).output().unwrap()
+}
+
+/// [`curl`], to be run as the caller wants (spawned, say).
+pub fn curl_command(ca: &Path, ports: &[u16], args: &[&str]) -> Command {
     let mut cmd = Command::new("curl");
     cmd.args(["-sS", "--max-time", "60", "--cacert"]).arg(ca);
     for port in ports {
         cmd.args(["--resolve", &format!("localhost:{port}:127.0.0.1")]);
     }
-    cmd.args(args).stdin(Stdio::null()).output().unwrap()
+    cmd.args(args).stdin(Stdio::null());
+    cmd
 }
 
 /// The `psql` of the installed PostgreSQL (for tests that connect as a role regobox does not).
