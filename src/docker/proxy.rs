@@ -70,7 +70,8 @@ enum Refusal {
     Denied(Denied),
     NotFound(String),
     BadRequest(String),
-    TooLarge(String),
+    /// A body past the bound (its key) given.
+    TooLarge(&'static str, String),
     /// A body that stopped coming for docker.idle_timeout.
     Stalled(String),
     Engine(String),
@@ -82,7 +83,7 @@ impl Refusal {
             Refusal::Denied(_) => StatusCode::FORBIDDEN,
             Refusal::NotFound(_) => StatusCode::NOT_FOUND,
             Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Refusal::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::TooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::Stalled(_) => StatusCode::REQUEST_TIMEOUT,
             Refusal::Engine(_) => StatusCode::BAD_GATEWAY,
         }
@@ -93,7 +94,7 @@ impl Refusal {
             Refusal::Denied(d) => &d.rule,
             Refusal::NotFound(_) => "ownership",
             Refusal::BadRequest(_) => "request",
-            Refusal::TooLarge(_) => "docker.max_inspected_body",
+            Refusal::TooLarge(key, _) => key,
             Refusal::Stalled(_) => "docker.idle_timeout",
             Refusal::Engine(_) => "engine",
         }
@@ -104,7 +105,7 @@ impl Refusal {
             Refusal::Denied(d) => &d.message,
             Refusal::NotFound(m)
             | Refusal::BadRequest(m)
-            | Refusal::TooLarge(m)
+            | Refusal::TooLarge(_, m)
             | Refusal::Stalled(m)
             | Refusal::Engine(m) => m,
         }
@@ -1010,10 +1011,13 @@ impl Proxy {
             if let Some(data) = frame.data_ref() {
                 total += data.len() as u64;
                 if total > self.max_build_context {
-                    return Err(Refusal::TooLarge(format!(
-                        "{what} is larger than docker.max_build_context ({} bytes)",
-                        self.max_build_context
-                    )));
+                    return Err(Refusal::TooLarge(
+                        "docker.max_build_context",
+                        format!(
+                            "{what} is larger than docker.max_build_context ({} bytes)",
+                            self.max_build_context
+                        ),
+                    ));
                 }
                 writer.write_all(data).await.map_err(|e| err(&e))?;
             }
@@ -1165,10 +1169,13 @@ impl Proxy {
         while let Some(frame) = self.next_frame(&mut body, &what).await? {
             if let Some(data) = frame.data_ref() {
                 if whole.len() + data.len() > self.max_body {
-                    return Err(Refusal::TooLarge(format!(
-                        "{what} is larger than docker.max_inspected_body ({} bytes)",
-                        self.max_body
-                    )));
+                    return Err(Refusal::TooLarge(
+                        "docker.max_inspected_body",
+                        format!(
+                            "{what} is larger than docker.max_inspected_body ({} bytes)",
+                            self.max_body
+                        ),
+                    ));
                 }
                 whole.extend_from_slice(data);
             }

@@ -1976,40 +1976,6 @@ fn the_applications_connections_are_bounded_in_number_and_in_idle_time() {
     b.stop();
 }
 
-/// One answer read from `conn`, left open: its status and body (by Content-Length, or chunked
-/// up to its last chunk).
-fn answer_on(conn: &mut std::os::unix::net::UnixStream) -> std::io::Result<(u16, String)> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let lower = head.to_ascii_lowercase();
-            let length = lower
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|n| n.trim().parse::<usize>().ok());
-            let whole = match length {
-                Some(n) => body.len() >= n,
-                None => body.ends_with("0\r\n\r\n"),
-            };
-            if whole {
-                let status = head
-                    .split(' ')
-                    .nth(1)
-                    .and_then(|c| c.parse().ok())
-                    .unwrap_or(0);
-                return Ok((status, body.to_string()));
-            }
-        }
-        let n = conn.read(&mut buf)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        got.extend_from_slice(&buf[..n]);
-    }
-}
-
 /// What comes back on `conn` until it is closed, `finals` final answers have come, or
 /// `within` passes: the status lines (interim ones too), the text, and whether it was closed.
 fn answers_on(
@@ -2292,6 +2258,40 @@ fn a_request_refused_before_its_body_is_read_is_answered_and_its_connection_kept
         answered.elapsed() < Duration::from_secs(30),
         "a padded body was read on for 30 s after its refusal"
     );
+    // A body past a bound is refused naming the bound, in the answer and in the audit line (and
+    // nothing more of it is read: the rest of the client's write may fail).
+    for (request, len, key) in [
+        (
+            format!("PUT /v1.41/containers/rbx-nothing{port}/archive?path=/"),
+            2 << 20,
+            "docker.max_build_context",
+        ),
+        (
+            "POST /v1.41/networks/create".to_string(),
+            2 << 20,
+            "docker.max_inspected_body",
+        ),
+    ] {
+        let mut conn = UnixStream::connect(&b.socket).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let _ = conn.write_all(
+            format!("{request} HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {len}\r\n\r\n")
+                .as_bytes(),
+        );
+        let _ = conn.write_all(&vec![0u8; len]);
+        let (status, answer) = answer_on(&mut conn).unwrap();
+        assert_eq!(status, 413, "{request}: {answer}");
+        assert!(message(&answer).contains(key), "{request}: {answer}");
+        let audit = b.audit();
+        let line = audit
+            .iter()
+            .rev()
+            .find(|l| l["path"].as_str().is_some_and(|p| request.contains(p)))
+            .unwrap_or_else(|| panic!("{request}: no audit line"));
+        assert_eq!(line["rule"], key, "{request}: {line}");
+    }
+
     // ... and a body that stops coming is let go after docker.idle_timeout.
     let mut stalled = UnixStream::connect(&b.socket).unwrap();
     stalled

@@ -621,3 +621,38 @@ pub fn hidden_entries(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// One HTTP/1.1 answer read from `s`, which is left open for the next: its status and its body
+/// (by Content-Length, else chunked up to its last chunk, undecoded).
+pub fn answer_on(s: &mut impl std::io::Read) -> std::io::Result<(u16, String)> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let body = &got[end + 4..];
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|n| n.trim().parse::<usize>().ok());
+            let whole = match length {
+                Some(n) => body.len() >= n,
+                None => body.ends_with(b"0\r\n\r\n"),
+            };
+            if whole {
+                let status = head
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0);
+                let body = &body[..length.unwrap_or(body.len())];
+                return Ok((status, String::from_utf8_lossy(body).into_owned()));
+            }
+        }
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+}
