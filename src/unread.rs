@@ -29,10 +29,8 @@ use hyper::header::{EXPECT, HeaderMap};
 pub struct Drain {
     /// Bytes of the body in all, read before it was dropped or after.
     pub limit: u64,
-    /// The longest wait for a piece.
-    pub idle: Duration,
     /// The longest the draining goes on, from the drop (nginx's `lingering_time`).
-    pub total: Option<Duration>,
+    pub within: Duration,
 }
 
 /// A request body that, dropped before its end, has the rest read and thrown away (see the
@@ -141,11 +139,9 @@ impl Drop for RequestBody {
 
 /// Read `body` (`read` bytes of it read already) and drop what comes, within `drain`.
 async fn discard(mut body: Incoming, mut read: u64, drain: Drain) {
-    let until = drain.total.map(|t| tokio::time::Instant::now() + t);
+    let until = tokio::time::Instant::now() + drain.within;
     while read <= drain.limit {
-        let due = tokio::time::Instant::now() + drain.idle;
-        let due = until.map_or(due, |u| u.min(due));
-        match tokio::time::timeout_at(due, body.frame()).await {
+        match tokio::time::timeout_at(until, body.frame()).await {
             Ok(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     read += data.len() as u64;

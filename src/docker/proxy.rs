@@ -321,8 +321,7 @@ impl Proxy {
         // (see [`crate::unread`]).
         let drain = Drain {
             limit: self.max_build_context,
-            idle: self.idle_timeout,
-            total: Some(self.idle_timeout),
+            within: self.idle_timeout,
         };
         let (parts, body) = req.into_parts();
         let unasked = crate::unread::waits_to_be_asked(&parts.headers);
@@ -461,15 +460,8 @@ impl Proxy {
                     .await
             }
             Endpoint::ImageCreate => {
-                let judged = async {
-                    let q = query::parse(&raw_query, "an image create", query::IMAGE_CREATE)?;
-                    self.check_image_create(q).await
-                }
-                .await;
-                let (reference, q) = match judged {
-                    Ok(judged) => judged,
-                    Err(refusal) => return Err(refusal),
-                };
+                let q = query::parse(&raw_query, "an image create", query::IMAGE_CREATE)?;
+                let (reference, q) = self.check_image_create(q).await?;
                 // A pull's credentials in regobox's rendering; an import's tar streams through.
                 let auth = registry_auth(req.headers().get(REGISTRY_AUTH))?;
                 let (mut req, payload) = if q.get("fromSrc") == Some("-") {

@@ -194,8 +194,7 @@ impl ConnCtx {
             let ended = hyper::body::Body::is_end_stream(req.body());
             let drain = (!asks_upgrade && !ended).then_some(Drain {
                 limit: u64::MAX,
-                idle: cfg.client_body_timeout,
-                total: Some(cfg.client_body_timeout),
+                within: cfg.client_body_timeout,
             });
             let unasked = drain.is_some() && unread::waits_to_be_asked(req.headers());
             // The host alone, as regobox names it (made where it is needed: most requests

@@ -103,9 +103,7 @@ pub struct Deadline<B> {
     received: u64,
     mark: Option<Mark>,
     what: &'static str,
-    /// The body has stalled.
-    has_stalled: bool,
-    /// The same, shared with whoever asked (see [`Deadline::reporting_to`]).
+    /// Set once the body has stalled (see [`Deadline::reporting_to`]).
     stalled: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
@@ -125,7 +123,6 @@ impl<B: hyper::body::Body> Deadline<B> {
             received: 0,
             mark,
             what,
-            has_stalled: false,
             stalled: None,
         }
     }
@@ -144,7 +141,6 @@ impl<B: hyper::body::Body> Deadline<B> {
 
     /// Sets `flag` once the body has stalled.
     pub fn reporting_to(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Self {
-        flag.fetch_or(self.has_stalled, Ordering::Relaxed);
         self.stalled = Some(flag);
         self
     }
@@ -202,7 +198,6 @@ where
                 }
                 match sleep.as_mut().poll(cx) {
                     Poll::Ready(()) => {
-                        this.has_stalled = true;
                         if let Some(stalled) = &this.stalled {
                             stalled.store(true, Ordering::Relaxed);
                         }
