@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -464,8 +465,14 @@ impl Proxy {
                 let (reference, q) = self.check_image_create(q).await?;
                 // A pull's credentials in regobox's rendering; an import's tar streams through.
                 let auth = registry_auth(req.headers().get(REGISTRY_AUTH))?;
+                let stalled = Arc::new(AtomicBool::new(false));
                 let (mut req, payload) = if q.get("fromSrc") == Some("-") {
-                    (req.map(boxed), Payload::Tar(None))
+                    let within = self.idle_timeout;
+                    let flag = stalled.clone();
+                    (
+                        req.map(|body| boxed(Paced::new(body, within, flag))),
+                        Payload::Tar(None),
+                    )
                 } else {
                     (self.no_body(req).await?, Payload::Empty)
                 };
@@ -473,7 +480,12 @@ impl Proxy {
                     req.extensions_mut().insert(RenderedAuth(auth));
                 }
                 let req = retarget(req, &target("/images/create", &q))?;
-                let response = self.forward(req, payload, None).await?;
+                let response = match self.forward(req, payload, None).await {
+                    Err(Refusal::Engine(_)) if stalled.load(Ordering::Relaxed) => {
+                        return Err(self.stalled("the image's tar"));
+                    }
+                    other => other?,
+                };
                 if !response.status().is_success() {
                     return Ok(plain(response));
                 }
@@ -1189,12 +1201,16 @@ impl Proxy {
             Ok(Some(Err(e))) => Err(Refusal::BadRequest(format!("reading {what}: {e}"))),
             Err(_) => {
                 body.abandon();
-                Err(Refusal::Stalled(format!(
-                    "{what} stopped coming: nothing for docker.idle_timeout ({:?})",
-                    self.idle_timeout
-                )))
+                Err(self.stalled(what))
             }
         }
+    }
+
+    fn stalled(&self, what: &str) -> Refusal {
+        Refusal::Stalled(format!(
+            "{what} stopped coming: nothing for docker.idle_timeout ({:?})",
+            self.idle_timeout
+        ))
     }
 
     /// Whether `labels` mark an object as this instance's.
@@ -1397,6 +1413,69 @@ impl Proxy {
             }
         }
         Ok(response.map(boxed))
+    }
+}
+
+/// A body streamed to the engine as it comes (an import's tar): while it waits for the client,
+/// each piece must come within `within` (`docker.idle_timeout`; time the engine takes to read
+/// what it was given does not count), or the body fails there, which cuts the request to the
+/// engine (nothing imported), is not drained, and sets `stalled`.
+struct Paced {
+    body: RequestBody,
+    within: std::time::Duration,
+    /// Set when a piece is first waited for, and until it comes.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    stalled: Arc<AtomicBool>,
+}
+
+impl Paced {
+    fn new(body: RequestBody, within: std::time::Duration, stalled: Arc<AtomicBool>) -> Self {
+        Paced {
+            body,
+            within,
+            deadline: None,
+            stalled,
+        }
+    }
+}
+
+impl hyper::body::Body for Paced {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(polled) => {
+                this.deadline = None;
+                Poll::Ready(polled.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let within = this.within;
+                let deadline = this
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(within)));
+                if deadline.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.body.abandon();
+                this.stalled.store(true, Ordering::Relaxed);
+                Poll::Ready(Some(Err(
+                    "the body stopped coming for docker.idle_timeout".into()
+                )))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -2320,6 +2320,102 @@ fn a_request_refused_before_its_body_is_read_is_answered_and_its_connection_kept
     b.stop();
 }
 
+/// An import streams its tar to the engine as it comes (`fromSrc=-`): a body that stops coming
+/// for docker.idle_timeout is cut there too (408), the engine's request with it (nothing
+/// imported, no connection to the engine left), as the README says of every body. The bound is on
+/// progress: an import whose pieces keep coming, each within the timeout, takes as long as it
+/// takes.
+#[test]
+fn an_import_whose_body_stops_coming_is_cut_and_imports_nothing() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let b = Bridged::start("idle_timeout = \"3s\"");
+    let pid = b.run.pid();
+    let port = b.inst.port;
+    let tar = std::fs::read(busybox_rootfs_tar(b.inst.dir.path())).unwrap();
+    let made = OnEngine::default();
+    let head = |repo: &str| {
+        format!(
+            "POST /v1.41/images/create?fromSrc=-&repo={repo}&tag=x HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
+            tar.len()
+        )
+    };
+    // At rest: a first exchange made, so that what regobox holds for the socket is counted.
+    let mut first = UnixStream::connect(&b.socket).unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    assert_eq!(ping(&mut first).unwrap(), "HTTP/1.1 200 OK");
+    drop(first);
+    std::thread::sleep(Duration::from_millis(300));
+    let at_rest = open_descriptors(pid);
+
+    // Half the tar, then nothing.
+    let stalled = format!("regobox-test/stalled{port}");
+    made.image(&format!("{stalled}:x"));
+    let mut conn = UnixStream::connect(&b.socket).unwrap();
+    conn.write_all(head(&stalled).as_bytes()).unwrap();
+    conn.write_all(&tar[..tar.len() / 2]).unwrap();
+    let sent = std::time::Instant::now();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let (status, answer) = answer_on(&mut conn)
+        .unwrap_or_else(|e| panic!("an import whose body stalled got no answer: {e}"));
+    let waited = sent.elapsed();
+    assert_eq!(status, 408, "{answer}");
+    assert!(message(&answer).contains("docker.idle_timeout"), "{answer}");
+    assert!(waited >= Duration::from_secs(2), "cut after {waited:?}");
+    assert!(
+        closed_within(&mut conn, Duration::from_secs(5)),
+        "the stalled connection was kept"
+    );
+    drop(conn);
+    assert!(
+        !engine(&["image", "inspect", &format!("{stalled}:x")])
+            .status
+            .success(),
+        "half an import made an image"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while open_descriptors(pid) > at_rest && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        open_descriptors(pid),
+        at_rest,
+        "descriptors left behind by the stalled import"
+    );
+    let audit = b.audit();
+    assert!(
+        audit.iter().any(|l| l["rule"] == "docker.idle_timeout"
+            && l["path"]
+                .as_str()
+                .is_some_and(|p| p.contains("images/create"))),
+        "{audit:?}"
+    );
+
+    // The same tar in pieces two seconds apart (the whole longer than the timeout): imported.
+    let slow = format!("regobox-test/slow{port}");
+    made.image(&format!("{slow}:x"));
+    let mut conn = UnixStream::connect(&b.socket).unwrap();
+    conn.write_all(head(&slow).as_bytes()).unwrap();
+    let piece = tar.len().div_ceil(3);
+    for part in tar.chunks(piece) {
+        std::thread::sleep(Duration::from_secs(2));
+        conn.write_all(part).unwrap();
+    }
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let (status, answer) = answer_on(&mut conn).unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        engine(&["image", "inspect", &format!("{slow}:x")])
+            .status
+            .success(),
+        "a slow import made no image: {answer}"
+    );
+}
+
 /// The attacker's (eighteenth session) other findings: an import the engine answers before
 /// taking its tar whole (not a tar) while the client is still writing: the engine's answer,
 /// no broken pipe, and the connection goes on (the engine's `Connection: close` was passed on);
