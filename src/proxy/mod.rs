@@ -881,20 +881,20 @@ impl Activity {
     /// Whether the connection is past one of its deadlines (checked every tick): idle with
     /// nothing in flight, a request head taking too long (slowloris; the first one counts from
     /// the connection), a response the client does not take (nginx's `send_timeout`).
-    fn overdue(&self, cfg: &ProxyConfig) -> bool {
-        if self.in_flight.load(Ordering::Relaxed) == 0 && self.quiet_for() >= cfg.idle_timeout {
-            return true;
-        }
+    fn overdue(&self, cfg: &ProxyConfig) -> Overdue {
         if self.head_for().is_some_and(|t| t >= cfg.header_timeout) {
-            return true;
+            return Overdue::Cut;
         }
         if self.send_stalled(cfg.send_timeout) {
             if let Some(left_out) = forward::CLIENT_ERRORS.should_log() {
                 tracing::info!(target: "regobox::proxy", timeout = ?cfg.send_timeout, similar_left_out = left_out, "a client did not take its response (proxy.send_timeout); connection closed");
             }
-            return true;
+            return Overdue::Cut;
         }
-        false
+        if self.in_flight.load(Ordering::Relaxed) == 0 && self.quiet_for() >= cfg.idle_timeout {
+            return Overdue::Idle;
+        }
+        Overdue::No
     }
 
     /// A connection to the application for one of this connection's requests from `address`,
@@ -1117,25 +1117,62 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     }
 }
 
+/// What a connection's watchdog finds on a tick (see [`Activity::overdue`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Overdue {
+    No,
+    /// Idle past `proxy.idle_timeout`, nothing in flight: closed as the protocol closes (see
+    /// [`IdleClose`]).
+    Idle,
+    /// Past a deadline the client missed (a head too slow, a response not taken): cut at once.
+    Cut,
+}
+
+/// How long a connection closed for idleness has to let go, nothing in flight, once asked.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// An idle connection's close, as nginx closes one: asked of the protocol first (hyper's
+/// graceful shutdown: HTTP/2's GOAWAY, the last stream named once the client has answered a
+/// PING, so that a request sent meanwhile is either served or known to be unserved; then TLS's
+/// `close_notify`, which tells a client the connection ended, not that it was cut), then cut if
+/// it has not ended within [`CLOSE_GRACE`] with nothing in flight (a client that does not answer).
+#[derive(Default)]
+struct IdleClose(Option<Instant>);
+
+impl IdleClose {
+    /// On a tick that found the connection idle: whether to ask it to close now (the first
+    /// time), or to cut it (asked [`CLOSE_GRACE`] ago or more).
+    fn on_idle(&mut self) -> Step {
+        match self.0 {
+            None => {
+                self.0 = Some(clock::now());
+                Step::Ask
+            }
+            Some(asked) if clock::now().saturating_duration_since(asked) >= CLOSE_GRACE => {
+                Step::Cut
+            }
+            Some(_) => Step::Wait,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Ask,
+    Wait,
+    Cut,
+}
+
 /// Drive `$conn` (a hyper server connection) until it ends, the proxy stops (graceful, then
-/// forced), it idles past `idle` with no request in flight, or a request head takes longer than
-/// `header` to arrive.
+/// forced), it idles past `proxy.idle_timeout` with no request in flight (closed gracefully, see
+/// [`IdleClose`]), or it misses one of its deadlines (cut).
 macro_rules! drive {
-    ($conn:expr, $activity:expr, $cfg:expr, $shutdown:expr, $force:expr) => {
-        drive!(
-            $conn,
-            |c| c.graceful_shutdown(),
-            $activity,
-            $cfg,
-            $shutdown,
-            $force
-        )
-    };
     ($conn:expr, |$c:ident| $graceful:expr, $activity:expr, $cfg:expr, $shutdown:expr, $force:expr) => {{
         let conn = $conn;
         tokio::pin!(conn);
         // (See `sentry`.)
         let mut sentry = sentry::Sentry::new(Some(&$shutdown), &$force, Duration::from_millis(500));
+        let mut idle = IdleClose::default();
         loop {
             tokio::select! {
                 biased;
@@ -1146,11 +1183,18 @@ macro_rules! drive {
                         $graceful;
                     }
                     sentry::Event::Force => break,
-                    sentry::Event::Tick => {
-                        if $activity.overdue($cfg) {
-                            break;
-                        }
-                    }
+                    sentry::Event::Tick => match $activity.overdue($cfg) {
+                        Overdue::No => {}
+                        Overdue::Cut => break,
+                        Overdue::Idle => match idle.on_idle() {
+                            Step::Ask => {
+                                let $c = conn.as_mut();
+                                $graceful;
+                            }
+                            Step::Wait => {}
+                            Step::Cut => break,
+                        },
+                    },
                 },
             }
         }
@@ -1392,6 +1436,7 @@ where
         .serve_connection(TokioIo::new(io), ctx.service())
         .with_upgrades();
     let mut draining = false;
+    let mut idle = IdleClose::default();
     // (See `sentry`.)
     let mut sentry = sentry::Sentry::new(Some(shutdown), force, Duration::from_millis(500));
     loop {
@@ -1404,8 +1449,21 @@ where
                     Pin::new(&mut conn).graceful_shutdown();
                     continue;
                 }
-                if e == sentry::Event::Force || activity.overdue(cfg) {
+                if e == sentry::Event::Force {
                     return None;
+                }
+                match activity.overdue(cfg) {
+                    Overdue::No => {}
+                    Overdue::Cut => return None,
+                    Overdue::Idle => match idle.on_idle() {
+                        Step::Ask => {
+                            draining = true;
+                            Pin::new(&mut conn).graceful_shutdown();
+                            continue;
+                        }
+                        Step::Wait => continue,
+                        Step::Cut => return None,
+                    },
                 }
                 if plain
                     && !draining

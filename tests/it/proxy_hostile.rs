@@ -70,6 +70,12 @@ impl H2 {
 
     /// The next frame; `None` at the end of the connection (or a read timeout).
     fn frame(&mut self) -> Option<Frame> {
+        self.next().ok().flatten()
+    }
+
+    /// The next frame, `Ok(None)` at a clean end of the connection (TLS's `close_notify`), or
+    /// the error that ended it (rustls: `UnexpectedEof` for a connection closed without one).
+    fn next(&mut self) -> std::io::Result<Option<Frame>> {
         loop {
             if self.buf.len() >= 9 {
                 let len = (self.buf[0] as usize) << 16
@@ -78,13 +84,13 @@ impl H2 {
                 if self.buf.len() >= 9 + len {
                     let f: Vec<u8> = self.buf.drain(..9 + len).collect();
                     let stream = u32::from_be_bytes([f[5], f[6], f[7], f[8]]) & 0x7fff_ffff;
-                    return Some((f[3], f[4], stream, f[9..].to_vec()));
+                    return Ok(Some((f[3], f[4], stream, f[9..].to_vec())));
                 }
             }
             let mut chunk = [0u8; 16384];
-            match self.s.read(&mut chunk) {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            match self.s.read(&mut chunk)? {
+                0 => return Ok(None),
+                n => self.buf.extend_from_slice(&chunk[..n]),
             }
         }
     }
@@ -892,6 +898,76 @@ fn bytes_that_ask_for_nothing_do_not_keep_a_connection() {
     }
     let lasted = started.elapsed();
     assert!(ended && lasted < Duration::from_secs(6), "{lasted:?}");
+    p.stop();
+}
+
+/// An idle connection is closed as its protocol closes one, as nginx closes it: HTTP/2 with a
+/// GOAWAY (NO_ERROR) naming the last stream served, so that a request sent as it closes is known
+/// to be unserved and safe to send again; over TLS, with a `close_notify`, so that the client
+/// can tell the connection ended from a connection cut (rustls reports `UnexpectedEof` for one
+/// closed without it, OpenSSL 3 "unexpected eof while reading").
+#[test]
+fn an_idle_connection_is_closed_as_its_protocol_closes() {
+    let mut p = Proxied::start("redirect_http = false\nidle_timeout = \"2s\"");
+
+    // HTTP/2: one request, then only the answers a client gives (a PING's ACK).
+    let mut h = H2::connect(p.https, &[]);
+    h.send(0x1, 0x5, 1, &request_block("GET", "/job/idle"));
+    let started = Instant::now();
+    let mut answered = false;
+    let mut goaways = Vec::new();
+    let end = loop {
+        match h.next() {
+            Ok(Some((kind, flags, stream, payload))) => {
+                if kind == 0x0 && stream == 1 && flags & 0x1 != 0 {
+                    answered = true;
+                }
+                if kind == 0x6 && flags & 0x1 == 0 {
+                    h.send(0x6, 0x1, 0, &payload);
+                }
+                if kind == 0x7 {
+                    let last = u32::from_be_bytes(payload[..4].try_into().unwrap()) & 0x7fff_ffff;
+                    let code = u32::from_be_bytes(payload[4..8].try_into().unwrap());
+                    goaways.push((last, code));
+                }
+            }
+            other => break other,
+        }
+    };
+    let lasted = started.elapsed();
+    assert!(answered, "no answer on stream 1");
+    assert!(
+        matches!(end, Ok(None)),
+        "an idle HTTP/2 connection ended without close_notify: {end:?}"
+    );
+    assert_eq!(
+        goaways.last(),
+        Some(&(1, 0)),
+        "GOAWAYs before the end: {goaways:?}"
+    );
+    assert!(
+        lasted >= Duration::from_millis(1500) && lasted < Duration::from_secs(8),
+        "{lasted:?}"
+    );
+
+    // HTTP/1.1 over TLS: one request, then nothing.
+    let mut s = tls_alpn(p.https, None, &[b"http/1.1"]);
+    s.write_all(b"GET /job/idle1 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    assert_eq!(response(&mut s), (200, "app: /job/idle1\n".to_string()));
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let end = s.read_to_end(&mut rest);
+    let lasted = started.elapsed();
+    assert!(
+        end.is_ok(),
+        "an idle HTTP/1.1 connection over TLS ended without close_notify: {end:?}"
+    );
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    assert!(
+        lasted >= Duration::from_millis(1500) && lasted < Duration::from_secs(8),
+        "{lasted:?}"
+    );
     p.stop();
 }
 
