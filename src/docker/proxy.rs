@@ -21,7 +21,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -408,7 +407,7 @@ impl Proxy {
     /// route (references resolved to full ids), the query from the parsed parameters, the body
     /// from the typed model.
     async fn dispatch(
-        &self,
+        self: &Arc<Self>,
         ep: Endpoint,
         captures: Vec<String>,
         req: Request<RequestBody>,
@@ -465,61 +464,65 @@ impl Proxy {
                 let (reference, q) = self.check_image_create(q).await?;
                 // A pull's credentials in regobox's rendering; an import's tar streams through.
                 let auth = registry_auth(req.headers().get(REGISTRY_AUTH))?;
-                let stalled = Arc::new(AtomicBool::new(false));
+                let failed: Arc<Mutex<Option<Refusal>>> = Arc::default();
                 let (mut req, payload) = if q.get("fromSrc") == Some("-") {
                     let within = self.idle_timeout;
-                    let flag = stalled.clone();
-                    (
-                        req.map(|body| boxed(Paced::new(body, within, flag))),
-                        Payload::Tar(None),
-                    )
+                    let paced = |body| Paced::new(body, within, "the image's tar", failed.clone());
+                    (req.map(|body| boxed(paced(body))), Payload::Tar(None))
                 } else {
                     (self.no_body(req).await?, Payload::Empty)
                 };
                 if let (Some(auth), Payload::Empty) = (auth, payload) {
                     req.extensions_mut().insert(RenderedAuth(auth));
                 }
-                let req = retarget(req, &target("/images/create", &q))?;
+                // An import is made untagged and tagged by regobox at its end (see
+                // [`Proxy::tag_at_end`]); a pull is tagged by the engine.
+                let import = matches!(payload, Payload::Tar(_));
+                let mut forwarded = q;
+                if import {
+                    forwarded.remove("repo");
+                    forwarded.remove("tag");
+                }
+                let req = retarget(req, &target("/images/create", &forwarded))?;
+                // The body's own failure, if that is what cut the request to the engine.
                 let response = match self.forward(req, payload, None).await {
-                    Err(Refusal::Engine(_)) if stalled.load(Ordering::Relaxed) => {
-                        return Err(self.stalled("the image's tar"));
+                    Err(Refusal::Engine(e)) => {
+                        let why = failed.lock().ok().and_then(|mut f| f.take());
+                        return Err(why.unwrap_or(Refusal::Engine(e)));
                     }
                     other => other?,
                 };
                 if !response.status().is_success() {
                     return Ok(plain(response));
                 }
-                // Record the image once the pull or import stream has ended.
-                let docker = self.docker.clone();
-                let images = self.images.clone();
+                // Tag and record the image once the pull or import stream has ended.
+                let proxy = self.clone();
                 let object = (!reference.is_empty()).then(|| reference.clone());
                 let response = response.map(move |body| {
                     OnEnd::new(body, move |tail: &[u8]| {
-                        let reference = if reference.is_empty() {
-                            imported_id(tail).unwrap_or_default()
-                        } else {
-                            reference
-                        };
+                        let imported = if import { imported_id(tail) } else { None };
                         Box::pin(async move {
-                            if reference.is_empty() {
-                                return;
-                            }
-                            if let Ok(img) = docker.inspect_image(&reference).await {
-                                // An image of the same content may be on the host already under
-                                // others' tags (ids are content hashes): recording its id would
-                                // hand those tags to the application. Only an image that the
-                                // pull or import alone names becomes the instance's.
-                                let tags = img.repo_tags.clone().unwrap_or_default();
-                                let alone = tags.iter().all(|t| image::same_reference(t, &reference));
-                                if !alone {
-                                    tracing::warn!(reference = %reference, tags = ?tags, "a pulled image is also tagged by others on the host: not recorded as the application's");
-                                    return;
+                            let mut said = Vec::new();
+                            let name = match imported {
+                                Some(id) => {
+                                    if !reference.is_empty() {
+                                        said = proxy
+                                            .tag_at_end(
+                                                &id,
+                                                std::slice::from_ref(&reference),
+                                                "query.tag",
+                                                false,
+                                            )
+                                            .await;
+                                    }
+                                    id
                                 }
-                                if let Some(id) = img.id {
-                                    images.update(|s| s.insert(id));
-                                }
-                            }
-                        }) as Pin<Box<dyn Future<Output = ()> + Send>>
+                                None if import || reference.is_empty() => return None,
+                                None => reference.clone(),
+                            };
+                            proxy.record_image(&name, &reference).await;
+                            (!said.is_empty()).then(|| Bytes::from(said))
+                        }) as Recording
                     })
                     .boxed()
                 });
@@ -917,11 +920,78 @@ impl Proxy {
         }
     }
 
+    /// The image `name` a pull or an import made, recorded as the instance's if `reference`
+    /// alone names it. An image of the same content may be on the host already under others'
+    /// tags (ids are content hashes): recording its id would hand those tags to the
+    /// application. (An untagged import: `reference` empty, and the image must have no tag.)
+    async fn record_image(&self, name: &str, reference: &str) {
+        let Ok(img) = self.docker.inspect_image(name).await else {
+            return;
+        };
+        let tags = img.repo_tags.clone().unwrap_or_default();
+        if !tags.iter().all(|t| image::same_reference(t, reference)) {
+            tracing::warn!(reference = %reference, tags = ?tags, "a pulled or imported image is also tagged by others on the host: not recorded as the application's");
+            return;
+        }
+        if let Some(id) = img.id {
+            self.images.update(|s| s.insert(id));
+        }
+    }
+
+    /// Tag the image `id` an import or a build made with `references`, at the end of its
+    /// stream, each judged again there ([`Proxy::tag_is_free_or_ours`], `rule`). The engine
+    /// applies a stream's tags when it ends, after a wait the application controls (an import
+    /// trickled piece by piece, a build's long step): a tag another made meanwhile would be
+    /// moved (an attacker's finding, nineteenth session: a host's tag made during a trickled
+    /// import ended on the application's image). So the engine is asked for no tag, and the
+    /// race is back to an instant, as for an image remove. Returns the stream's last lines, in
+    /// the engine's form: a tag refused as an error (the docker CLI fails on it), and, for a
+    /// build (`say_tagged`), each tag made as the engine says it.
+    async fn tag_at_end(
+        &self,
+        id: &str,
+        references: &[String],
+        rule: &str,
+        say_tagged: bool,
+    ) -> Vec<u8> {
+        let mut said = Vec::new();
+        for reference in references {
+            let (repo, tag) = image::split_tag(reference);
+            let tagged = match self.tag_is_free_or_ours(reference, rule).await {
+                Err(refusal) => Err(refusal.message().to_string()),
+                Ok(()) => self
+                    .docker
+                    .tag_image(
+                        id,
+                        Some(bollard::query_parameters::TagImageOptions {
+                            repo: Some(repo.to_string()),
+                            tag: Some(tag.to_string()),
+                        }),
+                    )
+                    .await
+                    .map_err(|e| format!("tagging {reference}: {e}")),
+            };
+            let line = match tagged {
+                Ok(()) if say_tagged => {
+                    json!({ "stream": format!("Successfully tagged {reference}\n") })
+                }
+                Ok(()) => continue,
+                Err(message) => {
+                    tracing::warn!(reference = %reference, image = %id, error = %message, "a tag was not made at the end of an import or build");
+                    json!({ "errorDetail": { "message": message }, "error": message })
+                }
+            };
+            said.extend_from_slice(line.to_string().as_bytes());
+            said.extend_from_slice(b"\r\n");
+        }
+        said
+    }
+
     /// `POST /build`: the context is spooled to a file (up to `docker.max_build_context`), then
     /// the query judged, the Dockerfile read, the images it starts from and the tags it makes
     /// checked, then the file is forwarded.
     async fn build(
-        &self,
+        self: &Arc<Self>,
         req: Request<RequestBody>,
         raw_query: &str,
         path: &str,
@@ -976,20 +1046,47 @@ impl Proxy {
         }
         let (body, len) = spooled_body(context, turn, "the build context").await?;
         let request = Request::from_parts(parts, body);
-        let q_path = format!("{path}?{}", q.encode());
+        // The engine is asked for no tag: regobox makes them at the end (see
+        // [`Proxy::tag_at_end`]).
+        let tags: Vec<String> = q.all("t").map(str::to_string).collect();
+        let mut forwarded = q;
+        forwarded.remove("t");
+        let q_path = format!("{path}?{}", forwarded.encode());
         let request = retarget(request, &q_path)?;
         let response = self.forward(request, Payload::Tar(Some(len)), None).await?;
-        let response = response.map(|body| {
-            body.map_frame(move |frame| {
-                let _building = &building;
-                frame
+        let quiet = forwarded.flag("q");
+        let object = tags.first().cloned();
+        if !response.status().is_success() {
+            return Ok(Done { response, object });
+        }
+        let proxy = self.clone();
+        let response = response.map(move |body| {
+            OnEnd::new(body, move |tail: &[u8]| {
+                let built = built_id(tail, quiet);
+                Box::pin(async move {
+                    // Held until the tags are made.
+                    let _building = building;
+                    let id = built?;
+                    if tags.is_empty() {
+                        return None;
+                    }
+                    // The engine's own report; its image is the instance's (labelled) or no
+                    // tag is made.
+                    let said = match proxy.owned_image_inspect(&id).await {
+                        Ok(_) => proxy.tag_at_end(&id, &tags, "query.t", true).await,
+                        Err(refusal) => {
+                            let message = refusal.message();
+                            let line =
+                                json!({ "errorDetail": { "message": message }, "error": message });
+                            format!("{line}\r\n").into_bytes()
+                        }
+                    };
+                    Some(Bytes::from(said))
+                }) as Recording
             })
             .boxed()
         });
-        Ok(Done {
-            response,
-            object: q.get("t").map(str::to_string),
-        })
+        Ok(Done { response, object })
     }
 
     /// The request body (`what`) in an unnamed file of the spool directory, bounded, and the
@@ -1201,16 +1298,12 @@ impl Proxy {
             Ok(Some(Err(e))) => Err(Refusal::BadRequest(format!("reading {what}: {e}"))),
             Err(_) => {
                 body.abandon();
-                Err(self.stalled(what))
+                Err(Refusal::Stalled(format!(
+                    "{what} stopped coming: nothing for docker.idle_timeout ({:?})",
+                    self.idle_timeout
+                )))
             }
         }
-    }
-
-    fn stalled(&self, what: &str) -> Refusal {
-        Refusal::Stalled(format!(
-            "{what} stopped coming: nothing for docker.idle_timeout ({:?})",
-            self.idle_timeout
-        ))
     }
 
     /// Whether `labels` mark an object as this instance's.
@@ -1416,26 +1509,44 @@ impl Proxy {
     }
 }
 
-/// A body streamed to the engine as it comes (an import's tar): while it waits for the client,
-/// each piece must come within `within` (`docker.idle_timeout`; time the engine takes to read
-/// what it was given does not count), or the body fails there, which cuts the request to the
-/// engine (nothing imported), is not drained, and sets `stalled`.
+/// A body streamed to the engine as it comes (an import's tar, `what`): while it waits for the
+/// client, each piece must come within `within` (`docker.idle_timeout`; time the engine takes
+/// to read what it was given does not count), or the body fails there, which cuts the request
+/// to the engine (nothing imported) and is not drained. Why the body failed (it stalled, or its
+/// client broke it off) is put in `failed`, to be the answer (not the engine's fault).
 struct Paced {
     body: RequestBody,
     within: std::time::Duration,
-    /// Set when a piece is first waited for, and until it comes.
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-    stalled: Arc<AtomicBool>,
+    what: &'static str,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// A piece is waited for (the deadline set when the wait began).
+    waiting: bool,
+    failed: Arc<Mutex<Option<Refusal>>>,
 }
 
 impl Paced {
-    fn new(body: RequestBody, within: std::time::Duration, stalled: Arc<AtomicBool>) -> Self {
+    fn new(
+        body: RequestBody,
+        within: std::time::Duration,
+        what: &'static str,
+        failed: Arc<Mutex<Option<Refusal>>>,
+    ) -> Self {
         Paced {
             body,
             within,
-            deadline: None,
-            stalled,
+            what,
+            deadline: Box::pin(tokio::time::sleep(within)),
+            waiting: false,
+            failed,
         }
+    }
+
+    fn fail(&mut self, why: Refusal) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let message = why.message().to_string();
+        if let Ok(mut failed) = self.failed.lock() {
+            *failed = Some(why);
+        }
+        Poll::Ready(Some(Err(message.into())))
     }
 }
 
@@ -1449,23 +1560,29 @@ impl hyper::body::Body for Paced {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                let why = Refusal::BadRequest(format!("reading {}: {e}", this.what));
+                this.fail(why)
+            }
             Poll::Ready(polled) => {
-                this.deadline = None;
+                this.waiting = false;
                 Poll::Ready(polled.map(|r| r.map_err(Into::into)))
             }
             Poll::Pending => {
-                let within = this.within;
-                let deadline = this
-                    .deadline
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(within)));
-                if deadline.as_mut().poll(cx).is_pending() {
+                if !this.waiting {
+                    this.waiting = true;
+                    let until = tokio::time::Instant::now() + this.within;
+                    this.deadline.as_mut().reset(until);
+                }
+                if this.deadline.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
                 this.body.abandon();
-                this.stalled.store(true, Ordering::Relaxed);
-                Poll::Ready(Some(Err(
-                    "the body stopped coming for docker.idle_timeout".into()
-                )))
+                let why = Refusal::Stalled(format!(
+                    "{} stopped coming: nothing for docker.idle_timeout ({:?})",
+                    this.what, this.within
+                ));
+                this.fail(why)
             }
         }
     }
@@ -2121,6 +2238,34 @@ fn imported_id(tail: &[u8]) -> Option<String> {
         .find(|s| s.starts_with("sha256:"))
 }
 
+/// The image id a build's output ended with: the engine's `{"aux":{"ID":"sha256:..."}}`, or,
+/// for a quiet build (`q`: the steps' output not sent, the aux line with it), the id alone as
+/// the output's last line. (The output of the steps is inside `stream` strings, never a line of
+/// its own, and is not sent at all in a quiet build: nothing the build runs can forge either.)
+fn built_id(tail: &[u8], quiet: bool) -> Option<String> {
+    let text = String::from_utf8_lossy(tail);
+    let mut lines = text
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok());
+    let id = if quiet {
+        lines
+            .next()?
+            .get("stream")
+            .and_then(Value::as_str)
+            .map(|s| s.trim_end().to_string())
+    } else {
+        lines.find_map(|v| {
+            v.get("aux")
+                .and_then(|a| a.get("ID"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+    }?;
+    let hex = id.strip_prefix("sha256:")?;
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+}
+
 /// The bind sources of a container (its `HostConfig` as the engine reports it), translated
 /// back to the paths regobox sees.
 fn bind_sources(
@@ -2144,7 +2289,9 @@ fn bind_sources(
         .collect()
 }
 
-type Recording = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// What is done when a stream ends, before its end reaches the client; its output, if any, is
+/// the stream's last piece.
+type Recording = Pin<Box<dyn Future<Output = Option<Bytes>> + Send>>;
 
 /// A body that, once read to the end, runs what `f` makes of its last bytes before it says so:
 /// the client sees the end of a pull only once the image is recorded as the application's.
@@ -2154,6 +2301,8 @@ struct OnEnd<F: FnOnce(&[u8]) -> Recording> {
     f: Option<F>,
     /// In a mutex only to be `Sync` (it is reached through `&mut`, never locked).
     recording: Option<Mutex<Recording>>,
+    /// The recording has run: nothing more comes.
+    ended: bool,
 }
 
 impl<F: FnOnce(&[u8]) -> Recording> OnEnd<F> {
@@ -2163,6 +2312,7 @@ impl<F: FnOnce(&[u8]) -> Recording> OnEnd<F> {
             tail: Vec::new(),
             f: Some(f),
             recording: None,
+            ended: false,
         }
     }
 }
@@ -2183,12 +2333,16 @@ impl<F: FnOnce(&[u8]) -> Recording + Unpin> hyper::body::Body for OnEnd<F> {
                 return Poll::Ready(None);
             };
             return match recording.as_mut().poll(cx) {
-                Poll::Ready(()) => {
+                Poll::Ready(last) => {
                     this.recording = None;
-                    Poll::Ready(None)
+                    this.ended = true;
+                    Poll::Ready(last.map(|b| Ok(Frame::data(b))))
                 }
                 Poll::Pending => Poll::Pending,
             };
+        }
+        if this.ended {
+            return Poll::Ready(None);
         }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
@@ -2213,7 +2367,7 @@ impl<F: FnOnce(&[u8]) -> Recording + Unpin> hyper::body::Body for OnEnd<F> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.f.is_none() && self.recording.is_none() && self.inner.is_end_stream()
+        self.ended && self.recording.is_none()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
@@ -2318,6 +2472,23 @@ mod tests {
             );
         }
         assert!(query::filters(Some(r#"{"before":["x"]}"#), query::NETWORK_FILTERS).is_err());
+    }
+
+    #[test]
+    fn a_builds_image_is_read_from_the_engines_lines_alone() {
+        let id = format!("sha256:{}", "ab".repeat(32));
+        let full = format!(
+            "{{\"stream\":\"Step 2/2 : RUN echo {id}\"}}\r\n{{\"stream\":\"{id}\\n\"}}\r\n{{\"aux\":{{\"ID\":\"{id}\"}}}}\r\n{{\"stream\":\"Successfully built abababababab\\n\"}}\r\n"
+        );
+        assert_eq!(built_id(full.as_bytes(), false), Some(id.clone()));
+        // A step's output that looks like the quiet build's last line is not an id.
+        let forged =
+            format!("{{\"stream\":\"{id}\\n\"}}\r\n{{\"errorDetail\":{{}},\"error\":\"x\"}}\r\n");
+        assert_eq!(built_id(forged.as_bytes(), false), None);
+        assert_eq!(built_id(forged.as_bytes(), true), None);
+        let quiet = format!("{{\"stream\":\"{id}\\n\"}}\r\n");
+        assert_eq!(built_id(quiet.as_bytes(), true), Some(id));
+        assert_eq!(built_id(b"{\"stream\":\"sha256:12\\n\"}", true), None);
     }
 
     #[test]

@@ -2394,6 +2394,25 @@ fn an_import_whose_body_stops_coming_is_cut_and_imports_nothing() {
         "{audit:?}"
     );
 
+    // Half the tar, then the client's end of the body (a half-close): the client's fault (400),
+    // not the engine's (it was 502, "the Docker engine cannot be reached", an attacker's finding).
+    let broken = format!("regobox-test/broken{port}");
+    made.image(&format!("{broken}:x"));
+    let mut conn = UnixStream::connect(&b.socket).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    conn.write_all(head(&broken).as_bytes()).unwrap();
+    conn.write_all(&tar[..tar.len() / 2]).unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    let (status, answer) = answer_on(&mut conn).unwrap();
+    assert_eq!(status, 400, "{answer}");
+    assert!(message(&answer).contains("the image's tar"), "{answer}");
+    assert!(
+        !engine(&["image", "inspect", &format!("{broken}:x")])
+            .status
+            .success()
+    );
+
     // The same tar in pieces two seconds apart (the whole longer than the timeout): imported.
     let slow = format!("regobox-test/slow{port}");
     made.image(&format!("{slow}:x"));
@@ -2805,6 +2824,164 @@ fn a_name_a_build_reads_cannot_be_removed_under_it() {
     );
     // And the other image is still there.
     assert!(engine(&["image", "inspect", &victim]).status.success());
+}
+
+/// Attack (nineteenth session): the tag an import or a build makes was judged free when the
+/// request came, and made by the engine when its stream ended, after a wait the application
+/// controls (an import's body trickled within docker.idle_timeout, a build's step that sleeps).
+/// A tag made on the host meanwhile (an administrator's pull, another tenant's import) was moved
+/// to the application's image. Now the engine is asked for no tag and regobox makes it at the
+/// end, judged again: the host's tag stays where it is, and the client is told why its own was
+/// not made (an error in the stream: the docker CLI fails on it). Tags nobody else made are made
+/// as before.
+#[test]
+fn a_tag_made_on_the_host_while_an_import_or_a_build_runs_is_not_moved() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let b = Bridged::start("idle_timeout = \"5s\"");
+    let port = b.inst.port;
+    let base = format!("regobox-test/busybox:late{port}");
+    b.import_busybox(&base);
+    let made = OnEngine::default();
+    let hosts = format!("regobox-test/hosts-late:{port}");
+    made.image(&hosts);
+    foreign_image(b.inst.dir.path(), &hosts, "the host's");
+    let id_of = |name: &str| {
+        stdout(&engine(&["image", "inspect", "--format", "{{.Id}}", name]))
+            .trim()
+            .to_string()
+    };
+    let host_id = id_of(&hosts);
+    assert!(host_id.starts_with("sha256:"), "{host_id}");
+
+    // An import: all but its last bytes, the host's tag, the rest.
+    let victim = format!("regobox-test/victim-late{port}");
+    made.image(&format!("{victim}:x"));
+    let tar = std::fs::read(busybox_rootfs_tar(b.inst.dir.path())).unwrap();
+    let mut conn = UnixStream::connect(&b.socket).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    conn.write_all(
+        format!(
+            "POST /v1.41/images/create?fromSrc=-&repo={victim}&tag=x HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
+            tar.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    conn.write_all(&tar[..tar.len() - 10]).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        engine(&["tag", &hosts, &format!("{victim}:x")])
+            .status
+            .success()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    conn.write_all(&tar[tar.len() - 10..]).unwrap();
+    let (status, answer) = answer_on(&mut conn).unwrap();
+    assert_eq!(
+        id_of(&format!("{victim}:x")),
+        host_id,
+        "the host's tag was moved by the import: {answer}"
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer.contains("errorDetail") && answer.contains("not this instance's"),
+        "{answer}"
+    );
+    // The import's own image is the instance's, untagged.
+    let imported = answer
+        .split('"')
+        .find(|w| w.starts_with("sha256:") && w.len() == 71)
+        .unwrap_or_else(|| panic!("no image id in {answer}"))
+        .to_string();
+    made.image(&imported);
+    let (status, inspected) = raw(
+        &b.socket,
+        &format!(
+            "GET /v1.41/images/{imported}/json HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(status, 200, "{inspected}");
+    // The docker CLI fails on such an import, and makes a tag nobody else made.
+    let late = format!("regobox-test/victim-late{port}:cli");
+    made.image(&late);
+    let out = b.cli(&[
+        "import",
+        busybox_rootfs_tar(b.inst.dir.path()).to_str().unwrap(),
+        &late,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cli_id = id_of(&late);
+    made.image(&cli_id);
+    assert!(cli_id.starts_with("sha256:") && cli_id != host_id);
+
+    // A build whose step sleeps; the host tags the name while it runs.
+    let stolen = format!("regobox-test/stolen-late:{port}");
+    made.image(&stolen);
+    let base_id = id_of(&base);
+    let socket = b.socket.clone();
+    let path = format!(
+        "/v1.41/build?t={}&t=regobox-test/free-late:{port}&nocache=1",
+        stolen.replace(':', "%3A")
+    );
+    made.image(&format!("regobox-test/free-late:{port}"));
+    let dockerfile = format!("FROM {base}\nRUN sleep 3\n");
+    let build = std::thread::spawn(move || {
+        let body = context(&[("Dockerfile", 'f', &dockerfile)]);
+        let mut conn = UnixStream::connect(&socket).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        conn.write_all(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        conn.write_all(&body).unwrap();
+        answer_on(&mut conn).unwrap()
+    });
+    // Once the step runs (its container is made from the base image), the host's tag.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stdout(&engine(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("ancestor={base_id}"),
+    ]))
+    .trim()
+    .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the build's step never ran"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(engine(&["tag", &hosts, &stolen]).status.success());
+    let (status, answer) = build.join().unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        id_of(&stolen),
+        host_id,
+        "the host's tag was moved by the build: {answer}"
+    );
+    assert!(
+        answer.contains("errorDetail") && answer.contains("not this instance's"),
+        "{answer}"
+    );
+    // The other tag, nobody's, was made on the build's image, and said as the engine says it.
+    let free = id_of(&format!("regobox-test/free-late:{port}"));
+    assert!(free.starts_with("sha256:") && free != host_id, "{free}");
+    made.image(&free);
+    assert!(
+        answer.contains(&format!(
+            "Successfully tagged regobox-test/free-late:{port}"
+        )),
+        "{answer}"
+    );
 }
 
 /// Attack (eighth session): `restart?t=N` of a job that ignores SIGTERM held, for the whole

@@ -50,6 +50,13 @@ pub fn check_build_query(mut q: Query, limits: &Limits, instance: &str) -> Resul
         }
         q.remove("cachefrom");
     }
+    // Tags are made by regobox at the build's end, with the engine's tag endpoint.
+    if let Some(t) = q.all("t").find(|t| t.contains('@')) {
+        return Err(deny(
+            "query.t",
+            format!("{t:?} names a digest: a build makes tags"),
+        ));
+    }
     if q.get("cgroupparent").is_some_and(|v| !v.is_empty()) {
         return Err(deny(
             "query.cgroupparent",

@@ -81,6 +81,19 @@ pub fn same_reference(tag: &str, reference: &str) -> bool {
     norm(tag) == norm(reference)
 }
 
+/// A reference's repository and tag, as the engine's tag endpoint takes them (`latest` where it
+/// names none; a registry's port is not a tag). For references without a digest.
+pub fn split_tag(reference: &str) -> (&str, &str) {
+    let last = reference.rsplit('/').next().unwrap_or(reference);
+    match last.rfind(':') {
+        Some(i) => {
+            let cut = reference.len() - last.len() + i;
+            (&reference[..cut], &reference[cut + 1..])
+        }
+        None => (reference, "latest"),
+    }
+}
+
 /// Check a `POST /images/create`'s parameters; pulls only from `registries`.
 pub fn check_image_create(q: &Query, registries: &[String]) -> Result<ImageCreatePlan, Denied> {
     let get = |k: &str| q.get(k).unwrap_or("");
@@ -141,7 +154,11 @@ pub fn check_image_create(q: &Query, registries: &[String]) -> Result<ImageCreat
         if get("repo").contains('@') {
             return Err(deny("query.repo", "an import cannot name a digest"));
         }
-        reference(get("repo"), get("tag"), "query.repo")?
+        let made = reference(get("repo"), get("tag"), "query.repo")?;
+        if made.contains('@') {
+            return Err(deny("query.tag", "an import cannot name a digest"));
+        }
+        made
     };
     Ok(ImageCreatePlan {
         reference,
@@ -160,6 +177,15 @@ mod tests {
             &parse(raw, "an image create", IMAGE_CREATE).unwrap(),
             &registries,
         )
+    }
+
+    #[test]
+    fn a_reference_splits_into_repository_and_tag() {
+        assert_eq!(split_tag("a/b:1"), ("a/b", "1"));
+        assert_eq!(split_tag("a/b"), ("a/b", "latest"));
+        assert_eq!(split_tag("reg:5000/b"), ("reg:5000/b", "latest"));
+        assert_eq!(split_tag("reg:5000/b:x.1"), ("reg:5000/b", "x.1"));
+        assert!(check("fromSrc=-&repo=a&tag=sha256%3Aabc").is_err());
     }
 
     #[test]
