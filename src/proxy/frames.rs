@@ -134,15 +134,18 @@ impl Budget {
 /// Note in `open` that a stream's response body is under way on the wire (DATA without
 /// END_STREAM: not HEADERS, which may be an interim 100 Continue) or ended (END_STREAM,
 /// RST_STREAM either way).
-fn response(open: &mut Vec<u32>, stream: u32, begins: bool) {
+/// Whether it ended a stream that was open.
+fn response(open: &mut Vec<u32>, stream: u32, begins: bool) -> bool {
     let at = open.iter().position(|s| *s == stream);
     match (begins, at) {
         (true, None) => open.push(stream),
         (false, Some(i)) => {
             open.swap_remove(i);
+            return true;
         }
         _ => {}
     }
+    false
 }
 
 enum Phase {
@@ -194,21 +197,26 @@ impl<S> Frames<S> {
     fn follow_written(&mut self, data: &[u8]) {
         let open = &mut self.open;
         let mut bytes = 0u64;
+        let mut ended = 0;
         self.written.feed(data, |h| {
             let ends = h.flags & 0x1 != 0;
-            match h.kind {
+            let closed = match h.kind {
                 0x0 => {
                     bytes += h.len as u64;
-                    response(open, h.stream, !ends);
+                    response(open, h.stream, !ends)
                 }
                 0x1 if ends => response(open, h.stream, false),
                 0x3 => response(open, h.stream, false),
-                _ => {}
-            }
+                _ => false,
+            };
+            ended += usize::from(closed);
         });
         self.activity
             .open_streams
             .store(self.open.len(), Ordering::Relaxed);
+        for _ in 0..ended {
+            self.activity.stream_ended();
+        }
         if bytes > 0 {
             self.activity
                 .data_written
@@ -233,9 +241,9 @@ impl<S> Frames<S> {
         let mut overdrawn = false;
         let sent = activity.sent.load(Ordering::Relaxed);
         self.read.feed(data, |h| {
-            if h.kind == 0x3 {
-                response(open, h.stream, false);
+            if h.kind == 0x3 && response(open, h.stream, false) {
                 activity.open_streams.store(open.len(), Ordering::Relaxed);
+                activity.stream_ended();
             }
             // A header block is a head too: from a HEADERS frame without END_HEADERS to the
             // CONTINUATION with it (nothing may come between them); the preface's deadline

@@ -576,10 +576,14 @@ pub struct Activity {
     /// [`Activity::send_stalled`]).
     pub open_streams: AtomicUsize,
     pub data_written: AtomicU64,
-    /// Since when (ms) a response's end has been kept by h2 with no DATA written ([`NEVER`]:
-    /// none is), and the DATA bytes written at the last look.
+    /// HTTP/2: the streams whose response ended on the wire, in all (`frames` counts them).
+    pub streams_ended: AtomicU64,
+    /// Since when (ms) a response's end has been kept by h2 with no progress ([`NEVER`]: none
+    /// is), the DATA bytes written then, and the streams ended at the last look (see
+    /// [`Activity::send_stalled`]).
     kept_since_ms: AtomicU64,
-    data_seen: AtomicU64,
+    kept_written: AtomicU64,
+    ended_seen: AtomicU64,
     /// The last write to the client could not go out (its socket is full).
     write_blocked: AtomicBool,
     /// When a request last began or ended (see [`Activity::quiet_for`]).
@@ -792,7 +796,9 @@ impl Activity {
             open_streams: AtomicUsize::new(0),
             data_written: AtomicU64::new(0),
             kept_since_ms: AtomicU64::new(NEVER),
-            data_seen: AtomicU64::new(0),
+            streams_ended: AtomicU64::new(0),
+            kept_written: AtomicU64::new(0),
+            ended_seen: AtomicU64::new(0),
             write_blocked: AtomicBool::new(false),
             request_ms: AtomicU64::new(0),
             fd: std::sync::atomic::AtomicI32::new(-1),
@@ -826,9 +832,11 @@ impl Activity {
     /// lets it go as soon as the stream's window has room for one byte; h2 keeps the rest (one
     /// piece at most) until the window opens. Such a response shows as a stream open on the
     /// wire with no body left ([`Activity::open_streams`] above the responses being sent): it
-    /// waits for the client too, and DATA written is what counts as the client taking. (A body
-    /// still being sent that has written no DATA yet, one waiting for the application, makes
-    /// up for one kept that way: not seen then; no connection is cut for it.)
+    /// waits for the client too, and must be taken as a piece must: a piece's worth of DATA
+    /// written, or a response ended on the wire, within `limit` (a byte of window at a time
+    /// does not hold the connection: an attacker's, nineteenth session). (A body still being
+    /// sent that has written no DATA yet, one waiting for the application, makes up for one kept
+    /// that way: not seen then; no connection is cut for it.)
     fn send_stalled(&self, limit: Duration) -> bool {
         let now = self.now_ms();
         let limit = limit.as_millis() as u64;
@@ -839,17 +847,17 @@ impl Activity {
             .any(|h| h.since_ms.load(Ordering::Relaxed) != NEVER);
         let kept = self.open_streams.load(Ordering::Relaxed) > sending.len();
         let written = self.data_written.load(Ordering::Relaxed);
-        let moved = self.data_seen.swap(written, Ordering::Relaxed) != written;
-        if !kept || moved {
-            self.kept_since_ms
-                .store(if kept { now } else { NEVER }, Ordering::Relaxed);
-        } else {
-            let _ = self.kept_since_ms.compare_exchange(
-                NEVER,
-                now,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            );
+        let ended = self.streams_ended.load(Ordering::Relaxed);
+        let one_ended = self.ended_seen.swap(ended, Ordering::Relaxed) != ended;
+        if !kept {
+            self.kept_since_ms.store(NEVER, Ordering::Relaxed);
+        } else if one_ended
+            || self.kept_since_ms.load(Ordering::Relaxed) == NEVER
+            || written.saturating_sub(self.kept_written.load(Ordering::Relaxed))
+                >= forward::PIECE as u64
+        {
+            self.kept_since_ms.store(now, Ordering::Relaxed);
+            self.kept_written.store(written, Ordering::Relaxed);
         }
         if !waiting && !kept {
             return false;
@@ -866,6 +874,7 @@ impl Activity {
                 }
                 if kept {
                     self.kept_since_ms.store(now, Ordering::Relaxed);
+                    self.kept_written.store(written, Ordering::Relaxed);
                 }
                 return false;
             }
@@ -891,7 +900,11 @@ impl Activity {
             }
             return Overdue::Cut;
         }
-        if self.in_flight.load(Ordering::Relaxed) == 0 && self.quiet_for() >= cfg.idle_timeout {
+        // A response on the wire (HTTP/2: its end kept for the client's window) is in flight.
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self.open_streams.load(Ordering::Relaxed) == 0
+            && self.quiet_for() >= cfg.idle_timeout
+        {
             return Overdue::Idle;
         }
         Overdue::No
@@ -960,6 +973,13 @@ impl Activity {
             self.last_ms.store(now, Ordering::Relaxed);
         }
         Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+
+    /// HTTP/2: a response ended on the wire (its last DATA, or a reset, written); the
+    /// connection is idle from then on if nothing else is in flight.
+    pub fn stream_ended(&self) {
+        self.streams_ended.fetch_add(1, Ordering::Relaxed);
+        self.request_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
     /// Count a request as in flight until the guard is dropped.

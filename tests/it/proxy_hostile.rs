@@ -971,6 +971,88 @@ fn an_idle_connection_is_closed_as_its_protocol_closes() {
     p.stop();
 }
 
+/// An attacker's finding (nineteenth session): over HTTP/2 a response's end, kept by h2 for the
+/// client's window, was cut by the idle close (the request was over as far as regobox knew),
+/// after a GOAWAY that named the stream as served: a client reading steadily, but slower than
+/// its last piece per `idle_timeout`, lost the rest. A response on the wire keeps the connection
+/// from being idle; its end must still be taken at a piece per `send_timeout` (README), so a
+/// client that takes a byte at a time does not hold it.
+#[test]
+fn an_http2_response_still_being_taken_is_not_cut_as_idle() {
+    let mut p =
+        Proxied::start("redirect_http = false\nidle_timeout = \"2s\"\nsend_timeout = \"8s\"");
+    // A stream window of 1 000 bytes, opened by 1 000 a second: 6 000 bytes take 6 s.
+    let download = |grant: u32, every: Duration| {
+        let mut h = H2::connect(p.https, &[(0x4, 1000)]);
+        h.send(0x1, 0x5, 1, &request_block("GET", "/download?n=6000"));
+        h.s.sock
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let started = Instant::now();
+        let mut granted = Instant::now();
+        let mut got = 0usize;
+        let end = loop {
+            if started.elapsed() > Duration::from_secs(30) {
+                break "still open after 30 s".to_string();
+            }
+            if granted.elapsed() >= every {
+                h.send(0x8, 0, 1, &grant.to_be_bytes());
+                granted = Instant::now();
+            }
+            match h.next() {
+                Ok(Some((0x0, flags, 1, payload))) => {
+                    got += payload.len();
+                    if flags & 0x1 != 0 {
+                        break "the whole answer".to_string();
+                    }
+                }
+                Ok(Some((0x6, 0, _, payload))) => h.send(0x6, 0x1, 0, &payload),
+                Ok(Some(_)) => {}
+                Ok(None) => break "closed".to_string(),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => break format!("cut: {e}"),
+            }
+        };
+        (h, got, end, started.elapsed())
+    };
+    let (mut h, got, end, took) = download(1000, Duration::from_secs(1));
+    assert_eq!(
+        (got, end.as_str()),
+        (6000, "the whole answer"),
+        "after {took:?}"
+    );
+    // Then idle: closed as its protocol closes.
+    h.s.sock
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut goaway = None;
+    let end = loop {
+        match h.next() {
+            Ok(Some((0x7, _, _, payload))) => {
+                goaway = Some(u32::from_be_bytes(payload[..4].try_into().unwrap()) & 0x7fff_ffff)
+            }
+            Ok(Some((0x6, 0, _, payload))) => h.send(0x6, 0x1, 0, &payload),
+            Ok(Some(_)) => {}
+            other => break other,
+        }
+    };
+    assert!(matches!(end, Ok(None)), "{end:?}");
+    assert_eq!(goaway, Some(1));
+
+    // A byte of window every 300 ms: the end is not taken within send_timeout, cut.
+    let (_h, got, end, took) = download(1, Duration::from_millis(300));
+    assert!(
+        end.starts_with("cut") || end == "closed",
+        "{end} after {got} bytes"
+    );
+    assert!(got < 6000, "{got}");
+    assert!(
+        took >= Duration::from_secs(6) && took < Duration::from_secs(12),
+        "{end} after {took:?}"
+    );
+    p.stop();
+}
+
 /// Issue 16, item 1 (the second attacker's finding): the connections to the application are
 /// also capped per client address, across its connections; another address is still served.
 #[test]
