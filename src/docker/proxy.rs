@@ -499,7 +499,7 @@ impl Proxy {
                 let proxy = self.clone();
                 let object = (!reference.is_empty()).then(|| reference.clone());
                 let response = response.map(move |body| {
-                    OnEnd::new(body, move |tail: &[u8]| {
+                    let body = OnEnd::new(body, move |tail: &[u8]| {
                         let imported = if import { imported_id(tail) } else { None };
                         Box::pin(async move {
                             let mut said = Vec::new();
@@ -523,8 +523,8 @@ impl Proxy {
                             proxy.record_image(&name, &reference).await;
                             (!said.is_empty()).then(|| Bytes::from(said))
                         }) as Recording
-                    })
-                    .boxed()
+                    });
+                    if import { body.finishing() } else { body }.boxed()
                 });
                 Ok(Done { response, object })
             }
@@ -1073,7 +1073,8 @@ impl Proxy {
                     // The engine's own report; its image is the instance's (labelled) or no
                     // tag is made.
                     let said = match proxy.owned_image_inspect(&id).await {
-                        Ok(_) => proxy.tag_at_end(&id, &tags, "query.t", true).await,
+                        // A quiet build's output is its image's id alone (scripts read it).
+                        Ok(_) => proxy.tag_at_end(&id, &tags, "query.t", !quiet).await,
                         Err(refusal) => {
                             let message = refusal.message();
                             let line =
@@ -2255,12 +2256,17 @@ fn built_id(tail: &[u8], quiet: bool) -> Option<String> {
             .and_then(Value::as_str)
             .map(|s| s.trim_end().to_string())
     } else {
-        lines.find_map(|v| {
-            v.get("aux")
-                .and_then(|a| a.get("ID"))
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        })
+        // The last aux line, unless an error came after it: the engine writes one at the end of
+        // each stage, and a build whose last stage failed ends with the error (an attacker's
+        // finding: its first stage's image was tagged).
+        lines
+            .take_while(|v| v.get("error").is_none() && v.get("errorDetail").is_none())
+            .find_map(|v| {
+                v.get("aux")
+                    .and_then(|a| a.get("ID"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            })
     }?;
     let hex = id.strip_prefix("sha256:")?;
     (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
@@ -2295,31 +2301,87 @@ type Recording = Pin<Box<dyn Future<Output = Option<Bytes>> + Send>>;
 
 /// A body that, once read to the end, runs what `f` makes of its last bytes before it says so:
 /// the client sees the end of a pull only once the image is recorded as the application's.
-struct OnEnd<F: FnOnce(&[u8]) -> Recording> {
+struct OnEnd {
     inner: Body,
     tail: Vec<u8>,
-    f: Option<F>,
     /// In a mutex only to be `Sync` (it is reached through `&mut`, never locked).
+    f: Option<Mutex<Finish>>,
     recording: Option<Mutex<Recording>>,
     /// The recording has run: nothing more comes.
     ended: bool,
+    /// Finished without the client if it goes away first (see [`OnEnd::finishing`]).
+    finish: bool,
 }
 
-impl<F: FnOnce(&[u8]) -> Recording> OnEnd<F> {
-    fn new(inner: Body, f: F) -> Self {
+type Finish = Box<dyn FnOnce(&[u8]) -> Recording + Send>;
+
+impl OnEnd {
+    fn new(inner: Body, f: impl FnOnce(&[u8]) -> Recording + Send + 'static) -> Self {
         OnEnd {
             inner,
             tail: Vec::new(),
-            f: Some(f),
+            f: Some(Mutex::new(Box::new(f))),
             recording: None,
             ended: false,
+            finish: false,
         }
+    }
+
+    /// Read to its end and recorded even if the client goes away first (by a task of its own):
+    /// an import is the engine's once its body is sent, and an image made but neither tagged
+    /// nor recorded would be no one's, invisible to the application, never removed (an
+    /// attacker's finding, nineteenth session: a client that hung up on the image's id line).
+    fn finishing(mut self) -> Self {
+        self.finish = true;
+        self
+    }
+}
+
+impl Drop for OnEnd {
+    fn drop(&mut self) {
+        if !self.finish || self.ended {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let recording = self.recording.take().and_then(|r| r.into_inner().ok());
+        let f = self.f.take().and_then(|f| f.into_inner().ok());
+        let mut inner = std::mem::replace(
+            &mut self.inner,
+            boxed(http_body_util::Empty::<Bytes>::new()),
+        );
+        let mut tail = std::mem::take(&mut self.tail);
+        runtime.spawn(async move {
+            let recording = match (recording, f) {
+                (Some(recording), _) => recording,
+                (None, Some(f)) => {
+                    while let Some(Ok(frame)) = inner.frame().await {
+                        if let Some(data) = frame.data_ref() {
+                            keep_tail(&mut tail, data);
+                        }
+                    }
+                    f(&tail)
+                }
+                (None, None) => return,
+            };
+            let _ = recording.await;
+        });
+    }
+}
+
+/// `data` added to `tail`, which keeps the last [`TAIL`] bytes.
+fn keep_tail(tail: &mut Vec<u8>, data: &[u8]) {
+    tail.extend_from_slice(data);
+    if tail.len() > TAIL {
+        let cut = tail.len() - TAIL;
+        tail.drain(..cut);
     }
 }
 
 const TAIL: usize = 4096;
 
-impl<F: FnOnce(&[u8]) -> Recording + Unpin> hyper::body::Body for OnEnd<F> {
+impl hyper::body::Body for OnEnd {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -2348,15 +2410,11 @@ impl<F: FnOnce(&[u8]) -> Recording + Unpin> hyper::body::Body for OnEnd<F> {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
-                    this.tail.extend_from_slice(data);
-                    if this.tail.len() > TAIL {
-                        let cut = this.tail.len() - TAIL;
-                        this.tail.drain(..cut);
-                    }
+                    keep_tail(&mut this.tail, data);
                 }
             }
             Poll::Ready(None) => {
-                if let Some(f) = this.f.take() {
+                if let Some(f) = this.f.take().and_then(|f| f.into_inner().ok()) {
                     this.recording = Some(Mutex::new(f(&this.tail)));
                     return self.poll_frame(cx);
                 }
@@ -2487,8 +2545,13 @@ mod tests {
         assert_eq!(built_id(forged.as_bytes(), false), None);
         assert_eq!(built_id(forged.as_bytes(), true), None);
         let quiet = format!("{{\"stream\":\"{id}\\n\"}}\r\n");
-        assert_eq!(built_id(quiet.as_bytes(), true), Some(id));
+        assert_eq!(built_id(quiet.as_bytes(), true), Some(id.clone()));
         assert_eq!(built_id(b"{\"stream\":\"sha256:12\\n\"}", true), None);
+        // A stage's aux line, then the last stage's failure.
+        let failed = format!(
+            "{{\"aux\":{{\"ID\":\"{id}\"}}}}\r\n{{\"stream\":\"Step 3/4 : RUN exit 1\\n\"}}\r\n{{\"errorDetail\":{{\"code\":1,\"message\":\"x\"}},\"error\":\"x\"}}\r\n"
+        );
+        assert_eq!(built_id(failed.as_bytes(), false), None);
     }
 
     #[test]

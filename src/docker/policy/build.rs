@@ -51,11 +51,19 @@ pub fn check_build_query(mut q: Query, limits: &Limits, instance: &str) -> Resul
         q.remove("cachefrom");
     }
     // Tags are made by regobox at the build's end, with the engine's tag endpoint.
-    if let Some(t) = q.all("t").find(|t| t.contains('@')) {
-        return Err(deny(
-            "query.t",
-            format!("{t:?} names a digest: a build makes tags"),
-        ));
+    for t in q.all("t") {
+        if t.is_empty() || t.contains('@') {
+            return Err(deny(
+                "query.t",
+                format!("{t:?} is not a tag: a build makes tags"),
+            ));
+        }
+        if super::image::names_like_an_id(t) {
+            return Err(deny(
+                "query.t",
+                format!("{t:?} is named like an image id: the name would stand for that id"),
+            ));
+        }
     }
     if q.get("cgroupparent").is_some_and(|v| !v.is_empty()) {
         return Err(deny(

@@ -81,6 +81,25 @@ pub fn same_reference(tag: &str, reference: &str) -> bool {
     norm(tag) == norm(reference)
 }
 
+/// Whether a tag made as `reference` would be read in place of an image id: the engine looks a
+/// name up as a tag before it looks it up as an id prefix, so a repository named like an id
+/// (12 to 64 hexadecimal digits, in `docker.io/library`, as `docker run <id>` writes it) would
+/// later stand for whatever image that id names (an attacker's finding, nineteenth session).
+/// Refused, as for container and network names.
+pub fn names_like_an_id(reference: &str) -> bool {
+    let name = reference.split(['@']).next().unwrap_or(reference);
+    let name = match name.rsplit_once(':') {
+        Some((repo, tag)) if !tag.contains('/') => repo,
+        _ => name,
+    };
+    let name = name.strip_prefix("docker.io/").unwrap_or(name);
+    let name = name.strip_prefix("library/").unwrap_or(name);
+    (12..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+}
+
 /// A reference's repository and tag, as the engine's tag endpoint takes them (`latest` where it
 /// names none; a registry's port is not a tag). For references without a digest.
 pub fn split_tag(reference: &str) -> (&str, &str) {
@@ -122,6 +141,14 @@ pub fn check_image_create(q: &Query, registries: &[String]) -> Result<ImageCreat
                 ),
             ));
         }
+        if names_like_an_id(&reference) {
+            return Err(deny(
+                "query.fromImage",
+                format!(
+                    "{reference:?} is named like an image id: the name would stand for that id"
+                ),
+            ));
+        }
         return Ok(ImageCreatePlan {
             reference,
             import: false,
@@ -158,6 +185,12 @@ pub fn check_image_create(q: &Query, registries: &[String]) -> Result<ImageCreat
         if made.contains('@') {
             return Err(deny("query.tag", "an import cannot name a digest"));
         }
+        if names_like_an_id(&made) {
+            return Err(deny(
+                "query.repo",
+                format!("{made:?} is named like an image id: the name would stand for that id"),
+            ));
+        }
         made
     };
     Ok(ImageCreatePlan {
@@ -186,6 +219,30 @@ mod tests {
         assert_eq!(split_tag("reg:5000/b"), ("reg:5000/b", "latest"));
         assert_eq!(split_tag("reg:5000/b:x.1"), ("reg:5000/b", "x.1"));
         assert!(check("fromSrc=-&repo=a&tag=sha256%3Aabc").is_err());
+    }
+
+    #[test]
+    fn a_name_that_reads_as_an_image_id_is_refused() {
+        for named in [
+            "a0dd48a413e2",
+            "a0dd48a413e2:latest",
+            "docker.io/library/a0dd48a413e2:1",
+            "library/a0dd48a413e2",
+        ] {
+            assert!(names_like_an_id(named), "{named}");
+        }
+        for plain in [
+            "cafe",
+            "a0dd48a413e2x",
+            "lab/a0dd48a413e2",
+            "reg:5000/x",
+            "regobox-demo/job:1",
+        ] {
+            assert!(!names_like_an_id(plain), "{plain}");
+        }
+        let refused = check("fromSrc=-&repo=a0dd48a413e2").unwrap_err();
+        assert_eq!(refused.rule, "query.repo");
+        assert!(check("fromImage=a0dd48a413e2&tag=1").is_err());
     }
 
     #[test]
