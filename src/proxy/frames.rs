@@ -197,9 +197,13 @@ impl<S> Frames<S> {
     fn follow_written(&mut self, data: &[u8]) {
         let open = &mut self.open;
         let mut bytes = 0u64;
+        let mut control = 0u64;
         let mut ended = 0;
         self.written.feed(data, |h| {
             let ends = h.flags & 0x1 != 0;
+            if h.kind != 0x0 {
+                control += 9 + h.len as u64;
+            }
             let closed = match h.kind {
                 0x0 => {
                     bytes += h.len as u64;
@@ -221,6 +225,11 @@ impl<S> Frames<S> {
             self.activity
                 .data_written
                 .fetch_add(bytes, Ordering::Relaxed);
+        }
+        if control > 0 {
+            self.activity
+                .control_written
+                .fetch_add(control, Ordering::Relaxed);
         }
     }
 

@@ -576,14 +576,17 @@ pub struct Activity {
     /// [`Activity::send_stalled`]).
     pub open_streams: AtomicUsize,
     pub data_written: AtomicU64,
-    /// HTTP/2: the streams whose response ended on the wire, in all (`frames` counts them).
-    pub streams_ended: AtomicU64,
+    /// HTTP/2: the bytes of frames other than DATA written to the client (`frames` counts
+    /// them), and their count at the last look (see [`Activity::send_stalled`]).
+    pub control_written: AtomicU64,
+    control_seen: AtomicU64,
+    /// Bytes of the socket's send queue that its shrinking must go past before it counts as
+    /// the client taking a response (see [`Activity::send_stalled`]).
+    debt: AtomicU64,
     /// Since when (ms) a response's end has been kept by h2 with no progress ([`NEVER`]: none
-    /// is), the DATA bytes written then, and the streams ended at the last look (see
-    /// [`Activity::send_stalled`]).
+    /// is), and the DATA bytes written then (see [`Activity::send_stalled`]).
     kept_since_ms: AtomicU64,
     kept_written: AtomicU64,
-    ended_seen: AtomicU64,
     /// The last write to the client could not go out (its socket is full).
     write_blocked: AtomicBool,
     /// When a request last began or ended (see [`Activity::quiet_for`]).
@@ -796,9 +799,10 @@ impl Activity {
             open_streams: AtomicUsize::new(0),
             data_written: AtomicU64::new(0),
             kept_since_ms: AtomicU64::new(NEVER),
-            streams_ended: AtomicU64::new(0),
+            control_written: AtomicU64::new(0),
+            control_seen: AtomicU64::new(0),
+            debt: AtomicU64::new(0),
             kept_written: AtomicU64::new(0),
-            ended_seen: AtomicU64::new(0),
             write_blocked: AtomicBool::new(false),
             request_ms: AtomicU64::new(0),
             fd: std::sync::atomic::AtomicI32::new(-1),
@@ -826,17 +830,24 @@ impl Activity {
     /// A piece waits while the socket is full, and the kernel reports room only once a third of
     /// its send buffer (megabytes) has drained: a steady reader at tens of KB/s would take
     /// longer than the deadline. So the socket's send queue is read too: when it shrank since
-    /// the last look, the client is taking, and the waiting pieces count from now.
+    /// the last look, the client is taking, and the waiting pieces count from now. Over HTTP/2
+    /// the queue also holds what the client made regobox write without asking for a response
+    /// (PING and SETTINGS acknowledgements, heads of empty responses): a queue kept full of
+    /// those and drained a little at a time held responses, and their connections to the
+    /// application, for ever (an attacker's, nineteenth session). So such frames written while
+    /// a response waits are a debt, [`CONTROL_WEIGHT`] bytes a byte (what the TLS record around
+    /// a lone small frame costs), that the queue's shrinking pays before it counts.
     ///
     /// Over HTTP/2 a response's body is done once its last piece is handed to hyper, which
     /// lets it go as soon as the stream's window has room for one byte; h2 keeps the rest (one
     /// piece at most) until the window opens. Such a response shows as a stream open on the
     /// wire with no body left ([`Activity::open_streams`] above the responses being sent): it
     /// waits for the client too, and must be taken as a piece must: a piece's worth of DATA
-    /// written, or a response ended on the wire, within `limit` (a byte of window at a time
-    /// does not hold the connection: an attacker's, nineteenth session). (A body still being
-    /// sent that has written no DATA yet, one waiting for the application, makes up for one kept
-    /// that way: not seen then; no connection is cut for it.)
+    /// written within `limit`, or every such end taken (a byte of window at a time, or a small
+    /// response ended now and then, does not hold the connection: an attacker's, nineteenth
+    /// session). (A body still being sent that has written no DATA yet, one waiting for the
+    /// application, makes up for one kept that way: not seen then; no connection is cut for
+    /// it.)
     fn send_stalled(&self, limit: Duration) -> bool {
         let now = self.now_ms();
         let limit = limit.as_millis() as u64;
@@ -847,24 +858,38 @@ impl Activity {
             .any(|h| h.since_ms.load(Ordering::Relaxed) != NEVER);
         let kept = self.open_streams.load(Ordering::Relaxed) > sending.len();
         let written = self.data_written.load(Ordering::Relaxed);
-        let ended = self.streams_ended.load(Ordering::Relaxed);
-        let one_ended = self.ended_seen.swap(ended, Ordering::Relaxed) != ended;
         if !kept {
             self.kept_since_ms.store(NEVER, Ordering::Relaxed);
-        } else if one_ended
-            || self.kept_since_ms.load(Ordering::Relaxed) == NEVER
+        } else if self.kept_since_ms.load(Ordering::Relaxed) == NEVER
             || written.saturating_sub(self.kept_written.load(Ordering::Relaxed))
                 >= forward::PIECE as u64
         {
             self.kept_since_ms.store(now, Ordering::Relaxed);
             self.kept_written.store(written, Ordering::Relaxed);
         }
+        let control = self.control_written.load(Ordering::Relaxed);
+        let control_new =
+            control.saturating_sub(self.control_seen.swap(control, Ordering::Relaxed));
         if !waiting && !kept {
+            // A wait's first look credits nothing: the queue counts from there.
+            self.queued.store(0, Ordering::Relaxed);
+            self.debt.store(0, Ordering::Relaxed);
             return false;
         }
         if let Some(queued) = send_queue(self.fd.load(Ordering::Relaxed)) {
             let before = self.queued.swap(queued, Ordering::Relaxed);
-            if queued < before {
+            let debt = self.debt.load(Ordering::Relaxed) + control_new * CONTROL_WEIGHT;
+            let shrank = before.saturating_sub(queued);
+            // An empty queue owes nothing more; what emptied it paid first.
+            self.debt.store(
+                if queued == 0 {
+                    0
+                } else {
+                    debt.saturating_sub(shrank)
+                },
+                Ordering::Relaxed,
+            );
+            if shrank > debt {
                 for h in sending.iter() {
                     let _ = h
                         .since_ms
@@ -978,7 +1003,6 @@ impl Activity {
     /// HTTP/2: a response ended on the wire (its last DATA, or a reset, written); the
     /// connection is idle from then on if nothing else is in flight.
     pub fn stream_ended(&self) {
-        self.streams_ended.fetch_add(1, Ordering::Relaxed);
         self.request_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
@@ -1136,6 +1160,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+/// What the socket's send queue must drain per byte of HTTP/2 frames other than DATA written
+/// while a response waits, before its draining counts as the client taking the response (see
+/// [`Activity::send_stalled`]): a frame of 9 bytes alone in a TLS 1.2 record takes 38.
+const CONTROL_WEIGHT: u64 = 5;
 
 /// What a connection's watchdog finds on a tick (see [`Activity::overdue`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

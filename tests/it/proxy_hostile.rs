@@ -39,10 +39,15 @@ impl H2 {
     /// Connected, preface and `settings` sent, the server's SETTINGS acknowledged.
     fn connect(port: u16, settings: &[(u16, u32)]) -> H2 {
         // The TLS helper's 20 s read timeout stands.
-        let mut h = H2 {
-            s: tls_alpn(port, None, &[b"h2"]),
-            buf: Vec::new(),
-        };
+        H2::over(tls_alpn(port, None, &[b"h2"]), settings)
+    }
+
+    /// [`H2::connect`] on a TLS connection made already.
+    fn over(
+        s: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+        settings: &[(u16, u32)],
+    ) -> H2 {
+        let mut h = H2 { s, buf: Vec::new() };
         let mut payload = Vec::new();
         for (id, value) in settings {
             payload.extend(id.to_be_bytes());
@@ -1050,6 +1055,142 @@ fn an_http2_response_still_being_taken_is_not_cut_as_idle() {
         took >= Duration::from_secs(6) && took < Duration::from_secs(12),
         "{end} after {took:?}"
     );
+    p.stop();
+}
+
+/// An attacker's finding (nineteenth session): the socket's send queue shrinking counted as the
+/// client taking its responses, whatever the queue held. A client with a tiny receive buffer and
+/// its streams' windows shut kept the queue full of PING acknowledgements and drained a little
+/// now and then: its responses, and their connections to the application, were held for ever
+/// (60 s at a send_timeout of 6). Now what a client makes regobox write without a response is
+/// paid for before the queue's draining counts: the connection is cut at send_timeout.
+#[test]
+fn a_send_queue_kept_full_of_acknowledgements_does_not_hold_responses() {
+    let mut p =
+        Proxied::start("redirect_http = false\nidle_timeout = \"3s\"\nsend_timeout = \"4s\"");
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(1024).unwrap();
+    let to: std::net::SocketAddr = format!("127.0.0.1:{}", p.https).parse().unwrap();
+    socket.connect(&to.into()).unwrap();
+    let tcp: TcpStream = socket.into();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let conn = rustls::ClientConnection::new(
+        crate::proxy::client_config(None, &[b"h2"]),
+        "localhost".try_into().unwrap(),
+    )
+    .unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).unwrap();
+    }
+    // Every stream's window one byte: the responses wait for the client.
+    let mut h = H2::over(s, &[(0x4, 1)]);
+    for i in 0..8u32 {
+        h.send(
+            0x1,
+            0x5,
+            1 + 2 * i,
+            &request_block("GET", "/download?n=50000000"),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let ping = frame(0x6, 0, 0, &[7; 8]);
+    let started = Instant::now();
+    let mut sock = h.s.sock.try_clone().unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut cut = None;
+    let mut raw = [0u8; 4000];
+    let mut plain = [0u8; 16384];
+    while started.elapsed() < Duration::from_secs(20) {
+        // Acknowledgements to fill the queue, then some of it drained (a few KB a time, decoded
+        // and thrown away), the TLS session driven by hand: no read but these.
+        let pings: Vec<u8> = ping
+            .iter()
+            .copied()
+            .cycle()
+            .take(ping.len() * 150)
+            .collect();
+        h.s.conn.writer().write_all(&pings).unwrap();
+        let mut gone = false;
+        while h.s.conn.wants_write() {
+            if h.s.conn.write_tls(&mut sock).is_err() {
+                gone = true;
+                break;
+            }
+        }
+        if gone {
+            cut = Some(started.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1200));
+        match sock.read(&mut raw) {
+            Ok(0) => {
+                cut = Some(started.elapsed());
+                break;
+            }
+            Ok(n) => {
+                h.s.conn.read_tls(&mut &raw[..n]).unwrap();
+                if h.s.conn.process_new_packets().is_err() {
+                    cut = Some(started.elapsed());
+                    break;
+                }
+                while matches!(h.s.conn.reader().read(&mut plain), Ok(k) if k > 0) {}
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => {
+                cut = Some(started.elapsed());
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    let cut = cut.unwrap_or_else(|| panic!("still open after {:?}", started.elapsed()));
+    assert!(cut < Duration::from_secs(12), "cut after {cut:?}");
+
+    // Responses' ends kept for windows of a byte, and a small response let through every two
+    // seconds (a response ended on the wire reset every kept end's clock): cut too.
+    let mut h = H2::connect(p.https, &[(0x4, 1)]);
+    for i in 0..4u32 {
+        h.send(
+            0x1,
+            0x5,
+            1 + 2 * i,
+            &request_block("GET", "/download?n=16384"),
+        );
+    }
+    h.s.sock
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let started = Instant::now();
+    let mut stream = 9u32;
+    let mut cut = None;
+    'cycles: while started.elapsed() < Duration::from_secs(20) {
+        h.send(0x1, 0x5, stream, &request_block("GET", "/download?n=100"));
+        let asked = Instant::now();
+        let mut opened = false;
+        while asked.elapsed() < Duration::from_secs(2) {
+            match h.next() {
+                Ok(Some((0x0, _, s, _))) if s == stream && !opened => {
+                    opened = true;
+                    h.send(0x8, 0, stream, &200u32.to_be_bytes());
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    cut = Some(started.elapsed());
+                    break 'cycles;
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => {
+                    cut = Some(started.elapsed());
+                    break 'cycles;
+                }
+            }
+        }
+        stream += 2;
+    }
+    let cut = cut.unwrap_or_else(|| panic!("still open after {:?}", started.elapsed()));
+    assert!(cut < Duration::from_secs(12), "cut after {cut:?}");
     p.stop();
 }
 
