@@ -1066,10 +1066,20 @@ impl Proxy {
                 Box::pin(async move {
                     // Held until the tags are made.
                     let _building = building;
-                    let id = built?;
                     if tags.is_empty() {
                         return None;
                     }
+                    // No image at the end (a failed build, or its id out of the output's last
+                    // 4 KiB): its tags are not made, and the client is told so.
+                    let Some(id) = built else {
+                        let message = format!(
+                            "the build's image could not be read from its output: not tagged {}",
+                            tags.join(", ")
+                        );
+                        let line =
+                            json!({ "errorDetail": { "message": message }, "error": message });
+                        return Some(Bytes::from(format!("{line}\r\n")));
+                    };
                     // The engine's own report; its image is the instance's (labelled) or no
                     // tag is made.
                     let said = match proxy.owned_image_inspect(&id).await {

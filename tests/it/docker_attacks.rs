@@ -2833,6 +2833,318 @@ fn a_name_a_build_reads_cannot_be_removed_under_it() {
     );
 }
 
+/// Attack (nineteenth session): the tag an import or a build makes was judged free when the
+/// request came, and made by the engine when its stream ended, after a wait the application
+/// controls (an import's body trickled within docker.idle_timeout, a build's step that sleeps).
+/// A tag made on the host meanwhile (an administrator's pull, another tenant's import) was moved
+/// to the application's image. Now the engine is asked for no tag and regobox makes it at the
+/// end, judged again: the host's tag stays where it is, and the client is told why its own was
+/// not made (an error in the stream: the docker CLI fails on it). Tags nobody else made are made
+/// as before.
+#[test]
+fn a_tag_made_on_the_host_while_an_import_or_a_build_runs_is_not_moved() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let b = Bridged::start("idle_timeout = \"5s\"");
+    let port = b.inst.port;
+    let base = format!("regobox-test/busybox:late{port}");
+    b.import_busybox(&base);
+    let made = OnEngine::default();
+    let hosts = format!("regobox-test/hosts-late:{port}");
+    made.image(&hosts);
+    foreign_image(b.inst.dir.path(), &hosts, "the host's");
+    let id_of = |name: &str| {
+        stdout(&engine(&["image", "inspect", "--format", "{{.Id}}", name]))
+            .trim()
+            .to_string()
+    };
+    let host_id = id_of(&hosts);
+    assert!(host_id.starts_with("sha256:"), "{host_id}");
+
+    // An import: all but its last bytes, the host's tag, the rest.
+    let victim = format!("regobox-test/victim-late{port}");
+    made.image(&format!("{victim}:x"));
+    let tar = std::fs::read(busybox_rootfs_tar(b.inst.dir.path())).unwrap();
+    let mut conn = UnixStream::connect(&b.socket).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    conn.write_all(
+        format!(
+            "POST /v1.41/images/create?fromSrc=-&repo={victim}&tag=x HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
+            tar.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    conn.write_all(&tar[..tar.len() - 10]).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        engine(&["tag", &hosts, &format!("{victim}:x")])
+            .status
+            .success()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    conn.write_all(&tar[tar.len() - 10..]).unwrap();
+    let (status, answer) = answer_on(&mut conn).unwrap();
+    assert_eq!(
+        id_of(&format!("{victim}:x")),
+        host_id,
+        "the host's tag was moved by the import: {answer}"
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer.contains("errorDetail") && answer.contains("not this instance's"),
+        "{answer}"
+    );
+    // The import's own image is the instance's, untagged.
+    let imported = answer
+        .split('"')
+        .find(|w| w.starts_with("sha256:") && w.len() == 71)
+        .unwrap_or_else(|| panic!("no image id in {answer}"))
+        .to_string();
+    made.image(&imported);
+    let (status, inspected) = raw(
+        &b.socket,
+        &format!(
+            "GET /v1.41/images/{imported}/json HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(status, 200, "{inspected}");
+    // The docker CLI fails on such an import, and makes a tag nobody else made.
+    let late = format!("regobox-test/victim-late{port}:cli");
+    made.image(&late);
+    let out = b.cli(&[
+        "import",
+        busybox_rootfs_tar(b.inst.dir.path()).to_str().unwrap(),
+        &late,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cli_id = id_of(&late);
+    made.image(&cli_id);
+    assert!(cli_id.starts_with("sha256:") && cli_id != host_id);
+
+    // A build whose step sleeps; the host tags the name while it runs.
+    let stolen = format!("regobox-test/stolen-late:{port}");
+    made.image(&stolen);
+    let base_id = id_of(&base);
+    let socket = b.socket.clone();
+    let path = format!(
+        "/v1.41/build?t={}&t=regobox-test/free-late:{port}&nocache=1",
+        stolen.replace(':', "%3A")
+    );
+    made.image(&format!("regobox-test/free-late:{port}"));
+    let dockerfile = format!("FROM {base}\nRUN sleep 3\n");
+    let build = std::thread::spawn(move || {
+        let body = context(&[("Dockerfile", 'f', &dockerfile)]);
+        let mut conn = UnixStream::connect(&socket).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        conn.write_all(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        conn.write_all(&body).unwrap();
+        answer_on(&mut conn).unwrap()
+    });
+    // Once the step runs (its container is made from the base image), the host's tag.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stdout(&engine(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("ancestor={base_id}"),
+    ]))
+    .trim()
+    .is_empty()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the build's step never ran"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(engine(&["tag", &hosts, &stolen]).status.success());
+    let (status, answer) = build.join().unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        id_of(&stolen),
+        host_id,
+        "the host's tag was moved by the build: {answer}"
+    );
+    assert!(
+        answer.contains("errorDetail") && answer.contains("not this instance's"),
+        "{answer}"
+    );
+    // The other tag, nobody's, was made on the build's image, and said as the engine says it.
+    let free = id_of(&format!("regobox-test/free-late:{port}"));
+    assert!(free.starts_with("sha256:") && free != host_id, "{free}");
+    made.image(&free);
+    assert!(
+        answer.contains(&format!(
+            "Successfully tagged regobox-test/free-late:{port}"
+        )),
+        "{answer}"
+    );
+}
+
+/// Attacks on the tags made at the end (nineteenth session): a build whose last stage fails is
+/// tagged on nothing (the engine writes an image id at the end of every stage: the first
+/// stage's was tagged); a quiet build's output is its id alone (scripts read it); an import
+/// whose client hangs up once the image's id is sent is still tagged and recorded (it was no
+/// one's: untagged, invisible to the application); a name that reads as an image id is refused
+/// for an import, a pull and a build's tag (`index.docker.io/` included), and an empty tag is
+/// the client's error.
+#[test]
+fn the_tags_made_at_the_end_are_the_finished_images_and_nothing_is_left_unowned() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let b = Bridged::start("");
+    let port = b.inst.port;
+    let base = format!("regobox-test/busybox:end{port}");
+    b.import_busybox(&base);
+    let made = OnEngine::default();
+    let whole = |path: &str, body: &[u8]| {
+        let mut conn = UnixStream::connect(&b.socket).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        conn.write_all(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        conn.write_all(body).unwrap();
+        answer_on(&mut conn).unwrap()
+    };
+
+    // Two stages, the second failing, its client reading to the end; the first from an image
+    // built through regobox (labelled the instance's, as its stages are).
+    let labelled = format!("regobox-test/labelled-end:{port}");
+    made.image(&labelled);
+    let (status, answer) = whole(
+        &format!("/v1.41/build?t={}", labelled.replace(':', "%3A")),
+        &context(&[("Dockerfile", 'f', &format!("FROM {base}\nLABEL l=1\n"))]),
+    );
+    assert_eq!(status, 200, "{answer}");
+    let failed = format!("regobox-test/failed-end:{port}");
+    made.image(&failed);
+    let two = format!(
+        "FROM {labelled} AS first\nRUN echo first > /stage\nFROM {base}\nCOPY --from=first /stage /stage\nRUN exit 3\n"
+    );
+    let (status, answer) = whole(
+        &format!("/v1.41/build?t={}&nocache=1", failed.replace(':', "%3A")),
+        &context(&[("Dockerfile", 'f', &two)]),
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("errorDetail"), "{answer}");
+    assert!(!answer.contains("Successfully tagged"), "{answer}");
+    assert!(
+        !engine(&["image", "inspect", &failed]).status.success(),
+        "a failed build was tagged: {answer}"
+    );
+
+    // A quiet build through the CLI: its output is the image's id alone, and it is tagged.
+    let quiet = format!("regobox-test/quiet-end:{port}");
+    made.image(&quiet);
+    let ctx = b.inst.dir.path().join("quiet-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), format!("FROM {base}\nLABEL q=1\n")).unwrap();
+    let out = b.cli_ok(&["build", "-q", "-t", &quiet, &ctx.display().to_string()]);
+    let id = out.trim();
+    assert!(
+        id.starts_with("sha256:") && !id.contains('\n'),
+        "a quiet build printed {out:?}"
+    );
+    assert_eq!(image_id(&quiet), id);
+
+    // An import whose client hangs up once the image's id is on its way: tagged and recorded.
+    let left = format!("regobox-test/left-end{port}");
+    made.image(&format!("{left}:x"));
+    let tar = std::fs::read(busybox_rootfs_tar(b.inst.dir.path())).unwrap();
+    let mut conn = UnixStream::connect(&b.socket).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    conn.write_all(
+        format!(
+            "POST /v1.41/images/create?fromSrc=-&repo={left}&tag=x HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
+            tar.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    conn.write_all(&tar).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("sha256:") {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    drop(conn);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !engine(&["image", "inspect", &format!("{left}:x")])
+        .status
+        .success()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an import whose client left was not tagged"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let imported = image_id(&format!("{left}:x"));
+    made.image(&imported);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _) = raw(
+            &b.socket,
+            &format!(
+                "GET /v1.41/images/{imported}/json HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        if status == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an import whose client left is not the instance's: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Names that read as an image id; an empty tag.
+    let like_an_id = "a0dd48a413e2";
+    for repo in [
+        like_an_id.to_string(),
+        format!("index.docker.io/{like_an_id}"),
+    ] {
+        let (status, answer) = whole(&format!("/v1.41/images/create?fromSrc=-&repo={repo}"), &tar);
+        assert_eq!(status, 403, "{repo}: {answer}");
+        assert!(answer.contains("image id"), "{answer}");
+    }
+    for t in [like_an_id, ""] {
+        let (status, answer) = whole(
+            &format!("/v1.41/build?t={t}"),
+            &context(&[("Dockerfile", 'f', &format!("FROM {base}\n"))]),
+        );
+        assert_eq!(status, 403, "t={t:?}: {answer}");
+    }
+    let (status, answer) = raw(
+        &b.socket,
+        &format!(
+            "POST /v1.41/images/create?fromImage={like_an_id}&tag=latest HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(status, 403, "{answer}");
+    assert!(!engine(&["image", "inspect", like_an_id]).status.success());
+}
+
 /// Attack (eighth session): `restart?t=N` of a job that ignores SIGTERM held, for the whole
 /// `N` seconds, the turn that every start, copy and create waits for (the engine's restart
 /// mounts the binds after its wait); with `t` at 2^31 the socket was the application's no

@@ -66,11 +66,20 @@ pub fn registry_of(reference: &str) -> String {
     }
 }
 
+/// `reference` without the default registry and namespace, as the engine shows it: its
+/// legacy name (`index.docker.io`) and `docker.io`, then `library/`.
+fn without_default_registry(reference: &str) -> &str {
+    let r = ["index.docker.io/", "docker.io/"]
+        .iter()
+        .find_map(|p| reference.strip_prefix(p))
+        .unwrap_or(reference);
+    r.strip_prefix("library/").unwrap_or(r)
+}
+
 /// Whether a tag the engine reports (`docker.io/library/x:1` is `x:1`) is `reference`.
 pub fn same_reference(tag: &str, reference: &str) -> bool {
     let norm = |r: &str| {
-        let r = r.strip_prefix("docker.io/").unwrap_or(r);
-        let r = r.strip_prefix("library/").unwrap_or(r).to_string();
+        let r = without_default_registry(r).to_string();
         let last = r.rsplit('/').next().unwrap_or(&r);
         if last.contains(':') || r.contains('@') {
             r
@@ -92,8 +101,7 @@ pub fn names_like_an_id(reference: &str) -> bool {
         Some((repo, tag)) if !tag.contains('/') => repo,
         _ => name,
     };
-    let name = name.strip_prefix("docker.io/").unwrap_or(name);
-    let name = name.strip_prefix("library/").unwrap_or(name);
+    let name = without_default_registry(name);
     (12..=64).contains(&name.len())
         && name
             .chars()
@@ -228,6 +236,8 @@ mod tests {
             "a0dd48a413e2:latest",
             "docker.io/library/a0dd48a413e2:1",
             "library/a0dd48a413e2",
+            "index.docker.io/a0dd48a413e2",
+            "index.docker.io/library/a0dd48a413e2:latest",
         ] {
             assert!(names_like_an_id(named), "{named}");
         }
@@ -240,6 +250,9 @@ mod tests {
         ] {
             assert!(!names_like_an_id(plain), "{plain}");
         }
+        assert!(same_reference("foo:1", "index.docker.io/foo:1"));
+        assert!(same_reference("docker.io/library/foo", "foo:latest"));
+        assert!(!same_reference("foo:1", "other.io/foo:1"));
         let refused = check("fromSrc=-&repo=a0dd48a413e2").unwrap_err();
         assert_eq!(refused.rule, "query.repo");
         assert!(check("fromImage=a0dd48a413e2&tag=1").is_err());
