@@ -928,7 +928,7 @@ impl Proxy {
         let Ok(img) = self.docker.inspect_image(name).await else {
             return;
         };
-        let tags = img.repo_tags.clone().unwrap_or_default();
+        let tags = img.repo_tags.as_deref().unwrap_or_default();
         if !tags.iter().all(|t| image::same_reference(t, reference)) {
             tracing::warn!(reference = %reference, tags = ?tags, "a pulled or imported image is also tagged by others on the host: not recorded as the application's");
             return;
@@ -971,18 +971,16 @@ impl Proxy {
                     .await
                     .map_err(|e| format!("tagging {reference}: {e}")),
             };
-            let line = match tagged {
-                Ok(()) if say_tagged => {
-                    json!({ "stream": format!("Successfully tagged {reference}\n") })
-                }
-                Ok(()) => continue,
+            match tagged {
+                Ok(()) if say_tagged => said.extend(stream_line(
+                    &json!({ "stream": format!("Successfully tagged {reference}\n") }),
+                )),
+                Ok(()) => {}
                 Err(message) => {
                     tracing::warn!(reference = %reference, image = %id, error = %message, "a tag was not made at the end of an import or build");
-                    json!({ "errorDetail": { "message": message }, "error": message })
+                    said.extend(stream_error(&message));
                 }
-            };
-            said.extend_from_slice(line.to_string().as_bytes());
-            said.extend_from_slice(b"\r\n");
+            }
         }
         said
     }
@@ -1072,25 +1070,17 @@ impl Proxy {
                     // No image at the end (a failed build, or its id out of the output's last
                     // 4 KiB): its tags are not made, and the client is told so.
                     let Some(id) = built else {
-                        let message = format!(
+                        return Some(Bytes::from(stream_error(&format!(
                             "the build's image could not be read from its output: not tagged {}",
                             tags.join(", ")
-                        );
-                        let line =
-                            json!({ "errorDetail": { "message": message }, "error": message });
-                        return Some(Bytes::from(format!("{line}\r\n")));
+                        ))));
                     };
                     // The engine's own report; its image is the instance's (labelled) or no
                     // tag is made.
                     let said = match proxy.owned_image_inspect(&id).await {
                         // A quiet build's output is its image's id alone (scripts read it).
                         Ok(_) => proxy.tag_at_end(&id, &tags, "query.t", !quiet).await,
-                        Err(refusal) => {
-                            let message = refusal.message();
-                            let line =
-                                json!({ "errorDetail": { "message": message }, "error": message });
-                            format!("{line}\r\n").into_bytes()
-                        }
+                        Err(refusal) => stream_error(refusal.message()),
                     };
                     Some(Bytes::from(said))
                 }) as Recording
@@ -1309,10 +1299,7 @@ impl Proxy {
             Ok(Some(Err(e))) => Err(Refusal::BadRequest(format!("reading {what}: {e}"))),
             Err(_) => {
                 body.abandon();
-                Err(Refusal::Stalled(format!(
-                    "{what} stopped coming: nothing for docker.idle_timeout ({:?})",
-                    self.idle_timeout
-                )))
+                Err(stalled(what, self.idle_timeout))
             }
         }
     }
@@ -1589,10 +1576,7 @@ impl hyper::body::Body for Paced {
                     return Poll::Pending;
                 }
                 this.body.abandon();
-                let why = Refusal::Stalled(format!(
-                    "{} stopped coming: nothing for docker.idle_timeout ({:?})",
-                    this.what, this.within
-                ));
+                let why = stalled(this.what, this.within);
                 this.fail(why)
             }
         }
@@ -2241,12 +2225,36 @@ fn operation(normalized: &str, prefix: &str) -> Option<String> {
 
 /// The image id an untagged import printed (`{"status":"sha256:..."}`).
 fn imported_id(tail: &[u8]) -> Option<String> {
+    lines_from_the_end(tail)
+        .filter_map(|v| v.get("status").and_then(Value::as_str).map(str::to_string))
+        .find(|s| s.starts_with("sha256:"))
+}
+
+/// The JSON lines of the end of an engine's output stream, the last first.
+fn lines_from_the_end(tail: &[u8]) -> impl Iterator<Item = Value> {
     String::from_utf8_lossy(tail)
         .lines()
         .rev()
         .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
-        .filter_map(|v| v.get("status").and_then(Value::as_str).map(str::to_string))
-        .find(|s| s.starts_with("sha256:"))
+        .collect::<Vec<_>>()
+        .into_iter()
+}
+
+/// A line of an engine's output stream, as the engine writes it.
+fn stream_line(line: &Value) -> Vec<u8> {
+    format!("{line}\r\n").into_bytes()
+}
+
+/// An error line of an engine's output stream (the docker CLI fails on it, docker-py raises).
+fn stream_error(message: &str) -> Vec<u8> {
+    stream_line(&json!({ "errorDetail": { "message": message }, "error": message }))
+}
+
+/// A body (`what`) whose data stopped coming for `within` (`docker.idle_timeout`).
+fn stalled(what: &str, within: std::time::Duration) -> Refusal {
+    Refusal::Stalled(format!(
+        "{what} stopped coming: nothing for docker.idle_timeout ({within:?})"
+    ))
 }
 
 /// The image id a build's output ended with: the engine's `{"aux":{"ID":"sha256:..."}}`, or,
@@ -2254,11 +2262,7 @@ fn imported_id(tail: &[u8]) -> Option<String> {
 /// the output's last line. (The output of the steps is inside `stream` strings, never a line of
 /// its own, and is not sent at all in a quiet build: nothing the build runs can forge either.)
 fn built_id(tail: &[u8], quiet: bool) -> Option<String> {
-    let text = String::from_utf8_lossy(tail);
-    let mut lines = text
-        .lines()
-        .rev()
-        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok());
+    let mut lines = lines_from_the_end(tail);
     let id = if quiet {
         lines
             .next()?
