@@ -484,48 +484,63 @@ impl Proxy {
                     forwarded.remove("tag");
                 }
                 let req = retarget(req, &target("/images/create", &forwarded))?;
-                // The body's own failure, if that is what cut the request to the engine.
-                let response = match self.forward(req, payload, None).await {
-                    Err(Refusal::Engine(e)) => {
-                        let why = failed.lock().ok().and_then(|mut f| f.take());
-                        return Err(why.unwrap_or(Refusal::Engine(e)));
-                    }
-                    other => other?,
-                };
-                if !response.status().is_success() {
-                    return Ok(plain(response));
-                }
-                // Tag and record the image once the pull or import stream has ended.
-                let proxy = self.clone();
                 let object = (!reference.is_empty()).then(|| reference.clone());
-                let response = response.map(move |body| {
-                    let body = OnEnd::new(body, move |tail: &[u8]| {
-                        let imported = if import { imported_id(tail) } else { None };
-                        Box::pin(async move {
-                            let mut said = Vec::new();
-                            let name = match imported {
-                                Some(id) => {
-                                    if !reference.is_empty() {
-                                        said = proxy
-                                            .tag_at_end(
-                                                &id,
-                                                std::slice::from_ref(&reference),
-                                                "query.tag",
-                                                false,
-                                            )
-                                            .await;
+                // Forwarded, then tagged and recorded, by a task of its own, which the client's
+                // leaving does not stop: an import is the engine's once its body is sent, and a
+                // pull once asked for, whether or not the client waits for the answer. Cut with
+                // the request, an image made meanwhile would be no one's: untagged (an import)
+                // or another's to the policy (a pull's tag, unrecorded), invisible to the
+                // application or refused to it, never removed (an import whose client left as
+                // its body ended: the last note's, twentieth session).
+                let proxy = self.clone();
+                let task = tokio::spawn(async move {
+                    // The body's own failure, if that is what cut the request to the engine.
+                    let response = match proxy.forward(req, payload, None).await {
+                        Err(Refusal::Engine(e)) => {
+                            let why = failed.lock().ok().and_then(|mut f| f.take());
+                            return Err(why.unwrap_or(Refusal::Engine(e)));
+                        }
+                        other => other?,
+                    };
+                    if !response.status().is_success() {
+                        return Ok(response);
+                    }
+                    // Tag and record the image once the pull or import stream has ended.
+                    let recorder = proxy.clone();
+                    Ok(response.map(move |body| {
+                        OnEnd::new(body, move |tail: &[u8]| {
+                            let imported = if import { imported_id(tail) } else { None };
+                            let proxy = recorder;
+                            Box::pin(async move {
+                                let mut said = Vec::new();
+                                let name = match imported {
+                                    Some(id) => {
+                                        if !reference.is_empty() {
+                                            said = proxy
+                                                .tag_at_end(
+                                                    &id,
+                                                    std::slice::from_ref(&reference),
+                                                    "query.tag",
+                                                    false,
+                                                )
+                                                .await;
+                                        }
+                                        id
                                     }
-                                    id
-                                }
-                                None if import || reference.is_empty() => return None,
-                                None => reference.clone(),
-                            };
-                            proxy.record_image(&name, &reference).await;
-                            (!said.is_empty()).then(|| Bytes::from(said))
-                        }) as Recording
-                    });
-                    if import { body.finishing() } else { body }.boxed()
+                                    None if import || reference.is_empty() => return None,
+                                    None => reference.clone(),
+                                };
+                                proxy.record_image(&name, &reference).await;
+                                (!said.is_empty()).then(|| Bytes::from(said))
+                            }) as Recording
+                        })
+                        .finishing()
+                        .boxed()
+                    }))
                 });
+                let response = task.await.map_err(|e| {
+                    Refusal::Engine(format!("an image create's task failed: {e}"))
+                })??;
                 Ok(Done { response, object })
             }
             Endpoint::ImageList => {
@@ -2342,7 +2357,8 @@ impl OnEnd {
     }
 
     /// Read to its end and recorded even if the client goes away first (by a task of its own):
-    /// an import is the engine's once its body is sent, and an image made but neither tagged
+    /// an import is the engine's once its body is sent, a pull once asked for, and an image
+    /// made but neither tagged
     /// nor recorded would be no one's, invisible to the application, never removed (an
     /// attacker's finding, nineteenth session: a client that hung up on the image's id line).
     fn finishing(mut self) -> Self {
@@ -2353,7 +2369,10 @@ impl OnEnd {
 
 impl Drop for OnEnd {
     fn drop(&mut self) {
-        if !self.finish || self.ended {
+        // A recording begun (the stream has ended) is finished whatever the client does: a
+        // build's tags are made under the lock that keeps the images it read, and a client that
+        // left as they were being made left its image untagged.
+        if self.ended || (!self.finish && self.recording.is_none()) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {

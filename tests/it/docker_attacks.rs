@@ -2435,6 +2435,96 @@ fn an_import_whose_body_stops_coming_is_cut_and_imports_nothing() {
     );
 }
 
+/// An import is the engine's once its body is sent: a client that sends the whole tar and hangs
+/// up at once, before the engine answers, leaves an image regobox finishes anyway, tagged and
+/// recorded as the application's (cut with the request, it was an image with no tag that the
+/// application could neither see nor remove, and regobox never did: the host's disk filled by
+/// a loop of them).
+#[test]
+fn an_import_whose_client_leaves_before_the_answer_is_finished_tagged_and_recorded() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let mut b = Bridged::start("");
+    let port = b.inst.port;
+    let made = OnEngine::default();
+    // A tar the engine takes a while over once it is sent (the answer comes at the import's end).
+    let root = b.inst.dir.path().join("left-rootfs");
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    let mut blob = vec![0u8; 24 << 20];
+    let mut state = u64::from(port) | 1;
+    for chunk in blob.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+    std::fs::write(root.join("blob"), &blob).unwrap();
+    drop(blob);
+    let tar_path = b.inst.dir.path().join("left.tar");
+    tar_of(&root, &tar_path);
+    let tar = std::fs::read(&tar_path).unwrap();
+    for round in 0..2 {
+        let repo = format!("regobox-test/left-early{port}-{round}");
+        let tagged = format!("{repo}:x");
+        made.image(&tagged);
+        let mut conn = UnixStream::connect(&b.socket).unwrap();
+        conn.write_all(
+            format!(
+                "POST /v1.41/images/create?fromSrc=-&repo={repo}&tag=x HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
+                tar.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        conn.write_all(&tar).unwrap();
+        // Round 0 hangs up; round 1 closes its side only (a half-close, which hyper reads as the
+        // end of the connection).
+        if round == 0 {
+            drop(conn);
+        } else {
+            conn.shutdown(std::net::Shutdown::Write).unwrap();
+            std::mem::forget(conn);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !engine(&["image", "inspect", &tagged]).status.success() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: an import whose client left before the answer was not tagged"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let imported = image_id(&tagged);
+        made.image(&imported);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, _) = raw(
+                &b.socket,
+                &format!(
+                    "GET /v1.41/images/{imported}/json HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+                ),
+            );
+            if status == 200 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: an import whose client left is not the instance's: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // The application may remove it, as any image it made.
+        let (status, answer) = raw(
+            &b.socket,
+            &format!(
+                "DELETE /v1.41/images/{tagged} HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        assert_eq!(status, 200, "round {round}: {answer}");
+    }
+    b.stop();
+}
+
 /// The attacker's (eighteenth session) other findings: an import the engine answers before
 /// taking its tar whole (not a tar) while the client is still writing: the engine's answer,
 /// no broken pipe, and the connection goes on (the engine's `Connection: close` was passed on);
