@@ -15,9 +15,13 @@
 //! The GOAWAY is written here, below the `h2` crate, so this reader also follows the frames
 //! written to the client, to write it between two of them; if a frame is half written (the
 //! socket was full), the connection is closed without it. Following them also tells the
-//! watchdog which response bodies are under way on the wire, and how much DATA went out: the
-//! end of a body that h2 keeps for a client's window is watched by `proxy.send_timeout` too
-//! (see `Activity::send_stalled`).
+//! watchdog which response bodies are under way on the wire, and how much DATA went out.
+//!
+//! And it keeps each stream's send window as the wire shows it (the client's SETTINGS and
+//! WINDOW_UPDATEs, the DATA written): a response held back by its stream's window, or by the
+//! connection's, is the client's choice, not its socket's pace, and must move a piece within
+//! `proxy.send_timeout` whatever the connection's other streams do (see [`Held::review`] and
+//! `Activity::send_stalled`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -40,15 +44,30 @@ pub const PER_SECOND: u64 = 10;
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 
-/// Where a stream of frames is: in a frame header (bytes of it so far) or in a payload.
+/// Where a stream of frames is: in a frame header (bytes of it so far) or in a payload; and the
+/// payload of a frame whose payload is read ([`Cursor::keeps`]), so far.
 #[derive(Debug, Default)]
 struct Cursor {
     head: [u8; 9],
     filled: usize,
     payload_left: usize,
+    /// Payloads of SETTINGS and WINDOW_UPDATE are kept (the client's side).
+    keeps: bool,
+    kept: Option<(Header, Vec<u8>)>,
+}
+
+/// The largest payload kept (the `h2` crate refuses larger frames: its maximum frame size is
+/// the protocol's default).
+const KEPT_MAX: usize = 16_384;
+
+/// What a [`Cursor`] saw: a frame's header, then, for a kept frame, its payload.
+enum Seen<'a> {
+    Header(&'a Header),
+    Payload(&'a Header, &'a [u8]),
 }
 
 /// A frame header.
+#[derive(Debug, Clone, Copy)]
 struct Header {
     len: usize,
     kind: u8,
@@ -57,12 +76,28 @@ struct Header {
 }
 
 impl Cursor {
-    /// Follow `data`; `on_header` is called with each complete frame header.
-    fn feed(&mut self, mut data: &[u8], mut on_header: impl FnMut(&Header)) {
+    /// A cursor that keeps the payloads of SETTINGS (not acknowledgements) and WINDOW_UPDATE.
+    fn keeping() -> Cursor {
+        Cursor {
+            keeps: true,
+            ..Cursor::default()
+        }
+    }
+
+    /// Follow `data`; `on` is called with each complete frame header, then with each kept
+    /// frame's payload once it is whole.
+    fn feed(&mut self, mut data: &[u8], mut on: impl FnMut(Seen<'_>)) {
         while !data.is_empty() {
             if self.payload_left > 0 {
                 let k = self.payload_left.min(data.len());
                 self.payload_left -= k;
+                if let Some((header, payload)) = &mut self.kept {
+                    payload.extend_from_slice(&data[..k]);
+                    if self.payload_left == 0 {
+                        on(Seen::Payload(header, payload));
+                        self.kept = None;
+                    }
+                }
                 data = &data[k..];
                 continue;
             }
@@ -80,7 +115,19 @@ impl Cursor {
                 };
                 self.filled = 0;
                 self.payload_left = header.len;
-                on_header(&header);
+                on(Seen::Header(&header));
+                let kept = match header.kind {
+                    0x4 => header.flags & 0x1 == 0 && header.len % 6 == 0,
+                    0x8 => header.len == 4,
+                    _ => false,
+                };
+                if self.keeps && kept && header.len <= KEPT_MAX {
+                    if header.len == 0 {
+                        on(Seen::Payload(&header, &[]));
+                    } else {
+                        self.kept = Some((header, Vec::with_capacity(header.len)));
+                    }
+                }
             }
         }
     }
@@ -131,21 +178,166 @@ impl Budget {
     }
 }
 
-/// Note in `open` that a stream's response body is under way on the wire (DATA without
-/// END_STREAM: not HEADERS, which may be an interim 100 Continue) or ended (END_STREAM,
-/// RST_STREAM either way).
-/// Whether it ended a stream that was open.
-fn response(open: &mut Vec<u32>, stream: u32, begins: bool) -> bool {
-    let at = open.iter().position(|s| *s == stream);
-    match (begins, at) {
-        (true, None) => open.push(stream),
-        (false, Some(i)) => {
-            open.swap_remove(i);
-            return true;
-        }
-        _ => {}
+/// A stream as the wire shows it, from its request's HEADERS to its response's end.
+#[derive(Debug)]
+struct Stream {
+    id: u32,
+    /// What the client lets regobox send on it: the initial window, its WINDOW_UPDATEs, less
+    /// the DATA written (RFC 9113 6.9).
+    window: i64,
+    /// DATA bytes written on it.
+    written: u64,
+    /// Its response's head is written (HEADERS without END_STREAM).
+    answered: bool,
+    /// DATA written without END_STREAM: its body is under way (see `Activity::open_streams`).
+    under_way: bool,
+    held: Held,
+}
+
+/// Since when a send window has held a response back, and the DATA written on it then (see
+/// [`Held::review`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct Held(Option<(u64, u64)>);
+
+impl Held {
+    /// A window of `window` bytes, with `written` DATA bytes written on it so far, looked at
+    /// `now` (ms on the connection's clock), for a response that waits on it (`waits`: its
+    /// head is written).
+    ///
+    /// A response is held from the first look that finds its window at zero or below, and a
+    /// piece of DATA ([`PIECE`]) written on it since makes that a new start. A window of a
+    /// piece or more ends it: what comes next goes at the socket's pace, which the send queue
+    /// watches. Between the two (a window of a few bytes at a time) the start stands: a client
+    /// that lets a response out a byte at a time, or a few KB a minute, holds it still.
+    fn review(&mut self, window: i64, written: u64, waits: bool, now: impl FnOnce() -> u64) {
+        self.0 = match self.0 {
+            _ if !waits || window >= PIECE as i64 => None,
+            None if window <= 0 => Some((now(), written)),
+            Some((_, at)) if written.saturating_sub(at) >= PIECE as u64 => {
+                (window <= 0).then(|| (now(), written))
+            }
+            held => held,
+        };
     }
-    false
+}
+
+/// A piece of a response (see `forward::PIECE`).
+const PIECE: usize = super::forward::PIECE;
+
+/// The client's initial stream window until its SETTINGS say otherwise.
+const DEFAULT_WINDOW: i64 = 65_535;
+
+/// The send windows: each stream's, the connection's, and the initial size the client set.
+#[derive(Debug)]
+struct Windows {
+    streams: Vec<Stream>,
+    initial: i64,
+    connection: i64,
+    connection_held: Held,
+    /// DATA bytes written on the connection.
+    written: u64,
+    /// The highest stream a request opened: a stream above it is a new one.
+    last_opened: u32,
+}
+
+impl Windows {
+    fn new() -> Windows {
+        Windows {
+            streams: Vec::new(),
+            initial: DEFAULT_WINDOW,
+            connection: DEFAULT_WINDOW,
+            connection_held: Held::default(),
+            written: 0,
+            last_opened: 0,
+        }
+    }
+
+    fn at(&mut self, id: u32) -> Option<&mut Stream> {
+        self.streams.iter_mut().find(|s| s.id == id)
+    }
+
+    /// A request's HEADERS read on `id`: a new stream if above every one before (trailers, and a
+    /// stream already ended, are not).
+    fn opened(&mut self, id: u32) {
+        if id % 2 == 1 && id > self.last_opened {
+            self.last_opened = id;
+            self.streams.push(Stream {
+                id,
+                window: self.initial,
+                written: 0,
+                answered: false,
+                under_way: false,
+                held: Held::default(),
+            });
+        }
+    }
+
+    /// The stream `id`'s response ended (END_STREAM written, RST_STREAM either way); whether it
+    /// was under way.
+    fn ended(&mut self, id: u32) -> bool {
+        match self.streams.iter().position(|s| s.id == id) {
+            Some(i) => self.streams.swap_remove(i).under_way,
+            None => false,
+        }
+    }
+
+    /// The client's SETTINGS: a new initial window changes every stream's by the difference
+    /// (RFC 9113 6.9.2).
+    fn settings(&mut self, payload: &[u8]) {
+        for entry in payload.chunks_exact(6) {
+            if u16::from_be_bytes([entry[0], entry[1]]) == 0x4 {
+                let size = i64::from(u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]));
+                let delta = size - self.initial;
+                self.initial = size;
+                for s in &mut self.streams {
+                    s.window += delta;
+                }
+            }
+        }
+    }
+
+    /// The client's WINDOW_UPDATE on `id` (0: the connection's).
+    fn update(&mut self, id: u32, payload: &[u8]) {
+        let Ok(increment) = <[u8; 4]>::try_from(payload) else {
+            return;
+        };
+        let increment = i64::from(u32::from_be_bytes(increment) & 0x7fff_ffff);
+        if id == 0 {
+            self.connection += increment;
+        } else if let Some(s) = self.at(id) {
+            s.window += increment;
+        }
+    }
+
+    /// DATA of `len` bytes written on `id`.
+    fn data(&mut self, id: u32, len: u64) {
+        self.connection -= len as i64;
+        self.written += len;
+        if let Some(s) = self.at(id) {
+            s.window -= len as i64;
+            s.written += len;
+        }
+    }
+
+    /// Since when (ms) the longest-held response has been held by a window, looking at each
+    /// again (see [`Held::review`]); [`super::NEVER`] if none is.
+    fn held_since(&mut self, now: &mut impl FnMut() -> u64) -> u64 {
+        let mut answered = false;
+        let mut since = super::NEVER;
+        for s in &mut self.streams {
+            answered |= s.answered;
+            s.held.review(s.window, s.written, s.answered, &mut *now);
+            if let Some((t, _)) = s.held.0 {
+                since = since.min(t);
+            }
+        }
+        self.connection_held
+            .review(self.connection, self.written, answered, &mut *now);
+        if let Some((t, _)) = self.connection_held.0 {
+            since = since.min(t);
+        }
+        since
+    }
 }
 
 enum Phase {
@@ -164,9 +356,7 @@ pub struct Frames<S> {
     read: Cursor,
     written: Cursor,
     budget: Budget,
-    /// The streams whose response body is under way on the wire and not ended (see
-    /// `Activity::open_streams`).
-    open: Vec<u32>,
+    windows: Windows,
     activity: Arc<Activity>,
 }
 
@@ -178,7 +368,7 @@ impl<S> Frames<S> {
         Frames {
             inner,
             phase: Phase::Preface(PREFACE.len()),
-            read: Cursor::default(),
+            read: Cursor::keeping(),
             written: Cursor::default(),
             budget: Budget {
                 spent: 0,
@@ -187,37 +377,47 @@ impl<S> Frames<S> {
                 opened: super::clock::now(),
                 last_stream: 0,
             },
-            open: Vec::new(),
+            windows: Windows::new(),
             activity,
         }
     }
 
     /// Follow `data`, written to the client: the response bodies under way and ended on the
-    /// wire, the DATA written.
+    /// wire, the DATA written, the windows it took.
     fn follow_written(&mut self, data: &[u8]) {
-        let open = &mut self.open;
+        let windows = &mut self.windows;
         let mut bytes = 0u64;
         let mut control = 0u64;
         let mut ended = 0;
-        self.written.feed(data, |h| {
+        self.written.feed(data, |seen| {
+            let Seen::Header(h) = seen else {
+                return;
+            };
             let ends = h.flags & 0x1 != 0;
-            if h.kind != 0x0 {
-                control += 9 + h.len as u64;
-            }
-            let closed = match h.kind {
+            match h.kind {
                 0x0 => {
                     bytes += h.len as u64;
-                    response(open, h.stream, !ends)
+                    windows.data(h.stream, h.len as u64);
+                    if !ends && let Some(s) = windows.at(h.stream) {
+                        s.under_way = true;
+                    }
                 }
-                0x1 if ends => response(open, h.stream, false),
-                0x3 => response(open, h.stream, false),
+                _ => control += 9 + h.len as u64,
+            }
+            let closed = match h.kind {
+                0x0 | 0x1 if ends => windows.ended(h.stream),
+                0x3 => windows.ended(h.stream),
+                0x1 => {
+                    if let Some(s) = windows.at(h.stream) {
+                        s.answered = true;
+                    }
+                    false
+                }
                 _ => false,
             };
             ended += usize::from(closed);
         });
-        self.activity
-            .open_streams
-            .store(self.open.len(), Ordering::Relaxed);
+        self.settle();
         for _ in 0..ended {
             self.activity.stream_ended();
         }
@@ -233,6 +433,18 @@ impl<S> Frames<S> {
         }
     }
 
+    /// Tell the watchdog what the windows and the streams under way are now.
+    fn settle(&mut self) {
+        let activity = &self.activity;
+        let under_way = self.windows.streams.iter().filter(|s| s.under_way).count();
+        activity.open_streams.store(under_way, Ordering::Relaxed);
+        let mut now = None;
+        let since = self
+            .windows
+            .held_since(&mut || *now.get_or_insert_with(|| activity.now_ms()));
+        activity.window_held_ms.store(since, Ordering::Relaxed);
+    }
+
     /// Follow `data`, read from the client; false once the connection is overdrawn.
     fn follow(&mut self, mut data: &[u8]) -> bool {
         if let Phase::Preface(left) = &mut self.phase {
@@ -246,13 +458,25 @@ impl<S> Frames<S> {
         }
         let budget = &mut self.budget;
         let activity = &self.activity;
-        let open = &mut self.open;
+        let windows = &mut self.windows;
         let mut overdrawn = false;
+        let mut ended = 0;
         let sent = activity.sent.load(Ordering::Relaxed);
-        self.read.feed(data, |h| {
-            if h.kind == 0x3 && response(open, h.stream, false) {
-                activity.open_streams.store(open.len(), Ordering::Relaxed);
-                activity.stream_ended();
+        self.read.feed(data, |seen| {
+            let h = match seen {
+                Seen::Header(h) => h,
+                Seen::Payload(h, payload) => {
+                    match h.kind {
+                        0x4 => windows.settings(payload),
+                        _ => windows.update(h.stream, payload),
+                    }
+                    return;
+                }
+            };
+            match h.kind {
+                0x1 => windows.opened(h.stream),
+                0x3 => ended += usize::from(windows.ended(h.stream)),
+                _ => {}
             }
             // A header block is a head too: from a HEADERS frame without END_HEADERS to the
             // CONTINUATION with it (nothing may come between them); the preface's deadline
@@ -265,6 +489,10 @@ impl<S> Frames<S> {
             budget.charge(h);
             overdrawn = overdrawn || budget.overdrawn(sent);
         });
+        self.settle();
+        for _ in 0..ended {
+            self.activity.stream_ended();
+        }
         !overdrawn
     }
 
@@ -378,9 +606,22 @@ mod tests {
         f
     }
 
+    /// The client's requests on `streams` (HEADERS with END_STREAM).
+    fn requests(f: &mut Frames<()>, streams: &[u32]) {
+        for s in streams {
+            assert!(f.follow(&frame(0x1, 0x5, *s, &[0x82; 4])));
+        }
+    }
+
+    fn held(f: &Frames<()>) -> Option<u64> {
+        let t = f.activity.window_held_ms.load(Ordering::Relaxed);
+        (t != super::super::NEVER).then_some(t)
+    }
+
     #[test]
     fn response_bodies_under_way_are_followed_across_writes_and_resets() {
         let mut f = frames();
+        requests(&mut f, &[1, 3, 5, 7]);
         let open = |f: &Frames<()>| f.activity.open_streams.load(Ordering::Relaxed);
         // A final head, then DATA, split anywhere.
         let mut out = frame(0x1, 0x4, 1, b"head");
@@ -405,6 +646,98 @@ mod tests {
         f.follow_written(&frame(0x3, 0, 7, &8u32.to_be_bytes()));
         assert_eq!(open(&f), 0);
         assert_eq!(f.activity.data_written.load(Ordering::Relaxed), 19);
+        // DATA h2 writes on a stream the client has just reset (before it read the reset) and
+        // trailers on a stream that has ended open nothing again.
+        f.follow_written(&frame(0x0, 0, 1, &[7u8; 3]));
+        assert!(f.follow(&frame(0x1, 0x5, 3, b"trailers")));
+        f.follow_written(&frame(0x0, 0, 3, &[7u8; 3]));
+        assert_eq!(open(&f), 0);
+        assert!(f.windows.streams.is_empty());
+    }
+
+    #[test]
+    fn a_response_held_by_its_window_is_held_until_a_piece_moves_or_the_window_opens() {
+        let mut f = frames();
+        // The client's initial window: 1 000 bytes (SETTINGS split across reads).
+        let settings = frame(0x4, 0, 0, &[0, 4, 0, 0, 0x03, 0xe8]);
+        assert!(f.follow(&settings[..7]));
+        assert!(f.follow(&settings[7..]));
+        requests(&mut f, &[1, 3]);
+        assert_eq!(held(&f), None);
+        // Stream 1 answered and its window used up: held; stream 3 answered, window left.
+        f.follow_written(&frame(0x1, 0x4, 1, b"head"));
+        f.follow_written(&frame(0x1, 0x4, 3, b"head"));
+        assert_eq!(held(&f), None);
+        f.follow_written(&frame(0x0, 0, 1, &[7u8; 1000]));
+        let first = held(&f).expect("a response at a zero window is held");
+        // A byte of window at a time does not change when it began.
+        for _ in 0..5 {
+            assert!(f.follow(&frame(0x8, 0, 1, &1u32.to_be_bytes())));
+            f.follow_written(&frame(0x0, 0, 1, &[7u8; 1]));
+            assert_eq!(held(&f), Some(first));
+        }
+        // The window opened by a piece or more: no longer held.
+        assert!(f.follow(&frame(0x8, 0, 1, &(PIECE as u32).to_be_bytes())));
+        assert_eq!(held(&f), None);
+        // Used up again, then a piece let out a few KB at a time: a new start.
+        f.follow_written(&frame(0x0, 0, 1, &vec![7u8; PIECE]));
+        let again = held(&f).expect("held again");
+        assert_eq!(
+            f.windows.at(1).unwrap().held.0.unwrap().1,
+            1005 + PIECE as u64
+        );
+        for _ in 0..4 {
+            assert!(f.follow(&frame(0x8, 0, 1, &4096u32.to_be_bytes())));
+            f.follow_written(&frame(0x0, 0, 1, &[7u8; 4096]));
+        }
+        assert!(held(&f).is_some_and(|t| t >= again));
+        assert_eq!(
+            f.windows.at(1).unwrap().held.0.unwrap().1,
+            1005 + 2 * PIECE as u64,
+            "a piece moved: a new start"
+        );
+        // A new initial window larger by a piece opens every stream's window with it.
+        let grown = (1000 + PIECE as u32).to_be_bytes();
+        assert!(f.follow(&frame(
+            0x4,
+            0,
+            0,
+            &[0, 4, grown[0], grown[1], grown[2], grown[3]]
+        )));
+        assert_eq!(f.windows.at(1).unwrap().window, PIECE as i64);
+        assert_eq!(held(&f), None);
+        // Its end: nothing held.
+        f.follow_written(&frame(0x0, 0, 1, &vec![7u8; PIECE]));
+        assert!(held(&f).is_some());
+        f.follow_written(&frame(0x0, 0x1, 1, &[]));
+        assert_eq!(held(&f), None);
+        // A SETTINGS acknowledgement changes nothing; a window below zero (a smaller initial
+        // window) holds.
+        assert!(f.follow(&frame(0x4, 0x1, 0, &[])));
+        assert!(f.follow(&frame(0x4, 0, 0, &[0, 4, 0, 0, 0, 0])));
+        assert_eq!(f.windows.at(3).unwrap().window, 0);
+        assert!(held(&f).is_some());
+        assert!(f.follow(&frame(0x3, 0, 3, &8u32.to_be_bytes())));
+        assert_eq!(held(&f), None);
+    }
+
+    #[test]
+    fn a_connection_window_used_up_holds_the_responses_waiting_on_it() {
+        let mut f = frames();
+        assert!(f.follow(&frame(0x4, 0, 0, &[0, 4, 0, 0x10, 0, 0])));
+        requests(&mut f, &[1]);
+        f.follow_written(&frame(0x1, 0x4, 1, b"head"));
+        // 65 535 bytes: the connection's window, not the stream's (1 MiB).
+        for _ in 0..3 {
+            f.follow_written(&frame(0x0, 0, 1, &vec![7u8; 16384]));
+        }
+        assert_eq!(held(&f), None);
+        f.follow_written(&frame(0x0, 0, 1, &vec![7u8; 16383]));
+        assert!(held(&f).is_some());
+        assert!(f.follow(&frame(0x8, 0, 0, &100u32.to_be_bytes())));
+        assert!(held(&f).is_some());
+        assert!(f.follow(&frame(0x8, 0, 0, &(PIECE as u32).to_be_bytes())));
+        assert_eq!(held(&f), None);
     }
 
     #[test]

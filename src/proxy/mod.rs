@@ -571,11 +571,13 @@ pub struct Activity {
     pub sent: AtomicU64,
     /// HTTP/2: the streams whose response body is under way on the wire (DATA written) and not
     /// ended (no END_STREAM written, no RST_STREAM either way), as `frames` follows them; and
-    /// the DATA bytes written. More such streams than response bodies being sent: h2 keeps the
-    /// end of a body that is done as far as regobox knows, waiting for the client's window (see
-    /// [`Activity::send_stalled`]).
+    /// the DATA bytes written.
     pub open_streams: AtomicUsize,
     pub data_written: AtomicU64,
+    /// HTTP/2: since when (ms) a response has been held back by its stream's send window or
+    /// the connection's, as `frames` follows them ([`NEVER`]: none is; see
+    /// [`Activity::send_stalled`]).
+    pub window_held_ms: AtomicU64,
     /// HTTP/2: the bytes of frames other than DATA written to the client (`frames` counts
     /// them), and their count at the last look (see [`Activity::send_stalled`]).
     pub control_written: AtomicU64,
@@ -583,10 +585,6 @@ pub struct Activity {
     /// Bytes of the socket's send queue that its shrinking must go past before it counts as
     /// the client taking a response (see [`Activity::send_stalled`]).
     debt: AtomicU64,
-    /// Since when (ms) a response's end has been kept by h2 with no progress ([`NEVER`]: none
-    /// is), and the DATA bytes written then (see [`Activity::send_stalled`]).
-    kept_since_ms: AtomicU64,
-    kept_written: AtomicU64,
     /// The last write to the client could not go out (its socket is full).
     write_blocked: AtomicBool,
     /// When a request last began or ended (see [`Activity::quiet_for`]).
@@ -798,11 +796,10 @@ impl Activity {
             sent: AtomicU64::new(0),
             open_streams: AtomicUsize::new(0),
             data_written: AtomicU64::new(0),
-            kept_since_ms: AtomicU64::new(NEVER),
+            window_held_ms: AtomicU64::new(NEVER),
             control_written: AtomicU64::new(0),
             control_seen: AtomicU64::new(0),
             debt: AtomicU64::new(0),
-            kept_written: AtomicU64::new(0),
             write_blocked: AtomicBool::new(false),
             request_ms: AtomicU64::new(0),
             fd: std::sync::atomic::AtomicI32::new(-1),
@@ -838,39 +835,30 @@ impl Activity {
     /// a response waits are a debt, [`CONTROL_WEIGHT`] bytes a byte (what the TLS record around
     /// a lone small frame costs), that the queue's shrinking pays before it counts.
     ///
-    /// Over HTTP/2 a response's body is done once its last piece is handed to hyper, which
-    /// lets it go as soon as the stream's window has room for one byte; h2 keeps the rest (one
-    /// piece at most) until the window opens. Such a response shows as a stream open on the
-    /// wire with no body left ([`Activity::open_streams`] above the responses being sent): it
-    /// waits for the client too, and must be taken as a piece must: a piece's worth of DATA
-    /// written within `limit`, or every such end taken (a byte of window at a time, or a small
-    /// response ended now and then, does not hold the connection: an attacker's, nineteenth
-    /// session). (A body still being sent that has written no DATA yet, one waiting for the
-    /// application, makes up for one kept that way: not seen then; no connection is cut for
-    /// it.)
+    /// Over HTTP/2 that is the connection's queue: a client taking one stream's response (or
+    /// a few bytes of the queue now and then) made it shrink while it held its other streams at
+    /// a zero window, and their connections to the application, for ever (the last note's,
+    /// twentieth session). A stream's window is the client's choice, not its socket's pace: a
+    /// response held back by its window, or by the connection's, must move a piece of DATA
+    /// within `limit` whatever the queue does (`frames` keeps the windows: see
+    /// `frames::Held::review`). That also covers the end of a body h2 keeps for a window
+    /// once regobox has handed it over (done as far as the body knows).
     fn send_stalled(&self, limit: Duration) -> bool {
         let now = self.now_ms();
         let limit = limit.as_millis() as u64;
+        let held = self.window_held_ms.load(Ordering::Relaxed);
+        if held != NEVER && now.saturating_sub(held) >= limit {
+            return true;
+        }
         let mut sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
         sending.retain(|h| Arc::strong_count(h) > 1);
         let waiting = sending
             .iter()
             .any(|h| h.since_ms.load(Ordering::Relaxed) != NEVER);
-        let kept = self.open_streams.load(Ordering::Relaxed) > sending.len();
-        let written = self.data_written.load(Ordering::Relaxed);
-        if !kept {
-            self.kept_since_ms.store(NEVER, Ordering::Relaxed);
-        } else if self.kept_since_ms.load(Ordering::Relaxed) == NEVER
-            || written.saturating_sub(self.kept_written.load(Ordering::Relaxed))
-                >= forward::PIECE as u64
-        {
-            self.kept_since_ms.store(now, Ordering::Relaxed);
-            self.kept_written.store(written, Ordering::Relaxed);
-        }
         let control = self.control_written.load(Ordering::Relaxed);
         let control_new =
             control.saturating_sub(self.control_seen.swap(control, Ordering::Relaxed));
-        if !waiting && !kept {
+        if !waiting {
             // A wait's first look credits nothing: the queue counts from there.
             self.queued.store(0, Ordering::Relaxed);
             self.debt.store(0, Ordering::Relaxed);
@@ -897,19 +885,13 @@ impl Activity {
                             (s != NEVER).then_some(now)
                         });
                 }
-                if kept {
-                    self.kept_since_ms.store(now, Ordering::Relaxed);
-                    self.kept_written.store(written, Ordering::Relaxed);
-                }
                 return false;
             }
         }
-        let since_kept = self.kept_since_ms.load(Ordering::Relaxed);
-        (since_kept != NEVER && now.saturating_sub(since_kept) >= limit)
-            || sending.iter().any(|h| {
-                let since = h.since_ms.load(Ordering::Relaxed);
-                since != NEVER && now.saturating_sub(since) >= limit
-            })
+        sending.iter().any(|h| {
+            let since = h.since_ms.load(Ordering::Relaxed);
+            since != NEVER && now.saturating_sub(since) >= limit
+        })
     }
 
     /// Whether the connection is past one of its deadlines (checked every tick): idle with
