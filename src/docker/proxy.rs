@@ -1027,12 +1027,18 @@ impl Proxy {
         // turn until it has ended.
         let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let _stop = CancelOnDrop(cancel.clone());
-        let (context, text, turn) = tokio::task::spawn_blocking(move || {
-            render_context(spool, &dockerfile, &dir, max, &cancel).map(|(c, t)| (c, t, turn))
+        let args = build::build_args(&q);
+        let instance = self.instance.clone();
+        let (context, rendered, bases, turn) = tokio::task::spawn_blocking(move || {
+            render_context(spool, &dockerfile, &dir, max, &cancel, |text| {
+                let read = build::read_dockerfile(text, &args, &instance)?;
+                Ok((read.rendered, read.images))
+            })
+            .map(|(c, rendered, bases)| (c, rendered, bases, turn))
         })
         .await
         .map_err(|e| Refusal::Engine(format!("reading the build context: {e}")))??;
-        for base in build::dockerfile_images(&text, &build::build_args(&q))? {
+        for base in bases {
             let img = match self.owned_image_inspect(&base).await {
                 Ok(img) => img,
                 Err(Refusal::NotFound(_)) => {
@@ -1064,6 +1070,7 @@ impl Proxy {
         let tags: Vec<String> = q.all("t").map(str::to_string).collect();
         let mut forwarded = q;
         forwarded.remove("t");
+        forwarded.set("dockerfile", rendered);
         let q_path = format!("{path}?{}", forwarded.encode());
         let request = retarget(request, &q_path)?;
         let response = self.forward(request, Payload::Tar(Some(len)), None).await?;
@@ -1851,13 +1858,14 @@ impl Drop for CancelOnDrop {
 /// the context or replacing a directory that holds entries (the engine would write through the
 /// link or over what was read: `x -> .` then `x/Dockerfile`), a Dockerfile that is not a
 /// regular file, and one larger than [`MAX_DOCKERFILE`].
-fn render_context(
+fn render_context<T>(
     mut file: std::fs::File,
     name: &str,
     dir: &Path,
     max: u64,
     cancel: &std::sync::atomic::AtomicBool,
-) -> Result<(std::fs::File, String), Refusal> {
+    read: impl FnOnce(&str) -> Result<(String, T), Refusal>,
+) -> Result<(std::fs::File, String, T), Refusal> {
     use std::collections::BTreeSet;
     use std::io::{Read, Seek, Write};
     let err = |e: &dyn std::fmt::Display| {
@@ -2161,17 +2169,33 @@ fn render_context(
             }
         }
     }
-    builder
-        .into_inner()
-        .and_then(|mut w| w.flush())
-        .map_err(written)?;
     let text = found.into_iter().flatten().next().ok_or_else(|| {
         Refusal::BadRequest(format!(
             "the build context holds no {}",
             wanted.join(" or ")
         ))
     })?;
-    Ok((out, text))
+    // The Dockerfile the engine reads is regobox's rendering of it, under a name of regobox's
+    // (the client's stays in the context, for what copies it).
+    let (rendered, read) = read(&text)?;
+    let rendered_name = format!(".regobox-dockerfile-{:032x}", rand::random::<u128>());
+    if names.contains(&rendered_name) || implied.contains(&rendered_name) {
+        return Err(denied(format!(
+            "the build context holds {rendered_name}, a name regobox writes"
+        )));
+    }
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_mode(0o644);
+    header.set_size(rendered.len() as u64);
+    builder
+        .append_data(&mut header, &rendered_name, rendered.as_bytes())
+        .map_err(written)?;
+    builder
+        .into_inner()
+        .and_then(|mut w| w.flush())
+        .map_err(written)?;
+    Ok((out, rendered_name, read))
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response<Body> {

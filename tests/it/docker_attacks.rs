@@ -3280,3 +3280,114 @@ fn a_restart_waiting_for_its_job_holds_up_no_other_request() {
     assert_eq!(running.trim(), "true", "restarted");
     b.stop();
 }
+
+/// An attacker's finding (twentieth session): the engine commits an image for every step of a
+/// build, and the instance's label came only with the step the build's `labels` adds at the
+/// end. A build that failed kept its finished steps' images, and a multi-stage build its earlier
+/// stage's, untagged and unlabelled: the application could neither see nor remove them, and a
+/// loop of failed builds filled the host's disk. regobox now gives the engine its own rendering
+/// of the Dockerfile, with the label right after each `FROM`: every image a build commits is the
+/// instance's.
+#[test]
+fn every_image_a_build_commits_is_the_instances() {
+    let b = Bridged::start("");
+    let port = b.inst.port;
+    let base = format!("regobox-test/busybox:steps{port}");
+    b.import_busybox(&base);
+    let made = OnEngine::default();
+    let instance = std::fs::read_to_string(b.inst.secret("docker-instance")).unwrap();
+    let ctx = b.inst.dir.path().join("steps-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    // The images a build's output says it committed (` ---> <id>`), and its base's.
+    let base_id = image_id(&base);
+    let committed = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter_map(|l| l.trim().strip_prefix("---> "))
+            .filter(|id| id.len() == 12 && id.chars().all(|c| c.is_ascii_hexdigit()))
+            .filter(|id| !base_id.trim_start_matches("sha256:").starts_with(*id))
+            .map(str::to_string)
+            .collect()
+    };
+    let instances = |id: &str| {
+        let label = stdout(&engine(&[
+            "image",
+            "inspect",
+            "--format",
+            "{{index .Config.Labels \"regobox.instance\"}}",
+            id,
+        ]));
+        let (status, _) = raw(
+            &b.socket,
+            &format!(
+                "GET /v1.41/images/{id}/json HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        (label.trim() == instance.trim(), status)
+    };
+    // A build that fails after a step, and one of two stages whose first is only copied from;
+    // with continuation lines, a comment inside one, and a `FROM` with its stage name.
+    let stamp = format!("{port}");
+    for (name, dockerfile, succeeds) in [
+        (
+            "failed",
+            format!("FROM {base}\nRUN echo {stamp} \\\n# inside\n  > /x\nRUN false\n"),
+            false,
+        ),
+        (
+            "staged",
+            format!(
+                "FROM {base} AS first\nRUN echo {stamp} > /a\nFROM {base}\nCOPY --from=first /a /a\nRUN cat /a\n"
+            ),
+            true,
+        ),
+    ] {
+        std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
+        let tag = format!("regobox-test/steps-{name}:{port}");
+        made.image(&tag);
+        let out = b.cli(&["build", "-t", &tag, &ctx.display().to_string()]);
+        let text = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.success(), succeeds, "{name}: {text}");
+        let ids = committed(&text);
+        assert!(!ids.is_empty(), "{name}: {ids:?}\n{text}");
+        for id in &ids {
+            made.image(id);
+        }
+        for id in &ids {
+            assert_eq!(
+                instances(id),
+                (true, 200),
+                "{name}: the step image {id} is not the instance's\n{text}"
+            );
+        }
+        if succeeds {
+            // The file copied from the first stage, and the build's own tag.
+            let run = b.cli_ok(&["run", "--rm", &tag, "cat", "/a"]);
+            assert_eq!(run.trim(), stamp);
+        }
+        // The application may remove them all (children first: a step shared by both stages,
+        // from the cache, goes once neither stage's next step is left).
+        let mut left = ids.clone();
+        for _ in 0..ids.len() {
+            left.retain(|id| {
+                let (status, answer) = raw(
+                    &b.socket,
+                    &format!(
+                        "DELETE /v1.41/images/{id}?force=1 HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+                    ),
+                );
+                assert!(
+                    matches!(status, 200 | 404 | 409),
+                    "{name}: removing {id}: {status} {answer}"
+                );
+                status == 409
+            });
+        }
+        assert!(left.is_empty(), "{name}: not removed: {left:?}");
+        for id in &ids {
+            assert!(
+                !engine(&["image", "inspect", id]).status.success(),
+                "{name}: {id} is still on the engine"
+            );
+        }
+    }
+}

@@ -194,10 +194,19 @@ pub fn build_args(q: &Query) -> BTreeMap<String, String> {
 /// processing would remove (`http:\//host` is a URL to it). A stage is a name `COPY --from`
 /// or `FROM` may use once it is complete (the engine's rule): in its own stage, a stage's name
 /// is an image's.
-pub fn dockerfile_images(
+///
+/// Also renders the Dockerfile the engine is given: regobox's own serialisation of what it
+/// read (each instruction on a line of its own, as joined; the escape directive if it is not
+/// the default), with the instance's label set right after each `FROM`. The engine commits an
+/// image for every step: with the label only at the end (the build's `labels`), a build that
+/// failed or was left kept its finished steps' images, and a multi-stage build its earlier
+/// stages', untagged and unlabelled, which the application could neither see nor remove (an
+/// attacker's finding, twentieth session).
+pub fn read_dockerfile(
     text: &str,
     args: &BTreeMap<String, String>,
-) -> Result<Vec<String>, Denied> {
+    instance: &str,
+) -> Result<Dockerfile, Denied> {
     let field = "Dockerfile";
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut chars = text.chars().peekable();
@@ -307,6 +316,11 @@ pub fn dockerfile_images(
     let mut stage: Option<Option<String>> = None;
     let mut images = Vec::new();
     let mut seen_from = false;
+    let mut rendered = String::new();
+    if escape != '\\' {
+        rendered.push_str(&format!("# escape={escape}\n"));
+    }
+    let label = format!("LABEL {INSTANCE_LABEL}={}\n", label_value(instance, escape));
     let is_stage =
         |stages: &[Option<String>], name: &str| stages.iter().any(|s| s.as_deref() == Some(name));
     // Text the engine's word processing would change (quotes, escapes) is not read as regobox
@@ -334,6 +348,8 @@ pub fn dockerfile_images(
         Ok(())
     };
     for line in logical {
+        rendered.push_str(&line);
+        rendered.push('\n');
         let (instruction, operands) = match line.split_once([' ', '\t']) {
             Some((i, a)) => (i, a.trim_matches([' ', '\t'])),
             None => (line.as_str(), ""),
@@ -383,6 +399,7 @@ pub fn dockerfile_images(
             }
             "FROM" => {
                 seen_from = true;
+                rendered.push_str(&label);
                 if let Some(done) = stage.take() {
                     stages.push(done);
                 }
@@ -495,7 +512,43 @@ pub fn dockerfile_images(
             _ => {}
         }
     }
-    Ok(images)
+    Ok(Dockerfile { images, rendered })
+}
+
+/// What [`read_dockerfile`] read of a Dockerfile.
+#[derive(Debug)]
+pub struct Dockerfile {
+    /// The images it reads.
+    pub images: Vec<String>,
+    /// The Dockerfile the engine is given.
+    pub rendered: String,
+}
+
+/// `value` as a `LABEL` value: as it is when made of letters, digits and `._:-`, else in double
+/// quotes, with `"` and the escape character escaped.
+fn label_value(value: &str, escape: char) -> String {
+    if !value.is_empty()
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c))
+    {
+        return value.to_string();
+    }
+    let mut quoted = String::from('"');
+    for c in value.chars() {
+        if c == '"' || c == escape {
+            quoted.push(escape);
+        }
+        quoted.push(c);
+    }
+    quoted.push('"');
+    quoted
+}
+
+/// The images a Dockerfile reads (see [`read_dockerfile`]).
+#[cfg(test)]
+fn dockerfile_images(text: &str, args: &BTreeMap<String, String>) -> Result<Vec<String>, Denied> {
+    read_dockerfile(text, args, "i1").map(|d| d.images)
 }
 
 /// An import's `changes` (Dockerfile instructions applied to the image's configuration): those
@@ -701,6 +754,25 @@ mod tests {
         ] {
             assert!(parse(raw, "build", BUILD).is_err(), "{raw}");
         }
+    }
+
+    #[test]
+    fn the_dockerfile_given_to_the_engine_is_regobox_rendering_with_the_label_after_each_from() {
+        let read = read_dockerfile(
+            "\u{feff}# escape=`\r\nARG B=x\r\nFROM  a `\r\n# c\r\n  AS one\r\nRUN echo `\r\n\r\n hi\r\n\r\nfrom one\r\nCOPY --from=one /a /b\r\n",
+            &BTreeMap::new(),
+            "i1",
+        )
+        .unwrap();
+        assert_eq!(read.images, vec!["a".to_string()]);
+        assert_eq!(
+            read.rendered,
+            "# escape=`\nARG B=x\nFROM  a   AS one\nLABEL regobox.instance=i1\nRUN echo  hi\nfrom one\nLABEL regobox.instance=i1\nCOPY --from=one /a /b\n"
+        );
+        // A value that is not a plain word is quoted, its quotes and escapes escaped.
+        assert_eq!(label_value("a-b_c.d:1", '\\'), "a-b_c.d:1");
+        assert_eq!(label_value("a \"b\\", '\\'), "\"a \\\"b\\\\\"");
+        assert_eq!(label_value("", '`'), "\"\"");
     }
 
     #[test]
