@@ -594,6 +594,11 @@ pub struct Activity {
     fd: std::sync::atomic::AtomicI32,
     /// Bytes in that socket's send queue at the last look.
     queued: AtomicU64,
+    /// Past `idle_timeout`, what that queue held at the last look, and when it last shrank
+    /// ([`NEVER`]: not looked at since the connection was last busy; see
+    /// [`Activity::still_taking`]).
+    drain_queued: AtomicU64,
+    drain_ms: AtomicU64,
 }
 
 /// One response being sent: since when (ms on its connection's clock) a piece of it has waited
@@ -804,6 +809,8 @@ impl Activity {
             request_ms: AtomicU64::new(0),
             fd: std::sync::atomic::AtomicI32::new(-1),
             queued: AtomicU64::new(0),
+            drain_queued: AtomicU64::new(0),
+            drain_ms: AtomicU64::new(NEVER),
         })
     }
 
@@ -912,9 +919,34 @@ impl Activity {
             && self.open_streams.load(Ordering::Relaxed) == 0
             && self.quiet_for() >= cfg.idle_timeout
         {
+            if self.still_taking(cfg.idle_timeout) {
+                return Overdue::No;
+            }
             return Overdue::Idle;
         }
+        self.drain_ms.store(NEVER, Ordering::Relaxed);
         Overdue::No
+    }
+
+    /// Whether the client is still taking what was written to it: the socket's send queue not
+    /// empty, and shrunk within `limit`. A response is done for regobox once the kernel has it,
+    /// and the kernel may hold a slow client's seconds of it: a connection closed as idle
+    /// then lost the rest, and the client's next frame (an HTTP/2 WINDOW_UPDATE for what it
+    /// read) made the kernel reset it (an attacker's finding, twentieth session: downloads at
+    /// 19 KB/s cut short). A queue the client does not take for `limit` more is idle.
+    fn still_taking(&self, limit: Duration) -> bool {
+        let queued = send_queue(self.fd.load(Ordering::Relaxed)).unwrap_or(0);
+        if queued == 0 {
+            return false;
+        }
+        let now = self.now_ms();
+        let before = self.drain_queued.swap(queued, Ordering::Relaxed);
+        let since = self.drain_ms.load(Ordering::Relaxed);
+        if since == NEVER || queued < before {
+            self.drain_ms.store(now, Ordering::Relaxed);
+            return true;
+        }
+        now.saturating_sub(since) < limit.as_millis() as u64
     }
 
     /// A connection to the application for one of this connection's requests from `address`,

@@ -1142,8 +1142,13 @@ fn a_send_queue_kept_full_of_acknowledgements_does_not_hold_responses() {
 /// An HTTP/2 client over TLS whose socket's receive buffer is 1 KiB: what the server writes
 /// waits in its send queue.
 fn tiny_buffer_h2(port: u16, settings: &[(u16, u32)]) -> H2 {
+    small_buffer_h2(port, settings, 1024)
+}
+
+/// [`tiny_buffer_h2`] with a receive buffer of `buffer` bytes.
+fn small_buffer_h2(port: u16, settings: &[(u16, u32)], buffer: usize) -> H2 {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(1024).unwrap();
+    socket.set_recv_buffer_size(buffer).unwrap();
     let to: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     socket.connect(&to.into()).unwrap();
     let tcp: TcpStream = socket.into();
@@ -1225,6 +1230,60 @@ fn established(server: u16, client: u16) -> bool {
         let fields: Vec<&str> = line.split_whitespace().collect();
         port(fields[1]) == Some(server) && port(fields[2]) == Some(client) && fields[3] == "01"
     })
+}
+
+/// An attacker's finding (twentieth session): a response is done for regobox once the kernel
+/// has it, and the kernel may hold seconds of it for a slow client. The connection was closed as
+/// idle while the client was still taking them; its next WINDOW_UPDATE (for what it had read)
+/// made the kernel reset the connection, and the rest of the response was lost (downloads at 19
+/// KB/s cut short with `idle_timeout` at 3 s). A send queue that shrinks is a client still
+/// taking: not idle.
+#[test]
+fn what_the_kernel_still_holds_for_a_slow_client_is_not_cut_as_idle() {
+    let mut p = Proxied::start("redirect_http = false\nidle_timeout = \"1s\"");
+    // Windows wide enough for the whole response: regobox writes it at once.
+    let mut h = small_buffer_h2(p.https, &[(0x4, 1 << 20)], 16 * 1024);
+    h.send(0x8, 0, 0, &(1u32 << 20).to_be_bytes());
+    h.send(0x1, 0x5, 1, &request_block("GET", "/download?n=400000"));
+    let started = Instant::now();
+    let (mut got, mut ended) = (0usize, false);
+    // 16 KB every 0.4 s (40 KB/s), each acknowledged as a client does.
+    while !ended {
+        let (kind, flags, stream, payload) = h
+            .next()
+            .unwrap_or_else(|e| panic!("{got} bytes, then {e} after {:?}", started.elapsed()))
+            .unwrap_or_else(|| panic!("{got} bytes, then the end, after {:?}", started.elapsed()));
+        if kind == 0x0 && stream == 1 {
+            got += payload.len();
+            ended = flags & 0x1 != 0;
+            if !payload.is_empty() {
+                let credit = (payload.len() as u32).to_be_bytes();
+                h.send(0x8, 0, 0, &credit);
+                if !ended {
+                    h.send(0x8, 0, 1, &credit);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(400));
+        }
+    }
+    assert_eq!(got, 400_000);
+    assert!(
+        started.elapsed() > Duration::from_secs(4),
+        "taken in {:?}: the kernel held too little to test",
+        started.elapsed()
+    );
+    // Idle once taken: closed.
+    h.s.sock
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let closed = Instant::now();
+    while let Ok(Some(_)) = h.next() {}
+    assert!(
+        closed.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        closed.elapsed()
+    );
+    p.stop();
 }
 
 /// The last note's known limit (twentieth session): over HTTP/2 the send queue is the
