@@ -585,6 +585,9 @@ pub struct Activity {
     /// Bytes of the socket's send queue that its shrinking must go past before it counts as
     /// the client taking a response (see [`Activity::send_stalled`]).
     debt: AtomicU64,
+    /// What the queue's shrinking paid beyond that and has not yet credited to a response
+    /// (less than a piece; see [`Activity::send_stalled`]).
+    credit: AtomicU64,
     /// The last write to the client could not go out (its socket is full).
     write_blocked: AtomicBool,
     /// When a request last began or ended (see [`Activity::quiet_for`]).
@@ -805,6 +808,7 @@ impl Activity {
             control_written: AtomicU64::new(0),
             control_seen: AtomicU64::new(0),
             debt: AtomicU64::new(0),
+            credit: AtomicU64::new(0),
             write_blocked: AtomicBool::new(false),
             request_ms: AtomicU64::new(0),
             fd: std::sync::atomic::AtomicI32::new(-1),
@@ -833,8 +837,13 @@ impl Activity {
     ///
     /// A piece waits while the socket is full, and the kernel reports room only once a third of
     /// its send buffer (megabytes) has drained: a steady reader at tens of KB/s would take
-    /// longer than the deadline. So the socket's send queue is read too: when it shrank since
-    /// the last look, the client is taking, and the waiting pieces count from now. Over HTTP/2
+    /// longer than the deadline. So the socket's send queue is read too: what it shrank by since
+    /// the last look is what the client took, and each piece's worth of it ([`forward::PIECE`])
+    /// makes a waiting response, the longest waiting first, count from now. (It was every
+    /// waiting response for any shrinking: over HTTP/2, a client reading 700 B/s with its
+    /// windows wide open held 63 streams, and their connections to the application, for a
+    /// minute at a send_timeout of 4 s: an attacker's, twentieth session. Now each response
+    /// waiting must be taken at a piece per `limit`, 273 B/s at the default.) Over HTTP/2
     /// the queue also holds what the client made regobox write without asking for a response
     /// (PING and SETTINGS acknowledgements, heads of empty responses): a queue kept full of
     /// those and drained a little at a time held responses, and their connections to the
@@ -869,6 +878,7 @@ impl Activity {
             // A wait's first look credits nothing: the queue counts from there.
             self.queued.store(0, Ordering::Relaxed);
             self.debt.store(0, Ordering::Relaxed);
+            self.credit.store(0, Ordering::Relaxed);
             return false;
         }
         if let Some(queued) = send_queue(self.fd.load(Ordering::Relaxed)) {
@@ -884,15 +894,32 @@ impl Activity {
                 },
                 Ordering::Relaxed,
             );
-            if shrank > debt {
-                for h in sending.iter() {
-                    let _ = h
-                        .since_ms
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
-                            (s != NEVER).then_some(now)
-                        });
-                }
-                return false;
+            let piece = forward::PIECE as u64;
+            let credit = self.credit.load(Ordering::Relaxed) + shrank.saturating_sub(debt);
+            let pieces = (credit / piece) as usize;
+            let mut waiting: Vec<(u64, &Arc<Handover>)> = sending
+                .iter()
+                .map(|h| (h.since_ms.load(Ordering::Relaxed), h))
+                .filter(|(since, _)| *since != NEVER)
+                .collect();
+            // Nothing is banked beyond the responses waiting now.
+            self.credit.store(
+                if pieces >= waiting.len() {
+                    0
+                } else {
+                    credit % piece
+                },
+                Ordering::Relaxed,
+            );
+            if pieces < waiting.len() {
+                waiting.sort_unstable_by_key(|(since, _)| *since);
+            }
+            for (_, h) in waiting.iter().take(pieces) {
+                let _ = h
+                    .since_ms
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                        (s != NEVER).then_some(now)
+                    });
             }
         }
         sending.iter().any(|h| {

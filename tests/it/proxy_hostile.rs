@@ -1147,8 +1147,16 @@ fn tiny_buffer_h2(port: u16, settings: &[(u16, u32)]) -> H2 {
 
 /// [`tiny_buffer_h2`] with a receive buffer of `buffer` bytes.
 fn small_buffer_h2(port: u16, settings: &[(u16, u32)], buffer: usize) -> H2 {
+    segmented_h2(port, settings, buffer, None)
+}
+
+/// [`small_buffer_h2`], its segments of `mss` bytes at most if given.
+fn segmented_h2(port: u16, settings: &[(u16, u32)], buffer: usize, mss: Option<u32>) -> H2 {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(buffer).unwrap();
+    if let Some(mss) = mss {
+        socket.set_mss(mss).unwrap();
+    }
     let to: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     socket.connect(&to.into()).unwrap();
     let tcp: TcpStream = socket.into();
@@ -1174,11 +1182,22 @@ fn drained_slowly(h: &mut H2, mut each: impl FnMut(&mut H2)) -> Option<Duration>
     drained(h, 4000, Duration::from_millis(1200), &mut each)
 }
 
-/// [`drained_slowly`], `bytes` at most drained every `every` and a half (`each` as often).
+/// [`drained_slowly`], `bytes` at most drained every two and a quarter `every` (`each` as often).
 fn drained(
     h: &mut H2,
     bytes: usize,
     every: Duration,
+    each: &mut dyn FnMut(&mut H2),
+) -> Option<Duration> {
+    drained_for(h, bytes, every, Duration::from_secs(20), each)
+}
+
+/// [`drained`] for `within`.
+fn drained_for(
+    h: &mut H2,
+    bytes: usize,
+    every: Duration,
+    within: Duration,
     each: &mut dyn FnMut(&mut H2),
 ) -> Option<Duration> {
     let started = Instant::now();
@@ -1188,7 +1207,7 @@ fn drained(
     let (client, server) = (sock.local_addr().unwrap(), sock.peer_addr().unwrap());
     let mut raw = vec![0u8; bytes];
     let mut plain = [0u8; 16384];
-    while started.elapsed() < Duration::from_secs(20) {
+    while started.elapsed() < within {
         if !established(server.port(), client.port()) {
             return Some(started.elapsed());
         }
@@ -1202,11 +1221,15 @@ fn drained(
         match sock.read(&mut raw) {
             Ok(0) => return Some(started.elapsed()),
             Ok(n) => {
-                h.s.conn.read_tls(&mut &raw[..n]).unwrap();
-                if h.s.conn.process_new_packets().is_err() {
-                    return Some(started.elapsed());
+                // rustls takes at most a record's worth at a time.
+                let mut left = &raw[..n];
+                while !left.is_empty() {
+                    h.s.conn.read_tls(&mut left).unwrap();
+                    if h.s.conn.process_new_packets().is_err() {
+                        return Some(started.elapsed());
+                    }
+                    while matches!(h.s.conn.reader().read(&mut plain), Ok(k) if k > 0) {}
                 }
-                while matches!(h.s.conn.reader().read(&mut plain), Ok(k) if k > 0) {}
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
             Err(_) => return Some(started.elapsed()),
@@ -1214,6 +1237,51 @@ fn drained(
         std::thread::sleep(every / 4 * 5);
     }
     None
+}
+
+/// An attacker's finding (twentieth session): any shrinking of the connection's send queue
+/// counted for every response waiting on it. A client with its windows wide open and a tiny
+/// receive buffer, reading 700 B/s, held 63 streams, and their connections to the application,
+/// for a minute at a send_timeout of 4 s. Each response waiting must now be taken at a piece
+/// per send_timeout: the shrinking credits one a piece. A client taking its streams at a
+/// reader's pace is not cut.
+#[test]
+fn a_slow_reader_does_not_hold_many_responses_with_its_windows_open() {
+    let mut p = Proxied::start(
+        "redirect_http = false\nidle_timeout = \"3s\"\nsend_timeout = \"4s\"\nupstream_max_per_connection = 64",
+    );
+    let wide = 0x7fff_ffffu32;
+    let streams = |h: &mut H2, n: u32| {
+        h.send(0x8, 0, 0, &(wide - 65_535).to_be_bytes());
+        for i in 0..n {
+            h.send(
+                0x1,
+                0x5,
+                1 + 2 * i,
+                &request_block("GET", "/download?n=200000000"),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    // 63 streams, 1 500 bytes taken every 1.5 s (the smallest receive buffer, segments of 536
+    // bytes: the queue shrinks at every look).
+    let mut h = segmented_h2(p.https, &[(0x4, wide)], 1, Some(536));
+    streams(&mut h, 63);
+    let cut = drained(&mut h, 1500, Duration::from_millis(660), &mut |_| {});
+    let cut = cut.unwrap_or_else(|| panic!("63 streams held for 20 s at 1 KB/s\n{}", p.stop()));
+    assert!(cut < Duration::from_secs(12), "cut after {cut:?}");
+    // 8 streams taken at about 150 KB/s (a piece per stream every second): kept for 10 s.
+    let mut h = small_buffer_h2(p.https, &[(0x4, wide)], 64 * 1024);
+    streams(&mut h, 8);
+    let cut = drained_for(
+        &mut h,
+        16_000,
+        Duration::from_millis(45),
+        Duration::from_secs(10),
+        &mut |_| {},
+    );
+    let log = p.stop();
+    assert_eq!(cut, None, "a reader at 150 KB/s was cut\n{log}");
 }
 
 /// Whether the connection from the local port `client` to the local port `server` is
