@@ -3340,6 +3340,16 @@ fn every_image_a_build_commits_is_the_instances() {
             ),
             true,
         ),
+        // A step longer than the engine's longest line once joined (an attacker's, on the
+        // rendering: the engine refused it), on lines it joins back.
+        (
+            "long",
+            format!(
+                "FROM {base}\nRUN true \\\n{}  && echo {stamp} > /a\n",
+                "  && echo 0123456789012345678901234567890123456789 > /dev/null \\\n".repeat(2000)
+            ),
+            true,
+        ),
     ] {
         std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
         let tag = format!("regobox-test/steps-{name}:{port}");
@@ -3348,10 +3358,10 @@ fn every_image_a_build_commits_is_the_instances() {
         let text = format!("{}{}", stdout(&out), String::from_utf8_lossy(&out.stderr));
         assert_eq!(out.status.success(), succeeds, "{name}: {text}");
         let ids = committed(&text);
-        assert!(!ids.is_empty(), "{name}: {ids:?}\n{text}");
         for id in &ids {
             made.image(id);
         }
+        assert!(!ids.is_empty(), "{name}: {ids:?}\n{text}");
         for id in &ids {
             assert_eq!(
                 instances(id),
@@ -3360,7 +3370,7 @@ fn every_image_a_build_commits_is_the_instances() {
             );
         }
         if succeeds {
-            // The file copied from the first stage, and the build's own tag.
+            // The file written (copied from the first stage), and the build's own tag.
             let run = b.cli_ok(&["run", "--rm", &tag, "cat", "/a"]);
             assert_eq!(run.trim(), stamp);
         }
@@ -3390,4 +3400,16 @@ fn every_image_a_build_commits_is_the_instances() {
             );
         }
     }
+    // A label of the application's own may not be the instance's (an attacker's: step images
+    // labelled with another value were no one's, or another instance's).
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {base}\nRUN true\nLABEL a=1 regobox.instance=other b=2\n"),
+    )
+    .unwrap();
+    let out = b.cli(&["build", &ctx.display().to_string()]);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("regobox.instance is regobox's"), "{said}");
+    assert!(!stdout(&out).contains("Step 1"), "{}", stdout(&out));
 }

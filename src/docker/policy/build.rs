@@ -348,8 +348,7 @@ pub fn read_dockerfile(
         Ok(())
     };
     for line in logical {
-        rendered.push_str(&line);
-        rendered.push('\n');
+        render_line(&mut rendered, &line, escape)?;
         let (instruction, operands) = match line.split_once([' ', '\t']) {
             Some((i, a)) => (i, a.trim_matches([' ', '\t'])),
             None => (line.as_str(), ""),
@@ -438,6 +437,29 @@ pub fn read_dockerfile(
                 };
                 stage = Some(name);
             }
+            "LABEL" => {
+                // Ownership is regobox's: no key a reading could take for the instance's (the
+                // engine substitutes variables and removes quotes and escapes in keys). Read as
+                // the engine's parser reads it: its words (quotes and escapes kept), a first
+                // word without `=` the old form `LABEL key value`.
+                let words = label_words(operands, escape);
+                let keys: Vec<&str> = match words.first() {
+                    Some(first) if !first.contains('=') => {
+                        operands.split([' ', '\t']).next().into_iter().collect()
+                    }
+                    _ => words.iter().filter_map(|w| w.split('=').next()).collect(),
+                };
+                for key in keys {
+                    if key.contains(['"', '\'', '$', escape]) || key == INSTANCE_LABEL {
+                        return Err(deny(
+                            field,
+                            format!(
+                                "LABEL {key:?}: the label {INSTANCE_LABEL} is regobox's, and a key with a variable, a quote or an escape is not read (the engine would read it otherwise)"
+                            ),
+                        ));
+                    }
+                }
+            }
             "COPY" => {
                 for flag in &flags {
                     ascii_flag("COPY", flag)?;
@@ -522,6 +544,97 @@ pub struct Dockerfile {
     pub images: Vec<String>,
     /// The Dockerfile the engine is given.
     pub rendered: String,
+}
+
+/// The words of a `LABEL`'s operands as the engine's parser splits them (its `parseWords`):
+/// at spaces and tabs outside quotes, an escape character keeping the character after it in
+/// the word (not in single quotes), quotes and escapes kept in the words.
+fn label_words(text: &str, escape: char) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut quote: Option<char> = None;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match quote {
+            None if c == ' ' || c == '\t' => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+                continue;
+            }
+            None => {
+                in_word = true;
+                if c == '"' || c == '\'' {
+                    quote = Some(c);
+                }
+                if c == escape {
+                    // An escape at the end is dropped.
+                    let Some(next) = chars.next() else { continue };
+                    word.push(c);
+                    word.push(next);
+                    continue;
+                }
+            }
+            Some(q) => {
+                if c == q {
+                    quote = None;
+                }
+                if c == escape && q != '\'' {
+                    let Some(next) = chars.next() else {
+                        quote = None;
+                        continue;
+                    };
+                    word.push(c);
+                    word.push(next);
+                    continue;
+                }
+            }
+        }
+        word.push(c);
+    }
+    if in_word {
+        words.push(word);
+    }
+    words
+}
+
+/// The engine's longest line (its scanner's buffer is 64 KiB).
+const ENGINE_LINE: usize = 65_535;
+
+/// `line` (an instruction as joined) rendered on one line, or, when longer than the engine
+/// takes, on continuation lines it joins back into the same: each piece but the last ends with
+/// the escape character, and a cut is made only where it cannot read otherwise (a piece does
+/// not end with the escape character, the next does not start as a comment or is not blank).
+fn render_line(rendered: &mut String, line: &str, escape: char) -> Result<(), Denied> {
+    let mut rest = line;
+    while rest.len() >= ENGINE_LINE {
+        let cut = (ENGINE_LINE / 2..ENGINE_LINE - 8)
+            .rev()
+            .filter(|k| rest.is_char_boundary(*k))
+            .find(|k| {
+                let (piece, next) = rest.split_at(*k);
+                let next = next.trim_start_matches([' ', '\t']);
+                !piece.ends_with(escape) && !next.is_empty() && !next.starts_with('#')
+            })
+            .ok_or_else(|| {
+                deny(
+                    "Dockerfile",
+                    format!(
+                        "has an instruction of {} bytes that cannot be cut into lines the engine takes",
+                        line.len()
+                    ),
+                )
+            })?;
+        rendered.push_str(&rest[..cut]);
+        rendered.push(escape);
+        rendered.push('\n');
+        rest = &rest[cut..];
+    }
+    rendered.push_str(rest);
+    rendered.push('\n');
+    Ok(())
 }
 
 /// `value` as a `LABEL` value: as it is when made of letters, digits and `._:-`, else in double
@@ -773,6 +886,79 @@ mod tests {
         assert_eq!(label_value("a-b_c.d:1", '\\'), "a-b_c.d:1");
         assert_eq!(label_value("a \"b\\", '\\'), "\"a \\\"b\\\\\"");
         assert_eq!(label_value("", '`'), "\"\"");
+    }
+
+    #[test]
+    fn no_label_key_a_reading_could_take_for_the_instances() {
+        let read = |text: &str| read_dockerfile(text, &BTreeMap::new(), "i1");
+        // An attacker's (twentieth session): each made step images labelled `evil`.
+        for label in [
+            "LABEL regobox.instance=evil",
+            "LABEL regobox\\.instance=evil",
+            "LABEL \"regobox\".instance=evil",
+            "LABEL regobox.instance evil",
+            "LABEL regobox.inst${NOPE}ance=evil",
+            "LABEL regobox.instanc\\e evil",
+            "LABEL $K=evil",
+            "LABEL ${K}=evil",
+            "LABEL a=1 regobox.instance=evil b=2",
+            "LABEL a=\"x\" regobox.instance=evil",
+            "LABEL 'regobox.instance'=evil",
+            "label regobox.instance=evil",
+        ] {
+            let text = format!("ARG K=regobox.instance\nFROM a\n{label}\n");
+            assert!(read(&text).is_err(), "{label}");
+        }
+        // With the backtick escape, a backslash is a character, a backtick escapes.
+        assert!(read("# escape=`\nFROM a\nLABEL regobox.`instance=evil\n").is_err());
+        // Labels of the application's own, values quoted, escaped, spaced (Docker's own
+        // example), the old form.
+        for label in [
+            "LABEL version=\"1.0\" description=\"This text illustrates \\\nthat label-values can span multiple lines.\"",
+            "LABEL a=1 b=\"x regobox.instance=y\" c='z = w'",
+            "LABEL description=\"a \\\"quoted\\\" = thing\"",
+            "LABEL maintainer me@example.org",
+            "LABEL regobox.instance.note=fine",
+        ] {
+            let text = format!("FROM a\n{label}\n");
+            assert!(read(&text).is_ok(), "{label}: {:?}", read(&text));
+        }
+    }
+
+    #[test]
+    fn an_instruction_longer_than_the_engine_takes_is_rendered_on_lines_it_joins_back() {
+        let run: String = (0..8000)
+            .map(|i| format!("echo {i} \\\n  && "))
+            .collect::<String>()
+            + "true\n";
+        let text = format!("FROM a\nRUN {run}");
+        let read = read_dockerfile(&text, &BTreeMap::new(), "i1").unwrap();
+        assert!(read.rendered.lines().all(|l| l.len() < ENGINE_LINE));
+        assert!(read.rendered.lines().count() > 3);
+        // Read again, the rendering renders the same: the same instructions.
+        let ours = "LABEL regobox.instance=i1\n";
+        let again =
+            read_dockerfile(&read.rendered.replace(ours, ""), &BTreeMap::new(), "i1").unwrap();
+        assert_eq!(again.rendered, read.rendered);
+        let joined = |r: &str| r.replace("\\\n", "");
+        assert_eq!(
+            joined(&read.rendered),
+            format!("FROM a\n{ours}RUN {}", run.replace("\\\n", ""))
+        );
+        // A piece never ends with the escape character, and the next never starts as a comment.
+        let tricky = format!("FROM a\nRUN {}\n", "x\\ #".repeat(40_000));
+        let read = read_dockerfile(&tricky, &BTreeMap::new(), "i1").unwrap();
+        for l in read.rendered.lines() {
+            assert!(l.len() < ENGINE_LINE);
+            assert!(!l.trim_start().starts_with('#') || l.starts_with("# escape"));
+        }
+        assert_eq!(
+            joined(&read.rendered),
+            format!(
+                "FROM a\nLABEL regobox.instance=i1\nRUN {}\n",
+                "x\\ #".repeat(40_000)
+            )
+        );
     }
 
     #[test]
