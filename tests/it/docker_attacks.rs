@@ -2435,6 +2435,35 @@ fn an_import_whose_body_stops_coming_is_cut_and_imports_nothing() {
     );
 }
 
+/// Waits (up to a minute) for the tag `tagged` on the engine, then for its image to be the
+/// instance's as regobox's socket says; returns the image's id (to be removed with `made`).
+fn tagged_and_the_instances(b: &Bridged, tagged: &str, made: &OnEngine, what: &str) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !engine(&["image", "inspect", tagged]).status.success() {
+        assert!(std::time::Instant::now() < deadline, "{what}: not tagged");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let imported = image_id(tagged);
+    made.image(&imported);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _) = raw(
+            &b.socket,
+            &format!(
+                "GET /v1.41/images/{imported}/json HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        if status == 200 {
+            return imported;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not the instance's: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// An import is the engine's once its body is sent: a client that sends the whole tar and hangs
 /// up at once, before the engine answers, leaves an image regobox finishes anyway, tagged and
 /// recorded as the application's (cut with the request, it was an image with no tag that the
@@ -2486,33 +2515,12 @@ fn an_import_whose_client_leaves_before_the_answer_is_finished_tagged_and_record
             conn.shutdown(std::net::Shutdown::Write).unwrap();
             std::mem::forget(conn);
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while !engine(&["image", "inspect", &tagged]).status.success() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "round {round}: an import whose client left before the answer was not tagged"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let imported = image_id(&tagged);
-        made.image(&imported);
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let (status, _) = raw(
-                &b.socket,
-                &format!(
-                    "GET /v1.41/images/{imported}/json HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
-                ),
-            );
-            if status == 200 {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "round {round}: an import whose client left is not the instance's: {status}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        tagged_and_the_instances(
+            &b,
+            &tagged,
+            &made,
+            &format!("round {round}: an import whose client left before the answer"),
+        );
         // The application may remove it, as any image it made.
         let (status, answer) = raw(
             &b.socket,
@@ -3177,36 +3185,12 @@ fn the_tags_made_at_the_end_are_the_finished_images_and_nothing_is_left_unowned(
         got.extend_from_slice(&buf[..n]);
     }
     drop(conn);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !engine(&["image", "inspect", &format!("{left}:x")])
-        .status
-        .success()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "an import whose client left was not tagged"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let imported = image_id(&format!("{left}:x"));
-    made.image(&imported);
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, _) = raw(
-            &b.socket,
-            &format!(
-                "GET /v1.41/images/{imported}/json HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
-            ),
-        );
-        if status == 200 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "an import whose client left is not the instance's: {status}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    tagged_and_the_instances(
+        &b,
+        &format!("{left}:x"),
+        &made,
+        "an import whose client left",
+    );
 
     // Names that read as an image id; an empty tag.
     let like_an_id = "a0dd48a413e2";
