@@ -588,6 +588,9 @@ pub struct Activity {
     /// What the queue's shrinking paid beyond that and has not yet credited to a response
     /// (less than a piece; see [`Activity::send_stalled`]).
     credit: AtomicU64,
+    /// Since when (ms) the queue has held bytes and not shrunk while responses wait ([`NEVER`]:
+    /// it has not; see [`Activity::send_stalled`]).
+    stuck_ms: AtomicU64,
     /// The last write to the client could not go out (its socket is full).
     write_blocked: AtomicBool,
     /// When a request last began or ended (see [`Activity::quiet_for`]).
@@ -809,6 +812,7 @@ impl Activity {
             control_seen: AtomicU64::new(0),
             debt: AtomicU64::new(0),
             credit: AtomicU64::new(0),
+            stuck_ms: AtomicU64::new(NEVER),
             write_blocked: AtomicBool::new(false),
             request_ms: AtomicU64::new(0),
             fd: std::sync::atomic::AtomicI32::new(-1),
@@ -879,6 +883,7 @@ impl Activity {
             self.queued.store(0, Ordering::Relaxed);
             self.debt.store(0, Ordering::Relaxed);
             self.credit.store(0, Ordering::Relaxed);
+            self.stuck_ms.store(NEVER, Ordering::Relaxed);
             return false;
         }
         if let Some(queued) = send_queue(self.fd.load(Ordering::Relaxed)) {
@@ -894,6 +899,20 @@ impl Activity {
                 },
                 Ordering::Relaxed,
             );
+            // The connection's own floor: a queue that does not move for `limit` while
+            // responses wait is a client that takes nothing, whichever responses wait (a
+            // client resetting each stream before its deadline and asking again held 60
+            // connections to the application with nothing taken: an attacker's, twentieth
+            // session).
+            if shrank > 0 || queued == 0 {
+                self.stuck_ms.store(NEVER, Ordering::Relaxed);
+            } else if self.stuck_ms.load(Ordering::Relaxed) == NEVER {
+                self.stuck_ms.store(now, Ordering::Relaxed);
+            }
+            let stuck = self.stuck_ms.load(Ordering::Relaxed);
+            if stuck != NEVER && now.saturating_sub(stuck) >= limit {
+                return true;
+            }
             let piece = forward::PIECE as u64;
             let credit = self.credit.load(Ordering::Relaxed) + shrank.saturating_sub(debt);
             let pieces = (credit / piece) as usize;
@@ -961,14 +980,16 @@ impl Activity {
     /// then lost the rest, and the client's next frame (an HTTP/2 WINDOW_UPDATE for what it
     /// read) made the kernel reset it (an attacker's finding, twentieth session: downloads at
     /// 19 KB/s cut short). A queue the client does not take for `limit` more is idle.
+    /// The queue's last shrinking counts as the connection's last move: a client that has just
+    /// taken the end of a response has `limit` to ask for the next.
     fn still_taking(&self, limit: Duration) -> bool {
         let queued = send_queue(self.fd.load(Ordering::Relaxed)).unwrap_or(0);
-        if queued == 0 {
-            return false;
-        }
         let now = self.now_ms();
         let before = self.drain_queued.swap(queued, Ordering::Relaxed);
         let since = self.drain_ms.load(Ordering::Relaxed);
+        if since == NEVER && queued == 0 {
+            return false;
+        }
         if since == NEVER || queued < before {
             self.drain_ms.store(now, Ordering::Relaxed);
             return true;
@@ -1497,12 +1518,25 @@ async fn serve_h1<S>(
         let Some(tcp) = io.get_ref().tcp() else {
             return;
         };
-        let idle_left = cfg.idle_timeout.saturating_sub(activity.quiet_for());
-        // (`proxy.force` is cancelled only after `shutdown`.)
-        tokio::select! {
-            r = tcp.readable() => if r.is_err() { return },
-            _ = tokio::time::sleep(idle_left) => return,
-            _ = shutdown.cancelled() => return,
+        // Idle at `idle_timeout`, unless the client is still taking what the kernel holds for
+        // it (see `Activity::still_taking`): looked at again every half second then.
+        loop {
+            let idle_left = cfg
+                .idle_timeout
+                .saturating_sub(activity.quiet_for())
+                .max(Duration::from_millis(500));
+            // (`proxy.force` is cancelled only after `shutdown`.)
+            tokio::select! {
+                r = tcp.readable() => if r.is_err() { return } else { break },
+                _ = tokio::time::sleep(idle_left) => {
+                    if activity.quiet_for() >= cfg.idle_timeout
+                        && !activity.still_taking(cfg.idle_timeout)
+                    {
+                        return;
+                    }
+                }
+                _ = shutdown.cancelled() => return,
+            }
         }
     }
 }

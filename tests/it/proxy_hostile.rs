@@ -1354,6 +1354,106 @@ fn what_the_kernel_still_holds_for_a_slow_client_is_not_cut_as_idle() {
     p.stop();
 }
 
+/// An attacker's finding (twentieth session): each response's deadline was its own, so a client
+/// that took nothing and reset each stream before its deadline, asking again at once, held 60
+/// connections to the application for as long as it went on. A send queue that does not move
+/// for send_timeout while responses wait is cut, whichever responses wait.
+#[test]
+fn a_client_that_takes_nothing_and_renews_its_streams_is_cut() {
+    let mut p =
+        Proxied::start("redirect_http = false\nidle_timeout = \"3s\"\nsend_timeout = \"4s\"");
+    let mut h = H2::connect(p.https, &[]);
+    h.send(0x8, 0, 0, &100_000_000u32.to_be_bytes());
+    let (client, server) = (
+        h.s.sock.local_addr().unwrap().port(),
+        h.s.sock.peer_addr().unwrap().port(),
+    );
+    let started = Instant::now();
+    let mut next = 1u32;
+    let mut open: Vec<u32> = Vec::new();
+    let mut cut = None;
+    // Eight streams, each reset after 2 s and asked again; nothing read.
+    while started.elapsed() < Duration::from_secs(20) {
+        if !established(server, client) {
+            cut = Some(started.elapsed());
+            break;
+        }
+        for stream in open.drain(..) {
+            let _ = h.s.write_all(&frame(0x3, 0, stream, &8u32.to_be_bytes()));
+        }
+        for _ in 0..8 {
+            let _ = h.s.write_all(&frame(
+                0x1,
+                0x5,
+                next,
+                &request_block("GET", "/download?n=50000000"),
+            ));
+            open.push(next);
+            next += 2;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let cut = cut.unwrap_or_else(|| panic!("held for 20 s with nothing taken\n{}", p.stop()));
+    assert!(cut < Duration::from_secs(12), "cut after {cut:?}");
+    p.stop();
+}
+
+/// The plain listener's parked connections too (an attacker's, on the change above): a
+/// response the kernel still holds for a slow client is not cut as idle, and the client has
+/// `idle_timeout` after it has taken it to ask for the next.
+#[test]
+fn a_parked_connection_is_not_idle_while_its_client_takes_what_the_kernel_holds() {
+    let mut p = Proxied::start("redirect_http = false\nidle_timeout = \"1s\"");
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let to: std::net::SocketAddr = format!("127.0.0.1:{}", p.http).parse().unwrap();
+    socket.connect(&to.into()).unwrap();
+    let mut s: TcpStream = socket.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /download?n=300000 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    // 8 KB every 0.25 s (32 KB/s): about 9 s, the response done for regobox long before.
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut piece = [0u8; 8192];
+    loop {
+        let n = s.read(&mut piece).unwrap();
+        assert!(
+            n > 0,
+            "closed after {} bytes, {:?}",
+            got.len(),
+            started.elapsed()
+        );
+        got.extend_from_slice(&piece[..n]);
+        let text = String::from_utf8_lossy(&got);
+        if let Some(head) = text.find("\r\n\r\n") {
+            if got.len() >= head + 4 + 300_000 {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        started.elapsed() > Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    // The next request, at once: answered on the same connection.
+    s.write_all(b"GET /job/next HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    while !String::from_utf8_lossy(&answer).contains("app: /job/next") {
+        let n = s.read(&mut piece).unwrap_or(0);
+        assert!(
+            n > 0,
+            "the next request unanswered: {}",
+            String::from_utf8_lossy(&answer)
+        );
+        answer.extend_from_slice(&piece[..n]);
+    }
+    p.stop();
+}
+
 /// The last note's known limit (twentieth session): over HTTP/2 the send queue is the
 /// connection's. A client that kept it shrinking by taking one stream's response slowly (or by
 /// giving the connection's window back a little at a time) held its other streams at a zero
