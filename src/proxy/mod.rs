@@ -960,9 +960,13 @@ impl Activity {
             }
             return Overdue::Cut;
         }
-        // A response on the wire (HTTP/2: its end kept for the client's window) is in flight.
+        // A response on the wire (HTTP/2: its end kept for the client's window) is in flight; a
+        // request head arriving is under `header_timeout`, not idle (an attacker's, twentieth
+        // session: the next request of a kept-alive connection sent in two pieces was cut
+        // between them).
         if self.in_flight.load(Ordering::Relaxed) == 0
             && self.open_streams.load(Ordering::Relaxed) == 0
+            && self.head_for().is_none()
             && self.quiet_for() >= cfg.idle_timeout
         {
             if self.still_taking(cfg.idle_timeout) {

@@ -1454,6 +1454,39 @@ fn a_parked_connection_is_not_idle_while_its_client_takes_what_the_kernel_holds(
     p.stop();
 }
 
+/// An attacker's finding (twentieth session): the next request of a kept-alive connection,
+/// begun once the connection was parked and sent in two pieces, was cut between them as idle.
+/// A request head arriving is under `header_timeout`, not `idle_timeout`.
+#[test]
+fn a_request_head_arriving_is_not_idle() {
+    let mut p = Proxied::start("redirect_http = false\nidle_timeout = \"3s\"");
+    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let answered = |s: &mut TcpStream, what: &str| {
+        let mut answer = Vec::new();
+        let mut piece = [0u8; 4096];
+        while !String::from_utf8_lossy(&answer).contains(&format!("app: {what}")) {
+            let n = s.read(&mut piece).unwrap_or(0);
+            assert!(
+                n > 0,
+                "{what} unanswered: {}",
+                String::from_utf8_lossy(&answer)
+            );
+            answer.extend_from_slice(&piece[..n]);
+        }
+    };
+    s.write_all(b"GET /job/first HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    answered(&mut s, "/job/first");
+    // Parked after a second; the next head begun at 1.5 s and ended at 4.5 s.
+    std::thread::sleep(Duration::from_millis(1500));
+    s.write_all(b"GET /job/split HTTP/1.1\r\n").unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    s.write_all(b"Host: localhost\r\n\r\n").unwrap();
+    answered(&mut s, "/job/split");
+    p.stop();
+}
+
 /// The last note's known limit (twentieth session): over HTTP/2 the send queue is the
 /// connection's. A client that kept it shrinking by taking one stream's response slowly (or by
 /// giving the connection's window back a little at a time) held its other streams at a zero
