@@ -2862,10 +2862,8 @@ fn a_name_a_build_reads_cannot_be_removed_under_it() {
     let victim = format!("regobox-test/victim-rd:{port}");
     made.image(&victim);
     foreign_image(b.inst.dir.path(), &victim, "the other's secret");
-    let victim_id = stdout(&engine(&[
-        "image", "inspect", "--format", "{{.Id}}", &victim,
-    ]));
-    let prefix = victim_id.trim().trim_start_matches("sha256:")[..12].to_string();
+    let victim_id = image_id(&victim);
+    let prefix = victim_id.trim_start_matches("sha256:")[..12].to_string();
     let own = format!("FROM {base}\nRUN echo mine > /mine\n");
     // A tag of the instance's named like the other image's id prefix: refused.
     made.image(&format!("{prefix}:latest"));
@@ -2923,12 +2921,7 @@ fn a_name_a_build_reads_cannot_be_removed_under_it() {
         stderr(&out)
     );
     // And the other image is still there, its tag untouched.
-    assert_eq!(
-        stdout(&engine(&[
-            "image", "inspect", "--format", "{{.Id}}", &victim
-        ])),
-        victim_id
-    );
+    assert_eq!(image_id(&victim), victim_id);
 }
 
 /// Attack (nineteenth session): the tag an import or a build makes was judged free when the
@@ -2951,12 +2944,7 @@ fn a_tag_made_on_the_host_while_an_import_or_a_build_runs_is_not_moved() {
     let hosts = format!("regobox-test/hosts-late:{port}");
     made.image(&hosts);
     foreign_image(b.inst.dir.path(), &hosts, "the host's");
-    let id_of = |name: &str| {
-        stdout(&engine(&["image", "inspect", "--format", "{{.Id}}", name]))
-            .trim()
-            .to_string()
-    };
-    let host_id = id_of(&hosts);
+    let host_id = image_id(&hosts);
     assert!(host_id.starts_with("sha256:"), "{host_id}");
 
     // An import: all but its last bytes, the host's tag, the rest.
@@ -2985,7 +2973,7 @@ fn a_tag_made_on_the_host_while_an_import_or_a_build_runs_is_not_moved() {
     conn.write_all(&tar[tar.len() - 10..]).unwrap();
     let (status, answer) = answer_on(&mut conn).unwrap();
     assert_eq!(
-        id_of(&format!("{victim}:x")),
+        image_id(&format!("{victim}:x")),
         host_id,
         "the host's tag was moved by the import: {answer}"
     );
@@ -3017,14 +3005,14 @@ fn a_tag_made_on_the_host_while_an_import_or_a_build_runs_is_not_moved() {
         &late,
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let cli_id = id_of(&late);
+    let cli_id = image_id(&late);
     made.image(&cli_id);
     assert!(cli_id.starts_with("sha256:") && cli_id != host_id);
 
     // A build whose step sleeps; the host tags the name while it runs.
     let stolen = format!("regobox-test/stolen-late:{port}");
     made.image(&stolen);
-    let base_id = id_of(&base);
+    let base_id = image_id(&base);
     let socket = b.socket.clone();
     let path = format!(
         "/v1.41/build?t={}&t=regobox-test/free-late:{port}&nocache=1",
@@ -3069,7 +3057,7 @@ fn a_tag_made_on_the_host_while_an_import_or_a_build_runs_is_not_moved() {
     let (status, answer) = build.join().unwrap();
     assert_eq!(status, 200, "{answer}");
     assert_eq!(
-        id_of(&stolen),
+        image_id(&stolen),
         host_id,
         "the host's tag was moved by the build: {answer}"
     );
@@ -3078,7 +3066,7 @@ fn a_tag_made_on_the_host_while_an_import_or_a_build_runs_is_not_moved() {
         "{answer}"
     );
     // The other tag, nobody's, was made on the build's image, and said as the engine says it.
-    let free = id_of(&format!("regobox-test/free-late:{port}"));
+    let free = image_id(&format!("regobox-test/free-late:{port}"));
     assert!(free.starts_with("sha256:") && free != host_id, "{free}");
     made.image(&free);
     assert!(
