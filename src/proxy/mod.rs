@@ -600,8 +600,8 @@ pub struct Activity {
     fd: std::sync::atomic::AtomicI32,
     /// Bytes in that socket's send queue at the last look.
     queued: AtomicU64,
-    /// Past `idle_timeout`, what that queue held at the last look, and when it last shrank
-    /// ([`NEVER`]: not looked at since the connection was last busy; see
+    /// Past `idle_timeout`, what that queue held when the client last took a piece of it, and
+    /// when ([`NEVER`]: not looked at since the connection was last busy; see
     /// [`Activity::still_taking`]).
     drain_queued: AtomicU64,
     drain_ms: AtomicU64,
@@ -979,24 +979,37 @@ impl Activity {
     }
 
     /// Whether the client is still taking what was written to it: the socket's send queue not
-    /// empty, and shrunk within `limit`. A response is done for regobox once the kernel has it,
-    /// and the kernel may hold a slow client's seconds of it: a connection closed as idle
-    /// then lost the rest, and the client's next frame (an HTTP/2 WINDOW_UPDATE for what it
-    /// read) made the kernel reset it (an attacker's finding, twentieth session: downloads at
-    /// 19 KB/s cut short). A queue the client does not take for `limit` more is idle.
-    /// The queue's last shrinking counts as the connection's last move: a client that has just
-    /// taken the end of a response has `limit` to ask for the next.
+    /// empty, and shrunk by a piece ([`forward::PIECE`]) or emptied within `limit`. A response
+    /// is done for regobox once the kernel has it, and the kernel may hold a slow client's
+    /// seconds of it: a connection closed as idle then lost the rest, and the client's next
+    /// frame (an HTTP/2 WINDOW_UPDATE for what it read) made the kernel reset it (an attacker's
+    /// finding, twentieth session: downloads at 19 KB/s cut short). A client must take a piece
+    /// of that queue within `limit`, as a response's within `send_timeout`: one draining it a
+    /// few bytes at a time held its connection for as long as the kernel had bytes for it
+    /// (490 B/s for 90 s seen). The queue's emptying counts as the connection's last move: a
+    /// client that has just taken the end of a response has `limit` to ask for the next.
     fn still_taking(&self, limit: Duration) -> bool {
         let queued = send_queue(self.fd.load(Ordering::Relaxed)).unwrap_or(0);
         let now = self.now_ms();
-        let before = self.drain_queued.swap(queued, Ordering::Relaxed);
         let since = self.drain_ms.load(Ordering::Relaxed);
-        if since == NEVER && queued == 0 {
-            return false;
-        }
-        if since == NEVER || queued < before {
+        // The queue when the client last took a piece of it (or emptied it).
+        let mark = self.drain_queued.load(Ordering::Relaxed);
+        let took = if since == NEVER {
+            queued > 0
+        } else {
+            (queued == 0 && mark > 0) || mark.saturating_sub(queued) >= forward::PIECE as u64
+        };
+        if took {
+            self.drain_queued.store(queued, Ordering::Relaxed);
             self.drain_ms.store(now, Ordering::Relaxed);
             return true;
+        }
+        if since == NEVER {
+            return false;
+        }
+        // What regobox wrote since (HTTP/2: a PING's answer) raises the mark, not the clock.
+        if queued > mark {
+            self.drain_queued.store(queued, Ordering::Relaxed);
         }
         now.saturating_sub(since) < limit.as_millis() as u64
     }

@@ -1454,6 +1454,53 @@ fn a_parked_connection_is_not_idle_while_its_client_takes_what_the_kernel_holds(
     p.stop();
 }
 
+/// An attacker's finding (twentieth session, left then): a connection with nothing in flight
+/// was held for as long as the kernel had bytes for its client, if the client drained them a
+/// few at a time (490 B/s for 90 s). A client must take a piece (16 KiB) of what the kernel
+/// holds within `idle_timeout`, as it must take a response's within `send_timeout`.
+#[test]
+fn a_client_draining_what_the_kernel_holds_a_few_bytes_at_a_time_is_idle() {
+    let mut p = Proxied::start("redirect_http = false\nidle_timeout = \"2s\"");
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4 * 1024).unwrap();
+    let to: std::net::SocketAddr = format!("127.0.0.1:{}", p.http).parse().unwrap();
+    socket.connect(&to.into()).unwrap();
+    let mut s: TcpStream = socket.into();
+    let (client, server) = (
+        s.local_addr().unwrap().port(),
+        s.peer_addr().unwrap().port(),
+    );
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /download?n=300000 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    // 200 bytes every 0.05 s (under 4 KB/s, the kernel's queue shrinking every second or so;
+    // the rule asks for 16 KiB in 2 s): over a minute to take it all.
+    let started = Instant::now();
+    let (mut got, mut piece) = (0usize, [0u8; 200]);
+    let mut cut = None;
+    while started.elapsed() < Duration::from_secs(30) {
+        if !established(server, client) {
+            cut = Some(started.elapsed());
+            break;
+        }
+        match s.read(&mut piece) {
+            Ok(n) if n > 0 => got += n,
+            _ => {
+                cut = Some(started.elapsed());
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cut = cut.unwrap_or_else(|| panic!("held for 30 s, {got} bytes taken\n{}", p.stop()));
+    assert!(got < 300_000, "the whole response taken ({got} bytes)");
+    assert!(
+        cut < Duration::from_secs(12),
+        "cut after {cut:?}, {got} bytes taken"
+    );
+    p.stop();
+}
+
 /// An attacker's finding (twentieth session): the next request of a kept-alive connection,
 /// begun once the connection was parked and sent in two pieces, was cut between them as idle.
 /// A request head arriving is under `header_timeout`, not `idle_timeout`.
