@@ -308,6 +308,14 @@ impl tokio::io::AsyncWrite for Counted {
     }
 }
 
+/// The request a stream's end belongs to, for the audit line of what is refused there (see
+/// [`Proxy::tag_at_end`]).
+struct Asked {
+    path: String,
+    endpoint: Endpoint,
+    started: Instant,
+}
+
 /// What one request did, for the audit line.
 struct Done {
     response: Response<Body>,
@@ -460,6 +468,11 @@ impl Proxy {
                     .await
             }
             Endpoint::ImageCreate => {
+                let asked = Asked {
+                    path: req.uri().path().to_string(),
+                    endpoint: ep,
+                    started: Instant::now(),
+                };
                 let q = query::parse(&raw_query, "an image create", query::IMAGE_CREATE)?;
                 let (reference, q) = self.check_image_create(q).await?;
                 // A pull's credentials in regobox's rendering; an import's tar streams through.
@@ -522,6 +535,7 @@ impl Proxy {
                                                     std::slice::from_ref(&reference),
                                                     "query.tag",
                                                     false,
+                                                    &asked,
                                                 )
                                                 .await;
                                         }
@@ -968,12 +982,16 @@ impl Proxy {
         references: &[String],
         rule: &str,
         say_tagged: bool,
+        asked: &Asked,
     ) -> Vec<u8> {
         let mut said = Vec::new();
         for reference in references {
             let (repo, tag) = image::split_tag(reference);
             let tagged = match self.tag_is_free_or_ours(reference, rule).await {
-                Err(refusal) => Err(refusal.message().to_string()),
+                Err(refusal) => {
+                    self.audit_at_end(asked, &refusal, id);
+                    Err(refusal.message().to_string())
+                }
                 Ok(()) => self
                     .docker
                     .tag_image(
@@ -1000,6 +1018,21 @@ impl Proxy {
         said
     }
 
+    /// A refusal at the end of a stream (`asked`'s), about the image `id`: audited like any
+    /// other (the request's own line, written when the stream began, said allow).
+    fn audit_at_end(&self, asked: &Asked, refusal: &Refusal, id: &str) {
+        self.audit(
+            &Method::POST,
+            &asked.path,
+            Some(asked.endpoint),
+            "deny",
+            Some(refusal.rule()),
+            Some(id),
+            refusal.status(),
+            asked.started,
+        );
+    }
+
     /// `POST /build`: the context is spooled to a file (up to `docker.max_build_context`), then
     /// the query judged, the Dockerfile read, the images it starts from and the tags it makes
     /// checked, then the file is forwarded.
@@ -1009,6 +1042,11 @@ impl Proxy {
         raw_query: &str,
         path: &str,
     ) -> Result<Done, Refusal> {
+        let asked = Asked {
+            path: req.uri().path().to_string(),
+            endpoint: Endpoint::Build,
+            started: Instant::now(),
+        };
         // The context is read whole before anything is judged (the Dockerfile is in it).
         let (parts, body) = req.into_parts();
         let (spool, turn) = self.spool(body, "the build context").await?;
@@ -1101,8 +1139,15 @@ impl Proxy {
                     // tag is made.
                     let said = match proxy.owned_image_inspect(&id).await {
                         // A quiet build's output is its image's id alone (scripts read it).
-                        Ok(_) => proxy.tag_at_end(&id, &tags, "query.t", !quiet).await,
-                        Err(refusal) => stream_error(refusal.message()),
+                        Ok(_) => {
+                            proxy
+                                .tag_at_end(&id, &tags, "query.t", !quiet, &asked)
+                                .await
+                        }
+                        Err(refusal) => {
+                            proxy.audit_at_end(&asked, &refusal, &id);
+                            stream_error(refusal.message())
+                        }
                     };
                     Some(Bytes::from(said))
                 }) as Recording

@@ -3075,6 +3075,28 @@ fn a_tag_made_on_the_host_while_an_import_or_a_build_runs_is_not_moved() {
         )),
         "{answer}"
     );
+    // Each tag refused at the end is audited as a refusal, naming the image it was not made
+    // on (the request's own line, written when the stream began, says allow).
+    let audit = b.audit();
+    let refused = |endpoint: &str, rule: &str| {
+        audit
+            .iter()
+            .find(|l| l["decision"] == "deny" && l["endpoint"] == endpoint && l["rule"] == rule)
+    };
+    let import_line = refused("ImageCreate", "query.tag")
+        .unwrap_or_else(|| panic!("the import's refused tag not audited: {audit:?}"));
+    assert_eq!(import_line["object"], imported.as_str(), "{import_line}");
+    assert_eq!(import_line["path"], "/v1.41/images/create", "{import_line}");
+    let build_line = refused("Build", "query.t")
+        .unwrap_or_else(|| panic!("the build's refused tag not audited: {audit:?}"));
+    assert_eq!(
+        build_line["object"]
+            .as_str()
+            .map(|o| o.starts_with("sha256:")),
+        Some(true),
+        "{build_line}"
+    );
+    assert_eq!(build_line["status"], 403, "{build_line}");
 }
 
 /// Attacks on the tags made at the end (nineteenth session): a build whose last stage fails is
