@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bollard::models::ContainerInspectResponse;
 use bytes::Bytes;
@@ -185,7 +185,7 @@ pub struct Proxy {
     /// A turn to spool a body (`docker.max_spooled` at once), held until the body is forwarded.
     pub spools: Arc<tokio::sync::Semaphore>,
     pub max_connections: usize,
-    pub idle_timeout: std::time::Duration,
+    pub idle_timeout: Duration,
     /// Where [`binds::Freeze`] records what it changed, and the lock that lets one request at a
     /// time make the engine mount binds.
     pub freeze_journal: PathBuf,
@@ -211,7 +211,7 @@ pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, shutdown: Cancella
         let permit = match connections.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                if warned.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60)) {
+                if warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
                     tracing::warn!(
                         max = proxy.max_connections,
                         "the application holds docker.max_connections connections to the Docker socket: new ones wait until one closes"
@@ -232,7 +232,7 @@ pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, shutdown: Cancella
                 Ok((s, _)) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "Docker proxy: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
@@ -1152,6 +1152,7 @@ impl Proxy {
                     Some(Bytes::from(said))
                 }) as Recording
             })
+            .finishing_within(BUILD_END_GRACE)
             .boxed()
         });
         Ok(Done { response, object })
@@ -1581,7 +1582,7 @@ impl Proxy {
 /// client broke it off) is put in `failed`, to be the answer (not the engine's fault).
 struct Paced {
     body: RequestBody,
-    within: std::time::Duration,
+    within: Duration,
     what: &'static str,
     deadline: Pin<Box<tokio::time::Sleep>>,
     /// A piece is waited for (the deadline set when the wait began).
@@ -1592,7 +1593,7 @@ struct Paced {
 impl Paced {
     fn new(
         body: RequestBody,
-        within: std::time::Duration,
+        within: Duration,
         what: &'static str,
         failed: Arc<Mutex<Option<Refusal>>>,
     ) -> Self {
@@ -2335,7 +2336,7 @@ fn stream_error(message: &str) -> Vec<u8> {
 }
 
 /// A body (`what`) whose data stopped coming for `within` (`docker.idle_timeout`).
-fn stalled(what: &str, within: std::time::Duration) -> Refusal {
+fn stalled(what: &str, within: Duration) -> Refusal {
     Refusal::Stalled(format!(
         "{what} stopped coming: nothing for docker.idle_timeout ({within:?})"
     ))
@@ -2407,8 +2408,22 @@ struct OnEnd {
     recording: Option<Mutex<Recording>>,
     /// The recording has run: nothing more comes.
     ended: bool,
-    /// Finished without the client if it goes away first (see [`OnEnd::finishing`]).
-    finish: bool,
+    /// What is read of the stream, and recorded, if the client goes away before its end.
+    finish: Unread,
+}
+
+/// How long a build's stream is still read for its end once its client has gone (see
+/// [`OnEnd::finishing_within`]): its last line to its end is a moment; a build left in the
+/// middle is stopped this much later.
+const BUILD_END_GRACE: Duration = Duration::from_secs(2);
+
+/// How much of a stream whose client has gone is still read for its recording.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unread {
+    /// All of it (see [`OnEnd::finishing`]).
+    All,
+    /// What comes within this (see [`OnEnd::finishing_within`]); past it, nothing is recorded.
+    Within(Duration),
 }
 
 type Finish = Box<dyn FnOnce(&[u8]) -> Recording + Send>;
@@ -2421,7 +2436,7 @@ impl OnEnd {
             f: Some(Mutex::new(Box::new(f))),
             recording: None,
             ended: false,
-            finish: false,
+            finish: Unread::Within(Duration::ZERO),
         }
     }
 
@@ -2431,7 +2446,17 @@ impl OnEnd {
     /// nor recorded would be no one's, invisible to the application, never removed (an
     /// attacker's finding, nineteenth session: a client that hung up on the image's id line).
     fn finishing(mut self) -> Self {
-        self.finish = true;
+        self.finish = Unread::All;
+        self
+    }
+
+    /// Read to its end and recorded if the client goes away and the end comes within `grace`:
+    /// a build, whose engine stops when its stream is no longer read (a build left running
+    /// without a client would be bounded by nothing), but whose client may leave on its last
+    /// line, before the stream's end was read: its image was left untagged (the last note's,
+    /// twentieth session: 2 builds of 8).
+    fn finishing_within(mut self, grace: Duration) -> Self {
+        self.finish = Unread::Within(grace);
         self
     }
 }
@@ -2441,7 +2466,8 @@ impl Drop for OnEnd {
         // A recording begun (the stream has ended) is finished whatever the client does: a
         // build's tags are made under the lock that keeps the images it read, and a client that
         // left as they were being made left its image untagged.
-        if self.ended || (!self.finish && self.recording.is_none()) {
+        if self.ended || (self.finish == Unread::Within(Duration::ZERO) && self.recording.is_none())
+        {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -2454,14 +2480,33 @@ impl Drop for OnEnd {
             boxed(http_body_util::Empty::<Bytes>::new()),
         );
         let mut tail = std::mem::take(&mut self.tail);
+        let finish = self.finish;
         runtime.spawn(async move {
             let recording = match (recording, f) {
                 (Some(recording), _) => recording,
                 (None, Some(f)) => {
-                    while let Some(Ok(frame)) = inner.frame().await {
-                        if let Some(data) = frame.data_ref() {
-                            keep_tail(&mut tail, data);
+                    let read = async {
+                        loop {
+                            match inner.frame().await {
+                                Some(Ok(frame)) => {
+                                    if let Some(data) = frame.data_ref() {
+                                        keep_tail(&mut tail, data);
+                                    }
+                                }
+                                Some(Err(_)) => return false,
+                                None => return true,
+                            }
                         }
+                    };
+                    let ended = match finish {
+                        Unread::All => read.await,
+                        Unread::Within(grace) => {
+                            tokio::time::timeout(grace, read).await.unwrap_or(false)
+                        }
+                    };
+                    // A stream cut short is finished as it was: the recording reads what came.
+                    if !ended && finish != Unread::All {
+                        return;
                     }
                     f(&tail)
                 }
@@ -2572,6 +2617,85 @@ fn removal_target(name: &str, tags: &[String]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream that sends `line`, then ends `after` later; `dropped` is set when it is
+    /// dropped (the engine's connection closed: a build stopped).
+    fn stream_ending_after(
+        line: &'static str,
+        after: Duration,
+        dropped: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Body {
+        struct Guard(Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let stream =
+            futures_util::stream::unfold((0, Guard(dropped)), move |(step, g)| async move {
+                match step {
+                    0 => Some((Ok::<_, BoxError>(Frame::data(Bytes::from(line))), (1, g))),
+                    _ => {
+                        tokio::time::sleep(after).await;
+                        None
+                    }
+                }
+            });
+        boxed(http_body_util::StreamBody::new(stream))
+    }
+
+    /// What a build's recording is given when its client leaves after `line` and before the
+    /// stream's end, which comes `after` later (None: not run); and whether the stream was
+    /// dropped by then.
+    async fn recorded_when_the_client_leaves(
+        after: Duration,
+        grace: Option<Duration>,
+    ) -> (Option<Vec<u8>>, bool) {
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let inner =
+            stream_ending_after("{\"aux\":{\"ID\":\"sha256:ab\"}}\n", after, dropped.clone());
+        let mut body = OnEnd::new(inner, move |tail: &[u8]| {
+            let _ = tx.send(tail.to_vec());
+            Box::pin(async { None }) as Recording
+        });
+        if let Some(grace) = grace {
+            body = body.finishing_within(grace);
+        }
+        // The client reads the last line and goes.
+        let frame = body.frame().await.unwrap().unwrap();
+        assert!(frame.is_data());
+        drop(body);
+        tokio::time::sleep(after + Duration::from_millis(300)).await;
+        (
+            rx.try_recv().ok(),
+            dropped.load(std::sync::atomic::Ordering::SeqCst),
+        )
+    }
+
+    /// The last note's (twentieth session): a build whose client left on its last line, before
+    /// the stream's end was read, was left untagged. Its end, coming within the grace, is read
+    /// and recorded; a build left in the middle is stopped once the grace is over, unrecorded.
+    #[tokio::test]
+    async fn a_build_whose_client_leaves_on_its_last_line_is_recorded() {
+        let (recorded, _) =
+            recorded_when_the_client_leaves(Duration::from_millis(50), Some(BUILD_END_GRACE)).await;
+        let tail = recorded.expect("the end came within the grace and nothing was recorded");
+        assert!(String::from_utf8_lossy(&tail).contains("sha256:ab"));
+        // Past the grace: stopped (its stream dropped), nothing recorded.
+        let (recorded, dropped) = recorded_when_the_client_leaves(
+            Duration::from_millis(1500),
+            Some(Duration::from_millis(200)),
+        )
+        .await;
+        assert_eq!(recorded, None);
+        assert!(dropped);
+        // A stream without the grace: dropped at once with its client.
+        let (recorded, dropped) =
+            recorded_when_the_client_leaves(Duration::from_millis(50), None).await;
+        assert_eq!(recorded, None);
+        assert!(dropped);
+    }
 
     #[test]
     fn an_image_remove_is_forwarded_by_the_tag_written_out_in_full_or_the_id() {

@@ -3407,3 +3407,56 @@ fn every_image_a_build_commits_is_the_instances() {
     assert!(said.contains("regobox.instance is regobox's"), "{said}");
     assert!(!stdout(&out).contains("Step 1"), "{}", stdout(&out));
 }
+
+/// The last note's (twentieth session): a build whose client left on its last line, before the
+/// stream's end was read, was left untagged (2 builds of 8). The end is still read for a moment
+/// once the client has gone, and the tags made.
+#[test]
+fn a_build_whose_client_leaves_on_its_last_line_is_tagged() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let b = Bridged::start("");
+    let port = b.inst.port;
+    let base = format!("regobox-test/busybox:last{port}");
+    b.import_busybox(&base);
+    let made = OnEngine::default();
+    for n in 0..6 {
+        let tag = format!("regobox-test/last-line{port}:{n}");
+        made.image(&tag);
+        let body = context(&[(
+            "Dockerfile",
+            'f',
+            &format!("FROM {base}\nRUN echo {port}-{n} > /n\n"),
+        )]);
+        let mut conn = UnixStream::connect(&b.socket).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        conn.write_all(
+            format!(
+                "POST /v1.41/build?t={}&nocache=1 HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
+                tag.replace(':', "%3A"),
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        conn.write_all(&body).unwrap();
+        // Read until the engine's last line, then go.
+        let (mut seen, mut piece) = (Vec::new(), [0u8; 4096]);
+        while !String::from_utf8_lossy(&seen).contains("Successfully built") {
+            let read = conn.read(&mut piece).unwrap();
+            assert!(read > 0, "{}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&piece[..read]);
+        }
+        drop(conn);
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !engine(&["image", "inspect", &tag]).status.success() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "build {n}: not tagged once its client left on its last line"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        made.image(&image_id(&tag));
+    }
+}
