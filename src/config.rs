@@ -325,7 +325,8 @@ pub struct DockerConfig {
     /// accepts no more until one closes (the application's connects wait), and says so.
     pub max_connections: usize,
     /// A connection with no request in progress (idle between requests, or a request's head
-    /// not yet whole) is closed after this.
+    /// not yet whole) is closed after this; so is one whose client takes nothing of what is
+    /// written to it for as long.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     pub limits: DockerLimits,

@@ -248,13 +248,7 @@ pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, shutdown: Cancella
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(idle)
-                .serve_connection(
-                    TokioIo::new(Counted {
-                        stream,
-                        _permit: permit,
-                    }),
-                    service,
-                )
+                .serve_connection(TokioIo::new(Counted::new(stream, permit, idle)), service)
                 .with_upgrades()
                 .await;
         });
@@ -262,10 +256,56 @@ pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, shutdown: Cancella
 }
 
 /// A connection of the application's, counted against `docker.max_connections` for as long as
-/// it is open: through hyper, then, upgraded, through the splice that holds it.
+/// it is open: through hyper, then, upgraded, through the splice that holds it. A write that
+/// waits for `docker.idle_timeout` with nothing taken fails, and the connection with it: a
+/// client that asks for a stream and never reads it held the connection, and the engine's
+/// stream (a build held at its step's output, a followed log), for as long as it liked (the last
+/// note's, twentieth session).
 struct Counted {
     stream: tokio::net::UnixStream,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    within: Duration,
+    /// Since the write that waits began to wait.
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Counted {
+    fn new(
+        stream: tokio::net::UnixStream,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        within: Duration,
+    ) -> Self {
+        Counted {
+            stream,
+            _permit: permit,
+            within,
+            waiting: None,
+        }
+    }
+
+    /// `polled`, a write's, or an error once it has waited for `within`.
+    fn bounded<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.waiting = None;
+            return polled;
+        }
+        let within = self.within;
+        let waiting = self
+            .waiting
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(within)));
+        if waiting.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        tracing::warn!(timeout = ?within, "the application did not read what the Docker socket answered for docker.idle_timeout: connection closed");
+        Poll::Ready(Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the application did not read its answer within docker.idle_timeout",
+        )))
+    }
 }
 
 impl tokio::io::AsyncRead for Counted {
@@ -284,7 +324,8 @@ impl tokio::io::AsyncWrite for Counted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.bounded(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -292,7 +333,8 @@ impl tokio::io::AsyncWrite for Counted {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.bounded(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -3460,3 +3460,67 @@ fn a_build_whose_client_leaves_on_its_last_line_is_tagged() {
         made.image(&image_id(&tag));
     }
 }
+
+/// The last note's (twentieth session): nothing bounded the socket's writing side, so a client
+/// that asked for a stream and never read it held its connection, and what the engine was
+/// sending (a build, held at its step's output; a followed log), for as long as it liked. A write
+/// that waits for `docker.idle_timeout` with nothing taken closes the connection, and the
+/// engine's stream with it.
+#[test]
+fn a_client_that_never_reads_its_stream_is_cut() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let b = Bridged::start("idle_timeout = \"3s\"");
+    let port = b.inst.port;
+    let base = format!("regobox-test/busybox:unread{port}");
+    b.import_busybox(&base);
+    let made = OnEngine::default();
+    let tag = format!("regobox-test/unread{port}:x");
+    made.image(&tag);
+    // A step writing 16 MB of output, then sleeping: its stream outlasts any buffer.
+    let body = context(&[(
+        "Dockerfile",
+        'f',
+        &format!(
+            "FROM {base}\nRUN i=0; while [ $i -lt 160000 ]; do echo 0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789; i=$((i+1)); done; sleep 30\n"
+        ),
+    )]);
+    let mut conn = UnixStream::connect(&b.socket).unwrap();
+    conn.write_all(
+        format!(
+            "POST /v1.41/build?t={}&nocache=1 HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
+            tag.replace(':', "%3A"),
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    conn.write_all(&body).unwrap();
+    // Nothing read for 12 s, then what is there: the end of the stream (regobox closed the
+    // connection), not more output.
+    std::thread::sleep(Duration::from_secs(12));
+    conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let (mut got, mut piece) = (0usize, vec![0u8; 1 << 16]);
+    let started = std::time::Instant::now();
+    let closed = loop {
+        match conn.read(&mut piece) {
+            Ok(0) => break true,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            break false;
+        }
+    };
+    assert!(
+        closed,
+        "a stream not read for 12 s was held open ({got} bytes read after)"
+    );
+    // The build stopped with it: never tagged.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !engine(&["image", "inspect", &tag]).status.success(),
+        "the build went on without its client"
+    );
+}
