@@ -588,9 +588,14 @@ pub struct Activity {
     /// What the queue's shrinking paid beyond that and has not yet credited to a response
     /// (less than a piece; see [`Activity::send_stalled`]).
     credit: AtomicU64,
-    /// Since when (ms) the queue has held bytes and not shrunk while responses wait ([`NEVER`]:
-    /// it has not; see [`Activity::send_stalled`]).
+    /// Since when (ms) the socket's send queue has held bytes and the client acknowledged none
+    /// of them ([`NEVER`]: it was empty at the last look, or not looked at; see
+    /// [`Activity::takes_nothing`]).
     stuck_ms: AtomicU64,
+    /// What the client had acknowledged at that look (TCP_INFO's bytes acked).
+    acked: AtomicU64,
+    /// regobox wrote to the client since that look.
+    wrote: AtomicBool,
     /// The last write to the client could not go out (its socket is full).
     write_blocked: AtomicBool,
     /// When a request last began or ended (see [`Activity::quiet_for`]).
@@ -791,6 +796,31 @@ fn send_queue(fd: i32) -> Option<u64> {
     (r == 0 && queued >= 0).then_some(queued as u64)
 }
 
+/// What the client of the TCP socket `fd` has acknowledged of what was sent to it (TCP_INFO's
+/// `tcpi_bytes_acked`); None where the kernel does not say.
+fn bytes_acked(fd: i32) -> Option<u64> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: tcp_info is plain data, all zeroes a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: TCP_INFO writes at most `len` bytes into `info` and the length it wrote into
+    // `len`; `fd` is the connection's own socket, open while the connection's task (which
+    // calls this) runs.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    let end = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
+    (r == 0 && len as usize >= end).then_some(info.tcpi_bytes_acked)
+}
+
 /// No time: no head being read, no piece waiting.
 const NEVER: u64 = u64::MAX;
 
@@ -813,6 +843,8 @@ impl Activity {
             debt: AtomicU64::new(0),
             credit: AtomicU64::new(0),
             stuck_ms: AtomicU64::new(NEVER),
+            acked: AtomicU64::new(0),
+            wrote: AtomicBool::new(false),
             write_blocked: AtomicBool::new(false),
             request_ms: AtomicU64::new(0),
             fd: std::sync::atomic::AtomicI32::new(-1),
@@ -883,7 +915,6 @@ impl Activity {
             self.queued.store(0, Ordering::Relaxed);
             self.debt.store(0, Ordering::Relaxed);
             self.credit.store(0, Ordering::Relaxed);
-            self.stuck_ms.store(NEVER, Ordering::Relaxed);
             return false;
         }
         if let Some(queued) = send_queue(self.fd.load(Ordering::Relaxed)) {
@@ -899,20 +930,6 @@ impl Activity {
                 },
                 Ordering::Relaxed,
             );
-            // The connection's own floor: a queue that does not move for `limit` while
-            // responses wait is a client that takes nothing, whichever responses wait (a
-            // client resetting each stream before its deadline and asking again held 60
-            // connections to the application with nothing taken: an attacker's, twentieth
-            // session).
-            if shrank > 0 || queued == 0 {
-                self.stuck_ms.store(NEVER, Ordering::Relaxed);
-            } else if self.stuck_ms.load(Ordering::Relaxed) == NEVER {
-                self.stuck_ms.store(now, Ordering::Relaxed);
-            }
-            let stuck = self.stuck_ms.load(Ordering::Relaxed);
-            if stuck != NEVER && now.saturating_sub(stuck) >= limit {
-                return true;
-            }
             let piece = forward::PIECE as u64;
             let credit = self.credit.load(Ordering::Relaxed) + shrank.saturating_sub(debt);
             let pieces = (credit / piece) as usize;
@@ -954,7 +971,7 @@ impl Activity {
         if self.head_for().is_some_and(|t| t >= cfg.header_timeout) {
             return Overdue::Cut;
         }
-        if self.send_stalled(cfg.send_timeout) {
+        if self.send_stalled(cfg.send_timeout) || self.takes_nothing(cfg.send_timeout) {
             if let Some(left_out) = forward::CLIENT_ERRORS.should_log() {
                 tracing::info!(target: "regobox::proxy", timeout = ?cfg.send_timeout, similar_left_out = left_out, "a client did not take its response (proxy.send_timeout); connection closed");
             }
@@ -964,18 +981,83 @@ impl Activity {
         // request head arriving is under `header_timeout`, not idle (an attacker's, twentieth
         // session: the next request of a kept-alive connection sent in two pieces was cut
         // between them).
+        // What the kernel holds for the client is first looked at halfway (see
+        // `Activity::still_taking`).
         if self.in_flight.load(Ordering::Relaxed) == 0
             && self.open_streams.load(Ordering::Relaxed) == 0
             && self.head_for().is_none()
-            && self.quiet_for() >= cfg.idle_timeout
+            && self.quiet_for() >= cfg.idle_timeout / 2
         {
-            if self.still_taking(cfg.idle_timeout) {
-                return Overdue::No;
+            let taking = self.still_taking(cfg.idle_timeout);
+            if self.quiet_for() >= cfg.idle_timeout && !taking {
+                return Overdue::Idle;
             }
-            return Overdue::Idle;
+            return Overdue::No;
         }
         self.drain_ms.store(NEVER, Ordering::Relaxed);
         Overdue::No
+    }
+
+    /// Whether the client has taken nothing of what the kernel holds for it for `limit`: the
+    /// socket's send queue not empty, and none of it acknowledged (TCP_INFO's count of bytes
+    /// acked, which what regobox writes meanwhile does not hide, as it hides the queue's
+    /// shrinking). The connection's own floor, whatever its responses do: a client resetting
+    /// each stream before its deadline and asking again held 60 connections to the application
+    /// with nothing taken (an attacker's, twentieth session); one asking for small responses,
+    /// each handed over at once and so never waiting, and reading none of them, held its
+    /// connection, a growing queue in the kernel and, in bursts, connections to the
+    /// application for as long as it asked (an attacker's, twenty-first session). Looked at
+    /// only when regobox wrote since the last look or the queue held bytes then.
+    fn takes_nothing(&self, limit: Duration) -> bool {
+        let wrote = self.wrote.swap(false, Ordering::Relaxed);
+        let since = self.stuck_ms.load(Ordering::Relaxed);
+        if !wrote && since == NEVER {
+            return false;
+        }
+        let fd = self.fd.load(Ordering::Relaxed);
+        let queued = send_queue(fd).unwrap_or(0);
+        if queued == 0 {
+            self.stuck_ms.store(NEVER, Ordering::Relaxed);
+            return false;
+        }
+        let Some(acked) = bytes_acked(fd) else {
+            return false;
+        };
+        let now = self.now_ms();
+        let before = self.acked.swap(acked, Ordering::Relaxed);
+        if since == NEVER || acked != before {
+            self.stuck_ms.store(now, Ordering::Relaxed);
+            return false;
+        }
+        now.saturating_sub(since) >= limit.as_millis() as u64
+    }
+
+    /// A connection about to be cut whose client has not taken what the kernel holds for it is
+    /// reset when closed (`SO_LINGER` 0, nginx's `reset_timedout_connection`): closed as usual,
+    /// the kernel kept the queue, megabytes, for minutes, probing the client's closed window
+    /// (an attacker's, twenty-first session: 2.8 MB for 339 s after a `send_timeout` cut, and
+    /// as many connections as a client makes and leaves so). A queue the client has taken
+    /// closes as usual.
+    fn reset_if_untaken(&self) {
+        let fd = self.fd.load(Ordering::Relaxed);
+        if send_queue(fd).unwrap_or(0) == 0 {
+            return;
+        }
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: SO_LINGER reads one `linger`; `fd` is the connection's own socket, open while
+        // the connection's task (which calls this, before dropping it) runs.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
     }
 
     /// Whether the client is still taking what was written to it: the socket's send queue not
@@ -988,30 +1070,44 @@ impl Activity {
     /// few bytes at a time held its connection for as long as the kernel had bytes for it
     /// (490 B/s for 90 s seen). The queue's emptying counts as the connection's last move: a
     /// client that has just taken the end of a response has `limit` to ask for the next.
+    ///
+    /// The first look is made halfway through `limit` of quiet, and counts from the quiet's
+    /// start: a piece must be taken by its end. (Made at `limit`, it could only count from
+    /// there, and a client taking nothing was closed at twice `idle_timeout`: an attacker's,
+    /// twenty-first session.)
     fn still_taking(&self, limit: Duration) -> bool {
         let queued = send_queue(self.fd.load(Ordering::Relaxed)).unwrap_or(0);
         let now = self.now_ms();
         let since = self.drain_ms.load(Ordering::Relaxed);
         // The queue when the client last took a piece of it (or emptied it).
         let mark = self.drain_queued.load(Ordering::Relaxed);
-        let took = if since == NEVER {
-            queued > 0
-        } else {
-            (queued == 0 && mark > 0) || mark.saturating_sub(queued) >= forward::PIECE as u64
-        };
+        let limit_ms = limit.as_millis() as u64;
+        if since == NEVER {
+            if queued == 0 {
+                return false;
+            }
+            // The first half is taken as taken at the rate asked (half a piece: what the queue
+            // held then is not known), so a piece's pace is all that is asked of the rest. (A
+            // look made late, past halfway, counts from halfway.)
+            let quiet = (self.quiet_for().as_millis() as u64).min(limit_ms / 2);
+            let quiet_since = now.saturating_sub(quiet);
+            self.drain_queued
+                .store(queued + forward::PIECE as u64 / 2, Ordering::Relaxed);
+            self.drain_ms.store(quiet_since, Ordering::Relaxed);
+            return now.saturating_sub(quiet_since) < limit_ms;
+        }
+        let took =
+            (queued == 0 && mark > 0) || mark.saturating_sub(queued) >= forward::PIECE as u64;
         if took {
             self.drain_queued.store(queued, Ordering::Relaxed);
             self.drain_ms.store(now, Ordering::Relaxed);
             return true;
         }
-        if since == NEVER {
-            return false;
-        }
         // What regobox wrote since (HTTP/2: a PING's answer) raises the mark, not the clock.
         if queued > mark {
             self.drain_queued.store(queued, Ordering::Relaxed);
         }
-        now.saturating_sub(since) < limit.as_millis() as u64
+        now.saturating_sub(since) < limit_ms
     }
 
     /// A connection to the application for one of this connection's requests from `address`,
@@ -1166,6 +1262,7 @@ impl<S> Tracked<S> {
             Poll::Ready(Ok(n)) if *n > 0 => {
                 self.activity.touch();
                 self.activity.write_blocked.store(false, Ordering::Relaxed);
+                self.activity.wrote.store(true, Ordering::Relaxed);
             }
             Poll::Pending => self.activity.write_blocked.store(true, Ordering::Relaxed),
             _ => {}
@@ -1313,14 +1410,20 @@ macro_rules! drive {
                     sentry::Event::Force => break,
                     sentry::Event::Tick => match $activity.overdue($cfg) {
                         Overdue::No => {}
-                        Overdue::Cut => break,
+                        Overdue::Cut => {
+                            $activity.reset_if_untaken();
+                            break;
+                        }
                         Overdue::Idle => match idle.on_idle() {
                             Step::Ask => {
                                 let $c = conn.as_mut();
                                 $graceful;
                             }
                             Step::Wait => {}
-                            Step::Cut => break,
+                            Step::Cut => {
+                                $activity.reset_if_untaken();
+                                break;
+                            }
                         },
                     },
                 },
@@ -1536,20 +1639,32 @@ async fn serve_h1<S>(
             return;
         };
         // Idle at `idle_timeout`, unless the client is still taking what the kernel holds for
-        // it (see `Activity::still_taking`): looked at again every half second then.
+        // it (see `Activity::still_taking`): looked at halfway, then every half second.
+        let (idle, half, tick) = (
+            cfg.idle_timeout,
+            cfg.idle_timeout / 2,
+            Duration::from_millis(500),
+        );
         loop {
-            let idle_left = cfg
-                .idle_timeout
-                .saturating_sub(activity.quiet_for())
-                .max(Duration::from_millis(500));
+            let quiet = activity.quiet_for();
+            let next = if quiet < half {
+                half - quiet
+            } else if quiet < idle {
+                (idle - quiet).min(tick)
+            } else {
+                tick
+            };
             // (`proxy.force` is cancelled only after `shutdown`.)
             tokio::select! {
                 r = tcp.readable() => if r.is_err() { return } else { break },
-                _ = tokio::time::sleep(idle_left) => {
-                    if activity.quiet_for() >= cfg.idle_timeout
-                        && !activity.still_taking(cfg.idle_timeout)
-                    {
-                        return;
+                _ = tokio::time::sleep(next) => {
+                    let quiet = activity.quiet_for();
+                    if quiet >= half {
+                        let taking = activity.still_taking(idle);
+                        if quiet >= idle && !taking {
+                            activity.reset_if_untaken();
+                            return;
+                        }
                     }
                 }
                 _ = shutdown.cancelled() => return,
@@ -1595,7 +1710,10 @@ where
                 }
                 match activity.overdue(cfg) {
                     Overdue::No => {}
-                    Overdue::Cut => return None,
+                    Overdue::Cut => {
+                        activity.reset_if_untaken();
+                        return None;
+                    }
                     Overdue::Idle => match idle.on_idle() {
                         Step::Ask => {
                             draining = true;
@@ -1603,7 +1721,10 @@ where
                             continue;
                         }
                         Step::Wait => continue,
-                        Step::Cut => return None,
+                        Step::Cut => {
+                            activity.reset_if_untaken();
+                            return None;
+                        }
                     },
                 }
                 if plain

@@ -1308,7 +1308,9 @@ fn established(server: u16, client: u16) -> bool {
 /// taking: not idle.
 #[test]
 fn what_the_kernel_still_holds_for_a_slow_client_is_not_cut_as_idle() {
-    let mut p = Proxied::start("redirect_http = false\nidle_timeout = \"1s\"");
+    // (2 s: the kernel opens this client's window in steps, and the first look, halfway, asks
+    // for half a piece by the end of `idle_timeout`.)
+    let mut p = Proxied::start("redirect_http = false\nidle_timeout = \"2s\"");
     // Windows wide enough for the whole response: regobox writes it at once.
     let mut h = small_buffer_h2(p.https, &[(0x4, 1 << 20)], 16 * 1024);
     h.send(0x8, 0, 0, &(1u32 << 20).to_be_bytes());
@@ -1403,7 +1405,9 @@ fn a_client_that_takes_nothing_and_renews_its_streams_is_cut() {
 /// `idle_timeout` after it has taken it to ask for the next.
 #[test]
 fn a_parked_connection_is_not_idle_while_its_client_takes_what_the_kernel_holds() {
-    let mut p = Proxied::start("redirect_http = false\nidle_timeout = \"1s\"");
+    // (2 s: the kernel opens this client's window in steps of 24 KB, 0.75 s apart, and the
+    // first look, halfway, asks for half a piece by the end of `idle_timeout`.)
+    let mut p = Proxied::start("redirect_http = false\nidle_timeout = \"2s\"");
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(16 * 1024).unwrap();
     let to: std::net::SocketAddr = format!("127.0.0.1:{}", p.http).parse().unwrap();
@@ -1498,6 +1502,131 @@ fn a_client_draining_what_the_kernel_holds_a_few_bytes_at_a_time_is_idle() {
         cut < Duration::from_secs(12),
         "cut after {cut:?}, {got} bytes taken"
     );
+    p.stop();
+}
+
+/// An attacker's finding (twenty-first session): a client asking for small responses, each
+/// handed over at once (so none waits), and reading none of them was never cut: it held its
+/// connection, a growing queue in the kernel and, in bursts, connections to the application for
+/// as long as it went on asking. A queue of which nothing is acknowledged for `send_timeout` is
+/// cut, whatever the responses do.
+#[test]
+fn a_client_asking_for_small_responses_and_reading_none_is_cut() {
+    let mut p =
+        Proxied::start("redirect_http = false\nidle_timeout = \"3s\"\nsend_timeout = \"4s\"");
+    // Windows wide open: nothing is held back by them, all goes to the kernel.
+    let mut h = small_buffer_h2(p.https, &[(0x4, (1 << 31) - 1)], 4096);
+    h.send(0x8, 0, 0, &(1u32 << 30).to_be_bytes());
+    let (client, server) = (
+        h.s.sock.local_addr().unwrap().port(),
+        h.s.sock.peer_addr().unwrap().port(),
+    );
+    let started = Instant::now();
+    let mut cut = None;
+    let mut stream = 1u32;
+    // A 12 KB response a second, none read.
+    while started.elapsed() < Duration::from_secs(20) {
+        if !established(server, client) {
+            cut = Some(started.elapsed());
+            break;
+        }
+        let _ = h.s.write_all(&frame(
+            0x1,
+            0x5,
+            stream,
+            &request_block("GET", "/download?n=12000"),
+        ));
+        stream += 2;
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let cut = cut.unwrap_or_else(|| panic!("held for 20 s with nothing read\n{}", p.stop()));
+    assert!(cut < Duration::from_secs(12), "cut after {cut:?}");
+    p.stop();
+}
+
+/// An attacker's finding (twenty-first session): what the kernel holds for a client with
+/// nothing in flight was first looked at once `idle_timeout` had passed, and that look counted
+/// as the client taking it: a client that took nothing was closed at twice `idle_timeout`
+/// (and one asking again within that was never closed). It is looked at halfway.
+#[test]
+fn a_queue_the_client_never_takes_is_idle_at_idle_timeout() {
+    let mut p = Proxied::start("redirect_http = false\nidle_timeout = \"4s\"");
+    let mut h = small_buffer_h2(p.https, &[(0x4, (1 << 31) - 1)], 4096);
+    h.send(0x8, 0, 0, &(1u32 << 30).to_be_bytes());
+    let (client, server) = (
+        h.s.sock.local_addr().unwrap().port(),
+        h.s.sock.peer_addr().unwrap().port(),
+    );
+    // 32 KB of answers, in the kernel at once.
+    for stream in 0..8u32 {
+        let _ = h.s.write_all(&frame(
+            0x1,
+            0x5,
+            1 + 2 * stream,
+            &request_block("GET", "/download?n=4000"),
+        ));
+    }
+    let asked = Instant::now();
+    while established(server, client) {
+        assert!(
+            asked.elapsed() < Duration::from_secs(20),
+            "held for 20 s\n{}",
+            p.stop()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // idle_timeout, a tick, the second a client is given to let go after the GOAWAY (twice
+    // idle_timeout and that second before).
+    assert!(
+        asked.elapsed() < Duration::from_millis(7000),
+        "closed {:?} after the last request",
+        asked.elapsed()
+    );
+    p.stop();
+}
+
+/// An attacker's finding (twenty-first session): a connection cut because its client took
+/// nothing was closed as usual, and the kernel kept what it held for the client, megabytes,
+/// for minutes (2.8 MB for 339 s), probing its closed window: a client could pin that much
+/// kernel memory per connection it made and left so. Such a connection is reset when cut.
+#[test]
+fn a_connection_cut_for_taking_nothing_leaves_nothing_in_the_kernel() {
+    let mut p = Proxied::start("redirect_http = false\nsend_timeout = \"3s\"");
+    // Windows wide open: the response goes to the kernel as fast as it takes it.
+    let mut h = small_buffer_h2(p.https, &[(0x4, (1 << 31) - 1)], 4096);
+    h.send(0x8, 0, 0, &(1u32 << 30).to_be_bytes());
+    let (client, server) = (
+        h.s.sock.local_addr().unwrap().port(),
+        h.s.sock.peer_addr().unwrap().port(),
+    );
+    h.send(0x1, 0x5, 1, &request_block("GET", "/download?n=3000000"));
+    // regobox's side of the connection, in any state.
+    let held = || {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        table.lines().skip(1).any(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).ok();
+            port(fields[1]) == Some(server) && port(fields[2]) == Some(client)
+        })
+    };
+    let started = Instant::now();
+    while established(server, client) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "not cut\n{}",
+            p.stop()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let cut = Instant::now();
+    while held() {
+        assert!(
+            cut.elapsed() < Duration::from_secs(5),
+            "the kernel still held the cut connection's queue 5 s after the cut"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(h);
     p.stop();
 }
 
