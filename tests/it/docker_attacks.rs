@@ -39,6 +39,25 @@ fn post_bytes(socket: &Path, path: &str, content_type: &str, body: &[u8]) -> (u1
     send(socket, "POST", path, content_type, body)
 }
 
+/// A connection to the socket `socket` on which a POST of the tar `body` to `path` was sent
+/// (the answer left to read, within 60 s).
+fn posted_tar(socket: &std::path::Path, path: &str, body: &[u8]) -> std::os::unix::net::UnixStream {
+    use std::io::Write;
+    let mut conn = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    conn.write_all(
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    conn.write_all(body).unwrap();
+    conn
+}
+
 /// A tar of (path, kind, content): kind 'f' a file, 'd' a directory, 'l' a link to content.
 fn context(entries: &[(&str, char, &str)]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
@@ -3022,18 +3041,7 @@ fn a_tag_made_on_the_host_while_an_import_or_a_build_runs_is_not_moved() {
     let dockerfile = format!("FROM {base}\nRUN sleep 3\n");
     let build = std::thread::spawn(move || {
         let body = context(&[("Dockerfile", 'f', &dockerfile)]);
-        let mut conn = UnixStream::connect(&socket).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(60)))
-            .unwrap();
-        conn.write_all(
-            format!(
-                "POST {path} HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .unwrap();
-        conn.write_all(&body).unwrap();
+        let mut conn = posted_tar(&socket, &path, &body);
         answer_on(&mut conn).unwrap()
     });
     // Once the step runs (its container is made from the base image), the host's tag.
@@ -3116,18 +3124,7 @@ fn the_tags_made_at_the_end_are_the_finished_images_and_nothing_is_left_unowned(
     b.import_busybox(&base);
     let made = OnEngine::default();
     let whole = |path: &str, body: &[u8]| {
-        let mut conn = UnixStream::connect(&b.socket).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(60)))
-            .unwrap();
-        conn.write_all(
-            format!(
-                "POST {path} HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .unwrap();
-        conn.write_all(body).unwrap();
+        let mut conn = posted_tar(&b.socket, path, body);
         answer_on(&mut conn).unwrap()
     };
 
@@ -3413,8 +3410,7 @@ fn every_image_a_build_commits_is_the_instances() {
 /// once the client has gone, and the tags made.
 #[test]
 fn a_build_whose_client_leaves_on_its_last_line_is_tagged() {
-    use std::io::{Read, Write};
-    use std::os::unix::net::UnixStream;
+    use std::io::Read;
     let b = Bridged::start("");
     let port = b.inst.port;
     let base = format!("regobox-test/busybox:last{port}");
@@ -3428,19 +3424,8 @@ fn a_build_whose_client_leaves_on_its_last_line_is_tagged() {
             'f',
             &format!("FROM {base}\nRUN echo {port}-{n} > /n\n"),
         )]);
-        let mut conn = UnixStream::connect(&b.socket).unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(60)))
-            .unwrap();
-        conn.write_all(
-            format!(
-                "POST /v1.41/build?t={}&nocache=1 HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
-                tag.replace(':', "%3A"),
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .unwrap();
-        conn.write_all(&body).unwrap();
+        let path = format!("/v1.41/build?t={}&nocache=1", tag.replace(':', "%3A"));
+        let mut conn = posted_tar(&b.socket, &path, &body);
         // Read until the engine's last line, then go.
         let (mut seen, mut piece) = (Vec::new(), [0u8; 4096]);
         while !String::from_utf8_lossy(&seen).contains("Successfully built") {
@@ -3468,8 +3453,7 @@ fn a_build_whose_client_leaves_on_its_last_line_is_tagged() {
 /// engine's stream with it.
 #[test]
 fn a_client_that_never_reads_its_stream_is_cut() {
-    use std::io::{Read, Write};
-    use std::os::unix::net::UnixStream;
+    use std::io::Read;
     let b = Bridged::start("idle_timeout = \"3s\"");
     let port = b.inst.port;
     let base = format!("regobox-test/busybox:unread{port}");
@@ -3485,17 +3469,8 @@ fn a_client_that_never_reads_its_stream_is_cut() {
             "FROM {base}\nRUN i=0; while [ $i -lt 160000 ]; do echo 0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789; i=$((i+1)); done; sleep 30\n"
         ),
     )]);
-    let mut conn = UnixStream::connect(&b.socket).unwrap();
-    conn.write_all(
-        format!(
-            "POST /v1.41/build?t={}&nocache=1 HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
-            tag.replace(':', "%3A"),
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .unwrap();
-    conn.write_all(&body).unwrap();
+    let path = format!("/v1.41/build?t={}&nocache=1", tag.replace(':', "%3A"));
+    let mut conn = posted_tar(&b.socket, &path, &body);
     // Nothing read for 12 s, then what is there: the end of the stream (regobox closed the
     // connection), not more output.
     std::thread::sleep(Duration::from_secs(12));

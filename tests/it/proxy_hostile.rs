@@ -1150,6 +1150,23 @@ fn small_buffer_h2(port: u16, settings: &[(u16, u32)], buffer: usize) -> H2 {
     segmented_h2(port, settings, buffer, None)
 }
 
+/// An HTTP/2 connection with a 4 KiB receive buffer whose windows are wide open (nothing is
+/// held back by them: all goes to the kernel), and its ports (client, regobox).
+fn wide_open_h2(port: u16) -> (H2, u16, u16) {
+    let mut h = small_buffer_h2(port, &[(0x4, (1 << 31) - 1)], 4096);
+    h.send(0x8, 0, 0, &(1u32 << 30).to_be_bytes());
+    let (client, server) = ports(&h);
+    (h, client, server)
+}
+
+/// A connection's ports: the client's, regobox's.
+fn ports(h: &H2) -> (u16, u16) {
+    (
+        h.s.sock.local_addr().unwrap().port(),
+        h.s.sock.peer_addr().unwrap().port(),
+    )
+}
+
 /// [`small_buffer_h2`], its segments of `mss` bytes at most if given.
 fn segmented_h2(port: u16, settings: &[(u16, u32)], buffer: usize, mss: Option<u32>) -> H2 {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
@@ -1366,10 +1383,7 @@ fn a_client_that_takes_nothing_and_renews_its_streams_is_cut() {
         Proxied::start("redirect_http = false\nidle_timeout = \"3s\"\nsend_timeout = \"4s\"");
     let mut h = H2::connect(p.https, &[]);
     h.send(0x8, 0, 0, &100_000_000u32.to_be_bytes());
-    let (client, server) = (
-        h.s.sock.local_addr().unwrap().port(),
-        h.s.sock.peer_addr().unwrap().port(),
-    );
+    let (client, server) = ports(&h);
     let started = Instant::now();
     let mut next = 1u32;
     let mut open: Vec<u32> = Vec::new();
@@ -1514,13 +1528,7 @@ fn a_client_draining_what_the_kernel_holds_a_few_bytes_at_a_time_is_idle() {
 fn a_client_asking_for_small_responses_and_reading_none_is_cut() {
     let mut p =
         Proxied::start("redirect_http = false\nidle_timeout = \"3s\"\nsend_timeout = \"4s\"");
-    // Windows wide open: nothing is held back by them, all goes to the kernel.
-    let mut h = small_buffer_h2(p.https, &[(0x4, (1 << 31) - 1)], 4096);
-    h.send(0x8, 0, 0, &(1u32 << 30).to_be_bytes());
-    let (client, server) = (
-        h.s.sock.local_addr().unwrap().port(),
-        h.s.sock.peer_addr().unwrap().port(),
-    );
+    let (mut h, client, server) = wide_open_h2(p.https);
     let started = Instant::now();
     let mut cut = None;
     let mut stream = 1u32;
@@ -1551,12 +1559,7 @@ fn a_client_asking_for_small_responses_and_reading_none_is_cut() {
 #[test]
 fn a_queue_the_client_never_takes_is_idle_at_idle_timeout() {
     let mut p = Proxied::start("redirect_http = false\nidle_timeout = \"4s\"");
-    let mut h = small_buffer_h2(p.https, &[(0x4, (1 << 31) - 1)], 4096);
-    h.send(0x8, 0, 0, &(1u32 << 30).to_be_bytes());
-    let (client, server) = (
-        h.s.sock.local_addr().unwrap().port(),
-        h.s.sock.peer_addr().unwrap().port(),
-    );
+    let (mut h, client, server) = wide_open_h2(p.https);
     // 32 KB of answers, in the kernel at once.
     for stream in 0..8u32 {
         let _ = h.s.write_all(&frame(
@@ -1592,13 +1595,7 @@ fn a_queue_the_client_never_takes_is_idle_at_idle_timeout() {
 #[test]
 fn a_connection_cut_for_taking_nothing_leaves_nothing_in_the_kernel() {
     let mut p = Proxied::start("redirect_http = false\nsend_timeout = \"3s\"");
-    // Windows wide open: the response goes to the kernel as fast as it takes it.
-    let mut h = small_buffer_h2(p.https, &[(0x4, (1 << 31) - 1)], 4096);
-    h.send(0x8, 0, 0, &(1u32 << 30).to_be_bytes());
-    let (client, server) = (
-        h.s.sock.local_addr().unwrap().port(),
-        h.s.sock.peer_addr().unwrap().port(),
-    );
+    let (mut h, client, server) = wide_open_h2(p.https);
     h.send(0x1, 0x5, 1, &request_block("GET", "/download?n=3000000"));
     // regobox's side of the connection, in any state.
     let held = || {
