@@ -1083,29 +1083,31 @@ impl Activity {
         let mark = self.drain_queued.load(Ordering::Relaxed);
         let limit_ms = limit.as_millis() as u64;
         if since == NEVER {
-            if queued == 0 {
-                return false;
-            }
             // The first half is taken as taken at the rate asked (half a piece: what the queue
             // held then is not known), so a piece's pace is all that is asked of the rest. (A
-            // look made late, past halfway, counts from halfway.)
+            // look made late, past halfway, counts from halfway.) An empty queue is marked too:
+            // bytes regobox writes later in the quiet (a PING's answer) are none of a response,
+            // and their taking is no move of the client's (an attacker's, twenty-first session:
+            // PINGs answered, then read, kept a connection asking nothing open past its GOAWAY).
             let quiet = (self.quiet_for().as_millis() as u64).min(limit_ms / 2);
             let quiet_since = now.saturating_sub(quiet);
-            self.drain_queued
-                .store(queued + forward::PIECE as u64 / 2, Ordering::Relaxed);
+            let mark = if queued > 0 {
+                queued + forward::PIECE as u64 / 2
+            } else {
+                0
+            };
+            self.drain_queued.store(mark, Ordering::Relaxed);
             self.drain_ms.store(quiet_since, Ordering::Relaxed);
-            return now.saturating_sub(quiet_since) < limit_ms;
+            return queued > 0 && now.saturating_sub(quiet_since) < limit_ms;
         }
+        // What regobox wrote since the mark (over HTTP/2, answers to what the client sends)
+        // does not raise it: the client takes it on top of its piece.
         let took =
             (queued == 0 && mark > 0) || mark.saturating_sub(queued) >= forward::PIECE as u64;
         if took {
             self.drain_queued.store(queued, Ordering::Relaxed);
             self.drain_ms.store(now, Ordering::Relaxed);
             return true;
-        }
-        // What regobox wrote since (HTTP/2: a PING's answer) raises the mark, not the clock.
-        if queued > mark {
-            self.drain_queued.store(queued, Ordering::Relaxed);
         }
         now.saturating_sub(since) < limit_ms
     }
@@ -1365,6 +1367,11 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 struct IdleClose(Option<Instant>);
 
 impl IdleClose {
+    /// The connection was asked to close as idle.
+    fn asked(&self) -> bool {
+        self.0.is_some()
+    }
+
     /// On a tick that found the connection idle: whether to ask it to close now (the first
     /// time), or to cut it (asked [`CLOSE_GRACE`] ago or more).
     fn on_idle(&mut self) -> Step {
@@ -1401,7 +1408,13 @@ macro_rules! drive {
         loop {
             tokio::select! {
                 biased;
-                _ = conn.as_mut() => break,
+                _ = conn.as_mut() => {
+                    // Closed as idle: what the client did not take is not kept for it.
+                    if idle.asked() {
+                        $activity.reset_if_untaken();
+                    }
+                    break;
+                }
                 e = sentry.next() => match e {
                     sentry::Event::Shutdown => {
                         let $c = conn.as_mut();
@@ -1698,7 +1711,13 @@ where
     loop {
         tokio::select! {
             biased;
-            _ = &mut conn => return None,
+            _ = &mut conn => {
+                // Closed as idle: what the client did not take is not kept for it.
+                if idle.asked() {
+                    activity.reset_if_untaken();
+                }
+                return None;
+            }
             e = sentry.next() => {
                 if e == sentry::Event::Shutdown {
                     draining = true;

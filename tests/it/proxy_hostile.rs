@@ -1169,6 +1169,17 @@ fn ports(h: &H2) -> (u16, u16) {
 
 /// [`small_buffer_h2`], its segments of `mss` bytes at most if given.
 fn segmented_h2(port: u16, settings: &[(u16, u32)], buffer: usize, mss: Option<u32>) -> H2 {
+    H2::over(small_buffer_tls(port, buffer, mss, b"h2"), settings)
+}
+
+/// A TLS connection (`alpn`) whose receive buffer is `buffer` bytes and its segments of `mss`
+/// bytes at most if given, its handshake done.
+fn small_buffer_tls(
+    port: u16,
+    buffer: usize,
+    mss: Option<u32>,
+    alpn: &[u8],
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(buffer).unwrap();
     if let Some(mss) = mss {
@@ -1179,7 +1190,7 @@ fn segmented_h2(port: u16, settings: &[(u16, u32)], buffer: usize, mss: Option<u
     let tcp: TcpStream = socket.into();
     tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let conn = rustls::ClientConnection::new(
-        crate::proxy::client_config(None, &[b"h2"]),
+        crate::proxy::client_config(None, &[alpn]),
         "localhost".try_into().unwrap(),
     )
     .unwrap();
@@ -1187,7 +1198,18 @@ fn segmented_h2(port: u16, settings: &[(u16, u32)], buffer: usize, mss: Option<u
     while s.conn.is_handshaking() {
         s.conn.complete_io(&mut s.sock).unwrap();
     }
-    H2::over(s, settings)
+    s
+}
+
+/// Whether the kernel still has regobox's side of the connection `server`-`client`, in any
+/// state (a closed connection's queue kept, FIN-WAIT-1).
+fn kept_by_the_kernel(server: u16, client: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).ok();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        port(fields[1]) == Some(server) && port(fields[2]) == Some(client)
+    })
 }
 
 /// For up to 20 s: `each` (which may queue frames to send), what it queued sent, then a few KB
@@ -1597,15 +1619,6 @@ fn a_connection_cut_for_taking_nothing_leaves_nothing_in_the_kernel() {
     let mut p = Proxied::start("redirect_http = false\nsend_timeout = \"3s\"");
     let (mut h, client, server) = wide_open_h2(p.https);
     h.send(0x1, 0x5, 1, &request_block("GET", "/download?n=3000000"));
-    // regobox's side of the connection, in any state.
-    let held = || {
-        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-        table.lines().skip(1).any(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).ok();
-            port(fields[1]) == Some(server) && port(fields[2]) == Some(client)
-        })
-    };
     let started = Instant::now();
     while established(server, client) {
         assert!(
@@ -1616,7 +1629,7 @@ fn a_connection_cut_for_taking_nothing_leaves_nothing_in_the_kernel() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let cut = Instant::now();
-    while held() {
+    while kept_by_the_kernel(server, client) {
         assert!(
             cut.elapsed() < Duration::from_secs(5),
             "the kernel still held the cut connection's queue 5 s after the cut"
@@ -1624,6 +1637,41 @@ fn a_connection_cut_for_taking_nothing_leaves_nothing_in_the_kernel() {
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(h);
+    p.stop();
+}
+
+/// An attacker's finding (twenty-first session): a connection closed as idle as its protocol
+/// closes one (HTTP/1.1 over TLS: `close_notify`, hyper's graceful close) was closed as usual
+/// whatever the kernel held for a client that took none of it: 2 MB a connection kept for
+/// minutes. Closed as idle, it is reset if its client has not taken what the kernel holds.
+#[test]
+fn a_connection_closed_as_idle_leaves_nothing_in_the_kernel() {
+    let mut p = Proxied::start("redirect_http = false\nidle_timeout = \"3s\"");
+    let mut s = small_buffer_tls(p.https, 4096, None, b"http/1.1");
+    let (client, server) = (
+        s.sock.local_addr().unwrap().port(),
+        s.sock.peer_addr().unwrap().port(),
+    );
+    s.write_all(b"GET /download?n=2000000 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let asked = Instant::now();
+    while established(server, client) {
+        assert!(
+            asked.elapsed() < Duration::from_secs(20),
+            "not closed as idle\n{}",
+            p.stop()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let closed = Instant::now();
+    while kept_by_the_kernel(server, client) {
+        assert!(
+            closed.elapsed() < Duration::from_secs(3),
+            "the kernel still held the idle connection 3 s after its close"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(s);
     p.stop();
 }
 
