@@ -596,6 +596,8 @@ pub struct Activity {
     acked: AtomicU64,
     /// regobox wrote to the client since that look.
     wrote: AtomicBool,
+    /// Found idle, the connection's client had not taken what the kernel held for it.
+    idle_untaken: AtomicBool,
     /// The last write to the client could not go out (its socket is full).
     write_blocked: AtomicBool,
     /// When a request last began or ended (see [`Activity::quiet_for`]).
@@ -845,6 +847,7 @@ impl Activity {
             stuck_ms: AtomicU64::new(NEVER),
             acked: AtomicU64::new(0),
             wrote: AtomicBool::new(false),
+            idle_untaken: AtomicBool::new(false),
             write_blocked: AtomicBool::new(false),
             request_ms: AtomicU64::new(0),
             fd: std::sync::atomic::AtomicI32::new(-1),
@@ -990,6 +993,9 @@ impl Activity {
         {
             let taking = self.still_taking(cfg.idle_timeout);
             if self.quiet_for() >= cfg.idle_timeout && !taking {
+                // Whether the client leaves bytes behind (see `Activity::reset_if_untaken`).
+                let untaken = send_queue(self.fd.load(Ordering::Relaxed)).unwrap_or(0) > 0;
+                self.idle_untaken.store(untaken, Ordering::Relaxed);
                 return Overdue::Idle;
             }
             return Overdue::No;
@@ -1030,6 +1036,16 @@ impl Activity {
             return false;
         }
         now.saturating_sub(since) >= limit.as_millis() as u64
+    }
+
+    /// A connection closed as idle as its protocol closes one, after [`Activity::overdue`]
+    /// found its client had not taken what the kernel held for it, is reset if bytes are still
+    /// there. (One whose client had taken everything closes as usual: what is in the queue then
+    /// is the close itself, GOAWAY or `close_notify`, on its way.)
+    fn reset_if_left_idle(&self) {
+        if self.idle_untaken.load(Ordering::Relaxed) {
+            self.reset_if_untaken();
+        }
     }
 
     /// A connection about to be cut whose client has not taken what the kernel holds for it is
@@ -1411,7 +1427,7 @@ macro_rules! drive {
                 _ = conn.as_mut() => {
                     // Closed as idle: what the client did not take is not kept for it.
                     if idle.asked() {
-                        $activity.reset_if_untaken();
+                        $activity.reset_if_left_idle();
                     }
                     break;
                 }
@@ -1714,7 +1730,7 @@ where
             _ = &mut conn => {
                 // Closed as idle: what the client did not take is not kept for it.
                 if idle.asked() {
-                    activity.reset_if_untaken();
+                    activity.reset_if_left_idle();
                 }
                 return None;
             }
