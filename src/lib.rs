@@ -27,6 +27,8 @@
 //!   with readiness, restarts and budgets; stopped in reverse order on a signal.
 //! - [`cron`]: the in-process scheduler of `[cron.*]` jobs.
 //! - [`health`]: the supervision port (`/healthz`, `/readyz`, `/status`, `/metrics`).
+//! - [`outq`]: what a socket's peer has not taken yet of what was written to it (the proxy's and
+//!   the Docker socket's write deadlines).
 //! - [`unread`]: request bodies an answer left unread, read to their end in the background and
 //!   thrown away, so that a client still sending gets the answer (the proxy and the Docker socket).
 //! - [`proxy`]: TLS on 80/443 (rustls; files, self-signed or ACME certificates) and the reverse
@@ -46,6 +48,7 @@ pub mod docker;
 pub mod exit;
 pub mod health;
 pub mod logs;
+pub(crate) mod outq;
 pub mod postgres;
 pub mod process;
 pub mod proxy;

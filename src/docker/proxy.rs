@@ -260,13 +260,17 @@ pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, shutdown: Cancella
 /// waits for `docker.idle_timeout` with nothing taken fails, and the connection with it: a
 /// client that asks for a stream and never reads it held the connection, and the engine's
 /// stream (a build held at its step's output, a followed log), for as long as it liked (the last
-/// note's, twentieth session).
+/// note's, twentieth session). "Nothing taken" is the socket's unread bytes ([`crate::outq`])
+/// not shrinking: a waiting write is woken only once the client has read most of the socket's
+/// buffer, which a slow but steady reader (a log piped to a slow script) may take longer than
+/// that to do (a reviewer's, twenty-first session).
 struct Counted {
     stream: tokio::net::UnixStream,
     _permit: tokio::sync::OwnedSemaphorePermit,
     within: Duration,
-    /// Since the write that waits began to wait.
-    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Since the write that waits began to wait, or the client last took some of the socket's
+    /// bytes, and how many the socket held then.
+    waiting: Option<(Pin<Box<tokio::time::Sleep>>, u64)>,
 }
 
 impl Counted {
@@ -294,11 +298,22 @@ impl Counted {
             return polled;
         }
         let within = self.within;
-        let waiting = self
-            .waiting
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(within)));
-        if waiting.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.stream);
+        let unread = || crate::outq::queued(fd).unwrap_or(0);
+        loop {
+            let (sleep, before) = self
+                .waiting
+                .get_or_insert_with(|| (Box::pin(tokio::time::sleep(within)), unread()));
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // The client took some: its deadline counts from now.
+            let now_unread = unread();
+            if now_unread < *before {
+                self.waiting = Some((Box::pin(tokio::time::sleep(within)), now_unread));
+                continue;
+            }
+            break;
         }
         tracing::warn!(timeout = ?within, "the application did not read what the Docker socket answered for docker.idle_timeout: connection closed");
         Poll::Ready(Err(std::io::Error::new(

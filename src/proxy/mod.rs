@@ -596,8 +596,9 @@ pub struct Activity {
     acked: AtomicU64,
     /// regobox wrote to the client since that look.
     wrote: AtomicBool,
-    /// Found idle, the connection's client had not taken what the kernel held for it.
-    idle_untaken: AtomicBool,
+    /// Asked to close as idle, the connection's client had not taken what the kernel held for
+    /// it, and had acknowledged this much ([`NEVER`]: it had taken everything, or not asked).
+    idle_acked: AtomicU64,
     /// The last write to the client could not go out (its socket is full).
     write_blocked: AtomicBool,
     /// When a request last began or ended (see [`Activity::quiet_for`]).
@@ -785,17 +786,10 @@ pub enum AtCap {
     Overall,
 }
 
-/// Bytes written to the socket `fd` that its peer has not taken yet (SIOCOUTQ), if it can be
-/// read.
+/// Bytes written to the connection's socket `fd` that its client has not taken yet (see
+/// [`crate::outq`]); `fd` is open while the connection's task (which calls this) runs.
 fn send_queue(fd: i32) -> Option<u64> {
-    if fd < 0 {
-        return None;
-    }
-    let mut queued: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (SIOCOUTQ for TCP) writes one int; `fd` is the connection's own socket,
-    // open while the connection's task (which calls this) runs.
-    let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
-    (r == 0 && queued >= 0).then_some(queued as u64)
+    crate::outq::queued(fd)
 }
 
 /// What the client of the TCP socket `fd` has acknowledged of what was sent to it (TCP_INFO's
@@ -847,7 +841,7 @@ impl Activity {
             stuck_ms: AtomicU64::new(NEVER),
             acked: AtomicU64::new(0),
             wrote: AtomicBool::new(false),
-            idle_untaken: AtomicBool::new(false),
+            idle_acked: AtomicU64::new(NEVER),
             write_blocked: AtomicBool::new(false),
             request_ms: AtomicU64::new(0),
             fd: std::sync::atomic::AtomicI32::new(-1),
@@ -993,9 +987,6 @@ impl Activity {
         {
             let taking = self.still_taking(cfg.idle_timeout);
             if self.quiet_for() >= cfg.idle_timeout && !taking {
-                // Whether the client leaves bytes behind (see `Activity::reset_if_untaken`).
-                let untaken = send_queue(self.fd.load(Ordering::Relaxed)).unwrap_or(0) > 0;
-                self.idle_untaken.store(untaken, Ordering::Relaxed);
                 return Overdue::Idle;
             }
             return Overdue::No;
@@ -1038,12 +1029,24 @@ impl Activity {
         now.saturating_sub(since) >= limit.as_millis() as u64
     }
 
-    /// A connection closed as idle as its protocol closes one, after [`Activity::overdue`]
-    /// found its client had not taken what the kernel held for it, is reset if bytes are still
-    /// there. (One whose client had taken everything closes as usual: what is in the queue then
-    /// is the close itself, GOAWAY or `close_notify`, on its way.)
+    /// As the connection is asked to close as idle: whether its client leaves bytes behind,
+    /// and what it had acknowledged (see [`Activity::reset_if_left_idle`]).
+    fn asked_to_close(&self) {
+        let fd = self.fd.load(Ordering::Relaxed);
+        let left = send_queue(fd).unwrap_or(0) > 0;
+        let acked = if left { bytes_acked(fd) } else { None };
+        self.idle_acked
+            .store(acked.unwrap_or(NEVER), Ordering::Relaxed);
+    }
+
+    /// A connection closed as idle as its protocol closes one is reset if, asked to close, its
+    /// client had left bytes untaken and has acknowledged nothing since, and bytes are still
+    /// there. Otherwise it closes as usual: what is in the queue is the close itself, GOAWAY or
+    /// `close_notify`, on its way to a client that is there (a reviewer's, twenty-first
+    /// session: over a network's round trip, an honest client's clean close became a reset).
     fn reset_if_left_idle(&self) {
-        if self.idle_untaken.load(Ordering::Relaxed) {
+        let asked = self.idle_acked.load(Ordering::Relaxed);
+        if asked != NEVER && bytes_acked(self.fd.load(Ordering::Relaxed)) == Some(asked) {
             self.reset_if_untaken();
         }
     }
@@ -1445,6 +1448,7 @@ macro_rules! drive {
                         }
                         Overdue::Idle => match idle.on_idle() {
                             Step::Ask => {
+                                $activity.asked_to_close();
                                 let $c = conn.as_mut();
                                 $graceful;
                             }
@@ -1751,6 +1755,7 @@ where
                     }
                     Overdue::Idle => match idle.on_idle() {
                         Step::Ask => {
+                            activity.asked_to_close();
                             draining = true;
                             Pin::new(&mut conn).graceful_shutdown();
                             continue;

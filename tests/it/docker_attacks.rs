@@ -3499,3 +3499,38 @@ fn a_client_that_never_reads_its_stream_is_cut() {
         "the build went on without its client"
     );
 }
+
+/// A reviewer's finding (twenty-first session), on the bound above: a waiting write is woken only
+/// once the client has read most of the socket's buffer, so a client reading its stream slowly
+/// but steadily (a log piped to a slow script) was cut as one that reads nothing. The deadline
+/// counts from the client's last read.
+#[test]
+fn a_client_reading_its_stream_slowly_is_not_cut() {
+    use std::io::Read;
+    let b = Bridged::start("idle_timeout = \"3s\"");
+    let port = b.inst.port;
+    let base = format!("regobox-test/busybox:slow{port}");
+    b.import_busybox(&base);
+    let made = OnEngine::default();
+    let tag = format!("regobox-test/slow-reader{port}:x");
+    made.image(&tag);
+    let body = context(&[(
+        "Dockerfile",
+        'f',
+        &format!(
+            "FROM {base}\nRUN i=0; while [ $i -lt 160000 ]; do echo 0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789; i=$((i+1)); done; sleep 30\n"
+        ),
+    )]);
+    let path = format!("/v1.41/build?t={}&nocache=1", tag.replace(':', "%3A"));
+    let mut conn = posted_tar(&b.socket, &path, &body);
+    // 512 B every 0.1 s (5 KB/s) for 12 s: the socket's buffer takes longer than
+    // docker.idle_timeout to drain at that pace.
+    let started = std::time::Instant::now();
+    let (mut got, mut piece) = (0usize, [0u8; 512]);
+    while started.elapsed() < Duration::from_secs(12) {
+        let n = conn.read(&mut piece).unwrap_or(0);
+        assert!(n > 0, "cut after {:?}, {got} bytes read", started.elapsed());
+        got += n;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
