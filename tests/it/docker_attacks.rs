@@ -3446,6 +3446,30 @@ fn a_build_whose_client_leaves_on_its_last_line_is_tagged() {
     }
 }
 
+/// A build (tagged `regobox-test/<name><port>:x`, the tag made on `made`) whose step writes
+/// 16 MB of output, then sleeps: its stream outlasts any buffer. The connection it was asked on,
+/// nothing read, and its tag.
+fn long_build_output(
+    b: &Bridged,
+    name: &str,
+    made: &OnEngine,
+) -> (std::os::unix::net::UnixStream, String) {
+    let port = b.inst.port;
+    let base = format!("regobox-test/busybox:{name}{port}");
+    b.import_busybox(&base);
+    let tag = format!("regobox-test/{name}{port}:x");
+    made.image(&tag);
+    let body = context(&[(
+        "Dockerfile",
+        'f',
+        &format!(
+            "FROM {base}\nRUN i=0; while [ $i -lt 160000 ]; do echo 0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789; i=$((i+1)); done; sleep 30\n"
+        ),
+    )]);
+    let path = format!("/v1.41/build?t={}&nocache=1", tag.replace(':', "%3A"));
+    (posted_tar(&b.socket, &path, &body), tag)
+}
+
 /// The last note's (twentieth session): nothing bounded the socket's writing side, so a client
 /// that asked for a stream and never read it held its connection, and what the engine was
 /// sending (a build, held at its step's output; a followed log), for as long as it liked. A write
@@ -3455,22 +3479,8 @@ fn a_build_whose_client_leaves_on_its_last_line_is_tagged() {
 fn a_client_that_never_reads_its_stream_is_cut() {
     use std::io::Read;
     let b = Bridged::start("idle_timeout = \"3s\"");
-    let port = b.inst.port;
-    let base = format!("regobox-test/busybox:unread{port}");
-    b.import_busybox(&base);
     let made = OnEngine::default();
-    let tag = format!("regobox-test/unread{port}:x");
-    made.image(&tag);
-    // A step writing 16 MB of output, then sleeping: its stream outlasts any buffer.
-    let body = context(&[(
-        "Dockerfile",
-        'f',
-        &format!(
-            "FROM {base}\nRUN i=0; while [ $i -lt 160000 ]; do echo 0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789; i=$((i+1)); done; sleep 30\n"
-        ),
-    )]);
-    let path = format!("/v1.41/build?t={}&nocache=1", tag.replace(':', "%3A"));
-    let mut conn = posted_tar(&b.socket, &path, &body);
+    let (mut conn, tag) = long_build_output(&b, "unread", &made);
     // Nothing read for 12 s, then what is there: the end of the stream (regobox closed the
     // connection), not more output.
     std::thread::sleep(Duration::from_secs(12));
@@ -3508,21 +3518,8 @@ fn a_client_that_never_reads_its_stream_is_cut() {
 fn a_client_reading_its_stream_slowly_is_not_cut() {
     use std::io::Read;
     let b = Bridged::start("idle_timeout = \"3s\"");
-    let port = b.inst.port;
-    let base = format!("regobox-test/busybox:slow{port}");
-    b.import_busybox(&base);
     let made = OnEngine::default();
-    let tag = format!("regobox-test/slow-reader{port}:x");
-    made.image(&tag);
-    let body = context(&[(
-        "Dockerfile",
-        'f',
-        &format!(
-            "FROM {base}\nRUN i=0; while [ $i -lt 160000 ]; do echo 0123456789012345678901234567890123456789012345678901234567890123456789012345678901234567890123456789; i=$((i+1)); done; sleep 30\n"
-        ),
-    )]);
-    let path = format!("/v1.41/build?t={}&nocache=1", tag.replace(':', "%3A"));
-    let mut conn = posted_tar(&b.socket, &path, &body);
+    let (mut conn, _) = long_build_output(&b, "slow-reader", &made);
     // 512 B every 0.1 s (5 KB/s) for 12 s: the socket's buffer takes longer than
     // docker.idle_timeout to drain at that pace.
     let started = std::time::Instant::now();
