@@ -373,6 +373,17 @@ struct Asked {
     started: Instant,
 }
 
+impl Asked {
+    /// `req`, for `endpoint`, from now.
+    fn now<B>(req: &Request<B>, endpoint: Endpoint) -> Self {
+        Asked {
+            path: req.uri().path().to_string(),
+            endpoint,
+            started: Instant::now(),
+        }
+    }
+}
+
 /// What one request did, for the audit line.
 struct Done {
     response: Response<Body>,
@@ -525,11 +536,7 @@ impl Proxy {
                     .await
             }
             Endpoint::ImageCreate => {
-                let asked = Asked {
-                    path: req.uri().path().to_string(),
-                    endpoint: ep,
-                    started: Instant::now(),
-                };
+                let asked = Asked::now(&req, ep);
                 let q = query::parse(&raw_query, "an image create", query::IMAGE_CREATE)?;
                 let (reference, q) = self.check_image_create(q).await?;
                 // A pull's credentials in regobox's rendering; an import's tar streams through.
@@ -1099,11 +1106,7 @@ impl Proxy {
         raw_query: &str,
         path: &str,
     ) -> Result<Done, Refusal> {
-        let asked = Asked {
-            path: req.uri().path().to_string(),
-            endpoint: Endpoint::Build,
-            started: Instant::now(),
-        };
+        let asked = Asked::now(&req, Endpoint::Build);
         // The context is read whole before anything is judged (the Dockerfile is in it).
         let (parts, body) = req.into_parts();
         let (spool, turn) = self.spool(body, "the build context").await?;
@@ -2477,6 +2480,8 @@ const BUILD_END_GRACE: Duration = Duration::from_secs(2);
 /// How much of a stream whose client has gone is still read for its recording.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Unread {
+    /// None: the stream goes with its client, unrecorded (unless its recording had begun).
+    Nothing,
     /// All of it (see [`OnEnd::finishing`]).
     All,
     /// What comes within this (see [`OnEnd::finishing_within`]); past it, nothing is recorded.
@@ -2493,7 +2498,7 @@ impl OnEnd {
             f: Some(Mutex::new(Box::new(f))),
             recording: None,
             ended: false,
-            finish: Unread::Within(Duration::ZERO),
+            finish: Unread::Nothing,
         }
     }
 
@@ -2523,8 +2528,7 @@ impl Drop for OnEnd {
         // A recording begun (the stream has ended) is finished whatever the client does: a
         // build's tags are made under the lock that keeps the images it read, and a client that
         // left as they were being made left its image untagged.
-        if self.ended || (self.finish == Unread::Within(Duration::ZERO) && self.recording.is_none())
-        {
+        if self.ended || (self.finish == Unread::Nothing && self.recording.is_none()) {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -2560,6 +2564,7 @@ impl Drop for OnEnd {
                         Unread::Within(grace) => {
                             tokio::time::timeout(grace, read).await.unwrap_or(false)
                         }
+                        Unread::Nothing => false,
                     };
                     // A stream cut short is finished as it was: the recording reads what came.
                     if !ended && finish != Unread::All {

@@ -1610,6 +1610,29 @@ fn a_queue_the_client_never_takes_is_idle_at_idle_timeout() {
     p.stop();
 }
 
+/// Waits (20 s at most) until regobox's side of the connection `server`-`client` is no longer
+/// established (`how`: cut, closed as idle), then asserts the kernel lets it go within `within`
+/// (what it held for the client not kept).
+fn closed_and_let_go(p: &mut Proxied, server: u16, client: u16, how: &str, within: Duration) {
+    let started = Instant::now();
+    while established(server, client) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "not {how}\n{}",
+            p.stop()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let closed = Instant::now();
+    while kept_by_the_kernel(server, client) {
+        assert!(
+            closed.elapsed() < within,
+            "the kernel still held the connection {within:?} after it was {how}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// An attacker's finding (twenty-first session): a connection cut because its client took
 /// nothing was closed as usual, and the kernel kept what it held for the client, megabytes,
 /// for minutes (2.8 MB for 339 s), probing its closed window: a client could pin that much
@@ -1619,23 +1642,7 @@ fn a_connection_cut_for_taking_nothing_leaves_nothing_in_the_kernel() {
     let mut p = Proxied::start("redirect_http = false\nsend_timeout = \"3s\"");
     let (mut h, client, server) = wide_open_h2(p.https);
     h.send(0x1, 0x5, 1, &request_block("GET", "/download?n=3000000"));
-    let started = Instant::now();
-    while established(server, client) {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "not cut\n{}",
-            p.stop()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let cut = Instant::now();
-    while kept_by_the_kernel(server, client) {
-        assert!(
-            cut.elapsed() < Duration::from_secs(5),
-            "the kernel still held the cut connection's queue 5 s after the cut"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    closed_and_let_go(&mut p, server, client, "cut", Duration::from_secs(5));
     drop(h);
     p.stop();
 }
@@ -1654,23 +1661,13 @@ fn a_connection_closed_as_idle_leaves_nothing_in_the_kernel() {
     );
     s.write_all(b"GET /download?n=2000000 HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .unwrap();
-    let asked = Instant::now();
-    while established(server, client) {
-        assert!(
-            asked.elapsed() < Duration::from_secs(20),
-            "not closed as idle\n{}",
-            p.stop()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let closed = Instant::now();
-    while kept_by_the_kernel(server, client) {
-        assert!(
-            closed.elapsed() < Duration::from_secs(3),
-            "the kernel still held the idle connection 3 s after its close"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    closed_and_let_go(
+        &mut p,
+        server,
+        client,
+        "closed as idle",
+        Duration::from_secs(3),
+    );
     drop(s);
     p.stop();
 }
