@@ -23,6 +23,7 @@ pub mod forward;
 pub mod frames;
 pub mod framing;
 pub mod landing;
+pub mod linger;
 pub mod net;
 pub mod progress;
 pub mod sentry;
@@ -613,6 +614,11 @@ pub struct Activity {
     /// [`Activity::still_taking`]).
     drain_queued: AtomicU64,
     drain_ms: AtomicU64,
+    /// The socket's close was made a reset ([`Activity::reset_if_untaken`]).
+    reset: AtomicBool,
+    /// The socket, kept past the connection's end while its client takes what the kernel
+    /// holds for it (see [`linger`]).
+    held: std::sync::Mutex<Option<std::os::fd::OwnedFd>>,
 }
 
 /// One response being sent: since when (ms on its connection's clock) a piece of it has waited
@@ -848,6 +854,8 @@ impl Activity {
             queued: AtomicU64::new(0),
             drain_queued: AtomicU64::new(0),
             drain_ms: AtomicU64::new(NEVER),
+            reset: AtomicBool::new(false),
+            held: std::sync::Mutex::new(None),
         })
     }
 
@@ -1062,20 +1070,20 @@ impl Activity {
         if send_queue(fd).unwrap_or(0) == 0 {
             return;
         }
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: SO_LINGER reads one `linger`; `fd` is the connection's own socket, open while
-        // the connection's task (which calls this, before dropping it) runs.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&linger as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            );
+        // (`fd` is the connection's own socket, open while the connection's task, which calls
+        // this before dropping it, runs.)
+        linger::reset_on_close(fd);
+        self.reset.store(true, Ordering::Relaxed);
+    }
+
+    /// As the connection's socket closes: kept if what its send queue holds is to be taken
+    /// still (not reset, more than a piece; see [`linger`]).
+    fn closing(&self) {
+        if self.reset.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(socket) = linger::hold(self.fd.load(Ordering::Relaxed)) {
+            *self.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(socket);
         }
     }
 
@@ -1275,6 +1283,14 @@ type TlsIo = tokio_rustls::server::TlsStream<cork::Corked<Tracked<TcpStream>>>;
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
+}
+
+/// The socket closes with its connection's stream: kept if its client still has to take what
+/// the kernel holds (see [`linger`]).
+impl<S> Drop for Tracked<S> {
+    fn drop(&mut self) {
+        self.activity.closing();
+    }
 }
 
 impl<S> Tracked<S> {
@@ -1480,10 +1496,37 @@ async fn connection(stream: TcpStream, peer: SocketAddr, https: bool, shared: Ar
     // the state of its own kind (a parked HTTP/1.1 connection, a few hundred bytes), not that of
     // the largest (a TLS handshake).
     match shared.tls.clone().filter(|_| https) {
-        None => Box::pin(serve_h1(io, peer, false, &shared, activity, shutdown)).await,
-        Some(acceptor) => {
-            Box::pin(serve_tls(acceptor, io, peer, &shared, activity, shutdown)).await;
+        None => {
+            Box::pin(serve_h1(
+                io,
+                peer,
+                false,
+                &shared,
+                activity.clone(),
+                shutdown,
+            ))
+            .await
         }
+        Some(acceptor) => {
+            Box::pin(serve_tls(
+                acceptor,
+                io,
+                peer,
+                &shared,
+                activity.clone(),
+                shutdown,
+            ))
+            .await;
+        }
+    }
+    // The connection is over; its socket may not be yet (see `linger`).
+    let held = activity
+        .held
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let Some(socket) = held {
+        linger::linger(socket, shared.config.send_timeout, &shared.shutdown).await;
     }
 }
 

@@ -1647,6 +1647,122 @@ fn a_connection_cut_for_taking_nothing_leaves_nothing_in_the_kernel() {
     p.stop();
 }
 
+/// A plain connection whose receive buffer is `buffer` bytes, and its ports: the client's,
+/// regobox's.
+fn small_buffer_plain(port: u16, buffer: usize) -> (TcpStream, u16, u16) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(buffer).unwrap();
+    let to: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    socket.connect(&to.into()).unwrap();
+    let tcp: TcpStream = socket.into();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let (client, server) = (
+        tcp.local_addr().unwrap().port(),
+        tcp.peer_addr().unwrap().port(),
+    );
+    (tcp, client, server)
+}
+
+/// Whether regobox's side of the connection `server`-`client` is a process's socket still, not
+/// one the kernel keeps alone after its close (an orphan's inode is 0).
+fn kept_by_regobox(server: u16, client: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).ok();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        port(fields[1]) == Some(server) && port(fields[2]) == Some(client) && fields[9] != "0"
+    })
+}
+
+/// The last note's known limit (twenty-first session): a response that closes its connection
+/// (`Connection: close`), handed whole to the kernel, was left there when regobox closed the
+/// socket, whatever the client did with it: one that never read kept 2.5 MB for up to ~340 s
+/// (FIN-WAIT-1, as nginx leaves it), and as many as it made connections, out of every bound's
+/// sight. The connection now stays regobox's until its client has taken what the kernel holds,
+/// a piece per `send_timeout`, and is reset otherwise.
+#[test]
+fn a_closing_response_the_client_never_reads_is_not_left_in_the_kernel() {
+    let mut p = Proxied::start("redirect_http = false\nsend_timeout = \"3s\"");
+    let (mut s, client, server) = small_buffer_plain(p.http, 4096);
+    s.write_all(
+        b"GET /download?n=2000000 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    // Closed once the response is in the kernel; let go within `send_timeout` and a tick.
+    closed_and_let_go(&mut p, server, client, "closed", Duration::from_secs(6));
+    drop(s);
+    // The same over TLS: hyper's close is TLS's `close_notify`.
+    let mut s = small_buffer_tls(p.https, 4096, None, b"http/1.1");
+    let (client, server) = (
+        s.sock.local_addr().unwrap().port(),
+        s.sock.peer_addr().unwrap().port(),
+    );
+    s.write_all(
+        b"GET /download?n=2000000 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    closed_and_let_go(&mut p, server, client, "closed", Duration::from_secs(6));
+    drop(s);
+    p.stop();
+}
+
+/// What stays of a closing response in the kernel is the client's while it takes it: a client
+/// reading one at four times the pace `send_timeout` asks (a piece, 16 KiB, per
+/// `send_timeout`) gets all of it and the connection's clean end, over several
+/// `send_timeout`s after regobox's side closed.
+#[test]
+fn a_closing_response_read_slowly_is_read_whole() {
+    let mut p = Proxied::start("redirect_http = false\nsend_timeout = \"2s\"");
+    let (mut s, client, server) = small_buffer_plain(p.http, 4096);
+    let n = 300_000;
+    s.write_all(
+        format!("GET /download?n={n} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut piece = [0u8; 8192];
+    let mut closed_at = None;
+    let mut kept = false;
+    let started = Instant::now();
+    loop {
+        match s.read(&mut piece) {
+            Ok(0) => break,
+            Ok(k) => got.extend_from_slice(&piece[..k]),
+            Err(e) => panic!(
+                "{e} after {} bytes in {:?}\n{}",
+                got.len(),
+                started.elapsed(),
+                p.stop()
+            ),
+        }
+        if closed_at.is_none() && !established(server, client) {
+            closed_at = Some(got.len());
+        }
+        if closed_at.is_some() && kept_by_regobox(server, client) {
+            kept = true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(
+        got.len() - head_end,
+        n,
+        "{}",
+        String::from_utf8_lossy(&got[..head_end])
+    );
+    // regobox's side closed long before the client had read it all: the lingering was tried.
+    let closed_at = closed_at.expect("regobox's side never closed while the client read");
+    assert!(closed_at < n / 2, "closed once {closed_at} bytes were read");
+    assert!(kept, "the closed socket was left to the kernel");
+    assert!(
+        started.elapsed() > Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    p.stop();
+}
+
 /// An attacker's finding (twenty-first session): a connection closed as idle as its protocol
 /// closes one (HTTP/1.1 over TLS: `close_notify`, hyper's graceful close) was closed as usual
 /// whatever the kernel held for a client that took none of it: 2 MB a connection kept for
