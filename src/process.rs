@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::{ChildStderr, ChildStdin, ChildStdout, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -96,6 +97,41 @@ fn reap_all() {
 /// How many orphaned processes the reaper has collected.
 pub fn orphans_reaped() -> u64 {
     ORPHANS.load(Ordering::Relaxed)
+}
+
+/// The processes re-parented to regobox (orphans: none it started through [`spawn`]) whose
+/// working directory is `dir`: what is left of a server whose parent died, which ran there. Read
+/// from `/proc`; a process that exits meanwhile is skipped.
+pub fn orphans_working_in(dir: &Path) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(dir) = dir.canonicalize() else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let started: Vec<i32> = lock()
+        .as_ref()
+        .map(|r| r.waiters.keys().copied().collect())
+        .unwrap_or_default();
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| !started.contains(pid))
+        .filter(|pid| parent_of(*pid) == Some(me))
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir))
+        .collect()
+}
+
+/// The parent of `pid` (`/proc/PID/stat`'s fourth field, after the name in brackets, which may
+/// hold anything), unless it has exited.
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut rest = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = rest.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    rest.next()?.parse().ok()
 }
 
 /// A child started through [`spawn`]; only the reaper waits for it.

@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -23,6 +23,10 @@ use crate::users::Account;
 /// How long an immediate shutdown (SIGQUIT) may take before SIGKILL.
 const QUIT_GRACE: Duration = Duration::from_secs(5);
 
+/// How long what is left of a server that exited may take to go, once killed, before the
+/// wait for it gives up (a process in uninterruptible sleep dies when it wakes).
+const LEFTOVERS_GRACE: Duration = Duration::from_secs(30);
+
 /// A running `postgres`.
 #[derive(Debug)]
 pub struct Server {
@@ -30,7 +34,9 @@ pub struct Server {
     pid: i32,
     /// Its output; drained after it exits so no last line is lost.
     logs: Forwarders,
-    /// What was left of its process group has been killed (once, when its exit was seen).
+    /// Its data directory, where its processes work.
+    data_dir: PathBuf,
+    /// What was left of it has been killed (once, when its exit was seen).
     swept: bool,
 }
 
@@ -79,6 +85,7 @@ impl Server {
             child,
             pid,
             logs,
+            data_dir: data_dir.to_path_buf(),
             swept: false,
         })
     }
@@ -87,10 +94,12 @@ impl Server {
         self.pid
     }
 
-    /// Wait for the server to exit by itself (cancel-safe), then for its last lines of output.
+    /// Wait for the server to exit by itself (cancel-safe), then for what was left of it to go
+    /// (see [`Server::sweep`]), then for its last lines of output.
     pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
         let status = self.child.wait().await;
         self.sweep();
+        self.leftovers_gone().await;
         self.logs.drain().await;
         Ok(status)
     }
@@ -104,14 +113,54 @@ impl Server {
         exited
     }
 
-    /// Once the postmaster has exited: SIGKILL whatever is left of its process group (backends
-    /// of a postmaster killed outright), so that nothing of it still works in the data directory
-    /// and a new server does not find them attached to the old shared memory. Done once, as soon
-    /// as the exit is seen: the group id cannot be reused while a member lives.
+    /// Once the postmaster has exited: SIGKILL whatever is left of it, so that nothing of it
+    /// still works in the data directory and a new server does not find the old shared memory
+    /// in use. Its processes (backends, checkpointer...) lead process groups of their own (each
+    /// calls `setsid`), so its group is not enough: they are found as the orphans re-parented
+    /// to regobox that work in its data directory. A postmaster killed outright (the kernel's
+    /// OOM killer) left them working until they noticed, and one in a query that never waits
+    /// (a loop) held the shared memory: the server started again refused to, and each refusal
+    /// was counted as a crash until regobox gave up. Done once, as soon as the exit is seen
+    /// (the group id cannot be reused while a member lives); [`Server::wait`] then waits until
+    /// they have gone.
     fn sweep(&mut self) {
         if !self.swept {
             self.swept = true;
             let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+            let left = process::orphans_working_in(&self.data_dir);
+            if !left.is_empty() {
+                tracing::warn!(
+                    pids = ?left,
+                    "killing {} processes of the PostgreSQL server that exited, still working in its data directory",
+                    left.len()
+                );
+                for pid in left {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+        }
+    }
+
+    /// Until no process of the server that exited works in its data directory (killed as they
+    /// show: a process left may have started others), for [`LEFTOVERS_GRACE`] at most.
+    async fn leftovers_gone(&self) {
+        let deadline = tokio::time::Instant::now() + LEFTOVERS_GRACE;
+        loop {
+            let left = process::orphans_working_in(&self.data_dir);
+            if left.is_empty() {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::error!(
+                    pids = ?left,
+                    "processes of the PostgreSQL server that exited are still there {LEFTOVERS_GRACE:?} after being killed"
+                );
+                return;
+            }
+            for pid in left {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -250,6 +250,63 @@ fn kill_9_during_inserts_then_restart_loses_no_committed_row() {
 /// Issue 14, point 13: a server that dies is started again in place (crash recovery, with
 /// back-off), the container stays up and nothing committed is lost; past the restart budget
 /// (more than five crashes within ten minutes) regobox gives up and stops everything, exit 1.
+/// PostgreSQL's processes lead process groups of their own (each calls `setsid`), so the
+/// postmaster's group held only the postmaster: once it was killed outright (the kernel's OOM
+/// killer, say), its backends went on in the data directory until they noticed, and one busy
+/// in a query that never waits (a loop) held the old shared memory. The server started again
+/// refused ("pre-existing shared memory block ... is still in use"), and regobox counted each
+/// refusal as a crash until it gave up and stopped everything (seen in a CI run on a busy
+/// machine). What is left of the old server is killed, and gone, before the new one starts.
+#[test]
+fn a_postgres_killed_outright_leaves_no_backend_working_behind_it() {
+    let inst = Instance::new();
+    let mut run = inst.start();
+    // A backend busy for 90 s at most, in a loop that never waits (so never looks for its
+    // postmaster).
+    let mut busy = inst
+        .command(&[
+            "psql",
+            "-XtAq",
+            "-c",
+            "DO $$ BEGIN WHILE clock_timestamp() < now() + interval '90 s' LOOP END LOOP; END $$",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut backend = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while backend.is_empty() {
+        assert!(Instant::now() < deadline, "the busy backend never showed");
+        std::thread::sleep(Duration::from_millis(100));
+        backend = inst.sql(
+            "SELECT pid FROM pg_stat_activity WHERE query LIKE 'DO $$%' AND pid <> pg_backend_pid()",
+        );
+    }
+    let backend: i32 = backend.parse().unwrap();
+    // Whatever happens, no loop left running on the machine.
+    struct Killed(i32);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
+        }
+    }
+    let _killed = Killed(backend);
+    kill(Pid::from_raw(inst.postmaster_pid()), Signal::SIGKILL).unwrap();
+    let up = Instant::now();
+    run.wait_for_log("PostgreSQL is up again", Duration::from_secs(60));
+    let (log, gone) = (run.log_text(), !alive(backend));
+    let _ = busy.kill();
+    let _ = busy.wait();
+    assert!(gone, "the old server's backend {backend} still runs\n{log}");
+    assert!(!log.contains("is still in use"), "{log}");
+    assert!(log.contains("still working in its data directory"), "{log}");
+    assert_eq!(inst.service("postgres")["restarts"], 1, "{log}");
+    assert!(up.elapsed() < Duration::from_secs(30), "{:?}", up.elapsed());
+    assert_eq!(inst.sql("SELECT 1"), "1");
+    run.stop();
+}
+
 #[test]
 fn a_postgres_that_dies_is_started_again_in_place_until_the_budget_is_spent() {
     let inst = Instance::new();
