@@ -30,6 +30,8 @@ if $TESTS; then
     fi
     # debootstrap makes the base image of the end-to-end image test (no registry needed).
     command -v debootstrap >/dev/null 2>&1 || PACKAGES+=(debootstrap)
+    # capsh runs regobox without CAP_SYS_PTRACE, as Docker's default capabilities do.
+    command -v capsh >/dev/null 2>&1 || PACKAGES+=(libcap2-bin)
     # pebble is the test ACME CA of the proxy tests; curl and openssl are their TLS clients.
     for tool in pebble curl openssl; do
         command -v "$tool" >/dev/null 2>&1 || PACKAGES+=("$tool")

@@ -13,7 +13,6 @@
 use std::collections::HashMap;
 use std::io;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
 use std::process::{ChildStderr, ChildStdin, ChildStdout, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -99,39 +98,101 @@ pub fn orphans_reaped() -> u64 {
     ORPHANS.load(Ordering::Relaxed)
 }
 
-/// The processes re-parented to regobox (orphans: none it started through [`spawn`]) whose
-/// working directory is `dir`: what is left of a server whose parent died, which ran there. Read
-/// from `/proc`; a process that exits meanwhile is skipped.
-pub fn orphans_working_in(dir: &Path) -> Vec<i32> {
+/// What a server's processes are known by, to find what is left of them once it has exited:
+/// where they work and as whom, and when the server started.
+#[derive(Debug, Clone)]
+pub struct Workers {
+    /// Their working directory.
+    pub dir: std::path::PathBuf,
+    /// The account they run as.
+    pub uid: u32,
+    /// When the server started (`/proc/PID/stat`'s start time, in clock ticks since boot):
+    /// nothing of it started before.
+    pub since: u64,
+}
+
+/// The processes re-parented to regobox (orphans: none it started through [`spawn`], not
+/// zombies) that are what is left of a server with these `workers`: started since it did, and
+/// working in its directory or, when the server runs as an account of its own (not regobox's),
+/// running as that account: regobox as root cannot read where another account's process works
+/// without `CAP_SYS_PTRACE`, which Docker's default capabilities leave out, and a program the
+/// server ran may have changed directory (`COPY ... FROM PROGRAM`). Read from `/proc`; a
+/// process that exits meanwhile is skipped.
+pub fn left_of(workers: &Workers) -> Vec<i32> {
+    let Ok(dir) = workers.dir.canonicalize() else {
+        return Vec::new();
+    };
+    // Held while `/proc` is read: a child spawned meanwhile is not taken for an orphan.
+    let guard = lock();
+    let started = |pid: &i32| guard.as_ref().is_some_and(|r| r.waiters.contains_key(pid));
     let me = std::process::id() as i32;
-    let Ok(dir) = dir.canonicalize() else {
-        return Vec::new();
-    };
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let started: Vec<i32> = lock()
-        .as_ref()
-        .map(|r| r.waiters.keys().copied().collect())
-        .unwrap_or_default();
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| !started.contains(pid))
-        .filter(|pid| parent_of(*pid) == Some(me))
-        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir))
+    let own_account = workers.uid != nix::unistd::getuid().as_raw();
+    direct_children_where(|stat| stat.parent == me && !stat.zombie)
+        .into_iter()
+        .filter(|stat| !started(&stat.pid) && stat.started >= workers.since)
+        .filter(|stat| {
+            (own_account && uid_of(stat.pid) == Some(workers.uid))
+                || std::fs::read_link(format!("/proc/{}/cwd", stat.pid)).is_ok_and(|cwd| cwd == dir)
+        })
+        .map(|stat| stat.pid)
         .collect()
 }
 
-/// The parent of `pid` (`/proc/PID/stat`'s fourth field, after the name in brackets, which may
-/// hold anything), unless it has exited.
-fn parent_of(pid: i32) -> Option<i32> {
+/// The pids whose parent is regobox, read from `/proc`.
+pub fn direct_children() -> Vec<i32> {
+    let me = std::process::id() as i32;
+    direct_children_where(|stat| stat.parent == me)
+        .into_iter()
+        .map(|stat| stat.pid)
+        .collect()
+}
+
+/// What `/proc/PID/stat` says of a process.
+#[derive(Debug)]
+pub struct Stat {
+    pub pid: i32,
+    pub parent: i32,
+    pub zombie: bool,
+    /// Its start time, in clock ticks since boot.
+    pub started: u64,
+}
+
+/// `/proc/PID/stat` of `pid`, unless it has gone.
+pub fn stat_of(pid: i32) -> Option<Stat> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let mut rest = stat[stat.rfind(')')? + 1..].split_whitespace();
-    let state = rest.next()?;
-    if state == "Z" || state == "X" {
-        return None;
-    }
-    rest.next()?.parse().ok()
+    // The command name is in brackets and may hold anything: read after the last ')'. From
+    // there: state (3), ppid (4), ..., starttime (22).
+    let rest: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    Some(Stat {
+        pid,
+        zombie: matches!(*rest.first()?, "Z" | "X"),
+        parent: rest.get(1)?.parse().ok()?,
+        started: rest.get(19)?.parse().ok()?,
+    })
+}
+
+fn direct_children_where(keep: impl Fn(&Stat) -> bool) -> Vec<Stat> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(stat_of)
+        .filter(|stat| keep(stat))
+        .collect()
+}
+
+/// The real user id of `pid` (`/proc/PID/status`, readable by anyone).
+pub fn uid_of(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// A child started through [`spawn`]; only the reaper waits for it.

@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -34,8 +34,8 @@ pub struct Server {
     pid: i32,
     /// Its output; drained after it exits so no last line is lost.
     logs: Forwarders,
-    /// Its data directory, where its processes work.
-    data_dir: PathBuf,
+    /// What its processes are known by (see [`Server::sweep`]).
+    workers: process::Workers,
     /// What was left of it has been killed (once, when its exit was seen).
     swept: bool,
 }
@@ -80,12 +80,18 @@ impl Server {
         account.apply(&mut command);
         let mut child = process::spawn(&mut command)?;
         let pid = child.pid();
+        // (Read once it runs: `spawn` returns after the exec, its account set.)
+        let workers = process::Workers {
+            dir: data_dir.to_path_buf(),
+            uid: process::uid_of(pid).unwrap_or(account.uid.as_raw()),
+            since: process::stat_of(pid).map_or(0, |s| s.started),
+        };
         let logs = Forwarders::start(&mut child, "postgres", sink, file, observer)?;
         Ok(Server {
             child,
             pid,
             logs,
-            data_dir: data_dir.to_path_buf(),
+            workers,
             swept: false,
         })
     }
@@ -117,7 +123,8 @@ impl Server {
     /// still works in the data directory and a new server does not find the old shared memory
     /// in use. Its processes (backends, checkpointer...) lead process groups of their own (each
     /// calls `setsid`), so its group is not enough: they are found as the orphans re-parented
-    /// to regobox that work in its data directory. A postmaster killed outright (the kernel's
+    /// to regobox, started since the server, that work in its data directory or run as its
+    /// account (see [`process::left_of`]). A postmaster killed outright (the kernel's
     /// OOM killer) left them working until they noticed, and one in a query that never waits
     /// (a loop) held the shared memory: the server started again refused to, and each refusal
     /// was counted as a crash until regobox gave up. Done once, as soon as the exit is seen
@@ -127,11 +134,11 @@ impl Server {
         if !self.swept {
             self.swept = true;
             let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
-            let left = process::orphans_working_in(&self.data_dir);
+            let left = process::left_of(&self.workers);
             if !left.is_empty() {
                 tracing::warn!(
                     pids = ?left,
-                    "killing {} processes of the PostgreSQL server that exited, still working in its data directory",
+                    "killing what is left of the PostgreSQL server that exited, still working in its data directory ({} processes)",
                     left.len()
                 );
                 for pid in left {
@@ -146,7 +153,7 @@ impl Server {
     async fn leftovers_gone(&self) {
         let deadline = tokio::time::Instant::now() + LEFTOVERS_GRACE;
         loop {
-            let left = process::orphans_working_in(&self.data_dir);
+            let left = process::left_of(&self.workers);
             if left.is_empty() {
                 return;
             }
@@ -173,6 +180,7 @@ impl Server {
     ) -> std::io::Result<ExitStatus> {
         if let Some(status) = self.child.try_status() {
             self.sweep();
+            self.leftovers_gone().await;
             return Ok(status);
         }
         tracing::info!(pid = self.pid, "stopping PostgreSQL (fast shutdown)");

@@ -919,7 +919,7 @@ async fn scheduled_backups(
 /// Stop whatever is left (orphans re-parented to regobox): SIGTERM, then SIGKILL when the
 /// shutdown is forced or its deadline passes; return once no child is left (or 2 s after that).
 async fn finish(config: &Config, force: &CancellationToken) {
-    let left = direct_children();
+    let left = crate::process::direct_children();
     if left.is_empty() {
         return;
     }
@@ -933,11 +933,11 @@ async fn finish(config: &Config, force: &CancellationToken) {
     let limit = Instant::now() + config.supervision.shutdown_timeout;
     let mut killed = false;
     loop {
-        if direct_children().is_empty() {
+        if crate::process::direct_children().is_empty() {
             return;
         }
         if !killed && (force.is_cancelled() || Instant::now() >= limit) {
-            for pid in direct_children() {
+            for pid in crate::process::direct_children() {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
@@ -951,26 +951,6 @@ async fn finish(config: &Config, force: &CancellationToken) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// The pids whose parent is regobox, read from /proc.
-pub fn direct_children() -> Vec<i32> {
-    let me = std::process::id() as i32;
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| parent_of(*pid) == Some(me))
-        .collect()
-}
-
-fn parent_of(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is in parentheses and may contain spaces: read after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 async fn resolve_account(user: &str, key: &str) -> anyhow::Result<Option<Account>> {

@@ -259,8 +259,36 @@ fn kill_9_during_inserts_then_restart_loses_no_committed_row() {
 /// machine). What is left of the old server is killed, and gone, before the new one starts.
 #[test]
 fn a_postgres_killed_outright_leaves_no_backend_working_behind_it() {
+    killed_outright_leaves_nothing(None);
+}
+
+/// The same with Docker's default capabilities, which leave out `CAP_SYS_PTRACE`: root cannot
+/// read where another account's process works (`/proc/PID/cwd`), so what is left of the server
+/// is known by its account (a reviewer's finding: the first fix found nothing in the image).
+#[test]
+fn a_postgres_killed_outright_leaves_no_backend_working_behind_it_without_cap_sys_ptrace() {
+    killed_outright_leaves_nothing(Some(&[
+        "capsh",
+        "--drop=cap_sys_ptrace",
+        "--",
+        "-c",
+        "exec \"$@\"",
+        "regobox",
+    ]));
+}
+
+/// regobox run (through `wrapper` if given), a backend busy in a loop, its postmaster killed
+/// with SIGKILL: started again once, the backend gone.
+fn killed_outright_leaves_nothing(wrapper: Option<&[&str]>) {
     let inst = Instance::new();
-    let mut run = inst.start();
+    let mut run = match wrapper {
+        None => inst.start(),
+        Some(wrapper) => {
+            let mut run = inst.spawn_wrapped(wrapper);
+            run.wait_for_log("regobox is ready", Duration::from_secs(60));
+            run
+        }
+    };
     // A backend busy for 90 s at most, in a loop that never waits (so never looks for its
     // postmaster).
     let mut busy = inst
