@@ -1,18 +1,21 @@
 //! What the kernel still holds for a client once its connection is over.
 //!
 //! A response that ends its connection (`Connection: close`, HTTP/1.0, a client that closed its
-//! side, a connection closed as idle while its client was still taking the last response) is
-//! done for hyper once the kernel has it all, and the kernel sends it at the client's pace after
-//! the socket is closed: closed as usual, the socket keeps it out of every bound's sight,
+//! side) is done for hyper once the kernel has it all, and so is a connection closed as idle
+//! whose client still has the last response's end to take: the kernel sends it at the client's
+//! pace after the socket is closed. Closed as usual, the socket went out of every bound's sight,
 //! probing the client's closed window for minutes (2.5 MB for about 340 s seen with a client
 //! that read nothing, as nginx leaves it), and a client could leave as many such sockets as it
-//! makes connections. So a connection that ends with more than a piece
-//! ([`forward::PIECE`](super::forward::PIECE)) in its socket's send queue keeps its socket: a
-//! duplicate of its descriptor (the rest of the connection, TLS and HTTP state, is gone), looked
-//! at every [`TICK`], closed as usual once the queue has emptied, and reset (`SO_LINGER` 0) if
-//! the client has not taken a piece of it within `proxy.send_timeout`: the rule a response is
-//! sent under. The connection counts as open meanwhile. A queue of a piece or less, the end of
-//! most responses over a network, is left to the kernel.
+//! makes connections; reset at once (what idle closes did), a slow reader lost the end of its
+//! download. So a connection that ends with bytes in its socket's send queue keeps its socket:
+//! a duplicate of its descriptor (the rest of the connection, TLS and HTTP state, is gone), its
+//! write side shut (the client gets the end after the bytes), looked at every [`TICK`], closed
+//! as usual once the queue has emptied, and reset (`SO_LINGER` 0) if the client has not taken a
+//! piece ([`forward::PIECE`](super::forward::PIECE)) of it, or the rest if less, within
+//! `proxy.send_timeout`: the rule a response is sent under, counted from the last piece the
+//! client took (an idle connection's queue was followed before its close, see
+//! `Activity::still_taking`). The connection counts as open meanwhile. Connections cut for
+//! missing a deadline are reset at once, not kept.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
@@ -25,9 +28,9 @@ use super::forward::PIECE;
 pub const TICK: Duration = Duration::from_millis(500);
 
 /// The socket `fd` (the connection's own, open) kept past its close if its send queue holds
-/// more than a piece: a duplicate of its descriptor.
+/// bytes: a duplicate of its descriptor.
 pub fn hold(fd: RawFd) -> Option<OwnedFd> {
-    if crate::outq::queued(fd)? <= PIECE as u64 {
+    if crate::outq::queued(fd)? == 0 {
         return None;
     }
     // SAFETY: F_DUPFD_CLOEXEC takes an int; `fd` is the caller's own open socket.
@@ -38,10 +41,19 @@ pub fn hold(fd: RawFd) -> Option<OwnedFd> {
 
 /// Keep `socket` until its client has taken what its send queue holds (closed as usual), or
 /// has not taken a piece of it within `limit` (reset), or regobox stops (closed as usual: the
-/// kernel keeps the rest).
-pub async fn linger(socket: OwnedFd, limit: Duration, stop: &CancellationToken) {
+/// kernel keeps the rest). `from`: what the queue held when the client last took a piece of
+/// it, and when, if known; else the queue now.
+pub async fn linger(
+    socket: OwnedFd,
+    from: Option<(u64, Instant)>,
+    limit: Duration,
+    stop: &CancellationToken,
+) {
+    // SAFETY: shutdown takes two ints; `socket` is open, owned here.
+    unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_WR) };
     let queued = || crate::outq::queued(socket.as_raw_fd()).unwrap_or(0);
-    let mut taking = Taking::new(queued(), Instant::now());
+    let (mark, since) = from.unwrap_or_else(|| (queued(), Instant::now()));
+    let mut taking = Taking::new(mark, since);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
@@ -156,5 +168,13 @@ mod tests {
         // Nothing taken at all.
         let mut t = Taking::new(piece + 1, start);
         assert_eq!(t.look(piece + 1, at(start, 60), LIMIT), Look::Stuck);
+        // Less than a piece left: all of it is due within the limit.
+        let mut t = Taking::new(100, start);
+        assert_eq!(t.look(99, at(start, 59), LIMIT), Look::Taking);
+        assert_eq!(t.look(1, at(start, 60), LIMIT), Look::Stuck);
+        assert_eq!(
+            Taking::new(100, start).look(0, at(start, 60), LIMIT),
+            Look::Taken
+        );
     }
 }

@@ -597,9 +597,6 @@ pub struct Activity {
     acked: AtomicU64,
     /// regobox wrote to the client since that look.
     wrote: AtomicBool,
-    /// Asked to close as idle, the connection's client had not taken what the kernel held for
-    /// it, and had acknowledged this much ([`NEVER`]: it had taken everything, or not asked).
-    idle_acked: AtomicU64,
     /// The last write to the client could not go out (its socket is full).
     write_blocked: AtomicBool,
     /// When a request last began or ended (see [`Activity::quiet_for`]).
@@ -847,7 +844,6 @@ impl Activity {
             stuck_ms: AtomicU64::new(NEVER),
             acked: AtomicU64::new(0),
             wrote: AtomicBool::new(false),
-            idle_acked: AtomicU64::new(NEVER),
             write_blocked: AtomicBool::new(false),
             request_ms: AtomicU64::new(0),
             fd: std::sync::atomic::AtomicI32::new(-1),
@@ -1037,28 +1033,6 @@ impl Activity {
         now.saturating_sub(since) >= limit.as_millis() as u64
     }
 
-    /// As the connection is asked to close as idle: whether its client leaves bytes behind,
-    /// and what it had acknowledged (see [`Activity::reset_if_left_idle`]).
-    fn asked_to_close(&self) {
-        let fd = self.fd.load(Ordering::Relaxed);
-        let left = send_queue(fd).unwrap_or(0) > 0;
-        let acked = if left { bytes_acked(fd) } else { None };
-        self.idle_acked
-            .store(acked.unwrap_or(NEVER), Ordering::Relaxed);
-    }
-
-    /// A connection closed as idle as its protocol closes one is reset if, asked to close, its
-    /// client had left bytes untaken and has acknowledged nothing since, and bytes are still
-    /// there. Otherwise it closes as usual: what is in the queue is the close itself, GOAWAY or
-    /// `close_notify`, on its way to a client that is there (a reviewer's, twenty-first
-    /// session: over a network's round trip, an honest client's clean close became a reset).
-    fn reset_if_left_idle(&self) {
-        let asked = self.idle_acked.load(Ordering::Relaxed);
-        if asked != NEVER && bytes_acked(self.fd.load(Ordering::Relaxed)) == Some(asked) {
-            self.reset_if_untaken();
-        }
-    }
-
     /// A connection about to be cut whose client has not taken what the kernel holds for it is
     /// reset when closed (`SO_LINGER` 0, nginx's `reset_timedout_connection`): closed as usual,
     /// the kernel kept the queue, megabytes, for minutes, probing the client's closed window
@@ -1076,8 +1050,21 @@ impl Activity {
         self.reset.store(true, Ordering::Relaxed);
     }
 
-    /// As the connection's socket closes: kept if what its send queue holds is to be taken
-    /// still (not reset, more than a piece; see [`linger`]).
+    /// What the client had left in the socket's send queue when it last took a piece of it, and
+    /// when, if the queue was looked at since the connection was last busy (see
+    /// [`Activity::still_taking`]): where [`linger`] goes on from.
+    fn last_taken(&self) -> Option<(u64, Instant)> {
+        let since = self.drain_ms.load(Ordering::Relaxed);
+        (since != NEVER).then(|| {
+            (
+                self.drain_queued.load(Ordering::Relaxed),
+                self.epoch + Duration::from_millis(since),
+            )
+        })
+    }
+
+    /// As the connection's socket closes: kept if its send queue holds bytes still to be taken
+    /// (and it was not reset; see [`linger`]).
     fn closing(&self) {
         if self.reset.load(Ordering::Relaxed) {
             return;
@@ -1402,11 +1389,6 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 struct IdleClose(Option<Instant>);
 
 impl IdleClose {
-    /// The connection was asked to close as idle.
-    fn asked(&self) -> bool {
-        self.0.is_some()
-    }
-
     /// On a tick that found the connection idle: whether to ask it to close now (the first
     /// time), or to cut it (asked [`CLOSE_GRACE`] ago or more).
     fn on_idle(&mut self) -> Step {
@@ -1443,13 +1425,9 @@ macro_rules! drive {
         loop {
             tokio::select! {
                 biased;
-                _ = conn.as_mut() => {
-                    // Closed as idle: what the client did not take is not kept for it.
-                    if idle.asked() {
-                        $activity.reset_if_left_idle();
-                    }
-                    break;
-                }
+                // (Closed as idle or not, what the kernel still holds for the client is left to
+                // `linger`.)
+                _ = conn.as_mut() => break,
                 e = sentry.next() => match e {
                     sentry::Event::Shutdown => {
                         let $c = conn.as_mut();
@@ -1464,15 +1442,11 @@ macro_rules! drive {
                         }
                         Overdue::Idle => match idle.on_idle() {
                             Step::Ask => {
-                                $activity.asked_to_close();
                                 let $c = conn.as_mut();
                                 $graceful;
                             }
                             Step::Wait => {}
-                            Step::Cut => {
-                                $activity.reset_if_untaken();
-                                break;
-                            }
+                            Step::Cut => break,
                         },
                     },
                 },
@@ -1526,7 +1500,8 @@ async fn connection(stream: TcpStream, peer: SocketAddr, https: bool, shared: Ar
         .unwrap_or_else(|e| e.into_inner())
         .take();
     if let Some(socket) = held {
-        linger::linger(socket, shared.config.send_timeout, &shared.shutdown).await;
+        let from = activity.last_taken();
+        linger::linger(socket, from, shared.config.send_timeout, &shared.shutdown).await;
     }
 }
 
@@ -1738,7 +1713,6 @@ async fn serve_h1<S>(
                     if quiet >= half {
                         let taking = activity.still_taking(idle);
                         if quiet >= idle && !taking {
-                            activity.reset_if_untaken();
                             return;
                         }
                     }
@@ -1774,13 +1748,9 @@ where
     loop {
         tokio::select! {
             biased;
-            _ = &mut conn => {
-                // Closed as idle: what the client did not take is not kept for it.
-                if idle.asked() {
-                    activity.reset_if_left_idle();
-                }
-                return None;
-            }
+            // (Closed as idle or not, what the kernel still holds for the client is left to
+            // `linger`.)
+            _ = &mut conn => return None,
             e = sentry.next() => {
                 if e == sentry::Event::Shutdown {
                     draining = true;
@@ -1798,16 +1768,12 @@ where
                     }
                     Overdue::Idle => match idle.on_idle() {
                         Step::Ask => {
-                            activity.asked_to_close();
                             draining = true;
                             Pin::new(&mut conn).graceful_shutdown();
                             continue;
                         }
                         Step::Wait => continue,
-                        Step::Cut => {
-                            activity.reset_if_untaken();
-                            return None;
-                        }
+                        Step::Cut => return None,
                     },
                 }
                 if plain

@@ -1706,6 +1706,53 @@ fn a_closing_response_the_client_never_reads_is_not_left_in_the_kernel() {
     p.stop();
 }
 
+/// An attacker's finding (twenty-second session): with `idle_timeout` below `send_timeout`, a
+/// keep-alive download whose end the kernel held was closed as idle, and reset, while its
+/// client still took it at more than a piece per `send_timeout` (17 KB every 3.5 s at 3 s and
+/// 4 s: 20 KB of 150 KB received), where the same reader of a closing response got it all.
+/// Closed as idle, what the kernel holds is the client's under `send_timeout`, as any response.
+#[test]
+fn a_download_taken_slower_than_idle_timeout_is_not_cut_as_idle() {
+    let mut p =
+        Proxied::start("redirect_http = false\nidle_timeout = \"2s\"\nsend_timeout = \"4s\"");
+    let (mut s, _, _) = small_buffer_plain(p.http, 4096);
+    let n = 90_000;
+    s.write_all(format!("GET /download?n={n} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut piece = vec![0u8; 17_000];
+    // 17 KB every 2.5 s: over a piece per `send_timeout`, under one per `idle_timeout`.
+    loop {
+        let mut filled = 0;
+        while filled < piece.len() {
+            match s.read(&mut piece[filled..]) {
+                Ok(0) => break,
+                Ok(k) => filled += k,
+                Err(e) => panic!(
+                    "{e} after {} bytes in {:?}\n{}",
+                    got.len() + filled,
+                    started.elapsed(),
+                    p.stop()
+                ),
+            }
+        }
+        got.extend_from_slice(&piece[..filled]);
+        if filled < piece.len() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2500));
+    }
+    let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert_eq!(got.len() - head_end, n, "after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() > Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    p.stop();
+}
+
 /// What stays of a closing response in the kernel is the client's while it takes it: a client
 /// reading one at four times the pace `send_timeout` asks (a piece, 16 KiB, per
 /// `send_timeout`) gets all of it and the connection's clean end, over several
@@ -1766,10 +1813,12 @@ fn a_closing_response_read_slowly_is_read_whole() {
 /// An attacker's finding (twenty-first session): a connection closed as idle as its protocol
 /// closes one (HTTP/1.1 over TLS: `close_notify`, hyper's graceful close) was closed as usual
 /// whatever the kernel held for a client that took none of it: 2 MB a connection kept for
-/// minutes. Closed as idle, it is reset if its client has not taken what the kernel holds.
+/// minutes. Closed as idle, its socket is kept while its client takes what the kernel holds,
+/// a piece per `send_timeout` from the last it took, and reset otherwise.
 #[test]
 fn a_connection_closed_as_idle_leaves_nothing_in_the_kernel() {
-    let mut p = Proxied::start("redirect_http = false\nidle_timeout = \"3s\"");
+    let mut p =
+        Proxied::start("redirect_http = false\nidle_timeout = \"3s\"\nsend_timeout = \"3s\"");
     let mut s = small_buffer_tls(p.https, 4096, None, b"http/1.1");
     let (client, server) = (
         s.sock.local_addr().unwrap().port(),
