@@ -7,8 +7,8 @@
 //! probing the client's closed window for minutes (2.5 MB for about 340 s seen with a client
 //! that read nothing, as nginx leaves it), and a client could leave as many such sockets as it
 //! makes connections; reset at once (what idle closes did), a slow reader lost the end of its
-//! download. So a connection that ends with bytes in its socket's send queue keeps its socket:
-//! a duplicate of its descriptor (the rest of the connection, TLS and HTTP state, is gone), its
+//! download. So a connection that ends with bytes in its socket's send queue (over a piece,
+//! or any if closed as idle: see `Activity::closing`) keeps its socket: a duplicate of its descriptor (the rest of the connection, TLS and HTTP state, is gone), its
 //! write side shut (the client gets the end after the bytes), looked at every [`TICK`], closed
 //! as usual once the queue has emptied, and reset (`SO_LINGER` 0) if the client has not taken a
 //! piece ([`forward::PIECE`](super::forward::PIECE)) of it, or the rest if less, within
@@ -28,9 +28,9 @@ use super::forward::PIECE;
 pub const TICK: Duration = Duration::from_millis(500);
 
 /// The socket `fd` (the connection's own, open) kept past its close if its send queue holds
-/// bytes: a duplicate of its descriptor.
-pub fn hold(fd: RawFd) -> Option<OwnedFd> {
-    if crate::outq::queued(fd)? == 0 {
+/// more than `more_than` bytes: a duplicate of its descriptor.
+pub fn hold(fd: RawFd, more_than: u64) -> Option<OwnedFd> {
+    if crate::outq::queued(fd)? <= more_than {
         return None;
     }
     // SAFETY: F_DUPFD_CLOEXEC takes an int; `fd` is the caller's own open socket.

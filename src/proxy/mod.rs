@@ -613,6 +613,8 @@ pub struct Activity {
     drain_ms: AtomicU64,
     /// The socket's close was made a reset ([`Activity::reset_if_untaken`]).
     reset: AtomicBool,
+    /// The connection was closed as idle (see [`Activity::closing`]).
+    idle_closed: AtomicBool,
     /// The socket, kept past the connection's end while its client takes what the kernel
     /// holds for it (see [`linger`]).
     held: std::sync::Mutex<Option<std::os::fd::OwnedFd>>,
@@ -851,6 +853,7 @@ impl Activity {
             drain_queued: AtomicU64::new(0),
             drain_ms: AtomicU64::new(NEVER),
             reset: AtomicBool::new(false),
+            idle_closed: AtomicBool::new(false),
             held: std::sync::Mutex::new(None),
         })
     }
@@ -1064,12 +1067,21 @@ impl Activity {
     }
 
     /// As the connection's socket closes: kept if its send queue holds bytes still to be taken
-    /// (and it was not reset; see [`linger`]).
+    /// (and it was not reset; see [`linger`]): over a piece, or any if it was closed as idle.
+    /// (A connection's last response is most often still unacknowledged as it closes over a
+    /// network, and keeping every such socket a tick cost a new TLS connection a quarter more
+    /// of regobox's time on loopback: the small ones are left to the kernel, as before; a
+    /// connection closed as idle is rare, and its client may have left bytes on purpose.)
     fn closing(&self) {
         if self.reset.load(Ordering::Relaxed) {
             return;
         }
-        if let Some(socket) = linger::hold(self.fd.load(Ordering::Relaxed)) {
+        let more_than = if self.idle_closed.load(Ordering::Relaxed) {
+            0
+        } else {
+            forward::PIECE as u64
+        };
+        if let Some(socket) = linger::hold(self.fd.load(Ordering::Relaxed), more_than) {
             *self.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(socket);
         }
     }
@@ -1442,6 +1454,7 @@ macro_rules! drive {
                         }
                         Overdue::Idle => match idle.on_idle() {
                             Step::Ask => {
+                                $activity.idle_closed.store(true, Ordering::Relaxed);
                                 let $c = conn.as_mut();
                                 $graceful;
                             }
@@ -1713,6 +1726,7 @@ async fn serve_h1<S>(
                     if quiet >= half {
                         let taking = activity.still_taking(idle);
                         if quiet >= idle && !taking {
+                            activity.idle_closed.store(true, Ordering::Relaxed);
                             return;
                         }
                     }
@@ -1768,6 +1782,7 @@ where
                     }
                     Overdue::Idle => match idle.on_idle() {
                         Step::Ask => {
+                            activity.idle_closed.store(true, Ordering::Relaxed);
                             draining = true;
                             Pin::new(&mut conn).graceful_shutdown();
                             continue;
