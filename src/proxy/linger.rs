@@ -8,9 +8,10 @@
 //! that read nothing, as nginx leaves it), and a client could leave as many such sockets as it
 //! makes connections; reset at once (what idle closes did), a slow reader lost the end of its
 //! download. So a connection that ends with bytes in its socket's send queue (over a piece,
-//! or any if closed as idle: see `Activity::closing`) keeps its socket: a duplicate of its descriptor (the rest of the connection, TLS and HTTP state, is gone), its
-//! write side shut (the client gets the end after the bytes), looked at every [`TICK`], closed
-//! as usual once the queue has emptied, and reset (`SO_LINGER` 0) if the client has not taken a
+//! or any if closed as idle: see `Activity::closing`) keeps its socket: a duplicate of its
+//! descriptor (the rest of the connection, TLS and HTTP state, is gone), its write side shut
+//! (the client gets the end after the bytes), looked at every [`TICK`], closed as usual once
+//! the queue has emptied, and reset (`SO_LINGER` 0) if the client has not taken a
 //! piece ([`forward::PIECE`](super::forward::PIECE)) of it, or the rest if less, within
 //! `proxy.send_timeout`: the rule a response is sent under, counted from the last piece the
 //! client took (an idle connection's queue was followed before its close, see

@@ -791,12 +791,6 @@ pub enum AtCap {
     Overall,
 }
 
-/// Bytes written to the connection's socket `fd` that its client has not taken yet (see
-/// [`crate::outq`]); `fd` is open while the connection's task (which calls this) runs.
-fn send_queue(fd: i32) -> Option<u64> {
-    crate::outq::queued(fd)
-}
-
 /// What the client of the TCP socket `fd` has acknowledged of what was sent to it (TCP_INFO's
 /// `tcpi_bytes_acked`); None where the kernel does not say.
 fn bytes_acked(fd: i32) -> Option<u64> {
@@ -921,7 +915,7 @@ impl Activity {
             self.credit.store(0, Ordering::Relaxed);
             return false;
         }
-        if let Some(queued) = send_queue(self.fd.load(Ordering::Relaxed)) {
+        if let Some(queued) = crate::outq::queued(self.fd.load(Ordering::Relaxed)) {
             let before = self.queued.swap(queued, Ordering::Relaxed);
             let debt = self.debt.load(Ordering::Relaxed) + control_new * CONTROL_WEIGHT;
             let shrank = before.saturating_sub(queued);
@@ -1019,7 +1013,7 @@ impl Activity {
             return false;
         }
         let fd = self.fd.load(Ordering::Relaxed);
-        let queued = send_queue(fd).unwrap_or(0);
+        let queued = crate::outq::queued(fd).unwrap_or(0);
         if queued == 0 {
             self.stuck_ms.store(NEVER, Ordering::Relaxed);
             return false;
@@ -1044,7 +1038,7 @@ impl Activity {
     /// closes as usual.
     fn reset_if_untaken(&self) {
         let fd = self.fd.load(Ordering::Relaxed);
-        if send_queue(fd).unwrap_or(0) == 0 {
+        if crate::outq::queued(fd).unwrap_or(0) == 0 {
             return;
         }
         // (`fd` is the connection's own socket, open while the connection's task, which calls
@@ -1102,7 +1096,7 @@ impl Activity {
     /// there, and a client taking nothing was closed at twice `idle_timeout`: an attacker's,
     /// twenty-first session.)
     fn still_taking(&self, limit: Duration) -> bool {
-        let queued = send_queue(self.fd.load(Ordering::Relaxed)).unwrap_or(0);
+        let queued = crate::outq::queued(self.fd.load(Ordering::Relaxed)).unwrap_or(0);
         let now = self.now_ms();
         let since = self.drain_ms.load(Ordering::Relaxed);
         // The queue when the client last took a piece of it (or emptied it).

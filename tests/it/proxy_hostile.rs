@@ -1204,11 +1204,18 @@ fn small_buffer_tls(
 /// Whether the kernel still has regobox's side of the connection `server`-`client`, in any
 /// state (a closed connection's queue kept, FIN-WAIT-1).
 fn kept_by_the_kernel(server: u16, client: u16) -> bool {
+    regobox_side(server, client).is_some()
+}
+
+/// regobox's side of the connection `server`-`client` in `/proc/net/tcp`, if the kernel has
+/// it: its state (`01` established) and inode (0: a socket no process holds any more).
+fn regobox_side(server: u16, client: u16) -> Option<(String, String)> {
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).ok();
-    table.lines().skip(1).any(|line| {
+    let port = |a: &str| u16::from_str_radix(a.rsplit(':').next()?, 16).ok();
+    table.lines().skip(1).find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        port(fields[1]) == Some(server) && port(fields[2]) == Some(client)
+        (port(fields[1]) == Some(server) && port(fields[2]) == Some(client))
+            .then(|| (fields[3].to_string(), fields[9].to_string()))
     })
 }
 
@@ -1326,17 +1333,7 @@ fn a_slow_reader_does_not_hold_many_responses_with_its_windows_open() {
 /// Whether the connection from the local port `client` to the local port `server` is
 /// established on the server's side (`/proc/net/tcp`).
 fn established(server: u16, client: u16) -> bool {
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    let port = |address: &str| {
-        address
-            .rsplit(':')
-            .next()
-            .and_then(|p| u16::from_str_radix(p, 16).ok())
-    };
-    table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        port(fields[1]) == Some(server) && port(fields[2]) == Some(client) && fields[3] == "01"
-    })
+    regobox_side(server, client).is_some_and(|(state, _)| state == "01")
 }
 
 /// An attacker's finding (twentieth session): a response is done for regobox once the kernel
@@ -1666,12 +1663,7 @@ fn small_buffer_plain(port: u16, buffer: usize) -> (TcpStream, u16, u16) {
 /// Whether regobox's side of the connection `server`-`client` is a process's socket still, not
 /// one the kernel keeps alone after its close (an orphan's inode is 0).
 fn kept_by_regobox(server: u16, client: u16) -> bool {
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).ok();
-    table.lines().skip(1).any(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        port(fields[1]) == Some(server) && port(fields[2]) == Some(client) && fields[9] != "0"
-    })
+    regobox_side(server, client).is_some_and(|(_, inode)| inode != "0")
 }
 
 /// The last note's known limit (twenty-first session): a response that closes its connection
