@@ -174,6 +174,22 @@ impl Drop for Bridged {
         for image in self.images.borrow().iter() {
             engine(&["rmi", image]);
         }
+        // And what builds left untagged (a failed step's image, an earlier stage's): all this
+        // instance's, labelled. Children before parents: a second pass for what a first could
+        // not remove.
+        if let Ok(id) = std::fs::read_to_string(self.inst.secret("docker-instance")) {
+            for _ in 0..2 {
+                let out = engine(&[
+                    "images",
+                    "-aq",
+                    "--filter",
+                    &format!("label=regobox.instance={id}"),
+                ]);
+                for image in stdout(&out).split_whitespace() {
+                    engine(&["rmi", image]);
+                }
+            }
+        }
     }
 }
 
