@@ -20,6 +20,8 @@ pub const SUPERUSER_PASSWORD: &str = "postgres-superuser-password";
 pub const DOCKER_INSTANCE: &str = "docker-instance";
 /// The ids of the images the application built, pulled or imported on this host's engine.
 pub const DOCKER_IMAGES: &str = "docker-images.json";
+/// The ids of the containers the application created on this host's engine.
+pub const DOCKER_CONTAINERS: &str = "docker-containers.json";
 /// The journal of the bind sources' directories frozen while the engine mounts them (their
 /// owners and modes to put back, as root, at the next start if regobox was killed).
 pub const DOCKER_BINDS_FROZEN: &str = "docker-binds-frozen.json";
@@ -30,10 +32,11 @@ pub const DOCKER_BINDS_FROZEN: &str = "docker-binds-frozen.json";
 /// archive: a restore keeps the live volume's (an archive, which may be crafted, would otherwise
 /// choose who is superuser, which of the host's containers and images the application owns, and
 /// which directories root gives away at the next start).
-pub const OF_THIS_HOST: [&str; 4] = [
+pub const OF_THIS_HOST: [&str; 5] = [
     SUPERUSER_PASSWORD,
     DOCKER_INSTANCE,
     DOCKER_IMAGES,
+    DOCKER_CONTAINERS,
     DOCKER_BINDS_FROZEN,
 ];
 

@@ -18,7 +18,7 @@ pub mod model;
 pub mod policy;
 pub mod proxy;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,13 +37,15 @@ use crate::volumes::Layout;
 use engine::{Connector, Host};
 use policy::INSTANCE_LABEL;
 use policy::container::{CreatePolicy, Limits};
-use proxy::{OwnedImages, Proxy};
+use proxy::{Proxy, Recorded};
 
 /// The running bridge.
 pub struct Bridge {
     socket: PathBuf,
     docker: bollard::Docker,
     instance: String,
+    /// The containers the application created (see [`Recorded`]).
+    containers: Arc<Recorded>,
     stop_jobs: bool,
     shutdown: CancellationToken,
 }
@@ -138,7 +140,15 @@ impl Bridge {
             ulimits: own_hard_limits(),
             registries: d.policy.registries.clone(),
         };
-        let images = OwnedImages::load(layout.secrets.join(crate::secrets::DOCKER_IMAGES))?;
+        let images = Arc::new(Recorded::load(
+            layout.secrets.join(crate::secrets::DOCKER_IMAGES),
+            "images",
+        )?);
+        forget_gone_images(&docker, &images).await;
+        let containers = Arc::new(Recorded::load(
+            layout.secrets.join(crate::secrets::DOCKER_CONTAINERS),
+            "containers",
+        )?);
         let freeze_journal = layout.secrets.join(crate::secrets::DOCKER_BINDS_FROZEN);
         binds::thaw_leftovers(&freeze_journal);
         if !nix::unistd::geteuid().is_root() {
@@ -158,7 +168,7 @@ impl Bridge {
                 None
             }
         };
-        let (running, removed) = reconcile(&docker, &instance, d.gc_after).await;
+        let (running, removed) = reconcile(&docker, &instance, &containers, d.gc_after).await;
 
         let listener = tokio::net::UnixListener::bind(&socket)
             .with_context(|| format!("binding the Docker proxy socket {}", socket.display()))?;
@@ -168,7 +178,8 @@ impl Bridge {
             docker: docker.clone(),
             instance: instance.clone(),
             policy,
-            images: Arc::new(images),
+            images: images.clone(),
+            containers: containers.clone(),
             audit,
             max_body: d.max_inspected_body as usize,
             max_build_context: d.max_build_context,
@@ -182,6 +193,11 @@ impl Bridge {
         });
         let shutdown = CancellationToken::new();
         tokio::spawn(proxy::serve(listener, proxy, shutdown.clone()));
+        tokio::spawn(forget_deleted_images(
+            docker.clone(),
+            images,
+            shutdown.clone(),
+        ));
         tracing::info!(
             engine = %described,
             engine_version,
@@ -207,6 +223,7 @@ impl Bridge {
             socket,
             docker,
             instance,
+            containers,
             stop_jobs: d.stop_jobs,
             shutdown,
         }))
@@ -219,8 +236,12 @@ impl Bridge {
         if !self.stop_jobs {
             return;
         }
-        let running = list_own(&self.docker, &self.instance, false).await;
-        let stops = running.iter().map(|c| {
+        let running = list_own(&self.docker, &self.instance, false)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| self.containers.contains(c.id.as_deref().unwrap_or("")));
+        let stops = running.map(|c| {
             let id = c.id.clone().unwrap_or_default();
             let docker = self.docker.clone();
             async move {
@@ -372,11 +393,78 @@ pub fn own_container_id(mountinfo: &str) -> Option<String> {
     None
 }
 
+/// The application's recorded images the engine no longer has are forgotten (removed on the
+/// host, or while regobox was not running): an image's id is its content, and the same content
+/// made again by someone else (the host pulling the same tag, a `docker load`) would otherwise be
+/// the application's to tag over and remove (an attacker's, twenty-third session).
+async fn forget_gone_images(docker: &bollard::Docker, images: &Recorded) {
+    let opts = bollard::query_parameters::ListImagesOptions {
+        all: true,
+        ..Default::default()
+    };
+    match docker.list_images(Some(opts)).await {
+        Ok(list) => {
+            let present: BTreeSet<&str> = list.iter().map(|i| i.id.as_str()).collect();
+            images.update(|s| {
+                let before = s.len();
+                s.retain(|id| present.contains(id.as_str()));
+                s.len() != before
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the engine's images to forget those gone")
+        }
+    }
+}
+
+/// While the bridge serves, each image the engine deletes (whoever asked) is forgotten as the
+/// engine reports it (see [`forget_gone_images`]). Its events are asked for again from the last
+/// one seen if the stream ends (the engine keeps the recent ones).
+async fn forget_deleted_images(
+    docker: bollard::Docker,
+    images: Arc<Recorded>,
+    shutdown: CancellationToken,
+) {
+    let mut since = chrono::Utc::now().timestamp();
+    loop {
+        let mut filters = std::collections::HashMap::new();
+        filters.insert("type".to_string(), vec!["image".to_string()]);
+        filters.insert("event".to_string(), vec!["delete".to_string()]);
+        let opts = bollard::query_parameters::EventsOptions {
+            since: Some(since.to_string()),
+            until: None,
+            filters: Some(filters),
+        };
+        let mut events = std::pin::pin!(docker.events(Some(opts)));
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                e = futures_util::StreamExt::next(&mut events) => e,
+            };
+            match event {
+                Some(Ok(m)) => {
+                    since = since.max(m.time.unwrap_or(since));
+                    if let Some(id) = m.actor.and_then(|a| a.id) {
+                        images.update(|s| s.remove(&id));
+                    }
+                }
+                Some(Err(_)) | None => break,
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// The containers labelled as this instance's: those it created, and any made from one of its
+/// images (a label is inherited), which only the record of what it created tells apart.
 async fn list_own(
     docker: &bollard::Docker,
     instance: &str,
     all: bool,
-) -> Vec<bollard::models::ContainerSummary> {
+) -> Option<Vec<bollard::models::ContainerSummary>> {
     let mut filters = std::collections::HashMap::new();
     filters.insert(
         "label".to_string(),
@@ -390,10 +478,8 @@ async fn list_own(
     docker
         .list_containers(Some(opts))
         .await
-        .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot list this instance's containers");
-            Vec::new()
-        })
+        .inspect_err(|e| tracing::warn!(error = %e, "cannot list this instance's containers"))
+        .ok()
 }
 
 /// Report this instance's running containers; remove those that exited more than `gc_after`
@@ -401,12 +487,41 @@ async fn list_own(
 async fn reconcile(
     docker: &bollard::Docker,
     instance: &str,
+    containers: &Recorded,
     gc_after: Duration,
 ) -> (Vec<String>, usize) {
     let mut running = Vec::new();
     let mut removed = 0;
-    for c in list_own(docker, instance, true).await {
+    let Some(labelled) = list_own(docker, instance, true).await else {
+        return (running, removed);
+    };
+    let ids: BTreeSet<String> = labelled.iter().filter_map(|c| c.id.clone()).collect();
+    if containers.is_new() {
+        // The first start that keeps the record (a fresh volume, or one an earlier version of
+        // regobox ran on, which judged by the label alone): what is labelled now is adopted, as
+        // that version would have had it; from now on only what the socket creates.
+        containers.settle(|s| s.extend(ids.iter().cloned()));
+        if !ids.is_empty() {
+            tracing::info!(
+                containers = ids.len(),
+                "recorded the containers labelled as this instance's as its own (the first start that keeps a record of them)"
+            );
+        }
+    } else {
+        // Gone since (removed on the host, or by the engine at their end): forgotten.
+        containers.update(|s| {
+            let before = s.len();
+            s.retain(|id| ids.contains(id));
+            s.len() != before
+        });
+    }
+    for c in labelled {
         let id = c.id.clone().unwrap_or_default();
+        if !containers.contains(&id) {
+            // Labelled by inheritance (made on the host from one of the instance's images):
+            // someone else's, left alone.
+            continue;
+        }
         let name = c
             .names
             .as_ref()

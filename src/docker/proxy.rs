@@ -14,8 +14,12 @@
 //! are spliced. A body left unread by a refusal is read and dropped ([`crate::unread`]), so that
 //! the client gets the reason, not a broken pipe. Ownership is the instance label: a container,
 //! network or image of someone else answers 404 as if it did not exist, and lists leave it out.
-//! Images carry no label when pulled or imported, so the ids of those the application pulled or
-//! imported through this socket are kept in `secrets/docker-images.json` on the volume.
+//! A label is inherited (a container made from an image carries the image's), so a container is
+//! the instance's only if the socket created it too, as recorded in
+//! `secrets/docker-containers.json`. Images carry no label when pulled or imported, so the ids of
+//! those the application pulled or imported through this socket are kept in
+//! `secrets/docker-images.json`, and forgotten once the engine deletes the image (see
+//! [`Recorded`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -129,44 +133,75 @@ impl From<Denied> for Refusal {
 
 /// Image ids the application pulled or imported through the proxy (its built images carry the
 /// label), kept in a JSON file.
-pub struct OwnedImages {
+/// Ids of engine objects regobox made for the application, kept in a file of the volume's
+/// `secrets/` (a JSON list): what a label cannot say. An image pulled or imported carries no
+/// label of regobox's; and a label is inherited: every container made from an image, and
+/// every image built on one, carries the image's labels, so a container the host's
+/// administrator made from one of the application's images was the application's to inspect,
+/// start, copy into and remove (and regobox's own to stop and remove at a start: an attacker's,
+/// twenty-third session). Ids are never reused by the engine for containers (random), and an
+/// image's id is its content.
+pub struct Recorded {
     path: PathBuf,
+    /// What is recorded, for messages ("images", "containers").
+    what: &'static str,
     ids: Mutex<BTreeSet<String>>,
 }
 
-impl OwnedImages {
-    pub fn load(path: PathBuf) -> anyhow::Result<OwnedImages> {
+impl Recorded {
+    /// The record at `path`; an empty one if there is none yet (see [`Recorded::is_new`]).
+    pub fn load(path: PathBuf, what: &'static str) -> anyhow::Result<Recorded> {
         let ids = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
                 anyhow::anyhow!(
-                    "{} is not a JSON list of image ids ({e}); move it away to start afresh",
+                    "{} is not a JSON list of {what} ids ({e}); move it away to start afresh",
                     path.display()
                 )
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
             Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", path.display())),
         };
-        Ok(OwnedImages {
+        Ok(Recorded {
             path,
+            what,
             ids: Mutex::new(ids),
         })
     }
 
-    fn contains(&self, id: &str) -> bool {
+    /// Whether the record has never been written (a fresh volume, or one a version of regobox
+    /// before this record ran on).
+    pub fn is_new(&self) -> bool {
+        !self.path.exists()
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
         self.ids.lock().map(|s| s.contains(id)).unwrap_or(false)
     }
 
-    fn update(&self, f: impl FnOnce(&mut BTreeSet<String>) -> bool) {
+    /// Change the record with `f` and write it if `f` says it changed; `force` writes it anyway.
+    fn write_if(&self, force: bool, f: impl FnOnce(&mut BTreeSet<String>) -> bool) {
         let Ok(mut ids) = self.ids.lock() else { return };
-        if !f(&mut ids) {
+        if !f(&mut ids) && !force {
             return;
         }
         let tmp = self.path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(&*ids).unwrap_or_default();
         let written = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &self.path));
         if let Err(e) = written {
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot record the application's images");
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot record the application's {}", self.what);
         }
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut BTreeSet<String>) -> bool) {
+        self.write_if(false, f)
+    }
+
+    /// Written whatever `f` does (the record then exists, even empty).
+    pub fn settle(&self, f: impl FnOnce(&mut BTreeSet<String>)) {
+        self.write_if(true, |s| {
+            f(s);
+            true
+        })
     }
 }
 
@@ -176,7 +211,9 @@ pub struct Proxy {
     pub docker: bollard::Docker,
     pub instance: String,
     pub policy: CreatePolicy,
-    pub images: Arc<OwnedImages>,
+    pub images: Arc<Recorded>,
+    /// The containers created through this socket (see [`Recorded`]).
+    pub containers: Arc<Recorded>,
     pub audit: Option<SharedLogFile>,
     pub max_body: usize,
     /// Largest build context, spooled to an unnamed file in `spool_dir` before it is forwarded.
@@ -529,7 +566,28 @@ impl Proxy {
                 };
                 let q = self.list_filters(q, filters, named, true).await?;
                 let req = retarget(self.no_body(req).await?, &target(&normalized, &q))?;
-                Ok(plain(self.forward(req, Payload::Empty, None).await?))
+                let response = self.forward(req, Payload::Empty, None).await?;
+                if ep != Endpoint::ContainerList || !response.status().is_success() {
+                    return Ok(plain(response));
+                }
+                // The label filter leaves in the containers made on the host from the
+                // instance's images (a label is inherited): only those the socket created stay.
+                let (parts, body) = response.into_parts();
+                let bytes = body
+                    .collect()
+                    .await
+                    .map_err(|e| Refusal::Engine(format!("reading the container list: {e}")))?
+                    .to_bytes();
+                let list: Vec<Value> = serde_json::from_slice(&bytes)
+                    .map_err(|e| Refusal::Engine(format!("the engine's container list: {e}")))?;
+                let kept: Vec<Value> = list
+                    .into_iter()
+                    .filter(|c| {
+                        self.containers
+                            .contains(c.get("Id").and_then(Value::as_str).unwrap_or(""))
+                    })
+                    .collect();
+                Ok(plain(rebuild(parts, &Value::Array(kept))))
             }
             Endpoint::Build => {
                 self.build(req, &raw_query, &target("/build", &Query::default()))
@@ -779,13 +837,33 @@ impl Proxy {
                 }
                 let body = plan.resolved(&image_id, &networks);
                 let request = with_json(parts, &body, &target("/containers/create", &q))?;
-                let response = self.forward(request, Payload::Json, None).await?;
-                let (parts, body) = response.into_parts();
-                let bytes = body
-                    .collect()
-                    .await
-                    .map_err(|e| Refusal::Engine(format!("reading the create response: {e}")))?
-                    .to_bytes();
+                // Forwarded, read and recorded by a task of its own, which the client's leaving
+                // does not stop: cut with the request, a container the engine made meanwhile
+                // would be no one's (labelled, unrecorded), never collected.
+                let proxy = self.clone();
+                let created = tokio::spawn(async move {
+                    let response = proxy.forward(request, Payload::Json, None).await?;
+                    let (parts, body) = response.into_parts();
+                    let bytes = body
+                        .collect()
+                        .await
+                        .map_err(|e| Refusal::Engine(format!("reading the create response: {e}")))?
+                        .to_bytes();
+                    if parts.status == StatusCode::CREATED {
+                        let id = serde_json::from_slice::<Value>(&bytes)
+                            .ok()
+                            .and_then(|v| v.get("Id").and_then(Value::as_str).map(str::to_string));
+                        // Before the client hears of it: the container is the instance's
+                        // because the socket created it, not for its label (see [`Recorded`]).
+                        if let Some(id) = id.filter(|id| id.len() == 64) {
+                            proxy.containers.update(|s| s.insert(id));
+                        }
+                    }
+                    Ok::<_, Refusal>((parts, bytes))
+                });
+                let (parts, bytes) = created.await.map_err(|e| {
+                    Refusal::Engine(format!("a container create's task failed: {e}"))
+                })??;
                 let status = parts.status;
                 // The engine's words may name objects that are not this instance's (a taken
                 // name's container): regobox says what went wrong in its own.
@@ -892,6 +970,9 @@ impl Proxy {
                 };
                 let req = retarget(req, &target(&path, &q))?;
                 let response = self.forward(req, payload, upgrade).await?;
+                if method == "DELETE" && op.is_none() && response.status().is_success() {
+                    self.containers.update(|s| s.remove(&id));
+                }
                 Ok(Done {
                     response,
                     object: Some(id),
@@ -1558,9 +1639,14 @@ impl Proxy {
                 None::<bollard::query_parameters::InspectContainerOptions>,
             )
             .await;
+        // Labelled and created through this socket: a container made on the host from one of
+        // the instance's images carries its label too.
         let c = self.owned(
             inspected,
-            |c| self.labelled(c.config.as_ref().and_then(|c| c.labels.as_ref())),
+            |c| {
+                self.labelled(c.config.as_ref().and_then(|c| c.labels.as_ref()))
+                    && self.containers.contains(c.id.as_deref().unwrap_or(""))
+            },
             format!("No such container: {reference}"),
             &format!("container {reference}"),
         )?;

@@ -3531,3 +3531,260 @@ fn a_client_reading_its_stream_slowly_is_not_cut() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A container the host's administrator makes from one of the instance's images carries the
+/// image's labels, the instance's among them (the engine copies an image's labels into every
+/// container made from it). It is still not the instance's: invisible through the socket
+/// (inspect, list, start, copy, remove, network connect), and left alone by regobox's own
+/// collection of old jobs at a start. (An attacker's, twenty-third session: the application
+/// read such a container's environment, copied a program into it and started it with the
+/// capability and published port the administrator had given it, then removed it.) A volume
+/// that has no record of the instance's containers yet (an earlier version's) keeps those it
+/// has.
+#[test]
+fn a_container_the_host_makes_from_the_instances_image_is_not_the_instances() {
+    let mut b = Bridged::start("gc_after = \"1s\"");
+    let port = b.inst.port;
+    let base = format!("regobox-test/busybox:inherit-base{port}");
+    b.import_busybox(&base);
+    // Built through the socket: labelled as the instance's.
+    let image = format!("regobox-test/busybox:inherit{port}");
+    let ctx = b.inst.dir.path().join("inherit-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {base}\nCMD [\"true\"]\n"),
+    )
+    .unwrap();
+    b.cli_ok(&["build", "-q", "-t", &image, &ctx.display().to_string()]);
+    b.images.borrow_mut().push(image.clone());
+    let theirs = format!("rbx-admin-{port}");
+    let done = format!("rbx-done-{port}");
+    let kept = format!("rbx-kept-{port}");
+    let net = format!("rbx-inherit{port}");
+    let made = OnEngine::default();
+    made.container(&theirs);
+    made.network(&net);
+    // Made by the administrator, straight on the engine, never started.
+    let out = engine(&[
+        "create",
+        "--name",
+        &theirs,
+        "-e",
+        "ADMIN_SECRET=hunter2",
+        &image,
+        "sleep",
+        "1000",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let labels = stdout(&engine(&[
+        "inspect",
+        "--format",
+        "{{json .Config.Labels}}",
+        &theirs,
+    ]));
+    assert!(
+        labels.contains(&b.instance_id()),
+        "the engine no longer copies an image's labels into its containers: {labels}"
+    );
+    b.cli_ok(&["run", "--name", &done, &image, "true"]);
+    b.cli_ok(&["network", "create", &net]);
+
+    let listed = b.cli_ok(&["ps", "-a", "--format", "{{.Names}}"]);
+    assert!(listed.contains(&done), "{listed}");
+    assert!(!listed.contains(&theirs), "listed: {listed}");
+    let (status, body) = raw(
+        &b.socket,
+        &format!("GET /containers/{theirs}/json HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 404, "{body}");
+    assert!(!body.contains("hunter2"), "{body}");
+    for args in [
+        vec!["start", theirs.as_str()],
+        // (`rm -f` says nothing of a container it does not find: whether it is still there is
+        // asked of the engine below.)
+        vec!["rm", "-f", theirs.as_str()],
+        vec!["rm", theirs.as_str()],
+        vec!["network", "connect", net.as_str(), theirs.as_str()],
+        vec!["ps", "-a", "--filter", &format!("since={theirs}")],
+    ] {
+        let out = b.cli(&args);
+        assert!(
+            !out.status.success() || args[..2] == ["rm", "-f"],
+            "docker {args:?}: {}",
+            stdout(&out)
+        );
+    }
+    let (status, body) = raw(
+        &b.socket,
+        &format!(
+            "GET /containers/{theirs}/archive?path=/bin HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(status, 404, "{body}");
+    let state = stdout(&engine(&[
+        "inspect",
+        "--format",
+        "{{.State.Status}}",
+        &theirs,
+    ]));
+    assert_eq!(state.trim(), "created");
+
+    // A start collects the instance's old jobs (docker.gc_after), not the administrator's.
+    b.stop();
+    std::thread::sleep(Duration::from_millis(1500));
+    b.run = b.inst.start();
+    b.run
+        .wait_for_log("Docker bridge up", Duration::from_secs(20));
+    assert!(
+        !engine(&["inspect", &done]).status.success(),
+        "the instance's exited job was not collected"
+    );
+    assert!(
+        engine(&["inspect", &theirs]).status.success(),
+        "regobox removed the administrator's container"
+    );
+
+    // A volume an earlier version ran on has no record: what is labelled then is kept.
+    b.cli_ok(&["create", "--name", &kept, &image, "true"]);
+    b.stop();
+    std::fs::remove_file(b.inst.secret("docker-containers.json")).unwrap();
+    b.inst
+        .config_file("95_no_gc.toml", "[docker]\ngc_after = \"0s\"\n");
+    b.run = b.inst.start();
+    b.run
+        .wait_for_log("Docker bridge up", Duration::from_secs(20));
+    assert!(b.inst.secret("docker-containers.json").exists());
+    b.cli_ok(&["inspect", &kept]);
+    b.cli_ok(&["rm", &kept]);
+    b.cli_ok(&["network", "rm", &net]);
+    b.stop();
+}
+
+/// The ids of the images the application imported or pulled, recorded because such images carry
+/// no label: an id is its content, so once the image is deleted (by the host, on the engine)
+/// the same content made again by someone else (`docker load`, a pull of the same tag) must not
+/// be the application's. (An attacker's, twenty-third session: the host's administrator
+/// removed an image the application had imported, loaded the same one back under a tag of its
+/// own, and the application listed and removed it.) Forgotten as the engine reports the delete
+/// while regobox runs, and at a start for what went while it did not.
+#[test]
+fn an_image_deleted_on_the_host_and_made_again_is_not_the_instances() {
+    let mut b = Bridged::start("");
+    let port = b.inst.port;
+    let mine = format!("regobox-test/busybox:recorded{port}");
+    let theirs = format!("regobox-test/admin-restored:{port}");
+    b.import_busybox(&mine);
+    let made = OnEngine::default();
+    made.image(&theirs);
+    made.image(&mine);
+    let record = b.inst.secret("docker-images.json");
+    let recorded = |id: &str| std::fs::read_to_string(&record).unwrap().contains(id);
+    // The image saved as it is (`docker save`), to be loaded again by the host.
+    let save = |b: &Bridged, turn: u32| {
+        let id = image_id(&mine);
+        assert!(recorded(&id));
+        let saved = b.inst.dir.path().join(format!("saved{turn}.tar"));
+        let out = engine(&["save", "-o", saved.to_str().unwrap(), &mine]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        (id, saved)
+    };
+    let made_again = |id: &str, saved: &Path| {
+        let out = engine(&["load", "-i", saved.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let out = engine(&["tag", id, &theirs]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    let not_the_instances = |b: &Bridged, id: &str| {
+        let (status, body) = raw(
+            &b.socket,
+            &format!("GET /images/{theirs}/json HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(status, 404, "{body}");
+        let listed = b.cli_ok(&["images", "--format", "{{.Repository}}:{{.Tag}}"]);
+        assert!(!listed.contains(&theirs), "{listed}");
+        assert!(!b.cli(&["rmi", &theirs]).status.success());
+        assert_eq!(image_id(&theirs), id, "the host's image was removed");
+    };
+
+    // Deleted while regobox runs.
+    let (id, saved) = save(&b, 1);
+    let out = engine(&["rmi", &mine]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let t0 = std::time::Instant::now();
+    while recorded(&id) && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!recorded(&id), "the deleted image's id is still recorded");
+    made_again(&id, &saved);
+    not_the_instances(&b, &id);
+
+    // Deleted while regobox was stopped.
+    for tag in [&mine, &theirs] {
+        engine(&["rmi", tag]);
+    }
+    b.import_busybox(&mine);
+    let (id, saved) = save(&b, 2);
+    b.stop();
+    let out = engine(&["rmi", &mine]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    b.run = b.inst.start();
+    b.run
+        .wait_for_log("Docker bridge up", Duration::from_secs(20));
+    assert!(
+        !recorded(&id),
+        "an image gone at the start is still recorded"
+    );
+    made_again(&id, &saved);
+    not_the_instances(&b, &id);
+    b.stop();
+}
+
+/// A container create whose client leaves before the answer still ends recorded as the
+/// instance's if the engine made it: cut with the request, it was labelled and unrecorded,
+/// no one's (invisible to the application, never collected by regobox).
+#[test]
+fn a_create_whose_client_leaves_before_the_answer_is_the_instances() {
+    let b = Bridged::start("");
+    let port = b.inst.port;
+    let image = format!("regobox-test/busybox:leaves{port}");
+    b.import_busybox(&image);
+    let made = OnEngine::default();
+    let mut created = 0;
+    for i in 0..5 {
+        let name = format!("rbx-leaves-{port}-{i}");
+        made.container(&name);
+        let body = format!(r#"{{"Image":"{image}","Cmd":["true"]}}"#);
+        let mut conn = std::os::unix::net::UnixStream::connect(&b.socket).unwrap();
+        use std::io::Write;
+        write!(
+            conn,
+            "POST /v1.41/containers/create?name={name} HTTP/1.1\r\nHost: d\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        // Gone once the request is judged and on its way to the engine.
+        std::thread::sleep(Duration::from_millis(5 * i));
+        drop(conn);
+        let t0 = std::time::Instant::now();
+        while !engine(&["inspect", &name]).status.success() && t0.elapsed() < Duration::from_secs(3)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if !engine(&["inspect", &name]).status.success() {
+            continue;
+        }
+        created += 1;
+        // Recorded by the time the engine's answer is read; give the task that long.
+        let t0 = std::time::Instant::now();
+        while !b.cli(&["inspect", &name]).status.success() && t0.elapsed() < Duration::from_secs(3)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        b.cli_ok(&["rm", &name]);
+    }
+    assert!(
+        created > 0,
+        "no create reached the engine: the test tried nothing"
+    );
+}
