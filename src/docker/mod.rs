@@ -193,9 +193,10 @@ impl Bridge {
         });
         let shutdown = CancellationToken::new();
         tokio::spawn(proxy::serve(listener, proxy, shutdown.clone()));
-        tokio::spawn(forget_deleted_images(
+        tokio::spawn(forget_deleted(
             docker.clone(),
             images,
+            containers.clone(),
             shutdown.clone(),
         ));
         tracing::info!(
@@ -418,18 +419,28 @@ async fn forget_gone_images(docker: &bollard::Docker, images: &Recorded) {
 }
 
 /// While the bridge serves, each image the engine deletes (whoever asked) is forgotten as the
-/// engine reports it (see [`forget_gone_images`]). Its events are asked for again from the last
-/// one seen if the stream ends (the engine keeps the recent ones).
-async fn forget_deleted_images(
+/// engine reports it (see [`forget_gone_images`]), and each container it destroys (removed on
+/// the host, or at its end with `AutoRemove`: the record stays as small as what is there).
+/// The events are asked for again from the last one seen if the stream ends (the engine keeps
+/// the recent ones).
+async fn forget_deleted(
     docker: bollard::Docker,
     images: Arc<Recorded>,
+    containers: Arc<Recorded>,
     shutdown: CancellationToken,
 ) {
+    use bollard::models::EventMessageTypeEnum as Type;
     let mut since = chrono::Utc::now().timestamp();
     loop {
         let mut filters = std::collections::HashMap::new();
-        filters.insert("type".to_string(), vec!["image".to_string()]);
-        filters.insert("event".to_string(), vec!["delete".to_string()]);
+        filters.insert(
+            "type".to_string(),
+            vec!["image".to_string(), "container".to_string()],
+        );
+        filters.insert(
+            "event".to_string(),
+            vec!["delete".to_string(), "destroy".to_string()],
+        );
         let opts = bollard::query_parameters::EventsOptions {
             since: Some(since.to_string()),
             until: None,
@@ -444,8 +455,13 @@ async fn forget_deleted_images(
             match event {
                 Some(Ok(m)) => {
                     since = since.max(m.time.unwrap_or(since));
+                    let record = match (m.typ, m.action.as_deref()) {
+                        (Some(Type::IMAGE), Some("delete")) => &images,
+                        (Some(Type::CONTAINER), Some("destroy")) => &containers,
+                        _ => continue,
+                    };
                     if let Some(id) = m.actor.and_then(|a| a.id) {
-                        images.update(|s| s.remove(&id));
+                        record.update(|s| s.remove(&id));
                     }
                 }
                 Some(Err(_)) | None => break,

@@ -3630,6 +3630,31 @@ fn a_container_the_host_makes_from_the_instances_image_is_not_the_instances() {
     ]));
     assert_eq!(state.trim(), "created");
 
+    // The record keeps only what is there: a container removed on the host (or by the engine,
+    // `--rm`) is forgotten as the engine reports it.
+    let gone = b.cli_ok(&["create", &image, "true"]).trim().to_string();
+    let record = b.inst.secret("docker-containers.json");
+    let recorded = |id: &str| std::fs::read_to_string(&record).unwrap().contains(id);
+    assert!(recorded(&gone), "{gone}");
+    engine(&["rm", &gone]);
+    b.cli_ok(&["run", "--rm", &image, "true"]);
+    let count = || {
+        serde_json::from_str::<Vec<String>>(&std::fs::read_to_string(&record).unwrap())
+            .unwrap()
+            .len()
+    };
+    let t0 = std::time::Instant::now();
+    while (recorded(&gone) || count() != 1) && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!recorded(&gone), "{gone} is still recorded");
+    assert_eq!(
+        count(),
+        1,
+        "recorded: {}",
+        std::fs::read_to_string(&record).unwrap()
+    );
+
     // A start collects the instance's old jobs (docker.gc_after), not the administrator's.
     b.stop();
     std::thread::sleep(Duration::from_millis(1500));
