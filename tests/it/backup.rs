@@ -1547,6 +1547,7 @@ fn the_archive_never_chooses_this_hosts_state() {
             "docker-binds-frozen.json",
             ".docker-instance.tmp-5",
             "docker-images.json.tmp",
+            "docker-containers.json",
         ]
         .iter()
         .map(|n| std::fs::read_to_string(inst.secret(n)).ok())
@@ -1565,6 +1566,7 @@ add_file('volumes/secrets/docker-instance', b'someone-elses-instance')
 add_file('volumes/secrets/.docker-instance.tmp-5', b'someone-elses-instance')
 add_file('volumes/secrets/docker-images.json', b'[\"sha256:someone-elses\"]')
 add_file('volumes/secrets/docker-images.json.tmp', b'[\"sha256:someone-elses\"]')
+add_file('volumes/secrets/docker-containers.json', b'[\"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"]')
 add_file('volumes/secrets/docker-binds-frozen.json', {journal:?}.encode())"
         ),
     );
@@ -1598,7 +1600,7 @@ add_file('volumes/secrets/docker-binds-frozen.json', {journal:?}.encode())"
     fresh.ok(&["restore", crafted.to_str().unwrap()]);
     let made = live(&fresh);
     assert_ne!(made[0].as_deref().map(str::trim), Some("attackerpw123"));
-    assert_eq!(made[1..], [None, None, None, None, None]);
+    assert_eq!(made[1..], [None, None, None, None, None, None]);
     let run = fresh.start();
     assert!(!tcp_login(&fresh, "postgres", "attackerpw123"));
     assert!(tcp_login(
