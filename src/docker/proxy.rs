@@ -184,9 +184,20 @@ impl Recorded {
         if !f(&mut ids) && !force {
             return;
         }
+        // Whole or not at all, and on the disk before the client hears of what it records: a
+        // record lost or cut short would leave the application's jobs unowned.
         let tmp = self.path.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(&*ids).unwrap_or_default();
-        let written = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &self.path));
+        let written = (|| {
+            let mut file = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut file, &text)?;
+            file.sync_all()?;
+            std::fs::rename(&tmp, &self.path)?;
+            match self.path.parent() {
+                Some(dir) => crate::volumes::sync_dir(dir),
+                None => Ok(()),
+            }
+        })();
         if let Err(e) = written {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot record the application's {}", self.what);
         }
