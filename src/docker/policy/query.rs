@@ -217,6 +217,8 @@ pub const CONTAINER_CREATE: &[(&str, Kind)] = &[("name", Text), ("platform", Tex
 /// The list endpoints (the instance's label filter is added to `filters`).
 pub const CONTAINER_LIST: &[(&str, Kind)] = &[
     ("all", Bool),
+    // docker-py's `containers.list` sends it (the engine no longer reads it).
+    ("trunc_cmd", Bool),
     ("limit", Int),
     ("size", Bool),
     ("filters", Text),
