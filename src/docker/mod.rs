@@ -46,6 +46,8 @@ pub struct Bridge {
     instance: String,
     /// The containers the application created (see [`Recorded`]).
     containers: Arc<Recorded>,
+    /// The creates forwarded to the engine and not yet recorded.
+    creates: tokio_util::task::TaskTracker,
     stop_jobs: bool,
     shutdown: CancellationToken,
 }
@@ -144,7 +146,12 @@ impl Bridge {
             layout.secrets.join(crate::secrets::DOCKER_IMAGES),
             "images",
         )?);
+        // The engine's deletes are followed from before its images are listed: one between the
+        // list and the start of the events (which the application can lengthen, with many old
+        // jobs to collect) would go unseen (an attacker's, twenty-third session).
+        let deletes_since = chrono::Utc::now().timestamp();
         forget_gone_images(&docker, &images).await;
+        let creates = tokio_util::task::TaskTracker::new();
         let containers = Arc::new(Recorded::load(
             layout.secrets.join(crate::secrets::DOCKER_CONTAINERS),
             "containers",
@@ -180,6 +187,7 @@ impl Bridge {
             policy,
             images: images.clone(),
             containers: containers.clone(),
+            creates: creates.clone(),
             audit,
             max_body: d.max_inspected_body as usize,
             max_build_context: d.max_build_context,
@@ -197,6 +205,7 @@ impl Bridge {
             docker.clone(),
             images,
             containers.clone(),
+            deletes_since,
             shutdown.clone(),
         ));
         tracing::info!(
@@ -225,6 +234,7 @@ impl Bridge {
             docker,
             instance,
             containers,
+            creates,
             stop_jobs: d.stop_jobs,
             shutdown,
         }))
@@ -234,6 +244,17 @@ impl Bridge {
     pub async fn stop(self) {
         self.shutdown.cancel();
         let _ = std::fs::remove_file(&self.socket);
+        // A create the engine is making is recorded before regobox exits: cut, its container
+        // would be labelled and unrecorded, no one's (an attacker's, twenty-third session).
+        self.creates.close();
+        if tokio::time::timeout(CREATES_GRACE, self.creates.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "a container create was still waiting for the engine at the stop: if the engine makes it, it is no one's"
+            );
+        }
         if !self.stop_jobs {
             return;
         }
@@ -394,6 +415,9 @@ pub fn own_container_id(mountinfo: &str) -> Option<String> {
     None
 }
 
+/// How long a stop waits for the creates the engine is making.
+const CREATES_GRACE: Duration = Duration::from_secs(10);
+
 /// The application's recorded images the engine no longer has are forgotten (removed on the
 /// host, or while regobox was not running): an image's id is its content, and the same content
 /// made again by someone else (the host pulling the same tag, a `docker load`) would otherwise be
@@ -427,10 +451,10 @@ async fn forget_deleted(
     docker: bollard::Docker,
     images: Arc<Recorded>,
     containers: Arc<Recorded>,
+    mut since: i64,
     shutdown: CancellationToken,
 ) {
     use bollard::models::EventMessageTypeEnum as Type;
-    let mut since = chrono::Utc::now().timestamp();
     loop {
         let mut filters = std::collections::HashMap::new();
         filters.insert(

@@ -225,6 +225,8 @@ pub struct Proxy {
     pub images: Arc<Recorded>,
     /// The containers created through this socket (see [`Recorded`]).
     pub containers: Arc<Recorded>,
+    /// The creates forwarded to the engine, until recorded (a stop waits for them).
+    pub creates: tokio_util::task::TaskTracker,
     pub audit: Option<SharedLogFile>,
     pub max_body: usize,
     /// Largest build context, spooled to an unnamed file in `spool_dir` before it is forwarded.
@@ -852,7 +854,7 @@ impl Proxy {
                 // does not stop: cut with the request, a container the engine made meanwhile
                 // would be no one's (labelled, unrecorded), never collected.
                 let proxy = self.clone();
-                let created = tokio::spawn(async move {
+                let created = self.creates.spawn(async move {
                     let response = proxy.forward(request, Payload::Json, None).await?;
                     let (parts, body) = response.into_parts();
                     let bytes = body

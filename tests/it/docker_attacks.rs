@@ -3813,3 +3813,60 @@ fn a_create_whose_client_leaves_before_the_answer_is_the_instances() {
         "no create reached the engine: the test tried nothing"
     );
 }
+
+/// A container create in flight when regobox is stopped is recorded before it exits: cut, the
+/// container the engine made was labelled and unrecorded, no one's (its name taken for good, never
+/// collected). (An attacker's, twenty-third session.)
+#[test]
+fn a_create_in_flight_at_the_stop_is_recorded() {
+    use std::io::Write;
+    let mut b = Bridged::start("");
+    let port = b.inst.port;
+    let image = format!("regobox-test/busybox:stopping{port}");
+    b.import_busybox(&image);
+    let made = OnEngine::default();
+    // Many at once, so that the engine is still making some when regobox is stopped.
+    let names: Vec<String> = (0..24)
+        .map(|i| format!("rbx-stopping-{port}-{i}"))
+        .collect();
+    let conns: Vec<_> = names
+        .iter()
+        .map(|name| {
+            made.container(name);
+            let body = format!(r#"{{"Image":"{image}","Cmd":["true"]}}"#);
+            let mut conn = std::os::unix::net::UnixStream::connect(&b.socket).unwrap();
+            write!(
+                conn,
+                "POST /v1.41/containers/create?name={name} HTTP/1.1\r\nHost: d\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            conn
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    b.stop();
+    drop(conns);
+    let there: Vec<&String> = names
+        .iter()
+        .filter(|n| engine(&["inspect", n]).status.success())
+        .collect();
+    assert!(
+        !there.is_empty(),
+        "no create reached the engine before the stop: the test tried nothing"
+    );
+    b.run = b.inst.start();
+    b.run
+        .wait_for_log("Docker bridge up", Duration::from_secs(20));
+    for name in &there {
+        let out = b.cli(&["inspect", name]);
+        assert!(
+            out.status.success(),
+            "{name} was made by the engine but is not the instance's ({} of {} made)",
+            there.len(),
+            names.len()
+        );
+        b.cli_ok(&["rm", name]);
+    }
+    b.stop();
+}
