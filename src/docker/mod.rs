@@ -485,7 +485,7 @@ async fn forget_deleted(
                         _ => continue,
                     };
                     if let Some(id) = m.actor.and_then(|a| a.id) {
-                        record.update(|s| s.remove(&id));
+                        record.forget(&id);
                     }
                 }
                 Some(Err(_)) | None => break,

@@ -10,7 +10,8 @@
 //! the typed model. A build context and a copy into a container are spooled to a file (up to
 //! `docker.max_build_context`) before anything is judged: the Dockerfile is read, and no client
 //! trickling its body holds the lock that keeps bind paths still. An import's tar streams
-//! through, as do responses (logs with follow, events, wait, pulls), and HTTP upgrades (attach)
+//! through, as do responses (logs with follow, wait, pulls; events are read and written again,
+//! one by one: see [`Proxy::own_events`]), and HTTP upgrades (attach)
 //! are spliced. A body left unread by a refusal is read and dropped ([`crate::unread`]), so that
 //! the client gets the reason, not a broken pipe. Ownership is the instance label: a container,
 //! network or image of someone else answers 404 as if it did not exist, and lists leave it out.
@@ -146,7 +147,13 @@ pub struct Recorded {
     /// What is recorded, for messages ("images", "containers").
     what: &'static str,
     ids: Mutex<BTreeSet<String>>,
+    /// The last ids forgotten (see [`Recorded::forget`]), this process's, oldest first.
+    forgotten: Mutex<std::collections::VecDeque<String>>,
 }
+
+/// How many forgotten ids a record keeps in memory: the engine replays at most its last 1 000
+/// events (`docker events --since`).
+const FORGOTTEN: usize = 4096;
 
 impl Recorded {
     /// The record at `path`; an empty one if there is none yet (see [`Recorded::is_new`]).
@@ -165,6 +172,7 @@ impl Recorded {
             path,
             what,
             ids: Mutex::new(ids),
+            forgotten: Default::default(),
         })
     }
 
@@ -176,6 +184,31 @@ impl Recorded {
 
     pub fn contains(&self, id: &str) -> bool {
         self.ids.lock().map(|s| s.contains(id)).unwrap_or(false)
+    }
+
+    /// `id` is gone from the engine: out of the record, kept in memory for a while so that the
+    /// engine's past events of it (`docker events --since`) are still the application's.
+    pub fn forget(&self, id: &str) {
+        let mut was = false;
+        self.update(|s| {
+            was = s.remove(id);
+            was
+        });
+        if let (true, Ok(mut f)) = (was, self.forgotten.lock()) {
+            if f.len() == FORGOTTEN {
+                f.pop_front();
+            }
+            f.push_back(id.to_string());
+        }
+    }
+
+    /// Recorded now, or forgotten lately by this process.
+    fn contains_or_forgot(&self, id: &str) -> bool {
+        self.contains(id)
+            || self
+                .forgotten
+                .lock()
+                .is_ok_and(|f| f.iter().any(|x| x == id))
     }
 
     /// Change the record with `f` and write it if `f` says it changed; `force` writes it anyway.
@@ -580,6 +613,13 @@ impl Proxy {
                 let q = self.list_filters(q, filters, named, true).await?;
                 let req = retarget(self.no_body(req).await?, &target(&normalized, &q))?;
                 let response = self.forward(req, Payload::Empty, None).await?;
+                if ep == Endpoint::Events && response.status().is_success() {
+                    let (parts, body) = response.into_parts();
+                    let mut parts = parts;
+                    parts.headers.remove(CONTENT_LENGTH);
+                    let body = self.clone().own_events(body);
+                    return Ok(plain(Response::from_parts(parts, body)));
+                }
                 if ep != Endpoint::ContainerList || !response.status().is_success() {
                     return Ok(plain(response));
                 }
@@ -984,7 +1024,7 @@ impl Proxy {
                 let req = retarget(req, &target(&path, &q))?;
                 let response = self.forward(req, payload, upgrade).await?;
                 if method == "DELETE" && op.is_none() && response.status().is_success() {
-                    self.containers.update(|s| s.remove(&id));
+                    self.containers.forget(&id);
                 }
                 Ok(Done {
                     response,
@@ -1523,6 +1563,110 @@ impl Proxy {
                 body.abandon();
                 Err(stalled(what, self.idle_timeout))
             }
+        }
+    }
+
+    /// The engine's events (one JSON object a line), each read and written again by regobox,
+    /// without those of a container the instance did not create: the label filter leaves in a
+    /// container made on the host from one of the instance's images (a label is inherited), whose
+    /// every event (its name, labels, the commands run in it) the application saw (an
+    /// attacker's, twenty-third session). A network's event naming such a container is left out
+    /// too. An event of a container not recorded yet waits for the creates in flight (its own
+    /// create's event comes before the engine's answer is read).
+    fn own_events(self: Arc<Self>, body: Body) -> Body {
+        /// The longest event regobox reads (the engine's are a few KiB).
+        const MAX_EVENT: usize = 1 << 20;
+        struct Follow {
+            body: Body,
+            line: Vec<u8>,
+            ready: std::collections::VecDeque<Bytes>,
+            ended: bool,
+        }
+        let state = Follow {
+            body,
+            line: Vec::new(),
+            ready: Default::default(),
+            ended: false,
+        };
+        let stream = futures_util::stream::unfold(state, move |mut st| {
+            let proxy = self.clone();
+            async move {
+                loop {
+                    if let Some(b) = st.ready.pop_front() {
+                        return Some((Ok::<_, BoxError>(Frame::data(b)), st));
+                    }
+                    if st.ended {
+                        return None;
+                    }
+                    let chunk = match st.body.frame().await {
+                        Some(Ok(frame)) => match frame.into_data() {
+                            Ok(data) => data,
+                            Err(_) => continue,
+                        },
+                        Some(Err(e)) => {
+                            st.ended = true;
+                            return Some((Err(e), st));
+                        }
+                        None => {
+                            st.ended = true;
+                            continue;
+                        }
+                    };
+                    let mut rest = &chunk[..];
+                    while let Some(end) = rest.iter().position(|&c| c == b'\n') {
+                        st.line.extend_from_slice(&rest[..end]);
+                        rest = &rest[end + 1..];
+                        let line = std::mem::take(&mut st.line);
+                        if let Some(kept) = proxy.own_event(&line).await {
+                            st.ready.push_back(kept);
+                        }
+                    }
+                    st.line.extend_from_slice(rest);
+                    if st.line.len() > MAX_EVENT {
+                        st.ended = true;
+                        let e: BoxError = format!("an engine event over {MAX_EVENT} bytes").into();
+                        return Some((Err(e), st));
+                    }
+                }
+            }
+        });
+        boxed(http_body_util::StreamBody::new(stream))
+    }
+
+    /// One event of the engine's, as regobox writes it again, if the application may see it.
+    async fn own_event(&self, line: &[u8]) -> Option<Bytes> {
+        let event: Value = serde_json::from_slice(line.trim_ascii()).ok()?;
+        let actor = event.get("Actor");
+        let container = match event.get("Type").and_then(Value::as_str) {
+            Some("container") => actor.and_then(|a| a.get("ID")),
+            Some("network") => actor
+                .and_then(|a| a.get("Attributes"))
+                .and_then(|a| a.get("container")),
+            _ => None,
+        };
+        if let Some(id) = container {
+            let id = id.as_str().unwrap_or("");
+            if !self.created_here(id).await {
+                return None;
+            }
+        }
+        let mut text = event.to_string();
+        text.push('\n');
+        Some(Bytes::from(text))
+    }
+
+    /// Whether the container `id` was created through this socket, waiting (5 s at most) for
+    /// the creates in flight if it is not recorded yet.
+    async fn created_here(&self, id: &str) -> bool {
+        let since = Instant::now();
+        loop {
+            if self.containers.contains_or_forgot(id) {
+                return true;
+            }
+            if self.creates.is_empty() || since.elapsed() >= Duration::from_secs(5) {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

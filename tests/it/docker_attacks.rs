@@ -3870,3 +3870,86 @@ fn a_create_in_flight_at_the_stop_is_recorded() {
     }
     b.stop();
 }
+
+/// The engine's events of a container the host made from one of the instance's images (which
+/// carries the instance's label) are not the application's: its name, labels and the commands
+/// run in it were (an attacker's, twenty-third session). The instance's own are all there: a
+/// create's, which the engine sends before its answer, and the past events of a container
+/// removed since.
+#[test]
+fn the_events_of_a_container_the_host_made_from_the_instances_image_are_not_seen() {
+    let b = Bridged::start("");
+    let port = b.inst.port;
+    let base = format!("regobox-test/busybox:events-base{port}");
+    b.import_busybox(&base);
+    let image = format!("regobox-test/busybox:events{port}");
+    let ctx = b.inst.dir.path().join("events-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {base}\nCMD [\"true\"]\n"),
+    )
+    .unwrap();
+    b.cli_ok(&["build", "-q", "-t", &image, &ctx.display().to_string()]);
+    b.images.borrow_mut().push(image.clone());
+    let theirs = format!("rbx-ev-admin-{port}");
+    let mine = format!("rbx-ev-mine-{port}");
+    let live = format!("rbx-ev-live-{port}");
+    let made = OnEngine::default();
+    made.container(&theirs);
+    let t0 = chrono::Utc::now().timestamp() - 1;
+    let format = "{{.Type}} {{.Action}} {{.Actor.Attributes.name}}";
+
+    // A live stream sees the instance's own create (sent before the engine's answer).
+    let watch = Command::new("docker")
+        .args([
+            "events",
+            "--since",
+            &t0.to_string(),
+            "--until",
+            &(t0 + 8).to_string(),
+            "--format",
+            format,
+        ])
+        .env("DOCKER_HOST", format!("unix://{}", b.socket.display()))
+        .env("DOCKER_CONFIG", &b.docker_config)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = engine(&[
+        "run", "--name", &theirs, "--label", "team=ops", &image, "true",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    engine(&["rm", &theirs]);
+    b.cli_ok(&["run", "--name", &mine, &image, "true"]);
+    b.cli_ok(&["rm", &mine]);
+    b.cli_ok(&["create", "--name", &live, &image, "true"]);
+    let seen = String::from_utf8_lossy(&watch.wait_with_output().unwrap().stdout).to_string();
+    // And the past, asked for afterwards.
+    let past = b.cli_ok(&[
+        "events",
+        "--since",
+        &t0.to_string(),
+        "--until",
+        &chrono::Utc::now().timestamp().to_string(),
+        "--format",
+        format,
+    ]);
+    for events in [&seen, &past] {
+        assert!(
+            !events.contains(&theirs),
+            "the host's container's events: {events}"
+        );
+        assert!(!events.contains("team"), "{events}");
+        for line in [
+            format!("container create {mine}"),
+            format!("container start {mine}"),
+            format!("container die {mine}"),
+            format!("container destroy {mine}"),
+            format!("container create {live}"),
+        ] {
+            assert!(events.contains(&line), "{line:?} missing from: {events}");
+        }
+    }
+    b.cli_ok(&["rm", &live]);
+}
