@@ -152,6 +152,7 @@ impl Bridge {
         let deletes_since = chrono::Utc::now().timestamp();
         forget_gone_images(&docker, &images).await;
         let creates = tokio_util::task::TaskTracker::new();
+        let shutdown = CancellationToken::new();
         let containers = Arc::new(Recorded::load(
             layout.secrets.join(crate::secrets::DOCKER_CONTAINERS),
             "containers",
@@ -188,6 +189,7 @@ impl Bridge {
             images: images.clone(),
             containers: containers.clone(),
             creates: creates.clone(),
+            stopping: shutdown.clone(),
             audit,
             max_body: d.max_inspected_body as usize,
             max_build_context: d.max_build_context,
@@ -199,7 +201,6 @@ impl Bridge {
             freeze_journal,
             freezing: tokio::sync::Mutex::new(()),
         });
-        let shutdown = CancellationToken::new();
         tokio::spawn(proxy::serve(listener, proxy, shutdown.clone()));
         tokio::spawn(forget_deleted(
             docker.clone(),
@@ -245,7 +246,9 @@ impl Bridge {
         self.shutdown.cancel();
         let _ = std::fs::remove_file(&self.socket);
         // A create the engine is making is recorded before regobox exits: cut, its container
-        // would be labelled and unrecorded, no one's (an attacker's, twenty-third session).
+        // would be labelled and unrecorded, no one's; and a start in flight is over before
+        // `docker.stop_jobs` lists the running jobs (an attacker's, twenty-third session).
+        // Nothing more is made or started: requests answer 503, each connection takes no more.
         self.creates.close();
         if tokio::time::timeout(CREATES_GRACE, self.creates.wait())
             .await

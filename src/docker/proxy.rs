@@ -80,6 +80,8 @@ enum Refusal {
     /// A body that stopped coming for docker.idle_timeout.
     Stalled(String),
     Engine(String),
+    /// Regobox is stopping: nothing more is made or started.
+    Stopping,
 }
 
 impl Refusal {
@@ -91,6 +93,7 @@ impl Refusal {
             Refusal::TooLarge(..) => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::Stalled(_) => StatusCode::REQUEST_TIMEOUT,
             Refusal::Engine(_) => StatusCode::BAD_GATEWAY,
+            Refusal::Stopping => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -102,6 +105,7 @@ impl Refusal {
             Refusal::TooLarge(key, _) => key,
             Refusal::Stalled(_) => "docker.idle_timeout",
             Refusal::Engine(_) => "engine",
+            Refusal::Stopping => "stopping",
         }
     }
 
@@ -113,6 +117,7 @@ impl Refusal {
             | Refusal::TooLarge(_, m)
             | Refusal::Stalled(m)
             | Refusal::Engine(m) => m,
+            Refusal::Stopping => "regobox is stopping: try again once it is back",
         }
     }
 }
@@ -189,17 +194,19 @@ impl Recorded {
     /// `id` is gone from the engine: out of the record, kept in memory for a while so that the
     /// engine's past events of it (`docker events --since`) are still the application's.
     pub fn forget(&self, id: &str) {
-        let mut was = false;
-        self.update(|s| {
-            was = s.remove(id);
-            was
-        });
-        if let (true, Ok(mut f)) = (was, self.forgotten.lock()) {
+        if !self.contains(id) {
+            return;
+        }
+        // Kept before it leaves the record: a reader between the two saw neither (an
+        // attacker's, twenty-third session: the events stream dropped some of the application's
+        // own `destroy` events).
+        if let Ok(mut f) = self.forgotten.lock() {
             if f.len() == FORGOTTEN {
                 f.pop_front();
             }
             f.push_back(id.to_string());
         }
+        self.update(|s| s.remove(id));
     }
 
     /// Recorded now, or forgotten lately by this process.
@@ -258,8 +265,10 @@ pub struct Proxy {
     pub images: Arc<Recorded>,
     /// The containers created through this socket (see [`Recorded`]).
     pub containers: Arc<Recorded>,
-    /// The creates forwarded to the engine, until recorded (a stop waits for them).
+    /// The creates and starts forwarded to the engine, until answered (and a create recorded):
+    /// a stop waits for them, and refuses more once `stopping`.
     pub creates: tokio_util::task::TaskTracker,
+    pub stopping: CancellationToken,
     pub audit: Option<SharedLogFile>,
     pub max_body: usize,
     /// Largest build context, spooled to an unnamed file in `spool_dir` before it is forwarded.
@@ -323,17 +332,28 @@ pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, shutdown: Cancella
         };
         let proxy = proxy.clone();
         let idle = proxy.idle_timeout;
+        let stopping = shutdown.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let proxy = proxy.clone();
                 async move { Ok::<_, Infallible>(proxy.handle(req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(idle)
                 .serve_connection(TokioIo::new(Counted::new(stream, permit, idle)), service)
-                .with_upgrades()
-                .await;
+                .with_upgrades();
+            let mut conn = std::pin::pin!(conn);
+            // At a stop, a connection takes no more requests (the one in progress ends): a
+            // connection opened before it created and started jobs after `docker.stop_jobs`
+            // had listed them (an attacker's, twenty-third session).
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stopping.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
         });
     }
 }
@@ -492,6 +512,7 @@ impl Proxy {
         let routed = policy::endpoint(method.as_str(), &path);
         let endpoint = routed.as_ref().ok().map(|(e, _)| *e);
         let result = match routed {
+            Ok(_) if self.stopping.is_cancelled() => Err(Refusal::Stopping),
             Ok((ep, captures)) => self.dispatch(ep, captures, req).await,
             Err(d) => Err(Refusal::Denied(d)),
         };
@@ -895,6 +916,10 @@ impl Proxy {
                 // would be no one's (labelled, unrecorded), never collected.
                 let proxy = self.clone();
                 let created = self.creates.spawn(async move {
+                    // Tracked first, judged then: a stop that began is seen (see `Bridge::stop`).
+                    if proxy.stopping.is_cancelled() {
+                        return Err(Refusal::Stopping);
+                    }
                     let response = proxy.forward(request, Payload::Json, None).await?;
                     let (parts, body) = response.into_parts();
                     let bytes = body
@@ -1022,7 +1047,20 @@ impl Proxy {
                     None => format!("/containers/{id}"),
                 };
                 let req = retarget(req, &target(&path, &q))?;
-                let response = self.forward(req, payload, upgrade).await?;
+                let response = if matches!(op.as_deref(), Some("start") | Some("unpause")) {
+                    // A job started is one `docker.stop_jobs` must see: tracked as a create is.
+                    let proxy = self.clone();
+                    self.creates
+                        .track_future(async move {
+                            if proxy.stopping.is_cancelled() {
+                                return Err(Refusal::Stopping);
+                            }
+                            proxy.forward(req, payload, upgrade).await
+                        })
+                        .await?
+                } else {
+                    self.forward(req, payload, upgrade).await?
+                };
                 if method == "DELETE" && op.is_none() && response.status().is_success() {
                     self.containers.forget(&id);
                 }
