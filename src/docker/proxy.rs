@@ -646,22 +646,12 @@ impl Proxy {
                 }
                 // The label filter leaves in the containers made on the host from the
                 // instance's images (a label is inherited): only those the socket created stay.
-                let (parts, body) = response.into_parts();
-                let bytes = body
-                    .collect()
-                    .await
-                    .map_err(|e| Refusal::Engine(format!("reading the container list: {e}")))?
-                    .to_bytes();
-                let list: Vec<Value> = serde_json::from_slice(&bytes)
-                    .map_err(|e| Refusal::Engine(format!("the engine's container list: {e}")))?;
-                let kept: Vec<Value> = list
-                    .into_iter()
-                    .filter(|c| {
-                        self.containers
-                            .contains(c.get("Id").and_then(Value::as_str).unwrap_or(""))
-                    })
-                    .collect();
-                Ok(plain(rebuild(parts, &Value::Array(kept))))
+                let kept = only(response, "container list", |c| {
+                    self.containers
+                        .contains(c.get("Id").and_then(Value::as_str).unwrap_or(""))
+                })
+                .await?;
+                Ok(plain(kept))
             }
             Endpoint::Build => {
                 self.build(req, &raw_query, &target("/build", &Query::default()))
@@ -764,27 +754,17 @@ impl Proxy {
                 if !response.status().is_success() {
                     return Ok(plain(response));
                 }
-                let (parts, body) = response.into_parts();
-                let bytes = body
-                    .collect()
-                    .await
-                    .map_err(|e| Refusal::Engine(format!("reading the image list: {e}")))?
-                    .to_bytes();
-                let list: Vec<Value> = serde_json::from_slice(&bytes)
-                    .map_err(|e| Refusal::Engine(format!("the engine's image list: {e}")))?;
-                let kept: Vec<Value> = list
-                    .into_iter()
-                    .filter(|img| {
-                        let labelled = img
-                            .get("Labels")
-                            .and_then(|l| l.get(INSTANCE_LABEL))
-                            .and_then(Value::as_str)
-                            == Some(self.instance.as_str());
-                        let id = img.get("Id").and_then(Value::as_str).unwrap_or("");
-                        labelled || self.images.contains(id)
-                    })
-                    .collect();
-                Ok(plain(rebuild(parts, &Value::Array(kept))))
+                let kept = only(response, "image list", |img| {
+                    let labelled = img
+                        .get("Labels")
+                        .and_then(|l| l.get(INSTANCE_LABEL))
+                        .and_then(Value::as_str)
+                        == Some(self.instance.as_str());
+                    let id = img.get("Id").and_then(Value::as_str).unwrap_or("");
+                    labelled || self.images.contains(id)
+                })
+                .await?;
+                Ok(plain(kept))
             }
             Endpoint::ImageInspect => {
                 let name = &captures[0];
@@ -2595,6 +2575,25 @@ fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
 }
 
 /// A response with `value` as its JSON body in place of the engine's.
+/// The engine's list (`what`, a JSON array) with only the entries `keep` keeps, as regobox
+/// writes it.
+async fn only(
+    response: Response<Body>,
+    what: &str,
+    keep: impl Fn(&Value) -> bool,
+) -> Result<Response<Body>, Refusal> {
+    let (parts, body) = response.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|e| Refusal::Engine(format!("reading the {what}: {e}")))?
+        .to_bytes();
+    let list: Vec<Value> = serde_json::from_slice(&bytes)
+        .map_err(|e| Refusal::Engine(format!("the engine's {what}: {e}")))?;
+    let kept: Vec<Value> = list.into_iter().filter(|v| keep(v)).collect();
+    Ok(rebuild(parts, &Value::Array(kept)))
+}
+
 fn rebuild(mut parts: hyper::http::response::Parts, value: &Value) -> Response<Body> {
     let bytes = Bytes::from(value.to_string());
     parts.headers.remove(TRANSFER_ENCODING);

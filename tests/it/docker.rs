@@ -126,6 +126,25 @@ impl Bridged {
         self.images.borrow_mut().push(tag.to_string());
     }
 
+    /// An image built through the proxy (so labelled as this instance's) on busybox imported
+    /// through it: its tag, `regobox-test/busybox:<what><port>`.
+    pub(crate) fn build_labelled(&self, what: &str) -> String {
+        let port = self.inst.port;
+        let base = format!("regobox-test/busybox:{what}-base{port}");
+        self.import_busybox(&base);
+        let image = format!("regobox-test/busybox:{what}{port}");
+        let ctx = self.inst.dir.path().join(format!("{what}-ctx"));
+        std::fs::create_dir_all(&ctx).unwrap();
+        std::fs::write(
+            ctx.join("Dockerfile"),
+            format!("FROM {base}\nCMD [\"true\"]\n"),
+        )
+        .unwrap();
+        self.cli_ok(&["build", "-q", "-t", &image, &ctx.display().to_string()]);
+        self.images.borrow_mut().push(image.clone());
+        image
+    }
+
     /// SIGTERM, exit 0; the log.
     pub(crate) fn stop(&mut self) -> String {
         self.run.signal(nix::sys::signal::Signal::SIGTERM);

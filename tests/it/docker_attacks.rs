@@ -3545,19 +3545,8 @@ fn a_client_reading_its_stream_slowly_is_not_cut() {
 fn a_container_the_host_makes_from_the_instances_image_is_not_the_instances() {
     let mut b = Bridged::start("gc_after = \"1s\"");
     let port = b.inst.port;
-    let base = format!("regobox-test/busybox:inherit-base{port}");
-    b.import_busybox(&base);
     // Built through the socket: labelled as the instance's.
-    let image = format!("regobox-test/busybox:inherit{port}");
-    let ctx = b.inst.dir.path().join("inherit-ctx");
-    std::fs::create_dir_all(&ctx).unwrap();
-    std::fs::write(
-        ctx.join("Dockerfile"),
-        format!("FROM {base}\nCMD [\"true\"]\n"),
-    )
-    .unwrap();
-    b.cli_ok(&["build", "-q", "-t", &image, &ctx.display().to_string()]);
-    b.images.borrow_mut().push(image.clone());
+    let image = b.build_labelled("inherit");
     let theirs = format!("rbx-admin-{port}");
     let done = format!("rbx-done-{port}");
     let kept = format!("rbx-kept-{port}");
@@ -3880,18 +3869,8 @@ fn a_create_in_flight_at_the_stop_is_recorded() {
 fn the_events_of_a_container_the_host_made_from_the_instances_image_are_not_seen() {
     let b = Bridged::start("");
     let port = b.inst.port;
-    let base = format!("regobox-test/busybox:events-base{port}");
-    b.import_busybox(&base);
-    let image = format!("regobox-test/busybox:events{port}");
-    let ctx = b.inst.dir.path().join("events-ctx");
-    std::fs::create_dir_all(&ctx).unwrap();
-    std::fs::write(
-        ctx.join("Dockerfile"),
-        format!("FROM {base}\nCMD [\"true\"]\n"),
-    )
-    .unwrap();
-    b.cli_ok(&["build", "-q", "-t", &image, &ctx.display().to_string()]);
-    b.images.borrow_mut().push(image.clone());
+    // Built through the socket: labelled as the instance's.
+    let image = b.build_labelled("events");
     let theirs = format!("rbx-ev-admin-{port}");
     let mine = format!("rbx-ev-mine-{port}");
     let live = format!("rbx-ev-live-{port}");
