@@ -46,7 +46,7 @@ pub struct Bridge {
     instance: String,
     /// The containers the application created (see [`Recorded`]).
     containers: Arc<Recorded>,
-    /// The creates forwarded to the engine and not yet recorded.
+    /// The creates and starts forwarded to the engine and not yet answered (see `Proxy::creates`).
     creates: tokio_util::task::TaskTracker,
     stop_jobs: bool,
     shutdown: CancellationToken,
