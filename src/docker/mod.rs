@@ -433,11 +433,7 @@ async fn forget_gone_images(docker: &bollard::Docker, images: &Recorded) {
     match docker.list_images(Some(opts)).await {
         Ok(list) => {
             let present: BTreeSet<&str> = list.iter().map(|i| i.id.as_str()).collect();
-            images.update(|s| {
-                let before = s.len();
-                s.retain(|id| present.contains(id.as_str()));
-                s.len() != before
-            });
+            images.keep_only(|id| present.contains(id));
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot list the engine's images to forget those gone")
@@ -543,7 +539,11 @@ async fn reconcile(
         // The first start that keeps the record (a fresh volume, or one an earlier version of
         // regobox ran on, which judged by the label alone): what is labelled now is adopted, as
         // that version would have had it; from now on only what the socket creates.
-        containers.settle(|s| s.extend(ids.iter().cloned()));
+        // (Written even empty: the record then exists.)
+        containers.update(|s| {
+            s.extend(ids.iter().cloned());
+            true
+        });
         if !ids.is_empty() {
             tracing::info!(
                 containers = ids.len(),
@@ -552,11 +552,7 @@ async fn reconcile(
         }
     } else {
         // Gone since (removed on the host, or by the engine at their end): forgotten.
-        containers.update(|s| {
-            let before = s.len();
-            s.retain(|id| ids.contains(id));
-            s.len() != before
-        });
+        containers.keep_only(|id| ids.contains(id));
     }
     for c in labelled {
         let id = c.id.clone().unwrap_or_default();

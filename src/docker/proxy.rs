@@ -137,8 +137,6 @@ impl From<Denied> for Refusal {
     }
 }
 
-/// Image ids the application pulled or imported through the proxy (its built images carry the
-/// label), kept in a JSON file.
 /// Ids of engine objects regobox made for the application, kept in a file of the volume's
 /// `secrets/` (a JSON list): what a label cannot say. An image pulled or imported carries no
 /// label of regobox's; and a label is inherited: every container made from an image, and
@@ -218,10 +216,10 @@ impl Recorded {
                 .is_ok_and(|f| f.iter().any(|x| x == id))
     }
 
-    /// Change the record with `f` and write it if `f` says it changed; `force` writes it anyway.
-    fn write_if(&self, force: bool, f: impl FnOnce(&mut BTreeSet<String>) -> bool) {
+    /// Change the record with `f`, and write it if `f` says it changed.
+    pub fn update(&self, f: impl FnOnce(&mut BTreeSet<String>) -> bool) {
         let Ok(mut ids) = self.ids.lock() else { return };
-        if !f(&mut ids) && !force {
+        if !f(&mut ids) {
             return;
         }
         // Whole or not at all, and on the disk before the client hears of what it records: a
@@ -243,16 +241,13 @@ impl Recorded {
         }
     }
 
-    pub fn update(&self, f: impl FnOnce(&mut BTreeSet<String>) -> bool) {
-        self.write_if(false, f)
-    }
-
-    /// Written whatever `f` does (the record then exists, even empty).
-    pub fn settle(&self, f: impl FnOnce(&mut BTreeSet<String>)) {
-        self.write_if(true, |s| {
-            f(s);
-            true
-        })
+    /// Only the ids `present` says are there are kept (those found gone at a start).
+    pub fn keep_only(&self, present: impl Fn(&str) -> bool) {
+        self.update(|s| {
+            let before = s.len();
+            s.retain(|id| present(id));
+            s.len() != before
+        });
     }
 }
 
@@ -635,8 +630,7 @@ impl Proxy {
                 let req = retarget(self.no_body(req).await?, &target(&normalized, &q))?;
                 let response = self.forward(req, Payload::Empty, None).await?;
                 if ep == Endpoint::Events && response.status().is_success() {
-                    let (parts, body) = response.into_parts();
-                    let mut parts = parts;
+                    let (mut parts, body) = response.into_parts();
                     parts.headers.remove(CONTENT_LENGTH);
                     let body = self.clone().own_events(body);
                     return Ok(plain(Response::from_parts(parts, body)));
@@ -2574,7 +2568,6 @@ fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
     response
 }
 
-/// A response with `value` as its JSON body in place of the engine's.
 /// The engine's list (`what`, a JSON array) with only the entries `keep` keeps, as regobox
 /// writes it.
 async fn only(
@@ -2594,6 +2587,7 @@ async fn only(
     Ok(rebuild(parts, &Value::Array(kept)))
 }
 
+/// A response with `value` as its JSON body in place of the engine's.
 fn rebuild(mut parts: hyper::http::response::Parts, value: &Value) -> Response<Body> {
     let bytes = Bytes::from(value.to_string());
     parts.headers.remove(TRANSFER_ENCODING);
