@@ -19,7 +19,11 @@ pub const SUPERUSER_PASSWORD: &str = "postgres-superuser-password";
 /// The id that marks this installation's objects on the Docker engine (its label).
 pub const DOCKER_INSTANCE: &str = "docker-instance";
 /// The ids of the images the application built, pulled or imported on this host's engine.
-pub const DOCKER_IMAGES: &str = "docker-images.json";
+pub const DOCKER_IMAGES: &str = "docker-owned-images.json";
+/// The record of [`DOCKER_IMAGES`] as versions of regobox before it kept the built images too
+/// wrote it (pulled and imported ones only: a built one was the instance's by its label). Read
+/// once, at the first start that keeps the new record, and removed.
+pub const DOCKER_IMAGES_BEFORE: &str = "docker-images.json";
 /// The ids of the containers the application created on this host's engine.
 pub const DOCKER_CONTAINERS: &str = "docker-containers.json";
 /// The journal of the bind sources' directories frozen while the engine mounts them (their
@@ -32,10 +36,11 @@ pub const DOCKER_BINDS_FROZEN: &str = "docker-binds-frozen.json";
 /// archive: a restore keeps the live volume's (an archive, which may be crafted, would otherwise
 /// choose who is superuser, which of the host's containers and images the application owns, and
 /// which directories root gives away at the next start).
-pub const OF_THIS_HOST: [&str; 5] = [
+pub const OF_THIS_HOST: [&str; 6] = [
     SUPERUSER_PASSWORD,
     DOCKER_INSTANCE,
     DOCKER_IMAGES,
+    DOCKER_IMAGES_BEFORE,
     DOCKER_CONTAINERS,
     DOCKER_BINDS_FROZEN,
 ];

@@ -150,6 +150,15 @@ impl Bridge {
         // list and the start of the events (which the application can lengthen, with many old
         // jobs to collect) would go unseen (an attacker's, twenty-third session).
         let deletes_since = chrono::Utc::now().timestamp();
+        if images.is_new() {
+            adopt_images(
+                &docker,
+                &instance,
+                &images,
+                &layout.secrets.join(crate::secrets::DOCKER_IMAGES_BEFORE),
+            )
+            .await?;
+        }
         forget_gone_images(&docker, &images).await;
         let creates = tokio_util::task::TaskTracker::new();
         let shutdown = CancellationToken::new();
@@ -439,6 +448,71 @@ async fn forget_gone_images(docker: &bollard::Docker, images: &Recorded) {
             tracing::warn!(error = %e, "cannot list the engine's images to forget those gone")
         }
     }
+}
+
+/// The first start that keeps the record of the instance's images, built ones included (a fresh
+/// volume, or one an earlier version of regobox ran on, which recorded pulled and imported
+/// images in `before` and judged a built one by its label alone): the images labelled as the
+/// instance's now and those `before` recorded are adopted, as that version would have had them;
+/// from now on only what the socket makes. `before` is removed once the new record is written.
+async fn adopt_images(
+    docker: &bollard::Docker,
+    instance: &str,
+    images: &Recorded,
+    before: &Path,
+) -> anyhow::Result<()> {
+    let earlier: BTreeSet<String> = match std::fs::read(before) {
+        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "{} is not a JSON list of image ids; move it away to start afresh",
+                before.display()
+            )
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", before.display())),
+    };
+    let mut filters = std::collections::HashMap::new();
+    filters.insert(
+        "label".to_string(),
+        vec![format!("{INSTANCE_LABEL}={instance}")],
+    );
+    let opts = bollard::query_parameters::ListImagesOptions {
+        all: true,
+        filters: Some(filters),
+        ..Default::default()
+    };
+    // Not adopted unless listed: a start that cannot list would record nothing, and the
+    // application's built images would be lost to it for good.
+    let labelled = docker
+        .list_images(Some(opts))
+        .await
+        .context("listing this instance's labelled images, to adopt them")?;
+    let adopted = earlier.len() + labelled.len();
+    images.update(|s| {
+        s.extend(earlier);
+        s.extend(labelled.into_iter().map(|i| i.id));
+        true
+    });
+    if images.is_new() {
+        anyhow::bail!(
+            "cannot write the record of the application's images ({}): see the warning above",
+            crate::secrets::DOCKER_IMAGES
+        );
+    }
+    match std::fs::remove_file(before) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %before.display(), error = %e, "cannot remove the earlier record of the application's images (it is read no more)")
+        }
+    }
+    if adopted > 0 {
+        tracing::info!(
+            images = adopted,
+            "recorded the images labelled as this instance's, and those it pulled or imported, as its own (the first start that keeps a record of the images it builds)"
+        );
+    }
+    Ok(())
 }
 
 /// While the bridge serves, each image the engine deletes (whoever asked) is forgotten as the

@@ -15,12 +15,13 @@
 //! are spliced. A body left unread by a refusal is read and dropped ([`crate::unread`]), so that
 //! the client gets the reason, not a broken pipe. Ownership is the instance label: a container,
 //! network or image of someone else answers 404 as if it did not exist, and lists leave it out.
-//! A label is inherited (a container made from an image carries the image's), so a container is
-//! the instance's only if the socket created it too, as recorded in
-//! `secrets/docker-containers.json`. Images carry no label when pulled or imported, so the ids of
-//! those the application pulled or imported through this socket are kept in
-//! `secrets/docker-images.json`, and forgotten once the engine deletes the image (see
-//! [`Recorded`]).
+//! A label is inherited (a container made from an image carries the image's, and so does an
+//! image built on it or committed from such a container), so a container is the instance's only
+//! if the socket created it too, as recorded in `secrets/docker-containers.json`, and an image
+//! only if the socket built, pulled or imported it, as recorded in
+//! `secrets/docker-owned-images.json` (a pulled or imported one carries no label at all; a
+//! build's are read from its output: see [`BuildOutput`]); each is forgotten once the engine
+//! removes it (see [`Recorded`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -140,11 +141,11 @@ impl From<Denied> for Refusal {
 /// Ids of engine objects regobox made for the application, kept in a file of the volume's
 /// `secrets/` (a JSON list): what a label cannot say. An image pulled or imported carries no
 /// label of regobox's; and a label is inherited: every container made from an image, and
-/// every image built on one, carries the image's labels, so a container the host's
-/// administrator made from one of the application's images was the application's to inspect,
-/// start, copy into and remove (and regobox's own to stop and remove at a start: an attacker's,
-/// twenty-third session). Ids are never reused by the engine for containers (random), and an
-/// image's id is its content.
+/// every image built on one or committed from such a container, carries the image's labels, so
+/// a container the host's administrator made from one of the application's images was the
+/// application's to inspect, start, copy into and remove (and regobox's own to stop and remove
+/// at a start: an attacker's, twenty-third session), and so was an image it built on one. Ids
+/// are never reused by the engine for containers (random), and an image's id is its content.
 pub struct Recorded {
     path: PathBuf,
     /// What is recorded, for messages ("images", "containers").
@@ -257,6 +258,7 @@ pub struct Proxy {
     pub docker: bollard::Docker,
     pub instance: String,
     pub policy: CreatePolicy,
+    /// The images built, pulled or imported through this socket (see [`Recorded`]).
     pub images: Arc<Recorded>,
     /// The containers created through this socket (see [`Recorded`]).
     pub containers: Arc<Recorded>,
@@ -749,13 +751,8 @@ impl Proxy {
                     return Ok(plain(response));
                 }
                 let kept = only(response, "image list", |img| {
-                    let labelled = img
-                        .get("Labels")
-                        .and_then(|l| l.get(INSTANCE_LABEL))
-                        .and_then(Value::as_str)
-                        == Some(self.instance.as_str());
-                    let id = img.get("Id").and_then(Value::as_str).unwrap_or("");
-                    labelled || self.images.contains(id)
+                    self.images
+                        .contains(img.get("Id").and_then(Value::as_str).unwrap_or(""))
                 })
                 .await?;
                 Ok(plain(kept))
@@ -1315,53 +1312,128 @@ impl Proxy {
         let mut forwarded = q;
         forwarded.remove("t");
         forwarded.set("dockerfile", rendered);
+        // Asked of the engine with its steps' output, which says which images it made (see
+        // [`BuildOutput`]); a quiet build's client gets what the engine would have written.
+        let quiet = forwarded.flag("q");
+        forwarded.remove("q");
         let q_path = format!("{path}?{}", forwarded.encode());
         let request = retarget(request, &q_path)?;
+        // The engine's clock, to the second, as the images it makes will say (the same kernel's).
+        let began = chrono::Utc::now().timestamp();
         let response = self.forward(request, Payload::Tar(Some(len)), None).await?;
-        let quiet = forwarded.flag("q");
         let object = tags.first().cloned();
         if !response.status().is_success() {
             return Ok(Done { response, object });
         }
         let proxy = self.clone();
+        let recorder = self.clone();
+        let seen: Arc<Mutex<BuildSeen>> = Arc::default();
         let response = response.map(move |body| {
-            OnEnd::new(body, move |tail: &[u8]| {
-                let built = built_id(tail, quiet);
+            let output = BuildOutput {
+                inner: Some(body),
+                line: Vec::new(),
+                quiet,
+                seen: seen.clone(),
+                recorder: Some((recorder, began)),
+            };
+            OnEnd::new(boxed(output), move |_tail: &[u8]| {
+                let seen = seen.lock().map(|mut s| s.take()).unwrap_or_default();
                 Box::pin(async move {
                     // Held until the tags are made.
                     let _building = building;
-                    if tags.is_empty() {
-                        return None;
-                    }
-                    // No image at the end (a failed build, or its id out of the output's last
-                    // 4 KiB): its tags are not made, and the client is told so.
-                    let Some(id) = built else {
-                        return Some(Bytes::from(stream_error(&format!(
-                            "the build's image could not be read from its output: not tagged {}",
-                            tags.join(", ")
-                        ))));
+                    proxy.record_built(&seen, began).await;
+                    let Some(id) = seen.built() else {
+                        // No image at the end (a failed build): its tags are not made, and the
+                        // client is told so (after the engine's own error).
+                        return (!tags.is_empty()).then(|| {
+                            Bytes::from(stream_error(&format!(
+                                "the build made no image: not tagged {}",
+                                tags.join(", ")
+                            )))
+                        });
                     };
-                    // The engine's own report; its image is the instance's (labelled) or no
+                    // The engine's own report; its image is the instance's (recorded) or no
                     // tag is made.
-                    let said = match proxy.owned_image_inspect(&id).await {
+                    let mut said = Vec::new();
+                    if !proxy.images.contains(&id) {
+                        let refusal = Refusal::NotFound(format!(
+                            "the build's image {id} is not this instance's (it is another's on the host, tagged by it): not tagged"
+                        ));
+                        proxy.audit_at_end(&asked, &refusal, &id);
+                        said.extend(stream_error(refusal.message()));
+                    } else {
                         // A quiet build's output is its image's id alone (scripts read it).
-                        Ok(_) => {
+                        if quiet {
+                            said.extend(stream_line(&json!({ "stream": format!("{id}\n") })));
+                        }
+                        said.extend(
                             proxy
                                 .tag_at_end(&id, &tags, "query.t", !quiet, &asked)
-                                .await
-                        }
-                        Err(refusal) => {
-                            proxy.audit_at_end(&asked, &refusal, &id);
-                            stream_error(refusal.message())
-                        }
-                    };
-                    Some(Bytes::from(said))
+                                .await,
+                        );
+                    }
+                    (!said.is_empty()).then(|| Bytes::from(said))
                 }) as Recording
             })
             .finishing_within(BUILD_END_GRACE)
             .boxed()
         });
         Ok(Done { response, object })
+    }
+
+    /// The images a build's output said it made, recorded as the instance's: each stage's image
+    /// (the engine's `aux` lines, which no step's output can forge) if it carries the instance's
+    /// label and no tag of another's (made now, or found in the engine's cache, which an
+    /// identical image on the host can be); and each step's (` ---> <id>`, kept by a build that
+    /// failed or whose client left, which its steps' output can write too) if it carries the
+    /// label and no tag and was made since the build `began`. A line a step wrote naming an
+    /// image made by someone else meanwhile would need its id, which nothing shows the
+    /// application.
+    async fn record_built(&self, seen: &BuildSeen, began: i64) {
+        let mut filters = std::collections::HashMap::new();
+        filters.insert(
+            "label".to_string(),
+            vec![format!("{INSTANCE_LABEL}={}", self.instance)],
+        );
+        let opts = bollard::query_parameters::ListImagesOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let labelled = match self.docker.list_images(Some(opts)).await {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the images a build made: not recorded as the application's");
+                return;
+            }
+        };
+        let untagged =
+            |i: &bollard::models::ImageSummary| i.repo_tags.iter().all(|t| t == "<none>:<none>");
+        let mut made = Vec::new();
+        for id in &seen.stages {
+            if let Some(i) = labelled.iter().find(|i| i.id == *id)
+                && (untagged(i) || self.images.contains(id))
+            {
+                made.push(i.id.clone());
+            }
+        }
+        for short in &seen.steps {
+            let mut matching = labelled.iter().filter(|i| {
+                i.id.strip_prefix("sha256:")
+                    .is_some_and(|h| h.starts_with(short.as_str()))
+            });
+            if let (Some(i), None) = (matching.next(), matching.next())
+                && untagged(i)
+                && i.created >= began
+            {
+                made.push(i.id.clone());
+            }
+        }
+        self.images.update(|s| {
+            let before = s.len();
+            s.extend(made);
+            s.len() != before
+        });
     }
 
     /// The request body (`what`) in an unnamed file of the spool directory, bounded, and the
@@ -1645,7 +1717,9 @@ impl Proxy {
         boxed(http_body_util::StreamBody::new(stream))
     }
 
-    /// One event of the engine's, as regobox writes it again, if the application may see it.
+    /// One event of the engine's, as regobox writes it again, if the application may see it:
+    /// a container's (or a network's naming one) if the socket created it, an image's if it is
+    /// recorded (or was lately).
     async fn own_event(&self, line: &[u8]) -> Option<Bytes> {
         let event: Value = serde_json::from_slice(line.trim_ascii()).ok()?;
         let actor = event.get("Actor");
@@ -1659,6 +1733,15 @@ impl Proxy {
         if let Some(id) = container {
             let id = id.as_str().unwrap_or("");
             if !self.created_here(id).await {
+                return None;
+            }
+        }
+        // An image's events name it by id (a pull's by the reference asked for: an image pulled
+        // carries no label, and the label filter left those out already); the label filter
+        // leaves in an image the host built on one of the instance's.
+        if event.get("Type").and_then(Value::as_str) == Some("image") {
+            let id = actor.and_then(|a| a.get("ID")).and_then(Value::as_str);
+            if !id.is_some_and(|id| self.images.contains_or_forgot(id)) {
                 return None;
             }
         }
@@ -1740,10 +1823,13 @@ impl Proxy {
         Ok(img)
     }
 
-    /// Labelled as this instance's (built through here), or pulled/imported through here.
+    /// Built, pulled or imported through here: recorded (see [`Recorded`]). Not its label, which
+    /// every image built on one of the instance's, and every image committed from a container
+    /// made from one, inherits (an attacker's, twenty-third session: the host's `docker commit`
+    /// of a container it ran from the application's image was the application's to run and
+    /// remove).
     fn image_is_ours(&self, img: &bollard::models::ImageInspect) -> bool {
-        self.labelled(img.config.as_ref().and_then(|c| c.labels.as_ref()))
-            || self.images.contains(img.id.as_deref().unwrap_or(""))
+        self.images.contains(img.id.as_deref().unwrap_or(""))
     }
 
     /// The container's full id and inspection if it is this instance's.
@@ -2676,33 +2762,176 @@ fn stalled(what: &str, within: Duration) -> Refusal {
     ))
 }
 
-/// The image id a build's output ended with: the engine's `{"aux":{"ID":"sha256:..."}}`, or,
-/// for a quiet build (`q`: the steps' output not sent, the aux line with it), the id alone as
-/// the output's last line. (The output of the steps is inside `stream` strings, never a line of
-/// its own, and is not sent at all in a quiet build: nothing the build runs can forge either.)
-fn built_id(tail: &[u8], quiet: bool) -> Option<String> {
-    let mut lines = lines_from_the_end(tail);
-    let id = if quiet {
-        lines
-            .next()?
+/// What a build's output said it made, read line by line as it passed (see [`BuildOutput`]).
+#[derive(Default)]
+struct BuildSeen {
+    /// The engine's `aux` ids, in order: the image each stage ended with.
+    stages: Vec<String>,
+    /// An error line came after the last of `stages` (the build failed in a later stage).
+    failed: bool,
+    /// The short ids of the ` ---> <id>` lines, in order: each step's image (a cached one, or
+    /// the image a `FROM` names, too). A step's own output can write such a line as well: see
+    /// [`Proxy::record_built`] for what makes one the instance's.
+    steps: Vec<String>,
+}
+
+/// How many step lines a build's output is read for (a step's output can write any number).
+const MAX_STEPS: usize = 4096;
+
+impl BuildSeen {
+    fn take(&mut self) -> BuildSeen {
+        std::mem::take(self)
+    }
+
+    /// One line of the engine's output.
+    fn read(&mut self, line: &Value) {
+        if line.get("error").is_some() || line.get("errorDetail").is_some() {
+            self.failed = true;
+        }
+        if let Some(id) = line
+            .get("aux")
+            .and_then(|a| a.get("ID"))
+            .and_then(Value::as_str)
+            .filter(|id| full_image_id(id))
+        {
+            self.stages.push(id.to_string());
+            self.failed = false;
+        }
+        let step = line
             .get("stream")
             .and_then(Value::as_str)
-            .map(|s| s.trim_end().to_string())
-    } else {
-        // The last aux line, unless an error came after it: the engine writes one at the end of
-        // each stage, and a build whose last stage failed ends with the error (an attacker's
-        // finding: its first stage's image was tagged).
-        lines
-            .take_while(|v| v.get("error").is_none() && v.get("errorDetail").is_none())
-            .find_map(|v| {
-                v.get("aux")
-                    .and_then(|a| a.get("ID"))
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            })
-    }?;
-    let hex = id.strip_prefix("sha256:")?;
-    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+            .and_then(|s| s.strip_prefix(" ---> "))
+            .and_then(|s| s.strip_suffix('\n'))
+            .filter(|h| h.len() == 12 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+        if let Some(short) = step
+            && self.steps.len() < MAX_STEPS
+        {
+            self.steps.push(short.to_string());
+        }
+    }
+
+    /// The image the build made: its last stage's, unless an error came after it (the engine
+    /// writes an `aux` line at the end of each stage, and a build whose last stage failed ends
+    /// with the error: an attacker's finding, its first stage's image was tagged). A step's
+    /// output is inside `stream` strings, never an `aux` line: nothing the build runs can forge
+    /// it.
+    fn built(&self) -> Option<String> {
+        (!self.failed)
+            .then(|| self.stages.last().cloned())
+            .flatten()
+    }
+}
+
+/// `sha256:` and 64 hexadecimal digits.
+fn full_image_id(id: &str) -> bool {
+    id.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// A build's output from the engine, read line by line into [`BuildSeen`] as it passes to the
+/// client: the images it made are the instance's (recorded by [`Proxy::record_built`], at the
+/// end, or when the stream is dropped before it: a build whose client left keeps the images of
+/// its finished steps). The build was asked of the engine with its steps' output: a quiet
+/// build's client (`q`) gets the error lines alone, and the image's id at the end (as the engine
+/// writes it: see [`Proxy::build`]).
+struct BuildOutput {
+    inner: Option<Body>,
+    line: Vec<u8>,
+    quiet: bool,
+    seen: Arc<Mutex<BuildSeen>>,
+    /// Who records what was seen if the stream is dropped before its end, and when the build
+    /// began.
+    recorder: Option<(Arc<Proxy>, i64)>,
+}
+
+/// The longest line of a build's output read (the engine writes a step's output as it comes, a
+/// line per write); a longer one is passed on, and not read.
+const MAX_BUILD_LINE: usize = 64 << 10;
+
+impl BuildOutput {
+    /// The lines `data` ends, read; what a quiet build's client gets of them.
+    fn read(&mut self, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut rest = data;
+        while let Some(end) = rest.iter().position(|&c| c == b'\n') {
+            let whole = self.line.len() + end <= MAX_BUILD_LINE;
+            if whole {
+                self.line.extend_from_slice(&rest[..end]);
+                if let Ok(line) = serde_json::from_slice::<Value>(self.line.trim_ascii()) {
+                    if let Ok(mut seen) = self.seen.lock() {
+                        seen.read(&line);
+                    }
+                    if self.quiet
+                        && (line.get("error").is_some() || line.get("errorDetail").is_some())
+                    {
+                        out.extend(stream_line(&line));
+                    }
+                }
+            }
+            self.line.clear();
+            rest = &rest[end + 1..];
+        }
+        if self.line.len() + rest.len() <= MAX_BUILD_LINE {
+            self.line.extend_from_slice(rest);
+        } else {
+            // Not read: marked so that its end is not taken for a line.
+            self.line.clear();
+            self.line.resize(MAX_BUILD_LINE + 1, b' ');
+        }
+        out
+    }
+}
+
+impl hyper::body::Body for BuildOutput {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            let Some(inner) = this.inner.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let frame = match std::task::ready!(Pin::new(inner).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                other => return Poll::Ready(other),
+            };
+            let Some(data) = frame.data_ref() else {
+                return Poll::Ready(Some(Ok(frame)));
+            };
+            let out = this.read(data);
+            if !this.quiet {
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+            }
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::default()
+    }
+}
+
+impl Drop for BuildOutput {
+    fn drop(&mut self) {
+        // Dropped before its end was recorded (the client left, the engine's stream broke):
+        // the images of the steps that finished are the instance's still.
+        let Some((proxy, began)) = self.recorder.take() else {
+            return;
+        };
+        let seen = self.seen.lock().map(|mut s| s.take()).unwrap_or_default();
+        if seen.stages.is_empty() && seen.steps.is_empty() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { proxy.record_built(&seen, began).await });
+        }
+    }
 }
 
 /// The bind sources of a container (its `HostConfig` as the engine reports it), translated
@@ -3096,24 +3325,72 @@ mod tests {
 
     #[test]
     fn a_builds_image_is_read_from_the_engines_lines_alone() {
+        let read = |text: &str| {
+            let mut seen = BuildSeen::default();
+            for line in text.split("\r\n").filter(|l| !l.is_empty()) {
+                seen.read(&serde_json::from_str(line).unwrap());
+            }
+            seen
+        };
         let id = format!("sha256:{}", "ab".repeat(32));
         let full = format!(
-            "{{\"stream\":\"Step 2/2 : RUN echo {id}\"}}\r\n{{\"stream\":\"{id}\\n\"}}\r\n{{\"aux\":{{\"ID\":\"{id}\"}}}}\r\n{{\"stream\":\"Successfully built abababababab\\n\"}}\r\n"
+            "{{\"stream\":\"Step 2/2 : RUN echo {id}\"}}\r\n{{\"stream\":\"{id}\\n\"}}\r\n{{\"stream\":\" ---> 0123456789ab\\n\"}}\r\n{{\"aux\":{{\"ID\":\"{id}\"}}}}\r\n{{\"stream\":\"Successfully built abababababab\\n\"}}\r\n"
         );
-        assert_eq!(built_id(full.as_bytes(), false), Some(id.clone()));
-        // A step's output that looks like the quiet build's last line is not an id.
+        let seen = read(&full);
+        assert_eq!(seen.built(), Some(id.clone()));
+        assert_eq!(seen.steps, ["0123456789ab"]);
+        // A step's output that looks like a quiet build's last line is not an id.
         let forged =
             format!("{{\"stream\":\"{id}\\n\"}}\r\n{{\"errorDetail\":{{}},\"error\":\"x\"}}\r\n");
-        assert_eq!(built_id(forged.as_bytes(), false), None);
-        assert_eq!(built_id(forged.as_bytes(), true), None);
-        let quiet = format!("{{\"stream\":\"{id}\\n\"}}\r\n");
-        assert_eq!(built_id(quiet.as_bytes(), true), Some(id.clone()));
-        assert_eq!(built_id(b"{\"stream\":\"sha256:12\\n\"}", true), None);
+        assert_eq!(read(&forged).built(), None);
+        assert_eq!(read("{\"aux\":{\"ID\":\"sha256:12\"}}\r\n").built(), None);
         // A stage's aux line, then the last stage's failure.
         let failed = format!(
             "{{\"aux\":{{\"ID\":\"{id}\"}}}}\r\n{{\"stream\":\"Step 3/4 : RUN exit 1\\n\"}}\r\n{{\"errorDetail\":{{\"code\":1,\"message\":\"x\"}},\"error\":\"x\"}}\r\n"
         );
-        assert_eq!(built_id(failed.as_bytes(), false), None);
+        let seen = read(&failed);
+        assert_eq!(seen.built(), None);
+        assert_eq!(seen.stages, std::slice::from_ref(&id));
+        // Not a step's line: another length, upper case, more on the line.
+        for line in [
+            " ---> 0123456789a\\n",
+            " ---> 0123456789AB\\n",
+            " ---> 0123456789ab \\n",
+            "x ---> 0123456789ab\\n",
+        ] {
+            assert!(
+                read(&format!("{{\"stream\":\"{line}\"}}\r\n"))
+                    .steps
+                    .is_empty(),
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_builds_output_is_read_across_pieces_and_a_quiet_clients_gets_the_errors_alone() {
+        let seen: Arc<Mutex<BuildSeen>> = Arc::default();
+        let mut out = BuildOutput {
+            inner: None,
+            line: Vec::new(),
+            quiet: true,
+            seen: seen.clone(),
+            recorder: None,
+        };
+        let text = "{\"stream\":\" ---> 0123456789ab\\n\"}\r\n{\"errorDetail\":{\"message\":\"no\"},\"error\":\"no\"}\r\n";
+        let mut said = Vec::new();
+        for piece in text.as_bytes().chunks(5) {
+            said.extend(out.read(piece));
+        }
+        assert_eq!(seen.lock().unwrap().steps, ["0123456789ab"]);
+        assert!(seen.lock().unwrap().failed);
+        let said: Value = serde_json::from_slice(said.trim_ascii()).unwrap();
+        assert_eq!(said["error"], "no");
+        // A line over the bound is passed on, not read, and its end not taken for a line.
+        let long = format!("{{\"stream\":\"{}\"}}", "x".repeat(MAX_BUILD_LINE));
+        out.read(long.as_bytes());
+        out.read(b"\r\n{\"stream\":\" ---> 00000000000a\\n\"}\r\n");
+        assert_eq!(seen.lock().unwrap().steps, ["0123456789ab", "00000000000a"]);
     }
 
     #[test]

@@ -1548,6 +1548,8 @@ fn the_archive_never_chooses_this_hosts_state() {
             ".docker-instance.tmp-5",
             "docker-images.json.tmp",
             "docker-containers.json",
+            "docker-owned-images.json",
+            "docker-owned-images.json.tmp",
         ]
         .iter()
         .map(|n| std::fs::read_to_string(inst.secret(n)).ok())
@@ -1555,6 +1557,11 @@ fn the_archive_never_chooses_this_hosts_state() {
     };
     std::fs::write(target.secret("docker-instance"), "live-instance").unwrap();
     std::fs::write(target.secret("docker-images.json"), r#"["sha256:live"]"#).unwrap();
+    std::fs::write(
+        target.secret("docker-owned-images.json"),
+        r#"["sha256:live-owned"]"#,
+    )
+    .unwrap();
     let before = live(&target);
     let crafted = target.dir.path().join("host.tar.zst");
     craft(
@@ -1566,6 +1573,8 @@ add_file('volumes/secrets/docker-instance', b'someone-elses-instance')
 add_file('volumes/secrets/.docker-instance.tmp-5', b'someone-elses-instance')
 add_file('volumes/secrets/docker-images.json', b'[\"sha256:someone-elses\"]')
 add_file('volumes/secrets/docker-images.json.tmp', b'[\"sha256:someone-elses\"]')
+add_file('volumes/secrets/docker-owned-images.json', b'[\"sha256:someone-elses\"]')
+add_file('volumes/secrets/docker-owned-images.json.tmp', b'[\"sha256:someone-elses\"]')
 add_file('volumes/secrets/docker-containers.json', b'[\"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"]')
 add_file('volumes/secrets/docker-binds-frozen.json', {journal:?}.encode())"
         ),
@@ -1600,7 +1609,7 @@ add_file('volumes/secrets/docker-binds-frozen.json', {journal:?}.encode())"
     fresh.ok(&["restore", crafted.to_str().unwrap()]);
     let made = live(&fresh);
     assert_ne!(made[0].as_deref().map(str::trim), Some("attackerpw123"));
-    assert_eq!(made[1..], [None, None, None, None, None, None]);
+    assert_eq!(made[1..], [None, None, None, None, None, None, None, None]);
     let run = fresh.start();
     assert!(!tcp_login(&fresh, "postgres", "attackerpw123"));
     assert!(tcp_login(

@@ -3692,7 +3692,7 @@ fn an_image_deleted_on_the_host_and_made_again_is_not_the_instances() {
     let made = OnEngine::default();
     made.image(&theirs);
     made.image(&mine);
-    let record = b.inst.secret("docker-images.json");
+    let record = b.inst.secret("docker-owned-images.json");
     let recorded = |id: &str| std::fs::read_to_string(&record).unwrap().contains(id);
     // The image saved as it is (`docker save`), to be loaded again by the host.
     let save = |b: &Bridged, turn: u32| {
@@ -4055,6 +4055,212 @@ fn at_a_stop_what_was_made_is_recorded_and_stopped_and_nothing_more_is_made() {
             "{name}, made at the stop, is no one's"
         );
         b.cli_ok(&["rm", name]);
+    }
+    b.stop();
+}
+
+/// An image the host's administrator makes from one of the instance's carries the instance's
+/// label (a build `FROM` it inherits its labels, and so does a `docker commit` of a container
+/// made from it). It is still not the instance's: the socket neither shows it nor lets the
+/// application run it, build on it or remove it, its events are not the application's, and a
+/// build whose step writes a line naming it as a step's image does not make it the instance's.
+/// (The residual risk the twenty-third session's note left: an image was the instance's by its
+/// label alone.) What the application builds is the instance's, a build that fails included.
+#[test]
+fn an_image_the_host_derives_from_the_instances_is_not_the_instances() {
+    let b = Bridged::start("");
+    let port = b.inst.port;
+    let image = b.build_labelled("derive");
+    let instance = b.instance_id();
+    let derived = format!("regobox-test/derived:{port}");
+    let retagged = format!("regobox-test/derived-commit:{port}");
+    let mine = format!("regobox-test/busybox:derive-mine{port}");
+    let committer = format!("rbx-commit-{port}");
+    let made = OnEngine::default();
+    made.container(&committer);
+    made.image(&derived);
+    made.image(&retagged);
+    made.image(&mine);
+    let t0 = chrono::Utc::now().timestamp() - 1;
+    let ctx = |name: &str, dockerfile: String| {
+        let dir = b.inst.dir.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
+        dir.display().to_string()
+    };
+
+    // The host builds on it, and commits a container made from it (untagged).
+    let out = Command::new("docker")
+        .args(["build", "-q", "-t", &derived])
+        .arg(ctx(
+            "derive-host",
+            format!("FROM {image}\nENV ADMIN_SECRET=hunter2\n"),
+        ))
+        .env("DOCKER_BUILDKIT", "0")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = engine(&["create", "--name", &committer, &image, "true"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = engine(&["commit", &committer]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let committed = stdout(&out).trim().to_string();
+    made.image(&committed);
+    let short = committed.trim_start_matches("sha256:")[..12].to_string();
+    for name in [&derived, &committed] {
+        let label = stdout(&engine(&[
+            "image",
+            "inspect",
+            "--format",
+            "{{index .Config.Labels \"regobox.instance\"}}",
+            name,
+        ]));
+        assert_eq!(
+            label.trim(),
+            instance.trim(),
+            "the engine no longer passes an image's labels on to {name}"
+        );
+    }
+
+    let not_the_instances = |name: &str| {
+        let (status, body) = raw(
+            &b.socket,
+            &format!("GET /images/{name}/json HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(status, 404, "{name}: {body}");
+        assert!(!body.contains("hunter2"), "{body}");
+        for args in [
+            vec!["create", name, "true"],
+            vec!["run", "--rm", name, "true"],
+            vec!["rmi", name],
+        ] {
+            let out = b.cli(&args);
+            assert!(!out.status.success(), "docker {args:?}: {}", stdout(&out));
+        }
+        // (`rmi -f` says nothing of an image it does not find.)
+        let (status, body) = raw(
+            &b.socket,
+            &format!(
+                "DELETE /images/{name}?force=1 HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        assert_eq!(status, 404, "{name}: {body}");
+        let out = b.cli(&[
+            "build",
+            &ctx("derive-on", format!("FROM {name}\nRUN true\n")),
+        ]);
+        assert!(!out.status.success(), "a build on {name}: {}", stdout(&out));
+        assert!(
+            stderr(&out).contains("not this instance's"),
+            "{}",
+            stderr(&out)
+        );
+    };
+    for name in [derived.as_str(), committed.as_str(), short.as_str()] {
+        not_the_instances(name);
+    }
+    assert!(engine(&["image", "inspect", &derived]).status.success());
+    assert!(engine(&["image", "inspect", &committed]).status.success());
+    let listed = b.cli_ok(&["images", "-a", "--no-trunc", "--format", "{{.ID}}"]);
+    assert!(listed.contains(&image_id(&image)), "{listed}");
+    assert!(!listed.contains(&image_id(&derived)), "{listed}");
+    assert!(!listed.contains(&committed), "{listed}");
+
+    // A step that writes a line the engine's own for a step's image (its id cut to 12), naming
+    // the host's image, in a build that then fails: the step images the build made are the
+    // instance's, the one named is not.
+    std::thread::sleep(Duration::from_millis(1100));
+    let out = b.cli(&[
+        "build",
+        &ctx(
+            "derive-forge",
+            format!("FROM {image}\nRUN echo ' ---> {short}'\nRUN false\n"),
+        ),
+    ]);
+    let text = stdout(&out);
+    assert!(!out.status.success(), "{text}");
+    let steps: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(" ---> "))
+        .filter(|id| id.len() == 12 && id.bytes().all(|c| c.is_ascii_hexdigit()))
+        .collect();
+    assert!(
+        steps.iter().filter(|id| **id == short).count() == 1,
+        "the step's line did not come as the engine writes a step's image: {text}"
+    );
+    not_the_instances(&committed);
+    // The echo step's image, the last the engine committed: the instance's, to remove.
+    let leftover = steps.last().unwrap().to_string();
+    assert_ne!(leftover, short, "{text}");
+    made.image(&leftover);
+    let (status, body) = raw(
+        &b.socket,
+        &format!("DELETE /images/{leftover} HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(
+        status, 200,
+        "the failed build's step image {leftover}: {body}"
+    );
+
+    // The host tags its committed image: no event of it reaches the application, which sees
+    // its own build's tag (and a quiet build prints its image's id alone).
+    let out = engine(&["tag", &committed, &retagged]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed = b.cli_ok(&[
+        "build",
+        "-q",
+        "-t",
+        &mine,
+        &ctx("derive-mine", format!("FROM {image}\nCMD [\"x\"]\n")),
+    ]);
+    assert_eq!(printed.trim(), image_id(&mine), "a quiet build's output");
+    let past = b.cli_ok(&[
+        "events",
+        "--since",
+        &t0.to_string(),
+        "--until",
+        &(chrono::Utc::now().timestamp() + 1).to_string(),
+        "--filter",
+        "type=image",
+        "--format",
+        "{{.Action}} {{.Actor.ID}} {{.Actor.Attributes.name}}",
+    ]);
+    assert!(
+        past.contains(&format!("tag {} {mine}", image_id(&mine))),
+        "{past}"
+    );
+    assert!(!past.contains(&committed), "{past}");
+    assert!(!past.contains("derived"), "{past}");
+}
+
+/// A volume an earlier version of regobox ran on has a record of the images the application
+/// pulled or imported only (`docker-images.json`: a built one was the instance's by its label).
+/// Its first start with the record of built images adopts both, and the earlier record goes.
+#[test]
+fn a_volume_from_before_the_record_of_built_images_keeps_its_images() {
+    let mut b = Bridged::start("");
+    let port = b.inst.port;
+    let imported = format!("regobox-test/busybox:adopt-i{port}");
+    b.import_busybox(&imported);
+    let built = b.build_labelled("adopt");
+    b.stop();
+    let now = b.inst.secret("docker-owned-images.json");
+    let before = b.inst.secret("docker-images.json");
+    std::fs::remove_file(&now).unwrap();
+    std::fs::write(
+        &before,
+        serde_json::to_string(&[image_id(&imported)]).unwrap(),
+    )
+    .unwrap();
+    b.run = b.inst.start();
+    b.run
+        .wait_for_log("Docker bridge up", Duration::from_secs(20));
+    assert!(!before.exists(), "the earlier record is still there");
+    let recorded = std::fs::read_to_string(&now).unwrap();
+    for tag in [&imported, &built] {
+        assert!(recorded.contains(&image_id(tag)), "{tag}: {recorded}");
+        b.cli_ok(&["image", "inspect", tag]);
     }
     b.stop();
 }
