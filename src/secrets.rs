@@ -278,6 +278,9 @@ mod tests {
             ".docker-instance.tmp-7",
             "docker-images.json",
             "docker-images.json.tmp",
+            "docker-owned-images.json",
+            "docker-owned-images.json.tmp",
+            "docker-containers.json",
             "docker-binds-frozen.json",
             "docker-binds-frozen.json.tmp",
         ] {

@@ -1316,6 +1316,16 @@ impl Proxy {
         // [`BuildOutput`]); a quiet build's client gets what the engine would have written.
         let quiet = forwarded.flag("q");
         forwarded.remove("q");
+        // The engine's cache is the instance's own images (see [`Proxy::cache_sources`]).
+        if !forwarded.flag("nocache") {
+            match self.cache_sources().await? {
+                Some(sources) => forwarded.set(
+                    "cachefrom",
+                    serde_json::to_string(&sources).unwrap_or_default(),
+                ),
+                None => forwarded.set("nocache", "1".into()),
+            }
+        }
         let q_path = format!("{path}?{}", forwarded.encode());
         let request = retarget(request, &q_path)?;
         // The engine's clock, to the second, as the images it makes will say (the same kernel's).
@@ -1333,6 +1343,8 @@ impl Proxy {
                 inner: Some(body),
                 line: Vec::new(),
                 quiet,
+                held: Default::default(),
+                held_len: 0,
                 seen: seen.clone(),
                 recorder: Some((recorder, began)),
             };
@@ -1383,46 +1395,43 @@ impl Proxy {
 
     /// The images a build's output said it made, recorded as the instance's: each stage's image
     /// (the engine's `aux` lines, which no step's output can forge) if it carries the instance's
-    /// label and no tag of another's (made now, or found in the engine's cache, which an
-    /// identical image on the host can be); and each step's (` ---> <id>`, kept by a build that
-    /// failed or whose client left, which its steps' output can write too) if it carries the
-    /// label and no tag and was made since the build `began`. A line a step wrote naming an
-    /// image made by someone else meanwhile would need its id, which nothing shows the
-    /// application.
+    /// label and is recorded already, or has no tag and was made since the build `began` or is
+    /// an ancestor of a recorded image (the engine's cache gives back no other: see
+    /// [`Proxy::cache_sources`]); and each step's (` ---> <id>`, kept by a build that failed or
+    /// whose client left, which its steps' output can write too) if it carries the label and no
+    /// tag and was made since the build began. A line a step wrote naming an image made by
+    /// someone else meanwhile would need its id, which nothing shows the application.
     async fn record_built(&self, seen: &BuildSeen, began: i64) {
-        let mut filters = std::collections::HashMap::new();
-        filters.insert(
-            "label".to_string(),
-            vec![format!("{INSTANCE_LABEL}={}", self.instance)],
-        );
-        let opts = bollard::query_parameters::ListImagesOptions {
-            all: true,
-            filters: Some(filters),
-            ..Default::default()
-        };
-        let labelled = match self.docker.list_images(Some(opts)).await {
+        let all = match self.all_images().await {
             Ok(list) => list,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list the images a build made: not recorded as the application's");
                 return;
             }
         };
+        let labelled = |i: &bollard::models::ImageSummary| {
+            i.labels.get(INSTANCE_LABEL) == Some(&self.instance)
+        };
         let untagged =
             |i: &bollard::models::ImageSummary| i.repo_tags.iter().all(|t| t == "<none>:<none>");
+        let ancestors = ancestors_of_recorded(&all, &self.images);
         let mut made = Vec::new();
         for id in &seen.stages {
-            if let Some(i) = labelled.iter().find(|i| i.id == *id)
-                && (untagged(i) || self.images.contains(id))
+            if let Some(i) = all.iter().find(|i| i.id == *id)
+                && labelled(i)
+                && (self.images.contains(id)
+                    || (untagged(i) && (i.created >= began || ancestors.contains(id.as_str()))))
             {
                 made.push(i.id.clone());
             }
         }
         for short in &seen.steps {
-            let mut matching = labelled.iter().filter(|i| {
+            let mut matching = all.iter().filter(|i| {
                 i.id.strip_prefix("sha256:")
                     .is_some_and(|h| h.starts_with(short.as_str()))
             });
             if let (Some(i), None) = (matching.next(), matching.next())
+                && labelled(i)
                 && untagged(i)
                 && i.created >= began
             {
@@ -1434,6 +1443,47 @@ impl Proxy {
             s.extend(made);
             s.len() != before
         });
+    }
+
+    /// Every image of the engine's, intermediate ones included.
+    async fn all_images(
+        &self,
+    ) -> Result<Vec<bollard::models::ImageSummary>, bollard::errors::Error> {
+        let opts = bollard::query_parameters::ListImagesOptions {
+            all: true,
+            ..Default::default()
+        };
+        self.docker.list_images(Some(opts)).await
+    }
+
+    /// The images a build may be given from the engine's cache (its `cachefrom`): the
+    /// instance's recorded images, of which the engine then takes a step's image only if it is
+    /// one of them or an ancestor of one. Left to itself, the classic builder takes any child of
+    /// the step's parent whose configuration matches: an image the host made from one of the
+    /// instance's (a `docker commit` of a container run from it, a step of a build on it) was
+    /// given to the application's build, which read it and was recorded as its own (an
+    /// attacker's, twenty-fourth session), and so was another tenant's step from the same base.
+    /// Only those no other recorded image descends from are named (the others are their
+    /// ancestors), the newest [`MAX_CACHE_SOURCES`]. None: nothing to take from (the build is
+    /// asked for no cache).
+    async fn cache_sources(&self) -> Result<Option<Vec<String>>, Refusal> {
+        let all = self
+            .all_images()
+            .await
+            .map_err(|e| Refusal::Engine(format!("listing the images a build may reuse: {e}")))?;
+        let recorded: Vec<&bollard::models::ImageSummary> =
+            all.iter().filter(|i| self.images.contains(&i.id)).collect();
+        let parents: BTreeSet<&str> = recorded.iter().map(|i| i.parent_id.as_str()).collect();
+        let mut leaves: Vec<&bollard::models::ImageSummary> = recorded
+            .into_iter()
+            .filter(|i| !parents.contains(i.id.as_str()))
+            .collect();
+        if leaves.is_empty() {
+            return Ok(None);
+        }
+        leaves.sort_by_key(|i| std::cmp::Reverse(i.created));
+        leaves.truncate(MAX_CACHE_SOURCES);
+        Ok(Some(leaves.into_iter().map(|i| i.id.clone()).collect()))
     }
 
     /// The request body (`what`) in an unnamed file of the spool directory, bounded, and the
@@ -2762,6 +2812,29 @@ fn stalled(what: &str, within: Duration) -> Refusal {
     ))
 }
 
+/// The most images a build's `cachefrom` names (each about 90 bytes of its query).
+const MAX_CACHE_SOURCES: usize = 2000;
+
+/// The ids of the images `all` shows to be ancestors of a recorded image (a step's image that
+/// the cache gives back is the instance's if it is one: see [`Proxy::cache_sources`]).
+fn ancestors_of_recorded<'a>(
+    all: &'a [bollard::models::ImageSummary],
+    images: &Recorded,
+) -> BTreeSet<&'a str> {
+    let parent: BTreeMap<&str, &str> = all
+        .iter()
+        .map(|i| (i.id.as_str(), i.parent_id.as_str()))
+        .collect();
+    let mut found = BTreeSet::new();
+    for i in all.iter().filter(|i| images.contains(&i.id)) {
+        let mut at = parent.get(i.id.as_str()).copied().unwrap_or("");
+        while !at.is_empty() && found.insert(at) {
+            at = parent.get(at).copied().unwrap_or("");
+        }
+    }
+    found
+}
+
 /// What a build's output said it made, read line by line as it passed (see [`BuildOutput`]).
 #[derive(Default)]
 struct BuildSeen {
@@ -2772,10 +2845,11 @@ struct BuildSeen {
     /// The short ids of the ` ---> <id>` lines, in order: each step's image (a cached one, or
     /// the image a `FROM` names, too). A step's own output can write such a line as well: see
     /// [`Proxy::record_built`] for what makes one the instance's.
-    steps: Vec<String>,
+    steps: std::collections::VecDeque<String>,
 }
 
-/// How many step lines a build's output is read for (a step's output can write any number).
+/// How many step lines of a build's output are kept, the last ones (a step's output can write
+/// any number, before the engine's line for its image).
 const MAX_STEPS: usize = 4096;
 
 impl BuildSeen {
@@ -2803,10 +2877,11 @@ impl BuildSeen {
             .and_then(|s| s.strip_prefix(" ---> "))
             .and_then(|s| s.strip_suffix('\n'))
             .filter(|h| h.len() == 12 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
-        if let Some(short) = step
-            && self.steps.len() < MAX_STEPS
-        {
-            self.steps.push(short.to_string());
+        if let Some(short) = step {
+            if self.steps.len() == MAX_STEPS {
+                self.steps.pop_front();
+            }
+            self.steps.push_back(short.to_string());
         }
     }
 
@@ -2832,17 +2907,24 @@ fn full_image_id(id: &str) -> bool {
 /// client: the images it made are the instance's (recorded by [`Proxy::record_built`], at the
 /// end, or when the stream is dropped before it: a build whose client left keeps the images of
 /// its finished steps). The build was asked of the engine with its steps' output: a quiet
-/// build's client (`q`) gets the error lines alone, and the image's id at the end (as the engine
-/// writes it: see [`Proxy::build`]).
+/// build's client (`q`) gets what the engine would have written it, the image's id at the end
+/// (see [`Proxy::build`]) or, on a failure, the output held back until then and the error.
 struct BuildOutput {
     inner: Option<Body>,
     line: Vec<u8>,
     quiet: bool,
+    /// A quiet build's output held back (its `stream` lines, the last [`MAX_QUIET_HELD`]
+    /// bytes): the engine writes it before the error of a quiet build that fails.
+    held: std::collections::VecDeque<Vec<u8>>,
+    held_len: usize,
     seen: Arc<Mutex<BuildSeen>>,
     /// Who records what was seen if the stream is dropped before its end, and when the build
     /// began.
     recorder: Option<(Arc<Proxy>, i64)>,
 }
+
+/// How much of a quiet build's output is held back for its failure.
+const MAX_QUIET_HELD: usize = 1 << 20;
 
 /// The longest line of a build's output read (the engine writes a step's output as it comes, a
 /// line per write); a longer one is passed on, and not read.
@@ -2861,10 +2943,22 @@ impl BuildOutput {
                     if let Ok(mut seen) = self.seen.lock() {
                         seen.read(&line);
                     }
-                    if self.quiet
-                        && (line.get("error").is_some() || line.get("errorDetail").is_some())
-                    {
-                        out.extend(stream_line(&line));
+                    if self.quiet {
+                        if line.get("error").is_some() || line.get("errorDetail").is_some() {
+                            for held in self.held.drain(..) {
+                                out.extend(held);
+                            }
+                            self.held_len = 0;
+                            out.extend(stream_line(&line));
+                        } else if line.get("stream").is_some() {
+                            let held = stream_line(&line);
+                            self.held_len += held.len();
+                            self.held.push_back(held);
+                            while self.held_len > MAX_QUIET_HELD {
+                                let dropped = self.held.pop_front().map_or(0, |h| h.len());
+                                self.held_len -= dropped;
+                            }
+                        }
                     }
                 }
             }
@@ -3351,6 +3445,15 @@ mod tests {
         let seen = read(&failed);
         assert_eq!(seen.built(), None);
         assert_eq!(seen.stages, std::slice::from_ref(&id));
+        // A step that writes more step lines than are kept does not push the engine's out.
+        let mut many = String::new();
+        for i in 0..MAX_STEPS + 10 {
+            many.push_str(&format!("{{\"stream\":\" ---> {i:012x}\\n\"}}\r\n"));
+        }
+        many.push_str("{\"stream\":\" ---> 0123456789ab\\n\"}\r\n");
+        let seen = read(&many);
+        assert_eq!(seen.steps.len(), MAX_STEPS);
+        assert_eq!(seen.steps.back().map(String::as_str), Some("0123456789ab"));
         // Not a step's line: another length, upper case, more on the line.
         for line in [
             " ---> 0123456789a\\n",
@@ -3368,12 +3471,14 @@ mod tests {
     }
 
     #[test]
-    fn a_builds_output_is_read_across_pieces_and_a_quiet_clients_gets_the_errors_alone() {
+    fn a_builds_output_is_read_across_pieces_and_a_quiet_client_gets_it_only_on_a_failure() {
         let seen: Arc<Mutex<BuildSeen>> = Arc::default();
         let mut out = BuildOutput {
             inner: None,
             line: Vec::new(),
             quiet: true,
+            held: Default::default(),
+            held_len: 0,
             seen: seen.clone(),
             recorder: None,
         };
@@ -3384,8 +3489,15 @@ mod tests {
         }
         assert_eq!(seen.lock().unwrap().steps, ["0123456789ab"]);
         assert!(seen.lock().unwrap().failed);
-        let said: Value = serde_json::from_slice(said.trim_ascii()).unwrap();
-        assert_eq!(said["error"], "no");
+        // The output held back, then the error, as the engine writes a quiet build's failure.
+        let said: Vec<Value> = String::from_utf8(said)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(said.len(), 2, "{said:?}");
+        assert_eq!(said[0]["stream"], " ---> 0123456789ab\n");
+        assert_eq!(said[1]["error"], "no");
         // A line over the bound is passed on, not read, and its end not taken for a line.
         let long = format!("{{\"stream\":\"{}\"}}", "x".repeat(MAX_BUILD_LINE));
         out.read(long.as_bytes());

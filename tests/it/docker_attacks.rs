@@ -4264,3 +4264,101 @@ fn a_volume_from_before_the_record_of_built_images_keeps_its_images() {
     }
     b.stop();
 }
+
+/// The classic builder's cache gives a step any child of its parent whose configuration
+/// matches: an application that repeated, step for step, what the host had done with one of
+/// the instance's images (here a `docker commit` of a container made from it, holding a file
+/// the host copied in) was given the host's image by its build, read it and had it recorded as
+/// its own (an attacker's, twenty-fourth session). The cache is now the instance's own images
+/// (the engine's `cachefrom`): the step runs, the host's image stays the host's, and the
+/// instance's own builds still come from the cache.
+#[test]
+fn the_engines_cache_gives_a_build_only_the_instances_images() {
+    let b = Bridged::start("");
+    let port = b.inst.port;
+    let image = b.build_labelled("cache");
+    let base = format!("regobox-test/busybox:cache-base{port}");
+    let instance = b.instance_id();
+    let committer = format!("rbx-cache-commit-{port}");
+    let made = OnEngine::default();
+    made.container(&committer);
+    // The host: a container made from the instance's image (as `docker run -d` makes one, but
+    // never started), a file copied in, committed.
+    let host = bollard::Docker::connect_with_unix(
+        "/var/run/docker.sock",
+        60,
+        bollard::API_DEFAULT_VERSION,
+    )
+    .unwrap();
+    crate::docker::rt()
+        .block_on(host.create_container(
+            Some(bollard::query_parameters::CreateContainerOptions {
+                name: Some(committer.clone()),
+                ..Default::default()
+            }),
+            bollard::models::ContainerCreateBody {
+                image: Some(image.clone()),
+                ..Default::default()
+            },
+        ))
+        .unwrap();
+    let secret = b.inst.dir.path().join("secret");
+    std::fs::write(&secret, "hunter2\n").unwrap();
+    let out = engine(&[
+        "cp",
+        secret.to_str().unwrap(),
+        &format!("{committer}:/secret"),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = engine(&["commit", &committer]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let committed = stdout(&out).trim().to_string();
+    made.image(&committed);
+    let short = committed.trim_start_matches("sha256:")[..12].to_string();
+
+    // The application: the steps of its own image, the build's label step as a `RUN` of the
+    // same command, then the command the host's container was made with.
+    let ctx = b.inst.dir.path().join("cache-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!(
+            "FROM {base} AS s\nCMD [\"true\"]\nRUN [\"/bin/sh\",\"-c\",\"#(nop) \",\"LABEL regobox.instance={}\"]\nRUN [\"true\"]\nFROM {base}\nRUN echo b\n",
+            instance.trim()
+        ),
+    )
+    .unwrap();
+    let out = b.cli(&["build", &ctx.display().to_string()]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(
+        !text.contains(&short),
+        "the host's image came from the cache: {text}"
+    );
+    let record = std::fs::read_to_string(b.inst.secret("docker-owned-images.json")).unwrap();
+    assert!(!record.contains(&committed), "{record}");
+    assert!(
+        !b.cli(&["run", "--rm", &committed, "cat", "/secret"])
+            .status
+            .success()
+    );
+    for line in text.lines().filter_map(|l| l.strip_prefix(" ---> ")) {
+        if line.len() == 12 {
+            made.image(line);
+        }
+    }
+
+    // The instance's own build again: from the cache.
+    let ctx = b.inst.dir.path().join("cache-ctx");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {base}\nCMD [\"true\"]\n"),
+    )
+    .unwrap();
+    let again = b.cli_ok(&["build", &ctx.display().to_string()]);
+    assert!(again.contains("Using cache"), "{again}");
+    assert!(
+        again.contains(&image_id(&image).trim_start_matches("sha256:")[..12]),
+        "{again}"
+    );
+}
