@@ -24,6 +24,9 @@ pub const DOCKER_IMAGES: &str = "docker-owned-images.json";
 /// wrote it (pulled and imported ones only: a built one was the instance's by its label). Read
 /// once, at the first start that keeps the new record, and removed.
 pub const DOCKER_IMAGES_BEFORE: &str = "docker-images.json";
+/// The tags the application made on this host's engine (pulled, imported, built), each with
+/// the id of the image it made it on.
+pub const DOCKER_TAGS: &str = "docker-owned-tags.json";
 /// The ids of the containers the application created on this host's engine.
 pub const DOCKER_CONTAINERS: &str = "docker-containers.json";
 /// The journal of the bind sources' directories frozen while the engine mounts them (their
@@ -36,11 +39,12 @@ pub const DOCKER_BINDS_FROZEN: &str = "docker-binds-frozen.json";
 /// archive: a restore keeps the live volume's (an archive, which may be crafted, would otherwise
 /// choose who is superuser, which of the host's containers and images the application owns, and
 /// which directories root gives away at the next start).
-pub const OF_THIS_HOST: [&str; 6] = [
+pub const OF_THIS_HOST: [&str; 7] = [
     SUPERUSER_PASSWORD,
     DOCKER_INSTANCE,
     DOCKER_IMAGES,
     DOCKER_IMAGES_BEFORE,
+    DOCKER_TAGS,
     DOCKER_CONTAINERS,
     DOCKER_BINDS_FROZEN,
 ];
@@ -280,6 +284,7 @@ mod tests {
             "docker-images.json.tmp",
             "docker-owned-images.json",
             "docker-owned-images.json.tmp",
+            "docker-owned-tags.json",
             "docker-containers.json",
             "docker-binds-frozen.json",
             "docker-binds-frozen.json.tmp",

@@ -160,6 +160,11 @@ impl Bridge {
             .await?;
         }
         forget_gone_images(&docker, &images).await;
+        let tags = Arc::new(Recorded::load(
+            layout.secrets.join(crate::secrets::DOCKER_TAGS),
+            "tags",
+        )?);
+        keep_tags(&docker, &images, &tags).await?;
         let creates = tokio_util::task::TaskTracker::new();
         let shutdown = CancellationToken::new();
         let containers = Arc::new(Recorded::load(
@@ -196,6 +201,7 @@ impl Bridge {
             instance: instance.clone(),
             policy,
             images: images.clone(),
+            tags,
             containers: containers.clone(),
             creates: creates.clone(),
             stopping: shutdown.clone(),
@@ -511,6 +517,58 @@ async fn adopt_images(
             images = adopted,
             "recorded the images labelled as this instance's, and those it pulled or imported, as its own (the first start that keeps a record of the images it builds)"
         );
+    }
+    Ok(())
+}
+
+/// The record of the instance's tags (see [`proxy::owned_tag`]) keeps those still on the image
+/// they were made on. The first start that keeps it (a fresh volume, or one an earlier version
+/// ran on, for which every tag of the instance's images was the application's) adopts every tag
+/// of the instance's images, as that version judged.
+async fn keep_tags(
+    docker: &bollard::Docker,
+    images: &Recorded,
+    tags: &Recorded,
+) -> anyhow::Result<()> {
+    let opts = bollard::query_parameters::ListImagesOptions {
+        all: true,
+        ..Default::default()
+    };
+    let list = match docker.list_images(Some(opts)).await {
+        Ok(list) => list,
+        // Not adopted unless listed: the application's tags would be the host's for good.
+        Err(e) if tags.is_new() => {
+            return Err(e).context("listing the engine's images, to adopt this instance's tags");
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the engine's images to forget the instance's tags gone");
+            return Ok(());
+        }
+    };
+    let present: BTreeSet<String> = list
+        .iter()
+        .filter(|i| images.contains(&i.id))
+        .flat_map(|i| {
+            i.repo_tags
+                .iter()
+                .filter(|t| *t != "<none>:<none>")
+                .map(|t| proxy::owned_tag(t, &i.id))
+        })
+        .collect();
+    if tags.is_new() {
+        let adopted = present.len();
+        tags.update(|s| {
+            s.extend(present);
+            true
+        });
+        if adopted > 0 {
+            tracing::info!(
+                tags = adopted,
+                "recorded the tags of this instance's images as its own (the first start that keeps a record of them)"
+            );
+        }
+    } else {
+        tags.keep_only(|t| present.contains(t));
     }
     Ok(())
 }

@@ -260,6 +260,9 @@ pub struct Proxy {
     pub policy: CreatePolicy,
     /// The images built, pulled or imported through this socket (see [`Recorded`]).
     pub images: Arc<Recorded>,
+    /// The tags the socket made, each as `<tag> <image id>` (see [`owned_tag`]): a tag the host
+    /// puts on one of the instance's images is the host's.
+    pub tags: Arc<Recorded>,
     /// The containers created through this socket (see [`Recorded`]).
     pub containers: Arc<Recorded>,
     /// The creates and starts forwarded to the engine, until answered (and a create recorded):
@@ -784,11 +787,36 @@ impl Proxy {
                 // read as something else once the tag is gone (an attacker's, twelfth session:
                 // a tag `816ac826f8e2:latest` of its own, removed, then `816ac826f8e2` asked for
                 // by an id prefix another image's).
-                let by = removal_target(name, img.repo_tags.as_deref().unwrap_or_default())
-                    .unwrap_or_else(|| id.clone());
+                let tags = img.repo_tags.as_deref().unwrap_or_default();
+                let by_tag = removal_target(name, tags);
+                // A tag the host put on the image is the host's: not removed by its name, nor
+                // with the image by its id.
+                match &by_tag {
+                    Some(_) if !self.tag_is_ours(name, &img) => {
+                        return Err(Refusal::NotFound(format!("No such image: {name}")));
+                    }
+                    None => {
+                        if let Some(theirs) = tags
+                            .iter()
+                            .find(|t| !self.tags.contains(&owned_tag(t, &id)))
+                        {
+                            return Err(Denied::new(
+                                "image.tags",
+                                format!("refused by regobox's Docker policy: the image {name} is also tagged {theirs:?}, a tag this instance did not make: remove it by its own tags"),
+                            )
+                            .into());
+                        }
+                    }
+                    Some(_) => {}
+                }
+                let by = by_tag.clone().unwrap_or_else(|| id.clone());
                 let req = retarget(req, &target(&format!("/images/{by}"), &q))?;
                 let response = self.forward(req, Payload::Empty, None).await?;
                 if response.status().is_success() {
+                    if by_tag.is_some() {
+                        let owned = owned_tag(name, &id);
+                        self.tags.update(|s| s.remove(&owned));
+                    }
                     let gone = matches!(
                         self.docker.inspect_image(&id).await,
                         Err(bollard::errors::Error::DockerResponseServerError {
@@ -1137,7 +1165,7 @@ impl Proxy {
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 404, ..
             }) => Ok(()),
-            Ok(img) if self.image_is_ours(&img) => Ok(()),
+            Ok(img) if self.tag_is_ours(reference, &img) => Ok(()),
             Ok(_) => Err(Denied::new(
                 rule,
                 format!("refused by regobox's Docker policy: the tag {reference:?} exists and is not this instance's: it would be moved"),
@@ -1170,6 +1198,9 @@ impl Proxy {
             return;
         }
         if let Some(id) = img.id {
+            if !reference.is_empty() {
+                self.tags.update(|s| s.insert(owned_tag(reference, &id)));
+            }
             self.images.update(|s| s.insert(id));
         }
     }
@@ -1199,17 +1230,27 @@ impl Proxy {
                     self.audit_at_end(asked, &refusal, id);
                     Err(refusal.message().to_string())
                 }
-                Ok(()) => self
-                    .docker
-                    .tag_image(
-                        id,
-                        Some(bollard::query_parameters::TagImageOptions {
-                            repo: Some(repo.to_string()),
-                            tag: Some(tag.to_string()),
-                        }),
-                    )
-                    .await
-                    .map_err(|e| format!("tagging {reference}: {e}")),
+                Ok(()) => {
+                    // Recorded before it is made: a tag made and not recorded would be the
+                    // host's to the policy, the application's own tag out of its reach.
+                    let owned = owned_tag(reference, id);
+                    self.tags.update(|s| s.insert(owned.clone()));
+                    let made = self
+                        .docker
+                        .tag_image(
+                            id,
+                            Some(bollard::query_parameters::TagImageOptions {
+                                repo: Some(repo.to_string()),
+                                tag: Some(tag.to_string()),
+                            }),
+                        )
+                        .await
+                        .map_err(|e| format!("tagging {reference}: {e}"));
+                    if made.is_err() {
+                        self.tags.update(|s| s.remove(&owned));
+                    }
+                    made
+                }
             };
             match tagged {
                 Ok(()) if say_tagged => said.extend(stream_line(
@@ -1871,6 +1912,16 @@ impl Proxy {
             )));
         }
         Ok(img)
+    }
+
+    /// Whether the tag `reference` names `img` because the socket made it so: the image is the
+    /// instance's and the tag was made on it through the socket. A tag the host's administrator
+    /// puts on one of the instance's images is the host's: the application moved it to an
+    /// image of its own (a build or import tagged the same) and removed it (an attacker's,
+    /// twenty-fourth session).
+    fn tag_is_ours(&self, reference: &str, img: &bollard::models::ImageInspect) -> bool {
+        let id = img.id.as_deref().unwrap_or("");
+        self.image_is_ours(img) && self.tags.contains(&owned_tag(reference, id))
     }
 
     /// Built, pulled or imported through here: recorded (see [`Recorded`]). Not its label, which
@@ -3237,6 +3288,14 @@ impl hyper::body::Body for OnEnd {
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// How the record of the instance's tags holds the tag `reference` made on the image `id`: the
+/// tag as the engine reports it (`RepoTags`), then the id. A tag is the instance's only on the
+/// image it made it on: moved by the host, or removed and made again elsewhere, it is the
+/// host's.
+pub fn owned_tag(reference: &str, id: &str) -> String {
+    format!("{} {id}", image::familiar(reference))
 }
 
 /// The tag `name` names among the image's `tags` (the engine's familiar spellings), with its tag

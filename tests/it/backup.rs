@@ -1550,6 +1550,7 @@ fn the_archive_never_chooses_this_hosts_state() {
             "docker-containers.json",
             "docker-owned-images.json",
             "docker-owned-images.json.tmp",
+            "docker-owned-tags.json",
         ]
         .iter()
         .map(|n| std::fs::read_to_string(inst.secret(n)).ok())
@@ -1575,6 +1576,7 @@ add_file('volumes/secrets/docker-images.json', b'[\"sha256:someone-elses\"]')
 add_file('volumes/secrets/docker-images.json.tmp', b'[\"sha256:someone-elses\"]')
 add_file('volumes/secrets/docker-owned-images.json', b'[\"sha256:someone-elses\"]')
 add_file('volumes/secrets/docker-owned-images.json.tmp', b'[\"sha256:someone-elses\"]')
+add_file('volumes/secrets/docker-owned-tags.json', b'[\"prod:1 sha256:someone-elses\"]')
 add_file('volumes/secrets/docker-containers.json', b'[\"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"]')
 add_file('volumes/secrets/docker-binds-frozen.json', {journal:?}.encode())"
         ),
@@ -1609,7 +1611,10 @@ add_file('volumes/secrets/docker-binds-frozen.json', {journal:?}.encode())"
     fresh.ok(&["restore", crafted.to_str().unwrap()]);
     let made = live(&fresh);
     assert_ne!(made[0].as_deref().map(str::trim), Some("attackerpw123"));
-    assert_eq!(made[1..], [None, None, None, None, None, None, None, None]);
+    assert_eq!(
+        made[1..],
+        [None, None, None, None, None, None, None, None, None]
+    );
     let run = fresh.start();
     assert!(!tcp_login(&fresh, "postgres", "attackerpw123"));
     assert!(tcp_login(

@@ -4248,6 +4248,7 @@ fn a_volume_from_before_the_record_of_built_images_keeps_its_images() {
     let now = b.inst.secret("docker-owned-images.json");
     let before = b.inst.secret("docker-images.json");
     std::fs::remove_file(&now).unwrap();
+    std::fs::remove_file(b.inst.secret("docker-owned-tags.json")).unwrap();
     std::fs::write(
         &before,
         serde_json::to_string(&[image_id(&imported)]).unwrap(),
@@ -4262,7 +4263,71 @@ fn a_volume_from_before_the_record_of_built_images_keeps_its_images() {
         assert!(recorded.contains(&image_id(tag)), "{tag}: {recorded}");
         b.cli_ok(&["image", "inspect", tag]);
     }
+    // Its tags too: the application removes its images by them.
+    b.cli_ok(&["rmi", &built]);
+    b.cli_ok(&["rmi", &imported]);
     b.stop();
+}
+
+/// A tag the host's administrator puts on one of the instance's images is the host's: the
+/// application neither removes it (by its name, or with the image by the image's id) nor moves
+/// it to an image of its own (a build or an import tagged the same). (An attacker's,
+/// twenty-fourth session: the host tagged the application's image `prod`, and the application's
+/// next build tagged `prod` moved the host's tag to whatever it had built.) The instance's own
+/// tags are its to remove and make again.
+#[test]
+fn a_tag_the_host_puts_on_the_instances_image_is_the_hosts() {
+    let b = Bridged::start("");
+    let port = b.inst.port;
+    let mine = format!("regobox-test/busybox:tag-mine{port}");
+    let theirs = format!("regobox-test/host-prod:{port}");
+    b.import_busybox(&mine);
+    let made = OnEngine::default();
+    made.image(&theirs);
+    let id = image_id(&mine);
+    let out = engine(&["tag", &mine, &theirs]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let remove_by_id = |b: &Bridged| {
+        raw(
+            &b.socket,
+            &format!(
+                "DELETE /images/{id}?force=1 HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+            ),
+        )
+    };
+
+    assert!(!b.cli(&["rmi", &theirs]).status.success());
+    let (status, body) = remove_by_id(&b);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains(&theirs), "{body}");
+    let ctx = b.inst.dir.path().join("tag-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {mine}\nCMD [\"x\"]\n"),
+    )
+    .unwrap();
+    let out = b.cli(&["build", "-t", &theirs, &ctx.display().to_string()]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("not this instance's"),
+        "{}",
+        stderr(&out)
+    );
+    let tar = busybox_rootfs_tar(b.inst.dir.path());
+    let out = b.cli(&["import", tar.to_str().unwrap(), &theirs]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert_eq!(image_id(&theirs), id, "the host's tag was moved");
+
+    // The instance's own tag: made again by a build, removed; the image stays the host's to
+    // hold by its tag, and is not removed by its id.
+    let out = b.cli_ok(&["build", "-q", "-t", &mine, &ctx.display().to_string()]);
+    made.image(out.trim());
+    b.cli_ok(&["rmi", &mine]);
+    assert_eq!(image_id(&theirs), id);
+    let (status, body) = remove_by_id(&b);
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(image_id(&theirs), id);
 }
 
 /// The classic builder's cache gives a step any child of its parent whose configuration

@@ -78,16 +78,18 @@ fn without_default_registry(reference: &str) -> &str {
 
 /// Whether a tag the engine reports (`docker.io/library/x:1` is `x:1`) is `reference`.
 pub fn same_reference(tag: &str, reference: &str) -> bool {
-    let norm = |r: &str| {
-        let r = without_default_registry(r).to_string();
-        let last = r.rsplit('/').next().unwrap_or(&r);
-        if last.contains(':') || r.contains('@') {
-            r
-        } else {
-            format!("{r}:latest")
-        }
-    };
-    norm(tag) == norm(reference)
+    familiar(tag) == familiar(reference)
+}
+
+/// `reference` as the engine reports its tags (`RepoTags`): `docker.io/library/x` is `x:latest`.
+pub fn familiar(reference: &str) -> String {
+    let r = without_default_registry(reference).to_string();
+    let last = r.rsplit('/').next().unwrap_or(&r);
+    if last.contains(':') || r.contains('@') {
+        r
+    } else {
+        format!("{r}:latest")
+    }
 }
 
 /// Whether a tag made as `reference` would be read in place of an image id: the engine looks a
