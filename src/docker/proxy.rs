@@ -1486,6 +1486,79 @@ impl Proxy {
         });
     }
 
+    /// A build stopped before its end (its client left): the engine stops it, but a step whose
+    /// command had ended is still committed, after the stream is gone (an attacker's,
+    /// twenty-fourth session: a step that wrote 1.5 GB left an image no one owned). The step's
+    /// container (` ---> Running in <id>`, labelled as the instance's, the last ones the
+    /// output named) is waited for until the engine removes it (at most
+    /// [`LEFT_BUILD_WAIT`]), then the images made since the build `began` whose parent is the
+    /// image that container ran are recorded, labelled and untagged.
+    async fn record_left_build(&self, seen: &BuildSeen, began: i64) {
+        let containers = |all: Vec<bollard::models::ContainerSummary>| -> Vec<(String, String)> {
+            all.into_iter()
+                .filter(|c| {
+                    c.labels.as_ref().and_then(|l| l.get(INSTANCE_LABEL)) == Some(&self.instance)
+                })
+                .filter_map(|c| Some((c.id?, c.image_id?)))
+                .filter(|(id, _)| seen.containers.iter().any(|s| id.starts_with(s.as_str())))
+                .collect()
+        };
+        let list = || async {
+            let opts = bollard::query_parameters::ListContainersOptions {
+                all: true,
+                ..Default::default()
+            };
+            self.docker
+                .list_containers(Some(opts))
+                .await
+                .map(containers)
+        };
+        let Ok(running) = list().await else { return };
+        if running.is_empty() {
+            return;
+        }
+        // A few at once: each asks the engine for its containers every second.
+        static WAITING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(8);
+        let Ok(_turn) = WAITING.try_acquire() else {
+            tracing::warn!(
+                "too many builds left in the middle are waiting for their last step: this one's image, if made, is no one's"
+            );
+            return;
+        };
+        let until = Instant::now() + LEFT_BUILD_WAIT;
+        loop {
+            match list().await {
+                Ok(left) if left.is_empty() => break,
+                Ok(_) if Instant::now() < until => tokio::time::sleep(Duration::from_secs(1)).await,
+                _ => {
+                    tracing::warn!(
+                        "a build's step was still being committed when regobox stopped waiting for it: its image, if made, is no one's"
+                    );
+                    return;
+                }
+            }
+        }
+        let Ok(all) = self.all_images().await else {
+            return;
+        };
+        let parents: BTreeSet<&str> = running.iter().map(|(_, image)| image.as_str()).collect();
+        let made: Vec<String> = all
+            .into_iter()
+            .filter(|i| {
+                i.labels.get(INSTANCE_LABEL) == Some(&self.instance)
+                    && i.repo_tags.iter().all(|t| t == "<none>:<none>")
+                    && i.created >= began
+                    && parents.contains(i.parent_id.as_str())
+            })
+            .map(|i| i.id)
+            .collect();
+        self.images.update(|s| {
+            let before = s.len();
+            s.extend(made);
+            s.len() != before
+        });
+    }
+
     /// Every image of the engine's, intermediate ones included.
     async fn all_images(
         &self,
@@ -2863,6 +2936,9 @@ fn stalled(what: &str, within: Duration) -> Refusal {
     ))
 }
 
+/// How long a build stopped before its end is waited for to commit the step it was at.
+const LEFT_BUILD_WAIT: Duration = Duration::from_secs(600);
+
 /// The most images a build's `cachefrom` names (each about 90 bytes of its query).
 const MAX_CACHE_SOURCES: usize = 2000;
 
@@ -2897,6 +2973,9 @@ struct BuildSeen {
     /// the image a `FROM` names, too). A step's own output can write such a line as well: see
     /// [`Proxy::record_built`] for what makes one the instance's.
     steps: std::collections::VecDeque<String>,
+    /// The short ids of the ` ---> Running in <id>` lines, the last [`MAX_STEPS`]: the
+    /// containers the engine runs a step in (see [`Proxy::record_left_build`]).
+    containers: std::collections::VecDeque<String>,
 }
 
 /// How many step lines of a build's output are kept, the last ones (a step's output can write
@@ -2922,17 +3001,27 @@ impl BuildSeen {
             self.stages.push(id.to_string());
             self.failed = false;
         }
-        let step = line
+        let said = line
             .get("stream")
             .and_then(Value::as_str)
             .and_then(|s| s.strip_prefix(" ---> "))
-            .and_then(|s| s.strip_suffix('\n'))
-            .filter(|h| h.len() == 12 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
-        if let Some(short) = step {
-            if self.steps.len() == MAX_STEPS {
-                self.steps.pop_front();
+            .and_then(|s| s.strip_suffix('\n'));
+        let short_id =
+            |h: &str| h.len() == 12 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let keep = |list: &mut std::collections::VecDeque<String>, id: &str| {
+            if list.len() == MAX_STEPS {
+                list.pop_front();
             }
-            self.steps.push_back(short.to_string());
+            list.push_back(id.to_string());
+        };
+        match said {
+            Some(h) if short_id(h) => keep(&mut self.steps, h),
+            Some(said) => {
+                if let Some(c) = said.strip_prefix("Running in ").filter(|c| short_id(c)) {
+                    keep(&mut self.containers, c);
+                }
+            }
+            None => {}
         }
     }
 
@@ -3070,11 +3159,14 @@ impl Drop for BuildOutput {
             return;
         };
         let seen = self.seen.lock().map(|mut s| s.take()).unwrap_or_default();
-        if seen.stages.is_empty() && seen.steps.is_empty() {
+        if seen.stages.is_empty() && seen.steps.is_empty() && seen.containers.is_empty() {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { proxy.record_built(&seen, began).await });
+            runtime.spawn(async move {
+                proxy.record_built(&seen, began).await;
+                proxy.record_left_build(&seen, began).await;
+            });
         }
     }
 }

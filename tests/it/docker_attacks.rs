@@ -4427,3 +4427,118 @@ fn the_engines_cache_gives_a_build_only_the_instances_images() {
         "{again}"
     );
 }
+
+/// A build whose client leaves once a step's command has ended, while the engine commits the
+/// step (a big one: seconds): the engine stops the build, but only after the commit, and the
+/// step's image came after regobox had stopped reading (an attacker's, twenty-fourth session:
+/// 1.5 GB left labelled, unrecorded, no one's). regobox waits for the step's container to go and
+/// records the image made from it: the application sees and removes it.
+#[test]
+fn a_step_committed_after_the_builds_client_left_is_the_instances() {
+    use std::io::Write;
+    let b = Bridged::start("");
+    let port = b.inst.port;
+    let base = format!("regobox-test/busybox:left-base{port}");
+    b.import_busybox(&base);
+    let instance = b.instance_id();
+    let label = format!("label=regobox.instance={}", instance.trim());
+    let ctx = b.inst.dir.path().join("left-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!(
+            "FROM {base}\nRUN busybox dd if=/dev/zero of=/big bs=1M count=1024 2>/dev/null; echo DONE-$((40+2))\nRUN echo after\n"
+        ),
+    )
+    .unwrap();
+    let tar = b.inst.dir.path().join("left-ctx.tar");
+    tar_of(&ctx, &tar);
+    let body = std::fs::read(&tar).unwrap();
+    let mut s = std::os::unix::net::UnixStream::connect(&b.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    s.write_all(
+        format!(
+            "POST /v1.41/build HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    s.write_all(&body).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("DONE-42") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let left = chrono::Utc::now().timestamp();
+    drop(s);
+
+    // Once the engine has removed the step's container, the image it committed is there and
+    // the instance's.
+    let labelled_images = || {
+        stdout(&engine(&[
+            "images",
+            "-a",
+            "-q",
+            "--no-trunc",
+            "--filter",
+            &label,
+        ]))
+        .split_whitespace()
+        .map(str::to_string)
+        .collect::<Vec<_>>()
+    };
+    let t0 = std::time::Instant::now();
+    let big = loop {
+        let containers = stdout(&engine(&["ps", "-aq", "--filter", &label]));
+        let big = labelled_images().into_iter().find(|id| {
+            stdout(&engine(&["image", "inspect", "--format", "{{.Size}}", id]))
+                .trim()
+                .parse::<u64>()
+                .is_ok_and(|size| size > 1 << 30)
+        });
+        if containers.trim().is_empty() && big.is_some() {
+            break big.unwrap();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no step image: containers {containers}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let created = stdout(&engine(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{.Created}}",
+        &big,
+    ]));
+    let created = chrono::DateTime::parse_from_rfc3339(created.trim()).unwrap();
+    assert!(
+        created.timestamp() >= left + 3,
+        "the step was committed within the 2 s regobox reads a stream whose client has gone: the test shows nothing ({created} against {left})"
+    );
+    let record = b.inst.secret("docker-owned-images.json");
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(&record).unwrap().contains(&big) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the step image {big} is not recorded"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for id in labelled_images() {
+        let (status, body) = raw(
+            &b.socket,
+            &format!("GET /images/{id}/json HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(status, 200, "{id} is not the instance's: {body}");
+    }
+    let (status, body) = raw(
+        &b.socket,
+        &format!("DELETE /images/{big} HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 200, "{body}");
+}
