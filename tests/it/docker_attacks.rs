@@ -4499,8 +4499,8 @@ fn a_step_committed_after_the_builds_client_left_is_the_instances() {
                 .parse::<u64>()
                 .is_ok_and(|size| size > 1 << 30)
         });
-        if containers.trim().is_empty() && big.is_some() {
-            break big.unwrap();
+        if let Some(big) = big.filter(|_| containers.trim().is_empty()) {
+            break big;
         }
         assert!(
             t0.elapsed() < Duration::from_secs(120),
