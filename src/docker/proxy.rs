@@ -3397,22 +3397,8 @@ fn removal_target(name: &str, tags: &[String]) -> Option<String> {
     if name.contains('@') {
         return None;
     }
-    let last = name.rsplit('/').next().unwrap_or(name);
-    let tagged = if last.contains(':') {
-        name.to_string()
-    } else {
-        format!("{name}:latest")
-    };
-    let familiar = [
-        "docker.io/library/",
-        "index.docker.io/library/",
-        "docker.io/",
-        "index.docker.io/",
-    ]
-    .iter()
-    .find_map(|prefix| tagged.strip_prefix(prefix))
-    .unwrap_or(&tagged);
-    let tag = tags.iter().find(|t| *t == familiar)?;
+    let familiar = image::familiar(name);
+    let tag = tags.iter().find(|t| **t == familiar)?;
     // In full: no spelling of it is also one of an id (`sha256:<prefix>` is the tag of a
     // repository `sha256` too).
     let first = tag.split('/').next().unwrap_or(tag);

@@ -4319,6 +4319,22 @@ fn a_tag_the_host_puts_on_the_instances_image_is_the_hosts() {
     assert!(!out.status.success(), "{}", stdout(&out));
     assert_eq!(image_id(&theirs), id, "the host's tag was moved");
 
+    // `library/a/b` is a repository of its own, not `a/b` (an attacker's: the application's
+    // `library/...` tag was recorded as the host's spelling, which it then moved).
+    let lib = format!("regobox-test/host-lib:{port}");
+    let lib_mine = format!("library/{lib}");
+    made.image(&lib);
+    made.image(&lib_mine);
+    b.import_busybox(&lib_mine);
+    let lib_id = image_id(&lib_mine);
+    let out = engine(&["tag", &lib_mine, &lib]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = b.cli(&["build", "-t", &lib, &ctx.display().to_string()]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(!b.cli(&["rmi", &lib]).status.success());
+    assert_eq!(image_id(&lib), lib_id, "the host's tag was moved");
+    b.cli_ok(&["rmi", &lib_mine]);
+
     // The instance's own tag: made again by a build, removed; the image stays the host's to
     // hold by its tag, and is not removed by its id.
     let out = b.cli_ok(&["build", "-q", "-t", &mine, &ctx.display().to_string()]);

@@ -66,14 +66,20 @@ pub fn registry_of(reference: &str) -> String {
     }
 }
 
-/// `reference` without the default registry and namespace, as the engine shows it: its
-/// legacy name (`index.docker.io`) and `docker.io`, then `library/`.
+/// `reference` without the default registry and namespace, as the engine shows it (its
+/// `FamiliarName`): its legacy name (`index.docker.io`) and `docker.io`, then `library/` where a
+/// single name follows it. `library/a/b` is a repository of its own, not `a/b` (an attacker's,
+/// twenty-fourth session: the application's `library/atthost/prod:1` was recorded as the
+/// host's `atthost/prod:1`, which it then moved).
 fn without_default_registry(reference: &str) -> &str {
     let r = ["index.docker.io/", "docker.io/"]
         .iter()
         .find_map(|p| reference.strip_prefix(p))
         .unwrap_or(reference);
-    r.strip_prefix("library/").unwrap_or(r)
+    match r.strip_prefix("library/") {
+        Some(name) if !name.contains('/') => name,
+        _ => r,
+    }
 }
 
 /// Whether a tag the engine reports (`docker.io/library/x:1` is `x:1`) is `reference`.
@@ -253,6 +259,12 @@ mod tests {
             assert!(!names_like_an_id(plain), "{plain}");
         }
         assert!(same_reference("foo:1", "index.docker.io/foo:1"));
+        assert!(same_reference("foo:1", "library/foo:1"));
+        assert!(!same_reference("a/b:1", "library/a/b:1"));
+        assert!(!same_reference("a/b:1", "docker.io/library/a/b:1"));
+        assert_eq!(familiar("docker.io/library/a/b"), "library/a/b:latest");
+        assert_eq!(familiar("docker.io/a/b:2"), "a/b:2");
+        assert_eq!(familiar("localhost:5000/a"), "localhost:5000/a:latest");
         assert!(same_reference("docker.io/library/foo", "foo:latest"));
         assert!(!same_reference("foo:1", "other.io/foo:1"));
         let refused = check("fromSrc=-&repo=a0dd48a413e2").unwrap_err();
