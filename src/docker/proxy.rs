@@ -809,27 +809,91 @@ impl Proxy {
                     }
                     Some(_) => {}
                 }
-                let by = by_tag.clone().unwrap_or_else(|| id.clone());
-                let req = retarget(req, &target(&format!("/images/{by}"), &q))?;
-                let response = self.forward(req, Payload::Empty, None).await?;
-                if response.status().is_success() {
-                    if by_tag.is_some() {
-                        let owned = owned_tag(name, &id);
+                drop(req);
+                // By the tag asked for, or, asked by the id, by each of the image's tags (all
+                // the instance's), one at a time: a forced remove by id drops every tag the
+                // image has when the engine removes it, a host's tag put on it since it was
+                // judged included (the next attacker's, twenty-fourth session; by its tags, the
+                // last one removed leaves the image to the host's). An image without a tag goes
+                // by its id.
+                let targets: Vec<(String, Option<String>)> = match &by_tag {
+                    Some(full) => vec![(full.clone(), Some(name.clone()))],
+                    None => {
+                        let named: Vec<(String, Option<String>)> = tags
+                            .iter()
+                            .filter(|t| *t != "<none>:<none>")
+                            .filter_map(|t| removal_target(t, tags).map(|f| (f, Some(t.clone()))))
+                            .collect();
+                        if named.len() > 1 && !q.flag("force") {
+                            // The engine's answer to a remove by id of an image of several tags.
+                            let short = id.trim_start_matches("sha256:").get(..12).unwrap_or("");
+                            return Ok(Done {
+                                response: json_response(
+                                    StatusCode::CONFLICT,
+                                    &json!({"message": format!("conflict: unable to delete {short} (must be forced) - image is referenced in multiple repositories")}),
+                                ),
+                                object: Some(name.clone()),
+                            });
+                        }
+                        if named.is_empty() {
+                            vec![(id.clone(), None)]
+                        } else {
+                            named
+                        }
+                    }
+                };
+                let mut said = Vec::new();
+                let remove = |by: &str, q: &Query| {
+                    Request::builder()
+                        .method(Method::DELETE)
+                        .uri(target(&format!("/images/{by}"), q))
+                        .body(boxed(http_body_util::Empty::new()))
+                        .map_err(|e| Refusal::Engine(format!("building an image remove: {e}")))
+                };
+                // Unforced first: a forced remove ignores the image's other tags once it has
+                // begun, a host's made meanwhile included; the engine's conflict (a stopped job
+                // of the image's) is what the client's force is for.
+                let mut unforced = q.clone();
+                unforced.remove("force");
+                for (by, tag) in targets {
+                    let mut response = self
+                        .forward(remove(&by, &unforced)?, Payload::Empty, None)
+                        .await?;
+                    if response.status() == StatusCode::CONFLICT && q.flag("force") {
+                        response = self.forward(remove(&by, &q)?, Payload::Empty, None).await?;
+                    }
+                    if !response.status().is_success() {
+                        return Ok(Done {
+                            response,
+                            object: Some(name.clone()),
+                        });
+                    }
+                    if let Some(tag) = tag {
+                        let owned = owned_tag(&tag, &id);
                         self.tags.update(|s| s.remove(&owned));
                     }
-                    let gone = matches!(
-                        self.docker.inspect_image(&id).await,
-                        Err(bollard::errors::Error::DockerResponseServerError {
-                            status_code: 404,
-                            ..
-                        })
-                    );
-                    if gone {
-                        self.images.update(|s| s.remove(&id));
+                    let bytes = response
+                        .into_body()
+                        .collect()
+                        .await
+                        .map_err(|e| Refusal::Engine(format!("reading an image remove: {e}")))?
+                        .to_bytes();
+                    if let Ok(Value::Array(items)) = serde_json::from_slice(&bytes) {
+                        said.extend(items);
                     }
                 }
+                let gone = matches!(
+                    self.docker.inspect_image(&id).await,
+                    Err(bollard::errors::Error::DockerResponseServerError {
+                        status_code: 404,
+                        ..
+                    })
+                );
+                if gone {
+                    self.images.update(|s| s.remove(&id));
+                }
                 Ok(Done {
-                    response,
+                    response: json_response(StatusCode::OK, &Value::Array(said)),
                     object: Some(name.clone()),
                 })
             }
@@ -1489,18 +1553,25 @@ impl Proxy {
     /// A build stopped before its end (its client left): the engine stops it, but a step whose
     /// command had ended is still committed, after the stream is gone (an attacker's,
     /// twenty-fourth session: a step that wrote 1.5 GB left an image no one owned). The step's
-    /// container (` ---> Running in <id>`, labelled as the instance's, the last ones the
-    /// output named) is waited for until the engine removes it (at most
-    /// [`LEFT_BUILD_WAIT`]), then the images made since the build `began` whose parent is the
-    /// image that container ran are recorded, labelled and untagged.
+    /// container (` ---> Running in <id>`, the last ones the output named) is waited for until
+    /// the engine removes it (at most [`LEFT_BUILD_WAIT`]), then the image the engine committed
+    /// from it (its `Container`) is recorded, labelled, untagged and made since the build
+    /// `began`. A step can write such a line too: the container must be one the engine made
+    /// for a build since then, labelled as the instance's and not created through the socket
+    /// (the next attacker's: a line naming the application's own container, and the parent
+    /// that container ran, recorded an image the host built on that parent meanwhile).
     async fn record_left_build(&self, seen: &BuildSeen, began: i64) {
-        let containers = |all: Vec<bollard::models::ContainerSummary>| -> Vec<(String, String)> {
+        let containers = |all: Vec<bollard::models::ContainerSummary>| -> Vec<String> {
             all.into_iter()
                 .filter(|c| {
                     c.labels.as_ref().and_then(|l| l.get(INSTANCE_LABEL)) == Some(&self.instance)
+                        && c.created.is_some_and(|t| t >= began)
                 })
-                .filter_map(|c| Some((c.id?, c.image_id?)))
-                .filter(|(id, _)| seen.containers.iter().any(|s| id.starts_with(s.as_str())))
+                .filter_map(|c| c.id)
+                .filter(|id| {
+                    !self.containers.contains_or_forgot(id)
+                        && seen.containers.iter().any(|s| id.starts_with(s.as_str()))
+                })
                 .collect()
         };
         let list = || async {
@@ -1513,8 +1584,8 @@ impl Proxy {
                 .await
                 .map(containers)
         };
-        let Ok(running) = list().await else { return };
-        if running.is_empty() {
+        let Ok(steps) = list().await else { return };
+        if steps.is_empty() {
             return;
         }
         // A few at once: each asks the engine for its containers every second.
@@ -1528,7 +1599,7 @@ impl Proxy {
         let until = Instant::now() + LEFT_BUILD_WAIT;
         loop {
             match list().await {
-                Ok(left) if left.is_empty() => break,
+                Ok(left) if !left.iter().any(|c| steps.contains(c)) => break,
                 Ok(_) if Instant::now() < until => tokio::time::sleep(Duration::from_secs(1)).await,
                 _ => {
                     tracing::warn!(
@@ -1541,22 +1612,57 @@ impl Proxy {
         let Ok(all) = self.all_images().await else {
             return;
         };
-        let parents: BTreeSet<&str> = running.iter().map(|(_, image)| image.as_str()).collect();
-        let made: Vec<String> = all
-            .into_iter()
-            .filter(|i| {
-                i.labels.get(INSTANCE_LABEL) == Some(&self.instance)
-                    && i.repo_tags.iter().all(|t| t == "<none>:<none>")
-                    && i.created >= began
-                    && parents.contains(i.parent_id.as_str())
-            })
-            .map(|i| i.id)
-            .collect();
+        let mut made = Vec::new();
+        for i in all.into_iter().filter(|i| {
+            i.labels.get(INSTANCE_LABEL) == Some(&self.instance)
+                && i.repo_tags.iter().all(|t| t == "<none>:<none>")
+                && i.created >= began
+                && !self.images.contains(&i.id)
+        }) {
+            // The container an image was committed from is in the engine's own inspection
+            // (API 1.41), not in the client library's model of it.
+            let from = self
+                .engine_json(&format!("/images/{}/json", i.id))
+                .await
+                .ok()
+                .and_then(|v| {
+                    v.get("Container")
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                });
+            if from.is_some_and(|c| steps.contains(&c)) {
+                made.push(i.id);
+            }
+        }
         self.images.update(|s| {
             let before = s.len();
             s.extend(made);
             s.len() != before
         });
+    }
+
+    /// The engine's JSON answer to `GET path` (at the model's API version).
+    async fn engine_json(&self, path: &str) -> Result<Value, Refusal> {
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(format!("/v{}{path}", policy::API_VERSION))
+            .body(boxed(http_body_util::Empty::new()))
+            .map_err(|e| Refusal::Engine(format!("building GET {path}: {e}")))?;
+        let response = self.forward(req, Payload::Empty, None).await?;
+        if !response.status().is_success() {
+            return Err(Refusal::Engine(format!(
+                "GET {path}: {}",
+                response.status()
+            )));
+        }
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| Refusal::Engine(format!("reading GET {path}: {e}")))?
+            .to_bytes();
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Refusal::Engine(format!("GET {path} is not JSON: {e}")))
     }
 
     /// Every image of the engine's, intermediate ones included.

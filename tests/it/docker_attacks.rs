@@ -4558,3 +4558,171 @@ fn a_step_committed_after_the_builds_client_left_is_the_instances() {
     );
     assert_eq!(status, 200, "{body}");
 }
+
+/// A step's output that writes the line the engine writes for a step's container, naming a
+/// container of the application's own, then leaves the build: the next attacker's (twenty-fourth
+/// session) found that regobox then recorded every image made since the build began on the
+/// image that container ran, the host's build on the application's image among them (read and
+/// run by the application). Only an image the engine committed from a build's own step
+/// container is recorded.
+#[test]
+fn a_step_line_naming_a_container_claims_nothing_the_host_made() {
+    use std::io::Write;
+    let b = Bridged::start("");
+    let port = b.inst.port;
+    let image = b.build_labelled("forge-ctr");
+    let base = format!("regobox-test/busybox:forge-ctr-base{port}");
+    let hosts = format!("regobox-test/host-forge:{port}");
+    let made = OnEngine::default();
+    made.image(&hosts);
+    let mine = b.cli_ok(&["create", &image, "true"]).trim().to_string();
+    let ctx = b.inst.dir.path().join("forge-ctr-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!(
+            "FROM {base}\nRUN printf ' ---> Running in %s\\n' {}; sleep 1; echo SAID-$((40+2)); sleep 30\n",
+            &mine[..12]
+        ),
+    )
+    .unwrap();
+    let tar = b.inst.dir.path().join("forge-ctr-ctx.tar");
+    tar_of(&ctx, &tar);
+    let body = std::fs::read(&tar).unwrap();
+    let mut s = std::os::unix::net::UnixStream::connect(&b.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(
+        format!(
+            "POST /v1.41/build HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    s.write_all(&body).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("SAID-42") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // As the engine writes a step container's line: a line of its own.
+    let said = format!(
+        "{{\"stream\":\" ---\\u003e Running in {}\\n\"}}",
+        &mine[..12]
+    );
+    assert!(
+        String::from_utf8_lossy(&seen).contains(&said),
+        "{said} not in {}",
+        String::from_utf8_lossy(&seen)
+    );
+    // The host builds on the application's image meanwhile.
+    let host_ctx = b.inst.dir.path().join("forge-ctr-host");
+    std::fs::create_dir_all(&host_ctx).unwrap();
+    std::fs::write(
+        host_ctx.join("Dockerfile"),
+        format!("FROM {image}\nRUN echo hostsecret > /s\nRUN echo more > /m\n"),
+    )
+    .unwrap();
+    let out = Command::new("docker")
+        .args(["build", "-q", "-t", &hosts])
+        .arg(&host_ctx)
+        .env("DOCKER_BUILDKIT", "0")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let theirs: Vec<String> = stdout(&engine(&["history", "-q", "--no-trunc", &hosts]))
+        .split_whitespace()
+        .take(2)
+        .map(str::to_string)
+        .collect();
+    assert_eq!(theirs.len(), 2, "{theirs:?}");
+    // The client leaves; once regobox has given up reading (2 s) and looked for the step's
+    // container, the application removes its container.
+    drop(s);
+    std::thread::sleep(Duration::from_secs(4));
+    b.cli_ok(&["rm", &mine]);
+    let record = b.inst.secret("docker-owned-images.json");
+    // The build's own step container goes once the engine has stopped the build.
+    let t0 = std::time::Instant::now();
+    while !stdout(&engine(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("ancestor={base}"),
+    ]))
+    .trim()
+    .is_empty()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the build's step is still there"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let recorded = std::fs::read_to_string(&record).unwrap();
+    for id in &theirs {
+        assert!(!recorded.contains(id.as_str()), "{id}: {recorded}");
+        let (status, body) = raw(
+            &b.socket,
+            &format!("GET /images/{id}/json HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(status, 404, "{id}: {body}");
+    }
+}
+
+/// A remove by id of an image the host tags at that moment: the engine's forced remove by id
+/// drops every tag the image has, one the host put on it after regobox judged the image's tags
+/// included (the next attacker's, twenty-fourth session: 1 round in 15). Asked by id, an image
+/// with tags is removed by each of the instance's tags, so the host's keeps the image.
+#[test]
+fn a_remove_by_id_never_takes_a_tag_the_host_puts_on_meanwhile() {
+    let b = Bridged::start("");
+    let port = b.inst.port;
+    let made = OnEngine::default();
+    let mut raced = 0;
+    for round in 0..40 {
+        let mine = format!("regobox-test/busybox:race{port}-{round}");
+        let theirs = format!("regobox-test/race-host{port}:{round}");
+        made.image(&mine);
+        made.image(&theirs);
+        b.import_busybox(&mine);
+        let id = image_id(&mine);
+        // The remove in flight, and the host's tag a moment later, the moment moving on each
+        // round.
+        let remove = {
+            let (socket, id) = (b.socket.clone(), id.clone());
+            std::thread::spawn(move || {
+                raw(
+                    &socket,
+                    &format!(
+                        "DELETE /images/{id}?force=1 HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+                    ),
+                )
+            })
+        };
+        std::thread::sleep(Duration::from_micros(300 * (round % 20)));
+        let (tag_status, _) = raw(
+            Path::new("/var/run/docker.sock"),
+            &format!(
+                "POST /v1.41/images/{id}/tag?repo=regobox-test/race-host{port}&tag={round} HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        let (status, said) = remove.join().unwrap();
+        // (A tag the engine makes as it deletes the image is lost with it, whoever deletes it:
+        // the engine's own race. What the remove must never do is untag the host's.)
+        assert!(
+            !said.contains(&format!(
+                "\"Untagged\":\"regobox-test/race-host{port}:{round}\""
+            )),
+            "round {round}: the remove untagged the host's tag: {status} {said}"
+        );
+        if tag_status == 201 && status == 200 {
+            raced += 1;
+        }
+    }
+    eprintln!("rounds where the host tagged the image as it was removed: {raced}");
+}
