@@ -1289,6 +1289,19 @@ impl Proxy {
         let mut said = Vec::new();
         for reference in references {
             let (repo, tag) = image::split_tag(reference);
+            // Already this image's, and the instance's: nothing to make (and no moment between
+            // a check and a tag).
+            if let Ok(img) = self.docker.inspect_image(reference).await
+                && img.id.as_deref() == Some(id)
+                && self.tag_is_ours(reference, &img)
+            {
+                if say_tagged {
+                    said.extend(stream_line(
+                        &json!({ "stream": format!("Successfully tagged {reference}\n") }),
+                    ));
+                }
+                continue;
+            }
             let tagged = match self.tag_is_free_or_ours(reference, rule).await {
                 Err(refusal) => {
                     self.audit_at_end(asked, &refusal, id);

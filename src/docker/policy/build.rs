@@ -15,6 +15,9 @@ use super::names;
 use super::query::Query;
 use super::{Denied, INSTANCE_LABEL};
 
+/// The most tags a build makes.
+pub const MAX_TAGS: usize = 16;
+
 /// Check a build's parameters and return those to forward: the instance label added to
 /// `labels`, limits bounded by the ceilings.
 pub fn check_build_query(mut q: Query, limits: &Limits, instance: &str) -> Result<Query, Denied> {
@@ -50,8 +53,24 @@ pub fn check_build_query(mut q: Query, limits: &Limits, instance: &str) -> Resul
         }
         q.remove("cachefrom");
     }
-    // Tags are made by regobox at the build's end, with the engine's tag endpoint.
-    for t in q.all("t") {
+    // Tags are made by regobox at the build's end, with the engine's tag endpoint, each judged
+    // again just before: a few, each once (an attacker's, twenty-fourth session: 1 200 copies of
+    // one tag held the moment between a check and its tag open for seconds, and a host's tag
+    // made then was moved).
+    let tags: Vec<&str> = q.all("t").collect();
+    if tags.len() > MAX_TAGS {
+        return Err(deny(
+            "query.t",
+            format!("{} tags: a build makes at most {MAX_TAGS}", tags.len()),
+        ));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for t in &tags {
+        if !names.insert(super::image::familiar(t)) {
+            return Err(deny("query.t", format!("{t:?} is asked for twice")));
+        }
+    }
+    for t in tags {
         if t.is_empty() || t.contains('@') {
             return Err(deny(
                 "query.t",
@@ -848,11 +867,31 @@ mod tests {
                 "extrahosts=db%3A10.0.0.1&extrahosts=x%20y%3A1.2.3.4",
                 "query.extrahosts",
             ),
+            // An attacker's (twenty-fourth session): one tag asked for again and again held the
+            // moment between its check and its tag open.
+            ("t=a%3A1&t=docker.io%2Flibrary%2Fa%3A1", "query.t"),
+            ("t=a&t=a%3Alatest", "query.t"),
         ] {
             let d =
                 check_build_query(parse(raw, "build", BUILD).unwrap(), &limits, "i1").unwrap_err();
             assert_eq!(d.rule, field, "{raw}");
         }
+        let many: Vec<String> = (0..=MAX_TAGS).map(|i| format!("t=a{i}")).collect();
+        let d = check_build_query(
+            parse(&many.join("&"), "build", BUILD).unwrap(),
+            &limits,
+            "i1",
+        )
+        .unwrap_err();
+        assert_eq!(d.rule, "query.t");
+        assert!(
+            check_build_query(
+                parse(&many[1..].join("&"), "build", BUILD).unwrap(),
+                &limits,
+                "i1"
+            )
+            .is_ok()
+        );
         // Each host given, as regobox writes it.
         let raw = "t=a&extrahosts=db%3A10.0.0.1&extrahosts=v6%3A%5Bfe80%3A%3A1%5D";
         let q = check_build_query(parse(raw, "build", BUILD).unwrap(), &limits, "i1").unwrap();
