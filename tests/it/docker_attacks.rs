@@ -4477,7 +4477,6 @@ fn the_engines_cache_gives_a_build_only_the_instances_images() {
 /// records the image made from it: the application sees and removes it.
 #[test]
 fn a_step_committed_after_the_builds_client_left_is_the_instances() {
-    use std::io::Write;
     let b = Bridged::start("");
     let port = b.inst.port;
     let base = format!("regobox-test/busybox:left-base{port}");
@@ -4493,27 +4492,7 @@ fn a_step_committed_after_the_builds_client_left_is_the_instances() {
         ),
     )
     .unwrap();
-    let tar = b.inst.dir.path().join("left-ctx.tar");
-    tar_of(&ctx, &tar);
-    let body = std::fs::read(&tar).unwrap();
-    let mut s = std::os::unix::net::UnixStream::connect(&b.socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    s.write_all(
-        format!(
-            "POST /v1.41/build HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .unwrap();
-    s.write_all(&body).unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("DONE-42") {
-        let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
+    let s = build_until(&b, &ctx, "DONE-42");
     let left = chrono::Utc::now().timestamp();
     drop(s);
 
@@ -4593,7 +4572,6 @@ fn a_step_committed_after_the_builds_client_left_is_the_instances() {
 /// container is recorded.
 #[test]
 fn a_step_line_naming_a_container_claims_nothing_the_host_made() {
-    use std::io::Write;
     let b = Bridged::start("");
     let port = b.inst.port;
     let image = b.build_labelled("forge-ctr");
@@ -4612,37 +4590,13 @@ fn a_step_line_naming_a_container_claims_nothing_the_host_made() {
         ),
     )
     .unwrap();
-    let tar = b.inst.dir.path().join("forge-ctr-ctx.tar");
-    tar_of(&ctx, &tar);
-    let body = std::fs::read(&tar).unwrap();
-    let mut s = std::os::unix::net::UnixStream::connect(&b.socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    s.write_all(
-        format!(
-            "POST /v1.41/build HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )
-        .as_bytes(),
-    )
-    .unwrap();
-    s.write_all(&body).unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("SAID-42") {
-        let n = s.read(&mut buf).unwrap();
-        assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
+    let (s, seen) = build_until_said(&b, &ctx, "SAID-42");
     // As the engine writes a step container's line: a line of its own.
     let said = format!(
         "{{\"stream\":\" ---\\u003e Running in {}\\n\"}}",
         &mine[..12]
     );
-    assert!(
-        String::from_utf8_lossy(&seen).contains(&said),
-        "{said} not in {}",
-        String::from_utf8_lossy(&seen)
-    );
+    assert!(seen.contains(&said), "{said} not in {seen}");
     // The host builds on the application's image meanwhile.
     let host_ctx = b.inst.dir.path().join("forge-ctr-host");
     std::fs::create_dir_all(&host_ctx).unwrap();
@@ -4810,4 +4764,42 @@ fn a_remove_by_id_of_a_tagged_image_answers_as_the_engines() {
     assert!(body.contains("Deleted"), "{body}");
     assert!(!engine(&["image", "inspect", &id]).status.success());
     b.cli_ok(&["rm", &job]);
+}
+
+/// A build of the context directory `ctx` asked on a connection of its own, read until its
+/// output says `marker`: the connection, to leave the build by dropping it.
+fn build_until(b: &Bridged, ctx: &Path, marker: &str) -> std::os::unix::net::UnixStream {
+    build_until_said(b, ctx, marker).0
+}
+
+/// [`build_until`], and the output read.
+fn build_until_said(
+    b: &Bridged,
+    ctx: &Path,
+    marker: &str,
+) -> (std::os::unix::net::UnixStream, String) {
+    use std::io::Write;
+    let tar = ctx.with_extension("tar");
+    tar_of(ctx, &tar);
+    let body = std::fs::read(&tar).unwrap();
+    let mut s = std::os::unix::net::UnixStream::connect(&b.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    s.write_all(
+        format!(
+            "POST /v1.41/build HTTP/1.1\r\nHost: d\r\nContent-Type: application/x-tar\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    s.write_all(&body).unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(marker) {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let seen = String::from_utf8_lossy(&seen).into_owned();
+    (s, seen)
 }
