@@ -1426,7 +1426,15 @@ impl Proxy {
         let request = Request::from_parts(parts, body);
         // The engine is asked for no tag: regobox makes them at the end (see
         // [`Proxy::tag_at_end`]).
-        let tags: Vec<String> = q.all("t").map(str::to_string).collect();
+        // Each tag once, however spelt (the engine makes it once; asked for again and again,
+        // one tag held the moment between its check and its tag open: an attacker's,
+        // twenty-fourth session).
+        let mut names = BTreeSet::new();
+        let tags: Vec<String> = q
+            .all("t")
+            .filter(|t| names.insert(image::familiar(t)))
+            .map(str::to_string)
+            .collect();
         let mut forwarded = q;
         forwarded.remove("t");
         forwarded.set("dockerfile", rendered);

@@ -4727,7 +4727,9 @@ fn a_remove_by_id_of_a_tagged_image_answers_as_the_engines() {
     let made = OnEngine::default();
     made.image(&one);
     made.image(&two);
-    // One image, two tags of the instance's (a build tagged twice).
+    // One image, two tags of the instance's (a build tagged twice, one of them in two
+    // spellings: made once).
+    let full = format!("docker.io/{one}");
     let base = format!("regobox-test/busybox:byid-base{port}");
     b.import_busybox(&base);
     let ctx = b.inst.dir.path().join("byid-ctx");
@@ -4740,6 +4742,8 @@ fn a_remove_by_id_of_a_tagged_image_answers_as_the_engines() {
         &one,
         "-t",
         &two,
+        "-t",
+        &full,
         &ctx.display().to_string(),
     ]);
     let id = image_id(&one);
