@@ -159,12 +159,29 @@ impl Bridge {
             )
             .await?;
         }
-        forget_gone_images(&docker, &images).await;
         let tags = Arc::new(Recorded::load(
             layout.secrets.join(crate::secrets::DOCKER_TAGS),
             "tags",
         )?);
-        keep_tags(&docker, &images, &tags).await?;
+        // One list of the engine's images for both records.
+        let opts = bollard::query_parameters::ListImagesOptions {
+            all: true,
+            ..Default::default()
+        };
+        match docker.list_images(Some(opts)).await {
+            Ok(list) => {
+                forget_gone_images(&list, &images);
+                keep_tags(&list, &images, &tags);
+            }
+            // Not adopted unless listed: the application's tags would be the host's for good.
+            Err(e) if tags.is_new() => {
+                return Err(e)
+                    .context("listing the engine's images, to adopt this instance's tags");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the engine's images to forget the instance's images and tags gone")
+            }
+        }
         let creates = tokio_util::task::TaskTracker::new();
         let shutdown = CancellationToken::new();
         let containers = Arc::new(Recorded::load(
@@ -440,20 +457,9 @@ const CREATES_GRACE: Duration = Duration::from_secs(10);
 /// host, or while regobox was not running): an image's id is its content, and the same content
 /// made again by someone else (the host pulling the same tag, a `docker load`) would otherwise be
 /// the application's to tag over and remove (an attacker's, twenty-third session).
-async fn forget_gone_images(docker: &bollard::Docker, images: &Recorded) {
-    let opts = bollard::query_parameters::ListImagesOptions {
-        all: true,
-        ..Default::default()
-    };
-    match docker.list_images(Some(opts)).await {
-        Ok(list) => {
-            let present: BTreeSet<&str> = list.iter().map(|i| i.id.as_str()).collect();
-            images.keep_only(|id| present.contains(id));
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot list the engine's images to forget those gone")
-        }
-    }
+fn forget_gone_images(list: &[bollard::models::ImageSummary], images: &Recorded) {
+    let present: BTreeSet<&str> = list.iter().map(|i| i.id.as_str()).collect();
+    images.keep_only(|id| present.contains(id));
 }
 
 /// The first start that keeps the record of the instance's images, built ones included (a fresh
@@ -525,26 +531,7 @@ async fn adopt_images(
 /// they were made on. The first start that keeps it (a fresh volume, or one an earlier version
 /// ran on, for which every tag of the instance's images was the application's) adopts every tag
 /// of the instance's images, as that version judged.
-async fn keep_tags(
-    docker: &bollard::Docker,
-    images: &Recorded,
-    tags: &Recorded,
-) -> anyhow::Result<()> {
-    let opts = bollard::query_parameters::ListImagesOptions {
-        all: true,
-        ..Default::default()
-    };
-    let list = match docker.list_images(Some(opts)).await {
-        Ok(list) => list,
-        // Not adopted unless listed: the application's tags would be the host's for good.
-        Err(e) if tags.is_new() => {
-            return Err(e).context("listing the engine's images, to adopt this instance's tags");
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot list the engine's images to forget the instance's tags gone");
-            return Ok(());
-        }
-    };
+fn keep_tags(list: &[bollard::models::ImageSummary], images: &Recorded, tags: &Recorded) {
     let present: BTreeSet<String> = list
         .iter()
         .filter(|i| images.contains(&i.id))
@@ -570,7 +557,6 @@ async fn keep_tags(
     } else {
         tags.keep_only(|t| present.contains(t));
     }
-    Ok(())
 }
 
 /// While the bridge serves, each image the engine deletes (whoever asked) is forgotten as the
