@@ -232,6 +232,8 @@ impl Bridge {
             idle_timeout: d.idle_timeout,
             freeze_journal,
             freezing: tokio::sync::Mutex::new(()),
+            making: Default::default(),
+            networks: Default::default(),
         });
         tokio::spawn(proxy::serve(listener, proxy, shutdown.clone()));
         tokio::spawn(forget_deleted(

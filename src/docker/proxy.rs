@@ -288,6 +288,28 @@ pub struct Proxy {
     /// another image's id prefix, removed mid-build, made `FROM` that other image; a tag naming
     /// a registry, removed, made the engine pull from it.)
     pub builds: Arc<tokio::sync::RwLock<()>>,
+    /// The pulls and imports forwarded and not recorded yet (see [`Making`]): an event of an
+    /// image not recorded waits for them (an import's event comes before its end is read).
+    pub making: Arc<std::sync::atomic::AtomicUsize>,
+    /// The ids of the networks seen to be the instance's (labelled) by this process: a network's
+    /// last event (`destroy`) comes when it can be inspected no more.
+    pub networks: Mutex<std::collections::HashSet<String>>,
+}
+
+/// A pull or import in progress, from its forwarding until the image it made is recorded.
+pub struct Making(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Making {
+    fn new(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Making(count.clone())
+    }
+}
+
+impl Drop for Making {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Serve `listener` until `shutdown` (open streams, such as a followed log, go on until the
@@ -631,7 +653,11 @@ impl Proxy {
                     ],
                     _ => &[],
                 };
-                let q = self.list_filters(q, filters, named, true).await?;
+                // The engine's label filter would leave out the events that carry no labels
+                // (an image's delete, an import, a network's): each event is judged by regobox
+                // instead ([`Proxy::own_event`]).
+                let labelled = ep != Endpoint::Events;
+                let q = self.list_filters(q, filters, named, labelled).await?;
                 let req = retarget(self.no_body(req).await?, &target(&normalized, &q))?;
                 let response = self.forward(req, Payload::Empty, None).await?;
                 if ep == Endpoint::Events && response.status().is_success() {
@@ -648,6 +674,7 @@ impl Proxy {
                 let kept = only(response, "container list", |c| {
                     self.containers
                         .contains(c.get("Id").and_then(Value::as_str).unwrap_or(""))
+                        .then_some(c)
                 })
                 .await?;
                 Ok(plain(kept))
@@ -691,6 +718,7 @@ impl Proxy {
                 // application or refused to it, never removed (an import whose client left as
                 // its body ended: the last note's, twentieth session).
                 let proxy = self.clone();
+                let making = Making::new(&self.making);
                 let task = tokio::spawn(async move {
                     // The body's own failure, if that is what cut the request to the engine.
                     let response = match proxy.forward(req, payload, None).await {
@@ -710,6 +738,7 @@ impl Proxy {
                             let imported = if import { imported_id(tail) } else { None };
                             let proxy = recorder;
                             Box::pin(async move {
+                                let _making = making;
                                 let mut said = Vec::new();
                                 let name = match imported {
                                     Some(id) => {
@@ -743,7 +772,9 @@ impl Proxy {
                 Ok(Done { response, object })
             }
             Endpoint::ImageList => {
-                let q = query::parse(&raw_query, "the image list", query::IMAGE_LIST)?;
+                let mut q = query::parse(&raw_query, "the image list", query::IMAGE_LIST)?;
+                // docker-py's (`quiet`), which the engine does not read.
+                q.remove("only_ids");
                 let named = [("before", Named::Image), ("since", Named::Image)];
                 let q = self
                     .list_filters(q, query::IMAGE_FILTERS, &named, false)
@@ -753,9 +784,13 @@ impl Proxy {
                 if !response.status().is_success() {
                     return Ok(plain(response));
                 }
-                let kept = only(response, "image list", |img| {
-                    self.images
-                        .contains(img.get("Id").and_then(Value::as_str).unwrap_or(""))
+                let kept = only(response, "image list", |mut img| {
+                    let id = img.get("Id").and_then(Value::as_str).unwrap_or("");
+                    if !self.images.contains(id) {
+                        return None;
+                    }
+                    self.own_repo_tags(&mut img, &["<none>:<none>"]);
+                    Some(img)
                 })
                 .await?;
                 Ok(plain(kept))
@@ -768,8 +803,24 @@ impl Proxy {
                     self.no_body(req).await?,
                     &target(&format!("/images/{id}/json"), &q),
                 )?;
+                let response = self.forward(req, Payload::Empty, None).await?;
+                if !response.status().is_success() {
+                    return Ok(Done {
+                        response,
+                        object: Some(name.clone()),
+                    });
+                }
+                let (parts, body) = response.into_parts();
+                let bytes = body
+                    .collect()
+                    .await
+                    .map_err(|e| Refusal::Engine(format!("reading an image inspect: {e}")))?
+                    .to_bytes();
+                let mut img: Value = serde_json::from_slice(&bytes)
+                    .map_err(|e| Refusal::Engine(format!("the engine's image inspect: {e}")))?;
+                self.own_repo_tags(&mut img, &[]);
                 Ok(Done {
-                    response: self.forward(req, Payload::Empty, None).await?,
+                    response: rebuild(parts, &img),
                     object: Some(name.clone()),
                 })
             }
@@ -789,25 +840,19 @@ impl Proxy {
                 // by an id prefix another image's).
                 let tags = img.repo_tags.as_deref().unwrap_or_default();
                 let by_tag = removal_target(name, tags);
-                // A tag the host put on the image is the host's: not removed by its name, nor
-                // with the image by its id.
-                match &by_tag {
-                    Some(_) if !self.tag_is_ours(name, &img) => {
-                        return Err(Refusal::NotFound(format!("No such image: {name}")));
-                    }
-                    None => {
-                        if let Some(theirs) = tags
-                            .iter()
-                            .find(|t| !self.tags.contains(&owned_tag(t, &id)))
-                        {
-                            return Err(Denied::new(
-                                "image.tags",
-                                format!("refused by regobox's Docker policy: the image {name} is also tagged {theirs:?}, a tag this instance did not make: remove it by its own tags"),
-                            )
-                            .into());
-                        }
-                    }
-                    Some(_) => {}
+                // A tag the host put on the image is the host's: not removed by its name (found
+                // by it, the image is missing: [`Proxy::owned_image_inspect`]), nor with the
+                // image by its id.
+                if by_tag.is_none()
+                    && tags
+                        .iter()
+                        .any(|t| t != "<none>:<none>" && !self.tags.contains(&owned_tag(t, &id)))
+                {
+                    return Err(Denied::new(
+                        "image.tags",
+                        format!("refused by regobox's Docker policy: the image {name} also has a tag this instance did not make: remove it by its own tags"),
+                    )
+                    .into());
                 }
                 drop(req);
                 // By the tag asked for, or, asked by the id, by each of the image's tags (all
@@ -899,6 +944,14 @@ impl Proxy {
             }
             Endpoint::Invisible => Err(Refusal::NotFound(format!(
                 "No such object: {}",
+                captures[0]
+            ))),
+            Endpoint::NoSuchContainer => Err(Refusal::NotFound(format!(
+                "No such container: {}",
+                captures[0]
+            ))),
+            Endpoint::NoSuchNetwork => Err(Refusal::NotFound(format!(
+                "network {} not found",
                 captures[0]
             ))),
             Endpoint::ContainerCreate => {
@@ -1263,7 +1316,7 @@ impl Proxy {
         }
         if let Some(id) = img.id {
             if !reference.is_empty() {
-                self.tags.update(|s| s.insert(owned_tag(reference, &id)));
+                self.record_tag(reference, &id);
             }
             self.images.update(|s| s.insert(id));
         }
@@ -1311,7 +1364,7 @@ impl Proxy {
                     // Recorded before it is made: a tag made and not recorded would be the
                     // host's to the policy, the application's own tag out of its reach.
                     let owned = owned_tag(reference, id);
-                    self.tags.update(|s| s.insert(owned.clone()));
+                    let moved = self.record_tag(reference, id);
                     let made = self
                         .docker
                         .tag_image(
@@ -1324,7 +1377,12 @@ impl Proxy {
                         .await
                         .map_err(|e| format!("tagging {reference}: {e}"));
                     if made.is_err() {
-                        self.tags.update(|s| s.remove(&owned));
+                        // Not moved: the tag is where it was, the instance's there still.
+                        self.tags.update(|s| {
+                            s.remove(&owned);
+                            s.extend(moved);
+                            true
+                        });
                     }
                     made
                 }
@@ -2009,36 +2067,90 @@ impl Proxy {
     }
 
     /// One event of the engine's, as regobox writes it again, if the application may see it:
-    /// a container's (or a network's naming one) if the socket created it, an image's if it is
-    /// recorded (or was lately).
+    /// a container's if the socket created it; a network's if the network is the instance's
+    /// (and the container it names, if any, the socket's); an image's if the image is recorded
+    /// (or was lately), a tag's only if the instance made it. No other kind of event (daemon,
+    /// volume, plugin, a pull's, named by the reference the host asked for).
     async fn own_event(&self, line: &[u8]) -> Option<Bytes> {
         let event: Value = serde_json::from_slice(line.trim_ascii()).ok()?;
         let actor = event.get("Actor");
-        let container = match event.get("Type").and_then(Value::as_str) {
-            Some("container") => actor.and_then(|a| a.get("ID")),
-            Some("network") => actor
+        let id = actor.and_then(|a| a.get("ID")).and_then(Value::as_str)?;
+        let attribute = |name: &str| {
+            actor
                 .and_then(|a| a.get("Attributes"))
-                .and_then(|a| a.get("container")),
-            _ => None,
+                .and_then(|a| a.get(name))
+                .and_then(Value::as_str)
         };
-        if let Some(id) = container {
-            let id = id.as_str().unwrap_or("");
-            if !self.created_here(id).await {
-                return None;
+        let kept = match event.get("Type").and_then(Value::as_str)? {
+            // Its labels are among its attributes: the host's others go without a wait.
+            "container" => {
+                attribute(INSTANCE_LABEL) == Some(self.instance.as_str())
+                    && self.created_here(id).await
             }
-        }
-        // An image's events name it by id (a pull's by the reference asked for: an image pulled
-        // carries no label, and the label filter left those out already); the label filter
-        // leaves in an image the host built on one of the instance's.
-        if event.get("Type").and_then(Value::as_str) == Some("image") {
-            let id = actor.and_then(|a| a.get("ID")).and_then(Value::as_str);
-            if !id.is_some_and(|id| self.images.contains_or_forgot(id)) {
-                return None;
+            "network" => {
+                self.network_seen_ours(id).await
+                    && match attribute("container") {
+                        Some(c) => self.created_here(c).await,
+                        None => true,
+                    }
             }
+            "image" => {
+                self.image_recorded(id).await
+                    && (event.get("Action").and_then(Value::as_str) != Some("tag")
+                        || attribute("name").is_some_and(|t| self.tags.contains(&owned_tag(t, id))))
+            }
+            _ => false,
+        };
+        if !kept {
+            return None;
         }
         let mut text = event.to_string();
         text.push('\n');
         Some(Bytes::from(text))
+    }
+
+    /// Whether the network `id` is the instance's: labelled, or seen so by this process before
+    /// it was removed.
+    async fn network_seen_ours(&self, id: &str) -> bool {
+        if self.networks.lock().is_ok_and(|n| n.contains(id)) {
+            return true;
+        }
+        // On a task of its own: the events body is shared between threads, and bollard's
+        // futures are not.
+        let docker = self.docker.clone();
+        let asked = id.to_string();
+        let inspected = tokio::spawn(async move {
+            docker
+                .inspect_network(
+                    &asked,
+                    None::<bollard::query_parameters::InspectNetworkOptions>,
+                )
+                .await
+        })
+        .await;
+        let ours = matches!(&inspected, Ok(Ok(n))
+            if n.id.as_deref() == Some(id) && self.labelled(n.labels.as_ref()));
+        if ours && let Ok(mut seen) = self.networks.lock() {
+            seen.insert(id.to_string());
+        }
+        ours
+    }
+
+    /// Whether the image `id` is recorded (or was lately), waiting (5 s at most) for the pulls
+    /// and imports in flight if it is not yet.
+    async fn image_recorded(&self, id: &str) -> bool {
+        let since = Instant::now();
+        loop {
+            if self.images.contains_or_forgot(id) {
+                return true;
+            }
+            if self.making.load(std::sync::atomic::Ordering::SeqCst) == 0
+                || since.elapsed() >= Duration::from_secs(5)
+            {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Whether the container `id` was created through this socket, waiting (5 s at most) for
@@ -2106,12 +2218,63 @@ impl Proxy {
             format!("No such image: {name}"),
             &format!("image {name}"),
         )?;
+        // Found by a tag the host put on it: the host's name, missing to the application (no
+        // oracle for the names the host gives the instance's images).
+        let tags = img.repo_tags.as_deref().unwrap_or_default();
+        if removal_target(name, tags).is_some() && !self.tag_is_ours(name, &img) {
+            return Err(Refusal::NotFound(format!("No such image: {name}")));
+        }
         if img.id.as_deref().is_none_or(str::is_empty) {
             return Err(Refusal::Engine(format!(
                 "the engine gave image {name} no id"
             )));
         }
         Ok(img)
+    }
+
+    /// Record that the socket makes (or made) the tag `reference` on the image `id`. A tag names
+    /// one image: its entries for others (where it was before the application moved it) go,
+    /// and are returned, to be put back if the tag is not made. Left, such an entry made the tag
+    /// the instance's again once the host moved it back there (an attacker's, twenty-fourth
+    /// session).
+    fn record_tag(&self, reference: &str, id: &str) -> Vec<String> {
+        let owned = owned_tag(reference, id);
+        let same_tag = format!("{} ", image::familiar(reference));
+        let mut moved = Vec::new();
+        self.tags.update(|s| {
+            moved = s
+                .iter()
+                .filter(|t| t.starts_with(&same_tag) && **t != owned)
+                .cloned()
+                .collect();
+            for t in &moved {
+                s.remove(t);
+            }
+            s.insert(owned.clone()) || !moved.is_empty()
+        });
+        moved
+    }
+
+    /// An image's `RepoTags` (listed or inspected) without the tags the host put on it: they are
+    /// the host's, and their names its own business. `untagged` is what the engine writes for
+    /// an image with none.
+    fn own_repo_tags(&self, img: &mut Value, untagged: &[&str]) {
+        let id = img
+            .get("Id")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let Some(Value::Array(tags)) = img.get_mut("RepoTags") else {
+            return;
+        };
+        let before = tags.len();
+        tags.retain(|t| {
+            t.as_str()
+                .is_some_and(|t| untagged.contains(&t) || self.tags.contains(&owned_tag(t, &id)))
+        });
+        if tags.is_empty() && before > 0 {
+            tags.extend(untagged.iter().map(|t| Value::from(*t)));
+        }
     }
 
     /// Whether the tag `reference` names `img` because the socket made it so: the image is the
@@ -2227,8 +2390,14 @@ impl Proxy {
             format!("network {reference} not found"),
             &format!("network {reference}"),
         )?;
-        n.id.filter(|id| !id.is_empty())
-            .ok_or_else(|| Refusal::Engine(format!("the engine gave network {reference} no id")))
+        let id = n
+            .id
+            .filter(|id| !id.is_empty())
+            .ok_or_else(|| Refusal::Engine(format!("the engine gave network {reference} no id")))?;
+        if let Ok(mut seen) = self.networks.lock() {
+            seen.insert(id.clone());
+        }
+        Ok(id)
     }
 
     /// Send `req` to the engine on a new connection, with regobox's headers only (see
@@ -2960,7 +3129,7 @@ fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
 async fn only(
     response: Response<Body>,
     what: &str,
-    keep: impl Fn(&Value) -> bool,
+    keep: impl Fn(Value) -> Option<Value>,
 ) -> Result<Response<Body>, Refusal> {
     let (parts, body) = response.into_parts();
     let bytes = body
@@ -2970,7 +3139,7 @@ async fn only(
         .to_bytes();
     let list: Vec<Value> = serde_json::from_slice(&bytes)
         .map_err(|e| Refusal::Engine(format!("the engine's {what}: {e}")))?;
-    let kept: Vec<Value> = list.into_iter().filter(|v| keep(v)).collect();
+    let kept: Vec<Value> = list.into_iter().filter_map(keep).collect();
     Ok(rebuild(parts, &Value::Array(kept)))
 }
 

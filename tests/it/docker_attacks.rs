@@ -3946,6 +3946,63 @@ fn the_events_of_a_container_the_host_made_from_the_instances_image_are_not_seen
     );
 }
 
+/// The events of the instance's images and networks reach the application, which carry no
+/// labels (an image's delete, an import, a network's): it saw none of them while the engine's
+/// label filter chose its events (an attacker's, twenty-fourth session). Those of the host's
+/// images and networks, and the host's tags on the instance's images, stay out.
+#[test]
+fn the_events_of_the_instances_images_and_networks_are_seen_and_no_others() {
+    let b = Bridged::start("");
+    let port = b.inst.port;
+    let mine = format!("regobox-test/busybox:ev-img{port}");
+    let theirs = format!("regobox-test/host-ev:{port}");
+    let net = format!("rbx-ev-net-{port}");
+    let host_net = format!("rbx-ev-hostnet-{port}");
+    let made = OnEngine::default();
+    made.image(&theirs);
+    made.network(&net);
+    made.network(&host_net);
+    let t0 = chrono::Utc::now().timestamp() - 1;
+    let format = "{{.Type}} {{.Action}} {{.Actor.ID}} {{.Actor.Attributes.name}}";
+    let watch = Watch::start(&b, &["--since", &t0.to_string(), "--format", format]);
+
+    b.import_busybox(&mine);
+    let id = image_id(&mine);
+    let out = engine(&["tag", &mine, &theirs]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = engine(&["rmi", &theirs]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = engine(&["network", "create", &host_net]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = engine(&["network", "rm", &host_net]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let tar = busybox_rootfs_tar(b.inst.dir.path());
+    let out = engine(&["import", tar.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let host_image = stdout(&out).trim().to_string();
+    made.image(&host_image);
+    b.cli_ok(&["network", "create", &net]);
+    b.cli_ok(&["network", "rm", &net]);
+    b.cli_ok(&["rmi", &mine]);
+
+    let seen = watch.until(|text| text.contains(&format!("image delete {id}")));
+    for line in [
+        format!("image import {id}"),
+        format!("image tag {id} {mine}"),
+        "network create ".to_string(),
+        "network destroy ".to_string(),
+        format!("image untag {id}"),
+        format!("image delete {id}"),
+    ] {
+        assert!(seen.contains(&line), "{line:?} missing from: {seen}");
+    }
+    assert!(seen.contains(&format!(" {net}\n")), "{seen}");
+    assert_eq!(seen.matches("network destroy ").count(), 1, "{seen}");
+    for theirs in [&theirs, &host_net, &host_image] {
+        assert!(!seen.contains(theirs.as_str()), "{theirs} seen: {seen}");
+    }
+}
+
 /// `docker events` through the socket, followed live until what is looked for has come (or a
 /// minute has passed), then one second more (for anything that should not have come), then cut.
 struct Watch {
@@ -4325,7 +4382,34 @@ fn a_tag_the_host_puts_on_the_instances_image_is_the_hosts() {
     assert!(!b.cli(&["rmi", &theirs]).status.success());
     let (status, body) = remove_by_id(&b);
     assert_eq!(status, 403, "{body}");
-    assert!(body.contains(&theirs), "{body}");
+    assert!(body.contains("did not make"), "{body}");
+    // The host's tag is the host's name: not shown on the instance's image, and nothing by it
+    // (an attacker's: `docker images` and an inspect listed it, and the image answered to it).
+    assert!(!body.contains(&theirs), "{body}");
+    let listed = b.cli_ok(&["images", "--format", "{{.Repository}}:{{.Tag}} {{.ID}}"]);
+    assert!(listed.contains(&mine), "{listed}");
+    assert!(!listed.contains(&theirs), "{listed}");
+    let tags = b.cli_ok(&["image", "inspect", "--format", "{{json .RepoTags}}", &mine]);
+    assert_eq!(tags.trim(), format!("[{mine:?}]"));
+    // `docker inspect` with no type asks for a container, then an image, ... by the name.
+    assert!(
+        b.cli_ok(&["inspect", "--format", "{{.Id}}", &mine])
+            .contains(&id)
+    );
+    let out = b.cli(&["inspect", &theirs]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("No such object"), "{}", stderr(&out));
+    for kind in ["image", "container", "network"] {
+        let out = b.cli(&[kind, "inspect", &theirs]);
+        assert!(!out.status.success(), "{kind}");
+        assert!(
+            stderr(&out).to_lowercase().contains("no such") || stderr(&out).contains("not found"),
+            "{kind}: {}",
+            stderr(&out)
+        );
+    }
+    let out = b.cli(&["run", "--rm", &theirs, "true"]);
+    assert!(!out.status.success(), "ran the host's tag");
     let ctx = b.inst.dir.path().join("tag-ctx");
     std::fs::create_dir_all(&ctx).unwrap();
     std::fs::write(
@@ -4361,15 +4445,30 @@ fn a_tag_the_host_puts_on_the_instances_image_is_the_hosts() {
     assert_eq!(image_id(&lib), lib_id, "the host's tag was moved");
     b.cli_ok(&["rmi", &lib_mine]);
 
-    // The instance's own tag: made again by a build, removed; the image stays the host's to
-    // hold by its tag, and is not removed by its id.
+    // The instance's own tag: moved by a build to its new image, then moved back by the host:
+    // the host's there (an attacker's: the record of the tag on the first image stayed, and
+    // the application removed the host's tag). The image stays the host's to hold by its
+    // tags, and is not removed by its id.
+    made.image(&mine);
     let out = b.cli_ok(&["build", "-q", "-t", &mine, &ctx.display().to_string()]);
-    made.image(out.trim());
-    b.cli_ok(&["rmi", &mine]);
+    let built = out.trim().to_string();
+    made.image(&built);
+    assert_eq!(image_id(&mine), built);
+    let out = engine(&["tag", &id, &mine]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = b.cli(&["rmi", &mine]);
+    assert!(
+        !out.status.success(),
+        "removed the host's tag: {}",
+        stdout(&out)
+    );
+    assert_eq!(image_id(&mine), id);
     assert_eq!(image_id(&theirs), id);
     let (status, body) = remove_by_id(&b);
     assert_eq!(status, 403, "{body}");
     assert_eq!(image_id(&theirs), id);
+    // The built image, untagged, is still the instance's to remove.
+    b.cli_ok(&["rmi", &built]);
 }
 
 /// The classic builder's cache gives a step any child of its parent whose configuration

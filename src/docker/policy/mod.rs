@@ -60,10 +60,16 @@ pub enum Endpoint {
     /// objects): always "no such object", so that `docker inspect NAME`, which tries every kind
     /// in turn, reports the name as missing.
     Invisible,
+    /// Inspecting a container or a network by a name no container or network can have (an
+    /// image's, `docker inspect busybox:1` tries a container first): missing, as the engine
+    /// answers.
+    NoSuchContainer,
+    NoSuchNetwork,
 }
 
-/// (method, pattern, endpoint). In patterns `{id}` is one segment and `{name+}` one or more (image
-/// names contain slashes).
+/// (method, pattern, endpoint). In patterns `{id}` is one segment, a name or an id, and `{name+}`
+/// one or more with an image reference's characters (image names contain slashes); the first
+/// route a path matches with valid captures is its endpoint.
 const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("GET", "/_ping", Endpoint::Ping),
     ("HEAD", "/_ping", Endpoint::Ping),
@@ -100,13 +106,15 @@ const ROUTES: &[(&str, &str, Endpoint)] = &[
     ("DELETE", "/networks/{id}", Endpoint::NetworkOp),
     ("POST", "/networks/{id}/connect", Endpoint::NetworkOp),
     ("POST", "/networks/{id}/disconnect", Endpoint::NetworkOp),
-    ("GET", "/volumes/{id}", Endpoint::Invisible),
+    ("GET", "/containers/{name+}/json", Endpoint::NoSuchContainer),
+    ("GET", "/networks/{name+}", Endpoint::NoSuchNetwork),
+    ("GET", "/volumes/{name+}", Endpoint::Invisible),
     ("GET", "/plugins/{name+}/json", Endpoint::Invisible),
-    ("GET", "/services/{id}", Endpoint::Invisible),
-    ("GET", "/tasks/{id}", Endpoint::Invisible),
-    ("GET", "/nodes/{id}", Endpoint::Invisible),
-    ("GET", "/secrets/{id}", Endpoint::Invisible),
-    ("GET", "/configs/{id}", Endpoint::Invisible),
+    ("GET", "/services/{name+}", Endpoint::Invisible),
+    ("GET", "/tasks/{name+}", Endpoint::Invisible),
+    ("GET", "/nodes/{name+}", Endpoint::Invisible),
+    ("GET", "/secrets/{name+}", Endpoint::Invisible),
+    ("GET", "/configs/{name+}", Endpoint::Invisible),
 ];
 
 /// The request path without its `/vX.Y` prefix, percent-decoded once; `Err` when it is
@@ -239,6 +247,7 @@ pub fn endpoint(method: &str, raw_path: &str) -> Result<(Endpoint, Vec<String>),
     check_version(raw_path)?;
     let path = normalize(raw_path)?;
     let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let mut refused = None;
     for (m, pattern, ep) in ROUTES {
         if *m != method {
             continue;
@@ -252,18 +261,25 @@ pub fn endpoint(method: &str, raw_path: &str) -> Result<(Endpoint, Vec<String>),
                     !valid_object_ref(c)
                 }
             }) {
-                return Err(Denied::new(
-                    "path",
-                    format!("refused by regobox's Docker policy: {bad:?} is not a name or id"),
-                ));
+                refused.get_or_insert_with(|| {
+                    Denied::new(
+                        "path",
+                        format!("refused by regobox's Docker policy: {bad:?} is not a name or id"),
+                    )
+                });
+                continue;
             }
             return Ok((*ep, captures));
         }
     }
-    Err(Denied::new(
-        "endpoint",
-        format!("refused by regobox's Docker policy: {method} {path} is not an allowed endpoint"),
-    ))
+    Err(refused.unwrap_or_else(|| {
+        Denied::new(
+            "endpoint",
+            format!(
+                "refused by regobox's Docker policy: {method} {path} is not an allowed endpoint"
+            ),
+        )
+    }))
 }
 
 fn matches(pattern: &str, segments: &[&str]) -> Option<Vec<String>> {
@@ -361,6 +377,29 @@ mod tests {
             ),
         ] {
             assert_eq!(endpoint(m, p).unwrap().0, ep, "{m} {p}");
+        }
+        // What no container or network can be named is missing (`docker inspect busybox:1`
+        // asks for a container of that name first), not refused.
+        for (p, ep) in [
+            ("/containers/busybox:1/json", Endpoint::NoSuchContainer),
+            (
+                "/containers/regobox-test/busybox:1/json",
+                Endpoint::NoSuchContainer,
+            ),
+            (
+                "/networks/localhost:5000/x@sha256:ab",
+                Endpoint::NoSuchNetwork,
+            ),
+            ("/volumes/a/b:c", Endpoint::Invisible),
+        ] {
+            assert_eq!(endpoint("GET", p).unwrap().0, ep, "{p}");
+        }
+        for (m, p) in [
+            ("POST", "/containers/busybox:1/start"),
+            ("DELETE", "/networks/a:b"),
+            ("GET", "/containers/a%20b/json"),
+        ] {
+            assert_eq!(endpoint(m, p).unwrap_err().rule, "path", "{m} {p}");
         }
         assert_eq!(
             endpoint("GET", "/images/a/b/c/json").unwrap().1,

@@ -227,8 +227,10 @@ pub const CONTAINER_LIST: &[(&str, Kind)] = &[
 ];
 pub const NETWORK_LIST: &[(&str, Kind)] = &[("filters", Text)];
 pub const EVENTS: &[(&str, Kind)] = &[("since", Text), ("until", Text), ("filters", Text)];
+/// `only_ids` is docker-py's, sent on every list and not read by the engine: not forwarded.
 pub const IMAGE_LIST: &[(&str, Kind)] = &[
     ("all", Bool),
+    ("only_ids", Bool),
     ("filters", Text),
     ("digests", Bool),
     ("filter", Text),
