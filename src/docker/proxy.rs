@@ -779,6 +779,11 @@ impl Proxy {
                 let q = self
                     .list_filters(q, query::IMAGE_FILTERS, &named, false)
                     .await?;
+                // With a `reference` filter the engine lists an image for the tags that match,
+                // and only those: one listed for a host's tags alone is left out (else a
+                // pattern would tell the application the names the host gave its images).
+                let by_reference = query::filters(q.get("filters"), query::IMAGE_FILTERS)?
+                    .contains_key("reference");
                 let req = retarget(self.no_body(req).await?, &target("/images/json", &q))?;
                 let response = self.forward(req, Payload::Empty, None).await?;
                 if !response.status().is_success() {
@@ -789,8 +794,8 @@ impl Proxy {
                     if !self.images.contains(id) {
                         return None;
                     }
-                    self.own_repo_tags(&mut img, &["<none>:<none>"]);
-                    Some(img)
+                    let tagged = self.own_repo_tags(&mut img, &["<none>:<none>"]);
+                    (tagged || !by_reference).then_some(img)
                 })
                 .await?;
                 Ok(plain(kept))
@@ -818,7 +823,7 @@ impl Proxy {
                     .to_bytes();
                 let mut img: Value = serde_json::from_slice(&bytes)
                     .map_err(|e| Refusal::Engine(format!("the engine's image inspect: {e}")))?;
-                self.own_repo_tags(&mut img, &[]);
+                let _ = self.own_repo_tags(&mut img, &[]);
                 Ok(Done {
                     response: rebuild(parts, &img),
                     object: Some(name.clone()),
@@ -2257,24 +2262,28 @@ impl Proxy {
 
     /// An image's `RepoTags` (listed or inspected) without the tags the host put on it: they are
     /// the host's, and their names its own business. `untagged` is what the engine writes for
-    /// an image with none.
-    fn own_repo_tags(&self, img: &mut Value, untagged: &[&str]) {
+    /// an image with none. Whether a tag of the instance's is left.
+    fn own_repo_tags(&self, img: &mut Value, untagged: &[&str]) -> bool {
         let id = img
             .get("Id")
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
         let Some(Value::Array(tags)) = img.get_mut("RepoTags") else {
-            return;
+            return false;
         };
         let before = tags.len();
         tags.retain(|t| {
             t.as_str()
                 .is_some_and(|t| untagged.contains(&t) || self.tags.contains(&owned_tag(t, &id)))
         });
+        let own = tags
+            .iter()
+            .any(|t| t.as_str().is_some_and(|t| !untagged.contains(&t)));
         if tags.is_empty() && before > 0 {
             tags.extend(untagged.iter().map(|t| Value::from(*t)));
         }
+        own
     }
 
     /// Whether the tag `reference` names `img` because the socket made it so: the image is the

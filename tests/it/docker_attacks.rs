@@ -4389,6 +4389,27 @@ fn a_tag_the_host_puts_on_the_instances_image_is_the_hosts() {
     let listed = b.cli_ok(&["images", "--format", "{{.Repository}}:{{.Tag}} {{.ID}}"]);
     assert!(listed.contains(&mine), "{listed}");
     assert!(!listed.contains(&theirs), "{listed}");
+    // Nor found by a pattern its host tag alone matches (the engine lists the image then).
+    // (Asked of the API: the docker CLI does not print an untagged image's row.)
+    let by = |pattern: &str| {
+        let filters = serde_json::json!({ "reference": [pattern] }).to_string();
+        let encoded: String = filters.bytes().map(|c| format!("%{c:02X}")).collect();
+        let (status, body) = raw(
+            &b.socket,
+            &format!(
+                "GET /images/json?filters={encoded} HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"
+            ),
+        );
+        assert_eq!(status, 200, "{body}");
+        let listed: Vec<Value> = serde_json::from_str(&body).unwrap();
+        listed
+            .iter()
+            .map(|i| i["Id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(by("regobox-test/host-*"), Vec::<String>::new());
+    assert_eq!(by(&theirs), Vec::<String>::new());
+    assert_eq!(by("regobox-test/busybox:tag-mine*"), vec![id.clone()]);
     let tags = b.cli_ok(&["image", "inspect", "--format", "{{json .RepoTags}}", &mine]);
     assert_eq!(tags.trim(), format!("[{mine:?}]"));
     // `docker inspect` with no type asks for a container, then an image, ... by the name.
