@@ -208,6 +208,14 @@ impl Recorded {
         self.update(|s| s.remove(id));
     }
 
+    /// Whether a recorded id begins with `prefix` (an engine's message names ids by 12
+    /// characters).
+    fn has_prefix(&self, prefix: &str) -> bool {
+        self.ids
+            .lock()
+            .is_ok_and(|s| s.iter().any(|id| id.starts_with(prefix)))
+    }
+
     /// Recorded now, or forgotten lately by this process.
     fn contains_or_forgot(&self, id: &str) -> bool {
         self.contains(id)
@@ -295,6 +303,28 @@ pub struct Proxy {
     /// last event (`destroy`) comes when it can be inspected no more.
     pub networks: Mutex<std::collections::HashSet<String>>,
 }
+
+/// The actions of a job's events passed on: what the socket's calls and a job's own life make
+/// (`health_status: healthy` is read by its first word).
+const CONTAINER_EVENTS: &[&str] = &[
+    "create",
+    "start",
+    "restart",
+    "stop",
+    "kill",
+    "die",
+    "oom",
+    "pause",
+    "unpause",
+    "destroy",
+    "attach",
+    "detach",
+    "resize",
+    "top",
+    "archive-path",
+    "extract-to-dir",
+    "health_status",
+];
 
 /// A pull or import in progress, from its forwarding until the image it made is recorded.
 pub struct Making(Arc<std::sync::atomic::AtomicUsize>);
@@ -910,11 +940,23 @@ impl Proxy {
                         .forward(remove(&by, &unforced)?, Payload::Empty, None)
                         .await?;
                     if response.status() == StatusCode::CONFLICT && q.flag("force") {
+                        // Not from under a container the host made from it (an attacker's,
+                        // twenty-fifth session: the host's container lost its image).
+                        if self.used_by_others(&id).await? {
+                            let short = id.trim_start_matches("sha256:").get(..12).unwrap_or("");
+                            return Ok(Done {
+                                response: json_response(
+                                    StatusCode::CONFLICT,
+                                    &json!({"message": format!("conflict: unable to delete {short} (cannot be forced) - image is being used by a container this instance did not make")}),
+                                ),
+                                object: Some(name.clone()),
+                            });
+                        }
                         response = self.forward(remove(&by, &q)?, Payload::Empty, None).await?;
                     }
                     if !response.status().is_success() {
                         return Ok(Done {
-                            response,
+                            response: self.others_unnamed(response, &id).await?,
                             object: Some(name.clone()),
                         });
                     }
@@ -1261,8 +1303,27 @@ impl Proxy {
                     _ => Payload::Empty,
                 };
                 let response = self.forward(request, payload, None).await?;
+                if method != "GET" || !response.status().is_success() {
+                    return Ok(Done {
+                        response,
+                        object: Some(id),
+                    });
+                }
+                // An inspection: the containers the host connected to the network are the
+                // host's (their ids, names and addresses: an attacker's, twenty-fifth session).
+                let (parts, body) = response.into_parts();
+                let bytes = body
+                    .collect()
+                    .await
+                    .map_err(|e| Refusal::Engine(format!("reading a network inspect: {e}")))?
+                    .to_bytes();
+                let mut network: Value = serde_json::from_slice(&bytes)
+                    .map_err(|e| Refusal::Engine(format!("the engine's network inspect: {e}")))?;
+                if let Some(Value::Object(attached)) = network.get_mut("Containers") {
+                    attached.retain(|c, _| self.containers.contains(c));
+                }
                 Ok(Done {
-                    response,
+                    response: rebuild(parts, &network),
                     object: Some(id),
                 })
             }
@@ -1320,7 +1381,10 @@ impl Proxy {
             return;
         }
         if let Some(id) = img.id {
-            if !reference.is_empty() {
+            // Only a tag the image has: an import's refused at its end is not made (an
+            // attacker's, twenty-fifth session: recorded all the same, it made the host's tag
+            // the application's once the host moved it there).
+            if !reference.is_empty() && tags.iter().any(|t| image::same_reference(t, reference)) {
                 self.record_tag(reference, &id);
             }
             self.images.update(|s| s.insert(id));
@@ -1623,6 +1687,7 @@ impl Proxy {
                 && labelled(i)
                 && untagged(i)
                 && i.created >= began
+                && self.made_by_a_step(&i.id, seen).await
             {
                 made.push(i.id.clone());
             }
@@ -1723,6 +1788,91 @@ impl Proxy {
             s.extend(made);
             s.len() != before
         });
+    }
+
+    /// Whether a container the socket did not create is of the image `id` (or of one built on
+    /// it).
+    async fn used_by_others(&self, id: &str) -> Result<bool, Refusal> {
+        let opts = bollard::query_parameters::ListContainersOptions {
+            all: true,
+            filters: Some(std::collections::HashMap::from([(
+                "ancestor".to_string(),
+                vec![id.to_string()],
+            )])),
+            ..Default::default()
+        };
+        let list =
+            self.docker.list_containers(Some(opts)).await.map_err(|e| {
+                Refusal::Engine(format!("listing the containers of image {id}: {e}"))
+            })?;
+        Ok(list
+            .iter()
+            .any(|c| !self.containers.contains(c.id.as_deref().unwrap_or(""))))
+    }
+
+    /// The engine's conflict (an image remove's) without the ids of what is not the instance's:
+    /// it names the container that uses the image, the host's too.
+    async fn others_unnamed(
+        &self,
+        response: Response<Body>,
+        image: &str,
+    ) -> Result<Response<Body>, Refusal> {
+        if response.status() != StatusCode::CONFLICT {
+            return Ok(response);
+        }
+        let (parts, body) = response.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| Refusal::Engine(format!("reading an image remove: {e}")))?
+            .to_bytes();
+        let message = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or_default();
+        let image = image.trim_start_matches("sha256:");
+        let words: Vec<String> = message
+            .split(' ')
+            .map(|word| {
+                let core = word.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+                let an_id = (core.len() == 12 || core.len() == 64)
+                    && core.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+                if an_id && !image.starts_with(core) && !self.containers.has_prefix(core) {
+                    word.replace(core, "(not this instance's)")
+                } else {
+                    word.to_string()
+                }
+            })
+            .collect();
+        Ok(rebuild(parts, &json!({ "message": words.join(" ") })))
+    }
+
+    /// Whether the image `id` is one a build's step makes: committed from a container this
+    /// build's output named as a step's (` ---> Running in <id>`) that the socket did not
+    /// create, or made by a copy (`COPY`, `ADD`: the engine names no container for those). A
+    /// step can print a step's lines, and the host can commit one of the application's
+    /// containers (labelled, its image untagged, made during the build): an attacker's,
+    /// twenty-fifth session, had the host's commit's id from its event, printed it, and the
+    /// image was recorded as the application's.
+    async fn made_by_a_step(&self, id: &str, seen: &BuildSeen) -> bool {
+        // In the engine's own inspection (API 1.41), not in the client library's model of it.
+        let Ok(inspected) = self.engine_json(&format!("/images/{id}/json")).await else {
+            return false;
+        };
+        let from = inspected
+            .get("Container")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if from.is_empty() {
+            let step = inspected
+                .pointer("/ContainerConfig/Cmd/2")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            return step.starts_with("#(nop) COPY ") || step.starts_with("#(nop) ADD ");
+        }
+        from.len() == 64
+            && seen.containers.iter().any(|s| from.starts_with(s.as_str()))
+            && !self.containers.contains_or_forgot(from)
     }
 
     /// The engine's JSON answer to `GET path` (at the model's API version).
@@ -2086,10 +2236,15 @@ impl Proxy {
                 .and_then(|a| a.get(name))
                 .and_then(Value::as_str)
         };
+        let action = event.get("Action").and_then(Value::as_str).unwrap_or("");
         let kept = match event.get("Type").and_then(Value::as_str)? {
-            // Its labels are among its attributes: the host's others go without a wait.
+            // Its labels are among its attributes: the host's others go without a wait. Only
+            // what happens to a job through the socket or by its own life: the host's exec,
+            // commit, rename, export and update of it are the host's (their attributes carry
+            // its commands, its images' names and ids: an attacker's, twenty-fifth session).
             "container" => {
-                attribute(INSTANCE_LABEL) == Some(self.instance.as_str())
+                CONTAINER_EVENTS.contains(&action.split(':').next().unwrap_or(""))
+                    && attribute(INSTANCE_LABEL) == Some(self.instance.as_str())
                     && self.created_here(id).await
             }
             "network" => {
@@ -2099,9 +2254,11 @@ impl Proxy {
                         None => true,
                     }
             }
+            // A save, load or push of one is the host's.
             "image" => {
-                self.image_recorded(id).await
-                    && (event.get("Action").and_then(Value::as_str) != Some("tag")
+                matches!(action, "import" | "tag" | "untag" | "delete")
+                    && self.image_recorded(id).await
+                    && (action != "tag"
                         || attribute("name").is_some_and(|t| self.tags.contains(&owned_tag(t, id))))
             }
             _ => false,

@@ -3015,6 +3015,17 @@ fn a_tag_made_on_the_host_while_an_import_or_a_build_runs_is_not_moved() {
         ),
     );
     assert_eq!(status, 200, "{inspected}");
+    // The tag refused is not recorded as made: moved onto that image by the host afterwards, it
+    // is the host's (an attacker's, twenty-fifth session: the application removed it).
+    let out = engine(&["tag", &imported, &format!("{victim}:x")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = b.cli(&["rmi", &format!("{victim}:x")]);
+    assert!(
+        !out.status.success(),
+        "removed the host's tag: {}",
+        stdout(&out)
+    );
+    assert_eq!(image_id(&format!("{victim}:x")), imported);
     // The docker CLI fails on such an import, and makes a tag nobody else made.
     let late = format!("regobox-test/victim-late{port}:cli");
     made.image(&late);
@@ -4772,6 +4783,218 @@ fn a_step_line_naming_a_container_claims_nothing_the_host_made() {
         );
         assert_eq!(status, 404, "{id}: {body}");
     }
+}
+
+/// The host commits one of the application's containers while the application's build runs:
+/// the commit's event named the new image (`imageID`), a step printed the line the engine
+/// writes for a step's image with it, and regobox recorded the host's image (its environment
+/// holding the host's secret) as the application's, to read, run and remove (an attacker's,
+/// twenty-fifth session). A step's image is recorded only if the engine committed it from a
+/// container the build's output named that the socket did not create; and the host's commit,
+/// exec, rename of a job are not the application's events.
+#[test]
+fn an_image_the_host_commits_from_a_job_during_a_build_is_not_the_instances() {
+    use std::io::Write;
+    let b = Bridged::start("");
+    let port = b.inst.port;
+    let image = b.build_labelled("commit");
+    let base = format!("regobox-test/busybox:commit-base{port}");
+    let tag = format!("regobox-test/busybox:commit-built{port}");
+    let job = format!("rbx-commit-job-{port}");
+    let made = OnEngine::default();
+    made.container(&job);
+    made.image(&tag);
+    b.cli_ok(&["create", "--name", &job, &image, "true"]);
+    let t0 = chrono::Utc::now().timestamp() - 1;
+    // What the step learns, once the host has made it, from the host's side of the engine's
+    // default bridge.
+    let ipam = stdout(&engine(&[
+        "network",
+        "inspect",
+        "bridge",
+        "--format",
+        "{{range .IPAM.Config}}{{.Gateway}} {{.Subnet}}{{end}}",
+    ]));
+    // The gateway, or the subnet's first address (the engine's default).
+    let gateway = match ipam.split_whitespace().collect::<Vec<_>>()[..] {
+        [gateway, _] => gateway.to_string(),
+        [subnet] => {
+            let net: std::net::Ipv4Addr = subnet.split('/').next().unwrap().parse().unwrap();
+            std::net::Ipv4Addr::from(u32::from(net) + 1).to_string()
+        }
+        _ => panic!("the default bridge's addresses: {ipam}"),
+    };
+    let listener = TcpListener::bind((gateway.as_str(), 0)).unwrap();
+    let served = listener.local_addr().unwrap().port();
+    let said: std::sync::Arc<std::sync::Mutex<String>> = Default::default();
+    let serving = said.clone();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            let body = serving.lock().unwrap().clone();
+            let status = if body.is_empty() { "404 No" } else { "200 OK" };
+            let _ = write!(
+                conn,
+                "HTTP/1.0 {status}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    let ctx = b.inst.dir.path().join("commit-ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!(
+            "FROM {base}\nRUN echo STEP-$((40+2)); for i in $(seq 1 60); do id=$(busybox wget -qO- http://{gateway}:{served}/ 2>/dev/null) && [ -n \"$id\" ] && {{ echo \" ---> $id\"; break; }}; sleep 1; done; true\n"
+        ),
+    )
+    .unwrap();
+    let build = Command::new("docker")
+        .args(["build", "-t", &tag])
+        .arg(&ctx)
+        .env("DOCKER_HOST", format!("unix://{}", b.socket.display()))
+        .env("DOCKER_CONFIG", &b.docker_config)
+        .env("DOCKER_BUILDKIT", "0")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The build's step is running: the host commits the application's job.
+    let t1 = std::time::Instant::now();
+    while stdout(&engine(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("ancestor={base}"),
+    ]))
+    .trim()
+    .is_empty()
+    {
+        assert!(t1.elapsed() < Duration::from_secs(60), "no step ran");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let out = engine(&["commit", "--change", "ENV HOST_SECRET=hostsecret", &job]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let committed = stdout(&out).trim().to_string();
+    made.image(&committed);
+    *said.lock().unwrap() = committed[7..19].to_string();
+    let out = build.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let output = stdout(&out);
+    assert!(
+        output.contains(&format!(" ---> {}", &committed[7..19])),
+        "the step did not print the host's image: {output}"
+    );
+    // Not the application's.
+    let recorded = std::fs::read_to_string(b.inst.secret("docker-owned-images.json")).unwrap();
+    assert!(!recorded.contains(&committed), "{recorded}");
+    let (status, body) = raw(
+        &b.socket,
+        &format!("GET /images/{committed}/json HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 404, "{body}");
+    // The build's own images are.
+    b.cli_ok(&["image", "inspect", &tag]);
+    // Nor is the host's commit of the job among its events.
+    let events = b.cli_ok(&[
+        "events",
+        "--since",
+        &t0.to_string(),
+        "--until",
+        &chrono::Utc::now().timestamp().to_string(),
+        "--format",
+        "{{.Type}} {{.Action}} {{json .Actor.Attributes}}",
+    ]);
+    assert!(events.contains("container create"), "{events}");
+    assert!(!events.contains("container commit"), "{events}");
+    assert!(!events.contains(&committed[7..19]), "{events}");
+}
+
+/// What the host makes with the instance's network or image is neither named to the
+/// application nor broken by it: a container the host connects to the application's network
+/// was listed, with its name and address, in the network's inspection; the engine's answer to
+/// a remove of an image a host's container uses named that container; and a forced remove
+/// took the image from under it (an attacker's, twenty-fifth session).
+#[test]
+fn what_the_host_makes_with_the_instances_network_or_image_is_not_named_nor_broken() {
+    let b = Bridged::start("");
+    let port = b.inst.port;
+    let mine = format!("regobox-test/busybox:used{port}");
+    b.import_busybox(&mine);
+    let net = format!("rbx-used-net-{port}");
+    let job = format!("rbx-used-job-{port}");
+    let hosts = format!("rbx-used-host-{port}");
+    let made = OnEngine::default();
+    made.container(&job);
+    made.container(&hosts);
+    made.network(&net);
+    b.cli_ok(&["network", "create", &net]);
+    b.cli_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &job,
+        "--network",
+        &net,
+        &mine,
+        "sleep",
+        "60",
+    ]);
+    let out = engine(&[
+        "run",
+        "-d",
+        "--name",
+        &hosts,
+        "--network",
+        &net,
+        &mine,
+        "sleep",
+        "60",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let host_id = stdout(&out).trim().to_string();
+    let job_id = b
+        .cli_ok(&["inspect", "--format", "{{.Id}}", &job])
+        .trim()
+        .to_string();
+    let attached = b.cli_ok(&[
+        "network",
+        "inspect",
+        "--format",
+        "{{json .Containers}}",
+        &net,
+    ]);
+    assert!(attached.contains(&job_id), "{attached}");
+    assert!(!attached.contains(&host_id), "{attached}");
+    assert!(!attached.contains(&hosts), "{attached}");
+
+    b.cli_ok(&["rm", "-f", &job]);
+    for force in [false, true] {
+        let mut args = vec!["rmi"];
+        if force {
+            args.push("-f");
+        }
+        args.push(&mine);
+        let out = b.cli(&args);
+        assert!(!out.status.success(), "force {force}: {}", stdout(&out));
+        assert!(
+            !stderr(&out).contains(&host_id[..12]),
+            "force {force}: {}",
+            stderr(&out)
+        );
+        assert!(stderr(&out).contains("conflict"), "{}", stderr(&out));
+        assert_eq!(
+            stdout(&engine(&["inspect", "--format", "{{.Image}}", &hosts])).trim(),
+            image_id(&mine),
+            "force {force}: the host's container lost its image"
+        );
+    }
+    // The host's container gone, the image is the application's to remove.
+    engine(&["rm", "-f", &hosts]);
+    b.cli_ok(&["rmi", &mine]);
 }
 
 /// A remove by id of an image the host tags at that moment: the engine's forced remove by id
