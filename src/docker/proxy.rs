@@ -2911,6 +2911,60 @@ impl std::io::Read for ContextReader<'_> {
     }
 }
 
+/// A tar stream that may end right after its last entry's data, without the padding to a block
+/// and the two zero blocks that end a tar: the docker CLI sends such a context when the
+/// Dockerfile is outside it (`docker build -f ../Dockerfile ctx`), and the engine reads it. The
+/// zeros are supplied, and where the real bytes ended is kept (`ended`), so that an entry whose
+/// data they would complete (a stream cut short) is refused.
+struct Padded<R> {
+    inner: R,
+    read: u64,
+    zeros: u64,
+    ended: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R> Padded<R> {
+    fn new(inner: R, ended: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        Padded {
+            inner,
+            read: 0,
+            zeros: 0,
+            ended,
+        }
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for Padded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.zeros == 0 {
+            let n = self.inner.read(buf)?;
+            if n > 0 {
+                self.read += n as u64;
+                return Ok(n);
+            }
+            if self.read == 0 || self.ended.load(std::sync::atomic::Ordering::Relaxed) != u64::MAX {
+                return Ok(0);
+            }
+            self.ended
+                .store(self.read, std::sync::atomic::Ordering::Relaxed);
+            self.zeros = (512 - self.read % 512) % 512 + 1024;
+        }
+        let n = buf
+            .len()
+            .min(usize::try_from(self.zeros).unwrap_or(usize::MAX));
+        buf[..n].fill(0);
+        self.zeros -= n as u64;
+        if self.zeros == 0 {
+            // Once: the next read ends the stream.
+            self.read = 0;
+        }
+        Ok(n)
+    }
+}
+
 /// What a render stopped by its dropped request returns (no one reads it).
 fn gone() -> Refusal {
     Refusal::BadRequest("the request was dropped".into())
@@ -2981,25 +3035,30 @@ fn render_context<T>(
     };
     // The tar as read (decompressed), from its start, bounded by docker.max_build_context
     // (gzip makes a terabyte of a megabyte) and stopped when the request is dropped.
-    let open = || -> Result<ContextReader<'_>, Refusal> {
-        let mut f = file.try_clone().map_err(|e| err(&e))?;
-        f.seek(std::io::SeekFrom::Start(0)).map_err(|e| err(&e))?;
-        let inner: Box<dyn Read> = if gzip {
-            Box::new(flate2::read::MultiGzDecoder::new(f))
-        } else {
-            Box::new(f)
+    let open =
+        |ended: Arc<std::sync::atomic::AtomicU64>| -> Result<Padded<ContextReader<'_>>, Refusal> {
+            let mut f = file.try_clone().map_err(|e| err(&e))?;
+            f.seek(std::io::SeekFrom::Start(0)).map_err(|e| err(&e))?;
+            let inner: Box<dyn Read> = if gzip {
+                Box::new(flate2::read::MultiGzDecoder::new(f))
+            } else {
+                Box::new(f)
+            };
+            Ok(Padded::new(
+                ContextReader {
+                    inner,
+                    left: max,
+                    max,
+                    cancel,
+                },
+                ended,
+            ))
         };
-        Ok(ContextReader {
-            inner,
-            left: max,
-            max,
-            cancel,
-        })
-    };
+    let unended = || Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
     // First, the records the tar crate would read whole into memory whatever they declare
     // (GNU long names and link names, PAX headers), each judged by its declared size without
     // being read.
-    let mut scan = tar::Archive::new(open()?);
+    let mut scan = tar::Archive::new(open(unended())?);
     for entry in scan.entries().map_err(|e| err(&e))?.raw(true) {
         let entry = entry.map_err(|e| err(&e))?;
         let kind = entry.header().entry_type();
@@ -3016,7 +3075,10 @@ fn render_context<T>(
         }
     }
     drop(scan);
-    let reader = open()?;
+    let ended = unended();
+    let reader = open(ended.clone())?;
+    // Where the last entry's data ends: within the bytes the client sent.
+    let mut data_end: u64 = 0;
     let clean = |p: &str| -> Option<String> {
         let parts: Vec<&str> = p
             .split('/')
@@ -3066,6 +3128,7 @@ fn render_context<T>(
         if cancel.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(gone());
         }
+        data_end = data_end.max(entry.raw_file_position() + entry.size());
         let raw = entry.path_bytes();
         let Ok(raw) = std::str::from_utf8(&raw).map(str::to_string) else {
             return Err(denied(format!(
@@ -3251,6 +3314,12 @@ fn render_context<T>(
                 files.insert(path.clone());
             }
         }
+    }
+    let sent = ended.load(std::sync::atomic::Ordering::Relaxed);
+    if data_end > sent {
+        return Err(err(&format!(
+            "it ends at byte {sent}, inside an entry's data (to byte {data_end})"
+        )));
     }
     let text = found.into_iter().flatten().next().ok_or_else(|| {
         Refusal::BadRequest(format!(

@@ -2737,6 +2737,75 @@ fn gzip_context(head: &[u8], zeros: u64, tail: &[u8]) -> Vec<u8> {
 /// sent held 2 GiB of the temporary directory; the default bound allowed about a terabyte), and
 /// the tar crate read a GNU long name whole into memory (a 512 KB upload took 3.2 GB). Both are
 /// refused now, by what they declare or at the bound, with nothing built.
+/// The docker CLI sends the context of a build whose Dockerfile is outside it (`docker build -f
+/// ../Dockerfile ctx`) without the padding and the end blocks of a tar, which the engine reads:
+/// regobox refused it ("not a readable tar archive": an attacker's, twenty-fifth session). Such
+/// a context builds; one cut inside an entry's data is refused.
+#[test]
+fn a_context_without_its_end_blocks_builds_and_one_cut_short_is_refused() {
+    let b = Bridged::start("");
+    let port = b.inst.port;
+    let base = format!("regobox-test/busybox:outside{port}");
+    b.import_busybox(&base);
+    let dir = b.inst.dir.path().join("outside");
+    let ctx = dir.join("ctx");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("x"), "from-the-context\n").unwrap();
+    let dockerfile = dir.join("Dockerfile.outside");
+    std::fs::write(&dockerfile, format!("FROM {base}\nCOPY x /x\nRUN cat /x\n")).unwrap();
+    let tag = format!("regobox-test/outside:{port}");
+    let made = OnEngine::default();
+    made.image(&tag);
+    made.image(&format!("{tag}-unended"));
+    made.image(&format!("{tag}-cut"));
+    let out = b.cli(&[
+        "build",
+        "-f",
+        dockerfile.to_str().unwrap(),
+        "-t",
+        &tag,
+        ctx.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("from-the-context"),
+        "{}",
+        stdout(&out)
+    );
+    let full = context(&[
+        ("Dockerfile", 'f', &format!("FROM {base}\nRUN true\n")),
+        ("y", 'f', &"z".repeat(2000)),
+    ]);
+    // The Dockerfile's header and data (a block each), y's header, then y's data: all of it,
+    // or half.
+    let unended = &full[..3 * 512 + 2000];
+    let (status, body) = post_bytes(
+        &b.socket,
+        &format!("/v1.41/build?t={tag}-unended"),
+        "application/x-tar",
+        unended,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        image_id(&format!("{tag}-unended")).starts_with("sha256:"),
+        "not built: {body}"
+    );
+    let cut = &full[..3 * 512 + 1000];
+    let (status, body) = post_bytes(
+        &b.socket,
+        &format!("/v1.41/build?t={tag}-cut"),
+        "application/x-tar",
+        cut,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(message(&body).contains("inside an entry's data"), "{body}");
+    assert!(
+        !engine(&["image", "inspect", &format!("{tag}-cut")])
+            .status
+            .success()
+    );
+}
+
 #[test]
 fn a_build_context_is_bounded_once_decompressed_and_its_long_names_by_what_they_declare() {
     let mut b = Bridged::start("max_build_context = 8388608");
