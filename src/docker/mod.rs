@@ -540,7 +540,8 @@ fn keep_tags(list: &[bollard::models::ImageSummary], images: &Recorded, tags: &R
         .flat_map(|i| {
             i.repo_tags
                 .iter()
-                .filter(|t| *t != "<none>:<none>")
+                .chain(&i.repo_digests)
+                .filter(|t| *t != "<none>:<none>" && *t != "<none>@<none>")
                 .map(|t| proxy::owned_tag(t, &i.id))
         })
         .collect();

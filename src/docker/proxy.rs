@@ -208,6 +208,11 @@ impl Recorded {
         self.update(|s| s.remove(id));
     }
 
+    /// What is recorded now.
+    fn snapshot(&self) -> BTreeSet<String> {
+        self.ids.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
     /// Whether a recorded id begins with `prefix` (an engine's message names ids by 12
     /// characters).
     fn has_prefix(&self, prefix: &str) -> bool {
@@ -1384,7 +1389,12 @@ impl Proxy {
             // Only a tag the image has: an import's refused at its end is not made (an
             // attacker's, twenty-fifth session: recorded all the same, it made the host's tag
             // the application's once the host moved it there).
-            if !reference.is_empty() && tags.iter().any(|t| image::same_reference(t, reference)) {
+            let digests = img.repo_digests.as_deref().unwrap_or_default();
+            let named = tags
+                .iter()
+                .chain(digests)
+                .any(|t| image::same_reference(t, reference));
+            if !reference.is_empty() && named {
                 self.record_tag(reference, &id);
             }
             self.images.update(|s| s.insert(id));
@@ -2386,6 +2396,15 @@ impl Proxy {
         if removal_target(name, tags).is_some() && !self.tag_is_ours(name, &img) {
             return Err(Refusal::NotFound(format!("No such image: {name}")));
         }
+        // By a digest: of a repository the instance pulled or tagged it in (the host's push
+        // of it names another).
+        let id = img.id.as_deref().unwrap_or("");
+        if name.contains('@')
+            && !self.tags.contains(&owned_tag(name, id))
+            && !self.own_repositories(id).contains(&repository(name))
+        {
+            return Err(Refusal::NotFound(format!("No such image: {name}")));
+        }
         if img.id.as_deref().is_none_or(str::is_empty) {
             return Err(Refusal::Engine(format!(
                 "the engine gave image {name} no id"
@@ -2440,7 +2459,30 @@ impl Proxy {
         if tags.is_empty() && before > 0 {
             tags.extend(untagged.iter().map(|t| Value::from(*t)));
         }
+        // A digest names the repository the host pushed the image to too (its registry's and
+        // repository's names: an attacker's, twenty-fifth session).
+        let repositories = self.own_repositories(&id);
+        if let Some(Value::Array(digests)) = img.get_mut("RepoDigests") {
+            digests.retain(|d| {
+                d.as_str().is_some_and(|d| {
+                    d == "<none>@<none>"
+                        || self.tags.contains(&owned_tag(d, &id))
+                        || repositories.contains(&repository(d))
+                })
+            });
+        }
         own
+    }
+
+    /// The repositories of the tags the instance made on the image `id`.
+    fn own_repositories(&self, id: &str) -> BTreeSet<String> {
+        let suffix = format!(" {id}");
+        self.tags
+            .snapshot()
+            .iter()
+            .filter_map(|t| t.strip_suffix(&suffix))
+            .map(repository)
+            .collect()
     }
 
     /// Whether the tag `reference` names `img` because the socket made it so: the image is the
@@ -3919,6 +3961,14 @@ impl hyper::body::Body for OnEnd {
 /// host's.
 pub fn owned_tag(reference: &str, id: &str) -> String {
     format!("{} {id}", image::familiar(reference))
+}
+
+/// The repository a tag or digest reference names, as the engine reports it (`busybox` for
+/// `docker.io/library/busybox:1` and `busybox@sha256:...`).
+fn repository(reference: &str) -> String {
+    let familiar = image::familiar(reference);
+    let name = familiar.split('@').next().unwrap_or(&familiar);
+    image::split_tag(name).0.to_string()
 }
 
 /// The tag `name` names among the image's `tags` (the engine's familiar spellings), with its tag

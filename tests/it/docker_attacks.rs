@@ -1257,6 +1257,54 @@ fn a_pull_from_a_registry_is_the_instances_and_never_moves_anothers_tag() {
         b.cli_ok(&["run", "--rm", &tag, "echo", "pulled"]).trim(),
         "pulled"
     );
+    // The host pushes the instance's image to a repository of its own: the digest names the
+    // host's registry and repository, which are the host's (an attacker's, twenty-fifth
+    // session: listed in RepoDigests, and the image answered to it).
+    let digests = |b: &Bridged| {
+        b.cli_ok(&[
+            "image",
+            "inspect",
+            "--format",
+            "{{json .RepoDigests}}",
+            &tag,
+        ])
+    };
+    let own_digest: Vec<String> = serde_json::from_str(&digests(&b)).unwrap();
+    assert_eq!(own_digest.len(), 1, "{own_digest:?}");
+    assert!(
+        own_digest[0].starts_with(&format!("{repo}@sha256:")),
+        "{own_digest:?}"
+    );
+    let pushed = format!("127.0.0.1:{}/rbx/host-secret:v1", registry.port);
+    made.image(&pushed);
+    assert!(engine(&["tag", &tag, &pushed]).status.success());
+    let out = engine(&["push", &pushed]);
+    assert!(out.status.success(), "push: {}", stderr(&out));
+    let all: Vec<String> = serde_json::from_str(&stdout(&engine(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .RepoDigests}}",
+        &tag,
+    ])))
+    .unwrap();
+    let host_digest = all
+        .iter()
+        .find(|d| d.contains("host-secret"))
+        .unwrap_or_else(|| panic!("no digest of the push: {all:?}"))
+        .clone();
+    let seen = digests(&b);
+    assert!(!seen.contains("host-secret"), "{seen}");
+    assert!(seen.contains(&own_digest[0]), "{seen}");
+    assert!(!b.cli(&["image", "inspect", &host_digest]).status.success());
+    b.cli_ok(&["image", "inspect", &own_digest[0]]);
+    let listed = b.cli_ok(&[
+        "images",
+        "--digests",
+        "--format",
+        "{{.Repository}}@{{.Digest}}",
+    ]);
+    assert!(!listed.contains("host-secret"), "{listed}");
     // Someone else's tag of the same repository: a pull would move it.
     let before = image_id(&victim);
     let out = b.cli(&["pull", &victim]);
