@@ -706,13 +706,25 @@ impl Proxy {
                 }
                 // The label filter leaves in the containers made on the host from the
                 // instance's images (a label is inherited): only those the socket created stay.
-                let kept = only(response, "container list", |c| {
-                    self.containers
+                let (parts, body) = response.into_parts();
+                let bytes = body
+                    .collect()
+                    .await
+                    .map_err(|e| Refusal::Engine(format!("reading the container list: {e}")))?
+                    .to_bytes();
+                let list: Vec<Value> = serde_json::from_slice(&bytes)
+                    .map_err(|e| Refusal::Engine(format!("the engine's container list: {e}")))?;
+                let mut kept = Vec::with_capacity(list.len());
+                for mut c in list {
+                    if self
+                        .containers
                         .contains(c.get("Id").and_then(Value::as_str).unwrap_or(""))
-                        .then_some(c)
-                })
-                .await?;
-                Ok(plain(kept))
+                    {
+                        self.own_networks_of(&mut c).await;
+                        kept.push(c);
+                    }
+                }
+                Ok(plain(rebuild(parts, &Value::Array(kept))))
             }
             Endpoint::Build => {
                 self.build(req, &raw_query, &target("/build", &Query::default()))
@@ -1232,6 +1244,25 @@ impl Proxy {
                 if method == "DELETE" && op.is_none() && response.status().is_success() {
                     self.containers.forget(&id);
                 }
+                if method == "GET"
+                    && op.as_deref() == Some("json")
+                    && response.status().is_success()
+                {
+                    let (parts, body) = response.into_parts();
+                    let bytes = body
+                        .collect()
+                        .await
+                        .map_err(|e| Refusal::Engine(format!("reading a container inspect: {e}")))?
+                        .to_bytes();
+                    let mut c: Value = serde_json::from_slice(&bytes).map_err(|e| {
+                        Refusal::Engine(format!("the engine's container inspect: {e}"))
+                    })?;
+                    self.own_networks_of(&mut c).await;
+                    return Ok(Done {
+                        response: rebuild(parts, &c),
+                        object: Some(id),
+                    });
+                }
                 Ok(Done {
                     response,
                     object: Some(id),
@@ -1301,7 +1332,21 @@ impl Proxy {
                         };
                         with_json(parts, &body, &target(&path, &q))?
                     }
-                    _ => retarget(self.no_body(req).await?, &target(&path, &q))?,
+                    _ => {
+                        let req = self.no_body(req).await?;
+                        // Not from under a container the host connected to it: stopped, it
+                        // would not start again (the engine refuses only for running ones).
+                        if method == "DELETE" && self.network_used_by_others(&id).await? {
+                            return Ok(Done {
+                                response: json_response(
+                                    StatusCode::FORBIDDEN,
+                                    &json!({"message": format!("error while removing network: network {reference} has a container this instance did not make connected to it")}),
+                                ),
+                                object: Some(id),
+                            });
+                        }
+                        retarget(req, &target(&path, &q))?
+                    }
                 };
                 let payload = match op.as_deref() {
                     Some("connect") | Some("disconnect") => Payload::Json,
@@ -1800,6 +1845,25 @@ impl Proxy {
         });
     }
 
+    /// Whether a container the socket did not create is connected to the network `id`.
+    async fn network_used_by_others(&self, id: &str) -> Result<bool, Refusal> {
+        let opts = bollard::query_parameters::ListContainersOptions {
+            all: true,
+            filters: Some(std::collections::HashMap::from([(
+                "network".to_string(),
+                vec![id.to_string()],
+            )])),
+            ..Default::default()
+        };
+        let list =
+            self.docker.list_containers(Some(opts)).await.map_err(|e| {
+                Refusal::Engine(format!("listing the containers of network {id}: {e}"))
+            })?;
+        Ok(list
+            .iter()
+            .any(|c| !self.containers.contains(c.id.as_deref().unwrap_or(""))))
+    }
+
     /// Whether a container the socket did not create is of the image `id` (or of one built on
     /// it).
     async fn used_by_others(&self, id: &str) -> Result<bool, Refusal> {
@@ -2279,6 +2343,37 @@ impl Proxy {
         let mut text = event.to_string();
         text.push('\n');
         Some(Bytes::from(text))
+    }
+
+    /// A job's networks (inspected or listed) without those the host connected it to: their
+    /// names, ids and addresses are the host's (an attacker's, twenty-fifth session). Kept: the
+    /// engine's own (`bridge`, `host`, `none`, which a job is on unless told otherwise) and the
+    /// instance's.
+    async fn own_networks_of(&self, c: &mut Value) {
+        let Some(Value::Object(networks)) = c.pointer_mut("/NetworkSettings/Networks") else {
+            return;
+        };
+        let mut theirs = Vec::new();
+        for (name, endpoint) in networks.iter() {
+            if matches!(name.as_str(), "bridge" | "host" | "none") {
+                continue;
+            }
+            // Before a start the engine gives no id: judged by the name.
+            let id = endpoint
+                .get("NetworkID")
+                .and_then(Value::as_str)
+                .filter(|id| !id.is_empty());
+            let ours = match id {
+                Some(id) => self.network_seen_ours(id).await,
+                None => self.owned_network(name).await.is_ok(),
+            };
+            if !ours {
+                theirs.push(name.clone());
+            }
+        }
+        for name in theirs {
+            networks.remove(&name);
+        }
     }
 
     /// Whether the network `id` is the instance's: labelled, or seen so by this process before

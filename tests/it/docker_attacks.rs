@@ -5087,6 +5087,55 @@ fn what_the_host_makes_with_the_instances_network_or_image_is_not_named_nor_brok
     assert!(attached.contains(&job_id), "{attached}");
     assert!(!attached.contains(&host_id), "{attached}");
     assert!(!attached.contains(&hosts), "{attached}");
+    // A network of the host's the host connects the job to is the host's: not among the job's
+    // networks, inspected or listed (the next attacker's).
+    let host_net = format!("rbx-used-hostnet-{port}");
+    made.network(&host_net);
+    assert!(engine(&["network", "create", &host_net]).status.success());
+    let out = engine(&["network", "connect", &host_net, &job]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let host_net_id = stdout(&engine(&[
+        "network", "inspect", "--format", "{{.Id}}", &host_net,
+    ]))
+    .trim()
+    .to_string();
+    let networks = b.cli_ok(&[
+        "inspect",
+        "--format",
+        "{{json .NetworkSettings.Networks}}",
+        &job,
+    ]);
+    assert!(networks.contains(&net), "{networks}");
+    assert!(!networks.contains(&host_net), "{networks}");
+    assert!(!networks.contains(&host_net_id), "{networks}");
+    let listed = b.cli_ok(&[
+        "ps",
+        "--filter",
+        &format!("name={job}"),
+        "--format",
+        "{{.Networks}}",
+    ]);
+    assert!(listed.contains(&net), "{listed}");
+    assert!(!listed.contains(&host_net), "{listed}");
+    // A container of the host's connected to the instance's network keeps it (stopped, the
+    // engine would remove the network, and the container would not start again).
+    let stopped = format!("rbx-used-stopped-{port}");
+    made.container(&stopped);
+    let out = engine(&[
+        "create",
+        "--name",
+        &stopped,
+        "--network",
+        &net,
+        &mine,
+        "true",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = b.cli(&["network", "rm", &net]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(stderr(&out).contains("did not make"), "{}", stderr(&out));
+    assert!(engine(&["network", "inspect", &net]).status.success());
+    assert!(engine(&["rm", &stopped]).status.success());
 
     b.cli_ok(&["rm", "-f", &job]);
     for force in [false, true] {
