@@ -959,7 +959,7 @@ impl Proxy {
                     if response.status() == StatusCode::CONFLICT && q.flag("force") {
                         // Not from under a container the host made from it (an attacker's,
                         // twenty-fifth session: the host's container lost its image).
-                        if self.used_by_others(&id).await? {
+                        if self.used_by_others("ancestor", &id).await? {
                             let short = id.trim_start_matches("sha256:").get(..12).unwrap_or("");
                             return Ok(Done {
                                 response: json_response(
@@ -1336,7 +1336,7 @@ impl Proxy {
                         let req = self.no_body(req).await?;
                         // Not from under a container the host connected to it: stopped, it
                         // would not start again (the engine refuses only for running ones).
-                        if method == "DELETE" && self.network_used_by_others(&id).await? {
+                        if method == "DELETE" && self.used_by_others("network", &id).await? {
                             return Ok(Done {
                                 response: json_response(
                                     StatusCode::FORBIDDEN,
@@ -1845,39 +1845,20 @@ impl Proxy {
         });
     }
 
-    /// Whether a container the socket did not create is connected to the network `id`.
-    async fn network_used_by_others(&self, id: &str) -> Result<bool, Refusal> {
-        let opts = bollard::query_parameters::ListContainersOptions {
-            all: true,
-            filters: Some(std::collections::HashMap::from([(
-                "network".to_string(),
-                vec![id.to_string()],
-            )])),
-            ..Default::default()
-        };
-        let list =
-            self.docker.list_containers(Some(opts)).await.map_err(|e| {
-                Refusal::Engine(format!("listing the containers of network {id}: {e}"))
-            })?;
-        Ok(list
-            .iter()
-            .any(|c| !self.containers.contains(c.id.as_deref().unwrap_or(""))))
-    }
-
     /// Whether a container the socket did not create is of the image `id` (or of one built on
-    /// it).
-    async fn used_by_others(&self, id: &str) -> Result<bool, Refusal> {
+    /// it: `filter` "ancestor"), or connected to the network `id` ("network").
+    async fn used_by_others(&self, filter: &str, id: &str) -> Result<bool, Refusal> {
         let opts = bollard::query_parameters::ListContainersOptions {
             all: true,
             filters: Some(std::collections::HashMap::from([(
-                "ancestor".to_string(),
+                filter.to_string(),
                 vec![id.to_string()],
             )])),
             ..Default::default()
         };
         let list =
             self.docker.list_containers(Some(opts)).await.map_err(|e| {
-                Refusal::Engine(format!("listing the containers of image {id}: {e}"))
+                Refusal::Engine(format!("listing the containers ({filter} {id}): {e}"))
             })?;
         Ok(list
             .iter()
