@@ -764,6 +764,18 @@ impl Proxy {
                 // or another's to the policy (a pull's tag, unrecorded), invisible to the
                 // application or refused to it, never removed (an import whose client left as
                 // its body ended: the last note's, twentieth session).
+                // The images there before a pull: one the pull finds already there (the same
+                // content) is someone else's, whatever names it carries (an attacker's,
+                // twenty-fifth session: the host held it by a digest alone, which no tag shows;
+                // recorded, the application deleted it).
+                let before: Option<std::collections::HashSet<String>> = if import {
+                    None
+                } else {
+                    let list = self.all_images().await.map_err(|e| {
+                        Refusal::Engine(format!("listing the images before a pull: {e}"))
+                    })?;
+                    Some(list.into_iter().map(|i| i.id).collect())
+                };
                 let proxy = self.clone();
                 let making = Making::new(&self.making);
                 let task = tokio::spawn(async move {
@@ -805,7 +817,7 @@ impl Proxy {
                                     None if import || reference.is_empty() => return None,
                                     None => reference.clone(),
                                 };
-                                proxy.record_image(&name, &reference).await;
+                                proxy.record_image(&name, &reference, before.as_ref()).await;
                                 (!said.is_empty()).then(|| Bytes::from(said))
                             }) as Recording
                         })
@@ -940,6 +952,7 @@ impl Proxy {
                     }
                 };
                 let mut said = Vec::new();
+                let repositories = self.own_repositories(&id);
                 let remove = |by: &str, q: &Query| {
                     Request::builder()
                         .method(Method::DELETE)
@@ -987,8 +1000,14 @@ impl Proxy {
                         .await
                         .map_err(|e| Refusal::Engine(format!("reading an image remove: {e}")))?
                         .to_bytes();
+                    // What the engine untagged names the image's references, the host's too
+                    // (a digest of its repository): only the instance's are said.
                     if let Ok(Value::Array(items)) = serde_json::from_slice(&bytes) {
-                        said.extend(items);
+                        said.extend(items.into_iter().filter(|item| {
+                            item.get("Untagged")
+                                .and_then(Value::as_str)
+                                .is_none_or(|r| repositories.contains(&repository(r)))
+                        }));
                     }
                 }
                 let gone = matches!(
@@ -1336,7 +1355,7 @@ impl Proxy {
                         let req = self.no_body(req).await?;
                         // Not from under a container the host connected to it: stopped, it
                         // would not start again (the engine refuses only for running ones).
-                        if method == "DELETE" && self.used_by_others("network", &id).await? {
+                        if method == "DELETE" && self.network_used_by_others(&id).await? {
                             return Ok(Done {
                                 response: json_response(
                                     StatusCode::FORBIDDEN,
@@ -1421,10 +1440,20 @@ impl Proxy {
     /// alone names it. An image of the same content may be on the host already under others'
     /// tags (ids are content hashes): recording its id would hand those tags to the
     /// application. (An untagged import: `reference` empty, and the image must have no tag.)
-    async fn record_image(&self, name: &str, reference: &str) {
+    async fn record_image(
+        &self,
+        name: &str,
+        reference: &str,
+        before: Option<&std::collections::HashSet<String>>,
+    ) {
         let Ok(img) = self.docker.inspect_image(name).await else {
             return;
         };
+        let id = img.id.as_deref().unwrap_or("");
+        if before.is_some_and(|b| b.contains(id)) && !self.images.contains(id) {
+            tracing::warn!(reference = %reference, image = %id, "a pull found its image already on the host, not the application's: not recorded as the application's");
+            return;
+        }
         let tags = img.repo_tags.as_deref().unwrap_or_default();
         if !tags.iter().all(|t| image::same_reference(t, reference)) {
             tracing::warn!(reference = %reference, tags = ?tags, "a pulled or imported image is also tagged by others on the host: not recorded as the application's");
@@ -1863,6 +1892,23 @@ impl Proxy {
         Ok(list
             .iter()
             .any(|c| !self.containers.contains(c.id.as_deref().unwrap_or(""))))
+    }
+
+    /// Whether a container the socket did not create is connected to the network `id`: found by
+    /// the network's id, and by its name (a container not started yet has no endpoint, and the
+    /// engine's filter finds it by the name only: the next attacker's).
+    async fn network_used_by_others(&self, id: &str) -> Result<bool, Refusal> {
+        let name = self
+            .docker
+            .inspect_network(id, None::<bollard::query_parameters::InspectNetworkOptions>)
+            .await
+            .map_err(|e| Refusal::Engine(format!("inspecting network {id}: {e}")))?
+            .name
+            .unwrap_or_default();
+        if self.used_by_others("network", id).await? {
+            return Ok(true);
+        }
+        Ok(!name.is_empty() && self.used_by_others("network", &name).await?)
     }
 
     /// The engine's conflict (an image remove's) without the ids of what is not the instance's:

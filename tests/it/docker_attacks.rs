@@ -1305,6 +1305,39 @@ fn a_pull_from_a_registry_is_the_instances_and_never_moves_anothers_tag() {
         "{{.Repository}}@{{.Digest}}",
     ]);
     assert!(!listed.contains("host-secret"), "{listed}");
+    // Content the host holds by a digest alone (no tag): the application's pull of a tag of
+    // the same content finds the image there, and it stays the host's (the next attacker's:
+    // recorded, the application removed the host's image).
+    let pinned = format!("{repo}:pinned");
+    made.image(&pinned);
+    foreign_image(b.inst.dir.path(), &pinned, "pinned-secret");
+    let out = engine(&["push", &pinned]);
+    assert!(out.status.success(), "push: {}", stderr(&out));
+    let pinned_id = image_id(&pinned);
+    let digest: Vec<String> = serde_json::from_str(&stdout(&engine(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .RepoDigests}}",
+        &pinned,
+    ])))
+    .unwrap();
+    let digest = digest[0].clone();
+    made.image(&digest);
+    assert!(engine(&["rmi", &pinned]).status.success());
+    let out = engine(&["pull", &digest]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(image_id(&digest), pinned_id);
+    b.cli_ok(&["pull", &pinned]);
+    assert!(!b.cli(&["image", "inspect", &pinned]).status.success());
+    assert!(!b.cli(&["rmi", &pinned]).status.success());
+    let (status, body) = raw(
+        &b.socket,
+        &format!("DELETE /images/{pinned_id} HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(image_id(&digest), pinned_id, "the host's image was removed");
+
     // Someone else's tag of the same repository: a pull would move it.
     let before = image_id(&victim);
     let out = b.cli(&["pull", &victim]);
@@ -5136,6 +5169,26 @@ fn what_the_host_makes_with_the_instances_network_or_image_is_not_named_nor_brok
     assert!(stderr(&out).contains("did not make"), "{}", stderr(&out));
     assert!(engine(&["network", "inspect", &net]).status.success());
     assert!(engine(&["rm", &stopped]).status.success());
+    // Alone on a network of the instance's, never started (the engine's filter by the network's
+    // id does not find it: the next attacker's).
+    let net2 = format!("rbx-used-net2-{port}");
+    made.network(&net2);
+    b.cli_ok(&["network", "create", &net2]);
+    let out = engine(&[
+        "create",
+        "--name",
+        &stopped,
+        "--network",
+        &net2,
+        &mine,
+        "true",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = b.cli(&["network", "rm", &net2]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(engine(&["network", "inspect", &net2]).status.success());
+    assert!(engine(&["rm", &stopped]).status.success());
+    b.cli_ok(&["network", "rm", &net2]);
 
     b.cli_ok(&["rm", "-f", &job]);
     for force in [false, true] {
