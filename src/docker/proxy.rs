@@ -706,14 +706,8 @@ impl Proxy {
                 }
                 // The label filter leaves in the containers made on the host from the
                 // instance's images (a label is inherited): only those the socket created stay.
-                let (parts, body) = response.into_parts();
-                let bytes = body
-                    .collect()
-                    .await
-                    .map_err(|e| Refusal::Engine(format!("reading the container list: {e}")))?
-                    .to_bytes();
-                let list: Vec<Value> = serde_json::from_slice(&bytes)
-                    .map_err(|e| Refusal::Engine(format!("the engine's container list: {e}")))?;
+                let (parts, list): (_, Vec<Value>) =
+                    engine_value(response, "container list").await?;
                 let mut kept = Vec::with_capacity(list.len());
                 for mut c in list {
                     if self
@@ -874,14 +868,7 @@ impl Proxy {
                         object: Some(name.clone()),
                     });
                 }
-                let (parts, body) = response.into_parts();
-                let bytes = body
-                    .collect()
-                    .await
-                    .map_err(|e| Refusal::Engine(format!("reading an image inspect: {e}")))?
-                    .to_bytes();
-                let mut img: Value = serde_json::from_slice(&bytes)
-                    .map_err(|e| Refusal::Engine(format!("the engine's image inspect: {e}")))?;
+                let (parts, mut img): (_, Value) = engine_value(response, "image inspect").await?;
                 let _ = self.own_repo_tags(&mut img, &[]);
                 Ok(Done {
                     response: rebuild(parts, &img),
@@ -1267,15 +1254,8 @@ impl Proxy {
                     && op.as_deref() == Some("json")
                     && response.status().is_success()
                 {
-                    let (parts, body) = response.into_parts();
-                    let bytes = body
-                        .collect()
-                        .await
-                        .map_err(|e| Refusal::Engine(format!("reading a container inspect: {e}")))?
-                        .to_bytes();
-                    let mut c: Value = serde_json::from_slice(&bytes).map_err(|e| {
-                        Refusal::Engine(format!("the engine's container inspect: {e}"))
-                    })?;
+                    let (parts, mut c): (_, Value) =
+                        engine_value(response, "container inspect").await?;
                     self.own_networks_of(&mut c).await;
                     return Ok(Done {
                         response: rebuild(parts, &c),
@@ -1380,14 +1360,8 @@ impl Proxy {
                 }
                 // An inspection: the containers the host connected to the network are the
                 // host's (their ids, names and addresses: an attacker's, twenty-fifth session).
-                let (parts, body) = response.into_parts();
-                let bytes = body
-                    .collect()
-                    .await
-                    .map_err(|e| Refusal::Engine(format!("reading a network inspect: {e}")))?
-                    .to_bytes();
-                let mut network: Value = serde_json::from_slice(&bytes)
-                    .map_err(|e| Refusal::Engine(format!("the engine's network inspect: {e}")))?;
+                let (parts, mut network): (_, Value) =
+                    engine_value(response, "network inspect").await?;
                 if let Some(Value::Object(attached)) = network.get_mut("Containers") {
                     attached.retain(|c, _| self.containers.contains(c));
                 }
@@ -3523,6 +3497,22 @@ fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
     response
 }
 
+/// The engine's answer (`what`) read whole as JSON, to be written again with [`rebuild`].
+async fn engine_value<T: serde::de::DeserializeOwned>(
+    response: Response<Body>,
+    what: &str,
+) -> Result<(hyper::http::response::Parts, T), Refusal> {
+    let (parts, body) = response.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|e| Refusal::Engine(format!("reading the {what}: {e}")))?
+        .to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .map_err(|e| Refusal::Engine(format!("the engine's {what}: {e}")))?;
+    Ok((parts, value))
+}
+
 /// The engine's list (`what`, a JSON array) with only the entries `keep` keeps, as regobox
 /// writes it.
 async fn only(
@@ -3530,14 +3520,7 @@ async fn only(
     what: &str,
     keep: impl Fn(Value) -> Option<Value>,
 ) -> Result<Response<Body>, Refusal> {
-    let (parts, body) = response.into_parts();
-    let bytes = body
-        .collect()
-        .await
-        .map_err(|e| Refusal::Engine(format!("reading the {what}: {e}")))?
-        .to_bytes();
-    let list: Vec<Value> = serde_json::from_slice(&bytes)
-        .map_err(|e| Refusal::Engine(format!("the engine's {what}: {e}")))?;
+    let (parts, list): (_, Vec<Value>) = engine_value(response, what).await?;
     let kept: Vec<Value> = list.into_iter().filter_map(keep).collect();
     Ok(rebuild(parts, &Value::Array(kept)))
 }
