@@ -206,6 +206,16 @@ pub struct Child {
     pub stderr: Option<ChildStderr>,
 }
 
+/// The open files limit children get (soft, hard): the one regobox started with, where it
+/// raised its own (the proxy, [`children_open_files`]). Programs that use `select` fail past
+/// descriptor 1023, and some close every descriptor up to the soft limit at each start.
+static CHILD_OPEN_FILES: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+
+/// Children get `(soft, hard)` as their open files limit, whatever regobox's own.
+pub fn children_open_files(soft: u64, hard: u64) {
+    let _ = CHILD_OPEN_FILES.set((soft, hard));
+}
+
 /// Start `command` and register it with the reaper.
 static LAUNCHED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
@@ -226,6 +236,23 @@ pub fn spawn(command: &mut std::process::Command) -> io::Result<Child> {
             "the reaper is not running (process::install was not called)",
         ));
     };
+    if let Some(&(soft, hard)) = CHILD_OPEN_FILES.get() {
+        use std::os::unix::process::CommandExt;
+        let limit = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing but its own
+        // copy of `limit` between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     let mut child = command.spawn()?;
     let pid = child.id() as i32;
     let (tx, rx) = oneshot::channel();
@@ -337,6 +364,24 @@ pub async fn output(command: &mut std::process::Command) -> io::Result<Output> {
 /// has ended (a stop signal, a timeout), the whole group is killed (SIGKILL): no initdb, probe or
 /// dump goes on writing after regobox has given up on it, or after it has exited.
 pub async fn output_fed(command: &mut std::process::Command, stdin: Stdio) -> io::Result<Output> {
+    output_kept(command, stdin, None).await
+}
+
+/// [`output`], keeping at most `limit + 1` bytes of each stream (what is past them is read and
+/// dropped; more than `limit` kept says the stream was longer): for a command whose output
+/// untrusted input makes (`pg_restore` printing a crafted dump's statement in an error).
+pub async fn output_limited(
+    command: &mut std::process::Command,
+    limit: usize,
+) -> io::Result<Output> {
+    output_kept(command, Stdio::null(), Some(limit)).await
+}
+
+async fn output_kept(
+    command: &mut std::process::Command,
+    stdin: Stdio,
+    limit: Option<usize>,
+) -> io::Result<Output> {
     use std::os::unix::process::CommandExt;
     command
         .stdin(stdin)
@@ -344,8 +389,8 @@ pub async fn output_fed(command: &mut std::process::Command, stdin: Stdio) -> io
         .stderr(Stdio::piped())
         .process_group(0);
     let mut child = KillOnDrop(spawn(command)?);
-    let out = child.0.stdout.take().map(read_all);
-    let err = child.0.stderr.take().map(read_all);
+    let out = child.0.stdout.take().map(|p| read_kept(p, limit));
+    let err = child.0.stderr.take().map(|p| read_kept(p, limit));
     let stdout = match out {
         Some(f) => f.await?,
         None => Vec::new(),
@@ -383,10 +428,25 @@ impl Drop for KillOnDrop {
     }
 }
 
-async fn read_all(pipe: impl Into<std::os::fd::OwnedFd>) -> io::Result<Vec<u8>> {
+/// A pipe read to its end; kept whole, or its first `limit + 1` bytes.
+async fn read_kept(
+    pipe: impl Into<std::os::fd::OwnedFd>,
+    limit: Option<usize>,
+) -> io::Result<Vec<u8>> {
     let mut reader = async_pipe(pipe)?;
     let mut buf = Vec::new();
-    reader.read_to_end(&mut buf).await?;
+    match limit {
+        None => {
+            reader.read_to_end(&mut buf).await?;
+        }
+        Some(limit) => {
+            (&mut reader)
+                .take(limit as u64 + 1)
+                .read_to_end(&mut buf)
+                .await?;
+            tokio::io::copy(&mut reader, &mut tokio::io::sink()).await?;
+        }
+    }
     Ok(buf)
 }
 

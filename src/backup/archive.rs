@@ -109,6 +109,10 @@ pub struct Contents {
     pub trees: Usage,
     /// The top-level volume directories (`volumes/<dir>`), in the archive's order.
     pub volumes: Vec<String>,
+    /// The SHA-256 of `manifest.json` as read: two reads of archives that give the same had the
+    /// same members (each member is checked against its listing), whatever happened to the file
+    /// between them (a restore reads it more than once).
+    pub manifest_sha256: [u8; 32],
 }
 
 /// What a set of members takes once written.
@@ -1633,6 +1637,7 @@ fn read_manifest(input: impl Read, mut seen: SeenMap) -> Result<Manifest, Archiv
         escaped: false,
         length: 0,
         too_long: false,
+        sha256: Sha256::new(),
     };
     let mut de = serde_json::Deserializer::from_reader(io::BufReader::new(&mut strings));
     let parsed = serde::de::DeserializeSeed::deserialize(
@@ -1643,6 +1648,7 @@ fn read_manifest(input: impl Read, mut seen: SeenMap) -> Result<Manifest, Archiv
         &mut de,
     )
     .and_then(|m| de.end().map(|()| m));
+    drop(de);
     let manifest = match (parsed, refusal) {
         (_, Some(refused)) => return Err(refused),
         (Err(_), None) if strings.too_long => {
@@ -1658,6 +1664,10 @@ fn read_manifest(input: impl Read, mut seen: SeenMap) -> Result<Manifest, Archiv
     if let Some(extra) = seen.into_keys().next() {
         return Err(ArchiveError::Unlisted(extra.into()));
     }
+    // The rest of the member (the reader stops at the JSON's end), hashed too.
+    io::copy(&mut strings, &mut io::sink()).map_err(|e| ArchiveError::Corrupt(e.to_string()))?;
+    let mut manifest = manifest;
+    manifest.contents.manifest_sha256 = strings.sha256.finalize().into();
     Ok(manifest)
 }
 
@@ -1675,11 +1685,14 @@ struct ShortStrings<R> {
     escaped: bool,
     length: usize,
     too_long: bool,
+    /// What was read, hashed ([`Contents::manifest_sha256`]).
+    sha256: Sha256,
 }
 
 impl<R: Read> Read for ShortStrings<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
+        self.sha256.update(&buf[..n]);
         for b in &buf[..n] {
             if !self.in_string {
                 if *b == b'"' {
@@ -2134,7 +2147,10 @@ fn read(
     }
     let mut manifest = manifest.ok_or(ArchiveError::NoManifest)??;
     check_header(header_seen.as_ref(), &manifest)?;
-    manifest.contents = contents;
+    manifest.contents = Contents {
+        manifest_sha256: manifest.contents.manifest_sha256,
+        ..contents
+    };
     for d in dirs.into_iter().rev() {
         set_dir_meta(&d, as_root).map_err(io_err(&d.path))?;
     }

@@ -194,19 +194,121 @@ pub struct Judge<'a> {
     pub extensions: &'a [String],
 }
 
-/// Why a dump is refused: every entry the application role cannot load, each with why.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}", .0.join("; "))]
-pub struct Refusals(pub Vec<String>);
+/// The longest line of a table of contents read: an entry's line names an object (at most 63
+/// bytes a name, a function's argument types with it: a few KiB at most). A crafted dump's
+/// entry of a 700 MiB name, 24 KB compressed, made a restore's check hold 4 GB.
+pub const MAX_TOC_LINE: usize = 64 << 10;
 
-/// Decide, entry by entry, what the application role loads (see the module documentation).
-pub fn judge(toc: &str, judge: &Judge<'_>) -> Result<Load, Refusals> {
+/// The most of a table of contents read (a million objects list in about 50 MiB).
+pub const MAX_TOC: u64 = 256 << 20;
+
+/// Refusals named in a refusal's message; the rest are counted.
+const NAMED: usize = 20;
+
+/// The longest a named refusal is in a message.
+const NAMED_LEN: usize = 300;
+
+/// Why a dump is refused: the entries the application role cannot load, each with why (the
+/// first [`NAMED`], then how many more).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Refusals {
+    pub named: Vec<String>,
+    pub more: usize,
+}
+
+impl Refusals {
+    fn push(&mut self, why: String) {
+        if self.named.len() < NAMED {
+            self.named.push(shorten(why, NAMED_LEN));
+        } else {
+            self.more += 1;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.named.is_empty()
+    }
+}
+
+impl std::fmt::Display for Refusals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.named.join("; "))?;
+        if self.more > 0 {
+            write!(f, "; and {} more", self.more)?;
+        }
+        Ok(())
+    }
+}
+
+/// `s` cut to at most `max` bytes (on a character's boundary), `…` saying so.
+fn shorten(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+/// What refuses a dump on its table of contents.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TocError {
+    /// Entries the application role cannot load.
+    #[error("{0}")]
+    Refused(Refusals),
+    /// A table of contents regobox does not read (bounded, UTF-8).
+    #[error("its table of contents {0}")]
+    Unreadable(String),
+}
+
+/// [`judge_reader`] on a table of contents held whole.
+pub fn judge(toc: &str, judge: &Judge<'_>) -> Result<Load, TocError> {
+    judge_reader(toc.as_bytes(), judge)
+}
+
+/// Decide, entry by entry, what the application role loads (see the module documentation),
+/// reading the table of contents as it streams (`pg_restore --list`'s output): a line is read
+/// up to [`MAX_TOC_LINE`], the whole up to [`MAX_TOC`], and only what the load needs is kept
+/// (the lines it loads, the first refusals), so that no dump makes a reader hold more.
+pub fn judge_reader(mut toc: impl std::io::BufRead, judge: &Judge<'_>) -> Result<Load, TocError> {
+    use std::io::{BufRead, Read};
     let mut schemas = String::new();
     let mut list = String::new();
     let mut own = Vec::new();
-    let mut refused = Vec::new();
+    let mut refused = Refusals::default();
     let mut init_scripts_rows = false;
-    for line in toc.lines() {
+    let mut raw = Vec::new();
+    let mut read = 0u64;
+    for number in 1.. {
+        raw.clear();
+        let n = (&mut toc)
+            .take(MAX_TOC_LINE as u64 + 1)
+            .read_until(b'\n', &mut raw)
+            .map_err(|e| TocError::Unreadable(format!("cannot be read: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        read += n as u64;
+        if read > MAX_TOC {
+            return Err(TocError::Unreadable(format!(
+                "is longer than {} MiB",
+                MAX_TOC >> 20
+            )));
+        }
+        if raw.len() > MAX_TOC_LINE {
+            return Err(TocError::Unreadable(format!(
+                "has a line (line {number}) longer than {} KiB, which no object of PostgreSQL's needs (a name is at most 63 bytes)",
+                MAX_TOC_LINE >> 10
+            )));
+        }
+        let Ok(line) = std::str::from_utf8(&raw) else {
+            return Err(TocError::Unreadable(format!(
+                "is not UTF-8 (line {number})"
+            )));
+        };
         let entry = match parse_line(line) {
             Ok(Some(e)) => e,
             Ok(None) => continue,
@@ -272,7 +374,7 @@ pub fn judge(toc: &str, judge: &Judge<'_>) -> Result<Load, Refusals> {
             init_scripts_rows,
         })
     } else {
-        Err(Refusals(refused))
+        Err(TocError::Refused(refused))
     }
 }
 
@@ -391,7 +493,7 @@ mod tests {
 219; 1255 16400 FUNCTION public f(integer, text) app
 ";
 
-    fn judge_with(toc: &str, extensions: &[&str]) -> Result<Load, Refusals> {
+    fn judge_with(toc: &str, extensions: &[&str]) -> Result<Load, TocError> {
         let extensions: Vec<String> = extensions.iter().map(|s| s.to_string()).collect();
         judge(
             toc,
@@ -461,7 +563,13 @@ mod tests {
 224; 0 0 SOMETHING NEW public x app
 "
         );
-        let Refusals(why) = judge_with(&toc, &[]).unwrap_err();
+        let Err(TocError::Refused(Refusals {
+            named: why,
+            more: 0,
+        })) = judge_with(&toc, &[])
+        else {
+            panic!("refused, each named")
+        };
         let joined = why.join("\n");
         for expect in [
             "FUNCTION public.evil() (owned by postgres, not by the application role app)",
@@ -489,7 +597,7 @@ mod tests {
 215; 1259 16390 TABLE regobox other postgres
 ";
         let load = judge_with(toc, &[]);
-        let Err(Refusals(why)) = load else {
+        let Err(TocError::Refused(Refusals { named: why, .. })) = load else {
             panic!("{load:?}")
         };
         assert_eq!(why.len(), 1, "{why:?}");
@@ -518,5 +626,83 @@ mod tests {
                 vec![Some("x\ty".into()), None, Some("z\\".into())],
             ]
         );
+    }
+
+    /// Attack (twenty-sixth session): a dump whose table of contents has an entry of a 700 MiB
+    /// name (24 KB compressed) made a restore's check hold 4 GB, and its refusal printed the
+    /// name. A line is read up to a bound, the whole too, and a refusal names 20 entries,
+    /// each shortened, then counts the rest.
+    #[test]
+    fn a_table_of_contents_is_read_within_bounds_and_its_refusal_is_short() {
+        let long = format!("7; 0 0 TABLE public {} app\n", "a".repeat(MAX_TOC_LINE));
+        let toc = format!("{TOC}{long}");
+        let Err(TocError::Unreadable(why)) = judge_with(&toc, &[]) else {
+            panic!("a line over the bound is refused")
+        };
+        let number = TOC.lines().count() + 1;
+        assert!(
+            why.contains(&format!("(line {number})")) && why.contains("64 KiB"),
+            "{why}"
+        );
+        // Just under the bound: an entry like any other (refused here for its owner).
+        let name = "b".repeat(MAX_TOC_LINE - 40);
+        let under = format!("{TOC}8; 0 0 TABLE public {name} postgres\n");
+        let Err(TocError::Refused(r)) = judge_with(&under, &[]) else {
+            panic!("read, and judged")
+        };
+        assert!(r.to_string().len() < 400, "shortened");
+        // Many refused entries: 20 named, the rest counted.
+        let many: String = (0..1000)
+            .map(|i| format!("{i}; 0 0 EVENT TRIGGER - e{i} app\n"))
+            .collect();
+        let Err(TocError::Refused(r)) = judge_with(&many, &[]) else {
+            panic!("refused")
+        };
+        assert_eq!((r.named.len(), r.more), (20, 980));
+        assert!(r.to_string().ends_with("; and 980 more"), "{r}");
+        // Not UTF-8: refused, not read as nothing.
+        let mut bytes = TOC.as_bytes().to_vec();
+        bytes.extend_from_slice(b"9; 0 0 TABLE public \xff app\n");
+        let judged = judge_reader(
+            &bytes[..],
+            &Judge {
+                owner: "app",
+                extensions: &[],
+            },
+        );
+        assert!(
+            matches!(&judged, Err(TocError::Unreadable(why)) if why.contains("not UTF-8")),
+            "{judged:?}"
+        );
+    }
+
+    #[test]
+    fn a_table_of_contents_longer_than_the_bound_is_refused() {
+        struct Endless(u64);
+        impl std::io::Read for Endless {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let line = b"1; 0 0 TABLE public t app\n";
+                let n = buf.len() / line.len() * line.len();
+                for c in buf[..n].chunks_mut(line.len()) {
+                    c.copy_from_slice(line);
+                }
+                self.0 += n as u64;
+                Ok(n)
+            }
+        }
+        let mut endless = Endless(0);
+        let judged = judge_reader(
+            std::io::BufReader::new(&mut endless),
+            &Judge {
+                owner: "app",
+                extensions: &[],
+            },
+        );
+        assert!(
+            matches!(&judged, Err(TocError::Unreadable(why)) if why.contains("longer than 256 MiB")),
+            "{:?}",
+            judged.map(|_| ())
+        );
+        assert!(endless.0 <= MAX_TOC + (64 << 10), "read no further");
     }
 }

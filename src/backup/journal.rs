@@ -105,14 +105,15 @@ pub fn swap_named(
 ) -> io::Result<Vec<PathBuf>> {
     let swaps: Vec<Swap> = pairs
         .iter()
-        .map(|(live, staged)| {
+        .enumerate()
+        .map(|(i, (live, staged))| {
             let name = live
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             Swap {
-                old: live.with_file_name(format!(".{name}.old-{id}")),
-                had_live: live.exists(),
+                old: live.with_file_name(aside(&name, id, i)),
+                had_live: present(live),
                 live: live.clone(),
                 staged: staged.clone(),
             }
@@ -167,6 +168,29 @@ pub fn swap_named(
     Ok(journal.swaps.iter().map(|s| s.old.clone()).collect())
 }
 
+/// The name a replaced directory `name` is moved aside to: `.<name>.old-<id>`, or, where that
+/// would pass a name's 255 bytes (an archive's directory of a 250-byte name failed its swap after
+/// all the work), `name` cut short with the pair's `index`, which keeps it apart from another
+/// cut the same.
+fn aside(name: &str, id: &str, index: usize) -> String {
+    const NAME_MAX: usize = 255;
+    let full = format!(".{name}.old-{id}");
+    if full.len() <= NAME_MAX {
+        return full;
+    }
+    let tail = format!("~{index}.old-{id}");
+    let mut keep = NAME_MAX.saturating_sub(1 + tail.len()).min(name.len());
+    while !name.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    format!(".{}{tail}", &name[..keep])
+}
+
+/// Whether anything is at `path` (a link too, even one to nothing).
+fn present(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
+}
+
 /// `std::fs::rename`, its error naming both paths.
 fn rename(from: &Path, to: &Path) -> io::Result<()> {
     std::fs::rename(from, to).map_err(|e| {
@@ -179,8 +203,17 @@ fn rename(from: &Path, to: &Path) -> io::Result<()> {
 
 fn finish(root: &Path, journal: &Journal) {
     for s in &journal.swaps {
-        if !journal.keep_old && s.old.exists() {
-            if let Err(e) = std::fs::remove_dir_all(&s.old) {
+        let Ok(old) = std::fs::symlink_metadata(&s.old) else {
+            continue;
+        };
+        if !journal.keep_old {
+            // What was replaced may be a file (`--force` where the archive has a directory).
+            let removed = if old.is_dir() {
+                std::fs::remove_dir_all(&s.old)
+            } else {
+                std::fs::remove_file(&s.old)
+            };
+            if let Err(e) = removed {
                 tracing::warn!(path = %s.old.display(), error = %e, "cannot remove the previous data");
             }
         }
@@ -248,14 +281,14 @@ pub fn recover_named(root: &Path, name: &str) -> io::Result<Option<&'static str>
         State::Swapping => {
             for s in journal.swaps.iter().rev() {
                 let swapped = if s.had_live {
-                    s.old.exists()
+                    present(&s.old)
                 } else {
-                    s.live.exists() && !s.staged.exists()
+                    present(&s.live) && !present(&s.staged)
                 };
                 if !swapped {
                     continue;
                 }
-                if s.live.exists() {
+                if present(&s.live) {
                     rename(&s.live, &s.staged)?;
                 }
                 if s.had_live {
@@ -264,7 +297,7 @@ pub fn recover_named(root: &Path, name: &str) -> io::Result<Option<&'static str>
                 sync_parent(&s.live)?;
             }
             for s in &journal.swaps {
-                if !journal.keep_staged && s.staged.exists() {
+                if !journal.keep_staged && present(&s.staged) {
                     let _ = std::fs::remove_dir_all(&s.staged);
                 }
             }
@@ -382,5 +415,18 @@ mod tests {
         assert_eq!(std::fs::read_to_string(a.join("v")).unwrap(), "new-a");
         assert!(!d.path().join(".a.old-1").exists());
         assert_eq!(recover(d.path()).unwrap(), None);
+    }
+
+    #[test]
+    fn an_aside_name_fits_in_a_name_whatever_the_name() {
+        assert_eq!(aside("files", "20261206T1-7", 1), ".files.old-20261206T1-7");
+        let long = "é".repeat(125);
+        let (a, b) = (
+            aside(&long, "20261206T111816-12345", 1),
+            aside(&long, "20261206T111816-12345", 2),
+        );
+        assert!(a.len() <= 255 && b.len() <= 255, "{} {}", a.len(), b.len());
+        assert_ne!(a, b, "two names cut the same stay apart");
+        assert!(a.ends_with("~1.old-20261206T111816-12345"), "{a}");
     }
 }

@@ -107,6 +107,13 @@ pub enum RestoreRefused {
     )]
     DumpNeedsMore { role: String, objects: String },
     #[error(
+        "{} changed while it was restored (its manifest is not the one checked before anything was stopped); nothing was replaced",
+        .archive.display()
+    )]
+    ArchiveChanged { archive: PathBuf },
+    #[error("the archive's dump is refused: {why}")]
+    DumpUnreadable { why: String },
+    #[error(
         "code in the dump changed what a dump does not hold, while it loaded: {what}; refusing it"
     )]
     DumpChangedSettings { what: String },
@@ -944,21 +951,142 @@ fn restored_passwords(
     Ok((su, app))
 }
 
-/// Run `pg_restore` with `args` (reading a dump, never connecting); its standard output.
+/// What regobox keeps of `pg_restore`'s errors (the first: it stops at the first with
+/// `--exit-on-error`; a crafted dump's statement, printed with its error, can be any size).
+const PG_RESTORE_ERRORS_KEPT: usize = 64 << 10;
+
+/// The most `pg_restore` prints of one entry of a dump that regobox reads (an extension's
+/// `CREATE EXTENSION`, a few hundred bytes).
+const ENTRY_SQL_MAX: usize = 1 << 20;
+
+/// `pg_restore`'s errors as kept, for a message.
+fn pg_restore_errors(stderr: &[u8]) -> String {
+    let kept = &stderr[..stderr.len().min(PG_RESTORE_ERRORS_KEPT)];
+    let mut text = String::from_utf8_lossy(kept).trim().to_string();
+    if stderr.len() > PG_RESTORE_ERRORS_KEPT {
+        text.push_str(" [...]");
+    }
+    text
+}
+
+/// Run `pg_restore` with `args` (reading a dump, never connecting); its standard output, at
+/// most [`ENTRY_SQL_MAX`].
 async fn pg_restore_text(binaries: &Binaries, args: &[&OsStr]) -> anyhow::Result<String> {
     let mut cmd = std::process::Command::new(binaries.path("pg_restore"));
     cmd.args(args).env_clear();
-    let out = crate::process::output(&mut cmd)
+    let out = crate::process::output_limited(&mut cmd, ENTRY_SQL_MAX.max(PG_RESTORE_ERRORS_KEPT))
         .await
         .context("running pg_restore")?;
     if !out.status.success() {
         bail!(
             "pg_restore could not read the dump ({}): {}",
             out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
+            pg_restore_errors(&out.stderr)
         );
     }
+    if out.stdout.len() > ENTRY_SQL_MAX {
+        return Err(RestoreRefused::DumpUnreadable {
+            why: format!(
+                "an entry regobox reads itself ({}) is longer than {} MiB",
+                args.iter()
+                    .map(|a| a.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                ENTRY_SQL_MAX >> 20
+            ),
+        }
+        .into());
+    }
     String::from_utf8(out.stdout).context("pg_restore's output is not UTF-8")
+}
+
+/// The table of contents of a dump (`pg_restore --list` of `dump`, or of what `input` feeds it),
+/// judged as it streams ([`dump::judge_reader`]): no crafted dump makes regobox hold more than
+/// the lines the load needs. Blocking: from a blocking task.
+fn judge_listed(
+    program: &Path,
+    dump: Option<&Path>,
+    input: Option<&mut dyn Read>,
+    judge: &dump::Judge<'_>,
+    runtime: &tokio::runtime::Handle,
+) -> anyhow::Result<Result<dump::Load, dump::TocError>> {
+    use std::process::Stdio;
+    let mut command = std::process::Command::new(program);
+    command.arg("--list");
+    if let Some(dump) = dump {
+        command.arg(dump);
+    }
+    // Through the reaper (the one waiter of every child).
+    let mut child = crate::process::spawn(
+        command
+            .env_clear()
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .with_context(|| format!("running {}", program.display()))?;
+    let stdout = child.stdout.take().context("pg_restore's output")?;
+    let mut stderr = child.stderr.take().context("pg_restore's errors")?;
+    let stdin = child.stdin.take();
+    let (judged, errors, fed) = std::thread::scope(|scope| {
+        let judged = scope.spawn(move || {
+            // Dropped once judged: a pg_restore still writing ends (a refusal stops reading).
+            dump::judge_reader(io::BufReader::new(stdout), judge)
+        });
+        let errors = scope.spawn(move || {
+            let mut kept = Vec::new();
+            let _ = (&mut stderr)
+                .take(PG_RESTORE_ERRORS_KEPT as u64 + 1)
+                .read_to_end(&mut kept);
+            let _ = io::copy(&mut stderr, &mut io::sink());
+            kept
+        });
+        let mut fed = Ok(());
+        if let (Some(input), Some(mut stdin)) = (input, stdin) {
+            // pg_restore stops reading after the table of contents.
+            match io::copy(input, &mut stdin) {
+                Err(e) if e.kind() != io::ErrorKind::BrokenPipe => fed = Err(e),
+                _ => {}
+            }
+        }
+        (judged.join(), errors.join(), fed)
+    });
+    let judged =
+        judged.map_err(|_| anyhow::anyhow!("judging the dump's table of contents failed"))?;
+    if fed.is_err() || judged.is_err() {
+        child.signal(nix::sys::signal::Signal::SIGKILL);
+    }
+    let status = runtime.block_on(child.wait());
+    fed.context("reading the archive's dump")?;
+    if let Err(refused) = judged {
+        return Ok(Err(refused));
+    }
+    if !status.success() {
+        bail!(
+            "pg_restore cannot read the dump ({status}): {}",
+            pg_restore_errors(&errors.unwrap_or_default())
+        );
+    }
+    Ok(judged)
+}
+
+/// A dump's table of contents refused, as a restore says it (`role`: the application role).
+fn toc_refused(refused: dump::TocError, role: &str) -> anyhow::Error {
+    match refused {
+        dump::TocError::Refused(refusals) => RestoreRefused::DumpNeedsMore {
+            role: role.to_string(),
+            objects: refusals.to_string(),
+        }
+        .into(),
+        unreadable @ dump::TocError::Unreadable(_) => RestoreRefused::DumpUnreadable {
+            why: unreadable.to_string(),
+        }
+        .into(),
+    }
 }
 
 /// A cluster being rebuilt from a dump, on a private server (Unix socket only).
@@ -1100,18 +1228,21 @@ impl Build {
         let pg = &config.postgres;
         let owner = owner.unwrap_or(&pg.user);
         // What the dump holds, judged before anything of it runs.
-        let toc = pg_restore_text(binaries, &[OsStr::new("--list"), dump.as_os_str()]).await?;
-        let load = dump::judge(
-            &toc,
-            &dump::Judge {
-                owner,
-                extensions: &pg.extensions,
-            },
-        )
-        .map_err(|refusals| RestoreRefused::DumpNeedsMore {
-            role: pg.user.clone(),
-            objects: refusals.to_string(),
-        })?;
+        let judged = {
+            let (program, dump) = (binaries.path("pg_restore"), dump.to_path_buf());
+            let (owner, extensions) = (owner.to_string(), pg.extensions.clone());
+            let runtime = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || {
+                let judge = dump::Judge {
+                    owner: &owner,
+                    extensions: &extensions,
+                };
+                judge_listed(&program, Some(&dump), None, &judge, &runtime)
+            })
+            .await
+            .context("the dump task")??
+        };
+        let load = judged.map_err(|refused| toc_refused(refused, &pg.user))?;
         let mut su_db = self.superuser.clone();
         su_db.dbname(&pg.database);
         let su = postgres::connect(&su_db, &Tls::disabled()).await?;
@@ -1171,7 +1302,7 @@ impl Build {
             out
         };
         if !out.status.success() {
-            let text = String::from_utf8_lossy(&out.stderr);
+            let text = pg_restore_errors(&out.stderr);
             let full = [
                 "No space left on device",
                 "could not extend file",
@@ -1255,7 +1386,7 @@ impl Build {
             .arg(dump)
             .env_clear()
             .envs(libpq_env(app, &Tls::disabled()));
-        crate::process::output(&mut cmd)
+        crate::process::output_limited(&mut cmd, PG_RESTORE_ERRORS_KEPT)
             .await
             .context("running pg_restore")
     }
@@ -1545,7 +1676,8 @@ pub async fn restorable_here(
     Ok(())
 }
 
-/// The dump's table of contents, judged as the load will judge it.
+/// The dump's table of contents, judged as the load will judge it (`pg_restore --list` reading
+/// the member as it is decompressed; it stops after the table, at the start of the dump).
 async fn judge_dump(
     config: &Config,
     path: &Path,
@@ -1553,23 +1685,33 @@ async fn judge_dump(
     binaries: &Binaries,
 ) -> anyhow::Result<()> {
     let pg = &config.postgres;
-    let toc = dump_toc(path, binaries).await?;
     let owner = manifest
         .postgres
         .as_ref()
         .map(|p| p.user.clone())
         .unwrap_or_else(|| pg.user.clone());
-    dump::judge(
-        &toc,
-        &dump::Judge {
-            owner: &owner,
-            extensions: &pg.extensions,
-        },
-    )
-    .map_err(|refusals| RestoreRefused::DumpNeedsMore {
-        role: pg.user.clone(),
-        objects: refusals.to_string(),
-    })?;
+    let extensions = pg.extensions.clone();
+    let (path, program) = (path.to_path_buf(), binaries.path("pg_restore"));
+    let runtime = tokio::runtime::Handle::current();
+    let judged = tokio::task::spawn_blocking(move || {
+        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let mut tar = tar::Archive::new(zstd::stream::read::Decoder::new(file)?);
+        for entry in tar.entries()? {
+            let mut entry = entry?;
+            if archive::normalise(&entry.path_bytes())? != archive::DATABASE {
+                continue;
+            }
+            let judge = dump::Judge {
+                owner: &owner,
+                extensions: &extensions,
+            };
+            return judge_listed(&program, None, Some(&mut entry), &judge, &runtime);
+        }
+        bail!("the archive has no database dump")
+    })
+    .await
+    .context("the dump task")??;
+    judged.map_err(|refused| toc_refused(refused, &pg.user))?;
     Ok(())
 }
 
@@ -1608,9 +1750,7 @@ fn data_to_replace(
         }
         .into());
     }
-    let files_hold_data = std::fs::read_dir(&layout.files)
-        .map(|mut rd| rd.next().is_some())
-        .unwrap_or(false);
+    let files_hold_data = holds_data(&layout.files);
     if !opts.force {
         let what = match (&state, files_hold_data) {
             (DataDirState::Cluster(m), true) => Some(format!(
@@ -1668,8 +1808,15 @@ fn no_mount_inside(layout: &Layout, tops: &[String]) -> anyhow::Result<()> {
 }
 
 /// Whether the volume directory `dir` holds anything a restore would replace: any entry but,
-/// in the secrets, this host's state (which a restore keeps).
+/// in the secrets, this host's state (which a restore keeps); or is itself anything but a
+/// directory (a file or a link where the archive has a directory: it was moved aside and
+/// removed without `--force`).
 fn holds_data(dir: &Path) -> bool {
+    match std::fs::symlink_metadata(dir) {
+        Err(_) => return false,
+        Ok(m) if !m.is_dir() => return true,
+        Ok(_) => {}
+    }
     let secrets = dir.file_name() == Some(std::ffi::OsStr::new(archive::SECRETS));
     std::fs::read_dir(dir).is_ok_and(|mut entries| {
         entries.any(|e| {
@@ -1750,69 +1897,6 @@ pub async fn plan(
             path: layout.root.clone(),
         },
     })
-}
-
-/// The table of contents of the archive's dump (`pg_restore --list` reading the member as it
-/// is decompressed; it stops after the table, at the start of the dump).
-async fn dump_toc(archive_path: &Path, binaries: &Binaries) -> anyhow::Result<String> {
-    let path = archive_path.to_path_buf();
-    let program = binaries.path("pg_restore");
-    let runtime = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        use std::process::Stdio;
-        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        let mut tar = tar::Archive::new(zstd::stream::read::Decoder::new(file)?);
-        for entry in tar.entries()? {
-            let mut entry = entry?;
-            if archive::normalise(&entry.path_bytes())? != archive::DATABASE {
-                continue;
-            }
-            // Through the reaper (the one waiter of every child).
-            let mut child = crate::process::spawn(
-                std::process::Command::new(&program)
-                    .arg("--list")
-                    .env_clear()
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped()),
-            )
-            .with_context(|| format!("running {}", program.display()))?;
-            let mut stdout = child.stdout.take().context("pg_restore's output")?;
-            let mut stderr = child.stderr.take().context("pg_restore's errors")?;
-            let reader = std::thread::spawn(move || {
-                let mut text = String::new();
-                let _ = stdout.read_to_string(&mut text);
-                text
-            });
-            let errors = std::thread::spawn(move || {
-                let mut text = String::new();
-                let _ = stderr.read_to_string(&mut text);
-                text
-            });
-            if let Some(mut stdin) = child.stdin.take() {
-                // pg_restore stops reading after the table of contents.
-                match io::copy(&mut entry, &mut stdin) {
-                    Err(e) if e.kind() != io::ErrorKind::BrokenPipe => {
-                        return Err(e).context("reading the archive's dump");
-                    }
-                    _ => {}
-                }
-            }
-            let status = runtime.block_on(child.wait());
-            let toc = reader.join().unwrap_or_default();
-            let errors = errors.join().unwrap_or_default();
-            if !status.success() {
-                bail!(
-                    "pg_restore cannot read the archive's dump ({status}): {}",
-                    errors.trim()
-                );
-            }
-            return Ok(toc);
-        }
-        bail!("the archive has no database dump")
-    })
-    .await
-    .context("the dump task")?
 }
 
 /// `needs` bytes must fit in `free` on `path`.
@@ -1909,6 +1993,15 @@ pub async fn restore(
             &superuser,
             stop,
         ).await?;
+        // What was extracted is what was checked: the archive is read again for the extraction,
+        // and a file replaced or rewritten meanwhile (it may sit where others write) would swap
+        // in what no check saw (a mount inside a directory the check did not know of).
+        if manifest.contents.manifest_sha256 != plan.manifest.contents.manifest_sha256 {
+            return Err(RestoreRefused::ArchiveChanged {
+                archive: opts.archive.clone(),
+            }
+            .into());
+        }
         fault("restore:cluster-ready");
         let staged_secrets = staging.join("volumes").join(archive::SECRETS);
         keep_this_hosts_state(&staged_secrets, &layout.secrets)?;
@@ -1936,6 +2029,7 @@ pub async fn restore(
         // And once more just before the swap: the files directory is no lock's (a file written
         // there by hand while the database was rebuilt was replaced without `--force`).
         data_to_replace(config, layout, opts, &manifest.contents.volumes)?;
+        no_mount_inside(layout, &manifest.contents.volumes)?;
         tracing::info!(directories = pairs.len(), "swapping the restored data in");
         journal::swap(&layout.root, &id, &pairs, &fault)?;
         if !staged_secrets.is_dir() && live_secrets.get(SUPERUSER_PASSWORD_SECRET)?.is_none() {

@@ -2665,3 +2665,175 @@ fn a_backup_of_an_odd_volume_verifies() {
         "the long configuration directory is archived"
     );
 }
+
+/// A pg_dump custom-format dump (format 1.14, as PostgreSQL 15 writes) of table-of-contents
+/// entries only, written from scratch: `toc_dump([(id, tag, kind, owner)])` (for a crafted
+/// archive's `database.dump`; the attacker's tool of the twenty-sixth session).
+const TOC_DUMP: &str = r#"
+import struct
+def _int(v):
+    return bytes([1 if v < 0 else 0]) + struct.pack("<I", abs(v))
+def _str(s):
+    if s is None:
+        return _int(-1)
+    s = s.encode() if isinstance(s, str) else s
+    return _int(len(s)) + s
+def _entry(dump_id, tag, kind, owner, defn="SELECT 1;\n", section=2):
+    b = _int(dump_id) + _int(0) + _str("0") + _str("0")
+    b += _str(tag) + _str(kind) + _int(section)
+    b += _str(defn) + _str("") + _str("") + _str("public") + _str("") + _str("")
+    b += _str(owner) + _str("false") + _str(None)
+    return b + bytes([3]) + bytes(8)
+def toc_dump(entries):
+    h = b"PGDMP" + bytes([1, 14, 0, 4, 8, 1]) + _int(0)
+    for v in (0, 0, 0, 1, 0, 126, 0):
+        h += _int(v)
+    h += _str("app") + _str("15.18") + _str("15.18")
+    es = [_entry(1, "ENCODING", "ENCODING", "", "SET client_encoding = 'UTF8';\n", 1)]
+    es += [_entry(*e) for e in entries]
+    return h + _int(len(es)) + b"".join(es)
+def set_dump(data):
+    for m in members:
+        if m[0].name == "database.dump":
+            m[0].size = len(data)
+            m[1] = data
+"#;
+
+/// Attack (twenty-sixth session): a 24 KB archive whose dump's table of contents holds one
+/// entry of a 700 MiB name made the check a restore runs before it stops anything (inside the
+/// running regobox, for a live restore) hold 4.3 GB, and its refusal printed the name. A line
+/// of the table is read up to 64 KiB, the whole up to 256 MiB: the archive is refused by
+/// `backup verify` and `restore` alike, in a short message, and nothing changes.
+#[test]
+fn a_dump_whose_table_of_contents_is_past_its_bounds_is_refused_in_a_few_words() {
+    let (target, archive) = target_with_data();
+    let crafted = target.dir.path().join("toc.tar.zst");
+    craft(
+        &archive,
+        &crafted,
+        &format!("{TOC_DUMP}\nset_dump(toc_dump([(10, 'A' * (2 << 20), 'TABLE', 'app')]))\n"),
+    );
+    let before = volume_state(&target);
+    for args in [
+        vec!["backup", "verify", crafted.to_str().unwrap()],
+        vec!["restore", "--force", crafted.to_str().unwrap()],
+    ] {
+        let out = target.output(&args);
+        let text = stderr(&out);
+        assert_eq!(out.status.code(), Some(65), "{args:?}: {text}");
+        assert!(
+            text.contains("the archive's dump is refused: its table of contents has a line")
+                && text.contains("longer than 64 KiB"),
+            "{args:?}: {text}"
+        );
+        assert!(text.len() < 16 << 10, "{args:?}: {} bytes said", text.len());
+        assert!(!text.contains("AAAAAAAA"), "the name is not printed");
+    }
+    assert_eq!(volume_state(&target), before);
+    assert_eq!(target.sql("SELECT x FROM mine"), "7");
+}
+
+/// Attack (twenty-sixth session): the archive is read more than once by a restore (verified,
+/// its dump judged, then extracted). Replaced while the first read ran (it may sit where others
+/// write), the extraction read another archive than the one checked: its `files` directory, with
+/// a file system mounted inside (refused for the checked archive, which had none), was swapped
+/// out and the mount's files deleted. What is extracted must be what was checked: refused, and
+/// the mount and the volume kept.
+#[test]
+fn an_archive_replaced_while_it_is_restored_is_refused_and_changes_nothing() {
+    if !is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let (target, archive) = target_with_data();
+    // The checked archive: no `files` directory, and 64 MiB of zeros that take its first read a
+    // while (a few KB compressed).
+    let path = target.dir.path().join("race.tar.zst");
+    craft(
+        &archive,
+        &path,
+        "drop('volumes/files')\nadd_dir('volumes/pad')\nadd_file('volumes/pad/zeros', bytes(64 << 20))\n",
+    );
+    let other = target.dir.path().join("other.tar.zst");
+    std::fs::copy(&archive, &other).unwrap();
+    let inside = Tmpfs::mount(&target.root.join("files/mnt"), "16m");
+    std::fs::write(target.root.join("files/mnt/keep.txt"), "keep").unwrap();
+    let before = volume_state(&target);
+    let mut restore = spawn_restore(&target, &path);
+    // Once the restore has the checked archive open, another takes its name.
+    let fds = format!("/proc/{}/fd", restore.id());
+    let mut swapped = false;
+    while !swapped && restore.try_wait().unwrap().is_none() {
+        swapped = std::fs::read_dir(&fds).is_ok_and(|fds| {
+            fds.flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|to| to == path))
+        });
+        if !swapped {
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+    assert!(swapped, "the restore opened its archive");
+    std::fs::rename(&other, &path).unwrap();
+    let out = restore.wait_with_output().unwrap();
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(65), "{text}");
+    assert!(text.contains("changed while it was restored"), "{text}");
+    assert_eq!(
+        std::fs::read_to_string(target.root.join("files/mnt/keep.txt")).unwrap(),
+        "keep"
+    );
+    assert_eq!(volume_state(&target), before);
+    drop(inside);
+    assert_eq!(target.sql("SELECT x FROM mine"), "7");
+}
+
+/// Attack (twenty-sixth session): where the archive has a directory the live volume has a file
+/// (`notes.txt`): without `--force`, the file was moved aside (`.notes.txt.old-<id>`, hidden from
+/// later backups) and left there; it is data, refused. With `--force` it is replaced, and nothing
+/// is left behind. And a directory of a 250-byte name, which the live volume has too, failed
+/// its swap after all the work (its aside name passed 255 bytes): it restores.
+#[test]
+fn a_file_where_the_archive_has_a_directory_is_data_and_a_long_name_swaps() {
+    let source = Instance::new();
+    source.ok(&["init"]);
+    let long = "n".repeat(250);
+    for dir in ["notes.txt", long.as_str()] {
+        std::fs::create_dir_all(source.root.join(dir)).unwrap();
+        std::fs::write(source.root.join(dir).join("x"), "archive's").unwrap();
+    }
+    let archive = backup(&source);
+    let fresh = Instance::new();
+    std::fs::create_dir_all(&fresh.root).unwrap();
+    std::fs::write(fresh.root.join("notes.txt"), "mine").unwrap();
+    std::fs::create_dir_all(fresh.root.join(&long)).unwrap();
+    let out = fresh.output(&["restore", archive.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&*fresh.root.join("notes.txt").to_string_lossy()),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(fresh.root.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    let out = fresh.output(&["restore", "--force", archive.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for dir in ["notes.txt", long.as_str()] {
+        assert_eq!(
+            std::fs::read_to_string(fresh.root.join(dir).join("x")).unwrap(),
+            "archive's"
+        );
+    }
+    assert!(
+        !stderr(&out).contains("cannot remove the previous data"),
+        "{}",
+        stderr(&out)
+    );
+    let left: Vec<String> = std::fs::read_dir(&fresh.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".old-") || n.contains("~"))
+        .collect();
+    assert_eq!(left, Vec::<String>::new(), "nothing moved aside is left");
+}
