@@ -158,6 +158,13 @@ pub struct ProxyConfig {
     /// Connections to the application all requests may hold at once; beyond, 503 with
     /// `Retry-After`.
     pub upstream_max: usize,
+    /// Client connections open at once (at most half the open files limit, which regobox
+    /// raises to its hard limit); beyond, new ones wait in the kernel's backlog until one ends.
+    pub max_connections: usize,
+    /// Client connections one address (an IPv6 client's /64) may have open at once; beyond,
+    /// its new ones are closed at once (0: no such cap). Behind a trusted proxy, or a lab's
+    /// NAT, many clients share an address: raise it or set 0.
+    pub max_connections_per_address: usize,
     /// Idle keep-alive connections to the application kept per worker (nginx's `keepalive`);
     /// more are opened under load, and as many again as this are kept until unused for a second.
     pub upstream_keepalive: usize,
@@ -205,6 +212,8 @@ impl Default for ProxyConfig {
             upstream_max_per_connection: 64,
             upstream_max_per_address: 256,
             upstream_max: 1024,
+            max_connections: 10_000,
+            max_connections_per_address: 1_000,
             upstream_keepalive: 256,
             max_header_bytes: 32 * 1024,
             grace: Duration::from_secs(5),

@@ -87,6 +87,8 @@ pub struct Shared {
     pub me: usize,
     /// Connections to the application held by requests, all workers together (see [`Lease`]).
     pub caps: Arc<Caps>,
+    /// Client connections open, overall and by address (`proxy.max_connections...`).
+    pub clients: Arc<Clients>,
     pub shutdown: CancellationToken,
 }
 
@@ -252,6 +254,7 @@ impl Proxy {
             .unzip();
         let mut receivers = receivers.into_iter();
         let caps = Arc::new(Caps::new(p));
+        let clients = Arc::new(Clients::new(p, raise_open_files()));
         let dispatch = Arc::new(Dispatch {
             open: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
             workers: senders,
@@ -275,7 +278,7 @@ impl Proxy {
             let (http, https) = (http.take(), https.take());
             let mut handoffs = receivers.next().expect("one receiver per worker");
             let dispatch = dispatch.clone();
-            let caps = caps.clone();
+            let (caps, clients) = (caps.clone(), clients.clone());
             let acceptor = acceptor.clone();
             let (config, upstream, trusted) = (p.clone(), upstream.clone(), trusted.clone());
             let (board, challenges, landing) = (board.clone(), challenges.clone(), landing.clone());
@@ -305,6 +308,7 @@ impl Proxy {
                             dispatch,
                             me: i,
                             caps,
+                            clients,
                             shutdown: shutdown.clone(),
                         });
                         let mut loops = tokio::task::JoinSet::new();
@@ -329,7 +333,7 @@ impl Proxy {
                                     _ = stop.cancelled() => return,
                                 };
                                 match TcpStream::from_std(h.stream) {
-                                    Ok(stream) => serve(&receiving, stream, h.peer, h.https),
+                                    Ok(stream) => serve(&receiving, stream, h.peer, h.https, h.slot),
                                     Err(e) => {
                                         receiving.dispatch.closed(receiving.me);
                                         tracing::warn!(error = %e, "proxy worker: a handed-over connection");
@@ -423,22 +427,47 @@ impl Proxy {
 
 async fn accept(listener: TcpListener, https: bool, shared: Arc<Shared>) {
     loop {
+        // At `proxy.max_connections`, no more are taken until one ends: those beyond wait in
+        // the kernel's backlog, and the descriptors left serve the connections open.
+        while shared.clients.full() {
+            if let Some(left_out) = AT_MAX_CONNECTIONS.should_log() {
+                tracing::warn!(
+                    max = shared.clients.max,
+                    similar_left_out = left_out,
+                    "proxy: at proxy.max_connections; new connections wait until one ends"
+                );
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                _ = shared.shutdown.cancelled() => return,
+            }
+        }
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    // Out of descriptors, typically: breathe, then go on.
-                    tracing::warn!(error = %e, "proxy: accept failed");
+                    // Out of descriptors, typically: breathe, then go on (a line per interval).
+                    if let Some(left_out) = ACCEPT_FAILURES.should_log() {
+                        tracing::warn!(error = %e, similar_left_out = left_out, "proxy: accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = shared.shutdown.cancelled() => return,
         };
+        let Some(slot) = shared.clients.open(peer.ip()) else {
+            // One address's many connections (`proxy.max_connections_per_address`): closed at
+            // once, at most a line per interval.
+            if let Some(left_out) = AT_MAX_PER_ADDRESS.should_log() {
+                tracing::warn!(peer = %peer.ip(), max = shared.clients.per_address, similar_left_out = left_out, "proxy: a client address at proxy.max_connections_per_address; its new connection closed");
+            }
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let to = shared.dispatch.choose();
         if to == shared.me {
-            serve(&shared, stream, peer, https);
+            serve(&shared, stream, peer, https, slot);
             continue;
         }
         let handed = stream
@@ -450,6 +479,7 @@ async fn accept(listener: TcpListener, https: bool, shared: Arc<Shared>) {
                         stream,
                         peer,
                         https,
+                        slot,
                     })
                     .map_err(|_| "the worker has stopped".to_string())
             });
@@ -460,10 +490,16 @@ async fn accept(listener: TcpListener, https: bool, shared: Arc<Shared>) {
     }
 }
 
-/// Serve an accepted connection on this worker (counted in [`Dispatch`] until it ends).
-fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, https: bool) {
+static ACCEPT_FAILURES: forward::RateLimit = forward::RateLimit::new();
+static AT_MAX_CONNECTIONS: forward::RateLimit = forward::RateLimit::new();
+static AT_MAX_PER_ADDRESS: forward::RateLimit = forward::RateLimit::new();
+
+/// Serve an accepted connection on this worker (counted in [`Dispatch`] until it ends, and in
+/// [`Clients`] by its `slot`).
+fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, https: bool, slot: ClientSlot) {
     let s = shared.clone();
     shared.tracker.spawn(async move {
+        let _slot = slot;
         // Each poll of the connection's task reads the clock once (see `clock`).
         let mut conn = std::pin::pin!(connection(stream, peer, https, s.clone()));
         std::future::poll_fn(|cx| {
@@ -489,6 +525,116 @@ pub struct Handoff {
     stream: std::net::TcpStream,
     peer: SocketAddr,
     https: bool,
+    slot: ClientSlot,
+}
+
+/// The open files limit regobox may use: the soft one raised to the hard one (Docker gives a
+/// container a soft limit of 1024, and each proxied request holds two descriptors: one client
+/// holding 1 100 idle connections left none for the application's connections, and every
+/// request failed). Children get the soft limit regobox started with ([`crate::process`]).
+/// Returns the soft limit now.
+fn raise_open_files() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    // The kernel's own ceiling (`fs.nr_open`) when the hard limit is unlimited.
+    let target = hard.min(1 << 20);
+    if target > soft && setrlimit(Resource::RLIMIT_NOFILE, target, hard).is_ok() {
+        crate::process::children_open_files(soft, hard);
+        tracing::debug!(from = soft, to = target, "open files limit raised");
+        return target;
+    }
+    soft
+}
+
+/// Client connections open: at most `max` (`proxy.max_connections`, and half the open files
+/// limit: the other half for the application's connections and the rest), at most
+/// `per_address` from one address (an IPv6 client's /64).
+pub struct Clients {
+    max: usize,
+    per_address: usize,
+    open: AtomicUsize,
+    by_address: std::sync::Mutex<std::collections::HashMap<IpAddr, usize, AddressHash>>,
+}
+
+/// One client connection counted in [`Clients`] until dropped.
+pub struct ClientSlot {
+    clients: Arc<Clients>,
+    address: Option<IpAddr>,
+}
+
+impl Clients {
+    pub fn new(cfg: &ProxyConfig, open_files: u64) -> Clients {
+        let by_files = usize::try_from(open_files / 2)
+            .unwrap_or(usize::MAX)
+            .max(64);
+        Clients {
+            max: cfg.max_connections.min(by_files).max(1),
+            per_address: cfg.max_connections_per_address,
+            open: AtomicUsize::new(0),
+            by_address: std::sync::Mutex::new(std::collections::HashMap::default()),
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.open.load(Ordering::Relaxed) >= self.max
+    }
+
+    /// A connection from `ip` counted, if its address has room.
+    fn open(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+        let address = if self.per_address > 0 {
+            let key = address_key(ip);
+            let mut held = self.by_address.lock().unwrap_or_else(|e| e.into_inner());
+            let n = held.entry(key).or_insert(0);
+            if *n >= self.per_address {
+                return None;
+            }
+            *n += 1;
+            Some(key)
+        } else {
+            None
+        };
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Some(ClientSlot {
+            clients: self.clone(),
+            address,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.clients.open.fetch_sub(1, Ordering::Relaxed);
+        if let Some(address) = self.address {
+            let mut held = self
+                .clients
+                .by_address
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let std::collections::hash_map::Entry::Occupied(mut e) = held.entry(address) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
+    }
+}
+
+/// What a client address counts as for the caps by address: an IPv4 address (an IPv4-mapped
+/// IPv6 one too), or an IPv6 address's /64, which one host has whole (counted by address, a
+/// host took every connection to the application from addresses of its /64).
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        },
+        v4 => v4,
+    }
 }
 
 impl Dispatch {
@@ -1830,5 +1976,15 @@ mod tests {
             })
             .collect();
         assert!(buckets.len() > 1000, "{} buckets of 2048", buckets.len());
+    }
+
+    #[test]
+    fn an_ipv6_client_counts_by_its_64() {
+        let key = |a: &str| address_key(a.parse().unwrap()).to_string();
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
+        assert_eq!(key("2001:db8:1:2:ffff:ffff:ffff:ffff"), "2001:db8:1:2::");
+        assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
     }
 }

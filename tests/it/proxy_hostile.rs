@@ -2799,3 +2799,155 @@ fn requests_cut_early_or_at_a_forced_stop_have_their_access_line() {
     }
     drop((slow, h));
 }
+
+/// Whether a request on `s` gets an answer within `within` (its status line).
+fn answered_within(s: &mut TcpStream, within: Duration) -> Option<String> {
+    s.write_all(b"GET /job/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut got = [0u8; 4096];
+    match s.read(&mut got) {
+        Ok(n) if n > 0 => Some(
+            String::from_utf8_lossy(&got[..n])
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        ),
+        _ => None,
+    }
+}
+
+fn connect_from(source: [u8; 4], port: u16) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from((source, 0)).into())
+        .unwrap();
+    socket
+        .connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .unwrap();
+    socket.into()
+}
+
+/// Attack (twenty-sixth session): one client holding 1 100 idle connections took every
+/// descriptor of a regobox under Docker's soft limit of 1 024 (no cap on client connections,
+/// and the limit not raised): the application's connections failed, every request got 502, and
+/// each failure (and each failed accept, every 50 ms) made a WARN line, thousands a second. Now
+/// one address has at most `max_connections_per_address` (its next ones closed at once), all
+/// clients at most `max_connections` (the next ones wait until one ends), regobox raises its
+/// open files limit to the hard one (its children keep the one it started with), and a failing
+/// application is logged once per interval, however many requests fail.
+#[test]
+fn client_connections_are_capped_and_a_failing_application_is_logged_once() {
+    // regobox started as Docker starts a container's first process: a soft open files limit of
+    // 1 024 under a higher hard one (nextest runs each test in a process of its own).
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    if hard > 1024 {
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, 1024, hard)
+            .unwrap();
+    }
+    let mut p = Proxied::start(
+        "redirect_http = false\nmax_connections = 6\nmax_connections_per_address = 4",
+    );
+    // The open files limit: regobox's raised to the hard one, its application's as it was.
+    let pid_of = |pattern: &str| {
+        let out = std::process::Command::new("pgrep")
+            .args(["-n", "-f", pattern])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let soft_of = |pid: &str| {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap()
+            .to_string();
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields[3].to_string(), fields[4].to_string())
+    };
+    let mine = soft_of("self");
+    let regobox = soft_of(&pid_of(&format!("{} run", p.inst.config_dir.display())));
+    let number = |v: &str| v.parse::<u64>().unwrap_or(u64::MAX);
+    assert_eq!(
+        number(&regobox.0),
+        number(&regobox.1).min(1 << 20),
+        "regobox's soft limit is its hard one: {regobox:?}"
+    );
+    let app = soft_of(&pid_of(&format!("upstream.py {}", p.app)));
+    assert_eq!(
+        app.0, mine.0,
+        "the application's soft limit is the one regobox started with"
+    );
+    if hard > 1024 {
+        assert_eq!(mine.0, "1024");
+        assert_ne!(regobox.0, "1024", "raised");
+    }
+
+    // A failing application: a WARN line, not one per request.
+    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for _ in 0..50 {
+        s.write_all(b"GET /drop HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut got = Vec::new();
+        let mut piece = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("</html>") {
+            let n = s.read(&mut piece).unwrap();
+            assert!(n > 0, "answered: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&piece[..n]);
+        }
+        assert!(
+            String::from_utf8_lossy(&got).starts_with("HTTP/1.1 502"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    drop(s);
+    std::thread::sleep(Duration::from_millis(200));
+
+    // One address: four connections, the fifth closed at once; the four are served.
+    let mut four: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(("127.0.0.1", p.http)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fifth = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    assert!(
+        closed_within(&mut fifth, Duration::from_secs(3)),
+        "a fifth connection from the address is closed"
+    );
+    let status = answered_within(&mut four[0], Duration::from_secs(5));
+    assert_eq!(status.as_deref(), Some("HTTP/1.1 200 OK"));
+    // Others: two more, then no more taken until one ends.
+    let _others: Vec<TcpStream> = [[127, 0, 0, 2], [127, 0, 0, 3]]
+        .into_iter()
+        .map(|a| connect_from(a, p.http))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut waiting = connect_from([127, 0, 0, 4], p.http);
+    assert_eq!(
+        answered_within(&mut waiting, Duration::from_millis(1500)),
+        None,
+        "at max_connections, a new connection waits"
+    );
+    drop(four.pop());
+    let mut rest = Vec::new();
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut piece = [0u8; 4096];
+    if let Ok(n) = waiting.read(&mut piece) {
+        rest.extend_from_slice(&piece[..n]);
+    }
+    assert!(
+        String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 200"),
+        "served once a connection ended: {}",
+        String::from_utf8_lossy(&rest)
+    );
+    let log = p.stop();
+    assert_eq!(log.matches("upstream request failed").count(), 1, "{log}");
+    assert!(log.contains("proxy.max_connections_per_address"), "{log}");
+    assert!(log.contains("at proxy.max_connections;"), "{log}");
+}
