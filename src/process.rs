@@ -391,14 +391,24 @@ async fn output_kept(
     let mut child = KillOnDrop(spawn(command)?);
     let out = child.0.stdout.take().map(|p| read_kept(p, limit));
     let err = child.0.stderr.take().map(|p| read_kept(p, limit));
-    let stdout = match out {
-        Some(f) => f.await?,
-        None => Vec::new(),
-    };
-    let stderr = match err {
-        Some(f) => f.await?,
-        None => Vec::new(),
-    };
+    // Both at once: a child blocked writing one stream (a pipe holds 64 KiB) while the other is
+    // read to its end never ends (a dump whose failing statement pg_restore printed whole in its
+    // error hung a restore for good).
+    let (stdout, stderr) = tokio::join!(
+        async {
+            match out {
+                Some(f) => f.await,
+                None => Ok(Vec::new()),
+            }
+        },
+        async {
+            match err {
+                Some(f) => f.await,
+                None => Ok(Vec::new()),
+            }
+        }
+    );
+    let (stdout, stderr) = (stdout?, stderr?);
     let status = child.0.wait().await;
     Ok(Output {
         status,

@@ -1791,10 +1791,13 @@ fn data_to_replace(
 /// Refused before anything is stopped or written.
 fn no_mount_inside(layout: &Layout, tops: &[String]) -> anyhow::Result<()> {
     let mounts = crate::volumes::mount_points();
+    // The mount table's paths are resolved: so is the root (a volume reached through a link had
+    // a mount inside `files` moved aside and deleted).
+    let root = std::fs::canonicalize(&layout.root).unwrap_or_else(|_| layout.root.clone());
     for dir in tops
         .iter()
         .filter_map(|t| t.strip_prefix("volumes/"))
-        .map(|name| layout.root.join(name))
+        .map(|name| root.join(name))
     {
         if let Some(mount) = mounts.iter().find(|m| m.starts_with(&dir)) {
             return Err(RestoreRefused::MountInside {

@@ -657,7 +657,9 @@ impl ConnCtx {
 
     /// 502 for an answer of the application's that is not HTTP (`what` it answered), logged.
     fn not_http(&self, what: &str) -> Response<Body> {
-        tracing::warn!(target: "regobox::proxy", upstream = %self.shared.config.upstream, "the application answered {what}; answered 502");
+        if let Some(left_out) = NOT_HTTP.should_log() {
+            tracing::warn!(target: "regobox::proxy", upstream = %self.shared.config.upstream, similar_left_out = left_out, "the application answered {what}; answered 502");
+        }
         page(
             StatusCode::BAD_GATEWAY,
             "Bad gateway",
@@ -1071,6 +1073,8 @@ static UPSTREAM_CAPS: [RateLimit; 3] = [RateLimit::new(), RateLimit::new(), Rate
 static UPSTREAM_TIMEOUTS: RateLimit = RateLimit::new();
 
 static UPSTREAM_FAILURES: RateLimit = RateLimit::new();
+
+static NOT_HTTP: RateLimit = RateLimit::new();
 
 impl RateLimit {
     const EVERY: Duration = Duration::from_secs(10);

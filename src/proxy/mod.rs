@@ -253,8 +253,15 @@ impl Proxy {
             .map(|_| tokio::sync::mpsc::unbounded_channel::<Handoff>())
             .unzip();
         let mut receivers = receivers.into_iter();
+        // What the open files limit allows (see `fit_open_files`).
+        let mut fitted = p.clone();
+        let lowered = fit_open_files(&mut fitted, raise_open_files(), workers);
+        if !lowered.is_empty() {
+            tracing::warn!(lowered = %lowered.join(", "), "proxy: the open files limit is low; caps lowered to fit it (raise the container's hard limit: docker run --ulimit nofile=...)");
+        }
+        let p = &fitted;
         let caps = Arc::new(Caps::new(p));
-        let clients = Arc::new(Clients::new(p, raise_open_files()));
+        let clients = Arc::new(Clients::new(p));
         let dispatch = Arc::new(Dispatch {
             open: (0..workers).map(|_| AtomicUsize::new(0)).collect(),
             workers: senders,
@@ -499,9 +506,8 @@ static AT_MAX_PER_ADDRESS: forward::RateLimit = forward::RateLimit::new();
 fn serve(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, https: bool, slot: ClientSlot) {
     let s = shared.clone();
     shared.tracker.spawn(async move {
-        let _slot = slot;
         // Each poll of the connection's task reads the clock once (see `clock`).
-        let mut conn = std::pin::pin!(connection(stream, peer, https, s.clone()));
+        let mut conn = std::pin::pin!(connection(stream, peer, https, s.clone(), slot));
         std::future::poll_fn(|cx| {
             let _turn = clock::turn();
             conn.as_mut().poll(cx)
@@ -548,14 +554,15 @@ fn raise_open_files() -> u64 {
     soft
 }
 
-/// Client connections open: at most `max` (`proxy.max_connections`, and half the open files
-/// limit: the other half for the application's connections and the rest), at most
-/// `per_address` from one address (an IPv6 client's /64).
+/// Client connections open: at most `max` (`proxy.max_connections`), at most `per_address`
+/// from one address (an IPv6 client's /64); each counted while its socket is open (a WebSocket's
+/// too, after its connection's task: the slot is its [`Activity`]'s, which the socket's wrapper
+/// holds).
 pub struct Clients {
     max: usize,
     per_address: usize,
     open: AtomicUsize,
-    by_address: std::sync::Mutex<std::collections::HashMap<IpAddr, usize, AddressHash>>,
+    by_address: ByAddress,
 }
 
 /// One client connection counted in [`Clients`] until dropped.
@@ -564,16 +571,56 @@ pub struct ClientSlot {
     address: Option<IpAddr>,
 }
 
+/// Fit the caps to the open files limit `files` (each is a descriptor: a client connection, one
+/// to the application in use, one kept idle): client connections at most half of it, connections
+/// to the application in use a quarter, those kept idle by the `workers` pools an eighth (a pool
+/// keeps up to twice `upstream_keepalive`), the rest for everything else (PostgreSQL, the logs,
+/// the Docker socket); and one address (by each per-address cap) at most a quarter of its cap.
+/// With a limit of 1 024 and the defaults, one client's WebSockets, or three clients' slow
+/// requests, took every descriptor. What was lowered, for a person.
+pub fn fit_open_files(p: &mut ProxyConfig, files: u64, workers: usize) -> Vec<String> {
+    let files = usize::try_from(files).unwrap_or(usize::MAX);
+    let mut lowered = Vec::new();
+    let mut fit = |name: &str, value: &mut usize, most: usize| {
+        let most = most.max(1);
+        if *value > most {
+            lowered.push(format!("proxy.{name} {value} -> {most}"));
+            *value = most;
+        }
+    };
+    fit("max_connections", &mut p.max_connections, files / 2);
+    fit("upstream_max", &mut p.upstream_max, files / 4);
+    fit(
+        "upstream_keepalive",
+        &mut p.upstream_keepalive,
+        files / (16 * workers.max(1)),
+    );
+    if p.max_connections_per_address > 0 {
+        let most = p.max_connections / 4;
+        fit(
+            "max_connections_per_address",
+            &mut p.max_connections_per_address,
+            most,
+        );
+    }
+    if p.upstream_max_per_address > 0 {
+        let most = p.upstream_max / 4;
+        fit(
+            "upstream_max_per_address",
+            &mut p.upstream_max_per_address,
+            most,
+        );
+    }
+    lowered
+}
+
 impl Clients {
-    pub fn new(cfg: &ProxyConfig, open_files: u64) -> Clients {
-        let by_files = usize::try_from(open_files / 2)
-            .unwrap_or(usize::MAX)
-            .max(64);
+    pub fn new(cfg: &ProxyConfig) -> Clients {
         Clients {
-            max: cfg.max_connections.min(by_files).max(1),
+            max: cfg.max_connections.max(1),
             per_address: cfg.max_connections_per_address,
             open: AtomicUsize::new(0),
-            by_address: std::sync::Mutex::new(std::collections::HashMap::default()),
+            by_address: ByAddress::default(),
         }
     }
 
@@ -585,12 +632,9 @@ impl Clients {
     fn open(self: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
         let address = if self.per_address > 0 {
             let key = address_key(ip);
-            let mut held = self.by_address.lock().unwrap_or_else(|e| e.into_inner());
-            let n = held.entry(key).or_insert(0);
-            if *n >= self.per_address {
+            if !self.by_address.take(key, self.per_address) {
                 return None;
             }
-            *n += 1;
             Some(key)
         } else {
             None
@@ -603,21 +647,19 @@ impl Clients {
     }
 }
 
+impl std::fmt::Debug for ClientSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSlot")
+            .field("address", &self.address)
+            .finish()
+    }
+}
+
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.clients.open.fetch_sub(1, Ordering::Relaxed);
         if let Some(address) = self.address {
-            let mut held = self
-                .clients
-                .by_address
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if let std::collections::hash_map::Entry::Occupied(mut e) = held.entry(address) {
-                *e.get_mut() -= 1;
-                if *e.get() == 0 {
-                    e.remove();
-                }
-            }
+            self.clients.by_address.give_back(address);
         }
     }
 }
@@ -703,6 +745,9 @@ fn release_memory() {
 /// When a connection last moved a byte, and how many of its requests are in flight.
 #[derive(Debug)]
 pub struct Activity {
+    /// The connection's count in [`Clients`], released with the last holder of this (the
+    /// socket's wrapper, which an upgraded connection keeps).
+    client: std::sync::OnceLock<ClientSlot>,
     epoch: Instant,
     last_ms: AtomicU64,
     moved: AtomicBool,
@@ -829,17 +874,7 @@ impl Drop for Lease {
         self.activity.leases.fetch_sub(1, Ordering::Relaxed);
         self.caps.overall.fetch_sub(1, Ordering::Relaxed);
         if self.caps.per_address > 0 {
-            let mut held = self
-                .caps
-                .by_address
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if let std::collections::hash_map::Entry::Occupied(mut e) = held.entry(self.address) {
-                *e.get_mut() -= 1;
-                if *e.get() == 0 {
-                    e.remove();
-                }
-            }
+            self.caps.by_address.give_back(self.address);
         }
     }
 }
@@ -851,7 +886,36 @@ pub struct Caps {
     per_address: usize,
     max: usize,
     overall: AtomicUsize,
-    by_address: std::sync::Mutex<std::collections::HashMap<IpAddr, usize, AddressHash>>,
+    by_address: ByAddress,
+}
+
+/// What each client address holds (see [`address_key`]), for the caps by address: only the
+/// addresses holding something are kept.
+#[derive(Default)]
+struct ByAddress(std::sync::Mutex<std::collections::HashMap<IpAddr, usize, AddressHash>>);
+
+impl ByAddress {
+    /// One more for `address`, unless it holds `max` already.
+    fn take(&self, address: IpAddr, max: usize) -> bool {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = held.entry(address).or_insert(0);
+        if *n >= max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// One fewer for `address`.
+    fn give_back(&self, address: IpAddr) {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let std::collections::hash_map::Entry::Occupied(mut e) = held.entry(address) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
 }
 
 /// The hash of the per-address map: a folded multiply (the high and low halves of a 128-bit
@@ -921,7 +985,7 @@ impl Caps {
             per_address: cfg.upstream_max_per_address,
             max: cfg.upstream_max,
             overall: AtomicUsize::new(0),
-            by_address: std::sync::Mutex::new(std::collections::HashMap::default()),
+            by_address: ByAddress::default(),
         }
     }
 }
@@ -995,6 +1059,7 @@ impl Activity {
             reset: AtomicBool::new(false),
             idle_closed: AtomicBool::new(false),
             held: std::sync::Mutex::new(None),
+            client: std::sync::OnceLock::new(),
         })
     }
 
@@ -1288,15 +1353,9 @@ impl Activity {
             caps.overall.fetch_sub(1, Ordering::Relaxed);
             return Err(AtCap::Overall);
         }
-        if caps.per_address > 0 {
-            let mut held = caps.by_address.lock().unwrap_or_else(|e| e.into_inner());
-            let n = held.entry(address).or_insert(0);
-            if *n >= caps.per_address {
-                drop(held);
-                caps.overall.fetch_sub(1, Ordering::Relaxed);
-                return Err(AtCap::Address);
-            }
-            *n += 1;
+        if caps.per_address > 0 && !caps.by_address.take(address, caps.per_address) {
+            caps.overall.fetch_sub(1, Ordering::Relaxed);
+            return Err(AtCap::Address);
         }
         self.leases.fetch_add(1, Ordering::Relaxed);
         Ok(Lease {
@@ -1608,8 +1667,16 @@ macro_rules! drive {
     }};
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, https: bool, shared: Arc<Shared>) {
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    https: bool,
+    shared: Arc<Shared>,
+    slot: ClientSlot,
+) {
     let activity = Activity::new();
+    // Held as long as the socket is: an upgraded connection's (a WebSocket) outlives this task.
+    let _ = activity.client.set(slot);
     activity.touch();
     activity
         .fd
@@ -1986,5 +2053,28 @@ mod tests {
         assert_ne!(key("2001:db8:1:3::1"), key("2001:db8:1:2::1"));
         assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
         assert_eq!(key("192.0.2.7"), "192.0.2.7");
+    }
+
+    #[test]
+    fn the_caps_fit_the_open_files_limit() {
+        let mut p = ProxyConfig::default();
+        assert_eq!(fit_open_files(&mut p, 1 << 20, 2), Vec::<String>::new());
+        assert_eq!(p.max_connections, ProxyConfig::default().max_connections);
+        let lowered = fit_open_files(&mut p, 1024, 2);
+        assert_eq!(
+            (
+                p.max_connections,
+                p.upstream_max,
+                p.upstream_keepalive,
+                p.max_connections_per_address,
+                p.upstream_max_per_address
+            ),
+            (512, 256, 32, 128, 64),
+            "{lowered:?}"
+        );
+        // Every descriptor counted: clients, the application's in use, the pools' idle ones.
+        let used = p.max_connections + p.upstream_max + 2 * 2 * p.upstream_keepalive;
+        assert!(used < 1024, "{used}");
+        assert_eq!(lowered.len(), 5, "{lowered:?}");
     }
 }

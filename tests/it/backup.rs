@@ -2837,3 +2837,70 @@ fn a_file_where_the_archive_has_a_directory_is_data_and_a_long_name_swaps() {
         .collect();
     assert_eq!(left, Vec::<String>::new(), "nothing moved aside is left");
 }
+
+/// Attack (twenty-sixth session, second round): a dump whose failing statement is 100 KiB
+/// (`pg_restore` prints it whole with its error) hung the restore for good, the service down
+/// through a live one: regobox read the child's output to its end before its errors, and the
+/// child, its error pipe full, never ended. The restore fails, in a short message, and the
+/// previous data stays.
+#[test]
+fn a_dump_whose_error_fills_a_pipe_fails_the_restore_and_keeps_the_data() {
+    let (target, archive) = target_with_data();
+    let crafted = target.dir.path().join("bigerr.tar.zst");
+    craft(
+        &archive,
+        &crafted,
+        &format!(
+            "{TOC_DUMP}\nset_dump(toc_dump([(10, 'f()', 'FUNCTION', 'app', \"SELECT '\" + 'A' * 100000 + \"'::int;\\n\")]))\n"
+        ),
+    );
+    let mut restore = spawn_restore(&target, &crafted);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while restore.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = restore.kill();
+            panic!("the restore still runs after 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = restore.wait_with_output().unwrap();
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("as the application role"), "{text}");
+    assert!(text.len() < 100_000, "{} bytes said", text.len());
+    assert_eq!(target.sql("SELECT x FROM mine"), "7");
+    assert_eq!(
+        std::fs::read_to_string(target.root.join("files/keep.txt")).unwrap(),
+        "keep"
+    );
+}
+
+/// Attack (twenty-sixth session, second round): with `volumes.root` reached through a link,
+/// the mount table's resolved paths did not start with the root as configured: a file system
+/// mounted inside `files` was moved aside and its files deleted by a `--force` restore.
+#[test]
+fn a_mount_inside_a_volume_reached_through_a_link_is_refused() {
+    if !is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let (mut target, archive) = target_with_data();
+    let real = target.dir.path().join("real-volume");
+    std::fs::rename(&target.root, &real).unwrap();
+    std::os::unix::fs::symlink(&real, &target.root).unwrap();
+    let inside = Tmpfs::mount(&real.join("files/mnt"), "16m");
+    std::fs::write(real.join("files/mnt/keep.txt"), "keep").unwrap();
+    let out = target.output(&["restore", "--force", archive.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is a mount point"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(real.join("files/mnt/keep.txt")).unwrap(),
+        "keep"
+    );
+    drop(inside);
+    target.root = real;
+}

@@ -2848,7 +2848,7 @@ fn client_connections_are_capped_and_a_failing_application_is_logged_once() {
             .unwrap();
     }
     let mut p = Proxied::start(
-        "redirect_http = false\nmax_connections = 6\nmax_connections_per_address = 4",
+        "redirect_http = false\nmax_connections = 16\nmax_connections_per_address = 4",
     );
     // The open files limit: regobox's raised to the hard one, its application's as it was.
     let pid_of = |pattern: &str| {
@@ -2886,6 +2886,33 @@ fn client_connections_are_capped_and_a_failing_application_is_logged_once() {
         assert_ne!(regobox.0, "1024", "raised");
     }
 
+    // WebSockets count while they are open (their connection's task ends at the 101: the
+    // slot went with it, and one address's WebSockets took every descriptor).
+    let upgrade = b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    let sockets: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut ws = connect_from([127, 0, 0, 5], p.http);
+            ws.write_all(upgrade).unwrap();
+            ws.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut head = [0u8; 1024];
+            let n = ws.read(&mut head).unwrap();
+            assert!(
+                head[..n].starts_with(b"HTTP/1.1 101"),
+                "{}",
+                String::from_utf8_lossy(&head[..n])
+            );
+            ws
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut beyond = connect_from([127, 0, 0, 5], p.http);
+    assert!(
+        closed_within(&mut beyond, Duration::from_secs(3)),
+        "four WebSockets hold the address's four connections"
+    );
+    drop(sockets);
+    std::thread::sleep(Duration::from_millis(500));
+
     // A failing application: a WARN line, not one per request.
     let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -2920,13 +2947,14 @@ fn client_connections_are_capped_and_a_failing_application_is_logged_once() {
     );
     let status = answered_within(&mut four[0], Duration::from_secs(5));
     assert_eq!(status.as_deref(), Some("HTTP/1.1 200 OK"));
-    // Others: two more, then no more taken until one ends.
-    let _others: Vec<TcpStream> = [[127, 0, 0, 2], [127, 0, 0, 3]]
+    // Others: twelve more (sixteen in all), then no more taken until one ends.
+    let _others: Vec<TcpStream> = [[127, 0, 0, 2], [127, 0, 0, 3], [127, 0, 0, 4]]
         .into_iter()
+        .flat_map(|a| [a; 4])
         .map(|a| connect_from(a, p.http))
         .collect();
     std::thread::sleep(Duration::from_millis(200));
-    let mut waiting = connect_from([127, 0, 0, 4], p.http);
+    let mut waiting = connect_from([127, 0, 0, 6], p.http);
     assert_eq!(
         answered_within(&mut waiting, Duration::from_millis(1500)),
         None,
