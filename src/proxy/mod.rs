@@ -575,7 +575,8 @@ pub struct ClientSlot {
 /// to the application in use, one kept idle): client connections at most half of it, connections
 /// to the application in use a quarter, those kept idle by the `workers` pools an eighth (a pool
 /// keeps up to twice `upstream_keepalive`), the rest for everything else (PostgreSQL, the logs,
-/// the Docker socket); and one address (by each per-address cap) at most a quarter of its cap.
+/// the Docker socket); and where an overall cap is lowered, one address (by its per-address cap)
+/// at most a quarter of it.
 /// With a limit of 1 024 and the defaults, one client's WebSockets, or three clients' slow
 /// requests, took every descriptor. What was lowered, for a person.
 pub fn fit_open_files(p: &mut ProxyConfig, files: u64, workers: usize) -> Vec<String> {
@@ -588,14 +589,18 @@ pub fn fit_open_files(p: &mut ProxyConfig, files: u64, workers: usize) -> Vec<St
             *value = most;
         }
     };
+    let max_connections = p.max_connections;
     fit("max_connections", &mut p.max_connections, files / 2);
+    let upstream_max = p.upstream_max;
     fit("upstream_max", &mut p.upstream_max, files / 4);
     fit(
         "upstream_keepalive",
         &mut p.upstream_keepalive,
         files / (16 * workers.max(1)),
     );
-    if p.max_connections_per_address > 0 {
+    // An overall cap lowered, its per-address cap goes down with it (as configured otherwise):
+    // else one address could hold every slot the limit leaves.
+    if p.max_connections < max_connections && p.max_connections_per_address > 0 {
         let most = p.max_connections / 4;
         fit(
             "max_connections_per_address",
@@ -603,7 +608,7 @@ pub fn fit_open_files(p: &mut ProxyConfig, files: u64, workers: usize) -> Vec<St
             most,
         );
     }
-    if p.upstream_max_per_address > 0 {
+    if p.upstream_max < upstream_max && p.upstream_max_per_address > 0 {
         let most = p.upstream_max / 4;
         fit(
             "upstream_max_per_address",
