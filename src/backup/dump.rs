@@ -265,6 +265,7 @@ pub enum TocError {
 }
 
 /// [`judge_reader`] on a table of contents held whole.
+#[cfg(test)]
 pub fn judge(toc: &str, judge: &Judge<'_>) -> Result<Load, TocError> {
     judge_reader(toc.as_bytes(), judge)
 }

@@ -224,7 +224,7 @@ fn finish(root: &Path, journal: &Journal) {
 
 /// Whether a journal is in `root` (a restore running, or interrupted).
 pub fn exists(root: &Path) -> bool {
-    std::fs::symlink_metadata(journal_path(root)).is_ok()
+    present(&journal_path(root))
 }
 
 /// Complete or undo a restore that was interrupted; what was done, if anything.

@@ -1074,6 +1074,54 @@ fn judge_listed(
     Ok(judged)
 }
 
+/// Where a dump's table of contents is read from.
+enum Toc {
+    /// An extracted dump.
+    Dump(PathBuf),
+    /// The dump member of an archive, as it is decompressed (`pg_restore` stops reading after the
+    /// table, at the start of the dump).
+    ArchiveMember(PathBuf),
+}
+
+/// What the application role loads of a dump whose objects `owner` owned (see
+/// [`dump::judge_reader`]), its table of contents read from `toc`; refused as a restore says it
+/// (`role`: the application role).
+async fn judged_toc(
+    binaries: &Binaries,
+    toc: Toc,
+    owner: &str,
+    extensions: &[String],
+    role: &str,
+) -> anyhow::Result<dump::Load> {
+    let program = binaries.path("pg_restore");
+    let (owner, extensions) = (owner.to_string(), extensions.to_vec());
+    let runtime = tokio::runtime::Handle::current();
+    let judged = tokio::task::spawn_blocking(move || {
+        let judge = dump::Judge {
+            owner: &owner,
+            extensions: &extensions,
+        };
+        match toc {
+            Toc::Dump(dump) => judge_listed(&program, Some(&dump), None, &judge, &runtime),
+            Toc::ArchiveMember(path) => {
+                let file =
+                    File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+                let mut tar = tar::Archive::new(zstd::stream::read::Decoder::new(file)?);
+                for entry in tar.entries()? {
+                    let mut entry = entry?;
+                    if archive::normalise(&entry.path_bytes())? == archive::DATABASE {
+                        return judge_listed(&program, None, Some(&mut entry), &judge, &runtime);
+                    }
+                }
+                bail!("the archive has no database dump")
+            }
+        }
+    })
+    .await
+    .context("the dump task")??;
+    judged.map_err(|refused| toc_refused(refused, role))
+}
+
 /// A dump's table of contents refused, as a restore says it (`role`: the application role).
 fn toc_refused(refused: dump::TocError, role: &str) -> anyhow::Error {
     match refused {
@@ -1228,21 +1276,14 @@ impl Build {
         let pg = &config.postgres;
         let owner = owner.unwrap_or(&pg.user);
         // What the dump holds, judged before anything of it runs.
-        let judged = {
-            let (program, dump) = (binaries.path("pg_restore"), dump.to_path_buf());
-            let (owner, extensions) = (owner.to_string(), pg.extensions.clone());
-            let runtime = tokio::runtime::Handle::current();
-            tokio::task::spawn_blocking(move || {
-                let judge = dump::Judge {
-                    owner: &owner,
-                    extensions: &extensions,
-                };
-                judge_listed(&program, Some(&dump), None, &judge, &runtime)
-            })
-            .await
-            .context("the dump task")??
-        };
-        let load = judged.map_err(|refused| toc_refused(refused, &pg.user))?;
+        let load = judged_toc(
+            binaries,
+            Toc::Dump(dump.to_path_buf()),
+            owner,
+            &pg.extensions,
+            &pg.user,
+        )
+        .await?;
         let mut su_db = self.superuser.clone();
         su_db.dbname(&pg.database);
         let su = postgres::connect(&su_db, &Tls::disabled()).await?;
@@ -1690,28 +1731,14 @@ async fn judge_dump(
         .as_ref()
         .map(|p| p.user.clone())
         .unwrap_or_else(|| pg.user.clone());
-    let extensions = pg.extensions.clone();
-    let (path, program) = (path.to_path_buf(), binaries.path("pg_restore"));
-    let runtime = tokio::runtime::Handle::current();
-    let judged = tokio::task::spawn_blocking(move || {
-        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        let mut tar = tar::Archive::new(zstd::stream::read::Decoder::new(file)?);
-        for entry in tar.entries()? {
-            let mut entry = entry?;
-            if archive::normalise(&entry.path_bytes())? != archive::DATABASE {
-                continue;
-            }
-            let judge = dump::Judge {
-                owner: &owner,
-                extensions: &extensions,
-            };
-            return judge_listed(&program, None, Some(&mut entry), &judge, &runtime);
-        }
-        bail!("the archive has no database dump")
-    })
-    .await
-    .context("the dump task")??;
-    judged.map_err(|refused| toc_refused(refused, &pg.user))?;
+    judged_toc(
+        binaries,
+        Toc::ArchiveMember(path.to_path_buf()),
+        &owner,
+        &pg.extensions,
+        &pg.user,
+    )
+    .await?;
     Ok(())
 }
 

@@ -600,21 +600,23 @@ pub fn fit_open_files(p: &mut ProxyConfig, files: u64, workers: usize) -> Vec<St
     );
     // An overall cap lowered, its per-address cap goes down with it (as configured otherwise):
     // else one address could hold every slot the limit leaves.
-    if p.max_connections < max_connections && p.max_connections_per_address > 0 {
-        let most = p.max_connections / 4;
-        fit(
+    for (name, per_address, overall, configured) in [
+        (
             "max_connections_per_address",
             &mut p.max_connections_per_address,
-            most,
-        );
-    }
-    if p.upstream_max < upstream_max && p.upstream_max_per_address > 0 {
-        let most = p.upstream_max / 4;
-        fit(
+            p.max_connections,
+            max_connections,
+        ),
+        (
             "upstream_max_per_address",
             &mut p.upstream_max_per_address,
-            most,
-        );
+            p.upstream_max,
+            upstream_max,
+        ),
+    ] {
+        if overall < configured && *per_address > 0 {
+            fit(name, per_address, overall / 4);
+        }
     }
     lowered
 }

@@ -5154,40 +5154,30 @@ fn what_the_host_makes_with_the_instances_network_or_image_is_not_named_nor_brok
     // engine would remove the network, and the container would not start again).
     let stopped = format!("rbx-used-stopped-{port}");
     made.container(&stopped);
-    let out = engine(&[
-        "create",
-        "--name",
-        &stopped,
-        "--network",
-        &net,
-        &mine,
-        "true",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let out = b.cli(&["network", "rm", &net]);
-    assert!(!out.status.success(), "{}", stdout(&out));
-    assert!(stderr(&out).contains("did not make"), "{}", stderr(&out));
-    assert!(engine(&["network", "inspect", &net]).status.success());
-    assert!(engine(&["rm", &stopped]).status.success());
+    let kept_for_the_hosts_container = |net: &str| {
+        let out = engine(&[
+            "create",
+            "--name",
+            &stopped,
+            "--network",
+            net,
+            &mine,
+            "true",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let out = b.cli(&["network", "rm", net]);
+        assert!(!out.status.success(), "{}", stdout(&out));
+        assert!(stderr(&out).contains("did not make"), "{}", stderr(&out));
+        assert!(engine(&["network", "inspect", net]).status.success());
+        assert!(engine(&["rm", &stopped]).status.success());
+    };
+    kept_for_the_hosts_container(&net);
     // Alone on a network of the instance's, never started (the engine's filter by the network's
     // id does not find it: the next attacker's).
     let net2 = format!("rbx-used-net2-{port}");
     made.network(&net2);
     b.cli_ok(&["network", "create", &net2]);
-    let out = engine(&[
-        "create",
-        "--name",
-        &stopped,
-        "--network",
-        &net2,
-        &mine,
-        "true",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let out = b.cli(&["network", "rm", &net2]);
-    assert!(!out.status.success(), "{}", stdout(&out));
-    assert!(engine(&["network", "inspect", &net2]).status.success());
-    assert!(engine(&["rm", &stopped]).status.success());
+    kept_for_the_hosts_container(&net2);
     b.cli_ok(&["network", "rm", &net2]);
 
     b.cli_ok(&["rm", "-f", &job]);
