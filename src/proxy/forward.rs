@@ -1019,6 +1019,8 @@ struct Fields {
     underscore: bool,
     /// `Cookie` fields (HTTP/2 sends one per cookie: see [`join_cookies`]).
     cookies: usize,
+    /// A value that begins or ends with a space or a tab (see [`refused`]).
+    padded: bool,
     /// The fields' size as hyper read them (name, `: `, value, CRLF).
     bytes: usize,
 }
@@ -1029,6 +1031,9 @@ impl Fields {
         for (name, value) in headers {
             f.bytes += name.as_str().len() + value.len() + 4;
             f.underscore |= name.as_str().as_bytes().contains(&b'_');
+            let v = value.as_bytes();
+            f.padded |=
+                matches!(v.first(), Some(b' ' | b'\t')) || matches!(v.last(), Some(b' ' | b'\t'));
             if name == header::HOST {
                 f.hosts += 1;
                 if f.host.is_none() {
@@ -1050,10 +1055,6 @@ impl Fields {
     }
 }
 
-/// A request no application behind this proxy gets, answered here: CONNECT (this is not a
-/// forward proxy), a transfer coding other than chunked (hyper only undoes chunked, so the
-/// application would get the coded bytes as the body: RFC 9112 6.1 says 501), and a missing,
-/// repeated or invalid `Host` (RFC 9112 3.2 says 400). The connection closes after the answer.
 /// At most one log line per interval about what clients do wrong, with the count left out:
 /// a client must not be able to flood regobox's log.
 pub(crate) struct RateLimit {
@@ -1191,6 +1192,12 @@ const METHODS: [&str; 17] = [
 ];
 const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH";
 
+/// A request no application behind this proxy gets, answered here: a method not forwarded,
+/// CONNECT (this is not a forward proxy), a transfer coding other than chunked (hyper only
+/// undoes chunked, so the application would get the coded bytes as the body: RFC 9112 6.1 says
+/// 501), a target that is not a path, a missing, repeated or invalid `Host` (RFC 9112 3.2 says
+/// 400), and a field value with a space or a tab at an end. The connection closes after the
+/// answer.
 fn refused<B>(req: &Request<B>, fields: &Fields) -> Option<Response<Body>> {
     let (status, title, text) = if !METHODS.contains(&req.method().as_str()) {
         (
@@ -1228,6 +1235,16 @@ fn refused<B>(req: &Request<B>, fields: &Fields) -> Option<Response<Body>> {
         )
     } else if let Some(why) = bad_target(req.uri()).or_else(|| bad_host(req, fields)) {
         (StatusCode::BAD_REQUEST, "Bad request", why.to_string())
+    } else if fields.padded {
+        // HTTP/2 carries a value as it is (RFC 9113 8.2.1 calls one with a space or a tab at an
+        // end malformed); over HTTP/1.1 the application's parser drops those as optional
+        // whitespace and would read another value than the one judged here. (HTTP/1.1's own
+        // parser drops them before regobox sees the value.)
+        (
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            "A field's value begins or ends with a space or a tab.".to_string(),
+        )
     } else {
         return None;
     };
@@ -1910,6 +1927,13 @@ mod tests {
         assert_eq!(status(te("Chunked").body(()).unwrap()), None);
         let gzip = te("gzip, chunked").body(()).unwrap();
         assert_eq!(status(gzip), Some(StatusCode::NOT_IMPLEMENTED));
+        let padded = |v: &'static str| get().header("host", "a").header("x", v).body(()).unwrap();
+        for v in [" a", "a ", "\ta", "a\t", " "] {
+            assert_eq!(status(padded(v)), Some(bad), "{v:?}");
+        }
+        for v in ["a b", "a\tb", ""] {
+            assert_eq!(status(padded(v)), None, "{v:?}");
+        }
         let req = te("<x>, chunked").body(()).unwrap();
         let r = refused(&req, &Fields::of(req.headers())).unwrap();
         assert_eq!(r.headers()["connection"], "close");

@@ -2979,3 +2979,34 @@ fn client_connections_are_capped_and_a_failing_application_is_logged_once() {
     assert!(log.contains("proxy.max_connections_per_address"), "{log}");
     assert!(log.contains("at proxy.max_connections;"), "{log}");
 }
+
+/// RFC 9113 8.2.1: an HTTP/2 field value that begins or ends with a space or a tab is malformed.
+/// The `h2` crate takes it; forwarded over HTTP/1.1, the application's parser drops that space
+/// (optional whitespace), so the application would read another value than the one regobox
+/// judged. Refused (400), nothing reaching the application; the same fields without the space
+/// go through.
+#[test]
+fn http2_field_values_with_spaces_at_their_ends_are_refused() {
+    let mut p = Proxied::start("redirect_http = false");
+    let authority = format!("localhost:{}", p.https);
+    for value in [" a", "a ", "a\t", "\ta", " "] {
+        let body = h2_get(p.https, &authority, "/headers", &[("x-probe", value)])
+            .unwrap_or_else(|| panic!("no answer for {value:?}"));
+        assert!(
+            body.contains("begins or ends with a space"),
+            "{value:?} forwarded: {body}"
+        );
+        assert!(!body.contains("x-probe"), "{value:?}: {body}");
+    }
+    // Inside a value, a space is a space; and an empty value is a value.
+    for value in ["a b", ""] {
+        let body = h2_get(p.https, &authority, "/headers", &[("x-probe", value)])
+            .unwrap_or_else(|| panic!("no answer for {value:?}"));
+        assert_eq!(
+            fields_named(&body, "x-probe"),
+            vec![value.to_string()],
+            "{body}"
+        );
+    }
+    p.stop();
+}
