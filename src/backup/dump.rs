@@ -240,6 +240,11 @@ impl std::fmt::Display for Refusals {
     }
 }
 
+/// `s` as a message names it (at most a few hundred bytes, see [`Refusals`]).
+pub fn shortened(s: &str) -> String {
+    shorten(s.to_string(), NAMED_LEN)
+}
+
 /// `s` cut to at most `max` bytes (on a character's boundary), `…` saying so.
 fn shorten(mut s: String, max: usize) -> String {
     if s.len() > max {

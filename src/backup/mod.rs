@@ -1000,21 +1000,39 @@ async fn pg_restore_text(binaries: &Binaries, args: &[&OsStr]) -> anyhow::Result
     String::from_utf8(out.stdout).context("pg_restore's output is not UTF-8")
 }
 
-/// The table of contents of a dump (`pg_restore --list` of `dump`, or of what `input` feeds it),
-/// judged as it streams ([`dump::judge_reader`]): no crafted dump makes regobox hold more than
-/// the lines the load needs. Blocking: from a blocking task.
-fn judge_listed(
+/// Run `pg_restore` with `args` (reading a dump, never connecting), fed `input` when there is
+/// one (a dump member as it is decompressed: `pg_restore` stops reading where it has what it
+/// needs), its output taken by `read` as it streams and its errors kept (at most
+/// [`PG_RESTORE_ERRORS_KEPT`]); killed when `read`'s result says it gave up (`gave_up`: a
+/// reader that stops reading would leave it blocked on a full pipe). `keep` is a descriptor the
+/// child keeps open across its exec (a list it reads as `/proc/self/fd/N`). Its exit status
+/// and errors come back with `read`'s result. Blocking: from a blocking task.
+fn pg_restore_piped<T: Send>(
     program: &Path,
-    dump: Option<&Path>,
+    args: &[&OsStr],
     input: Option<&mut dyn Read>,
-    judge: &dump::Judge<'_>,
+    keep: Option<std::os::fd::RawFd>,
     runtime: &tokio::runtime::Handle,
-) -> anyhow::Result<Result<dump::Load, dump::TocError>> {
+    read: impl FnOnce(std::process::ChildStdout) -> T + Send,
+    gave_up: impl Fn(&T) -> bool,
+) -> anyhow::Result<(T, std::process::ExitStatus, Vec<u8>)> {
+    use std::os::unix::process::CommandExt;
     use std::process::Stdio;
     let mut command = std::process::Command::new(program);
-    command.arg("--list");
-    if let Some(dump) = dump {
-        command.arg(dump);
+    command.args(args);
+    if let Some(fd) = keep {
+        // SAFETY: between fork and exec, only fcntl (async-signal-safe) on a descriptor this
+        // process owns.
+        unsafe {
+            command.pre_exec(move || {
+                nix::fcntl::fcntl(
+                    std::os::fd::BorrowedFd::borrow_raw(fd),
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                )
+                .map(|_| ())
+                .map_err(io::Error::from)
+            });
+        }
     }
     // Through the reaper (the one waiter of every child).
     let mut child = crate::process::spawn(
@@ -1032,11 +1050,9 @@ fn judge_listed(
     let stdout = child.stdout.take().context("pg_restore's output")?;
     let mut stderr = child.stderr.take().context("pg_restore's errors")?;
     let stdin = child.stdin.take();
-    let (judged, errors, fed) = std::thread::scope(|scope| {
-        let judged = scope.spawn(move || {
-            // Dropped once judged: a pg_restore still writing ends (a refusal stops reading).
-            dump::judge_reader(io::BufReader::new(stdout), judge)
-        });
+    let (read, errors, fed) = std::thread::scope(|scope| {
+        // Dropped once read: a pg_restore still writing ends.
+        let read = scope.spawn(move || read(stdout));
         let errors = scope.spawn(move || {
             let mut kept = Vec::new();
             let _ = (&mut stderr)
@@ -1047,31 +1063,146 @@ fn judge_listed(
         });
         let mut fed = Ok(());
         if let (Some(input), Some(mut stdin)) = (input, stdin) {
-            // pg_restore stops reading after the table of contents.
             match io::copy(input, &mut stdin) {
                 Err(e) if e.kind() != io::ErrorKind::BrokenPipe => fed = Err(e),
                 _ => {}
             }
         }
-        (judged.join(), errors.join(), fed)
+        (read.join(), errors.join(), fed)
     });
-    let judged =
-        judged.map_err(|_| anyhow::anyhow!("judging the dump's table of contents failed"))?;
-    if fed.is_err() || judged.is_err() {
+    let read = read.map_err(|_| anyhow::anyhow!("reading pg_restore's output failed"))?;
+    if fed.is_err() || gave_up(&read) {
         child.signal(nix::sys::signal::Signal::SIGKILL);
     }
     let status = runtime.block_on(child.wait());
     fed.context("reading the archive's dump")?;
+    Ok((read, status, errors.unwrap_or_default()))
+}
+
+/// The table of contents of a dump (`pg_restore --list` of `dump`, or of what `input` feeds it),
+/// judged as it streams ([`dump::judge_reader`]): no crafted dump makes regobox hold more than
+/// the lines the load needs. Blocking: from a blocking task.
+fn judge_listed(
+    program: &Path,
+    dump: Option<&Path>,
+    input: Option<&mut dyn Read>,
+    judge: &dump::Judge<'_>,
+    runtime: &tokio::runtime::Handle,
+) -> anyhow::Result<Result<dump::Load, dump::TocError>> {
+    let mut args = vec![OsStr::new("--list")];
+    if let Some(dump) = dump {
+        args.push(dump.as_os_str());
+    }
+    let (judged, status, errors) = pg_restore_piped(
+        program,
+        &args,
+        input,
+        None,
+        runtime,
+        // A refusal stops reading.
+        |out| dump::judge_reader(io::BufReader::new(out), judge),
+        |judged| judged.is_err(),
+    )?;
     if let Err(refused) = judged {
         return Ok(Err(refused));
     }
     if !status.success() {
         bail!(
             "pg_restore cannot read the dump ({status}): {}",
-            pg_restore_errors(&errors.unwrap_or_default())
+            pg_restore_errors(&errors)
         );
     }
     Ok(judged)
+}
+
+/// The dump member of the archive at `path`, as it is decompressed.
+fn with_dump_member<T>(
+    path: &Path,
+    f: impl FnOnce(&mut dyn Read) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut tar = tar::Archive::new(zstd::stream::read::Decoder::new(file)?);
+    for entry in tar.entries()? {
+        let mut entry = entry?;
+        if archive::normalise(&entry.path_bytes())? == archive::DATABASE {
+            return f(&mut entry);
+        }
+    }
+    bail!("the archive has no database dump")
+}
+
+/// The schema the dump member of the archive at `path` creates the configured extension of
+/// `entry` in (see [`Build::extension_schema`], which reads it again from the extracted dump):
+/// read before anything changes, so that a definition regobox does not read refuses the
+/// restore before a service stops. `pg_restore --file=- --use-list` on the member as it is
+/// decompressed (an extension's entry holds no data: it stops after the table of contents), the
+/// list given in a memory file.
+async fn member_extension_schema(
+    binaries: &Binaries,
+    path: &Path,
+    entry: &dump::Entry,
+) -> anyhow::Result<String> {
+    use std::os::fd::AsRawFd;
+    let program = binaries.path("pg_restore");
+    let path = path.to_path_buf();
+    let line = entry.line.clone();
+    let runtime = tokio::runtime::Handle::current();
+    let (sql, status, errors) = tokio::task::spawn_blocking(move || {
+        let list = nix::sys::memfd::memfd_create(
+            c"regobox-restore-list",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        )
+        .context("making the list of the entry to read")?;
+        let mut file = File::from(list);
+        io::Write::write_all(&mut file, format!("{line}\n").as_bytes())
+            .context("writing the list of the entry to read")?;
+        let at = format!("--use-list=/proc/self/fd/{}", file.as_raw_fd());
+        with_dump_member(&path, |member| {
+            pg_restore_piped(
+                &program,
+                &[OsStr::new("--file=-"), OsStr::new(&at)],
+                Some(member),
+                Some(file.as_raw_fd()),
+                &runtime,
+                |out| {
+                    let mut sql = Vec::new();
+                    out.take(ENTRY_SQL_MAX as u64 + 1)
+                        .read_to_end(&mut sql)
+                        .map(|_| sql)
+                },
+                |sql| !matches!(sql, Ok(s) if s.len() <= ENTRY_SQL_MAX),
+            )
+        })
+    })
+    .await
+    .context("the dump task")??;
+    let sql = sql.context("reading pg_restore's output")?;
+    if sql.len() > ENTRY_SQL_MAX {
+        return Err(RestoreRefused::DumpUnreadable {
+            why: format!(
+                "the definition of extension {} is longer than {} MiB",
+                dump::shortened(&entry.name),
+                ENTRY_SQL_MAX >> 20
+            ),
+        }
+        .into());
+    }
+    if !status.success() {
+        bail!(
+            "pg_restore cannot read the dump ({status}): {}",
+            pg_restore_errors(&errors)
+        );
+    }
+    let sql = String::from_utf8_lossy(&sql);
+    dump::extension_schema(&sql).ok_or_else(|| {
+        RestoreRefused::DumpUnreadable {
+            why: format!(
+                "the definition of extension {} is not `CREATE EXTENSION IF NOT EXISTS <name> WITH SCHEMA <schema>;`",
+                dump::shortened(&entry.name)
+            ),
+        }
+        .into()
+    })
 }
 
 /// Where a dump's table of contents is read from.
@@ -1103,18 +1234,9 @@ async fn judged_toc(
         };
         match toc {
             Toc::Dump(dump) => judge_listed(&program, Some(&dump), None, &judge, &runtime),
-            Toc::ArchiveMember(path) => {
-                let file =
-                    File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-                let mut tar = tar::Archive::new(zstd::stream::read::Decoder::new(file)?);
-                for entry in tar.entries()? {
-                    let mut entry = entry?;
-                    if archive::normalise(&entry.path_bytes())? == archive::DATABASE {
-                        return judge_listed(&program, None, Some(&mut entry), &judge, &runtime);
-                    }
-                }
-                bail!("the archive has no database dump")
-            }
+            Toc::ArchiveMember(path) => with_dump_member(&path, |member| {
+                judge_listed(&program, None, Some(member), &judge, &runtime)
+            }),
         }
     })
     .await
@@ -1731,7 +1853,7 @@ async fn judge_dump(
         .as_ref()
         .map(|p| p.user.clone())
         .unwrap_or_else(|| pg.user.clone());
-    judged_toc(
+    let load = judged_toc(
         binaries,
         Toc::ArchiveMember(path.to_path_buf()),
         &owner,
@@ -1739,6 +1861,10 @@ async fn judge_dump(
         &pg.user,
     )
     .await?;
+    // What the load reads of the dump itself (the configured extensions' schemas), read now.
+    for entry in load.own.iter().filter(|e| e.kind == "EXTENSION") {
+        member_extension_schema(binaries, path, entry).await?;
+    }
     Ok(())
 }
 

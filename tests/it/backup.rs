@@ -2904,3 +2904,47 @@ fn a_mount_inside_a_volume_reached_through_a_link_is_refused() {
     drop(inside);
     target.root = real;
 }
+
+/// A configured extension's definition in the dump is read by regobox itself (the schema it is
+/// created in, before the rest loads). It was read only by the load, after the services had
+/// stopped: a dump whose definition regobox does not read (over 1 MiB, or not the statement
+/// `pg_dump` writes) stopped everything for a restore that could only fail. Now read by the
+/// check a restore makes before it changes anything: refused there, and nothing changes.
+#[test]
+fn a_configured_extension_the_restore_cannot_read_is_refused_before_anything_changes() {
+    let (target, archive) = target_with_data();
+    target.config_file("50.toml", "[postgres]\nextensions = [\"uuid-ossp\"]\n");
+    let cases = [
+        (
+            "long",
+            r#"'CREATE EXTENSION IF NOT EXISTS "uuid-ossp" WITH SCHEMA public;\n-- ' + 'A' * (2 << 20) + '\n'"#,
+            "the definition of extension uuid-ossp is longer than 1 MiB",
+        ),
+        (
+            "odd",
+            r#"'CREATE EXTENSION "uuid-ossp";\n'"#,
+            "the definition of extension uuid-ossp is not `CREATE EXTENSION IF NOT EXISTS",
+        ),
+    ];
+    let before = volume_state(&target);
+    for (name, definition, says) in cases {
+        let crafted = target.dir.path().join(format!("{name}.tar.zst"));
+        craft(
+            &archive,
+            &crafted,
+            &format!(
+                "{TOC_DUMP}\nset_dump(toc_dump([(10, 'uuid-ossp', 'EXTENSION', 'postgres', {definition})]))\n"
+            ),
+        );
+        let out = target.output(&["restore", "--force", crafted.to_str().unwrap()]);
+        let text = stderr(&out);
+        assert_eq!(out.status.code(), Some(65), "{name}: {text}");
+        assert!(
+            text.contains("the archive's dump is refused") && text.contains(says),
+            "{name}: {text}"
+        );
+        assert!(text.len() < 16 << 10, "{name}: {} bytes said", text.len());
+        assert_eq!(volume_state(&target), before, "{name}");
+    }
+    assert_eq!(target.sql("SELECT x FROM mine"), "7");
+}
