@@ -1418,11 +1418,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Passes over the fields, no hashing: the options `Connection` names, then the fields present
     // that go (hop-by-hop, or named by an option); then a removal (a hash) per field that goes.
     // Most messages carry none (HTTP/2 forbids them) or just `Connection: keep-alive`.
-    let options: Vec<&str> = headers
+    // Read as bytes: a value with a byte that is not text elsewhere (`x-secret, \xa0`) still
+    // names its options (read as text, it named none, and `X-Secret` went on).
+    let options: Vec<&[u8]> = headers
         .iter()
         .filter(|(name, _)| *name == header::CONNECTION)
-        .flat_map(|(_, value)| value.to_str().unwrap_or("").split(','))
-        .map(str::trim)
+        .flat_map(|(_, value)| value.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
         .filter(|option| !option.is_empty())
         .collect();
     // Each name once (`keys` yields a name with several values once).
@@ -1432,7 +1434,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             is_hop_by_hop(name)
                 || options
                     .iter()
-                    .any(|option| option.eq_ignore_ascii_case(name.as_str()))
+                    .any(|option| option.eq_ignore_ascii_case(name.as_str().as_bytes()))
         })
         .cloned()
         .collect();
@@ -1822,13 +1824,25 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-kept"]);
-        // A value that is not text names nothing; the field itself still goes.
+        // An option that is not text names nothing; the field itself still goes, and the
+        // value's other options are still read (an attacker's finding: a byte that is not text
+        // anywhere in the value made it name nothing).
         let mut h = HeaderMap::new();
         h.insert("connection", HeaderValue::from_bytes(b"x-a\xff").unwrap());
         h.insert("x-a", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-a"]);
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_bytes(b"X-Secret, \xa0").unwrap(),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, vec!["x-kept"]);
     }
 
     #[test]
