@@ -178,6 +178,8 @@ pub struct Load {
     /// The `--use-list` of the application role's first `pg_restore`: its schemas (where the
     /// configured extensions go next).
     pub schemas: String,
+    /// The names of those schemas.
+    pub schema_names: Vec<String>,
     /// The `--use-list` of the application role's second `pg_restore`: everything else.
     pub list: String,
     /// Entries left to regobox (configured extensions, its own schema).
@@ -291,6 +293,7 @@ fn judge_within(
 ) -> Result<Load, TocError> {
     use std::io::{BufRead, Read};
     let mut schemas = String::new();
+    let mut schema_names = Vec::new();
     let mut list = String::new();
     let mut own = Vec::new();
     let mut refused = Refusals::default();
@@ -374,6 +377,7 @@ fn judge_within(
             continue;
         }
         let to = if entry.kind == "SCHEMA" {
+            schema_names.push(entry.name.clone());
             &mut schemas
         } else {
             &mut list
@@ -384,6 +388,7 @@ fn judge_within(
     if refused.is_empty() {
         Ok(Load {
             schemas,
+            schema_names,
             list,
             own,
             init_scripts_rows,
@@ -422,15 +427,63 @@ fn unquote(s: &str) -> String {
     }
 }
 
-/// The schema of `CREATE EXTENSION IF NOT EXISTS <name> WITH SCHEMA <schema>;` in `sql` (what
-/// `pg_restore --file=-` prints for an extension entry).
-pub fn extension_schema(sql: &str) -> Option<String> {
-    sql.lines().find_map(|line| {
-        let rest = line.strip_prefix("CREATE EXTENSION IF NOT EXISTS ")?;
-        let (_, schema) = rest.split_once(" WITH SCHEMA ")?;
-        let schema = schema.strip_suffix(';')?;
-        Some(unquote(schema))
-    })
+/// The schema a configured extension is created in, as the SQL of its entry
+/// (`pg_restore --file=- --schema-only`'s output) gives it: the line `CREATE EXTENSION IF NOT
+/// EXISTS <name> WITH SCHEMA <schema>;` as `pg_dump` writes it, `<schema>` a plain lower-case
+/// identifier or one in double quotes, and a schema the restored database has: `public` or one
+/// the dump's schemas (`schema_names`) make, never PostgreSQL's own (`pg_*`,
+/// `information_schema`) or regobox's. What is wrong, for a message, otherwise. The one reading
+/// of a restore's check and of its load: what one takes, the other does.
+pub fn extension_schema(sql: &[u8], schema_names: &[String]) -> Result<String, String> {
+    let sql = std::str::from_utf8(sql).map_err(|_| "is not UTF-8".to_string())?;
+    let schema = sql
+        .lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix("CREATE EXTENSION IF NOT EXISTS ")?;
+            let (_, schema) = rest.split_once(" WITH SCHEMA ")?;
+            schema.strip_suffix(';')
+        })
+        .ok_or("is not `CREATE EXTENSION IF NOT EXISTS <name> WITH SCHEMA <schema>;`")?;
+    let schema = identifier(schema).ok_or_else(|| {
+        format!(
+            "names its schema {} (not an identifier as pg_dump writes one)",
+            shortened(schema)
+        )
+    })?;
+    if schema.starts_with("pg_") || schema == "information_schema" || schema == "regobox" {
+        return Err(format!(
+            "puts it in {} (PostgreSQL's or regobox's own schema)",
+            shortened(&schema)
+        ));
+    }
+    if schema != "public" && !schema_names.contains(&schema) {
+        return Err(format!(
+            "puts it in schema {}, which the dump does not make",
+            shortened(&schema)
+        ));
+    }
+    Ok(schema)
+}
+
+/// An identifier as `pg_dump` writes one (`fmtId`): a plain lower-case one as it is, any other
+/// in double quotes, a quote inside doubled.
+fn identifier(s: &str) -> Option<String> {
+    if let Some(inner) = s.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+        let mut name = String::new();
+        let mut chars = inner.chars();
+        while let Some(c) = chars.next() {
+            if c == '"' && chars.next() != Some('"') {
+                return None;
+            }
+            name.push(c);
+        }
+        (!name.is_empty()).then_some(name)
+    } else {
+        let mut bytes = s.bytes();
+        let plain = matches!(bytes.next(), Some(b'a'..=b'z' | b'_'))
+            && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'$'));
+        plain.then(|| s.to_string())
+    }
 }
 
 /// The rows of a `COPY ... FROM stdin;` block in PostgreSQL's text format: fields split on
@@ -555,13 +608,53 @@ mod tests {
         assert_eq!(loaded.len(), 5, "{loaded:?}");
         assert_eq!(
             extension_schema(
-                "SET x;\nCREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" WITH SCHEMA s3;\n"
+                b"SET x;\nCREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" WITH SCHEMA s3;\n",
+                &["s3".to_string()]
             ),
-            Some("s3".into())
+            Ok("s3".into())
         );
         assert!(loaded.iter().all(|l| l.ends_with(" app")), "{loaded:?}");
         assert_eq!(load.own.len(), 7);
         assert!(load.init_scripts_rows);
+    }
+
+    /// An attacker's findings: a configured extension's definition that the restore's check
+    /// took and its load did not (not UTF-8), or that failed after the services stopped (a
+    /// schema the restored database does not have, `Public` unquoted, which SQL folds), or that
+    /// put the extension in PostgreSQL's own schema.
+    #[test]
+    fn an_extensions_schema_is_one_the_restored_database_has() {
+        let made = ["s3".to_string(), "My \"S\"".to_string()];
+        let sql = |schema: &str| {
+            format!("SET x;\nCREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" WITH SCHEMA {schema};\n")
+        };
+        let read = |schema: &str| extension_schema(sql(schema).as_bytes(), &made);
+        assert_eq!(read("public"), Ok("public".into()));
+        assert_eq!(read("s3"), Ok("s3".into()));
+        assert_eq!(read("\"My \"\"S\"\"\""), Ok("My \"S\"".into()));
+        for bad in [
+            "nowhere",
+            "Public",
+            "\"Public\"",
+            "public ",
+            "pg_catalog",
+            "pg_temp",
+            "information_schema",
+            "regobox",
+            "\"pg_catalog\"",
+            "\"a\"b\"",
+            "\"\"",
+            "s3; DROP TABLE t; --",
+        ] {
+            assert!(read(bad).is_err(), "{bad}");
+        }
+        let mut not_text = sql("public").into_bytes();
+        not_text.extend_from_slice(b"-- \xff\n");
+        assert_eq!(
+            extension_schema(&not_text, &made),
+            Err("is not UTF-8".to_string())
+        );
+        assert!(extension_schema(b"CREATE EXTENSION \"uuid-ossp\";\n", &made).is_err());
     }
 
     #[test]

@@ -1131,6 +1131,17 @@ fn with_dump_member<T>(
     bail!("the archive has no database dump")
 }
 
+/// A dump refused for the definition of the configured extension of `entry` (`why`: what is
+/// wrong with it).
+fn extension_refused(entry: &dump::Entry, why: String) -> RestoreRefused {
+    RestoreRefused::DumpUnreadable {
+        why: format!(
+            "the definition of extension {} {why}",
+            dump::shortened(&entry.name)
+        ),
+    }
+}
+
 /// The schema the dump member of the archive at `path` creates the configured extension of
 /// `entry` in (see [`Build::extension_schema`], which reads it again from the extracted dump):
 /// read before anything changes, so that a definition regobox does not read refuses the
@@ -1141,6 +1152,7 @@ async fn member_extension_schema(
     binaries: &Binaries,
     path: &Path,
     entry: &dump::Entry,
+    load: &dump::Load,
 ) -> anyhow::Result<String> {
     use std::os::fd::AsRawFd;
     let program = binaries.path("pg_restore");
@@ -1160,7 +1172,11 @@ async fn member_extension_schema(
         with_dump_member(&path, |member| {
             pg_restore_piped(
                 &program,
-                &[OsStr::new("--file=-"), OsStr::new(&at)],
+                &[
+                    OsStr::new("--file=-"),
+                    OsStr::new(&at),
+                    OsStr::new("--schema-only"),
+                ],
                 Some(member),
                 Some(file.as_raw_fd()),
                 &runtime,
@@ -1178,13 +1194,10 @@ async fn member_extension_schema(
     .context("the dump task")??;
     let sql = sql.context("reading pg_restore's output")?;
     if sql.len() > ENTRY_SQL_MAX {
-        return Err(RestoreRefused::DumpUnreadable {
-            why: format!(
-                "the definition of extension {} is longer than {} MiB",
-                dump::shortened(&entry.name),
-                ENTRY_SQL_MAX >> 20
-            ),
-        }
+        return Err(extension_refused(
+            entry,
+            format!("is longer than {} MiB", ENTRY_SQL_MAX >> 20),
+        )
         .into());
     }
     if !status.success() {
@@ -1193,16 +1206,8 @@ async fn member_extension_schema(
             pg_restore_errors(&errors)
         );
     }
-    let sql = String::from_utf8_lossy(&sql);
-    dump::extension_schema(&sql).ok_or_else(|| {
-        RestoreRefused::DumpUnreadable {
-            why: format!(
-                "the definition of extension {} is not `CREATE EXTENSION IF NOT EXISTS <name> WITH SCHEMA <schema>;`",
-                dump::shortened(&entry.name)
-            ),
-        }
-        .into()
-    })
+    dump::extension_schema(&sql, &load.schema_names)
+        .map_err(|why| extension_refused(entry, why).into())
 }
 
 /// Where a dump's table of contents is read from.
@@ -1443,7 +1448,7 @@ impl Build {
                     .iter()
                     .find(|e| e.kind == "EXTENSION" && e.name == *name)
                 {
-                    Some(entry) => self.extension_schema(binaries, dump, entry).await?,
+                    Some(entry) => self.extension_schema(binaries, dump, entry, &load).await?,
                     None => "public".to_string(),
                 };
                 bootstrap::extension(&su, name, &schema).await?;
@@ -1554,43 +1559,42 @@ impl Build {
             .context("running pg_restore")
     }
 
-    /// The SQL the dump holds for `entry` alone (`pg_restore --file=-`, read, never run).
+    /// The SQL the dump holds for `entry` alone (`pg_restore --file=-`, read, never run); its
+    /// definition alone with `schema_only` (no data block read, whatever the entry claims).
     async fn entry_sql(
         &self,
         binaries: &Binaries,
         dump: &Path,
         entry: &dump::Entry,
+        schema_only: bool,
     ) -> anyhow::Result<String> {
         let list = self.socket_dir.join("entry.list");
         std::fs::write(&list, format!("{}\n", entry.line))
             .with_context(|| format!("writing {}", list.display()))?;
-        pg_restore_text(
-            binaries,
-            &[
-                OsStr::new("--file=-"),
-                OsStr::new("--use-list"),
-                list.as_os_str(),
-                dump.as_os_str(),
-            ],
-        )
-        .await
+        let mut args = vec![
+            OsStr::new("--file=-"),
+            OsStr::new("--use-list"),
+            list.as_os_str(),
+        ];
+        if schema_only {
+            args.push(OsStr::new("--schema-only"));
+        }
+        args.push(dump.as_os_str());
+        pg_restore_text(binaries, &args).await
     }
 
-    /// The schema the dump creates the extension of `entry` in.
+    /// The schema the dump creates the extension of `entry` in ([`dump::extension_schema`], as
+    /// the restore's check read it from the archive: see [`member_extension_schema`]).
     async fn extension_schema(
         &self,
         binaries: &Binaries,
         dump: &Path,
         entry: &dump::Entry,
+        load: &dump::Load,
     ) -> anyhow::Result<String> {
-        let sql = self.entry_sql(binaries, dump, entry).await?;
-        dump::extension_schema(&sql).ok_or_else(|| {
-            anyhow::anyhow!(
-                "cannot read the schema of extension {} in the dump: {}",
-                entry.name,
-                sql.trim()
-            )
-        })
+        let sql = self.entry_sql(binaries, dump, entry, true).await?;
+        dump::extension_schema(sql.as_bytes(), &load.schema_names)
+            .map_err(|why| extension_refused(entry, why).into())
     }
 
     /// Rebuild `regobox.init_scripts` from regobox's own definition and copy the dump's rows
@@ -1610,7 +1614,7 @@ impl Build {
         else {
             return Ok(());
         };
-        let sql = self.entry_sql(binaries, dump, entry).await?;
+        let sql = self.entry_sql(binaries, dump, entry, false).await?;
         let rows = dump::copy_rows(&sql)
             .map_err(|e| anyhow::anyhow!("regobox.init_scripts in the dump: {e}"))?;
         bootstrap::bookkeeping(su, Some(role)).await?;
@@ -1863,7 +1867,7 @@ async fn judge_dump(
     .await?;
     // What the load reads of the dump itself (the configured extensions' schemas), read now.
     for entry in load.own.iter().filter(|e| e.kind == "EXTENSION") {
-        member_extension_schema(binaries, path, entry).await?;
+        member_extension_schema(binaries, path, entry, &load).await?;
     }
     Ok(())
 }

@@ -2925,6 +2925,28 @@ fn a_configured_extension_the_restore_cannot_read_is_refused_before_anything_cha
             r#"'CREATE EXTENSION "uuid-ossp";\n'"#,
             "the definition of extension uuid-ossp is not `CREATE EXTENSION IF NOT EXISTS",
         ),
+        // Found by an attacker: each passed the first form of the check and failed the load,
+        // after the services had stopped (or, the last, put the extension in the catalog).
+        (
+            "not-text",
+            r#"b'CREATE EXTENSION IF NOT EXISTS "uuid-ossp" WITH SCHEMA public;\n-- \xff\n'"#,
+            "the definition of extension uuid-ossp is not UTF-8",
+        ),
+        (
+            "nowhere",
+            r#"'CREATE EXTENSION IF NOT EXISTS "uuid-ossp" WITH SCHEMA nowhere;\n'"#,
+            "puts it in schema nowhere, which the dump does not make",
+        ),
+        (
+            "folded",
+            r#"'CREATE EXTENSION IF NOT EXISTS "uuid-ossp" WITH SCHEMA Public;\n'"#,
+            "names its schema Public (not an identifier as pg_dump writes one)",
+        ),
+        (
+            "catalog",
+            r#"'CREATE EXTENSION IF NOT EXISTS "uuid-ossp" WITH SCHEMA pg_catalog;\n'"#,
+            "puts it in pg_catalog (PostgreSQL's or regobox's own schema)",
+        ),
     ];
     let before = volume_state(&target);
     for (name, definition, says) in cases {
@@ -2947,4 +2969,30 @@ fn a_configured_extension_the_restore_cannot_read_is_refused_before_anything_cha
         assert_eq!(volume_state(&target), before, "{name}");
     }
     assert_eq!(target.sql("SELECT x FROM mine"), "7");
+    // Found by an attacker: an extension's entry claiming a data block, which `pg_restore`
+    // found reading the archive through a pipe and not in the extracted file (it seeks there):
+    // the load failed after the stop. Both reads take the definition alone: restored.
+    let crafted = target.dir.path().join("data.tar.zst");
+    craft(
+        &archive,
+        &crafted,
+        &format!(
+            "{TOC_DUMP}\n{}",
+            r#"
+d = 'CREATE EXTENSION IF NOT EXISTS "uuid-ossp" WITH SCHEMA public;\n'
+e = _entry(10, 'uuid-ossp', 'EXTENSION', 'postgres', d)
+dump = toc_dump([(10, 'uuid-ossp', 'EXTENSION', 'postgres', d)])
+claimed = e[:5] + _int(1) + e[10:-9] + bytes([2]) + bytes(8)
+assert dump.count(e) == 1
+set_dump(dump.replace(e, claimed) + bytes([1]) + _int(10) + _str('-- a data block\n') + _int(0))
+"#
+        ),
+    );
+    let out = target.output(&["restore", "--force", crafted.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        target
+            .sql("SELECT extnamespace::regnamespace FROM pg_extension WHERE extname = 'uuid-ossp'"),
+        "public"
+    );
 }
