@@ -2914,37 +2914,41 @@ fn a_mount_inside_a_volume_reached_through_a_link_is_refused() {
 fn a_configured_extension_the_restore_cannot_read_is_refused_before_anything_changes() {
     let (target, archive) = target_with_data();
     target.config_file("50.toml", "[postgres]\nextensions = [\"uuid-ossp\"]\n");
+    // The definition in Python (the generator's), of `CREATE EXTENSION ... WITH SCHEMA <schema>`.
+    let create = |schema: &str| {
+        format!(r#"'CREATE EXTENSION IF NOT EXISTS "uuid-ossp" WITH SCHEMA {schema};\n'"#)
+    };
     let cases = [
         (
             "long",
-            r#"'CREATE EXTENSION IF NOT EXISTS "uuid-ossp" WITH SCHEMA public;\n-- ' + 'A' * (2 << 20) + '\n'"#,
+            format!("{} + '-- ' + 'A' * (2 << 20) + '\\n'", create("public")),
             "the definition of extension uuid-ossp is longer than 1 MiB",
         ),
         (
             "odd",
-            r#"'CREATE EXTENSION "uuid-ossp";\n'"#,
+            r#"'CREATE EXTENSION "uuid-ossp";\n'"#.to_string(),
             "the definition of extension uuid-ossp is not `CREATE EXTENSION IF NOT EXISTS",
         ),
         // Found by an attacker: each passed the first form of the check and failed the load,
         // after the services had stopped (or, the last, put the extension in the catalog).
         (
             "not-text",
-            r#"b'CREATE EXTENSION IF NOT EXISTS "uuid-ossp" WITH SCHEMA public;\n-- \xff\n'"#,
+            format!("({}).encode() + b'-- \\xff\\n'", create("public")),
             "the definition of extension uuid-ossp is not UTF-8",
         ),
         (
             "nowhere",
-            r#"'CREATE EXTENSION IF NOT EXISTS "uuid-ossp" WITH SCHEMA nowhere;\n'"#,
+            create("nowhere"),
             "puts it in schema nowhere, which the dump does not make",
         ),
         (
             "folded",
-            r#"'CREATE EXTENSION IF NOT EXISTS "uuid-ossp" WITH SCHEMA Public;\n'"#,
+            create("Public"),
             "names its schema Public (not an identifier as pg_dump writes one)",
         ),
         (
             "catalog",
-            r#"'CREATE EXTENSION IF NOT EXISTS "uuid-ossp" WITH SCHEMA pg_catalog;\n'"#,
+            create("pg_catalog"),
             "puts it in pg_catalog (PostgreSQL's or regobox's own schema)",
         ),
     ];
