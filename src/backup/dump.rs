@@ -349,7 +349,18 @@ fn judge_within(
                 unquote(entry.name.trim_start_matches("EXTENSION "))
             };
             if judge.extensions.contains(&name) {
-                own.push(entry);
+                // Each is read on its own by the restore's check and its load (see
+                // `extension_schema`): one entry each, as pg_dump writes (an attacker's 40 KB
+                // archive of 20 000 kept the check busy for hours, one read of the dump each).
+                let twice = entry.kind == "EXTENSION"
+                    && own
+                        .iter()
+                        .any(|e| e.kind == "EXTENSION" && e.name == entry.name);
+                if twice {
+                    refused.push(format!("{} (twice in the dump)", entry.describe()));
+                } else {
+                    own.push(entry);
+                }
             } else {
                 // Made by the application itself (a trusted extension): created again by the
                 // application role, which the server refuses for an untrusted one.
@@ -431,9 +442,11 @@ fn unquote(s: &str) -> String {
 /// (`pg_restore --file=- --schema-only`'s output) gives it: the line `CREATE EXTENSION IF NOT
 /// EXISTS <name> WITH SCHEMA <schema>;` as `pg_dump` writes it, `<schema>` a plain lower-case
 /// identifier or one in double quotes, and a schema the restored database has: `public` or one
-/// the dump's schemas (`schema_names`) make, never PostgreSQL's own (`pg_*`,
-/// `information_schema`) or regobox's. What is wrong, for a message, otherwise. The one reading
-/// of a restore's check and of its load: what one takes, the other does.
+/// the dump's schemas (`schema_names`) make, named there plainly (lower-case letters, digits,
+/// `_`, `$`: a name with a space or a line break reads differently in `pg_restore --list`'s
+/// line than in SQL), never PostgreSQL's own (`pg_*`, `information_schema`) or regobox's. What
+/// is wrong, for a message, otherwise. The one reading of a restore's check and of its load:
+/// what one takes, the other does.
 pub fn extension_schema(sql: &[u8], schema_names: &[String]) -> Result<String, String> {
     let sql = std::str::from_utf8(sql).map_err(|_| "is not UTF-8".to_string())?;
     let schema = sql
@@ -456,9 +469,9 @@ pub fn extension_schema(sql: &[u8], schema_names: &[String]) -> Result<String, S
             shortened(&schema)
         ));
     }
-    if schema != "public" && !schema_names.contains(&schema) {
+    if schema != "public" && !(plain(&schema) && schema_names.contains(&schema)) {
         return Err(format!(
-            "puts it in schema {}, which the dump does not make",
+            "puts it in schema {}, which the dump does not make (under a plain lower-case name)",
             shortened(&schema)
         ));
     }
@@ -479,11 +492,15 @@ fn identifier(s: &str) -> Option<String> {
         }
         (!name.is_empty()).then_some(name)
     } else {
-        let mut bytes = s.bytes();
-        let plain = matches!(bytes.next(), Some(b'a'..=b'z' | b'_'))
-            && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'$'));
-        plain.then(|| s.to_string())
+        plain(s).then(|| s.to_string())
     }
+}
+
+/// A plain lower-case identifier: what `pg_dump` writes without quotes.
+fn plain(s: &str) -> bool {
+    let mut bytes = s.bytes();
+    matches!(bytes.next(), Some(b'a'..=b'z' | b'_'))
+        && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'$'))
 }
 
 /// The rows of a `COPY ... FROM stdin;` block in PostgreSQL's text format: fields split on
@@ -618,21 +635,41 @@ mod tests {
         assert!(load.init_scripts_rows);
     }
 
+    /// A second attacker's finding: 20 000 entries of a configured extension (a 40 KB archive)
+    /// kept a restore's check busy for hours, each read on its own. pg_dump writes one.
+    #[test]
+    fn a_configured_extension_twice_is_refused() {
+        let toc = format!("{TOC}7; 3079 16404 EXTENSION - uuid-ossp \n");
+        let refused = judge_with(&toc, &["uuid-ossp"]).map(|_| ()).unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("uuid-ossp (twice in the dump)"),
+            "{refused}"
+        );
+        // Not configured: the application role's to create (the server refuses the second).
+        assert!(judge_with(&toc, &[]).is_ok());
+    }
+
     /// An attacker's findings: a configured extension's definition that the restore's check
     /// took and its load did not (not UTF-8), or that failed after the services stopped (a
     /// schema the restored database does not have, `Public` unquoted, which SQL folds), or that
     /// put the extension in PostgreSQL's own schema.
     #[test]
     fn an_extensions_schema_is_one_the_restored_database_has() {
-        let made = ["s3".to_string(), "My \"S\"".to_string()];
+        let made = ["s3".to_string(), "My \"S\"".to_string(), "s 3".to_string()];
         let sql = |schema: &str| {
             format!("SET x;\nCREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" WITH SCHEMA {schema};\n")
         };
         let read = |schema: &str| extension_schema(sql(schema).as_bytes(), &made);
         assert_eq!(read("public"), Ok("public".into()));
         assert_eq!(read("s3"), Ok("s3".into()));
-        assert_eq!(read("\"My \"\"S\"\"\""), Ok("My \"S\"".into()));
+        assert_eq!(read("\"s3\""), Ok("s3".into()));
         for bad in [
+            // Made by the dump, but under a name `pg_restore --list` may print otherwise (a
+            // space, a line break) than SQL names it: the second attacker's findings.
+            "\"My \"\"S\"\"\"",
+            "\"s 3\"",
             "nowhere",
             "Public",
             "\"Public\"",
