@@ -1451,6 +1451,18 @@ impl Build {
                     Some(entry) => self.extension_schema(binaries, dump, entry, &load).await?,
                     None => "public".to_string(),
                 };
+                if schema != "public" {
+                    // One of the dump's schemas (see `dump::extension_schema`), made by the
+                    // pass above unless its entry made it otherwise (a definition that makes
+                    // nothing, a name `pg_restore --list` printed otherwise: a second
+                    // attacker's findings, which failed the restore after the stop).
+                    su.batch_execute(&format!(
+                        "CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {}",
+                        bootstrap::quote_ident(&schema),
+                        bootstrap::quote_ident(&pg.user)
+                    ))
+                    .await?;
+                }
                 bootstrap::extension(&su, name, &schema).await?;
             }
             if load.init_scripts_rows {
