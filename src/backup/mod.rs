@@ -1142,21 +1142,20 @@ fn extension_refused(entry: &dump::Entry, why: String) -> RestoreRefused {
     }
 }
 
-/// The schema the dump member of the archive at `path` creates the configured extension of
-/// `entry` in (see [`Build::extension_schema`], which reads it again from the extracted dump):
-/// read before anything changes, so that a definition regobox does not read refuses the
-/// restore before a service stops. `pg_restore --file=- --use-list` on the member as it is
-/// decompressed (an extension's entry holds no data: it stops after the table of contents), the
-/// list given in a memory file.
-async fn member_extension_schema(
+/// The schema the dump at `from` creates the configured extension of `entry` in
+/// ([`dump::extension_schema`]): read by a restore's check from the archive's member, before
+/// anything changes, so that a definition regobox does not read refuses the restore before a
+/// service stops, and by the load from the extracted dump, alike. `pg_restore --file=-
+/// --use-list --schema-only` (the definition alone, whatever data the entry claims; reading the
+/// member, it stops after the table of contents), the list given in a memory file.
+async fn extension_schema(
     binaries: &Binaries,
-    path: &Path,
+    from: DumpAt,
     entry: &dump::Entry,
     load: &dump::Load,
 ) -> anyhow::Result<String> {
     use std::os::fd::AsRawFd;
     let program = binaries.path("pg_restore");
-    let path = path.to_path_buf();
     let line = entry.line.clone();
     let runtime = tokio::runtime::Handle::current();
     let (sql, status, errors) = tokio::task::spawn_blocking(move || {
@@ -1169,15 +1168,16 @@ async fn member_extension_schema(
         io::Write::write_all(&mut file, format!("{line}\n").as_bytes())
             .context("writing the list of the entry to read")?;
         let at = format!("--use-list=/proc/self/fd/{}", file.as_raw_fd());
-        with_dump_member(&path, |member| {
+        let mut args = vec![
+            OsStr::new("--file=-"),
+            OsStr::new(&at),
+            OsStr::new("--schema-only"),
+        ];
+        let read = |args: &[&OsStr], input: Option<&mut dyn Read>| {
             pg_restore_piped(
                 &program,
-                &[
-                    OsStr::new("--file=-"),
-                    OsStr::new(&at),
-                    OsStr::new("--schema-only"),
-                ],
-                Some(member),
+                args,
+                input,
                 Some(file.as_raw_fd()),
                 &runtime,
                 |out| {
@@ -1188,7 +1188,16 @@ async fn member_extension_schema(
                 },
                 |sql| !matches!(sql, Ok(s) if s.len() <= ENTRY_SQL_MAX),
             )
-        })
+        };
+        match &from {
+            DumpAt::File(dump) => {
+                args.push(dump.as_os_str());
+                read(&args, None)
+            }
+            DumpAt::ArchiveMember(path) => {
+                with_dump_member(path, |member| read(&args, Some(member)))
+            }
+        }
     })
     .await
     .context("the dump task")??;
@@ -1210,12 +1219,13 @@ async fn member_extension_schema(
         .map_err(|why| extension_refused(entry, why).into())
 }
 
-/// Where a dump's table of contents is read from.
-enum Toc {
+/// Where a dump is read from.
+enum DumpAt {
     /// An extracted dump.
-    Dump(PathBuf),
-    /// The dump member of an archive, as it is decompressed (`pg_restore` stops reading after the
-    /// table, at the start of the dump).
+    File(PathBuf),
+    /// The dump member of an archive, as it is decompressed (`pg_restore` stops reading where
+    /// it has what it needs: after the table of contents, for the table or an entry's
+    /// definition).
     ArchiveMember(PathBuf),
 }
 
@@ -1224,7 +1234,7 @@ enum Toc {
 /// (`role`: the application role).
 async fn judged_toc(
     binaries: &Binaries,
-    toc: Toc,
+    toc: DumpAt,
     owner: &str,
     extensions: &[String],
     role: &str,
@@ -1238,8 +1248,8 @@ async fn judged_toc(
             extensions: &extensions,
         };
         match toc {
-            Toc::Dump(dump) => judge_listed(&program, Some(&dump), None, &judge, &runtime),
-            Toc::ArchiveMember(path) => with_dump_member(&path, |member| {
+            DumpAt::File(dump) => judge_listed(&program, Some(&dump), None, &judge, &runtime),
+            DumpAt::ArchiveMember(path) => with_dump_member(&path, |member| {
                 judge_listed(&program, None, Some(member), &judge, &runtime)
             }),
         }
@@ -1405,7 +1415,7 @@ impl Build {
         // What the dump holds, judged before anything of it runs.
         let load = judged_toc(
             binaries,
-            Toc::Dump(dump.to_path_buf()),
+            DumpAt::File(dump.to_path_buf()),
             owner,
             &pg.extensions,
             &pg.user,
@@ -1448,7 +1458,10 @@ impl Build {
                     .iter()
                     .find(|e| e.kind == "EXTENSION" && e.name == *name)
                 {
-                    Some(entry) => self.extension_schema(binaries, dump, entry, &load).await?,
+                    Some(entry) => {
+                        let at = DumpAt::File(dump.to_path_buf());
+                        extension_schema(binaries, at, entry, &load).await?
+                    }
                     None => "public".to_string(),
                 };
                 if schema != "public" {
@@ -1571,42 +1584,26 @@ impl Build {
             .context("running pg_restore")
     }
 
-    /// The SQL the dump holds for `entry` alone (`pg_restore --file=-`, read, never run); its
-    /// definition alone with `schema_only` (no data block read, whatever the entry claims).
+    /// The SQL the dump holds for `entry` alone (`pg_restore --file=-`, read, never run).
     async fn entry_sql(
         &self,
         binaries: &Binaries,
         dump: &Path,
         entry: &dump::Entry,
-        schema_only: bool,
     ) -> anyhow::Result<String> {
         let list = self.socket_dir.join("entry.list");
         std::fs::write(&list, format!("{}\n", entry.line))
             .with_context(|| format!("writing {}", list.display()))?;
-        let mut args = vec![
-            OsStr::new("--file=-"),
-            OsStr::new("--use-list"),
-            list.as_os_str(),
-        ];
-        if schema_only {
-            args.push(OsStr::new("--schema-only"));
-        }
-        args.push(dump.as_os_str());
-        pg_restore_text(binaries, &args).await
-    }
-
-    /// The schema the dump creates the extension of `entry` in ([`dump::extension_schema`], as
-    /// the restore's check read it from the archive: see [`member_extension_schema`]).
-    async fn extension_schema(
-        &self,
-        binaries: &Binaries,
-        dump: &Path,
-        entry: &dump::Entry,
-        load: &dump::Load,
-    ) -> anyhow::Result<String> {
-        let sql = self.entry_sql(binaries, dump, entry, true).await?;
-        dump::extension_schema(sql.as_bytes(), &load.schema_names)
-            .map_err(|why| extension_refused(entry, why).into())
+        pg_restore_text(
+            binaries,
+            &[
+                OsStr::new("--file=-"),
+                OsStr::new("--use-list"),
+                list.as_os_str(),
+                dump.as_os_str(),
+            ],
+        )
+        .await
     }
 
     /// Rebuild `regobox.init_scripts` from regobox's own definition and copy the dump's rows
@@ -1626,7 +1623,7 @@ impl Build {
         else {
             return Ok(());
         };
-        let sql = self.entry_sql(binaries, dump, entry, false).await?;
+        let sql = self.entry_sql(binaries, dump, entry).await?;
         let rows = dump::copy_rows(&sql)
             .map_err(|e| anyhow::anyhow!("regobox.init_scripts in the dump: {e}"))?;
         bootstrap::bookkeeping(su, Some(role)).await?;
@@ -1871,7 +1868,7 @@ async fn judge_dump(
         .unwrap_or_else(|| pg.user.clone());
     let load = judged_toc(
         binaries,
-        Toc::ArchiveMember(path.to_path_buf()),
+        DumpAt::ArchiveMember(path.to_path_buf()),
         &owner,
         &pg.extensions,
         &pg.user,
@@ -1879,7 +1876,8 @@ async fn judge_dump(
     .await?;
     // What the load reads of the dump itself (the configured extensions' schemas), read now.
     for entry in load.own.iter().filter(|e| e.kind == "EXTENSION") {
-        member_extension_schema(binaries, path, entry, &load).await?;
+        let at = DumpAt::ArchiveMember(path.to_path_buf());
+        extension_schema(binaries, at, entry, &load).await?;
     }
     Ok(())
 }
