@@ -218,7 +218,7 @@ impl<S> Framing<S> {
                         }
                         self.signals.between.store(false, Ordering::Relaxed);
                         if let Some(a) = &self.activity {
-                            a.head_begins();
+                            a.head_behind_begins();
                         }
                     }
                     let before = buf.len();

@@ -761,6 +761,9 @@ pub struct Activity {
     in_flight: AtomicUsize,
     /// When the request head being read began ([`NEVER`]: none is being read).
     head_since_ms: AtomicU64,
+    /// HTTP/1.1: that head may be behind requests in flight (pipelined); its deadline waits
+    /// for their end (see [`Activity::head_behind_begins`]).
+    head_behind: AtomicBool,
     /// The responses being sent, each with when its last piece was handed to the connection
     /// and not taken since (see [`Handover`]).
     sending: std::sync::Mutex<Vec<Arc<Handover>>>,
@@ -1044,6 +1047,7 @@ impl Activity {
             moved: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             head_since_ms: AtomicU64::new(NEVER),
+            head_behind: AtomicBool::new(false),
             sending: std::sync::Mutex::new(Vec::new()),
             leases: AtomicUsize::new(0),
             sent: AtomicU64::new(0),
@@ -1184,7 +1188,7 @@ impl Activity {
     /// nothing in flight, a request head taking too long (slowloris; the first one counts from
     /// the connection), a response the client does not take (nginx's `send_timeout`).
     fn overdue(&self, cfg: &ProxyConfig) -> Overdue {
-        if self.head_for().is_some_and(|t| t >= cfg.header_timeout) {
+        if self.head_overdue(cfg.header_timeout) {
             return Overdue::Cut;
         }
         if self.send_stalled(cfg.send_timeout) || self.takes_nothing(cfg.send_timeout) {
@@ -1380,10 +1384,30 @@ impl Activity {
 
     pub fn head_begins(&self) {
         self.head_since_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.head_behind.store(false, Ordering::Relaxed);
+    }
+
+    /// HTTP/1.1: a request head begins. Behind requests in flight (pipelined), hyper reads it
+    /// only once they have ended, and its deadline counts from then, as nginx's does: the
+    /// answers the application takes its time over are no part of the client's head (the
+    /// sixteenth session's attacker: a request in flight was cut at `header_timeout` when its
+    /// client had begun the next head behind it).
+    pub fn head_behind_begins(&self) {
+        self.head_since_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.head_behind.store(true, Ordering::Relaxed);
     }
 
     pub fn head_ends(&self) {
         self.head_since_ms.store(NEVER, Ordering::Relaxed);
+        self.head_behind.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether the request head being read is past `limit`: not while it waits behind requests
+    /// in flight.
+    fn head_overdue(&self, limit: Duration) -> bool {
+        self.head_for().is_some_and(|t| t >= limit)
+            && !(self.head_behind.load(Ordering::Relaxed)
+                && self.in_flight.load(Ordering::Relaxed) > 0)
     }
 
     /// How long the current request head has been arriving, if one is.
@@ -1438,9 +1462,20 @@ pub struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let now = self.0.now_ms();
+        if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1
+            && self.0.head_behind.load(Ordering::Relaxed)
+        {
+            // The head behind it, if it has not ended meanwhile, is read from now on.
+            let _ = self
+                .0
+                .head_since_ms
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                    (s != NEVER).then_some(now)
+                });
+        }
         self.0.touch();
-        self.0.request_ms.store(self.0.now_ms(), Ordering::Relaxed);
+        self.0.request_ms.store(now, Ordering::Relaxed);
     }
 }
 

@@ -1862,6 +1862,41 @@ fn a_request_head_arriving_is_not_idle() {
     p.stop();
 }
 
+/// The sixteenth session's attacker saw it, left until now: a request in flight was cut at
+/// `header_timeout` when its client had begun the next (pipelined) request head behind it, the
+/// head's deadline counting while the application answered. A head behind a request in flight
+/// has its deadline from that request's end (hyper reads it then, as nginx does): the answer
+/// comes, the rest of the head may follow; and a head that never ends is still cut, at
+/// `header_timeout` after the answer.
+#[test]
+fn a_head_pipelined_behind_a_slow_answer_waits_for_it() {
+    let mut p = Proxied::start("redirect_http = false\nheader_timeout = \"2s\"");
+    let begin = || {
+        let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        s.write_all(
+            b"GET /slow?s=4 HTTP/1.1\r\nHost: localhost\r\n\r\nGET /job/behind HTTP/1.1\r\nHo",
+        )
+        .unwrap();
+        s
+    };
+    let mut s = begin();
+    assert_eq!(response(&mut s), (200, "slow done\n".to_string()));
+    s.write_all(b"st: localhost\r\n\r\n").unwrap();
+    assert_eq!(response(&mut s), (200, "app: /job/behind\n".to_string()));
+    // The same, the head never ended: cut within the deadline after the answer, not held.
+    let mut s = begin();
+    assert_eq!(response(&mut s), (200, "slow done\n".to_string()));
+    let answered = Instant::now();
+    assert!(closed_within(&mut s, Duration::from_secs(6)));
+    let held = answered.elapsed();
+    assert!(
+        held >= Duration::from_millis(1500) && held < Duration::from_millis(3500),
+        "{held:?}"
+    );
+    p.stop();
+}
+
 /// The last note's known limit (twentieth session): over HTTP/2 the send queue is the
 /// connection's. A client that kept it shrinking by taking one stream's response slowly (or by
 /// giving the connection's window back a little at a time) held its other streams at a zero
