@@ -3,10 +3,12 @@
 //! A dump is untrusted input: `pg_restore` runs what it holds with the rights of the role it
 //! connects as. A restore therefore connects as the application role (never the superuser), and
 //! before it loads anything reads the dump's table of contents (`pg_restore --list`) into
-//! [`Entry`]s and decides, for each, one of three things:
+//! [`Entry`]s and decides, for each, one of four things:
 //!
 //! - loaded by the application role: the kinds of object an owner of the database can create
 //!   ([`LOADED`]), owned in the dump by the archive's application role;
+//! - made by regobox from what their definitions say, none of whose SQL runs: the dump's schemas
+//!   ([`schemas_made`]: their names, made first, owned by the application role);
 //! - regobox's own: the configured extensions (regobox creates them first, as the superuser) and
 //!   the `regobox` schema (its bookkeeping, rebuilt by regobox from its own definition);
 //!   another extension is created by the application role (the server allows trusted ones only);
@@ -50,6 +52,7 @@ pub const LOADED: &[&str] = &[
     "PUBLICATION TABLES IN SCHEMA",
     "ROW SECURITY",
     "RULE",
+    // Made by regobox under the names their definitions give (see [`schemas_made`]).
     "SCHEMA",
     "SEARCHPATH",
     "SEQUENCE",
@@ -175,11 +178,9 @@ pub fn parse_line(line: &str) -> Result<Option<Entry>, String> {
 /// What to do with a dump.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Load {
-    /// The `--use-list` of the application role's first `pg_restore`: its schemas (where the
-    /// configured extensions go next).
-    pub schemas: String,
-    /// The names of those schemas.
-    pub schema_names: Vec<String>,
+    /// The dump's schemas (its `SCHEMA` entries), made by regobox itself under the names their
+    /// definitions give ([`schemas_made`]) before anything else loads.
+    pub schemas: Vec<Entry>,
     /// The `--use-list` of the application role's second `pg_restore`: everything else.
     pub list: String,
     /// Entries left to regobox (configured extensions, its own schema).
@@ -292,8 +293,7 @@ fn judge_within(
     max: u64,
 ) -> Result<Load, TocError> {
     use std::io::{BufRead, Read};
-    let mut schemas = String::new();
-    let mut schema_names = Vec::new();
+    let mut schemas = Vec::new();
     let mut list = String::new();
     let mut own = Vec::new();
     let mut refused = Refusals::default();
@@ -387,19 +387,16 @@ fn judge_within(
             ));
             continue;
         }
-        let to = if entry.kind == "SCHEMA" {
-            schema_names.push(entry.name.clone());
-            &mut schemas
-        } else {
-            &mut list
-        };
-        to.push_str(&entry.line);
-        to.push('\n');
+        if entry.kind == "SCHEMA" {
+            schemas.push(entry);
+            continue;
+        }
+        list.push_str(&entry.line);
+        list.push('\n');
     }
     if refused.is_empty() {
         Ok(Load {
             schemas,
-            schema_names,
             list,
             own,
             init_scripts_rows,
@@ -442,12 +439,10 @@ fn unquote(s: &str) -> String {
 /// (`pg_restore --file=- --schema-only`'s output) gives it: the line `CREATE EXTENSION IF NOT
 /// EXISTS <name> WITH SCHEMA <schema>;` as `pg_dump` writes it, `<schema>` a plain lower-case
 /// identifier or one in double quotes, and a schema the restored database has: `public` or one
-/// the dump's schemas (`schema_names`) make, named there plainly (lower-case letters, digits,
-/// `_`, `$`: a name with a space or a line break reads differently in `pg_restore --list`'s
-/// line than in SQL), never PostgreSQL's own (`pg_*`, `information_schema`) or regobox's. What
-/// is wrong, for a message, otherwise. The one reading of a restore's check and of its load:
-/// what one takes, the other does.
-pub fn extension_schema(sql: &[u8], schema_names: &[String]) -> Result<String, String> {
+/// of the dump's that regobox makes (`made`, see [`schemas_made`]), never PostgreSQL's own
+/// (`pg_*`, `information_schema`) or regobox's. What is wrong, for a message, otherwise. The
+/// one reading of a restore's check and of its load: what one takes, the other does.
+pub fn extension_schema(sql: &[u8], made: &[String]) -> Result<String, String> {
     let sql = std::str::from_utf8(sql).map_err(|_| "is not UTF-8".to_string())?;
     let schema = sql
         .lines()
@@ -463,19 +458,121 @@ pub fn extension_schema(sql: &[u8], schema_names: &[String]) -> Result<String, S
             shortened(schema)
         )
     })?;
-    if schema.starts_with("pg_") || schema == "information_schema" || schema == "regobox" {
+    if reserved(&schema) {
         return Err(format!(
             "puts it in {} (PostgreSQL's or regobox's own schema)",
             shortened(&schema)
         ));
     }
-    if schema != "public" && !(plain(&schema) && schema_names.contains(&schema)) {
+    if schema != "public" && !made.contains(&schema) {
         return Err(format!(
-            "puts it in schema {}, which the dump does not make (under a plain lower-case name)",
+            "puts it in schema {}, which the dump does not make",
             shortened(&schema)
         ));
     }
     Ok(schema)
+}
+
+/// A schema of PostgreSQL's own (`pg_*`, `information_schema`) or regobox's.
+fn reserved(schema: &str) -> bool {
+    schema.starts_with("pg_") || schema == "information_schema" || schema == OWN_SCHEMA
+}
+
+/// The schemas the dump's `SCHEMA` entries (`entries`) make, as their SQL gives them
+/// (`pg_restore --file=- --schema-only` of those entries, read as it streams, within the table
+/// of contents' bounds): regobox makes them itself under these names, and none of that SQL runs.
+/// A schema is a line `CREATE SCHEMA <name>;` as `pg_dump` writes it (`<name>` as
+/// [`extension_schema`] reads one), naming one of the entries (as `pg_restore --list` prints a
+/// name: a line break read as a space), once; an entry without one is `public` (`pg_dump`
+/// writes a comment there: `initdb` made it), and `public` is not made again. Never
+/// PostgreSQL's own schemas or regobox's. Every other line is left unread (it never runs).
+/// Checked by a restore before anything changes, so that a dump whose schemas could not be
+/// made is refused before a service stops (an attacker's, twenty-seventh session: two entries
+/// of one name, a `pg_` name, failed the load after the stop).
+pub fn schemas_made(
+    mut sql: impl std::io::BufRead,
+    entries: &[Entry],
+) -> Result<Vec<String>, String> {
+    use std::io::{BufRead, Read};
+    let mut made: Vec<String> = Vec::new();
+    let mut raw = Vec::new();
+    let mut read = 0u64;
+    loop {
+        raw.clear();
+        let n = (&mut sql)
+            .take(MAX_TOC_LINE as u64 + 1)
+            .read_until(b'\n', &mut raw)
+            .map_err(|e| format!("cannot be read: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        read += n as u64;
+        if read > MAX_TOC || raw.len() > MAX_TOC_LINE {
+            return Err(format!(
+                "are longer than a table of contents is read ({} MiB, a line {} KiB)",
+                MAX_TOC >> 20,
+                MAX_TOC_LINE >> 10
+            ));
+        }
+        let Some(rest) = raw.strip_prefix(b"CREATE SCHEMA ") else {
+            continue;
+        };
+        // A name in quotes may hold line breaks: the statement goes on to its closing quote.
+        let mut statement = rest.to_vec();
+        while statement.first() == Some(&b'"')
+            && statement.iter().filter(|b| **b == b'"').count() % 2 == 1
+        {
+            let n = (&mut sql)
+                .take(MAX_TOC_LINE as u64 + 1)
+                .read_until(b'\n', &mut statement)
+                .map_err(|e| format!("cannot be read: {e}"))?;
+            read += n as u64;
+            if n == 0 || read > MAX_TOC || statement.len() > MAX_TOC_LINE {
+                return Err(format!(
+                    "hold a `CREATE SCHEMA` whose name does not end within {} KiB",
+                    MAX_TOC_LINE >> 10
+                ));
+            }
+        }
+        let statement = std::str::from_utf8(&statement).map_err(|_| "are not UTF-8".to_string())?;
+        let statement = statement.trim_end_matches(['\r', '\n']);
+        let name = statement
+            .strip_suffix(';')
+            .and_then(identifier)
+            .ok_or_else(|| {
+                format!(
+                    "hold `CREATE SCHEMA {}`, not `CREATE SCHEMA <name>;` as pg_dump writes it",
+                    shortened(statement)
+                )
+            })?;
+        if reserved(&name) {
+            return Err(format!(
+                "make {} (PostgreSQL's or regobox's own schema)",
+                shortened(&name)
+            ));
+        }
+        let listed = name.replace(['\n', '\r'], " ");
+        if !entries.iter().any(|e| e.name == listed) {
+            return Err(format!(
+                "make schema {}, which no entry of the dump's table of contents names",
+                shortened(&name)
+            ));
+        }
+        if made.contains(&name) {
+            return Err(format!("make schema {} twice", shortened(&name)));
+        }
+        made.push(name);
+    }
+    if let Some(e) = entries.iter().find(|e| {
+        e.name != "public" && !made.iter().any(|m| m.replace(['\n', '\r'], " ") == e.name)
+    }) {
+        return Err(format!(
+            "make nothing for {} (no `CREATE SCHEMA <name>;`)",
+            shortened(&e.describe())
+        ));
+    }
+    made.retain(|m| m != "public");
+    Ok(made)
 }
 
 /// An identifier as `pg_dump` writes one (`fmtId`): a plain lower-case one as it is, any other
@@ -665,11 +762,12 @@ mod tests {
         assert_eq!(read("public"), Ok("public".into()));
         assert_eq!(read("s3"), Ok("s3".into()));
         assert_eq!(read("\"s3\""), Ok("s3".into()));
+        // Made by regobox under the names the schemas' definitions give (not as `pg_restore
+        // --list` prints them, which reads a line break as a space).
+        assert_eq!(read("\"My \"\"S\"\"\""), Ok("My \"S\"".into()));
+        assert_eq!(read("\"s 3\""), Ok("s 3".into()));
         for bad in [
-            // Made by the dump, but under a name `pg_restore --list` may print otherwise (a
-            // space, a line break) than SQL names it: the second attacker's findings.
-            "\"My \"\"S\"\"\"",
-            "\"s 3\"",
+            "\"s3 \"",
             "nowhere",
             "Public",
             "\"Public\"",
@@ -692,6 +790,89 @@ mod tests {
             Err("is not UTF-8".to_string())
         );
         assert!(extension_schema(b"CREATE EXTENSION \"uuid-ossp\";\n", &made).is_err());
+    }
+
+    /// The dump's schemas, made by regobox from their definitions: each `CREATE SCHEMA <name>;`
+    /// as pg_dump writes it, of an entry's name, once; `public` is there already; nothing else
+    /// of the definitions is read (none of it runs).
+    #[test]
+    fn a_dumps_schemas_are_the_names_its_definitions_give() {
+        let entries = |names: &[&str]| -> Vec<Entry> {
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    parse_line(&format!("{}; 2615 1638{i} SCHEMA - {n} app", i + 6))
+                        .unwrap()
+                        .unwrap()
+                })
+                .collect()
+        };
+        let made = |sql: &str, names: &[&str]| schemas_made(sql.as_bytes(), &entries(names));
+        let header = "--\n-- PostgreSQL database dump\n--\n\nSET statement_timeout = 0;\nSELECT pg_catalog.set_config('search_path', '', false);\n\n";
+        let sql = format!(
+            "{header}--\n-- Name: s3; Type: SCHEMA; Schema: -; Owner: app\n--\n\nCREATE SCHEMA s3;\n\n\nALTER SCHEMA s3 OWNER TO app;\n\
+             CREATE SCHEMA \"My Data\";\nCREATE SCHEMA \"a\nb\";\nCREATE SCHEMA \"q\"\"x\";\n\
+             -- *not* creating schema, since initdb creates it\nDROP TABLE t; CREATE TABLE u();\n"
+        );
+        assert_eq!(
+            made(&sql, &["s3", "My Data", "a b", "q\"x", "public"]),
+            Ok(vec![
+                "s3".to_string(),
+                "My Data".into(),
+                "a\nb".into(),
+                "q\"x".into()
+            ])
+        );
+        // `public` made again by its definition: it is there already.
+        assert_eq!(
+            made(
+                "CREATE SCHEMA public;\nCREATE SCHEMA s3;\n",
+                &["public", "s3"]
+            ),
+            Ok(vec!["s3".to_string()])
+        );
+        for (sql, names, why) in [
+            (
+                &b"CREATE SCHEMA s3;\nCREATE SCHEMA s3;\n"[..],
+                &["s3", "s3"][..],
+                "twice",
+            ),
+            (b"CREATE SCHEMA pg_s;\n", &["pg_s"], "own schema"),
+            (b"CREATE SCHEMA regobox;\n", &["s3"], "own schema"),
+            (
+                b"CREATE SCHEMA information_schema;\n",
+                &["information_schema"],
+                "own schema",
+            ),
+            (b"CREATE SCHEMA s4;\n", &["s3"], "no entry"),
+            (b"SELECT 1;\n", &["s3"], "make nothing for SCHEMA s3"),
+            (b"CREATE SCHEMA S3;\n", &["S3"], "as pg_dump writes it"),
+            (
+                b"CREATE SCHEMA s3 AUTHORIZATION postgres;\n",
+                &["s3"],
+                "as pg_dump writes it",
+            ),
+            (
+                b"CREATE SCHEMA \"s3\"x\"\";\n",
+                &["s3\"x\""],
+                "as pg_dump writes it",
+            ),
+            (b"CREATE SCHEMA \xff;\n", &["s3"], "not UTF-8"),
+            (
+                b"CREATE SCHEMA \"s3;\n-- never closed\n",
+                &["s3"],
+                "does not end",
+            ),
+        ] {
+            let got = schemas_made(sql, &entries(names));
+            assert!(
+                got.as_ref().is_err_and(|e| e.contains(why)),
+                "{names:?}: {got:?}"
+            );
+        }
+        let long = format!("CREATE SCHEMA s3;\n-- {}\n", "x".repeat(MAX_TOC_LINE));
+        assert!(made(&long, &["s3"]).is_err_and(|e| e.contains("longer")));
     }
 
     #[test]
@@ -752,7 +933,7 @@ mod tests {
         );
         let three: Vec<&str> = toc.lines().take(3).collect();
         let load = judge_with(&three.join("\n"), &[]).unwrap();
-        assert_eq!(load.list.lines().count() + load.schemas.lines().count(), 3);
+        assert_eq!(load.list.lines().count() + load.schemas.len(), 3);
         assert!(load.own.is_empty());
         assert!(!load.init_scripts_rows);
     }

@@ -1143,65 +1143,30 @@ fn extension_refused(entry: &dump::Entry, why: String) -> RestoreRefused {
 }
 
 /// The schema the dump at `from` creates the configured extension of `entry` in
-/// ([`dump::extension_schema`]): read by a restore's check from the archive's member, before
-/// anything changes, so that a definition regobox does not read refuses the restore before a
-/// service stops, and by the load from the extracted dump, alike. `pg_restore --file=-
-/// --use-list --schema-only` (the definition alone, whatever data the entry claims; reading the
-/// member, it stops after the table of contents), the list given in a memory file.
+/// ([`dump::extension_schema`]; `made`: the dump's schemas, see [`dump_schemas`]): read by a
+/// restore's check from the archive's member, before anything changes, so that a definition
+/// regobox does not read refuses the restore before a service stops, and by the load from the
+/// extracted dump, alike.
 async fn extension_schema(
     binaries: &Binaries,
     from: DumpAt,
     entry: &dump::Entry,
-    load: &dump::Load,
+    made: &[String],
 ) -> anyhow::Result<String> {
-    use std::os::fd::AsRawFd;
-    let program = binaries.path("pg_restore");
-    let line = entry.line.clone();
-    let runtime = tokio::runtime::Handle::current();
-    let (sql, status, errors) = tokio::task::spawn_blocking(move || {
-        let list = nix::sys::memfd::memfd_create(
-            c"regobox-restore-list",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
-        )
-        .context("making the list of the entry to read")?;
-        let mut file = File::from(list);
-        io::Write::write_all(&mut file, format!("{line}\n").as_bytes())
-            .context("writing the list of the entry to read")?;
-        let at = format!("--use-list=/proc/self/fd/{}", file.as_raw_fd());
-        let mut args = vec![
-            OsStr::new("--file=-"),
-            OsStr::new(&at),
-            OsStr::new("--schema-only"),
-        ];
-        let read = |args: &[&OsStr], input: Option<&mut dyn Read>| {
-            pg_restore_piped(
-                &program,
-                args,
-                input,
-                Some(file.as_raw_fd()),
-                &runtime,
-                |out| {
-                    let mut sql = Vec::new();
-                    out.take(ENTRY_SQL_MAX as u64 + 1)
-                        .read_to_end(&mut sql)
-                        .map(|_| sql)
-                },
-                |sql| !matches!(sql, Ok(s) if s.len() <= ENTRY_SQL_MAX),
-            )
-        };
-        match &from {
-            DumpAt::File(dump) => {
-                args.push(dump.as_os_str());
-                read(&args, None)
-            }
-            DumpAt::ArchiveMember(path) => {
-                with_dump_member(path, |member| read(&args, Some(member)))
-            }
-        }
-    })
-    .await
-    .context("the dump task")??;
-    let sql = sql.context("reading pg_restore's output")?;
+    let sql = definitions(
+        binaries,
+        from,
+        format!("{}\n", entry.line),
+        |out| {
+            let mut sql = Vec::new();
+            out.take(ENTRY_SQL_MAX as u64 + 1)
+                .read_to_end(&mut sql)
+                .map(|_| sql)
+        },
+        |sql| !matches!(sql, Ok(s) if s.len() <= ENTRY_SQL_MAX),
+    )
+    .await?
+    .context("reading pg_restore's output")?;
     if sql.len() > ENTRY_SQL_MAX {
         return Err(extension_refused(
             entry,
@@ -1209,14 +1174,104 @@ async fn extension_schema(
         )
         .into());
     }
-    if !status.success() {
+    dump::extension_schema(&sql, made).map_err(|why| extension_refused(entry, why).into())
+}
+
+/// The schemas the dump at `from` makes ([`dump::schemas_made`], from its `SCHEMA` entries'
+/// definitions), which the load makes itself: read by a restore's check from the archive's
+/// member before anything changes, and by the load from the extracted dump, alike.
+async fn dump_schemas(
+    binaries: &Binaries,
+    from: DumpAt,
+    load: &dump::Load,
+) -> anyhow::Result<Vec<String>> {
+    if load.schemas.is_empty() {
+        return Ok(Vec::new());
+    }
+    let list: String = load
+        .schemas
+        .iter()
+        .map(|e| format!("{}\n", e.line))
+        .collect();
+    let entries = load.schemas.clone();
+    definitions(
+        binaries,
+        from,
+        list,
+        move |out| dump::schemas_made(io::BufReader::new(out), &entries),
+        |made| made.is_err(),
+    )
+    .await?
+    .map_err(|why| {
+        RestoreRefused::DumpUnreadable {
+            why: format!("the definitions of its schemas {why}"),
+        }
+        .into()
+    })
+}
+
+/// What `read` takes of the definitions of the entries `list` names (lines of `pg_restore
+/// --list`) in the dump at `from`: `pg_restore --file=- --use-list --schema-only` (the
+/// definitions alone, whatever data an entry claims; reading an archive's member, it stops
+/// after the table of contents), the list given in a memory file; `gave_up` as
+/// [`pg_restore_piped`] takes it. A `pg_restore` that fails, unless `read` gave up, is an error.
+async fn definitions<T: Send + 'static>(
+    binaries: &Binaries,
+    from: DumpAt,
+    list: String,
+    read: impl FnOnce(std::process::ChildStdout) -> T + Send + 'static,
+    gave_up: impl Fn(&T) -> bool + Send + 'static,
+) -> anyhow::Result<T> {
+    use std::os::fd::AsRawFd;
+    let program = binaries.path("pg_restore");
+    let runtime = tokio::runtime::Handle::current();
+    let (read, status, errors, gave) = tokio::task::spawn_blocking(move || {
+        let memfd = nix::sys::memfd::memfd_create(
+            c"regobox-restore-list",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        )
+        .context("making the list of the entries to read")?;
+        let mut file = File::from(memfd);
+        io::Write::write_all(&mut file, list.as_bytes())
+            .context("writing the list of the entries to read")?;
+        let at = format!("--use-list=/proc/self/fd/{}", file.as_raw_fd());
+        let mut args = vec![
+            OsStr::new("--file=-"),
+            OsStr::new(&at),
+            OsStr::new("--schema-only"),
+        ];
+        let run = |args: &[&OsStr], input: Option<&mut dyn Read>| {
+            pg_restore_piped(
+                &program,
+                args,
+                input,
+                Some(file.as_raw_fd()),
+                &runtime,
+                read,
+                &gave_up,
+            )
+        };
+        let (read, status, errors) = match &from {
+            DumpAt::File(dump) => {
+                args.push(dump.as_os_str());
+                run(&args, None)
+            }
+            DumpAt::ArchiveMember(path) => {
+                with_dump_member(path, |member| run(&args, Some(member)))
+            }
+        }?;
+        let gave = gave_up(&read);
+        anyhow::Ok((read, status, errors, gave))
+    })
+    .await
+    .context("the dump task")??;
+    if !gave && !status.success() {
         bail!(
             "pg_restore cannot read the dump ({status}): {}",
             pg_restore_errors(&errors)
         );
     }
-    dump::extension_schema(&sql, &load.schema_names)
-        .map_err(|why| extension_refused(entry, why).into())
+    Ok(read)
 }
 
 /// Where a dump is read from.
@@ -1445,55 +1500,44 @@ impl Build {
         tracing::info!(role = %pg.user, "restoring the database as the application role");
         let mut app = su_db.clone();
         app.user(&pg.user).options("");
-        // The application's schemas first, then regobox's part as the superuser (the
-        // configured extensions, each in the schema the dump puts it in; its bookkeeping), then
-        // everything else.
-        let out = self
-            .pg_restore_as(binaries, dump, &app, "schemas", &load.schemas, 1)
-            .await?;
-        if out.status.success() {
-            for name in &pg.extensions {
-                let schema = match load
-                    .own
-                    .iter()
-                    .find(|e| e.kind == "EXTENSION" && e.name == *name)
-                {
-                    Some(entry) => {
-                        let at = DumpAt::File(dump.to_path_buf());
-                        extension_schema(binaries, at, entry, &load).await?
-                    }
-                    None => "public".to_string(),
-                };
-                if schema != "public" {
-                    // One of the dump's schemas (see `dump::extension_schema`), made by the
-                    // pass above unless its entry made it otherwise (a definition that makes
-                    // nothing, a name `pg_restore --list` printed otherwise: a second
-                    // attacker's findings, which failed the restore after the stop).
-                    su.batch_execute(&format!(
-                        "CREATE SCHEMA IF NOT EXISTS {} AUTHORIZATION {}",
-                        bootstrap::quote_ident(&schema),
-                        bootstrap::quote_ident(&pg.user)
-                    ))
-                    .await?;
-                }
-                bootstrap::extension(&su, name, &schema).await?;
-            }
-            if load.init_scripts_rows {
-                self.restore_init_scripts(binaries, dump, &load, &su, &pg.user)
-                    .await?;
-            }
+        // The application's schemas first, made by regobox under the names their definitions
+        // give (none of the dump's SQL for them runs: see `dump::schemas_made`), owned by the
+        // application role; then regobox's part as the superuser (the configured extensions,
+        // each in the schema the dump puts it in; its bookkeeping); then everything else.
+        let at = || DumpAt::File(dump.to_path_buf());
+        let made = dump_schemas(binaries, at(), &load).await?;
+        for schema in &made {
+            su.batch_execute(&format!(
+                "CREATE SCHEMA {} AUTHORIZATION {}",
+                bootstrap::quote_ident(schema),
+                bootstrap::quote_ident(&pg.user)
+            ))
+            .await
+            .with_context(|| format!("making the dump's schema {}", dump::shortened(schema)))?;
+        }
+        for name in &pg.extensions {
+            let schema = match load
+                .own
+                .iter()
+                .find(|e| e.kind == "EXTENSION" && e.name == *name)
+            {
+                Some(entry) => extension_schema(binaries, at(), entry, &made).await?,
+                None => "public".to_string(),
+            };
+            bootstrap::extension(&su, name, &schema).await?;
+        }
+        if load.init_scripts_rows {
+            self.restore_init_scripts(binaries, dump, &load, &su, &pg.user)
+                .await?;
         }
         drop(su);
         let jobs = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2)
             .max(2);
-        let out = if out.status.success() {
-            self.pg_restore_as(binaries, dump, &app, "restore", &load.list, jobs)
-                .await?
-        } else {
-            out
-        };
+        let out = self
+            .pg_restore_as(binaries, dump, &app, "restore", &load.list, jobs)
+            .await?;
         if !out.status.success() {
             let text = pg_restore_errors(&out.stderr);
             let full = [
@@ -1874,10 +1918,12 @@ async fn judge_dump(
         &pg.user,
     )
     .await?;
-    // What the load reads of the dump itself (the configured extensions' schemas), read now.
+    // What the load reads of the dump itself (its schemas, the configured extensions'
+    // schemas), read now.
+    let made = dump_schemas(binaries, DumpAt::ArchiveMember(path.to_path_buf()), &load).await?;
     for entry in load.own.iter().filter(|e| e.kind == "EXTENSION") {
         let at = DumpAt::ArchiveMember(path.to_path_buf());
-        extension_schema(binaries, at, entry, &load).await?;
+        extension_schema(binaries, at, entry, &made).await?;
     }
     Ok(())
 }

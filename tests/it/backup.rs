@@ -3003,17 +3003,154 @@ set_dump(dump.replace(e, claimed) + bytes([1]) + _int(10) + _str('-- a data bloc
     assert_eq!(schema_of_extension(), "public");
     // Found by a second attacker: the extension in one of the dump's schemas whose entry makes
     // nothing (`pg_restore --no-owner` prints no `CREATE SCHEMA` for a definition that is a
-    // comment): the extension's creation failed after the stop. The schema is made for it.
-    let crafted = target.dir.path().join("unmade.tar.zst");
+    // comment): the extension's creation failed after the stop. Such a schema is refused
+    // before anything changes now (see `a_dumps_schemas_regobox_cannot_make_...`); in a schema
+    // the dump makes, the extension is restored.
+    let unmade = target.dir.path().join("unmade.tar.zst");
+    let made = target.dir.path().join("made.tar.zst");
+    for (crafted, schema) in [(&unmade, "-- not creating"), (&made, "CREATE SCHEMA s3;")] {
+        craft(
+            &archive,
+            crafted,
+            &format!(
+                "{TOC_DUMP}\nset_dump(toc_dump([(9, 's3', 'SCHEMA', 'app', '{schema}\\n'), (10, 'uuid-ossp', 'EXTENSION', 'postgres', {})]))\n",
+                create("s3")
+            ),
+        );
+    }
+    let out = target.output(&["restore", "--force", unmade.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("make nothing for SCHEMA"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(schema_of_extension(), "public");
+    let out = target.output(&["restore", "--force", made.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(schema_of_extension(), "s3");
+}
+
+/// The last note's leftover (an attacker's, twenty-seventh session): a dump's `SCHEMA` entries
+/// that could not be made (two of one name, a `pg_` name, a definition that makes nothing)
+/// failed the restore's first `pg_restore`, after the services had stopped. regobox now makes
+/// the dump's schemas itself, under the names their definitions give (`CREATE SCHEMA <name>;`
+/// as pg_dump writes it), read by the check before anything changes: what it cannot make is
+/// refused there, nothing else of those definitions runs, and schemas of any name (a space, a
+/// line break, a quote) restore as they were, the application role's.
+#[test]
+fn a_dumps_schemas_regobox_cannot_make_are_refused_before_anything_changes() {
+    let (target, archive) = target_with_data();
+    let schema = |id: u32, name: &str, definition: &str| {
+        format!("({id}, {name:?}, 'SCHEMA', 'app', {definition:?} + '\\n')")
+    };
+    let cases = [
+        (
+            "twice",
+            vec![
+                schema(9, "s3", "CREATE SCHEMA s3;"),
+                schema(10, "s3", "CREATE SCHEMA s3;"),
+            ],
+            "make schema s3 twice",
+        ),
+        (
+            "catalog",
+            vec![schema(9, "pg_s", "CREATE SCHEMA pg_s;")],
+            "make pg_s (PostgreSQL's or regobox's own schema)",
+        ),
+        (
+            "own",
+            vec![schema(9, "s3", "CREATE SCHEMA regobox;")],
+            "make regobox (PostgreSQL's or regobox's own schema)",
+        ),
+        (
+            "nothing",
+            vec![schema(9, "s3", "-- not creating")],
+            "make nothing for SCHEMA",
+        ),
+        (
+            "another",
+            vec![schema(9, "s3", "CREATE SCHEMA s4;")],
+            "make schema s4, which no entry",
+        ),
+        (
+            "owned",
+            vec![schema(9, "s3", "CREATE SCHEMA s3 AUTHORIZATION postgres;")],
+            "not `CREATE SCHEMA <name>;` as pg_dump writes it",
+        ),
+    ];
+    let before = volume_state(&target);
+    for (name, entries, says) in cases {
+        let crafted = target.dir.path().join(format!("{name}.tar.zst"));
+        craft(
+            &archive,
+            &crafted,
+            &format!("{TOC_DUMP}\nset_dump(toc_dump([{}]))\n", entries.join(", ")),
+        );
+        let out = target.output(&["restore", "--force", crafted.to_str().unwrap()]);
+        let text = stderr(&out);
+        assert_eq!(out.status.code(), Some(65), "{name}: {text}");
+        assert!(
+            text.contains("the archive's dump is refused")
+                && text.contains("the definitions of its schemas")
+                && text.contains(says),
+            "{name}: {text}"
+        );
+        assert_eq!(volume_state(&target), before, "{name}");
+    }
+    assert_eq!(target.sql("SELECT x FROM mine"), "7");
+    // A definition that carries more than its schema: the schema is made, the rest never runs.
+    let crafted = target.dir.path().join("more.tar.zst");
     craft(
         &archive,
         &crafted,
         &format!(
-            "{TOC_DUMP}\nset_dump(toc_dump([(9, 's3', 'SCHEMA', 'app', '-- not creating\\n'), (10, 'uuid-ossp', 'EXTENSION', 'postgres', {})]))\n",
-            create("s3")
+            "{TOC_DUMP}\nset_dump(toc_dump([{}]))\n",
+            schema(
+                9,
+                "s3",
+                "CREATE SCHEMA s3;\nCREATE TABLE public.planted(x int);"
+            )
         ),
     );
     let out = target.output(&["restore", "--force", crafted.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(schema_of_extension(), "s3");
+    assert_eq!(
+        target.sql("SELECT count(*) FROM pg_namespace WHERE nspname = 's3'"),
+        "1"
+    );
+    assert_eq!(
+        target.sql("SELECT to_regclass('public.planted') IS NULL"),
+        "t"
+    );
+    // A real dump's schemas of every name, with their tables, restored as they were.
+    let source = Instance::new();
+    source.ok(&["init"]);
+    source.sql(
+        "CREATE SCHEMA \"My Data\"; CREATE SCHEMA \"a\nb\"; CREATE SCHEMA \"q\"\"x\"; \
+         CREATE TABLE \"My Data\".t(x int); INSERT INTO \"My Data\".t VALUES (1); \
+         CREATE TABLE \"a\nb\".t(x int); INSERT INTO \"a\nb\".t VALUES (2); \
+         CREATE TABLE \"q\"\"x\".t(x int); INSERT INTO \"q\"\"x\".t VALUES (3); \
+         COMMENT ON SCHEMA public IS 'kept';",
+    );
+    let archive = backup(&source);
+    let out = target.output(&["restore", "--force", archive.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        target.sql(
+            "SELECT (SELECT x FROM \"My Data\".t) + 10 * (SELECT x FROM \"a\nb\".t) + 100 * (SELECT x FROM \"q\"\"x\".t)"
+        ),
+        "321"
+    );
+    assert_eq!(
+        target.sql(
+            "SELECT count(*) FROM pg_namespace n WHERE nspname IN ('My Data', E'a\\nb', 'q\"x') \
+             AND nspowner::regrole::text = (SELECT tableowner FROM pg_tables WHERE tablename = 't' LIMIT 1)"
+        ),
+        "3"
+    );
+    assert_eq!(
+        target.sql("SELECT obj_description('public'::regnamespace)"),
+        "kept"
+    );
 }
