@@ -473,6 +473,9 @@ pub fn extension_schema(sql: &[u8], made: &[String]) -> Result<String, String> {
     Ok(schema)
 }
 
+/// The longest name PostgreSQL holds, in bytes (`NAMEDATALEN` - 1).
+const MAX_NAME: usize = 63;
+
 /// A schema of PostgreSQL's own (`pg_*`, `information_schema`) or regobox's.
 fn reserved(schema: &str) -> bool {
     schema.starts_with("pg_") || schema == "information_schema" || schema == OWN_SCHEMA
@@ -493,8 +496,13 @@ pub fn schemas_made(
     mut sql: impl std::io::BufRead,
     entries: &[Entry],
 ) -> Result<Vec<String>, String> {
+    use std::collections::HashSet;
     use std::io::{BufRead, Read};
+    let listed: HashSet<&str> = entries.iter().map(|e| e.name.as_str()).collect();
     let mut made: Vec<String> = Vec::new();
+    // The names made, as `--list` prints them.
+    let mut made_listed: HashSet<String> = HashSet::new();
+    let mut seen: HashSet<String> = HashSet::new();
     let mut raw = Vec::new();
     let mut read = 0u64;
     loop {
@@ -519,13 +527,15 @@ pub fn schemas_made(
         };
         // A name in quotes may hold line breaks: the statement goes on to its closing quote.
         let mut statement = rest.to_vec();
-        while statement.first() == Some(&b'"')
-            && statement.iter().filter(|b| **b == b'"').count() % 2 == 1
-        {
+        let quotes = |b: &[u8]| b.iter().filter(|b| **b == b'"').count();
+        let mut open = statement.first() == Some(&b'"') && quotes(&statement) % 2 == 1;
+        while open {
+            let before = statement.len();
             let n = (&mut sql)
                 .take(MAX_TOC_LINE as u64 + 1)
                 .read_until(b'\n', &mut statement)
                 .map_err(|e| format!("cannot be read: {e}"))?;
+            open ^= quotes(&statement[before..]) % 2 == 1;
             read += n as u64;
             if n == 0 || read > MAX_TOC || statement.len() > MAX_TOC_LINE {
                 return Err(format!(
@@ -551,21 +561,31 @@ pub fn schemas_made(
                 shortened(&name)
             ));
         }
-        let listed = name.replace(['\n', '\r'], " ");
-        if !entries.iter().any(|e| e.name == listed) {
+        // What PostgreSQL would not keep as it is (it cuts a name at 63 bytes: two names
+        // alike up to there are one) or cannot take (a NUL): no dump of it holds one.
+        if name.len() > MAX_NAME || name.contains('\0') {
+            return Err(format!(
+                "make schema {}, a name PostgreSQL does not hold (more than {MAX_NAME} bytes, or a NUL)",
+                shortened(&name)
+            ));
+        }
+        let as_listed = name.replace(['\n', '\r'], " ");
+        if !listed.contains(as_listed.as_str()) {
             return Err(format!(
                 "make schema {}, which no entry of the dump's table of contents names",
                 shortened(&name)
             ));
         }
-        if made.contains(&name) {
+        if !seen.insert(name.clone()) {
             return Err(format!("make schema {} twice", shortened(&name)));
         }
+        made_listed.insert(as_listed);
         made.push(name);
     }
-    if let Some(e) = entries.iter().find(|e| {
-        e.name != "public" && !made.iter().any(|m| m.replace(['\n', '\r'], " ") == e.name)
-    }) {
+    if let Some(e) = entries
+        .iter()
+        .find(|e| e.name != "public" && !made_listed.contains(&e.name))
+    {
         return Err(format!(
             "make nothing for {} (no `CREATE SCHEMA <name>;`)",
             shortened(&e.describe())
@@ -864,6 +884,7 @@ mod tests {
                 &["s3"],
                 "does not end",
             ),
+            (b"CREATE SCHEMA \"s\0\";\n", &["s\0"], "a NUL"),
         ] {
             let got = schemas_made(sql, &entries(names));
             assert!(
@@ -871,6 +892,18 @@ mod tests {
                 "{names:?}: {got:?}"
             );
         }
+        // Two names alike in their first 63 bytes are one to PostgreSQL.
+        let (a, b) = ("s".repeat(63) + "a", "s".repeat(63) + "b");
+        let sql = format!("CREATE SCHEMA {a};\nCREATE SCHEMA {b};\n");
+        assert!(made(&sql, &[&a, &b]).is_err_and(|e| e.contains("more than 63 bytes")));
+        let longest = "s".repeat(63);
+        assert_eq!(
+            made(&format!("CREATE SCHEMA {longest};\n"), &[&longest]),
+            Ok(vec![longest.clone()])
+        );
+        // A quoted name over many lines is read in one pass (its quotes counted once).
+        let lines = format!("CREATE SCHEMA \"a{}\";\n", "\n".repeat(60_000));
+        assert!(made(&lines, &["a"]).is_err_and(|e| e.contains("more than 63 bytes")));
         let long = format!("CREATE SCHEMA s3;\n-- {}\n", "x".repeat(MAX_TOC_LINE));
         assert!(made(&long, &["s3"]).is_err_and(|e| e.contains("longer")));
     }
