@@ -444,20 +444,31 @@ fn unquote(s: &str) -> String {
 /// one reading of a restore's check and of its load: what one takes, the other does.
 pub fn extension_schema(sql: &[u8], made: &[String]) -> Result<String, String> {
     let sql = std::str::from_utf8(sql).map_err(|_| "is not UTF-8".to_string())?;
-    let schema = sql
+    let encoding = sql
         .lines()
-        .find_map(|line| {
-            let rest = line.strip_prefix("CREATE EXTENSION IF NOT EXISTS ")?;
-            let (_, schema) = rest.split_once(" WITH SCHEMA ")?;
-            schema.strip_suffix(';')
+        .find_map(client_encoding)
+        .unwrap_or("UTF8")
+        .to_string();
+    // The statement, its schema's name to the end of its quotes (a line break may be inside).
+    let written = sql
+        .match_indices("CREATE EXTENSION IF NOT EXISTS ")
+        .filter(|(at, _)| *at == 0 || sql.as_bytes()[at - 1] == b'\n')
+        .find_map(|(at, prefix)| {
+            let line_end = sql[at..].find('\n').map_or(sql.len(), |n| at + n);
+            let (_, after) = sql[at + prefix.len()..line_end].split_once(" WITH SCHEMA ")?;
+            let start = line_end - after.len();
+            let len = written_name_len(&sql[start..])?;
+            let rest = &sql[start + len..];
+            (rest == ";" || rest.starts_with(";\n")).then(|| &sql[start..start + len])
         })
         .ok_or("is not `CREATE EXTENSION IF NOT EXISTS <name> WITH SCHEMA <schema>;`")?;
-    let schema = identifier(schema).ok_or_else(|| {
+    let schema = identifier(written).ok_or_else(|| {
         format!(
             "names its schema {} (not an identifier as pg_dump writes one)",
-            shortened(schema)
+            shortened(written)
         )
     })?;
+    name_read_in(&schema, &encoding)?;
     if reserved(&schema) {
         return Err(format!(
             "puts it in {} (PostgreSQL's or regobox's own schema)",
@@ -471,6 +482,57 @@ pub fn extension_schema(sql: &[u8], made: &[String]) -> Result<String, String> {
         ));
     }
     Ok(schema)
+}
+
+/// How long the name `pg_dump` wrote at the start of `s` is, if one is: in double quotes (a
+/// quote inside doubled, line breaks and all), or else to the statement's `;` or the line's end.
+fn written_name_len(s: &str) -> Option<usize> {
+    let bytes = s.as_bytes();
+    if bytes.first() == Some(&b'"') {
+        let mut i = 1;
+        while i < bytes.len() {
+            if bytes[i] == b'"' {
+                if bytes.get(i + 1) == Some(&b'"') {
+                    i += 2;
+                    continue;
+                }
+                return Some(i + 1);
+            }
+            i += 1;
+        }
+        None
+    } else {
+        // To the statement's end: what is not plain is judged as a name (and refused) there.
+        let n = bytes
+            .iter()
+            .take_while(|b| !matches!(b, b';' | b'\n'))
+            .count();
+        (n > 0).then_some(n)
+    }
+}
+
+/// The encoding `pg_restore`'s header names for the SQL that follows (the dump's), from its line
+/// `SET client_encoding = '<name>';`.
+fn client_encoding(line: &str) -> Option<&str> {
+    line.strip_prefix("SET client_encoding = '")?
+        .strip_suffix("';")
+}
+
+/// Whether regobox reads `name`, from SQL in `encoding`, as PostgreSQL does: a dump's SQL is in
+/// its own encoding, which regobox reads as UTF-8 in a UTF8 dump (and a SQL_ASCII one, whose
+/// bytes the restored UTF8 database takes as they are), and in any other only in ASCII, which
+/// every encoding PostgreSQL serves writes alike (an attacker's, twenty-eighth session: a
+/// LATIN1 dump's schema `Ã©`, its bytes read as UTF-8, was made as `é`, and its table's
+/// statement, converted from LATIN1, found no schema after the stop).
+fn name_read_in(name: &str, encoding: &str) -> Result<(), String> {
+    if name.is_ascii() || matches!(encoding, "UTF8" | "SQL_ASCII") {
+        return Ok(());
+    }
+    Err(format!(
+        "name {} in a dump encoded in {}: regobox reads names beyond ASCII in UTF8 dumps only",
+        shortened(name),
+        shortened(encoding)
+    ))
 }
 
 /// The longest name PostgreSQL holds, in bytes (`NAMEDATALEN` - 1).
@@ -496,13 +558,16 @@ pub fn schemas_made(
     mut sql: impl std::io::BufRead,
     entries: &[Entry],
 ) -> Result<Vec<String>, String> {
-    use std::collections::HashSet;
+    use std::collections::{HashMap, HashSet};
     use std::io::{BufRead, Read};
-    let listed: HashSet<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+    // How many entries list each name (two schemas may be listed alike: `a b` and `a\nb`).
+    let mut listed: HashMap<&str, usize> = HashMap::new();
+    for e in entries {
+        *listed.entry(e.name.as_str()).or_default() += 1;
+    }
     let mut made: Vec<String> = Vec::new();
-    // The names made, as `--list` prints them.
-    let mut made_listed: HashSet<String> = HashSet::new();
     let mut seen: HashSet<String> = HashSet::new();
+    let mut encoding: Option<String> = None;
     let mut raw = Vec::new();
     let mut read = 0u64;
     loop {
@@ -523,6 +588,11 @@ pub fn schemas_made(
             ));
         }
         let Some(rest) = raw.strip_prefix(b"CREATE SCHEMA ") else {
+            // The header's, before any entry's SQL.
+            if encoding.is_none() && made.is_empty() {
+                let line = String::from_utf8_lossy(&raw);
+                encoding = client_encoding(line.trim_end_matches(['\r', '\n'])).map(String::from);
+            }
             continue;
         };
         // A name in quotes may hold line breaks: the statement goes on to its closing quote.
@@ -569,22 +639,33 @@ pub fn schemas_made(
                 shortened(&name)
             ));
         }
+        name_read_in(&name, encoding.as_deref().unwrap_or("UTF8"))
+            .map_err(|why| format!("make a schema whose {why}"))?;
         let as_listed = name.replace(['\n', '\r'], " ");
-        if !listed.contains(as_listed.as_str()) {
-            return Err(format!(
-                "make schema {}, which no entry of the dump's table of contents names",
-                shortened(&name)
-            ));
+        match listed.get_mut(as_listed.as_str()) {
+            Some(left) if *left > 0 => *left -= 1,
+            Some(_) => {
+                return Err(format!(
+                    "make more schemas listed as {} than the dump's table of contents names",
+                    shortened(&as_listed)
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "make schema {}, which no entry of the dump's table of contents names",
+                    shortened(&name)
+                ));
+            }
         }
         if !seen.insert(name.clone()) {
             return Err(format!("make schema {} twice", shortened(&name)));
         }
-        made_listed.insert(as_listed);
         made.push(name);
     }
+    // Each entry has made its schema (`public` is there already).
     if let Some(e) = entries
         .iter()
-        .find(|e| e.name != "public" && !made_listed.contains(&e.name))
+        .find(|e| e.name != "public" && listed.get(e.name.as_str()).is_some_and(|left| *left > 0))
     {
         return Err(format!(
             "make nothing for {} (no `CREATE SCHEMA <name>;`)",
@@ -810,6 +891,29 @@ mod tests {
             Err("is not UTF-8".to_string())
         );
         assert!(extension_schema(b"CREATE EXTENSION \"uuid-ossp\";\n", &made).is_err());
+        // A schema's name over two lines (an attacker's: refused, as its line was read alone).
+        let made = ["e\nx".to_string(), "é".to_string()];
+        assert_eq!(
+            extension_schema(
+                b"CREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" WITH SCHEMA \"e\nx\";\n",
+                &made
+            ),
+            Ok("e\nx".into())
+        );
+        assert!(
+            extension_schema(
+                b"CREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" WITH SCHEMA \"e\nx\"; SELECT 1;\n",
+                &made
+            )
+            .is_err()
+        );
+        let in_latin1 = "SET client_encoding = 'LATIN1';\nCREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" WITH SCHEMA \"é\";\n";
+        assert!(
+            extension_schema(in_latin1.as_bytes(), &made)
+                .is_err_and(|e| e.contains("encoded in LATIN1"))
+        );
+        let in_utf8 = in_latin1.replace("LATIN1", "UTF8");
+        assert_eq!(extension_schema(in_utf8.as_bytes(), &made), Ok("é".into()));
     }
 
     /// The dump's schemas, made by regobox from their definitions: each `CREATE SCHEMA <name>;`
@@ -892,6 +996,34 @@ mod tests {
                 "{names:?}: {got:?}"
             );
         }
+        // Two schemas listed alike take two entries (an attacker's: one entry made three).
+        let alike = "CREATE SCHEMA \"a b\";\nCREATE SCHEMA \"a\nb\";\n";
+        assert_eq!(
+            made(alike, &["a b", "a b"]),
+            Ok(vec!["a b".to_string(), "a\nb".into()])
+        );
+        assert!(made(alike, &["a b"]).is_err_and(|e| e.contains("more schemas listed as a b")));
+        assert!(
+            made("CREATE SCHEMA \"a b\";\n", &["a b", "a b"])
+                .is_err_and(|e| e.contains("make nothing for SCHEMA"))
+        );
+        // Names beyond ASCII are read in a UTF8 dump only (the header names the encoding).
+        let latin1 = "SET client_encoding = 'LATIN1';\n";
+        assert!(
+            made(&format!("{latin1}CREATE SCHEMA \"Ã©\";\n"), &["Ã©"])
+                .is_err_and(|e| e.contains("encoded in LATIN1"))
+        );
+        assert_eq!(
+            made(&format!("{latin1}CREATE SCHEMA s3;\n"), &["s3"]),
+            Ok(vec!["s3".to_string()])
+        );
+        let utf8 = "SET client_encoding = 'UTF8';\n";
+        assert_eq!(
+            made(&format!("{utf8}CREATE SCHEMA \"é\";\n"), &["é"]),
+            Ok(vec!["é".to_string()])
+        );
+        // An entry's SQL does not name the encoding: the header did.
+        assert!(made(&format!("{latin1}{utf8}CREATE SCHEMA \"é\";\n"), &["é"]).is_err());
         // Two names alike in their first 63 bytes are one to PostgreSQL.
         let (a, b) = ("s".repeat(63) + "a", "s".repeat(63) + "b");
         let sql = format!("CREATE SCHEMA {a};\nCREATE SCHEMA {b};\n");

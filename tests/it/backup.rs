@@ -3029,6 +3029,25 @@ set_dump(dump.replace(e, claimed) + bytes([1]) + _int(10) + _str('-- a data bloc
     let out = target.output(&["restore", "--force", made.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(schema_of_extension(), "s3");
+    // An attacker's (twenty-eighth session): a real dump's extension in a schema whose name
+    // holds a line break was refused, its statement read a line at a time.
+    let odd = target.dir.path().join("odd.tar.zst");
+    craft(
+        &archive,
+        &odd,
+        &format!(
+            "{TOC_DUMP}\nset_dump(toc_dump([(9, 'e x', 'SCHEMA', 'app', 'CREATE SCHEMA \"e\\nx\";\\n'), (10, 'uuid-ossp', 'EXTENSION', 'postgres', {})]))\n",
+            create("\"e\\nx\"")
+        ),
+    );
+    let out = target.output(&["restore", "--force", odd.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        target.sql(
+            "SELECT n.nspname = E'e\\nx' FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE extname = 'uuid-ossp'"
+        ),
+        "t"
+    );
 }
 
 /// The last note's leftover (an attacker's, twenty-seventh session): a dump's `SCHEMA` entries
@@ -3078,14 +3097,56 @@ fn a_dumps_schemas_regobox_cannot_make_are_refused_before_anything_changes() {
             vec![schema(9, "s3", "CREATE SCHEMA s3 AUTHORIZATION postgres;")],
             "not `CREATE SCHEMA <name>;` as pg_dump writes it",
         ),
+        // An attacker's findings on the first form: two names PostgreSQL cuts to one (it
+        // keeps 63 bytes) failed after the stop; one entry made three schemas.
+        (
+            "cut",
+            vec![
+                schema(
+                    9,
+                    &format!("{}x", "a".repeat(63)),
+                    &format!("CREATE SCHEMA {}x;", "a".repeat(63)),
+                ),
+                schema(
+                    10,
+                    &format!("{}y", "a".repeat(63)),
+                    &format!("CREATE SCHEMA {}y;", "a".repeat(63)),
+                ),
+            ],
+            "more than 63 bytes",
+        ),
+        (
+            "many",
+            vec![schema(
+                9,
+                "a b",
+                "CREATE SCHEMA \"a b\";\nCREATE SCHEMA \"a\nb\";",
+            )],
+            "more schemas listed as a b",
+        ),
     ];
+    // An attacker's finding on the first form: a LATIN1 dump's schema `Ã©`, its bytes read as
+    // UTF-8, was made as `é`, and its table's statement, converted from LATIN1, found no schema
+    // after the stop.
+    let latin1 = format!(
+        "toc_dump([{}]).replace(_str(\"SET client_encoding = 'UTF8';\\n\"), _str(\"SET client_encoding = 'LATIN1';\\n\"))",
+        schema(9, "Ã©", "CREATE SCHEMA \"Ã©\";")
+    );
+    let cases = cases
+        .into_iter()
+        .map(|(name, entries, says)| (name, format!("toc_dump([{}])", entries.join(", ")), says));
+    let cases = cases.chain([(
+        "latin1",
+        latin1,
+        "a schema whose name Ã© in a dump encoded in LATIN1",
+    )]);
     let before = volume_state(&target);
-    for (name, entries, says) in cases {
+    for (name, dump, says) in cases {
         let crafted = target.dir.path().join(format!("{name}.tar.zst"));
         craft(
             &archive,
             &crafted,
-            &format!("{TOC_DUMP}\nset_dump(toc_dump([{}]))\n", entries.join(", ")),
+            &format!("{TOC_DUMP}\nset_dump({dump})\n"),
         );
         let out = target.output(&["restore", "--force", crafted.to_str().unwrap()]);
         let text = stderr(&out);
