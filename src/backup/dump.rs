@@ -178,9 +178,9 @@ pub fn parse_line(line: &str) -> Result<Option<Entry>, String> {
 /// What to do with a dump.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Load {
-    /// The dump's schemas (its `SCHEMA` entries), made by regobox itself under the names their
-    /// definitions give ([`schemas_made`]) before anything else loads.
-    pub schemas: Vec<Entry>,
+    /// The dump's schemas (its `SCHEMA` entries' lines), made by regobox itself under the names
+    /// their definitions give ([`schemas_made`]) before anything else loads.
+    pub schemas: String,
     /// The `--use-list` of the application role's second `pg_restore`: everything else.
     pub list: String,
     /// Entries left to regobox (configured extensions, its own schema).
@@ -204,6 +204,10 @@ pub const MAX_TOC_LINE: usize = 64 << 10;
 
 /// The most of a table of contents read (a million objects list in about 50 MiB).
 pub const MAX_TOC: u64 = 256 << 20;
+
+/// The most schemas a restore makes (a dump of a million, 45 MiB of table of contents, is
+/// checked in seconds; each costs the check about 150 bytes while it reads their definitions).
+pub const MAX_SCHEMAS: usize = 1_000_000;
 
 /// Refusals named in a refusal's message; the rest are counted.
 const NAMED: usize = 20;
@@ -293,7 +297,8 @@ fn judge_within(
     max: u64,
 ) -> Result<Load, TocError> {
     use std::io::{BufRead, Read};
-    let mut schemas = Vec::new();
+    let mut schemas = String::new();
+    let mut schema_count = 0usize;
     let mut list = String::new();
     let mut own = Vec::new();
     let mut refused = Refusals::default();
@@ -388,7 +393,14 @@ fn judge_within(
             continue;
         }
         if entry.kind == "SCHEMA" {
-            schemas.push(entry);
+            schema_count += 1;
+            if schema_count == MAX_SCHEMAS + 1 {
+                refused.push(format!(
+                    "more than {MAX_SCHEMAS} schemas (what regobox restores at most)"
+                ));
+            }
+            schemas.push_str(&entry.line);
+            schemas.push('\n');
             continue;
         }
         list.push_str(&entry.line);
@@ -543,7 +555,7 @@ fn reserved(schema: &str) -> bool {
     schema.starts_with("pg_") || schema == "information_schema" || schema == OWN_SCHEMA
 }
 
-/// The schemas the dump's `SCHEMA` entries (`entries`) make, as their SQL gives them
+/// The schemas the dump's `SCHEMA` entries (`listed`: their lines) make, as their SQL gives them
 /// (`pg_restore --file=- --schema-only` of those entries, read as it streams, within the table
 /// of contents' bounds): regobox makes them itself under these names, and none of that SQL runs.
 /// A schema is a line `CREATE SCHEMA <name>;` as `pg_dump` writes it (`<name>` as
@@ -554,20 +566,20 @@ fn reserved(schema: &str) -> bool {
 /// Checked by a restore before anything changes, so that a dump whose schemas could not be
 /// made is refused before a service stops (an attacker's, twenty-seventh session: two entries
 /// of one name, a `pg_` name, failed the load after the stop).
-pub fn schemas_made(
-    mut sql: impl std::io::BufRead,
-    entries: &[Entry],
-) -> Result<Vec<String>, String> {
+pub fn schemas_made(mut sql: impl std::io::BufRead, listed: &str) -> Result<Vec<String>, String> {
     use std::collections::{HashMap, HashSet};
     use std::io::{BufRead, Read};
     // How many entries list each name (two schemas may be listed alike: `a b` and `a\nb`).
-    let mut listed: HashMap<&str, usize> = HashMap::new();
-    for e in entries {
-        *listed.entry(e.name.as_str()).or_default() += 1;
+    let mut names: HashMap<String, usize> = HashMap::new();
+    for line in listed.lines() {
+        if let Ok(Some(e)) = parse_line(line) {
+            *names.entry(e.name).or_default() += 1;
+        }
     }
-    let mut made: Vec<String> = Vec::new();
-    let mut seen: HashSet<String> = HashSet::new();
+    let mut made: HashSet<String> = HashSet::new();
     let mut encoding: Option<String> = None;
+    // Whether an entry's SQL has begun (past `pg_restore`'s header).
+    let mut statements = false;
     let mut raw = Vec::new();
     let mut read = 0u64;
     loop {
@@ -589,12 +601,13 @@ pub fn schemas_made(
         }
         let Some(rest) = raw.strip_prefix(b"CREATE SCHEMA ") else {
             // The header's, before any entry's SQL.
-            if encoding.is_none() && made.is_empty() {
+            if encoding.is_none() && !statements {
                 let line = String::from_utf8_lossy(&raw);
                 encoding = client_encoding(line.trim_end_matches(['\r', '\n'])).map(String::from);
             }
             continue;
         };
+        statements = true;
         // A name in quotes may hold line breaks: the statement goes on to its closing quote.
         let mut statement = rest.to_vec();
         let quotes = |b: &[u8]| b.iter().filter(|b| **b == b'"').count();
@@ -642,7 +655,7 @@ pub fn schemas_made(
         name_read_in(&name, encoding.as_deref().unwrap_or("UTF8"))
             .map_err(|why| format!("make a schema whose {why}"))?;
         let as_listed = name.replace(['\n', '\r'], " ");
-        match listed.get_mut(as_listed.as_str()) {
+        match names.get_mut(as_listed.as_str()) {
             Some(left) if *left > 0 => *left -= 1,
             Some(_) => {
                 return Err(format!(
@@ -657,22 +670,24 @@ pub fn schemas_made(
                 ));
             }
         }
-        if !seen.insert(name.clone()) {
+        if made.contains(&name) {
             return Err(format!("make schema {} twice", shortened(&name)));
         }
-        made.push(name);
+        made.insert(name);
     }
     // Each entry has made its schema (`public` is there already).
-    if let Some(e) = entries
+    if let Some((name, _)) = names
         .iter()
-        .find(|e| e.name != "public" && listed.get(e.name.as_str()).is_some_and(|left| *left > 0))
+        .find(|(name, left)| *name != "public" && **left > 0)
     {
         return Err(format!(
-            "make nothing for {} (no `CREATE SCHEMA <name>;`)",
-            shortened(&e.describe())
+            "make nothing for SCHEMA {} (no `CREATE SCHEMA <name>;`)",
+            shortened(name)
         ));
     }
-    made.retain(|m| m != "public");
+    made.remove("public");
+    let mut made: Vec<String> = made.into_iter().collect();
+    made.sort_unstable();
     Ok(made)
 }
 
@@ -916,20 +931,34 @@ mod tests {
         assert_eq!(extension_schema(in_utf8.as_bytes(), &made), Ok("é".into()));
     }
 
+    /// A dump of more schemas than a restore makes is refused with its table of contents.
+    #[test]
+    fn more_schemas_than_a_restore_makes_are_refused() {
+        let toc: String = (0..=MAX_SCHEMAS)
+            .map(|i| format!("{}; 2615 1 SCHEMA - s{i} app\n", i + 6))
+            .collect();
+        let refused = judge_with(&toc, &[]).map(|_| ()).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "more than 1000000 schemas (what regobox restores at most)"
+        );
+        let toc: String = toc.lines().skip(1).map(|l| format!("{l}\n")).collect();
+        assert_eq!(
+            judge_with(&toc, &[]).unwrap().schemas.lines().count(),
+            MAX_SCHEMAS
+        );
+    }
+
     /// The dump's schemas, made by regobox from their definitions: each `CREATE SCHEMA <name>;`
     /// as pg_dump writes it, of an entry's name, once; `public` is there already; nothing else
     /// of the definitions is read (none of it runs).
     #[test]
     fn a_dumps_schemas_are_the_names_its_definitions_give() {
-        let entries = |names: &[&str]| -> Vec<Entry> {
+        let entries = |names: &[&str]| -> String {
             names
                 .iter()
                 .enumerate()
-                .map(|(i, n)| {
-                    parse_line(&format!("{}; 2615 1638{i} SCHEMA - {n} app", i + 6))
-                        .unwrap()
-                        .unwrap()
-                })
+                .map(|(i, n)| format!("{}; 2615 1638{i} SCHEMA - {n} app\n", i + 6))
                 .collect()
         };
         let made = |sql: &str, names: &[&str]| schemas_made(sql.as_bytes(), &entries(names));
@@ -942,10 +971,10 @@ mod tests {
         assert_eq!(
             made(&sql, &["s3", "My Data", "a b", "q\"x", "public"]),
             Ok(vec![
-                "s3".to_string(),
-                "My Data".into(),
+                "My Data".to_string(),
                 "a\nb".into(),
-                "q\"x".into()
+                "q\"x".into(),
+                "s3".into()
             ])
         );
         // `public` made again by its definition: it is there already.
@@ -1000,7 +1029,7 @@ mod tests {
         let alike = "CREATE SCHEMA \"a b\";\nCREATE SCHEMA \"a\nb\";\n";
         assert_eq!(
             made(alike, &["a b", "a b"]),
-            Ok(vec!["a b".to_string(), "a\nb".into()])
+            Ok(vec!["a\nb".to_string(), "a b".into()])
         );
         assert!(made(alike, &["a b"]).is_err_and(|e| e.contains("more schemas listed as a b")));
         assert!(
@@ -1098,7 +1127,7 @@ mod tests {
         );
         let three: Vec<&str> = toc.lines().take(3).collect();
         let load = judge_with(&three.join("\n"), &[]).unwrap();
-        assert_eq!(load.list.lines().count() + load.schemas.len(), 3);
+        assert_eq!(load.list.lines().count() + load.schemas.lines().count(), 3);
         assert!(load.own.is_empty());
         assert!(!load.init_scripts_rows);
     }

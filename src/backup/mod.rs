@@ -1156,7 +1156,7 @@ async fn extension_schema(
     let sql = definitions(
         binaries,
         from,
-        format!("{}\n", entry.line),
+        std::sync::Arc::new(format!("{}\n", entry.line)),
         |out| {
             let mut sql = Vec::new();
             out.take(ENTRY_SQL_MAX as u64 + 1)
@@ -1188,17 +1188,13 @@ async fn dump_schemas(
     if load.schemas.is_empty() {
         return Ok(Vec::new());
     }
-    let list: String = load
-        .schemas
-        .iter()
-        .map(|e| format!("{}\n", e.line))
-        .collect();
-    let entries = load.schemas.clone();
+    let list = std::sync::Arc::new(load.schemas.clone());
+    let listed = list.clone();
     definitions(
         binaries,
         from,
         list,
-        move |out| dump::schemas_made(io::BufReader::new(out), &entries),
+        move |out| dump::schemas_made(io::BufReader::new(out), &listed),
         |made| made.is_err(),
     )
     .await?
@@ -1218,7 +1214,7 @@ async fn dump_schemas(
 async fn definitions<T: Send + 'static>(
     binaries: &Binaries,
     from: DumpAt,
-    list: String,
+    list: std::sync::Arc<String>,
     read: impl FnOnce(std::process::ChildStdout) -> T + Send + 'static,
     gave_up: impl Fn(&T) -> bool + Send + 'static,
 ) -> anyhow::Result<T> {
