@@ -104,6 +104,8 @@ const DATABASE_OWNER: &str = "pg_database_owner";
 pub struct Entry {
     /// The line as `pg_restore` printed it (what `--use-list` reads back).
     pub line: String,
+    /// The entry's dump id (what `--use-list` selects by: every entry of that id).
+    pub id: u32,
     pub kind: String,
     pub schema: String,
     /// The object's name, as printed (`evil()`, `EXTENSION "uuid-ossp"` for a comment).
@@ -133,6 +135,7 @@ pub fn parse_line(line: &str) -> Result<Option<Entry>, String> {
     if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
+    let id: u32 = id.parse().map_err(|_| bad())?;
     // Two object ids, then the kind (one or more words).
     let mut rest = rest;
     for _ in 0..2 {
@@ -156,6 +159,7 @@ pub fn parse_line(line: &str) -> Result<Option<Entry>, String> {
         let word = rest.split(' ').next().unwrap_or_default().to_string();
         return Ok(Some(Entry {
             line: trimmed.into(),
+            id,
             kind: word,
             schema: String::new(),
             name: rest.into(),
@@ -168,6 +172,7 @@ pub fn parse_line(line: &str) -> Result<Option<Entry>, String> {
     let (name, owner) = tail.rsplit_once(' ').ok_or_else(bad)?;
     Ok(Some(Entry {
         line: trimmed.into(),
+        id,
         kind,
         schema: schema.into(),
         name: name.into(),
@@ -299,6 +304,7 @@ fn judge_within(
     use std::io::{BufRead, Read};
     let mut schemas = String::new();
     let mut schema_count = 0usize;
+    let mut ids = std::collections::HashSet::new();
     let mut list = String::new();
     let mut own = Vec::new();
     let mut refused = Refusals::default();
@@ -340,6 +346,18 @@ fn judge_within(
                 continue;
             }
         };
+        // `--use-list` selects by id: every entry of an id listed is restored, whatever the
+        // line says (a second attacker's, twenty-eighth session: a SCHEMA entry sharing a
+        // table's id ran its definition in the load, as the application role). pg_dump
+        // numbers each entry once.
+        if !ids.insert(entry.id) {
+            refused.push(format!(
+                "{} (its id {} is another entry's too)",
+                entry.describe(),
+                entry.id
+            ));
+            continue;
+        }
         if is_own_schema(&entry) {
             if entry.kind == "TABLE DATA" && entry.name == "init_scripts" {
                 init_scripts_rows = true;
@@ -929,6 +947,19 @@ mod tests {
         );
         let in_utf8 = in_latin1.replace("LATIN1", "UTF8");
         assert_eq!(extension_schema(in_utf8.as_bytes(), &made), Ok("é".into()));
+    }
+
+    /// `--use-list` selects every entry of an id it lists: two entries of one id are refused.
+    #[test]
+    fn two_entries_of_one_id_are_refused() {
+        let toc = format!("{TOC}215; 2615 16500 SCHEMA - s3 app\n");
+        let refused = judge_with(&toc, &[]).map(|_| ()).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "SCHEMA s3 (its id 215 is another entry's too)"
+        );
+        let toc = format!("{TOC}4294967296; 2615 16500 SCHEMA - s3 app\n");
+        assert!(judge_with(&toc, &[]).is_err());
     }
 
     /// A dump of more schemas than a restore makes is refused with its table of contents.
