@@ -99,6 +99,100 @@ pub const OWN_SCHEMA: &str = "regobox";
 /// Owners that are not a role of the dump's: a schema owned by whoever owns the database.
 const DATABASE_OWNER: &str = "pg_database_owner";
 
+/// The longest text a dump's header holds that regobox reads (its database's name, the server's
+/// and pg_dump's versions: a few dozen bytes).
+const HEADER_TEXT_MAX: i64 = 1024;
+
+/// Read the header of a custom-format dump (what `pg_dump -Fc` writes: `PGDMP`, its format's
+/// version, the sizes of its integers and offsets, its compression, when it was made, its
+/// database's name and the versions of the server and of pg_dump), as far as those versions,
+/// and judge the texts: `pg_restore` prints them as they are, in its `--list` (read by regobox
+/// as lines) and in the SQL it runs (a second attacker's, twenty-eighth session: a version
+/// holding a line break put a line of its own into both, an entry the check read, a statement
+/// the load ran). Each must be at most 1 KiB of UTF-8 without a control character. What is
+/// wrong, for a message, otherwise; `r` is read no further than the texts' end.
+pub fn read_header(r: &mut impl std::io::Read) -> Result<(), String> {
+    let mut h = Header { r, int_size: 0 };
+    let mut magic = [0u8; 5];
+    for m in &mut magic {
+        *m = h.byte("format's name")?;
+    }
+    if &magic != b"PGDMP" {
+        return Err("is not a custom-format dump's (`PGDMP`)".into());
+    }
+    let version = (h.byte("version")?, h.byte("version")?, h.byte("version")?);
+    h.int_size = h.byte("integers' size")?;
+    let _offset_size = h.byte("offsets' size")?;
+    let format = h.byte("format")?;
+    // pg_dump writes 1.10 (PostgreSQL 9.0) to 1.16 (PostgreSQL 17), custom format (1).
+    if version.0 != 1 || !(10..=16).contains(&version.1) || format != 1 {
+        return Err(format!(
+            "says format {} version {}.{}.{}, not the custom format of a dump regobox restores",
+            format, version.0, version.1, version.2
+        ));
+    }
+    if !(1..=8).contains(&h.int_size) {
+        return Err(format!("says integers of {} bytes", h.int_size));
+    }
+    if version.1 >= 15 {
+        h.byte("compression")?;
+    } else {
+        h.int("compression")?;
+    }
+    for _ in 0..7 {
+        h.int("date")?;
+    }
+    for what in ["database's name", "server's version", "pg_dump's version"] {
+        let len = h.int(what)?;
+        if len < 0 {
+            continue;
+        }
+        if len > HEADER_TEXT_MAX {
+            return Err(format!("has a {what} of {len} bytes"));
+        }
+        let mut text = vec![0u8; len as usize];
+        for t in &mut text {
+            *t = h.byte(what)?;
+        }
+        let text =
+            String::from_utf8(text).map_err(|_| format!("has a {what} that is not UTF-8"))?;
+        if text.chars().any(char::is_control) {
+            return Err(format!(
+                "has a {what} holding a control character: {}",
+                shortened(&format!("{text:?}"))
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A dump's header as [`read_header`] reads it.
+struct Header<'a, R> {
+    r: &'a mut R,
+    int_size: u8,
+}
+
+impl<R: std::io::Read> Header<'_, R> {
+    fn byte(&mut self, what: &str) -> Result<u8, String> {
+        let mut b = [0u8; 1];
+        self.r
+            .read_exact(&mut b)
+            .map_err(|_| format!("ends before its {what}"))?;
+        Ok(b[0])
+    }
+
+    /// An integer as pg_dump writes one: a sign byte, then its size's bytes, least first.
+    fn int(&mut self, what: &str) -> Result<i64, String> {
+        let negative = self.byte(what)? != 0;
+        let mut v: u64 = 0;
+        for i in 0..self.int_size {
+            v |= u64::from(self.byte(what)?) << (8 * u32::from(i));
+        }
+        let v = i64::try_from(v).map_err(|_| format!("holds an integer too large ({what})"))?;
+        Ok(if negative { -v } else { v })
+    }
+}
+
 /// One line of `pg_restore --list`: `<id>; <catalog oid> <oid> <kind> <schema> <name> <owner>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -947,6 +1041,76 @@ mod tests {
         );
         let in_utf8 = in_latin1.replace("LATIN1", "UTF8");
         assert_eq!(extension_schema(in_utf8.as_bytes(), &made), Ok("é".into()));
+    }
+
+    /// A dump's header as pg_dump writes it (format 1.`minor`, 4-byte integers), its database's
+    /// name and versions `texts`.
+    fn header(minor: u8, texts: [&[u8]; 3]) -> Vec<u8> {
+        let int = |v: i32| {
+            let mut b = vec![u8::from(v < 0)];
+            b.extend_from_slice(&v.unsigned_abs().to_le_bytes());
+            b
+        };
+        let mut h = b"PGDMP".to_vec();
+        h.extend_from_slice(&[1, minor, 0, 4, 8, 1]);
+        if minor >= 15 {
+            h.push(0);
+        } else {
+            h.extend(int(0));
+        }
+        for _ in 0..7 {
+            h.extend(int(1));
+        }
+        for t in texts {
+            h.extend(int(t.len() as i32));
+            h.extend_from_slice(t);
+        }
+        h.extend_from_slice(b"the table of contents follows");
+        h
+    }
+
+    /// A second attacker's (twenty-eighth session): a version holding a line break put a line
+    /// of its own into `pg_restore --list` (an entry the check read) and into the SQL the load
+    /// ran. The header is read by regobox: its texts are refused if not plain.
+    #[test]
+    fn a_dumps_header_is_read_and_its_texts_are_plain() {
+        let debian = b"15.18 (Debian 15.18-0+deb12u1)".as_slice();
+        for minor in [10, 14, 15, 16] {
+            let h = header(minor, [b"app", debian, debian]);
+            let mut r = &h[..];
+            assert_eq!(read_header(&mut r), Ok(()), "1.{minor}");
+            assert_eq!(r, b"the table of contents follows");
+        }
+        for (h, why) in [
+            (
+                header(14, [b"app", b"15.18\n11; 0 0 SCHEMA - x app", debian]),
+                "server's version holding a control character",
+            ),
+            (
+                header(14, [b"app", debian, b"15.18\n; CREATE TABLE t();"]),
+                "pg_dump's version holding a control character",
+            ),
+            (
+                header(14, [b"a\rpp", debian, debian]),
+                "database's name holding a control character",
+            ),
+            (header(14, [b"app\0", debian, debian]), "control character"),
+            (header(14, [b"\xff", debian, debian]), "not UTF-8"),
+            (header(14, [&[b'a'; 1025], debian, debian]), "of 1025 bytes"),
+            (header(17, [b"app", debian, debian]), "version 1.17.0"),
+            (header(9, [b"app", debian, debian]), "version 1.9.0"),
+            (b"PGDMP".to_vec(), "ends before its version"),
+            (b"-- SQL\n".to_vec(), "not a custom-format dump"),
+        ] {
+            let got = read_header(&mut &h[..]);
+            assert!(
+                got.as_ref().is_err_and(|e| e.contains(why)),
+                "{why}: {got:?}"
+            );
+        }
+        let mut tar = header(14, [b"app", debian, debian]);
+        tar[10] = 3;
+        assert!(read_header(&mut &tar[..]).is_err_and(|e| e.contains("says format 3")));
     }
 
     /// `--use-list` selects every entry of an id it lists: two entries of one id are refused.

@@ -1000,6 +1000,13 @@ async fn pg_restore_text(binaries: &Binaries, args: &[&OsStr]) -> anyhow::Result
     String::from_utf8(out.stdout).context("pg_restore's output is not UTF-8")
 }
 
+/// The most memory (`RLIMIT_DATA`) a `pg_restore` reading a dump for a restore's check may take:
+/// it holds the whole table of contents, every entry's definition with it, whatever regobox
+/// reads of it (a second attacker's, twenty-eighth session: a 185 KB archive of four 500 MB
+/// definitions made it take 2.45 GB, refused by regobox only once read). A million entries take
+/// it about 534 MB.
+const PG_RESTORE_READ_MEMORY: u64 = 2 << 30;
+
 /// Run `pg_restore` with `args` (reading a dump, never connecting), fed `input` when there is
 /// one (a dump member as it is decompressed: `pg_restore` stops reading where it has what it
 /// needs), its output taken by `read` as it streams and its errors kept (at most
@@ -1020,19 +1027,25 @@ fn pg_restore_piped<T: Send>(
     use std::process::Stdio;
     let mut command = std::process::Command::new(program);
     command.args(args);
-    if let Some(fd) = keep {
-        // SAFETY: between fork and exec, only fcntl (async-signal-safe) on a descriptor this
-        // process owns.
-        unsafe {
-            command.pre_exec(move || {
+    // SAFETY: between fork and exec, only setrlimit and fcntl (async-signal-safe), the latter on
+    // a descriptor this process owns.
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::resource::setrlimit(
+                nix::sys::resource::Resource::RLIMIT_DATA,
+                PG_RESTORE_READ_MEMORY,
+                PG_RESTORE_READ_MEMORY,
+            )
+            .map_err(io::Error::from)?;
+            if let Some(fd) = keep {
                 nix::fcntl::fcntl(
                     std::os::fd::BorrowedFd::borrow_raw(fd),
                     nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
                 )
-                .map(|_| ())
-                .map_err(io::Error::from)
-            });
-        }
+                .map_err(io::Error::from)?;
+            }
+            Ok(())
+        });
     }
     // Through the reaper (the one waiter of every child).
     let mut child = crate::process::spawn(
@@ -1107,12 +1120,26 @@ fn judge_listed(
         return Ok(Err(refused));
     }
     if !status.success() {
-        bail!(
-            "pg_restore cannot read the dump ({status}): {}",
-            pg_restore_errors(&errors)
-        );
+        return Err(pg_restore_failed(status, &errors));
     }
     Ok(judged)
+}
+
+/// A `pg_restore` reading a dump for a restore's check that failed: a refusal where it ran out
+/// of the memory it may take ([`PG_RESTORE_READ_MEMORY`]).
+fn pg_restore_failed(status: std::process::ExitStatus, errors: &[u8]) -> anyhow::Error {
+    let text = pg_restore_errors(errors);
+    if text.contains("out of memory") {
+        return RestoreRefused::DumpUnreadable {
+            why: format!(
+                "it needs more than {} GiB to be read ({})",
+                PG_RESTORE_READ_MEMORY >> 30,
+                dump::shortened(&text)
+            ),
+        }
+        .into();
+    }
+    anyhow::anyhow!("pg_restore cannot read the dump ({status}): {text}")
 }
 
 /// The dump member of the archive at `path`, as it is decompressed.
@@ -1262,10 +1289,7 @@ async fn definitions<T: Send + 'static>(
     .await
     .context("the dump task")??;
     if !gave && !status.success() {
-        bail!(
-            "pg_restore cannot read the dump ({status}): {}",
-            pg_restore_errors(&errors)
-        );
+        return Err(pg_restore_failed(status, &errors));
     }
     Ok(read)
 }
@@ -1298,16 +1322,49 @@ async fn judged_toc(
             owner: &owner,
             extensions: &extensions,
         };
+        // The header first, by regobox (see `dump::read_header`), then what pg_restore lists.
+        let header_refused = |why: String| -> anyhow::Error {
+            RestoreRefused::DumpUnreadable {
+                why: format!("its header {why}"),
+            }
+            .into()
+        };
         match toc {
-            DumpAt::File(dump) => judge_listed(&program, Some(&dump), None, &judge, &runtime),
+            DumpAt::File(dump) => {
+                let file =
+                    File::open(&dump).with_context(|| format!("opening {}", dump.display()))?;
+                dump::read_header(&mut io::BufReader::new(file)).map_err(header_refused)?;
+                judge_listed(&program, Some(&dump), None, &judge, &runtime)
+            }
             DumpAt::ArchiveMember(path) => with_dump_member(&path, |member| {
-                judge_listed(&program, None, Some(member), &judge, &runtime)
+                // What the header's reading took is fed to pg_restore before the rest.
+                let mut kept = Recorded {
+                    inner: &mut *member,
+                    kept: Vec::new(),
+                };
+                dump::read_header(&mut kept).map_err(header_refused)?;
+                let mut input = io::Cursor::new(kept.kept).chain(member);
+                judge_listed(&program, None, Some(&mut input), &judge, &runtime)
             }),
         }
     })
     .await
     .context("the dump task")??;
     judged.map_err(|refused| toc_refused(refused, role))
+}
+
+/// A reader that keeps what it read (to read it again).
+struct Recorded<R> {
+    inner: R,
+    kept: Vec<u8>,
+}
+
+impl<R: Read> Read for Recorded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.kept.extend_from_slice(&buf[..n]);
+        Ok(n)
+    }
 }
 
 /// A dump's table of contents refused, as a restore says it (`role`: the application role).

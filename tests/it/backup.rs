@@ -3050,6 +3050,46 @@ set_dump(dump.replace(e, claimed) + bytes([1]) + _int(10) + _str('-- a data bloc
     );
 }
 
+/// A second attacker's findings (twenty-eighth session): what `pg_restore` prints as it is
+/// and selects by is read by regobox first. A version in the dump's header holding a line
+/// break put a line of its own into `pg_restore --list` (an entry the check read) and into the
+/// SQL the load ran (a statement run as the application role, after the stop); two entries of
+/// one id were both restored by a `--use-list` naming one (a `SCHEMA` entry's definition ran).
+/// Both are refused before anything changes.
+#[test]
+fn a_dumps_header_and_ids_are_read_by_regobox_before_anything_changes() {
+    let (target, archive) = target_with_data();
+    let cases = [
+        (
+            "version",
+            r#"set_dump(toc_dump([(9, 's3', 'SCHEMA', 'app', 'CREATE SCHEMA s3;\n')]).replace(_str("15.18") + _str("15.18"), _str("15.18\n; CREATE TABLE public.ran();") + _str("15.18")))"#,
+            "the archive's dump is refused: its header has a server's version holding a control character",
+        ),
+        (
+            "listed",
+            r#"set_dump(toc_dump([(9, 's3', 'SCHEMA', 'app', 'CREATE SCHEMA s3;\n')]).replace(_str("15.18") + _str("15.18"), _str("15.18") + _str("15.18\n10; 0 0 SCHEMA - x app")))"#,
+            "its header has a pg_dump's version holding a control character",
+        ),
+        (
+            "ids",
+            r#"set_dump(toc_dump([(9, 's3', 'SCHEMA', 'app', '-- x\nCREATE TABLE public.ran();\n'), (9, 't2', 'TABLE', 'app', 'CREATE TABLE public.t2(i int);\n')]))"#,
+            "(its id 9 is another entry's too)",
+        ),
+    ];
+    let before = volume_state(&target);
+    for (name, edit, says) in cases {
+        let crafted = target.dir.path().join(format!("{name}.tar.zst"));
+        craft(&archive, &crafted, &format!("{TOC_DUMP}\n{edit}\n"));
+        let out = target.output(&["restore", "--force", crafted.to_str().unwrap()]);
+        let text = stderr(&out);
+        assert_eq!(out.status.code(), Some(65), "{name}: {text}");
+        assert!(text.contains(says), "{name}: {text}");
+        assert_eq!(volume_state(&target), before, "{name}");
+    }
+    assert_eq!(target.sql("SELECT x FROM mine"), "7");
+    assert_eq!(target.sql("SELECT to_regclass('public.ran') IS NULL"), "t");
+}
+
 /// The last note's leftover (an attacker's, twenty-seventh session): a dump's `SCHEMA` entries
 /// that could not be made (two of one name, a `pg_` name, a definition that makes nothing)
 /// failed the restore's first `pg_restore`, after the services had stopped. regobox now makes
