@@ -659,6 +659,118 @@ fn name_read_in(name: &str, encoding: &str) -> Result<(), String> {
     ))
 }
 
+/// The settings `pg_restore` writes at the start of the SQL it prints or runs for a dump
+/// (`_doSetFixedOutputState`, PostgreSQL 12 to 18), each once, `row_security` last.
+const HEADER_SETTINGS: &[&str] = &[
+    "statement_timeout",
+    "lock_timeout",
+    "idle_in_transaction_session_timeout",
+    "transaction_timeout",
+    "client_encoding",
+    "standard_conforming_strings",
+    "check_function_bodies",
+    "xmloption",
+    "client_min_messages",
+    "row_security",
+];
+
+/// The `search_path` line pg_dump writes as the dump's `SEARCHPATH` entry, which `pg_restore`
+/// runs at the start of every connection whatever its list selects.
+const SEARCH_PATH_LINE: &str = "SELECT pg_catalog.set_config('search_path', '', false);";
+
+/// Which of `pg_restore`'s header settings `line` is, if it is one: `SET <name> = <value>;`, a
+/// plain value, or pg_dump's `search_path` line.
+fn header_setting(line: &str) -> Option<&'static str> {
+    if line == SEARCH_PATH_LINE {
+        return Some("search_path");
+    }
+    let (name, value) = line
+        .strip_prefix("SET ")?
+        .strip_suffix(';')?
+        .split_once(" = ")?;
+    let plain = !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'\''));
+    HEADER_SETTINGS
+        .iter()
+        .find(|s| **s == name)
+        .copied()
+        .filter(|_| plain)
+}
+
+/// Judge the SQL `pg_restore --file=- --schema-only` prints for a dump's list (`sql`, read as it
+/// streams, each line's first bytes kept): its header holds `pg_restore`'s settings alone, each
+/// once, and pg_dump's `search_path` line, which comes from the dump's `SEARCHPATH` entry, is
+/// the line pg_dump writes or none; nothing after the header says one of them again. That
+/// entry is in no list (`pg_restore --list` does not print it), and `pg_restore` runs its SQL
+/// at the start of every connection, the load's included (a third attacker's, twenty-eighth
+/// session: a `SEARCHPATH` entry's `CREATE TABLE` ran four times in the load, as the
+/// application role, never judged). Whether the header ended (the SQL may end before it, where
+/// `pg_restore` failed); what is wrong, for a message, otherwise.
+pub fn judge_sql_header(mut sql: impl std::io::BufRead) -> Result<bool, String> {
+    use std::collections::HashSet;
+    const KEPT: usize = 512;
+    let mut seen: HashSet<&'static str> = HashSet::new();
+    let mut in_header = true;
+    let mut line = Vec::new();
+    loop {
+        // One line, its first KEPT bytes kept.
+        line.clear();
+        let mut ended = false;
+        let mut any = false;
+        while !ended {
+            let buf = sql.fill_buf().map_err(|e| format!("cannot be read: {e}"))?;
+            if buf.is_empty() {
+                break;
+            }
+            any = true;
+            let (take, found) = match buf.iter().position(|b| *b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (buf.len(), false),
+            };
+            let room = KEPT.saturating_sub(line.len()).min(take);
+            line.extend_from_slice(&buf[..room]);
+            sql.consume(take);
+            ended = found;
+        }
+        if !any {
+            break;
+        }
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end_matches(['\r', '\n']);
+        let setting = header_setting(text);
+        if !in_header {
+            if setting.is_some() {
+                return Err(format!(
+                    "says `{}` again after its header (a dump's SEARCHPATH entry of more than pg_dump's line)",
+                    shortened(text)
+                ));
+            }
+            continue;
+        }
+        if text.is_empty() || text.starts_with("--") || text.starts_with("\\restrict ") {
+            continue;
+        }
+        match setting {
+            Some(name) if seen.insert(name) => in_header = name != "row_security",
+            Some(_) => {
+                return Err(format!(
+                    "says `{}` twice in its header (a dump's SEARCHPATH entry of more than pg_dump's line)",
+                    shortened(text)
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "has `{}` in its header, where pg_restore writes its settings and pg_dump's search_path line alone (a dump's SEARCHPATH entry of more than that line)",
+                    shortened(text)
+                ));
+            }
+        }
+    }
+    Ok(!in_header)
+}
+
 /// The longest name PostgreSQL holds, in bytes (`NAMEDATALEN` - 1).
 const MAX_NAME: usize = 63;
 
@@ -1111,6 +1223,71 @@ mod tests {
         let mut tar = header(14, [b"app", debian, debian]);
         tar[10] = 3;
         assert!(read_header(&mut &tar[..]).is_err_and(|e| e.contains("says format 3")));
+    }
+
+    /// A third attacker's (twenty-eighth session): a dump's `SEARCHPATH` entry, which no list
+    /// names and `pg_restore` runs at every connection, ran its SQL in the load. The SQL
+    /// `pg_restore` prints for the load's list has its header alone there.
+    #[test]
+    fn the_sql_header_is_pg_restores_alone() {
+        let pg15 = "--\n-- PostgreSQL database dump\n--\n\n\\restrict abc\n\n-- Dumped from database version 15.18\n\n\
+            SET statement_timeout = 0;\nSET lock_timeout = 0;\nSET idle_in_transaction_session_timeout = 0;\n\
+            SET client_encoding = 'UTF8';\nSET standard_conforming_strings = on;\n\
+            SELECT pg_catalog.set_config('search_path', '', false);\n\
+            SET check_function_bodies = false;\nSET xmloption = content;\nSET client_min_messages = warning;\n\
+            SET row_security = off;\n\nSET default_tablespace = '';\n\n--\n-- Name: t; Type: TABLE\n--\n\n\
+            CREATE TABLE public.t (x integer);\n\n\\unrestrict abc\n";
+        let judge = |sql: &str| judge_sql_header(sql.as_bytes());
+        assert_eq!(judge(pg15), Ok(true));
+        let pg17 = pg15.replace(
+            "SET idle_in_transaction_session_timeout = 0;\n",
+            "SET idle_in_transaction_session_timeout = 0;\nSET transaction_timeout = 0;\n",
+        );
+        assert_eq!(judge(&pg17), Ok(true));
+        // A dump without a SEARCHPATH entry (before pg_dump 11): no line.
+        assert_eq!(judge(&pg15.replace(SEARCH_PATH_LINE, "")), Ok(true));
+        let long = format!("{pg15}-- {}\n", "x".repeat(1 << 20));
+        assert_eq!(judge(&long), Ok(true));
+        // Ended before its header did (pg_restore failed).
+        assert_eq!(
+            judge(&pg15[..pg15.find("SET xmloption").unwrap()]),
+            Ok(false)
+        );
+        for (sql, why) in [
+            (
+                pg15.replace(SEARCH_PATH_LINE, &format!("{SEARCH_PATH_LINE}\nCREATE TABLE public.ran();")),
+                "has `CREATE TABLE public.ran();` in its header",
+            ),
+            (
+                pg15.replace(
+                    SEARCH_PATH_LINE,
+                    "SELECT pg_catalog.set_config('search_path', 'public', false);",
+                ),
+                "in its header",
+            ),
+            (
+                pg15.replace(
+                    SEARCH_PATH_LINE,
+                    &format!("{SEARCH_PATH_LINE}\nSET check_function_bodies = false;\nSET xmloption = content;\nSET client_min_messages = warning;\nSET row_security = off;\nCREATE TABLE public.ran();"),
+                ),
+                "again after its header",
+            ),
+            (
+                pg15.replace(SEARCH_PATH_LINE, "SET lock_timeout = 0;"),
+                "twice in its header",
+            ),
+            (
+                pg15.replace(SEARCH_PATH_LINE, "SET role = postgres;"),
+                "in its header",
+            ),
+            (
+                pg15.replace(SEARCH_PATH_LINE, "SET lock_timeout = 0; DROP TABLE t;"),
+                "in its header",
+            ),
+        ] {
+            let got = judge(&sql);
+            assert!(got.as_ref().is_err_and(|e| e.contains(why)), "{why}: {got:?}");
+        }
     }
 
     /// `--use-list` selects every entry of an id it lists: two entries of one id are refused.

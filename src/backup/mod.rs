@@ -1129,6 +1129,15 @@ fn judge_listed(
 /// of the memory it may take ([`PG_RESTORE_READ_MEMORY`]).
 fn pg_restore_failed(status: std::process::ExitStatus, errors: &[u8]) -> anyhow::Error {
     let text = pg_restore_errors(errors);
+    if text.contains("could not find entry for ID") {
+        return RestoreRefused::DumpUnreadable {
+            why: format!(
+                "its table of contents lists an entry it does not hold ({})",
+                dump::shortened(&text)
+            ),
+        }
+        .into();
+    }
     if text.contains("out of memory") {
         return RestoreRefused::DumpUnreadable {
             why: format!(
@@ -1202,6 +1211,38 @@ async fn extension_schema(
         .into());
     }
     dump::extension_schema(&sql, made).map_err(|why| extension_refused(entry, why).into())
+}
+
+/// The SQL `pg_restore` prints for the load's list of the dump at `from` (`--schema-only`, the
+/// data left unread), judged as it streams ([`dump::judge_sql_header`]): before anything
+/// changes, what runs at the start of each of the load's connections beside the list (the
+/// dump's `SEARCHPATH` entry), and that `pg_restore` finds every entry the list names (a third
+/// attacker's, twenty-eighth session: an entry's kind holding a line break put a line of its
+/// own, naming no entry, into `pg_restore --list`, and the load failed after the stop).
+async fn judge_load_sql(
+    binaries: &Binaries,
+    from: DumpAt,
+    load: &dump::Load,
+) -> anyhow::Result<()> {
+    definitions(
+        binaries,
+        from,
+        std::sync::Arc::new(load.list.clone()),
+        |out| dump::judge_sql_header(io::BufReader::new(out)),
+        |judged| judged.is_err(),
+    )
+    .await?
+    .and_then(|whole| {
+        whole
+            .then_some(())
+            .ok_or_else(|| "ends in its header".to_string())
+    })
+    .map_err(|why| {
+        RestoreRefused::DumpUnreadable {
+            why: format!("the SQL pg_restore makes of it {why}"),
+        }
+        .into()
+    })
 }
 
 /// The schemas the dump at `from` makes ([`dump::schemas_made`], from its `SCHEMA` entries'
@@ -1558,6 +1599,7 @@ impl Build {
         // application role; then regobox's part as the superuser (the configured extensions,
         // each in the schema the dump puts it in; its bookkeeping); then everything else.
         let at = || DumpAt::File(dump.to_path_buf());
+        judge_load_sql(binaries, at(), &load).await?;
         let made = dump_schemas(binaries, at(), &load).await?;
         for schema in &made {
             su.batch_execute(&format!(
@@ -1973,6 +2015,7 @@ async fn judge_dump(
     .await?;
     // What the load reads of the dump itself (its schemas, the configured extensions'
     // schemas), read now.
+    judge_load_sql(binaries, DumpAt::ArchiveMember(path.to_path_buf()), &load).await?;
     let made = dump_schemas(binaries, DumpAt::ArchiveMember(path.to_path_buf()), &load).await?;
     for entry in load.own.iter().filter(|e| e.kind == "EXTENSION") {
         let at = DumpAt::ArchiveMember(path.to_path_buf());

@@ -3075,6 +3075,19 @@ fn a_dumps_header_and_ids_are_read_by_regobox_before_anything_changes() {
             r#"set_dump(toc_dump([(9, 's3', 'SCHEMA', 'app', '-- x\nCREATE TABLE public.ran();\n'), (9, 't2', 'TABLE', 'app', 'CREATE TABLE public.t2(i int);\n')]))"#,
             "(its id 9 is another entry's too)",
         ),
+        // A third attacker's: the SEARCHPATH entry (in no list) ran its SQL at each of the
+        // load's connections; a kind holding a line break listed an entry the dump does not
+        // hold, and the load failed after the stop.
+        (
+            "searchpath",
+            r#"set_dump(toc_dump([(2, 'SEARCHPATH', 'SEARCHPATH', '', "SELECT pg_catalog.set_config('search_path', '', false);\nCREATE TABLE public.ran();\n", 1), (3, 't2', 'TABLE', 'app', 'CREATE TABLE public.t2(i int);\n')]))"#,
+            "has `CREATE TABLE public.ran();` in its header",
+        ),
+        (
+            "kind",
+            r#"set_dump(toc_dump([(3, 't3', 'TABLE public x app\n9; 0 0 TABLE', 'app', 'CREATE TABLE public.t3(a int);\n', 1), (10, 't10', 'TABLE', 'app', 'CREATE TABLE public.t10(a int);\n', 1)]))"#,
+            "its table of contents lists an entry it does not hold",
+        ),
     ];
     let before = volume_state(&target);
     for (name, edit, says) in cases {
