@@ -671,6 +671,8 @@ const HEADER_SETTINGS: &[&str] = &[
     "check_function_bodies",
     "xmloption",
     "client_min_messages",
+    // Where the dump's strings are not standard-conforming.
+    "escape_string_warning",
     "row_security",
 ];
 
@@ -1248,6 +1250,14 @@ mod tests {
         assert_eq!(judge(&pg15.replace(SEARCH_PATH_LINE, "")), Ok(true));
         let long = format!("{pg15}-- {}\n", "x".repeat(1 << 20));
         assert_eq!(judge(&long), Ok(true));
+        // A dump whose strings are not standard-conforming (no STDSTRINGS entry).
+        let escapes = pg15
+            .replace("conforming_strings = on", "conforming_strings = off")
+            .replace(
+                "SET row_security",
+                "SET escape_string_warning = off;\nSET row_security",
+            );
+        assert_eq!(judge(&escapes), Ok(true));
         // Ended before its header did (pg_restore failed).
         assert_eq!(
             judge(&pg15[..pg15.find("SET xmloption").unwrap()]),
