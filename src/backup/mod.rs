@@ -2015,11 +2015,11 @@ async fn judge_dump(
     .await?;
     // What the load reads of the dump itself (its schemas, the configured extensions'
     // schemas), read now.
-    judge_load_sql(binaries, DumpAt::ArchiveMember(path.to_path_buf()), &load).await?;
-    let made = dump_schemas(binaries, DumpAt::ArchiveMember(path.to_path_buf()), &load).await?;
+    let at = || DumpAt::ArchiveMember(path.to_path_buf());
+    judge_load_sql(binaries, at(), &load).await?;
+    let made = dump_schemas(binaries, at(), &load).await?;
     for entry in load.own.iter().filter(|e| e.kind == "EXTENSION") {
-        let at = DumpAt::ArchiveMember(path.to_path_buf());
-        extension_schema(binaries, at, entry, &made).await?;
+        extension_schema(binaries, at(), entry, &made).await?;
     }
     Ok(())
 }
