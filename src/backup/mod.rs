@@ -1092,39 +1092,6 @@ fn pg_restore_piped<T: Send>(
     Ok((read, status, errors.unwrap_or_default()))
 }
 
-/// The table of contents of a dump (`pg_restore --list` of `dump`, or of what `input` feeds it),
-/// judged as it streams ([`dump::judge_reader`]): no crafted dump makes regobox hold more than
-/// the lines the load needs. Blocking: from a blocking task.
-fn judge_listed(
-    program: &Path,
-    dump: Option<&Path>,
-    input: Option<&mut dyn Read>,
-    judge: &dump::Judge<'_>,
-    runtime: &tokio::runtime::Handle,
-) -> anyhow::Result<Result<dump::Load, dump::TocError>> {
-    let mut args = vec![OsStr::new("--list")];
-    if let Some(dump) = dump {
-        args.push(dump.as_os_str());
-    }
-    let (judged, status, errors) = pg_restore_piped(
-        program,
-        &args,
-        input,
-        None,
-        runtime,
-        // A refusal stops reading.
-        |out| dump::judge_reader(io::BufReader::new(out), judge),
-        |judged| judged.is_err(),
-    )?;
-    if let Err(refused) = judged {
-        return Ok(Err(refused));
-    }
-    if !status.success() {
-        return Err(pg_restore_failed(status, &errors));
-    }
-    Ok(judged)
-}
-
 /// A `pg_restore` reading a dump for a restore's check that failed: a refusal where it ran out
 /// of the memory it may take ([`PG_RESTORE_READ_MEMORY`]).
 fn pg_restore_failed(status: std::process::ExitStatus, errors: &[u8]) -> anyhow::Error {
@@ -1179,7 +1146,7 @@ fn extension_refused(entry: &dump::Entry, why: String) -> RestoreRefused {
 }
 
 /// The schema the dump at `from` creates the configured extension of `entry` in
-/// ([`dump::extension_schema`]; `made`: the dump's schemas, see [`dump_schemas`]): read by a
+/// ([`dump::extension_schema`]; `made`: the dump's schemas, see [`dump::schema_made`]): read by a
 /// restore's check from the archive's member, before anything changes, so that a definition
 /// regobox does not read refuses the restore before a service stops, and by the load from the
 /// extracted dump, alike.
@@ -1192,7 +1159,7 @@ async fn extension_schema(
     let sql = definitions(
         binaries,
         from,
-        std::sync::Arc::new(format!("{}\n", entry.line)),
+        std::sync::Arc::new(entry.listed()),
         |out| {
             let mut sql = Vec::new();
             out.take(ENTRY_SQL_MAX as u64 + 1)
@@ -1240,35 +1207,6 @@ async fn judge_load_sql(
     .map_err(|why| {
         RestoreRefused::DumpUnreadable {
             why: format!("the SQL pg_restore makes of it {why}"),
-        }
-        .into()
-    })
-}
-
-/// The schemas the dump at `from` makes ([`dump::schemas_made`], from its `SCHEMA` entries'
-/// definitions), which the load makes itself: read by a restore's check from the archive's
-/// member before anything changes, and by the load from the extracted dump, alike.
-async fn dump_schemas(
-    binaries: &Binaries,
-    from: DumpAt,
-    load: &dump::Load,
-) -> anyhow::Result<Vec<String>> {
-    if load.schemas.is_empty() {
-        return Ok(Vec::new());
-    }
-    let list = std::sync::Arc::new(load.schemas.clone());
-    let listed = list.clone();
-    definitions(
-        binaries,
-        from,
-        list,
-        move |out| dump::schemas_made(io::BufReader::new(out), &listed),
-        |made| made.is_err(),
-    )
-    .await?
-    .map_err(|why| {
-        RestoreRefused::DumpUnreadable {
-            why: format!("the definitions of its schemas {why}"),
         }
         .into()
     })
@@ -1346,66 +1284,35 @@ enum DumpAt {
 }
 
 /// What the application role loads of a dump whose objects `owner` owned (see
-/// [`dump::judge_reader`]), its table of contents read from `toc`; refused as a restore says it
-/// (`role`: the application role).
+/// [`dump::judge_reader`]: its header and table of contents read by regobox, as `pg_restore`
+/// reads them), the dump read from `toc`; refused as a restore says it (`role`: the
+/// application role).
 async fn judged_toc(
-    binaries: &Binaries,
     toc: DumpAt,
     owner: &str,
     extensions: &[String],
     role: &str,
 ) -> anyhow::Result<dump::Load> {
-    let program = binaries.path("pg_restore");
     let (owner, extensions) = (owner.to_string(), extensions.to_vec());
-    let runtime = tokio::runtime::Handle::current();
     let judged = tokio::task::spawn_blocking(move || {
         let judge = dump::Judge {
             owner: &owner,
             extensions: &extensions,
         };
-        // The header first, by regobox (see `dump::read_header`), then what pg_restore lists.
-        let header_refused = |why: String| -> anyhow::Error {
-            RestoreRefused::DumpUnreadable {
-                why: format!("its header {why}"),
-            }
-            .into()
-        };
         match toc {
             DumpAt::File(dump) => {
                 let file =
                     File::open(&dump).with_context(|| format!("opening {}", dump.display()))?;
-                dump::read_header(&mut io::BufReader::new(file)).map_err(header_refused)?;
-                judge_listed(&program, Some(&dump), None, &judge, &runtime)
+                Ok(dump::judge_reader(io::BufReader::new(file), &judge))
             }
-            DumpAt::ArchiveMember(path) => with_dump_member(&path, |member| {
-                // What the header's reading took is fed to pg_restore before the rest.
-                let mut kept = Recorded {
-                    inner: &mut *member,
-                    kept: Vec::new(),
-                };
-                dump::read_header(&mut kept).map_err(header_refused)?;
-                let mut input = io::Cursor::new(kept.kept).chain(member);
-                judge_listed(&program, None, Some(&mut input), &judge, &runtime)
-            }),
+            DumpAt::ArchiveMember(path) => {
+                with_dump_member(&path, |member| Ok(dump::judge_reader(member, &judge)))
+            }
         }
     })
     .await
     .context("the dump task")??;
     judged.map_err(|refused| toc_refused(refused, role))
-}
-
-/// A reader that keeps what it read (to read it again).
-struct Recorded<R> {
-    inner: R,
-    kept: Vec<u8>,
-}
-
-impl<R: Read> Read for Recorded<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.kept.extend_from_slice(&buf[..n]);
-        Ok(n)
-    }
 }
 
 /// A dump's table of contents refused, as a restore says it (`role`: the application role).
@@ -1416,7 +1323,7 @@ fn toc_refused(refused: dump::TocError, role: &str) -> anyhow::Error {
             objects: refusals.to_string(),
         }
         .into(),
-        unreadable @ dump::TocError::Unreadable(_) => RestoreRefused::DumpUnreadable {
+        unreadable => RestoreRefused::DumpUnreadable {
             why: unreadable.to_string(),
         }
         .into(),
@@ -1563,7 +1470,6 @@ impl Build {
         let owner = owner.unwrap_or(&pg.user);
         // What the dump holds, judged before anything of it runs.
         let load = judged_toc(
-            binaries,
             DumpAt::File(dump.to_path_buf()),
             owner,
             &pg.extensions,
@@ -1595,13 +1501,13 @@ impl Build {
         let mut app = su_db.clone();
         app.user(&pg.user).options("");
         // The application's schemas first, made by regobox under the names their definitions
-        // give (none of the dump's SQL for them runs: see `dump::schemas_made`), owned by the
+        // give (none of the dump's SQL for them runs: see `dump::schema_made`), owned by the
         // application role; then regobox's part as the superuser (the configured extensions,
         // each in the schema the dump puts it in; its bookkeeping); then everything else.
         let at = || DumpAt::File(dump.to_path_buf());
         judge_load_sql(binaries, at(), &load).await?;
-        let made = dump_schemas(binaries, at(), &load).await?;
-        for schema in &made {
+        let made = &load.schemas;
+        for schema in made {
             su.batch_execute(&format!(
                 "CREATE SCHEMA {} AUTHORIZATION {}",
                 bootstrap::quote_ident(schema),
@@ -1616,7 +1522,7 @@ impl Build {
                 .iter()
                 .find(|e| e.kind == "EXTENSION" && e.name == *name)
             {
-                Some(entry) => extension_schema(binaries, at(), entry, &made).await?,
+                Some(entry) => extension_schema(binaries, at(), entry, made).await?,
                 None => "public".to_string(),
             };
             bootstrap::extension(&su, name, &schema).await?;
@@ -1731,7 +1637,7 @@ impl Build {
         entry: &dump::Entry,
     ) -> anyhow::Result<String> {
         let list = self.socket_dir.join("entry.list");
-        std::fs::write(&list, format!("{}\n", entry.line))
+        std::fs::write(&list, entry.listed())
             .with_context(|| format!("writing {}", list.display()))?;
         pg_restore_text(
             binaries,
@@ -2006,7 +1912,6 @@ async fn judge_dump(
         .map(|p| p.user.clone())
         .unwrap_or_else(|| pg.user.clone());
     let load = judged_toc(
-        binaries,
         DumpAt::ArchiveMember(path.to_path_buf()),
         &owner,
         &pg.extensions,
@@ -2017,9 +1922,8 @@ async fn judge_dump(
     // schemas), read now.
     let at = || DumpAt::ArchiveMember(path.to_path_buf());
     judge_load_sql(binaries, at(), &load).await?;
-    let made = dump_schemas(binaries, at(), &load).await?;
     for entry in load.own.iter().filter(|e| e.kind == "EXTENSION") {
-        extension_schema(binaries, at(), entry, &made).await?;
+        extension_schema(binaries, at(), entry, &load.schemas).await?;
     }
     Ok(())
 }
