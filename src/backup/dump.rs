@@ -873,7 +873,7 @@ fn header_setting(line: &str) -> Option<&'static str> {
 /// streams, each line's first bytes kept): its header holds `pg_restore`'s settings alone, each
 /// once, and pg_dump's `search_path` line, which comes from the dump's `SEARCHPATH` entry, is
 /// the line pg_dump writes or none; nothing after the header says one of them again. That
-/// entry is in no list (`pg_restore --list` does not print it), and `pg_restore` runs its SQL
+/// entry is in no list (regobox judges it as it reads it, see `Settings`), and `pg_restore` runs its SQL
 /// at the start of every connection, the load's included (a third attacker's, twenty-eighth
 /// session: a `SEARCHPATH` entry's `CREATE TABLE` ran four times in the load, as the
 /// application role, never judged). Whether the header ended (the SQL may end before it, where

@@ -1183,9 +1183,8 @@ async fn extension_schema(
 /// The SQL `pg_restore` prints for the load's list of the dump at `from` (`--schema-only`, the
 /// data left unread), judged as it streams ([`dump::judge_sql_header`]): before anything
 /// changes, what runs at the start of each of the load's connections beside the list (the
-/// dump's `SEARCHPATH` entry), and that `pg_restore` finds every entry the list names (a third
-/// attacker's, twenty-eighth session: an entry's kind holding a line break put a line of its
-/// own, naming no entry, into `pg_restore --list`, and the load failed after the stop).
+/// dump's `SEARCHPATH` entry, judged by regobox too), and that `pg_restore` finds every entry the
+/// list names (the second wall behind regobox's own reading of the table of contents).
 async fn judge_load_sql(
     binaries: &Binaries,
     from: DumpAt,
@@ -1212,8 +1211,8 @@ async fn judge_load_sql(
     })
 }
 
-/// What `read` takes of the definitions of the entries `list` names (lines of `pg_restore
-/// --list`) in the dump at `from`: `pg_restore --file=- --use-list --schema-only` (the
+/// What `read` takes of the definitions of the entries `list` names (lines of a `--use-list`: ids)
+/// in the dump at `from`: `pg_restore --file=- --use-list --schema-only` (the
 /// definitions alone, whatever data an entry claims; reading an archive's member, it stops
 /// after the table of contents), the list given in a memory file; `gave_up` as
 /// [`pg_restore_piped`] takes it. A `pg_restore` that fails, unless `read` gave up, is an error.
@@ -1305,9 +1304,9 @@ async fn judged_toc(
                     File::open(&dump).with_context(|| format!("opening {}", dump.display()))?;
                 Ok(dump::judge_reader(io::BufReader::new(file), &judge))
             }
-            DumpAt::ArchiveMember(path) => {
-                with_dump_member(&path, |member| Ok(dump::judge_reader(member, &judge)))
-            }
+            DumpAt::ArchiveMember(path) => with_dump_member(&path, |member| {
+                Ok(dump::judge_reader(io::BufReader::new(member), &judge))
+            }),
         }
     })
     .await
@@ -1897,8 +1896,8 @@ pub async fn restorable_here(
     Ok(())
 }
 
-/// The dump's table of contents, judged as the load will judge it (`pg_restore --list` reading
-/// the member as it is decompressed; it stops after the table, at the start of the dump).
+/// The dump's table of contents, judged as the load will judge it (read by regobox from the
+/// member as it is decompressed, no further than the table's end).
 async fn judge_dump(
     config: &Config,
     path: &Path,
