@@ -271,9 +271,15 @@ impl Entry {
     }
 }
 
-/// The kinds of entry whose definition regobox reads: the schemas it makes itself, and what
-/// `pg_restore` applies to every connection whatever its list selects.
-const DEFINED: &[&str] = &["SCHEMA", "ENCODING", "STDSTRINGS", "SEARCHPATH"];
+/// The kinds of entry whose definition regobox reads: the schemas and extensions it makes
+/// itself, and what `pg_restore` applies to every connection whatever its list selects.
+const DEFINED: &[&str] = &[
+    "SCHEMA",
+    "EXTENSION",
+    "ENCODING",
+    "STDSTRINGS",
+    "SEARCHPATH",
+];
 
 /// The longest text of an entry regobox reads (its kind, schema, name, owner, the definitions
 /// of [`DEFINED`]): a name is at most 63 bytes, a function's with its argument types a few KiB.
@@ -413,6 +419,9 @@ pub struct Load {
     pub list: String,
     /// Entries left to regobox (configured extensions, its own schema).
     pub own: Vec<Entry>,
+    /// The configured extensions the dump holds, each with the schema it is created in
+    /// ([`extension_schema`]).
+    pub extensions: Vec<(String, String)>,
     /// Whether the dump holds rows of `regobox.init_scripts`.
     pub init_scripts_rows: bool,
 }
@@ -499,6 +508,9 @@ pub enum TocError {
     /// Schemas regobox cannot make (see [`schema_made`]).
     #[error("the definitions of its schemas {0}")]
     Schemas(String),
+    /// A configured extension's definition regobox does not take (see [`extension_schema`]).
+    #[error("the definition of extension {name} {why}")]
+    Extension { name: String, why: String },
 }
 
 /// Decide, entry by entry, what the application role loads (see the module documentation),
@@ -625,10 +637,24 @@ fn judge_within(
     }
     let mut schemas: Vec<String> = schemas.into_iter().collect();
     schemas.sort_unstable();
+    let extensions = own
+        .iter()
+        .filter(|e| e.kind == "EXTENSION")
+        .map(|e| {
+            let definition = e.definition.as_deref().unwrap_or_default();
+            extension_schema(definition, &e.name, encoding, &schemas)
+                .map(|schema| (e.name.clone(), schema))
+                .map_err(|why| TocError::Extension {
+                    name: shortened(&e.name),
+                    why,
+                })
+        })
+        .collect::<Result<_, _>>()?;
     Ok(Load {
         schemas,
         list,
         own,
+        extensions,
         init_scripts_rows,
     })
 }
@@ -727,40 +753,49 @@ fn unquote(s: &str) -> String {
     }
 }
 
-/// The schema a configured extension is created in, as the SQL of its entry
-/// (`pg_restore --file=- --schema-only`'s output) gives it: the line `CREATE EXTENSION IF NOT
-/// EXISTS <name> WITH SCHEMA <schema>;` as `pg_dump` writes it, `<schema>` a plain lower-case
-/// identifier or one in double quotes, and a schema the restored database has: `public` or one
-/// of the dump's that regobox makes (`made`, see [`schema_made`]), never PostgreSQL's own
-/// (`pg_*`, `information_schema`) or regobox's. What is wrong, for a message, otherwise. The
-/// one reading of a restore's check and of its load: what one takes, the other does.
-pub fn extension_schema(sql: &[u8], made: &[String]) -> Result<String, String> {
-    let sql = std::str::from_utf8(sql).map_err(|_| "is not UTF-8".to_string())?;
-    let encoding = sql
-        .lines()
-        .find_map(client_encoding)
-        .unwrap_or("UTF8")
-        .to_string();
-    // The statement, its schema's name to the end of its quotes (a line break may be inside).
-    let written = sql
-        .match_indices("CREATE EXTENSION IF NOT EXISTS ")
-        .filter(|(at, _)| *at == 0 || sql.as_bytes()[at - 1] == b'\n')
-        .find_map(|(at, prefix)| {
-            let line_end = sql[at..].find('\n').map_or(sql.len(), |n| at + n);
-            let (_, after) = sql[at + prefix.len()..line_end].split_once(" WITH SCHEMA ")?;
-            let start = line_end - after.len();
-            let len = written_name_len(&sql[start..])?;
-            let rest = &sql[start + len..];
-            (rest == ";" || rest.starts_with(";\n")).then(|| &sql[start..start + len])
-        })
-        .ok_or("is not `CREATE EXTENSION IF NOT EXISTS <name> WITH SCHEMA <schema>;`")?;
+/// The schema a configured extension is created in, as its entry's definition gives it:
+/// exactly `CREATE EXTENSION IF NOT EXISTS <name> WITH SCHEMA <schema>;` as `pg_dump` writes it,
+/// `<name>` the entry's (`name`), `<schema>` a plain lower-case identifier or one in double
+/// quotes, beyond ASCII only in a UTF8 dump (`encoding`, see [`name_read_in`]), and a schema the
+/// restored database has: `public` or one of the dump's that regobox makes (`made`, see
+/// [`schema_made`]), never PostgreSQL's own (`pg_*`, `information_schema`) or regobox's. regobox
+/// creates the extension itself there (the definition never runs). What is wrong, for a
+/// message, otherwise.
+pub fn extension_schema(
+    definition: &str,
+    name: &str,
+    encoding: &str,
+    made: &[String],
+) -> Result<String, String> {
+    let odd = || {
+        "is not `CREATE EXTENSION IF NOT EXISTS <name> WITH SCHEMA <schema>;` as pg_dump writes it"
+            .to_string()
+    };
+    let statement = definition
+        .strip_prefix("CREATE EXTENSION IF NOT EXISTS ")
+        .and_then(|s| s.strip_suffix(";\n"))
+        .ok_or_else(odd)?;
+    // The extension's name: in quotes (to their end), or to the next space.
+    let len = if statement.starts_with('"') {
+        written_name_len(statement).ok_or_else(odd)?
+    } else {
+        statement.find(' ').ok_or_else(odd)?
+    };
+    let (extension, rest) = statement.split_at(len);
+    if identifier(extension).as_deref() != Some(name) {
+        return Err(format!(
+            "creates extension {}, not its entry's",
+            shortened(extension)
+        ));
+    }
+    let written = rest.strip_prefix(" WITH SCHEMA ").ok_or_else(odd)?;
     let schema = identifier(written).ok_or_else(|| {
         format!(
             "names its schema {} (not an identifier as pg_dump writes one)",
             shortened(written)
         )
     })?;
-    name_read_in(&schema, &encoding)?;
+    name_read_in(&schema, encoding)?;
     if reserved(&schema) {
         return Err(format!(
             "puts it in {} (PostgreSQL's or regobox's own schema)",
@@ -801,13 +836,6 @@ fn written_name_len(s: &str) -> Option<usize> {
             .count();
         (n > 0).then_some(n)
     }
-}
-
-/// The encoding `pg_restore`'s header names for the SQL that follows (the dump's), from its line
-/// `SET client_encoding = '<name>';`.
-fn client_encoding(line: &str) -> Option<&str> {
-    line.strip_prefix("SET client_encoding = '")?
-        .strip_suffix("';")
 }
 
 /// Whether regobox reads `name`, from SQL in `encoding`, as PostgreSQL does: a dump's SQL is in
@@ -1177,6 +1205,10 @@ mod tests {
                         "-- *not* creating schema, since initdb creates it\n".into()
                     }
                     ("SCHEMA", name) => format!("CREATE SCHEMA {};\n", written(name)),
+                    ("EXTENSION", name) => format!(
+                        "CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA public;\n",
+                        written(name)
+                    ),
                     _ => "SELECT 1;\n".into(),
                 });
                 e
@@ -1403,11 +1435,8 @@ mod tests {
         // By id alone: `pg_restore` reads nothing else of a line of its list.
         assert_eq!(load.list, "215\n3369\n216\n3360\n219\n");
         assert_eq!(
-            extension_schema(
-                b"SET x;\nCREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" WITH SCHEMA s3;\n",
-                &["s3".to_string()]
-            ),
-            Ok("s3".into())
+            load.extensions,
+            vec![("uuid-ossp".to_string(), "public".to_string())]
         );
         assert_eq!(load.own.len(), 7);
         assert!(load.init_scripts_rows);
@@ -1437,14 +1466,13 @@ mod tests {
     fn an_extensions_schema_is_one_the_restored_database_has() {
         let made = ["s3".to_string(), "My \"S\"".to_string(), "s 3".to_string()];
         let sql = |schema: &str| {
-            format!("SET x;\nCREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" WITH SCHEMA {schema};\n")
+            format!("CREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" WITH SCHEMA {schema};\n")
         };
-        let read = |schema: &str| extension_schema(sql(schema).as_bytes(), &made);
+        let read = |schema: &str| extension_schema(&sql(schema), "uuid-ossp", "UTF8", &made);
         assert_eq!(read("public"), Ok("public".into()));
         assert_eq!(read("s3"), Ok("s3".into()));
         assert_eq!(read("\"s3\""), Ok("s3".into()));
-        // Made by regobox under the names the schemas' definitions give (not as `pg_restore
-        // --list` prints them, which reads a line break as a space).
+        // Made by regobox under the names the schemas' definitions give.
         assert_eq!(read("\"My \"\"S\"\"\""), Ok("My \"S\"".into()));
         assert_eq!(read("\"s 3\""), Ok("s 3".into()));
         for bad in [
@@ -1464,36 +1492,70 @@ mod tests {
         ] {
             assert!(read(bad).is_err(), "{bad}");
         }
-        let mut not_text = sql("public").into_bytes();
-        not_text.extend_from_slice(b"-- \xff\n");
-        assert_eq!(
-            extension_schema(&not_text, &made),
-            Err("is not UTF-8".to_string())
-        );
-        assert!(extension_schema(b"CREATE EXTENSION \"uuid-ossp\";\n", &made).is_err());
+        for (definition, why) in [
+            ("CREATE EXTENSION \"uuid-ossp\";\n", "as pg_dump writes it"),
+            (
+                "CREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" WITH SCHEMA public;",
+                "as pg_dump writes it",
+            ),
+            (
+                "CREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" WITH SCHEMA public;\nSELECT 1;\n",
+                "not an identifier",
+            ),
+            (
+                "CREATE EXTENSION IF NOT EXISTS pgcrypto WITH SCHEMA public;\n",
+                "creates extension pgcrypto, not its entry's",
+            ),
+            (
+                "CREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" SCHEMA public;\n",
+                "as pg_dump writes it",
+            ),
+        ] {
+            let got = extension_schema(definition, "uuid-ossp", "UTF8", &made);
+            assert!(
+                got.as_ref().is_err_and(|e| e.contains(why)),
+                "{why}: {got:?}"
+            );
+        }
         // A schema's name over two lines (an attacker's: refused, as its line was read alone).
         let made = ["e\nx".to_string(), "é".to_string()];
         assert_eq!(
             extension_schema(
-                b"CREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" WITH SCHEMA \"e\nx\";\n",
+                "CREATE EXTENSION IF NOT EXISTS pgcrypto WITH SCHEMA \"e\nx\";\n",
+                "pgcrypto",
+                "UTF8",
                 &made
             ),
             Ok("e\nx".into())
         );
+        let in_schema = "CREATE EXTENSION IF NOT EXISTS pgcrypto WITH SCHEMA \"é\";\n";
         assert!(
-            extension_schema(
-                b"CREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" WITH SCHEMA \"e\nx\"; SELECT 1;\n",
-                &made
-            )
-            .is_err()
-        );
-        let in_latin1 = "SET client_encoding = 'LATIN1';\nCREATE EXTENSION IF NOT EXISTS \"uuid-ossp\" WITH SCHEMA \"é\";\n";
-        assert!(
-            extension_schema(in_latin1.as_bytes(), &made)
+            extension_schema(in_schema, "pgcrypto", "LATIN1", &made)
                 .is_err_and(|e| e.contains("encoded in LATIN1"))
         );
-        let in_utf8 = in_latin1.replace("LATIN1", "UTF8");
-        assert_eq!(extension_schema(in_utf8.as_bytes(), &made), Ok("é".into()));
+        assert_eq!(
+            extension_schema(in_schema, "pgcrypto", "UTF8", &made),
+            Ok("é".into())
+        );
+        // Judged with the table of contents: a configured extension's definition that regobox
+        // does not take refuses the dump, naming it.
+        let mut entries = entries_of(TOC);
+        for e in &mut entries {
+            if e.kind == "EXTENSION" {
+                e.definition = Some(sql("nowhere"));
+            }
+        }
+        let judged = judge_reader(
+            &dump_of(&entries)[..],
+            &Judge {
+                owner: "app",
+                extensions: &["uuid-ossp".to_string()],
+            },
+        );
+        assert_eq!(
+            judged.map(|_| ()).unwrap_err().to_string(),
+            "the definition of extension uuid-ossp puts it in schema nowhere, which the dump does not make"
+        );
     }
 
     /// A dump's header as pg_dump writes it (format 1.`minor`, 4-byte integers), its database's

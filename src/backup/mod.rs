@@ -1134,52 +1134,6 @@ fn with_dump_member<T>(
     bail!("the archive has no database dump")
 }
 
-/// A dump refused for the definition of the configured extension of `entry` (`why`: what is
-/// wrong with it).
-fn extension_refused(entry: &dump::Entry, why: String) -> RestoreRefused {
-    RestoreRefused::DumpUnreadable {
-        why: format!(
-            "the definition of extension {} {why}",
-            dump::shortened(&entry.name)
-        ),
-    }
-}
-
-/// The schema the dump at `from` creates the configured extension of `entry` in
-/// ([`dump::extension_schema`]; `made`: the dump's schemas, see [`dump::schema_made`]): read by a
-/// restore's check from the archive's member, before anything changes, so that a definition
-/// regobox does not read refuses the restore before a service stops, and by the load from the
-/// extracted dump, alike.
-async fn extension_schema(
-    binaries: &Binaries,
-    from: DumpAt,
-    entry: &dump::Entry,
-    made: &[String],
-) -> anyhow::Result<String> {
-    let sql = definitions(
-        binaries,
-        from,
-        std::sync::Arc::new(entry.listed()),
-        |out| {
-            let mut sql = Vec::new();
-            out.take(ENTRY_SQL_MAX as u64 + 1)
-                .read_to_end(&mut sql)
-                .map(|_| sql)
-        },
-        |sql| !matches!(sql, Ok(s) if s.len() <= ENTRY_SQL_MAX),
-    )
-    .await?
-    .context("reading pg_restore's output")?;
-    if sql.len() > ENTRY_SQL_MAX {
-        return Err(extension_refused(
-            entry,
-            format!("is longer than {} MiB", ENTRY_SQL_MAX >> 20),
-        )
-        .into());
-    }
-    dump::extension_schema(&sql, made).map_err(|why| extension_refused(entry, why).into())
-}
-
 /// The SQL `pg_restore` prints for the load's list of the dump at `from` (`--schema-only`, the
 /// data left unread), judged as it streams ([`dump::judge_sql_header`]): before anything
 /// changes, what runs at the start of each of the load's connections beside the list (the
@@ -1516,15 +1470,12 @@ impl Build {
             .with_context(|| format!("making the dump's schema {}", dump::shortened(schema)))?;
         }
         for name in &pg.extensions {
-            let schema = match load
-                .own
+            let schema = load
+                .extensions
                 .iter()
-                .find(|e| e.kind == "EXTENSION" && e.name == *name)
-            {
-                Some(entry) => extension_schema(binaries, at(), entry, made).await?,
-                None => "public".to_string(),
-            };
-            bootstrap::extension(&su, name, &schema).await?;
+                .find(|(n, _)| n == name)
+                .map_or("public", |(_, schema)| schema.as_str());
+            bootstrap::extension(&su, name, schema).await?;
         }
         if load.init_scripts_rows {
             self.restore_init_scripts(binaries, dump, &load, &su, &pg.user)
@@ -1921,9 +1872,6 @@ async fn judge_dump(
     // schemas), read now.
     let at = || DumpAt::ArchiveMember(path.to_path_buf());
     judge_load_sql(binaries, at(), &load).await?;
-    for entry in load.own.iter().filter(|e| e.kind == "EXTENSION") {
-        extension_schema(binaries, at(), entry, &load.schemas).await?;
-    }
     Ok(())
 }
 

@@ -2911,8 +2911,8 @@ fn a_mount_inside_a_volume_reached_through_a_link_is_refused() {
 /// A configured extension's definition in the dump is read by regobox itself (the schema it is
 /// created in, before the rest loads). It was read only by the load, after the services had
 /// stopped: a dump whose definition regobox does not read (over 1 MiB, or not the statement
-/// `pg_dump` writes) stopped everything for a restore that could only fail. Now read by the
-/// check a restore makes before it changes anything: refused there, and nothing changes.
+/// `pg_dump` writes) stopped everything for a restore that could only fail. Now read with the
+/// table of contents, before anything changes: refused there, and nothing changes.
 #[test]
 fn a_configured_extension_the_restore_cannot_read_is_refused_before_anything_changes() {
     let (target, archive) = target_with_data();
@@ -2925,7 +2925,7 @@ fn a_configured_extension_the_restore_cannot_read_is_refused_before_anything_cha
         (
             "long",
             format!("{} + '-- ' + 'A' * (2 << 20) + '\\n'", create("public")),
-            "the definition of extension uuid-ossp is longer than 1 MiB",
+            "its table of contents has a definition of 2097219 bytes (entry 2)",
         ),
         (
             "odd",
@@ -2937,7 +2937,7 @@ fn a_configured_extension_the_restore_cannot_read_is_refused_before_anything_cha
         (
             "not-text",
             format!("({}).encode() + b'-- \\xff\\n'", create("public")),
-            "the definition of extension uuid-ossp is not UTF-8",
+            "its table of contents has a definition that is not UTF-8 (entry 2)",
         ),
         (
             "nowhere",
