@@ -148,6 +148,15 @@ pub fn read_header(r: &mut impl std::io::Read) -> Result<Format, String> {
     Ok(Format { minor: version.1 })
 }
 
+/// The article before `what`.
+fn a(what: &str) -> &'static str {
+    if what.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    }
+}
+
 /// A dump's header and table of contents, field by field, as `pg_restore` reads them (a sign
 /// byte and 4 bytes an integer, least first; a text its length then its bytes, -1 for none);
 /// what was read, counted, up to `max` bytes.
@@ -204,7 +213,7 @@ impl<R: std::io::Read> Fields<'_, R> {
             return Ok(None);
         };
         if len > max {
-            return Err(format!("has a {what} of {len} bytes"));
+            return Err(format!("has {} {what} of {len} bytes", a(what)));
         }
         let mut text = vec![0u8; len];
         self.r
@@ -212,11 +221,11 @@ impl<R: std::io::Read> Fields<'_, R> {
             .map_err(|_| format!("ends before its {what}"))?;
         self.read += len as u64;
         if text.contains(&0) {
-            return Err(format!("has a {what} holding a NUL"));
+            return Err(format!("has {} {what} holding a NUL", a(what)));
         }
         String::from_utf8(text)
             .map(Some)
-            .map_err(|_| format!("has a {what} that is not UTF-8"))
+            .map_err(|_| format!("has {} {what} that is not UTF-8", a(what)))
     }
 
     /// A text regobox does not read, passed over; whether there was one.
@@ -291,8 +300,10 @@ pub const MAX_TOC_TEXT: usize = 64 << 10;
 pub const MAX_TOC: u64 = 1 << 30;
 
 /// The most entries a table of contents may hold (a database of 100 000 tables, their
-/// indexes, constraints and grants, is about 500 000).
-pub const MAX_ENTRIES: i32 = 4_000_000;
+/// indexes, constraints and grants, is about 500 000). `pg_restore` holds every entry: a
+/// million of them took it 534 MB, four million past the 2 GiB a restore gives it (an
+/// attacker's, twenty-ninth session: a 6.6 MB archive).
+pub const MAX_ENTRIES: i32 = 1_000_000;
 
 /// A dump's table of contents read entry by entry, as `pg_restore` reads it (`ReadToc`, and
 /// the custom format's offset of each entry's data), after its header.
@@ -301,6 +312,9 @@ pub struct Toc<'a, R> {
     format: Format,
     left: i32,
     number: i32,
+    /// The highest id of an entry, and of a dependency, read so far.
+    max_id: i32,
+    max_dependency: i32,
 }
 
 impl<'a, R: std::io::Read> Toc<'a, R> {
@@ -321,7 +335,23 @@ impl<'a, R: std::io::Read> Toc<'a, R> {
             format,
             left: count,
             number: 0,
+            max_id: 0,
+            max_dependency: 0,
         })
+    }
+
+    /// Once every entry is read: each dependency names an id within the table's (`pg_restore`
+    /// looks a dependency up in an array of the ids, bounded above only: an attacker's,
+    /// twenty-ninth session, a dependency of -1 made its parallel load write outside the array,
+    /// as root, after the services had stopped).
+    pub fn dependencies_within(&self) -> Result<(), TocError> {
+        if self.max_dependency > self.max_id {
+            return Err(TocError::Unreadable(format!(
+                "has a dependency on id {}, beyond its highest entry's ({})",
+                self.max_dependency, self.max_id
+            )));
+        }
+        Ok(())
     }
 
     /// The next entry; `None` after the last.
@@ -345,7 +375,13 @@ impl<'a, R: std::io::Read> Toc<'a, R> {
         if id <= 0 {
             return Err(format!("has an entry of id {id}"));
         }
-        f.int("data flag")?;
+        self.max_id = self.max_id.max(id);
+        // Whether it has data, as pg_dump writes it (`pg_restore` takes any other number for
+        // yes, and an attacker's -1 had a definition run twice by its parallel load).
+        let had_data = f.int("data flag")?;
+        if !(0..=1).contains(&had_data) {
+            return Err(format!("has an entry of data flag {had_data}"));
+        }
         for what in ["catalog's oid", "oid"] {
             if !f.skip(what)? {
                 return Err(format!("has an entry without its {what}"));
@@ -372,9 +408,24 @@ impl<'a, R: std::io::Read> Toc<'a, R> {
         f.skip("drop statement")?;
         f.skip("copy statement")?;
         let schema = text(f, "schema")?;
-        f.skip("tablespace")?;
+        // Set by `pg_restore` before the entry's definition runs: pg_dump's default tablespace
+        // (none: a regobox cluster has no other), a table's default access method (an
+        // attacker's unknown one failed the load after the stop).
+        if !f
+            .text("tablespace", MAX_TOC_TEXT)?
+            .unwrap_or_default()
+            .is_empty()
+        {
+            return Err("has an entry in a tablespace of its own".into());
+        }
         if minor >= 14 {
-            f.skip("table access method")?;
+            let method = f.text("table access method", MAX_TOC_TEXT)?;
+            if !matches!(method.as_deref(), None | Some("" | "heap")) {
+                return Err(format!(
+                    "has a table of access method {} (regobox restores heap tables)",
+                    shortened(method.as_deref().unwrap_or_default())
+                ));
+            }
         }
         if minor >= 16 {
             f.int("relation kind")?;
@@ -384,12 +435,29 @@ impl<'a, R: std::io::Read> Toc<'a, R> {
         if !f.skip("WITH OIDS")? {
             return Err("has an entry without its WITH OIDS".into());
         }
-        while f.skip("dependency")? {}
+        // Dependencies: ids (`pg_restore` reads each with `sscanf`, a number or garbage).
+        while let Some(dependency) = f.text("dependency", 10)? {
+            let id = (!dependency.is_empty() && dependency.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| dependency.parse::<i32>().ok())
+                .flatten()
+                .filter(|id| *id > 0)
+                .ok_or_else(|| {
+                    format!(
+                        "has a dependency {} (not an id)",
+                        shortened(&format!("{dependency:?}"))
+                    )
+                })?;
+            self.max_dependency = self.max_dependency.max(id);
+        }
         // The custom format's offset of the entry's data: a flag (not set, set, no data), then
         // the offset.
+        // Not set (1) or set (2) for an entry with data, none (3) for one without.
         let flag = f.byte("data offset")?;
-        if !(1..=3).contains(&flag) {
-            return Err(format!("has a data offset flag {flag}"));
+        let expected = if had_data == 1 { 1..=2 } else { 3..=3 };
+        if !expected.contains(&flag) {
+            return Err(format!(
+                "has a data offset flag {flag} for an entry of data flag {had_data}"
+            ));
         }
         for _ in 0..8 {
             f.byte("data offset")?;
@@ -433,9 +501,6 @@ pub struct Judge<'a> {
     /// `postgres.extensions`.
     pub extensions: &'a [String],
 }
-
-/// The most schemas a restore makes (a dump of a million is checked in seconds).
-pub const MAX_SCHEMAS: usize = 1_000_000;
 
 /// Refusals named in a refusal's message; the rest are counted.
 const NAMED: usize = 20;
@@ -481,7 +546,22 @@ pub fn shortened(s: &str) -> String {
 }
 
 /// `s` cut to at most `max` bytes (on a character's boundary), `…` saying so.
-fn shorten(mut s: String, max: usize) -> String {
+fn shorten(s: String, max: usize) -> String {
+    // A control character is shown escaped: what a message names may be an archive's
+    // (an attacker's, twenty-ninth session: an escape sequence and a line of its own in a log).
+    let mut s = if s.chars().any(char::is_control) {
+        s.chars()
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_default().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
+            .collect()
+    } else {
+        s
+    };
     if s.len() > max {
         let mut end = max;
         while !s.is_char_boundary(end) {
@@ -531,7 +611,6 @@ fn judge_within(
     use std::collections::HashSet;
     let mut toc = Toc::read(&mut dump, max)?;
     let mut schemas: HashSet<String> = HashSet::new();
-    let mut schema_count = 0usize;
     let mut ids = HashSet::new();
     let mut list = String::new();
     let mut own = Vec::new();
@@ -608,12 +687,6 @@ fn judge_within(
             continue;
         }
         if entry.kind == "SCHEMA" {
-            schema_count += 1;
-            if schema_count == MAX_SCHEMAS + 1 {
-                refused.push(format!(
-                    "more than {MAX_SCHEMAS} schemas (what regobox restores at most)"
-                ));
-            }
             if let Some(name) = schema_made(&entry).map_err(TocError::Schemas)? {
                 if !schemas.insert(name.clone()) {
                     return Err(TocError::Schemas(format!(
@@ -626,6 +699,7 @@ fn judge_within(
         }
         list.push_str(&entry.listed());
     }
+    toc.dependencies_within()?;
     if !refused.is_empty() {
         return Err(TocError::Refused(refused));
     }
@@ -1130,12 +1204,34 @@ mod tests {
         }
     }
 
+    /// An entry's fields regobox reads without keeping them, as pg_dump writes them unless a
+    /// test says otherwise.
+    struct Raw<'a> {
+        had_data: i32,
+        tablespace: Option<&'a [u8]>,
+        access_method: Option<&'a [u8]>,
+        dependencies: &'a [&'a [u8]],
+        flag: u8,
+    }
+
+    const PG_DUMP: Raw<'static> = Raw {
+        had_data: 0,
+        tablespace: Some(b""),
+        access_method: Some(b"heap"),
+        dependencies: &[b"1"],
+        flag: 3,
+    };
+
     /// An entry of a table of contents as pg_dump 1.`minor` writes one (`-` for no schema,
     /// an empty owner for none).
     fn entry_bytes(minor: u8, e: &Entry) -> Vec<u8> {
+        entry_bytes_with(minor, e, &PG_DUMP)
+    }
+
+    fn entry_bytes_with(minor: u8, e: &Entry, raw: &Raw<'_>) -> Vec<u8> {
         let opt = |s: &str, none: &str| (s != none).then(|| s.as_bytes().to_vec());
         let mut b = int(e.id as i32);
-        b.extend(int(0));
+        b.extend(int(raw.had_data));
         b.extend(text(Some(b"1259")));
         b.extend(text(Some(b"16386")));
         b.extend(text(Some(e.name.as_bytes())));
@@ -1147,20 +1243,20 @@ mod tests {
         b.extend(text(Some(b"DROP x;\n")));
         b.extend(text(Some(b"")));
         b.extend(text(opt(&e.schema, "-").as_deref()));
-        b.extend(text(Some(b"")));
+        b.extend(text(raw.tablespace));
         if minor >= 14 {
-            b.extend(text(Some(b"heap")));
+            b.extend(text(raw.access_method));
         }
         if minor >= 16 {
             b.extend(int(114));
         }
         b.extend(text(opt(&e.owner, "").as_deref()));
         b.extend(text(Some(b"false")));
-        for dep in [b"3".as_slice(), b"17"] {
+        for dep in raw.dependencies {
             b.extend(text(Some(dep)));
         }
         b.extend(text(None));
-        b.push(3);
+        b.push(raw.flag);
         b.extend_from_slice(&[0; 8]);
         b
     }
@@ -1409,9 +1505,12 @@ mod tests {
             (not_utf8, "name that is not UTF-8 (entry 1)"),
             (long_name, "has a name of 65537 bytes (entry 1)"),
             (no_oids, "without its WITH OIDS (entry 1)"),
-            (flag, "data offset flag 4 (entry 1)"),
+            (
+                flag,
+                "data offset flag 4 for an entry of data flag 0 (entry 1)",
+            ),
             (short, "ends before its data offset (entry 1)"),
-            (int(MAX_ENTRIES + 1), "says it holds 4000001 entries"),
+            (int(MAX_ENTRIES + 1), "says it holds 1000001 entries"),
             (int(-1), "says it holds -1 entries"),
             (int(2), "ends before its id (entry 1)"),
         ] {
@@ -1421,6 +1520,131 @@ mod tests {
                 "{why}: {got:?}"
             );
         }
+        // What `pg_restore` reads otherwise than pg_dump writes it (an attacker's, twenty-ninth
+        // session: a dependency of -1 made its parallel load write outside an array, as root;
+        // a data flag of -1 ran a definition twice; an access method of its own failed the
+        // load after the stop).
+        let raw = |r: Raw<'_>| {
+            let mut b = int(1);
+            b.extend(entry_bytes_with(14, &e, &r));
+            b
+        };
+        for (bytes, why) in [
+            (
+                raw(Raw {
+                    dependencies: &[b"-1"],
+                    ..PG_DUMP
+                }),
+                "dependency \"-1\" (not an id)",
+            ),
+            (
+                raw(Raw {
+                    dependencies: &[b"abc"],
+                    ..PG_DUMP
+                }),
+                "dependency \"abc\" (not an id)",
+            ),
+            (
+                raw(Raw {
+                    dependencies: &[b""],
+                    ..PG_DUMP
+                }),
+                "(not an id)",
+            ),
+            (
+                raw(Raw {
+                    dependencies: &[b"0"],
+                    ..PG_DUMP
+                }),
+                "(not an id)",
+            ),
+            (
+                raw(Raw {
+                    dependencies: &[b"2147483648"],
+                    ..PG_DUMP
+                }),
+                "(not an id)",
+            ),
+            (
+                raw(Raw {
+                    dependencies: &[b"99999999999"],
+                    ..PG_DUMP
+                }),
+                "dependency of 11 bytes",
+            ),
+            (
+                raw(Raw {
+                    had_data: -1,
+                    ..PG_DUMP
+                }),
+                "data flag -1",
+            ),
+            (
+                raw(Raw {
+                    had_data: 1,
+                    ..PG_DUMP
+                }),
+                "data offset flag 3 for an entry of data flag 1",
+            ),
+            (
+                raw(Raw { flag: 2, ..PG_DUMP }),
+                "data offset flag 2 for an entry of data flag 0",
+            ),
+            (
+                raw(Raw {
+                    tablespace: Some(b"fast"),
+                    ..PG_DUMP
+                }),
+                "in a tablespace of its own",
+            ),
+            (
+                raw(Raw {
+                    access_method: Some(b"he\x1bap"),
+                    ..PG_DUMP
+                }),
+                "access method he\\u{1b}ap (regobox restores heap tables)",
+            ),
+        ] {
+            let got = read(bytes);
+            assert!(
+                matches!(&got, Err(TocError::Unreadable(w)) if w.contains(why)),
+                "{why}: {got:?}"
+            );
+        }
+        for r in [
+            Raw {
+                had_data: 1,
+                flag: 1,
+                ..PG_DUMP
+            },
+            Raw {
+                had_data: 1,
+                flag: 2,
+                dependencies: &[],
+                access_method: None,
+                tablespace: None,
+            },
+        ] {
+            assert_eq!(read(raw(r)), Ok(vec![e.clone()]));
+        }
+        // A dependency beyond the table's highest id is refused with the table.
+        let beyond = Raw {
+            dependencies: &[b"220"],
+            ..PG_DUMP
+        };
+        let mut d = header(14, [b"app", b"15", b"15"]);
+        d.extend(raw(beyond));
+        let judged = judge_reader(
+            &d[..],
+            &Judge {
+                owner: "app",
+                extensions: &[],
+            },
+        );
+        assert_eq!(
+            judged.map(|_| ()).unwrap_err().to_string(),
+            "its table of contents has a dependency on id 220, beyond its highest entry's (219)"
+        );
         // A text of length -2 (pg_dump writes -1 for none).
         let mut b = int(1);
         b.extend(int(5));
@@ -1716,19 +1940,37 @@ mod tests {
         );
     }
 
-    /// A dump of more schemas than a restore makes is refused with its table of contents.
+    /// A table of contents of more entries than a restore reads is refused before it is read;
+    /// one of the most, a million schemas with the dump's ENCODING, is read whole.
     #[test]
-    fn more_schemas_than_a_restore_makes_are_refused() {
-        let toc: String = (0..=MAX_SCHEMAS)
+    fn more_entries_than_a_restore_reads_are_refused() {
+        let toc: String = (0..MAX_ENTRIES - 1)
             .map(|i| format!("{}; 2615 1 SCHEMA - s{i} app\n", i + 6))
             .collect();
-        let refused = judge_with(&toc, &[]).map(|_| ()).unwrap_err();
+        let mut entries = entries_of(&toc);
+        let judge = |entries: &[Entry]| {
+            judge_reader(
+                &dump_of(entries)[..],
+                &Judge {
+                    owner: "app",
+                    extensions: &[],
+                },
+            )
+        };
+        assert_eq!(
+            judge(&entries).unwrap().schemas.len(),
+            MAX_ENTRIES as usize - 1
+        );
+        let mut more = entries[0].clone();
+        more.id = 1 << 30;
+        more.name = "more".into();
+        more.definition = Some("CREATE SCHEMA more;\n".into());
+        entries.push(more);
+        let refused = judge(&entries).map(|_| ()).unwrap_err();
         assert_eq!(
             refused.to_string(),
-            "more than 1000000 schemas (what regobox restores at most)"
+            "its table of contents says it holds 1000001 entries (regobox reads up to 1000000)"
         );
-        let toc: String = toc.lines().skip(1).map(|l| format!("{l}\n")).collect();
-        assert_eq!(judge_with(&toc, &[]).unwrap().schemas.len(), MAX_SCHEMAS);
     }
 
     /// The dump's schemas, made by regobox from their definitions: each `CREATE SCHEMA <name>;`
@@ -2054,6 +2296,33 @@ mod tests {
         };
         assert_eq!((r.named.len(), r.more), (20, 980));
         assert!(r.to_string().ends_with("; and 980 more"), "{r}");
+        // What an archive names is said with its control characters escaped (an attacker's,
+        // twenty-ninth session: an escape sequence, and a line of its own in a log).
+        let entry = |id, kind: &str, owner: &str| Entry {
+            id,
+            kind: kind.into(),
+            schema: "public".into(),
+            name: "f()".into(),
+            owner: owner.into(),
+            definition: None,
+        };
+        let judged = judge_reader(
+            &dump_of(&[
+                entry(5, "FUNCT\x1b[31mION\nEVIL", "app"),
+                entry(6, "FUNCTION", "ev\x1b[31mil"),
+            ])[..],
+            &Judge {
+                owner: "app",
+                extensions: &[],
+            },
+        );
+        let said = judged.map(|_| ()).unwrap_err().to_string();
+        assert!(!said.chars().any(char::is_control), "{said:?}");
+        assert!(
+            said.contains("FUNCT\\u{1b}[31mION\\nEVIL public.f() (a kind")
+                && said.contains("(owned by ev\\u{1b}[31mil, not"),
+            "{said}"
+        );
     }
 
     #[test]

@@ -2678,12 +2678,12 @@ def _str(s):
         return _int(-1)
     s = s.encode() if isinstance(s, str) else s
     return _int(len(s)) + s
-def _entry(dump_id, tag, kind, owner, defn="SELECT 1;\n", section=2):
+def _entry(dump_id, tag, kind, owner, defn="SELECT 1;\n", section=2, deps=()):
     b = _int(dump_id) + _int(0) + _str("0") + _str("0")
     b += _str(tag) + _str(kind) + _int(section)
     # defn, drop, copy, namespace, tablespace, table access method (none: "" is set as one)
     b += _str(defn) + _str("") + _str("") + _str("public") + _str("") + _str(None)
-    b += _str(owner) + _str("false") + _str(None)
+    b += _str(owner) + _str("false") + b"".join(_str(d) for d in deps) + _str(None)
     return b + bytes([3]) + bytes(8)
 def toc_dump(entries):
     h = b"PGDMP" + bytes([1, 14, 0, 4, 8, 1]) + _int(0)
@@ -3087,7 +3087,14 @@ fn a_dumps_header_and_ids_are_read_by_regobox_before_anything_changes() {
         (
             "kind",
             r#"set_dump(toc_dump([(3, 't3', 'TABLE public x app\n9; 0 0 TABLE', 'app', 'CREATE TABLE public.t3(a int);\n', 1), (10, 't10', 'TABLE', 'app', 'CREATE TABLE public.t10(a int);\n', 1)]))"#,
-            "TABLE public x app\n9; 0 0 TABLE public.t3 (a kind of object the application role cannot create)",
+            "TABLE public x app\\n9; 0 0 TABLE public.t3 (a kind of object the application role cannot create)",
+        ),
+        // A fourth attacker's (twenty-ninth session): a dependency of -1, which regobox did not
+        // read, made pg_restore's parallel load write outside an array, as root, after the stop.
+        (
+            "dependency",
+            r#"set_dump(toc_dump([(3, 't3', 'TABLE', 'app', 'CREATE TABLE public.t3(a int);\n', 2, ['2', '-1'])]))"#,
+            "its table of contents has a dependency \"-1\" (not an id) (entry 2)",
         ),
     ];
     let before = volume_state(&target);
