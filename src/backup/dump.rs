@@ -500,6 +500,19 @@ pub struct Judge<'a> {
     pub owner: &'a str,
     /// `postgres.extensions`.
     pub extensions: &'a [String],
+    /// The newest format the `pg_restore` at hand reads ([`max_format`]).
+    pub max_format: u8,
+}
+
+/// The newest custom format (1.`n`) the `pg_restore` of PostgreSQL `major` reads: 1.13 from
+/// PostgreSQL 11, 1.14 from 12, 1.15 from 16, 1.16 from 17.
+pub fn max_format(major: u32) -> u8 {
+    match major {
+        17.. => 16,
+        16 => 15,
+        12..=15 => 14,
+        _ => 13,
+    }
 }
 
 /// Refusals named in a refusal's message; the rest are counted.
@@ -610,6 +623,12 @@ fn judge_within(
 ) -> Result<Load, TocError> {
     use std::collections::HashSet;
     let mut toc = Toc::read(&mut dump, max)?;
+    if toc.format.minor > judge.max_format {
+        return Err(TocError::Header(format!(
+            "says format 1.{}, newer than this PostgreSQL's pg_restore reads (1.{})",
+            toc.format.minor, judge.max_format
+        )));
+    }
     let mut schemas: HashSet<String> = HashSet::new();
     let mut ids = HashSet::new();
     let mut list = String::new();
@@ -1409,6 +1428,7 @@ mod tests {
             &Judge {
                 owner: "app",
                 extensions: &extensions,
+                max_format: 16,
             },
         )
     }
@@ -1639,6 +1659,7 @@ mod tests {
             &Judge {
                 owner: "app",
                 extensions: &[],
+                max_format: 16,
             },
         );
         assert_eq!(
@@ -1774,6 +1795,7 @@ mod tests {
             &Judge {
                 owner: "app",
                 extensions: &["uuid-ossp".to_string()],
+                max_format: 16,
             },
         );
         assert_eq!(
@@ -1845,6 +1867,35 @@ mod tests {
         let mut tar = header(14, [b"app", debian, debian]);
         tar[10] = 3;
         assert!(read_header(&mut &tar[..]).is_err_and(|e| e.contains("says format 3")));
+        // A format newer than the pg_restore at hand reads: refused by regobox, as the dump's.
+        for (minor, max, refused) in [
+            (16, 14, true),
+            (15, 14, true),
+            (14, 14, false),
+            (16, 16, false),
+        ] {
+            let mut d = header(minor, [b"app", debian, debian]);
+            d.extend(int(0));
+            let judged = judge_reader(
+                &d[..],
+                &Judge {
+                    owner: "app",
+                    extensions: &[],
+                    max_format: max,
+                },
+            );
+            assert_eq!(
+                judged.is_err_and(|e| e
+                    .to_string()
+                    .contains(&format!("its header says format 1.{minor}, newer than this PostgreSQL's pg_restore reads (1.{max})"))),
+                refused,
+                "1.{minor}"
+            );
+        }
+        assert_eq!(
+            (max_format(15), max_format(16), max_format(18)),
+            (14, 15, 16)
+        );
         // Integers of another size than pg_dump's 4 bytes: `pg_restore` would read them into 4.
         for (at, size, why) in [(8, 8, "integers of 8 bytes"), (9, 4, "offsets of 4")] {
             let mut h = header(14, [b"app", debian, debian]);
@@ -1954,6 +2005,7 @@ mod tests {
                 &Judge {
                     owner: "app",
                     extensions: &[],
+                    max_format: 16,
                 },
             )
         };
@@ -1992,6 +2044,7 @@ mod tests {
                 &Judge {
                     owner: "app",
                     extensions: &[],
+                    max_format: 16,
                 },
             )
             .map(|load| load.schemas)
@@ -2113,6 +2166,7 @@ mod tests {
                 &Judge {
                     owner: "app",
                     extensions: &[],
+                    max_format: 16,
                 },
             )
             .map(|load| load.schemas)
@@ -2314,6 +2368,7 @@ mod tests {
             &Judge {
                 owner: "app",
                 extensions: &[],
+                max_format: 16,
             },
         );
         let said = judged.map(|_| ()).unwrap_err().to_string();
@@ -2378,6 +2433,7 @@ mod tests {
             &Judge {
                 owner: "app",
                 extensions: &[],
+                max_format: 16,
             },
             MAX,
         );

@@ -1241,16 +1241,19 @@ enum DumpAt {
 /// reads them), the dump read from `toc`; refused as a restore says it (`role`: the
 /// application role).
 async fn judged_toc(
+    binaries: &Binaries,
     toc: DumpAt,
     owner: &str,
     extensions: &[String],
     role: &str,
 ) -> anyhow::Result<dump::Load> {
     let (owner, extensions) = (owner.to_string(), extensions.to_vec());
+    let major = binaries.major;
     let judged = tokio::task::spawn_blocking(move || {
         let judge = dump::Judge {
             owner: &owner,
             extensions: &extensions,
+            max_format: dump::max_format(major.0),
         };
         match toc {
             DumpAt::File(dump) => {
@@ -1423,6 +1426,7 @@ impl Build {
         let owner = owner.unwrap_or(&pg.user);
         // What the dump holds, judged before anything of it runs.
         let load = judged_toc(
+            binaries,
             DumpAt::File(dump.to_path_buf()),
             owner,
             &pg.extensions,
@@ -1862,6 +1866,7 @@ async fn judge_dump(
         .map(|p| p.user.clone())
         .unwrap_or_else(|| pg.user.clone());
     let load = judged_toc(
+        binaries,
         DumpAt::ArchiveMember(path.to_path_buf()),
         &owner,
         &pg.extensions,
