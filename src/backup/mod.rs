@@ -12,6 +12,7 @@
 pub mod archive;
 pub mod dump;
 pub mod journal;
+pub mod toc;
 
 use std::ffi::OsStr;
 use std::fs::File;
