@@ -960,10 +960,30 @@ const PG_RESTORE_ERRORS_KEPT: usize = 64 << 10;
 /// `CREATE EXTENSION`, a few hundred bytes).
 const ENTRY_SQL_MAX: usize = 1 << 20;
 
+/// The most entries a restore loads with parallel jobs. PostgreSQL 15's `pg_restore` schedules
+/// the ready entries of a parallel load in time quadratic in their number: an attacker's 1 MB
+/// archive of 300 000 trivial entries, half depending on the other half, held a restore (the
+/// services stopped) for minutes; loaded serially, 17 s. A dump of more entries than this (a
+/// schema of thousands of tables) is loaded by one job.
+const PARALLEL_LOAD_MAX_ENTRIES: usize = 20_000;
+
+/// How many jobs load a dump of `entries` listed entries on `cores` cores: at least two (one
+/// job's data loads while another's index builds), one past [`PARALLEL_LOAD_MAX_ENTRIES`].
+fn load_jobs(entries: usize, cores: usize) -> usize {
+    if entries > PARALLEL_LOAD_MAX_ENTRIES {
+        1
+    } else {
+        cores.max(2)
+    }
+}
+
 /// `pg_restore`'s errors as kept, for a message.
 fn pg_restore_errors(stderr: &[u8]) -> String {
     let kept = &stderr[..stderr.len().min(PG_RESTORE_ERRORS_KEPT)];
-    let mut text = String::from_utf8_lossy(kept).trim().to_string();
+    // What it prints of a failed statement is the dump's: its control characters escaped,
+    // its line breaks too (an attacker's, twenty-ninth session: a definition's escape sequences
+    // cleared the operator's terminal and wrote a line of their own).
+    let mut text = toc::printable(String::from_utf8_lossy(kept).trim().to_string());
     if stderr.len() > PG_RESTORE_ERRORS_KEPT {
         text.push_str(" [...]");
     }
@@ -1487,10 +1507,8 @@ impl Build {
                 .await?;
         }
         drop(su);
-        let jobs = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2)
-            .max(2);
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let jobs = load_jobs(load.list.bytes().filter(|b| *b == b'\n').count(), cores);
         let out = self
             .pg_restore_as(binaries, dump, &app, "restore", &load.list, jobs)
             .await?;
@@ -2598,6 +2616,24 @@ pub async fn list(config: &Config, layout: &Layout) -> Vec<Listed> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A dump of many entries is loaded by one job (PostgreSQL 15's parallel scheduling is
+    /// quadratic in the ready entries: an attacker's archive held a restore for minutes); the
+    /// errors `pg_restore` prints of a dump's statement are said on one line, escaped.
+    #[test]
+    fn a_load_of_many_entries_is_serial_and_its_errors_are_printable() {
+        assert_eq!(load_jobs(10, 1), 2);
+        assert_eq!(load_jobs(PARALLEL_LOAD_MAX_ENTRIES, 8), 8);
+        assert_eq!(load_jobs(PARALLEL_LOAD_MAX_ENTRIES + 1, 8), 1);
+        let said = pg_restore_errors(
+            b"pg_restore: error: could not execute query: ERROR:  division by zero\nCommand was: SELECT 1/0; -- \x1b]0;PWNED\x07\x1b[2J\nregobox: restore complete\n",
+        );
+        assert!(!said.chars().any(char::is_control), "{said:?}");
+        assert!(
+            said.contains("division by zero\\nCommand was: SELECT 1/0; -- \\u{1b}]0;PWNED\\u{7}\\u{1b}[2J\\nregobox: restore complete"),
+            "{said}"
+        );
+    }
 
     #[test]
     fn the_restore_lock_leaves_nothing_and_is_never_held_twice() {

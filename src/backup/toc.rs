@@ -436,23 +436,27 @@ pub fn shortened(s: &str) -> String {
     shorten(s.to_string(), NAMED_LEN)
 }
 
+/// `s` with its control characters (line breaks too) escaped, as `\n` or `\u{1b}`: what a
+/// message says may be an archive's (an attacker's, twenty-ninth session: an escape sequence,
+/// and a line of its own in a log).
+pub fn printable(s: String) -> String {
+    if !s.chars().any(char::is_control) {
+        return s;
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// `s` cut to at most `max` bytes (on a character's boundary), `…` saying so.
 pub fn shorten(s: String, max: usize) -> String {
-    // A control character is shown escaped: what a message names may be an archive's
-    // (an attacker's, twenty-ninth session: an escape sequence and a line of its own in a log).
-    let mut s = if s.chars().any(char::is_control) {
-        s.chars()
-            .map(|c| {
-                if c.is_control() {
-                    c.escape_default().to_string()
-                } else {
-                    c.to_string()
-                }
-            })
-            .collect()
-    } else {
-        s
-    };
+    let mut s = printable(s);
     if s.len() > max {
         let mut end = max;
         while !s.is_char_boundary(end) {
