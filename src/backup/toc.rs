@@ -344,8 +344,13 @@ impl<'a, R: std::io::Read> Toc<'a, R> {
         let text = |f: &mut Fields<'_, R>, what: &str| {
             f.text(what, MAX_TOC_TEXT).map(Option::unwrap_or_default)
         };
-        let name = text(f, "name")?;
-        let kind = text(f, "kind")?;
+        // `pg_restore` compares both with its own (none would crash it).
+        let name = f
+            .text("name", MAX_TOC_TEXT)?
+            .ok_or("has an entry without its name")?;
+        let kind = f
+            .text("kind", MAX_TOC_TEXT)?
+            .ok_or("has an entry without its kind")?;
         if minor >= 11 {
             // SECTION_NONE to SECTION_POST_DATA.
             let section = f.int("section")?;
@@ -677,6 +682,13 @@ mod tests {
             b[at] = 4;
             b
         };
+        let no_kind = {
+            let mut b = one(&e);
+            let kind = text(Some(b"FUNCTION"));
+            let at = b.windows(kind.len()).position(|w| w == kind).unwrap();
+            b.splice(at..at + kind.len(), int(-1));
+            b
+        };
         let mut short = one(&e);
         short.truncate(short.len() - 3);
         for (bytes, why) in [
@@ -691,6 +703,7 @@ mod tests {
                 flag,
                 "data offset flag 4 for an entry of data flag 0 (entry 1)",
             ),
+            (no_kind, "without its kind (entry 1)"),
             (short, "ends before its data offset (entry 1)"),
             (int(MAX_ENTRIES + 1), "says it holds 1000001 entries"),
             (int(-1), "says it holds -1 entries"),
