@@ -35,6 +35,8 @@ const HEADER_TEXT_MAX: i64 = 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Format {
     pub minor: u8,
+    /// The header's length: where the table of contents begins.
+    pub header_len: u64,
 }
 
 /// Read the header of a custom-format dump (what `pg_dump -Fc` writes: `PGDMP`, its format's
@@ -75,10 +77,18 @@ pub fn read_header(r: &mut impl std::io::Read) -> Result<Format, String> {
             "says integers of {int_size} bytes and offsets of {offset_size}, not the 4 and 8 pg_dump writes"
         ));
     }
-    if version.1 >= 15 {
-        h.byte("compression")?;
+    // regobox's dumps are not compressed (`--compress=0`: the archive is): a compressed one is
+    // not regobox's (an attacker's, twenty-ninth session: a zlib stream followed by 4 bytes made
+    // `pg_restore` read it forever, the services stopped).
+    let compression = if version.1 >= 15 {
+        i32::from(h.byte("compression")?)
     } else {
-        h.int("compression")?;
+        h.int("compression")?
+    };
+    if compression != 0 {
+        return Err(format!(
+            "says its data is compressed ({compression}); regobox's dumps are not"
+        ));
     }
     for _ in 0..7 {
         h.int("date")?;
@@ -94,7 +104,10 @@ pub fn read_header(r: &mut impl std::io::Read) -> Result<Format, String> {
             ));
         }
     }
-    Ok(Format { minor: version.1 })
+    Ok(Format {
+        minor: version.1,
+        header_len: h.read,
+    })
 }
 
 /// The article before `what`.
@@ -116,6 +129,19 @@ struct Fields<'a, R> {
 }
 
 impl<R: std::io::Read> Fields<'_, R> {
+    /// A byte, or `None` at the end.
+    fn byte_or_end(&mut self, what: &str) -> Result<Option<u8>, String> {
+        let mut b = [0u8; 1];
+        match self.r.read(&mut b) {
+            Ok(0) => Ok(None),
+            Ok(_) => {
+                self.read += 1;
+                Ok(Some(b[0]))
+            }
+            Err(e) => Err(format!("cannot be read ({what}): {e}")),
+        }
+    }
+
     fn byte(&mut self, what: &str) -> Result<u8, String> {
         let mut b = [0u8; 1];
         self.r
@@ -264,6 +290,8 @@ pub struct Toc<'a, R> {
     /// The highest id of an entry, and of a dependency, read so far.
     max_id: i32,
     max_dependency: i32,
+    /// The entries with data: their ids, and where their data is if the table says.
+    data: std::collections::HashMap<u32, Option<u64>>,
 }
 
 impl<'a, R: std::io::Read> Toc<'a, R> {
@@ -286,7 +314,92 @@ impl<'a, R: std::io::Read> Toc<'a, R> {
             number: 0,
             max_id: 0,
             max_dependency: 0,
+            data: std::collections::HashMap::new(),
         })
+    }
+
+    /// Once every entry is read: the dump's data, read to its end as `pg_restore` reads it
+    /// (`pg_backup_custom.c`: blocks of a type, 1 for a table's data or 3 for large objects,
+    /// and an entry's id, each of chunks of a length then the bytes, a length of 0 ending it;
+    /// large objects each an oid then chunks, an oid of 0 ending them). Each block is an entry's
+    /// with data, once, where the table says it is, every such entry has one, and no length is
+    /// negative (an attacker's, twenty-ninth session: a length of -5 made `pg_restore`, looking
+    /// for a block, seek back over it and read it again forever, the services stopped). The data
+    /// of `bounded`'s entry is at most its bound of bytes (what regobox reads of it itself).
+    pub fn read_data(&mut self, bounded: Option<(u32, u64)>) -> Result<(), ReadError> {
+        let start = self.format.header_len;
+        let f = &mut self.fields;
+        f.max = u64::MAX;
+        let unreadable = |why: String| ReadError::Unreadable(format!("{why} (its data)"));
+        let mut seen = std::collections::HashSet::new();
+        loop {
+            let at = start + f.read;
+            let Some(kind) = f.byte_or_end("a block").map_err(unreadable)? else {
+                break;
+            };
+            let id = f.int("a block's id").map_err(unreadable)?;
+            let id = u32::try_from(id).unwrap_or(0);
+            let Some(placed) = self.data.get(&id) else {
+                return Err(unreadable(format!(
+                    "has a block of id {id}, which is no entry's with data"
+                )));
+            };
+            if placed.is_some_and(|p| p != at) {
+                return Err(unreadable(format!(
+                    "has the block of id {id} elsewhere than its entry says"
+                )));
+            }
+            if !seen.insert(id) {
+                return Err(unreadable(format!("has two blocks of id {id}")));
+            }
+            let mut size = 0u64;
+            let mut chunks = |f: &mut Fields<'_, R>| -> Result<(), String> {
+                loop {
+                    match f.int("a chunk's length")? {
+                        0 => return Ok(()),
+                        n if n < 0 => return Err(format!("has a chunk of length {n}")),
+                        n => {
+                            size += n as u64;
+                            let skipped = std::io::copy(
+                                &mut std::io::Read::take(&mut *f.r, n as u64),
+                                &mut std::io::sink(),
+                            )
+                            .map_err(|e| format!("cannot be read: {e}"))?;
+                            if skipped < n as u64 {
+                                return Err("ends inside a chunk".into());
+                            }
+                            f.read += skipped;
+                        }
+                    }
+                }
+            };
+            match kind {
+                1 => chunks(f).map_err(unreadable)?,
+                3 => loop {
+                    match f.int("a large object's oid").map_err(unreadable)? {
+                        0 => break,
+                        oid if oid < 0 => {
+                            return Err(unreadable(format!("has a large object of oid {oid}")));
+                        }
+                        _ => chunks(f).map_err(unreadable)?,
+                    }
+                },
+                _ => return Err(unreadable(format!("has a block of type {kind}"))),
+            }
+            if let Some((bounded, max)) = bounded {
+                if bounded == id && size > max {
+                    return Err(unreadable(format!(
+                        "has {size} bytes of data for entry {id}, where regobox reads at most {max}"
+                    )));
+                }
+            }
+        }
+        if let Some(id) = self.data.keys().find(|id| !seen.contains(*id)) {
+            return Err(unreadable(format!(
+                "has no block for entry {id}, which has data"
+            )));
+        }
+        Ok(())
     }
 
     /// What the header says of the rest.
@@ -418,8 +531,13 @@ impl<'a, R: std::io::Read> Toc<'a, R> {
                 "has a data offset flag {flag} for an entry of data flag {had_data}"
             ));
         }
-        for _ in 0..8 {
-            f.byte("data offset")?;
+        let mut offset = [0u8; 8];
+        for b in &mut offset {
+            *b = f.byte("data offset")?;
+        }
+        if had_data == 1 {
+            let placed = (flag == 2).then(|| u64::from_le_bytes(offset));
+            self.data.insert(id as u32, placed);
         }
         Ok(Entry {
             id: id as u32,
@@ -505,6 +623,7 @@ pub(crate) mod write {
         pub access_method: Option<&'a [u8]>,
         pub dependencies: &'a [&'a [u8]],
         pub flag: u8,
+        pub offset: u64,
     }
 
     pub(crate) const PG_DUMP: Raw<'static> = Raw {
@@ -513,6 +632,7 @@ pub(crate) mod write {
         access_method: Some(b"heap"),
         dependencies: &[b"1"],
         flag: 3,
+        offset: 0,
     };
 
     /// An entry of a table of contents as pg_dump 1.`minor` writes one (`-` for no schema,
@@ -550,7 +670,7 @@ pub(crate) mod write {
         }
         b.extend(text(None));
         b.push(raw.flag);
-        b.extend_from_slice(&[0; 8]);
+        b.extend_from_slice(&raw.offset.to_le_bytes());
         b
     }
 
@@ -599,6 +719,145 @@ pub(crate) mod write {
 mod tests {
     use super::write::*;
     use super::*;
+
+    /// The dump's data is read to its end as `pg_restore` reads it: blocks of entries with data,
+    /// each once, where the table says, chunks of lengths not negative (an attacker's,
+    /// twenty-ninth session: a length of -5 made `pg_restore` read one block forever).
+    #[test]
+    fn the_data_is_read_as_pg_restore_reads_it() {
+        let entry = |id: u32, kind: &str| Entry {
+            id,
+            kind: kind.into(),
+            schema: "public".into(),
+            name: "t".into(),
+            owner: "app".into(),
+            definition: None,
+        };
+        let block = |kind: u8, id: i32, body: &[&[u8]]| {
+            let mut b = vec![kind];
+            b.extend(int(id));
+            for part in body {
+                b.extend_from_slice(part);
+            }
+            b
+        };
+        let chunk = |bytes: &[u8]| text(Some(bytes));
+        let end = int(0);
+        let table = block(1, 5, &[&chunk(b"abc"), &end]);
+        let blobs = block(3, 6, &[&int(16404), &chunk(b"xy"), &end, &int(0)]);
+        // The table's data where its entry says (after the table of contents), the large
+        // objects' found by reading on.
+        let dump = |blocks: &[&[u8]], placed: Option<u64>| {
+            let mut d = header(14, [b"app", b"15", b"15"]);
+            let toc_len = {
+                let mut t = int(2);
+                t.extend(entry_bytes_with(
+                    14,
+                    &entry(5, "TABLE DATA"),
+                    &Raw {
+                        had_data: 1,
+                        flag: 2,
+                        ..PG_DUMP
+                    },
+                ));
+                t.extend(entry_bytes_with(
+                    14,
+                    &entry(6, "BLOBS"),
+                    &Raw {
+                        had_data: 1,
+                        flag: 1,
+                        ..PG_DUMP
+                    },
+                ));
+                t.len()
+            };
+            let at = placed.unwrap_or((d.len() + toc_len) as u64);
+            d.extend(int(2));
+            d.extend(entry_bytes_with(
+                14,
+                &entry(5, "TABLE DATA"),
+                &Raw {
+                    had_data: 1,
+                    flag: 2,
+                    offset: at,
+                    ..PG_DUMP
+                },
+            ));
+            d.extend(entry_bytes_with(
+                14,
+                &entry(6, "BLOBS"),
+                &Raw {
+                    had_data: 1,
+                    flag: 1,
+                    ..PG_DUMP
+                },
+            ));
+            for b in blocks {
+                d.extend_from_slice(b);
+            }
+            d
+        };
+        let read = |d: Vec<u8>, bounded: Option<(u32, u64)>| -> Result<(), ReadError> {
+            let mut r = &d[..];
+            let mut toc = Toc::read(&mut r, MAX_TOC)?;
+            while toc.next_entry()?.is_some() {}
+            toc.read_data(bounded)
+        };
+        assert_eq!(read(dump(&[&table, &blobs], None), None), Ok(()));
+        assert_eq!(read(dump(&[&table, &blobs], None), Some((5, 3))), Ok(()));
+        let mut cut = table.clone();
+        cut.truncate(cut.len() - 6);
+        for (d, bounded, why) in [
+            (
+                dump(&[&block(1, 5, &[&int(-5)]), &blobs], None),
+                None,
+                "has a chunk of length -5",
+            ),
+            (
+                dump(&[&table, &blobs, &block(1, 7, &[&end])], None),
+                None,
+                "block of id 7, which is no entry's with data",
+            ),
+            (
+                dump(&[&table, &blobs, &blobs], None),
+                None,
+                "has two blocks of id 6",
+            ),
+            (dump(&[&table], None), None, "has no block for entry 6"),
+            (
+                dump(&[&blobs, &table], None),
+                None,
+                "block of id 5 elsewhere than its entry says",
+            ),
+            (
+                dump(&[&table, &blobs], Some(9)),
+                None,
+                "elsewhere than its entry says",
+            ),
+            (
+                dump(&[&table, &block(2, 6, &[&end])], None),
+                None,
+                "has a block of type 2",
+            ),
+            (
+                dump(&[&table, &blobs], None),
+                Some((5, 2)),
+                "has 3 bytes of data for entry 5, where regobox reads at most 2",
+            ),
+            (dump(&[&cut], None), None, "ends inside a chunk"),
+            (
+                dump(&[&table, &block(3, 6, &[&int(-1)])], None),
+                None,
+                "large object of oid -1",
+            ),
+        ] {
+            let got = read(d, bounded);
+            assert!(
+                matches!(&got, Err(ReadError::Unreadable(w)) if w.contains(why) && w.ends_with("(its data)")),
+                "{why}: {got:?}"
+            );
+        }
+    }
 
     /// The table of contents is read as `pg_restore` reads it (`ReadToc`): each format's fields,
     /// the texts regobox reads kept whole (a line break and all), and what `pg_restore` would
@@ -818,6 +1077,7 @@ mod tests {
                 dependencies: &[],
                 access_method: None,
                 tablespace: None,
+                offset: 0,
             },
         ] {
             assert_eq!(read(raw(r)), Ok(vec![e.clone()]));
@@ -854,7 +1114,12 @@ mod tests {
             let mut h = header(minor, [b"app", debian, debian]);
             h.extend_from_slice(b"the table of contents follows");
             let mut r = &h[..];
-            assert_eq!(read_header(&mut r), Ok(Format { minor }), "1.{minor}");
+            let header_len = (h.len() - b"the table of contents follows".len()) as u64;
+            assert_eq!(
+                read_header(&mut r),
+                Ok(Format { minor, header_len }),
+                "1.{minor}"
+            );
             assert_eq!(r, b"the table of contents follows");
         }
         for (h, why) in [
@@ -887,6 +1152,17 @@ mod tests {
         let mut tar = header(14, [b"app", debian, debian]);
         tar[10] = 3;
         assert!(read_header(&mut &tar[..]).is_err_and(|e| e.contains("says format 3")));
+        // Compressed data: not regobox's dump (its dumps are written with `--compress=0`).
+        // (1.14: a level after the format's byte, a sign byte then 4; 1.15: an algorithm's byte.)
+        for (minor, at, level) in [(14, 12, 9), (15, 11, 1)] {
+            let mut h = header(minor, [b"app", debian, debian]);
+            h[at] = level;
+            assert!(
+                read_header(&mut &h[..])
+                    .is_err_and(|e| e.contains(&format!("compressed ({level})"))),
+                "1.{minor}"
+            );
+        }
         // Integers of another size than pg_dump's 4 bytes: `pg_restore` would read them into 4.
         for (at, size, why) in [(8, 8, "integers of 8 bytes"), (9, 4, "offsets of 4")] {
             let mut h = header(14, [b"app", debian, debian]);
