@@ -171,6 +171,9 @@ pub enum TocError {
     /// A table of contents regobox does not read (bounded, as `pg_restore` reads it).
     #[error("its table of contents {0}")]
     Unreadable(String),
+    /// Data regobox does not read (see `toc::Toc::read_data`).
+    #[error("its data {0}")]
+    Data(String),
     /// Schemas regobox cannot make (see [`schema_made`]).
     #[error("the definitions of its schemas {0}")]
     Schemas(String),
@@ -184,6 +187,7 @@ impl From<ReadError> for TocError {
         match e {
             ReadError::Header(why) => TocError::Header(why),
             ReadError::Unreadable(why) => TocError::Unreadable(why),
+            ReadError::Data(why) => TocError::Data(why),
         }
     }
 }

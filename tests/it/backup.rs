@@ -3103,7 +3103,7 @@ fn a_dumps_header_and_ids_are_read_by_regobox_before_anything_changes() {
         (
             "chunk",
             r#"set_dump(toc_dump([(3, 't3', 'TABLE DATA', 'app', '', 3, [], 1, 1), (4, 't4', 'TABLE DATA', 'app', '', 3, [], 1, 1)]) + bytes([1]) + _int(3) + _int(-5))"#,
-            "its table of contents has a chunk of length -5 (its data)",
+            "the archive's dump is refused: its data has a chunk of length -5",
         ),
     ];
     let before = volume_state(&target);
