@@ -986,49 +986,19 @@ mod tests {
             b.extend(entry_bytes_with(14, &e, &r));
             b
         };
+        let dependency = |d: &[u8]| {
+            raw(Raw {
+                dependencies: &[d],
+                ..PG_DUMP
+            })
+        };
         for (bytes, why) in [
-            (
-                raw(Raw {
-                    dependencies: &[b"-1"],
-                    ..PG_DUMP
-                }),
-                "dependency \"-1\" (not an id)",
-            ),
-            (
-                raw(Raw {
-                    dependencies: &[b"abc"],
-                    ..PG_DUMP
-                }),
-                "dependency \"abc\" (not an id)",
-            ),
-            (
-                raw(Raw {
-                    dependencies: &[b""],
-                    ..PG_DUMP
-                }),
-                "(not an id)",
-            ),
-            (
-                raw(Raw {
-                    dependencies: &[b"0"],
-                    ..PG_DUMP
-                }),
-                "(not an id)",
-            ),
-            (
-                raw(Raw {
-                    dependencies: &[b"2147483648"],
-                    ..PG_DUMP
-                }),
-                "(not an id)",
-            ),
-            (
-                raw(Raw {
-                    dependencies: &[b"99999999999"],
-                    ..PG_DUMP
-                }),
-                "dependency of 11 bytes",
-            ),
+            (dependency(b"-1"), "dependency \"-1\" (not an id)"),
+            (dependency(b"abc"), "dependency \"abc\" (not an id)"),
+            (dependency(b""), "(not an id)"),
+            (dependency(b"0"), "(not an id)"),
+            (dependency(b"2147483648"), "(not an id)"),
+            (dependency(b"99999999999"), "dependency of 11 bytes"),
             (
                 raw(Raw {
                     had_data: -1,
