@@ -193,8 +193,8 @@ impl From<ReadError> for TocError {
 }
 
 /// Decide, entry by entry, what the application role loads (see the module documentation),
-/// reading the dump `dump` as it streams, its header and its table of contents as `pg_restore`
-/// reads them ([`super::toc::Toc`]; nothing after the table is read): a text of an entry is read up to
+/// reading the dump `dump` as it streams, its header, its table of contents and its data as
+/// `pg_restore` reads them ([`super::toc::Toc`]; the data's blocks passed over): a text of an entry is read up to
 /// [`super::toc::MAX_TOC_TEXT`], the whole up to [`MAX_TOC`], and only what the load needs is kept (the
 /// ids it loads, the first refusals), so that no dump makes a reader hold more.
 pub fn judge_reader(dump: impl std::io::Read, judge: &Judge<'_>) -> Result<Load, TocError> {

@@ -1482,10 +1482,8 @@ impl Build {
         // give (none of the dump's SQL for them runs: see `dump::schema_made`), owned by the
         // application role; then regobox's part as the superuser (the configured extensions,
         // each in the schema the dump puts it in; its bookkeeping); then everything else.
-        let at = || DumpAt::File(dump.to_path_buf());
-        judge_load_sql(binaries, at(), &load).await?;
-        let made = &load.schemas;
-        for schema in made {
+        judge_load_sql(binaries, DumpAt::File(dump.to_path_buf()), &load).await?;
+        for schema in &load.schemas {
             su.batch_execute(&format!(
                 "CREATE SCHEMA {} AUTHORIZATION {}",
                 bootstrap::quote_ident(schema),
@@ -1870,8 +1868,8 @@ pub async fn restorable_here(
     Ok(())
 }
 
-/// The dump's table of contents, judged as the load will judge it (read by regobox from the
-/// member as it is decompressed, no further than the table's end).
+/// The dump, judged as the load will judge it (its table of contents and its data read by
+/// regobox from the member as it is decompressed, then the dry run of the load's SQL header).
 async fn judge_dump(
     config: &Config,
     path: &Path,
@@ -1894,8 +1892,7 @@ async fn judge_dump(
     .await?;
     // What the load reads of the dump itself (its schemas, the configured extensions'
     // schemas), read now.
-    let at = || DumpAt::ArchiveMember(path.to_path_buf());
-    judge_load_sql(binaries, at(), &load).await?;
+    judge_load_sql(binaries, DumpAt::ArchiveMember(path.to_path_buf()), &load).await?;
     Ok(())
 }
 

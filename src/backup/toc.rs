@@ -1,5 +1,5 @@
-//! A custom-format dump's header and table of contents (what `pg_dump -Fc` writes), read as
-//! `pg_restore` reads them (`ReadHead`, `ReadToc`): the format layer of a restore's check,
+//! A custom-format dump's header, table of contents and data blocks (what `pg_dump -Fc`
+//! writes), read as `pg_restore` reads them (`ReadHead`, `ReadToc`, `pg_backup_custom.c`): the format layer of a restore's check,
 //! below the judgment of what the entries may do (`dump`). What `pg_restore` would read
 //! otherwise than regobox (an integer beyond a C `int`, a text holding a NUL, a dependency that
 //! is not an id) is refused here, so that the entries judged are the entries `pg_restore`
