@@ -4,6 +4,7 @@
 # then, on the same data, side by side:
 #   regobox backup            vs  pg_dump -Fc + tar czf
 #   regobox restore (fresh)   vs  pg_restore (into a new database) + tar xzf
+# and the same restore through the running regobox: its time and its downtime (/readyz not 200).
 # Usage: scripts/bench-backup.sh [SCALE] [FILES_MB]   (BENCH_BIN: a binary to use instead of
 # building the release one). It stops everything it starts, and removes its work directory
 # (under TMPDIR) only once nothing runs in it.
@@ -119,6 +120,40 @@ B=$(rb "$WORK/dst" psql -XAtc "select sum(abalance), count(*) from pgbench_accou
 [ "$A" = "$B" ] || { echo "restored data differs: $A vs $B" >&2; exit 1; }
 diff -r "$SRC/files" "$WORK/dst/files" > /dev/null || { echo "restored files differ" >&2; exit 1; }
 
+# The same archive restored through the running regobox (the restored volume, running): how long
+# the command takes, and the downtime: from the first to the last /readyz that is not 200
+# (polled every 50 ms).
+HPORT=$(( PORT + 1 ))
+REGOBOX_SUPERVISION__PORT="$HPORT" REGOBOX_VOLUMES__ROOT="$WORK/dst" "$BIN" --config-dir "$WORK/config" run > "$WORK/live.log" 2>&1 &
+PID=$!
+until grep -q "regobox is ready" "$WORK/live.log"; do
+    kill -0 "$PID" 2>/dev/null || { PID=; echo "regobox run exited before it was ready" >&2; exit 1; }
+    sleep 0.2
+done
+python3 - "$HPORT" "$WORK/polled" <<'PY' &
+import os, sys, time, urllib.request
+port, out = sys.argv[1], sys.argv[2]
+bad = []
+while not os.path.exists(out + ".stop"):
+    t = time.time()
+    try:
+        code = urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).status
+    except Exception:
+        code = 0
+    if code != 200:
+        bad.append(t)
+    time.sleep(0.05)
+open(out, "w").write(f"{bad[-1] - bad[0] + 0.05:.1f}\n" if bad else "0\n")
+PY
+POLLER=$!
+sleep 1
+t0=$(secs); rb "$WORK/dst" restore --force "$ARCHIVE" 2> "$WORK/live-restore.log"; t1=$(secs)
+RB_LIVE=$(elapsed "$t0" "$t1")
+sleep 1
+touch "$WORK/polled.stop"; wait "$POLLER"
+RB_DOWN=$(cat "$WORK/polled")
+kill -TERM "$PID"; wait "$PID" || true; PID=
+
 echo
 echo "data: database $(mib "$DB_BYTES") MiB (pgbench scale $SCALE), files $(mib "$FILE_BYTES") MiB; $(nproc) cores"
 echo "| | regobox | pg_dump -Fc + tar czf / pg_restore + tar xzf |"
@@ -126,3 +161,5 @@ echo "|---|---|---|"
 echo "| backup | ${RB_BACKUP} s | ${BASE_BACKUP} s |"
 echo "| restore | ${RB_RESTORE} s | ${BASE_RESTORE} s |"
 echo "| archive size | $(mib "$RB_SIZE") MiB | $(mib "$BASE_SIZE") MiB |"
+echo
+echo "restore through the running regobox: ${RB_LIVE} s, of which /readyz not 200 (the downtime): ${RB_DOWN} s"

@@ -251,7 +251,9 @@ async fn dispatch(command: Command, loaded: &Loaded) -> anyhow::Result<u8> {
         Command::Restore { archive, force } => {
             let opts = crate::backup::RestoreOptions { archive, force };
             let stop = stop_requested()?;
-            // A running regobox does it: it stops everything in order, restores, starts again.
+            // A running regobox does it: it checks and builds the restored data beside the live
+            // data while everything runs, then stops everything in order, swaps it in, and
+            // starts everything again.
             if let Some(reply) =
                 supervisor::control::request_restore(&loaded.config, &opts, &stop).await?
             {
@@ -267,7 +269,7 @@ async fn dispatch(command: Command, loaded: &Loaded) -> anyhow::Result<u8> {
             let missing = layout.missing();
             let restored = async {
                 layout.prepare()?;
-                crate::backup::restore(&loaded.config, &layout, &opts, None, &stop).await
+                crate::backup::restore(&loaded.config, &layout, &opts, &stop).await
             }
             .await;
             if restored.is_err() {

@@ -8,6 +8,9 @@
 //! without `force`, unpacks into a staging directory, restores the dump into a new cluster beside
 //! the live one, and swaps the new directories in under a [`journal`]: until the swap is
 //! committed, the previous data is what the next boot finds.
+//! A running regobox does it in two steps: [`begin`] and [`build`] while everything runs (a
+//! refused archive, or a dump that fails to load or never ends, stops nothing), then, everything
+//! stopped, [`swap_in`].
 
 pub mod archive;
 pub mod dump;
@@ -1906,6 +1909,8 @@ pub struct Plan {
     pub manifest: Manifest,
     /// What the extraction may write into the staging directory.
     budget: archive::Budget,
+    /// What the file systems of the live data keep free while the restore is built.
+    reserve: u64,
 }
 
 /// What the data directory holds, refusing what a restore must not replace: foreign content,
@@ -2016,11 +2021,14 @@ fn holds_data(dir: &Path) -> bool {
 /// read gave), the binaries, the data directory, existing data without `--force`, the major,
 /// and the free space. A restore that would be refused is refused here, before any service
 /// stops.
+/// `reserve`: what the file systems of the live data must keep free besides the restore's needs
+/// (`volumes.min_free` while a server runs on them; see [`begin`]).
 pub async fn plan(
     config: &Config,
     layout: &Layout,
     opts: &RestoreOptions,
     verified: Option<Manifest>,
+    reserve: u64,
 ) -> anyhow::Result<Plan> {
     if !opts.archive.is_file() {
         bail!("{} is not a file", opts.archive.display());
@@ -2060,15 +2068,23 @@ pub async fn plan(
     };
     let staged_files = unpack_files(&manifest, true);
     let budget = if cluster_space.dev == on_root.dev {
-        need(staged + cluster, on_root.free, &layout.root)?;
+        need(
+            staged.saturating_add(cluster).saturating_add(reserve),
+            on_root.free,
+            &layout.root,
+        )?;
         need_inodes(staged_files + CLUSTER_FILES, &on_root, &layout.root)?;
-        on_root.free - cluster
+        on_root.free - cluster - reserve
     } else {
-        need(staged, on_root.free, &layout.root)?;
-        need(cluster, cluster_space.free, cluster_dir)?;
+        need(staged.saturating_add(reserve), on_root.free, &layout.root)?;
+        need(
+            cluster.saturating_add(reserve),
+            cluster_space.free,
+            cluster_dir,
+        )?;
         need_inodes(staged_files, &on_root, &layout.root)?;
         need_inodes(CLUSTER_FILES, &cluster_space, cluster_dir)?;
-        on_root.free
+        on_root.free - reserve
     };
     Ok(Plan {
         binaries,
@@ -2080,6 +2096,7 @@ pub async fn plan(
             bytes: budget,
             path: layout.root.clone(),
         },
+        reserve,
     })
 }
 
@@ -2095,168 +2112,394 @@ fn need(needs: u64, free: u64, path: &Path) -> Result<(), archive::ArchiveError>
     Ok(())
 }
 
-/// Restore an archive into this volume; see the module documentation. The caller makes sure no
-/// server runs on it (offline, or the supervisor in maintenance). `verified`: the manifest of a
-/// [`plan`] already made (the archive is verified again while it is extracted).
-pub async fn restore(
+/// A restore begun: the volume's restore lock held (no other restore touches its journal and
+/// staging) and everything checked that can be without changing anything ([`plan`]).
+pub struct Planned {
+    _restoring: RestoreLock,
+    plan: Plan,
+    started: std::time::Instant,
+}
+
+impl Planned {
+    /// The archive's manifest, verified by the restore's rules.
+    pub fn manifest(&self) -> &Manifest {
+        &self.plan.manifest
+    }
+}
+
+/// Take the volume's restore lock (an interrupted restore's leftovers are then cleared) and
+/// plan the restore. Changes nothing but the lock's file, removed again if this fails; a stop
+/// request ends it where it is. `live`: a server runs on the live data while the restore is
+/// built (a running regobox's): its file systems must keep `volumes.min_free` besides what the
+/// restore needs, and [`build`] stops if they fall below it.
+pub async fn begin(
     config: &Config,
     layout: &Layout,
     opts: &RestoreOptions,
     verified: Option<Manifest>,
+    live: bool,
     stop: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Planned> {
+    let reserve = if live { config.volumes.min_free } else { 0 };
     let started = std::time::Instant::now();
-    let Some(_restoring) = restore_lock(&layout.root)? else {
+    let Some(restoring) = restore_lock(&layout.root)? else {
         return Err(RestoreInProgress {
             root: layout.root.clone(),
         }
         .into());
     };
     recover_held(config)?;
-    // (The plan changes nothing: a stop request ends it where it is.)
     let plan = tokio::select! {
-        p = plan(config, layout, opts, verified) => p?,
+        p = plan(config, layout, opts, verified, reserve) => p?,
         _ = stop.cancelled() => return Err(RestoreCancelled.into()),
     };
-    let pg = &config.postgres;
-    // From here on the volume is held (an empty data directory is created if there is none;
-    // a restore that then fails removes it, and the directories made for it, if still empty).
-    let made: Vec<PathBuf> = if plan.state == DataDirState::Missing {
-        pg.data_dir
-            .ancestors()
-            .take_while(|p| !p.as_os_str().is_empty() && std::fs::symlink_metadata(p).is_err())
-            .map(Path::to_path_buf)
-            .collect()
-    } else {
-        Vec::new()
-    };
-    if plan.state == DataDirState::Missing {
-        crate::volumes::ensure_dir(&pg.data_dir, 0o700, "postgres.data_dir")?;
-        cluster::chown(&pg.data_dir, &plan.account)?;
-    }
-    let Some(lock) = DataDirLock::try_acquire(&pg.data_dir, &plan.account, &config.runtime_dir)?
-    else {
-        return Err(PostgresError::Busy {
-            data_dir: pg.data_dir.clone(),
-        }
-        .into());
-    };
-    // Held: judged again, since another command may have made data while the archive was read.
-    if let Err(e) = data_to_replace(config, layout, opts, &plan.manifest.contents.volumes) {
-        let_go(lock, &made);
-        return Err(e);
-    }
+    Ok(Planned {
+        _restoring: restoring,
+        plan,
+        started,
+    })
+}
 
+/// What a restore builds beside the live data: the staging directory (the archive's files),
+/// the new cluster, its server's socket directory. Removed when this is dropped, except what a
+/// journaled swap still needs (the staging directory, until the swap is committed or rolled
+/// back): a restore that fails or is cancelled leaves nothing.
+struct Workspace {
+    root: PathBuf,
+    staging: PathBuf,
+    new_cluster: PathBuf,
+    socket_dir: PathBuf,
+}
+
+impl Drop for Workspace {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.socket_dir);
+        // Once swapped in, the new cluster is no longer at this path: this removes one that
+        // was not.
+        let _ = std::fs::remove_dir_all(&self.new_cluster);
+        if !journal::exists(&self.root) {
+            let _ = std::fs::remove_dir_all(&self.staging);
+        }
+    }
+}
+
+/// A restore's new data, built and checked beside the live data (the dump loaded into a new
+/// cluster that was then stopped cleanly, every file extracted and verified), not yet swapped
+/// in. Dropped without [`swap_in`], it is removed and the restore lock let go.
+pub struct Built {
+    // Dropped in this order: what was built, then the lock.
+    work: Workspace,
+    planned: Planned,
+    id: String,
+    manifest: Manifest,
+    superuser: String,
+}
+
+impl Built {
+    /// The restore this was built for.
+    pub fn planned(&self) -> &Planned {
+        &self.planned
+    }
+}
+
+impl std::fmt::Debug for Built {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Built")
+            .field("id", &self.id)
+            .field("staging", &self.work.staging)
+            .field("new_cluster", &self.work.new_cluster)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Build the restored data of a [`begin`]-ning restore beside the live data, changing nothing
+/// of it: no server need be stopped for this (a running regobox's services run meanwhile), and
+/// a dump whose load fails, or never ends, costs no downtime. A stop request cancels it
+/// ([`RestoreCancelled`]); on any error what it built is removed.
+pub async fn build(
+    config: &Config,
+    layout: &Layout,
+    opts: &RestoreOptions,
+    planned: Planned,
+    stop: &CancellationToken,
+) -> anyhow::Result<Built> {
+    let pg = &config.postgres;
     let id = format!(
         "{}-{}",
         chrono::Utc::now().format("%Y%m%dT%H%M%S"),
         std::process::id()
     );
-    let staging = layout.root.join(format!("{STAGING}{id}"));
-    let data_name = data_name(config);
-    let new_cluster = pg
-        .data_dir
-        .with_file_name(format!("{STAGING}{data_name}-{id}"));
-    let socket_dir = config.runtime_dir.join(format!("restore-{id}"));
-    let live_secrets = SecretStore::new(&layout.secrets);
-    let superuser = restored_superuser_password(&live_secrets)?;
-    let result = async {
-        crate::volumes::ensure_dir(&staging, 0o700, "volumes.root")?;
-        tracing::info!(archive = %opts.archive.display(), staging = %staging.display(), "verifying, extracting and rebuilding the database");
-        let manifest = rebuild(
+    let work = Workspace {
+        root: layout.root.clone(),
+        staging: layout.root.join(format!("{STAGING}{id}")),
+        new_cluster: pg
+            .data_dir
+            .with_file_name(format!("{STAGING}{}-{id}", data_name(config))),
+        socket_dir: config.runtime_dir.join(format!("restore-{id}")),
+    };
+    let superuser = restored_superuser_password(&SecretStore::new(&layout.secrets))?;
+    crate::volumes::ensure_dir(&work.staging, 0o700, "volumes.root")?;
+    tracing::info!(archive = %opts.archive.display(), staging = %work.staging.display(), "verifying, extracting and rebuilding the database beside the live data");
+    let halt = stop.child_token();
+    let manifest = {
+        let rebuilt = rebuild(
             config,
             layout,
-            &plan,
+            &planned.plan,
             Places {
                 archive: &opts.archive,
-                staging: &staging,
-                new_cluster: &new_cluster,
-                socket_dir: &socket_dir,
+                staging: &work.staging,
+                new_cluster: &work.new_cluster,
+                socket_dir: &work.socket_dir,
             },
             true,
             &superuser,
-            stop,
-        ).await?;
-        // What was extracted is what was checked: the archive is read again for the extraction,
-        // and a file replaced or rewritten meanwhile (it may sit where others write) would swap
-        // in what no check saw (a mount inside a directory the check did not know of).
-        if manifest.contents.manifest_sha256 != plan.manifest.contents.manifest_sha256 {
-            return Err(RestoreRefused::ArchiveChanged {
-                archive: opts.archive.clone(),
+            &halt,
+        );
+        tokio::pin!(rebuilt);
+        let dirs = [Some(layout.root.as_path()), pg.data_dir.parent()];
+        let watched = keep_room(dirs.into_iter().flatten(), planned.plan.reserve);
+        tokio::select! {
+            r = &mut rebuilt => r?,
+            low = watched => {
+                // Cancelled, it removes what it made; then the reason is the room, not a stop.
+                halt.cancel();
+                let _ = rebuilt.await;
+                return Err(low.into());
+            }
+        }
+    };
+    let _ = std::fs::remove_dir_all(&work.socket_dir);
+    // What was extracted is what was checked: the archive is read again for the extraction,
+    // and a file replaced or rewritten meanwhile (it may sit where others write) would swap
+    // in what no check saw (a mount inside a directory the check did not know of).
+    if manifest.contents.manifest_sha256 != planned.plan.manifest.contents.manifest_sha256 {
+        return Err(RestoreRefused::ArchiveChanged {
+            archive: opts.archive.clone(),
+        }
+        .into());
+    }
+    fault("restore:cluster-ready");
+    Ok(Built {
+        work,
+        planned,
+        id,
+        manifest,
+        superuser,
+    })
+}
+
+/// A restore built beside the live data was stopped: a file system of the live data fell below
+/// what the running server keeps free.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the restore was stopped while its data was built beside the live data: {} had {} free, below volumes.min_free ({}), which the running server keeps; nothing was stopped for it (free some space, or restore with regobox stopped)",
+    .path.display(),
+    archive::bytes(*.free),
+    archive::bytes(*.reserve)
+)]
+pub struct LiveDataRoom {
+    pub path: PathBuf,
+    pub free: u64,
+    pub reserve: u64,
+}
+
+/// How often [`keep_room`] looks.
+const ROOM_EVERY: Duration = Duration::from_millis(200);
+
+/// Ends, with what it found, once one of `dirs`' file systems has less than `reserve` free;
+/// never with no reserve.
+async fn keep_room<'a>(dirs: impl Iterator<Item = &'a Path>, reserve: u64) -> LiveDataRoom {
+    let dirs: Vec<PathBuf> = dirs.map(Path::to_path_buf).collect();
+    if reserve == 0 {
+        return std::future::pending().await;
+    }
+    loop {
+        tokio::time::sleep(ROOM_EVERY).await;
+        for dir in &dirs {
+            if let Ok((free, _)) = crate::volumes::free_space(dir)
+                && free < reserve
+            {
+                return LiveDataRoom {
+                    path: dir.clone(),
+                    free,
+                    reserve,
+                };
+            }
+        }
+    }
+}
+
+/// The live data directory, held for a restore: made (empty) if there was none; a restore
+/// that then fails lets it go with [`HeldData::let_go`], which removes what it made.
+pub struct HeldData {
+    lock: DataDirLock,
+    /// The data directory and the parents made for it, deepest first.
+    made: Vec<PathBuf>,
+}
+
+impl HeldData {
+    /// Take the live data directory's lock: `None` if a server (or another command) holds it.
+    /// Once held, what it holds is judged again, since another command may have made data
+    /// while the archive was read.
+    pub fn take(
+        config: &Config,
+        layout: &Layout,
+        opts: &RestoreOptions,
+        planned: &Planned,
+    ) -> anyhow::Result<HeldData> {
+        let pg = &config.postgres;
+        let plan = &planned.plan;
+        let made: Vec<PathBuf> = if plan.state == DataDirState::Missing {
+            pg.data_dir
+                .ancestors()
+                .take_while(|p| !p.as_os_str().is_empty() && std::fs::symlink_metadata(p).is_err())
+                .map(Path::to_path_buf)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if plan.state == DataDirState::Missing {
+            crate::volumes::ensure_dir(&pg.data_dir, 0o700, "postgres.data_dir")?;
+            cluster::chown(&pg.data_dir, &plan.account)?;
+        }
+        let Some(lock) =
+            DataDirLock::try_acquire(&pg.data_dir, &plan.account, &config.runtime_dir)?
+        else {
+            return Err(PostgresError::Busy {
+                data_dir: pg.data_dir.clone(),
             }
             .into());
+        };
+        let held = HeldData { lock, made };
+        if let Err(e) = data_to_replace(config, layout, opts, &plan.manifest.contents.volumes) {
+            held.let_go();
+            return Err(e);
         }
-        fault("restore:cluster-ready");
-        let staged_secrets = staging.join("volumes").join(archive::SECRETS);
-        keep_this_hosts_state(&staged_secrets, &layout.secrets)?;
-        own_secrets(&staged_secrets)?;
-        if staged_secrets.is_dir() {
-            // The archive's secrets are swapped in with the live superuser's, not the archive's.
-            SecretStore::new(&staged_secrets)
-                .put(SUPERUSER_PASSWORD_SECRET, &superuser)
-                .context("keeping the superuser's password in the restored secrets")?;
-        }
-        own_logs(&staging.join("volumes").join(archive::LOGS))?;
-        // Swap: the cluster, then every top-level volume directory of the archive (each judged
-        // again by the rules, and a directory, not a link, in the staging area).
-        let mut pairs = vec![(pg.data_dir.clone(), new_cluster.clone())];
-        for path in &manifest.contents.volumes {
-            let Ok(archive::Place::Volume { top, top_level: true }) = archive::place(path, &plan.rules) else {
-                continue;
-            };
-            let staged = staging.join("volumes").join(&top);
-            if !std::fs::symlink_metadata(&staged).is_ok_and(|s| s.is_dir()) {
-                bail!("{} is not a directory in the staging area", staged.display());
-            }
-            pairs.push((layout.root.join(&top), staged));
-        }
-        // And once more just before the swap: the files directory is no lock's (a file written
-        // there by hand while the database was rebuilt was replaced without `--force`).
-        data_to_replace(config, layout, opts, &manifest.contents.volumes)?;
-        no_mount_inside(layout, &manifest.contents.volumes)?;
-        tracing::info!(directories = pairs.len(), "swapping the restored data in");
-        journal::swap(&layout.root, &id, &pairs, &fault)?;
-        if !staged_secrets.is_dir() && live_secrets.get(SUPERUSER_PASSWORD_SECRET)?.is_none() {
-            // An archive without secrets, a volume without the superuser's: the new one.
-            live_secrets
-                .put(SUPERUSER_PASSWORD_SECRET, &superuser)
-                .context("recording the superuser's new password")?;
-        }
-        anyhow::Ok(())
+        Ok(held)
     }
-    .await;
-    let _ = std::fs::remove_dir_all(&socket_dir);
-    if result.is_err() {
-        // Nothing was swapped (the journal rolls back a partial swap at the next start).
-        let _ = std::fs::remove_dir_all(&new_cluster);
+
+    /// Let go of the data directory's lock after a restore that changed nothing there; where
+    /// the restore made that directory, the lock file goes too, then each directory made if
+    /// still empty: a fresh volume is left as it was.
+    fn let_go(self) {
+        if self.made.is_empty() {
+            drop(self.lock);
+            return;
+        }
+        self.lock.remove();
+        for dir in &self.made {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
-    if result.is_err() && !journal::exists(&layout.root) {
-        let_go(lock, &made);
+}
+
+/// Restore an archive into this volume, offline; see the module documentation. The caller
+/// makes sure no server runs on it: the live data directory is held for the whole restore.
+/// (A running regobox [`begin`]s and [`build`]s while everything runs, and stops everything
+/// only for [`swap_in`].)
+pub async fn restore(
+    config: &Config,
+    layout: &Layout,
+    opts: &RestoreOptions,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let planned = begin(config, layout, opts, None, false, stop).await?;
+    let held = HeldData::take(config, layout, opts, &planned)?;
+    let built = match build(config, layout, opts, planned, stop).await {
+        Ok(b) => b,
+        Err(e) => {
+            held.let_go();
+            return Err(e);
+        }
+    };
+    swap_in(config, layout, opts, built, held, stop).await
+}
+
+/// Swap a [`Built`] restore in for the live data, whose directory `held` holds (no server runs
+/// on it). A stop request that came before this began cancels it; once begun it ends (it is
+/// renames, under a [`journal`]: until the swap is committed, the previous data is what the
+/// next boot finds).
+pub async fn swap_in(
+    config: &Config,
+    layout: &Layout,
+    opts: &RestoreOptions,
+    built: Built,
+    held: HeldData,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    let result = if stop.is_cancelled() {
+        Err(RestoreCancelled.into())
     } else {
-        drop(lock);
-    }
-    // Kept while a swap is still journaled: the next start's rollback takes the previous data
-    // back by way of it.
-    if !journal::exists(&layout.root) {
-        let _ = std::fs::remove_dir_all(&staging);
+        swap_built(config, layout, opts, &built)
+    };
+    let started = built.planned.started;
+    if result.is_err() && !journal::exists(&layout.root) {
+        // Nothing was swapped (the journal rolls back a partial swap at the next start): what
+        // was built goes first, then the data directory's lock and what was made for it.
+        drop(built);
+        held.let_go();
+    } else {
+        drop(held);
+        drop(built);
     }
     result?;
     tracing::info!(archive = %opts.archive.display(), elapsed_ms = started.elapsed().as_millis() as u64, "restore complete");
     Ok(())
 }
 
-/// Let go of the data directory's lock after a restore that changed nothing there; where the
-/// restore made that directory (`made`: it and the parents it made, deepest first), the lock
-/// file goes too, then each of them if still empty: a fresh volume is left as it was.
-fn let_go(lock: DataDirLock, made: &[PathBuf]) {
-    if made.is_empty() {
-        drop(lock);
-        return;
+fn swap_built(
+    config: &Config,
+    layout: &Layout,
+    opts: &RestoreOptions,
+    built: &Built,
+) -> anyhow::Result<()> {
+    let pg = &config.postgres;
+    let (staging, manifest, plan) = (&built.work.staging, &built.manifest, &built.planned.plan);
+    let live_secrets = SecretStore::new(&layout.secrets);
+    let staged_secrets = staging.join("volumes").join(archive::SECRETS);
+    keep_this_hosts_state(&staged_secrets, &layout.secrets)?;
+    own_secrets(&staged_secrets)?;
+    if staged_secrets.is_dir() {
+        // The archive's secrets are swapped in with the live superuser's, not the archive's.
+        SecretStore::new(&staged_secrets)
+            .put(SUPERUSER_PASSWORD_SECRET, &built.superuser)
+            .context("keeping the superuser's password in the restored secrets")?;
     }
-    lock.remove();
-    for dir in made {
-        let _ = std::fs::remove_dir(dir);
+    own_logs(&staging.join("volumes").join(archive::LOGS))?;
+    // Swap: the cluster, then every top-level volume directory of the archive (each judged
+    // again by the rules, and a directory, not a link, in the staging area).
+    let mut pairs = vec![(pg.data_dir.clone(), built.work.new_cluster.clone())];
+    for path in &manifest.contents.volumes {
+        let Ok(archive::Place::Volume {
+            top,
+            top_level: true,
+        }) = archive::place(path, &plan.rules)
+        else {
+            continue;
+        };
+        let staged = staging.join("volumes").join(&top);
+        if !std::fs::symlink_metadata(&staged).is_ok_and(|s| s.is_dir()) {
+            bail!(
+                "{} is not a directory in the staging area",
+                staged.display()
+            );
+        }
+        pairs.push((layout.root.join(&top), staged));
     }
+    // And once more just before the swap: the files directory is no lock's (a file written
+    // there by hand while the database was rebuilt was replaced without `--force`).
+    data_to_replace(config, layout, opts, &manifest.contents.volumes)?;
+    no_mount_inside(layout, &manifest.contents.volumes)?;
+    tracing::info!(directories = pairs.len(), "swapping the restored data in");
+    journal::swap(&layout.root, &built.id, &pairs, &fault)?;
+    if !staged_secrets.is_dir() && live_secrets.get(SUPERUSER_PASSWORD_SECRET)?.is_none() {
+        // An archive without secrets, a volume without the superuser's: the new one.
+        live_secrets
+            .put(SUPERUSER_PASSWORD_SECRET, &built.superuser)
+            .context("recording the superuser's new password")?;
+    }
+    Ok(())
 }
 
 /// The archive's secrets are swapped in with this host's state as the live volume holds it
@@ -2479,6 +2722,7 @@ pub async fn restore_test(
                 bytes: free - cluster,
                 path: work_dir.clone(),
             },
+            reserve: 0,
         };
         rebuild(
             config,

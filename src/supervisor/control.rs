@@ -2,8 +2,10 @@
 //!
 //! `<runtime_dir>/control.sock`, mode 0600 (root, or regobox's user). One JSON line in, one JSON
 //! line out: `{"restore": {"archive": "/volumes/backups/x.tar.zst", "force": false}}` is answered
-//! with `{"code": 0, "message": "restore complete"}` once the supervisor has stopped everything in
-//! order, restored, and started everything again (or rolled back).
+//! with `{"code": 0, "message": "restore complete"}` once the restore has been checked and its data
+//! built beside the live data while everything runs ([`crate::backup::build`]), and the supervisor
+//! has then stopped everything in order, swapped the built data in, and started everything again
+//! (or rolled back). A restore refused, failed or cancelled before that stopped nothing.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -18,14 +20,15 @@ use tokio_util::task::TaskTracker;
 use crate::backup::RestoreOptions;
 use crate::config::Config;
 
-/// A maintenance request handed to the supervisor, once everything that can be checked
-/// without stopping anything has been ([`crate::backup::plan`]): a refused restore costs no
-/// downtime.
+/// A maintenance request handed to the supervisor, once everything that can be done without
+/// stopping anything has been: the archive checked, its data built beside the live data
+/// ([`crate::backup::build`]). A restore refused, or whose dump fails to load, costs no
+/// downtime; the supervisor stops everything only to swap the built data in.
 #[derive(Debug)]
 pub struct Request {
     pub options: RestoreOptions,
-    /// The archive's manifest, verified by the restore's rules.
-    pub verified: crate::backup::archive::Manifest,
+    /// The restored data, built and checked; removed if dropped without being swapped in.
+    pub built: crate::backup::Built,
     pub reply: oneshot::Sender<Reply>,
     /// Cancelled when the client goes away (Ctrl-C): the restore is cancelled as by a stop,
     /// unless its data is being swapped in, and everything starts again on the previous data.
@@ -77,8 +80,9 @@ pub struct Control {
 }
 
 impl Control {
-    /// Stop taking requests; a request still being read or checked is answered "regobox is
-    /// stopping", and every answer is given up to `grace` to reach its client.
+    /// Stop taking requests; a request still being read is answered "regobox is stopping", one
+    /// being checked or built is cancelled (what it built removed) and answered so, and every
+    /// answer is given up to `grace` to reach its client.
     pub async fn close(self, grace: std::time::Duration) {
         self.stop.cancel();
         self.connections.close();
@@ -129,37 +133,40 @@ async fn serve(
     stop: CancellationToken,
 ) {
     let (read, mut write) = stream.into_split();
-    // An answer already given wins over the stop (biased): the supervisor answers, then closes.
-    let reply = tokio::select! {
-        biased;
-        reply = answer(read, &tx, &config) => reply,
-        _ = stop.cancelled() => Reply {
-            code: crate::exit::FAILURE,
-            message: "regobox is stopping: the request was not carried out".into(),
-        },
-    };
+    // Not dropped at the stop: a restore being built ends by removing what it built.
+    let reply = answer(read, &tx, &config, &stop).await;
     if let Ok(text) = serde_json::to_string(&reply) {
         let _ = write.write_all(format!("{text}\n").as_bytes()).await;
     }
 }
 
-/// Read one request, check it without stopping anything, and hand it to the supervisor. Once
-/// the request is read the client only waits: its end of the connection closing (Ctrl-C, or
-/// the client killed) withdraws the request, as a stop would.
+/// Read one request, check it and build its data without stopping anything, and hand it to the
+/// supervisor. Once the request is read the client only waits: its end of the connection
+/// closing (Ctrl-C, or the client killed) withdraws the request, as a stop would. `stop`: the
+/// control socket closing (regobox stopping) cancels the request too.
 async fn answer(
     read: tokio::net::unix::OwnedReadHalf,
     tx: &mpsc::Sender<Request>,
     config: &Config,
+    stop: &CancellationToken,
 ) -> Reply {
     let mut line = String::new();
     let mut reader = BufReader::new(read.take_limit());
-    if let Err(e) = reader.read_line(&mut line).await {
+    let read = tokio::select! {
+        r = reader.read_line(&mut line) => r,
+        _ = stop.cancelled() => return Reply {
+            code: crate::exit::FAILURE,
+            message: "regobox is stopping: the request was not carried out".into(),
+        },
+    };
+    if let Err(e) = read {
         return Reply {
             code: crate::exit::FAILURE,
             message: format!("bad request: {e}"),
         };
     }
-    let withdrawn = CancellationToken::new();
+    // Cancelled when the client goes away, and when regobox stops.
+    let withdrawn = stop.child_token();
     let watch = async {
         let mut rest = [0u8; 64];
         // Bytes after the request line are not the protocol's: read and dropped (at most the
@@ -173,7 +180,7 @@ async fn answer(
         std::future::pending::<()>().await
     };
     tokio::select! {
-        reply = carry_out(&line, tx, config, &withdrawn) => reply,
+        reply = carry_out(&line, tx, config, &withdrawn, stop) => reply,
         () = watch => unreachable!("the watch never ends"),
     }
 }
@@ -183,6 +190,7 @@ async fn carry_out(
     tx: &mpsc::Sender<Request>,
     config: &Config,
     withdrawn: &CancellationToken,
+    stop: &CancellationToken,
 ) -> Reply {
     let root = &config.volumes.root;
     match serde_json::from_str::<Wire>(line) {
@@ -200,25 +208,43 @@ async fn carry_out(
                 force: w.restore.force,
             };
             let layout = crate::volumes::Layout::new(config);
-            let planned = tokio::select! {
-                p = crate::backup::plan(config, &layout, &options, None) => p,
-                _ = withdrawn.cancelled() => {
-                    tracing::warn!(archive = %options.archive.display(), "restore withdrawn by its client while it was being checked, nothing stopped");
+            let archive = options.archive.display().to_string();
+            let planned =
+                crate::backup::begin(config, &layout, &options, None, true, withdrawn).await;
+            let built = match planned {
+                Ok(planned) => {
+                    tracing::info!(%archive, "restore checked: building its data beside the live data while everything runs");
+                    crate::backup::build(config, &layout, &options, planned, withdrawn).await
+                }
+                Err(e)
+                    if e.downcast_ref::<crate::backup::RestoreCancelled>()
+                        .is_none() =>
+                {
+                    tracing::warn!(%archive, "restore refused, nothing stopped: {e:#}");
                     return Reply {
-                        code: crate::exit::FAILURE,
-                        message: "restore withdrawn".into(),
+                        code: crate::exit::code_for(&e),
+                        message: format!("{e:#}"),
                     };
                 }
+                Err(e) => Err(e),
             };
-            match planned {
+            match built {
+                Ok(built) => ask(tx, options, built, withdrawn.clone()).await,
                 Err(e) => {
-                    tracing::warn!(archive = %options.archive.display(), "restore refused, nothing stopped: {e:#}");
+                    if e.downcast_ref::<crate::backup::RestoreCancelled>()
+                        .is_none()
+                    {
+                        tracing::warn!(%archive, "restore failed while its data was built beside the live data, nothing stopped: {e:#}");
+                    } else if stop.is_cancelled() {
+                        tracing::warn!(%archive, "regobox is stopping: {e:#}; nothing was stopped for it");
+                    } else {
+                        tracing::warn!(%archive, "the restore's client went away (Ctrl-C): {e:#}; nothing was stopped for it");
+                    }
                     Reply {
                         code: crate::exit::code_for(&e),
                         message: format!("{e:#}"),
                     }
                 }
-                Ok(plan) => ask(tx, options, plan.manifest, withdrawn.clone()).await,
             }
         }
         Err(e) => Reply {
@@ -232,13 +258,13 @@ async fn carry_out(
 async fn ask(
     tx: &mpsc::Sender<Request>,
     options: RestoreOptions,
-    verified: crate::backup::archive::Manifest,
+    built: crate::backup::Built,
     withdrawn: CancellationToken,
 ) -> Reply {
     let (reply_tx, reply_rx) = oneshot::channel();
     let request = Request {
         options,
-        verified,
+        built,
         reply: reply_tx,
         withdrawn,
     };

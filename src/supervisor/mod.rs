@@ -392,6 +392,15 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
         }
     }
     .await;
+    // Requests the supervisor will not take are answered "stopped before answering" (what was
+    // built for them removed), a restore still being built is cancelled and removes what it
+    // built, and the answers reach their clients: before the processes left behind are stopped
+    // (a restore's server and pg_restore are regobox's children, and would fail it otherwise).
+    p.control.close();
+    while p.control.try_recv().is_ok() {}
+    if let Some(control) = control_socket {
+        control.close(Duration::from_secs(5)).await;
+    }
     if let Some(proxy) = &p.proxy {
         proxy.stop(std::future::ready(())).await;
     }
@@ -401,47 +410,40 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
     let force = CancellationToken::new();
     finish(config, &force).await;
     background.cancel();
-    // Requests the supervisor will not take are answered "stopped before answering"; those it
-    // answered reach their client before regobox exits.
-    p.control.close();
-    while p.control.try_recv().is_ok() {}
-    if let Some(control) = control_socket {
-        control.close(Duration::from_secs(5)).await;
-    }
     ran
 }
 
-/// A restore asked of the running regobox, everything stopped for it: done, cancelled (its
-/// client went away, or a stop request came, unless its data is being swapped in) or failed,
-/// with the previous data in place; its client is answered. True when a stop request came
-/// (regobox then exits).
+/// A restore asked of the running regobox, its data built, everything stopped for it: swapped
+/// in, cancelled (its client went away, or a stop request came, before the swap began) or
+/// failed, with the previous data in place; its client is answered. True when a stop request
+/// came (regobox then exits).
 async fn restore_while_running(
     config: &Config,
     layout: &Layout,
     p: &mut Persistent,
     request: control::Request,
 ) -> bool {
-    p.maintenance.send_replace(Some(format!(
-        "restoring {}",
-        request.options.archive.display()
-    )));
+    let control::Request {
+        options,
+        built,
+        reply,
+        withdrawn,
+    } = request;
+    p.maintenance
+        .send_replace(Some(format!("restoring {}", options.archive.display())));
     // A stop request cancels the restore unless its data is being swapped in (then
     // it ends first); regobox then stops.
     let stop = CancellationToken::new();
-    let withdrawn = request.withdrawn.clone();
     if withdrawn.is_cancelled() {
         tracing::warn!(
             "the restore's client went away while everything stopped for it: the restore is not started"
         );
         stop.cancel();
     }
-    let restore = crate::backup::restore(
-        config,
-        layout,
-        &request.options,
-        Some(request.verified.clone()),
-        &stop,
-    );
+    let restore = async {
+        let held = crate::backup::HeldData::take(config, layout, &options, built.planned())?;
+        crate::backup::swap_in(config, layout, &options, built, held, &stop).await
+    };
     tokio::pin!(restore);
     let mut stop_after = false;
     let result = loop {
@@ -458,7 +460,7 @@ async fn restore_while_running(
             }
         }
     };
-    let reply = match &result {
+    let answer = match &result {
         Ok(()) => control::Reply {
             code: exit::OK,
             message: "restore complete".into(),
@@ -481,7 +483,7 @@ async fn restore_while_running(
             }
         }
     };
-    let _ = request.reply.send(reply);
+    let _ = reply.send(answer);
     p.maintenance.send_replace(None);
     stop_after
 }

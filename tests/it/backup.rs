@@ -572,6 +572,11 @@ fn a_restore_through_the_running_regobox_stops_restores_and_restarts() {
     run.wait_for_log("restore complete", Duration::from_secs(5));
     let log = run.log_text();
     let pos = |n: &str| log.find(n).unwrap_or_else(|| panic!("no {n:?} in {log}"));
+    // The dump is loaded beside the live data before anything stops.
+    assert!(
+        pos("restoring the database as the application role")
+            < pos("maintenance: stopping everything for a restore")
+    );
     assert!(pos("maintenance: stopping everything for a restore") < pos("stopping service"));
     assert!(pos("stopping service") < pos("restore complete"));
     target.wait_until("ready again", Duration::from_secs(30), || {
@@ -2451,10 +2456,13 @@ fn a_file_size_limit_fails_a_restore_cleanly() {
 }
 
 /// Ctrl-C on a `regobox restore` that the running regobox carries out withdraws it: the running
-/// regobox cancels the restore before anything is swapped in, answers the client so, and starts
-/// everything again on the previous data. A client killed outright (its connection closed, no
-/// word said) withdraws it the same way. The restore used to go on after its client had left,
-/// and Ctrl-C left the operator with no word of what became of it.
+/// regobox cancels the restore before anything is swapped in, answers the client so, and the
+/// previous data stays. A client killed outright (its connection closed, no word said)
+/// withdraws it the same way. The restore used to go on after its client had left, and Ctrl-C
+/// left the operator with no word of what became of it. The dump loads beside the live data,
+/// everything running: nothing was stopped for it (the server and the services stopped for the
+/// whole load, until 2026-12-07), and a second restore meanwhile is told to wait (exit 75),
+/// stopping nothing either.
 #[test]
 fn ctrl_c_on_a_restore_through_the_running_regobox_withdraws_it() {
     use nix::sys::signal::Signal;
@@ -2462,6 +2470,7 @@ fn ctrl_c_on_a_restore_through_the_running_regobox_withdraws_it() {
     let target = Instance::new();
     let mut run = target.start();
     target.sql("CREATE TABLE genes(id int); INSERT INTO genes VALUES (7);");
+    let postmaster = target.postmaster_pid();
     let count = |run: &Running, needle: &str| run.log_text().matches(needle).count();
     for (round, signal) in [Signal::SIGINT, Signal::SIGKILL].into_iter().enumerate() {
         let mut restore = restore_logged(
@@ -2477,6 +2486,24 @@ fn ctrl_c_on_a_restore_through_the_running_regobox_withdraws_it() {
             restore.child.try_wait().unwrap().is_none(),
             "the restore is still loading"
         );
+        assert_eq!(
+            target.health_get("/readyz").0,
+            200,
+            "serving while it loads"
+        );
+        assert_eq!(
+            target.sql("SELECT string_agg(id::text, ',') FROM genes"),
+            "7"
+        );
+        if round == 0 {
+            let second = target.output(&["restore", "--force", archive.to_str().unwrap()]);
+            assert_eq!(second.status.code(), Some(75), "{}", stderr(&second));
+            assert!(
+                stderr(&second).contains("another restore is in progress"),
+                "{}",
+                stderr(&second)
+            );
+        }
         restore.signal(signal);
         let status = restore.wait(Duration::from_secs(30));
         if signal == Signal::SIGINT {
@@ -2504,6 +2531,132 @@ fn ctrl_c_on_a_restore_through_the_running_regobox_withdraws_it() {
     let log = run.log_text();
     assert!(log.contains("the restore's client went away"), "{log}");
     assert!(!log.contains("restore complete"), "{log}");
+    assert!(!log.contains("maintenance"), "{log}");
+    assert_eq!(
+        target.postmaster_pid(),
+        postmaster,
+        "PostgreSQL never stopped"
+    );
+    run.stop();
+}
+
+/// A dump that fails to load (a check that divides by zero on the dump's own row, which no
+/// reading of the dump finds before it runs) fails the restore through the running regobox
+/// with the server's error, having stopped nothing: the load runs in a new cluster beside the
+/// live one, and only a loaded, checked cluster has everything stopped for its swap. It used to
+/// stop the services and the server first, load, fail, and start them all again.
+#[test]
+fn a_dump_that_fails_to_load_through_the_running_regobox_stops_nothing() {
+    let source = Instance::new();
+    source.ok(&["init"]);
+    source.sql(
+        "CREATE FUNCTION public.bad(x int) RETURNS boolean LANGUAGE sql VOLATILE AS 'SELECT true';
+         CREATE TABLE public.t (x int CHECK (public.bad(x)));
+         INSERT INTO public.t VALUES (0);
+         CREATE OR REPLACE FUNCTION public.bad(x int) RETURNS boolean LANGUAGE sql VOLATILE
+           AS 'SELECT 1 / x = 1';",
+    );
+    let archive = backup(&source);
+    let target = Instance::new();
+    let http = free_port();
+    target.config_file(
+        "50.toml",
+        &format!(
+            "[services.web]\ncommand = [\"python3\", \"-m\", \"http.server\", \"{http}\", \"--bind\", \"127.0.0.1\"]\nready = {{ tcp = \"{http}\" }}\n"
+        ),
+    );
+    let run = target.start();
+    target.sql("CREATE TABLE genes(id int); INSERT INTO genes VALUES (7);");
+    let postmaster = target.postmaster_pid();
+    let web = target.service("web")["pid"].as_i64().unwrap();
+    let out = target.output(&["restore", "--force", archive.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("division by zero"),
+        "{}",
+        stderr(&out)
+    );
+    let log = run.log_text();
+    assert!(
+        log.contains(
+            "restore failed while its data was built beside the live data, nothing stopped"
+        ),
+        "{log}"
+    );
+    assert!(!log.contains("maintenance"), "{log}");
+    assert!(!log.contains("stopping service"), "{log}");
+    assert_eq!(
+        target.postmaster_pid(),
+        postmaster,
+        "PostgreSQL never stopped"
+    );
+    assert_eq!(
+        target.service("web")["pid"].as_i64().unwrap(),
+        web,
+        "web never stopped"
+    );
+    assert_eq!(target.health_get("/readyz").0, 200);
+    previous_data_kept(&target);
+    assert_eq!(restore_leftovers(&target), Vec::<String>::new());
+    run.stop();
+}
+
+/// Attack on the restore built beside the live data: an archive that is small, passes the
+/// space check (the dump of a million integers, 7 MB), and whose load grows the new cluster far
+/// past the estimate (six indexes on the column) on the file system the live server writes to.
+/// The restore through the running regobox is stopped once that file system falls below
+/// `volumes.min_free`, removes what it built and stops nothing; the same archive then restores
+/// with regobox stopped (no server to keep room for).
+#[test]
+fn a_restore_built_beside_the_live_data_keeps_its_room() {
+    if !is_root() {
+        eprintln!("skipped: mounting a small tmpfs for the volume needs root");
+        return;
+    }
+    let source = Instance::new();
+    source.ok(&["init"]);
+    let indexes: String = (1..=6)
+        .map(|i| format!("CREATE INDEX big_{i} ON public.big (x);"))
+        .collect();
+    source.sql(&format!(
+        "CREATE TABLE public.big (x int); INSERT INTO public.big SELECT generate_series(1, 1000000); {indexes}"
+    ));
+    let archive = backup(&source);
+    let mut target = Instance::new();
+    let _volume = Tmpfs::mount(&target.root, "700m");
+    target.ok(&["init"]);
+    target.sql("CREATE TABLE genes(id int); INSERT INTO genes VALUES (7);");
+    let st = nix::sys::statvfs::statvfs(&target.root).unwrap();
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    let reserve = free - (150 << 20);
+    target
+        .env
+        .push(("REGOBOX_VOLUMES__MIN_FREE".into(), reserve.to_string()));
+    let run = target.start();
+    let postmaster = target.postmaster_pid();
+    let out = target.output(&["restore", "--force", archive.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stderr(&out);
+    assert!(
+        text.contains("the restore was stopped while its data was built beside the live data")
+            && text.contains(&format!("{} had ", target.root.display()))
+            && text.contains("below volumes.min_free"),
+        "{text}"
+    );
+    let log = run.log_text();
+    assert!(!log.contains("maintenance"), "{log}");
+    assert_eq!(
+        target.postmaster_pid(),
+        postmaster,
+        "PostgreSQL never stopped"
+    );
+    previous_data_kept(&target);
+    assert_eq!(restore_leftovers(&target), Vec::<String>::new());
+    run.stop();
+    target.env.clear();
+    target.ok(&["restore", "--force", archive.to_str().unwrap()]);
+    let run = target.start();
+    assert_eq!(target.sql("SELECT count(*) FROM public.big"), "1000000");
     run.stop();
 }
 
