@@ -805,7 +805,7 @@ pub async fn verify(path: &Path, rules: &archive::Rules) -> anyhow::Result<Manif
     let stop = StopOnDrop(Default::default());
     let flag = stop.0.clone();
     let result = tokio::task::spawn_blocking(move || -> anyhow::Result<Manifest> {
-        let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let file = open_archive(&path)?;
         let (reader, pb) = progress_reader(file, "verify");
         let manifest = archive::verify_until(reader, &rules, flag)
             .with_context(|| format!("{} does not verify", path.display()))?;
@@ -836,7 +836,7 @@ impl Extraction {
         files: bool,
         budget: archive::Budget,
     ) -> anyhow::Result<Extraction> {
-        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let file = open_archive(path)?;
         let (tx, done) = tokio::sync::mpsc::unbounded_channel();
         let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (path, dest, stop) = (path.to_path_buf(), dest.to_path_buf(), cancel.clone());
@@ -1142,12 +1142,38 @@ fn pg_restore_failed(status: std::process::ExitStatus, errors: &[u8]) -> anyhow:
     anyhow::anyhow!("pg_restore cannot read the dump ({status}): {text}")
 }
 
+/// Open the archive at `path` for reading, refusing what is not a regular file: opened without
+/// waiting (a FIFO put at an archive's path between two reads left a thread blocked in `open`
+/// for good), then judged by what was opened.
+fn open_archive(path: &Path) -> anyhow::Result<File> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    if !file
+        .metadata()
+        .with_context(|| format!("reading {}", path.display()))?
+        .is_file()
+    {
+        bail!("{} is not a file", path.display());
+    }
+    // Reads of a regular file never wait anyway; the flag goes so that nothing downstream
+    // meets EAGAIN.
+    nix::fcntl::fcntl(
+        &file,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+    )
+    .with_context(|| format!("opening {}", path.display()))?;
+    Ok(file)
+}
+
 /// The dump member of the archive at `path`, as it is decompressed.
 fn with_dump_member<T>(
     path: &Path,
     f: impl FnOnce(&mut dyn Read) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let file = open_archive(path)?;
     let mut tar = tar::Archive::new(zstd::stream::read::Decoder::new(file)?);
     for entry in tar.entries()? {
         let mut entry = entry?;

@@ -271,12 +271,14 @@ async fn ask(
     if tx.send(request).await.is_err() {
         return Reply {
             code: crate::exit::FAILURE,
-            message: "regobox is stopping".into(),
+            message:
+                "regobox is stopping: the restore was not swapped in, the previous data is in place"
+                    .into(),
         };
     }
     reply_rx.await.unwrap_or(Reply {
         code: crate::exit::FAILURE,
-        message: "regobox stopped before answering".into(),
+        message: "regobox stopped before it took the restore: nothing was swapped in, the previous data is in place".into(),
     })
 }
 

@@ -228,8 +228,8 @@ struct Persistent {
 }
 
 /// Bring everything in `plan` up, keep it up, stop it; the exit code. A maintenance request
-/// (a restore through the control socket) stops everything in order, runs, and starts
-/// everything again.
+/// (a restore through the control socket, its data already built beside the live data) stops
+/// everything in order, swaps that data in, and starts everything again.
 pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
     let config = &loaded.config;
     let signals = StopSignals::install().context("installing signal handlers")?;
@@ -392,7 +392,7 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
         }
     }
     .await;
-    // Requests the supervisor will not take are answered "stopped before answering" (what was
+    // Requests the supervisor will not take are answered "stopped before it took the restore" (what was
     // built for them removed), a restore still being built is cancelled and removes what it
     // built, and the answers reach their clients: before the processes left behind are stopped
     // (a restore's server and pg_restore are regobox's children, and would fail it otherwise).

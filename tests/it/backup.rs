@@ -2602,26 +2602,42 @@ fn a_dump_that_fails_to_load_through_the_running_regobox_stops_nothing() {
 }
 
 /// Attack on the restore built beside the live data: an archive that is small, passes the
-/// space check (the dump of a million integers, 7 MB), and whose load grows the new cluster far
-/// past the estimate (six indexes on the column) on the file system the live server writes to.
-/// The restore through the running regobox is stopped once that file system falls below
-/// `volumes.min_free`, removes what it built and stops nothing; the same archive then restores
-/// with regobox stopped (no server to keep room for).
+/// space check, and whose load grows the new cluster far past the estimate on the file system
+/// the live server writes to: the dump of a million integers (7 MB) with six indexes on the
+/// column, and an attacker's 3 KB archive whose materialized view, refreshed from one row of a
+/// table the dump holds, writes gigabytes. The restore through the running regobox is stopped
+/// once that file system falls below `volumes.min_free`, removes what it built and stops
+/// nothing (the attacker's archive took the live server to a PANIC for lack of space, with the
+/// watch not running); the first archive then restores with regobox stopped (no server to keep
+/// room for).
 #[test]
 fn a_restore_built_beside_the_live_data_keeps_its_room() {
     if !is_root() {
         eprintln!("skipped: mounting a small tmpfs for the volume needs root");
         return;
     }
-    let source = Instance::new();
-    source.ok(&["init"]);
     let indexes: String = (1..=6)
         .map(|i| format!("CREATE INDEX big_{i} ON public.big (x);"))
         .collect();
-    source.sql(&format!(
-        "CREATE TABLE public.big (x int); INSERT INTO public.big SELECT generate_series(1, 1000000); {indexes}"
-    ));
-    let archive = backup(&source);
+    let archives: Vec<(Instance, PathBuf)> = [
+        format!(
+            "CREATE TABLE public.big (x int); INSERT INTO public.big SELECT generate_series(1, 1000000); {indexes}"
+        ),
+        "CREATE TABLE public.cfg (n bigint); INSERT INTO public.cfg VALUES (10);
+         CREATE MATERIALIZED VIEW public.grows AS
+           SELECT g, rpad('x', 2000, 'y') AS pad FROM public.cfg, generate_series(1, n) g;
+         UPDATE public.cfg SET n = 3000000;"
+            .to_string(),
+    ]
+    .into_iter()
+    .map(|sql| {
+        let source = Instance::new();
+        source.ok(&["init"]);
+        source.sql(&sql);
+        let archive = backup(&source);
+        (source, archive)
+    })
+    .collect();
     let mut target = Instance::new();
     let _volume = Tmpfs::mount(&target.root, "700m");
     target.ok(&["init"]);
@@ -2634,30 +2650,56 @@ fn a_restore_built_beside_the_live_data_keeps_its_room() {
         .push(("REGOBOX_VOLUMES__MIN_FREE".into(), reserve.to_string()));
     let run = target.start();
     let postmaster = target.postmaster_pid();
-    let out = target.output(&["restore", "--force", archive.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    let text = stderr(&out);
-    assert!(
-        text.contains("the restore was stopped while its data was built beside the live data")
-            && text.contains(&format!("{} had ", target.root.display()))
-            && text.contains("below volumes.min_free"),
-        "{text}"
-    );
+    for (_, archive) in &archives {
+        let out = target.output(&["restore", "--force", archive.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        let text = stderr(&out);
+        assert!(
+            text.contains("the restore was stopped while its data was built beside the live data")
+                && text.contains(&format!("{} had ", target.root.display()))
+                && text.contains("below volumes.min_free"),
+            "{text}"
+        );
+        assert_eq!(restore_leftovers(&target), Vec::<String>::new());
+    }
     let log = run.log_text();
     assert!(!log.contains("maintenance"), "{log}");
+    assert!(!log.contains("PANIC"), "{log}");
     assert_eq!(
         target.postmaster_pid(),
         postmaster,
         "PostgreSQL never stopped"
     );
     previous_data_kept(&target);
-    assert_eq!(restore_leftovers(&target), Vec::<String>::new());
     run.stop();
     target.env.clear();
-    target.ok(&["restore", "--force", archive.to_str().unwrap()]);
+    target.ok(&["restore", "--force", archives[0].1.to_str().unwrap()]);
     let run = target.start();
     assert_eq!(target.sql("SELECT count(*) FROM public.big"), "1000000");
     run.stop();
+}
+
+/// An attacker's race: a FIFO put where the archive was, between the check of its path and an
+/// open, left a thread blocked in `open` for good (`backup verify` of a FIFO never ended). Every
+/// open of an archive is refused at once for what it is, not a file.
+#[test]
+fn a_fifo_for_an_archive_is_refused_without_waiting() {
+    let inst = Instance::new();
+    inst.ok(&["init"]);
+    let fifo = inst.dir.path().join("archive.tar.zst");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let mut verify = restore_logged(
+        &inst,
+        inst.command(&["backup", "verify", fifo.to_str().unwrap()]),
+        "verify.log",
+    );
+    let status = verify.wait(Duration::from_secs(30));
+    let text = verify.log_text();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!("{} is not a file", fifo.display())),
+        "{text}"
+    );
 }
 
 /// A file the application gave many names (hard links: a reference genome linked into each run)
