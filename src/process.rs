@@ -93,6 +93,16 @@ fn reap_all() {
     }
 }
 
+/// Send `signal` to `pid`, a child started through [`spawn`], unless it has been reaped:
+/// checked and sent under the reaper's lock, so that the pid is still the child's (a reaped
+/// child's pid may name another process by now).
+pub fn signal_child(pid: i32, signal: Signal) {
+    let guard = lock();
+    if guard.as_ref().is_some_and(|r| r.waiters.contains_key(&pid)) {
+        let _ = kill(Pid::from_raw(pid), signal);
+    }
+}
+
 /// How many orphaned processes the reaper has collected.
 pub fn orphans_reaped() -> u64 {
     ORPHANS.load(Ordering::Relaxed)

@@ -1831,7 +1831,13 @@ async fn rebuild(
         };
         tokio::select! {
             r = load => Some(r),
-            _ = stop.cancelled() => None,
+            _ = stop.cancelled() => {
+                // Nothing of the load is wanted any more: its server stops writing at once,
+                // before the load's processes are let go (killed and waited for, which takes a
+                // while on a busy machine: a load that filled the disk went on filling it).
+                build.server.halt();
+                None
+            }
         }
     };
     let Some(loaded) = loaded else {
@@ -2331,7 +2337,7 @@ pub struct LiveDataRoom {
 }
 
 /// How often [`keep_room`] looks.
-const ROOM_EVERY: Duration = Duration::from_millis(200);
+const ROOM_EVERY: Duration = Duration::from_millis(50);
 
 /// Ends, with what it found, once one of `dirs`' file systems has less than `reserve` free;
 /// never with no reserve.

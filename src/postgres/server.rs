@@ -207,6 +207,13 @@ impl Server {
     fn signal(&mut self, signal: Signal) {
         self.child.signal(signal);
     }
+
+    /// An immediate shutdown, not waited for: every backend exits at once, writing nothing
+    /// more. For a server whose data is thrown away (a restore's, cancelled); callable while
+    /// the server is in use.
+    pub fn halt(&self) {
+        crate::process::signal_child(self.pid, Signal::SIGQUIT);
+    }
 }
 
 impl Drop for Server {

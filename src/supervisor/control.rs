@@ -80,6 +80,13 @@ pub struct Control {
 }
 
 impl Control {
+    /// What cancels the requests in hand (a restore being built removes what it built) and
+    /// refuses new ones: cancelled as soon as regobox is to stop, so that a build does not go on
+    /// while the services stop ([`Control::close`] then waits for the answers).
+    pub fn stopping(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
     /// Stop taking requests; a request still being read is answered "regobox is stopping", one
     /// being checked or built is cancelled (what it built removed) and answered so, and every
     /// answer is given up to `grace` to reach its client.

@@ -219,6 +219,8 @@ struct Persistent {
     /// Each cron job's account: its `user`, else `app.user`.
     cron_accounts: BTreeMap<String, Option<Account>>,
     control: tokio::sync::mpsc::Receiver<control::Request>,
+    /// Cancels the control socket's requests in hand (see [`control::Control::stopping`]).
+    control_stopping: CancellationToken,
     /// Stopped first, before the services.
     proxy: Option<crate::proxy::Proxy>,
     /// Cycles begun (more than one after a restore).
@@ -332,6 +334,7 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
         app_account,
         cron_accounts,
         control: control_rx,
+        control_stopping: CancellationToken::new(),
         proxy: None,
         cycles: 0,
         backup: backup_tx,
@@ -375,7 +378,10 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
                 )
                 .await?;
                 match control::listen(config, control_tx.clone()) {
-                    Ok(control) => control_socket = Some(control),
+                    Ok(control) => {
+                        p.control_stopping = control.stopping();
+                        control_socket = Some(control);
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "no control socket: a restore cannot be done while running")
                     }
@@ -392,10 +398,11 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
         }
     }
     .await;
-    // Requests the supervisor will not take are answered "stopped before it took the restore" (what was
-    // built for them removed), a restore still being built is cancelled and removes what it
-    // built, and the answers reach their clients: before the processes left behind are stopped
-    // (a restore's server and pg_restore are regobox's children, and would fail it otherwise).
+    // Requests the supervisor will not take are answered "stopped before it took the restore"
+    // (what was built for them removed), a restore still being built is cancelled and removes
+    // what it built, and the answers reach their clients: before the processes left behind are
+    // stopped (a restore's server and pg_restore are regobox's children, and would fail it
+    // otherwise).
     p.control.close();
     while p.control.try_recv().is_ok() {}
     if let Some(control) = control_socket {
@@ -732,6 +739,11 @@ async fn cycle(
     };
     if let Some(b) = backups {
         b.abort();
+    }
+    if !matches!(reason, Reason::Maintenance(_)) {
+        // regobox is to stop: a restore being built is cancelled now, not once the services
+        // have stopped (it would go on writing meanwhile).
+        p.control_stopping.cancel();
     }
     let deadline = Instant::now() + config.supervision.shutdown_timeout;
     let stop_proxy = !matches!(reason, Reason::Maintenance(_));

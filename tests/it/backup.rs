@@ -2065,11 +2065,17 @@ fn previous_data_kept(target: &Instance) {
 /// restore that takes longer than the operator can wait): a stop (`docker stop`'s SIGTERM)
 /// cancels it before anything is swapped in, and regobox exits 0 within the stop's grace, with
 /// the previous data in place and nothing of the restore left. It used to say "regobox stops
-/// once it is done" and wait, until the SIGKILL.
+/// once it is done" and wait, until the SIGKILL. The build is cancelled as the stop begins, not
+/// once the services have stopped (a service slow to stop let an attacker's load go on filling
+/// the disk for its whole stop timeout).
 #[test]
 fn a_stop_during_a_restore_that_never_ends_cancels_it_and_keeps_the_previous_data() {
     let (_source, archive) = an_archive_whose_load_never_ends();
     let target = Instance::new();
+    target.config_file(
+        "50.toml",
+        "[services.slow]\ncommand = [\"sh\", \"-c\", \"trap '' TERM; while :; do sleep 0.1; done\"]\nstop_timeout = \"10s\"\n",
+    );
     let mut run = target.start();
     target.sql("CREATE TABLE genes(id int); INSERT INTO genes VALUES (7);");
     let mut restore = spawn_restore(&target, &archive);
@@ -2087,6 +2093,11 @@ fn a_stop_during_a_restore_that_never_ends_cancels_it_and_keeps_the_previous_dat
     let log = run.log_text();
     assert!(status.success(), "regobox exited with {status}:\n{log}");
     assert!(log.contains("restore cancelled"), "{log}");
+    let pos = |n: &str| log.find(n).unwrap_or_else(|| panic!("no {n:?} in {log}"));
+    assert!(
+        pos("restore cancelled") < pos("PostgreSQL stopped cleanly"),
+        "{log}"
+    );
     let out = restore.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
@@ -2537,6 +2548,9 @@ fn ctrl_c_on_a_restore_through_the_running_regobox_withdraws_it() {
         postmaster,
         "PostgreSQL never stopped"
     );
+    // The build's server stopped writing at once (an immediate shutdown, before the load's
+    // processes were let go): an attacker's load went on filling the disk for two seconds.
+    assert!(log.contains("received immediate shutdown request"), "{log}");
     run.stop();
 }
 
