@@ -437,11 +437,13 @@ impl Drop for KillOnDrop {
             // A SIGKILL is sent, not yet acted on: the group is waited for (briefly: a killed
             // process ends at once, but a busy machine may not run it for a while), so that what
             // comes next (regobox's exit, the next `init` on the same directory) does not find
-            // it still writing. Zombies count as members until reaped (the reaper thread takes
-            // the child at once).
+            // it still writing. Zombies count as members until reaped: reaped here too (the
+            // reaper task may not run meanwhile on a busy runtime, and the child's own children,
+            // re-parented to regobox, stayed zombies for the whole wait).
             let group = Pid::from_raw(self.0.pid());
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
             while killpg(group, None).is_ok() && std::time::Instant::now() < deadline {
+                reap_all();
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }

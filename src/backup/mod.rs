@@ -1829,15 +1829,17 @@ async fn rebuild(
                 .load(config, binaries, &staging.join(archive::DATABASE), owner)
                 .await
         };
+        // Nothing of the load is wanted any more once `stop` is cancelled: its server stops
+        // writing at once, inside the branch's own future, since `select!` lets go of the load
+        // (its processes killed and waited for, a while on a busy machine) before it runs a
+        // branch's body: a load that filled the disk went on filling it for two seconds.
+        let halted = async {
+            stop.cancelled().await;
+            build.server.halt();
+        };
         tokio::select! {
             r = load => Some(r),
-            _ = stop.cancelled() => {
-                // Nothing of the load is wanted any more: its server stops writing at once,
-                // before the load's processes are let go (killed and waited for, which takes a
-                // while on a busy machine: a load that filled the disk went on filling it).
-                build.server.halt();
-                None
-            }
+            () = halted => None,
         }
     };
     let Some(loaded) = loaded else {
