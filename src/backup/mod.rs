@@ -1410,9 +1410,12 @@ impl Build {
             data_dir,
             account,
             &params,
-            Sink::Stderr,
-            None,
-            None,
+            crate::postgres::server::Output {
+                label: "restore-postgres",
+                sink: Sink::Stderr,
+                file: None,
+                observer: None,
+            },
         )
         .map_err(|source| PostgresError::Io {
             path: binaries.path("postgres"),

@@ -627,9 +627,12 @@ impl Embedded {
             &self.data_dir,
             &self.account,
             &params,
-            sink,
-            file,
-            observer,
+            server::Output {
+                label: "postgres",
+                sink,
+                file,
+                observer,
+            },
         )
         .map_err(|source| PostgresError::Io {
             path: self.binaries.path("postgres"),

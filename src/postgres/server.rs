@@ -38,6 +38,8 @@ pub struct Server {
     workers: process::Workers,
     /// What was left of it has been killed (once, when its exit was seen).
     swept: bool,
+    /// Sent an immediate shutdown by [`Server::halt`].
+    halted: std::sync::atomic::AtomicBool,
 }
 
 impl NoSpace {
@@ -48,6 +50,17 @@ impl NoSpace {
     }
 }
 
+/// Where a server's output goes: each line prefixed with `label`, to `sink` and, if given, to a
+/// log file, and shown to `observer`.
+pub struct Output {
+    /// `postgres` for the live server; another for a server beside it (a restore's), so that
+    /// its lines are not taken for the live server's.
+    pub label: &'static str,
+    pub sink: Sink,
+    pub file: Option<SharedLogFile>,
+    pub observer: Option<Observer>,
+}
+
 impl Server {
     /// Start `postgres -D data_dir -c k=v ...` as `account`.
     pub fn spawn(
@@ -55,9 +68,7 @@ impl Server {
         data_dir: &Path,
         account: &Account,
         params: &[(String, String)],
-        sink: Sink,
-        file: Option<SharedLogFile>,
-        observer: Option<Observer>,
+        output: Output,
     ) -> std::io::Result<Server> {
         let mut command = std::process::Command::new(binaries.dir.join("postgres"));
         command.arg("-D").arg(data_dir);
@@ -86,13 +97,20 @@ impl Server {
             uid: process::uid_of(pid).unwrap_or(account.uid.as_raw()),
             since: process::stat_of(pid).map_or(0, |s| s.started),
         };
-        let logs = Forwarders::start(&mut child, "postgres", sink, file, observer)?;
+        let logs = Forwarders::start(
+            &mut child,
+            output.label,
+            output.sink,
+            output.file,
+            output.observer,
+        )?;
         Ok(Server {
             child,
             pid,
             logs,
             workers,
             swept: false,
+            halted: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -183,6 +201,18 @@ impl Server {
             self.leftovers_gone().await;
             return Ok(status);
         }
+        if self.halted.load(std::sync::atomic::Ordering::Relaxed) {
+            tracing::info!(
+                pid = self.pid,
+                "waiting for PostgreSQL's immediate shutdown"
+            );
+            if let Ok(status) = tokio::time::timeout(QUIT_GRACE, self.wait()).await {
+                return status;
+            }
+            tracing::warn!("PostgreSQL ignored SIGQUIT; killing its process group");
+            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+            return self.wait().await;
+        }
         tracing::info!(pid = self.pid, "stopping PostgreSQL (fast shutdown)");
         self.signal(Signal::SIGINT);
         tokio::pin!(force);
@@ -212,6 +242,8 @@ impl Server {
     /// more. For a server whose data is thrown away (a restore's, cancelled); callable while
     /// the server is in use.
     pub fn halt(&self) {
+        self.halted
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         crate::process::signal_child(self.pid, Signal::SIGQUIT);
     }
 }
