@@ -2485,6 +2485,8 @@ pub async fn swap_in(
     Ok(())
 }
 
+/// What [`swap_in`] does once it may: the staged secrets and logs made this host's and
+/// regobox's, every directory judged again, then the journaled renames.
 fn swap_built(
     config: &Config,
     layout: &Layout,
