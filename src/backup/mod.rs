@@ -2054,8 +2054,7 @@ fn holds_data(dir: &Path) -> bool {
 }
 
 /// Check everything a restore of `opts.archive` can check without changing anything: the
-/// archive (one full read by every rule of a restore, unless `verified` is the manifest such a
-/// read gave), the binaries, the data directory, existing data without `--force`, the major,
+/// archive (one full read by every rule of a restore), the binaries, the data directory, existing data without `--force`, the major,
 /// and the free space. A restore that would be refused is refused here, before any service
 /// stops.
 /// `reserve`: what the file systems of the live data must keep free besides the restore's needs
@@ -2064,7 +2063,6 @@ pub async fn plan(
     config: &Config,
     layout: &Layout,
     opts: &RestoreOptions,
-    verified: Option<Manifest>,
     reserve: u64,
 ) -> anyhow::Result<Plan> {
     if !opts.archive.is_file() {
@@ -2082,10 +2080,7 @@ pub async fn plan(
         .into());
     }
     let rules = rules(config, layout);
-    let manifest = match verified {
-        Some(m) => m,
-        None => verify(&opts.archive, &rules).await?,
-    };
+    let manifest = verify(&opts.archive, &rules).await?;
     data_to_replace(config, layout, opts, &manifest.contents.volumes)?;
     no_mount_inside(layout, &manifest.contents.volumes)?;
     check_major(manifest.postgres.as_ref(), &binaries)?;
@@ -2157,13 +2152,6 @@ pub struct Planned {
     started: std::time::Instant,
 }
 
-impl Planned {
-    /// The archive's manifest, verified by the restore's rules.
-    pub fn manifest(&self) -> &Manifest {
-        &self.plan.manifest
-    }
-}
-
 /// Take the volume's restore lock (an interrupted restore's leftovers are then cleared) and
 /// plan the restore. Changes nothing but the lock's file, removed again if this fails; a stop
 /// request ends it where it is. `live`: a server runs on the live data while the restore is
@@ -2173,7 +2161,6 @@ pub async fn begin(
     config: &Config,
     layout: &Layout,
     opts: &RestoreOptions,
-    verified: Option<Manifest>,
     live: bool,
     stop: &CancellationToken,
 ) -> anyhow::Result<Planned> {
@@ -2187,7 +2174,7 @@ pub async fn begin(
     };
     recover_held(config)?;
     let plan = tokio::select! {
-        p = plan(config, layout, opts, verified, reserve) => p?,
+        p = plan(config, layout, opts, reserve) => p?,
         _ = stop.cancelled() => return Err(RestoreCancelled.into()),
     };
     Ok(Planned {
@@ -2441,7 +2428,7 @@ pub async fn restore(
     opts: &RestoreOptions,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let planned = begin(config, layout, opts, None, false, stop).await?;
+    let planned = begin(config, layout, opts, false, stop).await?;
     let held = HeldData::take(config, layout, opts, &planned)?;
     let built = match build(config, layout, opts, planned, stop).await {
         Ok(b) => b,

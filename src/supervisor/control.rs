@@ -216,8 +216,7 @@ async fn carry_out(
             };
             let layout = crate::volumes::Layout::new(config);
             let archive = options.archive.display().to_string();
-            let planned =
-                crate::backup::begin(config, &layout, &options, None, true, withdrawn).await;
+            let planned = crate::backup::begin(config, &layout, &options, true, withdrawn).await;
             let built = match planned {
                 Ok(planned) => {
                     tracing::info!(%archive, "restore checked: building its data beside the live data while everything runs");
