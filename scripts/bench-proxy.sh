@@ -13,7 +13,8 @@
 # one that bounds a row (a new TLS connection costs the client as much as the proxy): there,
 # requests/s measure the clients, and requests per CPU-second compare the proxies.
 # Needs nginx-light, haproxy, wrk, nghttp2-client (h2load) and time: installed if missing.
-# Usage: [ONE_CORE=1] [BENCH_BIN=path] scripts/bench-proxy.sh [SECONDS (5)] [CONNECTIONS (32)] [RUNS (10)]
+# ROWS: the rows to run (of "h1 h1b h2 tls", all by default).
+# Usage: [ONE_CORE=1] [BENCH_BIN=path] [ROWS=...] scripts/bench-proxy.sh [SECONDS (5)] [CONNECTIONS (32)] [RUNS (10)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
@@ -21,6 +22,10 @@ DURATION="${1:-5}"
 CONNS="${2:-32}"
 REPEAT="${3:-10}"
 ONE_CORE="${ONE_CORE:-0}"
+ROWS="${ROWS:-h1 h1b h2 tls}"
+for kind in $ROWS; do
+    case $kind in h1 | h1b | h2 | tls) ;; *) echo "ROWS: unknown row $kind (h1 h1b h2 tls)" >&2; exit 2 ;; esac
+done
 bench_need nginx:nginx-light haproxy:haproxy wrk:wrk h2load:nghttp2-client openssl:openssl /usr/bin/time:time
 bench_bin
 WORK="$(mktemp -d /tmp/regobox-bench-proxy.XXXXXX)"
@@ -193,7 +198,7 @@ PROXIES=(nginx haproxy regobox)
 declare -A PORT=([nginx]=$NGX [haproxy]=$HAP [regobox]=$RBX)
 declare -A PROCS=([nginx]="$NGXPIDS" [haproxy]="$HAPPID" [regobox]="$RBXPID")
 declare -A RESULTS
-for kind in h1 h1b h2 tls; do
+for kind in $ROWS; do
     # The proxies take turns, so that a slow moment of the machine does not fall on one.
     for ((r = 1; r <= REPEAT; r++)); do
         for name in "${PROXIES[@]}"; do
@@ -215,7 +220,7 @@ label() {
 echo "| load | proxy | requests/s | p99 | CPU per request (of which system) | requests per CPU-second | cores busy: proxy / clients | clients' CPU per request: load / upstream | p99 of each run (ms) | answers not 2xx (all runs) |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
 declare -A MEDIAN CAPACITY
-for kind in h1 h1b h2 tls; do
+for kind in $ROWS; do
     label=$(label "$kind")
     for name in "${PROXIES[@]}"; do
         read -r rps p99 cpu _ sys busy0 busy1 gen up < <(printf "%s" "${RESULTS[$name,$kind]}" | median)
@@ -235,7 +240,7 @@ echo
 # And the same on requests per CPU-second, against the peer with the most of those.
 echo "| load | best peer | regobox / best peer (medians) | turns where regobox's requests/s is the highest | best peer per CPU-second | regobox / it |"
 echo "|---|---|---|---|---|---|"
-for kind in h1 h1b h2 tls; do
+for kind in $ROWS; do
     best=nginx
     [ "${MEDIAN[haproxy,$kind]}" -gt "${MEDIAN[nginx,$kind]}" ] && best=haproxy
     ratio=$(awk -v a="${MEDIAN[regobox,$kind]}" -v b="${MEDIAN[$best,$kind]}" 'BEGIN {printf "%.2fx", a / b}')

@@ -2,7 +2,8 @@
 # What a request costs regobox's proxy, in counts rather than timings (repeatable whatever else
 # the machine is doing): the release binary (one proxy worker), the same upstream as
 # scripts/bench-proxy.sh (an nginx answering a 1 KiB body), a warm-up load, then N requests from
-# h2load (one thread; HTTP/2 with 10 streams a connection, or HTTP/1.1), and one of:
+# h2load (one thread; HTTP/2 with 10 streams a connection, HTTP/1.1, or HTTP/1.1 with a new TLS
+# connection per request, `Connection: close`, as bench-proxy.sh's last row), and one of:
 # - instructions (the default): regobox under `valgrind --tool=callgrind`, the counters zeroed
 #   after the warm-up and dumped after the load (8 connections); prints instructions per request
 #   (the whole process, every thread) and keeps the profile for callgrind_annotate;
@@ -10,7 +11,7 @@
 #   each system call's count per request (those of at least one request in a thousand, the most
 #   frequent first; failed ones, such as EAGAIN, in brackets) and their sum.
 # Needs valgrind or strace, nginx-light and nghttp2-client (h2load): installed if missing.
-# Usage: [COUNT=instructions|syscalls] scripts/profile-proxy.sh [h2|h1] [REQUESTS (10000)] [OUT (/tmp/regobox-callgrind.<kind>.out)]
+# Usage: [COUNT=instructions|syscalls] scripts/profile-proxy.sh [h2|h1|tls] [REQUESTS (10000)] [OUT (/tmp/regobox-callgrind.<kind>.out)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/bench-lib.sh
@@ -40,7 +41,12 @@ UP=$base; RBX=$((base + 1)); RBX80=$((base + 2)); PG=$((base + 3)); HEALTH=$((ba
 bench_cert "$WORK"
 bench_regobox_config "$WORK" "$RBX" "$RBX80" "$UP" 1
 bench_upstream "$WORK" "$UP"
-if [ "$KIND" = h1 ]; then proto=(--h1); else proto=(-m10); fi
+case $KIND in
+h1) proto=(--h1) ;;
+h2) proto=(-m10) ;;
+tls) proto=(--h1 -H "Connection: close") ;;
+*) echo "the kind is h2, h1 or tls" >&2; exit 2 ;;
+esac
 load() { h2load "${proto[@]}" -c"$CONNS" -t1 -n"$1" "https://localhost:$RBX/" | awk '/^status codes:/ {print "status codes:", $3, "2xx of", '"$1"'}'; }
 
 if [ "$COUNT" = syscalls ]; then

@@ -18,12 +18,23 @@
 //! from h2load, the client's core, which bounds that load, spending less per request). A large
 //! write with nothing gathered before it goes straight through ([`BULK`]). HTTP/2 connections
 //! do the same above TLS (see `coalesce`).
+//!
+//! A connection's last answer (`framing::Signals::closes`) leaves with its end: hyper flushes the
+//! answer, then shuts the connection down (TLS's `close_notify`, then TCP's FIN) in the same
+//! poll. The flush of that turn leaves the answer gathered, and the shutdown sends answer and
+//! `close_notify` in one write that TCP sends with the FIN ([`Last`]): one segment where there
+//! were three (the answer, the alert, the FIN), and one system call where there were three. A
+//! flush of that turn not followed by the shutdown (the hint wrong) sends at the next turn, as
+//! any deferred write does.
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::framing::Signals;
 
 /// Bytes gathered beyond which the handshake's writes go out first (a handshake's flight is a
 /// few KiB; the bound keeps memory bounded whatever happens).
@@ -46,6 +57,15 @@ enum Mode {
     Defer,
 }
 
+/// A stream whose last write before its shutdown can travel with the shutdown.
+pub trait Last: AsyncWrite + Unpin {
+    /// Write from `buf`, the last bytes before the write side is shut down (TCP: held for the FIN
+    /// that follows, which then leaves in the same segment). By default, a plain write.
+    fn poll_write_last(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(self).poll_write(cx, buf)
+    }
+}
+
 pub struct Corked<S: AsyncWrite + Unpin> {
     inner: S,
     mode: Mode,
@@ -55,6 +75,12 @@ pub struct Corked<S: AsyncWrite + Unpin> {
     written: bool,
     /// Deferring: a flush waited for a pass of the queue already.
     yielded: bool,
+    /// Deferring: the connection's signals, which say when an answer is its last, and count the
+    /// task's turns.
+    signals: Option<Arc<Signals>>,
+    /// Deferring: the turn whose flush left the connection's last answer gathered for the
+    /// shutdown (see the module's documentation).
+    kept: Option<u64>,
 }
 
 impl<S: AsyncWrite + Unpin> Corked<S> {
@@ -66,6 +92,8 @@ impl<S: AsyncWrite + Unpin> Corked<S> {
             held: Vec::new(),
             written: false,
             yielded: false,
+            signals: None,
+            kept: None,
         }
     }
 
@@ -75,9 +103,11 @@ impl<S: AsyncWrite + Unpin> Corked<S> {
     }
 
     /// From now on, writes are gathered until a flush, which sends them at the task's next
-    /// turn (see the module's documentation); what is held leaves with them.
-    pub fn defer(&mut self) {
+    /// turn (see the module's documentation); what is held leaves with them. `signals`: the
+    /// connection's, for its last answer to leave with its end.
+    pub fn defer(&mut self, signals: Option<Arc<Signals>>) {
         self.mode = Mode::Defer;
+        self.signals = signals;
     }
 
     /// The handshake is over and the client waits for nothing it wrote last (TLS 1.3's
@@ -130,6 +160,24 @@ impl<S: AsyncWrite + Unpin> Corked<S> {
         self.held = Vec::new();
         self.written = false;
         self.yielded = false;
+        self.kept = None;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Write out what is held, the last bytes before the shutdown (see [`Last`]).
+    fn poll_drain_last(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>
+    where
+        S: Last,
+    {
+        while !self.held.is_empty() {
+            match ready!(self.inner.poll_write_last(cx, &self.held))? {
+                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                n => {
+                    self.held.drain(..n);
+                }
+            }
+        }
+        ready!(self.poll_drain(cx))?;
         Poll::Ready(Ok(()))
     }
 
@@ -196,7 +244,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Corked<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Corked<S> {
+impl<S: Last> AsyncWrite for Corked<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -238,13 +286,30 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Corked<S> {
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
+            // The connection's last answer: gathered until the shutdown of this turn (see the
+            // module's documentation); woken, so that a flush of a later turn sends it if no
+            // shutdown came.
+            if let Some(signals) = this.signals.as_ref().filter(|s| s.closes()) {
+                let turn = signals.turn();
+                match this.kept {
+                    None => {
+                        this.kept = Some(turn);
+                        cx.waker().wake_by_ref();
+                        return Pin::new(&mut this.inner).poll_flush(cx);
+                    }
+                    Some(kept) if kept == turn => {
+                        return Pin::new(&mut this.inner).poll_flush(cx);
+                    }
+                    Some(_) => {}
+                }
+            }
             ready!(this.poll_drain(cx))?;
         }
         Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(self.poll_drain(cx))?;
+        ready!(self.poll_drain_last(cx))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
@@ -288,9 +353,11 @@ pub(crate) mod tests {
     fn deferring(room: usize) -> (Corked<DuplexStream>, DuplexStream) {
         let (near, far) = tokio::io::duplex(room);
         let mut c = Corked::new(near);
-        c.defer();
+        c.defer(None);
         (c, far)
     }
+
+    impl Last for DuplexStream {}
 
     /// A flush that is done (not waiting, not failed).
     fn flushed(c: &mut Corked<DuplexStream>, cx: &mut Context<'_>) -> bool {
@@ -336,7 +403,7 @@ pub(crate) mod tests {
         // The handshake's last write (TLS 1.3's tickets), then HTTP/1.1.
         write(&mut c, &mut cx, b"tickets;");
         c.hold();
-        c.defer();
+        c.defer(None);
         // hyper flushes before it reads the first request: the tickets stay.
         assert!(flushed(&mut c, &mut cx));
         assert!(received(&mut far).is_empty(), "the tickets went alone");
@@ -379,5 +446,86 @@ pub(crate) mod tests {
         write(&mut c, &mut cx, b"unflushed");
         drop(c);
         assert_eq!(received(&mut far), b"unflushed");
+    }
+
+    /// A deferring stream whose connection's signals say the answer is its last.
+    fn closing(room: usize, tunnel: bool) -> (Corked<DuplexStream>, DuplexStream, Arc<Signals>) {
+        let (near, far) = tokio::io::duplex(room);
+        let signals = Arc::new(Signals::default());
+        signals.closing();
+        if tunnel {
+            signals.tunnel();
+        }
+        let mut c = Corked::new(near);
+        c.defer(Some(signals.clone()));
+        (c, far, signals)
+    }
+
+    #[test]
+    fn a_last_answer_leaves_with_the_connections_end() {
+        let (mut c, mut far, signals) = closing(64 * 1024, false);
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        signals.next_turn();
+        write(&mut c, &mut cx, b"response;");
+        assert!(Pin::new(&mut c).poll_flush(&mut cx).is_pending());
+        // The next turn: its flushes are done, the answer kept for the shutdown of this turn.
+        signals.next_turn();
+        assert!(flushed(&mut c, &mut cx));
+        assert!(flushed(&mut c, &mut cx));
+        assert!(
+            received(&mut far).is_empty(),
+            "the answer left before the end"
+        );
+        write(&mut c, &mut cx, b"close_notify");
+        assert!(matches!(
+            Pin::new(&mut c).poll_shutdown(&mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(received(&mut far), b"response;close_notify");
+    }
+
+    /// The hint wrong (no shutdown after the flush): the answer leaves at the next turn, which
+    /// the flush asked for.
+    #[test]
+    fn a_last_answer_not_followed_by_the_end_leaves_at_the_next_turn() {
+        let (mut c, mut far, signals) = closing(64 * 1024, false);
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        write(&mut c, &mut cx, b"response");
+        assert!(Pin::new(&mut c).poll_flush(&mut cx).is_pending());
+        signals.next_turn();
+        assert!(flushed(&mut c, &mut cx));
+        assert!(received(&mut far).is_empty());
+        assert_eq!(
+            count.0.load(Ordering::Relaxed),
+            2,
+            "the kept answer's flush woke the task for its next turn"
+        );
+        signals.next_turn();
+        assert!(flushed(&mut c, &mut cx));
+        assert_eq!(received(&mut far), b"response");
+        // The next answer goes the same way.
+        write(&mut c, &mut cx, b"another");
+        assert!(Pin::new(&mut c).poll_flush(&mut cx).is_pending());
+        signals.next_turn();
+        assert!(flushed(&mut c, &mut cx));
+        signals.next_turn();
+        assert!(flushed(&mut c, &mut cx));
+        assert_eq!(received(&mut far), b"another");
+    }
+
+    /// Upgraded (101 sent), the connection is a tunnel whose flushes are not hyper's turns:
+    /// they send, as any deferred write.
+    #[test]
+    fn a_tunnel_flushes_as_any_connection() {
+        let (mut c, mut far, _signals) = closing(64 * 1024, true);
+        let mut cx = Context::from_waker(Waker::noop());
+        write(&mut c, &mut cx, b"frame");
+        assert!(Pin::new(&mut c).poll_flush(&mut cx).is_pending());
+        assert!(flushed(&mut c, &mut cx));
+        assert_eq!(received(&mut far), b"frame");
     }
 }

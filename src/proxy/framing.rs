@@ -20,7 +20,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -88,6 +88,8 @@ pub struct Signals {
     between: AtomicBool,
     /// The handler's answer closes the connection.
     closing: AtomicBool,
+    /// The connection's task's polls of hyper's connection, counted (see `cork`).
+    turns: AtomicU64,
 }
 
 impl Signals {
@@ -103,6 +105,24 @@ impl Signals {
     /// The handler's answer closes the connection.
     pub fn closing(&self) {
         self.closing.store(true, Ordering::Relaxed);
+    }
+
+    /// The answer in progress is the connection's last (the handler's, or the request's, choice).
+    /// (Not once the handler has answered 101: what follows is the tunnel's.)
+    pub fn closes(&self) -> bool {
+        self.closing.load(Ordering::Relaxed) && !self.tunnel.load(Ordering::Relaxed)
+    }
+
+    /// The connection's task polls hyper's connection again. (Only that task counts: a load
+    /// and a store, no locked instruction.)
+    pub fn next_turn(&self) {
+        let t = self.turns.load(Ordering::Relaxed);
+        self.turns.store(t.wrapping_add(1), Ordering::Relaxed);
+    }
+
+    /// How many times the connection's task has polled hyper's connection.
+    pub fn turn(&self) -> u64 {
+        self.turns.load(Ordering::Relaxed)
     }
 
     /// Between two requests of a connection that stays open: nothing of the next one read yet.

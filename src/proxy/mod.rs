@@ -1559,6 +1559,34 @@ impl Socket for Tracked<TcpStream> {
     }
 }
 
+impl cork::Last for Tracked<TcpStream> {
+    /// `send` with `MSG_MORE`: TCP holds a segment not full for the shutdown's FIN, which then
+    /// pushes it out with the FIN.
+    fn poll_write_last(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = loop {
+            match self.inner.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                Poll::Pending => break Poll::Pending,
+            }
+            let sent = self.inner.try_io(tokio::io::Interest::WRITABLE, || {
+                socket2::SockRef::from(&self.inner)
+                    .send_with_flags(buf, libc::MSG_MORE | libc::MSG_NOSIGNAL)
+            });
+            match sent {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                r => break Poll::Ready(r),
+            }
+        };
+        self.wrote(&r);
+        r
+    }
+}
+
 impl Socket for TlsIo {
     fn tcp(&self) -> Option<&TcpStream> {
         None
@@ -1740,6 +1768,7 @@ async fn connection(
                 &shared,
                 activity.clone(),
                 shutdown,
+                Arc::new(framing::Signals::default()),
             ))
             .await
         }
@@ -1830,8 +1859,11 @@ fn tls_served(
             let _ = socket2::SockRef::from(&corked.get_ref().inner).set_quickack(true);
         }
         // Its writes wait for a pass of the worker's queue (see `cork`); HTTP/2's do above TLS.
-        corked.defer();
-        Box::pin(serve_h1(tls_stream, peer, true, shared, activity, shutdown))
+        let signals = Arc::new(framing::Signals::default());
+        corked.defer(Some(signals.clone()));
+        Box::pin(serve_h1(
+            tls_stream, peer, true, shared, activity, shutdown, signals,
+        ))
     }
 }
 
@@ -1893,6 +1925,8 @@ const PARK_AFTER: Duration = Duration::from_secs(1);
 /// the next request (a new hyper connection then reads it) or the idle deadline passes. Parked
 /// only when nothing can be lost: no request in flight, nothing of the next one read, no write
 /// waiting for the client, and a connection that stays open (see `framing::Signals`).
+/// `signals`: what its follower and its handler tell each other (a TLS connection's cork reads
+/// them too, see `cork`).
 async fn serve_h1<S>(
     io: S,
     peer: SocketAddr,
@@ -1900,11 +1934,11 @@ async fn serve_h1<S>(
     shared: &Arc<Shared>,
     activity: Arc<Activity>,
     shutdown: CancellationToken,
+    signals: Arc<framing::Signals>,
 ) where
     S: AsyncRead + AsyncWrite + Socket + Unpin + Send + 'static,
 {
     let cfg = &shared.config;
-    let signals = Arc::new(framing::Signals::default());
     activity.head_begins();
     let plain = io.tcp().is_some();
     let mut io = framing::Framing::new(
@@ -2013,7 +2047,11 @@ where
             biased;
             // (Closed as idle or not, what the kernel still holds for the client is left to
             // `linger`.)
-            _ = &mut conn => return None,
+            // (Each poll of hyper's connection a turn: see `cork`.)
+            _ = std::future::poll_fn(|cx| {
+                signals.next_turn();
+                Pin::new(&mut conn).poll(cx)
+            }) => return None,
             e = sentry.next() => {
                 if e == sentry::Event::Shutdown {
                     draining = true;

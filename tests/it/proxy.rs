@@ -1952,6 +1952,177 @@ fn a_handshakes_last_writes_leave_with_the_first_response() {
     p.stop();
 }
 
+/// The TCP segments on the loopback interface, read from a packet socket (root), for a test of
+/// what travels in which segment.
+struct Capture(std::os::fd::OwnedFd);
+
+impl Capture {
+    fn loopback() -> Capture {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        let all = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain arguments; the descriptor returned is owned below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                all.into(),
+            )
+        };
+        assert!(
+            fd >= 0,
+            "a packet socket (needs root): {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `fd` was just opened and is owned by nothing else.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // Room for what the other tests send over loopback meanwhile.
+        let room: libc::c_int = 64 << 20;
+        // SAFETY: an int option, its size given.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&room as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        // SAFETY: zero is a valid sockaddr_ll; the fields set below.
+        let mut at: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        at.sll_family = libc::AF_PACKET as u16;
+        at.sll_protocol = all;
+        // SAFETY: a NUL-terminated name.
+        at.sll_ifindex = unsafe { libc::if_nametoindex(c"lo".as_ptr()) } as i32;
+        // SAFETY: `at` is a sockaddr_ll, its size given.
+        let bound = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&at as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(bound, 0, "{}", std::io::Error::last_os_error());
+        Capture(fd)
+    }
+
+    /// The TCP segments from port `from` to port `to` (IPv4) captured since the last call:
+    /// their flags and payload sizes, in order.
+    fn segments(&self, from: u16, to: u16) -> Vec<(u8, usize)> {
+        use std::os::fd::AsRawFd;
+        let mut found = Vec::new();
+        let mut frame = vec![0u8; 70_000];
+        loop {
+            // SAFETY: zero is a valid sockaddr_ll.
+            let mut at: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut at_len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            // SAFETY: `frame` and `at` are writable for the sizes given.
+            let n = unsafe {
+                libc::recvfrom(
+                    self.0.as_raw_fd(),
+                    frame.as_mut_ptr().cast(),
+                    frame.len(),
+                    libc::MSG_DONTWAIT,
+                    (&mut at as *mut libc::sockaddr_ll).cast(),
+                    &mut at_len,
+                )
+            };
+            if n < 0 {
+                return found;
+            }
+            // Each loopback packet is seen leaving and arriving: counted once, arriving.
+            if at.sll_pkttype == libc::PACKET_OUTGOING {
+                continue;
+            }
+            // An Ethernet header (zeros on loopback), then IPv4, then TCP.
+            let f = &frame[..n as usize];
+            if f.len() < 14 + 20 || f[12..14] != [0x08, 0x00] {
+                continue;
+            }
+            let ip = &f[14..];
+            let (ihl, total) = (
+                usize::from(ip[0] & 0xf) * 4,
+                usize::from(u16::from_be_bytes([ip[2], ip[3]])),
+            );
+            if ip[9] != 6 || ip.len() < ihl + 20 {
+                continue;
+            }
+            let tcp = &ip[ihl..];
+            let (source, dest) = (
+                u16::from_be_bytes([tcp[0], tcp[1]]),
+                u16::from_be_bytes([tcp[2], tcp[3]]),
+            );
+            if (source, dest) == (from, to) {
+                let doff = usize::from(tcp[12] >> 4) * 4;
+                found.push((tcp[13], total - ihl - doff));
+            }
+        }
+    }
+}
+
+const FIN: u8 = 0x01;
+
+/// A connection's last answer over TLS leaves with the connection's end (`proxy::cork`): the
+/// answer, TLS's `close_notify` and TCP's FIN in one segment, where there were three (the
+/// client woken three times, regobox writing three times). The answer's last because the
+/// client said so (`Connection: close`, HTTP/1.0) or because regobox did (a request it
+/// refuses); the client reads all of it and a clean end. Seen on the wire (a packet socket on
+/// loopback).
+#[test]
+fn a_last_answer_leaves_with_the_connections_end_in_one_segment() {
+    let mut p = Proxied::start("");
+    let capture = Capture::loopback();
+    let cases: [(&str, &[u8], &str); 3] = [
+        (
+            "the client's last request",
+            b"GET /status?code=200 HTTP/1.1\r\nHost: localhost\r\nConnection: keep-alive, close\r\n\r\n",
+            "HTTP/1.1 200",
+        ),
+        (
+            "an HTTP/1.0 request",
+            b"GET /status?code=200 HTTP/1.0\r\nHost: localhost\r\n\r\n",
+            " 200 ",
+        ),
+        (
+            "an answer regobox closes with",
+            b"GET / HTTP/1.1\r\nHost: localhost\r\nHost: other\r\n\r\n",
+            "HTTP/1.1 400",
+        ),
+    ];
+    for (what, request, status) in cases {
+        let mut s = tls_alpn(p.https, None, &[b"http/1.1"]);
+        let client = s.sock.local_addr().unwrap().port();
+        // The handshake's, left behind.
+        capture.segments(p.https, client);
+        s.write_all(request).unwrap();
+        let mut answer = Vec::new();
+        let end = s.read_to_end(&mut answer);
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            end.is_ok(),
+            "{what}: the connection ended without close_notify: {end:?}"
+        );
+        assert!(answer.starts_with("HTTP/1."), "{what}: {answer}");
+        assert!(answer.contains(status), "{what}: {answer}");
+        // What the server sent after the request, but bare acknowledgements.
+        let sent: Vec<(u8, usize)> = capture
+            .segments(p.https, client)
+            .into_iter()
+            .filter(|&(flags, payload)| payload > 0 || flags & FIN != 0)
+            .collect();
+        assert!(
+            sent.len() == 1 && sent[0].1 > 0 && sent[0].0 & FIN != 0,
+            "{what}: the answer, close_notify and FIN went as (flags, payload bytes) {sent:?}"
+        );
+    }
+    // A connection that stays open answers as usual, and its answers do not wait for an end.
+    let mut s = tls_alpn(p.https, None, &[b"http/1.1"]);
+    for path in ["/status?code=200", "/keep"] {
+        let (status, _) = request(&mut s, path);
+        assert_eq!(status, 200);
+    }
+    p.stop();
+}
+
 /// Attack (eighteenth session): an answer made before the request's body is read (regobox's
 /// redirect or 503, the application's early 413) reached a client still sending the body as a
 /// broken pipe (HTTP/1.1: hyper closed the connection) or a reset stream (HTTP/2: curl exit 92),
