@@ -1056,7 +1056,7 @@ impl Fields {
             } else if is_hop_by_hop(name) {
                 f.hop_by_hop = true;
                 if name == header::CONNECTION {
-                    for option in v.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    for option in super::framing::connection_options(v) {
                         f.close |= option.eq_ignore_ascii_case(b"close");
                         f.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
                     }

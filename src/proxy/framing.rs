@@ -395,6 +395,19 @@ enum Next {
     Refused,
 }
 
+/// The options of a `Connection` field's `value` as hyper reads them to decide whether a
+/// request is the connection's last: none unless the value is text (visible ASCII and tabs,
+/// `HeaderValue::to_str`). (An attacker's finding: `Connection: close, \x80` was the last
+/// request here and not for hyper, which kept the connection open while everything the client
+/// sent after it was thrown away, unanswered, until the idle deadline.)
+pub fn connection_options(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let text = value.iter().all(|&b| (32..127).contains(&b) || b == b'\t');
+    value
+        .split(|b| *b == b',')
+        .filter(move |_| text)
+        .map(<[u8]>::trim_ascii)
+}
+
 /// What follows a request head, whether the request asks for an upgrade, and whether it is the
 /// connection's last (as hyper decides: HTTP/1.1 unless `Connection: close`, HTTP/1.0 only with
 /// `Connection: keep-alive`); raises the flag on both framings.
@@ -424,8 +437,7 @@ fn after_head(signals: &Signals, req: &httparse::Request<'_, '_>) -> (Next, bool
         } else if h.name.eq_ignore_ascii_case("upgrade") {
             upgrade = true;
         } else if h.name.eq_ignore_ascii_case("connection") {
-            for token in h.value.split(|b| *b == b',') {
-                let token = token.trim_ascii();
+            for token in connection_options(h.value) {
                 close |= token.eq_ignore_ascii_case(b"close");
                 keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
             }
@@ -672,6 +684,23 @@ mod tests {
         );
         let (_, signals) = follow(&[b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"]);
         assert!(signals.between_requests());
+        // Options as hyper reads them: none in a value that is not text (an attacker's finding:
+        // `close` there ended the following while hyper kept the connection open).
+        let (_, signals) = follow(&[b"GET / HTTP/1.1\r\nConnection: close, \x80\r\n\r\n"]);
+        assert!(signals.between_requests());
+        assert_eq!(
+            state(&[
+                b"GET / HTTP/1.0\r\nConnection: keep-alive, \x80\r\n\r\nGET /b HTTP/1.1\r\n\r\n"
+            ]),
+            "Closing"
+        );
+        assert_eq!(
+            connection_options(b" Close ,keep-alive").collect::<Vec<_>>(),
+            [&b"Close"[..], b"keep-alive"]
+        );
+        assert_eq!(connection_options(b"close,\xa0").count(), 0);
+        assert_eq!(connection_options(b"close,\x7f").count(), 0);
+        assert_eq!(connection_options(b"close,\tx").count(), 2);
         // Many tiny chunks: cut; the same number of larger ones: followed.
         let mut tiny = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
         let mut fine = tiny.clone();

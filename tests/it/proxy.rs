@@ -2123,6 +2123,41 @@ fn a_last_answer_leaves_with_the_connections_end_in_one_segment() {
     p.stop();
 }
 
+/// Attack (thirty-first session): `Connection: close, \x80` (an option beside a byte that is not
+/// text) was the connection's last request for regobox's request follower and not for hyper,
+/// which reads no option in such a value: the connection stayed open, and everything the client
+/// sent next was thrown away unanswered until the idle deadline (75 s). Both read it as hyper
+/// does now: the next request is answered, over TLS and over plain HTTP.
+#[test]
+fn a_connection_option_hyper_does_not_read_does_not_end_the_connection() {
+    let mut p = Proxied::start("");
+    let first = b"GET /job/a HTTP/1.1\r\nHost: localhost\r\nConnection: close, \x80\r\n\r\n";
+    let tls = tls_alpn(p.https, None, &[b"http/1.1"]);
+    let plain = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let streams: [(&str, Box<dyn ReadWrite>); 2] =
+        [("TLS", Box::new(tls)), ("plain", Box::new(plain))];
+    for (what, mut s) in streams {
+        s.write_all(first).unwrap();
+        assert_eq!(
+            response(&mut s),
+            (200, "app: /job/a\n".to_string()),
+            "{what}"
+        );
+        let started = Instant::now();
+        let (status, body) = request(&mut s, "/job/b");
+        assert_eq!((status, body.as_str()), (200, "app: /job/b\n"), "{what}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{what}: the next request waited {:?}",
+            started.elapsed()
+        );
+    }
+    p.stop();
+}
+
 /// Attack (eighteenth session): an answer made before the request's body is read (regobox's
 /// redirect or 503, the application's early 413) reached a client still sending the body as a
 /// broken pipe (HTTP/1.1: hyper closed the connection) or a reset stream (HTTP/2: curl exit 92),
