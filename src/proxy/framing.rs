@@ -401,11 +401,16 @@ enum Next {
 /// request here and not for hyper, which kept the connection open while everything the client
 /// sent after it was thrown away, unanswered, until the idle deadline.)
 pub fn connection_options(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let text = value.iter().all(|&b| (32..127).contains(&b) || b == b'\t');
+    let text = is_text(value);
     value
         .split(|b| *b == b',')
         .filter(move |_| text)
         .map(<[u8]>::trim_ascii)
+}
+
+/// A field's value hyper reads as text (`HeaderValue::to_str`): visible ASCII and tabs.
+fn is_text(value: &[u8]) -> bool {
+    value.iter().all(|&b| (32..127).contains(&b) || b == b'\t')
 }
 
 /// What follows a request head, whether the request asks for an upgrade, and whether it is the
@@ -429,11 +434,12 @@ fn after_head(signals: &Signals, req: &httparse::Request<'_, '_>) -> (Next, bool
             }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             te = true;
-            chunked = h
-                .value
-                .rsplit(|b| *b == b',')
-                .next()
-                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            // The last coding, as hyper reads it: none in a value that is not text.
+            chunked = is_text(h.value)
+                && h.value
+                    .rsplit(|b| *b == b',')
+                    .next()
+                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if h.name.eq_ignore_ascii_case("upgrade") {
             upgrade = true;
         } else if h.name.eq_ignore_ascii_case("connection") {
@@ -662,6 +668,7 @@ mod tests {
             &b"POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n"[..],
             b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
             b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: \x80, chunked\r\n\r\n",
             b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n",
         ] {
             assert_eq!(

@@ -2155,6 +2155,15 @@ fn a_connection_option_hyper_does_not_read_does_not_end_the_connection() {
             started.elapsed()
         );
     }
+    // The same for a body's framing: a coding list that is not text is not chunked for hyper
+    // (400, closed), nor for the follower.
+    let started = Instant::now();
+    let answer = raw(
+        p.http,
+        b"POST /job/c HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: \x80, chunked\r\n\r\n0\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{answer}");
     p.stop();
 }
 
