@@ -66,7 +66,7 @@ pub trait Last: AsyncWrite + Unpin {
     }
 }
 
-pub struct Corked<S: AsyncWrite + Unpin> {
+pub struct Corked<S: Last> {
     inner: S,
     mode: Mode,
     held: Vec<u8>,
@@ -83,7 +83,7 @@ pub struct Corked<S: AsyncWrite + Unpin> {
     kept: Option<u64>,
 }
 
-impl<S: AsyncWrite + Unpin> Corked<S> {
+impl<S: Last> Corked<S> {
     /// `inner`, its writes gathered until [`Corked::hold`] or [`Corked::poll_release`].
     pub fn new(inner: S) -> Self {
         Corked {
@@ -122,22 +122,22 @@ impl<S: AsyncWrite + Unpin> Corked<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> Drop for Corked<S> {
+impl<S: Last> Drop for Corked<S> {
     /// A connection regobox closes before its first write (idle, or a request head too slow)
     /// still gets the tickets, if its socket takes them at once: the client can resume its
     /// next connection. (And what a deferring connection wrote without a flush goes the same
     /// way; hyper flushes before it ends a connection.)
     fn drop(&mut self) {
         if self.mode == Mode::Hold || self.mode == Mode::Defer {
-            let _ = self.poll_drain(&mut Context::from_waker(std::task::Waker::noop()));
+            let _ = self.poll_drain(&mut Context::from_waker(std::task::Waker::noop()), false);
         }
     }
 }
 
-impl<S: AsyncWrite + Unpin> Corked<S> {
+impl<S: Last> Corked<S> {
     /// Send what is held; then writes go straight through.
     pub fn poll_release(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(self.poll_drain(cx))?;
+        ready!(self.poll_drain(cx, false))?;
         self.mode = Mode::Through;
         Poll::Ready(Ok(()))
     }
@@ -147,10 +147,15 @@ impl<S: AsyncWrite + Unpin> Corked<S> {
         std::future::poll_fn(|cx| self.poll_release(cx)).await
     }
 
-    /// Write out what is held (the mode stays).
-    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Write out what is held (the mode stays); `last`: the last bytes before the shutdown (see
+    /// [`Last`]).
+    fn poll_drain(&mut self, cx: &mut Context<'_>, last: bool) -> Poll<io::Result<()>> {
         while !self.held.is_empty() {
-            match ready!(Pin::new(&mut self.inner).poll_write(cx, &self.held))? {
+            let written = match last {
+                true => self.inner.poll_write_last(cx, &self.held),
+                false => Pin::new(&mut self.inner).poll_write(cx, &self.held),
+            };
+            match ready!(written)? {
                 0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 n => {
                     self.held.drain(..n);
@@ -161,23 +166,6 @@ impl<S: AsyncWrite + Unpin> Corked<S> {
         self.written = false;
         self.yielded = false;
         self.kept = None;
-        Poll::Ready(Ok(()))
-    }
-
-    /// Write out what is held, the last bytes before the shutdown (see [`Last`]).
-    fn poll_drain_last(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>>
-    where
-        S: Last,
-    {
-        while !self.held.is_empty() {
-            match ready!(self.inner.poll_write_last(cx, &self.held))? {
-                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                n => {
-                    self.held.drain(..n);
-                }
-            }
-        }
-        ready!(self.poll_drain(cx))?;
         Poll::Ready(Ok(()))
     }
 
@@ -214,7 +202,7 @@ impl<S: AsyncWrite + Unpin> Corked<S> {
     /// Gather `bufs` (the handshake's writes, or a deferring connection's).
     fn gather(&mut self, cx: &mut Context<'_>, bufs: &[IoSlice<'_>]) -> Poll<io::Result<usize>> {
         if self.held.len() >= LIMIT {
-            ready!(self.poll_drain(cx))?;
+            ready!(self.poll_drain(cx, false))?;
         }
         let mut n = 0;
         for b in bufs {
@@ -226,7 +214,7 @@ impl<S: AsyncWrite + Unpin> Corked<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Corked<S> {
+impl<S: AsyncRead + Last> AsyncRead for Corked<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -236,7 +224,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Corked<S> {
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         // About to wait for the client: it gets what the handshake wrote first.
         if r.is_pending() && this.mode == Mode::Gather && !this.held.is_empty() {
-            if let Poll::Ready(Err(e)) = this.poll_drain(cx) {
+            if let Poll::Ready(Err(e)) = this.poll_drain(cx, false) {
                 return Poll::Ready(Err(e));
             }
         }
@@ -303,13 +291,13 @@ impl<S: Last> AsyncWrite for Corked<S> {
                     Some(_) => {}
                 }
             }
-            ready!(this.poll_drain(cx))?;
+            ready!(this.poll_drain(cx, false))?;
         }
         Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(self.poll_drain_last(cx))?;
+        ready!(self.poll_drain(cx, true))?;
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
