@@ -145,6 +145,9 @@ pub struct Framing<S> {
     /// The current body's chunks, and the bytes they carry.
     chunks: u64,
     chunked_bytes: u64,
+    /// The follower cut a body hyper would read on (its chunks too small): hyper's next read
+    /// fails, once it has what came before the cut (see [`Framing::poll_read`]).
+    cut: bool,
     limit: usize,
     signals: Arc<Signals>,
     /// Told when a request head begins and ends (for the header deadline).
@@ -166,6 +169,7 @@ impl<S> Framing<S> {
             last: false,
             chunks: 0,
             chunked_bytes: 0,
+            cut: false,
             limit,
             signals,
             activity,
@@ -277,11 +281,14 @@ impl<S> Framing<S> {
                         Ok(httparse::Status::Partial) if buf.len() <= self.limit => {
                             data = &data[taken..];
                         }
-                        // Too large or not a head: hyper refuses it (431 or 400) and closes.
+                        // Too large or not a head: hyper refuses it (431 or 400) and closes. It
+                        // gets what was followed of it and nothing after (an attacker's finding:
+                        // a head one read brought whole, past the limit, was hyper's to serve
+                        // with every request after it in the read, none of them followed).
                         _ => {
                             self.head_ends();
                             self.state = State::Closing;
-                            return Some(0);
+                            return Some(data.len() - taken);
                         }
                     }
                 }
@@ -317,6 +324,10 @@ impl<S> Framing<S> {
                             if self.chunks > SMALL_CHUNKS_ALLOWED
                                 && self.chunked_bytes < self.chunks * MIN_CHUNK_AVERAGE
                             {
+                                // Framing hyper reads on: the read fails instead (an
+                                // attacker's finding: hyper waited 60 s for the rest, which
+                                // was thrown away, before its 408).
+                                self.cut = true;
                                 self.state = State::Lost;
                             }
                         }
@@ -419,19 +430,21 @@ fn is_text(value: &[u8]) -> bool {
 fn after_head(signals: &Signals, req: &httparse::Request<'_, '_>) -> (Next, bool, bool) {
     let (mut length, mut te, mut chunked, mut upgrade) = (None, false, false, false);
     let (mut close, mut keep_alive) = (false, false);
+    let (mut content_length, mut malformed_length) = (false, false);
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
             // Every value (`5, 5` in one field or in several) must be the same number, digits
-            // only, as hyper reads them.
+            // only, as hyper reads them. Whatever they say, a `Content-Length` beside a
+            // `Transfer-Encoding` is both framings (below; an attacker's finding: hyper skips a
+            // length after `Transfer-Encoding` unread, and one that did not read as a number
+            // here was refused before the two were seen together, with no 400).
             for value in h.value.split(|b| *b == b',') {
-                let Some(n) = digits(value.trim_ascii()) else {
-                    return (Next::Refused, false, true);
-                };
-                if length.is_some_and(|l| l != n) {
-                    return (Next::Refused, false, true);
+                match digits(value.trim_ascii()) {
+                    Some(n) if length.is_none_or(|l| l == n) => length = Some(n),
+                    _ => malformed_length = true,
                 }
-                length = Some(n);
             }
+            content_length = true;
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             te = true;
             // The last coding, as hyper reads it: none in a value that is not text.
@@ -451,9 +464,12 @@ fn after_head(signals: &Signals, req: &httparse::Request<'_, '_>) -> (Next, bool
     }
     let upgrade = upgrade || req.method == Some("CONNECT");
     let last = close || (req.version != Some(1) && !keep_alive);
-    if te && length.is_some() {
+    if te && content_length {
         signals.ambiguous.store(true, Ordering::Relaxed);
         return (Next::Refused, upgrade, true);
+    }
+    if malformed_length {
+        return (Next::Refused, false, true);
     }
     let next = if chunked {
         Next::Chunked
@@ -468,10 +484,17 @@ fn after_head(signals: &Signals, req: &httparse::Request<'_, '_>) -> (Next, bool
 
 /// A decimal number of ASCII digits only (no sign, no spaces), as hyper reads `Content-Length`.
 pub(super) fn digits(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+    // As hyper's `from_digits`: any number of leading zeros, no sign, `None` past `u64` (an
+    // attacker's finding: 20 zeros were a length for hyper and not here).
+    if value.is_empty() {
         return None;
     }
-    std::str::from_utf8(value).ok()?.parse().ok()
+    value.iter().try_fold(0u64, |n, &b| {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+    })
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Framing<S> {
@@ -481,6 +504,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framing<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        if std::mem::take(&mut this.cut) {
+            return Poll::Ready(Err(cut()));
+        }
         if !this.replay.is_empty() {
             let n = this.replay.len().min(buf.remaining());
             buf.put_slice(&this.replay.split_to(n));
@@ -500,9 +526,20 @@ impl<S: AsyncRead + Unpin> AsyncRead for Framing<S> {
         {
             // hyper never sees what comes after.
             buf.set_filled(before + keep);
+            if keep == 0 && std::mem::take(&mut this.cut) {
+                return Poll::Ready(Err(cut()));
+            }
         }
         r
     }
+}
+
+/// The error hyper's read of a body cut for its tiny chunks gets (a 400, see `forward`).
+fn cut() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        "a chunked body in pieces too small",
+    )
 }
 
 impl<S: AsyncRead + Unpin> Framing<S> {
@@ -724,5 +761,90 @@ mod tests {
             state(&[b"POST / HTTP/1.1\r\nContent-Length: 5, 5\r\n\r\nabc"]),
             "Body"
         );
+    }
+
+    /// A second attacker's findings (thirty-first session): where the follower read the same
+    /// bytes otherwise than hyper.
+    #[test]
+    fn the_follower_reads_what_hyper_reads() {
+        // Lengths as hyper's `from_digits` reads them.
+        assert_eq!(digits(b"00000000000000000005"), Some(5));
+        assert_eq!(digits(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(digits(b"18446744073709551616"), None);
+        for bad in [&b""[..], b"+5", b"-5", b"5 ", b"0x5", b"\xd9\xa5"] {
+            assert_eq!(digits(bad), None, "{bad:?}");
+        }
+        let (_, signals) =
+            follow(&[b"POST / HTTP/1.1\r\nContent-Length: 00000000000000000005\r\n\r\nhello"]);
+        assert!(signals.between_requests());
+        // A length beside Transfer-Encoding is both framings, whatever it says, wherever it is.
+        for both in [
+            &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: x\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: +1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert!(scan(&[both]), "{}", String::from_utf8_lossy(both));
+        }
+        // A head past the limit: hyper gets what was followed of it (the limit and a byte, which
+        // hyper refuses: 431), nothing of what came after it in the same read.
+        let mut big = b"GET /big HTTP/1.1\r\nX-Pad:".to_vec();
+        big.extend_from_slice(&[b' '; 9000]);
+        big.extend_from_slice(b"v\r\n\r\nGET /next HTTP/1.1\r\n\r\n");
+        let mut f = Framing::new((), 8192, Arc::new(Signals::default()), None);
+        assert_eq!(f.feed(&big), Some(8193));
+        assert_eq!(f.feed(b"GET /more HTTP/1.1\r\n\r\n"), Some(0));
+        // And one split over reads: what the read that passed the limit brought, up to it.
+        let mut f = Framing::new((), 8192, Arc::new(Signals::default()), None);
+        assert_eq!(f.feed(&big[..8000]), None);
+        assert_eq!(f.feed(&big[8000..]), Some(193));
+    }
+
+    /// A body cut for its tiny chunks, which hyper would read on: the read fails at once.
+    #[test]
+    fn a_body_cut_for_tiny_chunks_fails_the_read() {
+        let mut tiny = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..1100 {
+            tiny.extend_from_slice(b"1\r\na\r\n");
+        }
+        let mut f = Framing::new(&tiny[..], 8192, Arc::new(Signals::default()), None);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut scratch = vec![0u8; 64 * 1024];
+        // What came before the cut (the head among it), then the error.
+        let mut rb = ReadBuf::new(&mut scratch);
+        assert!(matches!(
+            Pin::new(&mut f).poll_read(&mut cx, &mut rb),
+            Poll::Ready(Ok(()))
+        ));
+        let before_cut = rb.filled().len();
+        assert!(
+            before_cut > 44 && before_cut < tiny.len() - 6,
+            "{before_cut}"
+        );
+        let mut rb = ReadBuf::new(&mut scratch);
+        match Pin::new(&mut f).poll_read(&mut cx, &mut rb) {
+            Poll::Ready(Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::InvalidData),
+            other => panic!("{other:?}"),
+        }
+        // Then nothing more for hyper.
+        let mut rb = ReadBuf::new(&mut scratch);
+        assert!(matches!(
+            Pin::new(&mut f).poll_read(&mut cx, &mut rb),
+            Poll::Ready(Ok(()))
+        ));
+        assert!(rb.filled().is_empty());
+        // Chunks of a fair size are followed through.
+        let mut fine = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..1100 {
+            fine.extend_from_slice(b"40\r\n");
+            fine.extend_from_slice(&[b'a'; 64]);
+            fine.extend_from_slice(b"\r\n");
+        }
+        let mut f = Framing::new(&fine[..], 8192, Arc::new(Signals::default()), None);
+        let mut rb = ReadBuf::new(&mut scratch);
+        assert!(matches!(
+            Pin::new(&mut f).poll_read(&mut cx, &mut rb),
+            Poll::Ready(Ok(()))
+        ));
+        assert!(!rb.filled().is_empty());
     }
 }
