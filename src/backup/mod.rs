@@ -2054,8 +2054,8 @@ fn holds_data(dir: &Path) -> bool {
 }
 
 /// Check everything a restore of `opts.archive` can check without changing anything: the
-/// archive (one full read by every rule of a restore), the binaries, the data directory, existing data without `--force`, the major,
-/// and the free space. A restore that would be refused is refused here, before any service
+/// archive (one full read by every rule of a restore), the binaries, the data directory,
+/// existing data without `--force`, the major, and the free space. A restore that would be refused is refused here, before any service
 /// stops.
 /// `reserve`: what the file systems of the live data must keep free besides the restore's needs
 /// (`volumes.min_free` while a server runs on them; see [`begin`]).

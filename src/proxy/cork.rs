@@ -279,16 +279,12 @@ impl<S: Last> AsyncWrite for Corked<S> {
             // shutdown came.
             if let Some(signals) = this.signals.as_ref().filter(|s| s.closes()) {
                 let turn = signals.turn();
-                match this.kept {
-                    None => {
-                        this.kept = Some(turn);
-                        cx.waker().wake_by_ref();
-                        return Pin::new(&mut this.inner).poll_flush(cx);
-                    }
-                    Some(kept) if kept == turn => {
-                        return Pin::new(&mut this.inner).poll_flush(cx);
-                    }
-                    Some(_) => {}
+                if this.kept.is_none() {
+                    this.kept = Some(turn);
+                    cx.waker().wake_by_ref();
+                }
+                if this.kept == Some(turn) {
+                    return Pin::new(&mut this.inner).poll_flush(cx);
                 }
             }
             ready!(this.poll_drain(cx, false))?;

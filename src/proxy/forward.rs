@@ -129,13 +129,6 @@ impl ConnCtx {
         let mut lease: Option<Lease> = None;
         // The fields looked at below, found in one pass.
         let fields = Fields::of(req.headers());
-        // The client's last request (RFC 9112 9.3; hyper closes the connection after its
-        // answer): the connection's end may leave with the answer (see `cork`).
-        if version == Version::HTTP_11 && fields.close
-            || version == Version::HTTP_10 && !fields.keep_alive
-        {
-            self.signals.closing();
-        }
         // The last request of an HTTP/1.1 connection unless it becomes a tunnel (see
         // `framing`): nothing after it is read as a request.
         let asks_upgrade =
@@ -1028,9 +1021,6 @@ struct Fields {
     cookies: usize,
     /// A value that begins or ends with a space or a tab (see [`refused`]).
     padded: bool,
-    /// The `Connection` options `close` and `keep-alive`.
-    close: bool,
-    keep_alive: bool,
     /// The fields' size as hyper read them (name, `: `, value, CRLF).
     bytes: usize,
 }
@@ -1055,12 +1045,6 @@ impl Fields {
                 f.cookies += 1;
             } else if is_hop_by_hop(name) {
                 f.hop_by_hop = true;
-                if name == header::CONNECTION {
-                    for option in super::framing::connection_options(v) {
-                        f.close |= option.eq_ignore_ascii_case(b"close");
-                        f.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
-                    }
-                }
                 f.transfer_encoding |= name == header::TRANSFER_ENCODING;
                 f.upgrade |= name == header::UPGRADE;
             } else if is_forwarding(name) {

@@ -86,7 +86,8 @@ pub struct Signals {
     /// The follower waits for the next request, none of it read yet, after one that keeps the
     /// connection open (the connection may be parked, see `serve_h1`).
     between: AtomicBool,
-    /// The handler's answer closes the connection.
+    /// The connection's last request is read (the client's choice, as hyper reads it), or the
+    /// handler's answer closes the connection.
     closing: AtomicBool,
     /// The connection's task's polls of hyper's connection, counted (see `cork`).
     turns: AtomicU64,
@@ -102,13 +103,14 @@ impl Signals {
         self.tunnel.store(true, Ordering::Relaxed);
     }
 
-    /// The handler's answer closes the connection.
+    /// The handler's answer closes the connection (the follower says so of the client's last
+    /// request itself).
     pub fn closing(&self) {
         self.closing.store(true, Ordering::Relaxed);
     }
 
-    /// The answer in progress is the connection's last (the handler's, or the request's, choice).
-    /// (Not once the handler has answered 101: what follows is the tunnel's.)
+    /// The answer in progress, or one after it, is the connection's last (see `closing`). (Not
+    /// once the handler has answered 101: what follows is the tunnel's.)
     pub fn closes(&self) -> bool {
         self.closing.load(Ordering::Relaxed) && !self.tunnel.load(Ordering::Relaxed)
     }
@@ -264,6 +266,10 @@ impl<S> Framing<S> {
                             *buf = Vec::new();
                             self.upgrading = upgrade;
                             self.last = last;
+                            if last {
+                                // (Its answer may leave with the connection's end: `cork`.)
+                                self.signals.closing();
+                            }
                             (self.chunks, self.chunked_bytes) = (0, 0);
                             self.head_ends();
                             self.state = match next {
@@ -411,7 +417,7 @@ enum Next {
 /// `HeaderValue::to_str`). (An attacker's finding: `Connection: close, \x80` was the last
 /// request here and not for hyper, which kept the connection open while everything the client
 /// sent after it was thrown away, unanswered, until the idle deadline.)
-pub fn connection_options(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+fn connection_options(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     let text = is_text(value);
     value
         .split(|b| *b == b',')
