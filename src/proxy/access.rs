@@ -18,12 +18,12 @@ thread_local! {
     static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
 }
 
-/// One request, as logged.
+/// One request, as logged (`-` for what could not be read of it: see `forward::ConnCtx::refused`).
 pub struct Line<'a> {
     pub peer: &'a str,
     pub method: &'a str,
     pub path: &'a str,
-    pub version: hyper::Version,
+    pub version: Option<hyper::Version>,
     pub status: u16,
     pub bytes: u64,
     pub duration: Duration,
@@ -72,14 +72,15 @@ fn millis(d: Duration) -> f64 {
     (d.as_micros() / 10) as f64 / 100.0
 }
 
-fn version(v: hyper::Version) -> &'static str {
+fn version(v: Option<hyper::Version>) -> &'static str {
     match v {
-        hyper::Version::HTTP_09 => "HTTP/0.9",
-        hyper::Version::HTTP_10 => "HTTP/1.0",
-        hyper::Version::HTTP_11 => "HTTP/1.1",
-        hyper::Version::HTTP_2 => "HTTP/2.0",
-        hyper::Version::HTTP_3 => "HTTP/3.0",
-        _ => "HTTP/?",
+        None => "-",
+        Some(hyper::Version::HTTP_09) => "HTTP/0.9",
+        Some(hyper::Version::HTTP_10) => "HTTP/1.0",
+        Some(hyper::Version::HTTP_11) => "HTTP/1.1",
+        Some(hyper::Version::HTTP_2) => "HTTP/2.0",
+        Some(hyper::Version::HTTP_3) => "HTTP/3.0",
+        Some(_) => "HTTP/?",
     }
 }
 

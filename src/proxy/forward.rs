@@ -108,6 +108,29 @@ impl ConnCtx {
         }
     }
 
+    /// hyper's HTTP/1.1 connection ended with `e`: if that is a request head hyper could not
+    /// read, which it answered itself before closing (see [`hyper_answer`]), that answer's
+    /// access line, `-` for the method, path and version (nothing of the head reached the
+    /// handler). The time is the head's, as the watchdog counts it.
+    pub fn refused(&self, e: &hyper::Error) {
+        let Some(status) = hyper_answer(e) else {
+            return;
+        };
+        if !self.shared.config.access_log {
+            return;
+        }
+        super::access::record(&super::access::Line {
+            peer: self.peer_text.to_str().unwrap_or("-"),
+            method: "-",
+            path: "-",
+            version: None,
+            status,
+            bytes: 0,
+            duration: self.activity.head_for().unwrap_or_default(),
+            upstream: None,
+        });
+    }
+
     async fn handle(
         &self,
         mut req: Request<Incoming>,
@@ -1729,7 +1752,7 @@ impl AccessLine {
             peer: self.peer.to_str().unwrap_or("-"),
             method: self.method.as_str(),
             path: self.path.as_str(),
-            version: self.version,
+            version: Some(self.version),
             status: self.status,
             bytes,
             duration: clock::now().saturating_duration_since(self.started),
@@ -1743,6 +1766,30 @@ impl Drop for Logged {
         if let Some(line) = &self.line {
             line.record(self.bytes);
         }
+    }
+}
+
+/// What hyper's HTTP/1.1 server answered before ending its connection with `e`, if anything:
+/// a request head it could not read (hyper 1's `Server::on_error`, called for a head parsed
+/// while no response is being written, which a server's connection always is: it reads the
+/// next head only once the last response is sent). The error is returned once that answer is
+/// flushed and the connection shut down; a failed write or shutdown returns its own error
+/// instead. Which parse error it was, beyond a head too large, hyper says only in its message.
+fn hyper_answer(e: &hyper::Error) -> Option<u16> {
+    if !e.is_parse() || e.is_parse_version_h2() {
+        return None;
+    }
+    let message = e.to_string();
+    if e.is_parse_too_large() {
+        Some(if message.contains("URI too long") {
+            StatusCode::URI_TOO_LONG.as_u16()
+        } else {
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE.as_u16()
+        })
+    } else if message.starts_with("internal error") {
+        None
+    } else {
+        Some(StatusCode::BAD_REQUEST.as_u16())
     }
 }
 

@@ -1902,7 +1902,7 @@ async fn serve_h2(
     // Control frames counted against what the client asks for (see `frames`).
     let followed = frames::Frames::new(tls_stream, activity.clone());
     let conn = coalesce::wrap(followed, streams, |io| {
-        b.serve_connection(TokioIo::new(io), ctx.service())
+        b.serve_connection(TokioIo::new(io), ctx.clone().service())
     });
     drive!(
         conn,
@@ -1958,13 +1958,7 @@ async fn serve_h1<S>(
         // Boxed, hyper's connection with it: freed when the connection is parked, so that a
         // parked connection holds only what is below.
         let served = Box::pin(serve_until_parked(
-            io,
-            shared,
-            ctx.clone(),
-            &activity,
-            &signals,
-            plain,
-            &shutdown,
+            io, shared, &ctx, &activity, &signals, plain, &shutdown,
         ))
         .await;
         let Some((back, read_buf)) = served else {
@@ -2025,7 +2019,7 @@ async fn serve_h1<S>(
 async fn serve_until_parked<S>(
     io: framing::Framing<S>,
     shared: &Shared,
-    ctx: Arc<forward::ConnCtx>,
+    ctx: &Arc<forward::ConnCtx>,
     activity: &Activity,
     signals: &framing::Signals,
     plain: bool,
@@ -2036,7 +2030,7 @@ where
 {
     let (cfg, force) = (&shared.config, &shared.force);
     let mut conn = h1(cfg)
-        .serve_connection(TokioIo::new(io), ctx.service())
+        .serve_connection(TokioIo::new(io), ctx.clone().service())
         .with_upgrades();
     let mut draining = false;
     let mut idle = IdleClose::default();
@@ -2048,10 +2042,16 @@ where
             // (Closed as idle or not, what the kernel still holds for the client is left to
             // `linger`.)
             // (Each poll of hyper's connection a turn: see `cork`.)
-            _ = std::future::poll_fn(|cx| {
+            ended = std::future::poll_fn(|cx| {
                 signals.next_turn();
                 Pin::new(&mut conn).poll(cx)
-            }) => return None,
+            }) => {
+                // A head hyper answered itself has its access line too.
+                if let Err(e) = ended {
+                    ctx.refused(&e);
+                }
+                return None;
+            }
             e = sentry.next() => {
                 if e == sentry::Event::Shutdown {
                     draining = true;

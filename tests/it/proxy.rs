@@ -442,8 +442,13 @@ fn https_h1_h2_redirects_plain_paths_and_forwarded_headers() {
             && l.contains("upstream_ms=")),
         "{log}"
     );
-    // (The oversized head's 431 is hyper's, which answers it before any handler: no access
-    // line, as for every head hyper refuses.)
+    // The oversized head's 431 is hyper's, which answers it before any handler: its line has
+    // `-` for what was not read (see `every_head_hyper_refuses_has_an_access_line`).
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" method=- path=- ") && l.contains(" status=431 ")),
+        "{log}"
+    );
 }
 
 #[test]
@@ -2472,4 +2477,101 @@ fn a_stop_is_not_held_by_bodies_being_thrown_away() {
     assert!(took < Duration::from_secs(20), "the stop took {took:?}");
     assert_eq!(access_lines(&log, "/status?code=413").len(), 3, "{log}");
     assert_eq!(access_lines(&log, "/form").len(), 5, "{log}");
+}
+
+/// "One access line per request" held only for the requests hyper hands over: a head hyper
+/// refuses itself (too large, too many fields, a URI too long, a method, field or version it
+/// cannot read) got hyper's answer and left no trace in the access log, so the hostile clients
+/// an operator looks for there were the ones missing. Each now has its line, with what was
+/// answered and `-` for what could not be read; a client that leaves before its head is whole,
+/// which nobody answers, has none.
+#[test]
+fn every_head_hyper_refuses_has_an_access_line() {
+    // Above hyper's longest URI (65 534 bytes), so that one is refused for its URI alone.
+    let mut p = Proxied::start("max_header_bytes = 98304");
+    let fields: String = (0..101).map(|i| format!("X-F{i}: v\r\n")).collect();
+    let cases: Vec<(String, u16)> = vec![
+        (
+            format!(
+                "GET /job/a HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(100_000)
+            ),
+            431,
+        ),
+        (
+            format!("GET /job/a HTTP/1.1\r\nHost: localhost\r\n{fields}\r\n"),
+            431,
+        ),
+        (
+            format!(
+                "GET /job/{} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+                "u".repeat(70_000)
+            ),
+            414,
+        ),
+        ("G@T /job/a HTTP/1.1\r\nHost: localhost\r\n\r\n".into(), 400),
+        (
+            "GET /job/a HTTP/1.1\r\nHost: localhost\r\nBad Field: x\r\n\r\n".into(),
+            400,
+        ),
+        ("GET /job/a HTTP/1.2\r\nHost: localhost\r\n\r\n".into(), 400),
+        (
+            "GET /job/a HTTP/1.1\r\nHost: localhost\r\nContent-Length: abc\r\n\r\n".into(),
+            400,
+        ),
+    ];
+    let mut expected = Vec::new();
+    for (request, status) in &cases {
+        let answer = raw(p.http, request.as_bytes());
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{}: {answer}",
+            &request[..request.len().min(60)]
+        );
+        expected.push(*status);
+    }
+    // Behind a request that was served, in the same write.
+    let answer = raw(
+        p.http,
+        b"GET /job/ok HTTP/1.1\r\nHost: localhost\r\n\r\nG@T /job/b HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("HTTP/1.1 400"), "{answer}");
+    expected.push(400);
+    // Over TLS.
+    let mut s = tls(p.https, None);
+    s.write_all(b"G@T /job/a HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    expected.push(400);
+    // A head left unfinished: nobody answers it, nothing is logged.
+    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.write_all(b"GET /job/a HTTP/1.1\r\nHost: loc").unwrap();
+    drop(s);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let log = p.stop();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" INFO access ") && l.contains(" method=- path=- "))
+        .collect();
+    let mut statuses: Vec<u16> = refused
+        .iter()
+        .map(|l| {
+            let status = l.split(" status=").nth(1).unwrap();
+            status[..3].parse().unwrap()
+        })
+        .collect();
+    statuses.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(statuses, expected, "{}", refused.join("\n"));
+    for line in &refused {
+        assert!(line.contains(" peer=127.0.0.1 "), "{line}");
+        assert!(line.contains(" bytes=0 "), "{line}");
+        assert!(line.contains(" upstream_ms=\"-\""), "{line}");
+    }
+    assert_eq!(access_lines(&log, "/job/ok").len(), 1, "{log}");
 }
