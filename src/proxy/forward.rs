@@ -111,7 +111,8 @@ impl ConnCtx {
     /// hyper's HTTP/1.1 connection ended with `e`: if that is a request head hyper could not
     /// read, which it answered itself before closing (see [`hyper_answer`]), that answer's
     /// access line, `-` for the method, path and version (nothing of the head reached the
-    /// handler). The time is the head's, as the watchdog counts it.
+    /// handler). The time is the head's, from its first byte (the connection's first head:
+    /// from the connection).
     pub fn refused(&self, e: &hyper::Error) {
         let Some(status) = hyper_answer(e) else {
             return;
@@ -126,7 +127,7 @@ impl ConnCtx {
             version: None,
             status,
             bytes: 0,
-            duration: self.activity.head_for().unwrap_or_default(),
+            duration: self.activity.head_took(),
             upstream: None,
         });
     }

@@ -761,6 +761,8 @@ pub struct Activity {
     in_flight: AtomicUsize,
     /// When the request head being read began ([`NEVER`]: none is being read).
     head_since_ms: AtomicU64,
+    /// When the last request head began (kept once it ends: see [`Activity::head_took`]).
+    head_last_ms: AtomicU64,
     /// HTTP/1.1: that head may be behind requests in flight (pipelined); its deadline waits
     /// for their end (see [`Activity::head_behind_begins`]).
     head_behind: AtomicBool,
@@ -1047,6 +1049,7 @@ impl Activity {
             moved: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             head_since_ms: AtomicU64::new(NEVER),
+            head_last_ms: AtomicU64::new(0),
             head_behind: AtomicBool::new(false),
             sending: std::sync::Mutex::new(Vec::new()),
             leases: AtomicUsize::new(0),
@@ -1383,7 +1386,9 @@ impl Activity {
     }
 
     pub fn head_begins(&self) {
-        self.head_since_ms.store(self.now_ms(), Ordering::Relaxed);
+        let now = self.now_ms();
+        self.head_since_ms.store(now, Ordering::Relaxed);
+        self.head_last_ms.store(now, Ordering::Relaxed);
         self.head_behind.store(false, Ordering::Relaxed);
     }
 
@@ -1393,7 +1398,9 @@ impl Activity {
     /// sixteenth session's attacker: a request in flight was cut at `header_timeout` when its
     /// client had begun the next head behind it).
     pub fn head_behind_begins(&self) {
-        self.head_since_ms.store(self.now_ms(), Ordering::Relaxed);
+        let now = self.now_ms();
+        self.head_since_ms.store(now, Ordering::Relaxed);
+        self.head_last_ms.store(now, Ordering::Relaxed);
         self.head_behind.store(true, Ordering::Relaxed);
     }
 
@@ -1408,6 +1415,14 @@ impl Activity {
         self.head_for().is_some_and(|t| t >= limit)
             && !(self.head_behind.load(Ordering::Relaxed)
                 && self.in_flight.load(Ordering::Relaxed) > 0)
+    }
+
+    /// How long since the last request head's first byte (the connection's first head: since
+    /// the connection), whether it has ended or not (the time a head hyper refused took: the
+    /// follower, which refuses it too, ends it).
+    pub fn head_took(&self) -> Duration {
+        let since = self.head_last_ms.load(Ordering::Relaxed);
+        Duration::from_millis(self.now_ms().saturating_sub(since))
     }
 
     /// How long the current request head has been arriving, if one is.

@@ -2547,6 +2547,17 @@ fn every_head_hyper_refuses_has_an_access_line() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     expected.push(400);
+    // A head sent in two pieces a second apart: its line has the time it took.
+    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"GET /job/a HTTP/1.1\r\nHost: localhost\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    s.write_all(b"Bad Field: x\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    assert!(answer.starts_with(b"HTTP/1.1 400"));
+    expected.push(400);
     // A head left unfinished: nobody answers it, nothing is logged.
     let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
     s.write_all(b"GET /job/a HTTP/1.1\r\nHost: loc").unwrap();
@@ -2568,6 +2579,11 @@ fn every_head_hyper_refuses_has_an_access_line() {
     statuses.sort_unstable();
     expected.sort_unstable();
     assert_eq!(statuses, expected, "{}", refused.join("\n"));
+    let slow = refused.iter().filter(|l| {
+        let ms = l.split(" duration_ms=\"").nth(1).unwrap();
+        ms[..ms.find('"').unwrap()].parse::<f64>().unwrap() >= 1200.0
+    });
+    assert_eq!(slow.count(), 1, "{}", refused.join("\n"));
     for line in &refused {
         assert!(line.contains(" peer=127.0.0.1 "), "{line}");
         assert!(line.contains(" bytes=0 "), "{line}");
