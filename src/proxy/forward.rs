@@ -114,9 +114,14 @@ impl ConnCtx {
     /// handler). The time is the head's, from its first byte (the connection's first head:
     /// from the connection).
     pub fn refused(&self, e: &hyper::Error) {
-        let Some(status) = hyper_answer(e) else {
-            return;
-        };
+        if let Some(status) = hyper_answer(e) {
+            self.unread(status);
+        }
+    }
+
+    /// The access line of a request whose head was not read whole (see [`ConnCtx::refused`];
+    /// `header_timeout`: 408, as nginx logs it, nothing answered).
+    pub fn unread(&self, status: u16) {
         if !self.shared.config.access_log {
             return;
         }

@@ -763,6 +763,8 @@ pub struct Activity {
     head_since_ms: AtomicU64,
     /// When the last request head began (kept once it ends: see [`Activity::head_took`]).
     head_last_ms: AtomicU64,
+    /// A byte of the request head being read has come (see [`Activity::head_timed_out`]).
+    head_bytes: AtomicBool,
     /// HTTP/1.1: that head may be behind requests in flight (pipelined); its deadline waits
     /// for their end (see [`Activity::head_behind_begins`]).
     head_behind: AtomicBool,
@@ -1050,6 +1052,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             head_since_ms: AtomicU64::new(NEVER),
             head_last_ms: AtomicU64::new(0),
+            head_bytes: AtomicBool::new(false),
             head_behind: AtomicBool::new(false),
             sending: std::sync::Mutex::new(Vec::new()),
             leases: AtomicUsize::new(0),
@@ -1390,6 +1393,7 @@ impl Activity {
         self.head_since_ms.store(now, Ordering::Relaxed);
         self.head_last_ms.store(now, Ordering::Relaxed);
         self.head_behind.store(false, Ordering::Relaxed);
+        self.head_bytes.store(false, Ordering::Relaxed);
     }
 
     /// HTTP/1.1: a request head begins. Behind requests in flight (pipelined), hyper reads it
@@ -1402,11 +1406,20 @@ impl Activity {
         self.head_since_ms.store(now, Ordering::Relaxed);
         self.head_last_ms.store(now, Ordering::Relaxed);
         self.head_behind.store(true, Ordering::Relaxed);
+        self.head_bytes.store(true, Ordering::Relaxed);
     }
 
     pub fn head_ends(&self) {
         self.head_since_ms.store(NEVER, Ordering::Relaxed);
         self.head_behind.store(false, Ordering::Relaxed);
+        self.head_bytes.store(false, Ordering::Relaxed);
+    }
+
+    /// A request head of which some bytes have come is past `limit` (slowloris): a request
+    /// begun and not finished, logged 408 as nginx logs one (a connection that sent nothing
+    /// is not a request).
+    fn head_timed_out(&self, limit: Duration) -> bool {
+        self.head_bytes.load(Ordering::Relaxed) && self.head_overdue(limit)
     }
 
     /// Whether the request head being read is past `limit`: not while it waits behind requests
@@ -2079,6 +2092,9 @@ where
                 match activity.overdue(cfg) {
                     Overdue::No => {}
                     Overdue::Cut => {
+                        if activity.head_timed_out(cfg.header_timeout) {
+                            ctx.unread(hyper::StatusCode::REQUEST_TIMEOUT.as_u16());
+                        }
                         activity.reset_if_untaken();
                         return None;
                     }
