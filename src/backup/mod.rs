@@ -1567,8 +1567,10 @@ impl Build {
     }
 
     /// A dump changes nothing outside its objects: no setting of a database or role (a
-    /// `search_path` would steer later sessions), no connection limit or template flag on the
-    /// database. Whatever code in the dump did so while it loaded, the restore is refused.
+    /// `search_path` would steer later sessions), no connection limit, template flag or
+    /// privilege on the database (its owner may revoke `CONNECT` from itself: a restore that
+    /// succeeded left an application that could not connect). Whatever code in the dump did so
+    /// while it loaded, the restore is refused.
     async fn check_settings(&self, su_db: &tokio_postgres::Config) -> anyhow::Result<()> {
         let su = postgres::connect(su_db, &Tls::disabled()).await?;
         let mut changed: Vec<String> = su
@@ -1585,7 +1587,7 @@ impl Build {
             .collect();
         let row = su
             .query_one(
-                "SELECT datconnlimit, datallowconn, datistemplate FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()",
+                "SELECT datconnlimit, datallowconn, datistemplate, datacl::text FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()",
                 &[],
             )
             .await?;
@@ -1594,6 +1596,10 @@ impl Build {
             changed.push(format!(
                 "the database's connection limit {limit}, allow connections {allow}, template {template}"
             ));
+        }
+        // As `CREATE DATABASE` made it: the default privileges (none written).
+        if let Some(acl) = row.get::<_, Option<String>>(3) {
+            changed.push(format!("the database's privileges {acl}"));
         }
         if changed.is_empty() {
             Ok(())
