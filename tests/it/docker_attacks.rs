@@ -175,8 +175,9 @@ impl OnEngine {
 
 impl Drop for OnEngine {
     fn drop(&mut self) {
+        // (With its anonymous volumes: a refusal that failed leaves none behind.)
         for c in self.containers.borrow().iter() {
-            engine(&["rm", "-f", c]);
+            engine(&["rm", "-f", "-v", c]);
         }
         for n in self.networks.borrow().iter() {
             engine(&["network", "rm", n]);
@@ -904,6 +905,39 @@ fn images_never_move_anothers_tag_nor_make_the_engine_fetch() {
     let out = b.cli(&["create", "--tmpfs", "/data", &vol_tag, "true"]);
     assert!(out.status.success(), "{}", stderr(&out));
     made.container(stdout(&out).trim());
+    assert_eq!(names(&["volume", "ls", "-q"]), volumes_before);
+    // Attack (thirty-second session): a tmpfs's target spelled otherwise (`/data/`, `//data/.`)
+    // covered `/data` for the policy, not for the engine, which compares it as written and made
+    // an anonymous volume, left behind on the host when the container was removed. The target
+    // judged is the one forwarded; one target mounted twice is refused.
+    for spelling in ["/data/", "//data/."] {
+        let out = b.cli(&["create", "--tmpfs", spelling, &vol_tag, "true"]);
+        assert!(out.status.success(), "{spelling}: {}", stderr(&out));
+        let id = stdout(&out).trim().to_string();
+        made.container(&id);
+        let inspect = engine(&[
+            "inspect",
+            "-f",
+            "{{json .HostConfig.Tmpfs}} {{len .Mounts}}",
+            &id,
+        ]);
+        assert_eq!(stdout(&inspect).trim(), r#"{"/data":""} 0"#, "{spelling}");
+        assert_eq!(names(&["volume", "ls", "-q"]), volumes_before, "{spelling}");
+    }
+    let (status, answer) = post_bytes(
+        &b.socket,
+        "/v1.41/containers/create",
+        "application/json",
+        format!(
+            r#"{{"Image":"{vol_tag}","HostConfig":{{"Tmpfs":{{"/data":"","/data/":"size=1m"}}}}}}"#
+        )
+        .as_bytes(),
+    );
+    assert_eq!(status, 403, "{answer}");
+    assert!(
+        message(&answer).contains("mounts \"/data\" twice"),
+        "{answer}"
+    );
     assert_eq!(names(&["volume", "ls", "-q"]), volumes_before);
 
     // A build of its own works, and may tag its own image again.

@@ -448,7 +448,7 @@ fn check_host_config(
         let bind = Bind::parse(text)?;
         let host_source = check_source(&bind.source, policy, "HostConfig.Binds")?;
         bind_sources.push(PathBuf::from(&bind.source));
-        targets.push(clean_target(&bind.target));
+        targets.push(bind.target.clone());
         binds.push(bind.render(&host_source));
     }
     let mut mounts = Vec::new();
@@ -457,13 +457,29 @@ fn check_host_config(
         if let Some(s) = source {
             bind_sources.push(s);
         }
-        targets.push(clean_target(mount.target.as_deref().unwrap_or("")));
+        targets.push(mount.target.clone().unwrap_or_default());
         mounts.push(mount);
     }
+    // Forwarded under the targets judged: the engine compares an image's `VOLUME` with a
+    // tmpfs's target as written, so `/data/` covered `/data` here and not there, which made an
+    // anonymous volume (an attacker's, thirty-second session).
+    let mut tmpfs = BTreeMap::new();
     for (target, options) in hc.tmpfs.iter().flatten() {
         check_target(target, "HostConfig.Tmpfs")?;
         check_tmpfs_options(options)?;
-        targets.push(clean_target(target));
+        let target = clean_target(target);
+        targets.push(target.clone());
+        tmpfs.insert(target, options.clone());
+    }
+    // One mount a target: two spellings of one would be one for the engine, the other dropped.
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(twice) = targets.iter().find(|t| !seen.insert(t.as_str())) {
+        return Err(deny(
+            "HostConfig",
+            format!(
+                "mounts {twice:?} twice (Binds, Mounts and Tmpfs, once their paths are cleaned)"
+            ),
+        ));
     }
 
     let host = HostConfig {
@@ -495,7 +511,7 @@ fn check_host_config(
         oom_score_adj: hc.oom_score_adj.filter(|v| *v != 0),
         readonly_rootfs: hc.readonly_rootfs,
         security_opt: hc.security_opt.clone().filter(|s| !s.is_empty()),
-        tmpfs: hc.tmpfs.clone().filter(|t| !t.is_empty()),
+        tmpfs: (!tmpfs.is_empty()).then_some(tmpfs),
         shm_size,
         runtime,
         console_size: hc.console_size,
@@ -837,7 +853,7 @@ impl Bind {
         check_target(target, field)?;
         let mut bind = Bind {
             source: source.to_string(),
-            target: target.to_string(),
+            target: clean_target(target),
             read_only: false,
             propagation: None,
         };
@@ -993,7 +1009,7 @@ fn check_mount(m: &Mount, policy: &CreatePolicy) -> Result<(Mount, Option<PathBu
                 Mount {
                     kind: Some("bind".into()),
                     source: Some(host),
-                    target: Some(target.to_string()),
+                    target: Some(clean_target(target)),
                     read_only: m.read_only,
                     bind_options,
                     ..Default::default()
@@ -1008,7 +1024,7 @@ fn check_mount(m: &Mount, policy: &CreatePolicy) -> Result<(Mount, Option<PathBu
             Ok((
                 Mount {
                     kind: Some("tmpfs".into()),
-                    target: Some(target.to_string()),
+                    target: Some(clean_target(target)),
                     read_only: m.read_only,
                     tmpfs_options: m.tmpfs_options.as_ref().map(|o| TmpfsOptions {
                         size_bytes: o.size_bytes,
@@ -1191,6 +1207,10 @@ mod tests {
             (hc(r#""KernelMemory":1"#), "HostConfig.KernelMemory"),
             (hc(r#""DeviceCgroupRules":["a *:* rwm"]"#), "HostConfig.DeviceCgroupRules"),
             (hc(r#""Tmpfs":{"relative":""}"#), "HostConfig.Tmpfs"),
+            // An attacker's (thirty-second session): one target, two spellings.
+            (hc(r#""Tmpfs":{"/data":"","/data/":"size=1m"}"#), "HostConfig"),
+            (hc(r#""Binds":["/volumes/files/a:/data/"],"Tmpfs":{"//data":""}"#), "HostConfig"),
+            (hc(r#""Mounts":[{"Type":"tmpfs","Target":"/data/."}],"Tmpfs":{"/data":""}"#), "HostConfig"),
             (r#"{"Image":"busybox","Volumes":{"/data":{}}}"#.to_string(), "Volumes"),
             (r#"{"HostConfig":{}}"#.to_string(), "Image"),
             (r#"{"Image":"busybox","HostConfig":{"NetworkMode":"bridge"},"NetworkingConfig":{"EndpointsConfig":{"n":{"Links":["x:y"]}}}}"#.to_string(), "NetworkingConfig.EndpointsConfig.Links"),
@@ -1259,6 +1279,32 @@ mod tests {
         for bad in ["", "-1", "1.5m", "10 m", "10t", "m"] {
             assert_eq!(log_size(bad), None, "{bad:?}");
         }
+    }
+
+    /// The engine compares an image's `VOLUME` with mount targets as it is given them (a
+    /// tmpfs's exactly): each target goes out as the policy judged it, cleaned, so that what
+    /// covers a `VOLUME` here covers it there (an attacker's, thirty-second session: `/data/`
+    /// made an anonymous volume).
+    #[test]
+    fn targets_are_forwarded_as_judged() {
+        let plan = check(
+            r#"{"Image":"busybox","HostConfig":{"Binds":["/volumes/files/a://in/./"],
+                "Mounts":[{"Type":"tmpfs","Target":"/m/"},
+                          {"Type":"bind","Source":"/volumes/files/b","Target":"/b//c/."}],
+                "Tmpfs":{"/data/":"size=1m","//t/.":""}}}"#,
+        )
+        .unwrap();
+        let volumes = ["/data".to_string(), "/t".to_string(), "/in".to_string()];
+        assert_eq!(plan.uncovered(&volumes), None);
+        let out = serde_json::to_value(plan.resolved("sha256:abc", &BTreeMap::new())).unwrap();
+        let host = &out["HostConfig"];
+        assert_eq!(host["Binds"][0], "/mnt/big/files/a:/in");
+        assert_eq!(host["Mounts"][0]["Target"], "/m");
+        assert_eq!(host["Mounts"][1]["Target"], "/b/c");
+        assert_eq!(
+            host["Tmpfs"],
+            serde_json::json!({"/data": "size=1m", "/t": ""})
+        );
     }
 
     #[test]
