@@ -175,7 +175,9 @@ pub enum ArchiveError {
     BadManifest(String),
     #[error("archive format {0} is not supported by this regobox (it reads format {FORMAT})")]
     Unsupported(u32),
-    #[error("member {0} is listed in the manifest but missing from the archive")]
+    /// (The manifest is checked member by member against those read, each taken out once
+    /// matched: a member listed twice is missing the second time.)
+    #[error("member {0} is listed in the manifest but missing from the archive (or listed twice)")]
     Missing(String),
     #[error("member {0} is in the archive but not in the manifest")]
     Unlisted(String),
@@ -1959,9 +1961,15 @@ fn read(
             }
             let target = to.map(|d| d.dir.join(&path));
             let header = entry.header();
+            // An owner is a 32-bit id: a larger one (base-256 fields hold 64 bits) was cut to
+            // another id (2^32 + 5 restored as 5: an attacker's, thirty-second session).
+            let id = |value: u64, what: &str| {
+                u32::try_from(value)
+                    .map_err(|_| refused(&path, format!("its {what} {value} is not a 32-bit id")))
+            };
             let (uid, gid) = (
-                header.uid().map_err(corrupt)? as u32,
-                header.gid().map_err(corrupt)? as u32,
+                id(header.uid().map_err(corrupt)?, "owner")?,
+                id(header.gid().map_err(corrupt)?, "group")?,
             );
             let mtime = header.mtime().map_err(corrupt)?;
             let mut file_footprint = 0;
@@ -3018,6 +3026,41 @@ mod tests {
             ..Rules::default()
         };
         verify(&bytes[..], &rules).unwrap();
+    }
+
+    /// An owner or group is a 32-bit id: a larger one (a base-256 field) is refused, naming
+    /// the member, not cut to another id (2^32 + 5 was restored owned by 5).
+    #[test]
+    fn an_owner_past_32_bits_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let dmeta = std::fs::metadata(dir.path()).unwrap();
+        for (uid, gid, what) in [
+            ((1u64 << 32) | 5, 0, "owner"),
+            (0, (1u64 << 32) | 5, "group"),
+        ] {
+            let mut w = writer();
+            w.add_dir("volumes/d", &dmeta).unwrap();
+            let mut h = header_for(&dmeta, tar::EntryType::Directory);
+            h.set_size(0);
+            h.set_uid(uid);
+            h.set_gid(gid);
+            assert_eq!((h.uid().unwrap(), h.gid().unwrap()), (uid, gid));
+            w.tar.append_data(&mut h, "volumes/d/x", &[][..]).unwrap();
+            w.push(Member {
+                path: "volumes/d/x".into(),
+                kind: Kind::Dir,
+                size: 0,
+                sha256: None,
+                mode: kept_mode(&dmeta),
+                target: None,
+            });
+            let (bytes, _) = w.finish(base()).unwrap();
+            let r = verify(&bytes[..], &Rules::default());
+            assert!(
+                matches!(&r, Err(ArchiveError::Refused { path, why }) if path == "volumes/d/x" && why.contains(&format!("its {what} 4294967301 is not a 32-bit id"))),
+                "{r:?}"
+            );
+        }
     }
 
     /// What the manifest does not list is never in the archive: bytes carried by a directory
