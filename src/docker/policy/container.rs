@@ -437,6 +437,18 @@ fn check_host_config(
             ));
         }
         Some(v) if v < -1 => return Err(deny(&f("MemorySwap"), format!("= {v} is not a limit"))),
+        // Memory and swap together: under a memory ceiling, at most the engine's default (as
+        // much swap as memory). A huge value was unlimited swap as -1 is (an attacker's,
+        // thirty-second session).
+        Some(v) if limits.memory.is_some() && memory.is_some_and(|m| v > m.saturating_mul(2)) => {
+            return Err(deny(
+                &f("MemorySwap"),
+                format!(
+                    "= {v} is above twice the job's memory ({}): swap beyond the engine's default would lift docker.limits.memory",
+                    memory.unwrap_or_default()
+                ),
+            ));
+        }
         other => other.filter(|v| *v != 0),
     };
 
@@ -1203,6 +1215,9 @@ mod tests {
             (hc(r#""Memory":2147483648"#), "HostConfig.Memory"),
             (hc(r#""PidsLimit":100000"#), "HostConfig.PidsLimit"),
             (hc(r#""MemorySwap":-1"#), "HostConfig.MemorySwap"),
+            // An attacker's (thirty-second session): unlimited swap by another name.
+            (hc(r#""MemorySwap":4611686018427387904"#), "HostConfig.MemorySwap"),
+            (hc(r#""Memory":1048576,"MemorySwap":2097153"#), "HostConfig.MemorySwap"),
             (hc(r#""CpuQuota":100000"#), "HostConfig.CpuQuota"),
             (hc(r#""KernelMemory":1"#), "HostConfig.KernelMemory"),
             (hc(r#""DeviceCgroupRules":["a *:* rwm"]"#), "HostConfig.DeviceCgroupRules"),
@@ -1285,6 +1300,26 @@ mod tests {
     /// tmpfs's exactly): each target goes out as the policy judged it, cleaned, so that what
     /// covers a `VOLUME` here covers it there (an attacker's, thirty-second session: `/data/`
     /// made an anonymous volume).
+    /// Memory and swap together: up to twice the job's memory (the engine's default) under a
+    /// memory ceiling, forwarded as asked.
+    #[test]
+    fn swap_up_to_the_engines_default_passes() {
+        for (asked, memory) in [
+            (r#""Memory":1048576,"MemorySwap":2097152"#, 1_048_576i64),
+            (r#""MemorySwap":2147483648"#, 1 << 30),
+        ] {
+            let plan = check(&format!(
+                r#"{{"Image":"busybox","HostConfig":{{{asked}}}}}"#
+            ))
+            .unwrap();
+            let host = plan.body.host_config.unwrap();
+            assert_eq!(
+                (host.memory, host.memory_swap),
+                (Some(memory), Some(2 * memory))
+            );
+        }
+    }
+
     #[test]
     fn targets_are_forwarded_as_judged() {
         let plan = check(
