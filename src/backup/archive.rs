@@ -1194,7 +1194,10 @@ pub fn normalise(raw: &[u8]) -> Result<String, ArchiveError> {
             text.len()
         )));
     }
-    if text.starts_with('/') || text.contains('\0') {
+    if text.contains('\0') {
+        return Err(refused(text, "its name holds a NUL byte"));
+    }
+    if text.starts_with('/') {
         return Err(ArchiveError::UnsafePath(text.into()));
     }
     let parts: Vec<&str> = text
@@ -1366,10 +1369,19 @@ fn kind_of(path: &str, header: &tar::Header) -> Result<(Kind, u32), ArchiveError
         tar::EntryType::Symlink => Kind::Symlink,
         tar::EntryType::Link => Kind::Hardlink,
         other => {
+            // The kinds tar names, by name; any other by its type byte (`V`, a volume label,
+            // was "a __Nonexhaustive(86) member").
+            let what = match other {
+                tar::EntryType::Char
+                | tar::EntryType::Block
+                | tar::EntryType::Fifo
+                | tar::EntryType::GNUSparse => format!("a {other:?} member"),
+                _ => format!("a member of type {:?}", char::from(other.as_byte())),
+            };
             return Err(refused(
                 path,
                 format!(
-                    "it is a {other:?} member; an archive holds files, directories, symbolic links and hard links only"
+                    "it is {what}; an archive holds files, directories, symbolic links and hard links only"
                 ),
             ));
         }
@@ -1853,6 +1865,15 @@ fn read(
                 )));
             }
             let (kind, mode) = kind_of(&path, entry.header())?;
+            // GNU tar reads a member whose name ends in `/` as a directory, whatever its type,
+            // and a file's content then as more members, which this reader never verified (an
+            // attacker's, thirty-second session: a link out, extracted by `zstd -dc | tar -x`).
+            if kind != Kind::Dir && (name.ends_with(b"/") || name.ends_with(b"/.")) {
+                return Err(refused(
+                    &path,
+                    "its name ends as a directory's (GNU tar would read it as one), but it is not a directory",
+                ));
+            }
             let size = entry.size();
             if kind != Kind::File && size != 0 {
                 // Bytes no reader of the manifest's would see (GNU tar skips them).
@@ -3061,6 +3082,61 @@ mod tests {
                 "{r:?}"
             );
         }
+    }
+
+    /// A member whose name ends as a directory's (`x/`, `x/.`) is a directory or refused: GNU
+    /// tar reads it as a directory whatever its type, and a file's content then as more members
+    /// (an attacker's: a symbolic link out, which `zstd -dc | tar -x` made and no manifest
+    /// listed). A NUL in a name, and a type tar does not name, are refused in those words.
+    #[test]
+    fn a_name_read_otherwise_by_gnu_tar_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let dmeta = std::fs::metadata(dir.path()).unwrap();
+        let fmeta = {
+            let f = dir.path().join("f");
+            std::fs::write(&f, b"hello").unwrap();
+            std::fs::metadata(&f).unwrap()
+        };
+        let member = |raw: &str, kind: tar::EntryType| {
+            let mut w = writer();
+            w.add_dir("volumes/d", &dmeta).unwrap();
+            let mut h = header_for(&fmeta, kind);
+            h.set_size(5);
+            // The name's bytes as given (tar's own setter cleans a path).
+            let name = &mut h.as_old_mut().name;
+            name.fill(0);
+            name[..raw.len()].copy_from_slice(raw.as_bytes());
+            h.set_cksum();
+            w.tar.append(&h, &b"hello"[..]).unwrap();
+            w.push(Member {
+                path: "volumes/d/sl".into(),
+                kind: Kind::File,
+                size: 5,
+                sha256: Some(format!("{:x}", Sha256::digest(b"hello"))),
+                mode: kept_mode(&fmeta),
+                target: None,
+            });
+            let (bytes, _) = w.finish(base()).unwrap();
+            verify(&bytes[..], &Rules::default())
+        };
+        member("volumes/d/sl", tar::EntryType::Regular).unwrap();
+        for raw in ["volumes/d/sl/", "volumes/d/sl/."] {
+            let r = member(raw, tar::EntryType::Regular);
+            assert!(
+                matches!(&r, Err(ArchiveError::Refused { path, why }) if path == "volumes/d/sl" && why.contains("ends as a directory's")),
+                "{raw}: {r:?}"
+            );
+        }
+        let r = member("volumes/d/sl", tar::EntryType::new(b'V'));
+        assert!(
+            r.as_ref()
+                .is_err_and(|e| e.to_string().contains("it is a member of type 'V';")),
+            "{r:?}"
+        );
+        assert!(
+            normalise(b"volumes/d/a\0b")
+                .is_err_and(|e| e.to_string().contains("its name holds a NUL byte")),
+        );
     }
 
     /// What the manifest does not list is never in the archive: bytes carried by a directory
