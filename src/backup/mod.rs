@@ -1567,9 +1567,9 @@ impl Build {
     }
 
     /// A dump changes nothing outside its objects: no setting of a database or role (a
-    /// `search_path` would steer later sessions), no connection limit, template flag or
-    /// privilege on the database (its owner may revoke `CONNECT` from itself: a restore that
-    /// succeeded left an application that could not connect). Whatever code in the dump did so
+    /// `search_path` would steer later sessions), no connection limit, template flag,
+    /// privilege or comment on the database (its owner may revoke `CONNECT` from itself: a
+    /// restore that succeeded left an application that could not connect). Whatever code in the dump did so
     /// while it loaded, the restore is refused.
     async fn check_settings(&self, su_db: &tokio_postgres::Config) -> anyhow::Result<()> {
         let su = postgres::connect(su_db, &Tls::disabled()).await?;
@@ -1587,7 +1587,7 @@ impl Build {
             .collect();
         let row = su
             .query_one(
-                "SELECT datconnlimit, datallowconn, datistemplate, datacl::text FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()",
+                "SELECT datconnlimit, datallowconn, datistemplate, datacl::text, pg_catalog.shobj_description(oid, 'pg_database') FROM pg_catalog.pg_database WHERE datname = pg_catalog.current_database()",
                 &[],
             )
             .await?;
@@ -1600,6 +1600,14 @@ impl Build {
         // As `CREATE DATABASE` made it: the default privileges (none written).
         if let Some(acl) = row.get::<_, Option<String>>(3) {
             changed.push(format!("the database's privileges {acl}"));
+        }
+        // The dump's own comment on the database is not loaded; one its code made is refused
+        // as well (an attacker's, thirty-second session: a shared catalog's row).
+        if let Some(comment) = row.get::<_, Option<String>>(4) {
+            changed.push(format!(
+                "the database's comment {:?}",
+                dump::shortened(&comment)
+            ));
         }
         if changed.is_empty() {
             Ok(())

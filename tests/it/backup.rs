@@ -1406,36 +1406,51 @@ fn a_dump_that_changes_settings_while_it_loads_is_refused() {
 /// database, which its owner may do: `REVOKE ALL ... FROM PUBLIC, app` left a restore that
 /// succeeded, and an instance reported ready, whose application could not connect. The
 /// database's privileges are as regobox made it, or the restore is refused, nothing changed.
+/// The same for a comment on the database (a shared catalog's row; the dump's own is not
+/// loaded).
 #[test]
 fn a_dump_that_changes_the_databases_privileges_while_it_loads_is_refused() {
-    let a = Instance::new();
-    a.ok(&["init"]);
-    a.sql(
-        "CREATE FUNCTION public.lock_out() RETURNS boolean LANGUAGE plpgsql AS $$
-         BEGIN EXECUTE 'REVOKE TEMPORARY ON DATABASE app FROM PUBLIC'; RETURN true; END $$;
-         CREATE TABLE public.trap(x int CHECK (public.lock_out()));
-         INSERT INTO public.trap VALUES (1);",
-    );
-    let archive = backup(&a);
     let (b, _) = target_with_data();
-    let out = b.output(&["restore", "--force", archive.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains(
-            "code in the dump changed what a dump does not hold, while it loaded: the database's privileges"
+    for (code, named) in [
+        (
+            "REVOKE TEMPORARY ON DATABASE app FROM PUBLIC",
+            "the database's privileges",
         ),
-        "{}",
-        stderr(&out)
-    );
-    assert_eq!(
-        b.sql("SELECT x FROM mine"),
-        "7",
-        "the previous data is kept"
-    );
-    assert_eq!(
-        b.sql("SELECT datacl IS NULL FROM pg_database WHERE datname = 'app'"),
-        "t"
-    );
+        (
+            "COMMENT ON DATABASE app IS ''set by the dump''",
+            "the database's comment \"set by the dump\"",
+        ),
+    ] {
+        let a = Instance::new();
+        a.ok(&["init"]);
+        a.sql(&format!(
+            "CREATE FUNCTION public.lock_out() RETURNS boolean LANGUAGE plpgsql AS $$
+             BEGIN EXECUTE '{code}'; RETURN true; END $$;
+             CREATE TABLE public.trap(x int CHECK (public.lock_out()));
+             INSERT INTO public.trap VALUES (1);"
+        ));
+        let archive = backup(&a);
+        let out = b.output(&["restore", "--force", archive.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(65), "{code}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!(
+                "code in the dump changed what a dump does not hold, while it loaded: {named}"
+            )),
+            "{code}: {}",
+            stderr(&out)
+        );
+        assert_eq!(
+            b.sql("SELECT x FROM mine"),
+            "7",
+            "the previous data is kept"
+        );
+        assert_eq!(
+            b.sql(
+                "SELECT datacl IS NULL AND shobj_description(oid, 'pg_database') IS NULL FROM pg_database WHERE datname = 'app'"
+            ),
+            "t"
+        );
+    }
 }
 
 /// Attack (second attacker): the application itself (its own role owns the database) steers
