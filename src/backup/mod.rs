@@ -1569,8 +1569,8 @@ impl Build {
     /// A dump changes nothing outside its objects: no setting of a database or role (a
     /// `search_path` would steer later sessions), no connection limit, template flag,
     /// privilege or comment on the database (its owner may revoke `CONNECT` from itself: a
-    /// restore that succeeded left an application that could not connect). Whatever code in the dump did so
-    /// while it loaded, the restore is refused.
+    /// restore that succeeded left an application that could not connect). Whatever code in
+    /// the dump did so while it loaded, the restore is refused.
     async fn check_settings(&self, su_db: &tokio_postgres::Config) -> anyhow::Result<()> {
         let su = postgres::connect(su_db, &Tls::disabled()).await?;
         let mut changed: Vec<String> = su

@@ -763,8 +763,6 @@ pub struct Activity {
     head_since_ms: AtomicU64,
     /// When the last request head began (kept once it ends: see [`Activity::head_took`]).
     head_last_ms: AtomicU64,
-    /// A byte of the request head being read has come (see [`Activity::head_timed_out`]).
-    head_bytes: AtomicBool,
     /// HTTP/1.1: that head may be behind requests in flight (pipelined); its deadline waits
     /// for their end (see [`Activity::head_behind_begins`]).
     head_behind: AtomicBool,
@@ -1052,7 +1050,6 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             head_since_ms: AtomicU64::new(NEVER),
             head_last_ms: AtomicU64::new(0),
-            head_bytes: AtomicBool::new(false),
             head_behind: AtomicBool::new(false),
             sending: std::sync::Mutex::new(Vec::new()),
             leases: AtomicUsize::new(0),
@@ -1393,7 +1390,6 @@ impl Activity {
         self.head_since_ms.store(now, Ordering::Relaxed);
         self.head_last_ms.store(now, Ordering::Relaxed);
         self.head_behind.store(false, Ordering::Relaxed);
-        self.head_bytes.store(false, Ordering::Relaxed);
     }
 
     /// HTTP/1.1: a request head begins. Behind requests in flight (pipelined), hyper reads it
@@ -1406,20 +1402,20 @@ impl Activity {
         self.head_since_ms.store(now, Ordering::Relaxed);
         self.head_last_ms.store(now, Ordering::Relaxed);
         self.head_behind.store(true, Ordering::Relaxed);
-        self.head_bytes.store(true, Ordering::Relaxed);
     }
 
     pub fn head_ends(&self) {
         self.head_since_ms.store(NEVER, Ordering::Relaxed);
         self.head_behind.store(false, Ordering::Relaxed);
-        self.head_bytes.store(false, Ordering::Relaxed);
     }
 
     /// A request head of which some bytes have come is past `limit` (slowloris): a request
     /// begun and not finished, logged 408 as nginx logs one (a connection that sent nothing
-    /// is not a request).
+    /// is not a request). Some of it has come when the follower said it began
+    /// ([`Activity::head_behind_begins`], at its first byte), not `serve_h1`'s mark at the
+    /// connection's start ([`Activity::head_begins`]).
     fn head_timed_out(&self, limit: Duration) -> bool {
-        self.head_bytes.load(Ordering::Relaxed) && self.head_overdue(limit)
+        self.head_behind.load(Ordering::Relaxed) && self.head_overdue(limit)
     }
 
     /// Whether the request head being read is past `limit`: not while it waits behind requests
@@ -1930,7 +1926,7 @@ async fn serve_h2(
     // Control frames counted against what the client asks for (see `frames`).
     let followed = frames::Frames::new(tls_stream, activity.clone());
     let conn = coalesce::wrap(followed, streams, |io| {
-        b.serve_connection(TokioIo::new(io), ctx.clone().service())
+        b.serve_connection(TokioIo::new(io), ctx.service())
     });
     drive!(
         conn,
