@@ -165,7 +165,9 @@ impl ConnCtx {
 
         let response = 'done: {
             // Both framings at once: ambiguous (request smuggling); refused, connection closed.
-            if self.signals.seen() || (fields.transfer_encoding && fields.content_length) {
+            if (version != Version::HTTP_2 && self.signals.next_is_ambiguous())
+                || (fields.transfer_encoding && fields.content_length)
+            {
                 break 'done closing(page(
                     StatusCode::BAD_REQUEST,
                     "Bad request",

@@ -79,8 +79,14 @@ enum State {
 /// What the follower and the request handler tell each other.
 #[derive(Debug, Default)]
 pub struct Signals {
-    /// A request head had both framings.
-    ambiguous: AtomicBool,
+    /// The number of the first request head with both framings (1 for the connection's first
+    /// head), 0 while none had: the requests before it, pipelined in the same read, are served.
+    ambiguous: AtomicU64,
+    /// Request heads read whole, counted by the follower.
+    heads: AtomicU64,
+    /// Requests the handler took, counted by it (hyper hands them over in order, each after
+    /// the follower has read its head).
+    handled: AtomicU64,
     /// The handler answered 101: the connection is a tunnel from here.
     tunnel: AtomicBool,
     /// The follower waits for the next request, none of it read yet, after one that keeps the
@@ -94,8 +100,14 @@ pub struct Signals {
 }
 
 impl Signals {
-    pub fn seen(&self) -> bool {
-        self.ambiguous.load(Ordering::Relaxed)
+    /// The handler takes the connection's next HTTP/1.1 request: whether its head, or one
+    /// before it, had both framings. (Only the connection's task calls it, as only its task
+    /// follows: a load and a store each.)
+    pub fn next_is_ambiguous(&self) -> bool {
+        let n = self.handled.load(Ordering::Relaxed) + 1;
+        self.handled.store(n, Ordering::Relaxed);
+        let first = self.ambiguous.load(Ordering::Relaxed);
+        first != 0 && n >= first
     }
 
     /// The handler answers 101 to the upgrade request: stop following.
@@ -262,6 +274,8 @@ impl<S> Framing<S> {
                     match status {
                         Ok(httparse::Status::Complete(end)) => {
                             // Read from the one parse that found the head's end.
+                            let heads = self.signals.heads.load(Ordering::Relaxed) + 1;
+                            self.signals.heads.store(heads, Ordering::Relaxed);
                             let (next, upgrade, last) = after_head(&self.signals, &req);
                             *buf = Vec::new();
                             self.upgrading = upgrade;
@@ -471,7 +485,10 @@ fn after_head(signals: &Signals, req: &httparse::Request<'_, '_>) -> (Next, bool
     let upgrade = upgrade || req.method == Some("CONNECT");
     let last = close || (req.version != Some(1) && !keep_alive);
     if te && content_length {
-        signals.ambiguous.store(true, Ordering::Relaxed);
+        if signals.ambiguous.load(Ordering::Relaxed) == 0 {
+            let head = signals.heads.load(Ordering::Relaxed);
+            signals.ambiguous.store(head, Ordering::Relaxed);
+        }
         return (Next::Refused, upgrade, true);
     }
     if malformed_length {
@@ -611,12 +628,32 @@ mod tests {
     }
 
     fn scan(chunks: &[&[u8]]) -> bool {
-        follow(chunks).1.seen()
+        follow(chunks).1.ambiguous.load(Ordering::Relaxed) != 0
     }
 
     fn state(chunks: &[&[u8]]) -> String {
         let s = format!("{:?}", follow(chunks).0.state);
         s.split(['(', ' ', '{']).next().unwrap_or("").to_string()
+    }
+
+    #[test]
+    fn the_requests_before_a_head_with_both_framings_are_served() {
+        let one = b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n".as_slice();
+        let both = b"POST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".as_slice();
+        // Two served requests, then one with both framings, in one read: the third and any
+        // after it are refused, not the first two.
+        let (_, signals) = follow(&[&[one, one, both, one].concat()]);
+        assert!(!signals.next_is_ambiguous());
+        assert!(!signals.next_is_ambiguous());
+        assert!(signals.next_is_ambiguous());
+        assert!(signals.next_is_ambiguous());
+        // The first head of a connection.
+        let (_, signals) = follow(&[both]);
+        assert!(signals.next_is_ambiguous());
+        // None.
+        let (_, signals) = follow(&[&[one, one].concat()]);
+        assert!(!signals.next_is_ambiguous());
+        assert!(!signals.next_is_ambiguous());
     }
 
     #[test]
