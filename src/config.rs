@@ -379,6 +379,10 @@ pub struct DockerLimits {
     pub pids: i64,
     /// Size of /dev/shm, in bytes or with a unit.
     pub shm: String,
+    /// Networks the application may have at once (0: no ceiling). Each bridge takes a subnet
+    /// from the engine's address pools, about 30 in all on a default engine, shared with the
+    /// host: past them, nobody on the host creates a network.
+    pub networks: u32,
 }
 
 impl Default for DockerLimits {
@@ -388,6 +392,7 @@ impl Default for DockerLimits {
             cpus: 0.0,
             pids: 4096,
             shm: String::new(),
+            networks: 8,
         }
     }
 }
@@ -2520,6 +2525,7 @@ mod tests {
             "bind_roots",
             "tls_ca",
             "pids",
+            "networks",
         ] {
             assert!(text.contains(&format!("#{key} =")), "{key} undocumented");
         }

@@ -234,6 +234,8 @@ impl Bridge {
             freezing: tokio::sync::Mutex::new(()),
             making: Default::default(),
             networks: Default::default(),
+            max_networks: d.limits.networks as usize,
+            network_creates: tokio::sync::Mutex::new(()),
         });
         tokio::spawn(proxy::serve(listener, proxy, shutdown.clone()));
         tokio::spawn(forget_deleted(

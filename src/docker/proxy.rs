@@ -307,6 +307,11 @@ pub struct Proxy {
     /// The ids of the networks seen to be the instance's (labelled) by this process: a network's
     /// last event (`destroy`) comes when it can be inspected no more.
     pub networks: Mutex<std::collections::HashSet<String>>,
+    /// `docker.limits.networks` (0: no ceiling).
+    pub max_networks: usize,
+    /// Held by a network create from its count of the instance's networks to its check that
+    /// the name is the new network's alone.
+    pub network_creates: tokio::sync::Mutex<()>,
 }
 
 /// The actions of a job's events passed on: what the socket's calls and a job's own life make
@@ -1273,6 +1278,22 @@ impl Proxy {
                 let bytes = self.read_body(body, "network create").await?;
                 let model: NetworkCreate = model::decode(&bytes, "network create")?;
                 let checked = network::check_network_create(&model, &self.instance)?;
+                let name = checked.name.clone().unwrap_or_default();
+                // One create at a time: the engine's own check that a name is free
+                // (`CheckDuplicate`) is a lookup and then a create, with nothing between, so
+                // creates sent together all passed it (an attacker's, thirty-third session).
+                let _one = self.network_creates.lock().await;
+                let own = self.networks_named(None).await?;
+                if self.max_networks > 0 && own.len() >= self.max_networks {
+                    return Err(Denied::new(
+                        "docker.limits.networks",
+                        format!(
+                            "refused by regobox's Docker policy: this instance has {} networks, the ceiling docker.limits.networks (each takes a subnet from the engine's address pools, shared with the host)",
+                            own.len()
+                        ),
+                    )
+                    .into());
+                }
                 let response = self
                     .forward(
                         with_json(parts, &checked, &target("/networks/create", &q))?,
@@ -1280,8 +1301,40 @@ impl Proxy {
                         None,
                     )
                     .await?;
+                if response.status() != StatusCode::CREATED {
+                    return Ok(Done {
+                        response,
+                        object: checked.name,
+                    });
+                }
+                let (parts, created): (_, Value) = engine_value(response, "network create").await?;
+                let id = created["Id"].as_str().unwrap_or_default().to_string();
+                // The host's create of the same name, at the same time, passed the engine's
+                // check too: both networks are made, and each name ambiguous to the engine.
+                // The application's gives way (the host's is the host's to keep).
+                let others: Vec<String> = self
+                    .networks_named(Some(&name))
+                    .await?
+                    .into_iter()
+                    .filter(|other| *other != id)
+                    .collect();
+                if !others.is_empty() {
+                    if let Err(e) = self.docker.remove_network(&id).await {
+                        tracing::warn!(target: "regobox::docker", network = %id, error = %e, "removing a network created beside another of its name");
+                    }
+                    return Ok(Done {
+                        response: json_response(
+                            StatusCode::CONFLICT,
+                            &json!({"message": format!("network with name {name} already exists")}),
+                        ),
+                        object: checked.name,
+                    });
+                }
+                if let Ok(mut seen) = self.networks.lock() {
+                    seen.insert(id);
+                }
                 Ok(Done {
-                    response,
+                    response: rebuild(parts, &created),
                     object: checked.name,
                 })
             }
@@ -2680,6 +2733,32 @@ impl Proxy {
     }
 
     /// The network's full id if it is this instance's.
+    /// The ids of the engine's networks named `name` exactly, whoever's they are; with no name,
+    /// of the instance's networks (by label).
+    async fn networks_named(&self, name: Option<&str>) -> Result<Vec<String>, Refusal> {
+        let filter = match name {
+            // The engine's name filter matches a part of a name: the list is narrowed here.
+            Some(name) => ("name".to_string(), vec![name.to_string()]),
+            None => (
+                "label".to_string(),
+                vec![format!("{INSTANCE_LABEL}={}", self.instance)],
+            ),
+        };
+        let opts = bollard::query_parameters::ListNetworksOptions {
+            filters: Some(std::collections::HashMap::from([filter])),
+        };
+        let list = self
+            .docker
+            .list_networks(Some(opts))
+            .await
+            .map_err(|e| Refusal::Engine(format!("listing the networks: {e}")))?;
+        Ok(list
+            .into_iter()
+            .filter(|n| name.is_none_or(|name| n.name.as_deref() == Some(name)))
+            .filter_map(|n| n.id)
+            .collect())
+    }
+
     async fn owned_network(&self, reference: &str) -> Result<String, Refusal> {
         let inspected = self
             .docker

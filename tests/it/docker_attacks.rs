@@ -152,6 +152,72 @@ fn foreign_image(dir: &Path, tag: &str, secret: &str) {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
+/// The ids of the engine's networks named `name` exactly.
+fn networks_named(name: &str) -> Vec<String> {
+    let out = engine(&["network", "ls", "--format", "{{.ID}} {{.Name}}"]);
+    stdout(&out)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(_, n)| *n == name)
+        .map(|(id, _)| id.to_string())
+        .collect()
+}
+
+/// Attack (thirty-third session): the engine's check that a network's name is free
+/// (`CheckDuplicate`, which regobox sets) is a lookup and then a create with nothing between:
+/// twelve creates of one name sent at once through the socket were all made, twelve bridges of
+/// one name, each ambiguous to the engine (and the host's, raced the same way). Nor was the
+/// number of networks bounded: each takes a subnet of the engine's pools, about 30, shared with
+/// the host.
+#[test]
+fn networks_are_one_of_a_name_and_bounded_in_number() {
+    let b = Bridged::start("[docker.limits]\nnetworks = 3");
+    let on = OnEngine::default();
+    let name = format!("rbx-race-{}", b.inst.port);
+    let more: Vec<String> = (2..=4).map(|i| format!("{name}-{i}")).collect();
+    on.network(&name);
+    for n in &more {
+        on.network(n);
+    }
+    let (socket, config) = (b.socket.clone(), b.docker_config.clone());
+    let create = |name: &str| {
+        Command::new("docker")
+            .args(["network", "create", name])
+            .env("DOCKER_HOST", format!("unix://{}", socket.display()))
+            .env("DOCKER_CONFIG", &config)
+            .output()
+            .unwrap()
+    };
+    let outs: Vec<_> = std::thread::scope(|s| {
+        let all: Vec<_> = (0..8).map(|_| s.spawn(|| create(&name))).collect();
+        all.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let made = outs.iter().filter(|o| o.status.success()).count();
+    assert_eq!(made, 1, "{:?}", outs);
+    assert_eq!(networks_named(&name).len(), 1);
+    for o in outs.iter().filter(|o| !o.status.success()) {
+        assert!(stderr(o).contains("already exists"), "{}", stderr(o));
+    }
+
+    // Three at most: the fourth is refused, naming the ceiling, and not made.
+    assert!(create(&more[0]).status.success());
+    assert!(create(&more[1]).status.success());
+    let out = create(&more[2]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("docker.limits.networks"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(networks_named(&more[2]).is_empty());
+    // One removed, one more can be made.
+    b.cli_ok(&["network", "rm", &more[0]]);
+    assert!(create(&more[2]).status.success());
+    for n in [&name, &more[1], &more[2]] {
+        b.cli_ok(&["network", "rm", n]);
+    }
+}
+
 /// What a test made, or might have made had a refusal failed, directly on the engine: removed
 /// when the test ends, failed or not.
 #[derive(Default)]
@@ -179,8 +245,11 @@ impl Drop for OnEngine {
         for c in self.containers.borrow().iter() {
             engine(&["rm", "-f", "-v", c]);
         }
+        // By id: a name given twice (a refusal that failed) is ambiguous to the engine.
         for n in self.networks.borrow().iter() {
-            engine(&["network", "rm", n]);
+            for id in networks_named(n) {
+                engine(&["network", "rm", &id]);
+            }
         }
         for i in self.images.borrow().iter() {
             engine(&["rmi", "-f", i]);
@@ -585,8 +654,15 @@ fn networks_touch_no_host_interface_and_connect_only_the_instances() {
     let mut b = Bridged::start("");
     let image = format!("regobox-test/busybox:net{}", b.inst.port);
     b.import_busybox(&image);
-    let before = names(&["network", "ls", "-q"]);
     let port = b.inst.port;
+    // The networks this test could make (other tests make networks meanwhile).
+    let tried = || -> Vec<String> {
+        names(&["network", "ls", "--format", "{{.Name}}"])
+            .into_iter()
+            .filter(|n| n.contains(&port.to_string()) || n == "0123456789abcdef0123")
+            .collect()
+    };
+    let before = tried();
     let made = OnEngine::default();
     for n in ["a", "b", "mine", "theirs"] {
         made.network(&format!("rbx-{n}{port}"));
@@ -639,11 +715,7 @@ fn networks_touch_no_host_interface_and_connect_only_the_instances() {
         !out.status.success(),
         "created a bridge named by the application"
     );
-    assert_eq!(
-        names(&["network", "ls", "-q"]),
-        before,
-        "a refused create made a network"
-    );
+    assert_eq!(tried(), before, "a refused create made a network");
     assert!(!Path::new(&format!("/sys/class/net/rbxt{port}")).exists());
 
     // Connect and disconnect judge both sides on the full ids.
