@@ -1563,7 +1563,7 @@ impl Build {
                 text.trim()
             );
         }
-        self.check_settings(&su_db).await
+        self.check_settings(&su_db, &pg.extensions).await
     }
 
     /// A dump changes nothing outside its objects: no setting of a database or role (a
@@ -1571,7 +1571,11 @@ impl Build {
     /// privilege or comment on the database (its owner may revoke `CONNECT` from itself: a
     /// restore that succeeded left an application that could not connect). Whatever code in
     /// the dump did so while it loaded, the restore is refused.
-    async fn check_settings(&self, su_db: &tokio_postgres::Config) -> anyhow::Result<()> {
+    async fn check_settings(
+        &self,
+        su_db: &tokio_postgres::Config,
+        extensions: &[String],
+    ) -> anyhow::Result<()> {
         let su = postgres::connect(su_db, &Tls::disabled()).await?;
         let mut changed: Vec<String> = su
             .query(
@@ -1608,6 +1612,23 @@ impl Build {
                 "the database's comment {:?}",
                 dump::shortened(&comment)
             ));
+        }
+        // The configured extensions, made before the load, are there after it: the owner of a
+        // schema drops what is in it, a superuser's extension too (an attacker's, thirty-third
+        // session: `DROP SCHEMA public CASCADE` in the dump's code, and every start after the
+        // restore failed on `CREATE EXTENSION ... WITH SCHEMA public`).
+        let present: Vec<String> = su
+            .query("SELECT extname::text FROM pg_catalog.pg_extension", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for name in extensions {
+            if !present.contains(name) {
+                changed.push(format!(
+                    "the extension {name} (postgres.extensions) was dropped"
+                ));
+            }
         }
         if changed.is_empty() {
             Ok(())
@@ -1922,6 +1943,22 @@ pub async fn restorable_here(
     Ok(())
 }
 
+/// Why PostgreSQL would refuse to create a role named `name` (`CREATE ROLE`), if it would
+/// (a name longer than 63 bytes it shortens, so the role made would not be the one named).
+fn unmakeable_role(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name.len() > 63 {
+        Some("is not a role name (1 to 63 bytes)")
+    } else if name.contains('\0') {
+        Some("holds a NUL byte")
+    } else if name == "public" || name == "none" {
+        Some("is a name PostgreSQL reserves")
+    } else if name.starts_with("pg_") {
+        Some("is in PostgreSQL's own names (pg_)")
+    } else {
+        None
+    }
+}
+
 /// The dump, judged as the load will judge it (its table of contents and its data read by
 /// regobox from the member as it is decompressed, then the dry run of the load's SQL header).
 async fn judge_dump(
@@ -1936,6 +1973,16 @@ async fn judge_dump(
         .as_ref()
         .map(|p| p.user.clone())
         .unwrap_or_else(|| pg.user.clone());
+    // A role the load makes (NOLOGIN) when it is not the application's: one PostgreSQL
+    // refuses to make failed the load (an attacker's, thirty-third session: verify said OK).
+    if owner != pg.user {
+        if let Some(why) = unmakeable_role(&owner) {
+            return Err(RestoreRefused::DumpUnreadable {
+                why: format!("its role {} (manifest.json) {why}", dump::shortened(&owner)),
+            }
+            .into());
+        }
+    }
     let load = judged_toc(
         binaries,
         DumpAt::ArchiveMember(path.to_path_buf()),
@@ -2897,6 +2944,24 @@ pub async fn list(config: &Config, layout: &Layout) -> Vec<Listed> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_roles_a_load_cannot_make_are_named() {
+        for name in ["app", "regovar", "Émile", &"a".repeat(63)] {
+            assert_eq!(unmakeable_role(name), None, "{name}");
+        }
+        for name in [
+            "",
+            "public",
+            "none",
+            "pg_app",
+            "pg_",
+            &"a".repeat(64),
+            "a\0b",
+        ] {
+            assert!(unmakeable_role(name).is_some(), "{name:?}");
+        }
+    }
 
     /// A dump of many entries is loaded by one job (PostgreSQL 15's parallel scheduling is
     /// quadratic in the ready entries: an attacker's archive held a restore for minutes); the

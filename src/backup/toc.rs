@@ -495,11 +495,21 @@ impl<'a, R: std::io::Read> Toc<'a, R> {
         }
         if minor >= 14 {
             let method = f.text("table access method", MAX_TOC_TEXT)?;
-            if !matches!(method.as_deref(), None | Some("" | "heap")) {
-                return Err(format!(
-                    "has a table of access method {} (regobox restores heap tables)",
-                    shortened(method.as_deref().unwrap_or_default())
-                ));
+            // (None for what is not a table; an empty one is set as `""`, which fails.)
+            match method.as_deref() {
+                None | Some("heap") => {}
+                Some("") => {
+                    return Err(
+                        "has a table of an empty access method (regobox restores heap tables)"
+                            .into(),
+                    );
+                }
+                Some(other) => {
+                    return Err(format!(
+                        "has a table of access method {} (regobox restores heap tables)",
+                        shortened(other)
+                    ));
+                }
             }
         }
         if minor >= 16 {
@@ -1030,6 +1040,14 @@ mod tests {
                     ..PG_DUMP
                 }),
                 "access method he\\u{1b}ap (regobox restores heap tables)",
+            ),
+            // An attacker's (thirty-third session): set as `""`, which fails the load.
+            (
+                raw(Raw {
+                    access_method: Some(b""),
+                    ..PG_DUMP
+                }),
+                "an empty access method",
             ),
         ] {
             let got = read(bytes);

@@ -607,6 +607,14 @@ fn craft(src: &Path, dst: &Path, edit: &str) {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
+/// An edit for [`craft`]: the archive's role named `role` (in the manifest and the header
+/// that repeats it).
+fn role_edit(role: &str) -> String {
+    format!(
+        "for m in members:\n    if m[0].name == 'regobox.json':\n        h = json.loads(m[1]); h['postgres']['user'] = '{role}'\n        m[1] = json.dumps(h).encode(); m[0].size = len(m[1])\nmanifest['postgres']['user'] = '{role}'"
+    )
+}
+
 /// Everything of a volume a refused restore must leave as it was: every file of the cluster,
 /// of every data directory and of the archives (content, mode, owner, time), every directory
 /// (mode, owner), and the names at the root; not the locks' bookkeeping.
@@ -662,6 +670,17 @@ fn crafted_archives_are_refused_by_verify_and_restore_alike_and_change_nothing()
             "db",
             "add_dir('volumes/db')\nadd_dir('volumes/db/pgdata')\nadd_file('volumes/db/pgdata/PG_VERSION', b'15\\n')".into(),
             "member volumes/db is refused: `db` is regobox's own directory",
+        ),
+        // An attacker's (thirty-third session): a role the load cannot make (verify said OK).
+        (
+            "reserved role",
+            role_edit("public"),
+            "the archive's dump is refused: its role public (manifest.json) is a name PostgreSQL reserves",
+        ),
+        (
+            "system role",
+            role_edit("pg_app"),
+            "the archive's dump is refused: its role pg_app (manifest.json) is in PostgreSQL's own names (pg_)",
         ),
         (
             "backups",
@@ -1451,6 +1470,55 @@ fn a_dump_that_changes_the_databases_privileges_while_it_loads_is_refused() {
             "t"
         );
     }
+}
+
+/// Attack (thirty-third session's attacker): the owner of a schema drops what is in it, a
+/// superuser's extension too. Code in a dump dropping `public` (the application role's in
+/// PostgreSQL 15) while it loaded took the configured extension with it: the restore said
+/// "restore complete", and every start after it failed creating the extension in a schema that
+/// was gone. The configured extensions are there after the load, or the restore is refused with
+/// the previous data in place (and `--restore-test` says so too).
+#[test]
+fn a_dump_that_drops_a_configured_extension_while_it_loads_is_refused() {
+    let ext = "[postgres]\nextensions = [\"citext\"]\n";
+    let b = Instance::new();
+    b.config_file("50.toml", ext);
+    b.ok(&["init"]);
+    b.sql("CREATE TABLE mine(x int); INSERT INTO mine VALUES (7);");
+    let a = Instance::new();
+    a.config_file("50.toml", ext);
+    a.ok(&["init"]);
+    a.sql(
+        "CREATE SCHEMA s;
+         CREATE FUNCTION s.drop_public() RETURNS boolean LANGUAGE plpgsql AS $$
+         BEGIN DROP SCHEMA public CASCADE; CREATE SCHEMA public; RETURN true; END $$;
+         CREATE TABLE s.trap(x int CHECK (s.drop_public()));
+         INSERT INTO s.trap VALUES (1);",
+    );
+    let archive = backup(&a);
+    let named = "code in the dump changed what a dump does not hold, while it loaded: the extension citext (postgres.extensions) was dropped";
+    let out = b.output(&[
+        "backup",
+        "verify",
+        "--restore-test",
+        archive.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(stderr(&out).contains(named), "{}", stderr(&out));
+    let out = b.output(&["restore", "--force", archive.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(stderr(&out).contains(named), "{}", stderr(&out));
+    assert_eq!(
+        b.sql("SELECT x FROM mine"),
+        "7",
+        "the previous data is kept"
+    );
+    assert_eq!(
+        b.sql("SELECT count(*) FROM pg_extension WHERE extname = 'citext'"),
+        "1"
+    );
+    // And the instance starts on it.
+    b.start().stop();
 }
 
 /// Attack (second attacker): the application itself (its own role owns the database) steers
