@@ -596,13 +596,17 @@ impl ConnCtx {
                     break 'done self.not_http("101 without its connection");
                 };
                 let force = self.shared.force.clone();
-                let idle = cfg.websocket_idle_timeout;
+                let bounds = super::TunnelBounds {
+                    idle: cfg.websocket_idle_timeout,
+                    send: cfg.send_timeout,
+                    connection: self.activity.clone(),
+                };
                 let lease = lease.take();
                 self.shared.tracker.spawn(async move {
                     let Ok(client) = client.await else {
                         return;
                     };
-                    super::tunnel(TokioIo::new(client), server, idle, force).await;
+                    super::tunnel(TokioIo::new(client), server, bounds, force).await;
                     drop(lease);
                 });
                 let (parts, body) = response.into_parts();

@@ -450,6 +450,48 @@ fn idle_websockets_are_closed_at_their_own_limit() {
     p.stop();
 }
 
+/// An attacker's (thirty-third session): an upgraded connection was bounded by its idle limit
+/// alone, which a byte either way resets: a client that read nothing of what the application
+/// pushed, and sent a byte now and then, held the tunnel, the application's connection and
+/// 4 MB of the kernel's memory for ever (a download is cut at `send_timeout`). A tunnel is
+/// held to `send_timeout` as any connection, and reset when cut.
+#[test]
+fn a_websocket_whose_client_takes_nothing_is_cut_at_send_timeout() {
+    let mut p = Proxied::start(
+        "redirect_http = false\nsend_timeout = \"2s\"\nwebsocket_idle_timeout = \"60s\"",
+    );
+    let (mut s, client, server) = small_buffer_plain(p.http, 4096);
+    s.write_all(b"GET /wspush HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    // Nothing more read; a byte sent every half second, all along.
+    let started = Instant::now();
+    while established(server, client) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "not cut\n{}",
+            p.stop()
+        );
+        let _ = s.write_all(b"k");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "cut before send_timeout: {:?}",
+        started.elapsed()
+    );
+    // Reset: nothing of it left in the kernel.
+    closed_and_let_go(&mut p, server, client, "cut", Duration::from_secs(3));
+    drop(s);
+    p.stop();
+}
+
 /// Issue 16, item 1: the connections to the application are capped per client connection and
 /// overall; at a cap, 503 with `Retry-After`, and the caps free up as requests end.
 #[test]
