@@ -596,7 +596,7 @@ impl ConnCtx {
                     break 'done self.not_http("101 without its connection");
                 };
                 let force = self.shared.force.clone();
-                let bounds = super::TunnelBounds {
+                let bounds = super::tunnel::TunnelBounds {
                     idle: cfg.websocket_idle_timeout,
                     send: cfg.send_timeout,
                     connection: self.activity.clone(),
@@ -606,7 +606,7 @@ impl ConnCtx {
                     let Ok(client) = client.await else {
                         return;
                     };
-                    super::tunnel(TokioIo::new(client), server, bounds, force).await;
+                    super::tunnel::tunnel(TokioIo::new(client), server, bounds, force).await;
                     drop(lease);
                 });
                 let (parts, body) = response.into_parts();

@@ -28,6 +28,7 @@ pub mod net;
 pub mod progress;
 pub mod sentry;
 pub mod tls;
+pub mod tunnel;
 pub mod upstream;
 
 use std::cell::Cell;
@@ -1500,73 +1501,6 @@ impl Drop for InFlight {
         }
         self.0.touch();
         self.0.request_ms.store(now, Ordering::Relaxed);
-    }
-}
-
-/// What bounds an upgraded connection.
-pub(crate) struct TunnelBounds {
-    /// `proxy.websocket_idle_timeout`: nothing moved either way.
-    pub idle: Duration,
-    /// `proxy.send_timeout`: the client took none of what the kernel holds for it.
-    pub send: Duration,
-    /// The client connection's own (its socket, what was written to it).
-    pub connection: Arc<Activity>,
-}
-
-/// Splice an upgraded connection (a WebSocket) to the application's until either side closes
-/// it, nothing moves either way for `idle` (`proxy.websocket_idle_timeout`), the client takes
-/// none of what the kernel holds for it for `send_timeout` (as any connection: a client that
-/// read nothing of an application's pushes, and sent a byte now and then, held the tunnel, 4 MB
-/// of the kernel's memory and the application's connection for ever; an attacker's,
-/// thirty-third session), or the proxy is forced to stop.
-pub(crate) async fn tunnel<A, B>(
-    client: A,
-    server: B,
-    bounds: TunnelBounds,
-    force: CancellationToken,
-) where
-    A: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let TunnelBounds {
-        idle,
-        send,
-        connection,
-    } = bounds;
-    let activity = Activity::new();
-    let mut client = Tracked {
-        inner: client,
-        activity: activity.clone(),
-    };
-    let mut server = Tracked {
-        inner: server,
-        activity: activity.clone(),
-    };
-    let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
-    tokio::pin!(copy);
-    let mut sentry = sentry::Sentry::new(None, &force, Duration::from_millis(500).min(idle));
-    loop {
-        tokio::select! {
-            biased;
-            _ = &mut copy => return,
-            e = sentry.next() => {
-                if e == sentry::Event::Force {
-                    return;
-                }
-                if activity.idle_for() >= idle {
-                    tracing::debug!(target: "regobox::proxy", timeout = ?idle, "an upgraded connection idle for proxy.websocket_idle_timeout closed");
-                    return;
-                }
-                if connection.takes_nothing(send) {
-                    if let Some(left_out) = forward::CLIENT_ERRORS.should_log() {
-                        tracing::info!(target: "regobox::proxy", timeout = ?send, similar_left_out = left_out, "a client took nothing of an upgraded connection (proxy.send_timeout); closed");
-                    }
-                    // What the kernel holds for it goes with the connection (reset).
-                    connection.reset_if_untaken();
-                    return;
-                }
-            }
-        }
     }
 }
 

@@ -489,6 +489,36 @@ fn a_websocket_whose_client_takes_nothing_is_cut_at_send_timeout() {
     // Reset: nothing of it left in the kernel.
     closed_and_let_go(&mut p, server, client, "cut", Duration::from_secs(3));
     drop(s);
+
+    // One taking 2 KiB every half second (8 KiB per send_timeout, under a piece, 16 KiB) is
+    // cut too, as a response taken at that pace would be; one taking 32 KiB every half second
+    // is not.
+    for (each, cut) in [(2048, true), (32 * 1024, false)] {
+        let (mut s, client, server) = small_buffer_plain(p.http, 4096);
+        s.write_all(b"GET /wspush HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            .unwrap();
+        let mut piece = vec![0u8; each];
+        let started = Instant::now();
+        while established(server, client) && started.elapsed() < Duration::from_secs(8) {
+            let mut filled = 0;
+            while filled < each {
+                match s.read(&mut piece[filled..]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => filled += k,
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert_eq!(
+            !established(server, client),
+            cut,
+            "{each} bytes every half second: after {:?}",
+            started.elapsed()
+        );
+        if cut {
+            assert!(started.elapsed() >= Duration::from_millis(1500));
+        }
+    }
     p.stop();
 }
 
