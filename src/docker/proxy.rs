@@ -673,10 +673,21 @@ impl Proxy {
         };
         let method = req.method().as_str().to_string();
         match ep {
-            Endpoint::Ping | Endpoint::Version | Endpoint::Info => {
+            Endpoint::Ping | Endpoint::Version => {
                 let q = query::parse(&raw_query, &normalized, query::NONE)?;
                 let req = retarget(self.no_body(req).await?, &target(&normalized, &q))?;
                 Ok(plain(self.forward(req, Payload::Empty, None).await?))
+            }
+            Endpoint::Info => {
+                let q = query::parse(&raw_query, &normalized, query::NONE)?;
+                let req = retarget(self.no_body(req).await?, &target(&normalized, &q))?;
+                let response = self.forward(req, Payload::Empty, None).await?;
+                if response.status() != StatusCode::OK {
+                    return Ok(plain(response));
+                }
+                let (parts, info): (_, Value) =
+                    engine_value(response, "engine's information").await?;
+                Ok(plain(rebuild(parts, &policy::engine_info(info))))
             }
             Endpoint::Events | Endpoint::ContainerList | Endpoint::NetworkList => {
                 let (allowed, filters) = match ep {

@@ -218,6 +218,58 @@ fn networks_are_one_of_a_name_and_bounded_in_number() {
     }
 }
 
+/// Attack (thirty-third session, cosmetic): `GET /info` was the engine's whole, telling the
+/// application of the host and its other tenants (every container and image counted, the
+/// host's name, the engine's root directory, proxies, registry mirrors, swarm). It shows what
+/// describes the engine alone; `docker info` and `docker pull`'s registry still read it.
+#[test]
+fn the_engines_information_tells_nothing_of_the_host_or_other_tenants() {
+    let b = Bridged::start("");
+    let (status, body) = raw(
+        &b.socket,
+        "GET /v1.41/info HTTP/1.1\r\nHost: d\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 200, "{body}");
+    let info: Value = serde_json::from_str(&body).unwrap();
+    let engine: Value =
+        serde_json::from_str(&stdout(&engine(&["info", "--format", "{{json .}}"]))).unwrap();
+    for kept in [
+        "ServerVersion",
+        "OSType",
+        "Architecture",
+        "IndexServerAddress",
+    ] {
+        assert_eq!(info[kept], engine[kept], "{kept}");
+        assert!(!info[kept].is_null(), "{kept}");
+    }
+    for gone in [
+        "Containers",
+        "ContainersRunning",
+        "Images",
+        "Name",
+        "ID",
+        "DockerRootDir",
+        "HttpProxy",
+        "RegistryConfig",
+        "Swarm",
+        "Plugins",
+        "Labels",
+        "NFd",
+    ] {
+        assert!(engine.get(gone).is_some(), "the engine says {gone}");
+        assert!(info.get(gone).is_none(), "{gone} shown: {body}");
+    }
+    let out = b.cli_ok(&["info", "--format", "{{.ServerVersion}} {{.OSType}}"]);
+    assert_eq!(
+        out.trim(),
+        format!(
+            "{} {}",
+            engine["ServerVersion"].as_str().unwrap(),
+            engine["OSType"].as_str().unwrap()
+        )
+    );
+}
+
 /// What a test made, or might have made had a refusal failed, directly on the engine: removed
 /// when the test ends, failed or not.
 #[derive(Default)]

@@ -36,6 +36,57 @@ impl Denied {
     }
 }
 
+/// The engine's information (`GET /info`) an application is shown: what describes the engine
+/// and its host's kind (versions, the operating system, drivers, limits supported, the
+/// registry `docker pull` authenticates with). Left out: what tells of the host and its other
+/// tenants (counts of every container and image, the host's name, the engine's id, root
+/// directory, labels, proxies, registry mirrors, swarm, plugins, warnings, file descriptors and
+/// listeners in use).
+const INFO_SHOWN: &[&str] = &[
+    "Architecture",
+    "CgroupDriver",
+    "CgroupVersion",
+    "CpuCfsPeriod",
+    "CpuCfsQuota",
+    "CPUSet",
+    "CPUShares",
+    "DefaultRuntime",
+    "Driver",
+    "ExperimentalBuild",
+    "IndexServerAddress",
+    "IPv4Forwarding",
+    "Isolation",
+    "KernelMemory",
+    "KernelMemoryTCP",
+    "KernelVersion",
+    "LoggingDriver",
+    "MemoryLimit",
+    "MemTotal",
+    "NCPU",
+    "OomKillDisable",
+    "OperatingSystem",
+    "OSType",
+    "OSVersion",
+    "PidsLimit",
+    "SecurityOptions",
+    "ServerVersion",
+    "SwapLimit",
+    "SystemTime",
+];
+
+/// `info` with only the fields in [`INFO_SHOWN`].
+pub fn engine_info(info: serde_json::Value) -> serde_json::Value {
+    match info {
+        serde_json::Value::Object(fields) => serde_json::Value::Object(
+            fields
+                .into_iter()
+                .filter(|(k, _)| INFO_SHOWN.contains(&k.as_str()))
+                .collect(),
+        ),
+        _ => serde_json::Value::Object(Default::default()),
+    }
+}
+
 /// What an allowed endpoint is, for the proxy's further checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
