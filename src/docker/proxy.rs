@@ -352,6 +352,10 @@ impl Drop for Making {
     }
 }
 
+/// How long after the instance's network create another create of its name may still end (see
+/// `Endpoint::NetworkCreate`).
+const NAME_SETTLES: Duration = Duration::from_secs(1);
+
 /// Serve `listener` until `shutdown` (open streams, such as a followed log, go on until the
 /// process ends). At most `docker.max_connections` connections at once, hijacked ones (attach)
 /// included: at the cap nothing more is accepted, and the application's connects wait in the
@@ -360,6 +364,8 @@ impl Drop for Making {
 /// the end of one exchange until the next request's head is whole).
 pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, shutdown: CancellationToken) {
     let connections = Arc::new(tokio::sync::Semaphore::new(proxy.max_connections));
+    // The requests being handled (see below).
+    let handlers = Arc::new(tokio::sync::Semaphore::new(proxy.max_connections));
     let mut warned: Option<Instant> = None;
     loop {
         let permit = match connections.clone().try_acquire_owned() {
@@ -395,10 +401,40 @@ pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, shutdown: Cancella
         let proxy = proxy.clone();
         let idle = proxy.idle_timeout;
         let stopping = shutdown.clone();
+        let handlers = handlers.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+                // Each request to its end in a task of its own, whatever its client does: the
+                // engine goes on with a request whose client has left (a start mounts its
+                // binds, a network is made), so what the handler holds until the engine's
+                // answer must be held until then. Run inside the connection, a client that
+                // closed its socket 5 ms after a start dropped the handler, and with it the
+                // freeze of the bind sources while the engine mounted them: a link swapped in
+                // was mounted (a host path in the job, read-write if asked), and a network's
+                // ceiling, its name's check and the audit line went the same way (an
+                // attacker's, thirty-third session).
+                // A handler whose client left holds one of `docker.max_connections` turns until
+                // it ends, as its connection did: leaving does not free a place for more.
+                let (proxy, handlers) = (proxy.clone(), handlers.clone());
+                async move {
+                    let Ok(turn) = handlers.acquire_owned().await else {
+                        return Ok(json_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &json!({ "message": "regobox is stopping: try again once it is back" }),
+                        ));
+                    };
+                    let task = tokio::spawn(async move {
+                        let _turn = turn;
+                        proxy.handle(req).await
+                    });
+                    Ok::<_, Infallible>(task.await.unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "Docker proxy: a request's handler failed");
+                        json_response(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            &json!({ "message": "regobox's Docker proxy failed on this request" }),
+                        )
+                    }))
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -1322,13 +1358,23 @@ impl Proxy {
                 let id = created["Id"].as_str().unwrap_or_default().to_string();
                 // The host's create of the same name, at the same time, passed the engine's
                 // check too: both networks are made, and each name ambiguous to the engine.
-                // The application's gives way (the host's is the host's to keep).
-                let others: Vec<String> = self
-                    .networks_named(Some(&name))
-                    .await?
-                    .into_iter()
-                    .filter(|other| *other != id)
-                    .collect();
+                // The application's gives way (the host's is the host's to keep). The engine
+                // lists a network once its create has ended, and a create that looked the name
+                // up during the instance's (about 60 ms: the window is the application's to
+                // choose) ends after it: looked for at once, and again a second later.
+                let mut others = Vec::new();
+                for wait in [Duration::ZERO, NAME_SETTLES] {
+                    tokio::time::sleep(wait).await;
+                    others = self
+                        .networks_named(Some(&name))
+                        .await?
+                        .into_iter()
+                        .filter(|other| *other != id)
+                        .collect();
+                    if !others.is_empty() {
+                        break;
+                    }
+                }
                 if !others.is_empty() {
                     if let Err(e) = self.docker.remove_network(&id).await {
                         tracing::warn!(target: "regobox::docker", network = %id, error = %e, "removing a network created beside another of its name");

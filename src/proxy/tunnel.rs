@@ -82,16 +82,19 @@ pub(crate) async fn tunnel<A, B>(
 }
 
 /// What the client of an upgraded connection must take of what the kernel holds for it: a
-/// piece ([`forward::PIECE`], as a response waiting for its client) per `send_timeout` while
-/// any is held. (An attacker's, thirty-third session: bounded by its idle limit alone, which a
+/// piece ([`forward::PIECE`], as a response waiting for its client), or all the kernel held if
+/// less, per `send_timeout` while any is held. (A piece alone was too much for an application
+/// sending less than that per `send_timeout`: a client on a slow link reading each of 20 bytes
+/// every 50 ms at once, whose queue always held the last ones in flight, was reset; a second
+/// attacker's, the same session.) (An attacker's, thirty-third session: bounded by its idle limit alone, which a
 /// byte either way resets, a tunnel whose client read nothing of what the application pushed,
 /// and sent a byte now and then, held the application's connection and 4 MB of the kernel's
 /// memory for ever.)
 struct Pace {
     limit: Duration,
-    /// The bytes the client had acknowledged when it last took a piece (or when the kernel
-    /// last began to hold something for it), and when.
-    mark: Option<(u64, Duration)>,
+    /// The bytes the client had acknowledged when it last took its due (or when the kernel
+    /// last began to hold something for it), what the kernel held for it then, and when.
+    mark: Option<(u64, u64, Duration)>,
 }
 
 impl Pace {
@@ -107,11 +110,13 @@ impl Pace {
             return false;
         }
         match self.mark {
-            Some((at, since)) if acked.saturating_sub(at) < forward::PIECE as u64 => {
+            Some((at, held, since))
+                if acked.saturating_sub(at) < held.min(forward::PIECE as u64) =>
+            {
                 now.saturating_sub(since) >= self.limit
             }
             _ => {
-                self.mark = Some((acked, now));
+                self.mark = Some((acked, queued, now));
                 false
             }
         }
@@ -131,15 +136,21 @@ mod tests {
         assert!(!p.late(s(0), 0, 0));
         assert!(!p.late(s(100), 0, 0));
         // Held from 100 s: a piece by 160 s.
-        assert!(!p.late(s(101), 5000, 0));
-        assert!(!p.late(s(150), 5000, piece - 1));
-        assert!(p.late(s(161), 5000, piece - 1));
+        assert!(!p.late(s(101), 100_000, 0));
+        assert!(!p.late(s(150), 100_000, piece - 1));
+        assert!(p.late(s(161), 100_000, piece - 1));
         // A piece taken counts from then.
         let mut p = Pace::new(s(60));
-        assert!(!p.late(s(0), 1, 0));
-        assert!(!p.late(s(59), 1, piece));
-        assert!(!p.late(s(118), 1, piece + 1));
-        assert!(p.late(s(119), 1, piece + 1));
+        assert!(!p.late(s(0), 100_000, 0));
+        assert!(!p.late(s(59), 100_000, piece));
+        assert!(!p.late(s(118), 100_000, piece + 1));
+        assert!(p.late(s(119), 100_000, piece + 1));
+        // Less than a piece held: taking all of it is the client's due.
+        let mut p = Pace::new(s(60));
+        assert!(!p.late(s(0), 80, 0));
+        assert!(!p.late(s(50), 60, 80));
+        assert!(!p.late(s(100), 60, 139));
+        assert!(p.late(s(110), 60, 139));
         // What emptied the queue paid all: the next wait counts from its start.
         let mut p = Pace::new(s(60));
         assert!(!p.late(s(0), 10, 0));
