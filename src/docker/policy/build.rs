@@ -154,6 +154,7 @@ pub fn check_build_query(mut q: Query, limits: &Limits, instance: &str) -> Resul
         })?,
         _ => BTreeMap::new(),
     };
+    super::check_labels("query.labels", labels.keys())?;
     labels.insert(INSTANCE_LABEL.into(), instance.to_string());
     q.set("labels", serde_json::to_string(&labels).unwrap_or_default());
     // Written into the build's containers' /etc/hosts, a line each: read as `name:address`,
@@ -462,7 +463,7 @@ pub fn read_dockerfile(
                     }
                     _ => words.iter().filter_map(|w| w.split('=').next()).collect(),
                 };
-                for key in keys {
+                for &key in &keys {
                     if key.contains(['"', '\'', '$', escape]) || key == INSTANCE_LABEL {
                         return Err(deny(
                             field,
@@ -472,6 +473,8 @@ pub fn read_dockerfile(
                         ));
                     }
                 }
+                let owned: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+                super::check_labels(field, owned.iter())?;
             }
             "COPY" => {
                 for flag in &flags {
@@ -934,6 +937,10 @@ mod tests {
             "LABEL a=\"x\" regobox.instance=evil",
             "LABEL 'regobox.instance'=evil",
             "label regobox.instance=evil",
+            // An attacker's (thirty-third session): Docker's own namespaces.
+            "LABEL com.docker.compose.project=srv",
+            "LABEL a=1 COM.DOCKER.compose.service=db",
+            "LABEL io.docker.x=1",
         ] {
             let text = format!("ARG K=regobox.instance\nFROM a\n{label}\n");
             assert!(read(&text).is_err(), "{label}");

@@ -182,6 +182,7 @@ pub fn check_create(req: &ContainerCreate, policy: &CreatePolicy) -> Result<Crea
         ));
     }
     let mut labels = req.labels.clone().unwrap_or_default();
+    super::check_labels("Labels", labels.keys())?;
     labels.insert(INSTANCE_LABEL.into(), policy.instance.clone());
     let body = ContainerCreate {
         hostname: names::host_name(req.hostname.as_deref())?,
@@ -1162,6 +1163,10 @@ mod tests {
         let hc = |inner: &str| format!(r#"{{"Image":"busybox","HostConfig":{{{inner}}}}}"#);
         for (body, field) in [
             (hc(r#""Privileged":true"#), "HostConfig.Privileged"),
+            (
+                r#"{"Image":"busybox","Labels":{"com.docker.compose.project":"srv"}}"#.into(),
+                "Labels",
+            ),
             (hc(r#""CapAdd":["SYS_ADMIN"]"#), "HostConfig.CapAdd"),
             (hc(r#""Devices":[{"PathOnHost":"/dev/sda"}]"#), "HostConfig.Devices"),
             (hc(r#""PidMode":"host""#), "HostConfig.PidMode"),

@@ -20,6 +20,33 @@ pub mod query;
 /// The label marking what this regobox instance created.
 pub const INSTANCE_LABEL: &str = "regobox.instance";
 
+/// The label namespaces Docker keeps for its own tools: `com.docker.compose.project` and
+/// `...network` on a network of the application's made the host's `docker-compose -p <name> up`
+/// take that network for its project's and put the host's containers on the application's
+/// bridge (an attacker's, thirty-third session).
+const RESERVED_LABELS: &[&str] = &["com.docker.", "io.docker.", "org.dockerproject."];
+
+/// Labels the application gives something it makes (`field`): none in Docker's own namespaces.
+pub fn check_labels<'a>(
+    field: &str,
+    mut keys: impl Iterator<Item = &'a String>,
+) -> Result<(), Denied> {
+    match keys.find(|k| {
+        RESERVED_LABELS
+            .iter()
+            .any(|ns| k.to_ascii_lowercase().starts_with(ns))
+    }) {
+        Some(k) => Err(container::deny(
+            field,
+            format!(
+                "{k:?}: a label in a namespace Docker keeps for its own tools ({}): the host's would take what bears it for theirs",
+                RESERVED_LABELS.join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// A refusal: which rule, and a message for the client (`{"message": ...}` with a 403).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Denied {

@@ -81,6 +81,7 @@ pub fn check_network_create(req: &NetworkCreate, instance: &str) -> Result<Netwo
         }
     }
     let mut labels: BTreeMap<String, String> = req.labels.clone().unwrap_or_default();
+    super::check_labels("Labels", labels.keys())?;
     labels.insert(INSTANCE_LABEL.into(), instance.to_string());
     Ok(NetworkCreate {
         name: Some(name),
@@ -133,6 +134,12 @@ mod tests {
             (r#"{"Name":"host"}"#, "Name"),
             (r#"{"Name":"0123456789abcdef"}"#, "Name"),
             (r#"{}"#, "Name"),
+            // An attacker's (thirty-third session): the host's compose took this network for
+            // its project's.
+            (
+                r#"{"Name":"srv_default","Labels":{"com.docker.compose.project":"srv","com.docker.compose.network":"default"}}"#,
+                "Labels",
+            ),
         ] {
             let d = check(body).unwrap_err();
             assert_eq!(d.rule, field, "{body}: {}", d.message);
