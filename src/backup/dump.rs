@@ -97,6 +97,68 @@ pub struct Load {
     pub extensions: Vec<(String, String)>,
     /// Whether the dump holds rows of `regobox.init_scripts`.
     pub init_scripts_rows: bool,
+    /// Those rows, as regobox reads them (see [`init_script_rows`]).
+    pub init_scripts: Vec<InitScript>,
+}
+
+/// A row of `regobox.init_scripts`: a script applied, its hash, and when (if the dump says it
+/// in a form regobox reads: `None` is restored as the time of the restore).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InitScript {
+    pub name: String,
+    pub sha256: String,
+    pub applied_at: Option<String>,
+}
+
+/// The rows of `regobox.init_scripts` in a dump's data for it (COPY's text: a row a line, its
+/// fields separated by tabs and escaped, then `\.`), read by the rule a restore inserts them by,
+/// for `backup verify` and the restore alike: three fields, a name and a hash (never NULL, a
+/// name once: the table's key), the time as pg_dump writes it or else none (an attacker's,
+/// thirty-third session: a time that was not one passed verify and failed the restore).
+pub fn init_script_rows(data: &[u8]) -> Result<Vec<InitScript>, String> {
+    if data.is_empty() {
+        return Ok(Vec::new());
+    }
+    let text = std::str::from_utf8(data).map_err(|_| "is not UTF-8".to_string())?;
+    if !text.split('\n').any(|l| l == "\\.") {
+        return Err("ends without COPY's end mark".into());
+    }
+    let mut rows = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    let mut lines = text.split('\n');
+    for line in lines.by_ref() {
+        if line == "\\." {
+            break;
+        }
+        let fields: Vec<Option<String>> = line
+            .split('\t')
+            .map(unescape_field)
+            .collect::<Result<_, _>>()?;
+        let [Some(name), Some(sha256), applied_at] = <[Option<String>; 3]>::try_from(fields)
+            .map_err(|f| {
+                format!(
+                    "has a row of {} fields, not (name, sha256, applied_at)",
+                    f.len()
+                )
+            })?
+        else {
+            return Err("has a row without a name or a hash".into());
+        };
+        if !names.insert(name.clone()) {
+            return Err(format!("names {} twice", shortened(&name)));
+        }
+        let applied_at = applied_at
+            .filter(|t| chrono::DateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f%#z").is_ok());
+        rows.push(InitScript {
+            name,
+            sha256,
+            applied_at,
+        });
+    }
+    if lines.any(|l| !l.is_empty()) {
+        return Err("has rows after COPY's end mark".into());
+    }
+    Ok(rows)
 }
 
 /// The most data of `regobox.init_scripts` a dump may hold (a row a script: a name, a hash, a
@@ -319,7 +381,8 @@ fn judge_within(
         .iter()
         .find(|e| e.kind == "TABLE DATA" && e.name == "init_scripts")
         .map(|e| (e.id, INIT_SCRIPTS_DATA_MAX));
-    toc.read_data(init_scripts)?;
+    let init_scripts = init_script_rows(&toc.read_data(init_scripts)?)
+        .map_err(|why| TocError::Data(format!("of regobox.init_scripts {why}")))?;
     // The encoding is known once the whole is read (pg_dump writes it first).
     let encoding = settings.encoding.as_deref().unwrap_or("UTF8");
     for name in &schemas {
@@ -347,6 +410,7 @@ fn judge_within(
         own,
         extensions,
         init_scripts_rows,
+        init_scripts,
     })
 }
 
@@ -744,29 +808,6 @@ fn plain(s: &str) -> bool {
     let mut bytes = s.bytes();
     matches!(bytes.next(), Some(b'a'..=b'z' | b'_'))
         && bytes.all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'$'))
-}
-
-/// The rows of a `COPY ... FROM stdin;` block in PostgreSQL's text format: fields split on
-/// tabs, `\N` for NULL, backslash escapes decoded.
-pub fn copy_rows(text: &str) -> Result<Vec<Vec<Option<String>>>, String> {
-    let mut rows = Vec::new();
-    let mut inside = false;
-    for line in text.lines() {
-        if !inside {
-            inside = line.starts_with("COPY ") && line.ends_with("FROM stdin;");
-            continue;
-        }
-        if line == "\\." {
-            inside = false;
-            continue;
-        }
-        rows.push(
-            line.split('\t')
-                .map(unescape_field)
-                .collect::<Result<_, _>>()?,
-        );
-    }
-    Ok(rows)
 }
 
 fn unescape_field(field: &str) -> Result<Option<String>, String> {
@@ -1497,19 +1538,48 @@ mod tests {
     }
 
     #[test]
-    fn copy_rows_are_decoded() {
-        let text = "SET x = 1;\nCOPY regobox.init_scripts (name, sha256, applied_at) FROM stdin;\n10_a.sql\tab12\t2026-01-01 00:00:00+00\nx\\ty\t\\N\tz\\\\\n\\.\n";
+    fn init_script_rows_are_read_as_a_restore_inserts_them() {
+        let data = b"10_a.sql\tab12\t2026-01-01 00:00:00.123456+00\nx\\ty\tcd\tnot a time\nz\\\\\tef\t\\N\n\\.\n\n\n";
         assert_eq!(
-            copy_rows(text).unwrap(),
+            init_script_rows(data).unwrap(),
             vec![
-                vec![
-                    Some("10_a.sql".into()),
-                    Some("ab12".into()),
-                    Some("2026-01-01 00:00:00+00".into())
-                ],
-                vec![Some("x\ty".into()), None, Some("z\\".into())],
+                InitScript {
+                    name: "10_a.sql".into(),
+                    sha256: "ab12".into(),
+                    applied_at: Some("2026-01-01 00:00:00.123456+00".into()),
+                },
+                // A time regobox does not read is the restore's (an attacker's, thirty-third
+                // session: it passed verify and failed the restore).
+                InitScript {
+                    name: "x\ty".into(),
+                    sha256: "cd".into(),
+                    applied_at: None,
+                },
+                InitScript {
+                    name: "z\\".into(),
+                    sha256: "ef".into(),
+                    applied_at: None,
+                },
             ]
         );
+        assert_eq!(init_script_rows(b""), Ok(Vec::new()));
+        for (data, why) in [
+            (&b"a\tb\tc\n"[..], "end mark"),
+            (b"a\tb\n\\.\n", "2 fields"),
+            (b"a\tb\tc\td\n\\.\n", "4 fields"),
+            (b"\\N\tb\tc\n\\.\n", "without a name"),
+            (b"a\t\\N\tc\n\\.\n", "without a name or a hash"),
+            (b"a\tb\tc\na\td\te\n\\.\n", "names a twice"),
+            (b"a\tb\tc\n\\.\nd\te\tf\n", "after"),
+            (b"a\xff\tb\tc\n\\.\n", "UTF-8"),
+        ] {
+            let got = init_script_rows(data);
+            assert!(
+                got.as_ref().is_err_and(|e| e.contains(why)),
+                "{:?}: {got:?}",
+                String::from_utf8_lossy(data)
+            );
+        }
     }
 
     /// Attack (twenty-sixth session): a dump whose table of contents has an entry of a 700 MiB

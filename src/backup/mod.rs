@@ -464,6 +464,30 @@ async fn create_in(
         .await
         .context("reading the server version")?
         .get(0);
+    // What a restore reads of `regobox.init_scripts` is bounded (`dump::INIT_SCRIPTS_DATA_MAX`):
+    // an archive over it is one no restore takes. The application role may record scripts, so
+    // it may write that much (an attacker's, thirty-third session: 4 000 rows, and every backup
+    // after exited 0 with an archive verify refused). Said now, not found at the restore.
+    let recorded: Option<(i64, i64)> = client
+        .query_opt(
+            r"SELECT count(*), coalesce(sum(octet_length(name) + octet_length(sha256) + octet_length(applied_at::text) + 3
+                 + octet_length(name) - octet_length(pg_catalog.translate(name, E'\\\t\n\r\b\f\x0b', ''))), 0)::bigint
+               FROM regobox.init_scripts",
+            &[],
+        )
+        .await
+        .ok()
+        .flatten()
+        .map(|r| (r.get(0), r.get(1)));
+    if let Some((rows, bytes)) = recorded {
+        // (The data ends with COPY's end mark, 5 bytes.)
+        if bytes as u64 + 5 > dump::INIT_SCRIPTS_DATA_MAX {
+            bail!(
+                "regobox.init_scripts holds {rows} rows ({bytes} bytes), more than a restore reads ({} KiB): no restore would take this archive. The application role records the init scripts it runs; rows it added that name no script of initdb.d can be deleted by the superuser (`DELETE FROM regobox.init_scripts WHERE ...`)",
+                dump::INIT_SCRIPTS_DATA_MAX >> 10
+            );
+        }
+    }
     drop(client);
     let major = Major::parse(&server_version)
         .map(|m| m.to_string())
@@ -959,10 +983,6 @@ fn restored_passwords(
 /// `--exit-on-error`; a crafted dump's statement, printed with its error, can be any size).
 const PG_RESTORE_ERRORS_KEPT: usize = 64 << 10;
 
-/// The most `pg_restore` prints of one entry of a dump that regobox reads (an extension's
-/// `CREATE EXTENSION`, a few hundred bytes).
-const ENTRY_SQL_MAX: usize = 1 << 20;
-
 /// The most entries a restore loads with parallel jobs. PostgreSQL 15's `pg_restore` schedules
 /// the ready entries of a parallel load in time quadratic in their number: an attacker's 1 MB
 /// archive of 300 000 trivial entries, half depending on the other half, held a restore (the
@@ -991,37 +1011,6 @@ fn pg_restore_errors(stderr: &[u8]) -> String {
         text.push_str(" [...]");
     }
     text
-}
-
-/// Run `pg_restore` with `args` (reading a dump, never connecting); its standard output, at
-/// most [`ENTRY_SQL_MAX`].
-async fn pg_restore_text(binaries: &Binaries, args: &[&OsStr]) -> anyhow::Result<String> {
-    let mut cmd = std::process::Command::new(binaries.path("pg_restore"));
-    cmd.args(args).env_clear();
-    let out = crate::process::output_limited(&mut cmd, ENTRY_SQL_MAX.max(PG_RESTORE_ERRORS_KEPT))
-        .await
-        .context("running pg_restore")?;
-    if !out.status.success() {
-        bail!(
-            "pg_restore could not read the dump ({}): {}",
-            out.status,
-            pg_restore_errors(&out.stderr)
-        );
-    }
-    if out.stdout.len() > ENTRY_SQL_MAX {
-        return Err(RestoreRefused::DumpUnreadable {
-            why: format!(
-                "an entry regobox reads itself ({}) is longer than {} MiB",
-                args.iter()
-                    .map(|a| a.to_string_lossy())
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                ENTRY_SQL_MAX >> 20
-            ),
-        }
-        .into());
-    }
-    String::from_utf8(out.stdout).context("pg_restore's output is not UTF-8")
 }
 
 /// The most memory (`RLIMIT_DATA`) a `pg_restore` reading a dump for a restore's check may take:
@@ -1505,8 +1494,12 @@ impl Build {
         }
         // regobox's bookkeeping before anything of the dump runs: code in the dump (a CHECK, a
         // default) running as the application role made the schema `regobox` its own while
-        // the data loaded, and every start after the restore refused the volume.
-        bootstrap::bookkeeping(&su, Some(&pg.user)).await?;
+        // the data loaded, and every start after the restore refused the volume. No grant to
+        // the role until the next start (which grants it): code in the dump inserted rows
+        // into `regobox.init_scripts` while it loaded, enough that no later backup restored,
+        // or naming a script the operator would add, which then never ran (an attacker's,
+        // thirty-third session).
+        bootstrap::bookkeeping(&su, None).await?;
         tracing::info!(role = %pg.user, "restoring the database as the application role");
         let mut app = su_db.clone();
         app.user(&pg.user).options("");
@@ -1533,8 +1526,7 @@ impl Build {
             bootstrap::extension(&su, name, schema).await?;
         }
         if load.init_scripts_rows {
-            self.restore_init_scripts(binaries, dump, &load, &su, &pg.user)
-                .await?;
+            self.restore_init_scripts(&load, &su).await?;
         }
         drop(su);
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -1667,58 +1659,18 @@ impl Build {
             .context("running pg_restore")
     }
 
-    /// The SQL the dump holds for `entry` alone (`pg_restore --file=-`, read, never run).
-    async fn entry_sql(
-        &self,
-        binaries: &Binaries,
-        dump: &Path,
-        entry: &dump::Entry,
-    ) -> anyhow::Result<String> {
-        let list = self.socket_dir.join("entry.list");
-        std::fs::write(&list, entry.listed())
-            .with_context(|| format!("writing {}", list.display()))?;
-        pg_restore_text(
-            binaries,
-            &[
-                OsStr::new("--file=-"),
-                OsStr::new("--use-list"),
-                list.as_os_str(),
-                dump.as_os_str(),
-            ],
-        )
-        .await
-    }
-
-    /// Rebuild `regobox.init_scripts` from regobox's own definition and copy the dump's rows
-    /// into it, read as data (three text fields each), never run.
+    /// Copy the dump's rows of `regobox.init_scripts` into regobox's own table, as the judge
+    /// read them (never run).
     async fn restore_init_scripts(
         &self,
-        binaries: &Binaries,
-        dump: &Path,
         load: &dump::Load,
         su: &tokio_postgres::Client,
-        role: &str,
     ) -> anyhow::Result<()> {
-        let Some(entry) = load
-            .own
-            .iter()
-            .find(|e| e.kind == "TABLE DATA" && e.name == "init_scripts")
-        else {
-            return Ok(());
-        };
-        let sql = self.entry_sql(binaries, dump, entry).await?;
-        let rows = dump::copy_rows(&sql)
-            .map_err(|e| anyhow::anyhow!("regobox.init_scripts in the dump: {e}"))?;
-        bootstrap::bookkeeping(su, Some(role)).await?;
-        for row in rows {
-            let [Some(name), Some(sha256), Some(at)] = &row[..] else {
-                bail!(
-                    "regobox.init_scripts in the dump: a row is not (name, sha256, applied_at): {row:?}"
-                );
-            };
+        // The rows as the dump was judged to hold them (`dump::init_script_rows`).
+        for row in &load.init_scripts {
             su.execute(
-                "INSERT INTO regobox.init_scripts (name, sha256, applied_at) VALUES ($1, $2, $3::text::timestamptz)",
-                &[name, sha256, at],
+                "INSERT INTO regobox.init_scripts (name, sha256, applied_at) VALUES ($1, $2, coalesce($3::text::timestamptz, pg_catalog.now()))",
+                &[&row.name, &row.sha256, &row.applied_at],
             )
             .await
             .context("restoring regobox.init_scripts")?;

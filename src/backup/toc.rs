@@ -328,13 +328,15 @@ impl<'a, R: std::io::Read> Toc<'a, R> {
     /// with data, once, where the table says it is, every such entry has one, and no length is
     /// negative (an attacker's, twenty-ninth session: a length of -5 made `pg_restore`, looking
     /// for a block, seek back over it and read it again forever, the services stopped). The data
-    /// of `bounded`'s entry is at most its bound of bytes (what regobox reads of it itself).
-    pub fn read_data(&mut self, bounded: Option<(u32, u64)>) -> Result<(), ReadError> {
+    /// of `bounded`'s entry is at most its bound of bytes (what regobox reads of it itself), and
+    /// is returned (empty if the entry has no block).
+    pub fn read_data(&mut self, bounded: Option<(u32, u64)>) -> Result<Vec<u8>, ReadError> {
         let start = self.format.header_len;
         let f = &mut self.fields;
         f.max = u64::MAX;
         let unreadable = ReadError::Data;
         let mut seen = std::collections::HashSet::new();
+        let mut kept = Vec::new();
         loop {
             let at = start + f.read;
             let Some(kind) = f.byte_or_end("a block").map_err(unreadable)? else {
@@ -356,6 +358,8 @@ impl<'a, R: std::io::Read> Toc<'a, R> {
                 return Err(unreadable(format!("has two blocks of id {id}")));
             }
             let mut size = 0u64;
+            // The bounded entry's bytes are kept, up to its bound.
+            let keep = bounded.filter(|(b, _)| *b == id).map(|(_, max)| max);
             let mut chunks = |f: &mut Fields<'_, R>| -> Result<(), String> {
                 loop {
                     match f.int("a chunk's length")? {
@@ -363,10 +367,11 @@ impl<'a, R: std::io::Read> Toc<'a, R> {
                         n if n < 0 => return Err(format!("has a chunk of length {n}")),
                         n => {
                             size += n as u64;
-                            let skipped = std::io::copy(
-                                &mut std::io::Read::take(&mut *f.r, n as u64),
-                                &mut std::io::sink(),
-                            )
+                            let mut chunk = std::io::Read::take(&mut *f.r, n as u64);
+                            let skipped = match keep {
+                                Some(max) if size <= max => std::io::copy(&mut chunk, &mut kept),
+                                _ => std::io::copy(&mut chunk, &mut std::io::sink()),
+                            }
                             .map_err(|e| format!("cannot be read: {e}"))?;
                             if skipped < n as u64 {
                                 return Err("ends inside a chunk".into());
@@ -402,7 +407,7 @@ impl<'a, R: std::io::Read> Toc<'a, R> {
                 "has no block for entry {id}, which has data"
             )));
         }
-        Ok(())
+        Ok(kept)
     }
 
     /// What the header says of the rest.
@@ -814,10 +819,19 @@ mod tests {
             let mut r = &d[..];
             let mut toc = Toc::read(&mut r, MAX_TOC)?;
             while toc.next_entry()?.is_some() {}
-            toc.read_data(bounded)
+            toc.read_data(bounded).map(|_| ())
         };
         assert_eq!(read(dump(&[&table, &blobs], None), None), Ok(()));
         assert_eq!(read(dump(&[&table, &blobs], None), Some((5, 3))), Ok(()));
+        // The bounded entry's bytes are what it reads.
+        let kept = {
+            let d = dump(&[&table, &blobs], None);
+            let mut r = &d[..];
+            let mut toc = Toc::read(&mut r, MAX_TOC).unwrap();
+            while toc.next_entry().unwrap().is_some() {}
+            toc.read_data(Some((5, 3))).unwrap()
+        };
+        assert_eq!(kept.len(), 3);
         let mut cut = table.clone();
         cut.truncate(cut.len() - 6);
         for (d, bounded, why) in [

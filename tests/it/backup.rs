@@ -1521,6 +1521,65 @@ fn a_dump_that_drops_a_configured_extension_while_it_loads_is_refused() {
     b.start().stop();
 }
 
+/// Attack (thirty-third session's second attacker): the application role records the init
+/// scripts it runs, so it may insert rows into `regobox.init_scripts`; and the restore granted
+/// that before the dump loaded. Code in a dump inserting rows while it loaded planted a record
+/// of a script the operator would add later (which then never ran), or enough rows (4 000,
+/// 0.9 MB) that every later backup exited 0 with an archive no restore took. The load has no
+/// grant on regobox's table, and a backup over what a restore reads fails, saying why.
+#[test]
+fn the_application_cannot_make_init_scripts_never_run_nor_backups_unrestorable() {
+    let a = Instance::new();
+    a.ok(&["init"]);
+    a.sql(
+        "CREATE FUNCTION public.plant() RETURNS boolean LANGUAGE plpgsql AS $$
+         BEGIN
+           IF pg_catalog.current_setting('application_name') = 'pg_restore' THEN
+             BEGIN
+               INSERT INTO regobox.init_scripts (name, sha256) VALUES ('20_later.sql', 'planted');
+             EXCEPTION WHEN others THEN NULL;
+             END;
+           END IF;
+           RETURN true;
+         END $$;
+         CREATE TABLE public.trap(x int CHECK (public.plant()));
+         INSERT INTO public.trap VALUES (1);",
+    );
+    let archive = backup(&a);
+    let b = Instance::new();
+    b.ok(&["init"]);
+    b.ok(&["restore", "--force", archive.to_str().unwrap()]);
+    b.config_file("initdb.d/20_later.sql", "CREATE TABLE later(x int);");
+    b.start().stop();
+    assert_eq!(
+        b.sql("SELECT count(*) FROM later"),
+        "0",
+        "the operator's script ran"
+    );
+    assert_eq!(
+        b.sql("SELECT sha256 <> 'planted' FROM regobox.init_scripts WHERE name = '20_later.sql'"),
+        "t"
+    );
+
+    // Rows past what a restore reads: the backup fails and writes no archive.
+    let before = std::fs::read_dir(b.root.join("backups")).unwrap().count();
+    b.sql(&format!(
+        "INSERT INTO regobox.init_scripts (name, sha256) SELECT 'x' || i, '{}' FROM generate_series(1, 4000) i",
+        "f".repeat(200)
+    ));
+    let out = b.output(&["backup"]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("regobox.init_scripts holds 4001 rows"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_dir(b.root.join("backups")).unwrap().count(),
+        before
+    );
+}
+
 /// Attack (second attacker): the application itself (its own role owns the database) steers
 /// the database's `search_path` to its operator; regobox's superuser sessions (the init
 /// scripts' bookkeeping at every start) resolve in pg_catalog only and never run it.
