@@ -414,9 +414,15 @@ pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, shutdown: Cancella
                 // ceiling, its name's check and the audit line went the same way (an
                 // attacker's, thirty-third session).
                 // A handler whose client left holds one of `docker.max_connections` turns until
-                // it ends, as its connection did: leaving does not free a place for more.
+                // it ends, as its connection did: leaving does not free a place for more. What
+                // only the client wants (a build's context rendered before anything reaches the
+                // engine) is told that it left (see [`ClientGone`]).
                 let (proxy, handlers) = (proxy.clone(), handlers.clone());
+                let gone = CancellationToken::new();
+                let mut req = req;
+                req.extensions_mut().insert(ClientGone(gone.clone()));
                 async move {
+                    let left = gone.drop_guard();
                     let Ok(turn) = handlers.acquire_owned().await else {
                         return Ok(json_response(
                             StatusCode::SERVICE_UNAVAILABLE,
@@ -427,13 +433,15 @@ pub async fn serve(listener: UnixListener, proxy: Arc<Proxy>, shutdown: Cancella
                         let _turn = turn;
                         proxy.handle(req).await
                     });
-                    Ok::<_, Infallible>(task.await.unwrap_or_else(|e| {
+                    let response = task.await.unwrap_or_else(|e| {
                         tracing::error!(error = %e, "Docker proxy: a request's handler failed");
                         json_response(
                             StatusCode::INTERNAL_SERVER_ERROR,
                             &json!({ "message": "regobox's Docker proxy failed on this request" }),
                         )
-                    }))
+                    });
+                    left.disarm();
+                    Ok::<_, Infallible>(response)
                 }
             });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -1683,15 +1691,24 @@ impl Proxy {
         let _stop = CancelOnDrop(cancel.clone());
         let args = build::build_args(&q);
         let instance = self.instance.clone();
-        let (context, rendered, bases, turn) = tokio::task::spawn_blocking(move || {
+        let render = tokio::task::spawn_blocking(move || {
             render_context(spool, &dockerfile, &dir, max, &cancel, |text| {
                 let read = build::read_dockerfile(text, &args, &instance)?;
                 Ok((read.rendered, read.images))
             })
             .map(|(c, rendered, bases)| (c, rendered, bases, turn))
-        })
-        .await
-        .map_err(|e| Refusal::Engine(format!("reading the build context: {e}")))??;
+        });
+        // A client that leaves before the engine is asked anything leaves no render behind.
+        let gone = parts.extensions.get::<ClientGone>().cloned();
+        let (context, rendered, bases, turn) = tokio::select! {
+            r = render => r.map_err(|e| Refusal::Engine(format!("reading the build context: {e}")))??,
+            _ = async {
+                match &gone {
+                    Some(g) => g.0.cancelled().await,
+                    None => std::future::pending().await,
+                }
+            } => return Err(Refusal::BadRequest("the client left before its build context was read".into())),
+        };
         for base in bases {
             let img = match self.owned_image_inspect(&base).await {
                 Ok(img) => img,
@@ -3247,6 +3264,11 @@ fn gone() -> Refusal {
 /// Sets its flag when dropped: the request's future is gone, and the blocking work it started
 /// stops.
 struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+/// In a request's extensions: cancelled when its client leaves before its handler has ended
+/// (the handler goes on: see `serve`).
+#[derive(Clone)]
+struct ClientGone(CancellationToken);
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
