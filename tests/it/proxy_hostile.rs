@@ -414,14 +414,10 @@ fn the_last_piece_ends_the_stream_and_still_waits_for_the_client() {
     cut_at_a_zero_window(&mut p, "/download?n=1000");
 }
 
-/// Issue 16, item 1: an upgraded connection (WebSocket) that moves no byte for
-/// `proxy.websocket_idle_timeout` is closed; one that keeps talking is not.
-#[test]
-fn idle_websockets_are_closed_at_their_own_limit() {
-    let mut p = Proxied::start("redirect_http = false\nwebsocket_idle_timeout = \"2s\"");
-    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+/// Ask for a WebSocket at `path` on `s` and read the answer's head, a 101, byte by byte (what
+/// follows is the tunnel's).
+fn upgrade_to_websocket(s: &mut TcpStream, path: &str) {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").as_bytes())
         .unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
@@ -429,7 +425,17 @@ fn idle_websockets_are_closed_at_their_own_limit() {
         s.read_exact(&mut byte).unwrap();
         head.push(byte[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 101"));
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+}
+
+/// Issue 16, item 1: an upgraded connection (WebSocket) that moves no byte for
+/// `proxy.websocket_idle_timeout` is closed; one that keeps talking is not.
+#[test]
+fn idle_websockets_are_closed_at_their_own_limit() {
+    let mut p = Proxied::start("redirect_http = false\nwebsocket_idle_timeout = \"2s\"");
+    let mut s = TcpStream::connect(("127.0.0.1", p.http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    upgrade_to_websocket(&mut s, "/ws");
     // Talking every second for 4 s (twice the limit): echoed each time.
     for _ in 0..4 {
         s.write_all(&[0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2])
@@ -461,15 +467,7 @@ fn a_websocket_whose_client_takes_nothing_is_cut_at_send_timeout() {
         "redirect_http = false\nsend_timeout = \"2s\"\nwebsocket_idle_timeout = \"60s\"",
     );
     let (mut s, client, server) = small_buffer_plain(p.http, 4096);
-    s.write_all(b"GET /wspush HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-        .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).unwrap();
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+    upgrade_to_websocket(&mut s, "/wspush");
     // Nothing more read; a byte sent every half second, all along.
     let started = Instant::now();
     while established(server, client) {
@@ -495,8 +493,7 @@ fn a_websocket_whose_client_takes_nothing_is_cut_at_send_timeout() {
     // is not.
     for (each, cut) in [(2048, true), (32 * 1024, false)] {
         let (mut s, client, server) = small_buffer_plain(p.http, 4096);
-        s.write_all(b"GET /wspush HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-            .unwrap();
+        upgrade_to_websocket(&mut s, "/wspush");
         let mut piece = vec![0u8; each];
         let started = Instant::now();
         while established(server, client) && started.elapsed() < Duration::from_secs(8) {
