@@ -249,7 +249,11 @@ async fn dispatch(command: Command, loaded: &Loaded) -> anyhow::Result<u8> {
         }
         Command::Backup(args) => backup(loaded, args).await,
         Command::Restore { archive, force } => {
-            let opts = crate::backup::RestoreOptions { archive, force };
+            let opts = crate::backup::RestoreOptions {
+                archive,
+                force,
+                scripts: crate::postgres::bootstrap::init_scripts(&loaded.dirs),
+            };
             let stop = stop_requested()?;
             // A running regobox does it: it checks and builds the restored data beside the live
             // data while everything runs, then stops everything in order, swaps it in, and
@@ -767,7 +771,9 @@ async fn backup(loaded: &Loaded, args: BackupArgs) -> anyhow::Result<u8> {
                 layout.prepare()?;
                 let work_dir = work_dir.unwrap_or_else(std::env::temp_dir);
                 let stop = stop_requested()?;
-                crate::backup::restore_test(config, &layout, &archive, &work_dir, &stop).await?;
+                let scripts = crate::postgres::bootstrap::init_scripts(&loaded.dirs);
+                crate::backup::restore_test(config, &layout, &archive, &work_dir, &scripts, &stop)
+                    .await?;
                 println!(
                     "{}: restore test OK (the database restores and the server starts)",
                     archive.display()

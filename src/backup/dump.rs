@@ -101,20 +101,22 @@ pub struct Load {
     pub init_scripts: Vec<InitScript>,
 }
 
-/// A row of `regobox.init_scripts`: a script applied, its hash, and when (if the dump says it
-/// in a form regobox reads: `None` is restored as the time of the restore).
+/// A row of `regobox.init_scripts`: a script applied (its file's name), its SHA-256, and when.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InitScript {
     pub name: String,
     pub sha256: String,
-    pub applied_at: Option<String>,
+    pub applied_at: String,
 }
 
 /// The rows of `regobox.init_scripts` in a dump's data for it (COPY's text: a row a line, its
-/// fields separated by tabs and escaped, then `\.`), read by the rule a restore inserts them by,
-/// for `backup verify` and the restore alike: three fields, a name and a hash (never NULL, a
-/// name once: the table's key), the time as pg_dump writes it or else none (an attacker's,
-/// thirty-third session: a time that was not one passed verify and failed the restore).
+/// fields separated by tabs and escaped, then `\.`), read as regobox writes them, for `backup
+/// verify`, the restore and the backup alike: three fields, a file's name (at most 255 bytes,
+/// no `/`, no NUL, once: the table's key), a SHA-256 in hex, a time as pg_dump writes it (ISO,
+/// years 1 to 9999, an offset PostgreSQL reads). Anything else is refused: what the restore
+/// inserted otherwise failed after verify said OK (a time chrono reads and PostgreSQL does
+/// not, a NUL, a name past the key's size), or grew (a time replaced by the restore's: the
+/// restored record past what a backup may hold); an attacker's, thirty-third session.
 pub fn init_script_rows(data: &[u8]) -> Result<Vec<InitScript>, String> {
     if data.is_empty() {
         return Ok(Vec::new());
@@ -134,7 +136,7 @@ pub fn init_script_rows(data: &[u8]) -> Result<Vec<InitScript>, String> {
             .split('\t')
             .map(unescape_field)
             .collect::<Result<_, _>>()?;
-        let [Some(name), Some(sha256), applied_at] = <[Option<String>; 3]>::try_from(fields)
+        let [Some(name), Some(sha256), Some(applied_at)] = <[Option<String>; 3]>::try_from(fields)
             .map_err(|f| {
                 format!(
                     "has a row of {} fields, not (name, sha256, applied_at)",
@@ -142,13 +144,28 @@ pub fn init_script_rows(data: &[u8]) -> Result<Vec<InitScript>, String> {
                 )
             })?
         else {
-            return Err("has a row without a name or a hash".into());
+            return Err("has a row without a name, a hash or a time".into());
         };
+        if name.is_empty() || name.len() > 255 || name.contains(['/', '\0']) {
+            return Err(format!("has {}, not a file's name", shortened(&name)));
+        }
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "has {} for the hash of {}, not a SHA-256",
+                shortened(&sha256),
+                shortened(&name)
+            ));
+        }
+        if !is_dumped_time(&applied_at) {
+            return Err(format!(
+                "has {} for the time of {}, not one as pg_dump writes it",
+                shortened(&applied_at),
+                shortened(&name)
+            ));
+        }
         if !names.insert(name.clone()) {
             return Err(format!("names {} twice", shortened(&name)));
         }
-        let applied_at = applied_at
-            .filter(|t| chrono::DateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S%.f%#z").is_ok());
         rows.push(InitScript {
             name,
             sha256,
@@ -159,6 +176,34 @@ pub fn init_script_rows(data: &[u8]) -> Result<Vec<InitScript>, String> {
         return Err("has rows after COPY's end mark".into());
     }
     Ok(rows)
+}
+
+/// A `timestamptz` as pg_dump writes it (its sessions are `DateStyle = ISO`):
+/// `YYYY-MM-DD HH:MM:SS[.f...]±HH[:MM[:SS]]`, a year from 1 to 9999, a date and a time that are
+/// ones, and an offset PostgreSQL reads (under 16 hours).
+fn is_dumped_time(t: &str) -> bool {
+    // The offset: after the last `+` or `-`, past the date.
+    let Some(sign) = t.rfind(['+', '-']).filter(|&i| i > 10) else {
+        return false;
+    };
+    let (when, offset) = (&t[..sign], &t[sign + 1..]);
+    let parts: Vec<&str> = offset.split(':').collect();
+    let offset_ok = (1..=3).contains(&parts.len())
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|d| d.is_ascii_digit()))
+        && parts[0] < "16"
+        && parts[1..].iter().all(|p| *p < "60");
+    let b = when.as_bytes();
+    let shape = b.len() >= 19
+        && b.len() <= 26
+        && b[..4].iter().all(u8::is_ascii_digit)
+        && (b[4], b[7], b[10], b[13], b[16]) == (b'-', b'-', b' ', b':', b':')
+        && (b.len() == 19 || (b.len() > 20 && b[19] == b'.'));
+    offset_ok
+        && shape
+        && when[..4] != *"0000"
+        && chrono::NaiveDateTime::parse_from_str(when, "%Y-%m-%d %H:%M:%S%.f").is_ok()
 }
 
 /// The most data of `regobox.init_scripts` a dump may hold (a row a script: a name, a hash, a
@@ -261,6 +306,23 @@ impl From<ReadError> for TocError {
 /// ids it loads, the first refusals), so that no dump makes a reader hold more.
 pub fn judge_reader(dump: impl std::io::Read, judge: &Judge<'_>) -> Result<Load, TocError> {
     judge_within(dump, judge, MAX_TOC)
+}
+
+/// The rows of `regobox.init_scripts` in the dump `dump`, read as `backup verify` and the
+/// restore read them (see [`init_script_rows`]): for a backup, which fails rather than write an
+/// archive no restore takes (the application role records the scripts it runs, so may write
+/// rows: an attacker's, thirty-third session, made every backup exit 0 with an archive verify
+/// refused).
+pub fn init_scripts_of(mut dump: impl std::io::Read) -> Result<Vec<InitScript>, TocError> {
+    let mut toc = Toc::read(&mut dump, MAX_TOC)?;
+    let mut record = None;
+    while let Some(entry) = toc.next_entry()? {
+        if is_own_schema(&entry) && entry.kind == "TABLE DATA" && entry.name == "init_scripts" {
+            record = Some((entry.id, INIT_SCRIPTS_DATA_MAX));
+        }
+    }
+    init_script_rows(&toc.read_data(record)?)
+        .map_err(|why| TocError::Data(format!("of regobox.init_scripts {why}")))
 }
 
 /// [`judge_reader`] with the whole's bound `max` (a test's smaller one reads less).
@@ -1539,46 +1601,87 @@ mod tests {
 
     #[test]
     fn init_script_rows_are_read_as_a_restore_inserts_them() {
-        let data = b"10_a.sql\tab12\t2026-01-01 00:00:00.123456+00\nx\\ty\tcd\tnot a time\nz\\\\\tef\t\\N\n\\.\n\n\n";
+        let h = "ab".repeat(32);
+        let data = format!(
+            "10_a.sql\t{h}\t2026-01-01 00:00:00.123456+00\nx\\ty.sql\t{h}\t2026-01-01 01:02:03-05:30\n\\.\n\n\n"
+        );
         assert_eq!(
-            init_script_rows(data).unwrap(),
+            init_script_rows(data.as_bytes()).unwrap(),
             vec![
                 InitScript {
                     name: "10_a.sql".into(),
-                    sha256: "ab12".into(),
-                    applied_at: Some("2026-01-01 00:00:00.123456+00".into()),
-                },
-                // A time regobox does not read is the restore's (an attacker's, thirty-third
-                // session: it passed verify and failed the restore).
-                InitScript {
-                    name: "x\ty".into(),
-                    sha256: "cd".into(),
-                    applied_at: None,
+                    sha256: h.clone(),
+                    applied_at: "2026-01-01 00:00:00.123456+00".into(),
                 },
                 InitScript {
-                    name: "z\\".into(),
-                    sha256: "ef".into(),
-                    applied_at: None,
+                    name: "x\ty.sql".into(),
+                    sha256: h.clone(),
+                    applied_at: "2026-01-01 01:02:03-05:30".into(),
                 },
             ]
         );
         assert_eq!(init_script_rows(b""), Ok(Vec::new()));
+        let t = "2026-01-01 00:00:00+00";
+        let long = "n".repeat(256);
         for (data, why) in [
-            (&b"a\tb\tc\n"[..], "end mark"),
-            (b"a\tb\n\\.\n", "2 fields"),
-            (b"a\tb\tc\td\n\\.\n", "4 fields"),
-            (b"\\N\tb\tc\n\\.\n", "without a name"),
-            (b"a\t\\N\tc\n\\.\n", "without a name or a hash"),
-            (b"a\tb\tc\na\td\te\n\\.\n", "names a twice"),
-            (b"a\tb\tc\n\\.\nd\te\tf\n", "after"),
-            (b"a\xff\tb\tc\n\\.\n", "UTF-8"),
+            (format!("a\t{h}\t{t}\n"), "end mark"),
+            (format!("a\t{h}\n\\.\n"), "2 fields"),
+            (format!("a\t{h}\t{t}\td\n\\.\n"), "4 fields"),
+            (format!("\\N\t{h}\t{t}\n\\.\n"), "without a name"),
+            (format!("a\t\\N\t{t}\n\\.\n"), "without a name, a hash"),
+            (format!("a\t{h}\t\\N\n\\.\n"), "or a time"),
+            (format!("a\t{h}\t{t}\na\t{h}\t{t}\n\\.\n"), "names a twice"),
+            (format!("a\t{h}\t{t}\n\\.\nd\t{h}\t{t}\n"), "after"),
+            // An attacker's (thirty-third session): what verify took and the restore's
+            // INSERT refused, or what it restored otherwise (a time replaced grew the record).
+            (format!("a\0b\t{h}\t{t}\n\\.\n"), "not a file's name"),
+            (format!("{long}\t{h}\t{t}\n\\.\n"), "not a file's name"),
+            (format!("a/b\t{h}\t{t}\n\\.\n"), "not a file's name"),
+            (
+                format!("a\t{}\t{t}\n\\.\n", "\\\\".repeat(64)),
+                "not a SHA-256",
+            ),
+            (format!("a\tab\t{t}\n\\.\n"), "not a SHA-256"),
+            (
+                format!("a\t{h}\t0000-01-01 00:00:00+00\n\\.\n"),
+                "not one as pg_dump",
+            ),
+            (
+                format!("a\t{h}\t2024-01-01 00:00:00+20\n\\.\n"),
+                "not one as pg_dump",
+            ),
+            (format!("a\t{h}\tinfinity\n\\.\n"), "not one as pg_dump"),
+            (
+                format!("a\t{h}\t2024-02-30 00:00:00+00\n\\.\n"),
+                "not one as pg_dump",
+            ),
+            (
+                format!("a\t{h}\t2024-01-01 00:00:00\n\\.\n"),
+                "not one as pg_dump",
+            ),
+            (
+                format!("a\t{h}\t2024-01-01T00:00:00+00\n\\.\n"),
+                "not one as pg_dump",
+            ),
+            (
+                format!("a\t{h}\t2024-01-01 00:00:00. +00\n\\.\n"),
+                "not one as pg_dump",
+            ),
         ] {
-            let got = init_script_rows(data);
+            let got = init_script_rows(data.as_bytes());
             assert!(
                 got.as_ref().is_err_and(|e| e.contains(why)),
-                "{:?}: {got:?}",
-                String::from_utf8_lossy(data)
+                "{data:?}: {got:?}"
             );
+        }
+        assert!(init_script_rows(b"a\xff\tb\tc\n\\.\n").is_err_and(|e| e.contains("UTF-8")));
+        for ok in [
+            "2026-12-07 10:12:24.615306+00",
+            "2026-12-07 10:12:24+05:30",
+            "0001-01-01 00:00:00+14:00:00",
+            "9999-12-31 23:59:59.9-15:59",
+        ] {
+            assert!(is_dumped_time(ok), "{ok}");
         }
     }
 

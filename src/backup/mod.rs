@@ -464,30 +464,6 @@ async fn create_in(
         .await
         .context("reading the server version")?
         .get(0);
-    // What a restore reads of `regobox.init_scripts` is bounded (`dump::INIT_SCRIPTS_DATA_MAX`):
-    // an archive over it is one no restore takes. The application role may record scripts, so
-    // it may write that much (an attacker's, thirty-third session: 4 000 rows, and every backup
-    // after exited 0 with an archive verify refused). Said now, not found at the restore.
-    let recorded: Option<(i64, i64)> = client
-        .query_opt(
-            r"SELECT count(*), coalesce(sum(octet_length(name) + octet_length(sha256) + octet_length(applied_at::text) + 3
-                 + octet_length(name) - octet_length(pg_catalog.translate(name, E'\\\t\n\r\b\f\x0b', ''))), 0)::bigint
-               FROM regobox.init_scripts",
-            &[],
-        )
-        .await
-        .ok()
-        .flatten()
-        .map(|r| (r.get(0), r.get(1)));
-    if let Some((rows, bytes)) = recorded {
-        // (The data ends with COPY's end mark, 5 bytes.)
-        if bytes as u64 + 5 > dump::INIT_SCRIPTS_DATA_MAX {
-            bail!(
-                "regobox.init_scripts holds {rows} rows ({bytes} bytes), more than a restore reads ({} KiB): no restore would take this archive. The application role records the init scripts it runs; rows it added that name no script of initdb.d can be deleted by the superuser (`DELETE FROM regobox.init_scripts WHERE ...`)",
-                dump::INIT_SCRIPTS_DATA_MAX >> 10
-            );
-        }
-    }
     drop(client);
     let major = Major::parse(&server_version)
         .map(|m| m.to_string())
@@ -513,6 +489,20 @@ async fn create_in(
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    // The record of the init scripts, read from the dump as a restore reads it: the
+    // application role may write rows (it records the scripts it runs), and an archive whose
+    // record a restore refuses is one no restore takes. Said now, not found at the restore.
+    let read = dump.clone();
+    tokio::task::spawn_blocking(move || {
+        let file = File::open(&read).with_context(|| format!("opening {}", read.display()))?;
+        dump::init_scripts_of(io::BufReader::new(file)).map_err(|e| {
+            anyhow::anyhow!(
+                "regobox.init_scripts is not what a restore reads ({e}): no restore would take this archive, so none is written. The application role records the init scripts it runs; rows of its own there (which no script of initdb.d names) can be deleted by the superuser"
+            )
+        })
+    })
+    .await
+    .context("the dump task")??;
 
     let manifest = Manifest {
         format: archive::FORMAT,
@@ -1463,6 +1453,7 @@ impl Build {
         binaries: &Binaries,
         dump: &Path,
         owner: Option<&str>,
+        scripts: &[PathBuf],
     ) -> anyhow::Result<()> {
         let pg = &config.postgres;
         let owner = owner.unwrap_or(&pg.user);
@@ -1555,7 +1546,19 @@ impl Build {
                 text.trim()
             );
         }
-        self.check_settings(&su_db, &pg.extensions).await
+        self.check_settings(&su_db, &pg.extensions).await?;
+        // The init scripts the record does not name, run now as the next start would (the
+        // role's grant on the record is the start's too); one that fails fails the restore.
+        if !scripts.is_empty() {
+            let su = postgres::connect(&su_db, &Tls::disabled()).await?;
+            bootstrap::bookkeeping(&su, Some(&pg.user)).await?;
+            drop(su);
+            let mut app_client = postgres::connect(&app, &Tls::disabled()).await?;
+            bootstrap::run_init_scripts(&mut app_client, scripts)
+                .await
+                .context("running the configuration's init scripts in the restored database")?;
+        }
+        Ok(())
     }
 
     /// A dump changes nothing outside its objects: no setting of a database or role (a
@@ -1669,7 +1672,7 @@ impl Build {
         // The rows as the dump was judged to hold them (`dump::init_script_rows`).
         for row in &load.init_scripts {
             su.execute(
-                "INSERT INTO regobox.init_scripts (name, sha256, applied_at) VALUES ($1, $2, coalesce($3::text::timestamptz, pg_catalog.now()))",
+                "INSERT INTO regobox.init_scripts (name, sha256, applied_at) VALUES ($1, $2, $3::text::timestamptz)",
                 &[&row.name, &row.sha256, &row.applied_at],
             )
             .await
@@ -1740,6 +1743,12 @@ impl Build {
 pub struct RestoreOptions {
     pub archive: PathBuf,
     pub force: bool,
+    /// The configuration's init scripts (`bootstrap::init_scripts`): those the archive's
+    /// record does not name run in the rebuilt database before it is swapped in, as the next
+    /// start would run them, so that one failing fails the restore, the previous data in place
+    /// (an attacker's, thirty-third session: an archive whose record left out a script whose
+    /// table its data held restored "complete", and every start after it failed running it).
+    pub scripts: Vec<PathBuf>,
 }
 
 /// Where a rebuild reads and writes.
@@ -1816,7 +1825,13 @@ async fn rebuild(
             }
             let owner = header.postgres.as_ref().map(|p| p.user.as_str());
             build
-                .load(config, binaries, &staging.join(archive::DATABASE), owner)
+                .load(
+                    config,
+                    binaries,
+                    &staging.join(archive::DATABASE),
+                    owner,
+                    &plan.scripts,
+                )
                 .await
         };
         // Nothing of the load is wanted any more once `stop` is cancelled: its server stops
@@ -1961,6 +1976,9 @@ pub struct Plan {
     budget: archive::Budget,
     /// What the file systems of the live data keep free while the restore is built.
     reserve: u64,
+    /// The configuration's init scripts, run in the rebuilt database (see
+    /// [`RestoreOptions::scripts`]).
+    scripts: Vec<PathBuf>,
 }
 
 /// What the data directory holds, refusing what a restore must not replace: foreign content,
@@ -2142,6 +2160,7 @@ pub async fn plan(
             path: layout.root.clone(),
         },
         reserve,
+        scripts: opts.scripts.clone(),
     })
 }
 
@@ -2703,6 +2722,7 @@ pub async fn restore_test(
     layout: &Layout,
     path: &Path,
     work_dir: &Path,
+    scripts: &[PathBuf],
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
     let pg = &config.postgres;
@@ -2762,6 +2782,7 @@ pub async fn restore_test(
                 path: work_dir.clone(),
             },
             reserve: 0,
+            scripts: scripts.to_vec(),
         };
         rebuild(
             config,

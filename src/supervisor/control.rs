@@ -103,9 +103,16 @@ impl Control {
 }
 
 /// Serve the control socket until [`Control::close`], handing requests to `tx`.
-pub fn listen(config: &Config, tx: mpsc::Sender<Request>) -> std::io::Result<Control> {
+/// `scripts`: the configuration's init scripts, which a restore runs in what it rebuilt (see
+/// `RestoreOptions::scripts`).
+pub fn listen(
+    config: &Config,
+    scripts: Vec<PathBuf>,
+    tx: mpsc::Sender<Request>,
+) -> std::io::Result<Control> {
     let path = socket_path(config);
     let config = std::sync::Arc::new(config.clone());
+    let scripts = std::sync::Arc::new(scripts);
     std::fs::create_dir_all(&config.runtime_dir)?;
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
@@ -123,7 +130,13 @@ pub fn listen(config: &Config, tx: mpsc::Sender<Request>) -> std::io::Result<Con
                 },
                 _ = stopped.cancelled() => break,
             };
-            tracker.spawn(serve(stream, tx.clone(), config.clone(), stopped.clone()));
+            tracker.spawn(serve(
+                stream,
+                tx.clone(),
+                config.clone(),
+                scripts.clone(),
+                stopped.clone(),
+            ));
         }
     });
     Ok(Control {
@@ -137,11 +150,12 @@ async fn serve(
     stream: UnixStream,
     tx: mpsc::Sender<Request>,
     config: std::sync::Arc<Config>,
+    scripts: std::sync::Arc<Vec<PathBuf>>,
     stop: CancellationToken,
 ) {
     let (read, mut write) = stream.into_split();
     // Not dropped at the stop: a restore being built ends by removing what it built.
-    let reply = answer(read, &tx, &config, &stop).await;
+    let reply = answer(read, &tx, &config, &scripts, &stop).await;
     if let Ok(text) = serde_json::to_string(&reply) {
         let _ = write.write_all(format!("{text}\n").as_bytes()).await;
     }
@@ -155,6 +169,7 @@ async fn answer(
     read: tokio::net::unix::OwnedReadHalf,
     tx: &mpsc::Sender<Request>,
     config: &Config,
+    scripts: &[PathBuf],
     stop: &CancellationToken,
 ) -> Reply {
     let mut line = String::new();
@@ -187,7 +202,7 @@ async fn answer(
         std::future::pending::<()>().await
     };
     tokio::select! {
-        reply = carry_out(&line, tx, config, &withdrawn, stop) => reply,
+        reply = carry_out(&line, tx, config, scripts, &withdrawn, stop) => reply,
         () = watch => unreachable!("the watch never ends"),
     }
 }
@@ -196,6 +211,7 @@ async fn carry_out(
     line: &str,
     tx: &mpsc::Sender<Request>,
     config: &Config,
+    scripts: &[PathBuf],
     withdrawn: &CancellationToken,
     stop: &CancellationToken,
 ) -> Reply {
@@ -213,6 +229,7 @@ async fn carry_out(
             let options = RestoreOptions {
                 archive: w.restore.archive,
                 force: w.restore.force,
+                scripts: scripts.to_vec(),
             };
             let layout = crate::volumes::Layout::new(config);
             let archive = options.archive.display().to_string();

@@ -377,7 +377,11 @@ pub async fn run(loaded: &Loaded, plan: Plan) -> anyhow::Result<u8> {
                     &docker_tx,
                 )
                 .await?;
-                match control::listen(config, control_tx.clone()) {
+                match control::listen(
+                    config,
+                    postgres::bootstrap::init_scripts(&loaded.dirs),
+                    control_tx.clone(),
+                ) {
                     Ok(control) => {
                         p.control_stopping = control.stopping();
                         control_socket = Some(control);

@@ -208,7 +208,19 @@ pub fn check_create(req: &ContainerCreate, policy: &CreatePolicy) -> Result<Crea
         on_build: None,
         labels: Some(labels),
         stop_signal: req.stop_signal.clone(),
-        stop_timeout: req.stop_timeout,
+        stop_timeout: match req.stop_timeout {
+            // The engine's wait for a negative one has no end (see `query::MAX_STOP_WAIT`).
+            Some(t) if !(0..=super::query::MAX_STOP_WAIT).contains(&t) => {
+                return Err(deny(
+                    "StopTimeout",
+                    format!(
+                        "= {t} is not a wait from 0 to {} seconds",
+                        super::query::MAX_STOP_WAIT
+                    ),
+                ));
+            }
+            t => t,
+        },
         shell: req.shell.clone(),
         host_config: Some(host),
         networking_config,
@@ -1163,6 +1175,8 @@ mod tests {
         let hc = |inner: &str| format!(r#"{{"Image":"busybox","HostConfig":{{{inner}}}}}"#);
         for (body, field) in [
             (hc(r#""Privileged":true"#), "HostConfig.Privileged"),
+            (r#"{"Image":"busybox","StopTimeout":-1}"#.into(), "StopTimeout"),
+            (r#"{"Image":"busybox","StopTimeout":100000}"#.into(), "StopTimeout"),
             (
                 r#"{"Image":"busybox","Labels":{"com.docker.compose.project":"srv"}}"#.into(),
                 "Labels",

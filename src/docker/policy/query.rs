@@ -279,10 +279,31 @@ pub const BUILD: &[(&str, Kind)] = &[
     ("version", Text),
 ];
 
+/// The longest a stop (or a restart's) may wait for a job to end before killing it, in seconds:
+/// the engine's wait for a negative one has no end, nor does its request's (it waits on no
+/// context of the request), so the request's handler, which runs to its end whatever its
+/// client does, held its turn until the job ended: eight stops of a job that ignores SIGTERM,
+/// their clients gone, left the application's socket answering nothing (an attacker's,
+/// thirty-third session).
+pub const MAX_STOP_WAIT: i64 = 300;
+
 /// What an operation's parameters may not ask: removing links (they name other containers),
 /// `ps` arguments beyond letters, digits, spaces, commas and dashes (the engine runs `ps` on
-/// the host with them).
+/// the host with them), a stop's wait without end or past [`MAX_STOP_WAIT`].
 pub fn check_container_op(q: &Query) -> Result<(), Denied> {
+    if let Some(t) = q.get("t").filter(|t| !t.is_empty()) {
+        if !t
+            .parse::<i64>()
+            .is_ok_and(|t| (0..=MAX_STOP_WAIT).contains(&t))
+        {
+            return Err(Denied::new(
+                "query.t",
+                format!(
+                    "refused by regobox's Docker policy: t = {t} is not a wait from 0 to {MAX_STOP_WAIT} seconds"
+                ),
+            ));
+        }
+    }
     if q.flag("link") {
         return Err(Denied::new(
             "query.link",
@@ -380,6 +401,18 @@ mod tests {
         let top = |raw| parse(raw, "top", container_op("GET", Some("top"))).unwrap();
         assert!(check_container_op(&top("ps_args=-ef")).is_ok());
         assert!(check_container_op(&top("ps_args=%24%28id%29")).is_err());
+        // An attacker's (thirty-third session): a stop waiting for ever.
+        let stop = |raw| parse(raw, "stop", container_op("POST", Some("stop"))).unwrap();
+        for t in ["t=-1", "t=301", "t=-9223372036854775808"] {
+            assert_eq!(
+                check_container_op(&stop(t)).unwrap_err().rule,
+                "query.t",
+                "{t}"
+            );
+        }
+        for t in ["t=0", "t=10", "t=300", "", "t="] {
+            assert!(check_container_op(&stop(t)).is_ok(), "{t}");
+        }
         for (v, b) in [
             ("False", false),
             (" NONE ", false),
