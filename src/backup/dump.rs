@@ -149,7 +149,12 @@ pub fn init_script_rows(data: &[u8]) -> Result<Vec<InitScript>, String> {
         if name.is_empty() || name.len() > 255 || name.contains(['/', '\0']) {
             return Err(format!("has {}, not a file's name", shortened(&name)));
         }
-        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        // (Lower case: a start compares it with its own, written so.)
+        if sha256.len() != 64
+            || !sha256
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
             return Err(format!(
                 "has {} for the hash of {}, not a SHA-256",
                 shortened(&sha256),
@@ -200,10 +205,23 @@ fn is_dumped_time(t: &str) -> bool {
         && b[..4].iter().all(u8::is_ascii_digit)
         && (b[4], b[7], b[10], b[13], b[16]) == (b'-', b'-', b' ', b':', b':')
         && (b.len() == 19 || (b.len() > 20 && b[19] == b'.'));
+    let Ok(local) = chrono::NaiveDateTime::parse_from_str(when, "%Y-%m-%d %H:%M:%S%.f") else {
+        return false;
+    };
+    // The instant, in UTC, within the years 1 to 9999 too (a time at an offset of 15 hours in
+    // 9999 is one of 10000 in UTC, which the next backup writes so: a fourth attacker's, the
+    // same session).
+    let seconds: i64 = parts
+        .iter()
+        .zip([3600, 60, 1])
+        .map(|(p, unit)| p.parse::<i64>().unwrap_or(0) * unit)
+        .sum();
+    let sign = if t.as_bytes()[sign] == b'-' { -1 } else { 1 };
+    let utc = local - chrono::TimeDelta::seconds(sign * seconds);
     offset_ok
         && shape
-        && when[..4] != *"0000"
-        && chrono::NaiveDateTime::parse_from_str(when, "%Y-%m-%d %H:%M:%S%.f").is_ok()
+        && (1..=9999).contains(&chrono::Datelike::year(&local))
+        && (1..=9999).contains(&chrono::Datelike::year(&utc))
 }
 
 /// The most data of `regobox.init_scripts` a dump may hold (a row a script: a name, a hash, a
@@ -1643,6 +1661,10 @@ mod tests {
             ),
             (format!("a\tab\t{t}\n\\.\n"), "not a SHA-256"),
             (
+                format!("a\t{}\t{t}\n\\.\n", h.to_uppercase()),
+                "not a SHA-256",
+            ),
+            (
                 format!("a\t{h}\t0000-01-01 00:00:00+00\n\\.\n"),
                 "not one as pg_dump",
             ),
@@ -1678,10 +1700,14 @@ mod tests {
         for ok in [
             "2026-12-07 10:12:24.615306+00",
             "2026-12-07 10:12:24+05:30",
-            "0001-01-01 00:00:00+14:00:00",
-            "9999-12-31 23:59:59.9-15:59",
+            "0001-01-02 00:00:00+14:00:00",
+            "9999-12-30 23:59:59.9-15:59",
         ] {
             assert!(is_dumped_time(ok), "{ok}");
+        }
+        // Past the years 1 to 9999 in UTC (a fourth attacker's, the same session).
+        for not in ["9999-12-31 23:00:00-15", "0001-01-01 00:00:00+15"] {
+            assert!(!is_dumped_time(not), "{not}");
         }
     }
 

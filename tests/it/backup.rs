@@ -1623,6 +1623,40 @@ fn init_scripts_the_archive_did_not_run_run_before_the_restore_is_swapped_in() {
     assert_eq!(c.sql("SELECT count(*) FROM y"), "1");
     c.start().stop();
     assert_eq!(c.sql("SELECT count(*) FROM y"), "1", "run once");
+
+    // The dump's code a script sets off runs before the check of what a dump may not change (a
+    // fourth attacker's, the same session: a trigger on the script's table revoked the
+    // database's privileges after the check, and every start failed).
+    a.sql(
+        "CREATE FUNCTION public.lock_out() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF pg_catalog.current_setting('application_name') = '' THEN
+             EXECUTE 'REVOKE TEMPORARY ON DATABASE app FROM PUBLIC';
+           END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER lock_out BEFORE INSERT ON x FOR EACH ROW EXECUTE FUNCTION public.lock_out();
+         INSERT INTO x VALUES (2);",
+    );
+    let archive = backup(&a);
+    let d = Instance::new();
+    d.config_file(
+        "initdb.d/20_seed.sql",
+        "CREATE TABLE IF NOT EXISTS x(i int); INSERT INTO x VALUES (42);",
+    );
+    d.ok(&["init"]);
+    let out = d.output(&["restore", "--force", archive.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(65), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the database's privileges"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        d.sql("SELECT count(*) FROM x"),
+        "1",
+        "the previous data is kept"
+    );
 }
 
 /// Attack (second attacker): the application itself (its own role owns the database) steers
