@@ -1489,7 +1489,8 @@ impl Build {
         // regobox's bookkeeping before anything of the dump runs: code in the dump (a CHECK, a
         // default) running as the application role made the schema `regobox` its own while
         // the data loaded, and every start after the restore refused the volume. No grant to
-        // the role until the next start (which grants it): code in the dump inserted rows
+        // the role until the dump has loaded (the init scripts below, or the next start, grant
+        // it): code in the dump inserted rows
         // into `regobox.init_scripts` while it loaded, enough that no later backup restored,
         // or naming a script the operator would add, which then never ran (an attacker's,
         // thirty-third session).

@@ -1363,7 +1363,12 @@ impl Proxy {
                     });
                 }
                 let (parts, created): (_, Value) = engine_value(response, "network create").await?;
-                let id = created["Id"].as_str().unwrap_or_default().to_string();
+                let Some(id) = created["Id"].as_str().filter(|id| !id.is_empty()) else {
+                    return Err(Refusal::Engine(format!(
+                        "the engine gave the network {name} it made no id"
+                    )));
+                };
+                let id = id.to_string();
                 // The host's create of the same name, at the same time, passed the engine's
                 // check too: both networks are made, and each name ambiguous to the engine.
                 // The application's gives way (the host's is the host's to keep). The engine
@@ -2806,7 +2811,6 @@ impl Proxy {
         Ok((id, c))
     }
 
-    /// The network's full id if it is this instance's.
     /// The ids of the engine's networks named `name` exactly, whoever's they are; with no name,
     /// of the instance's networks (by label).
     async fn networks_named(&self, name: Option<&str>) -> Result<Vec<String>, Refusal> {
@@ -2833,6 +2837,7 @@ impl Proxy {
             .collect())
     }
 
+    /// The network's full id if it is this instance's.
     async fn owned_network(&self, reference: &str) -> Result<String, Refusal> {
         let inspected = self
             .docker
@@ -3265,16 +3270,16 @@ fn gone() -> Refusal {
 /// stops.
 struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
 
-/// In a request's extensions: cancelled when its client leaves before its handler has ended
-/// (the handler goes on: see `serve`).
-#[derive(Clone)]
-struct ClientGone(CancellationToken);
-
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// In a request's extensions: cancelled when its client leaves before its handler has ended
+/// (the handler goes on: see `serve`).
+#[derive(Clone)]
+struct ClientGone(CancellationToken);
 
 /// A build context read into regobox's model and written again: the tar the engine unpacks is
 /// regobox's, so the Dockerfile the engine builds is the one regobox read. Returns that tar
