@@ -86,10 +86,10 @@ pub(crate) async fn tunnel<A, B>(
 /// less, per `send_timeout` while any is held. (A piece alone was too much for an application
 /// sending less than that per `send_timeout`: a client on a slow link reading each of 20 bytes
 /// every 50 ms at once, whose queue always held the last ones in flight, was reset; a second
-/// attacker's, the same session.) (An attacker's, thirty-third session: bounded by its idle limit alone, which a
-/// byte either way resets, a tunnel whose client read nothing of what the application pushed,
-/// and sent a byte now and then, held the application's connection and 4 MB of the kernel's
-/// memory for ever.)
+/// attacker's, the same session.) (An attacker's, thirty-third session: bounded by its idle
+/// limit alone, which a byte either way resets, a tunnel whose client read nothing of what the
+/// application pushed, and sent a byte now and then, held the application's connection and
+/// 4 MB of the kernel's memory for ever.)
 struct Pace {
     limit: Duration,
     /// The bytes the client had acknowledged when it last took its due (or when the kernel
